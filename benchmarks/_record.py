@@ -1,0 +1,25 @@
+"""Shared by the benchmark scripts: describe the machine, append a result to BENCHMARKS.md."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+BENCHMARKS_MD = Path(__file__).parent / "BENCHMARKS.md"
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
+
+
+def record(section: str) -> None:
+    with open(BENCHMARKS_MD, "a") as fh:
+        fh.write("\n" + section)

@@ -1,0 +1,15 @@
+"""Root of the `ray-faceid` command; each job registers its sub-command here."""
+from __future__ import annotations
+
+import typer
+
+from ray_faceid.cli import demo, faces
+
+app = typer.Typer(
+    name="ray-faceid",
+    help="Identity-preserving face customization on Ray: analyze faces, ingest, train, serve, render.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(faces.app, name="faces")
+app.command("demo")(demo.demo)

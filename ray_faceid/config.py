@@ -1,0 +1,124 @@
+"""Typed settings. CLI flags, Serve YAML `args` and job configs all parse into these models.
+
+Every field has a description (it becomes the CLI help and the docs). `compute_hash()` says which
+settings change an artifact (an embedding, an adapter, an engine): caches are keyed by it, and
+fields listed in a model's `hash_exclude` (limits, thresholds, policies) leave the key alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Settings(BaseModel):
+    """Base of every settings model: strict about unknown keys, hashable by content."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hash_exclude: ClassVar[frozenset[str]] = frozenset()
+
+    def hashed_fields(self) -> dict:
+        out = {}
+        for name in type(self).model_fields:
+            if name in self.hash_exclude:
+                continue
+            value = getattr(self, name)
+            out[name] = value.hashed_fields() if isinstance(value, Settings) else value
+        return out
+
+    def compute_hash(self) -> str:
+        """A short stable hash of the fields that change what this configuration produces."""
+        blob = json.dumps(self.hashed_fields(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class DecodeConfig(Settings):
+    """Limits applied before an image is decoded (decompression bombs, oversized uploads)."""
+
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"max_bytes", "max_pixels", "formats"})
+
+    max_bytes: int = Field(50 * 2**20, gt=0, description="Largest encoded file accepted, in bytes.")
+    max_pixels: int = Field(
+        80_000_000, gt=0, description="Largest width x height accepted; checked from the header before decoding."
+    )
+    formats: tuple[str, ...] = Field(
+        ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"),
+        description="Pillow format names accepted; anything else is refused as BadImage.",
+    )
+
+
+class DetectionConfig(Settings):
+    """How faces are found: backend, working resolution, small-face recall, several-face policy."""
+
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"policy"})
+
+    dlib_model: Literal["hog", "cnn"] = Field(
+        "hog", description="dlib detector: 'hog' (fast, CPU) or 'cnn' (MMOD, more recall, slow without CUDA)."
+    )
+    cnn_fallback: bool = Field(
+        True, description="With the HOG detector, retry an image where it found nothing with the MMOD CNN detector."
+    )
+    working_max_side: int = Field(
+        1024, ge=160, description="Images are detected at most this many pixels on their long side; boxes are mapped back."
+    )
+    upsample_below_side: int = Field(
+        640,
+        ge=0,
+        description="Images whose long side is below this are upsampled 2x for detection (dlib's HOG window is 80 px).",
+    )
+    pad_fraction: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="Where nothing is found, retry with this fraction of border added: tight face crops need context.",
+    )
+    min_face_px: int = Field(20, ge=1, description="Faces narrower than this, in original pixels, are dropped.")
+    policy: Literal["largest", "all"] = Field(
+        "largest", description="Which faces analyze() returns when there are several: the largest, or all."
+    )
+
+
+class FaceConfig(Settings):
+    """The face stack: which backend detects, landmarks, aligns and embeds."""
+
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"decode", "verify_threshold", "insightface_det_threshold", "threads"})
+
+    backend: Literal["dlib", "insightface"] = Field(
+        "dlib",
+        description=(
+            "'dlib': the embedded default (HOG/MMOD detector, 5-point landmarks, 128-d ResNet; public-domain "
+            "weights from face-recognition-models). 'insightface': SCRFD + ArcFace from a model folder you provide "
+            "(insightface's pretrained packs are for non-commercial research only)."
+        ),
+    )
+    landmarks: Literal["dlib5", "dlib68"] = Field(
+        "dlib5",
+        description=(
+            "dlib landmark model. 'dlib68' adds mouth and eye-opening attributes, but its weights were trained on "
+            "iBUG 300-W, which is licensed for non-commercial use only."
+        ),
+    )
+    insightface_root: str | None = Field(
+        None, description="Folder (local or fsspec URI) holding an insightface model pack: detection + recognition ONNX files."
+    )
+    insightface_det_threshold: float = Field(0.5, gt=0, lt=1, description="SCRFD detection score threshold.")
+    recognizer_onnx: str | None = Field(
+        None,
+        description="Any ArcFace-shaped ONNX recogniser (N x 3 x 112 x 112 -> N x D) used instead of the backend's own.",
+    )
+    verify_threshold: float | None = Field(
+        None, description="Override the encoder's calibrated same-person threshold (cosine distance or L2, per encoder)."
+    )
+    num_jitters: int = Field(
+        0, ge=0, le=100, description="dlib: extra randomly jittered copies averaged per embedding (slower, slightly better)."
+    )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="Threads that decode and detect the images of a batch in parallel (dlib releases the GIL); 0 = one per core.",
+    )
+    detection: DetectionConfig = Field(default_factory=DetectionConfig, description="Detection settings.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding limits.")

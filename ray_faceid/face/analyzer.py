@@ -1,0 +1,149 @@
+"""FaceAnalyzer: decode -> detect -> landmarks -> align -> embed -> attributes and quality."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ray_faceid.config import FaceConfig
+from ray_faceid.face.align import ARCFACE_112, align
+from ray_faceid.face.attributes import face_attributes
+from ray_faceid.face.backends import Detector, FaceBackend, Landmarker, build_backend
+from ray_faceid.errors import FaceIdError
+from ray_faceid.face.decode import ImageSource, decode_image
+from ray_faceid.face.detect import detect_faces
+from ray_faceid.face.face import Face
+from ray_faceid.face.quality import face_quality
+from ray_faceid.face.spec import EncoderSpec
+
+
+@dataclass
+class _ThreadParts:
+    detector: Detector
+    landmarker: Landmarker | None
+    fallback: Detector | None
+
+
+class FaceAnalyzer:
+    """Loads the backend's models once; then analyzes images one at a time or in batches."""
+
+    def __init__(self, config: FaceConfig | None = None, backend: FaceBackend | None = None):
+        self.config = config or FaceConfig()
+        self.backend = backend or build_backend(self.config)
+        threads = self.config.threads or os.cpu_count() or 1
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="face") if threads > 1 else None
+
+    @property
+    def spec(self) -> EncoderSpec:
+        return self.backend.encoder.spec
+
+    @property
+    def threshold(self) -> float:
+        """Same-person distance threshold: the encoder's own unless the config overrides it."""
+        override = self.config.verify_threshold
+        return self.spec.threshold if override is None else override
+
+    def load(self, image: ImageSource | np.ndarray) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            return image
+        return decode_image(image, self.config.decode)
+
+    def _parts(self) -> _ThreadParts:
+        parts = getattr(self._local, "parts", None)
+        if parts is None:
+            b = self.backend
+            parts = self._local.parts = _ThreadParts(
+                b.make_detector(),
+                b.make_landmarker() if b.make_landmarker else None,
+                b.make_fallback_detector() if b.make_fallback_detector else None,
+            )
+        return parts
+
+    def _locate(self, image: np.ndarray) -> list[Face]:
+        parts = self._parts()
+        detections = detect_faces(image, parts.detector, self.config.detection, parts.fallback)
+        if self.config.detection.policy == "largest":
+            detections = detections[:1]
+        faces = []
+        for d in detections:
+            lm = d.landmarks if d.landmarks is not None else parts.landmarker.locate(image, d.bbox)
+            faces.append(Face(bbox=d.bbox, score=d.score, landmarks=lm))
+        return faces
+
+    def _describe(self, image: np.ndarray, face: Face) -> None:
+        face.aligned, _ = align(image, face.landmarks, ARCFACE_112)
+        face.attributes = face_attributes(face.landmarks)
+        face.quality = face_quality(face.width, face.aligned, face.attributes["yaw"], face.attributes["pitch"])
+
+    def _load_and_locate(self, image: ImageSource | np.ndarray) -> tuple[np.ndarray, list[Face]] | FaceIdError:
+        try:
+            array = self.load(image)
+            return array, self._locate(array)
+        except FaceIdError as exc:
+            return exc
+
+    def _located(self, images: list) -> Iterator[tuple[int, tuple[np.ndarray, list[Face]] | FaceIdError]]:
+        """(index, located image) in the order detection finishes, so a slow image does not hold
+        up the encoding of the others."""
+        if self._pool is None or len(images) < 2:
+            yield from ((i, self._load_and_locate(img)) for i, img in enumerate(images))
+            return
+        futures = {self._pool.submit(self._load_and_locate, img): i for i, img in enumerate(images)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+    def analyze_batch(
+        self, images: list[ImageSource | np.ndarray], return_errors: bool = False
+    ) -> list[list[Face] | FaceIdError]:
+        """Faces of each image. Threads decode and detect ahead while the encoder embeds the images
+        already located (dlib's detector releases the GIL, so both cores work). An unusable image
+        raises its BadImage, or with `return_errors` takes the error's place in the result."""
+        results: list[list[Face] | FaceIdError | None] = [None] * len(images)
+        for index, item in self._located(images):
+            if isinstance(item, FaceIdError):
+                if not return_errors:
+                    raise item
+                results[index] = item
+                continue
+            array, faces = item
+            vectors = self.backend.encoder.embed([array], [[f.landmarks for f in faces]])[0]
+            for face, vec in zip(faces, vectors):
+                face.embedding = vec
+                face.spec = self.spec
+                self._describe(array, face)
+            results[index] = faces
+        return results
+
+    def analyze(self, image: ImageSource | np.ndarray) -> list[Face]:
+        """Faces in one image (largest first; one face unless the policy is 'all')."""
+        return self.analyze_batch([image])[0]
+
+    def distance(self, a: Face | np.ndarray, b: Face | np.ndarray) -> float:
+        for f in (a, b):
+            if isinstance(f, Face) and f.spec is not None:
+                self.spec.check_compatible(f.spec)
+        ea = a.embedding if isinstance(a, Face) else a
+        eb = b.embedding if isinstance(b, Face) else b
+        return float(self.spec.distance(ea, eb))
+
+    def verify(self, a: Face | np.ndarray, b: Face | np.ndarray) -> tuple[bool, float]:
+        """(same person?, distance) at this analyzer's threshold."""
+        d = self.distance(a, b)
+        return d <= self.threshold, d
+
+
+def sample_images() -> list[Path]:
+    """Real photos that ship with insightface (t1.jpg: 6 people; Tom_Hanks_54745.png), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
+    return [folder / n for n in ("t1.jpg", "Tom_Hanks_54745.png") if (folder / n).is_file()]

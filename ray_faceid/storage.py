@@ -1,0 +1,97 @@
+"""Storage through fsspec URIs: local paths, file://, memory://, s3://, gs://, ...
+
+Writes are atomic: a reader never sees a half-written file, because data goes to a temporary
+name first and is then moved into place (a rename on local disks; on object stores a single PUT
+is already atomic, so the bytes are written directly).
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from ray_faceid.errors import NotFound, StorageError
+
+# Object stores have no rename; one PUT is atomic there.
+_ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "memory"}
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of `uri` and the path inside it."""
+    try:
+        return url_to_fs(str(uri))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open {uri!r}: {exc} (install the s3 or gcs extra for cloud URIs)") from exc
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' whatever the platform."""
+    uri = str(uri)
+    if "://" in uri:
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise NotFound(f"no file at {uri}") from exc
+    except IsADirectoryError as exc:
+        raise StorageError(f"{uri} is a directory, not a file") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` atomically, creating parent folders."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if _protocol(fs) != "file" else os.path.dirname(path)
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        if _protocol(fs) in _ATOMIC_PUT_PROTOCOLS:
+            fs.pipe_file(path, data)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    except OSError as exc:
+        raise StorageError(f"cannot write {uri}: {exc}") from exc
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def delete(uri: str) -> None:
+    """Remove a file or a folder tree; absent is not an error."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> Iterator[str]:
+    """Every file under `uri` (recursively), as URIs of the same scheme, in sorted order."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise NotFound(f"no such folder: {uri}")
+    if fs.isfile(path):
+        found = [path]
+    else:
+        found = sorted(fs.find(path))
+    wanted = tuple(e.lower() for e in extensions) if extensions else None
+    for p in found:
+        if wanted is None or p.lower().endswith(wanted):
+            yield fs.unstrip_protocol(p) if "://" in str(uri) else p

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real photo set (skipped cleanly where absent) and one analyzer per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_FACES = Path(os.environ.get("RAY_FACEID_FACES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"))
+
+
+@pytest.fixture(scope="session")
+def faces_root() -> Path:
+    if not (SHARED_FACES / "pairs.csv").is_file():
+        pytest.skip(f"real photo set not found at {SHARED_FACES} (set RAY_FACEID_FACES to its folder)")
+    return SHARED_FACES
+
+
+@pytest.fixture(scope="session")
+def sample_photos() -> dict[str, Path]:
+    """insightface's bundled photos: t1.jpg (6 people) and Tom_Hanks_54745.png."""
+    from ray_faceid.face.analyzer import sample_images
+
+    found = {p.name: p for p in sample_images()}
+    if "t1.jpg" not in found:
+        pytest.skip("insightface sample photos not installed (pip install 'ray_faceid[insightface]')")
+    return found
+
+
+@pytest.fixture(scope="session")
+def analyzer():
+    from ray_faceid.config import DetectionConfig, FaceConfig
+    from ray_faceid.face.analyzer import FaceAnalyzer
+
+    return FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
