@@ -21,8 +21,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import machine_line, record  # noqa: E402
 
-from ray_faceid.face.analyzer import FaceAnalyzer  # noqa: E402
 from ray_faceid.eval.verification import evaluate_pairs, read_pairs  # noqa: E402
+from ray_faceid.face.analyzer import FaceAnalyzer  # noqa: E402
 
 DEFAULT_FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
 

@@ -23,8 +23,13 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except FaceIdError as exc:
-        err_console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+        report_error(exc)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
+
+
+def report_error(exc: FaceIdError, prefix: str = "error") -> None:
+    """One unwrapped line on stderr (messages hold paths; no markup, no wrapping)."""
+    typer.echo(f"{prefix} ({exc.code}): {exc.message}", err=True)
 
 
 def print_json(data: Any) -> None:

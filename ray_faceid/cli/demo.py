@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import console, err_console, user_errors
+from ray_faceid.cli.common import console, report_error, user_errors
 from ray_faceid.errors import FaceIdError, NotFound
 
 
@@ -31,7 +31,7 @@ def demo(
     total = 0
     for name, found in zip(images, analyzer.analyze_batch(images, return_errors=True)):
         if isinstance(found, FaceIdError):
-            err_console.print(f"[yellow]skipped[/yellow] {found.message}")
+            report_error(found, prefix="skipped")
             continue
         total += len(found)
         console.print(faces_table(Path(name).name, found))

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 import typer
 from rich.table import Table
 
-from ray_faceid.cli.common import EXIT_BAD_INPUT, console, err_console, print_json, user_errors
+from ray_faceid.cli.common import EXIT_BAD_INPUT, console, print_json, report_error, user_errors
 from ray_faceid.config import DetectionConfig, FaceConfig
 from ray_faceid.errors import BadInput, FaceIdError
 from ray_faceid.eval.verification import evaluate_pairs, read_pairs
@@ -64,7 +64,7 @@ def analyze(
         if isinstance(found, FaceIdError):
             report.append({"image": name, "error": found.message, "code": found.code})
             if not as_json:
-                err_console.print(f"[red]error[/red] ({found.code}): {found.message}")
+                report_error(found)
             continue
         report.append({"image": name, "faces": [f.to_dict(with_embedding=embeddings) for f in found]})
         if not as_json:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from ray_faceid.errors import FaceIdError, BadInput
+from ray_faceid.errors import BadInput, FaceIdError
 
 
 @dataclass

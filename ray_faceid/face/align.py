@@ -58,7 +58,10 @@ def estimate_transform(landmarks: Landmarks, template: Template) -> np.ndarray:
 
 def warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """Warp an RGB uint8 image by a 2x3 matrix (image -> crop) into a size x size crop."""
-    inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
+    # Landmarks put pixel centres on integers; Pillow puts them on .5: shift in and out.
+    half = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1.0]])
+    full = half @ np.vstack([matrix, [0, 0, 1]]) @ np.linalg.inv(half)
+    inverse = np.linalg.inv(full)[:2]
     crop = Image.fromarray(image).transform(
         (size, size), Image.Transform.AFFINE, data=tuple(inverse.ravel()), resample=Image.Resampling.BILINEAR
     )

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from ray_faceid.config import FaceConfig
+from ray_faceid.errors import FaceIdError
 from ray_faceid.face.align import ARCFACE_112, align
 from ray_faceid.face.attributes import face_attributes
 from ray_faceid.face.backends import Detector, FaceBackend, Landmarker, build_backend
-from ray_faceid.errors import FaceIdError
 from ray_faceid.face.decode import ImageSource, decode_image
 from ray_faceid.face.detect import detect_faces
 from ray_faceid.face.face import Face

@@ -1,0 +1,60 @@
+"""The `ray-faceid` command as a user runs it: output, JSON, and exit code 2 for unusable input."""
+import json
+
+from typer.testing import CliRunner
+
+from ray_faceid.cli import app
+
+runner = CliRunner()
+
+
+def test_analyze_json_reports_the_six_faces(sample_photos):
+    result = runner.invoke(app, ["faces", "analyze", str(sample_photos["t1.jpg"]), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["encoder"]["dim"] == 128
+    assert len(report["images"][0]["faces"]) == 6
+
+
+def test_analyze_bad_file_exits_2_with_the_reason_and_keeps_the_good_ones(tmp_path, sample_photos):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    result = runner.invoke(app, ["faces", "analyze", str(broken), str(sample_photos["Tom_Hanks_54745.png"]), "--json"])
+    assert result.exit_code == 2
+    images = json.loads(result.stdout)["images"]
+    assert images[0]["code"] == "bad_image" and "broken.jpg" in images[0]["error"]
+    assert len(images[1]["faces"]) == 1
+
+
+def test_verify_prints_accuracy_for_a_pairs_file(tmp_path, faces_root):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "image_a,image_b,same\n"
+        "obama/obama.jpg,obama/obama2.jpg,1\n"
+        "obama/obama.jpg,biden/biden.jpg,0\n"
+        "obama/obama.jpg,nonface/face-api_white.png,0\n"
+    )
+    result = runner.invoke(app, ["faces", "verify", "--pairs", str(pairs), "--root", str(faces_root), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["pairs"] == 3
+    assert report["no_face_pairs"] == 1  # counted wrong
+    assert report["accuracy"] == 2 / 3
+    assert report["images_without_face"] == ["nonface/face-api_white.png"]
+
+
+def test_verify_bad_pairs_file_exits_2(tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b\nx,y\n")
+    result = runner.invoke(app, ["faces", "verify", "--pairs", str(pairs), "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "lacks column(s)" in result.stderr
+    result = runner.invoke(app, ["faces", "verify", "--pairs", str(tmp_path / "none.csv"), "--root", str(tmp_path)])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_demo_prints_the_faces_in_the_sample_photos(sample_photos):
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "t1.jpg: 6 face(s)" in result.stdout
+    assert "7 face(s) in 2 photo(s)" in result.stdout
