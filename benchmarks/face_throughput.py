@@ -68,7 +68,7 @@ def run(faces_root: Path, record_results: bool) -> str:
     rows = []
     for name, embed, faces in (
         ("naive dlib (full-res HOG x2 upsample, 68 pts, 1 image at a time)", naive.embed, lambda: naive.faces),
-        ("FaceAnalyzer (bounded resolution, 5 pts, threads, batched, CNN fallback)", embed_analyzer,
+        ("FaceAnalyzer (bounded resolution, 5 pts, threads, CNN fallback, batched torch port of the same ResNet)", embed_analyzer,
          lambda: counted["faces"]),
     ):
         report = evaluate_pairs(embed, pairs, faces_root, spec.key(), spec.distance, spec.threshold)

@@ -84,7 +84,7 @@ class DetectionConfig(Settings):
 class FaceConfig(Settings):
     """The face stack: which backend detects, landmarks, aligns and embeds."""
 
-    hash_exclude: ClassVar[frozenset[str]] = frozenset({"decode", "verify_threshold", "insightface_det_threshold", "threads"})
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"decode", "verify_threshold", "insightface_det_threshold", "threads", "encoder_runtime"})
 
     backend: Literal["dlib", "insightface"] = Field(
         "dlib",
@@ -112,8 +112,18 @@ class FaceConfig(Settings):
     verify_threshold: float | None = Field(
         None, description="Override the encoder's calibrated same-person threshold (cosine distance or L2, per encoder)."
     )
+    encoder_runtime: Literal["torch", "dlib"] = Field(
+        "torch",
+        description=(
+            "Runtime of dlib's ResNet: 'torch' (the same network and weights ported to torch: batched, all cores, "
+            "CUDA when present; identical embeddings) or 'dlib' (dlib's own, one face at a time)."
+        ),
+    )
     num_jitters: int = Field(
-        0, ge=0, le=100, description="dlib: extra randomly jittered copies averaged per embedding (slower, slightly better)."
+        0,
+        ge=0,
+        le=100,
+        description="dlib runtime only: jittered copies averaged per embedding (slower, slightly better).",
     )
     threads: int = Field(
         0,

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -88,37 +87,27 @@ class FaceAnalyzer:
         except FaceIdError as exc:
             return exc
 
-    def _located(self, images: list) -> Iterator[tuple[int, tuple[np.ndarray, list[Face]] | FaceIdError]]:
-        """(index, located image) in the order detection finishes, so a slow image does not hold
-        up the encoding of the others."""
-        if self._pool is None or len(images) < 2:
-            yield from ((i, self._load_and_locate(img)) for i, img in enumerate(images))
-            return
-        futures = {self._pool.submit(self._load_and_locate, img): i for i, img in enumerate(images)}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
-
     def analyze_batch(
         self, images: list[ImageSource | np.ndarray], return_errors: bool = False
     ) -> list[list[Face] | FaceIdError]:
-        """Faces of each image. Threads decode and detect ahead while the encoder embeds the images
-        already located (dlib's detector releases the GIL, so both cores work). An unusable image
-        raises its BadImage, or with `return_errors` takes the error's place in the result."""
-        results: list[list[Face] | FaceIdError | None] = [None] * len(images)
-        for index, item in self._located(images):
-            if isinstance(item, FaceIdError):
-                if not return_errors:
-                    raise item
-                results[index] = item
-                continue
-            array, faces = item
-            vectors = self.backend.encoder.embed([array], [[f.landmarks for f in faces]])[0]
-            for face, vec in zip(faces, vectors):
+        """Faces of each image. Threads decode and detect (dlib's detector releases the GIL), then
+        one encoder batch embeds every face. An unusable image raises its BadImage, or with
+        `return_errors` takes the error's place in the result."""
+        if self._pool is not None and len(images) > 1:
+            located = list(self._pool.map(self._load_and_locate, images))
+        else:
+            located = [self._load_and_locate(img) for img in images]
+        errors = [item for item in located if isinstance(item, FaceIdError)]
+        if errors and not return_errors:
+            raise errors[0]
+        good = [item for item in located if not isinstance(item, FaceIdError)]
+        vectors = self.backend.encoder.embed([arr for arr, _ in good], [[f.landmarks for f in faces] for _, faces in good])
+        for (array, faces), vecs in zip(good, vectors):
+            for face, vec in zip(faces, vecs):
                 face.embedding = vec
                 face.spec = self.spec
                 self._describe(array, face)
-            results[index] = faces
-        return results
+        return [item if isinstance(item, FaceIdError) else item[1] for item in located]
 
     def analyze(self, image: ImageSource | np.ndarray) -> list[Face]:
         """Faces in one image (largest first; one face unless the policy is 'all')."""

@@ -136,12 +136,64 @@ class DlibEncoder:
         return out
 
 
-def build_dlib_backend(detector: str = "hog", landmark_points: int = 5, cnn_fallback: bool = True, num_jitters: int = 0):
+def build_dlib_backend(
+    detector: str = "hog",
+    landmark_points: int = 5,
+    cnn_fallback: bool = True,
+    num_jitters: int = 0,
+    encoder_runtime: str = "torch",
+):
+    encoder = DlibTorchEncoder() if encoder_runtime == "torch" else DlibEncoder(num_jitters)
     return FaceBackend(
         name=f"dlib-{detector}",
-        encoder=DlibEncoder(num_jitters),
+        encoder=encoder,
         make_detector=MmodDetector if detector == "cnn" else HogDetector,
         make_landmarker=lambda: ShapeLandmarker(landmark_points),
         make_fallback_detector=MmodDetector if (detector == "hog" and cnn_fallback) else None,
         license_note=LICENSE_NOTE,
     )
+
+
+class DlibTorchEncoder(DlibEncoder):
+    """The same ResNet ported to torch (weights read from the same file): identical embeddings
+    (same EncoderSpec), computed in batches on all cores, or on CUDA when present."""
+
+    def __init__(self, num_jitters: int = 0, device: str | None = None, batch_size: int = 64):
+        import torch
+
+        from ray_faceid.face.backends.dlib_dat import read_dlib_resnet
+        from ray_faceid.face.backends.dlib_resnet_torch import DlibResNet
+
+        if num_jitters:
+            raise BackendUnavailable("num_jitters needs the dlib encoder runtime (encoder_runtime='dlib')")
+        self.spec = dlib_encoder_spec()
+        self.num_jitters = 0
+        self.batch_size = batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        weights = read_dlib_resnet(model_path(RECOGNIZER_FILE).read_bytes())
+        self.net = DlibResNet(weights).eval().to(self.device)
+
+    def chips(self, image: np.ndarray, landmarks: list[Landmarks]) -> list[np.ndarray]:
+        """dlib's own face-chip alignment (150 px, padding 0.25): what the network was trained on."""
+        dlib = _dlib()
+        shapes = dlib.full_object_detections([self._shape(lm) for lm in landmarks])
+        return list(dlib.get_face_chips(image, shapes, self.net.chip_size, 0.25))
+
+    def embed_chips(self, chips: np.ndarray) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(chips), self.batch_size):
+                batch = torch.from_numpy(chips[i : i + self.batch_size]).to(self.device)
+                out.append(self.net(batch).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.spec.dim), np.float32)
+
+    def embed(self, images: list[np.ndarray], landmarks: list[list[Landmarks]]) -> list[np.ndarray]:
+        chips, counts = [], []
+        for img, lms in zip(images, landmarks):
+            counts.append(len(lms))
+            if lms:
+                chips.extend(self.chips(img, lms))
+        vectors = self.embed_chips(np.stack(chips) if chips else np.zeros((0, 150, 150, 3), np.uint8))
+        return list(np.split(vectors, np.cumsum(counts)[:-1]))

@@ -20,6 +20,7 @@ def build_backend(config: FaceConfig) -> FaceBackend:
         landmark_points=68 if config.landmarks == "dlib68" else 5,
         cnn_fallback=config.detection.cnn_fallback,
         num_jitters=config.num_jitters,
+        encoder_runtime=config.encoder_runtime,
     )
     if config.recognizer_onnx:
         from ray_faceid.face.backends.onnx_encoder import OnnxArcFaceEncoder
