@@ -84,7 +84,10 @@ class DetectionConfig(Settings):
 class FaceConfig(Settings):
     """The face stack: which backend detects, landmarks, aligns and embeds."""
 
-    hash_exclude: ClassVar[frozenset[str]] = frozenset({"decode", "verify_threshold", "insightface_det_threshold", "threads", "encoder_runtime"})
+    # The torch and dlib runtimes compute the same embeddings, so the runtime is not hashed.
+    hash_exclude: ClassVar[frozenset[str]] = frozenset(
+        {"decode", "verify_threshold", "insightface_det_threshold", "threads", "encoder_runtime"}
+    )
 
     backend: Literal["dlib", "insightface"] = Field(
         "dlib",

@@ -143,7 +143,7 @@ def build_dlib_backend(
     num_jitters: int = 0,
     encoder_runtime: str = "torch",
 ):
-    encoder = DlibTorchEncoder() if encoder_runtime == "torch" else DlibEncoder(num_jitters)
+    encoder = DlibTorchEncoder(num_jitters) if encoder_runtime == "torch" else DlibEncoder(num_jitters)
     return FaceBackend(
         name=f"dlib-{detector}",
         encoder=encoder,

@@ -1,0 +1,58 @@
+"""Optional backends: an ArcFace-shaped ONNX recogniser, and insightface packs from a user folder."""
+import numpy as np
+import pytest
+
+from ray_faceid.config import FaceConfig
+from ray_faceid.errors import BackendUnavailable
+from ray_faceid.face.analyzer import FaceAnalyzer
+from ray_faceid.face.backends import build_backend
+
+
+@pytest.fixture
+def tiny_arcface_onnx(tmp_path):
+    """A small random ArcFace-shaped network (N x 3 x 112 x 112 -> N x 64), exported to ONNX."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 64),
+    ).eval()
+    path = tmp_path / "tiny_arcface.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    return path
+
+
+def test_onnx_recogniser_replaces_the_encoder(tiny_arcface_onnx, sample_photos):
+    analyzer = FaceAnalyzer(FaceConfig(recognizer_onnx=str(tiny_arcface_onnx)))
+    faces = analyzer.analyze(sample_photos["Tom_Hanks_54745.png"])
+    assert faces[0].embedding.shape == (64,)
+    assert analyzer.spec.name == "arcface_onnx" and analyzer.spec.metric == "cosine"
+    assert analyzer.spec.version.startswith("tiny_arcface.onnx@")
+    same, dist = analyzer.verify(faces[0], faces[0])
+    assert same and dist == pytest.approx(0.0, abs=1e-6)
+
+
+def test_onnx_recogniser_with_the_wrong_input_shape_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "wrong.onnx"
+    torch.onnx.export(torch.nn.Flatten().eval(), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False)
+    with pytest.raises(BackendUnavailable, match="not N x 3 x 112 x 112"):
+        FaceAnalyzer(FaceConfig(recognizer_onnx=str(path)))
+
+
+def test_insightface_needs_a_user_folder_and_says_why(tmp_path):
+    with pytest.raises(BackendUnavailable, match="non-commercial"):
+        build_backend(FaceConfig(backend="insightface"))
+    pytest.importorskip("insightface")
+    with pytest.raises(BackendUnavailable, match="no SCRFD detection ONNX file"):
+        build_backend(FaceConfig(backend="insightface", insightface_root=str(tmp_path)))
+
+
+def test_jitter_needs_the_dlib_runtime_and_says_so():
+    with pytest.raises(BackendUnavailable, match="num_jitters needs the dlib encoder runtime"):
+        FaceAnalyzer(FaceConfig(num_jitters=2))
+    jittered = FaceAnalyzer(FaceConfig(num_jitters=2, encoder_runtime="dlib"))
+    assert jittered.spec.dim == 128
+    assert np.isfinite(jittered.threshold)
