@@ -1,0 +1,1 @@
+"""The identity methods: torch modules and diffusers attention processors. No ray imports here."""

@@ -1,0 +1,153 @@
+"""IdentityAdapter: everything a base UNet needs to take an identity, in one saveable module.
+
+It bundles the token mapper (IdProjector or MultiRefMapper) and one identity processor per
+cross-attention layer. `install(unet)` swaps the processors in (self-attention keeps the stock
+maths) and freezes the base; `remove(unet)` restores the stock processors. `save(uri)` writes
+`adapter.safetensors` + `adapter.json` (method options, encoder spec, base UNet config hash);
+`load(uri, unet, encoder_spec)` refuses a mismatched encoder or base.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from ray_faceid import storage
+from ray_faceid.errors import BaseModelMismatch, EncoderMismatch, NotFound
+from ray_faceid.face.spec import EncoderSpec
+from ray_faceid.identity.attention import PROCESSORS, SelfAttnProcessor
+from ray_faceid.identity.tokens import IdProjector, MultiRefMapper
+
+WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
+
+
+class AdapterOptions(BaseModel):
+    method: Literal["decoupled", "pva"] = Field("decoupled", description="Identity attention: decoupled or PVA joint softmax.")
+    mapper: Literal["projector", "multiref"] = Field(
+        "projector", description="Token mapper: IdProjector (fused embedding) or MultiRefMapper (PVA, any number of refs)."
+    )
+    num_tokens: int = Field(4, ge=1, le=64, description="Identity tokens per identity (N for projector, K for multiref).")
+    expression_dim: int = Field(0, ge=0, description="Size of the expression code (0 disables expression guidance).")
+    gate: bool = Field(False, description="SAA semantic-activated gating of the identity output.")
+    gate_threshold: float = Field(0.3, ge=0, le=1, description="SAA threshold on the min-max normalised scores.")
+
+
+def base_unet_hash(unet) -> str:
+    """A hash of the base UNet's architecture config: adapters and engines are tied to it."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cross_attention_layers(unet) -> dict[str, tuple[int, int]]:
+    """{processor name: (hidden size, cross-attention dim)} of every cross-attention layer."""
+    layers = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn2") and hasattr(module, "to_k"):
+            layers[f"{name}.processor"] = (module.to_q.out_features, module.to_k.in_features)
+    return layers
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class IdentityAdapter(nn.Module):
+    def __init__(self, options: AdapterOptions, encoder_spec: EncoderSpec, layers: dict[str, tuple[int, int]],
+                 base_hash: str):
+        super().__init__()
+        self.options, self.encoder_spec, self.base_hash = options, encoder_spec, base_hash
+        self.layers = dict(layers)
+        cross_dim = next(iter(layers.values()))[1]
+        if options.mapper == "multiref":
+            self.mapper = MultiRefMapper(encoder_spec.dim, cross_dim, options.num_tokens)
+        else:
+            self.mapper = IdProjector(encoder_spec.dim, cross_dim, options.num_tokens, options.expression_dim)
+        cls = PROCESSORS[options.method]
+        self.processors = nn.ModuleDict({
+            _key(name): cls(hidden, cross, options.gate, options.gate_threshold) for name, (hidden, cross) in layers.items()
+        })
+
+    @classmethod
+    def for_unet(cls, unet, encoder_spec: EncoderSpec, options: AdapterOptions | None = None) -> "IdentityAdapter":
+        """A new adapter for `unet`, identity projections initialised from the UNet's own."""
+        adapter = cls(options or AdapterOptions(), encoder_spec, cross_attention_layers(unet), base_unet_hash(unet))
+        modules = dict(unet.named_modules())
+        for name in adapter.layers:
+            adapter.processors[_key(name)].init_from(modules[name.rsplit(".", 1)[0]])
+        return adapter
+
+    def tokens(self, embeddings: torch.Tensor, present: torch.Tensor | None = None,
+               expression: torch.Tensor | None = None, drop_prob: float = 0.0) -> torch.Tensor:
+        """Identity tokens (B, T, C) from (B, D) embeddings (projector) or (B, R, D) references (multiref)."""
+        if isinstance(self.mapper, MultiRefMapper):
+            refs = embeddings if embeddings.ndim == 3 else embeddings.unsqueeze(1)
+            return self.mapper(refs, present)
+        return self.mapper(embeddings, expression, drop_prob)
+
+    def check_base(self, unet) -> None:
+        got = base_unet_hash(unet)
+        if got != self.base_hash:
+            raise BaseModelMismatch(f"adapter was trained for base UNet {self.base_hash}, this UNet is {got}")
+
+    def install(self, unet) -> None:
+        """Put the identity processors into `unet` and freeze every base parameter."""
+        self.check_base(unet)
+        unet.requires_grad_(False)
+        procs = {}
+        for name in unet.attn_processors:
+            procs[name] = self.processors[_key(name)] if name in self.layers else SelfAttnProcessor()
+        unet.set_attn_processor(procs)
+
+    @staticmethod
+    def remove(unet) -> None:
+        """Back to the stock processors everywhere."""
+        unet.set_attn_processor({name: SelfAttnProcessor() for name in unet.attn_processors})
+
+    def config_dict(self) -> dict:
+        return {
+            "format": "ray_faceid.identity_adapter/1",
+            "options": self.options.model_dump(),
+            "encoder": self.encoder_spec.model_dump(),
+            "base_unet_hash": self.base_hash,
+            "layers": {k: list(v) for k, v in self.layers.items()},
+        }
+
+    def content_hash(self) -> str:
+        """Hash of the weights and config: a version id for caches and provenance."""
+        h = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        for k, t in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, uri: str) -> None:
+        state = {k: t.detach().cpu().contiguous() for k, t in self.state_dict().items()}
+        storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save_safetensors(state))
+        storage.write_bytes(storage.join(uri, CONFIG_FILE), json.dumps(self.config_dict(), indent=2).encode())
+
+    @classmethod
+    def load(cls, uri: str, unet=None, encoder_spec: EncoderSpec | None = None) -> "IdentityAdapter":
+        """Load an adapter; with `unet` / `encoder_spec` given, refuse a mismatched base or encoder."""
+        try:
+            config = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
+        except NotFound as exc:
+            raise NotFound(f"no identity adapter at {uri} (missing {CONFIG_FILE})") from exc
+        saved_spec = EncoderSpec(**config["encoder"])
+        if encoder_spec is not None and encoder_spec.key() != saved_spec.key():
+            raise EncoderMismatch(
+                f"adapter at {uri} was trained on {saved_spec.key()} embeddings ({saved_spec.dim}-d), "
+                f"but the face encoder in use is {encoder_spec.key()} ({encoder_spec.dim}-d): "
+                "use the same face encoder as the adapter, or train an adapter for this encoder"
+            )
+        adapter = cls(AdapterOptions(**config["options"]), saved_spec,
+                      {k: tuple(v) for k, v in config["layers"].items()}, config["base_unet_hash"])
+        if unet is not None:
+            adapter.check_base(unet)
+        adapter.load_state_dict(load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE))))
+        return adapter

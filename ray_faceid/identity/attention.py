@@ -1,0 +1,195 @@
+"""Identity attention processors for diffusers cross-attention layers.
+
+Installed with `unet.set_attn_processor`; self-attention layers get `SelfAttnProcessor`, the
+stock maths that only accepts (and ignores) the identity arguments. Per call the UNet receives,
+through `cross_attention_kwargs`:
+
+- identity_tokens (B, M, T, C): T tokens for each of M identities;
+- identity_scale (B, M): strength per row and identity; 0 disables identity (the unconditional
+  classifier-free-guidance rows), so changing person or strength needs no rebuild;
+- region_masks (B, M, H, W) or None: where each identity may act (see routing.py).
+
+Two methods:
+
+- DecoupledIdentityProcessor (IP-Adapter-FaceID / DynamicID): new to_k_id, to_v_id (initialised
+  from to_k, to_v); out = text attention + scale x gate x softmax(Q K_id^T) V_id.
+- ParallelVisualProcessor (PVA): new Q', K', V' (copies of to_q, to_k, to_v); scores of Q against
+  text keys and of Q' against identity keys go through ONE softmax over [text ; identity],
+  applied to [V ; V'_id], then the shared to_out. The scale enters as log(scale) on the identity
+  logits, so scale 0 is exactly the stock layer.
+
+Both support SAA gating (DynamicID): per query, the scaled identity scores summed over heads and
+tokens, min-max normalised over the queries, zeroed below a threshold; only gated queries (faces)
+take identity. There is no data-dependent Python control flow in forward, so they export to ONNX.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from ray_faceid.identity.routing import query_routing
+
+
+class SelfAttnProcessor(AttnProcessor2_0):
+    """Stock attention; names the identity arguments only so diffusers passes them silently."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 identity_tokens=None, identity_scale=None, region_masks=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def saa_gate(scores: torch.Tensor, allowed: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, heads, L, K) scaled identity scores, (B, L, K) allowed keys -> (B, L) gate in [0, 1]."""
+    summed = (scores.sum(dim=1) * allowed).sum(dim=-1)
+    low = summed.amin(dim=-1, keepdim=True)
+    high = summed.amax(dim=-1, keepdim=True)
+    norm = (summed - low) / (high - low).clamp_min(1e-6)
+    return torch.where(norm >= threshold, norm, torch.zeros_like(norm))
+
+
+class _IdentityProcessor(nn.Module):
+    def __init__(self, hidden_size: int, cross_attention_dim: int, gate: bool = False, gate_threshold: float = 0.3):
+        super().__init__()
+        self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
+        self.gate, self.gate_threshold = gate, gate_threshold
+
+    @staticmethod
+    def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, n, inner = x.shape
+        return x.view(b, n, heads, inner // heads).transpose(1, 2)
+
+    def _identity_keys(self, attn: Attention, tokens: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear):
+        b, m, t, c = tokens.shape
+        flat = tokens.reshape(b, m * t, c)
+        return self._heads(to_k(flat), attn.heads), self._heads(to_v(flat), attn.heads)
+
+    @staticmethod
+    def _allowed(identity_scale, region_masks, length: int, tokens_per_id: int):
+        """(B, L, M*T) keys each query may use, (B, L) whether it takes identity at all, (B, L) its scale."""
+        b, m = identity_scale.shape
+        if region_masks is None:
+            owner = torch.ones(b, length, m, dtype=torch.bool, device=identity_scale.device)
+        else:
+            owner = query_routing(region_masks, length)
+        scale = (owner.float() * identity_scale.unsqueeze(1)).sum(-1)
+        active = owner.any(-1) & (scale > 0)
+        keys = owner.repeat_interleave(tokens_per_id, dim=-1)
+        return keys, active, scale
+
+    @staticmethod
+    def _prologue(attn: Attention, hidden_states, encoder_hidden_states, temb):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape4 = hidden_states.shape if hidden_states.ndim == 4 else None
+        if shape4 is not None:
+            b, c, h, w = shape4
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        return residual, shape4, hidden_states, encoder_hidden_states
+
+    @staticmethod
+    def _epilogue(attn: Attention, out, residual, shape4):
+        out = attn.to_out[1](attn.to_out[0](out))
+        if shape4 is not None:
+            out = out.transpose(-1, -2).reshape(shape4)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class DecoupledIdentityProcessor(_IdentityProcessor):
+    def __init__(self, hidden_size: int, cross_attention_dim: int, gate: bool = False, gate_threshold: float = 0.3):
+        super().__init__(hidden_size, cross_attention_dim, gate, gate_threshold)
+        self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    def init_from(self, attn: Attention) -> None:
+        with torch.no_grad():
+            self.to_k_id.weight.copy_(attn.to_k.weight)
+            self.to_v_id.weight.copy_(attn.to_v.weight)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 identity_tokens=None, identity_scale=None, region_masks=None):
+        residual, shape4, x, context = self._prologue(attn, hidden_states, encoder_hidden_states, temb)
+        q = self._heads(attn.to_q(x), attn.heads)
+        k = self._heads(attn.to_k(context), attn.heads)
+        v = self._heads(attn.to_v(context), attn.heads)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if identity_tokens is not None:
+            out = out + self.identity_term(attn, q, identity_tokens, identity_scale, region_masks)
+        b, heads, length, d = out.shape
+        out = out.transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
+        return self._epilogue(attn, out, residual, shape4)
+
+    def identity_term(self, attn, q, tokens, identity_scale, region_masks):
+        k_id, v_id = self._identity_keys(attn, tokens, self.to_k_id, self.to_v_id)
+        keys, active, scale = self._allowed(identity_scale, region_masks, q.shape[2], tokens.shape[2])
+        scores = q @ k_id.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        # Queries outside every region may see all keys (no all-masked row): their term is zeroed below.
+        visible = keys | ~keys.any(-1, keepdim=True)
+        logits = scores.masked_fill(~visible.unsqueeze(1), torch.finfo(scores.dtype).min)
+        id_out = logits.softmax(dim=-1) @ v_id
+        weight = scale * active
+        if self.gate:
+            weight = weight * saa_gate(scores, keys, self.gate_threshold)
+        return weight[:, None, :, None] * id_out
+
+
+class ParallelVisualProcessor(_IdentityProcessor):
+    def __init__(self, hidden_size: int, cross_attention_dim: int, gate: bool = False, gate_threshold: float = 0.3):
+        super().__init__(hidden_size, cross_attention_dim, gate, gate_threshold)
+        self.to_q_id = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    def init_from(self, attn: Attention) -> None:
+        with torch.no_grad():
+            self.to_q_id.weight.copy_(attn.to_q.weight)
+            self.to_k_id.weight.copy_(attn.to_k.weight)
+            self.to_v_id.weight.copy_(attn.to_v.weight)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 identity_tokens=None, identity_scale=None, region_masks=None):
+        residual, shape4, x, context = self._prologue(attn, hidden_states, encoder_hidden_states, temb)
+        q = self._heads(attn.to_q(x), attn.heads)
+        k = self._heads(attn.to_k(context), attn.heads)
+        v = self._heads(attn.to_v(context), attn.heads)
+        if identity_tokens is None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = self.joint_attention(attn, x, q, k, v, identity_tokens, identity_scale, region_masks)
+        b, heads, length, d = out.shape
+        out = out.transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
+        return self._epilogue(attn, out, residual, shape4)
+
+    def joint_attention(self, attn, x, q, k, v, tokens, identity_scale, region_masks):
+        d = q.shape[-1]
+        q_id = self._heads(self.to_q_id(x), attn.heads)
+        k_id, v_id = self._identity_keys(attn, tokens, self.to_k_id, self.to_v_id)
+        keys, active, scale = self._allowed(identity_scale, region_masks, q.shape[2], tokens.shape[2])
+        text_logits = q @ k.transpose(-1, -2) / math.sqrt(d)
+        id_scores = q_id @ k_id.transpose(-1, -2) / math.sqrt(d)
+        usable = keys & active.unsqueeze(-1)
+        bias = torch.log(scale.clamp_min(1e-12)).unsqueeze(-1).expand_as(usable)
+        bias = bias.masked_fill(~usable, torch.finfo(id_scores.dtype).min)
+        n_text = k.shape[2]
+        weights = torch.cat([text_logits, id_scores + bias.unsqueeze(1)], dim=-1).softmax(dim=-1)
+        w_text, w_id = weights[..., :n_text], weights[..., n_text:]
+        joint = w_text @ v + w_id @ v_id
+        if not self.gate:
+            return joint
+        # The gate blends per query between text-only attention (the joint text weights
+        # renormalised) and the joint attention: gate 0 is exactly the stock layer.
+        text_only = (w_text @ v) / w_text.sum(-1, keepdim=True).clamp_min(1e-12)
+        g = saa_gate(id_scores, keys, self.gate_threshold)[:, None, :, None]
+        return g * joint + (1 - g) * text_only
+
+
+PROCESSORS = {"decoupled": DecoupledIdentityProcessor, "pva": ParallelVisualProcessor}

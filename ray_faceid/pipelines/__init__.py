@@ -1,0 +1,1 @@
+"""Diffusers pipelines with identities: model loading, generate, inpaint. No ray imports here."""

@@ -1,0 +1,168 @@
+"""Base diffusion models: from a local folder, an fsspec URI or a hub id (diffusers layout), or
+`tiny`: random-initialised tiny components built from configs, for tests and smoke runs.
+
+Output of `tiny` is untrained noise-shaped imagery; everything it produces is labelled untrained.
+An inpainting base (9-channel UNet: latents + mask + masked-image latents) is detected from its
+config; `tiny-inpaint` builds one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ray_faceid import storage
+from ray_faceid.errors import BackendUnavailable, NotFound
+
+TINY = ("tiny", "tiny-inpaint")
+
+
+@dataclass
+class BaseModel:
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    scheduler: object
+    model_id: str
+    untrained: bool = False
+
+    @property
+    def inpainting(self) -> bool:
+        return self.unet.config.in_channels == 9
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.unet.config.cross_attention_dim
+
+    def model_hash(self) -> str:
+        """Hash of every component's config and the model id: provenance and cache keys."""
+        parts = {"id": self.model_id}
+        for name in ("unet", "vae", "scheduler"):
+            parts[name] = {k: v for k, v in dict(getattr(self, name).config).items() if not k.startswith("_")}
+        parts["text_encoder"] = self.text_encoder.config.to_dict()
+        blob = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "BaseModel":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        return self
+
+    def freeze(self) -> "BaseModel":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+
+def build_tiny(inpainting: bool = False, seed: int = 0) -> BaseModel:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ray_faceid.pipelines.tiny_tokenizer import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=9 if inpainting else 4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    tokenizer = tiny_tokenizer(max_length=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    name = "tiny-inpaint" if inpainting else "tiny"
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, model_id=f"{name} (untrained)", untrained=True).freeze()
+
+
+def _local_copy(uri: str) -> Path:
+    """A local copy of a model folder at any fsspec URI, cached by URI."""
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise NotFound(f"no model folder at {uri}")
+    cache = Path(os.environ.get("RAY_FACEID_CACHE", Path.home() / ".cache" / "ray_faceid")) / "models"
+    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (target / "model_index.json").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+    return target
+
+
+def save_base(base: BaseModel, folder: str | Path) -> None:
+    """Write a base model in the diffusers layout (model_index.json + one folder per component)."""
+    folder = Path(folder)
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        getattr(base, name).save_pretrained(folder / name)
+    index = {"_class_name": "StableDiffusionPipeline", "_ray_faceid_model_id": base.model_id,
+             "_ray_faceid_untrained": base.untrained}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    untrained = False
+    index = Path(source) / "model_index.json"
+    if index.exists():
+        meta = json.loads(index.read_text())
+        model_id = meta.get("_ray_faceid_model_id", model_id)
+        untrained = bool(meta.get("_ray_faceid_untrained", False))
+    return BaseModel(
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+        scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
+        model_id=model_id,
+        untrained=untrained,
+    ).freeze()
+
+
+def load_base(model: str) -> BaseModel:
+    """`tiny`, `tiny-inpaint`, a local diffusers folder, an fsspec URI of one, or a hub id."""
+    if model in TINY:
+        return build_tiny(inpainting=model == "tiny-inpaint")
+    if "://" in model and not model.startswith("file://"):
+        return _from_diffusers_layout(str(_local_copy(model)), model)
+    local = Path(model.removeprefix("file://"))
+    if local.is_dir():
+        if not (local / "unet").is_dir():
+            raise NotFound(f"{model} is not a diffusers model folder (no unet/ inside)")
+        return _from_diffusers_layout(str(local), model)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        try:
+            return _from_diffusers_layout(model, model)
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot load hub model {model!r} (no network or not cached?): {exc}") from exc
+    raise NotFound(f"model {model!r}: not 'tiny', a folder, a URI or a hub id (owner/name)")
