@@ -102,7 +102,7 @@ class IdentityPipeline:
 
     # -- sampling -----------------------------------------------------------------------------
     def _check_size(self, width: int, height: int) -> None:
-        step = self.base.vae_scale_factor * 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+        step = self.base.vae_scale_factor
         if width % step or height % step or width < step or height < step:
             raise BadInput(f"width and height must be positive multiples of {step} for this model, got {width}x{height}")
 

@@ -48,7 +48,7 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
     height, width = image.shape[:2]
     region = binary_mask(mask, (height, width))
     base = pipe.base
-    step = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    step = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)  # clean latent pyramid
     gen_w, gen_h = working_size(width, height, step, max_side)
     resized = np.asarray(Image.fromarray(image).resize((gen_w, gen_h), Image.Resampling.LANCZOS))
     small_mask = np.asarray(Image.fromarray(region.astype(np.uint8) * 255).resize((gen_w, gen_h)), dtype=np.float32) / 255

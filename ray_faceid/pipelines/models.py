@@ -48,7 +48,7 @@ class BaseModel:
         parts = {"id": self.model_id}
         for name in ("unet", "vae", "scheduler"):
             parts[name] = {k: v for k, v in dict(getattr(self, name).config).items() if not k.startswith("_")}
-        parts["text_encoder"] = self.text_encoder.config.to_dict()
+        parts["text_encoder"] = {k: v for k, v in self.text_encoder.config.to_dict().items() if not k.startswith("_")}
         blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
