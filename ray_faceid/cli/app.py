@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import demo, faces
+from ray_faceid.cli import demo, faces, generate
 
 app = typer.Typer(
     name="ray-faceid",
@@ -13,3 +13,5 @@ app = typer.Typer(
 )
 app.add_typer(faces.app, name="faces")
 app.command("demo")(demo.demo)
+app.command("generate")(generate.generate)
+app.command("inpaint")(generate.inpaint)

@@ -62,6 +62,8 @@ class IdentityAdapter(nn.Module):
                  base_hash: str):
         super().__init__()
         self.options, self.encoder_spec, self.base_hash = options, encoder_spec, base_hash
+        self.trained_steps = 0
+        """Optimiser steps this adapter has seen; 0 means untrained (identity not preserved)."""
         self.layers = dict(layers)
         cross_dim = next(iter(layers.values()))[1]
         if options.mapper == "multiref":
@@ -115,6 +117,7 @@ class IdentityAdapter(nn.Module):
             "options": self.options.model_dump(),
             "encoder": self.encoder_spec.model_dump(),
             "base_unet_hash": self.base_hash,
+            "trained_steps": self.trained_steps,
             "layers": {k: list(v) for k, v in self.layers.items()},
         }
 
@@ -147,6 +150,7 @@ class IdentityAdapter(nn.Module):
             )
         adapter = cls(AdapterOptions(**config["options"]), saved_spec,
                       {k: tuple(v) for k, v in config["layers"].items()}, config["base_unet_hash"])
+        adapter.trained_steps = int(config.get("trained_steps", 0))
         if unet is not None:
             adapter.check_base(unet)
         adapter.load_state_dict(load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE))))

@@ -175,6 +175,7 @@ class IdentityPipeline:
             "base_model_hash": self.base.model_hash(),
             "untrained_base": self.base.untrained,
             "adapter": None if self.adapter is None else self.adapter.content_hash(),
+            "adapter_trained_steps": None if self.adapter is None else self.adapter.trained_steps,
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),
             "identities": [{"name": i.name, "region": i.region, "expression": i.expression, "scale": i.scale}
                            for i in identities],

@@ -1,0 +1,20 @@
+"""Reference photos -> the embeddings an identity is conditioned on, through the face stack."""
+from __future__ import annotations
+
+import numpy as np
+
+from ray_faceid.errors import NoFace
+from ray_faceid.face.analyzer import FaceAnalyzer
+
+
+def embed_references(analyzer: FaceAnalyzer, images: list, names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(R, D) embeddings and (R,) quality scores of the largest face of each reference photo.
+    A photo without a face is an error naming it (an identity must not silently lose a reference)."""
+    names = names or [str(i) for i in images]
+    embeddings, quality = [], []
+    for name, faces in zip(names, analyzer.analyze_batch(list(images))):
+        if not faces:
+            raise NoFace(f"{name}: no face found; use a photo where the face is visible and at least ~40 px wide")
+        embeddings.append(faces[0].embedding)
+        quality.append(faces[0].quality["score"])
+    return np.stack(embeddings), np.asarray(quality, dtype=np.float32)
