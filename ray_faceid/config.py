@@ -135,3 +135,27 @@ class FaceConfig(Settings):
     )
     detection: DetectionConfig = Field(default_factory=DetectionConfig, description="Detection settings.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding limits.")
+
+
+class IngestConfig(Settings):
+    """The Ray Data ingest job: photo archive -> images, faces, crops."""
+
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "batch_size", "num_gpus_per_worker"})
+
+    extensions: tuple[str, ...] = Field(
+        (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"),
+        description="File name endings (case-insensitive) listed as images under the source.",
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Analyzer actors (each loads the models once); default: one per CPU (or GPU)."
+    )
+    batch_size: int = Field(16, ge=1, le=4096, description="Images per map_batches call.")
+    num_gpus_per_worker: float | None = Field(
+        None, ge=0, description="GPUs per actor; default 1 where the cluster has GPUs, else 0."
+    )
+    crop_size: int = Field(512, ge=64, le=2048, description="Side of the aligned loose crops written for the diffusion side.")
+    write_crops: bool = Field(True, description="Write aligned crops under DST/crops/.")
+    face: FaceConfig = Field(
+        default_factory=lambda: FaceConfig(detection=DetectionConfig(policy="all")),
+        description="Face stack settings; ingest records every face by default.",
+    )

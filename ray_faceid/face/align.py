@@ -39,8 +39,14 @@ class Template:
 
 
 ARCFACE_112 = Template("arcface_112", 112, _ARCFACE_POINTS)
-# Face about 40% of the width: hair, ears, neck and background stay in the crop for diffusion.
-LOOSE_512 = ARCFACE_112.scaled("loose_512", 512, face_scale=0.62, center_y=0.47)
+
+
+def loose_template(size: int) -> Template:
+    """Face about 40% of the width: hair, ears, neck and background stay in the crop for diffusion."""
+    return ARCFACE_112.scaled(f"loose_{size}", size, face_scale=0.62, center_y=0.47)
+
+
+LOOSE_512 = loose_template(512)
 
 
 def estimate_transform(landmarks: Landmarks, template: Template) -> np.ndarray:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ray_faceid import storage
+from ray_faceid.envs import cache_dir
 from ray_faceid.errors import BackendUnavailable, NotFound
 
 TINY = ("tiny", "tiny-inpaint")
@@ -110,7 +110,7 @@ def _local_copy(uri: str) -> Path:
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
         raise NotFound(f"no model folder at {uri}")
-    cache = Path(os.environ.get("RAY_FACEID_CACHE", Path.home() / ".cache" / "ray_faceid")) / "models"
+    cache = Path(cache_dir()) / "models"
     target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (target / "model_index.json").exists():
         target.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,22 @@
+"""Connect to a Ray cluster, or start a local one that listens on loopback only."""
+from __future__ import annotations
+
+from ray_faceid.envs import apply_ray_defaults
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    import ray
+
+    apply_ray_defaults()
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))

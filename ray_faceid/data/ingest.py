@@ -1,0 +1,113 @@
+"""Ray Data ingest: a photo archive (any fsspec URI) -> images.parquet, faces.parquet, aligned
+crops and summary.json under DST.
+
+Files are listed on the driver; analysis runs in `map_batches` on an actor pool (each actor
+loads the face models once; GPU actors where the cluster has GPUs). Every analysed batch is
+written as it finishes (DST/_raw_images/<run>/), so a crashed run loses at most the batches in flight,
+and `resume` skips every file already recorded with the same bytes. The final tables are built
+from the raw rows at the end: one images row per listed file, whatever happened to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+
+from ray_faceid import storage
+from ray_faceid.config import IngestConfig
+from ray_faceid.data import tables
+from ray_faceid.data.analyze_rows import analyze_uris
+from ray_faceid.errors import BadInput
+
+
+class AnalyzeImages:
+    """Map-batches UDF: holds one FaceAnalyzer per actor. Each batch's rows are written as soon as
+    it is done (one parquet part per batch), so a crash loses only the batches in flight."""
+
+    def __init__(self, config_json: str, dst: str, run_id: str, skip: set | None):
+        import ray
+
+        from ray_faceid.face.align import loose_template
+        from ray_faceid.face.analyzer import FaceAnalyzer
+
+        self.config = IngestConfig.model_validate_json(config_json)
+        face = self.config.face
+        if face.threads == 0:  # one thread per CPU this actor was given
+            face = face.model_copy(update={"threads": max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))})
+        self.analyzer = FaceAnalyzer(face)
+        self.template = loose_template(self.config.crop_size)
+        self.dst = dst if self.config.write_crops else None
+        self.run_dir = storage.join(dst, tables.RAW_DIR, run_id)
+        self.skip = ray.get(skip) if isinstance(skip, ray.ObjectRef) else (skip or set())
+
+    def __call__(self, batch: dict) -> dict:
+        """Analyse the batch, commit its rows as one raw part file, return its status counts."""
+        uris = [str(u) for u in batch["uri"]]
+        rows = analyze_uris(self.analyzer, uris, self.dst, self.template, self.skip)
+        if rows:
+            part = hashlib.sha256("\n".join(uris).encode()).hexdigest()[:16]
+            table = pa.Table.from_pylist(rows, schema=tables.RAW_SCHEMA)
+            tables.write_table(storage.join(self.run_dir, f"part-{part}.parquet"), table)
+        statuses = [r["status"] for r in rows]
+        return {"status": np.array(statuses + ["skipped"] * (len(uris) - len(rows)))}
+
+
+def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: str = "folders", resume: bool = False,
+               address: str | None = None) -> dict:
+    import ray
+
+    from ray_faceid.data.cluster import cluster_gpus, init_ray
+
+    config = config or IngestConfig()
+    if labels not in ("folders", "cluster", "none"):
+        raise BadInput(f"--labels must be folders, cluster or none, not {labels!r}")
+    start = time.perf_counter()
+    listed = list(storage.list_files(src, config.extensions))
+    if not listed:
+        raise BadInput(f"no image files ({', '.join(config.extensions)}) under {src}")
+    raw = tables.read_raw(dst)
+    if raw and not resume:
+        raise BadInput(f"{dst} already holds ingest results: pass --resume to continue them, or use a new DST")
+    skip = {(r["uri"], r["sha256"]) for r in raw if r["sha256"]}
+
+    init_ray(address)
+    gpus = config.num_gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus() > 0 else 0.0
+    workers = config.workers or max(1, int(cluster_gpus() if gpus else ray.cluster_resources().get("CPU", 1)))
+    # Every listed file goes through the actors: a recorded file is skipped there only if its
+    # bytes still hash the same, so a changed file is analysed again.
+    blocks = max(1, -(-len(listed) // config.batch_size))
+    ds = ray.data.from_items([{"uri": u} for u in listed], override_num_blocks=blocks)
+    run_id = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    ds = ds.map_batches(
+        AnalyzeImages,
+        fn_constructor_args=(config.model_dump_json(), dst, run_id, ray.put(skip)),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=0.5 if gpus else 1,
+        num_gpus=gpus,
+    )
+    statuses = [str(s) for batch in ds.iter_batches(batch_size=None) for s in batch["status"]]
+    if len(statuses) != len(listed):
+        raise RuntimeError(f"ingest accounted for {len(statuses)} of {len(listed)} files")
+    return finish(dst, listed, labels, time.perf_counter() - start, before=len(raw))
+
+
+def finish(dst: str, listed: list[str], labels: str, seconds: float, before: int) -> dict:
+    """Build the final tables from every recorded raw row."""
+    import pyarrow as pa
+
+    raw = tables.read_raw(dst)
+    images = tables.final_images(raw, listed)
+    faces = tables.face_rows(images, labels)
+    tables.write_table(storage.join(dst, tables.IMAGES), pa.Table.from_pylist(images))
+    tables.write_table(storage.join(dst, tables.FACES), pa.Table.from_pylist(faces, schema=tables.FACE_SCHEMA))
+    summary = tables.summarize(images, faces, seconds, max(0, len(raw) - before), labels)
+    storage.write_bytes(storage.join(dst, tables.SUMMARY), json.dumps(summary, indent=2).encode())
+    return summary

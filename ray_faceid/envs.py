@@ -1,0 +1,24 @@
+"""Every environment variable ray_faceid reads, in one place."""
+from __future__ import annotations
+
+import os
+
+# Ray defaults for our processes: no usage stats, and a local cluster bound to loopback only.
+RAY_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def api_tokens() -> str:
+    """`tenant:token,tenant:token` bearer tokens for the HTTP API."""
+    return os.environ.get("RAY_FACEID_API_TOKENS", "")
+
+
+def cache_dir() -> str:
+    return os.environ.get("RAY_FACEID_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ray_faceid"))
+
+
+def apply_ray_defaults() -> None:
+    for key, value in RAY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
