@@ -33,3 +33,21 @@ def analyzer():
     from ray_faceid.face.analyzer import FaceAnalyzer
 
     return FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the whole session: 2 CPUs and a fake GPU (so GPU-annotated
+    deployments schedule on CPU machines), bound to loopback, in a temp dir of its own."""
+    ray = pytest.importorskip("ray")
+    for key, value in {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    }.items():
+        os.environ[key] = value
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    yield ray
+    ray.shutdown()

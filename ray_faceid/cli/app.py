@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import demo, faces, generate
+from ray_faceid.cli import data, demo, faces, generate
 
 app = typer.Typer(
     name="ray-faceid",
@@ -15,3 +15,5 @@ app.add_typer(faces.app, name="faces")
 app.command("demo")(demo.demo)
 app.command("generate")(generate.generate)
 app.command("inpaint")(generate.inpaint)
+app.command("ingest")(data.ingest)
+app.command("pairs")(data.pairs)

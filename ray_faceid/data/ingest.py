@@ -37,7 +37,8 @@ class AnalyzeImages:
         self.config = IngestConfig.model_validate_json(config_json)
         face = self.config.face
         if face.threads == 0:  # one thread per CPU this actor was given
-            face = face.model_copy(update={"threads": max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))})
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            face = face.model_copy(update={"threads": max(1, int(cpus))})
         self.analyzer = FaceAnalyzer(face)
         self.template = loose_template(self.config.crop_size)
         self.dst = dst if self.config.write_crops else None

@@ -1,0 +1,56 @@
+"""`ray-faceid ingest` and `ray-faceid pairs`: the Ray Data jobs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ray_faceid.cli.common import console, user_errors
+
+
+def summary_table(title: str, summary: dict) -> Table:
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) if key != "encoder_spec" else value.get("name")
+        table.add_row(key.replace("_", " "), str(value))
+    return table
+
+
+def ingest(
+    src: str = typer.Argument(..., help="Photo archive: a folder or any fsspec URI (s3://, gs://, ...)."),
+    dst: str = typer.Argument(..., help="Output folder or URI for the tables and crops."),
+    labels: str = typer.Option("folders", "--labels", help="folders | cluster | none: how identities are found."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Analyzer actors (default: one per CPU/GPU)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per batch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped run: skip files already recorded."),
+    min_shots: int = typer.Option(2, "--min-shots", min=2, help="Distinct shots an identity needs for pairs."),
+):
+    """Detect, align, embed and score every face of an archive; then identities and cross-training pairs."""
+    from ray_faceid.config import IngestConfig
+    from ray_faceid.data.ingest import run_ingest
+    from ray_faceid.data.pairs import build_pairs
+
+    with user_errors():
+        config = IngestConfig(workers=workers, batch_size=batch_size)
+        summary = run_ingest(src, dst, config, labels=labels, resume=resume, address=address)
+        console.print(summary_table(f"ingest {src} -> {dst}", summary))
+        if labels != "none":
+            console.print(summary_table("identities and pairs", build_pairs(dst, labels, min_shots)))
+
+
+def pairs(
+    dst: str = typer.Argument(..., help="An ingest output folder or URI."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="folders | cluster (default: as ingested)."),
+    min_shots: int = typer.Option(2, "--min-shots", min=2),
+    max_pairs: int = typer.Option(100, "--max-pairs", min=1, help="Pairs per identity at most."),
+):
+    """(Re)build identities.parquet and pairs.parquet from an ingest output."""
+    from ray_faceid.data.pairs import build_pairs
+
+    with user_errors():
+        console.print(summary_table(f"identities and pairs in {dst}", build_pairs(dst, labels, min_shots, max_pairs)))
