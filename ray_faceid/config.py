@@ -159,3 +159,48 @@ class IngestConfig(Settings):
         default_factory=lambda: FaceConfig(detection=DetectionConfig(policy="all")),
         description="Face stack settings; ingest records every face by default.",
     )
+
+
+class AutoscalingConfig(Settings):
+    """Ray Serve autoscaling of one deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 scales to zero).")
+    max_replicas: int = Field(2, ge=1, description="Most replicas under load.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+
+
+class ServeLimits(Settings):
+    """Bounds on what one API request may ask for; anything outside is a 4xx with a message."""
+
+    max_upload_bytes: int = Field(15 * 2**20, gt=0, description="Largest photo, image or mask upload, in bytes.")
+    max_pixels: int = Field(40_000_000, gt=0, description="Largest upload in pixels (checked before decoding).")
+    max_photos: int = Field(10, ge=1, description="Most photos per enrollment.")
+    min_face_px: float = Field(48.0, gt=0, description="Enrollment rejects faces narrower than this (pixels).")
+    min_sharpness: float = Field(15.0, ge=0, description="Enrollment rejects faces blurrier than this (Laplacian variance).")
+    max_steps: int = Field(100, ge=1, description="Most denoising steps per image.")
+    max_side: int = Field(1024, ge=64, description="Largest width or height of a generated image.")
+    max_images: int = Field(4, ge=1, description="Most images per generate request.")
+    max_reseeds: int = Field(3, ge=0, description="Most extra seeds tried to reach min_identity_score.")
+
+
+class ServeConfig(Settings):
+    """The composed Serve application: ingress, face encoder, generator."""
+
+    model: str = Field("tiny", description="Base model: tiny | a diffusers folder | an fsspec URI | a hub id.")
+    adapter: str | None = Field(None, description="Identity adapter URI; None = an untrained adapter (smoke runs only).")
+    registry: str = Field("./faceid_registry", description="Identity registry store (folder or fsspec URI).")
+    api_tokens: dict[str, str] = Field(
+        default_factory=dict, description="tenant -> bearer token; also from RAY_FACEID_API_TOKENS=tenant:token,..."
+    )
+    face: FaceConfig = Field(default_factory=FaceConfig, description="Face stack of the encoder deployment.")
+    limits: ServeLimits = Field(default_factory=ServeLimits, description="Request bounds.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the Generator runs its pipeline.")
+    generator_gpus: float = Field(0.0, ge=0, description="GPUs per Generator replica (1 on GPU clusters).")
+    encoder_gpus: float = Field(0.0, ge=0, description="GPUs per FaceEncoder replica.")
+    generator_batch_size: int = Field(4, ge=1, description="Requests the Generator batches together.")
+    encoder_batch_size: int = Field(16, ge=1, description="Images the FaceEncoder batches together.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="How long a batch waits to fill.")
+    identities_per_replica: int = Field(8, ge=1, description="Identities (and their adapters) cached per Generator replica.")
+    generator_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Generator replicas.")
+    encoder_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="FaceEncoder replicas.")
+    ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Ingress replicas.")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import data, demo, faces, generate
+from ray_faceid.cli import data, demo, faces, generate, serve
 
 app = typer.Typer(
     name="ray-faceid",
@@ -17,3 +17,4 @@ app.command("generate")(generate.generate)
 app.command("inpaint")(generate.inpaint)
 app.command("ingest")(data.ingest)
 app.command("pairs")(data.pairs)
+app.command("serve")(serve.serve)

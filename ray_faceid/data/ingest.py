@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 import uuid
 
@@ -82,8 +83,12 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     workers = config.workers or max(1, int(cluster_gpus() if gpus else ray.cluster_resources().get("CPU", 1)))
     # Every listed file goes through the actors: a recorded file is skipped there only if its
     # bytes still hash the same, so a changed file is analysed again.
-    blocks = max(1, -(-len(listed) // config.batch_size))
-    ds = ray.data.from_items([{"uri": u} for u in listed], override_num_blocks=blocks)
+    # Shuffled (seeded): hard files cluster in folders (non-faces take the slow CNN fallback);
+    # spread over the batches they keep the actors evenly loaded.
+    order = list(listed)
+    random.Random(0).shuffle(order)
+    blocks = max(1, -(-len(order) // config.batch_size))
+    ds = ray.data.from_items([{"uri": u} for u in order], override_num_blocks=blocks)
     run_id = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     ds = ds.map_batches(
         AnalyzeImages,
@@ -97,7 +102,9 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     statuses = [str(s) for batch in ds.iter_batches(batch_size=None) for s in batch["status"]]
     if len(statuses) != len(listed):
         raise RuntimeError(f"ingest accounted for {len(statuses)} of {len(listed)} files")
-    return finish(dst, listed, labels, time.perf_counter() - start, before=len(raw))
+    summary = finish(dst, listed, labels, time.perf_counter() - start, before=len(raw))
+    summary["ray_data_stats"] = ds.stats()
+    return summary
 
 
 def finish(dst: str, listed: list[str], labels: str, seconds: float, before: int) -> dict:

@@ -1,0 +1,1 @@
+"""Ray Serve: the composed application (ingress, face encoder, generator) over ray_faceid."""

@@ -1,0 +1,60 @@
+"""build_app(args): typed args -> the bound application graph (Ingress -> FaceEncoder, Generator).
+
+Deployment classes are plain classes; here they are wrapped with `serve.deployment`, their
+options merged from defaults and the typed config. Used by `serve run/deploy` (import path
+`deployments.app:build_app`, args from the YAML) and by `ray-faceid serve`.
+"""
+from __future__ import annotations
+
+from ray import serve
+
+from deployments.auth import parse_tokens
+from deployments.face import FaceEncoder
+from deployments.generator import Generator
+from deployments.ingress import IngressApp
+from ray_faceid import envs
+from ray_faceid.config import AutoscalingConfig, ServeConfig
+from ray_faceid.errors import BadInput
+
+
+def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing: int, overrides: dict | None,
+             cpus: float = 1.0) -> dict:
+    options = {
+        "name": name,
+        "max_ongoing_requests": max_ongoing,
+        "autoscaling_config": {
+            "min_replicas": autoscaling.min_replicas,
+            "initial_replicas": max(1, autoscaling.min_replicas),
+            "max_replicas": autoscaling.max_replicas,
+            "target_ongoing_requests": autoscaling.target_ongoing_requests,
+        },
+        "ray_actor_options": {"num_cpus": cpus if not gpus else min(cpus, 0.5), "num_gpus": gpus},
+        "health_check_period_s": 5,
+    }
+    options.update(overrides or {})
+    return options
+
+
+def resolve_config(args: dict | ServeConfig) -> ServeConfig:
+    config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args or {})
+    tokens = {**parse_tokens(envs.api_tokens()), **config.api_tokens}
+    if not tokens:
+        raise BadInput("no API token: set api_tokens in the config or RAY_FACEID_API_TOKENS=tenant:token "
+                       "(`ray-faceid serve` generates one); the API never runs open")
+    return config.model_copy(update={"api_tokens": tokens})
+
+
+def build_app(args: dict | ServeConfig, overrides: dict[str, dict] | None = None):
+    config = resolve_config(args)
+    overrides = overrides or {}
+    blob = config.model_dump_json()
+    face = serve.deployment(FaceEncoder).options(**_options(
+        "FaceEncoder", config.encoder_autoscaling, config.encoder_gpus, 2 * config.encoder_batch_size,
+        overrides.get("FaceEncoder"))).bind(blob)
+    generator = serve.deployment(Generator).options(**_options(
+        "Generator", config.generator_autoscaling, config.generator_gpus, 2 * config.generator_batch_size,
+        overrides.get("Generator"))).bind(blob)
+    ingress = serve.deployment(IngressApp).options(**_options(
+        # The ingress only routes and validates: it takes no whole CPU from the model replicas.
+        "Ingress", config.ingress_autoscaling, 0.0, 64, overrides.get("Ingress"), cpus=0.1)).bind(face, generator, blob)
+    return ingress

@@ -1,0 +1,60 @@
+"""FaceEncoder deployment: decode + detect + align + embed, batched across requests."""
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+from ray import serve
+
+from ray_faceid.config import DecodeConfig, DetectionConfig, FaceConfig, ServeConfig
+from ray_faceid.errors import FaceIdError
+
+
+class FaceEncoder:
+    def __init__(self, config_json: str):
+        from ray_faceid.face.analyzer import FaceAnalyzer
+
+        config = ServeConfig.model_validate_json(config_json)
+        limits = config.limits
+        face = config.face.model_copy(update={
+            "detection": config.face.detection.model_copy(update={"policy": "all"}),
+            "decode": DecodeConfig(max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels),
+        })
+        self.analyzer = FaceAnalyzer(FaceConfig.model_validate(face.model_dump()))
+        self.analyze_batch.set_max_batch_size(config.encoder_batch_size)
+        self.analyze_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    def spec(self) -> dict:
+        return self.analyzer.spec.model_dump()
+
+    def ping(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def analyze_batch(self, images: list[bytes]) -> list[dict]:
+        """For each image: {"faces": [...], "batch_size": n} or {"error": code, "message": ..., "status": ...}."""
+        from ray_faceid.face.align import align, loose_template
+
+        results = self.analyzer.analyze_batch(images, return_errors=True)
+        out = []
+        for data, found in zip(images, results):
+            if isinstance(found, FaceIdError):
+                out.append({"error": found.code, "message": found.message, "status": found.status})
+                continue
+            faces = []
+            image = None
+            for face in found:
+                if image is None:
+                    image = self.analyzer.load(data)
+                crop, _ = align(image, face.landmarks, loose_template(256))
+                buf = io.BytesIO()
+                Image.fromarray(crop).save(buf, "PNG")
+                faces.append({**face.to_dict(with_embedding=True), "crop_png": buf.getvalue()})
+            out.append({"faces": faces, "batch_size": len(images)})
+        return out
+
+    async def analyze(self, image: bytes) -> dict:
+        return await self.analyze_batch(image)
+
+
+__all__ = ["FaceEncoder", "DetectionConfig"]

@@ -1,0 +1,120 @@
+"""Generator deployment: the base pipeline loaded once per replica; identities (embeddings and
+per-identity adapters, read from the registry) multiplexed with LRU eviction; requests batched.
+
+Errors are returned as {"error", "message", "status"} so the ingress can answer 4xx precisely.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import numpy as np
+import torch
+from ray import serve
+
+from deployments import multiplex
+from ray_faceid.config import ServeConfig
+from ray_faceid.errors import EncoderMismatch, FaceIdError, NotFound
+
+
+class LoadedIdentity:
+    def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec_key: str):
+        self.key, self.embeddings, self.quality, self.spec_key = key, embeddings, quality, spec_key
+        self.loaded_at = time.time()
+
+
+class Generator:
+    def __init__(self, config_json: str):
+        from ray_faceid.face.analyzer import FaceAnalyzer  # noqa: F401  (warm import for the encoder spec)
+        from ray_faceid.face.backends.dlib_backend import dlib_encoder_spec
+        from ray_faceid.identity.adapter import IdentityAdapter
+        from ray_faceid.pipelines.generate import IdentityPipeline
+        from ray_faceid.pipelines.models import load_base
+        from ray_faceid.registry import Registry
+
+        self.config = ServeConfig.model_validate_json(config_json)
+        device = self.config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        base = load_base(self.config.model)
+        spec = dlib_encoder_spec() if self.config.face.backend == "dlib" and not self.config.face.recognizer_onnx else None
+        if self.config.adapter:
+            adapter = IdentityAdapter.load(self.config.adapter, base.unet, spec)
+        else:
+            adapter = IdentityAdapter.for_unet(base.unet, spec)
+        self.pipeline = IdentityPipeline(base, adapter, device=device)
+        self.registry = Registry(self.config.registry)
+        self.loads = 0
+        self._lock = asyncio.Lock()
+        self.load_identity = multiplex.identity_cache(self._load_identity, self.config.identities_per_replica)
+        self.generate_batch.set_max_batch_size(self.config.generator_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    def ping(self) -> bool:
+        return True
+
+    def info(self) -> dict:
+        return {"model": self.pipeline.base.model_id, "adapter": self.pipeline.adapter.content_hash(),
+                "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads}
+
+    async def _load_identity(self, key: str) -> LoadedIdentity:
+        tenant, identity = multiplex.split_key(key)
+        embeddings, quality, spec = self.registry.embeddings(tenant, identity)
+        self.loads += 1
+        return LoadedIdentity(key, embeddings, quality, spec.key())
+
+    async def _conditions(self, tenant: str, requested: list[dict]):
+        from ray_faceid.pipelines.generate import IdentityCondition
+
+        conditions, hits = [], 0
+        for item in requested:
+            key = multiplex.identity_key(tenant, item["id"])
+            self.registry.get(tenant, item["id"])  # a deleted identity is never served from the cache
+            before = self.loads
+            loaded = await self.load_identity(key)
+            hits += self.loads == before
+            expected = self.pipeline.adapter.encoder_spec.key()
+            if loaded.spec_key != expected:
+                raise EncoderMismatch(f"identity {item['id']} was enrolled with {loaded.spec_key}; "
+                                      f"this generator's adapter needs {expected}: re-enroll the identity")
+            conditions.append(IdentityCondition(item["id"], loaded.embeddings, loaded.quality, item.get("region"),
+                                                item.get("expression"), item.get("scale", 1.0)))
+        return conditions, hits
+
+    async def _run(self, request: dict) -> dict:
+        from ray_faceid.face.decode import decode_image
+        from ray_faceid.pipelines.inpaint import inpaint
+
+        conditions, hits = await self._conditions(request["tenant"], request["identities"])
+        async with self._lock:  # one pipeline per replica; batches run their requests in turn
+            if request["kind"] == "inpaint":
+                image = decode_image(request["image"])
+                mask = decode_image(request["mask"])
+                result = await asyncio.to_thread(
+                    inpaint, self.pipeline, image, mask, conditions[0], request["prompt"], request["negative_prompt"],
+                    request["seed"], request["steps"], request["guidance"], request["feather"])
+            else:
+                result = await asyncio.to_thread(
+                    self.pipeline.generate, request["prompt"], conditions, request["negative_prompt"], request["seed"],
+                    request["steps"], request["guidance"], request["width"], request["height"], request["num_images"])
+        return {"png": [base64.b64encode(p).decode() for p in result.png], "provenance": result.provenance,
+                "seeds": result.seeds, "cache_hits": hits, "cache_misses": len(conditions) - hits}
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, requests: list[dict]) -> list[dict]:
+        # Requests of the same identity run back to back, while its tokens and adapter are hot.
+        order = sorted(range(len(requests)), key=lambda i: requests[i]["identities"][0]["id"])
+        results: list[dict] = [{}] * len(requests)
+        for i in order:
+            try:
+                results[i] = await self._run(requests[i])
+            except NotFound as exc:
+                results[i] = {"error": exc.code, "message": exc.message, "status": exc.status}
+            except FaceIdError as exc:
+                results[i] = {"error": exc.code, "message": exc.message, "status": exc.status}
+            results[i]["batch_size"] = len(requests)
+        return results
+
+    async def generate(self, request: dict) -> dict:
+        return await self.generate_batch(request)

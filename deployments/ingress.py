@@ -1,0 +1,262 @@
+"""Ingress: the FastAPI app (OpenAPI at /docs). Auth, validation, enrollment into the registry,
+generation through the Generator, scoring of every output through the FaceEncoder."""
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import time
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import generate_latest
+from ray import serve
+
+from deployments import auth, metrics, multiplex
+from deployments.schemas import (
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    IdentityList,
+    IdentityOut,
+    IdentityScore,
+    InpaintRequest,
+    PhotoReport,
+)
+from ray_faceid.config import ServeConfig
+from ray_faceid.errors import BadInput, FaceIdError
+from ray_faceid.eval.identity import leakage, reference_embedding
+from ray_faceid.face.face import Face
+from ray_faceid.face.landmarks import INSIGHTFACE5, Landmarks
+from ray_faceid.face.spec import EncoderSpec, cosine_similarity
+from ray_faceid.registry import Registry
+
+api = FastAPI(title="ray_faceid", version="0.1.0",
+              description="Enroll people from photos; render, inpaint and compose them with their identity preserved.")
+
+
+class Unauthorized(FaceIdError):
+    status = 401
+    code = "unauthorized"
+
+
+@api.exception_handler(FaceIdError)
+async def _typed_error(request: Request, exc: FaceIdError):
+    return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+
+
+def _out(meta: dict) -> IdentityOut:
+    spec = meta["encoder"]
+    return IdentityOut(id=meta["id"], name=meta["name"], created=meta["created"], updated=meta["updated"],
+                       encoder=f"{spec['name']}/{spec['dim']}/{spec['version']}", faces_used=meta["faces_used"],
+                       consent=meta["consent"], photos=[PhotoReport(**p) for p in meta.get("photos", [])])
+
+
+def _remote_error(result: dict) -> None:
+    if "error" in result:
+        exc = FaceIdError(result["message"])
+        exc.status, exc.code = result["status"], result["error"]
+        raise exc
+
+
+class Ingress:
+    def __init__(self, face_encoder, generator, config_json: str):
+        self.config = ServeConfig.model_validate_json(config_json)
+        self.tokens = dict(self.config.api_tokens)
+        if not self.tokens:
+            raise BadInput("no API token configured; the API never runs open (ray-faceid serve generates one)")
+        self.face, self.generator = face_encoder, generator
+        self.registry = Registry(self.config.registry)
+        self.spec: EncoderSpec | None = None
+
+    async def _spec(self) -> EncoderSpec:
+        if self.spec is None:
+            self.spec = EncoderSpec(**await self.face.spec.remote())
+        return self.spec
+
+    def _tenant(self, request: Request) -> str:
+        tenant = auth.tenant_for(request.headers.get("authorization"), self.tokens)
+        if tenant is None:
+            raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
+        return tenant
+
+    async def _analyze(self, data: bytes) -> dict:
+        result = await self.face.analyze.remote(data)
+        if "batch_size" in result:
+            metrics.BATCH_SIZE.labels("face_encoder").observe(result["batch_size"])
+        return result
+
+    def _check_upload(self, data: bytes, what: str) -> bytes:
+        if len(data) > self.config.limits.max_upload_bytes:
+            raise BadInput(f"{what} is {len(data)} bytes; the limit is {self.config.limits.max_upload_bytes}")
+        if not data:
+            raise BadInput(f"{what} is empty")
+        return data
+
+    # -- identities ----------------------------------------------------------------------------
+    @api.post("/v1/identities", status_code=201, response_model=IdentityOut)
+    async def enroll(self, request: Request, photos: list[UploadFile] = File(...), consent: str = Form(...),
+                     name: str = Form("")) -> IdentityOut:
+        tenant = self._tenant(request)
+        limits = self.config.limits
+        if not 1 <= len(photos) <= limits.max_photos:
+            raise BadInput(f"send between 1 and {limits.max_photos} photos, got {len(photos)}")
+        if not consent.strip():
+            raise BadInput("consent is required: a reference to the person's recorded consent")
+        reports, embeddings, quality, crops = [], [], [], []
+        from ray_faceid.face.decode import decode_image
+
+        for i, photo in enumerate(photos):
+            data = self._check_upload(await photo.read(), f"photo {photo.filename}")
+            result = await self._analyze(data)
+            report = PhotoReport(index=i, filename=photo.filename or f"photo{i}", accepted=False)
+            faces = result.get("faces", [])
+            if "error" in result:
+                report.reason = result["message"]
+            elif not faces:
+                report.reason = "no face found"
+            elif len(faces) > 1:
+                report.reason = f"{len(faces)} faces: send photos of this person alone"
+            else:
+                q = faces[0]["quality"]
+                report.quality, report.face_px, report.sharpness = q["score"], q["face_px"], q["sharpness"]
+                if q["face_px"] < limits.min_face_px:
+                    report.reason = f"face too small ({q['face_px']:.0f} px wide; need {limits.min_face_px:.0f})"
+                elif q["sharpness"] < limits.min_sharpness:
+                    report.reason = f"too blurry (sharpness {q['sharpness']:.0f}; need {limits.min_sharpness:.0f})"
+                else:
+                    report.accepted = True
+                    embeddings.append(faces[0]["embedding"])
+                    quality.append(q["score"])
+                    crops.append(decode_image(faces[0]["crop_png"]))
+            reports.append(report)
+        if not embeddings:
+            reasons = "; ".join(f"{r.filename}: {r.reason}" for r in reports)
+            raise BadInput(f"no usable photo ({reasons})")
+        meta = self.registry.create(tenant, name or "", consent, np.array(embeddings), np.array(quality),
+                                    await self._spec(), crops, [r.model_dump() for r in reports])
+        return _out(meta)
+
+    @api.get("/v1/identities", response_model=IdentityList)
+    async def list_identities(self, request: Request) -> IdentityList:
+        return IdentityList(identities=[_out(m) for m in self.registry.list(self._tenant(request))])
+
+    @api.get("/v1/identities/{identity}", response_model=IdentityOut)
+    async def get_identity(self, identity: str, request: Request) -> IdentityOut:
+        return _out(self.registry.get(self._tenant(request), identity))
+
+    @api.delete("/v1/identities/{identity}", status_code=204)
+    async def delete_identity(self, identity: str, request: Request) -> Response:
+        self.registry.delete(self._tenant(request), identity)
+        return Response(status_code=204)
+
+    # -- generation ----------------------------------------------------------------------------
+    def _validate_generation(self, steps: int, width: int = 64, height: int = 64, images: int = 1) -> None:
+        limits = self.config.limits
+        if steps > limits.max_steps:
+            raise BadInput(f"steps {steps} is over the limit of {limits.max_steps}")
+        if max(width, height) > limits.max_side or width % 8 or height % 8:
+            raise BadInput(f"width and height must be multiples of 8 up to {limits.max_side}, got {width}x{height}")
+        if images > limits.max_images:
+            raise BadInput(f"num_images {images} is over the limit of {limits.max_images}")
+
+    async def _score(self, png_b64: str, tenant: str, ids: list[str]) -> list[IdentityScore]:
+        spec = await self._spec()
+        result = await self._analyze(base64.b64decode(png_b64))
+        faces = [Face(bbox=tuple(f["bbox"]), score=f["score"], landmarks=Landmarks(INSIGHTFACE5, np.zeros((5, 2))),
+                      embedding=np.array(f["embedding"])) for f in result.get("faces", [])]
+        refs = {i: reference_embedding(*self.registry.embeddings(tenant, i)[:2]) for i in ids}
+        scores = []
+        for s in leakage(faces, refs):
+            same = None
+            if s.face_found:
+                face = max(faces, key=lambda f: float(cosine_similarity(f.embedding, refs[s.identity])))
+                same = bool(spec.distance(face.embedding, refs[s.identity]) <= spec.threshold)
+                metrics.IDENTITY_SCORE.observe(s.matched_similarity)
+            scores.append(IdentityScore(id=s.identity, face_found=s.face_found, similarity=s.matched_similarity,
+                                        same_person=same, wrong_identity_similarity=s.wrong_similarity))
+        return scores
+
+    async def _generate_scored(self, tenant: str, payload: dict, ids: list[str], min_score: float | None):
+        attempts, best = 0, None
+        for attempt in range(self.config.limits.max_reseeds + 1 if min_score is not None else 1):
+            attempts += 1
+            payload = dict(payload, seed=payload["seed"] + attempt * 7919)
+            handle = multiplex.for_identity(self.generator, tenant, ids[0])
+            result = await handle.generate.remote(payload)
+            metrics.BATCH_SIZE.labels("generator").observe(result.get("batch_size", 1))
+            _remote_error(result)
+            metrics.CACHE.labels("hit").inc(result["cache_hits"])
+            metrics.CACHE.labels("miss").inc(result["cache_misses"])
+            images = []
+            for png, seed, record in zip(result["png"], result["seeds"], result["provenance"]):
+                images.append(GeneratedImage(png_base64=png, seed=seed, scores=await self._score(png, tenant, ids),
+                                             provenance=record))
+            worst = min((s.similarity if s.similarity is not None else -1.0) for im in images for s in im.scores)
+            if best is None or worst > best[0]:
+                best = (worst, images)
+            if min_score is None or worst >= min_score:
+                break
+        return GenerateResponse(images=best[1], attempts=attempts)
+
+    @api.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+        tenant = self._tenant(request)
+        self._validate_generation(body.steps, body.width, body.height, body.num_images)
+        ids = [i.id for i in body.identities]
+        if len(set(ids)) != len(ids):
+            raise BadInput("an identity appears twice in one request")
+        for i in ids:
+            self.registry.get(tenant, i)  # 404 for unknown or other tenants' ids
+        payload = {"kind": "generate", "tenant": tenant, "identities": [i.model_dump() for i in body.identities],
+                   "prompt": body.prompt, "negative_prompt": body.negative_prompt,
+                   "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
+                   "steps": body.steps, "guidance": body.guidance, "width": body.width, "height": body.height,
+                   "num_images": body.num_images}
+        return await self._generate_scored(tenant, payload, ids, body.min_identity_score)
+
+    @api.post("/v1/inpaint", response_model=GenerateResponse)
+    async def inpaint(self, body: InpaintRequest, request: Request) -> GenerateResponse:
+        tenant = self._tenant(request)
+        self._validate_generation(body.steps)
+        self.registry.get(tenant, body.identity.id)
+        try:
+            image, mask = base64.b64decode(body.image, validate=True), base64.b64decode(body.mask, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadInput("image and mask must be base64-encoded image files") from exc
+        payload = {"kind": "inpaint", "tenant": tenant, "identities": [body.identity.model_dump()],
+                   "image": self._check_upload(image, "image"), "mask": self._check_upload(mask, "mask"),
+                   "prompt": body.prompt, "negative_prompt": body.negative_prompt,
+                   "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
+                   "steps": body.steps, "guidance": body.guidance, "feather": body.feather}
+        return await self._generate_scored(tenant, payload, [body.identity.id], body.min_identity_score)
+
+    # -- operations ----------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        start = time.perf_counter()
+        await self.face.ping.remote()
+        await self.generator.ping.remote()
+        return {"status": "ok", "seconds": round(time.perf_counter() - start, 3)}
+
+    @api.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type="text/plain; version=0.0.4")
+
+
+@api.middleware("http")
+async def _count(request: Request, call_next):
+    start = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    path = getattr(route, "path", "other")
+    metrics.REQUESTS.labels(path, str(response.status_code)).inc()
+    metrics.LATENCY.labels(path).observe(time.perf_counter() - start)
+    return response
+
+
+# Wrapped here, at import time, so every replica process builds the same FastAPI class-based view.
+IngressApp = serve.ingress(api)(Ingress)
+
+__all__ = ["Ingress", "IngressApp", "api"]

@@ -1,0 +1,39 @@
+"""Run the application on a local Ray cluster bound to loopback (the embedded default)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from deployments.auth import generated_token
+from ray_faceid import envs
+from ray_faceid.config import ServeConfig
+
+DEFAULT_YAML = Path(__file__).with_name("serve.yaml")
+
+
+def config_from_yaml(path: str | Path = DEFAULT_YAML, **overrides) -> ServeConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    args = dict(data["applications"][0].get("args") or {})
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeConfig.model_validate(args)
+
+
+def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
+    """Deploy locally; returns the base URL and the tenant tokens (one generated if none is set)."""
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.auth import parse_tokens
+    from ray_faceid.data.cluster import init_ray
+
+    tokens = {**parse_tokens(envs.api_tokens()), **config.api_tokens}
+    if not tokens:
+        tokens = {"default": generated_token()}
+    config = config.model_copy(update={"api_tokens": tokens})
+    # A local cluster gets a few logical CPUs more than cores: the three deployments each hold one.
+    init_ray(num_cpus=max(4, os.cpu_count() or 1))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="faceid", route_prefix="/", blocking=False)
+    return f"http://127.0.0.1:{port}", tokens

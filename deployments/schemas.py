@@ -1,0 +1,89 @@
+"""Request and response models of the HTTP API (OpenAPI at /docs)."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class PhotoReport(BaseModel):
+    index: int
+    filename: str
+    accepted: bool
+    reason: str | None = Field(None, description="Why the photo was rejected (no face, several faces, too small, blurry).")
+    quality: float | None = None
+    face_px: float | None = None
+    sharpness: float | None = None
+
+
+class IdentityOut(BaseModel):
+    id: str
+    name: str
+    created: str
+    updated: str
+    encoder: str
+    faces_used: int
+    consent: str
+    photos: list[PhotoReport] = []
+
+
+class IdentityList(BaseModel):
+    identities: list[IdentityOut]
+
+
+class IdentityRequest(BaseModel):
+    id: str
+    region: tuple[float, float, float, float] | None = Field(None, description="x0,y0,x1,y1 as fractions of the image.")
+    expression: str | None = Field(None, description="e.g. 'smile, turn left' or 'smile=0.5,yaw=-30'.")
+    scale: float = Field(1.0, ge=0.0, le=2.0, description="Identity strength.")
+
+    @field_validator("region")
+    @classmethod
+    def _box(cls, v):
+        if v is not None and not (0 <= v[0] < v[2] <= 1 and 0 <= v[1] < v[3] <= 1):
+            raise ValueError("region must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        return v
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str = Field("", max_length=2000)
+    identities: list[IdentityRequest] = Field(min_length=1, max_length=4)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Default: a random seed (returned).")
+    steps: int = Field(30, ge=1)
+    guidance: float = Field(5.0, ge=0.0, le=30.0)
+    width: int = Field(512, ge=64)
+    height: int = Field(512, ge=64)
+    num_images: int = Field(1, ge=1)
+    min_identity_score: float | None = Field(None, ge=-1.0, le=1.0, description="Reseed (bounded) until every face scores this.")
+
+
+class InpaintRequest(BaseModel):
+    identity: IdentityRequest
+    image: str = Field(description="Base64 image (PNG/JPEG/WEBP).")
+    mask: str = Field(description="Base64 mask of the same size; white = repaint.")
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str = Field("", max_length=2000)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    steps: int = Field(30, ge=1)
+    guidance: float = Field(5.0, ge=0.0, le=30.0)
+    feather: float = Field(4.0, ge=0.0, le=64.0)
+    min_identity_score: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class IdentityScore(BaseModel):
+    id: str
+    face_found: bool
+    similarity: float | None = Field(None, description="Cosine similarity of the generated face to the enrolled identity.")
+    same_person: bool | None = Field(None, description="At the encoder's own verification threshold.")
+    wrong_identity_similarity: float | None = Field(None, description="Multi-ID: highest similarity to another identity.")
+
+
+class GeneratedImage(BaseModel):
+    png_base64: str
+    seed: int
+    scores: list[IdentityScore]
+    provenance: dict
+
+
+class GenerateResponse(BaseModel):
+    images: list[GeneratedImage]
+    attempts: int

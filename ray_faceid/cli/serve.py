@@ -1,0 +1,35 @@
+"""`ray-faceid serve`: the Serve application on a local Ray cluster (loopback only)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ray_faceid.cli.common import console, user_errors
+
+
+def serve(
+    config: Path = typer.Option(Path(__file__).resolve().parents[2] / "deployments" / "serve.yaml", "--config",
+                                help="Serve YAML whose first application's args are used."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model (default from the YAML: tiny)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI."),
+    registry: Optional[str] = typer.Option(None, "--registry", help="Identity registry folder or URI."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+):
+    """Start the API locally, print its URL, a token and a curl example; Ctrl-C stops it."""
+    from deployments.local import config_from_yaml, start
+
+    with user_errors():
+        cfg = config_from_yaml(config, model=model, adapter=adapter, registry=registry)
+        url, tokens = start(cfg, port)
+    tenant, token = next(iter(tokens.items()))
+    console.print(f"ray_faceid API at {url} (docs: {url}/docs); tenant [bold]{tenant}[/bold] token: {token}")
+    console.print(f"curl -H 'Authorization: Bearer {token}' -F consent=signed-form-123 -F photos=@face.jpg "
+                  f"{url}/v1/identities", soft_wrap=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopped")

@@ -1,0 +1,100 @@
+"""The identity registry: per-identity folders under a store URI (any fsspec URI).
+
+    <store>/<tenant>/<identity id>/meta.json          name, consent, times, encoder spec, photo report
+                                   /embeddings.npz     (R, D) embeddings + quality, one per reference
+                                   /references/<k>.png aligned reference crops
+                                   /adapters/<version>/ per-identity adapters
+
+Ids are unguessable (128 random bits). An identity is visible only to its tenant: any other
+tenant gets NotFound, exactly as for an id that does not exist. `delete` removes every artifact.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import secrets
+import time
+
+import numpy as np
+from PIL import Image
+
+from ray_faceid import storage
+from ray_faceid.errors import BadInput, NotFound
+from ray_faceid.face.spec import EncoderSpec
+
+_ID = re.compile(r"^id_[A-Za-z0-9_-]{16,64}$")
+_TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def new_identity_id() -> str:
+    return "id_" + secrets.token_urlsafe(16)
+
+
+class Registry:
+    def __init__(self, store: str):
+        self.store = str(store)
+
+    def _dir(self, tenant: str, identity: str) -> str:
+        if not _TENANT.match(tenant or ""):
+            raise BadInput(f"tenant {tenant!r}: use letters, digits, '-' or '_'")
+        if not _ID.match(identity or ""):
+            raise NotFound(f"identity {identity!r} not found")
+        return storage.join(self.store, tenant, identity)
+
+    def create(self, tenant: str, name: str, consent: str, embeddings: np.ndarray, quality: np.ndarray,
+               spec: EncoderSpec, crops: list[np.ndarray], photos: list[dict]) -> dict:
+        if not consent or not consent.strip():
+            raise BadInput("consent is required: a reference to the person's recorded consent")
+        if len(embeddings) == 0:
+            raise BadInput("no usable face in the photos; see the per-photo reasons")
+        identity = new_identity_id()
+        folder = self._dir(tenant, identity)
+        for k, crop in enumerate(crops):
+            buf = io.BytesIO()
+            Image.fromarray(crop).save(buf, "PNG")
+            storage.write_bytes(storage.join(folder, "references", f"{k}.png"), buf.getvalue())
+        buf = io.BytesIO()
+        np.savez(buf, embeddings=np.asarray(embeddings, np.float32), quality=np.asarray(quality, np.float32))
+        storage.write_bytes(storage.join(folder, "embeddings.npz"), buf.getvalue())
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        meta = {
+            "id": identity, "tenant": tenant, "name": name, "consent": consent.strip(), "created": now, "updated": now,
+            "encoder": spec.model_dump(), "faces_used": int(len(embeddings)), "photos": photos, "adapters": [],
+        }
+        # meta.json last: an identity exists only once all its files are written.
+        storage.write_bytes(storage.join(folder, "meta.json"), json.dumps(meta, indent=2).encode())
+        return meta
+
+    def get(self, tenant: str, identity: str) -> dict:
+        try:
+            return json.loads(storage.read_bytes(storage.join(self._dir(tenant, identity), "meta.json")))
+        except NotFound:
+            raise NotFound(f"identity {identity} not found") from None
+
+    def embeddings(self, tenant: str, identity: str) -> tuple[np.ndarray, np.ndarray, EncoderSpec]:
+        meta = self.get(tenant, identity)
+        data = np.load(io.BytesIO(storage.read_bytes(storage.join(self._dir(tenant, identity), "embeddings.npz"))))
+        return data["embeddings"], data["quality"], EncoderSpec(**meta["encoder"])
+
+    def list(self, tenant: str) -> list[dict]:
+        fs, path = storage.filesystem(storage.join(self.store, tenant))
+        if not _TENANT.match(tenant) or not fs.exists(path):
+            return []
+        out = []
+        for entry in sorted(fs.ls(path, detail=False)):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if _ID.match(name):
+                try:
+                    out.append(self.get(tenant, name))
+                except NotFound:  # being written or deleted
+                    continue
+        return out
+
+    def delete(self, tenant: str, identity: str) -> None:
+        self.get(tenant, identity)  # NotFound for others' and unknown ids
+        storage.delete(self._dir(tenant, identity))
+
+    def files(self, tenant: str, identity: str) -> list[str]:
+        fs, path = storage.filesystem(self._dir(tenant, identity))
+        return sorted(fs.find(path)) if fs.exists(path) else []
