@@ -55,6 +55,6 @@ def build_app(args: dict | ServeConfig, overrides: dict[str, dict] | None = None
         "Generator", config.generator_autoscaling, config.generator_gpus, 2 * config.generator_batch_size,
         overrides.get("Generator"))).bind(blob)
     ingress = serve.deployment(IngressApp).options(**_options(
-        # The ingress only routes and validates: it takes no whole CPU from the model replicas.
-        "Ingress", config.ingress_autoscaling, 0.0, 64, overrides.get("Ingress"), cpus=0.1)).bind(face, generator, blob)
+        # The ingress only routes and validates: it reserves no CPU from the model replicas.
+        "Ingress", config.ingress_autoscaling, 0.0, 64, overrides.get("Ingress"), cpus=0.0)).bind(face, generator, blob)
     return ingress

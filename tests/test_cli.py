@@ -53,8 +53,12 @@ def test_verify_bad_pairs_file_exits_2(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
-def test_demo_prints_the_faces_in_the_sample_photos(sample_photos):
-    result = runner.invoke(app, ["demo"])
+def test_demo_runs_the_whole_story(sample_photos, ray_cluster, tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     assert "t1.jpg: 6 face(s)" in result.stdout
-    assert "7 face(s) in 2 photo(s)" in result.stdout
+    assert "enrolled tom_hanks: id_" in result.stdout and "enrolled t1_person: id_" in result.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "demo" / "two.png").size == (256, 128)
+    assert (tmp_path / "demo" / "dataset" / "faces.parquet").is_file()

@@ -1,32 +1,34 @@
-"""`ray-faceid demo`: the main job on the embedded default (local, offline)."""
+"""`ray-faceid demo`: the main job on the embedded default (local Ray, local folders, offline).
+
+1. the face stack on real photos (the ones insightface ships, or --photos DIR);
+2. the Ray Data ingest of those photos into a dataset (tables, crops, identities, pairs);
+3. the Serve application on loopback: enroll two people from real photos over HTTP, render one
+   and two identities, print the identity scores, write the PNGs.
+
+The diffusion side runs the tiny untrained components (no base model can be downloaded here), so
+the images are noise-like and labelled untrained; the face stack, jobs and API are the real ones.
+"""
 from __future__ import annotations
 
+import base64
+import io
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from ray_faceid.cli.common import console, report_error, user_errors
 from ray_faceid.errors import FaceIdError, NotFound
 
 
-def demo(
-    photos: Optional[Path] = typer.Option(None, "--photos", help="Folder of photos; default: the ones insightface ships."),
-):
-    """Analyze real photos with the embedded default face stack and print every face found."""
-    from ray_faceid import storage
+def _analyze(images: list[str]):
     from ray_faceid.cli.faces import faces_table
     from ray_faceid.config import DetectionConfig, FaceConfig
-    from ray_faceid.face.analyzer import FaceAnalyzer, sample_images
+    from ray_faceid.face.analyzer import FaceAnalyzer
 
-    with user_errors():
-        if photos is None:
-            images = [str(p) for p in sample_images()]
-            if not images:
-                raise NotFound("no sample photos: install the insightface extra or pass --photos DIR")
-        else:
-            images = list(storage.list_files(str(photos), (".jpg", ".jpeg", ".png", ".webp")))
-        analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
+    analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
     console.print(f"face encoder: {analyzer.spec.key()} ({analyzer.spec.license}); {len(images)} photo(s)")
     total = 0
     for name, found in zip(images, analyzer.analyze_batch(images, return_errors=True)):
@@ -36,3 +38,105 @@ def demo(
         total += len(found)
         console.print(faces_table(Path(name).name, found))
     console.print(f"{total} face(s) in {len(images)} photo(s)")
+    return analyzer
+
+
+def _crop_png(analyzer, path: str) -> bytes:
+    """The largest face of a photo, cropped alone with a margin (an enrollment photo of one person)."""
+    from PIL import Image
+
+    image = analyzer.load(path)
+    x0, y0, x1, y1 = analyzer.analyze(image)[0].bbox
+    m = 0.6 * (x1 - x0)
+    box = (max(0, int(x0 - m)), max(0, int(y0 - m)), min(image.shape[1], int(x1 + m)), min(image.shape[0], int(y1 + m)))
+    buf = io.BytesIO()
+    Image.fromarray(image).crop(box).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _serve_story(analyzer, out: Path, people: dict[str, bytes]) -> None:
+    import httpx
+    from ray import serve
+
+    from deployments.local import config_from_yaml, start
+
+    registry = out / "registry"
+    shutil.rmtree(registry, ignore_errors=True)
+    url, tokens = start(config_from_yaml(registry=str(registry)), port=8765)
+    headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
+    console.print(f"API at {url} (docs {url}/docs)")
+    try:
+        with httpx.Client(base_url=url, timeout=300, headers=headers) as client:
+            ids = {}
+            for name, data in people.items():
+                r = client.post("/v1/identities", files=[("photos", (f"{name}.png", data, "image/png"))],
+                                data={"consent": "demo-consent-record", "name": name})
+                r.raise_for_status()
+                ids[name] = r.json()["id"]
+                console.print(f"enrolled {name}: {ids[name]}")
+            names = list(ids)
+            requests = {
+                "single": {"identities": [{"id": ids[names[0]], "expression": "smile"}], "width": 128, "height": 128},
+                "two": {"identities": [{"id": ids[n]} for n in names], "width": 256, "height": 128},
+            }
+            table = Table(title="identity scores of the generated images (tiny untrained base: expect low scores)")
+            for col in ("image", "identity", "face found", "similarity", "same person"):
+                table.add_column(col)
+            for label, body in requests.items():
+                r = client.post("/v1/generate", json={"prompt": "a portrait photo of a person", "steps": 8, "seed": 7,
+                                                      **body})
+                r.raise_for_status()
+                image = r.json()["images"][0]
+                target = out / f"{label}.png"
+                target.write_bytes(base64.b64decode(image["png_base64"]))
+                for s in image["scores"]:
+                    name = next(n for n, i in ids.items() if i == s["id"])
+                    sim = "-" if s["similarity"] is None else f"{s['similarity']:.3f}"
+                    table.add_row(str(target), name, str(s["face_found"]), sim, str(s["same_person"]))
+            console.print(table)
+    finally:
+        serve.shutdown()
+
+
+def demo(
+    photos: Optional[Path] = typer.Option(None, "--photos", help="Folder of photos; default: the ones insightface ships."),
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Where the dataset, registry and images go."),
+):
+    """Face stack, Ray Data ingest and the Serve API, end to end on the embedded default."""
+    from ray_faceid import storage
+    from ray_faceid.cli.data import summary_table
+    from ray_faceid.config import IngestConfig
+    from ray_faceid.data.ingest import run_ingest
+    from ray_faceid.data.pairs import build_pairs
+    from ray_faceid.face.analyzer import sample_images
+
+    with user_errors():
+        samples = [str(p) for p in sample_images()]
+        if photos is None:
+            if not samples:
+                raise NotFound("no sample photos: install the insightface extra or pass --photos DIR")
+            folder = str(Path(samples[0]).parent)
+        else:
+            folder = str(photos)
+        images = list(storage.list_files(folder, IngestConfig().extensions))
+        console.rule("1. face analysis")
+        analyzer = _analyze(images)
+
+        console.rule("2. Ray Data ingest")
+        from ray_faceid.data.cluster import init_ray
+
+        init_ray(num_cpus=4)  # one local cluster for ingest and Serve (three deployments hold a CPU each)
+        out.mkdir(parents=True, exist_ok=True)
+        dataset = out / "dataset"
+        shutil.rmtree(dataset, ignore_errors=True)
+        summary = run_ingest(folder, str(dataset), IngestConfig(crop_size=256, workers=2), labels="folders")
+        summary.pop("ray_data_stats", None)
+        console.print(summary_table(f"ingest {folder} -> {dataset}", summary))
+        console.print(summary_table("identities and pairs", build_pairs(str(dataset))))
+
+        console.rule("3. Serve: enroll, generate, score")
+        if len(samples) < 2:
+            raise NotFound("the serve demo enrolls the insightface sample photos; install the insightface extra")
+        people = {"tom_hanks": Path(samples[1]).read_bytes(), "t1_person": _crop_png(analyzer, samples[0])}
+        _serve_story(analyzer, out, people)
+    console.print(f"outputs in {out}/")
