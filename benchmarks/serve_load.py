@@ -92,12 +92,12 @@ def running_generators() -> int:
 
 async def kill_under_load(url: str, identity: str, total: int) -> dict:
     import ray
-    from ray.util.state import list_actors
 
     async def killer():
         await asyncio.sleep(3)
-        victims = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Generator" in (a.class_name or "")]
-        ray.kill(ray.get_actor(victims[0].name, namespace="serve"), no_restart=True)
+        named = ray.util.list_named_actors(all_namespaces=True)
+        victim = next(a for a in named if "Generator" in a["name"] and "REPLICA" in a["name"].upper())
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         return time.perf_counter()
 
     load_task = asyncio.create_task(load(url, identity, total, 4))
@@ -116,6 +116,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (bounded)")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--fault-only", action="store_true", help="skip the latency table")
     args = parser.parse_args()
     total = min(args.requests, 100)
     from ray import serve
@@ -125,7 +126,7 @@ def main():
     init_ray(num_cpus=4)
     rows = []
     with tempfile.TemporaryDirectory() as registry:
-        for batch in (8, 1):
+        for batch in (() if args.fault_only else (8, 1)):
             url = deploy(registry, batch, generators=1, port=8781)
             identity = enroll(url)
             for concurrency in (1, 4, 16):

@@ -6,7 +6,7 @@ import io
 from PIL import Image
 from ray import serve
 
-from ray_faceid.config import DecodeConfig, DetectionConfig, FaceConfig, ServeConfig
+from ray_faceid.config import DecodeConfig, FaceConfig, ServeConfig
 from ray_faceid.errors import FaceIdError
 
 
@@ -56,5 +56,3 @@ class FaceEncoder:
     async def analyze(self, image: bytes) -> dict:
         return await self.analyze_batch(image)
 
-
-__all__ = ["FaceEncoder", "DetectionConfig"]

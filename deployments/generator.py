@@ -26,8 +26,7 @@ class LoadedIdentity:
 
 class Generator:
     def __init__(self, config_json: str):
-        from ray_faceid.face.analyzer import FaceAnalyzer  # noqa: F401  (warm import for the encoder spec)
-        from ray_faceid.face.backends.dlib_backend import dlib_encoder_spec
+        from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import IdentityAdapter
         from ray_faceid.pipelines.generate import IdentityPipeline
         from ray_faceid.pipelines.models import load_base
@@ -38,11 +37,11 @@ class Generator:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         base = load_base(self.config.model)
-        spec = dlib_encoder_spec() if self.config.face.backend == "dlib" and not self.config.face.recognizer_onnx else None
         if self.config.adapter:
-            adapter = IdentityAdapter.load(self.config.adapter, base.unet, spec)
+            # Identities are checked against the adapter's encoder spec when they are used.
+            adapter = IdentityAdapter.load(self.config.adapter, base.unet)
         else:
-            adapter = IdentityAdapter.for_unet(base.unet, spec)
+            adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer(self.config.face).spec)
         self.pipeline = IdentityPipeline(base, adapter, device=device)
         self.registry = Registry(self.config.registry)
         self.loads = 0

@@ -51,3 +51,17 @@ def ray_cluster(tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    from ray_faceid.pipelines.models import build_tiny
+
+    return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def spec128():
+    from ray_faceid.face.spec import EncoderSpec
+
+    return EncoderSpec(name="dlib_resnet", dim=128, version="test", license="-", metric="euclidean", threshold=0.6)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_faceid.config import FaceConfig
-from ray_faceid.errors import FaceIdError
+from ray_faceid.errors import BadImage, FaceIdError
 from ray_faceid.face.align import ARCFACE_112, align
 from ray_faceid.face.attributes import face_attributes
 from ray_faceid.face.backends import Detector, FaceBackend, Landmarker, build_backend
@@ -50,7 +50,9 @@ class FaceAnalyzer:
 
     def load(self, image: ImageSource | np.ndarray) -> np.ndarray:
         if isinstance(image, np.ndarray):
-            return image
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise BadImage(f"arrays must be H x W x 3 uint8 RGB, got {image.shape} {image.dtype}")
+            return np.ascontiguousarray(image)
         return decode_image(image, self.config.decode)
 
     def _parts(self) -> _ThreadParts:

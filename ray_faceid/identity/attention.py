@@ -56,6 +56,21 @@ class _IdentityProcessor(nn.Module):
         self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
         self.gate, self.gate_threshold = gate, gate_threshold
 
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 identity_tokens=None, identity_scale=None, region_masks=None):
+        residual, shape4, x, context = self._prologue(attn, hidden_states, encoder_hidden_states, temb)
+        q = self._heads(attn.to_q(x), attn.heads)
+        k = self._heads(attn.to_k(context), attn.heads)
+        v = self._heads(attn.to_v(context), attn.heads)
+        out = self.attend(attn, x, q, k, v, identity_tokens, identity_scale, region_masks)
+        b, heads, length, d = out.shape
+        out = out.transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
+        return self._epilogue(attn, out, residual, shape4)
+
+    def attend(self, attn, x, q, k, v, identity_tokens, identity_scale, region_masks) -> torch.Tensor:
+        """(B, heads, L, d) attention output of one layer; each method defines it."""
+        raise NotImplementedError
+
     @staticmethod
     def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
         b, n, inner = x.shape
@@ -115,18 +130,11 @@ class DecoupledIdentityProcessor(_IdentityProcessor):
             self.to_k_id.weight.copy_(attn.to_k.weight)
             self.to_v_id.weight.copy_(attn.to_v.weight)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 identity_tokens=None, identity_scale=None, region_masks=None):
-        residual, shape4, x, context = self._prologue(attn, hidden_states, encoder_hidden_states, temb)
-        q = self._heads(attn.to_q(x), attn.heads)
-        k = self._heads(attn.to_k(context), attn.heads)
-        v = self._heads(attn.to_v(context), attn.heads)
+    def attend(self, attn, x, q, k, v, identity_tokens, identity_scale, region_masks):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if identity_tokens is not None:
             out = out + self.identity_term(attn, q, identity_tokens, identity_scale, region_masks)
-        b, heads, length, d = out.shape
-        out = out.transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
-        return self._epilogue(attn, out, residual, shape4)
+        return out
 
     def identity_term(self, attn, q, tokens, identity_scale, region_masks):
         k_id, v_id = self._identity_keys(attn, tokens, self.to_k_id, self.to_v_id)
@@ -155,19 +163,10 @@ class ParallelVisualProcessor(_IdentityProcessor):
             self.to_k_id.weight.copy_(attn.to_k.weight)
             self.to_v_id.weight.copy_(attn.to_v.weight)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 identity_tokens=None, identity_scale=None, region_masks=None):
-        residual, shape4, x, context = self._prologue(attn, hidden_states, encoder_hidden_states, temb)
-        q = self._heads(attn.to_q(x), attn.heads)
-        k = self._heads(attn.to_k(context), attn.heads)
-        v = self._heads(attn.to_v(context), attn.heads)
+    def attend(self, attn, x, q, k, v, identity_tokens, identity_scale, region_masks):
         if identity_tokens is None:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        else:
-            out = self.joint_attention(attn, x, q, k, v, identity_tokens, identity_scale, region_masks)
-        b, heads, length, d = out.shape
-        out = out.transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
-        return self._epilogue(attn, out, residual, shape4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.joint_attention(attn, x, q, k, v, identity_tokens, identity_scale, region_masks)
 
     def joint_attention(self, attn, x, q, k, v, tokens, identity_scale, region_masks):
         d = q.shape[-1]
