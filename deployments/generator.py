@@ -1,5 +1,6 @@
-"""Generator deployment: the base pipeline loaded once per replica; identities (embeddings and
-per-identity adapters, read from the registry) multiplexed with LRU eviction; requests batched.
+"""Generator deployment: the base pipeline loaded once per replica; identities (embeddings, read
+from the registry) multiplexed with LRU eviction; requests batched: those of the same size, steps
+and identity count are denoised together, one UNet call per step for all their images.
 
 Errors are returned as {"error", "message", "status"} so the ingress can answer 4xx precisely.
 """
@@ -15,7 +16,7 @@ from ray import serve
 
 from deployments import multiplex
 from ray_faceid.config import ServeConfig
-from ray_faceid.errors import EncoderMismatch, FaceIdError, NotFound
+from ray_faceid.errors import EncoderMismatch, FaceIdError
 
 
 class LoadedIdentity:
@@ -81,38 +82,68 @@ class Generator:
                                                 item.get("expression"), item.get("scale", 1.0)))
         return conditions, hits
 
-    async def _run(self, request: dict) -> dict:
+    async def _inpaint(self, request: dict) -> dict:
         from ray_faceid.face.decode import decode_image
         from ray_faceid.pipelines.inpaint import inpaint
 
         conditions, hits = await self._conditions(request["tenant"], request["identities"])
-        async with self._lock:  # one pipeline per replica; batches run their requests in turn
-            if request["kind"] == "inpaint":
-                image = decode_image(request["image"])
-                mask = decode_image(request["mask"])
-                result = await asyncio.to_thread(
-                    inpaint, self.pipeline, image, mask, conditions[0], request["prompt"], request["negative_prompt"],
-                    request["seed"], request["steps"], request["guidance"], request["feather"])
-            else:
-                result = await asyncio.to_thread(
-                    self.pipeline.generate, request["prompt"], conditions, request["negative_prompt"], request["seed"],
-                    request["steps"], request["guidance"], request["width"], request["height"], request["num_images"])
-        return {"png": [base64.b64encode(p).decode() for p in result.png], "provenance": result.provenance,
-                "seeds": result.seeds, "cache_hits": hits, "cache_misses": len(conditions) - hits}
+        image, mask = decode_image(request["image"]), decode_image(request["mask"])
+        async with self._lock:
+            result = await asyncio.to_thread(
+                inpaint, self.pipeline, image, mask, conditions[0], request["prompt"], request["negative_prompt"],
+                request["seed"], request["steps"], request["guidance"], request["feather"])
+        return self._response(result.png, result.provenance, result.seeds, hits, len(conditions))
+
+    @staticmethod
+    def _response(png, provenance, seeds, hits: int, lookups: int) -> dict:
+        return {"png": [base64.b64encode(p).decode() for p in png], "provenance": provenance, "seeds": seeds,
+                "cache_hits": hits, "cache_misses": lookups - hits}
+
+    async def _generate_group(self, requests: list[dict]) -> list[dict]:
+        """Requests of the same size, steps, guidance and identity count: one UNet batch for all their images."""
+        from ray_faceid.pipelines.generate import GenerationItem
+
+        out: list[dict | None] = [None] * len(requests)
+        items, owners, lookups = [], [], {}
+        for i, r in enumerate(requests):
+            try:
+                conditions, hits = await self._conditions(r["tenant"], r["identities"])
+            except FaceIdError as exc:
+                out[i] = {"error": exc.code, "message": exc.message, "status": exc.status}
+                continue
+            lookups[i] = (hits, len(conditions))
+            for k in range(r["num_images"]):
+                items.append(GenerationItem(r["prompt"], conditions, r["negative_prompt"], r["seed"] + k))
+                owners.append(i)
+        if items:
+            first = requests[owners[0]]
+            async with self._lock:  # one pipeline per replica
+                result = await asyncio.to_thread(self.pipeline.generate_items, items, first["steps"],
+                                                 first["guidance"], first["width"], first["height"])
+            for i, (hits, count) in lookups.items():
+                mine = [k for k, owner in enumerate(owners) if owner == i]
+                out[i] = self._response([result.png[k] for k in mine], [result.provenance[k] for k in mine],
+                                        [result.seeds[k] for k in mine], hits, count)
+        return out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def generate_batch(self, requests: list[dict]) -> list[dict]:
-        # Requests of the same identity run back to back, while its tokens and adapter are hot.
-        order = sorted(range(len(requests)), key=lambda i: requests[i]["identities"][0]["id"])
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            key = ("inpaint", i) if r["kind"] == "inpaint" else (
+                r["steps"], r["guidance"], r["width"], r["height"], len(r["identities"]))
+            groups.setdefault(key, []).append(i)
         results: list[dict] = [{}] * len(requests)
-        for i in order:
+        for key, members in groups.items():
             try:
-                results[i] = await self._run(requests[i])
-            except NotFound as exc:
-                results[i] = {"error": exc.code, "message": exc.message, "status": exc.status}
+                if key[0] == "inpaint":
+                    found = [await self._inpaint(requests[members[0]])]
+                else:
+                    found = await self._generate_group([requests[i] for i in members])
             except FaceIdError as exc:
-                results[i] = {"error": exc.code, "message": exc.message, "status": exc.status}
-            results[i]["batch_size"] = len(requests)
+                found = [{"error": exc.code, "message": exc.message, "status": exc.status}] * len(members)
+            for i, res in zip(members, found):
+                results[i] = dict(res, batch_size=len(requests))
         return results
 
     async def generate(self, request: dict) -> dict:

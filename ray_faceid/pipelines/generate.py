@@ -37,6 +37,16 @@ class IdentityCondition:
 
 
 @dataclass
+class GenerationItem:
+    """One image to make."""
+
+    prompt: str
+    identities: list[IdentityCondition]
+    negative_prompt: str = ""
+    seed: int = 0
+
+
+@dataclass
 class GenerationResult:
     images: list[Image.Image]
     png: list[bytes]
@@ -106,34 +116,43 @@ class IdentityPipeline:
         if width % step or height % step or width < step or height < step:
             raise BadInput(f"width and height must be positive multiples of {step} for this model, got {width}x{height}")
 
+    def _identity_kwargs(self, items: list["GenerationItem"], h: int, w: int) -> dict:
+        """cross_attention_kwargs for 2B rows: B unconditional (identity scale 0), then B conditional."""
+        counts = {len(it.identities) for it in items}
+        if counts == {0}:
+            return {}
+        if len(counts) > 1:
+            raise BadInput("images generated together must have the same number of identities")
+        if self.adapter is None:
+            raise BadInput("identities were given but no identity adapter is loaded (pass --adapter)")
+        tokens = torch.cat([self.identity_tokens(it.identities) for it in items])
+        scale = torch.tensor([[c.scale for c in it.identities] for it in items], device=self.device)
+        masks = [self.region_masks(it.identities, h, w) for it in items]
+        if any(m is not None for m in masks):  # a single identity without region may act everywhere
+            masks = [torch.ones(1, 1, h, w, device=self.device) if m is None else m for m in masks]
+            region = torch.cat(masks)
+            region = torch.cat([region, region])
+        else:
+            region = None
+        return {"identity_tokens": torch.cat([tokens, tokens]),
+                "identity_scale": torch.cat([torch.zeros_like(scale), scale]),
+                "region_masks": region}
+
     @torch.no_grad()
-    def _denoise(self, prompt, negative_prompt, identities, seed, steps, guidance, width, height, inpaint=None):
+    def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
+        """Latents of every item, all denoised together: one UNet call per step for the whole batch."""
         base, unet, sched = self.base, self.base.unet, self.base.scheduler
         self._check_size(width, height)
         f = base.vae_scale_factor
         h, w = height // f, width // f
-        text = self.encode_prompt([negative_prompt or "", prompt])
-        kwargs = {}
-        if identities:
-            if self.adapter is None:
-                raise BadInput("identities were given but no identity adapter is loaded (pass --adapter)")
-            tokens = self.identity_tokens(identities)
-            scale = torch.tensor([[ident.scale for ident in identities]], device=self.device)
-            kwargs = {
-                "identity_tokens": tokens.expand(2, -1, -1, -1),
-                "identity_scale": torch.cat([torch.zeros_like(scale), scale]),  # unconditional row: no identity
-            }
-            masks = self.region_masks(identities, h, w)
-            kwargs["region_masks"] = None if masks is None else masks.expand(2, -1, -1, -1)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, 4, h, w)
-        noise = torch.randn(shape, generator=generator).to(self.device)
+        text = self.encode_prompt([it.negative_prompt or "" for it in items] + [it.prompt for it in items])
+        kwargs = self._identity_kwargs(items, h, w)
+        noise = torch.cat([torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(it.seed))
+                           for it in items]).to(self.device)
         sched.set_timesteps(steps, device=self.device)
         latents = noise * sched.init_noise_sigma
-        known = None
         if inpaint is not None:
             image_latents, mask_l = inpaint
-            known = image_latents
         for t in sched.timesteps:
             model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
             if inpaint is not None and base.inpainting:
@@ -142,11 +161,11 @@ class IdentityPipeline:
             pred = unet(model_in, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs or None).sample
             uncond, cond = pred.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-            if known is not None and not base.inpainting:
+            if inpaint is not None and not base.inpainting:
                 # Blended latent diffusion: outside the mask, follow the input's own noising path.
                 prev = self._previous_timestep(t)
-                noisy_known = known if prev < 0 else sched.add_noise(known, noise, torch.tensor([prev]))
-                latents = mask_l * latents + (1 - mask_l) * noisy_known
+                known = image_latents if prev < 0 else sched.add_noise(image_latents, noise, torch.tensor([prev]))
+                latents = mask_l * latents + (1 - mask_l) * known
         return latents
 
     def _previous_timestep(self, t) -> int:
@@ -190,18 +209,23 @@ class IdentityPipeline:
     def generate(self, prompt: str, identities: list[IdentityCondition] | None = None, negative_prompt: str = "",
                  seed: int = 0, steps: int = 20, guidance: float = 5.0, width: int = 512, height: int = 512,
                  num_images: int = 1) -> GenerationResult:
-        identities = identities or []
-        if len(identities) > MAX_IDENTITIES:
-            raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(identities)}")
+        items = [GenerationItem(prompt, identities or [], negative_prompt, seed + k) for k in range(num_images)]
+        return self.generate_items(items, steps, guidance, width, height)
+
+    def generate_items(self, items: list["GenerationItem"], steps: int = 20, guidance: float = 5.0, width: int = 512,
+                       height: int = 512) -> GenerationResult:
+        """Several images (other prompts, identities, seeds; the same size and steps) in one batch."""
+        for it in items:
+            if len(it.identities) > MAX_IDENTITIES:
+                raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(it.identities)}")
+        latents = self._denoise(items, steps, guidance, width, height)
         result = GenerationResult([], [], [], [])
-        for k in range(num_images):
-            image_seed = seed + k
-            latents = self._denoise(prompt, negative_prompt, identities, image_seed, steps, guidance, width, height)
-            image = self.decode(latents)
-            record = self.provenance("generate", prompt, negative_prompt, identities, image_seed, steps, guidance,
-                                     width, height)
+        for k, it in enumerate(items):
+            image = self.decode(latents[k : k + 1])
+            record = self.provenance("generate", it.prompt, it.negative_prompt, it.identities, it.seed, steps,
+                                     guidance, width, height)
             result.images.append(image)
             result.png.append(png_with_provenance(image, record))
             result.provenance.append(record)
-            result.seeds.append(image_seed)
+            result.seeds.append(it.seed)
         return result

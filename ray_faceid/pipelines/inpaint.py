@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from ray_faceid.errors import BadInput
-from ray_faceid.pipelines.generate import GenerationResult, IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.generate import GenerationItem, GenerationResult, IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.provenance import png_with_provenance
 
 
@@ -57,8 +57,8 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
     # Max-pool so a latent cell touched by the mask is repainted whole.
     mask_latent = F.max_pool2d(mask_t, f, f)
     image_latents = pipe.encode_image(resized)
-    latents = pipe._denoise(prompt, negative_prompt, [identity], seed, steps, guidance, gen_w, gen_h,
-                            inpaint=(image_latents, mask_latent))
+    item = GenerationItem(prompt, [identity], negative_prompt, seed)
+    latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent))
     generated = pipe.decode(latents).resize((width, height), Image.Resampling.LANCZOS)
     alpha = feathered(region, feather)[..., None]
     out = image.astype(np.float32) * (1 - alpha) + np.asarray(generated, dtype=np.float32) * alpha

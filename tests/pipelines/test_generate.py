@@ -88,3 +88,16 @@ def test_inpaint_keeps_every_pixel_outside_the_mask(pipe):
         inpaint(pipe, image, np.zeros((70, 90), np.uint8), person("ann", 1), "x", steps=2)
     with pytest.raises(BadInput, match="must match"):
         inpaint(pipe, image, np.zeros((10, 10), np.uint8), person("ann", 1), "x", steps=2)
+
+
+def test_a_batch_matches_the_images_made_one_by_one(pipe):
+    from ray_faceid.pipelines.generate import GenerationItem
+
+    items = [GenerationItem("a portrait", [person("ann", 1)], seed=3),
+             GenerationItem("a painting", [person("bob", 2)], "blurry", seed=4)]
+    batch = pipe.generate_items(items, **SIZE)
+    assert batch.seeds == [3, 4] and [r["prompt"] for r in batch.provenance] == ["a portrait", "a painting"]
+    for k, item in enumerate(items):
+        single = pipe.generate(item.prompt, item.identities, item.negative_prompt, seed=item.seed, **SIZE)
+        diff = np.abs(np.asarray(batch.images[k], float) - np.asarray(single.images[0], float))
+        assert diff.max() <= 2  # float rounding of batched kernels only
