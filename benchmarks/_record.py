@@ -23,3 +23,12 @@ def machine_line() -> str:
 def record(section: str) -> None:
     with open(BENCHMARKS_MD, "a") as fh:
         fh.write("\n" + section)
+
+
+def report(lines: list[str], record_results: bool) -> str:
+    """Print a result section and, unless told not to, append it to BENCHMARKS.md."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if record_results:
+        record(table)
+    return table

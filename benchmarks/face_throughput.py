@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _record import machine_line, record  # noqa: E402
+from _record import machine_line, report  # noqa: E402
 
 from ray_faceid.eval.verification import evaluate_pairs, read_pairs  # noqa: E402
 from ray_faceid.face.analyzer import FaceAnalyzer  # noqa: E402
@@ -71,8 +71,8 @@ def run(faces_root: Path, record_results: bool) -> str:
         ("FaceAnalyzer (bounded resolution, 5 pts, threads, CNN fallback, batched torch port of the same ResNet)", embed_analyzer,
          lambda: counted["faces"]),
     ):
-        report = evaluate_pairs(embed, pairs, faces_root, spec.key(), spec.distance, spec.threshold)
-        rows.append((name, report, faces()))
+        result = evaluate_pairs(embed, pairs, faces_root, spec.key(), spec.distance, spec.threshold)
+        rows.append((name, result, faces()))
     base = rows[0][1]
     lines = [
         f"### face_throughput — {time.strftime('%Y-%m-%d')} — {machine_line()}",
@@ -87,11 +87,7 @@ def run(faces_root: Path, record_results: bool) -> str:
             f"| {name} | {r.images_per_s:.2f} | {r.seconds / max(n_faces, 1):.3f} | {r.accuracy:.4f} | "
             f"{r.roc_auc:.4f} | {r.no_face_pairs} | {r.images_per_s / base.images_per_s:.2f}x |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if record_results:
-        record(table)
-    return table
+    return report(lines, record_results)
 
 
 def main():

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _record import machine_line, record  # noqa: E402
+from _record import machine_line, report  # noqa: E402
 
 from ray_faceid import storage  # noqa: E402
 from ray_faceid.config import DetectionConfig, FaceConfig, IngestConfig  # noqa: E402
@@ -94,10 +94,7 @@ def main():
         lines.append(f"| {name} | {seconds:.1f} | {len(uris) / seconds:.2f} | {loop / seconds:.2f}x | "
                      f"{stage:.1f} | {loop / stage:.2f}x |")
     lines += ["", "Per-stage breakdown (ds.stats(), 2 actors):", "", "```", *stage_lines(rows[-1][2]), "```"]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if not args.no_record:
-        record(table)
+    report(lines, not args.no_record)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _record import machine_line, record  # noqa: E402
+from _record import machine_line, report  # noqa: E402
 
 from ray_faceid.face.spec import EncoderSpec  # noqa: E402
 from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter  # noqa: E402
@@ -106,11 +106,7 @@ def run(latent: int, repeats: int, record_results: bool) -> str:
             lines.append(f"| {label} | {name} | {seconds * 1000:.1f} | {100 * (seconds / stock - 1):+.1f}% |")
             print(lines[-1], flush=True)
         del unet
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if record_results:
-        record(table)
-    return table
+    return report(lines, record_results)
 
 
 def main():

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _record import machine_line, record  # noqa: E402
+from _record import machine_line, report  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -156,10 +156,7 @@ def main():
         f"{fault['ok']} ok, {fault['failed']} failed, back to 2 running replicas after "
         f"{fault['recovery_s'] if fault['recovery_s'] is None else round(fault['recovery_s'], 1)} s.",
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if not args.no_record:
-        record(table)
+    report(lines, not args.no_record)
 
 
 if __name__ == "__main__":
