@@ -25,6 +25,7 @@ from deployments.schemas import (
     PhotoReport,
 )
 from ray_faceid.config import ServeConfig
+from ray_faceid.enrollment import rejection
 from ray_faceid.errors import BadInput, FaceIdError
 from ray_faceid.eval.identity import leakage, reference_embedding
 from ray_faceid.face.face import Face
@@ -112,24 +113,15 @@ class Ingress:
             result = await self._analyze(data)
             report = PhotoReport(index=i, filename=photo.filename or f"photo{i}", accepted=False)
             faces = result.get("faces", [])
-            if "error" in result:
-                report.reason = result["message"]
-            elif not faces:
-                report.reason = "no face found"
-            elif len(faces) > 1:
-                report.reason = f"{len(faces)} faces: send photos of this person alone"
-            else:
+            report.reason = result["message"] if "error" in result else rejection(faces, limits)
+            if len(faces) == 1:
                 q = faces[0]["quality"]
                 report.quality, report.face_px, report.sharpness = q["score"], q["face_px"], q["sharpness"]
-                if q["face_px"] < limits.min_face_px:
-                    report.reason = f"face too small ({q['face_px']:.0f} px wide; need {limits.min_face_px:.0f})"
-                elif q["sharpness"] < limits.min_sharpness:
-                    report.reason = f"too blurry (sharpness {q['sharpness']:.0f}; need {limits.min_sharpness:.0f})"
-                else:
-                    report.accepted = True
-                    embeddings.append(faces[0]["embedding"])
-                    quality.append(q["score"])
-                    crops.append(decode_image(faces[0]["crop_png"]))
+            if report.reason is None:
+                report.accepted = True
+                embeddings.append(faces[0]["embedding"])
+                quality.append(faces[0]["quality"]["score"])
+                crops.append(decode_image(faces[0]["crop_png"]))
             reports.append(report)
         if not embeddings:
             reasons = "; ".join(f"{r.filename}: {r.reason}" for r in reports)

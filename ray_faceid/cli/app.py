@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import data, demo, faces, generate, serve
+from ray_faceid.cli import data, demo, faces, generate, identities, serve
 
 app = typer.Typer(
     name="ray-faceid",
@@ -12,6 +12,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(faces.app, name="faces")
+app.add_typer(identities.app, name="identities")
 app.command("demo")(demo.demo)
 app.command("generate")(generate.generate)
 app.command("inpaint")(generate.inpaint)

@@ -1,0 +1,38 @@
+"""`ray-faceid identities`: enroll with per-photo reasons, list, show, delete (the registry on disk)."""
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from ray_faceid.cli import app
+
+runner = CliRunner()
+
+
+def test_enroll_list_show_delete(tmp_path, sample_photos):
+    reg = ["--registry", str(tmp_path / "reg"), "--tenant", "acme"]
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (150, 150), "white").save(blank)
+    result = runner.invoke(app, ["identities", "enroll", str(sample_photos["Tom_Hanks_54745.png"]),
+                                 str(sample_photos["t1.jpg"]), str(blank), "--consent", "form-7", "--name", "tom", *reg])
+    assert result.exit_code == 0, result.output
+    assert "6 faces: send photos of this person alone" in result.stdout
+    assert "blank.png: no face found" in result.stdout
+    ident = result.stdout.split("enrolled ")[1].split()[0]
+    assert "(1 of 3 photos used)" in result.stdout
+    listed = json.loads(runner.invoke(app, ["identities", "list", "--json", *reg]).stdout)
+    assert [m["id"] for m in listed] == [ident] and listed[0]["consent"] == "form-7"
+    assert runner.invoke(app, ["identities", "list", "--json", "--registry", str(tmp_path / "reg"),
+                               "--tenant", "other"]).stdout.strip() == "[]"
+    assert '"name": "tom"' in runner.invoke(app, ["identities", "show", ident, *reg]).stdout
+    assert runner.invoke(app, ["identities", "delete", ident, *reg]).exit_code == 0
+    assert not any((tmp_path / "reg" / "acme").iterdir())
+    gone = runner.invoke(app, ["identities", "show", ident, *reg])
+    assert gone.exit_code == 2 and "not found" in gone.stderr
+
+
+def test_enroll_without_a_usable_photo_exits_2(tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (150, 150), "white").save(blank)
+    result = runner.invoke(app, ["identities", "enroll", str(blank), "--consent", "x", "--registry", str(tmp_path)])
+    assert result.exit_code == 2 and "no usable photo" in result.stderr
