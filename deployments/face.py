@@ -35,17 +35,23 @@ class FaceEncoder:
         """For each image: {"faces": [...], "batch_size": n} or {"error": code, "message": ..., "status": ...}."""
         from ray_faceid.face.align import align, loose_template
 
-        results = self.analyzer.analyze_batch(images, return_errors=True)
+        # Decoded once here: the faces' crops come from the same pixels the analyzer saw.
+        decoded: list = []
+        for data in images:
+            try:
+                decoded.append(self.analyzer.load(data))
+            except FaceIdError as exc:
+                decoded.append(exc)
+        arrays = [d for d in decoded if not isinstance(d, FaceIdError)]
+        found = iter(self.analyzer.analyze_batch(arrays, return_errors=True))
         out = []
-        for data, found in zip(images, results):
-            if isinstance(found, FaceIdError):
-                out.append({"error": found.code, "message": found.message, "status": found.status})
+        for image in decoded:
+            result = image if isinstance(image, FaceIdError) else next(found)
+            if isinstance(result, FaceIdError):
+                out.append({"error": result.code, "message": result.message, "status": result.status})
                 continue
             faces = []
-            image = None
-            for face in found:
-                if image is None:
-                    image = self.analyzer.load(data)
+            for face in result:
                 crop, _ = align(image, face.landmarks, loose_template(256))
                 buf = io.BytesIO()
                 Image.fromarray(crop).save(buf, "PNG")

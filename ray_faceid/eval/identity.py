@@ -64,7 +64,7 @@ def score_face(face: Face | None, reference: np.ndarray, spec: EncoderSpec, thre
 def identity_similarity(analyzer, images: list, reference: np.ndarray, names: list[str] | None = None) -> IdentityReport:
     """Score the largest face of each image against `reference` (one embedding, or several to average)."""
     ref = reference_embedding(reference)
-    names = names or [str(i) if not isinstance(i, (str, bytes)) else str(i)[:200] for i in images]
+    names = names or [str(i) if isinstance(i, str) else f"image {k}" for k, i in enumerate(images)]
     scores = []
     for image, name in zip(images, names):
         try:

@@ -55,6 +55,14 @@ class _IdentityProcessor(nn.Module):
         super().__init__()
         self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
         self.gate, self.gate_threshold = gate, gate_threshold
+        # Identity keys and values, initialised from the layer's own to_k / to_v.
+        self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    def init_from(self, attn: Attention) -> None:
+        with torch.no_grad():
+            self.to_k_id.weight.copy_(attn.to_k.weight)
+            self.to_v_id.weight.copy_(attn.to_v.weight)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  identity_tokens=None, identity_scale=None, region_masks=None):
@@ -120,16 +128,6 @@ class _IdentityProcessor(nn.Module):
 
 
 class DecoupledIdentityProcessor(_IdentityProcessor):
-    def __init__(self, hidden_size: int, cross_attention_dim: int, gate: bool = False, gate_threshold: float = 0.3):
-        super().__init__(hidden_size, cross_attention_dim, gate, gate_threshold)
-        self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-
-    def init_from(self, attn: Attention) -> None:
-        with torch.no_grad():
-            self.to_k_id.weight.copy_(attn.to_k.weight)
-            self.to_v_id.weight.copy_(attn.to_v.weight)
-
     def attend(self, attn, x, q, k, v, identity_tokens, identity_scale, region_masks):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if identity_tokens is not None:
@@ -154,14 +152,11 @@ class ParallelVisualProcessor(_IdentityProcessor):
     def __init__(self, hidden_size: int, cross_attention_dim: int, gate: bool = False, gate_threshold: float = 0.3):
         super().__init__(hidden_size, cross_attention_dim, gate, gate_threshold)
         self.to_q_id = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
     def init_from(self, attn: Attention) -> None:
+        super().init_from(attn)
         with torch.no_grad():
             self.to_q_id.weight.copy_(attn.to_q.weight)
-            self.to_k_id.weight.copy_(attn.to_k.weight)
-            self.to_v_id.weight.copy_(attn.to_v.weight)
 
     def attend(self, attn, x, q, k, v, identity_tokens, identity_scale, region_masks):
         if identity_tokens is None:

@@ -16,6 +16,7 @@ from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
 from ray_faceid.identity.routing import Box, box_masks, strip_boxes
+from ray_faceid.identity.tokens import fuse_embeddings
 from ray_faceid.pipelines.models import BaseModel
 from ray_faceid.pipelines.provenance import png_with_provenance
 
@@ -90,8 +91,6 @@ class IdentityPipeline:
             if self.adapter.options.mapper == "multiref":
                 t = self.adapter.tokens(emb.unsqueeze(0))
             else:
-                from ray_faceid.identity.tokens import fuse_embeddings
-
                 q = None if ident.quality is None else torch.as_tensor(ident.quality, dtype=torch.float32, device=self.device)
                 expr = code if self.adapter.options.expression_dim == EXPRESSION_DIM else None
                 t = self.adapter.tokens(fuse_embeddings(emb, q).unsqueeze(0), expression=expr)
