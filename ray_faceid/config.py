@@ -204,3 +204,44 @@ class ServeConfig(Settings):
     generator_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Generator replicas.")
     encoder_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="FaceEncoder replicas.")
     ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Ingress replicas.")
+
+
+class TrainConfig(Settings):
+    """`ray-faceid train`: the identity adapter (or IMR, or the attribute flow) on an ingest output."""
+
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "use_gpu", "cpus_per_worker", "checkpoint_every"})
+
+    method: Literal["decoupled", "pva", "imr", "flow"] = Field(
+        "decoupled", description="What to train: the adapter (decoupled or PVA attention), the IMR, or the attribute flow."
+    )
+    steps: int = Field(1000, ge=1, description="Optimiser steps (every worker takes each step; gradients are averaged).")
+    batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after a linear warm-up).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
+    size: int = Field(512, ge=16, description="Training resolution: target crops are resized to size x size.")
+    num_tokens: int = Field(4, ge=1, le=64, description="Identity tokens per identity (adapter methods).")
+    expression_drop: float = Field(0.1, ge=0, le=1, description="Probability the expression code is replaced by the null code.")
+    outside_weight: float = Field(1.0, ge=0, description="Weight of the class-guided term outside the face mask.")
+    seed: int = Field(0, description="Seeds the adapter initialisation, the noise and the timesteps.")
+    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (and always at the end).")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
+
+
+class PersonalizeConfig(Settings):
+    """`ray-faceid personalize`: a small per-identity adapter for each enrolled person."""
+
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "use_gpu", "cpus_per_worker", "max_failures"})
+
+    steps: int = Field(40, ge=1, description="Optimiser steps per identity.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    size: int = Field(256, ge=16, description="Training resolution (the registry keeps 256 px reference crops).")
+    batch_size: int = Field(2, ge=1, description="References per step (each masked in turn, the others condition).")
+    outside_weight: float = Field(1.0, ge=0, description="Weight of the class-guided term outside the face mask.")
+    seed: int = Field(0, description="Seeds the noise and the timesteps of every identity.")
+    workers: int = Field(1, ge=1, description="Persistent Ray Train workers; each keeps the models loaded.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts before the run fails.")

@@ -19,3 +19,48 @@ def rejection(faces: list[dict], limits: ServeLimits) -> str | None:
     if q["sharpness"] < limits.min_sharpness:
         return f"too blurry (sharpness {q['sharpness']:.0f}; need {limits.min_sharpness:.0f})"
     return None
+
+
+def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: ServeLimits | None = None) -> dict:
+    """Enroll every identity of an ingest output (after `ray-faceid pairs`) from its best faces.
+
+    Each identity's faces pass the same rules as uploaded photos; its registry name is
+    "<identity label>" and its meta records the dataset, so a re-run skips identities already
+    enrolled from that dataset. Returns {label: id} for enrolled and {label: reason} for skipped ones."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ray_faceid import storage
+    from ray_faceid.data import tables
+    from ray_faceid.data.pairs import IDENTITIES
+    from ray_faceid.face.spec import EncoderSpec
+    from ray_faceid.train.examples import REGISTRY_CROP
+
+    limits = limits or ServeLimits()
+    spec = EncoderSpec(**json.loads(storage.read_bytes(storage.join(dataset, tables.SUMMARY)))["encoder_spec"])
+    faces = {f["face_id"]: f for f in tables.read_table(storage.join(dataset, tables.FACES)).to_pylist()}
+    already = {m.get("source", {}).get("identity") for m in registry.list(tenant)
+               if m.get("source", {}).get("dataset") == dataset}
+    enrolled, skipped = {}, {}
+    for row in tables.read_table(storage.join(dataset, IDENTITIES)).to_pylist():
+        label = row["identity"]
+        if label in already:
+            skipped[label] = "already enrolled from this dataset"
+            continue
+        usable = [faces[i] for i in row["face_ids"] if faces[i].get("crop_uri")
+                  and rejection([{"quality": {k: faces[i][f"q_{k}"] for k in ("face_px", "sharpness")}}], limits) is None]
+        usable = sorted(usable, key=lambda f: -(f["q_score"] or 0))[: limits.max_photos]
+        if not usable:
+            skipped[label] = "no face passes the enrollment rules (size, sharpness)"
+            continue
+        crops = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(f["crop_uri"]))).convert("RGB")
+                            .resize((REGISTRY_CROP, REGISTRY_CROP), Image.Resampling.LANCZOS)) for f in usable]
+        photos = [{"index": k, "filename": f["image_uri"], "accepted": True, "reason": None} for k, f in enumerate(usable)]
+        meta = registry.create(tenant, label, consent, np.array([f["embedding"] for f in usable], np.float32),
+                               np.array([f["q_score"] or 0.0 for f in usable], np.float32), spec, crops, photos,
+                               source={"dataset": dataset, "identity": label})
+        enrolled[label] = meta["id"]
+    return {"enrolled": enrolled, "skipped": skipped}

@@ -10,6 +10,7 @@ tenant gets NotFound, exactly as for an id that does not exist. `delete` removes
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -25,6 +26,10 @@ from ray_faceid.face.spec import EncoderSpec
 
 _ID = re.compile(r"^id_[A-Za-z0-9_-]{16,64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def new_identity_id() -> str:
@@ -43,7 +48,7 @@ class Registry:
         return storage.join(self.store, tenant, identity)
 
     def create(self, tenant: str, name: str, consent: str, embeddings: np.ndarray, quality: np.ndarray,
-               spec: EncoderSpec, crops: list[np.ndarray], photos: list[dict]) -> dict:
+               spec: EncoderSpec, crops: list[np.ndarray], photos: list[dict], source: dict | None = None) -> dict:
         if not consent or not consent.strip():
             raise BadInput("consent is required: a reference to the person's recorded consent")
         if len(embeddings) == 0:
@@ -57,11 +62,13 @@ class Registry:
         buf = io.BytesIO()
         np.savez(buf, embeddings=np.asarray(embeddings, np.float32), quality=np.asarray(quality, np.float32))
         storage.write_bytes(storage.join(folder, "embeddings.npz"), buf.getvalue())
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = _now()
         meta = {
             "id": identity, "tenant": tenant, "name": name, "consent": consent.strip(), "created": now, "updated": now,
             "encoder": spec.model_dump(), "faces_used": int(len(embeddings)), "photos": photos, "adapters": [],
         }
+        if source:
+            meta["source"] = source
         # meta.json last: an identity exists only once all its files are written.
         storage.write_bytes(storage.join(folder, "meta.json"), json.dumps(meta, indent=2).encode())
         return meta
@@ -94,6 +101,35 @@ class Registry:
     def delete(self, tenant: str, identity: str) -> None:
         self.get(tenant, identity)  # NotFound for others' and unknown ids
         storage.delete(self._dir(tenant, identity))
+
+    def references(self, tenant: str, identity: str) -> list[np.ndarray]:
+        """The aligned reference crops (RGB uint8), in enrollment order."""
+        meta = self.get(tenant, identity)
+        folder = self._dir(tenant, identity)
+        return [np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(folder, "references", f"{k}.png"))))
+                           .convert("RGB")) for k in range(meta["faces_used"])]
+
+    def add_adapter(self, tenant: str, identity: str, weights: bytes, record: dict) -> dict:
+        """Store a per-identity adapter version; `record` says what it was trained from (base adapter, settings)."""
+        meta = self.get(tenant, identity)
+        version = "v_" + hashlib.sha256(weights).hexdigest()[:16]
+        folder = storage.join(self._dir(tenant, identity), "adapters", version)
+        storage.write_bytes(storage.join(folder, "weights.safetensors"), weights)
+        entry = {**record, "version": version, "created": _now()}
+        storage.write_bytes(storage.join(folder, "record.json"), json.dumps(entry, indent=2).encode())
+        meta["adapters"] = [a for a in meta.get("adapters", []) if a["version"] != version] + [entry]
+        meta["updated"] = entry["created"]
+        storage.write_bytes(storage.join(self._dir(tenant, identity), "meta.json"), json.dumps(meta, indent=2).encode())
+        return entry
+
+    def adapter_record(self, tenant: str, identity: str, base_adapter: str, settings: str | None = None) -> dict | None:
+        """The newest per-identity adapter made for this base adapter (and these settings, when given)."""
+        found = [a for a in self.get(tenant, identity).get("adapters", [])
+                 if a.get("base_adapter") == base_adapter and (settings is None or a.get("settings") == settings)]
+        return found[-1] if found else None
+
+    def adapter_weights(self, tenant: str, identity: str, version: str) -> bytes:
+        return storage.read_bytes(storage.join(self._dir(tenant, identity), "adapters", version, "weights.safetensors"))
 
     def files(self, tenant: str, identity: str) -> list[str]:
         fs, path = storage.filesystem(self._dir(tenant, identity))

@@ -65,3 +65,23 @@ def spec128():
     from ray_faceid.face.spec import EncoderSpec
 
     return EncoderSpec(name="dlib_resnet", dim=128, version="test", license="-", metric="euclidean", threshold=0.6)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(ray_cluster, faces_root, tmp_path_factory) -> str:
+    """An ingest output of three people (64 px crops) with identities and cross-training pairs."""
+    import shutil
+
+    from ray_faceid.config import DetectionConfig, FaceConfig, IngestConfig
+    from ray_faceid.data.ingest import run_ingest
+    from ray_faceid.data.pairs import build_pairs
+
+    src = tmp_path_factory.mktemp("small_archive")
+    for person in ("amy", "penny", "sheldon"):
+        shutil.copytree(faces_root / person, src / person)
+    dst = tmp_path_factory.mktemp("small_dataset")
+    config = IngestConfig(workers=2, batch_size=4, crop_size=64, num_gpus_per_worker=0,
+                          face=FaceConfig(detection=DetectionConfig(policy="all", cnn_fallback=False)))
+    run_ingest(str(src), str(dst), config, labels="folders")
+    build_pairs(str(dst))
+    return str(dst)

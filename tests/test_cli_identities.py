@@ -36,3 +36,18 @@ def test_enroll_without_a_usable_photo_exits_2(tmp_path):
     Image.new("RGB", (150, 150), "white").save(blank)
     result = runner.invoke(app, ["identities", "enroll", str(blank), "--consent", "x", "--registry", str(tmp_path)])
     assert result.exit_code == 2 and "no usable photo" in result.stderr
+
+
+def test_enroll_dataset_enrolls_each_identity_once(tmp_path, small_dataset):
+    reg = ["--registry", str(tmp_path / "reg")]
+    first = runner.invoke(app, ["identities", "enroll-dataset", small_dataset, "--consent", "licence-1", *reg])
+    assert first.exit_code == 0, first.output
+    assert sorted(line.split(":")[0] for line in first.stdout.splitlines()) == [
+        "enrolled amy", "enrolled penny", "enrolled sheldon"]
+    listed = json.loads(runner.invoke(app, ["identities", "list", "--json", *reg]).stdout)
+    assert sorted(m["name"] for m in listed) == ["amy", "penny", "sheldon"]
+    assert all(1 <= m["faces_used"] <= 10 and (tmp_path / "reg" / "default" / m["id"] / "references" / "0.png").is_file()
+               for m in listed)
+    again = runner.invoke(app, ["identities", "enroll-dataset", small_dataset, "--consent", "licence-1", *reg])
+    assert again.stdout.count("already enrolled from this dataset") == 3
+    assert len(json.loads(runner.invoke(app, ["identities", "list", "--json", *reg]).stdout)) == 3

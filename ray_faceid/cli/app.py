@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import data, demo, faces, generate, identities, serve
+from ray_faceid.cli import data, demo, faces, generate, identities, serve, train
 
 app = typer.Typer(
     name="ray-faceid",
@@ -19,3 +19,5 @@ app.command("inpaint")(generate.inpaint)
 app.command("ingest")(data.ingest)
 app.command("pairs")(data.pairs)
 app.command("serve")(serve.serve)
+app.command("train")(train.train)
+app.command("personalize")(train.personalize)

@@ -20,10 +20,16 @@ EXIT_BAD_INPUT = 2
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a FaceIdError into a one-line message and exit code 2, never a traceback."""
+    from pydantic import ValidationError
+
     try:
         yield
     except FaceIdError as exc:
         report_error(exc)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except ValidationError as exc:  # settings built from flags: name the flag and what it accepts
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"error (bad_input): {reasons}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
 
 

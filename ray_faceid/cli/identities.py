@@ -53,6 +53,25 @@ def enroll(
     typer.echo(f"enrolled {meta['id']} ({meta['faces_used']} of {len(photos)} photos used)")
 
 
+@app.command("enroll-dataset")
+def enroll_dataset(
+    dataset: str = typer.Argument(..., help="An ingest output (after `ray-faceid pairs`)."),
+    consent: str = typer.Option(..., "--consent", help="Reference to the consent / licence covering the dataset's people."),
+    registry: str = RegistryOpt,
+    tenant: str = TenantOpt,
+):
+    """Enroll every identity of an ingest output from its best faces (re-runs skip those enrolled)."""
+    from ray_faceid.enrollment import enroll_dataset as enroll_all
+    from ray_faceid.registry import Registry
+
+    with user_errors():
+        result = enroll_all(Registry(registry), tenant, dataset, consent)
+    for label, identity in result["enrolled"].items():
+        typer.echo(f"enrolled {label}: {identity}")
+    for label, reason in result["skipped"].items():
+        typer.echo(f"skipped {label}: {reason}")
+
+
 @app.command("list")
 def list_identities(registry: str = RegistryOpt, tenant: str = TenantOpt, as_json: bool = typer.Option(False, "--json")):
     """Identities of a tenant (metadata only)."""

@@ -106,7 +106,7 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
         for a, b in candidates[:max_pairs_per_identity]:
             pair_rows.append({
                 "identity": name, "source_face_id": a["face_id"], "target_face_id": b["face_id"],
-                "source_embedding": a["embedding"], "target_crop_uri": b["crop_uri"],
+                "source_embedding": a["embedding"], "target_embedding": b["embedding"], "target_crop_uri": b["crop_uri"],
                 "target_crop_landmarks": b["crop_landmarks"], "target_image_uri": b["image_uri"],
                 "target_expression": code_from_attributes(b), "caption": captioner.caption(b),
             })

@@ -37,6 +37,7 @@ class CrossBatch:
     captions: list[str]  # of B
     expressions: torch.Tensor | None  # B, E of B
     people: list[str]
+    target_embeddings: torch.Tensor | None = None  # B, D of B (the IMR's target tokens)
 
 
 def face_mask(landmarks: np.ndarray, height: int, width: int, grow: float = 0.6) -> np.ndarray:
@@ -74,4 +75,5 @@ def assemble_cross_batch(pairs: list[tuple[Shot, Shot]]) -> CrossBatch:
         captions=[b.caption for _, b in pairs],
         expressions=expressions,
         people=[a.person for a, _ in pairs],
+        target_embeddings=torch.tensor(np.stack([b.embedding for _, b in pairs]), dtype=torch.float32),
     )

@@ -46,6 +46,8 @@ class AttributeFlow(nn.Module):
                  attribute_sigma: float = 0.1, seed: int = 0):
         super().__init__()
         self.dim, self.attributes, self.attribute_sigma = dim, tuple(attributes), attribute_sigma
+        self.arch = {"dim": dim, "attributes": list(attributes), "couplings": couplings, "hidden": hidden,
+                     "attribute_sigma": attribute_sigma, "seed": seed}
         self.layers = nn.ModuleList(AffineCoupling(dim, hidden) for _ in range(couplings))
         g = torch.Generator().manual_seed(seed)
         for i in range(couplings):
@@ -93,3 +95,22 @@ class AttributeFlow(nn.Module):
             z[:, self.attributes.index(name)] = value
         edited = self.decode(z)
         return edited, (edited - x).norm(dim=-1)
+
+
+def save_flow(uri: str, flow: AttributeFlow, encoder: str, extra: dict | None = None) -> None:
+    from ray_faceid.identity.module_files import save_module
+
+    save_module(uri, flow, {"kind": "attribute_flow", **flow.arch, "encoder": encoder, **(extra or {})})
+
+
+def load_flow(uri: str, encoder: str | None = None) -> AttributeFlow:
+    """Load a trained flow; with `encoder` (an EncoderSpec key), refuse one trained on other embeddings."""
+    from ray_faceid.errors import EncoderMismatch
+    from ray_faceid.identity.module_files import load_module_files
+
+    config, state = load_module_files(uri, "attribute_flow")
+    if encoder is not None and config["encoder"] != encoder:
+        raise EncoderMismatch(f"the flow at {uri} was trained on {config['encoder']} embeddings, not {encoder}")
+    flow = AttributeFlow(**{k: config[k] for k in ("dim", "attributes", "couplings", "hidden", "attribute_sigma", "seed")})
+    flow.load_state_dict(state)
+    return flow.eval()

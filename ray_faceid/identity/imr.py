@@ -22,6 +22,7 @@ class IdentityMotionReconfigurator(nn.Module):
     def __init__(self, token_dim: int, motion_dim: int = EXPRESSION_DIM, width: int = 128, layers: int = 2, heads: int = 4):
         super().__init__()
         self.token_dim, self.motion_dim = token_dim, motion_dim
+        self.arch = {"token_dim": token_dim, "motion_dim": motion_dim, "width": width, "layers": layers, "heads": heads}
         self.inp = nn.Linear(token_dim, width)
         self.motion = nn.Sequential(nn.Linear(motion_dim, width), nn.GELU(), nn.Linear(width, width))
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
@@ -57,3 +58,23 @@ def imr_losses(
         losses["noise"] = ((predict_noise(predicted) - reference) ** 2).mean()
     losses["total"] = losses["token"] + noise_weight * losses.get("noise", torch.zeros(()))
     return losses
+
+
+def save_imr(uri: str, imr: IdentityMotionReconfigurator, adapter_hash: str, extra: dict | None = None) -> None:
+    from ray_faceid.identity.module_files import save_module
+
+    save_module(uri, imr, {"kind": "imr", **imr.arch, "adapter": adapter_hash, **(extra or {})})
+
+
+def load_imr(uri: str, adapter_hash: str | None = None) -> IdentityMotionReconfigurator:
+    """Load a trained IMR; with `adapter_hash`, refuse one trained on another adapter's tokens."""
+    from ray_faceid.errors import BadInput
+    from ray_faceid.identity.module_files import load_module_files
+
+    config, state = load_module_files(uri, "imr")
+    if adapter_hash is not None and config["adapter"] != adapter_hash:
+        raise BadInput(f"the IMR at {uri} was trained on the tokens of adapter {config['adapter']}, "
+                       f"this adapter is {adapter_hash}: train the IMR for this adapter")
+    imr = IdentityMotionReconfigurator(**{k: config[k] for k in ("token_dim", "motion_dim", "width", "layers", "heads")})
+    imr.load_state_dict(state)
+    return imr.eval()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.cross_training import CrossBatch
+from ray_faceid.identity.imr import imr_losses
 from ray_faceid.identity.losses import class_guided_regularization, stratified_timesteps
 
 CLASS_PROMPT = "a photo of a person"
@@ -30,16 +33,21 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     return noise
 
 
+def _noising(base, batch: CrossBatch, generator: torch.Generator | None):
+    """Target latents, the noise, stratified timesteps and the noisy latents of the batch's target shots."""
+    device = next(base.unet.parameters()).device
+    with torch.no_grad():
+        latents = base.vae.encode(batch.pixels.to(device)).latent_dist.mean * base.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    t = stratified_timesteps(latents.shape[0], base.scheduler.config.num_train_timesteps, generator).to(device)
+    return latents, noise, t, base.scheduler.add_noise(latents, noise, t)
+
+
 def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression_drop: float = 0.1,
                    generator: torch.Generator | None = None, outside_weight: float = 1.0) -> dict[str, torch.Tensor]:
     device = next(base.unet.parameters()).device
-    pixels = batch.pixels.to(device)
-    b = pixels.shape[0]
-    with torch.no_grad():
-        latents = base.vae.encode(pixels).latent_dist.mean * base.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    t = stratified_timesteps(b, base.scheduler.config.num_train_timesteps, generator).to(device)
-    noisy = base.scheduler.add_noise(latents, noise, t)
+    latents, noise, t, noisy = _noising(base, batch, generator)
+    b = latents.shape[0]
     expressions = None if batch.expressions is None else batch.expressions.to(device)
     if adapter.options.expression_dim == 0:
         expressions = None
@@ -52,3 +60,57 @@ def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression
     mask = F.interpolate(batch.face_masks.to(device), size=latents.shape[-2:], mode="nearest")
     target = diffusion_target(base.scheduler, latents, noise, t)
     return class_guided_regularization(pred, target, class_pred, mask, outside_weight)
+
+
+class AdapterObjective(nn.Module):
+    """The adapter's loss as a module (forward(batch, generator) -> loss terms), so DDP can wrap it;
+    the frozen base is held outside the module tree (it is neither synchronised nor trained)."""
+
+    def __init__(self, base, adapter: IdentityAdapter, expression_drop: float = 0.1, outside_weight: float = 1.0):
+        super().__init__()
+        self.adapter, self._base = adapter, (base,)
+        self.expression_drop, self.outside_weight = expression_drop, outside_weight
+
+    def forward(self, batch: CrossBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        drop = self.expression_drop if self.training else 0.0
+        return adapter_losses(self._base[0], self.adapter, batch, drop, generator, self.outside_weight)
+
+
+class ImrObjective(nn.Module):
+    """IMR loss: source-shot tokens + the target shot's expression code -> the target shot's tokens,
+    and the same noise prediction on the target shot; base and adapter frozen."""
+
+    def __init__(self, base, adapter: IdentityAdapter, imr):
+        super().__init__()
+        self.imr, self._frozen = imr, (base, adapter)
+
+    def forward(self, batch: CrossBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        base, adapter = self._frozen
+        device = next(base.unet.parameters()).device
+        if batch.expressions is None or batch.target_embeddings is None:
+            raise BadInput("IMR training needs the target shots' expression codes and embeddings (re-run `ray-faceid pairs`)")
+        _, _, t, noisy = _noising(base, batch, generator)
+        text = encode_text(base, batch.captions)
+        with torch.no_grad():
+            source = adapter.tokens(batch.id_embeddings.to(device))
+            target = adapter.tokens(batch.target_embeddings.to(device))
+        ones = torch.ones(noisy.shape[0], 1, device=device)
+
+        def predict_noise(tokens):
+            kwargs = {"identity_tokens": tokens.unsqueeze(1), "identity_scale": ones}
+            return base.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+
+        return imr_losses(self.imr, source, batch.expressions.to(device), target, predict_noise)
+
+
+class FlowObjective(nn.Module):
+    """Attribute-flow loss on a batch of (embeddings, attribute labels, person ids)."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
+        device = next(self.flow.parameters()).device
+        embeddings, labels, people = (x.to(device) for x in batch)
+        return self.flow.losses(embeddings, labels, people)

@@ -15,6 +15,7 @@ from PIL import Image
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
+from ray_faceid.identity.personalization import personalized
 from ray_faceid.identity.routing import Box, box_masks, strip_boxes
 from ray_faceid.identity.tokens import fuse_embeddings
 from ray_faceid.pipelines.models import BaseModel
@@ -35,6 +36,9 @@ class IdentityCondition:
     """x0, y0, x1, y1 as fractions of the image; default: equal vertical strips."""
     expression: str | dict | None = None
     scale: float = 1.0
+    personal: tuple[str, dict] | None = None
+    """(version, weight delta) of this identity's own adapter (train.personalize); applied when the
+    identity is alone in its image, since its weights live in layers every identity shares."""
 
 
 @dataclass
@@ -137,8 +141,24 @@ class IdentityPipeline:
                 "identity_scale": torch.cat([torch.zeros_like(scale), scale]),
                 "region_masks": region}
 
-    @torch.no_grad()
+    @staticmethod
+    def personal_weights(items: list["GenerationItem"]) -> tuple[str, dict] | None:
+        """The per-identity weights a batch runs with: those of its single identity, if it has them."""
+        people = {c.name for it in items for c in it.identities}
+        if any(len(it.identities) != 1 for it in items) or len(people) != 1:
+            return None  # multi-identity images (or no identity) use the shared adapter
+        versions = {c.personal[0] if c.personal else None for it in items for c in it.identities}
+        if len(versions) > 1:
+            raise BadInput("images generated together must use the same version of the identity's adapter")
+        return items[0].identities[0].personal
+
     def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
+        personal = self.personal_weights(items) if self.adapter is not None else None
+        with personalized(self.adapter, personal[1] if personal else None):
+            return self._denoise_shared(items, steps, guidance, width, height, inpaint)
+
+    @torch.no_grad()
+    def _denoise_shared(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
         """Latents of every item, all denoised together: one UNet call per step for the whole batch."""
         base, unet, sched = self.base, self.base.unet, self.base.scheduler
         self._check_size(width, height)
@@ -195,7 +215,8 @@ class IdentityPipeline:
             "adapter": None if self.adapter is None else self.adapter.content_hash(),
             "adapter_trained_steps": None if self.adapter is None else self.adapter.trained_steps,
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),
-            "identities": [{"name": i.name, "region": i.region, "expression": i.expression, "scale": i.scale}
+            "identities": [{"name": i.name, "region": i.region, "expression": i.expression, "scale": i.scale,
+                            "personal_adapter": i.personal[0] if i.personal and len(identities) == 1 else None}
                            for i in identities],
             "prompt": prompt,
             "negative_prompt": negative_prompt,

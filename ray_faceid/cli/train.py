@@ -1,0 +1,78 @@
+"""`ray-faceid train` and `ray-faceid personalize`: the Ray Train jobs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ray_faceid.cli.common import console, print_json, user_errors
+from ray_faceid.cli.data import summary_table
+
+ModelOpt = typer.Option("tiny", "--model", help="Base model: tiny | a diffusers folder | an fsspec URI | a hub id.")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster.")
+
+
+def train(
+    dataset: str = typer.Argument(..., help="An ingest output (folder or URI) with pairs.parquet."),
+    out: str = typer.Option(..., "--out", help="Where the trained module, training.json and the run's checkpoints go."),
+    model: str = ModelOpt,
+    method: str = typer.Option("decoupled", "--method", help="decoupled | pva (the adapter) | imr | flow."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Start from this adapter; required for --method imr."),
+    steps: int = typer.Option(1000, "--steps", min=1),
+    workers: int = typer.Option(2, "--workers", min=1, help="Data-parallel Ray Train workers."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples per worker per step."),
+    lr: float = typer.Option(1e-4, "--lr", min=0.0),
+    size: int = typer.Option(512, "--size", min=16, help="Training resolution (target crops are resized)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the stopped run in --out from its last checkpoint."),
+    address: Optional[str] = AddressOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
+):
+    """Train the identity adapter (or the IMR, or the attribute flow) on Ray Train workers."""
+    from ray_faceid.config import TrainConfig
+    from ray_faceid.train.adapter import run_training
+
+    with user_errors():
+        config = TrainConfig(method=method, steps=steps, workers=workers, batch_size=batch_size, lr=lr, size=size,
+                             use_gpu=gpu, checkpoint_every=checkpoint_every, seed=seed)
+        record = run_training(dataset, model, out, config, adapter=adapter, resume=resume, address=address)
+    if as_json:
+        print_json(record)
+        return
+    console.print(summary_table(f"train {method} -> {out}", {k: record[k] for k in (
+        "steps", "steps_this_run", "workers", "eval_loss_start", "eval_loss_end")}))
+
+
+def personalize(
+    registry: str = typer.Option("./faceid_registry", "--registry", help="Identity registry store."),
+    adapter: str = typer.Option(..., "--adapter", help="The shared adapter the per-identity ones start from."),
+    model: str = ModelOpt,
+    tenant: str = typer.Option("default", "--tenant"),
+    identities: str = typer.Option("all", "--identities", help="all, or ID,ID,..."),
+    steps: int = typer.Option(40, "--steps", min=1, help="Optimiser steps per identity."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Persistent Ray Train workers."),
+    lr: float = typer.Option(1e-4, "--lr", min=0.0),
+    size: int = typer.Option(256, "--size", min=16),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
+    address: Optional[str] = AddressOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Adapt the identity attention to each enrolled person (skips those already done)."""
+    from ray_faceid.config import PersonalizeConfig
+    from ray_faceid.train.personalize import run_personalize
+
+    with user_errors():
+        config = PersonalizeConfig(steps=steps, workers=workers, lr=lr, size=size, use_gpu=gpu)
+        wanted = None if identities == "all" else [i.strip() for i in identities.split(",") if i.strip()]
+        summary = run_personalize(registry, adapter, model, config, tenant, wanted, address)
+    if as_json:
+        print_json(summary)
+        return
+    for identity, reason in summary["failed"].items():
+        typer.echo(f"failed {identity}: {reason}")
+    console.print(summary_table("personalize", {"identities": summary["identities"], "trained": len(summary["trained"]),
+                                                "skipped (already adapted)": len(summary["skipped"]),
+                                                "failed": len(summary["failed"]), "seconds": summary["seconds"],
+                                                "identities per hour": summary["identities_per_hour"]}))

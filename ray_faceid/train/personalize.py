@@ -1,0 +1,159 @@
+"""`ray-faceid personalize`: a per-identity adapter for each enrolled person, on Ray Train workers.
+
+Each worker loads the base model and the shared adapter once and loops over its share of the
+identities (no per-identity trainer start-up). After each identity every worker reports, with a
+checkpoint holding the identities it has finished or failed; if the worker group restarts
+(FailureConfig), finished ones are not redone. The registry is the durable record across runs:
+an identity that already has an adapter for this shared adapter and these settings is skipped,
+so re-running the command only does what is missing. An identity that cannot be adapted (its
+references went missing, another encoder) is recorded with the reason and skipped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from ray_faceid import storage
+from ray_faceid.config import PersonalizeConfig
+from ray_faceid.errors import FaceIdError, NotFound
+from ray_faceid.registry import Registry
+from ray_faceid.train import runs
+
+RUNS = ".runs"  # beside the tenants; '.' cannot start a tenant name
+CAPTION = "a photo of a person"
+
+
+def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str, identity: str,
+              config: PersonalizeConfig) -> dict:
+    """Adapt one identity and store the result; returns its progress record."""
+    from ray_faceid.errors import EncoderMismatch
+    from ray_faceid.identity.personalization import adapt_identity, delta_bytes
+    from ray_faceid.train.examples import reference_batch
+
+    started = time.perf_counter()
+    existing = registry.adapter_record(tenant, identity, adapter_hash, config.compute_hash())
+    if existing:
+        return {"version": existing["version"], "skipped": True}
+    embeddings, quality, spec = registry.embeddings(tenant, identity)
+    if spec.key() != adapter.encoder_spec.key():
+        raise EncoderMismatch(f"enrolled with {spec.key()}, the adapter needs {adapter.encoder_spec.key()}")
+    crops = registry.references(tenant, identity)
+    n = len(crops)
+    per = min(config.batch_size, n)
+
+    def batch_at(step: int):
+        return reference_batch(identity, crops, embeddings, quality, [(step * per + j) % n for j in range(per)],
+                               config.size, CAPTION)
+
+    eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), config.size, CAPTION)
+    delta, metrics = adapt_identity(base, adapter, batch_at, eval_batch, config.steps, config.lr, config.outside_weight,
+                                    config.seed)
+    seconds = time.perf_counter() - started
+    entry = registry.add_adapter(tenant, identity, delta_bytes(delta), {
+        "kind": "personal", "base_adapter": adapter_hash, "settings": config.compute_hash(), "references": n,
+        "seconds": round(seconds, 3), **metrics,
+    })
+    return {"version": entry["version"], "seconds": seconds, "loss_start": metrics["loss_start"],
+            "loss_end": metrics["loss_end"]}
+
+
+def _restored_progress(checkpoint) -> tuple[dict, dict]:
+    done, failed = {}, {}
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            for name in sorted(os.listdir(folder)):
+                if name.startswith("progress_"):
+                    with open(os.path.join(folder, name)) as fh:
+                        record = json.load(fh)
+                    done.update(record["done"])
+                    failed.update(record["failed"])
+    return done, failed
+
+
+def worker_loop(loop: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.pipelines.models import load_base
+
+    config = PersonalizeConfig(**loop["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    base = load_base(loop["model"]).to(device)
+    adapter = IdentityAdapter.load(loop["adapter"], base.unet)
+    adapter.to(device).install(base.unet)
+    adapter_hash = adapter.content_hash()
+    registry = Registry(loop["registry"])
+
+    done, failed = _restored_progress(ray.train.get_checkpoint())
+    todo = [i for i in loop["identities"] if i not in done and i not in failed]
+    mine = todo[rank::world]
+    # Every worker reports the same number of times (a report is a collective step).
+    for round_ in range(math.ceil(len(todo) / world)):
+        if round_ < len(mine):
+            identity = mine[round_]
+            try:
+                done[identity] = adapt_one(base, adapter, adapter_hash, registry, loop["tenant"], identity, config)
+            except (FaceIdError, OSError) as exc:
+                failed[identity] = getattr(exc, "message", None) or str(exc)
+        fault = loop.get("fault")
+        if fault and rank == world - 1 and len(done) == fault["after"] and not os.path.exists(fault["marker"]):
+            open(fault["marker"], "w").close()
+            os._exit(1)
+        with runs.checkpoint_folder() as folder:
+            (folder / f"progress_{rank}.json").write_text(json.dumps({"done": done, "failed": failed}))
+            ray.train.report({"identities_done": len(done), "identities_failed": len(failed)},
+                             checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+
+
+def run_personalize(registry: str, adapter: str, model: str, config: PersonalizeConfig, tenant: str = "default",
+                    identities: list[str] | None = None, address: str | None = None, fault: dict | None = None) -> dict:
+    """Adapt every identity of `tenant` (or the ones named) that has no adapter for this shared
+    adapter and these settings yet; returns done / skipped / failed and the throughput."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_faceid.data.cluster import init_ray
+    from ray_faceid.identity.adapter import IdentityAdapter
+
+    started = time.perf_counter()
+    store = Registry(registry)
+    wanted = identities or [meta["id"] for meta in store.list(tenant)]
+    adapter_hash = IdentityAdapter.load(adapter).content_hash()
+    settings = config.compute_hash()
+    skipped, failed, pending = [], {}, []
+    for identity in wanted:
+        try:
+            (skipped if store.adapter_record(tenant, identity, adapter_hash, settings) else pending).append(identity)
+        except NotFound as exc:
+            failed[identity] = exc.message
+    done: dict = {}
+    if pending:
+        init_ray(address)
+        resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+        loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "registry": registry,
+                "tenant": tenant, "identities": pending, "fault": fault}
+        name = f"personalize_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config=loop,
+            scaling_config=ScalingConfig(num_workers=min(config.workers, len(pending)), use_gpu=config.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=runs.storage_path(storage.join(registry, RUNS)),
+                                 failure_config=FailureConfig(max_failures=config.max_failures)),
+        )
+        result = trainer.fit()
+        done, run_failed = _restored_progress(result.checkpoint)
+        failed.update(run_failed)
+    seconds = time.perf_counter() - started
+    trained = [i for i, r in done.items() if not r.get("skipped")]
+    skipped += [i for i in done if i not in trained]  # found done in the registry by a worker (after a restart)
+    return {"identities": len(wanted), "trained": sorted(trained), "skipped": sorted(skipped),
+            "failed": failed, "seconds": round(seconds, 2),
+            "identities_per_hour": round(3600 * len(trained) / seconds, 1) if trained else 0.0,
+            "per_identity": {i: r for i, r in done.items() if i in trained}}

@@ -1,0 +1,58 @@
+"""Run folders and checkpoints shared by the Ray Train jobs.
+
+A job's Ray Train state (checkpoints, the checkpoint manager's snapshot) lives under
+`<out>/_runs/<name>`; Ray Train restores the latest checkpoint of a run started again with the
+same name and storage path, which is what `--resume` does. The settings a run was started with
+are kept beside it, so a resume with other settings is refused instead of mixing two runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.fs
+
+from ray_faceid import storage
+from ray_faceid.config import Settings
+from ray_faceid.errors import BadInput
+
+RUNS_DIR = "_runs"
+
+
+def storage_path(folder: str) -> str:
+    """`folder` as Ray Train's storage_path: URIs as they are, local folders made absolute."""
+    return folder if "://" in folder else os.path.abspath(folder)
+
+
+def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem over the fsspec one (any URI storage.py reads, Ray Data and Train can use)."""
+    fs, path = storage.filesystem(uri)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def prepare_run(out: str, name: str, settings: Settings, resume: bool, resume_ignores: frozenset[str] = frozenset()) -> None:
+    """Refuse to start over an existing run without --resume, or to resume one with other settings."""
+    record = storage.join(out, RUNS_DIR, f"{name}.settings.json")
+    current = settings.model_dump(mode="json")
+    if storage.exists(record):
+        previous = json.loads(storage.read_bytes(record))
+        if not resume:
+            raise BadInput(f"{out} already holds a {name} run: pass --resume to continue it, or choose another --out")
+        changed = sorted(k for k in set(previous) | set(current)
+                         if k not in resume_ignores | settings.hash_exclude and previous.get(k) != current.get(k))
+        if changed:
+            raise BadInput(f"--resume with other settings than the run at {out} ({', '.join(changed)} changed); "
+                           "use the same settings, or start a new run in another --out")
+    elif resume:
+        raise BadInput(f"nothing to resume: no {name} run at {out}")
+    storage.write_bytes(record, json.dumps(current, indent=2).encode())
+
+
+@contextmanager
+def checkpoint_folder():
+    """A temporary local folder to write one checkpoint into before it is reported."""
+    with tempfile.TemporaryDirectory(prefix="ray_faceid_ckpt_") as folder:
+        yield Path(folder)

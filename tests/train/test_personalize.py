@@ -1,0 +1,85 @@
+"""`ray-faceid personalize` on the session's local Ray cluster, and per-identity adapters in the pipeline."""
+import numpy as np
+import pytest
+
+from ray_faceid import storage
+from ray_faceid.config import PersonalizeConfig
+from ray_faceid.enrollment import enroll_dataset
+from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.identity.personalization import load_personal
+from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.models import build_tiny
+from ray_faceid.registry import Registry
+from ray_faceid.train.personalize import run_personalize
+
+CONFIG = PersonalizeConfig(steps=6, size=64, lr=1e-3, workers=2, cpus_per_worker=0.5)
+
+
+@pytest.fixture(scope="module")
+def shared_adapter(tmp_path_factory, small_dataset):
+    import json
+    from pathlib import Path
+
+    from ray_faceid.face.spec import EncoderSpec
+
+    spec = EncoderSpec(**json.loads(Path(small_dataset, "summary.json").read_text())["encoder_spec"])
+    uri = str(tmp_path_factory.mktemp("shared_adapter"))
+    IdentityAdapter.for_unet(build_tiny().unet, spec).save(uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def personalized_registry(tmp_path_factory, small_dataset, shared_adapter):
+    registry = Registry(str(tmp_path_factory.mktemp("registry")))
+    enrolled = enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)")["enrolled"]
+    assert sorted(enrolled) == ["amy", "penny", "sheldon"]
+    summary = run_personalize(registry.store, shared_adapter, "tiny", CONFIG)
+    return registry, enrolled, summary
+
+
+def test_every_identity_gets_its_own_adapter(personalized_registry, shared_adapter):
+    registry, enrolled, summary = personalized_registry
+    assert sorted(summary["trained"]) == sorted(enrolled.values()) and not summary["failed"]
+    adapter_hash = IdentityAdapter.load(shared_adapter).content_hash()
+    versions = set()
+    for identity in enrolled.values():
+        record = registry.adapter_record("default", identity, adapter_hash)
+        assert record["steps"] == CONFIG.steps and record["loss_end"] < record["loss_start"]
+        versions.add(record["version"])
+    assert len(versions) == 3  # three people, three different adapters
+
+
+def test_a_rerun_skips_finished_identities_and_records_a_failing_one(personalized_registry, shared_adapter):
+    registry, enrolled, _ = personalized_registry
+    dataset = registry.get("default", enrolled["amy"])["source"]["dataset"]
+    others = enroll_dataset(registry, "other", dataset, consent="test")["enrolled"]
+    broken = others.pop("amy")
+    storage.delete(storage.join(registry.store, "other", broken, "references"))
+    again = run_personalize(registry.store, shared_adapter, "tiny", CONFIG)
+    assert again["trained"] == [] and sorted(again["skipped"]) == sorted(enrolled.values())
+    failing = run_personalize(registry.store, shared_adapter, "tiny", CONFIG.model_copy(update={"workers": 1}),
+                              tenant="other")
+    assert sorted(failing["trained"]) == sorted(others.values())  # the failing identity stopped nobody else
+    assert "references/0.png" in failing["failed"][broken], failing["failed"]
+
+
+def test_a_personal_adapter_changes_the_pipeline_output(personalized_registry, shared_adapter):
+    registry, enrolled, _ = personalized_registry
+    base = build_tiny()
+    adapter = IdentityAdapter.load(shared_adapter, base.unet)
+    pipe = IdentityPipeline(base, adapter)
+    identity = enrolled["penny"]
+    embeddings, quality, _ = registry.embeddings("default", identity)
+    personal = load_personal(registry, "default", identity, adapter.content_hash())
+    assert personal is not None
+    shared_weights = {k: v.clone() for k, v in adapter.state_dict().items()}
+
+    def render(personal_weights):
+        condition = IdentityCondition(identity, embeddings, quality, personal=personal_weights)
+        return pipe.generate("a photo of a person", [condition], seed=3, steps=3, width=32, height=32)
+
+    plain, own = render(None), render(personal)
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(own.images[0]))
+    assert own.provenance[0]["identities"][0]["personal_adapter"] == personal[0]
+    assert all(np.array_equal(v, adapter.state_dict()[k]) for k, v in shared_weights.items())  # shared weights restored
+    assert np.array_equal(np.asarray(render(None).images[0]), np.asarray(plain.images[0]))

@@ -1,0 +1,84 @@
+"""`ray-faceid train` on the session's local Ray cluster: 2 CPU workers, tiny components, real photos."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_faceid import storage
+from ray_faceid.config import TrainConfig
+from ray_faceid.errors import BadInput
+from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.train.adapter import PAIR_COLUMNS, build_job, run_training
+
+CONFIG = TrainConfig(steps=12, batch_size=2, size=64, lr=1e-3, workers=2, cpus_per_worker=0.5, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def killed_run(small_dataset, tmp_path_factory):
+    """A 2-worker run whose last worker is killed once, right after step 6 (checkpoints every 4)."""
+    out = tmp_path_factory.mktemp("adapter_run")
+    marker = out.parent / f"{out.name}.killed"
+    record = run_training(small_dataset, "tiny", str(out), CONFIG, fault={"step": 6, "marker": str(marker)})
+    return out, marker, record
+
+
+def test_two_workers_reduce_the_loss(killed_run, small_dataset):
+    out, _, record = killed_run
+    assert record["workers"] == 2
+    assert record["eval_loss_end"] < record["eval_loss_start"]
+    adapter = IdentityAdapter.load(str(out))
+    summary = json.loads(Path(small_dataset, "summary.json").read_text())
+    assert adapter.encoder_spec.model_dump() == summary["encoder_spec"]  # tied to the dataset's encoder
+    assert adapter.trained_steps == CONFIG.steps
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(killed_run):
+    _, marker, record = killed_run
+    assert marker.exists(), "the fault was never injected"
+    assert record["resumed_at"] == [4]  # the checkpoint before the kill, not step 0
+    assert record["steps"] == CONFIG.steps and record["last_metrics"]["step"] == CONFIG.steps
+
+
+def test_resume_continues_a_stopped_run_and_refuses_other_settings(killed_run, small_dataset):
+    out, _, _ = killed_run
+    with pytest.raises(BadInput, match="--resume"):
+        run_training(small_dataset, "tiny", str(out), CONFIG)
+    with pytest.raises(BadInput, match="lr changed"):
+        run_training(small_dataset, "tiny", str(out), CONFIG.model_copy(update={"lr": 5e-4}), resume=True)
+    longer = CONFIG.model_copy(update={"steps": 14})
+    record = run_training(small_dataset, "tiny", str(out), longer, resume=True)
+    assert record["steps"] == 14 and record["resumed_at"][-1] == CONFIG.steps
+    assert IdentityAdapter.load(str(out)).trained_steps == 14
+
+
+def test_flow_trains_on_the_faces_table(small_dataset, tmp_path):
+    from ray_faceid.identity.flow import load_flow
+
+    config = TrainConfig(method="flow", steps=30, batch_size=8, lr=1e-3, workers=1, cpus_per_worker=0.5)
+    record = run_training(small_dataset, "tiny", str(tmp_path), config)
+    assert record["eval_loss_end"] < record["eval_loss_start"]
+    flow = load_flow(str(tmp_path))
+    x = torch.randn(3, flow.dim)
+    assert torch.allclose(flow.decode(flow.encode(x)[0]), x, atol=1e-4)
+
+
+def test_imr_job_needs_an_adapter_and_trains_only_the_imr(small_dataset, killed_run):
+    import pyarrow.parquet as pq
+
+    with pytest.raises(BadInput, match="--adapter"):
+        run_training(small_dataset, "tiny", "unused", TrainConfig(method="imr"))
+    out, _, _ = killed_run
+    config = TrainConfig(method="imr", size=64, lr=1e-3)
+    summary = json.loads(Path(small_dataset, "summary.json").read_text())
+    job = build_job(config, {"encoder_spec": summary["encoder_spec"], "model": "tiny", "adapter": str(out)}, torch.device("cpu"))
+    rows = pq.read_table(storage.join(small_dataset, "pairs.parquet")).select(PAIR_COLUMNS).slice(0, 4).to_pylist()
+    batch = job.batch(rows)
+    frozen = {k: v.clone() for k, v in job.objective._frozen[1].state_dict().items()}
+    optimizer = torch.optim.AdamW(job.trainable.parameters(), lr=1e-3)
+    losses = job.objective(batch, torch.Generator().manual_seed(0))
+    assert set(losses) == {"token", "noise", "total"}
+    losses["total"].backward()
+    optimizer.step()
+    assert all(torch.equal(v, job.objective._frozen[1].state_dict()[k]) for k, v in frozen.items())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in job.trainable.parameters())
