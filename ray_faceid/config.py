@@ -245,3 +245,24 @@ class PersonalizeConfig(Settings):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts before the run fails.")
+
+
+class RenderConfig(Settings):
+    """`ray-faceid render`: a catalog of rows -> images, scores and a manifest."""
+
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "batch_size", "num_gpus_per_worker", "device"})
+
+    steps: int = Field(30, ge=1, le=200, description="Denoising steps of rows that do not set their own.")
+    guidance: float = Field(5.0, ge=0, le=30, description="Classifier-free guidance of rows that do not set their own.")
+    size: str = Field("512x512", description="WxH of rows that do not set their own.")
+    feather: float = Field(4.0, ge=0, le=64, description="Inpaint rows: soft edge inside the mask, in pixels.")
+    unet_batch: int = Field(
+        1, ge=1, le=64,
+        description="Rows denoised together. 1 makes every row's bytes independent of its neighbours; more is faster on "
+        "GPU but bytes then depend on which rows share a batch (differences of a few 1/255).",
+    )
+    workers: int | None = Field(None, ge=1, description="Render actors (each loads the models once); default: one per GPU, or 1.")
+    batch_size: int = Field(8, ge=1, description="Rows per map_batches call (rows are sorted by identity first).")
+    num_gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; default 1 where the cluster has GPUs.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where each actor runs its pipeline.")
+    face: FaceConfig = Field(default_factory=FaceConfig, description="Face stack that scores the outputs.")

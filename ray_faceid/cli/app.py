@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import data, demo, faces, generate, identities, serve, train
+from ray_faceid.cli import data, demo, faces, generate, identities, render, serve, train
 
 app = typer.Typer(
     name="ray-faceid",
@@ -21,3 +21,5 @@ app.command("pairs")(data.pairs)
 app.command("serve")(serve.serve)
 app.command("train")(train.train)
 app.command("personalize")(train.personalize)
+app.command("render")(render.render)
+app.command("eval")(render.evaluate)

@@ -127,3 +127,21 @@ def leakage(faces: list[Face], identities: dict[str, np.ndarray]) -> list[Leakag
             names[c], True, float(sim[r, c]), float(others.max()) if others.size else None
         )
     return [out[n] for n in names]
+
+
+def score_output(faces: list[Face], references: dict[str, np.ndarray]) -> dict:
+    """Scores of one generated image against the identities it should show (faces matched to
+    identities by Hungarian assignment).
+
+    similarity: mean over the identities of the matched face's cosine similarity (None if none found);
+    leakage: the highest similarity of a matched face to another of the image's identities."""
+    matched = leakage(faces, references) if references else []
+    sims = [m.matched_similarity for m in matched if m.matched_similarity is not None]
+    wrong = [m.wrong_similarity for m in matched if m.wrong_similarity is not None]
+    return {
+        "faces": len(faces),
+        "face_found": all(m.face_found for m in matched) if matched else bool(faces),
+        "similarity": float(np.mean(sims)) if sims else None,
+        "leakage": float(max(wrong)) if wrong else None,
+        "identities": [asdict(m) for m in matched],
+    }

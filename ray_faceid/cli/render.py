@@ -1,0 +1,83 @@
+"""`ray-faceid render` (catalog re-rendering, a Ray Data job) and `ray-faceid eval`."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ray_faceid.cli.common import console, print_json, user_errors
+from ray_faceid.cli.data import summary_table
+
+RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
+TenantOpt = typer.Option("default", "--tenant")
+
+
+def render(
+    catalog: str = typer.Argument(..., help="JSONL or Parquet catalog: one row per image to make."),
+    out: str = typer.Argument(..., help="Output folder or URI: images/, manifest.parquet, render_summary.json."),
+    model: str = typer.Option("tiny", "--model", help="tiny | tiny-inpaint | a diffusers folder | an fsspec URI | a hub id."),
+    registry: str = RegistryOpt,
+    tenant: str = TenantOpt,
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Shared identity adapter; without it an UNTRAINED one."),
+    steps: int = typer.Option(30, "--steps", min=1, max=200, help="Default for rows without their own."),
+    size: str = typer.Option("512x512", "--size", help="Default WxH for rows without their own."),
+    unet_batch: int = typer.Option(1, "--unet-batch", min=1, help="Rows denoised together (1: byte-stable per row)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render actors (default: one per GPU, or 1)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster."),
+    resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: every run skips rows already rendered."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Render every catalog row that has no output for its current key; score each output."""
+    from ray_faceid.config import RenderConfig
+    from ray_faceid.data.render import run_render
+
+    with user_errors():
+        config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers)
+        summary = run_render(catalog, out, model, registry, adapter, config, tenant, address)
+    if as_json:
+        print_json(summary)
+        return
+    for row_id, error in summary["errors"].items():
+        typer.echo(f"failed {row_id}: {error}")
+    console.print(summary_table(f"render {catalog} -> {out}", {k: v for k, v in summary.items() if k != "errors"}))
+
+
+def evaluate(
+    images: str = typer.Argument(..., help="A render output (with manifest.parquet) or a folder of images."),
+    registry: str = RegistryOpt,
+    tenant: str = TenantOpt,
+    identities: Optional[str] = typer.Option(None, "--identities", help="ID[,ID]: who every image shows (folder input)."),
+    second_onnx: Optional[str] = typer.Option(None, "--second-encoder-onnx", help="An independent ArcFace-shaped ONNX model."),
+    second_insightface: Optional[str] = typer.Option(None, "--second-insightface", help="An insightface model pack folder."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where eval.json and contact_sheet.png go (default: IMAGES)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Identity similarity, detection rate and leakage of generated images, plus a contact sheet."""
+    from rich.table import Table
+
+    from ray_faceid.config import FaceConfig
+    from ray_faceid.eval.run import evaluate as run_eval
+    from ray_faceid.registry import Registry
+
+    with user_errors():
+        second = None
+        if second_onnx:
+            second = FaceConfig(recognizer_onnx=second_onnx)
+        elif second_insightface:
+            second = FaceConfig(backend="insightface", insightface_root=second_insightface)
+        wanted = [i.strip() for i in identities.split(",")] if identities else None
+        report = run_eval(images, Registry(registry), tenant, wanted, second_face=second, out=out)
+    if as_json:
+        print_json({k: v for k, v in report.items() if k != "rows"})
+        return
+    table = Table(title=f"eval {images}")
+    for column in ("encoder", "images", "detection", "similarity mean", "similarity p10", "multi-ID", "leakage max"):
+        table.add_column(column, justify="right")
+    for name, m in report["encoders"].items():
+        def fmt(v):
+            return "-" if v is None else f"{v:.3f}"
+
+        table.add_row(f"{name} ({m['spec']})", str(m["images"]), fmt(m["detection_rate"]), fmt(m["similarity_mean"]),
+                      fmt(m["similarity_p10"]), str(m["multi_identity_images"]), fmt(m["leakage_max"]))
+    console.print(table)
+    typer.echo(f"contact sheet: {report['contact_sheet']}")

@@ -1,0 +1,102 @@
+"""Render catalogs: one row per image to make, from JSONL or Parquet (any fsspec URI).
+
+A generate row: `id`, `identities` (registry ids, or {id, region, expression, scale}), `prompt`,
+optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`.
+An inpaint row adds `image` and `mask` (URIs; white = repaint) and takes exactly one identity.
+Rows are validated one by one: a bad row becomes an error record, never a failed job.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ray_faceid import storage
+from ray_faceid.errors import BadInput
+
+ROW_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class RowIdentity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    region: tuple[float, float, float, float] | None = Field(None, description="x0, y0, x1, y1 as fractions.")
+    expression: str | None = None
+    scale: float = Field(1.0, ge=0, le=4)
+
+
+class CatalogRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    identities: list[RowIdentity] = Field(default_factory=list)
+    prompt: str = Field(..., min_length=1)
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int | None = Field(None, ge=1, le=200)
+    guidance: float | None = Field(None, ge=0, le=30)
+    size: str | None = Field(None, description="WxH; default from the job's settings.")
+    expression: str | None = Field(None, description="Applies to every identity that does not set its own.")
+    image: str | None = Field(None, description="Inpaint: the image to edit.")
+    mask: str | None = Field(None, description="Inpaint: the mask (white = repaint), same size as the image.")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not ROW_ID.match(value):
+            raise ValueError("use 1-128 letters, digits, '.', '_' or '-' (it names the output file)")
+        return value
+
+    @field_validator("identities", mode="before")
+    @classmethod
+    def _identities(cls, value):
+        return [{"id": v} if isinstance(v, str) else v for v in (value or [])]
+
+    @model_validator(mode="after")
+    def _inpaint(self) -> "CatalogRow":
+        if (self.image is None) != (self.mask is None):
+            raise ValueError("an inpaint row needs both image and mask")
+        if self.image is not None and len(self.identities) != 1:
+            raise ValueError("an inpaint row takes exactly one identity")
+        return self
+
+    @property
+    def inpaint(self) -> bool:
+        return self.image is not None
+
+    def dimensions(self, default: str) -> tuple[int, int]:
+        text = (self.size or default).lower()
+        try:
+            width, height = (int(v) for v in text.split("x"))
+        except ValueError as exc:
+            raise BadInput(f"row {self.id}: size must look like 512x512, got {text!r}") from exc
+        return width, height
+
+
+def parse_row(text: str, index: int) -> CatalogRow:
+    """A row from its JSON text; BadInput names the row and every problem."""
+    try:
+        return CatalogRow.model_validate_json(text)
+    except ValidationError as exc:
+        try:
+            name = json.loads(text).get("id") or f"#{index}"
+        except (ValueError, AttributeError):
+            name = f"#{index}"
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
+        raise BadInput(f"catalog row {name}: {reasons}") from None
+
+
+def read_catalog(uri: str) -> list[str]:
+    """Every row of a JSONL or Parquet catalog as JSON text (validated later, row by row)."""
+    data = storage.read_bytes(uri)
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        return [json.dumps({k: v for k, v in row.items() if v is not None}) for row in rows]
+    if not uri.endswith((".jsonl", ".json", ".ndjson")):
+        raise BadInput(f"catalog {uri}: use a .jsonl or .parquet file")
+    return [line for line in data.decode("utf-8").splitlines() if line.strip()]

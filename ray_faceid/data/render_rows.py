@@ -1,0 +1,190 @@
+"""One catalog row -> one image, its identity scores and a manifest record. Plain Python: the Ray
+Data render job calls it from an actor; the render benchmark's plain loop calls it directly.
+
+Every output is content-addressed: its key hashes the row, the base model, the shared adapter and
+each identity's per-identity adapter version (and, for inpaint rows, the image and mask bytes).
+The PNG and a JSON sidecar (the manifest record) are written under that key, sidecar last, so a
+re-run skips a row whose sidecar exists, and a changed adapter re-renders only its rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+
+import numpy as np
+
+from ray_faceid import storage
+from ray_faceid.config import RenderConfig
+from ray_faceid.data.catalog import CatalogRow, parse_row
+from ray_faceid.errors import BadInput, FaceIdError
+
+IMAGES_DIR = "images"
+IDENTITY_CACHE = 64  # identities (embeddings + per-identity weights) kept per renderer
+
+
+def output_uris(out: str, row_id: str, key: str) -> tuple[str, str]:
+    stem = storage.join(out, IMAGES_DIR, f"{row_id}.{key[:16]}")
+    return stem + ".png", stem + ".json"
+
+
+class Renderer:
+    def __init__(self, config: RenderConfig, model: str, adapter: str | None, registry: str, tenant: str, out: str):
+        import torch
+
+        from ray_faceid.face.analyzer import FaceAnalyzer
+        from ray_faceid.identity.adapter import IdentityAdapter
+        from ray_faceid.pipelines.generate import IdentityPipeline
+        from ray_faceid.pipelines.models import load_base
+        from ray_faceid.registry import Registry
+
+        self.config, self.tenant, self.out = config, tenant, out
+        self.analyzer = FaceAnalyzer(config.face)
+        base = load_base(model)
+        if adapter:
+            shared = IdentityAdapter.load(adapter, base.unet, self.analyzer.spec)
+        else:  # smoke runs only: the manifest's provenance says untrained
+            torch.manual_seed(0)
+            shared = IdentityAdapter.for_unet(base.unet, self.analyzer.spec)
+        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipeline = IdentityPipeline(base, shared, device=device)
+        self.registry = Registry(registry)
+        self.model_hash, self.adapter_hash = base.model_hash(), shared.content_hash()
+        self.identities: OrderedDict[str, dict] = OrderedDict()
+
+    # -- inputs -------------------------------------------------------------------------------
+    def identity(self, identity: str) -> dict:
+        """Embeddings, quality and per-identity weights of an identity (LRU-cached)."""
+        from ray_faceid.identity.personalization import load_personal
+
+        if identity in self.identities:
+            self.identities.move_to_end(identity)
+            return self.identities[identity]
+        embeddings, quality, spec = self.registry.embeddings(self.tenant, identity)
+        self.analyzer.spec.check_compatible(spec)
+        loaded = {"embeddings": embeddings, "quality": quality,
+                  "personal": load_personal(self.registry, self.tenant, identity, self.adapter_hash)}
+        self.identities[identity] = loaded
+        if len(self.identities) > IDENTITY_CACHE:
+            self.identities.popitem(last=False)
+        return loaded
+
+    def key(self, row: CatalogRow, extra: list[str]) -> str:
+        parts = {"row": row.model_dump(mode="json"), "model": self.model_hash, "adapter": self.adapter_hash,
+                 "personal": self._personal_version(row),
+                 "defaults": self.config.compute_hash(), "inputs": extra}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def _personal_version(self, row: CatalogRow) -> str:
+        """The per-identity adapter a row renders with: only a single-identity row uses one."""
+        if len(row.identities) != 1:
+            return "shared"
+        personal = self.identity(row.identities[0].id)["personal"]
+        return personal[0] if personal else "shared"
+
+    def conditions(self, row: CatalogRow) -> list:
+        from ray_faceid.pipelines.generate import IdentityCondition
+
+        out = []
+        for ident in row.identities:
+            loaded = self.identity(ident.id)
+            out.append(IdentityCondition(ident.id, loaded["embeddings"], loaded["quality"], ident.region,
+                                         ident.expression or row.expression, ident.scale, loaded["personal"]))
+        return out
+
+    # -- one row ------------------------------------------------------------------------------
+    def render_text(self, text: str, index: int) -> dict:
+        """A manifest record for one catalog row; a bad row gives an error record, not an exception."""
+        row_id = f"#{index}"
+        try:
+            row = parse_row(text, index)
+            row_id = row.id
+            return self.render(row)
+        except FaceIdError as exc:
+            return {"id": row_id, "index": index, "status": "error", "error": f"{exc.code}: {exc.message}",
+                    "output_uri": None, "key": None, "seed": None, "cached": False, "similarity": None,
+                    "face_found": None, "leakage": None, "scores": None, "provenance": None}
+
+    def render(self, row: CatalogRow) -> dict:
+        from ray_faceid.face.decode import decode_image
+
+        inputs = []
+        if row.inpaint:
+            image_bytes, mask_bytes = storage.read_bytes(row.image), storage.read_bytes(row.mask)
+            inputs = [hashlib.sha256(image_bytes).hexdigest(), hashlib.sha256(mask_bytes).hexdigest()]
+        key = self.key(row, inputs)
+        png_uri, record_uri = output_uris(self.out, row.id, key)
+        if storage.exists(record_uri):
+            return {**json.loads(storage.read_bytes(record_uri)), "cached": True}
+        steps, guidance = row.steps or self.config.steps, row.guidance if row.guidance is not None else self.config.guidance
+        conditions = self.conditions(row)
+        if row.inpaint:
+            from ray_faceid.pipelines.inpaint import inpaint
+
+            result = inpaint(self.pipeline, decode_image(image_bytes), decode_image(mask_bytes), conditions[0], row.prompt,
+                             row.negative_prompt, row.seed, steps, guidance, self.config.feather)
+        else:
+            from ray_faceid.pipelines.generate import GenerationItem
+
+            width, height = row.dimensions(self.config.size)
+            item = GenerationItem(row.prompt, conditions, row.negative_prompt, row.seed)
+            result = self.pipeline.generate_items([item], steps, guidance, width, height)
+        return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
+
+    def _commit(self, row: CatalogRow, key: str, png_uri: str, record_uri: str, png: bytes, image, provenance) -> dict:
+        from ray_faceid.eval.identity import score_output
+
+        faces = self.analyzer.analyze(np.asarray(image))
+        scores = score_output(faces, {i.id: self.identity(i.id)["embeddings"] for i in row.identities})
+        record = {"id": row.id, "index": None, "status": "ok", "error": None, "output_uri": png_uri, "key": key,
+                  "seed": row.seed, "cached": False, "similarity": scores["similarity"], "face_found": scores["face_found"],
+                  "leakage": scores["leakage"], "scores": json.dumps(scores), "provenance": json.dumps(provenance)}
+        storage.write_bytes(png_uri, png)
+        storage.write_bytes(record_uri, json.dumps(record).encode())  # last: the row is done
+        return record
+
+    def render_batch(self, texts: list[str], indices: list[int]) -> list[dict]:
+        if self.config.unet_batch == 1:
+            return [{**self.render_text(t, i), "index": i} for t, i in zip(texts, indices)]
+        return self._render_grouped(texts, indices)
+
+    def _render_grouped(self, texts: list[str], indices: list[int]) -> list[dict]:
+        """Generate rows that can share a UNet batch (same size, steps, guidance, identity count and
+        per-identity weights) are denoised together; the others go one by one."""
+        from ray_faceid.pipelines.generate import GenerationItem
+
+        records: dict[int, dict] = {}
+        groups: dict[tuple, list] = {}
+        for text, index in zip(texts, indices):
+            try:
+                row = parse_row(text, index)
+                if row.inpaint:
+                    records[index] = self.render_text(text, index)
+                    continue
+                key = self.key(row, [])
+                png_uri, record_uri = output_uris(self.out, row.id, key)
+                if storage.exists(record_uri):
+                    records[index] = {**json.loads(storage.read_bytes(record_uri)), "cached": True}
+                    continue
+                conditions = self.conditions(row)
+                personal = self.pipeline.personal_weights([GenerationItem(row.prompt, conditions)])
+                shape = (row.dimensions(self.config.size), row.steps or self.config.steps,
+                         row.guidance if row.guidance is not None else self.config.guidance, len(conditions),
+                         personal[0] if personal else None)
+                groups.setdefault(shape, []).append((index, row, key, png_uri, record_uri, conditions))
+            except FaceIdError:
+                records[index] = self.render_text(text, index)
+        for (size, steps, guidance, _, _), members in groups.items():
+            for start in range(0, len(members), self.config.unet_batch):
+                chunk = members[start : start + self.config.unet_batch]
+                items = [GenerationItem(r.prompt, c, r.negative_prompt, r.seed) for _, r, _, _, _, c in chunk]
+                try:
+                    result = self.pipeline.generate_items(items, steps, guidance, *size)
+                except BadInput:
+                    for index, row, *_ in chunk:
+                        records[index] = self.render_text(row.model_dump_json(), index)
+                    continue
+                for k, (index, row, key, png_uri, record_uri, _) in enumerate(chunk):
+                    records[index] = self._commit(row, key, png_uri, record_uri, result.png[k], result.images[k],
+                                                  result.provenance[k])
+        return [{**records[i], "index": i} for i in indices]
