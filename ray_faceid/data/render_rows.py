@@ -95,7 +95,10 @@ class Renderer:
     # -- one row ------------------------------------------------------------------------------
     def render_text(self, text: str, index: int) -> dict:
         """A manifest record for one catalog row; a bad row gives an error record, not an exception."""
-        row_id = f"#{index}"
+        try:  # name the row by its own id where it has a readable one
+            row_id = str(json.loads(text).get("id") or f"#{index}")
+        except (ValueError, AttributeError):
+            row_id = f"#{index}"
         try:
             row = parse_row(text, index)
             row_id = row.id

@@ -1,0 +1,138 @@
+"""The catalog render job on the session's local Ray cluster, and `eval` over its output."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ray_faceid.config import RenderConfig
+from ray_faceid.data.render import run_render
+from ray_faceid.enrollment import enroll_dataset
+from ray_faceid.identity.personalization import delta_bytes
+from ray_faceid.registry import Registry
+
+CONFIG = RenderConfig(steps=2, size="32x32", workers=1, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def people(small_dataset, tmp_path_factory):
+    registry = Registry(str(tmp_path_factory.mktemp("render_registry")))
+    return registry, enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)")["enrolled"]
+
+
+@pytest.fixture(scope="module")
+def catalog(people, tmp_path_factory):
+    registry, ids = people
+    folder = tmp_path_factory.mktemp("catalog")
+    Image.fromarray(registry.references("default", ids["amy"])[0]).resize((64, 64)).save(folder / "photo.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    Image.fromarray(mask[:32]).save(folder / "small_mask.png")
+    rows = [
+        {"id": "amy-beach", "identities": [ids["amy"]], "prompt": "a photo of a person at the beach", "seed": 1},
+        {"id": "amy-penny", "identities": [{"id": ids["amy"], "region": [0, 0, 0.5, 1]}, ids["penny"]],
+         "prompt": "two people", "seed": 2},
+        {"id": "amy-inpaint", "identities": [ids["amy"]], "prompt": "a person", "image": str(folder / "photo.png"),
+         "mask": str(folder / "mask.png"), "seed": 3},
+        {"id": "sheldon-smile", "identities": [ids["sheldon"]], "prompt": "a person", "expression": "smile", "seed": 4},
+        {"id": "stranger", "identities": ["id_doesnotexistdoesnotexist"], "prompt": "a person"},
+        {"id": "bad-mask", "identities": [ids["amy"]], "prompt": "a person", "image": str(folder / "photo.png"),
+         "mask": str(folder / "small_mask.png")},
+        {"id": "no-prompt", "identities": [ids["amy"]]},
+    ]
+    path = folder / "catalog.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def rendered(catalog, people, tmp_path_factory):
+    registry, _ = people
+    out = tmp_path_factory.mktemp("render_out")
+    return out, run_render(str(catalog), str(out), "tiny", registry.store, config=CONFIG)
+
+
+def manifest(out: Path) -> dict:
+    return {r["id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+
+
+def test_every_row_is_rendered_or_recorded_with_its_error(rendered):
+    out, summary = rendered
+    rows = manifest(out)
+    assert summary["rows"] == 7 and summary["rendered"] == 4 and summary["failed"] == 3
+    assert "not found" in rows["stranger"]["error"]
+    assert "mask is 64x32, the image is 64x64" in rows["bad-mask"]["error"]
+    assert "prompt" in rows["no-prompt"]["error"]
+    for row_id in ("amy-beach", "amy-penny", "amy-inpaint", "sheldon-smile"):
+        row = rows[row_id]
+        assert row["status"] == "ok" and Path(row["output_uri"]).is_file()
+        provenance = json.loads(row["provenance"])
+        assert provenance["ai_generated"] and provenance["seed"] == row["seed"]
+        assert len(json.loads(row["scores"])["identities"]) == len(provenance["identities"])
+    assert Image.open(rows["amy-inpaint"]["output_uri"]).size == (64, 64)
+    assert Image.open(rows["amy-beach"]["output_uri"]).size == (32, 32)
+
+
+def test_rendering_is_deterministic(rendered, catalog, people, tmp_path):
+    out, _ = rendered
+    registry, _ = people
+    run_render(str(catalog), str(tmp_path), "tiny", registry.store, config=CONFIG)
+    first, second = manifest(out), manifest(tmp_path)
+    for row_id in ("amy-beach", "amy-penny", "amy-inpaint"):
+        assert first[row_id]["key"] == second[row_id]["key"]
+        assert Path(first[row_id]["output_uri"]).read_bytes() == Path(second[row_id]["output_uri"]).read_bytes()
+
+
+def test_rerun_renders_only_rows_whose_inputs_changed(rendered, catalog, people):
+    out, _ = rendered
+    registry, ids = people
+    again = run_render(str(catalog), str(out), "tiny", registry.store, config=CONFIG)
+    assert again["rendered"] == 0 and again["cached"] == 4 and again["failed"] == 3
+    # A new per-identity adapter for amy: her single-identity rows change, the two-person row does not.
+    from ray_faceid.data.render_rows import Renderer
+
+    renderer = Renderer(CONFIG, "tiny", None, registry.store, "default", str(out))
+    delta = {k: np.full(v.shape, 0.01, np.float32) for k, v in renderer.pipeline.adapter.processors.state_dict().items()}
+    import torch
+
+    registry.add_adapter("default", ids["amy"], delta_bytes({k: torch.from_numpy(v).half() for k, v in delta.items()}),
+                         {"kind": "personal", "base_adapter": renderer.adapter_hash, "settings": "test"})
+    before = manifest(out)
+    changed = run_render(str(catalog), str(out), "tiny", registry.store, config=CONFIG)
+    after = manifest(out)
+    assert changed["rendered"] == 2 and changed["cached"] == 2
+    assert {r for r in after if after[r]["status"] == "ok" and not after[r]["cached"]} == {"amy-beach", "amy-inpaint"}
+    assert after["amy-beach"]["key"] != before["amy-beach"]["key"]
+    assert json.loads(after["amy-beach"]["provenance"])["identities"][0]["personal_adapter"].startswith("v_")
+
+
+def test_eval_reports_both_encoders_and_writes_a_contact_sheet(rendered, people, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    out, _ = rendered
+    registry, _ = people
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 64)).eval()
+    onnx_path = tmp_path / "second.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(onnx_path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    result = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--second-encoder-onnx",
+                                      str(onnx_path), "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["encoders"]) == {"conditioning", "second"}
+    for metrics in report["encoders"].values():
+        assert metrics["images"] == 4 and metrics["multi_identity_images"] == 1
+        assert 0 <= metrics["detection_rate"] <= 1
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert {r["id"] for r in rows} == {"amy-beach", "amy-penny", "amy-inpaint", "sheldon-smile"}
+    sheet = Image.open(tmp_path / "contact_sheet.png")
+    assert sheet.size == (3 * 160, 4 * (160 + 34))  # two reference columns + the output, one row per image
