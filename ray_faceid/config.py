@@ -247,6 +247,9 @@ class PersonalizeConfig(Settings):
     max_failures: int = Field(3, ge=0, description="Worker-group restarts before the run fails.")
 
 
+SCORING_FACE = FaceConfig(detection=DetectionConfig(policy="all", cnn_fallback=False))
+
+
 class RenderConfig(Settings):
     """`ray-faceid render`: a catalog of rows -> images, scores and a manifest."""
 
@@ -265,4 +268,8 @@ class RenderConfig(Settings):
     batch_size: int = Field(8, ge=1, description="Rows per map_batches call (rows are sorted by identity first).")
     num_gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; default 1 where the cluster has GPUs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where each actor runs its pipeline.")
-    face: FaceConfig = Field(default_factory=FaceConfig, description="Face stack that scores the outputs.")
+    face: FaceConfig = Field(
+        default_factory=lambda: SCORING_FACE,
+        description="Face stack that scores the outputs: every face (multi-identity leakage), HOG only by default so "
+        "scoring costs less than rendering; enable cnn_fallback for hard poses.",
+    )

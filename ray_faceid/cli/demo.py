@@ -3,7 +3,9 @@
 1. the face stack on real photos (the ones insightface ships, or --photos DIR);
 2. the Ray Data ingest of those photos into a dataset (tables, crops, identities, pairs);
 3. the Serve application on loopback: enroll two people from real photos over HTTP, render one
-   and two identities, print the identity scores, write the PNGs.
+   and two identities, print the identity scores, write the PNGs;
+4. the catalog render job (a single-identity, a two-identity and an inpaint row) for the people
+   enrolled in 3, then `eval` over its manifest: the metrics table and a contact sheet.
 
 The diffusion side runs the tiny untrained components (no base model can be downloaded here), so
 the images are noise-like and labelled untrained; the face stack, jobs and API are the real ones.
@@ -54,7 +56,7 @@ def _crop_png(analyzer, path: str) -> bytes:
     return buf.getvalue()
 
 
-def _serve_story(analyzer, out: Path, people: dict[str, bytes]) -> None:
+def _serve_story(analyzer, out: Path, people: dict[str, bytes]) -> tuple[str, dict[str, str]]:
     import httpx
     from ray import serve
 
@@ -96,13 +98,57 @@ def _serve_story(analyzer, out: Path, people: dict[str, bytes]) -> None:
             console.print(table)
     finally:
         serve.shutdown()
+    return next(iter(tokens)), ids
+
+
+def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: str) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ray_faceid.cli.data import summary_table
+    from ray_faceid.config import RenderConfig
+    from ray_faceid.data.render import run_render
+    from ray_faceid.eval.run import evaluate
+    from ray_faceid.registry import Registry
+
+    work = out / "catalog"
+    work.mkdir(parents=True, exist_ok=True)
+    photo = Image.open(inpaint_photo).convert("RGB")
+    photo.thumbnail((256, 256))
+    photo.save(work / "photo.png")
+    mask = np.zeros((photo.height, photo.width), np.uint8)
+    mask[photo.height // 5 : photo.height * 4 // 5, photo.width // 5 : photo.width * 4 // 5] = 255
+    Image.fromarray(mask).save(work / "mask.png")
+    first, second = list(ids.values())
+    rows = [
+        {"id": "single-smile", "identities": [first], "prompt": "a portrait photo of a person", "expression": "smile"},
+        {"id": "two-people", "identities": [first, second], "prompt": "two people side by side", "size": "128x64"},
+        {"id": "inpaint", "identities": [second], "prompt": "a person", "image": str(work / "photo.png"),
+         "mask": str(work / "mask.png")},
+    ]
+    (work / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rendered = out / "rendered"
+    summary = run_render(str(work / "catalog.jsonl"), str(rendered), "tiny", str(out / "registry"),
+                         config=RenderConfig(steps=8, size="64x64", workers=1), tenant=tenant)
+    console.print(summary_table(f"render -> {rendered}", {k: v for k, v in summary.items() if k != "errors"}))
+    report = evaluate(str(rendered), Registry(str(out / "registry")), tenant)
+    table = Table(title="eval of the rendered catalog (tiny untrained base: expect low similarity)")
+    for col in ("encoder", "images", "detection rate", "similarity mean", "similarity p10", "leakage max"):
+        table.add_column(col)
+    for name, m in report["encoders"].items():
+        cells = [m[k] for k in ("detection_rate", "similarity_mean", "similarity_p10", "leakage_max")]
+        table.add_row(f"{name} ({m['spec']})", str(m["images"]), *("-" if v is None else f"{v:.3f}" for v in cells))
+    console.print(table)
+    console.print(f"contact sheet: {report['contact_sheet']}")
 
 
 def demo(
     photos: Optional[Path] = typer.Option(None, "--photos", help="Folder of photos; default: the ones insightface ships."),
     out: Path = typer.Option(Path("demo_out"), "--out", help="Where the dataset, registry and images go."),
 ):
-    """Face stack, Ray Data ingest and the Serve API, end to end on the embedded default."""
+    """Face stack, Ray Data ingest, the Serve API, catalog render and eval, end to end on the embedded default."""
     from ray_faceid import storage
     from ray_faceid.cli.data import summary_table
     from ray_faceid.config import IngestConfig
@@ -138,5 +184,9 @@ def demo(
         if len(samples) < 2:
             raise NotFound("the serve demo enrolls the insightface sample photos; install the insightface extra")
         people = {"tom_hanks": Path(samples[1]).read_bytes(), "t1_person": _crop_png(analyzer, samples[0])}
-        _serve_story(analyzer, out, people)
+        tenant, ids = _serve_story(analyzer, out, people)
+
+        console.rule("4. catalog render and evaluation")
+        shutil.rmtree(out / "rendered", ignore_errors=True)
+        _render_story(out, tenant, ids, samples[1])
     console.print(f"outputs in {out}/")

@@ -55,16 +55,16 @@ def evaluate(
     """Identity similarity, detection rate and leakage of generated images, plus a contact sheet."""
     from rich.table import Table
 
-    from ray_faceid.config import FaceConfig
+    from ray_faceid.config import SCORING_FACE
     from ray_faceid.eval.run import evaluate as run_eval
     from ray_faceid.registry import Registry
 
     with user_errors():
         second = None
         if second_onnx:
-            second = FaceConfig(recognizer_onnx=second_onnx)
+            second = SCORING_FACE.model_copy(update={"recognizer_onnx": second_onnx})
         elif second_insightface:
-            second = FaceConfig(backend="insightface", insightface_root=second_insightface)
+            second = SCORING_FACE.model_copy(update={"backend": "insightface", "insightface_root": second_insightface})
         wanted = [i.strip() for i in identities.split(",")] if identities else None
         report = run_eval(images, Registry(registry), tenant, wanted, second_face=second, out=out)
     if as_json:

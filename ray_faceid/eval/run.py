@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ray_faceid import storage
-from ray_faceid.config import FaceConfig
+from ray_faceid.config import SCORING_FACE, FaceConfig
 from ray_faceid.errors import BadInput, FaceIdError
 from ray_faceid.eval.identity import score_output
 
@@ -72,7 +72,7 @@ def evaluate(source: str, registry, tenant: str = "default", identities: list[st
     from ray_faceid.face.analyzer import FaceAnalyzer
 
     targets = _targets(source, identities)
-    encoders = {"conditioning": FaceAnalyzer(face or FaceConfig())}
+    encoders = {"conditioning": FaceAnalyzer(face or SCORING_FACE)}
     if second_face is not None:
         encoders["second"] = FaceAnalyzer(second_face)
         if encoders["second"].spec.key() == encoders["conditioning"].spec.key():

@@ -46,11 +46,12 @@ def query_routing(region_masks: torch.Tensor, length: int) -> torch.Tensor:
     Each query belongs to the identity covering most of its cell (if at least half of it), so
     regions never overlap at the layer's resolution and a cell on a border goes to one side."""
     b, m, height, width = region_masks.shape
-    h, w = layer_grid(height, width, length)
+    # Plain ints: an exported graph is built for one latent size, so the grids are constants.
+    h, w = layer_grid(int(height), int(width), int(length))
     # Area: each cell's value is the share of it the region covers.
     mode = "area" if h <= height and w <= width else "nearest"
     resized = F.interpolate(region_masks.float(), size=(h, w), mode=mode)
     flat = resized.flatten(2).transpose(1, 2)  # B, L, M
     best = flat.argmax(dim=-1, keepdim=True)
-    owner = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, best, True)
+    owner = torch.arange(m, device=flat.device).view(1, 1, m) == best  # one-hot of the best (exports to ONNX)
     return owner & (flat >= 0.5)

@@ -1,0 +1,7 @@
+# The cluster image (KubeRay manifests in deployments/): Ray's own GPU image plus this package,
+# pinned by constraints.txt. Build: docker build -t <registry>/ray-faceid:<version> .
+# TensorRT: add `tensorrt` to the extras and `--extra-index-url https://pypi.nvidia.com`.
+FROM rayproject/ray:2.60.0-py311-gpu
+COPY --chown=ray:users . /home/ray/ray_faceid
+RUN pip install --no-cache-dir -c /home/ray/ray_faceid/constraints.txt "/home/ray/ray_faceid[data,train,serve,s3,gcs,onnx]"
+WORKDIR /home/ray/ray_faceid

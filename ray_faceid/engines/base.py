@@ -1,0 +1,67 @@
+"""The UNetEngine protocol: one denoising call with identity as runtime inputs.
+
+Identity tokens, per-identity scales and region masks are inputs of every engine, so switching
+person (or strength, or layout) never rebuilds an engine. Identity weights that live inside the
+UNet's layers (the processors' projections) are part of the engine: ONNX Runtime re-exports when
+they change, TensorRT refits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class UNetEngine(Protocol):
+    backend: str
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text_tokens: torch.Tensor,
+                 identity_tokens: torch.Tensor, identity_scale: torch.Tensor,
+                 region_masks: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents, () or (B,) timestep, (B, L, D) text, (B, M, T, D) identity tokens,
+        (B, M) scales (0 = no identity), (B, M, h, w) region masks -> (B, 4, h, w) prediction."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """What one engine is built for: the batch range, the latent size and the identity layout."""
+
+    batch: tuple[int, int, int]  # min, opt, max (rows, CFG rows included)
+    latent: tuple[int, int]  # h, w
+    identities: int  # M
+    tokens: int  # T per identity
+    text_length: int
+    channels: int  # UNet in_channels (9 for inpainting bases)
+    cross_dim: int
+
+    def example(self, batch: int | None = None, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """Inputs of the right shapes (seeded), for export, warm-up and parity checks."""
+        b = batch or self.batch[1]
+        h, w = self.latent
+        g = torch.Generator().manual_seed(0)
+        return {
+            "sample": torch.randn(b, self.channels, h, w, generator=g).to(device, dtype),
+            "timestep": torch.tensor(500.0).to(device),
+            "text_tokens": torch.randn(b, self.text_length, self.cross_dim, generator=g).to(device, dtype),
+            "identity_tokens": torch.randn(b, self.identities, self.tokens, self.cross_dim, generator=g).to(device, dtype),
+            "identity_scale": torch.ones(b, self.identities).to(device, dtype),
+            "region_masks": torch.ones(b, self.identities, h, w).to(device, dtype),
+        }
+
+
+INPUT_NAMES = ["sample", "timestep", "text_tokens", "identity_tokens", "identity_scale", "region_masks"]
+
+
+class UNetCall(torch.nn.Module):
+    """The UNet (identity processors installed) as a function of the engine inputs: what is
+    exported to ONNX and what the torch engine runs."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
+        kwargs = {"identity_tokens": identity_tokens, "identity_scale": identity_scale, "region_masks": region_masks}
+        return self.unet(sample, timestep, encoder_hidden_states=text_tokens, cross_attention_kwargs=kwargs).sample

@@ -1,0 +1,77 @@
+"""Engine files cached under a key of everything they depend on.
+
+The key hashes the base model, the adapter's structure (and, for ONNX graphs, whose constants
+include the identity projections, the adapter's weights), the shapes, the precision and the
+runtime: for TensorRT the GPU name, its compute capability and the TensorRT version. A file is
+stored with the sha256 of its bytes; a file that no longer matches (truncated, corrupted,
+overwritten) is rebuilt with a warning, never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import Field
+
+from ray_faceid.config import Settings
+from ray_faceid.envs import cache_dir
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when the export or build changes what a file holds
+
+
+class EngineKey(Settings):
+    """Everything an engine file depends on; its compute_hash() names the cache entry."""
+
+    backend: Literal["onnx", "tensorrt"] = Field(..., description="What the file is: an ONNX graph or a TensorRT plan.")
+    model_hash: str = Field(..., description="BaseModel.model_hash() of the base.")
+    adapter_structure: str = Field(..., description="Adapter options and layers (not weights).")
+    adapter_weights: str | None = Field(None, description="Adapter content hash where weights are baked in (ONNX).")
+    batch: tuple[int, int, int] = Field(..., description="min, opt, max rows.")
+    latent: tuple[int, int] = Field(..., description="Latent h, w.")
+    identities: int = Field(..., description="Identities per row (M).")
+    tokens: int = Field(..., description="Tokens per identity (T).")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Engine precision.")
+    device: str = Field("cpu", description="GPU name and compute capability, or cpu.")
+    runtime_version: str = Field("", description="TensorRT version (or the ONNX opset).")
+    format: int = Field(FORMAT, description="ray_faceid's engine format version.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class EngineCache:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root or Path(cache_dir()) / "engines")
+
+    def folder(self, key: EngineKey) -> Path:
+        return self.root / f"{key.backend}-{key.compute_hash()}"
+
+    def get_or_build(self, key: EngineKey, filename: str, build: Callable[[Path], Path]) -> Path:
+        """The cached file for `key`, built by `build(folder) -> file` when missing or not intact."""
+        folder = self.folder(key)
+        meta_path = folder / "meta.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            target = folder / filename
+            intact = target.exists() and meta.get("key") == key.model_dump(mode="json") and \
+                all((folder / name).exists() and _sha256(folder / name) == sha for name, sha in meta["files"].items())
+            if intact:
+                return target
+            log.warning("engine cache entry %s is corrupted or stale; rebuilding it", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        built = build(folder)
+        files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        # meta.json last: an entry without it is incomplete and gets rebuilt.
+        meta_path.write_text(json.dumps({"key": key.model_dump(mode="json"), "files": files}, indent=2))
+        return built

@@ -1,0 +1,40 @@
+"""Export the UNet, identity processors installed, to ONNX with identity as graph inputs.
+
+Dynamic batch; the latent size and the identity layout (M identities x T tokens) are fixed per
+graph: one graph per size and identity count you serve. Graphs over 2 GB (SD-sized UNets in fp32)
+are written with external data. The result is checked with `onnx.checker` (by path, so external
+data is checked too).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ray_faceid.engines.base import INPUT_NAMES, EngineShape, UNetCall
+from ray_faceid.errors import BackendUnavailable
+
+OPSET = 18
+
+
+def export_unet(unet, shape: EngineShape, path: str | Path) -> Path:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the exporter's dependency)
+    except ImportError as exc:
+        raise BackendUnavailable("ONNX export needs the onnx extra: pip install 'ray_faceid[onnx]'") from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = shape.example()
+    batch = torch.export.Dim("batch", min=shape.batch[0], max=max(shape.batch[2], 2))
+    dynamic = tuple(None if name == "timestep" else {0: batch} for name in INPUT_NAMES)
+    call = UNetCall(unet).eval()
+    large = sum(p.numel() * p.element_size() for p in call.parameters()) > 1.8 * 2**30
+    # torch.export-based exporter: it keeps the batch symbolic through diffusers' reshapes (the
+    # TorchScript tracer bakes it in) and keeps parameter names, which TensorRT refit uses.
+    with torch.no_grad():
+        torch.onnx.export(call, tuple(example[n] for n in INPUT_NAMES), str(path), input_names=INPUT_NAMES,
+                          output_names=["noise_pred"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
+                          external_data=large, verbose=False)
+    onnx.checker.check_model(str(path))
+    return path

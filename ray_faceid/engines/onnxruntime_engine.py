@@ -1,0 +1,33 @@
+"""The ONNX Runtime engine (CPU, or CUDA where onnxruntime-gpu is installed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ray_faceid.engines.base import INPUT_NAMES
+from ray_faceid.errors import BackendUnavailable
+
+
+class OnnxRuntimeUNetEngine:
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailable("the onnxruntime backend needs: pip install 'ray_faceid[onnx]'") from exc
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+
+    def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
+        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks)
+        feed = {n: v.detach().cpu().float().numpy() if n != "timestep" else np.asarray(float(v), np.float32)
+                for n, v in zip(INPUT_NAMES, values)}
+        (out,) = self.session.run(["noise_pred"], feed)
+        return torch.from_numpy(out).to(sample.device, sample.dtype)

@@ -1,0 +1,74 @@
+"""Pick and build the UNet engine for a pipeline: `auto` = TensorRT on CUDA when installed, else
+ONNX Runtime when installed, else torch. Built files come from the EngineCache."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from typing import Literal
+
+import torch
+
+from ray_faceid.engines.base import EngineShape, UNetEngine
+from ray_faceid.engines.cache import EngineCache, EngineKey
+from ray_faceid.errors import BadInput
+
+Backend = Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"]
+BACKENDS = ("auto", "torch", "torch.compile", "onnxruntime", "tensorrt")
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend != "auto":
+        return backend
+    if torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None:
+        return "tensorrt"
+    if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None:
+        return "onnxruntime"
+    return "torch"
+
+
+def adapter_structure(adapter) -> str:
+    config = {k: v for k, v in adapter.config_dict().items() if k != "trained_steps"}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def processor_weights_by_onnx_name(adapter) -> dict[str, torch.Tensor]:
+    """The adapter's in-layer weights under the names they carry in the exported graph."""
+    out = {}
+    for layer in adapter.layers:  # "<attention module>.processor"
+        for name, tensor in adapter.processors[layer.replace(".", "__")].state_dict().items():
+            out[f"unet.{layer}.{name}"] = tensor
+    return out
+
+
+def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precision: str = "fp32",
+                cache: EngineCache | None = None) -> UNetEngine:
+    backend = resolve_backend(backend)
+    if backend in ("torch", "torch.compile"):
+        from ray_faceid.engines.torch_engine import TorchUNetEngine
+
+        return TorchUNetEngine(base.unet, compile=backend == "torch.compile")
+    from ray_faceid.engines.onnx_export import OPSET, export_unet
+
+    cache = cache or EngineCache()
+    common = dict(model_hash=base.model_hash(), adapter_structure=adapter_structure(adapter), batch=shape.batch,
+                  latent=shape.latent, identities=shape.identities, tokens=shape.tokens)
+    onnx_key = EngineKey(backend="onnx", adapter_weights=adapter.content_hash(), precision="fp32",
+                         runtime_version=f"opset{OPSET}", **common)
+    onnx_path = cache.get_or_build(onnx_key, "unet.onnx", lambda folder: export_unet(base.unet, shape, folder / "unet.onnx"))
+    if backend == "onnxruntime":
+        from ray_faceid.engines.onnxruntime_engine import OnnxRuntimeUNetEngine
+
+        return OnnxRuntimeUNetEngine(onnx_path)
+    from ray_faceid.engines.tensorrt_engine import TensorRTUNetEngine, build_plan, device_tag, import_tensorrt
+
+    trt = import_tensorrt()
+    plan_key = EngineKey(backend="tensorrt", precision=precision, device=device_tag(), runtime_version=trt.__version__,
+                         **common)
+    plan = cache.get_or_build(plan_key, "unet.plan", lambda folder: build_plan(
+        onnx_path, shape, folder / "unet.plan", precision, cache.root / "timing.cache"))
+    engine = TensorRTUNetEngine(plan)
+    engine.refit(processor_weights_by_onnx_name(adapter))  # this adapter's weights, whatever the plan was built with
+    return engine

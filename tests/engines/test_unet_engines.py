@@ -1,0 +1,109 @@
+"""UNet engines on CPU: ONNX Runtime matches torch with identity as runtime inputs; the cache
+keys and rebuilds what it must."""
+import logging
+
+import pytest
+import torch
+
+from ray_faceid.engines.base import EngineShape
+from ray_faceid.engines.cache import EngineCache, EngineKey
+from ray_faceid.engines.select import resolve_backend, unet_engine
+from ray_faceid.errors import BackendUnavailable
+from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter
+from ray_faceid.pipelines.models import build_tiny
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+def shape_for(base, identities, tokens=4):
+    return EngineShape(batch=(1, 2, 8), latent=(8, 8), identities=identities, tokens=tokens, text_length=32,
+                       channels=base.unet.config.in_channels, cross_dim=base.cross_attention_dim)
+
+
+def inputs(shape, batch, seed, regions=False):
+    example = shape.example(batch)
+    g = torch.Generator().manual_seed(seed)
+    example["identity_tokens"] = torch.randn(example["identity_tokens"].shape, generator=g)
+    example["identity_scale"] = torch.rand(example["identity_scale"].shape, generator=g) + 0.5
+    if regions:
+        masks = torch.zeros_like(example["region_masks"])
+        masks[:, 0, :, :4] = 1
+        masks[:, 1, :, 4:] = 1
+        example["region_masks"] = masks
+    return example
+
+
+@pytest.fixture(scope="module")
+def spec():
+    from ray_faceid.face.spec import EncoderSpec
+
+    return EncoderSpec(name="dlib_resnet", dim=128, version="test", license="-", metric="euclidean", threshold=0.6)
+
+
+@pytest.mark.parametrize("method,identities", [("decoupled", 1), ("pva", 1), ("decoupled", 2)])
+def test_onnxruntime_matches_torch(spec, tmp_path, method, identities):
+    base = build_tiny()
+    torch.manual_seed(1)
+    adapter = IdentityAdapter.for_unet(base.unet, spec, AdapterOptions(method=method, gate=method == "pva"))
+    with torch.no_grad():  # move the identity projections away from the text ones: identity must matter
+        for p in adapter.processors.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapter.install(base.unet)
+    shape = shape_for(base, identities)
+    cache = EngineCache(tmp_path)
+    reference = unet_engine(base, adapter, shape, "torch")
+    engine = unet_engine(base, adapter, shape, "onnxruntime", cache=cache)
+    for batch in (1, 3):
+        for seed in (0, 1):  # new identity tokens per call: no rebuild, still exact
+            x = inputs(shape, batch, seed, regions=identities == 2)
+            want, got = reference(**x), engine(**x)
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < 1e-4, (batch, seed, rel)
+    x = inputs(shape, 2, 0, regions=identities == 2)
+    other = dict(x, identity_tokens=torch.randn_like(x["identity_tokens"]))
+    assert not torch.allclose(engine(**x), engine(**other), atol=1e-5)  # identity is a live input
+    assert len(list(tmp_path.iterdir())) == 1  # one graph for all of it
+
+
+def test_cache_key_changes_exactly_with_the_keyed_fields():
+    key = EngineKey(backend="onnx", model_hash="m", adapter_structure="a", batch=(1, 2, 4), latent=(64, 64),
+                    identities=1, tokens=4)
+    assert key.compute_hash() == EngineKey(**key.model_dump()).compute_hash()
+    changes = {"model_hash": "m2", "adapter_structure": "a2", "adapter_weights": "w", "batch": (1, 2, 8),
+               "latent": (64, 96), "identities": 2, "tokens": 8, "precision": "fp16", "device": "NVIDIA H100 sm_90",
+               "runtime_version": "10.3", "backend": "tensorrt"}
+    hashes = {field: key.model_copy(update={field: value}).compute_hash() for field, value in changes.items()}
+    assert key.compute_hash() not in hashes.values() and len(set(hashes.values())) == len(changes)
+
+
+def test_a_corrupted_engine_file_is_rebuilt_with_a_warning(tmp_path, caplog):
+    cache = EngineCache(tmp_path)
+    key = EngineKey(backend="onnx", model_hash="m", adapter_structure="a", batch=(1, 2, 4), latent=(8, 8),
+                    identities=1, tokens=4)
+    builds = []
+
+    def build(folder):
+        builds.append(folder)
+        (folder / "unet.onnx").write_bytes(b"graph bytes")
+        return folder / "unet.onnx"
+
+    path = cache.get_or_build(key, "unet.onnx", build)
+    assert cache.get_or_build(key, "unet.onnx", build) == path and len(builds) == 1
+    path.write_bytes(b"graph bytes, truncat")
+    with caplog.at_level(logging.WARNING):
+        assert cache.get_or_build(key, "unet.onnx", build).read_bytes() == b"graph bytes"
+    assert len(builds) == 2 and "corrupted or stale" in caplog.text
+
+
+def test_tensorrt_without_tensorrt_says_how_to_install(spec, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT is installed here: benchmarks/gpu_check.py exercises it")
+    base = build_tiny()
+    adapter = IdentityAdapter.for_unet(base.unet, spec)
+    adapter.install(base.unet)
+    with pytest.raises(BackendUnavailable, match="tensorrt|TensorRT|CUDA"):
+        unet_engine(base, adapter, shape_for(base, 1), "tensorrt", cache=EngineCache(tmp_path))
+    assert resolve_backend("auto") == "onnxruntime" or torch.cuda.is_available()
