@@ -43,7 +43,7 @@ class Generator:
             adapter = IdentityAdapter.load(self.config.adapter, base.unet)
         else:
             adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer(self.config.face).spec)
-        self.pipeline = IdentityPipeline(base, adapter, device=device)
+        self.pipeline = IdentityPipeline(base, adapter, device=device, backend=self.config.backend)
         self.registry = Registry(self.config.registry)
         self.loads = 0
         self._lock = asyncio.Lock()

@@ -195,6 +195,9 @@ class ServeConfig(Settings):
     face: FaceConfig = Field(default_factory=FaceConfig, description="Face stack of the encoder deployment.")
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Request bounds.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the Generator runs its pipeline.")
+    backend: Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"] = Field(
+        "torch", description="Generator UNet runtime; auto = tensorrt on CUDA when installed, else onnxruntime, else torch."
+    )
     generator_gpus: float = Field(0.0, ge=0, description="GPUs per Generator replica (1 on GPU clusters).")
     encoder_gpus: float = Field(0.0, ge=0, description="GPUs per FaceEncoder replica.")
     generator_batch_size: int = Field(4, ge=1, description="Requests the Generator batches together.")
@@ -268,6 +271,9 @@ class RenderConfig(Settings):
     batch_size: int = Field(8, ge=1, description="Rows per map_batches call (rows are sorted by identity first).")
     num_gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; default 1 where the cluster has GPUs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where each actor runs its pipeline.")
+    backend: Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"] = Field(
+        "torch", description="UNet runtime; auto = tensorrt on CUDA when installed, else onnxruntime, else torch."
+    )
     face: FaceConfig = Field(
         default_factory=lambda: SCORING_FACE,
         description="Face stack that scores the outputs: every face (multi-identity leakage), HOG only by default so "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import data, demo, faces, generate, identities, render, serve, train
+from ray_faceid.cli import compile, data, demo, faces, generate, identities, render, serve, train
 
 app = typer.Typer(
     name="ray-faceid",
@@ -23,3 +23,4 @@ app.command("train")(train.train)
 app.command("personalize")(train.personalize)
 app.command("render")(render.render)
 app.command("eval")(render.evaluate)
+app.command("compile")(compile.compile_engine)

@@ -139,8 +139,9 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
         table.add_column(col)
     for name, m in report["encoders"].items():
         cells = [m[k] for k in ("detection_rate", "similarity_mean", "similarity_p10", "leakage_max")]
-        table.add_row(f"{name} ({m['spec']})", str(m["images"]), *("-" if v is None else f"{v:.3f}" for v in cells))
+        table.add_row(name, str(m["images"]), *("-" if v is None else f"{v:.3f}" for v in cells))
     console.print(table)
+    typer.echo("encoders: " + ", ".join(f"{n} = {m['spec']}" for n, m in report["encoders"].items()))
     console.print(f"contact sheet: {report['contact_sheet']}")
 
 

@@ -11,9 +11,10 @@ from ray_faceid.errors import BadInput
 
 ModelOpt = typer.Option("tiny", "--model", help="tiny | tiny-inpaint | a diffusers folder | an fsspec URI | a hub id.")
 AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter URI; without it an UNTRAINED adapter is used.")
+BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
 
 
-def _pipeline(model: str, adapter_uri: Optional[str]):
+def _pipeline(model: str, adapter_uri: Optional[str], backend: str = "torch"):
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.generate import IdentityPipeline
@@ -28,7 +29,7 @@ def _pipeline(model: str, adapter_uri: Optional[str]):
         err_console.print("[yellow]no --adapter: using an untrained identity adapter; identity will not be preserved[/yellow]")
     if base.untrained:
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")
-    return analyzer, IdentityPipeline(base, adapter)
+    return analyzer, IdentityPipeline(base, adapter, backend=backend)
 
 
 def _size(size: str) -> tuple[int, int]:
@@ -75,6 +76,7 @@ def generate(
     steps: int = typer.Option(30, "--steps", min=1, max=200),
     guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
     size: str = typer.Option("512x512", "--size", help="WxH"),
+    backend: str = BackendOpt,
 ):
     """Render a prompt with one or more enrolled-from-photo identities."""
     from ray_faceid.pipelines.generate import IdentityCondition
@@ -91,7 +93,7 @@ def generate(
         unknown = set(regions) - set(people)
         if unknown:
             raise BadInput(f"--region for unknown identity {sorted(unknown)}; identities: {sorted(people)}")
-        analyzer, pipe = _pipeline(model, adapter)
+        analyzer, pipe = _pipeline(model, adapter, backend)
         conditions = []
         for name, images in people.items():
             emb, quality = embed_references(analyzer, images)
@@ -114,6 +116,7 @@ def inpaint(
     steps: int = typer.Option(30, "--steps", min=1, max=200),
     guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
     feather: float = typer.Option(4.0, "--feather", min=0.0, max=64.0, help="Soft edge inside the mask, in pixels."),
+    backend: str = BackendOpt,
 ):
     """Repaint the masked region with the identity; pixels outside the mask are kept exactly."""
     from ray_faceid.face.decode import decode_image
@@ -124,7 +127,7 @@ def inpaint(
     with user_errors():
         picture = decode_image(image)
         mask_array = decode_image(mask)
-        analyzer, pipe = _pipeline(model, adapter)
+        analyzer, pipe = _pipeline(model, adapter, backend)
         emb, quality = embed_references(analyzer, ref)
         result = run_inpaint(pipe, picture, mask_array, IdentityCondition("person", emb, quality), prompt,
                              seed=seed, steps=steps, guidance=guidance, feather=feather)

@@ -10,6 +10,7 @@ from ray_faceid.cli.data import summary_table
 
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
 TenantOpt = typer.Option("default", "--tenant")
+BACKEND_HELP = "UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt."
 
 
 def render(
@@ -22,6 +23,7 @@ def render(
     steps: int = typer.Option(30, "--steps", min=1, max=200, help="Default for rows without their own."),
     size: str = typer.Option("512x512", "--size", help="Default WxH for rows without their own."),
     unet_batch: int = typer.Option(1, "--unet-batch", min=1, help="Rows denoised together (1: byte-stable per row)."),
+    backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render actors (default: one per GPU, or 1)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster."),
     resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: every run skips rows already rendered."),
@@ -32,7 +34,7 @@ def render(
     from ray_faceid.data.render import run_render
 
     with user_errors():
-        config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers)
+        config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend)
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address)
     if as_json:
         print_json(summary)
@@ -77,7 +79,8 @@ def evaluate(
         def fmt(v):
             return "-" if v is None else f"{v:.3f}"
 
-        table.add_row(f"{name} ({m['spec']})", str(m["images"]), fmt(m["detection_rate"]), fmt(m["similarity_mean"]),
+        table.add_row(name, str(m["images"]), fmt(m["detection_rate"]), fmt(m["similarity_mean"]),
                       fmt(m["similarity_p10"]), str(m["multi_identity_images"]), fmt(m["leakage_max"]))
     console.print(table)
+    typer.echo("encoders: " + ", ".join(f"{n} = {m['spec']}" for n, m in report["encoders"].items()))
     typer.echo(f"contact sheet: {report['contact_sheet']}")

@@ -17,12 +17,13 @@ def serve(
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI."),
     registry: Optional[str] = typer.Option(None, "--registry", help="Identity registry folder or URI."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
+    backend: Optional[str] = typer.Option(None, "--backend", help="UNet runtime (auto, torch, onnxruntime, tensorrt)."),
 ):
     """Start the API locally, print its URL, a token and a curl example; Ctrl-C stops it."""
     from deployments.local import config_from_yaml, start
 
     with user_errors():
-        cfg = config_from_yaml(config, model=model, adapter=adapter, registry=registry)
+        cfg = config_from_yaml(config, model=model, adapter=adapter, registry=registry, backend=backend)
         url, tokens = start(cfg, port)
     tenant, token = next(iter(tokens.items()))
     console.print(f"ray_faceid API at {url} (docs: {url}/docs); tenant [bold]{tenant}[/bold] token: {token}")

@@ -47,7 +47,7 @@ class Renderer:
             torch.manual_seed(0)
             shared = IdentityAdapter.for_unet(base.unet, self.analyzer.spec)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipeline = IdentityPipeline(base, shared, device=device)
+        self.pipeline = IdentityPipeline(base, shared, device=device, backend=config.backend)
         self.registry = Registry(registry)
         self.model_hash, self.adapter_hash = base.model_hash(), shared.content_hash()
         self.identities: OrderedDict[str, dict] = OrderedDict()

@@ -11,7 +11,8 @@ CELL, LABEL = 160, 34
 def _fit(image: Image.Image | np.ndarray) -> Image.Image:
     image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     image = image.convert("RGB")
-    image.thumbnail((CELL, CELL), Image.Resampling.LANCZOS)
+    scale = CELL / max(image.size)  # small outputs are enlarged too: faces are judged at one size
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
     cell = Image.new("RGB", (CELL, CELL), "white")
     cell.paste(image, ((CELL - image.width) // 2, (CELL - image.height) // 2))
     return cell

@@ -98,7 +98,8 @@ def evaluate(source: str, registry, tenant: str = "default", identities: list[st
     storage.write_bytes(storage.join(out, REPORT), json.dumps(report, indent=2).encode())
     sheet = []
     for row in per_row[:sheet_rows]:
-        crops = [(i[:14], registry.references(tenant, i)[0]) for i in row["identities"]]
+        crops = [((registry.get(tenant, i).get("name") or i)[:24], registry.references(tenant, i)[0])
+                 for i in row["identities"]]
         label = "\n".join(f"{n[:4]} sim {row[n]['similarity']:.2f}" if row[n]["similarity"] is not None
                           else f"{n[:4]} no face" for n in encoders)
         image = Image.open(io.BytesIO(storage.read_bytes(row["image_uri"])))

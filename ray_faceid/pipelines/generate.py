@@ -61,9 +61,15 @@ class GenerationResult:
 
 class IdentityPipeline:
     def __init__(self, base: BaseModel, adapter: IdentityAdapter | None = None, imr=None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", backend: str = "torch", engine_cache=None):
+        from ray_faceid.engines.select import resolve_backend
+
         self.base, self.adapter, self.imr = base, adapter, imr
         self.device = torch.device(device)
+        self.backend = resolve_backend(backend)
+        if self.backend != "torch" and adapter is None:
+            raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
+        self.engine_cache, self.engines, self._weights_version = engine_cache, {}, "shared"
         base.to(self.device)
         if adapter is not None:
             adapter.to(self.device).eval()
@@ -154,13 +160,14 @@ class IdentityPipeline:
 
     def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
         personal = self.personal_weights(items) if self.adapter is not None else None
+        self._weights_version = personal[0] if personal else "shared"
         with personalized(self.adapter, personal[1] if personal else None):
             return self._denoise_shared(items, steps, guidance, width, height, inpaint)
 
     @torch.no_grad()
     def _denoise_shared(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
         """Latents of every item, all denoised together: one UNet call per step for the whole batch."""
-        base, unet, sched = self.base, self.base.unet, self.base.scheduler
+        base, sched = self.base, self.base.scheduler
         self._check_size(width, height)
         f = base.vae_scale_factor
         h, w = height // f, width // f
@@ -177,7 +184,7 @@ class IdentityPipeline:
             if inpaint is not None and base.inpainting:
                 masked = image_latents * (1 - mask_l)
                 model_in = torch.cat([model_in, torch.cat([mask_l] * 2), torch.cat([masked] * 2)], dim=1)
-            pred = unet(model_in, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs or None).sample
+            pred = self._unet(model_in, t, text, kwargs, h, w)
             uncond, cond = pred.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
             if inpaint is not None and not base.inpainting:
@@ -186,6 +193,36 @@ class IdentityPipeline:
                 known = image_latents if prev < 0 else sched.add_noise(image_latents, noise, torch.tensor([prev]))
                 latents = mask_l * latents + (1 - mask_l) * known
         return latents
+
+    def _unet(self, sample, t, text, kwargs, h, w):
+        """One UNet call: eager torch, or the configured engine with identity as its inputs."""
+        if self.backend == "torch":
+            return self.base.unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs or None).sample
+        rows, opts = sample.shape[0], self.adapter.options
+        if kwargs:
+            tokens, scale, region = kwargs["identity_tokens"], kwargs["identity_scale"], kwargs["region_masks"]
+        else:  # no identity: one zero identity at scale 0 is exactly the stock layer
+            tokens = torch.zeros(rows, 1, opts.num_tokens, self.base.cross_attention_dim, device=self.device)
+            scale, region = torch.zeros(rows, 1, device=self.device), None
+        if region is None:
+            region = torch.ones(rows, tokens.shape[1], h, w, device=self.device)
+        engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1])
+        return engine(sample, t, text, tokens, scale, region)
+
+    def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int):
+        from ray_faceid.engines.base import EngineShape
+        from ray_faceid.engines.select import unet_engine
+
+        # The adapter's in-layer weights are part of the engine (per-identity weights included);
+        # the batch range grows in powers of two.
+        top = max(8, 1 << (rows - 1).bit_length())
+        key = (h, w, identities, top, self._weights_version)
+        if key not in self.engines:
+            shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
+                                tokens=self.adapter.options.num_tokens, text_length=text_length,
+                                channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
+            self.engines[key] = unet_engine(self.base, self.adapter, shape, self.backend, cache=self.engine_cache)
+        return self.engines[key]
 
     def _previous_timestep(self, t) -> int:
         sched = self.base.scheduler
@@ -213,6 +250,7 @@ class IdentityPipeline:
             "base_model_hash": self.base.model_hash(),
             "untrained_base": self.base.untrained,
             "adapter": None if self.adapter is None else self.adapter.content_hash(),
+            "backend": self.backend,
             "adapter_trained_steps": None if self.adapter is None else self.adapter.trained_steps,
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),
             "identities": [{"name": i.name, "region": i.region, "expression": i.expression, "scale": i.scale,

@@ -107,3 +107,22 @@ def test_tensorrt_without_tensorrt_says_how_to_install(spec, tmp_path):
     with pytest.raises(BackendUnavailable, match="tensorrt|TensorRT|CUDA"):
         unet_engine(base, adapter, shape_for(base, 1), "tensorrt", cache=EngineCache(tmp_path))
     assert resolve_backend("auto") == "onnxruntime" or torch.cuda.is_available()
+
+
+def test_the_pipeline_gives_the_same_image_on_onnxruntime(spec, tmp_path):
+    import numpy as np
+
+    from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+
+    rng = np.random.default_rng(0)
+    person = IdentityCondition("p", rng.normal(size=(2, 128)).astype(np.float32))
+    images = {}
+    for backend in ("torch", "onnxruntime"):
+        base = build_tiny()
+        torch.manual_seed(0)
+        adapter = IdentityAdapter.for_unet(base.unet, spec)
+        pipe = IdentityPipeline(base, adapter, backend=backend, engine_cache=EngineCache(tmp_path))
+        result = pipe.generate("a photo of a person", [person], seed=5, steps=3, width=16, height=16)
+        images[backend] = np.asarray(result.images[0]).astype(int)
+        assert result.provenance[0]["backend"] == backend
+    assert np.abs(images["torch"] - images["onnxruntime"]).max() <= 1
