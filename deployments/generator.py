@@ -17,11 +17,14 @@ from ray import serve
 from deployments import multiplex
 from ray_faceid.config import ServeConfig
 from ray_faceid.errors import EncoderMismatch, FaceIdError
+from ray_faceid.registry import newest_adapter
 
 
 class LoadedIdentity:
-    def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec_key: str):
+    def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec_key: str, personal=None):
         self.key, self.embeddings, self.quality, self.spec_key = key, embeddings, quality, spec_key
+        self.personal = personal
+        """(version, weight delta) of the identity's own adapter for this replica's shared adapter."""
         self.loaded_at = time.time()
 
 
@@ -45,6 +48,7 @@ class Generator:
             adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer(self.config.face).spec)
         self.pipeline = IdentityPipeline(base, adapter, device=device, backend=self.config.backend)
         self.registry = Registry(self.config.registry)
+        self.adapter_hash = adapter.content_hash()
         self.loads = 0
         self._lock = asyncio.Lock()
         self.load_identity = multiplex.identity_cache(self._load_identity, self.config.identities_per_replica)
@@ -55,14 +59,17 @@ class Generator:
         return True
 
     def info(self) -> dict:
-        return {"model": self.pipeline.base.model_id, "adapter": self.pipeline.adapter.content_hash(),
+        return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
                 "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads}
 
     async def _load_identity(self, key: str) -> LoadedIdentity:
         tenant, identity = multiplex.split_key(key)
+        from ray_faceid.identity.personalization import load_personal
+
         embeddings, quality, spec = self.registry.embeddings(tenant, identity)
         self.loads += 1
-        return LoadedIdentity(key, embeddings, quality, spec.key())
+        personal = load_personal(self.registry, tenant, identity, self.adapter_hash)
+        return LoadedIdentity(key, embeddings, quality, spec.key(), personal)
 
     async def _conditions(self, tenant: str, requested: list[dict]):
         from ray_faceid.pipelines.generate import IdentityCondition
@@ -70,16 +77,22 @@ class Generator:
         conditions, hits = [], 0
         for item in requested:
             key = multiplex.identity_key(tenant, item["id"])
-            self.registry.get(tenant, item["id"])  # a deleted identity is never served from the cache
+            meta = self.registry.get(tenant, item["id"])  # a deleted identity is never served from the cache
             before = self.loads
             loaded = await self.load_identity(key)
+            newest = newest_adapter(meta, self.adapter_hash)
+            if (newest and newest["version"]) != (loaded.personal and loaded.personal[0]):
+                # A new per-identity adapter since this replica cached the identity.
+                from ray_faceid.identity.personalization import load_personal
+
+                loaded.personal = load_personal(self.registry, tenant, item["id"], self.adapter_hash)
             hits += self.loads == before
             expected = self.pipeline.adapter.encoder_spec.key()
             if loaded.spec_key != expected:
                 raise EncoderMismatch(f"identity {item['id']} was enrolled with {loaded.spec_key}; "
                                       f"this generator's adapter needs {expected}: re-enroll the identity")
             conditions.append(IdentityCondition(item["id"], loaded.embeddings, loaded.quality, item.get("region"),
-                                                item.get("expression"), item.get("scale", 1.0)))
+                                                item.get("expression"), item.get("scale", 1.0), loaded.personal))
         return conditions, hits
 
     async def _inpaint(self, request: dict) -> dict:
@@ -115,15 +128,23 @@ class Generator:
             for k in range(r["num_images"]):
                 items.append(GenerationItem(r["prompt"], conditions, r["negative_prompt"], r["seed"] + k))
                 owners.append(i)
-        if items:
-            first = requests[owners[0]]
+        # Images that run with other per-identity weights cannot share a UNet batch.
+        by_weights: dict[str, list[int]] = {}
+        for k, item in enumerate(items):
+            personal = self.pipeline.personal_weights([item])
+            by_weights.setdefault(personal[0] if personal else "shared", []).append(k)
+        png, provenance, seeds = [None] * len(items), [None] * len(items), [None] * len(items)
+        first = requests[owners[0]] if items else None
+        for members in by_weights.values():
             async with self._lock:  # one pipeline per replica
-                result = await asyncio.to_thread(self.pipeline.generate_items, items, first["steps"],
-                                                 first["guidance"], first["width"], first["height"])
-            for i, (hits, count) in lookups.items():
-                mine = [k for k, owner in enumerate(owners) if owner == i]
-                out[i] = self._response([result.png[k] for k in mine], [result.provenance[k] for k in mine],
-                                        [result.seeds[k] for k in mine], hits, count)
+                result = await asyncio.to_thread(self.pipeline.generate_items, [items[k] for k in members],
+                                                 first["steps"], first["guidance"], first["width"], first["height"])
+            for j, k in enumerate(members):
+                png[k], provenance[k], seeds[k] = result.png[j], result.provenance[j], result.seeds[j]
+        for i, (hits, count) in lookups.items():
+            mine = [k for k, owner in enumerate(owners) if owner == i]
+            out[i] = self._response([png[k] for k in mine], [provenance[k] for k in mine], [seeds[k] for k in mine],
+                                    hits, count)
         return out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)

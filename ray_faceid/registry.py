@@ -32,6 +32,13 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def newest_adapter(meta: dict, base_adapter: str, settings: str | None = None) -> dict | None:
+    """From an identity's metadata: its newest adapter record for this base adapter (and settings)."""
+    found = [a for a in meta.get("adapters", [])
+             if a.get("base_adapter") == base_adapter and (settings is None or a.get("settings") == settings)]
+    return found[-1] if found else None
+
+
 def new_identity_id() -> str:
     return "id_" + secrets.token_urlsafe(16)
 
@@ -124,9 +131,7 @@ class Registry:
 
     def adapter_record(self, tenant: str, identity: str, base_adapter: str, settings: str | None = None) -> dict | None:
         """The newest per-identity adapter made for this base adapter (and these settings, when given)."""
-        found = [a for a in self.get(tenant, identity).get("adapters", [])
-                 if a.get("base_adapter") == base_adapter and (settings is None or a.get("settings") == settings)]
-        return found[-1] if found else None
+        return newest_adapter(self.get(tenant, identity), base_adapter, settings)
 
     def adapter_weights(self, tenant: str, identity: str, version: str) -> bytes:
         return storage.read_bytes(storage.join(self._dir(tenant, identity), "adapters", version, "weights.safetensors"))

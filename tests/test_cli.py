@@ -62,3 +62,10 @@ def test_demo_runs_the_whole_story(sample_photos, ray_cluster, tmp_path):
 
     assert Image.open(tmp_path / "demo" / "two.png").size == (256, 128)
     assert (tmp_path / "demo" / "dataset" / "faces.parquet").is_file()
+    # Step 4: the catalog render (single, two-person and inpaint rows) and its evaluation.
+    import pyarrow.parquet as pq
+
+    manifest = pq.read_table(tmp_path / "demo" / "rendered" / "manifest.parquet").to_pylist()
+    assert sorted(r["id"] for r in manifest if r["status"] == "ok") == ["inpaint", "single-smile", "two-people"]
+    assert (tmp_path / "demo" / "rendered" / "contact_sheet.png").is_file()
+    assert "encoders: conditioning = dlib_resnet" in result.stdout

@@ -52,6 +52,10 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
         return TorchUNetEngine(base.unet, compile=backend == "torch.compile")
     from ray_faceid.engines.onnx_export import OPSET, export_unet
 
+    if backend == "tensorrt":  # before the export: say what is missing without minutes of work first
+        from ray_faceid.engines.tensorrt_engine import import_tensorrt
+
+        import_tensorrt()
     cache = cache or EngineCache()
     common = dict(model_hash=base.model_hash(), adapter_structure=adapter_structure(adapter), batch=shape.batch,
                   latent=shape.latent, identities=shape.identities, tokens=shape.tokens)

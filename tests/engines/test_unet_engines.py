@@ -126,3 +126,22 @@ def test_the_pipeline_gives_the_same_image_on_onnxruntime(spec, tmp_path):
         images[backend] = np.asarray(result.images[0]).astype(int)
         assert result.provenance[0]["backend"] == backend
     assert np.abs(images["torch"] - images["onnxruntime"]).max() <= 1
+
+
+def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_path):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    runner = CliRunner()
+    if importlib.util.find_spec("tensorrt") is None:
+        missing = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "tensorrt", "--size", "16x16"])
+        assert missing.exit_code == 2 and "pip install 'ray_faceid[tensorrt]'" in missing.output
+    bad = runner.invoke(app, ["compile", "--out", str(tmp_path), "--batch", "4:2:1"])
+    assert bad.exit_code == 2 and "MIN <= OPT <= MAX" in bad.output
+    built = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "onnx", "--size", "16x16"])
+    assert built.exit_code == 0, built.output
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert entry.name.startswith("onnx-") and {"unet.onnx", "meta.json"} <= {p.name for p in entry.iterdir()}
