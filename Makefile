@@ -21,8 +21,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
 
-bench: $(STAMP)
+bench: $(STAMP)  # each script appends its results to benchmarks/BENCHMARKS.md; gpu_check.py needs a GPU
 	$(PY) benchmarks/face_throughput.py
+	$(PY) benchmarks/pipeline_overhead.py
+	$(PY) benchmarks/ingest_scaling.py
+	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/personalize_throughput.py
+	$(PY) benchmarks/render_throughput.py
+	$(PY) benchmarks/unet_backends.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -242,3 +242,27 @@ def test_health_metrics_and_docs(api):
     assert re.search(r'faceid_requests_total\{route="/v1/generate",status="200"\} [1-9]', client.get("/metrics").text)
     assert client.get("/docs").status_code == 200
     assert "/v1/generate" in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_new_per_identity_adapter_is_served_without_a_restart(api, people):
+    import torch
+
+    from ray_faceid.face.spec import EncoderSpec
+    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.identity.personalization import delta_bytes
+    from ray_faceid.pipelines.models import build_tiny
+    from ray_faceid.registry import Registry
+
+    client, config = api
+    body = {**GEN, "identities": [{"id": people["middle"]}]}
+    before = client.post("/v1/generate", json=body, headers=bearer()).json()["images"][0]
+    assert before["provenance"]["identities"][0]["personal_adapter"] is None
+    registry = Registry(config.registry)
+    spec = EncoderSpec(**registry.get("acme", people["middle"])["encoder"])
+    layout = IdentityAdapter.for_unet(build_tiny().unet, spec).processors.state_dict()
+    delta = {k: torch.full(v.shape, 0.02).half() for k, v in layout.items()}
+    entry = registry.add_adapter("acme", people["middle"], delta_bytes(delta),
+                                 {"kind": "personal", "base_adapter": before["provenance"]["adapter"], "settings": "test"})
+    after = client.post("/v1/generate", json=body, headers=bearer()).json()["images"][0]
+    assert after["provenance"]["identities"][0]["personal_adapter"] == entry["version"]
+    assert after["png_base64"] != before["png_base64"]
