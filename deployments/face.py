@@ -34,6 +34,7 @@ class FaceEncoder:
     async def analyze_batch(self, images: list[bytes]) -> list[dict]:
         """For each image: {"faces": [...], "batch_size": n} or {"error": code, "message": ..., "status": ...}."""
         from ray_faceid.face.align import align, loose_template
+        from ray_faceid.registry import REFERENCE_CROP
 
         # Decoded once here: the faces' crops come from the same pixels the analyzer saw.
         decoded: list = []
@@ -52,7 +53,7 @@ class FaceEncoder:
                 continue
             faces = []
             for face in result:
-                crop, _ = align(image, face.landmarks, loose_template(256))
+                crop, _ = align(image, face.landmarks, loose_template(REFERENCE_CROP))
                 buf = io.BytesIO()
                 Image.fromarray(crop).save(buf, "PNG")
                 faces.append({**face.to_dict(with_embedding=True), "crop_png": buf.getvalue()})

@@ -37,7 +37,7 @@ def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: Se
     from ray_faceid.data import tables
     from ray_faceid.data.pairs import IDENTITIES
     from ray_faceid.face.spec import EncoderSpec
-    from ray_faceid.train.examples import REGISTRY_CROP
+    from ray_faceid.registry import REFERENCE_CROP
 
     limits = limits or ServeLimits()
     spec = EncoderSpec(**json.loads(storage.read_bytes(storage.join(dataset, tables.SUMMARY)))["encoder_spec"])
@@ -57,7 +57,7 @@ def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: Se
             skipped[label] = "no face passes the enrollment rules (size, sharpness)"
             continue
         crops = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(f["crop_uri"]))).convert("RGB")
-                            .resize((REGISTRY_CROP, REGISTRY_CROP), Image.Resampling.LANCZOS)) for f in usable]
+                            .resize((REFERENCE_CROP, REFERENCE_CROP), Image.Resampling.LANCZOS)) for f in usable]
         photos = [{"index": k, "filename": f["image_uri"], "accepted": True, "reason": None} for k, f in enumerate(usable)]
         meta = registry.create(tenant, label, consent, np.array([f["embedding"] for f in usable], np.float32),
                                np.array([f["q_score"] or 0.0 for f in usable], np.float32), spec, crops, photos,

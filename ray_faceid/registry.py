@@ -24,6 +24,7 @@ from ray_faceid import storage
 from ray_faceid.errors import BadInput, NotFound
 from ray_faceid.face.spec import EncoderSpec
 
+REFERENCE_CROP = 256  # side of the aligned reference crops (the loose diffusion template)
 _ID = re.compile(r"^id_[A-Za-z0-9_-]{16,64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

@@ -36,6 +36,7 @@ def compile_engine(
     from ray_faceid.engines.select import unet_engine
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.pipelines.generate import parse_size
     from ray_faceid.pipelines.models import load_base
 
     with user_errors():
@@ -43,10 +44,7 @@ def compile_engine(
             raise BadInput(f"--backend must be onnx or tensorrt, not {backend!r}")
         if precision not in ("fp32", "fp16", "bf16"):
             raise BadInput(f"--precision must be fp32, fp16 or bf16, not {precision!r}")
-        try:
-            width, height = (int(v) for v in size.lower().split("x"))
-        except ValueError as exc:
-            raise BadInput(f"--size must look like 512x512, got {size!r}") from exc
+        width, height = parse_size(size, "--size")
         base = load_base(model)
         spec = FaceAnalyzer().spec
         shared = IdentityAdapter.load(adapter, base.unet, spec) if adapter else IdentityAdapter.for_unet(base.unet, spec)

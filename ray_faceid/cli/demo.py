@@ -108,6 +108,7 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
     from PIL import Image
 
     from ray_faceid.cli.data import summary_table
+    from ray_faceid.cli.render import eval_table
     from ray_faceid.config import RenderConfig
     from ray_faceid.data.render import run_render
     from ray_faceid.eval.run import evaluate
@@ -134,13 +135,7 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
                          config=RenderConfig(steps=8, size="64x64", workers=1), tenant=tenant)
     console.print(summary_table(f"render -> {rendered}", {k: v for k, v in summary.items() if k != "errors"}))
     report = evaluate(str(rendered), Registry(str(out / "registry")), tenant)
-    table = Table(title="eval of the rendered catalog (tiny untrained base: expect low similarity)")
-    for col in ("encoder", "images", "detection rate", "similarity mean", "similarity p10", "leakage max"):
-        table.add_column(col)
-    for name, m in report["encoders"].items():
-        cells = [m[k] for k in ("detection_rate", "similarity_mean", "similarity_p10", "leakage_max")]
-        table.add_row(name, str(m["images"]), *("-" if v is None else f"{v:.3f}" for v in cells))
-    console.print(table)
+    console.print(eval_table(report, "eval of the rendered catalog (tiny untrained base: expect low similarity)"))
     typer.echo("encoders: " + ", ".join(f"{n} = {m['spec']}" for n, m in report["encoders"].items()))
     console.print(f"contact sheet: {report['contact_sheet']}")
 

@@ -32,16 +32,6 @@ def _pipeline(model: str, adapter_uri: Optional[str], backend: str = "torch"):
     return analyzer, IdentityPipeline(base, adapter, backend=backend)
 
 
-def _size(size: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in size.lower().split("x"))
-    except ValueError as exc:
-        raise BadInput(f"--size must look like 512x512, got {size!r}") from exc
-    if not (8 <= w <= 2048 and 8 <= h <= 2048):
-        raise BadInput(f"--size {size}: each side must be between 8 and 2048")
-    return w, h
-
-
 def _parse_named(items: list[str], what: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -79,11 +69,11 @@ def generate(
     backend: str = BackendOpt,
 ):
     """Render a prompt with one or more enrolled-from-photo identities."""
-    from ray_faceid.pipelines.generate import IdentityCondition
+    from ray_faceid.pipelines.generate import IdentityCondition, parse_size
     from ray_faceid.pipelines.references import embed_references
 
     with user_errors():
-        width, height = _size(size)
+        width, height = parse_size(size, "--size")
         people = {"person": ref} if ref else {}
         for name, images in _parse_named(identity, "--identity").items():
             people[name] = images.split(",")

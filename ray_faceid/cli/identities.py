@@ -28,7 +28,7 @@ def enroll(
     from ray_faceid.errors import BadInput, FaceIdError
     from ray_faceid.face.align import align, loose_template
     from ray_faceid.face.analyzer import FaceAnalyzer
-    from ray_faceid.registry import Registry
+    from ray_faceid.registry import REFERENCE_CROP, Registry
 
     with user_errors():
         limits = ServeLimits()
@@ -43,7 +43,7 @@ def enroll(
             if reason is None:
                 embeddings.append(faces[0].embedding)
                 quality.append(faces[0].quality["score"])
-                crops.append(align(analyzer.load(path), faces[0].landmarks, loose_template(256))[0])
+                crops.append(align(analyzer.load(path), faces[0].landmarks, loose_template(REFERENCE_CROP))[0])
             else:
                 typer.echo(f"rejected {path}: {reason}")
         if not embeddings:

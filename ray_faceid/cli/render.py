@@ -13,6 +13,20 @@ TenantOpt = typer.Option("default", "--tenant")
 BACKEND_HELP = "UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt."
 
 
+def eval_table(report: dict, title: str):
+    """The eval metrics of each encoder, one row per encoder."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("encoder", "images", "detection", "similarity mean", "similarity p10", "multi-ID", "leakage max"):
+        table.add_column(column, justify="right")
+    for name, m in report["encoders"].items():
+        cells = [m[k] for k in ("detection_rate", "similarity_mean", "similarity_p10")]
+        table.add_row(name, str(m["images"]), *("-" if v is None else f"{v:.3f}" for v in cells),
+                      str(m["multi_identity_images"]), "-" if m["leakage_max"] is None else f"{m['leakage_max']:.3f}")
+    return table
+
+
 def render(
     catalog: str = typer.Argument(..., help="JSONL or Parquet catalog: one row per image to make."),
     out: str = typer.Argument(..., help="Output folder or URI: images/, manifest.parquet, render_summary.json."),
@@ -55,8 +69,6 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Identity similarity, detection rate and leakage of generated images, plus a contact sheet."""
-    from rich.table import Table
-
     from ray_faceid.config import SCORING_FACE
     from ray_faceid.eval.run import evaluate as run_eval
     from ray_faceid.registry import Registry
@@ -72,15 +84,6 @@ def evaluate(
     if as_json:
         print_json({k: v for k, v in report.items() if k != "rows"})
         return
-    table = Table(title=f"eval {images}")
-    for column in ("encoder", "images", "detection", "similarity mean", "similarity p10", "multi-ID", "leakage max"):
-        table.add_column(column, justify="right")
-    for name, m in report["encoders"].items():
-        def fmt(v):
-            return "-" if v is None else f"{v:.3f}"
-
-        table.add_row(name, str(m["images"]), fmt(m["detection_rate"]), fmt(m["similarity_mean"]),
-                      fmt(m["similarity_p10"]), str(m["multi_identity_images"]), fmt(m["leakage_max"]))
-    console.print(table)
+    console.print(eval_table(report, f"eval {images}"))
     typer.echo("encoders: " + ", ".join(f"{n} = {m['spec']}" for n, m in report["encoders"].items()))
     typer.echo(f"contact sheet: {report['contact_sheet']}")

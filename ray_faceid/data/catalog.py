@@ -68,12 +68,9 @@ class CatalogRow(BaseModel):
         return self.image is not None
 
     def dimensions(self, default: str) -> tuple[int, int]:
-        text = (self.size or default).lower()
-        try:
-            width, height = (int(v) for v in text.split("x"))
-        except ValueError as exc:
-            raise BadInput(f"row {self.id}: size must look like 512x512, got {text!r}") from exc
-        return width, height
+        from ray_faceid.pipelines.generate import parse_size
+
+        return parse_size(self.size or default, f"row {self.id}: size")
 
 
 def parse_row(text: str, index: int) -> CatalogRow:

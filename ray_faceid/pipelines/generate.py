@@ -24,6 +24,18 @@ from ray_faceid.pipelines.provenance import png_with_provenance
 MAX_IDENTITIES = 4
 
 
+def parse_size(text: str, name: str = "size") -> tuple[int, int]:
+    """'512x512' -> (width, height); every command and catalog row reads sizes through this.
+    `name` is what the message calls the value (a flag, a catalog field)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise BadInput(f"{name} must look like 512x512, got {text!r}") from exc
+    if not (8 <= width <= 2048 and 8 <= height <= 2048):
+        raise BadInput(f"{name} {text}: each side must be between 8 and 2048")
+    return width, height
+
+
 @dataclass
 class IdentityCondition:
     """One person to put in the image."""

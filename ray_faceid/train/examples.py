@@ -17,8 +17,7 @@ from ray_faceid.errors import BadImage, BadInput
 from ray_faceid.face.align import loose_template
 from ray_faceid.identity.cross_training import CrossBatch, Shot, assemble_cross_batch
 from ray_faceid.identity.tokens import fuse_embeddings
-
-REGISTRY_CROP = 256  # side of the registry's reference crops (identities CLI and API)
+from ray_faceid.registry import REFERENCE_CROP
 
 
 def load_crop(uri: str, size: int) -> tuple[np.ndarray, float]:
@@ -61,8 +60,8 @@ def cross_batch(rows: list[dict], size: int) -> CrossBatch:
 
 def template_landmarks(size: int) -> np.ndarray:
     """Where the face's landmarks sit in a registry reference crop resized to `size`."""
-    points = np.array(list(loose_template(REGISTRY_CROP).points.values()), dtype=np.float32)
-    return points * (size / REGISTRY_CROP)
+    points = np.array(list(loose_template(REFERENCE_CROP).points.values()), dtype=np.float32)
+    return points * (size / REFERENCE_CROP)
 
 
 def reference_batch(name: str, crops: list[np.ndarray], embeddings: np.ndarray, quality: np.ndarray,

@@ -109,21 +109,14 @@ def test_rerun_renders_only_rows_whose_inputs_changed(rendered, catalog, people)
     assert json.loads(after["amy-beach"]["provenance"])["identities"][0]["personal_adapter"].startswith("v_")
 
 
-def test_eval_reports_both_encoders_and_writes_a_contact_sheet(rendered, people, tmp_path):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
+def test_eval_reports_both_encoders_and_writes_a_contact_sheet(rendered, people, tmp_path, tiny_arcface_onnx):
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
 
     out, _ = rendered
     registry, _ = people
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(8, 64)).eval()
-    onnx_path = tmp_path / "second.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(onnx_path), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "n"}})
+    onnx_path = tiny_arcface_onnx
     result = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--second-encoder-onnx",
                                       str(onnx_path), "--out", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
