@@ -72,11 +72,10 @@ def unet_rows(latent: int, repeats: int) -> list[str]:
 
 
 def recogniser_rows(repeat: int) -> list[str]:
-    import onnxruntime as ort
-
     from ray_faceid.config import DetectionConfig, FaceConfig
+    from ray_faceid.engines.cache import EngineCache
     from ray_faceid.face.analyzer import FaceAnalyzer, sample_images
-    from ray_faceid.face.backends.dlib_backend import DlibEncoder, DlibTorchEncoder
+    from ray_faceid.face.backends.dlib_backend import DlibEncoder, PortedDlibEncoder
 
     analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
     items = []
@@ -86,12 +85,9 @@ def recogniser_rows(repeat: int) -> list[str]:
     items = items * repeat
     images, landmarks = [i for i, _ in items], [lm for _, lm in items]
     faces = sum(len(lm) for lm in landmarks)
-    dlib_enc, torch_enc = DlibEncoder(), DlibTorchEncoder(device="cpu")
+    dlib_enc, torch_enc = DlibEncoder(), PortedDlibEncoder(device="cpu")
+    onnx_enc = PortedDlibEncoder(runtime="onnxruntime", cache=EngineCache(tempfile.mkdtemp(prefix="bench_recogniser_")))
     chips = np.stack([c for image, lms in items for c in torch_enc.chips(image, lms)])
-    path = Path(tempfile.mkdtemp(prefix="bench_recogniser_")) / "dlib_resnet.onnx"
-    torch.onnx.export(torch_enc.net, (torch.from_numpy(chips[:2]),), str(path), dynamo=False, input_names=["chips"],
-                      output_names=["embeddings"], dynamic_axes={"chips": {0: "n"}})
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def timed(fn) -> float:
         fn()
@@ -101,7 +97,7 @@ def recogniser_rows(repeat: int) -> list[str]:
 
     dlib_s = timed(lambda: [dlib_enc.embed([im], [lm]) for im, lm in zip(images, landmarks)])
     torch_s = timed(lambda: torch_enc.embed_chips(chips))
-    onnx_s = timed(lambda: session.run(None, {"chips": chips}))
+    onnx_s = timed(lambda: onnx_enc.embed_chips(chips))
     return [
         f"| dlib, one face at a time | {faces / dlib_s:.1f} | 1.00x |",
         f"| torch port, one batch of {faces} | {faces / torch_s:.1f} | {dlib_s / torch_s:.2f}x |",

@@ -84,7 +84,7 @@ class DetectionConfig(Settings):
 class FaceConfig(Settings):
     """The face stack: which backend detects, landmarks, aligns and embeds."""
 
-    # The torch and dlib runtimes compute the same embeddings, so the runtime is not hashed.
+    # Every runtime of the ResNet computes the same embeddings, so the runtime is not hashed.
     hash_exclude: ClassVar[frozenset[str]] = frozenset(
         {"decode", "verify_threshold", "insightface_det_threshold", "threads", "encoder_runtime"}
     )
@@ -115,11 +115,12 @@ class FaceConfig(Settings):
     verify_threshold: float | None = Field(
         None, description="Override the encoder's calibrated same-person threshold (cosine distance or L2, per encoder)."
     )
-    encoder_runtime: Literal["torch", "dlib"] = Field(
+    encoder_runtime: Literal["torch", "onnxruntime", "tensorrt", "dlib"] = Field(
         "torch",
         description=(
             "Runtime of dlib's ResNet: 'torch' (the same network and weights ported to torch: batched, all cores, "
-            "CUDA when present; identical embeddings) or 'dlib' (dlib's own, one face at a time)."
+            "CUDA when present; identical embeddings), 'onnxruntime' or 'tensorrt' (that port as an engine, built "
+            "once into the engine cache), or 'dlib' (dlib's own, one face at a time)."
         ),
     )
     num_jitters: int = Field(

@@ -28,7 +28,9 @@ def compile_engine(
     batch: str = typer.Option("1:2:8", "--batch", help="MIN:OPT:MAX rows (classifier-free guidance doubles rows)."),
     size: str = typer.Option("512x512", "--size", help="Image WxH the engine serves."),
     identities: int = typer.Option(1, "--identities", min=1, max=4, help="Identities per image."),
-    precision: str = typer.Option("fp16", "--precision", help="fp32 | fp16 | bf16 (TensorRT; ONNX graphs are fp32)."),
+    precision: str = typer.Option(
+        "fp16", "--precision", help="fp32 | fp16 | bf16: the TensorRT graph's precision (ONNX Runtime graphs are fp32)."
+    ),
 ):
     """Export the UNet with identity inputs to ONNX, and build a TensorRT plan from it."""
     from ray_faceid.engines.base import EngineShape

@@ -21,20 +21,21 @@ from ray_faceid.config import Settings
 from ray_faceid.envs import cache_dir
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # bump when the export or build changes what a file holds
+FORMAT = 2  # bump when the export or build changes what a file holds
 
 
 class EngineKey(Settings):
     """Everything an engine file depends on; its compute_hash() names the cache entry."""
 
     backend: Literal["onnx", "tensorrt"] = Field(..., description="What the file is: an ONNX graph or a TensorRT plan.")
-    model_hash: str = Field(..., description="BaseModel.model_hash() of the base.")
-    adapter_structure: str = Field(..., description="Adapter options and layers (not weights).")
+    graph: Literal["unet", "face_encoder"] = Field("unet", description="Which network.")
+    model_hash: str = Field(..., description="BaseModel.model_hash() of the base, or the encoder's spec version.")
+    adapter_structure: str | None = Field(None, description="Adapter options and layers (not weights); UNet only.")
     adapter_weights: str | None = Field(None, description="Adapter content hash where weights are baked in (ONNX).")
     batch: tuple[int, int, int] = Field(..., description="min, opt, max rows.")
-    latent: tuple[int, int] = Field(..., description="Latent h, w.")
-    identities: int = Field(..., description="Identities per row (M).")
-    tokens: int = Field(..., description="Tokens per identity (T).")
+    latent: tuple[int, int] | None = Field(None, description="Latent h, w; UNet only.")
+    identities: int | None = Field(None, description="Identities per row (M); UNet only.")
+    tokens: int | None = Field(None, description="Tokens per identity (T); UNet only.")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Engine precision.")
     device: str = Field("cpu", description="GPU name and compute capability, or cpu.")
     runtime_version: str = Field("", description="TensorRT version (or the ONNX opset).")

@@ -3,10 +3,13 @@
 Dynamic batch; the latent size and the identity layout (M identities x T tokens) are fixed per
 graph: one graph per size and identity count you serve. Graphs over 2 GB (SD-sized UNets in fp32)
 are written with external data. The result is checked with `onnx.checker` (by path, so external
-data is checked too).
+data is checked too). The exporter's own optimiser is off: it folds weight transposes into new,
+unnamed constants, and TensorRT refit finds weights by their parameter names. ONNX Runtime and
+TensorRT fold constants themselves.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -17,7 +20,9 @@ from ray_faceid.errors import BackendUnavailable
 OPSET = 18
 
 
-def export_unet(unet, shape: EngineShape, path: str | Path) -> Path:
+def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """`dtype` is the graph's precision: fp16 / bf16 graphs make half-precision TensorRT engines
+    (strongly typed). The module is copied, never cast in place, when its dtype differs."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (the exporter's dependency)
@@ -25,7 +30,10 @@ def export_unet(unet, shape: EngineShape, path: str | Path) -> Path:
         raise BackendUnavailable("ONNX export needs the onnx extra: pip install 'ray_faceid[onnx]'") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = shape.example()
+    param = next(unet.parameters())
+    if param.dtype != dtype:
+        unet = copy.deepcopy(unet).to(dtype)
+    example = shape.example(device=param.device, dtype=dtype)
     batch = torch.export.Dim("batch", min=shape.batch[0], max=max(shape.batch[2], 2))
     dynamic = tuple(None if name == "timestep" else {0: batch} for name in INPUT_NAMES)
     call = UNetCall(unet).eval()
@@ -35,6 +43,6 @@ def export_unet(unet, shape: EngineShape, path: str | Path) -> Path:
     with torch.no_grad():
         torch.onnx.export(call, tuple(example[n] for n in INPUT_NAMES), str(path), input_names=INPUT_NAMES,
                           output_names=["noise_pred"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
-                          external_data=large, verbose=False)
+                          external_data=large, verbose=False, optimize=False)
     onnx.checker.check_model(str(path))
     return path

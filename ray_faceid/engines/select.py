@@ -15,6 +15,7 @@ from ray_faceid.errors import BadInput
 
 Backend = Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"]
 BACKENDS = ("auto", "torch", "torch.compile", "onnxruntime", "tensorrt")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_backend(backend: str) -> str:
@@ -57,22 +58,25 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
 
         import_tensorrt()
     cache = cache or EngineCache()
+    if backend == "onnxruntime":
+        precision = "fp32"  # ONNX Runtime on CPU runs the fp32 graph; TensorRT graphs carry their precision
     common = dict(model_hash=base.model_hash(), adapter_structure=adapter_structure(adapter), batch=shape.batch,
                   latent=shape.latent, identities=shape.identities, tokens=shape.tokens)
-    onnx_key = EngineKey(backend="onnx", adapter_weights=adapter.content_hash(), precision="fp32",
+    onnx_key = EngineKey(backend="onnx", adapter_weights=adapter.content_hash(), precision=precision,
                          runtime_version=f"opset{OPSET}", **common)
-    onnx_path = cache.get_or_build(onnx_key, "unet.onnx", lambda folder: export_unet(base.unet, shape, folder / "unet.onnx"))
+    onnx_path = cache.get_or_build(onnx_key, "unet.onnx", lambda folder: export_unet(
+        base.unet, shape, folder / "unet.onnx", DTYPES[precision]))
     if backend == "onnxruntime":
         from ray_faceid.engines.onnxruntime_engine import OnnxRuntimeUNetEngine
 
         return OnnxRuntimeUNetEngine(onnx_path)
-    from ray_faceid.engines.tensorrt_engine import TensorRTUNetEngine, build_plan, device_tag, import_tensorrt
+    from ray_faceid.engines.tensorrt_engine import TensorRTUNetEngine, build_plan, device_tag, import_tensorrt, unet_profile
 
     trt = import_tensorrt()
     plan_key = EngineKey(backend="tensorrt", precision=precision, device=device_tag(), runtime_version=trt.__version__,
                          **common)
     plan = cache.get_or_build(plan_key, "unet.plan", lambda folder: build_plan(
-        onnx_path, shape, folder / "unet.plan", precision, cache.root / "timing.cache"))
+        onnx_path, unet_profile(shape), folder / "unet.plan", timing_cache=cache.root / "timing.cache"))
     engine = TensorRTUNetEngine(plan)
     engine.refit(processor_weights_by_onnx_name(adapter))  # this adapter's weights, whatever the plan was built with
     return engine

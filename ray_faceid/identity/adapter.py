@@ -122,11 +122,13 @@ class IdentityAdapter(nn.Module):
         }
 
     def content_hash(self) -> str:
-        """Hash of the weights and config: a version id for caches and provenance."""
+        """Hash of the weights and config: a version id for caches and provenance. Weights are
+        hashed as fp32 (numpy has no bf16); an adapter cast to half precision hashes as its
+        rounded weights, which is what then runs."""
         h = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
         for k, t in sorted(self.state_dict().items()):
             h.update(k.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def save(self, uri: str) -> None:

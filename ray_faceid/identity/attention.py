@@ -97,7 +97,7 @@ class _IdentityProcessor(nn.Module):
             owner = torch.ones(b, length, m, dtype=torch.bool, device=identity_scale.device)
         else:
             owner = query_routing(region_masks, length)
-        scale = (owner.float() * identity_scale.unsqueeze(1)).sum(-1)
+        scale = (owner.to(identity_scale.dtype) * identity_scale.unsqueeze(1)).sum(-1)
         active = owner.any(-1) & (scale > 0)
         keys = owner.repeat_interleave(tokens_per_id, dim=-1)
         return keys, active, scale

@@ -101,25 +101,26 @@ class IdentityPipeline:
     def identity_tokens(self, identities: list[IdentityCondition]) -> torch.Tensor:
         """(1, M, T, C) tokens of every identity."""
         spec = self.adapter.encoder_spec
+        dtype = next(self.adapter.parameters()).dtype  # fp16 / bf16 on GPU
         tokens = []
         for ident in identities:
-            emb = torch.as_tensor(np.atleast_2d(ident.embeddings), dtype=torch.float32, device=self.device)
+            emb = torch.as_tensor(np.atleast_2d(ident.embeddings), dtype=dtype, device=self.device)
             if emb.shape[-1] != spec.dim:
                 raise BadInput(f"identity {ident.name}: {emb.shape[-1]}-d embeddings, the adapter needs {spec.dim}-d "
                                f"({spec.key()})")
             code = expression_code(ident.expression)
             if code is not None:
-                code = code.to(self.device).unsqueeze(0)
+                code = code.to(self.device, dtype).unsqueeze(0)
             if self.adapter.options.mapper == "multiref":
                 t = self.adapter.tokens(emb.unsqueeze(0))
             else:
-                q = None if ident.quality is None else torch.as_tensor(ident.quality, dtype=torch.float32, device=self.device)
+                q = None if ident.quality is None else torch.as_tensor(ident.quality, dtype=dtype, device=self.device)
                 expr = code if self.adapter.options.expression_dim == EXPRESSION_DIM else None
                 t = self.adapter.tokens(fuse_embeddings(emb, q).unsqueeze(0), expression=expr)
             if code is not None and self.imr is not None:
                 t = self.imr(t, code)
             tokens.append(t)
-        return torch.stack(tokens, dim=1)
+        return torch.stack(tokens, dim=1).to(self.base.unet.dtype)
 
     def region_masks(self, identities: list[IdentityCondition], height: int, width: int) -> torch.Tensor | None:
         if len(identities) == 1 and identities[0].region is None:
@@ -147,11 +148,12 @@ class IdentityPipeline:
         if self.adapter is None:
             raise BadInput("identities were given but no identity adapter is loaded (pass --adapter)")
         tokens = torch.cat([self.identity_tokens(it.identities) for it in items])
-        scale = torch.tensor([[c.scale for c in it.identities] for it in items], device=self.device)
+        scale = torch.tensor([[c.scale for c in it.identities] for it in items], device=self.device,
+                             dtype=self.base.unet.dtype)
         masks = [self.region_masks(it.identities, h, w) for it in items]
         if any(m is not None for m in masks):  # a single identity without region may act everywhere
             masks = [torch.ones(1, 1, h, w, device=self.device) if m is None else m for m in masks]
-            region = torch.cat(masks)
+            region = torch.cat(masks).to(self.base.unet.dtype)
             region = torch.cat([region, region])
         else:
             region = None
@@ -207,17 +209,24 @@ class IdentityPipeline:
         return latents
 
     def _unet(self, sample, t, text, kwargs, h, w):
-        """One UNet call: eager torch, or the configured engine with identity as its inputs."""
+        """One UNet call in the UNet's dtype (fp16 / bf16 on GPU); the prediction comes back in fp32,
+        where the scheduler keeps the latents."""
+        sample, text = sample.to(self.base.unet.dtype), text.to(self.base.unet.dtype)
+        return self._unet_call(sample, t, text, kwargs, h, w).float()
+
+    def _unet_call(self, sample, t, text, kwargs, h, w):
+        """Eager torch, or the configured engine with identity as its inputs."""
         if self.backend == "torch":
             return self.base.unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs or None).sample
         rows, opts = sample.shape[0], self.adapter.options
         if kwargs:
             tokens, scale, region = kwargs["identity_tokens"], kwargs["identity_scale"], kwargs["region_masks"]
         else:  # no identity: one zero identity at scale 0 is exactly the stock layer
-            tokens = torch.zeros(rows, 1, opts.num_tokens, self.base.cross_attention_dim, device=self.device)
-            scale, region = torch.zeros(rows, 1, device=self.device), None
+            tokens = torch.zeros(rows, 1, opts.num_tokens, self.base.cross_attention_dim, device=self.device,
+                                 dtype=sample.dtype)
+            scale, region = torch.zeros(rows, 1, device=self.device, dtype=sample.dtype), None
         if region is None:
-            region = torch.ones(rows, tokens.shape[1], h, w, device=self.device)
+            region = torch.ones(rows, tokens.shape[1], h, w, device=self.device, dtype=sample.dtype)
         engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1])
         return engine(sample, t, text, tokens, scale, region)
 
@@ -233,7 +242,8 @@ class IdentityPipeline:
             shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
                                 tokens=self.adapter.options.num_tokens, text_length=text_length,
                                 channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
-            self.engines[key] = unet_engine(self.base, self.adapter, shape, self.backend, cache=self.engine_cache)
+            precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.base.unet.dtype, "fp32")
+            self.engines[key] = unet_engine(self.base, self.adapter, shape, self.backend, precision, self.engine_cache)
         return self.engines[key]
 
     def _previous_timestep(self, t) -> int:
@@ -243,7 +253,7 @@ class IdentityPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:
         vae = self.base.vae
-        image = vae.decode(latents / vae.config.scaling_factor).sample
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
         arr = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(arr)
 
@@ -251,7 +261,7 @@ class IdentityPipeline:
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
         vae = self.base.vae
         x = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1).unsqueeze(0).to(self.device) / 127.5 - 1
-        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        return vae.encode(x.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
 
     def provenance(self, kind, prompt, negative_prompt, identities, seed, steps, guidance, width, height) -> dict:
         return {

@@ -66,13 +66,52 @@ def test_onnxruntime_matches_torch(spec, tmp_path, method, identities):
     assert len(list(tmp_path.iterdir())) == 1  # one graph for all of it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_graph_keeps_every_identity_weight_under_its_refit_name(spec, tmp_path, dtype):
+    """TensorRT refits per-identity weights by name: each must be a named initializer of the graph,
+    in the graph's precision; a half-precision graph (what TensorRT 11 builds fp16 engines from)
+    takes half inputs and still computes the UNet."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from ray_faceid.engines.base import INPUT_NAMES, UNetCall
+    from ray_faceid.engines.onnx_export import export_unet
+    from ray_faceid.engines.select import processor_weights_by_onnx_name
+
+    base = build_tiny()
+    adapter = IdentityAdapter.for_unet(base.unet, spec)
+    adapter.install(base.unet)
+    shape = shape_for(base, 1)
+    path = export_unet(base.unet, shape, tmp_path / "unet.onnx", dtype)
+    assert next(base.unet.parameters()).dtype == torch.float32  # exported from a copy, not cast in place
+    graph = onnx.load(str(path)).graph
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    weights = processor_weights_by_onnx_name(adapter)
+    assert len(weights) == len(adapter.processors.state_dict()) > 0
+    for name, tensor in weights.items():
+        assert name in initializers, name
+        np.testing.assert_array_equal(initializers[name], tensor.to(dtype).numpy())
+    onnx_dtype = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}[dtype]
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert types.pop("timestep") == onnx.TensorProto.FLOAT and set(types.values()) == {onnx_dtype}
+    x = inputs(shape, 3, 0)
+    with torch.no_grad():
+        want = UNetCall(base.unet)(*(x[n] for n in INPUT_NAMES))
+    feed = {n: x[n].numpy().astype(np.float32 if n == "timestep" else dtype_np) for n in INPUT_NAMES
+            for dtype_np in [np.float16 if dtype == torch.float16 else np.float32]}
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    rel = np.linalg.norm(got.astype(np.float32) - want.numpy()) / np.linalg.norm(want.numpy())
+    assert rel < (1e-2 if dtype == torch.float16 else 1e-5), rel
+
+
 def test_cache_key_changes_exactly_with_the_keyed_fields():
     key = EngineKey(backend="onnx", model_hash="m", adapter_structure="a", batch=(1, 2, 4), latent=(64, 64),
                     identities=1, tokens=4)
     assert key.compute_hash() == EngineKey(**key.model_dump()).compute_hash()
     changes = {"model_hash": "m2", "adapter_structure": "a2", "adapter_weights": "w", "batch": (1, 2, 8),
                "latent": (64, 96), "identities": 2, "tokens": 8, "precision": "fp16", "device": "NVIDIA H100 sm_90",
-               "runtime_version": "10.3", "backend": "tensorrt"}
+               "runtime_version": "10.3", "backend": "tensorrt", "graph": "face_encoder"}
     hashes = {field: key.model_copy(update={field: value}).compute_hash() for field, value in changes.items()}
     assert key.compute_hash() not in hashes.values() and len(set(hashes.values())) == len(changes)
 

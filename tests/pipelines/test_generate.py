@@ -101,3 +101,23 @@ def test_a_batch_matches_the_images_made_one_by_one(pipe):
         single = pipe.generate(item.prompt, item.identities, item.negative_prompt, seed=item.seed, **SIZE)
         diff = np.abs(np.asarray(batch.images[k], float) - np.asarray(single.images[0], float))
         assert diff.max() <= 2  # float rounding of batched kernels only
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gives_the_fp32_image(spec128, dtype):
+    """GPUs serve in fp16 / bf16: the pipeline casts at the UNet, VAE and mapper boundaries and keeps
+    the scheduler's latents in fp32. Here on CPU, against the fp32 image of the same request."""
+    from ray_faceid.pipelines.models import build_tiny
+
+    images = {}
+    for run in (torch.float32, dtype):
+        base = build_tiny()
+        adapter = IdentityAdapter.for_unet(base.unet, spec128, AdapterOptions(method="pva"))
+        pipe = IdentityPipeline(base, adapter)
+        base.to("cpu", run)
+        adapter.to("cpu", run)
+        people = [person("a", 1), person("b", 2)]
+        images[run] = [np.asarray(pipe.generate("a portrait", people[:n], steps=3, width=64, height=64).images[0],
+                                  dtype=np.float32) for n in (1, 2)]
+    for full, half in zip(images[torch.float32], images[dtype]):
+        assert np.abs(full - half).mean() < 2.0 and np.abs(full - half).max() < 40

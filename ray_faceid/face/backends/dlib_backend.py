@@ -143,7 +143,7 @@ def build_dlib_backend(
     num_jitters: int = 0,
     encoder_runtime: str = "torch",
 ):
-    encoder = DlibTorchEncoder(num_jitters) if encoder_runtime == "torch" else DlibEncoder(num_jitters)
+    encoder = DlibEncoder(num_jitters) if encoder_runtime == "dlib" else PortedDlibEncoder(num_jitters, runtime=encoder_runtime)
     return FaceBackend(
         name=f"dlib-{detector}",
         encoder=encoder,
@@ -154,13 +154,13 @@ def build_dlib_backend(
     )
 
 
-class DlibTorchEncoder(DlibEncoder):
+class PortedDlibEncoder(DlibEncoder):
     """The same ResNet ported to torch (weights read from the same file): identical embeddings
-    (same EncoderSpec), computed in batches on all cores, or on CUDA when present."""
+    (same EncoderSpec), computed in batches on `runtime`: torch (all CPU cores, or CUDA when
+    present), onnxruntime or tensorrt (engines built once into the engine cache)."""
 
-    def __init__(self, num_jitters: int = 0, device: str | None = None, batch_size: int = 64):
-        import torch
-
+    def __init__(self, num_jitters: int = 0, device: str | None = None, runtime: str = "torch", cache=None):
+        from ray_faceid.engines.face_encoder import face_encoder_engine
         from ray_faceid.face.backends.dlib_dat import read_dlib_resnet
         from ray_faceid.face.backends.dlib_resnet_torch import DlibResNet
 
@@ -168,26 +168,18 @@ class DlibTorchEncoder(DlibEncoder):
             raise BackendUnavailable("num_jitters needs the dlib encoder runtime (encoder_runtime='dlib')")
         self.spec = dlib_encoder_spec()
         self.num_jitters = 0
-        self.batch_size = batch_size
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        weights = read_dlib_resnet(model_path(RECOGNIZER_FILE).read_bytes())
-        self.net = DlibResNet(weights).eval().to(self.device)
+        net = DlibResNet(read_dlib_resnet(model_path(RECOGNIZER_FILE).read_bytes()))
+        self.chip_size = net.chip_size
+        self.engine = face_encoder_engine(net, net.chip_size, self.spec.version, runtime, cache, device)
 
     def chips(self, image: np.ndarray, landmarks: list[Landmarks]) -> list[np.ndarray]:
         """dlib's own face-chip alignment (150 px, padding 0.25): what the network was trained on."""
         dlib = _dlib()
         shapes = dlib.full_object_detections([self._shape(lm) for lm in landmarks])
-        return list(dlib.get_face_chips(image, shapes, self.net.chip_size, 0.25))
+        return list(dlib.get_face_chips(image, shapes, self.chip_size, 0.25))
 
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(chips), self.batch_size):
-                batch = torch.from_numpy(chips[i : i + self.batch_size]).to(self.device)
-                out.append(self.net(batch).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.spec.dim), np.float32)
+        return self.engine(chips)
 
     def embed(self, images: list[np.ndarray], landmarks: list[list[Landmarks]]) -> list[np.ndarray]:
         chips, counts = [], []
