@@ -46,9 +46,10 @@ class Generator:
             adapter = IdentityAdapter.load(self.config.adapter, base.unet)
         else:
             adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer(self.config.face).spec)
-        self.pipeline = IdentityPipeline(base, adapter, device=device, backend=self.config.backend)
+        self.pipeline = IdentityPipeline(base, adapter, device=device, backend=self.config.backend,
+                                         precision=self.config.precision)
         self.registry = Registry(self.config.registry)
-        self.adapter_hash = adapter.content_hash()
+        self.adapter_hash = self.pipeline.adapter_hash
         self.loads = 0
         self._lock = asyncio.Lock()
         self.load_identity = multiplex.identity_cache(self._load_identity, self.config.identities_per_replica)

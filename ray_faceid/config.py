@@ -196,6 +196,9 @@ class ServeConfig(Settings):
     face: FaceConfig = Field(default_factory=FaceConfig, description="Face stack of the encoder deployment.")
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Request bounds.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the Generator runs its pipeline.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Dtype of the Generator's models; auto = fp16 on CUDA, fp32 on CPU."
+    )
     backend: Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"] = Field(
         "torch", description="Generator UNet runtime; auto = tensorrt on CUDA when installed, else onnxruntime, else torch."
     )
@@ -257,7 +260,10 @@ SCORING_FACE = FaceConfig(detection=DetectionConfig(policy="all", cnn_fallback=F
 class RenderConfig(Settings):
     """`ray-faceid render`: a catalog of rows -> images, scores and a manifest."""
 
-    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "batch_size", "num_gpus_per_worker", "device"})
+    # precision is keyed once resolved (auto differs between CPU and GPU actors): see Renderer.key.
+    hash_exclude: ClassVar[frozenset[str]] = frozenset(
+        {"workers", "batch_size", "num_gpus_per_worker", "device", "precision"}
+    )
 
     steps: int = Field(30, ge=1, le=200, description="Denoising steps of rows that do not set their own.")
     guidance: float = Field(5.0, ge=0, le=30, description="Classifier-free guidance of rows that do not set their own.")
@@ -272,6 +278,10 @@ class RenderConfig(Settings):
     batch_size: int = Field(8, ge=1, description="Rows per map_batches call (rows are sorted by identity first).")
     num_gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; default 1 where the cluster has GPUs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where each actor runs its pipeline.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Dtype of each actor's models; auto = fp16 on CUDA, fp32 on CPU. Output keys include the "
+        "resolved precision, so a GPU run never reuses CPU outputs as its own."
+    )
     backend: Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"] = Field(
         "torch", description="UNet runtime; auto = tensorrt on CUDA when installed, else onnxruntime, else torch."
     )

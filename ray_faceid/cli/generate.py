@@ -29,7 +29,10 @@ def _pipeline(model: str, adapter_uri: Optional[str], backend: str = "torch"):
         err_console.print("[yellow]no --adapter: using an untrained identity adapter; identity will not be preserved[/yellow]")
     if base.untrained:
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")
-    return analyzer, IdentityPipeline(base, adapter, backend=backend)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return analyzer, IdentityPipeline(base, adapter, device=device, backend=backend, precision="auto")
 
 
 def _parse_named(items: list[str], what: str) -> dict[str, str]:

@@ -38,6 +38,7 @@ def render(
     size: str = typer.Option("512x512", "--size", help="Default WxH for rows without their own."),
     unet_batch: int = typer.Option(1, "--unet-batch", min=1, help="Rows denoised together (1: byte-stable per row)."),
     backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render actors (default: one per GPU, or 1)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster."),
     resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: every run skips rows already rendered."),
@@ -48,7 +49,8 @@ def render(
     from ray_faceid.data.render import run_render
 
     with user_errors():
-        config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend)
+        config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
+                              precision=precision)
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address)
     if as_json:
         print_json(summary)

@@ -34,7 +34,7 @@ class Renderer:
 
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import IdentityAdapter
-        from ray_faceid.pipelines.generate import IdentityPipeline
+        from ray_faceid.pipelines.generate import IdentityPipeline, resolve_precision
         from ray_faceid.pipelines.models import load_base
         from ray_faceid.registry import Registry
 
@@ -47,9 +47,10 @@ class Renderer:
             torch.manual_seed(0)
             shared = IdentityAdapter.for_unet(base.unet, self.analyzer.spec)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipeline = IdentityPipeline(base, shared, device=device, backend=config.backend)
+        self.precision = resolve_precision(config.precision, device)
+        self.pipeline = IdentityPipeline(base, shared, device=device, backend=config.backend, precision=self.precision)
         self.registry = Registry(registry)
-        self.model_hash, self.adapter_hash = base.model_hash(), shared.content_hash()
+        self.model_hash, self.adapter_hash = base.model_hash(), self.pipeline.adapter_hash
         self.identities: OrderedDict[str, dict] = OrderedDict()
 
     # -- inputs -------------------------------------------------------------------------------
@@ -73,6 +74,8 @@ class Renderer:
         parts = {"row": row.model_dump(mode="json"), "model": self.model_hash, "adapter": self.adapter_hash,
                  "personal": self._personal_version(row),
                  "defaults": self.config.compute_hash(), "inputs": extra}
+        if self.precision != "fp32":  # fp32 keys stay those of runs made before precision was a setting
+            parts["precision"] = self.precision
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def _personal_version(self, row: CatalogRow) -> str:

@@ -20,6 +20,7 @@ class OnnxRuntimeUNetEngine:
             raise BackendUnavailable("the onnxruntime backend needs: pip install 'ray_faceid[onnx]'") from exc
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: the unoptimised graph's CastLike nodes each log a warning
         if threads:
             options.intra_op_num_threads = threads
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]

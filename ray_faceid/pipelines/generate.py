@@ -22,6 +22,16 @@ from ray_faceid.pipelines.models import BaseModel
 from ray_faceid.pipelines.provenance import png_with_provenance
 
 MAX_IDENTITIES = 4
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """`auto` is fp16 on CUDA and fp32 elsewhere (half precision on CPU is slower, not faster)."""
+    if precision == "auto":
+        return "fp16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in DTYPES:
+        raise BadInput(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+    return precision
 
 
 def parse_size(text: str, name: str = "size") -> tuple[int, int]:
@@ -73,7 +83,10 @@ class GenerationResult:
 
 class IdentityPipeline:
     def __init__(self, base: BaseModel, adapter: IdentityAdapter | None = None, imr=None,
-                 device: str | torch.device = "cpu", backend: str = "torch", engine_cache=None):
+                 device: str | torch.device = "cpu", backend: str = "torch", engine_cache=None,
+                 precision: str = "fp32"):
+        """`precision` casts the UNet, VAE, text encoder and adapter (fp16 / bf16 on GPU); the
+        scheduler's latents stay fp32."""
         from ray_faceid.engines.select import resolve_backend
 
         self.base, self.adapter, self.imr = base, adapter, imr
@@ -82,9 +95,16 @@ class IdentityPipeline:
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
         self.engine_cache, self.engines, self._weights_version = engine_cache, {}, "shared"
-        base.to(self.device)
+        # The hash of the adapter as loaded, before any cast: the registry's per-identity adapters
+        # and the provenance refer to the trained weights, whatever precision they run in.
+        self.adapter_hash = None if adapter is None else adapter.content_hash()
+        dtype = DTYPES[resolve_precision(precision, self.device)]
+        cast = {} if dtype == torch.float32 else {"dtype": dtype}  # fp32: leave a base cast by the caller as is
+        base.to(self.device, cast.get("dtype"))
+        for module in (adapter, imr):
+            if module is not None:
+                module.to(self.device, **cast).eval()
         if adapter is not None:
-            adapter.to(self.device).eval()
             adapter.install(base.unet)
         else:
             IdentityAdapter.remove(base.unet)
@@ -271,7 +291,7 @@ class IdentityPipeline:
             "base_model": self.base.model_id,
             "base_model_hash": self.base.model_hash(),
             "untrained_base": self.base.untrained,
-            "adapter": None if self.adapter is None else self.adapter.content_hash(),
+            "adapter": self.adapter_hash,
             "backend": self.backend,
             "adapter_trained_steps": None if self.adapter is None else self.adapter.trained_steps,
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),

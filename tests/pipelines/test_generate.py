@@ -103,6 +103,9 @@ def test_a_batch_matches_the_images_made_one_by_one(pipe):
         assert diff.max() <= 2  # float rounding of batched kernels only
 
 
+PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_gives_the_fp32_image(spec128, dtype):
     """GPUs serve in fp16 / bf16: the pipeline casts at the UNet, VAE and mapper boundaries and keeps
@@ -112,12 +115,15 @@ def test_half_precision_gives_the_fp32_image(spec128, dtype):
     images = {}
     for run in (torch.float32, dtype):
         base = build_tiny()
+        torch.manual_seed(0)
         adapter = IdentityAdapter.for_unet(base.unet, spec128, AdapterOptions(method="pva"))
-        pipe = IdentityPipeline(base, adapter)
-        base.to("cpu", run)
-        adapter.to("cpu", run)
+        trained = adapter.content_hash()
+        pipe = IdentityPipeline(base, adapter, precision=PRECISION[run])
+        assert base.unet.dtype == run and next(adapter.parameters()).dtype == run
+        assert pipe.adapter_hash == trained  # the registry's records refer to the weights as trained
         people = [person("a", 1), person("b", 2)]
-        images[run] = [np.asarray(pipe.generate("a portrait", people[:n], steps=3, width=64, height=64).images[0],
-                                  dtype=np.float32) for n in (1, 2)]
+        results = [pipe.generate("a portrait", people[:n], steps=3, width=64, height=64) for n in (1, 2)]
+        assert all(r.provenance[0]["adapter"] == trained for r in results)
+        images[run] = [np.asarray(r.images[0], dtype=np.float32) for r in results]
     for full, half in zip(images[torch.float32], images[dtype]):
         assert np.abs(full - half).mean() < 2.0 and np.abs(full - half).max() < 40
