@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision -> model dtype
+
 
 class UNetEngine(Protocol):
     backend: str

@@ -9,13 +9,12 @@ from typing import Literal
 
 import torch
 
-from ray_faceid.engines.base import EngineShape, UNetEngine
+from ray_faceid.engines.base import DTYPES, EngineShape, UNetEngine
 from ray_faceid.engines.cache import EngineCache, EngineKey
 from ray_faceid.errors import BadInput
 
 Backend = Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"]
 BACKENDS = ("auto", "torch", "torch.compile", "onnxruntime", "tensorrt")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_backend(backend: str) -> str:
@@ -64,19 +63,24 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
                   latent=shape.latent, identities=shape.identities, tokens=shape.tokens)
     onnx_key = EngineKey(backend="onnx", adapter_weights=adapter.content_hash(), precision=precision,
                          runtime_version=f"opset{OPSET}", **common)
-    onnx_path = cache.get_or_build(onnx_key, "unet.onnx", lambda folder: export_unet(
-        base.unet, shape, folder / "unet.onnx", DTYPES[precision]))
+
+    def onnx_graph():
+        return cache.get_or_build(onnx_key, "unet.onnx", lambda folder: export_unet(
+            base.unet, shape, folder / "unet.onnx", DTYPES[precision]))
+
     if backend == "onnxruntime":
         from ray_faceid.engines.onnxruntime_engine import OnnxRuntimeUNetEngine
 
-        return OnnxRuntimeUNetEngine(onnx_path)
+        return OnnxRuntimeUNetEngine(onnx_graph())
     from ray_faceid.engines.tensorrt_engine import TensorRTUNetEngine, build_plan, device_tag, import_tensorrt, unet_profile
 
     trt = import_tensorrt()
     plan_key = EngineKey(backend="tensorrt", precision=precision, device=device_tag(), runtime_version=trt.__version__,
                          **common)
+    # The graph is exported only when the plan must be built: a cached plan serves every adapter
+    # of this structure (its weights come by refit), so a new identity costs no export.
     plan = cache.get_or_build(plan_key, "unet.plan", lambda folder: build_plan(
-        onnx_path, unet_profile(shape), folder / "unet.plan", timing_cache=cache.root / "timing.cache"))
+        onnx_graph(), unet_profile(shape), folder / "unet.plan", timing_cache=cache.root / "timing.cache"))
     engine = TensorRTUNetEngine(plan)
     engine.refit(processor_weights_by_onnx_name(adapter))  # this adapter's weights, whatever the plan was built with
     return engine

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ray_faceid.engines.base import DTYPES
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
@@ -22,7 +23,7 @@ from ray_faceid.pipelines.models import BaseModel
 from ray_faceid.pipelines.provenance import png_with_provenance
 
 MAX_IDENTITIES = 4
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_ENGINES = 4  # UNet engines (shapes x ONNX Runtime adapter versions) a pipeline keeps
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
@@ -252,19 +253,27 @@ class IdentityPipeline:
 
     def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int):
         from ray_faceid.engines.base import EngineShape
-        from ray_faceid.engines.select import unet_engine
+        from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
 
-        # The adapter's in-layer weights are part of the engine (per-identity weights included);
-        # the batch range grows in powers of two.
-        top = max(8, 1 << (rows - 1).bit_length())
-        key = (h, w, identities, top, self._weights_version)
-        if key not in self.engines:
+        top = max(8, 1 << (rows - 1).bit_length())  # the batch range grows in powers of two
+        key = (h, w, identities, top)
+        if self.backend == "onnxruntime":  # the graph holds the adapter's in-layer weights
+            key += (self._weights_version,)
+        if key in self.engines:
+            engine, version = self.engines.pop(key)
+            if self.backend == "tensorrt" and version != self._weights_version:
+                engine.refit(processor_weights_by_onnx_name(self.adapter))  # another identity: refit, no rebuild
+        else:
             shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
                                 tokens=self.adapter.options.num_tokens, text_length=text_length,
                                 channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
-            precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.base.unet.dtype, "fp32")
-            self.engines[key] = unet_engine(self.base, self.adapter, shape, self.backend, precision, self.engine_cache)
-        return self.engines[key]
+            precision = next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
+            engine = unet_engine(self.base, self.adapter, shape, self.backend, precision, self.engine_cache)
+        # torch engines run the live UNet, whose processors `personalized` swaps in place.
+        self.engines[key] = (engine, self._weights_version)
+        while len(self.engines) > MAX_ENGINES:  # least recently used first
+            self.engines.pop(next(iter(self.engines)))
+        return engine
 
     def _previous_timestep(self, t) -> int:
         sched = self.base.scheduler
