@@ -29,7 +29,8 @@ def compile_engine(
     size: str = typer.Option("512x512", "--size", help="Image WxH the engine serves."),
     identities: int = typer.Option(1, "--identities", min=1, max=4, help="Identities per image."),
     precision: str = typer.Option(
-        "fp16", "--precision", help="fp32 | fp16 | bf16: the TensorRT graph's precision (ONNX Runtime graphs are fp32)."
+        "auto", "--precision", help="auto | fp32 | fp16 | bf16: the TensorRT graph's precision (auto: fp16); ONNX Runtime "
+        "graphs are fp32.",
     ),
 ):
     """Export the UNet with identity inputs to ONNX, and build a TensorRT plan from it."""
@@ -44,8 +45,12 @@ def compile_engine(
     with user_errors():
         if backend not in ("onnx", "tensorrt"):
             raise BadInput(f"--backend must be onnx or tensorrt, not {backend!r}")
-        if precision not in ("fp32", "fp16", "bf16"):
-            raise BadInput(f"--precision must be fp32, fp16 or bf16, not {precision!r}")
+        if precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise BadInput(f"--precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+        if backend == "onnx" and precision not in ("auto", "fp32"):
+            raise BadInput(f"--precision {precision} is for TensorRT plans: ONNX Runtime runs fp32 graphs; drop it or "
+                           "use --backend tensorrt")
+        precision = precision if precision != "auto" else ("fp16" if backend == "tensorrt" else "fp32")
         width, height = parse_size(size, "--size")
         base = load_base(model)
         spec = FaceAnalyzer().spec

@@ -178,6 +178,8 @@ def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_p
         assert missing.exit_code == 2 and "pip install 'ray_faceid[tensorrt]'" in missing.output
     bad = runner.invoke(app, ["compile", "--out", str(tmp_path), "--batch", "4:2:1"])
     assert bad.exit_code == 2 and "MIN <= OPT <= MAX" in bad.output
+    half = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "onnx", "--precision", "fp16"])
+    assert half.exit_code == 2 and "ONNX Runtime runs fp32 graphs" in half.output
     built = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "onnx", "--size", "16x16"])
     assert built.exit_code == 0, built.output
     (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
