@@ -77,12 +77,9 @@ class OnnxRuntimeFaceEncoderEngine:
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, batch_size: int = 256):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise BackendUnavailable("the onnxruntime runtime needs: pip install 'ray_faceid[onnx]'") from exc
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        from ray_faceid.engines.onnxruntime_engine import onnxruntime_session
+
+        self.session = onnxruntime_session(path)
         self.batch_size = batch_size
 
     def __call__(self, chips: np.ndarray) -> np.ndarray:

@@ -10,21 +10,28 @@ from ray_faceid.engines.base import INPUT_NAMES
 from ray_faceid.errors import BackendUnavailable
 
 
+def onnxruntime_session(path: str | Path, threads: int = 0, quiet: bool = False):
+    """An InferenceSession on CUDA where onnxruntime-gpu has it, else on the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendUnavailable("ONNX Runtime is not installed: pip install 'ray_faceid[onnx]'") from exc
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if quiet:
+        options.log_severity_level = 3  # errors only
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
 class OnnxRuntimeUNetEngine:
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, threads: int = 0):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise BackendUnavailable("the onnxruntime backend needs: pip install 'ray_faceid[onnx]'") from exc
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: the unoptimised graph's CastLike nodes each log a warning
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        # quiet: the unoptimised graph's CastLike nodes would each log a warning
+        self.session = onnxruntime_session(path, threads, quiet=True)
 
     def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
         values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks)
