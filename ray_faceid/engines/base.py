@@ -2,8 +2,8 @@
 
 Identity tokens, per-identity scales and region masks are inputs of every engine, so switching
 person (or strength, or layout) never rebuilds an engine. Identity weights that live inside the
-UNet's layers (the processors' projections) are part of the engine: ONNX Runtime re-exports when
-they change, TensorRT refits.
+UNet's layers (the processors' projections, which per-identity adapters change) are refitted:
+ONNX Runtime takes them as graph inputs, TensorRT refits the plan; neither rebuilds.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Engine files cached under a key of everything they depend on.
 
-The key hashes the base model, the adapter's structure (and, for ONNX graphs, whose constants
-include the identity projections, the adapter's weights), the shapes, the precision and the
-runtime: for TensorRT the GPU name, its compute capability and the TensorRT version. A file is
-stored with the sha256 of its bytes; a file that no longer matches (truncated, corrupted,
-overwritten) is rebuilt with a warning, never loaded.
+The key hashes the base model, the adapter's structure (never its weights: engines take those by
+refit, so one file serves every identity), the shapes, the precision and the runtime: for
+TensorRT the GPU name, its compute capability and the TensorRT version. A file is stored with the
+sha256 of its bytes; a file that no longer matches (truncated, corrupted, overwritten) is rebuilt
+with a warning, never loaded.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ray_faceid.config import Settings
 from ray_faceid.envs import cache_dir
 
 log = logging.getLogger(__name__)
-FORMAT = 2  # bump when the export or build changes what a file holds
+FORMAT = 3  # bump when the export or build changes what a file holds
 
 
 class EngineKey(Settings):
@@ -31,7 +31,7 @@ class EngineKey(Settings):
     graph: Literal["unet", "face_encoder"] = Field("unet", description="Which network.")
     model_hash: str = Field(..., description="BaseModel.model_hash() of the base, or the encoder's spec version.")
     adapter_structure: str | None = Field(None, description="Adapter options and layers (not weights); UNet only.")
-    adapter_weights: str | None = Field(None, description="Adapter content hash where weights are baked in (ONNX).")
+    weight_inputs: bool = Field(False, description="ONNX graphs: the adapter's in-layer weights are also inputs.")
     batch: tuple[int, int, int] = Field(..., description="min, opt, max rows.")
     latent: tuple[int, int] | None = Field(None, description="Latent h, w; UNet only.")
     identities: int | None = Field(None, description="Identities per row (M); UNet only.")

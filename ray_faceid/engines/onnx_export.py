@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -20,9 +21,12 @@ from ray_faceid.errors import BackendUnavailable
 OPSET = 18
 
 
-def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype = torch.float32,
+                weight_inputs: Iterable[str] = ()) -> Path:
     """`dtype` is the graph's precision: fp16 / bf16 graphs make half-precision TensorRT engines
-    (strongly typed). The module is copied, never cast in place, when its dtype differs."""
+    (strongly typed). The module is copied, never cast in place, when its dtype differs.
+    `weight_inputs` (initializer names) become graph inputs too, their values the defaults: ONNX
+    Runtime then takes another identity's in-layer weights with each call, with no new graph."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (the exporter's dependency)
@@ -44,5 +48,21 @@ def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype =
         torch.onnx.export(call, tuple(example[n] for n in INPUT_NAMES), str(path), input_names=INPUT_NAMES,
                           output_names=["noise_pred"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
                           external_data=large, verbose=False, optimize=False)
+    if weight_inputs:
+        _as_inputs(path, set(weight_inputs))
     onnx.checker.check_model(str(path))
     return path
+
+
+def _as_inputs(path: Path, names: set[str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # external data files stay as they are
+    initializers = {t.name: t for t in model.graph.initializer}
+    missing = names - set(initializers)
+    if missing:
+        raise BackendUnavailable(f"the exported graph lost the names of weights {sorted(missing)[:3]}")
+    for name in sorted(names):
+        tensor = initializers[name]
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    onnx.save(model, str(path))

@@ -32,10 +32,21 @@ class OnnxRuntimeUNetEngine:
     def __init__(self, path: str | Path, threads: int = 0):
         # quiet: the unoptimised graph's CastLike nodes would each log a warning
         self.session = onnxruntime_session(path, threads, quiet=True)
+        self.weight_inputs = {i.name for i in self.session.get_overridable_initializers()}
+        self.weights: dict[str, np.ndarray] = {}  # fed with every call; the graph's defaults otherwise
+
+    def refit(self, weights: dict[str, torch.Tensor]) -> int:
+        """Run with these in-layer weights (ONNX initializer names) from now on: another identity's
+        adapter with the same graph. Returns how many were set."""
+        unknown = set(weights) - self.weight_inputs
+        if unknown:
+            raise BackendUnavailable(f"this graph does not take weight {sorted(unknown)[0]!r} as an input; rebuild it")
+        self.weights = {n: t.detach().cpu().float().numpy() for n, t in weights.items()}
+        return len(weights)
 
     def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
         values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks)
         feed = {n: v.detach().cpu().float().numpy() if n != "timestep" else np.asarray(float(v), np.float32)
                 for n, v in zip(INPUT_NAMES, values)}
-        (out,) = self.session.run(["noise_pred"], feed)
+        (out,) = self.session.run(["noise_pred"], {**feed, **self.weights})
         return torch.from_numpy(out).to(sample.device, sample.dtype)

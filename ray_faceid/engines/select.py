@@ -61,17 +61,22 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
         precision = "fp32"  # ONNX Runtime on CPU runs the fp32 graph; TensorRT graphs carry their precision
     common = dict(model_hash=base.model_hash(), adapter_structure=adapter_structure(adapter), batch=shape.batch,
                   latent=shape.latent, identities=shape.identities, tokens=shape.tokens)
-    onnx_key = EngineKey(backend="onnx", adapter_weights=adapter.content_hash(), precision=precision,
+    weights = processor_weights_by_onnx_name(adapter)
+    # ONNX Runtime takes the in-layer weights as inputs; TensorRT keeps them as refittable weights.
+    weight_inputs = backend == "onnxruntime"
+    onnx_key = EngineKey(backend="onnx", weight_inputs=weight_inputs, precision=precision,
                          runtime_version=f"opset{OPSET}", **common)
 
     def onnx_graph():
         return cache.get_or_build(onnx_key, "unet.onnx", lambda folder: export_unet(
-            base.unet, shape, folder / "unet.onnx", DTYPES[precision]))
+            base.unet, shape, folder / "unet.onnx", DTYPES[precision], weights if weight_inputs else ()))
 
     if backend == "onnxruntime":
         from ray_faceid.engines.onnxruntime_engine import OnnxRuntimeUNetEngine
 
-        return OnnxRuntimeUNetEngine(onnx_graph())
+        engine = OnnxRuntimeUNetEngine(onnx_graph())
+        engine.refit(weights)  # the cached graph's defaults may be another adapter's
+        return engine
     from ray_faceid.engines.tensorrt_engine import TensorRTUNetEngine, build_plan, device_tag, import_tensorrt, unet_profile
 
     trt = import_tensorrt()
@@ -82,5 +87,5 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
     plan = cache.get_or_build(plan_key, "unet.plan", lambda folder: build_plan(
         onnx_graph(), unet_profile(shape), folder / "unet.plan", timing_cache=cache.root / "timing.cache"))
     engine = TensorRTUNetEngine(plan)
-    engine.refit(processor_weights_by_onnx_name(adapter))  # this adapter's weights, whatever the plan was built with
+    engine.refit(weights)  # this adapter's weights, whatever the plan was built with
     return engine

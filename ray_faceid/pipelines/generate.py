@@ -23,7 +23,7 @@ from ray_faceid.pipelines.models import BaseModel
 from ray_faceid.pipelines.provenance import png_with_provenance
 
 MAX_IDENTITIES = 4
-MAX_ENGINES = 4  # UNet engines (shapes x ONNX Runtime adapter versions) a pipeline keeps
+MAX_ENGINES = 4  # UNet engines (one per shape served) a pipeline keeps
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
@@ -257,11 +257,9 @@ class IdentityPipeline:
 
         top = max(8, 1 << (rows - 1).bit_length())  # the batch range grows in powers of two
         key = (h, w, identities, top)
-        if self.backend == "onnxruntime":  # the graph holds the adapter's in-layer weights
-            key += (self._weights_version,)
         if key in self.engines:
             engine, version = self.engines.pop(key)
-            if self.backend == "tensorrt" and version != self._weights_version:
+            if hasattr(engine, "refit") and version != self._weights_version:
                 engine.refit(processor_weights_by_onnx_name(self.adapter))  # another identity: refit, no rebuild
         else:
             shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
@@ -269,7 +267,8 @@ class IdentityPipeline:
                                 channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
             precision = next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
             engine = unet_engine(self.base, self.adapter, shape, self.backend, precision, self.engine_cache)
-        # torch engines run the live UNet, whose processors `personalized` swaps in place.
+        # ONNX Runtime and TensorRT engines hold weights and are refitted; torch engines run the
+        # live UNet, whose processors `personalized` swaps in place.
         self.engines[key] = (engine, self._weights_version)
         while len(self.engines) > MAX_ENGINES:  # least recently used first
             self.engines.pop(next(iter(self.engines)))
