@@ -34,7 +34,7 @@ def compile_engine(
     ),
 ):
     """Export the UNet with identity inputs to ONNX, and build a TensorRT plan from it."""
-    from ray_faceid.engines.base import EngineShape
+    from ray_faceid.engines.base import DTYPES, EngineShape
     from ray_faceid.engines.cache import EngineCache
     from ray_faceid.engines.select import unet_engine
     from ray_faceid.face.analyzer import FaceAnalyzer
@@ -45,7 +45,7 @@ def compile_engine(
     with user_errors():
         if backend not in ("onnx", "tensorrt"):
             raise BadInput(f"--backend must be onnx or tensorrt, not {backend!r}")
-        if precision not in ("auto", "fp32", "fp16", "bf16"):
+        if precision not in ("auto", *DTYPES):
             raise BadInput(f"--precision must be auto, fp32, fp16 or bf16, not {precision!r}")
         if backend == "onnx" and precision not in ("auto", "fp32"):
             raise BadInput(f"--precision {precision} is for TensorRT plans: ONNX Runtime runs fp32 graphs; drop it or "

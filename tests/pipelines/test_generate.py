@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from ray_faceid.engines.base import DTYPES
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
@@ -103,7 +104,7 @@ def test_a_batch_matches_the_images_made_one_by_one(pipe):
         assert diff.max() <= 2  # float rounding of batched kernels only
 
 
-PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+PRECISION = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
