@@ -22,6 +22,7 @@ from _record import machine_line, report  # noqa: E402
 
 from ray_faceid.face.spec import EncoderSpec  # noqa: E402
 from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter  # noqa: E402
+from ray_faceid.identity.context import identity_kwargs  # noqa: E402
 from ray_faceid.identity.routing import box_masks, strip_boxes  # noqa: E402
 
 SPEC = EncoderSpec(name="dlib_resnet", dim=128, version="bench", license="-", metric="euclidean", threshold=0.6)
@@ -75,10 +76,10 @@ def measure(unet, latent: int, repeats: int) -> list[tuple[str, float]]:
 
 def variants(unet, latent: int):
     c = unet.config.cross_attention_dim
-    one = {"identity_tokens": torch.randn(2, 1, 4, c), "identity_scale": torch.tensor([[0.0], [1.0]])}
+    # As the pipeline calls it: one routing context per denoise, shared by every layer and step.
+    one = identity_kwargs(torch.randn(2, 1, 4, c), torch.tensor([[0.0], [1.0]]))
     masks = box_masks(strip_boxes(2), latent, latent).unsqueeze(0).expand(2, -1, -1, -1)
-    two = {"identity_tokens": torch.randn(2, 2, 4, c), "identity_scale": torch.tensor([[0.0, 0.0], [1.0, 1.0]]),
-           "region_masks": masks}
+    two = identity_kwargs(torch.randn(2, 2, 4, c), torch.tensor([[0.0, 0.0], [1.0, 1.0]]), masks)
     yield "no adapter (stock)", None, None
     yield "decoupled", AdapterOptions(method="decoupled"), one
     yield "PVA", AdapterOptions(method="pva"), one

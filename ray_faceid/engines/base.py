@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from ray_faceid.identity.context import identity_kwargs
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision -> model dtype
 
 
@@ -65,5 +67,5 @@ class UNetCall(torch.nn.Module):
         self.unet = unet
 
     def forward(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
-        kwargs = {"identity_tokens": identity_tokens, "identity_scale": identity_scale, "region_masks": region_masks}
+        kwargs = identity_kwargs(identity_tokens, identity_scale, region_masks)  # routing once per call, not per layer
         return self.unet(sample, timestep, encoder_hidden_states=text_tokens, cross_attention_kwargs=kwargs).sample

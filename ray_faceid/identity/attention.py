@@ -20,29 +20,36 @@ Two methods:
 
 Both support SAA gating (DynamicID): per query, the scaled identity scores summed over heads and
 tokens, min-max normalised over the queries, zeroed below a threshold; only gated queries (faces)
-take identity. There is no data-dependent Python control flow in forward, so they export to ONNX.
+take identity. There is no data-dependent Python control flow in forward, so they export to ONNX
+and compile without a graph break.
+
+The routing (which keys each query may use, its scale, the attention biases) depends only on the
+scales, the masks and the layer's resolution: it lives in an `IdentityContext` (context.py) that
+the caller builds once per call or per denoise and passes as `identity_context`; every layer of a
+resolution shares it. A processor called without one builds its own.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from ray_faceid.identity.routing import query_routing
+from ray_faceid.identity.context import IdentityContext, LayerRouting
 
 
 class SelfAttnProcessor(AttnProcessor2_0):
     """Stock attention; names the identity arguments only so diffusers passes them silently."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 identity_tokens=None, identity_scale=None, region_masks=None):
+                 identity_tokens=None, identity_scale=None, region_masks=None, identity_context=None):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 def saa_gate(scores: torch.Tensor, allowed: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B, heads, L, K) scaled identity scores, (B, L, K) allowed keys -> (B, L) gate in [0, 1]."""
+    """(B, heads, L, K) scaled identity scores, (B, L or 1, K) allowed keys -> (B, L) gate in [0, 1]."""
     summed = (scores.sum(dim=1) * allowed).sum(dim=-1)
     low = summed.amin(dim=-1, keepdim=True)
     high = summed.amax(dim=-1, keepdim=True)
@@ -65,18 +72,25 @@ class _IdentityProcessor(nn.Module):
             self.to_v_id.weight.copy_(attn.to_v.weight)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 identity_tokens=None, identity_scale=None, region_masks=None):
+                 identity_tokens=None, identity_scale=None, region_masks=None,
+                 identity_context: IdentityContext | None = None):
         residual, shape4, x, context = self._prologue(attn, hidden_states, encoder_hidden_states, temb)
         q = self._heads(attn.to_q(x), attn.heads)
         k = self._heads(attn.to_k(context), attn.heads)
         v = self._heads(attn.to_v(context), attn.heads)
-        out = self.attend(attn, x, q, k, v, identity_tokens, identity_scale, region_masks)
+        if identity_tokens is None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            if identity_context is None:
+                identity_context = IdentityContext(identity_scale, region_masks, identity_tokens.shape[2])
+            route = identity_context.at(q.shape[2])
+            out = self.attend(attn, x, q, k, v, identity_tokens, route)
         b, heads, length, d = out.shape
         out = out.transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
         return self._epilogue(attn, out, residual, shape4)
 
-    def attend(self, attn, x, q, k, v, identity_tokens, identity_scale, region_masks) -> torch.Tensor:
-        """(B, heads, L, d) attention output of one layer; each method defines it."""
+    def attend(self, attn, x, q, k, v, identity_tokens, route: LayerRouting) -> torch.Tensor:
+        """(B, heads, L, d) attention output of one layer with identity; each method defines it."""
         raise NotImplementedError
 
     @staticmethod
@@ -88,19 +102,6 @@ class _IdentityProcessor(nn.Module):
         b, m, t, c = tokens.shape
         flat = tokens.reshape(b, m * t, c)
         return self._heads(to_k(flat), attn.heads), self._heads(to_v(flat), attn.heads)
-
-    @staticmethod
-    def _allowed(identity_scale, region_masks, length: int, tokens_per_id: int):
-        """(B, L, M*T) keys each query may use, (B, L) whether it takes identity at all, (B, L) its scale."""
-        b, m = identity_scale.shape
-        if region_masks is None:
-            owner = torch.ones(b, length, m, dtype=torch.bool, device=identity_scale.device)
-        else:
-            owner = query_routing(region_masks, length)
-        scale = (owner.to(identity_scale.dtype) * identity_scale.unsqueeze(1)).sum(-1)
-        active = owner.any(-1) & (scale > 0)
-        keys = owner.repeat_interleave(tokens_per_id, dim=-1)
-        return keys, active, scale
 
     @staticmethod
     def _prologue(attn: Attention, hidden_states, encoder_hidden_states, temb):
@@ -128,24 +129,22 @@ class _IdentityProcessor(nn.Module):
 
 
 class DecoupledIdentityProcessor(_IdentityProcessor):
-    def attend(self, attn, x, q, k, v, identity_tokens, identity_scale, region_masks):
+    def attend(self, attn, x, q, k, v, identity_tokens, route):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        if identity_tokens is not None:
-            out = out + self.identity_term(attn, q, identity_tokens, identity_scale, region_masks)
-        return out
+        return out + self.identity_term(attn, q, identity_tokens, route)
 
-    def identity_term(self, attn, q, tokens, identity_scale, region_masks):
+    def identity_term(self, attn, q, tokens, route: LayerRouting):
         k_id, v_id = self._identity_keys(attn, tokens, self.to_k_id, self.to_v_id)
-        keys, active, scale = self._allowed(identity_scale, region_masks, q.shape[2], tokens.shape[2])
-        scores = q @ k_id.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        # Queries outside every region may see all keys (no all-masked row): their term is zeroed below.
-        visible = keys | ~keys.any(-1, keepdim=True)
-        logits = scores.masked_fill(~visible.unsqueeze(1), torch.finfo(scores.dtype).min)
-        id_out = logits.softmax(dim=-1) @ v_id
-        weight = scale * active
-        if self.gate:
-            weight = weight * saa_gate(scores, keys, self.gate_threshold)
-        return weight[:, None, :, None] * id_out
+        bias = None if route.visible_bias is None else route.visible_bias.to(q.dtype)
+        weight = route.weight
+        if self.gate:  # the gate needs the raw scores: written out
+            scores = q @ k_id.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            logits = scores if bias is None else scores + bias
+            id_out = logits.softmax(dim=-1) @ v_id
+            weight = weight * saa_gate(scores, route.keys, self.gate_threshold)
+        else:
+            id_out = torch.nn.functional.scaled_dot_product_attention(q, k_id, v_id, attn_mask=bias)
+        return weight[:, None, :, None].to(q.dtype) * id_out
 
 
 class ParallelVisualProcessor(_IdentityProcessor):
@@ -158,31 +157,38 @@ class ParallelVisualProcessor(_IdentityProcessor):
         with torch.no_grad():
             self.to_q_id.weight.copy_(attn.to_q.weight)
 
-    def attend(self, attn, x, q, k, v, identity_tokens, identity_scale, region_masks):
-        if identity_tokens is None:
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.joint_attention(attn, x, q, k, v, identity_tokens, identity_scale, region_masks)
-
-    def joint_attention(self, attn, x, q, k, v, tokens, identity_scale, region_masks):
-        d = q.shape[-1]
+    def attend(self, attn, x, q, k, v, identity_tokens, route):
         q_id = self._heads(self.to_q_id(x), attn.heads)
-        k_id, v_id = self._identity_keys(attn, tokens, self.to_k_id, self.to_v_id)
-        keys, active, scale = self._allowed(identity_scale, region_masks, q.shape[2], tokens.shape[2])
+        k_id, v_id = self._identity_keys(attn, identity_tokens, self.to_k_id, self.to_v_id)
+        if not self.gate:
+            return self.joint_sdpa(q, k, v, q_id, k_id, v_id, route)
+        return self.gated_joint(q, k, v, q_id, k_id, v_id, route)
+
+    @staticmethod
+    def joint_sdpa(q, k, v, q_id, k_id, v_id, route):
+        """One softmax over [text ; identity] as ONE attention call: queries [q, q_id] against keys
+        [k, 0] and [0, k_id] give exactly q.k for text keys and q_id.k_id for identity keys."""
+        d = q.shape[-1]
+        queries = torch.cat([q, q_id], dim=-1)
+        keys = torch.cat([F.pad(k, (0, d)), F.pad(k_id, (d, 0))], dim=2)
+        values = torch.cat([v, v_id], dim=2)
+        # No bias on text keys: pad the identity bias on the left with zeros.
+        bias = F.pad(route.joint_bias.to(q.dtype), (k.shape[2], 0))
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, scale=1 / math.sqrt(d))
+
+    def gated_joint(self, q, k, v, q_id, k_id, v_id, route):
+        d = q.shape[-1]
         text_logits = q @ k.transpose(-1, -2) / math.sqrt(d)
         id_scores = q_id @ k_id.transpose(-1, -2) / math.sqrt(d)
-        usable = keys & active.unsqueeze(-1)
-        bias = torch.log(scale.clamp_min(1e-12)).unsqueeze(-1).expand_as(usable)
-        bias = bias.masked_fill(~usable, torch.finfo(id_scores.dtype).min)
         n_text = k.shape[2]
-        weights = torch.cat([text_logits, id_scores + bias.unsqueeze(1)], dim=-1).softmax(dim=-1)
+        weights = torch.cat([text_logits, id_scores + route.joint_bias.to(q.dtype)], dim=-1).softmax(dim=-1)
         w_text, w_id = weights[..., :n_text], weights[..., n_text:]
-        joint = w_text @ v + w_id @ v_id
-        if not self.gate:
-            return joint
+        text_part = w_text @ v
+        joint = text_part + w_id @ v_id
         # The gate blends per query between text-only attention (the joint text weights
         # renormalised) and the joint attention: gate 0 is exactly the stock layer.
-        text_only = (w_text @ v) / w_text.sum(-1, keepdim=True).clamp_min(1e-12)
-        g = saa_gate(id_scores, keys, self.gate_threshold)[:, None, :, None]
+        text_only = text_part / w_text.sum(-1, keepdim=True).clamp_min(1e-12)
+        g = saa_gate(id_scores, route.keys, self.gate_threshold)[:, None, :, None]
         return g * joint + (1 - g) * text_only
 
 

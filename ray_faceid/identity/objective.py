@@ -12,6 +12,7 @@ from torch import nn
 
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.identity.context import identity_kwargs
 from ray_faceid.identity.cross_training import CrossBatch
 from ray_faceid.identity.imr import imr_losses
 from ray_faceid.identity.losses import class_guided_regularization, stratified_timesteps
@@ -52,7 +53,7 @@ def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression
     if adapter.options.expression_dim == 0:
         expressions = None
     tokens = adapter.tokens(batch.id_embeddings.to(device), expression=expressions, drop_prob=expression_drop)
-    identity = {"identity_tokens": tokens.unsqueeze(1), "identity_scale": torch.ones(b, 1, device=device)}
+    identity = identity_kwargs(tokens.unsqueeze(1), torch.ones(b, 1, device=device))
     pred = base.unet(noisy, t, encoder_hidden_states=encode_text(base, batch.captions),
                      cross_attention_kwargs=identity).sample
     with torch.no_grad():
@@ -97,7 +98,7 @@ class ImrObjective(nn.Module):
         ones = torch.ones(noisy.shape[0], 1, device=device)
 
         def predict_noise(tokens):
-            kwargs = {"identity_tokens": tokens.unsqueeze(1), "identity_scale": ones}
+            kwargs = identity_kwargs(tokens.unsqueeze(1), ones)
             return base.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
 
         return imr_losses(self.imr, source, batch.expressions.to(device), target, predict_noise)

@@ -15,6 +15,7 @@ from PIL import Image
 from ray_faceid.engines.base import DTYPES
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.identity.context import identity_kwargs
 from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
 from ray_faceid.identity.personalization import personalized
 from ray_faceid.identity.routing import Box, box_masks, strip_boxes
@@ -178,9 +179,8 @@ class IdentityPipeline:
             region = torch.cat([region, region])
         else:
             region = None
-        return {"identity_tokens": torch.cat([tokens, tokens]),
-                "identity_scale": torch.cat([torch.zeros_like(scale), scale]),
-                "region_masks": region}
+        # One context for the whole denoise: the routing is the same at every step.
+        return identity_kwargs(torch.cat([tokens, tokens]), torch.cat([torch.zeros_like(scale), scale]), region)
 
     @staticmethod
     def personal_weights(items: list["GenerationItem"]) -> tuple[str, dict] | None:
