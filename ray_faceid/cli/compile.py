@@ -1,5 +1,6 @@
-"""`ray-faceid compile`: build the UNet engine (ONNX graph, or TensorRT plan) ahead of time into
-an engine cache, so replicas and render actors load it instead of building it."""
+"""`ray-faceid compile`: build the UNet engine (ONNX graph, TensorRT plan, or torch.compile's
+Inductor artifacts) ahead of time into an engine cache, so replicas and render actors load it
+instead of building it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -22,7 +23,9 @@ def _triple(text: str) -> tuple[int, int, int]:
 
 def compile_engine(
     out: str = typer.Option(..., "--out", help="Engine cache folder (replicas point RAY_FACEID_CACHE's engines here)."),
-    backend: str = typer.Option("onnx", "--backend", help="onnx | tensorrt."),
+    backend: str = typer.Option(
+        "onnx", "--backend", help="onnx | tensorrt | torch.compile (Inductor artifacts for this machine's device: "
+        "compile on the kind of GPU that will serve)."),
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
     batch: str = typer.Option("1:2:8", "--batch", help="MIN:OPT:MAX rows (classifier-free guidance doubles rows)."),
@@ -30,40 +33,72 @@ def compile_engine(
     identities: int = typer.Option(1, "--identities", min=1, max=4, help="Identities per image."),
     precision: str = typer.Option(
         "auto", "--precision", help="auto | fp32 | fp16 | bf16: the TensorRT graph's precision (auto: fp16); ONNX Runtime "
-        "graphs are fp32.",
+        "graphs are fp32; torch.compile: auto is fp16 on CUDA, fp32 on CPU.",
     ),
 ):
-    """Export the UNet with identity inputs to ONNX, and build a TensorRT plan from it."""
-    from ray_faceid.engines.base import DTYPES, EngineShape
+    """Export the UNet with identity inputs to ONNX and build a TensorRT plan from it, or compile it
+    with torch.compile for every batch bucket up to MAX rows."""
+    from ray_faceid.engines.base import DTYPES
     from ray_faceid.engines.cache import EngineCache
-    from ray_faceid.engines.select import unet_engine
-    from ray_faceid.face.analyzer import FaceAnalyzer
-    from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.generate import parse_size
-    from ray_faceid.pipelines.models import load_base
 
     with user_errors():
-        if backend not in ("onnx", "tensorrt"):
-            raise BadInput(f"--backend must be onnx or tensorrt, not {backend!r}")
+        if backend not in ("onnx", "tensorrt", "torch.compile"):
+            raise BadInput(f"--backend must be onnx, tensorrt or torch.compile, not {backend!r}")
         if precision not in ("auto", *DTYPES):
             raise BadInput(f"--precision must be auto, fp32, fp16 or bf16, not {precision!r}")
         if backend == "onnx" and precision not in ("auto", "fp32"):
             raise BadInput(f"--precision {precision} is for TensorRT plans: ONNX Runtime runs fp32 graphs; drop it or "
                            "use --backend tensorrt")
-        precision = precision if precision != "auto" else ("fp16" if backend == "tensorrt" else "fp32")
+        rows = _triple(batch)
         width, height = parse_size(size, "--size")
-        base = load_base(model)
-        spec = FaceAnalyzer().spec
-        shared = IdentityAdapter.load(adapter, base.unet, spec) if adapter else IdentityAdapter.for_unet(base.unet, spec)
-        shared.install(base.unet)
-        f = base.vae_scale_factor
-        if width % f or height % f:
-            raise BadInput(f"--size {size}: each side must be a multiple of {f} for this model")
-        shape = EngineShape(batch=_triple(batch), latent=(height // f, width // f), identities=identities,
-                            tokens=shared.options.num_tokens, text_length=base.tokenizer.model_max_length,
-                            channels=base.unet.config.in_channels, cross_dim=base.cross_attention_dim)
         cache = EngineCache(out)
-        unet_engine(base, shared, shape, "onnxruntime" if backend == "onnx" else "tensorrt", precision, cache)
+        if backend == "torch.compile":
+            report = _compile_torch(model, adapter, width, height, identities, rows[2], precision, cache)
+            console.print(f"compiled {report['buckets']} batch buckets (Inductor artifacts loaded from the cache: "
+                          f"{report['loaded']}, stored: {report['stored']})")
+        else:
+            _export(model, adapter, width, height, identities, rows, backend, precision, cache)
     for entry in sorted(cache.root.iterdir()):
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")
+
+
+def _shared_adapter(base, adapter: str | None):
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.identity.adapter import IdentityAdapter
+
+    spec = FaceAnalyzer().spec
+    return IdentityAdapter.load(adapter, base.unet, spec) if adapter else IdentityAdapter.for_unet(base.unet, spec)
+
+
+def _export(model, adapter, width, height, identities, rows, backend, precision, cache) -> None:
+    from ray_faceid.engines.base import EngineShape
+    from ray_faceid.engines.select import unet_engine
+    from ray_faceid.pipelines.models import load_base
+
+    precision = precision if precision != "auto" else ("fp16" if backend == "tensorrt" else "fp32")
+    base = load_base(model)
+    shared = _shared_adapter(base, adapter)
+    shared.install(base.unet)
+    f = base.vae_scale_factor
+    if width % f or height % f:
+        raise BadInput(f"--size {width}x{height}: each side must be a multiple of {f} for this model")
+    shape = EngineShape(batch=rows, latent=(height // f, width // f), identities=identities,
+                        tokens=shared.options.num_tokens, text_length=base.tokenizer.model_max_length,
+                        channels=base.unet.config.in_channels, cross_dim=base.cross_attention_dim)
+    unet_engine(base, shared, shape, "onnxruntime" if backend == "onnx" else "tensorrt", precision, cache)
+
+
+def _compile_torch(model, adapter, width, height, identities, max_rows, precision, cache) -> dict:
+    """The pipeline's own warm-up (what a Serve replica or render actor runs), on this machine's device."""
+    import torch
+
+    from ray_faceid.pipelines.generate import IdentityPipeline
+    from ray_faceid.pipelines.models import load_base
+
+    base = load_base(model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = IdentityPipeline(base, _shared_adapter(base, adapter), device=device, backend="torch.compile",
+                            engine_cache=cache, precision=precision)
+    return pipe.warm_up([(width, height)], [identities], max_images=max(1, max_rows // 2))

@@ -17,6 +17,15 @@ from ray_faceid.identity.context import identity_kwargs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision -> model dtype
 
 
+def device_tag(device: torch.device | str | None = None) -> str:
+    """GPU name and compute capability (or cpu): plans and tuned kernels only run where they were built."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
 class UNetEngine(Protocol):
     backend: str
 

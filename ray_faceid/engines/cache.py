@@ -2,7 +2,8 @@
 
 The key hashes the base model, the adapter's structure (never its weights: engines take those by
 refit, so one file serves every identity), the shapes, the precision and the runtime: for
-TensorRT the GPU name, its compute capability and the TensorRT version. A file is stored with the
+TensorRT the GPU name, its compute capability and the TensorRT version; for torch.compile the GPU
+and the torch version. A file is stored with the
 sha256 of its bytes; a file that no longer matches (truncated, corrupted, overwritten) is rebuilt
 with a warning, never loaded.
 """
@@ -27,7 +28,8 @@ FORMAT = 3  # bump when the export or build changes what a file holds
 class EngineKey(Settings):
     """Everything an engine file depends on; its compute_hash() names the cache entry."""
 
-    backend: Literal["onnx", "tensorrt"] = Field(..., description="What the file is: an ONNX graph or a TensorRT plan.")
+    backend: Literal["onnx", "tensorrt", "torch.compile"] = Field(
+        ..., description="What the file is: an ONNX graph, a TensorRT plan or Inductor's compiled artifacts.")
     graph: Literal["unet", "face_encoder"] = Field("unet", description="Which network.")
     model_hash: str = Field(..., description="BaseModel.model_hash() of the base, or the encoder's spec version.")
     adapter_structure: str | None = Field(None, description="Adapter options and layers (not weights); UNet only.")
@@ -38,7 +40,8 @@ class EngineKey(Settings):
     tokens: int | None = Field(None, description="Tokens per identity (T); UNet only.")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Engine precision.")
     device: str = Field("cpu", description="GPU name and compute capability, or cpu.")
-    runtime_version: str = Field("", description="TensorRT version (or the ONNX opset).")
+    buckets: tuple[int, ...] | None = Field(None, description="torch.compile: the batch buckets compiled.")
+    runtime_version: str = Field("", description="TensorRT version, the ONNX opset, or the torch version.")
     format: int = Field(FORMAT, description="ray_faceid's engine format version.")
 
 
@@ -59,16 +62,27 @@ class EngineCache:
 
     def get_or_build(self, key: EngineKey, filename: str, build: Callable[[Path], Path]) -> Path:
         """The cached file for `key`, built by `build(folder) -> file` when missing or not intact."""
+        return self.lookup(key, filename) or self.store(key, build)
+
+    def lookup(self, key: EngineKey, filename: str) -> Path | None:
+        """The cached file for `key` if its entry is complete and intact (a broken one is warned about)."""
         folder = self.folder(key)
         meta_path = folder / "meta.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            target = folder / filename
-            intact = target.exists() and meta.get("key") == key.model_dump(mode="json") and \
-                all((folder / name).exists() and _sha256(folder / name) == sha for name, sha in meta["files"].items())
-            if intact:
-                return target
-            log.warning("engine cache entry %s is corrupted or stale; rebuilding it", folder)
+        if not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        target = folder / filename
+        intact = target.exists() and meta.get("key") == key.model_dump(mode="json") and \
+            all((folder / name).exists() and _sha256(folder / name) == sha for name, sha in meta["files"].items())
+        if intact:
+            return target
+        log.warning("engine cache entry %s is corrupted or stale; rebuilding it", folder)
+        return None
+
+    def store(self, key: EngineKey, build: Callable[[Path], Path]) -> Path:
+        """(Re)build the entry for `key` with `build(folder) -> file`."""
+        folder = self.folder(key)
+        meta_path = folder / "meta.json"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         built = build(folder)

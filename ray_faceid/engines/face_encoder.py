@@ -122,7 +122,8 @@ def face_encoder_engine(net: torch.nn.Module, chip_size: int, model_hash: str, r
                                    lambda folder: export_face_encoder(net, chip_size, folder / "face_encoder.onnx"))
     if runtime == "onnxruntime":
         return OnnxRuntimeFaceEncoderEngine(onnx_path)
-    from ray_faceid.engines.tensorrt_engine import build_plan, device_tag, import_tensorrt
+    from ray_faceid.engines.base import device_tag
+    from ray_faceid.engines.tensorrt_engine import build_plan, import_tensorrt
 
     trt = import_tensorrt()
     plan_key = EngineKey(backend="tensorrt", device=device_tag(), runtime_version=trt.__version__, **common)

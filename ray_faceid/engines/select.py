@@ -1,5 +1,6 @@
-"""Pick and build the UNet engine for a pipeline: `auto` = TensorRT on CUDA when installed, else
-ONNX Runtime when installed, else torch. Built files come from the EngineCache."""
+"""Pick and build the UNet engine for a pipeline: `auto` = torch.compile (Inductor + CUDA graphs)
+on CUDA, else ONNX Runtime when installed, else torch; TensorRT when asked for. Built files come
+from the EngineCache."""
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,8 @@ def resolve_backend(backend: str) -> str:
         raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend != "auto":
         return backend
-    if torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None:
-        return "tensorrt"
+    if torch.cuda.is_available():  # TensorRT only when asked for: it cannot be built where we test
+        return "torch.compile"
     if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None:
         return "onnxruntime"
     return "torch"
@@ -46,10 +47,14 @@ def processor_weights_by_onnx_name(adapter) -> dict[str, torch.Tensor]:
 def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precision: str = "fp32",
                 cache: EngineCache | None = None) -> UNetEngine:
     backend = resolve_backend(backend)
-    if backend in ("torch", "torch.compile"):
+    if backend == "torch":
         from ray_faceid.engines.torch_engine import TorchUNetEngine
 
-        return TorchUNetEngine(base.unet, compile=backend == "torch.compile")
+        return TorchUNetEngine(base.unet)
+    if backend == "torch.compile":
+        from ray_faceid.engines.compiled_engine import CompiledUNetEngine
+
+        return CompiledUNetEngine(base.unet)
     from ray_faceid.engines.onnx_export import OPSET, export_unet
 
     if backend == "tensorrt":  # before the export: say what is missing without minutes of work first
@@ -77,7 +82,8 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
         engine = OnnxRuntimeUNetEngine(onnx_graph())
         engine.refit(weights)  # the cached graph's defaults may be another adapter's
         return engine
-    from ray_faceid.engines.tensorrt_engine import TensorRTUNetEngine, build_plan, device_tag, import_tensorrt, unet_profile
+    from ray_faceid.engines.base import device_tag
+    from ray_faceid.engines.tensorrt_engine import TensorRTUNetEngine, build_plan, import_tensorrt, unet_profile
 
     trt = import_tensorrt()
     plan_key = EngineKey(backend="tensorrt", precision=precision, device=device_tag(), runtime_version=trt.__version__,

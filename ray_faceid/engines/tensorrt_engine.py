@@ -32,12 +32,6 @@ def import_tensorrt():
     return trt
 
 
-def device_tag() -> str:
-    """GPU name and compute capability: a TensorRT plan only runs where it was built."""
-    major, minor = torch.cuda.get_device_capability()
-    return f"{torch.cuda.get_device_name()} sm_{major}{minor}"
-
-
 def _torch_dtype(trt, dtype) -> torch.dtype:
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
              trt.DataType.UINT8: torch.uint8, trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,

@@ -1,4 +1,4 @@
-"""The torch engine: the UNet in eager mode, or through torch.compile."""
+"""The torch engine: the UNet in eager mode (torch.compile lives in compiled_engine.py)."""
 from __future__ import annotations
 
 import torch
@@ -9,11 +9,8 @@ from ray_faceid.engines.base import UNetCall
 class TorchUNetEngine:
     backend = "torch"
 
-    def __init__(self, unet, compile: bool = False):
+    def __init__(self, unet):
         self.call = UNetCall(unet).eval()
-        if compile:
-            self.call = torch.compile(self.call, dynamic=False)
-            self.backend = "torch.compile"
 
     @torch.no_grad()
     def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):

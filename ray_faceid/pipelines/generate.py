@@ -97,6 +97,7 @@ class IdentityPipeline:
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
         self.engine_cache, self.engines, self._weights_version = engine_cache, {}, "shared"
+        self._compiled = None  # the torch.compile engine, made on first use
         # The hash of the adapter as loaded, before any cast: the registry's per-identity adapters
         # and the provenance refer to the trained weights, whatever precision they run in.
         self.adapter_hash = None if adapter is None else adapter.content_hash()
@@ -255,6 +256,10 @@ class IdentityPipeline:
         from ray_faceid.engines.base import EngineShape
         from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
 
+        if self.backend == "torch.compile":
+            # One engine for every shape: it keeps a compiled graph per bucket and reads the live
+            # processor weights, which `personalized` swaps in place (no refit, no recompile).
+            return self.compiled_engine()
         top = max(8, 1 << (rows - 1).bit_length())  # the batch range grows in powers of two
         key = (h, w, identities, top)
         if key in self.engines:
@@ -273,6 +278,38 @@ class IdentityPipeline:
         while len(self.engines) > MAX_ENGINES:  # least recently used first
             self.engines.pop(next(iter(self.engines)))
         return engine
+
+    def compiled_engine(self):
+        if self._compiled is None:
+            from ray_faceid.engines.compiled_engine import CompiledUNetEngine
+
+            self._compiled = CompiledUNetEngine(self.base.unet)
+        return self._compiled
+
+    def engine_shape(self, width: int, height: int, identities: int, max_images: int):
+        """The EngineShape of this pipeline's UNet calls at one size: CFG doubles the rows."""
+        from ray_faceid.engines.base import EngineShape
+
+        self._check_size(width, height)
+        f = self.base.vae_scale_factor
+        return EngineShape(batch=(2, 2, 2 * max_images), latent=(height // f, width // f), identities=identities,
+                           tokens=self.adapter.options.num_tokens, text_length=self.base.tokenizer.model_max_length,
+                           channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
+
+    def warm_up(self, sizes: list[tuple[int, int]], identities: list[int], max_images: int) -> dict:
+        """Compile every (size, identity count, batch bucket) the pipeline will run, loading and
+        storing Inductor's artifacts in the engine cache; other backends have nothing to warm up."""
+        if self.backend != "torch.compile":
+            return {"buckets": 0, "loaded": 0, "stored": 0}
+        from ray_faceid.engines.cache import EngineCache
+        from ray_faceid.engines.compile_artifacts import compiled_key, warm_up_cached
+        from ray_faceid.engines.select import adapter_structure
+
+        shapes = [self.engine_shape(w, h, m, max_images) for w, h in sizes for m in identities]
+        precision = next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
+        structure, model_hash = adapter_structure(self.adapter), self.base.model_hash()
+        keys = [compiled_key(model_hash, structure, shape, precision, self.device) for shape in shapes]
+        return warm_up_cached(self.compiled_engine(), shapes, keys, self.engine_cache or EngineCache())
 
     def _previous_timestep(self, t) -> int:
         sched = self.base.scheduler

@@ -1,0 +1,148 @@
+"""The compiled UNet engine: torch.compile (Inductor) of the UNet with its identity processors,
+replayed from CUDA graphs on CUDA.
+
+A call is padded up to a batch bucket (1, 2, 4, 8, 16 rows) and its inputs are copied into
+static buffers that belong to that bucket; the compiled function (on CUDA: its captured graph)
+always reads those same tensors. Identity is data, never structure: tokens, scales and region
+masks are buffers a new request copies into, and the processors' weights (which a person's own
+adapter changes in place, see identity/personalization.py) are parameters the graph reads by
+address. So a new person, a new strength or a personal adapter causes no recompile and no
+re-record; only a new shape (bucket, size, identity count) compiles once.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ray_faceid.engines.base import UNetCall
+from ray_faceid.errors import BadInput
+
+log = logging.getLogger(__name__)
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+MAX_SLOTS = 16  # compiled shapes one engine keeps (each holds its buffers and, on CUDA, a graph)
+
+
+def batch_bucket(rows: int) -> int:
+    """The smallest bucket that holds `rows` (rows above the largest run in chunks of it)."""
+    return next((b for b in BATCH_BUCKETS if b >= rows), BATCH_BUCKETS[-1])
+
+
+def allow_shape_compiles(count: int = 8 * MAX_SLOTS) -> None:
+    """Every bucket and size is its own compiled graph of the same code; Dynamo's default limit
+    (8 per code object) would silently fall back to eager past the eighth."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), count))
+
+
+@dataclass
+class _Slot:
+    """One compiled shape: its static inputs, and on CUDA the captured graph and its output."""
+
+    inputs: list[torch.Tensor]
+    output: torch.Tensor | None = None
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+
+class CompiledUNetEngine:
+    backend = "torch.compile"
+
+    def __init__(self, unet, cuda_graphs: bool | None = None, compiler: str = "inductor"):
+        """`cuda_graphs`: None = on when the UNet is on CUDA. `compiler` is torch.compile's backend."""
+        self.unet = unet
+        self.device = next(unet.parameters()).device
+        self.dtype = unet.dtype
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        allow_shape_compiles()
+        self.compiled = torch.compile(UNetCall(unet).eval(), backend=compiler, fullgraph=True, dynamic=False)
+        self.slots: dict[tuple, _Slot] = {}
+        self._pool = None  # one CUDA-graph memory pool shared by every bucket: they never run at once
+
+    @torch.no_grad()
+    def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
+        rows = sample.shape[0]
+        top = BATCH_BUCKETS[-1]
+        if rows > top:  # larger batches run in chunks of the largest bucket
+            parts = [self(*(x[i:i + top] if x.ndim and x.shape[0] == rows else x for x in
+                            (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks)))
+                     for i in range(0, rows, top)]
+            return torch.cat(parts)
+        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks)
+        slot = self._slot(batch_bucket(rows), values)
+        self._load(slot, values, rows)
+        if slot.graph is not None:
+            slot.graph.replay()
+            return slot.output[:rows].clone()  # the next replay overwrites the graph's output
+        return self.compiled(*slot.inputs)[:rows]
+
+    def warm_up(self, shapes) -> int:
+        """Compile (and on CUDA capture) every EngineShape's buckets before serving; returns how many."""
+        count = 0
+        for shape in shapes:
+            for bucket in BATCH_BUCKETS:
+                if shape.batch[0] <= bucket and (bucket <= shape.batch[2] or bucket == batch_bucket(shape.batch[2])):
+                    example = shape.example(bucket, self.device, self.dtype)
+                    self(*(example[name] for name in ("sample", "timestep", "text_tokens", "identity_tokens",
+                                                       "identity_scale", "region_masks")))
+                    count += 1
+        return count
+
+    # -- buffers and graphs ---------------------------------------------------------------------
+    def _slot(self, bucket: int, values) -> _Slot:
+        sample, _, text, tokens, scale, region = values
+        key = (bucket, tuple(sample.shape[1:]), tuple(text.shape[1:]), tuple(tokens.shape[1:]),
+               tuple(region.shape[1:]), sample.dtype)
+        if key in self.slots:
+            return self.slots[key]
+        if len(self.slots) >= MAX_SLOTS:
+            raise BadInput(f"this engine already serves {MAX_SLOTS} shapes; serve fewer sizes or identity counts "
+                           "per replica")
+        inputs = [torch.zeros((bucket, *v.shape[1:]), dtype=self._dtype_of(v), device=self.device)
+                  for v in (sample, text, tokens, scale, region)]
+        timestep = torch.zeros(bucket, dtype=torch.float32, device=self.device)
+        slot = _Slot([inputs[0], timestep, *inputs[1:]])
+        self._load(slot, values, sample.shape[0])
+        log.info("compiling the UNet for %s (batch bucket %d)", key[1:], bucket)
+        if self.cuda_graphs:
+            self._capture(slot)
+        else:
+            self.compiled(*slot.inputs)
+        self.slots[key] = slot
+        return slot
+
+    def _dtype_of(self, value: torch.Tensor) -> torch.dtype:
+        return value.dtype if value.is_floating_point() else self.dtype
+
+    @staticmethod
+    def _load(slot: _Slot, values, rows: int) -> None:
+        """Copy a call into the slot's buffers; rows past `rows` are zero (scale 0: no identity)."""
+        sample, timestep, text, tokens, scale, region = values
+        static = slot.inputs
+        for buffer, value in zip((static[0], static[2], static[3], static[4], static[5]),
+                                 (sample, text, tokens, scale, region)):
+            buffer[:rows].copy_(value)
+            if rows < buffer.shape[0]:
+                buffer[rows:].zero_()
+        steps = timestep.reshape(-1).to(static[1].dtype)
+        if steps.numel() == 1:  # one timestep for every row, as the pipelines pass it
+            static[1].copy_(steps.expand(static[1].shape[0]))
+        else:
+            static[1][:rows].copy_(steps)
+            static[1][rows:].zero_()
+
+    def _capture(self, slot: _Slot) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compile and autotune outside the capture
+            for _ in range(3):
+                self.compiled(*slot.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        slot.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(slot.graph, pool=self._pool):
+            slot.output = self.compiled(*slot.inputs)

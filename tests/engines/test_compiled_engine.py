@@ -1,0 +1,124 @@
+"""The torch.compile engine on CPU: same images as eager, identity as live data (no recompile for a
+new person, strength or personal adapter), and Inductor's artifacts served to a fresh process."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ray_faceid.engines.cache import EngineCache
+from ray_faceid.engines.compiled_engine import batch_bucket
+from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.models import build_tiny
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def spec():
+    from ray_faceid.face.spec import EncoderSpec
+
+    return EncoderSpec(name="dlib_resnet", dim=128, version="test", license="-", metric="euclidean", threshold=0.6)
+
+
+def pipeline(spec, backend, cache=None):
+    base = build_tiny()
+    torch.manual_seed(0)
+    adapter = IdentityAdapter.for_unet(base.unet, spec)
+    with torch.no_grad():  # identity projections unlike the text ones, so identity changes the image
+        for p in adapter.processors.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return IdentityPipeline(base, adapter, backend=backend, engine_cache=cache)
+
+
+def people(spec):
+    rng = np.random.default_rng(0)
+    return [IdentityCondition(f"p{i}", rng.normal(size=(2, spec.dim)).astype(np.float32)) for i in range(3)]
+
+
+def personal_delta(adapter, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in adapter.processors.state_dict().items()}
+
+
+def image(pipe, person):
+    result = pipe.generate("a photo of a person", [person], seed=3, steps=2, width=SIZE, height=SIZE)
+    return np.asarray(result.images[0]).astype(int)
+
+
+def test_batch_buckets():
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 16, 40)] == [1, 2, 4, 8, 8, 16, 16, 16]
+
+
+def test_a_new_person_strength_or_personal_adapter_never_recompiles(spec, tmp_path):
+    from torch._dynamo.utils import counters
+
+    compiled = pipeline(spec, "torch.compile", EngineCache(tmp_path))
+    eager = pipeline(spec, "torch")
+    report = compiled.warm_up([(SIZE, SIZE)], [1], max_images=1)
+    assert report["buckets"] == 1 and report["stored"] == 1
+    a, b, c = people(spec)
+    requests = [a, b, c, IdentityCondition("a weaker", a.embeddings, scale=0.4),
+                IdentityCondition("a strong", a.embeddings, scale=1.6)]
+    for seed in (1, 2):
+        requests.append(IdentityCondition("b own", b.embeddings,
+                                          personal=(f"v{seed}", personal_delta(compiled.adapter, seed))))
+    graphs_before = counters["stats"]["unique_graphs"]
+    images = {}
+    with torch._dynamo.config.patch(error_on_recompile=True):  # any recompile is an error, not a slow call
+        for person in requests:
+            images[person.name] = image(compiled, person)
+            want = image(eager, person)
+            assert np.abs(images[person.name] - want).max() <= 1, person.name
+    assert counters["stats"]["unique_graphs"] == graphs_before
+    # identity really is live: every person, strength and personal adapter gives another image
+    names = list(images)
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            assert np.abs(images[x] - images[y]).max() > 2, (x, y)
+
+
+def test_the_compile_cli_writes_artifacts_a_fresh_process_serves_from(spec, tmp_path):
+    """`ray-faceid compile --backend torch.compile`, then a new process with an empty Inductor cache:
+    it loads the artifacts, compiles from them (cache hits, no code generation) and gives the eager image."""
+    engines = tmp_path / "engines"
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-a"))
+    cli = [sys.executable, "-c", "from ray_faceid.cli import app; app()"]
+    built = subprocess.run([*cli, "compile", "--backend", "torch.compile", "--size", f"{SIZE}x{SIZE}", "--batch", "2:2:2",
+                            "--out", str(engines)], env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "stored: 1" in " ".join(built.stdout.split())  # rich wraps lines
+    script = f"""
+import json, numpy as np, torch
+from torch._dynamo.utils import counters
+from ray_faceid.engines.cache import EngineCache
+from ray_faceid.face.analyzer import FaceAnalyzer
+from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.models import build_tiny
+images = {{}}
+for backend in ("torch.compile", "torch"):
+    base = build_tiny()
+    adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer().spec)
+    pipe = IdentityPipeline(base, adapter, backend=backend, engine_cache=EngineCache({str(engines)!r}))
+    report = pipe.warm_up([({SIZE}, {SIZE})], [1], max_images=1)
+    if backend == "torch.compile":
+        compiled_report = report
+    person = IdentityCondition("p", np.random.default_rng(0).normal(size=(1, 128)).astype(np.float32))
+    out = pipe.generate("a person", [person], seed=1, steps=2, width={SIZE}, height={SIZE})
+    images[backend] = np.asarray(out.images[0]).astype(int)
+print(json.dumps({{"report": compiled_report, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"],
+                  "diff": int(np.abs(images["torch.compile"] - images["torch"]).max())}}))
+"""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-b"))
+    fresh = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr
+    result = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert result["report"] == {"loaded": 1, "stored": 0, "buckets": 1}
+    assert result["hits"] >= 1 and result["misses"] == 0
+    assert result["diff"] <= 1
