@@ -1,6 +1,8 @@
 """Generator deployment: the base pipeline loaded once per replica; identities (embeddings, read
 from the registry) multiplexed with LRU eviction; requests batched: those of the same size, steps
-and identity count are denoised together, one UNet call per step for all their images.
+and identity count are denoised together, one UNet call per step for all their images. With the
+torch.compile backend every configured shape is compiled (or loaded from the engine cache)
+before the replica is ready, and batches are padded up to the compiled batch buckets.
 
 Errors are returned as {"error", "message", "status"} so the ingress can answer 4xx precisely.
 """
@@ -48,6 +50,7 @@ class Generator:
             adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer(self.config.face).spec)
         self.pipeline = IdentityPipeline(base, adapter, device=device, backend=self.config.backend,
                                          precision=self.config.precision)
+        self.warm_up = self._warm_up()  # before __init__ returns: Serve routes nothing to a replica still compiling
         self.registry = Registry(self.config.registry)
         self.adapter_hash = self.pipeline.adapter_hash
         self.loads = 0
@@ -56,12 +59,24 @@ class Generator:
         self.generate_batch.set_max_batch_size(self.config.generator_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
+    def _warm_up(self) -> dict:
+        """Compile every configured (size, identity count, batch bucket) of the torch.compile engine."""
+        from ray_faceid.pipelines.generate import parse_size
+
+        sizes = [parse_size(size, "warm_up_sizes") for size in self.config.warm_up_sizes]
+        # A batch holds up to generator_batch_size requests of up to max_images images each.
+        most_images = self.config.generator_batch_size * self.config.limits.max_images
+        started = time.perf_counter()
+        report = self.pipeline.warm_up(sizes, self.config.warm_up_identities, most_images)
+        return dict(report, seconds=round(time.perf_counter() - started, 1))
+
     def ping(self) -> bool:
         return True
 
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
-                "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads}
+                "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads,
+                "backend": self.pipeline.backend, "warm_up": self.warm_up}
 
     async def _load_identity(self, key: str) -> LoadedIdentity:
         tenant, identity = multiplex.split_key(key)

@@ -200,7 +200,15 @@ class ServeConfig(Settings):
         "auto", description="Dtype of the Generator's models; auto = fp16 on CUDA, fp32 on CPU."
     )
     backend: Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"] = Field(
-        "torch", description="Generator UNet runtime; auto = tensorrt on CUDA when installed, else onnxruntime, else torch."
+        "torch", description="Generator UNet runtime; auto = torch.compile (Inductor + CUDA graphs) on CUDA, else "
+        "onnxruntime when installed, else torch; tensorrt only when installed and named."
+    )
+    warm_up_sizes: list[str] = Field(
+        ["512x512"], description="torch.compile: image sizes (WxH) compiled before the replica reports ready; "
+        "another size compiles on its first request (a minute on a GPU without cached artifacts)."
+    )
+    warm_up_identities: list[int] = Field(
+        [1], description="torch.compile: identity counts per image compiled before the replica reports ready."
     )
     generator_gpus: float = Field(0.0, ge=0, description="GPUs per Generator replica (1 on GPU clusters).")
     encoder_gpus: float = Field(0.0, ge=0, description="GPUs per FaceEncoder replica.")
@@ -283,7 +291,8 @@ class RenderConfig(Settings):
         "resolved precision, so a GPU run never reuses CPU outputs as its own."
     )
     backend: Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"] = Field(
-        "torch", description="UNet runtime; auto = tensorrt on CUDA when installed, else onnxruntime, else torch."
+        "torch", description="UNet runtime; auto = torch.compile on CUDA (one compiled engine per actor for the whole "
+        "job), else onnxruntime when installed, else torch; tensorrt only when installed and named."
     )
     face: FaceConfig = Field(
         default_factory=lambda: SCORING_FACE,
