@@ -146,3 +146,29 @@ def test_batched_unet_rendering_gives_the_same_records_and_near_identical_images
         a = np.asarray(Image.open(records[row_id]["output_uri"])).astype(int)
         b = np.asarray(Image.open(single[row_id]["output_uri"])).astype(int)
         assert np.abs(a - b).max() <= 2
+
+
+def test_render_on_the_compiled_engine_keeps_one_engine_for_the_job(rendered, catalog, people, tmp_path):
+    """`--backend torch.compile`: the same records and images (within 1/255) as eager, one compiled
+    shape per (size, identity count) for every row of the job, none added by a second pass."""
+    from ray_faceid.data.catalog import read_catalog
+    from ray_faceid.data.render_rows import Renderer
+
+    out, _ = rendered
+    registry, _ = people
+    wanted = ("amy-beach", "amy-penny", "sheldon-smile", "stranger")
+    texts = [t for t in read_catalog(str(catalog)) if any(f'"{w}"' in t for w in wanted)]
+    compiled = Renderer(CONFIG.model_copy(update={"backend": "torch.compile"}), "tiny", None, registry.store, "default",
+                        str(tmp_path))
+    records = {r["id"]: r for r in compiled.render_batch(texts, list(range(len(texts))))}
+    single = manifest(out)
+    assert {k: r["status"] for k, r in records.items()} == {k: single[k]["status"] for k in wanted}
+    for row_id in ("amy-beach", "amy-penny", "sheldon-smile"):
+        assert json.loads(records[row_id]["provenance"])["backend"] == "torch.compile"
+        a = np.asarray(Image.open(records[row_id]["output_uri"])).astype(int)
+        b = np.asarray(Image.open(single[row_id]["output_uri"])).astype(int)
+        assert np.abs(a - b).max() <= 1, row_id
+    engine = compiled.pipeline.compiled_engine()
+    assert len(engine.slots) == 2  # 32x32 with one identity, and with two: each compiled once for the job
+    compiled.render_batch(texts, list(range(len(texts))))
+    assert len(engine.slots) == 2
