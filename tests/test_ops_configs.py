@@ -51,9 +51,9 @@ def test_kuberay_rayservice_serves_the_same_application_as_serve_yaml():
     local = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())
     (app,), (local_app,) = serve_config["applications"], local["applications"]
     assert {k: v for k, v in app.items() if k != "args"} == {k: v for k, v in local_app.items() if k != "args"}
-    # Only where things live and GPU placement may differ from the local file.
+    # Only where things live, GPU placement and the GPU engine may differ from the local file.
     differing = {k for k in set(app["args"]) | set(local_app["args"]) if app["args"].get(k) != local_app["args"].get(k)}
-    assert differing <= {"model", "adapter", "registry", "generator_gpus", "encoder_gpus"}
+    assert differing <= {"model", "adapter", "registry", "generator_gpus", "encoder_gpus", "backend"}
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == __import__("ray").__version__
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
