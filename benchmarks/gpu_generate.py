@@ -92,9 +92,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() after one warm-up call."""
-    fn()
+def timed(fn, repeats: int, warm_ups: int = 1) -> float:
+    """Median seconds of fn() after `warm_ups` calls."""
+    for _ in range(warm_ups):
+        fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -295,14 +296,16 @@ def unet_rows(args, base, adapter, engine):
                                          None if masks is None else masks.to(device, dtype))
             with torch.no_grad():
                 table[(name, batch, "eager")] = timed(
-                    lambda: unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs), 20)
+                    lambda: unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs), 20, 3)
         adapter.install(unet)
     compiled_note = "compiled: not measured"
+    switch = ""
     if engine is not None:
-        for batch in (2, 8):
+        for batch in args.compiled_batches:
             x = {k: v for k, v in base_example(base, batch, device, dtype).items()}
             x["identity_scale"][: batch // 2] = 0
-            table[("decoupled", batch, "compiled")] = timed(lambda: engine(**x), 20)
+            table[("decoupled", batch, "compiled")] = timed(lambda: engine(**x), 20, 3)
+        switch = call_switch_cost(engine, x)
         compiled_note = "decoupled compiled: measured"
         if time.time() - STARTED < args.compile_budget_s:  # the stock UNet compiled the same way, for reference
             IdentityAdapter.remove(unet)
@@ -319,6 +322,7 @@ def unet_rows(args, base, adapter, engine):
             f"scale 0 (CFG); {compiled_note}:", "",
             "| variant | batch 2 eager | vs stock | batch 8 eager | vs stock | batch 2 compiled | batch 8 compiled |",
             "|---|---|---|---|---|---|---|"]
+    rows_after = [switch] if switch else []
     for name, _, _ in variants:
         cells = [name]
         for batch in (2, 8):
@@ -326,7 +330,24 @@ def unet_rows(args, base, adapter, engine):
             cells += [f"{ms:.1f}", f"{100 * (table[(name, batch, 'eager')] / table[('stock', batch, 'eager')] - 1):+.0f}%"]
         cells += [f"{1000 * table[(name, b, 'compiled')]:.1f}" if (name, b, "compiled") in table else "-" for b in (2, 8)]
         rows.append("| " + " | ".join(cells) + " |")
-    return rows
+    return rows + ([""] + rows_after if rows_after else [])
+
+
+def call_switch_cost(engine, x) -> str:
+    """ms per compiled UNet call with the same identity inputs vs a new person's tokens, a new
+    strength, each call (copied into the bucket's buffers); recompiles are errors."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    same = timed(lambda: engine(**x), 50, 3)
+    tokens = iter([torch.randn_like(x["identity_tokens"]) for _ in range(60)])
+    scales = iter([x["identity_scale"] * (1 + k / 10) for k in range(60)])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        person = timed(lambda: engine(**{**x, "identity_tokens": next(tokens)}), 50, 3)
+        strength = timed(lambda: engine(**{**x, "identity_scale": next(scales)}), 50, 3)
+    return (f"(d, per UNet call at batch {x['sample'].shape[0]}) same identity {1000 * same:.2f} ms; a new person's "
+            f"tokens {1000 * person:.2f} ms ({1000 * (person - same):+.2f}); a new strength {1000 * strength:.2f} ms "
+            f"({1000 * (strength - same):+.2f}); recompiles: {counters['stats']['unique_graphs'] - graphs}.")
 
 
 def base_example(base, batch, device, dtype):
@@ -347,12 +368,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile-budget-s", type=float, default=300,
                         help="skip the compiled UNet-call rows once the run has taken this long")
+    parser.add_argument("--parts", default="generation,unet", help="generation and/or unet")
+    parser.add_argument("--compiled-batches", default="2,8", help="UNet-call rows: compiled batch sizes")
     parser.add_argument("--smoke", action="store_true", help="tiny model (the script's own check, any device)")
     parser.add_argument("--skip-cold-start", action="store_true")
     parser.add_argument("--cold-start", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the section and raw figures here (FILE.md, FILE.json)")
     parser.add_argument("--no-record", action="store_true")
     args = ARGS = parser.parse_args()
+    args.compiled_batches = [int(b) for b in args.compiled_batches.split(",")]
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.precision = "fp16" if args.device == "cuda" else "fp32"
     if args.cold_start:
@@ -373,8 +397,15 @@ def main() -> None:
             Path(args.out).with_suffix(".json").write_text(json.dumps(
                 {k: v for k, v in raw.items() if k != "engine"}, indent=2))
 
-    attempt("generation", lambda: generation_rows(args, base, adapter, cache, raw), lines)
-    save()
+    if "generation" in args.parts:
+        attempt("generation", lambda: generation_rows(args, base, adapter, cache, raw), lines)
+        save()
+    elif "unet" in args.parts:  # the compiled rows need an engine: compile the measured buckets here
+        from ray_faceid.engines.compiled_engine import CompiledUNetEngine
+
+        base.to(args.device, torch.float16 if args.precision == "fp16" else None)
+        adapter.to(args.device, base.unet.dtype).install(base.unet)
+        raw["engine"] = CompiledUNetEngine(base.unet)
     attempt("unet calls", lambda: unet_rows(args, base, adapter, raw.pop("engine", None)), lines)
     save()
     report(lines, not args.no_record)
