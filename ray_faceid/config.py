@@ -240,7 +240,10 @@ class TrainConfig(Settings):
     seed: int = Field(0, description="Seeds the adapter initialisation, the noise and the timesteps.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs reserved per worker; default 1, or on a local cluster what it can spare "
+        "after the data pipeline (train/placement.py)."
+    )
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (and always at the end).")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
 
@@ -258,7 +261,10 @@ class PersonalizeConfig(Settings):
     seed: int = Field(0, description="Seeds the noise and the timesteps of every identity.")
     workers: int = Field(1, ge=1, description="Persistent Ray Train workers; each keeps the models loaded.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs reserved per worker; default 1, or on a local cluster what it can spare "
+        "after the data pipeline (train/placement.py)."
+    )
     max_failures: int = Field(3, ge=0, description="Worker-group restarts before the run fails.")
 
 

@@ -101,3 +101,16 @@ def tiny_arcface_onnx(tmp_path):
     torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False, input_names=["x"],
                       dynamic_axes={"x": {0: "n"}})
     return path
+
+
+@pytest.fixture(scope="session")
+def loopback_port():
+    """A function giving a free TCP port on 127.0.0.1 (Serve tests listen on loopback only)."""
+    import socket
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return free

@@ -10,6 +10,8 @@ from ray_faceid.cli.data import summary_table
 
 ModelOpt = typer.Option("tiny", "--model", help="Base model: tiny | a diffusers folder | an fsspec URI | a hub id.")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster.")
+CpusOpt = typer.Option(None, "--cpus-per-worker", min=0.01, help="CPUs per worker; default: 1, or on a local cluster "
+                       "what it can spare after the data pipeline.")
 
 
 def train(
@@ -24,6 +26,7 @@ def train(
     lr: float = typer.Option(1e-4, "--lr", min=0.0),
     size: int = typer.Option(512, "--size", min=16, help="Training resolution (target crops are resized)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
+    cpus_per_worker: Optional[float] = CpusOpt,
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue the stopped run in --out from its last checkpoint."),
@@ -36,7 +39,7 @@ def train(
 
     with user_errors():
         config = TrainConfig(method=method, steps=steps, workers=workers, batch_size=batch_size, lr=lr, size=size,
-                             use_gpu=gpu, checkpoint_every=checkpoint_every, seed=seed)
+                             use_gpu=gpu, cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every, seed=seed)
         record = run_training(dataset, model, out, config, adapter=adapter, resume=resume, address=address)
     if as_json:
         print_json(record)
@@ -56,6 +59,7 @@ def personalize(
     lr: float = typer.Option(1e-4, "--lr", min=0.0),
     size: int = typer.Option(256, "--size", min=16),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
+    cpus_per_worker: Optional[float] = CpusOpt,
     address: Optional[str] = AddressOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -64,7 +68,8 @@ def personalize(
     from ray_faceid.train.personalize import run_personalize
 
     with user_errors():
-        config = PersonalizeConfig(steps=steps, workers=workers, lr=lr, size=size, use_gpu=gpu)
+        config = PersonalizeConfig(steps=steps, workers=workers, lr=lr, size=size, use_gpu=gpu,
+                                   cpus_per_worker=cpus_per_worker)
         wanted = None if identities == "all" else [i.strip() for i in identities.split(",") if i.strip()]
         summary = run_personalize(registry, adapter, model, config, tenant, wanted, address)
     if as_json:

@@ -16,6 +16,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
+def is_local(address: str | None) -> bool:
+    """Whether jobs run on a cluster this process started (its size is final: no autoscaler)."""
+    import os
+
+    return not address and not os.environ.get("RAY_ADDRESS")
+
+
 def cluster_gpus() -> float:
     import ray
 

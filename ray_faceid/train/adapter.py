@@ -233,7 +233,8 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_faceid.data.cluster import init_ray
+    from ray_faceid.data.cluster import init_ray, is_local
+    from ray_faceid.train.placement import worker_resources
 
     summary = json.loads(storage.read_bytes(storage.join(dataset, tables.SUMMARY)))
     if not summary.get("encoder_spec"):
@@ -249,16 +250,20 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
         rows = tables.read_table(pairs_uri).select(PAIR_COLUMNS).to_pylist()
     if len(rows) < config.workers:
         raise BadInput(f"{len(rows)} training examples for {config.workers} workers: add photos or use fewer --workers")
-    runs.prepare_run(out, RUN_NAME, config, resume, resume_ignores=frozenset({"steps"}))
     init_ray(address)
+    resources = worker_resources(config.workers, config.cpus_per_worker, config.use_gpu, with_data=True,
+                                 local=is_local(address))
+    runs.prepare_run(out, RUN_NAME, config, resume, resume_ignores=frozenset({"steps"}))
     if config.method == "flow":
         ds = ray.data.from_items(rows)
     else:
         fs, path = runs.arrow_filesystem(pairs_uri)
         ds = ray.data.read_parquet(path, filesystem=fs, columns=PAIR_COLUMNS)
+    # Read before the workers hold their CPUs: the pairs table is metadata (paths and labels), small
+    # next to the images the workers load, and a materialised dataset needs no read task later.
+    ds = ds.materialize()
     loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "out": out,
             "encoder_spec": summary["encoder_spec"], "eval_rows": rows[:EVAL_EXAMPLES], "fault": fault}
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop,

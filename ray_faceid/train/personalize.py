@@ -118,7 +118,8 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_faceid.data.cluster import init_ray
+    from ray_faceid.data.cluster import init_ray, is_local
+    from ray_faceid.train.placement import worker_resources
     from ray_faceid.identity.adapter import IdentityAdapter
 
     started = time.perf_counter()
@@ -135,7 +136,8 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     done: dict = {}
     if pending:
         init_ray(address)
-        resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+        resources = worker_resources(min(config.workers, len(pending)), config.cpus_per_worker, config.use_gpu,
+                                     with_data=False, local=is_local(address))
         loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "registry": registry,
                 "tenant": tenant, "identities": pending, "fault": fault}
         name = f"personalize_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"

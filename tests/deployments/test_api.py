@@ -3,7 +3,6 @@ tenant isolation, bad input, batching and multiplexing (tiny components, fake GP
 import base64
 import io
 import re
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,14 +13,8 @@ from PIL import Image
 TOKENS = {"acme": "acme-token-0123456789abcdef", "other": "other-token-0123456789abcdef"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def api(ray_cluster, tmp_path_factory):
+def api(ray_cluster, tmp_path_factory, loopback_port):
     from ray import serve
 
     from deployments.local import start
@@ -34,7 +27,7 @@ def api(ray_cluster, tmp_path_factory):
         generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
         limits=ServeLimits(max_steps=20, max_side=256, max_images=2, max_reseeds=1),
     )
-    url, _ = start(config, free_port())
+    url, _ = start(config, loopback_port())
     with httpx.Client(base_url=url, timeout=120) as client:
         yield client, config
     serve.shutdown()

@@ -2,7 +2,6 @@
 ready, and answers requests from the compiled engine (tiny components, fake GPU, loopback)."""
 import base64
 import io
-import socket
 
 import httpx
 import pytest
@@ -12,14 +11,8 @@ TOKENS = {"acme": "acme-token-0123456789abcdef"}
 HEADERS = {"Authorization": f"Bearer {TOKENS['acme']}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def compiled_api(ray_cluster, tmp_path_factory):
+def compiled_api(ray_cluster, tmp_path_factory, loopback_port):
     from ray import serve
 
     from deployments.local import start
@@ -32,7 +25,7 @@ def compiled_api(ray_cluster, tmp_path_factory):
         generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
         limits=ServeLimits(max_steps=20, max_side=256, max_images=1, max_reseeds=0),
     )
-    url, _ = start(config, free_port())
+    url, _ = start(config, loopback_port())
     with httpx.Client(base_url=url, timeout=300) as client:
         yield client
     serve.shutdown()

@@ -83,3 +83,26 @@ def test_a_personal_adapter_changes_the_pipeline_output(personalized_registry, s
     assert own.provenance[0]["identities"][0]["personal_adapter"] == personal[0]
     assert all(np.array_equal(v, adapter.state_dict()[k]) for k, v in shared_weights.items())  # shared weights restored
     assert np.array_equal(np.asarray(render(None).images[0]), np.asarray(plain.images[0]))
+
+
+def test_the_cli_defaults_finish_and_an_impossible_job_fails_at_once(tmp_path, small_dataset, shared_adapter):
+    import json
+    import time
+
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    registry = Registry(str(tmp_path / "registry"))
+    enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)")
+    runner = CliRunner()
+    started = time.perf_counter()
+    refused = runner.invoke(app, ["personalize", "--registry", registry.store, "--adapter", shared_adapter,
+                                  "--workers", "2", "--gpu"])
+    assert refused.exit_code == 2 and "2 GPUs (one per worker) but the cluster has 1" in " ".join(refused.output.split())
+    assert time.perf_counter() - started < 30
+    done = runner.invoke(app, ["personalize", "--registry", registry.store, "--adapter", shared_adapter, "--steps", "2",
+                               "--size", "64", "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output[done.output.index("{"):])
+    assert summary["trained"] and not summary["failed"]

@@ -82,3 +82,40 @@ def test_imr_job_needs_an_adapter_and_trains_only_the_imr(small_dataset, killed_
     optimizer.step()
     assert all(torch.equal(v, job.objective._frozen[1].state_dict()[k]) for k, v in frozen.items())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in job.trainable.parameters())
+
+
+def test_the_cli_defaults_finish_on_a_two_cpu_cluster(small_dataset, tmp_path):
+    """`ray-faceid train` with its default 2 workers on the suite's 2-CPU cluster: the workers leave room
+    for the dataset's read tasks (they used to take both CPUs and wait for data forever)."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["train", small_dataset, "--out", str(tmp_path / "adapter"), "--steps", "2",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("{"):])["steps"] == 2
+    assert time.perf_counter() - started < 600
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "2", "--gpu"], "2 GPUs (one per worker) but the cluster has 1"),
+    (["--workers", "3", "--cpus-per-worker", "1"], "3.5 CPUs (3 workers x 1 + 0.5 for the data pipeline)"),
+])
+def test_a_job_that_cannot_fit_fails_at_once_saying_what_to_change(small_dataset, tmp_path, flags, message):
+    import time
+
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["train", small_dataset, "--out", str(tmp_path / "adapter"), "--steps", "2",
+                                      *flags])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert "--workers" in result.output
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "adapter").exists()  # nothing written for a job that never started
