@@ -82,6 +82,14 @@ def delete(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def listing_root(uri: str) -> str:
+    """The folder `list_files(uri)` lists, written as its URIs write their parent folders."""
+    fs, path = filesystem(uri)
+    if fs.exists(path) and fs.isfile(path):
+        path = posixpath.dirname(path)
+    return (fs.unstrip_protocol(path) if "://" in str(uri) else path).rstrip("/")
+
+
 def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> Iterator[str]:
     """Every file under `uri` (recursively), as URIs of the same scheme, in sorted order."""
     fs, path = filesystem(uri)

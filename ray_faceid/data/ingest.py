@@ -102,18 +102,19 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     statuses = [str(s) for batch in ds.iter_batches(batch_size=None) for s in batch["status"]]
     if len(statuses) != len(listed):
         raise RuntimeError(f"ingest accounted for {len(statuses)} of {len(listed)} files")
-    summary = finish(dst, listed, labels, time.perf_counter() - start, before=len(raw))
+    summary = finish(dst, listed, labels, time.perf_counter() - start, before=len(raw), root=storage.listing_root(src))
     summary["ray_data_stats"] = ds.stats()
     return summary
 
 
-def finish(dst: str, listed: list[str], labels: str, seconds: float, before: int) -> dict:
-    """Build the final tables from every recorded raw row."""
+def finish(dst: str, listed: list[str], labels: str, seconds: float, before: int, root: str) -> dict:
+    """Build the final tables from every recorded raw row; `root` is the archive's folder (photos
+    directly in it have no folder label)."""
     import pyarrow as pa
 
     raw = tables.read_raw(dst)
     images = tables.final_images(raw, listed)
-    faces = tables.face_rows(images, labels)
+    faces = tables.face_rows(images, labels, root)
     tables.write_table(storage.join(dst, tables.IMAGES), pa.Table.from_pylist(images))
     tables.write_table(storage.join(dst, tables.FACES), pa.Table.from_pylist(faces, schema=tables.FACE_SCHEMA))
     summary = tables.summarize(images, faces, seconds, max(0, len(raw) - before), labels)

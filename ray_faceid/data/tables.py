@@ -62,11 +62,16 @@ def final_images(raw: list[dict], listed: list[str]) -> list[dict]:
     return rows
 
 
-def folder_label(uri: str) -> str:
-    return posixpath.basename(posixpath.dirname(uri.replace("\\", "/")))
+def folder_label(uri: str, root: str) -> str | None:
+    """The identity a photo's folder names; None for a loose photo directly under the archive's
+    root (the root's name is the archive's, not a person's)."""
+    parent = posixpath.dirname(uri.replace("\\", "/"))
+    if parent.rstrip("/") == root.replace("\\", "/").rstrip("/"):
+        return None
+    return posixpath.basename(parent)
 
 
-def face_rows(images: list[dict], labels: str) -> list[dict]:
+def face_rows(images: list[dict], labels: str, root: str) -> list[dict]:
     """Faces of every analysed image that is not a byte-identical copy of another."""
     out = []
     for image in images:
@@ -78,7 +83,7 @@ def face_rows(images: list[dict], labels: str) -> list[dict]:
                 "face_id": f"{image['sha256'][:16]}_{face['face_index']}",
                 "image_uri": image["uri"],
                 "face_index": face["face_index"],
-                "label": folder_label(image["uri"]) if labels == "folders" else None,
+                "label": folder_label(image["uri"], root) if labels == "folders" else None,
                 "bbox": face["bbox"],
                 "det_score": face["score"],
                 "landmark_scheme": face["landmarks"]["scheme"],

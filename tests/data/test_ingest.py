@@ -12,6 +12,7 @@ from ray_faceid.data.ingest import run_ingest
 from ray_faceid.data.pairs import build_pairs
 
 PEOPLE = ["obama", "biden", "amy", "sheldon", "allyson_felix", "john_simm", "kit_harington"]
+LOOSE = ["howard", "raj"]
 CONFIG = IngestConfig(
     workers=2, batch_size=4, crop_size=128, num_gpus_per_worker=0,
     face=FaceConfig(detection=DetectionConfig(policy="all", cnn_fallback=False)),
@@ -33,6 +34,10 @@ def archive(tmp_path_factory, faces_root):
     (broken / "truncated.jpg").write_bytes((faces_root / "obama" / "obama.jpg").read_bytes()[:300])
     shutil.copy(faces_root / "obama" / "obama.jpg", src / "obama" / "obama_copy.jpg")  # byte-identical
     (src / "readme.txt").write_text("ignored: not an image extension")
+    # Loose photos of two other people, directly under the archive: not a person named after it.
+    for person in LOOSE:
+        first = sorted(p for p in (faces_root / person).iterdir() if p.suffix.lower() in CONFIG.extensions)[0]
+        shutil.copy(first, src / f"loose_{person}{first.suffix}")
     return src
 
 
@@ -82,6 +87,8 @@ def test_folder_identities_and_pairs(ingested):
     identities = pq.read_table(dst / "identities.parquet").to_pylist()
     assert sorted(r["identity"] for r in identities) == sorted(PEOPLE)  # group/ photo is not an identity
     faces = {f["face_id"]: f for f in pq.read_table(dst / "faces.parquet").to_pylist()}
+    loose = [f for f in faces.values() if "/loose_" in f["image_uri"]]
+    assert len(loose) == len(LOOSE) and all(f["label"] is None for f in loose)  # never the archive's name
     pairs = pq.read_table(dst / "pairs.parquet").to_pylist()
     assert result["pairs"] == len(pairs) > 0
     for p in pairs:
@@ -127,3 +134,20 @@ def test_resume_after_a_crash_gives_the_same_tables(ray_cluster, archive, ingest
 
     assert table(crashed, "images.parquet", ["faces"]) == table(dst, "images.parquet", ["faces"])
     assert table(crashed, "faces.parquet", []) == table(dst, "faces.parquet", [])
+
+
+@pytest.mark.parametrize("root", ["/data/archive", "/data/archive/", "memory://bucket/archive"])
+def test_a_loose_photo_has_no_folder_label(root):
+    base = root.rstrip("/")
+    assert tables.folder_label(f"{base}/loose.jpg", root) is None
+    assert tables.folder_label(f"{base}/amy/amy1.jpg", root) == "amy"
+
+
+def test_the_listing_root_is_written_like_the_listed_files(tmp_path):
+    (tmp_path / "amy").mkdir()
+    (tmp_path / "amy" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "loose.jpg").write_bytes(b"x")
+    root = storage.listing_root(str(tmp_path))
+    files = list(storage.list_files(str(tmp_path), (".jpg",)))
+    assert [tables.folder_label(f, root) for f in files] == ["amy", None]
+    assert storage.listing_root(str(tmp_path / "loose.jpg")) == root  # a single file: its folder
