@@ -3,7 +3,7 @@
 It bundles the token mapper (IdProjector or MultiRefMapper) and one identity processor per
 cross-attention layer. `install(unet)` swaps the processors in (self-attention keeps the stock
 maths) and freezes the base; `remove(unet)` restores the stock processors. `save(uri)` writes
-`adapter.safetensors` + `adapter.json` (method options, encoder spec, base UNet config hash);
+`adapter.safetensors` + `adapter.json` (method options, encoder spec, base UNet weights hash);
 `load(uri, unet, encoder_spec)` refuses a mismatched encoder or base.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ray_faceid.errors import BaseModelMismatch, EncoderMismatch, NotFound
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.identity.attention import PROCESSORS, SelfAttnProcessor
 from ray_faceid.identity.tokens import IdProjector, MultiRefMapper
+from ray_faceid.weights_hash import weights_hash_of
 
 WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
 
@@ -39,9 +40,8 @@ class AdapterOptions(BaseModel):
 
 
 def base_unet_hash(unet) -> str:
-    """A hash of the base UNet's architecture config: adapters and engines are tied to it."""
-    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The hash of the base UNet's weights (taken when it was loaded): adapters are tied to it."""
+    return weights_hash_of(unet)
 
 
 def cross_attention_layers(unet) -> dict[str, tuple[int, int]]:
@@ -95,7 +95,8 @@ class IdentityAdapter(nn.Module):
     def check_base(self, unet) -> None:
         got = base_unet_hash(unet)
         if got != self.base_hash:
-            raise BaseModelMismatch(f"adapter was trained for base UNet {self.base_hash}, this UNet is {got}")
+            raise BaseModelMismatch(f"adapter was trained for the base UNet with weights hash {self.base_hash}; this "
+                                    f"UNet's weights hash is {got}: load the base it was trained on, or train one for this base")
 
     def install(self, unet) -> None:
         """Put the identity processors into `unet` and freeze every base parameter."""

@@ -17,6 +17,7 @@ import torch
 from ray_faceid import storage
 from ray_faceid.envs import cache_dir
 from ray_faceid.errors import BackendUnavailable, NotFound
+from ray_faceid.weights_hash import cached_module_hash, weights_hash_of
 
 TINY = ("tiny", "tiny-inpaint")
 
@@ -43,14 +44,22 @@ class BaseModel:
     def cross_attention_dim(self) -> int:
         return self.unet.config.cross_attention_dim
 
+    def __post_init__(self):
+        # Taken now, before any cast or move: what the model IS, whatever precision it runs in.
+        self.weights = {name: weights_hash_of(getattr(self, name)) for name in ("unet", "vae", "text_encoder")
+                        if getattr(self, name) is not None}
+        self._hash = None
+
     def model_hash(self) -> str:
-        """Hash of every component's config and the model id: provenance and cache keys."""
-        parts = {"id": self.model_id}
-        for name in ("unet", "vae", "scheduler"):
-            parts[name] = {k: v for k, v in dict(getattr(self, name).config).items() if not k.startswith("_")}
-        parts["text_encoder"] = {k: v for k, v in self.text_encoder.config.to_dict().items() if not k.startswith("_")}
-        blob = json.dumps(parts, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Hash of the components' weights (and configs), the tokenizer and the scheduler: provenance,
+        adapter compatibility, render and engine keys. The model id is not in it: the same weights
+        loaded from another path or under another name are the same model."""
+        if self._hash is None:  # every generated image's provenance asks: hash the tokenizer once
+            parts = {"weights": self.weights, "tokenizer": _tokenizer_hash(self.tokenizer)}
+            if self.scheduler is not None:
+                parts["scheduler"] = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
+            self._hash = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self._hash
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "BaseModel":
         for module in (self.unet, self.vae, self.text_encoder):
@@ -62,6 +71,14 @@ class BaseModel:
             module.requires_grad_(False)
             module.eval()
         return self
+
+
+def _tokenizer_hash(tokenizer) -> str | None:
+    if tokenizer is None:
+        return None
+    parts = {"vocab": sorted(tokenizer.get_vocab().items()), "max_length": tokenizer.model_max_length,
+             "merges": sorted(f"{a} {b}" for a, b in getattr(tokenizer, "bpe_ranks", {}) or {})}
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def build_tiny(inpainting: bool = False, seed: int = 0) -> BaseModel:
@@ -138,10 +155,15 @@ def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
         meta = json.loads(index.read_text())
         model_id = meta.get("_ray_faceid_model_id", model_id)
         untrained = bool(meta.get("_ray_faceid_untrained", False))
+    components = {
+        "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
+        "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
+        "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+    }
+    for name, module in components.items():  # hashed once per machine for a local folder's files
+        cached_module_hash(module, Path(source) / name if Path(source).is_dir() else None)
     return BaseModel(
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        **components,
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
         scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
         model_id=model_id,

@@ -57,9 +57,9 @@ def test_mismatched_encoder_or_base_is_refused(tiny_base, spec128, tmp_path):
         IdentityAdapter.load(str(tmp_path / "ad"), encoder_spec=arcface)
     from ray_faceid.pipelines.models import build_tiny
 
-    other = build_tiny(inpainting=True).unet
-    with pytest.raises(BaseModelMismatch, match="trained for base UNet"):
-        IdentityAdapter.load(str(tmp_path / "ad"), unet=other)
+    same_architecture_other_weights = build_tiny(seed=1).unet
+    with pytest.raises(BaseModelMismatch, match="trained for the base UNet with weights hash"):
+        IdentityAdapter.load(str(tmp_path / "ad"), unet=same_architecture_other_weights)
     with pytest.raises(NotFound, match="no identity adapter"):
         IdentityAdapter.load(str(tmp_path / "nothing"))
 

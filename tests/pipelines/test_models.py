@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from ray_faceid.errors import NotFound
+from ray_faceid.errors import BaseModelMismatch, NotFound
 from ray_faceid.pipelines.models import build_tiny, load_base, save_base
 
 
@@ -29,3 +30,38 @@ def test_unknown_models_say_what_is_accepted(tmp_path):
         load_base(str(tmp_path))
     with pytest.raises(NotFound, match="not 'tiny', a folder, a URI or a hub id"):
         load_base("./no/such/thing")
+
+
+def test_the_hash_identifies_the_weights_not_the_config_or_the_name(tmp_path, monkeypatch, spec128):
+    """Same architecture, other weights: another hash, and an adapter made for one is refused on the
+    other naming both hashes. Same weights under another name or path: the same hash."""
+    from ray_faceid.identity.adapter import IdentityAdapter
+
+    monkeypatch.setenv("RAY_FACEID_CACHE", str(tmp_path / "cache"))
+    a, b = build_tiny(seed=0), build_tiny(seed=1)
+    assert a.model_hash() != b.model_hash()
+    adapter = IdentityAdapter.for_unet(a.unet, spec128)
+    adapter.save(str(tmp_path / "adapter"))
+    IdentityAdapter.load(str(tmp_path / "adapter"), a.unet, spec128)  # its own base: accepted
+    with pytest.raises(BaseModelMismatch) as refused:
+        IdentityAdapter.load(str(tmp_path / "adapter"), b.unet, spec128)
+    assert adapter.base_hash in refused.value.message and b.weights["unet"] in refused.value.message
+    a.model_id = "renamed fine-tune"
+    save_base(a, tmp_path / "one")
+    save_base(a, tmp_path / "two")
+    one, two = load_base(str(tmp_path / "one")), load_base(str(tmp_path / "two"))
+    assert one.model_hash() == two.model_hash() == a.model_hash()
+    # A weight changed on disk under the same folder and name is another model (the file cache is
+    # keyed by the files' sizes and modification times, not trusted blindly).
+    unet = one.unet
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1.0)
+    unet.save_pretrained(tmp_path / "one" / "unet")
+    assert load_base(str(tmp_path / "one")).model_hash() != a.model_hash()
+
+
+def test_casting_does_not_change_what_the_model_is():
+    base = build_tiny()
+    before = base.model_hash()
+    base.to("cpu", torch.float16)
+    assert base.model_hash() == before
