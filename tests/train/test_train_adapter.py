@@ -85,8 +85,10 @@ def test_imr_job_needs_an_adapter_and_trains_only_the_imr(small_dataset, killed_
 
 
 def test_the_cli_defaults_finish_on_a_two_cpu_cluster(small_dataset, tmp_path):
-    """`ray-faceid train` with its default 2 workers on the suite's 2-CPU cluster: the workers leave room
-    for the dataset's read tasks (they used to take both CPUs and wait for data forever)."""
+    """`ray-faceid train` with its default workers and resources on the suite's 2-CPU cluster: the workers
+    leave room for the dataset's read tasks (they used to take both CPUs and wait for data forever,
+    whatever the size). A small --size only keeps the test short: the tiny base at 512 px takes minutes
+    per step on 2 cores."""
     import time
 
     from typer.testing import CliRunner
@@ -95,7 +97,7 @@ def test_the_cli_defaults_finish_on_a_two_cpu_cluster(small_dataset, tmp_path):
 
     started = time.perf_counter()
     result = CliRunner().invoke(app, ["train", small_dataset, "--out", str(tmp_path / "adapter"), "--steps", "2",
-                                      "--json"])
+                                      "--size", "64", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output[result.output.index("{"):])["steps"] == 2
     assert time.perf_counter() - started < 600
