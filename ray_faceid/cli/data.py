@@ -7,6 +7,7 @@ import typer
 from rich.table import Table
 
 from ray_faceid.cli.common import console, user_errors
+from ray_faceid.data.clustering import DEFAULT_CUT_SHARE
 
 
 def summary_table(title: str, summary: dict) -> Table:
@@ -29,14 +30,18 @@ def ingest(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per batch."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run: skip files already recorded."),
     min_shots: int = typer.Option(2, "--min-shots", min=2, help="Distinct shots an identity needs for pairs."),
+    recognizer_onnx: Optional[str] = typer.Option(
+        None, "--recognizer-onnx", help="An ArcFace-shaped ONNX recogniser (N x 3 x 112 x 112 -> N x D) of your own "
+        "to embed faces with, instead of dlib's 128-d ResNet (better on people dlib confuses)."),
 ):
     """Detect, align, embed and score every face of an archive; then identities and cross-training pairs."""
-    from ray_faceid.config import IngestConfig
+    from ray_faceid.config import FaceConfig, IngestConfig
     from ray_faceid.data.ingest import run_ingest
     from ray_faceid.data.pairs import build_pairs
 
     with user_errors():
-        config = IngestConfig(workers=workers, batch_size=batch_size)
+        config = IngestConfig(workers=workers, batch_size=batch_size,
+                              face=FaceConfig(recognizer_onnx=recognizer_onnx))
         summary = run_ingest(src, dst, config, labels=labels, resume=resume, address=address)
         console.print(summary_table(f"ingest {src} -> {dst}", summary))
         if labels != "none":
@@ -48,9 +53,19 @@ def pairs(
     labels: Optional[str] = typer.Option(None, "--labels", help="folders | cluster (default: as ingested)."),
     min_shots: int = typer.Option(2, "--min-shots", min=2),
     max_pairs: int = typer.Option(100, "--max-pairs", min=1, help="Pairs per identity at most."),
+    cut: float = typer.Option(
+        DEFAULT_CUT_SHARE, "--cut", min=0.05, max=2.0, help="--labels cluster: average-linkage cut as a share of the "
+        "encoder's same-person threshold (lower: purer clusters, more people split in two)."),
+    include_flagged: bool = typer.Option(False, "--include-flagged", help="Also make pairs from clusters flagged as "
+                                         "not cohesive."),
+    evaluate_clustering: bool = typer.Option(
+        False, "--evaluate-clustering", help="--labels cluster on an archive ingested with --labels folders: score the "
+        "clusters against the folders (purity, BCubed P/R/F1), printed and written to summary.json."),
 ):
     """(Re)build identities.parquet and pairs.parquet from an ingest output."""
     from ray_faceid.data.pairs import build_pairs
 
     with user_errors():
-        console.print(summary_table(f"identities and pairs in {dst}", build_pairs(dst, labels, min_shots, max_pairs)))
+        result = build_pairs(dst, labels, min_shots, max_pairs, cut_share=cut, include_flagged=include_flagged,
+                             evaluate_clustering=evaluate_clustering)
+        console.print(summary_table(f"identities and pairs in {dst}", result))

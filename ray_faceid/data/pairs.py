@@ -2,8 +2,9 @@
 
 - identities.parquet: one row per identity: its face ids, a quality-weighted mean embedding, counts.
   `folders`: the identity is the photo's parent folder, from photos with exactly one face (a group
-  photo cannot be labelled by its folder). `cluster`: faces grouped by dlib's Chinese-whispers
-  graph clustering at the encoder's own threshold.
+  photo cannot be labelled by its folder). `cluster`: faces grouped by average-linkage clustering
+  at a share of the encoder's own threshold (clustering.py); each identity carries its cohesion,
+  and clusters that are not cohesive are flagged and left out of pairs unless asked for.
 - near-duplicates (consecutive video frames of one person) are flagged by embedding and pose
   distance, so a pair never uses two of them as "different shots".
 - pairs.parquet (CrossFaceID): for every identity with >= min_shots distinct shots, pairs of a
@@ -21,26 +22,15 @@ import pyarrow as pa
 from ray_faceid import storage
 from ray_faceid.data import tables
 from ray_faceid.data.captions import Captioner, TemplateCaptioner
+from ray_faceid.data.clustering import DEFAULT_CUT_SHARE, cluster_faces, cohesion
 from ray_faceid.errors import BadInput
+from ray_faceid.eval.clustering import clustering_scores
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.identity.expression import code_from_attributes
 
 IDENTITIES, PAIRS = "identities.parquet", "pairs.parquet"
 # Near-duplicate: closer than this share of the same-person threshold, and head pose within this many degrees.
 NEAR_DUP_DISTANCE_SHARE, NEAR_DUP_POSE_DEG = 0.3, 6.0
-
-
-def cluster_labels(embeddings: np.ndarray, spec: EncoderSpec) -> list[str]:
-    """Chinese-whispers clustering (dlib) with an edge wherever two faces verify as the same person."""
-    import dlib
-
-    vecs = np.asarray(embeddings, dtype=np.float64)
-    threshold = spec.threshold
-    if spec.metric == "cosine":  # on unit vectors, cosine distance d <=> euclidean sqrt(2 d)
-        vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
-        threshold = float(np.sqrt(2 * spec.threshold))
-    ids = dlib.chinese_whispers_clustering([dlib.vector(v.tolist()) for v in vecs], threshold)
-    return [f"cluster_{i:05d}" for i in ids]
 
 
 def near_duplicates(faces: list[dict], spec: EncoderSpec) -> dict[str, str]:
@@ -59,18 +49,36 @@ def near_duplicates(faces: list[dict], spec: EncoderSpec) -> dict[str, str]:
     return flagged
 
 
-def _labelled_faces(faces: list[dict], images: list[dict], labels: str, spec: EncoderSpec) -> list[dict]:
+def _labelled_faces(faces: list[dict], images: list[dict], labels: str, spec: EncoderSpec,
+                    cut_share: float) -> list[dict]:
     if labels == "folders":
         single = {r["uri"] for r in images if r["n_faces"] == 1}
         return [dict(f, identity=f["label"]) for f in faces if f["image_uri"] in single and f["label"]]
     if labels == "cluster":
-        names = cluster_labels(np.array([f["embedding"] for f in faces]), spec) if faces else []
-        return [dict(f, identity=n) for f, n in zip(faces, names)]
+        numbers = cluster_faces(np.array([f["embedding"] for f in faces]), spec, cut_share) if faces else []
+        return [dict(f, identity=f"cluster_{n:05d}") for f, n in zip(faces, numbers)]
     raise BadInput(f"labels must be folders or cluster here, not {labels!r}")
 
 
+def _clustering_report(dst: str, labelled: list[dict]) -> dict:
+    """Scores of the clusters against the folder labels the ingest recorded, kept in summary.json."""
+    known = [f for f in labelled if f["label"]]
+    if not known:
+        raise BadInput(f"{dst}: no face has a folder label to score the clustering against: ingest the archive "
+                       "with --labels folders (one folder per person) to use --evaluate-clustering")
+    scores = clustering_scores([f["identity"] for f in known], [f["label"] for f in known])
+    summary_uri = storage.join(dst, tables.SUMMARY)
+    summary = json.loads(storage.read_bytes(summary_uri))
+    summary["clustering"] = scores
+    storage.write_bytes(summary_uri, json.dumps(summary, indent=2).encode())
+    return scores
+
+
 def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pairs_per_identity: int = 100,
-                captioner: Captioner | None = None, seed: int = 0) -> dict:
+                captioner: Captioner | None = None, seed: int = 0, cut_share: float = DEFAULT_CUT_SHARE,
+                include_flagged: bool = False, evaluate_clustering: bool = False) -> dict:
+    """identities.parquet and pairs.parquet; with `evaluate_clustering` (labels `cluster` on an
+    archive ingested with folder labels) also the clustering's scores against the folders."""
     summary = json.loads(storage.read_bytes(storage.join(dst, tables.SUMMARY)))
     labels = labels or summary["labels"]
     if labels == "none":
@@ -80,7 +88,10 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
     spec = EncoderSpec(**summary["encoder_spec"])
     faces = tables.read_table(storage.join(dst, tables.FACES)).to_pylist()
     images = tables.read_table(storage.join(dst, tables.IMAGES)).to_pylist()
-    labelled = _labelled_faces(faces, images, labels, spec)
+    if evaluate_clustering and labels != "cluster":
+        raise BadInput("--evaluate-clustering scores --labels cluster against the folder labels: add --labels cluster")
+    labelled = _labelled_faces(faces, images, labels, spec, cut_share)
+    scores = _clustering_report(dst, labelled) if evaluate_clustering else None
     captioner = captioner or TemplateCaptioner()
     rng = random.Random(seed)
 
@@ -93,12 +104,16 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
         weights = np.array([max(m["q_score"] or 0.0, 1e-3) for m in members])
         mean = (np.array([m["embedding"] for m in members]) * weights[:, None]).sum(0) / weights.sum()
         distinct = [m for m in members if m["face_id"] not in dups]
+        tight = cohesion(np.array([m["embedding"] for m in members]), spec)
+        # Folder identities are reported, not dropped: the operator named them.
+        flagged = tight.flagged and labels == "cluster"
         identity_rows.append({
             "identity": name, "face_ids": [m["face_id"] for m in members], "n_faces": len(members),
             "n_distinct": len(distinct), "near_duplicates": json.dumps(dups), "embedding": mean.tolist(),
-            "encoder": spec.key(),
+            "encoder": spec.key(), "centre_distance_mean": tight.centre_distance_mean,
+            "centre_distance_max": tight.centre_distance_max, "flagged": flagged,
         })
-        if len(distinct) < min_shots:
+        if len(distinct) < min_shots or (flagged and not include_flagged):
             continue
         candidates = [(a, b) for a in members for b in distinct if a["face_id"] != b["face_id"]
                       and dups.get(a["face_id"]) != b["face_id"] and dups.get(b["face_id"]) != a["face_id"]]
@@ -112,6 +127,12 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
             })
     tables.write_table(storage.join(dst, IDENTITIES), pa.Table.from_pylist(identity_rows))
     tables.write_table(storage.join(dst, PAIRS), pa.Table.from_pylist(pair_rows))
-    return {"labels": labels, "identities": len(identity_rows), "pairs": len(pair_rows),
-            "identities_with_pairs": len({p["identity"] for p in pair_rows}),
-            "near_duplicates": sum(len(json.loads(r["near_duplicates"])) for r in identity_rows)}
+    result = {"labels": labels, "identities": len(identity_rows), "pairs": len(pair_rows),
+              "identities_with_pairs": len({p["identity"] for p in pair_rows}),
+              "flagged (not cohesive)": sum(r["flagged"] for r in identity_rows),
+              "near_duplicates": sum(len(json.loads(r["near_duplicates"])) for r in identity_rows)}
+    if labels == "cluster":
+        result["cut"] = round(cut_share * spec.threshold, 4)
+    if scores is not None:
+        result.update({f"clustering {k}": v for k, v in scores.items()})
+    return result

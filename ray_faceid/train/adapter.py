@@ -27,6 +27,7 @@ from ray_faceid.data import tables
 from ray_faceid.data.pairs import IDENTITIES, PAIRS
 from ray_faceid.errors import BadInput
 from ray_faceid.train import runs
+from ray_faceid.train.progress import ProgressLine
 
 RUN_NAME, RECORD_FILE = "train", "training.json"
 EVAL_EXAMPLES = 8
@@ -147,6 +148,10 @@ def _fixed_loss(objective, batch, seed: int) -> float:
     return loss
 
 
+def _quiet(_: str) -> None:
+    """Only the first worker prints progress."""
+
+
 def worker_loop(loop: dict) -> None:
     """One Ray Train worker. `loop['fault']` (tests only) kills the last worker once after a step."""
     import ray.train
@@ -181,6 +186,7 @@ def worker_loop(loop: dict) -> None:
     else:
         record = {"first_step": 0, "eval_loss_start": _fixed_loss(job.objective, eval_batch, config.seed)}
     batches = _cycle(ray.train.get_dataset_shard("train"), config.batch_size)
+    progress = ProgressLine(f"train {config.method}", config.steps, first=step, emit=print if rank == 0 else _quiet)
     while step < config.steps:
         started = time.perf_counter()
         batch = job.batch(next(batches))
@@ -194,6 +200,7 @@ def worker_loop(loop: dict) -> None:
         seconds = time.perf_counter() - started
         metrics = {f"loss_{k}": float(v) for k, v in losses.items()}
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], examples_per_s=world * config.batch_size / seconds)
+        progress.update(step, loss=metrics["loss_total"])
         if step % config.checkpoint_every == 0 or step == config.steps:
             with runs.checkpoint_folder() as folder:
                 if rank == 0:

@@ -97,9 +97,14 @@ def test_folder_identities_and_pairs(ingested):
         assert p["caption"].startswith("a photo of a person")
 
 
-def test_cluster_labels_are_pure(ingested):
+def test_cluster_labels_are_pure_and_scored_against_the_folders(ingested):
     dst, _ = ingested
-    build_pairs(str(dst), "cluster")
+    result = build_pairs(str(dst), "cluster", evaluate_clustering=True)
+    scores = json.loads((dst / "summary.json").read_text())["clustering"]
+    assert scores["purity"] >= 0.97 and scores["bcubed_f1"] >= 0.9, scores
+    assert result["clustering purity"] == scores["purity"]
+    rows = pq.read_table(dst / "identities.parquet").to_pylist()
+    assert all(r["centre_distance_max"] >= r["centre_distance_mean"] >= 0 for r in rows)
     faces = {f["face_id"]: f for f in pq.read_table(dst / "faces.parquet").to_pylist()}
     clusters = pq.read_table(dst / "identities.parquet").to_pylist()
     labelled = [[faces[i]["label"] for i in c["face_ids"] if faces[i]["label"] in PEOPLE] for c in clusters]
@@ -151,3 +156,15 @@ def test_the_listing_root_is_written_like_the_listed_files(tmp_path):
     files = list(storage.list_files(str(tmp_path), (".jpg",)))
     assert [tables.folder_label(f, root) for f in files] == ["amy", None]
     assert storage.listing_root(str(tmp_path / "loose.jpg")) == root  # a single file: its folder
+
+
+def test_clusters_that_are_not_cohesive_make_no_pairs_unless_asked(ingested):
+    from ray_faceid.errors import BadInput
+
+    dst, _ = ingested
+    merged = build_pairs(str(dst), "cluster", cut_share=3.0)  # a cut far past the threshold merges people
+    assert merged["flagged (not cohesive)"] >= 1 and merged["pairs"] == 0
+    assert build_pairs(str(dst), "cluster", cut_share=3.0, include_flagged=True)["pairs"] > 0
+    with pytest.raises(BadInput, match="add --labels cluster"):
+        build_pairs(str(dst), "folders", evaluate_clustering=True)
+    build_pairs(str(dst), "cluster")  # leave the default tables for the other tests

@@ -1,0 +1,87 @@
+"""Grouping faces by identity without chaining people together.
+
+Chinese whispers at the verification threshold joins two groups through ONE close pair, so on an
+archive where the encoder places some people close together (the 128-d dlib ResNet does, for
+example, with East Asian faces) a chain of close pairs merges several people into one cluster.
+Average linkage joins two groups only when their faces are close ON AVERAGE: one stray close pair
+is not enough. The cut is a share of the encoder's own same-person threshold (`DEFAULT_CUT_SHARE`,
+chosen where purity and BCubed F1 stay flat across cuts on the shared photo set; see
+benchmarks/cluster_quality.py for the curve).
+
+Every cluster gets a cohesion figure: the mean and the largest distance of its members to its
+centre (the mean of its unit-normalised embeddings for cosine encoders, of its embeddings
+otherwise), in the encoder's metric. A cluster whose farthest member does not verify against the
+centre is flagged, and left out of cross-training pairs unless asked for.
+
+Exact average linkage needs the n x n distances: up to `MAX_EXACT` faces it runs (scipy); above it
+the faces are grouped by Chinese whispers on edges at the (tighter) cut instead, and the cohesion
+flag catches what still chains.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ray_faceid.face.spec import EncoderSpec
+
+log = logging.getLogger(__name__)
+DEFAULT_CUT_SHARE = 0.85
+MAX_EXACT = 20_000
+
+
+@dataclass(frozen=True)
+class Cohesion:
+    centre_distance_mean: float
+    centre_distance_max: float
+    flagged: bool
+    """The farthest member does not verify against the centre (distance above the encoder's threshold)."""
+
+
+def _vectors(embeddings: np.ndarray, spec: EncoderSpec) -> np.ndarray:
+    vecs = np.asarray(embeddings, dtype=np.float64)
+    if spec.metric == "cosine":
+        vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
+    return vecs
+
+
+def cluster_faces(embeddings: np.ndarray, spec: EncoderSpec, cut_share: float = DEFAULT_CUT_SHARE) -> np.ndarray:
+    """(n, D) embeddings -> (n,) cluster numbers 0..k-1, numbered by first appearance."""
+    n = len(embeddings)
+    if n == 0:
+        return np.zeros(0, dtype=int)
+    if n == 1:
+        return np.zeros(1, dtype=int)
+    cut = cut_share * spec.threshold
+    if n > MAX_EXACT:
+        log.warning("%d faces: above %d average linkage would need too much memory; grouping by Chinese "
+                    "whispers at the cut %.3f instead", n, MAX_EXACT, cut)
+        raw = chinese_whispers(embeddings, spec, cut)
+    else:
+        from scipy.cluster.hierarchy import fcluster, linkage
+        from scipy.spatial.distance import pdist
+
+        condensed = pdist(_vectors(embeddings, spec), "cosine" if spec.metric == "cosine" else "euclidean")
+        raw = fcluster(linkage(condensed, method="average"), t=cut, criterion="distance")
+    _, first = np.unique(raw, return_index=True)
+    order = {label: rank for rank, label in enumerate(raw[np.sort(first)])}
+    return np.array([order[label] for label in raw])
+
+
+def chinese_whispers(embeddings: np.ndarray, spec: EncoderSpec, threshold: float) -> np.ndarray:
+    """dlib's Chinese whispers with an edge wherever two faces are closer than `threshold`."""
+    import dlib
+
+    vecs = _vectors(embeddings, spec)
+    if spec.metric == "cosine":  # on unit vectors, cosine distance d <=> euclidean sqrt(2 d)
+        threshold = float(np.sqrt(2 * threshold))
+    return np.array(dlib.chinese_whispers_clustering([dlib.vector(v.tolist()) for v in vecs], threshold))
+
+
+def cohesion(embeddings: np.ndarray, spec: EncoderSpec) -> Cohesion:
+    """How tight one cluster is around its centre, in the encoder's metric."""
+    vecs = _vectors(embeddings, spec)
+    centre = vecs.mean(axis=0)
+    distances = np.asarray(spec.distance(vecs, centre[None, :]), dtype=np.float64).reshape(-1)
+    return Cohesion(float(distances.mean()), float(distances.max()), bool(distances.max() > spec.threshold))

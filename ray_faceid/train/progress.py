@@ -1,0 +1,30 @@
+"""One progress line at most every few seconds (step, loss, steps/s, ETA): readable in a terminal
+and in a log file alike, where a redrawn bar would repeat itself."""
+from __future__ import annotations
+
+import time
+
+
+class ProgressLine:
+    def __init__(self, what: str, total: int, first: int = 0, every_s: float = 10.0, emit=print):
+        self.what, self.total, self.first, self.every_s, self.emit = what, total, first, every_s, emit
+        self.started = time.monotonic()
+        self.last = float("-inf")
+
+    def update(self, done: int, **figures: float) -> None:
+        now = time.monotonic()
+        if done < self.total and now - self.last < self.every_s and done != self.first + 1:
+            return
+        self.last = now
+        rate = (done - self.first) / max(now - self.started, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+        self.emit(f"{self.what}: {done}/{self.total}" + (f", {shown}" if shown else "") +
+                  f", {rate:.2f}/s, ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
