@@ -60,9 +60,12 @@ def _labelled_faces(faces: list[dict], images: list[dict], labels: str, spec: En
     raise BadInput(f"labels must be folders or cluster here, not {labels!r}")
 
 
-def _clustering_report(dst: str, labelled: list[dict]) -> dict:
-    """Scores of the clusters against the folder labels the ingest recorded, kept in summary.json."""
-    known = [f for f in labelled if f["label"]]
+def _clustering_report(dst: str, labelled: list[dict], images: list[dict]) -> dict:
+    """Scores of the clusters against the folder labels the ingest recorded, kept in summary.json.
+    Only faces of one-face photos count: a folder names the person of a portrait, not everyone in a
+    group photo."""
+    single = {r["uri"] for r in images if r["n_faces"] == 1}
+    known = [f for f in labelled if f["label"] and f["image_uri"] in single]
     if not known:
         raise BadInput(f"{dst}: no face has a folder label to score the clustering against: ingest the archive "
                        "with --labels folders (one folder per person) to use --evaluate-clustering")
@@ -91,7 +94,7 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
     if evaluate_clustering and labels != "cluster":
         raise BadInput("--evaluate-clustering scores --labels cluster against the folder labels: add --labels cluster")
     labelled = _labelled_faces(faces, images, labels, spec, cut_share)
-    scores = _clustering_report(dst, labelled) if evaluate_clustering else None
+    scores = _clustering_report(dst, labelled, images) if evaluate_clustering else None
     captioner = captioner or TemplateCaptioner()
     rng = random.Random(seed)
 
