@@ -50,7 +50,7 @@ class Generator:
             adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer(self.config.face).spec)
         self.pipeline = IdentityPipeline(base, adapter, device=device, backend=self.config.backend,
                                          precision=self.config.precision)
-        self.warm_up = self._warm_up()  # before __init__ returns: Serve routes nothing to a replica still compiling
+        self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self.registry = Registry(self.config.registry)
         self.adapter_hash = self.pipeline.adapter_hash
         self.loads = 0
@@ -76,7 +76,7 @@ class Generator:
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
                 "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads,
-                "backend": self.pipeline.backend, "warm_up": self.warm_up}
+                "backend": self.pipeline.backend, "warm_up": self.warm_up_report}
 
     async def _load_identity(self, key: str) -> LoadedIdentity:
         tenant, identity = multiplex.split_key(key)
