@@ -23,7 +23,7 @@ import time
 STARTED = time.time()  # before torch is imported: "process start" in the cold-start rows
 
 import argparse  # noqa: E402
-import dataclasses
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -45,9 +45,9 @@ PROMPT = "a photo of a person smiling, studio light"
 def sd15_components(device):
     """SD1.5's UNet, VAE and text encoder shapes, built on the device (fast), random weights."""
     from diffusers import AutoencoderKL, DDIMScheduler
+    from pipeline_overhead import sd15_unet
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipeline_overhead import sd15_unet
     from ray_faceid.pipelines.models import BaseModel
     from ray_faceid.pipelines.tiny_tokenizer import tiny_tokenizer
 
@@ -69,6 +69,7 @@ def sd15_components(device):
 
 def build(args):
     from pipeline_overhead import SPEC
+
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.models import build_tiny
 
@@ -216,7 +217,6 @@ def generation_rows(args, base, adapter, cache, out):
                                     args.size, args.size)
     batched_s = timed(batched, 1)
     out["engine"] = compiled.compiled_engine()  # its buckets 2 and 8 serve the compiled UNet-call rows
-    del compiled
 
     # (b) eager with one identity; (a) plain diffusers on the same modules, stock processors.
     eager = IdentityPipeline(base, adapter, device=args.device, backend="torch", precision=args.precision)
@@ -268,6 +268,7 @@ def generation_rows(args, base, adapter, cache, out):
 def unet_rows(args, base, adapter, engine):
     """(g) ms per UNet call: stock vs each identity method (eager), stock and decoupled compiled."""
     from pipeline_overhead import SPEC
+
     from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter
     from ray_faceid.identity.context import identity_kwargs
     from ray_faceid.identity.routing import box_masks, strip_boxes

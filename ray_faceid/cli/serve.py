@@ -17,7 +17,8 @@ def serve(
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI."),
     registry: Optional[str] = typer.Option(None, "--registry", help="Identity registry folder or URI."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
-    backend: Optional[str] = typer.Option(None, "--backend", help="UNet runtime: auto (torch.compile on CUDA), torch, torch.compile, onnxruntime, tensorrt."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="UNet runtime: auto (torch.compile on CUDA), torch, torch.compile, onnxruntime, tensorrt."),
 ):
     """Start the API locally, print its URL, a token and a curl example; Ctrl-C stops it."""
     from deployments.local import config_from_yaml, start

@@ -23,6 +23,7 @@ from ray_faceid.config import IngestConfig
 from ray_faceid.data import tables
 from ray_faceid.data.analyze_rows import analyze_uris
 from ray_faceid.errors import BadInput
+from ray_faceid.progress import ProgressLine, to_stderr
 
 
 class AnalyzeImages:
@@ -99,7 +100,10 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
         num_cpus=0.5 if gpus else 1,
         num_gpus=gpus,
     )
-    statuses = [str(s) for batch in ds.iter_batches(batch_size=None) for s in batch["status"]]
+    statuses, progress = [], ProgressLine("ingest images", len(listed), emit=to_stderr)
+    for batch in ds.iter_batches(batch_size=None):
+        statuses += [str(s) for s in batch["status"]]
+        progress.update(len(statuses))
     if len(statuses) != len(listed):
         raise RuntimeError(f"ingest accounted for {len(statuses)} of {len(listed)} files")
     summary = finish(dst, listed, labels, time.perf_counter() - start, before=len(raw), root=storage.listing_root(src))

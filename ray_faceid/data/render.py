@@ -21,6 +21,7 @@ from ray_faceid.config import RenderConfig
 from ray_faceid.data import tables
 from ray_faceid.data.catalog import read_catalog
 from ray_faceid.errors import BadInput
+from ray_faceid.progress import ProgressLine, to_stderr
 
 MANIFEST, SUMMARY = "manifest.parquet", "render_summary.json"
 MANIFEST_SCHEMA = pa.schema([
@@ -98,8 +99,11 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         num_cpus=0.5 if gpus else 1,
         num_gpus=gpus,
     )
-    records = sorted((json.loads(str(r)) for batch in ds.iter_batches(batch_size=None) for r in batch["record"]),
-                     key=lambda r: r["index"])
+    records, progress = [], ProgressLine("render rows", len(texts), emit=to_stderr)
+    for batch in ds.iter_batches(batch_size=None):
+        records += [json.loads(str(r)) for r in batch["record"]]
+        progress.update(len(records), failed=sum(r["status"] != "ok" for r in records))
+    records.sort(key=lambda r: r["index"])
     if len(records) != len(texts):
         raise RuntimeError(f"render accounted for {len(records)} of {len(texts)} rows")
     tables.write_table(storage.join(out, MANIFEST), pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA))

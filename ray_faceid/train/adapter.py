@@ -26,8 +26,8 @@ from ray_faceid.config import TrainConfig
 from ray_faceid.data import tables
 from ray_faceid.data.pairs import IDENTITIES, PAIRS
 from ray_faceid.errors import BadInput
+from ray_faceid.progress import ProgressLine
 from ray_faceid.train import runs
-from ray_faceid.train.progress import ProgressLine
 
 RUN_NAME, RECORD_FILE = "train", "training.json"
 EVAL_EXAMPLES = 8

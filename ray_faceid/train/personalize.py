@@ -18,6 +18,7 @@ import time
 from ray_faceid import storage
 from ray_faceid.config import PersonalizeConfig
 from ray_faceid.errors import FaceIdError, NotFound
+from ray_faceid.progress import ProgressLine
 from ray_faceid.registry import Registry
 from ray_faceid.train import runs
 
@@ -72,6 +73,10 @@ def _restored_progress(checkpoint) -> tuple[dict, dict]:
     return done, failed
 
 
+def _quiet(_: str) -> None:
+    """Only the first worker prints progress."""
+
+
 def worker_loop(loop: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -93,8 +98,10 @@ def worker_loop(loop: dict) -> None:
     done, failed = _restored_progress(ray.train.get_checkpoint())
     todo = [i for i in loop["identities"] if i not in done and i not in failed]
     mine = todo[rank::world]
+    rounds = math.ceil(len(todo) / world)
+    progress = ProgressLine(f"personalize (rounds of {world} identities)", rounds, emit=print if rank == 0 else _quiet)
     # Every worker reports the same number of times (a report is a collective step).
-    for round_ in range(math.ceil(len(todo) / world)):
+    for round_ in range(rounds):
         if round_ < len(mine):
             identity = mine[round_]
             try:
@@ -105,6 +112,7 @@ def worker_loop(loop: dict) -> None:
         if fault and rank == world - 1 and len(done) == fault["after"] and not os.path.exists(fault["marker"]):
             open(fault["marker"], "w").close()
             os._exit(1)
+        progress.update(round_ + 1, done=len(done), failed=len(failed))
         with runs.checkpoint_folder() as folder:
             (folder / f"progress_{rank}.json").write_text(json.dumps({"done": done, "failed": failed}))
             ray.train.report({"identities_done": len(done), "identities_failed": len(failed)},
@@ -119,8 +127,8 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     from ray.train.torch import TorchTrainer
 
     from ray_faceid.data.cluster import init_ray, is_local
-    from ray_faceid.train.placement import worker_resources
     from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.train.placement import worker_resources
 
     started = time.perf_counter()
     store = Registry(registry)

@@ -1,5 +1,5 @@
 """Progress lines: the first and last step always, otherwise at most one per interval."""
-from ray_faceid.train.progress import ProgressLine
+from ray_faceid.progress import ProgressLine
 
 
 def test_progress_prints_first_last_and_at_most_once_per_interval():

@@ -2,6 +2,7 @@
 and in a log file alike, where a redrawn bar would repeat itself."""
 from __future__ import annotations
 
+import sys
 import time
 
 
@@ -28,3 +29,8 @@ def _duration(seconds: float) -> str:
         return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def to_stderr(line: str) -> None:
+    """Where driver-side jobs report: stdout stays for results (--json)."""
+    print(line, file=sys.stderr, flush=True)
