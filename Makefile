@@ -29,6 +29,7 @@ bench: $(STAMP)  # each script appends its results to benchmarks/BENCHMARKS.md; 
 	$(PY) benchmarks/personalize_throughput.py
 	$(PY) benchmarks/render_throughput.py
 	$(PY) benchmarks/unet_backends.py
+	$(PY) benchmarks/cluster_quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

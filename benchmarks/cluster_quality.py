@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--faces", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"))
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    if not Path(args.faces).is_dir():
+        sys.exit(f"no labelled photos at {args.faces}: pass --faces DIR (one folder per person)")
     embeddings, people, spec = labelled_embeddings(Path(args.faces))
     lines = [f"### cluster_quality — {time.strftime('%Y-%m-%d')} — {machine_line()}", "",
              f"{len(people)} faces of {len(set(people))} people ({args.faces}), encoder {spec.key()}, "
