@@ -12,15 +12,15 @@ class ProgressLine:
         self.started = time.monotonic()
         self.last = float("-inf")
 
-    def update(self, done: int, **figures: float) -> None:
+    def update(self, count: int, **figures: float) -> None:
         now = time.monotonic()
-        if done < self.total and now - self.last < self.every_s and done != self.first + 1:
+        if count < self.total and now - self.last < self.every_s and count != self.first + 1:
             return
         self.last = now
-        rate = (done - self.first) / max(now - self.started, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        rate = (count - self.first) / max(now - self.started, 1e-9)
+        eta = (self.total - count) / rate if rate > 0 else float("inf")
         shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
-        self.emit(f"{self.what}: {done}/{self.total}" + (f", {shown}" if shown else "") +
+        self.emit(f"{self.what}: {count}/{self.total}" + (f", {shown}" if shown else "") +
                   f", {rate:.2f}/s, ETA {_duration(eta)}")
 
 

@@ -112,7 +112,7 @@ def worker_loop(loop: dict) -> None:
         if fault and rank == world - 1 and len(done) == fault["after"] and not os.path.exists(fault["marker"]):
             open(fault["marker"], "w").close()
             os._exit(1)
-        progress.update(round_ + 1, done=len(done), failed=len(failed))
+        progress.update(round_ + 1, adapted=len(done), failed=len(failed))
         with runs.checkpoint_folder() as folder:
             (folder / f"progress_{rank}.json").write_text(json.dumps({"done": done, "failed": failed}))
             ray.train.report({"identities_done": len(done), "identities_failed": len(failed)},
