@@ -34,3 +34,7 @@ def _duration(seconds: float) -> str:
 def to_stderr(line: str) -> None:
     """Where driver-side jobs report: stdout stays for results (--json)."""
     print(line, file=sys.stderr, flush=True)
+
+
+def silent(_: str) -> None:
+    """For every worker but the first: one progress line per job, not one per worker."""
