@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from ray import serve
@@ -45,6 +46,15 @@ class Unauthorized(FaceIdError):
 @api.exception_handler(FaceIdError)
 async def _typed_error(request: Request, exc: FaceIdError):
     return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError):
+    """The same body as every other 4xx. The offending values are not echoed back: a NaN or an
+    infinity in the request cannot be written as JSON (echoing it made a 500)."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                         for e in exc.errors())
+    return JSONResponse({"error": "invalid_request", "message": problems}, status_code=422)
 
 
 def _out(meta: dict) -> IdentityOut:

@@ -1,7 +1,7 @@
 """Request and response models of the HTTP API (OpenAPI at /docs)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class PhotoReport(BaseModel):
@@ -30,6 +30,7 @@ class IdentityList(BaseModel):
 
 
 class IdentityRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)  # NaN / Infinity / 1e309 are a 422, not a 500
     id: str
     region: tuple[float, float, float, float] | None = Field(None, description="x0,y0,x1,y1 as fractions of the image.")
     expression: str | None = Field(None, description="e.g. 'smile, turn left' or 'smile=0.5,yaw=-30'.")
@@ -44,6 +45,7 @@ class IdentityRequest(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)  # NaN / Infinity / 1e309 are a 422, not a 500
     prompt: str = Field(min_length=1, max_length=2000)
     negative_prompt: str = Field("", max_length=2000)
     identities: list[IdentityRequest] = Field(min_length=1, max_length=4)
@@ -57,6 +59,7 @@ class GenerateRequest(BaseModel):
 
 
 class InpaintRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)  # NaN / Infinity / 1e309 are a 422, not a 500
     identity: IdentityRequest
     image: str = Field(description="Base64 image (PNG/JPEG/WEBP).")
     mask: str = Field(description="Base64 mask of the same size; white = repaint.")

@@ -2,6 +2,7 @@
 tenant isolation, bad input, batching and multiplexing (tiny components, fake GPU, loopback)."""
 import base64
 import io
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -164,6 +165,21 @@ def test_bad_generate_requests_get_4xx_with_a_message(api, people, change, messa
     r = client.post("/v1/generate", json=body, headers=bearer())
     assert 400 <= r.status_code < 500
     assert message in r.text
+
+
+@pytest.mark.parametrize("field, literal", [("guidance", "NaN"), ("guidance", "Infinity"), ("guidance", "1e309"),
+                                            ("scale", "NaN")])
+def test_non_finite_numbers_are_a_422_with_the_usual_error_body(api, people, field, literal):
+    """Python's JSON reader takes NaN, Infinity and 1e309 (inf); they used to reach a 500 (the 422 body
+    echoed a value JSON cannot hold)."""
+    client, _ = api
+    identity = {"id": people["hanks"], "scale": "__SCALE__"} if field == "scale" else {"id": people["hanks"]}
+    body = {**GEN, "identities": [identity], **({"guidance": "__GUIDANCE__"} if field == "guidance" else {})}
+    raw = json.dumps(body).replace('"__SCALE__"', literal).replace('"__GUIDANCE__"', literal)
+    r = client.post("/v1/generate", content=raw, headers={**bearer(), "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    error = r.json()
+    assert error["error"] == "invalid_request" and field in error["message"] and "finite" in error["message"]
 
 
 def test_inpaint_keeps_pixels_outside_the_mask(api, people, photos):
