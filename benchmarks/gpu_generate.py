@@ -121,14 +121,8 @@ def compile_shapes(pipe, args):
 
 
 def warm_compiled(pipe, args, cache) -> dict:
-    from ray_faceid.engines.compile_artifacts import compiled_key, warm_up_cached
-    from ray_faceid.engines.select import adapter_structure
-
-    shapes = compile_shapes(pipe, args)
-    precision = "fp16" if pipe.base.unet.dtype == torch.float16 else "fp32"
-    keys = [compiled_key(pipe.base.model_hash(), adapter_structure(pipe.adapter), s, precision, pipe.device)
-            for s in shapes]
-    return warm_up_cached(pipe.compiled_engine(), shapes, keys, cache)
+    pipe.engine_cache = cache
+    return pipe.warm_up_shapes(compile_shapes(pipe, args))
 
 
 def cold_start(args, cache_dir: str) -> dict:

@@ -20,16 +20,15 @@ import torch
 
 from ray_faceid.engines.base import device_tag
 from ray_faceid.engines.cache import EngineCache, EngineKey
-from ray_faceid.engines.compiled_engine import BATCH_BUCKETS, CompiledUNetEngine, batch_bucket
+from ray_faceid.engines.compiled_engine import CompiledUNetEngine, buckets_for
 
 log = logging.getLogger(__name__)
 FILENAME = "inductor_artifacts.bin"
 
 
 def compiled_key(model_hash: str, adapter_structure: str, shape, precision: str, device: torch.device) -> EngineKey:
-    buckets = tuple(b for b in BATCH_BUCKETS if shape.batch[0] <= b <= batch_bucket(shape.batch[2]))
     return EngineKey(backend="torch.compile", model_hash=model_hash, adapter_structure=adapter_structure,
-                     batch=shape.batch, buckets=buckets, latent=shape.latent, identities=shape.identities,
+                     batch=shape.batch, buckets=buckets_for(shape), latent=shape.latent, identities=shape.identities,
                      tokens=shape.tokens, precision=precision, device=device_tag(device),
                      runtime_version=f"torch {torch.__version__}")
 

@@ -29,6 +29,11 @@ def batch_bucket(rows: int) -> int:
     return next((b for b in BATCH_BUCKETS if b >= rows), BATCH_BUCKETS[-1])
 
 
+def buckets_for(shape) -> tuple[int, ...]:
+    """The buckets an EngineShape's batch range (min, opt, max rows) reaches."""
+    return tuple(b for b in BATCH_BUCKETS if shape.batch[0] <= b <= batch_bucket(shape.batch[2]))
+
+
 def allow_shape_compiles(count: int = 8 * MAX_SLOTS) -> None:
     """Every bucket and size is its own compiled graph of the same code; Dynamo's default limit
     (8 per code object) would silently fall back to eager past the eighth."""
@@ -82,12 +87,11 @@ class CompiledUNetEngine:
         """Compile (and on CUDA capture) every EngineShape's buckets before serving; returns how many."""
         count = 0
         for shape in shapes:
-            for bucket in BATCH_BUCKETS:
-                if shape.batch[0] <= bucket and (bucket <= shape.batch[2] or bucket == batch_bucket(shape.batch[2])):
-                    example = shape.example(bucket, self.device, self.dtype)
-                    self(*(example[name] for name in ("sample", "timestep", "text_tokens", "identity_tokens",
-                                                       "identity_scale", "region_masks")))
-                    count += 1
+            for bucket in buckets_for(shape):
+                example = shape.example(bucket, self.device, self.dtype)
+                self(*(example[name] for name in ("sample", "timestep", "text_tokens", "identity_tokens",
+                                                   "identity_scale", "region_masks")))
+                count += 1
         return count
 
     # -- buffers and graphs ---------------------------------------------------------------------
@@ -104,12 +108,9 @@ class CompiledUNetEngine:
                   for v in (sample, text, tokens, scale, region)]
         timestep = torch.zeros(bucket, dtype=torch.float32, device=self.device)
         slot = _Slot([inputs[0], timestep, *inputs[1:]])
-        self._load(slot, values, sample.shape[0])
         log.info("compiling the UNet for %s (batch bucket %d)", key[1:], bucket)
-        if self.cuda_graphs:
+        if self.cuda_graphs:  # on CPU the first call compiles
             self._capture(slot)
-        else:
-            self.compiled(*slot.inputs)
         self.slots[key] = slot
         return slot
 

@@ -79,7 +79,7 @@ class _IdentityProcessor(nn.Module):
         k = self._heads(attn.to_k(context), attn.heads)
         v = self._heads(attn.to_v(context), attn.heads)
         if identity_tokens is None:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
             if identity_context is None:
                 identity_context = IdentityContext(identity_scale, region_masks, identity_tokens.shape[2])
@@ -130,7 +130,7 @@ class _IdentityProcessor(nn.Module):
 
 class DecoupledIdentityProcessor(_IdentityProcessor):
     def attend(self, attn, x, q, k, v, identity_tokens, route):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
         return out + self.identity_term(attn, q, identity_tokens, route)
 
     def identity_term(self, attn, q, tokens, route: LayerRouting):
@@ -143,7 +143,7 @@ class DecoupledIdentityProcessor(_IdentityProcessor):
             id_out = logits.softmax(dim=-1) @ v_id
             weight = weight * saa_gate(scores, route.keys, self.gate_threshold)
         else:
-            id_out = torch.nn.functional.scaled_dot_product_attention(q, k_id, v_id, attn_mask=bias)
+            id_out = F.scaled_dot_product_attention(q, k_id, v_id, attn_mask=bias)
         return weight[:, None, :, None].to(q.dtype) * id_out
 
 

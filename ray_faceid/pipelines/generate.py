@@ -270,8 +270,7 @@ class IdentityPipeline:
             shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
                                 tokens=self.adapter.options.num_tokens, text_length=text_length,
                                 channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
-            precision = next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
-            engine = unet_engine(self.base, self.adapter, shape, self.backend, precision, self.engine_cache)
+            engine = unet_engine(self.base, self.adapter, shape, self.backend, self.precision, self.engine_cache)
         # ONNX Runtime and TensorRT engines hold weights and are refitted; torch engines run the
         # live UNet, whose processors `personalized` swaps in place.
         self.engines[key] = (engine, self._weights_version)
@@ -296,19 +295,26 @@ class IdentityPipeline:
                            tokens=self.adapter.options.num_tokens, text_length=self.base.tokenizer.model_max_length,
                            channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
 
+    @property
+    def precision(self) -> str:
+        """The UNet's precision name (fp32, fp16, bf16)."""
+        return next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
+
     def warm_up(self, sizes: list[tuple[int, int]], identities: list[int], max_images: int) -> dict:
         """Compile every (size, identity count, batch bucket) the pipeline will run, loading and
         storing Inductor's artifacts in the engine cache; other backends have nothing to warm up."""
         if self.backend != "torch.compile":
             return {"buckets": 0, "loaded": 0, "stored": 0}
+        return self.warm_up_shapes([self.engine_shape(w, h, m, max_images) for w, h in sizes for m in identities])
+
+    def warm_up_shapes(self, shapes: list) -> dict:
+        """warm_up for explicit EngineShapes (torch.compile backend)."""
         from ray_faceid.engines.cache import EngineCache
         from ray_faceid.engines.compile_artifacts import compiled_key, warm_up_cached
         from ray_faceid.engines.select import adapter_structure
 
-        shapes = [self.engine_shape(w, h, m, max_images) for w, h in sizes for m in identities]
-        precision = next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
         structure, model_hash = adapter_structure(self.adapter), self.base.model_hash()
-        keys = [compiled_key(model_hash, structure, shape, precision, self.device) for shape in shapes]
+        keys = [compiled_key(model_hash, structure, shape, self.precision, self.device) for shape in shapes]
         return warm_up_cached(self.compiled_engine(), shapes, keys, self.engine_cache or EngineCache())
 
     def _previous_timestep(self, t) -> int:
