@@ -59,8 +59,8 @@ def pairs(
     include_flagged: bool = typer.Option(False, "--include-flagged", help="Also make pairs from clusters flagged as "
                                          "not cohesive."),
     evaluate_clustering: bool = typer.Option(
-        False, "--evaluate-clustering", help="--labels cluster on an archive ingested with --labels folders: score the "
-        "clusters against the folders (purity, BCubed P/R/F1), printed and written to summary.json."),
+        False, "--evaluate-clustering", help="On an archive ingested with --labels folders: cluster (implies --labels cluster) "
+        "and score the clusters against the folders (purity, BCubed P/R/F1), printed and written to summary.json."),
 ):
     """(Re)build identities.parquet and pairs.parquet from an ingest output."""
     from ray_faceid.data.pairs import build_pairs

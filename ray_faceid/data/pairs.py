@@ -83,7 +83,7 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
     """identities.parquet and pairs.parquet; with `evaluate_clustering` (labels `cluster` on an
     archive ingested with folder labels) also the clustering's scores against the folders."""
     summary = json.loads(storage.read_bytes(storage.join(dst, tables.SUMMARY)))
-    labels = labels or summary["labels"]
+    labels = labels or ("cluster" if evaluate_clustering else summary["labels"])  # evaluation scores clusters
     if labels == "none":
         return {"identities": 0, "pairs": 0, "labels": "none"}
     if summary["encoder_spec"] is None:

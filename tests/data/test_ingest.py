@@ -167,4 +167,5 @@ def test_clusters_that_are_not_cohesive_make_no_pairs_unless_asked(ingested):
     assert build_pairs(str(dst), "cluster", cut_share=3.0, include_flagged=True)["pairs"] > 0
     with pytest.raises(BadInput, match="add --labels cluster"):
         build_pairs(str(dst), "folders", evaluate_clustering=True)
+    assert build_pairs(str(dst), evaluate_clustering=True)["labels"] == "cluster"  # implied when not given
     build_pairs(str(dst), "cluster")  # leave the default tables for the other tests
