@@ -18,6 +18,7 @@ import torch
 
 from ray_faceid.engines.base import UNetCall
 from ray_faceid.errors import BadInput
+from ray_faceid.progress import ProgressLine, to_stderr
 
 log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16)
@@ -85,13 +86,20 @@ class CompiledUNetEngine:
 
     def warm_up(self, shapes) -> int:
         """Compile (and on CUDA capture) every EngineShape's buckets before serving; returns how many."""
-        count = 0
+        count, total = 0, sum(len(buckets_for(shape)) for shape in shapes)
+        # Minutes per bucket without cached artifacts: say so first, then where it stands (stderr).
+        plan = "; ".join(f"latent {s.latent[0]}x{s.latent[1]}, {s.identities} identities, buckets {buckets_for(s)}"
+                         for s in shapes)
+        to_stderr(f"torch.compile warm-up: {total} shapes ({plan}); each can take minutes without cached artifacts")
+        progress = ProgressLine(f"torch.compile warm-up on {self.device.type}, batch buckets", total, every_s=0,
+                                emit=to_stderr)
         for shape in shapes:
             for bucket in buckets_for(shape):
                 example = shape.example(bucket, self.device, self.dtype)
                 self(*(example[name] for name in ("sample", "timestep", "text_tokens", "identity_tokens",
                                                    "identity_scale", "region_masks")))
                 count += 1
+                progress.update(count)
         return count
 
     # -- buffers and graphs ---------------------------------------------------------------------
