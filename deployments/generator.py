@@ -34,6 +34,7 @@ class Generator:
     def __init__(self, config_json: str):
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import IdentityAdapter
+        from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline
         from ray_faceid.pipelines.models import load_base
         from ray_faceid.registry import Registry
@@ -48,8 +49,9 @@ class Generator:
             adapter = IdentityAdapter.load(self.config.adapter, base.unet)
         else:
             adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer(self.config.face).spec)
-        self.pipeline = IdentityPipeline(base, adapter, device=device, backend=self.config.backend,
-                                         precision=self.config.precision)
+        imr, flow = load_edit_modules(adapter, self.config.imr, self.config.flow)  # before the cast
+        self.pipeline = IdentityPipeline(base, adapter, imr, device=device, backend=self.config.backend,
+                                         precision=self.config.precision, flow=flow)
         self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self.registry = Registry(self.config.registry)
         self.adapter_hash = self.pipeline.adapter_hash
@@ -76,7 +78,9 @@ class Generator:
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
                 "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads,
-                "backend": self.pipeline.backend, "warm_up": self.warm_up_report}
+                "backend": self.pipeline.backend, "warm_up": self.warm_up_report,
+                "imr": getattr(self.pipeline.imr, "weights_hash", None),
+                "flow": getattr(self.pipeline.flow, "weights_hash", None)}
 
     async def _load_identity(self, key: str) -> LoadedIdentity:
         tenant, identity = multiplex.split_key(key)
@@ -107,9 +111,22 @@ class Generator:
             if loaded.spec_key != expected:
                 raise EncoderMismatch(f"identity {item['id']} was enrolled with {loaded.spec_key}; "
                                       f"this generator's adapter needs {expected}: re-enroll the identity")
+            edits = item.get("edits")
+            if edits:  # per request, so one request's bad edit never fails the batch it joins
+                self._check_edits(item["id"], edits)
             conditions.append(IdentityCondition(item["id"], loaded.embeddings, loaded.quality, item.get("region"),
-                                                item.get("expression"), item.get("scale", 1.0), loaded.personal))
+                                                item.get("expression"), item.get("scale", 1.0), loaded.personal,
+                                                edits=edits))
         return conditions, hits
+
+    def _check_edits(self, identity: str, edits: dict) -> None:
+        from ray_faceid.errors import BadInput
+        from ray_faceid.identity.edits import check_edits
+
+        if self.pipeline.flow is None:
+            raise BadInput(f"identity {identity}: this server has no attribute flow, so `edits` cannot be applied "
+                           "(the operator sets `flow:` in the Serve config)")
+        check_edits(edits, self.pipeline.flow.attributes)
 
     async def _inpaint(self, request: dict) -> dict:
         from ray_faceid.face.decode import decode_image

@@ -33,8 +33,33 @@ class IdentityRequest(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)  # NaN / Infinity / 1e309 are a 422, not a 500
     id: str
     region: tuple[float, float, float, float] | None = Field(None, description="x0,y0,x1,y1 as fractions of the image.")
-    expression: str | None = Field(None, description="e.g. 'smile, turn left' or 'smile=0.5,yaw=-30'.")
+    expression: str | dict[str, float] | None = Field(
+        None, description="Words ('smile, turn left'), key=value ('smile=0.5,yaw=-30') or a code "
+        "({\"smile\": 0.5, \"yaw\": -30, \"pitch\": 10}; smile, mouth_open, eyes_open 0..1, yaw -90..90, "
+        "pitch -60..60 degrees). Moves the identity tokens where the server has an IMR.")
     scale: float = Field(1.0, ge=0.0, le=2.0, description="Identity strength.")
+    edits: dict[str, float] | None = Field(
+        None, description="Attribute targets through the server's attribute flow, e.g. {\"smile\": 0.8, "
+        "\"yaw\": -20}: smile, mouth_open, eyes_open 0..1; yaw -90..90, pitch -60..60 degrees.")
+
+    @field_validator("expression")
+    @classmethod
+    def _expression(cls, v):
+        from ray_faceid.errors import BadInput
+        from ray_faceid.identity.expression import parse_expression, structured_expression
+
+        try:
+            (parse_expression if isinstance(v, str) else structured_expression)(v) if v else None
+        except BadInput as exc:
+            raise ValueError(exc.message) from exc
+        return v
+
+    @field_validator("edits")
+    @classmethod
+    def _edits(cls, v):
+        from ray_faceid.data.catalog import checked_edits
+
+        return checked_edits(v)
 
     @field_validator("region")
     @classmethod

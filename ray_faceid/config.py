@@ -189,6 +189,10 @@ class ServeConfig(Settings):
 
     model: str = Field("tiny", description="Base model: tiny | a diffusers folder | an fsspec URI | a hub id.")
     adapter: str | None = Field(None, description="Identity adapter URI; None = an untrained adapter (smoke runs only).")
+    imr: str | None = Field(None, description="Trained IMR URI (train --method imr, for this adapter): requests' "
+                            "`expression` then moves the identity tokens to that expression and pose.")
+    flow: str | None = Field(None, description="Trained attribute flow URI (train --method flow): enables requests' "
+                             "`edits`.")
     registry: str = Field("./faceid_registry", description="Identity registry store (folder or fsspec URI).")
     api_tokens: dict[str, str] = Field(
         default_factory=dict, description="tenant -> bearer token; also from RAY_FACEID_API_TOKENS=tenant:token,..."

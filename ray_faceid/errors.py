@@ -64,6 +64,19 @@ class BaseModelMismatch(FaceIdError):
     code = "base_model_mismatch"
 
 
+class AdapterMismatch(FaceIdError):
+    """A module trained on one identity adapter's tokens (the IMR) used with another adapter."""
+
+    status = 409
+    code = "adapter_mismatch"
+
+
+class BadEdit(BadInput):
+    """An attribute edit naming an attribute the flow does not have, or a value out of its range."""
+
+    code = "bad_edit"
+
+
 class BackendUnavailable(FaceIdError):
     """A selected backend whose optional dependency or model files are missing."""
 

@@ -12,9 +12,23 @@ from ray_faceid.errors import BadInput
 ModelOpt = typer.Option("tiny", "--model", help="tiny | tiny-inpaint | a diffusers folder | an fsspec URI | a hub id.")
 AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter URI; without it an UNTRAINED adapter is used.")
 BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
+ImrOpt = typer.Option(None, "--imr", help="Trained IMR (train --method imr): --expression then moves the identity "
+                      "tokens to that expression and pose.")
+FlowOpt = typer.Option(None, "--flow", help="Trained attribute flow (train --method flow), for --edit.")
+EditOpt = typer.Option(None, "--edit", help="Attribute targets through the flow, e.g. 'smile=0.8,yaw=-20' "
+                       "(smile, mouth_open, eyes_open 0..1; yaw -90..90, pitch -60..60 degrees).")
 
 
-def _pipeline(model: str, adapter_uri: Optional[str], backend: str = "torch"):
+def parse_edit_option(text: Optional[str]) -> Optional[dict]:
+    """--edit's value, checked before any model loads (the flow re-checks its own attribute list)."""
+    from ray_faceid.identity.edits import check_edits, parse_edits
+    from ray_faceid.identity.expression import EXPRESSION_KEYS
+
+    return check_edits(parse_edits(text), EXPRESSION_KEYS) if text else None
+
+
+def _pipeline(model: str, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,
+              flow: Optional[str] = None):
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.generate import IdentityPipeline
@@ -31,8 +45,12 @@ def _pipeline(model: str, adapter_uri: Optional[str], backend: str = "torch"):
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")
     import torch
 
+    from ray_faceid.pipelines.edit_modules import load_edit_modules
+
+    imr_module, flow_module = load_edit_modules(adapter, imr, flow)  # before the pipeline casts the adapter
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return analyzer, IdentityPipeline(base, adapter, device=device, backend=backend, precision="auto")
+    return analyzer, IdentityPipeline(base, adapter, imr_module, device=device, backend=backend, precision="auto",
+                                      flow=flow_module)
 
 
 def _parse_named(items: list[str], what: str) -> dict[str, str]:
@@ -70,6 +88,9 @@ def generate(
     guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
     size: str = typer.Option("512x512", "--size", help="WxH"),
     backend: str = BackendOpt,
+    imr: Optional[str] = ImrOpt,
+    flow: Optional[str] = FlowOpt,
+    edit: Optional[str] = EditOpt,
 ):
     """Render a prompt with one or more enrolled-from-photo identities."""
     from ray_faceid.pipelines.generate import IdentityCondition, parse_size
@@ -86,11 +107,14 @@ def generate(
         unknown = set(regions) - set(people)
         if unknown:
             raise BadInput(f"--region for unknown identity {sorted(unknown)}; identities: {sorted(people)}")
-        analyzer, pipe = _pipeline(model, adapter, backend)
+        edits = parse_edit_option(edit)
+        if edits and not flow:
+            raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
+        analyzer, pipe = _pipeline(model, adapter, backend, imr, flow)
         conditions = []
         for name, images in people.items():
             emb, quality = embed_references(analyzer, images)
-            conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression))
+            conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits))
         result = pipe.generate(prompt, conditions, negative_prompt, seed, steps, guidance, width, height)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.png[0])
@@ -110,6 +134,10 @@ def inpaint(
     guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
     feather: float = typer.Option(4.0, "--feather", min=0.0, max=64.0, help="Soft edge inside the mask, in pixels."),
     backend: str = BackendOpt,
+    expression: Optional[str] = typer.Option(None, "--expression", help="e.g. 'smile, turn left' (with --imr)."),
+    imr: Optional[str] = ImrOpt,
+    flow: Optional[str] = FlowOpt,
+    edit: Optional[str] = EditOpt,
 ):
     """Repaint the masked region with the identity; pixels outside the mask are kept exactly."""
     from ray_faceid.face.decode import decode_image
@@ -120,9 +148,13 @@ def inpaint(
     with user_errors():
         picture = decode_image(image)
         mask_array = decode_image(mask)
-        analyzer, pipe = _pipeline(model, adapter, backend)
+        edits = parse_edit_option(edit)
+        if edits and not flow:
+            raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
+        analyzer, pipe = _pipeline(model, adapter, backend, imr, flow)
         emb, quality = embed_references(analyzer, ref)
-        result = run_inpaint(pipe, picture, mask_array, IdentityCondition("person", emb, quality), prompt,
+        person = IdentityCondition("person", emb, quality, expression=expression, edits=edits)
+        result = run_inpaint(pipe, picture, mask_array, person, prompt,
                              seed=seed, steps=steps, guidance=guidance, feather=feather)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.png[0])

@@ -42,6 +42,8 @@ def render(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render actors (default: one per GPU, or 1)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster."),
     resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: every run skips rows already rendered."),
+    imr: Optional[str] = typer.Option(None, "--imr", help="Trained IMR: rows' `expression` moves the identity tokens."),
+    flow: Optional[str] = typer.Option(None, "--flow", help="Trained attribute flow: for rows' `edits`."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Render every catalog row that has no output for its current key; score each output."""
@@ -51,7 +53,7 @@ def render(
     with user_errors():
         config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
                               precision=precision)
-        summary = run_render(catalog, out, model, registry, adapter, config, tenant, address)
+        summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow)
     if as_json:
         print_json(summary)
         return

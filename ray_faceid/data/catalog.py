@@ -1,7 +1,8 @@
 """Render catalogs: one row per image to make, from JSONL or Parquet (any fsspec URI).
 
-A generate row: `id`, `identities` (registry ids, or {id, region, expression, scale}), `prompt`,
-optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`.
+A generate row: `id`, `identities` (registry ids, or {id, region, expression, scale, edits}),
+`prompt`, optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`,
+`edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow).
 An inpaint row adds `image` and `mask` (URIs; white = repaint) and takes exactly one identity.
 Rows are validated one by one: a bad row becomes an error record, never a failed job.
 """
@@ -19,6 +20,19 @@ from ray_faceid.errors import BadInput
 ROW_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
+def checked_edits(value: dict | None) -> dict | None:
+    """Attribute edits of a row: names and ranges checked as the flow will (the message lists them)."""
+    from ray_faceid.identity.edits import check_edits
+    from ray_faceid.identity.expression import EXPRESSION_KEYS
+
+    if value is None:
+        return None
+    try:
+        return check_edits(value, EXPRESSION_KEYS)
+    except BadInput as exc:
+        raise ValueError(exc.message) from exc
+
+
 class RowIdentity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -26,6 +40,12 @@ class RowIdentity(BaseModel):
     region: tuple[float, float, float, float] | None = Field(None, description="x0, y0, x1, y1 as fractions.")
     expression: str | None = None
     scale: float = Field(1.0, ge=0, le=4)
+    edits: dict[str, float] | None = Field(None, description="Attribute targets through the flow, e.g. {\"smile\": 0.8}.")
+
+    @field_validator("edits")
+    @classmethod
+    def _edits(cls, value: dict | None) -> dict | None:
+        return checked_edits(value)
 
 
 class CatalogRow(BaseModel):
@@ -40,6 +60,7 @@ class CatalogRow(BaseModel):
     guidance: float | None = Field(None, ge=0, le=30)
     size: str | None = Field(None, description="WxH; default from the job's settings.")
     expression: str | None = Field(None, description="Applies to every identity that does not set its own.")
+    edits: dict[str, float] | None = Field(None, description="Applies to every identity that does not set its own.")
     image: str | None = Field(None, description="Inpaint: the image to edit.")
     mask: str | None = Field(None, description="Inpaint: the mask (white = repaint), same size as the image.")
 
@@ -49,6 +70,11 @@ class CatalogRow(BaseModel):
         if not ROW_ID.match(value):
             raise ValueError("use 1-128 letters, digits, '.', '_' or '-' (it names the output file)")
         return value
+
+    @field_validator("edits")
+    @classmethod
+    def _edits(cls, value: dict | None) -> dict | None:
+        return checked_edits(value)
 
     @field_validator("identities", mode="before")
     @classmethod
@@ -62,6 +88,15 @@ class CatalogRow(BaseModel):
         if self.image is not None and len(self.identities) != 1:
             raise ValueError("an inpaint row takes exactly one identity")
         return self
+
+    def key_fields(self) -> dict:
+        """The row as its output key hashes it: fields added since keys were first made (edits) are
+        left out where unset, so existing outputs keep their keys."""
+        dump = self.model_dump(mode="json")
+        for part in [dump, *dump["identities"]]:
+            if part.get("edits") is None:
+                part.pop("edits", None)
+        return dump
 
     @property
     def inpaint(self) -> bool:

@@ -35,10 +35,12 @@ MANIFEST_SCHEMA = pa.schema([
 class RenderRows:
     """Map-batches UDF: one Renderer per actor."""
 
-    def __init__(self, config_json: str, model: str, adapter: str | None, registry: str, tenant: str, out: str):
+    def __init__(self, config_json: str, model: str, adapter: str | None, registry: str, tenant: str, out: str,
+                 imr: str | None, flow: str | None):
         from ray_faceid.data.render_rows import Renderer
 
-        self.renderer = Renderer(RenderConfig.model_validate_json(config_json), model, adapter, registry, tenant, out)
+        self.renderer = Renderer(RenderConfig.model_validate_json(config_json), model, adapter, registry, tenant, out,
+                                 imr=imr, flow=flow)
 
     def __call__(self, batch: dict) -> dict:
         records = self.renderer.render_batch([str(t) for t in batch["row"]], [int(i) for i in batch["index"]])
@@ -72,8 +74,10 @@ def summarize(records: list[dict], seconds: float) -> dict:
 
 
 def run_render(catalog: str, out: str, model: str, registry: str, adapter: str | None = None,
-               config: RenderConfig | None = None, tenant: str = "default", address: str | None = None) -> dict:
-    """Render every catalog row that has no output for its current key; returns the summary."""
+               config: RenderConfig | None = None, tenant: str = "default", address: str | None = None,
+               imr: str | None = None, flow: str | None = None) -> dict:
+    """Render every catalog row that has no output for its current key; returns the summary.
+    `imr` and `flow` (URIs) serve the rows' expressions and attribute edits."""
     import ray
 
     from ray_faceid.data.cluster import cluster_gpus, init_ray
@@ -92,7 +96,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // config.batch_size)))
     ds = ds.map_batches(
         RenderRows,
-        fn_constructor_args=(config.model_dump_json(), model, adapter, registry, tenant, out),
+        fn_constructor_args=(config.model_dump_json(), model, adapter, registry, tenant, out, imr, flow),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -29,11 +29,13 @@ def output_uris(out: str, row_id: str, key: str) -> tuple[str, str]:
 
 
 class Renderer:
-    def __init__(self, config: RenderConfig, model: str, adapter: str | None, registry: str, tenant: str, out: str):
+    def __init__(self, config: RenderConfig, model: str, adapter: str | None, registry: str, tenant: str, out: str,
+                 imr: str | None = None, flow: str | None = None):
         import torch
 
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import IdentityAdapter
+        from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline, resolve_precision
         from ray_faceid.pipelines.models import load_base
         from ray_faceid.registry import Registry
@@ -48,7 +50,13 @@ class Renderer:
             shared = IdentityAdapter.for_unet(base.unet, self.analyzer.spec)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(config.precision, device)
-        self.pipeline = IdentityPipeline(base, shared, device=device, backend=config.backend, precision=self.precision)
+        imr_module, flow_module = load_edit_modules(shared, imr, flow)  # before the pipeline casts the adapter
+        self.pipeline = IdentityPipeline(base, shared, imr_module, device=device, backend=config.backend,
+                                         precision=self.precision, flow=flow_module)
+        # Outputs depend on the modules' weights: their hashes join the key (only when loaded, so
+        # keys of runs without them stay as they were).
+        self.module_hashes = {name: module.weights_hash for name, module in (("imr", imr_module), ("flow", flow_module))
+                              if module is not None}
         self.registry = Registry(registry)
         self.model_hash, self.adapter_hash = base.model_hash(), self.pipeline.adapter_hash
         self.identities: OrderedDict[str, dict] = OrderedDict()
@@ -71,9 +79,9 @@ class Renderer:
         return loaded
 
     def key(self, row: CatalogRow, extra: list[str]) -> str:
-        parts = {"row": row.model_dump(mode="json"), "model": self.model_hash, "adapter": self.adapter_hash,
+        parts = {"row": row.key_fields(), "model": self.model_hash, "adapter": self.adapter_hash,
                  "personal": self._personal_version(row),
-                 "defaults": self.config.compute_hash(), "inputs": extra}
+                 "defaults": self.config.compute_hash(), "inputs": extra, **self.module_hashes}
         if self.precision != "fp32":  # fp32 keys stay those of runs made before precision was a setting
             parts["precision"] = self.precision
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -92,7 +100,8 @@ class Renderer:
         for ident in row.identities:
             loaded = self.identity(ident.id)
             out.append(IdentityCondition(ident.id, loaded["embeddings"], loaded["quality"], ident.region,
-                                         ident.expression or row.expression, ident.scale, loaded["personal"]))
+                                         ident.expression or row.expression, ident.scale, loaded["personal"],
+                                         edits=ident.edits if ident.edits is not None else row.edits))
         return out
 
     # -- one row ------------------------------------------------------------------------------

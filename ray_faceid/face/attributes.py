@@ -9,13 +9,20 @@ All are estimates from 2-D points (no 3-D model), good for labelling shots, not 
 - mouth_open  0..1 from the inner-lip gap relative to mouth width (needs the 68-point scheme).
 - eyes_open   0..1 from the eye aspect ratio (needs the 68-point scheme); 0 closed, 1 wide open.
 
-An attribute the landmark scheme cannot tell is None.
+An attribute the landmark scheme cannot tell is None. RANGES holds each range (what an edit of
+the attribute may ask for).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ray_faceid.face.landmarks import Landmarks
+
+RANGES: dict[str, tuple[float, float]] = {
+    "roll": (-90.0, 90.0), "yaw": (-90.0, 90.0), "pitch": (-60.0, 60.0),
+    "smile": (0.0, 1.0), "mouth_open": (0.0, 1.0), "eyes_open": (0.0, 1.0),
+}
+UNITS = {"roll": "degrees", "yaw": "degrees", "pitch": "degrees"}  # the others are fractions
 
 # Nose depth in front of the eye plane and frontal nose drop below the eye line, in units of
 # the eye-centre distance; from mean adult face proportions.

@@ -14,6 +14,8 @@ from ray_faceid.errors import BadInput
 
 EXPRESSION_KEYS = ("smile", "mouth_open", "eyes_open", "yaw", "pitch")
 EXPRESSION_DIM = len(EXPRESSION_KEYS)
+# Code units: angles are divided by this so every number is in about [-1, 1].
+CODE_SCALE = {"yaw": 90.0, "pitch": 90.0}
 NEUTRAL = {"smile": 0.0, "mouth_open": 0.0, "eyes_open": 0.8, "yaw": 0.0, "pitch": 0.0}
 
 # Words a user can ask for; each sets some attributes (degrees for yaw/pitch).
@@ -36,7 +38,7 @@ PRESETS: dict[str, dict[str, float]] = {
 def code_from_attributes(attributes: dict[str, float | None]) -> list[float]:
     """A code from measured attributes; unknown ones take the neutral value."""
     values = {k: (NEUTRAL[k] if attributes.get(k) is None else float(attributes[k])) for k in EXPRESSION_KEYS}
-    return [values["smile"], values["mouth_open"], values["eyes_open"], values["yaw"] / 90.0, values["pitch"] / 90.0]
+    return [values[k] / CODE_SCALE.get(k, 1.0) for k in EXPRESSION_KEYS]
 
 
 def parse_expression(request: str) -> dict[str, float]:
@@ -59,9 +61,26 @@ def parse_expression(request: str) -> dict[str, float]:
     return values
 
 
+def structured_expression(request: dict) -> dict[str, float]:
+    """{"smile": 0.5, "yaw": -30} -> attribute values (neutral where not said); checks names and ranges."""
+    import math
+
+    from ray_faceid.face.attributes import RANGES
+
+    values = dict(NEUTRAL)
+    for key, value in request.items():
+        if key not in EXPRESSION_KEYS:
+            raise BadInput(f"expression key {key!r} unknown; use {', '.join(EXPRESSION_KEYS)}")
+        low, high = RANGES[key]
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+            raise BadInput(f"expression {key}={value!r}: must be a number in {low:g}..{high:g}")
+        values[key] = float(value)
+    return values
+
+
 def expression_code(request: str | dict | None) -> torch.Tensor | None:
     """(EXPRESSION_DIM,) code for a request, or None (= the learned null expression)."""
     if request is None or request == "":
         return None
-    attrs = parse_expression(request) if isinstance(request, str) else {**NEUTRAL, **request}
+    attrs = parse_expression(request) if isinstance(request, str) else structured_expression(request)
     return torch.tensor(code_from_attributes(attrs), dtype=torch.float32)

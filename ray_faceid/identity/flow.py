@@ -108,9 +108,12 @@ def load_flow(uri: str, encoder: str | None = None) -> AttributeFlow:
     from ray_faceid.errors import EncoderMismatch
     from ray_faceid.identity.module_files import load_module_files
 
-    config, state = load_module_files(uri, "attribute_flow")
+    config, state, weights_hash = load_module_files(uri, "attribute_flow")
     if encoder is not None and config["encoder"] != encoder:
-        raise EncoderMismatch(f"the flow at {uri} was trained on {config['encoder']} embeddings, not {encoder}")
+        raise EncoderMismatch(f"the flow at {uri} was trained on {config['encoder']} embeddings, not {encoder}: "
+                              "train a flow on an ingest made with this encoder")
     flow = AttributeFlow(**{k: config[k] for k in ("dim", "attributes", "couplings", "hidden", "attribute_sigma", "seed")})
     flow.load_state_dict(state)
+    flow.weights_hash, flow.encoder = weights_hash, config["encoder"]
+    flow.held_out_people = config.get("held_out_people")  # None: trained on every person of its dataset
     return flow.eval()

@@ -60,21 +60,27 @@ def imr_losses(
     return losses
 
 
-def save_imr(uri: str, imr: IdentityMotionReconfigurator, adapter_hash: str, extra: dict | None = None) -> None:
+def save_imr(uri: str, imr: IdentityMotionReconfigurator, adapter_hash: str, encoder: str,
+             extra: dict | None = None) -> None:
     from ray_faceid.identity.module_files import save_module
 
-    save_module(uri, imr, {"kind": "imr", **imr.arch, "adapter": adapter_hash, **(extra or {})})
+    save_module(uri, imr, {"kind": "imr", **imr.arch, "adapter": adapter_hash, "encoder": encoder, **(extra or {})})
 
 
-def load_imr(uri: str, adapter_hash: str | None = None) -> IdentityMotionReconfigurator:
-    """Load a trained IMR; with `adapter_hash`, refuse one trained on another adapter's tokens."""
-    from ray_faceid.errors import BadInput
+def load_imr(uri: str, adapter_hash: str | None = None, encoder: str | None = None) -> IdentityMotionReconfigurator:
+    """Load a trained IMR; with `adapter_hash` / `encoder` (an EncoderSpec key), refuse one trained on
+    another adapter's tokens or on other embeddings."""
+    from ray_faceid.errors import AdapterMismatch, EncoderMismatch
     from ray_faceid.identity.module_files import load_module_files
 
-    config, state = load_module_files(uri, "imr")
+    config, state, weights_hash = load_module_files(uri, "imr")
+    if encoder is not None and config.get("encoder", encoder) != encoder:
+        raise EncoderMismatch(f"the IMR at {uri} was trained on {config['encoder']} embeddings, not {encoder}")
     if adapter_hash is not None and config["adapter"] != adapter_hash:
-        raise BadInput(f"the IMR at {uri} was trained on the tokens of adapter {config['adapter']}, "
-                       f"this adapter is {adapter_hash}: train the IMR for this adapter")
+        raise AdapterMismatch(f"the IMR at {uri} was trained on the tokens of adapter {config['adapter']}, "
+                              f"this adapter is {adapter_hash}: train the IMR for this adapter "
+                              "(ray-faceid train --method imr --adapter URI)")
     imr = IdentityMotionReconfigurator(**{k: config[k] for k in ("token_dim", "motion_dim", "width", "layers", "heads")})
     imr.load_state_dict(state)
+    imr.weights_hash = weights_hash
     return imr.eval()

@@ -63,6 +63,10 @@ class IdentityCondition:
     personal: tuple[str, dict] | None = None
     """(version, weight delta) of this identity's own adapter (train.personalize); applied when the
     identity is alone in its image, since its weights live in layers every identity shares."""
+    edits: dict[str, float] | None = None
+    """Attribute edits through the attribute flow, e.g. {"smile": 0.8, "yaw": -20} (identity/edits.py)."""
+    edit_moved: float | None = field(default=None, init=False)
+    """Set by the pipeline: how far the edits moved the embedding (L2, the encoder's units)."""
 
 
 @dataclass
@@ -86,13 +90,18 @@ class GenerationResult:
 class IdentityPipeline:
     def __init__(self, base: BaseModel, adapter: IdentityAdapter | None = None, imr=None,
                  device: str | torch.device = "cpu", backend: str = "torch", engine_cache=None,
-                 precision: str = "fp32"):
-        """`precision` casts the UNet, VAE, text encoder and adapter (fp16 / bf16 on GPU); the
-        scheduler's latents stay fp32."""
+                 precision: str = "fp32", flow=None):
+        """`precision` casts the UNet, VAE, text encoder, adapter and IMR (fp16 / bf16 on GPU); the
+        scheduler's latents and the attribute flow (an edit must be exactly reversible) stay fp32.
+        `imr` (identity/imr.py) turns `expression` requests into motion of the identity tokens;
+        `flow` (identity/flow.py) carries out `edits`; load both with pipelines/edit_modules.py, which
+        checks them against the adapter."""
         from ray_faceid.engines.select import resolve_backend
 
-        self.base, self.adapter, self.imr = base, adapter, imr
+        self.base, self.adapter, self.imr, self.flow = base, adapter, imr, flow
         self.device = torch.device(device)
+        if (imr is not None or flow is not None) and adapter is None:
+            raise BadInput("an IMR or an attribute flow works on an identity adapter's input: load an adapter")
         self.backend = resolve_backend(backend)
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
@@ -107,6 +116,8 @@ class IdentityPipeline:
         for module in (adapter, imr):
             if module is not None:
                 module.to(self.device, **cast).eval()
+        if flow is not None:
+            flow.to(self.device).eval()
         if adapter is not None:
             adapter.install(base.unet)
         else:
@@ -135,15 +146,34 @@ class IdentityPipeline:
             if code is not None:
                 code = code.to(self.device, dtype).unsqueeze(0)
             if self.adapter.options.mapper == "multiref":
-                t = self.adapter.tokens(emb.unsqueeze(0))
+                t = self.adapter.tokens(self._edited(ident, emb).unsqueeze(0))
             else:
                 q = None if ident.quality is None else torch.as_tensor(ident.quality, dtype=dtype, device=self.device)
                 expr = code if self.adapter.options.expression_dim == EXPRESSION_DIM else None
-                t = self.adapter.tokens(fuse_embeddings(emb, q).unsqueeze(0), expression=expr)
+                fused = self._edited(ident, emb, fuse_embeddings(emb, q))
+                t = self.adapter.tokens(fused.unsqueeze(0), expression=expr)
             if code is not None and self.imr is not None:
                 t = self.imr(t, code)
             tokens.append(t)
         return torch.stack(tokens, dim=1).to(self.base.unet.dtype)
+
+    def _edited(self, ident: IdentityCondition, references: torch.Tensor, fused: torch.Tensor | None = None):
+        """The mapper's input with the identity's attribute edits applied (the input itself without
+        edits); records how far the edits moved it on the condition."""
+        from ray_faceid.identity.edits import edit_embeddings, edit_fused
+
+        target = references if fused is None else fused
+        if not ident.edits:
+            return target
+        if self.flow is None:
+            raise BadInput(f"identity {ident.name}: attribute edits need an attribute flow (--flow URI on the "
+                           "command line, flow: in the Serve config); train one with `ray-faceid train --method flow`")
+        if fused is None:
+            edited, moved = edit_embeddings(self.flow, references, ident.edits)
+        else:
+            edited, moved = edit_fused(self.flow, fused, references, ident.edits)
+        ident.edit_moved = float(moved.float().mean())
+        return edited
 
     def region_masks(self, identities: list[IdentityCondition], height: int, width: int) -> torch.Tensor | None:
         if len(identities) == 1 and identities[0].region is None:
@@ -346,8 +376,11 @@ class IdentityPipeline:
             "backend": self.backend,
             "adapter_trained_steps": None if self.adapter is None else self.adapter.trained_steps,
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),
+            "imr": getattr(self.imr, "weights_hash", None if self.imr is None else "unsaved"),
+            "flow": getattr(self.flow, "weights_hash", None if self.flow is None else "unsaved"),
             "identities": [{"name": i.name, "region": i.region, "expression": i.expression, "scale": i.scale,
-                            "personal_adapter": i.personal[0] if i.personal and len(identities) == 1 else None}
+                            "personal_adapter": i.personal[0] if i.personal and len(identities) == 1 else None,
+                            **({"edits": i.edits, "edit_moved": i.edit_moved} if i.edits else {})}
                            for i in identities],
             "prompt": prompt,
             "negative_prompt": negative_prompt,

@@ -93,10 +93,10 @@ def _imr_job(config: TrainConfig, spec: dict, model: str, adapter_uri: str, devi
     imr = IdentityMotionReconfigurator(token_dim=base.cross_attention_dim).to(device)
     adapter_hash = adapter.content_hash()
     return Job(ImrObjective(base, adapter, imr), imr, lambda rows: cross_batch(rows, config.size),
-               lambda out, record: save_imr(out, imr, adapter_hash, {"training": record}))
+               lambda out, record: save_imr(out, imr, adapter_hash, adapter.encoder_spec.key(), {"training": record}))
 
 
-def _flow_job(config: TrainConfig, spec: dict, device) -> Job:
+def _flow_job(config: TrainConfig, spec: dict, held_out: list[str], device) -> Job:
     import numpy as np
     import torch
 
@@ -113,12 +113,13 @@ def _flow_job(config: TrainConfig, spec: dict, device) -> Job:
                 torch.tensor(np.stack([np.asarray(list(r["labels"]), np.float32) for r in rows])),
                 torch.tensor([int(r["person"]) for r in rows]))
 
-    return Job(FlowObjective(flow), flow, batch, lambda out, record: save_flow(out, flow, encoder.key(), {"training": record}))
+    return Job(FlowObjective(flow), flow, batch, lambda out, record: save_flow(
+        out, flow, encoder.key(), {"training": record, "held_out_people": held_out}))
 
 
 def build_job(config: TrainConfig, loop: dict, device) -> Job:
     if config.method == "flow":
-        return _flow_job(config, loop["encoder_spec"], device)
+        return _flow_job(config, loop["encoder_spec"], loop.get("held_out_people") or [], device)
     if config.method == "imr":
         return _imr_job(config, loop["encoder_spec"], loop["model"], loop["adapter"], device)
     return _adapter_job(config, loop["encoder_spec"], loop["model"], loop["adapter"], device)
@@ -218,15 +219,19 @@ def worker_loop(loop: dict) -> None:
         storage.write_bytes(storage.join(loop["out"], RECORD_FILE), json.dumps(record, indent=2).encode())
 
 
-def _flow_rows(dataset: str) -> list[dict]:
-    """Faces with an identity label: embedding, expression/pose labels, and an integer person id."""
+def _flow_rows(dataset: str) -> tuple[list[dict], list[str]]:
+    """Faces with an identity label (embedding, expression/pose labels, an integer person id) of the
+    training people, and the held-out people (data/person_split.py) that eval-edits measures on."""
+    from ray_faceid.data.person_split import held_out_people
     from ray_faceid.identity.expression import code_from_attributes
 
     identities = tables.read_table(storage.join(dataset, IDENTITIES)).to_pylist()
-    person = {face: k for k, row in enumerate(identities) for face in row["face_ids"]}
+    held_out = held_out_people(row["identity"] for row in identities)
+    person = {face: k for k, row in enumerate(identities) if row["identity"] not in held_out for face in row["face_ids"]}
     faces = tables.read_table(storage.join(dataset, tables.FACES)).to_pylist()
-    return [{"embedding": f["embedding"], "labels": code_from_attributes(f), "person": person[f["face_id"]]}
+    rows = [{"embedding": f["embedding"], "labels": code_from_attributes(f), "person": person[f["face_id"]]}
             for f in faces if f["face_id"] in person]
+    return rows, held_out
 
 
 def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapter: str | None = None,
@@ -244,8 +249,9 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
         raise BadInput(f"{dataset}: the ingest found no faces, nothing to train on")
     if config.method == "imr" and not adapter:
         raise BadInput("--method imr trains on a trained adapter's tokens: pass --adapter URI")
+    held_out: list[str] = []
     if config.method == "flow":
-        rows = _flow_rows(dataset)
+        rows, held_out = _flow_rows(dataset)
     else:
         pairs_uri = storage.join(dataset, PAIRS)
         if not storage.exists(pairs_uri):
@@ -266,7 +272,8 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
     # next to the images the workers load, and a materialised dataset needs no read task later.
     ds = ds.materialize()
     loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "out": out,
-            "encoder_spec": summary["encoder_spec"], "eval_rows": rows[:EVAL_EXAMPLES], "fault": fault}
+            "encoder_spec": summary["encoder_spec"], "eval_rows": rows[:EVAL_EXAMPLES], "fault": fault,
+            "held_out_people": held_out}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop,
