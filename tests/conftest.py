@@ -114,3 +114,24 @@ def loopback_port():
             return s.getsockname()[1]
 
     return free
+
+
+@pytest.fixture(scope="session")
+def default_encoder_flow(tmp_path_factory) -> str:
+    """A saved attribute flow for the default face stack's embeddings, away from its identity-map
+    start (as a trained one is): edits through it change the tokens."""
+    import torch
+
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.identity.expression import EXPRESSION_KEYS
+    from ray_faceid.identity.flow import AttributeFlow, save_flow
+
+    spec = FaceAnalyzer().spec
+    torch.manual_seed(0)
+    flow = AttributeFlow(spec.dim, EXPRESSION_KEYS, couplings=2, hidden=32)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("flow")
+    save_flow(str(folder), flow, spec.key())
+    return str(folder)

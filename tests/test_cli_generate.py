@@ -47,3 +47,19 @@ def test_inpaint_keeps_the_outside(tmp_path, sample_photos):
     assert result.exit_code == 0, result.output
     got = np.asarray(Image.open(out).convert("RGB"))
     assert np.array_equal(got[mask == 0], image[mask == 0])
+
+
+def test_generate_with_attribute_edits_and_their_refusals(tmp_path, sample_photos, default_encoder_flow):
+    hanks = str(sample_photos["Tom_Hanks_54745.png"])
+    base = ["generate", "--ref", hanks, "--prompt", "a portrait", "--out", str(tmp_path / "e.png"), *FAST]
+    flow = default_encoder_flow
+    result = runner.invoke(app, [*base, "--flow", flow, "--edit", "smile=+0.8,yaw=-20"])
+    assert result.exit_code == 0, result.output
+    record = read_provenance((tmp_path / "e.png").read_bytes())
+    assert record["identities"][0]["edits"] == {"smile": 0.8, "yaw": -20.0} and record["flow"].startswith("sha256:")
+    result = runner.invoke(app, [*base, "--flow", flow, "--edit", "beard=1"])
+    assert result.exit_code == 2 and "valid: smile 0..1, mouth_open 0..1, eyes_open 0..1, yaw -90..90" in result.stderr
+    result = runner.invoke(app, [*base, "--edit", "smile=0.5"])
+    assert result.exit_code == 2 and "--edit needs --flow" in result.stderr
+    result = runner.invoke(app, [*base, "--imr", flow])  # a flow is not an IMR
+    assert result.exit_code == 2 and "holds a 'attribute_flow' module, not a 'imr'" in result.stderr

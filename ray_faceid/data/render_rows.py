@@ -53,10 +53,8 @@ class Renderer:
         imr_module, flow_module = load_edit_modules(shared, imr, flow)  # before the pipeline casts the adapter
         self.pipeline = IdentityPipeline(base, shared, imr_module, device=device, backend=config.backend,
                                          precision=self.precision, flow=flow_module)
-        # Outputs depend on the modules' weights: their hashes join the key (only when loaded, so
-        # keys of runs without them stay as they were).
-        self.module_hashes = {name: module.weights_hash for name, module in (("imr", imr_module), ("flow", flow_module))
-                              if module is not None}
+        self.imr_hash = None if imr_module is None else imr_module.weights_hash
+        self.flow_hash = None if flow_module is None else flow_module.weights_hash
         self.registry = Registry(registry)
         self.model_hash, self.adapter_hash = base.model_hash(), self.pipeline.adapter_hash
         self.identities: OrderedDict[str, dict] = OrderedDict()
@@ -81,10 +79,17 @@ class Renderer:
     def key(self, row: CatalogRow, extra: list[str]) -> str:
         parts = {"row": row.key_fields(), "model": self.model_hash, "adapter": self.adapter_hash,
                  "personal": self._personal_version(row),
-                 "defaults": self.config.compute_hash(), "inputs": extra, **self.module_hashes}
+                 "defaults": self.config.compute_hash(), "inputs": extra, **self._module_hashes(row)}
         if self.precision != "fp32":  # fp32 keys stay those of runs made before precision was a setting
             parts["precision"] = self.precision
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def _module_hashes(self, row: CatalogRow) -> dict:
+        """The IMR's and the flow's weights, for a row they act on (an expression, edits): a row
+        neither touches renders the same with or without them, and keeps its key."""
+        uses = {"imr": self.imr_hash is not None and any(i.expression or row.expression for i in row.identities),
+                "flow": self.flow_hash is not None and any(i.edits or row.edits for i in row.identities)}
+        return {name: getattr(self, f"{name}_hash") for name, used in uses.items() if used}
 
     def _personal_version(self, row: CatalogRow) -> str:
         """The per-identity adapter a row renders with: only a single-identity row uses one."""

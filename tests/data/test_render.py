@@ -172,3 +172,27 @@ def test_render_on_the_compiled_engine_keeps_one_engine_for_the_job(rendered, ca
     assert len(engine.slots) == 2  # 32x32 with one identity, and with two: each compiled once for the job
     compiled.render_batch(texts, list(range(len(texts))))
     assert len(engine.slots) == 2
+
+
+def test_catalog_rows_ask_for_attribute_edits(people, tmp_path, default_encoder_flow):
+    from ray_faceid.data.render_rows import Renderer
+
+    registry, ids = people
+    renderer = Renderer(CONFIG, "tiny", None, registry.store, "default", str(tmp_path), flow=default_encoder_flow)
+    plain = {"id": "amy", "identities": [ids["amy"]], "prompt": "a person"}
+    edited = renderer.render_text(json.dumps({**plain, "id": "amy-smiles", "edits": {"smile": 0.9}}), 0)
+    own = renderer.render_text(json.dumps({**plain, "id": "amy-turns", "edits": {"smile": 0.9},
+                                           "identities": [{"id": ids["amy"], "edits": {"yaw": 30}}]}), 1)
+    bad = renderer.render_text(json.dumps({**plain, "id": "amy-beard", "edits": {"beard": 1}}), 2)
+    unedited = renderer.render_text(json.dumps(plain), 3)
+    assert edited["status"] == own["status"] == unedited["status"] == "ok"
+    assert json.loads(edited["provenance"])["identities"][0]["edits"] == {"smile": 0.9}
+    assert json.loads(own["provenance"])["identities"][0]["edits"] == {"yaw": 30.0}  # the identity's own win
+    assert "edits" not in json.loads(unedited["provenance"])["identities"][0]
+    assert bad["status"] == "error" and "valid: smile 0..1" in bad["error"]
+    assert len({edited["key"], own["key"], unedited["key"]}) == 3
+    # Without the flow the row's edits are refused; a row without edits keeps its key (and image).
+    without = Renderer(CONFIG, "tiny", None, registry.store, "default", str(tmp_path / "no_flow"))
+    refused = without.render_text(json.dumps({**plain, "id": "amy-smiles", "edits": {"smile": 0.9}}), 0)
+    assert refused["status"] == "error" and "attribute flow" in refused["error"]
+    assert without.render_text(json.dumps(plain), 3)["key"] == unedited["key"]

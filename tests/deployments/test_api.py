@@ -15,7 +15,7 @@ TOKENS = {"acme": "acme-token-0123456789abcdef", "other": "other-token-012345678
 
 
 @pytest.fixture(scope="module")
-def api(ray_cluster, tmp_path_factory, loopback_port):
+def api(ray_cluster, tmp_path_factory, loopback_port, default_encoder_flow):
     from ray import serve
 
     from deployments.local import start
@@ -23,6 +23,7 @@ def api(ray_cluster, tmp_path_factory, loopback_port):
 
     one = AutoscalingConfig(min_replicas=1, max_replicas=1)
     config = ServeConfig(
+        flow=default_encoder_flow,
         registry=str(tmp_path_factory.mktemp("registry")), api_tokens=TOKENS, generator_gpus=1.0,
         generator_batch_size=4, batch_wait_timeout_s=0.3, identities_per_replica=2,
         generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
@@ -138,6 +139,19 @@ def test_generate_returns_a_scored_image_with_provenance(api, people):
     assert again["images"][0]["png_base64"] == image["png_base64"]  # deterministic
 
 
+def test_attribute_edits_change_the_image_and_are_recorded(api, people):
+    client, _ = api
+    plain = client.post("/v1/generate", json={**GEN, "identities": [{"id": people["hanks"]}]}, headers=bearer())
+    edited = client.post("/v1/generate", json={**GEN, "identities": [{"id": people["hanks"],
+                                                                     "edits": {"smile": 0.9, "yaw": -20}}]},
+                         headers=bearer())
+    assert plain.status_code == edited.status_code == 200, edited.text
+    record = edited.json()["images"][0]["provenance"]
+    assert record["flow"].startswith("sha256:") and record["identities"][0]["edits"] == {"smile": 0.9, "yaw": -20.0}
+    assert record["identities"][0]["edit_moved"] > 0
+    assert edited.json()["images"][0]["png_base64"] != plain.json()["images"][0]["png_base64"]
+
+
 def test_multi_identity_generate_and_reseeding(api, people):
     client, _ = api
     body = {**GEN, "width": 128, "identities": [{"id": people["left"], "region": [0, 0, 0.5, 1]},
@@ -157,6 +171,9 @@ def test_multi_identity_generate_and_reseeding(api, people):
     ({"identities": []}, "at least 1"),
     ({"identities": [{"id": "ID", "region": [0.8, 0, 0.2, 1]}]}, "0 <= x0 < x1 <= 1"),
     ({"identities": [{"id": "id_doesnotexist0123456789"}]}, "not found"),
+    ({"identities": [{"id": "ID", "edits": {"beard": 1}}]}, "valid: smile 0..1, mouth_open 0..1"),
+    ({"identities": [{"id": "ID", "edits": {"yaw": -120}}]}, "yaw=-120.0 is out of range; valid:"),
+    ({"identities": [{"id": "ID", "expression": {"yaw": 400}}]}, "yaw=400.0: must be a number in -90..90"),
 ])
 def test_bad_generate_requests_get_4xx_with_a_message(api, people, change, message):
     client, _ = api
