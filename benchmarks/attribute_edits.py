@@ -1,7 +1,8 @@
 """Attribute edits on real embeddings: the attribute flow against the linear-probe baseline, on
 people the flow never saw, through the commands a user runs:
 
-    ray-faceid ingest PEOPLE DATASET            (folder labels, the default face stack)
+    ray-faceid ingest PEOPLE DATASET --landmarks dlib68   (folder labels; 68 points measure the smile,
+                                                          mouth and eyes; 5 points only the head pose)
     ray-faceid train DATASET --method flow --out FLOW ...
     ray-faceid eval-edits DATASET --flow FLOW --json
 
@@ -41,7 +42,7 @@ def run(*args: str) -> str:
 def rows(result: dict) -> list[str]:
     out = []
     for name, entry in result["attributes"].items():
-        r2 = "-" if entry["probe_r2"] is None else f"{entry['probe_r2']:.2f}"
+        r2 = " | ".join("-" if entry[k] is None else f"{entry[k]:.2f}" for k in ("probe_r2", "flow_r2"))
         if not entry.get("targets"):
             out.append(f"| {name} | {r2} | - | - | - | - | - | - | - | - |")
         for t in entry.get("targets", []):
@@ -58,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faces", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"))
     parser.add_argument("--steps", type=int, default=600, help="Flow training steps.")
+    parser.add_argument("--landmarks", default="dlib68", help="dlib68 (labels every attribute) or dlib5.")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     faces = Path(args.faces)
@@ -69,7 +71,7 @@ def main() -> None:
         for folder in sorted(p for p in faces.iterdir() if p.is_dir() and p.name not in NOT_PEOPLE):
             shutil.copytree(folder, people / folder.name)  # the archive lister does not follow links
         started = time.perf_counter()
-        run("ingest", str(people), str(dataset))
+        run("ingest", str(people), str(dataset), "--landmarks", args.landmarks)
         training = json.loads(run("train", str(dataset), "--method", "flow", "--out", str(flow), "--steps",
                                   str(args.steps), "--batch-size", "32", "--lr", "1e-3", "--workers", "1", "--json"))
         result = json.loads(run("eval-edits", str(dataset), "--flow", str(flow), "--json"))
@@ -77,17 +79,19 @@ def main() -> None:
     unedited = result["unedited"]["same_person_others"]
     lines = [
         f"### attribute_edits — {time.strftime('%Y-%m-%d')} — {machine_line()}", "",
-        f"{args.faces}: flow trained on {result['people_train']} people ({args.steps} steps, batch 32, lr 1e-3, "
+        f"{args.faces}, `--landmarks {args.landmarks}`: flow trained on {result['people_train']} people ({args.steps} steps, batch 32, lr 1e-3, "
         f"eval loss {training['eval_loss_start']:.3f} -> {training['eval_loss_end']:.3f}); measured on "
         f"{result['faces_held_out']} faces of {result['people_held_out']} held-out people; encoder {result['encoder']}, "
         f"same-person threshold {result['threshold']:g}; unedited faces are the same person as their other photos "
         f"{'-' if unedited is None else f'{unedited:.0%}'}; {seconds:.0f} s in all.", "",
         "Baseline: the same requested change along a linear probe's direction (ridge on within-person variation). "
         "moved: mean L2 in the encoder's units; Δ probe / Δ flow: mean change of the attribute as the probe / the "
-        "flow reads it (attribute units: fractions, degrees); same: share still the same person, to the photo "
+        "flow reads it (attribute units: fractions, degrees); flow R²: the flow's coordinate as a reading of the "
+        "measured attribute on the held-out faces; same: share still the same person, to the photo "
         "itself / median to the person's other photos; undo err: max |edit then undo - original|.", "",
-        "| attribute | probe R² | target | method | moved | Δ probe | Δ flow | same: photo | same: others | undo err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| attribute | probe R² | flow R² | target | method | moved | Δ probe | Δ flow | same: photo | same: others "
+        "| undo err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows(result), "",
         *[f"- {name}: {entry['note']}" for name, entry in result["attributes"].items() if entry["note"]],
     ]

@@ -33,6 +33,9 @@ def ingest(
     recognizer_onnx: Optional[str] = typer.Option(
         None, "--recognizer-onnx", help="An ArcFace-shaped ONNX recogniser (N x 3 x 112 x 112 -> N x D) of your own "
         "to embed faces with, instead of dlib's 128-d ResNet (better on people dlib confuses)."),
+    landmarks: str = typer.Option("dlib5", "--landmarks", help="dlib5 | dlib68. dlib68 also measures smile, mouth "
+                                  "and eye opening (labels for the attribute flow), but its weights were trained on "
+                                  "iBUG 300-W: non-commercial use only."),
 ):
     """Detect, align, embed and score every face of an archive; then identities and cross-training pairs."""
     from ray_faceid.config import FaceConfig, IngestConfig
@@ -41,7 +44,7 @@ def ingest(
 
     with user_errors():
         config = IngestConfig(workers=workers, batch_size=batch_size,
-                              face=FaceConfig(recognizer_onnx=recognizer_onnx))
+                              face=FaceConfig(recognizer_onnx=recognizer_onnx, landmarks=landmarks))
         summary = run_ingest(src, dst, config, labels=labels, resume=resume, address=address)
         console.print(summary_table(f"ingest {src} -> {dst}", summary))
         if labels != "none":

@@ -15,7 +15,7 @@ def _cell(value, fmt: str = "{:.3f}") -> str:
 def report_table(report: dict) -> Table:
     table = Table(title=f"attribute edits on {report['faces_held_out']} faces of {report['people_held_out']} held-out "
                   f"people (threshold {report['threshold']:g})", title_justify="left")
-    for column in ("attribute", "probe R²", "target", "method", "moved", "Δ probe", "Δ flow", "same: photo",
+    for column in ("attribute", "probe R²", "flow R²", "target", "method", "moved", "Δ probe", "Δ flow", "same: photo",
                    "same: others", "undo err"):
         table.add_column(column, justify="left" if column in ("attribute", "method") else "right")
     for name, entry in report["attributes"].items():
@@ -24,12 +24,12 @@ def report_table(report: dict) -> Table:
             for method, label in (("flow", "flow"), ("probe_direction", "baseline")):
                 m = t[method]
                 table.add_row(name if first else "", _cell(entry["probe_r2"], "{:.2f}") if first else "",
-                              f"{t['target']:g}", label, _cell(m["moved_mean"]), _cell(m["probe_change_mean"], "{:+.3f}"),
+                              _cell(entry["flow_r2"], "{:.2f}") if first else "", f"{t['target']:g}", label, _cell(m["moved_mean"]), _cell(m["probe_change_mean"], "{:+.3f}"),
                               _cell(m["flow_change_mean"], "{:+.3f}"), _cell(m["same_person_original"], "{:.0%}"),
                               _cell(m["same_person_others"], "{:.0%}"), _cell(m["undo_max_error"], "{:.1e}"))
                 first = False
         if not entry.get("targets"):
-            table.add_row(name, _cell(entry["probe_r2"], "{:.2f}"), "", "", "", "", "", "", "", "")
+            table.add_row(name, _cell(entry["probe_r2"], "{:.2f}"), _cell(entry["flow_r2"], "{:.2f}"), *[""] * 8)
     return table
 
 

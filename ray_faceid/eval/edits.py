@@ -12,7 +12,9 @@ For each attribute the flow holds and a few target values, over the faces of the
 - for both: how far the embedding moved, how far the attribute moved as the probe and as the flow
   read it, whether the edited embedding is still the same person by the encoder's own threshold
   (to the original photo, and to the person's other photos: the median distance), and whether
-  undoing the edit returns the original (within 1e-4).
+  undoing the edit returns the original (within 1e-4);
+- how well the flow's own coordinate reads the attribute on the held-out faces (flow R^2): a flow
+  that learned the attribute for its training people only sets a coordinate that means little.
 """
 from __future__ import annotations
 
@@ -139,8 +141,10 @@ def evaluate_edits(dataset: str, flow_uri: str) -> dict:
         labelled = [f for f in train if f.get(name) is not None]
         scored = [f for f in test if f.get(name) is not None]
         if len(labelled) < 3 or len(scored) < 2:
-            report["attributes"][name] = {"probe_r2": None, "carried": False,
-                                          "note": "too few faces with this attribute measured"}
+            report["attributes"][name] = {
+                "probe_r2": None, "flow_r2": None, "carried": False,
+                "note": "too few faces with this attribute measured (smile, mouth and eye opening need 68-point "
+                "landmarks: `ingest --landmarks dlib68`)"}
             continue
         w = fit_probe(np.array([f["embedding"] for f in labelled], np.float64), np.array([f[name] for f in labelled]),
                       [person[f["face_id"]] for f in labelled])
@@ -155,6 +159,8 @@ def evaluate_edits(dataset: str, flow_uri: str) -> dict:
             else f"the encoder's embeddings barely hold {name} (probe R^2 {r2:.2f} on held-out people): "
             "an edit of it changes little a user would see")
         entry = {"probe_r2": r2, "carried": carried, "faces": len(scored), "targets": [], "note": note}
+        with torch.no_grad():  # how well the flow's own coordinate reads the attribute on new people
+            entry["flow_r2"] = r_squared(y, from_flow_units(name, encode(x)[:, k].double().numpy()))
         mine = [others[test.index(f)] for f in scored]
 
         def flow_read(e: np.ndarray, k=k, name=name) -> np.ndarray:

@@ -26,7 +26,7 @@ from ray_faceid.config import TrainConfig
 from ray_faceid.data import tables
 from ray_faceid.data.pairs import IDENTITIES, PAIRS
 from ray_faceid.errors import BadInput
-from ray_faceid.progress import ProgressLine, silent
+from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.train import runs
 
 RUN_NAME, RECORD_FILE = "train", "training.json"
@@ -201,7 +201,7 @@ def worker_loop(loop: dict) -> None:
     else:
         record = {"first_step": 0, "eval_loss_start": _fixed_loss(job.objective, eval_batch, config.seed)}
     batches = _cycle(ray.train.get_dataset_shard("train"), config.batch_size, config.seed + rank)
-    progress = ProgressLine(f"train {config.method}", config.steps, first=step, emit=print if rank == 0 else silent)
+    progress = ProgressLine(f"train {config.method}", config.steps, first=step, emit=to_stderr if rank == 0 else silent)
     while step < config.steps:
         started = time.perf_counter()
         batch = job.batch(next(batches))

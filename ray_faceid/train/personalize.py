@@ -18,7 +18,7 @@ import time
 from ray_faceid import storage
 from ray_faceid.config import PersonalizeConfig
 from ray_faceid.errors import FaceIdError, NotFound
-from ray_faceid.progress import ProgressLine, silent
+from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.registry import Registry
 from ray_faceid.train import runs
 
@@ -95,7 +95,7 @@ def worker_loop(loop: dict) -> None:
     todo = [i for i in loop["identities"] if i not in done and i not in failed]
     mine = todo[rank::world]
     rounds = math.ceil(len(todo) / world)
-    progress = ProgressLine(f"personalize (rounds of {world} identities)", rounds, emit=print if rank == 0 else silent)
+    progress = ProgressLine(f"personalize (rounds of {world} identities)", rounds, emit=to_stderr if rank == 0 else silent)
     # Every worker reports the same number of times (a report is a collective step).
     for round_ in range(rounds):
         if round_ < len(mine):

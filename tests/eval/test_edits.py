@@ -76,7 +76,7 @@ def test_the_report_tells_a_carried_attribute_from_an_absent_one(dataset_and_flo
     smile, yaw = report["attributes"]["smile"], report["attributes"]["yaw"]
     assert smile["probe_r2"] > 0.8 and smile["carried"] and smile["note"] is None
     assert yaw["probe_r2"] < 0.25 and not yaw["carried"] and "barely hold yaw" in yaw["note"]
-    assert report["attributes"]["eyes_open"]["note"] == "too few faces with this attribute measured"
+    assert report["attributes"]["eyes_open"]["note"].startswith("too few faces with this attribute measured")
     low, high = smile["targets"]
     for method in ("flow", "probe_direction"):
         # Asking for a broad smile moves the smile up as the probe reads it, a neutral face down.
