@@ -18,6 +18,8 @@ For each attribute the flow holds and a few target values, over the faces of the
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -78,8 +80,6 @@ def fit_probe(x: np.ndarray, y: np.ndarray, people: list[str], folds: int = 5) -
 
 
 def _faces(dataset: str) -> tuple[list[dict], dict[str, str], EncoderSpec]:
-    import json
-
     summary = json.loads(storage.read_bytes(storage.join(dataset, tables.SUMMARY)))
     if not summary.get("encoder_spec"):
         raise BadInput(f"{dataset}: the ingest found no faces")
