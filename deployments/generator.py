@@ -75,6 +75,11 @@ class Generator:
     def ping(self) -> bool:
         return True
 
+    def defaults(self) -> dict:
+        """Steps and size of requests that do not say (the base model's own)."""
+        width, height = self.pipeline.base.native_size
+        return {"steps": self.pipeline.base.default_steps, "width": width, "height": height}
+
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
                 "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads,

@@ -80,6 +80,13 @@ class Ingress:
         self.face, self.generator = face_encoder, generator
         self.registry = Registry(self.config.registry)
         self.spec: EncoderSpec | None = None
+        self.model_defaults: dict | None = None
+
+    async def _defaults(self) -> dict:
+        """The base model's own steps and size, for requests that leave them out."""
+        if self.model_defaults is None:
+            self.model_defaults = await self.generator.defaults.remote()
+        return self.model_defaults
 
     async def _spec(self) -> EncoderSpec:
         if self.spec is None:
@@ -205,6 +212,8 @@ class Ingress:
     @api.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
         tenant = self._tenant(request)
+        defaults = await self._defaults()
+        body = body.model_copy(update={k: getattr(body, k) or defaults[k] for k in ("steps", "width", "height")})
         self._validate_generation(body.steps, body.width, body.height, body.num_images)
         ids = [i.id for i in body.identities]
         if len(set(ids)) != len(ids):
@@ -221,6 +230,7 @@ class Ingress:
     @api.post("/v1/inpaint", response_model=GenerateResponse)
     async def inpaint(self, body: InpaintRequest, request: Request) -> GenerateResponse:
         tenant = self._tenant(request)
+        body = body.model_copy(update={"steps": body.steps or (await self._defaults())["steps"]})
         self._validate_generation(body.steps)
         self.registry.get(tenant, body.identity.id)
         try:

@@ -237,7 +237,8 @@ class TrainConfig(Settings):
     batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after a linear warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
-    size: int = Field(512, ge=16, description="Training resolution: target crops are resized to size x size.")
+    size: int | None = Field(None, ge=16, description="Training resolution: target crops are resized to size x "
+                             "size; default: the base model's native size (512 for SD 1.x, 32 for tiny).")
     num_tokens: int = Field(4, ge=1, le=64, description="Identity tokens per identity (adapter methods).")
     expression_drop: float = Field(0.1, ge=0, le=1, description="Probability the expression code is replaced by the null code.")
     outside_weight: float = Field(1.0, ge=0, description="Weight of the class-guided term outside the face mask.")
@@ -283,9 +284,11 @@ class RenderConfig(Settings):
         {"workers", "batch_size", "num_gpus_per_worker", "device", "precision"}
     )
 
-    steps: int = Field(30, ge=1, le=200, description="Denoising steps of rows that do not set their own.")
+    steps: int | None = Field(None, ge=1, le=200, description="Denoising steps of rows that do not set their own; "
+                              "default: the base model's (30, or 4 for an untrained smoke base).")
     guidance: float = Field(5.0, ge=0, le=30, description="Classifier-free guidance of rows that do not set their own.")
-    size: str = Field("512x512", description="WxH of rows that do not set their own.")
+    size: str | None = Field(None, description="WxH of rows that do not set their own; default: the base model's "
+                             "native size (512x512 for SD 1.x).")
     feather: float = Field(4.0, ge=0, le=64, description="Inpaint rows: soft edge inside the mask, in pixels.")
     unet_batch: int = Field(
         1, ge=1, le=64,

@@ -38,3 +38,33 @@ def to_stderr(line: str) -> None:
 
 def silent(_: str) -> None:
     """For every worker but the first: one progress line per job, not one per worker."""
+
+
+def denoise_reporter(what: str = "denoise", every_s: float = 5.0):
+    """A callback(step, total) for IdentityPipeline.on_step: a live bar (steps, s/step, ETA) on a
+    terminal, else a ProgressLine on stderr at most every `every_s` seconds."""
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                       TimeRemainingColumn(), transient=True)
+        state: dict = {}
+
+        def on_bar(step: int, total: int) -> None:
+            if "task" not in state:
+                bar.start()
+                state["task"], state["started"] = bar.add_task(what, total=total, rate=""), time.monotonic()
+            per_step = (time.monotonic() - state["started"]) / step
+            bar.update(state["task"], completed=step, rate=f"{per_step:.2f} s/step")
+            if step >= total:
+                bar.stop()
+                state.clear()
+        return on_bar
+    lines: dict = {}
+
+    def on_line(step: int, total: int) -> None:
+        line = lines.get("line")
+        if line is None or step == 1:
+            line = lines["line"] = ProgressLine(f"{what} steps", total, every_s=every_s, emit=to_stderr)
+        line.update(step)
+    return on_line

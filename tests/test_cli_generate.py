@@ -63,3 +63,27 @@ def test_generate_with_attribute_edits_and_their_refusals(tmp_path, sample_photo
     assert result.exit_code == 2 and "--edit needs --flow" in result.stderr
     result = runner.invoke(app, [*base, "--imr", flow])  # a flow is not an IMR
     assert result.exit_code == 2 and "holds a 'attribute_flow' module, not a 'imr'" in result.stderr
+
+
+def test_generate_defaults_to_the_models_own_size_and_steps(tmp_path, sample_photos):
+    """At the defaults a new user runs, the tiny base used to render 512x512 in 30 steps: hours on a CPU."""
+    out = tmp_path / "default.png"
+    result = runner.invoke(app, ["generate", "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--prompt",
+                                 "a portrait", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = read_provenance(out.read_bytes())
+    assert record["size"] == [32, 32] and record["steps"] == 4
+    assert "32x32, 4 steps" in result.stderr and "denoise steps: 4/4" in result.stderr  # progress, not a terminal
+
+
+def test_a_bad_reference_fails_before_any_model_loads(tmp_path, monkeypatch):
+    import ray_faceid.pipelines.models as models
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the references were checked")
+
+    monkeypatch.setattr(models, "load_base", must_not_load)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    result = runner.invoke(app, ["generate", "--ref", str(tmp_path / "broken.jpg"), "--prompt", "x", "--out",
+                                 str(tmp_path / "o.png")])
+    assert result.exit_code == 2 and "broken.jpg" in result.stderr

@@ -29,7 +29,8 @@ def compile_engine(
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
     batch: str = typer.Option("1:2:8", "--batch", help="MIN:OPT:MAX rows (classifier-free guidance doubles rows)."),
-    size: str = typer.Option("512x512", "--size", help="Image WxH the engine serves."),
+    size: Optional[str] = typer.Option(None, "--size", help="Image WxH the engine serves; default: the model's "
+                                       "native size (512x512 for SD 1.x)."),
     identities: int = typer.Option(1, "--identities", min=1, max=4, help="Identities per image."),
     precision: str = typer.Option(
         "auto", "--precision", help="auto | fp32 | fp16 | bf16: the TensorRT graph's precision (auto: fp16); ONNX Runtime "
@@ -51,7 +52,7 @@ def compile_engine(
             raise BadInput(f"--precision {precision} is for TensorRT plans: ONNX Runtime runs fp32 graphs; drop it or "
                            "use --backend tensorrt")
         rows = _triple(batch)
-        width, height = parse_size(size, "--size")
+        width, height = parse_size(size, "--size") if size else (None, None)
         cache = EngineCache(out)
         if backend == "torch.compile":
             report = _compile_torch(model, adapter, width, height, identities, rows[2], precision, cache)
@@ -79,6 +80,7 @@ def _export(model, adapter, width, height, identities, rows, backend, precision,
 
     precision = precision if precision != "auto" else ("fp16" if backend == "tensorrt" else "fp32")
     base = load_base(model)
+    width, height = (width, height) if width else base.native_size
     shared = _shared_adapter(base, adapter)
     shared.install(base.unet)
     f = base.vae_scale_factor
@@ -98,6 +100,7 @@ def _compile_torch(model, adapter, width, height, identities, max_rows, precisio
     from ray_faceid.pipelines.models import load_base
 
     base = load_base(model)
+    width, height = (width, height) if width else base.native_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = IdentityPipeline(base, _shared_adapter(base, adapter), device=device, backend="torch.compile",
                             engine_cache=cache, precision=precision)

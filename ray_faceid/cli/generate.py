@@ -8,10 +8,13 @@ import typer
 
 from ray_faceid.cli.common import console, err_console, user_errors
 from ray_faceid.errors import BadInput
+from ray_faceid.progress import denoise_reporter
 
 ModelOpt = typer.Option("tiny", "--model", help="tiny | tiny-inpaint | a diffusers folder | an fsspec URI | a hub id.")
 AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter URI; without it an UNTRAINED adapter is used.")
 BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
+StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; default: the model's own (30, or 4 "
+                        "for an untrained smoke base).")
 ImrOpt = typer.Option(None, "--imr", help="Trained IMR (train --method imr): --expression then moves the identity "
                       "tokens to that expression and pose.")
 FlowOpt = typer.Option(None, "--flow", help="Trained attribute flow (train --method flow), for --edit.")
@@ -27,14 +30,13 @@ def parse_edit_option(text: Optional[str]) -> Optional[dict]:
     return check_edits(parse_edits(text), EXPRESSION_KEYS) if text else None
 
 
-def _pipeline(model: str, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,
+def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,
               flow: Optional[str] = None):
-    from ray_faceid.face.analyzer import FaceAnalyzer
+    """The pipeline, loaded after the reference photos were checked: a bad photo fails in a second."""
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.generate import IdentityPipeline
     from ray_faceid.pipelines.models import load_base
 
-    analyzer = FaceAnalyzer()
     base = load_base(model)
     if adapter_uri:
         adapter = IdentityAdapter.load(adapter_uri, base.unet, analyzer.spec)
@@ -49,8 +51,8 @@ def _pipeline(model: str, adapter_uri: Optional[str], backend: str = "torch", im
 
     imr_module, flow_module = load_edit_modules(adapter, imr, flow)  # before the pipeline casts the adapter
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return analyzer, IdentityPipeline(base, adapter, imr_module, device=device, backend=backend, precision="auto",
-                                      flow=flow_module)
+    return IdentityPipeline(base, adapter, imr_module, device=device, backend=backend, precision="auto",
+                            flow=flow_module)
 
 
 def _parse_named(items: list[str], what: str) -> dict[str, str]:
@@ -84,20 +86,22 @@ def generate(
     model: str = ModelOpt,
     adapter: Optional[str] = AdapterOpt,
     seed: int = typer.Option(0, "--seed"),
-    steps: int = typer.Option(30, "--steps", min=1, max=200),
+    steps: Optional[int] = StepsOpt,
     guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
-    size: str = typer.Option("512x512", "--size", help="WxH"),
+    size: Optional[str] = typer.Option(None, "--size", help="WxH; default: the model's own (512x512 for SD 1.x, "
+                                       "1024x1024 for SDXL, 32x32 for tiny)."),
     backend: str = BackendOpt,
     imr: Optional[str] = ImrOpt,
     flow: Optional[str] = FlowOpt,
     edit: Optional[str] = EditOpt,
 ):
     """Render a prompt with one or more enrolled-from-photo identities."""
+    from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.pipelines.generate import IdentityCondition, parse_size
     from ray_faceid.pipelines.references import embed_references
 
     with user_errors():
-        width, height = parse_size(size, "--size")
+        width, height = parse_size(size, "--size") if size else (None, None)
         people = {"person": ref} if ref else {}
         for name, images in _parse_named(identity, "--identity").items():
             people[name] = images.split(",")
@@ -110,11 +114,16 @@ def generate(
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
-        analyzer, pipe = _pipeline(model, adapter, backend, imr, flow)
+        analyzer = FaceAnalyzer()
         conditions = []
         for name, images in people.items():
             emb, quality = embed_references(analyzer, images)
             conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits))
+        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow)
+        steps = steps or pipe.base.default_steps
+        width, height = (width, height) if width else pipe.base.native_size
+        err_console.print(f"{width}x{height}, {steps} steps on {pipe.device.type}")
+        pipe.on_step = denoise_reporter()
         result = pipe.generate(prompt, conditions, negative_prompt, seed, steps, guidance, width, height)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.png[0])
@@ -130,7 +139,7 @@ def inpaint(
     model: str = ModelOpt,
     adapter: Optional[str] = AdapterOpt,
     seed: int = typer.Option(0, "--seed"),
-    steps: int = typer.Option(30, "--steps", min=1, max=200),
+    steps: Optional[int] = StepsOpt,
     guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
     feather: float = typer.Option(4.0, "--feather", min=0.0, max=64.0, help="Soft edge inside the mask, in pixels."),
     backend: str = BackendOpt,
@@ -140,6 +149,7 @@ def inpaint(
     edit: Optional[str] = EditOpt,
 ):
     """Repaint the masked region with the identity; pixels outside the mask are kept exactly."""
+    from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.face.decode import decode_image
     from ray_faceid.pipelines.generate import IdentityCondition
     from ray_faceid.pipelines.inpaint import inpaint as run_inpaint
@@ -151,9 +161,11 @@ def inpaint(
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
-        analyzer, pipe = _pipeline(model, adapter, backend, imr, flow)
+        analyzer = FaceAnalyzer()
         emb, quality = embed_references(analyzer, ref)
+        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow)
         person = IdentityCondition("person", emb, quality, expression=expression, edits=edits)
+        pipe.on_step = denoise_reporter()
         result = run_inpaint(pipe, picture, mask_array, person, prompt,
                              seed=seed, steps=steps, guidance=guidance, feather=feather)
         out.parent.mkdir(parents=True, exist_ok=True)

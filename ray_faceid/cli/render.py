@@ -34,8 +34,10 @@ def render(
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Shared identity adapter; without it an UNTRAINED one."),
-    steps: int = typer.Option(30, "--steps", min=1, max=200, help="Default for rows without their own."),
-    size: str = typer.Option("512x512", "--size", help="Default WxH for rows without their own."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=200, help="For rows without their own; "
+                                        "default: the model's (30, or 4 for an untrained smoke base)."),
+    size: Optional[str] = typer.Option(None, "--size", help="WxH for rows without their own; default: the model's "
+                                       "native size (512x512 for SD 1.x)."),
     unet_batch: int = typer.Option(1, "--unet-batch", min=1, help="Rows denoised together (1: byte-stable per row)."),
     backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16."),

@@ -40,9 +40,14 @@ class Renderer:
         from ray_faceid.pipelines.models import load_base
         from ray_faceid.registry import Registry
 
-        self.config, self.tenant, self.out = config, tenant, out
+        self.tenant, self.out = tenant, out
         self.analyzer = FaceAnalyzer(config.face)
         base = load_base(model)
+        # Defaults resolved to the model's own before they join the output keys: an SD 1.x job keeps
+        # the keys it had when the defaults were fixed at 512x512 and 30 steps.
+        width, height = base.native_size
+        self.config = config = config.model_copy(update={"steps": config.steps or base.default_steps,
+                                                         "size": config.size or f"{width}x{height}"})
         if adapter:
             shared = IdentityAdapter.load(adapter, base.unet, self.analyzer.spec)
         else:  # smoke runs only: the manifest's provenance says untrained

@@ -106,6 +106,7 @@ class IdentityPipeline:
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
         self.engine_cache, self.engines, self._weights_version = engine_cache, {}, "shared"
+        self.on_step = None  # callback(step, total) after each denoising step: the CLI's progress bar
         self._compiled = None  # the torch.compile engine, made on first use
         # The hash of the adapter as loaded, before any cast: the registry's per-identity adapters
         # and the provenance refer to the trained weights, whatever precision they run in.
@@ -245,7 +246,7 @@ class IdentityPipeline:
         latents = noise * sched.init_noise_sigma
         if inpaint is not None:
             image_latents, mask_l = inpaint
-        for t in sched.timesteps:
+        for step, t in enumerate(sched.timesteps, 1):
             model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
             if inpaint is not None and base.inpainting:
                 masked = image_latents * (1 - mask_l)
@@ -258,6 +259,8 @@ class IdentityPipeline:
                 prev = self._previous_timestep(t)
                 known = image_latents if prev < 0 else sched.add_noise(image_latents, noise, torch.tensor([prev]))
                 latents = mask_l * latents + (1 - mask_l) * known
+            if self.on_step is not None:
+                self.on_step(step, len(sched.timesteps))
         return latents
 
     def _unet(self, sample, t, text, kwargs, h, w):
@@ -391,14 +394,17 @@ class IdentityPipeline:
         }
 
     def generate(self, prompt: str, identities: list[IdentityCondition] | None = None, negative_prompt: str = "",
-                 seed: int = 0, steps: int = 20, guidance: float = 5.0, width: int = 512, height: int = 512,
-                 num_images: int = 1) -> GenerationResult:
+                 seed: int = 0, steps: int | None = None, guidance: float = 5.0, width: int | None = None,
+                 height: int | None = None, num_images: int = 1) -> GenerationResult:
+        """Steps and size default to the base model's own (BaseModel.default_steps, native_size)."""
         items = [GenerationItem(prompt, identities or [], negative_prompt, seed + k) for k in range(num_images)]
         return self.generate_items(items, steps, guidance, width, height)
 
-    def generate_items(self, items: list["GenerationItem"], steps: int = 20, guidance: float = 5.0, width: int = 512,
-                       height: int = 512) -> GenerationResult:
+    def generate_items(self, items: list["GenerationItem"], steps: int | None = None, guidance: float = 5.0,
+                       width: int | None = None, height: int | None = None) -> GenerationResult:
         """Several images (other prompts, identities, seeds; the same size and steps) in one batch."""
+        steps = steps or self.base.default_steps
+        width, height = width or self.base.native_size[0], height or self.base.native_size[1]
         for it in items:
             if len(it.identities) > MAX_IDENTITIES:
                 raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(it.identities)}")

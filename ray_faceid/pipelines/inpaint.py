@@ -43,9 +43,12 @@ def working_size(width: int, height: int, step: int, max_side: int) -> tuple[int
 
 
 def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identity: IdentityCondition, prompt: str,
-            negative_prompt: str = "", seed: int = 0, steps: int = 20, guidance: float = 5.0, feather: float = 4.0,
-            max_side: int = 512) -> GenerationResult:
+            negative_prompt: str = "", seed: int = 0, steps: int | None = None, guidance: float = 5.0,
+            feather: float = 4.0, max_side: int | None = None) -> GenerationResult:
+    """Steps default to the base's own; the image is repainted at up to `max_side` pixels (default:
+    the base's native size) and pasted back at its own size."""
     height, width = image.shape[:2]
+    steps, max_side = steps or pipe.base.default_steps, max_side or max(pipe.base.native_size)
     region = binary_mask(mask, (height, width))
     base = pipe.base
     step = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)  # clean latent pyramid

@@ -20,6 +20,7 @@ from ray_faceid.errors import BackendUnavailable, NotFound
 from ray_faceid.weights_hash import cached_module_hash, weights_hash_of
 
 TINY = ("tiny", "tiny-inpaint")
+TRAINED_STEPS, UNTRAINED_STEPS = 30, 4
 
 
 @dataclass
@@ -43,6 +44,20 @@ class BaseModel:
     @property
     def cross_attention_dim(self) -> int:
         return self.unet.config.cross_attention_dim
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the UNet was built for: its sample size in pixels (512 for SD 1.x, 1024 for
+        SDXL, 32 for the tiny bases). The default of every command, catalog row and request."""
+        side = self.unet.config.sample_size
+        width, height = (side, side) if isinstance(side, int) else (side[1], side[0])
+        return width * self.vae_scale_factor, height * self.vae_scale_factor
+
+    @property
+    def default_steps(self) -> int:
+        """Denoising steps when none are asked for: a handful for an untrained smoke base (its images
+        are noise at any count), 30 for a trained one."""
+        return UNTRAINED_STEPS if self.untrained else TRAINED_STEPS
 
     def __post_init__(self):
         # Taken now, before any cast or move: what the model IS, whatever precision it runs in.

@@ -73,7 +73,7 @@ def _adapter_job(config: TrainConfig, spec: dict, model: str, init: str | None, 
         adapter.save(out)
 
     return Job(AdapterObjective(base, adapter, config.expression_drop, config.outside_weight), adapter,
-               lambda rows: cross_batch(rows, config.size), save)
+               lambda rows: cross_batch(rows, config.size or base.native_size[0]), save)
 
 
 def _imr_job(config: TrainConfig, spec: dict, model: str, adapter_uri: str, device) -> Job:
@@ -93,7 +93,7 @@ def _imr_job(config: TrainConfig, spec: dict, model: str, adapter_uri: str, devi
     torch.manual_seed(config.seed)
     imr = IdentityMotionReconfigurator(token_dim=base.cross_attention_dim).to(device)
     adapter_hash = adapter.content_hash()
-    return Job(ImrObjective(base, adapter, imr), imr, lambda rows: cross_batch(rows, config.size),
+    return Job(ImrObjective(base, adapter, imr), imr, lambda rows: cross_batch(rows, config.size or base.native_size[0]),
                lambda out, record: save_imr(out, imr, adapter_hash, adapter.encoder_spec.key(), {"training": record}))
 
 

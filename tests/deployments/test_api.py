@@ -139,6 +139,15 @@ def test_generate_returns_a_scored_image_with_provenance(api, people):
     assert again["images"][0]["png_base64"] == image["png_base64"]  # deterministic
 
 
+def test_steps_and_size_default_to_the_models_own(api, people):
+    client, _ = api
+    r = client.post("/v1/generate", json={"prompt": "a portrait", "identities": [{"id": people["hanks"]}]},
+                    headers=bearer())
+    assert r.status_code == 200, r.text
+    record = r.json()["images"][0]["provenance"]
+    assert record["size"] == [32, 32] and record["steps"] == 4  # the tiny base's; 512 and 30 for SD 1.x
+
+
 def test_attribute_edits_change_the_image_and_are_recorded(api, people):
     client, _ = api
     plain = client.post("/v1/generate", json={**GEN, "identities": [{"id": people["hanks"]}]}, headers=bearer())
