@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ray-faceid demo $(if $(PHOTOS),--photos $(PHOTOS),)
+	$(VENV)/bin/ray-faceid demo $(if $(PHOTOS),--photos $(PHOTOS),) $(if $(PORT),--port $(PORT),)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

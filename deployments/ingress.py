@@ -27,7 +27,7 @@ from deployments.schemas import (
 )
 from ray_faceid.config import ServeConfig
 from ray_faceid.enrollment import rejection
-from ray_faceid.errors import BadInput, FaceIdError
+from ray_faceid.errors import BadInput, FaceIdError, NameTaken
 from ray_faceid.eval.identity import leakage, reference_embedding
 from ray_faceid.face.face import Face
 from ray_faceid.face.landmarks import INSIGHTFACE5, Landmarks
@@ -115,9 +115,12 @@ class Ingress:
     # -- identities ----------------------------------------------------------------------------
     @api.post("/v1/identities", status_code=201, response_model=IdentityOut)
     async def enroll(self, request: Request, photos: list[UploadFile] = File(...), consent: str = Form(...),
-                     name: str = Form("")) -> IdentityOut:
+                     name: str = Form(""), name_exists: str = Form("refuse")) -> IdentityOut:
         tenant = self._tenant(request)
         limits = self.config.limits
+        if name.strip() and name_exists == "refuse" and self.registry.named(tenant, name):
+            raise NameTaken(f"the name {name.strip()!r} is taken: enroll under another name, or send "
+                            "name_exists=rename (a suffix) or replace (erases the other identity)")
         if not 1 <= len(photos) <= limits.max_photos:
             raise BadInput(f"send between 1 and {limits.max_photos} photos, got {len(photos)}")
         if not consent.strip():
@@ -144,7 +147,8 @@ class Ingress:
             reasons = "; ".join(f"{r.filename}: {r.reason}" for r in reports)
             raise BadInput(f"no usable photo ({reasons})")
         meta = self.registry.create(tenant, name or "", consent, np.array(embeddings), np.array(quality),
-                                    await self._spec(), crops, [r.model_dump() for r in reports])
+                                    await self._spec(), crops, [r.model_dump() for r in reports],
+                                    name_exists=name_exists)
         return _out(meta)
 
     @api.get("/v1/identities", response_model=IdentityList)
@@ -153,11 +157,13 @@ class Ingress:
 
     @api.get("/v1/identities/{identity}", response_model=IdentityOut)
     async def get_identity(self, identity: str, request: Request) -> IdentityOut:
-        return _out(self.registry.get(self._tenant(request), identity))
+        tenant = self._tenant(request)
+        return _out(self.registry.get(tenant, self.registry.resolve(tenant, identity)))
 
     @api.delete("/v1/identities/{identity}", status_code=204)
     async def delete_identity(self, identity: str, request: Request) -> Response:
-        self.registry.delete(self._tenant(request), identity)
+        tenant = self._tenant(request)
+        self.registry.delete(tenant, self.registry.resolve(tenant, identity))
         return Response(status_code=204)
 
     # -- generation ----------------------------------------------------------------------------
@@ -215,12 +221,12 @@ class Ingress:
         defaults = await self._defaults()
         body = body.model_copy(update={k: getattr(body, k) or defaults[k] for k in ("steps", "width", "height")})
         self._validate_generation(body.steps, body.width, body.height, body.num_images)
-        ids = [i.id for i in body.identities]
+        # 404 for unknown names and ids, and for other tenants' ids.
+        people = [dict(i.model_dump(), id=self.registry.resolve(tenant, i.id or i.name)) for i in body.identities]
+        ids = [p["id"] for p in people]
         if len(set(ids)) != len(ids):
             raise BadInput("an identity appears twice in one request")
-        for i in ids:
-            self.registry.get(tenant, i)  # 404 for unknown or other tenants' ids
-        payload = {"kind": "generate", "tenant": tenant, "identities": [i.model_dump() for i in body.identities],
+        payload = {"kind": "generate", "tenant": tenant, "identities": people,
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "width": body.width, "height": body.height,
@@ -232,17 +238,17 @@ class Ingress:
         tenant = self._tenant(request)
         body = body.model_copy(update={"steps": body.steps or (await self._defaults())["steps"]})
         self._validate_generation(body.steps)
-        self.registry.get(tenant, body.identity.id)
+        person = dict(body.identity.model_dump(), id=self.registry.resolve(tenant, body.identity.id or body.identity.name))
         try:
             image, mask = base64.b64decode(body.image, validate=True), base64.b64decode(body.mask, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise BadInput("image and mask must be base64-encoded image files") from exc
-        payload = {"kind": "inpaint", "tenant": tenant, "identities": [body.identity.model_dump()],
+        payload = {"kind": "inpaint", "tenant": tenant, "identities": [person],
                    "image": self._check_upload(image, "image"), "mask": self._check_upload(mask, "mask"),
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "feather": body.feather}
-        return await self._generate_scored(tenant, payload, [body.identity.id], body.min_identity_score)
+        return await self._generate_scored(tenant, payload, [person["id"]], body.min_identity_score)
 
     # -- operations ----------------------------------------------------------------------------
     @api.get("/healthz")

@@ -20,6 +20,20 @@ def config_from_yaml(path: str | Path = DEFAULT_YAML, **overrides) -> ServeConfi
     return ServeConfig.model_validate(args)
 
 
+def check_port_free(port: int) -> None:
+    """A port another program holds is a one-line error before Ray starts (Serve's own failure is a
+    long traceback, after the cluster came up)."""
+    import socket
+
+    from ray_faceid.errors import BadInput
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise BadInput(f"port {port} on 127.0.0.1 is in use ({exc.strerror}): pick another with --port") from exc
+
+
 def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     """Deploy locally; returns the base URL and the tenant tokens (one generated if none is set)."""
     from ray import serve
@@ -28,6 +42,7 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     from deployments.auth import parse_tokens
     from ray_faceid.data.cluster import init_ray
 
+    check_port_free(port)
     tokens = {**parse_tokens(envs.api_tokens()), **config.api_tokens}
     if not tokens:
         tokens = {"default": generated_token()}

@@ -1,7 +1,7 @@
 """Request and response models of the HTTP API (OpenAPI at /docs)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class PhotoReport(BaseModel):
@@ -31,7 +31,8 @@ class IdentityList(BaseModel):
 
 class IdentityRequest(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)  # NaN / Infinity / 1e309 are a 422, not a 500
-    id: str
+    id: str | None = Field(None, description="The identity's id; or give `name`.")
+    name: str | None = Field(None, description="The enrolled person's name (unique per tenant), instead of `id`.")
     region: tuple[float, float, float, float] | None = Field(None, description="x0,y0,x1,y1 as fractions of the image.")
     expression: str | dict[str, float] | None = Field(
         None, description="Words ('smile, turn left'), key=value ('smile=0.5,yaw=-30') or a code "
@@ -41,6 +42,12 @@ class IdentityRequest(BaseModel):
     edits: dict[str, float] | None = Field(
         None, description="Attribute targets through the server's attribute flow, e.g. {\"smile\": 0.8, "
         "\"yaw\": -20}: smile, mouth_open, eyes_open 0..1; yaw -90..90, pitch -60..60 degrees.")
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> "IdentityRequest":
+        if (self.id is None) == (self.name is None):
+            raise ValueError("give the identity's `id` or its `name` (one of them)")
+        return self
 
     @field_validator("expression")
     @classmethod

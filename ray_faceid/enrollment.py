@@ -5,6 +5,7 @@ One rule set for the HTTP API and the CLI: exactly one face, wide enough, sharp 
 from __future__ import annotations
 
 from ray_faceid.config import ServeLimits
+from ray_faceid.errors import NameTaken
 
 
 def rejection(faces: list[dict], limits: ServeLimits) -> str | None:
@@ -59,8 +60,12 @@ def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: Se
         crops = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(f["crop_uri"]))).convert("RGB")
                             .resize((REFERENCE_CROP, REFERENCE_CROP), Image.Resampling.LANCZOS)) for f in usable]
         photos = [{"index": k, "filename": f["image_uri"], "accepted": True, "reason": None} for k, f in enumerate(usable)]
-        meta = registry.create(tenant, label, consent, np.array([f["embedding"] for f in usable], np.float32),
-                               np.array([f["q_score"] or 0.0 for f in usable], np.float32), spec, crops, photos,
-                               source={"dataset": dataset, "identity": label})
+        try:
+            meta = registry.create(tenant, label, consent, np.array([f["embedding"] for f in usable], np.float32),
+                                   np.array([f["q_score"] or 0.0 for f in usable], np.float32), spec, crops, photos,
+                                   source={"dataset": dataset, "identity": label})
+        except NameTaken as exc:
+            skipped[label] = exc.message
+            continue
         enrolled[label] = meta["id"]
     return {"enrolled": enrolled, "skipped": skipped}

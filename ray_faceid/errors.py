@@ -50,6 +50,13 @@ class NotFound(FaceIdError):
     code = "not_found"
 
 
+class NameTaken(FaceIdError):
+    """A person's name already used by another identity of the tenant (names are unique per tenant)."""
+
+    status = 409
+    code = "name_taken"
+
+
 class EncoderMismatch(FaceIdError):
     """Embeddings or an adapter made by one face encoder used with another."""
 

@@ -7,9 +7,12 @@
 
 Ids are unguessable (128 random bits). An identity is visible only to its tenant: any other
 tenant gets NotFound, exactly as for an id that does not exist. `delete` removes every artifact.
+Names are unique per tenant, so people can be asked for by name (`resolve`); the check reads the
+tenant's identities, it is not a lock: two enrollments of one name at the same instant can both pass.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -21,9 +24,10 @@ import numpy as np
 from PIL import Image
 
 from ray_faceid import storage
-from ray_faceid.errors import BadInput, NotFound
+from ray_faceid.errors import BadInput, NameTaken, NotFound
 from ray_faceid.face.spec import EncoderSpec
 
+NAME_EXISTS = ("refuse", "rename", "replace")
 REFERENCE_CROP = 256  # side of the aligned reference crops (the loose diffusion template)
 _ID = re.compile(r"^id_[A-Za-z0-9_-]{16,64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -48,6 +52,14 @@ class Registry:
     def __init__(self, store: str):
         self.store = str(store)
 
+    def require(self) -> "Registry":
+        """This registry, or NotFound when its store does not exist (a mistyped --registry lists no
+        one rather than saying so)."""
+        if not storage.exists(self.store):
+            raise NotFound(f"no identity registry at {self.store}: enroll someone first "
+                           "(ray-faceid identities enroll) or pass --registry")
+        return self
+
     def _dir(self, tenant: str, identity: str) -> str:
         if not _TENANT.match(tenant or ""):
             raise BadInput(f"tenant {tenant!r}: use letters, digits, '-' or '_'")
@@ -56,11 +68,29 @@ class Registry:
         return storage.join(self.store, tenant, identity)
 
     def create(self, tenant: str, name: str, consent: str, embeddings: np.ndarray, quality: np.ndarray,
-               spec: EncoderSpec, crops: list[np.ndarray], photos: list[dict], source: dict | None = None) -> dict:
+               spec: EncoderSpec, crops: list[np.ndarray], photos: list[dict], source: dict | None = None,
+               name_exists: str = "refuse") -> dict:
+        """A new identity. Names are unique per tenant (people are asked for by name): a taken name is
+        refused (NameTaken), or with `name_exists` "rename" gets a suffix ("ann-2"), or "replace"
+        erases the identity that held it. An empty name is allowed and never clashes."""
         if not consent or not consent.strip():
             raise BadInput("consent is required: a reference to the person's recorded consent")
         if len(embeddings) == 0:
             raise BadInput("no usable face in the photos; see the per-photo reasons")
+        name = (name or "").strip()
+        if name_exists not in NAME_EXISTS:
+            raise BadInput(f"name_exists must be one of {', '.join(NAME_EXISTS)}, not {name_exists!r}")
+        holders = self.named(tenant, name) if name else []
+        if holders and name_exists == "refuse":
+            raise NameTaken(f"the name {name!r} is taken by {holders[0]['id']}: enroll under another name, or ask "
+                            "to rename (a suffix) or replace (erases the other identity): --name-exists on the "
+                            "command line, name_exists in the API")
+        if holders and name_exists == "rename":
+            taken = {m["name"] for m in self.list(tenant)}
+            name = next(f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}" not in taken)
+        if holders and name_exists == "replace":
+            for holder in holders:
+                self.delete(tenant, holder["id"])
         identity = new_identity_id()
         folder = self._dir(tenant, identity)
         for k, crop in enumerate(crops):
@@ -91,6 +121,30 @@ class Registry:
         meta = self.get(tenant, identity)
         data = np.load(io.BytesIO(storage.read_bytes(storage.join(self._dir(tenant, identity), "embeddings.npz"))))
         return data["embeddings"], data["quality"], EncoderSpec(**meta["encoder"])
+
+    def named(self, tenant: str, name: str) -> list[dict]:
+        """The identities called `name` (case-insensitive; one, unless enrolled before names were unique)."""
+        wanted = name.strip().casefold()
+        return [m for m in self.list(tenant) if (m.get("name") or "").strip().casefold() == wanted]
+
+    def resolve(self, tenant: str, reference: str) -> str:
+        """An identity id from an id or a name; an unknown name lists the close matches, an ambiguous
+        one the ids to choose from."""
+        if _ID.match(reference or ""):
+            self.get(tenant, reference)
+            return reference
+        found = self.named(tenant, reference or "")
+        if len(found) == 1:
+            return found[0]["id"]
+        if found:
+            raise BadInput(f"{len(found)} identities are called {reference!r}: use an id "
+                           f"({', '.join(m['id'] for m in found)})")
+        names = sorted({m["name"] for m in self.list(tenant) if m.get("name")})
+        close = difflib.get_close_matches(reference or "", names, n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else (
+            f"; enrolled: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}" if names else
+            "; no one is enrolled for this tenant")
+        raise NotFound(f"no identity called {reference!r}{hint}")
 
     def list(self, tenant: str) -> list[dict]:
         fs, path = storage.filesystem(storage.join(self.store, tenant))

@@ -51,3 +51,29 @@ def test_enroll_dataset_enrolls_each_identity_once(tmp_path, small_dataset):
     again = runner.invoke(app, ["identities", "enroll-dataset", small_dataset, "--consent", "licence-1", *reg])
     assert again.stdout.count("already enrolled from this dataset") == 3
     assert len(json.loads(runner.invoke(app, ["identities", "list", "--json", *reg]).stdout)) == 3
+
+
+def test_people_by_name_unique_names_and_a_missing_registry(tmp_path, sample_photos):
+    reg = ["--registry", str(tmp_path / "reg")]
+    hanks = str(sample_photos["Tom_Hanks_54745.png"])
+    first = runner.invoke(app, ["identities", "enroll", hanks, "--consent", "f", "--name", "tom", *reg])
+    assert first.exit_code == 0, first.output
+    ident = first.stdout.split("enrolled ")[1].split()[0]
+    taken = runner.invoke(app, ["identities", "enroll", hanks, "--consent", "f", "--name", "tom", *reg])
+    assert taken.exit_code == 2 and f"taken by {ident}" in taken.stderr and "--name-exists" in taken.stderr
+    renamed = runner.invoke(app, ["identities", "enroll", hanks, "--consent", "f", "--name", "tom", "--name-exists",
+                                  "rename", *reg])
+    assert renamed.exit_code == 0 and "as 'tom-2'" in renamed.stdout
+    assert json.loads(runner.invoke(app, ["identities", "show", "tom", *reg]).stdout)["id"] == ident
+    typo = runner.invoke(app, ["identities", "show", "tomm", *reg])
+    assert typo.exit_code == 2 and "did you mean tom" in typo.stderr
+    # generate takes enrolled people by name, with their stored embeddings (no photo needed)
+    out = tmp_path / "tom.png"
+    made = runner.invoke(app, ["generate", "--identity", "tom", "--prompt", "a portrait", "--out", str(out), *reg])
+    assert made.exit_code == 0, made.output
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    assert read_provenance(out.read_bytes())["identities"][0]["name"] == "tom"
+    assert runner.invoke(app, ["identities", "delete", "tom-2", *reg]).exit_code == 0
+    missing = runner.invoke(app, ["identities", "list", "--registry", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no identity registry at" in missing.stderr

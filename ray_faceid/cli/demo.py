@@ -56,7 +56,7 @@ def _crop_png(analyzer, path: str) -> bytes:
     return buf.getvalue()
 
 
-def _serve_story(analyzer, out: Path, people: dict[str, bytes]) -> tuple[str, dict[str, str]]:
+def _serve_story(analyzer, out: Path, people: dict[str, bytes], port: int) -> tuple[str, dict[str, str]]:
     import httpx
     from ray import serve
 
@@ -64,7 +64,7 @@ def _serve_story(analyzer, out: Path, people: dict[str, bytes]) -> tuple[str, di
 
     registry = out / "registry"
     shutil.rmtree(registry, ignore_errors=True)
-    url, tokens = start(config_from_yaml(registry=str(registry)), port=8765)
+    url, tokens = start(config_from_yaml(registry=str(registry)), port=port)
     headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
     console.print(f"API at {url} (docs {url}/docs)")
     try:
@@ -143,6 +143,7 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
 def demo(
     photos: Optional[Path] = typer.Option(None, "--photos", help="Folder of photos; default: the ones insightface ships."),
     out: Path = typer.Option(Path("demo_out"), "--out", help="Where the dataset, registry and images go."),
+    port: int = typer.Option(8765, "--port", min=1, max=65535, help="Loopback port of the demo's API."),
 ):
     """Face stack, Ray Data ingest, the Serve API, catalog render and eval, end to end on the embedded default."""
     from ray_faceid import storage
@@ -152,7 +153,10 @@ def demo(
     from ray_faceid.data.pairs import build_pairs
     from ray_faceid.face.analyzer import sample_images
 
+    from deployments.local import check_port_free
+
     with user_errors():
+        check_port_free(port)  # before minutes of ingest, not after
         samples = [str(p) for p in sample_images()]
         if photos is None:
             if not samples:
@@ -180,7 +184,7 @@ def demo(
         if len(samples) < 2:
             raise NotFound("the serve demo enrolls the insightface sample photos; install the insightface extra")
         people = {"tom_hanks": Path(samples[1]).read_bytes(), "t1_person": _crop_png(analyzer, samples[0])}
-        tenant, ids = _serve_story(analyzer, out, people)
+        tenant, ids = _serve_story(analyzer, out, people, port)
 
         console.rule("4. catalog render and evaluation")
         shutil.rmtree(out / "rendered", ignore_errors=True)

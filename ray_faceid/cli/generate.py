@@ -15,6 +15,8 @@ AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter URI; without
 BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
 StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; default: the model's own (30, or 4 "
                         "for an untrained smoke base).")
+RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry for enrolled people.")
+TenantOpt = typer.Option("default", "--tenant", help="Tenant whose people --identity names.")
 ImrOpt = typer.Option(None, "--imr", help="Trained IMR (train --method imr): --expression then moves the identity "
                       "tokens to that expression and pose.")
 FlowOpt = typer.Option(None, "--flow", help="Trained attribute flow (train --method flow), for --edit.")
@@ -65,6 +67,52 @@ def _parse_named(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def _people(ref: list[str], identity: list[str]) -> dict[str, str | list[str]]:
+    """name -> reference photos, or -> an enrolled person's id or name (a value without '=')."""
+    if ref and identity:
+        raise BadInput("use either --ref (one person's photos) or --identity (several people), not both")
+    people: dict[str, str | list[str]] = {"person": list(ref)} if ref else {}
+    for item in identity:
+        name, sep, images = item.partition("=")
+        if not sep:
+            people[item] = item  # an enrolled person
+        elif not name or not images:
+            raise BadInput(f"--identity {item!r}: expected NAME=IMG[,IMG...] or an enrolled person's name or id")
+        else:
+            people[name] = images.split(",")
+    return people
+
+
+def _conditions(analyzer, people: dict, registry: str, tenant: str, regions: dict, expression, edits):
+    """IdentityConditions from photos (checked now, before any model loads) or from the registry,
+    and {name: id} of the enrolled ones."""
+    from ray_faceid.pipelines.generate import IdentityCondition
+    from ray_faceid.pipelines.references import embed_references
+    from ray_faceid.registry import Registry
+
+    store = Registry(registry).require() if any(isinstance(v, str) for v in people.values()) else None
+    conditions, enrolled = [], {}
+    for name, source in people.items():
+        if isinstance(source, str):
+            enrolled[name] = store.resolve(tenant, source)
+            emb, quality, spec = store.embeddings(tenant, enrolled[name])
+            analyzer.spec.check_compatible(spec, f"the embeddings of {source}")
+        else:
+            emb, quality = embed_references(analyzer, source)
+        conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits))
+    return conditions, enrolled
+
+
+def _with_personal_adapters(conditions: list, enrolled: dict, pipe, registry: str, tenant: str) -> None:
+    """Enrolled people run with their own adapter (personalize) for this pipeline's shared adapter."""
+    from ray_faceid.identity.personalization import load_personal
+    from ray_faceid.registry import Registry
+
+    for condition in conditions:
+        if condition.name in enrolled:
+            condition.personal = load_personal(Registry(registry), tenant, enrolled[condition.name], pipe.adapter_hash)
+
+
 def _region(value: str):
     try:
         box = tuple(float(v) for v in value.split(","))
@@ -79,7 +127,8 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", help="What to render."),
     out: Path = typer.Option(..., "--out", help="Output PNG (with provenance metadata)."),
     ref: list[str] = typer.Option([], "--ref", help="Reference photo of the (single) identity; repeat for more."),
-    identity: list[str] = typer.Option([], "--identity", help="NAME=IMG[,IMG...] for several identities."),
+    identity: list[str] = typer.Option([], "--identity", help="An enrolled person's name or id (see --registry), or "
+                                       "NAME=IMG[,IMG...] from photos; repeat for several people."),
     region: list[str] = typer.Option([], "--region", help="NAME=x0,y0,x1,y1 (fractions); default equal strips."),
     expression: Optional[str] = typer.Option(None, "--expression", help="e.g. 'smile, turn left' or 'smile=0.5'."),
     negative_prompt: str = typer.Option("", "--negative-prompt"),
@@ -94,19 +143,18 @@ def generate(
     imr: Optional[str] = ImrOpt,
     flow: Optional[str] = FlowOpt,
     edit: Optional[str] = EditOpt,
+    registry: str = RegistryOpt,
+    tenant: str = TenantOpt,
 ):
-    """Render a prompt with one or more enrolled-from-photo identities."""
+    """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.face.analyzer import FaceAnalyzer
-    from ray_faceid.pipelines.generate import IdentityCondition, parse_size
-    from ray_faceid.pipelines.references import embed_references
+    from ray_faceid.pipelines.generate import parse_size
 
     with user_errors():
         width, height = parse_size(size, "--size") if size else (None, None)
-        people = {"person": ref} if ref else {}
-        for name, images in _parse_named(identity, "--identity").items():
-            people[name] = images.split(",")
-        if ref and identity:
-            raise BadInput("use either --ref (one identity) or --identity NAME=... (several), not both")
+        people = _people(ref, identity)
+        if not people:
+            raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO")
         regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
         unknown = set(regions) - set(people)
         if unknown:
@@ -115,11 +163,9 @@ def generate(
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
         analyzer = FaceAnalyzer()
-        conditions = []
-        for name, images in people.items():
-            emb, quality = embed_references(analyzer, images)
-            conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits))
+        conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
         pipe = _pipeline(analyzer, model, adapter, backend, imr, flow)
+        _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size
         err_console.print(f"{width}x{height}, {steps} steps on {pipe.device.type}")
@@ -133,7 +179,8 @@ def generate(
 def inpaint(
     image: str = typer.Option(..., "--image", help="Image to edit."),
     mask: str = typer.Option(..., "--mask", help="Mask image of the same size; white = repaint."),
-    ref: list[str] = typer.Option(..., "--ref", help="Reference photo(s) of the identity."),
+    ref: list[str] = typer.Option([], "--ref", help="Reference photo(s) of the person."),
+    identity: Optional[str] = typer.Option(None, "--identity", help="Or an enrolled person's name or id."),
     prompt: str = typer.Option(..., "--prompt"),
     out: Path = typer.Option(..., "--out"),
     model: str = ModelOpt,
@@ -147,13 +194,13 @@ def inpaint(
     imr: Optional[str] = ImrOpt,
     flow: Optional[str] = FlowOpt,
     edit: Optional[str] = EditOpt,
+    registry: str = RegistryOpt,
+    tenant: str = TenantOpt,
 ):
-    """Repaint the masked region with the identity; pixels outside the mask are kept exactly."""
+    """Repaint the masked region with the person; pixels outside the mask are kept exactly."""
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.face.decode import decode_image
-    from ray_faceid.pipelines.generate import IdentityCondition
     from ray_faceid.pipelines.inpaint import inpaint as run_inpaint
-    from ray_faceid.pipelines.references import embed_references
 
     with user_errors():
         picture = decode_image(image)
@@ -161,10 +208,14 @@ def inpaint(
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
+        people = _people(ref, [identity] if identity else [])
+        if not people:
+            raise BadInput("whose face? give --ref PHOTO or --identity NAME (an enrolled person)")
         analyzer = FaceAnalyzer()
-        emb, quality = embed_references(analyzer, ref)
+        conditions, enrolled = _conditions(analyzer, people, registry, tenant, {}, expression, edits)
         pipe = _pipeline(analyzer, model, adapter, backend, imr, flow)
-        person = IdentityCondition("person", emb, quality, expression=expression, edits=edits)
+        _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
+        person = conditions[0]
         pipe.on_step = denoise_reporter()
         result = run_inpaint(pipe, picture, mask_array, person, prompt,
                              seed=seed, steps=steps, guidance=guidance, feather=feather)

@@ -16,7 +16,10 @@ TenantOpt = typer.Option("default", "--tenant", help="Tenant that owns the ident
 def enroll(
     photos: list[str] = typer.Argument(..., help="1-10 photos of the person alone."),
     consent: str = typer.Option(..., "--consent", help="Reference to the person's recorded consent."),
-    name: str = typer.Option("", "--name"),
+    name: str = typer.Option("", "--name", help="The person's name, unique per tenant: generate --identity NAME, "
+                             "catalogs and the API then find them by it."),
+    name_exists: str = typer.Option("refuse", "--name-exists", help="When the name is taken: refuse | rename "
+                                    "(adds a suffix) | replace (erases the identity holding it)."),
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
 ):
@@ -49,8 +52,9 @@ def enroll(
         if not embeddings:
             raise BadInput("no usable photo: " + "; ".join(f"{r['filename']}: {r['reason']}" for r in reports))
         meta = Registry(registry).create(tenant, name, consent, np.stack(embeddings), np.array(quality), analyzer.spec,
-                                         crops, reports)
-    typer.echo(f"enrolled {meta['id']} ({meta['faces_used']} of {len(photos)} photos used)")
+                                         crops, reports, name_exists=name_exists)
+    called = f" as {meta['name']!r}" if meta["name"] else ""
+    typer.echo(f"enrolled {meta['id']}{called} ({meta['faces_used']} of {len(photos)} photos used)")
 
 
 @app.command("enroll-dataset")
@@ -78,7 +82,7 @@ def list_identities(registry: str = RegistryOpt, tenant: str = TenantOpt, as_jso
     from ray_faceid.registry import Registry
 
     with user_errors():
-        rows = Registry(registry).list(tenant)
+        rows = Registry(registry).require().list(tenant)
     if as_json:
         print_json(rows)
         return
@@ -87,19 +91,24 @@ def list_identities(registry: str = RegistryOpt, tenant: str = TenantOpt, as_jso
 
 
 @app.command()
-def show(identity: str, registry: str = RegistryOpt, tenant: str = TenantOpt):
+def show(identity: str = typer.Argument(..., help="An id or a name."), registry: str = RegistryOpt,
+         tenant: str = TenantOpt):
     """One identity's metadata as JSON."""
     from ray_faceid.registry import Registry
 
     with user_errors():
-        console.print_json(json.dumps(Registry(registry).get(tenant, identity)))
+        store = Registry(registry).require()
+        console.print_json(json.dumps(store.get(tenant, store.resolve(tenant, identity))))
 
 
 @app.command()
-def delete(identity: str, registry: str = RegistryOpt, tenant: str = TenantOpt):
+def delete(identity: str = typer.Argument(..., help="An id or a name."), registry: str = RegistryOpt,
+           tenant: str = TenantOpt):
     """Erase every artifact of an identity: references, embeddings, adapters, metadata."""
     from ray_faceid.registry import Registry
 
     with user_errors():
-        Registry(registry).delete(tenant, identity)
-    console.print(f"deleted {identity}")
+        store = Registry(registry).require()
+        found = store.resolve(tenant, identity)
+        store.delete(tenant, found)
+    console.print(f"deleted {found}" + (f" ({identity})" if found != identity else ""))

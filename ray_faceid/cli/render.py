@@ -5,12 +5,14 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import console, print_json, user_errors
+from ray_faceid.cli.common import EXIT_BAD_INPUT, console, print_json, user_errors
 from ray_faceid.cli.data import summary_table
 
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
 TenantOpt = typer.Option("default", "--tenant")
 BACKEND_HELP = "UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt."
+EXIT_SOME_FAILED = 3  # render: some rows have no image (documented in the README)
+FIRST_ERRORS = 5
 
 
 def eval_table(report: dict, title: str):
@@ -58,10 +60,27 @@ def render(
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow)
     if as_json:
         print_json(summary)
-        return
-    for row_id, error in summary["errors"].items():
-        typer.echo(f"failed {row_id}: {error}")
-    console.print(summary_table(f"render {catalog} -> {out}", {k: v for k, v in summary.items() if k != "errors"}))
+    else:
+        console.print(summary_table(f"render {catalog} -> {out}", {k: v for k, v in summary.items() if k != "errors"}))
+    raise typer.Exit(render_exit_code(summary, catalog))
+
+
+def render_exit_code(summary: dict, catalog: str) -> int:
+    """0: every row has its image; 3: some rows failed (the first errors on stderr; every one in
+    manifest.parquet); 2: not one row of the catalog could be read."""
+    errors = list(summary["errors"].items())
+    for row_id, error in errors[:FIRST_ERRORS]:
+        typer.echo(f"failed {row_id}: {error}", err=True)
+    if len(errors) > FIRST_ERRORS:
+        typer.echo(f"... and {len(errors) - FIRST_ERRORS} more (manifest.parquet has every error)", err=True)
+    if summary["rows"] and summary["unreadable"] == summary["rows"]:
+        typer.echo(f"error (bad_input): no row of {catalog} is a JSON object: is it a JSONL or Parquet catalog?",
+                   err=True)
+        return EXIT_BAD_INPUT
+    if errors:
+        typer.echo(f"{len(errors)} of {summary['rows']} rows failed", err=True)
+        return EXIT_SOME_FAILED
+    return 0
 
 
 def evaluate(

@@ -1,6 +1,6 @@
 """Render catalogs: one row per image to make, from JSONL or Parquet (any fsspec URI).
 
-A generate row: `id`, `identities` (registry ids, or {id, region, expression, scale, edits}),
+A generate row: `id`, `identities` (registry ids or names, or {id, region, expression, scale, edits}),
 `prompt`, optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`,
 `edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow).
 An inpaint row adds `image` and `mask` (URIs; white = repaint) and takes exactly one identity.

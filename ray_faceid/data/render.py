@@ -55,7 +55,15 @@ def _identity_order(text: str) -> tuple:
         return ()
 
 
-def summarize(records: list[dict], seconds: float) -> dict:
+def _readable(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def summarize(records: list[dict], seconds: float, texts: list[str] | None = None) -> dict:
+    """Counts and figures of a run; `unreadable` counts rows that are not a JSON object at all."""
     ok = [r for r in records if r["status"] == "ok"]
     rendered = [r for r in ok if not r["cached"]]
     sims = np.array([r["similarity"] for r in ok if r["similarity"] is not None])
@@ -63,7 +71,8 @@ def summarize(records: list[dict], seconds: float) -> dict:
     leak = [r["leakage"] for r in ok if r["leakage"] is not None]
     return {
         "rows": len(records), "rendered": len(rendered), "cached": len(ok) - len(rendered),
-        "failed": len(records) - len(ok), "seconds": round(seconds, 2),
+        "failed": len(records) - len(ok), "unreadable": sum(not _readable(t) for t in texts or []),
+        "seconds": round(seconds, 2),
         "rows_per_s": round(len(rendered) / seconds, 3) if seconds > 0 else None,
         "similarity_mean": float(sims.mean()) if sims.size else None,
         "similarity_p10": float(np.percentile(sims, 10)) if sims.size else None,
@@ -111,6 +120,6 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     if len(records) != len(texts):
         raise RuntimeError(f"render accounted for {len(records)} of {len(texts)} rows")
     tables.write_table(storage.join(out, MANIFEST), pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA))
-    summary = summarize(records, time.perf_counter() - started)
+    summary = summarize(records, time.perf_counter() - started, texts)
     storage.write_bytes(storage.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
     return summary

@@ -66,16 +66,17 @@ class Renderer:
 
     # -- inputs -------------------------------------------------------------------------------
     def identity(self, identity: str) -> dict:
-        """Embeddings, quality and per-identity weights of an identity (LRU-cached)."""
+        """Embeddings, quality and per-identity weights of an identity, by id or name (LRU-cached)."""
         from ray_faceid.identity.personalization import load_personal
 
         if identity in self.identities:
             self.identities.move_to_end(identity)
             return self.identities[identity]
-        embeddings, quality, spec = self.registry.embeddings(self.tenant, identity)
+        found = self.registry.resolve(self.tenant, identity)  # rows may name people or give their ids
+        embeddings, quality, spec = self.registry.embeddings(self.tenant, found)
         self.analyzer.spec.check_compatible(spec)
         loaded = {"embeddings": embeddings, "quality": quality,
-                  "personal": load_personal(self.registry, self.tenant, identity, self.adapter_hash)}
+                  "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash)}
         self.identities[identity] = loaded
         if len(self.identities) > IDENTITY_CACHE:
             self.identities.popitem(last=False)

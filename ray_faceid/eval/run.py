@@ -72,6 +72,9 @@ def evaluate(source: str, registry, tenant: str = "default", identities: list[st
     from ray_faceid.face.analyzer import FaceAnalyzer
 
     targets = _targets(source, identities)
+    if not targets:
+        raise BadInput(f"{source}: no generated images to evaluate (a render output whose rows all failed, or a "
+                       "folder without images): nothing was scored")
     encoders = {"conditioning": FaceAnalyzer(face or SCORING_FACE)}
     if second_face is not None:
         encoders["second"] = FaceAnalyzer(second_face)

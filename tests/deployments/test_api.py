@@ -61,9 +61,13 @@ def photos(sample_photos):
     }
 
 
-def enroll(client, *names_and_bytes, tenant="acme", consent="consent-form-42", name="someone"):
+def enroll(client, *names_and_bytes, tenant="acme", consent="consent-form-42", name=None, **form):
+    """Enroll; `name` defaults to a fresh one (names are unique per tenant)."""
+    import uuid
+
     files = [("photos", (n, data, "image/png")) for n, data in names_and_bytes]
-    return client.post("/v1/identities", files=files, data={"consent": consent, "name": name}, headers=bearer(tenant))
+    data = {"consent": consent, "name": name or f"someone-{uuid.uuid4().hex[:8]}", **form}
+    return client.post("/v1/identities", files=files, data=data, headers=bearer(tenant))
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +141,27 @@ def test_generate_returns_a_scored_image_with_provenance(api, people):
     again = client.post("/v1/generate", json={**GEN, "identities": [{"id": people["hanks"], "expression": "smile"}]},
                         headers=bearer()).json()
     assert again["images"][0]["png_base64"] == image["png_base64"]  # deterministic
+
+
+def test_people_are_found_by_name_and_names_are_unique(api, people, photos):
+    client, _ = api
+    again = enroll(client, ("hanks.png", photos["hanks"]), name="hanks")
+    assert again.status_code == 409 and again.json()["error"] == "name_taken" and "name_exists=rename" in again.text
+    renamed = enroll(client, ("hanks.png", photos["hanks"]), name="hanks", name_exists="rename")
+    assert renamed.status_code == 201 and renamed.json()["name"] == "hanks-2"
+    assert client.get("/v1/identities/hanks", headers=bearer()).json()["id"] == people["hanks"]
+    by_name = client.post("/v1/generate", json={**GEN, "identities": [{"name": "hanks"}]}, headers=bearer())
+    assert by_name.status_code == 200, by_name.text
+    by_id = client.post("/v1/generate", json={**GEN, "identities": [{"id": people["hanks"]}]}, headers=bearer())
+    assert by_name.json()["images"][0]["png_base64"] == by_id.json()["images"][0]["png_base64"]
+    unknown = client.post("/v1/generate", json={**GEN, "identities": [{"name": "hankss"}]}, headers=bearer())
+    assert unknown.status_code == 404 and "did you mean hanks" in unknown.text
+    other = client.post("/v1/generate", json={**GEN, "identities": [{"name": "hanks"}]}, headers=bearer("other"))
+    assert other.status_code == 404  # names are per tenant too
+    both = client.post("/v1/generate", json={**GEN, "identities": [{"id": people["hanks"], "name": "hanks"}]},
+                       headers=bearer())
+    assert both.status_code == 422 and "one of them" in both.text
+    assert client.delete(f"/v1/identities/{renamed.json()['id']}", headers=bearer()).status_code == 204
 
 
 def test_steps_and_size_default_to_the_models_own(api, people):
