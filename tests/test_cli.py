@@ -69,3 +69,16 @@ def test_demo_runs_the_whole_story(sample_photos, ray_cluster, tmp_path):
     assert sorted(r["id"] for r in manifest if r["status"] == "ok") == ["inpaint", "single-smile", "two-people"]
     assert (tmp_path / "demo" / "rendered" / "contact_sheet.png").is_file()
     assert "encoders: conditioning = dlib_resnet" in result.stdout
+
+
+def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--port", str(port), "--registry", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr and "--port" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -46,7 +46,12 @@ def ingest(
         config = IngestConfig(workers=workers, batch_size=batch_size,
                               face=FaceConfig(recognizer_onnx=recognizer_onnx, landmarks=landmarks))
         summary = run_ingest(src, dst, config, labels=labels, resume=resume, address=address)
+        not_used = summary.pop("not_used", [])
         console.print(summary_table(f"ingest {src} -> {dst}", summary))
+        for row in not_used:
+            typer.echo(f"not used {row['uri']}: {row['status']}: {row['reason']}", err=True)
+        if len(not_used) < sum(v for k, v in summary["status_counts"].items() if k != "ok"):
+            typer.echo(f"... every file and its status: {dst}/images.parquet", err=True)
         if labels != "none":
             console.print(summary_table("identities and pairs", build_pairs(dst, labels, min_shots)))
 

@@ -18,6 +18,7 @@ RAW_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
     ("faces", pa.string()),
 ])
+NOT_USED_SHOWN = 10
 FACE_ATTRIBUTES = ("yaw", "pitch", "roll", "smile", "mouth_open", "eyes_open")
 FACE_QUALITY = ("face_px", "sharpness", "pose", "score")
 
@@ -125,4 +126,7 @@ def summarize(images: list[dict], faces: list[dict], seconds: float, new_rows: i
         "images_per_s": round(new_rows / seconds, 3) if seconds > 0 else None,
         "labels": labels,
         "encoder_spec": json.loads(specs[0]) if specs else None,
+        # The first files that gave no face, with why (images.parquet holds every one).
+        "not_used": [{"uri": r["uri"], "status": r["status"], "reason": r["message"]}
+                     for r in images if r["status"] != "ok"][:NOT_USED_SHOWN],
     }

@@ -65,6 +65,10 @@ def test_every_listed_file_has_exactly_one_row(archive, ingested):
     assert by_name["group/face_recognition_two_people.jpg"]["n_faces"] == 2
     assert by_name["obama/obama_copy.jpg"]["duplicate_of"].endswith("obama/obama.jpg")
     assert summary["byte_identical_duplicates"] == 1
+    # The summary names the first files that gave no face, with why (it used to give counts only).
+    shown = {r["uri"].rsplit("/", 2)[-2] + "/" + r["uri"].rsplit("/", 1)[-1]: r for r in summary["not_used"]}
+    assert 0 < len(shown) <= 10 and all(r["status"] != "ok" for r in shown.values())
+    assert "empty file" in shown["broken/zero.jpg"]["reason"]  # files in listing order: broken/ first
 
 
 def test_faces_table_and_crops(ingested):

@@ -196,3 +196,29 @@ def test_catalog_rows_ask_for_attribute_edits(people, tmp_path, default_encoder_
     refused = without.render_text(json.dumps({**plain, "id": "amy-smiles", "edits": {"smile": 0.9}}), 0)
     assert refused["status"] == "error" and "attribute flow" in refused["error"]
     assert without.render_text(json.dumps(plain), 3)["key"] == unedited["key"]
+
+
+def test_render_exit_codes_say_whether_every_row_made_its_image(rendered, catalog, people, tmp_path):
+    """Scripts trust the exit code: it used to be 0 even when every row failed."""
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    registry, _ = people
+    out, _ = rendered
+    runner = CliRunner()
+    args = ["--registry", registry.store, "--steps", "2", "--size", "32x32", "--workers", "1"]
+    some_failed = runner.invoke(app, ["render", str(catalog), str(out), *args])  # cached rows, 3 bad ones
+    assert some_failed.exit_code == 3, some_failed.output
+    assert "3 of 7 rows failed" in some_failed.stderr and "failed stranger: not_found" in some_failed.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n[1, 2]\n")
+    unreadable = runner.invoke(app, ["render", str(broken), str(tmp_path / "out"), *args])
+    assert unreadable.exit_code == 2 and "no row of" in unreadable.stderr
+    nothing = runner.invoke(app, ["eval", str(tmp_path / "out"), "--registry", registry.store])
+    assert nothing.exit_code == 2 and "no generated images to evaluate" in nothing.stderr  # was "images 0", exit 0
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(line for line in catalog.read_text().splitlines()
+                              if json.loads(line)["id"] in ("amy-beach", "sheldon-smile")) + "\n")
+    assert runner.invoke(app, ["render", str(good), str(out), *args]).exit_code == 0
+
