@@ -11,6 +11,20 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main(show_all: bool = typer.Option(False, "--verbose", help="Show Ray's own logs and the messages ray_faceid "
+                                       "filters as harmless (listed in ray_faceid/quiet.py).")):
+    """Identity-preserving face customization on Ray."""
+    import os
+
+    from ray_faceid.quiet import VERBOSE_ENV
+
+    if show_all:
+        os.environ[VERBOSE_ENV] = "1"  # Ray worker processes inherit it too
+
+
 app.add_typer(faces.app, name="faces")
 app.add_typer(identities.app, name="identities")
 app.command("demo")(demo.demo)

@@ -6,7 +6,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ray_faceid.cli.common import console, user_errors
+from ray_faceid.cli.common import console, err_console, user_errors
+from ray_faceid.quiet import verbose
 from ray_faceid.data.clustering import DEFAULT_CUT_SHARE
 
 
@@ -47,6 +48,9 @@ def ingest(
                               face=FaceConfig(recognizer_onnx=recognizer_onnx, landmarks=landmarks))
         summary = run_ingest(src, dst, config, labels=labels, resume=resume, address=address)
         not_used = summary.pop("not_used", [])
+        stats = summary.pop("ray_data_stats", None)
+        if verbose():
+            err_console.print(stats)
         console.print(summary_table(f"ingest {src} -> {dst}", summary))
         for row in not_used:
             typer.echo(f"not used {row['uri']}: {row['status']}: {row['reason']}", err=True)

@@ -7,13 +7,18 @@ from ray_faceid.envs import apply_ray_defaults
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     import ray
 
+    from ray_faceid import quiet
+
     apply_ray_defaults()
     if ray.is_initialized():
         return
+    levels = quiet.before_ray_init()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **levels)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 **levels)
+    quiet.after_ray_init()
 
 
 def is_local(address: str | None) -> bool:

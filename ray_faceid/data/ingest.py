@@ -25,6 +25,8 @@ from ray_faceid.data.analyze_rows import analyze_uris
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, to_stderr
 
+INLINE_SKIP = 1000  # recorded files passed to the actors inline; more go through the object store
+
 
 class AnalyzeImages:
     """Map-batches UDF: holds one FaceAnalyzer per actor. Each batch's rows are written as soon as
@@ -89,11 +91,13 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     order = list(listed)
     random.Random(0).shuffle(order)
     blocks = max(1, -(-len(order) // config.batch_size))
+    workers = min(workers, blocks)  # an actor without a block would load the face models for nothing
     ds = ray.data.from_items([{"uri": u} for u in order], override_num_blocks=blocks)
     run_id = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     ds = ds.map_batches(
         AnalyzeImages,
-        fn_constructor_args=(config.model_dump_json(), dst, run_id, ray.put(skip)),
+        # Inline when small: an object-store argument makes Ray log an error per actor.
+        fn_constructor_args=(config.model_dump_json(), dst, run_id, ray.put(skip) if len(skip) > INLINE_SKIP else skip),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -102,7 +102,9 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         gpus = 1.0 if cluster_gpus() > 0 else 0.0
     workers = config.workers or max(1, int(cluster_gpus()) if gpus else 1)
     rows = sorted(({"row": t, "index": i} for i, t in enumerate(texts)), key=lambda r: (_identity_order(r["row"]), r["index"]))
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // config.batch_size)))
+    blocks = max(1, -(-len(rows) // config.batch_size))
+    workers = min(workers, blocks)  # an actor without a block would load the models for nothing
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
         RenderRows,
         fn_constructor_args=(config.model_dump_json(), model, adapter, registry, tenant, out, imr, flow),

@@ -27,6 +27,7 @@ from ray_faceid.data import tables
 from ray_faceid.data.pairs import IDENTITIES, PAIRS
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, silent, to_stderr
+from ray_faceid.quiet import train_logging
 from ray_faceid.train import runs
 
 RUN_NAME, RECORD_FILE = "train", "training.json"
@@ -213,7 +214,7 @@ def worker_loop(loop: dict) -> None:
         scheduler.step()
         step += 1
         seconds = time.perf_counter() - started
-        metrics = {f"loss_{k}": float(v) for k, v in losses.items()}
+        metrics = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], examples_per_s=world * config.batch_size / seconds)
         progress.update(step, loss=metrics["loss_total"])
         if step % config.checkpoint_every == 0 or step == config.steps:
@@ -297,7 +298,8 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
         train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=runs.storage_path(storage.join(out, runs.RUNS_DIR)),
-                             failure_config=FailureConfig(max_failures=config.max_failures)),
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             **({"logging_config": train_logging()} if train_logging() else {})),
         datasets={"train": ds},
     )
     result = trainer.fit()

@@ -19,6 +19,7 @@ from ray_faceid import storage
 from ray_faceid.config import PersonalizeConfig
 from ray_faceid.errors import FaceIdError, NotFound
 from ray_faceid.progress import ProgressLine, silent, to_stderr
+from ray_faceid.quiet import train_logging
 from ray_faceid.registry import Registry
 from ray_faceid.train import runs
 
@@ -151,7 +152,8 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
             scaling_config=ScalingConfig(num_workers=min(config.workers, len(pending)), use_gpu=config.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=runs.storage_path(storage.join(registry, RUNS)),
-                                 failure_config=FailureConfig(max_failures=config.max_failures)),
+                                 failure_config=FailureConfig(max_failures=config.max_failures),
+                                 **({"logging_config": train_logging()} if train_logging() else {})),
         )
         result = trainer.fit()
         done, run_failed = _restored_progress(result.checkpoint)

@@ -1,0 +1,135 @@
+"""Quiet by default: Ray's own logs at warning level, and the messages we know to be harmless
+filtered, each listed here with why. `ray-faceid --verbose ...` (RAY_FACEID_VERBOSE=1) shows all.
+
+What stays: every warning and error not listed, our own progress lines and results.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+VERBOSE_ENV = "RAY_FACEID_VERBOSE"
+
+# Driver-side Python log records (the `ray` loggers) that are harmless here.
+HARMLESS_LOGS = {
+    r"Token authentication is enabled for this Ray cluster":
+        "a notice, not a problem: the local cluster uses a token and listens on 127.0.0.1 only",
+    r"Progress bars disabled": "we turn Ray Data's bars off ourselves (our jobs print one progress line)",
+}
+
+# Lines Ray forwards from its worker processes to the driver.
+HARMLESS_WORKER_LINES = {
+    r"Failed to query Ray Train Controller actor state":
+        "Ray Train's cleanup actor polling a controller that already finished its run",
+    r"Found multiple active Ray instances":
+        "the same cleanup actor, looking up the cluster after the run; it exits on its own",
+    r"graceful_shutdown":
+        "Serve's controller shutting down replicas that already stopped (after Ctrl-C or at exit)",
+    r"Failed to kill actor .* Socket closed":
+        "actors of a finished job whose process is already gone",
+    r"exclude_resources` is deprecated|self\.exclude_resources = exclude_resources":
+        "a deprecation inside Ray Train's own dataset manager, not in our code",
+    r"Progress bars disabled": "we turn Ray Data's bars off ourselves (our jobs print one progress line)",
+    r"has constructor arguments in the object store":
+        "Ray's core noting that an actor Ray itself created (Ray Data, Ray Train) could not restart if its "
+        "owner died; the job's own restarts are unaffected",
+    r"Starting execution of Dataset|Execution plan of Dataset|Dataset .* execution finished":
+        "Ray Data announcing each dataset it streams to the training workers (INFO)",
+    r"Reporting training result \d+":
+        "Ray Train echoing each checkpoint report (INFO); the job prints its own progress line",
+}
+# Ray-internal actors whose whole output is cleanup chatter (tracebacks included).
+HARMLESS_ACTORS = {"PlacementGroupCleaner": "Ray Train's placement-group cleanup after a run ends"}
+
+# Python warnings raised inside Ray.
+HARMLESS_WARNINGS = {
+    r"The minimum number of concurrent actors": "Ray Data sizing its actor pool for a small input",
+}
+
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(re.search(pattern, message) for pattern in HARMLESS_LOGS)
+
+
+def _quiet_console(logger_name: str) -> None:
+    """The logger's console handlers at warning level, without the harmless records (file
+    handlers, such as Ray Data's full log in the session folder, keep everything)."""
+    for handler in logging.getLogger(logger_name).handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+            if not any(isinstance(f, _DropHarmless) for f in handler.filters):
+                handler.addFilter(_DropHarmless())
+
+
+def before_ray_init() -> dict:
+    """Settings to apply before ray.init; returns the ray.init keyword arguments for its log level."""
+    if verbose():
+        return {}
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    _quiet_console("ray")
+    return {"logging_level": logging.WARNING}
+
+
+def train_logging():
+    """RunConfig(logging_config=...) for Ray Train: its controller and workers log each report and
+    checkpoint at INFO; None (Ray's default) with --verbose."""
+    if verbose():
+        return None
+    import ray
+
+    return ray.LoggingConfig(log_level="WARNING")
+
+
+def after_ray_init() -> None:
+    """Ray Data's own progress blocks repeat every few seconds off a terminal; our jobs print their
+    own progress line. Worker lines Ray forwards go through the harmless-line filter."""
+    if verbose():
+        return
+    import ray.data
+
+    _quiet_console("ray.data")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    _filter_forwarded_worker_lines()
+
+
+def _filter_forwarded_worker_lines() -> None:
+    """Wraps Ray's printer of forwarded worker output (registered by ray.init). It is Ray-internal:
+    where it has moved, nothing is filtered and nothing breaks."""
+    try:
+        from ray._private import worker
+
+        dispatcher = worker.global_worker_stdstream_dispatcher
+        printers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
+    except (ImportError, AttributeError):
+        return
+    if len(printers) != 1 or getattr(printers[0], "ray_faceid_filtered", False):
+        return
+    printer = printers[0]
+
+    last: dict = {}  # the last line shown per process: Ray Train workers' stderr arrives twice
+
+    def filtered(data: dict) -> None:
+        if data.get("actor_name") in HARMLESS_ACTORS:
+            return
+        lines = []
+        for line in data.get("lines", []):
+            if any(re.search(p, line) for p in HARMLESS_WORKER_LINES) or last.get(data.get("pid")) == line:
+                continue
+            last[data.get("pid")] = line
+            lines.append(line)
+        if lines:
+            printer(dict(data, lines=lines))
+
+    filtered.ray_faceid_filtered = True
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
