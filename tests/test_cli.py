@@ -82,3 +82,13 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):
     assert result.exit_code == 2
     assert f"port {port} on 127.0.0.1 is in use" in result.stderr and "--port" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_faces_analyze_fits_80_columns_and_wide_shows_every_column(sample_photos):
+    """Tables used to be cut at 80 columns ("x0,y0,…", "sharpne…")."""
+    result = CliRunner().invoke(app, ["faces", "analyze", str(sample_photos["t1.jpg"])], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout and max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "t1.jpg: 6 face(s)" in result.stdout and "quality" in result.stdout
+    wide = CliRunner().invoke(app, ["faces", "analyze", str(sample_photos["t1.jpg"]), "--wide"], terminal_width=200)
+    assert all(col in wide.stdout for col in ("x0,y0,x1,y1", "roll", "sharpness", "mouth", "eyes"))

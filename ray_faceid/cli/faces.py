@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ray_faceid.cli.common import EXIT_BAD_INPUT, console, print_json, report_error, user_errors
@@ -31,15 +32,24 @@ def face_config(backend: str, insightface_root: Optional[str], cnn_fallback: boo
     )
 
 
-def faces_table(name: str, faces) -> Table:
+def faces_table(name: str, faces, wide: bool = False) -> Table:
+    """One row per face; the default columns fit 80 characters, `wide` adds the full box, roll, the
+    mouth and eye opening and the sharpness."""
     table = Table(title=f"{name}: {len(faces)} face(s)")
-    for col in ("#", "box x0,y0,x1,y1", "yaw", "pitch", "roll", "smile", "face px", "sharpness", "quality"):
-        table.add_column(col, justify="right")
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    columns = (("#", "box x0,y0,x1,y1", "yaw", "pitch", "roll", "smile", "mouth", "eyes", "face px", "sharpness",
+                "quality") if wide else ("#", "at x,y", "face px", "yaw", "pitch", "smile", "quality"))
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
+    fmt = lambda v, digits=1: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
     for i, f in enumerate(faces):
         a, q = f.attributes, f.quality
-        table.add_row(str(i), ",".join(f"{v:.0f}" for v in f.bbox), fmt(a["yaw"]), fmt(a["pitch"]), fmt(a["roll"]),
-                      fmt(a["smile"]), f"{q['face_px']:.0f}", f"{q['sharpness']:.0f}", f"{q['score']:.2f}")
+        if wide:
+            table.add_row(str(i), ",".join(f"{v:.0f}" for v in f.bbox), fmt(a["yaw"]), fmt(a["pitch"]), fmt(a["roll"]),
+                          fmt(a["smile"], 2), fmt(a.get("mouth_open"), 2), fmt(a.get("eyes_open"), 2),
+                          f"{q['face_px']:.0f}", f"{q['sharpness']:.0f}", f"{q['score']:.2f}")
+        else:
+            table.add_row(str(i), f"{f.bbox[0]:.0f},{f.bbox[1]:.0f}", f"{q['face_px']:.0f}", fmt(a["yaw"]),
+                          fmt(a["pitch"]), fmt(a["smile"], 2), f"{q['score']:.2f}")
     return table
 
 
@@ -49,6 +59,7 @@ def analyze(
     all_faces: bool = typer.Option(True, "--all/--largest", help="Report every face, or only the largest."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     embeddings: bool = typer.Option(False, "--embeddings", help="Include embeddings in --json output."),
+    wide: bool = typer.Option(False, "--wide", help="Every column (full box, roll, mouth, eyes, sharpness)."),
     backend: str = BackendOpt,
     insightface_root: Optional[str] = RootOpt,
     cnn_fallback: bool = FallbackOpt,
@@ -68,7 +79,9 @@ def analyze(
             continue
         report.append({"image": name, "faces": [f.to_dict(with_embedding=embeddings) for f in found]})
         if not as_json:
-            console.print(faces_table(name, found))
+            # --wide asks for every column: let it run past the terminal rather than cut numbers.
+            shown = Console(width=max(console.width, 140)) if wide else console
+            shown.print(faces_table(name if wide else name.rsplit("/", 1)[-1], found, wide))
     if as_json:
         print_json({"encoder": analyzer.spec.model_dump(), "images": report})
     if any("error" in r for r in report):
