@@ -1,5 +1,6 @@
 """The `ray-faceid` command as a user runs it: output, JSON, and exit code 2 for unusable input."""
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -56,8 +57,11 @@ def test_verify_bad_pairs_file_exits_2(tmp_path):
 def test_demo_runs_the_whole_story(sample_photos, ray_cluster, tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "t1.jpg: 6 face(s)" in result.stdout
+    assert re.search(r"t1\.jpg\s+│\s+6\s", result.stdout)  # one row per photo
     assert "enrolled tom_hanks: id_" in result.stdout and "enrolled t1_person: id_" in result.stdout
+    assert len(result.stdout.splitlines()) < 120  # it was ~420 lines
+    assert "untrained: its images are noise" in result.stdout and "API stopped" in result.stdout
+    assert f"identities list --registry {tmp_path / 'demo' / 'registry'}" in result.stdout
     from PIL import Image
 
     assert Image.open(tmp_path / "demo" / "two.png").size == (256, 128)
@@ -69,6 +73,23 @@ def test_demo_runs_the_whole_story(sample_photos, ray_cluster, tmp_path):
     assert sorted(r["id"] for r in manifest if r["status"] == "ok") == ["inpaint", "single-smile", "two-people"]
     assert (tmp_path / "demo" / "rendered" / "contact_sheet.png").is_file()
     assert "encoders: conditioning = dlib_resnet" in result.stdout
+
+
+def test_demo_on_a_folder_of_the_users_people(faces_root, ray_cluster, tmp_path):
+    """--photos DIR (make demo PHOTOS=DIR): every stage uses the folder's people, enrolled by folder name."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    for person in ("amy", "biden"):
+        shutil.copytree(faces_root / person, tmp_path / "mine" / person)
+    result = runner.invoke(app, ["demo", "--photos", str(tmp_path / "mine"), "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"enrolled amy: id_\S+ \(\d of \d photos used\)", result.stdout)
+    assert "enrolled biden: id_" in result.stdout and "tom_hanks" not in result.stdout
+    manifest = pq.read_table(tmp_path / "demo" / "rendered" / "manifest.parquet").to_pylist()
+    assert sorted(r["id"] for r in manifest if r["status"] == "ok") == ["inpaint", "single-smile", "two-people"]
+    assert {json.loads(r["provenance"])["identities"][0]["name"] for r in manifest} <= {"amy", "biden"}
 
 
 def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):

@@ -1,14 +1,16 @@
 """`ray-faceid demo`: the main job on the embedded default (local Ray, local folders, offline).
 
-1. the face stack on real photos (the ones insightface ships, or --photos DIR);
+1. the face stack on real photos (the ones insightface ships, or --photos DIR: one folder per person);
 2. the Ray Data ingest of those photos into a dataset (tables, crops, identities, pairs);
-3. the Serve application on loopback: enroll two people from real photos over HTTP, render one
-   and two identities, print the identity scores, write the PNGs;
-4. the catalog render job (a single-identity, a two-identity and an inpaint row) for the people
+3. the Serve application on loopback: enroll two people over HTTP (with --photos, the first two
+   people of the folder, by folder name, from their best face crops), render one and two of them,
+   print the identity scores, write the PNGs;
+4. the catalog render job (a single-person, a two-person and an inpaint row) naming the people
    enrolled in 3, then `eval` over its manifest: the metrics table and a contact sheet.
 
-The diffusion side runs the tiny untrained components (no base model can be downloaded here), so
-the images are noise-like and labelled untrained; the face stack, jobs and API are the real ones.
+Each stage prints one screen at most: what it did, the key figures, where its outputs are. The
+diffusion side runs the tiny untrained components (no base model can be downloaded here), so the
+images are noise-like and labelled untrained; the face stack, jobs and API are the real ones.
 """
 from __future__ import annotations
 
@@ -21,26 +23,47 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ray_faceid.cli.common import console, report_error, user_errors
+from ray_faceid.cli.common import console, user_errors
 from ray_faceid.errors import FaceIdError, NotFound
 
 
 def _analyze(images: list[str]):
-    from ray_faceid.cli.faces import faces_table
+    """One row per photo (faces found, the largest face's size and quality, or why it was skipped)."""
     from ray_faceid.config import DetectionConfig, FaceConfig
     from ray_faceid.face.analyzer import FaceAnalyzer
 
     analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
-    console.print(f"face encoder: {analyzer.spec.key()} ({analyzer.spec.license}); {len(images)} photo(s)")
+    table = Table(title=f"face encoder {analyzer.spec.key()} ({analyzer.spec.license})", title_justify="left")
+    for col in ("photo", "faces", "largest face px", "quality", "note"):
+        table.add_column(col, no_wrap=col != "note")
     total = 0
     for name, found in zip(images, analyzer.analyze_batch(images, return_errors=True)):
         if isinstance(found, FaceIdError):
-            report_error(found, prefix="skipped")
+            table.add_row(Path(name).name, "0", "-", "-", found.message)
             continue
         total += len(found)
-        console.print(faces_table(Path(name).name, found))
-    console.print(f"{total} face(s) in {len(images)} photo(s)")
+        largest = max(found, key=lambda f: f.quality["face_px"], default=None)
+        table.add_row(Path(name).name, str(len(found)), "-" if largest is None else f"{largest.quality['face_px']:.0f}",
+                      "-" if largest is None else f"{largest.quality['score']:.2f}",
+                      "" if found else "no face (a mask, a drawing or an empty scene)")
+    console.print(table)
+    console.print(f"{total} face(s) in {len(images)} photo(s); per face details: ray-faceid faces analyze PHOTO")
     return analyzer
+
+
+def _dataset_people(dataset: Path, count: int = 2) -> dict[str, list[bytes]]:
+    """The `count` people of an ingest with the most faces: name -> their best face crops (PNG)."""
+    from ray_faceid import storage
+    from ray_faceid.data import tables
+    from ray_faceid.data.pairs import IDENTITIES
+
+    faces = {f["face_id"]: f for f in tables.read_table(str(dataset / tables.FACES)).to_pylist()}
+    people = sorted(tables.read_table(str(dataset / IDENTITIES)).to_pylist(), key=lambda r: (-r["n_faces"], r["identity"]))
+    chosen = {}
+    for row in people[:count]:
+        best = sorted((faces[i] for i in row["face_ids"] if faces[i].get("crop_uri")), key=lambda f: -(f["q_score"] or 0))
+        chosen[row["identity"]] = [storage.read_bytes(f["crop_uri"]) for f in best[:3]]
+    return chosen
 
 
 def _crop_png(analyzer, path: str) -> bytes:
@@ -56,7 +79,7 @@ def _crop_png(analyzer, path: str) -> bytes:
     return buf.getvalue()
 
 
-def _serve_story(analyzer, out: Path, people: dict[str, bytes], port: int) -> tuple[str, dict[str, str]]:
+def _serve_story(out: Path, people: dict[str, list[bytes]], port: int, untrained: str) -> tuple[str, dict[str, str]]:
     import httpx
     from ray import serve
 
@@ -66,23 +89,24 @@ def _serve_story(analyzer, out: Path, people: dict[str, bytes], port: int) -> tu
     shutil.rmtree(registry, ignore_errors=True)
     url, tokens = start(config_from_yaml(registry=str(registry)), port=port)
     headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
-    console.print(f"API at {url} (docs {url}/docs)")
+    console.print(f"API up at {url} (docs {url}/docs) while this stage runs")
     try:
         with httpx.Client(base_url=url, timeout=300, headers=headers) as client:
             ids = {}
-            for name, data in people.items():
-                r = client.post("/v1/identities", files=[("photos", (f"{name}.png", data, "image/png"))],
-                                data={"consent": "demo-consent-record", "name": name})
+            for name, photos in people.items():
+                files = [("photos", (f"{name}_{k}.png", data, "image/png")) for k, data in enumerate(photos)]
+                r = client.post("/v1/identities", files=files, data={"consent": "demo-consent-record", "name": name,
+                                                                     "name_exists": "replace"})
                 r.raise_for_status()
                 ids[name] = r.json()["id"]
-                console.print(f"enrolled {name}: {ids[name]}")
+                console.print(f"enrolled {name}: {ids[name]} ({r.json()['faces_used']} of {len(photos)} photos used)")
             names = list(ids)
             requests = {
-                "single": {"identities": [{"id": ids[names[0]], "expression": "smile"}], "width": 128, "height": 128},
-                "two": {"identities": [{"id": ids[n]} for n in names], "width": 256, "height": 128},
+                "single": {"identities": [{"name": names[0], "expression": "smile"}], "width": 128, "height": 128},
+                "two": {"identities": [{"name": n} for n in names], "width": 256, "height": 128},
             }
-            table = Table(title="identity scores of the generated images (tiny untrained base: expect low scores)")
-            for col in ("image", "identity", "face found", "similarity", "same person"):
+            table = Table(title="identity scores of the generated images", title_justify="left")
+            for col in ("image", "person", "face found", "similarity", "same person"):
                 table.add_column(col)
             for label, body in requests.items():
                 r = client.post("/v1/generate", json={"prompt": "a portrait photo of a person", "steps": 8, "seed": 7,
@@ -96,18 +120,20 @@ def _serve_story(analyzer, out: Path, people: dict[str, bytes], port: int) -> tu
                     sim = "-" if s["similarity"] is None else f"{s['similarity']:.3f}"
                     table.add_row(str(target), name, str(s["face_found"]), sim, str(s["same_person"]))
             console.print(table)
+            if untrained:
+                console.print(untrained)
     finally:
         serve.shutdown()
+        console.print("API stopped (`ray-faceid serve` keeps one up)")
     return next(iter(tokens)), ids
 
 
-def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: str) -> None:
+def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: str, untrained: str) -> None:
     import json
 
     import numpy as np
     from PIL import Image
 
-    from ray_faceid.cli.data import summary_table
     from ray_faceid.cli.render import eval_table
     from ray_faceid.config import RenderConfig
     from ray_faceid.data.render import run_render
@@ -122,7 +148,7 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
     mask = np.zeros((photo.height, photo.width), np.uint8)
     mask[photo.height // 5 : photo.height * 4 // 5, photo.width // 5 : photo.width * 4 // 5] = 255
     Image.fromarray(mask).save(work / "mask.png")
-    first, second = list(ids.values())
+    first, second = list(ids)  # catalogs name people as they were enrolled
     rows = [
         {"id": "single-smile", "identities": [first], "prompt": "a portrait photo of a person", "expression": "smile"},
         {"id": "two-people", "identities": [first, second], "prompt": "two people side by side", "size": "128x64"},
@@ -133,11 +159,16 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
     rendered = out / "rendered"
     summary = run_render(str(work / "catalog.jsonl"), str(rendered), "tiny", str(out / "registry"),
                          config=RenderConfig(steps=8, size="64x64", workers=1), tenant=tenant)
-    console.print(summary_table(f"render -> {rendered}", {k: v for k, v in summary.items() if k != "errors"}))
+    console.print(f"rendered {summary['rendered']} of {summary['rows']} catalog rows ({summary['failed']} failed) "
+                  f"in {summary['seconds']:.0f} s -> {rendered}/images, manifest.parquet")
+    for row_id, error in summary["errors"].items():
+        console.print(f"failed {row_id}: {error}")
     report = evaluate(str(rendered), Registry(str(out / "registry")), tenant)
-    console.print(eval_table(report, "eval of the rendered catalog (tiny untrained base: expect low similarity)"))
+    console.print(eval_table(report, "eval of the rendered catalog"))
     typer.echo("encoders: " + ", ".join(f"{n} = {m['spec']}" for n, m in report["encoders"].items()))
-    console.print(f"contact sheet: {report['contact_sheet']}")
+    if untrained:
+        console.print(untrained)
+    console.print(f"contact sheet (references and outputs side by side): {report['contact_sheet']}")
 
 
 def demo(
@@ -146,14 +177,12 @@ def demo(
     port: int = typer.Option(8765, "--port", min=1, max=65535, help="Loopback port of the demo's API."),
 ):
     """Face stack, Ray Data ingest, the Serve API, catalog render and eval, end to end on the embedded default."""
+    from deployments.local import check_port_free
     from ray_faceid import storage
-    from ray_faceid.cli.data import summary_table
     from ray_faceid.config import IngestConfig
     from ray_faceid.data.ingest import run_ingest
     from ray_faceid.data.pairs import build_pairs
     from ray_faceid.face.analyzer import sample_images
-
-    from deployments.local import check_port_free
 
     with user_errors():
         check_port_free(port)  # before minutes of ingest, not after
@@ -176,17 +205,36 @@ def demo(
         dataset = out / "dataset"
         shutil.rmtree(dataset, ignore_errors=True)
         summary = run_ingest(folder, str(dataset), IngestConfig(crop_size=256, workers=2), labels="folders")
-        summary.pop("ray_data_stats", None)
-        console.print(summary_table(f"ingest {folder} -> {dataset}", summary))
-        console.print(summary_table("identities and pairs", build_pairs(str(dataset))))
+        grouped = build_pairs(str(dataset))
+        console.print(f"{summary['files']} photos -> {summary['faces']} faces, {grouped['identities']} people (by folder), "
+                      f"{grouped['pairs']} cross-training pairs in {summary['seconds']:.0f} s -> {dataset}")
+        for row in summary["not_used"][:3]:
+            console.print(f"  not used {Path(row['uri']).name}: {row['reason']}")
 
         console.rule("3. Serve: enroll, generate, score")
-        if len(samples) < 2:
-            raise NotFound("the serve demo enrolls the insightface sample photos; install the insightface extra")
-        people = {"tom_hanks": Path(samples[1]).read_bytes(), "t1_person": _crop_png(analyzer, samples[0])}
-        tenant, ids = _serve_story(analyzer, out, people, port)
+        untrained = ("the demo's diffusion base is tiny and untrained: its images are noise, so no face is found in "
+                     "them and similarity is '-'. With a trained base and adapter (--model, --adapter) these "
+                     "columns measure identity.")
+        if photos is not None:
+            people = _dataset_people(dataset)
+            if len(people) < 2:
+                raise NotFound(f"{photos}: the demo needs two people (two folders of photos of one person each); "
+                               f"found {len(people)}")
+            inpaint_photo = next(p for p in images if Path(p).parent.name == next(iter(people)))
+        else:
+            if len(samples) < 2:
+                raise NotFound("the serve demo enrolls the insightface sample photos; install the insightface extra")
+            people = {"tom_hanks": [Path(samples[1]).read_bytes()], "t1_person": [_crop_png(analyzer, samples[0])]}
+            inpaint_photo = samples[1]
+        tenant, ids = _serve_story(out, people, port, untrained)
 
         console.rule("4. catalog render and evaluation")
         shutil.rmtree(out / "rendered", ignore_errors=True)
-        _render_story(out, tenant, ids, samples[1])
-    console.print(f"outputs in {out}/")
+        _render_story(out, tenant, ids, inpaint_photo, untrained)
+    registry, first = out / "registry", next(iter(ids))
+    console.rule("next")
+    console.print(f"outputs in {out}/. Try next:")
+    console.print(f"  ray-faceid identities list --registry {registry} --tenant {tenant}", soft_wrap=True)
+    console.print(f"  ray-faceid generate --registry {registry} --tenant {tenant} --identity {first} "
+                  f"--prompt 'a portrait, smiling' --out {first}.png", soft_wrap=True)
+    console.print(f"  ray-faceid serve --registry {registry}", soft_wrap=True)

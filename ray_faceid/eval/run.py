@@ -81,7 +81,8 @@ def evaluate(source: str, registry, tenant: str = "default", identities: list[st
         if encoders["second"].spec.key() == encoders["conditioning"].spec.key():
             raise BadInput("the second encoder is the conditioning encoder: configure an independent recogniser")
     wanted = sorted({i for t in targets for i in t["identities"]})
-    refs = {name: {i: _references(a, registry, tenant, i) for i in wanted} for name, a in encoders.items()}
+    ids = {i: registry.resolve(tenant, i) for i in wanted}  # catalogs may name people or give their ids
+    refs = {name: {i: _references(a, registry, tenant, ids[i]) for i in wanted} for name, a in encoders.items()}
     per_row, scores = [], {name: [] for name in encoders}
     for target in targets:
         image = np.asarray(Image.open(io.BytesIO(storage.read_bytes(target["image_uri"]))).convert("RGB"))
@@ -101,7 +102,7 @@ def evaluate(source: str, registry, tenant: str = "default", identities: list[st
     storage.write_bytes(storage.join(out, REPORT), json.dumps(report, indent=2).encode())
     sheet = []
     for row in per_row[:sheet_rows]:
-        crops = [((registry.get(tenant, i).get("name") or i)[:24], registry.references(tenant, i)[0])
+        crops = [((registry.get(tenant, ids[i]).get("name") or i)[:24], registry.references(tenant, ids[i])[0])
                  for i in row["identities"]]
         label = "\n".join(f"{n[:4]} sim {row[n]['similarity']:.2f}" if row[n]["similarity"] is not None
                           else f"{n[:4]} no face" for n in encoders)
