@@ -1,13 +1,14 @@
 """Run the application on a local Ray cluster bound to loopback (the embedded default)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import yaml
 
 from deployments.auth import generated_token
-from ray_faceid import envs
+from ray_faceid import envs, quiet
 from ray_faceid.config import ServeConfig
 
 DEFAULT_YAML = Path(__file__).with_name("serve.yaml")
@@ -49,6 +50,10 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     config = config.model_copy(update={"api_tokens": tokens})
     # A local cluster gets a few logical CPUs more than cores: the three deployments each hold one.
     init_ray(num_cpus=max(4, os.cpu_count() or 1))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="faceid", route_prefix="/", blocking=False)
+    # Quiet by default (ray_faceid/quiet.py): Serve logs every request and replica at INFO.
+    logging_config = None if quiet.verbose() else {"log_level": "WARNING"}
+    if logging_config:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
+    serve.run(build_app(config), name="faceid", route_prefix="/", blocking=False, logging_config=logging_config)
     return f"http://127.0.0.1:{port}", tokens

@@ -25,8 +25,9 @@ HARMLESS_WORKER_LINES = {
         "Ray Train's cleanup actor polling a controller that already finished its run",
     r"Found multiple active Ray instances":
         "the same cleanup actor, looking up the cluster after the run; it exits on its own",
-    r"graceful_shutdown":
-        "Serve's controller shutting down replicas that already stopped (after Ctrl-C or at exit)",
+    r"ServeController\.graceful_shutdown failed":
+        "Serve's controller, killed on shutdown, while its own shutdown task was queued (it is retried, then "
+        "dropped with the cluster)",
     r"Failed to kill actor .* Socket closed":
         "actors of a finished job whose process is already gone",
     r"exclude_resources` is deprecated|self\.exclude_resources = exclude_resources":
@@ -103,33 +104,42 @@ def after_ray_init() -> None:
 
 
 def _filter_forwarded_worker_lines() -> None:
-    """Wraps Ray's printer of forwarded worker output (registered by ray.init). It is Ray-internal:
-    where it has moved, nothing is filtered and nothing breaks."""
+    """Wraps Ray's printers of forwarded worker output and of cluster error messages (raylet task
+    failures): the handler ray.init registers, and the module function its error listener calls.
+    Both are Ray-internal: where they have moved, nothing is filtered and nothing breaks."""
     try:
         from ray._private import worker
 
         dispatcher = worker.global_worker_stdstream_dispatcher
         printers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
+        error_printer = worker.print_to_stdstream
     except (ImportError, AttributeError):
         return
-    if len(printers) != 1 or getattr(printers[0], "ray_faceid_filtered", False):
-        return
-    printer = printers[0]
-
     last: dict = {}  # the last line shown per process: Ray Train workers' stderr arrives twice
 
-    def filtered(data: dict) -> None:
+    def kept(data: dict) -> dict | None:
         if data.get("actor_name") in HARMLESS_ACTORS:
-            return
+            return None
         lines = []
         for line in data.get("lines", []):
             if any(re.search(p, line) for p in HARMLESS_WORKER_LINES) or last.get(data.get("pid")) == line:
                 continue
             last[data.get("pid")] = line
             lines.append(line)
-        if lines:
-            printer(dict(data, lines=lines))
+        return dict(data, lines=lines) if lines else None
 
-    filtered.ray_faceid_filtered = True
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", filtered)
+    def wrap(printer):
+        if getattr(printer, "ray_faceid_filtered", False):
+            return printer
+
+        def filtered(data: dict, *args, **kwargs):
+            shown = kept(data)
+            return None if shown is None else printer(shown, *args, **kwargs)
+
+        filtered.ray_faceid_filtered = True
+        return filtered
+
+    worker.print_to_stdstream = wrap(error_printer)
+    if len(printers) == 1 and not getattr(printers[0], "ray_faceid_filtered", False):
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", wrap(printers[0]))

@@ -45,7 +45,7 @@ def _analyze(images: list[str]):
         largest = max(found, key=lambda f: f.quality["face_px"], default=None)
         table.add_row(Path(name).name, str(len(found)), "-" if largest is None else f"{largest.quality['face_px']:.0f}",
                       "-" if largest is None else f"{largest.quality['score']:.2f}",
-                      "" if found else "no face (a mask, a drawing or an empty scene)")
+                      "" if found else "no face")
     console.print(table)
     console.print(f"{total} face(s) in {len(images)} photo(s); per face details: ray-faceid faces analyze PHOTO")
     return analyzer
@@ -167,7 +167,7 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
     console.print(eval_table(report, "eval of the rendered catalog"))
     typer.echo("encoders: " + ", ".join(f"{n} = {m['spec']}" for n, m in report["encoders"].items()))
     if untrained:
-        console.print(untrained)
+        console.print("(found: share of images with a face; untrained base: see stage 3)")
     console.print(f"contact sheet (references and outputs side by side): {report['contact_sheet']}")
 
 
@@ -208,6 +208,9 @@ def demo(
         grouped = build_pairs(str(dataset))
         console.print(f"{summary['files']} photos -> {summary['faces']} faces, {grouped['identities']} people (by folder), "
                       f"{grouped['pairs']} cross-training pairs in {summary['seconds']:.0f} s -> {dataset}")
+        if not grouped["identities"]:
+            console.print("  (no people: photos directly in the folder have no name; put each person's photos in a "
+                          "folder named after them)")
         for row in summary["not_used"][:3]:
             console.print(f"  not used {Path(row['uri']).name}: {row['reason']}")
 

@@ -20,8 +20,8 @@ def eval_table(report: dict, title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("encoder", "images", "detection", "similarity mean", "similarity p10", "multi-ID", "leakage max"):
-        table.add_column(column, justify="right")
+    for column in ("encoder", "images", "found", "sim mean", "sim p10", "multi", "leak"):
+        table.add_column(column, justify="right", no_wrap=True)
     for name, m in report["encoders"].items():
         cells = [m[k] for k in ("detection_rate", "similarity_mean", "similarity_p10")]
         table.add_row(name, str(m["images"]), *("-" if v is None else f"{v:.3f}" for v in cells),
