@@ -1,6 +1,7 @@
 """`ray-faceid identities`: enroll with per-photo reasons, list, show, delete (the registry on disk)."""
 import json
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -77,3 +78,23 @@ def test_people_by_name_unique_names_and_a_missing_registry(tmp_path, sample_pho
     assert runner.invoke(app, ["identities", "delete", "tom-2", *reg]).exit_code == 0
     missing = runner.invoke(app, ["identities", "list", "--registry", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no identity registry at" in missing.stderr
+
+
+def test_a_name_held_by_two_identities_asks_for_an_id(tmp_path, spec128):
+    """Registries from before names were unique may hold one name twice: the name is then refused,
+    with the ids to choose from, never resolved to one of them at random."""
+    import numpy as np
+
+    from ray_faceid.errors import BadInput
+    from ray_faceid.registry import Registry
+
+    registry = Registry(str(tmp_path))
+    crop = np.zeros((8, 8, 3), np.uint8)
+    made = [registry.create("t", name, "consent", np.ones((1, 128)), np.ones(1), spec128, [crop], [])
+            for name in ("ann", "ann-old")]
+    meta_file = tmp_path / "t" / made[1]["id"] / "meta.json"
+    meta_file.write_text(meta_file.read_text().replace('"ann-old"', '"ann"'))  # as an older registry could
+    with pytest.raises(BadInput, match="2 identities are called 'ann'") as refused:
+        registry.resolve("t", "ann")
+    assert all(m["id"] in refused.value.message for m in made)
+    assert registry.resolve("t", made[0]["id"]) == made[0]["id"]
