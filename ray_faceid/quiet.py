@@ -50,7 +50,6 @@ HARMLESS_WARNINGS = {
 }
 
 
-
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 

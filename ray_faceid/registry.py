@@ -86,11 +86,9 @@ class Registry:
                             "to rename (a suffix) or replace (erases the other identity): --name-exists on the "
                             "command line, name_exists in the API")
         if holders and name_exists == "rename":
-            taken = {m["name"] for m in self.list(tenant)}
-            name = next(f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}" not in taken)
-        if holders and name_exists == "replace":
-            for holder in holders:
-                self.delete(tenant, holder["id"])
+            taken = {(m.get("name") or "").casefold() for m in self.list(tenant)}
+            name = next(f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}".casefold() not in taken)
+        replaced = holders if name_exists == "replace" else []
         identity = new_identity_id()
         folder = self._dir(tenant, identity)
         for k, crop in enumerate(crops):
@@ -109,6 +107,8 @@ class Registry:
             meta["source"] = source
         # meta.json last: an identity exists only once all its files are written.
         storage.write_bytes(storage.join(folder, "meta.json"), json.dumps(meta, indent=2).encode())
+        for holder in replaced:  # only once the new identity exists: a failed enrollment loses no one
+            self.delete(tenant, holder["id"])
         return meta
 
     def get(self, tenant: str, identity: str) -> dict:
