@@ -28,3 +28,27 @@ def test_a_normal_ingest_run_shows_none_of_the_listed_ray_messages(tmp_path, sam
     found = [line for line in lines for pattern in noise if re.search(pattern, line)]
     assert not found, found
     assert "ingest images: 2/2" in done.stderr and "files" in done.stdout
+
+
+def test_sigterm_stops_the_server_without_a_native_stack_dump(tmp_path, loopback_port):
+    """Schedulers stop servers with SIGTERM; Ray's crash handler used to print a native stack."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    command = [str(Path(sys.executable).parent / "ray-faceid"), "serve", "--port", str(loopback_port()),
+               "--registry", str(tmp_path / "registry")]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        line = ""
+        while "API at" not in line and time.monotonic() < deadline and server.poll() is None:
+            line = server.stdout.readline()
+        assert "API at" in line, server.stderr.read()[-3000:] if server.poll() is not None else "no URL in 180 s"
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM received" not in stderr and "clock_nanosleep" not in stderr

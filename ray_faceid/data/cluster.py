@@ -19,6 +19,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  **levels)
     quiet.after_ray_init()
+    _exit_quietly_on_sigterm()
+
+
+def _exit_quietly_on_sigterm() -> None:
+    """Ray's core installs a crash handler that dumps a native stack on SIGTERM, which is how
+    operators and schedulers stop a job or a server: exit as for Ctrl-C instead (code 143, no
+    dump; the local cluster is shut down at exit)."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def is_local(address: str | None) -> bool:
