@@ -51,11 +51,14 @@ def denoise_reporter(what: str = "denoise", every_s: float = 5.0):
         state: dict = {}
 
         def on_bar(step: int, total: int) -> None:
-            if "task" not in state:
+            if step == 0 or "task" not in state:
+                if "task" in state:
+                    bar.stop()
                 bar.start()
                 state["task"], state["started"] = bar.add_task(what, total=total, rate=""), time.monotonic()
-            per_step = (time.monotonic() - state["started"]) / step
-            bar.update(state["task"], completed=step, rate=f"{per_step:.2f} s/step")
+            if step:
+                per_step = (time.monotonic() - state["started"]) / step
+                bar.update(state["task"], completed=step, rate=f"{per_step:.2f} s/step")
             if step >= total:
                 bar.stop()
                 state.clear()
@@ -63,8 +66,8 @@ def denoise_reporter(what: str = "denoise", every_s: float = 5.0):
     lines: dict = {}
 
     def on_line(step: int, total: int) -> None:
-        line = lines.get("line")
-        if line is None or step == 1:
-            line = lines["line"] = ProgressLine(f"{what} steps", total, every_s=every_s, emit=to_stderr)
-        line.update(step)
+        if step == 0 or "line" not in lines:
+            lines["line"] = ProgressLine(f"{what} steps", total, every_s=every_s, emit=to_stderr)
+        if step:
+            lines["line"].update(step)
     return on_line

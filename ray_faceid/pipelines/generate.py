@@ -106,7 +106,7 @@ class IdentityPipeline:
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
         self.engine_cache, self.engines, self._weights_version = engine_cache, {}, "shared"
-        self.on_step = None  # callback(step, total) after each denoising step: the CLI's progress bar
+        self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
         self._compiled = None  # the torch.compile engine, made on first use
         # The hash of the adapter as loaded, before any cast: the registry's per-identity adapters
         # and the provenance refer to the trained weights, whatever precision they run in.
@@ -245,12 +245,15 @@ class IdentityPipeline:
         sched.set_timesteps(steps, device=self.device)
         latents = noise * sched.init_noise_sigma
         if inpaint is not None:
-            image_latents, mask_l = inpaint
+            # (image latents, latent-size mask for blending, 9-channel conditioning: see inpaint.py)
+            image_latents, mask_l, conditioning = inpaint
+        if self.on_step is not None:
+            self.on_step(0, len(sched.timesteps))  # the clock starts here, not after the first step
         for step, t in enumerate(sched.timesteps, 1):
             model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
             if inpaint is not None and base.inpainting:
-                masked = image_latents * (1 - mask_l)
-                model_in = torch.cat([model_in, torch.cat([mask_l] * 2), torch.cat([masked] * 2)], dim=1)
+                mask_c, masked_c = conditioning
+                model_in = torch.cat([model_in, torch.cat([mask_c] * 2), torch.cat([masked_c] * 2)], dim=1)
             pred = self._unet(model_in, t, text, kwargs, h, w)
             uncond, cond = pred.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample

@@ -42,6 +42,21 @@ def working_size(width: int, height: int, step: int, max_side: int) -> tuple[int
     return (max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step))
 
 
+@torch.no_grad()
+def inpainting_conditioning(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a 9-channel inpainting UNet was trained to read, prepared as diffusers'
+    StableDiffusionInpaintPipeline does: the mask binarised at 0.5 and resized to the latents
+    (nearest), and the latents of the image with the masked pixels set to 0 in [-1, 1] (masked in
+    pixel space, then encoded). The posterior's mode is used, not a sample: the same request gives
+    the same image. `image` (H, W, 3) uint8 and `mask` (H, W) in [0, 1] at the working size."""
+    vae, f = pipe.base.vae, pipe.base.vae_scale_factor
+    binary = torch.from_numpy((np.asarray(mask) >= 0.5).astype(np.float32))[None, None].to(pipe.device)
+    pixels = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1).unsqueeze(0).to(pipe.device) / 127.5 - 1
+    masked = pixels * (binary < 0.5)
+    latents = vae.encode(masked.to(vae.dtype)).latent_dist.mode().float() * vae.config.scaling_factor
+    return F.interpolate(binary, size=(binary.shape[2] // f, binary.shape[3] // f)), latents
+
+
 def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identity: IdentityCondition, prompt: str,
             negative_prompt: str = "", seed: int = 0, steps: int | None = None, guidance: float = 5.0,
             feather: float = 4.0, max_side: int | None = None) -> GenerationResult:
@@ -60,8 +75,9 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
     # Max-pool so a latent cell touched by the mask is repainted whole.
     mask_latent = F.max_pool2d(mask_t, f, f)
     image_latents = pipe.encode_image(resized)
+    conditioning = inpainting_conditioning(pipe, resized, small_mask) if base.inpainting else None
     item = GenerationItem(prompt, [identity], negative_prompt, seed)
-    latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent))
+    latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent, conditioning))
     generated = pipe.decode(latents).resize((width, height), Image.Resampling.LANCZOS)
     alpha = feathered(region, feather)[..., None]
     out = image.astype(np.float32) * (1 - alpha) + np.asarray(generated, dtype=np.float32) * alpha
