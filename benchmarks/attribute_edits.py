@@ -79,7 +79,8 @@ def main() -> None:
     unedited = result["unedited"]["same_person_others"]
     lines = [
         f"### attribute_edits — {time.strftime('%Y-%m-%d')} — {machine_line()}", "",
-        f"{args.faces}, `--landmarks {args.landmarks}`: flow trained on {result['people_train']} people ({args.steps} steps, batch 32, lr 1e-3, "
+        f"{args.faces}, `--landmarks {args.landmarks}`: flow trained on {result['people_train']} people "
+        f"({args.steps} steps, batch 32, lr 1e-3, "
         f"eval loss {training['eval_loss_start']:.3f} -> {training['eval_loss_end']:.3f}); measured on "
         f"{result['faces_held_out']} faces of {result['people_held_out']} held-out people; encoder {result['encoder']}, "
         f"same-person threshold {result['threshold']:g}; unedited faces are the same person as their other photos "

@@ -8,7 +8,7 @@ import secrets
 import time
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
@@ -31,7 +31,7 @@ from ray_faceid.errors import BadInput, FaceIdError, NameTaken
 from ray_faceid.eval.identity import leakage, reference_embedding
 from ray_faceid.face.face import Face
 from ray_faceid.face.landmarks import INSIGHTFACE5, Landmarks
-from ray_faceid.face.spec import EncoderSpec, cosine_similarity
+from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.registry import Registry
 
 api = FastAPI(title="ray_faceid", version="0.1.0",
@@ -152,8 +152,13 @@ class Ingress:
         return _out(meta)
 
     @api.get("/v1/identities", response_model=IdentityList)
-    async def list_identities(self, request: Request) -> IdentityList:
-        return IdentityList(identities=[_out(m) for m in self.registry.list(self._tenant(request))])
+    async def list_identities(self, request: Request, limit: int = Query(100, ge=1, le=1000),
+                              after: str | None = Query(None, description="The `next` of the previous page.")
+                              ) -> IdentityList:
+        everyone = self.registry.list(self._tenant(request))  # sorted by id
+        page = [m for m in everyone if after is None or m["id"] > after][:limit]
+        more = len(page) == limit and page and page[-1]["id"] != everyone[-1]["id"]
+        return IdentityList(identities=[_out(m) for m in page], next=page[-1]["id"] if more else None)
 
     @api.get("/v1/identities/{identity}", response_model=IdentityOut)
     async def get_identity(self, identity: str, request: Request) -> IdentityOut:
@@ -185,9 +190,8 @@ class Ingress:
         scores = []
         for s in leakage(faces, refs):
             same = None
-            if s.face_found:
-                face = max(faces, key=lambda f: float(cosine_similarity(f.embedding, refs[s.identity])))
-                same = bool(spec.distance(face.embedding, refs[s.identity]) <= spec.threshold)
+            if s.face_found:  # the face `similarity` describes: the one matched to this identity
+                same = bool(spec.distance(faces[s.face].embedding, refs[s.identity]) <= spec.threshold)
                 metrics.IDENTITY_SCORE.observe(s.matched_similarity)
             scores.append(IdentityScore(id=s.identity, face_found=s.face_found, similarity=s.matched_similarity,
                                         same_person=same, wrong_identity_similarity=s.wrong_similarity))

@@ -4,6 +4,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+MAX_EXPRESSION = 200
+
+
 class PhotoReport(BaseModel):
     index: int
     filename: str
@@ -27,6 +30,7 @@ class IdentityOut(BaseModel):
 
 class IdentityList(BaseModel):
     identities: list[IdentityOut]
+    next: str | None = Field(None, description="Pass as `after` for the next page; None on the last page.")
 
 
 class IdentityRequest(BaseModel):
@@ -55,6 +59,8 @@ class IdentityRequest(BaseModel):
         from ray_faceid.errors import BadInput
         from ray_faceid.identity.expression import parse_expression, structured_expression
 
+        if isinstance(v, str) and len(v) > MAX_EXPRESSION:
+            raise ValueError(f"an expression has at most {MAX_EXPRESSION} characters, got {len(v)}")
         try:
             (parse_expression if isinstance(v, str) else structured_expression)(v) if v else None
         except BadInput as exc:

@@ -19,6 +19,7 @@ import json
 import re
 import secrets
 import time
+import unicodedata
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,7 @@ from ray_faceid.errors import BadInput, NameTaken, NotFound
 from ray_faceid.face.spec import EncoderSpec
 
 NAME_EXISTS = ("refuse", "rename", "replace")
+MAX_NAME = 100
 REFERENCE_CROP = 256  # side of the aligned reference crops (the loose diffusion template)
 _ID = re.compile(r"^id_[A-Za-z0-9_-]{16,64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -42,6 +44,17 @@ def newest_adapter(meta: dict, base_adapter: str, settings: str | None = None) -
     found = [a for a in meta.get("adapters", [])
              if a.get("base_adapter") == base_adapter and (settings is None or a.get("settings") == settings)]
     return found[-1] if found else None
+
+
+def check_name(name: str | None) -> str:
+    """A person's name as stored: trimmed, at most MAX_NAME characters, no control characters (it is
+    printed in tables and logs and returned by every list call)."""
+    name = (name or "").strip()
+    if len(name) > MAX_NAME:
+        raise BadInput(f"a name has at most {MAX_NAME} characters, got {len(name)}")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise BadInput("a name cannot hold control characters (newlines, tabs, NUL)")
+    return name
 
 
 def new_identity_id() -> str:
@@ -77,7 +90,7 @@ class Registry:
             raise BadInput("consent is required: a reference to the person's recorded consent")
         if len(embeddings) == 0:
             raise BadInput("no usable face in the photos; see the per-photo reasons")
-        name = (name or "").strip()
+        name = check_name(name)
         if name_exists not in NAME_EXISTS:
             raise BadInput(f"name_exists must be one of {', '.join(NAME_EXISTS)}, not {name_exists!r}")
         holders = self.named(tenant, name) if name else []

@@ -7,8 +7,8 @@ import typer
 from rich.table import Table
 
 from ray_faceid.cli.common import console, err_console, user_errors
-from ray_faceid.quiet import verbose
 from ray_faceid.data.clustering import DEFAULT_CUT_SHARE
+from ray_faceid.quiet import verbose
 
 
 def summary_table(title: str, summary: dict) -> Table:

@@ -23,10 +23,11 @@ def report_table(report: dict) -> Table:
         for t in entry.get("targets", []):
             for method, label in (("flow", "flow"), ("probe_direction", "baseline")):
                 m = t[method]
-                table.add_row(name if first else "", _cell(entry["probe_r2"], "{:.2f}") if first else "",
-                              _cell(entry["flow_r2"], "{:.2f}") if first else "", f"{t['target']:g}", label, _cell(m["moved_mean"]), _cell(m["probe_change_mean"], "{:+.3f}"),
-                              _cell(m["flow_change_mean"], "{:+.3f}"), _cell(m["same_person_original"], "{:.0%}"),
-                              _cell(m["same_person_others"], "{:.0%}"), _cell(m["undo_max_error"], "{:.1e}"))
+                head = [name, _cell(entry["probe_r2"], "{:.2f}"), _cell(entry["flow_r2"], "{:.2f}")] if first else [""] * 3
+                table.add_row(*head, f"{t['target']:g}", label, _cell(m["moved_mean"]),
+                              _cell(m["probe_change_mean"], "{:+.3f}"), _cell(m["flow_change_mean"], "{:+.3f}"),
+                              _cell(m["same_person_original"], "{:.0%}"), _cell(m["same_person_others"], "{:.0%}"),
+                              _cell(m["undo_max_error"], "{:.1e}"))
                 first = False
         if not entry.get("targets"):
             table.add_row(name, _cell(entry["probe_r2"], "{:.2f}"), _cell(entry["flow_r2"], "{:.2f}"), *[""] * 8)

@@ -108,6 +108,8 @@ class LeakageScore:
     """Similarity of the face assigned to this identity."""
     wrong_similarity: float | None
     """Highest similarity of that face to any other target identity: high means the faces blended."""
+    face: int | None = None
+    """Index (in the faces given) of the face assigned to this identity."""
 
 
 def leakage(faces: list[Face], identities: dict[str, np.ndarray]) -> list[LeakageScore]:
@@ -115,7 +117,8 @@ def leakage(faces: list[Face], identities: dict[str, np.ndarray]) -> list[Leakag
     for each identity, how close its face is to it and to the others."""
     names = list(identities)
     refs = np.stack([reference_embedding(identities[n]) for n in names])
-    usable = [f for f in faces if f.embedding is not None]
+    where = [i for i, f in enumerate(faces) if f.embedding is not None]
+    usable = [faces[i] for i in where]
     if not usable:
         return [LeakageScore(n, False, None, None) for n in names]
     sim = np.array([[float(cosine_similarity(f.embedding, r)) for r in refs] for f in usable])
@@ -124,7 +127,7 @@ def leakage(faces: list[Face], identities: dict[str, np.ndarray]) -> list[Leakag
     for r, c in zip(rows, cols):
         others = np.delete(sim[r], c)
         out[names[c]] = LeakageScore(
-            names[c], True, float(sim[r, c]), float(others.max()) if others.size else None
+            names[c], True, float(sim[r, c]), float(others.max()) if others.size else None, where[r]
         )
     return [out[n] for n in names]
 

@@ -8,6 +8,8 @@ in words ("smile, turn left") or with explicit values ("smile=0.5,yaw=-30").
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ray_faceid.errors import BadInput
@@ -54,6 +56,8 @@ def parse_expression(request: str) -> dict[str, float]:
                 values[key] = float(raw)
             except ValueError as exc:
                 raise BadInput(f"expression {key}={raw!r}: not a number") from exc
+            if not math.isfinite(values[key]):
+                raise BadInput(f"expression {key}={raw!r}: not a finite number")
         elif part in PRESETS:
             values.update(PRESETS[part])
         else:
@@ -63,8 +67,6 @@ def parse_expression(request: str) -> dict[str, float]:
 
 def structured_expression(request: dict) -> dict[str, float]:
     """{"smile": 0.5, "yaw": -30} -> attribute values (neutral where not said); checks names and ranges."""
-    import math
-
     from ray_faceid.face.attributes import RANGES
 
     values = dict(NEUTRAL)

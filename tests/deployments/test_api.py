@@ -164,6 +164,24 @@ def test_people_are_found_by_name_and_names_are_unique(api, people, photos):
     assert client.delete(f"/v1/identities/{renamed.json()['id']}", headers=bearer()).status_code == 204
 
 
+def test_names_are_bounded_and_the_identity_list_is_paginated(api, people, photos):
+    client, _ = api
+    for bad, message in (("ann\nbob", "control characters"), ("x" * 101, "at most 100 characters")):
+        r = enroll(client, ("hanks.png", photos["hanks"]), name=bad)
+        assert r.status_code == 422 and message in r.text
+    seen, after = [], None
+    while True:
+        page = client.get("/v1/identities", params={"limit": 2, **({"after": after} if after else {})},
+                          headers=bearer()).json()
+        assert len(page["identities"]) <= 2
+        seen += [i["id"] for i in page["identities"]]
+        after = page["next"]
+        if after is None:
+            break
+    everyone = [i["id"] for i in client.get("/v1/identities", headers=bearer()).json()["identities"]]
+    assert seen == everyone and len(everyone) >= 3 and set(people.values()) <= set(everyone)
+
+
 def test_steps_and_size_default_to_the_models_own(api, people):
     client, _ = api
     r = client.post("/v1/generate", json={"prompt": "a portrait", "identities": [{"id": people["hanks"]}]},
@@ -208,6 +226,8 @@ def test_multi_identity_generate_and_reseeding(api, people):
     ({"identities": [{"id": "ID", "edits": {"beard": 1}}]}, "valid: smile 0..1, mouth_open 0..1"),
     ({"identities": [{"id": "ID", "edits": {"yaw": -120}}]}, "yaw=-120.0 is out of range; valid:"),
     ({"identities": [{"id": "ID", "expression": {"yaw": 400}}]}, "yaw=400.0: must be a number in -90..90"),
+    ({"identities": [{"id": "ID", "expression": "smile=nan"}]}, "not a finite number"),
+    ({"identities": [{"id": "ID", "expression": "smile, " * 40}]}, "at most 200 characters"),
 ])
 def test_bad_generate_requests_get_4xx_with_a_message(api, people, change, message):
     client, _ = api

@@ -23,6 +23,15 @@ def test_leakage_assigns_faces_to_identities_by_hungarian_matching():
     assert scores["b"].wrong_similarity == pytest.approx(0.6)  # the face given to b is 0.6 like a
 
 
+def test_each_score_names_its_matched_face_not_the_most_similar_one():
+    """The API's same_person used the face most similar to the person while similarity came from
+    the matched face: here a's most similar face (0) is matched to b."""
+    a, b = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+    faces = [face_with([0.75, 0.65, 0.12]), face_with([0.7, 0.0, 0.71])]
+    scores = {s.identity: s for s in leakage(faces, {"a": a, "b": b})}
+    assert scores["a"].face == 1 and scores["b"].face == 0
+
+
 def test_leakage_reports_missing_faces():
     scores = leakage([face_with([1.0, 0, 0])], {"a": np.array([1.0, 0, 0]), "b": np.array([0, 1.0, 0])})
     assert [s.face_found for s in scores] == [True, False]
