@@ -25,6 +25,7 @@ from ray_faceid.data.analyze_rows import analyze_uris
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, to_stderr
 
+SETTINGS_FILE = "settings.json"  # under RAW_DIR: the settings every part of the dataset was made with
 INLINE_SKIP = 1000  # recorded files passed to the actors inline; more go through the object store
 
 
@@ -61,6 +62,35 @@ class AnalyzeImages:
         return {"status": np.array(statuses + ["skipped"] * (len(uris) - len(rows)))}
 
 
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_settings(dst: str, config: IngestConfig, resumed: bool) -> None:
+    """One dataset, one face stack: a resumed run with other settings (encoder, detector, crops)
+    would mix embeddings that cannot be compared. The first run records its settings; a resume
+    with others is refused, naming each difference. (Datasets made before this record are taken as
+    they are, and get the record.)"""
+    uri = storage.join(dst, tables.RAW_DIR, SETTINGS_FILE)
+    current = json.loads(json.dumps(config.hashed_fields(), default=str))
+    if resumed and storage.exists(uri):
+        recorded = json.loads(storage.read_bytes(uri))
+        old, new = _flat(recorded), _flat(current)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            raise BadInput(f"{dst} was ingested with other settings: " + "; ".join(
+                f"{k} was {old.get(k)!r}, now {new.get(k)!r}" for k in changed) + ": resume with the same settings, "
+                "or ingest into a new DST")
+        return
+    storage.write_bytes(uri, json.dumps(current, indent=2).encode())
+
+
 def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: str = "folders", resume: bool = False,
                address: str | None = None) -> dict:
     import ray
@@ -77,6 +107,7 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     raw = tables.read_raw(dst)
     if raw and not resume:
         raise BadInput(f"{dst} already holds ingest results: pass --resume to continue them, or use a new DST")
+    check_same_settings(dst, config, resumed=bool(raw))
     skip = {(r["uri"], r["sha256"]) for r in raw if r["sha256"]}
 
     init_ray(address)

@@ -10,6 +10,7 @@ from ray_faceid.config import DetectionConfig, FaceConfig, IngestConfig
 from ray_faceid.data import tables
 from ray_faceid.data.ingest import run_ingest
 from ray_faceid.data.pairs import build_pairs
+from ray_faceid.errors import BadInput
 
 PEOPLE = ["obama", "biden", "amy", "sheldon", "allyson_felix", "john_simm", "kit_harington"]
 LOOSE = ["howard", "raj"]
@@ -129,6 +130,10 @@ def test_resume_after_a_crash_gives_the_same_tables(ray_cluster, archive, ingest
         (crashed / name).unlink()
     with pytest.raises(Exception, match="pass --resume"):
         run_ingest(str(archive), str(crashed), CONFIG)
+    # Resuming with another face stack would mix embeddings that cannot be compared.
+    other = CONFIG.model_copy(update={"face": CONFIG.face.model_copy(update={"landmarks": "dlib68"})})
+    with pytest.raises(BadInput, match="face.landmarks was 'dlib5', now 'dlib68'"):
+        run_ingest(str(archive), str(crashed), other, resume=True)
     summary = run_ingest(str(archive), str(crashed), CONFIG, resume=True)
     assert 0 < summary["analysed_this_run"] < summary["files"]
 
