@@ -118,20 +118,11 @@ class Generator:
                                       f"this generator's adapter needs {expected}: re-enroll the identity")
             edits = item.get("edits")
             if edits:  # per request, so one request's bad edit never fails the batch it joins
-                self._check_edits(item["id"], edits)
+                self.pipeline.check_edits(item["id"], edits)
             conditions.append(IdentityCondition(item["id"], loaded.embeddings, loaded.quality, item.get("region"),
                                                 item.get("expression"), item.get("scale", 1.0), loaded.personal,
                                                 edits=edits))
         return conditions, hits
-
-    def _check_edits(self, identity: str, edits: dict) -> None:
-        from ray_faceid.errors import BadInput
-        from ray_faceid.identity.edits import check_edits
-
-        if self.pipeline.flow is None:
-            raise BadInput(f"identity {identity}: this server has no attribute flow, so `edits` cannot be applied "
-                           "(the operator sets `flow:` in the Serve config)")
-        check_edits(edits, self.pipeline.flow.attributes)
 
     async def _inpaint(self, request: dict) -> dict:
         from ray_faceid.face.decode import decode_image

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
 MAX_EXPRESSION = 200
 
 
@@ -70,9 +69,9 @@ class IdentityRequest(BaseModel):
     @field_validator("edits")
     @classmethod
     def _edits(cls, v):
-        from ray_faceid.data.catalog import checked_edits
+        from ray_faceid.identity.edits import edits_field
 
-        return checked_edits(v)
+        return edits_field(v)
 
     @field_validator("region")
     @classmethod

@@ -27,9 +27,8 @@ EditOpt = typer.Option(None, "--edit", help="Attribute targets through the flow,
 def parse_edit_option(text: Optional[str]) -> Optional[dict]:
     """--edit's value, checked before any model loads (the flow re-checks its own attribute list)."""
     from ray_faceid.identity.edits import check_edits, parse_edits
-    from ray_faceid.identity.expression import EXPRESSION_KEYS
 
-    return check_edits(parse_edits(text), EXPRESSION_KEYS) if text else None
+    return check_edits(parse_edits(text)) if text else None
 
 
 def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,

@@ -16,21 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ray_faceid import storage
 from ray_faceid.errors import BadInput
+from ray_faceid.identity.edits import edits_field
 
 ROW_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-
-def checked_edits(value: dict | None) -> dict | None:
-    """Attribute edits of a row: names and ranges checked as the flow will (the message lists them)."""
-    from ray_faceid.identity.edits import check_edits
-    from ray_faceid.identity.expression import EXPRESSION_KEYS
-
-    if value is None:
-        return None
-    try:
-        return check_edits(value, EXPRESSION_KEYS)
-    except BadInput as exc:
-        raise ValueError(exc.message) from exc
 
 
 class RowIdentity(BaseModel):
@@ -45,7 +33,7 @@ class RowIdentity(BaseModel):
     @field_validator("edits")
     @classmethod
     def _edits(cls, value: dict | None) -> dict | None:
-        return checked_edits(value)
+        return edits_field(value)
 
 
 class CatalogRow(BaseModel):
@@ -74,7 +62,7 @@ class CatalogRow(BaseModel):
     @field_validator("edits")
     @classmethod
     def _edits(cls, value: dict | None) -> dict | None:
-        return checked_edits(value)
+        return edits_field(value)
 
     @field_validator("identities", mode="before")
     @classmethod

@@ -93,9 +93,12 @@ class Renderer:
     def _module_hashes(self, row: CatalogRow) -> dict:
         """The IMR's and the flow's weights, for a row they act on (an expression, edits): a row
         neither touches renders the same with or without them, and keeps its key."""
-        uses = {"imr": self.imr_hash is not None and any(i.expression or row.expression for i in row.identities),
-                "flow": self.flow_hash is not None and any(i.edits or row.edits for i in row.identities)}
-        return {name: getattr(self, f"{name}_hash") for name, used in uses.items() if used}
+        hashes = {}
+        if self.imr_hash and any(i.expression or row.expression for i in row.identities):
+            hashes["imr"] = self.imr_hash
+        if self.flow_hash and any(i.edits or row.edits for i in row.identities):
+            hashes["flow"] = self.flow_hash
+        return hashes
 
     def _personal_version(self, row: CatalogRow) -> str:
         """The per-identity adapter a row renders with: only a single-identity row uses one."""

@@ -18,7 +18,7 @@ import torch
 
 from ray_faceid.errors import BadEdit
 from ray_faceid.face.attributes import RANGES, UNITS
-from ray_faceid.identity.expression import CODE_SCALE
+from ray_faceid.identity.expression import CODE_SCALE, EXPRESSION_KEYS
 
 
 def describe(attributes: tuple[str, ...]) -> str:
@@ -41,8 +41,9 @@ def parse_edits(text: str) -> dict[str, float]:
     return edits
 
 
-def check_edits(edits: dict, attributes: tuple[str, ...]) -> dict[str, float]:
-    """The edits as floats; BadEdit lists the valid names and ranges on any problem."""
+def check_edits(edits: dict, attributes: tuple[str, ...] = EXPRESSION_KEYS) -> dict[str, float]:
+    """The edits as floats; BadEdit lists the valid names and ranges on any problem. `attributes`:
+    those of the flow at hand (every flow we train has the expression keys)."""
     valid = describe(attributes)
     checked = {}
     for name, value in edits.items():
@@ -54,6 +55,17 @@ def check_edits(edits: dict, attributes: tuple[str, ...]) -> dict[str, float]:
             raise BadEdit(f"edit {name}={value!r} is out of range; valid: {valid}")
         checked[name] = float(value)
     return checked
+
+
+def edits_field(value: dict | None) -> dict | None:
+    """check_edits for a pydantic field validator (catalog rows, API requests): a ValueError, so
+    the row's or request's validation error names the field."""
+    if value is None:
+        return None
+    try:
+        return check_edits(value)
+    except BadEdit as exc:
+        raise ValueError(exc.message) from exc
 
 
 def to_flow_units(edits: dict[str, float]) -> dict[str, float]:

@@ -158,6 +158,15 @@ class IdentityPipeline:
             tokens.append(t)
         return torch.stack(tokens, dim=1).to(self.base.unet.dtype)
 
+    def check_edits(self, name: str, edits: dict) -> None:
+        """Edits this pipeline can carry out: a flow is loaded and has every attribute named."""
+        from ray_faceid.identity.edits import check_edits
+
+        if self.flow is None:
+            raise BadInput(f"identity {name}: attribute edits need an attribute flow (--flow URI on the command "
+                           "line, flow: in the Serve config); train one with `ray-faceid train --method flow`")
+        check_edits(edits, self.flow.attributes)
+
     def _edited(self, ident: IdentityCondition, references: torch.Tensor, fused: torch.Tensor | None = None):
         """The mapper's input with the identity's attribute edits applied (the input itself without
         edits); records how far the edits moved it on the condition."""
@@ -166,9 +175,7 @@ class IdentityPipeline:
         target = references if fused is None else fused
         if not ident.edits:
             return target
-        if self.flow is None:
-            raise BadInput(f"identity {ident.name}: attribute edits need an attribute flow (--flow URI on the "
-                           "command line, flow: in the Serve config); train one with `ray-faceid train --method flow`")
+        self.check_edits(ident.name, ident.edits)
         if fused is None:
             edited, moved = edit_embeddings(self.flow, references, ident.edits)
         else:
