@@ -16,6 +16,7 @@ from ray import serve
 
 from deployments import auth, metrics, multiplex
 from deployments.schemas import (
+    ErasureReport,
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
@@ -115,7 +116,9 @@ class Ingress:
     # -- identities ----------------------------------------------------------------------------
     @api.post("/v1/identities", status_code=201, response_model=IdentityOut)
     async def enroll(self, request: Request, photos: list[UploadFile] = File(...), consent: str = Form(...),
-                     name: str = Form(""), name_exists: str = Form("refuse")) -> IdentityOut:
+                     name: str = Form(""), name_exists: str = Form("refuse"),
+                     reconsent: str = Form("", description="For a person erased before: the new consent reference "
+                                           "they gave (an erased person is refused without it).")) -> IdentityOut:
         tenant = self._tenant(request)
         limits = self.config.limits
         if name.strip() and name_exists == "refuse" and self.registry.named(tenant, name):
@@ -148,7 +151,7 @@ class Ingress:
             raise BadInput(f"no usable photo ({reasons})")
         meta = self.registry.create(tenant, name or "", consent, np.array(embeddings), np.array(quality),
                                     await self._spec(), crops, [r.model_dump() for r in reports],
-                                    name_exists=name_exists)
+                                    name_exists=name_exists, reconsent=reconsent or None)
         return _out(meta)
 
     @api.get("/v1/identities", response_model=IdentityList)
@@ -165,11 +168,14 @@ class Ingress:
         tenant = self._tenant(request)
         return _out(self.registry.get(tenant, self.registry.resolve(tenant, identity)))
 
-    @api.delete("/v1/identities/{identity}", status_code=204)
-    async def delete_identity(self, identity: str, request: Request) -> Response:
+    @api.delete("/v1/identities/{identity}", response_model=ErasureReport)
+    async def delete_identity(self, identity: str, request: Request) -> ErasureReport:
+        """Erase the person everywhere the system keeps them; says what was removed (storage folders
+        are named by the last part of their path only)."""
         tenant = self._tenant(request)
-        self.registry.delete(tenant, self.registry.resolve(tenant, identity))
-        return Response(status_code=204)
+        report = self.registry.delete(tenant, self.registry.resolve(tenant, identity))
+        removed = [dict(r, where=r["where"].rstrip("/").rsplit("/", 1)[-1]) for r in report["removed"]]
+        return ErasureReport(id=report["id"], removed=removed)
 
     # -- generation ----------------------------------------------------------------------------
     def _validate_generation(self, steps: int, width: int = 64, height: int = 64, images: int = 1) -> None:

@@ -32,6 +32,23 @@ class IdentityList(BaseModel):
     next: str | None = Field(None, description="Pass as `after` for the next page; None on the last page.")
 
 
+class ErasedArtifacts(BaseModel):
+    what: str
+    where: str = Field(description="The folder or URI the artifacts were removed from.")
+    files: int | None = None
+    rows: int | None = None
+    faces: int | None = None
+    crops: int | None = None
+    pairs: int | None = None
+    source_photos_kept: int | None = Field(None, description="The operator's own photos that show the person (kept).")
+
+
+class ErasureReport(BaseModel):
+    id: str
+    erased: bool = True
+    removed: list[ErasedArtifacts] = Field(description="Every place the person was removed from.")
+
+
 class IdentityRequest(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)  # NaN / Infinity / 1e309 are a 422, not a 500
     id: str | None = Field(None, description="The identity's id; or give `name`.")

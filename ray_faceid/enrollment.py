@@ -5,7 +5,7 @@ One rule set for the HTTP API and the CLI: exactly one face, wide enough, sharp 
 from __future__ import annotations
 
 from ray_faceid.config import ServeLimits
-from ray_faceid.errors import NameTaken
+from ray_faceid.errors import ErasedPerson, NameTaken
 
 
 def rejection(faces: list[dict], limits: ServeLimits) -> str | None:
@@ -22,12 +22,14 @@ def rejection(faces: list[dict], limits: ServeLimits) -> str | None:
     return None
 
 
-def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: ServeLimits | None = None) -> dict:
+def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: ServeLimits | None = None,
+                   reconsent: dict[str, str] | None = None) -> dict:
     """Enroll every identity of an ingest output (after `ray-faceid pairs`) from its best faces.
 
     Each identity's faces pass the same rules as uploaded photos; its registry name is
     "<identity label>" and its meta records the dataset, so a re-run skips identities already
-    enrolled from that dataset. Returns {label: id} for enrolled and {label: reason} for skipped ones."""
+    enrolled from that dataset, and an erased person is skipped unless `reconsent` gives their label's
+    new consent reference. Returns {label: id} for enrolled and {label: reason} for skipped ones."""
     import io
     import json
 
@@ -63,8 +65,9 @@ def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: Se
         try:
             meta = registry.create(tenant, label, consent, np.array([f["embedding"] for f in usable], np.float32),
                                    np.array([f["q_score"] or 0.0 for f in usable], np.float32), spec, crops, photos,
-                                   source={"dataset": dataset, "identity": label})
-        except NameTaken as exc:
+                                   source={"dataset": dataset, "identity": label},
+                                   reconsent=(reconsent or {}).get(label))
+        except (NameTaken, ErasedPerson) as exc:
             skipped[label] = exc.message
             continue
         enrolled[label] = meta["id"]

@@ -57,6 +57,27 @@ class NameTaken(FaceIdError):
     code = "name_taken"
 
 
+class Conflict(FaceIdError):
+    """A write that lost a race with another writer of the same identity (retry it)."""
+
+    status = 409
+    code = "conflict"
+
+
+class Erased(FaceIdError):
+    """An identity that was deleted: nothing may be written to it again."""
+
+    status = 410
+    code = "erased"
+
+
+class ErasedPerson(FaceIdError):
+    """An enrollment of a person whose identity was erased, without a new consent reference."""
+
+    status = 409
+    code = "erased_person"
+
+
 class EncoderMismatch(FaceIdError):
     """Embeddings or an adapter made by one face encoder used with another."""
 

@@ -4,11 +4,19 @@
                                    /embeddings.npz     (R, D) embeddings + quality, one per reference
                                    /references/<k>.png aligned reference crops
                                    /adapters/<version>/ per-identity adapters
+    <store>/<tenant>/_locks/       one lock file per identity or name while it is written
+    <store>/<tenant>/_erased/      tombstones of erased people (tombstones.py)
+    <store>/<tenant>/_outputs/     render outputs made from this registry (erased with their people)
 
 Ids are unguessable (128 random bits). An identity is visible only to its tenant: any other
-tenant gets NotFound, exactly as for an id that does not exist. `delete` removes every artifact.
-Names are unique per tenant, so people can be asked for by name (`resolve`); the check reads the
-tenant's identities, it is not a lock: two enrollments of one name at the same instant can both pass.
+tenant gets NotFound, exactly as for an id that does not exist.
+
+Every write is conditional: it holds the identity's lock (store_lock.py), re-reads meta.json,
+checks its `generation` and writes it bumped, so a writer never overwrites another's record and a
+deleted identity is never written again (Erased). Enrollment holds the name's lock, so names are
+unique per tenant even under concurrent enrollments, and an erased person is refused unless the
+operator gives a new consent reference (`reconsent`). `delete` leaves a tombstone and removes every
+artifact the system made of the person (erasure.py) and returns what it removed.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import difflib
 import hashlib
 import io
 import json
+import os
 import re
 import secrets
 import time
@@ -24,9 +33,10 @@ import unicodedata
 import numpy as np
 from PIL import Image
 
-from ray_faceid import storage
-from ray_faceid.errors import BadInput, NameTaken, NotFound
+from ray_faceid import storage, tombstones
+from ray_faceid.errors import BadInput, Conflict, Erased, ErasedPerson, NameTaken, NotFound
 from ray_faceid.face.spec import EncoderSpec
+from ray_faceid.store_lock import StoreLock
 
 NAME_EXISTS = ("refuse", "rename", "replace")
 MAX_NAME = 100
@@ -73,6 +83,11 @@ class Registry:
                            "(ray-faceid identities enroll) or pass --registry")
         return self
 
+    def _lock(self, tenant: str, *key: str) -> StoreLock:
+        """The lock of one identity or one name (the file is named by a hash: it never holds either)."""
+        return StoreLock(storage.join(self.store, tenant, "_locks", tombstones.digest(*key) + ".lock"),
+                         "this identity" if key[0] == "id" else "this name")
+
     def _dir(self, tenant: str, identity: str) -> str:
         if not _TENANT.match(tenant or ""):
             raise BadInput(f"tenant {tenant!r}: use letters, digits, '-' or '_'")
@@ -82,10 +97,12 @@ class Registry:
 
     def create(self, tenant: str, name: str, consent: str, embeddings: np.ndarray, quality: np.ndarray,
                spec: EncoderSpec, crops: list[np.ndarray], photos: list[dict], source: dict | None = None,
-               name_exists: str = "refuse") -> dict:
+               name_exists: str = "refuse", reconsent: str | None = None) -> dict:
         """A new identity. Names are unique per tenant (people are asked for by name): a taken name is
         refused (NameTaken), or with `name_exists` "rename" gets a suffix ("ann-2"), or "replace"
-        erases the identity that held it. An empty name is allowed and never clashes."""
+        erases the identity that held it. An empty name is allowed and never clashes. A person erased
+        before (by name or dataset label) is refused (ErasedPerson) unless `reconsent` gives the new
+        consent reference they signed; it is then the identity's consent."""
         if not consent or not consent.strip():
             raise BadInput("consent is required: a reference to the person's recorded consent")
         if len(embeddings) == 0:
@@ -93,15 +110,35 @@ class Registry:
         name = check_name(name)
         if name_exists not in NAME_EXISTS:
             raise BadInput(f"name_exists must be one of {', '.join(NAME_EXISTS)}, not {name_exists!r}")
-        holders = self.named(tenant, name) if name else []
-        if holders and name_exists == "refuse":
-            raise NameTaken(f"the name {name!r} is taken by {holders[0]['id']}: enroll under another name, or ask "
-                            "to rename (a suffix) or replace (erases the other identity): --name-exists on the "
-                            "command line, name_exists in the API")
-        if holders and name_exists == "rename":
-            taken = {(m.get("name") or "").casefold() for m in self.list(tenant)}
-            name = next(f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}".casefold() not in taken)
-        replaced = holders if name_exists == "replace" else []
+        self._dir(tenant, new_identity_id())  # a bad tenant fails before any lock
+        with self._lock(tenant, "name", tombstones.person_key(tenant, name) or "<unnamed>"):
+            consent = self._consent_for(tenant, name, (source or {}).get("identity"), consent, reconsent)
+            holders = self.named(tenant, name) if name else []
+            if holders and name_exists == "refuse":
+                raise NameTaken(f"the name {name!r} is taken by {holders[0]['id']}: enroll under another name, or "
+                                "ask to rename (a suffix) or replace (erases the other identity): --name-exists on "
+                                "the command line, name_exists in the API")
+            if holders and name_exists == "rename":
+                taken = {(m.get("name") or "").casefold() for m in self.list(tenant)}
+                name = next(f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}".casefold() not in taken)
+            meta = self._write_new(tenant, name, consent, embeddings, quality, spec, crops, photos, source)
+            for holder in holders if name_exists == "replace" else []:  # only now: a failed enrollment loses no one
+                self._erase(tenant, holder["id"])
+        return meta
+
+    def _consent_for(self, tenant: str, name: str, label: str | None, consent: str, reconsent: str | None) -> str:
+        erased = tombstones.erased_person(self.store, tenant, name, label or "")
+        if erased is None:
+            return consent.strip()
+        if not reconsent or not reconsent.strip():
+            raise ErasedPerson(f"a person called {name or label!r} was erased from this registry on {erased['erased']}; "
+                               "enrolling them again needs the new consent reference they gave: --reconsent on the "
+                               "command line, reconsent in the API")
+        if reconsent.strip() == (erased.get("consent") or "").strip():
+            raise BadInput("reconsent must be a new consent reference, not the one the person withdrew")
+        return reconsent.strip()
+
+    def _write_new(self, tenant, name, consent, embeddings, quality, spec, crops, photos, source) -> dict:
         identity = new_identity_id()
         folder = self._dir(tenant, identity)
         for k, crop in enumerate(crops):
@@ -113,22 +150,39 @@ class Registry:
         storage.write_bytes(storage.join(folder, "embeddings.npz"), buf.getvalue())
         now = _now()
         meta = {
-            "id": identity, "tenant": tenant, "name": name, "consent": consent.strip(), "created": now, "updated": now,
-            "encoder": spec.model_dump(), "faces_used": int(len(embeddings)), "photos": photos, "adapters": [],
+            "id": identity, "tenant": tenant, "name": name, "consent": consent, "created": now, "updated": now,
+            "generation": 1, "encoder": spec.model_dump(), "faces_used": int(len(embeddings)), "photos": photos,
+            "adapters": [],
         }
         if source:
             meta["source"] = source
         # meta.json last: an identity exists only once all its files are written.
         storage.write_bytes(storage.join(folder, "meta.json"), json.dumps(meta, indent=2).encode())
-        for holder in replaced:  # only once the new identity exists: a failed enrollment loses no one
-            self.delete(tenant, holder["id"])
         return meta
 
     def get(self, tenant: str, identity: str) -> dict:
         try:
             return json.loads(storage.read_bytes(storage.join(self._dir(tenant, identity), "meta.json")))
         except NotFound:
+            if tombstones.erased_id(self.store, tenant, identity):
+                raise Erased(f"identity {identity} was erased") from None
             raise NotFound(f"identity {identity} not found") from None
+
+    def update(self, tenant: str, identity: str, change, generation: int | None = None) -> dict:
+        """Apply `change(meta)` to an identity's metadata as one conditional write: under the identity's
+        lock, on the current meta.json, which must still be at `generation` when one is given
+        (Conflict otherwise); the generation is bumped. A deleted identity raises Erased or NotFound."""
+        with self._lock(tenant, "id", identity):
+            meta = self.get(tenant, identity)
+            found = int(meta.get("generation", 0))
+            if generation is not None and found != generation:
+                raise Conflict(f"identity {identity} changed (generation {found}, expected {generation}): "
+                               "read it again and retry")
+            change(meta)
+            meta["generation"], meta["updated"] = found + 1, _now()
+            storage.write_bytes(storage.join(self._dir(tenant, identity), "meta.json"),
+                                json.dumps(meta, indent=2).encode())
+            return meta
 
     def embeddings(self, tenant: str, identity: str) -> tuple[np.ndarray, np.ndarray, EncoderSpec]:
         meta = self.get(tenant, identity)
@@ -173,9 +227,41 @@ class Registry:
                     continue
         return out
 
-    def delete(self, tenant: str, identity: str) -> None:
-        self.get(tenant, identity)  # NotFound for others' and unknown ids
-        storage.delete(self._dir(tenant, identity))
+    def delete(self, tenant: str, identity: str, also: list[str] = ()) -> dict:
+        """Erase an identity: a tombstone, then every artifact of the person (registry files, per-identity
+        adapters, render outputs made from this registry or listed in `also`, contact sheets, the
+        ingest dataset's crops and embeddings of their label). Returns the erasure report."""
+        meta = self.get(tenant, identity)  # NotFound for others' and unknown ids
+        with self._lock(tenant, "name", tombstones.person_key(tenant, meta.get("name") or "") or "<unnamed>"):
+            return self._erase(tenant, identity, also)
+
+    def _erase(self, tenant: str, identity: str, also: list[str] = ()) -> dict:
+        from ray_faceid.erasure import erase_elsewhere
+
+        with self._lock(tenant, "id", identity):
+            meta = self.get(tenant, identity)
+            folder = self._dir(tenant, identity)
+            files = self.files(tenant, identity)
+            tombstone = tombstones.write(self.store, meta)  # first: from here on no write can bring them back
+            storage.delete(folder)
+        removed = [{"what": "registry: references, embeddings, per-identity adapters", "where": folder,
+                    "files": len(files)}]
+        removed += erase_elsewhere(meta, [*self.outputs(tenant), *also])
+        return {"id": identity, "tenant": tenant, "tombstone": tombstone, "removed": removed}
+
+    def record_output(self, tenant: str, uri: str) -> None:
+        """Remember a render output made from this registry, so that erasing a person reaches it."""
+        uri = uri if "://" in str(uri) else os.path.abspath(uri)
+        self._dir(tenant, new_identity_id())  # checks the tenant
+        key = tombstones.digest("output", uri)
+        storage.write_bytes(storage.join(self.store, tenant, "_outputs", key + ".json"),
+                            json.dumps({"uri": uri, "kind": "render"}).encode())
+
+    def outputs(self, tenant: str) -> list[str]:
+        fs, path = storage.filesystem(storage.join(self.store, tenant, "_outputs"))
+        if not fs.exists(path):
+            return []
+        return [json.loads(fs.cat_file(p))["uri"] for p in sorted(fs.ls(path, detail=False)) if p.endswith(".json")]
 
     def references(self, tenant: str, identity: str) -> list[np.ndarray]:
         """The aligned reference crops (RGB uint8), in enrollment order."""
@@ -185,16 +271,19 @@ class Registry:
                            .convert("RGB")) for k in range(meta["faces_used"])]
 
     def add_adapter(self, tenant: str, identity: str, weights: bytes, record: dict) -> dict:
-        """Store a per-identity adapter version; `record` says what it was trained from (base adapter, settings)."""
-        meta = self.get(tenant, identity)
+        """Store a per-identity adapter version; `record` says what it was trained from (base adapter,
+        settings). One conditional write: concurrent writers each keep their record; an identity
+        deleted meanwhile raises Erased and gets no files."""
         version = "v_" + hashlib.sha256(weights).hexdigest()[:16]
-        folder = storage.join(self._dir(tenant, identity), "adapters", version)
-        storage.write_bytes(storage.join(folder, "weights.safetensors"), weights)
         entry = {**record, "version": version, "created": _now()}
-        storage.write_bytes(storage.join(folder, "record.json"), json.dumps(entry, indent=2).encode())
-        meta["adapters"] = [a for a in meta.get("adapters", []) if a["version"] != version] + [entry]
-        meta["updated"] = entry["created"]
-        storage.write_bytes(storage.join(self._dir(tenant, identity), "meta.json"), json.dumps(meta, indent=2).encode())
+
+        def store(meta: dict) -> None:  # under the identity's lock, after it was found to exist
+            folder = storage.join(self._dir(tenant, identity), "adapters", version)
+            storage.write_bytes(storage.join(folder, "weights.safetensors"), weights)
+            storage.write_bytes(storage.join(folder, "record.json"), json.dumps(entry, indent=2).encode())
+            meta["adapters"] = [a for a in meta.get("adapters", []) if a["version"] != version] + [entry]
+
+        self.update(tenant, identity, store)
         return entry
 
     def adapter_record(self, tenant: str, identity: str, base_adapter: str, settings: str | None = None) -> dict | None:

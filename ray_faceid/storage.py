@@ -6,6 +6,7 @@ is already atomic, so the bytes are written directly).
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import uuid
@@ -16,8 +17,10 @@ from fsspec.core import url_to_fs
 
 from ray_faceid.errors import NotFound, StorageError
 
+log = logging.getLogger(__name__)
 # Object stores have no rename; one PUT is atomic there.
 _ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "memory"}
+_WARNED_NOT_EXCLUSIVE: set[str] = set()
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -66,6 +69,36 @@ def write_bytes(uri: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
+    except OSError as exc:
+        raise StorageError(f"cannot write {uri}: {exc}") from exc
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write `data` to `uri` only if nothing is there: True if this call created it, False if a file
+    was already there. Atomic where the store can create exclusively (fsspec mode "xb": O_EXCL on
+    local and POSIX disks, the memory store, object-store backends that implement it as a
+    conditional PUT); on a backend that cannot, it checks then writes, and says so once in the log."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if _protocol(fs) != "file" else os.path.dirname(path)
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        try:
+            with fs.open(path, "xb") as fh:
+                fh.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError, TypeError):  # the backend has no exclusive create
+            proto = _protocol(fs)
+            if proto not in _WARNED_NOT_EXCLUSIVE:
+                _WARNED_NOT_EXCLUSIVE.add(proto)
+                log.warning("the %s store cannot create files exclusively: registry writes there are "
+                            "check-then-write, not safe against a concurrent writer", proto)
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, data)
+            return True
     except OSError as exc:
         raise StorageError(f"cannot write {uri}: {exc}") from exc
 

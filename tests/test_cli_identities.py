@@ -26,10 +26,12 @@ def test_enroll_list_show_delete(tmp_path, sample_photos):
     assert runner.invoke(app, ["identities", "list", "--json", "--registry", str(tmp_path / "reg"),
                                "--tenant", "other"]).stdout.strip() == "[]"
     assert '"name": "tom"' in runner.invoke(app, ["identities", "show", ident, *reg]).stdout
-    assert runner.invoke(app, ["identities", "delete", ident, *reg]).exit_code == 0
-    assert not any((tmp_path / "reg" / "acme").iterdir())
+    erased = runner.invoke(app, ["identities", "delete", ident, *reg])
+    assert erased.exit_code == 0 and "tombstone" in erased.stdout
+    left = [p for p in (tmp_path / "reg" / "acme").rglob("*") if p.is_file()]
+    assert [p.parent.name for p in left] == ["_erased"] and ident.encode() not in left[0].read_bytes()
     gone = runner.invoke(app, ["identities", "show", ident, *reg])
-    assert gone.exit_code == 2 and "not found" in gone.stderr
+    assert gone.exit_code == 2 and "was erased" in gone.stderr
 
 
 def test_enroll_without_a_usable_photo_exits_2(tmp_path):

@@ -20,6 +20,8 @@ def enroll(
                              "catalogs and the API then find them by it."),
     name_exists: str = typer.Option("refuse", "--name-exists", help="When the name is taken: refuse | rename "
                                     "(adds a suffix) | replace (erases the identity holding it)."),
+    reconsent: str = typer.Option(None, "--reconsent", help="For a person erased before: the new consent "
+                                  "reference they gave (without it, an erased person is refused)."),
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
 ):
@@ -52,7 +54,7 @@ def enroll(
         if not embeddings:
             raise BadInput("no usable photo: " + "; ".join(f"{r['filename']}: {r['reason']}" for r in reports))
         meta = Registry(registry).create(tenant, name, consent, np.stack(embeddings), np.array(quality), analyzer.spec,
-                                         crops, reports, name_exists=name_exists)
+                                         crops, reports, name_exists=name_exists, reconsent=reconsent)
     called = f" as {meta['name']!r}" if meta["name"] else ""
     typer.echo(f"enrolled {meta['id']}{called} ({meta['faces_used']} of {len(photos)} photos used)")
 
@@ -61,15 +63,24 @@ def enroll(
 def enroll_dataset(
     dataset: str = typer.Argument(..., help="An ingest output (after `ray-faceid pairs`)."),
     consent: str = typer.Option(..., "--consent", help="Reference to the consent / licence covering the dataset's people."),
+    reconsent: list[str] = typer.Option([], "--reconsent", help="LABEL=REF: re-enroll a person erased before, under "
+                                        "the new consent reference they gave (repeat per person). Erased people "
+                                        "are skipped otherwise, so scheduled re-runs never bring them back."),
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
 ):
-    """Enroll every identity of an ingest output from its best faces (re-runs skip those enrolled)."""
+    """Enroll every identity of an ingest output from its best faces (re-runs skip those enrolled and
+    those erased)."""
     from ray_faceid.enrollment import enroll_dataset as enroll_all
+    from ray_faceid.errors import BadInput
     from ray_faceid.registry import Registry
 
     with user_errors():
-        result = enroll_all(Registry(registry), tenant, dataset, consent)
+        bad = [r for r in reconsent if "=" not in r or not r.split("=", 1)[0].strip() or not r.split("=", 1)[1].strip()]
+        if bad:
+            raise BadInput(f"--reconsent takes LABEL=REF (the person's dataset label, their new consent), got {bad[0]!r}")
+        given = dict(r.split("=", 1) for r in reconsent)
+        result = enroll_all(Registry(registry), tenant, dataset, consent, reconsent=given)
     for label, identity in result["enrolled"].items():
         typer.echo(f"enrolled {label}: {identity}")
     for label, reason in result["skipped"].items():
@@ -103,12 +114,26 @@ def show(identity: str = typer.Argument(..., help="An id or a name."), registry:
 
 @app.command()
 def delete(identity: str = typer.Argument(..., help="An id or a name."), registry: str = RegistryOpt,
-           tenant: str = TenantOpt):
-    """Erase every artifact of an identity: references, embeddings, adapters, metadata."""
+           tenant: str = TenantOpt,
+           also: list[str] = typer.Option([], "--also", help="Another render output or ingest dataset to erase "
+                                          "the person from (those `render` made from this registry, and the "
+                                          "dataset they were enrolled from, are found without it)."),
+           as_json: bool = typer.Option(False, "--json", help="Print the erasure report as JSON.")):
+    """Erase a person: leaves a tombstone (no face data) and removes their references, embeddings,
+    adapters, the render outputs that show them, contact sheets and their faces in ingest datasets;
+    prints what was removed, where."""
     from ray_faceid.registry import Registry
 
     with user_errors():
         store = Registry(registry).require()
         found = store.resolve(tenant, identity)
-        store.delete(tenant, found)
-    console.print(f"deleted {found}" + (f" ({identity})" if found != identity else ""))
+        report = store.delete(tenant, found, also=also)
+    if as_json:
+        print_json(report)
+        return
+    console.print(f"erased {found}" + (f" ({identity})" if found != identity else ""), highlight=False)
+    for entry in report["removed"]:
+        counts = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("what", "where"))
+        console.print(f"  {entry['what']}: {entry['where']} ({counts})", highlight=False, soft_wrap=True)
+    console.print(f"  tombstone: {report['tombstone']} (enrolling them again needs --reconsent)", highlight=False,
+                  soft_wrap=True)

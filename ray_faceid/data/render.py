@@ -28,7 +28,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()), ("index", pa.int64()), ("status", pa.string()), ("error", pa.string()),
     ("output_uri", pa.string()), ("key", pa.string()), ("seed", pa.int64()), ("cached", pa.bool_()),
     ("similarity", pa.float64()), ("face_found", pa.bool_()), ("leakage", pa.float64()), ("scores", pa.string()),
-    ("provenance", pa.string()),
+    ("provenance", pa.string()), ("identity_ids", pa.list_(pa.string())),
 ])
 
 
@@ -96,6 +96,9 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     texts = read_catalog(catalog)
     if not texts:
         raise BadInput(f"catalog {catalog} has no rows")
+    from ray_faceid.registry import Registry
+
+    Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
     init_ray(address)
     gpus = config.num_gpus_per_worker
     if gpus is None:

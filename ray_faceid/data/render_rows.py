@@ -75,7 +75,7 @@ class Renderer:
         found = self.registry.resolve(self.tenant, identity)  # rows may name people or give their ids
         embeddings, quality, spec = self.registry.embeddings(self.tenant, found)
         self.analyzer.spec.check_compatible(spec)
-        loaded = {"embeddings": embeddings, "quality": quality,
+        loaded = {"id": found, "embeddings": embeddings, "quality": quality,
                   "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash)}
         self.identities[identity] = loaded
         if len(self.identities) > IDENTITY_CACHE:
@@ -167,7 +167,8 @@ class Renderer:
         scores = score_output(faces, {i.id: self.identity(i.id)["embeddings"] for i in row.identities})
         record = {"id": row.id, "index": None, "status": "ok", "error": None, "output_uri": png_uri, "key": key,
                   "seed": row.seed, "cached": False, "similarity": scores["similarity"], "face_found": scores["face_found"],
-                  "leakage": scores["leakage"], "scores": json.dumps(scores), "provenance": json.dumps(provenance)}
+                  "leakage": scores["leakage"], "scores": json.dumps(scores), "provenance": json.dumps(provenance),
+                  "identity_ids": [self.identity(i.id)["id"] for i in row.identities]}  # what erasure looks for
         storage.write_bytes(png_uri, png)
         storage.write_bytes(record_uri, json.dumps(record).encode())  # last: the row is done
         return record

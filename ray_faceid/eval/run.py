@@ -99,6 +99,7 @@ def evaluate(source: str, registry, tenant: str = "default", identities: list[st
     report = {"source": source, "encoders": {name: {"spec": a.spec.key(), **_metrics(scores[name])}
                                              for name, a in encoders.items()}, "rows": per_row}
     out = out or source
+    registry.record_output(tenant, out)  # the sheet shows reference crops: erasing a person reaches it
     storage.write_bytes(storage.join(out, REPORT), json.dumps(report, indent=2).encode())
     sheet = []
     for row in per_row[:sheet_rows]:

@@ -1,0 +1,73 @@
+"""Tombstones: what the registry remembers of an erased person, so that they stay erased.
+
+    <store>/<tenant>/_erased/<sha256 of the id>.json
+
+A tombstone holds the sha256 of the id, the tenant, the time, the consent reference the person was
+enrolled under, and keyed hashes of their name and dataset label (so that a scheduled
+`enroll-dataset` or a new enrollment under that name is refused without `--reconsent`). It holds
+no face data, no embedding, no name and not the id itself: a byte search of the stores finds none.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from ray_faceid import storage
+from ray_faceid.errors import NotFound
+
+FOLDER = "_erased"
+
+
+def digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def person_key(tenant: str, name: str) -> str:
+    """A name's key within a tenant (case-insensitive); '' for no name."""
+    name = (name or "").strip().casefold()
+    return digest("name", tenant, name) if name else ""
+
+
+def uri(store: str, tenant: str, identity: str) -> str:
+    return storage.join(store, tenant, FOLDER, digest("id", identity) + ".json")
+
+
+def write(store: str, meta: dict) -> str:
+    """The tombstone of the identity `meta` describes; returns its URI."""
+    tenant = meta["tenant"]
+    keys = sorted({k for k in (person_key(tenant, meta.get("name") or ""),
+                               person_key(tenant, (meta.get("source") or {}).get("identity") or "")) if k})
+    record = {"id_sha256": digest("id", meta["id"]), "tenant": tenant,
+              "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "consent": meta.get("consent"), "person_keys": keys}
+    where = uri(store, tenant, meta["id"])
+    storage.write_bytes(where, json.dumps(record, indent=2).encode())
+    return where
+
+
+def all_for(store: str, tenant: str) -> list[dict]:
+    fs, path = storage.filesystem(storage.join(store, tenant, FOLDER))
+    if not fs.exists(path):
+        return []
+    out = []
+    for entry in sorted(fs.ls(path, detail=False)):
+        try:
+            out.append(json.loads(fs.cat_file(entry)))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def erased_id(store: str, tenant: str, identity: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri(store, tenant, identity)))
+    except NotFound:
+        return None
+
+
+def erased_person(store: str, tenant: str, *names: str) -> dict | None:
+    """The newest tombstone of a person known by any of `names` (their name or dataset label)."""
+    keys = {person_key(tenant, n) for n in names if n and n.strip()}
+    found = [t for t in all_for(store, tenant) if keys & set(t.get("person_keys", []))]
+    return max(found, key=lambda t: t["erased"]) if found else None

@@ -1,0 +1,145 @@
+"""The registry under concurrent writers (threads and processes): no resurrection, no lost record."""
+import json
+import multiprocessing
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ray_faceid import storage
+from ray_faceid.errors import BadInput, Conflict, Erased, ErasedPerson, NotFound
+from ray_faceid.registry import Registry
+from ray_faceid.store_lock import StoreLock
+
+
+def enroll(registry: Registry, spec, name: str = "ann", **kw) -> str:
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    crops = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)]
+    return registry.create("default", name, "consent-1", rng.normal(size=(1, 128)).astype(np.float32),
+                           np.ones(1, np.float32), spec, crops, [], **kw)["id"]
+
+
+def while_writing_weights(monkeypatch, other):
+    """Run `other` in a thread while the first adapter weights are being written, and give it 0.5 s
+    to finish there (it cannot where the registry serialises writers)."""
+    write, started = storage.write_bytes, []
+
+    def hooked(uri, data):
+        if uri.endswith("weights.safetensors") and not started:
+            started.append(threading.Thread(target=other))
+            started[0].start()
+            started[0].join(0.5)
+        write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", hooked)
+    return started
+
+
+def test_a_delete_during_a_personalize_write_is_not_undone(tmp_path, spec128, monkeypatch):
+    registry = Registry(str(tmp_path / "registry"))
+    ident = enroll(registry, spec128)
+    threads = while_writing_weights(monkeypatch, lambda: registry.delete("default", ident))
+    registry.add_adapter("default", ident, b"weights", {"base_adapter": "a"})  # began before the delete
+    threads[0].join(10)
+    assert not threads[0].is_alive()
+    with pytest.raises(Erased):
+        registry.get("default", ident)
+    assert registry.files("default", ident) == []  # no meta.json, no adapter brought back
+    with pytest.raises(Erased):  # and nothing may be written to it again
+        registry.add_adapter("default", ident, b"weights", {"base_adapter": "a"})
+    assert registry.files("default", ident) == []
+
+
+def test_two_personalize_writers_keep_both_records(tmp_path, spec128, monkeypatch):
+    registry = Registry(str(tmp_path / "registry"))
+    ident = enroll(registry, spec128)
+    threads = while_writing_weights(monkeypatch, lambda: registry.add_adapter("default", ident, b"second",
+                                                                              {"base_adapter": "b"}))
+    registry.add_adapter("default", ident, b"first", {"base_adapter": "a"})
+    threads[0].join(10)
+    meta = registry.get("default", ident)
+    assert sorted(a["base_adapter"] for a in meta["adapters"]) == ["a", "b"]
+    assert meta["generation"] == 3
+
+
+def test_a_write_at_an_old_generation_is_refused(tmp_path, spec128):
+    registry = Registry(str(tmp_path / "registry"))
+    ident = enroll(registry, spec128)
+    seen = registry.get("default", ident)["generation"]
+    registry.update("default", ident, lambda m: m.update(name_note="first"), generation=seen)
+    with pytest.raises(Conflict, match="changed"):
+        registry.update("default", ident, lambda m: m.update(name_note="second"), generation=seen)
+    assert registry.get("default", ident)["name_note"] == "first"
+
+
+def test_an_erased_person_is_not_enrolled_again_without_new_consent(tmp_path, spec128):
+    registry = Registry(str(tmp_path / "registry"))
+    registry.delete("default", enroll(registry, spec128, "Ann"))
+    with pytest.raises(ErasedPerson, match="--reconsent"):
+        enroll(registry, spec128, "ann")
+    with pytest.raises(BadInput, match="new consent"):
+        enroll(registry, spec128, "ann", reconsent="consent-1")
+    again = enroll(registry, spec128, "ann", reconsent="consent-2")
+    assert registry.get("default", again)["consent"] == "consent-2"
+    enroll(registry, spec128, "bob")  # others are not affected
+
+
+def test_enroll_racing_a_delete_never_brings_the_person_back(tmp_path, spec128):
+    registry = Registry(str(tmp_path / "registry"))
+    for _ in range(5):
+        ident = enroll(registry, spec128, "cat", **({"reconsent": f"c{time.time_ns()}"} if _ else {}))
+        outcome = {}
+
+        def again():  # a scheduled re-enrollment of the same person
+            try:
+                outcome["id"] = enroll(registry, spec128, "cat")
+            except Exception as exc:  # noqa: BLE001 - the outcome is asserted below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=again)
+        thread.start()
+        registry.delete("default", ident)
+        thread.join(10)
+        # Either the re-enrollment came first (the name was taken) or after (the person was erased).
+        assert type(outcome.get("error")).__name__ in ("NameTaken", "ErasedPerson"), outcome
+        assert registry.named("default", "cat") == []
+
+
+def _add(store: str, ident: str, k: int) -> str:
+    try:
+        Registry(store).add_adapter("default", ident, f"weights {k}".encode(), {"base_adapter": f"b{k}"})
+        return "stored"
+    except (Erased, NotFound):
+        return "erased"
+
+
+def _delete(store: str, ident: str) -> str:
+    Registry(store).delete("default", ident)
+    return "deleted"
+
+
+def test_writers_in_processes(tmp_path, spec128):
+    registry = Registry(str(tmp_path / "registry"))
+    kept, erased = enroll(registry, spec128, "dan"), enroll(registry, spec128, "eve")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        jobs = [pool.apply_async(_add, (registry.store, kept, k)) for k in range(6)]
+        jobs += [pool.apply_async(_add, (registry.store, erased, k)) for k in range(3)]
+        jobs.append(pool.apply_async(_delete, (registry.store, erased)))
+        jobs += [pool.apply_async(_add, (registry.store, erased, k)) for k in range(3, 6)]
+        results = [j.get(60) for j in jobs]
+    assert results[:6] == ["stored"] * 6
+    assert len(registry.get("default", kept)["adapters"]) == 6  # no lost record
+    assert registry.files("default", erased) == []  # no resurrection
+    with pytest.raises(Erased):
+        registry.get("default", erased)
+
+
+def test_a_lock_left_by_a_dead_writer_is_taken_over_and_a_live_one_is_waited_for(tmp_path):
+    uri = str(tmp_path / "x.lock")
+    storage.write_bytes(uri, json.dumps({"token": "dead", "time": time.time() - 3600}).encode())
+    with StoreLock(uri, "x", timeout=1):
+        with pytest.raises(Conflict, match="another writer"):
+            with StoreLock(uri, "x", timeout=0.2):
+                pass
+    assert not storage.exists(uri)
