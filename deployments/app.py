@@ -18,10 +18,11 @@ from ray_faceid.errors import BadInput
 
 
 def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing: int, overrides: dict | None,
-             cpus: float = 1.0) -> dict:
+             cpus: float = 1.0, max_queued: int = -1) -> dict:
     options = {
         "name": name,
         "max_ongoing_requests": max_ongoing,
+        "max_queued_requests": max_queued,  # -1: unbounded
         "autoscaling_config": {
             "min_replicas": autoscaling.min_replicas,
             "initial_replicas": max(1, autoscaling.min_replicas),
@@ -53,7 +54,7 @@ def build_app(args: dict | ServeConfig, overrides: dict[str, dict] | None = None
         overrides.get("FaceEncoder"))).bind(blob)
     generator = serve.deployment(Generator).options(**_options(
         "Generator", config.generator_autoscaling, config.generator_gpus, 2 * config.generator_batch_size,
-        overrides.get("Generator"))).bind(blob)
+        overrides.get("Generator"), max_queued=config.limits.generator_max_queued)).bind(blob)
     ingress = serve.deployment(IngressApp).options(**_options(
         # The ingress only routes and validates: it reserves no CPU from the model replicas.
         "Ingress", config.ingress_autoscaling, 0.0, 64, overrides.get("Ingress"), cpus=0.0)).bind(face, generator, blob)

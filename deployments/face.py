@@ -6,6 +6,7 @@ import io
 from PIL import Image
 from ray import serve
 
+from deployments.memory import replica_memory
 from ray_faceid.config import DecodeConfig, FaceConfig, ServeConfig
 from ray_faceid.errors import FaceIdError
 
@@ -18,7 +19,8 @@ class FaceEncoder:
         limits = config.limits
         face = config.face.model_copy(update={
             "detection": config.face.detection.model_copy(update={"policy": "all"}),
-            "decode": DecodeConfig(max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels),
+            "decode": DecodeConfig(max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels,
+                                   max_side=limits.max_decode_side),
         })
         self.analyzer = FaceAnalyzer(FaceConfig.model_validate(face.model_dump()))
         self.analyze_batch.set_max_batch_size(config.encoder_batch_size)
@@ -29,6 +31,9 @@ class FaceEncoder:
 
     def ping(self) -> bool:
         return True
+
+    def memory(self, reset_peak: bool = False) -> dict:
+        return replica_memory(reset_peak)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def analyze_batch(self, images: list[bytes]) -> list[dict]:

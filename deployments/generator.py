@@ -5,11 +5,14 @@ torch.compile backend every configured shape is compiled (or loaded from the eng
 before the replica is ready, and batches are padded up to the compiled batch buckets.
 
 Errors are returned as {"error", "message", "status"} so the ingress can answer 4xx precisely.
+A request whose caller went away (the client disconnected) stops at the next denoising step: the
+pipeline's step callback checks whether anyone still waits for the images being made.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 
 import numpy as np
@@ -17,7 +20,8 @@ import torch
 from ray import serve
 
 from deployments import multiplex
-from ray_faceid.config import ServeConfig
+from deployments.memory import replica_memory
+from ray_faceid.config import DecodeConfig, ServeConfig
 from ray_faceid.errors import EncoderMismatch, FaceIdError
 from ray_faceid.registry import newest_adapter
 
@@ -28,6 +32,23 @@ class LoadedIdentity:
         self.personal = personal
         """(version, weight delta) of the identity's own adapter for this replica's shared adapter."""
         self.loaded_at = time.time()
+
+
+class Cancelled(FaceIdError):
+    """Every caller of a running denoise went away: it stopped between steps."""
+
+    status = 499
+    code = "cancelled"
+
+
+def stop_when_abandoned(requests: list[dict]):
+    """A step callback that stops the denoise once every request in it was cancelled."""
+
+    def check(step: int, total: int) -> None:
+        if all(r["cancelled"].is_set() for r in requests):
+            raise Cancelled(f"the caller went away; stopped after {step} of {total} steps")
+
+    return check
 
 
 class Generator:
@@ -55,7 +76,7 @@ class Generator:
         self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self.registry = Registry(self.config.registry)
         self.adapter_hash = self.pipeline.adapter_hash
-        self.loads = 0
+        self.loads, self.cancelled = 0, 0
         self._lock = asyncio.Lock()
         self.load_identity = multiplex.identity_cache(self._load_identity, self.config.identities_per_replica)
         self.generate_batch.set_max_batch_size(self.config.generator_batch_size)
@@ -75,6 +96,9 @@ class Generator:
     def ping(self) -> bool:
         return True
 
+    def memory(self, reset_peak: bool = False) -> dict:
+        return replica_memory(reset_peak)
+
     def defaults(self) -> dict:
         """Steps and size of requests that do not say (the base model's own)."""
         width, height = self.pipeline.base.native_size
@@ -83,7 +107,7 @@ class Generator:
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
                 "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads,
-                "backend": self.pipeline.backend, "warm_up": self.warm_up_report,
+                "backend": self.pipeline.backend, "warm_up": self.warm_up_report, "cancelled": self.cancelled,
                 "imr": getattr(self.pipeline.imr, "weights_hash", None),
                 "flow": getattr(self.pipeline.flow, "weights_hash", None)}
 
@@ -129,12 +153,25 @@ class Generator:
         from ray_faceid.pipelines.inpaint import inpaint
 
         conditions, hits = await self._conditions(request["tenant"], request["identities"])
-        image, mask = decode_image(request["image"]), decode_image(request["mask"])
+        limits = self.config.limits
+        decode = DecodeConfig(max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels)
+        image, mask = decode_image(request["image"], decode), decode_image(request["mask"], decode)
         async with self._lock:
-            result = await asyncio.to_thread(
-                inpaint, self.pipeline, image, mask, conditions[0], request["prompt"], request["negative_prompt"],
-                request["seed"], request["steps"], request["guidance"], request["feather"])
+            result = await self._run(
+                [request], inpaint, self.pipeline, image, mask, conditions[0], request["prompt"],
+                request["negative_prompt"], request["seed"], request["steps"], request["guidance"], request["feather"])
         return self._response(result.png, result.provenance, result.seeds, hits, len(conditions))
+
+    async def _run(self, requests: list[dict], fn, *args):
+        """`fn(*args)` on a worker thread, stopped between denoising steps once all `requests` are cancelled."""
+        self.pipeline.on_step = stop_when_abandoned(requests)
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Cancelled:
+            self.cancelled += 1
+            raise
+        finally:
+            self.pipeline.on_step = None
 
     @staticmethod
     def _response(png, provenance, seeds, hits: int, lookups: int) -> dict:
@@ -166,8 +203,9 @@ class Generator:
         first = requests[owners[0]] if items else None
         for members in by_weights.values():
             async with self._lock:  # one pipeline per replica
-                result = await asyncio.to_thread(self.pipeline.generate_items, [items[k] for k in members],
-                                                 first["steps"], first["guidance"], first["width"], first["height"])
+                result = await self._run([requests[owners[k]] for k in members], self.pipeline.generate_items,
+                                         [items[k] for k in members], first["steps"], first["guidance"],
+                                         first["width"], first["height"])
             for j, k in enumerate(members):
                 png[k], provenance[k], seeds[k] = result.png[j], result.provenance[j], result.seeds[j]
         for i, (hits, count) in lookups.items():
@@ -197,4 +235,9 @@ class Generator:
         return results
 
     async def generate(self, request: dict) -> dict:
-        return await self.generate_batch(request)
+        request = dict(request, cancelled=threading.Event())
+        try:
+            return await self.generate_batch(request)
+        except asyncio.CancelledError:  # the ingress's call was cancelled: its client disconnected
+            request["cancelled"].set()
+            raise

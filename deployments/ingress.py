@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import re
 import secrets
 import time
+import uuid
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -13,8 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from ray import serve
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException
 
-from deployments import auth, metrics, multiplex
+from deployments import auth, body_limit, metrics, multiplex
+from deployments.memory import replica_memory
 from deployments.schemas import (
     ErasureReport,
     GeneratedImage,
@@ -25,6 +31,7 @@ from deployments.schemas import (
     IdentityScore,
     InpaintRequest,
     PhotoReport,
+    errors,
 )
 from ray_faceid.config import ServeConfig
 from ray_faceid.enrollment import rejection
@@ -35,8 +42,14 @@ from ray_faceid.face.landmarks import INSIGHTFACE5, Landmarks
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.registry import Registry
 
+log = logging.getLogger("ray.serve")
 api = FastAPI(title="ray_faceid", version="0.1.0",
-              description="Enroll people from photos; render, inpaint and compose them with their identity preserved.")
+              description="Enroll people from photos; render, inpaint and compose them with their identity preserved. "
+              "Every error answer is {error, message, request_id}.")
+api.add_middleware(body_limit.BodyLimit)
+_STORAGE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"]+[/\\])+[^\s'\",;)]*")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+CALLER = errors(401, 422, 500)
 
 
 class Unauthorized(FaceIdError):
@@ -44,18 +57,43 @@ class Unauthorized(FaceIdError):
     code = "unauthorized"
 
 
+class Busy(FaceIdError):
+    """The Generator's queue is full: retry later (503 with Retry-After)."""
+
+    status = 503
+    code = "busy"
+    retry_after = 5
+
+
+def _error(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """The one error body. Storage paths and URIs never reach a client: they are logged with the request id."""
+    rid = getattr(request.state, "request_id", None)
+    public = _STORAGE.sub("<storage>", message)
+    if public != message or status >= 500:
+        log.warning("request %s: %s %s: %s", rid, status, code, message)
+    return JSONResponse({"error": code, "message": public, "request_id": rid}, status_code=status, headers=headers)
+
+
 @api.exception_handler(FaceIdError)
 async def _typed_error(request: Request, exc: FaceIdError):
-    return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+    retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+    return _error(request, exc.status, exc.code, exc.message, retry)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    """Routing and parsing errors (unknown path, wrong method, a body that cannot be parsed)."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    return _error(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError):
-    """The same body as every other 4xx. The offending values are not echoed back: a NaN or an
-    infinity in the request cannot be written as JSON (echoing it made a 500)."""
+    """The offending values are not echoed back: a NaN or an infinity in the request cannot be
+    written as JSON (echoing it made a 500)."""
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
                          for e in exc.errors())
-    return JSONResponse({"error": "invalid_request", "message": problems}, status_code=422)
+    return _error(request, 422, "invalid_request", problems)
 
 
 def _out(meta: dict) -> IdentityOut:
@@ -80,8 +118,12 @@ class Ingress:
             raise BadInput("no API token configured; the API never runs open (ray-faceid serve generates one)")
         self.face, self.generator = face_encoder, generator
         self.registry = Registry(self.config.registry)
+        body_limit.LIMIT["bytes"] = self.config.limits.max_body_bytes
         self.spec: EncoderSpec | None = None
         self.model_defaults: dict | None = None
+
+    def memory(self, reset_peak: bool = False) -> dict:
+        return replica_memory(reset_peak)
 
     async def _defaults(self) -> dict:
         """The base model's own steps and size, for requests that leave them out."""
@@ -106,15 +148,18 @@ class Ingress:
             metrics.BATCH_SIZE.labels("face_encoder").observe(result["batch_size"])
         return result
 
-    def _check_upload(self, data: bytes, what: str) -> bytes:
-        if len(data) > self.config.limits.max_upload_bytes:
-            raise BadInput(f"{what} is {len(data)} bytes; the limit is {self.config.limits.max_upload_bytes}")
-        if not data:
+    def _check_upload(self, data: bytes | None, what: str, size: int | None = None) -> bytes | None:
+        """An upload within the limit; `size` (of a file spooled to disk) is checked before it is read."""
+        size = len(data) if data is not None else size
+        if size is not None and size > self.config.limits.max_upload_bytes:
+            raise BadInput(f"{what} is {size} bytes; the limit is {self.config.limits.max_upload_bytes}")
+        if size == 0:
             raise BadInput(f"{what} is empty")
         return data
 
     # -- identities ----------------------------------------------------------------------------
-    @api.post("/v1/identities", status_code=201, response_model=IdentityOut)
+    @api.post("/v1/identities", status_code=201, response_model=IdentityOut,
+              responses=errors(400, 401, 409, 413, 422, 500, 502, 503))
     async def enroll(self, request: Request, photos: list[UploadFile] = File(...), consent: str = Form(...),
                      name: str = Form(""), name_exists: str = Form("refuse"),
                      reconsent: str = Form("", description="For a person erased before: the new consent reference "
@@ -131,6 +176,8 @@ class Ingress:
         reports, embeddings, quality, crops = [], [], [], []
         from ray_faceid.face.decode import decode_image
 
+        for photo in photos:  # every size before any photo is read or analysed
+            self._check_upload(None, f"photo {photo.filename}", photo.size)
         for i, photo in enumerate(photos):
             data = self._check_upload(await photo.read(), f"photo {photo.filename}")
             result = await self._analyze(data)
@@ -154,7 +201,7 @@ class Ingress:
                                     name_exists=name_exists, reconsent=reconsent or None)
         return _out(meta)
 
-    @api.get("/v1/identities", response_model=IdentityList)
+    @api.get("/v1/identities", response_model=IdentityList, responses=errors(401, 422, 500, 502))
     async def list_identities(self, request: Request, limit: int = Query(100, ge=1, le=1000),
                               after: str | None = Query(None, description="The `next` of the previous page.")
                               ) -> IdentityList:
@@ -163,12 +210,13 @@ class Ingress:
         more = len(page) == limit and page and page[-1]["id"] != everyone[-1]["id"]
         return IdentityList(identities=[_out(m) for m in page], next=page[-1]["id"] if more else None)
 
-    @api.get("/v1/identities/{identity}", response_model=IdentityOut)
+    @api.get("/v1/identities/{identity}", response_model=IdentityOut, responses=errors(401, 404, 410, 422, 500, 502))
     async def get_identity(self, identity: str, request: Request) -> IdentityOut:
         tenant = self._tenant(request)
         return _out(self.registry.get(tenant, self.registry.resolve(tenant, identity)))
 
-    @api.delete("/v1/identities/{identity}", response_model=ErasureReport)
+    @api.delete("/v1/identities/{identity}", response_model=ErasureReport,
+                responses=errors(401, 404, 409, 410, 422, 500, 502))
     async def delete_identity(self, identity: str, request: Request) -> ErasureReport:
         """Erase the person everywhere the system keeps them; says what was removed (storage folders
         are named by the last part of their path only)."""
@@ -186,6 +234,10 @@ class Ingress:
             raise BadInput(f"width and height must be multiples of 8 up to {limits.max_side}, got {width}x{height}")
         if images > limits.max_images:
             raise BadInput(f"num_images {images} is over the limit of {limits.max_images}")
+        cost = width * height * steps * images
+        if cost > limits.max_cost:
+            raise BadInput(f"this request is {cost} pixel-steps of work (width x height x steps x images); the limit is "
+                           f"{limits.max_cost}: ask for fewer steps, a smaller size or fewer images")
 
     async def _score(self, png_b64: str, tenant: str, ids: list[str]) -> list[IdentityScore]:
         spec = await self._spec()
@@ -209,7 +261,13 @@ class Ingress:
             attempts += 1
             payload = dict(payload, seed=payload["seed"] + attempt * 7919)
             handle = multiplex.for_identity(self.generator, tenant, ids[0])
-            result = await handle.generate.remote(payload)
+            try:
+                result = await handle.generate.remote(payload)
+            except BackPressureError:
+                busy = Busy(f"the generator is busy (its queue of {self.config.limits.generator_max_queued} is full): "
+                            f"retry in {self.config.limits.retry_after_s} s")
+                busy.retry_after = self.config.limits.retry_after_s
+                raise busy from None
             metrics.BATCH_SIZE.labels("generator").observe(result.get("batch_size", 1))
             _remote_error(result)
             metrics.CACHE.labels("hit").inc(result["cache_hits"])
@@ -225,7 +283,8 @@ class Ingress:
                 break
         return GenerateResponse(images=best[1], attempts=attempts)
 
-    @api.post("/v1/generate", response_model=GenerateResponse)
+    @api.post("/v1/generate", response_model=GenerateResponse,
+              responses=errors(400, 401, 404, 409, 410, 413, 422, 500, 502, 503))
     async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
         tenant = self._tenant(request)
         defaults = await self._defaults()
@@ -243,11 +302,14 @@ class Ingress:
                    "num_images": body.num_images}
         return await self._generate_scored(tenant, payload, ids, body.min_identity_score)
 
-    @api.post("/v1/inpaint", response_model=GenerateResponse)
+    @api.post("/v1/inpaint", response_model=GenerateResponse,
+              responses=errors(400, 401, 404, 409, 410, 413, 422, 500, 502, 503))
     async def inpaint(self, body: InpaintRequest, request: Request) -> GenerateResponse:
         tenant = self._tenant(request)
-        body = body.model_copy(update={"steps": body.steps or (await self._defaults())["steps"]})
-        self._validate_generation(body.steps)
+        defaults = await self._defaults()
+        body = body.model_copy(update={"steps": body.steps or defaults["steps"]})
+        # Inpainting denoises at most at the model's native size, whatever the photo's size.
+        self._validate_generation(body.steps, defaults["width"], defaults["height"])
         person = dict(body.identity.model_dump(), id=self.registry.resolve(tenant, body.identity.id or body.identity.name))
         try:
             image, mask = base64.b64decode(body.image, validate=True), base64.b64decode(body.mask, validate=True)
@@ -261,26 +323,36 @@ class Ingress:
         return await self._generate_scored(tenant, payload, [person["id"]], body.min_identity_score)
 
     # -- operations ----------------------------------------------------------------------------
-    @api.get("/healthz")
+    @api.get("/healthz", responses=errors(500))
     async def healthz(self) -> dict:
         start = time.perf_counter()
         await self.face.ping.remote()
         await self.generator.ping.remote()
         return {"status": "ok", "seconds": round(time.perf_counter() - start, 3)}
 
-    @api.get("/metrics")
+    @api.get("/metrics", responses=errors(500))
     async def metrics_endpoint(self) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type="text/plain; version=0.0.4")
 
 
 @api.middleware("http")
 async def _count(request: Request, call_next):
+    """A request id for every request; every answer counted, an unexpected exception as a 500
+    with the one error body (it used to escape uncounted)."""
     start = time.perf_counter()
-    response = await call_next(request)
+    given = request.headers.get("x-request-id", "")  # Serve's proxy sets one, and returns it to the client
+    request.state.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: logged with the id, answered 500
+        log.exception("request %s failed", request.state.request_id)
+        response = _error(request, 500, "internal", f"internal error ({type(exc).__name__}); quote the request_id")
     route = request.scope.get("route")
     path = getattr(route, "path", "other")
     metrics.REQUESTS.labels(path, str(response.status_code)).inc()
     metrics.LATENCY.labels(path).observe(time.perf_counter() - start)
+    if request.state.request_id != given:
+        response.headers["X-Request-ID"] = request.state.request_id
     return response
 
 

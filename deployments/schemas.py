@@ -4,6 +4,31 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_EXPRESSION = 200
+MAX_BASE64 = 4 * (64 * 2**20 // 3 + 1)  # a hard ceiling; the configured upload and body limits are lower
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer has this shape."""
+
+    error: str = Field(description="A short machine code: bad_input, not_found, name_taken, body_too_large, busy, ...")
+    message: str = Field(description="What was wrong and what to do; never a storage path.")
+    request_id: str | None = Field(None, description="Quote it when reporting a problem (also the X-Request-ID header).")
+
+
+_MEANING = {
+    400: "Malformed request (a body that cannot be parsed).", 401: "Missing or invalid bearer token.",
+    404: "No such identity for this tenant (or no such route).", 409: "A name taken, a person erased before (send "
+    "reconsent), a concurrent change, or an identity made with another encoder or adapter.",
+    410: "The identity was erased.", 413: "The request body is over the size limit.",
+    422: "Invalid values: the message names each one.", 500: "An internal error (report its request_id).",
+    502: "The identity store could not be read or written.", 503: "Busy (retry after Retry-After seconds) or a "
+    "backend unavailable.",
+}
+
+
+def errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for the error statuses an operation can return."""
+    return {s: {"model": ErrorBody, "description": _MEANING[s]} for s in statuses}
 
 
 class PhotoReport(BaseModel):
@@ -115,8 +140,8 @@ class GenerateRequest(BaseModel):
 class InpaintRequest(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)  # NaN / Infinity / 1e309 are a 422, not a 500
     identity: IdentityRequest
-    image: str = Field(description="Base64 image (PNG/JPEG/WEBP).")
-    mask: str = Field(description="Base64 mask of the same size; white = repaint.")
+    image: str = Field(max_length=MAX_BASE64, description="Base64 image (PNG/JPEG/WEBP).")
+    mask: str = Field(max_length=MAX_BASE64, description="Base64 mask of the same size; white = repaint.")
     prompt: str = Field(min_length=1, max_length=2000)
     negative_prompt: str = Field("", max_length=2000)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)

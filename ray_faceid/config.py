@@ -38,7 +38,8 @@ class Settings(BaseModel):
 class DecodeConfig(Settings):
     """Limits applied before an image is decoded (decompression bombs, oversized uploads)."""
 
-    hash_exclude: ClassVar[frozenset[str]] = frozenset({"max_bytes", "max_pixels", "formats"})
+    # max_side is left out so that datasets made before it existed keep their settings' hash.
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"max_bytes", "max_pixels", "formats", "max_side"})
 
     max_bytes: int = Field(50 * 2**20, gt=0, description="Largest encoded file accepted, in bytes.")
     max_pixels: int = Field(
@@ -47,6 +48,10 @@ class DecodeConfig(Settings):
     formats: tuple[str, ...] = Field(
         ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"),
         description="Pillow format names accepted; anything else is refused as BadImage.",
+    )
+    max_side: int | None = Field(
+        None, ge=64, description="Decode at most this many pixels on the longer side (JPEG decodes reduced, others "
+        "are shrunk after decoding); None keeps the full size."
     )
 
 
@@ -182,6 +187,17 @@ class ServeLimits(Settings):
     max_side: int = Field(1024, ge=64, description="Largest width or height of a generated image.")
     max_images: int = Field(4, ge=1, description="Most images per generate request.")
     max_reseeds: int = Field(3, ge=0, description="Most extra seeds tried to reach min_identity_score.")
+    max_body_bytes: int = Field(50 * 2**20, gt=0, description="Largest request body, in bytes: refused (413) from "
+                                "Content-Length, or while it streams in, before it is buffered.")
+    max_cost: int = Field(1024 * 1024 * 40 * 4, gt=0, description="Most work per request, in pixel-steps: width x "
+                          "height x steps x images (inpaint: its working size x steps). The default allows 4 "
+                          "images of 1024x1024 at 40 steps.")
+    max_decode_side: int = Field(2048, ge=256, description="Photos are decoded at most this many pixels on their "
+                                 "longer side (JPEG decodes reduced; others are shrunk at once), so concurrent large "
+                                 "uploads keep the FaceEncoder's memory bounded.")
+    generator_max_queued: int = Field(32, ge=1, description="Requests that may wait for a Generator replica beyond "
+                                      "those it runs; past it the API answers 503 with Retry-After.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 (the Generator's queue was full).")
 
 
 class ServeConfig(Settings):

@@ -87,6 +87,10 @@ def decode_image(src: ImageSource, limits: DecodeConfig | None = None) -> np.nda
             )
         if width == 0 or height == 0:
             raise BadImage(f"{name}: image has no pixels ({width}x{height})")
+        if limits.max_side and max(width, height) > limits.max_side:
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale (draft): its full-size pixels never exist.
+            img.draft("RGB", (limits.max_side, limits.max_side))
+            img.thumbnail((limits.max_side, limits.max_side), Image.Resampling.BILINEAR, reducing_gap=None)
         img.load()
         img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img)

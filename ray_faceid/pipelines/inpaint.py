@@ -18,11 +18,13 @@ from ray_faceid.pipelines.provenance import png_with_provenance
 
 def binary_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Any mask image (L, RGB, RGBA; white = repaint) -> bool (H, W) matching the image."""
-    if mask.ndim == 3:
-        mask = mask.mean(axis=-1)
-    if mask.shape != shape:
+    if mask.shape[:2] != shape:
         raise BadInput(f"mask is {mask.shape[1]}x{mask.shape[0]}, the image is {shape[1]}x{shape[0]}: they must match")
-    binary = mask > 127
+    if mask.ndim == 3:  # mean over the colour channels > 127, in integers (no float copy of a large mask)
+        channels = mask[..., :3]
+        binary = channels.astype(np.uint16).sum(axis=-1) > 127 * channels.shape[-1]
+    else:
+        binary = mask > 127
     if not binary.any():
         raise BadInput("mask is empty: paint the region to repaint in white")
     return binary
@@ -35,6 +37,26 @@ def feathered(mask: np.ndarray, radius: float) -> np.ndarray:
     eroded = Image.fromarray((mask * 255).astype(np.uint8)).filter(ImageFilter.MinFilter(int(2 * radius) // 2 * 2 + 1))
     soft = np.asarray(eroded.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32) / 255.0
     return np.clip(soft, 0, 1) * mask
+
+
+def paste_back(image: np.ndarray, region: np.ndarray, generated: Image.Image, feather: float) -> np.ndarray:
+    """`image` with the masked region taken from `generated` (any size; resized onto the image),
+    blended over a feathered edge. Computed in the mask's bounding box only (with room for the
+    feather's filters), so a large photo costs its uint8 copy, not float copies of every pixel."""
+    height, width = region.shape
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    margin = int(2 * feather) + 2
+    y0, y1 = max(0, rows[0] - margin), min(height, rows[-1] + 1 + margin)
+    x0, x1 = max(0, cols[0] - margin), min(width, cols[-1] + 1 + margin)
+    sx, sy = generated.width / width, generated.height / height
+    patch = np.asarray(generated.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS,
+                                        box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)), dtype=np.float32)
+    inside, original = region[y0:y1, x0:x1], image[y0:y1, x0:x1]
+    alpha = feathered(inside, feather)[..., None]
+    blended = original.astype(np.float32) * (1 - alpha) + patch * alpha
+    out = image.copy()
+    out[y0:y1, x0:x1] = np.where(inside[..., None], np.clip(blended.round(), 0, 255), original).astype(np.uint8)
+    return out
 
 
 def working_size(width: int, height: int, step: int, max_side: int) -> tuple[int, int]:
@@ -78,11 +100,7 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
     conditioning = inpainting_conditioning(pipe, resized, small_mask) if base.inpainting else None
     item = GenerationItem(prompt, [identity], negative_prompt, seed)
     latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent, conditioning))
-    generated = pipe.decode(latents).resize((width, height), Image.Resampling.LANCZOS)
-    alpha = feathered(region, feather)[..., None]
-    out = image.astype(np.float32) * (1 - alpha) + np.asarray(generated, dtype=np.float32) * alpha
-    out = np.where(region[..., None], np.clip(out.round(), 0, 255), image).astype(np.uint8)
-    result_image = Image.fromarray(out)
+    result_image = Image.fromarray(paste_back(image, region, pipe.decode(latents), feather))
     record = pipe.provenance("inpaint", prompt, negative_prompt, [identity], seed, steps, guidance, width, height)
     record["feather"] = feather
     return GenerationResult([result_image], [png_with_provenance(result_image, record)], [record], [seed])

@@ -4,7 +4,9 @@ import base64
 import io
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,7 +29,8 @@ def api(ray_cluster, tmp_path_factory, loopback_port, default_encoder_flow):
         registry=str(tmp_path_factory.mktemp("registry")), api_tokens=TOKENS, generator_gpus=1.0,
         generator_batch_size=4, batch_wait_timeout_s=0.3, identities_per_replica=2,
         generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
-        limits=ServeLimits(max_steps=20, max_side=256, max_images=2, max_reseeds=1),
+        limits=ServeLimits(max_steps=20, max_side=256, max_images=2, max_reseeds=1, max_body_bytes=4 * 2**20,
+                           max_upload_bytes=2 * 2**20, max_cost=96 * 96 * 20, generator_max_queued=8, retry_after_s=7),
     )
     url, _ = start(config, loopback_port())
     with httpx.Client(base_url=url, timeout=120) as client:
@@ -307,10 +310,11 @@ def test_delete_erases_the_identity(api, photos):
     ident = enroll(client, ("hanks.png", photos["hanks"])).json()["id"]
     assert client.post("/v1/generate", json={**GEN, "identities": [{"id": ident}]}, headers=bearer()).status_code == 200
     assert client.delete(f"/v1/identities/{ident}", headers=bearer("other")).status_code == 404
-    assert client.delete(f"/v1/identities/{ident}", headers=bearer()).status_code == 200
-    assert client.get(f"/v1/identities/{ident}", headers=bearer()).status_code == 404
+    erased = client.delete(f"/v1/identities/{ident}", headers=bearer())
+    assert erased.status_code == 200 and erased.json()["removed"][0]["where"] == ident
+    assert client.get(f"/v1/identities/{ident}", headers=bearer()).json()["error"] == "erased"
     r = client.post("/v1/generate", json={**GEN, "identities": [{"id": ident}]}, headers=bearer())
-    assert r.status_code == 404
+    assert r.status_code == 410
     from ray_faceid.registry import Registry
 
     assert Registry(config.registry).files("acme", ident) == []
@@ -346,3 +350,149 @@ def test_a_new_per_identity_adapter_is_served_without_a_restart(api, people):
     after = client.post("/v1/generate", json=body, headers=bearer()).json()["images"][0]
     assert after["provenance"]["identities"][0]["personal_adapter"] == entry["version"]
     assert after["png_base64"] != before["png_base64"]
+
+
+# -- bounded work, backpressure, one error body ---------------------------------------------------
+def replica(name: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, "faceid")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height (a decompression bomb's header) with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def test_bodies_over_the_limit_are_refused_before_they_are_read(api):
+    import socket
+
+    client, config = api
+    limit = config.limits.max_body_bytes
+    handle = replica("Ingress")
+    before = handle.memory.remote(reset_peak=True).result()
+    # Declared: answered from the headers alone (the 60 MB are never sent).
+    host, port = client.base_url.host, client.base_url.port
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/identities HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKENS['acme']}\r\n"
+                     f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {60 * 2**20}\r\n\r\n".encode())
+        answer = b""
+        while b"body_too_large" not in answer and (part := sock.recv(65536)):
+            answer += part
+    answer = answer.decode(errors="replace")
+    assert answer.split()[1] == "413" and "body_too_large" in answer and str(limit) in answer
+    # Streamed without a length: cut off once the limit has arrived.
+    def chunks():
+        for _ in range(60):
+            yield b"\0" * 2**20
+
+    try:
+        r = client.post("/v1/generate", content=chunks(), headers={**bearer(), "Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+    except httpx.TransportError:  # the server closed the connection while the client still sent
+        pass
+    after = handle.memory.remote().result()
+    assert after["peak_rss_mb"] - before["rss_mb"] < 100, (before, after)
+    assert metric(client, "faceid_requests_total", 'route="refused",status="413"') >= 1
+
+
+def gradient_jpeg(side: int) -> bytes:
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8)).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def test_a_decompression_bomb_and_huge_photos_keep_the_encoder_small(api, people):
+    client, _ = api
+    handle = replica("FaceEncoder")
+    before = handle.memory.remote(reset_peak=True).result()
+    r = enroll(client, ("bomb.png", png_header(20000, 20000)))
+    assert r.status_code == 422 and "pixels" in r.json()["message"]
+    inpaint = {"identity": {"id": people["hanks"]}, "image": base64.b64encode(png_header(20000, 20000)).decode(),
+               "mask": base64.b64encode(png_header(20000, 20000)).decode(), "prompt": "a face", "steps": 2}
+    r = client.post("/v1/inpaint", json=inpaint, headers=bearer())
+    assert r.status_code == 422 and "pixels" in r.json()["message"]
+    after = handle.memory.remote().result()
+    assert after["peak_rss_mb"] - before["rss_mb"] < 100, (before, after)
+
+    def peak_over_four_concurrent(side: int) -> float:
+        photo = gradient_jpeg(side)
+        start = handle.memory.remote(reset_peak=True).result()["rss_mb"]
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda k: enroll(client, (f"p{k}.jpg", photo)).status_code, range(4)))
+        assert codes == [422] * 4  # no face in a gradient, and nothing else went wrong
+        return handle.memory.remote().result()["peak_rss_mb"] - start
+
+    # Photos are decoded at most max_decode_side (2048) wide: 6300 x 6300 uploads cost what 2048 x 2048 ones do.
+    small, large = peak_over_four_concurrent(2048), peak_over_four_concurrent(6300)
+    print(f"FaceEncoder peak RSS growth, 4 concurrent enrollments: 2048^2 {small:.0f} MB, 6300^2 {large:.0f} MB")
+    assert large - small < 100, (small, large)
+
+
+def test_work_per_request_is_bounded(api, people):
+    client, config = api
+    body = {**GEN, "width": 128, "height": 128, "steps": 20, "identities": [{"id": people["hanks"]}]}
+    r = client.post("/v1/generate", json=body, headers=bearer())
+    assert r.status_code == 422 and "pixel-steps" in r.json()["message"] and str(config.limits.max_cost) in r.text
+
+
+def test_a_full_queue_answers_503_with_retry_after(api, people):
+    client, config = api
+    body = {**GEN, "steps": 10, "identities": [{"id": people["hanks"]}]}
+    with ThreadPoolExecutor(32) as pool:  # 8 running (2 batches of 4), 8 queued, the rest turned away
+        answers = list(pool.map(lambda s: client.post("/v1/generate", json={**body, "seed": s}, headers=bearer()),
+                                range(32)))
+    codes = [a.status_code for a in answers]
+    assert set(codes) == {200, 503} and codes.count(200) >= 8, codes
+    busy = next(a for a in answers if a.status_code == 503)
+    assert busy.headers["retry-after"] == "7" and busy.json()["error"] == "busy"
+
+
+def test_a_client_that_disconnects_stops_its_denoising(api, people):
+    client, _ = api
+    generator = replica("Generator")
+    before = generator.info.remote().result()["cancelled"]
+    body = {**GEN, "width": 96, "height": 96, "steps": 20, "identities": [{"id": people["hanks"]}]}
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/generate", json=body, headers=bearer(), timeout=1.0)
+    deadline = time.time() + 30
+    while generator.info.remote().result()["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.2)
+    assert generator.info.remote().result()["cancelled"] == before + 1
+
+
+def test_errors_have_one_shape_no_storage_paths_and_every_5xx_is_counted(api, photos):
+    client, config = api
+    ident = enroll(client, ("hanks.png", photos["hanks"])).json()["id"]
+    folder = Path(config.registry) / "acme" / ident
+    (folder / "embeddings.npz").unlink()  # the store lost a file
+    r = client.post("/v1/generate", json={**GEN, "identities": [{"id": ident}]}, headers=bearer())
+    assert set(r.json()) == {"error", "message", "request_id"} and r.headers["x-request-id"] == r.json()["request_id"]
+    assert config.registry not in r.text and "<storage>" in r.json()["message"]
+    (folder / "meta.json").write_text("{not json")
+    before = metric(client, "faceid_requests_total", 'status="500"')
+    r = client.get(f"/v1/identities/{ident}", headers=bearer())
+    assert r.status_code == 500 and r.json()["error"] == "internal" and r.json()["request_id"]
+    assert metric(client, "faceid_requests_total", 'status="500"') == before + 1
+    for answer in (client.get("/v1/nowhere"), client.get("/v1/identities"),
+                   client.post("/v1/generate", json={"prompt": 1}, headers=bearer())):
+        assert answer.status_code in (401, 404, 422) and set(answer.json()) == {"error", "message", "request_id"}
+
+
+def test_the_openapi_schema_lists_every_status_an_operation_returns(api):
+    client, _ = api
+    paths = client.get("/openapi.json").json()["paths"]
+    documented = {(path, method): set(op["responses"]) for path, ops in paths.items() for method, op in ops.items()}
+    assert {"401", "404", "409", "410", "413", "422", "503"} <= documented[("/v1/generate", "post")]
+    assert {"201", "400", "401", "409", "413", "422"} <= documented[("/v1/identities", "post")]
+    assert {"200", "404", "410"} <= documented[("/v1/identities/{identity}", "delete")]
+    error = paths["/v1/generate"]["post"]["responses"]["503"]["content"]["application/json"]["schema"]["$ref"]
+    assert error.endswith("/ErrorBody")
