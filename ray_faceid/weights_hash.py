@@ -91,3 +91,27 @@ def cached_module_hash(module: torch.nn.Module, folder: str | Path | None) -> st
             tmp.replace(entry)
     record(module, digest)
     return digest
+
+
+def folder_hash(folder: str | Path) -> str:
+    """sha256 over every file of a model folder (relative path and bytes, streamed): identifies the
+    weights without loading them. Cached like module hashes, by the files' paths, sizes and times."""
+    from ray_faceid.envs import cache_dir
+
+    folder = Path(folder)
+    cache = Path(cache_dir()) / "weights_hashes"
+    entry = cache / f"files-{_files_key(folder)}.txt"
+    if entry.exists():
+        return entry.read_text().strip()
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(digest)
+    tmp.replace(entry)
+    return digest

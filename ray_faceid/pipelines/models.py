@@ -186,6 +186,27 @@ def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
     ).freeze()
 
 
+def base_fingerprint(model: str) -> str:
+    """What identifies a base's weights without loading it (for checks before a job starts): the
+    files' hash of its folder (local, or the local copy of a URI, or the hub cache's snapshot), the
+    weights hash of a tiny base; a hub id that is not cached yet is named by its id."""
+    from ray_faceid.weights_hash import folder_hash
+
+    if model in TINY:
+        return build_tiny(inpainting=model == "tiny-inpaint").model_hash()
+    if "://" in model and not model.startswith("file://"):
+        return folder_hash(_local_copy(model))
+    local = Path(model.removeprefix("file://"))
+    if local.is_dir():
+        return folder_hash(local)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return folder_hash(snapshot_download(model, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or no hub client): the id is all there is to compare
+        return f"hub:{model}"
+
+
 def load_base(model: str) -> BaseModel:
     """`tiny`, `tiny-inpaint`, a local diffusers folder, an fsspec URI of one, or a hub id."""
     if model in TINY:

@@ -15,6 +15,7 @@ and `training.json`: settings, steps, and a fixed-batch evaluation loss before a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -253,6 +254,16 @@ def _flow_rows(dataset: str) -> tuple[list[dict], list[str]]:
     return rows, held_out
 
 
+def _inputs(model: str, dataset: str, method: str, adapter: str | None) -> dict[str, str | None]:
+    """What a run trains from, by content: a resume from other weights or other data is refused."""
+    from ray_faceid.pipelines.models import base_fingerprint
+
+    table = storage.join(dataset, tables.FACES if method == "flow" else PAIRS)
+    return {"base model": base_fingerprint(model)[:16],
+            "dataset": hashlib.sha256(storage.read_bytes(table)).hexdigest()[:16],
+            "start adapter": hashlib.sha256(storage.read_bytes(adapter)).hexdigest()[:16] if adapter else None}
+
+
 def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapter: str | None = None,
                  resume: bool = False, address: str | None = None, fault: dict | None = None) -> dict:
     """Train on an ingest output (after `ray-faceid pairs`); returns the training record."""
@@ -281,7 +292,8 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
     init_ray(address)
     resources = worker_resources(config.workers, config.cpus_per_worker, config.use_gpu, with_data=True,
                                  local=is_local(address))
-    runs.prepare_run(out, RUN_NAME, config, resume, resume_ignores=frozenset({"steps"}))
+    runs.prepare_run(out, RUN_NAME, config, resume, resume_ignores=frozenset({"steps"}),
+                     inputs=_inputs(model, dataset, config.method, adapter))
     if config.method == "flow":
         ds = ray.data.from_items(rows)
     else:

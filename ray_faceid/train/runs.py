@@ -33,15 +33,27 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
-def prepare_run(out: str, name: str, settings: Settings, resume: bool, resume_ignores: frozenset[str] = frozenset()) -> None:
-    """Refuse to start over an existing run without --resume, or to resume one with other settings."""
+def prepare_run(out: str, name: str, settings: Settings, resume: bool, resume_ignores: frozenset[str] = frozenset(),
+                inputs: dict[str, str | None] | None = None) -> None:
+    """Refuse to start over an existing run without --resume, or to resume one with other settings
+    or other inputs (`inputs`: hashes of the base model's weights, the training table, the start
+    adapter)."""
     record = storage.join(out, RUNS_DIR, f"{name}.settings.json")
     current = settings.model_dump(mode="json")
+    if inputs is not None:
+        current["inputs"] = inputs
     if storage.exists(record):
         previous = json.loads(storage.read_bytes(record))
         if not resume:
             raise BadInput(f"{out} already holds a {name} run: pass --resume to continue it, or choose another --out")
-        changed = sorted(k for k in set(previous) | set(current)
+        before = previous.pop("inputs", None) or {}
+        now = current.get("inputs") or {}
+        other = [f"{k} ({before.get(k)} then, {now.get(k)} now)" for k in sorted(set(before) | set(now))
+                 if before.get(k) != now.get(k)]
+        if other:
+            raise BadInput(f"--resume of the run at {out} with other inputs: {'; '.join(other)}; resume with the "
+                           "same base model, dataset and --adapter, or start a new run in another --out")
+        changed = sorted(k for k in set(previous) | set(current) - {"inputs"}
                          if k not in resume_ignores | settings.hash_exclude and previous.get(k) != current.get(k))
         if changed:
             raise BadInput(f"--resume with other settings than the run at {out} ({', '.join(changed)} changed); "

@@ -100,3 +100,11 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     out = decode_image(encode(img, "JPEG", exif=exif.tobytes()))
     assert out.shape == (64, 48, 3)
+
+
+def test_large_photos_are_decoded_reduced_to_max_side():
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (200, 120, 40)).save(buf, "JPEG")
+    out = decode_image(buf.getvalue(), DecodeConfig(max_side=1024))
+    assert out.shape == (683, 1024, 3) and abs(int(out[300, 500, 0]) - 200) < 4
+    assert decode_image(buf.getvalue()).shape == (2000, 3000, 3)  # no limit by default

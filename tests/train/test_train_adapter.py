@@ -46,6 +46,8 @@ def test_resume_continues_a_stopped_run_and_refuses_other_settings(killed_run, s
         run_training(small_dataset, "tiny", str(out), CONFIG)
     with pytest.raises(BadInput, match="lr changed"):
         run_training(small_dataset, "tiny", str(out), CONFIG.model_copy(update={"lr": 5e-4}), resume=True)
+    with pytest.raises(BadInput, match="other inputs: base model"):  # other weights under the same settings
+        run_training(small_dataset, "tiny-inpaint", str(out), CONFIG, resume=True)
     longer = CONFIG.model_copy(update={"steps": 14})
     record = run_training(small_dataset, "tiny", str(out), longer, resume=True)
     assert record["steps"] == 14 and record["resumed_at"][-1] == CONFIG.steps
