@@ -105,6 +105,23 @@ def test_the_graph_keeps_every_identity_weight_under_its_refit_name(spec, tmp_pa
     assert rel < (1e-2 if dtype == torch.float16 else 1e-5), rel
 
 
+def test_engine_keys_follow_the_base_weights_not_its_path(tmp_path, spec128, monkeypatch):
+    """A UNet with other weights (same architecture) gets another engine; the same weights loaded
+    from a folder reuse the engine built for them."""
+    from ray_faceid.engines.compile_artifacts import compiled_key
+    from ray_faceid.engines.select import adapter_structure
+    from ray_faceid.pipelines.models import load_base, save_base
+
+    monkeypatch.setenv("RAY_FACEID_CACHE", str(tmp_path / "cache"))
+    a, b = build_tiny(seed=0), build_tiny(seed=1)
+    save_base(a, tmp_path / "a")
+    shape = shape_for(a, identities=1)
+    structure = adapter_structure(IdentityAdapter.for_unet(a.unet, spec128))
+    keys = {name: compiled_key(base.model_hash(), structure, shape, "fp32", torch.device("cpu")).compute_hash()
+            for name, base in {"a": a, "b": b, "a from disk": load_base(str(tmp_path / "a"))}.items()}
+    assert keys["a"] == keys["a from disk"] != keys["b"]
+
+
 def test_cache_key_changes_exactly_with_the_keyed_fields():
     key = EngineKey(backend="onnx", model_hash="m", adapter_structure="a", batch=(1, 2, 4), latent=(64, 64),
                     identities=1, tokens=4)

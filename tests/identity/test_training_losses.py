@@ -48,7 +48,8 @@ def test_adapter_objective_decreases(tiny_base, spec128, method):
     adapter.install(tiny_base.unet)
     try:
         batch = assemble_cross_batch(cross_pairs(shots()))
-        opt = torch.optim.Adam(adapter.parameters(), lr=2e-3)
+        # Every UNet parameter is given to the optimiser: only the freeze keeps the base unchanged.
+        opt = torch.optim.Adam(tiny_base.unet.parameters(), lr=2e-3)
         base_before = {k: v.clone() for k, v in tiny_base.unet.state_dict().items() if "processor" not in k}
 
         def loss():
