@@ -6,7 +6,9 @@ before the replica is ready, and batches are padded up to the compiled batch buc
 
 Errors are returned as {"error", "message", "status"} so the ingress can answer 4xx precisely.
 A request whose caller went away (the client disconnected) stops at the next denoising step: the
-pipeline's step callback checks whether anyone still waits for the images being made.
+pipeline's step callback checks whether anyone still waits for the images being made. Batches run
+concurrently up to the pipeline, which takes turns (turns.py): a large job lets small ones run
+between its steps.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import asyncio
 import base64
 import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -21,8 +24,9 @@ from ray import serve
 
 from deployments import multiplex
 from deployments.memory import replica_memory
+from deployments.turns import PipelineTurns
 from ray_faceid.config import DecodeConfig, ServeConfig
-from ray_faceid.errors import EncoderMismatch, FaceIdError
+from ray_faceid.errors import EncoderMismatch, Erased, FaceIdError, NotFound
 from ray_faceid.registry import newest_adapter
 
 
@@ -41,12 +45,15 @@ class Cancelled(FaceIdError):
     code = "cancelled"
 
 
-def stop_when_abandoned(requests: list[dict]):
-    """A step callback that stops the denoise once every request in it was cancelled."""
+def step_callback(requests: list[dict], turns: PipelineTurns | None):
+    """Between two denoising steps: stop once every request of the job was cancelled; a large job
+    (`turns` given) then lets waiting small jobs run."""
 
     def check(step: int, total: int) -> None:
         if all(r["cancelled"].is_set() for r in requests):
             raise Cancelled(f"the caller went away; stopped after {step} of {total} steps")
+        if turns is not None and 0 < step < total:
+            turns.between_steps()
 
     return check
 
@@ -77,8 +84,11 @@ class Generator:
         self.registry = Registry(self.config.registry)
         self.adapter_hash = self.pipeline.adapter_hash
         self.loads, self.cancelled = 0, 0
-        self._lock = asyncio.Lock()
+        self.turns = PipelineTurns()
         self.load_identity = multiplex.identity_cache(self._load_identity, self.config.identities_per_replica)
+        # What this replica holds of each person, for the erasure sweep (Serve's LRU owns the objects).
+        self.held: weakref.WeakValueDictionary[str, LoadedIdentity] = weakref.WeakValueDictionary()
+        self._sweeper: asyncio.Task | None = None
         self.generate_batch.set_max_batch_size(self.config.generator_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
@@ -108,6 +118,7 @@ class Generator:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
                 "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads,
                 "backend": self.pipeline.backend, "warm_up": self.warm_up_report, "cancelled": self.cancelled,
+                "lent_to_small_requests": self.turns.lent,
                 "imr": getattr(self.pipeline.imr, "weights_hash", None),
                 "flow": getattr(self.pipeline.flow, "weights_hash", None)}
 
@@ -118,7 +129,27 @@ class Generator:
         embeddings, quality, spec = self.registry.embeddings(tenant, identity)
         self.loads += 1
         personal = load_personal(self.registry, tenant, identity, self.adapter_hash)
-        return LoadedIdentity(key, embeddings, quality, spec.key(), personal)
+        loaded = LoadedIdentity(key, embeddings, quality, spec.key(), personal)
+        self.held[key] = loaded
+        return loaded
+
+    def forget_erased(self) -> int:
+        """Drop the embeddings and adapters this replica holds of identities erased since it loaded
+        them (an erased person leaves no copy in a replica's memory either). Returns how many."""
+        forgotten = 0
+        for key, loaded in list(self.held.items()):
+            try:
+                self.registry.get(*multiplex.split_key(key))
+            except (Erased, NotFound):
+                loaded.embeddings = loaded.quality = loaded.personal = None
+                self.held.pop(key, None)
+                forgotten += 1
+        return forgotten
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.erasure_sweep_s)
+            await asyncio.to_thread(self.forget_erased)
 
     async def _conditions(self, tenant: str, requested: list[dict]):
         from ray_faceid.pipelines.generate import IdentityCondition
@@ -156,22 +187,31 @@ class Generator:
         limits = self.config.limits
         decode = DecodeConfig(max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels)
         image, mask = decode_image(request["image"], decode), decode_image(request["mask"], decode)
-        async with self._lock:
-            result = await self._run(
-                [request], inpaint, self.pipeline, image, mask, conditions[0], request["prompt"],
-                request["negative_prompt"], request["seed"], request["steps"], request["guidance"], request["feather"])
+        width, height = self.pipeline.base.native_size  # inpainting denoises at most at the native size
+        result = await self._run([request], width * height * request["steps"], inpaint, self.pipeline, image, mask,
+                                 conditions[0], request["prompt"], request["negative_prompt"], request["seed"],
+                                 request["steps"], request["guidance"], request["feather"])
         return self._response(result.png, result.provenance, result.seeds, hits, len(conditions))
 
-    async def _run(self, requests: list[dict], fn, *args):
-        """`fn(*args)` on a worker thread, stopped between denoising steps once all `requests` are cancelled."""
-        self.pipeline.on_step = stop_when_abandoned(requests)
+    async def _run(self, requests: list[dict], cost: int, fn, *args):
+        """`fn(*args)` on a worker thread when the pipeline is this job's (turns.py), stopped between
+        denoising steps once all `requests` are cancelled. `cost` in pixel-steps decides whether the
+        job is small (it may run inside a large job's pause) or large (it lends the pipeline)."""
+        small = cost <= self.config.limits.small_request_cost
+
+        def job():
+            borrowed = self.turns.acquire(small)
+            try:
+                self.pipeline.on_step = step_callback(requests, None if small else self.turns)
+                return fn(*args)
+            finally:
+                self.turns.release(borrowed)
+
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.to_thread(job)
         except Cancelled:
             self.cancelled += 1
             raise
-        finally:
-            self.pipeline.on_step = None
 
     @staticmethod
     def _response(png, provenance, seeds, hits: int, lookups: int) -> dict:
@@ -202,10 +242,10 @@ class Generator:
         png, provenance, seeds = [None] * len(items), [None] * len(items), [None] * len(items)
         first = requests[owners[0]] if items else None
         for members in by_weights.values():
-            async with self._lock:  # one pipeline per replica
-                result = await self._run([requests[owners[k]] for k in members], self.pipeline.generate_items,
-                                         [items[k] for k in members], first["steps"], first["guidance"],
-                                         first["width"], first["height"])
+            cost = first["width"] * first["height"] * first["steps"] * len(members)
+            result = await self._run([requests[owners[k]] for k in members], cost, self.pipeline.generate_items,
+                                     [items[k] for k in members], first["steps"], first["guidance"],
+                                     first["width"], first["height"])
             for j, k in enumerate(members):
                 png[k], provenance[k], seeds[k] = result.png[j], result.provenance[j], result.seeds[j]
         for i, (hits, count) in lookups.items():
@@ -214,7 +254,7 @@ class Generator:
                                     hits, count)
         return out
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=4)
     async def generate_batch(self, requests: list[dict]) -> list[dict]:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -235,6 +275,8 @@ class Generator:
         return results
 
     async def generate(self, request: dict) -> dict:
+        if self._sweeper is None:  # started from a request: the replica's event loop runs it
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         request = dict(request, cancelled=threading.Event())
         try:
             return await self.generate_batch(request)

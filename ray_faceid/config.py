@@ -195,6 +195,8 @@ class ServeLimits(Settings):
     max_decode_side: int = Field(2048, ge=256, description="Photos are decoded at most this many pixels on their "
                                  "longer side (JPEG decodes reduced; others are shrunk at once), so concurrent large "
                                  "uploads keep the FaceEncoder's memory bounded.")
+    small_request_cost: int = Field(512 * 512 * 30, gt=0, description="Jobs of at most this many pixel-steps are "
+                                    "small: a larger job pauses between its denoising steps to let them run.")
     generator_max_queued: int = Field(32, ge=1, description="Requests that may wait for a Generator replica beyond "
                                       "those it runs; past it the API answers 503 with Retry-After.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 (the Generator's queue was full).")
@@ -236,6 +238,8 @@ class ServeConfig(Settings):
     encoder_batch_size: int = Field(16, ge=1, description="Images the FaceEncoder batches together.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="How long a batch waits to fill.")
     identities_per_replica: int = Field(8, ge=1, description="Identities (and their adapters) cached per Generator replica.")
+    erasure_sweep_s: float = Field(30.0, gt=0, description="How often each Generator replica drops the cached "
+                                   "embeddings and adapters of identities erased since it loaded them.")
     generator_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Generator replicas.")
     encoder_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="FaceEncoder replicas.")
     ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Ingress replicas.")

@@ -6,6 +6,7 @@ so the same seed gives the same image on any device.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -241,7 +242,11 @@ class IdentityPipeline:
     @torch.no_grad()
     def _denoise_shared(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
         """Latents of every item, all denoised together: one UNet call per step for the whole batch."""
-        base, sched = self.base, self.base.scheduler
+        # A scheduler of its own per denoise (schedulers keep state between steps) and the callback and
+        # weights version as they were at the start: another job may run on this pipeline inside
+        # on_step (a large job pausing for small ones, deployments/turns.py) and must change nothing here.
+        base, sched = self.base, copy.deepcopy(self.base.scheduler)
+        callback, version = self.on_step, self._weights_version
         self._check_size(width, height)
         f = base.vae_scale_factor
         h, w = height // f, width // f
@@ -254,8 +259,8 @@ class IdentityPipeline:
         if inpaint is not None:
             # (image latents, latent-size mask for blending, 9-channel conditioning: see inpaint.py)
             image_latents, mask_l, conditioning = inpaint
-        if self.on_step is not None:
-            self.on_step(0, len(sched.timesteps))  # the clock starts here, not after the first step
+        if callback is not None:
+            callback(0, len(sched.timesteps))  # the clock starts here, not after the first step
         for step, t in enumerate(sched.timesteps, 1):
             model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
             if inpaint is not None and base.inpainting:
@@ -266,11 +271,12 @@ class IdentityPipeline:
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
             if inpaint is not None and not base.inpainting:
                 # Blended latent diffusion: outside the mask, follow the input's own noising path.
-                prev = self._previous_timestep(t)
+                prev = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
                 known = image_latents if prev < 0 else sched.add_noise(image_latents, noise, torch.tensor([prev]))
                 latents = mask_l * latents + (1 - mask_l) * known
-            if self.on_step is not None:
-                self.on_step(step, len(sched.timesteps))
+            if callback is not None:
+                callback(step, len(sched.timesteps))
+                self._weights_version = version
         return latents
 
     def _unet(self, sample, t, text, kwargs, h, w):
@@ -359,10 +365,6 @@ class IdentityPipeline:
         structure, model_hash = adapter_structure(self.adapter), self.base.model_hash()
         keys = [compiled_key(model_hash, structure, shape, self.precision, self.device) for shape in shapes]
         return warm_up_cached(self.compiled_engine(), shapes, keys, self.engine_cache or EngineCache())
-
-    def _previous_timestep(self, t) -> int:
-        sched = self.base.scheduler
-        return int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:

@@ -30,7 +30,8 @@ def api(ray_cluster, tmp_path_factory, loopback_port, default_encoder_flow):
         generator_batch_size=4, batch_wait_timeout_s=0.3, identities_per_replica=2,
         generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
         limits=ServeLimits(max_steps=20, max_side=256, max_images=2, max_reseeds=1, max_body_bytes=4 * 2**20,
-                           max_upload_bytes=2 * 2**20, max_cost=96 * 96 * 20, generator_max_queued=8, retry_after_s=7),
+                           max_upload_bytes=2 * 2**20, max_cost=96 * 96 * 20, generator_max_queued=8, retry_after_s=7,
+                           small_request_cost=64 * 64 * 10),
     )
     url, _ = start(config, loopback_port())
     with httpx.Client(base_url=url, timeout=120) as client:
@@ -317,6 +318,7 @@ def test_delete_erases_the_identity(api, photos):
     assert client.get(f"/v1/identities/{ident}", headers=bearer()).json()["error"] == "erased"
     r = client.post("/v1/generate", json={**GEN, "identities": [{"id": ident}]}, headers=bearer())
     assert r.status_code == 410
+    assert replica("Generator").forget_erased.remote().result() >= 1  # the replica's cached copy is dropped
     from ray_faceid.registry import Registry
 
     assert Registry(config.registry).files("acme", ident) == []
@@ -456,6 +458,28 @@ def test_a_full_queue_answers_503_with_retry_after(api, people):
     assert set(codes) == {200, 503} and codes.count(200) >= 8, codes
     busy = next(a for a in answers if a.status_code == 503)
     assert busy.headers["retry-after"] == "7" and busy.json()["error"] == "busy"
+
+
+def test_a_small_request_is_not_stuck_behind_a_large_one(api, people):
+    client, _ = api
+    generator = replica("Generator")
+    lent = generator.info.remote().result()["lent_to_small_requests"]
+    large = {**GEN, "width": 96, "height": 96, "steps": 20, "identities": [{"id": people["hanks"]}]}
+    small = {**GEN, "identities": [{"id": people["left"]}]}
+    done = {}
+
+    def post(name: str, body: dict) -> int:
+        status = client.post("/v1/generate", json=body, headers=bearer()).status_code
+        done[name] = time.perf_counter()
+        return status
+
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(post, "large", large)
+        time.sleep(1.5)  # the large request is denoising by now
+        little = pool.submit(post, "small", small)
+        assert big.result() == little.result() == 200
+    assert done["small"] < done["large"]  # it ran inside the large one's denoise, between two steps
+    assert generator.info.remote().result()["lent_to_small_requests"] > lent
 
 
 def test_a_client_that_disconnects_stops_its_denoising(api, people):
