@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+# Every Ray job's watchdog (ray_faceid/watchdog.py); not part of any settings hash.
+StallWarn = Annotated[float, Field(gt=0, description="No progress for this long (s): print what the job waits for.")]
+StallFail = Annotated[float, Field(gt=0, description="No progress for this long (s): stop the job with that report.")]
+STALL = frozenset({"stall_warn_s", "stall_fail_s"})
 
 
 class Settings(BaseModel):
@@ -146,7 +152,7 @@ class FaceConfig(Settings):
 class IngestConfig(Settings):
     """The Ray Data ingest job: photo archive -> images, faces, crops."""
 
-    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "batch_size", "num_gpus_per_worker"})
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "batch_size", "num_gpus_per_worker"}) | STALL
 
     extensions: tuple[str, ...] = Field(
         (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"),
@@ -156,6 +162,8 @@ class IngestConfig(Settings):
         None, ge=1, description="Analyzer actors (each loads the models once); default: one per CPU (or GPU)."
     )
     batch_size: int = Field(16, ge=1, le=4096, description="Images per map_batches call.")
+    stall_warn_s: StallWarn = 600.0
+    stall_fail_s: StallFail = 3600.0
     num_gpus_per_worker: float | None = Field(
         None, ge=0, description="GPUs per actor; default 1 where the cluster has GPUs, else 0."
     )
@@ -248,7 +256,7 @@ class ServeConfig(Settings):
 class TrainConfig(Settings):
     """`ray-faceid train`: the identity adapter (or IMR, or the attribute flow) on an ingest output."""
 
-    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "use_gpu", "cpus_per_worker", "checkpoint_every"})
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "use_gpu", "cpus_per_worker", "checkpoint_every"}) | STALL
 
     method: Literal["decoupled", "pva", "imr", "flow"] = Field(
         "decoupled", description="What to train: the adapter (decoupled or PVA attention), the IMR, or the attribute flow."
@@ -271,12 +279,14 @@ class TrainConfig(Settings):
     )
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (and always at the end).")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
+    stall_warn_s: StallWarn = 600.0
+    stall_fail_s: StallFail = 3600.0
 
 
 class PersonalizeConfig(Settings):
     """`ray-faceid personalize`: a small per-identity adapter for each enrolled person."""
 
-    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "use_gpu", "cpus_per_worker", "max_failures"})
+    hash_exclude: ClassVar[frozenset[str]] = frozenset({"workers", "use_gpu", "cpus_per_worker", "max_failures"}) | STALL
 
     steps: int = Field(40, ge=1, description="Optimiser steps per identity.")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
@@ -291,6 +301,8 @@ class PersonalizeConfig(Settings):
         "after the data pipeline (train/placement.py)."
     )
     max_failures: int = Field(3, ge=0, description="Worker-group restarts before the run fails.")
+    stall_warn_s: StallWarn = 600.0
+    stall_fail_s: StallFail = 3600.0
 
 
 SCORING_FACE = FaceConfig(detection=DetectionConfig(policy="all", cnn_fallback=False))
@@ -302,7 +314,9 @@ class RenderConfig(Settings):
     # precision is keyed once resolved (auto differs between CPU and GPU actors): see Renderer.key.
     hash_exclude: ClassVar[frozenset[str]] = frozenset(
         {"workers", "batch_size", "num_gpus_per_worker", "device", "precision"}
-    )
+    ) | STALL
+    stall_warn_s: StallWarn = 600.0
+    stall_fail_s: StallFail = 3600.0
 
     steps: int | None = Field(None, ge=1, le=200, description="Denoising steps of rows that do not set their own; "
                               "default: the base model's (30, or 4 for an untrained smoke base).")

@@ -17,6 +17,12 @@ err_console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 
 
+StallWarnOpt = typer.Option(600.0, "--stall-warn", min=1, help="Seconds without progress before the job prints "
+                           "what it is waiting for (resources, placement groups, pending tasks).")
+StallFailOpt = typer.Option(3600.0, "--stall-fail", min=1, help="Seconds without progress before the job stops "
+                           "with that report (exit 2) instead of waiting forever.")
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a FaceIdError into a one-line message and exit code 2, never a traceback."""

@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ray_faceid.cli.common import console, err_console, user_errors
+from ray_faceid.cli.common import StallFailOpt, StallWarnOpt, console, err_console, user_errors
 from ray_faceid.data.clustering import DEFAULT_CUT_SHARE
 from ray_faceid.quiet import verbose
 
@@ -37,6 +37,8 @@ def ingest(
     landmarks: str = typer.Option("dlib5", "--landmarks", help="dlib5 | dlib68. dlib68 also measures smile, mouth "
                                   "and eye opening (labels for the attribute flow), but its weights were trained on "
                                   "iBUG 300-W: non-commercial use only."),
+    stall_warn: float = StallWarnOpt,
+    stall_fail: float = StallFailOpt,
 ):
     """Detect, align, embed and score every face of an archive; then identities and cross-training pairs."""
     from ray_faceid.config import FaceConfig, IngestConfig
@@ -44,7 +46,7 @@ def ingest(
     from ray_faceid.data.pairs import build_pairs
 
     with user_errors():
-        config = IngestConfig(workers=workers, batch_size=batch_size,
+        config = IngestConfig(workers=workers, batch_size=batch_size, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
                               face=FaceConfig(recognizer_onnx=recognizer_onnx, landmarks=landmarks))
         summary = run_ingest(src, dst, config, labels=labels, resume=resume, address=address)
         not_used = summary.pop("not_used", [])

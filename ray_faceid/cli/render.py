@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import EXIT_BAD_INPUT, console, print_json, user_errors
+from ray_faceid.cli.common import EXIT_BAD_INPUT, StallFailOpt, StallWarnOpt, console, print_json, user_errors
 from ray_faceid.cli.data import summary_table
 
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
@@ -49,6 +49,8 @@ def render(
     imr: Optional[str] = typer.Option(None, "--imr", help="Trained IMR: rows' `expression` moves the identity tokens."),
     flow: Optional[str] = typer.Option(None, "--flow", help="Trained attribute flow: for rows' `edits`."),
     as_json: bool = typer.Option(False, "--json"),
+    stall_warn: float = StallWarnOpt,
+    stall_fail: float = StallFailOpt,
 ):
     """Render every catalog row that has no output for its current key; score each output."""
     from ray_faceid.config import RenderConfig
@@ -56,7 +58,7 @@ def render(
 
     with user_errors():
         config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
-                              precision=precision)
+                              precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail)
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow)
     if as_json:
         print_json(summary)

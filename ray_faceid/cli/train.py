@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import console, print_json, user_errors
+from ray_faceid.cli.common import StallFailOpt, StallWarnOpt, console, print_json, user_errors
 from ray_faceid.cli.data import summary_table
 
 ModelOpt = typer.Option("tiny", "--model", help="Base model: tiny | a diffusers folder | an fsspec URI | a hub id.")
@@ -33,6 +33,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the stopped run in --out from its last checkpoint."),
     address: Optional[str] = AddressOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
+    stall_warn: float = StallWarnOpt,
+    stall_fail: float = StallFailOpt,
 ):
     """Train the identity adapter (or the IMR, or the attribute flow) on Ray Train workers."""
     from ray_faceid.config import TrainConfig
@@ -40,7 +42,8 @@ def train(
 
     with user_errors():
         config = TrainConfig(method=method, steps=steps, workers=workers, batch_size=batch_size, lr=lr, size=size,
-                             use_gpu=gpu, cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every, seed=seed)
+                             use_gpu=gpu, cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every, seed=seed,
+                             stall_warn_s=stall_warn, stall_fail_s=stall_fail)
         record = run_training(dataset, model, out, config, adapter=adapter, resume=resume, address=address)
     if as_json:
         print_json(record)
@@ -63,6 +66,8 @@ def personalize(
     cpus_per_worker: Optional[float] = CpusOpt,
     address: Optional[str] = AddressOpt,
     as_json: bool = typer.Option(False, "--json"),
+    stall_warn: float = StallWarnOpt,
+    stall_fail: float = StallFailOpt,
 ):
     """Adapt the identity attention to each enrolled person (skips those already done)."""
     from ray_faceid.config import PersonalizeConfig
@@ -70,7 +75,7 @@ def personalize(
 
     with user_errors():
         config = PersonalizeConfig(steps=steps, workers=workers, lr=lr, size=size, use_gpu=gpu,
-                                   cpus_per_worker=cpus_per_worker)
+                                   cpus_per_worker=cpus_per_worker, stall_warn_s=stall_warn, stall_fail_s=stall_fail)
         wanted = None if identities == "all" else [i.strip() for i in identities.split(",") if i.strip()]
         summary = run_personalize(registry, adapter, model, config, tenant, wanted, address)
     if as_json:

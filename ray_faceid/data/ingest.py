@@ -24,6 +24,7 @@ from ray_faceid.data import tables
 from ray_faceid.data.analyze_rows import analyze_uris
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, to_stderr
+from ray_faceid.watchdog import Watchdog
 
 SETTINGS_FILE = "settings.json"  # under RAW_DIR: the settings every part of the dataset was made with
 INLINE_SKIP = 1000  # recorded files passed to the actors inline; more go through the object store
@@ -136,9 +137,12 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
         num_gpus=gpus,
     )
     statuses, progress = [], ProgressLine("ingest images", len(listed), emit=to_stderr)
-    for batch in ds.iter_batches(batch_size=None):
-        statuses += [str(s) for s in batch["status"]]
-        progress.update(len(statuses))
+    last = [time.time()]
+    with Watchdog("ingest", lambda: last[0], config.stall_warn_s, config.stall_fail_s):
+        for batch in ds.iter_batches(batch_size=None):
+            statuses += [str(s) for s in batch["status"]]
+            progress.update(len(statuses))
+            last[0] = time.time()
     if len(statuses) != len(listed):
         raise RuntimeError(f"ingest accounted for {len(statuses)} of {len(listed)} files")
     summary = finish(dst, listed, labels, time.perf_counter() - start, before=len(raw), root=storage.listing_root(src))

@@ -22,6 +22,7 @@ from ray_faceid.data import tables
 from ray_faceid.data.catalog import read_catalog
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, to_stderr
+from ray_faceid.watchdog import Watchdog
 
 MANIFEST, SUMMARY = "manifest.parquet", "render_summary.json"
 MANIFEST_SCHEMA = pa.schema([
@@ -118,9 +119,12 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         num_gpus=gpus,
     )
     records, progress = [], ProgressLine("render rows", len(texts), emit=to_stderr)
-    for batch in ds.iter_batches(batch_size=None):
-        records += [json.loads(str(r)) for r in batch["record"]]
-        progress.update(len(records), failed=sum(r["status"] != "ok" for r in records))
+    last = [time.time()]
+    with Watchdog("render", lambda: last[0], config.stall_warn_s, config.stall_fail_s):
+        for batch in ds.iter_batches(batch_size=None):
+            records += [json.loads(str(r)) for r in batch["record"]]
+            progress.update(len(records), failed=sum(r["status"] != "ok" for r in records))
+            last[0] = time.time()
     records.sort(key=lambda r: r["index"])
     if len(records) != len(texts):
         raise RuntimeError(f"render accounted for {len(records)} of {len(texts)} rows")

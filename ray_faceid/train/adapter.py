@@ -25,6 +25,7 @@ from typing import Any, Callable
 from ray_faceid import storage
 from ray_faceid.config import TrainConfig
 from ray_faceid.data import tables
+from ray_faceid.watchdog import Watchdog, beat, last_beat, new_heartbeat
 from ray_faceid.data.pairs import IDENTITIES, PAIRS
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, silent, to_stderr
@@ -202,6 +203,8 @@ def worker_loop(loop: dict) -> None:
         record["resumed_at"] = record.get("resumed_at", []) + [step]
     else:
         record = {"first_step": 0, "eval_loss_start": _fixed_loss(job.objective, eval_batch, config.seed)}
+    heartbeat = loop.get("heartbeat")
+    beat(heartbeat, step)  # the model is loaded
     batches = _cycle(ray.train.get_dataset_shard("train"), config.batch_size, config.seed + rank)
     progress = ProgressLine(f"train {config.method}", config.steps, first=step, emit=to_stderr if rank == 0 else silent)
     while step < config.steps:
@@ -218,6 +221,7 @@ def worker_loop(loop: dict) -> None:
         metrics = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], examples_per_s=world * config.batch_size / seconds)
         progress.update(step, loss=metrics["loss_total"])
+        beat(heartbeat, step)
         if step % config.checkpoint_every == 0 or step == config.steps:
             with runs.checkpoint_folder() as folder:
                 if rank == 0:
@@ -228,7 +232,9 @@ def worker_loop(loop: dict) -> None:
         # No report between checkpoints: each ray.train.report waits ~2 s for the controller (Ray
         # 2.60), which made every step of a small model take 2 s. Progress goes to the log instead.
         fault = loop.get("fault")
-        if fault and rank == world - 1 and step == fault["step"] and not os.path.exists(fault["marker"]):
+        if fault and rank == world - 1 and step == fault.get("hang_at"):
+            time.sleep(3600)  # a worker that stops making progress (the watchdog's test)
+        if fault and rank == world - 1 and step == fault.get("step") and not os.path.exists(fault["marker"]):
             open(fault["marker"], "w").close()
             os._exit(1)
     if rank == 0:
@@ -302,9 +308,10 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
     # Read before the workers hold their CPUs: the pairs table is metadata (paths and labels), small
     # next to the images the workers load, and a materialised dataset needs no read task later.
     ds = ds.materialize()
+    heartbeat = new_heartbeat()
     loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "out": out,
             "encoder_spec": summary["encoder_spec"], "eval_rows": rows[:EVAL_EXAMPLES], "fault": fault,
-            "held_out_people": held_out}
+            "held_out_people": held_out, "heartbeat": heartbeat}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop,
@@ -314,7 +321,8 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
                              **({"logging_config": train_logging()} if train_logging() else {})),
         datasets={"train": ds},
     )
-    result = trainer.fit()
+    with Watchdog(f"train {config.method}", last_beat(heartbeat), config.stall_warn_s, config.stall_fail_s):
+        result = trainer.fit()
     record = json.loads(storage.read_bytes(storage.join(out, RECORD_FILE)))
     record["last_metrics"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return record

@@ -22,6 +22,7 @@ from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.quiet import train_logging
 from ray_faceid.registry import Registry
 from ray_faceid.train import runs
+from ray_faceid.watchdog import Watchdog, beat, last_beat, new_heartbeat
 
 RUNS = ".runs"  # beside the tenants; '.' cannot start a tenant name
 CAPTION = "a photo of a person"
@@ -97,6 +98,7 @@ def worker_loop(loop: dict) -> None:
     mine = todo[rank::world]
     rounds = math.ceil(len(todo) / world)
     progress = ProgressLine(f"personalize (rounds of {world} identities)", rounds, emit=to_stderr if rank == 0 else silent)
+    beat(loop.get("heartbeat"), 0)  # the models are loaded
     # Every worker reports the same number of times (a report is a collective step).
     for round_ in range(rounds):
         if round_ < len(mine):
@@ -110,6 +112,7 @@ def worker_loop(loop: dict) -> None:
             open(fault["marker"], "w").close()
             os._exit(1)
         progress.update(round_ + 1, adapted=len(done), failed=len(failed))
+        beat(loop.get("heartbeat"), round_ + 1)
         with runs.checkpoint_folder() as folder:
             (folder / f"progress_{rank}.json").write_text(json.dumps({"done": done, "failed": failed}))
             ray.train.report({"identities_done": len(done), "identities_failed": len(failed)},
@@ -143,8 +146,9 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
         init_ray(address)
         resources = worker_resources(min(config.workers, len(pending)), config.cpus_per_worker, config.use_gpu,
                                      with_data=False, local=is_local(address))
+        heartbeat = new_heartbeat()
         loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "registry": registry,
-                "tenant": tenant, "identities": pending, "fault": fault}
+                "tenant": tenant, "identities": pending, "fault": fault, "heartbeat": heartbeat}
         name = f"personalize_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
         trainer = TorchTrainer(
             worker_loop,
@@ -155,7 +159,8 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
                                  failure_config=FailureConfig(max_failures=config.max_failures),
                                  **({"logging_config": train_logging()} if train_logging() else {})),
         )
-        result = trainer.fit()
+        with Watchdog("personalize", last_beat(heartbeat), config.stall_warn_s, config.stall_fail_s):
+            result = trainer.fit()
         done, run_failed = _restored_progress(result.checkpoint)
         failed.update(run_failed)
     seconds = time.perf_counter() - started

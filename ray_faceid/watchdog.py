@@ -1,0 +1,128 @@
+"""No silent hangs: a job that stops making progress says what it waits for, then fails.
+
+Workers (or the driver's progress loop) beat after every step; a thread on the driver watches the
+time since the last beat. Past `warn_after` seconds it prints what the cluster is waiting for
+(resources free and total, placement groups that cannot be placed, pending tasks where Ray's state
+API is up); past `fail_after` it interrupts the job and raises Stalled with that report, instead of
+leaving a node billed for nothing.
+"""
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+from typing import Callable
+
+from ray_faceid.errors import FaceIdError
+from ray_faceid.progress import to_stderr
+
+
+class Stalled(FaceIdError):
+    """A job in which no step completed for longer than its stall limit."""
+
+    status = 504
+    code = "stalled"
+
+
+def _heartbeat_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Heartbeat:
+        """Where workers on any node record their progress (no CPU: it never competes with them)."""
+
+        def __init__(self):
+            self.at, self.step = time.time(), None
+
+        def beat(self, step=None) -> None:
+            self.at, self.step = time.time(), step
+
+        def last(self) -> tuple[float, object]:
+            return self.at, self.step
+
+    return Heartbeat
+
+
+def new_heartbeat():
+    """A heartbeat actor for a job's workers: pass it to them and call `beat(handle, step)`."""
+    return _heartbeat_class().remote()
+
+
+def beat(heartbeat, step=None) -> None:
+    """Record progress from a worker (fire and forget; a missing heartbeat is no error)."""
+    if heartbeat is not None:
+        heartbeat.beat.remote(step)
+
+
+def last_beat(heartbeat) -> Callable[[], float]:
+    """The time of the heartbeat's last beat, for Watchdog."""
+    import ray
+
+    return lambda: ray.get(heartbeat.last.remote(), timeout=30)[0]
+
+
+def waiting_report() -> str:
+    """What the cluster is waiting for, in a few lines."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    lines = ["resources free / total: " + ", ".join(
+        f"{k} {free.get(k, 0):g}/{v:g}" for k, v in sorted(total.items()) if k in ("CPU", "GPU", "memory") or
+        k.startswith("accelerator")) if total else "resources: the cluster reports none"]
+    try:
+        pending = [pg for pg in ray.util.placement_group_table().values() if pg.get("state") == "PENDING"]
+        for pg in pending[:5]:
+            lines.append(f"placement group {pg.get('name') or pg.get('placement_group_id', '')[:8]} cannot be placed: "
+                         f"needs {pg.get('bundles')}")
+    except Exception:  # noqa: BLE001 - a report, not a check
+        pass
+    try:
+        from ray.util.state import list_tasks
+
+        waiting = [t for t in list_tasks(filters=[("state", "!=", "FINISHED")], limit=200, raise_on_missing_output=False)
+                   if str(t.state).startswith("PENDING")]
+        lines.append(f"{len(waiting)} task(s) pending: " + ", ".join(sorted({t.name for t in waiting})[:5]))
+    except Exception:  # noqa: BLE001 - the state API needs the dashboard, which local clusters leave out
+        lines.append("pending tasks: not known here (Ray's state API needs the dashboard: `ray list tasks` on a "
+                     "cluster started with it)")
+    return "\n  ".join(lines)
+
+
+class Watchdog:
+    """`with Watchdog(...)` around a blocking job call. `last_beat()` gives the time of the last progress."""
+
+    def __init__(self, what: str, last_beat: Callable[[], float], warn_after: float, fail_after: float,
+                 emit: Callable[[str], None] = to_stderr, report: Callable[[], str] = waiting_report):
+        self.what, self.last_beat, self.warn_after, self.fail_after = what, last_beat, warn_after, fail_after
+        self.emit, self.report = emit, report
+        self.failure: str | None = None
+        self._stop = threading.Event()
+
+    def _watch(self) -> None:
+        warned_at = None
+        while not self._stop.wait(min(5.0, self.warn_after / 4)):
+            try:
+                idle = time.time() - self.last_beat()
+            except Exception:  # noqa: BLE001 - the heartbeat itself is unreachable: count it as no progress
+                idle = time.time() - (warned_at or time.time())
+            if idle > self.fail_after:
+                self.failure = (f"{self.what}: no progress for {idle:.0f} s (the limit is {self.fail_after:g} s); "
+                                f"stopped. Waiting for:\n  {self.report()}")
+                _thread.interrupt_main()
+                return
+            if idle > self.warn_after and (warned_at is None or time.time() - warned_at > self.warn_after):
+                warned_at = time.time()
+                self.emit(f"{self.what}: no progress for {idle:.0f} s (failing at {self.fail_after:g} s). "
+                          f"Waiting for:\n  {self.report()}")
+
+    def __enter__(self) -> "Watchdog":
+        self._thread = threading.Thread(target=self._watch, name="ray_faceid-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self._stop.set()
+        if self.failure is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, SystemExit))):
+            # Ray Train answers the interrupt by aborting its run and raising SystemExit.
+            raise Stalled(self.failure) from exc
+        return False
