@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	# MTCNN's weights (MIT) for the small-face pass; --no-deps: the package pins an old torch.
+	$(PY) -m pip install --quiet --no-deps 'facenet-pytorch==2.6.0'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +32,7 @@ bench: $(STAMP)  # each script appends its results to benchmarks/BENCHMARKS.md; 
 	$(PY) benchmarks/render_throughput.py
 	$(PY) benchmarks/unet_backends.py
 	$(PY) benchmarks/cluster_quality.py
+	$(PY) benchmarks/group_faces.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -86,7 +86,19 @@ class DetectionConfig(Settings):
         le=1.0,
         description="Where nothing is found, retry with this fraction of border added: tight face crops need context.",
     )
-    min_face_px: int = Field(20, ge=1, description="Faces narrower than this, in original pixels, are dropped.")
+    min_face_px: int = Field(16, ge=1, description="Faces narrower than this, in original pixels, are dropped.")
+    small_faces: bool = Field(
+        True, description="Where the fast pass finds no dominant face (a group or event photo), also run the "
+        "small-face detector (MTCNN, faces down to small_face_px; its weights come with facenet-pytorch)."
+    )
+    small_face_px: float = Field(14.0, ge=12, description="Smallest face the small-face pass looks for, in pixels.")
+    small_face_max_side: int = Field(
+        3072, ge=256, description="The small-face pass runs on images at most this long (larger ones are shrunk)."
+    )
+    portrait_share: float = Field(
+        0.2, gt=0, le=1, description="A face at least this share of the image's shorter side is dominant: the photo "
+        "is a portrait and the small-face pass is skipped (it keeps single-face photos fast)."
+    )
     policy: Literal["largest", "all"] = Field(
         "largest", description="Which faces analyze() returns when there are several: the largest, or all."
     )

@@ -20,7 +20,7 @@ RAW_SCHEMA = pa.schema([
 ])
 NOT_USED_SHOWN = 10
 FACE_ATTRIBUTES = ("yaw", "pitch", "roll", "smile", "mouth_open", "eyes_open")
-FACE_QUALITY = ("face_px", "sharpness", "pose", "score")
+FACE_QUALITY = ("face_px", "sharpness", "pose", "score", "small")
 
 
 def read_raw(dst: str) -> list[dict]:
@@ -93,7 +93,7 @@ def face_rows(images: list[dict], labels: str, root: str) -> list[dict]:
                 "encoder": f"{spec['name']}/{spec['dim']}/{spec['version']}",
                 "encoder_spec": json.dumps(spec, sort_keys=True),
                 **{k: face["attributes"].get(k) for k in FACE_ATTRIBUTES},
-                **{f"q_{k}": face["quality"][k] for k in FACE_QUALITY},
+                **{f"q_{k}": face["quality"].get(k) for k in FACE_QUALITY},  # parts made before "small" lack it
                 "crop_uri": face.get("crop_uri"),
                 "crop_landmarks": [p for xy in face.get("crop_landmarks", []) for p in xy],
             })

@@ -26,6 +26,7 @@ class _ThreadParts:
     detector: Detector
     landmarker: Landmarker | None
     fallback: Detector | None
+    small: Detector | None = None
 
 
 class FaceAnalyzer:
@@ -63,12 +64,13 @@ class FaceAnalyzer:
                 b.make_detector(),
                 b.make_landmarker() if b.make_landmarker else None,
                 b.make_fallback_detector() if b.make_fallback_detector else None,
+                b.make_small_face_detector() if b.make_small_face_detector else None,
             )
         return parts
 
     def _locate(self, image: np.ndarray) -> list[Face]:
         parts = self._parts()
-        detections = detect_faces(image, parts.detector, self.config.detection, parts.fallback)
+        detections = detect_faces(image, parts.detector, self.config.detection, parts.fallback, parts.small)
         if self.config.detection.policy == "largest":
             detections = detections[:1]
         faces = []

@@ -1,9 +1,15 @@
 """Detection policy around any detector: bounded working resolution, small-image upsampling,
-padding for tight crops, a high-recall fallback, and boxes mapped back to original pixels.
+padding for tight crops, a small-face pass on photos without a dominant face, a high-recall
+fallback, and boxes mapped back to original pixels.
 
 Why: detector cost grows with pixels, so large photos are detected downscaled (a 4600 px photo
 costs the same as a 1024 px one); dlib's HOG window is 80 px, so small images are upsampled;
 a face cropped tight to its chin and brow has no context around it, so the image is padded.
+At the working resolution HOG misses faces under ~80 px: group and event photos lose their
+far-away people. Where the fast pass finds no dominant face (one at least `portrait_share` of the
+shorter side: a portrait), a small-face detector (MTCNN, down to `small_face_px`) runs too and
+adds the faces the fast pass missed; portraits, most photos, stay as fast as before.
+(benchmarks/group_faces.py measured the choice.)
 """
 from __future__ import annotations
 
@@ -61,13 +67,34 @@ def _clip(d: Detection, height: int, width: int) -> Detection:
     return Detection(box, d.score, d.landmarks)
 
 
+def _centre_inside(a: tuple, b: tuple) -> bool:
+    cx, cy = (a[0] + a[2]) / 2, (a[1] + a[3]) / 2
+    return b[0] <= cx <= b[2] and b[1] <= cy <= b[3]
+
+
+def _small_faces(image: np.ndarray, small: Detector, config: DetectionConfig, found: list[Detection]) -> list[Detection]:
+    """The small-face pass's faces that the fast pass did not find."""
+    h, w = image.shape[:2]
+    scale = min(1.0, config.small_face_max_side / max(h, w))
+    extra = []
+    for d in small.detect(_resize(image, scale), min_face=config.small_face_px * scale):
+        box = tuple(v / scale for v in d.bbox)
+        if not any(_centre_inside(box, f.bbox) or _centre_inside(f.bbox, box) for f in found + extra):
+            extra.append(Detection(box, d.score, d.landmarks))
+    return extra
+
+
 def detect_faces(
-    image: np.ndarray, detector: Detector, config: DetectionConfig, fallback: Detector | None = None
+    image: np.ndarray, detector: Detector, config: DetectionConfig, fallback: Detector | None = None,
+    small: Detector | None = None,
 ) -> list[Detection]:
     """Faces in `image` (original pixels), largest first."""
     h, w = image.shape[:2]
     scale = working_scale(h, w, config)
     found = _run(detector, image, scale, 0)
+    dominant = any(d.bbox[2] - d.bbox[0] >= config.portrait_share * min(h, w) for d in found)
+    if small is not None and not dominant:
+        found += _small_faces(image, small, config, found)
     # Only small images are padded: that is where tight face crops live, and padding a large
     # photo would shrink its faces below the detector's window at the working resolution.
     small = max(h, w) < config.upsample_below_side and config.pad_fraction > 0

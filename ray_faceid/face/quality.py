@@ -4,6 +4,8 @@
 - sharpness   variance of the Laplacian of the aligned 112x112 grey crop; below ~50 looks blurred.
 - pose        0 (frontal) .. 1 (profile or steeply up/down), from yaw and pitch.
 - score       0..1, the product of a size, a sharpness and a pose term; 1 is a large, sharp, frontal face.
+- small       1 for a face narrower than SMALL_FACE_PX (group photos' far-away people): its landmarks and
+              embedding are less reliable; enrollment refuses faces under its own minimum, saying so.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from scipy import ndimage
 
 # Faces this wide, and crops this sharp, get a full size / sharpness term.
 FULL_SIZE_PX = 112.0
+SMALL_FACE_PX = 40.0
 SHARP_LAPLACIAN_VAR = 100.0
 
 
@@ -30,4 +33,5 @@ def face_quality(face_px: float, aligned_rgb: np.ndarray, yaw: float, pitch: flo
         "sharpness": sharp,
         "pose": pose,
         "score": size_term * sharp_term * (1.0 - pose),
+        "small": float(face_px < SMALL_FACE_PX),
     }

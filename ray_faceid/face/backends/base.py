@@ -48,4 +48,6 @@ class FaceBackend:
     """None when the detector already gives landmarks."""
     make_fallback_detector: Callable[[], Detector] | None = None
     """A slower, higher-recall detector tried where the main one finds nothing."""
+    make_small_face_detector: Callable[[], Detector] | None = None
+    """A detector of faces down to ~20 px, run on photos without a dominant face (face/detect.py)."""
     license_note: str = ""

@@ -21,6 +21,8 @@ def build_backend(config: FaceConfig) -> FaceBackend:
         cnn_fallback=config.detection.cnn_fallback,
         num_jitters=config.num_jitters,
         encoder_runtime=config.encoder_runtime,
+        small_faces=config.detection.small_faces,
+        small_face_px=config.detection.small_face_px,
     )
     if config.recognizer_onnx:
         from ray_faceid.face.backends.onnx_encoder import OnnxArcFaceEncoder
