@@ -101,10 +101,11 @@ def main() -> None:
                      f"({far['found']}/{far['people']}) | {extra} ({worst}) | {groups:.2f} | "
                      f"{single['s_per_image']:.3f} |")
         print(f"{label}: missed {near['missed'] + far['missed'] + empty['missed']}", file=sys.stderr)
-    lines += ["", f"Near: the {len(PEOPLE)} group photos; far: the same people with the smallest face at {FAR_FACE_PX:.0f} px in a "
-              f"{CANVAS[0]}x{CANVAS[1]} photo; extra faces counted over those and the "
-              f"{sum(c[0].startswith('nonface') for c in items)} nonface images. Portraits: one photo per identity folder (the small-face pass is skipped where a "
-              "face is dominant)."]
+    nonface = sum(c[0].startswith("nonface") for c in items)
+    lines += ["", f"Near: the {len(PEOPLE)} group photos; far: the same people with the smallest face at "
+              f"{FAR_FACE_PX:.0f} px in a {CANVAS[0]}x{CANVAS[1]} photo; extra faces counted over those and the "
+              f"{nonface} nonface images. Portraits: one photo per identity folder (the small-face pass is "
+              "skipped where a face is dominant)."]
     print(report(lines, not args.no_record))
 
 

@@ -12,7 +12,6 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 # Every Ray job's watchdog (ray_faceid/watchdog.py); not part of any settings hash.
 StallWarn = Annotated[float, Field(gt=0, description="No progress for this long (s): print what the job waits for.")]
 StallFail = Annotated[float, Field(gt=0, description="No progress for this long (s): stop the job with that report.")]

@@ -25,12 +25,12 @@ from typing import Any, Callable
 from ray_faceid import storage
 from ray_faceid.config import TrainConfig
 from ray_faceid.data import tables
-from ray_faceid.watchdog import Watchdog, beat, last_beat, new_heartbeat
 from ray_faceid.data.pairs import IDENTITIES, PAIRS
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.quiet import train_logging
 from ray_faceid.train import runs
+from ray_faceid.watchdog import Watchdog, beat, last_beat, new_heartbeat
 
 RUN_NAME, RECORD_FILE = "train", "training.json"
 EVAL_EXAMPLES = 8
