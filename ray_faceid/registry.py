@@ -123,7 +123,7 @@ class Registry:
                 name = next(f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}".casefold() not in taken)
             meta = self._write_new(tenant, name, consent, embeddings, quality, spec, crops, photos, source)
             for holder in holders if name_exists == "replace" else []:  # only now: a failed enrollment loses no one
-                self._erase(tenant, holder["id"])
+                self._erase(tenant, holder["id"], withdrawn=False)  # the person stays enrolled, as the new identity
         return meta
 
     def _consent_for(self, tenant: str, name: str, label: str | None, consent: str, reconsent: str | None) -> str:
@@ -235,14 +235,14 @@ class Registry:
         with self._lock(tenant, "name", tombstones.person_key(tenant, meta.get("name") or "") or "<unnamed>"):
             return self._erase(tenant, identity, also)
 
-    def _erase(self, tenant: str, identity: str, also: list[str] = ()) -> dict:
+    def _erase(self, tenant: str, identity: str, also: list[str] = (), withdrawn: bool = True) -> dict:
         from ray_faceid.erasure import erase_elsewhere
 
         with self._lock(tenant, "id", identity):
             meta = self.get(tenant, identity)
             folder = self._dir(tenant, identity)
             files = self.files(tenant, identity)
-            tombstone = tombstones.write(self.store, meta)  # first: from here on no write can bring them back
+            tombstone = tombstones.write(self.store, meta, withdrawn)  # first: from here on no write brings them back
             storage.delete(folder)
         removed = [{"what": "registry: references, embeddings, per-identity adapters", "where": folder,
                     "files": len(files)}]

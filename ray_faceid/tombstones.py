@@ -33,11 +33,14 @@ def uri(store: str, tenant: str, identity: str) -> str:
     return storage.join(store, tenant, FOLDER, digest("id", identity) + ".json")
 
 
-def write(store: str, meta: dict) -> str:
-    """The tombstone of the identity `meta` describes; returns its URI."""
+def write(store: str, meta: dict, withdrawn: bool = True) -> str:
+    """The tombstone of the identity `meta` describes; returns its URI. `withdrawn`: the person is
+    gone (their name and label are refused from now on); False for an identity replaced by a newer
+    enrollment of the same person, whose id alone is retired."""
     tenant = meta["tenant"]
     keys = sorted({k for k in (person_key(tenant, meta.get("name") or ""),
                                person_key(tenant, (meta.get("source") or {}).get("identity") or "")) if k})
+    keys = keys if withdrawn else []
     record = {"id_sha256": digest("id", meta["id"]), "tenant": tenant,
               "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "consent": meta.get("consent"), "person_keys": keys}

@@ -83,6 +83,9 @@ def test_an_erased_person_is_not_enrolled_again_without_new_consent(tmp_path, sp
     again = enroll(registry, spec128, "ann", reconsent="consent-2")
     assert registry.get("default", again)["consent"] == "consent-2"
     enroll(registry, spec128, "bob")  # others are not affected
+    # Replacing an enrollment is not an erasure of the person: the name stays usable.
+    newer = enroll(registry, spec128, "bob", name_exists="replace")
+    assert enroll(registry, spec128, "bob", name_exists="replace") != newer
 
 
 def test_enroll_racing_a_delete_never_brings_the_person_back(tmp_path, spec128):
