@@ -49,7 +49,6 @@ api = FastAPI(title="ray_faceid", version="0.1.0",
 api.add_middleware(body_limit.BodyLimit)
 _STORAGE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"]+[/\\])+[^\s'\",;)]*")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-CALLER = errors(401, 422, 500)
 
 
 class Unauthorized(FaceIdError):
