@@ -80,6 +80,9 @@ def main() -> None:
         sys.exit(f"no photo set at {args.faces} (pass --faces)")
     analyzers = {
         "fast pass only (before)": FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all", small_faces=False))),
+        # A candidate that needs nothing new: dlib's MMOD CNN as the detector, at the same working size.
+        "MMOD CNN detector (dlib_model=cnn)": FaceAnalyzer(FaceConfig(detection=DetectionConfig(
+            policy="all", dlib_model="cnn", small_faces=False))),
         "with the small-face pass (default)": FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all"))),
     }
     items = cases(args.faces, analyzers["with the small-face pass (default)"])
