@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import threading
 import time
 import weakref
@@ -149,7 +150,10 @@ class Generator:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.config.erasure_sweep_s)
-            await asyncio.to_thread(self.forget_erased)
+            try:
+                await asyncio.to_thread(self.forget_erased)
+            except Exception:  # noqa: BLE001 - a store that cannot be read now is read again next time
+                logging.getLogger("ray.serve").warning("erasure sweep failed; retrying", exc_info=True)
 
     async def _conditions(self, tenant: str, requested: list[dict]):
         from ray_faceid.pipelines.generate import IdentityCondition
@@ -243,12 +247,19 @@ class Generator:
         first = requests[owners[0]] if items else None
         for members in by_weights.values():
             cost = first["width"] * first["height"] * first["steps"] * len(members)
-            result = await self._run([requests[owners[k]] for k in members], cost, self.pipeline.generate_items,
-                                     [items[k] for k in members], first["steps"], first["guidance"],
-                                     first["width"], first["height"])
+            try:
+                result = await self._run([requests[owners[k]] for k in members], cost, self.pipeline.generate_items,
+                                         [items[k] for k in members], first["steps"], first["guidance"],
+                                         first["width"], first["height"])
+            except Cancelled as exc:  # only this group's callers went away: the batch's others go on
+                for k in members:
+                    out[owners[k]] = {"error": exc.code, "message": exc.message, "status": exc.status}
+                continue
             for j, k in enumerate(members):
                 png[k], provenance[k], seeds[k] = result.png[j], result.provenance[j], result.seeds[j]
         for i, (hits, count) in lookups.items():
+            if out[i] is not None:
+                continue
             mine = [k for k, owner in enumerate(owners) if owner == i]
             out[i] = self._response([png[k] for k in mine], [provenance[k] for k in mine], [seeds[k] for k in mine],
                                     hits, count)
