@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -34,10 +35,11 @@ import numpy as np
 from PIL import Image
 
 from ray_faceid import storage, tombstones
-from ray_faceid.errors import BadInput, Conflict, Erased, ErasedPerson, NameTaken, NotFound
+from ray_faceid.errors import BadInput, Conflict, Erased, ErasedPerson, NameTaken, NotFound, StorageError
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.store_lock import StoreLock
 
+log = logging.getLogger(__name__)
 NAME_EXISTS = ("refuse", "rename", "replace")
 MAX_NAME = 100
 REFERENCE_CROP = 256  # side of the aligned reference crops (the loose diffusion template)
@@ -163,6 +165,8 @@ class Registry:
     def get(self, tenant: str, identity: str) -> dict:
         try:
             return json.loads(storage.read_bytes(storage.join(self._dir(tenant, identity), "meta.json")))
+        except ValueError as exc:
+            raise StorageError(f"identity {identity}'s record in the store is unreadable ({exc})") from exc
         except NotFound:
             if tombstones.erased_id(self.store, tenant, identity):
                 raise Erased(f"identity {identity} was erased") from None
@@ -224,6 +228,9 @@ class Registry:
                 try:
                     out.append(self.get(tenant, name))
                 except NotFound:  # being written or deleted
+                    continue
+                except StorageError as exc:  # one damaged record does not hide everyone else
+                    log.warning("%s", exc.message)
                     continue
         return out
 

@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -503,11 +504,16 @@ def test_errors_have_one_shape_no_storage_paths_and_every_5xx_is_counted(api, ph
     r = client.post("/v1/generate", json={**GEN, "identities": [{"id": ident}]}, headers=bearer())
     assert set(r.json()) == {"error", "message", "request_id"} and r.headers["x-request-id"] == r.json()["request_id"]
     assert config.registry not in r.text and "<storage>" in r.json()["message"]
-    (folder / "meta.json").write_text("{not json")
+    (folder / "meta.json").write_text("{}")  # a record the code does not expect: an unhandled exception
     before = metric(client, "faceid_requests_total", 'status="500"')
     r = client.get(f"/v1/identities/{ident}", headers=bearer())
     assert r.status_code == 500 and r.json()["error"] == "internal" and r.json()["request_id"]
     assert metric(client, "faceid_requests_total", 'status="500"') == before + 1
+    (folder / "meta.json").write_text("{not json")  # a damaged record: the store's fault, and said so
+    r = client.get(f"/v1/identities/{ident}", headers=bearer())
+    assert r.status_code == 502 and r.json()["error"] == "storage_error" and config.registry not in r.text
+    assert client.get("/v1/identities", headers=bearer()).status_code == 200  # the others are still listed
+    shutil.rmtree(folder)  # the other tests share this registry
     for answer in (client.get("/v1/nowhere"), client.get("/v1/identities"),
                    client.post("/v1/generate", json={"prompt": 1}, headers=bearer())):
         assert answer.status_code in (401, 404, 422) and set(answer.json()) == {"error", "message", "request_id"}
