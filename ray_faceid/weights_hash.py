@@ -71,24 +71,29 @@ def _files_key(folder: Path) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
+def _remembered(folder: Path, kind: str, compute) -> str:
+    """`compute()`, cached per machine under the key of `folder`'s files (paths, sizes, times)."""
+    from ray_faceid.envs import cache_dir
+
+    cache = Path(cache_dir()) / "weights_hashes"
+    entry = cache / f"{kind}{_files_key(folder)}.txt"
+    if entry.exists():
+        return entry.read_text().strip()
+    digest = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(digest)
+    tmp.replace(entry)
+    return digest
+
+
 def cached_module_hash(module: torch.nn.Module, folder: str | Path | None) -> str:
     """module_hash, remembered for the files of `folder` it was loaded from (unchanged files,
     same hash); recorded on the module either way."""
     if folder is None or not Path(folder).is_dir():
         digest = module_hash(module)
     else:
-        from ray_faceid.envs import cache_dir
-
-        cache = Path(cache_dir()) / "weights_hashes"
-        entry = cache / f"{_files_key(Path(folder))}.txt"
-        if entry.exists():
-            digest = entry.read_text().strip()
-        else:
-            digest = module_hash(module)
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(digest)
-            tmp.replace(entry)
+        digest = _remembered(Path(folder), "", lambda: module_hash(module))
     record(module, digest)
     return digest
 
@@ -96,22 +101,15 @@ def cached_module_hash(module: torch.nn.Module, folder: str | Path | None) -> st
 def folder_hash(folder: str | Path) -> str:
     """sha256 over every file of a model folder (relative path and bytes, streamed): identifies the
     weights without loading them. Cached like module hashes, by the files' paths, sizes and times."""
-    from ray_faceid.envs import cache_dir
-
     folder = Path(folder)
-    cache = Path(cache_dir()) / "weights_hashes"
-    entry = cache / f"files-{_files_key(folder)}.txt"
-    if entry.exists():
-        return entry.read_text().strip()
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    digest = h.hexdigest()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(digest)
-    tmp.replace(entry)
-    return digest
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            h.update(str(path.relative_to(folder)).encode() + b"\0")
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    return _remembered(folder, "files-", compute)
