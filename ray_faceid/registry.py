@@ -20,6 +20,7 @@ artifact the system made of the person (erasure.py) and returns what it removed.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import io
@@ -90,9 +91,19 @@ class Registry:
         return StoreLock(storage.join(self.store, tenant, "_locks", tombstones.digest(*key) + ".lock"),
                          "this identity" if key[0] == "id" else "this name")
 
-    def _dir(self, tenant: str, identity: str) -> str:
+    def _name_lock(self, tenant: str, name: str):
+        """Held while a name is enrolled or its holder erased; unnamed identities share nothing."""
+        key = tombstones.person_key(tenant, name)
+        return self._lock(tenant, "name", key) if key else contextlib.nullcontext()
+
+    @staticmethod
+    def _check_tenant(tenant: str) -> str:
         if not _TENANT.match(tenant or ""):
             raise BadInput(f"tenant {tenant!r}: use letters, digits, '-' or '_'")
+        return tenant
+
+    def _dir(self, tenant: str, identity: str) -> str:
+        self._check_tenant(tenant)
         if not _ID.match(identity or ""):
             raise NotFound(f"identity {identity!r} not found")
         return storage.join(self.store, tenant, identity)
@@ -112,8 +123,8 @@ class Registry:
         name = check_name(name)
         if name_exists not in NAME_EXISTS:
             raise BadInput(f"name_exists must be one of {', '.join(NAME_EXISTS)}, not {name_exists!r}")
-        self._dir(tenant, new_identity_id())  # a bad tenant fails before any lock
-        with self._lock(tenant, "name", tombstones.person_key(tenant, name) or "<unnamed>"):
+        self._check_tenant(tenant)
+        with self._name_lock(tenant, name):
             consent = self._consent_for(tenant, name, (source or {}).get("identity"), consent, reconsent)
             holders = self.named(tenant, name) if name else []
             if holders and name_exists == "refuse":
@@ -239,7 +250,7 @@ class Registry:
         adapters, render outputs made from this registry or listed in `also`, contact sheets, the
         ingest dataset's crops and embeddings of their label). Returns the erasure report."""
         meta = self.get(tenant, identity)  # NotFound for others' and unknown ids
-        with self._lock(tenant, "name", tombstones.person_key(tenant, meta.get("name") or "") or "<unnamed>"):
+        with self._name_lock(tenant, meta.get("name") or ""):
             return self._erase(tenant, identity, also)
 
     def _erase(self, tenant: str, identity: str, also: list[str] = (), withdrawn: bool = True) -> dict:
@@ -259,7 +270,7 @@ class Registry:
     def record_output(self, tenant: str, uri: str) -> None:
         """Remember a render output made from this registry, so that erasing a person reaches it."""
         uri = uri if "://" in str(uri) else os.path.abspath(uri)
-        self._dir(tenant, new_identity_id())  # checks the tenant
+        self._check_tenant(tenant)
         key = tombstones.digest("output", uri)
         storage.write_bytes(storage.join(self.store, tenant, "_outputs", key + ".json"),
                             json.dumps({"uri": uri, "kind": "render"}).encode())
