@@ -89,22 +89,29 @@ def waiting_report() -> str:
 
 
 class Watchdog:
-    """`with Watchdog(...)` around a blocking job call. `last_beat()` gives the time of the last progress."""
+    """`with Watchdog(...) as dog:` around a blocking job. Progress comes from `dog.beat()` (a driver
+    loop) or from `last_beat()`, the time of the workers' last beat (a heartbeat actor)."""
 
-    def __init__(self, what: str, last_beat: Callable[[], float], warn_after: float, fail_after: float,
+    def __init__(self, what: str, warn_after: float, fail_after: float, last_beat: Callable[[], float] | None = None,
                  emit: Callable[[str], None] = to_stderr, report: Callable[[], str] = waiting_report):
         self.what, self.last_beat, self.warn_after, self.fail_after = what, last_beat, warn_after, fail_after
         self.emit, self.report = emit, report
         self.failure: str | None = None
+        self._last = time.time()
         self._stop = threading.Event()
+
+    def beat(self) -> None:
+        self._last = time.time()
 
     def _watch(self) -> None:
         warned_at = None
         while not self._stop.wait(min(5.0, self.warn_after / 4)):
-            try:
-                idle = time.time() - self.last_beat()
-            except Exception:  # noqa: BLE001 - the heartbeat itself is unreachable: count it as no progress
-                idle = time.time() - (warned_at or time.time())
+            if self.last_beat is not None:
+                try:
+                    self._last = max(self._last, self.last_beat())
+                except Exception:  # noqa: BLE001 - an unreachable heartbeat is no progress: keep the last one known
+                    pass
+            idle = time.time() - self._last
             if idle > self.fail_after:
                 self.failure = (f"{self.what}: no progress for {idle:.0f} s (the limit is {self.fail_after:g} s); "
                                 f"stopped. Waiting for:\n  {self.report()}")

@@ -137,12 +137,11 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
         num_gpus=gpus,
     )
     statuses, progress = [], ProgressLine("ingest images", len(listed), emit=to_stderr)
-    last = [time.time()]
-    with Watchdog("ingest", lambda: last[0], config.stall_warn_s, config.stall_fail_s):
+    with Watchdog("ingest", config.stall_warn_s, config.stall_fail_s) as watchdog:
         for batch in ds.iter_batches(batch_size=None):
             statuses += [str(s) for s in batch["status"]]
             progress.update(len(statuses))
-            last[0] = time.time()
+            watchdog.beat()
     if len(statuses) != len(listed):
         raise RuntimeError(f"ingest accounted for {len(statuses)} of {len(listed)} files")
     summary = finish(dst, listed, labels, time.perf_counter() - start, before=len(raw), root=storage.listing_root(src))

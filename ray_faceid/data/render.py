@@ -119,12 +119,11 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         num_gpus=gpus,
     )
     records, progress = [], ProgressLine("render rows", len(texts), emit=to_stderr)
-    last = [time.time()]
-    with Watchdog("render", lambda: last[0], config.stall_warn_s, config.stall_fail_s):
+    with Watchdog("render", config.stall_warn_s, config.stall_fail_s) as watchdog:
         for batch in ds.iter_batches(batch_size=None):
             records += [json.loads(str(r)) for r in batch["record"]]
             progress.update(len(records), failed=sum(r["status"] != "ok" for r in records))
-            last[0] = time.time()
+            watchdog.beat()
     records.sort(key=lambda r: r["index"])
     if len(records) != len(texts):
         raise RuntimeError(f"render accounted for {len(records)} of {len(texts)} rows")

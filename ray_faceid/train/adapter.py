@@ -321,7 +321,7 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
                              **({"logging_config": train_logging()} if train_logging() else {})),
         datasets={"train": ds},
     )
-    with Watchdog(f"train {config.method}", last_beat(heartbeat), config.stall_warn_s, config.stall_fail_s):
+    with Watchdog(f"train {config.method}", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat)):
         result = trainer.fit()
     record = json.loads(storage.read_bytes(storage.join(out, RECORD_FILE)))
     record["last_metrics"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -159,7 +159,7 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
                                  failure_config=FailureConfig(max_failures=config.max_failures),
                                  **({"logging_config": train_logging()} if train_logging() else {})),
         )
-        with Watchdog("personalize", last_beat(heartbeat), config.stall_warn_s, config.stall_fail_s):
+        with Watchdog("personalize", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat)):
             result = trainer.fit()
         done, run_failed = _restored_progress(result.checkpoint)
         failed.update(run_failed)

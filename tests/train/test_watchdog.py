@@ -11,7 +11,8 @@ from ray_faceid.watchdog import Stalled, Watchdog
 def test_the_watchdog_warns_then_fails_with_the_report():
     said, last = [], time.time()
     with pytest.raises(Stalled, match=r"no progress for \d+ s \(the limit is 1 s\)"):
-        with Watchdog("job", lambda: last, warn_after=0.3, fail_after=1.0, emit=said.append, report=lambda: "CPU 0/2"):
+        with Watchdog("job", warn_after=0.3, fail_after=1.0, last_beat=lambda: last, emit=said.append,
+                      report=lambda: "CPU 0/2"):
             time.sleep(5)  # interrupted by the watchdog
     assert said and "failing at 1 s" in said[0] and "CPU 0/2" in said[0]
 
