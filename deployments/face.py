@@ -7,7 +7,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.memory import replica_memory
-from ray_faceid.config import DecodeConfig, FaceConfig, ServeConfig
+from ray_faceid.config import FaceConfig, ServeConfig
 from ray_faceid.errors import FaceIdError
 
 
@@ -19,8 +19,7 @@ class FaceEncoder:
         limits = config.limits
         face = config.face.model_copy(update={
             "detection": config.face.detection.model_copy(update={"policy": "all"}),
-            "decode": DecodeConfig(max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels,
-                                   max_side=limits.max_decode_side),
+            "decode": limits.decode(max_side=limits.max_decode_side),
         })
         self.analyzer = FaceAnalyzer(FaceConfig.model_validate(face.model_dump()))
         self.analyze_batch.set_max_batch_size(config.encoder_batch_size)

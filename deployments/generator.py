@@ -26,7 +26,7 @@ from ray import serve
 from deployments import multiplex
 from deployments.memory import replica_memory
 from deployments.turns import PipelineTurns
-from ray_faceid.config import DecodeConfig, ServeConfig
+from ray_faceid.config import ServeConfig
 from ray_faceid.errors import EncoderMismatch, Erased, FaceIdError, NotFound
 from ray_faceid.registry import newest_adapter
 
@@ -188,8 +188,7 @@ class Generator:
         from ray_faceid.pipelines.inpaint import inpaint
 
         conditions, hits = await self._conditions(request["tenant"], request["identities"])
-        limits = self.config.limits
-        decode = DecodeConfig(max_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels)
+        decode = self.config.limits.decode()
         image, mask = decode_image(request["image"], decode), decode_image(request["mask"], decode)
         width, height = self.pipeline.base.native_size  # inpainting denoises at most at the native size
         result = await self._run([request], width * height * request["steps"], inpaint, self.pipeline, image, mask,

@@ -61,7 +61,10 @@ class Busy(FaceIdError):
 
     status = 503
     code = "busy"
-    retry_after = 5
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def _error(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -147,14 +150,12 @@ class Ingress:
             metrics.BATCH_SIZE.labels("face_encoder").observe(result["batch_size"])
         return result
 
-    def _check_upload(self, data: bytes | None, what: str, size: int | None = None) -> bytes | None:
-        """An upload within the limit; `size` (of a file spooled to disk) is checked before it is read."""
-        size = len(data) if data is not None else size
+    def _check_size(self, size: int | None, what: str) -> None:
+        """An upload within the limit, checked from its size (a file spooled to disk: before it is read)."""
         if size is not None and size > self.config.limits.max_upload_bytes:
             raise BadInput(f"{what} is {size} bytes; the limit is {self.config.limits.max_upload_bytes}")
         if size == 0:
             raise BadInput(f"{what} is empty")
-        return data
 
     # -- identities ----------------------------------------------------------------------------
     @api.post("/v1/identities", status_code=201, response_model=IdentityOut,
@@ -176,9 +177,10 @@ class Ingress:
         from ray_faceid.face.decode import decode_image
 
         for photo in photos:  # every size before any photo is read or analysed
-            self._check_upload(None, f"photo {photo.filename}", photo.size)
+            self._check_size(photo.size, f"photo {photo.filename}")
         for i, photo in enumerate(photos):
-            data = self._check_upload(await photo.read(), f"photo {photo.filename}")
+            data = await photo.read()
+            self._check_size(len(data), f"photo {photo.filename}")
             result = await self._analyze(data)
             report = PhotoReport(index=i, filename=photo.filename or f"photo{i}", accepted=False)
             faces = result.get("faces", [])
@@ -263,10 +265,9 @@ class Ingress:
             try:
                 result = await handle.generate.remote(payload)
             except BackPressureError:
-                busy = Busy(f"the generator is busy (its queue of {self.config.limits.generator_max_queued} is full): "
-                            f"retry in {self.config.limits.retry_after_s} s")
-                busy.retry_after = self.config.limits.retry_after_s
-                raise busy from None
+                limits = self.config.limits
+                raise Busy(f"the generator is busy (its queue of {limits.generator_max_queued} is full): retry in "
+                           f"{limits.retry_after_s} s", limits.retry_after_s) from None
             metrics.BATCH_SIZE.labels("generator").observe(result.get("batch_size", 1))
             _remote_error(result)
             metrics.CACHE.labels("hit").inc(result["cache_hits"])
@@ -314,8 +315,10 @@ class Ingress:
             image, mask = base64.b64decode(body.image, validate=True), base64.b64decode(body.mask, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise BadInput("image and mask must be base64-encoded image files") from exc
+        self._check_size(len(image), "image")
+        self._check_size(len(mask), "mask")
         payload = {"kind": "inpaint", "tenant": tenant, "identities": [person],
-                   "image": self._check_upload(image, "image"), "mask": self._check_upload(mask, "mask"),
+                   "image": image, "mask": mask,
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "feather": body.feather}

@@ -220,6 +220,10 @@ class ServeLimits(Settings):
                                       "those it runs; past it the API answers 503 with Retry-After.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 (the Generator's queue was full).")
 
+    def decode(self, max_side: int | None = None) -> "DecodeConfig":
+        """The decoding limits of an upload (`max_side`: decode reduced to this long side)."""
+        return DecodeConfig(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels, max_side=max_side)
+
 
 class ServeConfig(Settings):
     """The composed Serve application: ingress, face encoder, generator."""
