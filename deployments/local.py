@@ -35,6 +35,9 @@ def check_port_free(port: int) -> None:
             raise BadInput(f"port {port} on 127.0.0.1 is in use ({exc.strerror}): pick another with --port") from exc
 
 
+_SERVING: set[int] = set()  # ports this process started Serve's proxy on: redeploying there is fine
+
+
 def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     """Deploy locally; returns the base URL and the tenant tokens (one generated if none is set)."""
     from ray import serve
@@ -43,7 +46,8 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     from deployments.auth import parse_tokens
     from ray_faceid.data.cluster import init_ray
 
-    check_port_free(port)
+    if port not in _SERVING:
+        check_port_free(port)
     tokens = {**parse_tokens(envs.api_tokens()), **config.api_tokens}
     if not tokens:
         tokens = {"default": generated_token()}
@@ -55,5 +59,6 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     if logging_config:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
+    _SERVING.add(port)
     serve.run(build_app(config), name="faceid", route_prefix="/", blocking=False, logging_config=logging_config)
     return f"http://127.0.0.1:{port}", tokens

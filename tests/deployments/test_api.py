@@ -546,3 +546,22 @@ def test_schemathesis_finds_no_undocumented_status_and_no_server_error(api):
          "--request-timeout", "120", "--generation-deterministic", "--no-color"],
         capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_redeploying_on_the_same_port_replaces_the_app(api):
+    """A process that started Serve may deploy again on its port (config changes, benchmarks); only a
+    port held by something else is refused."""
+    from deployments.local import start
+
+    client, config = api
+    url, _ = start(config, client.base_url.port)
+    assert url == str(client.base_url).rstrip("/")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
