@@ -264,7 +264,9 @@ class Generator:
                                     hits, count)
         return out
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=4)
+    # Two batches at once: a large one and the small ones that run in its pauses (turns.py); with
+    # max_ongoing_requests = 2 x batch size, Serve never has more to hand a replica.
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=2)
     async def generate_batch(self, requests: list[dict]) -> list[dict]:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
