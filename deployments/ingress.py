@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
@@ -256,18 +257,28 @@ class Ingress:
                                         same_person=same, wrong_identity_similarity=s.wrong_similarity))
         return scores
 
+    async def _generate_once(self, handle, payload: dict) -> dict:
+        """One Generator call; a replica that dies mid-request (crash, preemption, scale-in) gets the
+        request again on another: the seed fixes the image, so the retry is the same answer."""
+        limits = self.config.limits
+        for attempt in range(2):
+            try:
+                return await handle.generate.remote(payload)
+            except BackPressureError:
+                raise Busy(f"the generator is busy (its queue of {limits.generator_max_queued} is full): retry in "
+                           f"{limits.retry_after_s} s", limits.retry_after_s) from None
+            except RayActorError:
+                log.warning("a Generator replica died during a request%s", "; retrying" if not attempt else " again")
+        raise Busy(f"generator replicas failed twice during this request: retry in {limits.retry_after_s} s",
+                   limits.retry_after_s)
+
     async def _generate_scored(self, tenant: str, payload: dict, ids: list[str], min_score: float | None):
         attempts, best = 0, None
         for attempt in range(self.config.limits.max_reseeds + 1 if min_score is not None else 1):
             attempts += 1
             payload = dict(payload, seed=payload["seed"] + attempt * 7919)
             handle = multiplex.for_identity(self.generator, tenant, ids[0])
-            try:
-                result = await handle.generate.remote(payload)
-            except BackPressureError:
-                limits = self.config.limits
-                raise Busy(f"the generator is busy (its queue of {limits.generator_max_queued} is full): retry in "
-                           f"{limits.retry_after_s} s", limits.retry_after_s) from None
+            result = await self._generate_once(handle, payload)
             metrics.BATCH_SIZE.labels("generator").observe(result.get("batch_size", 1))
             _remote_error(result)
             metrics.CACHE.labels("hit").inc(result["cache_hits"])
