@@ -46,8 +46,10 @@ def ingest(
     from ray_faceid.data.pairs import build_pairs
 
     with user_errors():
+        # From IngestConfig's own face stack: a bare FaceConfig keeps only the largest face of each photo.
+        face = IngestConfig().face.model_copy(update={"recognizer_onnx": recognizer_onnx, "landmarks": landmarks})
         config = IngestConfig(workers=workers, batch_size=batch_size, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
-                              face=FaceConfig(recognizer_onnx=recognizer_onnx, landmarks=landmarks))
+                              face=FaceConfig.model_validate(face.model_dump()))
         summary = run_ingest(src, dst, config, labels=labels, resume=resume, address=address)
         not_used = summary.pop("not_used", [])
         stats = summary.pop("ray_data_stats", None)

@@ -178,3 +178,16 @@ def test_clusters_that_are_not_cohesive_make_no_pairs_unless_asked(ingested):
         build_pairs(str(dst), "folders", evaluate_clustering=True)
     assert build_pairs(str(dst), evaluate_clustering=True)["labels"] == "cluster"  # implied when not given
     build_pairs(str(dst), "cluster")  # leave the default tables for the other tests
+
+
+def test_the_cli_with_its_defaults_records_every_face_of_a_group_photo(ray_cluster, sample_photos, tmp_path):
+    """`ray-faceid ingest SRC DST` as a new user runs it: t1.jpg's six people are six faces."""
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    (tmp_path / "archive" / "party").mkdir(parents=True)
+    shutil.copy(sample_photos["t1.jpg"], tmp_path / "archive" / "party" / "t1.jpg")
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "archive"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "out" / "faces.parquet").num_rows == 6
