@@ -2,7 +2,9 @@
 
 Deployment classes are plain classes; here they are wrapped with `serve.deployment`, their
 options merged from defaults and the typed config. Used by `serve run/deploy` (import path
-`deployments.app:build_app`, args from the YAML) and by `ray-faceid serve`.
+`deployments.app:build_app`, args from the YAML) and by `ray-faceid serve`. Serve's loader calls
+an application builder with exactly one argument (the YAML's `args`), so it takes only that; per
+deployment options (replicas, resources) go in the YAML's `deployments:` list, as Serve documents.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from ray_faceid.config import AutoscalingConfig, ServeConfig
 from ray_faceid.errors import BadInput
 
 
-def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing: int, overrides: dict | None,
-             cpus: float = 1.0, max_queued: int = -1) -> dict:
-    options = {
+def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing: int, cpus: float = 1.0,
+             max_queued: int = -1) -> dict:
+    return {
         "name": name,
         "max_ongoing_requests": max_ongoing,
         "max_queued_requests": max_queued,  # -1: unbounded
@@ -32,8 +34,6 @@ def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing
         "ray_actor_options": {"num_cpus": cpus if not gpus else min(cpus, 0.5), "num_gpus": gpus},
         "health_check_period_s": 5,
     }
-    options.update(overrides or {})
-    return options
 
 
 def resolve_config(args: dict | ServeConfig) -> ServeConfig:
@@ -45,17 +45,15 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     return config.model_copy(update={"api_tokens": tokens})
 
 
-def build_app(args: dict | ServeConfig, overrides: dict[str, dict] | None = None):
+def build_app(args: dict | ServeConfig):
     config = resolve_config(args)
-    overrides = overrides or {}
     blob = config.model_dump_json()
     face = serve.deployment(FaceEncoder).options(**_options(
-        "FaceEncoder", config.encoder_autoscaling, config.encoder_gpus, 2 * config.encoder_batch_size,
-        overrides.get("FaceEncoder"))).bind(blob)
+        "FaceEncoder", config.encoder_autoscaling, config.encoder_gpus, 2 * config.encoder_batch_size)).bind(blob)
     generator = serve.deployment(Generator).options(**_options(
         "Generator", config.generator_autoscaling, config.generator_gpus, 2 * config.generator_batch_size,
-        overrides.get("Generator"), max_queued=config.limits.generator_max_queued)).bind(blob)
+        max_queued=config.limits.generator_max_queued)).bind(blob)
     ingress = serve.deployment(IngressApp).options(**_options(
         # The ingress only routes and validates: it reserves no CPU from the model replicas.
-        "Ingress", config.ingress_autoscaling, 0.0, 64, overrides.get("Ingress"), cpus=0.0)).bind(face, generator, blob)
+        "Ingress", config.ingress_autoscaling, 0.0, 64, cpus=0.0)).bind(face, generator, blob)
     return ingress
