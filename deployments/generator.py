@@ -237,25 +237,21 @@ class Generator:
             for k in range(r["num_images"]):
                 items.append(GenerationItem(r["prompt"], conditions, r["negative_prompt"], r["seed"] + k))
                 owners.append(i)
-        # Images that run with other per-identity weights cannot share a UNet batch.
-        by_weights: dict[str, list[int]] = {}
-        for k, item in enumerate(items):
-            personal = self.pipeline.personal_weights([item])
-            by_weights.setdefault(personal[0] if personal else "shared", []).append(k)
+        # People with and without their own adapters share the UNet batch: each row carries its own
+        # weights (identity/personal_bank.py); the pipeline splits only what its engine cannot mix.
         png, provenance, seeds = [None] * len(items), [None] * len(items), [None] * len(items)
-        first = requests[owners[0]] if items else None
-        for members in by_weights.values():
-            cost = first["width"] * first["height"] * first["steps"] * len(members)
+        if items:
+            first = requests[owners[0]]
+            cost = first["width"] * first["height"] * first["steps"] * len(items)
             try:
-                result = await self._run([requests[owners[k]] for k in members], cost, self.pipeline.generate_items,
-                                         [items[k] for k in members], first["steps"], first["guidance"],
-                                         first["width"], first["height"])
-            except Cancelled as exc:  # only this group's callers went away: the batch's others go on
-                for k in members:
-                    out[owners[k]] = {"error": exc.code, "message": exc.message, "status": exc.status}
-                continue
-            for j, k in enumerate(members):
-                png[k], provenance[k], seeds[k] = result.png[j], result.provenance[j], result.seeds[j]
+                result = await self._run([requests[i] for i in lookups], cost, self.pipeline.generate_items, items,
+                                         first["steps"], first["guidance"], first["width"], first["height"])
+            except Cancelled as exc:
+                result = None
+                for i in lookups:
+                    out[i] = {"error": exc.code, "message": exc.message, "status": exc.status}
+            if result is not None:
+                png, provenance, seeds = result.png, result.provenance, result.seeds
         for i, (hits, count) in lookups.items():
             if out[i] is not None:
                 continue

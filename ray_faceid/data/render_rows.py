@@ -197,14 +197,12 @@ class Renderer:
                     records[index] = {**json.loads(storage.read_bytes(record_uri)), "cached": True}
                     continue
                 conditions = self.conditions(row)
-                personal = self.pipeline.personal_weights([GenerationItem(row.prompt, conditions)])
                 shape = (row.dimensions(self.config.size), row.steps or self.config.steps,
-                         row.guidance if row.guidance is not None else self.config.guidance, len(conditions),
-                         personal[0] if personal else None)
+                         row.guidance if row.guidance is not None else self.config.guidance, len(conditions))
                 groups.setdefault(shape, []).append((index, row, key, png_uri, record_uri, conditions))
             except FaceIdError:
                 records[index] = self.render_text(text, index)
-        for (size, steps, guidance, _, _), members in groups.items():
+        for (size, steps, guidance, _), members in groups.items():
             for start in range(0, len(members), self.config.unet_batch):
                 chunk = members[start : start + self.config.unet_batch]
                 items = [GenerationItem(r.prompt, c, r.negative_prompt, r.seed) for _, r, _, _, _, c in chunk]

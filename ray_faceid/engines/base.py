@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from ray_faceid.identity.context import identity_kwargs
+from ray_faceid.identity.personal_bank import PersonalRows
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision -> model dtype
 
@@ -69,12 +70,15 @@ INPUT_NAMES = ["sample", "timestep", "text_tokens", "identity_tokens", "identity
 
 class UNetCall(torch.nn.Module):
     """The UNet (identity processors installed) as a function of the engine inputs: what is
-    exported to ONNX and what the torch engine runs."""
+    exported to ONNX and what the torch engines run. With a PersonalBank, `personal_rows` (one
+    bank slot per row) gives each row its own adapter weights."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, bank=None):
         super().__init__()
-        self.unet = unet
+        self.unet, self.bank = unet, bank
 
-    def forward(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
-        kwargs = identity_kwargs(identity_tokens, identity_scale, region_masks)  # routing once per call, not per layer
+    def forward(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, personal_rows=None):
+        personal = None if personal_rows is None or self.bank is None else PersonalRows(self.bank, personal_rows)
+        # routing once per call, not per layer
+        kwargs = identity_kwargs(identity_tokens, identity_scale, region_masks, personal)
         return self.unet(sample, timestep, encoder_hidden_states=text_tokens, cross_attention_kwargs=kwargs).sample

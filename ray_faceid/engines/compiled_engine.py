@@ -3,9 +3,9 @@ replayed from CUDA graphs on CUDA.
 
 A call is padded up to a batch bucket (1, 2, 4, 8, 16 rows) and its inputs are copied into
 static buffers that belong to that bucket; the compiled function (on CUDA: its captured graph)
-always reads those same tensors. Identity is data, never structure: tokens, scales and region
-masks are buffers a new request copies into, and the processors' weights (which a person's own
-adapter changes in place, see identity/personalization.py) are parameters the graph reads by
+always reads those same tensors. Identity is data, never structure: tokens, scales, region
+masks and each row's slot in the PersonalBank (a person's own adapter, identity/personal_bank.py)
+are buffers a new request copies into, and the bank's stacks are buffers the graph reads by
 address. So a new person, a new strength or a personal adapter causes no recompile and no
 re-record; only a new shape (bucket, size, identity count) compiles once.
 """
@@ -56,27 +56,30 @@ class _Slot:
 class CompiledUNetEngine:
     backend = "torch.compile"
 
-    def __init__(self, unet, cuda_graphs: bool | None = None, compiler: str = "inductor"):
-        """`cuda_graphs`: None = on when the UNet is on CUDA. `compiler` is torch.compile's backend."""
-        self.unet = unet
+    def __init__(self, unet, cuda_graphs: bool | None = None, compiler: str = "inductor", bank=None):
+        """`cuda_graphs`: None = on when the UNet is on CUDA. `compiler` is torch.compile's backend.
+        `bank`: the PersonalBank whose slots calls may name (personal_rows)."""
+        self.unet, self.bank = unet, bank
         self.device = next(unet.parameters()).device
         self.dtype = unet.dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         allow_shape_compiles()
-        self.compiled = torch.compile(UNetCall(unet).eval(), backend=compiler, fullgraph=True, dynamic=False)
+        self.compiled = torch.compile(UNetCall(unet, bank).eval(), backend=compiler, fullgraph=True, dynamic=False)
         self.slots: dict[tuple, _Slot] = {}
         self._pool = None  # one CUDA-graph memory pool shared by every bucket: they never run at once
 
     @torch.no_grad()
-    def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
+    def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks,
+                 personal_rows=None):
         rows = sample.shape[0]
+        if personal_rows is None:  # every row on the shared weights (slot 0)
+            personal_rows = torch.zeros(rows, dtype=torch.int64, device=self.device)
         top = BATCH_BUCKETS[-1]
+        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, personal_rows)
         if rows > top:  # larger batches run in chunks of the largest bucket
-            parts = [self(*(x[i:i + top] if x.ndim and x.shape[0] == rows else x for x in
-                            (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks)))
+            parts = [self(*(x[i:i + top] if x.ndim and x.shape[0] == rows else x for x in values))
                      for i in range(0, rows, top)]
             return torch.cat(parts)
-        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks)
         slot = self._slot(batch_bucket(rows), values)
         self._load(slot, values, rows)
         if slot.graph is not None:
@@ -104,7 +107,7 @@ class CompiledUNetEngine:
 
     # -- buffers and graphs ---------------------------------------------------------------------
     def _slot(self, bucket: int, values) -> _Slot:
-        sample, _, text, tokens, scale, region = values
+        sample, _, text, tokens, scale, region, _ = values
         key = (bucket, tuple(sample.shape[1:]), tuple(text.shape[1:]), tuple(tokens.shape[1:]),
                tuple(region.shape[1:]), sample.dtype)
         if key in self.slots:
@@ -115,7 +118,8 @@ class CompiledUNetEngine:
         inputs = [torch.zeros((bucket, *v.shape[1:]), dtype=self._dtype_of(v), device=self.device)
                   for v in (sample, text, tokens, scale, region)]
         timestep = torch.zeros(bucket, dtype=torch.float32, device=self.device)
-        slot = _Slot([inputs[0], timestep, *inputs[1:]])
+        personal_rows = torch.zeros(bucket, dtype=torch.int64, device=self.device)
+        slot = _Slot([inputs[0], timestep, *inputs[1:], personal_rows])
         log.info("compiling the UNet for %s (batch bucket %d)", key[1:], bucket)
         if self.cuda_graphs:  # on CPU the first call compiles
             self._capture(slot)
@@ -127,11 +131,12 @@ class CompiledUNetEngine:
 
     @staticmethod
     def _load(slot: _Slot, values, rows: int) -> None:
-        """Copy a call into the slot's buffers; rows past `rows` are zero (scale 0: no identity)."""
-        sample, timestep, text, tokens, scale, region = values
+        """Copy a call into the slot's buffers; rows past `rows` are zero (scale 0: no identity;
+        bank slot 0: the shared weights)."""
+        sample, timestep, text, tokens, scale, region, personal_rows = values
         static = slot.inputs
-        for buffer, value in zip((static[0], static[2], static[3], static[4], static[5]),
-                                 (sample, text, tokens, scale, region)):
+        for buffer, value in zip((static[0], static[2], static[3], static[4], static[5], static[6]),
+                                 (sample, text, tokens, scale, region, personal_rows)):
             buffer[:rows].copy_(value)
             if rows < buffer.shape[0]:
                 buffer[rows:].zero_()

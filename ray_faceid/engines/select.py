@@ -35,12 +35,16 @@ def adapter_structure(adapter) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def processor_weights_by_onnx_name(adapter) -> dict[str, torch.Tensor]:
-    """The adapter's in-layer weights under the names they carry in the exported graph."""
+def processor_weights_by_onnx_name(adapter, delta: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's in-layer weights under the names they carry in the exported graph; with a
+    person's `delta` (keys as in `adapter.processors`), the sum, in new tensors."""
     out = {}
+    delta = delta or {}
     for layer in adapter.layers:  # "<attention module>.processor"
-        for name, tensor in adapter.processors[layer.replace(".", "__")].state_dict().items():
-            out[f"unet.{layer}.{name}"] = tensor
+        key = layer.replace(".", "__")
+        for name, tensor in adapter.processors[key].state_dict().items():
+            own = delta.get(f"{key}.{name}")
+            out[f"unet.{layer}.{name}"] = tensor if own is None else tensor + own.to(tensor.device, tensor.dtype)
     return out
 
 

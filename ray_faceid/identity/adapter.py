@@ -74,6 +74,8 @@ class IdentityAdapter(nn.Module):
         self.processors = nn.ModuleDict({
             _key(name): cls(hidden, cross, options.gate, options.gate_threshold) for name, (hidden, cross) in layers.items()
         })
+        for key, processor in self.processors.items():
+            processor.bank_key = key
 
     @classmethod
     def for_unet(cls, unet, encoder_spec: EncoderSpec, options: AdapterOptions | None = None) -> "IdentityAdapter":

@@ -7,7 +7,9 @@ through `cross_attention_kwargs`:
 - identity_tokens (B, M, T, C): T tokens for each of M identities;
 - identity_scale (B, M): strength per row and identity; 0 disables identity (the unconditional
   classifier-free-guidance rows), so changing person or strength needs no rebuild;
-- region_masks (B, M, H, W) or None: where each identity may act (see routing.py).
+- region_masks (B, M, H, W) or None: where each identity may act (see routing.py);
+- personal (PersonalRows) or None: each row's own adapter weights, added to the shared ones in the
+  identity projections (personal_bank.py); the processors' own weights are never changed per person.
 
 Two methods:
 
@@ -38,13 +40,14 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from ray_faceid.identity.context import IdentityContext, LayerRouting
+from ray_faceid.identity.personal_bank import PersonalRows
 
 
 class SelfAttnProcessor(AttnProcessor2_0):
     """Stock attention; names the identity arguments only so diffusers passes them silently."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 identity_tokens=None, identity_scale=None, region_masks=None, identity_context=None):
+                 identity_tokens=None, identity_scale=None, region_masks=None, identity_context=None, personal=None):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
@@ -62,6 +65,7 @@ class _IdentityProcessor(nn.Module):
         super().__init__()
         self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
         self.gate, self.gate_threshold = gate, gate_threshold
+        self.bank_key = ""  # this processor's name in the adapter: where a PersonalBank keeps its deltas
         # Identity keys and values, initialised from the layer's own to_k / to_v.
         self.to_k_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_id = nn.Linear(cross_attention_dim, hidden_size, bias=False)
@@ -73,7 +77,7 @@ class _IdentityProcessor(nn.Module):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  identity_tokens=None, identity_scale=None, region_masks=None,
-                 identity_context: IdentityContext | None = None):
+                 identity_context: IdentityContext | None = None, personal: PersonalRows | None = None):
         residual, shape4, x, context = self._prologue(attn, hidden_states, encoder_hidden_states, temb)
         q = self._heads(attn.to_q(x), attn.heads)
         k = self._heads(attn.to_k(context), attn.heads)
@@ -84,24 +88,32 @@ class _IdentityProcessor(nn.Module):
             if identity_context is None:
                 identity_context = IdentityContext(identity_scale, region_masks, identity_tokens.shape[2])
             route = identity_context.at(q.shape[2])
-            out = self.attend(attn, x, q, k, v, identity_tokens, route)
+            out = self.attend(attn, x, q, k, v, identity_tokens, route, personal)
         b, heads, length, d = out.shape
         out = out.transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
         return self._epilogue(attn, out, residual, shape4)
 
-    def attend(self, attn, x, q, k, v, identity_tokens, route: LayerRouting) -> torch.Tensor:
+    def attend(self, attn, x, q, k, v, identity_tokens, route: LayerRouting, personal=None) -> torch.Tensor:
         """(B, heads, L, d) attention output of one layer with identity; each method defines it."""
         raise NotImplementedError
+
+    def _project(self, name: str, x: torch.Tensor, personal: PersonalRows | None) -> torch.Tensor:
+        """One of the identity projections (to_k_id, ...), with each row's own delta where given."""
+        linear = getattr(self, name)
+        if personal is None:
+            return linear(x)
+        return personal.project(linear, f"{self.bank_key}.{name}.weight", x)
 
     @staticmethod
     def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
         b, n, inner = x.shape
         return x.view(b, n, heads, inner // heads).transpose(1, 2)
 
-    def _identity_keys(self, attn: Attention, tokens: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear):
+    def _identity_keys(self, attn: Attention, tokens: torch.Tensor, personal: PersonalRows | None):
         b, m, t, c = tokens.shape
         flat = tokens.reshape(b, m * t, c)
-        return self._heads(to_k(flat), attn.heads), self._heads(to_v(flat), attn.heads)
+        return (self._heads(self._project("to_k_id", flat, personal), attn.heads),
+                self._heads(self._project("to_v_id", flat, personal), attn.heads))
 
     @staticmethod
     def _prologue(attn: Attention, hidden_states, encoder_hidden_states, temb):
@@ -129,12 +141,12 @@ class _IdentityProcessor(nn.Module):
 
 
 class DecoupledIdentityProcessor(_IdentityProcessor):
-    def attend(self, attn, x, q, k, v, identity_tokens, route):
+    def attend(self, attn, x, q, k, v, identity_tokens, route, personal=None):
         out = F.scaled_dot_product_attention(q, k, v)
-        return out + self.identity_term(attn, q, identity_tokens, route)
+        return out + self.identity_term(attn, q, identity_tokens, route, personal)
 
-    def identity_term(self, attn, q, tokens, route: LayerRouting):
-        k_id, v_id = self._identity_keys(attn, tokens, self.to_k_id, self.to_v_id)
+    def identity_term(self, attn, q, tokens, route: LayerRouting, personal=None):
+        k_id, v_id = self._identity_keys(attn, tokens, personal)
         bias = None if route.visible_bias is None else route.visible_bias.to(q.dtype)
         weight = route.weight
         if self.gate:  # the gate needs the raw scores: written out
@@ -157,9 +169,9 @@ class ParallelVisualProcessor(_IdentityProcessor):
         with torch.no_grad():
             self.to_q_id.weight.copy_(attn.to_q.weight)
 
-    def attend(self, attn, x, q, k, v, identity_tokens, route):
-        q_id = self._heads(self.to_q_id(x), attn.heads)
-        k_id, v_id = self._identity_keys(attn, identity_tokens, self.to_k_id, self.to_v_id)
+    def attend(self, attn, x, q, k, v, identity_tokens, route, personal=None):
+        q_id = self._heads(self._project("to_q_id", x, personal), attn.heads)
+        k_id, v_id = self._identity_keys(attn, identity_tokens, personal)
         if not self.gate:
             return self.joint_sdpa(q, k, v, q_id, k_id, v_id, route)
         return self.gated_joint(q, k, v, q_id, k_id, v_id, route)

@@ -72,10 +72,11 @@ class IdentityContext:
 
 
 def identity_kwargs(identity_tokens: torch.Tensor | None, identity_scale: torch.Tensor | None,
-                    region_masks: torch.Tensor | None = None) -> dict:
-    """cross_attention_kwargs of one UNet call (or one whole denoise) with a shared context."""
+                    region_masks: torch.Tensor | None = None, personal=None) -> dict:
+    """cross_attention_kwargs of one UNet call (or one whole denoise) with a shared context;
+    `personal` (PersonalRows) gives rows their own adapter weights."""
     if identity_tokens is None:
         return {}
     context = IdentityContext(identity_scale, region_masks, identity_tokens.shape[2])
     return {"identity_tokens": identity_tokens, "identity_scale": identity_scale, "region_masks": region_masks,
-            "identity_context": context}
+            "identity_context": context, "personal": personal}

@@ -4,11 +4,10 @@ attention projections (the processors); the token mapper and the base stay froze
 
 The result is stored as a delta on the shared adapter's processor weights (fp16: the deltas are
 small, so half precision keeps them to about 1e-3 relative), tied to that adapter's content hash.
-`personalized(adapter, delta)` applies it for a block of work and restores the shared weights.
+The pipeline applies it per row of a UNet batch (personal_bank.py), never to the shared weights.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -22,26 +21,6 @@ from ray_faceid.identity.objective import adapter_losses
 
 def processor_weights(adapter: IdentityAdapter) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in adapter.processors.state_dict().items()}
-
-
-@contextmanager
-def personalized(adapter: IdentityAdapter, delta: dict[str, torch.Tensor] | None):
-    """Within the block the adapter carries one identity's weights; the shared ones come back after."""
-    if not delta:
-        yield adapter
-        return
-    shared = processor_weights(adapter)
-    missing = set(delta) - set(shared)
-    if missing:
-        raise KeyError(f"per-identity weights name layers this adapter lacks, e.g. {sorted(missing)[0]}")
-    with torch.no_grad():
-        for k, v in adapter.processors.state_dict().items():
-            if k in delta:
-                v.add_(delta[k].to(v.device, v.dtype))
-    try:
-        yield adapter
-    finally:
-        adapter.processors.load_state_dict(shared)
 
 
 def adapt_identity(base, adapter: IdentityAdapter, batch_at: Callable[[int], CrossBatch], eval_batch: CrossBatch,

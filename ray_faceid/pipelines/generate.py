@@ -18,7 +18,7 @@ from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.context import identity_kwargs
 from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
-from ray_faceid.identity.personalization import personalized
+from ray_faceid.identity.personal_bank import PersonalBank, PersonalRows
 from ray_faceid.identity.routing import Box, box_masks, strip_boxes
 from ray_faceid.identity.tokens import fuse_embeddings
 from ray_faceid.pipelines.models import BaseModel
@@ -63,7 +63,8 @@ class IdentityCondition:
     scale: float = 1.0
     personal: tuple[str, dict] | None = None
     """(version, weight delta) of this identity's own adapter (train.personalize); applied when the
-    identity is alone in its image, since its weights live in layers every identity shares."""
+    identity is alone in its image (its weights live in layers every identity of a row shares), as
+    that row's own weights (identity/personal_bank.py), never by changing the shared ones."""
     edits: dict[str, float] | None = None
     """Attribute edits through the attribute flow, e.g. {"smile": 0.8, "yaw": -20} (identity/edits.py)."""
     edit_moved: float | None = field(default=None, init=False)
@@ -106,7 +107,7 @@ class IdentityPipeline:
         self.backend = resolve_backend(backend)
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
-        self.engine_cache, self.engines, self._weights_version = engine_cache, {}, "shared"
+        self.engine_cache, self.engines = engine_cache, {}
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
         self._compiled = None  # the torch.compile engine, made on first use
         # The hash of the adapter as loaded, before any cast: the registry's per-identity adapters
@@ -124,6 +125,8 @@ class IdentityPipeline:
             adapter.install(base.unet)
         else:
             IdentityAdapter.remove(base.unet)
+        # People's own adapters as per-row weights (after the cast: the bank takes the adapter's dtype).
+        self.personal_bank = None if adapter is None else PersonalBank(adapter)
 
     # -- conditioning -------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,30 +226,49 @@ class IdentityPipeline:
         return identity_kwargs(torch.cat([tokens, tokens]), torch.cat([torch.zeros_like(scale), scale]), region)
 
     @staticmethod
-    def personal_weights(items: list["GenerationItem"]) -> tuple[str, dict] | None:
-        """The per-identity weights a batch runs with: those of its single identity, if it has them."""
-        people = {c.name for it in items for c in it.identities}
-        if any(len(it.identities) != 1 for it in items) or len(people) != 1:
-            return None  # multi-identity images (or no identity) use the shared adapter
-        versions = {c.personal[0] if c.personal else None for it in items for c in it.identities}
-        if len(versions) > 1:
-            raise BadInput("images generated together must use the same version of the identity's adapter")
-        return items[0].identities[0].personal
+    def personal_of(item: "GenerationItem") -> tuple[str, dict] | None:
+        """The own adapter an image runs with: that of its single identity, if it has one."""
+        return item.identities[0].personal if len(item.identities) == 1 else None
 
-    def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
-        personal = self.personal_weights(items) if self.adapter is not None else None
-        self._weights_version = personal[0] if personal else "shared"
-        with personalized(self.adapter, personal[1] if personal else None):
-            return self._denoise_shared(items, steps, guidance, width, height, inpaint)
+    @property
+    def per_row_weights(self) -> bool:
+        """Whether one UNet batch may mix people's own adapters (the torch engines read them per row;
+        ONNX Runtime and TensorRT engines hold one set of weights)."""
+        return self.backend in ("torch", "torch.compile")
+
+    def unet_batches(self, items: list["GenerationItem"]) -> list[list[int]]:
+        """Indices of the items that share one UNet batch, in order: at most the bank's slots of
+        people with their own adapter per batch (torch engines), or one adapter per batch (others)."""
+        if self.adapter is None:  # no identity, no adapters of their own
+            return [list(range(len(items)))]
+        batches: list[list[int]] = []
+        people: list[set] = []
+        for k, item in enumerate(items):
+            own = self.personal_of(item)
+            key = id(own[1]) if own else None
+            for batch, held in zip(batches, people):
+                fits = (key in held or key is None or len(held - {None}) < self.personal_bank.slots
+                        if self.per_row_weights else held == {key})
+                if fits:
+                    batch.append(k)
+                    held.add(key)
+                    break
+            else:
+                batches.append([k])
+                people.append({key})
+        return batches
 
     @torch.no_grad()
-    def _denoise_shared(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
+    def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
         """Latents of every item, all denoised together: one UNet call per step for the whole batch."""
-        # A scheduler of its own per denoise (schedulers keep state between steps) and the callback and
-        # weights version as they were at the start: another job may run on this pipeline inside
-        # on_step (a large job pausing for small ones, deployments/turns.py) and must change nothing here.
+        # A scheduler of its own per denoise (schedulers keep state between steps), the callback as it
+        # was at the start, and each row's own adapter as an input of every UNet call: another job may
+        # run on this pipeline inside on_step (a large job pausing for small ones, deployments/turns.py)
+        # and must change nothing here.
         base, sched = self.base, copy.deepcopy(self.base.scheduler)
-        callback, version = self.on_step, self._weights_version
+        callback = self.on_step
+        own = [self.personal_of(it) if self.adapter is not None else None for it in items]
+        row_deltas = [None] * len(items) + [o[1] if o else None for o in own]  # CFG: unconditional rows first
         self._check_size(width, height)
         f = base.vae_scale_factor
         h, w = height // f, width // f
@@ -266,7 +288,7 @@ class IdentityPipeline:
             if inpaint is not None and base.inpainting:
                 mask_c, masked_c = conditioning
                 model_in = torch.cat([model_in, torch.cat([mask_c] * 2), torch.cat([masked_c] * 2)], dim=1)
-            pred = self._unet(model_in, t, text, kwargs, h, w)
+            pred = self._unet(model_in, t, text, kwargs, h, w, row_deltas)
             uncond, cond = pred.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
             if inpaint is not None and not base.inpainting:
@@ -276,18 +298,22 @@ class IdentityPipeline:
                 latents = mask_l * latents + (1 - mask_l) * known
             if callback is not None:
                 callback(step, len(sched.timesteps))
-                self._weights_version = version
         return latents
 
-    def _unet(self, sample, t, text, kwargs, h, w):
+    def _unet(self, sample, t, text, kwargs, h, w, row_deltas):
         """One UNet call in the UNet's dtype (fp16 / bf16 on GPU); the prediction comes back in fp32,
         where the scheduler keeps the latents."""
         sample, text = sample.to(self.base.unet.dtype), text.to(self.base.unet.dtype)
-        return self._unet_call(sample, t, text, kwargs, h, w).float()
+        return self._unet_call(sample, t, text, kwargs, h, w, row_deltas).float()
 
-    def _unet_call(self, sample, t, text, kwargs, h, w):
-        """Eager torch, or the configured engine with identity as its inputs."""
+    def _unet_call(self, sample, t, text, kwargs, h, w, row_deltas):
+        """Eager torch, or the configured engine with identity as its inputs. Each row's own adapter
+        (`row_deltas`) is placed in the bank at every call: a job that ran in between may have
+        loaded others."""
+        personal_rows = self.personal_bank.rows(row_deltas) if kwargs and any(row_deltas) else None
         if self.backend == "torch":
+            if personal_rows is not None:
+                kwargs = dict(kwargs, personal=PersonalRows(self.personal_bank, personal_rows))
             return self.base.unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs or None).sample
         rows, opts = sample.shape[0], self.adapter.options
         if kwargs:
@@ -298,31 +324,35 @@ class IdentityPipeline:
             scale, region = torch.zeros(rows, 1, device=self.device, dtype=sample.dtype), None
         if region is None:
             region = torch.ones(rows, tokens.shape[1], h, w, device=self.device, dtype=sample.dtype)
-        engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1])
+        if self.backend == "torch.compile":
+            # One engine for every shape: a compiled graph per bucket; the bank slots are an input.
+            return self.compiled_engine()(sample, t, text, tokens, scale, region, personal_rows)
+        deltas = {id(d): d for d in row_deltas if d}
+        if len(deltas) > 1:
+            raise BadInput("images generated together on this backend must use the same person's own adapter")
+        delta = next(iter(deltas.values()), None)
+        engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1], delta)
         return engine(sample, t, text, tokens, scale, region)
 
-    def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int):
+    def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int, delta: dict | None):
+        """An ONNX Runtime or TensorRT engine holding the shared weights plus `delta`. Engines are
+        kept per set of weights, never refitted while in use: a job paused between its steps
+        (turns.py) comes back to the weights it started with."""
         from ray_faceid.engines.base import EngineShape
         from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
 
-        if self.backend == "torch.compile":
-            # One engine for every shape: it keeps a compiled graph per bucket and reads the live
-            # processor weights, which `personalized` swaps in place (no refit, no recompile).
-            return self.compiled_engine()
         top = max(8, 1 << (rows - 1).bit_length())  # the batch range grows in powers of two
-        key = (h, w, identities, top)
+        key = (h, w, identities, top, id(delta) if delta else None)
         if key in self.engines:
-            engine, version = self.engines.pop(key)
-            if hasattr(engine, "refit") and version != self._weights_version:
-                engine.refit(processor_weights_by_onnx_name(self.adapter))  # another identity: refit, no rebuild
+            engine, _ = self.engines.pop(key)
         else:
             shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
                                 tokens=self.adapter.options.num_tokens, text_length=text_length,
                                 channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
             engine = unet_engine(self.base, self.adapter, shape, self.backend, self.precision, self.engine_cache)
-        # ONNX Runtime and TensorRT engines hold weights and are refitted; torch engines run the
-        # live UNet, whose processors `personalized` swaps in place.
-        self.engines[key] = (engine, self._weights_version)
+            if delta:
+                engine.refit(processor_weights_by_onnx_name(self.adapter, delta))  # a new engine: no one uses it yet
+        self.engines[key] = (engine, delta)  # holding the delta keeps its id from being reused
         while len(self.engines) > MAX_ENGINES:  # least recently used first
             self.engines.pop(next(iter(self.engines)))
         return engine
@@ -331,7 +361,7 @@ class IdentityPipeline:
         if self._compiled is None:
             from ray_faceid.engines.compiled_engine import CompiledUNetEngine
 
-            self._compiled = CompiledUNetEngine(self.base.unet)
+            self._compiled = CompiledUNetEngine(self.base.unet, bank=self.personal_bank)
         return self._compiled
 
     def engine_shape(self, width: int, height: int, identities: int, max_images: int):
@@ -420,10 +450,14 @@ class IdentityPipeline:
         for it in items:
             if len(it.identities) > MAX_IDENTITIES:
                 raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(it.identities)}")
-        latents = self._denoise(items, steps, guidance, width, height)
+        latents = [None] * len(items)
+        for batch in self.unet_batches(items):
+            denoised = self._denoise([items[k] for k in batch], steps, guidance, width, height)
+            for j, k in enumerate(batch):
+                latents[k] = denoised[j : j + 1]
         result = GenerationResult([], [], [], [])
         for k, it in enumerate(items):
-            image = self.decode(latents[k : k + 1])
+            image = self.decode(latents[k])
             record = self.provenance("generate", it.prompt, it.negative_prompt, it.identities, it.seed, steps,
                                      guidance, width, height)
             result.images.append(image)

@@ -1,0 +1,93 @@
+"""PersonalBank: per-identity adapters as per-row inputs of a UNet batch (as S-LoRA / Punica serve LoRAs).
+
+A person's adapted processor weights are the shared weights plus that person's delta. The delta is
+never added to the shared weights: another request may run between two denoising steps
+(deployments/turns.py) and would run on them. Instead the bank keeps a few people's deltas
+resident in stacked tensors (slot 0 is all zeros: the shared weights); each UNet call passes one
+slot index per row, and every identity projection adds `x @ delta[slot of the row]^T` in one
+batched matmul per layer. People with and without an adapter of their own batch together,
+switching person copies nothing once resident, and the compiled engine reads the stacks by address
+with the slots as an input, so a new person never recompiles.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ray_faceid.errors import AdapterMismatch
+
+BANK_SLOTS = 8  # people with their own adapter resident at once (distinct per UNet call at most)
+
+
+class PersonalRows:
+    """What one UNet call's identity processors read: the bank and each row's slot (B,) int64,
+    0 = the shared weights. (A plain class: torch.compile traces its creation inside the graph.)"""
+
+    def __init__(self, bank: "PersonalBank", rows: torch.Tensor):
+        self.bank, self.rows = bank, rows
+
+    def project(self, linear: nn.Linear, weight_name: str, x: torch.Tensor) -> torch.Tensor:
+        """linear(x) with each row's own weights: (B, N, in) -> (B, N, out)."""
+        delta = self.bank.stack(weight_name).index_select(0, self.rows)  # B, out, in
+        return linear(x) + torch.bmm(x, delta.transpose(1, 2).to(x.dtype))
+
+
+class PersonalBank(nn.Module):
+    """Stacked deltas of every identity-processor weight of an adapter, `slots` people at a time.
+    The stacks are buffers: a compiled graph takes them as inputs and sees what is loaded."""
+
+    def __init__(self, adapter: nn.Module, slots: int = BANK_SLOTS):
+        super().__init__()
+        self.slots = slots
+        self.names = [name for name, _ in adapter.processors.named_parameters()]
+        self._index = {name: i for i, name in enumerate(self.names)}
+        for i, (_, p) in enumerate(adapter.processors.named_parameters()):
+            self.register_buffer(f"stack{i}", torch.zeros(slots + 1, *p.shape, dtype=p.dtype, device=p.device),
+                                 persistent=False)
+        self._resident: OrderedDict[int, tuple[int, dict]] = OrderedDict()  # id(delta) -> (slot, delta), LRU first
+        self._lock = threading.Lock()
+        self.loads = 0  # deltas copied in (a resident person costs none)
+
+    def stack(self, weight_name: str) -> torch.Tensor:
+        """(slots + 1, out, in) deltas of one processor weight, e.g. 'down__...__processor.to_k_id.weight'."""
+        return getattr(self, f"stack{self._index[weight_name]}")
+
+    def rows(self, deltas: list[dict | None]) -> torch.Tensor:
+        """One slot per row (0 where the row has no adapter of its own), loading each delta not yet
+        resident into the least recently used slot no row of this call needs."""
+        wanted = {id(d): d for d in deltas if d}
+        if len(wanted) > self.slots:
+            raise AdapterMismatch(f"{len(wanted)} people with their own adapter in one UNet batch; the bank holds "
+                                  f"{self.slots}: split the batch (IdentityPipeline.generate_items does)")
+        with self._lock:
+            for key, delta in wanted.items():
+                if key in self._resident:
+                    self._resident.move_to_end(key)
+                else:
+                    self._load(key, delta, keep=set(wanted))
+            slots = [self._resident[id(d)][0] if d else 0 for d in deltas]
+        device = self.stack(self.names[0]).device
+        return torch.tensor(slots, dtype=torch.int64, device=device)
+
+    def _load(self, key: int, delta: dict, keep: set[int]) -> None:
+        unknown = set(delta) - set(self._index)
+        if unknown:
+            raise AdapterMismatch(f"a per-identity adapter names weights this adapter lacks, e.g. {sorted(unknown)[0]}: "
+                                  "it was made for another shared adapter")
+        used = {slot for slot, _ in self._resident.values()}
+        free = next((s for s in range(1, self.slots + 1) if s not in used), None)
+        if free is None:
+            victim = next(k for k in self._resident if k not in keep)
+            free, _ = self._resident.pop(victim)
+        with torch.no_grad():
+            for name in self.names:
+                target = self.stack(name)[free]
+                if name in delta:
+                    target.copy_(delta[name].to(target.device, target.dtype))
+                else:
+                    target.zero_()
+        self._resident[key] = (free, delta)  # holding the delta keeps its id from being reused
+        self.loads += 1

@@ -1,0 +1,111 @@
+"""People's own adapters are per-row inputs of a UNet batch, never changes to the shared weights:
+requests of different people, with and without their own adapter, batched together or run inside
+another job's pause between steps (deployments/turns.py), each give exactly the image they give alone."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.turns import PipelineTurns
+from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.pipelines.generate import GenerationItem, IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.models import build_tiny
+
+SIZE, STEPS = 16, 3
+
+
+@pytest.fixture(scope="module")
+def pipe(spec128):
+    base = build_tiny()
+    torch.manual_seed(0)
+    adapter = IdentityAdapter.for_unet(base.unet, spec128)
+    with torch.no_grad():  # identity projections unlike the text ones, so identity changes the image
+        for p in adapter.processors.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return IdentityPipeline(base, adapter)
+
+
+@pytest.fixture(scope="module")
+def people(pipe):
+    rng = np.random.default_rng(0)
+    face = rng.normal(size=(1, 128)).astype(np.float32)
+    out = {}
+    for i, name in enumerate(("ann", "bob")):
+        g = torch.Generator().manual_seed(i + 1)
+        delta = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in pipe.adapter.processors.state_dict().items()}
+        out[name] = IdentityCondition(name, face, personal=(f"v{i}", delta))
+    out["cy"] = IdentityCondition("cy", face)  # the same face on the shared adapter
+    return out
+
+
+def pixels(result, k=0):
+    return np.asarray(result.images[k]).astype(int)
+
+
+def alone(pipe, person, seed=7):
+    return pixels(pipe.generate_items([GenerationItem("a photo", [person], seed=seed)], STEPS, 5.0, SIZE, SIZE))
+
+
+def test_people_with_and_without_their_own_adapter_batch_together(pipe, people):
+    shared_before = {k: v.clone() for k, v in pipe.adapter.processors.state_dict().items()}
+    solo = {name: alone(pipe, person) for name, person in people.items()}
+    assert len({im.tobytes() for im in solo.values()}) == 3  # each adapter makes its own image of the face
+    batched = pipe.generate_items([GenerationItem("a photo", [people[n]], seed=7) for n in ("ann", "cy", "bob")],
+                                  STEPS, 5.0, SIZE, SIZE)
+    for k, name in enumerate(("ann", "cy", "bob")):
+        assert np.abs(pixels(batched, k) - solo[name]).max() <= 1, name
+        own = batched.provenance[k]["identities"][0]["personal_adapter"]
+        assert own == (people[name].personal[0] if people[name].personal else None)
+    after = pipe.adapter.processors.state_dict()
+    assert all(torch.equal(shared_before[k], after[k]) for k in after)  # nothing changed in place
+
+
+def test_a_small_job_inside_a_large_jobs_pause_runs_on_its_own_weights(pipe, people):
+    """The large job (ann, her own adapter) lends the pipeline after its first step; the small job
+    (cy, shared adapter) runs to the end inside that pause. Neither sees the other's weights."""
+    solo_ann, solo_cy = alone(pipe, people["ann"]), alone(pipe, people["cy"])
+    turns, results, lent = PipelineTurns(), {}, threading.Event()
+
+    def small_job():
+        borrowed = turns.acquire(small=True)
+        try:
+            pipe.on_step = None
+            results["cy"] = alone(pipe, people["cy"])
+        finally:
+            turns.release(borrowed)
+
+    def pause(step, total):
+        if step == 1:
+            worker = threading.Thread(target=small_job)
+            worker.start()
+            deadline = time.monotonic() + 10
+            while not turns._small_waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+            turns.between_steps()  # the small job runs now, to its end
+            worker.join(10)
+            lent.set()
+
+    borrowed = turns.acquire(small=False)
+    try:
+        pipe.on_step = pause
+        results["ann"] = alone(pipe, people["ann"])
+    finally:
+        pipe.on_step = None
+        turns.release(borrowed)
+    assert lent.is_set() and turns.lent == 1
+    assert np.abs(results["cy"] - solo_cy).max() <= 1
+    assert np.abs(results["ann"] - solo_ann).max() <= 1
+
+
+def test_more_people_than_bank_slots_are_split_into_batches(pipe, people):
+    from ray_faceid.identity.personal_bank import BANK_SLOTS
+
+    face = people["cy"].embeddings
+    many = []
+    for i in range(BANK_SLOTS + 2):
+        delta = {k: torch.full_like(v, 0.001 * i) for k, v in pipe.adapter.processors.state_dict().items()}
+        many.append(GenerationItem("a photo", [IdentityCondition(f"p{i}", face, personal=(f"v{i}", delta))], seed=1))
+    batches = pipe.unet_batches(many)
+    assert [len(b) for b in batches] == [BANK_SLOTS, 2]
