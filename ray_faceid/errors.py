@@ -92,6 +92,13 @@ class BaseModelMismatch(FaceIdError):
     code = "base_model_mismatch"
 
 
+class UnsupportedModel(BadInput):
+    """A base model folder of a family this system does not run (FLUX, SD3, a bare UNet, ...), or an
+    incomplete one; found from its configs before anything heavy loads."""
+
+    code = "unsupported_model"
+
+
 class AdapterMismatch(FaceIdError):
     """A module trained on one identity adapter's tokens (the IMR) used with another adapter."""
 

@@ -59,9 +59,11 @@ def _key(name: str) -> str:
 
 class IdentityAdapter(nn.Module):
     def __init__(self, options: AdapterOptions, encoder_spec: EncoderSpec, layers: dict[str, tuple[int, int]],
-                 base_hash: str):
+                 base_hash: str, family: str = "sd1"):
         super().__init__()
         self.options, self.encoder_spec, self.base_hash = options, encoder_spec, base_hash
+        self.family = family
+        """The base family it was made for (pipelines/families.py)."""
         self.trained_steps = 0
         """Optimiser steps this adapter has seen; 0 means untrained (identity not preserved)."""
         self.layers = dict(layers)
@@ -80,7 +82,10 @@ class IdentityAdapter(nn.Module):
     @classmethod
     def for_unet(cls, unet, encoder_spec: EncoderSpec, options: AdapterOptions | None = None) -> "IdentityAdapter":
         """A new adapter for `unet`, identity projections initialised from the UNet's own."""
-        adapter = cls(options or AdapterOptions(), encoder_spec, cross_attention_layers(unet), base_unet_hash(unet))
+        from ray_faceid.pipelines.families import unet_family
+
+        adapter = cls(options or AdapterOptions(), encoder_spec, cross_attention_layers(unet), base_unet_hash(unet),
+                      unet_family(unet.config))
         modules = dict(unet.named_modules())
         for name in adapter.layers:
             adapter.processors[_key(name)].init_from(modules[name.rsplit(".", 1)[0]])
@@ -95,6 +100,12 @@ class IdentityAdapter(nn.Module):
         return self.mapper(embeddings, expression, drop_prob)
 
     def check_base(self, unet) -> None:
+        from ray_faceid.pipelines.families import unet_family
+
+        family = unet_family(unet.config)
+        if {family, self.family} & {"sdxl"} and family != self.family:  # sd1 / sd2: the hash check names it
+            raise BaseModelMismatch(f"this identity adapter was made for an {self.family.upper()} base; the base "
+                                    f"loaded is {family.upper()}: use an adapter trained on this base's family")
         got = base_unet_hash(unet)
         if got != self.base_hash:
             raise BaseModelMismatch(f"adapter was trained for the base UNet with weights hash {self.base_hash}; this "
@@ -122,6 +133,8 @@ class IdentityAdapter(nn.Module):
             "base_unet_hash": self.base_hash,
             "trained_steps": self.trained_steps,
             "layers": {k: list(v) for k, v in self.layers.items()},
+            # Only SDXL's is written: adapters made before families existed keep their content hash.
+            **({"family": self.family} if self.family == "sdxl" else {}),
         }
 
     def content_hash(self) -> str:
@@ -154,7 +167,8 @@ class IdentityAdapter(nn.Module):
                 "use the same face encoder as the adapter, or train an adapter for this encoder"
             )
         adapter = cls(AdapterOptions(**config["options"]), saved_spec,
-                      {k: tuple(v) for k, v in config["layers"].items()}, config["base_unet_hash"])
+                      {k: tuple(v) for k, v in config["layers"].items()}, config["base_unet_hash"],
+                      config.get("family", "sd1"))
         adapter.trained_steps = int(config.get("trained_steps", 0))
         if unet is not None:
             adapter.check_base(unet)

@@ -20,12 +20,13 @@ from ray_faceid.identity.losses import class_guided_regularization, stratified_t
 CLASS_PROMPT = "a photo of a person"
 
 
-def encode_text(base, prompts: list[str]) -> torch.Tensor:
-    tok = base.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    device = next(base.text_encoder.parameters()).device
-    with torch.no_grad():
-        return base.text_encoder(ids.input_ids.to(device))[0]
+def text_inputs(base, prompts: list[str], pixels: torch.Tensor) -> dict:
+    """The UNet's text conditioning of these captions for crops of `pixels`' size (SDXL's time ids
+    from each crop's own size, uncropped, as SDXL training does)."""
+    from ray_faceid.pipelines.text_conditioning import encode_prompts, unet_conditioning
+
+    height, width = pixels.shape[-2:]
+    return unet_conditioning(base, encode_prompts(base, prompts), width, height)
 
 
 def diffusion_target(scheduler, latents, noise, timesteps):
@@ -54,10 +55,9 @@ def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression
         expressions = None
     tokens = adapter.tokens(batch.id_embeddings.to(device), expression=expressions, drop_prob=expression_drop)
     identity = identity_kwargs(tokens.unsqueeze(1), torch.ones(b, 1, device=device))
-    pred = base.unet(noisy, t, encoder_hidden_states=encode_text(base, batch.captions),
-                     cross_attention_kwargs=identity).sample
+    pred = base.unet(noisy, t, **text_inputs(base, batch.captions, batch.pixels), cross_attention_kwargs=identity).sample
     with torch.no_grad():
-        class_pred = base.unet(noisy, t, encoder_hidden_states=encode_text(base, [CLASS_PROMPT] * b)).sample
+        class_pred = base.unet(noisy, t, **text_inputs(base, [CLASS_PROMPT] * b, batch.pixels)).sample
     mask = F.interpolate(batch.face_masks.to(device), size=latents.shape[-2:], mode="nearest")
     target = diffusion_target(base.scheduler, latents, noise, t)
     return class_guided_regularization(pred, target, class_pred, mask, outside_weight)
@@ -91,7 +91,7 @@ class ImrObjective(nn.Module):
         if batch.expressions is None or batch.target_embeddings is None:
             raise BadInput("IMR training needs the target shots' expression codes and embeddings (re-run `ray-faceid pairs`)")
         _, _, t, noisy = _noising(base, batch, generator)
-        text = encode_text(base, batch.captions)
+        text = text_inputs(base, batch.captions, batch.pixels)
         with torch.no_grad():
             source = adapter.tokens(batch.id_embeddings.to(device))
             target = adapter.tokens(batch.target_embeddings.to(device))
@@ -99,7 +99,7 @@ class ImrObjective(nn.Module):
 
         def predict_noise(tokens):
             kwargs = identity_kwargs(tokens.unsqueeze(1), ones)
-            return base.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+            return base.unet(noisy, t, **text, cross_attention_kwargs=kwargs).sample
 
         return imr_losses(self.imr, source, batch.expressions.to(device), target, predict_noise)
 

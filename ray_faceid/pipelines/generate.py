@@ -23,6 +23,7 @@ from ray_faceid.identity.routing import Box, box_masks, strip_boxes
 from ray_faceid.identity.tokens import fuse_embeddings
 from ray_faceid.pipelines.models import BaseModel
 from ray_faceid.pipelines.provenance import png_with_provenance
+from ray_faceid.pipelines.text_conditioning import TextConditioning, encode_prompts, unet_conditioning
 
 MAX_IDENTITIES = 4
 MAX_ENGINES = 4  # UNet engines (one per shape served) a pipeline keeps
@@ -129,12 +130,9 @@ class IdentityPipeline:
         self.personal_bank = None if adapter is None else PersonalBank(adapter)
 
     # -- conditioning -------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.base.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return self.base.text_encoder(ids.to(self.device))[0]
+    def encode_prompt(self, prompts: list[str], zero_empty: bool = False) -> TextConditioning:
+        """The text conditioning of each prompt, as the base's family reads it (text_conditioning.py)."""
+        return encode_prompts(self.base, prompts, zero_empty)
 
     @torch.no_grad()
     def identity_tokens(self, identities: list[IdentityCondition]) -> torch.Tensor:
@@ -272,7 +270,8 @@ class IdentityPipeline:
         self._check_size(width, height)
         f = base.vae_scale_factor
         h, w = height // f, width // f
-        text = self.encode_prompt([it.negative_prompt or "" for it in items] + [it.prompt for it in items])
+        negative = self.encode_prompt([it.negative_prompt or "" for it in items], zero_empty=True)
+        text = TextConditioning.cat([negative, self.encode_prompt([it.prompt for it in items])])
         kwargs = self._identity_kwargs(items, h, w)
         noise = torch.cat([torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(it.seed))
                            for it in items]).to(self.device)
@@ -306,6 +305,10 @@ class IdentityPipeline:
         sample, text = sample.to(self.base.unet.dtype), text.to(self.base.unet.dtype)
         return self._unet_call(sample, t, text, kwargs, h, w, row_deltas).float()
 
+    def _text_inputs(self, text: TextConditioning, h: int, w: int) -> dict:
+        f = self.base.vae_scale_factor
+        return unet_conditioning(self.base, text, w * f, h * f)
+
     def _unet_call(self, sample, t, text, kwargs, h, w, row_deltas):
         """Eager torch, or the configured engine with identity as its inputs. Each row's own adapter
         (`row_deltas`) is placed in the bank at every call: a job that ran in between may have
@@ -314,7 +317,10 @@ class IdentityPipeline:
         if self.backend == "torch":
             if personal_rows is not None:
                 kwargs = dict(kwargs, personal=PersonalRows(self.personal_bank, personal_rows))
-            return self.base.unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs or None).sample
+            return self.base.unet(sample, t, **self._text_inputs(text, h, w), cross_attention_kwargs=kwargs or None).sample
+        if self.base.family == "sdxl":
+            raise BadInput(f"the {self.backend} engine does not take SDXL's added conditioning yet: use --backend torch")
+        text = text.hidden
         rows, opts = sample.shape[0], self.adapter.options
         if kwargs:
             tokens, scale, region = kwargs["identity_tokens"], kwargs["identity_scale"], kwargs["region_masks"]
@@ -416,6 +422,7 @@ class IdentityPipeline:
             "ai_generated": True,
             "base_model": self.base.model_id,
             "base_model_hash": self.base.model_hash(),
+            "base_family": self.base.family,
             "untrained_base": self.base.untrained,
             "adapter": self.adapter_hash,
             "backend": self.backend,

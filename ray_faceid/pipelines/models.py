@@ -1,9 +1,11 @@
 """Base diffusion models: from a local folder, an fsspec URI or a hub id (diffusers layout), or
-`tiny`: random-initialised tiny components built from configs, for tests and smoke runs.
+`tiny` / `tiny-sdxl`: random-initialised tiny components built from configs, for tests and smoke runs.
 
-Output of `tiny` is untrained noise-shaped imagery; everything it produces is labelled untrained.
-An inpainting base (9-channel UNet: latents + mask + masked-image latents) is detected from its
-config; `tiny-inpaint` builds one.
+Output of a tiny base is untrained noise-shaped imagery; everything it produces is labelled
+untrained. The family (sd1, sd2, sdxl: families.py) is read from the folder's configs before
+anything loads, and a folder of another family is refused. An inpainting base (9-channel UNet:
+latents + mask + masked-image latents) is detected from its config; `tiny-inpaint` and
+`tiny-sdxl-inpaint` build one.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ray_faceid.envs import cache_dir
 from ray_faceid.errors import BackendUnavailable, NotFound
 from ray_faceid.weights_hash import cached_module_hash, weights_hash_of
 
-TINY = ("tiny", "tiny-inpaint")
+TINY = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint")
 TRAINED_STEPS, UNTRAINED_STEPS = 30, 4
 
 
@@ -32,6 +34,24 @@ class BaseModel:
     scheduler: object
     model_id: str
     untrained: bool = False
+    text_encoder_2: object = None
+    """SDXL's second text encoder (with projection: its pooled output conditions the UNet)."""
+    tokenizer_2: object = None
+    zero_empty_prompt: bool = False
+    """SDXL's force_zeros_for_empty_prompt: an empty negative prompt is all zeros, not encoded."""
+
+    @property
+    def family(self) -> str:
+        """sd1, sd2 or sdxl (families.py), from the UNet's config."""
+        from ray_faceid.pipelines.families import unet_family
+
+        return unet_family(self.unet.config)
+
+    @property
+    def modules(self) -> dict:
+        """The torch modules of the base, by component name."""
+        names = ("unet", "vae", "text_encoder", "text_encoder_2")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     @property
     def inpainting(self) -> bool:
@@ -61,8 +81,7 @@ class BaseModel:
 
     def __post_init__(self):
         # Taken now, before any cast or move: what the model IS, whatever precision it runs in.
-        self.weights = {name: weights_hash_of(getattr(self, name)) for name in ("unet", "vae", "text_encoder")
-                        if getattr(self, name) is not None}
+        self.weights = {name: weights_hash_of(module) for name, module in self.modules.items()}
         self._hash = None
 
     def model_hash(self) -> str:
@@ -71,18 +90,23 @@ class BaseModel:
         loaded from another path or under another name are the same model."""
         if self._hash is None:  # every generated image's provenance asks: hash the tokenizer once
             parts = {"weights": self.weights, "tokenizer": _tokenizer_hash(self.tokenizer)}
+            if self.tokenizer_2 is not None:  # SD 1.x / 2.x hashes stay what they were
+                parts["tokenizer_2"] = _tokenizer_hash(self.tokenizer_2)
             if self.scheduler is not None:
                 parts["scheduler"] = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
             self._hash = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self._hash
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "BaseModel":
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        """Move (and cast) every module; a VAE whose config says `force_upcast` (SDXL's overflows in
+        fp16) stays fp32, and the pipeline casts latents to the VAE's own dtype."""
+        for name, module in self.modules.items():
+            upcast = name == "vae" and dtype == torch.float16 and getattr(module.config, "force_upcast", False)
+            module.to(device) if dtype is None or upcast else module.to(device=device, dtype=dtype)
         return self
 
     def freeze(self) -> "BaseModel":
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules.values():
             module.requires_grad_(False)
             module.eval()
         return self
@@ -96,7 +120,9 @@ def _tokenizer_hash(tokenizer) -> str | None:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def build_tiny(inpainting: bool = False, seed: int = 0) -> BaseModel:
+def build_tiny(inpainting: bool = False, seed: int = 0, family: str = "sd1") -> BaseModel:
+    if family == "sdxl":
+        return build_tiny_sdxl(inpainting, seed)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -137,6 +163,46 @@ def build_tiny(inpainting: bool = False, seed: int = 0) -> BaseModel:
     return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, model_id=f"{name} (untrained)", untrained=True).freeze()
 
 
+def build_tiny_sdxl(inpainting: bool = False, seed: int = 0) -> BaseModel:
+    """SDXL's structure at toy size (as diffusers' own SDXL tests build it): two CLIP text encoders
+    (the second with a projection), added text-time conditioning, a VAE that asks for fp32."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ray_faceid.pipelines.tiny_tokenizer import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=9 if inpainting else 4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), latent_channels=4,
+        norm_num_groups=8, layers_per_block=1, force_upcast=True, scaling_factor=0.13025,
+    )
+    tokenizer, tokenizer_2 = tiny_tokenizer(max_length=32), tiny_tokenizer(max_length=32)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+    )
+    text_encoder, text_encoder_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    name = "tiny-sdxl-inpaint" if inpainting else "tiny-sdxl"
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, model_id=f"{name} (untrained)", untrained=True,
+                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, zero_empty_prompt=True).freeze()
+
+
+def build_named_tiny(model: str) -> BaseModel:
+    """`tiny`, `tiny-inpaint`, `tiny-sdxl` or `tiny-sdxl-inpaint`."""
+    return build_tiny(inpainting=model.endswith("-inpaint"), family="sdxl" if "sdxl" in model else "sd1")
+
+
 def _local_copy(uri: str) -> Path:
     """A local copy of a model folder at any fsspec URI, cached by URI."""
     fs, path = storage.filesystem(uri)
@@ -153,18 +219,26 @@ def _local_copy(uri: str) -> Path:
 def save_base(base: BaseModel, folder: str | Path) -> None:
     """Write a base model in the diffusers layout (model_index.json + one folder per component)."""
     folder = Path(folder)
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        getattr(base, name).save_pretrained(folder / name)
-    index = {"_class_name": "StableDiffusionPipeline", "_ray_faceid_model_id": base.model_id,
-             "_ray_faceid_untrained": base.untrained}
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
+        if getattr(base, name) is not None:
+            getattr(base, name).save_pretrained(folder / name)
+    sdxl = base.family == "sdxl"
+    index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+             "_ray_faceid_model_id": base.model_id, "_ray_faceid_untrained": base.untrained}
+    if sdxl:
+        index["force_zeros_for_empty_prompt"] = base.zero_empty_prompt
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
+    """A local diffusers folder of a supported family (checked from its configs first)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    untrained = False
+    from ray_faceid.pipelines.families import detect_family
+
+    family = detect_family(source)
+    untrained, meta = False, {}
     index = Path(source) / "model_index.json"
     if index.exists():
         meta = json.loads(index.read_text())
@@ -175,15 +249,39 @@ def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
         "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
         "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
     }
+    extra = {}
+    if family == "sdxl":
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2")
+        extra = {"tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
+                 "zero_empty_prompt": bool(meta.get("force_zeros_for_empty_prompt", True))}
     for name, module in components.items():  # hashed once per machine for a local folder's files
         cached_module_hash(module, Path(source) / name if Path(source).is_dir() else None)
-    return BaseModel(
+    base = BaseModel(
         **components,
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
         scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
         model_id=model_id,
         untrained=untrained,
+        **extra,
     ).freeze()
+    _check_text_widths(base, source)
+    return base
+
+
+def _check_text_widths(base: BaseModel, source: str) -> None:
+    """The text encoders and tokenizers must fit the UNet: a mismatch is named here, not a
+    shape error from inside diffusers at the first step."""
+    from ray_faceid.errors import UnsupportedModel
+
+    width = base.text_encoder.config.hidden_size
+    if base.text_encoder_2 is not None:
+        width += base.text_encoder_2.config.hidden_size
+        if base.tokenizer.model_max_length != base.tokenizer_2.model_max_length:
+            raise UnsupportedModel(f"{source}: tokenizer ({base.tokenizer.model_max_length} tokens) and tokenizer_2 "
+                                   f"({base.tokenizer_2.model_max_length}) disagree; SDXL needs the same length")
+    if width != base.unet.config.cross_attention_dim:
+        raise UnsupportedModel(f"{source}: the text encoders give {width}-wide states but the UNet reads "
+                               f"{base.unet.config.cross_attention_dim}: the components come from different models")
 
 
 def base_fingerprint(model: str) -> str:
@@ -193,7 +291,7 @@ def base_fingerprint(model: str) -> str:
     from ray_faceid.weights_hash import folder_hash
 
     if model in TINY:
-        return build_tiny(inpainting=model == "tiny-inpaint").model_hash()
+        return build_named_tiny(model).model_hash()
     if "://" in model and not model.startswith("file://"):
         return folder_hash(_local_copy(model))
     local = Path(model.removeprefix("file://"))
@@ -208,15 +306,13 @@ def base_fingerprint(model: str) -> str:
 
 
 def load_base(model: str) -> BaseModel:
-    """`tiny`, `tiny-inpaint`, a local diffusers folder, an fsspec URI of one, or a hub id."""
+    """A tiny base (TINY), a local diffusers folder, an fsspec URI of one, or a hub id."""
     if model in TINY:
-        return build_tiny(inpainting=model == "tiny-inpaint")
+        return build_named_tiny(model)
     if "://" in model and not model.startswith("file://"):
         return _from_diffusers_layout(str(_local_copy(model)), model)
     local = Path(model.removeprefix("file://"))
     if local.is_dir():
-        if not (local / "unet").is_dir():
-            raise NotFound(f"{model} is not a diffusers model folder (no unet/ inside)")
         return _from_diffusers_layout(str(local), model)
     if model.count("/") == 1 and not model.startswith((".", "/")):
         try:

@@ -26,7 +26,9 @@ def test_folder_and_fsspec_uri_roundtrip(tmp_path, monkeypatch):
 
 
 def test_unknown_models_say_what_is_accepted(tmp_path):
-    with pytest.raises(NotFound, match="not a diffusers model folder"):
+    from ray_faceid.errors import UnsupportedModel
+
+    with pytest.raises(UnsupportedModel, match="not a diffusers model folder"):
         load_base(str(tmp_path))
     with pytest.raises(NotFound, match="not 'tiny', a folder, a URI or a hub id"):
         load_base("./no/such/thing")

@@ -1,0 +1,152 @@
+"""SDXL-class bases on tiny components: the family read from configs, prompt encoding and added
+conditioning as diffusers does them (parity with StableDiffusionXLPipeline), every identity method,
+inpainting on both UNet layouts, and a folder saved by diffusers used with no other flag."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ray_faceid.errors import BadInput, BaseModelMismatch, UnsupportedModel
+from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter
+from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.inpaint import inpaint
+from ray_faceid.pipelines.models import build_tiny, load_base, save_base
+
+SIZE = dict(width=64, height=64, steps=3)
+
+
+def person(name, seed):
+    return IdentityCondition(name, np.random.default_rng(seed).normal(size=(2, 128)))
+
+
+def pixels(result, k=0):
+    return np.asarray(result.images[k]).astype(int)
+
+
+def strong_adapter(base, spec, **options):
+    torch.manual_seed(0)
+    adapter = IdentityAdapter.for_unet(base.unet, spec, AdapterOptions(**options))
+    with torch.no_grad():  # an untrained adapter is close to a no-op; make the identity path count
+        for p in adapter.parameters():
+            p.mul_(3.0)
+    return adapter
+
+
+def test_the_family_and_what_it_needs_come_from_the_model():
+    base = load_base("tiny-sdxl")
+    assert base.family == "sdxl" and base.text_encoder_2 is not None and base.zero_empty_prompt
+    assert base.native_size == (32, 32) and base.untrained
+    assert load_base("tiny").family == "sd1" and load_base("tiny-sdxl-inpaint").inpainting
+    base.to("cpu", torch.float16)  # SDXL's VAE says force_upcast: it stays fp32 in half precision
+    assert base.unet.dtype == torch.float16 and base.vae.dtype == torch.float32
+
+
+def diffusers_sdxl(base):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                                     tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                                     scheduler=base.scheduler, add_watermarker=False)
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_identity_scale_zero_gives_diffusers_own_sdxl_image(spec128, negative):
+    base = build_tiny(family="sdxl")
+    reference = diffusers_sdxl(base)(
+        "a portrait photo", negative_prompt=negative or None, num_inference_steps=3, guidance_scale=5.0,
+        width=64, height=64, generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+    expected = np.round(reference * 255).astype(int)
+    plain = IdentityPipeline(base)
+    got = pixels(plain.generate("a portrait photo", [], negative, seed=11, **SIZE))
+    assert np.abs(got - expected).max() <= 1
+    ours = IdentityPipeline(base, strong_adapter(base, spec128))
+    silent = IdentityCondition("ann", person("ann", 1).embeddings, scale=0.0)
+    got = pixels(ours.generate("a portrait photo", [silent], negative, seed=11, **SIZE))
+    assert np.abs(got - expected).max() <= 1
+    IdentityAdapter.remove(base.unet)
+
+
+@pytest.mark.parametrize("options", [dict(method="decoupled"), dict(method="pva"), dict(method="pva", gate=True),
+                                     dict(method="decoupled", mapper="multiref", expression_dim=0)])
+def test_every_identity_method_acts_on_sdxl_cross_attention(spec128, options):
+    base = build_tiny(family="sdxl")
+    pipe = IdentityPipeline(base, strong_adapter(base, spec128, **options))
+    ann = pixels(pipe.generate("a portrait", [person("ann", 1)], **SIZE))
+    bob = pixels(pipe.generate("a portrait", [person("bob", 2)], **SIZE))
+    none = pixels(pipe.generate("a portrait", [], **SIZE))
+    assert np.abs(ann - bob).mean() > 0.5 and np.abs(ann - none).mean() > 0.5
+    two = pipe.generate("two people", [person("ann", 1), person("bob", 2)], **SIZE)
+    assert two.provenance[0]["identities"][1]["name"] == "bob"
+    batch = pipe.generate("a portrait", [person("ann", 1)], num_images=2, seed=4, **SIZE)
+    assert np.abs(pixels(batch, 1) - pixels(pipe.generate("a portrait", [person("ann", 1)], seed=5, **SIZE))).max() <= 1
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sdxl-inpaint"])
+def test_inpainting_on_sdxl_keeps_every_pixel_outside_the_mask(spec128, model):
+    base = load_base(model)
+    pipe = IdentityPipeline(base, strong_adapter(base, spec128))
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    out = np.asarray(inpaint(pipe, image, mask, person("ann", 1), "a face", steps=2, feather=0).images[0])
+    assert np.array_equal(out[:8], image[:8]) and not np.array_equal(out[20:44, 20:44], image[20:44, 20:44])
+
+
+def test_adapters_are_refused_across_families(spec128):
+    sd1, sdxl = build_tiny(), build_tiny(family="sdxl")
+    with pytest.raises(BaseModelMismatch, match="made for an SD1 base; the base loaded is SDXL"):
+        IdentityAdapter.for_unet(sd1.unet, spec128).install(sdxl.unet)
+    with pytest.raises(BaseModelMismatch, match="made for an SDXL base; the base loaded is SD1"):
+        IdentityAdapter.for_unet(sdxl.unet, spec128).install(sd1.unet)
+    with pytest.raises(BadInput, match="multiples of 2 for this model, got 63x64"):
+        IdentityPipeline(sdxl).generate("a portrait", [], width=63, height=64, steps=1)
+
+
+def test_other_layouts_are_refused_in_one_line(tmp_path):
+    flux = tmp_path / "flux"
+    (flux / "transformer").mkdir(parents=True)
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(UnsupportedModel, match="looks like a FLUX model") as caught:
+        load_base(str(flux))
+    assert "\n" not in str(caught.value) and "SDXL" in str(caught.value)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(UnsupportedModel, match="bare UNet"):
+        load_base(str(bare))
+    partial = tmp_path / "partial"
+    save_base(build_tiny(family="sdxl"), partial)
+    import shutil
+
+    shutil.rmtree(partial / "text_encoder_2")
+    with pytest.raises(UnsupportedModel, match="no text_encoder_2"):
+        load_base(str(partial))
+
+
+def test_a_folder_saved_by_diffusers_sdxl_pipeline_generates_with_no_other_flag(tmp_path, sample_photos):
+    import subprocess
+    import sys
+
+    base = build_tiny(family="sdxl")
+    diffusers_sdxl(base).save_pretrained(tmp_path / "sdxl")
+    loaded = load_base(str(tmp_path / "sdxl"))
+    assert loaded.family == "sdxl" and loaded.model_hash() == base.model_hash()
+    cli = [sys.executable, "-c", "from ray_faceid.cli import app; app()"]
+    out = tmp_path / "out.png"
+    done = subprocess.run([*cli, "generate", "--model", str(tmp_path / "sdxl"), "--prompt", "a portrait",
+                           "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    record = read_provenance(out.read_bytes())
+    assert record["base_family"] == "sdxl" and record["size"] == [32, 32]
+    flux = tmp_path / "flux"
+    (flux / "transformer").mkdir(parents=True)
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    refused = subprocess.run([*cli, "generate", "--model", str(flux), "--prompt", "a portrait",
+                              "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--out", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "looks like a FLUX model" in refused.stderr + refused.stdout
+    assert "Traceback" not in refused.stderr
