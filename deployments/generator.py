@@ -46,6 +46,17 @@ class Cancelled(FaceIdError):
     code = "cancelled"
 
 
+def failure_body(exc: Exception) -> dict:
+    """The error body of one request that failed: typed errors as they are; anything else (a bug, a
+    store that broke mid-read) a 500 of that request alone, logged with its traceback."""
+    if isinstance(exc, FaceIdError):
+        return {"error": exc.code, "message": exc.message, "status": exc.status}
+    logging.getLogger("ray.serve").error("a generate request failed", exc_info=exc)
+    return {"error": "internal_error", "status": 500,
+            "message": f"this request failed on the generator ({type(exc).__name__}); it is logged there, and the "
+                       "requests batched with it were not affected"}
+
+
 def step_callback(requests: list[dict], turns: PipelineTurns | None):
     """Between two denoising steps: stop once every request of the job was cancelled; a large job
     (`turns` given) then lets waiting small jobs run."""
@@ -98,6 +109,7 @@ class Generator:
         from ray_faceid.pipelines.generate import parse_size
 
         sizes = [parse_size(size, "warm_up_sizes") for size in self.config.warm_up_sizes]
+        sizes = sizes or [self.pipeline.base.native_size]  # the family's own size
         # A batch holds up to generator_batch_size requests of up to max_images images each.
         most_images = self.config.generator_batch_size * self.config.limits.max_images
         started = time.perf_counter()
@@ -230,8 +242,8 @@ class Generator:
         for i, r in enumerate(requests):
             try:
                 conditions, hits = await self._conditions(r["tenant"], r["identities"])
-            except FaceIdError as exc:
-                out[i] = {"error": exc.code, "message": exc.message, "status": exc.status}
+            except Exception as exc:  # noqa: BLE001 - one request's damaged record fails that request alone
+                out[i] = failure_body(exc)
                 continue
             lookups[i] = (hits, len(conditions))
             for k in range(r["num_images"]):
@@ -276,8 +288,8 @@ class Generator:
                     found = [await self._inpaint(requests[members[0]])]
                 else:
                     found = await self._generate_group([requests[i] for i in members])
-            except FaceIdError as exc:
-                found = [{"error": exc.code, "message": exc.message, "status": exc.status}] * len(members)
+            except Exception as exc:  # noqa: BLE001 - this group's requests fail; the batch's other groups keep theirs
+                found = [failure_body(exc)] * len(members)
             for i, res in zip(members, found):
                 results[i] = dict(res, batch_size=len(requests))
         return results

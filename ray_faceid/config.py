@@ -249,8 +249,9 @@ class ServeConfig(Settings):
         "onnxruntime when installed, else torch; tensorrt only when installed and named."
     )
     warm_up_sizes: list[str] = Field(
-        ["512x512"], description="torch.compile: image sizes (WxH) compiled before the replica reports ready; "
-        "another size compiles on its first request (a minute on a GPU without cached artifacts)."
+        [], description="torch.compile: image sizes (WxH) compiled before the replica reports ready; default: the "
+        "base model's native size (512x512 for SD 1.x, 1024x1024 for SDXL). Another size compiles on its first "
+        "request (a minute on a GPU without cached artifacts)."
     )
     warm_up_identities: list[int] = Field(
         [1], description="torch.compile: identity counts per image compiled before the replica reports ready."
@@ -305,7 +306,8 @@ class PersonalizeConfig(Settings):
 
     steps: int = Field(40, ge=1, description="Optimiser steps per identity.")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
-    size: int = Field(256, ge=16, description="Training resolution (the registry keeps 256 px reference crops).")
+    size: int | None = Field(None, ge=16, description="Training resolution; default: the base model's native size, "
+                             "at most 256 (the registry keeps 256 px reference crops): 32 on the tiny bases.")
     batch_size: int = Field(2, ge=1, description="References per step (each masked in turn, the others condition).")
     outside_weight: float = Field(1.0, ge=0, description="Weight of the class-guided term outside the face mask.")
     seed: int = Field(0, description="Seeds the noise and the timesteps of every identity.")

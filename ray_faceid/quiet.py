@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import warnings
 
 VERBOSE_ENV = "RAY_FACEID_VERBOSE"
@@ -102,6 +103,30 @@ def after_ray_init() -> None:
     _filter_forwarded_worker_lines()
 
 
+class RepeatedLines:
+    """Drops a line equal to the last one shown from the same process within `window_s` (Ray Train
+    workers' stderr arrives twice, at once), and says how often it came when it comes again later
+    or another line follows. A line that recurs later (a worker's error once a minute) is shown
+    each time. One extra copy is not counted: that is Ray's double forwarding, not the program's."""
+
+    def __init__(self, window_s: float = 2.0, clock=time.monotonic):
+        self.window_s, self.clock = window_s, clock
+        self._last: dict = {}  # pid -> [line, shown at, copies dropped]
+
+    def keep(self, pid, lines: list[str]) -> list[str]:
+        shown = []
+        for line in lines:
+            now, last = self.clock(), self._last.get(pid)
+            if last is not None and last[0] == line and now - last[1] <= self.window_s:
+                last[2] += 1
+                continue
+            if last is not None and last[2] > 1:
+                shown.append(f"(the line above came {last[2] + 1} times)")
+            self._last[pid] = [line, now, 0]
+            shown.append(line)
+        return shown
+
+
 def _filter_forwarded_worker_lines() -> None:
     """Wraps Ray's printers of forwarded worker output and of cluster error messages (raylet task
     failures): the handler ray.init registers, and the module function its error listener calls.
@@ -114,17 +139,13 @@ def _filter_forwarded_worker_lines() -> None:
         error_printer = worker.print_to_stdstream
     except (ImportError, AttributeError):
         return
-    last: dict = {}  # the last line shown per process: Ray Train workers' stderr arrives twice
+    repeated = RepeatedLines()
 
     def kept(data: dict) -> dict | None:
         if data.get("actor_name") in HARMLESS_ACTORS:
             return None
-        lines = []
-        for line in data.get("lines", []):
-            if any(re.search(p, line) for p in HARMLESS_WORKER_LINES) or last.get(data.get("pid")) == line:
-                continue
-            last[data.get("pid")] = line
-            lines.append(line)
+        lines = [line for line in data.get("lines", []) if not any(re.search(p, line) for p in HARMLESS_WORKER_LINES)]
+        lines = repeated.keep(data.get("pid"), lines)
         return dict(data, lines=lines) if lines else None
 
     def wrap(printer):

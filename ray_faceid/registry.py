@@ -31,6 +31,7 @@ import re
 import secrets
 import time
 import unicodedata
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -201,8 +202,13 @@ class Registry:
 
     def embeddings(self, tenant: str, identity: str) -> tuple[np.ndarray, np.ndarray, EncoderSpec]:
         meta = self.get(tenant, identity)
-        data = np.load(io.BytesIO(storage.read_bytes(storage.join(self._dir(tenant, identity), "embeddings.npz"))))
-        return data["embeddings"], data["quality"], EncoderSpec(**meta["encoder"])
+        raw = storage.read_bytes(storage.join(self._dir(tenant, identity), "embeddings.npz"))
+        try:
+            data = np.load(io.BytesIO(raw))
+            return data["embeddings"], data["quality"], EncoderSpec(**meta["encoder"])
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:  # a damaged file, not a bad request
+            raise StorageError(f"identity {identity}'s embeddings in the store are unreadable ({exc}); "
+                               "re-enroll the identity") from exc
 
     def named(self, tenant: str, name: str) -> list[dict]:
         """The identities called `name` (case-insensitive; one, unless enrolled before names were unique)."""

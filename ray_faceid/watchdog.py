@@ -99,6 +99,7 @@ class Watchdog:
         self.failure: str | None = None
         self._last = time.time()
         self._stop = threading.Event()
+        self._ending = threading.Lock()  # __exit__ and the decision to interrupt never interleave
 
     def beat(self) -> None:
         self._last = time.time()
@@ -113,9 +114,13 @@ class Watchdog:
                     pass
             idle = time.time() - self._last
             if idle > self.fail_after:
-                self.failure = (f"{self.what}: no progress for {idle:.0f} s (the limit is {self.fail_after:g} s); "
-                                f"stopped. Waiting for:\n  {self.report()}")
-                _thread.interrupt_main()
+                failure = (f"{self.what}: no progress for {idle:.0f} s (the limit is {self.fail_after:g} s); "
+                           f"stopped. Waiting for:\n  {self.report()}")
+                with self._ending:
+                    if self._stop.is_set():  # the job ended while the report was made: nothing to stop
+                        return
+                    self.failure = failure
+                    _thread.interrupt_main()
                 return
             if idle > self.warn_after and (warned_at is None or time.time() - warned_at > self.warn_after):
                 warned_at = time.time()
@@ -128,7 +133,9 @@ class Watchdog:
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
-        self._stop.set()
+        with self._ending:
+            self._stop.set()
+        self._thread.join()
         if self.failure is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, SystemExit))):
             # Ray Train answers the interrupt by aborting its run and raising SystemExit.
             raise Stalled(self.failure) from exc

@@ -15,6 +15,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+EXIT_SOME_FAILED = 3  # a batch job finished, but some of its rows or identities have no result
 
 
 StallWarnOpt = typer.Option(600.0, "--stall-warn", min=1, help="Seconds without progress before the job prints "

@@ -88,7 +88,8 @@ def _export(model, adapter, width, height, identities, rows, backend, precision,
         raise BadInput(f"--size {width}x{height}: each side must be a multiple of {f} for this model")
     shape = EngineShape(batch=rows, latent=(height // f, width // f), identities=identities,
                         tokens=shared.options.num_tokens, text_length=base.tokenizer.model_max_length,
-                        channels=base.unet.config.in_channels, cross_dim=base.cross_attention_dim)
+                        channels=base.unet.config.in_channels, cross_dim=base.cross_attention_dim,
+                        pooled_dim=base.pooled_dim)
     unet_engine(base, shared, shape, "onnxruntime" if backend == "onnx" else "tensorrt", precision, cache)
 
 

@@ -5,13 +5,12 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import EXIT_BAD_INPUT, StallFailOpt, StallWarnOpt, console, print_json, user_errors
+from ray_faceid.cli.common import EXIT_BAD_INPUT, EXIT_SOME_FAILED, StallFailOpt, StallWarnOpt, console, print_json, user_errors
 from ray_faceid.cli.data import summary_table
 
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
 TenantOpt = typer.Option("default", "--tenant")
 BACKEND_HELP = "UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt."
-EXIT_SOME_FAILED = 3  # render: some rows have no image (documented in the README)
 FIRST_ERRORS = 5
 
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import StallFailOpt, StallWarnOpt, console, print_json, user_errors
+from ray_faceid.cli.common import EXIT_SOME_FAILED, StallFailOpt, StallWarnOpt, console, print_json, user_errors
 from ray_faceid.cli.data import summary_table
 
 ModelOpt = typer.Option("tiny", "--model", help="Base model: tiny | a diffusers folder | an fsspec URI | a hub id.")
@@ -57,11 +57,12 @@ def personalize(
     adapter: str = typer.Option(..., "--adapter", help="The shared adapter the per-identity ones start from."),
     model: str = ModelOpt,
     tenant: str = typer.Option("default", "--tenant"),
-    identities: str = typer.Option("all", "--identities", help="all, or ID,ID,..."),
+    identities: str = typer.Option("all", "--identities", help="all, or names or ids: NAME,ID,..."),
     steps: int = typer.Option(40, "--steps", min=1, help="Optimiser steps per identity."),
     workers: int = typer.Option(1, "--workers", min=1, help="Persistent Ray Train workers."),
     lr: float = typer.Option(1e-4, "--lr", min=0.0),
-    size: int = typer.Option(256, "--size", min=16),
+    size: Optional[int] = typer.Option(None, "--size", min=16, help="Training resolution; default: the base's "
+                                       "native size, at most 256 (the registry's reference crops)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
     cpus_per_worker: Optional[float] = CpusOpt,
     address: Optional[str] = AddressOpt,
@@ -80,10 +81,12 @@ def personalize(
         summary = run_personalize(registry, adapter, model, config, tenant, wanted, address)
     if as_json:
         print_json(summary)
-        return
-    for identity, reason in summary["failed"].items():
-        typer.echo(f"failed {identity}: {reason}")
-    console.print(summary_table("personalize", {"identities": summary["identities"], "trained": len(summary["trained"]),
-                                                "skipped (already adapted)": len(summary["skipped"]),
-                                                "failed": len(summary["failed"]), "seconds": summary["seconds"],
-                                                "identities per hour": summary["identities_per_hour"]}))
+    else:
+        for identity, reason in summary["failed"].items():
+            typer.echo(f"failed {identity}: {reason}", err=True)
+        console.print(summary_table("personalize", {
+            "identities": summary["identities"], "trained": len(summary["trained"]),
+            "skipped (already adapted)": len(summary["skipped"]), "failed": len(summary["failed"]),
+            "seconds": summary["seconds"], "identities per hour": summary["identities_per_hour"]}))
+    if summary["failed"]:  # as render: some identities have no adapter of their own
+        raise typer.Exit(EXIT_SOME_FAILED)

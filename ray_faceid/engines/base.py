@@ -49,13 +49,22 @@ class EngineShape:
     text_length: int
     channels: int  # UNet in_channels (9 for inpainting bases)
     cross_dim: int
+    pooled_dim: int = 0  # SDXL's pooled text embedding width (its added conditioning); 0 for SD 1.x / 2.x
+
+    @property
+    def input_names(self) -> list[str]:
+        return INPUT_NAMES + (ADDED_INPUT_NAMES if self.pooled_dim else [])
 
     def example(self, batch: int | None = None, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
         """Inputs of the right shapes (seeded), for export, warm-up and parity checks."""
         b = batch or self.batch[1]
         h, w = self.latent
         g = torch.Generator().manual_seed(0)
-        return {
+        added = {} if not self.pooled_dim else {
+            "text_embeds": torch.randn(b, self.pooled_dim, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[8.0 * h, 8.0 * w, 0, 0, 8.0 * h, 8.0 * w]]).expand(b, 6).to(device, dtype),
+        }
+        return added | {
             "sample": torch.randn(b, self.channels, h, w, generator=g).to(device, dtype),
             "timestep": torch.tensor(500.0).to(device),
             "text_tokens": torch.randn(b, self.text_length, self.cross_dim, generator=g).to(device, dtype),
@@ -66,6 +75,7 @@ class EngineShape:
 
 
 INPUT_NAMES = ["sample", "timestep", "text_tokens", "identity_tokens", "identity_scale", "region_masks"]
+ADDED_INPUT_NAMES = ["text_embeds", "time_ids"]  # SDXL's added conditioning, after the common inputs
 
 
 class UNetCall(torch.nn.Module):
@@ -77,8 +87,11 @@ class UNetCall(torch.nn.Module):
         super().__init__()
         self.unet, self.bank = unet, bank
 
-    def forward(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, personal_rows=None):
+    def forward(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds=None,
+                time_ids=None, personal_rows=None):
         personal = None if personal_rows is None or self.bank is None else PersonalRows(self.bank, personal_rows)
         # routing once per call, not per layer
         kwargs = identity_kwargs(identity_tokens, identity_scale, region_masks, personal)
-        return self.unet(sample, timestep, encoder_hidden_states=text_tokens, cross_attention_kwargs=kwargs).sample
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states=text_tokens, added_cond_kwargs=added,
+                         cross_attention_kwargs=kwargs).sample

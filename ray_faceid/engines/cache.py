@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import uuid
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -70,7 +71,10 @@ class EngineCache:
         meta_path = folder / "meta.json"
         if not meta_path.exists():
             return None
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):  # truncated or unreadable: as corrupted as a wrong checksum
+            meta = {}
         target = folder / filename
         intact = target.exists() and meta.get("key") == key.model_dump(mode="json") and \
             all((folder / name).exists() and _sha256(folder / name) == sha for name, sha in meta["files"].items())
@@ -80,13 +84,26 @@ class EngineCache:
         return None
 
     def store(self, key: EngineKey, build: Callable[[Path], Path]) -> Path:
-        """(Re)build the entry for `key` with `build(folder) -> file`."""
+        """(Re)build the entry for `key` with `build(folder) -> file`. The entry is built in a folder
+        of its own and renamed into place whole, so a crash leaves no half entry and two processes
+        storing the same key at once each finish (the last rename wins; both entries are the same)."""
         folder = self.folder(key)
-        meta_path = folder / "meta.json"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        built = build(folder)
-        files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
-        # meta.json last: an entry without it is incomplete and gets rebuilt.
-        meta_path.write_text(json.dumps({"key": key.model_dump(mode="json"), "files": files}, indent=2))
-        return built
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = folder.with_name(f"{folder.name}.building-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        try:
+            built = build(staging)
+            files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            (staging / "meta.json").write_text(json.dumps({"key": key.model_dump(mode="json"), "files": files}, indent=2))
+            for _ in range(3):  # another process may put its entry in place between our two steps
+                shutil.rmtree(folder, ignore_errors=True)
+                try:
+                    staging.rename(folder)
+                    break
+                except OSError:
+                    continue
+            else:
+                raise OSError(f"could not put the engine cache entry {folder} in place")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return folder / built.relative_to(staging)

@@ -48,7 +48,7 @@ def allow_shape_compiles(count: int = 8 * MAX_SLOTS) -> None:
 class _Slot:
     """One compiled shape: its static inputs, and on CUDA the captured graph and its output."""
 
-    inputs: list[torch.Tensor]
+    inputs: dict[str, torch.Tensor]
     output: torch.Tensor | None = None
     graph: "torch.cuda.CUDAGraph | None" = None
 
@@ -70,14 +70,18 @@ class CompiledUNetEngine:
 
     @torch.no_grad()
     def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks,
-                 personal_rows=None):
+                 personal_rows=None, text_embeds=None, time_ids=None):
+        """The engine inputs (base.py); `text_embeds` and `time_ids`: SDXL's added conditioning."""
         rows = sample.shape[0]
         if personal_rows is None:  # every row on the shared weights (slot 0)
             personal_rows = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        values = {"sample": sample, "timestep": timestep, "text_tokens": text_tokens, "identity_tokens": identity_tokens,
+                  "identity_scale": identity_scale, "region_masks": region_masks, "personal_rows": personal_rows,
+                  "text_embeds": text_embeds, "time_ids": time_ids}
+        values = {name: value for name, value in values.items() if value is not None}
         top = BATCH_BUCKETS[-1]
-        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, personal_rows)
         if rows > top:  # larger batches run in chunks of the largest bucket
-            parts = [self(*(x[i:i + top] if x.ndim and x.shape[0] == rows else x for x in values))
+            parts = [self(**{n: x[i:i + top] if x.ndim and x.shape[0] == rows else x for n, x in values.items()})
                      for i in range(0, rows, top)]
             return torch.cat(parts)
         slot = self._slot(batch_bucket(rows), values)
@@ -85,7 +89,7 @@ class CompiledUNetEngine:
         if slot.graph is not None:
             slot.graph.replay()
             return slot.output[:rows].clone()  # the next replay overwrites the graph's output
-        return self.compiled(*slot.inputs)[:rows]
+        return self.compiled(**slot.inputs)[:rows]
 
     def warm_up(self, shapes) -> int:
         """Compile (and on CUDA capture) every EngineShape's buckets before serving; returns how many."""
@@ -98,61 +102,57 @@ class CompiledUNetEngine:
                                 emit=to_stderr)
         for shape in shapes:
             for bucket in buckets_for(shape):
-                example = shape.example(bucket, self.device, self.dtype)
-                self(*(example[name] for name in ("sample", "timestep", "text_tokens", "identity_tokens",
-                                                   "identity_scale", "region_masks")))
+                self(**shape.example(bucket, self.device, self.dtype))
                 count += 1
                 progress.update(count)
         return count
 
     # -- buffers and graphs ---------------------------------------------------------------------
-    def _slot(self, bucket: int, values) -> _Slot:
-        sample, _, text, tokens, scale, region, _ = values
-        key = (bucket, tuple(sample.shape[1:]), tuple(text.shape[1:]), tuple(tokens.shape[1:]),
-               tuple(region.shape[1:]), sample.dtype)
+    def _slot(self, bucket: int, values: dict) -> _Slot:
+        key = (bucket, values["sample"].dtype,
+               *((name, tuple(v.shape[1:])) for name, v in values.items() if name != "timestep"))
         if key in self.slots:
             return self.slots[key]
         if len(self.slots) >= MAX_SLOTS:
             raise BadInput(f"this engine already serves {MAX_SLOTS} shapes; serve fewer sizes or identity counts "
                            "per replica")
-        inputs = [torch.zeros((bucket, *v.shape[1:]), dtype=self._dtype_of(v), device=self.device)
-                  for v in (sample, text, tokens, scale, region)]
-        timestep = torch.zeros(bucket, dtype=torch.float32, device=self.device)
-        personal_rows = torch.zeros(bucket, dtype=torch.int64, device=self.device)
-        slot = _Slot([inputs[0], timestep, *inputs[1:], personal_rows])
-        log.info("compiling the UNet for %s (batch bucket %d)", key[1:], bucket)
+        inputs = {name: torch.zeros((bucket, *v.shape[1:]), dtype=self._dtype_of(v), device=self.device)
+                  for name, v in values.items()}
+        inputs["timestep"] = torch.zeros(bucket, dtype=torch.float32, device=self.device)
+        slot = _Slot(inputs)
+        log.info("compiling the UNet for %s (batch bucket %d)", key[2:], bucket)
         if self.cuda_graphs:  # on CPU the first call compiles
             self._capture(slot)
         self.slots[key] = slot
         return slot
 
     def _dtype_of(self, value: torch.Tensor) -> torch.dtype:
+        if value.dtype == torch.int64:  # bank slots stay indices
+            return value.dtype
         return value.dtype if value.is_floating_point() else self.dtype
 
     @staticmethod
-    def _load(slot: _Slot, values, rows: int) -> None:
+    def _load(slot: _Slot, values: dict, rows: int) -> None:
         """Copy a call into the slot's buffers; rows past `rows` are zero (scale 0: no identity;
         bank slot 0: the shared weights)."""
-        sample, timestep, text, tokens, scale, region, personal_rows = values
-        static = slot.inputs
-        for buffer, value in zip((static[0], static[2], static[3], static[4], static[5], static[6]),
-                                 (sample, text, tokens, scale, region, personal_rows)):
+        for name, value in values.items():
+            buffer = slot.inputs[name]
+            if name == "timestep":
+                steps = value.reshape(-1).to(buffer.dtype)
+                if steps.numel() == 1:  # one timestep for every row, as the pipelines pass it
+                    buffer.copy_(steps.expand(buffer.shape[0]))
+                    continue
+                value = steps
             buffer[:rows].copy_(value)
             if rows < buffer.shape[0]:
                 buffer[rows:].zero_()
-        steps = timestep.reshape(-1).to(static[1].dtype)
-        if steps.numel() == 1:  # one timestep for every row, as the pipelines pass it
-            static[1].copy_(steps.expand(static[1].shape[0]))
-        else:
-            static[1][:rows].copy_(steps)
-            static[1][rows:].zero_()
 
     def _capture(self, slot: _Slot) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile and autotune outside the capture
             for _ in range(3):
-                self.compiled(*slot.inputs)
+                self.compiled(**slot.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         if self._pool is None:
@@ -160,7 +160,7 @@ class CompiledUNetEngine:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                output = self.compiled(*slot.inputs)
+                output = self.compiled(**slot.inputs)
         except RuntimeError as exc:  # still correct, only slower: say so rather than fail the replica
             log.warning("CUDA graph capture failed (%s); this shape runs compiled without a graph", exc)
             torch.cuda.synchronize()

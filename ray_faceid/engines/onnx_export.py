@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from ray_faceid.engines.base import INPUT_NAMES, EngineShape, UNetCall
+from ray_faceid.engines.base import EngineShape, UNetCall
 from ray_faceid.errors import BackendUnavailable
 
 OPSET = 18
@@ -39,13 +39,14 @@ def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype =
         unet = copy.deepcopy(unet).to(dtype)
     example = shape.example(device=param.device, dtype=dtype)
     batch = torch.export.Dim("batch", min=shape.batch[0], max=max(shape.batch[2], 2))
-    dynamic = tuple(None if name == "timestep" else {0: batch} for name in INPUT_NAMES)
+    names = shape.input_names
+    dynamic = tuple(None if name == "timestep" else {0: batch} for name in names)
     call = UNetCall(unet).eval()
     large = sum(p.numel() * p.element_size() for p in call.parameters()) > 1.8 * 2**30
     # torch.export-based exporter: it keeps the batch symbolic through diffusers' reshapes (the
     # TorchScript tracer bakes it in) and keeps parameter names, which TensorRT refit uses.
     with torch.no_grad():
-        torch.onnx.export(call, tuple(example[n] for n in INPUT_NAMES), str(path), input_names=INPUT_NAMES,
+        torch.onnx.export(call, tuple(example[n] for n in names), str(path), input_names=names,
                           output_names=["noise_pred"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
                           external_data=large, verbose=False, optimize=False)
     if weight_inputs:

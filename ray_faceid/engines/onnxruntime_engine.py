@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ray_faceid.engines.base import INPUT_NAMES
+from ray_faceid.engines.base import ADDED_INPUT_NAMES, INPUT_NAMES
 from ray_faceid.errors import BackendUnavailable
 
 
@@ -44,9 +44,10 @@ class OnnxRuntimeUNetEngine:
         self.weights = {n: t.detach().cpu().float().numpy() for n, t in weights.items()}
         return len(weights)
 
-    def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
-        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks)
+    def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds=None,
+                 time_ids=None):
+        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds, time_ids)
         feed = {n: v.detach().cpu().float().numpy() if n != "timestep" else np.asarray(float(v), np.float32)
-                for n, v in zip(INPUT_NAMES, values)}
+                for n, v in zip(INPUT_NAMES + ADDED_INPUT_NAMES, values) if v is not None}
         (out,) = self.session.run(["noise_pred"], {**feed, **self.weights})
         return torch.from_numpy(out).to(sample.device, sample.dtype)

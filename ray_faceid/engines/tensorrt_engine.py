@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ray_faceid.engines.base import INPUT_NAMES, EngineShape
+from ray_faceid.engines.base import ADDED_INPUT_NAMES, INPUT_NAMES, EngineShape
 from ray_faceid.errors import BackendUnavailable
 
 INSTALL = ("TensorRT is not installed: pip install 'ray_faceid[tensorrt]' --extra-index-url https://pypi.nvidia.com "
@@ -145,7 +145,10 @@ class TensorRTUNetEngine:
         return self.runner.refit(onnx_weights)
 
     @torch.no_grad()
-    def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks):
-        values = (sample, timestep.float().reshape(()), text_tokens, identity_tokens, identity_scale, region_masks)
-        out = self.runner.run(dict(zip(INPUT_NAMES, values)))["noise_pred"]
+    def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds=None,
+                 time_ids=None):
+        values = (sample, timestep.float().reshape(()), text_tokens, identity_tokens, identity_scale, region_masks,
+                  text_embeds, time_ids)
+        feed = {n: v for n, v in zip(INPUT_NAMES + ADDED_INPUT_NAMES, values) if v is not None}
+        out = self.runner.run(feed)["noise_pred"]
         return out.to(sample.device, sample.dtype)

@@ -318,9 +318,6 @@ class IdentityPipeline:
             if personal_rows is not None:
                 kwargs = dict(kwargs, personal=PersonalRows(self.personal_bank, personal_rows))
             return self.base.unet(sample, t, **self._text_inputs(text, h, w), cross_attention_kwargs=kwargs or None).sample
-        if self.base.family == "sdxl":
-            raise BadInput(f"the {self.backend} engine does not take SDXL's added conditioning yet: use --backend torch")
-        text = text.hidden
         rows, opts = sample.shape[0], self.adapter.options
         if kwargs:
             tokens, scale, region = kwargs["identity_tokens"], kwargs["identity_scale"], kwargs["region_masks"]
@@ -330,15 +327,20 @@ class IdentityPipeline:
             scale, region = torch.zeros(rows, 1, device=self.device, dtype=sample.dtype), None
         if region is None:
             region = torch.ones(rows, tokens.shape[1], h, w, device=self.device, dtype=sample.dtype)
+        added = {}
+        if self.base.family == "sdxl":  # the added conditioning: live inputs like the rest
+            cond = self._text_inputs(text, h, w)["added_cond_kwargs"]
+            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        text = text.hidden
         if self.backend == "torch.compile":
             # One engine for every shape: a compiled graph per bucket; the bank slots are an input.
-            return self.compiled_engine()(sample, t, text, tokens, scale, region, personal_rows)
+            return self.compiled_engine()(sample, t, text, tokens, scale, region, personal_rows, **added)
         deltas = {id(d): d for d in row_deltas if d}
         if len(deltas) > 1:
             raise BadInput("images generated together on this backend must use the same person's own adapter")
         delta = next(iter(deltas.values()), None)
         engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1], delta)
-        return engine(sample, t, text, tokens, scale, region)
+        return engine(sample, t, text, tokens, scale, region, **added)
 
     def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int, delta: dict | None):
         """An ONNX Runtime or TensorRT engine holding the shared weights plus `delta`. Engines are
@@ -354,7 +356,8 @@ class IdentityPipeline:
         else:
             shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
                                 tokens=self.adapter.options.num_tokens, text_length=text_length,
-                                channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
+                                channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
+                                pooled_dim=self.base.pooled_dim)
             engine = unet_engine(self.base, self.adapter, shape, self.backend, self.precision, self.engine_cache)
             if delta:
                 engine.refit(processor_weights_by_onnx_name(self.adapter, delta))  # a new engine: no one uses it yet
@@ -378,7 +381,8 @@ class IdentityPipeline:
         f = self.base.vae_scale_factor
         return EngineShape(batch=(2, 2, 2 * max_images), latent=(height // f, width // f), identities=identities,
                            tokens=self.adapter.options.num_tokens, text_length=self.base.tokenizer.model_max_length,
-                           channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim)
+                           channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
+                           pooled_dim=self.base.pooled_dim)
 
     @property
     def precision(self) -> str:

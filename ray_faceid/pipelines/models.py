@@ -48,6 +48,11 @@ class BaseModel:
         return unet_family(self.unet.config)
 
     @property
+    def pooled_dim(self) -> int:
+        """Width of SDXL's pooled text embedding (an engine input); 0 for SD 1.x / 2.x."""
+        return 0 if self.text_encoder_2 is None else self.text_encoder_2.config.projection_dim
+
+    @property
     def modules(self) -> dict:
         """The torch modules of the base, by component name."""
         names = ("unet", "vae", "text_encoder", "text_encoder_2")

@@ -17,7 +17,7 @@ import time
 
 from ray_faceid import storage
 from ray_faceid.config import PersonalizeConfig
-from ray_faceid.errors import FaceIdError, NotFound
+from ray_faceid.errors import BadInput, FaceIdError, NotFound
 from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.quiet import train_logging
 from ray_faceid.registry import Registry
@@ -26,6 +26,7 @@ from ray_faceid.watchdog import Watchdog, beat, last_beat, new_heartbeat
 
 RUNS = ".runs"  # beside the tenants; '.' cannot start a tenant name
 CAPTION = "a photo of a person"
+REFERENCE_SIDE = 256  # the registry's reference crops: training above it only upsamples them
 
 
 def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str, identity: str,
@@ -43,14 +44,15 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
     if spec.key() != adapter.encoder_spec.key():
         raise EncoderMismatch(f"enrolled with {spec.key()}, the adapter needs {adapter.encoder_spec.key()}")
     crops = registry.references(tenant, identity)
+    size = config.size or min(max(base.native_size), REFERENCE_SIDE)
     n = len(crops)
     per = min(config.batch_size, n)
 
     def batch_at(step: int):
         return reference_batch(identity, crops, embeddings, quality, [(step * per + j) % n for j in range(per)],
-                               config.size, CAPTION)
+                               size, CAPTION)
 
-    eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), config.size, CAPTION)
+    eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), size, CAPTION)
     delta, metrics = adapt_identity(base, adapter, batch_at, eval_batch, config.steps, config.lr, config.outside_weight,
                                     config.seed)
     seconds = time.perf_counter() - started
@@ -136,11 +138,12 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     adapter_hash = IdentityAdapter.load(adapter).content_hash()
     settings = config.compute_hash()
     skipped, failed, pending = [], {}, []
-    for identity in wanted:
+    for reference in wanted:  # ids or names, as everywhere else
         try:
+            identity = store.resolve(tenant, reference)
             (skipped if store.adapter_record(tenant, identity, adapter_hash, settings) else pending).append(identity)
-        except NotFound as exc:
-            failed[identity] = exc.message
+        except (NotFound, BadInput) as exc:
+            failed[reference] = exc.message
     done: dict = {}
     if pending:
         init_ray(address)

@@ -8,6 +8,7 @@ once with what is missing and which flag to change.
 from __future__ import annotations
 
 import logging
+import math
 
 from ray_faceid.errors import BadInput
 
@@ -29,7 +30,8 @@ def worker_resources(workers: int, cpus_per_worker: float | None, use_gpu: bool,
     reserve = DATA_CPUS if with_data else 0.0
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if not local else max(MIN_WORKER_CPUS, min(1.0, (cpus - reserve) / workers))
-        cpus_per_worker = round(cpus_per_worker, 2)
+        # Down to a hundredth, never up: rounding 0.375 up to 0.38 asked 4 workers for more than 2 CPUs.
+        cpus_per_worker = math.floor(cpus_per_worker * 100 + 1e-9) / 100
     need = workers * cpus_per_worker + reserve
     problems = []
     if need > cpus + 1e-9:

@@ -150,3 +150,39 @@ def test_a_folder_saved_by_diffusers_sdxl_pipeline_generates_with_no_other_flag(
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "looks like a FLUX model" in refused.stderr + refused.stdout
     assert "Traceback" not in refused.stderr
+
+
+def test_the_compiled_engine_takes_sdxls_conditioning_as_live_inputs(spec128, tmp_path):
+    """Warm once; then other people, strengths, prompts and personal adapters: 0 recompiles, eager's images."""
+    from ray_faceid.engines.cache import EngineCache
+
+    def pipeline(backend):
+        base = build_tiny(family="sdxl")
+        return IdentityPipeline(base, strong_adapter(base, spec128), backend=backend, engine_cache=EngineCache(tmp_path))
+
+    compiled, eager = pipeline("torch.compile"), pipeline("torch")
+    assert compiled.warm_up([(32, 32)], [1], max_images=1)["buckets"] == 1
+    delta = {k: 0.1 * torch.randn_like(v) for k, v in compiled.adapter.processors.state_dict().items()}
+    requests = [("a portrait", person("ann", 1)), ("a portrait", person("bob", 2)),
+                ("a smiling portrait", IdentityCondition("ann2", person("ann", 1).embeddings, scale=0.5)),
+                ("a portrait", IdentityCondition("own", person("bob", 2).embeddings, personal=("v1", delta)))]
+    images = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt, who in requests:
+            got = pixels(compiled.generate(prompt, [who], seed=3, steps=2, width=32, height=32))
+            want = pixels(eager.generate(prompt, [who], seed=3, steps=2, width=32, height=32))
+            assert np.abs(got - want).max() <= 1, who.name
+            images.append(got.tobytes())
+    assert len(set(images)) == len(requests)
+
+
+def test_onnxruntime_runs_sdxl_with_the_added_inputs(spec128, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ray_faceid.engines.cache import EngineCache
+
+    images = []
+    for backend in ("torch", "onnxruntime"):
+        base = build_tiny(family="sdxl")
+        pipe = IdentityPipeline(base, strong_adapter(base, spec128), backend=backend, engine_cache=EngineCache(tmp_path))
+        images.append(pixels(pipe.generate("a portrait", [person("ann", 1)], seed=2, steps=2, width=32, height=32)))
+    assert np.abs(images[0] - images[1]).max() <= 1
