@@ -111,8 +111,21 @@ def exists(uri: str) -> bool:
 def delete(uri: str) -> None:
     """Remove a file or a folder tree; absent is not an error."""
     fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:  # another writer removed it first
+        pass
+
+
+def modified(uri: str) -> float | None:
+    """When the file at `uri` was last written (epoch seconds), or None where the store cannot say
+    or nothing is there."""
+    fs, path = filesystem(uri)
+    try:
+        return fs.modified(path).timestamp()
+    except (FileNotFoundError, NotImplementedError, OSError, AttributeError, ValueError):
+        return None
 
 
 def listing_root(uri: str) -> str:

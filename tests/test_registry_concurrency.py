@@ -146,3 +146,39 @@ def test_a_lock_left_by_a_dead_writer_is_taken_over_and_a_live_one_is_waited_for
             with StoreLock(uri, "x", timeout=0.2):
                 pass
     assert not storage.exists(uri)
+
+
+def test_an_empty_lock_left_by_a_writer_that_died_while_creating_it_goes_stale(tmp_path):
+    import os
+
+    uri = str(tmp_path / "x.lock")
+    storage.write_bytes(uri, b"")  # created, never written
+    old = time.time() - 3600
+    os.utime(uri, (old, old))
+    with StoreLock(uri, "x", timeout=2):
+        assert json.loads(storage.read_bytes(uri))["token"]
+    storage.write_bytes(uri, b"")  # a fresh empty one is a writer still writing: waited for
+    with pytest.raises(Conflict, match="another writer"):
+        with StoreLock(uri, "x", timeout=0.2):
+            pass
+
+
+def _hold(uri: str, log: str) -> None:
+    """Take the lock (a dead holder's is there at first), then record entering and leaving it."""
+    with StoreLock(uri, "x", timeout=60):
+        with open(log, "a") as fh:
+            fh.write("in\n")
+        time.sleep(0.05)
+        with open(log, "a") as fh:
+            fh.write("out\n")
+
+
+def test_concurrent_takeovers_in_processes_let_one_writer_in_at_a_time(tmp_path):
+    uri, log = str(tmp_path / "x.lock"), str(tmp_path / "log")
+    storage.write_bytes(uri, json.dumps({"token": "dead", "time": time.time() - 3600}).encode())
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        for job in [pool.apply_async(_hold, (uri, log)) for _ in range(12)]:
+            job.get(120)
+    events = open(log).read().split()
+    assert events == ["in", "out"] * 12  # never two inside
+    assert not storage.exists(uri) and not list(tmp_path.glob("x.lock.takeover-*"))
