@@ -93,6 +93,7 @@ class Generator:
         self.pipeline = IdentityPipeline(base, adapter, imr, device=device, backend=self.config.backend,
                                          precision=self.config.precision, flow=flow)
         self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
+        self.pipeline.compile_new_shapes = False  # an unwarmed size runs eager: no request waits for a compile
         self.registry = Registry(self.config.registry)
         self.adapter_hash = self.pipeline.adapter_hash
         self.loads, self.cancelled = 0, 0
@@ -147,8 +148,12 @@ class Generator:
         return loaded
 
     def forget_erased(self) -> int:
-        """Drop the embeddings and adapters this replica holds of identities erased since it loaded
-        them (an erased person leaves no copy in a replica's memory either). Returns how many."""
+        """Finish erasures that stopped midway, then drop the embeddings and adapters this replica
+        holds of identities erased since it loaded them (an erased person leaves no copy in a
+        replica's memory either). Returns how many it dropped."""
+        from ray_faceid.erasure import resume_pending
+
+        resume_pending(self.registry)
         forgotten = 0
         for key, loaded in list(self.held.items()):
             try:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from deployments import auth, body_limit, metrics, multiplex
 from deployments.memory import replica_memory
+from deployments.off_loop import OffLoop
 from deployments.schemas import (
     ErasureReport,
     GeneratedImage,
@@ -36,6 +37,7 @@ from deployments.schemas import (
 )
 from ray_faceid.config import ServeConfig
 from ray_faceid.enrollment import rejection
+from ray_faceid.erasure import erase_identity
 from ray_faceid.errors import BadInput, FaceIdError, NameTaken
 from ray_faceid.eval.identity import leakage, reference_embedding
 from ray_faceid.face.face import Face
@@ -99,11 +101,18 @@ async def _invalid_request(request: Request, exc: RequestValidationError):
     return _error(request, 422, "invalid_request", problems)
 
 
+def _file_name(name: str | None) -> str | None:
+    """A photo's file name without its folders: people enrolled from the CLI or a dataset have
+    server paths (or storage URIs) there, and answers never hold either."""
+    return None if name is None else re.split(r"[/\\]", name.rstrip("/\\"))[-1]
+
+
 def _out(meta: dict) -> IdentityOut:
     spec = meta["encoder"]
+    photos = [PhotoReport(**{**p, "filename": _file_name(p.get("filename"))}) for p in meta.get("photos", [])]
     return IdentityOut(id=meta["id"], name=meta["name"], created=meta["created"], updated=meta["updated"],
                        encoder=f"{spec['name']}/{spec['dim']}/{spec['version']}", faces_used=meta["faces_used"],
-                       consent=meta["consent"], photos=[PhotoReport(**p) for p in meta.get("photos", [])])
+                       consent=meta["consent"], photos=photos)
 
 
 def _remote_error(result: dict) -> None:
@@ -120,7 +129,8 @@ class Ingress:
         if not self.tokens:
             raise BadInput("no API token configured; the API never runs open (ray-faceid serve generates one)")
         self.face, self.generator = face_encoder, generator
-        self.registry = Registry(self.config.registry)
+        self.store = Registry(self.config.registry)
+        self.registry = OffLoop(self.store)  # `await self.registry.get(...)`: off the event loop
         body_limit.LIMIT["bytes"] = self.config.limits.max_body_bytes
         self.spec: EncoderSpec | None = None
         self.model_defaults: dict | None = None
@@ -167,7 +177,7 @@ class Ingress:
                                            "they gave (an erased person is refused without it).")) -> IdentityOut:
         tenant = self._tenant(request)
         limits = self.config.limits
-        if name.strip() and name_exists == "refuse" and self.registry.named(tenant, name):
+        if name.strip() and name_exists == "refuse" and await self.registry.named(tenant, name):
             raise NameTaken(f"the name {name.strip()!r} is taken: enroll under another name, or send "
                             "name_exists=rename (a suffix) or replace (erases the other identity)")
         if not 1 <= len(photos) <= limits.max_photos:
@@ -198,7 +208,7 @@ class Ingress:
         if not embeddings:
             reasons = "; ".join(f"{r.filename}: {r.reason}" for r in reports)
             raise BadInput(f"no usable photo ({reasons})")
-        meta = self.registry.create(tenant, name or "", consent, np.array(embeddings), np.array(quality),
+        meta = await self.registry.create(tenant, name or "", consent, np.array(embeddings), np.array(quality),
                                     await self._spec(), crops, [r.model_dump() for r in reports],
                                     name_exists=name_exists, reconsent=reconsent or None)
         return _out(meta)
@@ -207,7 +217,7 @@ class Ingress:
     async def list_identities(self, request: Request, limit: int = Query(100, ge=1, le=1000),
                               after: str | None = Query(None, description="The `next` of the previous page.")
                               ) -> IdentityList:
-        everyone = self.registry.list(self._tenant(request))  # sorted by id
+        everyone = await self.registry.list(self._tenant(request))  # sorted by id
         page = [m for m in everyone if after is None or m["id"] > after][:limit]
         more = len(page) == limit and page and page[-1]["id"] != everyone[-1]["id"]
         return IdentityList(identities=[_out(m) for m in page], next=page[-1]["id"] if more else None)
@@ -215,7 +225,7 @@ class Ingress:
     @api.get("/v1/identities/{identity}", response_model=IdentityOut, responses=errors(401, 404, 410, 422, 500, 502))
     async def get_identity(self, identity: str, request: Request) -> IdentityOut:
         tenant = self._tenant(request)
-        return _out(self.registry.get(tenant, self.registry.resolve(tenant, identity)))
+        return _out(await self.registry.get(tenant, await self.registry.resolve(tenant, identity)))
 
     @api.delete("/v1/identities/{identity}", response_model=ErasureReport,
                 responses=errors(401, 404, 409, 410, 422, 500, 502))
@@ -223,7 +233,7 @@ class Ingress:
         """Erase the person everywhere the system keeps them; says what was removed (storage folders
         are named by the last part of their path only)."""
         tenant = self._tenant(request)
-        report = self.registry.delete(tenant, self.registry.resolve(tenant, identity))
+        report = await self.registry.call(erase_identity, self.store, tenant, identity)
         removed = [dict(r, where=r["where"].rstrip("/").rsplit("/", 1)[-1]) for r in report["removed"]]
         return ErasureReport(id=report["id"], removed=removed)
 
@@ -246,7 +256,7 @@ class Ingress:
         result = await self._analyze(base64.b64decode(png_b64))
         faces = [Face(bbox=tuple(f["bbox"]), score=f["score"], landmarks=Landmarks(INSIGHTFACE5, np.zeros((5, 2))),
                       embedding=np.array(f["embedding"])) for f in result.get("faces", [])]
-        refs = {i: reference_embedding(*self.registry.embeddings(tenant, i)[:2]) for i in ids}
+        refs = {i: reference_embedding(*(await self.registry.embeddings(tenant, i))[:2]) for i in ids}
         scores = []
         for s in leakage(faces, refs):
             same = None
@@ -302,7 +312,7 @@ class Ingress:
         body = body.model_copy(update={k: getattr(body, k) or defaults[k] for k in ("steps", "width", "height")})
         self._validate_generation(body.steps, body.width, body.height, body.num_images)
         # 404 for unknown names and ids, and for other tenants' ids.
-        people = [dict(i.model_dump(), id=self.registry.resolve(tenant, i.id or i.name)) for i in body.identities]
+        people = [dict(i.model_dump(), id=await self.registry.resolve(tenant, i.id or i.name)) for i in body.identities]
         ids = [p["id"] for p in people]
         if len(set(ids)) != len(ids):
             raise BadInput("an identity appears twice in one request")
@@ -321,7 +331,8 @@ class Ingress:
         body = body.model_copy(update={"steps": body.steps or defaults["steps"]})
         # Inpainting denoises at most at the model's native size, whatever the photo's size.
         self._validate_generation(body.steps, defaults["width"], defaults["height"])
-        person = dict(body.identity.model_dump(), id=self.registry.resolve(tenant, body.identity.id or body.identity.name))
+        person = dict(body.identity.model_dump(),
+                      id=await self.registry.resolve(tenant, body.identity.id or body.identity.name))
         try:
             image, mask = base64.b64decode(body.image, validate=True), base64.b64decode(body.mask, validate=True)
         except (binascii.Error, ValueError) as exc:

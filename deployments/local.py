@@ -21,9 +21,9 @@ def config_from_yaml(path: str | Path = DEFAULT_YAML, **overrides) -> ServeConfi
     return ServeConfig.model_validate(args)
 
 
-def check_port_free(port: int) -> None:
+def check_port_free(port: int, hint: str = "--port") -> None:
     """A port another program holds is a one-line error before Ray starts (Serve's own failure is a
-    long traceback, after the cluster came up)."""
+    long traceback, after the cluster came up). `hint`: how the caller picks another port."""
     import socket
 
     from ray_faceid.errors import BadInput
@@ -32,7 +32,7 @@ def check_port_free(port: int) -> None:
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as exc:
-            raise BadInput(f"port {port} on 127.0.0.1 is in use ({exc.strerror}): pick another with --port") from exc
+            raise BadInput(f"port {port} on 127.0.0.1 is in use ({exc.strerror}): pick another with {hint}") from exc
 
 
 _SERVING: set[int] = set()  # ports this process started Serve's proxy on: redeploying there is fine

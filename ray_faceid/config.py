@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Every Ray job's watchdog (ray_faceid/watchdog.py); not part of any settings hash.
 StallWarn = Annotated[float, Field(gt=0, description="No progress for this long (s): print what the job waits for.")]
@@ -267,6 +267,22 @@ class ServeConfig(Settings):
     generator_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Generator replicas.")
     encoder_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="FaceEncoder replicas.")
     ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Ingress replicas.")
+
+    @model_validator(mode="after")
+    def _compiled_shapes_fit(self) -> "ServeConfig":
+        """Every warmed (size, identity count, batch bucket) is a compiled shape the engine keeps: more
+        than it keeps would evict warmed shapes at start. Checked here, not when a replica starts."""
+        if self.backend != "torch.compile":
+            return self
+        from ray_faceid.engines.compiled_engine import MAX_SLOTS, bucket_count
+
+        rows = 2 * self.generator_batch_size * self.limits.max_images  # CFG doubles every image
+        shapes = max(1, len(self.warm_up_sizes)) * len(self.warm_up_identities) * bucket_count(2, rows)
+        if shapes > MAX_SLOTS:
+            raise ValueError(f"warm_up_sizes x warm_up_identities x batch buckets is {shapes} compiled shapes; an engine "
+                             f"keeps {MAX_SLOTS}: warm up fewer sizes or identity counts, or lower generator_batch_size "
+                             "or limits.max_images")
+        return self
 
 
 class TrainConfig(Settings):

@@ -53,6 +53,9 @@ def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: Se
         if label in already:
             skipped[label] = "already enrolled from this dataset"
             continue
+        if row.get("flagged"):  # a folder that is not one person (pairs.folder_problem), or a loose cluster
+            skipped[label] = f"flagged: {row.get('flagged_reason') or 'not cohesive'}"
+            continue
         usable = [faces[i] for i in row["face_ids"] if faces[i].get("crop_uri")
                   and rejection([{"quality": {k: faces[i][f"q_{k}"] for k in ("face_px", "sharpness")}}], limits) is None]
         usable = sorted(usable, key=lambda f: -(f["q_score"] or 0))[: limits.max_photos]

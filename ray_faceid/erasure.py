@@ -1,8 +1,17 @@
-"""Erasing a person outside the registry: render outputs and ingest datasets.
+"""Erasing a person everywhere, crash-safe: `erase_identity` orchestrates it.
 
-Called by `Registry.delete` after the tombstone is written and the registry folder is gone, with
-the render outputs the registry knows (every `render` run records its output folder there) and
-any folders the operator names (`identities delete --also`). What is removed:
+1. A journal of what remains to erase (`<store>/<tenant>/_erasing/<sha256 of the id>.json`: the
+   person's record, the folders to clean, the steps done) is written before anything is deleted.
+2. The registry withdraws the identity (the tombstone; then it is gone from every read and write).
+3. Each render output and dataset is cleaned, the journal updated after each.
+4. The registry's own folder (references, embeddings, adapters) goes last; then the journal.
+A run that stops anywhere is finished by the next `identities delete` of the same id or name, or by
+the Serve replicas' erasure sweep (`resume_pending`); Serve replicas drop what they hold of a person
+once the registry says Erased. The journal holds the person's name and id only while the erasure
+runs: a finished one leaves the tombstone alone.
+
+Render outputs are the ones the registry knows (every `render` run records its output folder there)
+and any folders the operator names (`identities delete --also`). What is removed there:
 
 - render outputs: each image that shows the person (its PNG and sidecar), its manifest rows, and
   the folder's eval report and contact sheet (the sheet embeds reference crops; re-run `eval`);
@@ -18,30 +27,113 @@ import json
 
 import pyarrow as pa
 
-from ray_faceid import storage
+from ray_faceid import storage, tombstones
 from ray_faceid.data import tables
-from ray_faceid.errors import NotFound
+from ray_faceid.errors import Erased, NotFound
 
 MANIFEST, EVAL_FILES = "manifest.parquet", ("eval.json", "contact_sheet.png")
 IDENTITIES, PAIRS = "identities.parquet", "pairs.parquet"
+JOURNALS = "_erasing"
+REGISTRY_FILES = "registry: references, embeddings, per-identity adapters"
 
 
-def erase_elsewhere(meta: dict, folders: list[str]) -> list[dict]:
-    """Erase the person `meta` describes from each render output and ingest dataset among `folders`
-    and the dataset they were enrolled from. Returns one report entry per folder that held them."""
+def _journal_uri(store: str, tenant: str, identity: str) -> str:
+    return storage.join(store, tenant, JOURNALS, tombstones.digest("id", identity) + ".json")
+
+
+def _write_journal(registry, journal: dict) -> None:
+    meta = journal["meta"]
+    storage.write_bytes(_journal_uri(registry.store, meta["tenant"], meta["id"]), json.dumps(journal).encode())
+
+
+def journals(registry, tenant: str) -> list[dict]:
+    """The erasures of `tenant` that have not finished."""
+    fs, path = storage.filesystem(storage.join(registry.store, tenant, JOURNALS))
+    if not fs.exists(path):
+        return []
+    out = []
+    for entry in sorted(fs.ls(path, detail=False)):
+        try:
+            out.append(json.loads(fs.cat_file(entry)))
+        except (OSError, ValueError):  # a journal cut short while written: its erasure had not started
+            continue
+    return out
+
+
+def _find_journal(registry, tenant: str, reference: str) -> dict | None:
+    """An unfinished erasure of the person `reference` names (an id or a name)."""
+    wanted = reference.strip().casefold()
+    for journal in journals(registry, tenant):
+        meta = journal["meta"]
+        if meta["id"] == reference or (meta.get("name") or "").strip().casefold() == wanted:
+            return journal
+    return None
+
+
+def erase_identity(registry, tenant: str, reference: str, also: list[str] = ()) -> dict:
+    """Erase the person `reference` names (an id or a name) everywhere, or finish an erasure of
+    them that stopped midway; `also`: more render outputs or datasets to clean. Returns the report
+    {id, tenant, tombstone, removed: [{what, where, counts...}]}."""
+    journal = _find_journal(registry, tenant, reference)
+    if journal is None:
+        try:
+            identity = registry.resolve(tenant, reference)
+        except Erased:
+            if not also:
+                raise
+            return _erase_outputs_of_erased(registry, tenant, reference, also)
+        meta = registry.get(tenant, identity)
+        journal = {"meta": meta, "folders": list(dict.fromkeys(registry.outputs(tenant))), "done": [], "removed": []}
+    journal["folders"] = list(dict.fromkeys([*journal["folders"], *also]))
+    meta = journal["meta"]
+    with registry.name_lock(tenant, meta.get("name") or ""):
+        _write_journal(registry, journal)  # first: from here on whatever stops can be finished
+        tombstone = registry.withdraw(tenant, meta["id"])
+    source = meta.get("source") or {}
+    for folder in dict.fromkeys([*journal["folders"], *([source["dataset"]] if source.get("dataset") else [])]):
+        if folder in journal["done"]:
+            continue
+        found = erase_in(meta, folder)
+        journal["done"].append(folder)
+        journal["removed"] += [found] if found else []
+        _write_journal(registry, journal)
+    files = registry.remove_files(tenant, meta["id"])  # last: the journal still names the person until here
+    removed = [{"what": REGISTRY_FILES, "where": registry.folder(tenant, meta["id"]),
+                "files": files}] + journal["removed"]
+    storage.delete(_journal_uri(registry.store, tenant, meta["id"]))
+    return {"id": meta["id"], "tenant": tenant, "tombstone": tombstone, "removed": removed}
+
+
+def _erase_outputs_of_erased(registry, tenant: str, identity: str, folders: list[str]) -> dict:
+    """`--also` for a person whose erasure finished: their name is gone with it, so images are
+    found by the identity ids their records carry (render records do)."""
+    tombstone = tombstones.uri(registry.store, tenant, identity)
+    removed = [found for folder in folders if (found := erase_render_rows(folder, identity, set()))]
+    return {"id": identity, "tenant": tenant, "tombstone": tombstone, "removed": removed}
+
+
+def resume_pending(registry) -> int:
+    """Finish every erasure that stopped midway, in every tenant (the Serve sweep calls this)."""
+    fs, root = storage.filesystem(registry.store)
+    if not fs.exists(root):
+        return 0
+    finished = 0
+    for entry in fs.ls(root, detail=False):
+        tenant = entry.rstrip("/").rsplit("/", 1)[-1]
+        for journal in journals(registry, tenant) if not tenant.startswith(("_", ".")) else []:
+            erase_identity(registry, tenant, journal["meta"]["id"])
+            finished += 1
+    return finished
+
+
+def erase_in(meta: dict, folder: str) -> dict | None:
+    """Erase the person `meta` describes from one render output or ingest dataset; what was removed."""
     source = meta.get("source") or {}
     given = {n.strip() for n in (meta.get("name"), source.get("identity")) if n and n.strip()}
-    names = {n.casefold() for n in given}
-    report = []
-    for folder in dict.fromkeys([*folders, *([source["dataset"]] if source.get("dataset") else [])]):
-        if storage.exists(storage.join(folder, tables.FACES)):
-            labels = {source.get("identity")} if folder == source.get("dataset") else given
-            found = erase_dataset_labels(folder, {label for label in labels if label})
-        else:
-            found = erase_render_rows(folder, meta["id"], names)
-        if found:
-            report.append(found)
-    return report
+    if storage.exists(storage.join(folder, tables.FACES)):
+        labels = {source.get("identity")} if folder == source.get("dataset") else given
+        return erase_dataset_labels(folder, {label for label in labels if label})
+    return erase_render_rows(folder, meta["id"], {n.casefold() for n in given})
 
 
 def _names_person(record: dict, identity: str, names: set[str]) -> bool:
@@ -69,9 +161,10 @@ def erase_render_rows(out: str, identity: str, names: set[str]) -> dict | None:
         except (OSError, ValueError):
             continue
         if _names_person(record, identity, names):
-            for path in (sidecar, sidecar[: -len(".json")] + ".png"):
+            # The image first, its sidecar last: the sidecar is how a resumed erasure finds the image.
+            for path in (sidecar[: -len(".json")] + ".png", sidecar):
                 if fs.exists(path):
-                    fs.rm(path)
+                    storage.delete(fs.unstrip_protocol(path) if "://" in out else path)
                     files += 1
             removed_rows.add(record.get("id"))
     manifest = storage.join(out, MANIFEST)

@@ -15,8 +15,9 @@ Every write is conditional: it holds the identity's lock (store_lock.py), re-rea
 checks its `generation` and writes it bumped, so a writer never overwrites another's record and a
 deleted identity is never written again (Erased). Enrollment holds the name's lock, so names are
 unique per tenant even under concurrent enrollments, and an erased person is refused unless the
-operator gives a new consent reference (`reconsent`). `delete` leaves a tombstone and removes every
-artifact the system made of the person (erasure.py) and returns what it removed.
+operator gives a new consent reference (`reconsent`). Erasing a person is erasure.py's: it calls
+`withdraw` (the tombstone, then the identity is gone from every read) and, last, `remove_files`;
+the registry only ever erases its own store.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class Registry:
 
     def _name_lock(self, tenant: str, name: str):
         """Held while a name is enrolled or its holder erased; unnamed identities share nothing."""
-        key = tombstones.person_key(tenant, name)
+        key = tombstones.person_key(self.store, tenant, name)
         return self._lock(tenant, "name", key) if key else contextlib.nullcontext()
 
     @staticmethod
@@ -137,19 +138,21 @@ class Registry:
                 name = next(f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}".casefold() not in taken)
             meta = self._write_new(tenant, name, consent, embeddings, quality, spec, crops, photos, source)
             for holder in holders if name_exists == "replace" else []:  # only now: a failed enrollment loses no one
-                self._erase(tenant, holder["id"], withdrawn=False)  # the person stays enrolled, as the new identity
+                self.withdraw(tenant, holder["id"], withdrawn=False)  # the person stays enrolled, as the new identity
+                self.remove_files(tenant, holder["id"])
         return meta
 
     def _consent_for(self, tenant: str, name: str, label: str | None, consent: str, reconsent: str | None) -> str:
         erased = tombstones.erased_person(self.store, tenant, name, label or "")
-        if erased is None:
+        if not erased:
             return consent.strip()
         if not reconsent or not reconsent.strip():
-            raise ErasedPerson(f"a person called {name or label!r} was erased from this registry on {erased['erased']}; "
-                               "enrolling them again needs the new consent reference they gave: --reconsent on the "
-                               "command line, reconsent in the API")
-        if reconsent.strip() == (erased.get("consent") or "").strip():
-            raise BadInput("reconsent must be a new consent reference, not the one the person withdrew")
+            raise ErasedPerson(f"a person called {name or label!r} was erased from this registry on "
+                               f"{erased[-1]['erased']}; enrolling them again needs the new consent reference they "
+                               "gave: --reconsent on the command line, reconsent in the API")
+        withdrawn = {(t.get("consent") or "").strip() for t in erased}
+        if reconsent.strip() in withdrawn:  # any consent they ever withdrew, not only the last
+            raise BadInput("reconsent must be a new consent reference, not one the person withdrew")
         return reconsent.strip()
 
     def _write_new(self, tenant, name, consent, embeddings, quality, spec, crops, photos, source) -> dict:
@@ -244,34 +247,36 @@ class Registry:
             if _ID.match(name):
                 try:
                     out.append(self.get(tenant, name))
-                except NotFound:  # being written or deleted
+                except (NotFound, Erased):  # being written, or erased (its files go last)
                     continue
                 except StorageError as exc:  # one damaged record does not hide everyone else
                     log.warning("%s", exc.message)
                     continue
         return out
 
-    def delete(self, tenant: str, identity: str, also: list[str] = ()) -> dict:
-        """Erase an identity: a tombstone, then every artifact of the person (registry files, per-identity
-        adapters, render outputs made from this registry or listed in `also`, contact sheets, the
-        ingest dataset's crops and embeddings of their label). Returns the erasure report."""
-        meta = self.get(tenant, identity)  # NotFound for others' and unknown ids
-        with self._name_lock(tenant, meta.get("name") or ""):
-            return self._erase(tenant, identity, also)
+    def name_lock(self, tenant: str, name: str):
+        """Held while a name is enrolled or its holder withdrawn (erasure.py takes it too)."""
+        return self._name_lock(tenant, name)
 
-    def _erase(self, tenant: str, identity: str, also: list[str] = (), withdrawn: bool = True) -> dict:
-        from ray_faceid.erasure import erase_elsewhere
-
+    def withdraw(self, tenant: str, identity: str, withdrawn: bool = True) -> str:
+        """The tombstone, then meta.json removed: from here on every read says Erased and no write
+        lands (both under the identity's lock). The rest of the folder stays until `remove_files`.
+        Idempotent (a resumed erasure calls it again); returns the tombstone's URI."""
         with self._lock(tenant, "id", identity):
-            meta = self.get(tenant, identity)
-            folder = self._dir(tenant, identity)
-            files = self.files(tenant, identity)
-            tombstone = tombstones.write(self.store, meta, withdrawn)  # first: from here on no write brings them back
-            storage.delete(folder)
-        removed = [{"what": "registry: references, embeddings, per-identity adapters", "where": folder,
-                    "files": len(files)}]
-        removed += erase_elsewhere(meta, [*self.outputs(tenant), *also])
-        return {"id": identity, "tenant": tenant, "tombstone": tombstone, "removed": removed}
+            where = tombstones.uri(self.store, tenant, identity)
+            if not storage.exists(where):
+                tombstones.write(self.store, self.get(tenant, identity), withdrawn)
+            storage.delete(storage.join(self._dir(tenant, identity), "meta.json"))
+        return where
+
+    def remove_files(self, tenant: str, identity: str) -> int:
+        """Delete what is left of a withdrawn identity's folder; how many files there were."""
+        count = len(self.files(tenant, identity))
+        storage.delete(self._dir(tenant, identity))
+        return count
+
+    def folder(self, tenant: str, identity: str) -> str:
+        return self._dir(tenant, identity)
 
     def record_output(self, tenant: str, uri: str) -> None:
         """Remember a render output made from this registry, so that erasing a person reaches it."""

@@ -2,29 +2,53 @@
 
     <store>/<tenant>/_erased/<sha256 of the id>.json
 
-A tombstone holds the sha256 of the id, the tenant, the time, the consent reference the person was
-enrolled under, and keyed hashes of their name and dataset label (so that a scheduled
-`enroll-dataset` or a new enrollment under that name is refused without `--reconsent`). It holds
-no face data, no embedding, no name and not the id itself: a byte search of the stores finds none.
+A tombstone holds the sha256 of the id, the tenant, the time (and a sequence that orders two
+erasures of the same second), the consent reference the person was enrolled under, and keyed
+hashes (HMAC-SHA256 with the registry's own secret, `<store>/_secret.key`) of their name and
+dataset label, so that a scheduled `enroll-dataset` or a new enrollment under that name is refused
+without `--reconsent`, and a name cannot be recovered by hashing guesses without the secret. It
+holds no face data, no embedding, no name and not the id itself: a byte search of the stores finds
+none. Every consent the person ever withdrew stays refused as a re-consent.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import secrets
 import time
 
 from ray_faceid import storage
 from ray_faceid.errors import NotFound
 
 FOLDER = "_erased"
+SECRET_FILE = "_secret.key"
+_SECRETS: dict[str, bytes] = {}  # per store, read once per process
 
 
 def digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def person_key(tenant: str, name: str) -> str:
-    """A name's key within a tenant (case-insensitive); '' for no name."""
+def registry_secret(store: str) -> bytes:
+    """The registry's own key for its keyed hashes, made once (exclusively: two first writers agree)."""
+    if store not in _SECRETS:
+        where = storage.join(store, SECRET_FILE)
+        storage.create_exclusive(where, secrets.token_hex(32).encode())
+        _SECRETS[store] = storage.read_bytes(where).strip()
+    return _SECRETS[store]
+
+
+def person_key(store: str, tenant: str, name: str) -> str:
+    """A name's keyed hash within a tenant (case-insensitive); '' for no name."""
+    name = (name or "").strip().casefold()
+    if not name:
+        return ""
+    return hmac.new(registry_secret(store), "\0".join(("name", tenant, name)).encode(), hashlib.sha256).hexdigest()
+
+
+def _legacy_key(tenant: str, name: str) -> str:
+    """The plain hash tombstones written before the keyed one hold (still matched, never written)."""
     name = (name or "").strip().casefold()
     return digest("name", tenant, name) if name else ""
 
@@ -38,12 +62,12 @@ def write(store: str, meta: dict, withdrawn: bool = True) -> str:
     gone (their name and label are refused from now on); False for an identity replaced by a newer
     enrollment of the same person, whose id alone is retired."""
     tenant = meta["tenant"]
-    keys = sorted({k for k in (person_key(tenant, meta.get("name") or ""),
-                               person_key(tenant, (meta.get("source") or {}).get("identity") or "")) if k})
+    keys = sorted({k for k in (person_key(store, tenant, meta.get("name") or ""),
+                               person_key(store, tenant, (meta.get("source") or {}).get("identity") or "")) if k})
     keys = keys if withdrawn else []
     record = {"id_sha256": digest("id", meta["id"]), "tenant": tenant,
-              "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "consent": meta.get("consent"), "person_keys": keys}
+              "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sequence": time.time_ns(),
+              "consent": meta.get("consent"), "person_keys": keys, "key_scheme": "hmac-sha256"}
     where = uri(store, tenant, meta["id"])
     storage.write_bytes(where, json.dumps(record, indent=2).encode())
     return where
@@ -69,8 +93,11 @@ def erased_id(store: str, tenant: str, identity: str) -> dict | None:
         return None
 
 
-def erased_person(store: str, tenant: str, *names: str) -> dict | None:
-    """The newest tombstone of a person known by any of `names` (their name or dataset label)."""
-    keys = {person_key(tenant, n) for n in names if n and n.strip()}
-    found = [t for t in all_for(store, tenant) if keys & set(t.get("person_keys", []))]
-    return max(found, key=lambda t: t["erased"]) if found else None
+def erased_person(store: str, tenant: str, *names: str) -> list[dict]:
+    """Every tombstone of a person known by any of `names` (their name or dataset label), oldest first."""
+    names = [n for n in names if n and n.strip()]
+    keyed = {person_key(store, tenant, n) for n in names}
+    legacy = {_legacy_key(tenant, n) for n in names}
+    found = [t for t in all_for(store, tenant)
+             if (keyed if t.get("key_scheme") == "hmac-sha256" else legacy) & set(t.get("person_keys", []))]
+    return sorted(found, key=lambda t: (t["erased"], t.get("sequence", 0)))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ray_faceid import storage
+from ray_faceid.erasure import erase_identity
 from ray_faceid.errors import BadInput, Conflict, Erased, ErasedPerson, NotFound
 from ray_faceid.registry import Registry
 from ray_faceid.store_lock import StoreLock
@@ -39,7 +40,7 @@ def while_writing_weights(monkeypatch, other):
 def test_a_delete_during_a_personalize_write_is_not_undone(tmp_path, spec128, monkeypatch):
     registry = Registry(str(tmp_path / "registry"))
     ident = enroll(registry, spec128)
-    threads = while_writing_weights(monkeypatch, lambda: registry.delete("default", ident))
+    threads = while_writing_weights(monkeypatch, lambda: erase_identity(registry, "default", ident))
     registry.add_adapter("default", ident, b"weights", {"base_adapter": "a"})  # began before the delete
     threads[0].join(10)
     assert not threads[0].is_alive()
@@ -75,7 +76,7 @@ def test_a_write_at_an_old_generation_is_refused(tmp_path, spec128):
 
 def test_an_erased_person_is_not_enrolled_again_without_new_consent(tmp_path, spec128):
     registry = Registry(str(tmp_path / "registry"))
-    registry.delete("default", enroll(registry, spec128, "Ann"))
+    erase_identity(registry, "default", enroll(registry, spec128, "Ann"))
     with pytest.raises(ErasedPerson, match="--reconsent"):
         enroll(registry, spec128, "ann")
     with pytest.raises(BadInput, match="new consent"):
@@ -102,7 +103,7 @@ def test_enroll_racing_a_delete_never_brings_the_person_back(tmp_path, spec128):
 
         thread = threading.Thread(target=again)
         thread.start()
-        registry.delete("default", ident)
+        erase_identity(registry, "default", ident)
         thread.join(10)
         # Either the re-enrollment came first (the name was taken) or after (the person was erased).
         assert type(outcome.get("error")).__name__ in ("NameTaken", "ErasedPerson"), outcome
@@ -118,7 +119,7 @@ def _add(store: str, ident: str, k: int) -> str:
 
 
 def _delete(store: str, ident: str) -> str:
-    Registry(store).delete("default", ident)
+    erase_identity(Registry(store), "default", ident)
     return "deleted"
 
 
@@ -182,3 +183,21 @@ def test_concurrent_takeovers_in_processes_let_one_writer_in_at_a_time(tmp_path)
     events = open(log).read().split()
     assert events == ["in", "out"] * 12  # never two inside
     assert not storage.exists(uri) and not list(tmp_path.glob("x.lock.takeover-*"))
+
+
+def test_every_withdrawn_consent_stays_refused_and_names_cannot_be_guessed_from_tombstones(tmp_path, spec128):
+    from ray_faceid import tombstones
+
+    registry = Registry(str(tmp_path / "registry"))
+    erase_identity(registry, "default", enroll(registry, spec128, "ann"))  # withdrew consent-1
+    erase_identity(registry, "default", enroll(registry, spec128, "ann", reconsent="consent-2"))  # then consent-2
+    for withdrawn in ("consent-1", "consent-2"):
+        with pytest.raises(BadInput, match="one the person withdrew"):
+            enroll(registry, spec128, "ann", reconsent=withdrawn)
+    assert enroll(registry, spec128, "ann", reconsent="consent-3")
+    stones = tombstones.all_for(registry.store, "default")
+    assert len(stones) == 2 and len({t["sequence"] for t in stones}) == 2
+    guess = tombstones.digest("name", "default", "ann")  # hashing a guessed name finds nothing
+    assert all(guess not in t["person_keys"] and t["person_keys"] for t in stones)
+    other = Registry(str(tmp_path / "other"))  # another registry keys the same name differently
+    assert tombstones.person_key(other.store, "default", "ann") != tombstones.person_key(registry.store, "default", "ann")

@@ -61,7 +61,7 @@ def ingest(
         if len(not_used) < sum(v for k, v in summary["status_counts"].items() if k != "ok"):
             typer.echo(f"... every file and its status: {dst}/images.parquet", err=True)
         if labels != "none":
-            console.print(summary_table("identities and pairs", build_pairs(dst, labels, min_shots)))
+            print_pairs("identities and pairs", build_pairs(dst, labels, min_shots))
 
 
 def pairs(
@@ -84,4 +84,12 @@ def pairs(
     with user_errors():
         result = build_pairs(dst, labels, min_shots, max_pairs, cut_share=cut, include_flagged=include_flagged,
                              evaluate_clustering=evaluate_clustering)
-        console.print(summary_table(f"identities and pairs in {dst}", result))
+        print_pairs(f"identities and pairs in {dst}", result)
+
+
+def print_pairs(title: str, result: dict) -> None:
+    """The pairs summary, then each flagged identity with why (stderr): the operator sees who is left out."""
+    flagged = result.pop("flagged", {})
+    console.print(summary_table(title, result))
+    for name, reason in flagged.items():
+        typer.echo(f"flagged {name}: {reason} (no pairs; enroll-dataset skips it)", err=True)

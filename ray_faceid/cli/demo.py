@@ -2,11 +2,13 @@
 
 1. the face stack on real photos (the ones insightface ships, or --photos DIR: one folder per person);
 2. the Ray Data ingest of those photos into a dataset (tables, crops, identities, pairs);
-3. the Serve application on loopback: enroll two people over HTTP (with --photos, the first two
-   people of the folder, by folder name, from their best face crops), render one and two of them,
-   print the identity scores, write the PNGs;
+3. the Serve application on loopback: enroll people over HTTP, only from photos of them alone (by
+   default Tom Hanks; with --photos every folder that is one person, from their best face crops,
+   each other folder named with why it was left out), render one and two of them, print the
+   identity scores, write the PNGs;
 4. the catalog render job (a single-person, a two-person and an inpaint row) naming the people
    enrolled in 3, then `eval` over its manifest: the metrics table and a contact sheet.
+It ends with commands that run as printed (the virtualenv's own `ray-faceid`).
 
 Each stage prints one screen at most: what it did, the key figures, where its outputs are. The
 diffusion side runs the tiny untrained components (no base model can be downloaded here), so the
@@ -15,7 +17,6 @@ images are noise-like and labelled untrained; the face stack, jobs and API are t
 from __future__ import annotations
 
 import base64
-import io
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -27,7 +28,7 @@ from ray_faceid.cli.common import console, user_errors
 from ray_faceid.errors import FaceIdError, NotFound
 
 
-def _analyze(images: list[str]):
+def _analyze(images: list[str]) -> None:
     """One row per photo (faces found, the largest face's size and quality, or why it was skipped)."""
     from ray_faceid.config import DetectionConfig, FaceConfig
     from ray_faceid.face.analyzer import FaceAnalyzer
@@ -47,39 +48,60 @@ def _analyze(images: list[str]):
                       "-" if largest is None else f"{largest.quality['score']:.2f}",
                       "" if found else "no face")
     console.print(table)
-    console.print(f"{total} face(s) in {len(images)} photo(s); per face details: ray-faceid faces analyze PHOTO")
-    return analyzer
+    console.print(f"{total} face(s) in {len(images)} photo(s); per face details: {_command()} faces analyze PHOTO",
+                  highlight=False)
 
 
-def _dataset_people(dataset: Path, count: int = 2) -> dict[str, list[bytes]]:
-    """The `count` people of an ingest with the most faces: name -> their best face crops (PNG)."""
+def _dataset_people(dataset: Path, photos: Path, most_photos: int = 10) -> tuple[dict[str, list[bytes]], dict[str, str]]:
+    """Every person of an ingest (by folder, most faces first): name -> their best face crops (PNG,
+    each from a photo of them alone), and name -> why a folder is left out."""
     from ray_faceid import storage
+    from ray_faceid.config import IngestConfig
     from ray_faceid.data import tables
     from ray_faceid.data.pairs import IDENTITIES
 
     faces = {f["face_id"]: f for f in tables.read_table(str(dataset / tables.FACES)).to_pylist()}
     people = sorted(tables.read_table(str(dataset / IDENTITIES)).to_pylist(), key=lambda r: (-r["n_faces"], r["identity"]))
-    chosen = {}
-    for row in people[:count]:
+    chosen, left_out = {}, {}
+    for row in people:
+        if row.get("flagged"):
+            left_out[row["identity"]] = row.get("flagged_reason") or "not one person"
+            continue
         best = sorted((faces[i] for i in row["face_ids"] if faces[i].get("crop_uri")), key=lambda f: -(f["q_score"] or 0))
-        chosen[row["identity"]] = [storage.read_bytes(f["crop_uri"]) for f in best[:3]]
-    return chosen
+        chosen[row["identity"]] = [storage.read_bytes(f["crop_uri"]) for f in best[:most_photos]]
+    extensions = IngestConfig().extensions
+    for folder in sorted(p for p in photos.iterdir() if p.is_dir()):
+        if folder.name not in chosen and folder.name not in left_out:
+            given = [p for p in folder.iterdir() if p.suffix.lower() in extensions]
+            left_out[folder.name] = (f"no photo of {len(given)} shows one face alone" if given else "no photos")
+    return chosen, left_out
 
 
-def _crop_png(analyzer, path: str) -> bytes:
-    """The largest face of a photo, cropped alone with a margin (an enrollment photo of one person)."""
-    from PIL import Image
+def _photo_counts(photos: Path | None, people: dict[str, list[bytes]]) -> dict[str, int]:
+    """Photos given per person: the files in their folder (--photos), else the photos sent."""
+    from ray_faceid.config import IngestConfig
 
-    image = analyzer.load(path)
-    x0, y0, x1, y1 = analyzer.analyze(image)[0].bbox
-    m = 0.6 * (x1 - x0)
-    box = (max(0, int(x0 - m)), max(0, int(y0 - m)), min(image.shape[1], int(x1 + m)), min(image.shape[0], int(y1 + m)))
-    buf = io.BytesIO()
-    Image.fromarray(image).crop(box).save(buf, "PNG")
-    return buf.getvalue()
+    if photos is None:
+        return {name: len(sent) for name, sent in people.items()}
+    extensions = IngestConfig().extensions
+    return {name: sum(p.suffix.lower() in extensions for p in (photos / name).iterdir()) for name in people}
 
 
-def _serve_story(out: Path, people: dict[str, list[bytes]], port: int, untrained: str) -> tuple[str, dict[str, str]]:
+def _command() -> str:
+    """How to run ray-faceid as printed: the virtualenv's own script, which works outside it too."""
+    import sys
+
+    script = Path(sys.executable).parent / "ray-faceid"
+    if not script.exists():
+        return "ray-faceid"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def _serve_story(out: Path, people: dict[str, list[bytes]], given: dict[str, int], port: int,
+                 untrained: str) -> tuple[str, dict[str, str]]:
     import httpx
     from ray import serve
 
@@ -99,12 +121,14 @@ def _serve_story(out: Path, people: dict[str, list[bytes]], port: int, untrained
                                                                      "name_exists": "replace"})
                 r.raise_for_status()
                 ids[name] = r.json()["id"]
-                console.print(f"enrolled {name}: {ids[name]} ({r.json()['faces_used']} of {len(photos)} photos used)")
+                console.print(f"enrolled {name}: {ids[name]} ({r.json()['faces_used']} of {given[name]} photos used)")
             names = list(ids)
-            requests = {
-                "single": {"identities": [{"name": names[0], "expression": "smile"}], "width": 128, "height": 128},
-                "two": {"identities": [{"name": n} for n in names], "width": 256, "height": 128},
-            }
+            requests = {"single": {"identities": [{"name": names[0], "expression": "smile"}], "width": 128, "height": 128}}
+            if len(names) >= 2:
+                requests["two"] = {"identities": [{"name": n} for n in names[:2]], "width": 256, "height": 128}
+            else:
+                console.print("(one person enrolled: the two-person image needs two; run the demo on your own "
+                              "people with PHOTOS=DIR, one folder each)")
             table = Table(title="identity scores of the generated images", title_justify="left")
             for col in ("image", "person", "face found", "similarity", "same person"):
                 table.add_column(col)
@@ -148,13 +172,13 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
     mask = np.zeros((photo.height, photo.width), np.uint8)
     mask[photo.height // 5 : photo.height * 4 // 5, photo.width // 5 : photo.width * 4 // 5] = 255
     Image.fromarray(mask).save(work / "mask.png")
-    first, second = list(ids)  # catalogs name people as they were enrolled
-    rows = [
-        {"id": "single-smile", "identities": [first], "prompt": "a portrait photo of a person", "expression": "smile"},
-        {"id": "two-people", "identities": [first, second], "prompt": "two people side by side", "size": "128x64"},
-        {"id": "inpaint", "identities": [second], "prompt": "a person", "image": str(work / "photo.png"),
-         "mask": str(work / "mask.png")},
-    ]
+    names = list(ids)  # catalogs name people as they were enrolled
+    rows = [{"id": "single-smile", "identities": [names[0]], "prompt": "a portrait photo of a person",
+             "expression": "smile"}]
+    if len(names) >= 2:
+        rows.append({"id": "two-people", "identities": names[:2], "prompt": "two people side by side", "size": "128x64"})
+    rows.append({"id": "inpaint", "identities": [names[-1]], "prompt": "a person", "image": str(work / "photo.png"),
+                 "mask": str(work / "mask.png")})
     (work / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rendered = out / "rendered"
     summary = run_render(str(work / "catalog.jsonl"), str(rendered), "tiny", str(out / "registry"),
@@ -177,6 +201,8 @@ def demo(
     port: int = typer.Option(8765, "--port", min=1, max=65535, help="Loopback port of the demo's API."),
 ):
     """Face stack, Ray Data ingest, the Serve API, catalog render and eval, end to end on the embedded default."""
+    import os
+
     from deployments.local import check_port_free
     from ray_faceid import storage
     from ray_faceid.config import IngestConfig
@@ -184,8 +210,9 @@ def demo(
     from ray_faceid.data.pairs import build_pairs
     from ray_faceid.face.analyzer import sample_images
 
+    through_make = "MAKELEVEL" in os.environ  # `make demo`: its variables, not this command's flags
     with user_errors():
-        check_port_free(port)  # before minutes of ingest, not after
+        check_port_free(port, "PORT=" if through_make else "--port")  # before minutes of ingest, not after
         samples = [str(p) for p in sample_images()]
         if photos is None:
             if not samples:
@@ -195,7 +222,7 @@ def demo(
             folder = str(photos)
         images = list(storage.list_files(folder, IngestConfig().extensions))
         console.rule("1. face analysis")
-        analyzer = _analyze(images)
+        _analyze(images)
 
         console.rule("2. Ray Data ingest")
         from ray_faceid.data.cluster import init_ray
@@ -219,25 +246,29 @@ def demo(
                      "them and similarity is '-'. With a trained base and adapter (--model, --adapter) these "
                      "columns measure identity.")
         if photos is not None:
-            people = _dataset_people(dataset)
-            if len(people) < 2:
-                raise NotFound(f"{photos}: the demo needs two people (two folders of photos of one person each); "
-                               f"found {len(people)}")
+            people, left_out = _dataset_people(dataset, photos)
+            for name, why in left_out.items():
+                console.print(f"not enrolled {name}: {why}", highlight=False)
+            if not people:
+                raise NotFound(f"{photos}: no folder holds photos of one person alone; the demo needs one folder of "
+                               "photos per person, named after them")
             inpaint_photo = next(p for p in images if Path(p).parent.name == next(iter(people)))
         else:
-            if len(samples) < 2:
+            hanks = [s for s in samples if Path(s).name.startswith("Tom_Hanks")]
+            if not hanks:
                 raise NotFound("the serve demo enrolls the insightface sample photos; install the insightface extra")
-            people = {"tom_hanks": [Path(samples[1]).read_bytes()], "t1_person": [_crop_png(analyzer, samples[0])]}
-            inpaint_photo = samples[1]
-        tenant, ids = _serve_story(out, people, port, untrained)
+            # Only photos of one person alone are enrolled: the group photo t1.jpg is analysed, not enrolled.
+            people = {"tom_hanks": [Path(hanks[0]).read_bytes()]}
+            inpaint_photo = hanks[0]
+        tenant, ids = _serve_story(out, people, _photo_counts(photos, people), port, untrained)
 
         console.rule("4. catalog render and evaluation")
         shutil.rmtree(out / "rendered", ignore_errors=True)
         _render_story(out, tenant, ids, inpaint_photo, untrained)
-    registry, first = out / "registry", next(iter(ids))
+    registry, first, command = out / "registry", next(iter(ids)), _command()
     console.rule("next")
-    console.print(f"outputs in {out}/. Try next:")
-    console.print(f"  ray-faceid identities list --registry {registry} --tenant {tenant}", soft_wrap=True)
-    console.print(f"  ray-faceid generate --registry {registry} --tenant {tenant} --identity {first} "
-                  f"--prompt 'a portrait, smiling' --out {first}.png", soft_wrap=True)
-    console.print(f"  ray-faceid serve --registry {registry}", soft_wrap=True)
+    console.print(f"outputs in {out}/. Try next (as printed, from this folder):")
+    console.print(f"  {command} identities list --registry {registry} --tenant {tenant}", soft_wrap=True, highlight=False)
+    console.print(f"  {command} generate --registry {registry} --tenant {tenant} --identity {first} "
+                  f"--prompt 'a portrait, smiling' --out {first}.png", soft_wrap=True, highlight=False)
+    console.print(f"  {command} serve --registry {registry}", soft_wrap=True, highlight=False)

@@ -122,12 +122,13 @@ def delete(identity: str = typer.Argument(..., help="An id or a name."), registr
     """Erase a person: leaves a tombstone (no face data) and removes their references, embeddings,
     adapters, the render outputs that show them, contact sheets and their faces in ingest datasets;
     prints what was removed, where."""
+    from ray_faceid.erasure import erase_identity
     from ray_faceid.registry import Registry
 
     with user_errors():
         store = Registry(registry).require()
-        found = store.resolve(tenant, identity)
-        report = store.delete(tenant, found, also=also)
+        report = erase_identity(store, tenant, identity, also=also)  # also finishes one that stopped midway
+        found = report["id"]
     if as_json:
         print_json(report)
         return

@@ -77,6 +77,20 @@ def _clustering_report(dst: str, labelled: list[dict], images: list[dict]) -> di
     return scores
 
 
+def folder_problem(label: str, members: list[dict], images: list[dict], faces: list[dict], spec: EncoderSpec) -> str | None:
+    """Why a folder (`--labels folders`) is not one person, or None: most of its photos show several
+    people (a folder of group photos), or none of its portraits' faces verifies against another."""
+    photos = {f["image_uri"] for f in faces if f["label"] == label}
+    crowded = sum(1 for r in images if r["uri"] in photos and r["n_faces"] > 1)
+    if photos and crowded * 2 > len(photos):
+        return f"{crowded} of its {len(photos)} photos with faces show several people: group photos, not one person"
+    vectors = [np.asarray(m["embedding"]) for m in members]
+    if len(vectors) >= 2 and not any(spec.distance(a, b) <= spec.threshold
+                                     for i, a in enumerate(vectors) for b in vectors[i + 1:]):
+        return f"none of its {len(vectors)} portraits' faces verifies against another: not one person"
+    return None
+
+
 def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pairs_per_identity: int = 100,
                 captioner: Captioner | None = None, seed: int = 0, cut_share: float = DEFAULT_CUT_SHARE,
                 include_flagged: bool = False, evaluate_clustering: bool = False) -> dict:
@@ -108,13 +122,16 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
         mean = (np.array([m["embedding"] for m in members]) * weights[:, None]).sum(0) / weights.sum()
         distinct = [m for m in members if m["face_id"] not in dups]
         tight = cohesion(np.array([m["embedding"] for m in members]), spec)
-        # Folder identities are reported, not dropped: the operator named them.
-        flagged = tight.flagged and labels == "cluster"
+        if labels == "cluster":
+            reason = "not cohesive: its faces spread beyond the encoder's threshold" if tight.flagged else None
+        else:
+            reason = folder_problem(name, members, images, faces, spec)
+        flagged = reason is not None
         identity_rows.append({
             "identity": name, "face_ids": [m["face_id"] for m in members], "n_faces": len(members),
             "n_distinct": len(distinct), "near_duplicates": json.dumps(dups), "embedding": mean.tolist(),
             "encoder": spec.key(), "centre_distance_mean": tight.centre_distance_mean,
-            "centre_distance_max": tight.centre_distance_max, "flagged": flagged,
+            "centre_distance_max": tight.centre_distance_max, "flagged": flagged, "flagged_reason": reason,
         })
         if len(distinct) < min_shots or (flagged and not include_flagged):
             continue
@@ -133,6 +150,7 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
     result = {"labels": labels, "identities": len(identity_rows), "pairs": len(pair_rows),
               "identities_with_pairs": len({p["identity"] for p in pair_rows}),
               "flagged (not cohesive)": sum(r["flagged"] for r in identity_rows),
+              "flagged": {r["identity"]: r["flagged_reason"] for r in identity_rows if r["flagged"]},
               "near_duplicates": sum(len(json.loads(r["near_duplicates"])) for r in identity_rows)}
     if labels == "cluster":
         result["cut"] = round(cut_share * spec.threshold, 4)

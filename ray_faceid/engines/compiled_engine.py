@@ -12,12 +12,12 @@ re-record; only a new shape (bucket, size, identity count) compiles once.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from ray_faceid.engines.base import UNetCall
-from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, to_stderr
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,11 @@ def batch_bucket(rows: int) -> int:
 def buckets_for(shape) -> tuple[int, ...]:
     """The buckets an EngineShape's batch range (min, opt, max rows) reaches."""
     return tuple(b for b in BATCH_BUCKETS if shape.batch[0] <= b <= batch_bucket(shape.batch[2]))
+
+
+def bucket_count(min_rows: int, max_rows: int) -> int:
+    """How many buckets a batch range reaches (config validation counts compiled shapes with it)."""
+    return sum(min_rows <= b <= batch_bucket(max_rows) for b in BATCH_BUCKETS)
 
 
 def allow_shape_compiles(count: int = 8 * MAX_SLOTS) -> None:
@@ -65,13 +70,16 @@ class CompiledUNetEngine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         allow_shape_compiles()
         self.compiled = torch.compile(UNetCall(unet, bank).eval(), backend=compiler, fullgraph=True, dynamic=False)
-        self.slots: dict[tuple, _Slot] = {}
+        self.slots: OrderedDict[tuple, _Slot] = OrderedDict()  # least recently used first
+        self.evicted = 0
         self._pool = None  # one CUDA-graph memory pool shared by every bucket: they never run at once
 
     @torch.no_grad()
     def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks,
-                 personal_rows=None, text_embeds=None, time_ids=None):
-        """The engine inputs (base.py); `text_embeds` and `time_ids`: SDXL's added conditioning."""
+                 personal_rows=None, text_embeds=None, time_ids=None, compile_new: bool = True):
+        """The engine inputs (base.py); `text_embeds` and `time_ids`: SDXL's added conditioning.
+        With `compile_new` False a shape not compiled yet is not compiled here: None comes back and
+        the caller runs it eager (a request never waits minutes for a compile in its own path)."""
         rows = sample.shape[0]
         if personal_rows is None:  # every row on the shared weights (slot 0)
             personal_rows = torch.zeros(rows, dtype=torch.int64, device=self.device)
@@ -81,9 +89,11 @@ class CompiledUNetEngine:
         values = {name: value for name, value in values.items() if value is not None}
         top = BATCH_BUCKETS[-1]
         if rows > top:  # larger batches run in chunks of the largest bucket
-            parts = [self(**{n: x[i:i + top] if x.ndim and x.shape[0] == rows else x for n, x in values.items()})
-                     for i in range(0, rows, top)]
-            return torch.cat(parts)
+            parts = [self(**{n: x[i:i + top] if x.ndim and x.shape[0] == rows else x for n, x in values.items()},
+                          compile_new=compile_new) for i in range(0, rows, top)]
+            return None if any(p is None for p in parts) else torch.cat(parts)
+        if not compile_new and self._key(batch_bucket(rows), values) not in self.slots:
+            return None
         slot = self._slot(batch_bucket(rows), values)
         self._load(slot, values, rows)
         if slot.graph is not None:
@@ -108,14 +118,20 @@ class CompiledUNetEngine:
         return count
 
     # -- buffers and graphs ---------------------------------------------------------------------
+    @staticmethod
+    def _key(bucket: int, values: dict) -> tuple:
+        return (bucket, values["sample"].dtype,
+                *((name, tuple(v.shape[1:])) for name, v in values.items() if name != "timestep"))
+
     def _slot(self, bucket: int, values: dict) -> _Slot:
-        key = (bucket, values["sample"].dtype,
-               *((name, tuple(v.shape[1:])) for name, v in values.items() if name != "timestep"))
+        key = self._key(bucket, values)
         if key in self.slots:
+            self.slots.move_to_end(key)
             return self.slots[key]
-        if len(self.slots) >= MAX_SLOTS:
-            raise BadInput(f"this engine already serves {MAX_SLOTS} shapes; serve fewer sizes or identity counts "
-                           "per replica")
+        if len(self.slots) >= MAX_SLOTS:  # the least recently used shape makes room (it recompiles if it comes back)
+            evicted, _ = self.slots.popitem(last=False)
+            self.evicted += 1
+            log.warning("the compiled engine keeps %d shapes: evicted %s", MAX_SLOTS, evicted[2:])
         inputs = {name: torch.zeros((bucket, *v.shape[1:]), dtype=self._dtype_of(v), device=self.device)
                   for name, v in values.items()}
         inputs["timestep"] = torch.zeros(bucket, dtype=torch.float32, device=self.device)

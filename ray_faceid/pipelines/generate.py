@@ -110,6 +110,9 @@ class IdentityPipeline:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
         self.engine_cache, self.engines = engine_cache, {}
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
+        self.compile_new_shapes = True
+        """torch.compile: compile a shape on its first use; False (Serve, after its warm-up): run an
+        unwarmed shape eager rather than make its request wait for a compile."""
         self._compiled = None  # the torch.compile engine, made on first use
         # The hash of the adapter as loaded, before any cast: the registry's per-identity adapters
         # and the provenance refer to the trained weights, whatever precision they run in.
@@ -334,7 +337,14 @@ class IdentityPipeline:
         text = text.hidden
         if self.backend == "torch.compile":
             # One engine for every shape: a compiled graph per bucket; the bank slots are an input.
-            return self.compiled_engine()(sample, t, text, tokens, scale, region, personal_rows, **added)
+            out = self.compiled_engine()(sample, t, text, tokens, scale, region, personal_rows, **added,
+                                         compile_new=self.compile_new_shapes)
+            if out is not None:
+                return out
+            personal = None if personal_rows is None else PersonalRows(self.personal_bank, personal_rows)
+            eager = identity_kwargs(tokens, scale, region, personal)
+            added_cond = {"added_cond_kwargs": added} if added else {}
+            return self.base.unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=eager, **added_cond).sample
         deltas = {id(d): d for d in row_deltas if d}
         if len(deltas) > 1:
             raise BadInput("images generated together on this backend must use the same person's own adapter")

@@ -310,6 +310,28 @@ def base_fingerprint(model: str) -> str:
         return f"hub:{model}"
 
 
+HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.model"]  # one diffusers layout
+
+
+def _hub_snapshot(model: str) -> str:
+    """A local folder of a hub model: the local cache first, then one bounded download attempt; no
+    network (or no such model) is one line within seconds, not minutes of retries."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise BackendUnavailable(f"hub model {model!r}: huggingface_hub is not installed; pass a local folder") from exc
+    try:
+        return snapshot_download(model, local_files_only=True, allow_patterns=HUB_FILES)
+    except Exception:  # noqa: BLE001 - not cached: try the hub once
+        pass
+    try:
+        return snapshot_download(model, allow_patterns=HUB_FILES, etag_timeout=5)
+    except Exception as exc:  # noqa: BLE001 - any hub failure is the same answer for the user
+        raise BackendUnavailable(f"hub model {model!r} is not in the local cache and the hub could not provide it "
+                                 f"({type(exc).__name__}): download it where there is a network "
+                                 f"(`hf download {model}`) or pass a local folder") from None
+
+
 def load_base(model: str) -> BaseModel:
     """A tiny base (TINY), a local diffusers folder, an fsspec URI of one, or a hub id."""
     if model in TINY:
@@ -320,8 +342,5 @@ def load_base(model: str) -> BaseModel:
     if local.is_dir():
         return _from_diffusers_layout(str(local), model)
     if model.count("/") == 1 and not model.startswith((".", "/")):
-        try:
-            return _from_diffusers_layout(model, model)
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot load hub model {model!r} (no network or not cached?): {exc}") from exc
+        return _from_diffusers_layout(_hub_snapshot(model), model)
     raise NotFound(f"model {model!r}: not 'tiny', a folder, a URI or a hub id (owner/name)")

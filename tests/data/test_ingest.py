@@ -191,3 +191,30 @@ def test_the_cli_with_its_defaults_records_every_face_of_a_group_photo(ray_clust
     result = CliRunner().invoke(app, ["ingest", str(tmp_path / "archive"), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert pq.read_table(tmp_path / "out" / "faces.parquet").num_rows == 6
+
+
+def test_folders_that_are_not_one_person_are_flagged_neither_paired_nor_enrolled(ray_cluster, faces_root, tmp_path):
+    """A folder of group photos (with one portrait among them) and a folder of two different people
+    are named with why, and neither gets pairs nor an enrollment; a real person's folder does."""
+    from ray_faceid.enrollment import enroll_dataset
+    from ray_faceid.registry import Registry
+
+    src = tmp_path / "archive"
+    shutil.copytree(faces_root / "amy", src / "amy")
+    (src / "party").mkdir()
+    for name in ("face-api_bbt1.jpg", "face-api_bbt2.jpg", "face-api_bbt3.jpg"):
+        shutil.copy(faces_root / "group" / name, src / "party" / name)
+    shutil.copy(sorted((faces_root / "obama").iterdir())[0], src / "party" / "portrait.jpg")
+    (src / "mixed").mkdir()
+    shutil.copy(sorted((faces_root / "biden").iterdir())[0], src / "mixed" / "a.jpg")
+    shutil.copy(sorted((faces_root / "allyson_felix").iterdir())[0], src / "mixed" / "b.jpg")
+    dst = tmp_path / "dataset"
+    run_ingest(str(src), str(dst), CONFIG, labels="folders")
+    result = build_pairs(str(dst), "folders")
+    assert set(result["flagged"]) == {"party", "mixed"}
+    assert "group photos" in result["flagged"]["party"] and "verifies" in result["flagged"]["mixed"]
+    paired = {p["identity"] for p in pq.read_table(dst / "pairs.parquet").to_pylist()}
+    assert paired == {"amy"}
+    enrolled = enroll_dataset(Registry(str(tmp_path / "registry")), "default", str(dst), consent="licence (test)")
+    assert set(enrolled["enrolled"]) == {"amy"}
+    assert enrolled["skipped"]["party"].startswith("flagged: ")

@@ -122,3 +122,42 @@ print(json.dumps({{"report": compiled_report, "hits": counters["inductor"]["fxgr
     assert result["report"] == {"loaded": 1, "stored": 0, "buckets": 1}
     assert result["hits"] >= 1 and result["misses"] == 0
     assert result["diff"] <= 1
+
+
+def test_an_unwarmed_size_runs_eager_instead_of_compiling_in_its_request(spec, tmp_path):
+    """What Serve does after its warm-up: a new size never compiles inline (no recompile, no new shape)."""
+    compiled, eager = pipeline(spec, "torch.compile", EngineCache(tmp_path)), pipeline(spec, "torch")
+    compiled.warm_up([(SIZE, SIZE)], [1], max_images=1)
+    compiled.compile_new_shapes = False
+    person = people(spec)[0]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.generate("a photo", [person], seed=3, steps=2, width=24, height=24)
+    want = eager.generate("a photo", [person], seed=3, steps=2, width=24, height=24)
+    assert np.abs(np.asarray(got.images[0]).astype(int) - np.asarray(want.images[0]).astype(int)).max() <= 1
+    assert len(compiled.compiled_engine().slots) == 1
+
+
+def test_a_full_engine_evicts_its_least_recently_used_shape(spec, monkeypatch):
+    from ray_faceid.engines import compiled_engine
+    from ray_faceid.engines.base import EngineShape
+
+    monkeypatch.setattr(compiled_engine, "MAX_SLOTS", 2)
+    base = build_tiny()
+    IdentityAdapter.for_unet(base.unet, spec).install(base.unet)
+    engine = compiled_engine.CompiledUNetEngine(base.unet, compiler="eager")  # the slot logic, not Inductor
+    for latent in (2, 3, 2, 4):  # 3 is the least recently used when 4 arrives
+        shape = EngineShape(batch=(2, 2, 2), latent=(latent, latent), identities=1, tokens=4, text_length=32,
+                            channels=4, cross_dim=32)
+        assert engine(**shape.example(2)).shape == (2, 4, latent, latent)
+    assert engine.evicted == 1 and [key[2][1][1:] for key in engine.slots] == [(2, 2), (4, 4)]
+
+
+def test_warm_up_beyond_the_engines_budget_is_refused_when_the_config_is_read():
+    from pydantic import ValidationError
+
+    from ray_faceid.config import ServeConfig
+
+    ServeConfig(backend="torch.compile", warm_up_sizes=["512x512", "768x768"], warm_up_identities=[1, 2])
+    with pytest.raises(ValidationError, match="compiled shapes; an engine keeps 16"):
+        ServeConfig(backend="torch.compile", warm_up_sizes=["512x512", "768x768", "1024x1024"],
+                    warm_up_identities=[1, 2])

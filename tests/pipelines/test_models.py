@@ -67,3 +67,16 @@ def test_casting_does_not_change_what_the_model_is():
     before = base.model_hash()
     base.to("cpu", torch.float16)
     assert base.model_hash() == before
+
+
+def test_a_hub_id_without_a_network_fails_in_one_line_within_seconds(tmp_path, monkeypatch):
+    import time
+
+    from ray_faceid.errors import BackendUnavailable
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without a network
+    started = time.perf_counter()
+    with pytest.raises(BackendUnavailable, match="not in the local cache") as caught:
+        load_base("someone/not-a-model")
+    assert time.perf_counter() - started < 10 and "\n" not in str(caught.value)
