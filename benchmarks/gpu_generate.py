@@ -14,7 +14,12 @@ fp16, DDIM, CFG 5, one identity (decoupled processors) unless a row says otherwi
 (g) UNet calls (ms) at batch 2 and 8: stock vs each identity method, eager; stock and decoupled compiled.
 
     python benchmarks/gpu_generate.py [--out results.md] [--no-record]      # on a GPU
+    python benchmarks/gpu_generate.py --family sdxl                          # SDXL-shaped, 1024 px by default
     python benchmarks/gpu_generate.py --smoke --no-record                   # the same code on CPU, tiny
+
+`--family sdxl` builds SDXL's UNet, both CLIP text encoders and its VAE from their published
+configs with random weights (timing needs no trained weights) and compares against diffusers'
+`StableDiffusionXLPipeline` on the same modules.
 """
 from __future__ import annotations
 
@@ -67,13 +72,69 @@ def sd15_components(device):
     return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, "sd15-shaped (random)", untrained=True).freeze()
 
 
+def sdxl_components(device):
+    """SDXL base 1.0's UNet, text encoders and VAE shapes (their published configs), random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ray_faceid.pipelines.models import BaseModel
+    from ray_faceid.pipelines.tiny_tokenizer import tiny_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025,
+                            force_upcast=True)
+        tokenizer = tiny_tokenizer(max_length=77)
+        common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                    num_attention_heads=12, hidden_act="quick_gelu", **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
+            hidden_act="gelu", **common))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, "sdxl-shaped (random)", untrained=True,
+                     text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(max_length=77),
+                     zero_empty_prompt=True).freeze()
+
+
+def diffusers_pipeline(base):
+    """What a user would run instead of us: diffusers' own pipeline of the family, same modules."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DDIMScheduler.from_config(base.scheduler.config)
+    if base.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                                         tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                                         scheduler=scheduler, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=base.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build(args):
     from pipeline_overhead import SPEC
 
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.models import build_tiny
 
-    base = build_tiny() if args.smoke else sd15_components(args.device)
+    if args.smoke:
+        base = build_tiny(family=args.family if args.family == "sdxl" else "sd1")
+    else:
+        base = sdxl_components(args.device) if args.family == "sdxl" else sd15_components(args.device)
     adapter = IdentityAdapter.for_unet(base.unet, SPEC)
     with torch.no_grad():  # identity projections unlike the text ones, so identity changes the image
         for p in adapter.processors.parameters():
@@ -129,7 +190,8 @@ def cold_start(args, cache_dir: str) -> dict:
     """This script in a fresh process with fresh Inductor and Triton caches: start -> ready -> first image."""
     tmp = tempfile.mkdtemp(prefix="cold_")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor", TRITON_CACHE_DIR=f"{tmp}/triton")
-    command = [sys.executable, __file__, "--cold-start", cache_dir, "--size", str(args.size), "--steps", str(args.steps)]
+    command = [sys.executable, __file__, "--cold-start", cache_dir, "--size", str(args.size), "--steps", str(args.steps),
+               "--family", args.family]
     if args.smoke:
         command.append("--smoke")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -164,7 +226,6 @@ def attempt(label, fn, lines):
 
 
 def generation_rows(args, base, adapter, cache, out):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from torch._dynamo.utils import counters
 
     from ray_faceid.identity.adapter import IdentityAdapter
@@ -218,10 +279,7 @@ def generation_rows(args, base, adapter, cache, out):
         results[("eager", images)] = timed(lambda: ours(eager, person, images, args), args.repeats)
     same_image = int(np.abs(np.asarray(ours(eager, person, 1, args).images[0]).astype(int) - compiled_image).max())
     IdentityAdapter.remove(base.unet)
-    sd = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                                 scheduler=DDIMScheduler.from_config(base.scheduler.config), safety_checker=None,
-                                 feature_extractor=None, requires_safety_checker=False)
-    sd.set_progress_bar_config(disable=True)
+    sd = diffusers_pipeline(base)
     for images in (1, 4):
         results[("diffusers", images)] = timed(lambda: sd([PROMPT] * images, num_inference_steps=args.steps,
                                                           guidance_scale=5.0, height=args.size, width=args.size),
@@ -233,7 +291,7 @@ def generation_rows(args, base, adapter, cache, out):
             f"{args.repeats} after a warm-up (ours includes PNG + provenance encoding):", "",
             "| what | 1 image (s) | 4 images in one batch (s) | s / image at 4 | vs diffusers at 1 | vs diffusers at 4 |",
             "|---|---|---|---|---|---|"]
-    for key, label in (("diffusers", "(a) diffusers StableDiffusionPipeline, no identity, eager"),
+    for key, label in (("diffusers", f"(a) diffusers {type(sd).__name__}, no identity, eager"),
                        ("eager", "(b) ray_faceid eager, one identity"),
                        ("compiled", "(c) ray_faceid torch.compile + CUDA graphs, one identity")):
         one, four = results[(key, 1)], results[(key, 4)]
@@ -278,6 +336,7 @@ def unet_rows(args, base, adapter, engine):
         sample = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
         text = torch.randn(batch, base.tokenizer.model_max_length, c, generator=g).to(device, dtype)
         t = torch.tensor(500, device=device)
+        added = added_conditioning(base, batch, device, dtype)
         for name, options, m in variants:
             if options is None:
                 IdentityAdapter.remove(unet)
@@ -291,7 +350,7 @@ def unet_rows(args, base, adapter, engine):
                                          None if masks is None else masks.to(device, dtype))
             with torch.no_grad():
                 table[(name, batch, "eager")] = timed(
-                    lambda: unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs), 20, 3)
+                    lambda: unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs, **added), 20, 3)
         adapter.install(unet)
     compiled_note = "compiled: not measured"
     switch = ""
@@ -309,8 +368,8 @@ def unet_rows(args, base, adapter, engine):
                 x = base_example(base, batch, device, dtype)
                 with torch.no_grad():
                     table[("stock", batch, "compiled")] = timed(
-                        lambda: stock(x["sample"], x["timestep"], encoder_hidden_states=x["text_tokens"]).sample.clone(),
-                        20)
+                        lambda: stock(x["sample"], x["timestep"], encoder_hidden_states=x["text_tokens"],
+                                      **added_conditioning(base, batch, device, dtype)).sample.clone(), 20)
             adapter.install(unet)
             compiled_note = "stock and decoupled compiled: measured"
     rows = [f"(g) UNet call, {args.size}x{args.size}, {args.precision}, ms (median of 20); half the rows have identity "
@@ -345,20 +404,30 @@ def call_switch_cost(engine, x) -> str:
             f"({1000 * (strength - same):+.2f}); recompiles: {counters['stats']['unique_graphs'] - graphs}.")
 
 
+def added_conditioning(base, batch, device, dtype) -> dict:
+    """SDXL's pooled text embedding and time ids for a stock UNet call (nothing for SD 1.x)."""
+    if base.family != "sdxl":
+        return {}
+    ids = torch.tensor([[ARGS.size, ARGS.size, 0, 0, ARGS.size, ARGS.size]], dtype=dtype, device=device)
+    return {"added_cond_kwargs": {"text_embeds": torch.randn(batch, base.pooled_dim, device=device, dtype=dtype),
+                                  "time_ids": ids.expand(batch, 6)}}
+
+
 def base_example(base, batch, device, dtype):
     from ray_faceid.engines.base import EngineShape
 
     latent = ARGS.size // base.vae_scale_factor
     shape = EngineShape(batch=(batch, batch, batch), latent=(latent, latent), identities=1, tokens=4,
                         text_length=base.tokenizer.model_max_length, channels=4,
-                        cross_dim=base.unet.config.cross_attention_dim)
+                        cross_dim=base.unet.config.cross_attention_dim, pooled_dim=base.pooled_dim)
     return shape.example(batch, device, dtype)
 
 
 def main() -> None:
     global ARGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--family", choices=("sd1", "sdxl"), default="sd1", help="base shapes: SD 1.5 or SDXL")
+    parser.add_argument("--size", type=int, default=None, help="image side; default: the family's (512, SDXL 1024)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile-budget-s", type=float, default=300,
@@ -371,6 +440,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the section and raw figures here (FILE.md, FILE.json)")
     parser.add_argument("--no-record", action="store_true")
     args = ARGS = parser.parse_args()
+    args.size = args.size or (1024 if args.family == "sdxl" else 512)
     args.compiled_batches = [int(b) for b in args.compiled_batches.split(",")]
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.precision = "fp16" if args.device == "cuda" else "fp32"
@@ -381,7 +451,7 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_"))
     base, adapter = build(args)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    lines = [f"### gpu_generate — {time.strftime('%Y-%m-%d')} — {device}, torch {torch.__version__}, diffusers "
+    lines = [f"### gpu_generate ({args.family}) — {time.strftime('%Y-%m-%d')} — {device}, torch {torch.__version__}, diffusers "
              f"{__import__('diffusers').__version__}; {machine_line()}" + (" (SMOKE: tiny model)" if args.smoke else ""),
              ""]
     raw = {}

@@ -159,6 +159,8 @@ class Generator:
             try:
                 self.registry.get(*multiplex.split_key(key))
             except (Erased, NotFound):
+                if loaded.personal is not None:  # its weights may sit in the device bank or an engine
+                    self.pipeline.forget_personal(loaded.personal[1])
                 loaded.embeddings = loaded.quality = loaded.personal = None
                 self.held.pop(key, None)
                 forgotten += 1

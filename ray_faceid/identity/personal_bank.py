@@ -20,6 +20,7 @@ from torch import nn
 from ray_faceid.errors import AdapterMismatch
 
 BANK_SLOTS = 8  # people with their own adapter resident at once (distinct per UNet call at most)
+BANK_BYTES = 2 * 2**30  # at most this much device memory: SDXL's projections are ~0.7 GB per person in fp16
 
 
 class PersonalRows:
@@ -39,13 +40,15 @@ class PersonalBank(nn.Module):
     """Stacked deltas of every identity-processor weight of an adapter, `slots` people at a time.
     The stacks are buffers: a compiled graph takes them as inputs and sees what is loaded."""
 
-    def __init__(self, adapter: nn.Module, slots: int = BANK_SLOTS):
+    def __init__(self, adapter: nn.Module, slots: int | None = None):
+        """`slots`: default BANK_SLOTS, fewer where one person's weights are large (BANK_BYTES)."""
         super().__init__()
-        self.slots = slots
+        per_person = sum(p.numel() * p.element_size() for p in adapter.processors.parameters())
+        self.slots = slots or max(1, min(BANK_SLOTS, BANK_BYTES // max(per_person, 1) - 1))
         self.names = [name for name, _ in adapter.processors.named_parameters()]
         self._index = {name: i for i, name in enumerate(self.names)}
         for i, (_, p) in enumerate(adapter.processors.named_parameters()):
-            self.register_buffer(f"stack{i}", torch.zeros(slots + 1, *p.shape, dtype=p.dtype, device=p.device),
+            self.register_buffer(f"stack{i}", torch.zeros(self.slots + 1, *p.shape, dtype=p.dtype, device=p.device),
                                  persistent=False)
         self._resident: OrderedDict[int, tuple[int, dict]] = OrderedDict()  # id(delta) -> (slot, delta), LRU first
         self._lock = threading.Lock()
@@ -71,6 +74,18 @@ class PersonalBank(nn.Module):
             slots = [self._resident[id(d)][0] if d else 0 for d in deltas]
         device = self.stack(self.names[0]).device
         return torch.tensor(slots, dtype=torch.int64, device=device)
+
+    def evict(self, delta: dict) -> bool:
+        """Forget one person's weights (an erased person leaves no copy on the device): the slot is
+        zeroed and freed. True if they were resident."""
+        with self._lock:
+            found = self._resident.pop(id(delta), None)
+            if found is None:
+                return False
+            with torch.no_grad():
+                for name in self.names:
+                    self.stack(name)[found[0]].zero_()
+            return True
 
     def _load(self, key: int, delta: dict, keep: set[int]) -> None:
         unknown = set(delta) - set(self._index)

@@ -24,9 +24,11 @@ def processor_weights(adapter: IdentityAdapter) -> dict[str, torch.Tensor]:
 
 
 def adapt_identity(base, adapter: IdentityAdapter, batch_at: Callable[[int], CrossBatch], eval_batch: CrossBatch,
-                   steps: int, lr: float, outside_weight: float = 1.0, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+                   steps: int, lr: float, outside_weight: float = 1.0, seed: int = 0,
+                   on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Train the processors from the adapter's current weights; returns (fp16 delta, metrics) and
-    leaves the adapter as it found it. `batch_at(step)` gives the references of each step."""
+    leaves the adapter as it found it. `batch_at(step)` gives the references of each step;
+    `on_step(step, loss)` is called after each (progress lines, heartbeats)."""
     start = processor_weights(adapter)
     params = list(adapter.processors.parameters())
     mapper_grad = [p.requires_grad for p in adapter.mapper.parameters()]
@@ -47,6 +49,8 @@ def adapt_identity(base, adapter: IdentityAdapter, batch_at: Callable[[int], Cro
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            if on_step is not None:
+                on_step(step + 1, float(loss))
         loss_end = evaluate()
         trained = processor_weights(adapter)
     finally:

@@ -376,6 +376,13 @@ class IdentityPipeline:
             self.engines.pop(next(iter(self.engines)))
         return engine
 
+    def forget_personal(self, delta: dict) -> None:
+        """Drop every copy of one person's own adapter this pipeline holds (bank slot, engines)."""
+        if self.personal_bank is not None:
+            self.personal_bank.evict(delta)
+        for key in [k for k, (_, held) in self.engines.items() if held is delta]:
+            self.engines.pop(key)
+
     def compiled_engine(self):
         if self._compiled is None:
             from ray_faceid.engines.compiled_engine import CompiledUNetEngine

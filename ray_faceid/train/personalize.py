@@ -30,8 +30,9 @@ REFERENCE_SIDE = 256  # the registry's reference crops: training above it only u
 
 
 def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str, identity: str,
-              config: PersonalizeConfig) -> dict:
-    """Adapt one identity and store the result; returns its progress record."""
+              config: PersonalizeConfig, on_step=None) -> dict:
+    """Adapt one identity and store the result; returns its progress record. `on_step(step, loss)`
+    after each optimiser step."""
     from ray_faceid.errors import EncoderMismatch
     from ray_faceid.identity.personalization import adapt_identity, delta_bytes
     from ray_faceid.train.examples import reference_batch
@@ -54,7 +55,7 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
 
     eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), size, CAPTION)
     delta, metrics = adapt_identity(base, adapter, batch_at, eval_batch, config.steps, config.lr, config.outside_weight,
-                                    config.seed)
+                                    config.seed, on_step)
     seconds = time.perf_counter() - started
     entry = registry.add_adapter(tenant, identity, delta_bytes(delta), {
         "kind": "personal", "base_adapter": adapter_hash, "settings": config.compute_hash(), "references": n,
@@ -105,8 +106,16 @@ def worker_loop(loop: dict) -> None:
     for round_ in range(rounds):
         if round_ < len(mine):
             identity = mine[round_]
+            steps = ProgressLine(f"personalize {identity} (worker {rank}, {round_ + 1} of {len(mine)}) steps",
+                                 config.steps, emit=to_stderr)
+
+            def on_step(step: int, loss: float, steps=steps) -> None:
+                steps.update(step, loss=loss)  # at most every 10 s
+                beat(loop.get("heartbeat"), round_)  # a worker inside long steps is busy, not stalled
+
             try:
-                done[identity] = adapt_one(base, adapter, adapter_hash, registry, loop["tenant"], identity, config)
+                done[identity] = adapt_one(base, adapter, adapter_hash, registry, loop["tenant"], identity, config,
+                                           on_step)
             except (FaceIdError, OSError) as exc:
                 failed[identity] = getattr(exc, "message", None) or str(exc)
         fault = loop.get("fault")

@@ -1,7 +1,7 @@
 """The documented deployment commands, run as an operator runs them: Ray's own `serve run` CLI
-loads `deployments.app:build_app` with the YAML's `args` on the test cluster (serve.yaml, and the
-application inside the KubeRay RayService), then the app answers /healthz, an enrollment and a
-generation over HTTP on loopback."""
+loads `deployments.app:build_app` with the YAML's `args` on the test cluster (serve.yaml, the
+application inside the KubeRay RayService, and serve.yaml on an SDXL-class base), then the app
+answers /healthz, an enrollment and a generation over HTTP on loopback."""
 import os
 import shutil
 import subprocess
@@ -44,8 +44,8 @@ def wait_healthy(url: str, seconds: float) -> None:
     pytest.fail(f"{url}/healthz never answered 200 within {seconds:.0f} s")
 
 
-@pytest.mark.parametrize("source", ["serve.yaml", "kuberay.yaml"])
-def test_serve_run_of_the_documented_config_serves(source, ray_cluster, tmp_path, loopback_port, sample_photos):
+@pytest.mark.parametrize("source, model", [("serve.yaml", None), ("kuberay.yaml", None), ("serve.yaml", "tiny-sdxl")])
+def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, tmp_path, loopback_port, sample_photos):
     from ray import serve
 
     local = serve_config("serve.yaml")["applications"][0]["args"]
@@ -58,6 +58,8 @@ def test_serve_run_of_the_documented_config_serves(source, ray_cluster, tmp_path
         if key in local:
             args[key] = local[key]
     args["registry"] = str(tmp_path / "registry")
+    if model:  # an SDXL-class base behind the same application, nothing else changed
+        args["model"] = model
     # The tokens reach the application's builder through its runtime_env (Serve builds it on the cluster).
     data["applications"][0]["runtime_env"] = {"env_vars": {"RAY_FACEID_API_TOKENS": f"ops:{TOKEN}"}}
     config = tmp_path / source
@@ -79,6 +81,8 @@ def test_serve_run_of_the_documented_config_serves(source, ray_cluster, tmp_path
             made = client.post("/v1/generate", json={"prompt": "a portrait photo", "steps": 2, "width": 64,
                                                      "height": 64, "identities": [{"id": enrolled.json()["id"]}]})
             assert made.status_code == 200, made.text
-            assert made.json()["images"][0]["provenance"]["identities"][0]["name"] == enrolled.json()["id"]
+            provenance = made.json()["images"][0]["provenance"]
+            assert provenance["identities"][0]["name"] == enrolled.json()["id"]
+            assert provenance["base_family"] == ("sdxl" if model == "tiny-sdxl" else "sd1")
     finally:
         serve.shutdown()

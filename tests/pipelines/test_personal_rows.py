@@ -109,3 +109,22 @@ def test_more_people_than_bank_slots_are_split_into_batches(pipe, people):
         many.append(GenerationItem("a photo", [IdentityCondition(f"p{i}", face, personal=(f"v{i}", delta))], seed=1))
     batches = pipe.unet_batches(many)
     assert [len(b) for b in batches] == [BANK_SLOTS, 2]
+
+
+def test_a_forgotten_person_leaves_no_weights_in_the_bank(pipe, people):
+    delta = people["ann"].personal[1]
+    alone(pipe, people["ann"])  # resident now
+    bank = pipe.personal_bank
+    slot = bank.rows([delta]).item()
+    assert any(bank.stack(n)[slot].abs().sum() > 0 for n in bank.names)
+    pipe.forget_personal(delta)
+    assert all(bank.stack(n)[slot].abs().sum() == 0 for n in bank.names)
+    assert id(delta) not in bank._resident
+
+
+def test_large_adapters_get_fewer_resident_slots(pipe, monkeypatch):
+    from ray_faceid.identity import personal_bank
+
+    per_person = sum(p.numel() * p.element_size() for p in pipe.adapter.processors.parameters())
+    monkeypatch.setattr(personal_bank, "BANK_BYTES", 3 * per_person)
+    assert personal_bank.PersonalBank(pipe.adapter).slots == 2  # and slot 0, the shared weights
