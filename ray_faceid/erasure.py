@@ -24,6 +24,7 @@ Images already sent to API clients or written by `generate --out` are outside th
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow as pa
 
@@ -34,6 +35,7 @@ from ray_faceid.errors import Erased, NotFound
 MANIFEST, EVAL_FILES = "manifest.parquet", ("eval.json", "contact_sheet.png")
 IDENTITIES, PAIRS = "identities.parquet", "pairs.parquet"
 JOURNALS = "_erasing"
+STOPPED_AFTER_S = 300.0  # a journal this long untouched belongs to an erasure that stopped
 REGISTRY_FILES = "registry: references, embeddings, per-identity adapters"
 
 
@@ -112,8 +114,9 @@ def _erase_outputs_of_erased(registry, tenant: str, identity: str, folders: list
     return {"id": identity, "tenant": tenant, "tombstone": tombstone, "removed": removed}
 
 
-def resume_pending(registry) -> int:
-    """Finish every erasure that stopped midway, in every tenant (the Serve sweep calls this)."""
+def resume_pending(registry, idle_s: float = STOPPED_AFTER_S) -> int:
+    """Finish every erasure that stopped midway, in every tenant (the Serve sweep calls this): those
+    whose journal has not moved for `idle_s`, so an erasure still running elsewhere is left alone."""
     fs, root = storage.filesystem(registry.store)
     if not fs.exists(root):
         return 0
@@ -121,6 +124,9 @@ def resume_pending(registry) -> int:
     for entry in fs.ls(root, detail=False):
         tenant = entry.rstrip("/").rsplit("/", 1)[-1]
         for journal in journals(registry, tenant) if not tenant.startswith(("_", ".")) else []:
+            changed = storage.modified(_journal_uri(registry.store, tenant, journal["meta"]["id"]))
+            if changed is not None and time.time() - changed < idle_s:
+                continue
             erase_identity(registry, tenant, journal["meta"]["id"])
             finished += 1
     return finished

@@ -6,6 +6,7 @@ is already atomic, so the bytes are written directly).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
@@ -116,6 +117,17 @@ def delete(uri: str) -> None:
             fs.rm(path, recursive=True)
     except FileNotFoundError:  # another writer removed it first
         pass
+
+
+def tree_hash(uri: str) -> str:
+    """sha256 of a file, or of every file of a folder (names relative to it, and bytes): an adapter,
+    IMR or flow folder's content, wherever it is stored."""
+    h = hashlib.sha256()
+    root = uri.rstrip("/")
+    for name in list_files(uri):
+        h.update(name[len(root):].encode() + b"\0")
+        h.update(hashlib.sha256(read_bytes(name)).digest())
+    return h.hexdigest()
 
 
 def modified(uri: str) -> float | None:

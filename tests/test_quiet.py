@@ -52,3 +52,11 @@ def test_sigterm_stops_the_server_without_a_native_stack_dump(tmp_path, loopback
             server.kill()
     assert server.returncode == 128 + signal.SIGTERM
     assert "SIGTERM received" not in stderr and "clock_nanosleep" not in stderr
+
+
+def test_a_real_worker_error_line_passes_the_filter():
+    """The filter drops Ray's known chatter, never a worker's own error (however often it recurs)."""
+    error = "ValueError: embeddings.npz of identity id_x is damaged"
+    assert not any(re.search(p, error) for p in quiet.HARMLESS_WORKER_LINES)
+    lines = quiet.RepeatedLines()
+    assert lines.keep(1, ["Traceback (most recent call last):", error]) == ["Traceback (most recent call last):", error]

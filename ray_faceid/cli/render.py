@@ -62,7 +62,8 @@ def render(
     if as_json:
         print_json(summary)
     else:
-        console.print(summary_table(f"render {catalog} -> {out}", {k: v for k, v in summary.items() if k != "errors"}))
+        console.print(summary_table(f"render {catalog} -> {out}",
+                                    {k: v for k, v in summary.items() if k not in ("errors", "inputs")}))
     raise typer.Exit(render_exit_code(summary, catalog))
 
 

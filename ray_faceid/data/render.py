@@ -10,6 +10,7 @@ rows, and the rows of an identity whose adapter changed. At the end the driver w
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -20,7 +21,7 @@ from ray_faceid import storage
 from ray_faceid.config import RenderConfig
 from ray_faceid.data import tables
 from ray_faceid.data.catalog import read_catalog
-from ray_faceid.errors import BadInput
+from ray_faceid.errors import BadInput, FaceIdError
 from ray_faceid.progress import ProgressLine, to_stderr
 from ray_faceid.watchdog import Watchdog
 
@@ -83,6 +84,61 @@ def summarize(records: list[dict], seconds: float, texts: list[str] | None = Non
     }
 
 
+def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None, config: RenderConfig, tenant: str,
+               imr: str | None, flow: str | None) -> str:
+    """A fingerprint of everything a run's images depend on, read without loading a model or
+    starting Ray: the catalog rows, the base's files, the adapter's, IMR's and flow's bytes, the
+    settings, and the registry records of every identity the rows name (a new enrollment, erasure
+    or personal adapter changes it)."""
+    from ray_faceid.pipelines.models import base_fingerprint
+    from ray_faceid.registry import Registry
+
+    h = hashlib.sha256(json.dumps({"rows": texts, "model": base_fingerprint(model), "settings": config.compute_hash(),
+                                   "tenant": tenant}, sort_keys=True).encode())
+    for uri in (adapter, imr, flow):
+        h.update(b"\0")
+        try:
+            h.update(storage.tree_hash(uri).encode() if uri else b"")
+        except FaceIdError as exc:  # the run itself says what is wrong with it
+            h.update(exc.code.encode())
+    store, named = Registry(registry), set()
+    for text in texts:
+        try:
+            row = json.loads(text)
+            named |= {i if isinstance(i, str) else str(i.get("id")) for i in row.get("identities") or []}
+        except (ValueError, AttributeError):
+            continue
+        for field in ("image", "mask"):  # an inpaint row's photo or mask may change under the same name
+            if isinstance(row.get(field), str):
+                try:
+                    h.update(hashlib.sha256(storage.read_bytes(row[field])).digest())
+                except FaceIdError:
+                    h.update(b"unreadable")
+    for reference in sorted(named):
+        try:
+            meta = store.get(tenant, store.resolve(tenant, reference))
+            h.update(json.dumps([meta["id"], meta.get("generation"), meta.get("updated"), meta.get("adapters")],
+                                sort_keys=True, default=str).encode())
+        except FaceIdError as exc:
+            h.update(f"{reference}: {exc.code}".encode())
+    return h.hexdigest()
+
+
+def _finished(out: str, inputs: str) -> dict | None:
+    """The last run's summary if it rendered every row of these very inputs and its images are all
+    there: nothing to do, and no cluster to start for it."""
+    try:
+        summary = json.loads(storage.read_bytes(storage.join(out, SUMMARY)))
+        records = tables.read_table(storage.join(out, MANIFEST)).to_pylist()
+    except (FaceIdError, ValueError):
+        return None
+    if summary.get("inputs") != inputs or summary.get("failed") or len(records) != summary.get("rows"):
+        return None
+    if not all(r["status"] == "ok" and r["output_uri"] and storage.exists(r["output_uri"]) for r in records):
+        return None
+    return summary
+
+
 def run_render(catalog: str, out: str, model: str, registry: str, adapter: str | None = None,
                config: RenderConfig | None = None, tenant: str = "default", address: str | None = None,
                imr: str | None = None, flow: str | None = None) -> dict:
@@ -100,6 +156,11 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     from ray_faceid.registry import Registry
 
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
+    inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow)
+    done = _finished(out, inputs)
+    if done is not None:  # every row is rendered for these inputs: no cluster, no model
+        seconds = round(time.perf_counter() - started, 2)
+        return dict(done, rendered=0, cached=done["rows"], seconds=seconds, rows_per_s=0.0)
     init_ray(address)
     gpus = config.num_gpus_per_worker
     if gpus is None:
@@ -128,6 +189,6 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     if len(records) != len(texts):
         raise RuntimeError(f"render accounted for {len(records)} of {len(texts)} rows")
     tables.write_table(storage.join(out, MANIFEST), pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA))
-    summary = summarize(records, time.perf_counter() - started, texts)
+    summary = dict(summarize(records, time.perf_counter() - started, texts), inputs=inputs)
     storage.write_bytes(storage.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
     return summary

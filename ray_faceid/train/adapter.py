@@ -267,7 +267,7 @@ def _inputs(model: str, dataset: str, method: str, adapter: str | None) -> dict[
     table = storage.join(dataset, tables.FACES if method == "flow" else PAIRS)
     return {"base model": base_fingerprint(model)[:16],
             "dataset": hashlib.sha256(storage.read_bytes(table)).hexdigest()[:16],
-            "start adapter": hashlib.sha256(storage.read_bytes(adapter)).hexdigest()[:16] if adapter else None}
+            "start adapter": storage.tree_hash(adapter)[:16] if adapter else None}
 
 
 def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapter: str | None = None,

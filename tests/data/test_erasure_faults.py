@@ -108,3 +108,22 @@ def test_also_after_a_finished_erasure_reaches_another_output(tmp_path):
     erase_identity(registry, "t", amy)
     report = erase_identity(registry, "t", amy, also=[str(tmp_path / "elsewhere")])
     assert report["removed"] and traces([tmp_path], amy, amy_emb) == []
+
+
+def test_the_serve_sweep_finishes_a_stopped_erasure_but_not_a_running_one(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from ray_faceid.erasure import resume_pending
+
+    registry, amy, amy_emb, bob = world(tmp_path)
+    steps(monkeypatch, 5)  # stops in the middle of the first output
+    with pytest.raises(OSError):
+        erase_identity(registry, "t", "amy")
+    monkeypatch.undo()
+    assert resume_pending(registry) == 0  # just written: another process may still be running it
+    (journal,) = (tmp_path / "registry" / "t" / "_erasing").iterdir()
+    old = time.time() - 3600
+    os.utime(journal, (old, old))
+    assert resume_pending(registry) == 1
+    assert journals(registry, "t") == [] and traces([tmp_path / "registry", tmp_path / "known"], amy, amy_emb) == []

@@ -222,3 +222,28 @@ def test_render_exit_codes_say_whether_every_row_made_its_image(rendered, catalo
                               if json.loads(line)["id"] in ("amy-beach", "sheldon-smile")) + "\n")
     assert runner.invoke(app, ["render", str(good), str(out), *args]).exit_code == 0
 
+
+
+def test_a_rerun_with_every_row_done_starts_no_cluster(people, tmp_path, monkeypatch):
+    """Nothing to do is known from the inputs before Ray starts: the re-run takes seconds, not 20-30."""
+    import time
+
+    from ray_faceid.data import cluster
+
+    registry, ids = people
+    rows = [{"id": "amy", "identities": [ids["amy"]], "prompt": "a portrait", "seed": 1},
+            {"id": "two", "identities": ["amy", "penny"], "prompt": "two people", "seed": 2}]  # ids or names
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
+    assert first["rendered"] == 2
+    started_ray = []
+    real_init = cluster.init_ray
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: started_ray.append(1) or real_init(*a, **k))
+    began = time.perf_counter()
+    again = run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
+    assert time.perf_counter() - began < 5 and not started_ray
+    assert again["rendered"] == 0 and again["cached"] == 2 and again["failed"] == 0
+    registry.update("default", ids["penny"], lambda meta: None)  # penny's record changed: look again
+    run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
+    assert started_ray

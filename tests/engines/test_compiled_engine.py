@@ -161,3 +161,31 @@ def test_warm_up_beyond_the_engines_budget_is_refused_when_the_config_is_read():
     with pytest.raises(ValidationError, match="compiled shapes; an engine keeps 16"):
         ServeConfig(backend="torch.compile", warm_up_sizes=["512x512", "768x768", "1024x1024"],
                     warm_up_identities=[1, 2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph capture path needs CUDA")
+def test_cuda_graphs_replay_new_people_and_personal_adapters_as_data(spec, tmp_path):
+    """On CUDA each bucket is captured once; a new person or personal adapter replays the same graph."""
+    from torch._dynamo.utils import counters
+
+    def on_cuda(backend):
+        base = build_tiny()
+        torch.manual_seed(0)
+        adapter = IdentityAdapter.for_unet(base.unet, spec)
+        with torch.no_grad():
+            for p in adapter.processors.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return IdentityPipeline(base, adapter, device="cuda", backend=backend, engine_cache=EngineCache(tmp_path),
+                                precision="fp32")
+
+    compiled, eager = on_cuda("torch.compile"), on_cuda("torch")
+    compiled.warm_up([(SIZE, SIZE)], [1], max_images=1)
+    assert compiled.compiled_engine().graphs == 1
+    a, b, _ = people(spec)
+    own = IdentityCondition("b own", b.embeddings, personal=("v1", personal_delta(compiled.adapter, 1)))
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for person in (a, b, own):
+            assert np.abs(image(compiled, person) - image(eager, person)).max() <= 2, person.name
+    assert counters["stats"]["unique_graphs"] == graphs and compiled.compiled_engine().graphs == 1
