@@ -101,6 +101,7 @@ class Generator:
         self.load_identity = multiplex.identity_cache(self._load_identity, self.config.identities_per_replica)
         # What this replica holds of each person, for the erasure sweep (Serve's LRU owns the objects).
         self.held: weakref.WeakValueDictionary[str, LoadedIdentity] = weakref.WeakValueDictionary()
+        self.versions_of: dict[str, set[str]] = {}  # identity key -> own-adapter versions it ever loaded
         self._sweeper: asyncio.Task | None = None
         self.generate_batch.set_max_batch_size(self.config.generator_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -145,7 +146,14 @@ class Generator:
         personal = load_personal(self.registry, tenant, identity, self.adapter_hash)
         loaded = LoadedIdentity(key, embeddings, quality, spec.key(), personal)
         self.held[key] = loaded
+        self._note_version(key, personal)
         return loaded
+
+    def _note_version(self, key: str, personal) -> None:
+        """Which adapter versions of whom the pipeline may hold (device bank, engines): an erasure
+        must find them even after Serve's LRU dropped the loaded identity."""
+        if personal is not None:
+            self.versions_of.setdefault(key, set()).add(personal[0])
 
     def forget_erased(self) -> int:
         """Finish erasures that stopped midway, then drop the embeddings and adapters this replica
@@ -153,16 +161,22 @@ class Generator:
         replica's memory either). Returns how many it dropped."""
         from ray_faceid.erasure import resume_pending
 
-        resume_pending(self.registry)
+        try:
+            resume_pending(self.registry)
+        except Exception:  # noqa: BLE001 - an erasure it cannot finish must not keep others in memory
+            logging.getLogger("ray.serve").warning("finishing a stopped erasure failed; retrying", exc_info=True)
         forgotten = 0
-        for key, loaded in list(self.held.items()):
+        for key in set(self.held) | set(self.versions_of):
             try:
                 self.registry.get(*multiplex.split_key(key))
+                continue
             except (Erased, NotFound):
-                if loaded.personal is not None:  # its weights may sit in the device bank or an engine
-                    self.pipeline.forget_personal(loaded.personal[1])
+                pass
+            for version in self.versions_of.pop(key, set()):  # in the device bank or an engine
+                self.pipeline.forget_personal(version)
+            loaded = self.held.pop(key, None)
+            if loaded is not None:
                 loaded.embeddings = loaded.quality = loaded.personal = None
-                self.held.pop(key, None)
                 forgotten += 1
         return forgotten
 
@@ -189,6 +203,7 @@ class Generator:
                 from ray_faceid.identity.personalization import load_personal
 
                 loaded.personal = load_personal(self.registry, tenant, item["id"], self.adapter_hash)
+                self._note_version(key, loaded.personal)
             hits += self.loads == before
             expected = self.pipeline.adapter.encoder_spec.key()
             if loaded.spec_key != expected:

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from ray_faceid import storage, tombstones
 from ray_faceid.data import tables
-from ray_faceid.errors import Erased, NotFound
+from ray_faceid.errors import Erased, FaceIdError, NotFound
 
 MANIFEST, EVAL_FILES = "manifest.parquet", ("eval.json", "contact_sheet.png")
 IDENTITIES, PAIRS = "identities.parquet", "pairs.parquet"
@@ -55,21 +55,41 @@ def journals(registry, tenant: str) -> list[dict]:
         return []
     out = []
     for entry in sorted(fs.ls(path, detail=False)):
+        if not entry.endswith(".json"):  # a write cut short (`<journal>.tmp-...`): removed with its journal
+            continue
         try:
             out.append(json.loads(fs.cat_file(entry)))
-        except (OSError, ValueError):  # a journal cut short while written: its erasure had not started
+        except (OSError, ValueError):
             continue
     return out
 
 
+def _delete_journal(registry, tenant: str, identity: str) -> None:
+    """The journal, and any copy of it a crash left half-written beside it (it names the person)."""
+    where = _journal_uri(registry.store, tenant, identity)
+    fs, path = storage.filesystem(where)
+    parent = path.rsplit("/", 1)[0]
+    for entry in fs.ls(parent, detail=False) if fs.exists(parent) else []:
+        if entry.rstrip("/").rsplit("/", 1)[-1].startswith(path.rsplit("/", 1)[-1] + ".tmp-"):
+            storage.delete(fs.unstrip_protocol(entry) if "://" in where else entry)
+    storage.delete(where)
+
+
 def _find_journal(registry, tenant: str, reference: str) -> dict | None:
-    """An unfinished erasure of the person `reference` names (an id or a name)."""
+    """An unfinished erasure of the person `reference` names: by id, or by name only when no
+    enrolled identity answers to it (a person re-enrolled after a stopped erasure is erased as
+    they are now, not mistaken for the old record)."""
+    found = [j for j in journals(registry, tenant) if j["meta"]["id"] == reference]
+    if found:
+        return found[0]
+    try:
+        registry.resolve(tenant, reference)
+        return None
+    except FaceIdError:
+        pass
     wanted = reference.strip().casefold()
-    for journal in journals(registry, tenant):
-        meta = journal["meta"]
-        if meta["id"] == reference or (meta.get("name") or "").strip().casefold() == wanted:
-            return journal
-    return None
+    return next((j for j in journals(registry, tenant) if (j["meta"].get("name") or "").strip().casefold() == wanted),
+                None)
 
 
 def erase_identity(registry, tenant: str, reference: str, also: list[str] = ()) -> dict:
@@ -102,7 +122,7 @@ def erase_identity(registry, tenant: str, reference: str, also: list[str] = ()) 
     files = registry.remove_files(tenant, meta["id"])  # last: the journal still names the person until here
     removed = [{"what": REGISTRY_FILES, "where": registry.folder(tenant, meta["id"]),
                 "files": files}] + journal["removed"]
-    storage.delete(_journal_uri(registry.store, tenant, meta["id"]))
+    _delete_journal(registry, tenant, meta["id"])
     return {"id": meta["id"], "tenant": tenant, "tombstone": tombstone, "removed": removed}
 
 
@@ -123,13 +143,32 @@ def resume_pending(registry, idle_s: float = STOPPED_AFTER_S) -> int:
     finished = 0
     for entry in fs.ls(root, detail=False):
         tenant = entry.rstrip("/").rsplit("/", 1)[-1]
-        for journal in journals(registry, tenant) if not tenant.startswith(("_", ".")) else []:
+        if tenant.startswith(("_", ".")):
+            continue
+        for journal in journals(registry, tenant):
             changed = storage.modified(_journal_uri(registry.store, tenant, journal["meta"]["id"]))
             if changed is not None and time.time() - changed < idle_s:
                 continue
+            if any(not storage.exists(f) for f in journal["folders"] if f not in journal["done"]):
+                continue  # folders this host cannot see (another machine's paths): left to `identities delete`
             erase_identity(registry, tenant, journal["meta"]["id"])
             finished += 1
+        _remove_withdrawn_leftovers(registry, tenant)
     return finished
+
+
+def _remove_withdrawn_leftovers(registry, tenant: str) -> None:
+    """An identity folder with a tombstone and no record, and no erasure running for it: what a
+    replacing enrollment (registry.create, name_exists="replace") left when it stopped midway."""
+    fs, path = storage.filesystem(storage.join(registry.store, tenant))
+    running = {j["meta"]["id"] for j in journals(registry, tenant)}
+    for entry in fs.ls(path, detail=False):
+        identity = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not identity.startswith("id_") or identity in running:
+            continue
+        if tombstones.erased_id(registry.store, tenant, identity) and \
+                not storage.exists(storage.join(registry.folder(tenant, identity), "meta.json")):
+            registry.remove_files(tenant, identity)
 
 
 def erase_in(meta: dict, folder: str) -> dict | None:

@@ -49,20 +49,21 @@ class StoreLock:
     def _stale(self, since: float | None) -> bool:
         return since is not None and time.time() - float(since) > self.stale_after
 
-    def _take_over(self, fingerprint: str, record: bytes) -> None:
+    def _take_over(self, fingerprint: str, record: bytes) -> bool:
         """Delete a dead holder's lock, once: only the waiter that creates this holder's takeover
         marker may, and only if the lock is still that holder's (re-checked under the marker)."""
         marker = f"{self.uri}.takeover-{fingerprint}"
         if not storage.create_exclusive(marker, record):
             if self._stale(storage.modified(marker)):  # a takeover that died midway
                 storage.delete(marker)
-            return
+            return False
         try:
             current = self._holder()
             if current is not None and current[1] == fingerprint:
                 storage.delete(self.uri)
         finally:
             storage.delete(marker)
+        return True
 
     def __enter__(self) -> "StoreLock":
         record = json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
@@ -73,9 +74,8 @@ class StoreLock:
             if found is None:  # freed meanwhile
                 continue
             holder, fingerprint, since = found
-            if self._stale(since):
-                self._take_over(fingerprint, record)
-                continue
+            if self._stale(since) and self._take_over(fingerprint, record):
+                continue  # the dead holder's lock is gone: try to create ours at once
             if time.monotonic() > deadline:
                 by = f" by {holder.get('host')} pid {holder.get('pid')}" if holder else ""
                 raise Conflict(f"{self.what} is being changed by another writer{by}; "

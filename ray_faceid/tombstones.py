@@ -19,7 +19,7 @@ import secrets
 import time
 
 from ray_faceid import storage
-from ray_faceid.errors import NotFound
+from ray_faceid.errors import NotFound, StorageError
 
 FOLDER = "_erased"
 SECRET_FILE = "_secret.key"
@@ -35,7 +35,15 @@ def registry_secret(store: str) -> bytes:
     if store not in _SECRETS:
         where = storage.join(store, SECRET_FILE)
         storage.create_exclusive(where, secrets.token_hex(32).encode())
-        _SECRETS[store] = storage.read_bytes(where).strip()
+        for attempt in range(50):  # the first writer's file exists before its bytes do: wait for them
+            secret = storage.read_bytes(where).strip()
+            if len(secret) == 64:
+                break
+            time.sleep(0.01 * (attempt + 1))
+        else:
+            raise StorageError(f"the registry's secret at {where} is damaged ({len(secret)} bytes, not 64): restore "
+                               "it from a backup; without it erased people's names are no longer recognised")
+        _SECRETS[store] = secret
     return _SECRETS[store]
 
 

@@ -14,8 +14,9 @@ otherwise), in the encoder's metric. A cluster whose farthest member does not ve
 centre is flagged, and left out of cross-training pairs unless asked for.
 
 Exact average linkage needs the n x n distances: up to `MAX_EXACT` faces it runs (scipy); above it
-the faces are grouped by Chinese whispers on edges at the (tighter) cut instead, and the cohesion
-flag catches what still chains.
+the faces are grouped as communities of their k-nearest-neighbour graph at the same cut (FAISS +
+Leiden, knn_graph.py), in time and memory that grow with n, and the cohesion flag catches what
+still chains.
 """
 from __future__ import annotations
 
@@ -55,9 +56,11 @@ def cluster_faces(embeddings: np.ndarray, spec: EncoderSpec, cut_share: float = 
         return np.zeros(1, dtype=int)
     cut = cut_share * spec.threshold
     if n > MAX_EXACT:
-        log.warning("%d faces: above %d average linkage would need too much memory; grouping by Chinese "
-                    "whispers at the cut %.3f instead", n, MAX_EXACT, cut)
-        raw = chinese_whispers(embeddings, spec, cut)
+        from ray_faceid.data.knn_graph import graph_clusters, knn_graph
+
+        log.info("%d faces: above %d average linkage would need too much memory; grouping the k-nearest-"
+                 "neighbour graph at the cut %.3f instead", n, MAX_EXACT, cut)
+        raw = graph_clusters(*knn_graph(embeddings, spec), cut)
     else:
         from scipy.cluster.hierarchy import fcluster, linkage
         from scipy.spatial.distance import pdist

@@ -95,15 +95,29 @@ class EngineCache:
             built = build(staging)
             files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
             (staging / "meta.json").write_text(json.dumps({"key": key.model_dump(mode="json"), "files": files}, indent=2))
-            for _ in range(3):  # another process may put its entry in place between our two steps
-                shutil.rmtree(folder, ignore_errors=True)
+            target = folder / built.relative_to(staging)
+            for _ in range(3):
+                if self.lookup(key, target.name) is not None:  # another process finished first: keep theirs,
+                    return target                                # never delete an entry someone may be reading
+                shutil.rmtree(folder, ignore_errors=True)  # an incomplete or corrupted entry
                 try:
                     staging.rename(folder)
-                    break
-                except OSError:
+                    return target
+                except OSError:  # another process put its entry in place between our two steps
                     continue
-            else:
-                raise OSError(f"could not put the engine cache entry {folder} in place")
+            raise OSError(f"could not put the engine cache entry {folder} in place")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return folder / built.relative_to(staging)
+            self._sweep_abandoned(folder.parent)
+
+    @staticmethod
+    def _sweep_abandoned(root: Path, older_than_s: float = 24 * 3600) -> None:
+        """Build folders a killed process left behind (engines can be GBs); a day is longer than any build."""
+        import time
+
+        for stale in root.glob("*.building-*"):
+            try:
+                if time.time() - stale.stat().st_mtime > older_than_s:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                continue

@@ -99,13 +99,16 @@ class IdentityAdapter(nn.Module):
             return self.mapper(refs, present)
         return self.mapper(embeddings, expression, drop_prob)
 
-    def check_base(self, unet) -> None:
-        from ray_faceid.pipelines.families import unet_family
-
-        family = unet_family(unet.config)
+    def check_family(self, family: str) -> None:
+        """Refuse a base of another family, by name (before anything loads, when a job starts)."""
         if {family, self.family} & {"sdxl"} and family != self.family:  # sd1 / sd2: the hash check names it
             raise BaseModelMismatch(f"this identity adapter was made for an {self.family.upper()} base; the base "
                                     f"loaded is {family.upper()}: use an adapter trained on this base's family")
+
+    def check_base(self, unet) -> None:
+        from ray_faceid.pipelines.families import unet_family
+
+        self.check_family(unet_family(unet.config))
         got = base_unet_hash(unet)
         if got != self.base_hash:
             raise BaseModelMismatch(f"adapter was trained for the base UNet with weights hash {self.base_hash}; this "

@@ -17,7 +17,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ray_faceid.errors import AdapterMismatch
+from ray_faceid.errors import AdapterMismatch, Erased
 
 BANK_SLOTS = 8  # people with their own adapter resident at once (distinct per UNet call at most)
 BANK_BYTES = 2 * 2**30  # at most this much device memory: SDXL's projections are ~0.7 GB per person in fp16
@@ -50,7 +50,10 @@ class PersonalBank(nn.Module):
         for i, (_, p) in enumerate(adapter.processors.named_parameters()):
             self.register_buffer(f"stack{i}", torch.zeros(self.slots + 1, *p.shape, dtype=p.dtype, device=p.device),
                                  persistent=False)
-        self._resident: OrderedDict[int, tuple[int, dict]] = OrderedDict()  # id(delta) -> (slot, delta), LRU first
+        # version -> slot, least recently used first. A version is the content hash of a person's
+        # adapter (registry.add_adapter), so one version is one set of weights wherever it was loaded.
+        self._resident: OrderedDict[str, int] = OrderedDict()
+        self._refused: set[str] = set()  # versions of erased people: never loaded again
         self._lock = threading.Lock()
         self.loads = 0  # deltas copied in (a resident person costs none)
 
@@ -58,45 +61,50 @@ class PersonalBank(nn.Module):
         """(slots + 1, out, in) deltas of one processor weight, e.g. 'down__...__processor.to_k_id.weight'."""
         return getattr(self, f"stack{self._index[weight_name]}")
 
-    def rows(self, deltas: list[dict | None]) -> torch.Tensor:
-        """One slot per row (0 where the row has no adapter of its own), loading each delta not yet
-        resident into the least recently used slot no row of this call needs."""
-        wanted = {id(d): d for d in deltas if d}
+    def rows(self, personal: list[tuple[str, dict] | None]) -> torch.Tensor:
+        """One slot per row for its (version, delta), 0 where the row has no adapter of its own;
+        each version not resident yet is loaded into the least recently used slot no row of this
+        call needs."""
+        wanted = {version: delta for version, delta in (p for p in personal if p)}
         if len(wanted) > self.slots:
             raise AdapterMismatch(f"{len(wanted)} people with their own adapter in one UNet batch; the bank holds "
                                   f"{self.slots}: split the batch (IdentityPipeline.generate_items does)")
         with self._lock:
-            for key, delta in wanted.items():
-                if key in self._resident:
-                    self._resident.move_to_end(key)
+            for version, delta in wanted.items():
+                if version in self._refused:
+                    raise Erased("this person was erased: their own adapter is not served any more")
+                if version in self._resident:
+                    self._resident.move_to_end(version)
                 else:
-                    self._load(key, delta, keep=set(wanted))
-            slots = [self._resident[id(d)][0] if d else 0 for d in deltas]
+                    self._load(version, delta, keep=set(wanted))
+            slots = [self._resident[p[0]] if p else 0 for p in personal]
         device = self.stack(self.names[0]).device
         return torch.tensor(slots, dtype=torch.int64, device=device)
 
-    def evict(self, delta: dict) -> bool:
-        """Forget one person's weights (an erased person leaves no copy on the device): the slot is
-        zeroed and freed. True if they were resident."""
+    def evict(self, version: str, forever: bool = False) -> bool:
+        """Forget one adapter version's weights: its slot is zeroed and freed; `forever` (an erased
+        person) also refuses to load it again. True if it was resident."""
         with self._lock:
-            found = self._resident.pop(id(delta), None)
-            if found is None:
+            if forever:
+                self._refused.add(version)
+            slot = self._resident.pop(version, None)
+            if slot is None:
                 return False
             with torch.no_grad():
                 for name in self.names:
-                    self.stack(name)[found[0]].zero_()
+                    self.stack(name)[slot].zero_()
             return True
 
-    def _load(self, key: int, delta: dict, keep: set[int]) -> None:
+    def _load(self, version: str, delta: dict, keep: set[str]) -> None:
         unknown = set(delta) - set(self._index)
         if unknown:
             raise AdapterMismatch(f"a per-identity adapter names weights this adapter lacks, e.g. {sorted(unknown)[0]}: "
                                   "it was made for another shared adapter")
-        used = {slot for slot, _ in self._resident.values()}
+        used = set(self._resident.values())
         free = next((s for s in range(1, self.slots + 1) if s not in used), None)
         if free is None:
             victim = next(k for k in self._resident if k not in keep)
-            free, _ = self._resident.pop(victim)
+            free = self._resident.pop(victim)
         with torch.no_grad():
             for name in self.names:
                 target = self.stack(name)[free]
@@ -104,5 +112,5 @@ class PersonalBank(nn.Module):
                     target.copy_(delta[name].to(target.device, target.dtype))
                 else:
                     target.zero_()
-        self._resident[key] = (free, delta)  # holding the delta keeps its id from being reused
+        self._resident[version] = free
         self.loads += 1

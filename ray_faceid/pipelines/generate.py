@@ -7,6 +7,7 @@ so the same seed gives the same image on any device.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from ray_faceid.engines.base import DTYPES
-from ray_faceid.errors import BadInput
+from ray_faceid.errors import BadInput, Erased
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.context import identity_kwargs
 from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
@@ -109,6 +110,7 @@ class IdentityPipeline:
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
         self.engine_cache, self.engines = engine_cache, {}
+        self._engines_lock, self._refused = threading.Lock(), set()  # versions of erased people's adapters
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
         self.compile_new_shapes = True
         """torch.compile: compile a shape on its first use; False (Serve, after its warm-up): run an
@@ -246,7 +248,7 @@ class IdentityPipeline:
         people: list[set] = []
         for k, item in enumerate(items):
             own = self.personal_of(item)
-            key = id(own[1]) if own else None
+            key = own[0] if own else None  # the version: a content hash of the person's weights
             for batch, held in zip(batches, people):
                 fits = (key in held or key is None or len(held - {None}) < self.personal_bank.slots
                         if self.per_row_weights else held == {key})
@@ -260,16 +262,16 @@ class IdentityPipeline:
         return batches
 
     @torch.no_grad()
-    def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None):
-        """Latents of every item, all denoised together: one UNet call per step for the whole batch."""
-        # A scheduler of its own per denoise (schedulers keep state between steps), the callback as it
-        # was at the start, and each row's own adapter as an input of every UNet call: another job may
-        # run on this pipeline inside on_step (a large job pausing for small ones, deployments/turns.py)
-        # and must change nothing here.
+    def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None, callback=None):
+        """Latents of every item, all denoised together: one UNet call per step for the whole batch.
+        `callback`: the request's own step callback, read from `on_step` once when the request
+        started (its caller's), never again: another job may run on this pipeline inside it (a
+        large job pausing for small ones, deployments/turns.py) and set its own."""
+        # A scheduler of its own per denoise (schedulers keep state between steps), and each row's
+        # own adapter as an input of every UNet call: nothing a job inside the pause changes is read here.
         base, sched = self.base, copy.deepcopy(self.base.scheduler)
-        callback = self.on_step
         own = [self.personal_of(it) if self.adapter is not None else None for it in items]
-        row_deltas = [None] * len(items) + [o[1] if o else None for o in own]  # CFG: unconditional rows first
+        row_personal = [None] * len(items) + own  # CFG: unconditional rows first
         self._check_size(width, height)
         f = base.vae_scale_factor
         h, w = height // f, width // f
@@ -290,7 +292,7 @@ class IdentityPipeline:
             if inpaint is not None and base.inpainting:
                 mask_c, masked_c = conditioning
                 model_in = torch.cat([model_in, torch.cat([mask_c] * 2), torch.cat([masked_c] * 2)], dim=1)
-            pred = self._unet(model_in, t, text, kwargs, h, w, row_deltas)
+            pred = self._unet(model_in, t, text, kwargs, h, w, row_personal)
             uncond, cond = pred.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
             if inpaint is not None and not base.inpainting:
@@ -302,21 +304,21 @@ class IdentityPipeline:
                 callback(step, len(sched.timesteps))
         return latents
 
-    def _unet(self, sample, t, text, kwargs, h, w, row_deltas):
+    def _unet(self, sample, t, text, kwargs, h, w, row_personal):
         """One UNet call in the UNet's dtype (fp16 / bf16 on GPU); the prediction comes back in fp32,
         where the scheduler keeps the latents."""
         sample, text = sample.to(self.base.unet.dtype), text.to(self.base.unet.dtype)
-        return self._unet_call(sample, t, text, kwargs, h, w, row_deltas).float()
+        return self._unet_call(sample, t, text, kwargs, h, w, row_personal).float()
 
     def _text_inputs(self, text: TextConditioning, h: int, w: int) -> dict:
         f = self.base.vae_scale_factor
         return unet_conditioning(self.base, text, w * f, h * f)
 
-    def _unet_call(self, sample, t, text, kwargs, h, w, row_deltas):
+    def _unet_call(self, sample, t, text, kwargs, h, w, row_personal):
         """Eager torch, or the configured engine with identity as its inputs. Each row's own adapter
-        (`row_deltas`) is placed in the bank at every call: a job that ran in between may have
-        loaded others."""
-        personal_rows = self.personal_bank.rows(row_deltas) if kwargs and any(row_deltas) else None
+        (`row_personal`: (version, delta) or None) is placed in the bank at every call: a job that
+        ran in between may have loaded others."""
+        personal_rows = self.personal_bank.rows(row_personal) if kwargs and any(row_personal) else None
         if self.backend == "torch":
             if personal_rows is not None:
                 kwargs = dict(kwargs, personal=PersonalRows(self.personal_bank, personal_rows))
@@ -345,24 +347,28 @@ class IdentityPipeline:
             eager = identity_kwargs(tokens, scale, region, personal)
             added_cond = {"added_cond_kwargs": added} if added else {}
             return self.base.unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=eager, **added_cond).sample
-        deltas = {id(d): d for d in row_deltas if d}
-        if len(deltas) > 1:
+        versions = {p[0]: p for p in row_personal if p}
+        if len(versions) > 1:
             raise BadInput("images generated together on this backend must use the same person's own adapter")
-        delta = next(iter(deltas.values()), None)
-        engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1], delta)
+        engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1], next(iter(versions.values()), None))
         return engine(sample, t, text, tokens, scale, region, **added)
 
-    def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int, delta: dict | None):
-        """An ONNX Runtime or TensorRT engine holding the shared weights plus `delta`. Engines are
-        kept per set of weights, never refitted while in use: a job paused between its steps
-        (turns.py) comes back to the weights it started with."""
+    def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int, personal: tuple | None):
+        """An ONNX Runtime or TensorRT engine holding the shared weights plus `personal` (version,
+        delta). Engines are kept per set of weights, never refitted while in use: a job paused
+        between its steps (turns.py) comes back to the weights it started with."""
         from ray_faceid.engines.base import EngineShape
         from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
 
         top = max(8, 1 << (rows - 1).bit_length())  # the batch range grows in powers of two
-        key = (h, w, identities, top, id(delta) if delta else None)
-        if key in self.engines:
-            engine, _ = self.engines.pop(key)
+        version, delta = personal or (None, None)
+        if version in self._refused:
+            raise Erased("this person was erased: their own adapter is not served any more")
+        key = (h, w, identities, top, version)
+        with self._engines_lock:  # the erasure sweep may drop engines from another thread
+            found = self.engines.pop(key, None)
+        if found is not None:
+            engine = found
         else:
             shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
                                 tokens=self.adapter.options.num_tokens, text_length=text_length,
@@ -371,17 +377,21 @@ class IdentityPipeline:
             engine = unet_engine(self.base, self.adapter, shape, self.backend, self.precision, self.engine_cache)
             if delta:
                 engine.refit(processor_weights_by_onnx_name(self.adapter, delta))  # a new engine: no one uses it yet
-        self.engines[key] = (engine, delta)  # holding the delta keeps its id from being reused
-        while len(self.engines) > MAX_ENGINES:  # least recently used first
-            self.engines.pop(next(iter(self.engines)))
+        with self._engines_lock:
+            self.engines[key] = engine
+            while len(self.engines) > MAX_ENGINES:  # least recently used first
+                self.engines.pop(next(iter(self.engines)))
         return engine
 
-    def forget_personal(self, delta: dict) -> None:
-        """Drop every copy of one person's own adapter this pipeline holds (bank slot, engines)."""
+    def forget_personal(self, version: str) -> None:
+        """Drop every copy of an erased person's own adapter this pipeline holds (bank slot, engines)
+        and refuse it from now on (a request of theirs still running fails, typed, at its next step)."""
+        self._refused.add(version)
         if self.personal_bank is not None:
-            self.personal_bank.evict(delta)
-        for key in [k for k, (_, held) in self.engines.items() if held is delta]:
-            self.engines.pop(key)
+            self.personal_bank.evict(version, forever=True)
+        with self._engines_lock:
+            for key in [k for k in self.engines if k[-1] == version]:
+                self.engines.pop(key)
 
     def compiled_engine(self):
         if self._compiled is None:
@@ -478,9 +488,9 @@ class IdentityPipeline:
         for it in items:
             if len(it.identities) > MAX_IDENTITIES:
                 raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(it.identities)}")
-        latents = [None] * len(items)
+        latents, callback = [None] * len(items), self.on_step  # this request's, whatever runs in its pauses
         for batch in self.unet_batches(items):
-            denoised = self._denoise([items[k] for k in batch], steps, guidance, width, height)
+            denoised = self._denoise([items[k] for k in batch], steps, guidance, width, height, callback=callback)
             for j, k in enumerate(batch):
                 latents[k] = denoised[j : j + 1]
         result = GenerationResult([], [], [], [])

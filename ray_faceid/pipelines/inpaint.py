@@ -99,7 +99,8 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
     image_latents = pipe.encode_image(resized)
     conditioning = inpainting_conditioning(pipe, resized, small_mask) if base.inpainting else None
     item = GenerationItem(prompt, [identity], negative_prompt, seed)
-    latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent, conditioning))
+    latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent, conditioning),
+                            callback=pipe.on_step)
     result_image = Image.fromarray(paste_back(image, region, pipe.decode(latents), feather))
     record = pipe.provenance("inpaint", prompt, negative_prompt, [identity], seed, steps, guidance, width, height)
     record["feather"] = feather

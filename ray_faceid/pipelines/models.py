@@ -310,7 +310,7 @@ def base_fingerprint(model: str) -> str:
         return f"hub:{model}"
 
 
-HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.model"]  # one diffusers layout
+HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.bin", "*/*.model"]  # a diffusers layout
 
 
 def _hub_snapshot(model: str) -> str:
@@ -330,6 +330,22 @@ def _hub_snapshot(model: str) -> str:
         raise BackendUnavailable(f"hub model {model!r} is not in the local cache and the hub could not provide it "
                                  f"({type(exc).__name__}): download it where there is a network "
                                  f"(`hf download {model}`) or pass a local folder") from None
+
+
+def model_family(model: str) -> str:
+    """A base's family from its configs, without loading its weights (checks before a job starts)."""
+    from ray_faceid.pipelines.families import detect_family
+
+    if model in TINY:
+        return "sdxl" if "sdxl" in model else "sd1"
+    if "://" in model and not model.startswith("file://"):
+        return detect_family(_local_copy(model))
+    local = Path(model.removeprefix("file://"))
+    if local.is_dir():
+        return detect_family(local)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return detect_family(_hub_snapshot(model))
+    raise NotFound(f"model {model!r}: not 'tiny', a folder, a URI or a hub id (owner/name)")
 
 
 def load_base(model: str) -> BaseModel:

@@ -285,6 +285,11 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
         raise BadInput(f"{dataset}: the ingest found no faces, nothing to train on")
     if config.method == "imr" and not adapter:
         raise BadInput("--method imr trains on a trained adapter's tokens: pass --adapter URI")
+    if adapter:  # a base of another family is refused here, not inside every worker
+        from ray_faceid.identity.adapter import IdentityAdapter
+        from ray_faceid.pipelines.models import model_family
+
+        IdentityAdapter.load(adapter).check_family(model_family(model))
     held_out: list[str] = []
     if config.method == "flow":
         rows, held_out = _flow_rows(dataset)

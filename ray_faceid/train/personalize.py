@@ -144,7 +144,11 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     started = time.perf_counter()
     store = Registry(registry)
     wanted = identities or [meta["id"] for meta in store.list(tenant)]
-    adapter_hash = IdentityAdapter.load(adapter).content_hash()
+    from ray_faceid.pipelines.models import model_family
+
+    shared = IdentityAdapter.load(adapter)
+    shared.check_family(model_family(model))  # before any worker starts
+    adapter_hash = shared.content_hash()
     settings = config.compute_hash()
     skipped, failed, pending = [], {}, []
     for reference in wanted:  # ids or names, as everywhere else

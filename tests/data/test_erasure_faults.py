@@ -127,3 +127,37 @@ def test_the_serve_sweep_finishes_a_stopped_erasure_but_not_a_running_one(tmp_pa
     os.utime(journal, (old, old))
     assert resume_pending(registry) == 1
     assert journals(registry, "t") == [] and traces([tmp_path / "registry", tmp_path / "known"], amy, amy_emb) == []
+
+
+def test_a_half_written_journal_copy_goes_with_the_journal(tmp_path, monkeypatch):
+    """A crash inside a journal write leaves `<journal>.tmp-...` (it names the person): finishing the
+    erasure removes it too."""
+    registry, amy, amy_emb, bob = world(tmp_path)
+    steps(monkeypatch, 5)
+    with pytest.raises(OSError):
+        erase_identity(registry, "t", "amy")
+    monkeypatch.undo()
+    (journal,) = (tmp_path / "registry" / "t" / "_erasing").iterdir()
+    (journal.parent / (journal.name + ".tmp-0123")).write_bytes(journal.read_bytes()[:40])
+    assert len(journals(registry, "t")) == 1
+    erase_identity(registry, "t", "amy")
+    known = [tmp_path / "registry", tmp_path / "known"]  # ("elsewhere" was not named: it keeps her)
+    assert list(journal.parent.iterdir()) == [] and traces(known, amy, amy_emb) == []
+
+
+def test_a_person_re_enrolled_after_a_stopped_erasure_is_the_one_a_delete_by_name_erases(tmp_path, monkeypatch):
+    registry, amy, amy_emb, bob = world(tmp_path)
+    steps(monkeypatch, 5)  # after the tombstone: the old amy is withdrawn, her erasure unfinished
+    with pytest.raises(OSError):
+        erase_identity(registry, "t", "amy")
+    monkeypatch.undo()
+    from ray_faceid.face.analyzer import FaceAnalyzer
+
+    again = registry.create("t", "amy", "consent-1", np.ones((1, 128), np.float32), np.ones(1, np.float32),
+                            FaceAnalyzer().spec, [np.zeros((8, 8, 3), np.uint8)], [], reconsent="consent-2")["id"]
+    report = erase_identity(registry, "t", "amy")
+    assert report["id"] == again  # the enrolled one, not the old record
+    with pytest.raises(Erased):
+        registry.get("t", again)
+    assert erase_identity(registry, "t", amy)["id"] == amy  # the old one is finished by its id
+    assert journals(registry, "t") == [] and traces([tmp_path / "registry", tmp_path / "known"], amy, amy_emb) == []

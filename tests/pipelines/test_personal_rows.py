@@ -111,15 +111,20 @@ def test_more_people_than_bank_slots_are_split_into_batches(pipe, people):
     assert [len(b) for b in batches] == [BANK_SLOTS, 2]
 
 
-def test_a_forgotten_person_leaves_no_weights_in_the_bank(pipe, people):
-    delta = people["ann"].personal[1]
-    alone(pipe, people["ann"])  # resident now
+def test_an_erased_persons_weights_leave_the_bank_and_are_never_loaded_again(pipe, people, spec128):
+    from ray_faceid.errors import Erased
+
+    eve = IdentityCondition("eve", people["cy"].embeddings, personal=("v_eve", {
+        k: torch.full_like(v, 0.01) for k, v in pipe.adapter.processors.state_dict().items()}))
+    version = eve.personal[0]
+    alone(pipe, eve)  # resident now
     bank = pipe.personal_bank
-    slot = bank.rows([delta]).item()
+    slot = bank._resident[version]
     assert any(bank.stack(n)[slot].abs().sum() > 0 for n in bank.names)
-    pipe.forget_personal(delta)
-    assert all(bank.stack(n)[slot].abs().sum() == 0 for n in bank.names)
-    assert id(delta) not in bank._resident
+    pipe.forget_personal(version)
+    assert all(bank.stack(n)[slot].abs().sum() == 0 for n in bank.names) and version not in bank._resident
+    with pytest.raises(Erased):  # a request of theirs still running stops, typed
+        alone(pipe, eve)
 
 
 def test_large_adapters_get_fewer_resident_slots(pipe, monkeypatch):
@@ -128,3 +133,54 @@ def test_large_adapters_get_fewer_resident_slots(pipe, monkeypatch):
     per_person = sum(p.numel() * p.element_size() for p in pipe.adapter.processors.parameters())
     monkeypatch.setattr(personal_bank, "BANK_BYTES", 3 * per_person)
     assert personal_bank.PersonalBank(pipe.adapter).slots == 2  # and slot 0, the shared weights
+
+
+def test_a_pause_in_a_split_batch_keeps_each_jobs_weights_and_callback(pipe, people):
+    """One bank slot: the large job (ann and bob, each with an adapter of their own) runs as two UNet
+    batches; in its first pause a small job of dan (his own adapter, so ann's is evicted) runs to its
+    end. Every image is the one made alone, and the large job's own callback sees all its steps."""
+    from ray_faceid.identity.personal_bank import PersonalBank
+
+    g = torch.Generator().manual_seed(9)
+    dan = IdentityCondition("dan", people["cy"].embeddings, personal=("v9", {
+        k: 0.2 * torch.randn(v.shape, generator=g) for k, v in pipe.adapter.processors.state_dict().items()}))
+    shared_bank = pipe.personal_bank
+    pipe.personal_bank = PersonalBank(pipe.adapter, slots=1)
+    try:
+        solo = {p.name: alone(pipe, p) for p in (people["ann"], people["bob"], dan)}
+        turns, seen, results = PipelineTurns(), [], {}
+
+        def small_job():
+            borrowed = turns.acquire(small=True)
+            try:
+                pipe.on_step = lambda step, total: None  # the small job's own callback
+                results["dan"] = alone(pipe, dan)
+            finally:
+                turns.release(borrowed)
+
+        def large_callback(step, total):
+            seen.append(step)
+            if step == 1 and not results:
+                worker = threading.Thread(target=small_job)
+                worker.start()
+                deadline = time.monotonic() + 10
+                while not turns._small_waiting and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                turns.between_steps()
+                worker.join(10)
+
+        borrowed = turns.acquire(small=False)
+        try:
+            pipe.on_step = large_callback
+            large = pipe.generate_items([GenerationItem("a photo", [people[n]], seed=7) for n in ("ann", "bob")],
+                                        STEPS, 5.0, SIZE, SIZE)
+        finally:
+            pipe.on_step = None
+            turns.release(borrowed)
+        assert len(pipe.unet_batches([GenerationItem("a photo", [people[n]]) for n in ("ann", "bob")])) == 2
+        assert seen == list(range(STEPS + 1)) * 2  # its own callback in both batches, after the pause too
+        assert np.abs(results["dan"] - solo["dan"]).max() <= 1
+        for k, name in enumerate(("ann", "bob")):
+            assert np.abs(pixels(large, k) - solo[name]).max() <= 1, name
+    finally:
+        pipe.personal_bank = shared_bank
