@@ -1,5 +1,5 @@
 """Clustering quality on labelled photos: Chinese whispers at the verification threshold (the old
-method) vs average linkage, over a range of cuts, in one run.
+method) vs average linkage and vs the kNN graph + Leiden (large archives), over a range of cuts, in one run.
 
 Faces: the largest face of every photo in the identity folders of ../shared/data/faces (or
 --faces DIR), embedded by the default face stack; the folder names are the truth.
@@ -66,6 +66,12 @@ def main() -> None:
     for cut in CUTS:
         name = f"average linkage, cut {cut}" + (" (default)" if cut == DEFAULT_CUT_SHARE else "")
         lines.append(row(name, clustering_scores(list(cluster_faces(embeddings, spec, cut)), people)))
+    from ray_faceid.data.knn_graph import graph_clusters, knn_graph
+
+    graph = knn_graph(embeddings, spec)
+    for cut in (0.8, DEFAULT_CUT_SHARE, 0.9, 1.0):
+        name = f"kNN graph + Leiden, cut {cut}" + (" (default above 20k faces)" if cut == DEFAULT_CUT_SHARE else "")
+        lines.append(row(name, clustering_scores(list(graph_clusters(*graph, cut * spec.threshold)), people)))
     report(lines, not args.no_record)
 
 

@@ -91,15 +91,19 @@ def knn_graph_on_ray(embeddings: np.ndarray, spec: EncoderSpec, k: int = K, work
     # The index and the vectors go into the object store once; the dataset itself is only row numbers.
     index_ref = ray.put(np.asarray(faiss.serialize_index(build_index(vectors, spec))))
     vectors_ref = ray.put(vectors)
-    blocks = max(1, -(-len(vectors) // block))
-    found = ray.data.range(len(vectors), override_num_blocks=blocks).map_batches(
-        _Searcher, fn_constructor_args=(index_ref, vectors_ref, k, spec.model_dump_json()), batch_size=block,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)), num_cpus=1)
+    # Row-number blocks made here (no read tasks), and actors that leave a CPU's share free for the
+    # dataset's own work: actors holding every CPU would wait for blocks that can never be made.
+    blocks = [np.arange(start, min(start + block, len(vectors))) for start in range(0, len(vectors), block)]
+    free = float(ray.cluster_resources().get("CPU", 1))
+    found = ray.data.from_numpy(blocks).map_batches(
+        _Searcher, fn_constructor_args=(index_ref, vectors_ref, k, spec.model_dump_json()), batch_size=None,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(workers, len(blocks))),
+        num_cpus=max(0.25, min(1.0, (free - 0.5) / max(1, min(workers, len(blocks))))))
     neighbours = np.full((len(vectors), k), -1, dtype=np.int64)
     distances = np.full((len(vectors), k), np.inf, dtype=np.float32)
     for batch in found.iter_batches(batch_size=None, batch_format="numpy"):
-        neighbours[batch["id"]] = batch["neighbours"]
-        distances[batch["id"]] = batch["distances"]
+        neighbours[batch["data"]] = batch["neighbours"]
+        distances[batch["data"]] = batch["distances"]
     return _drop_self(neighbours, distances)
 
 
@@ -108,14 +112,17 @@ class _Searcher:
 
     def __init__(self, serialized, vectors, k: int, spec_json: str):
         import faiss
+        import ray
 
         faiss.omp_set_num_threads(1)  # one core per actor: the parallelism is the actors
+        if isinstance(serialized, ray.ObjectRef):  # Ray Data passes constructor arguments as they were given
+            serialized, vectors = ray.get([serialized, vectors])
         self.index, self.vectors, self.k = faiss.deserialize_index(serialized), vectors, k
         self.spec = EncoderSpec.model_validate_json(spec_json)
 
     def __call__(self, batch: dict) -> dict:
-        neighbours, distances = search(self.index, self.vectors[batch["id"]], self.k, self.spec)
-        return {"id": batch["id"], "neighbours": neighbours, "distances": distances}
+        neighbours, distances = search(self.index, self.vectors[batch["data"]], self.k, self.spec)
+        return {"data": batch["data"], "neighbours": neighbours, "distances": distances}
 
 
 def graph_clusters(neighbours: np.ndarray, distances: np.ndarray, cut: float, seed: int = 0) -> np.ndarray:

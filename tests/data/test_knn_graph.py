@@ -34,7 +34,7 @@ def test_the_knn_graph_groups_people_like_exact_average_linkage():
 def test_the_search_sharded_over_two_ray_workers_gives_the_same_graph(ray_cluster):
     faces, _ = people(120, seed=1)
     local, local_d = knn_graph(faces, SPEC, k=8)
-    sharded, sharded_d = knn_graph_on_ray(faces, SPEC, k=8, workers=2, block=200)
+    sharded, sharded_d = knn_graph_on_ray(faces, SPEC, k=8, workers=2, block=50)  # 3 blocks, 2 actors
     assert np.array_equal(np.sort(local, axis=1), np.sort(sharded, axis=1))
     assert np.allclose(np.sort(local_d, axis=1), np.sort(sharded_d, axis=1), atol=1e-5)
 
