@@ -33,6 +33,7 @@ bench: $(STAMP)  # each script appends its results to benchmarks/BENCHMARKS.md; 
 	$(PY) benchmarks/unet_backends.py
 	$(PY) benchmarks/cluster_quality.py
 	$(PY) benchmarks/group_faces.py
+	$(PY) benchmarks/cluster_scaling.py --sizes 10000,100000
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
