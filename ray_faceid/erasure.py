@@ -104,6 +104,11 @@ def erase_identity(registry, tenant: str, reference: str, also: list[str] = ()) 
             if not also:
                 raise
             return _erase_outputs_of_erased(registry, tenant, reference, also)
+        except NotFound:
+            stones = tombstones.erased_person(registry.store, tenant, reference)
+            if stones:  # a finished erasure, asked for again by name
+                raise Erased(f"{reference!r} was erased on {stones[-1]['erased']}; nothing is left to erase") from None
+            raise
         meta = registry.get(tenant, identity)
         journal = {"meta": meta, "folders": list(dict.fromkeys(registry.outputs(tenant))), "done": [], "removed": []}
     journal["folders"] = list(dict.fromkeys([*journal["folders"], *also]))

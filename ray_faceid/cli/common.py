@@ -12,7 +12,7 @@ from rich.console import Console
 from ray_faceid.errors import FaceIdError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one message, one line: logs are grepped
 
 EXIT_BAD_INPUT = 2
 EXIT_SOME_FAILED = 3  # a batch job finished, but some of its rows or identities have no result

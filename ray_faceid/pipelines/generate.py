@@ -483,6 +483,9 @@ class IdentityPipeline:
     def generate_items(self, items: list["GenerationItem"], steps: int | None = None, guidance: float = 5.0,
                        width: int | None = None, height: int | None = None) -> GenerationResult:
         """Several images (other prompts, identities, seeds; the same size and steps) in one batch."""
+        if self.base.inpainting:
+            raise BadInput(f"{self.base.model_id} is an inpainting model: it repaints a masked photo (`ray-faceid "
+                           "inpaint`, /v1/inpaint); generate images with its text-to-image base")
         steps = steps or self.base.default_steps
         width, height = width or self.base.native_size[0], height or self.base.native_size[1]
         for it in items:

@@ -87,9 +87,9 @@ def test_an_erasure_stopped_at_any_step_is_finished_by_the_next_delete(tmp_path,
     except OSError:
         finished = False
     monkeypatch.undo()
-    if finished:  # past the last step: nothing is left to finish, and the name is gone with the person
+    if finished:  # past the last step: nothing is left to finish, and a delete by name says when it ended
         assert fail_at >= len(seen), "the fault was not injected"
-        with pytest.raises(NotFound, match="no identity called 'amy'"):
+        with pytest.raises(Erased, match="'amy' was erased on"):
             erase_identity(registry, "t", "amy", also=also)
     else:
         erase_identity(registry, "t", "amy", also=also)  # by name, as the operator retries
@@ -161,3 +161,12 @@ def test_a_person_re_enrolled_after_a_stopped_erasure_is_the_one_a_delete_by_nam
         registry.get("t", again)
     assert erase_identity(registry, "t", amy)["id"] == amy  # the old one is finished by its id
     assert journals(registry, "t") == [] and traces([tmp_path / "registry", tmp_path / "known"], amy, amy_emb) == []
+
+
+def test_deleting_by_name_again_says_when_they_were_erased(tmp_path):
+    registry, amy, amy_emb, bob = world(tmp_path)
+    erase_identity(registry, "t", "amy")
+    with pytest.raises(Erased, match="'amy' was erased on .*nothing is left to erase"):
+        erase_identity(registry, "t", "amy")
+    with pytest.raises(NotFound, match="no identity called 'nobody'"):
+        erase_identity(registry, "t", "nobody")

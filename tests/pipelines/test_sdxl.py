@@ -186,3 +186,10 @@ def test_onnxruntime_runs_sdxl_with_the_added_inputs(spec128, tmp_path):
         pipe = IdentityPipeline(base, strong_adapter(base, spec128), backend=backend, engine_cache=EngineCache(tmp_path))
         images.append(pixels(pipe.generate("a portrait", [person("ann", 1)], seed=2, steps=2, width=32, height=32)))
     assert np.abs(images[0] - images[1]).max() <= 1
+
+
+@pytest.mark.parametrize("model", ["tiny-inpaint", "tiny-sdxl-inpaint"])
+def test_generate_on_an_inpainting_base_says_to_inpaint(model):
+    """A 9-channel base repaints masked photos: generate says so, typed, instead of a shape error."""
+    with pytest.raises(BadInput, match="is an inpainting model: it repaints a masked photo"):
+        IdentityPipeline(load_base(model)).generate("a portrait", [], steps=1)
