@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import console, err_console, user_errors
+from ray_faceid.cli.common import MODEL_HELP, console, err_console, user_errors
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import denoise_reporter
 
-ModelOpt = typer.Option("tiny", "--model", help="tiny | tiny-inpaint | a diffusers folder | an fsspec URI | a hub id.")
+ModelOpt = typer.Option("tiny", "--model", help=MODEL_HELP)
 AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter URI; without it an UNTRAINED adapter is used.")
 BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
 StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; default: the model's own (30, or 4 "

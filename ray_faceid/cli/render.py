@@ -5,7 +5,16 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import EXIT_BAD_INPUT, EXIT_SOME_FAILED, StallFailOpt, StallWarnOpt, console, print_json, user_errors
+from ray_faceid.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_SOME_FAILED,
+    MODEL_HELP,
+    StallFailOpt,
+    StallWarnOpt,
+    console,
+    print_json,
+    user_errors,
+)
 from ray_faceid.cli.data import summary_table
 
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
@@ -31,7 +40,7 @@ def eval_table(report: dict, title: str):
 def render(
     catalog: str = typer.Argument(..., help="JSONL or Parquet catalog: one row per image to make."),
     out: str = typer.Argument(..., help="Output folder or URI: images/, manifest.parquet, render_summary.json."),
-    model: str = typer.Option("tiny", "--model", help="tiny | tiny-inpaint | a diffusers folder | an fsspec URI | a hub id."),
+    model: str = typer.Option("tiny", "--model", help=MODEL_HELP),
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Shared identity adapter; without it an UNTRAINED one."),

@@ -5,10 +5,10 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import EXIT_SOME_FAILED, StallFailOpt, StallWarnOpt, console, print_json, user_errors
+from ray_faceid.cli.common import EXIT_SOME_FAILED, MODEL_HELP, StallFailOpt, StallWarnOpt, console, print_json, user_errors
 from ray_faceid.cli.data import summary_table
 
-ModelOpt = typer.Option("tiny", "--model", help="Base model: tiny | a diffusers folder | an fsspec URI | a hub id.")
+ModelOpt = typer.Option("tiny", "--model", help=MODEL_HELP)
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster.")
 CpusOpt = typer.Option(None, "--cpus-per-worker", min=0.01, help="CPUs per worker; default: 1, or on a local cluster "
                        "what it can spare after the data pipeline.")
