@@ -135,3 +135,25 @@ def default_encoder_flow(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("flow")
     save_flow(str(folder), flow, spec.key())
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def perturbed_pipeline():
+    """A function making a tiny-base pipeline whose identity projections differ from the text ones
+    (an untrained adapter is close to a no-op), so identity changes the image."""
+    def make(spec, backend: str = "torch", cache=None):
+        import torch
+
+        from ray_faceid.identity.adapter import IdentityAdapter
+        from ray_faceid.pipelines.generate import IdentityPipeline
+        from ray_faceid.pipelines.models import build_tiny
+
+        base = build_tiny()
+        torch.manual_seed(0)
+        adapter = IdentityAdapter.for_unet(base.unet, spec)
+        with torch.no_grad():
+            for p in adapter.processors.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return IdentityPipeline(base, adapter, backend=backend, engine_cache=cache)
+
+    return make

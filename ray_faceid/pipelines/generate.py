@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ray_faceid.engines.base import DTYPES
+from ray_faceid.engines.base import DTYPES, UNetCall
 from ray_faceid.errors import BadInput, Erased
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.context import identity_kwargs
@@ -343,10 +343,9 @@ class IdentityPipeline:
                                          compile_new=self.compile_new_shapes)
             if out is not None:
                 return out
-            personal = None if personal_rows is None else PersonalRows(self.personal_bank, personal_rows)
-            eager = identity_kwargs(tokens, scale, region, personal)
-            added_cond = {"added_cond_kwargs": added} if added else {}
-            return self.base.unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=eager, **added_cond).sample
+            # An unwarmed shape runs eager: the very function the engine compiles, uncompiled.
+            return UNetCall(self.base.unet, self.personal_bank)(sample, t, text, tokens, scale, region,
+                                                                 personal_rows=personal_rows, **added)
         versions = {p[0]: p for p in row_personal if p}
         if len(versions) > 1:
             raise BadInput("images generated together on this backend must use the same person's own adapter")

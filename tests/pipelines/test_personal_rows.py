@@ -9,22 +9,14 @@ import pytest
 import torch
 
 from deployments.turns import PipelineTurns
-from ray_faceid.identity.adapter import IdentityAdapter
-from ray_faceid.pipelines.generate import GenerationItem, IdentityCondition, IdentityPipeline
-from ray_faceid.pipelines.models import build_tiny
+from ray_faceid.pipelines.generate import GenerationItem, IdentityCondition
 
 SIZE, STEPS = 16, 3
 
 
 @pytest.fixture(scope="module")
-def pipe(spec128):
-    base = build_tiny()
-    torch.manual_seed(0)
-    adapter = IdentityAdapter.for_unet(base.unet, spec128)
-    with torch.no_grad():  # identity projections unlike the text ones, so identity changes the image
-        for p in adapter.processors.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return IdentityPipeline(base, adapter)
+def pipe(spec128, perturbed_pipeline):
+    return perturbed_pipeline(spec128)
 
 
 @pytest.fixture(scope="module")
