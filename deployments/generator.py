@@ -30,6 +30,8 @@ from ray_faceid.config import ServeConfig
 from ray_faceid.errors import EncoderMismatch, Erased, FaceIdError, NotFound
 from ray_faceid.registry import newest_adapter
 
+PROGRESS_EVERY_S = 0.25
+
 
 class LoadedIdentity:
     def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec_key: str, personal=None):
@@ -62,6 +64,8 @@ def step_callback(requests: list[dict], turns: PipelineTurns | None):
     (`turns` given) then lets waiting small jobs run."""
 
     def check(step: int, total: int) -> None:
+        for r in requests:  # read by generate_stream
+            r["progress"] = (step, total)
         if all(r["cancelled"].is_set() for r in requests):
             raise Cancelled(f"the caller went away; stopped after {step} of {total} steps")
         if turns is not None and 0 < step < total:
@@ -324,4 +328,24 @@ class Generator:
             return await self.generate_batch(request)
         except asyncio.CancelledError:  # the ingress's call was cancelled: its client disconnected
             request["cancelled"].set()
+            raise
+
+    async def generate_stream(self, request: dict):
+        """`generate`, streamed: {"progress": (step, total)} as the denoising advances (at most every
+        PROGRESS_EVERY_S), then the result. The request is batched like any other."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        request = dict(request, cancelled=threading.Event(), progress=None)
+        result = asyncio.ensure_future(self.generate_batch(request))
+        try:
+            shown = None
+            while not result.done():
+                await asyncio.wait({result}, timeout=PROGRESS_EVERY_S)
+                if request["progress"] not in (None, shown) and not result.done():
+                    shown = request["progress"]
+                    yield {"progress": shown}
+            yield result.result()
+        except (asyncio.CancelledError, GeneratorExit):  # the caller cancelled or went away
+            request["cancelled"].set()
+            result.cancel()
             raise

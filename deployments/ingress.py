@@ -2,8 +2,10 @@
 generation through the Generator, scoring of every output through the FaceEncoder."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import re
 import secrets
@@ -20,7 +22,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
-from deployments import auth, body_limit, metrics, multiplex
+from deployments import auth, body_limit, metrics, multiplex, web_page
 from deployments.memory import replica_memory
 from deployments.off_loop import OffLoop
 from deployments.schemas import (
@@ -70,10 +72,15 @@ class Busy(FaceIdError):
         self.retry_after = retry_after
 
 
+def public_message(message: str) -> str:
+    """A message as a client sees it: storage paths and URIs replaced."""
+    return _STORAGE.sub("<storage>", message)
+
+
 def _error(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     """The one error body. Storage paths and URIs never reach a client: they are logged with the request id."""
     rid = getattr(request.state, "request_id", None)
-    public = _STORAGE.sub("<storage>", message)
+    public = public_message(message)
     if public != message or status >= 500:
         log.warning("request %s: %s %s: %s", rid, status, code, message)
     return JSONResponse({"error": code, "message": public, "request_id": rid}, status_code=status, headers=headers)
@@ -115,6 +122,31 @@ def _out(meta: dict) -> IdentityOut:
                        consent=meta["consent"], photos=photos)
 
 
+async def _streamed(handle, payload: dict, on_progress) -> dict:
+    """The Generator's streamed call: progress events, then the result. Cancelling the caller
+    cancels the stream, and the Generator stops at its next step (as for a disconnected client)."""
+    stream = handle.options(stream=True).generate_stream.remote(payload)
+    try:
+        async for event in stream:
+            if "progress" not in event:
+                return event
+            on_progress(*event["progress"])
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    raise RuntimeError("the generator's stream ended without a result")
+
+
+@dataclasses.dataclass
+class EnrollmentDraft:
+    """What enrollment found in the photos, before anything is saved (the web page shows it first)."""
+
+    reports: list[PhotoReport] = dataclasses.field(default_factory=list)
+    embeddings: list = dataclasses.field(default_factory=list)
+    quality: list[float] = dataclasses.field(default_factory=list)
+    crops: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
 def _remote_error(result: dict) -> None:
     if "error" in result:
         exc = FaceIdError(result["message"])
@@ -134,6 +166,12 @@ class Ingress:
         body_limit.LIMIT["bytes"] = self.config.limits.max_body_bytes
         self.spec: EncoderSpec | None = None
         self.model_defaults: dict | None = None
+
+    def _set_asgi_app(self, app) -> None:
+        """Serve hands each replica its own copy of `api` here (Ray 2.60's ASGIAppReplicaWrapper):
+        the web page is mounted on that copy, with this replica's steps behind it."""
+        web_page.mount(app, self)
+        super()._set_asgi_app(app)
 
     def memory(self, reset_peak: bool = False) -> dict:
         return replica_memory(reset_peak)
@@ -168,6 +206,10 @@ class Ingress:
         if size == 0:
             raise BadInput(f"{what} is empty")
 
+    def _check_count(self, count: int) -> None:
+        if not 1 <= count <= self.config.limits.max_photos:
+            raise BadInput(f"send between 1 and {self.config.limits.max_photos} photos, got {count}")
+
     # -- identities ----------------------------------------------------------------------------
     @api.post("/v1/identities", status_code=201, response_model=IdentityOut,
               responses=errors(400, 401, 409, 413, 422, 500, 502, 503))
@@ -176,42 +218,62 @@ class Ingress:
                      reconsent: str = Form("", description="For a person erased before: the new consent reference "
                                            "they gave (an erased person is refused without it).")) -> IdentityOut:
         tenant = self._tenant(request)
-        limits = self.config.limits
         if name.strip() and name_exists == "refuse" and await self.registry.named(tenant, name):
             raise NameTaken(f"the name {name.strip()!r} is taken: enroll under another name, or send "
                             "name_exists=rename (a suffix) or replace (erases the other identity)")
-        if not 1 <= len(photos) <= limits.max_photos:
-            raise BadInput(f"send between 1 and {limits.max_photos} photos, got {len(photos)}")
+        self._check_count(len(photos))
         if not consent.strip():
             raise BadInput("consent is required: a reference to the person's recorded consent")
-        reports, embeddings, quality, crops = [], [], [], []
-        from ray_faceid.face.decode import decode_image
-
         for photo in photos:  # every size before any photo is read or analysed
             self._check_size(photo.size, f"photo {photo.filename}")
+        uploads = []
         for i, photo in enumerate(photos):
             data = await photo.read()
             self._check_size(len(data), f"photo {photo.filename}")
+            uploads.append((photo.filename or f"photo{i}", data))
+        draft = await self.examine_photos(uploads)
+        return _out(await self.save_enrollment(tenant, draft, name, consent, name_exists, reconsent))
+
+    # The steps of every operation, shared by the HTTP handlers and the web page (web_ui.py).
+    async def examine_photos(self, uploads: list[tuple[str, bytes]]) -> EnrollmentDraft:
+        """Each photo analysed and judged as enrollment judges it; nothing is saved."""
+        from ray_faceid.face.decode import decode_image
+
+        self._check_count(len(uploads))
+        draft = EnrollmentDraft()
+        for i, (filename, data) in enumerate(uploads):
+            self._check_size(len(data), f"photo {filename}")
             result = await self._analyze(data)
-            report = PhotoReport(index=i, filename=photo.filename or f"photo{i}", accepted=False)
+            report = PhotoReport(index=i, filename=_file_name(filename) or f"photo{i}", accepted=False)
             faces = result.get("faces", [])
-            report.reason = result["message"] if "error" in result else rejection(faces, limits)
+            report.reason = result["message"] if "error" in result else rejection(faces, self.config.limits)
             if len(faces) == 1:
                 q = faces[0]["quality"]
                 report.quality, report.face_px, report.sharpness = q["score"], q["face_px"], q["sharpness"]
             if report.reason is None:
                 report.accepted = True
-                embeddings.append(faces[0]["embedding"])
-                quality.append(faces[0]["quality"]["score"])
-                crops.append(decode_image(faces[0]["crop_png"]))
-            reports.append(report)
-        if not embeddings:
-            reasons = "; ".join(f"{r.filename}: {r.reason}" for r in reports)
+                draft.embeddings.append(faces[0]["embedding"])
+                draft.quality.append(faces[0]["quality"]["score"])
+                draft.crops.append(decode_image(faces[0]["crop_png"]))
+            draft.reports.append(report)
+        return draft
+
+    async def save_enrollment(self, tenant: str, draft: EnrollmentDraft, name: str, consent: str,
+                              name_exists: str = "refuse", reconsent: str = "") -> dict:
+        if not draft.embeddings:
+            reasons = "; ".join(f"{r.filename}: {r.reason}" for r in draft.reports)
             raise BadInput(f"no usable photo ({reasons})")
-        meta = await self.registry.create(tenant, name or "", consent, np.array(embeddings), np.array(quality),
-                                    await self._spec(), crops, [r.model_dump() for r in reports],
-                                    name_exists=name_exists, reconsent=reconsent or None)
-        return _out(meta)
+        if not consent.strip():
+            raise BadInput("consent is required: a reference to the person's recorded consent")
+        return await self.registry.create(tenant, name or "", consent, np.array(draft.embeddings),
+                                          np.array(draft.quality), await self._spec(), draft.crops,
+                                          [r.model_dump() for r in draft.reports], name_exists=name_exists,
+                                          reconsent=reconsent or None)
+
+    async def erase(self, tenant: str, identity: str) -> ErasureReport:
+        report = await self.registry.call(erase_identity, self.store, tenant, identity)
+        removed = [dict(r, where=r["where"].rstrip("/").rsplit("/", 1)[-1]) for r in report["removed"]]
+        return ErasureReport(id=report["id"], removed=removed)
 
     @api.get("/v1/identities", response_model=IdentityList, responses=errors(401, 422, 500, 502))
     async def list_identities(self, request: Request, limit: int = Query(100, ge=1, le=1000),
@@ -232,10 +294,7 @@ class Ingress:
     async def delete_identity(self, identity: str, request: Request) -> ErasureReport:
         """Erase the person everywhere the system keeps them; says what was removed (storage folders
         are named by the last part of their path only)."""
-        tenant = self._tenant(request)
-        report = await self.registry.call(erase_identity, self.store, tenant, identity)
-        removed = [dict(r, where=r["where"].rstrip("/").rsplit("/", 1)[-1]) for r in report["removed"]]
-        return ErasureReport(id=report["id"], removed=removed)
+        return await self.erase(self._tenant(request), identity)
 
     # -- generation ----------------------------------------------------------------------------
     def _validate_generation(self, steps: int, width: int = 64, height: int = 64, images: int = 1) -> None:
@@ -267,13 +326,16 @@ class Ingress:
                                         same_person=same, wrong_identity_similarity=s.wrong_similarity))
         return scores
 
-    async def _generate_once(self, handle, payload: dict) -> dict:
+    async def _generate_once(self, handle, payload: dict, on_progress=None) -> dict:
         """One Generator call; a replica that dies mid-request (crash, preemption, scale-in) gets the
-        request again on another: the seed fixes the image, so the retry is the same answer."""
+        request again on another: the seed fixes the image, so the retry is the same answer. With
+        `on_progress(step, total)` the Generator streams its denoising steps to it."""
         limits = self.config.limits
         for attempt in range(2):
             try:
-                return await handle.generate.remote(payload)
+                if on_progress is None:
+                    return await handle.generate.remote(payload)
+                return await _streamed(handle, payload, on_progress)
             except BackPressureError:
                 raise Busy(f"the generator is busy (its queue of {limits.generator_max_queued} is full): retry in "
                            f"{limits.retry_after_s} s", limits.retry_after_s) from None
@@ -282,13 +344,14 @@ class Ingress:
         raise Busy(f"generator replicas failed twice during this request: retry in {limits.retry_after_s} s",
                    limits.retry_after_s)
 
-    async def _generate_scored(self, tenant: str, payload: dict, ids: list[str], min_score: float | None):
+    async def _generate_scored(self, tenant: str, payload: dict, ids: list[str], min_score: float | None,
+                               on_progress=None) -> GenerateResponse:
         attempts, best = 0, None
         for attempt in range(self.config.limits.max_reseeds + 1 if min_score is not None else 1):
             attempts += 1
             payload = dict(payload, seed=payload["seed"] + attempt * 7919)
             handle = multiplex.for_identity(self.generator, tenant, ids[0])
-            result = await self._generate_once(handle, payload)
+            result = await self._generate_once(handle, payload, on_progress)
             metrics.BATCH_SIZE.labels("generator").observe(result.get("batch_size", 1))
             _remote_error(result)
             metrics.CACHE.labels("hit").inc(result["cache_hits"])
@@ -307,7 +370,9 @@ class Ingress:
     @api.post("/v1/generate", response_model=GenerateResponse,
               responses=errors(400, 401, 404, 409, 410, 413, 422, 500, 502, 503))
     async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
-        tenant = self._tenant(request)
+        return await self.run_generate(self._tenant(request), body)
+
+    async def run_generate(self, tenant: str, body: GenerateRequest, on_progress=None) -> GenerateResponse:
         defaults = await self._defaults()
         body = body.model_copy(update={k: getattr(body, k) or defaults[k] for k in ("steps", "width", "height")})
         self._validate_generation(body.steps, body.width, body.height, body.num_images)
@@ -321,12 +386,14 @@ class Ingress:
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "width": body.width, "height": body.height,
                    "num_images": body.num_images}
-        return await self._generate_scored(tenant, payload, ids, body.min_identity_score)
+        return await self._generate_scored(tenant, payload, ids, body.min_identity_score, on_progress)
 
     @api.post("/v1/inpaint", response_model=GenerateResponse,
               responses=errors(400, 401, 404, 409, 410, 413, 422, 500, 502, 503))
     async def inpaint(self, body: InpaintRequest, request: Request) -> GenerateResponse:
-        tenant = self._tenant(request)
+        return await self.run_inpaint(self._tenant(request), body)
+
+    async def run_inpaint(self, tenant: str, body: InpaintRequest, on_progress=None) -> GenerateResponse:
         defaults = await self._defaults()
         body = body.model_copy(update={"steps": body.steps or defaults["steps"]})
         # Inpainting denoises at most at the model's native size, whatever the photo's size.
@@ -344,7 +411,7 @@ class Ingress:
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "feather": body.feather}
-        return await self._generate_scored(tenant, payload, [person["id"]], body.min_identity_score)
+        return await self._generate_scored(tenant, payload, [person["id"]], body.min_identity_score, on_progress)
 
     # -- operations ----------------------------------------------------------------------------
     @api.get("/healthz", responses=errors(500))

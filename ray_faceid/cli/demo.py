@@ -106,12 +106,14 @@ def _serve_story(out: Path, people: dict[str, list[bytes]], given: dict[str, int
     from ray import serve
 
     from deployments.local import config_from_yaml, start
+    from ray_faceid.cli.serve import web_page_line
 
     registry = out / "registry"
     shutil.rmtree(registry, ignore_errors=True)
     url, tokens = start(config_from_yaml(registry=str(registry)), port=port)
     headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
     console.print(f"API up at {url} (docs {url}/docs) while this stage runs")
+    console.print(web_page_line(url), soft_wrap=True)
     try:
         with httpx.Client(base_url=url, timeout=300, headers=headers) as client:
             ids = {}
@@ -271,4 +273,5 @@ def demo(
     console.print(f"  {command} identities list --registry {registry} --tenant {tenant}", soft_wrap=True, highlight=False)
     console.print(f"  {command} generate --registry {registry} --tenant {tenant} --identity {first} "
                   f"--prompt 'a portrait, smiling' --out {first}.png", soft_wrap=True, highlight=False)
-    console.print(f"  {command} serve --registry {registry}", soft_wrap=True, highlight=False)
+    console.print(f"  {command} serve --registry {registry}   # then open the web page it prints (/ui) and "
+                  "sign in with its token", soft_wrap=True, highlight=False)

@@ -10,6 +10,15 @@ import typer
 from ray_faceid.cli.common import console, user_errors
 
 
+def web_page_line(url: str) -> str:
+    """Where the web page is, or how to get it (it needs the `ui` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        return "web page: off (pip install 'ray-faceid[ui]' and restart to serve it at /ui)"
+    return f"web page: {url}/ui/ (sign in with the token above)"
+
+
 def serve(
     config: Path = typer.Option(Path(__file__).resolve().parents[2] / "deployments" / "serve.yaml", "--config",
                                 help="Serve YAML whose first application's args are used."),
@@ -28,6 +37,7 @@ def serve(
         url, tokens = start(cfg, port)
     tenant, token = next(iter(tokens.items()))
     console.print(f"ray_faceid API at {url} (docs: {url}/docs); tenant [bold]{tenant}[/bold] token: {token}")
+    console.print(web_page_line(url), soft_wrap=True)
     console.print(f"curl -H 'Authorization: Bearer {token}' -F consent=signed-form-123 -F photos=@face.jpg "
                   f"{url}/v1/identities", soft_wrap=True)
     try:

@@ -273,6 +273,10 @@ class IdentityPipeline:
         own = [self.personal_of(it) if self.adapter is not None else None for it in items]
         row_personal = [None] * len(items) + own  # CFG: unconditional rows first
         self._check_size(width, height)
+        most = sched.config.num_train_timesteps
+        if not 1 <= steps <= most:
+            raise BadInput(f"steps must be between 1 and {most} (the base model's scheduler has {most} timesteps), "
+                           f"got {steps}")
         f = base.vae_scale_factor
         h, w = height // f, width // f
         negative = self.encode_prompt([it.negative_prompt or "" for it in items], zero_empty=True)

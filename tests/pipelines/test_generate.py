@@ -72,6 +72,9 @@ def test_bad_requests_are_refused(pipe):
         pipe.generate("x", [person("ann", 1)], width=63, height=64, steps=2)
     with pytest.raises(BadInput, match="512-d embeddings, the adapter needs 128-d"):
         pipe.generate("x", [IdentityCondition("a", np.ones((1, 512)))], **SIZE)
+    # More steps than the scheduler has timesteps was a ValueError deep in diffusers (a 500 from Serve).
+    with pytest.raises(BadInput, match="steps must be between 1 and 1000"):
+        pipe.generate("x", [person("ann", 1)], width=64, height=64, steps=1001)
 
 
 def test_inpaint_keeps_every_pixel_outside_the_mask(pipe):

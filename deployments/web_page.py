@@ -1,0 +1,428 @@
+"""The web page at /ui (Gradio), served by the Ingress replica itself: enroll, generate, inpaint,
+erase and look at a render output from a browser. Every action calls the Ingress's own steps (the
+ones behind the HTTP API), so validation, limits, tenants and errors are the API's.
+
+The page holds no session of its own: each action presents the API token typed on the page, and
+a page without a valid token shows nothing of any tenant. With several Ingress replicas the
+proxy in front must keep a browser on one replica (Gradio's queue lives in the replica).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+from pydantic import ValidationError
+
+from deployments import auth
+from ray_faceid.errors import BadInput, FaceIdError
+
+if TYPE_CHECKING:
+    from deployments.ingress import Ingress
+
+log = logging.getLogger("ray.serve")
+PATH = "/ui"
+# Uploads and outputs Gradio keeps on the replica's disk are deleted within this many seconds:
+# they are faces (biometric data), and an erasure cannot reach a browser session's files.
+PAGE_FILES_TTL_S = 600
+LAYOUTS = ("automatic", "side by side")
+
+
+def mount(app, ingress: "Ingress") -> bool:
+    """Mount the page on this replica's copy of the FastAPI app; False where Gradio is not installed."""
+    try:
+        import gradio as gr
+    except ImportError:
+        log.info("the web page is off: install the `ui` extra (pip install 'ray-faceid[ui]') to serve it at %s", PATH)
+        return False
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls out of the cluster
+    limit = ingress.config.limits.max_upload_bytes
+    gr.mount_gradio_app(app, build(ingress), path=PATH, ssr_mode=False, footer_links=[], max_file_size=limit,
+                        theme=gr.themes.Default(font=["system-ui", "sans-serif"],  # no web fonts to fetch
+                                                font_mono=["ui-monospace", "monospace"]))
+    return True
+
+
+def _shown(exc: Exception):
+    """The error as the page shows it: the API's message (storage paths removed), never a traceback."""
+    import gradio as gr
+
+    from deployments.ingress import public_message
+
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, FaceIdError):
+        return gr.Error(f"{exc.status} {exc.code}: {public_message(exc.message)}")
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+        return gr.Error(f"422 invalid_request: {public_message(problems)}")
+    log.error("a web page action failed", exc_info=exc)
+    return gr.Error(f"500 internal: an internal error ({type(exc).__name__}); it is logged on the server")
+
+
+def _action(fn):
+    """A page action: every error becomes a readable message on the page."""
+
+    @functools.wraps(fn)
+    async def run(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - shown on the page (typed) or logged (a bug)
+            raise _shown(exc) from None
+
+    return run
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _image(b64: str) -> np.ndarray:
+    import base64
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def _edits(text: str) -> dict[str, float] | None:
+    """'smile=0.8, yaw=-20' -> {"smile": 0.8, "yaw": -20.0}."""
+    edits = {}
+    for item in (s.strip() for s in (text or "").split(",") if s.strip()):
+        key, sep, value = item.partition("=")
+        try:
+            edits[key.strip()] = float(value)
+        except ValueError:
+            raise BadInput(f"attribute edit {item!r}: write name=value, e.g. smile=0.8, yaw=-20") from None
+        if not sep:
+            raise BadInput(f"attribute edit {item!r}: write name=value, e.g. smile=0.8, yaw=-20")
+    return edits or None
+
+
+def regions(layout: str, count: int) -> list:
+    """The preset regions of `count` people, in the order they were picked."""
+    if layout == "side by side" and count > 1:
+        return [(k / count, 0.0, (k + 1) / count, 1.0) for k in range(count)]
+    return [None] * count
+
+
+def scores_table(images, names: dict[str, str]) -> str:
+    rows = ["| person | similarity | same person | most similar other person |", "|---|---|---|---|"]
+    for image in images:
+        for s in image.scores:
+            similarity = "no face found" if s.similarity is None else f"{s.similarity:.3f}"
+            same = {True: "yes", False: "no", None: "-"}[s.same_person]
+            other = "-" if s.wrong_identity_similarity is None else f"{s.wrong_identity_similarity:.3f}"
+            rows.append(f"| {names.get(s.id, s.id)} | {similarity} | {same} | {other} |")
+    return "\n".join(rows)
+
+
+class PageActions:
+    """What each control does; every method takes the page's token first."""
+
+    def __init__(self, ingress: "Ingress"):
+        self.ingress = ingress
+
+    def tenant(self, token: str) -> str:
+        from deployments.ingress import Unauthorized
+
+        tenant = auth.tenant_for(f"Bearer {(token or '').strip()}", self.ingress.tokens)
+        if tenant is None:
+            raise Unauthorized("the API token is missing or not valid: paste the token `ray-faceid serve` printed")
+        return tenant
+
+    async def people(self, tenant: str) -> list[dict]:
+        return await self.ingress.registry.list(tenant)
+
+    async def sign_in(self, token: str):
+        import gradio as gr
+
+        tenant = self.tenant(token)
+        defaults = await self.ingress._defaults()
+        everyone = await self.people(tenant)
+        choices = [(f"{m['name']} ({m['id'][:11]})", m["id"]) for m in everyone]
+        outputs = [(f"{k + 1}: {uri.rstrip('/').rsplit('/', 1)[-1]}", k)
+                   for k, uri in enumerate(await self.ingress.registry.outputs(tenant))]
+        return (f"Signed in: tenant **{tenant}**, {len(everyone)} people enrolled.", gr.Tabs(visible=True),
+                await self.gallery(tenant, everyone), gr.Dropdown(choices=choices, value=None),
+                gr.Dropdown(choices=choices, value=[]), gr.Dropdown(choices=choices, value=None),
+                gr.Dropdown(choices=outputs, value=None),
+                defaults["width"], defaults["height"], defaults["steps"])
+
+    async def gallery(self, tenant: str, everyone: list[dict]) -> list:
+        tiles = []
+        for meta in everyone:
+            crops = await self.ingress.registry.references(tenant, meta["id"])
+            own = "own adapter" if meta.get("adapters") else "shared adapter"
+            tiles.append((crops[0] if crops else None, f"{meta['name']} · {meta['id']} · {own}"))
+        return [t for t in tiles if t[0] is not None]
+
+    @staticmethod
+    def _uploads(files) -> list[tuple[str, bytes]]:
+        uploads = []
+        for f in files or []:
+            path = f if isinstance(f, str) else f.name
+            with open(path, "rb") as fh:
+                uploads.append((os.path.basename(path), fh.read()))
+        return uploads
+
+    async def preview(self, token: str, files):
+        self.tenant(token)
+        if not files:
+            return [], ""
+        draft = await self.ingress.examine_photos(self._uploads(files))
+        found = [(crop, report.filename) for crop, report in zip(draft.crops, [r for r in draft.reports if r.accepted])]
+        refused = [f"- **{r.filename}**: {r.reason}" for r in draft.reports if not r.accepted]
+        note = f"{len(found)} of {len(draft.reports)} photos usable."
+        return found, note + ("\n\nNot used:\n" + "\n".join(refused) if refused else "")
+
+    async def enroll(self, token: str, files, name: str, consent: str):
+        tenant = self.tenant(token)
+        uploads = self._uploads(files)
+        if not uploads:
+            raise BadInput("add one or more photos of the person first")
+        if not (name or "").strip():
+            raise BadInput("give the person a name (unique among your people)")
+        if await self.ingress.registry.named(tenant, name):
+            from ray_faceid.errors import NameTaken
+
+            raise NameTaken(f"the name {name.strip()!r} is taken: enroll under another name or delete the other first")
+        draft = await self.ingress.examine_photos(uploads)
+        meta = await self.ingress.save_enrollment(tenant, draft, name, consent)
+        # The form is cleared; Gradio's copies of the photos go with its cache (PAGE_FILES_TTL_S).
+        return (f"Enrolled **{meta['name']}** ({meta['id']}) from {meta['faces_used']} of {len(uploads)} photos.",
+                None, "", "", [], "", *(await self._people_updates(tenant)))
+
+    async def _people_updates(self, tenant: str) -> tuple:
+        import gradio as gr
+
+        everyone = await self.people(tenant)
+        choices = [(f"{m['name']} ({m['id'][:11]})", m["id"]) for m in everyone]
+        return (await self.gallery(tenant, everyone), gr.Dropdown(choices=choices, value=None),
+                gr.Dropdown(choices=choices, value=[]), gr.Dropdown(choices=choices, value=None))
+
+    async def ask_delete(self, token: str, identity: str | None):
+        import gradio as gr
+
+        tenant = self.tenant(token)
+        if not identity:
+            raise BadInput("pick the person to delete")
+        meta = await self.ingress.registry.get(tenant, identity)
+        text = (f"Erase **{meta['name']}** ({meta['id']}) everywhere: their photos' embeddings, crops, adapters, "
+                "rendered images and training rows? This cannot be undone.")
+        return gr.Row(visible=True), text
+
+    async def delete(self, token: str, identity: str | None):
+        import gradio as gr
+
+        tenant = self.tenant(token)
+        if not identity:
+            raise BadInput("pick the person to delete")
+        report = await self.ingress.erase(tenant, identity)
+        return (gr.Row(visible=False), gr.JSON(value=report.model_dump(), visible=True),
+                *(await self._people_updates(tenant)))
+
+    async def generate(self, token, picked, prompt, negative, expression, edits, layout, width, height, steps, seed,
+                       strength, guidance, progress=None):
+        from deployments.schemas import GenerateRequest
+
+        tenant = self.tenant(token)
+        picked = list(picked or [])
+        if not 1 <= len(picked) <= 4:
+            raise BadInput("pick one to four people")
+        changes = _edits(edits)
+        people = [{"id": p, "region": box, "expression": (expression or "").strip() or None, "scale": strength,
+                   "edits": changes} for p, box in zip(picked, regions(layout, len(picked)))]
+        body = GenerateRequest(prompt=prompt, negative_prompt=negative or "", identities=people,
+                               seed=None if seed is None or seed < 0 else int(seed), steps=int(steps),
+                               width=int(width), height=int(height), guidance=guidance)
+        result = await self.ingress.run_generate(tenant, body, self._reporter(progress))
+        return await self._shown_result(tenant, result)
+
+    async def inpaint(self, token, edited, person, prompt, steps, seed, progress=None):
+        import base64
+
+        from deployments.schemas import InpaintRequest
+
+        tenant = self.tenant(token)
+        if not person:
+            raise BadInput("pick the person to paint in")
+        image, mask = editor_image_and_mask(edited)
+        body = InpaintRequest(identity={"id": person}, image=base64.b64encode(_png(image)).decode(),
+                              mask=base64.b64encode(_png(mask)).decode(), prompt=prompt, steps=int(steps),
+                              seed=None if seed is None or seed < 0 else int(seed))
+        result = await self.ingress.run_inpaint(tenant, body, self._reporter(progress))
+        shown = await self._shown_result(tenant, result)
+        return (image, *shown)
+
+    @staticmethod
+    def _reporter(progress):
+        if progress is None:
+            return lambda step, total: None
+        return lambda step, total: progress((step, total), desc="denoising", unit="steps")
+
+    async def _shown_result(self, tenant: str, result):
+        names = {m["id"]: m["name"] for m in await self.people(tenant)}
+        first = result.images[0]
+        return _image(first.png_base64), scores_table(result.images, names), first.provenance
+
+    async def catalog(self, token: str, which):
+        tenant = self.tenant(token)
+        outputs = await self.ingress.registry.outputs(tenant)
+        if which is None or not 0 <= int(which) < len(outputs):
+            raise BadInput("pick one of your render outputs (sign in again to refresh the list)")
+        return await self.ingress.registry.call(read_render_output, outputs[int(which)])
+
+
+def editor_image_and_mask(edited) -> tuple[np.ndarray, np.ndarray]:
+    """An ImageMask value -> (RGB photo, mask: white where the user painted)."""
+    if not edited or edited.get("background") is None:
+        raise BadInput("upload a photo, then paint over the region to repaint")
+    background = np.asarray(edited["background"])
+    image = background[..., :3].astype(np.uint8)
+    painted = np.zeros(image.shape[:2], bool)
+    for layer in edited.get("layers") or []:
+        layer = np.asarray(layer)
+        painted |= (layer[..., 3] > 0) if layer.ndim == 3 and layer.shape[-1] == 4 else (layer.max(axis=-1) > 0)
+    if not painted.any():
+        raise BadInput("paint over the region to repaint (the mask is empty)")
+    return image, (painted * 255).astype(np.uint8)
+
+
+def read_render_output(uri: str) -> tuple:
+    """The contact sheet (if `eval` made one), the evaluation's figures and the failed rows of one output."""
+    from ray_faceid import storage
+    from ray_faceid.data import tables
+    from ray_faceid.data.render import MANIFEST, SUMMARY
+    from ray_faceid.eval.run import REPORT, SHEET
+
+    def optional(name: str) -> bytes | None:
+        path = storage.join(uri, name)
+        return storage.read_bytes(path) if storage.exists(path) else None
+
+    sheet = optional(SHEET)
+    summary = json.loads(optional(SUMMARY) or b"{}")
+    report = json.loads(optional(REPORT) or b"{}")
+    figures = {k: v for k, v in {**summary, **report}.items() if isinstance(v, (int, float, str)) and "/" not in str(v)}
+    failed = []
+    if storage.exists(storage.join(uri, MANIFEST)):
+        failed = [[r["id"], r["error"]] for r in tables.read_table(storage.join(uri, MANIFEST)).to_pylist()
+                  if r["status"] != "ok"]
+    image = np.asarray(Image.open(io.BytesIO(sheet)).convert("RGB")) if sheet else None
+    return image, [[k, str(v)] for k, v in figures.items()], failed or [["-", "no failed rows"]]
+
+
+def build(ingress: "Ingress"):
+    import gradio as gr
+
+    actions = PageActions(ingress)
+    act = {name: _action(getattr(actions, name)) for name in
+           ("sign_in", "preview", "enroll", "ask_delete", "delete", "catalog")}
+
+    async def generate(token, picked, prompt, negative, expression, edits, layout, width, height, steps, seed,
+                       strength, guidance, progress=gr.Progress()):
+        return await _action(actions.generate)(token, picked, prompt, negative, expression, edits, layout, width,
+                                               height, steps, seed, strength, guidance, progress)
+
+    async def inpaint(token, edited, person, prompt, steps, seed, progress=gr.Progress()):
+        return await _action(actions.inpaint)(token, edited, person, prompt, steps, seed, progress)
+
+    with gr.Blocks(title="ray_faceid", delete_cache=(60, PAGE_FILES_TTL_S)) as page:
+        gr.Markdown("## ray_faceid: people, identity-preserving generation, inpainting")
+        with gr.Row(equal_height=True):
+            token = gr.Textbox(label="API token", type="password", placeholder="the token `ray-faceid serve` printed",
+                               scale=4, elem_id="token")
+            sign_in = gr.Button("Sign in", variant="primary", scale=1, elem_id="sign-in")
+        status = gr.Markdown(elem_id="status")
+        with gr.Tabs(visible=False, elem_id="tabs") as tabs:
+            with gr.Tab("People", elem_id="tab-people"):
+                with gr.Row():
+                    with gr.Column():
+                        photos = gr.File(label="Photos of one person, alone in each", file_count="multiple",
+                                         file_types=["image"], elem_id="photos")
+                        name = gr.Textbox(label="Name", elem_id="name")
+                        consent = gr.Textbox(label="Consent reference", placeholder="e.g. form-2026-0042",
+                                             elem_id="consent")
+                        enroll = gr.Button("Enroll", variant="primary", elem_id="enroll")
+                    with gr.Column():
+                        found = gr.Gallery(label="Faces found", columns=4, height=180, elem_id="found")
+                        problems = gr.Markdown(elem_id="problems")
+                        enrolled = gr.Markdown(elem_id="enrolled")
+                gallery = gr.Gallery(label="Your people", columns=4, height="auto", elem_id="people")
+                with gr.Row(equal_height=True):
+                    to_delete = gr.Dropdown(label="Person", elem_id="delete-pick", scale=3)
+                    ask = gr.Button("Delete…", variant="stop", scale=1, elem_id="delete")
+                with gr.Row(visible=False) as confirm_row:
+                    confirm_text = gr.Markdown()
+                    confirm = gr.Button("Erase everywhere", variant="stop", elem_id="confirm-delete")
+                    keep = gr.Button("Keep", elem_id="keep")
+                erasure = gr.JSON(label="Erasure report", visible=False, elem_id="erasure")
+            with gr.Tab("Generate", elem_id="tab-generate"):
+                picked = gr.Dropdown(label="People (one to four, by name)", multiselect=True, max_choices=4,
+                                     elem_id="picked")
+                prompt = gr.Textbox(label="Prompt", value="a portrait photo", elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt")
+                with gr.Row():
+                    expression = gr.Textbox(label="Expression", placeholder="smile, turn left")
+                    edits = gr.Textbox(label="Attribute edits", placeholder="smile=0.8, yaw=-20")
+                    layout = gr.Radio(list(LAYOUTS), value=LAYOUTS[0], label="Where each person goes")
+                with gr.Row():
+                    width = gr.Number(label="Width", value=512, step=8, precision=0, elem_id="width")
+                    height = gr.Number(label="Height", value=512, step=8, precision=0, elem_id="height")
+                    steps = gr.Number(label="Steps", value=30, precision=0, minimum=1, elem_id="steps")
+                    seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
+                    strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Identity strength")
+                    guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel = gr.Button("Cancel", elem_id="cancel")
+                result = gr.Image(label="Image", format="png", interactive=False, elem_id="result")
+                scores = gr.Markdown(elem_id="scores")
+                with gr.Accordion("Provenance", open=False):
+                    provenance = gr.JSON(elem_id="provenance")
+            with gr.Tab("Inpaint", elem_id="tab-inpaint"):
+                edited = gr.ImageMask(label="Photo: paint over the region to repaint", type="numpy",
+                                      elem_id="inpaint-photo")
+                with gr.Row():
+                    person = gr.Dropdown(label="Person", elem_id="inpaint-person")
+                    inpaint_prompt = gr.Textbox(label="Prompt", value="a portrait photo")
+                    inpaint_steps = gr.Number(label="Steps", value=30, precision=0, minimum=1)
+                    inpaint_seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
+                paint = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
+                with gr.Row():
+                    before = gr.Image(label="Before", interactive=False)
+                    after = gr.Image(label="After", format="png", interactive=False, elem_id="inpaint-result")
+                inpaint_scores = gr.Markdown()
+                with gr.Accordion("Provenance", open=False):
+                    inpaint_provenance = gr.JSON()
+            with gr.Tab("Catalog", elem_id="tab-catalog"):
+                with gr.Row(equal_height=True):
+                    output = gr.Dropdown(label="Render output", elem_id="output", scale=3)
+                    show = gr.Button("Show", scale=1, elem_id="show-output")
+                sheet = gr.Image(label="Contact sheet (references beside outputs)", interactive=False)
+                figures = gr.Dataframe(headers=["figure", "value"], label="Evaluation", interactive=False)
+                failed = gr.Dataframe(headers=["row", "error"], label="Failed rows", interactive=False)
+
+        people_outputs = [gallery, to_delete, picked, person]
+        sign_in.click(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps])
+        token.submit(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps])
+        photos.change(act["preview"], [token, photos], [found, problems])
+        enroll.click(act["enroll"], [token, photos, name, consent],
+                     [enrolled, photos, name, consent, found, problems, *people_outputs])
+        ask.click(act["ask_delete"], [token, to_delete], [confirm_row, confirm_text])
+        keep.click(lambda: gr.Row(visible=False), None, [confirm_row])
+        confirm.click(act["delete"], [token, to_delete], [confirm_row, erasure, *people_outputs])
+        running = go.click(generate, [token, picked, prompt, negative, expression, edits, layout, width, height, steps,
+                                      seed, strength, guidance], [result, scores, provenance])
+        cancel.click(None, None, None, cancels=[running])
+        paint.click(inpaint, [token, edited, person, inpaint_prompt, inpaint_steps, inpaint_seed],
+                    [before, after, inpaint_scores, inpaint_provenance])
+        show.click(act["catalog"], [token, output], [sheet, figures, failed])
+    # Concurrency is bounded by the Generator's queue (a full one answers "busy"), not by the page.
+    page.queue(default_concurrency_limit=None)
+    return page

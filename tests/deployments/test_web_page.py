@@ -1,0 +1,219 @@
+"""The web page at /ui in a real browser (headless Chromium driven by Playwright): sign in, enroll
+two people, generate each and both, see the image and its scores, cancel a long request, delete a
+person; at a desktop and a phone width. Screenshots of each page go to the test's temporary folder."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the web page needs the `ui` extra (pip install 'ray-faceid[ui]')")
+playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (`dev` extra)")
+
+TOKENS = {"acme": "acme-page-token-0123456789", "other": "other-page-token-0123456789"}
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def chromium_binary() -> str:
+    found = os.environ.get("RAY_FACEID_CHROMIUM") or next(filter(None, map(shutil.which, BROWSERS)), None)
+    if not found:
+        pytest.skip("no Chromium found (apt-get install chromium, or set RAY_FACEID_CHROMIUM): the browser test skips")
+    return found
+
+
+@pytest.fixture(scope="module")
+def page_app(ray_cluster, tmp_path_factory, loopback_port, default_encoder_flow):
+    from ray import serve
+
+    from deployments.local import start
+    from ray_faceid.config import AutoscalingConfig, ServeConfig, ServeLimits
+
+    one = AutoscalingConfig(min_replicas=1, max_replicas=1)
+    config = ServeConfig(
+        flow=default_encoder_flow, registry=str(tmp_path_factory.mktemp("registry")), api_tokens=TOKENS,
+        generator_gpus=1.0, generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
+        limits=ServeLimits(max_steps=1000, max_side=256, max_images=2, max_cost=64 * 64 * 1000),
+    )
+    url, _ = start(config, loopback_port())
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_people(sample_photos, tmp_path_factory) -> dict[str, list[Path]]:
+    """Two people's photos: from the shared set where present, else insightface's samples."""
+    from tests.conftest import SHARED_FACES
+
+    if (SHARED_FACES / "pairs.csv").is_file():
+        folders = sorted(p for p in SHARED_FACES.iterdir() if p.is_dir() and p.name not in ("group", "nonface"))
+        return {f.name: sorted(f.glob("*.jpg"))[:2] for f in folders[:2]}
+    folder = tmp_path_factory.mktemp("people")
+    t1 = np.asarray(Image.open(sample_photos["t1.jpg"]).convert("RGB"))
+    Image.fromarray(t1[230:450, 20:230]).save(folder / "left.png")
+    return {"hanks": [sample_photos["Tom_Hanks_54745.png"]], "left": [folder / "left.png"]}
+
+
+def generator_info() -> dict:
+    """From a thread of its own: Playwright's sync API keeps an event loop in this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    def ask() -> dict:
+        return serve.get_deployment_handle("Generator", app_name="faceid").info.remote().result()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ask).result()
+
+
+def sign_in(page, url: str, token: str, ok: bool = True) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/ui/")
+    page.locator("#token input, #token textarea").first.fill(token)
+    page.locator("#sign-in").click()
+    if ok:
+        expect(page.locator("#status")).to_contain_text("Signed in")
+
+
+def pick(page, dropdown: str, option: str) -> None:
+    """Type to filter the dropdown, then take the one option left."""
+    from playwright.sync_api import expect
+
+    box = page.locator(f"{dropdown} input").first
+    box.click()
+    box.fill(option)
+    expect(page.get_by_role("option", name=option)).to_have_count(1)
+    if page.locator(f"{dropdown} .token").count() or dropdown == "#picked":  # a multiselect keeps its list open
+        box.press("Enter")
+        page.keyboard.press("Escape")
+        box.blur()  # the next click opens the list again
+        expect(page.locator(f"{dropdown} .token").last).to_contain_text(option)
+    else:
+        page.get_by_role("option", name=option).click()
+        box.blur()
+        expect(box).to_have_value(re.compile(re.escape(option) + r" \(id_"))
+
+
+def generate(page, names: list[str], steps: int) -> None:
+    page.locator("#tab-generate-button, button[role=tab]:has-text('Generate')").first.click()
+    for name in names:
+        pick(page, "#picked", name)
+    for field, value in (("#width", 64), ("#height", 64), ("#steps", steps), ("#seed", 3)):
+        page.locator(f"{field} input").first.fill(str(value))
+    page.locator("#generate").click()
+
+
+def test_the_page_enrolls_generates_cancels_and_erases(page_app, two_people, tmp_path):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)  # a busy 2-core machine: analysis and denoising take seconds
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_binary(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(30_000)
+        try:
+            walk_through(page, browser, page_app, two_people, shots)
+        except Exception:
+            page.screenshot(path=shots / "failed.png", full_page=True)
+            print(f"the page when it failed: {shots / 'failed.png'}")
+            raise
+        browser.close()
+    assert len(list(shots.glob("*.png"))) >= 7
+
+
+def walk_through(page, browser, page_app, two_people, shots):
+    from playwright.sync_api import expect
+
+
+
+    # Signed out, or with a wrong token: nothing of any tenant.
+    sign_in(page, page_app, "not-a-token-at-all-xxxxxxxx", ok=False)
+    expect(page.get_by_text("401 unauthorized").first).to_be_visible()
+    expect(page.locator("#tabs")).to_be_hidden()
+    page.screenshot(path=shots / "signed-out.png")
+
+    sign_in(page, page_app, TOKENS["acme"])
+    expect(page.locator("#status")).to_contain_text("Signed in: tenant acme, 0 people")
+    for name, photos in two_people.items():
+        page.locator("#photos input[type=file]").set_input_files([str(p) for p in photos])
+        expect(page.locator("#problems")).to_contain_text(f"{len(photos)} of {len(photos)} photos usable")
+        expect(page.locator("#found img")).to_have_count(len(photos))
+        page.locator("#name input, #name textarea").first.fill(name)
+        page.locator("#consent input, #consent textarea").first.fill("consent-form-7")
+        page.locator("#enroll").click()
+        expect(page.locator("#enrolled")).to_contain_text(f"Enrolled {name}")
+    expect(page.locator("#people")).to_contain_text(list(two_people)[1])
+    page.screenshot(path=shots / "people.png", full_page=True)
+
+    names = list(two_people)
+    for people in ([names[0]], [names[1]], names):
+        generate(page, people, steps=2)
+        expect(page.locator("#result img")).to_be_visible()
+        for name in people:
+            expect(page.locator("#scores")).to_contain_text(name)
+        expect(page.locator("#scores")).to_contain_text("same person")
+        page.screenshot(path=shots / f"generate-{'-'.join(people)}.png", full_page=True)
+        sign_in(page, page_app, TOKENS["acme"])  # a fresh page: nobody picked
+
+    # A long request shows its progress and stops at the next step when cancelled.
+    before = generator_info()["cancelled"]
+    generate(page, [names[0]], steps=900)
+    expect(page.get_by_text("denoising").first).to_be_visible()
+    page.screenshot(path=shots / "generating.png")
+    page.locator("#cancel").click()
+    deadline = time.time() + 60
+    while generator_info()["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.5)
+    assert generator_info()["cancelled"] == before + 1, "the cancelled request kept denoising"
+
+    # Delete one person: a confirmation, the erasure report, and they are gone from the page.
+    page.locator("button[role=tab]:has-text('People')").first.click()
+    pick(page, "#delete-pick", names[1])
+    page.locator("#delete").click()
+    expect(page.get_by_text("This cannot be undone")).to_be_visible()
+    page.locator("#confirm-delete").click()
+    expect(page.locator("#erasure")).to_contain_text("removed")
+    expect(page.locator("#people")).not_to_contain_text(names[1])
+    expect(page.locator("#people")).to_contain_text(names[0])
+    page.screenshot(path=shots / "deleted.png", full_page=True)
+
+    # Another tenant sees none of it; an oversize request is a readable message, not a trace.
+    sign_in(page, page_app, TOKENS["other"])
+    expect(page.locator("#status")).to_contain_text("tenant other, 0 people")
+    sign_in(page, page_app, TOKENS["acme"])
+    generate(page, [names[0]], steps=4000)
+    expect(page.get_by_text("steps 4000 is over the limit").first).to_be_visible()
+    expect(page.get_by_text("Traceback")).to_have_count(0)
+
+    # A phone's width: the same page, nothing wider than the screen.
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    sign_in(phone, page_app, TOKENS["acme"])
+    expect(phone.locator("#status")).to_contain_text("Signed in: tenant acme, 1 people")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    phone.screenshot(path=shots / "phone.png", full_page=True)
+
+
+def test_inpaint_takes_the_painted_mask(page_app):
+    """The inpaint control's value (photo + painted layer) becomes the API's image and mask."""
+    from deployments.web_page import editor_image_and_mask
+    from ray_faceid.errors import BadInput
+
+    photo = np.full((64, 48, 4), 200, np.uint8)
+    layer = np.zeros((64, 48, 4), np.uint8)
+    layer[10:20, 5:15, 3] = 255
+    image, mask = editor_image_and_mask({"background": photo, "layers": [layer], "composite": photo})
+    assert image.shape == (64, 48, 3) and mask.dtype == np.uint8
+    assert mask[10:20, 5:15].min() == 255 and mask.sum() == 255 * 100
+    with pytest.raises(BadInput, match="mask is empty"):
+        editor_image_and_mask({"background": photo, "layers": [np.zeros_like(layer)]})
+    with pytest.raises(BadInput, match="upload a photo"):
+        editor_image_and_mask(None)
