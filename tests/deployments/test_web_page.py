@@ -3,6 +3,7 @@ two people, generate each and both, see the image and its scores, cancel a long 
 person; at a desktop and a phone width. Screenshots of each page go to the test's temporary folder."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -41,7 +42,7 @@ def page_app(ray_cluster, tmp_path_factory, loopback_port, default_encoder_flow)
         limits=ServeLimits(max_steps=1000, max_side=256, max_images=2, max_cost=64 * 64 * 1000),
     )
     url, _ = start(config, loopback_port())
-    yield url
+    yield url, config
     serve.shutdown()
 
 
@@ -111,6 +112,7 @@ def generate(page, names: list[str], steps: int) -> None:
 
 
 def test_the_page_enrolls_generates_cancels_and_erases(page_app, two_people, tmp_path):
+    page_app = page_app[0]
     from playwright.sync_api import expect
 
     expect.set_options(timeout=30_000)  # a busy 2-core machine: analysis and denoising take seconds
@@ -200,6 +202,63 @@ def walk_through(page, browser, page_app, two_people, shots):
     expect(phone.locator("#status")).to_contain_text("Signed in: tenant acme, 1 people")
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390
     phone.screenshot(path=shots / "phone.png", full_page=True)
+
+
+def test_inpaint_and_a_render_output_through_the_page(page_app, sample_photos, tmp_path):
+    """The page's inpaint and catalog actions, called as the browser calls them (Gradio's client)."""
+    import httpx
+    import pyarrow as pa
+    from gradio_client import Client, handle_file
+
+    from ray_faceid.data import tables
+    from ray_faceid.data.render import MANIFEST, MANIFEST_SCHEMA, SUMMARY
+    from ray_faceid.registry import Registry
+
+    url, config = page_app
+    token = TOKENS["other"]
+    enrolled = httpx.post(f"{url}/v1/identities", headers={"Authorization": f"Bearer {token}"},
+                          files=[("photos", ("hanks.png", sample_photos["Tom_Hanks_54745.png"].read_bytes()))],
+                          data={"consent": "form-1", "name": "tom"}, timeout=120)
+    assert enrolled.status_code == 201, enrolled.text
+    photo = np.asarray(Image.open(sample_photos["Tom_Hanks_54745.png"]).convert("RGB"))
+    layer = np.zeros((*photo.shape[:2], 4), np.uint8)
+    h, w = photo.shape[:2]
+    layer[h // 4: h // 2, w // 4: 3 * w // 4] = 255  # the painted stroke
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    client = Client(f"{url}/ui/", verbose=False)
+    client.predict(token, api_name="/sign_in")  # as in a browser: the page's lists are the tenant's
+    edited = {"background": handle_file(str(tmp_path / "photo.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
+              "composite": None}
+    before, after, scores, provenance = client.predict(token, edited, enrolled.json()["id"], "a portrait photo", 2, 5,
+                                                       api_name="/inpaint")
+    result = np.asarray(Image.open(after).convert("RGB")).astype(int)
+    assert result.shape == photo.shape
+    outside = np.ones(photo.shape[:2], bool)
+    outside[h // 4 - 16: h // 2 + 16, w // 4 - 16: 3 * w // 4 + 16] = False  # beyond the feathered edge
+    assert np.abs(result[outside] - photo[outside]).max() <= 2, "pixels outside the painted mask changed"
+    assert "| tom |" in scores and enrolled.json()["id"] in json.dumps(provenance)
+
+    # A render output of this tenant: its figures and its failed rows, with their errors.
+    out = tmp_path / "rendered"
+    out.mkdir()
+    rows = [dict.fromkeys(MANIFEST_SCHEMA.names), dict.fromkeys(MANIFEST_SCHEMA.names)]
+    rows[0].update(id="row-ok", status="ok")
+    rows[1].update(id="row-bad", status="error", error="not_found: identity 'zed' not found")
+    tables.write_table(str(out / MANIFEST), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    (out / SUMMARY).write_text('{"rows": 2, "failed": 1, "similarity_mean": 0.61}')
+    Registry(config.registry).record_output("other", str(out))
+    client.predict(token, api_name="/sign_in")
+    sheet, figures, failed = client.predict(token, 0, api_name="/catalog")
+    assert sheet is None  # no `eval` run on it yet
+    assert ["failed", "1"] in figures["data"] and ["similarity_mean", "0.61"] in figures["data"]
+    assert failed["data"] == [["row-bad", "not_found: identity 'zed' not found"]]
+    # Another tenant's token reaches none of it.
+    try:
+        client.predict(TOKENS["acme"], 0, api_name="/catalog")
+        raise AssertionError("acme saw other's render output")
+    except Exception as exc:  # noqa: BLE001 - gradio_client raises AppError with the page's message
+        assert "pick one of your render outputs" in str(exc), exc
 
 
 def test_inpaint_takes_the_painted_mask(page_app):
