@@ -22,6 +22,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     _exit_quietly_on_sigterm()
 
 
+TERMINATED_BY: int | None = None
+"""The signal that stopped this process. Ray turns an exit raised inside one of its blocking calls
+(`ray.get`, as in Ray Train's fit) into SystemExit(1); the CLI's entry point restores 128 + signal."""
+
+
 def _exit_quietly_on_sigterm() -> None:
     """Ray's core installs a crash handler that dumps a native stack on SIGTERM, which is how
     operators and schedulers stop a job or a server: exit as for Ctrl-C instead (code 143, no
@@ -30,8 +35,13 @@ def _exit_quietly_on_sigterm() -> None:
     import sys
     import threading
 
+    def stop(signum, frame):
+        global TERMINATED_BY
+        TERMINATED_BY = signum
+        sys.exit(128 + signum)
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, stop)
 
 
 def is_local(address: str | None) -> bool:

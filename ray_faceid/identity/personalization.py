@@ -50,7 +50,7 @@ def adapt_identity(base, adapter: IdentityAdapter, batch_at: Callable[[int], Cro
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             if on_step is not None:
-                on_step(step + 1, float(loss))
+                on_step(step + 1, float(loss.detach()))
         loss_end = evaluate()
         trained = processor_weights(adapter)
     finally:

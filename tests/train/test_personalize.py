@@ -115,3 +115,32 @@ def test_the_cli_defaults_finish_and_an_impossible_job_fails_at_once(tmp_path, s
     assert named.exit_code == 3, named.output
     summary = json.loads(named.output[named.output.index("{"):named.output.rindex("}") + 1])
     assert len(summary["skipped"]) == 1 and list(summary["failed"]) == ["nobody"]
+
+
+def test_sigterm_stops_personalize_with_143(tmp_path, small_dataset, shared_adapter):
+    """Schedulers stop jobs with SIGTERM: personalize exits 143 like every other command (it was 1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    registry = Registry(str(tmp_path / "registry"))
+    enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    command = [str(Path(sys.executable).parent / "ray-faceid"), "personalize", "--registry", registry.store,
+               "--adapter", shared_adapter, "--steps", "5000", "--identities", "amy"]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline, line = time.monotonic() + 240, ""
+        while "step" not in line and time.monotonic() < deadline and job.poll() is None:
+            line = job.stdout.readline()
+        assert "step" in line, "no progress line before the deadline"
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=90)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "SIGTERM received" not in output and "Traceback" not in output, output[-3000:]
