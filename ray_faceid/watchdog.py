@@ -1,10 +1,11 @@
 """No silent hangs: a job that stops making progress says what it waits for, then fails.
 
 Workers (or the driver's progress loop) beat after every step; a thread on the driver watches the
-time since the last beat. Past `warn_after` seconds it prints what the cluster is waiting for
-(resources free and total, placement groups that cannot be placed, pending tasks where Ray's state
-API is up); past `fail_after` it interrupts the job and raises Stalled with that report, instead of
-leaving a node billed for nothing.
+time since the last beat. Past `warn_after` seconds it prints what each worker is doing (busy
+computing or idle, from the CPU time their pulse reports between steps) and what the cluster is
+waiting for (resources free and total, placement groups that cannot be placed, pending tasks
+where Ray's state API is up); past `fail_after` it interrupts the job and raises Stalled with that
+report, instead of leaving a node billed for nothing.
 """
 from __future__ import annotations
 
@@ -24,15 +25,23 @@ class Stalled(FaceIdError):
     code = "stalled"
 
 
+PULSE_S = 5.0
+"""How often a worker's pulse sends its process's CPU time (steps may take much longer)."""
+BUSY_CPU = 0.2
+"""CPU-seconds per second above which a worker without progress is computing, not waiting."""
+
+
 def _heartbeat_class():
     import ray
 
     @ray.remote(num_cpus=0)
     class Heartbeat:
-        """Where workers on any node record their progress (no CPU: it never competes with them)."""
+        """Where workers on any node record their progress (no CPU: it never competes with them),
+        and, from their pulse, the CPU time their processes use between steps."""
 
         def __init__(self):
             self.at, self.step = time.time(), None
+            self.cpu: dict[str, list[tuple[float, float]]] = {}
 
         def beat(self, step=None) -> None:
             self.at, self.step = time.time(), step
@@ -40,7 +49,79 @@ def _heartbeat_class():
         def last(self) -> tuple[float, object]:
             return self.at, self.step
 
+        def pulse(self, worker: str, cpu_s: float) -> None:
+            now = time.time()
+            seen = [(t, c) for t, c in self.cpu.get(worker, []) if now - t < 600] + [(now, cpu_s)]
+            self.cpu[worker] = seen
+
+        def activity(self, window_s: float) -> dict[str, tuple[float | None, float]]:
+            """worker -> (CPU-seconds per second over the last `window_s`, seconds since its last pulse)."""
+            now, out = time.time(), {}
+            for worker, seen in self.cpu.items():
+                recent = [(t, c) for t, c in seen if now - t <= window_s] or seen[-1:]
+                first, last = recent[0], recent[-1]
+                rate = (last[1] - first[1]) / (last[0] - first[0]) if last[0] > first[0] else None
+                out[worker] = (rate, now - last[0])
+            return out
+
     return Heartbeat
+
+
+class Pulse:
+    """`with Pulse(heartbeat, "worker 0"):` in a worker: a thread sends the process's CPU time every
+    PULSE_S, so a stalled job's report can tell a worker busy inside a long step from an idle one."""
+
+    def __init__(self, heartbeat, worker: str):
+        import os
+
+        self.heartbeat, self.worker = heartbeat, f"{worker} (pid {os.getpid()})"
+        self._stop = threading.Event()
+
+    def _send(self) -> None:
+        while True:
+            try:
+                self.heartbeat.pulse.remote(self.worker, time.process_time())
+            except Exception:  # noqa: BLE001 - a pulse is a report, never a reason to fail the work
+                pass
+            if self._stop.wait(PULSE_S):
+                return
+
+    def __enter__(self) -> "Pulse":
+        if self.heartbeat is not None:
+            threading.Thread(target=self._send, name="ray_faceid-pulse", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        return False
+
+
+def activity_report(heartbeat, window_s: float = 60.0) -> str:
+    """One line per worker: busy (CPU time moving: computing inside a step) or idle (waiting)."""
+    import ray
+
+    try:
+        seen = ray.get(heartbeat.activity.remote(window_s), timeout=30)
+    except Exception:  # noqa: BLE001 - a report, not a check
+        return "workers: their activity could not be read"
+    if not seen:
+        return "workers: none has started (no pulse yet): the job waits for resources or for workers to start"
+    lines = []
+    for worker, (rate, age) in sorted(seen.items()):
+        if age > 6 * PULSE_S:
+            lines.append(f"{worker}: no pulse for {age:.0f} s (its process stopped or cannot reach the driver)")
+        elif rate is None:
+            lines.append(f"{worker}: started, too recently to judge")
+        elif rate >= BUSY_CPU:
+            lines.append(f"{worker}: busy computing ({rate:.2f} CPU-s/s over the last {window_s:g} s), no step finished")
+        else:
+            lines.append(f"{worker}: idle, waiting ({rate:.2f} CPU-s/s over the last {window_s:g} s)")
+    return "workers:\n  " + "\n  ".join(lines)
+
+
+def job_report(heartbeat) -> Callable[[], str]:
+    """The stall report of a job with workers: what each worker does, then what the cluster waits for."""
+    return lambda: activity_report(heartbeat) + "\n  " + waiting_report()
 
 
 def new_heartbeat():
@@ -115,7 +196,7 @@ class Watchdog:
             idle = time.time() - self._last
             if idle > self.fail_after:
                 failure = (f"{self.what}: no progress for {idle:.0f} s (the limit is {self.fail_after:g} s); "
-                           f"stopped. Waiting for:\n  {self.report()}")
+                           f"stopped. State:\n  {self.report()}")
                 with self._ending:
                     if self._stop.is_set():  # the job ended while the report was made: nothing to stop
                         return
@@ -125,7 +206,7 @@ class Watchdog:
             if idle > self.warn_after and (warned_at is None or time.time() - warned_at > self.warn_after):
                 warned_at = time.time()
                 self.emit(f"{self.what}: no progress for {idle:.0f} s (failing at {self.fail_after:g} s). "
-                          f"Waiting for:\n  {self.report()}")
+                          f"State:\n  {self.report()}")
 
     def __enter__(self) -> "Watchdog":
         self._thread = threading.Thread(target=self._watch, name="ray_faceid-watchdog", daemon=True)

@@ -30,7 +30,7 @@ from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.quiet import train_logging
 from ray_faceid.train import runs
-from ray_faceid.watchdog import Watchdog, beat, last_beat, new_heartbeat
+from ray_faceid.watchdog import Pulse, Watchdog, beat, job_report, last_beat, new_heartbeat
 
 RUN_NAME, RECORD_FILE = "train", "training.json"
 EVAL_EXAMPLES = 8
@@ -171,6 +171,14 @@ def _fixed_loss(objective, batch, seed: int) -> float:
 
 
 def worker_loop(loop: dict) -> None:
+    """The Ray Train worker, with its pulse running (the stall report tells busy from idle)."""
+    import ray.train
+
+    with Pulse(loop.get("heartbeat"), f"worker {ray.train.get_context().get_world_rank()}"):
+        _work(loop)
+
+
+def _work(loop: dict) -> None:
     """One Ray Train worker. `loop['fault']` (tests only) kills the last worker once after a step."""
     import ray.train
     import ray.train.torch
@@ -326,7 +334,8 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
                              **({"logging_config": train_logging()} if train_logging() else {})),
         datasets={"train": ds},
     )
-    with Watchdog(f"train {config.method}", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat)):
+    with Watchdog(f"train {config.method}", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat),
+                  report=job_report(heartbeat)):
         result = trainer.fit()
     record = json.loads(storage.read_bytes(storage.join(out, RECORD_FILE)))
     record["last_metrics"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

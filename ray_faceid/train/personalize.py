@@ -22,7 +22,7 @@ from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.quiet import train_logging
 from ray_faceid.registry import Registry
 from ray_faceid.train import runs
-from ray_faceid.watchdog import Watchdog, beat, last_beat, new_heartbeat
+from ray_faceid.watchdog import Pulse, Watchdog, beat, job_report, last_beat, new_heartbeat
 
 RUNS = ".runs"  # beside the tenants; '.' cannot start a tenant name
 CAPTION = "a photo of a person"
@@ -79,6 +79,14 @@ def _restored_progress(checkpoint) -> tuple[dict, dict]:
 
 
 def worker_loop(loop: dict) -> None:
+    """The Ray Train worker, with its pulse running (the stall report tells busy from idle)."""
+    import ray.train
+
+    with Pulse(loop.get("heartbeat"), f"worker {ray.train.get_context().get_world_rank()}"):
+        _work(loop)
+
+
+def _work(loop: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
@@ -175,7 +183,8 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
                                  failure_config=FailureConfig(max_failures=config.max_failures),
                                  **({"logging_config": train_logging()} if train_logging() else {})),
         )
-        with Watchdog("personalize", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat)):
+        with Watchdog("personalize", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat),
+                      report=job_report(heartbeat)):
             result = trainer.fit()
         done, run_failed = _restored_progress(result.checkpoint)
         failed.update(run_failed)

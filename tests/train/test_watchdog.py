@@ -1,4 +1,5 @@
 """A job whose workers stop making progress fails with what the cluster waits for, not silently."""
+import re
 import time
 
 import pytest
@@ -27,7 +28,36 @@ def test_a_training_job_that_stops_progressing_fails_with_a_report(small_dataset
         run_training(small_dataset, "tiny", str(tmp_path / "run"), config, fault={"hang_at": 2})
     assert time.perf_counter() - started < 120
     assert "train decoupled: no progress for" in stalled.value.message and "resources free / total" in stalled.value.message
+    # Says what the workers did: not started yet (a loaded machine), or idle inside the hung step.
+    assert re.search(r"workers:\s+(none has started|worker 0 \(pid \d+\): idle, waiting)", stalled.value.message)
     deadline = time.time() + 60  # the stopped job gives its CPUs back to the next one
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_the_report_tells_a_busy_worker_from_an_idle_one(ray_cluster):
+    """Two workers without a finished step: one computing inside a long step, one waiting."""
+    import ray
+
+    from ray_faceid import watchdog
+    from ray_faceid.watchdog import Pulse, activity_report, new_heartbeat
+
+    heartbeat = new_heartbeat()
+    assert "none has started" in activity_report(heartbeat)
+
+    @ray.remote(num_cpus=0.1)
+    def work(name: str, busy: bool, seconds: float) -> None:
+        watchdog.PULSE_S = 0.5
+        with Pulse(heartbeat, name):
+            end = time.time() + seconds
+            while time.time() < end:
+                if busy:
+                    sum(i * i for i in range(10000))
+                else:
+                    time.sleep(0.1)
+
+    ray.get([work.remote("worker 0", True, 4), work.remote("worker 1", False, 4)])
+    report = activity_report(heartbeat, window_s=10)
+    assert re.search(r"worker 0 \(pid \d+\): busy computing", report), report
+    assert re.search(r"worker 1 \(pid \d+\): idle, waiting", report), report
