@@ -60,3 +60,9 @@ def test_a_real_worker_error_line_passes_the_filter():
     assert not any(re.search(p, error) for p in quiet.HARMLESS_WORKER_LINES)
     lines = quiet.RepeatedLines()
     assert lines.keep(1, ["Traceback (most recent call last):", error]) == ["Traceback (most recent call last):", error]
+
+
+def test_ddps_unused_parameter_notice_is_not_printed_once_per_worker():
+    notice = ("[W1129 01:02:03.456 reducer.cpp:1430] Warning: find_unused_parameters=True was specified in DDP "
+              "constructor, but did not find any unused parameters in the forward pass.")
+    assert any(re.search(p, notice) for p in quiet.HARMLESS_WORKER_LINES)
