@@ -254,6 +254,19 @@ class Registry:
                     continue
         return out
 
+    def tenants(self) -> list[str]:
+        """The tenants that have an identity folder here (erased or not)."""
+        fs, path = storage.filesystem(self.store)
+        if not fs.exists(path):
+            return []
+        found = []
+        for entry in sorted(fs.ls(path, detail=False)):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if _TENANT.match(name) and fs.isdir(entry) and any(
+                    _ID.match(e.rstrip("/").rsplit("/", 1)[-1]) for e in fs.ls(entry, detail=False)):
+                found.append(name)
+        return found
+
     def name_lock(self, tenant: str, name: str):
         """Held while a name is enrolled or its holder withdrawn (erasure.py takes it too)."""
         return self._name_lock(tenant, name)

@@ -25,6 +25,10 @@ def test_enroll_list_show_delete(tmp_path, sample_photos):
     assert [m["id"] for m in listed] == [ident] and listed[0]["consent"] == "form-7"
     assert runner.invoke(app, ["identities", "list", "--json", "--registry", str(tmp_path / "reg"),
                                "--tenant", "other"]).stdout.strip() == "[]"
+    # A tenant with nobody says so, and names the tenants that have people (it printed nothing).
+    empty = runner.invoke(app, ["identities", "list", "--registry", str(tmp_path / "reg")])
+    assert empty.exit_code == 0 and "no identities for tenant 'default'" in empty.stdout
+    assert "tenants with people here: acme" in " ".join(empty.stdout.split())
     assert '"name": "tom"' in runner.invoke(app, ["identities", "show", ident, *reg]).stdout
     erased = runner.invoke(app, ["identities", "delete", ident, *reg])
     assert erased.exit_code == 0 and "tombstone" in erased.stdout
@@ -39,6 +43,10 @@ def test_enroll_without_a_usable_photo_exits_2(tmp_path):
     Image.new("RGB", (150, 150), "white").save(blank)
     result = runner.invoke(app, ["identities", "enroll", str(blank), "--consent", "x", "--registry", str(tmp_path)])
     assert result.exit_code == 2 and "no usable photo" in result.stderr
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    result = runner.invoke(app, ["identities", "enroll", str(broken), "--consent", "x", "--registry", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.count(str(broken)) == 1, result.stderr  # was named twice
 
 
 def test_enroll_dataset_enrolls_each_identity_once(tmp_path, small_dataset):

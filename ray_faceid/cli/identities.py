@@ -43,7 +43,9 @@ def enroll(
         reports, embeddings, quality, crops = [], [], [], []
         for i, (path, found) in enumerate(zip(photos, analyzer.analyze_batch(photos, return_errors=True))):
             faces = [] if isinstance(found, FaceIdError) else found
-            reason = found.message if isinstance(found, FaceIdError) else rejection([f.to_dict() for f in faces], limits)
+            # A read error names the file itself; the report names it once.
+            reason = (found.message.removeprefix(f"{path}: ") if isinstance(found, FaceIdError)
+                      else rejection([f.to_dict() for f in faces], limits))
             reports.append({"index": i, "filename": path, "accepted": reason is None, "reason": reason})
             if reason is None:
                 embeddings.append(faces[0].embedding)
@@ -97,6 +99,10 @@ def list_identities(registry: str = RegistryOpt, tenant: str = TenantOpt, as_jso
     if as_json:
         print_json(rows)
         return
+    if not rows:  # an empty answer looked like a command that did nothing
+        tenants = Registry(registry).tenants()
+        others = f" (tenants with people here: {', '.join(tenants)}; pick one with --tenant)" if tenants else ""
+        console.print(f"no identities for tenant {tenant!r} in {registry}{others}", soft_wrap=True, highlight=False)
     for meta in rows:
         console.print(f"{meta['id']}  {meta['name'] or '-'}  faces={meta['faces_used']}  created={meta['created']}")
 
