@@ -8,8 +8,11 @@ deployment options (replicas, resources) go in the YAML's `deployments:` list, a
 """
 from __future__ import annotations
 
+import logging
+
 from ray import serve
 
+from deployments import web_page
 from deployments.auth import parse_tokens
 from deployments.face import FaceEncoder
 from deployments.generator import Generator
@@ -45,6 +48,18 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     return config.model_copy(update={"api_tokens": tokens})
 
 
+def ingress_scaling(config: ServeConfig) -> AutoscalingConfig:
+    """The Ingress's replicas: exactly one while it serves the web page. Gradio keeps a browser's
+    uploads and queue in the replica that took them, and Serve's proxy has no session affinity."""
+    scaling = config.ingress_autoscaling
+    if config.web_page and web_page.available() and (scaling.min_replicas, scaling.max_replicas) != (1, 1):
+        logging.getLogger("ray.serve").warning(
+            "the web page (/ui) keeps its sessions in one Ingress replica: the Ingress runs 1 replica "
+            "(web_page: false scales it as ingress_autoscaling says)")
+        scaling = scaling.model_copy(update={"min_replicas": 1, "max_replicas": 1})
+    return scaling
+
+
 def build_app(args: dict | ServeConfig):
     config = resolve_config(args)
     blob = config.model_dump_json()
@@ -55,5 +70,5 @@ def build_app(args: dict | ServeConfig):
         max_queued=config.limits.generator_max_queued)).bind(blob)
     ingress = serve.deployment(IngressApp).options(**_options(
         # The ingress only routes and validates: it reserves no CPU from the model replicas.
-        "Ingress", config.ingress_autoscaling, 0.0, 64, cpus=0.0)).bind(face, generator, blob)
+        "Ingress", ingress_scaling(config), 0.0, 64, cpus=0.0)).bind(face, generator, blob)
     return ingress

@@ -33,13 +33,21 @@ PAGE_FILES_TTL_S = 600
 LAYOUTS = ("automatic", "side by side")
 
 
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gradio") is not None
+
+
 def mount(app, ingress: "Ingress") -> bool:
-    """Mount the page on this replica's copy of the FastAPI app; False where Gradio is not installed."""
-    try:
-        import gradio as gr
-    except ImportError:
+    """Mount the page on this replica's copy of the FastAPI app; False where it is off or Gradio is not installed."""
+    if not ingress.config.web_page:
+        return False
+    if not available():
         log.info("the web page is off: install the `ui` extra (pip install 'ray-faceid[ui]') to serve it at %s", PATH)
         return False
+    import gradio as gr
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls out of the cluster
     limit = ingress.config.limits.max_upload_bytes
     gr.mount_gradio_app(app, build(ingress), path=PATH, ssr_mode=False, footer_links=[], max_file_size=limit,
@@ -104,6 +112,17 @@ def _edits(text: str) -> dict[str, float] | None:
     return edits or None
 
 
+def _whole(value, what: str) -> int:
+    """A number field's value; an emptied field is a message, not a TypeError."""
+    if value is None:
+        raise BadInput(f"{what} is empty: enter a number")
+    return int(value)
+
+
+def _seed(value) -> int | None:
+    return None if value is None or value < 0 else int(value)
+
+
 def regions(layout: str, count: int) -> list:
     """The preset regions of `count` people, in the order they were picked."""
     if layout == "side by side" and count > 1:
@@ -140,9 +159,17 @@ class PageActions:
         return await self.ingress.registry.list(tenant)
 
     async def sign_in(self, token: str):
+        """The tenant's view; with a bad token, an empty one (nothing of whoever signed in before)."""
         import gradio as gr
 
-        tenant = self.tenant(token)
+        from deployments.ingress import Unauthorized
+
+        try:
+            tenant = self.tenant(token)
+        except Unauthorized as exc:
+            empty = gr.Dropdown(choices=[], value=None)
+            return (f"**{exc.status} {exc.code}**: {exc.message}", gr.Tabs(visible=False), [], empty,
+                    gr.Dropdown(choices=[], value=[]), empty, empty, gr.skip(), gr.skip(), gr.skip())
         defaults = await self.ingress._defaults()
         everyone = await self.people(tenant)
         choices = [(f"{m['name']} ({m['id'][:11]})", m["id"]) for m in everyone]
@@ -171,32 +198,36 @@ class PageActions:
                 uploads.append((os.path.basename(path), fh.read()))
         return uploads
 
-    async def preview(self, token: str, files):
+    async def preview(self, token: str, files, consent: str):
         self.tenant(token)
         if not files:
             return [], ""
+        if not (consent or "").strip():  # as the API: no face is analysed before consent is given
+            return [], "Enter the consent reference: the photos are checked once it is given."
         draft = await self.ingress.examine_photos(self._uploads(files))
         found = [(crop, report.filename) for crop, report in zip(draft.crops, [r for r in draft.reports if r.accepted])]
         refused = [f"- **{r.filename}**: {r.reason}" for r in draft.reports if not r.accepted]
         note = f"{len(found)} of {len(draft.reports)} photos usable."
         return found, note + ("\n\nNot used:\n" + "\n".join(refused) if refused else "")
 
-    async def enroll(self, token: str, files, name: str, consent: str):
+    async def enroll(self, token: str, files, name: str, consent: str, reconsent: str):
         tenant = self.tenant(token)
         uploads = self._uploads(files)
         if not uploads:
             raise BadInput("add one or more photos of the person first")
         if not (name or "").strip():
             raise BadInput("give the person a name (unique among your people)")
+        if not (consent or "").strip():
+            raise BadInput("consent is required: a reference to the person's recorded consent")
         if await self.ingress.registry.named(tenant, name):
             from ray_faceid.errors import NameTaken
 
             raise NameTaken(f"the name {name.strip()!r} is taken: enroll under another name or delete the other first")
         draft = await self.ingress.examine_photos(uploads)
-        meta = await self.ingress.save_enrollment(tenant, draft, name, consent)
+        meta = await self.ingress.save_enrollment(tenant, draft, name, consent, reconsent=(reconsent or "").strip())
         # The form is cleared; Gradio's copies of the photos go with its cache (PAGE_FILES_TTL_S).
         return (f"Enrolled **{meta['name']}** ({meta['id']}) from {meta['faces_used']} of {len(uploads)} photos.",
-                None, "", "", [], "", *(await self._people_updates(tenant)))
+                None, "", "", "", [], "", *(await self._people_updates(tenant)))
 
     async def _people_updates(self, tenant: str) -> tuple:
         import gradio as gr
@@ -238,9 +269,9 @@ class PageActions:
         changes = _edits(edits)
         people = [{"id": p, "region": box, "expression": (expression or "").strip() or None, "scale": strength,
                    "edits": changes} for p, box in zip(picked, regions(layout, len(picked)))]
-        body = GenerateRequest(prompt=prompt, negative_prompt=negative or "", identities=people,
-                               seed=None if seed is None or seed < 0 else int(seed), steps=int(steps),
-                               width=int(width), height=int(height), guidance=guidance)
+        body = GenerateRequest(prompt=prompt, negative_prompt=negative or "", identities=people, seed=_seed(seed),
+                               steps=_whole(steps, "steps"), width=_whole(width, "width"),
+                               height=_whole(height, "height"), guidance=guidance)
         result = await self.ingress.run_generate(tenant, body, self._reporter(progress))
         return await self._shown_result(tenant, result)
 
@@ -254,8 +285,8 @@ class PageActions:
             raise BadInput("pick the person to paint in")
         image, mask = editor_image_and_mask(edited)
         body = InpaintRequest(identity={"id": person}, image=base64.b64encode(_png(image)).decode(),
-                              mask=base64.b64encode(_png(mask)).decode(), prompt=prompt, steps=int(steps),
-                              seed=None if seed is None or seed < 0 else int(seed))
+                              mask=base64.b64encode(_png(mask)).decode(), prompt=prompt,
+                              steps=_whole(steps, "steps"), seed=_seed(seed))
         result = await self.ingress.run_inpaint(tenant, body, self._reporter(progress))
         shown = await self._shown_result(tenant, result)
         return (image, *shown)
@@ -296,6 +327,7 @@ def editor_image_and_mask(edited) -> tuple[np.ndarray, np.ndarray]:
 
 def read_render_output(uri: str) -> tuple:
     """The contact sheet (if `eval` made one), the evaluation's figures and the failed rows of one output."""
+    from deployments.ingress import public_message
     from ray_faceid import storage
     from ray_faceid.data import tables
     from ray_faceid.data.render import MANIFEST, SUMMARY
@@ -308,11 +340,11 @@ def read_render_output(uri: str) -> tuple:
     sheet = optional(SHEET)
     summary = json.loads(optional(SUMMARY) or b"{}")
     report = json.loads(optional(REPORT) or b"{}")
-    figures = {k: v for k, v in {**summary, **report}.items() if isinstance(v, (int, float, str)) and "/" not in str(v)}
+    figures = {k: public_message(str(v)) for k, v in {**summary, **report}.items() if isinstance(v, (int, float, str))}
     failed = []
     if storage.exists(storage.join(uri, MANIFEST)):
-        failed = [[r["id"], r["error"]] for r in tables.read_table(storage.join(uri, MANIFEST)).to_pylist()
-                  if r["status"] != "ok"]
+        failed = [[r["id"], public_message(r["error"] or "")]
+                  for r in tables.read_table(storage.join(uri, MANIFEST)).to_pylist() if r["status"] != "ok"]
     image = np.asarray(Image.open(io.BytesIO(sheet)).convert("RGB")) if sheet else None
     return image, [[k, str(v)] for k, v in figures.items()], failed or [["-", "no failed rows"]]
 
@@ -348,6 +380,8 @@ def build(ingress: "Ingress"):
                         name = gr.Textbox(label="Name", elem_id="name")
                         consent = gr.Textbox(label="Consent reference", placeholder="e.g. form-2026-0042",
                                              elem_id="consent")
+                        reconsent = gr.Textbox(label="New consent (only for a person erased before)",
+                                               placeholder="the consent they gave again", elem_id="reconsent")
                         enroll = gr.Button("Enroll", variant="primary", elem_id="enroll")
                     with gr.Column():
                         found = gr.Gallery(label="Faces found", columns=4, height=180, elem_id="found")
@@ -411,9 +445,10 @@ def build(ingress: "Ingress"):
         people_outputs = [gallery, to_delete, picked, person]
         sign_in.click(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps])
         token.submit(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps])
-        photos.change(act["preview"], [token, photos], [found, problems])
-        enroll.click(act["enroll"], [token, photos, name, consent],
-                     [enrolled, photos, name, consent, found, problems, *people_outputs])
+        photos.change(act["preview"], [token, photos, consent], [found, problems])
+        consent.blur(act["preview"], [token, photos, consent], [found, problems])
+        enroll.click(act["enroll"], [token, photos, name, consent, reconsent],
+                     [enrolled, photos, name, consent, reconsent, found, problems, *people_outputs])
         ask.click(act["ask_delete"], [token, to_delete], [confirm_row, confirm_text])
         keep.click(lambda: gr.Row(visible=False), None, [confirm_row])
         confirm.click(act["delete"], [token, to_delete], [confirm_row, erasure, *people_outputs])

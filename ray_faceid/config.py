@@ -267,6 +267,8 @@ class ServeConfig(Settings):
     generator_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Generator replicas.")
     encoder_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="FaceEncoder replicas.")
     ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Ingress replicas.")
+    web_page: bool = Field(True, description="Serve the web page at /ui (needs the `ui` extra). Its sessions live in "
+                           "one Ingress replica, so while it is on the Ingress runs exactly one replica.")
 
     @model_validator(mode="after")
     def _compiled_shapes_fit(self) -> "ServeConfig":

@@ -255,15 +255,14 @@ class Registry:
         return out
 
     def tenants(self) -> list[str]:
-        """The tenants that have an identity folder here (erased or not)."""
+        """The tenants that have people here (the erased not counted)."""
         fs, path = storage.filesystem(self.store)
         if not fs.exists(path):
             return []
         found = []
         for entry in sorted(fs.ls(path, detail=False)):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if _TENANT.match(name) and fs.isdir(entry) and any(
-                    _ID.match(e.rstrip("/").rsplit("/", 1)[-1]) for e in fs.ls(entry, detail=False)):
+            if _TENANT.match(name) and fs.isdir(entry) and self.list(name):
                 found.append(name)
         return found
 

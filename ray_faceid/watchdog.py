@@ -49,10 +49,13 @@ def _heartbeat_class():
         def last(self) -> tuple[float, object]:
             return self.at, self.step
 
-        def pulse(self, worker: str, cpu_s: float) -> None:
+        def pulse(self, worker: str, pid: int, cpu_s: float) -> None:
+            """A worker restarted by Ray Train (a new pid) replaces its old entry."""
             now = time.time()
-            seen = [(t, c) for t, c in self.cpu.get(worker, []) if now - t < 600] + [(now, cpu_s)]
-            self.cpu[worker] = seen
+            key = f"{worker} (pid {pid})"
+            if key not in self.cpu:
+                self.cpu = {k: v for k, v in self.cpu.items() if not k.startswith(f"{worker} (pid ")}
+            self.cpu[key] = [(t, c) for t, c in self.cpu.get(key, []) if now - t < 600] + [(now, cpu_s)]
 
         def activity(self, window_s: float) -> dict[str, tuple[float | None, float]]:
             """worker -> (CPU-seconds per second over the last `window_s`, seconds since its last pulse)."""
@@ -74,13 +77,13 @@ class Pulse:
     def __init__(self, heartbeat, worker: str):
         import os
 
-        self.heartbeat, self.worker = heartbeat, f"{worker} (pid {os.getpid()})"
+        self.heartbeat, self.worker, self.pid = heartbeat, worker, os.getpid()
         self._stop = threading.Event()
 
     def _send(self) -> None:
         while True:
             try:
-                self.heartbeat.pulse.remote(self.worker, time.process_time())
+                self.heartbeat.pulse.remote(self.worker, self.pid, time.process_time())
             except Exception:  # noqa: BLE001 - a pulse is a report, never a reason to fail the work
                 pass
             if self._stop.wait(PULSE_S):
@@ -113,7 +116,9 @@ def activity_report(heartbeat, window_s: float = 60.0) -> str:
         elif rate is None:
             lines.append(f"{worker}: started, too recently to judge")
         elif rate >= BUSY_CPU:
-            lines.append(f"{worker}: busy computing ({rate:.2f} CPU-s/s over the last {window_s:g} s), no step finished")
+            # CPU in use: computing inside a long step (or spinning in a collective on a hung peer).
+            lines.append(f"{worker}: busy, CPU in use ({rate:.2f} CPU-s/s over the last {window_s:g} s), "
+                         "no step finished")
         else:
             lines.append(f"{worker}: idle, waiting ({rate:.2f} CPU-s/s over the last {window_s:g} s)")
     return "workers:\n  " + "\n  ".join(lines)

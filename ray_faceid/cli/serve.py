@@ -12,9 +12,9 @@ from ray_faceid.cli.common import console, user_errors
 
 def web_page_line(url: str) -> str:
     """Where the web page is, or how to get it (it needs the `ui` extra)."""
-    import importlib.util
+    from deployments import web_page
 
-    if importlib.util.find_spec("gradio") is None:
+    if not web_page.available():
         return "web page: off (pip install 'ray-faceid[ui]' and restart to serve it at /ui)"
     return f"web page: {url}/ui/ (sign in with the token above)"
 

@@ -147,10 +147,14 @@ def walk_through(page, browser, page_app, two_people, shots):
     expect(page.locator("#status")).to_contain_text("Signed in: tenant acme, 0 people")
     for name, photos in two_people.items():
         page.locator("#photos input[type=file]").set_input_files([str(p) for p in photos])
+        # As in the API, no face is analysed before the person's consent is given.
+        expect(page.locator("#problems")).to_contain_text("Enter the consent reference")
+        expect(page.locator("#found img")).to_have_count(0)
+        page.locator("#consent input, #consent textarea").first.fill("consent-form-7")
+        page.locator("#consent input, #consent textarea").first.blur()
         expect(page.locator("#problems")).to_contain_text(f"{len(photos)} of {len(photos)} photos usable")
         expect(page.locator("#found img")).to_have_count(len(photos))
         page.locator("#name input, #name textarea").first.fill(name)
-        page.locator("#consent input, #consent textarea").first.fill("consent-form-7")
         page.locator("#enroll").click()
         expect(page.locator("#enrolled")).to_contain_text(f"Enrolled {name}")
     expect(page.locator("#people")).to_contain_text(list(two_people)[1])
@@ -195,6 +199,13 @@ def walk_through(page, browser, page_app, two_people, shots):
     generate(page, [names[0]], steps=4000)
     expect(page.get_by_text("steps 4000 is over the limit").first).to_be_visible()
     expect(page.get_by_text("Traceback")).to_have_count(0)
+    # A wrong token typed on a signed-in page empties it: nothing of the tenant before stays on screen.
+    page.locator("#token input, #token textarea").first.fill("someone-elses-guess-xxxxxxxx")
+    page.locator("#sign-in").click()
+    expect(page.locator("#status")).to_contain_text("401 unauthorized")
+    expect(page.locator("#tabs")).to_be_hidden()
+    expect(page.get_by_text(names[0])).to_have_count(0)
+    assert names[0] not in page.content()
 
     # A phone's width: the same page, nothing wider than the screen.
     phone = browser.new_page(viewport={"width": 390, "height": 844})
@@ -244,7 +255,7 @@ def test_inpaint_and_a_render_output_through_the_page(page_app, sample_photos, t
     out.mkdir()
     rows = [dict.fromkeys(MANIFEST_SCHEMA.names), dict.fromkeys(MANIFEST_SCHEMA.names)]
     rows[0].update(id="row-ok", status="ok")
-    rows[1].update(id="row-bad", status="error", error="not_found: identity 'zed' not found")
+    rows[1].update(id="row-bad", status="error", error=f"not_found: no file at {tmp_path}/photos/zed.png")
     tables.write_table(str(out / MANIFEST), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
     (out / SUMMARY).write_text('{"rows": 2, "failed": 1, "similarity_mean": 0.61}')
     Registry(config.registry).record_output("other", str(out))
@@ -252,7 +263,7 @@ def test_inpaint_and_a_render_output_through_the_page(page_app, sample_photos, t
     sheet, figures, failed = client.predict(token, 0, api_name="/catalog")
     assert sheet is None  # no `eval` run on it yet
     assert ["failed", "1"] in figures["data"] and ["similarity_mean", "0.61"] in figures["data"]
-    assert failed["data"] == [["row-bad", "not_found: identity 'zed' not found"]]
+    assert failed["data"] == [["row-bad", "not_found: no file at <storage>"]]  # no server path on the page
     # Another tenant's token reaches none of it.
     try:
         client.predict(TOKENS["acme"], 0, api_name="/catalog")
@@ -261,7 +272,7 @@ def test_inpaint_and_a_render_output_through_the_page(page_app, sample_photos, t
         assert "pick one of your render outputs" in str(exc), exc
 
 
-def test_inpaint_takes_the_painted_mask(page_app):
+def test_inpaint_takes_the_painted_mask():
     """The inpaint control's value (photo + painted layer) becomes the API's image and mask."""
     from deployments.web_page import editor_image_and_mask
     from ray_faceid.errors import BadInput
@@ -276,3 +287,13 @@ def test_inpaint_takes_the_painted_mask(page_app):
         editor_image_and_mask({"background": photo, "layers": [np.zeros_like(layer)]})
     with pytest.raises(BadInput, match="upload a photo"):
         editor_image_and_mask(None)
+
+
+def test_the_ingress_runs_one_replica_while_it_serves_the_page():
+    """Gradio keeps a browser's uploads and queue in one replica; Serve's proxy has no affinity."""
+    from deployments.app import ingress_scaling
+    from ray_faceid.config import AutoscalingConfig, ServeConfig
+
+    config = ServeConfig(api_tokens=TOKENS, ingress_autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=4))
+    assert (ingress_scaling(config).min_replicas, ingress_scaling(config).max_replicas) == (1, 1)
+    assert ingress_scaling(config.model_copy(update={"web_page": False})).max_replicas == 4

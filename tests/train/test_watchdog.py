@@ -57,7 +57,9 @@ def test_the_report_tells_a_busy_worker_from_an_idle_one(ray_cluster):
                 else:
                     time.sleep(0.1)
 
+    heartbeat.pulse.remote("worker 0", 1, 0.0)  # worker 0's earlier process, before a restart
     ray.get([work.remote("worker 0", True, 4), work.remote("worker 1", False, 4)])
     report = activity_report(heartbeat, window_s=10)
-    assert re.search(r"worker 0 \(pid \d+\): busy computing", report), report
+    assert re.search(r"worker 0 \(pid \d+\): busy, CPU in use", report), report
     assert re.search(r"worker 1 \(pid \d+\): idle, waiting", report), report
+    assert "(pid 1)" not in report  # the restarted worker's old process is not reported as lost
