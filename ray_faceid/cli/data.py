@@ -74,6 +74,9 @@ def pairs(
         "encoder's same-person threshold (lower: purer clusters, more people split in two)."),
     include_flagged: bool = typer.Option(False, "--include-flagged", help="Also make pairs from clusters flagged as "
                                          "not cohesive."),
+    recluster: bool = typer.Option(False, "--recluster", help="--labels cluster: group every face again (new "
+                                   "cluster numbers) instead of growing the identities of the last run with the "
+                                   "faces added since (`ingest --resume`)."),
     evaluate_clustering: bool = typer.Option(
         False, "--evaluate-clustering", help="On an archive ingested with --labels folders: cluster (implies --labels cluster) "
         "and score the clusters against the folders (purity, BCubed P/R/F1), printed and written to summary.json."),
@@ -83,7 +86,7 @@ def pairs(
 
     with user_errors():
         result = build_pairs(dst, labels, min_shots, max_pairs, cut_share=cut, include_flagged=include_flagged,
-                             evaluate_clustering=evaluate_clustering)
+                             evaluate_clustering=evaluate_clustering, recluster=recluster)
         print_pairs(f"identities and pairs in {dst}", result)
 
 

@@ -23,6 +23,7 @@ from ray_faceid import storage
 from ray_faceid.data import tables
 from ray_faceid.data.captions import Captioner, TemplateCaptioner
 from ray_faceid.data.clustering import DEFAULT_CUT_SHARE, cluster_faces, cohesion
+from ray_faceid.data.incremental import grow_clusters, previous_clusters
 from ray_faceid.errors import BadInput
 from ray_faceid.eval.clustering import clustering_scores
 from ray_faceid.face.spec import EncoderSpec
@@ -47,6 +48,11 @@ def near_duplicates(faces: list[dict], spec: EncoderSpec) -> dict[str, str]:
         else:
             kept.append(face)
     return flagged
+
+
+def _earlier_run(dst: str) -> list[dict]:
+    uri = storage.join(dst, IDENTITIES)
+    return tables.read_table(uri).to_pylist() if storage.exists(uri) else []
 
 
 def _labelled_faces(faces: list[dict], images: list[dict], labels: str, spec: EncoderSpec,
@@ -93,9 +99,11 @@ def folder_problem(label: str, members: list[dict], images: list[dict], faces: l
 
 def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pairs_per_identity: int = 100,
                 captioner: Captioner | None = None, seed: int = 0, cut_share: float = DEFAULT_CUT_SHARE,
-                include_flagged: bool = False, evaluate_clustering: bool = False) -> dict:
+                include_flagged: bool = False, evaluate_clustering: bool = False, recluster: bool = False) -> dict:
     """identities.parquet and pairs.parquet; with `evaluate_clustering` (labels `cluster` on an
-    archive ingested with folder labels) also the clustering's scores against the folders."""
+    archive ingested with folder labels) also the clustering's scores against the folders. With
+    labels `cluster` over an earlier cluster run, new faces grow the existing identities
+    (incremental.py) unless `recluster`; identities whose faces did not change keep their pairs."""
     summary = json.loads(storage.read_bytes(storage.join(dst, tables.SUMMARY)))
     labels = labels or ("cluster" if evaluate_clustering else summary["labels"])  # evaluation scores clusters
     if labels == "none":
@@ -107,9 +115,21 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
     images = tables.read_table(storage.join(dst, tables.IMAGES)).to_pylist()
     if evaluate_clustering and labels != "cluster":
         raise BadInput("--evaluate-clustering scores --labels cluster against the folder labels: add --labels cluster")
-    labelled = _labelled_faces(faces, images, labels, spec, cut_share)
+    earlier, earlier_pairs, growth = _earlier_run(dst), {}, None
+    growing = labels == "cluster" and not (recluster or evaluate_clustering)
+    before = previous_clusters(earlier, spec, cut_share) if growing else None
+    if before:
+        labelled, growth = grow_clusters(faces, before, spec, cut_share)
+        if storage.exists(storage.join(dst, PAIRS)):
+            for row in tables.read_table(storage.join(dst, PAIRS)).to_pylist():
+                earlier_pairs.setdefault(row["identity"], []).append(row)
+    else:
+        labelled = _labelled_faces(faces, images, labels, spec, cut_share)
     scores = _clustering_report(dst, labelled, images) if evaluate_clustering else None
     captioner = captioner or TemplateCaptioner()
+    settings = json.dumps({"min_shots": min_shots, "max_pairs": max_pairs_per_identity, "seed": seed,
+                           "include_flagged": include_flagged, "captioner": type(captioner).__name__})
+    unchanged = {r["identity"] for r in earlier if before and r.get("pairs_settings") == settings}
     rng = random.Random(seed)
 
     groups: dict[str, list[dict]] = {}
@@ -132,7 +152,11 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
             "n_distinct": len(distinct), "near_duplicates": json.dumps(dups), "embedding": mean.tolist(),
             "encoder": spec.key(), "centre_distance_mean": tight.centre_distance_mean,
             "centre_distance_max": tight.centre_distance_max, "flagged": flagged, "flagged_reason": reason,
+            "pairs_settings": settings, "cut_share": cut_share if labels == "cluster" else None,
         })
+        if name in unchanged and before and set(before.get(name, ())) == {m["face_id"] for m in members}:
+            pair_rows += earlier_pairs.get(name, [])  # the same faces as last time: the same pairs
+            continue
         if len(distinct) < min_shots or (flagged and not include_flagged):
             continue
         candidates = [(a, b) for a in members for b in distinct if a["face_id"] != b["face_id"]
@@ -154,6 +178,8 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
               "near_duplicates": sum(len(json.loads(r["near_duplicates"])) for r in identity_rows)}
     if labels == "cluster":
         result["cut"] = round(cut_share * spec.threshold, 4)
+    if growth is not None:
+        result.update(growth)
     if scores is not None:
         result.update({f"clustering {k}": v for k, v in scores.items()})
     return result

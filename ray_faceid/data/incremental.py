@@ -1,0 +1,116 @@
+"""Grouping new faces into the identities an archive already has, without renaming anyone.
+
+After `ingest --resume` added photos, `pairs --labels cluster` does not cluster the whole archive
+again (which renumbers every cluster, and costs what the first run cost): a face already in an
+identity keeps it; a new face joins the existing identity whose centre it verifies against at the
+clustering cut (the nearest such centre, exact search with FAISS); only the faces that join nobody
+are clustered, among themselves, into new identities numbered after the highest existing one.
+Identities whose centres then verify against each other at the cut are one person whose few first
+photos did not link (the new ones do): the later name joins the earliest. Identities whose faces
+did not change keep their cross-training pairs (pairs.py).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ray_faceid.data.clustering import _vectors, cluster_faces
+from ray_faceid.face.spec import EncoderSpec
+
+_CLUSTER_NAME = re.compile(r"^cluster_(\d+)$")
+
+
+def previous_clusters(rows: list[dict], spec: EncoderSpec, cut_share: float) -> dict[str, set[str]] | None:
+    """identity -> face ids of an earlier `--labels cluster` run with the same encoder and cut, or None."""
+    if not rows or any(not _CLUSTER_NAME.match(r["identity"]) or r["encoder"] != spec.key()
+                       or r.get("cut_share") != cut_share for r in rows):
+        return None
+    return {r["identity"]: set(r["face_ids"]) for r in rows}
+
+
+def _centres(members: dict[str, list[np.ndarray]], spec: EncoderSpec) -> tuple[list[str], np.ndarray]:
+    names = sorted(members)
+    centres = np.stack([_vectors(np.stack(members[n]), spec).mean(axis=0) for n in names])
+    return names, _vectors(centres, spec) if spec.metric == "cosine" else centres
+
+
+def _distances(squared: np.ndarray, spec: EncoderSpec) -> np.ndarray:
+    """FAISS's squared euclidean distances in the encoder's metric (on unit vectors cosine distance
+    is half the squared euclidean one; cosine centres are renormalised)."""
+    squared = np.maximum(squared, 0.0)
+    return squared / 2 if spec.metric == "cosine" else np.sqrt(squared)
+
+
+def _close_pairs(centres: np.ndarray, spec: EncoderSpec, cut: float, neighbours: int = 8) -> list[tuple[int, int]]:
+    """Pairs of centres within the cut of each other, from each centre's nearest few (not all pairs)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centres.shape[1])
+    index.add(np.ascontiguousarray(centres, dtype=np.float32))
+    squared, found = index.search(np.ascontiguousarray(centres, dtype=np.float32), min(neighbours, len(centres)))
+    close = _distances(squared, spec) <= cut
+    return [(a, int(b)) for a, row in enumerate(found) for b, ok in zip(row, close[a]) if ok and 0 <= b != a]
+
+
+def nearest_centre(vectors: np.ndarray, centres: np.ndarray, spec: EncoderSpec) -> tuple[np.ndarray, np.ndarray]:
+    """For each vector: the index of its nearest centre and the distance to it, in the encoder's metric."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centres.shape[1])
+    index.add(np.ascontiguousarray(centres, dtype=np.float32))
+    squared, found = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return found[:, 0], _distances(squared[:, 0], spec)
+
+
+def grow_clusters(faces: list[dict], before: dict[str, set[str]], spec: EncoderSpec,
+                  cut_share: float) -> tuple[list[dict], dict]:
+    """Faces labelled with their identity (see the module docstring) and what changed."""
+    cut = cut_share * spec.threshold
+    identity = {face_id: name for name, ids in before.items() for face_id in ids}
+    kept = [f for f in faces if f["face_id"] in identity]
+    new = [f for f in faces if f["face_id"] not in identity]
+    members: dict[str, list[np.ndarray]] = {}
+    for f in kept:
+        members.setdefault(identity[f["face_id"]], []).append(np.asarray(f["embedding"]))
+    joined, alone = {}, list(new)
+    if new and members:
+        names, centres = _centres(members, spec)
+        vectors = _vectors(np.array([f["embedding"] for f in new]), spec)
+        which, distance = nearest_centre(vectors, centres, spec)
+        joined = {f["face_id"]: names[k] for f, k, d in zip(new, which, distance) if d <= cut}
+        alone = [f for f in new if f["face_id"] not in joined]
+    numbers = cluster_faces(np.array([f["embedding"] for f in alone]), spec, cut_share) if alone else []
+    first = 1 + max((int(_CLUSTER_NAME.match(n).group(1)) for n in before), default=-1)
+    fresh = {f["face_id"]: f"cluster_{first + n:05d}" for f, n in zip(alone, numbers)}
+    labelled = [dict(f, identity=identity.get(f["face_id"]) or joined.get(f["face_id"]) or fresh[f["face_id"]])
+                for f in faces]
+    merged = _merge_fragments(labelled, spec, cut)
+    labelled = [dict(f, identity=merged.get(f["identity"], f["identity"])) for f in labelled]
+    report = {"faces kept in their identity": len(kept), "new faces joining an identity": len(joined),
+              "new identities": len(set(fresh.values()) - set(merged)),
+              "identities merged into an earlier one": len(merged)}
+    return labelled, report
+
+
+def _merge_fragments(labelled: list[dict], spec: EncoderSpec, cut: float) -> dict[str, str]:
+    """Identities that turn out to be one person once new photos arrived (their centres verify
+    against each other at the cut): the later name -> the earliest one. Earlier runs split a
+    person whose few photos did not link; new photos can link them."""
+    members: dict[str, list[np.ndarray]] = {}
+    for f in labelled:
+        members.setdefault(f["identity"], []).append(np.asarray(f["embedding"]))
+    names, centres = _centres(members, spec)
+    if len(names) < 2:
+        return {}
+    parent = list(range(len(names)))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    for a, b in _close_pairs(centres, spec, cut):
+        ra, rb = root(a), root(b)
+        parent[max(ra, rb)] = min(ra, rb)  # names sort by number: the earliest survives
+    return {names[k]: names[root(k)] for k in range(len(names)) if root(k) != k}
