@@ -87,3 +87,16 @@ def test_a_bad_reference_fails_before_any_model_loads(tmp_path, monkeypatch):
     result = runner.invoke(app, ["generate", "--ref", str(tmp_path / "broken.jpg"), "--prompt", "x", "--out",
                                  str(tmp_path / "o.png")])
     assert result.exit_code == 2 and "broken.jpg" in result.stderr
+
+
+def test_a_backend_that_is_not_installed_fails_before_the_model_loads(tmp_path, sample_photos):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    result = runner.invoke(app, ["generate", "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--prompt", "x",
+                                 "--backend", "tensorrt", "--out", str(tmp_path / "o.png"), *FAST])
+    assert result.exit_code == 2 and "pip install 'ray_faceid[tensorrt]'" in result.output
+    assert "untrained base model" not in result.output  # the model was never loaded

@@ -46,6 +46,9 @@ def compile_engine(
     with user_errors():
         if backend not in ("onnx", "tensorrt", "torch.compile"):
             raise BadInput(f"--backend must be onnx, tensorrt or torch.compile, not {backend!r}")
+        from ray_faceid.engines.select import require_backend
+
+        require_backend("onnxruntime" if backend == "onnx" else backend)  # before the model loads
         if precision not in ("auto", *DTYPES):
             raise BadInput(f"--precision must be auto, fp32, fp16 or bf16, not {precision!r}")
         if backend == "onnx" and precision not in ("auto", "fp32"):

@@ -34,10 +34,12 @@ def parse_edit_option(text: Optional[str]) -> Optional[dict]:
 def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,
               flow: Optional[str] = None):
     """The pipeline, loaded after the reference photos were checked: a bad photo fails in a second."""
+    from ray_faceid.engines.select import require_backend
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.generate import IdentityPipeline
     from ray_faceid.pipelines.models import load_base
 
+    require_backend(backend)  # a missing runtime fails before the model loads
     base = load_base(model)
     if adapter_uri:
         adapter = IdentityAdapter.load(adapter_uri, base.unet, analyzer.spec)

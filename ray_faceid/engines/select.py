@@ -30,6 +30,21 @@ def resolve_backend(backend: str) -> str:
     return "torch"
 
 
+def require_backend(backend: str) -> str:
+    """The backend resolved, its runtime checked: a missing one is an error before any model loads."""
+    from ray_faceid.errors import BackendUnavailable
+
+    backend = resolve_backend(backend)
+    if backend == "tensorrt":
+        from ray_faceid.engines.tensorrt_engine import import_tensorrt
+
+        import_tensorrt()
+    if backend == "onnxruntime" and (importlib.util.find_spec("onnxruntime") is None
+                                     or importlib.util.find_spec("onnx") is None):
+        raise BackendUnavailable("the onnxruntime backend needs onnxruntime and onnx: pip install 'ray_faceid[onnx]'")
+    return backend
+
+
 def adapter_structure(adapter) -> str:
     config = {k: v for k, v in adapter.config_dict().items() if k != "trained_steps"}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
