@@ -33,7 +33,7 @@ from ray_faceid.data import tables
 from ray_faceid.errors import Erased, FaceIdError, NotFound
 
 MANIFEST, EVAL_FILES = "manifest.parquet", ("eval.json", "contact_sheet.png")
-IDENTITIES, PAIRS = "identities.parquet", "pairs.parquet"
+IDENTITIES, PAIRS, CLUSTERS = "identities.parquet", "pairs.parquet", "clusters.parquet"
 JOURNALS = "_erasing"
 STOPPED_AFTER_S = 300.0  # a journal this long untouched belongs to an erasure that stopped
 REGISTRY_FILES = "registry: references, embeddings, per-identity adapters"
@@ -258,6 +258,18 @@ def _filter(uri: str, keep) -> int:
     return len(rows) - len(kept)
 
 
+def _without_face_ids(uri: str, face_ids: set[str]) -> None:
+    """The last cluster grouping without the erased faces (an identity left with none goes)."""
+    try:
+        table = tables.read_table(uri)
+    except NotFound:
+        return
+    rows = [dict(r, face_ids=[i for i in r["face_ids"] if i not in face_ids]) for r in table.to_pylist()]
+    kept = [r for r in rows if r["face_ids"]]
+    if kept != table.to_pylist():
+        tables.write_table(uri, pa.Table.from_pylist(kept, schema=table.schema))
+
+
 def _without_faces(row: dict, gone: set[tuple[str, int]]) -> dict:
     """An image row (images table or raw part) without the erased faces in its faces JSON."""
     if not row.get("faces"):
@@ -269,11 +281,12 @@ def _without_faces(row: dict, gone: set[tuple[str, int]]) -> dict:
 def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
     faces = tables.read_table(storage.join(dataset, tables.FACES)).to_pylist()
     face_ids = {f["face_id"] for f in faces if f.get("label") in labels}
-    try:
-        face_ids |= {i for row in tables.read_table(storage.join(dataset, IDENTITIES)).to_pylist()
-                     if row["identity"] in labels for i in row["face_ids"]}
-    except NotFound:
-        pass
+    for grouping in (IDENTITIES, CLUSTERS):
+        try:
+            face_ids |= {i for row in tables.read_table(storage.join(dataset, grouping)).to_pylist()
+                         if row["identity"] in labels for i in row["face_ids"]}
+        except NotFound:
+            pass
     if not face_ids:
         return None
     gone_faces = [f for f in faces if f["face_id"] in face_ids]
@@ -283,6 +296,7 @@ def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
         storage.delete(crop)
     _filter(storage.join(dataset, tables.FACES), lambda r: r["face_id"] not in face_ids)
     _filter(storage.join(dataset, IDENTITIES), lambda r: r["identity"] not in labels)
+    _without_face_ids(storage.join(dataset, CLUSTERS), face_ids)
     pairs = _filter(storage.join(dataset, PAIRS), lambda r: r["identity"] not in labels
                     and r["source_face_id"] not in face_ids and r["target_face_id"] not in face_ids)
     parts = [storage.join(dataset, tables.IMAGES)]

@@ -70,7 +70,7 @@ def pairs(
     min_shots: int = typer.Option(2, "--min-shots", min=2),
     max_pairs: int = typer.Option(100, "--max-pairs", min=1, help="Pairs per identity at most."),
     cut: float = typer.Option(
-        DEFAULT_CUT_SHARE, "--cut", min=0.05, max=2.0, help="--labels cluster: average-linkage cut as a share of the "
+        DEFAULT_CUT_SHARE, "--cut", min=0.05, max=2.0, help="--labels cluster: the grouping's cut, as a share of the "
         "encoder's same-person threshold (lower: purer clusters, more people split in two)."),
     include_flagged: bool = typer.Option(False, "--include-flagged", help="Also make pairs from clusters flagged as "
                                          "not cohesive."),

@@ -87,9 +87,13 @@ def grow_clusters(faces: list[dict], before: dict[str, set[str]], spec: EncoderS
                 for f in faces]
     merged = _merge_fragments(labelled, spec, cut)
     labelled = [dict(f, identity=merged.get(f["identity"], f["identity"])) for f in labelled]
-    report = {"faces kept in their identity": len(kept), "new faces joining an identity": len(joined),
+    earlier = {name: into for name, into in merged.items() if name in before}
+    report = {"faces kept in their identity": len(kept),
+              "new faces joining an identity": len(joined) + sum(1 for f in alone if fresh[f["face_id"]] in merged),
               "new identities": len(set(fresh.values()) - set(merged)),
-              "identities merged into an earlier one": len(merged)}
+              "identities merged into an earlier one": len(earlier)}
+    if earlier:
+        report["merged"] = ", ".join(f"{name} -> {into}" for name, into in sorted(earlier.items()))
     return labelled, report
 
 

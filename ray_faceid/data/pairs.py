@@ -30,6 +30,9 @@ from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.identity.expression import code_from_attributes
 
 IDENTITIES, PAIRS = "identities.parquet", "pairs.parquet"
+CLUSTERS = "clusters.parquet"
+"""The last `--labels cluster` grouping (identity, face ids, encoder, cut): what the next one grows,
+whatever `--labels folders` runs came in between."""
 # Near-duplicate: closer than this share of the same-person threshold, and head pose within this many degrees.
 NEAR_DUP_DISTANCE_SHARE, NEAR_DUP_POSE_DEG = 0.3, 6.0
 
@@ -50,8 +53,8 @@ def near_duplicates(faces: list[dict], spec: EncoderSpec) -> dict[str, str]:
     return flagged
 
 
-def _earlier_run(dst: str) -> list[dict]:
-    uri = storage.join(dst, IDENTITIES)
+def _table(dst: str, name: str) -> list[dict]:
+    uri = storage.join(dst, name)
     return tables.read_table(uri).to_pylist() if storage.exists(uri) else []
 
 
@@ -115,9 +118,9 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
     images = tables.read_table(storage.join(dst, tables.IMAGES)).to_pylist()
     if evaluate_clustering and labels != "cluster":
         raise BadInput("--evaluate-clustering scores --labels cluster against the folder labels: add --labels cluster")
-    earlier, earlier_pairs, growth = _earlier_run(dst), {}, None
+    earlier, earlier_pairs, growth = _table(dst, IDENTITIES), {}, None
     growing = labels == "cluster" and not (recluster or evaluate_clustering)
-    before = previous_clusters(earlier, spec, cut_share) if growing else None
+    before = previous_clusters(_table(dst, CLUSTERS), spec, cut_share) if growing else None
     if before:
         labelled, growth = grow_clusters(faces, before, spec, cut_share)
         if storage.exists(storage.join(dst, PAIRS)):
@@ -171,13 +174,19 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
             })
     tables.write_table(storage.join(dst, IDENTITIES), pa.Table.from_pylist(identity_rows))
     tables.write_table(storage.join(dst, PAIRS), pa.Table.from_pylist(pair_rows))
+    if labels == "cluster":
+        tables.write_table(storage.join(dst, CLUSTERS), pa.Table.from_pylist(
+            [{"identity": r["identity"], "face_ids": r["face_ids"], "encoder": r["encoder"], "cut_share": cut_share}
+             for r in identity_rows]))
     result = {"labels": labels, "identities": len(identity_rows), "pairs": len(pair_rows),
               "identities_with_pairs": len({p["identity"] for p in pair_rows}),
               "flagged (not cohesive)": sum(r["flagged"] for r in identity_rows),
               "flagged": {r["identity"]: r["flagged_reason"] for r in identity_rows if r["flagged"]},
               "near_duplicates": sum(len(json.loads(r["near_duplicates"])) for r in identity_rows)}
     if labels == "cluster":
-        result["cut"] = round(cut_share * spec.threshold, 4)
+        result["cut"] = f"{cut_share:g} x the encoder's threshold {spec.threshold:g} = {cut_share * spec.threshold:.4g}"
+        result["grouping"] = ("grown from the last cluster run" if growth is not None else
+                              "every face clustered again (--recluster)" if recluster else "every face clustered")
     if growth is not None:
         result.update(growth)
     if scores is not None:

@@ -43,12 +43,13 @@ def test_adding_photos_grows_the_identities_and_keeps_their_names(ray_cluster, f
     pairs_before = tables.read_table(f"{dst}/{PAIRS}").to_pylist()
     assert first["identities"] >= 3
 
-    # Then the rest of their photos and a fourth person.
-    for person in people:
+    # Then the rest of amy's and penny's photos, and a fourth person; sheldon gets none.
+    for person in ("amy", "penny", "leonard"):
         for photo in photos[person][3 if person != "leonard" else 0:]:
             shutil.copy(photo, archive / person / photo.name)
     run_ingest(str(archive), str(dst), CONFIG, labels="folders", resume=True)
     grown = build_pairs(str(dst), labels="cluster")
+    assert grown["grouping"] == "grown from the last cluster run"
     after = groups(dst)
     assert grown["faces kept in their identity"] == sum(len(ids) for ids in before.values())
     assert grown["new faces joining an identity"] >= 1 and grown["new identities"] >= 1
@@ -57,11 +58,18 @@ def test_adding_photos_grows_the_identities_and_keeps_their_names(ray_cluster, f
         home = [n for n, grown_ids in after.items() if ids <= grown_ids]
         assert len(home) == 1 and home[0] <= name, (name, after)
         merged += home[0] != name
-    assert merged <= grown["identities merged into an earlier one"]
-    # Untouched identities kept their pairs, row for row.
+    assert merged == grown["identities merged into an earlier one"]
+    # Untouched identities (sheldon's) kept their pairs, row for row.
     pairs_after = tables.read_table(f"{dst}/{PAIRS}").to_pylist()
-    for name in (n for n in before if after.get(n) == before[n]):
-        assert [p for p in pairs_after if p["identity"] == name] == [p for p in pairs_before if p["identity"] == name]
+    untouched = [n for n in before if after.get(n) == before[n]]
+    assert untouched
+    for name in untouched:
+        kept = [p for p in pairs_after if p["identity"] == name]
+        assert kept and kept == [p for p in pairs_before if p["identity"] == name]
+    # `ingest` runs pairs with its own (folder) labels; the next cluster run still grows this grouping.
+    build_pairs(str(dst))
+    assert build_pairs(str(dst), labels="cluster")["grouping"] == "grown from the last cluster run"
+    assert groups(dst) == after
 
     # One clustering of everything groups the same photos together.
     run_ingest(str(archive), str(whole), CONFIG, labels="folders")
@@ -76,3 +84,20 @@ def test_adding_photos_grows_the_identities_and_keeps_their_names(ray_cluster, f
     # --recluster starts over: every face grouped again.
     again = build_pairs(str(dst), labels="cluster", recluster=True)
     assert "faces kept in their identity" not in again and again["identities"] == len(groups(whole))
+
+
+@pytest.mark.shared_data
+def test_erasing_a_person_removes_them_from_the_kept_grouping(small_dataset, tmp_path):
+    """The grouping the next run grows (clusters.parquet) holds face ids: an erasure removes them too."""
+    from ray_faceid.data.pairs import CLUSTERS
+    from ray_faceid.erasure import erase_dataset_labels
+
+    dst = tmp_path / "dataset"
+    shutil.copytree(small_dataset, dst)
+    build_pairs(str(dst), labels="cluster")
+    grouping = tables.read_table(f"{dst}/{CLUSTERS}").to_pylist()
+    gone = grouping[0]
+    erase_dataset_labels(str(dst), {gone["identity"]})
+    left = tables.read_table(f"{dst}/{CLUSTERS}").to_pylist()
+    assert gone["identity"] not in {r["identity"] for r in left}
+    assert not set(gone["face_ids"]) & {i for r in left for i in r["face_ids"]}
