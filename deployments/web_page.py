@@ -300,7 +300,10 @@ class PageActions:
     async def _shown_result(self, tenant: str, result):
         names = {m["id"]: m["name"] for m in await self.people(tenant)}
         first = result.images[0]
-        return _image(first.png_base64), scores_table(result.images, names), first.provenance
+        table = scores_table(result.images, names)
+        if first.provenance.get("untrained_base"):  # as the CLI says it: noise is expected here
+            table = "_An untrained smoke-test base made this image: it is noise-like._\n\n" + table
+        return _image(first.png_base64), table, first.provenance
 
     async def catalog(self, token: str, which):
         tenant = self.tenant(token)
