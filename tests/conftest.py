@@ -141,7 +141,7 @@ def default_encoder_flow(tmp_path_factory) -> str:
 def perturbed_pipeline():
     """A function making a tiny-base pipeline whose identity projections differ from the text ones
     (an untrained adapter is close to a no-op), so identity changes the image."""
-    def make(spec, backend: str = "torch", cache=None):
+    def make(spec, backend: str = "torch", cache=None, device: str = "cpu", precision: str = "fp32"):
         import torch
 
         from ray_faceid.identity.adapter import IdentityAdapter
@@ -154,6 +154,6 @@ def perturbed_pipeline():
         with torch.no_grad():
             for p in adapter.processors.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        return IdentityPipeline(base, adapter, backend=backend, engine_cache=cache)
+        return IdentityPipeline(base, adapter, device=device, backend=backend, engine_cache=cache, precision=precision)
 
     return make

@@ -165,19 +165,12 @@ def test_warm_up_beyond_the_engines_budget_is_refused_when_the_config_is_read():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph capture path needs CUDA")
-def test_cuda_graphs_replay_new_people_and_personal_adapters_as_data(spec, tmp_path):
+def test_cuda_graphs_replay_new_people_and_personal_adapters_as_data(spec, tmp_path, perturbed_pipeline):
     """On CUDA each bucket is captured once; a new person or personal adapter replays the same graph."""
     from torch._dynamo.utils import counters
 
     def on_cuda(backend):
-        base = build_tiny()
-        torch.manual_seed(0)
-        adapter = IdentityAdapter.for_unet(base.unet, spec)
-        with torch.no_grad():
-            for p in adapter.processors.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        return IdentityPipeline(base, adapter, device="cuda", backend=backend, engine_cache=EngineCache(tmp_path),
-                                precision="fp32")
+        return perturbed_pipeline(spec, backend, EngineCache(tmp_path), device="cuda", precision="fp32")
 
     compiled, eager = on_cuda("torch.compile"), on_cuda("torch")
     compiled.warm_up([(SIZE, SIZE)], [1], max_images=1)
