@@ -92,12 +92,6 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _image(b64: str) -> np.ndarray:
-    import base64
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
 def _edits(text: str) -> dict[str, float] | None:
     """'smile=0.8, yaw=-20' -> {"smile": 0.8, "yaw": -20.0}."""
     edits = {}
@@ -298,12 +292,16 @@ class PageActions:
         return lambda step, total: progress((step, total), desc="denoising", unit="steps")
 
     async def _shown_result(self, tenant: str, result):
+        import base64
+
+        from ray_faceid.face.decode import decode_image
+
         names = {m["id"]: m["name"] for m in await self.people(tenant)}
         first = result.images[0]
         table = scores_table(result.images, names)
         if first.provenance.get("untrained_base"):  # as the CLI says it: noise is expected here
             table = "_An untrained smoke-test base made this image: it is noise-like._\n\n" + table
-        return _image(first.png_base64), table, first.provenance
+        return decode_image(base64.b64decode(first.png_base64)), table, first.provenance
 
     async def catalog(self, token: str, which):
         tenant = self.tenant(token)
