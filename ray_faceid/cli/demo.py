@@ -163,7 +163,7 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
     from ray_faceid.cli.render import eval_table
     from ray_faceid.config import RenderConfig
     from ray_faceid.data.render import run_render
-    from ray_faceid.eval.run import evaluate
+    from ray_faceid.eval.run import default_second_face, evaluate
     from ray_faceid.registry import Registry
 
     work = out / "catalog"
@@ -189,7 +189,8 @@ def _render_story(out: Path, tenant: str, ids: dict[str, str], inpaint_photo: st
                   f"in {summary['seconds']:.0f} s -> {rendered}/images, manifest.parquet")
     for row_id, error in summary["errors"].items():
         console.print(f"failed {row_id}: {error}")
-    report = evaluate(str(rendered), Registry(str(out / "registry")), tenant)
+    second, _ = default_second_face()
+    report = evaluate(str(rendered), Registry(str(out / "registry")), tenant, second_face=second)
     console.print(eval_table(report, "eval of the rendered catalog"))
     typer.echo("encoders: " + ", ".join(f"{n} = {m['spec']}" for n, m in report["encoders"].items()))
     if untrained:

@@ -101,22 +101,29 @@ def evaluate(
     identities: Optional[str] = typer.Option(None, "--identities", help="ID[,ID]: who every image shows (folder input)."),
     second_onnx: Optional[str] = typer.Option(None, "--second-encoder-onnx", help="An independent ArcFace-shaped ONNX model."),
     second_insightface: Optional[str] = typer.Option(None, "--second-insightface", help="An insightface model pack folder."),
+    no_second: bool = typer.Option(False, "--no-second", help="Score with the conditioning encoder only (default: "
+                                   "SFace as the independent second, where the sface extra is installed)."),
     out: Optional[str] = typer.Option(None, "--out", help="Where eval.json and contact_sheet.png go (default: IMAGES)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Identity similarity, detection rate and leakage of generated images, plus a contact sheet."""
     from ray_faceid.config import SCORING_FACE
+    from ray_faceid.eval.run import default_second_face
     from ray_faceid.eval.run import evaluate as run_eval
     from ray_faceid.registry import Registry
 
     with user_errors():
-        second = None
+        second, note = None, None
         if second_onnx:
             second = SCORING_FACE.model_copy(update={"recognizer_onnx": second_onnx})
         elif second_insightface:
             second = SCORING_FACE.model_copy(update={"backend": "insightface", "insightface_root": second_insightface})
+        elif not no_second:
+            second, note = default_second_face()
         wanted = [i.strip() for i in identities.split(",")] if identities else None
         report = run_eval(images, Registry(registry), tenant, wanted, second_face=second, out=out)
+    if note:
+        typer.echo(note, err=True)
     if as_json:
         print_json({k: v for k, v in report.items() if k != "rows"})
         return

@@ -65,6 +65,17 @@ def _metrics(scores: list[dict]) -> dict:
     }
 
 
+def default_second_face() -> tuple[FaceConfig | None, str]:
+    """The independent recogniser eval scores with unless told otherwise: SFace where installed
+    (trained apart from dlib's ResNet, which conditions generation), and a line saying which."""
+    from ray_faceid.face.backends.sface_encoder import sface_available
+
+    why_not = sface_available()
+    if why_not:
+        return None, f"no second recogniser ({why_not})"
+    return SCORING_FACE.model_copy(update={"recognizer": "sface"}), "second recogniser: SFace (OpenCV Zoo)"
+
+
 def evaluate(source: str, registry, tenant: str = "default", identities: list[str] | None = None,
              face: FaceConfig | None = None, second_face: FaceConfig | None = None, out: str | None = None,
              sheet_rows: int = 24) -> dict:

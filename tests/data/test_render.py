@@ -247,3 +247,22 @@ def test_a_rerun_with_every_row_done_starts_no_cluster(people, tmp_path, monkeyp
     registry.update("default", ids["penny"], lambda meta: None)  # penny's record changed: look again
     run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
     assert started_ray
+
+
+def test_eval_scores_with_sface_as_the_second_recogniser_by_default(rendered, people, tmp_path):
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.face.backends.sface_encoder import sface_available
+
+    if sface_available():
+        pytest.skip(f"SFace not installed: {sface_available()}")
+    out, _ = rendered
+    registry, _ = people
+    result = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    encoders = json.loads(result.stdout)["encoders"]
+    assert encoders["second"]["spec"].startswith("sface/128/") and encoders["second"]["images"] == 4
+    alone = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--out", str(tmp_path / "one"),
+                                     "--json", "--no-second"])
+    assert set(json.loads(alone.stdout)["encoders"]) == {"conditioning"}

@@ -6,6 +6,15 @@ from ray_faceid.face.backends.base import FaceBackend
 
 
 def build_backend(config: FaceConfig) -> FaceBackend:
+    backend = _detecting_backend(config)
+    if config.recognizer == "sface":
+        from ray_faceid.face.backends.sface_encoder import SFaceEncoder
+
+        backend.encoder = SFaceEncoder()
+    return backend
+
+
+def _detecting_backend(config: FaceConfig) -> FaceBackend:
     if config.backend == "insightface":
         from ray_faceid.face.backends.insightface_backend import build_insightface_backend
 

@@ -7,15 +7,14 @@ import numpy as np
 
 from ray_faceid import storage
 from ray_faceid.errors import BackendUnavailable
-from ray_faceid.face.align import ARCFACE_112, align
-from ray_faceid.face.landmarks import Landmarks
+from ray_faceid.face.backends.crop_encoder import CropEncoder
 from ray_faceid.face.spec import EncoderSpec
 
 # Cosine distance; similarity 0.32 is a common operating point for ArcFace-R100-class models.
 ARCFACE_COSINE_THRESHOLD = 0.68
 
 
-class OnnxArcFaceEncoder:
+class OnnxArcFaceEncoder(CropEncoder):
     def __init__(self, uri: str, name: str = "arcface_onnx", license: str = "as stated by the model's publisher",
                  threshold: float = ARCFACE_COSINE_THRESHOLD, providers: list[str] | None = None):
         try:
@@ -46,11 +45,3 @@ class OnnxArcFaceEncoder:
             return np.zeros((0, self.spec.dim), np.float32)
         blob = (crops.astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5
         return self._session.run(None, {self._input: blob})[0].astype(np.float32)
-
-    def embed(self, images: list[np.ndarray], landmarks: list[list[Landmarks]]) -> list[np.ndarray]:
-        crops, counts = [], []
-        for img, lms in zip(images, landmarks):
-            counts.append(len(lms))
-            crops.extend(align(img, lm, ARCFACE_112)[0] for lm in lms)
-        vectors = self.embed_crops(np.stack(crops) if crops else np.zeros((0, 112, 112, 3), np.uint8))
-        return list(np.split(vectors, np.cumsum(counts)[:-1]))
