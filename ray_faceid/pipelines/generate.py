@@ -300,9 +300,10 @@ class IdentityPipeline:
             uncond, cond = pred.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
             if inpaint is not None and not base.inpainting:
-                # Blended latent diffusion: outside the mask, follow the input's own noising path.
-                prev = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
-                known = image_latents if prev < 0 else sched.add_noise(image_latents, noise, torch.tensor([prev]))
+                # Blended latent diffusion: outside the mask, the input noised to the next scheduled
+                # timestep (any spacing: trailing schedules never reach 0), clean after the last.
+                after = sched.timesteps[step : step + 1]
+                known = sched.add_noise(image_latents, noise, after) if len(after) else image_latents
                 latents = mask_l * latents + (1 - mask_l) * known
             if callback is not None:
                 callback(step, len(sched.timesteps))

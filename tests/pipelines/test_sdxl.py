@@ -93,6 +93,45 @@ def test_inpainting_on_sdxl_keeps_every_pixel_outside_the_mask(spec128, model):
     assert np.array_equal(out[:8], image[:8]) and not np.array_equal(out[20:44, 20:44], image[20:44, 20:44])
 
 
+@pytest.mark.parametrize("model,scheduler", [("tiny-sdxl", "ddim"), ("tiny-sdxl", "euler"),
+                                             ("tiny-sdxl", "euler-trailing"), ("tiny-sdxl-inpaint", "euler")])
+def test_identity_scale_zero_inpaints_as_diffusers_own_sdxl_inpaint_pipeline(spec128, model, scheduler):
+    """Blended latents on a 4-channel base, the 9-channel conditioning on an inpainting base: inside
+    the mask the pixels are diffusers' own (outside, ours keeps the photo's own pixels)."""
+    import copy
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    from ray_faceid.pipelines.inpaint import inpainting_conditioning
+
+    base = load_base(model)
+    if scheduler != "ddim":  # what SDXL checkpoints ship, and the trailing spacing of few-step variants
+        spacing = {"euler": "leading", "euler-trailing": "trailing"}[scheduler]
+        base.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config, timestep_spacing=spacing)
+    pipe = IdentityPipeline(base, strong_adapter(base, spec128))
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255  # on latent cells: diffusers' nearest resize and our max-pool agree
+    silent = IdentityCondition("ann", person("ann", 1).embeddings, scale=0.0)
+    ours = np.asarray(inpaint(pipe, image, mask, silent, "a face", seed=7, steps=3, feather=0, max_side=64)
+                      .images[0]).astype(int)
+    reference = StableDiffusionXLInpaintPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=copy.deepcopy(base.scheduler), add_watermarker=False)
+    # Latents given, not pixels: diffusers samples the VAE posterior where ours takes its mean.
+    latents = pipe.encode_image(image)
+    masked = inpainting_conditioning(pipe, image, mask / 255.0)[1] if base.inpainting else None
+    expected = reference("a face", image=latents, mask_image=Image.fromarray(mask), masked_image_latents=masked,
+                         height=64, width=64, strength=1.0, num_inference_steps=3, guidance_scale=5.0,
+                         generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    expected = np.round(expected * 255).astype(int)
+    inside = mask > 0
+    assert np.abs(ours[inside] - expected[inside]).max() <= 1
+    assert np.array_equal(ours[~inside], image[~inside])
+    IdentityAdapter.remove(base.unet)
+
+
 def test_adapters_are_refused_across_families(spec128):
     sd1, sdxl = build_tiny(), build_tiny(family="sdxl")
     with pytest.raises(BaseModelMismatch, match="made for an SD1 base; the base loaded is SDXL"):
