@@ -127,7 +127,8 @@ class Registry:
             raise BadInput(f"name_exists must be one of {', '.join(NAME_EXISTS)}, not {name_exists!r}")
         self._check_tenant(tenant)
         with self._name_lock(tenant, name):
-            consent = self._consent_for(tenant, name, (source or {}).get("identity"), consent, reconsent)
+            consent = self._consent_for(tenant, name, (source or {}).get("identity"), consent, reconsent,
+                                        embeddings, spec)
             holders = self.named(tenant, name) if name else []
             if holders and name_exists == "refuse":
                 raise NameTaken(f"the name {name!r} is taken by {holders[0]['id']}: enroll under another name, or "
@@ -142,14 +143,22 @@ class Registry:
                 self.remove_files(tenant, holder["id"])
         return meta
 
-    def _consent_for(self, tenant: str, name: str, label: str | None, consent: str, reconsent: str | None) -> str:
-        erased = tombstones.erased_person(self.store, tenant, name, label or "")
+    def _consent_for(self, tenant: str, name: str, label: str | None, consent: str, reconsent: str | None,
+                     embeddings: np.ndarray, spec: EncoderSpec) -> str:
+        """The consent an enrollment is made under: a person erased before, by name, dataset label or
+        face (their tombstone's sketch), needs a new consent reference."""
+        by_name = tombstones.erased_person(self.store, tenant, name, label or "")
+        by_face = tombstones.erased_face(self.store, tenant, embeddings, spec)
+        erased = sorted({t["id_sha256"]: t for t in by_name + by_face}.values(),
+                        key=lambda t: (t["erased"], t.get("sequence", 0)))
         if not erased:
             return consent.strip()
         if not reconsent or not reconsent.strip():
-            raise ErasedPerson(f"a person called {name or label!r} was erased from this registry on "
-                               f"{erased[-1]['erased']}; enrolling them again needs the new consent reference they "
-                               "gave: --reconsent on the command line, reconsent in the API")
+            who = (f"a person called {name or label!r}" if by_name else
+                   "the face in these photos verifies against a person who")
+            raise ErasedPerson(f"{who} was erased from this registry on {erased[-1]['erased']}; enrolling them "
+                               "again needs the new consent reference they gave: --reconsent on the command line, "
+                               "reconsent in the API")
         withdrawn = {(t.get("consent") or "").strip() for t in erased}
         if reconsent.strip() in withdrawn:  # any consent they ever withdrew, not only the last
             raise BadInput("reconsent must be a new consent reference, not one the person withdrew")
@@ -277,9 +286,16 @@ class Registry:
         with self._lock(tenant, "id", identity):
             where = tombstones.uri(self.store, tenant, identity)
             if not storage.exists(where):
-                tombstones.write(self.store, self.get(tenant, identity), withdrawn)
+                tombstones.write(self.store, self.get(tenant, identity), withdrawn, self._sketchable(tenant, identity))
             storage.delete(storage.join(self._dir(tenant, identity), "meta.json"))
         return where
+
+    def _sketchable(self, tenant: str, identity: str) -> np.ndarray | None:
+        """The embeddings a tombstone sketches, or None where they are unreadable (the erasure goes on)."""
+        try:
+            return self.embeddings(tenant, identity)[0]
+        except (StorageError, NotFound):
+            return None
 
     def remove_files(self, tenant: str, identity: str) -> int:
         """Delete what is left of a withdrawn identity's folder; how many files there were."""

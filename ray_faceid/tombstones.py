@@ -6,9 +6,11 @@ A tombstone holds the sha256 of the id, the tenant, the time (and a sequence tha
 erasures of the same second), the consent reference the person was enrolled under, and keyed
 hashes (HMAC-SHA256 with the registry's own secret, `<store>/_secret.key`) of their name and
 dataset label, so that a scheduled `enroll-dataset` or a new enrollment under that name is refused
-without `--reconsent`, and a name cannot be recovered by hashing guesses without the secret. It
-holds no face data, no embedding, no name and not the id itself: a byte search of the stores finds
-none. Every consent the person ever withdrew stays refused as a re-consent.
+without `--reconsent`, and a name cannot be recovered by hashing guesses without the secret; and a
+face sketch (face_sketch.py: 512 sign bits of secret projections of their mean embedding), so that
+their face enrolled again without a name or under another one is refused too. It holds no photo, no
+embedding, no name and not the id itself: a byte search of the stores finds none. Every consent the
+person ever withdrew stays refused as a re-consent.
 """
 from __future__ import annotations
 
@@ -18,8 +20,11 @@ import json
 import secrets
 import time
 
-from ray_faceid import storage
+import numpy as np
+
+from ray_faceid import face_sketch, storage
 from ray_faceid.errors import NotFound, StorageError
+from ray_faceid.face.spec import EncoderSpec
 
 FOLDER = "_erased"
 SECRET_FILE = "_secret.key"
@@ -65,10 +70,10 @@ def uri(store: str, tenant: str, identity: str) -> str:
     return storage.join(store, tenant, FOLDER, digest("id", identity) + ".json")
 
 
-def write(store: str, meta: dict, withdrawn: bool = True) -> str:
+def write(store: str, meta: dict, withdrawn: bool = True, embeddings: np.ndarray | None = None) -> str:
     """The tombstone of the identity `meta` describes; returns its URI. `withdrawn`: the person is
-    gone (their name and label are refused from now on); False for an identity replaced by a newer
-    enrollment of the same person, whose id alone is retired."""
+    gone (their name, label and face, sketched from `embeddings`, are refused from now on); False for
+    an identity replaced by a newer enrollment of the same person, whose id alone is retired."""
     tenant = meta["tenant"]
     keys = sorted({k for k in (person_key(store, tenant, meta.get("name") or ""),
                                person_key(store, tenant, (meta.get("source") or {}).get("identity") or "")) if k})
@@ -76,6 +81,9 @@ def write(store: str, meta: dict, withdrawn: bool = True) -> str:
     record = {"id_sha256": digest("id", meta["id"]), "tenant": tenant,
               "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sequence": time.time_ns(),
               "consent": meta.get("consent"), "person_keys": keys, "key_scheme": "hmac-sha256"}
+    if withdrawn and embeddings is not None and len(embeddings):
+        spec = EncoderSpec(**meta["encoder"])
+        record["face_sketch"] = {"encoder": spec.key(), "bits": face_sketch.sketch(embeddings, spec, registry_secret(store))}
     where = uri(store, tenant, meta["id"])
     storage.write_bytes(where, json.dumps(record, indent=2).encode())
     return where
@@ -108,4 +116,14 @@ def erased_person(store: str, tenant: str, *names: str) -> list[dict]:
     legacy = {_legacy_key(tenant, n) for n in names}
     found = [t for t in all_for(store, tenant)
              if (keyed if t.get("key_scheme") == "hmac-sha256" else legacy) & set(t.get("person_keys", []))]
+    return sorted(found, key=lambda t: (t["erased"], t.get("sequence", 0)))
+
+
+def erased_face(store: str, tenant: str, embeddings: np.ndarray, spec: EncoderSpec) -> list[dict]:
+    """Every tombstone whose face sketch (same encoder) the embeddings verify against, oldest first."""
+    if embeddings is None or not len(embeddings):
+        return []
+    secret = registry_secret(store)
+    found = [t for t in all_for(store, tenant) if (t.get("face_sketch") or {}).get("encoder") == spec.key()
+             and face_sketch.matches(t["face_sketch"]["bits"], embeddings, spec, secret)]
     return sorted(found, key=lambda t: (t["erased"], t.get("sequence", 0)))

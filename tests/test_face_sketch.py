@@ -1,0 +1,46 @@
+"""An erased person's face stays refused: enrolled again without a name, or under another one, it
+needs a new consent reference; other people enroll as before. The tombstone keeps a sketch, not the face."""
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from ray_faceid.erasure import erase_identity
+from ray_faceid.errors import BadInput, ErasedPerson
+from ray_faceid.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def faces(analyzer, sample_photos):
+    """Tom Hanks' photo, the same photo mirrored and smaller (another shot of him), and six other people."""
+    photo = Image.open(sample_photos["Tom_Hanks_54745.png"]).convert("RGB")
+    again = ImageOps.mirror(photo).resize((photo.width * 3 // 4, photo.height * 3 // 4))
+    tom = analyzer.analyze(np.asarray(photo))[0]
+    others = [f.embedding[None] for f in analyzer.analyze(str(sample_photos["t1.jpg"]))]
+    return tom.embedding[None], analyzer.analyze(np.asarray(again))[0].embedding[None], others, analyzer.spec
+
+
+def enroll(registry, name, embeddings, spec, **kw):
+    crops = [np.zeros((8, 8, 3), np.uint8)]
+    return registry.create("default", name, "consent-1", embeddings, np.ones(len(embeddings), np.float32), spec,
+                           crops, [], **kw)["id"]
+
+
+def test_an_erased_face_needs_new_consent_under_any_name_or_none(tmp_path, faces):
+    from ray_faceid import tombstones
+
+    tom, tom_again, others, spec = faces
+    registry = Registry(str(tmp_path / "registry"))
+    erase_identity(registry, "default", enroll(registry, "tom", tom, spec))
+    for name in ("", "thomas"):
+        with pytest.raises(ErasedPerson, match="verifies against a person who was erased") as refused:
+            enroll(registry, name, tom_again, spec)
+        assert "--reconsent" in refused.value.message
+    with pytest.raises(BadInput, match="one the person withdrew"):
+        enroll(registry, "", tom_again, spec, reconsent="consent-1")
+    assert enroll(registry, "", tom_again, spec, reconsent="consent-2")
+    assert len(others) == 6 and all(enroll(registry, "", other, spec) for other in others)  # nobody else refused
+    stone = tombstones.all_for(registry.store, "default")[0]
+    assert stone["face_sketch"]["encoder"] == spec.key() and len(stone["face_sketch"]["bits"]) == 128
+    # what a tombstone keeps, and nothing else: no embedding, no name, no id
+    assert set(stone) == {"id_sha256", "tenant", "erased", "sequence", "consent", "person_keys", "key_scheme",
+                          "face_sketch"}
