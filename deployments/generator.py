@@ -111,7 +111,7 @@ class Generator:
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     def _warm_up(self) -> dict:
-        """Compile every configured (size, identity count, batch bucket) of the torch.compile engine."""
+        """Build every configured (size, identity count, batch bucket) engine of the backend (torch: none)."""
         from ray_faceid.pipelines.generate import parse_size
 
         sizes = [parse_size(size, "warm_up_sizes") for size in self.config.warm_up_sizes]

@@ -262,12 +262,12 @@ class ServeConfig(Settings):
         "onnxruntime when installed, else torch; tensorrt only when installed and named."
     )
     warm_up_sizes: list[str] = Field(
-        [], description="torch.compile: image sizes (WxH) compiled before the replica reports ready; default: the "
+        [], description="Engine backends: image sizes (WxH) built before the replica reports ready; default: the "
         "base model's native size (512x512 for SD 1.x, 1024x1024 for SDXL). Another size compiles on its first "
         "request (a minute on a GPU without cached artifacts)."
     )
     warm_up_identities: list[int] = Field(
-        [1], description="torch.compile: identity counts per image compiled before the replica reports ready."
+        [1], description="Engine backends: identity counts per image built before the replica reports ready."
     )
     generator_gpus: float = Field(0.0, ge=0, description="GPUs per Generator replica (1 on GPU clusters).")
     encoder_gpus: float = Field(0.0, ge=0, description="GPUs per FaceEncoder replica.")

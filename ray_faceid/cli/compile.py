@@ -28,7 +28,9 @@ def compile_engine(
         "compile on the kind of GPU that will serve)."),
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
-    batch: str = typer.Option("1:2:8", "--batch", help="MIN:OPT:MAX rows (classifier-free guidance doubles rows)."),
+    batch: str = typer.Option("1:2:8", "--batch", help="MIN:OPT:MAX UNet rows (classifier-free guidance doubles "
+                              "rows: 8 = 4 images). Engines are built for every power-of-two bucket up to MAX, the "
+                              "buckets requests look up."),
     size: Optional[str] = typer.Option(None, "--size", help="Image WxH the engine serves; default: the model's "
                                        "native size (512x512 for SD 1.x)."),
     identities: int = typer.Option(1, "--identities", min=1, max=4, help="Identities per image."),
@@ -57,55 +59,35 @@ def compile_engine(
         rows = _triple(batch)
         width, height = parse_size(size, "--size") if size else (None, None)
         cache = EngineCache(out)
+        report = _build(model, adapter, width, height, identities, rows[2], backend, precision, cache)
         if backend == "torch.compile":
-            report = _compile_torch(model, adapter, width, height, identities, rows[2], precision, cache)
             console.print(f"compiled {report['buckets']} batch buckets (Inductor artifacts loaded from the cache: "
                           f"{report['loaded']}, stored: {report['stored']})")
         else:
-            _export(model, adapter, width, height, identities, rows, backend, precision, cache)
+            console.print(f"built {report['buckets']} {backend} engines (batch buckets up to {rows[2]} rows)")
     for entry in sorted(cache.root.iterdir()):
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")
 
 
-def _shared_adapter(base, adapter: str | None):
-    from ray_faceid.face.analyzer import FaceAnalyzer
-    from ray_faceid.identity.adapter import IdentityAdapter
-
-    spec = FaceAnalyzer().spec
-    return IdentityAdapter.load(adapter, base.unet, spec) if adapter else IdentityAdapter.for_unet(base.unet, spec)
-
-
-def _export(model, adapter, width, height, identities, rows, backend, precision, cache) -> None:
-    from ray_faceid.engines.base import EngineShape
-    from ray_faceid.engines.select import unet_engine
-    from ray_faceid.pipelines.models import load_base
-
-    precision = precision if precision != "auto" else ("fp16" if backend == "tensorrt" else "fp32")
-    base = load_base(model)
-    width, height = (width, height) if width else base.native_size
-    shared = _shared_adapter(base, adapter)
-    shared.install(base.unet)
-    f = base.vae_scale_factor
-    if width % f or height % f:
-        raise BadInput(f"--size {width}x{height}: each side must be a multiple of {f} for this model")
-    shape = EngineShape(batch=rows, latent=(height // f, width // f), identities=identities,
-                        tokens=shared.options.num_tokens, text_length=base.tokenizer.model_max_length,
-                        channels=base.unet.config.in_channels, cross_dim=base.cross_attention_dim,
-                        pooled_dim=base.pooled_dim)
-    unet_engine(base, shared, shape, "onnxruntime" if backend == "onnx" else "tensorrt", precision, cache)
-
-
-def _compile_torch(model, adapter, width, height, identities, max_rows, precision, cache) -> dict:
-    """The pipeline's own warm-up (what a Serve replica or render actor runs), on this machine's device."""
+def _build(model, adapter, width, height, identities, max_rows, backend, precision, cache) -> dict:
+    """The pipeline's own warm-up, the one engine builder that Serve replicas and render actors run
+    too, so what is built here is exactly what they look up."""
     import torch
 
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.generate import IdentityPipeline
     from ray_faceid.pipelines.models import load_base
 
+    if backend == "onnx":
+        backend, precision = "onnxruntime", "fp32"
+    elif backend == "tensorrt" and precision == "auto":
+        precision = "fp16"
     base = load_base(model)
-    width, height = (width, height) if width else base.native_size
+    spec = FaceAnalyzer().spec
+    shared = IdentityAdapter.load(adapter, base.unet, spec) if adapter else IdentityAdapter.for_unet(base.unet, spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = IdentityPipeline(base, _shared_adapter(base, adapter), device=device, backend="torch.compile",
-                            engine_cache=cache, precision=precision)
+    pipe = IdentityPipeline(base, shared, device=device, backend=backend, engine_cache=cache, precision=precision)
+    width, height = (width, height) if width else base.native_size
     return pipe.warm_up([(width, height)], [identities], max_images=max(1, max_rows // 2))

@@ -91,6 +91,19 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
 
 
+def engine_bucket(rows: int) -> int:
+    """The batch range an ONNX Runtime or TensorRT engine serves `rows` in: powers of two from 8."""
+    return max(8, 1 << (rows - 1).bit_length())
+
+
+def engine_buckets(max_rows: int) -> list[int]:
+    """Every bucket up to the one `max_rows` falls in."""
+    tops = [8]
+    while tops[-1] < engine_bucket(max_rows):
+        tops.append(tops[-1] * 2)
+    return tops
+
+
 class IdentityPipeline:
     def __init__(self, base: BaseModel, adapter: IdentityAdapter | None = None, imr=None,
                  device: str | torch.device = "cpu", backend: str = "torch", engine_cache=None,
@@ -364,7 +377,7 @@ class IdentityPipeline:
         from ray_faceid.engines.base import EngineShape
         from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
 
-        top = max(8, 1 << (rows - 1).bit_length())  # the batch range grows in powers of two
+        top = engine_bucket(rows)
         version, delta = personal or (None, None)
         if version in self._refused:
             raise Erased("this person was erased: their own adapter is not served any more")
@@ -374,7 +387,9 @@ class IdentityPipeline:
         if found is not None:
             engine = found
         else:
-            shape = EngineShape(batch=(1, rows, top), latent=(h, w), identities=identities,
+            # One engine per bucket whatever the first call's rows (its key, and the file `compile`
+            # builds ahead): tuned for one image with guidance, the most common call.
+            shape = EngineShape(batch=(1, 2, top), latent=(h, w), identities=identities,
                                 tokens=self.adapter.options.num_tokens, text_length=text_length,
                                 channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
                                 pooled_dim=self.base.pooled_dim)
@@ -421,11 +436,22 @@ class IdentityPipeline:
         return next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
 
     def warm_up(self, sizes: list[tuple[int, int]], identities: list[int], max_images: int) -> dict:
-        """Compile every (size, identity count, batch bucket) the pipeline will run, loading and
-        storing Inductor's artifacts in the engine cache; other backends have nothing to warm up."""
-        if self.backend != "torch.compile":
+        """Build every engine (size, identity count, batch bucket) the pipeline will run, from the
+        engine cache where it is there and into it where not: the one builder behind `compile`, a
+        Serve replica's start and a render actor's. torch.compile: Inductor's artifacts; ONNX Runtime
+        and TensorRT: the graph or plan of each bucket (the same keys requests look up); torch: none."""
+        if self.backend == "torch.compile":
+            return self.warm_up_shapes([self.engine_shape(w, h, m, max_images) for w, h in sizes for m in identities])
+        if self.backend == "torch":
             return {"buckets": 0, "loaded": 0, "stored": 0}
-        return self.warm_up_shapes([self.engine_shape(w, h, m, max_images) for w, h in sizes for m in identities])
+        f, built = self.base.vae_scale_factor, 0
+        for width, height in sizes:
+            self._check_size(width, height)
+            for count in identities:
+                for top in engine_buckets(2 * max_images):  # CFG doubles every image
+                    self._engine(top, count, height // f, width // f, self.base.tokenizer.model_max_length, None)
+                    built += 1
+        return {"buckets": built, "loaded": None, "stored": None}
 
     def warm_up_shapes(self, shapes: list) -> dict:
         """warm_up for explicit EngineShapes (torch.compile backend)."""

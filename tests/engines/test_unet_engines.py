@@ -182,7 +182,7 @@ def test_the_pipeline_gives_the_same_image_on_onnxruntime(spec, tmp_path):
     assert np.abs(images["torch"] - images["onnxruntime"]).max() <= 1
 
 
-def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_path):
+def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_path, monkeypatch):
     import importlib.util
 
     from typer.testing import CliRunner
@@ -201,6 +201,21 @@ def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_p
     assert built.exit_code == 0, built.output
     (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert entry.name.startswith("onnx-") and {"unet.onnx", "meta.json"} <= {p.name for p in entry.iterdir()}
+    # What compile built is what a pipeline looks up, whatever a request's rows: no export at serve time.
+    from ray_faceid.engines import onnx_export
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+
+    base = build_tiny()
+    pipe = IdentityPipeline(base, IdentityAdapter.for_unet(base.unet, FaceAnalyzer().spec), backend="onnxruntime",
+                            engine_cache=EngineCache(tmp_path))
+    face = IdentityCondition("ann", np.random.default_rng(0).normal(size=(1, 128)).astype(np.float32))
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported at request time: compile built another key")
+
+    monkeypatch.setattr(onnx_export, "export_unet", no_export)
+    pipe.generate("a portrait", [face], num_images=2, steps=1, width=16, height=16)  # a first call of 4 rows
 
 
 def _personal_images(spec, backend, cache):
