@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 
@@ -25,6 +26,8 @@ import numpy as np
 from ray_faceid import face_sketch, storage
 from ray_faceid.errors import NotFound, StorageError
 from ray_faceid.face.spec import EncoderSpec
+
+log = logging.getLogger(__name__)
 
 FOLDER = "_erased"
 SECRET_FILE = "_secret.key"
@@ -124,6 +127,14 @@ def erased_face(store: str, tenant: str, embeddings: np.ndarray, spec: EncoderSp
     if embeddings is None or not len(embeddings):
         return []
     secret = registry_secret(store)
-    found = [t for t in all_for(store, tenant) if (t.get("face_sketch") or {}).get("encoder") == spec.key()
-             and face_sketch.matches(t["face_sketch"]["bits"], embeddings, spec, secret)]
-    return sorted(found, key=lambda t: (t["erased"], t.get("sequence", 0)))
+    found = []
+    for stone in all_for(store, tenant):
+        sketch = stone.get("face_sketch") if isinstance(stone.get("face_sketch"), dict) else {}
+        if sketch.get("encoder") != spec.key():
+            continue
+        try:
+            if face_sketch.matches(sketch["bits"], embeddings, spec, secret):
+                found.append(stone)
+        except (KeyError, TypeError, ValueError):  # a damaged sketch, as a damaged tombstone: skipped, said
+            log.warning("tombstone %s has an unreadable face sketch: its face is not checked", stone.get("id_sha256"))
+    return sorted(found, key=lambda t: (t.get("erased", ""), t.get("sequence", 0)))

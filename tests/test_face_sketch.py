@@ -44,3 +44,18 @@ def test_an_erased_face_needs_new_consent_under_any_name_or_none(tmp_path, faces
     # what a tombstone keeps, and nothing else: no embedding, no name, no id
     assert set(stone) == {"id_sha256", "tenant", "erased", "sequence", "consent", "person_keys", "key_scheme",
                           "face_sketch"}
+
+
+def test_a_damaged_sketch_is_skipped_not_a_failed_enrollment(tmp_path, faces):
+    import json
+
+    from ray_faceid import tombstones
+
+    tom, tom_again, others, spec = faces
+    registry = Registry(str(tmp_path / "registry"))
+    erase_identity(registry, "default", enroll(registry, "tom", tom, spec))
+    (stone_path,) = (tmp_path / "registry" / "default" / tombstones.FOLDER).glob("*.json")
+    stone = json.loads(stone_path.read_text())
+    stone["face_sketch"]["bits"] = "not hex"
+    stone_path.write_text(json.dumps(stone))
+    assert enroll(registry, "", others[0], spec)
