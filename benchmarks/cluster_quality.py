@@ -1,5 +1,6 @@
 """Clustering quality on labelled photos: Chinese whispers at the verification threshold (the old
-method) vs average linkage and vs the kNN graph + Leiden (large archives), over a range of cuts, in one run.
+method) vs average linkage and vs the kNN graph clustered by Leiden (the default), Infomap and
+average linkage per connected component, over a range of cuts, in one run.
 
 Faces: the largest face of every photo in the identity folders of ../shared/data/faces (or
 --faces DIR), embedded by the default face stack; the folder names are the truth.
@@ -66,12 +67,20 @@ def main() -> None:
     for cut in CUTS:
         name = f"average linkage, cut {cut}" + (" (default before kNN + Leiden)" if cut == DEFAULT_CUT_SHARE else "")
         lines.append(row(name, clustering_scores(list(cluster_faces(embeddings, spec, cut, "average")), people)))
+    from _graph_alternatives import component_average_linkage, infomap_clusters
+
     from ray_faceid.data.knn_graph import graph_clusters, knn_graph
 
     graph = knn_graph(embeddings, spec)
     for cut in (0.8, DEFAULT_CUT_SHARE, 0.9, 1.0):
         name = f"kNN graph + Leiden, cut {cut}" + (" (default)" if cut == DEFAULT_CUT_SHARE else "")
         lines.append(row(name, clustering_scores(list(graph_clusters(*graph, cut * spec.threshold)), people)))
+    for cut in (0.8, DEFAULT_CUT_SHARE, 0.9, 1.0):
+        lines.append(row(f"kNN graph + Infomap, cut {cut}",
+                         clustering_scores(list(infomap_clusters(*graph, cut * spec.threshold)), people)))
+    for cut in (0.8, DEFAULT_CUT_SHARE, 0.9, 1.0):
+        lines.append(row(f"kNN graph + average linkage per component, cut {cut}",
+                         clustering_scores(list(component_average_linkage(embeddings, spec, *graph, cut)), people)))
     report(lines, not args.no_record)
 
 

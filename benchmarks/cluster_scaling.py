@@ -7,7 +7,7 @@ person centres and each face's offset are Gaussian, person sizes 2-20 faces. Eac
 runs in a process of its own: wall time, peak memory (max RSS), BCubed F1 and purity against the
 synthetic truth. All-pairs methods run only where their n x n work fits; the table says why not.
 
-    python benchmarks/cluster_scaling.py [--sizes 10000,100000,1000000] [--no-record]
+    python benchmarks/cluster_scaling.py [--sizes 10000,100000,1000000] [--methods leiden,infomap] [--no-record]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ DIM, THRESHOLD, CUT_SHARE = 128, 0.6, 0.85
 DEFAULT_WITHIN, DEFAULT_BETWEEN = 0.42, 0.88  # dlib ResNet on photos: fitted below when the set is there
 ALL_PAIRS_MAX = {"average linkage (exact, old default <= 20k)": 20_000, "Chinese whispers (old default > 20k)": 10_000}
 NEW = "kNN graph (FAISS, k=20) + Leiden (new default)"
+GRAPH_ALTERNATIVES = ["kNN graph (FAISS, k=20) + Infomap", "kNN graph (FAISS, k=20) + average linkage per component"]
 
 
 def fit(faces: Path) -> tuple[float, float, str]:
@@ -77,6 +78,18 @@ def run_one(method: str, n: int, within: float, between: float) -> dict:
         from ray_faceid.data.clustering import chinese_whispers
 
         labels = chinese_whispers(faces, spec, cut)
+    elif method.startswith("kNN graph (FAISS, k=20) + Infomap"):
+        from _graph_alternatives import infomap_clusters
+
+        from ray_faceid.data.knn_graph import knn_graph
+
+        labels = infomap_clusters(*knn_graph(faces, spec), cut)
+    elif method.startswith("kNN graph (FAISS, k=20) + average linkage"):
+        from _graph_alternatives import component_average_linkage
+
+        from ray_faceid.data.knn_graph import knn_graph
+
+        labels = component_average_linkage(faces, spec, *knn_graph(faces, spec), CUT_SHARE)
     else:
         from ray_faceid.data.knn_graph import graph_clusters, knn_graph
 
@@ -92,6 +105,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--faces", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default="", help="Comma-separated parts of method names to run (default: all).")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     if args.one:
@@ -103,7 +117,8 @@ def main() -> None:
              f"Synthetic people, distances {source}: within a person {within:.3f} on average, between people "
              f"{between:.3f} (encoder threshold {THRESHOLD}, cut {CUT_SHARE * THRESHOLD:.2f}); 2-20 faces per person.", "",
              "| method | faces | seconds | peak memory (GB) | BCubed F1 | purity |", "|---|---|---|---|---|---|"]
-    methods = [*ALL_PAIRS_MAX, NEW]
+    wanted = [w.strip().lower() for w in args.methods.split(",") if w.strip()]
+    methods = [m for m in (*ALL_PAIRS_MAX, NEW, *GRAPH_ALTERNATIVES) if not wanted or any(w in m.lower() for w in wanted)]
     for n in (int(s) for s in args.sizes.split(",")):
         for method in methods:
             limit = ALL_PAIRS_MAX.get(method)
