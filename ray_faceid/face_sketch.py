@@ -1,15 +1,15 @@
 """Face sketches: what a tombstone keeps of an erased person's face, so that the same face enrolled
-again without a name (or under another one) is recognised, without keeping the face.
+again without a name (or under another one) is recognised, without keeping the face itself.
 
 A sketch is 512 sign bits of the person's mean embedding (unit length) projected on hyperplanes
 drawn from the registry's secret (BioHashing: revocable, a new secret gives unrelated sketches).
-Each bit says only on which side of a secret hyperplane the face lies, so the embedding cannot be
-rebuilt from it, and without the secret two registries' sketches cannot be compared. The share of
-differing bits estimates the angle between two faces (random-hyperplane hashing: a bit differs with
-probability angle / pi), which is compared with a stricter point than the encoder's own same-person
-threshold: a match refuses an enrollment until the operator gives a new consent reference, so a
-false match costs more than a miss. With the secret, the bits give back the direction of the mean
-embedding only roughly; the README says what is kept and why.
+Each bit says only on which side of a secret hyperplane the face lies: without the secret the bits
+say nothing of the face and two registries' sketches cannot be compared; with it they give back the
+embedding's direction roughly, so a sketch is still biometric data (the README says what is kept and
+why). The share of differing bits estimates the angle between two faces (random-hyperplane hashing:
+a bit differs with probability angle / pi), compared with a stricter point than the encoder's own
+same-person threshold: a match refuses an enrollment until the operator gives a consent reference,
+so a false match costs more than a miss.
 """
 from __future__ import annotations
 
@@ -33,16 +33,25 @@ def _planes(secret: bytes, spec: EncoderSpec) -> np.ndarray:
     return np.random.default_rng(int.from_bytes(seed[:8], "big")).standard_normal((BITS, spec.dim))
 
 
-def _centre(embeddings: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(embeddings, np.float64).reshape(-1, np.shape(embeddings)[-1])
-    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
-    mean = vectors.mean(axis=0)
-    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+def _centre(embeddings: np.ndarray, dim: int) -> np.ndarray | None:
+    """The unit mean direction of a person's embeddings; None where there is none (wrong width,
+    NaN, zero vectors): such a face is neither sketched nor matched."""
+    vectors = np.asarray(embeddings, np.float64)
+    if vectors.ndim != 2 or vectors.shape[1] != dim or not len(vectors) or not np.isfinite(vectors).all():
+        return None
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if (norms < 1e-9).any():
+        return None
+    mean = (vectors / norms).mean(axis=0)
+    length = float(np.linalg.norm(mean))
+    return mean / length if length > 1e-9 else None
 
 
-def sketch(embeddings: np.ndarray, spec: EncoderSpec, secret: bytes) -> str:
-    """The sketch (hex) of a person's embeddings: one face or several."""
-    return np.packbits(_planes(secret, spec) @ _centre(embeddings) > 0).tobytes().hex()
+def sketch(embeddings: np.ndarray, spec: EncoderSpec, secret: bytes) -> str | None:
+    """The sketch (hex) of a person's embeddings (one face or several), or None where they have no
+    usable direction."""
+    centre = _centre(embeddings, spec.dim)
+    return None if centre is None else np.packbits(_planes(secret, spec) @ centre > 0).tobytes().hex()
 
 
 def same_person_angle(spec: EncoderSpec, norm: float = 1.0) -> float:
@@ -53,13 +62,21 @@ def same_person_angle(spec: EncoderSpec, norm: float = 1.0) -> float:
     return 2 * math.asin(min(1.0, STRICT * spec.threshold / (2 * max(norm, 1e-12))))
 
 
-def estimated_angle(stored: str, embeddings: np.ndarray, spec: EncoderSpec, secret: bytes) -> float:
-    a = np.unpackbits(np.frombuffer(bytes.fromhex(stored), np.uint8))
-    b = np.unpackbits(np.frombuffer(bytes.fromhex(sketch(embeddings, spec, secret)), np.uint8))
-    return math.pi * float(np.mean(a != b))
+class Probe:
+    """A new enrollment's face, sketched once and compared with every stored sketch."""
 
+    def __init__(self, embeddings: np.ndarray, spec: EncoderSpec, secret: bytes):
+        bits = sketch(embeddings, spec, secret)
+        self.bits = None if bits is None else np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8))
+        norm = float(np.linalg.norm(np.asarray(embeddings, np.float64), axis=-1).mean()) if bits else 1.0
+        self.angle = same_person_angle(spec, norm)
 
-def matches(stored: str, embeddings: np.ndarray, spec: EncoderSpec, secret: bytes) -> bool:
-    """Whether `embeddings` verify against the person a stored sketch was made from."""
-    norm = float(np.linalg.norm(np.asarray(embeddings, np.float64).reshape(-1, spec.dim), axis=1).mean())
-    return estimated_angle(stored, embeddings, spec, secret) <= same_person_angle(spec, norm)
+    def matches(self, stored: str) -> bool:
+        """Whether this face verifies against the person a stored sketch was made from (ValueError
+        for a damaged sketch)."""
+        if self.bits is None:
+            return False
+        other = np.unpackbits(np.frombuffer(bytes.fromhex(stored), np.uint8))
+        if other.shape != self.bits.shape:
+            raise ValueError(f"a sketch of {other.size} bits, not {self.bits.size}")
+        return math.pi * float(np.mean(other != self.bits)) <= self.angle

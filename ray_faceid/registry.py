@@ -154,11 +154,13 @@ class Registry:
         if not erased:
             return consent.strip()
         if not reconsent or not reconsent.strip():
-            who = (f"a person called {name or label!r}" if by_name else
-                   "the face in these photos verifies against a person who")
-            raise ErasedPerson(f"{who} was erased from this registry on {erased[-1]['erased']}; enrolling them "
-                               "again needs the new consent reference they gave: --reconsent on the command line, "
-                               "reconsent in the API")
+            if by_name:
+                raise ErasedPerson(f"a person called {name or label!r} was erased from this registry on "
+                                   f"{erased[-1]['erased']}; enrolling them again needs the new consent reference "
+                                   "they gave: --reconsent on the command line, reconsent in the API")
+            raise ErasedPerson("the face in these photos matches a person erased from this registry (or someone who "
+                               "looks much like them): enrolling it needs this person's consent reference as a "
+                               "re-consent: --reconsent on the command line, reconsent in the API")
         withdrawn = {(t.get("consent") or "").strip() for t in erased}
         if reconsent.strip() in withdrawn:  # any consent they ever withdrew, not only the last
             raise BadInput("reconsent must be a new consent reference, not one the person withdrew")

@@ -84,9 +84,16 @@ def write(store: str, meta: dict, withdrawn: bool = True, embeddings: np.ndarray
     record = {"id_sha256": digest("id", meta["id"]), "tenant": tenant,
               "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sequence": time.time_ns(),
               "consent": meta.get("consent"), "person_keys": keys, "key_scheme": "hmac-sha256"}
-    if withdrawn and embeddings is not None and len(embeddings):
-        spec = EncoderSpec(**meta["encoder"])
-        record["face_sketch"] = {"encoder": spec.key(), "bits": face_sketch.sketch(embeddings, spec, registry_secret(store))}
+    if withdrawn and embeddings is not None:
+        try:
+            spec = EncoderSpec(**meta["encoder"])
+            bits = face_sketch.sketch(embeddings, spec, registry_secret(store))
+        except (KeyError, TypeError, ValueError):  # a damaged record: the erasure goes on without a sketch
+            bits = None
+        if bits is None:
+            log.warning("identity %s's embeddings are not usable: its tombstone keeps no face sketch", meta["id"])
+        else:
+            record["face_sketch"] = {"encoder": spec.key(), "bits": bits}
     where = uri(store, tenant, meta["id"])
     storage.write_bytes(where, json.dumps(record, indent=2).encode())
     return where
@@ -99,9 +106,11 @@ def all_for(store: str, tenant: str) -> list[dict]:
     out = []
     for entry in sorted(fs.ls(path, detail=False)):
         try:
-            out.append(json.loads(fs.cat_file(entry)))
+            stone = json.loads(fs.cat_file(entry))
         except (OSError, ValueError):
             continue
+        if isinstance(stone, dict):  # anything else is as damaged as unreadable JSON
+            out.append(stone)
     return out
 
 
@@ -124,16 +133,15 @@ def erased_person(store: str, tenant: str, *names: str) -> list[dict]:
 
 def erased_face(store: str, tenant: str, embeddings: np.ndarray, spec: EncoderSpec) -> list[dict]:
     """Every tombstone whose face sketch (same encoder) the embeddings verify against, oldest first."""
-    if embeddings is None or not len(embeddings):
+    stones = [t for t in all_for(store, tenant) if isinstance(t.get("face_sketch"), dict)
+              and t["face_sketch"].get("encoder") == spec.key()]
+    if not stones or embeddings is None or not len(embeddings):
         return []
-    secret = registry_secret(store)
+    probe = face_sketch.Probe(embeddings, spec, registry_secret(store))
     found = []
-    for stone in all_for(store, tenant):
-        sketch = stone.get("face_sketch") if isinstance(stone.get("face_sketch"), dict) else {}
-        if sketch.get("encoder") != spec.key():
-            continue
+    for stone in stones:
         try:
-            if face_sketch.matches(sketch["bits"], embeddings, spec, secret):
+            if probe.matches(stone["face_sketch"]["bits"]):
                 found.append(stone)
         except (KeyError, TypeError, ValueError):  # a damaged sketch, as a damaged tombstone: skipped, said
             log.warning("tombstone %s has an unreadable face sketch: its face is not checked", stone.get("id_sha256"))

@@ -32,7 +32,7 @@ def test_an_erased_face_needs_new_consent_under_any_name_or_none(tmp_path, faces
     registry = Registry(str(tmp_path / "registry"))
     erase_identity(registry, "default", enroll(registry, "tom", tom, spec))
     for name in ("", "thomas"):
-        with pytest.raises(ErasedPerson, match="verifies against a person who was erased") as refused:
+        with pytest.raises(ErasedPerson, match="matches a person erased from this registry") as refused:
             enroll(registry, name, tom_again, spec)
         assert "--reconsent" in refused.value.message
     with pytest.raises(BadInput, match="one the person withdrew"):
@@ -59,3 +59,24 @@ def test_a_damaged_sketch_is_skipped_not_a_failed_enrollment(tmp_path, faces):
     stone["face_sketch"]["bits"] = "not hex"
     stone_path.write_text(json.dumps(stone))
     assert enroll(registry, "", others[0], spec)
+
+
+@pytest.mark.parametrize("damage", ["other width", "NaN", "zero"])
+def test_an_erasure_finishes_when_the_embeddings_cannot_be_sketched(tmp_path, faces, damage):
+    """Embeddings that give no direction: the person is erased all the same, the tombstone keeps no
+    sketch, and such embeddings never match one."""
+    from ray_faceid import tombstones
+
+    tom, _, others, spec = faces
+    bad = {"other width": np.ones((2, 64), np.float32), "NaN": np.full_like(tom, np.nan),
+           "zero": np.zeros_like(tom)}[damage]
+    registry = Registry(str(tmp_path / "registry"))
+    erase_identity(registry, "default", enroll(registry, "tom", tom, spec))
+    ident = enroll(registry, "x", tom, spec, reconsent="consent-2")
+    np.savez(tmp_path / "registry" / "default" / ident / "embeddings.npz", embeddings=bad,
+             quality=np.ones(len(bad), np.float32))
+    erase_identity(registry, "default", ident)
+    assert registry.list("default") == []
+    assert [("face_sketch" in t) for t in tombstones.all_for(registry.store, "default")].count(False) == 1
+    if damage != "other width":
+        assert enroll(registry, "", bad, spec)  # refused by nothing: no direction to compare

@@ -125,21 +125,27 @@ class _Searcher:
         return {"data": batch["data"], "neighbours": neighbours, "distances": distances}
 
 
-def graph_clusters(neighbours: np.ndarray, distances: np.ndarray, cut: float, seed: int = 0) -> np.ndarray:
-    """(n,) cluster numbers: Leiden communities (modularity) of the kNN graph's edges closer than
-    `cut`, weighted by how much closer; a face with no such edge is a cluster of its own."""
-    import igraph
-    import leidenalg
-
+def graph_edges(neighbours: np.ndarray, distances: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN graph's undirected edges closer than `cut` ((m, 2) face pairs, found from either side
+    once) and their weights: how much closer than the cut, so near faces bind tighter."""
     n = len(neighbours)
     rows = np.repeat(np.arange(n), neighbours.shape[1])
     cols, dist = neighbours.reshape(-1), distances.reshape(-1)
     keep = (cols >= 0) & (dist <= cut) & (rows != cols)
     a, b, d = rows[keep], cols[keep], dist[keep]
-    lo, hi = np.minimum(a, b), np.maximum(a, b)  # one undirected edge per pair, found from either side
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
     pairs, first = np.unique(lo * n + hi, return_index=True)
-    graph = igraph.Graph(n=n, edges=np.stack([pairs // n, pairs % n], axis=1).tolist(), directed=False)
-    weights = (1.0 - d[first] / max(cut, 1e-12)) + 1e-3
+    return np.stack([pairs // n, pairs % n], axis=1), (1.0 - d[first] / max(cut, 1e-12)) + 1e-3
+
+
+def graph_clusters(neighbours: np.ndarray, distances: np.ndarray, cut: float, seed: int = 0) -> np.ndarray:
+    """(n,) cluster numbers: Leiden communities (modularity) of the kNN graph's edges closer than
+    `cut`; a face with no such edge is a cluster of its own."""
+    import igraph
+    import leidenalg
+
+    edges, weights = graph_edges(neighbours, distances, cut)
+    graph = igraph.Graph(n=len(neighbours), edges=edges.tolist(), directed=False)
     partition = leidenalg.find_partition(graph, leidenalg.ModularityVertexPartition, weights=weights.tolist(),
                                          seed=seed)
     return np.asarray(partition.membership)
