@@ -287,16 +287,22 @@ class ServeConfig(Settings):
     def _compiled_shapes_fit(self) -> "ServeConfig":
         """Every warmed (size, identity count, batch bucket) is a compiled shape the engine keeps: more
         than it keeps would evict warmed shapes at start. Checked here, not when a replica starts."""
-        if self.backend != "torch.compile":
-            return self
-        from ray_faceid.engines.compiled_engine import MAX_SLOTS, bucket_count
-
         rows = 2 * self.generator_batch_size * self.limits.max_images  # CFG doubles every image
-        shapes = max(1, len(self.warm_up_sizes)) * len(self.warm_up_identities) * bucket_count(2, rows)
-        if shapes > MAX_SLOTS:
-            raise ValueError(f"warm_up_sizes x warm_up_identities x batch buckets is {shapes} compiled shapes; an engine "
-                             f"keeps {MAX_SLOTS}: warm up fewer sizes or identity counts, or lower generator_batch_size "
-                             "or limits.max_images")
+        if self.backend == "torch.compile":
+            from ray_faceid.engines.compiled_engine import MAX_SLOTS, bucket_count
+
+            most, what, buckets = MAX_SLOTS, "compiled shapes; an engine keeps", bucket_count(2, rows)
+        elif self.backend in ("onnxruntime", "tensorrt"):
+            from ray_faceid.engines.buckets import MAX_ENGINES, engine_buckets
+
+            most, what, buckets = MAX_ENGINES, f"{self.backend} engines; a replica keeps", \
+                len(engine_buckets(self.backend, rows))
+        else:
+            return self
+        shapes = max(1, len(self.warm_up_sizes)) * len(self.warm_up_identities) * buckets
+        if shapes > most:
+            raise ValueError(f"warm_up_sizes x warm_up_identities x batch buckets is {shapes} {what} {most}: warm "
+                             "up fewer sizes or identity counts, or lower generator_batch_size or limits.max_images")
         return self
 
 

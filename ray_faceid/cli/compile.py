@@ -11,14 +11,15 @@ from ray_faceid.cli.common import console, user_errors
 from ray_faceid.errors import BadInput
 
 
-def _triple(text: str) -> tuple[int, int, int]:
+def _max_rows(text: str) -> int:
+    """--batch: MAX rows, or the older MIN:OPT:MAX form (checked; only MAX counts)."""
     try:
-        low, opt, high = (int(v) for v in text.split(":"))
+        values = [int(v) for v in text.split(":")]
     except ValueError as exc:
-        raise BadInput(f"--batch must look like MIN:OPT:MAX, got {text!r}") from exc
-    if not 1 <= low <= opt <= high:
-        raise BadInput(f"--batch {text}: need 1 <= MIN <= OPT <= MAX")
-    return low, opt, high
+        raise BadInput(f"--batch must be MAX rows (or MIN:OPT:MAX), got {text!r}") from exc
+    if len(values) not in (1, 3) or not 1 <= values[0] <= values[len(values) // 2] <= values[-1]:
+        raise BadInput(f"--batch {text}: give MAX rows (1 or more), or MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
+    return values[-1]
 
 
 def compile_engine(
@@ -28,9 +29,10 @@ def compile_engine(
         "compile on the kind of GPU that will serve)."),
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
-    batch: str = typer.Option("1:2:8", "--batch", help="MIN:OPT:MAX UNet rows (classifier-free guidance doubles "
-                              "rows: 8 = 4 images). Engines are built for every power-of-two bucket up to MAX, the "
-                              "buckets requests look up."),
+    batch: str = typer.Option("8", "--batch", help="The most UNet rows a call runs (classifier-free guidance "
+                              "doubles rows: 8 = 4 images). Engines are built for the batch buckets requests look up "
+                              "(ONNX Runtime: one graph for any batch; TensorRT and torch.compile: each bucket up to "
+                              "MAX). The older MIN:OPT:MAX form is accepted; only MAX counts."),
     size: Optional[str] = typer.Option(None, "--size", help="Image WxH the engine serves; default: the model's "
                                        "native size (512x512 for SD 1.x)."),
     identities: int = typer.Option(1, "--identities", min=1, max=4, help="Identities per image."),
@@ -56,15 +58,15 @@ def compile_engine(
         if backend == "onnx" and precision not in ("auto", "fp32"):
             raise BadInput(f"--precision {precision} is for TensorRT plans: ONNX Runtime runs fp32 graphs; drop it or "
                            "use --backend tensorrt")
-        rows = _triple(batch)
+        max_rows = _max_rows(batch)
         width, height = parse_size(size, "--size") if size else (None, None)
         cache = EngineCache(out)
-        report = _build(model, adapter, width, height, identities, rows[2], backend, precision, cache)
+        report = _build(model, adapter, width, height, identities, max_rows, backend, precision, cache)
         if backend == "torch.compile":
             console.print(f"compiled {report['buckets']} batch buckets (Inductor artifacts loaded from the cache: "
                           f"{report['loaded']}, stored: {report['stored']})")
         else:
-            console.print(f"built {report['buckets']} {backend} engines (batch buckets up to {rows[2]} rows)")
+            console.print(f"built {report['buckets']} {backend} engines (up to {max_rows} rows)")
     for entry in sorted(cache.root.iterdir()):
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")

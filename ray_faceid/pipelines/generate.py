@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ray_faceid.engines.base import DTYPES, UNetCall
+from ray_faceid.engines.buckets import MAX_ENGINES, engine_bucket, engine_buckets
 from ray_faceid.errors import BadInput, Erased
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.context import identity_kwargs
@@ -27,7 +28,6 @@ from ray_faceid.pipelines.provenance import png_with_provenance
 from ray_faceid.pipelines.text_conditioning import TextConditioning, encode_prompts, unet_conditioning
 
 MAX_IDENTITIES = 4
-MAX_ENGINES = 4  # UNet engines (one per shape served) a pipeline keeps
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
@@ -89,19 +89,6 @@ class GenerationResult:
     png: list[bytes]
     provenance: list[dict]
     seeds: list[int] = field(default_factory=list)
-
-
-def engine_bucket(rows: int) -> int:
-    """The batch range an ONNX Runtime or TensorRT engine serves `rows` in: powers of two from 8."""
-    return max(8, 1 << (rows - 1).bit_length())
-
-
-def engine_buckets(max_rows: int) -> list[int]:
-    """Every bucket up to the one `max_rows` falls in."""
-    tops = [8]
-    while tops[-1] < engine_bucket(max_rows):
-        tops.append(tops[-1] * 2)
-    return tops
 
 
 class IdentityPipeline:
@@ -377,7 +364,7 @@ class IdentityPipeline:
         from ray_faceid.engines.base import EngineShape
         from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
 
-        top = engine_bucket(rows)
+        top = engine_bucket(self.backend, rows)
         version, delta = personal or (None, None)
         if version in self._refused:
             raise Erased("this person was erased: their own adapter is not served any more")
@@ -438,8 +425,9 @@ class IdentityPipeline:
     def warm_up(self, sizes: list[tuple[int, int]], identities: list[int], max_images: int) -> dict:
         """Build every engine (size, identity count, batch bucket) the pipeline will run, from the
         engine cache where it is there and into it where not: the one builder behind `compile`, a
-        Serve replica's start and a render actor's. torch.compile: Inductor's artifacts; ONNX Runtime
-        and TensorRT: the graph or plan of each bucket (the same keys requests look up); torch: none."""
+        Serve replica's start (render actors build the same keys as their rows need them).
+        torch.compile: Inductor's artifacts; ONNX Runtime: one graph per size and identity count;
+        TensorRT: a plan per batch bucket (engines/buckets.py, the keys requests look up); torch: none."""
         if self.backend == "torch.compile":
             return self.warm_up_shapes([self.engine_shape(w, h, m, max_images) for w, h in sizes for m in identities])
         if self.backend == "torch":
@@ -448,7 +436,7 @@ class IdentityPipeline:
         for width, height in sizes:
             self._check_size(width, height)
             for count in identities:
-                for top in engine_buckets(2 * max_images):  # CFG doubles every image
+                for top in engine_buckets(self.backend, 2 * max_images):  # CFG doubles every image
                     self._engine(top, count, height // f, width // f, self.base.tokenizer.model_max_length, None)
                     built += 1
         return {"buckets": built, "loaded": None, "stored": None}

@@ -194,7 +194,7 @@ def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_p
         missing = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "tensorrt", "--size", "16x16"])
         assert missing.exit_code == 2 and "pip install 'ray_faceid[tensorrt]'" in missing.output
     bad = runner.invoke(app, ["compile", "--out", str(tmp_path), "--batch", "4:2:1"])
-    assert bad.exit_code == 2 and "MIN <= OPT <= MAX" in bad.output
+    assert bad.exit_code == 2 and "1 <= MIN <= OPT <= MAX" in bad.output
     half = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "onnx", "--precision", "fp16"])
     assert half.exit_code == 2 and "ONNX Runtime runs fp32 graphs" in half.output
     built = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "onnx", "--size", "16x16"])
@@ -245,3 +245,12 @@ def test_per_identity_adapters_on_onnxruntime_share_one_graph_and_give_the_torch
     assert len({im.tobytes() for im in torch_images}) == 3  # each adapter makes its own image of the face
     for a, b in zip(torch_images, onnx_images):
         assert np.abs(a - b).max() <= 1
+
+
+def test_a_serve_config_warming_more_file_engines_than_a_replica_keeps_is_refused():
+    from ray_faceid.config import ServeConfig
+
+    assert ServeConfig(backend="onnxruntime", warm_up_sizes=["512x512", "768x768"], warm_up_identities=[1, 2])
+    ServeConfig(backend="tensorrt")  # 8, 16 and 32 rows: three plans
+    with pytest.raises(ValueError, match="tensorrt engines; a replica keeps 4"):
+        ServeConfig(backend="tensorrt", warm_up_identities=[1, 2])
