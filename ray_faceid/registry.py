@@ -132,8 +132,8 @@ class Registry:
             holders = self.named(tenant, name) if name else []
             if holders and name_exists == "refuse":
                 raise NameTaken(f"the name {name!r} is taken by {holders[0]['id']}: enroll under another name, or "
-                                "ask to rename (a suffix) or replace (erases the other identity): --name-exists on "
-                                "the command line, name_exists in the API")
+                                "ask to rename (a suffix) or replace (erases the other identity): --name-exists "
+                                "rename|replace on the command line, name_exists in the API")
             if holders and name_exists == "rename":
                 taken = {(m.get("name") or "").casefold() for m in self.list(tenant)}
                 name = next(f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}".casefold() not in taken)
@@ -157,10 +157,10 @@ class Registry:
             if by_name:
                 raise ErasedPerson(f"a person called {name or label!r} was erased from this registry on "
                                    f"{erased[-1]['erased']}; enrolling them again needs the new consent reference "
-                                   "they gave: --reconsent on the command line, reconsent in the API")
+                                   "they gave: --reconsent NEW_REF on the command line, reconsent in the API")
             raise ErasedPerson("the face in these photos matches a person erased from this registry (or someone who "
                                "looks much like them): enrolling it needs this person's consent reference as a "
-                               "re-consent: --reconsent on the command line, reconsent in the API")
+                               "re-consent: --reconsent REF on the command line, reconsent in the API")
         withdrawn = {(t.get("consent") or "").strip() for t in erased}
         if reconsent.strip() in withdrawn:  # any consent they ever withdrew, not only the last
             raise BadInput("reconsent must be a new consent reference, not one the person withdrew")

@@ -23,10 +23,12 @@ def _max_rows(text: str) -> int:
 
 
 def compile_engine(
-    out: str = typer.Option(..., "--out", help="Engine cache folder (replicas point RAY_FACEID_CACHE's engines here)."),
+    out: str = typer.Option(..., "--out", help="Engine cache folder. Commands and replicas look in "
+                            "$RAY_FACEID_CACHE/engines (default ~/.cache/ray_faceid/engines): build there, or set "
+                            "RAY_FACEID_CACHE to this folder's parent where they run."),
     backend: str = typer.Option(
-        "onnx", "--backend", help="onnx | tensorrt | torch.compile (Inductor artifacts for this machine's device: "
-        "compile on the kind of GPU that will serve)."),
+        "onnx", "--backend", help="onnx (or onnxruntime) | tensorrt | torch.compile (Inductor artifacts for this "
+        "machine's device: compile on the kind of GPU that will serve)."),
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
     batch: str = typer.Option("8", "--batch", help="The most UNet rows a call runs (classifier-free guidance "
@@ -41,13 +43,13 @@ def compile_engine(
         "graphs are fp32; torch.compile: auto is fp16 on CUDA, fp32 on CPU.",
     ),
 ):
-    """Export the UNet with identity inputs to ONNX and build a TensorRT plan from it, or compile it
-    with torch.compile for every batch bucket up to MAX rows."""
+    """Build the UNet engines ahead of time: ONNX graphs, TensorRT plans, or torch.compile's artifacts."""
     from ray_faceid.engines.base import DTYPES
     from ray_faceid.engines.cache import EngineCache
     from ray_faceid.pipelines.generate import parse_size
 
     with user_errors():
+        backend = "onnx" if backend == "onnxruntime" else backend  # the runtime's name, as --backend elsewhere
         if backend not in ("onnx", "tensorrt", "torch.compile"):
             raise BadInput(f"--backend must be onnx, tensorrt or torch.compile, not {backend!r}")
         from ray_faceid.engines.select import require_backend
@@ -66,7 +68,7 @@ def compile_engine(
             console.print(f"compiled {report['buckets']} batch buckets (Inductor artifacts loaded from the cache: "
                           f"{report['loaded']}, stored: {report['stored']})")
         else:
-            console.print(f"built {report['buckets']} {backend} engines (up to {max_rows} rows)")
+            console.print(f"{backend} engines ready: {report['buckets']} (up to {max_rows} rows), in {cache.root}")
     for entry in sorted(cache.root.iterdir()):
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")

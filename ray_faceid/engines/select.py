@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 from typing import Literal
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from ray_faceid.engines.base import DTYPES, EngineShape, UNetEngine
 from ray_faceid.engines.cache import EngineCache, EngineKey
 from ray_faceid.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"]
 BACKENDS = ("auto", "torch", "torch.compile", "onnxruntime", "tensorrt")
@@ -91,9 +94,13 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
     onnx_key = EngineKey(backend="onnx", weight_inputs=weight_inputs, precision=precision,
                          runtime_version=f"opset{OPSET}", **common)
 
+    def export(folder):
+        log.warning("the UNet's ONNX graph for latent %sx%s is not in the engine cache at %s: exporting it (tens of "
+                    "seconds; `ray-faceid compile` builds it ahead)", shape.latent[1], shape.latent[0], cache.root)
+        return export_unet(base.unet, shape, folder / "unet.onnx", DTYPES[precision], weights if weight_inputs else ())
+
     def onnx_graph():
-        return cache.get_or_build(onnx_key, "unet.onnx", lambda folder: export_unet(
-            base.unet, shape, folder / "unet.onnx", DTYPES[precision], weights if weight_inputs else ()))
+        return cache.get_or_build(onnx_key, "unet.onnx", export)
 
     if backend == "onnxruntime":
         from ray_faceid.engines.onnxruntime_engine import OnnxRuntimeUNetEngine
