@@ -5,6 +5,7 @@ What stays: every warning and error not listed, our own progress lines and resul
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -53,6 +54,14 @@ HARMLESS_WARNINGS = {
     r"The minimum number of concurrent actors": "Ray Data sizing its actor pool for a small input",
 }
 
+# What torch's ONNX exporter says on every export of the UNet (warnings and its own log records).
+EXPORTER_NOTICES = {
+    r"torchvision is not installed": "the exporter skipping torchvision's operators; the UNet uses none of them",
+    r"The axis name: .* will not be used": "torch.export merging the inputs' batch axes into one, as intended",
+    r"LeafSpec": "a deprecation inside torch's own exporter (pytree), not in our code",
+}
+EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
+
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
@@ -72,6 +81,32 @@ def _quiet_console(logger_name: str) -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
             if not any(isinstance(f, _DropHarmless) for f in handler.filters):
                 handler.addFilter(_DropHarmless())
+
+
+class _DropPatterns(logging.Filter):
+    def __init__(self, patterns):
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(re.search(pattern, record.getMessage()) for pattern in self.patterns)
+
+
+@contextlib.contextmanager
+def onnx_export():
+    """Around an ONNX export: the exporter's routine notices (EXPORTER_NOTICES) left out."""
+    if verbose():
+        yield
+        return
+    drop, logger = _DropPatterns(EXPORTER_NOTICES), logging.getLogger(EXPORTER_LOGGER)
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for pattern in EXPORTER_NOTICES:
+                warnings.filterwarnings("ignore", message=f".*{pattern}")
+            yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def before_ray_init() -> dict:

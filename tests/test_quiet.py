@@ -66,3 +66,24 @@ def test_ddps_unused_parameter_notice_is_not_printed_once_per_worker():
     notice = ("[W1129 01:02:03.456 reducer.cpp:1430] Warning: find_unused_parameters=True was specified in DDP "
               "constructor, but did not find any unused parameters in the forward pass.")
     assert any(re.search(p, notice) for p in quiet.HARMLESS_WORKER_LINES)
+
+
+def test_onnx_export_leaves_out_the_exporters_notices_and_nothing_else(caplog, monkeypatch):
+    import logging
+    import warnings
+
+    from ray_faceid import quiet
+
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    logger = logging.getLogger(quiet.EXPORTER_LOGGER)
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        with quiet.onnx_export():
+            logger.warning("torchvision is not installed. Skipping torchvision::nms")
+            logger.warning("the graph lost a weight")
+            warnings.warn("# The axis name: batch will not be used, since it shares the same shape constraints")
+            warnings.warn("a real problem")
+        logger.warning("torchvision is not installed. Skipping torchvision::nms")  # only during an export
+    assert [str(w.message) for w in seen] == ["a real problem"]
+    assert [r.getMessage() for r in caplog.records] == ["the graph lost a weight",
+                                                        "torchvision is not installed. Skipping torchvision::nms"]

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from ray_faceid import quiet
 from ray_faceid.engines.base import EngineShape, UNetCall
 from ray_faceid.errors import BackendUnavailable
 
@@ -45,7 +46,7 @@ def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype =
     large = sum(p.numel() * p.element_size() for p in call.parameters()) > 1.8 * 2**30
     # torch.export-based exporter: it keeps the batch symbolic through diffusers' reshapes (the
     # TorchScript tracer bakes it in) and keeps parameter names, which TensorRT refit uses.
-    with torch.no_grad():
+    with torch.no_grad(), quiet.onnx_export():
         torch.onnx.export(call, tuple(example[n] for n in names), str(path), input_names=names,
                           output_names=["noise_pred"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
                           external_data=large, verbose=False, optimize=False)
