@@ -31,6 +31,7 @@ import pyarrow as pa
 from ray_faceid import storage, tombstones
 from ray_faceid.data import tables
 from ray_faceid.errors import Erased, FaceIdError, NotFound
+from ray_faceid.registry import is_identity_id
 
 MANIFEST, EVAL_FILES = "manifest.parquet", ("eval.json", "contact_sheet.png")
 IDENTITIES, PAIRS, CLUSTERS = "identities.parquet", "pairs.parquet", "clusters.parquet"
@@ -101,10 +102,8 @@ def erase_identity(registry, tenant: str, reference: str, also: list[str] = ()) 
         try:
             identity = registry.resolve(tenant, reference)
         except Erased:
-            if not also:
-                raise
-            return _erase_outputs_of_erased(registry, tenant, reference, also)
-        except NotFound:
+            if also and is_identity_id(reference):
+                return _erase_outputs_of_erased(registry, tenant, reference, also)
             stones = tombstones.erased_person(registry.store, tenant, reference)
             if stones:  # a finished erasure, asked for again by name
                 raise Erased(f"{reference!r} was erased on {stones[-1]['erased']}; nothing is left to erase") from None

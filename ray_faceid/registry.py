@@ -50,6 +50,11 @@ _ID = re.compile(r"^id_[A-Za-z0-9_-]{16,64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def is_identity_id(text: str) -> bool:
+    """Whether `text` is an identity id (names never look like one)."""
+    return bool(_ID.match(text or ""))
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -232,7 +237,7 @@ class Registry:
     def resolve(self, tenant: str, reference: str) -> str:
         """An identity id from an id or a name; an unknown name lists the close matches, an ambiguous
         one the ids to choose from."""
-        if _ID.match(reference or ""):
+        if is_identity_id(reference):
             self.get(tenant, reference)
             return reference
         found = self.named(tenant, reference or "")
@@ -241,6 +246,9 @@ class Registry:
         if found:
             raise BadInput(f"{len(found)} identities are called {reference!r}: use an id "
                            f"({', '.join(m['id'] for m in found)})")
+        stones = tombstones.erased_person(self.store, tenant, reference or "")
+        if stones:  # a person asked for by the name they had: say they were erased, not "no one"
+            raise Erased(f"{reference!r} was erased from this registry on {stones[-1]['erased']}")
         names = sorted({m["name"] for m in self.list(tenant) if m.get("name")})
         close = difflib.get_close_matches(reference or "", names, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else (

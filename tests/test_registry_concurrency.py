@@ -201,3 +201,12 @@ def test_every_withdrawn_consent_stays_refused_and_names_cannot_be_guessed_from_
     assert all(guess not in t["person_keys"] and t["person_keys"] for t in stones)
     other = Registry(str(tmp_path / "other"))  # another registry keys the same name differently
     assert tombstones.person_key(other.store, "default", "ann") != tombstones.person_key(registry.store, "default", "ann")
+
+
+def test_asking_for_an_erased_person_by_name_says_they_were_erased(tmp_path, spec128):
+    registry = Registry(str(tmp_path / "registry"))
+    erase_identity(registry, "default", enroll(registry, spec128, "ann"))
+    with pytest.raises(Erased, match="'ann' was erased from this registry on "):
+        registry.resolve("default", "ann")  # a render row or a request naming her
+    with pytest.raises(NotFound, match="no identity called 'bob'"):
+        registry.resolve("default", "bob")
