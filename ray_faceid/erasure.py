@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from ray_faceid import storage, tombstones
 from ray_faceid.data import tables
+from ray_faceid.data.analyze_rows import own_crop
 from ray_faceid.errors import Erased, FaceIdError, NotFound
 from ray_faceid.registry import is_identity_id
 
@@ -290,8 +291,8 @@ def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
         return None
     gone_faces = [f for f in faces if f["face_id"] in face_ids]
     gone = {(f["image_uri"], f["face_index"]) for f in gone_faces}
-    crops = [f["crop_uri"] for f in gone_faces if f.get("crop_uri")]
-    for crop in crops:
+    crops = [own_crop(dataset, f["crop_uri"]) for f in gone_faces if f.get("crop_uri")]
+    for crop in filter(None, crops):
         storage.delete(crop)
     _filter(storage.join(dataset, tables.FACES), lambda r: r["face_id"] not in face_ids)
     _filter(storage.join(dataset, IDENTITIES), lambda r: r["identity"] not in labels)

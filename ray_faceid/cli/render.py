@@ -128,5 +128,12 @@ def evaluate(
         print_json({k: v for k, v in report.items() if k != "rows"})
         return
     console.print(eval_table(report, f"eval {images}"))
+    render = report.get("render", {})
+    if render.get("failed_rows"):
+        typer.echo(f"{render['failed_rows']} catalog rows failed in the render and are not scored "
+                   "(manifest.parquet has their errors)")
+    if render.get("untrained_base"):
+        typer.echo("an untrained smoke-test base made these images: faces are rarely found and the scores say "
+                   "nothing of identity; render with a real base (--model) to measure it")
     typer.echo("encoders: " + ", ".join(f"{n} = {m['spec']}" for n, m in report["encoders"].items()))
     typer.echo(f"contact sheet: {report['contact_sheet']}")

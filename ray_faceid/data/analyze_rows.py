@@ -35,6 +35,14 @@ def crop_uri(dst: str, sha: str, index: int) -> str:
     return storage.join(dst, "crops", sha[:2], f"{sha}_{index}.png")
 
 
+def own_crop(dataset: str, uri: str) -> str | None:
+    """Where a face's crop lies in `dataset`'s own crops folder. The tables record the path the
+    crop was written to, which in a copied dataset is the original's: erasing from the copy must
+    delete the copy's file, never the original's."""
+    _, sep, tail = str(uri).rpartition("/crops/")
+    return storage.join(dataset, "crops", tail) if sep else None
+
+
 def face_record(face: Face, index: int, image: np.ndarray, sha: str, dst: str | None, template: Template) -> dict:
     record = face.to_dict(with_embedding=True)
     record["face_index"] = index

@@ -41,6 +41,20 @@ def _targets(source: str, identities: list[str] | None) -> list[dict]:
     return [{"id": u.rsplit("/", 1)[-1], "image_uri": u, "identities": list(identities)} for u in uris]
 
 
+def render_notes(source: str) -> dict:
+    """What a reader of the scores needs to know about the render behind them: rows that failed
+    (not scored) and whether an untrained smoke-test base made the images."""
+    manifest = storage.join(source, "manifest.parquet")
+    if not storage.exists(manifest):
+        return {"failed_rows": 0, "untrained_base": False}
+    from ray_faceid.data import tables
+
+    rows = tables.read_table(manifest).to_pylist()
+    made = [json.loads(r["provenance"]) for r in rows if r["status"] == "ok" and r.get("provenance")]
+    return {"failed_rows": sum(r["status"] != "ok" for r in rows),
+            "untrained_base": any(p.get("untrained_base") for p in made)}
+
+
 def _references(analyzer, registry, tenant: str, identity: str) -> np.ndarray | None:
     """The identity's reference embeddings in this analyzer's space (None: no usable reference)."""
     embeddings, _, spec = registry.embeddings(tenant, identity)
@@ -108,7 +122,8 @@ def evaluate(source: str, registry, tenant: str = "default", identities: list[st
             scores[name].append(row[name])
         per_row.append(row)
     report = {"source": source, "encoders": {name: {"spec": a.spec.key(), **_metrics(scores[name])}
-                                             for name, a in encoders.items()}, "rows": per_row}
+                                             for name, a in encoders.items()}, "rows": per_row,
+              "render": render_notes(source)}
     out = out or source
     registry.record_output(tenant, out)  # the sheet shows reference crops: erasing a person reaches it
     storage.write_bytes(storage.join(out, REPORT), json.dumps(report, indent=2).encode())

@@ -119,3 +119,19 @@ def test_delete_removes_the_person_from_every_store(world, small_dataset):
     back = enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)",
                           reconsent={"amy": "consent form 2026-12"})
     assert registry.get("default", back["enrolled"]["amy"])["consent"] == "consent form 2026-12"
+
+
+def test_erasing_from_a_copied_dataset_deletes_the_copys_crops_not_the_originals(small_dataset, tmp_path):
+    """A copied dataset's tables still name the original's crop paths."""
+    from ray_faceid.erasure import erase_dataset_labels
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_dataset, copy)
+    faces = pq.read_table(copy / "faces.parquet").to_pylist()
+    crops = [f["crop_uri"] for f in faces if f["label"] == "penny" and f.get("crop_uri")]
+    assert crops and all(c.startswith(small_dataset) for c in crops)
+    own = [copy / Path(c).relative_to(small_dataset) for c in crops]
+    assert all(p.is_file() for p in own)
+    erase_dataset_labels(str(copy), {"penny"})
+    assert all(Path(c).is_file() for c in crops)  # the original keeps its crops
+    assert not any(p.exists() for p in own)  # the copy loses its own

@@ -261,8 +261,12 @@ def test_eval_scores_with_sface_as_the_second_recogniser_by_default(rendered, pe
     registry, _ = people
     result = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--out", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    encoders = json.loads(result.stdout)["encoders"]
+    report = json.loads(result.stdout)
+    encoders = report["encoders"]
     assert encoders["second"]["spec"].startswith("sface/128/") and encoders["second"]["images"] == 4
+    assert report["render"] == {"failed_rows": 0, "untrained_base": True}
     alone = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--out", str(tmp_path / "one"),
                                      "--json", "--no-second"])
     assert set(json.loads(alone.stdout)["encoders"]) == {"conditioning"}
+    table = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--out", str(tmp_path / "t")])
+    assert "second recogniser: SFace" in table.output and "untrained smoke-test base" in table.output
