@@ -1,5 +1,5 @@
 """Face sketches: what a tombstone keeps of an erased person's face, so that the same face enrolled
-again without a name (or under another one) is recognised, without keeping the face itself.
+again without a name is recognised, without keeping the face itself.
 
 A sketch is 512 sign bits of the person's mean embedding (unit length) projected on hyperplanes
 drawn from the registry's secret (BioHashing: revocable, a new secret gives unrelated sketches).

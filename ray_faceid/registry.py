@@ -150,10 +150,12 @@ class Registry:
 
     def _consent_for(self, tenant: str, name: str, label: str | None, consent: str, reconsent: str | None,
                      embeddings: np.ndarray, spec: EncoderSpec) -> str:
-        """The consent an enrollment is made under: a person erased before, by name, dataset label or
-        face (their tombstone's sketch), needs a new consent reference."""
+        """The consent an enrollment is made under: a person erased before needs a new consent
+        reference, found by name or dataset label, or, for an enrollment with neither, by face (their
+        tombstone's sketch). Named enrollments are not checked by face: a one-against-many match
+        would refuse look-alikes of every erased person under their own names."""
         by_name = tombstones.erased_person(self.store, tenant, name, label or "")
-        by_face = tombstones.erased_face(self.store, tenant, embeddings, spec)
+        by_face = [] if (name or label) else tombstones.erased_face(self.store, tenant, embeddings, spec)
         erased = sorted({t["id_sha256"]: t for t in by_name + by_face}.values(),
                         key=lambda t: (t["erased"], t.get("sequence", 0)))
         if not erased:

@@ -8,7 +8,7 @@ hashes (HMAC-SHA256 with the registry's own secret, `<store>/_secret.key`) of th
 dataset label, so that a scheduled `enroll-dataset` or a new enrollment under that name is refused
 without `--reconsent`, and a name cannot be recovered by hashing guesses without the secret; and a
 face sketch (face_sketch.py: 512 sign bits of secret projections of their mean embedding), so that
-their face enrolled again without a name or under another one is refused too. It holds no photo, no
+their face enrolled again without a name is refused too. It holds no photo, no
 embedding, no name and not the id itself: a byte search of the stores finds none. Every consent the
 person ever withdrew stays refused as a re-consent.
 """

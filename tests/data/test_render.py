@@ -264,9 +264,10 @@ def test_eval_scores_with_sface_as_the_second_recogniser_by_default(rendered, pe
     report = json.loads(result.stdout)
     encoders = report["encoders"]
     assert encoders["second"]["spec"].startswith("sface/128/") and encoders["second"]["images"] == 4
-    assert report["render"] == {"failed_rows": 0, "untrained_base": True}
+    assert report["render"] == {"failed_rows": 3, "untrained_base": True}  # the catalog's three bad rows
     alone = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--out", str(tmp_path / "one"),
                                      "--json", "--no-second"])
     assert set(json.loads(alone.stdout)["encoders"]) == {"conditioning"}
     table = CliRunner().invoke(app, ["eval", str(out), "--registry", registry.store, "--out", str(tmp_path / "t")])
     assert "second recogniser: SFace" in table.output and "untrained smoke-test base" in table.output
+    assert "3 catalog rows failed in the render and are not scored" in table.output
