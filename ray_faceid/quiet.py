@@ -67,10 +67,15 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-class _DropHarmless(logging.Filter):
+class _DropPatterns(logging.Filter):
+    """Drops the records whose message matches one of `patterns` (a dict of pattern -> why)."""
+
+    def __init__(self, patterns: dict[str, str]):
+        super().__init__()
+        self.patterns = patterns
+
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(re.search(pattern, message) for pattern in HARMLESS_LOGS)
+        return not any(re.search(pattern, record.getMessage()) for pattern in self.patterns)
 
 
 def _quiet_console(logger_name: str) -> None:
@@ -79,17 +84,8 @@ def _quiet_console(logger_name: str) -> None:
     for handler in logging.getLogger(logger_name).handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
-            if not any(isinstance(f, _DropHarmless) for f in handler.filters):
-                handler.addFilter(_DropHarmless())
-
-
-class _DropPatterns(logging.Filter):
-    def __init__(self, patterns):
-        super().__init__()
-        self.patterns = patterns
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(re.search(pattern, record.getMessage()) for pattern in self.patterns)
+            if not any(isinstance(f, _DropPatterns) and f.patterns is HARMLESS_LOGS for f in handler.filters):
+                handler.addFilter(_DropPatterns(HARMLESS_LOGS))
 
 
 @contextlib.contextmanager

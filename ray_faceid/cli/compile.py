@@ -75,8 +75,8 @@ def compile_engine(
 
 
 def _build(model, adapter, width, height, identities, max_rows, backend, precision, cache) -> dict:
-    """The pipeline's own warm-up, the one engine builder that Serve replicas and render actors run
-    too, so what is built here is exactly what they look up."""
+    """The pipeline's own warm-up, the engine builder a Serve replica runs at start (render actors
+    build the same keys as rows need them), so what is built here is exactly what they look up."""
     import torch
 
     from ray_faceid.face.analyzer import FaceAnalyzer
