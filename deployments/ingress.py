@@ -166,6 +166,7 @@ class Ingress:
         body_limit.LIMIT["bytes"] = self.config.limits.max_body_bytes
         self.spec: EncoderSpec | None = None
         self.model_defaults: dict | None = None
+        self.page_files = None  # the web page's files (page_gate.PageFiles) where it is mounted
 
     def _set_asgi_app(self, app) -> None:
         """Serve hands each replica its own copy of `api` here (Ray 2.60's ASGIAppReplicaWrapper):
@@ -272,6 +273,8 @@ class Ingress:
 
     async def erase(self, tenant: str, identity: str) -> ErasureReport:
         report = await self.registry.call(erase_identity, self.store, tenant, identity)
+        if self.page_files is not None:  # the page's uploads and answers may show them: gone at once
+            self.page_files.forget_tenant(tenant)
         removed = [dict(r, where=r["where"].rstrip("/").rsplit("/", 1)[-1]) for r in report["removed"]]
         return ErasureReport(id=report["id"], removed=removed)
 

@@ -46,13 +46,25 @@ def mount(app, ingress: "Ingress") -> bool:
     if not available():
         log.info("the web page is off: install the `ui` extra (pip install 'ray-faceid[ui]') to serve it at %s", PATH)
         return False
+    import tempfile
+
     import gradio as gr
+    from starlette.routing import Mount
+
+    from deployments.page_gate import PageFiles, PageGate
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls out of the cluster
+    # The page's uploads and answers in a folder of this replica's own (mode 0700), which the gate
+    # hands out per tenant; Gradio reads the folder from the environment when the page is built.
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="ray_faceid_page_")
+    files = PageFiles(os.environ["GRADIO_TEMP_DIR"])
     limit = ingress.config.limits.max_upload_bytes
-    gr.mount_gradio_app(app, build(ingress), path=PATH, ssr_mode=False, footer_links=[], max_file_size=limit,
+    gr.mount_gradio_app(app, build(ingress, files), path=PATH, ssr_mode=False, footer_links=[], max_file_size=limit,
                         theme=gr.themes.Default(font=["system-ui", "sans-serif"],  # no web fonts to fetch
                                                 font_mono=["ui-monospace", "monospace"]))
+    mounted = next(r for r in app.router.routes if isinstance(r, Mount) and r.path == PATH)
+    mounted.app = PageGate(mounted.app, files, ingress.tokens)
+    ingress.page_files = files
     return True
 
 
@@ -138,8 +150,8 @@ def scores_table(images, names: dict[str, str]) -> str:
 class PageActions:
     """What each control does; every method takes the page's token first."""
 
-    def __init__(self, ingress: "Ingress"):
-        self.ingress = ingress
+    def __init__(self, ingress: "Ingress", files=None):
+        self.ingress, self.files = ingress, files
 
     def tenant(self, token: str) -> str:
         from deployments.ingress import Unauthorized
@@ -183,11 +195,14 @@ class PageActions:
             tiles.append((crops[0] if crops else None, f"{meta['name']} · {meta['id']} · {own}"))
         return [t for t in tiles if t[0] is not None]
 
-    @staticmethod
-    def _uploads(files) -> list[tuple[str, bytes]]:
+    def _uploads(self, files) -> list[tuple[str, bytes]]:
+        """The uploaded photos' bytes. The gate (page_gate.py) let through only the caller's own
+        uploads; a path outside the page's folder is refused here too, unread."""
         uploads = []
         for f in files or []:
             path = f if isinstance(f, str) else f.name
+            if self.files is not None and self.files.resolve(path) is None:
+                raise BadInput("a photo was not uploaded from this page: upload it again")
             with open(path, "rb") as fh:
                 uploads.append((os.path.basename(path), fh.read()))
         return uploads
@@ -350,10 +365,20 @@ def read_render_output(uri: str) -> tuple:
     return image, [[k, str(v)] for k, v in figures.items()], failed or [["-", "no failed rows"]]
 
 
-def build(ingress: "Ingress"):
+# The Sign-in button first presents the token to the gate (page_gate.py), which answers with the
+# session cookie that uploads and files need; then the page's own sign-in runs.
+SIGN_IN_JS = """async (token) => {
+  const here = window.location.pathname.endsWith("/") ? window.location.pathname : window.location.pathname + "/";
+  await fetch(here + "session", {method: "POST", credentials: "same-origin",
+                                  headers: {"Content-Type": "application/json"}, body: JSON.stringify({token})});
+  return [token];
+}"""
+
+
+def build(ingress: "Ingress", files=None):
     import gradio as gr
 
-    actions = PageActions(ingress)
+    actions = PageActions(ingress, files)
     act = {name: _action(getattr(actions, name)) for name in
            ("sign_in", "preview", "enroll", "ask_delete", "delete", "catalog")}
 
@@ -444,8 +469,10 @@ def build(ingress: "Ingress"):
                 failed = gr.Dataframe(headers=["row", "error"], label="Failed rows", interactive=False)
 
         people_outputs = [gallery, to_delete, picked, person]
-        sign_in.click(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps])
-        token.submit(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps])
+        sign_in.click(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps],
+                      js=SIGN_IN_JS)
+        token.submit(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps],
+                     js=SIGN_IN_JS)
         photos.change(act["preview"], [token, photos, consent], [found, problems])
         consent.blur(act["preview"], [token, photos, consent], [found, problems])
         enroll.click(act["enroll"], [token, photos, name, consent, reconsent],

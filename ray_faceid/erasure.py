@@ -16,7 +16,9 @@ and any folders the operator names (`identities delete --also`). What is removed
 - render outputs: each image that shows the person (its PNG and sidecar), its manifest rows, and
   the folder's eval report and contact sheet (the sheet embeds reference crops; re-run `eval`);
 - ingest datasets: the person's faces (rows, crops, embeddings) in faces.parquet, images.parquet
-  and the per-run raw parts, their identities.parquet row and every pair that uses them.
+  and the per-run raw parts; every grouping row derived from them (identities.parquet with its
+  centre embedding, clusters.parquet), with the other faces the grouping gave them (a group
+  photo's faces clustered with her) and every pair that uses any of these.
 
 The operator's source photos are theirs and are never touched; the report counts them.
 Images already sent to API clients or written by `generate --out` are outside the system.
@@ -32,6 +34,7 @@ from ray_faceid import storage, tombstones
 from ray_faceid.data import tables
 from ray_faceid.data.analyze_rows import own_crop
 from ray_faceid.errors import Erased, FaceIdError, NotFound
+from ray_faceid.quarantine import read_records
 from ray_faceid.registry import is_identity_id
 
 MANIFEST, EVAL_FILES = "manifest.parquet", ("eval.json", "contact_sheet.png")
@@ -50,20 +53,15 @@ def _write_journal(registry, journal: dict) -> None:
     storage.write_bytes(_journal_uri(registry.store, meta["tenant"], meta["id"]), json.dumps(journal).encode())
 
 
+def _valid_journal(journal) -> bool:
+    meta = journal.get("meta") if isinstance(journal, dict) else None
+    return (isinstance(meta, dict) and isinstance(meta.get("id"), str) and isinstance(meta.get("tenant"), str)
+            and all(isinstance(journal.get(k), list) for k in ("folders", "done", "removed")))
+
+
 def journals(registry, tenant: str) -> list[dict]:
-    """The erasures of `tenant` that have not finished."""
-    fs, path = storage.filesystem(storage.join(registry.store, tenant, JOURNALS))
-    if not fs.exists(path):
-        return []
-    out = []
-    for entry in sorted(fs.ls(path, detail=False)):
-        if not entry.endswith(".json"):  # a write cut short (`<journal>.tmp-...`): removed with its journal
-            continue
-        try:
-            out.append(json.loads(fs.cat_file(entry)))
-        except (OSError, ValueError):
-            continue
-    return out
+    """The erasures of `tenant` that have not finished; a damaged journal is set aside (quarantine.py)."""
+    return read_records(storage.join(registry.store, tenant, JOURNALS), "erasure journal", _valid_journal)
 
 
 def _delete_journal(registry, tenant: str, identity: str) -> None:
@@ -258,18 +256,6 @@ def _filter(uri: str, keep) -> int:
     return len(rows) - len(kept)
 
 
-def _without_face_ids(uri: str, face_ids: set[str]) -> None:
-    """The last cluster grouping without the erased faces (an identity left with none goes)."""
-    try:
-        table = tables.read_table(uri)
-    except NotFound:
-        return
-    rows = [dict(r, face_ids=[i for i in r["face_ids"] if i not in face_ids]) for r in table.to_pylist()]
-    kept = [r for r in rows if r["face_ids"]]
-    if kept != table.to_pylist():
-        tables.write_table(uri, pa.Table.from_pylist(kept, schema=table.schema))
-
-
 def _without_faces(row: dict, gone: set[tuple[str, int]]) -> dict:
     """An image row (images table or raw part) without the erased faces in its faces JSON."""
     if not row.get("faces"):
@@ -278,15 +264,29 @@ def _without_faces(row: dict, gone: set[tuple[str, int]]) -> dict:
     return {**row, "faces": json.dumps(faces), "n_faces": len(faces)}
 
 
-def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
-    faces = tables.read_table(storage.join(dataset, tables.FACES)).to_pylist()
-    face_ids = {f["face_id"] for f in faces if f.get("label") in labels}
+def _person_groups(dataset: str, labels: set[str], face_ids: set[str]) -> tuple[set[str], set[str]]:
+    """The grouping rows (identities.parquet, clusters.parquet) derived from the person's faces, and
+    every face they hold: a cluster that took one of her faces is hers, with the faces (group-photo
+    faces among them) the grouping gave her, its centre and its pairs. Grown to a fixed point."""
+    rows = []
     for grouping in (IDENTITIES, CLUSTERS):
         try:
-            face_ids |= {i for row in tables.read_table(storage.join(dataset, grouping)).to_pylist()
-                         if row["identity"] in labels for i in row["face_ids"]}
+            rows += tables.read_table(storage.join(dataset, grouping)).to_pylist()
         except NotFound:
             pass
+    groups, face_ids = set(labels), set(face_ids)
+    while True:
+        mine = [r for r in rows if r["identity"] in groups or face_ids.intersection(r["face_ids"] or ())]
+        grown_groups = groups | {r["identity"] for r in mine}
+        grown_faces = face_ids | {i for r in mine for i in r["face_ids"] or ()}
+        if (grown_groups, grown_faces) == (groups, face_ids):
+            return groups, face_ids
+        groups, face_ids = grown_groups, grown_faces
+
+
+def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
+    faces = tables.read_table(storage.join(dataset, tables.FACES)).to_pylist()
+    groups, face_ids = _person_groups(dataset, labels, {f["face_id"] for f in faces if f.get("label") in labels})
     if not face_ids:
         return None
     gone_faces = [f for f in faces if f["face_id"] in face_ids]
@@ -295,9 +295,9 @@ def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
     for crop in filter(None, crops):
         storage.delete(crop)
     _filter(storage.join(dataset, tables.FACES), lambda r: r["face_id"] not in face_ids)
-    _filter(storage.join(dataset, IDENTITIES), lambda r: r["identity"] not in labels)
-    _without_face_ids(storage.join(dataset, CLUSTERS), face_ids)
-    pairs = _filter(storage.join(dataset, PAIRS), lambda r: r["identity"] not in labels
+    _filter(storage.join(dataset, IDENTITIES), lambda r: r["identity"] not in groups)
+    _filter(storage.join(dataset, CLUSTERS), lambda r: r["identity"] not in groups)
+    pairs = _filter(storage.join(dataset, PAIRS), lambda r: r["identity"] not in groups
                     and r["source_face_id"] not in face_ids and r["target_face_id"] not in face_ids)
     parts = [storage.join(dataset, tables.IMAGES)]
     fs, raw = storage.filesystem(storage.join(dataset, tables.RAW_DIR))

@@ -26,6 +26,7 @@ import numpy as np
 from ray_faceid import face_sketch, storage
 from ray_faceid.errors import NotFound, StorageError
 from ray_faceid.face.spec import EncoderSpec
+from ray_faceid.quarantine import read_records
 
 log = logging.getLogger(__name__)
 
@@ -99,26 +100,23 @@ def write(store: str, meta: dict, withdrawn: bool = True, embeddings: np.ndarray
     return where
 
 
+def _valid(stone) -> bool:
+    return isinstance(stone, dict) and isinstance(stone.get("id_sha256"), str) and isinstance(stone.get("erased"), str)
+
+
 def all_for(store: str, tenant: str) -> list[dict]:
-    fs, path = storage.filesystem(storage.join(store, tenant, FOLDER))
-    if not fs.exists(path):
-        return []
-    out = []
-    for entry in sorted(fs.ls(path, detail=False)):
-        try:
-            stone = json.loads(fs.cat_file(entry))
-        except (OSError, ValueError):
-            continue
-        if isinstance(stone, dict):  # anything else is as damaged as unreadable JSON
-            out.append(stone)
-    return out
+    """The tenant's tombstones; a damaged one is set aside with a warning (quarantine.py)."""
+    return read_records(storage.join(store, tenant, FOLDER), "tombstone", _valid)
 
 
 def erased_id(store: str, tenant: str, identity: str) -> dict | None:
     try:
-        return json.loads(storage.read_bytes(uri(store, tenant, identity)))
+        stone = json.loads(storage.read_bytes(uri(store, tenant, identity)))
     except NotFound:
         return None
+    except ValueError:  # its file says the id was erased, whatever else it no longer says
+        return {"id_sha256": digest("id", identity), "erased": "unknown (damaged tombstone)"}
+    return stone if _valid(stone) else {"id_sha256": digest("id", identity), "erased": "unknown (damaged tombstone)"}
 
 
 def erased_person(store: str, tenant: str, *names: str) -> list[dict]:

@@ -170,3 +170,23 @@ def test_deleting_by_name_again_says_when_they_were_erased(tmp_path):
         erase_identity(registry, "t", "amy")
     with pytest.raises(NotFound, match="no identity called 'nobody'"):
         erase_identity(registry, "t", "nobody")
+
+
+def test_a_damaged_journal_or_tombstone_is_set_aside_and_blocks_no_erasure(tmp_path, caplog):
+    registry, amy, amy_emb, bob = world(tmp_path)
+    erasing = tmp_path / "registry" / "t" / "_erasing"
+    erasing.mkdir(parents=True)
+    (erasing / "a.json").write_text(json.dumps({"folders": []}))  # no `meta`: a traceback stopped every erasure
+    (erasing / "b.json").write_text("{ cut short")
+    stones = tmp_path / "registry" / "t" / "_erased"
+    stones.mkdir(parents=True)
+    (stones / "c.json").write_text(json.dumps(["not", "a", "tombstone"]))
+    with caplog.at_level("WARNING"):
+        assert erase_identity(registry, "t", "amy")["id"] == amy
+        assert erase_identity(registry, "t", bob)["id"] == bob
+        enroll(registry, "cy", 3)  # reads every tombstone of the tenant
+    assert sorted(p.name for p in (erasing / "_damaged").iterdir()) == ["a.json", "b.json"]
+    assert [p.name for p in (stones / "_damaged").iterdir()] == ["c.json"]
+    assert "damaged erasure journal" in caplog.text and "damaged tombstone" in caplog.text
+    with pytest.raises(Erased):  # the good tombstones still hold
+        registry.get("t", amy)

@@ -237,7 +237,7 @@ def test_inpaint_and_a_render_output_through_the_page(page_app, sample_photos, t
     layer[h // 4: h // 2, w // 4: 3 * w // 4] = 255  # the painted stroke
     Image.fromarray(photo).save(tmp_path / "photo.png")
     Image.fromarray(layer).save(tmp_path / "layer.png")
-    client = Client(f"{url}/ui/", verbose=False)
+    client = Client(f"{url}/ui/", verbose=False, headers={"Authorization": f"Bearer {token}"})  # uploads need it
     client.predict(token, api_name="/sign_in")  # as in a browser: the page's lists are the tenant's
     edited = {"background": handle_file(str(tmp_path / "photo.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
               "composite": None}
@@ -297,3 +297,112 @@ def test_the_ingress_runs_one_replica_while_it_serves_the_page():
     config = ServeConfig(api_tokens=TOKENS, ingress_autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=4))
     assert (ingress_scaling(config).min_replicas, ingress_scaling(config).max_replicas) == (1, 1)
     assert ingress_scaling(config.model_copy(update={"web_page": False})).max_replicas == 4
+
+
+# -- the page's trust boundary, probed over plain HTTP as an attacker holding another tenant's token --
+def _call(url: str, api: str, data: list, token: str | None = None):
+    """One call of a page action through Gradio's REST route; returns (status, the event stream's text)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    joined = httpx.post(f"{url}/ui/gradio_api/call/{api}", json={"data": data}, headers=headers, timeout=60)
+    if joined.status_code != 200:
+        return joined.status_code, joined.text
+    events = httpx.get(f"{url}/ui/gradio_api/call/{api}/{joined.json()['event_id']}", headers=headers, timeout=120)
+    return joined.status_code, events.text
+
+
+def _enrolled(url: str, token: str, photo: Path, name: str) -> str:
+    import httpx
+
+    answer = httpx.post(f"{url}/v1/identities", headers={"Authorization": f"Bearer {token}"},
+                        files=[("photos", (photo.name, photo.read_bytes()))],
+                        data={"consent": f"form-{name}", "name": name}, timeout=120)
+    assert answer.status_code == 201, answer.text
+    return answer.json()["id"]
+
+
+def _page_folder_files() -> set[Path]:
+    import tempfile
+
+    return {p for p in Path(tempfile.gettempdir()).glob("ray_faceid_page_*/**/*") if p.is_file()}
+
+
+def test_page_actions_never_open_a_server_file_named_by_the_caller(page_app, sample_photos, tmp_path):
+    """Tenant B, signed in with B's token, names A's reference crop, a server JPEG and /etc/passwd as
+    file values: each is refused before the page opens or copies it; without a token too."""
+    from ray_faceid.registry import Registry
+
+    url, config = page_app
+    victim = _enrolled(url, TOKENS["acme"], sample_photos["Tom_Hanks_54745.png"], "victim-a")
+    crop = Path(config.registry) / "acme" / victim / "references" / "0.png"
+    assert crop.is_file()
+    server_jpeg = sample_photos["t1.jpg"]
+
+    def value(path) -> dict:
+        return {"path": str(path), "meta": {"_type": "gradio.FileData"}, "orig_name": "x.png"}
+
+    before = _page_folder_files()
+    b = TOKENS["other"]
+    attempts = {
+        "preview": [b, [value(crop)], "consent-1"],
+        "enroll": [b, [value(crop)], "stolen", "consent-1", ""],
+        "inpaint": [b, {"background": value(server_jpeg), "layers": [value(crop)], "composite": None},
+                    victim, "a photo", 2, 1],
+    }
+    for api, data in attempts.items():
+        status, text = _call(url, api, data, token=b)
+        assert status == 403 and "not uploaded with your token" in text, (api, status, text[:300])
+    for token in (None, "not-a-token-at-all-xxxxxxxx"):  # no valid token: refused before anything is read
+        status, _ = _call(url, "preview", [token or "", [value("/etc/passwd")], "c"], token=token)
+        assert status == 403
+    assert not Registry(config.registry).named("other", "stolen")
+    copied = _page_folder_files() - before
+    assert not copied, f"the page copied server files: {sorted(p.name for p in copied)}"
+
+
+def test_page_files_are_served_only_to_the_token_that_uploaded_or_received_them(page_app, sample_photos):
+    """Uploads need a token; an uploaded photo or a page answer's file is served to that tenant
+    only (never anonymously, never to another tenant), with no server path in any answer; erasing
+    one of the tenant's people deletes the tenant's page files at once."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    url, _ = page_app
+    photo = sample_photos["Tom_Hanks_54745.png"]
+    anonymous = httpx.post(f"{url}/ui/gradio_api/upload", files=[("files", (photo.name, photo.read_bytes()))])
+    assert anonymous.status_code == 401
+
+    owner = {"Authorization": f"Bearer {TOKENS['other']}"}
+    uploaded = httpx.post(f"{url}/ui/gradio_api/upload", files=[("files", (photo.name, photo.read_bytes()))],
+                          headers=owner)
+    assert uploaded.status_code == 200, uploaded.text
+    [name] = uploaded.json()
+    assert name.startswith("page-files/") and "/tmp" not in uploaded.text and "ray_faceid_page_" not in uploaded.text
+    file_url = f"{url}/ui/gradio_api/file={name}"
+    assert httpx.get(file_url, headers=owner).content == photo.read_bytes()
+    assert httpx.get(file_url).status_code == 404
+    assert httpx.get(file_url, headers={"Authorization": f"Bearer {TOKENS['acme']}"}).status_code == 404
+    traversal = f"{url}/ui/gradio_api/file=page-files/../../../../etc/passwd"
+    assert httpx.get(traversal, headers=owner).status_code == 404
+
+    # A page answer's files (the faces found), as Gradio's own client receives them.
+    client = Client(f"{url}/ui/", verbose=False, headers=owner)
+    found, note = client.predict(TOKENS["other"], [handle_file(str(photo))], "consent-2", api_name="/preview")
+    assert "1 of 1 photos usable" in note and len(found) == 1  # its client fetched the face with the token
+    raw = httpx.post(f"{url}/ui/gradio_api/call/preview", headers=owner,
+                     json={"data": [TOKENS["other"], [{"path": name, "meta": {"_type": "gradio.FileData"}}], "c-3"]})
+    events = httpx.get(f"{url}/ui/gradio_api/call/preview/{raw.json()['event_id']}", headers=owner, timeout=120).text
+    assert "ray_faceid_page_" not in events and "page-files/" in events
+    face_url = f"{url}/ui/gradio_api/file=" + re.search(r'"path": ?"(page-files/[^"]+)"', events).group(1)
+    assert httpx.get(face_url, headers=owner).status_code == 200
+    assert httpx.get(face_url, headers={"Authorization": f"Bearer {TOKENS['acme']}"}).status_code == 404
+
+    # Erasing one of the tenant's people: every page file of the tenant is deleted from the replica's disk.
+    on_disk = {p for p in _page_folder_files() if p.name == photo.name}
+    assert on_disk
+    person = _enrolled(url, TOKENS["other"], photo, "erased-soon")
+    assert httpx.delete(f"{url}/v1/identities/{person}", headers=owner, timeout=120).status_code == 200
+    assert httpx.get(file_url, headers=owner).status_code == 404
+    assert httpx.get(face_url, headers=owner).status_code == 404
+    assert not any(p.exists() for p in on_disk)
