@@ -28,6 +28,7 @@ from deployments.memory import replica_memory
 from deployments.turns import PipelineTurns
 from ray_faceid.config import ServeConfig
 from ray_faceid.errors import EncoderMismatch, Erased, FaceIdError, NotFound
+from ray_faceid.identity.personalization import version_of
 from ray_faceid.registry import newest_adapter
 
 PROGRESS_EVERY_S = 0.25
@@ -202,7 +203,7 @@ class Generator:
             before = self.loads
             loaded = await self.load_identity(key)
             newest = newest_adapter(meta, self.adapter_hash)
-            if (newest and newest["version"]) != (loaded.personal and loaded.personal[0]):
+            if (newest and newest["version"]) != (loaded.personal and version_of(loaded.personal[0])):
                 # A new per-identity adapter since this replica cached the identity.
                 from ray_faceid.identity.personalization import load_personal
 

@@ -104,8 +104,10 @@ class Renderer:
         """The per-identity adapter a row renders with: only a single-identity row uses one."""
         if len(row.identities) != 1:
             return "shared"
+        from ray_faceid.identity.personalization import version_of
+
         personal = self.identity(row.identities[0].id)["personal"]
-        return personal[0] if personal else "shared"
+        return version_of(personal[0]) if personal else "shared"
 
     def conditions(self, row: CatalogRow) -> list:
         from ray_faceid.pipelines.generate import IdentityCondition

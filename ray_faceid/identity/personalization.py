@@ -65,9 +65,22 @@ def delta_bytes(delta: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.contiguous() for k, v in delta.items()})
 
 
+def personal_key(identity: str, version: str) -> str:
+    """What pipelines key a person's own adapter by: its version (a content hash) within one identity.
+    Erasure refuses the key, so a person erased, enrolled again with new consent and personalised to
+    the same bytes (a new identity) is not refused as the old one."""
+    return f"{version}@{identity}"
+
+
+def version_of(key: str) -> str:
+    """The registry's version of a personal key (what provenance records)."""
+    return key.split("@", 1)[0]
+
+
 def load_personal(registry, tenant: str, identity: str, adapter_hash: str) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """(version, delta) of the identity's newest adapter made for the shared adapter `adapter_hash`, or None."""
+    """(personal key, delta) of the identity's newest adapter made for the shared adapter `adapter_hash`, or None."""
     record = registry.adapter_record(tenant, identity, adapter_hash)
     if record is None:
         return None
-    return record["version"], load_safetensors(registry.adapter_weights(tenant, identity, record["version"]))
+    return (personal_key(identity, record["version"]),
+            load_safetensors(registry.adapter_weights(tenant, identity, record["version"])))

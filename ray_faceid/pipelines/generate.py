@@ -21,6 +21,7 @@ from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.context import identity_kwargs
 from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
 from ray_faceid.identity.personal_bank import PersonalBank, PersonalRows
+from ray_faceid.identity.personalization import version_of
 from ray_faceid.identity.routing import Box, box_masks, strip_boxes
 from ray_faceid.identity.tokens import fuse_embeddings
 from ray_faceid.pipelines.models import BaseModel
@@ -480,7 +481,7 @@ class IdentityPipeline:
             "imr": getattr(self.imr, "weights_hash", None if self.imr is None else "unsaved"),
             "flow": getattr(self.flow, "weights_hash", None if self.flow is None else "unsaved"),
             "identities": [{"name": i.name, "region": i.region, "expression": i.expression, "scale": i.scale,
-                            "personal_adapter": i.personal[0] if i.personal and len(identities) == 1 else None,
+                            "personal_adapter": version_of(i.personal[0]) if i.personal and len(identities) == 1 else None,
                             **({"edits": i.edits, "edit_moved": i.edit_moved} if i.edits else {})}
                            for i in identities],
             "prompt": prompt,

@@ -119,6 +119,34 @@ def test_an_erased_persons_weights_leave_the_bank_and_are_never_loaded_again(pip
         alone(pipe, eve)
 
 
+def test_a_person_erased_then_enrolled_again_is_served_their_same_adapter_bytes(pipe, spec128, tmp_path):
+    """Erasure refuses an identity's adapter, not its bytes: re-consented and personalised again to
+    the very same weights (a new identity), the person is served by a pipeline that saw the erasure."""
+    from ray_faceid.erasure import erase_identity
+    from ray_faceid.errors import Erased
+    from ray_faceid.identity.personalization import delta_bytes, load_personal
+    from ray_faceid.registry import Registry
+
+    registry = Registry(str(tmp_path))
+    face = np.random.default_rng(3).normal(size=(1, 128)).astype(np.float32)
+    weights = delta_bytes({k: torch.full_like(v, 0.02) for k, v in pipe.adapter.processors.state_dict().items()})
+
+    def enrolled(**consent) -> tuple[str, IdentityCondition]:
+        meta = registry.create("t", "dee", "form-1", face, np.ones(1, np.float32), spec128,
+                               [np.zeros((8, 8, 3), np.uint8)], [], **consent)
+        registry.add_adapter("t", meta["id"], weights, {"base_adapter": "shared"})
+        return meta["id"], IdentityCondition("dee", face, personal=load_personal(registry, "t", meta["id"], "shared"))
+
+    first, before = enrolled()
+    alone(pipe, before)
+    erase_identity(registry, "t", first)
+    pipe.forget_personal(before.personal[0])  # what the Serve replica's erasure sweep does
+    with pytest.raises(Erased):
+        alone(pipe, before)
+    _, again = enrolled(reconsent="form-2")
+    assert np.array_equal(alone(pipe, again), alone(pipe, again))  # served, not refused as the erased one
+
+
 def test_large_adapters_get_fewer_resident_slots(pipe, monkeypatch):
     from ray_faceid.identity import personal_bank
 
