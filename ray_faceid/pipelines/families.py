@@ -3,7 +3,9 @@
 `sd1` (one CLIP text encoder, 768 wide), `sd2` (one OpenCLIP encoder, 1024 wide, often
 v-prediction) and `sdxl` (two text encoders, pooled embeddings and time ids as added conditioning);
 each with an inpainting variant (a 9-channel UNet). Anything else (FLUX, SD3, PixArt: transformers,
-not UNets; an SDXL refiner; a bare UNet) is refused in one line that names what it looks like.
+not UNets; an SDXL refiner; a bare UNet; UNets of other channels or conditioning, such as
+InstructPix2Pix, upscalers, unCLIP; a UNet without its text encoder) is refused in one line that
+names what it looks like.
 """
 from __future__ import annotations
 
@@ -52,10 +54,48 @@ def detect_family(folder: str | Path) -> str:
             raise UnsupportedModel(f"{folder} looks like a bare UNet (no VAE, text encoder, tokenizer or scheduler "
                                    f"beside it); {SUPPORTED}")
         raise UnsupportedModel(f"{folder} is not a diffusers model folder (no unet/config.json); {SUPPORTED}")
+    _check_unet(folder, unet)
     family = unet_family(unet)
     if family == "sdxl":
         _check_sdxl(folder, index)
+    else:
+        _check_text_encoder(folder, index)
     return family
+
+
+# UNet input widths we run: 4 latent channels, or 9 for an inpainting base (latents, mask, masked image).
+LATENT_CHANNELS, INPAINT_CHANNELS = 4, 9
+OTHER_UNETS = {8: "an InstructPix2Pix-style image-editing UNet (latents + the image to edit)",
+               7: "an upscaler UNet (latents + the low-resolution image)"}
+
+
+def _check_unet(folder: Path, unet: dict) -> None:
+    """UNets of the families we run only: their channels and conditioning, before any weight loads
+    (another layout fails at its first denoising step otherwise)."""
+    channels = unet.get("in_channels", LATENT_CHANNELS)
+    if channels not in (LATENT_CHANNELS, INPAINT_CHANNELS):
+        what = OTHER_UNETS.get(channels, "a UNet of another kind")
+        raise UnsupportedModel(f"{folder}'s UNet takes {channels} input channels: {what}, not a text-to-image or "
+                               f"inpainting base; {SUPPORTED}")
+    if unet.get("out_channels", LATENT_CHANNELS) != LATENT_CHANNELS:
+        raise UnsupportedModel(f"{folder}'s UNet predicts {unet['out_channels']} channels, not the {LATENT_CHANNELS} "
+                               f"latent channels of SD's VAE; {SUPPORTED}")
+    if unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None:
+        raise UnsupportedModel(f"{folder}'s UNet takes a class embedding (class_embed_type "
+                               f"{unet.get('class_embed_type')!r}: unCLIP, an upscaler or a class-conditioned model), "
+                               f"not a text-to-image base; {SUPPORTED}")
+    if unet.get("addition_embed_type") not in (None, "text_time"):
+        raise UnsupportedModel(f"{folder}'s UNet takes {unet['addition_embed_type']!r} added conditioning "
+                               f"(Kandinsky-style), not SDXL's text and time ids; {SUPPORTED}")
+
+
+def _check_text_encoder(folder: Path, index: dict) -> None:
+    present = [name for name in ("text_encoder", "tokenizer")
+               if (folder / name).is_dir() and (index.get(name) or ["listed"])[0] is not None]
+    missing = [name for name in ("text_encoder", "tokenizer") if name not in present]
+    if missing:
+        raise UnsupportedModel(f"{folder} has an SD UNet but no {' or '.join(missing)}: a text-to-image base "
+                               f"needs its text encoder and tokenizer beside the UNet; {SUPPORTED}")
 
 
 def _check_sdxl(folder: Path, index: dict) -> None:

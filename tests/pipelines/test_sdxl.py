@@ -163,6 +163,35 @@ def test_other_layouts_are_refused_in_one_line(tmp_path):
         load_base(str(partial))
 
 
+
+@pytest.mark.parametrize("change, says", [
+    ({"in_channels": 8}, "8 input channels: an InstructPix2Pix-style image-editing UNet"),
+    ({"in_channels": 7, "num_class_embeds": 1000}, "7 input channels: an upscaler UNet"),
+    ({"class_embed_type": "projection", "projection_class_embeddings_input_dim": 768}, "class embedding"),
+    ({"addition_embed_type": "text_image"}, "'text_image' added conditioning"),
+    ({"out_channels": 8}, "predicts 8 channels"),
+])
+def test_unet_layouts_the_families_do_not_run_are_refused_before_loading(tmp_path, change, says):
+    folder = tmp_path / "other"
+    save_base(build_tiny(), folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not loaded")  # refused before it is read
+    with pytest.raises(UnsupportedModel, match=says) as caught:
+        load_base(str(folder))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_unet_without_its_text_encoder_is_refused_before_loading(tmp_path):
+    import shutil
+
+    folder = tmp_path / "no_text"
+    save_base(build_tiny(), folder)
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(UnsupportedModel, match="no text_encoder"):
+        load_base(str(folder))
+
+
 def test_a_folder_saved_by_diffusers_sdxl_pipeline_generates_with_no_other_flag(tmp_path, sample_photos):
     import subprocess
     import sys
