@@ -111,7 +111,7 @@ def erase_identity(registry, tenant: str, reference: str, also: list[str] = ()) 
         journal = {"meta": meta, "folders": list(dict.fromkeys(registry.outputs(tenant))), "done": [], "removed": []}
     journal["folders"] = list(dict.fromkeys([*journal["folders"], *also]))
     meta = journal["meta"]
-    with registry.name_lock(tenant, meta.get("name") or ""):
+    with registry.name_lock(tenant, meta.get("name") or ""), registry.faces_lock(tenant):
         _write_journal(registry, journal)  # first: from here on whatever stops can be finished
         tombstone = registry.withdraw(tenant, meta["id"])
     source = meta.get("source") or {}

@@ -78,6 +78,13 @@ class ErasedPerson(FaceIdError):
     code = "erased_person"
 
 
+class ConsentWithdrawn(FaceIdError):
+    """An enrollment under a consent reference an erasure withdrew (refused for good, in the tenant)."""
+
+    status = 409
+    code = "consent_withdrawn"
+
+
 class EncoderMismatch(FaceIdError):
     """Embeddings or an adapter made by one face encoder used with another."""
 

@@ -38,7 +38,16 @@ import numpy as np
 from PIL import Image
 
 from ray_faceid import storage, tombstones
-from ray_faceid.errors import BadInput, Conflict, Erased, ErasedPerson, NameTaken, NotFound, StorageError
+from ray_faceid.errors import (
+    BadInput,
+    Conflict,
+    ConsentWithdrawn,
+    Erased,
+    ErasedPerson,
+    NameTaken,
+    NotFound,
+    StorageError,
+)
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.store_lock import StoreLock
 
@@ -100,8 +109,14 @@ class Registry:
 
     def _name_lock(self, tenant: str, name: str):
         """Held while a name is enrolled or its holder erased; unnamed identities share nothing."""
-        key = tombstones.person_key(self.store, tenant, name)
+        key = tombstones.lock_key(self.store, tenant, name)
         return self._lock(tenant, "name", key) if key else contextlib.nullcontext()
+
+    def faces_lock(self, tenant: str):
+        """Held while an enrollment checks faces against the erased and writes, and while an erasure
+        writes its tombstone (erasure.py): a face check is never overtaken by a concurrent erasure of
+        the same person, named or not."""
+        return self._lock(tenant, "faces")
 
     @staticmethod
     def _check_tenant(tenant: str) -> str:
@@ -131,7 +146,7 @@ class Registry:
         if name_exists not in NAME_EXISTS:
             raise BadInput(f"name_exists must be one of {', '.join(NAME_EXISTS)}, not {name_exists!r}")
         self._check_tenant(tenant)
-        with self._name_lock(tenant, name):
+        with self._name_lock(tenant, name), self.faces_lock(tenant):
             consent = self._consent_for(tenant, name, (source or {}).get("identity"), consent, reconsent,
                                         embeddings, spec)
             holders = self.named(tenant, name) if name else []
@@ -150,15 +165,20 @@ class Registry:
 
     def _consent_for(self, tenant: str, name: str, label: str | None, consent: str, reconsent: str | None,
                      embeddings: np.ndarray, spec: EncoderSpec) -> str:
-        """The consent an enrollment is made under: a person erased before needs a new consent
-        reference, found by name or dataset label, or, for an enrollment with neither, by face (their
-        tombstone's sketch). Named enrollments are not checked by face: a one-against-many match
-        would refuse look-alikes of every erased person under their own names."""
+        """The consent an enrollment is made under. On every route: a consent reference withdrawn in
+        the tenant (by an erasure) is refused for good, whatever the name; a person erased before,
+        found by name, dataset label or face (their tombstone's sketch, at a point that tightens as
+        erased people accumulate: face_sketch.py), needs a new consent reference (`reconsent`)."""
         by_name = tombstones.erased_person(self.store, tenant, name, label or "")
-        by_face = [] if (name or label) else tombstones.erased_face(self.store, tenant, embeddings, spec)
+        by_face = tombstones.erased_face(self.store, tenant, embeddings, spec)
         erased = sorted({t["id_sha256"]: t for t in by_name + by_face}.values(),
                         key=lambda t: (t["erased"], t.get("sequence", 0)))
+        withdrawn = tombstones.withdrawn_consents(self.store, tenant)
         if not erased:
+            if consent.strip() in withdrawn:
+                raise ConsentWithdrawn(f"the consent reference {consent.strip()!r} was withdrawn in this registry "
+                                       "(a person enrolled under it was erased): it is never used again; give the "
+                                       "person's own, current consent reference")
             return consent.strip()
         if not reconsent or not reconsent.strip():
             if by_name:
@@ -166,11 +186,11 @@ class Registry:
                                    f"{erased[-1]['erased']}; enrolling them again needs the new consent reference "
                                    "they gave: --reconsent NEW_REF on the command line, reconsent in the API")
             raise ErasedPerson("the face in these photos matches a person erased from this registry (or someone who "
-                               "looks much like them): enrolling it needs this person's consent reference as a "
-                               "re-consent: --reconsent REF on the command line, reconsent in the API")
-        withdrawn = {(t.get("consent") or "").strip() for t in erased}
-        if reconsent.strip() in withdrawn:  # any consent they ever withdrew, not only the last
-            raise BadInput("reconsent must be a new consent reference, not one the person withdrew")
+                               "looks much like them): enrolling it needs this person's new consent reference: "
+                               "--reconsent REF on the command line, reconsent in the API and on the page")
+        if reconsent.strip() in withdrawn:  # any consent ever withdrawn in the tenant, not only theirs
+            raise BadInput("reconsent must be a new consent reference, not one the person withdrew (or another "
+                           "erased person's)")
         return reconsent.strip()
 
     def _write_new(self, tenant, name, consent, embeddings, quality, spec, crops, photos, source) -> dict:

@@ -3,14 +3,16 @@
     <store>/<tenant>/_erased/<sha256 of the id>.json
 
 A tombstone holds the sha256 of the id, the tenant, the time (and a sequence that orders two
-erasures of the same second), the consent reference the person was enrolled under, and keyed
-hashes (HMAC-SHA256 with the registry's own secret, `<store>/_secret.key`) of their name and
-dataset label, so that a scheduled `enroll-dataset` or a new enrollment under that name is refused
-without `--reconsent`, and a name cannot be recovered by hashing guesses without the secret; and a
-face sketch (face_sketch.py: 512 sign bits of secret projections of their mean embedding), so that
-their face enrolled again without a name is refused too. It holds no photo, no
-embedding, no name and not the id itself: a byte search of the stores finds none. Every consent the
-person ever withdrew stays refused as a re-consent.
+erasures of the same second), the consent reference the person was enrolled under, their name and
+dataset label as tokens (the SHA-256 of the name, encrypted deterministically with AES-SIV under a
+key derived from the registry's secret, which lives outside the store: registry_secret.py), so
+that a scheduled `enroll-dataset` or a new enrollment under that name is refused without
+`--reconsent`, and a name cannot be recovered by hashing guesses without the secret; and a face
+sketch (face_sketch.py: 512 sign bits of their mean embedding, masked with a key derived from the
+secret), so that their face enrolled again is refused too. Both can be re-keyed to a new secret
+(secret_rotation.py). It holds no photo, no embedding, no name and not the id itself: a byte search
+of the stores finds none. Every consent the person ever withdrew stays refused, for every person of
+the tenant.
 """
 from __future__ import annotations
 
@@ -18,56 +20,86 @@ import hashlib
 import hmac
 import json
 import logging
-import secrets
 import time
 
 import numpy as np
 
 from ray_faceid import face_sketch, storage
-from ray_faceid.errors import NotFound, StorageError
+from ray_faceid.errors import NotFound
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.quarantine import read_records
+from ray_faceid.registry_secret import Keys, keys_for
 
 log = logging.getLogger(__name__)
 
 FOLDER = "_erased"
-SECRET_FILE = "_secret.key"
-_SECRETS: dict[str, bytes] = {}  # per store, read once per process
+SCHEME = "aes-siv-v2"  # earlier tombstones: "hmac-sha256" (keyed with the same secret), or none (plain hashes)
 
 
 def digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def registry_secret(store: str) -> bytes:
-    """The registry's own key for its keyed hashes, made once (exclusively: two first writers agree)."""
-    if store not in _SECRETS:
-        where = storage.join(store, SECRET_FILE)
-        storage.create_exclusive(where, secrets.token_hex(32).encode())
-        for attempt in range(50):  # the first writer's file exists before its bytes do: wait for them
-            secret = storage.read_bytes(where).strip()
-            if len(secret) == 64:
-                break
-            time.sleep(0.01 * (attempt + 1))
-        else:
-            raise StorageError(f"the registry's secret at {where} is damaged ({len(secret)} bytes, not 64): restore "
-                               "it from a backup; without it erased people's names are no longer recognised")
-        _SECRETS[store] = secret
-    return _SECRETS[store]
+def _folded(name: str) -> str:
+    return (name or "").strip().casefold()
 
 
-def person_key(store: str, tenant: str, name: str) -> str:
-    """A name's keyed hash within a tenant (case-insensitive); '' for no name."""
-    name = (name or "").strip().casefold()
-    if not name:
-        return ""
-    return hmac.new(registry_secret(store), "\0".join(("name", tenant, name)).encode(), hashlib.sha256).hexdigest()
+def _name_cipher(keys: Keys):
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+    return AESSIV(keys.derive("tombstone names", 64))
+
+
+def name_token(keys: Keys, tenant: str, name: str) -> str:
+    """A name's token within a tenant (case-insensitive): deterministic, so it can be looked up, and
+    reversible with the key to the name's hash only, so it can be re-keyed."""
+    plain = hashlib.sha256("\0".join(("name", tenant, _folded(name))).encode()).digest()
+    return _name_cipher(keys).encrypt(plain, None).hex()
+
+
+def rekey_token(token: str, old: Keys, new: Keys) -> str:
+    return _name_cipher(new).encrypt(_name_cipher(old).decrypt(bytes.fromhex(token), None), None).hex()
+
+
+def _legacy_hmac(keys: Keys, tenant: str, name: str) -> str:
+    return hmac.new(keys.secret, "\0".join(("name", tenant, _folded(name))).encode(), hashlib.sha256).hexdigest()
 
 
 def _legacy_key(tenant: str, name: str) -> str:
-    """The plain hash tombstones written before the keyed one hold (still matched, never written)."""
-    name = (name or "").strip().casefold()
-    return digest("name", tenant, name) if name else ""
+    """The plain hash the first tombstones hold (still matched, never written)."""
+    return digest("name", tenant, _folded(name)) if _folded(name) else ""
+
+
+def person_key(store: str, tenant: str, name: str) -> str:
+    """A name's token within a tenant; '' for no name."""
+    return name_token(keys_for(store), tenant, name) if _folded(name) else ""
+
+
+def lock_key(store: str, tenant: str, name: str) -> str:
+    """What a name's lock file is named after (keyed: the file name says nothing of the name)."""
+    if not _folded(name):
+        return ""
+    return hmac.new(keys_for(store).derive("name locks"), "\0".join((tenant, _folded(name))).encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def sketch_mask(keys: Keys, id_sha256: str) -> bytes:
+    """The mask of one tombstone's face sketch (its own: sketches cannot be compared with each other)."""
+    return keys.derive(f"face sketch mask\0{id_sha256}", face_sketch.BITS // 8)
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def rekey(stone: dict, old: Keys, new: Keys) -> dict:
+    """A tombstone of key scheme SCHEME made with `old`, re-keyed to `new`."""
+    out = dict(stone, person_keys=sorted(rekey_token(t, old, new) for t in stone.get("person_keys", [])),
+               key_id=new.key_id)
+    if isinstance(stone.get("face_sketch"), dict):
+        bits = _xor(bytes.fromhex(stone["face_sketch"]["bits"]), sketch_mask(old, stone["id_sha256"]))
+        out["face_sketch"] = dict(stone["face_sketch"], bits=_xor(bits, sketch_mask(new, stone["id_sha256"])).hex())
+    return out
 
 
 def uri(store: str, tenant: str, identity: str) -> str:
@@ -78,23 +110,23 @@ def write(store: str, meta: dict, withdrawn: bool = True, embeddings: np.ndarray
     """The tombstone of the identity `meta` describes; returns its URI. `withdrawn`: the person is
     gone (their name, label and face, sketched from `embeddings`, are refused from now on); False for
     an identity replaced by a newer enrollment of the same person, whose id alone is retired."""
-    tenant = meta["tenant"]
-    keys = sorted({k for k in (person_key(store, tenant, meta.get("name") or ""),
-                               person_key(store, tenant, (meta.get("source") or {}).get("identity") or "")) if k})
-    keys = keys if withdrawn else []
-    record = {"id_sha256": digest("id", meta["id"]), "tenant": tenant,
-              "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sequence": time.time_ns(),
-              "consent": meta.get("consent"), "person_keys": keys, "key_scheme": "hmac-sha256"}
+    tenant, keys = meta["tenant"], keys_for(store)
+    names = (meta.get("name") or "", (meta.get("source") or {}).get("identity") or "")
+    tokens = sorted({name_token(keys, tenant, n) for n in names if _folded(n)}) if withdrawn else []
+    id_sha = digest("id", meta["id"])
+    record = {"id_sha256": id_sha, "tenant": tenant, "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "sequence": time.time_ns(), "consent": meta.get("consent"), "person_keys": tokens,
+              "key_scheme": SCHEME, "key_id": keys.key_id}
     if withdrawn and embeddings is not None:
         try:
             spec = EncoderSpec(**meta["encoder"])
-            bits = face_sketch.sketch(embeddings, spec, registry_secret(store))
+            bits = face_sketch.sketch(embeddings, spec)
         except (KeyError, TypeError, ValueError):  # a damaged record: the erasure goes on without a sketch
             bits = None
         if bits is None:
             log.warning("identity %s's embeddings are not usable: its tombstone keeps no face sketch", meta["id"])
         else:
-            record["face_sketch"] = {"encoder": spec.key(), "bits": bits}
+            record["face_sketch"] = {"encoder": spec.key(), "bits": _xor(bits, sketch_mask(keys, id_sha)).hex()}
     where = uri(store, tenant, meta["id"])
     storage.write_bytes(where, json.dumps(record, indent=2).encode())
     return where
@@ -119,28 +151,48 @@ def erased_id(store: str, tenant: str, identity: str) -> dict | None:
     return stone if _valid(stone) else {"id_sha256": digest("id", identity), "erased": "unknown (damaged tombstone)"}
 
 
+def withdrawn_consents(store: str, tenant: str) -> set[str]:
+    """Every consent reference withdrawn in the tenant (an erasure withdraws the person's consent)."""
+    return {c.strip() for t in all_for(store, tenant) if isinstance(c := t.get("consent"), str) and c.strip()}
+
+
 def erased_person(store: str, tenant: str, *names: str) -> list[dict]:
     """Every tombstone of a person known by any of `names` (their name or dataset label), oldest first."""
-    names = [n for n in names if n and n.strip()]
-    keyed = {person_key(store, tenant, n) for n in names}
-    legacy = {_legacy_key(tenant, n) for n in names}
-    found = [t for t in all_for(store, tenant)
-             if (keyed if t.get("key_scheme") == "hmac-sha256" else legacy) & set(t.get("person_keys", []))]
+    names = [n for n in names if _folded(n)]
+    if not names:
+        return []
+    keys = keys_for(store)
+    wanted = {SCHEME: {name_token(keys, tenant, n) for n in names},
+              "hmac-sha256": {_legacy_hmac(keys, tenant, n) for n in names},
+              None: {_legacy_key(tenant, n) for n in names}}
+    found = [t for t in all_for(store, tenant) if wanted.get(t.get("key_scheme"), set()) & set(t.get("person_keys", []))]
     return sorted(found, key=lambda t: (t["erased"], t.get("sequence", 0)))
 
 
 def erased_face(store: str, tenant: str, embeddings: np.ndarray, spec: EncoderSpec) -> list[dict]:
-    """Every tombstone whose face sketch (same encoder) the embeddings verify against, oldest first."""
+    """Every tombstone whose face sketch (same encoder) the embeddings verify against, oldest first;
+    the matching point tightens with the number of sketches compared (face_sketch.py)."""
     stones = [t for t in all_for(store, tenant) if isinstance(t.get("face_sketch"), dict)
               and t["face_sketch"].get("encoder") == spec.key()]
     if not stones or embeddings is None or not len(embeddings):
         return []
-    probe = face_sketch.Probe(embeddings, spec, registry_secret(store))
+    keys = keys_for(store)
+    probe, legacy = face_sketch.Probe(embeddings, spec), None
     found = []
     for stone in stones:
         try:
-            if probe.matches(stone["face_sketch"]["bits"]):
-                found.append(stone)
-        except (KeyError, TypeError, ValueError):  # a damaged sketch, as a damaged tombstone: skipped, said
-            log.warning("tombstone %s has an unreadable face sketch: its face is not checked", stone.get("id_sha256"))
+            bits = bytes.fromhex(stone["face_sketch"]["bits"])
+            if stone.get("key_scheme") == SCHEME:
+                if stone.get("key_id") != keys.key_id:
+                    raise ValueError("made with another secret")
+                matched = probe.matches(_xor(bits, sketch_mask(keys, stone["id_sha256"])), len(stones))
+            else:  # sketched on the secret's own planes, unmasked
+                legacy = legacy or face_sketch.Probe(embeddings, spec, face_sketch.legacy_planes(keys.secret, spec))
+                matched = legacy.matches(bits, len(stones))
+        except (KeyError, TypeError, ValueError) as exc:  # a damaged sketch, as a damaged tombstone: skipped, said
+            log.warning("tombstone %s has an unreadable face sketch (%s): its face is not checked",
+                        stone.get("id_sha256"), exc)
+            continue
+        if matched:
+            found.append(stone)
     return sorted(found, key=lambda t: (t.get("erased", ""), t.get("sequence", 0)))

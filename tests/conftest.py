@@ -6,6 +6,16 @@ from pathlib import Path
 
 import pytest
 
+# The registry secret lives outside every store (ray_faceid/registry_secret.py): one for the whole
+# session, set before Ray starts so its workers and the CLI subprocesses read the same one.
+if not os.environ.get("RAY_FACEID_REGISTRY_SECRET_FILE"):
+    import secrets
+    import tempfile
+
+    _secret = Path(tempfile.mkdtemp(prefix="ray_faceid_secret_")) / "registry-secret"
+    _secret.write_text(secrets.token_urlsafe(48))
+    os.environ["RAY_FACEID_REGISTRY_SECRET_FILE"] = str(_secret)
+
 SHARED_FACES = Path(os.environ.get("RAY_FACEID_FACES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"))
 
 

@@ -86,8 +86,12 @@ def test_people_by_name_unique_names_and_a_missing_registry(tmp_path, sample_pho
 
     assert read_provenance(out.read_bytes())["identities"][0]["name"] == "tom"
     assert runner.invoke(app, ["identities", "delete", "tom-2", *reg]).exit_code == 0
-    replaced = runner.invoke(app, ["identities", "enroll", hanks, "--consent", "f", "--name", "tom", "--name-exists",
-                                   "replace", *reg])
+    # tom-2 was the same face: erased, it stays refused under any name until they consent again.
+    refused = runner.invoke(app, ["identities", "enroll", hanks, "--consent", "f2", "--name", "tom", "--name-exists",
+                                  "replace", *reg])
+    assert refused.exit_code == 2 and "matches a person erased" in refused.stderr
+    replaced = runner.invoke(app, ["identities", "enroll", hanks, "--consent", "f2", "--reconsent", "f3", "--name",
+                                   "tom", "--name-exists", "replace", *reg])
     assert replaced.exit_code == 0, replaced.output
     new = json.loads(runner.invoke(app, ["identities", "show", "tom", *reg]).stdout)["id"]
     assert new != ident and runner.invoke(app, ["identities", "show", ident, *reg]).exit_code == 2

@@ -1,5 +1,6 @@
-"""An erased person's face stays refused: enrolled again without a name, it needs a new consent
-reference; other people enroll as before. The tombstone keeps a sketch, not the face."""
+"""An erased person's face stays refused: enrolled again, with or without a name, it needs a new
+consent reference, and the consent they withdrew is never used again in the tenant; other people
+enroll as before. The tombstone keeps a sketch, not the face."""
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -19,9 +20,11 @@ def faces(analyzer, sample_photos):
     return tom.embedding[None], analyzer.analyze(np.asarray(again))[0].embedding[None], others, analyzer.spec
 
 
-def enroll(registry, name, embeddings, spec, **kw):
+def enroll(registry, name, embeddings, spec, consent=None, **kw):
+    """Each person under a consent reference of their own (an erasure withdraws it for the tenant)."""
     crops = [np.zeros((8, 8, 3), np.uint8)]
-    return registry.create("default", name, "consent-1", embeddings, np.ones(len(embeddings), np.float32), spec,
+    consent = consent or f"consent-{name or 'unnamed'}-{np.random.default_rng().integers(1 << 30)}"
+    return registry.create("default", name, consent, embeddings, np.ones(len(embeddings), np.float32), spec,
                            crops, [], **kw)["id"]
 
 
@@ -30,7 +33,7 @@ def test_an_erased_face_enrolled_without_a_name_needs_new_consent(tmp_path, face
 
     tom, tom_again, others, spec = faces
     registry = Registry(str(tmp_path / "registry"))
-    erase_identity(registry, "default", enroll(registry, "tom", tom, spec))
+    erase_identity(registry, "default", enroll(registry, "tom", tom, spec, consent="consent-1"))
     with pytest.raises(ErasedPerson, match="matches a person erased from this registry") as refused:
         enroll(registry, "", tom_again, spec)
     assert "--reconsent" in refused.value.message
@@ -42,7 +45,25 @@ def test_an_erased_face_enrolled_without_a_name_needs_new_consent(tmp_path, face
     assert stone["face_sketch"]["encoder"] == spec.key() and len(stone["face_sketch"]["bits"]) == 128
     # what a tombstone keeps, and nothing else: no embedding, no name, no id
     assert set(stone) == {"id_sha256", "tenant", "erased", "sequence", "consent", "person_keys", "key_scheme",
-                          "face_sketch"}
+                          "key_id", "face_sketch"}
+
+
+def test_an_erased_person_under_a_new_name_or_their_withdrawn_consent_is_refused(tmp_path, faces):
+    """Every route enrolls through Registry.create: named, unnamed and dataset-labelled enrollments."""
+    from ray_faceid.errors import ConsentWithdrawn
+
+    tom, tom_again, others, spec = faces
+    registry = Registry(str(tmp_path / "registry"))
+    erase_identity(registry, "default", enroll(registry, "tom", tom, spec, consent="form-tom"))
+    for name, source in (("thomas", None), ("", None), ("t-hanks", {"identity": "hanks", "dataset": "/d"})):
+        with pytest.raises(ErasedPerson, match="matches a person erased"):  # his face, under another name
+            enroll(registry, name, tom_again, spec, consent="form-new", source=source)
+        with pytest.raises(ErasedPerson):  # and with the very consent he withdrew
+            enroll(registry, name, tom_again, spec, consent="form-tom", source=source)
+    with pytest.raises(ConsentWithdrawn, match="'form-tom' was withdrawn"):  # that consent, for anyone at all
+        enroll(registry, "someone", others[0], spec, consent="form-tom")
+    assert enroll(registry, "thomas", tom_again, spec, consent="form-tom", reconsent="form-tom-2")
+    assert all(enroll(registry, f"p{k}", other, spec) for k, other in enumerate(others))
 
 
 def test_a_damaged_sketch_is_skipped_not_a_failed_enrollment(tmp_path, faces):

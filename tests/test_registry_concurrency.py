@@ -14,10 +14,13 @@ from ray_faceid.registry import Registry
 from ray_faceid.store_lock import StoreLock
 
 
-def enroll(registry: Registry, spec, name: str = "ann", **kw) -> str:
+def enroll(registry: Registry, spec, name: str = "ann", consent: str | None = None, **kw) -> str:
+    """`name`'s face, under the consent reference `consent-1` for ann and one of their own for others
+    (an erasure withdraws a consent reference for the whole tenant)."""
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     crops = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)]
-    return registry.create("default", name, "consent-1", rng.normal(size=(1, 128)).astype(np.float32),
+    consent = consent or ("consent-1" if name.casefold() == "ann" else f"consent-{name}-{time.time_ns()}")
+    return registry.create("default", name, consent, rng.normal(size=(1, 128)).astype(np.float32),
                            np.ones(1, np.float32), spec, crops, [], **kw)["id"]
 
 

@@ -22,7 +22,7 @@ def enroll(registry, name, seed):
 
     rng = np.random.default_rng(seed)
     embeddings = rng.normal(size=(2, 128)).astype(np.float32)
-    meta = registry.create("t", name, "consent-1", embeddings, np.ones(2, np.float32), FaceAnalyzer().spec,
+    meta = registry.create("t", name, f"consent-{name}", embeddings, np.ones(2, np.float32), FaceAnalyzer().spec,
                            [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)] * 2, [])
     return meta["id"], embeddings
 
