@@ -46,8 +46,11 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     from deployments.auth import parse_tokens
     from ray_faceid.data.cluster import init_ray
 
+    from ray_faceid.registry_secret import keys_for
+
     if port not in _SERVING:
         check_port_free(port)
+    keys_for(config.registry)  # a registry whose secret is missing or wrong: one line, before Ray starts
     tokens = {**parse_tokens(envs.api_tokens()), **config.api_tokens}
     if not tokens:
         tokens = {"default": generated_token()}

@@ -29,7 +29,7 @@ import numpy as np
 from ray_faceid.face.spec import EncoderSpec
 
 BITS = 512
-ALPHA = 0.01  # refusal chance, over all sketches compared, of a face at the encoder's same-person line
+ALPHA = 0.05  # refusal chance, over all sketches compared, of a face at the encoder's same-person line
 
 
 @lru_cache(maxsize=8)

@@ -1,4 +1,5 @@
-"""`ray-faceid identities enroll|list|show|delete`: the identity registry from the command line."""
+"""`ray-faceid identities enroll|list|show|delete|rotate-secret|move-secret-out`: the identity registry
+from the command line."""
 from __future__ import annotations
 
 import json
@@ -143,4 +144,44 @@ def delete(identity: str = typer.Argument(..., help="An id or a name."), registr
         counts = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("what", "where"))
         console.print(f"  {entry['what']}: {entry['where']} ({counts})", highlight=False, soft_wrap=True)
     console.print(f"  tombstone: {report['tombstone']} (enrolling them again needs --reconsent)", highlight=False,
+                  soft_wrap=True)
+
+
+@app.command("rotate-secret")
+def rotate_secret(new_secret_file: str = typer.Option(..., "--new-secret-file", help="A file holding the new secret "
+                                                      "(at least 32 characters), outside the store."),
+                  registry: str = RegistryOpt):
+    """Re-key every tombstone to a new registry secret. The current one comes from
+    RAY_FACEID_REGISTRY_SECRET(_FILE); afterwards point RAY_FACEID_REGISTRY_SECRET_FILE at the new file
+    everywhere the registry is used. A rotation that stopped is finished by running it again."""
+    from pathlib import Path
+
+    from ray_faceid.errors import BadInput
+    from ray_faceid.registry import Registry
+    from ray_faceid.secret_rotation import rotate
+
+    with user_errors():
+        Registry(registry).require()
+        try:
+            secret = Path(new_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise BadInput(f"cannot read the new secret at {new_secret_file}: {exc.strerror}") from None
+        report = rotate(registry, secret)
+    console.print(f"re-keyed {report['rekeyed']} of {report['tombstones']} tombstones to secret {report['key_id']}; "
+                  f"now set RAY_FACEID_REGISTRY_SECRET_FILE={new_secret_file} wherever this registry is used",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command("move-secret-out")
+def move_secret_out(secret_file: str = typer.Argument(..., help="Where the secret goes, outside the store."),
+                    registry: str = RegistryOpt):
+    """Move the secret earlier versions kept inside the store (_secret.key) to a file of its own."""
+    from ray_faceid.registry import Registry
+    from ray_faceid.secret_rotation import move_out
+
+    with user_errors():
+        Registry(registry).require()
+        move_out(registry, secret_file)
+    console.print(f"the registry's secret is now in {secret_file} (mode 0600), not in the store; set "
+                  f"RAY_FACEID_REGISTRY_SECRET_FILE={secret_file} wherever this registry is used", highlight=False,
                   soft_wrap=True)
