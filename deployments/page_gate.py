@@ -28,7 +28,7 @@ import threading
 import time
 from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from deployments import auth
 
@@ -113,6 +113,15 @@ def file_values(value) -> list[str]:
     return found
 
 
+def _named_file(value: str) -> str:
+    """The file a file value's `path` or `url` names: a url only through this page's own file route."""
+    if "://" not in value:
+        return value
+    parts = urlsplit(value)
+    routed = _FILE_ROUTE.search(parts.path)
+    return routed.group(1) if routed and not parts.query else ""
+
+
 class PageGate:
     """ASGI middleware in front of the mounted Gradio app (see the module's docstring)."""
 
@@ -175,7 +184,7 @@ class PageGate:
             except ValueError:
                 return await _answer(send, 400, "the page sends JSON here")
             for value in file_values(data):
-                if self.files.owned_by(tenant, value) is None:
+                if self.files.owned_by(tenant, _named_file(value)) is None:
                     return await _answer(send, 403, "a file in this request was not uploaded with your token: "
                                                     "upload it again from this page")
             scope = dict(scope, headers=[(k, str(len(body)).encode() if k.lower() == b"content-length" else v)

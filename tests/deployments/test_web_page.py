@@ -406,3 +406,34 @@ def test_page_files_are_served_only_to_the_token_that_uploaded_or_received_them(
     assert httpx.get(file_url, headers=owner).status_code == 404
     assert httpx.get(face_url, headers=owner).status_code == 404
     assert not any(p.exists() for p in on_disk)
+
+
+def test_an_erased_person_or_a_withdrawn_consent_is_refused_on_the_api_and_the_page(page_app, sample_photos, tmp_path):
+    """Erased through the API, a person is refused under a new name on the API and on the page (which
+    always sends a name), and the consent they withdrew is refused for anyone, until re-consent."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    url, _ = page_app
+    token = TOKENS["acme"]
+    auth = {"Authorization": f"Bearer {token}"}
+    photo = sample_photos["Tom_Hanks_54745.png"]
+
+    def api_enroll(name: str, consent: str, reconsent: str = "", image: Path = photo):
+        return httpx.post(f"{url}/v1/identities", headers=auth, files=[("photos", (image.name, image.read_bytes()))],
+                          data={"consent": consent, "name": name, "reconsent": reconsent}, timeout=120)
+
+    first = api_enroll("hanks-api", "withdrawn-form-9")
+    assert first.status_code == 201, first.text
+    assert httpx.delete(f"{url}/v1/identities/{first.json()['id']}", headers=auth, timeout=120).status_code == 200
+    again = api_enroll("someone-new", "fresh-form-1")
+    assert again.status_code == 409 and again.json()["error"] == "erased_person", again.text
+    client = Client(f"{url}/ui/", verbose=False, headers=auth)
+    with pytest.raises(Exception, match="erased_person"):
+        client.predict(token, [handle_file(str(photo))], "page-name", "fresh-form-2", "", api_name="/enroll")
+    t1 = np.asarray(Image.open(sample_photos["t1.jpg"]).convert("RGB"))
+    Image.fromarray(t1[230:450, 20:230]).save(tmp_path / "other.png")
+    withdrawn = api_enroll("other-person", "withdrawn-form-9", image=tmp_path / "other.png")
+    assert withdrawn.status_code == 409 and withdrawn.json()["error"] == "consent_withdrawn", withdrawn.text
+    back = api_enroll("hanks-back", "fresh-form-3", reconsent="fresh-form-4")
+    assert back.status_code == 201, back.text
