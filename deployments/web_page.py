@@ -2,9 +2,11 @@
 erase and look at a render output from a browser. Every action calls the Ingress's own steps (the
 ones behind the HTTP API), so validation, limits, tenants and errors are the API's.
 
-The page holds no session of its own: each action presents the API token typed on the page, and
-a page without a valid token shows nothing of any tenant. With several Ingress replicas the
-proxy in front must keep a browser on one replica (Gradio's queue lives in the replica).
+Each action presents the API token typed on the page, and a page without a valid token shows
+nothing of any tenant. Files are another matter: Gradio's file values are server paths, so the
+gate in front of the page (page_gate.py) decides which files a request may name and which a
+browser may fetch, by the session Sign in opened. With several Ingress replicas the proxy in front
+must keep a browser on one replica (Gradio's queue and the gate's sessions live in the replica).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve")
 PATH = "/ui"
 # Uploads and outputs Gradio keeps on the replica's disk are deleted within this many seconds:
-# they are faces (biometric data), and an erasure cannot reach a browser session's files.
+# they are faces (biometric data); an erasure through this replica deletes its tenant's at once.
 PAGE_FILES_TTL_S = 600
 LAYOUTS = ("automatic", "side by side")
 
