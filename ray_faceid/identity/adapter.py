@@ -37,6 +37,16 @@ class AdapterOptions(BaseModel):
     expression_dim: int = Field(0, ge=0, description="Size of the expression code (0 disables expression guidance).")
     gate: bool = Field(False, description="SAA semantic-activated gating of the identity output.")
     gate_threshold: float = Field(0.3, ge=0, le=1, description="SAA threshold on the min-max normalised scores.")
+    mapper_hidden: int = Field(0, ge=0, description="Hidden width of the projector's MLP; 0: twice the larger of "
+                               "the embedding and cross-attention widths (a published adapter sets its own).")
+    negative: Literal["none", "zero_embedding"] = Field(
+        "none", description="What classifier-free guidance's unconditional rows get: no identity, or the tokens of a "
+        "zero embedding at the same strength (IP-Adapter-FaceID's own convention).")
+
+
+# Options added after adapters were first saved: left out of the config while at their defaults, so
+# an adapter saved before keeps its content hash (its version in caches and provenance).
+_LATER_OPTIONS = {"mapper_hidden": 0, "negative": "none"}
 
 
 def base_unet_hash(unet) -> str:
@@ -66,12 +76,17 @@ class IdentityAdapter(nn.Module):
         """The base family it was made for (pipelines/families.py)."""
         self.trained_steps = 0
         """Optimiser steps this adapter has seen; 0 means untrained (identity not preserved)."""
+        self.published: dict | None = None
+        """For an adapter read from a published file (published.py): kind, variant, file hash, licence."""
+        self.base_lora: dict = {}
+        """A published adapter's LoRA of the base's attention layers, fused into the UNet at install."""
         self.layers = dict(layers)
         cross_dim = next(iter(layers.values()))[1]
         if options.mapper == "multiref":
             self.mapper = MultiRefMapper(encoder_spec.dim, cross_dim, options.num_tokens)
         else:
-            self.mapper = IdProjector(encoder_spec.dim, cross_dim, options.num_tokens, options.expression_dim)
+            self.mapper = IdProjector(encoder_spec.dim, cross_dim, options.num_tokens, options.expression_dim,
+                                      hidden=options.mapper_hidden or None)
         cls = PROCESSORS[options.method]
         self.processors = nn.ModuleDict({
             _key(name): cls(hidden, cross, options.gate, options.gate_threshold) for name, (hidden, cross) in layers.items()
@@ -109,6 +124,8 @@ class IdentityAdapter(nn.Module):
         from ray_faceid.pipelines.families import unet_family
 
         self.check_family(unet_family(unet.config))
+        if self.published is not None:  # made for a family, not for one set of weights: its layers were checked
+            return
         got = base_unet_hash(unet)
         if got != self.base_hash:
             raise BaseModelMismatch(f"adapter was trained for the base UNet with weights hash {self.base_hash}; this "
@@ -118,6 +135,10 @@ class IdentityAdapter(nn.Module):
         """Put the identity processors into `unet` and freeze every base parameter."""
         self.check_base(unet)
         unet.requires_grad_(False)
+        if self.base_lora:
+            from ray_faceid.identity.published import fuse_lora
+
+            fuse_lora(unet, self.base_lora, self.published["sha256"])
         procs = {}
         for name in unet.attn_processors:
             procs[name] = self.processors[_key(name)] if name in self.layers else SelfAttnProcessor()
@@ -131,13 +152,14 @@ class IdentityAdapter(nn.Module):
     def config_dict(self) -> dict:
         return {
             "format": "ray_faceid.identity_adapter/1",
-            "options": self.options.model_dump(),
+            "options": {k: v for k, v in self.options.model_dump().items() if _LATER_OPTIONS.get(k, object()) != v},
             "encoder": self.encoder_spec.model_dump(),
             "base_unet_hash": self.base_hash,
             "trained_steps": self.trained_steps,
             "layers": {k: list(v) for k, v in self.layers.items()},
             # Only SDXL's is written: adapters made before families existed keep their content hash.
             **({"family": self.family} if self.family == "sdxl" else {}),
+            **({"published": self.published} if self.published else {}),
         }
 
     def content_hash(self) -> str:
@@ -157,7 +179,12 @@ class IdentityAdapter(nn.Module):
 
     @classmethod
     def load(cls, uri: str, unet=None, encoder_spec: EncoderSpec | None = None) -> "IdentityAdapter":
-        """Load an adapter; with `unet` / `encoder_spec` given, refuse a mismatched base or encoder."""
+        """Load an adapter (a folder `train` wrote, or a published file: published.py); with `unet` /
+        `encoder_spec` given, refuse a mismatched base or encoder."""
+        from ray_faceid.identity import published
+
+        if published.is_published_file(uri):
+            return published.load(uri, unet, encoder_spec)
         try:
             config = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
         except NotFound as exc:

@@ -27,11 +27,12 @@ def fuse_embeddings(embeddings: torch.Tensor, quality: torch.Tensor | None = Non
 
 
 class IdProjector(nn.Module):
-    def __init__(self, embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, expression_dim: int = 0):
+    def __init__(self, embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, expression_dim: int = 0,
+                 hidden: int | None = None):
         super().__init__()
         self.embed_dim, self.cross_attention_dim = embed_dim, cross_attention_dim
         self.num_tokens, self.expression_dim = num_tokens, expression_dim
-        hidden = 2 * max(embed_dim, cross_attention_dim)
+        hidden = hidden or 2 * max(embed_dim, cross_attention_dim)
         self.mlp = nn.Sequential(
             nn.Linear(embed_dim + expression_dim, hidden), nn.GELU(), nn.Linear(hidden, cross_attention_dim * num_tokens)
         )

@@ -227,7 +227,16 @@ class IdentityPipeline:
         else:
             region = None
         # One context for the whole denoise: the routing is the same at every step.
+        if self.adapter.options.negative == "zero_embedding":  # the adapter's own convention (published.py)
+            return identity_kwargs(torch.cat([self.zero_tokens(tokens), tokens]), torch.cat([scale, scale]), region)
         return identity_kwargs(torch.cat([tokens, tokens]), torch.cat([torch.zeros_like(scale), scale]), region)
+
+    def zero_tokens(self, like: torch.Tensor) -> torch.Tensor:
+        """Tokens of a zero embedding for each identity: the unconditional rows of adapters whose
+        reference pipeline guides against them."""
+        dtype = next(self.adapter.parameters()).dtype
+        zero = self.adapter.tokens(torch.zeros(1, self.adapter.encoder_spec.dim, dtype=dtype, device=self.device))
+        return zero[:, None].expand(like.shape[0], like.shape[1], -1, -1).to(like.dtype)
 
     @staticmethod
     def personal_of(item: "GenerationItem") -> tuple[str, dict] | None:
@@ -477,6 +486,8 @@ class IdentityPipeline:
             "adapter": self.adapter_hash,
             "backend": self.backend,
             "adapter_trained_steps": None if self.adapter is None else self.adapter.trained_steps,
+            **({"adapter_published": self.adapter.published} if self.adapter is not None and self.adapter.published
+               else {}),
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),
             "imr": getattr(self.imr, "weights_hash", None if self.imr is None else "unsaved"),
             "flow": getattr(self.flow, "weights_hash", None if self.flow is None else "unsaved"),

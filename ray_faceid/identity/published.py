@@ -1,0 +1,218 @@
+"""Identity adapters the field publishes, read from their own files and run as an IdentityAdapter.
+
+IP-Adapter-FaceID (Ye et al., h94/IP-Adapter-FaceID), as its authors save it:
+
+- `.bin`: a torch pickle {"image_proj": {...}, "ip_adapter": {...}} (read with weights_only: no code
+  runs); `.safetensors`: the same keys flat, prefixed `image_proj.` and `ip_adapter.`;
+- image_proj: `proj.0` (embedding -> hidden), GELU, `proj.2` (hidden -> tokens x width), `norm`
+  (LayerNorm over each token): our IdProjector's layout;
+- ip_adapter: `{2k+1}.to_k_ip.weight` / `to_v_ip` for the k-th cross-attention layer (in the
+  UNet's processor order): our decoupled identity attention's to_k_id / to_v_id;
+- the LoRA of every attention layer, `{i}.to_{q,k,v,out}_lora.{down,up}.weight` for the i-th
+  processor, embedded in ip_adapter or in a separate `*_lora.safetensors` file (diffusers' layout,
+  `unet.<processor>.to_q_lora.down.weight`): fused once into the base UNet the adapter is installed
+  on (IdentityAdapter.install).
+
+It takes insightface ArcFace embeddings (buffalo_l's w600k_r50, 512-d, normalised), and the
+unconditional rows of classifier-free guidance get the tokens of a zero embedding at the same
+strength, as its reference pipeline does. FaceID-Plus/PlusV2 (a CLIP image encoder and perceiver
+resampler) and InstantID (a resampler and IdentityNet) are recognised and refused in one line: not
+run yet. Licence: the FaceID weights and the insightface packs are for non-commercial research.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import torch
+
+from ray_faceid import storage
+from ray_faceid.errors import EncoderMismatch, UnsupportedModel
+from ray_faceid.face.spec import EncoderSpec
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
+FACEID_PROJ = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"}
+LORA_PROJECTIONS = {"to_q": ("to_q",), "to_k": ("to_k",), "to_v": ("to_v",), "to_out": ("to_out", "0")}
+LICENCE = ("IP-Adapter-FaceID weights (h94/IP-Adapter-FaceID): non-commercial research use; their face "
+           "embeddings come from insightface packs, also non-commercial")
+FAMILY_OF_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+WIDTH_NAMES = "SD 1.x: 768, SD 2.x: 1024, SDXL: 2048"
+
+
+def is_published_file(uri: str) -> bool:
+    """Whether an --adapter value names a published adapter file (ours is a folder)."""
+    return PurePosixPath(str(uri).rstrip("/")).suffix.lower() in SUFFIXES
+
+
+@dataclass
+class Recognised:
+    kind: str
+    variant: str
+    tokens: int
+    embedding_dim: int
+    width: int
+    hidden: int
+    lora_rank: int | None
+    sha256: str
+
+    def line(self) -> str:
+        lora = f", LoRA rank {self.lora_rank} fused into the base" if self.lora_rank else ", no LoRA"
+        return (f"recognised {self.kind} ({self.variant}): {self.tokens} identity tokens from {self.embedding_dim}-d "
+                f"ArcFace embeddings, cross-attention width {self.width} ({FAMILY_OF_WIDTH.get(self.width, '?')}){lora}")
+
+
+def read(uri: str) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+    """(state dict split into image_proj / ip_adapter, sha256 of the file's bytes)."""
+    raw = storage.read_bytes(uri)
+    digest = hashlib.sha256(raw).hexdigest()
+    if str(uri).lower().endswith(".safetensors"):
+        from safetensors.torch import load
+
+        flat = load(raw)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            head, _, rest = key.partition(".")
+            parts.setdefault(head, {})[rest] = value
+    else:
+        try:
+            parts = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a file we cannot take
+            raise UnsupportedModel(f"{uri} is not a readable adapter file ({type(exc).__name__}): give the "
+                                   "published .bin or .safetensors as its authors ship it") from None
+    if not isinstance(parts, dict):
+        raise UnsupportedModel(f"{uri} holds no state dict")
+    return parts, digest
+
+
+def lora_of(ip_adapter: dict[str, torch.Tensor]) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """{processor index: {projection: (down, up)}} of the LoRA embedded in a FaceID ip_adapter dict."""
+    found: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key in ip_adapter:
+        index, _, rest = key.partition(".")
+        for projection in LORA_PROJECTIONS:
+            if rest == f"{projection}_lora.down.weight":
+                found.setdefault(int(index), {})[projection] = (
+                    ip_adapter[key], ip_adapter[f"{index}.{projection}_lora.up.weight"])
+    return found
+
+
+def lora_from_diffusers_file(state: dict[str, torch.Tensor], names: list[str]) -> dict[int, dict]:
+    """A separate FaceID LoRA file in diffusers' layout (`unet.<processor name>.to_q_lora.down.weight`)."""
+    index = {name: i for i, name in enumerate(names)}
+    found: dict[int, dict] = {}
+    for key, value in state.items():
+        if not key.endswith("_lora.down.weight"):
+            continue
+        name, _, tail = key.removeprefix("unet.").rpartition(".to_")
+        projection = "to_" + tail.removesuffix("_lora.down.weight")
+        if name not in index or projection not in LORA_PROJECTIONS:
+            raise UnsupportedModel(f"a LoRA weight for {name}.{projection}, which this base does not have")
+        found.setdefault(index[name], {})[projection] = (value, state[key.replace("lora.down", "lora.up")])
+    return found
+
+
+def recognise(parts: dict, digest: str, uri: str) -> Recognised:
+    proj, ip = parts.get("image_proj") or {}, parts.get("ip_adapter") or {}
+    keys = set(proj)
+    if any(k.startswith("perceiver_resampler.") for k in keys):
+        raise UnsupportedModel(f"{uri}: recognised IP-Adapter-FaceID-Plus/PlusV2 (a CLIP image encoder and a perceiver "
+                               "resampler); not run yet: use the FaceID (plain) file")
+    if {"latents", "proj_in.weight"} <= keys:
+        raise UnsupportedModel(f"{uri}: recognised an InstantID / IP-Adapter-Plus resampler adapter; not run yet: use "
+                               "an IP-Adapter-FaceID file")
+    if keys != FACEID_PROJ or not any(k.endswith(".to_k_ip.weight") for k in ip):
+        raise UnsupportedModel(f"{uri}: not an IP-Adapter-FaceID file (image_proj keys {sorted(keys)[:4]}...); "
+                               "give an IP-Adapter-FaceID .bin or .safetensors, or a folder `ray-faceid train` wrote")
+    width = proj["norm.weight"].shape[0]
+    tokens, remainder = divmod(proj["proj.2.weight"].shape[0], width)
+    if remainder:
+        raise UnsupportedModel(f"{uri}: its projection gives {proj['proj.2.weight'].shape[0]} values, not a whole "
+                               f"number of {width}-wide tokens")
+    lora = lora_of(ip)
+    rank = next((down.shape[0] for layer in lora.values() for down, _ in layer.values()), None)
+    variant = "FaceID" if tokens == 4 else f"FaceID, {tokens} tokens (Portrait-style)"
+    return Recognised("IP-Adapter-FaceID", variant, tokens, proj["proj.0.weight"].shape[1], width,
+                      proj["proj.0.weight"].shape[0], rank, digest)
+
+
+def check_encoder(found: Recognised, spec: EncoderSpec | None) -> None:
+    if spec is None:
+        return
+    if spec.dim != found.embedding_dim or spec.name.startswith("dlib"):
+        raise EncoderMismatch(f"{found.kind} takes {found.embedding_dim}-d insightface ArcFace embeddings (buffalo_l's "
+                              f"w600k_r50); the face encoder in use gives {spec.dim}-d {spec.name}: use --backend "
+                              "insightface --insightface-root PACK (or an ArcFace ONNX file as the recogniser)")
+
+
+def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, lora_uri: str | None = None):
+    """An IdentityAdapter from a published file, for `unet` (needed: layers are named by its order)."""
+    from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter, _key, cross_attention_layers
+    from ray_faceid.pipelines.families import unet_family
+
+    if unet is None:
+        raise UnsupportedModel(f"{uri}: a published adapter is read against the base it runs on: load the base first")
+    parts, digest = read(uri)
+    found = recognise(parts, digest, uri)
+    family = unet_family(unet.config)
+    width = unet.config.cross_attention_dim
+    if found.width != width:
+        raise UnsupportedModel(f"{uri}: {found.kind} made for a base of cross-attention width {found.width}; this "
+                               f"{family.upper()} base has {width} ({WIDTH_NAMES}): use the file made for this family")
+    check_encoder(found, encoder_spec)
+    spec = encoder_spec or EncoderSpec(name="arcface", dim=found.embedding_dim, version="insightface", license=LICENCE,
+                                       metric="cosine", threshold=0.6)
+    names = list(unet.attn_processors.keys())
+    cross = [n for n in names if n.endswith("attn2.processor")]
+    ip = parts["ip_adapter"]
+    keys = {n: f"{2 * k + 1}" for k, n in enumerate(cross)}  # the authors' numbering: every other processor
+    missing = [n for n, i in keys.items() if f"{i}.to_k_ip.weight" not in ip]
+    if missing or sum(k.endswith(".to_k_ip.weight") for k in ip) != len(cross):
+        raise UnsupportedModel(f"{uri}: its identity attention has {sum(k.endswith('.to_k_ip.weight') for k in ip)} "
+                               f"layers; this base has {len(cross)} cross-attention layers: it was made for another "
+                               "UNet layout")
+    lora = lora_of(ip)
+    if lora_uri:
+        from safetensors.torch import load as load_safetensors
+
+        lora = lora_from_diffusers_file(load_safetensors(storage.read_bytes(lora_uri)), names)
+        found.lora_rank = next((d.shape[0] for layer in lora.values() for d, _ in layer.values()), None)
+    options = AdapterOptions(method="decoupled", mapper="projector", num_tokens=found.tokens, mapper_hidden=found.hidden,
+                             negative="zero_embedding")
+    layers = cross_attention_layers(unet)
+    adapter = IdentityAdapter(options, spec, layers, base_hash="", family=family)
+    proj = parts["image_proj"]
+    state = {"mapper.mlp.0.weight": proj["proj.0.weight"], "mapper.mlp.0.bias": proj["proj.0.bias"],
+             "mapper.mlp.2.weight": proj["proj.2.weight"], "mapper.mlp.2.bias": proj["proj.2.bias"],
+             "mapper.norm.weight": proj["norm.weight"], "mapper.norm.bias": proj["norm.bias"]}
+    for name, index in keys.items():
+        state[f"processors.{_key(name)}.to_k_id.weight"] = ip[f"{index}.to_k_ip.weight"]
+        state[f"processors.{_key(name)}.to_v_id.weight"] = ip[f"{index}.to_v_ip.weight"]
+    adapter.load_state_dict({k: v.float() for k, v in state.items()})
+    adapter.published = {"kind": found.kind, "variant": found.variant, "sha256": digest, "licence": LICENCE,
+                         "lora_rank": found.lora_rank, "file": PurePosixPath(str(uri)).name}
+    adapter.base_lora = {names[i]: {p: (d.float(), u.float()) for p, (d, u) in layer.items()} for i, layer in lora.items()}
+    log.warning("%s", found.line())
+    return adapter
+
+
+@torch.no_grad()
+def fuse_lora(unet, lora: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], tag: str) -> bool:
+    """Add each attention layer's LoRA (up @ down, scale 1) to its weights, once per UNet; False if
+    this UNet already has it."""
+    fused = getattr(unet, "_ray_faceid_fused_lora", set())
+    if tag in fused:
+        return False
+    modules = dict(unet.named_modules())
+    for name, layer in lora.items():
+        attention = modules[name.removesuffix(".processor")]
+        for projection, (down, up) in layer.items():
+            linear = attention
+            for part in LORA_PROJECTIONS[projection]:
+                linear = linear[int(part)] if part.isdigit() else getattr(linear, part)
+            linear.weight += (up.to(linear.weight) @ down.to(linear.weight))
+    unet._ray_faceid_fused_lora = fused | {tag}
+    return True

@@ -1,0 +1,124 @@
+"""Published identity adapters from their own files: IP-Adapter-FaceID (`.bin` and `.safetensors`,
+LoRA embedded), built at toy size in the authors' key layout, gives diffusers' own
+`load_ip_adapter` image (its LoRA through PEFT) with the same embedding, seed and scheduler; other
+layouts, widths and encoders are refused in one line."""
+import numpy as np
+import pytest
+import torch
+
+from ray_faceid.errors import EncoderMismatch, UnsupportedModel
+from ray_faceid.face.spec import EncoderSpec
+from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.models import build_tiny
+
+EMBED = 16  # the published files take 512-d ArcFace embeddings; the hidden width is a multiple of it
+SPEC = EncoderSpec(name="arcface_w600k_r50", dim=EMBED, version="test", license="-", metric="cosine", threshold=0.6)
+SIZE = dict(width=64, height=64)
+
+
+def faceid_state_dict(unet, tokens: int = 4, hidden: int = 2 * EMBED, rank: int = 4, seed: int = 0) -> dict:
+    """An IP-Adapter-FaceID checkpoint for `unet` in the authors' layout, random weights at toy size."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=g) * std
+
+    width = unet.config.cross_attention_dim
+    proj = {"proj.0.weight": rand(hidden, EMBED, std=0.05), "proj.0.bias": rand(hidden),
+            "proj.2.weight": rand(width * tokens, hidden), "proj.2.bias": rand(width * tokens),
+            "norm.weight": 1 + rand(width), "norm.bias": rand(width)}
+    modules = dict(unet.named_modules())
+    ip = {}
+    for i, name in enumerate(unet.attn_processors):
+        attention = modules[name.removesuffix(".processor")]
+        for projection, linear in (("to_q", attention.to_q), ("to_k", attention.to_k), ("to_v", attention.to_v),
+                                   ("to_out", attention.to_out[0])):
+            ip[f"{i}.{projection}_lora.down.weight"] = rand(rank, linear.in_features)
+            ip[f"{i}.{projection}_lora.up.weight"] = rand(linear.out_features, rank)
+        if name.endswith("attn2.processor"):
+            ip[f"{i}.to_k_ip.weight"] = rand(attention.to_k.out_features, width)
+            ip[f"{i}.to_v_ip.weight"] = rand(attention.to_v.out_features, width)
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def save(state: dict, path):
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({f"{part}.{k}": v.contiguous() for part, d in state.items() for k, v in d.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return str(path)
+
+
+def face(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(1, EMBED)).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def diffusers_image(folder, weight_name: str, embedding: np.ndarray, seed: int, family: str = "sd1") -> np.ndarray:
+    """diffusers' own path: load_ip_adapter (its FaceID LoRA through PEFT), ip_adapter_image_embeds."""
+    pytest.importorskip("peft", reason="diffusers applies the FaceID LoRA through PEFT (`dev` extra)")
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    base = build_tiny(family=family)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                                         tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                                         scheduler=base.scheduler, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weight_name, image_encoder_folder=None)
+    embeds = torch.cat([torch.zeros(1, 1, EMBED), torch.from_numpy(embedding)[None]])  # negative, then the face
+    image = pipe("a portrait photo", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+                 ip_adapter_image_embeds=[embeds], output_type="np", **SIZE).images[0]
+    return np.round(image * 255).astype(int)
+
+
+@pytest.mark.parametrize("family,suffix", [("sd1", ".bin"), ("sd1", ".safetensors"), ("sdxl", ".bin")])
+def test_ip_adapter_faceid_gives_diffusers_own_image(tmp_path, family, suffix, caplog):
+    base = build_tiny(family=family)
+    path = save(faceid_state_dict(base.unet), tmp_path / f"ip-adapter-faceid_test{suffix}")
+    with caplog.at_level("WARNING"):
+        adapter = IdentityAdapter.load(path, base.unet, SPEC)
+    assert "recognised IP-Adapter-FaceID (FaceID): 4 identity tokens from 16-d ArcFace embeddings" in caplog.text
+    pipe = IdentityPipeline(base, adapter)
+    for seed, person in ((11, 1), (12, 2)):
+        got = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", face(person))], seed=seed, steps=3,
+                                       guidance=5.0, **SIZE).images[0]).astype(int)
+        want = diffusers_image(tmp_path, path.rsplit("/", 1)[-1], face(person), seed, family)
+        assert np.abs(got - want).max() <= 1, (seed, np.abs(got - want).max())
+    again = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=11, steps=3,
+                                     guidance=5.0, **SIZE).images[0]).astype(int)
+    other = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", face(2))], seed=11, steps=3,
+                                     guidance=5.0, **SIZE).images[0]).astype(int)
+    assert np.abs(again - other).max() > 2  # the identity reaches the image
+    provenance = pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=11, steps=1,
+                               **SIZE).provenance[0]
+    assert provenance["adapter_published"]["kind"] == "IP-Adapter-FaceID"
+    assert "non-commercial" in provenance["adapter_published"]["licence"]
+
+
+def test_published_layouts_the_system_does_not_run_are_refused_in_one_line(tmp_path):
+    base = build_tiny()
+    state = faceid_state_dict(base.unet)
+    plus = {"image_proj": {"perceiver_resampler.proj_in.weight": torch.zeros(2, 2), **state["image_proj"]},
+            "ip_adapter": state["ip_adapter"]}
+    instantid = {"image_proj": {"latents": torch.zeros(1, 4, 8), "proj_in.weight": torch.zeros(8, 8)},
+                 "ip_adapter": state["ip_adapter"]}
+    for name, bad, says in (("plus.bin", plus, "FaceID-Plus"), ("instantid.bin", instantid, "InstantID"),
+                            ("other.bin", {"image_proj": {"x": torch.zeros(1)}, "ip_adapter": {}},
+                             "not an IP-Adapter-FaceID file")):
+        with pytest.raises(UnsupportedModel, match=says) as refused:
+            IdentityAdapter.load(save(bad, tmp_path / name), base.unet, SPEC)
+        assert "\n" not in str(refused.value)
+    sdxl = build_tiny(family="sdxl")
+    wide = save(faceid_state_dict(sdxl.unet), tmp_path / "sdxl.bin")
+    with pytest.raises(UnsupportedModel, match="cross-attention width 64; this SD1 base has 32"):
+        IdentityAdapter.load(wide, base.unet, SPEC)
+    dlib = EncoderSpec(name="dlib_resnet", dim=128, version="x", license="-", metric="euclidean", threshold=0.6)
+    with pytest.raises(EncoderMismatch, match="--backend insightface"):
+        IdentityAdapter.load(save(state, tmp_path / "ok.bin"), base.unet, dlib)
