@@ -27,7 +27,7 @@ from deployments import multiplex
 from deployments.memory import replica_memory
 from deployments.turns import PipelineTurns
 from ray_faceid.config import ServeConfig
-from ray_faceid.errors import EncoderMismatch, Erased, FaceIdError, NotFound
+from ray_faceid.errors import BadInput, EncoderMismatch, Erased, FaceIdError, NotFound
 from ray_faceid.identity.personalization import version_of
 from ray_faceid.registry import newest_adapter
 
@@ -78,7 +78,7 @@ def step_callback(requests: list[dict], turns: PipelineTurns | None):
 class Generator:
     def __init__(self, config_json: str):
         from ray_faceid.face.analyzer import FaceAnalyzer
-        from ray_faceid.identity.adapter import IdentityAdapter
+        from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline
         from ray_faceid.pipelines.models import load_base
@@ -89,11 +89,12 @@ class Generator:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         base = load_base(self.config.model)
-        if self.config.adapter:
-            # Identities are checked against the adapter's encoder spec when they are used.
-            adapter = IdentityAdapter.load(self.config.adapter, base.unet)
-        else:
-            adapter = IdentityAdapter.for_unet(base.unet, FaceAnalyzer(self.config.face).spec)
+        # Identities are checked against the adapter's encoder spec when they are used. A real base
+        # without an adapter serves prompts alone: identity requests are refused (NO_ADAPTER).
+        adapter = shared_adapter(self.config.adapter, base, None if self.config.adapter else
+                                 FaceAnalyzer(self.config.face).spec)
+        if adapter is None and self.config.backend != "torch":
+            raise BadInput(NO_ADAPTER.format(model=self.config.model) + "; compiled engines are built around one")
         imr, flow = load_edit_modules(adapter, self.config.imr, self.config.flow)  # before the cast
         self.pipeline = IdentityPipeline(base, adapter, imr, device=device, backend=self.config.backend,
                                          precision=self.config.precision, flow=flow)
@@ -136,7 +137,8 @@ class Generator:
 
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
-                "adapter_trained_steps": self.pipeline.adapter.trained_steps, "identity_loads": self.loads,
+                "adapter_trained_steps": None if self.pipeline.adapter is None else self.pipeline.adapter.trained_steps,
+                "identity_loads": self.loads,
                 "backend": self.pipeline.backend, "warm_up": self.warm_up_report, "cancelled": self.cancelled,
                 "lent_to_small_requests": self.turns.lent,
                 "imr": getattr(self.pipeline.imr, "weights_hash", None),
@@ -194,7 +196,11 @@ class Generator:
                 logging.getLogger("ray.serve").warning("erasure sweep failed; retrying", exc_info=True)
 
     async def _conditions(self, tenant: str, requested: list[dict]):
+        from ray_faceid.identity.adapter import NO_ADAPTER
         from ray_faceid.pipelines.generate import IdentityCondition
+
+        if requested and self.pipeline.adapter is None:
+            raise BadInput(NO_ADAPTER.format(model=self.config.model))
 
         conditions, hits = [], 0
         for item in requested:

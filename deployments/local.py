@@ -45,7 +45,6 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     from deployments.app import build_app
     from deployments.auth import parse_tokens
     from ray_faceid.data.cluster import init_ray
-
     from ray_faceid.registry_secret import keys_for
 
     if port not in _SERVING:

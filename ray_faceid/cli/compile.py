@@ -80,7 +80,7 @@ def _build(model, adapter, width, height, identities, max_rows, backend, precisi
     import torch
 
     from ray_faceid.face.analyzer import FaceAnalyzer
-    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
     from ray_faceid.pipelines.generate import IdentityPipeline
     from ray_faceid.pipelines.models import load_base
 
@@ -90,7 +90,9 @@ def _build(model, adapter, width, height, identities, max_rows, backend, precisi
         precision = "fp16"
     base = load_base(model)
     spec = FaceAnalyzer().spec
-    shared = IdentityAdapter.load(adapter, base.unet, spec) if adapter else IdentityAdapter.for_unet(base.unet, spec)
+    shared = shared_adapter(adapter, base, spec)
+    if shared is None:
+        raise BadInput(NO_ADAPTER.format(model=base.model_id))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = IdentityPipeline(base, shared, device=device, backend=backend, engine_cache=cache, precision=precision)
     width, height = (width, height) if width else base.native_size

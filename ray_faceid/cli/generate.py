@@ -35,17 +35,18 @@ def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "
               flow: Optional[str] = None):
     """The pipeline, loaded after the reference photos were checked: a bad photo fails in a second."""
     from ray_faceid.engines.select import require_backend
-    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
     from ray_faceid.pipelines.generate import IdentityPipeline
     from ray_faceid.pipelines.models import load_base
 
     require_backend(backend)  # a missing runtime fails before the model loads
     base = load_base(model)
-    if adapter_uri:
-        adapter = IdentityAdapter.load(adapter_uri, base.unet, analyzer.spec)
-    else:
-        adapter = IdentityAdapter.for_unet(base.unet, analyzer.spec)
-        err_console.print("[yellow]no --adapter: using an untrained identity adapter; identity will not be preserved[/yellow]")
+    adapter = shared_adapter(adapter_uri, base, analyzer.spec)
+    if adapter is None:
+        raise BadInput(NO_ADAPTER.format(model=base.model_id))
+    if not adapter_uri:
+        err_console.print("[yellow]no --adapter: the smoke-test base's untrained identity adapter (seeded); identity "
+                          "will not be preserved[/yellow]")
     if base.untrained:
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")
     import torch

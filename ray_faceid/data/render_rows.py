@@ -34,7 +34,7 @@ class Renderer:
         import torch
 
         from ray_faceid.face.analyzer import FaceAnalyzer
-        from ray_faceid.identity.adapter import IdentityAdapter
+        from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline, resolve_precision
         from ray_faceid.pipelines.models import load_base
@@ -48,11 +48,9 @@ class Renderer:
         width, height = base.native_size
         self.config = config = config.model_copy(update={"steps": config.steps or base.default_steps,
                                                          "size": config.size or f"{width}x{height}"})
-        if adapter:
-            shared = IdentityAdapter.load(adapter, base.unet, self.analyzer.spec)
-        else:  # smoke runs only: the manifest's provenance says untrained
-            torch.manual_seed(0)
-            shared = IdentityAdapter.for_unet(base.unet, self.analyzer.spec)
+        shared = shared_adapter(adapter, base, self.analyzer.spec)  # without one: the smoke base's seeded adapter
+        if shared is None:
+            raise BadInput(NO_ADAPTER.format(model=base.model_id))
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(config.precision, device)
         imr_module, flow_module = load_edit_modules(shared, imr, flow)  # before the pipeline casts the adapter

@@ -204,3 +204,22 @@ class IdentityAdapter(nn.Module):
             adapter.check_base(unet)
         adapter.load_state_dict(load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE))))
         return adapter
+
+
+NO_ADAPTER = ("{model} is a real base and no identity adapter was given: pass --adapter with a published "
+              "IP-Adapter-FaceID file (README: 'Bring published weights') or a folder `ray-faceid train` wrote "
+              "(adapter: in the Serve config, --adapter for render)")
+
+
+def shared_adapter(uri: str | None, base, encoder_spec: EncoderSpec | None) -> "IdentityAdapter | None":
+    """The adapter a job runs: the one `uri` names; with none, on the tiny smoke-test base a seeded
+    untrained one (the same bytes every run), on a real base None: never a random adapter that
+    makes another image each run. Callers refuse identity requests without one (NO_ADAPTER)."""
+    if uri:
+        return IdentityAdapter.load(uri, base.unet, encoder_spec)
+    if not base.untrained:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return IdentityAdapter.for_unet(base.unet, encoder_spec)
+

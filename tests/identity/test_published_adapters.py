@@ -5,6 +5,7 @@ layouts, widths and encoders are refused in one line."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ray_faceid.errors import EncoderMismatch, UnsupportedModel
 from ray_faceid.face.spec import EncoderSpec
@@ -122,3 +123,30 @@ def test_published_layouts_the_system_does_not_run_are_refused_in_one_line(tmp_p
     dlib = EncoderSpec(name="dlib_resnet", dim=128, version="x", license="-", metric="euclidean", threshold=0.6)
     with pytest.raises(EncoderMismatch, match="--backend insightface"):
         IdentityAdapter.load(save(state, tmp_path / "ok.bin"), base.unet, dlib)
+
+
+def test_a_real_base_without_an_adapter_is_refused_and_the_smoke_base_is_seeded(tmp_path, sample_photos):
+    """Never a random adapter: a real base with no --adapter says where one comes from (it made
+    another image each run); the tiny smoke-test base's untrained adapter gives the same bytes."""
+    from typer.testing import CliRunner
+
+    from diffusers import StableDiffusionPipeline
+
+    from ray_faceid.cli import app
+
+    base = build_tiny()  # saved as diffusers saves a model: a base like a user's own
+    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "real")
+    hanks = str(sample_photos["Tom_Hanks_54745.png"])
+    fast = ["--size", "32x32", "--steps", "2", "--seed", "3"]
+    refused = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "real"), "--ref", hanks, "--prompt", "a",
+                                       "--out", str(tmp_path / "x.png"), *fast])
+    assert refused.exit_code == 2 and "no identity adapter was given: pass --adapter" in refused.stderr
+    made = []
+    for k in range(2):
+        out = tmp_path / f"tiny{k}.png"
+        result = CliRunner().invoke(app, ["generate", "--ref", hanks, "--prompt", "a", "--out", str(out), *fast])
+        assert result.exit_code == 0, result.output
+        made.append(np.asarray(Image.open(out)))
+    assert np.array_equal(made[0], made[1])
