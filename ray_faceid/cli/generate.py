@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
 from ray_faceid.cli.common import MODEL_HELP, console, err_console, user_errors
@@ -11,7 +12,9 @@ from ray_faceid.errors import BadInput
 from ray_faceid.progress import denoise_reporter
 
 ModelOpt = typer.Option("tiny", "--model", help=MODEL_HELP)
-AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter URI; without it an UNTRAINED adapter is used.")
+AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter: a folder `ray-faceid train` wrote, or a published "
+                          "IP-Adapter-FaceID .bin / .safetensors; without it only the tiny smoke-test base runs (with "
+                          "its seeded, untrained adapter).")
 BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
 StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; default: the model's own (30, or 4 "
                         "for an untrained smoke base).")
@@ -32,7 +35,7 @@ def parse_edit_option(text: Optional[str]) -> Optional[dict]:
 
 
 def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,
-              flow: Optional[str] = None):
+              flow: Optional[str] = None, spec="analyzer"):
     """The pipeline, loaded after the reference photos were checked: a bad photo fails in a second."""
     from ray_faceid.engines.select import require_backend
     from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
@@ -41,7 +44,8 @@ def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "
 
     require_backend(backend)  # a missing runtime fails before the model loads
     base = load_base(model)
-    adapter = shared_adapter(adapter_uri, base, analyzer.spec)
+    # `spec`: the encoder the identities' embeddings come from (None: given as --face-embedding, checked by width).
+    adapter = shared_adapter(adapter_uri, base, analyzer.spec if spec == "analyzer" or not adapter_uri else spec)
     if adapter is None:
         raise BadInput(NO_ADAPTER.format(model=base.model_id))
     if not adapter_uri:
@@ -95,7 +99,9 @@ def _conditions(analyzer, people: dict, registry: str, tenant: str, regions: dic
     store = Registry(registry).require() if any(isinstance(v, str) for v in people.values()) else None
     conditions, enrolled = [], {}
     for name, source in people.items():
-        if isinstance(source, str):
+        if isinstance(source, np.ndarray):  # --face-embedding: embedded elsewhere
+            emb, quality = source, None
+        elif isinstance(source, str):
             enrolled[name] = store.resolve(tenant, source)
             emb, quality, spec = store.embeddings(tenant, enrolled[name])
             analyzer.spec.check_compatible(spec, f"the embeddings of {source}")
@@ -113,6 +119,18 @@ def _with_personal_adapters(conditions: list, enrolled: dict, pipe, registry: st
     for condition in conditions:
         if condition.name in enrolled:
             condition.personal = load_personal(Registry(registry), tenant, enrolled[condition.name], pipe.adapter_hash)
+
+
+def read_face_embedding(path: str) -> np.ndarray:
+    """--face-embedding: an .npy of one person's N x D embeddings (or one D vector), as their encoder gives them."""
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"--face-embedding {path}: not a readable .npy file ({exc})") from None
+    emb = np.atleast_2d(emb)
+    if emb.ndim != 2 or not emb.size or not np.issubdtype(emb.dtype, np.number) or not np.isfinite(emb).all():
+        raise BadInput(f"--face-embedding {path}: expected N x D finite numbers, got shape {emb.shape}")
+    return emb.astype(np.float32)
 
 
 def _region(value: str):
@@ -147,16 +165,27 @@ def generate(
     edit: Optional[str] = EditOpt,
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
+    face_backend: str = typer.Option("dlib", "--face-backend", help="Face encoder of --ref / --identity photos: dlib "
+                                     "(default) or insightface (ArcFace, what IP-Adapter-FaceID takes; needs "
+                                     "--insightface-root, a pack you are licensed to use)."),
+    insightface_root: Optional[str] = typer.Option(None, "--insightface-root", help="Folder of an insightface pack "
+                                                   "(e.g. buffalo_l: det_10g.onnx, w600k_r50.onnx)."),
+    face_embedding: Optional[str] = typer.Option(None, "--face-embedding", help="One person's embeddings as an .npy "
+                                                 "(N x D, as the adapter's encoder gives them) instead of photos."),
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
+    from ray_faceid.cli.faces import face_config
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.pipelines.generate import parse_size
 
     with user_errors():
         width, height = parse_size(size, "--size") if size else (None, None)
-        people = _people(ref, identity)
+        if face_embedding and (ref or identity):
+            raise BadInput("use either --face-embedding or photos / enrolled people (--ref, --identity), not both")
+        people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
         if not people:
-            raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO")
+            raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO, or "
+                           "--face-embedding EMB.npy")
         regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
         unknown = set(regions) - set(people)
         if unknown:
@@ -164,9 +193,9 @@ def generate(
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
-        analyzer = FaceAnalyzer()
+        analyzer = FaceAnalyzer(face_config(face_backend, insightface_root, True))
         conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
-        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow)
+        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer")
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size

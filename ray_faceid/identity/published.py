@@ -144,8 +144,9 @@ def check_encoder(found: Recognised, spec: EncoderSpec | None) -> None:
         return
     if spec.dim != found.embedding_dim or spec.name.startswith("dlib"):
         raise EncoderMismatch(f"{found.kind} takes {found.embedding_dim}-d insightface ArcFace embeddings (buffalo_l's "
-                              f"w600k_r50); the face encoder in use gives {spec.dim}-d {spec.name}: use --backend "
-                              "insightface --insightface-root PACK (or an ArcFace ONNX file as the recogniser)")
+                              f"w600k_r50); the face encoder in use gives {spec.dim}-d {spec.name}: use --face-backend "
+                              "insightface --insightface-root PACK (face.backend in the Serve config), or give "
+                              "--face-embedding EMB.npy")
 
 
 def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, lora_uri: str | None = None):

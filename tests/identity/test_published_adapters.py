@@ -121,7 +121,7 @@ def test_published_layouts_the_system_does_not_run_are_refused_in_one_line(tmp_p
     with pytest.raises(UnsupportedModel, match="cross-attention width 64; this SD1 base has 32"):
         IdentityAdapter.load(wide, base.unet, SPEC)
     dlib = EncoderSpec(name="dlib_resnet", dim=128, version="x", license="-", metric="euclidean", threshold=0.6)
-    with pytest.raises(EncoderMismatch, match="--backend insightface"):
+    with pytest.raises(EncoderMismatch, match="--face-backend insightface"):
         IdentityAdapter.load(save(state, tmp_path / "ok.bin"), base.unet, dlib)
 
 
@@ -150,3 +150,33 @@ def test_a_real_base_without_an_adapter_is_refused_and_the_smoke_base_is_seeded(
         assert result.exit_code == 0, result.output
         made.append(np.asarray(Image.open(out)))
     assert np.array_equal(made[0], made[1])
+
+
+def test_one_command_from_a_published_file_and_an_embedding(tmp_path):
+    """README's 'Bring published weights', with tiny stand-ins: a base as diffusers saves it, the
+    FaceID file, an embedding made elsewhere: one `generate` gives the image, its provenance says what made it."""
+    from diffusers import StableDiffusionPipeline
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    base = build_tiny()
+    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
+    adapter = save(faceid_state_dict(base.unet), tmp_path / "ip-adapter-faceid_sd15.bin")
+    np.save(tmp_path / "ann.npy", face(1))
+    out = tmp_path / "ann.png"
+    result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "sd15"), "--adapter", adapter,
+                                      "--face-embedding", str(tmp_path / "ann.npy"), "--prompt", "a portrait",
+                                      "--size", "32x32", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    provenance = read_provenance(out.read_bytes())
+    assert provenance["adapter_published"]["file"] == "ip-adapter-faceid_sd15.bin"
+    wrong = np.ones((1, 7), np.float32)
+    np.save(tmp_path / "wrong.npy", wrong)
+    refused = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "sd15"), "--adapter", adapter,
+                                       "--face-embedding", str(tmp_path / "wrong.npy"), "--prompt", "a",
+                                       "--size", "32x32", "--steps", "2", "--out", str(tmp_path / "w.png")])
+    assert refused.exit_code == 2 and "7-d embeddings, the adapter needs 16-d" in refused.stderr
