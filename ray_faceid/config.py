@@ -242,7 +242,9 @@ class ServeConfig(Settings):
     """The composed Serve application: ingress, face encoder, generator."""
 
     model: str = Field("tiny", description="Base model: tiny | a diffusers folder | an fsspec URI | a hub id.")
-    adapter: str | None = Field(None, description="Identity adapter URI; None = an untrained adapter (smoke runs only).")
+    adapter: str | None = Field(None, description="Identity adapter: a folder `ray-faceid train` wrote, or a published "
+                                "IP-Adapter-FaceID .bin / .safetensors; None: the tiny smoke-test base's seeded "
+                                "untrained adapter, and on a real base no identity (identity requests are refused).")
     imr: str | None = Field(None, description="Trained IMR URI (train --method imr, for this adapter): requests' "
                             "`expression` then moves the identity tokens to that expression and pose.")
     flow: str | None = Field(None, description="Trained attribute flow URI (train --method flow): enables requests' "

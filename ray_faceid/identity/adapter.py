@@ -114,6 +114,20 @@ class IdentityAdapter(nn.Module):
             return self.mapper(refs, present)
         return self.mapper(embeddings, expression, drop_prob)
 
+    @staticmethod
+    def check_file_family(uri: str, family: str) -> None:
+        """Refuse an adapter (folder or published file) made for another family than `family`, before
+        any base or worker loads."""
+        from ray_faceid.identity import published
+
+        if published.is_published_file(uri):
+            made_for = published.family_of(uri)
+            if made_for != family and {made_for, family} & {"sdxl"}:
+                raise BaseModelMismatch(f"{uri} was made for an {made_for.upper()} base; the base is {family.upper()}: "
+                                        "use the file made for this family")
+            return
+        IdentityAdapter.load(uri).check_family(family)
+
     def check_family(self, family: str) -> None:
         """Refuse a base of another family, by name (before anything loads, when a job starts)."""
         if {family, self.family} & {"sdxl"} and family != self.family:  # sd1 / sd2: the hash check names it

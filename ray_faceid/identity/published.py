@@ -139,6 +139,15 @@ def recognise(parts: dict, digest: str, uri: str) -> Recognised:
                       proj["proj.0.weight"].shape[0], rank, digest)
 
 
+def family_of(uri: str) -> str:
+    """The base family a published file was made for, from its width (before any base loads)."""
+    parts, digest = read(uri)
+    found = recognise(parts, digest, uri)
+    if found.width not in FAMILY_OF_WIDTH:
+        raise UnsupportedModel(f"{uri}: cross-attention width {found.width} is none of the families' ({WIDTH_NAMES})")
+    return FAMILY_OF_WIDTH[found.width]
+
+
 def check_encoder(found: Recognised, spec: EncoderSpec | None) -> None:
     if spec is None:
         return

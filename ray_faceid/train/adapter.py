@@ -297,7 +297,7 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
         from ray_faceid.identity.adapter import IdentityAdapter
         from ray_faceid.pipelines.models import model_family
 
-        IdentityAdapter.load(adapter).check_family(model_family(model))
+        IdentityAdapter.check_file_family(adapter, model_family(model))
     held_out: list[str] = []
     if config.method == "flow":
         rows, held_out = _flow_rows(dataset)

@@ -146,6 +146,7 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     from ray.train.torch import TorchTrainer
 
     from ray_faceid.data.cluster import init_ray, is_local
+    from ray_faceid.identity import published
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.train.placement import worker_resources
 
@@ -154,8 +155,13 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     wanted = identities or [meta["id"] for meta in store.list(tenant)]
     from ray_faceid.pipelines.models import model_family
 
-    shared = IdentityAdapter.load(adapter)
-    shared.check_family(model_family(model))  # before any worker starts
+    IdentityAdapter.check_file_family(adapter, model_family(model))  # before any worker starts
+    if published.is_published_file(adapter):  # its layers are named by the base: read against it
+        from ray_faceid.pipelines.models import load_base
+
+        shared = IdentityAdapter.load(adapter, load_base(model).unet)
+    else:
+        shared = IdentityAdapter.load(adapter)
     adapter_hash = shared.content_hash()
     settings = config.compute_hash()
     skipped, failed, pending = [], {}, []

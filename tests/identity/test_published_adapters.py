@@ -128,9 +128,8 @@ def test_published_layouts_the_system_does_not_run_are_refused_in_one_line(tmp_p
 def test_a_real_base_without_an_adapter_is_refused_and_the_smoke_base_is_seeded(tmp_path, sample_photos):
     """Never a random adapter: a real base with no --adapter says where one comes from (it made
     another image each run); the tiny smoke-test base's untrained adapter gives the same bytes."""
-    from typer.testing import CliRunner
-
     from diffusers import StableDiffusionPipeline
+    from typer.testing import CliRunner
 
     from ray_faceid.cli import app
 
