@@ -30,13 +30,15 @@ from ray_faceid.config import ServeConfig
 from ray_faceid.errors import BadInput, EncoderMismatch, Erased, FaceIdError, NotFound
 from ray_faceid.identity.personalization import version_of
 from ray_faceid.registry import newest_adapter
+from ray_faceid.registry_secret import never_create_here
 
 PROGRESS_EVERY_S = 0.25
 
 
 class LoadedIdentity:
-    def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec_key: str, personal=None):
-        self.key, self.embeddings, self.quality, self.spec_key = key, embeddings, quality, spec_key
+    def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec, personal=None):
+        self.key, self.embeddings, self.quality = key, embeddings, quality
+        self.spec, self.spec_key = spec, spec.key()
         self.personal = personal
         """(version, weight delta) of the identity's own adapter for this replica's shared adapter."""
         self.loaded_at = time.time()
@@ -88,11 +90,15 @@ class Generator:
         device = self.config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        never_create_here()  # the registry secret comes from the cluster's configuration (registry_secret.py)
         base = load_base(self.config.model)
         # Identities are checked against the adapter's encoder spec when they are used. A real base
         # without an adapter serves prompts alone: identity requests are refused (NO_ADAPTER).
         adapter = shared_adapter(self.config.adapter, base, None if self.config.adapter else
                                  FaceAnalyzer(self.config.face).spec)
+        if adapter is not None and adapter.published and not adapter.takes(FaceAnalyzer(self.config.face).spec):
+            raise EncoderMismatch(f"{self.config.adapter} takes {adapter.encoder_spec.dim}-d insightface ArcFace "
+                                  "embeddings: set face.backend: insightface and face.insightface_root in the Serve config")
         if adapter is None and self.config.backend != "torch":
             raise BadInput(NO_ADAPTER.format(model=self.config.model) + "; compiled engines are built around one")
         imr, flow = load_edit_modules(adapter, self.config.imr, self.config.flow)  # before the cast
@@ -151,7 +157,7 @@ class Generator:
         embeddings, quality, spec = self.registry.embeddings(tenant, identity)
         self.loads += 1
         personal = load_personal(self.registry, tenant, identity, self.adapter_hash)
-        loaded = LoadedIdentity(key, embeddings, quality, spec.key(), personal)
+        loaded = LoadedIdentity(key, embeddings, quality, spec, personal)
         self.held[key] = loaded
         self._note_version(key, personal)
         return loaded
@@ -217,7 +223,7 @@ class Generator:
                 self._note_version(key, loaded.personal)
             hits += self.loads == before
             expected = self.pipeline.adapter.encoder_spec.key()
-            if loaded.spec_key != expected:
+            if not self.pipeline.adapter.takes(loaded.spec):
                 raise EncoderMismatch(f"identity {item['id']} was enrolled with {loaded.spec_key}; "
                                       f"this generator's adapter needs {expected}: re-enroll the identity")
             edits = item.get("edits")

@@ -46,7 +46,7 @@ from ray_faceid.face.face import Face
 from ray_faceid.face.landmarks import INSIGHTFACE5, Landmarks
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.registry import Registry
-from ray_faceid.registry_secret import keys_for
+from ray_faceid.registry_secret import keys_for, never_create_here
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="ray_faceid", version="0.1.0",
@@ -163,6 +163,7 @@ class Ingress:
             raise BadInput("no API token configured; the API never runs open (ray-faceid serve generates one)")
         self.face, self.generator = face_encoder, generator
         self.store = Registry(self.config.registry)
+        never_create_here()
         keys_for(self.config.registry)  # no replica serves a registry whose secret is missing or wrong
         self.registry = OffLoop(self.store)  # `await self.registry.get(...)`: off the event loop
         body_limit.LIMIT["bytes"] = self.config.limits.max_body_bytes

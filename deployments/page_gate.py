@@ -10,7 +10,8 @@ anyone. So the gate, not Gradio, decides:
 - uploads need a session; each file uploaded, and each file Gradio made for a page answer, belongs
   to the tenant that received it (PageFiles);
 - a request whose body names a file (a `path` or `url` of a file value) is refused unless every
-  such file belongs to the caller's tenant, before Gradio opens or copies anything;
+  such file belongs to the caller's tenant, before Gradio opens or copies anything; a file value is
+  taken literally (no decoding, no `..`, no symlink) and rewritten to the very path checked;
 - the file route serves a tenant's own files only, to that tenant;
 - no absolute server path leaves: the page's folder is called `page-files/` in every answer, and
   the gate maps it back on the way in.
@@ -21,6 +22,7 @@ serves the page: deployments/app.py).
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -28,7 +30,7 @@ import threading
 import time
 from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from deployments import auth
 
@@ -40,84 +42,105 @@ _FILE_ROUTE = re.compile(r"/file[=/](.*)$")
 
 
 class PageFiles:
-    """Which files under the page's folder belong to which tenant."""
+    """Which files under the page's folder belong to which tenants (Gradio names a file by its
+    content's hash, so two tenants uploading the same bytes share one path: each owns it)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        self._owner: dict[Path, str] = {}
+        self.root = Path(os.path.realpath(root))
+        self._owners: dict[Path, set[str]] = {}
         self._lock = threading.Lock()
 
     def resolve(self, value: str) -> Path | None:
-        """A file value (aliased or absolute) -> its absolute path under the page's folder, or None."""
-        value = unquote(value)
+        """A file value (aliased or absolute) -> the file under the page's folder it names, or None.
+        Taken literally, as Gradio takes it: no decoding, no `..`, no symlink, no URL, so the file
+        checked is the file Gradio opens."""
+        if not isinstance(value, str) or "%" in value or "\\" in value or "://" in value or "\0" in value:
+            return None
         if value.startswith(ALIAS + "/"):
             value = str(self.root) + value[len(ALIAS):]
-        try:
-            path = Path(value).resolve()
-        except (OSError, ValueError):
+        if ".." in value.split("/"):
             return None
+        literal = os.path.abspath(value)
+        if literal != os.path.realpath(literal):  # a symlink anywhere on the way
+            return None
+        path = Path(literal)
         return path if path != self.root and path.is_relative_to(self.root) else None
 
     def claim(self, tenant: str, path: Path) -> None:
         with self._lock:
-            self._owner.setdefault(path, tenant)
+            self._owners.setdefault(path, set()).add(tenant)
 
     def owned_by(self, tenant: str | None, value: str) -> Path | None:
-        """The file a value names, if it belongs to `tenant`."""
+        """The file a value names, if `tenant` owns it."""
         path = self.resolve(value)
         if tenant is None or path is None:
             return None
         with self._lock:
-            return path if self._owner.get(path) == tenant else None
+            return path if tenant in self._owners.get(path, ()) else None
 
     def claim_named(self, tenant: str, text: str) -> None:
-        """Claim for `tenant` every page file an answer names (before its paths are aliased)."""
+        """Claim for `tenant` every page file an answer names (before its paths are aliased). Only
+        Gradio writes the page folder's real path into answers: requests name files by the alias."""
         for found in re.findall(re.escape(str(self.root)) + r"/[^\"'\s\\]+", text):
             path = self.resolve(found)
             if path is not None:
                 self.claim(tenant, path)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget files Gradio's time-to-live already deleted."""
+        with self._lock:
+            if len(self._owners) > 1000:
+                self._owners = {p: t for p, t in self._owners.items() if p.exists()}
 
     def forget_tenant(self, tenant: str) -> int:
         """Delete every page file of `tenant` (on an erasure: uploads, previews and answers may show
-        the person, and the page cannot tell whose face a file holds). Returns how many."""
+        the person, and the page cannot tell whose face a file holds); a file another tenant also
+        owns (the same bytes) stays theirs. Returns how many were deleted."""
         with self._lock:
-            mine = [p for p, t in self._owner.items() if t == tenant]
+            mine = [p for p, owners in self._owners.items() if tenant in owners]
+            gone = []
             for path in mine:
-                del self._owner[path]
-        for path in mine:
+                self._owners[path].discard(tenant)
+                if not self._owners[path]:
+                    del self._owners[path]
+                    gone.append(path)
+        for path in gone:
             path.unlink(missing_ok=True)
             folder = path.parent  # Gradio keeps each file in a folder of its own
             if folder != self.root and folder.is_relative_to(self.root) and not any(folder.iterdir()):
                 shutil.rmtree(folder, ignore_errors=True)
-        return len(mine)
+        return len(gone)
 
     def public(self, body: bytes) -> bytes:
         return body.replace(str(self.root).encode(), ALIAS.encode())
 
-    def private(self, body: bytes) -> bytes:
-        return body.replace(ALIAS.encode() + b"/", str(self.root).encode() + b"/")
+
+class ForeignFile(ValueError):
+    """A file value that does not name a file of the caller's tenant."""
 
 
-def file_values(value) -> list[str]:
-    """Every file a request body names: the `path` and `url` of each file value, at any depth."""
-    found = []
+def own_files(value, owned):
+    """`value` (a request's JSON) with each file value's `path` replaced by the file `owned(text)`
+    checked (its `url` dropped: Gradio then opens exactly that file); ForeignFile for any other."""
     if isinstance(value, dict):
-        for key in ("path", "url"):
-            if isinstance(value.get(key), str):
-                found.append(value[key])
-        for item in value.values():
-            found += file_values(item)
-    elif isinstance(value, list):
-        for item in value:
-            found += file_values(item)
-    return found
+        out = {k: own_files(v, owned) for k, v in value.items()}
+        if any(isinstance(value.get(k), str) for k in ("path", "url")):
+            named = [value[k] for k in ("path", "url") if isinstance(value.get(k), str)]
+            found = {owned(_named_file(v) if k == "url" else v)
+                     for k, v in zip(("path", "url"), [value.get("path"), value.get("url")]) if isinstance(v, str)}
+            if None in found or len(found) != 1:
+                raise ForeignFile(named[0])
+            out["path"], out["url"] = str(found.pop()), None
+        return out
+    if isinstance(value, list):
+        return [own_files(item, owned) for item in value]
+    return value
 
 
-def _named_file(value: str) -> str:
-    """The file a file value's `path` or `url` names: a url only through this page's own file route."""
-    if "://" not in value:
-        return value
-    parts = urlsplit(value)
+def _named_file(url: str) -> str:
+    """The file a file value's `url` names: only through this page's own file route."""
+    parts = urlsplit(url)
     routed = _FILE_ROUTE.search(parts.path)
     return routed.group(1) if routed and not parts.query else ""
 
@@ -169,7 +192,7 @@ class PageGate:
                 return await _answer(send, 404, "no such file for this token")
             scope = {k: v for k, v in scope.items() if k != "raw_path"}  # routing reads `path`
             scope["path"] = path[:len(path) - len(routed.group(1))] + str(owned)
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, self._claiming(send, None))
         if local.endswith("/upload") or local.endswith("/upload/"):
             if tenant is None:
                 return await _answer(send, 401, "sign in with your API token before uploading")
@@ -178,15 +201,15 @@ class PageGate:
             body = await _read_body(receive)
             if body is None:
                 return await _answer(send, 413, f"the request is over {MAX_BODY} bytes")
-            body = self.files.private(body)
             try:
                 data = json.loads(body) if body.strip() else None
-            except ValueError:
+                data = own_files(data, lambda v: self.files.owned_by(tenant, v))
+            except ForeignFile:
+                return await _answer(send, 403, "a file in this request was not uploaded with your token: "
+                                                "upload it again from this page")
+            except (ValueError, RecursionError):
                 return await _answer(send, 400, "the page sends JSON here")
-            for value in file_values(data):
-                if self.files.owned_by(tenant, _named_file(value)) is None:
-                    return await _answer(send, 403, "a file in this request was not uploaded with your token: "
-                                                    "upload it again from this page")
+            body = json.dumps(data).encode() if data is not None else body
             scope = dict(scope, headers=[(k, str(len(body)).encode() if k.lower() == b"content-length" else v)
                                          for k, v in scope["headers"]])
             return await self.app(scope, _replay(body, receive), self._claiming(send, tenant))
@@ -194,16 +217,25 @@ class PageGate:
 
     async def _sign_in(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        # JSON only, from this page's own origin: a cross-site form cannot sign a browser in (login CSRF).
+        if not headers.get("content-type", "").startswith("application/json"):
+            return await _answer(send, 415, "send the token as JSON")
+        origin = headers.get("origin")
+        if origin and urlsplit(origin).netloc != headers.get("host"):
+            return await _answer(send, 403, "sign in from the page itself")
         body = await _read_body(receive) or b"{}"
         try:
             token = str(json.loads(body).get("token") or "")
         except (ValueError, AttributeError):
             token = ""
         tenant = auth.tenant_for(headers.get("authorization") or f"Bearer {token.strip()}", self.tokens)
+        where = scope.get("root_path") or "/"
+        secure = "; Secure" if (scope.get("scheme") == "https" or headers.get("x-forwarded-proto") == "https") else ""
         if tenant is None:  # a wrong token also ends the browser's earlier session
             return await _answer(send, 401, "the API token is missing or not valid",
-                                 cookie=f"{COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict")
-        cookie = f"{COOKIE}={self._new_session(tenant)}; Max-Age={SESSION_S}; Path=/; HttpOnly; SameSite=Strict"
+                                 cookie=f"{COOKIE}=; Max-Age=0; Path={where}; HttpOnly; SameSite=Strict{secure}")
+        cookie = (f"{COOKIE}={self._new_session(tenant)}; Max-Age={SESSION_S}; Path={where}; HttpOnly; "
+                  f"SameSite=Strict{secure}")
         return await _answer(send, 200, "signed in", cookie=cookie)
 
     def _claiming(self, send, tenant: str | None):
@@ -256,7 +288,8 @@ def _replay(body: bytes, receive):
 
 
 async def _answer(send, status: int, message: str, cookie: str | None = None) -> None:
-    body = json.dumps({"error": {401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "too_large"}.get(
+    body = json.dumps({"error": {401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "too_large",
+                                 415: "unsupported_media_type"}.get(
         status, "ok" if status < 400 else "bad_request"), "message": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if cookie:

@@ -58,10 +58,12 @@ def mount(app, ingress: "Ingress") -> bool:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls out of the cluster
     # The page's uploads and answers in a folder of this replica's own (mode 0700), which the gate
     # hands out per tenant; Gradio reads the folder from the environment when the page is built.
-    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="ray_faceid_page_")
+    os.environ["GRADIO_TEMP_DIR"] = os.path.realpath(tempfile.mkdtemp(prefix="ray_faceid_page_"))
     files = PageFiles(os.environ["GRADIO_TEMP_DIR"])
     limit = ingress.config.limits.max_upload_bytes
+    # No run history: it keeps the typed token and file values in the browser and can push runs out.
     gr.mount_gradio_app(app, build(ingress, files), path=PATH, ssr_mode=False, footer_links=[], max_file_size=limit,
+                        run_history=False, mcp_server=False,
                         theme=gr.themes.Default(font=["system-ui", "sans-serif"],  # no web fonts to fetch
                                                 font_mono=["ui-monospace", "monospace"]))
     mounted = next(r for r in app.router.routes if isinstance(r, Mount) and r.path == PATH)

@@ -5,7 +5,7 @@ One rule set for the HTTP API and the CLI: exactly one face, wide enough, sharp 
 from __future__ import annotations
 
 from ray_faceid.config import ServeLimits
-from ray_faceid.errors import ErasedPerson, NameTaken
+from ray_faceid.errors import ConsentWithdrawn, ErasedPerson, NameTaken
 
 
 def rejection(faces: list[dict], limits: ServeLimits) -> str | None:
@@ -70,7 +70,7 @@ def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: Se
                                    np.array([f["q_score"] or 0.0 for f in usable], np.float32), spec, crops, photos,
                                    source={"dataset": dataset, "identity": label},
                                    reconsent=(reconsent or {}).get(label))
-        except (NameTaken, ErasedPerson) as exc:
+        except (NameTaken, ErasedPerson, ConsentWithdrawn) as exc:  # this label is skipped, with why; the run goes on
             skipped[label] = exc.message
             continue
         enrolled[label] = meta["id"]

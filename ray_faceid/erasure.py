@@ -118,7 +118,7 @@ def erase_identity(registry, tenant: str, reference: str, also: list[str] = ()) 
     for folder in dict.fromkeys([*journal["folders"], *([source["dataset"]] if source.get("dataset") else [])]):
         if folder in journal["done"]:
             continue
-        found = erase_in(meta, folder)
+        found = erase_in(meta, folder, journal.setdefault("plans", {}), lambda: _write_journal(registry, journal))
         journal["done"].append(folder)
         journal["removed"] += [found] if found else []
         _write_journal(registry, journal)
@@ -174,13 +174,14 @@ def _remove_withdrawn_leftovers(registry, tenant: str) -> None:
             registry.remove_files(tenant, identity)
 
 
-def erase_in(meta: dict, folder: str) -> dict | None:
-    """Erase the person `meta` describes from one render output or ingest dataset; what was removed."""
+def erase_in(meta: dict, folder: str, plan: dict | None = None, save=None) -> dict | None:
+    """Erase the person `meta` describes from one render output or ingest dataset; what was removed.
+    `plan`, `save`: the journal's record of what a dataset erasure found (erase_dataset_labels)."""
     source = meta.get("source") or {}
     given = {n.strip() for n in (meta.get("name"), source.get("identity")) if n and n.strip()}
     if storage.exists(storage.join(folder, tables.FACES)):
         labels = {source.get("identity")} if folder == source.get("dataset") else given
-        return erase_dataset_labels(folder, {label for label in labels if label})
+        return erase_dataset_labels(folder, {label for label in labels if label}, plan, save)
     return erase_render_rows(folder, meta["id"], {n.casefold() for n in given})
 
 
@@ -266,27 +267,31 @@ def _without_faces(row: dict, gone: set[tuple[str, int]]) -> dict:
 
 def _person_groups(dataset: str, labels: set[str], face_ids: set[str]) -> tuple[set[str], set[str]]:
     """The grouping rows (identities.parquet, clusters.parquet) derived from the person's faces, and
-    every face they hold: a cluster that took one of her faces is hers, with the faces (group-photo
-    faces among them) the grouping gave her, its centre and its pairs. Grown to a fixed point."""
+    every face they hold: a row named by her label or holding one of her faces is hers, with the
+    faces (group-photo faces among them) the grouping gave her, its centre and its pairs. One hop:
+    a face of hers in another row does not pull in that row's other rows."""
     rows = []
     for grouping in (IDENTITIES, CLUSTERS):
         try:
             rows += tables.read_table(storage.join(dataset, grouping)).to_pylist()
         except NotFound:
             pass
-    groups, face_ids = set(labels), set(face_ids)
-    while True:
-        mine = [r for r in rows if r["identity"] in groups or face_ids.intersection(r["face_ids"] or ())]
-        grown_groups = groups | {r["identity"] for r in mine}
-        grown_faces = face_ids | {i for r in mine for i in r["face_ids"] or ()}
-        if (grown_groups, grown_faces) == (groups, face_ids):
-            return groups, face_ids
-        groups, face_ids = grown_groups, grown_faces
+    mine = [r for r in rows if r["identity"] in labels or face_ids.intersection(r["face_ids"] or ())]
+    return set(labels) | {r["identity"] for r in mine}, set(face_ids) | {i for r in mine for i in r["face_ids"] or ()}
 
 
-def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
+def erase_dataset_labels(dataset: str, labels: set[str], plan: dict | None = None, save=None) -> dict | None:
+    """Erase the people `labels` name from an ingest dataset. `plan` (the erasure journal's) keeps
+    what was found to erase before anything is deleted, and `save` writes it: a resumed erasure
+    erases the same rows even after the grouping tables that led to them are gone."""
     faces = tables.read_table(storage.join(dataset, tables.FACES)).to_pylist()
-    groups, face_ids = _person_groups(dataset, labels, {f["face_id"] for f in faces if f.get("label") in labels})
+    if plan is not None and dataset in plan:
+        groups, face_ids = set(plan[dataset]["groups"]), set(plan[dataset]["face_ids"])
+    else:
+        groups, face_ids = _person_groups(dataset, labels, {f["face_id"] for f in faces if f.get("label") in labels})
+        if plan is not None:
+            plan[dataset] = {"groups": sorted(groups), "face_ids": sorted(face_ids)}
+            save()
     if not face_ids:
         return None
     gone_faces = [f for f in faces if f["face_id"] in face_ids]
@@ -294,7 +299,6 @@ def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
     crops = [own_crop(dataset, f["crop_uri"]) for f in gone_faces if f.get("crop_uri")]
     for crop in filter(None, crops):
         storage.delete(crop)
-    _filter(storage.join(dataset, tables.FACES), lambda r: r["face_id"] not in face_ids)
     _filter(storage.join(dataset, IDENTITIES), lambda r: r["identity"] not in groups)
     _filter(storage.join(dataset, CLUSTERS), lambda r: r["identity"] not in groups)
     pairs = _filter(storage.join(dataset, PAIRS), lambda r: r["identity"] not in groups
@@ -312,6 +316,7 @@ def erase_dataset_labels(dataset: str, labels: set[str]) -> dict | None:
         cleaned = [_without_faces(r, gone) for r in rows]
         if cleaned != rows:
             tables.write_table(part, pa.Table.from_pylist(cleaned, schema=table.schema))
+    _filter(storage.join(dataset, tables.FACES), lambda r: r["face_id"] not in face_ids)  # last: the rest is found from it
     return {"what": "ingest dataset: faces, embeddings, crops and pairs", "where": dataset, "faces": len(gone_faces),
             "crops": len(crops), "pairs": pairs,
             "source_photos_kept": len({f["image_uri"] for f in gone_faces})}

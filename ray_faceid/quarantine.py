@@ -1,5 +1,6 @@
-"""Damaged records set aside: a journal or tombstone that cannot be read as the record it should be
-is moved into a `_damaged/` folder beside it, with a warning, so that it never blocks the records
+"""Damaged records set aside: a journal or tombstone whose bytes are not the record it should be
+is moved into a `_damaged/` folder beside it, with a warning (one the store cannot read now is an
+error, never set aside), so that it never blocks the records
 around it (one damaged erasure journal stopped every erasure of its tenant) and an operator can
 still look at it."""
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import logging
 
 from ray_faceid import storage
+from ray_faceid.errors import StorageError
 
 log = logging.getLogger(__name__)
 FOLDER = "_damaged"
@@ -35,8 +37,14 @@ def read_records(uri: str, kind: str, valid) -> list[dict]:
         if not entry.endswith(".json"):
             continue
         try:
-            record = json.loads(fs.cat_file(entry))
-        except (OSError, ValueError) as exc:
+            raw = fs.cat_file(entry)
+        except FileNotFoundError:  # removed meanwhile (a finished erasure)
+            continue
+        except OSError as exc:  # the store, not the record: fail, never drop a record that may be sound
+            raise StorageError(f"cannot read {kind} {entry}: {exc}; retry") from exc
+        try:
+            record = json.loads(raw)
+        except ValueError as exc:
             set_aside(fs, entry, kind, f"unreadable: {exc}")
             continue
         if not valid(record):

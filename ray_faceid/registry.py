@@ -175,7 +175,7 @@ class Registry:
                         key=lambda t: (t["erased"], t.get("sequence", 0)))
         withdrawn = tombstones.withdrawn_consents(self.store, tenant)
         if not erased:
-            if consent.strip() in withdrawn:
+            if tombstones.consent_key(consent) in withdrawn:
                 raise ConsentWithdrawn(f"the consent reference {consent.strip()!r} was withdrawn in this registry "
                                        "(a person enrolled under it was erased): it is never used again; give the "
                                        "person's own, current consent reference")
@@ -188,7 +188,7 @@ class Registry:
             raise ErasedPerson("the face in these photos matches a person erased from this registry (or someone who "
                                "looks much like them): enrolling it needs this person's new consent reference: "
                                "--reconsent REF on the command line, reconsent in the API and on the page")
-        if reconsent.strip() in withdrawn:  # any consent ever withdrawn in the tenant, not only theirs
+        if tombstones.consent_key(reconsent) in withdrawn:  # any consent ever withdrawn in the tenant, not only theirs
             raise BadInput("reconsent must be a new consent reference, not one the person withdrew (or another "
                            "erased person's)")
         return reconsent.strip()

@@ -32,6 +32,12 @@ from ray_faceid.errors import FaceIdError, NotFound
 ENV_SECRET, ENV_FILE = "RAY_FACEID_REGISTRY_SECRET", "RAY_FACEID_REGISTRY_SECRET_FILE"
 CHECK_FILE, LEGACY_FILE = "_secret.check", "_secret.key"
 MIN_LENGTH = 32
+_MAY_CREATE = {"default": True}  # off in Serve replicas: a pod's home folder does not outlive the pod
+
+
+def never_create_here() -> None:
+    """In this process a missing secret is an error, never a new default file (Serve replicas)."""
+    _MAY_CREATE["default"] = False
 
 
 class RegistrySecretError(FaceIdError):
@@ -133,6 +139,10 @@ def keys_for(store: str) -> Keys:
             raise RegistrySecretError(f"this registry was keyed with a secret that is not set up here: set "
                                       f"${ENV_FILE} (or ${ENV_SECRET}) to the secret it was made with; a new one "
                                       "would forget who was erased")
+        if not _MAY_CREATE["default"]:
+            raise RegistrySecretError(f"no registry secret is set up for this process: set ${ENV_FILE} or "
+                                      f"${ENV_SECRET} (cluster.yaml and deployments/kuberay*.yaml show how); it is "
+                                      "never made inside a replica, whose home folder does not outlive it")
         secret = _create_default(Path(where))
     if check is None:
         if _has_tombstones(store):

@@ -115,7 +115,7 @@ def write(store: str, meta: dict, withdrawn: bool = True, embeddings: np.ndarray
     tokens = sorted({name_token(keys, tenant, n) for n in names if _folded(n)}) if withdrawn else []
     id_sha = digest("id", meta["id"])
     record = {"id_sha256": id_sha, "tenant": tenant, "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "sequence": time.time_ns(), "consent": meta.get("consent"), "person_keys": tokens,
+              "sequence": time.time_ns(), "consent": meta.get("consent"), "withdrawn": withdrawn, "person_keys": tokens,
               "key_scheme": SCHEME, "key_id": keys.key_id}
     if withdrawn and embeddings is not None:
         try:
@@ -151,9 +151,17 @@ def erased_id(store: str, tenant: str, identity: str) -> dict | None:
     return stone if _valid(stone) else {"id_sha256": digest("id", identity), "erased": "unknown (damaged tombstone)"}
 
 
+def consent_key(consent: str) -> str:
+    """A consent reference as compared: trimmed, case-folded ('FORM-9 ' is 'form-9')."""
+    return (consent or "").strip().casefold()
+
+
 def withdrawn_consents(store: str, tenant: str) -> set[str]:
-    """Every consent reference withdrawn in the tenant (an erasure withdraws the person's consent)."""
-    return {c.strip() for t in all_for(store, tenant) if isinstance(c := t.get("consent"), str) and c.strip()}
+    """Every consent reference an erasure withdrew in the tenant (consent_key), not those of identities
+    merely replaced by a newer enrollment of the same person."""
+    return {consent_key(t["consent"]) for t in all_for(store, tenant)
+            if isinstance(t.get("consent"), str) and consent_key(t["consent"])
+            and t.get("withdrawn", bool(t.get("person_keys") or t.get("face_sketch")))}
 
 
 def erased_person(store: str, tenant: str, *names: str) -> list[dict]:

@@ -44,8 +44,8 @@ def test_an_erased_face_enrolled_without_a_name_needs_new_consent(tmp_path, face
     stone = tombstones.all_for(registry.store, "default")[0]
     assert stone["face_sketch"]["encoder"] == spec.key() and len(stone["face_sketch"]["bits"]) == 128
     # what a tombstone keeps, and nothing else: no embedding, no name, no id
-    assert set(stone) == {"id_sha256", "tenant", "erased", "sequence", "consent", "person_keys", "key_scheme",
-                          "key_id", "face_sketch"}
+    assert set(stone) == {"id_sha256", "tenant", "erased", "sequence", "consent", "withdrawn", "person_keys",
+                          "key_scheme", "key_id", "face_sketch"}
 
 
 def test_an_erased_person_under_a_new_name_or_their_withdrawn_consent_is_refused(tmp_path, faces):
@@ -100,3 +100,17 @@ def test_an_erasure_finishes_when_the_embeddings_cannot_be_sketched(tmp_path, fa
     assert [("face_sketch" in t) for t in tombstones.all_for(registry.store, "default")].count(False) == 1
     if damage != "other width":
         assert enroll(registry, "", bad, spec)  # refused by nothing: no direction to compare
+
+
+def test_replacing_an_enrollment_withdraws_no_consent(tmp_path, faces):
+    """`name_exists=replace` retires the old identity of the same person: its consent stays usable."""
+    tom, tom_again, _, spec = faces
+    registry = Registry(str(tmp_path / "registry"))
+    enroll(registry, "tom", tom, spec, consent="form-tom")
+    enroll(registry, "tom", tom_again, spec, consent="form-tom", name_exists="replace")
+    assert enroll(registry, "tom", tom, spec, consent="form-tom", name_exists="replace")
+    erase_identity(registry, "default", "tom")
+    from ray_faceid.errors import ConsentWithdrawn
+
+    with pytest.raises(ConsentWithdrawn):  # an erasure does, whatever the case and spaces
+        enroll(registry, "someone", faces[2][0], spec, consent=" FORM-TOM ")

@@ -128,6 +128,14 @@ class IdentityAdapter(nn.Module):
             return
         IdentityAdapter.load(uri).check_family(family)
 
+    def takes(self, spec: EncoderSpec) -> bool:
+        """Whether embeddings of encoder `spec` fit this adapter: those of the encoder it was trained
+        on; for a published adapter, any ArcFace of its width (its authors' encoder is named by no key
+        of ours: which pack made an embedding is the operator's to keep the same)."""
+        if self.published is not None:
+            return spec.dim == self.encoder_spec.dim and not spec.name.startswith("dlib")
+        return spec.key() == self.encoder_spec.key()
+
     def check_family(self, family: str) -> None:
         """Refuse a base of another family, by name (before anything loads, when a job starts)."""
         if {family, self.family} & {"sdxl"} and family != self.family:  # sd1 / sd2: the hash check names it
@@ -148,6 +156,7 @@ class IdentityAdapter(nn.Module):
     def install(self, unet) -> None:
         """Put the identity processors into `unet` and freeze every base parameter."""
         self.check_base(unet)
+        self.remove(unet)  # first: freezing the base must not freeze an adapter installed there before
         unet.requires_grad_(False)
         if self.base_lora:
             from ray_faceid.identity.published import fuse_lora

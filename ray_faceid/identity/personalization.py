@@ -31,8 +31,9 @@ def adapt_identity(base, adapter: IdentityAdapter, batch_at: Callable[[int], Cro
     `on_step(step, loss)` is called after each (progress lines, heartbeats)."""
     start = processor_weights(adapter)
     params = list(adapter.processors.parameters())
-    mapper_grad = [p.requires_grad for p in adapter.mapper.parameters()]
+    grads = {p: p.requires_grad for p in adapter.parameters()}  # restored after: the caller's flags
     adapter.mapper.requires_grad_(False)
+    adapter.processors.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     def evaluate() -> float:
@@ -55,7 +56,7 @@ def adapt_identity(base, adapter: IdentityAdapter, batch_at: Callable[[int], Cro
         trained = processor_weights(adapter)
     finally:
         adapter.processors.load_state_dict(start)
-        for p, flag in zip(adapter.mapper.parameters(), mapper_grad):
+        for p, flag in grads.items():
             p.requires_grad_(flag)
     delta = {k: (trained[k] - start[k]).half().cpu() for k in start}
     return delta, {"steps": steps, "loss_start": loss_start, "loss_end": loss_end}

@@ -9,9 +9,8 @@ IP-Adapter-FaceID (Ye et al., h94/IP-Adapter-FaceID), as its authors save it:
 - ip_adapter: `{2k+1}.to_k_ip.weight` / `to_v_ip` for the k-th cross-attention layer (in the
   UNet's processor order): our decoupled identity attention's to_k_id / to_v_id;
 - the LoRA of every attention layer, `{i}.to_{q,k,v,out}_lora.{down,up}.weight` for the i-th
-  processor, embedded in ip_adapter or in a separate `*_lora.safetensors` file (diffusers' layout,
-  `unet.<processor>.to_q_lora.down.weight`): fused once into the base UNet the adapter is installed
-  on (IdentityAdapter.install).
+  processor, embedded in ip_adapter: fused once into the base UNet the adapter is installed on
+  (IdentityAdapter.install). The separate `*_lora.safetensors` files are not read yet.
 
 It takes insightface ArcFace embeddings (buffalo_l's w600k_r50, 512-d, normalised), and the
 unconditional rows of classifier-free guidance get the tokens of a zero embedding at the same
@@ -95,23 +94,10 @@ def lora_of(ip_adapter: dict[str, torch.Tensor]) -> dict[int, dict[str, tuple[to
         index, _, rest = key.partition(".")
         for projection in LORA_PROJECTIONS:
             if rest == f"{projection}_lora.down.weight":
-                found.setdefault(int(index), {})[projection] = (
-                    ip_adapter[key], ip_adapter[f"{index}.{projection}_lora.up.weight"])
-    return found
-
-
-def lora_from_diffusers_file(state: dict[str, torch.Tensor], names: list[str]) -> dict[int, dict]:
-    """A separate FaceID LoRA file in diffusers' layout (`unet.<processor name>.to_q_lora.down.weight`)."""
-    index = {name: i for i, name in enumerate(names)}
-    found: dict[int, dict] = {}
-    for key, value in state.items():
-        if not key.endswith("_lora.down.weight"):
-            continue
-        name, _, tail = key.removeprefix("unet.").rpartition(".to_")
-        projection = "to_" + tail.removesuffix("_lora.down.weight")
-        if name not in index or projection not in LORA_PROJECTIONS:
-            raise UnsupportedModel(f"a LoRA weight for {name}.{projection}, which this base does not have")
-        found.setdefault(index[name], {})[projection] = (value, state[key.replace("lora.down", "lora.up")])
+                up = ip_adapter.get(f"{index}.{projection}_lora.up.weight")
+                if up is None or not index.isdigit():
+                    raise UnsupportedModel(f"a LoRA down weight ({key}) without its up weight: the file is damaged")
+                found.setdefault(int(index), {})[projection] = (ip_adapter[key], up)
     return found
 
 
@@ -158,7 +144,7 @@ def check_encoder(found: Recognised, spec: EncoderSpec | None) -> None:
                               "--face-embedding EMB.npy")
 
 
-def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, lora_uri: str | None = None):
+def load(uri: str, unet, encoder_spec: EncoderSpec | None = None):
     """An IdentityAdapter from a published file, for `unet` (needed: layers are named by its order)."""
     from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter, _key, cross_attention_layers
     from ray_faceid.pipelines.families import unet_family
@@ -179,17 +165,14 @@ def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, lora_uri: str 
     cross = [n for n in names if n.endswith("attn2.processor")]
     ip = parts["ip_adapter"]
     keys = {n: f"{2 * k + 1}" for k, n in enumerate(cross)}  # the authors' numbering: every other processor
-    missing = [n for n, i in keys.items() if f"{i}.to_k_ip.weight" not in ip]
+    missing = [n for n, i in keys.items() if f"{i}.to_k_ip.weight" not in ip or f"{i}.to_v_ip.weight" not in ip]
     if missing or sum(k.endswith(".to_k_ip.weight") for k in ip) != len(cross):
         raise UnsupportedModel(f"{uri}: its identity attention has {sum(k.endswith('.to_k_ip.weight') for k in ip)} "
                                f"layers; this base has {len(cross)} cross-attention layers: it was made for another "
                                "UNet layout")
     lora = lora_of(ip)
-    if lora_uri:
-        from safetensors.torch import load as load_safetensors
-
-        lora = lora_from_diffusers_file(load_safetensors(storage.read_bytes(lora_uri)), names)
-        found.lora_rank = next((d.shape[0] for layer in lora.values() for d, _ in layer.values()), None)
+    if any(i >= len(names) for i in lora):
+        raise UnsupportedModel(f"{uri}: its LoRA names {max(lora) + 1} attention layers; this base has {len(names)}")
     options = AdapterOptions(method="decoupled", mapper="projector", num_tokens=found.tokens, mapper_hidden=found.hidden,
                              negative="zero_embedding")
     layers = cross_attention_layers(unet)
@@ -217,12 +200,18 @@ def fuse_lora(unet, lora: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]
     if tag in fused:
         return False
     modules = dict(unet.named_modules())
-    for name, layer in lora.items():
+    updates = []
+    for name, layer in lora.items():  # every shape checked before any weight changes
         attention = modules[name.removesuffix(".processor")]
         for projection, (down, up) in layer.items():
             linear = attention
             for part in LORA_PROJECTIONS[projection]:
                 linear = linear[int(part)] if part.isdigit() else getattr(linear, part)
-            linear.weight += (up.to(linear.weight) @ down.to(linear.weight))
+            if (up.shape[0], down.shape[1]) != tuple(linear.weight.shape) or up.shape[1] != down.shape[0]:
+                raise UnsupportedModel(f"the LoRA of {name}.{projection} is {up.shape[0]}x{down.shape[1]}; the layer "
+                                       f"is {tuple(linear.weight.shape)}: it was made for another UNet layout")
+            updates.append((linear, up, down))
+    for linear, up, down in updates:  # summed in fp32, stored in the layer's precision
+        linear.weight.copy_((linear.weight.float() + up.float() @ down.float()).to(linear.weight.dtype))
     unet._ray_faceid_fused_lora = fused | {tag}
     return True

@@ -64,6 +64,9 @@ def _adapter_job(config: TrainConfig, spec: dict, model: str, init: str | None, 
     torch.manual_seed(config.seed)  # the same initial adapter on every worker
     if init:
         adapter = IdentityAdapter.load(init, base.unet, encoder)
+        if adapter.published is not None:  # its LoRA and authors' layout would not come back with what we save
+            raise BadInput(f"{init}: training starts from a folder `ray-faceid train` wrote, not a published file; "
+                           "personalize on top of a published adapter instead (ray-faceid personalize --adapter)")
     else:
         pva = config.method == "pva"
         options = AdapterOptions(method=config.method, mapper="multiref" if pva else "projector",

@@ -42,7 +42,7 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
     if existing:
         return {"version": existing["version"], "skipped": True}
     embeddings, quality, spec = registry.embeddings(tenant, identity)
-    if spec.key() != adapter.encoder_spec.key():
+    if not adapter.takes(spec):
         raise EncoderMismatch(f"enrolled with {spec.key()}, the adapter needs {adapter.encoder_spec.key()}")
     crops = registry.references(tenant, identity)
     size = config.size or min(max(base.native_size), REFERENCE_SIDE)

@@ -383,8 +383,26 @@ def test_page_files_are_served_only_to_the_token_that_uploaded_or_received_them(
     assert httpx.get(file_url, headers=owner).content == photo.read_bytes()
     assert httpx.get(file_url).status_code == 404
     assert httpx.get(file_url, headers={"Authorization": f"Bearer {TOKENS['acme']}"}).status_code == 404
-    traversal = f"{url}/ui/gradio_api/file=page-files/../../../../etc/passwd"
-    assert httpx.get(traversal, headers=owner).status_code == 404
+    with httpx.Client(base_url=url, headers=owner) as raw:  # paths sent as written (httpx would normalise `..`)
+        for path in (f"/ui/gradio_api/file={name}/../../../../../../etc/passwd",
+                     "/ui/gradio_api/file=page-files/..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+                     f"/ui/gradio_api/file={name.rsplit('/', 2)[0]}/%2E%2E/%2E%2E/%2E%2E/etc/passwd"):
+            request = raw.build_request("GET", "/")
+            request.url = request.url.copy_with(raw_path=path.encode())
+            answer = raw.send(request)
+            assert answer.status_code == 404 and b"root:" not in answer.content, path
+
+    # A file value that the gate and Gradio would read differently (decoding, `..` as text): refused.
+    from urllib.parse import quote
+
+    before = _page_folder_files()
+    tricks = [f"page-files/{quote('y/') * 20}/{'../' * 20}etc/passwd/{quote('../../' + name.split('/', 1)[1] + '/x')}/..",
+              f"{name}/../../../../../../../../etc/passwd", f"http://127.0.0.1:1/x/gradio_api/file={name}"]
+    for trick in tricks:
+        status, text = _call(url, "preview", [TOKENS["other"], [{"path": trick, "meta": {"_type": "gradio.FileData"}}],
+                                              "c-1"], token=TOKENS["other"])
+        assert status == 403, (trick, status, text[:300])
+    assert not {p for p in _page_folder_files() - before if p.name == "passwd"}
 
     # A page answer's files (the faces found), as Gradio's own client receives them.
     client = Client(f"{url}/ui/", verbose=False, headers=owner)

@@ -101,3 +101,26 @@ def test_fusion_weights_references_by_quality():
     refs = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     assert torch.allclose(fuse_embeddings(refs, torch.tensor([1.0, 0.0])), torch.tensor([1.0, 0.0]), atol=1e-5)
     assert torch.allclose(fuse_embeddings(refs), torch.tensor([0.5, 0.5]))
+
+
+def test_a_pipeline_built_on_an_installed_adapter_leaves_it_trainable(spec128, monkeypatch):
+    """Installing again (every IdentityPipeline does) froze the processors already in the UNet, and
+    the next per-identity adaptation in that process failed with 'does not require grad'."""
+    from ray_faceid.identity.personalization import adapt_identity
+    from ray_faceid.pipelines.generate import IdentityPipeline
+    from ray_faceid.pipelines.models import build_tiny
+
+    base = build_tiny()
+    adapter = IdentityAdapter.for_unet(base.unet, spec128)
+    adapter.install(base.unet)
+    IdentityPipeline(base, adapter)
+    assert all(p.requires_grad for p in adapter.processors.parameters())
+    adapter.processors.requires_grad_(False)  # whatever a caller left: adaptation trains the processors
+
+    def fake_losses(*args, **kwargs):  # the optimiser's part, not the diffusion loss
+        return {"total": sum((p ** 2).sum() for p in adapter.processors.parameters())}
+
+    monkeypatch.setattr("ray_faceid.identity.personalization.adapter_losses", fake_losses)
+    delta, metrics = adapt_identity(base, adapter, lambda step: None, None, steps=2, lr=1e-2)
+    assert metrics["loss_end"] < metrics["loss_start"] and any(d.abs().sum() > 0 for d in delta.values())
+    assert not any(p.requires_grad for p in adapter.processors.parameters())  # the caller's flags come back
