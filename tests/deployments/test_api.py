@@ -66,12 +66,16 @@ def photos(sample_photos):
     }
 
 
-def enroll(client, *names_and_bytes, tenant="acme", consent="consent-form-42", name=None, **form):
-    """Enroll; `name` defaults to a fresh one (names are unique per tenant)."""
+def enroll(client, *names_and_bytes, tenant="acme", consent=None, name=None, **form):
+    """Enroll; `name` defaults to a fresh one (names are unique per tenant), the consent reference
+    too, and a fresh re-consent comes along: these tests enroll the same few faces again after
+    erasing them (an erasure withdraws a consent and refuses the face until a re-consent)."""
     import uuid
 
     files = [("photos", (n, data, "image/png")) for n, data in names_and_bytes]
-    data = {"consent": consent, "name": name or f"someone-{uuid.uuid4().hex[:8]}", **form}
+    fresh = uuid.uuid4().hex[:8]
+    data = {"consent": consent or f"consent-form-{fresh}", "name": name or f"someone-{fresh}",
+            "reconsent": f"reconsent-{fresh}", **form}
     return client.post("/v1/identities", files=files, data=data, headers=bearer(tenant))
 
 
@@ -493,7 +497,7 @@ def test_work_per_request_is_bounded(api, people):
 
 def test_a_full_queue_answers_503_with_retry_after(api, people):
     client, config = api
-    body = {**GEN, "steps": 10, "identities": [{"id": people["hanks"]}]}
+    body = {**GEN, "steps": 4, "identities": [{"id": people["hanks"]}]}  # long enough for 32 to arrive at once
     with ThreadPoolExecutor(32) as pool:  # 8 running (2 batches of 4), 8 queued, the rest turned away
         answers = list(pool.map(lambda s: client.post("/v1/generate", json={**body, "seed": s}, headers=bearer()),
                                 range(32)))

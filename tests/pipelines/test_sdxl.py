@@ -192,9 +192,13 @@ def test_a_unet_without_its_text_encoder_is_refused_before_loading(tmp_path):
         load_base(str(folder))
 
 
-def test_a_folder_saved_by_diffusers_sdxl_pipeline_generates_with_no_other_flag(tmp_path, sample_photos):
+def test_a_folder_saved_by_diffusers_sdxl_pipeline_generates_with_its_adapter_alone(tmp_path, sample_photos):
+    """No family flag: the folder says it is SDXL. A real base needs an identity adapter (never a
+    random one): without it one line says so; with a published FaceID file it generates."""
     import subprocess
     import sys
+
+    from tests.identity.test_published_adapters import face, faceid_state_dict, save
 
     base = build_tiny(family="sdxl")
     diffusers_sdxl(base).save_pretrained(tmp_path / "sdxl")
@@ -202,8 +206,14 @@ def test_a_folder_saved_by_diffusers_sdxl_pipeline_generates_with_no_other_flag(
     assert loaded.family == "sdxl" and loaded.model_hash() == base.model_hash()
     cli = [sys.executable, "-c", "from ray_faceid.cli import app; app()"]
     out = tmp_path / "out.png"
-    done = subprocess.run([*cli, "generate", "--model", str(tmp_path / "sdxl"), "--prompt", "a portrait",
+    bare = subprocess.run([*cli, "generate", "--model", str(tmp_path / "sdxl"), "--prompt", "a portrait",
                            "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert bare.returncode == 2 and "no identity adapter was given: pass --adapter" in bare.stderr
+    adapter = save(faceid_state_dict(base.unet), tmp_path / "ip-adapter-faceid_sdxl.bin")
+    np.save(tmp_path / "face.npy", face(1))
+    done = subprocess.run([*cli, "generate", "--model", str(tmp_path / "sdxl"), "--prompt", "a portrait",
+                           "--adapter", adapter, "--face-embedding", str(tmp_path / "face.npy"), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     from ray_faceid.pipelines.provenance import read_provenance
