@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import time
@@ -49,6 +50,14 @@ class RegistrySecretError(FaceIdError):
 
 def default_file() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "ray_faceid" / "registry-secret"
+
+
+def inside_store(path: str | Path, store: str) -> bool:
+    """Whether a secret file lies in the (local) store it keys: beside the data it protects."""
+    if "://" in str(store) and not str(store).startswith("file://"):
+        return False
+    root = os.path.realpath(str(store).removeprefix("file://"))
+    return os.path.realpath(path).startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _given() -> tuple[bytes | None, str]:
@@ -122,6 +131,9 @@ def keys_for(store: str) -> Keys:
     """The checked keys of `store`'s secret; RegistrySecretError in one line where they cannot be had.
     Checked at every call (a few small reads, per enrollment or erasure): a rotation elsewhere is seen."""
     secret, where = _given()
+    if secret is not None and not where.startswith("$") and inside_store(where, store):
+        raise RegistrySecretError(f"the registry secret {where} lies inside the registry it keys: move it out of "
+                                  f"{store} (the store alone must say nothing of the people erased from it)")
     if secret is not None and len(secret) < MIN_LENGTH:
         raise RegistrySecretError(f"the registry secret from {where} has {len(secret)} characters; it needs at "
                                   f"least {MIN_LENGTH} (make one with: python -c 'import secrets; "
@@ -154,8 +166,9 @@ def keys_for(store: str) -> Keys:
         check = _wait_for_check(store)
     keys = Keys(secret, str(check.get("salt", "")))
     if not hmac.compare_digest(str(check.get("check", "")), keys.check):
-        raise RegistrySecretError(f"the registry secret from {where} is not the one this registry was made with: "
-                                  "set the right one; rotate with `ray-faceid identities rotate-secret`")
+        raise RegistrySecretError(f"the registry secret from {where} is not the one this registry is keyed with "
+                                  f"(key id {check.get('key_id', '?')}; this one is {keys.key_id}): set ${ENV_FILE} "
+                                  "to the file holding it (after a rotation: the new secret's file)")
     return keys
 
 
@@ -182,6 +195,9 @@ def _create_default(where: Path) -> bytes:
     else:
         with os.fdopen(fd, "w") as fh:
             fh.write(make_secret() + "\n")
+        logging.getLogger(__name__).warning(
+            "made this machine's registry secret at %s (mode 0600): keep a copy; without it the people erased from "
+            "the registries it keys are no longer recognised", where)
     for attempt in range(50):  # the first writer's file exists before its bytes do: wait for them
         secret = where.read_bytes().strip()
         if len(secret) >= MIN_LENGTH:

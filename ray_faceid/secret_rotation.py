@@ -55,6 +55,8 @@ def rotate(store: str, new_secret: bytes) -> dict:
     check = _read_check(store)
     if check is None:
         raise RegistrySecretError(f"no registry secret check ({CHECK_FILE}) at {store}: nothing was keyed there yet")
+    if old_secret == new_secret:
+        raise RegistrySecretError("the new secret is the current one: give a new secret's file")
     salt = str(check.get("salt", ""))
     old, new = Keys(old_secret, salt), Keys(new_secret, salt)
     if check.get("rotating_to") and check["rotating_to"] == new.check and hmac.compare_digest(check["check"], old.check):

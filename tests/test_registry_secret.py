@@ -52,7 +52,7 @@ def test_a_keyed_store_refuses_a_missing_or_other_secret_and_never_makes_one(tmp
     other = tmp_path / "secret-b"
     other.write_text("b" * 40)
     monkeypatch.setenv(ENV_FILE, str(other))
-    with pytest.raises(RegistrySecretError, match="not the one this registry was made with"):
+    with pytest.raises(RegistrySecretError, match="not the one this registry is keyed with"):
         enroll(registry, "bob", 2, spec128)
     with pytest.raises(RegistrySecretError, match="not the one"):  # erasures too
         erase_identity(registry, "default", "ann")
@@ -135,3 +135,17 @@ def test_rotation_rekeys_every_tombstone_and_finishes_after_a_stop(tmp_path, own
         with pytest.raises(ErasedPerson, match="matches a person erased"):  # by face
             enroll(registry, "", seed, spec128, n=2)
     assert enroll(registry, "cy", 3, spec128)
+
+
+def test_a_secret_file_inside_the_registry_it_keys_is_refused(tmp_path, own_secret, monkeypatch, spec128):
+    registry = Registry(str(tmp_path / "registry"))
+    enroll(registry, "ann", 1, spec128)
+    inside = tmp_path / "registry" / "key.txt"
+    inside.write_text("a" * 40)  # the very secret, but kept beside the data it protects
+    monkeypatch.setenv(ENV_FILE, str(inside))
+    with pytest.raises(RegistrySecretError, match="lies inside the registry"):
+        enroll(registry, "bob", 2, spec128)
+    monkeypatch.setenv(ENV_FILE, str(own_secret))
+    rotated = CliRunner().invoke(app, ["identities", "rotate-secret", "--new-secret-file", str(inside),
+                                       "--registry", registry.store])
+    assert rotated.exit_code == 2 and "inside the registry" in rotated.stderr

@@ -128,8 +128,10 @@ def read_face_embedding(path: str) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise BadInput(f"--face-embedding {path}: not a readable .npy file ({exc})") from None
     emb = np.atleast_2d(emb)
-    if emb.ndim != 2 or not emb.size or not np.issubdtype(emb.dtype, np.number) or not np.isfinite(emb).all():
-        raise BadInput(f"--face-embedding {path}: expected N x D finite numbers, got shape {emb.shape}")
+    if emb.ndim != 2 or not emb.size or not np.issubdtype(emb.dtype, np.number):
+        raise BadInput(f"--face-embedding {path}: expected N x D numbers, got {emb.dtype} of shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise BadInput(f"--face-embedding {path}: it holds NaN or infinite values")
     return emb.astype(np.float32)
 
 
@@ -193,7 +195,13 @@ def generate(
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
-        analyzer = FaceAnalyzer(face_config(face_backend, insightface_root, True))
+        if face_backend not in ("dlib", "insightface"):
+            raise BadInput(f"--face-backend must be dlib or insightface, not {face_backend!r}")
+        if insightface_root and face_backend == "dlib":
+            face_backend = "insightface"  # a pack given is a pack to use
+        if face_backend == "insightface" and not insightface_root and not face_embedding:
+            raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files)")
+        analyzer = FaceAnalyzer(face_config("dlib" if face_embedding else face_backend, insightface_root, True))
         conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
         pipe = _pipeline(analyzer, model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer")
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)

@@ -158,10 +158,14 @@ def rotate_secret(new_secret_file: str = typer.Option(..., "--new-secret-file", 
 
     from ray_faceid.errors import BadInput
     from ray_faceid.registry import Registry
+    from ray_faceid.registry_secret import RegistrySecretError, inside_store
     from ray_faceid.secret_rotation import rotate
 
     with user_errors():
         Registry(registry).require()
+        new_secret_file = str(Path(new_secret_file).resolve())
+        if inside_store(new_secret_file, registry):
+            raise RegistrySecretError(f"{new_secret_file} lies inside the registry it would key: keep it outside")
         try:
             secret = Path(new_secret_file).read_bytes().strip()
         except OSError as exc:

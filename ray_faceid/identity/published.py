@@ -71,7 +71,11 @@ def read(uri: str) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
     if str(uri).lower().endswith(".safetensors"):
         from safetensors.torch import load
 
-        flat = load(raw)
+        try:
+            flat = load(raw)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+            raise UnsupportedModel(f"{uri} is not a readable .safetensors file ({str(exc).splitlines()[0][:120]}): "
+                                   "give the published file as its authors ship it") from None
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
             head, _, rest = key.partition(".")

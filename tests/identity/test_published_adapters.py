@@ -116,6 +116,9 @@ def test_published_layouts_the_system_does_not_run_are_refused_in_one_line(tmp_p
         with pytest.raises(UnsupportedModel, match=says) as refused:
             IdentityAdapter.load(save(bad, tmp_path / name), base.unet, SPEC)
         assert "\n" not in str(refused.value)
+    (tmp_path / "damaged.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(UnsupportedModel, match="not a readable .safetensors file"):
+        IdentityAdapter.load(str(tmp_path / "damaged.safetensors"), base.unet, SPEC)
     sdxl = build_tiny(family="sdxl")
     wide = save(faceid_state_dict(sdxl.unet), tmp_path / "sdxl.bin")
     with pytest.raises(UnsupportedModel, match="cross-attention width 64; this SD1 base has 32"):
