@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: describe the machine, append a result to BENCHMARKS.md."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from pathlib import Path
@@ -32,3 +33,11 @@ def report(lines: list[str], record_results: bool) -> str:
     if record_results:
         record(table)
     return table
+
+
+def photo_set_arguments(description: str) -> argparse.Namespace:
+    """--faces (the labelled photo set; default ../shared/data/faces beside the checkout) and --no-record."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--faces", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"))
+    parser.add_argument("--no-record", action="store_true")
+    return parser.parse_args()

@@ -15,7 +15,6 @@ shipped sketches' own bits (fixed planes) are also counted directly for the firs
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 from scipy.stats import binom
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _record import machine_line, report  # noqa: E402
+from _record import machine_line, photo_set_arguments, report  # noqa: E402
 from cluster_quality import NOT_PEOPLE  # noqa: E402
 from recognizers import PHOTO, largest_faces  # noqa: E402
 
@@ -42,10 +41,7 @@ def unit_mean(vectors: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"))
-    parser.add_argument("--no-record", action="store_true")
-    args = parser.parse_args()
+    args = photo_set_arguments(__doc__.splitlines()[0])
     root = Path(args.faces)
     folders = sorted(d for d in root.iterdir() if d.is_dir() and d.name not in NOT_PEOPLE)
     if not folders:
@@ -69,10 +65,9 @@ def main() -> None:
     angles = np.arccos(np.clip(centres_b @ centres_a.T, -1, 1))  # [enrolling j, erased i]
     same = np.eye(people, dtype=bool)
 
-    def rates(max_bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per pair: chance of a match, with each enrolling person's own most-differing-bits point."""
-        p = binom.cdf(max_bits[:, None], face_sketch.BITS, angles / math.pi)
-        return p, p
+    def match_chance(max_bits: np.ndarray) -> np.ndarray:
+        """Per (enrolling, erased) pair: the chance of a match at each enrolling person's point."""
+        return binom.cdf(max_bits[:, None], face_sketch.BITS, angles / math.pi)
 
     rng = np.random.default_rng(0)
     rows = []
@@ -84,7 +79,7 @@ def main() -> None:
             else:
                 points = np.array([math.floor(face_sketch.BITS * face_sketch.same_person_angle(
                     spec.model_copy(update={"threshold": OLD_STRICT * spec.threshold}), n) / math.pi) for n in norms])
-            p, _ = rates(points)
+            p = match_chance(points)
             refused = []
             for j in range(people):  # an unrelated enrollment against `count` erased people drawn from the others
                 others = np.flatnonzero(~same[j])

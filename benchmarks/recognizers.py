@@ -9,7 +9,6 @@ largest face of every photo in the identity folders, kNN graph + Leiden at the d
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _record import machine_line, report  # noqa: E402
+from _record import machine_line, photo_set_arguments, report  # noqa: E402
 from cluster_quality import NOT_PEOPLE  # noqa: E402
 
 from ray_faceid.config import FaceConfig  # noqa: E402
@@ -55,10 +54,7 @@ def knn_clusters(distances: np.ndarray, cut: float) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"))
-    parser.add_argument("--no-record", action="store_true")
-    args = parser.parse_args()
+    args = photo_set_arguments(__doc__.splitlines()[0])
     root = Path(args.faces)
     if not (root / "pairs.csv").is_file():
         sys.exit(f"no labelled photos with pairs.csv at {root}: pass --faces DIR")
