@@ -125,10 +125,9 @@ def own_files(value, owned):
     checked (its `url` dropped: Gradio then opens exactly that file); ForeignFile for any other."""
     if isinstance(value, dict):
         out = {k: own_files(v, owned) for k, v in value.items()}
-        if any(isinstance(value.get(k), str) for k in ("path", "url")):
-            named = [value[k] for k in ("path", "url") if isinstance(value.get(k), str)]
-            found = {owned(_named_file(v) if k == "url" else v)
-                     for k, v in zip(("path", "url"), [value.get("path"), value.get("url")]) if isinstance(v, str)}
+        named = [v if k == "path" else _named_file(v) for k in ("path", "url") if isinstance(v := value.get(k), str)]
+        if named:  # a file value: each of its names must be the same owned file
+            found = {owned(v) for v in named}
             if None in found or len(found) != 1:
                 raise ForeignFile(named[0])
             out["path"], out["url"] = str(found.pop()), None
