@@ -55,13 +55,48 @@ def test_verify_bad_pairs_file_exits_2(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
-def test_demo_runs_the_whole_story(sample_photos, ray_cluster, tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+def _demo_people(tmp_path, sample_photos) -> dict[str, int]:
+    """A user's folder of people for the demo: two from the shared photo set (two photos each) where
+    it is present, else Tom Hanks from insightface's photos; and a folder of group photos (not one
+    person). Returns the photos given per person."""
+    import shutil
+
+    from tests.conftest import SHARED_FACES
+
+    people = {}
+    if (SHARED_FACES / "pairs.csv").is_file():
+        for person in ("amy", "biden"):
+            (tmp_path / "mine" / person).mkdir(parents=True)
+            for photo in sorted((SHARED_FACES / person).iterdir())[:2]:
+                shutil.copy(photo, tmp_path / "mine" / person / photo.name)
+            people[person] = 2
+        groups = [SHARED_FACES / "group" / "face-api_bbt1.jpg"]
+    else:
+        (tmp_path / "mine" / "tom_hanks").mkdir(parents=True)
+        shutil.copy(sample_photos["Tom_Hanks_54745.png"], tmp_path / "mine" / "tom_hanks")
+        people["tom_hanks"] = 1
+        groups = [sample_photos["t1.jpg"]]
+    (tmp_path / "mine" / "party").mkdir()
+    for photo in groups:
+        shutil.copy(photo, tmp_path / "mine" / "party" / photo.name)
+    return people
+
+
+def test_demo_runs_the_whole_story_on_a_folder_of_the_users_people(sample_photos, ray_cluster, tmp_path):
+    """The demo's story, once (it takes minutes): --photos DIR (make demo PHOTOS=DIR), every stage on the
+    folder's people, enrolled by folder name; a folder of group photos is analysed, never enrolled.
+    The default run is this story on insightface's photos (test_the_default_demo_...)."""
+    import pyarrow.parquet as pq
+
+    people = _demo_people(tmp_path, sample_photos)
+    result = runner.invoke(app, ["demo", "--photos", str(tmp_path / "mine"), "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert re.search(r"t1\.jpg\s+│\s+6\s", result.stdout)  # one row per photo
-    # Only a photo of one person alone is enrolled: never a crop of the six-face t1.jpg.
-    assert "enrolled tom_hanks: id_" in result.stdout and "t1_person" not in result.stdout
-    assert "one person enrolled" in result.stdout
+    said = " ".join(result.stdout.split())
+    for group in (tmp_path / "mine" / "party").iterdir():  # one row per photo, with its faces
+        assert re.search(re.escape(group.name) + r"\s+│\s+([2-9]|\d\d)\s", result.stdout), result.stdout[:3000]
+    for person, given in people.items():
+        assert re.search(rf"enrolled {person}: id_\S+ \(\d+ of {given} photos used\)", result.stdout), result.stdout
+    assert re.search(r"not enrolled party: .*(group photos|shows one face alone)", said), said[-2000:]
     assert len(result.stdout.splitlines()) < 120  # it was ~420 lines
     assert "untrained: its images are noise" in result.stdout and "API stopped" in result.stdout
     # The commands to try next run as printed, outside the virtualenv too.
@@ -69,40 +104,24 @@ def test_demo_runs_the_whole_story(sample_photos, ray_cluster, tmp_path):
                         result.stdout, re.M)
     assert command and Path(command.group(1)).is_file(), result.stdout[-1500:]
     assert (tmp_path / "demo" / "single.png").is_file() and (tmp_path / "demo" / "dataset" / "faces.parquet").is_file()
-    # Step 4: the catalog render (single, two-person and inpaint rows) and its evaluation.
-    import pyarrow.parquet as pq
-
+    # Step 4: the catalog render (single, two-person where there are two, and inpaint rows) and its evaluation.
     manifest = pq.read_table(tmp_path / "demo" / "rendered" / "manifest.parquet").to_pylist()
-    assert sorted(r["id"] for r in manifest if r["status"] == "ok") == ["inpaint", "single-smile"]
+    rows = ["inpaint", "single-smile"] + (["two-people"] if len(people) > 1 else [])
+    assert sorted(r["id"] for r in manifest if r["status"] == "ok") == rows
+    assert {json.loads(r["provenance"])["identities"][0]["name"] for r in manifest} <= set(people)
     assert (tmp_path / "demo" / "rendered" / "contact_sheet.png").is_file()
     assert "encoders: conditioning = dlib_resnet" in result.stdout
 
 
-def test_demo_on_a_folder_of_the_users_people(faces_root, ray_cluster, tmp_path):
-    """--photos DIR (make demo PHOTOS=DIR): every stage uses the folder's people, enrolled by folder name."""
-    import shutil
+def test_the_default_demo_tells_the_story_of_tom_hanks_alone(sample_photos):
+    """`make demo` without PHOTOS: insightface's photos, Tom Hanks enrolled from his photo alone,
+    never a crop of the six-face t1.jpg (it is analysed in stage 1)."""
+    from ray_faceid.cli.demo import sample_story
 
-    import pyarrow.parquet as pq
-
-    for person in ("amy", "biden"):  # three photos each: the story is the same with thirty
-        (tmp_path / "mine" / person).mkdir(parents=True)
-        for photo in sorted((faces_root / person).iterdir())[:3]:
-            shutil.copy(photo, tmp_path / "mine" / person / photo.name)
-    (tmp_path / "mine" / "party").mkdir()  # group photos: not one person
-    for name in ("face-api_bbt1.jpg", "face-api_bbt2.jpg"):
-        shutil.copy(faces_root / "group" / name, tmp_path / "mine" / "party" / name)
-    result = runner.invoke(app, ["demo", "--photos", str(tmp_path / "mine"), "--out", str(tmp_path / "demo")])
-    assert result.exit_code == 0, result.output
-    from ray_faceid.config import IngestConfig
-
-    given = len([p for p in (tmp_path / "mine" / "amy").iterdir() if p.suffix.lower() in IngestConfig().extensions])
-    assert re.search(rf"enrolled amy: id_\S+ \(\d+ of {given} photos used\)", result.stdout), result.stdout
-    assert "enrolled biden: id_" in result.stdout and "tom_hanks" not in result.stdout
-    said = " ".join(result.stdout.split())
-    assert re.search(r"not enrolled party: .*(group photos|shows one face alone)", said), said[-2000:]
-    manifest = pq.read_table(tmp_path / "demo" / "rendered" / "manifest.parquet").to_pylist()
-    assert sorted(r["id"] for r in manifest if r["status"] == "ok") == ["inpaint", "single-smile", "two-people"]
-    assert {json.loads(r["provenance"])["identities"][0]["name"] for r in manifest} <= {"amy", "biden"}
+    folder, people, inpaint_photo = sample_story([str(p) for p in sample_photos.values()])
+    assert Path(folder) == sample_photos["t1.jpg"].parent
+    assert list(people) == ["tom_hanks"] and people["tom_hanks"] == [sample_photos["Tom_Hanks_54745.png"].read_bytes()]
+    assert Path(inpaint_photo).name == "Tom_Hanks_54745.png"
 
 
 def test_the_demo_through_make_names_makes_variable_for_a_busy_port(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def api(ray_cluster, tmp_path_factory, loopback_port, default_encoder_flow):
         generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
         limits=ServeLimits(max_steps=20, max_side=256, max_images=2, max_reseeds=1, max_body_bytes=4 * 2**20,
                            max_upload_bytes=2 * 2**20, max_cost=96 * 96 * 20, generator_max_queued=8, retry_after_s=7,
-                           small_request_cost=64 * 64 * 10),
+                           small_request_cost=64 * 64 * 10, max_decode_side=1024),  # 1024: faster detection
     )
     url, _ = start(config, loopback_port())
     with httpx.Client(base_url=url, timeout=120) as client:
@@ -462,7 +462,7 @@ def gradient_jpeg(side: int) -> bytes:
 
 
 def test_a_decompression_bomb_and_huge_photos_keep_the_encoder_small(api, people):
-    client, _ = api
+    client, config = api
     handle = replica("FaceEncoder")
     before = handle.memory.remote(reset_peak=True).result()
     r = enroll(client, ("bomb.png", png_header(20000, 20000)))
@@ -482,9 +482,10 @@ def test_a_decompression_bomb_and_huge_photos_keep_the_encoder_small(api, people
         assert codes == [422] * count  # no face in a gradient, and nothing else went wrong
         return handle.memory.remote().result()["peak_rss_mb"] - start
 
-    # Photos are decoded at most max_decode_side (2048) wide: 6300 x 6300 uploads cost what 2048 x 2048 ones do.
-    small, large = peak_over_concurrent(2048), peak_over_concurrent(6300)
-    print(f"FaceEncoder peak RSS growth, 2 concurrent enrollments: 2048^2 {small:.0f} MB, 6300^2 {large:.0f} MB")
+    # Photos are decoded at most max_decode_side wide: 6300 x 6300 uploads cost what max_decode_side^2 ones do.
+    side = config.limits.max_decode_side
+    small, large = peak_over_concurrent(side), peak_over_concurrent(6300)
+    print(f"FaceEncoder peak RSS growth, 2 concurrent enrollments: {side}^2 {small:.0f} MB, 6300^2 {large:.0f} MB")
     assert large - small < 100, (small, large)
 
 
