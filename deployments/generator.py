@@ -35,6 +35,21 @@ from ray_faceid.registry_secret import never_create_here
 PROGRESS_EVERY_S = 0.25
 
 
+def served_line(pipeline) -> str:
+    """What a deployment serves, for the people who use its page: the base, and which identity
+    adapter (a published file: its kind, file and licence)."""
+    adapter = pipeline.adapter
+    if adapter is None:
+        identity = "no identity adapter: prompts only"
+    elif adapter.published:
+        p = adapter.published
+        identity = f"{p['kind']} ({p['variant']}) from {p['file']}; licence: {p['licence']}"
+    else:
+        identity = (f"identity adapter {pipeline.adapter_hash[:12]}, "
+                    + (f"{adapter.trained_steps} steps trained" if adapter.trained_steps else "untrained"))
+    return f"Serving {pipeline.base.model_id} with {identity}."
+
+
 class LoadedIdentity:
     def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec, personal=None):
         self.key, self.embeddings, self.quality = key, embeddings, quality
@@ -139,11 +154,13 @@ class Generator:
     def defaults(self) -> dict:
         """Steps and size of requests that do not say (the base model's own)."""
         width, height = self.pipeline.base.native_size
-        return {"steps": self.pipeline.base.default_steps, "width": width, "height": height}
+        return {"steps": self.pipeline.base.default_steps, "width": width, "height": height,
+                "served": served_line(self.pipeline)}
 
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,
                 "adapter_trained_steps": None if self.pipeline.adapter is None else self.pipeline.adapter.trained_steps,
+                "adapter_published": None if self.pipeline.adapter is None else self.pipeline.adapter.published,
                 "identity_loads": self.loads,
                 "backend": self.pipeline.backend, "warm_up": self.warm_up_report, "cancelled": self.cancelled,
                 "lent_to_small_requests": self.turns.lent,

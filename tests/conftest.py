@@ -97,8 +97,8 @@ def small_dataset(ray_cluster, faces_root, tmp_path_factory) -> str:
     return str(dst)
 
 
-@pytest.fixture
-def tiny_arcface_onnx(tmp_path):
+@pytest.fixture(scope="session")
+def tiny_arcface_onnx(tmp_path_factory):
     """A small random ArcFace-shaped network (N x 3 x 112 x 112 -> N x 64), exported to ONNX."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
@@ -107,7 +107,7 @@ def tiny_arcface_onnx(tmp_path):
         torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
         torch.nn.Linear(8, 64),
     ).eval()
-    path = tmp_path / "tiny_arcface.onnx"
+    path = tmp_path_factory.mktemp("arcface") / "tiny_arcface.onnx"
     torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False, input_names=["x"],
                       dynamic_axes={"x": {0: "n"}})
     return path

@@ -331,8 +331,8 @@ def test_delete_erases_the_identity(api, photos):
 
 def test_an_enrollment_waiting_on_a_held_lock_does_not_delay_other_requests(api, people, photos):
     """Registry calls run off the ingress's event loop: while one enrollment waits for a name another
-    writer holds, an unrelated read is not delayed by more than 100 ms."""
-    import statistics
+    writer holds, unrelated reads answer at once. On a blocked loop each read would wait for the
+    holder to let go (20 s); a busy machine's own slowness (a few 100 ms) is not the defect."""
     import threading
 
     from ray_faceid.registry import Registry
@@ -368,7 +368,7 @@ def test_an_enrollment_waiting_on_a_held_lock_does_not_delay_other_requests(api,
         release.set()
         assert waiting.result(60).status_code == 201
     holder.join(10)
-    assert statistics.median(during) - statistics.median(before) <= 0.1, (before, during)
+    assert max(during) < 2.0 + 2 * max(before), (before, during)
 
 
 def test_health_metrics_and_docs(api):

@@ -1,5 +1,7 @@
-"""Serve with the torch.compile engine: the Generator compiles its configured shapes before it is
-ready, and answers requests from the compiled engine (tiny components, fake GPU, loopback)."""
+"""Serve with the torch.compile engine and a published identity adapter: the Generator fuses the
+IP-Adapter-FaceID file's LoRA once, compiles its configured shapes before it is ready, and answers
+requests from the compiled engine (tiny components, an ArcFace-shaped ONNX recogniser, fake GPU,
+loopback)."""
 import base64
 import io
 
@@ -12,14 +14,24 @@ HEADERS = {"Authorization": f"Bearer {TOKENS['acme']}"}
 
 
 @pytest.fixture(scope="module")
-def compiled_api(ray_cluster, tmp_path_factory, loopback_port):
+def published_file(tmp_path_factory) -> str:
+    """An IP-Adapter-FaceID .bin for the tiny base, in its authors' layout, taking the tiny recogniser's 64-d embeddings."""
+    from ray_faceid.pipelines.models import build_tiny
+    from tests.identity.test_published_adapters import faceid_state_dict, save
+
+    return save(faceid_state_dict(build_tiny().unet, embed=64), tmp_path_factory.mktemp("published") / "faceid.bin")
+
+
+@pytest.fixture(scope="module")
+def compiled_api(ray_cluster, tmp_path_factory, loopback_port, tiny_arcface_onnx, published_file):
     from ray import serve
 
     from deployments.local import start
-    from ray_faceid.config import AutoscalingConfig, ServeConfig, ServeLimits
+    from ray_faceid.config import AutoscalingConfig, FaceConfig, ServeConfig, ServeLimits
 
     one = AutoscalingConfig(min_replicas=1, max_replicas=1)
     config = ServeConfig(
+        adapter=published_file, face=FaceConfig(recognizer_onnx=str(tiny_arcface_onnx)),
         registry=str(tmp_path_factory.mktemp("registry")), api_tokens=TOKENS, generator_gpus=1.0,
         # 16x16, one identity, one image: the shape the engine tests compile too (one Inductor compile,
         # shared through the session's cache).
@@ -39,6 +51,9 @@ def test_the_generator_serves_from_the_engine_it_compiled_before_it_was_ready(co
     generator = serve.get_deployment_handle("Generator", "faceid")
     info = generator.info.remote().result()
     assert info["backend"] == "torch.compile"
+    assert info["adapter_published"]["kind"] == "IP-Adapter-FaceID"
+    served = generator.defaults.remote().result()["served"]  # the page says it after sign-in
+    assert "IP-Adapter-FaceID (FaceID) from faceid.bin; licence: IP-Adapter-FaceID weights" in served
     # One size, one identity, one image per batch: batch bucket 2 (the CFG pair), compiled in __init__.
     assert info["warm_up"]["buckets"] == 1
     photo = sample_photos["Tom_Hanks_54745.png"].read_bytes()
@@ -51,6 +66,8 @@ def test_the_generator_serves_from_the_engine_it_compiled_before_it_was_ready(co
     assert first.status_code == 200, first.text
     image = first.json()["images"][0]
     assert image["provenance"]["backend"] == "torch.compile"
+    published = image["provenance"]["adapter_published"]
+    assert published["file"] == "faceid.bin" and "non-commercial" in published["licence"]
     assert Image.open(io.BytesIO(base64.b64decode(image["png_base64"]))).size == (16, 16)
     stronger = compiled_api.post("/v1/generate", json={**body, "identities": [{**body["identities"][0], "scale": 1.5}]},
                                  headers=HEADERS)

@@ -145,6 +145,7 @@ def walk_through(page, browser, page_app, two_people, shots):
 
     sign_in(page, page_app, TOKENS["acme"])
     expect(page.locator("#status")).to_contain_text("Signed in: tenant acme, 0 people")
+    expect(page.locator("#status")).to_contain_text("Serving tiny (untrained) with identity adapter")  # what makes the images
     for name, photos in two_people.items():
         page.locator("#photos input[type=file]").set_input_files([str(p) for p in photos])
         # As in the API, no face is analysed before the person's consent is given.

@@ -18,15 +18,18 @@ SPEC = EncoderSpec(name="arcface_w600k_r50", dim=EMBED, version="test", license=
 SIZE = dict(width=64, height=64)
 
 
-def faceid_state_dict(unet, tokens: int = 4, hidden: int = 2 * EMBED, rank: int = 4, seed: int = 0) -> dict:
-    """An IP-Adapter-FaceID checkpoint for `unet` in the authors' layout, random weights at toy size."""
+def faceid_state_dict(unet, tokens: int = 4, hidden: int | None = None, rank: int = 4, seed: int = 0,
+                      embed: int = EMBED) -> dict:
+    """An IP-Adapter-FaceID checkpoint for `unet` in the authors' layout, random weights at toy size,
+    taking `embed`-d embeddings."""
     g = torch.Generator().manual_seed(seed)
+    hidden = hidden or 2 * embed
 
     def rand(*shape, std=0.1):
         return torch.randn(*shape, generator=g) * std
 
     width = unet.config.cross_attention_dim
-    proj = {"proj.0.weight": rand(hidden, EMBED, std=0.05), "proj.0.bias": rand(hidden),
+    proj = {"proj.0.weight": rand(hidden, embed, std=0.05), "proj.0.bias": rand(hidden),
             "proj.2.weight": rand(width * tokens, hidden), "proj.2.bias": rand(width * tokens),
             "norm.weight": 1 + rand(width), "norm.bias": rand(width)}
     modules = dict(unet.named_modules())
@@ -182,3 +185,28 @@ def test_one_command_from_a_published_file_and_an_embedding(tmp_path):
                                        "--face-embedding", str(tmp_path / "wrong.npy"), "--prompt", "a",
                                        "--size", "32x32", "--steps", "2", "--out", str(tmp_path / "w.png")])
     assert refused.exit_code == 2 and "7-d embeddings, the adapter needs 16-d" in refused.stderr
+
+
+def test_the_compiled_engine_runs_a_published_adapter_with_identity_live(tmp_path):
+    """torch.compile with a FaceID file: its LoRA fused once before the compile, people and strengths
+    as data (0 recompiles), eager's image within 1/255 (16x16: the suite's compiled tests' size)."""
+    from ray_faceid.engines.cache import EngineCache
+
+    def pipeline(backend):
+        base = build_tiny()
+        adapter = IdentityAdapter.load(save(faceid_state_dict(base.unet), tmp_path / "faceid.bin"), base.unet, SPEC)
+        return IdentityPipeline(base, adapter, backend=backend, engine_cache=EngineCache(tmp_path / "engines"))
+
+    compiled, eager = pipeline("torch.compile"), pipeline("torch")
+    assert compiled.warm_up([(16, 16)], [1], max_images=1)["buckets"] == 1
+    weights = {k: v.clone() for k, v in compiled.base.unet.state_dict().items()}
+    images = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for person in (IdentityCondition("ann", face(1)), IdentityCondition("bob", face(2)),
+                       IdentityCondition("ann weaker", face(1), scale=0.5)):
+            got, want = (np.asarray(p.generate("a portrait photo", [person], seed=5, steps=2, guidance=5.0, width=16,
+                                               height=16).images[0]).astype(int) for p in (compiled, eager))
+            assert np.abs(got - want).max() <= 1, person.name
+            images.append(got.tobytes())
+    assert len(set(images)) == 3  # every person and strength reaches the image
+    assert all(torch.equal(v, compiled.base.unet.state_dict()[k]) for k, v in weights.items())  # fused once, not per call
