@@ -277,3 +277,6 @@ def demo(
                   f"--prompt 'a portrait, smiling' --out {first}.png", soft_wrap=True, highlight=False)
     console.print(f"  {command} serve --registry {registry}   # then open the web page it prints (/ui) and "
                   "sign in with its token", soft_wrap=True, highlight=False)
+    console.print("From the tiny base to real images: a diffusers folder (--model) and a published identity adapter "
+                  "(--adapter ip-adapter-faceid_sd15.bin): README, 'Bring published weights'.", soft_wrap=True,
+                  highlight=False)
