@@ -185,7 +185,7 @@ class PageActions:
         choices = [(f"{m['name']} ({m['id'][:11]})", m["id"]) for m in everyone]
         outputs = [(f"{k + 1}: {uri.rstrip('/').rsplit('/', 1)[-1]}", k)
                    for k, uri in enumerate(await self.ingress.registry.outputs(tenant))]
-        return (f"Signed in: tenant **{tenant}**, {len(everyone)} people enrolled. {defaults['served']}",
+        return (f"Signed in: tenant **{tenant}**, {len(everyone)} people enrolled. {defaults.get('served', '')}",
                 gr.Tabs(visible=True),
                 await self.gallery(tenant, everyone), gr.Dropdown(choices=choices, value=None),
                 gr.Dropdown(choices=choices, value=[]), gr.Dropdown(choices=choices, value=None),

@@ -55,7 +55,7 @@ def test_verify_bad_pairs_file_exits_2(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
-def _demo_people(tmp_path, sample_photos) -> dict[str, int]:
+def _demo_people(tmp_path, request) -> dict[str, int]:
     """A user's folder of people for the demo: two from the shared photo set (two photos each) where
     it is present, else Tom Hanks from insightface's photos; and a folder of group photos (not one
     person). Returns the photos given per person."""
@@ -72,6 +72,7 @@ def _demo_people(tmp_path, sample_photos) -> dict[str, int]:
             people[person] = 2
         groups = [SHARED_FACES / "group" / "face-api_bbt1.jpg"]
     else:
+        sample_photos = request.getfixturevalue("sample_photos")  # only here: --photos needs no insightface
         (tmp_path / "mine" / "tom_hanks").mkdir(parents=True)
         shutil.copy(sample_photos["Tom_Hanks_54745.png"], tmp_path / "mine" / "tom_hanks")
         people["tom_hanks"] = 1
@@ -82,13 +83,13 @@ def _demo_people(tmp_path, sample_photos) -> dict[str, int]:
     return people
 
 
-def test_demo_runs_the_whole_story_on_a_folder_of_the_users_people(sample_photos, ray_cluster, tmp_path):
+def test_demo_runs_the_whole_story_on_a_folder_of_the_users_people(request, ray_cluster, tmp_path):
     """The demo's story, once (it takes minutes): --photos DIR (make demo PHOTOS=DIR), every stage on the
     folder's people, enrolled by folder name; a folder of group photos is analysed, never enrolled.
     The default run is this story on insightface's photos (test_the_default_demo_...)."""
     import pyarrow.parquet as pq
 
-    people = _demo_people(tmp_path, sample_photos)
+    people = _demo_people(tmp_path, request)
     result = runner.invoke(app, ["demo", "--photos", str(tmp_path / "mine"), "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     said = " ".join(result.stdout.split())
@@ -97,6 +98,10 @@ def test_demo_runs_the_whole_story_on_a_folder_of_the_users_people(sample_photos
     for person, given in people.items():
         assert re.search(rf"enrolled {person}: id_\S+ \(\d+ of {given} photos used\)", result.stdout), result.stdout
     assert re.search(r"not enrolled party: .*(group photos|shows one face alone)", said), said[-2000:]
+    if "tom_hanks" not in people:  # the folder's people only, never the default story's
+        assert "tom_hanks" not in result.stdout
+    else:  # one person: the two-person image says why it is missing
+        assert "one person enrolled" in result.stdout
     assert len(result.stdout.splitlines()) < 120  # it was ~420 lines
     assert "untrained: its images are noise" in result.stdout and "API stopped" in result.stdout
     # The commands to try next run as printed, outside the virtualenv too.

@@ -106,14 +106,12 @@ def _serve_story(out: Path, people: dict[str, list[bytes]], given: dict[str, int
     from ray import serve
 
     from deployments.local import config_from_yaml, start
-    from ray_faceid.cli.serve import web_page_line
 
-    registry = out / "registry"
-    shutil.rmtree(registry, ignore_errors=True)
+    registry = out / "registry"  # kept between runs: people enrolled there before stay (same names are replaced)
     url, tokens = start(config_from_yaml(registry=str(registry)), port=port)
     headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
-    console.print(f"API up at {url} (docs {url}/docs) while this stage runs")
-    console.print(web_page_line(url), soft_wrap=True)
+    console.print(f"API up at {url} (docs {url}/docs) while this stage runs; `serve` below keeps one up with its "
+                  "web page")
     try:
         with httpx.Client(base_url=url, timeout=300, headers=headers) as client:
             ids = {}
@@ -204,7 +202,8 @@ def sample_story(samples: list[str]) -> tuple[str, dict[str, list[bytes]], str]:
     photo alone; the group photo t1.jpg is analysed, never enrolled) and the photo inpainted."""
     hanks = [s for s in samples if Path(s).name.startswith("Tom_Hanks")]
     if not hanks:
-        raise NotFound("no sample photos: install the insightface extra or pass --photos DIR")
+        raise NotFound("no sample photo of Tom Hanks (insightface ships it): install the insightface extra or pass "
+                       "--photos DIR")
     return str(Path(hanks[0]).parent), {"tom_hanks": [Path(hanks[0]).read_bytes()]}, hanks[0]
 
 
@@ -249,8 +248,12 @@ def demo(
         if not grouped["identities"]:
             console.print("  (no people: photos directly in the folder have no name; put each person's photos in a "
                           "folder named after them)")
-        for row in summary["not_used"][:3]:
+        for row in summary["not_used"]:  # the first few (the summary keeps NOT_USED_SHOWN)
             console.print(f"  not used {Path(row['uri']).name}: {row['reason']}")
+        unused = summary["files"] - summary["status_counts"].get("ok", 0)
+        if unused > len(summary["not_used"]):
+            console.print(f"  and {unused - len(summary['not_used'])} more not used: every file's status is in "
+                          f"{dataset}/images.parquet")
 
         console.rule("3. Serve: enroll, generate, score")
         untrained = ("the demo's diffusion base is tiny and untrained: its images are noise, so no face is found in "

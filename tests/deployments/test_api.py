@@ -331,7 +331,7 @@ def test_delete_erases_the_identity(api, photos):
 
 def test_an_enrollment_waiting_on_a_held_lock_does_not_delay_other_requests(api, people, photos):
     """Registry calls run off the ingress's event loop: while one enrollment waits for a name another
-    writer holds, unrelated reads answer at once. On a blocked loop each read would wait for the
+    writer holds, unrelated reads still answer. On a blocked loop each read would wait for the
     holder to let go (20 s); a busy machine's own slowness (a few 100 ms) is not the defect."""
     import threading
 

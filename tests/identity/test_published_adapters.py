@@ -209,4 +209,5 @@ def test_the_compiled_engine_runs_a_published_adapter_with_identity_live(tmp_pat
             assert np.abs(got - want).max() <= 1, person.name
             images.append(got.tobytes())
     assert len(set(images)) == 3  # every person and strength reaches the image
-    assert all(torch.equal(v, compiled.base.unet.state_dict()[k]) for k, v in weights.items())  # fused once, not per call
+    assert compiled.base.unet._ray_faceid_fused_lora  # the file's LoRA is in the compiled base...
+    assert all(torch.equal(v, compiled.base.unet.state_dict()[k]) for k, v in weights.items())  # ...once, not per call
