@@ -47,7 +47,8 @@ def served_line(pipeline) -> str:
     else:
         identity = (f"identity adapter {pipeline.adapter_hash[:12]}, "
                     + (f"{adapter.trained_steps} steps trained" if adapter.trained_steps else "untrained"))
-    return f"Serving {pipeline.base.model_id} with {identity}."
+    base = str(pipeline.base.model_id).rstrip("/").rsplit("/", 1)[-1]  # a name: tenants never see server paths
+    return f"Serving {base} with {identity}."
 
 
 class LoadedIdentity:
