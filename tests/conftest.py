@@ -16,6 +16,13 @@ if not os.environ.get("RAY_FACEID_REGISTRY_SECRET_FILE"):
     _secret.write_text(secrets.token_urlsafe(48))
     os.environ["RAY_FACEID_REGISTRY_SECRET_FILE"] = str(_secret)
 
+# torch.compile's code generation is minutes per graph on CPU. The tests of paths through the
+# compiled engine (render, Serve, SDXL, published adapters) check our graph: buffers, buckets, live
+# identity, no recompiles; they trace it with aot_eager (same Dynamo graph, no kernels). The tests
+# marked by the `inductor` fixture compile with Inductor itself (once per session: one shared shape).
+# Set before Ray starts so Serve replicas and CLI subprocesses inherit it; override to run all on Inductor.
+os.environ.setdefault("RAY_FACEID_TORCH_COMPILE_BACKEND", "aot_eager")
+
 SHARED_FACES = Path(os.environ.get("RAY_FACEID_FACES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"))
 
 
@@ -61,6 +68,12 @@ def ray_cluster(tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def inductor(monkeypatch):
+    """This test compiles with Inductor, the backend that serves (and its subprocesses too)."""
+    monkeypatch.setenv("RAY_FACEID_TORCH_COMPILE_BACKEND", "inductor")
 
 
 @pytest.fixture(scope="session")

@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 FILENAME = "inductor_artifacts.bin"
 
 
-def compiled_key(model_hash: str, adapter_structure: str, shape, precision: str, device: torch.device) -> EngineKey:
+def compiled_key(model_hash: str, adapter_structure: str, shape, precision: str, device: torch.device,
+                 compiler: str = "inductor") -> EngineKey:
     return EngineKey(backend="torch.compile", model_hash=model_hash, adapter_structure=adapter_structure,
                      batch=shape.batch, buckets=buckets_for(shape), latent=shape.latent, identities=shape.identities,
                      tokens=shape.tokens, precision=precision, device=device_tag(device),
-                     runtime_version=f"torch {torch.__version__}")
+                     runtime_version=f"torch {torch.__version__}, {compiler}")
 
 
 def warm_up_cached(engine: CompiledUNetEngine, shapes: list, keys: list[EngineKey], cache: EngineCache) -> dict:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ray_faceid.engines.base import UNetCall
+from ray_faceid.envs import torch_compile_backend
+from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, to_stderr
 
 log = logging.getLogger(__name__)
@@ -61,15 +63,21 @@ class _Slot:
 class CompiledUNetEngine:
     backend = "torch.compile"
 
-    def __init__(self, unet, cuda_graphs: bool | None = None, compiler: str = "inductor", bank=None):
-        """`cuda_graphs`: None = on when the UNet is on CUDA. `compiler` is torch.compile's backend.
-        `bank`: the PersonalBank whose slots calls may name (personal_rows)."""
+    def __init__(self, unet, cuda_graphs: bool | None = None, compiler: str | None = None, bank=None):
+        """`cuda_graphs`: None = on when the UNet is on CUDA. `compiler` is torch.compile's backend
+        (None: RAY_FACEID_TORCH_COMPILE_BACKEND, else Inductor). `bank`: the PersonalBank whose
+        slots calls may name (personal_rows)."""
+        self.compiler = compiler or torch_compile_backend()
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if self.compiler not in known:
+            raise BadInput(f"torch.compile has no backend {self.compiler!r} "
+                           f"(RAY_FACEID_TORCH_COMPILE_BACKEND); known: {', '.join(sorted(known))}")
         self.unet, self.bank = unet, bank
         self.device = next(unet.parameters()).device
         self.dtype = unet.dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         allow_shape_compiles()
-        self.compiled = torch.compile(UNetCall(unet, bank).eval(), backend=compiler, fullgraph=True, dynamic=False)
+        self.compiled = torch.compile(UNetCall(unet, bank).eval(), backend=self.compiler, fullgraph=True, dynamic=False)
         self.slots: OrderedDict[tuple, _Slot] = OrderedDict()  # least recently used first
         self.evicted = 0
         self._pool = None  # one CUDA-graph memory pool shared by every bucket: they never run at once

@@ -457,9 +457,10 @@ class IdentityPipeline:
         from ray_faceid.engines.compile_artifacts import compiled_key, warm_up_cached
         from ray_faceid.engines.select import adapter_structure
 
-        structure, model_hash = adapter_structure(self.adapter), self.base.model_hash()
-        keys = [compiled_key(model_hash, structure, shape, self.precision, self.device) for shape in shapes]
-        return warm_up_cached(self.compiled_engine(), shapes, keys, self.engine_cache or EngineCache())
+        structure, model_hash, engine = adapter_structure(self.adapter), self.base.model_hash(), self.compiled_engine()
+        keys = [compiled_key(model_hash, structure, shape, self.precision, self.device, engine.compiler)
+                for shape in shapes]
+        return warm_up_cached(engine, shapes, keys, self.engine_cache or EngineCache())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:
@@ -485,6 +486,7 @@ class IdentityPipeline:
             "untrained_base": self.base.untrained,
             "adapter": self.adapter_hash,
             "backend": self.backend,
+            **({"compiler": self._compiled.compiler} if self._compiled is not None else {}),
             "adapter_trained_steps": None if self.adapter is None else self.adapter.trained_steps,
             **({"adapter_published": self.adapter.published} if self.adapter is not None and self.adapter.published
                else {}),

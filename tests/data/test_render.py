@@ -158,7 +158,7 @@ def test_render_on_the_compiled_engine_keeps_one_engine_for_the_job(rendered, ca
     registry, _ = people
     wanted = ("amy-beach", "amy-penny", "sheldon-smile", "stranger")
     texts = [t for t in read_catalog(str(catalog)) if any(f'"{w}"' in t for w in wanted)]
-    # 16x16: the size every compiled test of the suite warms (one Inductor compile, shared through its cache).
+    # 16x16: the smallest size (traced with the suite's torch.compile backend: tests/conftest.py).
     config = CONFIG.model_copy(update={"size": "16x16"})
     renderers = {backend: Renderer(config.model_copy(update={"backend": backend}), "tiny", None, registry.store,
                                    "default", str(tmp_path / backend)) for backend in ("torch", "torch.compile")}

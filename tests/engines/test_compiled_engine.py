@@ -54,7 +54,7 @@ def test_batch_buckets():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 16, 40)] == [1, 2, 4, 8, 8, 16, 16, 16]
 
 
-def test_a_new_person_strength_or_personal_adapter_never_recompiles(spec, tmp_path):
+def test_a_new_person_strength_or_personal_adapter_never_recompiles(spec, tmp_path, inductor):
     from torch._dynamo.utils import counters
 
     compiled = pipeline(spec, "torch.compile", EngineCache(tmp_path))
@@ -82,7 +82,7 @@ def test_a_new_person_strength_or_personal_adapter_never_recompiles(spec, tmp_pa
             assert np.abs(images[x] - images[y]).max() > 2, (x, y)
 
 
-def test_the_compile_cli_writes_artifacts_a_fresh_process_serves_from(spec, tmp_path):
+def test_the_compile_cli_writes_artifacts_a_fresh_process_serves_from(spec, tmp_path, inductor):
     """`ray-faceid compile --backend torch.compile`, then a new process with an empty Inductor cache:
     it loads the artifacts, compiles from them (cache hits, no code generation) and gives the eager image."""
     engines = tmp_path / "engines"
@@ -126,12 +126,16 @@ print(json.dumps({{"report": compiled_report, "hits": counters["inductor"]["fxgr
     assert result["diff"] <= 1
 
 
-def test_an_unwarmed_size_runs_eager_instead_of_compiling_in_its_request(spec, tmp_path):
-    """What Serve does after its warm-up: a new size never compiles inline (no recompile, no new shape)."""
+def test_an_unwarmed_size_runs_eager_instead_of_compiling_in_its_request(spec, tmp_path, monkeypatch):
+    """What Serve does after its warm-up: a new size never compiles inline (no recompile, no new shape).
+    The images say which torch.compile backend made them (RAY_FACEID_TORCH_COMPILE_BACKEND)."""
+    monkeypatch.setenv("RAY_FACEID_TORCH_COMPILE_BACKEND", "aot_eager")
     compiled, eager = pipeline(spec, "torch.compile", EngineCache(tmp_path)), pipeline(spec, "torch")
     compiled.warm_up([(SIZE, SIZE)], [1], max_images=1)
     compiled.compile_new_shapes = False
     person = people(spec)[0]
+    warmed = compiled.generate("a photo", [person], seed=3, steps=1, width=SIZE, height=SIZE).provenance[0]
+    assert warmed["backend"] == "torch.compile" and warmed["compiler"] == "aot_eager"
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = compiled.generate("a photo", [person], seed=3, steps=2, width=24, height=24)
     want = eager.generate("a photo", [person], seed=3, steps=2, width=24, height=24)
@@ -165,9 +169,17 @@ def test_warm_up_beyond_the_engines_budget_is_refused_when_the_config_is_read():
                     warm_up_identities=[1, 2])
 
 
+def test_an_unknown_torch_compile_backend_is_refused_in_one_line(spec, monkeypatch):
+    from ray_faceid.errors import BadInput
+
+    monkeypatch.setenv("RAY_FACEID_TORCH_COMPILE_BACKEND", "nonesuch")
+    with pytest.raises(BadInput, match="no backend 'nonesuch'.*known: .*inductor"):
+        pipeline(spec, "torch.compile").compiled_engine()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph capture path needs CUDA")
-def test_cuda_graphs_replay_new_people_and_personal_adapters_as_data(spec, tmp_path, perturbed_pipeline):
+def test_cuda_graphs_replay_new_people_and_personal_adapters_as_data(spec, tmp_path, perturbed_pipeline, inductor):
     """On CUDA each bucket is captured once; a new person or personal adapter replays the same graph."""
     from torch._dynamo.utils import counters
 

@@ -126,6 +126,8 @@ def test_engine_keys_follow_the_base_weights_not_its_path(tmp_path, spec128, mon
     keys = {name: compiled_key(base.model_hash(), structure, shape, "fp32", torch.device("cpu")).compute_hash()
             for name, base in {"a": a, "b": b, "a from disk": load_base(str(tmp_path / "a"))}.items()}
     assert keys["a"] == keys["a from disk"] != keys["b"]
+    other_compiler = compiled_key(a.model_hash(), structure, shape, "fp32", torch.device("cpu"), "aot_eager")
+    assert other_compiler.compute_hash() != keys["a"]  # artifacts of one torch.compile backend never serve another
 
 
 def test_cache_key_changes_exactly_with_the_keyed_fields():
