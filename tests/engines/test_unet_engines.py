@@ -42,6 +42,13 @@ def spec():
     return EncoderSpec(name="dlib_resnet", dim=128, version="test", license="-", metric="euclidean", threshold=0.6)
 
 
+@pytest.fixture(scope="module")
+def pipeline_engines(tmp_path_factory):
+    """One engine cache for the pipeline tests at 16x16: the graph is exported once (tens of seconds)
+    and each later test gets it from the cache with its own adapter's weights refitted."""
+    return tmp_path_factory.mktemp("pipeline_engines")
+
+
 @pytest.mark.parametrize("method,identities", [("decoupled", 1), ("pva", 1), ("decoupled", 2)])
 def test_onnxruntime_matches_torch(spec, tmp_path, method, identities):
     base = build_tiny()
@@ -173,7 +180,7 @@ def test_tensorrt_without_tensorrt_says_how_to_install(spec, tmp_path):
     assert resolve_backend("auto") == "onnxruntime" or torch.cuda.is_available()
 
 
-def test_the_pipeline_gives_the_same_image_on_onnxruntime(spec, tmp_path):
+def test_the_pipeline_gives_the_same_image_on_onnxruntime(spec, pipeline_engines):
     from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 
     rng = np.random.default_rng(0)
@@ -183,7 +190,7 @@ def test_the_pipeline_gives_the_same_image_on_onnxruntime(spec, tmp_path):
         base = build_tiny()
         torch.manual_seed(0)
         adapter = IdentityAdapter.for_unet(base.unet, spec)
-        pipe = IdentityPipeline(base, adapter, backend=backend, engine_cache=EngineCache(tmp_path))
+        pipe = IdentityPipeline(base, adapter, backend=backend, engine_cache=EngineCache(pipeline_engines))
         result = pipe.generate("a photo of a person", [person], seed=5, steps=3, width=16, height=16)
         images[backend] = np.asarray(result.images[0]).astype(int)
         assert result.provenance[0]["backend"] == backend
@@ -246,10 +253,11 @@ def _personal_images(spec, backend, cache):
             for p in people]
 
 
-def test_per_identity_adapters_on_onnxruntime_share_one_graph_and_give_the_torch_images(spec, tmp_path):
+def test_per_identity_adapters_on_onnxruntime_share_one_graph_and_give_the_torch_images(spec, pipeline_engines):
     torch_images = _personal_images(spec, "torch", None)
-    onnx_images = _personal_images(spec, "onnxruntime", EngineCache(tmp_path))
-    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1  # no graph per person: their weights are inputs
+    onnx_images = _personal_images(spec, "onnxruntime", EngineCache(pipeline_engines))
+    # no graph per person (their weights are inputs), nor per test at this size
+    assert len([p for p in pipeline_engines.iterdir() if p.is_dir()]) == 1
     assert len({im.tobytes() for im in torch_images}) == 3  # each adapter makes its own image of the face
     for a, b in zip(torch_images, onnx_images):
         assert np.abs(a - b).max() <= 1
