@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,data,train,serve,ui,sface,insightface,onnx
 PHOTOS ?=
+# Two pytest-xdist workers keep both cores busy while the other waits on a subprocess or Ray
+# (tests/conftest.py groups the tests); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench clean
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ray-faceid demo $(if $(PHOTOS),--photos $(PHOTOS),) $(if $(PORT),--port $(PORT),)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=30
+	$(PY) -m pytest -q -ra --durations=30 -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)  # each script appends its results to benchmarks/BENCHMARKS.md; gpu_check.py needs a GPU
 	$(PY) benchmarks/face_throughput.py

@@ -23,6 +23,17 @@ if not os.environ.get("RAY_FACEID_REGISTRY_SECRET_FILE"):
 # Set before Ray starts so Serve replicas and CLI subprocesses inherit it; override to run all on Inductor.
 os.environ.setdefault("RAY_FACEID_TORCH_COMPILE_BACKEND", "aot_eager")
 
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two pytest-xdist workers, each handed whole groups (`--dist loadgroup`): a
+    module is one group (its module fixtures are built once), and the modules that use the session's
+    ingested `small_dataset` (the Ray Train jobs, render, erasure) are one group, built on one worker."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        group = "small_dataset" if "small_dataset" in getattr(item, "fixturenames", ()) else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 SHARED_FACES = Path(os.environ.get("RAY_FACEID_FACES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"))
 
 

@@ -246,7 +246,7 @@ def test_a_rerun_with_every_row_done_starts_no_cluster(people, tmp_path, monkeyp
     monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: started_ray.append(1) or real_init(*a, **k))
     began = time.perf_counter()
     again = run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
-    assert time.perf_counter() - began < 5 and not started_ray
+    assert time.perf_counter() - began < 20 and not started_ray  # not the minutes a job takes
     assert again["rendered"] == 0 and again["cached"] == 2 and again["failed"] == 0
     registry.update("default", ids["penny"], lambda meta: None)  # penny's record changed: look again
     run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
