@@ -19,10 +19,16 @@ than exact average linkage at the same cut (BCubed F1 0.990 vs 0.964, both purit
 benchmarks/BENCHMARKS.md, cluster_quality), so average linkage is kept only on request
 (`method="average"`, up to `MAX_EXACT` faces: it needs the n x n distances). The cohesion flag
 catches what still chains.
+
+Faces of one photo are different people. Given each face's photo, the kNN graph has no edge
+between two faces of one photo (a group photo's faces look alike: small, same light, same lens),
+and a cluster that still holds two is split (`separate_same_photo`); `same_photo_identities`
+counts what would break this, for the clustering report.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +57,10 @@ def _vectors(embeddings: np.ndarray, spec: EncoderSpec) -> np.ndarray:
 
 
 def cluster_faces(embeddings: np.ndarray, spec: EncoderSpec, cut_share: float = DEFAULT_CUT_SHARE,
-                  method: str = "graph") -> np.ndarray:
+                  method: str = "graph", photos: Sequence[Hashable] | None = None) -> np.ndarray:
     """(n, D) embeddings -> (n,) cluster numbers 0..k-1, numbered by first appearance. `method`:
-    "graph" (kNN graph + Leiden, any size) or "average" (exact average linkage, up to MAX_EXACT)."""
+    "graph" (kNN graph + Leiden, any size) or "average" (exact average linkage, up to MAX_EXACT).
+    `photos`: each face's photo; two faces of one photo never share a cluster."""
     n = len(embeddings)
     if n == 0:
         return np.zeros(0, dtype=int)
@@ -66,7 +73,7 @@ def cluster_faces(embeddings: np.ndarray, spec: EncoderSpec, cut_share: float = 
     if method == "graph":
         from ray_faceid.data.knn_graph import graph_clusters, knn_graph
 
-        raw = graph_clusters(*knn_graph(embeddings, spec), cut)
+        raw = graph_clusters(*knn_graph(embeddings, spec), cut, photos=photos)
     elif method == "average":
         from scipy.cluster.hierarchy import fcluster, linkage
         from scipy.spatial.distance import pdist
@@ -75,9 +82,57 @@ def cluster_faces(embeddings: np.ndarray, spec: EncoderSpec, cut_share: float = 
         raw = fcluster(linkage(condensed, method="average"), t=cut, criterion="distance")
     else:
         raise BadInput(f"clustering method must be graph or average, not {method!r}")
+    if photos is not None:
+        raw = separate_same_photo(raw, embeddings, photos, spec)
     _, first = np.unique(raw, return_index=True)
     order = {label: rank for rank, label in enumerate(raw[np.sort(first)])}
     return np.array([order[label] for label in raw])
+
+
+def same_photo_identities(labels: Sequence[Hashable], photos: Sequence[Hashable]) -> int:
+    """How many identities hold two faces of one photo (a correct grouping has none)."""
+    seen: set = set()
+    broken: set = set()
+    for label, photo in zip(labels, photos):
+        if (label, photo) in seen:
+            broken.add(label)
+        seen.add((label, photo))
+    return len(broken)
+
+
+def separate_same_photo(labels: np.ndarray, embeddings: np.ndarray, photos: Sequence[Hashable],
+                        spec: EncoderSpec) -> np.ndarray:
+    """Split every cluster holding two faces of one photo: the faces of its most crowded photo each
+    start a part, and every other member, nearest the cluster's centre first, joins the part it is
+    nearest on average among those without a face of its photo (a new part when all have one).
+    The grouping decided who belongs together; this only keeps one photo's people apart."""
+    labels = np.asarray(labels).copy()
+    vecs = _vectors(embeddings, spec)
+    fresh = int(labels.max()) + 1 if len(labels) else 0
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        by_photo: dict = {}
+        for i in idx:
+            by_photo.setdefault(photos[i], []).append(int(i))
+        if len(by_photo) == len(idx):
+            continue
+        crowded = max(by_photo.values(), key=len)
+        parts = [([i], {photos[i]}) for i in crowded]
+        centre = vecs[idx].mean(axis=0)
+        rest = [int(i) for i in idx if i not in crowded]
+        rest.sort(key=lambda i: float(spec.distance(vecs[i], centre)))
+        for i in rest:
+            allowed = [p for p in parts if photos[i] not in p[1]]
+            if not allowed:
+                parts.append(([i], {photos[i]}))
+                continue
+            part = min(allowed, key=lambda p: float(np.mean(spec.distance(vecs[p[0]], vecs[i][None, :]))))
+            part[0].append(i)
+            part[1].add(photos[i])
+        for members, _ in parts[1:]:
+            labels[members] = fresh
+            fresh += 1
+    return labels
 
 
 def chinese_whispers(embeddings: np.ndarray, spec: EncoderSpec, threshold: float) -> np.ndarray:

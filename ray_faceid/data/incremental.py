@@ -8,6 +8,10 @@ are clustered, among themselves, into new identities numbered after the highest 
 Identities whose centres then verify against each other at the cut are one person whose few first
 photos did not link (the new ones do): the later name joins the earliest. Identities whose faces
 did not change keep their cross-training pairs (pairs.py).
+
+Faces of one photo are different people: a new face never joins an identity that already holds a
+face of its photo (it tries the next nearest centre), the new faces are clustered with their
+photos (clustering.py), and two identities holding faces of one photo are never merged.
 """
 from __future__ import annotations
 
@@ -53,14 +57,16 @@ def _close_pairs(centres: np.ndarray, spec: EncoderSpec, cut: float, neighbours:
     return [(a, int(b)) for a, row in enumerate(found) for b, ok in zip(row, close[a]) if ok and 0 <= b != a]
 
 
-def nearest_centre(vectors: np.ndarray, centres: np.ndarray, spec: EncoderSpec) -> tuple[np.ndarray, np.ndarray]:
-    """For each vector: the index of its nearest centre and the distance to it, in the encoder's metric."""
+def nearest_centres(vectors: np.ndarray, centres: np.ndarray, spec: EncoderSpec,
+                    k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """For each vector: its k nearest centres, nearest first, and the distances to them, in the
+    encoder's metric ((n, k) each; -1 where fewer centres exist)."""
     import faiss
 
     index = faiss.IndexFlatL2(centres.shape[1])
     index.add(np.ascontiguousarray(centres, dtype=np.float32))
-    squared, found = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-    return found[:, 0], _distances(squared[:, 0], spec)
+    squared, found = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(centres)))
+    return found, _distances(squared, spec)
 
 
 def grow_clusters(faces: list[dict], before: dict[str, set[str]], spec: EncoderSpec,
@@ -71,16 +77,28 @@ def grow_clusters(faces: list[dict], before: dict[str, set[str]], spec: EncoderS
     kept = [f for f in faces if f["face_id"] in identity]
     new = [f for f in faces if f["face_id"] not in identity]
     members: dict[str, list[np.ndarray]] = {}
+    photos: dict[str, set[str]] = {}  # identity -> the photos its faces come from
     for f in kept:
         members.setdefault(identity[f["face_id"]], []).append(np.asarray(f["embedding"]))
+        photos.setdefault(identity[f["face_id"]], set()).add(f["image_uri"])
     joined, alone = {}, list(new)
     if new and members:
         names, centres = _centres(members, spec)
         vectors = _vectors(np.array([f["embedding"] for f in new]), spec)
-        which, distance = nearest_centre(vectors, centres, spec)
-        joined = {f["face_id"]: names[k] for f, k, d in zip(new, which, distance) if d <= cut}
+        found, distance = nearest_centres(vectors, centres, spec)
+        # The closest matches claim first: of two faces of one photo near one identity, the nearer joins.
+        for i in sorted(range(len(new)), key=lambda i: float(distance[i, 0])):
+            face = new[i]
+            for k, d in zip(found[i], distance[i]):
+                if k < 0 or d > cut:
+                    break
+                if face["image_uri"] not in photos[names[k]]:
+                    joined[face["face_id"]] = names[k]
+                    photos[names[k]].add(face["image_uri"])
+                    break
         alone = [f for f in new if f["face_id"] not in joined]
-    numbers = cluster_faces(np.array([f["embedding"] for f in alone]), spec, cut_share) if alone else []
+    numbers = cluster_faces(np.array([f["embedding"] for f in alone]), spec, cut_share,
+                            photos=[f["image_uri"] for f in alone]) if alone else []
     first = 1 + max((int(_CLUSTER_NAME.match(n).group(1)) for n in before), default=-1)
     fresh = {f["face_id"]: f"cluster_{first + n:05d}" for f, n in zip(alone, numbers)}
     labelled = [dict(f, identity=identity.get(f["face_id"]) or joined.get(f["face_id"]) or fresh[f["face_id"]])
@@ -102,12 +120,15 @@ def _merge_fragments(labelled: list[dict], spec: EncoderSpec, cut: float) -> dic
     against each other at the cut): the later name -> the earliest one. Earlier runs split a
     person whose few photos did not link; new photos can link them."""
     members: dict[str, list[np.ndarray]] = {}
+    photos: dict[str, set[str]] = {}
     for f in labelled:
         members.setdefault(f["identity"], []).append(np.asarray(f["embedding"]))
+        photos.setdefault(f["identity"], set()).add(f["image_uri"])
     names, centres = _centres(members, spec)
     if len(names) < 2:
         return {}
     parent = list(range(len(names)))
+    held = [photos[name] for name in names]  # a root's photos: two people of one photo never merge
 
     def root(k: int) -> int:
         while parent[k] != k:
@@ -116,5 +137,9 @@ def _merge_fragments(labelled: list[dict], spec: EncoderSpec, cut: float) -> dic
 
     for a, b in _close_pairs(centres, spec, cut):
         ra, rb = root(a), root(b)
-        parent[max(ra, rb)] = min(ra, rb)  # names sort by number: the earliest survives
+        if ra == rb or held[ra] & held[rb]:
+            continue
+        keep, gone = min(ra, rb), max(ra, rb)  # names sort by number: the earliest survives
+        parent[gone] = keep
+        held[keep] = held[keep] | held[gone]
     return {names[k]: names[root(k)] for k in range(len(names)) if root(k) != k}

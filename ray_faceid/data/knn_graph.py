@@ -125,26 +125,32 @@ class _Searcher:
         return {"data": batch["data"], "neighbours": neighbours, "distances": distances}
 
 
-def graph_edges(neighbours: np.ndarray, distances: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
+def graph_edges(neighbours: np.ndarray, distances: np.ndarray, cut: float,
+                photos=None) -> tuple[np.ndarray, np.ndarray]:
     """The kNN graph's undirected edges closer than `cut` ((m, 2) face pairs, found from either side
-    once) and their weights: how much closer than the cut, so near faces bind tighter."""
+    once) and their weights: how much closer than the cut, so near faces bind tighter. With
+    `photos` (each face's photo) no edge joins two faces of one photo: they are different people."""
     n = len(neighbours)
     rows = np.repeat(np.arange(n), neighbours.shape[1])
     cols, dist = neighbours.reshape(-1), distances.reshape(-1)
     keep = (cols >= 0) & (dist <= cut) & (rows != cols)
+    if photos is not None:
+        photo = np.unique(np.asarray(photos, dtype=object).astype(str), return_inverse=True)[1].reshape(-1)
+        keep &= photo[rows] != photo[np.where(cols >= 0, cols, rows)]
     a, b, d = rows[keep], cols[keep], dist[keep]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     pairs, first = np.unique(lo * n + hi, return_index=True)
     return np.stack([pairs // n, pairs % n], axis=1), (1.0 - d[first] / max(cut, 1e-12)) + 1e-3
 
 
-def graph_clusters(neighbours: np.ndarray, distances: np.ndarray, cut: float, seed: int = 0) -> np.ndarray:
+def graph_clusters(neighbours: np.ndarray, distances: np.ndarray, cut: float, seed: int = 0,
+                   photos=None) -> np.ndarray:
     """(n,) cluster numbers: Leiden communities (modularity) of the kNN graph's edges closer than
-    `cut`; a face with no such edge is a cluster of its own."""
+    `cut` (none between two faces of one photo); a face with no such edge is a cluster of its own."""
     import igraph
     import leidenalg
 
-    edges, weights = graph_edges(neighbours, distances, cut)
+    edges, weights = graph_edges(neighbours, distances, cut, photos)
     graph = igraph.Graph(n=len(neighbours), edges=edges.tolist(), directed=False)
     partition = leidenalg.find_partition(graph, leidenalg.ModularityVertexPartition, weights=weights.tolist(),
                                          seed=seed)

@@ -3,12 +3,13 @@
 - identities.parquet: one row per identity: its face ids, a quality-weighted mean embedding, counts.
   `folders`: the identity is the photo's parent folder, from photos with exactly one face (a group
   photo cannot be labelled by its folder). `cluster`: faces grouped by average-linkage clustering
-  at a share of the encoder's own threshold (clustering.py); each identity carries its cohesion,
+  at a share of the encoder's own threshold (clustering.py), never two faces of one photo in one
+  identity (they are different people); each identity carries its cohesion,
   and clusters that are not cohesive are flagged and left out of pairs unless asked for.
 - near-duplicates (consecutive video frames of one person) are flagged by embedding and pose
   distance, so a pair never uses two of them as "different shots".
 - pairs.parquet (CrossFaceID): for every identity with >= min_shots distinct shots, pairs of a
-  source face A and a target face B != A, not near-duplicates, with B's crop, keypoints,
+  source face A and a target face B of another photo, not near-duplicates, with B's crop, keypoints,
   expression code and caption.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow as pa
 from ray_faceid import storage
 from ray_faceid.data import tables
 from ray_faceid.data.captions import Captioner, TemplateCaptioner
-from ray_faceid.data.clustering import DEFAULT_CUT_SHARE, cluster_faces, cohesion
+from ray_faceid.data.clustering import DEFAULT_CUT_SHARE, cluster_faces, cohesion, same_photo_identities
 from ray_faceid.data.incremental import grow_clusters, previous_clusters
 from ray_faceid.errors import BadInput
 from ray_faceid.eval.clustering import clustering_scores
@@ -64,21 +65,25 @@ def _labelled_faces(faces: list[dict], images: list[dict], labels: str, spec: En
         single = {r["uri"] for r in images if r["n_faces"] == 1}
         return [dict(f, identity=f["label"]) for f in faces if f["image_uri"] in single and f["label"]]
     if labels == "cluster":
-        numbers = cluster_faces(np.array([f["embedding"] for f in faces]), spec, cut_share) if faces else []
+        numbers = cluster_faces(np.array([f["embedding"] for f in faces]), spec, cut_share,
+                                photos=[f["image_uri"] for f in faces]) if faces else []
         return [dict(f, identity=f"cluster_{n:05d}") for f, n in zip(faces, numbers)]
     raise BadInput(f"labels must be folders or cluster here, not {labels!r}")
 
 
 def _clustering_report(dst: str, labelled: list[dict], images: list[dict]) -> dict:
     """Scores of the clusters against the folder labels the ingest recorded, kept in summary.json.
-    Only faces of one-face photos count: a folder names the person of a portrait, not everyone in a
-    group photo."""
+    Only faces of one-face photos are scored against folders: a folder names the person of a
+    portrait, not everyone in a group photo; every face counts for identities holding two faces of one photo."""
     single = {r["uri"] for r in images if r["n_faces"] == 1}
     known = [f for f in labelled if f["label"] and f["image_uri"] in single]
     if not known:
         raise BadInput(f"{dst}: no face has a folder label to score the clustering against: ingest the archive "
                        "with --labels folders (one folder per person) to use --evaluate-clustering")
     scores = clustering_scores([f["identity"] for f in known], [f["label"] for f in known])
+    # Over every face, group photos included: faces of one photo are different people (must be 0).
+    scores["identities_with_two_faces_of_one_photo"] = same_photo_identities(
+        [f["identity"] for f in labelled], [f["image_uri"] for f in labelled])
     summary_uri = storage.join(dst, tables.SUMMARY)
     summary = json.loads(storage.read_bytes(summary_uri))
     summary["clustering"] = scores
@@ -162,7 +167,7 @@ def build_pairs(dst: str, labels: str | None = None, min_shots: int = 2, max_pai
             continue
         if len(distinct) < min_shots or (flagged and not include_flagged):
             continue
-        candidates = [(a, b) for a in members for b in distinct if a["face_id"] != b["face_id"]
+        candidates = [(a, b) for a in members for b in distinct if a["image_uri"] != b["image_uri"]
                       and dups.get(a["face_id"]) != b["face_id"] and dups.get(b["face_id"]) != a["face_id"]]
         rng.shuffle(candidates)
         for a, b in candidates[:max_pairs_per_identity]:

@@ -1,11 +1,14 @@
 """Adding photos to a clustered archive: new faces join the identities they verify against, the
 first run's identity names are kept, only the rest are clustered, unchanged identities keep their
-pairs; and the result groups people as one clustering of everything does."""
+pairs; and the result groups people as one clustering of everything does. Group photos among them:
+no identity, grown or fresh, holds two faces of one photo, and no pair joins two."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from ray_faceid.config import DetectionConfig, FaceConfig, IngestConfig
 from ray_faceid.data import tables
@@ -27,6 +30,21 @@ def by_image(dst) -> dict[str, str]:
     return {r["face_id"]: r["image_uri"] for r in tables.read_table(f"{dst}/{tables.FACES}").to_pylist()}
 
 
+# 2-6 faces each, none of the four people above (sheldon's identity must stay untouched): strangers
+# in small faces, and Obama and Biden together twice (one person across photos, never within one).
+GROUP_PHOTOS = ("dlib_2008_001009.jpg", "dlib_2008_001322.jpg", "dlib_2008_002079.jpg",
+                "face_recognition_obama_and_biden.jpg", "face_recognition_two_people.jpg",
+                "face_recognition_kit_with_rose.jpg")
+
+
+def assert_one_photo_one_person(dst) -> None:
+    photo = by_image(dst)
+    for name, ids in groups(dst).items():
+        assert len({photo[f] for f in ids}) == len(ids), (name, sorted(photo[f] for f in ids))
+    for pair in tables.read_table(f"{dst}/{PAIRS}").to_pylist():
+        assert photo[pair["source_face_id"]] != photo[pair["target_face_id"]], pair["identity"]
+
+
 @pytest.mark.shared_data
 def test_adding_photos_grows_the_identities_and_keeps_their_names(ray_cluster, faces_root, tmp_path):
     archive, dst, whole = tmp_path / "archive", tmp_path / "dataset", tmp_path / "whole"
@@ -43,14 +61,23 @@ def test_adding_photos_grows_the_identities_and_keeps_their_names(ray_cluster, f
     pairs_before = tables.read_table(f"{dst}/{PAIRS}").to_pylist()
     assert first["identities"] >= 3
 
-    # Then the rest of amy's and penny's photos, and a fourth person; sheldon gets none.
+    # Then the rest of amy's and penny's photos, a fourth person and group photos; sheldon gets none.
     for person in ("amy", "penny", "leonard"):
         for photo in photos[person][3 if person != "leonard" else 0:]:
             shutil.copy(photo, archive / person / photo.name)
+    (archive / "group").mkdir()
+    for name in GROUP_PHOTOS:  # at two smaller sizes, as archives hold them: small faces that look alike
+        with Image.open(faces_root / "group" / name) as photo:
+            for scale in (0.5, 0.35):
+                photo.convert("RGB").resize((int(photo.width * scale), int(photo.height * scale)), Image.BILINEAR) \
+                    .save(archive / "group" / f"{Path(name).stem}_{int(scale * 100)}.jpg", quality=70)
     run_ingest(str(archive), str(dst), CONFIG, labels="folders", resume=True)
     grown = build_pairs(str(dst), labels="cluster")
     assert grown["grouping"] == "grown from the last cluster run"
     after = groups(dst)
+    group_faces = [u for u in by_image(dst).values() if "/group/" in u]
+    assert len(group_faces) >= 10  # the group photos' faces are in the grouping
+    assert_one_photo_one_person(dst)
     assert grown["faces kept in their identity"] == sum(len(ids) for ids in before.values())
     assert grown["new faces joining an identity"] >= 1 and grown["new identities"] >= 1
     merged = 0
@@ -74,9 +101,10 @@ def test_adding_photos_grows_the_identities_and_keeps_their_names(ray_cluster, f
     # One clustering of everything groups the same photos together.
     run_ingest(str(archive), str(whole), CONFIG, labels="folders")
     build_pairs(str(whole), labels="cluster")
-    photo_of, photo_of_whole = by_image(dst), by_image(whole)
-    grown_labels = {photo_of[f]: name for name, ids in after.items() for f in ids}
-    whole_labels = {photo_of_whole[f]: name for name, ids in groups(whole).items() for f in ids}
+    assert_one_photo_one_person(whole)
+    # (face ids come from the photo's bytes and the face's place in it: the same in both datasets)
+    grown_labels = {f: name for name, ids in after.items() for f in ids}
+    whole_labels = {f: name for name, ids in groups(whole).items() for f in ids}
     shared = sorted(set(grown_labels) & set(whole_labels))
     scores = clustering_scores([grown_labels[u] for u in shared], [whole_labels[u] for u in shared])
     assert scores["bcubed_f1"] >= 0.95, scores
@@ -84,6 +112,13 @@ def test_adding_photos_grows_the_identities_and_keeps_their_names(ray_cluster, f
     # --recluster starts over: every face grouped again.
     again = build_pairs(str(dst), labels="cluster", recluster=True)
     assert "faces kept in their identity" not in again and again["identities"] == len(groups(whole))
+    # A looser cut (the encoder's own threshold) links a small group photo's faces to each other:
+    # they are still kept apart.
+    build_pairs(str(dst), labels="cluster", recluster=True, cut_share=1.0)
+    assert_one_photo_one_person(dst)
+    # --evaluate-clustering counts it over every face, group photos included.
+    scored = build_pairs(str(dst), evaluate_clustering=True)
+    assert scored["clustering identities_with_two_faces_of_one_photo"] == 0
 
     # The grouping the next run grows (clusters.parquet) holds face ids: an erasure removes them too.
     from ray_faceid.data.pairs import CLUSTERS
