@@ -7,6 +7,7 @@ import typer
 
 from ray_faceid.cli.common import EXIT_SOME_FAILED, MODEL_HELP, StallFailOpt, StallWarnOpt, console, print_json, user_errors
 from ray_faceid.cli.data import summary_table
+from ray_faceid.errors import BadInput
 
 ModelOpt = typer.Option("tiny", "--model", help=MODEL_HELP)
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster.")
@@ -52,9 +53,13 @@ def train(
         "steps", "steps_this_run", "workers", "eval_loss_start", "eval_loss_end")}))
 
 
+ADAPTER_SOURCE = ("The shared identity adapter the per-identity ones start from: the folder "
+                  "`ray-faceid train DATASET --out FOLDER` wrote (a path or URI).")
+
+
 def personalize(
     registry: str = typer.Option("./faceid_registry", "--registry", help="Identity registry store."),
-    adapter: str = typer.Option(..., "--adapter", help="The shared adapter the per-identity ones start from."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=f"Required. {ADAPTER_SOURCE}"),
     model: str = ModelOpt,
     tenant: str = typer.Option("default", "--tenant"),
     identities: str = typer.Option("all", "--identities", help="all, or names or ids: NAME,ID,..."),
@@ -75,6 +80,8 @@ def personalize(
     from ray_faceid.train.personalize import run_personalize
 
     with user_errors():
+        if adapter is None:  # not click's bare "Missing option": where one comes from
+            raise BadInput(f"Missing option '--adapter'. {ADAPTER_SOURCE}")
         config = PersonalizeConfig(steps=steps, workers=workers, lr=lr, size=size, use_gpu=gpu,
                                    cpus_per_worker=cpus_per_worker, stall_warn_s=stall_warn, stall_fail_s=stall_fail)
         wanted = None if identities == "all" else [i.strip() for i in identities.split(",") if i.strip()]
