@@ -57,6 +57,8 @@ def test_enroll_dataset_enrolls_each_identity_once(tmp_path, small_dataset):
         "enrolled amy", "enrolled penny", "enrolled sheldon"]
     listed = json.loads(runner.invoke(app, ["identities", "list", "--json", *reg]).stdout)
     assert sorted(m["name"] for m in listed) == ["amy", "penny", "sheldon"]
+    shown = runner.invoke(app, ["identities", "list", *reg]).stdout.splitlines()
+    assert [line.split()[1] for line in shown] == ["amy", "penny", "sheldon"]  # by name, as people look them up
     assert all(1 <= m["faces_used"] <= 10 and (tmp_path / "reg" / "default" / m["id"] / "references" / "0.png").is_file()
                for m in listed)
     again = runner.invoke(app, ["identities", "enroll-dataset", small_dataset, "--consent", "licence-1", *reg])

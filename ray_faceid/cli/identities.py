@@ -104,7 +104,7 @@ def list_identities(registry: str = RegistryOpt, tenant: str = TenantOpt, as_jso
         tenants = Registry(registry).tenants()
         others = f" (tenants with people here: {', '.join(tenants)}; pick one with --tenant)" if tenants else ""
         console.print(f"no identities for tenant {tenant!r} in {registry}{others}", soft_wrap=True, highlight=False)
-    for meta in rows:
+    for meta in sorted(rows, key=lambda m: ((m["name"] or "").casefold(), m["id"])):  # as people look them up: by name
         console.print(f"{meta['id']}  {meta['name'] or '-'}  faces={meta['faces_used']}  created={meta['created']}")
 
 

@@ -71,8 +71,9 @@ def render(
     if as_json:
         print_json(summary)
     else:
-        console.print(summary_table(f"render {catalog} -> {out}",
-                                    {k: v for k, v in summary.items() if k not in ("errors", "inputs")}))
+        # A figure with nothing to measure (no rate for a cached run, no similarity without identity) is left out.
+        console.print(summary_table(f"render {catalog} -> {out}", {k: v for k, v in summary.items()
+                                                                     if k not in ("errors", "inputs") and v is not None}))
     raise typer.Exit(render_exit_code(summary, catalog))
 
 

@@ -160,7 +160,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     done = _finished(out, inputs)
     if done is not None:  # every row is rendered for these inputs: no cluster, no model
         seconds = round(time.perf_counter() - started, 2)
-        return dict(done, rendered=0, cached=done["rows"], seconds=seconds, rows_per_s=0.0)
+        return dict(done, rendered=0, cached=done["rows"], seconds=seconds, rows_per_s=None)  # no rate: nothing rendered
     init_ray(address)
     gpus = config.num_gpus_per_worker
     if gpus is None:

@@ -248,6 +248,7 @@ def test_a_rerun_with_every_row_done_starts_no_cluster(people, tmp_path, monkeyp
     again = run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
     assert time.perf_counter() - began < 20 and not started_ray  # not the minutes a job takes
     assert again["rendered"] == 0 and again["cached"] == 2 and again["failed"] == 0
+    assert again["rows_per_s"] is None  # no rate for a run that rendered nothing (it said 0.0)
     registry.update("default", ids["penny"], lambda meta: None)  # penny's record changed: look again
     run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
     assert started_ray
