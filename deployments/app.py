@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 
+from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from deployments import web_page
 from deployments.auth import parse_tokens
@@ -60,8 +62,20 @@ def ingress_scaling(config: ServeConfig) -> AutoscalingConfig:
     return scaling
 
 
+class ServeConfigRefused(BadInput, RayServeException):
+    """A config the application cannot be built from. Serve's build task returns a
+    RayServeException's message as the application's status, once; any other exception it retries
+    three times, logging each traceback, while `serve run` waits."""
+
+
 def build_app(args: dict | ServeConfig):
-    config = resolve_config(args)
+    try:
+        config = resolve_config(args)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        raise ServeConfigRefused(f"ray_faceid's Serve config is not valid: {problems}") from None
+    except BadInput as error:
+        raise ServeConfigRefused(f"ray_faceid's Serve config is not valid: {error}") from None
     blob = config.model_dump_json()
     face = serve.deployment(FaceEncoder).options(**_options(
         "FaceEncoder", config.encoder_autoscaling, config.encoder_gpus, 2 * config.encoder_batch_size)).bind(blob)

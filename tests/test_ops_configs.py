@@ -37,8 +37,9 @@ def test_serve_yaml_matches_rays_serve_schema_and_builds(monkeypatch):
     monkeypatch.setenv("RAY_FACEID_API_TOKENS", "ops:ops-token-0123456789abcdef")
     app = build_app(args)
     assert type(app).__name__ == "Application"
-    with pytest.raises(Exception, match="extra"):
+    with pytest.raises(BadInput, match="modle: Extra inputs are not permitted") as typo:  # one line, the key named
         build_app({**args, "modle": "typo"})
+    assert "\n" not in str(typo.value)
 
 
 def test_kuberay_rayservice_serves_the_same_application_as_serve_yaml():

@@ -86,3 +86,34 @@ def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, t
             assert provenance["base_family"] == ("sdxl" if model == "tiny-sdxl" else "sd1")
     finally:
         serve.shutdown()
+
+
+def test_serve_run_of_a_bad_config_fails_once_in_one_line(ray_cluster, tmp_path, loopback_port):
+    """A token under 16 characters: Serve's build fails once with ray_faceid's one line (it was
+    retried four times, each an 85-line traceback), and the status says what to change."""
+    from ray import serve
+
+    data = serve_config("serve.yaml")
+    data["http_options"] = {"host": "127.0.0.1", "port": loopback_port()}
+    data["applications"][0]["args"]["registry"] = str(tmp_path / "registry")
+    data["applications"][0]["runtime_env"] = {"env_vars": {"RAY_FACEID_API_TOKENS": "ops:short"}}
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(data))
+    serve_cli = shutil.which("serve", path=str(Path(sys.executable).parent)) or "serve"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    try:
+        done = subprocess.run([serve_cli, "run", "--non-blocking", str(config)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        deadline, app = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            app = serve.status().applications.get("faceid")
+            if app is not None and app.status == "DEPLOY_FAILED":
+                break
+            time.sleep(0.5)
+        assert app is not None and app.status == "DEPLOY_FAILED", app
+        message = app.message.strip()  # Serve's "Deploying app 'faceid' failed with exception:", then ours
+        assert "Traceback" not in message and len(message.splitlines()) <= 2, message
+        assert "token of >= 16 chars" in message.splitlines()[-1] and "'ops'" in message
+    finally:
+        serve.shutdown()
