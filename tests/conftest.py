@@ -25,13 +25,22 @@ os.environ.setdefault("RAY_FACEID_TORCH_COMPILE_BACKEND", "aot_eager")
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest-xdist workers, each handed whole groups (`--dist loadgroup`): a
-    module is one group (its module fixtures are built once), and the modules that use the session's
-    ingested `small_dataset` (the Ray Train jobs, render, erasure) are one group, built on one worker."""
+    """`make test` runs two pytest-xdist workers, each handed whole modules (`--dist loadgroup`,
+    a module one group), so a module's fixtures are built once; the slowest modules go first, so
+    neither worker is left with a long one at the end while the other waits."""
+    def weight(item) -> int:
+        path = item.nodeid
+        return next((rank for rank, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
+
+    items.sort(key=weight)  # stable: a module's tests keep their order
     for item in items:
-        module = item.nodeid.split("::")[0]
-        group = "small_dataset" if "small_dataset" in getattr(item, "fixturenames", ()) else module
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+# Modules by how long they take (minutes each on 2 cores: Ray Train jobs, Serve apps, Inductor).
+SLOW_FIRST = ("tests/train/", "tests/deployments/test_api.py", "tests/data/test_render.py", "tests/engines/",
+              "tests/deployments/", "tests/data/test_erasure.py", "tests/test_cli.py", "tests/test_quiet.py",
+              "tests/data/", "tests/pipelines/")
 
 
 SHARED_FACES = Path(os.environ.get("RAY_FACEID_FACES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"))
@@ -103,21 +112,31 @@ def spec128():
 
 @pytest.fixture(scope="session")
 def small_dataset(ray_cluster, faces_root, tmp_path_factory) -> str:
-    """An ingest output of three people (64 px crops) with identities and cross-training pairs."""
+    """An ingest output of three people (64 px crops) with identities and cross-training pairs,
+    read-only for the tests. Made once per run: under pytest-xdist the first worker to need it
+    ingests, under a file lock in the run's shared temp folder, and the others read the same one."""
     import shutil
+
+    from filelock import FileLock
 
     from ray_faceid.config import DetectionConfig, FaceConfig, IngestConfig
     from ray_faceid.data.ingest import run_ingest
     from ray_faceid.data.pairs import build_pairs
 
-    src = tmp_path_factory.mktemp("small_archive")
-    for person in ("amy", "penny", "sheldon"):
-        shutil.copytree(faces_root / person, src / person)
-    dst = tmp_path_factory.mktemp("small_dataset")
-    config = IngestConfig(workers=2, batch_size=4, crop_size=64, num_gpus_per_worker=0,
-                          face=FaceConfig(detection=DetectionConfig(policy="all", cnn_fallback=False)))
-    run_ingest(str(src), str(dst), config, labels="folders")
-    build_pairs(str(dst))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    src, dst, done = shared / "small_archive", shared / "small_dataset", shared / "small_dataset.done"
+    with FileLock(str(shared / "small_dataset.lock")):
+        if not done.exists():
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(dst, ignore_errors=True)
+            for person in ("amy", "penny", "sheldon"):
+                shutil.copytree(faces_root / person, src / person)
+            config = IngestConfig(workers=2, batch_size=4, crop_size=64, num_gpus_per_worker=0,
+                                  face=FaceConfig(detection=DetectionConfig(policy="all", cnn_fallback=False)))
+            run_ingest(str(src), str(dst), config, labels="folders")
+            build_pairs(str(dst))
+            done.touch()
     return str(dst)
 
 
