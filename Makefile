@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ray-faceid demo $(if $(PHOTOS),--photos $(PHOTOS),) $(if $(PORT),--port $(PORT),)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=30 -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -ra --durations=30 -n $(TEST_WORKERS) --dist loadscope
 
 bench: $(STAMP)  # each script appends its results to benchmarks/BENCHMARKS.md; gpu_check.py needs a GPU
 	$(PY) benchmarks/face_throughput.py

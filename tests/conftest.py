@@ -25,16 +25,13 @@ os.environ.setdefault("RAY_FACEID_TORCH_COMPILE_BACKEND", "aot_eager")
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest-xdist workers, each handed whole modules (`--dist loadgroup`,
-    a module one group), so a module's fixtures are built once; the slowest modules go first, so
-    neither worker is left with a long one at the end while the other waits."""
+    """`make test` runs two pytest-xdist workers, each handed whole modules (`--dist loadscope`),
+    so a module's fixtures are built once; the slowest modules go first, so neither worker is left
+    with a long one at the end while the other waits."""
     def weight(item) -> int:
-        path = item.nodeid
-        return next((rank for rank, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
+        return next((rank for rank, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
 
     items.sort(key=weight)  # stable: a module's tests keep their order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 # Modules by how long they take (minutes each on 2 cores: Ray Train jobs, Serve apps, Inductor).

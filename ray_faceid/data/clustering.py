@@ -107,10 +107,15 @@ def separate_same_photo(labels: np.ndarray, embeddings: np.ndarray, photos: Sequ
     nearest on average among those without a face of its photo (a new part when all have one).
     The grouping decided who belongs together; this only keeps one photo's people apart."""
     labels = np.asarray(labels).copy()
-    vecs = _vectors(embeddings, spec)
-    fresh = int(labels.max()) + 1 if len(labels) else 0
-    for label in np.unique(labels):
+    if len(labels) == 0:
+        return labels
+    photo = np.unique(np.asarray(photos, dtype=object).astype(str), return_inverse=True)[1].reshape(-1)
+    pairs, counts = np.unique(labels.astype(np.int64) * (int(photo.max()) + 1) + photo, return_counts=True)
+    crowded_labels = np.unique(pairs[counts > 1] // (int(photo.max()) + 1))  # only these need work: O(n log n)
+    fresh = int(labels.max()) + 1
+    for label in crowded_labels:
         idx = np.flatnonzero(labels == label)
+        vecs = {int(i): v for i, v in zip(idx, _vectors(np.asarray(embeddings)[idx], spec))}
         by_photo: dict = {}
         for i in idx:
             by_photo.setdefault(photos[i], []).append(int(i))
@@ -118,7 +123,7 @@ def separate_same_photo(labels: np.ndarray, embeddings: np.ndarray, photos: Sequ
             continue
         crowded = max(by_photo.values(), key=len)
         parts = [([i], {photos[i]}) for i in crowded]
-        centre = vecs[idx].mean(axis=0)
+        centre = np.mean(list(vecs.values()), axis=0)
         rest = [int(i) for i in idx if i not in crowded]
         rest.sort(key=lambda i: float(spec.distance(vecs[i], centre)))
         for i in rest:
@@ -126,7 +131,8 @@ def separate_same_photo(labels: np.ndarray, embeddings: np.ndarray, photos: Sequ
             if not allowed:
                 parts.append(([i], {photos[i]}))
                 continue
-            part = min(allowed, key=lambda p: float(np.mean(spec.distance(vecs[p[0]], vecs[i][None, :]))))
+            part = min(allowed, key=lambda p: float(np.mean(spec.distance(np.stack([vecs[j] for j in p[0]]),
+                                                                          vecs[i][None, :]))))
             part[0].append(i)
             part[1].add(photos[i])
         for members, _ in parts[1:]:

@@ -37,6 +37,8 @@ def compiled_key(model_hash: str, adapter_structure: str, shape, precision: str,
 def warm_up_cached(engine: CompiledUNetEngine, shapes: list, keys: list[EngineKey], cache: EngineCache) -> dict:
     """Load the cached artifacts of `keys`, warm up every shape, and store what was missing.
     Returns {"loaded": n, "stored": n, "buckets": n} for the caller's log or readiness report."""
+    if engine.compiler != "inductor":  # the artifacts are Inductor's: another backend has none to keep
+        return {"loaded": 0, "stored": 0, "buckets": engine.warm_up(shapes)}
     loaded = 0
     for key in keys:
         path = cache.lookup(key, FILENAME)

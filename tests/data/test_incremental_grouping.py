@@ -117,7 +117,7 @@ def test_adding_photos_grows_the_identities_and_keeps_their_names(ray_cluster, f
     build_pairs(str(dst), labels="cluster", recluster=True, cut_share=1.0)
     assert_one_photo_one_person(dst)
     # --evaluate-clustering counts it over every face, group photos included.
-    scored = build_pairs(str(dst), evaluate_clustering=True)
+    scored = build_pairs(str(dst), evaluate_clustering=True, cut_share=1.0)
     assert scored["clustering identities_with_two_faces_of_one_photo"] == 0
 
     # The grouping the next run grows (clusters.parquet) holds face ids: an erasure removes them too.
