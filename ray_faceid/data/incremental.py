@@ -11,7 +11,8 @@ did not change keep their cross-training pairs (pairs.py).
 
 Faces of one photo are different people: a new face never joins an identity that already holds a
 face of its photo (it tries the next nearest centre), the new faces are clustered with their
-photos (clustering.py), and two identities holding faces of one photo are never merged.
+photos (clustering.py), and two identities holding faces of one photo are never merged. An
+earlier identity holding two faces of one photo (grouped before this rule) is split first.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import re
 
 import numpy as np
 
-from ray_faceid.data.clustering import _vectors, cluster_faces
+from ray_faceid.data.clustering import _vectors, cluster_faces, separate_same_photo
 from ray_faceid.face.spec import EncoderSpec
 
 _CLUSTER_NAME = re.compile(r"^cluster_(\d+)$")
@@ -73,7 +74,7 @@ def grow_clusters(faces: list[dict], before: dict[str, set[str]], spec: EncoderS
                   cut_share: float) -> tuple[list[dict], dict]:
     """Faces labelled with their identity (see the module docstring) and what changed."""
     cut = cut_share * spec.threshold
-    identity = {face_id: name for name, ids in before.items() for face_id in ids}
+    identity, split, first = _earlier_identities(faces, before, spec)
     kept = [f for f in faces if f["face_id"] in identity]
     new = [f for f in faces if f["face_id"] not in identity]
     members: dict[str, list[np.ndarray]] = {}
@@ -99,7 +100,6 @@ def grow_clusters(faces: list[dict], before: dict[str, set[str]], spec: EncoderS
         alone = [f for f in new if f["face_id"] not in joined]
     numbers = cluster_faces(np.array([f["embedding"] for f in alone]), spec, cut_share,
                             photos=[f["image_uri"] for f in alone]) if alone else []
-    first = 1 + max((int(_CLUSTER_NAME.match(n).group(1)) for n in before), default=-1)
     fresh = {f["face_id"]: f"cluster_{first + n:05d}" for f, n in zip(alone, numbers)}
     labelled = [dict(f, identity=identity.get(f["face_id"]) or joined.get(f["face_id"]) or fresh[f["face_id"]])
                 for f in faces]
@@ -110,9 +110,33 @@ def grow_clusters(faces: list[dict], before: dict[str, set[str]], spec: EncoderS
               "new faces joining an identity": len(joined) + sum(1 for f in alone if fresh[f["face_id"]] in merged),
               "new identities": len(set(fresh.values()) - set(merged)),
               "identities merged into an earlier one": len(earlier)}
+    if split:
+        report["earlier identities split (two faces of one photo)"] = split
     if earlier:
         report["merged"] = ", ".join(f"{name} -> {into}" for name, into in sorted(earlier.items()))
     return labelled, report
+
+
+def _earlier_identities(faces: list[dict], before: dict[str, set[str]],
+                        spec: EncoderSpec) -> tuple[dict[str, str], int, int]:
+    """face id -> identity of the earlier grouping, how many of its identities were split, and the
+    next free cluster number. An identity holding two faces of one photo (grouped before faces of
+    one photo were kept apart) is split as a fresh grouping would be: its first part keeps the name."""
+    identity = {face_id: name for name, ids in before.items() for face_id in ids}
+    by_id = {f["face_id"]: f for f in faces}
+    number, split = 1 + max((int(_CLUSTER_NAME.match(n).group(1)) for n in before), default=-1), 0
+    for name in sorted(before):
+        members = [by_id[i] for i in sorted(before[name]) if i in by_id]
+        if len({m["image_uri"] for m in members}) == len(members):
+            continue
+        parts = separate_same_photo(np.zeros(len(members), dtype=int), np.array([m["embedding"] for m in members]),
+                                    [m["image_uri"] for m in members], spec)
+        for member, part in zip(members, parts):
+            if part:
+                identity[member["face_id"]] = f"cluster_{number + int(part) - 1:05d}"
+        number += int(parts.max())
+        split += 1
+    return identity, split, number
 
 
 def _merge_fragments(labelled: list[dict], spec: EncoderSpec, cut: float) -> dict[str, str]:

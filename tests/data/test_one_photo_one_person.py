@@ -65,3 +65,17 @@ def test_a_grown_grouping_never_adds_a_face_to_an_identity_holding_its_photo():
     label = {f["face_id"]: f["identity"] for f in labelled}
     assert label["h0"] == "cluster_00000" != label["h1"]  # the nearer one joins; the other is someone else
     assert report["new identities"] >= 3
+
+
+def test_an_earlier_identity_holding_two_faces_of_one_photo_is_split_when_it_grows():
+    """A grouping made before the rule (the group photo's faces in one identity) is repaired, not kept."""
+    faces = archive()
+    before = {f"cluster_{p:05d}": {f["face_id"] for f in faces if f["person"] == p and f["image_uri"] != "group.jpg"}
+              for p in range(3)}
+    before["cluster_00003"] = {f["face_id"] for f in faces if f["image_uri"] == "group.jpg"}
+    labelled, report = grow_clusters(faces, before, SPEC, 0.85)
+    for name, members in identities([f["identity"] for f in labelled], labelled).items():
+        assert len({f["image_uri"] for f in members}) == len(members), name
+    assert report["earlier identities split (two faces of one photo)"] == 1
+    label = {f["face_id"]: f["identity"] for f in labelled}
+    assert label["g0"] == "cluster_00003" and len({label["g0"], label["g1"], label["g2"]}) == 3
