@@ -63,7 +63,13 @@ def compile_engine(
         max_rows = _max_rows(batch)
         width, height = parse_size(size, "--size") if size else (None, None)
         cache = EngineCache(out)
-        report = _build(model, adapter, width, height, identities, max_rows, backend, precision, cache)
+        from ray_faceid.engines.select import BUILDING_AHEAD
+
+        ahead = BUILDING_AHEAD.set(True)
+        try:
+            report = _build(model, adapter, width, height, identities, max_rows, backend, precision, cache)
+        finally:
+            BUILDING_AHEAD.reset(ahead)
         if backend == "torch.compile":
             console.print(f"compiled {report['buckets']} batch buckets (Inductor artifacts loaded from the cache: "
                           f"{report['loaded']}, stored: {report['stored']})")

@@ -3,6 +3,7 @@ on CUDA, else ONNX Runtime when installed, else torch; TensorRT when asked for. 
 from the EngineCache."""
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import importlib.util
 import json
@@ -16,6 +17,8 @@ from ray_faceid.engines.cache import EngineCache, EngineKey
 from ray_faceid.errors import BadInput
 
 log = logging.getLogger(__name__)
+BUILDING_AHEAD = contextvars.ContextVar("building_ahead", default=False)
+"""True inside `ray-faceid compile`: an export there is the point, not a request's delay to warn of."""
 
 Backend = Literal["auto", "torch", "torch.compile", "onnxruntime", "tensorrt"]
 BACKENDS = ("auto", "torch", "torch.compile", "onnxruntime", "tensorrt")
@@ -95,8 +98,12 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
                          runtime_version=f"opset{OPSET}", **common)
 
     def export(folder):
-        log.warning("the UNet's ONNX graph for latent %sx%s is not in the engine cache at %s: exporting it (tens of "
-                    "seconds; `ray-faceid compile` builds it ahead)", shape.latent[1], shape.latent[0], cache.root)
+        if BUILDING_AHEAD.get():
+            log.info("exporting the UNet's ONNX graph for latent %sx%s into %s (tens of seconds)",
+                     shape.latent[1], shape.latent[0], cache.root)
+        else:
+            log.warning("the UNet's ONNX graph for latent %sx%s is not in the engine cache at %s: exporting it (tens "
+                        "of seconds; `ray-faceid compile` builds it ahead)", shape.latent[1], shape.latent[0], cache.root)
         return export_unet(base.unet, shape, folder / "unet.onnx", DTYPES[precision], weights if weight_inputs else ())
 
     def onnx_graph():

@@ -197,7 +197,7 @@ def test_the_pipeline_gives_the_same_image_on_onnxruntime(spec, pipeline_engines
     assert np.abs(images["torch"] - images["onnxruntime"]).max() <= 1
 
 
-def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_path, monkeypatch):
+def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_path, monkeypatch, caplog):
     import importlib.util
 
     from typer.testing import CliRunner
@@ -212,8 +212,11 @@ def test_compile_cli_builds_a_cached_graph_and_explains_a_missing_tensorrt(tmp_p
     assert bad.exit_code == 2 and "1 <= MIN <= OPT <= MAX" in bad.output
     half = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "onnx", "--precision", "fp16"])
     assert half.exit_code == 2 and "ONNX Runtime runs fp32 graphs" in half.output
-    built = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "onnx", "--size", "16x16"])
+    with caplog.at_level(logging.INFO, logger="ray_faceid.engines.select"):
+        built = runner.invoke(app, ["compile", "--out", str(tmp_path), "--backend", "onnx", "--size", "16x16"])
     assert built.exit_code == 0, built.output
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "exporting" in said and "builds it ahead" not in said  # compile is the building ahead
     (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert entry.name.startswith("onnx-") and {"unet.onnx", "meta.json"} <= {p.name for p in entry.iterdir()}
     # What compile built is what a pipeline looks up, whatever a request's rows: no export at serve time.
