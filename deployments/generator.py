@@ -247,9 +247,9 @@ class Generator:
             edits = item.get("edits")
             if edits:  # per request, so one request's bad edit never fails the batch it joins
                 self.pipeline.check_edits(item["id"], edits)
-            conditions.append(IdentityCondition(item["id"], loaded.embeddings, loaded.quality, item.get("region"),
-                                                item.get("expression"), item.get("scale", 1.0), loaded.personal,
-                                                edits=edits))
+            conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings, loaded.quality,
+                                                item.get("region"), item.get("expression"), item.get("scale", 1.0),
+                                                loaded.personal, edits=edits, id=item["id"]))
         return conditions, hits
 
     async def _inpaint(self, request: dict) -> dict:

@@ -107,7 +107,8 @@ def _conditions(analyzer, people: dict, registry: str, tenant: str, regions: dic
             analyzer.spec.check_compatible(spec, f"the embeddings of {source}")
         else:
             emb, quality = embed_references(analyzer, source)
-        conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits))
+        conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits,
+                                            id=enrolled.get(name)))
     return conditions, enrolled
 
 

@@ -115,7 +115,8 @@ class Renderer:
             loaded = self.identity(ident.id)
             out.append(IdentityCondition(ident.id, loaded["embeddings"], loaded["quality"], ident.region,
                                          ident.expression or row.expression, ident.scale, loaded["personal"],
-                                         edits=ident.edits if ident.edits is not None else row.edits))
+                                         edits=ident.edits if ident.edits is not None else row.edits,
+                                         id=loaded["id"]))
         return out
 
     # -- one row ------------------------------------------------------------------------------

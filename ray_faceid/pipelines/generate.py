@@ -70,6 +70,9 @@ class IdentityCondition:
     that row's own weights (identity/personal_bank.py), never by changing the shared ones."""
     edits: dict[str, float] | None = None
     """Attribute edits through the attribute flow, e.g. {"smile": 0.8, "yaw": -20} (identity/edits.py)."""
+    id: str | None = None
+    """The enrolled person's registry id, where the embeddings came from the registry (`name`: what the
+    caller called them)."""
     edit_moved: float | None = field(default=None, init=False)
     """Set by the pipeline: how far the edits moved the embedding (L2, the encoder's units)."""
 
@@ -493,7 +496,7 @@ class IdentityPipeline:
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),
             "imr": getattr(self.imr, "weights_hash", None if self.imr is None else "unsaved"),
             "flow": getattr(self.flow, "weights_hash", None if self.flow is None else "unsaved"),
-            "identities": [{"name": i.name, "region": i.region, "expression": i.expression, "scale": i.scale,
+            "identities": [{"name": i.name, "id": i.id, "region": i.region, "expression": i.expression, "scale": i.scale,
                             "personal_adapter": version_of(i.personal[0]) if i.personal and len(identities) == 1 else None,
                             **({"edits": i.edits, "edit_moved": i.edit_moved} if i.edits else {})}
                            for i in identities],

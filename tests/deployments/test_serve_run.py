@@ -82,7 +82,9 @@ def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, t
                                                      "height": 64, "identities": [{"id": enrolled.json()["id"]}]})
             assert made.status_code == 200, made.text
             provenance = made.json()["images"][0]["provenance"]
-            assert provenance["identities"][0]["name"] == enrolled.json()["id"]
+            # the person as enrolled: their id, and their name (the id sat under "name")
+            assert provenance["identities"][0]["id"] == enrolled.json()["id"]
+            assert provenance["identities"][0]["name"] == "hanks"
             assert provenance["base_family"] == ("sdxl" if model == "tiny-sdxl" else "sd1")
     finally:
         serve.shutdown()

@@ -36,7 +36,7 @@ def test_same_seed_same_bytes_and_provenance(pipe):
     record = read_provenance(a.png[0])
     assert record["seed"] == 7 and record["ai_generated"] is True and record["untrained_base"] is True
     assert record["base_model"].startswith("tiny") and record["adapter"] == pipe.adapter.content_hash()
-    assert record["identities"][0]["name"] == "ann"
+    assert record["identities"][0]["name"] == "ann" and record["identities"][0]["id"] is None  # from photos
     c = pipe.generate("a photo of a person", [person("ann", 1)], seed=8, **SIZE)
     assert c.png[0] != a.png[0]
 
