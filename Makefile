@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= dev,data,train,serve,ui,sface,insightface,onnx
 PHOTOS ?=
 # Two pytest-xdist workers keep both cores busy while the other waits on a subprocess or Ray
-# (tests/conftest.py groups the tests); TEST_WORKERS=0 runs the suite in one process.
+# (whole modules per worker, slowest first: tests/conftest.py); TEST_WORKERS=0 runs one process.
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench clean
