@@ -63,6 +63,13 @@ EXPORTER_NOTICES = {
 EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
+# What diffusers says when it loads a user's model folder.
+MODEL_LOADING_NOTICES = {
+    r"`accelerate` was not found": "diffusers recommending a package that lowers peak memory while loading; the "
+    "same weights load without it (printed twice per model, 12 lines)",
+}
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
@@ -86,6 +93,22 @@ def _quiet_console(logger_name: str) -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
             if not any(isinstance(f, _DropPatterns) and f.patterns is HARMLESS_LOGS for f in handler.filters):
                 handler.addFilter(_DropPatterns(HARMLESS_LOGS))
+
+
+def model_loading() -> None:
+    """Before a model folder loads: transformers' and diffusers' per-file weight-loading bars off (a
+    command prints its own progress) and diffusers' known notices left out. Idempotent."""
+    if verbose():
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.get_logger("diffusers")  # makes its library handler, which the filter goes on
+    for handler in logging.getLogger("diffusers").handlers:
+        if not any(isinstance(f, _DropPatterns) and f.patterns is MODEL_LOADING_NOTICES for f in handler.filters):
+            handler.addFilter(_DropPatterns(MODEL_LOADING_NOTICES))
 
 
 @contextlib.contextmanager

@@ -87,3 +87,25 @@ def test_onnx_export_leaves_out_the_exporters_notices_and_nothing_else(caplog, m
     assert [str(w.message) for w in seen] == ["a real problem"]
     assert [r.getMessage() for r in caplog.records] == ["the graph lost a weight",
                                                         "torchvision is not installed. Skipping torchvision::nms"]
+
+
+def test_loading_a_users_model_leaves_out_diffusers_accelerate_notice_and_nothing_else(monkeypatch):
+    """diffusers' 'accelerate was not found' (twice per model, 12 lines) no longer reaches the console
+    when a model folder loads; its other warnings do."""
+    import io
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from ray_faceid import quiet
+
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    quiet.model_loading()
+    handler = logging.getLogger("diffusers").handlers[0]
+    stream = io.StringIO()
+    monkeypatch.setattr(handler, "stream", stream)
+    logger = diffusers_logging.get_logger("diffusers.models.modeling_utils")
+    logger.warning("Cannot initialize model with low cpu memory usage because `accelerate` was not found in the "
+                   "environment. Defaulting to `low_cpu_mem_usage=False`.")
+    logger.warning("the unet's config names an unknown block")
+    assert stream.getvalue() == "the unet's config names an unknown block\n"

@@ -122,6 +122,38 @@ def _with_personal_adapters(conditions: list, enrolled: dict, pipe, registry: st
             condition.personal = load_personal(Registry(registry), tenant, enrolled[condition.name], pipe.adapter_hash)
 
 
+def _with_image_features(pipe, image_encoder: Optional[str], conditions: list, photos: dict, analyzer,
+                         plus_v2_scale: float) -> None:
+    """FaceID-Plus / PlusV2 read each face through a CLIP image encoder as well: its features of every
+    person's reference photos (`photos`: name -> photos, or what else names them) go on their condition."""
+    from ray_faceid.face.clip_image import NEEDED, ClipImageEncoder
+    from ray_faceid.pipelines.references import reference_crops
+
+    adapter = pipe.adapter
+    if adapter.options.mapper != "face_plus":
+        if image_encoder:
+            raise BadInput("--image-encoder is for IP-Adapter-FaceID-Plus / PlusV2 files; this adapter reads "
+                           "embeddings only")
+        return
+    variant = adapter.published["variant"]
+    if not image_encoder:
+        raise BadInput(f"{variant} reads the face through a CLIP image encoder too: give --image-encoder FOLDER "
+                       f"(models/image_encoder of h94/IP-Adapter: {NEEDED})")
+    adapter.image_encoder = ClipImageEncoder(image_encoder)
+    if adapter.image_encoder.feature_dim != adapter.mapper.feature_dim:
+        raise BadInput(f"--image-encoder {image_encoder} gives {adapter.image_encoder.feature_dim}-d features; "
+                       f"{variant} reads {adapter.mapper.feature_dim}-d (CLIP-ViT-H-14's): give the encoder it was made with")
+    if adapter.mapper.shortcut_scale is not None:
+        adapter.mapper.shortcut_scale = plus_v2_scale
+        adapter.published["shortcut_scale"] = plus_v2_scale
+    for condition in conditions:
+        refs = photos[condition.name]
+        if not isinstance(refs, list):
+            raise BadInput(f"{condition.name}: {variant} reads the face's photos, not only an embedding: give them "
+                           "with --ref or --identity NAME=PHOTO (enrolled people keep embeddings, not photos)")
+        condition.image_features = adapter.image_encoder.features(reference_crops(analyzer, refs))
+
+
 def read_face_embedding(path: str) -> np.ndarray:
     """--face-embedding: an .npy of one person's N x D embeddings (or one D vector), as their encoder gives them."""
     try:
@@ -175,6 +207,11 @@ def generate(
                                                    "(e.g. buffalo_l: det_10g.onnx, w600k_r50.onnx)."),
     face_embedding: Optional[str] = typer.Option(None, "--face-embedding", help="One person's embeddings as an .npy "
                                                  "(N x D, as the adapter's encoder gives them) instead of photos."),
+    image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-Plus / PlusV2: the "
+                                                "CLIP image encoder folder it reads faces through (models/image_encoder "
+                                                "of h94/IP-Adapter)."),
+    plus_v2_scale: float = typer.Option(1.0, "--plus-v2-scale", min=0.0, max=3.0, help="FaceID-PlusV2: weight of "
+                                        "the face's CLIP features over its embedding's own tokens."),
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.cli.faces import face_config
@@ -183,9 +220,14 @@ def generate(
 
     with user_errors():
         width, height = parse_size(size, "--size") if size else (None, None)
-        if face_embedding and (ref or identity):
-            raise BadInput("use either --face-embedding or photos / enrolled people (--ref, --identity), not both")
+        if face_embedding and identity:
+            raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
+        if face_embedding and ref and not image_encoder:
+            raise BadInput("--face-embedding with --ref: the photos are read only by FaceID-Plus's CLIP image encoder "
+                           "(--image-encoder); otherwise give the embedding or the photos, not both")
         people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
+        # FaceID-Plus reads each person's photos through CLIP too (with --face-embedding, the --ref photos).
+        photos = {"person": list(ref)} if face_embedding and ref else people
         if not people:
             raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO, or "
                            "--face-embedding EMB.npy")
@@ -206,6 +248,7 @@ def generate(
         conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
         pipe = _pipeline(analyzer, model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer")
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
+        _with_image_features(pipe, image_encoder, conditions, photos, analyzer, plus_v2_scale)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size
         err_console.print(f"{width}x{height}, {steps} steps on {pipe.device.type}")

@@ -30,8 +30,9 @@ WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
 
 class AdapterOptions(BaseModel):
     method: Literal["decoupled", "pva"] = Field("decoupled", description="Identity attention: decoupled or PVA joint softmax.")
-    mapper: Literal["projector", "multiref"] = Field(
-        "projector", description="Token mapper: IdProjector (fused embedding) or MultiRefMapper (PVA, any number of refs)."
+    mapper: Literal["projector", "multiref", "face_plus"] = Field(
+        "projector", description="Token mapper: IdProjector (fused embedding), MultiRefMapper (PVA, any number of "
+        "refs) or FacePlusMapper (a published FaceID-Plus file: embedding and CLIP image features)."
     )
     num_tokens: int = Field(4, ge=1, le=64, description="Identity tokens per identity (N for projector, K for multiref).")
     expression_dim: int = Field(0, ge=0, description="Size of the expression code (0 disables expression guidance).")
@@ -69,7 +70,7 @@ def _key(name: str) -> str:
 
 class IdentityAdapter(nn.Module):
     def __init__(self, options: AdapterOptions, encoder_spec: EncoderSpec, layers: dict[str, tuple[int, int]],
-                 base_hash: str, family: str = "sd1"):
+                 base_hash: str, family: str = "sd1", mapper: nn.Module | None = None):
         super().__init__()
         self.options, self.encoder_spec, self.base_hash = options, encoder_spec, base_hash
         self.family = family
@@ -80,9 +81,13 @@ class IdentityAdapter(nn.Module):
         """For an adapter read from a published file (published.py): kind, variant, file hash, licence."""
         self.base_lora: dict = {}
         """A published adapter's LoRA of the base's attention layers, fused into the UNet at install."""
+        self.image_encoder = None
+        """FaceID-Plus: the CLIP image encoder its tokens read the face through (face/clip_image.py)."""
         self.layers = dict(layers)
         cross_dim = next(iter(layers.values()))[1]
-        if options.mapper == "multiref":
+        if mapper is not None:  # a published layout's own mapper (published.py)
+            self.mapper = mapper
+        elif options.mapper == "multiref":
             self.mapper = MultiRefMapper(encoder_spec.dim, cross_dim, options.num_tokens)
         else:
             self.mapper = IdProjector(encoder_spec.dim, cross_dim, options.num_tokens, options.expression_dim,
@@ -107,8 +112,12 @@ class IdentityAdapter(nn.Module):
         return adapter
 
     def tokens(self, embeddings: torch.Tensor, present: torch.Tensor | None = None,
-               expression: torch.Tensor | None = None, drop_prob: float = 0.0) -> torch.Tensor:
-        """Identity tokens (B, T, C) from (B, D) embeddings (projector) or (B, R, D) references (multiref)."""
+               expression: torch.Tensor | None = None, drop_prob: float = 0.0,
+               image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Identity tokens (B, T, C) from (B, D) embeddings (projector), (B, R, D) references (multiref),
+        or (B, D) embeddings and (B, S, H) CLIP image features of the same faces (face_plus)."""
+        if self.options.mapper == "face_plus":
+            return self.mapper(embeddings, image_features)
         if isinstance(self.mapper, MultiRefMapper):
             refs = embeddings if embeddings.ndim == 3 else embeddings.unsqueeze(1)
             return self.mapper(refs, present)

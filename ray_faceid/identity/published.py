@@ -11,12 +11,15 @@ IP-Adapter-FaceID (Ye et al., h94/IP-Adapter-FaceID), as its authors save it:
 - the LoRA of every attention layer, `{i}.to_{q,k,v,out}_lora.{down,up}.weight` for the i-th
   processor, embedded in ip_adapter: fused once into the base UNet the adapter is installed on
   (IdentityAdapter.install). The separate `*_lora.safetensors` files are not read yet.
+- FaceID-Plus / PlusV2: image_proj adds `perceiver_resampler.*` (face_plus.py), read over the face's
+  CLIP image features (face/clip_image.py, an encoder folder the user gives). The two share one
+  layout; PlusV2 (its file named so by its authors) adds the embedding's tokens back as a shortcut.
 
 It takes insightface ArcFace embeddings (buffalo_l's w600k_r50, 512-d, normalised), and the
-unconditional rows of classifier-free guidance get the tokens of a zero embedding at the same
-strength, as its reference pipeline does. FaceID-Plus/PlusV2 (a CLIP image encoder and perceiver
-resampler) and InstantID (a resampler and IdentityNet) are recognised and refused in one line: not
-run yet. Licence: the FaceID weights and the insightface packs are for non-commercial research.
+unconditional rows of classifier-free guidance get the tokens of a zero embedding (for Plus, with
+the features of a zero image) at the same strength, as its reference pipeline does. InstantID (a
+resampler and IdentityNet) is recognised and refused in one line: not run yet. Licence: the FaceID
+weights and the insightface packs are for non-commercial research.
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ FACEID_PROJ = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "
 LORA_PROJECTIONS = {"to_q": ("to_q",), "to_k": ("to_k",), "to_v": ("to_v",), "to_out": ("to_out", "0")}
 LICENCE = ("IP-Adapter-FaceID weights (h94/IP-Adapter-FaceID): non-commercial research use; their face "
            "embeddings come from insightface packs, also non-commercial")
-FAMILY_OF_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# The families' widths, and those of the tiny smoke-test bases (`tiny`: 32, `tiny-sdxl`: 64) that
+# stand-ins in the published layouts are made for.
+FAMILY_OF_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 64: "sdxl"}
 WIDTH_NAMES = "SD 1.x: 768, SD 2.x: 1024, SDXL: 2048"
 
 
@@ -57,11 +62,18 @@ class Recognised:
     hidden: int
     lora_rank: int | None
     sha256: str
+    image_feature_dim: int = 0
+    """FaceID-Plus: the width of the CLIP image features its resampler reads (0: none read)."""
+    resampler: tuple[int, int] | None = None
+    """FaceID-Plus: (depth, inner attention width) of its perceiver resampler."""
+    shortcut: bool = False
 
     def line(self) -> str:
         lora = f", LoRA rank {self.lora_rank} fused into the base" if self.lora_rank else ", no LoRA"
+        clip = f" and {self.image_feature_dim}-d CLIP image features" if self.image_feature_dim else ""
         return (f"recognised {self.kind} ({self.variant}): {self.tokens} identity tokens from {self.embedding_dim}-d "
-                f"ArcFace embeddings, cross-attention width {self.width} ({FAMILY_OF_WIDTH.get(self.width, '?')}){lora}")
+                f"ArcFace embeddings{clip}, cross-attention width {self.width} "
+                f"({FAMILY_OF_WIDTH.get(self.width, '?')}){lora}")
 
 
 def read(uri: str) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
@@ -105,15 +117,42 @@ def lora_of(ip_adapter: dict[str, torch.Tensor]) -> dict[int, dict[str, tuple[to
     return found
 
 
+def is_plus_v2(uri: str) -> bool:
+    """PlusV2 shares Plus's layout; its authors name its files so (ip-adapter-faceid-plusv2_sd15.bin)."""
+    name = PurePosixPath(str(uri)).name.lower().replace("_", "").replace("-", "")
+    return "plusv2" in name
+
+
+def recognise_plus(proj: dict, ip: dict, digest: str, uri: str) -> Recognised:
+    """FaceID-Plus / PlusV2's image_proj: the FaceID projection and a perceiver resampler."""
+    resampler = {k.removeprefix("perceiver_resampler."): v for k, v in proj.items() if k.startswith("perceiver_resampler.")}
+    depth = sum(1 for k in resampler if k.startswith("layers.") and k.endswith(".0.to_q.weight"))
+    needed = {"proj_in.weight", "proj_out.weight", "norm_out.weight", "layers.0.0.to_q.weight"}
+    missing = sorted((needed - set(resampler)) or (FACEID_PROJ - set(proj)))
+    if missing or not depth:
+        raise UnsupportedModel(f"{uri}: a FaceID-Plus resampler without {missing[:3] or 'layers'}: the file is "
+                               "damaged or of another layout")
+    width = proj["norm.weight"].shape[0]
+    tokens = proj["proj.2.weight"].shape[0] // width
+    v2 = is_plus_v2(uri)
+    return Recognised("IP-Adapter-FaceID", "FaceID-PlusV2, shortcut" if v2 else "FaceID-Plus", tokens,
+                      proj["proj.0.weight"].shape[1], width, proj["proj.0.weight"].shape[0], lora_rank(ip), digest,
+                      image_feature_dim=resampler["proj_in.weight"].shape[1],
+                      resampler=(depth, resampler["layers.0.0.to_q.weight"].shape[0]), shortcut=v2)
+
+
+def lora_rank(ip: dict) -> int | None:
+    return next((down.shape[0] for layer in lora_of(ip).values() for down, _ in layer.values()), None)
+
+
 def recognise(parts: dict, digest: str, uri: str) -> Recognised:
     proj, ip = parts.get("image_proj") or {}, parts.get("ip_adapter") or {}
     keys = set(proj)
     if any(k.startswith("perceiver_resampler.") for k in keys):
-        raise UnsupportedModel(f"{uri}: recognised IP-Adapter-FaceID-Plus/PlusV2 (a CLIP image encoder and a perceiver "
-                               "resampler); not run yet: use the FaceID (plain) file")
+        return recognise_plus(proj, ip, digest, uri)
     if {"latents", "proj_in.weight"} <= keys:
         raise UnsupportedModel(f"{uri}: recognised an InstantID / IP-Adapter-Plus resampler adapter; not run yet: use "
-                               "an IP-Adapter-FaceID file")
+                               "an IP-Adapter-FaceID file (FaceID, Plus or PlusV2)")
     if keys != FACEID_PROJ or not any(k.endswith(".to_k_ip.weight") for k in ip):
         raise UnsupportedModel(f"{uri}: not an IP-Adapter-FaceID file (image_proj keys {sorted(keys)[:4]}...); "
                                "give an IP-Adapter-FaceID .bin or .safetensors, or a folder `ray-faceid train` wrote")
@@ -122,11 +161,9 @@ def recognise(parts: dict, digest: str, uri: str) -> Recognised:
     if remainder:
         raise UnsupportedModel(f"{uri}: its projection gives {proj['proj.2.weight'].shape[0]} values, not a whole "
                                f"number of {width}-wide tokens")
-    lora = lora_of(ip)
-    rank = next((down.shape[0] for layer in lora.values() for down, _ in layer.values()), None)
     variant = "FaceID" if tokens == 4 else f"FaceID, {tokens} tokens (Portrait-style)"
     return Recognised("IP-Adapter-FaceID", variant, tokens, proj["proj.0.weight"].shape[1], width,
-                      proj["proj.0.weight"].shape[0], rank, digest)
+                      proj["proj.0.weight"].shape[0], lora_rank(ip), digest)
 
 
 def family_of(uri: str) -> str:
@@ -148,8 +185,18 @@ def check_encoder(found: Recognised, spec: EncoderSpec | None) -> None:
                               "--face-embedding EMB.npy")
 
 
-def load(uri: str, unet, encoder_spec: EncoderSpec | None = None):
-    """An IdentityAdapter from a published file, for `unet` (needed: layers are named by its order)."""
+def refuse_image_features(adapter, where: str) -> None:
+    """FaceID-Plus reads each face's photos through CLIP: paths that hold people as embeddings alone
+    (enrolled people, catalog rows, personal adapters) refuse it before any work starts."""
+    if adapter is not None and adapter.options.mapper == "face_plus":
+        raise UnsupportedModel(f"{adapter.published['file']}: {adapter.published['variant']} reads each face's photos "
+                               f"through a CLIP image encoder; {where} holds people as embeddings and does not run it "
+                               "yet: use `ray-faceid generate --image-encoder`, or an IP-Adapter-FaceID (plain) file")
+
+
+def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale: float = 1.0):
+    """An IdentityAdapter from a published file, for `unet` (needed: layers are named by its order);
+    `shortcut_scale`: PlusV2's weight of the resampled tokens over the embedding's own."""
     from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter, _key, cross_attention_layers
     from ray_faceid.pipelines.families import unet_family
 
@@ -177,20 +224,35 @@ def load(uri: str, unet, encoder_spec: EncoderSpec | None = None):
     lora = lora_of(ip)
     if any(i >= len(names) for i in lora):
         raise UnsupportedModel(f"{uri}: its LoRA names {max(lora) + 1} attention layers; this base has {len(names)}")
-    options = AdapterOptions(method="decoupled", mapper="projector", num_tokens=found.tokens, mapper_hidden=found.hidden,
-                             negative="zero_embedding")
+    plus = found.resampler is not None
+    options = AdapterOptions(method="decoupled", mapper="face_plus" if plus else "projector", num_tokens=found.tokens,
+                             mapper_hidden=found.hidden, negative="zero_embedding")
     layers = cross_attention_layers(unet)
-    adapter = IdentityAdapter(options, spec, layers, base_hash="", family=family)
     proj = parts["image_proj"]
-    state = {"mapper.mlp.0.weight": proj["proj.0.weight"], "mapper.mlp.0.bias": proj["proj.0.bias"],
-             "mapper.mlp.2.weight": proj["proj.2.weight"], "mapper.mlp.2.bias": proj["proj.2.bias"],
-             "mapper.norm.weight": proj["norm.weight"], "mapper.norm.bias": proj["norm.bias"]}
+    if plus:
+        from ray_faceid.identity.face_plus import FacePlusMapper
+
+        mapper = FacePlusMapper(found.embedding_dim, width, found.tokens, found.hidden, found.image_feature_dim,
+                                *found.resampler, shortcut_scale=shortcut_scale if found.shortcut else None)
+        state = {f"mapper.{k}": v for k, v in proj.items()}
+    else:
+        mapper = None
+        state = {"mapper.mlp.0.weight": proj["proj.0.weight"], "mapper.mlp.0.bias": proj["proj.0.bias"],
+                 "mapper.mlp.2.weight": proj["proj.2.weight"], "mapper.mlp.2.bias": proj["proj.2.bias"],
+                 "mapper.norm.weight": proj["norm.weight"], "mapper.norm.bias": proj["norm.bias"]}
+    adapter = IdentityAdapter(options, spec, layers, base_hash="", family=family, mapper=mapper)
     for name, index in keys.items():
         state[f"processors.{_key(name)}.to_k_id.weight"] = ip[f"{index}.to_k_ip.weight"]
         state[f"processors.{_key(name)}.to_v_id.weight"] = ip[f"{index}.to_v_ip.weight"]
-    adapter.load_state_dict({k: v.float() for k, v in state.items()})
+    try:
+        adapter.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:  # a key or shape the layout does not have
+        raise UnsupportedModel(f"{uri}: its weights do not fit the {found.variant} layout "
+                               f"({str(exc).splitlines()[1].strip()[:160] if len(str(exc).splitlines()) > 1 else exc}): "
+                               "the file is damaged or of another layout") from None
     adapter.published = {"kind": found.kind, "variant": found.variant, "sha256": digest, "licence": LICENCE,
-                         "lora_rank": found.lora_rank, "file": PurePosixPath(str(uri)).name}
+                         "lora_rank": found.lora_rank, "file": PurePosixPath(str(uri)).name,
+                         **({"shortcut_scale": shortcut_scale} if found.shortcut else {})}
     adapter.base_lora = {names[i]: {p: (d.float(), u.float()) for p, (d, u) in layer.items()} for i, layer in lora.items()}
     log.warning("%s", found.line())
     return adapter

@@ -73,6 +73,8 @@ class IdentityCondition:
     id: str | None = None
     """The enrolled person's registry id, where the embeddings came from the registry (`name`: what the
     caller called them)."""
+    image_features: np.ndarray | None = None
+    """(R, S, H) CLIP image features of the reference faces, for adapters that read them (FaceID-Plus)."""
     edit_moved: float | None = field(default=None, init=False)
     """Set by the pipeline: how far the edits moved the embedding (L2, the encoder's units)."""
 
@@ -159,6 +161,9 @@ class IdentityPipeline:
                 code = code.to(self.device, dtype).unsqueeze(0)
             if self.adapter.options.mapper == "multiref":
                 t = self.adapter.tokens(self._edited(ident, emb).unsqueeze(0))
+            elif self.adapter.options.mapper == "face_plus":
+                t = self.adapter.tokens(self._edited(ident, emb, fuse_embeddings(emb)).unsqueeze(0),
+                                        image_features=self._image_features(ident, dtype))
             else:
                 q = None if ident.quality is None else torch.as_tensor(ident.quality, dtype=dtype, device=self.device)
                 expr = code if self.adapter.options.expression_dim == EXPRESSION_DIM else None
@@ -168,6 +173,19 @@ class IdentityPipeline:
                 t = self.imr(t, code)
             tokens.append(t)
         return torch.stack(tokens, dim=1).to(self.base.unet.dtype)
+
+    def _image_features(self, ident: IdentityCondition, dtype) -> torch.Tensor:
+        """(1, S, H): the mean CLIP image features of the identity's reference faces (FaceID-Plus)."""
+        if ident.image_features is None:
+            raise BadInput(f"identity {ident.name}: {self.adapter.published['variant']} reads the face's CLIP image "
+                           "features as well as its embedding: give reference photos and --image-encoder FOLDER "
+                           "(`generate`); enrolled people, Serve and render do not run FaceID-Plus yet")
+        features = torch.as_tensor(np.asarray(ident.image_features), dtype=dtype, device=self.device)
+        want = self.adapter.mapper.feature_dim
+        if features.ndim != 3 or features.shape[-1] != want:
+            raise BadInput(f"identity {ident.name}: image features of shape {tuple(features.shape)}; the adapter "
+                           f"reads R x S x {want} (its CLIP image encoder's hidden states)")
+        return features.mean(dim=0, keepdim=True)
 
     def check_edits(self, name: str, edits: dict) -> None:
         """Edits this pipeline can carry out: a flow is loaded and has every attribute named."""
@@ -238,7 +256,15 @@ class IdentityPipeline:
         """Tokens of a zero embedding for each identity: the unconditional rows of adapters whose
         reference pipeline guides against them."""
         dtype = next(self.adapter.parameters()).dtype
-        zero = self.adapter.tokens(torch.zeros(1, self.adapter.encoder_spec.dim, dtype=dtype, device=self.device))
+        empty = torch.zeros(1, self.adapter.encoder_spec.dim, dtype=dtype, device=self.device)
+        if self.adapter.options.mapper == "face_plus":  # and the features of a zero image, as its pipeline does
+            if self.adapter.image_encoder is None:
+                raise BadInput("FaceID-Plus guides against its CLIP image encoder's features of an empty image: give "
+                               "--image-encoder FOLDER")
+            negative = self.adapter.image_encoder.negative().to(self.device, dtype)
+            zero = self.adapter.tokens(empty, image_features=negative)
+        else:
+            zero = self.adapter.tokens(empty)
         return zero[:, None].expand(like.shape[0], like.shape[1], -1, -1).to(like.dtype)
 
     @staticmethod
@@ -493,6 +519,8 @@ class IdentityPipeline:
             "adapter_trained_steps": None if self.adapter is None else self.adapter.trained_steps,
             **({"adapter_published": self.adapter.published} if self.adapter is not None and self.adapter.published
                else {}),
+            **({"image_encoder": self.adapter.image_encoder.sha256}
+               if self.adapter is not None and self.adapter.image_encoder is not None else {}),
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),
             "imr": getattr(self.imr, "weights_hash", None if self.imr is None else "unsaved"),
             "flow": getattr(self.flow, "weights_hash", None if self.flow is None else "unsaved"),

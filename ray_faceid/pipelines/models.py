@@ -237,6 +237,9 @@ def save_base(base: BaseModel, folder: str | Path) -> None:
 
 def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
     """A local diffusers folder of a supported family (checked from its configs first)."""
+    from ray_faceid.quiet import model_loading
+
+    model_loading()
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

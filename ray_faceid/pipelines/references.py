@@ -18,3 +18,19 @@ def embed_references(analyzer: FaceAnalyzer, images: list, names: list[str] | No
         embeddings.append(faces[0].embedding)
         quality.append(faces[0].quality["score"])
     return np.stack(embeddings), np.asarray(quality, dtype=np.float32)
+
+
+def reference_crops(analyzer: FaceAnalyzer, images: list, names: list[str] | None = None) -> list[np.ndarray]:
+    """The largest face of each reference photo aligned at 224 px as FaceID-Plus reads it through CLIP
+    (face/clip_image.py): the same face embed_references embeds."""
+    from ray_faceid.face.clip_image import face_crop
+
+    names = names or [str(i) for i in images]
+    crops = []
+    for name, image in zip(names, images):
+        pixels = analyzer.load(image)
+        faces = analyzer.analyze(pixels)
+        if not faces:
+            raise NoFace(f"{name}: no face found; use a photo where the face is visible and at least ~40 px wide")
+        crops.append(face_crop(pixels, faces[0].landmarks))
+    return crops

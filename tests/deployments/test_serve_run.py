@@ -44,6 +44,18 @@ def wait_healthy(url: str, seconds: float) -> None:
     pytest.fail(f"{url}/healthz never answered 200 within {seconds:.0f} s")
 
 
+def serve_run(data: dict, config: Path, tokens: str, ray_cluster) -> None:
+    """Write `data` to `config` and run Ray's own `serve run --non-blocking` on it against the test
+    cluster; the tokens reach the application's builder through its runtime_env (Serve builds it there)."""
+    data["applications"][0]["runtime_env"] = {"env_vars": {"RAY_FACEID_API_TOKENS": tokens}}
+    config.write_text(yaml.safe_dump(data))
+    serve_cli = shutil.which("serve", path=str(Path(sys.executable).parent)) or "serve"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    done = subprocess.run([serve_cli, "run", "--non-blocking", str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("source, model", [("serve.yaml", None), ("kuberay.yaml", None), ("serve.yaml", "tiny-sdxl")])
 def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, tmp_path, loopback_port, sample_photos):
     from ray import serve
@@ -60,16 +72,8 @@ def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, t
     args["registry"] = str(tmp_path / "registry")
     if model:  # an SDXL-class base behind the same application, nothing else changed
         args["model"] = model
-    # The tokens reach the application's builder through its runtime_env (Serve builds it on the cluster).
-    data["applications"][0]["runtime_env"] = {"env_vars": {"RAY_FACEID_API_TOKENS": f"ops:{TOKEN}"}}
-    config = tmp_path / source
-    config.write_text(yaml.safe_dump(data))
-    serve_cli = shutil.which("serve", path=str(Path(sys.executable).parent)) or "serve"
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     try:
-        done = subprocess.run([serve_cli, "run", "--non-blocking", str(config)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr[-2000:]
+        serve_run(data, tmp_path / source, f"ops:{TOKEN}", ray_cluster)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 240)
         headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -98,15 +102,8 @@ def test_serve_run_of_a_bad_config_fails_once_in_one_line(ray_cluster, tmp_path,
     data = serve_config("serve.yaml")
     data["http_options"] = {"host": "127.0.0.1", "port": loopback_port()}
     data["applications"][0]["args"]["registry"] = str(tmp_path / "registry")
-    data["applications"][0]["runtime_env"] = {"env_vars": {"RAY_FACEID_API_TOKENS": "ops:short"}}
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump(data))
-    serve_cli = shutil.which("serve", path=str(Path(sys.executable).parent)) or "serve"
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     try:
-        done = subprocess.run([serve_cli, "run", "--non-blocking", str(config)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr[-2000:]
+        serve_run(data, tmp_path / "serve.yaml", "ops:short", ray_cluster)
         deadline, app = time.monotonic() + 120, None
         while time.monotonic() < deadline:
             app = serve.status().applications.get("faceid")

@@ -106,14 +106,14 @@ def test_ip_adapter_faceid_gives_diffusers_own_image(tmp_path, family, suffix, c
     assert "non-commercial" in provenance["adapter_published"]["licence"]
 
 
-def test_published_layouts_the_system_does_not_run_are_refused_in_one_line(tmp_path):
+def test_published_layouts_the_system_does_not_run_or_damaged_files_are_refused_in_one_line(tmp_path):
     base = build_tiny()
     state = faceid_state_dict(base.unet)
     plus = {"image_proj": {"perceiver_resampler.proj_in.weight": torch.zeros(2, 2), **state["image_proj"]},
             "ip_adapter": state["ip_adapter"]}
     instantid = {"image_proj": {"latents": torch.zeros(1, 4, 8), "proj_in.weight": torch.zeros(8, 8)},
                  "ip_adapter": state["ip_adapter"]}
-    for name, bad, says in (("plus.bin", plus, "FaceID-Plus"), ("instantid.bin", instantid, "InstantID"),
+    for name, bad, says in (("plus.bin", plus, "a FaceID-Plus resampler without"), ("instantid.bin", instantid, "InstantID"),
                             ("other.bin", {"image_proj": {"x": torch.zeros(1)}, "ip_adapter": {}},
                              "not an IP-Adapter-FaceID file")):
         with pytest.raises(UnsupportedModel, match=says) as refused:

@@ -1,0 +1,85 @@
+"""The CLIP image encoder FaceID-Plus / PlusV2 read a face through, from a folder the user gives.
+
+IP-Adapter-FaceID-Plus takes, besides the ArcFace embedding, the penultimate hidden states of a CLIP
+vision transformer (CLIP-ViT-H-14, laion2B: the `models/image_encoder` folder its authors publish)
+over the face aligned on the ArcFace template at 224 px. Its reference pipeline guides classifier-
+free guidance against the features of an all-zero image (zero after the processor's normalisation).
+Nothing is downloaded: a folder without the weights fails in one line naming the files needed.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ray_faceid.errors import NotFound, UnsupportedModel
+from ray_faceid.face.align import ARCFACE_112, Template, align
+from ray_faceid.weights_hash import weights_hash_of
+
+log = logging.getLogger(__name__)
+CROP = 224
+# insightface's norm_crop at 224: the ArcFace template scaled by 224 / 112 (no shift).
+ARCFACE_224 = Template("arcface_224", CROP, {n: (x * CROP / 112, y * CROP / 112) for n, (x, y) in ARCFACE_112.points.items()})
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+NEEDED = "config.json and model.safetensors (or pytorch_model.bin) of a CLIPVisionModel(WithProjection)"
+
+
+class ClipImageEncoder:
+    def __init__(self, folder: str):
+        from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+        try:  # the processor without torchvision (which we do not install), named so it says nothing
+            from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        except ImportError:
+            from transformers import CLIPImageProcessor
+
+        from ray_faceid.quiet import model_loading
+
+        model_loading()
+        root = Path(folder)
+        if not (root / "config.json").is_file() or not any((root / w).is_file() for w in WEIGHTS):
+            raise NotFound(f"no CLIP image encoder at {folder}: FaceID-Plus needs the folder its authors publish "
+                           f"(models/image_encoder of h94/IP-Adapter, CLIP-ViT-H-14) holding {NEEDED}")
+        config = CLIPVisionConfig.from_pretrained(root)
+        with_projection = any("WithProjection" in a for a in (config.architectures or []))
+        cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
+        try:
+            self.model = cls.from_pretrained(root).eval()
+        except (OSError, ValueError) as exc:
+            raise UnsupportedModel(f"{folder}: not a loadable CLIP vision model ({str(exc).splitlines()[0][:120]}): "
+                                   f"give a folder holding {NEEDED}") from None
+        self.model.requires_grad_(False)
+        # The authors' folder has no processor config; their pipeline uses CLIP's defaults (224 px, OpenAI's mean/std).
+        has_processor = (root / "preprocessor_config.json").is_file()
+        self.processor = CLIPImageProcessor.from_pretrained(root) if has_processor else CLIPImageProcessor()
+        self.folder = str(root)
+        self.sha256 = weights_hash_of(self.model)
+        self._negative: torch.Tensor | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def _hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixels.to(dtype), output_hidden_states=True).hidden_states[-2].float()
+
+    def features(self, crops: list[np.ndarray]) -> np.ndarray:
+        """(R, S, H) penultimate hidden states of R aligned 224 px RGB face crops."""
+        pixels = self.processor(images=list(crops), return_tensors="pt").pixel_values
+        return self._hidden(pixels).numpy()
+
+    def negative(self) -> torch.Tensor:
+        """(1, S, H): the features classifier-free guidance guides against (an all-zero processed image)."""
+        if self._negative is None:
+            shape = self.processor(images=[np.zeros((CROP, CROP, 3), np.uint8)], return_tensors="pt").pixel_values.shape
+            self._negative = self._hidden(torch.zeros(shape))
+        return self._negative
+
+
+def face_crop(image: np.ndarray, landmarks) -> np.ndarray:
+    """The face aligned as FaceID-Plus's authors crop it for CLIP (insightface's norm_crop, 224 px)."""
+    return align(image, landmarks, ARCFACE_224)[0]

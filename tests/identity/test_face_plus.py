@@ -1,0 +1,180 @@
+"""IP-Adapter-FaceID-Plus and PlusV2 from their own files: at toy size in the authors' key layout
+(perceiver resampler, LoRA inside), with a tiny CLIP image encoder saved as the authors' folder is
+(no processor config), the image equals diffusers' own path (`load_ip_adapter`, the projection's
+`clip_embeds` and `shortcut`, its LoRA through PEFT) with the same embedding, face crop and seed."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.models import build_tiny
+from tests.identity.test_published_adapters import EMBED, SIZE, SPEC, face, faceid_state_dict, save
+
+CLIP_WIDTH, INNER, DEPTH = 24, 64, 4  # diffusers reads heads as to_q rows // 64 and builds 4 blocks
+
+
+def faceid_plus_state_dict(unet, seed: int = 0) -> dict:
+    """FaceID-Plus's checkpoint for `unet`: FaceID's projection and LoRA, and a perceiver resampler
+    over CLIP_WIDTH-d image features, named as its authors save it."""
+    state = faceid_state_dict(unet, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    width = unet.config.cross_attention_dim
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=g) * std
+
+    resampler = {"proj_in.weight": rand(width, CLIP_WIDTH), "proj_in.bias": rand(width),
+                 "proj_out.weight": rand(width, width), "proj_out.bias": rand(width),
+                 "norm_out.weight": 1 + rand(width), "norm_out.bias": rand(width)}
+    for i in range(DEPTH):
+        resampler |= {f"layers.{i}.0.norm1.weight": 1 + rand(width), f"layers.{i}.0.norm1.bias": rand(width),
+                      f"layers.{i}.0.norm2.weight": 1 + rand(width), f"layers.{i}.0.norm2.bias": rand(width),
+                      f"layers.{i}.0.to_q.weight": rand(INNER, width), f"layers.{i}.0.to_kv.weight": rand(2 * INNER, width),
+                      f"layers.{i}.0.to_out.weight": rand(width, INNER),
+                      f"layers.{i}.1.0.weight": 1 + rand(width), f"layers.{i}.1.0.bias": rand(width),
+                      f"layers.{i}.1.1.weight": rand(4 * width, width), f"layers.{i}.1.3.weight": rand(width, 4 * width)}
+    state["image_proj"] |= {f"perceiver_resampler.{k}": v for k, v in resampler.items()}
+    return state
+
+
+@pytest.fixture(scope="module")
+def image_encoder_folder(tmp_path_factory):
+    """A tiny CLIP vision model saved as h94/IP-Adapter's models/image_encoder is: config and weights only."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=CLIP_WIDTH, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=224, patch_size=32, projection_dim=16)
+    folder = tmp_path_factory.mktemp("image_encoder")
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(folder)
+    return folder
+
+
+def crop(seed: int) -> np.ndarray:
+    """A 224 px 'aligned face' (any pixels: both paths read the same crop)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+
+
+def diffusers_plus_image(folder, weight_name, encoder_folder, embedding, face_crop, seed, family, v2) -> np.ndarray:
+    pytest.importorskip("peft", reason="diffusers applies the FaceID LoRA through PEFT (`dev` extra)")
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    base = build_tiny(family=family)
+    parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                 scheduler=base.scheduler, image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder_folder),
+                 feature_extractor=CLIPImageProcessor())
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                                         add_watermarker=False, **parts)
+    else:
+        pipe = StableDiffusionPipeline(safety_checker=None, requires_safety_checker=False, **parts)
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weight_name, image_encoder_folder=None)
+    projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    projection.clip_embeds = pipe.prepare_ip_adapter_image_embeds([Image.fromarray(face_crop)], None, "cpu", 1, True)[0]
+    projection.shortcut, projection.shortcut_scale = v2, 1.0
+    embeds = torch.cat([torch.zeros(1, 1, EMBED), torch.from_numpy(embedding)[None]])
+    image = pipe("a portrait photo", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+                 ip_adapter_image_embeds=[embeds], output_type="np", **SIZE).images[0]
+    return np.round(image * 255).astype(int)
+
+
+@pytest.mark.parametrize("family,name", [("sd1", "ip-adapter-faceid-plus_sd15.bin"),
+                                         ("sd1", "ip-adapter-faceid-plusv2_sd15.safetensors"),
+                                         ("sdxl", "ip-adapter-faceid-plusv2_sdxl.bin")])
+def test_faceid_plus_gives_diffusers_own_image(tmp_path, image_encoder_folder, family, name, caplog):
+    from ray_faceid.face.clip_image import ClipImageEncoder
+
+    base = build_tiny(family=family)
+    path = save(faceid_plus_state_dict(base.unet), tmp_path / name)
+    with caplog.at_level("WARNING"):
+        adapter = IdentityAdapter.load(path, base.unet, SPEC)
+    v2 = "plusv2" in name
+    assert f"recognised IP-Adapter-FaceID (FaceID-Plus{'V2, shortcut' if v2 else ''}): 4 identity tokens from 16-d " \
+           f"ArcFace embeddings and {CLIP_WIDTH}-d CLIP image features" in caplog.text
+    adapter.image_encoder = ClipImageEncoder(str(image_encoder_folder))
+    pipe = IdentityPipeline(base, adapter)
+    images = {}
+    for seed, person in ((11, 1), (12, 2)):
+        features = adapter.image_encoder.features([crop(person)])
+        condition = IdentityCondition("p", face(person), image_features=features)
+        got = np.asarray(pipe.generate("a portrait photo", [condition], seed=seed, steps=3, guidance=5.0,
+                                       **SIZE).images[0]).astype(int)
+        want = diffusers_plus_image(tmp_path, name, image_encoder_folder, face(person), crop(person), seed, family, v2)
+        assert np.abs(got - want).max() <= 1, (seed, np.abs(got - want).max())
+        images[person] = got
+    # The face's CLIP features reach the image, not only its embedding.
+    other = IdentityCondition("p", face(1), image_features=adapter.image_encoder.features([crop(2)]))
+    moved = np.asarray(pipe.generate("a portrait photo", [other], seed=11, steps=3, guidance=5.0, **SIZE).images[0])
+    assert np.abs(moved.astype(int) - images[1]).max() > 2
+    # Without features it says what to give, in one line.
+    with pytest.raises(Exception, match="--image-encoder FOLDER") as refused:
+        pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=1, steps=1, **SIZE)
+    assert "\n" not in str(refused.value)
+
+
+def test_one_command_with_a_plus_v2_file_an_image_encoder_and_a_photo(tmp_path, image_encoder_folder, sample_photos):
+    """`generate` with FaceID-PlusV2: the embedding made elsewhere, the photo read through CLIP; the
+    provenance names the file and the image encoder; without --image-encoder it says what to give."""
+    from diffusers import StableDiffusionPipeline
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    base = build_tiny()
+    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
+    adapter = save(faceid_plus_state_dict(base.unet), tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+    np.save(tmp_path / "hanks.npy", face(1))
+    common = ["generate", "--model", str(tmp_path / "sd15"), "--adapter", adapter, "--face-embedding",
+              str(tmp_path / "hanks.npy"), "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--prompt", "a portrait",
+              "--size", "32x32", "--steps", "2"]
+    made = {}
+    for scale in ("1.0", "0.3"):
+        out = tmp_path / f"hanks{scale}.png"
+        result = CliRunner().invoke(app, [*common, "--image-encoder", str(image_encoder_folder), "--plus-v2-scale",
+                                          scale, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "Loading weights" not in result.stderr  # the user's folders load without a bar per file
+        provenance = read_provenance(out.read_bytes())
+        assert provenance["adapter_published"]["variant"] == "FaceID-PlusV2, shortcut"
+        assert provenance["adapter_published"]["shortcut_scale"] == float(scale)
+        assert provenance["image_encoder"]
+        made[scale] = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(made["1.0"] - made["0.3"]).max() > 0  # the scale reaches the image
+    embedding_only = [a for a in common if a not in ("--ref", str(sample_photos["Tom_Hanks_54745.png"]))]
+    refused = CliRunner().invoke(app, [*embedding_only, "--out", str(tmp_path / "x.png")])
+    assert refused.exit_code == 2 and "give --image-encoder FOLDER" in refused.stderr
+    no_photo = CliRunner().invoke(app, [*embedding_only, "--image-encoder", str(image_encoder_folder), "--out",
+                                        str(tmp_path / "x.png")])
+    assert no_photo.exit_code == 2 and "reads the face's photos, not only an embedding" in no_photo.stderr
+    missing = CliRunner().invoke(app, [*common, "--image-encoder", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert missing.exit_code != 0 and "no CLIP image encoder at" in missing.stderr and "config.json" in missing.stderr
+
+
+def test_paths_holding_people_as_embeddings_refuse_plus_in_one_line(tmp_path, sample_photos):
+    """personalize (and Serve, render: the same check where they load the adapter) hold people as
+    embeddings alone: a FaceID-Plus file is refused before any work starts, saying what runs it."""
+    from diffusers import StableDiffusionPipeline
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    base = build_tiny()
+    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
+    adapter = save(faceid_plus_state_dict(base.unet), tmp_path / "ip-adapter-faceid-plus_sd15.bin")
+    registry = str(tmp_path / "registry")
+    enrolled = CliRunner().invoke(app, ["identities", "enroll", str(sample_photos["Tom_Hanks_54745.png"]), "--name",
+                                        "hanks", "--consent", "form-1", "--registry", registry])
+    assert enrolled.exit_code == 0, enrolled.output
+    refused = CliRunner().invoke(app, ["personalize", "--adapter", adapter, "--model", str(tmp_path / "sd15"),
+                                       "--registry", registry])
+    assert refused.exit_code == 2, refused.output
+    assert "personalize holds people as embeddings and does not run it yet" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
