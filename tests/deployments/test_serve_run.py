@@ -1,7 +1,7 @@
 """The documented deployment commands, run as an operator runs them: Ray's own `serve run` CLI
-loads `deployments.app:build_app` with the YAML's `args` on the test cluster (serve.yaml, the
-application inside the KubeRay RayService, and serve.yaml on an SDXL-class base), then the app
-answers /healthz, an enrollment and a generation over HTTP on loopback."""
+loads `deployments.app:build_app` with the YAML's `args` on the test cluster (serve.yaml, and the
+application inside the KubeRay RayService, GPU-annotated generator included, on an SDXL-class base),
+then the app answers /healthz, an enrollment and a generation over HTTP on loopback."""
 import os
 import shutil
 import subprocess
@@ -56,7 +56,8 @@ def serve_run(data: dict, config: Path, tokens: str, ray_cluster) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("source, model", [("serve.yaml", None), ("kuberay.yaml", None), ("serve.yaml", "tiny-sdxl")])
+# The cluster's application also runs an SDXL-class base: one Serve app each (minutes on 2 cores).
+@pytest.mark.parametrize("source, model", [("serve.yaml", None), ("kuberay.yaml", "tiny-sdxl")])
 def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, tmp_path, loopback_port, sample_photos):
     from ray import serve
 
@@ -70,7 +71,7 @@ def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, t
         if key in local:
             args[key] = local[key]
     args["registry"] = str(tmp_path / "registry")
-    if model:  # an SDXL-class base behind the same application, nothing else changed
+    if model:  # an SDXL-class base behind the same application, nothing else changed (its model is a location)
         args["model"] = model
     try:
         serve_run(data, tmp_path / source, f"ops:{TOKEN}", ray_cluster)
