@@ -35,7 +35,7 @@ def parse_edit_option(text: Optional[str]) -> Optional[dict]:
 
 
 def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,
-              flow: Optional[str] = None, spec="analyzer"):
+              flow: Optional[str] = None, spec="analyzer", plus_v2_scale: Optional[float] = None):
     """The pipeline, loaded after the reference photos were checked: a bad photo fails in a second."""
     from ray_faceid.engines.select import require_backend
     from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
@@ -45,7 +45,8 @@ def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "
     require_backend(backend)  # a missing runtime fails before the model loads
     base = load_base(model)
     # `spec`: the encoder the identities' embeddings come from (None: given as --face-embedding, checked by width).
-    adapter = shared_adapter(adapter_uri, base, analyzer.spec if spec == "analyzer" or not adapter_uri else spec)
+    adapter = shared_adapter(adapter_uri, base, analyzer.spec if spec == "analyzer" or not adapter_uri else spec,
+                             plus_v2_scale)
     if adapter is None:
         raise BadInput(NO_ADAPTER.format(model=base.model_id))
     if not adapter_uri:
@@ -122,8 +123,7 @@ def _with_personal_adapters(conditions: list, enrolled: dict, pipe, registry: st
             condition.personal = load_personal(Registry(registry), tenant, enrolled[condition.name], pipe.adapter_hash)
 
 
-def _with_image_features(pipe, image_encoder: Optional[str], conditions: list, photos: dict, analyzer,
-                         plus_v2_scale: float) -> None:
+def _with_image_features(pipe, image_encoder: Optional[str], conditions: list, photos: dict, analyzer) -> None:
     """FaceID-Plus / PlusV2 read each face through a CLIP image encoder as well: its features of every
     person's reference photos (`photos`: name -> photos, or what else names them) go on their condition."""
     from ray_faceid.face.clip_image import NEEDED, ClipImageEncoder
@@ -139,13 +139,10 @@ def _with_image_features(pipe, image_encoder: Optional[str], conditions: list, p
     if not image_encoder:
         raise BadInput(f"{variant} reads the face through a CLIP image encoder too: give --image-encoder FOLDER "
                        f"(models/image_encoder of h94/IP-Adapter: {NEEDED})")
-    adapter.image_encoder = ClipImageEncoder(image_encoder)
+    adapter.image_encoder = ClipImageEncoder(image_encoder, pipe.device)
     if adapter.image_encoder.feature_dim != adapter.mapper.feature_dim:
         raise BadInput(f"--image-encoder {image_encoder} gives {adapter.image_encoder.feature_dim}-d features; "
                        f"{variant} reads {adapter.mapper.feature_dim}-d (CLIP-ViT-H-14's): give the encoder it was made with")
-    if adapter.mapper.shortcut_scale is not None:
-        adapter.mapper.shortcut_scale = plus_v2_scale
-        adapter.published["shortcut_scale"] = plus_v2_scale
     for condition in conditions:
         refs = photos[condition.name]
         if not isinstance(refs, list):
@@ -210,8 +207,9 @@ def generate(
     image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-Plus / PlusV2: the "
                                                 "CLIP image encoder folder it reads faces through (models/image_encoder "
                                                 "of h94/IP-Adapter)."),
-    plus_v2_scale: float = typer.Option(1.0, "--plus-v2-scale", min=0.0, max=3.0, help="FaceID-PlusV2: weight of "
-                                        "the face's CLIP features over its embedding's own tokens."),
+    plus_v2_scale: Optional[float] = typer.Option(None, "--plus-v2-scale", min=0.0, max=3.0, help="FaceID-PlusV2: "
+                                                  "weight of the face's CLIP features over its embedding's own tokens "
+                                                  "(default 1)."),
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.cli.faces import face_config
@@ -246,9 +244,10 @@ def generate(
             raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files)")
         analyzer = FaceAnalyzer(face_config("dlib" if face_embedding else face_backend, insightface_root, True))
         conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
-        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer")
+        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer",
+                         plus_v2_scale=plus_v2_scale)
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
-        _with_image_features(pipe, image_encoder, conditions, photos, analyzer, plus_v2_scale)
+        _with_image_features(pipe, image_encoder, conditions, photos, analyzer)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size
         err_console.print(f"{width}x{height}, {steps} steps on {pipe.device.type}")

@@ -27,7 +27,7 @@ NEEDED = "config.json and model.safetensors (or pytorch_model.bin) of a CLIPVisi
 
 
 class ClipImageEncoder:
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, device: str | torch.device = "cpu"):
         from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
         try:  # the processor without torchvision (which we do not install), named so it says nothing
@@ -42,14 +42,18 @@ class ClipImageEncoder:
         if not (root / "config.json").is_file() or not any((root / w).is_file() for w in WEIGHTS):
             raise NotFound(f"no CLIP image encoder at {folder}: FaceID-Plus needs the folder its authors publish "
                            f"(models/image_encoder of h94/IP-Adapter, CLIP-ViT-H-14) holding {NEEDED}")
-        config = CLIPVisionConfig.from_pretrained(root)
-        with_projection = any("WithProjection" in a for a in (config.architectures or []))
-        cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
         try:
-            self.model = cls.from_pretrained(root).eval()
-        except (OSError, ValueError) as exc:
+            config = CLIPVisionConfig.from_pretrained(root)
+            with_projection = any("WithProjection" in a for a in (config.architectures or []))
+            cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
+            model, info = cls.from_pretrained(root, output_loading_info=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged config or weights file raises many types
             raise UnsupportedModel(f"{folder}: not a loadable CLIP vision model ({str(exc).splitlines()[0][:120]}): "
                                    f"give a folder holding {NEEDED}") from None
+        if info.get("missing_keys"):  # weights of another model: transformers would fill them at random
+            raise UnsupportedModel(f"{folder}: its weights lack {len(info['missing_keys'])} of the model's tensors "
+                                   f"(e.g. {sorted(info['missing_keys'])[0]}): give a folder holding {NEEDED}")
+        self.model = model.eval().to(device)
         self.model.requires_grad_(False)
         # The authors' folder has no processor config; their pipeline uses CLIP's defaults (224 px, OpenAI's mean/std).
         has_processor = (root / "preprocessor_config.json").is_file()
@@ -64,13 +68,13 @@ class ClipImageEncoder:
 
     @torch.no_grad()
     def _hidden(self, pixels: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        return self.model(pixels.to(dtype), output_hidden_states=True).hidden_states[-2].float()
+        weight = next(self.model.parameters())
+        return self.model(pixels.to(weight.device, weight.dtype), output_hidden_states=True).hidden_states[-2].float()
 
     def features(self, crops: list[np.ndarray]) -> np.ndarray:
         """(R, S, H) penultimate hidden states of R aligned 224 px RGB face crops."""
         pixels = self.processor(images=list(crops), return_tensors="pt").pixel_values
-        return self._hidden(pixels).numpy()
+        return self._hidden(pixels).cpu().numpy()
 
     def negative(self) -> torch.Tensor:
         """(1, S, H): the features classifier-free guidance guides against (an all-zero processed image)."""
@@ -81,5 +85,7 @@ class ClipImageEncoder:
 
 
 def face_crop(image: np.ndarray, landmarks) -> np.ndarray:
-    """The face aligned as FaceID-Plus's authors crop it for CLIP (insightface's norm_crop, 224 px)."""
-    return align(image, landmarks, ARCFACE_224)[0]
+    """The face aligned as FaceID-Plus's reference pipelines crop it for CLIP: insightface's
+    norm_crop at 224 px of an OpenCV (BGR) image, handed to the processor as it is, so its channels
+    reach CLIP in BGR order. Ours are RGB: reversed here to give the reference's input."""
+    return np.ascontiguousarray(align(image, landmarks, ARCFACE_224)[0][..., ::-1])

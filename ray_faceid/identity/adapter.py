@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ray_faceid import storage
-from ray_faceid.errors import BaseModelMismatch, EncoderMismatch, NotFound
+from ray_faceid.errors import BadInput, BaseModelMismatch, EncoderMismatch, NotFound
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.identity.attention import PROCESSORS, SelfAttnProcessor
 from ray_faceid.identity.tokens import IdProjector, MultiRefMapper
@@ -117,6 +117,9 @@ class IdentityAdapter(nn.Module):
         """Identity tokens (B, T, C) from (B, D) embeddings (projector), (B, R, D) references (multiref),
         or (B, D) embeddings and (B, S, H) CLIP image features of the same faces (face_plus)."""
         if self.options.mapper == "face_plus":
+            if image_features is None:
+                raise BadInput("FaceID-Plus tokens read the face's CLIP image features as well as its embedding: "
+                               "this path gives embeddings only (use `ray-faceid generate --image-encoder`)")
             return self.mapper(embeddings, image_features)
         if isinstance(self.mapper, MultiRefMapper):
             refs = embeddings if embeddings.ndim == 3 else embeddings.unsqueeze(1)
@@ -210,13 +213,16 @@ class IdentityAdapter(nn.Module):
         storage.write_bytes(storage.join(uri, CONFIG_FILE), json.dumps(self.config_dict(), indent=2).encode())
 
     @classmethod
-    def load(cls, uri: str, unet=None, encoder_spec: EncoderSpec | None = None) -> "IdentityAdapter":
+    def load(cls, uri: str, unet=None, encoder_spec: EncoderSpec | None = None,
+             shortcut_scale: float | None = None) -> "IdentityAdapter":
         """Load an adapter (a folder `train` wrote, or a published file: published.py); with `unet` /
-        `encoder_spec` given, refuse a mismatched base or encoder."""
+        `encoder_spec` given, refuse a mismatched base or encoder. `shortcut_scale`: FaceID-PlusV2's."""
         from ray_faceid.identity import published
 
         if published.is_published_file(uri):
-            return published.load(uri, unet, encoder_spec)
+            return published.load(uri, unet, encoder_spec, shortcut_scale)
+        if shortcut_scale is not None:
+            raise BadInput(f"{uri}: a shortcut scale (--plus-v2-scale) is for FaceID-PlusV2 files")
         try:
             config = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
         except NotFound as exc:
@@ -243,12 +249,15 @@ NO_ADAPTER = ("{model} is a real base and no identity adapter was given: pass --
               "(adapter: in the Serve config, --adapter for render)")
 
 
-def shared_adapter(uri: str | None, base, encoder_spec: EncoderSpec | None) -> "IdentityAdapter | None":
+def shared_adapter(uri: str | None, base, encoder_spec: EncoderSpec | None,
+                   shortcut_scale: float | None = None) -> "IdentityAdapter | None":
     """The adapter a job runs: the one `uri` names; with none, on the tiny smoke-test base a seeded
     untrained one (the same bytes every run), on a real base None: never a random adapter that
     makes another image each run. Callers refuse identity requests without one (NO_ADAPTER)."""
     if uri:
-        return IdentityAdapter.load(uri, base.unet, encoder_spec)
+        return IdentityAdapter.load(uri, base.unet, encoder_spec, shortcut_scale)
+    if shortcut_scale is not None:
+        raise BadInput("a shortcut scale (--plus-v2-scale) is for FaceID-PlusV2 files: give one with --adapter")
     if not base.untrained:
         return None
     with torch.random.fork_rng(devices=[]):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ray_faceid.identity.tokens import unit
+
 HEAD_WIDTH = 64  # the authors' attention head width (their heads = inner width // 64)
 
 
@@ -74,6 +76,6 @@ class FacePlusMapper(nn.Module):
     def forward(self, embedding: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings and (B, S, H) image features of the same faces -> (B, N, C) tokens. The
         embedding is taken unit-length, as the authors' pipeline gives it (insightface's normed_embedding)."""
-        x = self.norm(self.proj(F.normalize(embedding, dim=-1)).view(-1, self.num_tokens, self.cross_attention_dim))
+        x = self.norm(self.proj(unit(embedding)).view(-1, self.num_tokens, self.cross_attention_dim))
         out = self.perceiver_resampler(x, features.to(x.dtype))
         return out if self.shortcut_scale is None else x + self.shortcut_scale * out

@@ -41,9 +41,7 @@ FACEID_PROJ = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "
 LORA_PROJECTIONS = {"to_q": ("to_q",), "to_k": ("to_k",), "to_v": ("to_v",), "to_out": ("to_out", "0")}
 LICENCE = ("IP-Adapter-FaceID weights (h94/IP-Adapter-FaceID): non-commercial research use; their face "
            "embeddings come from insightface packs, also non-commercial")
-# The families' widths, and those of the tiny smoke-test bases (`tiny`: 32, `tiny-sdxl`: 64) that
-# stand-ins in the published layouts are made for.
-FAMILY_OF_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 64: "sdxl"}
+FAMILY_OF_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 WIDTH_NAMES = "SD 1.x: 768, SD 2.x: 1024, SDXL: 2048"
 
 
@@ -185,6 +183,11 @@ def check_encoder(found: Recognised, spec: EncoderSpec | None) -> None:
                               "--face-embedding EMB.npy")
 
 
+def reads_image_features(uri: str) -> bool:
+    """Whether a published file is FaceID-Plus / PlusV2 (read from the file alone, before a base loads)."""
+    return recognise(*read(uri), uri).resampler is not None
+
+
 def refuse_image_features(adapter, where: str) -> None:
     """FaceID-Plus reads each face's photos through CLIP: paths that hold people as embeddings alone
     (enrolled people, catalog rows, personal adapters) refuse it before any work starts."""
@@ -194,9 +197,9 @@ def refuse_image_features(adapter, where: str) -> None:
                                "yet: use `ray-faceid generate --image-encoder`, or an IP-Adapter-FaceID (plain) file")
 
 
-def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale: float = 1.0):
+def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale: float | None = None):
     """An IdentityAdapter from a published file, for `unet` (needed: layers are named by its order);
-    `shortcut_scale`: PlusV2's weight of the resampled tokens over the embedding's own."""
+    `shortcut_scale`: PlusV2's weight of the resampled tokens over the embedding's own (default 1)."""
     from ray_faceid.identity.adapter import AdapterOptions, IdentityAdapter, _key, cross_attention_layers
     from ray_faceid.pipelines.families import unet_family
 
@@ -210,6 +213,10 @@ def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale
         raise UnsupportedModel(f"{uri}: {found.kind} made for a base of cross-attention width {found.width}; this "
                                f"{family.upper()} base has {width} ({WIDTH_NAMES}): use the file made for this family")
     check_encoder(found, encoder_spec)
+    if shortcut_scale is not None and not found.shortcut:
+        raise UnsupportedModel(f"{uri}: a shortcut scale (--plus-v2-scale) is for FaceID-PlusV2 files (named so by "
+                               f"their authors); this one is {found.variant}")
+    shortcut_scale = 1.0 if shortcut_scale is None else shortcut_scale
     spec = encoder_spec or EncoderSpec(name="arcface", dim=found.embedding_dim, version="insightface", license=LICENCE,
                                        metric="cosine", threshold=0.6)
     names = list(unet.attn_processors.keys())

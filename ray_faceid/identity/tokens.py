@@ -26,6 +26,12 @@ def fuse_embeddings(embeddings: torch.Tensor, quality: torch.Tensor | None = Non
     return (unit * w.unsqueeze(-1)).sum(dim=-2) / w.sum(dim=-1, keepdim=True)
 
 
+def unit(embedding: torch.Tensor) -> torch.Tensor:
+    """L2-normalised in fp32: in fp16 the norm's floor (1e-12) is 0, and a zero embedding (the
+    unconditional rows') gave 0/0."""
+    return F.normalize(embedding.float(), dim=-1).to(embedding.dtype)
+
+
 class IdProjector(nn.Module):
     def __init__(self, embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, expression_dim: int = 0,
                  hidden: int | None = None):
@@ -60,7 +66,7 @@ class IdProjector(nn.Module):
         self, embedding: torch.Tensor, expression: torch.Tensor | None = None, drop_prob: float = 0.0
     ) -> torch.Tensor:
         """(B, D) [+ (B, E)] -> (B, N, C)."""
-        x = F.normalize(embedding, dim=-1)
+        x = unit(embedding)
         codes = self.expression_codes(x.shape[0], expression, drop_prob)
         if codes is not None:
             x = torch.cat([x, codes.to(x.dtype)], dim=-1)

@@ -297,10 +297,14 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
     if config.method == "imr" and not adapter:
         raise BadInput("--method imr trains on a trained adapter's tokens: pass --adapter URI")
     if adapter:  # a base of another family is refused here, not inside every worker
+        from ray_faceid.identity import published
         from ray_faceid.identity.adapter import IdentityAdapter
         from ray_faceid.pipelines.models import model_family
 
         IdentityAdapter.check_file_family(adapter, model_family(model))
+        if published.is_published_file(adapter) and published.reads_image_features(adapter):
+            raise BadInput(f"{adapter}: FaceID-Plus reads each face's photos through a CLIP image encoder; training "
+                           "rows hold embeddings: train on an IP-Adapter-FaceID (plain) file or a folder `train` wrote")
     held_out: list[str] = []
     if config.method == "flow":
         rows, held_out = _flow_rows(dataset)

@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
 from tests.identity.test_published_adapters import EMBED, SIZE, SPEC, face, faceid_state_dict, save
 
-CLIP_WIDTH, INNER, DEPTH = 24, 64, 4  # diffusers reads heads as to_q rows // 64 and builds 4 blocks
+CLIP_WIDTH, INNER, DEPTH = 24, 128, 4  # diffusers reads heads as to_q rows // 64 (2 here) and builds 4 blocks
 
 
 def faceid_plus_state_dict(unet, seed: int = 0) -> dict:
@@ -110,7 +111,7 @@ def test_faceid_plus_gives_diffusers_own_image(tmp_path, image_encoder_folder, f
     moved = np.asarray(pipe.generate("a portrait photo", [other], seed=11, steps=3, guidance=5.0, **SIZE).images[0])
     assert np.abs(moved.astype(int) - images[1]).max() > 2
     # Without features it says what to give, in one line.
-    with pytest.raises(Exception, match="--image-encoder FOLDER") as refused:
+    with pytest.raises(BadInput, match="--image-encoder FOLDER") as refused:
         pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=1, steps=1, **SIZE)
     assert "\n" not in str(refused.value)
 
@@ -133,7 +134,7 @@ def test_one_command_with_a_plus_v2_file_an_image_encoder_and_a_photo(tmp_path, 
     common = ["generate", "--model", str(tmp_path / "sd15"), "--adapter", adapter, "--face-embedding",
               str(tmp_path / "hanks.npy"), "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--prompt", "a portrait",
               "--size", "32x32", "--steps", "2"]
-    made = {}
+    made, versions = {}, set()
     for scale in ("1.0", "0.3"):
         out = tmp_path / f"hanks{scale}.png"
         result = CliRunner().invoke(app, [*common, "--image-encoder", str(image_encoder_folder), "--plus-v2-scale",
@@ -145,7 +146,14 @@ def test_one_command_with_a_plus_v2_file_an_image_encoder_and_a_photo(tmp_path, 
         assert provenance["adapter_published"]["shortcut_scale"] == float(scale)
         assert provenance["image_encoder"]
         made[scale] = np.asarray(Image.open(out)).astype(int)
-    assert np.abs(made["1.0"] - made["0.3"]).max() > 0  # the scale reaches the image
+        versions.add(provenance["adapter"])
+    assert np.abs(made["1.0"] - made["0.3"]).max() > 0  # the scale reaches the image...
+    assert len(versions) == 2  # ...and the adapter's version, as all it is made of
+    plain = save(faceid_state_dict(base.unet), tmp_path / "ip-adapter-faceid_sd15.bin")
+    wrong = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "sd15"), "--adapter", plain,
+                                     "--face-embedding", str(tmp_path / "hanks.npy"), "--plus-v2-scale", "0.5",
+                                     "--prompt", "a", "--size", "32x32", "--steps", "2", "--out", str(tmp_path / "p.png")])
+    assert wrong.exit_code == 2 and "is for FaceID-PlusV2 files" in wrong.stderr
     embedding_only = [a for a in common if a not in ("--ref", str(sample_photos["Tom_Hanks_54745.png"]))]
     refused = CliRunner().invoke(app, [*embedding_only, "--out", str(tmp_path / "x.png")])
     assert refused.exit_code == 2 and "give --image-encoder FOLDER" in refused.stderr
@@ -156,13 +164,16 @@ def test_one_command_with_a_plus_v2_file_an_image_encoder_and_a_photo(tmp_path, 
     assert missing.exit_code != 0 and "no CLIP image encoder at" in missing.stderr and "config.json" in missing.stderr
 
 
-def test_paths_holding_people_as_embeddings_refuse_plus_in_one_line(tmp_path, sample_photos):
-    """personalize (and Serve, render: the same check where they load the adapter) hold people as
-    embeddings alone: a FaceID-Plus file is refused before any work starts, saying what runs it."""
+def test_paths_holding_people_as_embeddings_refuse_plus_in_one_line(tmp_path, sample_photos, monkeypatch):
+    """personalize and train hold people as embeddings alone: a FaceID-Plus file is refused before any
+    worker starts, saying what runs it (Serve and render call the same check where their workers load it)."""
     from diffusers import StableDiffusionPipeline
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
+    from ray_faceid.identity import published
+
+    monkeypatch.setitem(published.FAMILY_OF_WIDTH, 32, "sd1")  # the tiny base's width stands for SD 1.x's
 
     base = build_tiny()
     StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
@@ -178,3 +189,23 @@ def test_paths_holding_people_as_embeddings_refuse_plus_in_one_line(tmp_path, sa
     assert refused.exit_code == 2, refused.output
     assert "personalize holds people as embeddings and does not run it yet" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+    dataset = tmp_path / "dataset"  # an ingest output's summary: the check comes before its rows are read
+    dataset.mkdir()
+    (dataset / "summary.json").write_text('{"encoder_spec": {"name": "arcface"}}')
+    trained = CliRunner().invoke(app, ["train", str(dataset), "--method", "imr", "--adapter", adapter, "--model",
+                                       str(tmp_path / "sd15"), "--out", str(tmp_path / "imr")])
+    assert trained.exit_code == 2 and "FaceID-Plus reads each face's photos" in trained.stderr, trained.output
+
+
+def test_half_precision_tokens_of_the_zero_embedding_are_finite():
+    """On a GPU the adapter runs in fp16; the unconditional rows take the tokens of a zero embedding,
+    whose normalisation was 0/0 in fp16 (every image black)."""
+    from ray_faceid.identity.face_plus import FacePlusMapper
+    from ray_faceid.identity.tokens import IdProjector
+
+    torch.manual_seed(0)
+    zero = torch.zeros(1, EMBED, dtype=torch.float16)
+    projector = IdProjector(EMBED, 32, 4).half()
+    plus = FacePlusMapper(EMBED, 32, 4, 2 * EMBED, CLIP_WIDTH, 1, INNER, shortcut_scale=1.0).half()
+    assert torch.isfinite(projector(zero)).all()
+    assert torch.isfinite(plus(zero, torch.randn(1, 5, CLIP_WIDTH, dtype=torch.float16))).all()
