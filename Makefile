@@ -5,7 +5,8 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= dev,data,train,serve,ui,sface,insightface,onnx
 PHOTOS ?=
 # Two pytest-xdist workers keep both cores busy while the other waits on a subprocess or Ray
-# (whole modules per worker, slowest first: tests/conftest.py); TEST_WORKERS=0 runs one process.
+# (whole modules per worker, slowest first as tests/conftest.py orders them, not by their number of
+# tests: --no-loadscope-reorder); TEST_WORKERS=0 runs one process.
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench clean
@@ -24,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ray-faceid demo $(if $(PHOTOS),--photos $(PHOTOS),) $(if $(PORT),--port $(PORT),)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=30 -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest -q -ra --durations=30 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 bench: $(STAMP)  # each script appends its results to benchmarks/BENCHMARKS.md; gpu_check.py needs a GPU
 	$(PY) benchmarks/face_throughput.py

@@ -25,19 +25,25 @@ os.environ.setdefault("RAY_FACEID_TORCH_COMPILE_BACKEND", "aot_eager")
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest-xdist workers, each handed whole modules (`--dist loadscope`),
-    so a module's fixtures are built once; the slowest modules go first, so neither worker is left
-    with a long one at the end while the other waits."""
+    """`make test` runs two pytest-xdist workers, each handed whole modules (`--dist loadscope`,
+    in this order: `--no-loadscope-reorder`, else xdist orders modules by their number of tests), so a
+    module's fixtures are built once; the slowest modules go first, so neither worker is left with a
+    long one at the end while the other waits."""
     def weight(item) -> int:
         return next((rank for rank, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
 
     items.sort(key=weight)  # stable: a module's tests keep their order
 
 
-# Modules by how long they take (minutes each on 2 cores: Ray Train jobs, Serve apps, Inductor).
-SLOW_FIRST = ("tests/train/", "tests/deployments/test_api.py", "tests/data/test_render.py", "tests/engines/",
-              "tests/deployments/", "tests/data/test_erasure.py", "tests/test_cli.py", "tests/test_quiet.py",
-              "tests/data/", "tests/pipelines/")
+# Modules by how long they take (minutes each on 2 cores: Ray Train jobs, Serve apps, Inductor). Each
+# worker starts with two (pytest-xdist), the first and third to one, the second and fourth to the
+# other: the module that builds the session's `small_dataset` first, the other worker meanwhile on
+# modules that do not wait for it.
+SLOW_FIRST = ("tests/train/test_train_adapter.py", "tests/deployments/test_api.py", "tests/test_cli.py",
+              "tests/engines/test_compiled_engine.py", "tests/train/test_personalize.py", "tests/data/test_render.py",
+              "tests/engines/", "tests/deployments/test_web_page.py", "tests/deployments/test_serve_run.py",
+              "tests/train/", "tests/deployments/", "tests/face/test_dlib_resnet_torch.py", "tests/test_quiet.py",
+              "tests/data/test_erasure.py", "tests/data/", "tests/pipelines/", "tests/identity/")
 
 
 SHARED_FACES = Path(os.environ.get("RAY_FACEID_FACES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"))
