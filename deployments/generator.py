@@ -97,7 +97,7 @@ class Generator:
     def __init__(self, config_json: str):
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
-        from ray_faceid.identity.published import refuse_image_features
+        from ray_faceid.identity.published import refuse_generate_only
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline
         from ray_faceid.pipelines.models import load_base
@@ -116,7 +116,7 @@ class Generator:
         if adapter is not None and adapter.published and not adapter.takes(FaceAnalyzer(self.config.face).spec):
             raise EncoderMismatch(f"{self.config.adapter} takes {adapter.encoder_spec.dim}-d insightface ArcFace "
                                   "embeddings: set face.backend: insightface and face.insightface_root in the Serve config")
-        refuse_image_features(adapter, "Serve")
+        refuse_generate_only(adapter, "Serve")
         if adapter is None and self.config.backend != "torch":
             raise BadInput(NO_ADAPTER.format(model=self.config.model) + "; compiled engines are built around one")
         imr, flow = load_edit_modules(adapter, self.config.imr, self.config.flow)  # before the cast

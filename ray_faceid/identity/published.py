@@ -18,8 +18,10 @@ IP-Adapter-FaceID (Ye et al., h94/IP-Adapter-FaceID), as its authors save it:
 It takes insightface ArcFace embeddings (buffalo_l's w600k_r50, 512-d, normalised), and the
 unconditional rows of classifier-free guidance get the tokens of a zero embedding (for Plus, with
 the features of a zero image) at the same strength, as its reference pipeline does. InstantID (a
-resampler and IdentityNet) is recognised and refused in one line: not run yet. Licence: the FaceID
-weights and the insightface packs are for non-commercial research.
+resampler and IdentityNet) is recognised and refused in one line: not run yet. FaceID-Portrait
+(FaceID's layout, 16 tokens, named so by its authors) gives each reference photo its own tokens,
+concatenated, as its reference pipeline does. Licence: the FaceID weights and the insightface packs
+are for non-commercial research.
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class Recognised:
     resampler: tuple[int, int] | None = None
     """FaceID-Plus: (depth, inner attention width) of its perceiver resampler."""
     shortcut: bool = False
+    per_photo: bool = False
+    """FaceID-Portrait: each reference photo gives its own tokens, concatenated (not one fused embedding)."""
 
     def line(self) -> str:
         lora = f", LoRA rank {self.lora_rank} fused into the base" if self.lora_rank else ", no LoRA"
@@ -159,9 +163,16 @@ def recognise(parts: dict, digest: str, uri: str) -> Recognised:
     if remainder:
         raise UnsupportedModel(f"{uri}: its projection gives {proj['proj.2.weight'].shape[0]} values, not a whole "
                                f"number of {width}-wide tokens")
-    variant = "FaceID" if tokens == 4 else f"FaceID, {tokens} tokens (Portrait-style)"
+    name = PurePosixPath(str(uri)).name.lower()
+    if "portrait" in name and "unnorm" in name:
+        raise UnsupportedModel(f"{uri}: the unnormalised FaceID-Portrait variant takes raw ArcFace embeddings; "
+                               "ray_faceid keeps unit ones: use the normalised Portrait file (ip-adapter-faceid-portrait"
+                               "_sd15.bin, -portrait-v11_sd15.bin, -portrait_sdxl.bin)")
+    portrait = "portrait" in name  # the authors' name for it; its layout is FaceID's with more tokens
+    variant = "FaceID-Portrait, tokens per photo" if portrait else (
+        "FaceID" if tokens == 4 else f"FaceID, {tokens} tokens")
     return Recognised("IP-Adapter-FaceID", variant, tokens, proj["proj.0.weight"].shape[1], width,
-                      proj["proj.0.weight"].shape[0], lora_rank(ip), digest)
+                      proj["proj.0.weight"].shape[0], lora_rank(ip), digest, per_photo=portrait)
 
 
 def family_of(uri: str) -> str:
@@ -188,13 +199,21 @@ def reads_image_features(uri: str) -> bool:
     return recognise(*read(uri), uri).resampler is not None
 
 
-def refuse_image_features(adapter, where: str) -> None:
-    """FaceID-Plus reads each face's photos through CLIP: paths that hold people as embeddings alone
-    (enrolled people, catalog rows, personal adapters) refuse it before any work starts."""
-    if adapter is not None and adapter.options.mapper == "face_plus":
+def refuse_generate_only(adapter, where: str) -> None:
+    """FaceID-Plus reads each face's photos through CLIP, and FaceID-Portrait gives tokens per photo
+    (their number varies by person): paths that hold people as embeddings, or batch people together
+    on one engine (enrolled people, catalog rows, Serve, personal adapters), refuse them before any
+    work starts."""
+    if adapter is None or adapter.published is None:
+        return
+    if adapter.options.mapper == "face_plus":
         raise UnsupportedModel(f"{adapter.published['file']}: {adapter.published['variant']} reads each face's photos "
                                f"through a CLIP image encoder; {where} holds people as embeddings and does not run it "
                                "yet: use `ray-faceid generate --image-encoder`, or an IP-Adapter-FaceID (plain) file")
+    if adapter.published.get("per_photo"):
+        raise UnsupportedModel(f"{adapter.published['file']}: FaceID-Portrait gives tokens per photo, as many as each "
+                               f"person has; {where} does not run it yet: use `ray-faceid generate`, or an "
+                               "IP-Adapter-FaceID (plain) file")
 
 
 def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale: float | None = None):
@@ -259,6 +278,7 @@ def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale
                                "the file is damaged or of another layout") from None
     adapter.published = {"kind": found.kind, "variant": found.variant, "sha256": digest, "licence": LICENCE,
                          "lora_rank": found.lora_rank, "file": PurePosixPath(str(uri)).name,
+                         **({"per_photo": True} if found.per_photo else {}),
                          **({"shortcut_scale": shortcut_scale} if found.shortcut else {})}
     adapter.base_lora = {names[i]: {p: (d.float(), u.float()) for p, (d, u) in layer.items()} for i, layer in lora.items()}
     log.warning("%s", found.line())

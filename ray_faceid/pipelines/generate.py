@@ -161,6 +161,8 @@ class IdentityPipeline:
                 code = code.to(self.device, dtype).unsqueeze(0)
             if self.adapter.options.mapper == "multiref":
                 t = self.adapter.tokens(self._edited(ident, emb).unsqueeze(0))
+            elif self.adapter.published and self.adapter.published.get("per_photo"):  # FaceID-Portrait
+                t = self._tokens_per_photo(ident, emb)
             elif self.adapter.options.mapper == "face_plus":
                 t = self.adapter.tokens(self._edited(ident, emb, fuse_embeddings(emb)).unsqueeze(0),
                                         image_features=self._image_features(ident, dtype))
@@ -172,7 +174,21 @@ class IdentityPipeline:
             if code is not None and self.imr is not None:
                 t = self.imr(t, code)
             tokens.append(t)
+        if len({t.shape[1] for t in tokens}) > 1:
+            raise BadInput("FaceID-Portrait gives tokens per photo: every person in one image needs the same number "
+                           f"of photos (got {[t.shape[1] // self.adapter.options.num_tokens for t in tokens]})")
         return torch.stack(tokens, dim=1).to(self.base.unet.dtype)
+
+    def _tokens_per_photo(self, ident: IdentityCondition, references: torch.Tensor) -> torch.Tensor:
+        """(1, R*T, C): each reference photo's own tokens, in photo order (FaceID-Portrait's convention)."""
+        if self.backend != "torch" and references.shape[0] != 1:
+            raise BadInput(f"identity {ident.name}: FaceID-Portrait with {references.shape[0]} photos gives "
+                           f"{references.shape[0]} sets of tokens; compiled engines hold one: use --backend torch")
+        if ident.edits:
+            raise BadInput(f"identity {ident.name}: attribute edits act on one fused embedding; FaceID-Portrait "
+                           "reads each photo's own")
+        t = self.adapter.tokens(references)
+        return t.reshape(1, -1, t.shape[-1])
 
     def _image_features(self, ident: IdentityCondition, dtype) -> torch.Tensor:
         """(1, S, H): the mean CLIP image features of the identity's reference faces (FaceID-Plus)."""
@@ -265,6 +281,7 @@ class IdentityPipeline:
             zero = self.adapter.tokens(empty, image_features=negative)
         else:
             zero = self.adapter.tokens(empty)
+        zero = zero.repeat(1, like.shape[2] // zero.shape[1], 1)  # FaceID-Portrait: one set per photo
         return zero[:, None].expand(like.shape[0], like.shape[1], -1, -1).to(like.dtype)
 
     @staticmethod

@@ -76,7 +76,7 @@ def diffusers_image(folder, weight_name: str, embedding: np.ndarray, seed: int, 
                                        unet=base.unet, scheduler=base.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weight_name, image_encoder_folder=None)
-    embeds = torch.cat([torch.zeros(1, 1, EMBED), torch.from_numpy(embedding)[None]])  # negative, then the face
+    embeds = torch.cat([torch.zeros(1, len(embedding), EMBED), torch.from_numpy(embedding)[None]])  # negative, then the face
     image = pipe("a portrait photo", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
                  ip_adapter_image_embeds=[embeds], output_type="np", **SIZE).images[0]
     return np.round(image * 255).astype(int)
@@ -104,6 +104,31 @@ def test_ip_adapter_faceid_gives_diffusers_own_image(tmp_path, family, suffix, c
                                **SIZE).provenance[0]
     assert provenance["adapter_published"]["kind"] == "IP-Adapter-FaceID"
     assert "non-commercial" in provenance["adapter_published"]["licence"]
+
+
+def test_faceid_portrait_gives_each_photo_its_own_tokens_as_diffusers_does(tmp_path, caplog):
+    """FaceID-Portrait (FaceID's layout, 16 tokens): several photos of one person, each its own tokens
+    (diffusers: ip_adapter_image_embeds of N x R x D); not one fused embedding."""
+    base = build_tiny()
+    name = "ip-adapter-faceid-portrait_sd15.bin"
+    path = save(faceid_state_dict(base.unet, tokens=16), tmp_path / name)
+    with caplog.at_level("WARNING"):
+        adapter = IdentityAdapter.load(path, base.unet, SPEC)
+    assert "(FaceID-Portrait, tokens per photo): 16 identity tokens" in caplog.text
+    pipe = IdentityPipeline(base, adapter)
+    photos = np.concatenate([face(1), face(2), face(3)])
+    images = []
+    for refs in (photos, photos[:1]):
+        got = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", refs)], seed=11, steps=3,
+                                       guidance=5.0, **SIZE).images[0]).astype(int)
+        want = diffusers_image(tmp_path, name, refs, 11)
+        assert np.abs(got - want).max() <= 1, (len(refs), np.abs(got - want).max())
+        images.append(got)
+    assert np.abs(images[0] - images[1]).max() > 0  # every photo reaches the image, with its own 16 tokens
+    assert pipe.identity_tokens([IdentityCondition("p", photos)]).shape[2] == 3 * 16
+    with pytest.raises(UnsupportedModel, match="unnormalised FaceID-Portrait"):
+        IdentityAdapter.load(save(faceid_state_dict(base.unet, tokens=16), tmp_path / "portrait_sdxl_unnorm.bin"),
+                             base.unet, SPEC)
 
 
 def test_published_layouts_the_system_does_not_run_or_damaged_files_are_refused_in_one_line(tmp_path):
