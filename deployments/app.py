@@ -22,6 +22,7 @@ from deployments.ingress import IngressApp
 from ray_faceid import envs
 from ray_faceid.config import AutoscalingConfig, ServeConfig
 from ray_faceid.errors import BadInput
+from ray_faceid.identity import published
 
 
 def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing: int, cpus: float = 1.0,
@@ -47,6 +48,9 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     if not tokens:
         raise BadInput("no API token: set api_tokens in the config or RAY_FACEID_API_TOKENS=tenant:token "
                        "(`ray-faceid serve` generates one); the API never runs open")
+    if config.adapter and (variant := published.generate_only(config.adapter)):  # before a replica loads a base
+        raise BadInput(f"adapter {config.adapter}: {variant} runs from `ray-faceid generate` only (Serve holds people "
+                       "as embeddings and batches them on one engine): serve an IP-Adapter-FaceID (plain) file")
     return config.model_copy(update={"api_tokens": tokens})
 
 

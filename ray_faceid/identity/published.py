@@ -199,6 +199,15 @@ def reads_image_features(uri: str) -> bool:
     return recognise(*read(uri), uri).resampler is not None
 
 
+def generate_only(uri: str) -> str | None:
+    """The variant of a published file only `generate` runs (FaceID-Plus, FaceID-Portrait), read from
+    the file alone (no base: a Serve config is refused when it is read); None for the others."""
+    if not is_published_file(uri):
+        return None
+    found = recognise(*read(uri), uri)
+    return found.variant if found.resampler is not None or found.per_photo else None
+
+
 def refuse_generate_only(adapter, where: str) -> None:
     """FaceID-Plus reads each face's photos through CLIP, and FaceID-Portrait gives tokens per photo
     (their number varies by person): paths that hold people as embeddings, or batch people together

@@ -209,3 +209,21 @@ def test_half_precision_tokens_of_the_zero_embedding_are_finite():
     plus = FacePlusMapper(EMBED, 32, 4, 2 * EMBED, CLIP_WIDTH, 1, INNER, shortcut_scale=1.0).half()
     assert torch.isfinite(projector(zero)).all()
     assert torch.isfinite(plus(zero, torch.randn(1, 5, CLIP_WIDTH, dtype=torch.float16))).all()
+
+
+def test_a_serve_config_with_a_plus_or_portrait_file_is_refused_when_it_is_read(tmp_path, monkeypatch):
+    """Serve's build refuses it in one line (ServeConfigRefused: once, no replica loads a base and
+    fails in a loop); a plain FaceID file passes."""
+    from deployments.app import ServeConfigRefused, build_app
+    from ray_faceid.config import ServeConfig
+
+    monkeypatch.setenv("RAY_FACEID_API_TOKENS", "ops:0123456789abcdef0123")
+    unet = build_tiny().unet
+    plus = save(faceid_plus_state_dict(unet), tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+    portrait = save(faceid_state_dict(unet, tokens=16), tmp_path / "ip-adapter-faceid-portrait_sd15.bin")
+    for path, variant in ((plus, "FaceID-PlusV2"), (portrait, "FaceID-Portrait")):
+        with pytest.raises(ServeConfigRefused, match=f"{variant}.* runs from `ray-faceid generate` only") as refused:
+            build_app(ServeConfig(adapter=path, registry=str(tmp_path / "registry")))
+        assert "\n" not in str(refused.value)
+    plain = save(faceid_state_dict(unet), tmp_path / "ip-adapter-faceid_sd15.bin")
+    assert build_app(ServeConfig(adapter=plain, registry=str(tmp_path / "registry"))) is not None
