@@ -11,7 +11,7 @@ from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
-from tests.identity.test_published_adapters import EMBED, SIZE, SPEC, face, faceid_state_dict, save
+from tests.identity.test_published_adapters import EMBED, SIZE, SPEC, face, faceid_state_dict, save, save_like_a_user
 
 CLIP_WIDTH, INNER, DEPTH = 24, 128, 4  # diffusers reads heads as to_q rows // 64 (2 here) and builds 4 blocks
 
@@ -119,16 +119,12 @@ def test_faceid_plus_gives_diffusers_own_image(tmp_path, image_encoder_folder, f
 def test_one_command_with_a_plus_v2_file_an_image_encoder_and_a_photo(tmp_path, image_encoder_folder, sample_photos):
     """`generate` with FaceID-PlusV2: the embedding made elsewhere, the photo read through CLIP; the
     provenance names the file and the image encoder; without --image-encoder it says what to give."""
-    from diffusers import StableDiffusionPipeline
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
     from ray_faceid.pipelines.provenance import read_provenance
 
-    base = build_tiny()
-    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
+    base = save_like_a_user(tmp_path / "sd15")
     adapter = save(faceid_plus_state_dict(base.unet), tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
     np.save(tmp_path / "hanks.npy", face(1))
     common = ["generate", "--model", str(tmp_path / "sd15"), "--adapter", adapter, "--face-embedding",
@@ -167,7 +163,6 @@ def test_one_command_with_a_plus_v2_file_an_image_encoder_and_a_photo(tmp_path, 
 def test_paths_holding_people_as_embeddings_refuse_plus_in_one_line(tmp_path, sample_photos, monkeypatch):
     """personalize and train hold people as embeddings alone: a FaceID-Plus file is refused before any
     worker starts, saying what runs it (Serve and render call the same check where their workers load it)."""
-    from diffusers import StableDiffusionPipeline
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
@@ -175,10 +170,7 @@ def test_paths_holding_people_as_embeddings_refuse_plus_in_one_line(tmp_path, sa
 
     monkeypatch.setitem(published.FAMILY_OF_WIDTH, 32, "sd1")  # the tiny base's width stands for SD 1.x's
 
-    base = build_tiny()
-    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
+    base = save_like_a_user(tmp_path / "sd15")
     adapter = save(faceid_plus_state_dict(base.unet), tmp_path / "ip-adapter-faceid-plus_sd15.bin")
     registry = str(tmp_path / "registry")
     enrolled = CliRunner().invoke(app, ["identities", "enroll", str(sample_photos["Tom_Hanks_54745.png"]), "--name",

@@ -61,6 +61,18 @@ def face(seed: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def save_like_a_user(folder) -> object:
+    """The tiny base saved as diffusers' own pipeline saves a model (a base like a user's own, not
+    marked as our smoke base); returns the base."""
+    from diffusers import StableDiffusionPipeline
+
+    base = build_tiny()
+    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return base
+
+
 def diffusers_image(folder, weight_name: str, embedding: np.ndarray, seed: int, family: str = "sd1") -> np.ndarray:
     """diffusers' own path: load_ip_adapter (its FaceID LoRA through PEFT), ip_adapter_image_embeds."""
     pytest.importorskip("peft", reason="diffusers applies the FaceID LoRA through PEFT (`dev` extra)")
@@ -159,15 +171,11 @@ def test_published_layouts_the_system_does_not_run_or_damaged_files_are_refused_
 def test_a_real_base_without_an_adapter_is_refused_and_the_smoke_base_is_seeded(tmp_path, sample_photos):
     """Never a random adapter: a real base with no --adapter says where one comes from (it made
     another image each run); the tiny smoke-test base's untrained adapter gives the same bytes."""
-    from diffusers import StableDiffusionPipeline
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
 
-    base = build_tiny()  # saved as diffusers saves a model: a base like a user's own
-    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(tmp_path / "real")
+    save_like_a_user(tmp_path / "real")
     hanks = str(sample_photos["Tom_Hanks_54745.png"])
     fast = ["--size", "32x32", "--steps", "2", "--seed", "3"]
     refused = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "real"), "--ref", hanks, "--prompt", "a",
@@ -185,16 +193,12 @@ def test_a_real_base_without_an_adapter_is_refused_and_the_smoke_base_is_seeded(
 def test_one_command_from_a_published_file_and_an_embedding(tmp_path):
     """README's 'Bring published weights', with tiny stand-ins: a base as diffusers saves it, the
     FaceID file, an embedding made elsewhere: one `generate` gives the image, its provenance says what made it."""
-    from diffusers import StableDiffusionPipeline
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
     from ray_faceid.pipelines.provenance import read_provenance
 
-    base = build_tiny()
-    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                            scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
+    base = save_like_a_user(tmp_path / "sd15")
     adapter = save(faceid_state_dict(base.unet), tmp_path / "ip-adapter-faceid_sd15.bin")
     np.save(tmp_path / "ann.npy", face(1))
     out = tmp_path / "ann.png"
