@@ -454,14 +454,15 @@ def test_bodies_over_the_limit_are_refused_before_they_are_read(api):
     assert metric(client, "faceid_requests_total", 'route="refused",status="413"') >= 1
 
 
-def gradient_jpeg(side: int) -> bytes:
-    ramp = np.linspace(0, 255, side, dtype=np.float32)
+def face_jpeg(photo: bytes, side: int) -> bytes:
+    """`photo` blown up to side x side: a face the first detector finds at once, so what is measured
+    is the decode, not the slower detectors a photo without a face goes through."""
     buf = io.BytesIO()
-    Image.fromarray(np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8)).save(buf, "JPEG", quality=80)
+    Image.open(io.BytesIO(photo)).convert("RGB").resize((side, side), Image.BILINEAR).save(buf, "JPEG", quality=80)
     return buf.getvalue()
 
 
-def test_a_decompression_bomb_and_huge_photos_keep_the_encoder_small(api, people):
+def test_a_decompression_bomb_and_huge_photos_keep_the_encoder_small(api, people, photos):
     client, config = api
     handle = replica("FaceEncoder")
     before = handle.memory.remote(reset_peak=True).result()
@@ -475,11 +476,11 @@ def test_a_decompression_bomb_and_huge_photos_keep_the_encoder_small(api, people
     assert after["peak_rss_mb"] - before["rss_mb"] < 100, (before, after)
 
     def peak_over_concurrent(side: int, count: int = 2) -> float:
-        photo = gradient_jpeg(side)
+        photo = face_jpeg(photos["hanks"], side)
         start = handle.memory.remote(reset_peak=True).result()["rss_mb"]
         with ThreadPoolExecutor(count) as pool:
             codes = list(pool.map(lambda k: enroll(client, (f"p{k}.jpg", photo)).status_code, range(count)))
-        assert codes == [422] * count  # no face in a gradient, and nothing else went wrong
+        assert codes == [201] * count  # the face enrolled: nothing went wrong
         return handle.memory.remote().result()["peak_rss_mb"] - start
 
     # Photos are decoded at most max_decode_side wide: 6300 x 6300 uploads cost what max_decode_side^2 ones do.
