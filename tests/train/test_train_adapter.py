@@ -41,6 +41,15 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(killed_run):
 
 
 def test_resume_continues_a_stopped_run_and_refuses_other_settings(killed_run, small_dataset):
+    """The continued run is `ray-faceid train --resume` with its default workers and resources on the
+    suite's 2-CPU cluster: the workers leave room for the dataset's read tasks (they used to take both
+    CPUs and wait for data forever, whatever the size)."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
     out, _, _ = killed_run
     with pytest.raises(BadInput, match="--resume"):
         run_training(small_dataset, "tiny", str(out), CONFIG)
@@ -48,10 +57,15 @@ def test_resume_continues_a_stopped_run_and_refuses_other_settings(killed_run, s
         run_training(small_dataset, "tiny", str(out), CONFIG.model_copy(update={"lr": 5e-4}), resume=True)
     with pytest.raises(BadInput, match="other inputs: base model"):  # other weights under the same settings
         run_training(small_dataset, "tiny-inpaint", str(out), CONFIG, resume=True)
-    longer = CONFIG.model_copy(update={"steps": 14})
-    record = run_training(small_dataset, "tiny", str(out), longer, resume=True)
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["train", small_dataset, "--out", str(out), "--resume", "--steps", "14",
+                                      "--size", str(CONFIG.size), "--batch-size", str(CONFIG.batch_size),
+                                      "--lr", str(CONFIG.lr), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)  # --json: stdout holds the record alone
     assert record["steps"] == 14 and record["resumed_at"][-1] == CONFIG.steps
     assert IdentityAdapter.load(str(out)).trained_steps == 14
+    assert time.perf_counter() - started < 600
 
 
 def test_flow_trains_on_the_faces_table(small_dataset, tmp_path):
@@ -84,25 +98,6 @@ def test_imr_job_needs_an_adapter_and_trains_only_the_imr(small_dataset, killed_
     optimizer.step()
     assert all(torch.equal(v, job.objective._frozen[1].state_dict()[k]) for k, v in frozen.items())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in job.trainable.parameters())
-
-
-def test_the_cli_defaults_finish_on_a_two_cpu_cluster(small_dataset, tmp_path):
-    """`ray-faceid train` with its default workers and resources on the suite's 2-CPU cluster: the workers
-    leave room for the dataset's read tasks (they used to take both CPUs and wait for data forever,
-    whatever the size). A small --size only keeps the test short: the tiny base at 512 px takes minutes
-    per step on 2 cores."""
-    import time
-
-    from typer.testing import CliRunner
-
-    from ray_faceid.cli import app
-
-    started = time.perf_counter()
-    result = CliRunner().invoke(app, ["train", small_dataset, "--out", str(tmp_path / "adapter"), "--steps", "2",
-                                      "--size", "64", "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["steps"] == 2  # --json: stdout holds the record alone
-    assert time.perf_counter() - started < 600
 
 
 @pytest.mark.parametrize("flags, message", [
