@@ -22,8 +22,9 @@ def cache_dir() -> str:
 def torch_compile_backend() -> str:
     """torch.compile's backend for `--backend torch.compile`: Inductor (the default, what serves),
     or another registered one, e.g. `aot_eager` (traces and runs the same graph with no code
-    generation: where no C++ compiler exists, to tell a compiler defect from ours, and the test
-    suite's path tests, which check our graph, not Inductor's kernels)."""
+    generation: where no C++ compiler exists, to tell a compiler defect from ours) or `eager` (the
+    same Dynamo graph, no AOT pass: the test suite's path tests, which check our graph, not
+    Inductor's kernels)."""
     return os.environ.get("RAY_FACEID_TORCH_COMPILE_BACKEND", "inductor")
 
 

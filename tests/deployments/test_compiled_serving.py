@@ -34,7 +34,7 @@ def compiled_api(ray_cluster, tmp_path_factory, loopback_port, tiny_arcface_onnx
         adapter=published_file, face=FaceConfig(recognizer_onnx=str(tiny_arcface_onnx)),
         registry=str(tmp_path_factory.mktemp("registry")), api_tokens=TOKENS, generator_gpus=1.0,
         # 16x16, one identity, one image: the smallest shape (traced with the suite's torch.compile
-        # backend, aot_eager: tests/conftest.py).
+        # backend, eager: tests/conftest.py).
         backend="torch.compile", warm_up_sizes=["16x16"], warm_up_identities=[1], generator_batch_size=1,
         generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
         limits=ServeLimits(max_steps=20, max_side=256, max_images=1, max_reseeds=0),
