@@ -9,6 +9,7 @@ import typer
 
 from ray_faceid.cli.common import MODEL_HELP, console, err_console, user_errors
 from ray_faceid.errors import BadInput
+from ray_faceid.pipelines.schedulers import Sampler
 from ray_faceid.progress import denoise_reporter
 
 ModelOpt = typer.Option("tiny", "--model", help=MODEL_HELP)
@@ -16,6 +17,11 @@ AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter: a folder `r
                           "IP-Adapter-FaceID .bin / .safetensors; without it only the tiny smoke-test base runs (with "
                           "its seeded, untrained adapter).")
 BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
+SchedulerOpt = typer.Option(None, "--scheduler", help="Sampler: the model's own by default; ddim, pndm, euler, "
+                            "euler-a, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde-karras, unipc, lcm, tcd, or a "
+                            "diffusers scheduler class name.")
+SchedulerConfigOpt = typer.Option([], "--scheduler-config", help="KEY=VALUE of the scheduler's config, e.g. "
+                                  "timestep_spacing=trailing or use_karras_sigmas=true; repeat for more.")
 StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; default: the model's own (30, or 4 "
                         "for an untrained smoke base).")
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry for enrolled people.")
@@ -188,6 +194,8 @@ def generate(
     adapter: Optional[str] = AdapterOpt,
     seed: int = typer.Option(0, "--seed"),
     steps: Optional[int] = StepsOpt,
+    scheduler: Optional[str] = SchedulerOpt,
+    scheduler_config: list[str] = SchedulerConfigOpt,
     guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
     size: Optional[str] = typer.Option(None, "--size", help="WxH; default: the model's own (512x512 for SD 1.x, "
                                        "1024x1024 for SDXL, 32x32 for tiny)."),
@@ -217,6 +225,7 @@ def generate(
     from ray_faceid.pipelines.generate import parse_size
 
     with user_errors():
+        sampler = Sampler.parse(scheduler, scheduler_config)  # checked before any model loads
         width, height = parse_size(size, "--size") if size else (None, None)
         if face_embedding and identity:
             raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
@@ -252,7 +261,8 @@ def generate(
         width, height = (width, height) if width else pipe.base.native_size
         err_console.print(f"{width}x{height}, {steps} steps on {pipe.device.type}")
         pipe.on_step = denoise_reporter()
-        result = pipe.generate(prompt, conditions, negative_prompt, seed, steps, guidance, width, height)
+        result = pipe.generate(prompt, conditions, negative_prompt, seed, steps, guidance, width, height,
+                               sampler=sampler)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.png[0])
     console.print(f"wrote {out} (seed {seed}, {len(conditions)} identit{'y' if len(conditions) == 1 else 'ies'})")
@@ -269,6 +279,8 @@ def inpaint(
     adapter: Optional[str] = AdapterOpt,
     seed: int = typer.Option(0, "--seed"),
     steps: Optional[int] = StepsOpt,
+    scheduler: Optional[str] = SchedulerOpt,
+    scheduler_config: list[str] = SchedulerConfigOpt,
     guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
     feather: float = typer.Option(4.0, "--feather", min=0.0, max=64.0, help="Soft edge inside the mask, in pixels."),
     backend: str = BackendOpt,
@@ -285,6 +297,7 @@ def inpaint(
     from ray_faceid.pipelines.inpaint import inpaint as run_inpaint
 
     with user_errors():
+        sampler = Sampler.parse(scheduler, scheduler_config)  # checked before any model loads
         picture = decode_image(image)
         mask_array = decode_image(mask)
         edits = parse_edit_option(edit)
@@ -300,7 +313,7 @@ def inpaint(
         person = conditions[0]
         pipe.on_step = denoise_reporter()
         result = run_inpaint(pipe, picture, mask_array, person, prompt,
-                             seed=seed, steps=steps, guidance=guidance, feather=feather)
+                             seed=seed, steps=steps, guidance=guidance, feather=feather, sampler=sampler)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.png[0])
     console.print(f"wrote {out}")

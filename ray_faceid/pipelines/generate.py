@@ -6,7 +6,7 @@ so the same seed gives the same image on any device.
 """
 from __future__ import annotations
 
-import copy
+import inspect
 import threading
 from dataclasses import dataclass, field
 
@@ -26,6 +26,7 @@ from ray_faceid.identity.routing import Box, box_masks, strip_boxes
 from ray_faceid.identity.tokens import fuse_embeddings
 from ray_faceid.pipelines.models import BaseModel
 from ray_faceid.pipelines.provenance import png_with_provenance
+from ray_faceid.pipelines.schedulers import Sampler
 from ray_faceid.pipelines.text_conditioning import TextConditioning, encode_prompts, unet_conditioning
 
 MAX_IDENTITIES = 4
@@ -318,14 +319,17 @@ class IdentityPipeline:
         return batches
 
     @torch.no_grad()
-    def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None, callback=None):
+    def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None, callback=None,
+                 sampler: Sampler | None = None):
         """Latents of every item, all denoised together: one UNet call per step for the whole batch.
         `callback`: the request's own step callback, read from `on_step` once when the request
         started (its caller's), never again: another job may run on this pipeline inside it (a
-        large job pausing for small ones, deployments/turns.py) and set its own."""
+        large job pausing for small ones, deployments/turns.py) and set its own. `sampler`: the
+        request's scheduler (default: the base's own)."""
         # A scheduler of its own per denoise (schedulers keep state between steps), and each row's
         # own adapter as an input of every UNet call: nothing a job inside the pause changes is read here.
-        base, sched = self.base, copy.deepcopy(self.base.scheduler)
+        sampler = sampler or Sampler()
+        base, sched = self.base, sampler.build(self.base.scheduler)
         own = [self.personal_of(it) if self.adapter is not None else None for it in items]
         row_personal = [None] * len(items) + own  # CFG: unconditional rows first
         self._check_size(width, height)
@@ -338,8 +342,13 @@ class IdentityPipeline:
         negative = self.encode_prompt([it.negative_prompt or "" for it in items], zero_empty=True)
         text = TextConditioning.cat([negative, self.encode_prompt([it.prompt for it in items])])
         kwargs = self._identity_kwargs(items, h, w)
-        noise = torch.cat([torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(it.seed))
-                           for it in items]).to(self.device)
+        # One generator per image, on the CPU: its initial noise, then (stochastic schedulers: ancestral,
+        # SDE, LCM, TCD) each step's noise, drawn in diffusers' order: an image is the same alone or batched.
+        generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
+        noise = torch.cat([torch.randn((1, 4, h, w), generator=g) for g in generators]).to(self.device)
+        step_kwargs = sampler.step_settings(sched)
+        if "generator" in inspect.signature(sched.step).parameters:
+            step_kwargs["generator"] = generators
         sched.set_timesteps(steps, device=self.device)
         latents = noise * sched.init_noise_sigma
         if inpaint is not None:
@@ -354,7 +363,7 @@ class IdentityPipeline:
                 model_in = torch.cat([model_in, torch.cat([mask_c] * 2), torch.cat([masked_c] * 2)], dim=1)
             pred = self._unet(model_in, t, text, kwargs, h, w, row_personal)
             uncond, cond = pred.chunk(2)
-            latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+            latents = sched.step(uncond + guidance * (cond - uncond), t, latents, **step_kwargs).prev_sample
             if inpaint is not None and not base.inpainting:
                 # Blended latent diffusion: outside the mask, the input noised to the next scheduled
                 # timestep (any spacing: trailing schedules never reach 0), clean after the last.
@@ -521,7 +530,8 @@ class IdentityPipeline:
         x = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1).unsqueeze(0).to(self.device) / 127.5 - 1
         return vae.encode(x.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
 
-    def provenance(self, kind, prompt, negative_prompt, identities, seed, steps, guidance, width, height) -> dict:
+    def provenance(self, kind, prompt, negative_prompt, identities, seed, steps, guidance, width, height,
+                   sampler: Sampler | None = None) -> dict:
         return {
             "generator": "ray_faceid",
             "kind": kind,
@@ -549,20 +559,23 @@ class IdentityPipeline:
             "negative_prompt": negative_prompt,
             "seed": seed,
             "steps": steps,
+            "scheduler": (sampler or Sampler()).record(self.base.scheduler),
             "guidance": guidance,
             "size": [width, height],
         }
 
     def generate(self, prompt: str, identities: list[IdentityCondition] | None = None, negative_prompt: str = "",
                  seed: int = 0, steps: int | None = None, guidance: float = 5.0, width: int | None = None,
-                 height: int | None = None, num_images: int = 1) -> GenerationResult:
-        """Steps and size default to the base model's own (BaseModel.default_steps, native_size)."""
+                 height: int | None = None, num_images: int = 1, sampler: Sampler | None = None) -> GenerationResult:
+        """Steps and size default to the base model's own (BaseModel.default_steps, native_size), the
+        scheduler to the base's own (`sampler`: another, schedulers.py)."""
         items = [GenerationItem(prompt, identities or [], negative_prompt, seed + k) for k in range(num_images)]
-        return self.generate_items(items, steps, guidance, width, height)
+        return self.generate_items(items, steps, guidance, width, height, sampler)
 
     def generate_items(self, items: list["GenerationItem"], steps: int | None = None, guidance: float = 5.0,
-                       width: int | None = None, height: int | None = None) -> GenerationResult:
-        """Several images (other prompts, identities, seeds; the same size and steps) in one batch."""
+                       width: int | None = None, height: int | None = None,
+                       sampler: Sampler | None = None) -> GenerationResult:
+        """Several images (other prompts, identities, seeds; the same size, steps and scheduler) in one batch."""
         if self.base.inpainting:
             raise BadInput(f"{self.base.model_id} is an inpainting model: it repaints a masked photo (`ray-faceid "
                            "inpaint`, /v1/inpaint); generate images with its text-to-image base")
@@ -573,14 +586,15 @@ class IdentityPipeline:
                 raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(it.identities)}")
         latents, callback = [None] * len(items), self.on_step  # this request's, whatever runs in its pauses
         for batch in self.unet_batches(items):
-            denoised = self._denoise([items[k] for k in batch], steps, guidance, width, height, callback=callback)
+            denoised = self._denoise([items[k] for k in batch], steps, guidance, width, height, callback=callback,
+                                     sampler=sampler)
             for j, k in enumerate(batch):
                 latents[k] = denoised[j : j + 1]
         result = GenerationResult([], [], [], [])
         for k, it in enumerate(items):
             image = self.decode(latents[k])
             record = self.provenance("generate", it.prompt, it.negative_prompt, it.identities, it.seed, steps,
-                                     guidance, width, height)
+                                     guidance, width, height, sampler)
             result.images.append(image)
             result.png.append(png_with_provenance(image, record))
             result.provenance.append(record)

@@ -81,9 +81,9 @@ def inpainting_conditioning(pipe: IdentityPipeline, image: np.ndarray, mask: np.
 
 def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identity: IdentityCondition, prompt: str,
             negative_prompt: str = "", seed: int = 0, steps: int | None = None, guidance: float = 5.0,
-            feather: float = 4.0, max_side: int | None = None) -> GenerationResult:
-    """Steps default to the base's own; the image is repainted at up to `max_side` pixels (default:
-    the base's native size) and pasted back at its own size."""
+            feather: float = 4.0, max_side: int | None = None, sampler=None) -> GenerationResult:
+    """Steps and scheduler default to the base's own (`sampler`: another, schedulers.py); the image is
+    repainted at up to `max_side` pixels (default: the base's native size) and pasted back at its own size."""
     height, width = image.shape[:2]
     steps, max_side = steps or pipe.base.default_steps, max_side or max(pipe.base.native_size)
     region = binary_mask(mask, (height, width))
@@ -100,8 +100,9 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
     conditioning = inpainting_conditioning(pipe, resized, small_mask) if base.inpainting else None
     item = GenerationItem(prompt, [identity], negative_prompt, seed)
     latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent, conditioning),
-                            callback=pipe.on_step)
+                            callback=pipe.on_step, sampler=sampler)
     result_image = Image.fromarray(paste_back(image, region, pipe.decode(latents), feather))
-    record = pipe.provenance("inpaint", prompt, negative_prompt, [identity], seed, steps, guidance, width, height)
+    record = pipe.provenance("inpaint", prompt, negative_prompt, [identity], seed, steps, guidance, width, height,
+                             sampler)
     record["feather"] = feather
     return GenerationResult([result_image], [png_with_provenance(result_image, record)], [record], [seed])

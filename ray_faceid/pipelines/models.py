@@ -240,10 +240,11 @@ def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
     from ray_faceid.quiet import model_loading
 
     model_loading()
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from ray_faceid.pipelines.families import detect_family
+    from ray_faceid.pipelines.schedulers import folder_scheduler
 
     family = detect_family(source)
     untrained, meta = False, {}
@@ -267,7 +268,7 @@ def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
     base = BaseModel(
         **components,
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-        scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
+        scheduler=folder_scheduler(source),  # the sampler the model ships with (SD 1.5: PNDM, SDXL: Euler)
         model_id=model_id,
         untrained=untrained,
         **extra,

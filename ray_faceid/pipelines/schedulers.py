@@ -1,0 +1,150 @@
+"""Samplers: the scheduler a base's folder ships by default, or one a caller names for a request.
+
+A folder saved by diffusers says which scheduler its model was made to sample with (SD 1.5 ships
+PNDM, SDXL Euler); a base runs with that one unless a request names another. A named scheduler is
+built from the base's own scheduler config (its betas, training timesteps, prediction type) as
+diffusers' `Scheduler.from_config(pipe.scheduler.config)` builds it, with the caller's overrides
+(`timestep_spacing`, `use_karras_sigmas`, ...) on top. A request's scheduler is an input of that
+request: the base's is never changed.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from ray_faceid.errors import BadInput, UnsupportedModel
+
+# The names users know them by (the samplers' names in the web UIs of this field), with their settings.
+SHORT_NAMES: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m-sde-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                           "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+}
+
+
+# Not in a scheduler's config but an argument of its step: diffusers' pipelines pass eta=0.0.
+STEP_DEFAULTS = {"eta": 0.0}
+STEP_SETTINGS = frozenset(STEP_DEFAULTS)
+
+
+def scheduler_class(name: str, where: str = "--scheduler"):
+    """The diffusers scheduler class called `name` (a class name such as DPMSolverMultistepScheduler);
+    schedulers of another sampling loop (flow matching) are refused."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if not (inspect.isclass(cls) and issubclass(cls, SchedulerMixin)):
+        raise BadInput(f"{where}: no scheduler {name!r}; use one of {', '.join(SHORT_NAMES)} or a diffusers "
+                       "scheduler class name (e.g. DPMSolverMultistepScheduler)")
+    if name.startswith("FlowMatch") or "num_train_timesteps" not in inspect.signature(cls.__init__).parameters:
+        raise UnsupportedModel(f"{where}: {name} samples flow-matching models; SD 1.x / 2.x / SDXL bases take a "
+                               f"diffusion scheduler: one of {', '.join(SHORT_NAMES)}")
+    return cls
+
+
+def parse_value(text: str):
+    """A config value as typed on a command line: true/false, none, a number, else the text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A request's scheduler: `name` None is the base's own; `overrides` change its config."""
+
+    name: str | None = None
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, name: str | None, options: list[str] | dict | None = None) -> "Sampler":
+        """From a command line or request: a short name or class name, and KEY=VALUE overrides
+        (checked against the scheduler's config here, before any model loads)."""
+        if isinstance(options, dict):
+            pairs = dict(options)
+        else:
+            pairs = {}
+            for option in options or []:
+                key, sep, value = option.partition("=")
+                if not sep or not key.strip():
+                    raise BadInput(f"--scheduler-config takes KEY=VALUE (e.g. timestep_spacing=trailing), got {option!r}")
+                pairs[key.strip()] = parse_value(value)
+        name = name.strip() if name else None
+        sampler = cls(name or None, tuple(sorted(pairs.items())))
+        if name:
+            sampler.check_keys(sampler.scheduler_type())
+        return sampler
+
+    def scheduler_type(self):
+        """The named class (None: the base's own decides)."""
+        if self.name is None:
+            return None
+        short = SHORT_NAMES.get(self.name.lower())
+        return scheduler_class(short[0] if short else self.name)
+
+    def check_keys(self, cls) -> None:
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        known |= STEP_SETTINGS & set(inspect.signature(cls.step).parameters)
+        unknown = sorted(k for k, _ in self.overrides if k not in known)
+        if unknown:
+            raise BadInput(f"--scheduler-config: {cls.__name__} has no setting {', '.join(unknown)}; it has "
+                           f"{', '.join(sorted(known))}")
+
+    def build(self, base_scheduler):
+        """A fresh scheduler for one denoise (schedulers keep state between steps)."""
+        import copy
+
+        if self.name is None and not self.overrides:
+            return copy.deepcopy(base_scheduler)
+        short = SHORT_NAMES.get((self.name or "").lower())
+        cls = self.scheduler_type() or type(base_scheduler)
+        self.check_keys(cls)
+        settings = {**(short[1] if short else {}), **{k: v for k, v in self.overrides if k not in STEP_SETTINGS}}
+        return cls.from_config(base_scheduler.config, **settings)
+
+    def step_settings(self, scheduler) -> dict:
+        """Arguments of each step, as diffusers' pipelines pass them: eta 0 unless asked (DDIM's
+        noise, TCD's gamma), where the scheduler's step takes it."""
+        takes = inspect.signature(scheduler.step).parameters
+        asked = dict(self.overrides)
+        return {k: asked.get(k, default) for k, default in STEP_DEFAULTS.items() if k in takes}
+
+    def record(self, base_scheduler) -> dict:
+        """What the provenance says: the scheduler's class and the settings asked for."""
+        cls = self.scheduler_type() or type(base_scheduler)
+        short = SHORT_NAMES.get((self.name or "").lower())
+        settings = {**(short[1] if short else {}), **dict(self.overrides)}
+        return {"class": cls.__name__, **({"name": self.name} if self.name else {"name": "the base's own"}),
+                **({"config": settings} if settings else {})}
+
+
+def folder_scheduler(source: str):
+    """The scheduler a diffusers folder ships (scheduler/scheduler_config.json's class)."""
+    import json
+    from pathlib import Path
+
+    config = Path(source) / "scheduler" / "scheduler_config.json"
+    name = json.loads(config.read_text()).get("_class_name", "DDIMScheduler") if config.exists() else "DDIMScheduler"
+    try:
+        cls = scheduler_class(name, where=f"{source}/scheduler")
+    except BadInput as exc:
+        raise UnsupportedModel(f"{source}: its scheduler {name} is not one diffusers has; {exc.message}") from None
+    return cls.from_pretrained(source, subfolder="scheduler")
