@@ -29,6 +29,18 @@ def text_inputs(base, prompts: list[str], pixels: torch.Tensor) -> dict:
     return unet_conditioning(base, encode_prompts(base, prompts), width, height)
 
 
+def training_noise(base):
+    """The forward process the base was trained with (DDPM over its betas and prediction type),
+    whatever scheduler its folder samples with: a sampler's own add_noise may be another (Euler's
+    is x + sigma e), and some have no get_velocity."""
+    from diffusers import DDPMScheduler
+
+    cached = getattr(base, "_training_noise", None)
+    if cached is None:
+        cached = base._training_noise = DDPMScheduler.from_config(base.scheduler.config)
+    return cached
+
+
 def diffusion_target(scheduler, latents, noise, timesteps):
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
@@ -41,8 +53,9 @@ def _noising(base, batch: CrossBatch, generator: torch.Generator | None):
     with torch.no_grad():
         latents = base.vae.encode(batch.pixels.to(device)).latent_dist.mean * base.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator).to(device)
-    t = stratified_timesteps(latents.shape[0], base.scheduler.config.num_train_timesteps, generator).to(device)
-    return latents, noise, t, base.scheduler.add_noise(latents, noise, t)
+    forward = training_noise(base)
+    t = stratified_timesteps(latents.shape[0], forward.config.num_train_timesteps, generator).to(device)
+    return latents, noise, t, forward.add_noise(latents, noise, t)
 
 
 def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression_drop: float = 0.1,
@@ -59,7 +72,7 @@ def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression
     with torch.no_grad():
         class_pred = base.unet(noisy, t, **text_inputs(base, [CLASS_PROMPT] * b, batch.pixels)).sample
     mask = F.interpolate(batch.face_masks.to(device), size=latents.shape[-2:], mode="nearest")
-    target = diffusion_target(base.scheduler, latents, noise, t)
+    target = diffusion_target(training_noise(base), latents, noise, t)
     return class_guided_regularization(pred, target, class_pred, mask, outside_weight)
 
 

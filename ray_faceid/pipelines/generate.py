@@ -349,7 +349,8 @@ class IdentityPipeline:
         step_kwargs = sampler.step_settings(sched)
         if "generator" in inspect.signature(sched.step).parameters:
             step_kwargs["generator"] = generators
-        sched.set_timesteps(steps, device=self.device)
+        with sampler.refusing_bad_settings(type(sched)):
+            sched.set_timesteps(steps, device=self.device)
         latents = noise * sched.init_noise_sigma
         if inpaint is not None:
             # (image latents, latent-size mask for blending, 9-channel conditioning: see inpaint.py)

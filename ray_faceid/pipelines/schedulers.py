@@ -10,7 +10,11 @@ request: the base's is never changed.
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from ray_faceid.errors import BadInput, UnsupportedModel
 
@@ -31,6 +35,7 @@ SHORT_NAMES: dict[str, tuple[str, dict]] = {
 }
 
 
+log = logging.getLogger(__name__)
 # Not in a scheduler's config but an argument of its step: diffusers' pipelines pass eta=0.0.
 STEP_DEFAULTS = {"eta": 0.0}
 STEP_SETTINGS = frozenset(STEP_DEFAULTS)
@@ -43,6 +48,9 @@ def scheduler_class(name: str, where: str = "--scheduler"):
     from diffusers import SchedulerMixin
 
     cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if name == "DPMSolverSDEScheduler":  # its noise comes from a Brownian tree of its own seed, not the image's
+        raise BadInput(f"{where}: DPMSolverSDEScheduler draws its noise from a seed of its own (the same seed would "
+                       "give another image each run); use dpm++2m-sde-karras")
     if not (inspect.isclass(cls) and issubclass(cls, SchedulerMixin)):
         raise BadInput(f"{where}: no scheduler {name!r}; use one of {', '.join(SHORT_NAMES)} or a diffusers "
                        "scheduler class name (e.g. DPMSolverMultistepScheduler)")
@@ -89,9 +97,28 @@ class Sampler:
                 pairs[key.strip()] = parse_value(value)
         name = name.strip() if name else None
         sampler = cls(name or None, tuple(sorted(pairs.items())))
-        if name:
-            sampler.check_keys(sampler.scheduler_type())
+        if name:  # a named one is built once on its defaults: a bad value fails here, in one line
+            kind = sampler.scheduler_type()
+            sampler.check_keys(kind)
+            with sampler.refusing_bad_settings(kind):
+                kind(**sampler.settings()).set_timesteps(10)  # where diffusers checks spacing and the like
         return sampler
+
+    def settings(self) -> dict:
+        """The config the name implies (dpm++2m-karras: Karras sigmas) and the overrides, on top."""
+        short = SHORT_NAMES.get((self.name or "").lower())
+        return {**(short[1] if short else {}), **{k: v for k, v in self.overrides if k not in STEP_SETTINGS}}
+
+    @staticmethod
+    @contextmanager
+    def refusing_bad_settings(kind):
+        """diffusers refuses a bad value with ValueError / NotImplementedError (an unknown
+        timestep_spacing, LCM over its 50 steps): one line that says where."""
+        try:
+            yield
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise BadInput(f"scheduler {kind.__name__}: {first}") from None
 
     def scheduler_type(self):
         """The named class (None: the base's own decides)."""
@@ -114,11 +141,10 @@ class Sampler:
 
         if self.name is None and not self.overrides:
             return copy.deepcopy(base_scheduler)
-        short = SHORT_NAMES.get((self.name or "").lower())
         cls = self.scheduler_type() or type(base_scheduler)
         self.check_keys(cls)
-        settings = {**(short[1] if short else {}), **{k: v for k, v in self.overrides if k not in STEP_SETTINGS}}
-        return cls.from_config(base_scheduler.config, **settings)
+        with self.refusing_bad_settings(cls):
+            return cls.from_config(base_scheduler.config, **self.settings())
 
     def step_settings(self, scheduler) -> dict:
         """Arguments of each step, as diffusers' pipelines pass them: eta 0 unless asked (DDIM's
@@ -132,19 +158,25 @@ class Sampler:
         cls = self.scheduler_type() or type(base_scheduler)
         short = SHORT_NAMES.get((self.name or "").lower())
         settings = {**(short[1] if short else {}), **dict(self.overrides)}
-        return {"class": cls.__name__, **({"name": self.name} if self.name else {"name": "the base's own"}),
-                **({"config": settings} if settings else {})}
+        return {"class": cls.__name__, "name": self.name or "the base's own", **({"config": settings} if settings else {})}
 
 
 def folder_scheduler(source: str):
-    """The scheduler a diffusers folder ships (scheduler/scheduler_config.json's class)."""
-    import json
-    from pathlib import Path
-
-    config = Path(source) / "scheduler" / "scheduler_config.json"
-    name = json.loads(config.read_text()).get("_class_name", "DDIMScheduler") if config.exists() else "DDIMScheduler"
+    """The scheduler a diffusers folder ships (scheduler/scheduler_config.json's class); one this
+    diffusers does not have samples with DDIM over the same config, and says so."""
+    path = Path(source) / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModel(f"{source}: no readable scheduler/scheduler_config.json ({type(exc).__name__}): "
+                               "a diffusers model folder has one") from None
+    name = config.get("_class_name", "DDIMScheduler")
     try:
         cls = scheduler_class(name, where=f"{source}/scheduler")
     except BadInput as exc:
-        raise UnsupportedModel(f"{source}: its scheduler {name} is not one diffusers has; {exc.message}") from None
-    return cls.from_pretrained(source, subfolder="scheduler")
+        from diffusers import DDIMScheduler
+
+        log.warning("%s; sampling with DDIM over its config (choose another with --scheduler)", exc.message)
+        cls = DDIMScheduler
+    with Sampler.refusing_bad_settings(cls):
+        return cls.from_config(config)

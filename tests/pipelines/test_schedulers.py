@@ -47,15 +47,24 @@ def sd1():
     return build_tiny()
 
 
+@pytest.fixture(scope="module")
+def ddim_image(sd1):
+    """The tiny base's own (DDIM) image: each other scheduler's differs from it."""
+    return pixels(IdentityPipeline(sd1).generate("a portrait", [], seed=7, steps=4, **SIZE).images[0])
+
+
 @pytest.mark.parametrize("name", list(SHORT_NAMES))
-def test_each_named_scheduler_gives_diffusers_own_image(sd1, name):
+def test_each_named_scheduler_gives_diffusers_own_image(sd1, ddim_image, name):
     import diffusers
 
     class_name, settings = SHORT_NAMES[name]
+    sampler = Sampler.parse(name)
+    assert type(sampler.build(sd1.scheduler)).__name__ == class_name
     scheduler = getattr(diffusers, class_name).from_config(sd1.scheduler.config, **settings)
     (want,) = diffusers_images(diffusers_pipeline(sd1, scheduler), [7])
-    got = IdentityPipeline(sd1).generate("a portrait", [], seed=7, steps=4, sampler=Sampler.parse(name), **SIZE)
+    got = IdentityPipeline(sd1).generate("a portrait", [], seed=7, steps=4, sampler=sampler, **SIZE)
     assert np.abs(pixels(got.images[0]) - want).max() <= 1
+    assert (np.abs(pixels(got.images[0]) - ddim_image).max() > 1) == (name != "ddim")  # the test can tell them apart
     assert got.provenance[0]["scheduler"]["class"] == class_name
 
 
@@ -90,9 +99,27 @@ def test_a_folder_runs_with_its_own_scheduler_by_default(tmp_path, sd1):
     got = IdentityPipeline(base).generate("a portrait", [], seed=5, steps=4, **SIZE)
     assert np.abs(pixels(got.images[0]) - want).max() <= 1
     assert got.provenance[0]["scheduler"] == {"class": "EulerDiscreteScheduler", "name": "the base's own"}
-    # A request's scheduler is its own: the base's stays what the folder says.
-    IdentityPipeline(base).generate("a portrait", [], seed=5, steps=2, sampler=Sampler.parse("ddim"), **SIZE)
+    # A request's scheduler is its own: the base's stays what the folder says, in every setting.
+    config, state = dict(base.scheduler.config), base.scheduler.num_inference_steps
+    pipe = IdentityPipeline(base)
+    pipe.generate("a portrait", [], seed=5, steps=2, sampler=Sampler.parse("ddim"), **SIZE)
+    pipe.generate("a portrait", [], seed=5, steps=3, **SIZE)
     assert type(base.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert dict(base.scheduler.config) == config and base.scheduler.num_inference_steps == state
+    again = pipe.generate("a portrait", [], seed=5, steps=4, **SIZE)
+    assert np.array_equal(pixels(again.images[0]), pixels(got.images[0]))
+
+
+def test_a_folder_without_a_scheduler_config_is_refused_in_one_line(tmp_path, sd1):
+    from ray_faceid.errors import UnsupportedModel
+    from ray_faceid.pipelines.schedulers import folder_scheduler
+
+    (tmp_path / "scheduler").mkdir()
+    with pytest.raises(UnsupportedModel, match="no readable scheduler/scheduler_config.json"):
+        folder_scheduler(str(tmp_path))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**dict(sd1.scheduler.config), "_class_name": "SomeoneElsesScheduler"}))
+    assert type(folder_scheduler(str(tmp_path))).__name__ == "DDIMScheduler"  # and a warning says so
 
 
 def test_config_overrides_reach_the_scheduler_and_unknown_ones_are_refused(sd1):
@@ -109,6 +136,32 @@ def test_config_overrides_reach_the_scheduler_and_unknown_ones_are_refused(sd1):
         Sampler.parse("euler", ["karras=true"])
     with pytest.raises(BadInput, match="no scheduler 'dpm\\+\\+3m'; use one of ddim, pndm, euler"):
         Sampler.parse("dpm++3m")
+    with pytest.raises(BadInput, match="scheduler EulerDiscreteScheduler: .*sideways"):  # diffusers' ValueError, one line
+        Sampler.parse("euler", ["timestep_spacing=sideways"])
+    with pytest.raises(BadInput, match="DPMSolverSDEScheduler draws its noise from a seed of its own"):
+        Sampler.parse("DPMSolverSDEScheduler")
+    with pytest.raises(BadInput, match="scheduler LCMScheduler: "):  # LCM takes at most its 50 original steps
+        IdentityPipeline(sd1).generate("a portrait", [], steps=60, sampler=Sampler.parse("lcm"), **SIZE)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_inpaint_takes_a_scheduler_and_keeps_the_pixels_outside_the_mask(spec128, name):
+    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.pipelines.generate import IdentityCondition
+    from ray_faceid.pipelines.inpaint import inpaint
+
+    base = build_tiny()  # a text-to-image base: the blended path, which noises with the scheduler's add_noise
+    person = IdentityCondition("ann", np.random.default_rng(0).normal(size=(1, 128)).astype(np.float32))
+    image = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    pipe = IdentityPipeline(base, IdentityAdapter.for_unet(base.unet, spec128))
+    default = pixels(inpaint(pipe, image, mask, person, "a face", steps=3, feather=0).images[0])
+    result = inpaint(pipe, image, mask, person, "a face", steps=3, feather=0, sampler=Sampler.parse(name))
+    got = pixels(result.images[0])
+    assert np.array_equal(got[mask == 0], image[mask == 0])
+    assert np.abs(got - default)[mask > 0].max() > 1
+    assert result.provenance[0]["scheduler"]["name"] == name
 
 
 def test_the_cli_takes_a_scheduler_and_refuses_an_unknown_one_in_one_line(tmp_path):
@@ -126,3 +179,23 @@ def test_the_cli_takes_a_scheduler_and_refuses_an_unknown_one_in_one_line(tmp_pa
                                    "config": {"timestep_spacing": "trailing"}}
     assert Image.open(out).size == (32, 32)
     assert json.dumps(record)  # the record stays plain JSON
+
+
+def test_training_noises_as_ddpm_whatever_scheduler_the_folder_samples_with(sd1):
+    """train and personalize noise latents as the model was trained (sqrt(a) x + sqrt(1 - a) e, and
+    v targets), not with a sampler's own add_noise: Euler's is x + sigma e."""
+    from diffusers import EulerDiscreteScheduler
+
+    from ray_faceid.identity.objective import diffusion_target, training_noise
+    from ray_faceid.pipelines.models import BaseModel
+
+    euler = EulerDiscreteScheduler.from_config(sd1.scheduler.config, prediction_type="v_prediction")
+    base = BaseModel(sd1.unet, sd1.vae, sd1.text_encoder, sd1.tokenizer, euler, model_id="euler folder")
+    latents, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    t = torch.tensor([10, 900])
+    alpha = torch.cumprod(1 - sd1.scheduler.betas, 0)[t].view(-1, 1, 1, 1)
+    noisy = training_noise(base).add_noise(latents, noise, t)
+    assert torch.allclose(noisy, alpha.sqrt() * latents + (1 - alpha).sqrt() * noise, atol=1e-5)
+    velocity = diffusion_target(training_noise(base), latents, noise, t)
+    assert torch.allclose(velocity, alpha.sqrt() * noise - (1 - alpha).sqrt() * latents, atol=1e-5)
+    assert type(base.scheduler) is EulerDiscreteScheduler  # the base's sampler stays its own
