@@ -259,7 +259,8 @@ def generate(
         _with_image_features(pipe, image_encoder, conditions, photos, analyzer)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size
-        err_console.print(f"{width}x{height}, {steps} steps on {pipe.device.type}")
+        sampling = sampler.record(pipe.base.scheduler)["class"]
+        err_console.print(f"{width}x{height}, {steps} steps of {sampling} on {pipe.device.type}")
         pipe.on_step = denoise_reporter()
         result = pipe.generate(prompt, conditions, negative_prompt, seed, steps, guidance, width, height,
                                sampler=sampler)

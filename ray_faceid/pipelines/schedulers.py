@@ -96,6 +96,8 @@ class Sampler:
                     raise BadInput(f"--scheduler-config takes KEY=VALUE (e.g. timestep_spacing=trailing), got {option!r}")
                 pairs[key.strip()] = parse_value(value)
         name = name.strip() if name else None
+        if name and name.lower() in SHORT_NAMES:  # one name per sampler in every image's provenance
+            name = name.lower()
         sampler = cls(name or None, tuple(sorted(pairs.items())))
         if name:  # a named one is built once on its defaults: a bad value fails here, in one line
             kind = sampler.scheduler_type()
@@ -109,16 +111,16 @@ class Sampler:
         short = SHORT_NAMES.get((self.name or "").lower())
         return {**(short[1] if short else {}), **{k: v for k, v in self.overrides if k not in STEP_SETTINGS}}
 
-    @staticmethod
     @contextmanager
-    def refusing_bad_settings(kind):
-        """diffusers refuses a bad value with ValueError / NotImplementedError (an unknown
-        timestep_spacing, LCM over its 50 steps): one line that says where."""
+    def refusing_bad_settings(self, kind):
+        """diffusers refuses a bad value with ValueError / TypeError / NotImplementedError (an unknown
+        timestep_spacing, a word for a boolean, LCM over its 50 steps): one line naming the settings."""
         try:
             yield
         except (ValueError, TypeError, NotImplementedError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise BadInput(f"scheduler {kind.__name__}: {first}") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+            given = ", ".join(f"{k}={v}" for k, v in self.overrides)
+            raise BadInput(f"scheduler {kind.__name__}{f' with {given}' if given else ''}: {first}") from None
 
     def scheduler_type(self):
         """The named class (None: the base's own decides)."""
@@ -178,5 +180,5 @@ def folder_scheduler(source: str):
 
         log.warning("%s; sampling with DDIM over its config (choose another with --scheduler)", exc.message)
         cls = DDIMScheduler
-    with Sampler.refusing_bad_settings(cls):
+    with Sampler().refusing_bad_settings(cls):
         return cls.from_config(config)

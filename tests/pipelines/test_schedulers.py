@@ -136,8 +136,11 @@ def test_config_overrides_reach_the_scheduler_and_unknown_ones_are_refused(sd1):
         Sampler.parse("euler", ["karras=true"])
     with pytest.raises(BadInput, match="no scheduler 'dpm\\+\\+3m'; use one of ddim, pndm, euler"):
         Sampler.parse("dpm++3m")
-    with pytest.raises(BadInput, match="scheduler EulerDiscreteScheduler: .*sideways"):  # diffusers' ValueError, one line
+    with pytest.raises(BadInput, match="scheduler EulerDiscreteScheduler with timestep_spacing=sideways: sideways is not supported"):  # diffusers' ValueError, one line
         Sampler.parse("euler", ["timestep_spacing=sideways"])
+    with pytest.raises(BadInput, match="scheduler EulerDiscreteScheduler with use_karras_sigmas=maybe: "):
+        Sampler.parse("euler", ["use_karras_sigmas=maybe"])
+    assert Sampler.parse("Euler-A").name == "euler-a"  # one name per sampler in the provenance
     with pytest.raises(BadInput, match="DPMSolverSDEScheduler draws its noise from a seed of its own"):
         Sampler.parse("DPMSolverSDEScheduler")
     with pytest.raises(BadInput, match="scheduler LCMScheduler: "):  # LCM takes at most its 50 original steps
