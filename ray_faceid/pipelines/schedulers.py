@@ -9,6 +9,7 @@ request: the base's is never changed.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -139,8 +140,6 @@ class Sampler:
 
     def build(self, base_scheduler):
         """A fresh scheduler for one denoise (schedulers keep state between steps)."""
-        import copy
-
         if self.name is None and not self.overrides:
             return copy.deepcopy(base_scheduler)
         cls = self.scheduler_type() or type(base_scheduler)
@@ -158,9 +157,8 @@ class Sampler:
     def record(self, base_scheduler) -> dict:
         """What the provenance says: the scheduler's class and the settings asked for."""
         cls = self.scheduler_type() or type(base_scheduler)
-        short = SHORT_NAMES.get((self.name or "").lower())
-        settings = {**(short[1] if short else {}), **dict(self.overrides)}
-        return {"class": cls.__name__, "name": self.name or "the base's own", **({"config": settings} if settings else {})}
+        asked = {**self.settings(), **{k: v for k, v in self.overrides if k in STEP_SETTINGS}}
+        return {"class": cls.__name__, "name": self.name or "the base's own", **({"config": asked} if asked else {})}
 
 
 def folder_scheduler(source: str):
