@@ -157,6 +157,37 @@ def _with_image_features(pipe, image_encoder: Optional[str], conditions: list, p
         condition.image_features = adapter.image_encoder.features(reference_crops(analyzer, refs))
 
 
+def _with_identitynet(pipe, identitynet: Optional[str], scale: float, pose: Optional[str], conditions: list,
+                      photos: dict, analyzer, width: int, height: int) -> None:
+    """InstantID: its IdentityNet (a ControlNet folder), and each person's pose, the five keypoints
+    of the --pose photo's face or else of their first reference photo's (a frontal face for people
+    given as embeddings or enrolled)."""
+    from ray_faceid.identity.instantid import NEEDED, IdentityNet
+    from ray_faceid.pipelines.references import reference_pose
+
+    adapter = pipe.adapter
+    if adapter.options.mapper != "instantid":
+        if identitynet or pose:
+            raise BadInput("--identitynet and --pose are for InstantID's ip-adapter.bin; this adapter has no IdentityNet")
+        return
+    if not identitynet:
+        raise BadInput(f"InstantID reads the face through its IdentityNet too: give --identitynet FOLDER ({NEEDED})")
+    adapter.identitynet = IdentityNet(identitynet, pipe.base.unet, scale).to(pipe.device, pipe.base.unet.dtype)
+    if analyzer.config.backend == "dlib" and analyzer.config.landmarks == "dlib5":
+        # dlib's 5 points have no mouth corners: the pose reads its 68 (trained on iBUG 300-W, non-commercial
+        # like InstantID's own antelopev2 encoder).
+        from ray_faceid.face.analyzer import FaceAnalyzer
+
+        analyzer = FaceAnalyzer(analyzer.config.model_copy(update={"landmarks": "dlib68"}))
+    for condition in conditions:
+        source = pose or (photos[condition.name][0] if isinstance(photos[condition.name], list) else None)
+        if source is None:
+            err_console.print(f"[yellow]{condition.name}: no photo gives a pose (--pose PHOTO): a frontal face in the "
+                              "middle[/yellow]")
+        else:
+            condition.pose = reference_pose(analyzer, source, width, height)
+
+
 def read_face_embedding(path: str) -> np.ndarray:
     """--face-embedding: an .npy of one person's N x D embeddings (or one D vector), as their encoder gives them."""
     try:
@@ -218,6 +249,12 @@ def generate(
     plus_v2_scale: Optional[float] = typer.Option(None, "--plus-v2-scale", min=0.0, max=3.0, help="FaceID-PlusV2: "
                                                   "weight of the face's CLIP features over its embedding's own tokens "
                                                   "(default 1)."),
+    identitynet: Optional[str] = typer.Option(None, "--identitynet", help="InstantID: its IdentityNet folder "
+                                              "(ControlNetModel/ of InstantX/InstantID), with --adapter ip-adapter.bin."),
+    identitynet_scale: float = typer.Option(0.8, "--identitynet-scale", min=0.0, max=2.0, help="InstantID: the "
+                                            "weight of IdentityNet's residuals (the authors' 0.8)."),
+    pose: Optional[str] = typer.Option(None, "--pose", help="InstantID: a photo whose face's keypoints set the pose; "
+                                       "default: the reference photo's."),
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.cli.faces import face_config
@@ -229,9 +266,10 @@ def generate(
         width, height = parse_size(size, "--size") if size else (None, None)
         if face_embedding and identity:
             raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
-        if face_embedding and ref and not image_encoder:
+        if face_embedding and ref and not (image_encoder or identitynet):
             raise BadInput("--face-embedding with --ref: the photos are read only by FaceID-Plus's CLIP image encoder "
-                           "(--image-encoder); otherwise give the embedding or the photos, not both")
+                           "(--image-encoder) or for InstantID's pose; otherwise give the embedding or the photos, not "
+                           "both")
         people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
         # FaceID-Plus reads each person's photos through CLIP too (with --face-embedding, the --ref photos).
         photos = {"person": list(ref)} if face_embedding and ref else people
@@ -259,6 +297,7 @@ def generate(
         _with_image_features(pipe, image_encoder, conditions, photos, analyzer)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size
+        _with_identitynet(pipe, identitynet, identitynet_scale, pose, conditions, photos, analyzer, width, height)
         sampling = sampler.record(pipe.base.scheduler)["class"]
         err_console.print(f"{width}x{height}, {steps} steps of {sampling} on {pipe.device.type}")
         pipe.on_step = denoise_reporter()

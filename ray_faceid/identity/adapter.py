@@ -30,9 +30,10 @@ WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
 
 class AdapterOptions(BaseModel):
     method: Literal["decoupled", "pva"] = Field("decoupled", description="Identity attention: decoupled or PVA joint softmax.")
-    mapper: Literal["projector", "multiref", "face_plus"] = Field(
+    mapper: Literal["projector", "multiref", "face_plus", "instantid"] = Field(
         "projector", description="Token mapper: IdProjector (fused embedding), MultiRefMapper (PVA, any number of "
-        "refs) or FacePlusMapper (a published FaceID-Plus file: embedding and CLIP image features)."
+        "refs), FacePlusMapper (a published FaceID-Plus file: embedding and CLIP image features) or "
+        "InstantIDResampler (a published InstantID file: learned queries over the raw embedding)."
     )
     num_tokens: int = Field(4, ge=1, le=64, description="Identity tokens per identity (N for projector, K for multiref).")
     expression_dim: int = Field(0, ge=0, description="Size of the expression code (0 disables expression guidance).")
@@ -83,6 +84,8 @@ class IdentityAdapter(nn.Module):
         """A published adapter's LoRA of the base's attention layers, fused into the UNet at install."""
         self.image_encoder = None
         """FaceID-Plus: the CLIP image encoder its tokens read the face through (face/clip_image.py)."""
+        self.identitynet = None
+        """InstantID: its ControlNet, fed the tokens and the face's keypoints (identity/instantid.py)."""
         self.layers = dict(layers)
         cross_dim = next(iter(layers.values()))[1]
         if mapper is not None:  # a published layout's own mapper (published.py)
@@ -121,6 +124,8 @@ class IdentityAdapter(nn.Module):
                 raise BadInput("FaceID-Plus tokens read the face's CLIP image features as well as its embedding: "
                                "this path gives embeddings only (use `ray-faceid generate --image-encoder`)")
             return self.mapper(embeddings, image_features)
+        if self.options.mapper == "instantid":
+            return self.mapper(embeddings)
         if isinstance(self.mapper, MultiRefMapper):
             refs = embeddings if embeddings.ndim == 3 else embeddings.unsqueeze(1)
             return self.mapper(refs, present)

@@ -11,14 +11,15 @@ IP-Adapter-FaceID (Ye et al., h94/IP-Adapter-FaceID), as its authors save it:
 - the LoRA of every attention layer, `{i}.to_{q,k,v,out}_lora.{down,up}.weight` for the i-th
   processor, embedded in ip_adapter: fused once into the base UNet the adapter is installed on
   (IdentityAdapter.install). The separate `*_lora.safetensors` files are not read yet.
+- InstantID (identity/instantid.py): image_proj is a resampler with learned queries (`latents`) over
+  the embedding, ip_adapter FaceID's identity attention; its IdentityNet is a ControlNet folder.
 - FaceID-Plus / PlusV2: image_proj adds `perceiver_resampler.*` (face_plus.py), read over the face's
   CLIP image features (face/clip_image.py, an encoder folder the user gives). The two share one
   layout; PlusV2 (its file named so by its authors) adds the embedding's tokens back as a shortcut.
 
 It takes insightface ArcFace embeddings (buffalo_l's w600k_r50, 512-d, normalised), and the
 unconditional rows of classifier-free guidance get the tokens of a zero embedding (for Plus, with
-the features of a zero image) at the same strength, as its reference pipeline does. InstantID (a
-resampler and IdentityNet) is recognised and refused in one line: not run yet. FaceID-Portrait
+the features of a zero image) at the same strength, as its reference pipeline does. FaceID-Portrait
 (FaceID's layout, 16 tokens, named so by its authors) gives each reference photo its own tokens,
 concatenated, as its reference pipeline does. Licence: the FaceID weights and the insightface packs
 are for non-commercial research.
@@ -69,6 +70,16 @@ class Recognised:
     shortcut: bool = False
     per_photo: bool = False
     """FaceID-Portrait: each reference photo gives its own tokens, concatenated (not one fused embedding)."""
+    encoder: str = "buffalo_l's w600k_r50, unit length"
+    """The insightface ArcFace its authors embed faces with."""
+
+    @property
+    def plus(self) -> bool:
+        return self.image_feature_dim > 0
+
+    @property
+    def instantid(self) -> bool:
+        return self.kind == "InstantID"
 
     def line(self) -> str:
         lora = f", LoRA rank {self.lora_rank} fused into the base" if self.lora_rank else ", no LoRA"
@@ -143,6 +154,21 @@ def recognise_plus(proj: dict, ip: dict, digest: str, uri: str) -> Recognised:
                       resampler=(depth, resampler["layers.0.0.to_q.weight"].shape[0]), shortcut=v2)
 
 
+def recognise_instantid(proj: dict, ip: dict, digest: str, uri: str) -> Recognised:
+    """InstantID's image_proj: learned queries over the embedding (an IP-Adapter-Plus resampler that
+    reads CLIP features has the same keys; the encoder check refuses it by its input width)."""
+    depth = sum(1 for k in proj if k.startswith("layers.") and k.endswith(".0.to_q.weight"))
+    missing = sorted({"proj_out.weight", "norm_out.weight", "layers.0.0.to_q.weight"} - set(proj))
+    if missing or not depth or proj["latents"].ndim != 3 or not any(k.endswith(".to_k_ip.weight") for k in ip):
+        raise UnsupportedModel(f"{uri}: an InstantID resampler without {missing[:3] or 'layers or identity attention'}"
+                               ": the file is damaged or of another layout")
+    _, tokens, hidden = proj["latents"].shape
+    return Recognised("InstantID", "InstantID, with its IdentityNet", tokens, proj["proj_in.weight"].shape[1],
+                      proj["proj_out.weight"].shape[0], hidden, lora_rank(ip), digest,
+                      resampler=(depth, proj["layers.0.0.to_q.weight"].shape[0]),
+                      encoder="antelopev2's glintr100, as insightface gives it (not unit length)")
+
+
 def lora_rank(ip: dict) -> int | None:
     return next((down.shape[0] for layer in lora_of(ip).values() for down, _ in layer.values()), None)
 
@@ -153,8 +179,7 @@ def recognise(parts: dict, digest: str, uri: str) -> Recognised:
     if any(k.startswith("perceiver_resampler.") for k in keys):
         return recognise_plus(proj, ip, digest, uri)
     if {"latents", "proj_in.weight"} <= keys:
-        raise UnsupportedModel(f"{uri}: recognised an InstantID / IP-Adapter-Plus resampler adapter; not run yet: use "
-                               "an IP-Adapter-FaceID file (FaceID, Plus or PlusV2)")
+        return recognise_instantid(proj, ip, digest, uri)
     if keys != FACEID_PROJ or not any(k.endswith(".to_k_ip.weight") for k in ip):
         raise UnsupportedModel(f"{uri}: not an IP-Adapter-FaceID file (image_proj keys {sorted(keys)[:4]}...); "
                                "give an IP-Adapter-FaceID .bin or .safetensors, or a folder `ray-faceid train` wrote")
@@ -188,37 +213,43 @@ def check_encoder(found: Recognised, spec: EncoderSpec | None) -> None:
     if spec is None:
         return
     if spec.dim != found.embedding_dim or spec.name.startswith("dlib"):
-        raise EncoderMismatch(f"{found.kind} takes {found.embedding_dim}-d insightface ArcFace embeddings (buffalo_l's "
-                              f"w600k_r50); the face encoder in use gives {spec.dim}-d {spec.name}: use --face-backend "
+        raise EncoderMismatch(f"{found.kind} takes {found.embedding_dim}-d insightface ArcFace embeddings "
+                              f"({found.encoder}); the face encoder in use gives {spec.dim}-d {spec.name}: use --face-backend "
                               "insightface --insightface-root PACK (face.backend in the Serve config), or give "
                               "--face-embedding EMB.npy")
 
 
-def reads_image_features(uri: str) -> bool:
-    """Whether a published file is FaceID-Plus / PlusV2 (read from the file alone, before a base loads)."""
-    return recognise(*read(uri), uri).resampler is not None
+def untrainable(uri: str) -> str | None:
+    """The variant of a published file training cannot start from (FaceID-Plus reads CLIP image
+    features, InstantID an IdentityNet: training rows hold embeddings), read from the file alone."""
+    found = recognise(*read(uri), uri)
+    return found.variant if found.plus or found.instantid else None
 
 
 def generate_only(uri: str) -> str | None:
-    """The variant of a published file only `generate` runs (FaceID-Plus, FaceID-Portrait), read from
-    the file alone (no base: a Serve config is refused when it is read); None for the others."""
+    """The variant of a published file only `generate` runs (FaceID-Plus, FaceID-Portrait, InstantID),
+    read from the file alone (no base: a Serve config is refused when it is read); None for the others."""
     if not is_published_file(uri):
         return None
     found = recognise(*read(uri), uri)
-    return found.variant if found.resampler is not None or found.per_photo else None
+    return found.variant if found.plus or found.per_photo or found.instantid else None
 
 
 def refuse_generate_only(adapter, where: str) -> None:
-    """FaceID-Plus reads each face's photos through CLIP, and FaceID-Portrait gives tokens per photo
-    (their number varies by person): paths that hold people as embeddings, or batch people together
-    on one engine (enrolled people, catalog rows, Serve, personal adapters), refuse them before any
-    work starts."""
+    """FaceID-Plus reads each face's photos through CLIP, FaceID-Portrait gives tokens per photo
+    (their number varies by person), InstantID draws each face's keypoints for its IdentityNet:
+    paths that hold people as embeddings, or batch people together on one engine (enrolled people,
+    catalog rows, Serve, personal adapters), refuse them before any work starts."""
     if adapter is None or adapter.published is None:
         return
     if adapter.options.mapper == "face_plus":
         raise UnsupportedModel(f"{adapter.published['file']}: {adapter.published['variant']} reads each face's photos "
                                f"through a CLIP image encoder; {where} holds people as embeddings and does not run it "
                                "yet: use `ray-faceid generate --image-encoder`, or an IP-Adapter-FaceID (plain) file")
+    if adapter.options.mapper == "instantid":
+        raise UnsupportedModel(f"{adapter.published['file']}: InstantID's IdentityNet reads each image's face keypoints; "
+                               f"{where} does not run it yet: use `ray-faceid generate --identitynet FOLDER`, or an "
+                               "IP-Adapter-FaceID (plain) file")
     if adapter.published.get("per_photo"):
         raise UnsupportedModel(f"{adapter.published['file']}: FaceID-Portrait gives tokens per photo, as many as each "
                                f"person has; {where} does not run it yet: use `ray-faceid generate`, or an "
@@ -259,8 +290,9 @@ def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale
     lora = lora_of(ip)
     if any(i >= len(names) for i in lora):
         raise UnsupportedModel(f"{uri}: its LoRA names {max(lora) + 1} attention layers; this base has {len(names)}")
-    plus = found.resampler is not None
-    options = AdapterOptions(method="decoupled", mapper="face_plus" if plus else "projector", num_tokens=found.tokens,
+    plus = found.plus
+    options = AdapterOptions(method="decoupled", mapper="face_plus" if plus else "instantid" if found.instantid else
+                             "projector", num_tokens=found.tokens,
                              mapper_hidden=found.hidden, negative="zero_embedding")
     layers = cross_attention_layers(unet)
     proj = parts["image_proj"]
@@ -269,6 +301,11 @@ def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale
 
         mapper = FacePlusMapper(found.embedding_dim, width, found.tokens, found.hidden, found.image_feature_dim,
                                 *found.resampler, shortcut_scale=shortcut_scale if found.shortcut else None)
+        state = {f"mapper.{k}": v for k, v in proj.items()}
+    elif found.instantid:
+        from ray_faceid.identity.instantid import InstantIDResampler
+
+        mapper = InstantIDResampler(found.embedding_dim, width, found.tokens, found.hidden, *found.resampler)
         state = {f"mapper.{k}": v for k, v in proj.items()}
     else:
         mapper = None
@@ -285,7 +322,11 @@ def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale
         raise UnsupportedModel(f"{uri}: its weights do not fit the {found.variant} layout "
                                f"({str(exc).splitlines()[1].strip()[:160] if len(str(exc).splitlines()) > 1 else exc}): "
                                "the file is damaged or of another layout") from None
-    adapter.published = {"kind": found.kind, "variant": found.variant, "sha256": digest, "licence": LICENCE,
+    if found.instantid:
+        from ray_faceid.identity.instantid import LICENCE as licence
+    else:
+        licence = LICENCE
+    adapter.published = {"kind": found.kind, "variant": found.variant, "sha256": digest, "licence": licence,
                          "lora_rank": found.lora_rank, "file": PurePosixPath(str(uri)).name,
                          **({"per_photo": True} if found.per_photo else {}),
                          **({"shortcut_scale": shortcut_scale} if found.shortcut else {})}

@@ -76,6 +76,9 @@ class IdentityCondition:
     caller called them)."""
     image_features: np.ndarray | None = None
     """(R, S, H) CLIP image features of the reference faces, for adapters that read them (FaceID-Plus)."""
+    pose: np.ndarray | None = None
+    """InstantID: the face's five keypoints in the image made (5 x 2, fractions of its width and
+    height, identity/instantid.py's order); None: a frontal face in the middle."""
     edit_moved: float | None = field(default=None, init=False)
     """Set by the pipeline: how far the edits moved the embedding (L2, the encoder's units)."""
 
@@ -116,6 +119,9 @@ class IdentityPipeline:
         self.backend = resolve_backend(backend)
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
+        if self.backend != "torch" and adapter is not None and adapter.options.mapper == "instantid":
+            raise BadInput(f"InstantID's IdentityNet runs beside the UNet on --backend torch; the {self.backend} "
+                           "engines do not take its residuals yet")
         self.engine_cache, self.engines = engine_cache, {}
         self._engines_lock, self._refused = threading.Lock(), set()  # versions of erased people's adapters
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
@@ -164,6 +170,11 @@ class IdentityPipeline:
                 t = self.adapter.tokens(self._edited(ident, emb).unsqueeze(0))
             elif self.adapter.published and self.adapter.published.get("per_photo"):  # FaceID-Portrait
                 t = self._tokens_per_photo(ident, emb)
+            elif self.adapter.options.mapper == "instantid":  # the raw embedding, as its pipeline gives it
+                if ident.edits:
+                    raise BadInput(f"identity {ident.name}: attribute edits act on a unit embedding; InstantID reads "
+                                   "the raw one")
+                t = self.adapter.tokens(emb.mean(0, keepdim=True))
             elif self.adapter.options.mapper == "face_plus":
                 t = self.adapter.tokens(self._edited(ident, emb, fuse_embeddings(emb)).unsqueeze(0),
                                         image_features=self._image_features(ident, dtype))
@@ -342,6 +353,7 @@ class IdentityPipeline:
         negative = self.encode_prompt([it.negative_prompt or "" for it in items], zero_empty=True)
         text = TextConditioning.cat([negative, self.encode_prompt([it.prompt for it in items])])
         kwargs = self._identity_kwargs(items, h, w)
+        control = self._identitynet_inputs(items, kwargs, width, height)
         # One generator per image, on the CPU: its initial noise, then (stochastic schedulers: ancestral,
         # SDE, LCM, TCD) each step's noise, drawn in diffusers' order: an image is the same alone or batched.
         generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
@@ -362,7 +374,7 @@ class IdentityPipeline:
             if inpaint is not None and base.inpainting:
                 mask_c, masked_c = conditioning
                 model_in = torch.cat([model_in, torch.cat([mask_c] * 2), torch.cat([masked_c] * 2)], dim=1)
-            pred = self._unet(model_in, t, text, kwargs, h, w, row_personal)
+            pred = self._unet(model_in, t, text, kwargs, h, w, row_personal, control)
             uncond, cond = pred.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents, **step_kwargs).prev_sample
             if inpaint is not None and not base.inpainting:
@@ -375,17 +387,37 @@ class IdentityPipeline:
                 callback(step, len(sched.timesteps))
         return latents
 
-    def _unet(self, sample, t, text, kwargs, h, w, row_personal):
+    def _identitynet_inputs(self, items: list["GenerationItem"], kwargs: dict, width: int, height: int):
+        """InstantID: (tokens, keypoint images) IdentityNet reads for the 2B rows (the unconditional
+        rows the zero embedding's tokens, as in the attention); None for other adapters."""
+        if not kwargs or self.adapter.options.mapper != "instantid":
+            return None
+        if self.adapter.identitynet is None:
+            raise BadInput("InstantID needs its IdentityNet: give --identitynet FOLDER (ControlNetModel/ of "
+                           "InstantX/InstantID)")
+        if any(len(it.identities) != 1 for it in items):
+            raise BadInput("InstantID's IdentityNet reads one face's tokens and keypoints: one person per image")
+        from ray_faceid.identity.instantid import frontal_points, keypoint_image
+
+        images = []
+        for it in items:
+            pose = it.identities[0].pose
+            points = frontal_points(width, height) if pose is None else np.asarray(pose) * [width, height]
+            images.append(np.asarray(keypoint_image(points, width, height), np.float32) / 255)
+        image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)
+        return kwargs["identity_tokens"][:, 0], torch.cat([image, image])
+
+    def _unet(self, sample, t, text, kwargs, h, w, row_personal, control=None):
         """One UNet call in the UNet's dtype (fp16 / bf16 on GPU); the prediction comes back in fp32,
-        where the scheduler keeps the latents."""
+        where the scheduler keeps the latents. `control`: InstantID's IdentityNet inputs."""
         sample, text = sample.to(self.base.unet.dtype), text.to(self.base.unet.dtype)
-        return self._unet_call(sample, t, text, kwargs, h, w, row_personal).float()
+        return self._unet_call(sample, t, text, kwargs, h, w, row_personal, control).float()
 
     def _text_inputs(self, text: TextConditioning, h: int, w: int) -> dict:
         f = self.base.vae_scale_factor
         return unet_conditioning(self.base, text, w * f, h * f)
 
-    def _unet_call(self, sample, t, text, kwargs, h, w, row_personal):
+    def _unet_call(self, sample, t, text, kwargs, h, w, row_personal, control=None):
         """Eager torch, or the configured engine with identity as its inputs. Each row's own adapter
         (`row_personal`: (version, delta) or None) is placed in the bank at every call: a job that
         ran in between may have loaded others."""
@@ -393,7 +425,11 @@ class IdentityPipeline:
         if self.backend == "torch":
             if personal_rows is not None:
                 kwargs = dict(kwargs, personal=PersonalRows(self.personal_bank, personal_rows))
-            return self.base.unet(sample, t, **self._text_inputs(text, h, w), cross_attention_kwargs=kwargs or None).sample
+            inputs = self._text_inputs(text, h, w)
+            if control is not None:  # InstantID: IdentityNet's residuals, from the tokens and the keypoints
+                down, mid = self.adapter.identitynet.residuals(sample, t, *control, inputs.get("added_cond_kwargs"))
+                inputs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            return self.base.unet(sample, t, **inputs, cross_attention_kwargs=kwargs or None).sample
         rows, opts = sample.shape[0], self.adapter.options
         if kwargs:
             tokens, scale, region = kwargs["identity_tokens"], kwargs["identity_scale"], kwargs["region_masks"]
@@ -549,6 +585,8 @@ class IdentityPipeline:
                else {}),
             **({"image_encoder": self.adapter.image_encoder.sha256}
                if self.adapter is not None and self.adapter.image_encoder is not None else {}),
+            **({"identitynet": self.adapter.identitynet.record()}
+               if self.adapter is not None and self.adapter.identitynet is not None else {}),
             "encoder": None if self.adapter is None else self.adapter.encoder_spec.key(),
             "imr": getattr(self.imr, "weights_hash", None if self.imr is None else "unsaved"),
             "flow": getattr(self.flow, "weights_hash", None if self.flow is None else "unsaved"),

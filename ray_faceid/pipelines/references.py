@@ -34,3 +34,15 @@ def reference_crops(analyzer: FaceAnalyzer, images: list, names: list[str] | Non
             raise NoFace(f"{name}: no face found; use a photo where the face is visible and at least ~40 px wide")
         crops.append(face_crop(pixels, faces[0].landmarks))
     return crops
+
+
+def reference_pose(analyzer: FaceAnalyzer, image, width: int, height: int, name: str | None = None) -> np.ndarray:
+    """InstantID's pose from a photo: its largest face's five keypoints placed on a `width` x `height`
+    image holding the photo whole (5 x 2, fractions of the image; identity/instantid.py)."""
+    from ray_faceid.identity.instantid import features_on_canvas
+
+    pixels = analyzer.load(image)
+    faces = analyzer.analyze(pixels)
+    if not faces:
+        raise NoFace(f"{name or image}: no face found; use a photo where the face is visible and at least ~40 px wide")
+    return features_on_canvas(faces[0].landmarks, (pixels.shape[1], pixels.shape[0]), width, height)

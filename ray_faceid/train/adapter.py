@@ -302,9 +302,10 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
         from ray_faceid.pipelines.models import model_family
 
         IdentityAdapter.check_file_family(adapter, model_family(model))
-        if published.is_published_file(adapter) and published.reads_image_features(adapter):
-            raise BadInput(f"{adapter}: FaceID-Plus reads each face's photos through a CLIP image encoder; training "
-                           "rows hold embeddings: train on an IP-Adapter-FaceID (plain) file or a folder `train` wrote")
+        if published.is_published_file(adapter) and (variant := published.untrainable(adapter)):
+            reads = "keypoints for its IdentityNet" if "InstantID" in variant else "photos through a CLIP image encoder"
+            raise BadInput(f"{adapter}: {variant} reads each face's {reads}; training rows hold embeddings: train on "
+                           "an IP-Adapter-FaceID (plain) file or a folder `train` wrote")
     held_out: list[str] = []
     if config.method == "flow":
         rows, held_out = _flow_rows(dataset)

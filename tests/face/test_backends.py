@@ -40,3 +40,18 @@ def test_jitter_needs_the_dlib_runtime_and_says_so():
     jittered = FaceAnalyzer(FaceConfig(num_jitters=2, encoder_runtime="dlib"))
     assert jittered.spec.dim == 128
     assert np.isfinite(jittered.threshold)
+
+
+@pytest.mark.parametrize("pack,detector,recogniser", [
+    (("1k3d68.onnx", "2d106det.onnx", "det_10g.onnx", "genderage.onnx", "w600k_r50.onnx"), "det_10g.onnx", "w600k_r50.onnx"),
+    (("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx"),
+     "scrfd_10g_bnkps.onnx", "glintr100.onnx"),
+])
+def test_an_insightface_pack_folder_gives_its_detector_and_recogniser(tmp_path, pack, detector, recogniser):
+    """buffalo_l (FaceID) and antelopev2 (InstantID) as their authors ship them: the 106-point
+    landmark model is not the detector, glintr100 is antelopev2's recogniser."""
+    from ray_faceid.face.backends.insightface_backend import pack_files
+
+    for name in pack:
+        (tmp_path / name).write_bytes(b"")
+    assert pack_files(str(tmp_path), "PACK") == (str(tmp_path / detector), str(tmp_path / recogniser))

@@ -136,7 +136,8 @@ def test_config_overrides_reach_the_scheduler_and_unknown_ones_are_refused(sd1):
         Sampler.parse("euler", ["karras=true"])
     with pytest.raises(BadInput, match="no scheduler 'dpm\\+\\+3m'; use one of ddim, pndm, euler"):
         Sampler.parse("dpm++3m")
-    with pytest.raises(BadInput, match="scheduler EulerDiscreteScheduler with timestep_spacing=sideways: sideways is not supported"):  # diffusers' ValueError, one line
+    # diffusers' ValueError, in one line
+    with pytest.raises(BadInput, match="EulerDiscreteScheduler with timestep_spacing=sideways: sideways is not supported"):
         Sampler.parse("euler", ["timestep_spacing=sideways"])
     with pytest.raises(BadInput, match="scheduler EulerDiscreteScheduler with use_karras_sigmas=maybe: "):
         Sampler.parse("euler", ["use_karras_sigmas=maybe"])

@@ -45,6 +45,25 @@ class ScrfdDetector:
         return found
 
 
+# Other models of insightface's packs (106- and 68-point landmarks, gender and age): never the detector
+# or the recogniser, though `2d106det` has "det" in its name.
+OTHER_PACK_MODELS = ("2d106det", "1k3d68", "genderage")
+RECOGNISER_NAMES = ("w600k", "glintr", "arcface", "rec", "r100", "r50")  # buffalo_l: w600k_r50, antelopev2: glintr100
+
+
+def pack_files(folder: str, root: str) -> tuple[str, str | None]:
+    """(detection, recognition) ONNX files of an insightface pack folder (buffalo_l, antelopev2, or
+    a user's own SCRFD and ArcFace files), chosen by name."""
+    onnx_files = sorted(f for f in os.listdir(folder) if f.endswith(".onnx"))
+    usable = [f for f in onnx_files if not any(other in f.lower() for other in OTHER_PACK_MODELS)]
+    detectors = [f for f in usable if "det" in f.lower() or "scrfd" in f.lower()]
+    recognisers = [f for f in usable if f not in detectors and any(n in f.lower() for n in RECOGNISER_NAMES)]
+    if not detectors:
+        raise BackendUnavailable(f"no SCRFD detection ONNX file (name containing 'det' or 'scrfd') in {root}")
+    return (os.path.join(folder, detectors[0]),
+            os.path.join(folder, recognisers[0]) if recognisers else None)
+
+
 def build_insightface_backend(root: str | None, det_threshold: float = 0.5, recognizer_onnx: str | None = None):
     if not root:
         raise BackendUnavailable(
@@ -58,18 +77,14 @@ def build_insightface_backend(root: str | None, det_threshold: float = 0.5, reco
     folder = _local_folder(root)
     if not os.path.isdir(folder):
         raise BackendUnavailable(f"insightface model folder {root} does not exist")
-    onnx_files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".onnx"))
-    detectors = [f for f in onnx_files if "det" in os.path.basename(f) or "scrfd" in os.path.basename(f).lower()]
-    recognizers = [f for f in onnx_files if f not in detectors and ("w600k" in f or "arcface" in f.lower() or "rec" in f)]
-    if not detectors:
-        raise BackendUnavailable(f"no SCRFD detection ONNX file (name containing 'det' or 'scrfd') in {root}")
-    rec = recognizer_onnx or (recognizers[0] if recognizers else None)
+    detector, rec = pack_files(folder, root)
+    rec = recognizer_onnx or rec
     if rec is None:
         raise BackendUnavailable(f"no ArcFace recognition ONNX file in {root}; set recognizer_onnx")
     return FaceBackend(
         name="insightface",
         # One onnxruntime session serves every thread: its run() is thread-safe.
-        make_detector=lambda shared=ScrfdDetector(detectors[0], threshold=det_threshold): shared,
+        make_detector=lambda shared=ScrfdDetector(detector, threshold=det_threshold): shared,
         encoder=OnnxArcFaceEncoder(rec, name="insightface_arcface", license=LICENSE_NOTE),
         license_note=LICENSE_NOTE,
     )

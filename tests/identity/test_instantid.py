@@ -1,0 +1,201 @@
+"""InstantID from its published parts: `ip-adapter.bin` (a resampler over the raw ArcFace embedding
+and identity attention) built at toy size in the authors' key layout, and IdentityNet, a ControlNet
+folder saved by diffusers. With the same embedding, keypoints, seed and scheduler the image equals
+diffusers' SDXL ControlNet pipeline with that file loaded by `load_ip_adapter` and the ControlNet
+fed the face tokens in place of the text (as InstantID's reference pipeline feeds it)."""
+import numpy as np
+import pytest
+import torch
+
+from ray_faceid.errors import BadInput, NotFound, UnsupportedModel
+from ray_faceid.face.spec import EncoderSpec
+from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.identity.instantid import IdentityNet, keypoint_image
+from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.models import build_tiny
+
+EMBED = 16  # antelopev2 gives 512-d; InstantID reads it raw (not unit length)
+SPEC = EncoderSpec(name="arcface_glintr100", dim=EMBED, version="test", license="-", metric="cosine", threshold=0.6)
+SIZE = 64
+POSE = np.array([[0.35, 0.4], [0.62, 0.38], [0.5, 0.55], [0.4, 0.7], [0.6, 0.72]])  # a face turned a little
+
+
+def instantid_state_dict(unet, tokens: int = 4, hidden: int = 64, inner: int = 128, depth: int = 4, seed: int = 0):
+    """InstantID's ip-adapter.bin for `unet` at toy size: random weights, the authors' keys."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=g) * std
+
+    width = unet.config.cross_attention_dim
+    proj = {"latents": rand(1, tokens, hidden, std=1.0), "proj_in.weight": rand(hidden, EMBED), "proj_in.bias": rand(hidden),
+            "proj_out.weight": rand(width, hidden), "proj_out.bias": rand(width),
+            "norm_out.weight": 1 + rand(width), "norm_out.bias": rand(width)}
+    for i in range(depth):
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            proj[f"layers.{i}.{norm}.weight"], proj[f"layers.{i}.{norm}.bias"] = 1 + rand(hidden), rand(hidden)
+        proj[f"layers.{i}.0.to_q.weight"] = rand(inner, hidden)
+        proj[f"layers.{i}.0.to_kv.weight"] = rand(2 * inner, hidden)
+        proj[f"layers.{i}.0.to_out.weight"] = rand(hidden, inner)
+        proj[f"layers.{i}.1.1.weight"] = rand(4 * hidden, hidden)
+        proj[f"layers.{i}.1.3.weight"] = rand(hidden, 4 * hidden)
+    modules = dict(unet.named_modules())
+    ip = {}
+    for i, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            attention = modules[name.removesuffix(".processor")]
+            ip[f"{i}.to_k_ip.weight"] = rand(attention.to_k.out_features, width)
+            ip[f"{i}.to_v_ip.weight"] = rand(attention.to_v.out_features, width)
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def save_identitynet(unet, folder, seed: int = 1) -> str:
+    """A ControlNet made from `unet` (as InstantID's IdentityNet was), its zero-initialised output
+    convolutions given random weights so its residuals reach the image."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16),  # the tiny VAE's factor 2
+                                    load_weights_from_unet=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    net.save_pretrained(folder)
+    return str(folder)
+
+
+def face(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(1, EMBED)).astype(np.float32)
+    return 20 * v / np.linalg.norm(v)  # insightface's raw ArcFace norms are around 20
+
+
+def diffusers_image(folder, net_folder, embedding, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """InstantID's path through diffusers' own code: StableDiffusionXLControlNetPipeline, the adapter by
+    load_ip_adapter (its resampler as IPAdapterPlusImageProjection), the ControlNet reading the face
+    tokens of that projection (zero embedding's for the unconditional rows) in place of the text."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    class FaceTokenControlNet(ControlNetModel):
+        face_tokens = None
+
+        def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+            return super().forward(sample, timestep, self.face_tokens, *args, **kwargs)
+
+    base = build_tiny(family="sdxl")
+    net = FaceTokenControlNet.from_pretrained(net_folder)
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=base.unet, controlnet=net, scheduler=base.scheduler, add_watermarker=False)
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name="ip-adapter.bin", image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.8)
+    embeds = torch.cat([torch.zeros(1, 1, 1, EMBED), torch.from_numpy(embedding)[None, None]])  # negative, then the face
+    with torch.no_grad():
+        net.face_tokens = pipe.unet.encoder_hid_proj.image_projection_layers[0](embeds[:, 0])
+    image = pipe("a portrait photo", image=keypoint_image(POSE * SIZE, SIZE, SIZE), num_inference_steps=3,
+                 guidance_scale=5.0, controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(seed),
+                 ip_adapter_image_embeds=[embeds], output_type="np", width=SIZE, height=SIZE).images[0]
+    return np.round(image * 255).astype(int), net.face_tokens
+
+
+def test_instantid_gives_the_image_of_diffusers_controlnet_pipeline_with_its_parts(tmp_path, caplog):
+    pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+    base = build_tiny(family="sdxl")
+    path = tmp_path / "ip-adapter.bin"
+    torch.save(instantid_state_dict(base.unet), path)
+    net_folder = save_identitynet(base.unet, tmp_path / "ControlNetModel")
+    with caplog.at_level("WARNING"):
+        adapter = IdentityAdapter.load(str(path), base.unet, SPEC)
+    assert "recognised InstantID (InstantID, with its IdentityNet): 4 identity tokens from 16-d" in caplog.text
+    adapter.identitynet = IdentityNet(net_folder, base.unet, scale=0.8)
+    pipe = IdentityPipeline(base, adapter)
+    images = {}
+    for seed, person in ((11, 1), (12, 2)):
+        condition = IdentityCondition("p", face(person), scale=0.8, pose=POSE)
+        got = np.asarray(pipe.generate("a portrait photo", [condition], seed=seed, steps=3, guidance=5.0,
+                                       width=SIZE, height=SIZE).images[0]).astype(int)
+        want, tokens = diffusers_image(tmp_path, net_folder, face(person), seed)
+        ours = adapter.tokens(torch.from_numpy(np.concatenate([np.zeros_like(face(person)), face(person)])))
+        torch.testing.assert_close(ours, tokens, atol=1e-5, rtol=1e-5)  # the resampler, part by part
+        assert np.abs(got - want).max() <= 1, (seed, np.abs(got - want).max())
+        images[person] = got
+    assert np.abs(images[1] - images[2]).max() > 2  # the identity reaches the image
+    record = pipe.generate("a portrait photo", [IdentityCondition("p", face(1), pose=POSE)], seed=1, steps=1,
+                           width=SIZE, height=SIZE).provenance[0]
+    assert record["adapter_published"]["kind"] == "InstantID" and "non-commercial" in record["adapter_published"]["licence"]
+    assert record["identitynet"]["weights_sha256"] == adapter.identitynet.sha256 and record["identitynet"]["scale"] == 0.8
+    # IdentityNet's residuals reach the image: without them (scale 0) it is another image.
+    adapter.identitynet.scale = 0.0
+    plain = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", face(1), scale=0.8, pose=POSE)],
+                                     seed=11, steps=3, guidance=5.0, width=SIZE, height=SIZE).images[0]).astype(int)
+    assert np.abs(plain - images[1]).max() > 2
+
+
+def test_the_keypoint_image_is_drawn_as_identitynet_was_trained_on_it():
+    pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+    points = np.array([[60, 80], [140, 80], [100, 120], [70, 160], [130, 160]], float)
+    image = np.asarray(keypoint_image(points, 200, 220))
+    assert image.shape == (220, 200, 3)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
+    for (x, y), colour in zip(points.astype(int), colours):
+        assert tuple(image[y, x]) == colour  # a full-colour disc on each point
+    # Half way from the right eye to the nose: the limb in the eye's colour at 60 %.
+    assert tuple(image[100, 80]) == (153, 0, 0)
+    assert image[5, 5].sum() == 0  # black elsewhere
+
+
+def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(tmp_path):
+    base = build_tiny(family="sdxl")
+    path = tmp_path / "ip-adapter.bin"
+    torch.save(instantid_state_dict(base.unet), path)
+    adapter = IdentityAdapter.load(str(path), base.unet, SPEC)
+    pipe = IdentityPipeline(base, adapter)
+    person = IdentityCondition("p", face(1), pose=POSE)
+    with pytest.raises(BadInput, match="give --identitynet FOLDER"):
+        pipe.generate("a portrait photo", [person], steps=1, width=SIZE, height=SIZE)
+    with pytest.raises(NotFound, match="no IdentityNet at .*config.json and diffusion_pytorch_model"):
+        IdentityNet(str(tmp_path), base.unet)
+    sd1 = build_tiny()
+    net_folder = save_identitynet(sd1.unet, tmp_path / "sd1_controlnet")
+    with pytest.raises(UnsupportedModel, match="cross_attention_dim 32; this base's UNet has 64"):
+        IdentityNet(net_folder, base.unet)
+    adapter.identitynet = IdentityNet(save_identitynet(base.unet, tmp_path / "ControlNetModel"), base.unet)
+    with pytest.raises(BadInput, match="one person per image"):
+        pipe.generate("two", [person, IdentityCondition("q", face(2))], steps=1, width=SIZE, height=SIZE)
+    with pytest.raises(BadInput, match="IdentityNet runs beside the UNet on --backend torch"):
+        IdentityPipeline(base, adapter, backend="onnxruntime")
+    from ray_faceid.identity.published import generate_only
+
+    assert generate_only(str(path)).startswith("InstantID")  # Serve, render and personalize refuse it
+
+
+def test_one_command_from_instantids_files_an_embedding_and_a_pose_photo(tmp_path, sample_photos):
+    """README's InstantID row with tiny stand-ins: an SDXL folder as diffusers saves it, ip-adapter.bin,
+    the IdentityNet folder, an embedding made elsewhere and a photo giving the pose."""
+    pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+    from diffusers import StableDiffusionXLPipeline
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    base = build_tiny(family="sdxl")
+    StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                              tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                              scheduler=base.scheduler, add_watermarker=False).save_pretrained(tmp_path / "sdxl")
+    torch.save(instantid_state_dict(base.unet), tmp_path / "ip-adapter.bin")
+    net_folder = save_identitynet(base.unet, tmp_path / "ControlNetModel")
+    np.save(tmp_path / "ann.npy", face(1))
+    command = ["generate", "--model", str(tmp_path / "sdxl"), "--adapter", str(tmp_path / "ip-adapter.bin"),
+               "--face-embedding", str(tmp_path / "ann.npy"), "--prompt", "a portrait", "--size", "64x64",
+               "--steps", "2", "--out", str(tmp_path / "ann.png")]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2 and "give --identitynet FOLDER" in refused.stderr, refused.output
+    posed = CliRunner().invoke(app, command + ["--identitynet", net_folder, "--pose", str(sample_photos["Tom_Hanks_54745.png"])])
+    assert posed.exit_code == 0, posed.output
+    record = read_provenance((tmp_path / "ann.png").read_bytes())
+    assert record["adapter_published"]["kind"] == "InstantID" and record["identitynet"]["scale"] == 0.8
+    frontal = CliRunner().invoke(app, command + ["--identitynet", net_folder, "--out", str(tmp_path / "front.png")])
+    assert frontal.exit_code == 0 and "a frontal face in the middle" in frontal.stderr, frontal.output
+    assert (tmp_path / "front.png").read_bytes() != (tmp_path / "ann.png").read_bytes()  # the pose reached the image
