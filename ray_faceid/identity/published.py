@@ -10,7 +10,8 @@ IP-Adapter-FaceID (Ye et al., h94/IP-Adapter-FaceID), as its authors save it:
   UNet's processor order): our decoupled identity attention's to_k_id / to_v_id;
 - the LoRA of every attention layer, `{i}.to_{q,k,v,out}_lora.{down,up}.weight` for the i-th
   processor, embedded in ip_adapter: fused once into the base UNet the adapter is installed on
-  (IdentityAdapter.install). The separate `*_lora.safetensors` files are not read yet.
+  (IdentityAdapter.install). The separate `*_lora.safetensors` files (the same LoRA, kohya keys, for
+  web UIs) are named for what they are and the .bin asked for.
 - InstantID (identity/instantid.py): image_proj is a resampler with learned queries (`latents`) over
   the embedding, ip_adapter FaceID's identity attention; its IdentityNet is a ControlNet folder.
 - FaceID-Plus / PlusV2: image_proj adds `perceiver_resampler.*` (face_plus.py), read over the face's
@@ -174,6 +175,11 @@ def lora_rank(ip: dict) -> int | None:
 
 
 def recognise(parts: dict, digest: str, uri: str) -> Recognised:
+    lora_layers = [k for k in parts if k.startswith(("lora_unet_", "lora_te"))]
+    if lora_layers:  # e.g. ip-adapter-faceid_sd15_lora.safetensors, for web UIs that load the LoRA apart
+        raise UnsupportedModel(f"{uri} holds a LoRA alone ({len(lora_layers)} layers, kohya keys): the authors' .bin "
+                               "of the same name without `_lora` holds this LoRA and the identity weights: give that "
+                               "file as --adapter")
     proj, ip = parts.get("image_proj") or {}, parts.get("ip_adapter") or {}
     keys = set(proj)
     if any(k.startswith("perceiver_resampler.") for k in keys):

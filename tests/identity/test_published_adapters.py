@@ -156,6 +156,13 @@ def test_published_layouts_the_system_does_not_run_or_damaged_files_are_refused_
         with pytest.raises(UnsupportedModel, match=says) as refused:
             IdentityAdapter.load(save(bad, tmp_path / name), base.unet, SPEC)
         assert "\n" not in str(refused.value)
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_up.weight": torch.zeros(32, 4)},
+              str(tmp_path / "ip-adapter-faceid_sd15_lora.safetensors"))
+    with pytest.raises(UnsupportedModel, match="holds a LoRA alone .* the authors' .bin of the same name without `_lora`"):
+        IdentityAdapter.load(str(tmp_path / "ip-adapter-faceid_sd15_lora.safetensors"), base.unet, SPEC)
     (tmp_path / "damaged.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(UnsupportedModel, match="not a readable .safetensors file"):
         IdentityAdapter.load(str(tmp_path / "damaged.safetensors"), base.unet, SPEC)
