@@ -32,7 +32,6 @@ import pyarrow as pa
 
 from ray_faceid import storage, tombstones
 from ray_faceid.data import tables
-from ray_faceid.data.analyze_rows import own_crop
 from ray_faceid.errors import Erased, FaceIdError, NotFound
 from ray_faceid.quarantine import read_records
 from ray_faceid.registry import is_identity_id
@@ -296,6 +295,8 @@ def erase_dataset_labels(dataset: str, labels: set[str], plan: dict | None = Non
         return None
     gone_faces = [f for f in faces if f["face_id"] in face_ids]
     gone = {(f["image_uri"], f["face_index"]) for f in gone_faces}
+    from ray_faceid.data.analyze_rows import own_crop  # the face stack, only where a dataset is erased from
+
     crops = [own_crop(dataset, f["crop_uri"]) for f in gone_faces if f.get("crop_uri")]
     for crop in filter(None, crops):
         storage.delete(crop)

@@ -11,7 +11,6 @@ from rich.table import Table
 from ray_faceid.cli.common import EXIT_BAD_INPUT, console, print_json, report_error, user_errors
 from ray_faceid.config import DetectionConfig, FaceConfig
 from ray_faceid.errors import BadInput, FaceIdError
-from ray_faceid.eval.verification import evaluate_pairs, read_pairs
 
 app = typer.Typer(help="Face analysis: detect, landmarks, align, embed, attributes, quality, verification.",
                   no_args_is_help=True)
@@ -98,6 +97,7 @@ def verify(
     cnn_fallback: bool = FallbackOpt,
 ):
     """Accuracy at the encoder's own threshold, ROC AUC, pairs lost to missed faces, images/s."""
+    from ray_faceid.eval.verification import evaluate_pairs, read_pairs
     from ray_faceid.face.analyzer import FaceAnalyzer
 
     with user_errors():

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from ray_faceid.errors import FaceIdError
 from ray_faceid.face.face import Face
@@ -122,6 +121,8 @@ def leakage(faces: list[Face], identities: dict[str, np.ndarray]) -> list[Leakag
     if not usable:
         return [LeakageScore(n, False, None, None) for n in names]
     sim = np.array([[float(cosine_similarity(f.embedding, r)) for r in refs] for f in usable])
+    from scipy.optimize import linear_sum_assignment  # SciPy loads here, not in every replica's start
+
     rows, cols = linear_sum_assignment(-sim)
     out = {n: LeakageScore(n, False, None, None) for n in names}
     for r, c in zip(rows, cols):
