@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import threading
 import time
@@ -65,6 +66,13 @@ class Cancelled(FaceIdError):
 
     status = 499
     code = "cancelled"
+
+
+def sampler_of(request: dict):
+    """The request's scheduler (schedulers.py): a bad name or setting fails its own group in one line."""
+    from ray_faceid.pipelines.schedulers import Sampler
+
+    return Sampler.parse(request.get("scheduler"), request.get("scheduler_config") or {}, where="scheduler")
 
 
 def failure_body(exc: Exception) -> dict:
@@ -262,7 +270,8 @@ class Generator:
         decode = self.config.limits.decode()
         image, mask = decode_image(request["image"], decode), decode_image(request["mask"], decode)
         width, height = self.pipeline.base.native_size  # inpainting denoises at most at the native size
-        result = await self._run([request], width * height * request["steps"], inpaint, self.pipeline, image, mask,
+        repaint = functools.partial(inpaint, sampler=sampler_of(request))
+        result = await self._run([request], width * height * request["steps"], repaint, self.pipeline, image, mask,
                                  conditions[0], request["prompt"], request["negative_prompt"], request["seed"],
                                  request["steps"], request["guidance"], request["feather"])
         return self._response(result.png, result.provenance, result.seeds, hits, len(conditions))
@@ -293,7 +302,8 @@ class Generator:
                 "cache_hits": hits, "cache_misses": lookups - hits}
 
     async def _generate_group(self, requests: list[dict]) -> list[dict]:
-        """Requests of the same size, steps, guidance and identity count: one UNet batch for all their images."""
+        """Requests of the same size, steps, guidance, scheduler and identity count: one UNet batch for all
+        their images."""
         from ray_faceid.pipelines.generate import GenerationItem
 
         out: list[dict | None] = [None] * len(requests)
@@ -316,7 +326,8 @@ class Generator:
             cost = first["width"] * first["height"] * first["steps"] * len(items)
             try:
                 result = await self._run([requests[i] for i in lookups], cost, self.pipeline.generate_items, items,
-                                         first["steps"], first["guidance"], first["width"], first["height"])
+                                         first["steps"], first["guidance"], first["width"], first["height"],
+                                         sampler_of(first))
             except Cancelled as exc:
                 result = None
                 for i in lookups:
@@ -338,7 +349,8 @@ class Generator:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             key = ("inpaint", i) if r["kind"] == "inpaint" else (
-                r["steps"], r["guidance"], r["width"], r["height"], len(r["identities"]))
+                r["steps"], r["guidance"], r["width"], r["height"], len(r["identities"]), r.get("scheduler"),
+                tuple(sorted((r.get("scheduler_config") or {}).items())))
             groups.setdefault(key, []).append(i)
         results: list[dict] = [{}] * len(requests)
         for key, members in groups.items():

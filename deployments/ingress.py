@@ -109,6 +109,12 @@ async def _invalid_request(request: Request, exc: RequestValidationError):
     return _error(request, 422, "invalid_request", problems)
 
 
+def sampling(body) -> dict:
+    """A request's scheduler, checked by the generator (its replica has diffusers; the ingress does
+    not load it): requests of different schedulers are never denoised together."""
+    return {"scheduler": body.scheduler, "scheduler_config": dict(body.scheduler_config)}
+
+
 def _file_name(name: str | None) -> str | None:
     """A photo's file name without its folders: people enrolled from the CLI or a dataset have
     server paths (or storage URIs) there, and answers never hold either."""
@@ -391,7 +397,7 @@ class Ingress:
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "width": body.width, "height": body.height,
-                   "num_images": body.num_images}
+                   "num_images": body.num_images, **sampling(body)}
         return await self._generate_scored(tenant, payload, ids, body.min_identity_score, on_progress)
 
     @api.post("/v1/inpaint", response_model=GenerateResponse,
@@ -416,7 +422,7 @@ class Ingress:
                    "image": image, "mask": mask,
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
-                   "steps": body.steps, "guidance": body.guidance, "feather": body.feather}
+                   "steps": body.steps, "guidance": body.guidance, "feather": body.feather, **sampling(body)}
         return await self._generate_scored(tenant, payload, [person["id"]], body.min_identity_score, on_progress)
 
     # -- operations ----------------------------------------------------------------------------

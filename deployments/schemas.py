@@ -1,6 +1,8 @@
 """Request and response models of the HTTP API (OpenAPI at /docs)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_EXPRESSION = 200
@@ -131,6 +133,12 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Default: a random seed (returned).")
     steps: int | None = Field(None, ge=1, description="Default: the base model's (30; 4 for an untrained smoke base).")
     guidance: float = Field(5.0, ge=0.0, le=30.0)
+    scheduler: str | None = Field(None, max_length=64, description="Sampler: the model's own by default; ddim, pndm, "
+                                  "euler, euler-a, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde-karras, unipc, lcm, "
+                                  "tcd, or a diffusers scheduler class name.")
+    scheduler_config: dict[Annotated[str, Field(max_length=64)], bool | int | float | str] = Field(
+        default_factory=dict, max_length=8, description="Settings of the scheduler's config, e.g. "
+        "{\"timestep_spacing\": \"trailing\", \"use_karras_sigmas\": true}.")
     width: int | None = Field(None, ge=8, description="Default: the base model's native size (512 for SD 1.x).")
     height: int | None = Field(None, ge=8, description="Default: the base model's native size (512 for SD 1.x).")
     num_images: int = Field(1, ge=1)
@@ -147,6 +155,12 @@ class InpaintRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     steps: int | None = Field(None, ge=1, description="Default: the base model's (30; 4 for an untrained smoke base).")
     guidance: float = Field(5.0, ge=0.0, le=30.0)
+    scheduler: str | None = Field(None, max_length=64, description="Sampler: the model's own by default; ddim, pndm, "
+                                  "euler, euler-a, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde-karras, unipc, lcm, "
+                                  "tcd, or a diffusers scheduler class name.")
+    scheduler_config: dict[Annotated[str, Field(max_length=64)], bool | int | float | str] = Field(
+        default_factory=dict, max_length=8, description="Settings of the scheduler's config, e.g. "
+        "{\"timestep_spacing\": \"trailing\", \"use_karras_sigmas\": true}.")
     feather: float = Field(4.0, ge=0.0, le=64.0)
     min_identity_score: float | None = Field(None, ge=-1.0, le=1.0)
 

@@ -2,7 +2,8 @@
 
 A generate row: `id`, `identities` (registry ids or names, or {id, region, expression, scale, edits}),
 `prompt`, optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`,
-`edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow).
+`edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow), `scheduler` and
+`scheduler_config` (pipelines/schedulers.py; default the base's own).
 An inpaint row adds `image` and `mask` (URIs; white = repaint) and takes exactly one identity.
 Rows are validated one by one: a bad row becomes an error record, never a failed job.
 """
@@ -51,6 +52,9 @@ class CatalogRow(BaseModel):
     edits: dict[str, float] | None = Field(None, description="Applies to every identity that does not set its own.")
     image: str | None = Field(None, description="Inpaint: the image to edit.")
     mask: str | None = Field(None, description="Inpaint: the mask (white = repaint), same size as the image.")
+    scheduler: str | None = Field(None, max_length=64, description="Sampler (e.g. dpm++2m-karras); default the base's own.")
+    scheduler_config: dict[str, bool | int | float | str] | None = Field(None, description="e.g. {\"timestep_spacing\": "
+                                                                         "\"trailing\"}.")
 
     @field_validator("id")
     @classmethod
@@ -78,13 +82,23 @@ class CatalogRow(BaseModel):
         return self
 
     def key_fields(self) -> dict:
-        """The row as its output key hashes it: fields added since keys were first made (edits) are
-        left out where unset, so existing outputs keep their keys."""
+        """The row as its output key hashes it: fields added since keys were first made (edits, the
+        scheduler) are left out where unset, so existing outputs keep their keys."""
         dump = self.model_dump(mode="json")
         for part in [dump, *dump["identities"]]:
-            if part.get("edits") is None:
-                part.pop("edits", None)
+            for later in ("edits", "scheduler", "scheduler_config"):
+                if part.get(later) is None:
+                    part.pop(later, None)
         return dump
+
+    def sampler(self):
+        """This row's scheduler (checked here: a bad name or setting is this row's error alone)."""
+        from ray_faceid.pipelines.schedulers import Sampler
+
+        try:
+            return Sampler.parse(self.scheduler, self.scheduler_config or {}, where="scheduler")
+        except BadInput as exc:
+            raise BadInput(f"row {self.id}: {exc.message}") from None
 
     @property
     def inpaint(self) -> bool:

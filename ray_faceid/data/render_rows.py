@@ -149,18 +149,19 @@ class Renderer:
         if storage.exists(record_uri):
             return {**json.loads(storage.read_bytes(record_uri)), "cached": True}
         steps, guidance = row.steps or self.config.steps, row.guidance if row.guidance is not None else self.config.guidance
+        sampler = row.sampler()
         conditions = self.conditions(row)
         if row.inpaint:
             from ray_faceid.pipelines.inpaint import inpaint
 
             result = inpaint(self.pipeline, decode_image(image_bytes), decode_image(mask_bytes), conditions[0], row.prompt,
-                             row.negative_prompt, row.seed, steps, guidance, self.config.feather)
+                             row.negative_prompt, row.seed, steps, guidance, self.config.feather, sampler=sampler)
         else:
             from ray_faceid.pipelines.generate import GenerationItem
 
             width, height = row.dimensions(self.config.size)
             item = GenerationItem(row.prompt, conditions, row.negative_prompt, row.seed)
-            result = self.pipeline.generate_items([item], steps, guidance, width, height)
+            result = self.pipeline.generate_items([item], steps, guidance, width, height, sampler)
         return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
 
     def _commit(self, row: CatalogRow, key: str, png_uri: str, record_uri: str, png: bytes, image, provenance) -> dict:
@@ -182,8 +183,8 @@ class Renderer:
         return self._render_grouped(texts, indices)
 
     def _render_grouped(self, texts: list[str], indices: list[int]) -> list[dict]:
-        """Generate rows that can share a UNet batch (same size, steps, guidance, identity count and
-        per-identity weights) are denoised together; the others go one by one."""
+        """Generate rows that can share a UNet batch (same size, steps, guidance, scheduler, identity
+        count and per-identity weights) are denoised together; the others go one by one."""
         from ray_faceid.pipelines.generate import GenerationItem
 
         records: dict[int, dict] = {}
@@ -201,16 +202,17 @@ class Renderer:
                     continue
                 conditions = self.conditions(row)
                 shape = (row.dimensions(self.config.size), row.steps or self.config.steps,
-                         row.guidance if row.guidance is not None else self.config.guidance, len(conditions))
+                         row.guidance if row.guidance is not None else self.config.guidance, len(conditions),
+                         row.sampler())
                 groups.setdefault(shape, []).append((index, row, key, png_uri, record_uri, conditions))
             except FaceIdError:
                 records[index] = self.render_text(text, index)
-        for (size, steps, guidance, _), members in groups.items():
+        for (size, steps, guidance, _, sampler), members in groups.items():
             for start in range(0, len(members), self.config.unet_batch):
                 chunk = members[start : start + self.config.unet_batch]
                 items = [GenerationItem(r.prompt, c, r.negative_prompt, r.seed) for _, r, _, _, _, c in chunk]
                 try:
-                    result = self.pipeline.generate_items(items, steps, guidance, *size)
+                    result = self.pipeline.generate_items(items, steps, guidance, *size, sampler)
                 except BadInput:
                     for index, row, *_ in chunk:
                         records[index] = self.render_text(row.model_dump_json(), index)

@@ -84,9 +84,10 @@ class Sampler:
     overrides: tuple[tuple[str, object], ...] = ()
 
     @classmethod
-    def parse(cls, name: str | None, options: list[str] | dict | None = None) -> "Sampler":
+    def parse(cls, name: str | None, options: list[str] | dict | None = None, where: str = "--scheduler") -> "Sampler":
         """From a command line or request: a short name or class name, and KEY=VALUE overrides
-        (checked against the scheduler's config here, before any model loads)."""
+        (checked against the scheduler's config here, before any model loads); `where` names the
+        field in messages."""
         if isinstance(options, dict):
             pairs = dict(options)
         else:
@@ -101,8 +102,8 @@ class Sampler:
             name = name.lower()
         sampler = cls(name or None, tuple(sorted(pairs.items())))
         if name:  # a named one is built once on its defaults: a bad value fails here, in one line
-            kind = sampler.scheduler_type()
-            sampler.check_keys(kind)
+            kind = sampler.scheduler_type(where)
+            sampler.check_keys(kind, "--scheduler-config" if where == "--scheduler" else f"{where}_config")
             with sampler.refusing_bad_settings(kind):
                 kind(**sampler.settings()).set_timesteps(10)  # where diffusers checks spacing and the like
         return sampler
@@ -123,19 +124,19 @@ class Sampler:
             given = ", ".join(f"{k}={v}" for k, v in self.overrides)
             raise BadInput(f"scheduler {kind.__name__}{f' with {given}' if given else ''}: {first}") from None
 
-    def scheduler_type(self):
+    def scheduler_type(self, where: str = "--scheduler"):
         """The named class (None: the base's own decides)."""
         if self.name is None:
             return None
         short = SHORT_NAMES.get(self.name.lower())
-        return scheduler_class(short[0] if short else self.name)
+        return scheduler_class(short[0] if short else self.name, where)
 
-    def check_keys(self, cls) -> None:
+    def check_keys(self, cls, where: str = "--scheduler-config") -> None:
         known = set(inspect.signature(cls.__init__).parameters) - {"self"}
         known |= STEP_SETTINGS & set(inspect.signature(cls.step).parameters)
         unknown = sorted(k for k, _ in self.overrides if k not in known)
         if unknown:
-            raise BadInput(f"--scheduler-config: {cls.__name__} has no setting {', '.join(unknown)}; it has "
+            raise BadInput(f"{where}: {cls.__name__} has no setting {', '.join(unknown)}; it has "
                            f"{', '.join(sorted(known))}")
 
     def build(self, base_scheduler):

@@ -202,6 +202,38 @@ def test_catalog_rows_ask_for_attribute_edits(people, tmp_path, default_encoder_
     assert without.render_text(json.dumps(plain), 3)["key"] == unedited["key"]
 
 
+def test_catalog_rows_name_their_scheduler_and_are_denoised_apart(people, tmp_path):
+    """A row's scheduler: rows of other schedulers never share a UNet batch (each image is the one it
+    gets alone), a bad name is that row's error alone, a row without one keeps its key."""
+    from ray_faceid.data.render_rows import Renderer
+
+    registry, ids = people
+    rows = [{"id": "euler-a", "identities": [ids["amy"]], "prompt": "a person", "seed": 5, "scheduler": "euler-a"},
+            {"id": "own", "identities": [ids["amy"]], "prompt": "a person", "seed": 5},
+            {"id": "karras", "identities": [ids["amy"]], "prompt": "a person", "seed": 5, "scheduler": "dpm++2m",
+             "scheduler_config": {"use_karras_sigmas": True}},
+            {"id": "nope", "identities": [ids["amy"]], "prompt": "a person", "scheduler": "nope"}]
+    texts = [json.dumps(r) for r in rows]
+    batched = Renderer(CONFIG.model_copy(update={"unet_batch": 4}), "tiny", None, registry.store, "default",
+                       str(tmp_path / "batched"))
+    together = {r["id"]: r for r in batched.render_batch(texts, list(range(len(texts))))}
+    single = Renderer(CONFIG, "tiny", None, registry.store, "default", str(tmp_path / "single"))
+    alone = {r["id"]: r for r in (single.render_text(t, i) for i, t in enumerate(texts))}
+    assert together["nope"]["status"] == alone["nope"]["status"] == "error"
+    assert "row nope: scheduler: no scheduler 'nope'" in together["nope"]["error"]
+    for row_id, cls in (("euler-a", "EulerAncestralDiscreteScheduler"), ("own", "DDIMScheduler"),
+                        ("karras", "DPMSolverMultistepScheduler")):
+        assert json.loads(together[row_id]["provenance"])["scheduler"]["class"] == cls
+        a, b = (np.asarray(Image.open(r[row_id]["output_uri"])).astype(int) for r in (together, alone))
+        assert np.abs(a - b).max() <= 2, row_id
+    images = {k: Image.open(together[k]["output_uri"]).tobytes() for k in ("euler-a", "own", "karras")}
+    assert len(set(images.values())) == 3
+    plain = {"id": "own", "identities": [ids["amy"]], "prompt": "a person", "seed": 5}
+    from ray_faceid.data.catalog import CatalogRow
+
+    assert "scheduler" not in CatalogRow.model_validate(plain).key_fields()  # keys made before schedulers stay
+
+
 def test_render_exit_codes_say_whether_every_row_made_its_image(rendered, catalog, people, tmp_path):
     """Scripts trust the exit code: it used to be 0 even when every row failed."""
     from typer.testing import CliRunner

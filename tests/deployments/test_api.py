@@ -239,6 +239,8 @@ def test_multi_identity_generate_and_reseeding(api, people):
     ({"identities": [{"id": "ID", "expression": {"yaw": 400}}]}, "yaw=400.0: must be a number in -90..90"),
     ({"identities": [{"id": "ID", "expression": "smile=nan"}]}, "not a finite number"),
     ({"identities": [{"id": "ID", "expression": "smile, " * 40}]}, "at most 200 characters"),
+    ({"scheduler": "nope"}, "no scheduler 'nope'; use one of ddim, pndm, euler"),
+    ({"scheduler": "euler", "scheduler_config": {"colour": "red"}}, "EulerDiscreteScheduler has no setting colour"),
 ])
 def test_bad_generate_requests_get_4xx_with_a_message(api, people, change, message):
     client, _ = api
@@ -291,6 +293,28 @@ def test_requests_are_batched(api, people):
     batches = metric(client, "faceid_batch_size_count", 'deployment="generator"') - before
     singles = metric(client, "faceid_batch_size_bucket", 'deployment="generator",le="1.0"') - before_single
     assert batches == 6 and singles < 6  # at least one request ran in a batch of several
+
+
+def test_a_request_samples_with_its_own_scheduler_whatever_it_runs_beside(api, people):
+    """A scheduler per request: requests of other schedulers sent at the same time are denoised apart
+    (one UNet batch would step them all with one sampler), each image the same as when sent alone."""
+    client, _ = api
+    body = {**GEN, "identities": [{"id": people["hanks"]}], "steps": 3}
+
+    def image(extra: dict) -> dict:
+        r = client.post("/v1/generate", json={**body, **extra}, headers=bearer())
+        assert r.status_code == 200, r.text
+        return r.json()["images"][0]
+
+    alone = image({"scheduler": "euler-a"})
+    assert alone["provenance"]["scheduler"]["class"] == "EulerAncestralDiscreteScheduler"
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(image, [{"scheduler": "euler-a"}, {}, {"scheduler": "dpm++2m-karras"}, {}]))
+    assert together[0]["png_base64"] == alone["png_base64"]
+    assert together[1]["provenance"]["scheduler"]["name"] == "the base's own"
+    assert together[2]["provenance"]["scheduler"] == {"class": "DPMSolverMultistepScheduler", "name": "dpm++2m-karras",
+                                                      "config": {"use_karras_sigmas": True}}
+    assert together[1]["png_base64"] == together[3]["png_base64"] != alone["png_base64"]
 
 
 def test_identity_cache_evicts_beyond_its_size(api, people):
