@@ -247,3 +247,25 @@ def test_the_compiled_engine_runs_a_published_adapter_with_identity_live(tmp_pat
     assert len(set(images)) == 3  # every person and strength reaches the image
     assert compiled.base.unet._ray_faceid_fused_lora  # the file's LoRA is in the compiled base...
     assert all(torch.equal(v, compiled.base.unet.state_dict()[k]) for k, v in weights.items())  # ...once, not per call
+
+
+def test_onnxruntime_runs_a_published_adapter_with_its_lora_in_the_graph(tmp_path):
+    """ONNX export with a FaceID file: the fused LoRA goes into the exported base, the identity
+    weights are the graph's inputs; two people give eager's images within 1/255 (16x16)."""
+    pytest.importorskip("onnxruntime")
+    from ray_faceid.engines.cache import EngineCache
+
+    def pipeline(backend):
+        base = build_tiny()
+        adapter = IdentityAdapter.load(save(faceid_state_dict(base.unet), tmp_path / "faceid.bin"), base.unet, SPEC)
+        return IdentityPipeline(base, adapter, backend=backend, engine_cache=EngineCache(tmp_path / "engines"))
+
+    onnx, eager = pipeline("onnxruntime"), pipeline("torch")
+    images = []
+    for person in (IdentityCondition("ann", face(1)), IdentityCondition("bob", face(2))):
+        got, want = (np.asarray(p.generate("a portrait photo", [person], seed=5, steps=2, guidance=5.0, width=16,
+                                           height=16).images[0]).astype(int) for p in (onnx, eager))
+        assert np.abs(got - want).max() <= 1, person.name
+        images.append(got.tobytes())
+    assert len(set(images)) == 2  # each person reaches the image through the graph's inputs
+    assert onnx.base.unet._ray_faceid_fused_lora  # the exported base carries the file's LoRA
