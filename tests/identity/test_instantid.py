@@ -165,6 +165,10 @@ def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(t
         pipe.generate("two", [person, IdentityCondition("q", face(2))], steps=1, width=SIZE, height=SIZE)
     with pytest.raises(BadInput, match="IdentityNet runs beside the UNet on --backend torch"):
         IdentityPipeline(base, adapter, backend="onnxruntime")
+    from ray_faceid.pipelines.inpaint import inpaint
+
+    with pytest.raises(BadInput, match="InstantID repaints nothing yet"):
+        inpaint(pipe, np.zeros((SIZE, SIZE, 3), np.uint8), np.full((SIZE, SIZE), 255, np.uint8), person, "a face")
     from ray_faceid.identity.published import generate_only
 
     assert generate_only(str(path)).startswith("InstantID")  # Serve, render and personalize refuse it
