@@ -376,7 +376,9 @@ class IdentityPipeline:
                 model_in = torch.cat([model_in, torch.cat([mask_c] * 2), torch.cat([masked_c] * 2)], dim=1)
             pred = self._unet(model_in, t, text, kwargs, h, w, row_personal, control)
             uncond, cond = pred.chunk(2)
-            latents = sched.step(uncond + guidance * (cond - uncond), t, latents, **step_kwargs).prev_sample
+            # Guidance at most 1 (few-step models): the prompt's prediction alone, as diffusers takes it.
+            guided = cond if guidance <= 1 else uncond + guidance * (cond - uncond)
+            latents = sched.step(guided, t, latents, **step_kwargs).prev_sample
             if inpaint is not None and not base.inpainting:
                 # Blended latent diffusion: outside the mask, the input noised to the next scheduled
                 # timestep (any spacing: trailing schedules never reach 0), clean after the last.

@@ -203,3 +203,20 @@ def test_training_noises_as_ddpm_whatever_scheduler_the_folder_samples_with(sd1)
     velocity = diffusion_target(training_noise(base), latents, noise, t)
     assert torch.allclose(velocity, alpha.sqrt() * noise - (1 - alpha).sqrt() * latents, atol=1e-5)
     assert type(base.scheduler) is EulerDiscreteScheduler  # the base's sampler stays its own
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_guidance_at_most_one_samples_the_prompt_alone_as_diffusers_does(sd1, guidance):
+    """Few-step models (SDXL-Turbo, Lightning, LCM) run with guidance 0 or 1: diffusers then drops
+    classifier-free guidance and takes the prompt's prediction alone (guidance 0 gave the empty
+    prompt's image here), with the folder's trailing spacing as such models ship it."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    sampler = Sampler.parse("euler-a", ["timestep_spacing=trailing"])
+
+    scheduler = EulerAncestralDiscreteScheduler.from_config(sd1.scheduler.config, timestep_spacing="trailing")
+    out = diffusers_pipeline(sd1, scheduler)("a portrait", num_inference_steps=2, guidance_scale=guidance,
+                                             generator=[torch.Generator().manual_seed(7)], output_type="np", **SIZE)
+    want = np.round(out.images[0] * 255).astype(int)
+    got = IdentityPipeline(sd1).generate("a portrait", [], seed=7, steps=2, guidance=guidance, sampler=sampler, **SIZE)
+    assert np.abs(pixels(got.images[0]) - want).max() <= 1
