@@ -48,6 +48,10 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     if not tokens:
         raise BadInput("no API token: set api_tokens in the config or RAY_FACEID_API_TOKENS=tenant:token "
                        "(`ray-faceid serve` generates one); the API never runs open")
+    if config.scheduler or config.scheduler_config:  # a bad name or setting: one line, before any replica starts
+        from ray_faceid.pipelines.schedulers import Sampler
+
+        Sampler.parse(config.scheduler, config.scheduler_config, where="scheduler")
     if config.adapter and (variant := published.generate_only(config.adapter)):  # before a replica loads a base
         raise BadInput(f"adapter {config.adapter}: {variant} runs from `ray-faceid generate` only (Serve holds people "
                        "as embeddings and batches them on one engine): serve an IP-Adapter-FaceID (plain) file")

@@ -109,9 +109,12 @@ async def _invalid_request(request: Request, exc: RequestValidationError):
     return _error(request, 422, "invalid_request", problems)
 
 
-def sampling(body) -> dict:
-    """A request's scheduler, checked by the generator (its replica has diffusers; the ingress does
-    not load it): requests of different schedulers are never denoised together."""
+def sampling(body, config: ServeConfig) -> dict:
+    """A request's scheduler, or the deployment's where it names none; checked by the generator (its
+    replica has diffusers; the ingress does not load it): requests of different schedulers are never
+    denoised together."""
+    if body.scheduler is None and not body.scheduler_config:
+        return {"scheduler": config.scheduler, "scheduler_config": dict(config.scheduler_config)}
     return {"scheduler": body.scheduler, "scheduler_config": dict(body.scheduler_config)}
 
 
@@ -397,7 +400,7 @@ class Ingress:
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "width": body.width, "height": body.height,
-                   "num_images": body.num_images, **sampling(body)}
+                   "num_images": body.num_images, **sampling(body, self.config)}
         return await self._generate_scored(tenant, payload, ids, body.min_identity_score, on_progress)
 
     @api.post("/v1/inpaint", response_model=GenerateResponse,
@@ -422,7 +425,7 @@ class Ingress:
                    "image": image, "mask": mask,
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
-                   "steps": body.steps, "guidance": body.guidance, "feather": body.feather, **sampling(body)}
+                   "steps": body.steps, "guidance": body.guidance, "feather": body.feather, **sampling(body, self.config)}
         return await self._generate_scored(tenant, payload, [person["id"]], body.min_identity_score, on_progress)
 
     # -- operations ----------------------------------------------------------------------------

@@ -250,6 +250,10 @@ class ServeConfig(Settings):
     flow: str | None = Field(None, description="Trained attribute flow URI (train --method flow): enables requests' "
                              "`edits`.")
     registry: str = Field("./faceid_registry", description="Identity registry store (folder or fsspec URI).")
+    scheduler: str | None = Field(None, description="The sampler of requests that name none (e.g. dpm++2m-karras, or "
+                                  "euler with timestep_spacing trailing for a few-step model); default: the model's own.")
+    scheduler_config: dict[str, bool | int | float | str] = Field(default_factory=dict, description="Its settings, e.g. "
+                                                                  "{timestep_spacing: trailing}.")
     api_tokens: dict[str, str] = Field(
         default_factory=dict, description="tenant -> bearer token; also from RAY_FACEID_API_TOKENS=tenant:token,..."
     )

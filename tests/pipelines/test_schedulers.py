@@ -220,3 +220,27 @@ def test_guidance_at_most_one_samples_the_prompt_alone_as_diffusers_does(sd1, gu
     want = np.round(out.images[0] * 255).astype(int)
     got = IdentityPipeline(sd1).generate("a portrait", [], seed=7, steps=2, guidance=guidance, sampler=sampler, **SIZE)
     assert np.abs(pixels(got.images[0]) - want).max() <= 1
+
+
+def test_a_serve_config_sets_the_scheduler_of_requests_that_name_none(tmp_path, monkeypatch):
+    """The deployment's scheduler (a few-step model's, say) is checked when its config is read, in
+    one line, and is what requests without their own get; a request's own wins."""
+    from deployments.app import ServeConfigRefused, build_app
+    from deployments.ingress import sampling
+    from deployments.schemas import GenerateRequest
+    from ray_faceid.config import ServeConfig
+
+    monkeypatch.setenv("RAY_FACEID_API_TOKENS", "ops:0123456789abcdef0123")
+    with pytest.raises(ServeConfigRefused, match="scheduler: no scheduler 'eulerr'") as refused:
+        build_app(ServeConfig(scheduler="eulerr", registry=str(tmp_path / "registry")))
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ServeConfigRefused, match="timestep_spacing=sideways"):
+        build_app(ServeConfig(scheduler="euler", scheduler_config={"timestep_spacing": "sideways"},
+                              registry=str(tmp_path / "registry")))
+    config = ServeConfig(scheduler="euler", scheduler_config={"timestep_spacing": "trailing"},
+                         registry=str(tmp_path / "registry"))
+    assert build_app(config) is not None
+    plain = GenerateRequest(prompt="a", identities=[{"name": "ann"}])
+    assert sampling(plain, config) == {"scheduler": "euler", "scheduler_config": {"timestep_spacing": "trailing"}}
+    own = GenerateRequest(prompt="a", identities=[{"name": "ann"}], scheduler="ddim")
+    assert sampling(own, config) == {"scheduler": "ddim", "scheduler_config": {}}
