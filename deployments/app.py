@@ -18,11 +18,26 @@ from deployments import web_page
 from deployments.auth import parse_tokens
 from deployments.face import FaceEncoder
 from deployments.generator import Generator
-from deployments.ingress import IngressApp
+from deployments.ingress import Ingress, api
 from ray_faceid import envs
 from ray_faceid.config import AutoscalingConfig, ServeConfig
 from ray_faceid.errors import BadInput
 from ray_faceid.identity import published
+
+
+class IngressWithPage(Ingress):
+    """The HTTP face with the web page mounted beside it, on the same service (this module composes
+    the two faces; neither imports the other)."""
+
+    def _set_asgi_app(self, app) -> None:
+        """Serve hands each replica its own copy of `api` here (Ray 2.60's ASGIAppReplicaWrapper):
+        the page is mounted on that copy, with this replica's service behind it."""
+        web_page.mount(app, self.service)
+        super()._set_asgi_app(app)
+
+
+# Wrapped here, at import time, so every replica process builds the same FastAPI class-based view.
+IngressApp = serve.ingress(api)(IngressWithPage)
 
 
 def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing: int, cpus: float = 1.0,

@@ -21,6 +21,13 @@ def config_from_yaml(path: str | Path = DEFAULT_YAML, **overrides) -> ServeConfi
     return ServeConfig.model_validate(args)
 
 
+def web_page_available() -> bool:
+    """Whether `start` serves the web page (it needs the `ui` extra)."""
+    from deployments import web_page
+
+    return web_page.available()
+
+
 def check_port_free(port: int, hint: str = "--port") -> None:
     """A port another program holds is a one-line error before Ray starts (Serve's own failure is a
     long traceback, after the cluster came up). `hint`: how the caller picks another port."""

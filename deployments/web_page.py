@@ -1,6 +1,7 @@
 """The web page at /ui (Gradio), served by the Ingress replica itself: enroll, generate, inpaint,
-erase and look at a render output from a browser. Every action calls the Ingress's own steps (the
-ones behind the HTTP API), so validation, limits, tenants and errors are the API's.
+erase and look at a render output from a browser. A face of the service (service.py), as the HTTP
+API is: every action calls one of the service's steps, so validation, limits, tenants and errors
+are the API's, message for message.
 
 Each action presents the API token typed on the page, and a page without a valid token shows
 nothing of any tenant. Files are another matter: Gradio's file values are server paths, so the
@@ -12,20 +13,15 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments import auth
+from deployments.service import FaceService, public_message
 from ray_faceid.errors import BadInput, FaceIdError
-
-if TYPE_CHECKING:
-    from deployments.ingress import Ingress
 
 log = logging.getLogger("ray.serve")
 PATH = "/ui"
@@ -33,6 +29,8 @@ PATH = "/ui"
 # they are faces (biometric data); an erasure through this replica deletes its tenant's at once.
 PAGE_FILES_TTL_S = 600
 LAYOUTS = ("automatic", "side by side")
+# An empty gallery is hidden: on a phone the two empty ones took the whole first screen.
+PAGE_CSS = "#found:not(:has(img)), #people:not(:has(img)) { display: none; }"
 
 
 def available() -> bool:
@@ -41,9 +39,9 @@ def available() -> bool:
     return importlib.util.find_spec("gradio") is not None
 
 
-def mount(app, ingress: "Ingress") -> bool:
+def mount(app, service: FaceService) -> bool:
     """Mount the page on this replica's copy of the FastAPI app; False where it is off or Gradio is not installed."""
-    if not ingress.config.web_page:
+    if not service.config.web_page:
         return False
     if not available():
         log.info("the web page is off: install the `ui` extra (pip install 'ray-faceid[ui]') to serve it at %s", PATH)
@@ -60,23 +58,21 @@ def mount(app, ingress: "Ingress") -> bool:
     # hands out per tenant; Gradio reads the folder from the environment when the page is built.
     os.environ["GRADIO_TEMP_DIR"] = os.path.realpath(tempfile.mkdtemp(prefix="ray_faceid_page_"))
     files = PageFiles(os.environ["GRADIO_TEMP_DIR"])
-    limit = ingress.config.limits.max_upload_bytes
+    limit = service.config.limits.max_upload_bytes
     # No run history: it keeps the typed token and file values in the browser and can push runs out.
-    gr.mount_gradio_app(app, build(ingress, files), path=PATH, ssr_mode=False, footer_links=[], max_file_size=limit,
-                        run_history=False, mcp_server=False,
+    gr.mount_gradio_app(app, build(service, files), path=PATH, ssr_mode=False, footer_links=[], max_file_size=limit,
+                        run_history=False, mcp_server=False, css=PAGE_CSS,
                         theme=gr.themes.Default(font=["system-ui", "sans-serif"],  # no web fonts to fetch
                                                 font_mono=["ui-monospace", "monospace"]))
     mounted = next(r for r in app.router.routes if isinstance(r, Mount) and r.path == PATH)
-    mounted.app = PageGate(mounted.app, files, ingress.tokens)
-    ingress.page_files = files
+    mounted.app = PageGate(mounted.app, files, service.tokens)
+    service.after_erasure.append(files.forget_tenant)  # the page's uploads and answers may show them: gone at once
     return True
 
 
 def _shown(exc: Exception):
     """The error as the page shows it: the API's message (storage paths removed), never a traceback."""
     import gradio as gr
-
-    from deployments.ingress import public_message
 
     if isinstance(exc, gr.Error):
         return exc
@@ -154,25 +150,17 @@ def scores_table(images, names: dict[str, str]) -> str:
 class PageActions:
     """What each control does; every method takes the page's token first."""
 
-    def __init__(self, ingress: "Ingress", files=None):
-        self.ingress, self.files = ingress, files
+    def __init__(self, service: FaceService, files=None):
+        self.service, self.files = service, files
 
     def tenant(self, token: str) -> str:
-        from deployments.ingress import Unauthorized
-
-        tenant = auth.tenant_for(f"Bearer {(token or '').strip()}", self.ingress.tokens)
-        if tenant is None:
-            raise Unauthorized("the API token is missing or not valid: paste the token `ray-faceid serve` printed")
-        return tenant
-
-    async def people(self, tenant: str) -> list[dict]:
-        return await self.ingress.registry.list(tenant)
+        return self.service.tenant(f"Bearer {(token or '').strip()}")
 
     async def sign_in(self, token: str):
         """The tenant's view; with a bad token, an empty one (nothing of whoever signed in before)."""
         import gradio as gr
 
-        from deployments.ingress import Unauthorized
+        from deployments.service import Unauthorized
 
         try:
             tenant = self.tenant(token)
@@ -180,22 +168,17 @@ class PageActions:
             empty = gr.Dropdown(choices=[], value=None)
             return (f"**{exc.status} {exc.code}**: {exc.message}", gr.Tabs(visible=False), [], empty,
                     gr.Dropdown(choices=[], value=[]), empty, empty, gr.skip(), gr.skip(), gr.skip())
-        defaults = await self.ingress._defaults()
-        everyone = await self.people(tenant)
-        choices = [(f"{m['name']} ({m['id'][:11]})", m["id"]) for m in everyone]
-        outputs = [(f"{k + 1}: {uri.rstrip('/').rsplit('/', 1)[-1]}", k)
-                   for k, uri in enumerate(await self.ingress.registry.outputs(tenant))]
+        defaults = await self.service.defaults()
+        everyone = await self.service.people(tenant)
+        outputs = [(f"{k + 1}: {name}", k) for k, name in enumerate(await self.service.render_outputs(tenant))]
         return (f"Signed in: tenant **{tenant}**, {len(everyone)} people enrolled. {defaults.get('served', '')}",
-                gr.Tabs(visible=True),
-                await self.gallery(tenant, everyone), gr.Dropdown(choices=choices, value=None),
-                gr.Dropdown(choices=choices, value=[]), gr.Dropdown(choices=choices, value=None),
-                gr.Dropdown(choices=outputs, value=None),
-                defaults["width"], defaults["height"], defaults["steps"])
+                gr.Tabs(visible=True), *(await self._people_updates(tenant, everyone)),
+                gr.Dropdown(choices=outputs, value=None), defaults["width"], defaults["height"], defaults["steps"])
 
     async def gallery(self, tenant: str, everyone: list[dict]) -> list:
         tiles = []
         for meta in everyone:
-            crops = await self.ingress.registry.references(tenant, meta["id"])
+            crops = await self.service.references(tenant, meta["id"])
             own = "own adapter" if meta.get("adapters") else "shared adapter"
             tiles.append((crops[0] if crops else None, f"{meta['name']} · {meta['id']} · {own}"))
         return [t for t in tiles if t[0] is not None]
@@ -218,7 +201,7 @@ class PageActions:
             return [], ""
         if not (consent or "").strip():  # as the API: no face is analysed before consent is given
             return [], "Enter the consent reference: the photos are checked once it is given."
-        draft = await self.ingress.examine_photos(self._uploads(files))
+        draft = await self.service.examine_photos(self._uploads(files))
         found = [(crop, report.filename) for crop, report in zip(draft.crops, [r for r in draft.reports if r.accepted])]
         refused = [f"- **{r.filename}**: {r.reason}" for r in draft.reports if not r.accepted]
         note = f"{len(found)} of {len(draft.reports)} photos usable."
@@ -226,27 +209,20 @@ class PageActions:
 
     async def enroll(self, token: str, files, name: str, consent: str, reconsent: str):
         tenant = self.tenant(token)
-        uploads = self._uploads(files)
-        if not uploads:
-            raise BadInput("add one or more photos of the person first")
+        # The page picks people by name, so it asks for one (the API allows a nameless person).
         if not (name or "").strip():
             raise BadInput("give the person a name (unique among your people)")
-        if not (consent or "").strip():
-            raise BadInput("consent is required: a reference to the person's recorded consent")
-        if await self.ingress.registry.named(tenant, name):
-            from ray_faceid.errors import NameTaken
-
-            raise NameTaken(f"the name {name.strip()!r} is taken: enroll under another name or delete the other first")
-        draft = await self.ingress.examine_photos(uploads)
-        meta = await self.ingress.save_enrollment(tenant, draft, name, consent, reconsent=(reconsent or "").strip())
+        uploads = self._uploads(files)
+        person = await self.service.enroll(tenant, uploads, name, consent or "", reconsent=(reconsent or "").strip())
         # The form is cleared; Gradio's copies of the photos go with its cache (PAGE_FILES_TTL_S).
-        return (f"Enrolled **{meta['name']}** ({meta['id']}) from {meta['faces_used']} of {len(uploads)} photos.",
+        return (f"Enrolled **{person.name}** ({person.id}) from {person.faces_used} of {len(uploads)} photos.",
                 None, "", "", "", [], "", *(await self._people_updates(tenant)))
 
-    async def _people_updates(self, tenant: str) -> tuple:
+    async def _people_updates(self, tenant: str, everyone: list[dict] | None = None) -> tuple:
+        """The gallery and the three people pickers."""
         import gradio as gr
 
-        everyone = await self.people(tenant)
+        everyone = await self.service.people(tenant) if everyone is None else everyone
         choices = [(f"{m['name']} ({m['id'][:11]})", m["id"]) for m in everyone]
         return (await self.gallery(tenant, everyone), gr.Dropdown(choices=choices, value=None),
                 gr.Dropdown(choices=choices, value=[]), gr.Dropdown(choices=choices, value=None))
@@ -257,8 +233,8 @@ class PageActions:
         tenant = self.tenant(token)
         if not identity:
             raise BadInput("pick the person to delete")
-        meta = await self.ingress.registry.get(tenant, identity)
-        text = (f"Erase **{meta['name']}** ({meta['id']}) everywhere: their photos' embeddings, crops, adapters, "
+        person = await self.service.identity(tenant, identity)
+        text = (f"Erase **{person.name}** ({person.id}) everywhere: their photos' embeddings, crops, adapters, "
                 "rendered images and training rows? This cannot be undone.")
         return gr.Row(visible=True), text
 
@@ -268,7 +244,7 @@ class PageActions:
         tenant = self.tenant(token)
         if not identity:
             raise BadInput("pick the person to delete")
-        report = await self.ingress.erase(tenant, identity)
+        report = await self.service.erase(tenant, identity)
         return (gr.Row(visible=False), gr.JSON(value=report.model_dump(), visible=True),
                 *(await self._people_updates(tenant)))
 
@@ -286,7 +262,7 @@ class PageActions:
         body = GenerateRequest(prompt=prompt, negative_prompt=negative or "", identities=people, seed=_seed(seed),
                                steps=_whole(steps, "steps"), width=_whole(width, "width"),
                                height=_whole(height, "height"), guidance=guidance)
-        result = await self.ingress.run_generate(tenant, body, self._reporter(progress))
+        result = await self.service.generate(tenant, body, self._reporter(progress))
         return await self._shown_result(tenant, result)
 
     async def inpaint(self, token, edited, person, prompt, steps, seed, progress=None):
@@ -301,7 +277,7 @@ class PageActions:
         body = InpaintRequest(identity={"id": person}, image=base64.b64encode(_png(image)).decode(),
                               mask=base64.b64encode(_png(mask)).decode(), prompt=prompt,
                               steps=_whole(steps, "steps"), seed=_seed(seed))
-        result = await self.ingress.run_inpaint(tenant, body, self._reporter(progress))
+        result = await self.service.inpaint(tenant, body, self._reporter(progress))
         shown = await self._shown_result(tenant, result)
         return (image, *shown)
 
@@ -316,7 +292,7 @@ class PageActions:
 
         from ray_faceid.face.decode import decode_image
 
-        names = {m["id"]: m["name"] for m in await self.people(tenant)}
+        names = {m["id"]: m["name"] for m in await self.service.people(tenant)}
         first = result.images[0]
         table = scores_table(result.images, names)
         if first.provenance.get("untrained_base"):  # as the CLI says it: noise is expected here
@@ -324,11 +300,10 @@ class PageActions:
         return decode_image(base64.b64decode(first.png_base64)), table, first.provenance
 
     async def catalog(self, token: str, which):
-        tenant = self.tenant(token)
-        outputs = await self.ingress.registry.outputs(tenant)
-        if which is None or not 0 <= int(which) < len(outputs):
-            raise BadInput("pick one of your render outputs (sign in again to refresh the list)")
-        return await self.ingress.registry.call(read_render_output, outputs[int(which)])
+        shown = await self.service.render_output(self.tenant(token), which)
+        image = np.asarray(Image.open(io.BytesIO(shown.sheet_png)).convert("RGB")) if shown.sheet_png else None
+        return (image, [[k, v] for k, v in shown.figures.items()],
+                [list(row) for row in shown.failed] or [["-", "no failed rows"]])
 
 
 def editor_image_and_mask(edited) -> tuple[np.ndarray, np.ndarray]:
@@ -346,30 +321,6 @@ def editor_image_and_mask(edited) -> tuple[np.ndarray, np.ndarray]:
     return image, (painted * 255).astype(np.uint8)
 
 
-def read_render_output(uri: str) -> tuple:
-    """The contact sheet (if `eval` made one), the evaluation's figures and the failed rows of one output."""
-    from deployments.ingress import public_message
-    from ray_faceid import storage
-    from ray_faceid.data import tables
-    from ray_faceid.data.render import MANIFEST, SUMMARY
-    from ray_faceid.eval.run import REPORT, SHEET
-
-    def optional(name: str) -> bytes | None:
-        path = storage.join(uri, name)
-        return storage.read_bytes(path) if storage.exists(path) else None
-
-    sheet = optional(SHEET)
-    summary = json.loads(optional(SUMMARY) or b"{}")
-    report = json.loads(optional(REPORT) or b"{}")
-    figures = {k: public_message(str(v)) for k, v in {**summary, **report}.items() if isinstance(v, (int, float, str))}
-    failed = []
-    if storage.exists(storage.join(uri, MANIFEST)):
-        failed = [[r["id"], public_message(r["error"] or "")]
-                  for r in tables.read_table(storage.join(uri, MANIFEST)).to_pylist() if r["status"] != "ok"]
-    image = np.asarray(Image.open(io.BytesIO(sheet)).convert("RGB")) if sheet else None
-    return image, [[k, str(v)] for k, v in figures.items()], failed or [["-", "no failed rows"]]
-
-
 # The Sign-in button first presents the token to the gate (page_gate.py), which answers with the
 # session cookie that uploads and files need; then the page's own sign-in runs.
 SIGN_IN_JS = """async (token) => {
@@ -380,10 +331,10 @@ SIGN_IN_JS = """async (token) => {
 }"""
 
 
-def build(ingress: "Ingress", files=None):
+def build(service: FaceService, files=None):
     import gradio as gr
 
-    actions = PageActions(ingress, files)
+    actions = PageActions(service, files)
     act = {name: _action(getattr(actions, name)) for name in
            ("sign_in", "preview", "enroll", "ask_delete", "delete", "catalog")}
 
@@ -402,7 +353,8 @@ def build(ingress: "Ingress", files=None):
                                scale=4, elem_id="token")
             sign_in = gr.Button("Sign in", variant="primary", scale=1, elem_id="sign-in")
         status = gr.Markdown(elem_id="status")
-        with gr.Tabs(visible=False, elem_id="tabs") as tabs:
+        # On a phone every tab stays one tap away: the tab bar wraps instead of folding tabs into a menu.
+        with gr.Tabs(visible=False, elem_id="tabs", overflow_behavior="wrap") as tabs:
             with gr.Tab("People", elem_id="tab-people"):
                 with gr.Row():
                     with gr.Column():

@@ -295,7 +295,7 @@ class ServeConfig(Settings):
         than it keeps would evict warmed shapes at start. Checked here, not when a replica starts."""
         rows = 2 * self.generator_batch_size * self.limits.max_images  # CFG doubles every image
         if self.backend == "torch.compile":
-            from ray_faceid.engines.compiled_engine import MAX_SLOTS, bucket_count
+            from ray_faceid.engines.buckets import MAX_SLOTS, bucket_count
 
             most, what, buckets = MAX_SLOTS, "compiled shapes; an engine keeps", bucket_count(2, rows)
         elif self.backend in ("onnxruntime", "tensorrt"):

@@ -44,8 +44,8 @@ def pytest_collection_modifyitems(config, items):
 SLOW_FIRST = ("tests/train/test_train_adapter.py", "tests/deployments/test_api.py", "tests/test_cli.py",
               "tests/engines/test_compiled_engine.py", "tests/train/test_personalize.py", "tests/data/test_render.py",
               "tests/engines/", "tests/deployments/test_web_page.py", "tests/deployments/test_serve_run.py",
-              "tests/train/", "tests/deployments/", "tests/face/test_dlib_resnet_torch.py", "tests/test_quiet.py",
-              "tests/data/test_erasure.py", "tests/data/", "tests/pipelines/", "tests/identity/")
+              "tests/test_ray_job.py", "tests/train/", "tests/deployments/", "tests/face/test_dlib_resnet_torch.py",
+              "tests/test_quiet.py", "tests/data/test_erasure.py", "tests/data/", "tests/pipelines/", "tests/identity/")
 
 
 SHARED_FACES = Path(os.environ.get("RAY_FACEID_FACES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"))

@@ -12,9 +12,9 @@ from ray_faceid.cli.common import console, user_errors
 
 def web_page_line(url: str) -> str:
     """Where the web page is, or how to get it (it needs the `ui` extra)."""
-    from deployments import web_page
+    from deployments.local import web_page_available
 
-    if not web_page.available():
+    if not web_page_available():
         return "web page: off (pip install 'ray-faceid[ui]' and restart to serve it at /ui)"
     return f"web page: {url}/ui/ (sign in with the token above)"
 

@@ -18,28 +18,15 @@ from dataclasses import dataclass
 import torch
 
 from ray_faceid.engines.base import UNetCall
+from ray_faceid.engines.buckets import BATCH_BUCKETS, MAX_SLOTS, batch_bucket
 from ray_faceid.envs import torch_compile_backend
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import ProgressLine, to_stderr
 
 log = logging.getLogger(__name__)
-BATCH_BUCKETS = (1, 2, 4, 8, 16)
-MAX_SLOTS = 16  # compiled shapes one engine keeps (each holds its buffers and, on CUDA, a graph)
-
-
-def batch_bucket(rows: int) -> int:
-    """The smallest bucket that holds `rows` (rows above the largest run in chunks of it)."""
-    return next((b for b in BATCH_BUCKETS if b >= rows), BATCH_BUCKETS[-1])
-
-
 def buckets_for(shape) -> tuple[int, ...]:
     """The buckets an EngineShape's batch range (min, opt, max rows) reaches."""
     return tuple(b for b in BATCH_BUCKETS if shape.batch[0] <= b <= batch_bucket(shape.batch[2]))
-
-
-def bucket_count(min_rows: int, max_rows: int) -> int:
-    """How many buckets a batch range reaches (config validation counts compiled shapes with it)."""
-    return sum(min_rows <= b <= batch_bucket(max_rows) for b in BATCH_BUCKETS)
 
 
 def allow_shape_compiles(count: int = 8 * MAX_SLOTS) -> None:

@@ -214,7 +214,17 @@ def walk_through(page, browser, page_app, two_people, shots):
     sign_in(phone, page_app, TOKENS["acme"])
     expect(phone.locator("#status")).to_contain_text("Signed in: tenant acme, 1 people")
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    expect(phone.locator("#found")).to_be_hidden()  # no empty gallery on the first screen
     phone.screenshot(path=shots / "phone.png", full_page=True)
+    # Every tab one tap away (none folded into a "..." menu), each opening its own controls.
+    for tab, control in (("Catalog", "#show-output"), ("Inpaint", "#inpaint"), ("Generate", "#generate"),
+                         ("People", "#enroll")):
+        button = phone.locator("button[role=tab]", has_text=tab).first
+        expect(button).to_be_visible()
+        box = button.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (tab, box)
+        button.click()
+        expect(phone.locator(control)).to_be_visible()
 
 
 def test_inpaint_and_a_render_output_through_the_page(page_app, sample_photos, tmp_path):
@@ -457,3 +467,28 @@ def test_an_erased_person_or_a_withdrawn_consent_is_refused_on_the_api_and_the_p
     assert withdrawn.status_code == 409 and withdrawn.json()["error"] == "consent_withdrawn", withdrawn.text
     back = api_enroll("hanks-back", "fresh-form-3", reconsent="fresh-form-4")
     assert back.status_code == 201, back.text
+
+
+def test_the_page_and_the_api_refuse_with_the_same_message(page_app, sample_photos, tmp_path):
+    """One service behind both faces: a taken name and a bad token are refused in the same words."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    url, _ = page_app
+    token = TOKENS["other"]
+    photo = tmp_path / "right.png"  # a person of t1.jpg no other test enrolls (or erases)
+    Image.fromarray(np.asarray(Image.open(sample_photos["t1.jpg"]).convert("RGB"))[230:450, 1060:1280]).save(photo)
+    _enrolled(url, token, photo, "same-words")
+    taken = httpx.post(f"{url}/v1/identities", headers={"Authorization": f"Bearer {token}"},
+                       files=[("photos", (photo.name, photo.read_bytes()))],
+                       data={"consent": "form-x", "name": "same-words"}, timeout=120)
+    assert taken.status_code == 409, taken.text
+    client = Client(f"{url}/ui/", verbose=False, headers={"Authorization": f"Bearer {token}"})
+    with pytest.raises(Exception) as on_page:
+        client.predict(token, [handle_file(str(photo))], "same-words", "form-x", "", api_name="/enroll")
+    assert f"409 name_taken: {taken.json()['message']}" in str(on_page.value)
+
+    refused = httpx.get(f"{url}/v1/identities", headers={"Authorization": "Bearer not-a-valid-token-at-all"})
+    assert refused.status_code == 401
+    status = client.predict("not-a-valid-token-at-all", api_name="/sign_in")[0]
+    assert refused.json()["message"] in status and "401 unauthorized" in status

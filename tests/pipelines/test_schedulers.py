@@ -226,8 +226,8 @@ def test_a_serve_config_sets_the_scheduler_of_requests_that_name_none(tmp_path, 
     """The deployment's scheduler (a few-step model's, say) is checked when its config is read, in
     one line, and is what requests without their own get; a request's own wins."""
     from deployments.app import ServeConfigRefused, build_app
-    from deployments.ingress import sampling
     from deployments.schemas import GenerateRequest
+    from deployments.service import sampling
     from ray_faceid.config import ServeConfig
 
     monkeypatch.setenv("RAY_FACEID_API_TOKENS", "ops:0123456789abcdef0123")
