@@ -183,7 +183,7 @@ class IngestConfig(Settings):
         description="File name endings (case-insensitive) listed as images under the source.",
     )
     workers: int | None = Field(
-        None, ge=1, description="Analyzer actors (each loads the models once); default: one per CPU (or GPU)."
+        None, ge=1, description="Analyzer actors (each loads the models once); default: one per free CPU (or GPU)."
     )
     batch_size: int = Field(16, ge=1, le=4096, description="Images per map_batches call.")
     stall_warn_s: StallWarn = 600.0
@@ -389,7 +389,9 @@ class RenderConfig(Settings):
         description="Rows denoised together. 1 makes every row's bytes independent of its neighbours; more is faster on "
         "GPU but bytes then depend on which rows share a batch (differences of a few 1/255).",
     )
-    workers: int | None = Field(None, ge=1, description="Render actors (each loads the models once); default: one per GPU, or 1.")
+    workers: int | None = Field(
+        None, ge=1, description="Render actors (each loads the models once); default: one per free GPU, or 1."
+    )
     batch_size: int = Field(8, ge=1, description="Rows per map_batches call (rows are sorted by identity first).")
     num_gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; default 1 where the cluster has GPUs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where each actor runs its pipeline.")

@@ -4,8 +4,11 @@ Workers (or the driver's progress loop) beat after every step; a thread on the d
 time since the last beat. Past `warn_after` seconds it prints what each worker is doing (busy
 computing or idle, from the CPU time their pulse reports between steps) and what the cluster is
 waiting for (resources free and total, placement groups that cannot be placed, pending tasks
-where Ray's state API is up); past `fail_after` it interrupts the job and raises Stalled with that
-report, instead of leaving a node billed for nothing.
+where Ray's state API is up, and which actors hold the cluster's CPUs and GPUs); past `fail_after`
+it interrupts the job and raises Stalled with that report, instead of leaving a node billed for
+nothing. A job whose workers wait to be created, none running, while the cluster has no CPU or
+GPU left to give (a Serve app's replicas hold them, say) cannot be placed: it fails after
+UNPLACED_FAIL_S, in minutes, not after the hour a slow step is allowed.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ PULSE_S = 5.0
 """How often a worker's pulse sends its process's CPU time (steps may take much longer)."""
 BUSY_CPU = 0.2
 """CPU-seconds per second above which a worker without progress is computing, not waiting."""
+UNPLACED_FAIL_S = 300.0
+"""No first step this long, with workers that cannot be created: the job cannot be placed."""
 
 
 def _heartbeat_class():
@@ -171,7 +176,48 @@ def waiting_report() -> str:
     except Exception:  # noqa: BLE001 - the state API needs the dashboard, which local clusters leave out
         lines.append("pending tasks: not known here (Ray's state API needs the dashboard: `ray list tasks` on a "
                      "cluster started with it)")
+    lines.append(holders_report())
     return "\n  ".join(lines)
+
+
+def holders_report() -> str:
+    """Which live actors hold the cluster's CPUs and GPUs (a Serve app's replicas, another job's
+    workers), by class and job: what an operator frees or resizes to let a job in."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - the state API needs the dashboard, which local clusters leave out
+        return "what holds the resources: not known here (Ray's state API needs the dashboard: `ray list actors`)"
+    held: dict[str, list] = {}
+    for actor in actors:
+        need = {k: v for k, v in (getattr(actor, "required_resources", None) or {}).items() if k in ("CPU", "GPU") and v}
+        if need:
+            key = f"{actor.class_name} (job {actor.job_id})"
+            count, total = held.get(key, [0, {}])
+            held[key] = [count + 1, {k: total.get(k, 0) + v for k, v in need.items()}]
+    if not held:
+        return "no live actor holds a CPU or GPU"
+    ranked = sorted(held.items(), key=lambda kv: -sum(kv[1][1].values()))
+    return "held by: " + "; ".join(f"{n} x {key}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(need.items()))
+                                   for key, (n, need) in ranked[:8])
+
+
+def cannot_start() -> bool:
+    """This job's workers cannot start: some wait to be created, none is running, and the cluster has
+    no CPU left (or has GPUs and none left). Unknown without Ray's state API (it needs the
+    dashboard): then False, and the ordinary stall limit applies."""
+    import ray
+    from ray.util.state import list_actors
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    if free.get("CPU", 0) >= 1 and not (total.get("GPU", 0) > 0 and free.get("GPU", 0) < 1):
+        return False
+    job = ray.get_runtime_context().get_job_id()
+    mine = list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000, raise_on_missing_output=False)
+    running = [a for a in mine if a.state == "ALIVE" and any((a.required_resources or {}).get(k) for k in ("CPU", "GPU"))]
+    waiting = [a for a in mine if a.state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")]
+    return bool(waiting) and not running
 
 
 class Watchdog:
@@ -179,11 +225,13 @@ class Watchdog:
     loop) or from `last_beat()`, the time of the workers' last beat (a heartbeat actor)."""
 
     def __init__(self, what: str, warn_after: float, fail_after: float, last_beat: Callable[[], float] | None = None,
-                 emit: Callable[[str], None] = to_stderr, report: Callable[[], str] = waiting_report):
+                 emit: Callable[[str], None] = to_stderr, report: Callable[[], str] = waiting_report,
+                 unplaced_after: float = UNPLACED_FAIL_S, starved: Callable[[], bool] = cannot_start):
         self.what, self.last_beat, self.warn_after, self.fail_after = what, last_beat, warn_after, fail_after
         self.emit, self.report = emit, report
+        self.unplaced_after, self.starved = min(unplaced_after, fail_after), starved
         self.failure: str | None = None
-        self._last = time.time()
+        self._started = self._last = time.time()
         self._stop = threading.Event()
         self._ending = threading.Lock()  # __exit__ and the decision to interrupt never interleave
 
@@ -192,26 +240,40 @@ class Watchdog:
 
     def _watch(self) -> None:
         warned_at = None
-        while not self._stop.wait(min(5.0, self.warn_after / 4)):
+        while not self._stop.wait(min(5.0, self.warn_after / 4, self.unplaced_after / 4)):
             if self.last_beat is not None:
                 try:
                     self._last = max(self._last, self.last_beat())
                 except Exception:  # noqa: BLE001 - an unreachable heartbeat is no progress: keep the last one known
                     pass
             idle = time.time() - self._last
+            if self._last == self._started and idle > self.unplaced_after and self._is_starved():
+                self._fail(f"{self.what}: cannot be placed: no first step in {idle:.0f} s, its workers wait to be "
+                           f"created and the cluster has no CPU or GPU left to give (the limit is "
+                           f"{self.unplaced_after:g} s); stopped. Free what holds them, or give the job fewer workers "
+                           f"(--workers). State:\n  {self.report()}")
+                return
             if idle > self.fail_after:
-                failure = (f"{self.what}: no progress for {idle:.0f} s (the limit is {self.fail_after:g} s); "
+                self._fail(f"{self.what}: no progress for {idle:.0f} s (the limit is {self.fail_after:g} s); "
                            f"stopped. State:\n  {self.report()}")
-                with self._ending:
-                    if self._stop.is_set():  # the job ended while the report was made: nothing to stop
-                        return
-                    self.failure = failure
-                    _thread.interrupt_main()
                 return
             if idle > self.warn_after and (warned_at is None or time.time() - warned_at > self.warn_after):
                 warned_at = time.time()
                 self.emit(f"{self.what}: no progress for {idle:.0f} s (failing at {self.fail_after:g} s). "
                           f"State:\n  {self.report()}")
+
+    def _is_starved(self) -> bool:
+        try:
+            return self.starved()
+        except Exception:  # noqa: BLE001 - unknown is not starved: the ordinary stall limit applies
+            return False
+
+    def _fail(self, failure: str) -> None:
+        with self._ending:
+            if self._stop.is_set():  # the job ended while the report was made: nothing to stop
+                return
+            self.failure = failure
+            _thread.interrupt_main()
 
     def __enter__(self) -> "Watchdog":
         self._thread = threading.Thread(target=self._watch, name="ray_faceid-watchdog", daemon=True)

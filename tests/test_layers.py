@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Top to bottom. A module belongs to the layer of its longest matching prefix.
 LAYERS = [
-    ("entry points", ("ray_faceid.cli", "deployments.app", "deployments.local")),
+    ("entry points", ("ray_faceid.cli", "ray_faceid.__main__", "deployments.app", "deployments.local")),
     ("faces", ("deployments.ingress", "deployments.web_page", "deployments.page_gate")),
     ("service", ("deployments",)),
     ("jobs", ("ray_faceid.data", "ray_faceid.train", "ray_faceid.eval", "ray_faceid.enrollment",

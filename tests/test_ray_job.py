@@ -1,5 +1,6 @@
 """The README's `ray job submit` line, run as written with Ray's own CLI on a fresh local head
-started as the README says: the job finds the project, joins the cluster, and ingests a group photo."""
+started as the README says: the job finds the project, joins the cluster, and ingests a group photo;
+with every CPU held by another job's actor, it fails in seconds to minutes, saying what holds them."""
 from __future__ import annotations
 
 import contextlib
@@ -24,11 +25,11 @@ def test_the_readme_names_the_line_this_test_runs():
     assert README_LINE in (ROOT / "README.md").read_text()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head(loopback_port):
     """`ray start --head --block` on loopback, as the README starts it (from the project's
     environment), in a short temp folder of its own (Unix socket paths are bounded). Stopped by
-    signalling its own process group: `ray stop` would stop every Ray on the machine."""
+    killing its own process group: `ray stop` would stop every Ray on the machine."""
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
@@ -47,14 +48,10 @@ def ray_head(loopback_port):
             time.sleep(0.5)
         assert head.poll() is None and "Ray runtime started" in log.read_text(), log.read_text()[-3000:]
         yield f"http://127.0.0.1:{dashboard}", env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
+    finally:  # the whole group at once: a graceful `--block` shutdown takes half a minute
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -68,3 +65,47 @@ def test_the_readmes_ray_job_submit_line_runs_a_job_on_a_fresh_head(ray_head, sa
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "succeeded" in done.stdout
     assert pq.read_table(tmp_path / "out" / "faces.parquet").num_rows == 6
+
+
+HOG = """import time
+import ray
+
+@ray.remote(num_cpus=2)
+class CpuHolder:
+    def ready(self):
+        return True
+
+ray.init()
+holder = CpuHolder.remote()
+ray.get(holder.ready.remote())
+print("holding every CPU", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_job_that_cannot_be_placed_fails_soon_and_names_what_holds_the_cpus(ray_head, sample_photos, tmp_path):
+    address, env = ray_head
+    env = dict(env, RAY_ADDRESS=address)
+    (tmp_path / "hog").mkdir()
+    (tmp_path / "hog" / "hog.py").write_text(HOG)
+    held = subprocess.run(["ray", "job", "submit", "--no-wait", "--working-dir", str(tmp_path / "hog"), "--",
+                           "python", "hog.py"], env=env, capture_output=True, text=True, timeout=120)
+    assert held.returncode == 0, held.stdout + held.stderr
+    hog_job = next(w for w in held.stdout.split() if w.strip("'").startswith("raysubmit_")).strip("'")
+    try:
+        deadline = time.monotonic() + 120
+        while "holding every CPU" not in subprocess.run(["ray", "job", "logs", hog_job], env=env, capture_output=True,
+                                                        text=True, timeout=60).stdout:
+            assert time.monotonic() < deadline, "the CPU-holding job did not start"
+            time.sleep(1)
+        (tmp_path / "archive" / "party").mkdir(parents=True)
+        shutil.copy(sample_photos["t1.jpg"], tmp_path / "archive" / "party" / "t1.jpg")
+        command = [*README_LINE.split(), "ingest", str(tmp_path / "archive"), str(tmp_path / "out"), "--stall-fail", "10"]
+        started = time.monotonic()
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0 and "cannot be placed" in output, output[-4000:]
+        assert "CpuHolder" in output and "CPU 2" in output, output[-4000:]  # which actor holds what
+        assert time.monotonic() - started < 180
+    finally:
+        subprocess.run(["ray", "job", "stop", hog_job], env=env, capture_output=True, timeout=120)

@@ -27,7 +27,7 @@ def ingest(
     dst: str = typer.Argument(..., help="Output folder or URI for the tables and crops."),
     labels: str = typer.Option("folders", "--labels", help="folders | cluster | none: how identities are found."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Analyzer actors (default: one per CPU/GPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Analyzer actors (default: one per free CPU or GPU)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per batch."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run: skip files already recorded."),
     min_shots: int = typer.Option(2, "--min-shots", min=2, help="Distinct shots an identity needs for pairs."),

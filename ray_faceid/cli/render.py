@@ -51,7 +51,7 @@ def render(
     unet_batch: int = typer.Option(1, "--unet-batch", min=1, help="Rows denoised together (1: byte-stable per row)."),
     backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render actors (default: one per GPU, or 1)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render actors (default: one per free GPU, or 1)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster."),
     resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: every run skips rows already rendered."),
     imr: Optional[str] = typer.Option(None, "--imr", help="Trained IMR: rows' `expression` moves the identity tokens."),

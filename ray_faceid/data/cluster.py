@@ -55,3 +55,12 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def free_workers(gpus: bool) -> int:
+    """A job's default number of workers: the GPUs (or CPUs) free when it starts, at least one. A
+    Serve app or another job on the cluster keeps what it holds: asking for the whole cluster's
+    count left a job waiting for actors that could never start."""
+    import ray
+
+    return max(1, int(ray.available_resources().get("GPU" if gpus else "CPU", 0)))

@@ -96,7 +96,7 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
                address: str | None = None) -> dict:
     import ray
 
-    from ray_faceid.data.cluster import cluster_gpus, init_ray
+    from ray_faceid.data.cluster import cluster_gpus, free_workers, init_ray
 
     config = config or IngestConfig()
     if labels not in ("folders", "cluster", "none"):
@@ -115,7 +115,7 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     gpus = config.num_gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster_gpus() > 0 else 0.0
-    workers = config.workers or max(1, int(cluster_gpus() if gpus else ray.cluster_resources().get("CPU", 1)))
+    workers = config.workers or free_workers(bool(gpus))
     # Every listed file goes through the actors: a recorded file is skipped there only if its
     # bytes still hash the same, so a changed file is analysed again.
     # Shuffled (seeded): hard files cluster in folders (non-faces take the slow CNN fallback);

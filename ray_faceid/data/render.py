@@ -146,7 +146,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     `imr` and `flow` (URIs) serve the rows' expressions and attribute edits."""
     import ray
 
-    from ray_faceid.data.cluster import cluster_gpus, init_ray
+    from ray_faceid.data.cluster import cluster_gpus, free_workers, init_ray
 
     config = config or RenderConfig()
     started = time.perf_counter()
@@ -165,7 +165,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     gpus = config.num_gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster_gpus() > 0 else 0.0
-    workers = config.workers or max(1, int(cluster_gpus()) if gpus else 1)
+    workers = config.workers or (free_workers(True) if gpus else 1)
     rows = sorted(({"row": t, "index": i} for i, t in enumerate(texts)), key=lambda r: (_identity_order(r["row"]), r["index"]))
     blocks = max(1, -(-len(rows) // config.batch_size))
     workers = min(workers, blocks)  # an actor without a block would load the models for nothing

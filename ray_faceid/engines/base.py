@@ -38,6 +38,12 @@ class UNetEngine(Protocol):
         ...
 
 
+def time_ids(rows: int, width: int, height: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """SDXL's micro-conditioning of an image made at its own size (pixels), uncropped: (rows, 6)."""
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+    return ids.expand(rows, 6)
+
+
 @dataclass(frozen=True)
 class EngineShape:
     """What one engine is built for: the batch range, the latent size and the identity layout."""
@@ -50,6 +56,7 @@ class EngineShape:
     channels: int  # UNet in_channels (9 for inpainting bases)
     cross_dim: int
     pooled_dim: int = 0  # SDXL's pooled text embedding width (its added conditioning); 0 for SD 1.x / 2.x
+    vae_factor: int = 8  # pixels per latent: the image size SDXL's time ids give
 
     @property
     def input_names(self) -> list[str]:
@@ -62,7 +69,7 @@ class EngineShape:
         g = torch.Generator().manual_seed(0)
         added = {} if not self.pooled_dim else {
             "text_embeds": torch.randn(b, self.pooled_dim, generator=g).to(device, dtype),
-            "time_ids": torch.tensor([[8.0 * h, 8.0 * w, 0, 0, 8.0 * h, 8.0 * w]]).expand(b, 6).to(device, dtype),
+            "time_ids": time_ids(b, w * self.vae_factor, h * self.vae_factor, dtype, device),
         }
         return added | {
             "sample": torch.randn(b, self.channels, h, w, generator=g).to(device, dtype),

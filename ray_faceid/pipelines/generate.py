@@ -1,12 +1,11 @@
 """IdentityPipeline: prompt + identities -> images, and identity inpainting.
 
-Classifier-free guidance runs the unconditional rows with identity scale 0 (no identity), the
-conditional rows with each identity's tokens, scale and region. Seeded noise is drawn on the CPU,
-so the same seed gives the same image on any device.
+Here: loading the adapter's modules onto the base, each identity's tokens (embeddings, photos,
+expression and attribute edits, regions), decoding and provenance. The denoising loop is in
+sampling.py; what runs the UNet (eager torch or an engine, warm-up) in unet_runtime.py.
 """
 from __future__ import annotations
 
-import inspect
 import threading
 from dataclasses import dataclass, field
 
@@ -14,20 +13,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ray_faceid.engines.base import DTYPES, UNetCall
-from ray_faceid.engines.buckets import MAX_ENGINES, engine_bucket, engine_buckets
-from ray_faceid.errors import BadInput, Erased
+from ray_faceid.engines.base import DTYPES
+from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.context import identity_kwargs
 from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
-from ray_faceid.identity.personal_bank import PersonalBank, PersonalRows
+from ray_faceid.identity.personal_bank import PersonalBank
 from ray_faceid.identity.personalization import version_of
 from ray_faceid.identity.routing import Box, box_masks, strip_boxes
 from ray_faceid.identity.tokens import fuse_embeddings
 from ray_faceid.pipelines.models import BaseModel
 from ray_faceid.pipelines.provenance import png_with_provenance
+from ray_faceid.pipelines.sampling import DenoisingLoop
 from ray_faceid.pipelines.schedulers import Sampler
-from ray_faceid.pipelines.text_conditioning import TextConditioning, encode_prompts, unet_conditioning
+from ray_faceid.pipelines.text_conditioning import TextConditioning, encode_prompts
+from ray_faceid.pipelines.unet_runtime import UNetRuntime
 
 MAX_IDENTITIES = 4
 
@@ -101,7 +101,9 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
 
 
-class IdentityPipeline:
+class IdentityPipeline(DenoisingLoop, UNetRuntime):
+    """The sampling loop is in sampling.py, the UNet's runtimes (engines, warm-up) in unet_runtime.py."""
+
     def __init__(self, base: BaseModel, adapter: IdentityAdapter | None = None, imr=None,
                  device: str | torch.device = "cpu", backend: str = "torch", engine_cache=None,
                  precision: str = "fp32", flow=None):
@@ -300,261 +302,6 @@ class IdentityPipeline:
     def personal_of(item: "GenerationItem") -> tuple[str, dict] | None:
         """The own adapter an image runs with: that of its single identity, if it has one."""
         return item.identities[0].personal if len(item.identities) == 1 else None
-
-    @property
-    def per_row_weights(self) -> bool:
-        """Whether one UNet batch may mix people's own adapters (the torch engines read them per row;
-        ONNX Runtime and TensorRT engines hold one set of weights)."""
-        return self.backend in ("torch", "torch.compile")
-
-    def unet_batches(self, items: list["GenerationItem"]) -> list[list[int]]:
-        """Indices of the items that share one UNet batch, in order: at most the bank's slots of
-        people with their own adapter per batch (torch engines), or one adapter per batch (others)."""
-        if self.adapter is None:  # no identity, no adapters of their own
-            return [list(range(len(items)))]
-        batches: list[list[int]] = []
-        people: list[set] = []
-        for k, item in enumerate(items):
-            own = self.personal_of(item)
-            key = own[0] if own else None  # the version: a content hash of the person's weights
-            for batch, held in zip(batches, people):
-                fits = (key in held or key is None or len(held - {None}) < self.personal_bank.slots
-                        if self.per_row_weights else held == {key})
-                if fits:
-                    batch.append(k)
-                    held.add(key)
-                    break
-            else:
-                batches.append([k])
-                people.append({key})
-        return batches
-
-    @torch.no_grad()
-    def _denoise(self, items: list["GenerationItem"], steps, guidance, width, height, inpaint=None, callback=None,
-                 sampler: Sampler | None = None):
-        """Latents of every item, all denoised together: one UNet call per step for the whole batch.
-        `callback`: the request's own step callback, read from `on_step` once when the request
-        started (its caller's), never again: another job may run on this pipeline inside it (a
-        large job pausing for small ones, deployments/turns.py) and set its own. `sampler`: the
-        request's scheduler (default: the base's own)."""
-        # A scheduler of its own per denoise (schedulers keep state between steps), and each row's
-        # own adapter as an input of every UNet call: nothing a job inside the pause changes is read here.
-        sampler = sampler or Sampler()
-        base, sched = self.base, sampler.build(self.base.scheduler)
-        own = [self.personal_of(it) if self.adapter is not None else None for it in items]
-        row_personal = [None] * len(items) + own  # CFG: unconditional rows first
-        self._check_size(width, height)
-        most = sched.config.num_train_timesteps
-        if not 1 <= steps <= most:
-            raise BadInput(f"steps must be between 1 and {most} (the base model's scheduler has {most} timesteps), "
-                           f"got {steps}")
-        f = base.vae_scale_factor
-        h, w = height // f, width // f
-        negative = self.encode_prompt([it.negative_prompt or "" for it in items], zero_empty=True)
-        text = TextConditioning.cat([negative, self.encode_prompt([it.prompt for it in items])])
-        kwargs = self._identity_kwargs(items, h, w)
-        control = self._identitynet_inputs(items, kwargs, width, height)
-        # One generator per image, on the CPU: its initial noise, then (stochastic schedulers: ancestral,
-        # SDE, LCM, TCD) each step's noise, drawn in diffusers' order: an image is the same alone or batched.
-        generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
-        noise = torch.cat([torch.randn((1, 4, h, w), generator=g) for g in generators]).to(self.device)
-        step_kwargs = sampler.step_settings(sched)
-        if "generator" in inspect.signature(sched.step).parameters:
-            step_kwargs["generator"] = generators
-        with sampler.refusing_bad_settings(type(sched)):
-            sched.set_timesteps(steps, device=self.device)
-        latents = noise * sched.init_noise_sigma
-        if inpaint is not None:
-            # (image latents, latent-size mask for blending, 9-channel conditioning: see inpaint.py)
-            image_latents, mask_l, conditioning = inpaint
-        if callback is not None:
-            callback(0, len(sched.timesteps))  # the clock starts here, not after the first step
-        for step, t in enumerate(sched.timesteps, 1):
-            model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
-            if inpaint is not None and base.inpainting:
-                mask_c, masked_c = conditioning
-                model_in = torch.cat([model_in, torch.cat([mask_c] * 2), torch.cat([masked_c] * 2)], dim=1)
-            pred = self._unet(model_in, t, text, kwargs, h, w, row_personal, control)
-            uncond, cond = pred.chunk(2)
-            # Guidance at most 1 (few-step models): the prompt's prediction alone, as diffusers takes it.
-            guided = cond if guidance <= 1 else uncond + guidance * (cond - uncond)
-            latents = sched.step(guided, t, latents, **step_kwargs).prev_sample
-            if inpaint is not None and not base.inpainting:
-                # Blended latent diffusion: outside the mask, the input noised to the next scheduled
-                # timestep (any spacing: trailing schedules never reach 0), clean after the last.
-                after = sched.timesteps[step : step + 1]
-                known = sched.add_noise(image_latents, noise, after) if len(after) else image_latents
-                latents = mask_l * latents + (1 - mask_l) * known
-            if callback is not None:
-                callback(step, len(sched.timesteps))
-        return latents
-
-    def _identitynet_inputs(self, items: list["GenerationItem"], kwargs: dict, width: int, height: int):
-        """InstantID: (tokens, keypoint images) IdentityNet reads for the 2B rows (the unconditional
-        rows the zero embedding's tokens, as in the attention); None for other adapters."""
-        if not kwargs or self.adapter.options.mapper != "instantid":
-            return None
-        if self.adapter.identitynet is None:
-            raise BadInput("InstantID needs its IdentityNet: give --identitynet FOLDER (ControlNetModel/ of "
-                           "InstantX/InstantID)")
-        if any(len(it.identities) != 1 for it in items):
-            raise BadInput("InstantID's IdentityNet reads one face's tokens and keypoints: one person per image")
-        from ray_faceid.identity.instantid import frontal_points, keypoint_image
-
-        images = []
-        for it in items:
-            pose = it.identities[0].pose
-            points = frontal_points(width, height) if pose is None else np.asarray(pose) * [width, height]
-            images.append(np.asarray(keypoint_image(points, width, height), np.float32) / 255)
-        image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)
-        return kwargs["identity_tokens"][:, 0], torch.cat([image, image])
-
-    def _unet(self, sample, t, text, kwargs, h, w, row_personal, control=None):
-        """One UNet call in the UNet's dtype (fp16 / bf16 on GPU); the prediction comes back in fp32,
-        where the scheduler keeps the latents. `control`: InstantID's IdentityNet inputs."""
-        sample, text = sample.to(self.base.unet.dtype), text.to(self.base.unet.dtype)
-        return self._unet_call(sample, t, text, kwargs, h, w, row_personal, control).float()
-
-    def _text_inputs(self, text: TextConditioning, h: int, w: int) -> dict:
-        f = self.base.vae_scale_factor
-        return unet_conditioning(self.base, text, w * f, h * f)
-
-    def _unet_call(self, sample, t, text, kwargs, h, w, row_personal, control=None):
-        """Eager torch, or the configured engine with identity as its inputs. Each row's own adapter
-        (`row_personal`: (version, delta) or None) is placed in the bank at every call: a job that
-        ran in between may have loaded others."""
-        personal_rows = self.personal_bank.rows(row_personal) if kwargs and any(row_personal) else None
-        if self.backend == "torch":
-            if personal_rows is not None:
-                kwargs = dict(kwargs, personal=PersonalRows(self.personal_bank, personal_rows))
-            inputs = self._text_inputs(text, h, w)
-            if control is not None:  # InstantID: IdentityNet's residuals, from the tokens and the keypoints
-                down, mid = self.adapter.identitynet.residuals(sample, t, *control, inputs.get("added_cond_kwargs"))
-                inputs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-            return self.base.unet(sample, t, **inputs, cross_attention_kwargs=kwargs or None).sample
-        rows, opts = sample.shape[0], self.adapter.options
-        if kwargs:
-            tokens, scale, region = kwargs["identity_tokens"], kwargs["identity_scale"], kwargs["region_masks"]
-        else:  # no identity: one zero identity at scale 0 is exactly the stock layer
-            tokens = torch.zeros(rows, 1, opts.num_tokens, self.base.cross_attention_dim, device=self.device,
-                                 dtype=sample.dtype)
-            scale, region = torch.zeros(rows, 1, device=self.device, dtype=sample.dtype), None
-        if region is None:
-            region = torch.ones(rows, tokens.shape[1], h, w, device=self.device, dtype=sample.dtype)
-        added = {}
-        if self.base.family == "sdxl":  # the added conditioning: live inputs like the rest
-            cond = self._text_inputs(text, h, w)["added_cond_kwargs"]
-            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        text = text.hidden
-        if self.backend == "torch.compile":
-            # One engine for every shape: a compiled graph per bucket; the bank slots are an input.
-            out = self.compiled_engine()(sample, t, text, tokens, scale, region, personal_rows, **added,
-                                         compile_new=self.compile_new_shapes)
-            if out is not None:
-                return out
-            # An unwarmed shape runs eager: the very function the engine compiles, uncompiled.
-            return UNetCall(self.base.unet, self.personal_bank)(sample, t, text, tokens, scale, region,
-                                                                 personal_rows=personal_rows, **added)
-        versions = {p[0]: p for p in row_personal if p}
-        if len(versions) > 1:
-            raise BadInput("images generated together on this backend must use the same person's own adapter")
-        engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1], next(iter(versions.values()), None))
-        return engine(sample, t, text, tokens, scale, region, **added)
-
-    def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int, personal: tuple | None):
-        """An ONNX Runtime or TensorRT engine holding the shared weights plus `personal` (version,
-        delta). Engines are kept per set of weights, never refitted while in use: a job paused
-        between its steps (turns.py) comes back to the weights it started with."""
-        from ray_faceid.engines.base import EngineShape
-        from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
-
-        top = engine_bucket(self.backend, rows)
-        version, delta = personal or (None, None)
-        if version in self._refused:
-            raise Erased("this person was erased: their own adapter is not served any more")
-        key = (h, w, identities, top, version)
-        with self._engines_lock:  # the erasure sweep may drop engines from another thread
-            found = self.engines.pop(key, None)
-        if found is not None:
-            engine = found
-        else:
-            # One engine per bucket whatever the first call's rows (its key, and the file `compile`
-            # builds ahead): tuned for one image with guidance, the most common call.
-            shape = EngineShape(batch=(1, 2, top), latent=(h, w), identities=identities,
-                                tokens=self.adapter.options.num_tokens, text_length=text_length,
-                                channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
-                                pooled_dim=self.base.pooled_dim)
-            engine = unet_engine(self.base, self.adapter, shape, self.backend, self.precision, self.engine_cache)
-            if delta:
-                engine.refit(processor_weights_by_onnx_name(self.adapter, delta))  # a new engine: no one uses it yet
-        with self._engines_lock:
-            self.engines[key] = engine
-            while len(self.engines) > MAX_ENGINES:  # least recently used first
-                self.engines.pop(next(iter(self.engines)))
-        return engine
-
-    def forget_personal(self, version: str) -> None:
-        """Drop every copy of an erased person's own adapter this pipeline holds (bank slot, engines)
-        and refuse it from now on (a request of theirs still running fails, typed, at its next step)."""
-        self._refused.add(version)
-        if self.personal_bank is not None:
-            self.personal_bank.evict(version, forever=True)
-        with self._engines_lock:
-            for key in [k for k in self.engines if k[-1] == version]:
-                self.engines.pop(key)
-
-    def compiled_engine(self):
-        if self._compiled is None:
-            from ray_faceid.engines.compiled_engine import CompiledUNetEngine
-
-            self._compiled = CompiledUNetEngine(self.base.unet, bank=self.personal_bank)
-        return self._compiled
-
-    def engine_shape(self, width: int, height: int, identities: int, max_images: int):
-        """The EngineShape of this pipeline's UNet calls at one size: CFG doubles the rows."""
-        from ray_faceid.engines.base import EngineShape
-
-        self._check_size(width, height)
-        f = self.base.vae_scale_factor
-        return EngineShape(batch=(2, 2, 2 * max_images), latent=(height // f, width // f), identities=identities,
-                           tokens=self.adapter.options.num_tokens, text_length=self.base.tokenizer.model_max_length,
-                           channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
-                           pooled_dim=self.base.pooled_dim)
-
-    @property
-    def precision(self) -> str:
-        """The UNet's precision name (fp32, fp16, bf16)."""
-        return next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
-
-    def warm_up(self, sizes: list[tuple[int, int]], identities: list[int], max_images: int) -> dict:
-        """Build every engine (size, identity count, batch bucket) the pipeline will run, from the
-        engine cache where it is there and into it where not: the one builder behind `compile`, a
-        Serve replica's start (render actors build the same keys as their rows need them).
-        torch.compile: Inductor's artifacts; ONNX Runtime: one graph per size and identity count;
-        TensorRT: a plan per batch bucket (engines/buckets.py, the keys requests look up); torch: none."""
-        if self.backend == "torch.compile":
-            return self.warm_up_shapes([self.engine_shape(w, h, m, max_images) for w, h in sizes for m in identities])
-        if self.backend == "torch":
-            return {"buckets": 0, "loaded": 0, "stored": 0}
-        f, built = self.base.vae_scale_factor, 0
-        for width, height in sizes:
-            self._check_size(width, height)
-            for count in identities:
-                for top in engine_buckets(self.backend, 2 * max_images):  # CFG doubles every image
-                    self._engine(top, count, height // f, width // f, self.base.tokenizer.model_max_length, None)
-                    built += 1
-        return {"buckets": built, "loaded": None, "stored": None}
-
-    def warm_up_shapes(self, shapes: list) -> dict:
-        """warm_up for explicit EngineShapes (torch.compile backend)."""
-        from ray_faceid.engines.cache import EngineCache
-        from ray_faceid.engines.compile_artifacts import compiled_key, warm_up_cached
-        from ray_faceid.engines.select import adapter_structure
-
-        structure, model_hash, engine = adapter_structure(self.adapter), self.base.model_hash(), self.compiled_engine()
-        keys = [compiled_key(model_hash, structure, shape, self.precision, self.device, engine.compiler)
-                for shape in shapes]
-        return warm_up_cached(engine, shapes, keys, self.engine_cache or EngineCache())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ray_faceid.engines.base import time_ids
+
 
 @dataclass
 class TextConditioning:
@@ -51,12 +53,6 @@ def encode_prompts(base, prompts: list[str], zero_empty: bool = False) -> TextCo
         cond.hidden = cond.hidden.masked_fill(empty[:, None, None], 0.0)
         cond.pooled = cond.pooled.masked_fill(empty[:, None], 0.0)
     return cond
-
-
-def time_ids(rows: int, width: int, height: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """SDXL's micro-conditioning of an image made at its own size, uncropped: (rows, 6)."""
-    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
-    return ids.expand(rows, 6)
 
 
 def unet_conditioning(base, text: TextConditioning, width: int, height: int) -> dict:
