@@ -100,3 +100,27 @@ def test_a_backend_that_is_not_installed_fails_before_the_model_loads(tmp_path, 
                                  "--backend", "tensorrt", "--out", str(tmp_path / "o.png"), *FAST])
     assert result.exit_code == 2 and "pip install 'ray_faceid[tensorrt]'" in result.output
     assert "untrained base model" not in result.output  # the model was never loaded
+
+
+def test_ctrl_c_says_the_command_was_interrupted_and_exits_130(sample_photos, tmp_path):
+    """Ctrl-C during denoising: one line saying so (it exited 130 silently), no traceback."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [str(Path(sys.executable).with_name("ray-faceid")), "generate", "--prompt", "a photo",
+               "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--steps", "200", "--size", "256x256",
+               "--out", str(tmp_path / "x.png")]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in run.stderr:  # the line printed just before denoising starts
+        seen.append(line)
+        if "steps of" in line:
+            break
+    run.send_signal(signal.SIGINT)
+    _, rest = run.communicate(timeout=120)
+    said = "".join(seen) + rest
+    assert run.returncode == 130, said
+    assert "interrupted" in rest and "Traceback" not in said, said
+    assert not (tmp_path / "x.png").exists()
