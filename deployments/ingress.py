@@ -96,7 +96,7 @@ class Ingress:
             data = await photo.read()
             self.service.check_size(len(data), f"photo {photo.filename}")
             uploads.append((photo.filename or f"photo{i}", data))
-        return await self.service.enroll(tenant, uploads, name, consent, name_exists, reconsent)
+        return await self.service.enroll(tenant, uploads, name, consent, name_exists, reconsent, checked=True)
 
     @api.get("/v1/identities", response_model=IdentityList, responses=errors(401, 422, 500, 502))
     async def list_identities(self, request: Request, limit: int = Query(100, ge=1, le=1000),

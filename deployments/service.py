@@ -190,16 +190,18 @@ class FaceService:
                                name_exists: str = "refuse") -> None:
         """What an enrollment is refused for before any photo is read or analysed."""
         if name.strip() and name_exists == "refuse" and await self.registry.named(tenant, name):
-            raise NameTaken(f"the name {name.strip()!r} is taken: enroll under another name, or send "
-                            "name_exists=rename (a suffix) or replace (erases the other identity)")
+            raise NameTaken(f"the name {name.strip()!r} is taken: enroll under another name (the API also takes "
+                            "name_exists=rename for a suffix, or replace to erase the other identity)")
         self.check_count(count)
         if not consent.strip():
             raise BadInput("consent is required: a reference to the person's recorded consent")
 
     async def enroll(self, tenant: str, uploads: list[tuple[str, bytes]], name: str, consent: str,
-                     name_exists: str = "refuse", reconsent: str = "") -> IdentityOut:
-        """A person from (file name, bytes) photos: every photo analysed and judged, then saved."""
-        await self.check_enrollment(tenant, len(uploads), name, consent, name_exists)
+                     name_exists: str = "refuse", reconsent: str = "", checked: bool = False) -> IdentityOut:
+        """A person from (file name, bytes) photos: every photo analysed and judged, then saved.
+        `checked`: the caller ran `check_enrollment` on this request already (before reading uploads)."""
+        if not checked:
+            await self.check_enrollment(tenant, len(uploads), name, consent, name_exists)
         draft = await self.examine_photos(uploads)
         return identity_out(await self.save_enrollment(tenant, draft, name, consent, name_exists, reconsent))
 
@@ -261,9 +263,14 @@ class FaceService:
         are named by the last part of their path only)."""
         from ray_faceid.erasure import erase_identity
 
-        report = await self.registry.call(erase_identity, self.store, tenant, identity)
-        for forget in self.after_erasure:
-            forget(tenant)
+        try:
+            report = await self.registry.call(erase_identity, self.store, tenant, identity)
+        finally:  # an erasure stopped midway may have removed some of them: forget the page's copies anyway
+            for forget in self.after_erasure:
+                try:
+                    forget(tenant)
+                except Exception:  # noqa: BLE001 - one hook's failure neither hides the erasure nor skips the rest
+                    log.exception("after erasure: %s failed", getattr(forget, "__qualname__", forget))
         removed = [dict(r, where=r["where"].rstrip("/").rsplit("/", 1)[-1]) for r in report["removed"]]
         return ErasureReport(id=report["id"], removed=removed)
 

@@ -6,13 +6,14 @@ computing or idle, from the CPU time their pulse reports between steps) and what
 waiting for (resources free and total, placement groups that cannot be placed, pending tasks
 where Ray's state API is up, and which actors hold the cluster's CPUs and GPUs); past `fail_after`
 it interrupts the job and raises Stalled with that report, instead of leaving a node billed for
-nothing. A job whose workers wait to be created, none running, while the cluster has no CPU or
-GPU left to give (a Serve app's replicas hold them, say) cannot be placed: it fails after
+nothing. A job none of whose workers has been placed, one of them needing more CPUs or GPUs than
+the cluster has free (a Serve app's replicas hold them, say), cannot be placed: it fails after
 UNPLACED_FAIL_S, in minutes, not after the hour a slow step is allowed.
 """
 from __future__ import annotations
 
 import _thread
+import re
 import threading
 import time
 from typing import Callable
@@ -32,8 +33,9 @@ PULSE_S = 5.0
 """How often a worker's pulse sends its process's CPU time (steps may take much longer)."""
 BUSY_CPU = 0.2
 """CPU-seconds per second above which a worker without progress is computing, not waiting."""
-UNPLACED_FAIL_S = 300.0
-"""No first step this long, with workers that cannot be created: the job cannot be placed."""
+UNPLACED_FAIL_S = 600.0
+"""No first step this long, with workers that cannot be created: the job cannot be placed (long
+enough for an autoscaler to add a node, minutes where a slow step is allowed an hour)."""
 
 
 def _heartbeat_class():
@@ -45,7 +47,7 @@ def _heartbeat_class():
         and, from their pulse, the CPU time their processes use between steps."""
 
         def __init__(self):
-            self.at, self.step = time.time(), None
+            self.at, self.step = 0.0, None  # no beat yet: a Watchdog tells "not started" from "stalled"
             self.cpu: dict[str, list[tuple[float, float]]] = {}
 
         def beat(self, step=None) -> None:
@@ -180,6 +182,17 @@ def waiting_report() -> str:
     return "\n  ".join(lines)
 
 
+def _cpus_and_gpus(required: dict | None) -> dict[str, float]:
+    """An actor's CPUs and GPUs. An actor in a placement group (Ray Train's workers) asks for
+    `CPU_group_<index>_<group>` (and the wildcard `CPU_group_<group>`, not counted twice)."""
+    held: dict[str, float] = {}
+    for key, value in (required or {}).items():
+        kind = re.match(r"^(CPU|GPU)(?:_group_\d+_[0-9a-f]+)?$", key)
+        if kind and value:
+            held[kind[1]] = held.get(kind[1], 0.0) + value
+    return held
+
+
 def holders_report() -> str:
     """Which live actors hold the cluster's CPUs and GPUs (a Serve app's replicas, another job's
     workers), by class and job: what an operator frees or resizes to let a job in."""
@@ -191,7 +204,7 @@ def holders_report() -> str:
         return "what holds the resources: not known here (Ray's state API needs the dashboard: `ray list actors`)"
     held: dict[str, list] = {}
     for actor in actors:
-        need = {k: v for k, v in (getattr(actor, "required_resources", None) or {}).items() if k in ("CPU", "GPU") and v}
+        need = _cpus_and_gpus(actor.required_resources)
         if need:
             key = f"{actor.class_name} (job {actor.job_id})"
             count, total = held.get(key, [0, {}])
@@ -204,20 +217,26 @@ def holders_report() -> str:
 
 
 def cannot_start() -> bool:
-    """This job's workers cannot start: some wait to be created, none is running, and the cluster has
-    no CPU left (or has GPUs and none left). Unknown without Ray's state API (it needs the
+    """This job's workers cannot start: none has been placed on a node (an actor whose constructor
+    runs, loading models, is placed and holds its resources), and one waiting to be created needs
+    more CPUs or GPUs than the cluster has free. Unknown without Ray's state API (it needs the
     dashboard): then False, and the ordinary stall limit applies."""
     import ray
     from ray.util.state import list_actors
 
-    total, free = ray.cluster_resources(), ray.available_resources()
-    if free.get("CPU", 0) >= 1 and not (total.get("GPU", 0) > 0 and free.get("GPU", 0) < 1):
+    if not ray.is_initialized():
         return False
+    total, free = ray.cluster_resources(), ray.available_resources()
+    if free.get("CPU", 0) >= 1 and free.get("GPU", 0) >= min(1.0, total.get("GPU", 0)):
+        return False  # room for a worker of any kind: not a placement problem (asked before the state API)
     job = ray.get_runtime_context().get_job_id()
-    mine = list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000, raise_on_missing_output=False)
-    running = [a for a in mine if a.state == "ALIVE" and any((a.required_resources or {}).get(k) for k in ("CPU", "GPU"))]
+    mine = list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000, timeout=30,
+                       raise_on_missing_output=False)
+    mine = [a for a in mine if _cpus_and_gpus(a.required_resources)]  # not the zero-CPU heartbeat
+    if any(a.state != "DEAD" and (a.node_id or a.pid) for a in mine):
+        return False
     waiting = [a for a in mine if a.state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")]
-    return bool(waiting) and not running
+    return any(free.get(kind, 0.0) < need for a in waiting for kind, need in _cpus_and_gpus(a.required_resources).items())
 
 
 class Watchdog:
@@ -248,8 +267,8 @@ class Watchdog:
                     pass
             idle = time.time() - self._last
             if self._last == self._started and idle > self.unplaced_after and self._is_starved():
-                self._fail(f"{self.what}: cannot be placed: no first step in {idle:.0f} s, its workers wait to be "
-                           f"created and the cluster has no CPU or GPU left to give (the limit is "
+                self._fail(f"{self.what}: cannot be placed: no first step in {idle:.0f} s, none of its workers "
+                           f"placed and the cluster without the CPUs or GPUs they need (the limit is "
                            f"{self.unplaced_after:g} s); stopped. Free what holds them, or give the job fewer workers "
                            f"(--workers). State:\n  {self.report()}")
                 return

@@ -61,26 +61,38 @@ def imports() -> list[tuple[str, str, int]]:
     return found
 
 
+def upward(found: list[tuple[str, str, int]]) -> list[str]:
+    return [f"{a}:{line} imports {b} ({LAYERS[layer_of(a)][0]} -> {LAYERS[layer_of(b)][0]})"
+            for a, b, line in found if layer_of(b) < layer_of(a)]
+
+
+def crossing(found: list[tuple[str, str, int]]) -> list[str]:
+    return [f"{a}:{line} imports {b}" for a, b, line in found if face_of(a) and face_of(b) and face_of(a) != face_of(b)]
+
+
 def test_no_module_imports_from_a_layer_above_its_own():
-    upward = [f"{a}:{line} imports {b} ({LAYERS[layer_of(a)][0]} -> {LAYERS[layer_of(b)][0]})"
-              for a, b, line in imports() if layer_of(b) < layer_of(a)]
-    assert not upward, "\n".join(upward)
+    assert not upward(imports()), "\n".join(upward(imports()))
 
 
 def test_no_face_imports_another_and_the_page_sees_only_the_service():
-    crossing = [f"{a}:{line} imports {b}" for a, b, line in imports()
-                if face_of(a) and face_of(b) and face_of(a) != face_of(b)]
-    assert not crossing, "\n".join(crossing)
-    page = {b for a, b, _ in imports() if a == "deployments.web_page" and b.startswith("deployments.")}
-    assert page <= {"deployments.service", "deployments.page_gate", "deployments.schemas"}, page
+    found = imports()
+    assert not crossing(found), "\n".join(crossing(found))
+    page = {b for a, b, _ in found if face_of(a) == "page" and b.startswith("deployments.")}
+    assert page <= {"deployments.service", "deployments.page_gate", "deployments.schemas", "deployments.auth"}, page
+    assert not any(r.level for p in ("ray_faceid", "deployments") for f in (ROOT / p).rglob("*.py")
+                   for r in ast.walk(ast.parse(f.read_text())) if isinstance(r, ast.ImportFrom)), \
+        "a relative import: this rule reads absolute ones only"
 
 
 def test_the_rule_sees_a_violation():
-    """The checker itself: an upward import and a face importing a face are both caught."""
-    assert layer_of("ray_faceid.face.align") > layer_of("ray_faceid.pipelines.generate")
-    assert layer_of("deployments.service") > layer_of("deployments.web_page") > layer_of("deployments.app")
-    assert face_of("deployments.web_page") != face_of("deployments.ingress") is not None
-    assert layer_of("ray_faceid.engines.buckets") == len(LAYERS) - 1
+    """The checker itself, on made-up imports: an upward one and a face importing a face are caught,
+    a downward one is not; and it reads imports inside functions."""
+    assert upward([("ray_faceid.face.align", "ray_faceid.pipelines.generate", 1)])
+    assert upward([("deployments.service", "deployments.web_page", 1)])
+    assert not upward([("ray_faceid.pipelines.generate", "ray_faceid.face.align", 1)])
+    assert crossing([("deployments.web_page", "deployments.ingress", 1)])
+    assert crossing([("ray_faceid.cli.serve", "deployments.web_page", 1)])
+    assert not crossing([("deployments.web_page", "deployments.page_gate", 1)])
     found = {(a, b) for a, b, _ in imports()}
     assert ("deployments.web_page", "deployments.service") in found  # a module-level import
     assert ("ray_faceid.face.backends.dlib_backend", "ray_faceid.engines.face_encoder") in found  # one in a function

@@ -107,5 +107,6 @@ def test_a_job_that_cannot_be_placed_fails_soon_and_names_what_holds_the_cpus(ra
         assert done.returncode != 0 and "cannot be placed" in output, output[-4000:]
         assert "CpuHolder" in output and "CPU 2" in output, output[-4000:]  # which actor holds what
         assert time.monotonic() - started < 180
-    finally:
-        subprocess.run(["ray", "job", "stop", hog_job], env=env, capture_output=True, timeout=120)
+    finally:  # the head is killed after the module in any case
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(["ray", "job", "stop", hog_job], env=env, capture_output=True, timeout=120)

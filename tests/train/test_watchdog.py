@@ -21,7 +21,7 @@ def test_the_watchdog_warns_then_fails_with_the_report():
 def test_a_job_that_cannot_be_placed_fails_in_minutes_not_after_the_stall_limit():
     """No first step while the cluster has nothing left to give: it fails at the placement limit,
     not the hour a slow step may take; once a step is done, only the stall limit applies."""
-    with pytest.raises(Stalled, match=r"(?s)cannot be placed: no first step in \d+ s, its workers wait.*held by: 2 x Generator"):
+    with pytest.raises(Stalled, match=r"(?s)cannot be placed: no first step in \d+ s, none of its workers placed.*held by: 2 x"):
         with Watchdog("ingest", warn_after=100, fail_after=3600, unplaced_after=0.5, starved=lambda: True,
                       report=lambda: "held by: 2 x Generator (job 01000000): CPU 2"):
             time.sleep(5)  # interrupted by the watchdog
@@ -30,7 +30,7 @@ def test_a_job_that_cannot_be_placed_fails_in_minutes_not_after_the_stall_limit(
         time.sleep(1.5)
     with Watchdog("ingest", warn_after=100, fail_after=3600, unplaced_after=0.5, starved=lambda: False):
         time.sleep(1.5)  # free resources and no step yet: a slow start, not a placement failure
-    assert Watchdog("job", warn_after=600, fail_after=3600).unplaced_after <= 300
+    assert Watchdog("job", warn_after=600, fail_after=3600).unplaced_after <= 600  # minutes, not the hour
 
 
 def test_a_training_job_that_stops_progressing_fails_with_a_report(small_dataset, tmp_path, ray_cluster):
