@@ -23,7 +23,8 @@ EXIT_SOME_FAILED = 3  # a batch job finished, but some of its rows or identities
 StallWarnOpt = typer.Option(600.0, "--stall-warn", min=1, help="Seconds without progress before the job prints "
                            "what it is waiting for (resources, placement groups, pending tasks).")
 StallFailOpt = typer.Option(3600.0, "--stall-fail", min=1, help="Seconds without progress before the job stops "
-                           "with that report (exit 2) instead of waiting forever.")
+                           "with that report (exit 2) instead of waiting forever; a job none of whose workers can be "
+                           "placed stops after 600 s, or this when shorter.")
 
 
 @contextlib.contextmanager
