@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _thread
 import re
+import signal
 import threading
 import time
 from typing import Callable
@@ -292,9 +293,18 @@ class Watchdog:
             if self._stop.is_set():  # the job ended while the report was made: nothing to stop
                 return
             self.failure = failure
-            _thread.interrupt_main()
+            if callable(signal.getsignal(signal.SIGINT)):  # a real SIGINT: it also wakes a blocking wait
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            else:
+                _thread.interrupt_main()
 
     def __enter__(self) -> "Watchdog":
+        # The interrupt is a SIGINT, which a process started in the background (or by a launcher that
+        # ignores it) would drop: Python's handler for the job's length.
+        self._sigint = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+            self._sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread = threading.Thread(target=self._watch, name="ray_faceid-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -303,6 +313,8 @@ class Watchdog:
         with self._ending:
             self._stop.set()
         self._thread.join()
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
         if self.failure is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, SystemExit))):
             # Ray Train answers the interrupt by aborting its run and raising SystemExit.
             raise Stalled(self.failure) from exc

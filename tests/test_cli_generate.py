@@ -112,7 +112,9 @@ def test_ctrl_c_says_the_command_was_interrupted_and_exits_130(sample_photos, tm
     command = [str(Path(sys.executable).with_name("ray-faceid")), "generate", "--prompt", "a photo",
                "--ref", str(sample_photos["Tom_Hanks_54745.png"]), "--steps", "200", "--size", "256x256",
                "--out", str(tmp_path / "x.png")]
-    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: SIGINT handled (pytest-xdist's workers ignore it, and children inherit that).
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in run.stderr:  # the line printed just before denoising starts
         seen.append(line)

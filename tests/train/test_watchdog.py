@@ -33,6 +33,23 @@ def test_a_job_that_cannot_be_placed_fails_in_minutes_not_after_the_stall_limit(
     assert Watchdog("job", warn_after=600, fail_after=3600).unplaced_after <= 600  # minutes, not the hour
 
 
+def test_the_watchdog_stops_a_job_whose_process_ignores_sigint():
+    """Started in the background (or by a launcher that ignores SIGINT), a stalled job still stops:
+    the watchdog's interrupt is a simulated SIGINT, which Python drops where SIGINT is ignored."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Stalled, match="no progress"):
+            with Watchdog("job", warn_after=0.3, fail_after=1.0, emit=lambda line: None, report=lambda: "-"):
+                time.sleep(30)  # interrupted by the watchdog (a job blocked in Ray waits forever)
+        assert time.monotonic() - started < 20
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # as the job had it
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_a_training_job_that_stops_progressing_fails_with_a_report(small_dataset, tmp_path, ray_cluster):
     import ray
 
