@@ -21,7 +21,7 @@ from deployments.generator import Generator
 from deployments.ingress import Ingress, api
 from ray_faceid import envs
 from ray_faceid.config import AutoscalingConfig, ServeConfig
-from ray_faceid.errors import BadInput
+from ray_faceid.errors import BadInput, NotFound
 from ray_faceid.identity import published
 
 
@@ -70,6 +70,19 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     if config.adapter and (variant := published.generate_only(config.adapter)):  # before a replica loads a base
         raise BadInput(f"adapter {config.adapter}: {variant} runs from `ray-faceid generate` only (Serve holds people "
                        "as embeddings and batches them on one engine): serve an IP-Adapter-FaceID (plain) file")
+    plus = published.reads_clip_features(config.adapter) if config.adapter else None
+    if plus and not config.image_encoder:
+        raise BadInput(f"adapter {config.adapter}: {plus} reads faces through a CLIP image encoder too: set "
+                       "image_encoder to its folder (models/image_encoder of h94/IP-Adapter)")
+    if config.image_encoder and not plus:
+        raise BadInput("image_encoder is for IP-Adapter-FaceID-Plus / PlusV2 files; this adapter reads embeddings only")
+    if config.image_encoder:
+        from ray_faceid.face.clip_image import check_folder
+
+        try:
+            check_folder(config.image_encoder)
+        except NotFound as missing:  # the replicas would fail on it in a loop
+            raise BadInput(f"image_encoder: {missing.message}") from None
     return config.model_copy(update={"api_tokens": tokens})
 
 

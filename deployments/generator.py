@@ -53,8 +53,11 @@ def served_line(pipeline) -> str:
 
 
 class LoadedIdentity:
-    def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec, personal=None):
+    def __init__(self, key: str, embeddings: np.ndarray, quality: np.ndarray, spec, personal=None,
+                 image_features: np.ndarray | None = None):
         self.key, self.embeddings, self.quality = key, embeddings, quality
+        self.image_features = image_features
+        """FaceID-Plus: the CLIP features of the person's reference crops."""
         self.spec, self.spec_key = spec, spec.key()
         self.personal = personal
         """(version, weight delta) of the identity's own adapter for this replica's shared adapter."""
@@ -105,6 +108,7 @@ class Generator:
     def __init__(self, config_json: str):
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
+        from ray_faceid.identity.face_plus import attach_image_encoder
         from ray_faceid.identity.published import refuse_generate_only
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline
@@ -124,7 +128,8 @@ class Generator:
         if adapter is not None and adapter.published and not adapter.takes(FaceAnalyzer(self.config.face).spec):
             raise EncoderMismatch(f"{self.config.adapter} takes {adapter.encoder_spec.dim}-d insightface ArcFace "
                                   "embeddings: set face.backend: insightface and face.insightface_root in the Serve config")
-        refuse_generate_only(adapter, "Serve")
+        refuse_generate_only(adapter, "Serve", reads_references=True)
+        attach_image_encoder(adapter, self.config.image_encoder, device, "image_encoder in the Serve config")
         if adapter is None and self.config.backend != "torch":
             raise BadInput(NO_ADAPTER.format(model=self.config.model) + "; compiled engines are built around one")
         imr, flow = load_edit_modules(adapter, self.config.imr, self.config.flow)  # before the cast
@@ -185,7 +190,10 @@ class Generator:
         embeddings, quality, spec = self.registry.embeddings(tenant, identity)
         self.loads += 1
         personal = load_personal(self.registry, tenant, identity, self.adapter_hash)
-        loaded = LoadedIdentity(key, embeddings, quality, spec, personal)
+        encoder = self.pipeline.adapter.image_encoder if self.pipeline.adapter is not None else None
+        features = None if encoder is None else await asyncio.to_thread(
+            encoder.enrolled_features, self.registry.references(tenant, identity))
+        loaded = LoadedIdentity(key, embeddings, quality, spec, personal, features)
         self.held[key] = loaded
         self._note_version(key, personal)
         return loaded
@@ -217,7 +225,7 @@ class Generator:
                 self.pipeline.forget_personal(version)
             loaded = self.held.pop(key, None)
             if loaded is not None:
-                loaded.embeddings = loaded.quality = loaded.personal = None
+                loaded.embeddings = loaded.quality = loaded.personal = loaded.image_features = None
                 forgotten += 1
         return forgotten
 
@@ -259,7 +267,8 @@ class Generator:
                 self.pipeline.check_edits(item["id"], edits)
             conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings, loaded.quality,
                                                 item.get("region"), item.get("expression"), item.get("scale", 1.0),
-                                                loaded.personal, edits=edits, id=item["id"]))
+                                                loaded.personal, edits=edits, id=item["id"],
+                                                image_features=loaded.image_features))
         return conditions, hits
 
     async def _inpaint(self, request: dict) -> dict:

@@ -249,6 +249,9 @@ class ServeConfig(Settings):
                             "`expression` then moves the identity tokens to that expression and pose.")
     flow: str | None = Field(None, description="Trained attribute flow URI (train --method flow): enables requests' "
                              "`edits`.")
+    image_encoder: str | None = Field(None, description="IP-Adapter-FaceID-Plus / PlusV2: the CLIP image encoder folder "
+                                      "(models/image_encoder of h94/IP-Adapter) it reads people's reference crops "
+                                      "through; needed with such an adapter, refused with others.")
     registry: str = Field("./faceid_registry", description="Identity registry store (folder or fsspec URI).")
     scheduler: str | None = Field(None, description="The sampler of requests that name none (e.g. dpm++2m-karras, or "
                                   "euler with timestep_spacing trailing for a few-step model); default: the model's own.")

@@ -26,6 +26,9 @@ StallFailOpt = typer.Option(3600.0, "--stall-fail", min=1, help="Seconds without
                            "with that report (exit 2) instead of waiting forever; a job none of whose workers can be "
                            "placed stops after 600 s, or this when shorter.")
 
+ImageEncoderOpt = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-Plus / PlusV2: the CLIP image encoder "
+                               "folder it reads faces through (models/image_encoder of h94/IP-Adapter).")
+
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:

@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from ray_faceid.cli.common import MODEL_HELP, console, err_console, user_errors
+from ray_faceid.cli.common import MODEL_HELP, ImageEncoderOpt, console, err_console, user_errors
 from ray_faceid.errors import BadInput
 from ray_faceid.pipelines.schedulers import Sampler
 from ray_faceid.progress import denoise_reporter
@@ -129,32 +129,28 @@ def _with_personal_adapters(conditions: list, enrolled: dict, pipe, registry: st
             condition.personal = load_personal(Registry(registry), tenant, enrolled[condition.name], pipe.adapter_hash)
 
 
-def _with_image_features(pipe, image_encoder: Optional[str], conditions: list, photos: dict, analyzer) -> None:
+def _with_image_features(pipe, image_encoder: Optional[str], conditions: list, photos: dict, analyzer,
+                         registry: str, tenant: str, enrolled: dict) -> None:
     """FaceID-Plus / PlusV2 read each face through a CLIP image encoder as well: its features of every
-    person's reference photos (`photos`: name -> photos, or what else names them) go on their condition."""
-    from ray_faceid.face.clip_image import NEEDED, ClipImageEncoder
+    person's reference photos (`photos`: name -> photos), or of an enrolled person's reference crops,
+    go on their condition."""
+    from ray_faceid.identity.face_plus import attach_image_encoder
     from ray_faceid.pipelines.references import reference_crops
+    from ray_faceid.registry import Registry
 
-    adapter = pipe.adapter
-    if adapter.options.mapper != "face_plus":
-        if image_encoder:
-            raise BadInput("--image-encoder is for IP-Adapter-FaceID-Plus / PlusV2 files; this adapter reads "
-                           "embeddings only")
+    attach_image_encoder(pipe.adapter, image_encoder, pipe.device, "--image-encoder")
+    if pipe.adapter is None or pipe.adapter.image_encoder is None:
         return
-    variant = adapter.published["variant"]
-    if not image_encoder:
-        raise BadInput(f"{variant} reads the face through a CLIP image encoder too: give --image-encoder FOLDER "
-                       f"(models/image_encoder of h94/IP-Adapter: {NEEDED})")
-    adapter.image_encoder = ClipImageEncoder(image_encoder, pipe.device)
-    if adapter.image_encoder.feature_dim != adapter.mapper.feature_dim:
-        raise BadInput(f"--image-encoder {image_encoder} gives {adapter.image_encoder.feature_dim}-d features; "
-                       f"{variant} reads {adapter.mapper.feature_dim}-d (CLIP-ViT-H-14's): give the encoder it was made with")
+    encoder = pipe.adapter.image_encoder
     for condition in conditions:
         refs = photos[condition.name]
-        if not isinstance(refs, list):
-            raise BadInput(f"{condition.name}: {variant} reads the face's photos, not only an embedding: give them "
-                           "with --ref or --identity NAME=PHOTO (enrolled people keep embeddings, not photos)")
-        condition.image_features = adapter.image_encoder.features(reference_crops(analyzer, refs))
+        if condition.name in enrolled:
+            condition.image_features = encoder.enrolled_features(Registry(registry).references(tenant, enrolled[condition.name]))
+        elif isinstance(refs, list):
+            condition.image_features = encoder.features(reference_crops(analyzer, refs))
+        else:
+            raise BadInput(f"{condition.name}: {pipe.adapter.published['variant']} reads the face's photos, not only an "
+                           "embedding: give them with --ref or --identity NAME=PHOTO, or an enrolled person")
 
 
 def _with_identitynet(pipe, identitynet: Optional[str], scale: float, pose: Optional[str], conditions: list,
@@ -243,9 +239,7 @@ def generate(
                                                    "(e.g. buffalo_l: det_10g.onnx, w600k_r50.onnx)."),
     face_embedding: Optional[str] = typer.Option(None, "--face-embedding", help="One person's embeddings as an .npy "
                                                  "(N x D, as the adapter's encoder gives them) instead of photos."),
-    image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-Plus / PlusV2: the "
-                                                "CLIP image encoder folder it reads faces through (models/image_encoder "
-                                                "of h94/IP-Adapter)."),
+    image_encoder: Optional[str] = ImageEncoderOpt,
     plus_v2_scale: Optional[float] = typer.Option(None, "--plus-v2-scale", min=0.0, max=3.0, help="FaceID-PlusV2: "
                                                   "weight of the face's CLIP features over its embedding's own tokens "
                                                   "(default 1)."),
@@ -294,7 +288,7 @@ def generate(
         pipe = _pipeline(analyzer, model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer",
                          plus_v2_scale=plus_v2_scale)
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
-        _with_image_features(pipe, image_encoder, conditions, photos, analyzer)
+        _with_image_features(pipe, image_encoder, conditions, photos, analyzer, registry, tenant, enrolled)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size
         _with_identitynet(pipe, identitynet, identitynet_scale, pose, conditions, photos, analyzer, width, height)

@@ -9,6 +9,7 @@ from ray_faceid.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_SOME_FAILED,
     MODEL_HELP,
+    ImageEncoderOpt,
     StallFailOpt,
     StallWarnOpt,
     console,
@@ -56,6 +57,7 @@ def render(
     resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: every run skips rows already rendered."),
     imr: Optional[str] = typer.Option(None, "--imr", help="Trained IMR: rows' `expression` moves the identity tokens."),
     flow: Optional[str] = typer.Option(None, "--flow", help="Trained attribute flow: for rows' `edits`."),
+    image_encoder: Optional[str] = ImageEncoderOpt,
     as_json: bool = typer.Option(False, "--json"),
     stall_warn: float = StallWarnOpt,
     stall_fail: float = StallFailOpt,
@@ -67,7 +69,8 @@ def render(
     with user_errors():
         config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
                               precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail)
-        summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow)
+        summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow,
+                             image_encoder=image_encoder)
     if as_json:
         print_json(summary)
     else:

@@ -38,11 +38,11 @@ class RenderRows:
     """Map-batches UDF: one Renderer per actor."""
 
     def __init__(self, config_json: str, model: str, adapter: str | None, registry: str, tenant: str, out: str,
-                 imr: str | None, flow: str | None):
+                 imr: str | None, flow: str | None, image_encoder: str | None):
         from ray_faceid.data.render_rows import Renderer
 
         self.renderer = Renderer(RenderConfig.model_validate_json(config_json), model, adapter, registry, tenant, out,
-                                 imr=imr, flow=flow)
+                                 imr=imr, flow=flow, image_encoder=image_encoder)
 
     def __call__(self, batch: dict) -> dict:
         records = self.renderer.render_batch([str(t) for t in batch["row"]], [int(i) for i in batch["index"]])
@@ -85,9 +85,9 @@ def summarize(records: list[dict], seconds: float, texts: list[str] | None = Non
 
 
 def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None, config: RenderConfig, tenant: str,
-               imr: str | None, flow: str | None) -> str:
+               imr: str | None, flow: str | None, image_encoder: str | None = None) -> str:
     """A fingerprint of everything a run's images depend on, read without loading a model or
-    starting Ray: the catalog rows, the base's files, the adapter's, IMR's and flow's bytes, the
+    starting Ray: the catalog rows, the base's files, the adapter's, IMR's, flow's and image encoder's bytes, the
     settings, and the registry records of every identity the rows name (a new enrollment, erasure
     or personal adapter changes it)."""
     from ray_faceid.pipelines.models import base_fingerprint
@@ -95,7 +95,7 @@ def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None,
 
     h = hashlib.sha256(json.dumps({"rows": texts, "model": base_fingerprint(model), "settings": config.compute_hash(),
                                    "tenant": tenant}, sort_keys=True).encode())
-    for uri in (adapter, imr, flow):
+    for uri in (adapter, imr, flow, image_encoder):
         h.update(b"\0")
         try:
             h.update(storage.tree_hash(uri).encode() if uri else b"")
@@ -141,9 +141,10 @@ def _finished(out: str, inputs: str) -> dict | None:
 
 def run_render(catalog: str, out: str, model: str, registry: str, adapter: str | None = None,
                config: RenderConfig | None = None, tenant: str = "default", address: str | None = None,
-               imr: str | None = None, flow: str | None = None) -> dict:
+               imr: str | None = None, flow: str | None = None, image_encoder: str | None = None) -> dict:
     """Render every catalog row that has no output for its current key; returns the summary.
-    `imr` and `flow` (URIs) serve the rows' expressions and attribute edits."""
+    `imr` and `flow` (URIs) serve the rows' expressions and attribute edits; `image_encoder` (a
+    folder) is the CLIP image encoder a FaceID-Plus adapter reads people's reference crops through."""
     import ray
 
     from ray_faceid.data.cluster import cluster_gpus, free_workers, init_ray
@@ -156,7 +157,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     from ray_faceid.registry import Registry
 
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
-    inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow)
+    inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder)
     done = _finished(out, inputs)
     if done is not None:  # every row is rendered for these inputs: no cluster, no model
         seconds = round(time.perf_counter() - started, 2)
@@ -172,7 +173,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
         RenderRows,
-        fn_constructor_args=(config.model_dump_json(), model, adapter, registry, tenant, out, imr, flow),
+        fn_constructor_args=(config.model_dump_json(), model, adapter, registry, tenant, out, imr, flow, image_encoder),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),

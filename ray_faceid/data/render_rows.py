@@ -30,11 +30,12 @@ def output_uris(out: str, row_id: str, key: str) -> tuple[str, str]:
 
 class Renderer:
     def __init__(self, config: RenderConfig, model: str, adapter: str | None, registry: str, tenant: str, out: str,
-                 imr: str | None = None, flow: str | None = None):
+                 imr: str | None = None, flow: str | None = None, image_encoder: str | None = None):
         import torch
 
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
+        from ray_faceid.identity.face_plus import attach_image_encoder
         from ray_faceid.identity.published import refuse_generate_only
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline, resolve_precision
@@ -52,12 +53,14 @@ class Renderer:
         shared = shared_adapter(adapter, base, self.analyzer.spec)  # without one: the smoke base's seeded adapter
         if shared is None:
             raise BadInput(NO_ADAPTER.format(model=base.model_id))
-        refuse_generate_only(shared, "render")
+        refuse_generate_only(shared, "render", reads_references=True)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(config.precision, device)
         imr_module, flow_module = load_edit_modules(shared, imr, flow)  # before the pipeline casts the adapter
+        attach_image_encoder(shared, image_encoder, device, "--image-encoder")  # before the pipeline casts the adapter
         self.pipeline = IdentityPipeline(base, shared, imr_module, device=device, backend=config.backend,
                                          precision=self.precision, flow=flow_module)
+        self.image_encoder_hash = None if shared.image_encoder is None else shared.image_encoder.sha256
         self.imr_hash = None if imr_module is None else imr_module.weights_hash
         self.flow_hash = None if flow_module is None else flow_module.weights_hash
         self.registry = Registry(registry)
@@ -76,16 +79,24 @@ class Renderer:
         embeddings, quality, spec = self.registry.embeddings(self.tenant, found)
         self.analyzer.spec.check_compatible(spec)
         loaded = {"id": found, "embeddings": embeddings, "quality": quality,
-                  "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash)}
+                  "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash),
+                  "image_features": self._image_features(found)}
         self.identities[identity] = loaded
         if len(self.identities) > IDENTITY_CACHE:
             self.identities.popitem(last=False)
         return loaded
 
+    def _image_features(self, identity: str) -> np.ndarray | None:
+        """FaceID-Plus: the CLIP features of the person's reference crops; None for other adapters."""
+        encoder = self.pipeline.adapter.image_encoder
+        return None if encoder is None else encoder.enrolled_features(self.registry.references(self.tenant, identity))
+
     def key(self, row: CatalogRow, extra: list[str]) -> str:
         parts = {"row": row.key_fields(), "model": self.model_hash, "adapter": self.adapter_hash,
                  "personal": self._personal_version(row),
                  "defaults": self.config.compute_hash(), "inputs": extra, **self._module_hashes(row)}
+        if self.image_encoder_hash:  # FaceID-Plus reads the faces through it
+            parts["image_encoder"] = self.image_encoder_hash
         if self.precision != "fp32":  # fp32 keys stay those of runs made before precision was a setting
             parts["precision"] = self.precision
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -118,7 +129,7 @@ class Renderer:
             out.append(IdentityCondition(ident.id, loaded["embeddings"], loaded["quality"], ident.region,
                                          ident.expression or row.expression, ident.scale, loaded["personal"],
                                          edits=ident.edits if ident.edits is not None else row.edits,
-                                         id=loaded["id"]))
+                                         id=loaded["id"], image_features=loaded["image_features"]))
         return out
 
     # -- one row ------------------------------------------------------------------------------

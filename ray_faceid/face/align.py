@@ -62,6 +62,15 @@ def estimate_transform(landmarks: Landmarks, template: Template) -> np.ndarray:
     return tform.params[:2]
 
 
+def template_transform(source: Template, target: Template) -> np.ndarray:
+    """The 2x3 similarity matrix taking a crop aligned on `source` to one aligned on `target`: both
+    place the same face geometry, so a crop can be re-aligned without its photo."""
+    names = [n for n in target.points if n in source.points]
+    tform = SimilarityTransform.from_estimate(np.array([source.points[n] for n in names]),
+                                              np.array([target.points[n] for n in names]))
+    return tform.params[:2]
+
+
 def warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """Warp an RGB uint8 image by a 2x3 matrix (image -> crop) into a size x size crop."""
     # Landmarks put pixel centres on integers; Pillow puts them on .5: shift in and out.

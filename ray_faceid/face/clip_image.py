@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ray_faceid.errors import NotFound, UnsupportedModel
-from ray_faceid.face.align import ARCFACE_112, Template, align
+from ray_faceid.face.align import ARCFACE_112, Template, align, loose_template, template_transform, warp
 from ray_faceid.weights_hash import weights_hash_of
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,15 @@ CROP = 224
 ARCFACE_224 = Template("arcface_224", CROP, {n: (x * CROP / 112, y * CROP / 112) for n, (x, y) in ARCFACE_112.points.items()})
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 NEEDED = "config.json and model.safetensors (or pytorch_model.bin) of a CLIPVisionModel(WithProjection)"
+
+
+def check_folder(folder: str) -> Path:
+    """The folder, if it holds a CLIP vision model's files (read without loading them)."""
+    root = Path(folder)
+    if not (root / "config.json").is_file() or not any((root / w).is_file() for w in WEIGHTS):
+        raise NotFound(f"no CLIP image encoder at {folder}: FaceID-Plus needs the folder its authors publish "
+                       f"(models/image_encoder of h94/IP-Adapter, CLIP-ViT-H-14) holding {NEEDED}")
+    return root
 
 
 class ClipImageEncoder:
@@ -38,10 +47,7 @@ class ClipImageEncoder:
         from ray_faceid.quiet import model_loading
 
         model_loading()
-        root = Path(folder)
-        if not (root / "config.json").is_file() or not any((root / w).is_file() for w in WEIGHTS):
-            raise NotFound(f"no CLIP image encoder at {folder}: FaceID-Plus needs the folder its authors publish "
-                           f"(models/image_encoder of h94/IP-Adapter, CLIP-ViT-H-14) holding {NEEDED}")
+        root = check_folder(folder)
         try:
             config = CLIPVisionConfig.from_pretrained(root)
             with_projection = any("WithProjection" in a for a in (config.architectures or []))
@@ -76,6 +82,10 @@ class ClipImageEncoder:
         pixels = self.processor(images=list(crops), return_tensors="pt").pixel_values
         return self._hidden(pixels).cpu().numpy()
 
+    def enrolled_features(self, references: list[np.ndarray]) -> np.ndarray:
+        """`features` of an enrolled person, from the reference crops the registry keeps."""
+        return self.features([face_crop_from_reference(r) for r in references])
+
     def negative(self) -> torch.Tensor:
         """(1, S, H): the features classifier-free guidance guides against (an all-zero processed image)."""
         if self._negative is None:
@@ -89,3 +99,12 @@ def face_crop(image: np.ndarray, landmarks) -> np.ndarray:
     norm_crop at 224 px of an OpenCV (BGR) image, handed to the processor as it is, so its channels
     reach CLIP in BGR order. Ours are RGB: reversed here to give the reference's input."""
     return np.ascontiguousarray(align(image, landmarks, ARCFACE_224)[0][..., ::-1])
+
+
+def face_crop_from_reference(reference: np.ndarray) -> np.ndarray:
+    """`face_crop` of an enrolled person, from a reference crop the registry keeps (RGB, the face on
+    the loose diffusion template: registry.REFERENCE_CROP px) instead of the photo, which is not
+    kept. The face spans about 160 of the reference's 256 px, so CLIP reads it slightly softer than
+    from the photo (tests/identity/test_face_plus.py measures how close the two crops are)."""
+    matrix = template_transform(loose_template(reference.shape[0]), ARCFACE_224)
+    return np.ascontiguousarray(warp(reference, matrix, CROP)[..., ::-1])

@@ -79,3 +79,25 @@ class FacePlusMapper(nn.Module):
         x = self.norm(self.proj(unit(embedding)).view(-1, self.num_tokens, self.cross_attention_dim))
         out = self.perceiver_resampler(x, features.to(x.dtype))
         return out if self.shortcut_scale is None else x + self.shortcut_scale * out
+
+
+def attach_image_encoder(adapter, folder: str | None, device, option: str) -> None:
+    """FaceID-Plus / PlusV2 read each face through a CLIP image encoder as well: load it from `folder`
+    onto the adapter. `option` names where the user gives it (--image-encoder, image_encoder in a
+    config); a folder for another adapter, or none for FaceID-Plus, is refused in one line."""
+    from ray_faceid.errors import BadInput
+    from ray_faceid.face.clip_image import NEEDED, ClipImageEncoder
+
+    if adapter is None or adapter.options.mapper != "face_plus":
+        if folder:
+            raise BadInput(f"{option} is for IP-Adapter-FaceID-Plus / PlusV2 files; this adapter reads embeddings only")
+        return
+    variant = adapter.published["variant"]
+    if not folder:
+        raise BadInput(f"{variant} reads the face through a CLIP image encoder too: give {option} FOLDER "
+                       f"(models/image_encoder of h94/IP-Adapter: {NEEDED})")
+    encoder = ClipImageEncoder(folder, device)
+    if encoder.feature_dim != adapter.mapper.feature_dim:
+        raise BadInput(f"{option} {folder} gives {encoder.feature_dim}-d features; {variant} reads "
+                       f"{adapter.mapper.feature_dim}-d (CLIP-ViT-H-14's): give the encoder it was made with")
+    adapter.image_encoder = encoder

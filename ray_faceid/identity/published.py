@@ -233,25 +233,36 @@ def untrainable(uri: str) -> str | None:
 
 
 def generate_only(uri: str) -> str | None:
-    """The variant of a published file only `generate` runs (FaceID-Plus, FaceID-Portrait, InstantID),
-    read from the file alone (no base: a Serve config is refused when it is read); None for the others."""
+    """The variant of a published file only `generate` runs (FaceID-Portrait, InstantID), read from the
+    file alone (no base: a Serve config is refused when it is read); None for the others."""
     if not is_published_file(uri):
         return None
     found = recognise(*read(uri), uri)
-    return found.variant if found.plus or found.per_photo or found.instantid else None
+    return found.variant if found.per_photo or found.instantid else None
 
 
-def refuse_generate_only(adapter, where: str) -> None:
-    """FaceID-Plus reads each face's photos through CLIP, FaceID-Portrait gives tokens per photo
-    (their number varies by person), InstantID draws each face's keypoints for its IdentityNet:
-    paths that hold people as embeddings, or batch people together on one engine (enrolled people,
-    catalog rows, Serve, personal adapters), refuse them before any work starts."""
+def reads_clip_features(uri: str) -> str | None:
+    """The variant of a published file that reads faces through a CLIP image encoder (FaceID-Plus,
+    PlusV2), read from the file alone; None for the others."""
+    if not is_published_file(uri):
+        return None
+    found = recognise(*read(uri), uri)
+    return found.variant if found.plus else None
+
+
+def refuse_generate_only(adapter, where: str, reads_references: bool = False) -> None:
+    """FaceID-Portrait gives tokens per photo (their number varies by person), InstantID draws each
+    face's keypoints for its IdentityNet, FaceID-Plus reads each face through CLIP: paths that hold
+    people as embeddings, or batch people together on one engine, refuse them before any work starts.
+    `reads_references`: the path reads enrolled people's reference crops (render, Serve), which
+    FaceID-Plus reads through CLIP (face/clip_image.py)."""
     if adapter is None or adapter.published is None:
         return
-    if adapter.options.mapper == "face_plus":
+    if adapter.options.mapper == "face_plus" and not reads_references:
         raise UnsupportedModel(f"{adapter.published['file']}: {adapter.published['variant']} reads each face's photos "
                                f"through a CLIP image encoder; {where} holds people as embeddings and does not run it "
-                               "yet: use `ray-faceid generate --image-encoder`, or an IP-Adapter-FaceID (plain) file")
+                               "yet: use `ray-faceid generate`, render or Serve with it, or an IP-Adapter-FaceID "
+                               "(plain) file")
     if adapter.options.mapper == "instantid":
         raise UnsupportedModel(f"{adapter.published['file']}: InstantID's IdentityNet reads each image's face keypoints; "
                                f"{where} does not run it yet: use `ray-faceid generate --identitynet FOLDER`, or an "

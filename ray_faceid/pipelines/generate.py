@@ -208,8 +208,8 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
         """(1, S, H): the mean CLIP image features of the identity's reference faces (FaceID-Plus)."""
         if ident.image_features is None:
             raise BadInput(f"identity {ident.name}: {self.adapter.published['variant']} reads the face's CLIP image "
-                           "features as well as its embedding: give reference photos and --image-encoder FOLDER "
-                           "(`generate`); enrolled people, Serve and render do not run FaceID-Plus yet")
+                           "features as well as its embedding: give reference photos or an enrolled person, and the CLIP "
+                           "image encoder (--image-encoder FOLDER; image_encoder in a Serve config)")
         features = torch.as_tensor(np.asarray(ident.image_features), dtype=dtype, device=self.device)
         want = self.adapter.mapper.feature_dim
         if features.ndim != 3 or features.shape[-1] != want:

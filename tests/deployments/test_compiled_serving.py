@@ -1,7 +1,7 @@
 """Serve with the torch.compile engine and a published identity adapter: the Generator fuses the
-IP-Adapter-FaceID file's LoRA once, compiles its configured shapes before it is ready, and answers
-requests from the compiled engine (tiny components, an ArcFace-shaped ONNX recogniser, fake GPU,
-loopback)."""
+IP-Adapter-FaceID-PlusV2 file's LoRA once, compiles its configured shapes before it is ready, reads
+each enrolled person's reference crops through the CLIP image encoder, and answers requests from the
+compiled engine (tiny components, an ArcFace-shaped ONNX recogniser, fake GPU, loopback)."""
 import base64
 import io
 
@@ -9,21 +9,27 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.identity.test_face_plus import image_encoder_folder  # noqa: F401 - a fixture
+
 TOKENS = {"acme": "acme-token-0123456789abcdef"}
 HEADERS = {"Authorization": f"Bearer {TOKENS['acme']}"}
 
 
 @pytest.fixture(scope="module")
 def published_file(tmp_path_factory) -> str:
-    """An IP-Adapter-FaceID .bin for the tiny base, in its authors' layout, taking the tiny recogniser's 64-d embeddings."""
+    """An IP-Adapter-FaceID-PlusV2 .bin for the tiny base, in its authors' layout (named as they name
+    it), taking the tiny recogniser's 64-d embeddings."""
     from ray_faceid.pipelines.models import build_tiny
-    from tests.identity.test_published_adapters import faceid_state_dict, save
+    from tests.identity.test_face_plus import faceid_plus_state_dict
+    from tests.identity.test_published_adapters import save
 
-    return save(faceid_state_dict(build_tiny().unet, embed=64), tmp_path_factory.mktemp("published") / "faceid.bin")
+    return save(faceid_plus_state_dict(build_tiny().unet, embed=64),
+                tmp_path_factory.mktemp("published") / "ip-adapter-faceid-plusv2_sd15.bin")
 
 
 @pytest.fixture(scope="module")
-def compiled_api(ray_cluster, tmp_path_factory, loopback_port, tiny_arcface_onnx, published_file):
+def compiled_api(ray_cluster, tmp_path_factory, loopback_port, tiny_arcface_onnx, published_file,
+                 image_encoder_folder):  # noqa: F811 - the fixture imported above
     from ray import serve
 
     from deployments.local import start
@@ -31,7 +37,7 @@ def compiled_api(ray_cluster, tmp_path_factory, loopback_port, tiny_arcface_onnx
 
     one = AutoscalingConfig(min_replicas=1, max_replicas=1)
     config = ServeConfig(
-        adapter=published_file, face=FaceConfig(recognizer_onnx=str(tiny_arcface_onnx)),
+        adapter=published_file, image_encoder=str(image_encoder_folder), face=FaceConfig(recognizer_onnx=str(tiny_arcface_onnx)),
         registry=str(tmp_path_factory.mktemp("registry")), api_tokens=TOKENS, generator_gpus=1.0,
         # 16x16, one identity, one image: the smallest shape (traced with the suite's torch.compile
         # backend, eager: tests/conftest.py).
@@ -53,7 +59,8 @@ def test_the_generator_serves_from_the_engine_it_compiled_before_it_was_ready(co
     assert info["backend"] == "torch.compile"
     assert info["adapter_published"]["kind"] == "IP-Adapter-FaceID"
     served = generator.defaults.remote().result()["served"]  # the page says it after sign-in
-    assert "IP-Adapter-FaceID (FaceID) from faceid.bin; licence: IP-Adapter-FaceID weights" in served
+    assert ("IP-Adapter-FaceID (FaceID-PlusV2, shortcut) from ip-adapter-faceid-plusv2_sd15.bin; licence: "
+            "IP-Adapter-FaceID weights") in served
     # One size, one identity, one image per batch: batch bucket 2 (the CFG pair), compiled in __init__.
     assert info["warm_up"]["buckets"] == 1
     photo = sample_photos["Tom_Hanks_54745.png"].read_bytes()
@@ -67,7 +74,8 @@ def test_the_generator_serves_from_the_engine_it_compiled_before_it_was_ready(co
     image = first.json()["images"][0]
     assert image["provenance"]["backend"] == "torch.compile"
     published = image["provenance"]["adapter_published"]
-    assert published["file"] == "faceid.bin" and "non-commercial" in published["licence"]
+    assert published["file"] == "ip-adapter-faceid-plusv2_sd15.bin" and "non-commercial" in published["licence"]
+    assert image["provenance"]["image_encoder"]  # the person's reference crops read through it
     assert Image.open(io.BytesIO(base64.b64decode(image["png_base64"]))).size == (16, 16)
     stronger = compiled_api.post("/v1/generate", json={**body, "identities": [{**body["identities"][0], "scale": 1.5}]},
                                  headers=HEADERS)

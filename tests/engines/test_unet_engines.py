@@ -49,7 +49,8 @@ def pipeline_engines(tmp_path_factory):
     return tmp_path_factory.mktemp("pipeline_engines")
 
 
-@pytest.mark.parametrize("method,identities", [("decoupled", 1), ("pva", 1), ("decoupled", 2)])
+# Each method and each identity layout (one person; two with regions), one export each (~30 s on 2 cores).
+@pytest.mark.parametrize("method,identities", [("decoupled", 1), ("pva", 2)])
 def test_onnxruntime_matches_torch(spec, tmp_path, method, identities):
     base = build_tiny()
     torch.manual_seed(1)

@@ -2,6 +2,8 @@
 (perceiver resampler, LoRA inside), with a tiny CLIP image encoder saved as the authors' folder is
 (no processor config), the image equals diffusers' own path (`load_ip_adapter`, the projection's
 `clip_embeds` and `shortcut`, its LoRA through PEFT) with the same embedding, face crop and seed."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -16,10 +18,10 @@ from tests.identity.test_published_adapters import EMBED, SIZE, SPEC, face, face
 CLIP_WIDTH, INNER, DEPTH = 24, 128, 4  # diffusers reads heads as to_q rows // 64 (2 here) and builds 4 blocks
 
 
-def faceid_plus_state_dict(unet, seed: int = 0) -> dict:
+def faceid_plus_state_dict(unet, seed: int = 0, embed: int = EMBED) -> dict:
     """FaceID-Plus's checkpoint for `unet`: FaceID's projection and LoRA, and a perceiver resampler
-    over CLIP_WIDTH-d image features, named as its authors save it."""
-    state = faceid_state_dict(unet, seed=seed)
+    over CLIP_WIDTH-d image features, named as its authors save it, taking `embed`-d embeddings."""
+    state = faceid_state_dict(unet, seed=seed, embed=embed)
     g = torch.Generator().manual_seed(seed + 1)
     width = unet.config.cross_attention_dim
 
@@ -160,9 +162,78 @@ def test_one_command_with_a_plus_v2_file_an_image_encoder_and_a_photo(tmp_path, 
     assert missing.exit_code != 0 and "no CLIP image encoder at" in missing.stderr and "config.json" in missing.stderr
 
 
+def test_an_enrolled_persons_reference_crop_gives_nearly_the_photos_own_clip_crop(sample_photos):
+    """The registry keeps no photo, only the face on the loose diffusion template: re-aligned onto
+    FaceID-Plus's template it is the crop the photo gives, slightly softer."""
+    from ray_faceid.face.align import align, loose_template
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.face.clip_image import face_crop, face_crop_from_reference
+    from ray_faceid.registry import REFERENCE_CROP
+
+    analyzer = FaceAnalyzer()
+    crops = {}
+    for name in ("Tom_Hanks_54745.png", "t1.jpg"):
+        pixels = analyzer.load(sample_photos[name])
+        landmarks = analyzer.analyze(pixels)[0].landmarks
+        reference = align(pixels, landmarks, loose_template(REFERENCE_CROP))[0]
+        crops[name] = face_crop(pixels, landmarks).astype(int), face_crop_from_reference(reference).astype(int)
+    direct, via_reference = crops["Tom_Hanks_54745.png"]
+    assert via_reference.shape == direct.shape == (224, 224, 3)
+    near = np.abs(via_reference - direct).mean()
+    assert near < 3, near  # of 255: resampling blur only, no shift, scale or channel swap
+    assert np.abs(crops["t1.jpg"][0] - direct).mean() > 10 * near  # another face is far further
+
+
+def test_render_runs_faceid_plus_on_enrolled_people_as_generate_does(tmp_path, image_encoder_folder, tiny_arcface_onnx,
+                                                                     sample_photos):
+    """A catalog row of an enrolled person: the CLIP features of their reference crops reach the
+    image, which is the one the pipeline gives with those features; the row's key names the encoder."""
+    from ray_faceid.config import FaceConfig, RenderConfig
+    from ray_faceid.data.catalog import parse_row
+    from ray_faceid.data.render_rows import Renderer
+    from ray_faceid.face.align import align, loose_template
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.registry import REFERENCE_CROP, Registry
+
+    face_config = FaceConfig(recognizer_onnx=str(tiny_arcface_onnx))
+    analyzer = FaceAnalyzer(face_config)
+    save_like_a_user(tmp_path / "sd15")
+    adapter = save(faceid_plus_state_dict(build_tiny().unet, embed=analyzer.spec.dim),
+                   tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+    registry = Registry(str(tmp_path / "registry"))
+    pixels = analyzer.load(sample_photos["Tom_Hanks_54745.png"])
+    found = analyzer.analyze(pixels)[0]
+    reference = align(pixels, found.landmarks, loose_template(REFERENCE_CROP))[0]
+    hanks = registry.create("default", "hanks", "form-1", found.embedding[None], np.ones(1, np.float32), analyzer.spec,
+                            [reference], [{"index": 0, "filename": "hanks.png", "accepted": True, "reason": None}])
+    config = RenderConfig(steps=2, size="32x32", face=face_config, device="cpu")
+    renderer = Renderer(config, str(tmp_path / "sd15"), adapter, registry.store, "default", str(tmp_path / "out"),
+                        image_encoder=str(image_encoder_folder))
+    record = renderer.render(parse_row('{"id": "r1", "prompt": "a portrait", "identities": ["hanks"], "seed": 3}', 0))
+    assert record["status"] == "ok", record
+    assert json.loads(record["provenance"])["image_encoder"] == renderer.pipeline.adapter.image_encoder.sha256
+    rendered = np.asarray(Image.open(record["output_uri"])).astype(int)
+
+    def generated(features) -> np.ndarray:
+        condition = IdentityCondition("hanks", found.embedding[None], np.ones(1, np.float32), image_features=features)
+        return np.asarray(renderer.pipeline.generate("a portrait", [condition], seed=3, steps=2, guidance=5.0,
+                                                     width=32, height=32).images[0]).astype(int)
+
+    encoder = renderer.pipeline.adapter.image_encoder
+    assert np.abs(rendered - generated(encoder.enrolled_features(registry.references("default", hanks["id"])))).max() <= 1
+    assert np.abs(rendered - generated(encoder.features([crop(5)]))).max() > 2  # the crops' features reach the image
+    # Without the encoder, one line saying what to give; a plain FaceID file refuses one.
+    with pytest.raises(BadInput, match="--image-encoder FOLDER"):
+        Renderer(config, str(tmp_path / "sd15"), adapter, registry.store, "default", str(tmp_path / "out"))
+    plain = save(faceid_state_dict(build_tiny().unet, embed=analyzer.spec.dim), tmp_path / "ip-adapter-faceid_sd15.bin")
+    with pytest.raises(BadInput, match="--image-encoder is for IP-Adapter-FaceID-Plus"):
+        Renderer(config, str(tmp_path / "sd15"), plain, registry.store, "default", str(tmp_path / "out"),
+                 image_encoder=str(image_encoder_folder))
+
+
 def test_paths_holding_people_as_embeddings_refuse_plus_in_one_line(tmp_path, sample_photos, monkeypatch):
     """personalize and train hold people as embeddings alone: a FaceID-Plus file is refused before any
-    worker starts, saying what runs it (Serve and render call the same check where their workers load it)."""
+    worker starts, saying what runs it."""
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
@@ -203,19 +274,30 @@ def test_half_precision_tokens_of_the_zero_embedding_are_finite():
     assert torch.isfinite(plus(zero, torch.randn(1, 5, CLIP_WIDTH, dtype=torch.float16))).all()
 
 
-def test_a_serve_config_with_a_plus_or_portrait_file_is_refused_when_it_is_read(tmp_path, monkeypatch):
+def test_a_serve_config_with_a_portrait_file_or_plus_without_its_encoder_is_refused_when_it_is_read(tmp_path,
+                                                                                                      monkeypatch,
+                                                                                                      image_encoder_folder):
     """Serve's build refuses it in one line (ServeConfigRefused: once, no replica loads a base and
-    fails in a loop); a plain FaceID file passes."""
+    fails in a loop); a plain FaceID file, and FaceID-Plus with its image encoder, pass."""
     from deployments.app import ServeConfigRefused, build_app
     from ray_faceid.config import ServeConfig
 
     monkeypatch.setenv("RAY_FACEID_API_TOKENS", "ops:0123456789abcdef0123")
     unet = build_tiny().unet
+    registry = str(tmp_path / "registry")
     plus = save(faceid_plus_state_dict(unet), tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
     portrait = save(faceid_state_dict(unet, tokens=16), tmp_path / "ip-adapter-faceid-portrait_sd15.bin")
-    for path, variant in ((plus, "FaceID-PlusV2"), (portrait, "FaceID-Portrait")):
-        with pytest.raises(ServeConfigRefused, match=f"{variant}.* runs from `ray-faceid generate` only") as refused:
-            build_app(ServeConfig(adapter=path, registry=str(tmp_path / "registry")))
-        assert "\n" not in str(refused.value)
     plain = save(faceid_state_dict(unet), tmp_path / "ip-adapter-faceid_sd15.bin")
-    assert build_app(ServeConfig(adapter=plain, registry=str(tmp_path / "registry"))) is not None
+    for config, refusal in (
+        (ServeConfig(adapter=portrait, registry=registry), "FaceID-Portrait.* runs from `ray-faceid generate` only"),
+        (ServeConfig(adapter=plus, registry=registry), "FaceID-PlusV2.* set image_encoder to its folder"),
+        (ServeConfig(adapter=plus, image_encoder=str(tmp_path), registry=registry), "image_encoder: no CLIP image "
+                                                                                     "encoder at"),
+        (ServeConfig(adapter=plain, image_encoder=str(image_encoder_folder), registry=registry),
+         "image_encoder is for IP-Adapter-FaceID-Plus"),
+    ):
+        with pytest.raises(ServeConfigRefused, match=refusal) as refused:
+            build_app(config)
+        assert "\n" not in str(refused.value)
+    assert build_app(ServeConfig(adapter=plain, registry=registry)) is not None
+    assert build_app(ServeConfig(adapter=plus, image_encoder=str(image_encoder_folder), registry=registry)) is not None
