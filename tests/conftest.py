@@ -6,6 +6,13 @@ from pathlib import Path
 
 import pytest
 
+# Two pytest-xdist workers on two cores, each with torch's OpenMP pool of one thread per core, spin
+# against each other: the identity and pipeline tests took 2.5x as long. Each worker gets its share
+# of the cores (set before torch is imported; Ray workers and CLI subprocesses inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 # The registry secret lives outside every store (ray_faceid/registry_secret.py): one for the whole
 # session, set before Ray starts so its workers and the CLI subprocesses read the same one.
 if not os.environ.get("RAY_FACEID_REGISTRY_SECRET_FILE"):
