@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,data,train,serve,ui,sface,insightface,onnx
+EXTRAS ?= dev,data,train,serve,ui,sface,insightface,onnx,lora
 PHOTOS ?=
 # Two pytest-xdist workers keep both cores busy while the other waits on a subprocess or Ray
 # (whole modules per worker, slowest first as tests/conftest.py orders them, not by their number of
@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)  # each script appends its results to benchmarks/BENCHMARKS.md; gpu_check.py needs a GPU
 	$(PY) benchmarks/face_throughput.py
 	$(PY) benchmarks/pipeline_overhead.py
+	$(PY) benchmarks/few_step.py
 	$(PY) benchmarks/ingest_scaling.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/personalize_throughput.py

@@ -157,6 +157,13 @@ class FaceService:
             raise Unauthorized(UNAUTHORIZED)
         return tenant
 
+    @property
+    def sampler_names(self) -> list[str]:
+        """The samplers a request may name by their short names (any diffusers class name works too)."""
+        from ray_faceid.pipelines.schedulers import SHORT_NAMES
+
+        return list(SHORT_NAMES)
+
     async def defaults(self) -> dict:
         """The base model's own steps and size (for requests that leave them out), and what it serves."""
         if self.model_defaults is None:

@@ -249,7 +249,7 @@ class PageActions:
                 *(await self._people_updates(tenant)))
 
     async def generate(self, token, picked, prompt, negative, expression, edits, layout, width, height, steps, seed,
-                       strength, guidance, progress=None):
+                       strength, guidance, sampler=None, progress=None):
         from deployments.schemas import GenerateRequest
 
         tenant = self.tenant(token)
@@ -261,7 +261,7 @@ class PageActions:
                    "edits": changes} for p, box in zip(picked, regions(layout, len(picked)))]
         body = GenerateRequest(prompt=prompt, negative_prompt=negative or "", identities=people, seed=_seed(seed),
                                steps=_whole(steps, "steps"), width=_whole(width, "width"),
-                               height=_whole(height, "height"), guidance=guidance)
+                               height=_whole(height, "height"), guidance=guidance, scheduler=sampler or None)
         result = await self.service.generate(tenant, body, self._reporter(progress))
         return await self._shown_result(tenant, result)
 
@@ -297,6 +297,9 @@ class PageActions:
         table = scores_table(result.images, names)
         if first.provenance.get("untrained_base"):  # as the CLI says it: noise is expected here
             table = "_An untrained smoke-test base made this image: it is noise-like._\n\n" + table
+        sampler = (first.provenance.get("scheduler") or {}).get("class")
+        if sampler:
+            table += f"\n\nSampler: {sampler}, {first.provenance.get('steps', '?')} steps"
         return decode_image(base64.b64decode(first.png_base64)), table, first.provenance
 
     async def catalog(self, token: str, which):
@@ -339,9 +342,9 @@ def build(service: FaceService, files=None):
            ("sign_in", "preview", "enroll", "ask_delete", "delete", "catalog")}
 
     async def generate(token, picked, prompt, negative, expression, edits, layout, width, height, steps, seed,
-                       strength, guidance, progress=gr.Progress()):
+                       strength, guidance, sampler, progress=gr.Progress()):
         return await _action(actions.generate)(token, picked, prompt, negative, expression, edits, layout, width,
-                                               height, steps, seed, strength, guidance, progress)
+                                               height, steps, seed, strength, guidance, sampler, progress)
 
     async def inpaint(token, edited, person, prompt, steps, seed, progress=gr.Progress()):
         return await _action(actions.inpaint)(token, edited, person, prompt, steps, seed, progress)
@@ -395,6 +398,9 @@ def build(service: FaceService, files=None):
                     seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
                     strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Identity strength")
                     guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
+                    # The model's own (or the deployment's) unless picked; few-step models: lcm, tcd, guidance 0-1.
+                    sampler = gr.Dropdown([("the model's own", ""), *((n, n) for n in service.sampler_names)], value="",
+                                          label="Sampler", elem_id="sampler")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", elem_id="cancel")
@@ -438,7 +444,7 @@ def build(service: FaceService, files=None):
         keep.click(lambda: gr.Row(visible=False), None, [confirm_row])
         confirm.click(act["delete"], [token, to_delete], [confirm_row, erasure, *people_outputs])
         running = go.click(generate, [token, picked, prompt, negative, expression, edits, layout, width, height, steps,
-                                      seed, strength, guidance], [result, scores, provenance])
+                                      seed, strength, guidance, sampler], [result, scores, provenance])
         cancel.click(None, None, None, cancels=[running])
         paint.click(inpaint, [token, edited, person, inpaint_prompt, inpaint_steps, inpaint_seed],
                     [before, after, inpaint_scores, inpaint_provenance])

@@ -67,6 +67,10 @@ EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
 MODEL_LOADING_NOTICES = {
     r"`accelerate` was not found": "diffusers recommending a package that lowers peak memory while loading; the "
     "same weights load without it (printed twice per model, 12 lines)",
+    r"requires torchvision \(not installed\); falling back to": "transformers, as diffusers' pipeline classes (merge-lora "
+    "saves through one) import image processors for a safety checker never run here; the fallback is equivalent",
+    r"No LoRA keys associated to CLIPTextModel": "merge-lora: a LoRA of the UNet alone (as few-step LoRAs are) has "
+    "nothing for the text encoders; a LoRA that changes no weight at all is refused on its own",
 }
 
 
@@ -105,8 +109,9 @@ def model_loading() -> None:
 
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
-    diffusers_logging.get_logger("diffusers")  # makes its library handler, which the filter goes on
-    for handler in logging.getLogger("diffusers").handlers:
+    diffusers_logging.get_logger("diffusers")  # makes its library handlers, which the filter goes on
+    transformers_logging.get_logger("transformers")
+    for handler in logging.getLogger("diffusers").handlers + logging.getLogger("transformers").handlers:
         if not any(isinstance(f, _DropPatterns) and f.patterns is MODEL_LOADING_NOTICES for f in handler.filters):
             handler.addFilter(_DropPatterns(MODEL_LOADING_NOTICES))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import compile, data, demo, eval_edits, faces, generate, identities, render, serve, train
+from ray_faceid.cli import compile, data, demo, eval_edits, faces, generate, identities, merge_lora, render, serve, train
 
 app = typer.Typer(
     name="ray-faceid",
@@ -39,3 +39,4 @@ app.command("render")(render.render)
 app.command("eval")(render.evaluate)
 app.command("eval-edits")(eval_edits.eval_edits)
 app.command("compile")(compile.compile_engine)
+app.command("merge-lora")(merge_lora.merge_lora)

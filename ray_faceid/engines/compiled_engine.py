@@ -87,9 +87,14 @@ class CompiledUNetEngine:
             parts = [self(**{n: x[i:i + top] if x.ndim and x.shape[0] == rows else x for n, x in values.items()},
                           compile_new=compile_new) for i in range(0, rows, top)]
             return None if any(p is None for p in parts) else torch.cat(parts)
-        if not compile_new and self._key(batch_bucket(rows), values) not in self.slots:
-            return None
-        slot = self._slot(batch_bucket(rows), values)
+        bucket = batch_bucket(rows)
+        if not compile_new and self._key(bucket, values) not in self.slots:
+            # A warmed larger bucket runs the rows padded (guidance <= 1 runs one row per image, and
+            # warm-ups start at two), else the caller runs them eager.
+            bucket = next((b for b in BATCH_BUCKETS if b > bucket and self._key(b, values) in self.slots), None)
+            if bucket is None:
+                return None
+        slot = self._slot(bucket, values)
         self._load(slot, values, rows)
         if slot.graph is not None:
             slot.graph.replay()

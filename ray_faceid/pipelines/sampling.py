@@ -45,7 +45,12 @@ class DenoisingLoop:
         negative = self.encode_prompt([it.negative_prompt or "" for it in items], zero_empty=True)
         text = TextConditioning.cat([negative, self.encode_prompt([it.prompt for it in items])])
         kwargs = self._identity_kwargs(items, h, w)
-        control = self._identitynet_inputs(items, kwargs, width, height)
+        # Guidance at most 1 (few-step models) takes the prompt's prediction alone, as diffusers does: the
+        # unconditional rows are not run at all (half the UNet's work per step).
+        copies = 2 if guidance > 1 else 1
+        if copies == 1:
+            (text, kwargs), row_personal = conditional_rows(text, kwargs, len(items)), own
+        control = self._identitynet_inputs(items, kwargs, width, height, copies)
         # One generator per image, on the CPU: its initial noise, then (stochastic schedulers: ancestral,
         # SDE, LCM, TCD) each step's noise, drawn in diffusers' order: an image is the same alone or batched.
         generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
@@ -62,14 +67,14 @@ class DenoisingLoop:
         if callback is not None:
             callback(0, len(sched.timesteps))  # the clock starts here, not after the first step
         for step, t in enumerate(sched.timesteps, 1):
-            model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
+            model_in = sched.scale_model_input(torch.cat([latents] * copies), t)
             if inpaint is not None and base.inpainting:
                 mask_c, masked_c = conditioning
-                model_in = torch.cat([model_in, torch.cat([mask_c] * 2), torch.cat([masked_c] * 2)], dim=1)
-            pred = self._unet(model_in, t, text, kwargs, h, w, row_personal, control)
-            uncond, cond = pred.chunk(2)
-            # Guidance at most 1 (few-step models): the prompt's prediction alone, as diffusers takes it.
-            guided = cond if guidance <= 1 else uncond + guidance * (cond - uncond)
+                model_in = torch.cat([model_in, torch.cat([mask_c] * copies), torch.cat([masked_c] * copies)], dim=1)
+            guided = self._unet(model_in, t, text, kwargs, h, w, row_personal, control)
+            if copies == 2:
+                uncond, cond = guided.chunk(2)
+                guided = uncond + guidance * (cond - uncond)
             latents = sched.step(guided, t, latents, **step_kwargs).prev_sample
             if inpaint is not None and not base.inpainting:
                 # Blended latent diffusion: outside the mask, the input noised to the next scheduled
@@ -81,9 +86,10 @@ class DenoisingLoop:
                 callback(step, len(sched.timesteps))
         return latents
 
-    def _identitynet_inputs(self, items: list["GenerationItem"], kwargs: dict, width: int, height: int):
-        """InstantID: (tokens, keypoint images) IdentityNet reads for the 2B rows (the unconditional
-        rows the zero embedding's tokens, as in the attention); None for other adapters."""
+    def _identitynet_inputs(self, items: list["GenerationItem"], kwargs: dict, width: int, height: int, copies: int = 2):
+        """InstantID: (tokens, keypoint images) IdentityNet reads for the rows `kwargs` holds (with
+        guidance, 2B: the unconditional rows the zero embedding's tokens, as in the attention); None for
+        other adapters."""
         if not kwargs or self.adapter.options.mapper != "instantid":
             return None
         if self.adapter.identitynet is None:
@@ -99,10 +105,22 @@ class DenoisingLoop:
             points = frontal_points(width, height) if pose is None else np.asarray(pose) * [width, height]
             images.append(np.asarray(keypoint_image(points, width, height), np.float32) / 255)
         image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)
-        return kwargs["identity_tokens"][:, 0], torch.cat([image, image])
+        return kwargs["identity_tokens"][:, 0], torch.cat([image] * copies)
 
     def _unet(self, sample, t, text, kwargs, h, w, row_personal, control=None):
         """One UNet call in the UNet's dtype (fp16 / bf16 on GPU); the prediction comes back in fp32,
         where the scheduler keeps the latents. `control`: InstantID's IdentityNet inputs."""
         sample, text = sample.to(self.base.unet.dtype), text.to(self.base.unet.dtype)
         return self._unet_call(sample, t, text, kwargs, h, w, row_personal, control).float()
+
+
+def conditional_rows(text: TextConditioning, kwargs: dict, count: int) -> tuple[TextConditioning, dict]:
+    """The conditional half (the last `count` rows) of the text and identity inputs built for guidance."""
+    from ray_faceid.identity.context import identity_kwargs
+
+    pooled = None if text.pooled is None else text.pooled[count:]
+    if kwargs:
+        region = kwargs["region_masks"]
+        kwargs = identity_kwargs(kwargs["identity_tokens"][count:], kwargs["identity_scale"][count:],
+                                 None if region is None else region[count:])
+    return TextConditioning(text.hidden[count:], pooled), kwargs

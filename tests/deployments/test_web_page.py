@@ -102,10 +102,14 @@ def pick(page, dropdown: str, option: str) -> None:
         expect(box).to_have_value(re.compile(re.escape(option) + r" \(id_"))
 
 
-def generate(page, names: list[str], steps: int) -> None:
+def generate(page, names: list[str], steps: int, sampler: str | None = None) -> None:
     page.locator("#tab-generate-button, button[role=tab]:has-text('Generate')").first.click()
     for name in names:
         pick(page, "#picked", name)
+    if sampler:
+        box = page.locator("#sampler input").first
+        box.click()
+        page.get_by_role("option", name=sampler, exact=True).click()
     for field, value in (("#width", 64), ("#height", 64), ("#steps", steps), ("#seed", 3)):
         page.locator(f"{field} input").first.fill(str(value))
     page.locator("#generate").click()
@@ -164,8 +168,11 @@ def walk_through(page, browser, page_app, two_people, shots):
 
     names = list(two_people)
     for people in ([names[0]], [names[1]], names):
-        generate(page, people, steps=2)
+        generate(page, people, steps=2, sampler="euler-a" if len(people) == 2 else None)
         expect(page.locator("#result img")).to_be_visible()
+        # the sampler picked (else the model's own, DDIM for the tiny base) is what made the image
+        expect(page.locator("#scores")).to_contain_text("Sampler: EulerAncestralDiscreteScheduler" if len(people) == 2
+                                                        else "Sampler: DDIMScheduler")
         for name in people:
             expect(page.locator("#scores")).to_contain_text(name)
         expect(page.locator("#scores")).to_contain_text("same person")

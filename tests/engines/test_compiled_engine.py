@@ -14,6 +14,7 @@ from ray_faceid.engines.compiled_engine import batch_bucket
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
+from ray_faceid.pipelines.schedulers import Sampler
 
 SIZE = 16
 
@@ -45,8 +46,8 @@ def personal_delta(adapter, seed):
     return {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in adapter.processors.state_dict().items()}
 
 
-def image(pipe, person):
-    result = pipe.generate("a photo of a person", [person], seed=3, steps=2, width=SIZE, height=SIZE)
+def image(pipe, person, sampler=None):
+    result = pipe.generate("a photo of a person", [person], seed=3, steps=2, width=SIZE, height=SIZE, sampler=sampler)
     return np.asarray(result.images[0]).astype(int)
 
 
@@ -74,6 +75,13 @@ def test_a_new_person_strength_or_personal_adapter_never_recompiles(spec, tmp_pa
             images[person.name] = image(compiled, person)
             want = image(eager, person)
             assert np.abs(images[person.name] - want).max() <= 1, person.name
+        # a scheduler is outside the graph: float sigmas-scaled timesteps (Euler, DPM++ Karras), ancestral
+        # noise, and the tiny base's DDIM integer ones above, all run the one compiled UNet
+        for name in ("euler", "dpm++2m-karras", "euler-a"):
+            sampler = Sampler.parse(name)
+            got, want = image(compiled, a, sampler), image(eager, a, sampler)
+            assert np.abs(got - want).max() <= 1, name
+            assert np.abs(got - images[a.name]).max() > 2, f"{name} gave the base scheduler's image"
     assert counters["stats"]["unique_graphs"] == graphs_before
     # identity really is live: every person, strength and personal adapter gives another image
     names = list(images)
@@ -102,6 +110,7 @@ from ray_faceid.face.analyzer import FaceAnalyzer
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
+from ray_faceid.pipelines.schedulers import Sampler
 images = {{}}
 for backend in ("torch.compile", "torch"):
     base = build_tiny()
@@ -141,6 +150,15 @@ def test_an_unwarmed_size_runs_eager_instead_of_compiling_in_its_request(spec, t
     want = eager.generate("a photo", [person], seed=3, steps=2, width=24, height=24)
     assert np.abs(np.asarray(got.images[0]).astype(int) - np.asarray(want.images[0]).astype(int)).max() <= 1
     assert len(compiled.compiled_engine().slots) == 1
+    # Guidance 1 (few-step models) runs one row per image: the warmed two-row bucket runs it, padded.
+    engine, calls = compiled.compiled_engine(), []
+    run = engine.compiled
+    engine.compiled = lambda **inputs: calls.append(inputs["sample"].shape[0]) or run(**inputs)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.generate("a photo", [person], seed=3, steps=2, guidance=1.0, width=SIZE, height=SIZE)
+    want = eager.generate("a photo", [person], seed=3, steps=2, guidance=1.0, width=SIZE, height=SIZE)
+    assert np.abs(np.asarray(got.images[0]).astype(int) - np.asarray(want.images[0]).astype(int)).max() <= 1
+    assert calls == [2, 2] and len(engine.slots) == 1
 
 
 def test_a_full_engine_evicts_its_least_recently_used_shape(spec, monkeypatch):

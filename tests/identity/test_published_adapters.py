@@ -73,8 +73,10 @@ def save_like_a_user(folder) -> object:
     return base
 
 
-def diffusers_image(folder, weight_name: str, embedding: np.ndarray, seed: int, family: str = "sd1") -> np.ndarray:
-    """diffusers' own path: load_ip_adapter (its FaceID LoRA through PEFT), ip_adapter_image_embeds."""
+def diffusers_image(folder, weight_name: str, embedding: np.ndarray, seed: int, family: str = "sd1",
+                    guidance: float = 5.0) -> np.ndarray:
+    """diffusers' own path: load_ip_adapter (its FaceID LoRA through PEFT), ip_adapter_image_embeds
+    (without guidance, the face's alone)."""
     pytest.importorskip("peft", reason="diffusers applies the FaceID LoRA through PEFT (`dev` extra)")
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -89,8 +91,10 @@ def diffusers_image(folder, weight_name: str, embedding: np.ndarray, seed: int, 
                                        feature_extractor=None, requires_safety_checker=False)
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weight_name, image_encoder_folder=None)
     embeds = torch.cat([torch.zeros(1, len(embedding), EMBED), torch.from_numpy(embedding)[None]])  # negative, then the face
-    image = pipe("a portrait photo", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
-                 ip_adapter_image_embeds=[embeds], output_type="np", **SIZE).images[0]
+    embeds = embeds if guidance > 1 else embeds[1:]
+    image = pipe("a portrait photo", num_inference_steps=3, guidance_scale=guidance,
+                 generator=torch.Generator().manual_seed(seed), ip_adapter_image_embeds=[embeds], output_type="np",
+                 **SIZE).images[0]
     return np.round(image * 255).astype(int)
 
 
@@ -112,6 +116,10 @@ def test_ip_adapter_faceid_gives_diffusers_own_image(tmp_path, family, suffix, c
     other = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", face(2))], seed=11, steps=3,
                                      guidance=5.0, **SIZE).images[0]).astype(int)
     assert np.abs(again - other).max() > 2  # the identity reaches the image
+    # Guidance 1 (a few-step base): the face's rows alone, as diffusers runs them.
+    got = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=11, steps=3,
+                                   guidance=1.0, **SIZE).images[0]).astype(int)
+    assert np.abs(got - diffusers_image(tmp_path, path.rsplit("/", 1)[-1], face(1), 11, family, 1.0)).max() <= 1
     provenance = pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=11, steps=1,
                                **SIZE).provenance[0]
     assert provenance["adapter_published"]["kind"] == "IP-Adapter-FaceID"

@@ -218,8 +218,15 @@ def test_guidance_at_most_one_samples_the_prompt_alone_as_diffusers_does(sd1, gu
     out = diffusers_pipeline(sd1, scheduler)("a portrait", num_inference_steps=2, guidance_scale=guidance,
                                              generator=[torch.Generator().manual_seed(7)], output_type="np", **SIZE)
     want = np.round(out.images[0] * 255).astype(int)
-    got = IdentityPipeline(sd1).generate("a portrait", [], seed=7, steps=2, guidance=guidance, sampler=sampler, **SIZE)
+    rows = []
+    hook = sd1.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        got = IdentityPipeline(sd1).generate("a portrait", [], seed=7, steps=2, guidance=guidance, sampler=sampler,
+                                             num_images=2, **SIZE)
+    finally:
+        hook.remove()
     assert np.abs(pixels(got.images[0]) - want).max() <= 1
+    assert rows == [2, 2]  # the two images' prompt rows alone: no unconditional rows are run (half the work)
 
 
 def test_a_serve_config_sets_the_scheduler_of_requests_that_name_none(tmp_path, monkeypatch):
