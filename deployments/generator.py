@@ -168,9 +168,11 @@ class Generator:
         return replica_memory(reset_peak)
 
     def defaults(self) -> dict:
-        """Steps and size of requests that do not say (the base model's own)."""
-        width, height = self.pipeline.base.native_size
-        return {"steps": self.pipeline.base.default_steps, "width": width, "height": height,
+        """Steps, guidance and size of requests that do not say: the deployment's, else the base model's own."""
+        base = self.pipeline.base
+        width, height = base.native_size
+        return {"steps": self.config.steps or base.default_steps, "width": width, "height": height,
+                "guidance": base.default_guidance if self.config.guidance is None else self.config.guidance,
                 "served": served_line(self.pipeline)}
 
     def info(self) -> dict:

@@ -131,8 +131,10 @@ class GenerateRequest(BaseModel):
     negative_prompt: str = Field("", max_length=2000)
     identities: list[IdentityRequest] = Field(min_length=1, max_length=4)
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Default: a random seed (returned).")
-    steps: int | None = Field(None, ge=1, description="Default: the base model's (30; 4 for an untrained smoke base).")
-    guidance: float = Field(5.0, ge=0.0, le=30.0)
+    steps: int | None = Field(None, ge=1, description="Default: the deployment's, else the base "
+                              "model's (30; 4 for an untrained smoke base; a few-step model's own).")
+    guidance: float | None = Field(None, ge=0.0, le=30.0, description="Default: the deployment's, else the base "
+                                   "model's (5; a few-step model's own, e.g. 1).")
     scheduler: str | None = Field(None, max_length=64, description="Sampler: the model's own by default; ddim, pndm, "
                                   "euler, euler-a, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde-karras, unipc, lcm, "
                                   "tcd, or a diffusers scheduler class name.")
@@ -153,8 +155,10 @@ class InpaintRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=2000)
     negative_prompt: str = Field("", max_length=2000)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    steps: int | None = Field(None, ge=1, description="Default: the base model's (30; 4 for an untrained smoke base).")
-    guidance: float = Field(5.0, ge=0.0, le=30.0)
+    steps: int | None = Field(None, ge=1, description="Default: the deployment's, else the base "
+                              "model's (30; 4 for an untrained smoke base; a few-step model's own).")
+    guidance: float | None = Field(None, ge=0.0, le=30.0, description="Default: the deployment's, else the base "
+                                   "model's (5; a few-step model's own, e.g. 1).")
     scheduler: str | None = Field(None, max_length=64, description="Sampler: the model's own by default; ddim, pndm, "
                                   "euler, euler-a, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde-karras, unipc, lcm, "
                                   "tcd, or a diffusers scheduler class name.")

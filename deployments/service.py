@@ -130,6 +130,12 @@ def sampling(body, config: ServeConfig) -> dict:
     return {"scheduler": body.scheduler, "scheduler_config": dict(body.scheduler_config)}
 
 
+def _guidance(body, defaults: dict) -> float:
+    """A request's guidance, or the deployment's (else the model's own) where it names none: 0 is a
+    guidance asked for, not a missing one."""
+    return defaults["guidance"] if body.guidance is None else body.guidance
+
+
 class FaceService:
     """The steps behind both faces, on one Ingress replica: the registry (off the event loop), the
     FaceEncoder and Generator handles, the limits."""
@@ -358,7 +364,8 @@ class FaceService:
 
     async def generate(self, tenant: str, body: GenerateRequest, on_progress=None) -> GenerateResponse:
         defaults = await self.defaults()
-        body = body.model_copy(update={k: getattr(body, k) or defaults[k] for k in ("steps", "width", "height")})
+        body = body.model_copy(update={k: getattr(body, k) or defaults[k] for k in ("steps", "width", "height")}
+                               | {"guidance": _guidance(body, defaults)})
         self._validate_generation(body.steps, body.width, body.height, body.num_images)
         # 404 for unknown names and ids, and for other tenants' ids.
         people = [dict(i.model_dump(), id=await self.registry.resolve(tenant, i.id or i.name)) for i in body.identities]
@@ -374,7 +381,7 @@ class FaceService:
 
     async def inpaint(self, tenant: str, body: InpaintRequest, on_progress=None) -> GenerateResponse:
         defaults = await self.defaults()
-        body = body.model_copy(update={"steps": body.steps or defaults["steps"]})
+        body = body.model_copy(update={"steps": body.steps or defaults["steps"], "guidance": _guidance(body, defaults)})
         # Inpainting denoises at most at the model's native size, whatever the photo's size.
         self._validate_generation(body.steps, defaults["width"], defaults["height"])
         person = dict(body.identity.model_dump(),

@@ -167,13 +167,14 @@ class PageActions:
         except Unauthorized as exc:
             empty = gr.Dropdown(choices=[], value=None)
             return (f"**{exc.status} {exc.code}**: {exc.message}", gr.Tabs(visible=False), [], empty,
-                    gr.Dropdown(choices=[], value=[]), empty, empty, gr.skip(), gr.skip(), gr.skip())
+                    gr.Dropdown(choices=[], value=[]), empty, empty, *[gr.skip()] * 6)
         defaults = await self.service.defaults()
         everyone = await self.service.people(tenant)
         outputs = [(f"{k + 1}: {name}", k) for k, name in enumerate(await self.service.render_outputs(tenant))]
         return (f"Signed in: tenant **{tenant}**, {len(everyone)} people enrolled. {defaults.get('served', '')}",
                 gr.Tabs(visible=True), *(await self._people_updates(tenant, everyone)),
-                gr.Dropdown(choices=outputs, value=None), defaults["width"], defaults["height"], defaults["steps"])
+                gr.Dropdown(choices=outputs, value=None), defaults["width"], defaults["height"],
+                *[defaults["steps"], defaults["guidance"]] * 2)  # the deployment's own, on both tabs
 
     async def gallery(self, tenant: str, everyone: list[dict]) -> list:
         tiles = []
@@ -265,7 +266,7 @@ class PageActions:
         result = await self.service.generate(tenant, body, self._reporter(progress))
         return await self._shown_result(tenant, result)
 
-    async def inpaint(self, token, edited, person, prompt, steps, seed, progress=None):
+    async def inpaint(self, token, edited, person, prompt, steps, seed, guidance=None, sampler=None, progress=None):
         import base64
 
         from deployments.schemas import InpaintRequest
@@ -276,7 +277,8 @@ class PageActions:
         image, mask = editor_image_and_mask(edited)
         body = InpaintRequest(identity={"id": person}, image=base64.b64encode(_png(image)).decode(),
                               mask=base64.b64encode(_png(mask)).decode(), prompt=prompt,
-                              steps=_whole(steps, "steps"), seed=_seed(seed))
+                              steps=_whole(steps, "steps"), seed=_seed(seed), guidance=guidance,
+                              scheduler=sampler or None)
         result = await self.service.inpaint(tenant, body, self._reporter(progress))
         shown = await self._shown_result(tenant, result)
         return (image, *shown)
@@ -299,7 +301,7 @@ class PageActions:
             table = "_An untrained smoke-test base made this image: it is noise-like._\n\n" + table
         sampler = (first.provenance.get("scheduler") or {}).get("class")
         if sampler:
-            table += f"\n\nSampler: {sampler}, {first.provenance.get('steps', '?')} steps"
+            table += f"\n\nSampler: {sampler}, {first.provenance['steps']} steps, guidance {first.provenance['guidance']:g}"
         return decode_image(base64.b64decode(first.png_base64)), table, first.provenance
 
     async def catalog(self, token: str, which):
@@ -346,8 +348,13 @@ def build(service: FaceService, files=None):
         return await _action(actions.generate)(token, picked, prompt, negative, expression, edits, layout, width,
                                                height, steps, seed, strength, guidance, sampler, progress)
 
-    async def inpaint(token, edited, person, prompt, steps, seed, progress=gr.Progress()):
-        return await _action(actions.inpaint)(token, edited, person, prompt, steps, seed, progress)
+    async def inpaint(token, edited, person, prompt, steps, seed, guidance, sampler, progress=gr.Progress()):
+        return await _action(actions.inpaint)(token, edited, person, prompt, steps, seed, guidance, sampler, progress)
+
+    def sampler_list(elem_id: str):
+        # The model's own (or the deployment's) unless picked; few-step models: lcm, tcd, guidance 0-1.
+        return gr.Dropdown([("the model's own", ""), *((n, n) for n in service.sampler_names)], value="",
+                           label="Sampler", elem_id=elem_id)
 
     with gr.Blocks(title="ray_faceid", delete_cache=(60, PAGE_FILES_TTL_S)) as page:
         gr.Markdown("## ray_faceid: people, identity-preserving generation, inpainting")
@@ -397,10 +404,8 @@ def build(service: FaceService, files=None):
                     steps = gr.Number(label="Steps", value=30, precision=0, minimum=1, elem_id="steps")
                     seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
                     strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Identity strength")
-                    guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
-                    # The model's own (or the deployment's) unless picked; few-step models: lcm, tcd, guidance 0-1.
-                    sampler = gr.Dropdown([("the model's own", ""), *((n, n) for n in service.sampler_names)], value="",
-                                          label="Sampler", elem_id="sampler")
+                    guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance", elem_id="guidance")
+                    sampler = sampler_list("sampler")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", elem_id="cancel")
@@ -416,6 +421,8 @@ def build(service: FaceService, files=None):
                     inpaint_prompt = gr.Textbox(label="Prompt", value="a portrait photo")
                     inpaint_steps = gr.Number(label="Steps", value=30, precision=0, minimum=1)
                     inpaint_seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
+                    inpaint_guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
+                    inpaint_sampler = sampler_list("inpaint-sampler")
                 paint = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
                 with gr.Row():
                     before = gr.Image(label="Before", interactive=False)
@@ -432,10 +439,10 @@ def build(service: FaceService, files=None):
                 failed = gr.Dataframe(headers=["row", "error"], label="Failed rows", interactive=False)
 
         people_outputs = [gallery, to_delete, picked, person]
-        sign_in.click(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps],
-                      js=SIGN_IN_JS)
-        token.submit(act["sign_in"], [token], [status, tabs, *people_outputs, output, width, height, steps],
-                     js=SIGN_IN_JS)
+        signed_in = [status, tabs, *people_outputs, output, width, height, steps, guidance, inpaint_steps,
+                     inpaint_guidance]
+        sign_in.click(act["sign_in"], [token], signed_in, js=SIGN_IN_JS)
+        token.submit(act["sign_in"], [token], signed_in, js=SIGN_IN_JS)
         photos.change(act["preview"], [token, photos, consent], [found, problems])
         consent.blur(act["preview"], [token, photos, consent], [found, problems])
         enroll.click(act["enroll"], [token, photos, name, consent, reconsent],
@@ -446,7 +453,8 @@ def build(service: FaceService, files=None):
         running = go.click(generate, [token, picked, prompt, negative, expression, edits, layout, width, height, steps,
                                       seed, strength, guidance, sampler], [result, scores, provenance])
         cancel.click(None, None, None, cancels=[running])
-        paint.click(inpaint, [token, edited, person, inpaint_prompt, inpaint_steps, inpaint_seed],
+        paint.click(inpaint, [token, edited, person, inpaint_prompt, inpaint_steps, inpaint_seed, inpaint_guidance,
+                              inpaint_sampler],
                     [before, after, inpaint_scores, inpaint_provenance])
         show.click(act["catalog"], [token, output], [sheet, figures, failed])
     # Concurrency is bounded by the Generator's queue (a full one answers "busy"), not by the page.

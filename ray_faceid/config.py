@@ -257,6 +257,12 @@ class ServeConfig(Settings):
                                   "euler with timestep_spacing trailing for a few-step model); default: the model's own.")
     scheduler_config: dict[str, bool | int | float | str] = Field(default_factory=dict, description="Its settings, e.g. "
                                                                   "{timestep_spacing: trailing}.")
+    steps: int | None = Field(None, ge=1, le=200, description="Denoising steps of requests that name none (a few-step "
+                              "model's, e.g. 4); default: the model's own (30, or what merge-lora recorded). At most "
+                              "limits.max_steps.")
+    guidance: float | None = Field(None, ge=0, le=30, description="Classifier-free guidance of requests that name "
+                                   "none (few-step models: 0-1); default: the model's own (5, or what merge-lora "
+                                   "recorded).")
     api_tokens: dict[str, str] = Field(
         default_factory=dict, description="tenant -> bearer token; also from RAY_FACEID_API_TOKENS=tenant:token,..."
     )
@@ -291,6 +297,13 @@ class ServeConfig(Settings):
     ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Ingress replicas.")
     web_page: bool = Field(True, description="Serve the web page at /ui (needs the `ui` extra). Its sessions live in "
                            "one Ingress replica, so while it is on the Ingress runs exactly one replica.")
+
+    @model_validator(mode="after")
+    def _default_steps_allowed(self) -> "ServeConfig":
+        if self.steps is not None and self.steps > self.limits.max_steps:
+            raise ValueError(f"steps {self.steps} is over limits.max_steps {self.limits.max_steps}: every request "
+                             "that names no steps would be refused")
+        return self
 
     @model_validator(mode="after")
     def _compiled_shapes_fit(self) -> "ServeConfig":
@@ -382,8 +395,9 @@ class RenderConfig(Settings):
     stall_fail_s: StallFail = 3600.0
 
     steps: int | None = Field(None, ge=1, le=200, description="Denoising steps of rows that do not set their own; "
-                              "default: the base model's (30, or 4 for an untrained smoke base).")
-    guidance: float = Field(5.0, ge=0, le=30, description="Classifier-free guidance of rows that do not set their own.")
+                              "default: the base model's (30, 4 for an untrained smoke base, or what merge-lora recorded).")
+    guidance: float | None = Field(None, ge=0, le=30, description="Classifier-free guidance of rows that do not set "
+                                   "their own; default: the base model's (5, or what merge-lora recorded).")
     size: str | None = Field(None, description="WxH of rows that do not set their own; default: the base model's "
                              "native size (512x512 for SD 1.x).")
     feather: float = Field(4.0, ge=0, le=64, description="Inpaint rows: soft edge inside the mask, in pixels.")

@@ -22,8 +22,10 @@ SchedulerOpt = typer.Option(None, "--scheduler", help="Sampler: the model's own 
                             "diffusers scheduler class name.")
 SchedulerConfigOpt = typer.Option([], "--scheduler-config", help="KEY=VALUE of the scheduler's config, e.g. "
                                   "timestep_spacing=trailing or use_karras_sigmas=true; repeat for more.")
-StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; default: the model's own (30, or 4 "
-                        "for an untrained smoke base).")
+StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; default: the model's own (30, 4 "
+                        "for an untrained smoke base, or what merge-lora --steps recorded).")
+GuidanceOpt = typer.Option(None, "--guidance", min=0.0, max=30.0, help="Classifier-free guidance; default: the "
+                           "model's own (5, or what merge-lora --guidance recorded).")
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry for enrolled people.")
 TenantOpt = typer.Option("default", "--tenant", help="Tenant whose people --identity names.")
 ImrOpt = typer.Option(None, "--imr", help="Trained IMR (train --method imr): --expression then moves the identity "
@@ -223,7 +225,7 @@ def generate(
     steps: Optional[int] = StepsOpt,
     scheduler: Optional[str] = SchedulerOpt,
     scheduler_config: list[str] = SchedulerConfigOpt,
-    guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
+    guidance: Optional[float] = GuidanceOpt,
     size: Optional[str] = typer.Option(None, "--size", help="WxH; default: the model's own (512x512 for SD 1.x, "
                                        "1024x1024 for SDXL, 32x32 for tiny)."),
     backend: str = BackendOpt,
@@ -315,7 +317,7 @@ def inpaint(
     steps: Optional[int] = StepsOpt,
     scheduler: Optional[str] = SchedulerOpt,
     scheduler_config: list[str] = SchedulerConfigOpt,
-    guidance: float = typer.Option(5.0, "--guidance", min=0.0, max=30.0),
+    guidance: Optional[float] = GuidanceOpt,
     feather: float = typer.Option(4.0, "--feather", min=0.0, max=64.0, help="Soft edge inside the mask, in pixels."),
     backend: str = BackendOpt,
     expression: Optional[str] = typer.Option(None, "--expression", help="e.g. 'smile, turn left' (with --imr)."),

@@ -19,15 +19,24 @@ def merge_lora(
     lora_scale: list[float] = typer.Option([], "--lora-scale", help="Each LoRA's weight (default 1), or one for all."),
     scheduler: Optional[str] = SchedulerOpt,
     scheduler_config: list[str] = SchedulerConfigOpt,
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=200, help="The merged model's own steps: every "
+                                        "command, catalog row and request that names none uses them (a few-step "
+                                        "LoRA's authors say, e.g. 4); default: 30."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=0.0, max=30.0, help="Its own classifier-free "
+                                             "guidance likewise (few-step models: 0-1); default: 5."),
     out: str = typer.Option(..., "--out", help="A new folder for the merged model (never overwritten)."),
 ):
     """Fuse LoRAs into a base and save it as a model folder, with the scheduler it samples with
     (a few-step LoRA's own: e.g. --scheduler lcm, or euler --scheduler-config timestep_spacing=trailing)."""
     from ray_faceid.pipelines.lora_merge import merge_loras
+    from ray_faceid.pipelines.models import DEFAULT_GUIDANCE, TRAINED_STEPS
 
     with user_errors():
         sampler = Sampler.parse(scheduler, scheduler_config) if scheduler or scheduler_config else None
-        record = merge_loras(model, lora, lora_scale, out, sampler)
+        record = merge_loras(model, lora, lora_scale, out, sampler, steps, guidance)
         loras = ", ".join(f"{m['file']} (sha256 {m['sha256'][:12]}, scale {m['scale']:g})" for m in record["loras"])
-        console.print(f"merged {loras} into {model}; sampler {record['scheduler']}; saved to {out}: pass it as "
-                      f"--model (few-step models: set --steps and --guidance as the LoRA's authors advise)")
+        own = f"{steps or TRAINED_STEPS} steps, guidance {DEFAULT_GUIDANCE if guidance is None else guidance:g}"
+        asked = steps or guidance is not None
+        hint = "" if asked else " (a few-step LoRA: merge with the --steps and --guidance its authors advise)"
+        console.print(f"merged {loras} into {model}; sampler {record['scheduler']}, {own}{hint}; saved to {out}: "
+                      "pass it as --model")

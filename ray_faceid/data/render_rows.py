@@ -46,10 +46,11 @@ class Renderer:
         self.analyzer = FaceAnalyzer(config.face)
         base = load_base(model)
         # Defaults resolved to the model's own before they join the output keys: an SD 1.x job keeps
-        # the keys it had when the defaults were fixed at 512x512 and 30 steps.
+        # the keys it had when the defaults were fixed at 512x512, 30 steps and guidance 5.
         width, height = base.native_size
-        self.config = config = config.model_copy(update={"steps": config.steps or base.default_steps,
-                                                         "size": config.size or f"{width}x{height}"})
+        self.config = config = config.model_copy(update={
+            "steps": config.steps or base.default_steps, "size": config.size or f"{width}x{height}",
+            "guidance": base.default_guidance if config.guidance is None else config.guidance})
         shared = shared_adapter(adapter, base, self.analyzer.spec)  # without one: the smoke base's seeded adapter
         if shared is None:
             raise BadInput(NO_ADAPTER.format(model=base.model_id))

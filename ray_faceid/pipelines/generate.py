@@ -353,14 +353,14 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
         }
 
     def generate(self, prompt: str, identities: list[IdentityCondition] | None = None, negative_prompt: str = "",
-                 seed: int = 0, steps: int | None = None, guidance: float = 5.0, width: int | None = None,
+                 seed: int = 0, steps: int | None = None, guidance: float | None = None, width: int | None = None,
                  height: int | None = None, num_images: int = 1, sampler: Sampler | None = None) -> GenerationResult:
-        """Steps and size default to the base model's own (BaseModel.default_steps, native_size), the
-        scheduler to the base's own (`sampler`: another, schedulers.py)."""
+        """Steps, guidance and size default to the base model's own (BaseModel.default_steps,
+        default_guidance, native_size), the scheduler to the base's own (`sampler`: another, schedulers.py)."""
         items = [GenerationItem(prompt, identities or [], negative_prompt, seed + k) for k in range(num_images)]
         return self.generate_items(items, steps, guidance, width, height, sampler)
 
-    def generate_items(self, items: list["GenerationItem"], steps: int | None = None, guidance: float = 5.0,
+    def generate_items(self, items: list["GenerationItem"], steps: int | None = None, guidance: float | None = None,
                        width: int | None = None, height: int | None = None,
                        sampler: Sampler | None = None) -> GenerationResult:
         """Several images (other prompts, identities, seeds; the same size, steps and scheduler) in one batch."""
@@ -368,6 +368,7 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
             raise BadInput(f"{self.base.model_id} is an inpainting model: it repaints a masked photo (`ray-faceid "
                            "inpaint`, /v1/inpaint); generate images with its text-to-image base")
         steps = steps or self.base.default_steps
+        guidance = self.base.default_guidance if guidance is None else guidance
         width, height = width or self.base.native_size[0], height or self.base.native_size[1]
         for it in items:
             if len(it.identities) > MAX_IDENTITIES:

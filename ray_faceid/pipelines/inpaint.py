@@ -80,15 +80,16 @@ def inpainting_conditioning(pipe: IdentityPipeline, image: np.ndarray, mask: np.
 
 
 def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identity: IdentityCondition, prompt: str,
-            negative_prompt: str = "", seed: int = 0, steps: int | None = None, guidance: float = 5.0,
+            negative_prompt: str = "", seed: int = 0, steps: int | None = None, guidance: float | None = None,
             feather: float = 4.0, max_side: int | None = None, sampler=None) -> GenerationResult:
-    """Steps and scheduler default to the base's own (`sampler`: another, schedulers.py); the image is
+    """Steps, guidance and scheduler default to the base's own (`sampler`: another, schedulers.py); the image is
     repainted at up to `max_side` pixels (default: the base's native size) and pasted back at its own size."""
     if pipe.adapter is not None and pipe.adapter.options.mapper == "instantid":
         raise BadInput("InstantID repaints nothing yet: its IdentityNet would read the keypoints of the face being "
                        "repainted; use `ray-faceid generate` with it, or an IP-Adapter-FaceID file to inpaint")
     height, width = image.shape[:2]
     steps, max_side = steps or pipe.base.default_steps, max_side or max(pipe.base.native_size)
+    guidance = pipe.base.default_guidance if guidance is None else guidance
     region = binary_mask(mask, (height, width))
     base = pipe.base
     step = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)  # clean latent pyramid

@@ -37,10 +37,11 @@ def diffusers_pipeline(base: BaseModel, scheduler=None):
 
 
 def merge_loras(model: str, loras: list[str], scales: list[float], out: str | Path,
-                sampler: Sampler | None = None) -> dict:
+                sampler: Sampler | None = None, steps: int | None = None, guidance: float | None = None) -> dict:
     """Fuse `loras` (files at any fsspec URI, each at its scale) into `model` and save the result at
-    `out` (a new folder) with `sampler`'s scheduler (default: the base's own). Returns the record
-    written into its model_index.json."""
+    `out` (a new folder) with `sampler`'s scheduler (default: the base's own), and `steps` and
+    `guidance` as the folder's own defaults (a few-step model's: every path uses them unless told
+    otherwise). Returns the record written into its model_index.json."""
     out = Path(out)
     if not loras:
         raise BadInput("--lora: give at least one LoRA file (.safetensors, as diffusers or kohya save them)")
@@ -76,6 +77,9 @@ def merge_loras(model: str, loras: list[str], scales: list[float], out: str | Pa
     names = " + ".join(f"{m['file']}@{m['sha256'][:12]}x{m['scale']:g}" for m in merged)
     meta = json.loads(index.read_text()) | {"_ray_faceid_model_id": f"{base.model_id} + {names}",
                                            "_ray_faceid_merged": record}
+    defaults = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+    if defaults:
+        meta["_ray_faceid_sampling"] = defaults
     index.write_text(json.dumps(meta, indent=2))
     if out.exists():
         out.rmdir()  # empty, checked above

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from ray_faceid.weights_hash import cached_module_hash, weights_hash_of
 
 TINY = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint")
 TRAINED_STEPS, UNTRAINED_STEPS = 30, 4
+DEFAULT_GUIDANCE = 5.0
 
 
 @dataclass
@@ -39,6 +40,8 @@ class BaseModel:
     tokenizer_2: object = None
     zero_empty_prompt: bool = False
     """SDXL's force_zeros_for_empty_prompt: an empty negative prompt is all zeros, not encoded."""
+    sampling: dict = field(default_factory=dict)
+    """The folder's own steps and guidance (`merge-lora --steps --guidance` records a few-step model's)."""
 
     @property
     def family(self) -> str:
@@ -81,8 +84,15 @@ class BaseModel:
     @property
     def default_steps(self) -> int:
         """Denoising steps when none are asked for: a handful for an untrained smoke base (its images
-        are noise at any count), 30 for a trained one."""
+        are noise at any count), the folder's own (a few-step model's 4), else 30."""
+        if self.sampling.get("steps"):
+            return self.sampling["steps"]
         return UNTRAINED_STEPS if self.untrained else TRAINED_STEPS
+
+    @property
+    def default_guidance(self) -> float:
+        """Classifier-free guidance when none is asked for: the folder's own (a few-step model's 0-1), else 5."""
+        return self.sampling.get("guidance", DEFAULT_GUIDANCE)
 
     def __post_init__(self):
         # Taken now, before any cast or move: what the model IS, whatever precision it runs in.
@@ -230,6 +240,8 @@ def save_base(base: BaseModel, folder: str | Path) -> None:
     sdxl = base.family == "sdxl"
     index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
              "_ray_faceid_model_id": base.model_id, "_ray_faceid_untrained": base.untrained}
+    if base.sampling:
+        index["_ray_faceid_sampling"] = base.sampling
     if sdxl:
         index["force_zeros_for_empty_prompt"] = base.zero_empty_prompt
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -271,10 +283,27 @@ def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
         scheduler=folder_scheduler(source),  # the sampler the model ships with (SD 1.5: PNDM, SDXL: Euler)
         model_id=model_id,
         untrained=untrained,
+        sampling=_sampling_defaults(meta.get("_ray_faceid_sampling"), source),
         **extra,
     ).freeze()
     _check_text_widths(base, source)
     return base
+
+
+def _sampling_defaults(recorded, source: str) -> dict:
+    """The steps and guidance a folder's model_index.json records (merge-lora writes them), checked:
+    a hand-edited value out of range is named here, not at the first request."""
+    from ray_faceid.errors import UnsupportedModel
+
+    recorded = recorded or {}
+    steps, guidance = (recorded.get("steps"), recorded.get("guidance")) if isinstance(recorded, dict) else (0, -1)
+    bad_steps = steps is not None and (type(steps) is not int or not 1 <= steps <= 200)
+    bad_guidance = guidance is not None and (type(guidance) not in (int, float) or not 0 <= guidance <= 30)
+    if bad_steps or bad_guidance or set(recorded) - {"steps", "guidance"}:
+        raise UnsupportedModel(f"{source}: model_index.json's _ray_faceid_sampling must be {{steps: 1-200, "
+                               f"guidance: 0-30}}, not {recorded!r}")
+    return {k: v for k, v in (("steps", steps), ("guidance", None if guidance is None else float(guidance)))
+            if v is not None}
 
 
 def _check_text_widths(base: BaseModel, source: str) -> None:

@@ -71,8 +71,9 @@ def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, t
         if key in local:
             args[key] = local[key]
     args["registry"] = str(tmp_path / "registry")
-    if model:  # an SDXL-class base behind the same application, nothing else changed (its model is a location)
-        args["model"] = model
+    if model:  # an SDXL-class base behind the same application (its model is a location), served as a
+        args["model"] = model  # few-step model is: the deployment's own steps, guidance and sampler
+        args.update(steps=2, guidance=1.0, scheduler="lcm")
     try:
         serve_run(data, tmp_path / source, f"ops:{TOKEN}", ray_cluster)
         url = f"http://127.0.0.1:{port}"
@@ -83,10 +84,13 @@ def test_serve_run_of_the_documented_config_serves(source, model, ray_cluster, t
             enrolled = client.post("/v1/identities", files=[("photos", ("hanks.png", photo, "image/png"))],
                                    data={"consent": "consent-form-42", "name": "hanks"})
             assert enrolled.status_code == 201, enrolled.text
-            made = client.post("/v1/generate", json={"prompt": "a portrait photo", "steps": 2, "width": 64,
-                                                     "height": 64, "identities": [{"id": enrolled.json()["id"]}]})
+            asked = {} if model else {"steps": 2}  # a request that names no steps, guidance or sampler
+            made = client.post("/v1/generate", json={"prompt": "a portrait photo", "width": 64, "height": 64,
+                                                     "identities": [{"id": enrolled.json()["id"]}], **asked})
             assert made.status_code == 200, made.text
             provenance = made.json()["images"][0]["provenance"]
+            sampled = (provenance["steps"], provenance["guidance"], provenance["scheduler"]["class"])
+            assert sampled == ((2, 1.0, "LCMScheduler") if model else (2, 5.0, "DDIMScheduler")), sampled
             # the person as enrolled: their id, and their name (the id sat under "name")
             assert provenance["identities"][0]["id"] == enrolled.json()["id"]
             assert provenance["identities"][0]["name"] == "hanks"

@@ -39,6 +39,7 @@ def page_app(ray_cluster, tmp_path_factory, loopback_port, default_encoder_flow)
     config = ServeConfig(
         flow=default_encoder_flow, registry=str(tmp_path_factory.mktemp("registry")), api_tokens=TOKENS,
         generator_gpus=1.0, generator_autoscaling=one, encoder_autoscaling=one, ingress_autoscaling=one,
+        guidance=4.5,  # the deployment's own: the page starts from it
         limits=ServeLimits(max_steps=1000, max_side=256, max_images=2, max_cost=64 * 64 * 1000),
     )
     url, _ = start(config, loopback_port())
@@ -173,6 +174,7 @@ def walk_through(page, browser, page_app, two_people, shots):
         # the sampler picked (else the model's own, DDIM for the tiny base) is what made the image
         expect(page.locator("#scores")).to_contain_text("Sampler: EulerAncestralDiscreteScheduler" if len(people) == 2
                                                         else "Sampler: DDIMScheduler")
+        expect(page.locator("#scores")).to_contain_text("2 steps, guidance 4.5")  # the deployment's, as signed in
         for name in people:
             expect(page.locator("#scores")).to_contain_text(name)
         expect(page.locator("#scores")).to_contain_text("same person")
@@ -261,13 +263,15 @@ def test_inpaint_and_a_render_output_through_the_page(page_app, sample_photos, t
     edited = {"background": handle_file(str(tmp_path / "photo.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
               "composite": None}
     before, after, scores, provenance = client.predict(token, edited, enrolled.json()["id"], "a portrait photo", 2, 5,
-                                                       api_name="/inpaint")
+                                                       3.0, "euler", api_name="/inpaint")
     result = np.asarray(Image.open(after).convert("RGB")).astype(int)
     assert result.shape == photo.shape
     outside = np.ones(photo.shape[:2], bool)
     outside[h // 4 - 16: h // 2 + 16, w // 4 - 16: 3 * w // 4 + 16] = False  # beyond the feathered edge
     assert np.abs(result[outside] - photo[outside]).max() <= 2, "pixels outside the painted mask changed"
     assert "| tom |" in scores and enrolled.json()["id"] in json.dumps(provenance)
+    # the inpaint tab's sampler and guidance, as picked, made it (the tiny base's own is DDIM)
+    assert provenance["scheduler"]["class"] == "EulerDiscreteScheduler" and provenance["guidance"] == 3.0
 
     # A render output of this tenant: its figures and its failed rows, with their errors.
     out = tmp_path / "rendered"

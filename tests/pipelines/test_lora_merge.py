@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from ray_faceid.cli import app
+from ray_faceid.errors import UnsupportedModel
 from ray_faceid.pipelines.generate import IdentityPipeline
 from ray_faceid.pipelines.lora_merge import diffusers_pipeline
 from ray_faceid.pipelines.models import build_tiny, load_base
@@ -53,7 +54,9 @@ def diffusers_image(family: str, folder, lora, scale: float) -> np.ndarray:
 
 
 def ours(folder) -> np.ndarray:
-    got = IdentityPipeline(load_base(str(folder))).generate("a portrait", [], seed=7, steps=4, guidance=1.0, **SIZE)
+    """The merged folder with nothing asked: its own sampler, steps and guidance."""
+    got = IdentityPipeline(load_base(str(folder))).generate("a portrait", [], seed=7, **SIZE)
+    assert (got.provenance[0]["steps"], got.provenance[0]["guidance"]) == (4, 1.0)
     return np.asarray(got.images[0]).astype(int)
 
 
@@ -64,9 +67,9 @@ def test_a_merged_few_step_lora_gives_diffusers_own_image_with_its_scheduler(tmp
     lora.parent.mkdir()
     save_lora(family, lora)
     done = CliRunner().invoke(app, ["merge-lora", "--model", str(base), "--lora", str(lora), "--lora-scale", "0.8",
-                                    "--scheduler", "lcm", "--out", str(out)])
+                                    "--scheduler", "lcm", "--steps", "4", "--guidance", "1", "--out", str(out)])
     assert done.exit_code == 0, done.output
-    assert "sampler LCMScheduler" in " ".join(done.output.split())
+    assert "sampler LCMScheduler, 4 steps, guidance 1;" in " ".join(done.output.split())
     merged = load_base(str(out))
     assert type(merged.scheduler).__name__ == "LCMScheduler"  # the folder's own: every path samples with it
     record = json.loads((out / "model_index.json").read_text())["_ray_faceid_merged"]
@@ -93,3 +96,8 @@ def test_a_lora_of_another_family_or_a_used_folder_is_refused_in_one_line(tmp_pa
     assert not out.exists() and not (tmp_path / "merged.partial").exists()
     taken = CliRunner().invoke(app, ["merge-lora", "--model", str(base), "--lora", str(lora), "--out", str(base)])
     assert taken.exit_code == 2 and "is not empty" in taken.stderr
+    # A folder's own sampling defaults, edited by hand out of range, are named when it loads.
+    index = base / "model_index.json"
+    index.write_text(json.dumps(json.loads(index.read_text()) | {"_ray_faceid_sampling": {"steps": 0}}))
+    with pytest.raises(UnsupportedModel, match="_ray_faceid_sampling must be"):
+        load_base(str(base))
