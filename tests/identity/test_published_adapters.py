@@ -12,6 +12,7 @@ from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
+from ray_faceid.pipelines.schedulers import SHORT_NAMES, Sampler
 
 EMBED = 16  # the published files take 512-d ArcFace embeddings; the hidden width is a multiple of it
 SPEC = EncoderSpec(name="arcface_w600k_r50", dim=EMBED, version="test", license="-", metric="cosine", threshold=0.6)
@@ -74,9 +75,9 @@ def save_like_a_user(folder) -> object:
 
 
 def diffusers_image(folder, weight_name: str, embedding: np.ndarray, seed: int, family: str = "sd1",
-                    guidance: float = 5.0) -> np.ndarray:
+                    guidance: float = 5.0, sampler: str | None = None) -> np.ndarray:
     """diffusers' own path: load_ip_adapter (its FaceID LoRA through PEFT), ip_adapter_image_embeds
-    (without guidance, the face's alone)."""
+    (without guidance, the face's alone), the base's scheduler or `sampler` (a short name) swapped in."""
     pytest.importorskip("peft", reason="diffusers applies the FaceID LoRA through PEFT (`dev` extra)")
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -89,6 +90,11 @@ def diffusers_image(folder, weight_name: str, embedding: np.ndarray, seed: int, 
         pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                        unet=base.unet, scheduler=base.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
+    if sampler:
+        import diffusers
+
+        class_name, settings = SHORT_NAMES[sampler]
+        pipe.scheduler = getattr(diffusers, class_name).from_config(base.scheduler.config, **settings)
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weight_name, image_encoder_folder=None)
     embeds = torch.cat([torch.zeros(1, len(embedding), EMBED), torch.from_numpy(embedding)[None]])  # negative, then the face
     embeds = embeds if guidance > 1 else embeds[1:]
@@ -120,6 +126,11 @@ def test_ip_adapter_faceid_gives_diffusers_own_image(tmp_path, family, suffix, c
     got = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=11, steps=3,
                                    guidance=1.0, **SIZE).images[0]).astype(int)
     assert np.abs(got - diffusers_image(tmp_path, path.rsplit("/", 1)[-1], face(1), 11, family, 1.0)).max() <= 1
+    # A stochastic sampler on the identity path: its draws as diffusers makes them.
+    got = np.asarray(pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=11, steps=3,
+                                   guidance=5.0, sampler=Sampler.parse("euler-a"), **SIZE).images[0]).astype(int)
+    assert np.abs(got - diffusers_image(tmp_path, path.rsplit("/", 1)[-1], face(1), 11, family,
+                                        sampler="euler-a")).max() <= 1
     provenance = pipe.generate("a portrait photo", [IdentityCondition("p", face(1))], seed=11, steps=1,
                                **SIZE).provenance[0]
     assert provenance["adapter_published"]["kind"] == "IP-Adapter-FaceID"

@@ -251,3 +251,26 @@ def test_a_serve_config_sets_the_scheduler_of_requests_that_name_none(tmp_path, 
     assert sampling(plain, config) == {"scheduler": "euler", "scheduler_config": {"timestep_spacing": "trailing"}}
     own = GenerateRequest(prompt="a", identities=[{"name": "ann"}], scheduler="ddim")
     assert sampling(own, config) == {"scheduler": "ddim", "scheduler_config": {}}
+
+
+def test_several_people_in_one_image_sample_with_the_scheduler_asked(sd1, spec128):
+    """Two people routed to their regions, a stochastic sampler: each image of a batch is the one made
+    alone (its own draws), and the sampler asked is the one that made it."""
+    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.pipelines.generate import IdentityCondition
+
+    rng = np.random.default_rng(0)
+    people = [IdentityCondition(name, rng.normal(size=(1, 128)).astype(np.float32), region=box)
+              for name, box in (("ann", (0.0, 0.0, 0.5, 1.0)), ("bo", (0.5, 0.0, 1.0, 1.0)))]
+    pipe = IdentityPipeline(sd1, IdentityAdapter.for_unet(sd1.unet, spec128))
+    try:
+        sampler = Sampler.parse("euler-a")
+        batch = pipe.generate("two people", people, seed=3, steps=3, num_images=2, sampler=sampler, **SIZE)
+        alone = pipe.generate("two people", people, seed=4, steps=3, sampler=sampler, **SIZE)
+        own = pipe.generate("two people", people, seed=4, steps=3, **SIZE)
+    finally:
+        IdentityAdapter.remove(sd1.unet)
+    assert np.abs(pixels(alone.images[0]) - pixels(batch.images[1])).max() <= 1
+    assert np.abs(pixels(own.images[0]) - pixels(alone.images[0])).max() > 2
+    assert batch.provenance[1]["scheduler"]["class"] == "EulerAncestralDiscreteScheduler"
+    assert [p["name"] for p in batch.provenance[1]["identities"]] == ["ann", "bo"]
