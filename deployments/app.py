@@ -70,6 +70,9 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     if config.adapter and (variant := published.generate_only(config.adapter)):  # before a replica loads a base
         raise BadInput(f"adapter {config.adapter}: {variant} runs from `ray-faceid generate` only (Serve holds people "
                        "as embeddings and batches them on one engine): serve an IP-Adapter-FaceID (plain) file")
+    if config.adapter and config.backend != "torch" and (variant := published.tokens_per_photo(config.adapter)):
+        raise BadInput(f"adapter {config.adapter}: {variant} gives each photo of a person its own tokens, as many as "
+                       f"they have; a {config.backend} engine holds one set: set backend torch")
     plus = published.reads_clip_features(config.adapter) if config.adapter else None
     if plus and not config.image_encoder:
         raise BadInput(f"adapter {config.adapter}: {plus} reads faces through a CLIP image encoder too: set "

@@ -322,7 +322,8 @@ class Generator:
         for i, r in enumerate(requests):
             try:
                 conditions, hits = await self._conditions(r["tenant"], r["identities"])
-            except Exception as exc:  # noqa: BLE001 - one request's damaged record fails that request alone
+                self.pipeline.check_photo_counts(conditions)
+            except Exception as exc:  # noqa: BLE001 - one request's damaged record or people fail that request alone
                 out[i] = failure_body(exc)
                 continue
             lookups[i] = (hits, len(conditions))

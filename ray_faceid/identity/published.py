@@ -233,12 +233,21 @@ def untrainable(uri: str) -> str | None:
 
 
 def generate_only(uri: str) -> str | None:
-    """The variant of a published file only `generate` runs (FaceID-Portrait, InstantID), read from the
-    file alone (no base: a Serve config is refused when it is read); None for the others."""
+    """The variant of a published file only `generate` runs (InstantID), read from the file alone (no
+    base: a Serve config is refused when it is read); None for the others."""
     if not is_published_file(uri):
         return None
     found = recognise(*read(uri), uri)
-    return found.variant if found.per_photo or found.instantid else None
+    return found.variant if found.instantid else None
+
+
+def tokens_per_photo(uri: str) -> str | None:
+    """The variant of a published file that gives each reference photo its own tokens (FaceID-Portrait),
+    read from the file alone; None for the others."""
+    if not is_published_file(uri):
+        return None
+    found = recognise(*read(uri), uri)
+    return found.variant if found.per_photo else None
 
 
 def reads_clip_features(uri: str) -> str | None:
@@ -253,9 +262,10 @@ def reads_clip_features(uri: str) -> str | None:
 def refuse_generate_only(adapter, where: str, reads_references: bool = False) -> None:
     """FaceID-Portrait gives tokens per photo (their number varies by person), InstantID draws each
     face's keypoints for its IdentityNet, FaceID-Plus reads each face through CLIP: paths that hold
-    people as embeddings, or batch people together on one engine, refuse them before any work starts.
-    `reads_references`: the path reads enrolled people's reference crops (render, Serve), which
-    FaceID-Plus reads through CLIP (face/clip_image.py)."""
+    people as one embedding, or batch people together on one engine, refuse them before any work starts.
+    `reads_references`: the path reads enrolled people's records (render, Serve): their reference crops,
+    which FaceID-Plus reads through CLIP (face/clip_image.py), and each photo's embedding, which
+    FaceID-Portrait turns into that photo's tokens (rows of other photo counts denoised apart)."""
     if adapter is None or adapter.published is None:
         return
     if adapter.options.mapper == "face_plus" and not reads_references:
@@ -267,10 +277,10 @@ def refuse_generate_only(adapter, where: str, reads_references: bool = False) ->
         raise UnsupportedModel(f"{adapter.published['file']}: InstantID's IdentityNet reads each image's face keypoints; "
                                f"{where} does not run it yet: use `ray-faceid generate --identitynet FOLDER`, or an "
                                "IP-Adapter-FaceID (plain) file")
-    if adapter.published.get("per_photo"):
+    if adapter.published.get("per_photo") and not reads_references:
         raise UnsupportedModel(f"{adapter.published['file']}: FaceID-Portrait gives tokens per photo, as many as each "
-                               f"person has; {where} does not run it yet: use `ray-faceid generate`, or an "
-                               "IP-Adapter-FaceID (plain) file")
+                               f"person has; {where} does not run it yet: use `ray-faceid generate`, render or "
+                               "Serve with it, or an IP-Adapter-FaceID (plain) file")
 
 
 def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale: float | None = None):

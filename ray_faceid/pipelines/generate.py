@@ -155,8 +155,19 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
         return encode_prompts(self.base, prompts, zero_empty)
 
     @torch.no_grad()
+    def check_photo_counts(self, identities: list[IdentityCondition]) -> None:
+        """FaceID-Portrait stacks each person's tokens, one set per photo: the people of one image need
+        as many photos each. Checked per request before a batch runs (one request's people fail it alone)."""
+        if self.adapter is None or not (self.adapter.published or {}).get("per_photo"):
+            return
+        counts = [len(np.atleast_2d(person.embeddings)) for person in identities]
+        if len(set(counts)) > 1:
+            raise BadInput("FaceID-Portrait gives tokens per photo: every person in one image needs the same number "
+                           f"of photos (got {counts})")
+
     def identity_tokens(self, identities: list[IdentityCondition]) -> torch.Tensor:
         """(1, M, T, C) tokens of every identity."""
+        self.check_photo_counts(identities)
         spec = self.adapter.encoder_spec
         dtype = next(self.adapter.parameters()).dtype  # fp16 / bf16 on GPU
         tokens = []
@@ -188,9 +199,6 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
             if code is not None and self.imr is not None:
                 t = self.imr(t, code)
             tokens.append(t)
-        if len({t.shape[1] for t in tokens}) > 1:
-            raise BadInput("FaceID-Portrait gives tokens per photo: every person in one image needs the same number "
-                           f"of photos (got {[t.shape[1] // self.adapter.options.num_tokens for t in tokens]})")
         return torch.stack(tokens, dim=1).to(self.base.unet.dtype)
 
     def _tokens_per_photo(self, ident: IdentityCondition, references: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ray_faceid.engines.base import DTYPES, UNetCall
@@ -29,25 +30,35 @@ class UNetRuntime:
 
     def unet_batches(self, items: list["GenerationItem"]) -> list[list[int]]:
         """Indices of the items that share one UNet batch, in order: at most the bank's slots of
-        people with their own adapter per batch (torch engines), or one adapter per batch (others)."""
+        people with their own adapter per batch (torch engines), or one adapter per batch (others);
+        with FaceID-Portrait, only items whose people have as many photos (as many tokens)."""
         if self.adapter is None:  # no identity, no adapters of their own
             return [list(range(len(items)))]
         batches: list[list[int]] = []
         people: list[set] = []
+        shapes: list[tuple] = []
         for k, item in enumerate(items):
             own = self.personal_of(item)
             key = own[0] if own else None  # the version: a content hash of the person's weights
-            for batch, held in zip(batches, people):
+            shape = self._token_counts(item)
+            for batch, held, tokens in zip(batches, people, shapes):
                 fits = (key in held or key is None or len(held - {None}) < self.personal_bank.slots
                         if self.per_row_weights else held == {key})
-                if fits:
+                if fits and tokens == shape:
                     batch.append(k)
                     held.add(key)
                     break
             else:
                 batches.append([k])
                 people.append({key})
+                shapes.append(shape)
         return batches
+
+    def _token_counts(self, item: "GenerationItem") -> tuple:
+        """What sets the item's identity token count beyond the adapter: FaceID-Portrait's photos per person."""
+        if not (self.adapter.published or {}).get("per_photo"):
+            return ()
+        return tuple(len(np.atleast_2d(person.embeddings)) for person in item.identities)
 
     def _text_inputs(self, text: TextConditioning, h: int, w: int) -> dict:
         f = self.base.vae_scale_factor

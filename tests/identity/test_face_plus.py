@@ -274,7 +274,7 @@ def test_half_precision_tokens_of_the_zero_embedding_are_finite():
     assert torch.isfinite(plus(zero, torch.randn(1, 5, CLIP_WIDTH, dtype=torch.float16))).all()
 
 
-def test_a_serve_config_with_a_portrait_file_or_plus_without_its_encoder_is_refused_when_it_is_read(tmp_path,
+def test_a_serve_config_with_a_compiled_portrait_or_plus_without_its_encoder_is_refused_when_it_is_read(tmp_path,
                                                                                                       monkeypatch,
                                                                                                       image_encoder_folder):
     """Serve's build refuses it in one line (ServeConfigRefused: once, no replica loads a base and
@@ -289,7 +289,8 @@ def test_a_serve_config_with_a_portrait_file_or_plus_without_its_encoder_is_refu
     portrait = save(faceid_state_dict(unet, tokens=16), tmp_path / "ip-adapter-faceid-portrait_sd15.bin")
     plain = save(faceid_state_dict(unet), tmp_path / "ip-adapter-faceid_sd15.bin")
     for config, refusal in (
-        (ServeConfig(adapter=portrait, registry=registry), "FaceID-Portrait.* runs from `ray-faceid generate` only"),
+        (ServeConfig(adapter=portrait, registry=registry, backend="torch.compile"),
+         "FaceID-Portrait.* a torch.compile engine holds one set: set backend torch"),
         (ServeConfig(adapter=plus, registry=registry), "FaceID-PlusV2.* set image_encoder to its folder"),
         (ServeConfig(adapter=plus, image_encoder=str(tmp_path), registry=registry), "image_encoder: no CLIP image "
                                                                                      "encoder at"),
@@ -300,4 +301,5 @@ def test_a_serve_config_with_a_portrait_file_or_plus_without_its_encoder_is_refu
             build_app(config)
         assert "\n" not in str(refused.value)
     assert build_app(ServeConfig(adapter=plain, registry=registry)) is not None
+    assert build_app(ServeConfig(adapter=portrait, registry=registry)) is not None  # on torch: per-photo tokens
     assert build_app(ServeConfig(adapter=plus, image_encoder=str(image_encoder_folder), registry=registry)) is not None

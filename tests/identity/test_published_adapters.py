@@ -2,6 +2,8 @@
 LoRA embedded), built at toy size in the authors' key layout, gives diffusers' own
 `load_ip_adapter` image (its LoRA through PEFT) with the same embedding, seed and scheduler; other
 layouts, widths and encoders are refused in one line."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +162,46 @@ def test_faceid_portrait_gives_each_photo_its_own_tokens_as_diffusers_does(tmp_p
     with pytest.raises(UnsupportedModel, match="unnormalised FaceID-Portrait"):
         IdentityAdapter.load(save(faceid_state_dict(base.unet, tokens=16), tmp_path / "portrait_sdxl_unnorm.bin"),
                              base.unet, SPEC)
+
+
+def test_render_gives_each_enrolled_photo_its_own_portrait_tokens(tmp_path, tiny_arcface_onnx, sample_photos):
+    """FaceID-Portrait on enrolled people (render; Serve takes the same rows): each reference photo's
+    embedding gives its own tokens, as generate does; rows of people with other photo counts, sent
+    together, are denoised apart; two people of unequal counts in one row fail that row alone."""
+    from ray_faceid.config import FaceConfig, RenderConfig
+    from ray_faceid.data.render_rows import Renderer
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.registry import REFERENCE_CROP, Registry
+
+    face_config = FaceConfig(recognizer_onnx=str(tiny_arcface_onnx))
+    analyzer = FaceAnalyzer(face_config)
+    save_like_a_user(tmp_path / "sd15")
+    state = faceid_state_dict(build_tiny().unet, tokens=16, embed=analyzer.spec.dim)
+    state["ip_adapter"] = {k: v * 4 if "_ip." in k else v for k, v in state["ip_adapter"].items()}  # tokens that show
+    adapter = save(state, tmp_path / "ip-adapter-faceid-portrait_sd15.bin")
+    faces = [analyzer.analyze(analyzer.load(sample_photos[name]))[0] for name in ("Tom_Hanks_54745.png", "t1.jpg")]
+    embeddings = np.stack([f.embedding for f in faces])  # two photos' (of two people: the tiny encoder tells nobody)
+    registry = Registry(str(tmp_path / "registry"))
+    crop = np.zeros((REFERENCE_CROP, REFERENCE_CROP, 3), np.uint8)
+    taken = [{"index": k, "filename": f"{k}.png", "accepted": True, "reason": None} for k in range(2)]
+    registry.create("default", "two", "form-1", embeddings, np.ones(2, np.float32), analyzer.spec, [crop] * 2, taken)
+    registry.create("default", "one", "form-2", embeddings[:1], np.ones(1, np.float32), analyzer.spec, [crop], taken[:1])
+    config = RenderConfig(steps=2, size="32x32", face=face_config, device="cpu", unet_batch=4)
+    renderer = Renderer(config, str(tmp_path / "sd15"), adapter, registry.store, "default", str(tmp_path / "out"))
+    rows = [json.dumps({"id": name, "prompt": "a portrait", "identities": people, "seed": 3})
+            for name, people in (("two", ["two"]), ("one", ["one"]), ("both", ["two", "one"]))]
+    two, one, both = renderer.render_batch(rows, [0, 1, 2])
+    assert two["status"] == one["status"] == "ok", (two, one)
+    assert both["status"] == "error" and "same number of photos (got [2, 1])" in both["error"]
+
+    def generated(references) -> np.ndarray:
+        return np.asarray(renderer.pipeline.generate("a portrait", [IdentityCondition("p", references)], seed=3,
+                                                     steps=2, guidance=5.0, width=32, height=32).images[0]).astype(int)
+
+    rendered = np.asarray(Image.open(two["output_uri"])).astype(int)
+    assert np.abs(rendered - generated(embeddings)).max() <= 1
+    assert np.abs(rendered - generated(embeddings[:1])).max() > 2  # the second photo's tokens reach the image
+    assert np.abs(np.asarray(Image.open(one["output_uri"])).astype(int) - generated(embeddings[:1])).max() <= 1
 
 
 def test_published_layouts_the_system_does_not_run_or_damaged_files_are_refused_in_one_line(tmp_path):
