@@ -90,10 +90,10 @@ def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None,
     starting Ray: the catalog rows, the base's files, the adapter's, IMR's, flow's and image encoder's bytes, the
     settings, and the registry records of every identity the rows name (a new enrollment, erasure
     or personal adapter changes it)."""
-    from ray_faceid.pipelines.models import base_fingerprint
+    from ray_faceid.pipelines.model_ref import resolve_model
     from ray_faceid.registry import Registry
 
-    h = hashlib.sha256(json.dumps({"rows": texts, "model": base_fingerprint(model), "settings": config.compute_hash(),
+    h = hashlib.sha256(json.dumps({"rows": texts, "model": resolve_model(model).fingerprint(), "settings": config.compute_hash(),
                                    "tenant": tenant}, sort_keys=True).encode())
     for uri in (adapter, imr, flow, image_encoder):
         h.update(b"\0")
@@ -148,6 +148,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     import ray
 
     from ray_faceid.data.cluster import cluster_gpus, free_workers, init_ray
+    from ray_faceid.pipelines.model_ref import resolve_model
 
     config = config or RenderConfig()
     started = time.perf_counter()
@@ -157,6 +158,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     from ray_faceid.registry import Registry
 
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
+    model = resolve_model(model)  # once: the fingerprint and every actor take the reference
     inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder)
     done = _finished(out, inputs)
     if done is not None:  # every row is rendered for these inputs: no cluster, no model

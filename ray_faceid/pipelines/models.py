@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ray_faceid import storage
-from ray_faceid.envs import cache_dir
-from ray_faceid.errors import BackendUnavailable, NotFound
+from ray_faceid.pipelines.model_ref import ModelRef, resolve_model
 from ray_faceid.weights_hash import cached_module_hash, weights_hash_of
 
-TINY = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint")
 TRAINED_STEPS, UNTRAINED_STEPS = 30, 4
 DEFAULT_GUIDANCE = 5.0
 
@@ -218,19 +215,6 @@ def build_named_tiny(model: str) -> BaseModel:
     return build_tiny(inpainting=model.endswith("-inpaint"), family="sdxl" if "sdxl" in model else "sd1")
 
 
-def _local_copy(uri: str) -> Path:
-    """A local copy of a model folder at any fsspec URI, cached by URI."""
-    fs, path = storage.filesystem(uri)
-    if not fs.exists(path):
-        raise NotFound(f"no model folder at {uri}")
-    cache = Path(cache_dir()) / "models"
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / "model_index.json").exists():
-        target.mkdir(parents=True, exist_ok=True)
-        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-    return target
-
-
 def save_base(base: BaseModel, folder: str | Path) -> None:
     """Write a base model in the diffusers layout (model_index.json + one folder per component)."""
     folder = Path(folder)
@@ -247,18 +231,16 @@ def save_base(base: BaseModel, folder: str | Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def _from_diffusers_layout(source: str, model_id: str) -> BaseModel:
-    """A local diffusers folder of a supported family (checked from its configs first)."""
+def _from_diffusers_layout(source: str, model_id: str, family: str) -> BaseModel:
+    """A local diffusers folder of a supported `family` (model_ref.py read it from the configs)."""
     from ray_faceid.quiet import model_loading
 
     model_loading()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from ray_faceid.pipelines.families import detect_family
     from ray_faceid.pipelines.schedulers import folder_scheduler
 
-    family = detect_family(source)
     untrained, meta = False, {}
     index = Path(source) / "model_index.json"
     if index.exists():
@@ -322,74 +304,10 @@ def _check_text_widths(base: BaseModel, source: str) -> None:
                                f"{base.unet.config.cross_attention_dim}: the components come from different models")
 
 
-def base_fingerprint(model: str) -> str:
-    """What identifies a base's weights without loading it (for checks before a job starts): the
-    files' hash of its folder (local, or the local copy of a URI, or the hub cache's snapshot), the
-    weights hash of a tiny base; a hub id that is not cached yet is named by its id."""
-    from ray_faceid.weights_hash import folder_hash
-
-    if model in TINY:
-        return build_named_tiny(model).model_hash()
-    if "://" in model and not model.startswith("file://"):
-        return folder_hash(_local_copy(model))
-    local = Path(model.removeprefix("file://"))
-    if local.is_dir():
-        return folder_hash(local)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return folder_hash(snapshot_download(model, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (or no hub client): the id is all there is to compare
-        return f"hub:{model}"
-
-
-HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.bin", "*/*.model"]  # a diffusers layout
-
-
-def _hub_snapshot(model: str) -> str:
-    """A local folder of a hub model: the local cache first, then one bounded download attempt; no
-    network (or no such model) is one line within seconds, not minutes of retries."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise BackendUnavailable(f"hub model {model!r}: huggingface_hub is not installed; pass a local folder") from exc
-    try:
-        return snapshot_download(model, local_files_only=True, allow_patterns=HUB_FILES)
-    except Exception:  # noqa: BLE001 - not cached: try the hub once
-        pass
-    try:
-        return snapshot_download(model, allow_patterns=HUB_FILES, etag_timeout=5)
-    except Exception as exc:  # noqa: BLE001 - any hub failure is the same answer for the user
-        raise BackendUnavailable(f"hub model {model!r} is not in the local cache and the hub could not provide it "
-                                 f"({type(exc).__name__}): download it where there is a network "
-                                 f"(`hf download {model}`) or pass a local folder") from None
-
-
-def model_family(model: str) -> str:
-    """A base's family from its configs, without loading its weights (checks before a job starts)."""
-    from ray_faceid.pipelines.families import detect_family
-
-    if model in TINY:
-        return "sdxl" if "sdxl" in model else "sd1"
-    if "://" in model and not model.startswith("file://"):
-        return detect_family(_local_copy(model))
-    local = Path(model.removeprefix("file://"))
-    if local.is_dir():
-        return detect_family(local)
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        return detect_family(_hub_snapshot(model))
-    raise NotFound(f"model {model!r}: not 'tiny', a folder, a URI or a hub id (owner/name)")
-
-
-def load_base(model: str) -> BaseModel:
-    """A tiny base (TINY), a local diffusers folder, an fsspec URI of one, or a hub id."""
-    if model in TINY:
-        return build_named_tiny(model)
-    if "://" in model and not model.startswith("file://"):
-        return _from_diffusers_layout(str(_local_copy(model)), model)
-    local = Path(model.removeprefix("file://"))
-    if local.is_dir():
-        return _from_diffusers_layout(str(local), model)
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        return _from_diffusers_layout(_hub_snapshot(model), model)
-    raise NotFound(f"model {model!r}: not 'tiny', a folder, a URI or a hub id (owner/name)")
+def load_base(model: str | ModelRef) -> BaseModel:
+    """A tiny base (TINY), a local diffusers folder, an fsspec URI of one, or a hub id: resolved
+    (model_ref.py) unless a reference is given."""
+    ref = resolve_model(model)
+    if ref.kind == "tiny":
+        return build_named_tiny(ref.name)
+    return _from_diffusers_layout(str(ref.local_folder(weights=True)), ref.name, ref.family)

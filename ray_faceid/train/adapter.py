@@ -27,6 +27,7 @@ from ray_faceid.config import TrainConfig
 from ray_faceid.data import tables
 from ray_faceid.data.pairs import IDENTITIES, PAIRS
 from ray_faceid.errors import BadInput
+from ray_faceid.pipelines.model_ref import ModelRef, resolve_model
 from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.quiet import train_logging
 from ray_faceid.train import runs
@@ -271,17 +272,15 @@ def _flow_rows(dataset: str) -> tuple[list[dict], list[str]]:
     return rows, held_out
 
 
-def _inputs(model: str, dataset: str, method: str, adapter: str | None) -> dict[str, str | None]:
+def _inputs(model: ModelRef, dataset: str, method: str, adapter: str | None) -> dict[str, str | None]:
     """What a run trains from, by content: a resume from other weights or other data is refused."""
-    from ray_faceid.pipelines.models import base_fingerprint
-
     table = storage.join(dataset, tables.FACES if method == "flow" else PAIRS)
-    return {"base model": base_fingerprint(model)[:16],
+    return {"base model": model.fingerprint()[:16],
             "dataset": hashlib.sha256(storage.read_bytes(table)).hexdigest()[:16],
             "start adapter": storage.tree_hash(adapter)[:16] if adapter else None}
 
 
-def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapter: str | None = None,
+def run_training(dataset: str, model: str | ModelRef, out: str, config: TrainConfig, adapter: str | None = None,
                  resume: bool = False, address: str | None = None, fault: dict | None = None) -> dict:
     """Train on an ingest output (after `ray-faceid pairs`); returns the training record."""
     import ray.data
@@ -291,6 +290,7 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
     from ray_faceid.data.cluster import init_ray, is_local
     from ray_faceid.train.placement import worker_resources
 
+    model = resolve_model(model)  # once: the checks below and every worker take the reference
     summary = json.loads(storage.read_bytes(storage.join(dataset, tables.SUMMARY)))
     if not summary.get("encoder_spec"):
         raise BadInput(f"{dataset}: the ingest found no faces, nothing to train on")
@@ -299,9 +299,8 @@ def run_training(dataset: str, model: str, out: str, config: TrainConfig, adapte
     if adapter:  # a base of another family is refused here, not inside every worker
         from ray_faceid.identity import published
         from ray_faceid.identity.adapter import IdentityAdapter
-        from ray_faceid.pipelines.models import model_family
 
-        IdentityAdapter.check_file_family(adapter, model_family(model))
+        IdentityAdapter.check_file_family(adapter, model.family)
         if published.is_published_file(adapter) and (variant := published.untrainable(adapter)):
             reads = "keypoints for its IdentityNet" if "InstantID" in variant else "photos through a CLIP image encoder"
             raise BadInput(f"{adapter}: {variant} reads each face's {reads}; training rows hold embeddings: train on "

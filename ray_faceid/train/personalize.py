@@ -148,14 +148,14 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     from ray_faceid.data.cluster import init_ray, is_local
     from ray_faceid.identity import published
     from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.pipelines.model_ref import resolve_model
     from ray_faceid.train.placement import worker_resources
 
     started = time.perf_counter()
     store = Registry(registry)
     wanted = identities or [meta["id"] for meta in store.list(tenant)]
-    from ray_faceid.pipelines.models import model_family
-
-    IdentityAdapter.check_file_family(adapter, model_family(model))  # before any worker starts
+    model = resolve_model(model)  # once: the checks below and every worker take the reference
+    IdentityAdapter.check_file_family(adapter, model.family)  # before any worker starts
     if published.is_published_file(adapter):  # its layers are named by the base: read against it
         from ray_faceid.pipelines.models import load_base
 

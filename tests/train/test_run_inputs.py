@@ -3,7 +3,8 @@ import pytest
 
 from ray_faceid.config import TrainConfig
 from ray_faceid.errors import BadInput
-from ray_faceid.pipelines.models import base_fingerprint, build_tiny, save_base
+from ray_faceid.pipelines.model_ref import resolve_model
+from ray_faceid.pipelines.models import build_tiny, save_base
 from ray_faceid.train.runs import prepare_run
 
 START = {"base model": "aaaa", "dataset": "bbbb", "start adapter": None}
@@ -21,5 +22,5 @@ def test_a_base_is_fingerprinted_by_its_weights_not_its_path(tmp_path):
     save_base(build_tiny(seed=0), tmp_path / "a")
     save_base(build_tiny(seed=0), tmp_path / "copy")
     save_base(build_tiny(seed=1), tmp_path / "other")
-    a, copy, other = (base_fingerprint(str(tmp_path / n)) for n in ("a", "copy", "other"))
+    a, copy, other = (resolve_model(str(tmp_path / n)).fingerprint() for n in ("a", "copy", "other"))
     assert a == copy and a != other
