@@ -109,7 +109,6 @@ class Generator:
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
         from ray_faceid.identity.face_plus import attach_image_encoder
-        from ray_faceid.identity.published import refuse_generate_only
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline
         from ray_faceid.pipelines.models import load_base
@@ -128,7 +127,8 @@ class Generator:
         if adapter is not None and adapter.published and not adapter.takes(FaceAnalyzer(self.config.face).spec):
             raise EncoderMismatch(f"{self.config.adapter} takes {adapter.encoder_spec.dim}-d insightface ArcFace "
                                   "embeddings: set face.backend: insightface and face.insightface_root in the Serve config")
-        refuse_generate_only(adapter, "Serve", reads_references=True)
+        if adapter is not None:
+            adapter.kind.refuse("Serve", reads_references=True)
         attach_image_encoder(adapter, self.config.image_encoder, device, "image_encoder in the Serve config")
         if adapter is None and self.config.backend != "torch":
             raise BadInput(NO_ADAPTER.format(model=self.config.model) + "; compiled engines are built around one")
@@ -322,7 +322,7 @@ class Generator:
         for i, r in enumerate(requests):
             try:
                 conditions, hits = await self._conditions(r["tenant"], r["identities"])
-                self.pipeline.check_photo_counts(conditions)
+                self.pipeline.check_people(conditions)
             except Exception as exc:  # noqa: BLE001 - one request's damaged record or people fail that request alone
                 out[i] = failure_body(exc)
                 continue

@@ -96,3 +96,23 @@ def test_the_rule_sees_a_violation():
     found = {(a, b) for a, b, _ in imports()}
     assert ("deployments.web_page", "deployments.service") in found  # a module-level import
     assert ("ray_faceid.face.backends.dlib_backend", "ray_faceid.engines.face_encoder") in found  # one in a function
+
+
+def kind_questions() -> list[str]:
+    """Places outside identity/ that ask which kind an adapter is (`.options.mapper`, its published
+    `per_photo` flag) instead of asking its kind (identity/kinds.py)."""
+    found = []
+    for package in ("ray_faceid", "deployments"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.is_relative_to(ROOT / "ray_faceid" / "identity"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                asks_mapper = (isinstance(node, ast.Attribute) and node.attr == "mapper"
+                               and isinstance(node.value, ast.Attribute) and node.value.attr == "options")
+                if asks_mapper or (isinstance(node, ast.Constant) and node.value == "per_photo"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_adapter_kinds_plug_in_without_the_pipeline_asking_which_it_is():
+    assert not kind_questions(), "ask adapter.kind instead: " + ", ".join(kind_questions())

@@ -164,7 +164,7 @@ def _with_identitynet(pipe, identitynet: Optional[str], scale: float, pose: Opti
     from ray_faceid.pipelines.references import reference_pose
 
     adapter = pipe.adapter
-    if adapter.options.mapper != "instantid":
+    if not adapter.kind.identitynet:
         if identitynet or pose:
             raise BadInput("--identitynet and --pose are for InstantID's ip-adapter.bin; this adapter has no IdentityNet")
         return

@@ -36,7 +36,6 @@ class Renderer:
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
         from ray_faceid.identity.face_plus import attach_image_encoder
-        from ray_faceid.identity.published import refuse_generate_only
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline, resolve_precision
         from ray_faceid.pipelines.models import load_base
@@ -54,7 +53,7 @@ class Renderer:
         shared = shared_adapter(adapter, base, self.analyzer.spec)  # without one: the smoke base's seeded adapter
         if shared is None:
             raise BadInput(NO_ADAPTER.format(model=base.model_id))
-        refuse_generate_only(shared, "render", reads_references=True)
+        shared.kind.refuse("render", reads_references=True)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(config.precision, device)
         imr_module, flow_module = load_edit_modules(shared, imr, flow)  # before the pipeline casts the adapter

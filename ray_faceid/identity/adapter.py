@@ -114,6 +114,13 @@ class IdentityAdapter(nn.Module):
             adapter.processors[_key(name)].init_from(modules[name.rsplit(".", 1)[0]])
         return adapter
 
+    @property
+    def kind(self):
+        """What this adapter reads of a person, the tokens it makes of it and which paths run it (kinds.py)."""
+        from ray_faceid.identity.kinds import kind_of
+
+        return kind_of(self)
+
     def tokens(self, embeddings: torch.Tensor, present: torch.Tensor | None = None,
                expression: torch.Tensor | None = None, drop_prob: float = 0.0,
                image_features: torch.Tensor | None = None) -> torch.Tensor:

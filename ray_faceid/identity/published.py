@@ -259,30 +259,6 @@ def reads_clip_features(uri: str) -> str | None:
     return found.variant if found.plus else None
 
 
-def refuse_generate_only(adapter, where: str, reads_references: bool = False) -> None:
-    """FaceID-Portrait gives tokens per photo (their number varies by person), InstantID draws each
-    face's keypoints for its IdentityNet, FaceID-Plus reads each face through CLIP: paths that hold
-    people as one embedding, or batch people together on one engine, refuse them before any work starts.
-    `reads_references`: the path reads enrolled people's records (render, Serve): their reference crops,
-    which FaceID-Plus reads through CLIP (face/clip_image.py), and each photo's embedding, which
-    FaceID-Portrait turns into that photo's tokens (rows of other photo counts denoised apart)."""
-    if adapter is None or adapter.published is None:
-        return
-    if adapter.options.mapper == "face_plus" and not reads_references:
-        raise UnsupportedModel(f"{adapter.published['file']}: {adapter.published['variant']} reads each face's photos "
-                               f"through a CLIP image encoder; {where} holds people as embeddings and does not run it "
-                               "yet: use `ray-faceid generate`, render or Serve with it, or an IP-Adapter-FaceID "
-                               "(plain) file")
-    if adapter.options.mapper == "instantid":
-        raise UnsupportedModel(f"{adapter.published['file']}: InstantID's IdentityNet reads each image's face keypoints; "
-                               f"{where} does not run it yet: use `ray-faceid generate --identitynet FOLDER`, or an "
-                               "IP-Adapter-FaceID (plain) file")
-    if adapter.published.get("per_photo") and not reads_references:
-        raise UnsupportedModel(f"{adapter.published['file']}: FaceID-Portrait gives tokens per photo, as many as each "
-                               f"person has; {where} does not run it yet: use `ray-faceid generate`, render or "
-                               "Serve with it, or an IP-Adapter-FaceID (plain) file")
-
-
 def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale: float | None = None):
     """An IdentityAdapter from a published file, for `unet` (needed: layers are named by its order);
     `shortcut_scale`: PlusV2's weight of the resampled tokens over the embedding's own (default 1)."""

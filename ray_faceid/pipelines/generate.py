@@ -17,11 +17,10 @@ from ray_faceid.engines.base import DTYPES
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.context import identity_kwargs
-from ray_faceid.identity.expression import EXPRESSION_DIM, expression_code
+from ray_faceid.identity.expression import expression_code
 from ray_faceid.identity.personal_bank import PersonalBank
 from ray_faceid.identity.personalization import version_of
 from ray_faceid.identity.routing import Box, box_masks, strip_boxes
-from ray_faceid.identity.tokens import fuse_embeddings
 from ray_faceid.pipelines.models import BaseModel
 from ray_faceid.pipelines.provenance import png_with_provenance
 from ray_faceid.pipelines.sampling import DenoisingLoop
@@ -121,7 +120,7 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
         self.backend = resolve_backend(backend)
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
-        if self.backend != "torch" and adapter is not None and adapter.options.mapper == "instantid":
+        if self.backend != "torch" and adapter is not None and adapter.kind.identitynet:
             raise BadInput(f"InstantID's IdentityNet runs beside the UNet on --backend torch; the {self.backend} "
                            "engines do not take its residuals yet")
         self.engine_cache, self.engines = engine_cache, {}
@@ -154,20 +153,17 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
         """The text conditioning of each prompt, as the base's family reads it (text_conditioning.py)."""
         return encode_prompts(self.base, prompts, zero_empty)
 
-    @torch.no_grad()
-    def check_photo_counts(self, identities: list[IdentityCondition]) -> None:
-        """FaceID-Portrait stacks each person's tokens, one set per photo: the people of one image need
-        as many photos each. Checked per request before a batch runs (one request's people fail it alone)."""
-        if self.adapter is None or not (self.adapter.published or {}).get("per_photo"):
-            return
-        counts = [len(np.atleast_2d(person.embeddings)) for person in identities]
-        if len(set(counts)) > 1:
-            raise BadInput("FaceID-Portrait gives tokens per photo: every person in one image needs the same number "
-                           f"of photos (got {counts})")
+    def check_people(self, identities: list[IdentityCondition]) -> None:
+        """People who cannot share one image with this adapter's kind (FaceID-Portrait: unequal photo
+        counts). Checked per request before a batch runs (one request's people fail it alone)."""
+        if self.adapter is not None:
+            self.adapter.kind.check_people(identities)
 
+    @torch.no_grad()
     def identity_tokens(self, identities: list[IdentityCondition]) -> torch.Tensor:
-        """(1, M, T, C) tokens of every identity."""
-        self.check_photo_counts(identities)
+        """(1, M, T, C) tokens of every identity, as the adapter's kind reads each (identity/kinds.py)."""
+        kind = self.adapter.kind
+        kind.check_people(identities)
         spec = self.adapter.encoder_spec
         dtype = next(self.adapter.parameters()).dtype  # fp16 / bf16 on GPU
         tokens = []
@@ -179,51 +175,11 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
             code = expression_code(ident.expression)
             if code is not None:
                 code = code.to(self.device, dtype).unsqueeze(0)
-            if self.adapter.options.mapper == "multiref":
-                t = self.adapter.tokens(self._edited(ident, emb).unsqueeze(0))
-            elif self.adapter.published and self.adapter.published.get("per_photo"):  # FaceID-Portrait
-                t = self._tokens_per_photo(ident, emb)
-            elif self.adapter.options.mapper == "instantid":  # the raw embedding, as its pipeline gives it
-                if ident.edits:
-                    raise BadInput(f"identity {ident.name}: attribute edits act on a unit embedding; InstantID reads "
-                                   "the raw one")
-                t = self.adapter.tokens(emb.mean(0, keepdim=True))
-            elif self.adapter.options.mapper == "face_plus":
-                t = self.adapter.tokens(self._edited(ident, emb, fuse_embeddings(emb)).unsqueeze(0),
-                                        image_features=self._image_features(ident, dtype))
-            else:
-                q = None if ident.quality is None else torch.as_tensor(ident.quality, dtype=dtype, device=self.device)
-                expr = code if self.adapter.options.expression_dim == EXPRESSION_DIM else None
-                fused = self._edited(ident, emb, fuse_embeddings(emb, q))
-                t = self.adapter.tokens(fused.unsqueeze(0), expression=expr)
+            t = kind.tokens(self, ident, emb, code)
             if code is not None and self.imr is not None:
                 t = self.imr(t, code)
             tokens.append(t)
         return torch.stack(tokens, dim=1).to(self.base.unet.dtype)
-
-    def _tokens_per_photo(self, ident: IdentityCondition, references: torch.Tensor) -> torch.Tensor:
-        """(1, R*T, C): each reference photo's own tokens, in photo order (FaceID-Portrait's convention)."""
-        if self.backend != "torch" and references.shape[0] != 1:
-            raise BadInput(f"identity {ident.name}: FaceID-Portrait with {references.shape[0]} photos gives "
-                           f"{references.shape[0]} sets of tokens; compiled engines hold one: use --backend torch")
-        if ident.edits:
-            raise BadInput(f"identity {ident.name}: attribute edits act on one fused embedding; FaceID-Portrait "
-                           "reads each photo's own")
-        t = self.adapter.tokens(references)
-        return t.reshape(1, -1, t.shape[-1])
-
-    def _image_features(self, ident: IdentityCondition, dtype) -> torch.Tensor:
-        """(1, S, H): the mean CLIP image features of the identity's reference faces (FaceID-Plus)."""
-        if ident.image_features is None:
-            raise BadInput(f"identity {ident.name}: {self.adapter.published['variant']} reads the face's CLIP image "
-                           "features as well as its embedding: give reference photos or an enrolled person, and the CLIP "
-                           "image encoder (--image-encoder FOLDER; image_encoder in a Serve config)")
-        features = torch.as_tensor(np.asarray(ident.image_features), dtype=dtype, device=self.device)
-        want = self.adapter.mapper.feature_dim
-        if features.ndim != 3 or features.shape[-1] != want:
-            raise BadInput(f"identity {ident.name}: image features of shape {tuple(features.shape)}; the adapter "
-                           f"reads R x S x {want} (its CLIP image encoder's hidden states)")
-        return features.mean(dim=0, keepdim=True)
 
     def check_edits(self, name: str, edits: dict) -> None:
         """Edits this pipeline can carry out: a flow is loaded and has every attribute named."""
@@ -234,7 +190,7 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
                            "line, flow: in the Serve config); train one with `ray-faceid train --method flow`")
         check_edits(edits, self.flow.attributes)
 
-    def _edited(self, ident: IdentityCondition, references: torch.Tensor, fused: torch.Tensor | None = None):
+    def edited(self, ident: IdentityCondition, references: torch.Tensor, fused: torch.Tensor | None = None):
         """The mapper's input with the identity's attribute edits applied (the input itself without
         edits); records how far the edits moved it on the condition."""
         from ray_faceid.identity.edits import edit_embeddings, edit_fused
@@ -291,18 +247,9 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
         return identity_kwargs(torch.cat([tokens, tokens]), torch.cat([torch.zeros_like(scale), scale]), region)
 
     def zero_tokens(self, like: torch.Tensor) -> torch.Tensor:
-        """Tokens of a zero embedding for each identity: the unconditional rows of adapters whose
-        reference pipeline guides against them."""
-        dtype = next(self.adapter.parameters()).dtype
-        empty = torch.zeros(1, self.adapter.encoder_spec.dim, dtype=dtype, device=self.device)
-        if self.adapter.options.mapper == "face_plus":  # and the features of a zero image, as its pipeline does
-            if self.adapter.image_encoder is None:
-                raise BadInput("FaceID-Plus guides against its CLIP image encoder's features of an empty image: give "
-                               "--image-encoder FOLDER")
-            negative = self.adapter.image_encoder.negative().to(self.device, dtype)
-            zero = self.adapter.tokens(empty, image_features=negative)
-        else:
-            zero = self.adapter.tokens(empty)
+        """Tokens of a zero embedding for each identity (as the adapter's kind makes them): the
+        unconditional rows of adapters whose reference pipeline guides against them."""
+        zero = self.adapter.kind.zero_tokens(self, next(self.adapter.parameters()).dtype)
         zero = zero.repeat(1, like.shape[2] // zero.shape[1], 1)  # FaceID-Portrait: one set per photo
         return zero[:, None].expand(like.shape[0], like.shape[1], -1, -1).to(like.dtype)
 

@@ -84,7 +84,7 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
             feather: float = 4.0, max_side: int | None = None, sampler=None) -> GenerationResult:
     """Steps, guidance and scheduler default to the base's own (`sampler`: another, schedulers.py); the image is
     repainted at up to `max_side` pixels (default: the base's native size) and pasted back at its own size."""
-    if pipe.adapter is not None and pipe.adapter.options.mapper == "instantid":
+    if pipe.adapter is not None and pipe.adapter.kind.identitynet:
         raise BadInput("InstantID repaints nothing yet: its IdentityNet would read the keypoints of the face being "
                        "repainted; use `ray-faceid generate` with it, or an IP-Adapter-FaceID file to inpaint")
     height, width = image.shape[:2]

@@ -90,7 +90,7 @@ class DenoisingLoop:
         """InstantID: (tokens, keypoint images) IdentityNet reads for the rows `kwargs` holds (with
         guidance, 2B: the unconditional rows the zero embedding's tokens, as in the attention); None for
         other adapters."""
-        if not kwargs or self.adapter.options.mapper != "instantid":
+        if not kwargs or not self.adapter.kind.identitynet:
             return None
         if self.adapter.identitynet is None:
             raise BadInput("InstantID needs its IdentityNet: give --identitynet FOLDER (ControlNetModel/ of "

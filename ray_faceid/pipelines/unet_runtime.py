@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ray_faceid.engines.base import DTYPES, UNetCall
@@ -40,7 +39,7 @@ class UNetRuntime:
         for k, item in enumerate(items):
             own = self.personal_of(item)
             key = own[0] if own else None  # the version: a content hash of the person's weights
-            shape = self._token_counts(item)
+            shape = self.adapter.kind.token_counts(item.identities)
             for batch, held, tokens in zip(batches, people, shapes):
                 fits = (key in held or key is None or len(held - {None}) < self.personal_bank.slots
                         if self.per_row_weights else held == {key})
@@ -53,12 +52,6 @@ class UNetRuntime:
                 people.append({key})
                 shapes.append(shape)
         return batches
-
-    def _token_counts(self, item: "GenerationItem") -> tuple:
-        """What sets the item's identity token count beyond the adapter: FaceID-Portrait's photos per person."""
-        if not (self.adapter.published or {}).get("per_photo"):
-            return ()
-        return tuple(len(np.atleast_2d(person.embeddings)) for person in item.identities)
 
     def _text_inputs(self, text: TextConditioning, h: int, w: int) -> dict:
         f = self.base.vae_scale_factor

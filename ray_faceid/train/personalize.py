@@ -162,7 +162,7 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
         shared = IdentityAdapter.load(adapter, load_base(model).unet)
     else:
         shared = IdentityAdapter.load(adapter)
-    published.refuse_generate_only(shared, "personalize")
+    shared.kind.refuse("personalize", reads_references=False)
     adapter_hash = shared.content_hash()
     settings = config.compute_hash()
     skipped, failed, pending = [], {}, []

@@ -1,0 +1,164 @@
+"""Identity adapter kinds behind one interface: what each reads of a person and how it turns that
+into identity tokens, the tokens its unconditional rows take, what sets its token count (rows of
+other counts never share a UNet batch), and which paths run it. The pipeline asks the adapter's kind
+(`kind_of`) and never which kind it is, so a new kind plugs in here without touching the sampler.
+
+- `fused`: one embedding per person, the references fused by quality (our adapter, IP-Adapter-FaceID);
+- `multiref`: every reference read by the mapper (our PVA adapter);
+- `per_photo`: each photo its own tokens, concatenated (IP-Adapter-FaceID-Portrait);
+- `face_plus`: the fused embedding and the faces' CLIP image features (FaceID-Plus, PlusV2);
+- `instantid`: the raw embedding to a resampler; the face's keypoints drive its IdentityNet.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ray_faceid.errors import BadInput, UnsupportedModel
+from ray_faceid.identity.expression import EXPRESSION_DIM
+from ray_faceid.identity.tokens import fuse_embeddings
+
+if TYPE_CHECKING:
+    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+
+
+class AdapterKind:
+    """The default: one fused embedding per person, read by every path."""
+
+    name = "fused"
+    identitynet = False
+    """Whether the kind drives an IdentityNet beside the UNet (its residuals added at every step)."""
+
+    def __init__(self, adapter: IdentityAdapter):
+        self.adapter = adapter
+
+    def tokens(self, pipe: IdentityPipeline, ident: IdentityCondition, emb: torch.Tensor,
+               code: torch.Tensor | None) -> torch.Tensor:
+        """(1, T, C) tokens of one person from their (R, D) reference embeddings; `code`: the
+        expression code asked for (None: none)."""
+        q = None if ident.quality is None else torch.as_tensor(ident.quality, dtype=emb.dtype, device=emb.device)
+        expression = code if self.adapter.options.expression_dim == EXPRESSION_DIM else None
+        fused = pipe.edited(ident, emb, fuse_embeddings(emb, q))
+        return self.adapter.tokens(fused.unsqueeze(0), expression=expression)
+
+    def zero_tokens(self, pipe: IdentityPipeline, dtype: torch.dtype) -> torch.Tensor:
+        """(1, T, C) tokens of a zero embedding: the unconditional rows of adapters whose reference
+        pipeline guides against them."""
+        return self.adapter.tokens(torch.zeros(1, self.adapter.encoder_spec.dim, dtype=dtype, device=pipe.device))
+
+    def token_counts(self, identities: list[IdentityCondition]) -> tuple:
+        """What sets an image's token count beyond the adapter (empty: nothing)."""
+        return ()
+
+    def check_people(self, identities: list[IdentityCondition]) -> None:
+        """People who cannot share one image with this kind: BadInput naming why."""
+
+    def refuse(self, where: str, reads_references: bool) -> None:
+        """UnsupportedModel where a path (`where`) cannot run this kind; `reads_references`: the path
+        reads enrolled people's records (their reference crops and each photo's embedding)."""
+
+
+class MultiRefKind(AdapterKind):
+    name = "multiref"
+
+    def tokens(self, pipe, ident, emb, code):
+        return self.adapter.tokens(pipe.edited(ident, emb).unsqueeze(0))
+
+
+class PerPhotoKind(AdapterKind):
+    """FaceID-Portrait: each reference photo's own tokens, in photo order."""
+
+    name = "per_photo"
+
+    def tokens(self, pipe, ident, emb, code):
+        if pipe.backend != "torch" and emb.shape[0] != 1:
+            raise BadInput(f"identity {ident.name}: FaceID-Portrait with {emb.shape[0]} photos gives "
+                           f"{emb.shape[0]} sets of tokens; compiled engines hold one: use --backend torch")
+        if ident.edits:
+            raise BadInput(f"identity {ident.name}: attribute edits act on one fused embedding; FaceID-Portrait "
+                           "reads each photo's own")
+        t = self.adapter.tokens(emb)
+        return t.reshape(1, -1, t.shape[-1])
+
+    def token_counts(self, identities):
+        return tuple(len(np.atleast_2d(person.embeddings)) for person in identities)
+
+    def check_people(self, identities):
+        counts = list(self.token_counts(identities))
+        if len(set(counts)) > 1:
+            raise BadInput("FaceID-Portrait gives tokens per photo: every person in one image needs the same number "
+                           f"of photos (got {counts})")
+
+    def refuse(self, where, reads_references):
+        if not reads_references:
+            raise UnsupportedModel(f"{self.adapter.published['file']}: FaceID-Portrait gives tokens per photo, as many "
+                                   f"as each person has; {where} does not run it yet: use `ray-faceid generate`, render "
+                                   "or Serve with it, or an IP-Adapter-FaceID (plain) file")
+
+
+class FacePlusKind(AdapterKind):
+    """FaceID-Plus / PlusV2: the fused embedding and the mean CLIP image features of the person's faces."""
+
+    name = "face_plus"
+
+    def tokens(self, pipe, ident, emb, code):
+        fused = pipe.edited(ident, emb, fuse_embeddings(emb))
+        return self.adapter.tokens(fused.unsqueeze(0), image_features=self._image_features(pipe, ident, emb.dtype))
+
+    def _image_features(self, pipe, ident, dtype) -> torch.Tensor:
+        """(1, S, H): the mean CLIP image features of the identity's reference faces."""
+        if ident.image_features is None:
+            raise BadInput(f"identity {ident.name}: {self.adapter.published['variant']} reads the face's CLIP image "
+                           "features as well as its embedding: give reference photos or an enrolled person, and the CLIP "
+                           "image encoder (--image-encoder FOLDER; image_encoder in a Serve config)")
+        features = torch.as_tensor(np.asarray(ident.image_features), dtype=dtype, device=pipe.device)
+        want = self.adapter.mapper.feature_dim
+        if features.ndim != 3 or features.shape[-1] != want:
+            raise BadInput(f"identity {ident.name}: image features of shape {tuple(features.shape)}; the adapter "
+                           f"reads R x S x {want} (its CLIP image encoder's hidden states)")
+        return features.mean(dim=0, keepdim=True)
+
+    def zero_tokens(self, pipe, dtype):
+        """The zero embedding with the features of an empty image, as its pipeline guides."""
+        if self.adapter.image_encoder is None:
+            raise BadInput("FaceID-Plus guides against its CLIP image encoder's features of an empty image: give "
+                           "--image-encoder FOLDER")
+        negative = self.adapter.image_encoder.negative().to(pipe.device, dtype)
+        empty = torch.zeros(1, self.adapter.encoder_spec.dim, dtype=dtype, device=pipe.device)
+        return self.adapter.tokens(empty, image_features=negative)
+
+    def refuse(self, where, reads_references):
+        if not reads_references:
+            raise UnsupportedModel(f"{self.adapter.published['file']}: {self.adapter.published['variant']} reads each "
+                                   f"face's photos through a CLIP image encoder; {where} holds people as embeddings and "
+                                   "does not run it yet: use `ray-faceid generate`, render or Serve with it, or an "
+                                   "IP-Adapter-FaceID (plain) file")
+
+
+class InstantIdKind(AdapterKind):
+    """InstantID: the raw (not unit) embedding, as its pipeline gives it; generate alone draws the
+    face keypoints its IdentityNet reads."""
+
+    name = "instantid"
+    identitynet = True
+
+    def tokens(self, pipe, ident, emb, code):
+        if ident.edits:
+            raise BadInput(f"identity {ident.name}: attribute edits act on a unit embedding; InstantID reads the raw one")
+        return self.adapter.tokens(emb.mean(0, keepdim=True))
+
+    def refuse(self, where, reads_references):
+        raise UnsupportedModel(f"{self.adapter.published['file']}: InstantID's IdentityNet reads each image's face "
+                               f"keypoints; {where} does not run it yet: use `ray-faceid generate --identitynet FOLDER`, "
+                               "or an IP-Adapter-FaceID (plain) file")
+
+
+def kind_of(adapter: IdentityAdapter) -> AdapterKind:
+    """The kind of a loaded adapter, from its mapper and its published record."""
+    if (adapter.published or {}).get("per_photo"):
+        return PerPhotoKind(adapter)
+    kinds = {"multiref": MultiRefKind, "face_plus": FacePlusKind, "instantid": InstantIdKind}
+    return kinds.get(adapter.options.mapper, AdapterKind)(adapter)
