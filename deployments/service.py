@@ -310,7 +310,7 @@ class FaceService:
         result = await self._analyze(base64.b64decode(png_b64))
         faces = [Face(bbox=tuple(f["bbox"]), score=f["score"], landmarks=Landmarks(INSIGHTFACE5, np.zeros((5, 2))),
                       embedding=np.array(f["embedding"])) for f in result.get("faces", [])]
-        refs = {i: reference_embedding(*(await self.registry.embeddings(tenant, i))[:2]) for i in ids}
+        refs = {i: reference_embedding(*(await self.registry.embeddings(tenant, i, spec))[:2]) for i in ids}
         scores = []
         for s in leakage(faces, refs):
             same = None

@@ -75,3 +75,26 @@ def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: Se
             continue
         enrolled[label] = meta["id"]
     return {"enrolled": enrolled, "skipped": skipped}
+
+
+def embed_again(registry, tenant: str, identity: str, analyzer) -> dict:
+    """Another encoder's embeddings of an enrolled person, from the reference crops the registry keeps
+    (no photo is needed, none is kept): each crop's face through `analyzer`'s face stack, stored beside
+    the enrollment's (Registry.add_embeddings). Crops where it finds no face are skipped and counted."""
+    import numpy as np
+
+    from ray_faceid.errors import BadInput, FaceIdError
+
+    meta = registry.get(tenant, identity)
+    crops = registry.references(tenant, identity)
+    embeddings, quality = [], []
+    for faces in analyzer.analyze_batch(crops, return_errors=True):
+        if not isinstance(faces, FaceIdError) and faces:
+            embeddings.append(faces[0].embedding)
+            quality.append(faces[0].quality["score"])
+    who = meta.get("name") or identity
+    if not embeddings:
+        raise BadInput(f"{who}: {analyzer.spec.key()} found no face in any of their {len(crops)} reference crops")
+    registry.add_embeddings(tenant, identity, np.stack(embeddings), np.asarray(quality), analyzer.spec)
+    return {"id": identity, "name": meta.get("name"), "encoder": analyzer.spec.key(), "faces_used": len(embeddings),
+            "skipped": len(crops) - len(embeddings)}

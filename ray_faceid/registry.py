@@ -2,6 +2,7 @@
 
     <store>/<tenant>/<identity id>/meta.json          name, consent, times, encoder spec, photo report
                                    /embeddings.npz     (R, D) embeddings + quality, one per reference
+                                   /embeddings-<k>.npz the same references by another encoder (meta "encoders")
                                    /references/<k>.png aligned reference crops
                                    /adapters/<version>/ per-identity adapters
     <store>/<tenant>/_locks/       one lock file per identity or name while it is written
@@ -42,6 +43,7 @@ from ray_faceid.errors import (
     BadInput,
     Conflict,
     ConsentWithdrawn,
+    EncoderMismatch,
     Erased,
     ErasedPerson,
     NameTaken,
@@ -241,15 +243,47 @@ class Registry:
                                 json.dumps(meta, indent=2).encode())
             return meta
 
-    def embeddings(self, tenant: str, identity: str) -> tuple[np.ndarray, np.ndarray, EncoderSpec]:
+    def embeddings(self, tenant: str, identity: str,
+                   spec: EncoderSpec | None = None) -> tuple[np.ndarray, np.ndarray, EncoderSpec]:
+        """(R, D) embeddings, quality and encoder of an identity's references: the enrollment's, or
+        with `spec` that encoder's (the enrollment's or one `identities embed` added); an encoder the
+        person has no embeddings of is EncoderMismatch saying how to add them."""
         meta = self.get(tenant, identity)
-        raw = storage.read_bytes(storage.join(self._dir(tenant, identity), "embeddings.npz"))
+        file, found = "embeddings.npz", EncoderSpec(**meta["encoder"])
+        if spec is not None and spec.key() != found.key():
+            extra = (meta.get("encoders") or {}).get(spec.key())
+            if extra is None:
+                have = ", ".join([found.key(), *(meta.get("encoders") or {})])
+                raise EncoderMismatch(f"identity {meta.get('name') or identity} has embeddings of {have}, not "
+                                      f"{spec.key()}: add them from the reference crops with `ray-faceid identities "
+                                      "embed` and that face stack (no photo needed)")
+            file, found = extra["file"], EncoderSpec(**extra["spec"])
+        raw = storage.read_bytes(storage.join(self._dir(tenant, identity), file))
         try:
             data = np.load(io.BytesIO(raw))
-            return data["embeddings"], data["quality"], EncoderSpec(**meta["encoder"])
+            return data["embeddings"], data["quality"], found
         except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:  # a damaged file, not a bad request
             raise StorageError(f"identity {identity}'s embeddings in the store are unreadable ({exc}); "
                                "re-enroll the identity") from exc
+
+    def add_embeddings(self, tenant: str, identity: str, embeddings: np.ndarray, quality: np.ndarray,
+                       spec: EncoderSpec) -> dict:
+        """Another encoder's embeddings of the identity's references (`identities embed`), so a person
+        enrolled once works with adapters of every encoder. Under the identity's lock (an erasure
+        cannot pass in between and leave the file behind): the file first, then meta.json names it; a
+        crash between leaves an unnamed file that a re-run replaces and the identity's erasure removes."""
+        file = f"embeddings-{hashlib.sha256(spec.key().encode()).hexdigest()[:12]}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, embeddings=np.asarray(embeddings, np.float32), quality=np.asarray(quality, np.float32))
+
+        def write_and_name(meta: dict) -> None:
+            if spec.key() == EncoderSpec(**meta["encoder"]).key():
+                raise BadInput(f"identity {meta.get('name') or identity} was enrolled with {spec.key()}: it has those")
+            storage.write_bytes(storage.join(self._dir(tenant, identity), file), buf.getvalue())
+            meta.setdefault("encoders", {})[spec.key()] = {"spec": spec.model_dump(), "file": file,
+                                                           "faces_used": int(len(embeddings))}
+
+        return self.update(tenant, identity, write_and_name)
 
     def named(self, tenant: str, name: str) -> list[dict]:
         """The identities called `name` (case-insensitive; one, unless enrolled before names were unique)."""

@@ -112,8 +112,7 @@ def _conditions(analyzer, people: dict, registry: str, tenant: str, regions: dic
             emb, quality = source, None
         elif isinstance(source, str):
             enrolled[name] = store.resolve(tenant, source)
-            emb, quality, spec = store.embeddings(tenant, enrolled[name])
-            analyzer.spec.check_compatible(spec, f"the embeddings of {source}")
+            emb, quality, _ = store.embeddings(tenant, enrolled[name], analyzer.spec)
         else:
             emb, quality = embed_references(analyzer, source)
         conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits,

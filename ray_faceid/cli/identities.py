@@ -1,8 +1,9 @@
-"""`ray-faceid identities enroll|list|show|delete|rotate-secret|move-secret-out`: the identity registry
+"""`ray-faceid identities enroll|list|embed|show|delete|rotate-secret|move-secret-out`: the identity registry
 from the command line."""
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 
@@ -106,6 +107,52 @@ def list_identities(registry: str = RegistryOpt, tenant: str = TenantOpt, as_jso
         console.print(f"no identities for tenant {tenant!r} in {registry}{others}", soft_wrap=True, highlight=False)
     for meta in sorted(rows, key=lambda m: ((m["name"] or "").casefold(), m["id"])):  # as people look them up: by name
         console.print(f"{meta['id']}  {meta['name'] or '-'}  faces={meta['faces_used']}  created={meta['created']}")
+
+
+@app.command()
+def embed(
+    people: list[str] = typer.Argument(None, help="Names or ids; default: every person of the tenant."),
+    face_backend: str = typer.Option("insightface", "--face-backend", help="dlib | insightface: the face stack whose "
+                                     "embeddings an adapter needs (IP-Adapter-FaceID: insightface's buffalo_l)."),
+    insightface_root: Optional[str] = typer.Option(None, "--insightface-root", help="An insightface pack folder "
+                                                   "(its .onnx files; the packs are non-commercial)."),
+    recognizer_onnx: Optional[str] = typer.Option(None, "--recognizer-onnx", help="An ArcFace-shaped ONNX model "
+                                                  "of your own instead of the backend's recogniser."),
+    registry: str = RegistryOpt,
+    tenant: str = TenantOpt,
+):
+    """Add another face stack's embeddings to enrolled people, from the reference crops the registry
+    keeps (no photo needed), so a person enrolled once works with adapters of that encoder too (e.g.
+    enrolled with dlib, then served with a published IP-Adapter-FaceID). Exits 3 if a person failed."""
+    from ray_faceid.cli.faces import face_config
+    from ray_faceid.enrollment import embed_again
+    from ray_faceid.errors import BadInput, FaceIdError
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.registry import Registry
+
+    with user_errors():
+        if face_backend == "insightface" and not insightface_root and not recognizer_onnx:
+            raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files), "
+                           "or --recognizer-onnx FILE")
+        config = face_config(face_backend, insightface_root, True)
+        if recognizer_onnx:
+            config = config.model_copy(update={"recognizer_onnx": recognizer_onnx})
+        analyzer = FaceAnalyzer(config)
+        store = Registry(registry).require()
+        wanted = [store.resolve(tenant, p) for p in people] if people else [m["id"] for m in store.list(tenant)]
+        failed = 0
+        for identity in wanted:
+            try:
+                done = embed_again(store, tenant, identity, analyzer)
+            except FaceIdError as exc:
+                failed += 1
+                console.print(f"failed {identity}: {exc.message}", highlight=False, soft_wrap=True)
+                continue
+            skipped = f"; {done['skipped']} reference crop(s) without a face skipped" if done["skipped"] else ""
+            console.print(f"{done['name'] or identity}: {done['faces_used']} embeddings of {done['encoder']} "
+                          f"added{skipped}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(3)
 
 
 @app.command()

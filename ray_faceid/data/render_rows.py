@@ -76,8 +76,8 @@ class Renderer:
             self.identities.move_to_end(identity)
             return self.identities[identity]
         found = self.registry.resolve(self.tenant, identity)  # rows may name people or give their ids
-        embeddings, quality, spec = self.registry.embeddings(self.tenant, found)
-        self.analyzer.spec.check_compatible(spec)
+        # The face stack's embeddings (the enrollment's, or added by `identities embed`): tokens and scores.
+        embeddings, quality, _ = self.registry.embeddings(self.tenant, found, self.analyzer.spec)
         loaded = {"id": found, "embeddings": embeddings, "quality": quality,
                   "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash),
                   "image_features": self._image_features(found)}

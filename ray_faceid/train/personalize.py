@@ -41,7 +41,7 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
     existing = registry.adapter_record(tenant, identity, adapter_hash, config.compute_hash())
     if existing:
         return {"version": existing["version"], "skipped": True}
-    embeddings, quality, spec = registry.embeddings(tenant, identity)
+    embeddings, quality, spec = registry.embeddings(tenant, identity, adapter.encoder_spec)
     if not adapter.takes(spec):
         raise EncoderMismatch(f"enrolled with {spec.key()}, the adapter needs {adapter.encoder_spec.key()}")
     crops = registry.references(tenant, identity)

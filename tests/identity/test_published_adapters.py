@@ -204,6 +204,52 @@ def test_render_gives_each_enrolled_photo_its_own_portrait_tokens(tmp_path, tiny
     assert np.abs(np.asarray(Image.open(one["output_uri"])).astype(int) - generated(embeddings[:1])).max() <= 1
 
 
+def test_a_person_enrolled_with_dlib_renders_with_a_faceid_file_after_identities_embed(tmp_path, tiny_arcface_onnx,
+                                                                                         sample_photos):
+    """Enrolled once (dlib, the default), then the ArcFace-shaped encoder's embeddings added from the
+    registry's reference crops: a FaceID catalog row renders them; before, the row said how to add
+    them. Erasure leaves none of either behind."""
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.config import FaceConfig, RenderConfig
+    from ray_faceid.data.render_rows import Renderer
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.registry import Registry
+
+    registry = str(tmp_path / "registry")
+    run = CliRunner().invoke
+    enrolled = run(app, ["identities", "enroll", str(sample_photos["Tom_Hanks_54745.png"]), "--name", "hanks",
+                         "--consent", "form-1", "--registry", registry])
+    assert enrolled.exit_code == 0, enrolled.output
+    face_config = FaceConfig(recognizer_onnx=str(tiny_arcface_onnx))
+    arcface = FaceAnalyzer(face_config).spec
+    save_like_a_user(tmp_path / "sd15")
+    adapter = save(faceid_state_dict(build_tiny().unet, embed=arcface.dim), tmp_path / "ip-adapter-faceid_sd15.bin")
+    config = RenderConfig(steps=2, size="32x32", face=face_config, device="cpu")
+    row = json.dumps({"id": "r1", "prompt": "a portrait", "identities": ["hanks"], "seed": 3})
+
+    def render() -> dict:
+        renderer = Renderer(config, str(tmp_path / "sd15"), adapter, registry, "default", str(tmp_path / "out"))
+        return renderer.render_batch([row], [0])[0]
+
+    before = render()
+    assert before["status"] == "error" and "identities embed" in before["error"], before
+    added = run(app, ["identities", "embed", "hanks", "--face-backend", "dlib", "--recognizer-onnx",
+                      str(tiny_arcface_onnx), "--registry", registry])
+    assert added.exit_code == 0 and f"hanks: 1 embeddings of {arcface.key()} added" in added.output, added.output
+    store = Registry(registry)
+    identity = store.resolve("default", "hanks")
+    embeddings, _, spec = store.embeddings("default", identity, arcface)
+    assert spec.key() == arcface.key() and embeddings.shape == (1, arcface.dim)
+    assert store.embeddings("default", identity)[2].name == "dlib_resnet"  # the enrollment's stay what they were
+    after = render()
+    assert after["status"] == "ok", after
+    erased = run(app, ["identities", "delete", "hanks", "--registry", registry])
+    assert erased.exit_code == 0, erased.output
+    assert not store.files("default", identity)
+
+
 def test_published_layouts_the_system_does_not_run_or_damaged_files_are_refused_in_one_line(tmp_path):
     base = build_tiny()
     state = faceid_state_dict(base.unet)
