@@ -114,7 +114,11 @@ def _work(loop: dict) -> None:
     for round_ in range(rounds):
         if round_ < len(mine):
             identity = mine[round_]
-            steps = ProgressLine(f"personalize {identity} (worker {rank}, {round_ + 1} of {len(mine)}) steps",
+            try:  # the person as people know them (ids are unguessable strings)
+                who = registry.get(loop["tenant"], identity).get("name") or identity
+            except FaceIdError:
+                who = identity  # erased meanwhile: adapt_one fails it with the reason
+            steps = ProgressLine(f"personalize {who} (worker {rank}, {round_ + 1} of {len(mine)}) steps",
                                  config.steps, emit=to_stderr)
 
             def on_step(step: int, loss: float, steps=steps) -> None:

@@ -135,9 +135,10 @@ def test_sigterm_stops_personalize_with_143(tmp_path, small_dataset, shared_adap
                "--adapter", shared_adapter, "--steps", "5000", "--identities", "amy"]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        deadline, line = time.monotonic() + 240, ""
+        deadline, line, seen = time.monotonic() + 240, "", ""
         while "step" not in line and time.monotonic() < deadline and job.poll() is None:
             line = job.stdout.readline()
+            seen += line
         assert "step" in line, "no progress line before the deadline"
         job.send_signal(signal.SIGTERM)
         output, _ = job.communicate(timeout=90)
@@ -146,3 +147,4 @@ def test_sigterm_stops_personalize_with_143(tmp_path, small_dataset, shared_adap
             job.kill()
     assert job.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "SIGTERM received" not in output and "Traceback" not in output, output[-3000:]
+    assert "personalize amy (worker 0" in seen + output  # progress names the person, not their id
