@@ -67,13 +67,15 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
         from ray_faceid.pipelines.schedulers import Sampler
 
         Sampler.parse(config.scheduler, config.scheduler_config, where="scheduler")
-    if config.adapter and (variant := published.generate_only(config.adapter)):  # before a replica loads a base
-        raise BadInput(f"adapter {config.adapter}: {variant} runs from `ray-faceid generate` only (Serve holds people "
-                       "as embeddings and batches them on one engine): serve an IP-Adapter-FaceID (plain) file")
-    if config.adapter and config.backend != "torch" and (variant := published.tokens_per_photo(config.adapter)):
-        raise BadInput(f"adapter {config.adapter}: {variant} gives each photo of a person its own tokens, as many as "
-                       f"they have; a {config.backend} engine holds one set: set backend torch")
-    plus = published.reads_clip_features(config.adapter) if config.adapter else None
+    found = published.describe(config.adapter) if config.adapter else None  # the file read once, before any replica
+    if found is not None and found.instantid:
+        raise BadInput(f"adapter {config.adapter}: {found.variant} runs from `ray-faceid generate` only (Serve holds "
+                       "people as embeddings and batches them on one engine): serve an IP-Adapter-FaceID (plain) file")
+    if found is not None and found.per_photo and config.backend != "torch":
+        raise BadInput(f"adapter {config.adapter}: {found.variant} gives each photo of a person its own tokens, as "
+                       f"many as they have; a compiled engine (backend {config.backend}) holds one set: set backend "
+                       "torch")
+    plus = found.variant if found is not None and found.plus else None
     if plus and not config.image_encoder:
         raise BadInput(f"adapter {config.adapter}: {plus} reads faces through a CLIP image encoder too: set "
                        "image_encoder to its folder (models/image_encoder of h94/IP-Adapter)")

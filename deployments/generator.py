@@ -189,9 +189,9 @@ class Generator:
         tenant, identity = multiplex.split_key(key)
         from ray_faceid.identity.personalization import load_personal
 
-        adapter = self.pipeline.adapter  # its encoder's embeddings: the enrollment's or added by `identities embed`
+        adapter = self.pipeline.adapter  # embeddings it takes: the enrollment's or added by `identities embed`
         embeddings, quality, spec = self.registry.embeddings(tenant, identity,
-                                                             None if adapter is None else adapter.encoder_spec)
+                                                             accept=None if adapter is None else adapter.takes)
         self.loads += 1
         personal = load_personal(self.registry, tenant, identity, self.adapter_hash)
         encoder = self.pipeline.adapter.image_encoder if self.pipeline.adapter is not None else None

@@ -404,7 +404,7 @@ def build(service: FaceService, files=None):
                     steps = gr.Number(label="Steps", value=30, precision=0, minimum=1, elem_id="steps")
                     seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
                     strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Identity strength")
-                    guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance", elem_id="guidance")
+                    guidance = gr.Slider(0, 30, value=5.0, step=0.1, label="Guidance", elem_id="guidance")
                     sampler = sampler_list("sampler")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -421,7 +421,7 @@ def build(service: FaceService, files=None):
                     inpaint_prompt = gr.Textbox(label="Prompt", value="a portrait photo")
                     inpaint_steps = gr.Number(label="Steps", value=30, precision=0, minimum=1)
                     inpaint_seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
-                    inpaint_guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
+                    inpaint_guidance = gr.Slider(0, 30, value=5.0, step=0.1, label="Guidance")
                     inpaint_sampler = sampler_list("inpaint-sampler")
                 paint = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
                 with gr.Row():

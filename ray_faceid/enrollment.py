@@ -80,21 +80,26 @@ def enroll_dataset(registry, tenant: str, dataset: str, consent: str, limits: Se
 def embed_again(registry, tenant: str, identity: str, analyzer) -> dict:
     """Another encoder's embeddings of an enrolled person, from the reference crops the registry keeps
     (no photo is needed, none is kept): each crop's face through `analyzer`'s face stack, stored beside
-    the enrollment's (Registry.add_embeddings). Crops where it finds no face are skipped and counted."""
+    the enrollment's (Registry.add_embeddings), one per crop in the crops' order (personalize and
+    FaceID-Portrait pair them), so a crop where it finds no face fails the person, naming it. A person
+    enrolled with that encoder already is left as they are ("already": True)."""
     import numpy as np
 
     from ray_faceid.errors import BadInput, FaceIdError
+    from ray_faceid.face.spec import EncoderSpec
 
     meta = registry.get(tenant, identity)
-    crops = registry.references(tenant, identity)
-    embeddings, quality = [], []
-    for faces in analyzer.analyze_batch(crops, return_errors=True):
-        if not isinstance(faces, FaceIdError) and faces:
-            embeddings.append(faces[0].embedding)
-            quality.append(faces[0].quality["score"])
     who = meta.get("name") or identity
-    if not embeddings:
-        raise BadInput(f"{who}: {analyzer.spec.key()} found no face in any of their {len(crops)} reference crops")
-    registry.add_embeddings(tenant, identity, np.stack(embeddings), np.asarray(quality), analyzer.spec)
-    return {"id": identity, "name": meta.get("name"), "encoder": analyzer.spec.key(), "faces_used": len(embeddings),
-            "skipped": len(crops) - len(embeddings)}
+    result = {"id": identity, "name": meta.get("name"), "encoder": analyzer.spec.key()}
+    if EncoderSpec(**meta["encoder"]).key() == analyzer.spec.key():
+        return dict(result, already=True, faces_used=meta["faces_used"])
+    crops = registry.references(tenant, identity)
+    found = analyzer.analyze_batch(crops, return_errors=True)
+    missing = [k for k, faces in enumerate(found) if isinstance(faces, FaceIdError) or not faces]
+    if missing:
+        raise BadInput(f"{who}: {analyzer.spec.key()} found no face in reference crop(s) {missing} of {len(crops)}; "
+                       "their embeddings must pair with every crop: re-enroll them with this face stack")
+    embeddings = np.stack([faces[0].embedding for faces in found])
+    quality = np.asarray([faces[0].quality["score"] for faces in found])
+    registry.add_embeddings(tenant, identity, embeddings, quality, analyzer.spec)
+    return dict(result, already=False, faces_used=len(embeddings))

@@ -34,6 +34,7 @@ import secrets
 import time
 import unicodedata
 import zipfile
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -243,28 +244,30 @@ class Registry:
                                 json.dumps(meta, indent=2).encode())
             return meta
 
-    def embeddings(self, tenant: str, identity: str,
-                   spec: EncoderSpec | None = None) -> tuple[np.ndarray, np.ndarray, EncoderSpec]:
-        """(R, D) embeddings, quality and encoder of an identity's references: the enrollment's, or
-        with `spec` that encoder's (the enrollment's or one `identities embed` added); an encoder the
-        person has no embeddings of is EncoderMismatch saying how to add them."""
+    def embeddings(self, tenant: str, identity: str, spec: EncoderSpec | None = None,
+                   accept: Callable[[EncoderSpec], bool] | None = None) -> tuple[np.ndarray, np.ndarray, EncoderSpec]:
+        """(R, D) embeddings, quality and encoder of an identity's references: the enrollment's; with
+        `spec`, that encoder's; with `accept`, the first encoder it accepts (the enrollment's, then those
+        `identities embed` added; an adapter's `takes`). None fitting is EncoderMismatch saying how to
+        add them."""
         meta = self.get(tenant, identity)
-        file, found = "embeddings.npz", EncoderSpec(**meta["encoder"])
-        if spec is not None and spec.key() != found.key():
-            extra = (meta.get("encoders") or {}).get(spec.key())
-            if extra is None:
-                have = ", ".join([found.key(), *(meta.get("encoders") or {})])
-                raise EncoderMismatch(f"identity {meta.get('name') or identity} has embeddings of {have}, not "
-                                      f"{spec.key()}: add them from the reference crops with `ray-faceid identities "
-                                      "embed` and that face stack (no photo needed)")
-            file, found = extra["file"], EncoderSpec(**extra["spec"])
+        found = [("embeddings.npz", EncoderSpec(**meta["encoder"]))]
+        found += [(e["file"], EncoderSpec(**e["spec"])) for e in (meta.get("encoders") or {}).values()]
+        fits = [(f, s) for f, s in found if (spec is None or s.key() == spec.key()) and (accept is None or accept(s))]
+        if not fits:
+            wanted = spec.key() if spec is not None else "the adapter's encoder"
+            raise EncoderMismatch(f"identity {meta.get('name') or identity} has embeddings of "
+                                  f"{', '.join(s.key() for _, s in found)}, not of {wanted}: add them from the "
+                                  "reference crops with `ray-faceid identities embed` and that face stack (no photo "
+                                  "needed)")
+        file, chosen = fits[0]
         raw = storage.read_bytes(storage.join(self._dir(tenant, identity), file))
         try:
             data = np.load(io.BytesIO(raw))
-            return data["embeddings"], data["quality"], found
+            return data["embeddings"], data["quality"], chosen
         except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:  # a damaged file, not a bad request
-            raise StorageError(f"identity {identity}'s embeddings in the store are unreadable ({exc}); "
-                               "re-enroll the identity") from exc
+            again = "re-enroll the identity" if file == "embeddings.npz" else "run `ray-faceid identities embed` again"
+            raise StorageError(f"identity {identity}'s embeddings in the store are unreadable ({exc}); {again}") from exc
 
     def add_embeddings(self, tenant: str, identity: str, embeddings: np.ndarray, quality: np.ndarray,
                        spec: EncoderSpec) -> dict:

@@ -131,9 +131,11 @@ def embed(
     from ray_faceid.registry import Registry
 
     with user_errors():
-        if face_backend == "insightface" and not insightface_root and not recognizer_onnx:
-            raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files), "
-                           "or --recognizer-onnx FILE")
+        if face_backend not in ("dlib", "insightface"):
+            raise BadInput(f"--face-backend must be dlib or insightface, not {face_backend!r}")
+        if face_backend == "insightface" and not insightface_root:
+            raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files); "
+                           "an ONNX recogniser of your own goes with --face-backend dlib --recognizer-onnx FILE")
         config = face_config(face_backend, insightface_root, True)
         if recognizer_onnx:
             config = config.model_copy(update={"recognizer_onnx": recognizer_onnx})
@@ -148,9 +150,9 @@ def embed(
                 failed += 1
                 console.print(f"failed {identity}: {exc.message}", highlight=False, soft_wrap=True)
                 continue
-            skipped = f"; {done['skipped']} reference crop(s) without a face skipped" if done["skipped"] else ""
+            what = "enrolled with it already" if done["already"] else "added"
             console.print(f"{done['name'] or identity}: {done['faces_used']} embeddings of {done['encoder']} "
-                          f"added{skipped}", highlight=False, soft_wrap=True)
+                          f"{what}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(3)
 

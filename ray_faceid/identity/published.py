@@ -232,31 +232,16 @@ def untrainable(uri: str) -> str | None:
     return found.variant if found.plus or found.instantid else None
 
 
+def describe(uri: str) -> Recognised | None:
+    """What a published file is, read from the file alone (no base: a Serve config is checked when it
+    is read, the file read once); None for an adapter folder `train` wrote."""
+    return recognise(*read(uri), uri) if is_published_file(uri) else None
+
+
 def generate_only(uri: str) -> str | None:
-    """The variant of a published file only `generate` runs (InstantID), read from the file alone (no
-    base: a Serve config is refused when it is read); None for the others."""
-    if not is_published_file(uri):
-        return None
-    found = recognise(*read(uri), uri)
-    return found.variant if found.instantid else None
-
-
-def tokens_per_photo(uri: str) -> str | None:
-    """The variant of a published file that gives each reference photo its own tokens (FaceID-Portrait),
-    read from the file alone; None for the others."""
-    if not is_published_file(uri):
-        return None
-    found = recognise(*read(uri), uri)
-    return found.variant if found.per_photo else None
-
-
-def reads_clip_features(uri: str) -> str | None:
-    """The variant of a published file that reads faces through a CLIP image encoder (FaceID-Plus,
-    PlusV2), read from the file alone; None for the others."""
-    if not is_published_file(uri):
-        return None
-    found = recognise(*read(uri), uri)
-    return found.variant if found.plus else None
+    """The variant of a published file only `generate` runs (InstantID); None for the others."""
+    found = describe(uri)
+    return found.variant if found is not None and found.instantid else None
 
 
 def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale: float | None = None):

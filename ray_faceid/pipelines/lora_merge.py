@@ -77,7 +77,8 @@ def merge_loras(model: str, loras: list[str], scales: list[float], out: str | Pa
     names = " + ".join(f"{m['file']}@{m['sha256'][:12]}x{m['scale']:g}" for m in merged)
     meta = json.loads(index.read_text()) | {"_ray_faceid_model_id": f"{base.model_id} + {names}",
                                            "_ray_faceid_merged": record}
-    defaults = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+    # A base merged before keeps its own steps and guidance unless new ones are given.
+    defaults = base.sampling | {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
     if defaults:
         meta["_ray_faceid_sampling"] = defaults
     index.write_text(json.dumps(meta, indent=2))

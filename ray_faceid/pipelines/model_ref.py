@@ -37,8 +37,8 @@ class ModelRef:
 
     def fingerprint(self) -> str:
         """What identifies the weights without loading them (checks before a job starts): the files'
-        hash of the folder, the weights hash of a tiny base; a hub model not fully in the local cache
-        is named by its id. Computed once per reference."""
+        hash of the folder, the weights hash of a tiny base, a hub model's id at its snapshot's commit.
+        Computed once per reference."""
         if self._fingerprint is None:
             self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
@@ -52,13 +52,10 @@ class ModelRef:
             return build_named_tiny(self.name).model_hash()
         if self.kind != "hub":
             return folder_hash(self.local_folder())
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(self.name, local_files_only=True, allow_patterns=HUB_FILES))
-        except Exception:  # noqa: BLE001 - not cached (or no hub client): the id is all there is to compare
-            return f"hub:{self.name}"
-        return folder_hash(folder) if _has_weights(folder) else f"hub:{self.name}"
+        # The id at the snapshot's commit: the same before and after the weights arrive (a resume and
+        # a finished render still match), another when the hub model changes.
+        folder = Path(self.folder) if self.folder else None
+        return f"hub:{self.name}@{folder.name}" if folder else f"hub:{self.name}"
 
     def local_folder(self, weights: bool = False) -> Path:
         """The folder on this machine; `weights`: with the weights present (a hub model fetches them).

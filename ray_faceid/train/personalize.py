@@ -33,7 +33,6 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
               config: PersonalizeConfig, on_step=None) -> dict:
     """Adapt one identity and store the result; returns its progress record. `on_step(step, loss)`
     after each optimiser step."""
-    from ray_faceid.errors import EncoderMismatch
     from ray_faceid.identity.personalization import adapt_identity, delta_bytes
     from ray_faceid.train.examples import reference_batch
 
@@ -41,9 +40,7 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
     existing = registry.adapter_record(tenant, identity, adapter_hash, config.compute_hash())
     if existing:
         return {"version": existing["version"], "skipped": True}
-    embeddings, quality, spec = registry.embeddings(tenant, identity, adapter.encoder_spec)
-    if not adapter.takes(spec):
-        raise EncoderMismatch(f"enrolled with {spec.key()}, the adapter needs {adapter.encoder_spec.key()}")
+    embeddings, quality, spec = registry.embeddings(tenant, identity, accept=adapter.takes)
     crops = registry.references(tenant, identity)
     size = config.size or min(max(base.native_size), REFERENCE_SIDE)
     n = len(crops)

@@ -290,7 +290,7 @@ def test_a_serve_config_with_a_compiled_portrait_or_plus_without_its_encoder_is_
     plain = save(faceid_state_dict(unet), tmp_path / "ip-adapter-faceid_sd15.bin")
     for config, refusal in (
         (ServeConfig(adapter=portrait, registry=registry, backend="torch.compile"),
-         "FaceID-Portrait.* a torch.compile engine holds one set: set backend torch"),
+         r"FaceID-Portrait.* a compiled engine \(backend torch.compile\) holds one set: set backend torch"),
         (ServeConfig(adapter=plus, registry=registry), "FaceID-PlusV2.* set image_encoder to its folder"),
         (ServeConfig(adapter=plus, image_encoder=str(tmp_path), registry=registry), "image_encoder: no CLIP image "
                                                                                      "encoder at"),

@@ -243,6 +243,12 @@ def test_a_person_enrolled_with_dlib_renders_with_a_faceid_file_after_identities
     embeddings, _, spec = store.embeddings("default", identity, arcface)
     assert spec.key() == arcface.key() and embeddings.shape == (1, arcface.dim)
     assert store.embeddings("default", identity)[2].name == "dlib_resnet"  # the enrollment's stay what they were
+    # Serve and personalize ask for what the adapter takes (a published file: any ArcFace of its width)
+    takes = IdentityAdapter.load(adapter, build_tiny().unet, arcface).takes
+    assert store.embeddings("default", identity, accept=takes)[2].key() == arcface.key()
+    again = run(app, ["identities", "embed", "--face-backend", "dlib", "--registry", registry])  # everyone, dlib
+    assert again.exit_code == 0 and "embeddings of dlib_resnet" in again.output and "enrolled with it already" in \
+        again.output, again.output
     after = render()
     assert after["status"] == "ok", after
     erased = run(app, ["identities", "delete", "hanks", "--registry", registry])

@@ -78,6 +78,11 @@ def test_a_merged_few_step_lora_gives_diffusers_own_image_with_its_scheduler(tmp
     assert "lcm-lora.safetensors@" in merged.model_id
     got = ours(out)
     assert np.abs(got - diffusers_image(family, base, lora, 0.8)).max() <= 1
+    # merged again (another LoRA on the fast model), its own steps and guidance stay unless new ones are given
+    again = CliRunner().invoke(app, ["merge-lora", "--model", str(out), "--lora", str(lora), "--lora-scale", "0.1",
+                                     "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    assert load_base(str(tmp_path / "again")).sampling == {"steps": 4, "guidance": 1.0}
     # the LoRA reaches the image: the base alone, with the same sampler, is another image
     plain = IdentityPipeline(load_base(str(base))).generate("a portrait", [], seed=7, steps=4, guidance=1.0,
                                                             sampler=Sampler.parse("lcm"), **SIZE)

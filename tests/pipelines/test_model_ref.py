@@ -11,6 +11,7 @@ from ray_faceid.errors import NotFound
 from ray_faceid.pipelines import families
 from ray_faceid.pipelines.model_ref import HUB_CONFIGS, ModelRef, resolve_model
 from ray_faceid.pipelines.models import build_tiny, load_base, save_base
+from ray_faceid.weights_hash import folder_hash
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_a_folder_is_read_once_for_its_family_fingerprint_and_load(saved, monkey
     ref = resolve_model(str(folder))
     assert (ref.kind, ref.family, ref.inpainting) == ("folder", "sd1", False)
     assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(ref.components)
-    assert resolve_model(ref) is ref and ref.fingerprint() == ref.fingerprint()
+    assert resolve_model(ref) is ref and ref.fingerprint() == folder_hash(folder)
     assert load_base(ref).model_hash() == model_hash
     assert len(calls) == 1  # the configs were read once, at the edge
 
@@ -56,8 +57,10 @@ def test_a_hub_id_brings_its_configs_to_be_resolved_and_its_weights_when_it_load
     assert ref.kind == "hub" and ref.family == "sd1"
     assert all(patterns == tuple(HUB_CONFIGS) for patterns, _ in asked)  # no weight was fetched to resolve it
     assert not list(snapshot.glob("unet/*.safetensors"))
-    assert ref.fingerprint() == "hub:someone/tiny-model"  # weights not here yet: named by the id
+    assert ref.fingerprint() == "hub:someone/tiny-model@snapshot"  # the id at the snapshot's commit
     assert load_base(ref).model_hash() == model_hash
+    # the weights arrived: the fingerprint is the same (a resume or a finished render still matches)
+    assert resolve_model("someone/tiny-model").fingerprint() == "hub:someone/tiny-model@snapshot"
     assert any("*/*.safetensors" in patterns and not local for patterns, local in asked)
 
 
