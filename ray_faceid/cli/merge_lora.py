@@ -35,8 +35,8 @@ def merge_lora(
         sampler = Sampler.parse(scheduler, scheduler_config) if scheduler or scheduler_config else None
         record = merge_loras(model, lora, lora_scale, out, sampler, steps, guidance)
         loras = ", ".join(f"{m['file']} (sha256 {m['sha256'][:12]}, scale {m['scale']:g})" for m in record["loras"])
-        own = f"{steps or TRAINED_STEPS} steps, guidance {DEFAULT_GUIDANCE if guidance is None else guidance:g}"
-        asked = steps or guidance is not None
-        hint = "" if asked else " (a few-step LoRA: merge with the --steps and --guidance its authors advise)"
+        own = record["sampling"]
+        hint = "" if own else " (a few-step LoRA: merge with the --steps and --guidance its authors advise)"
+        own = f"{own.get('steps', TRAINED_STEPS)} steps, guidance {own.get('guidance', DEFAULT_GUIDANCE):g}"
         console.print(f"merged {loras} into {model}; sampler {record['scheduler']}, {own}{hint}; saved to {out}: "
                       "pass it as --model")

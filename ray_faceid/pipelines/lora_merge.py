@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from ray_faceid import storage
-from ray_faceid.errors import BackendUnavailable, BadInput, UnsupportedModel
+from ray_faceid.errors import BackendUnavailable, BadInput, StorageError, UnsupportedModel
 from ray_faceid.pipelines.models import BaseModel, load_base
 from ray_faceid.pipelines.schedulers import Sampler
 from ray_faceid.weights_hash import module_hash
@@ -42,14 +43,18 @@ def merge_loras(model: str, loras: list[str], scales: list[float], out: str | Pa
     `out` (a new folder) with `sampler`'s scheduler (default: the base's own), and `steps` and
     `guidance` as the folder's own defaults (a few-step model's: every path uses them unless told
     otherwise). Returns the record written into its model_index.json."""
-    out = Path(out)
+    if "://" in str(out) and not str(out).startswith("file://"):
+        raise BadInput(f"--out {out}: a local folder (merge here, then copy it where models live)")
+    out = Path(str(out).removeprefix("file://")).resolve()  # `.` has a name once resolved
     if not loras:
         raise BadInput("--lora: give at least one LoRA file (.safetensors, as diffusers or kohya save them)")
     if len(scales) not in (0, 1, len(loras)):
         raise BadInput(f"--lora-scale: give one scale for all LoRAs or one per LoRA ({len(loras)}), not {len(scales)}")
     scales = list(scales) * len(loras) if len(scales) == 1 else (list(scales) or [1.0] * len(loras))
-    if out.exists() and any(out.iterdir()):
-        raise BadInput(f"--out {out} is not empty: merge into a new folder (nothing there is overwritten)")
+    if any(scale == 0 for scale in scales):
+        raise BadInput("--lora-scale 0 changes nothing: leave that LoRA out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"--out {out} is not an empty folder: merge into a new one (nothing there is overwritten)")
     try:
         import peft  # noqa: F401 - diffusers loads LoRAs through PEFT
     except ImportError:
@@ -70,28 +75,34 @@ def merge_loras(model: str, loras: list[str], scales: list[float], out: str | Pa
         merged.append({"file": uri.rsplit("/", 1)[-1], "sha256": hashlib.sha256(data).hexdigest(), "scale": scale})
     record = {"base": model, "base_weights": base.model_hash(), "loras": merged,
               "scheduler": type(pipe.scheduler).__name__}
-    partial = out.with_name(out.name + ".partial")  # a crash midway never leaves a folder that loads
-    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted merge left
-    pipe.save_pretrained(partial)
-    index = partial / "model_index.json"
-    names = " + ".join(f"{m['file']}@{m['sha256'][:12]}x{m['scale']:g}" for m in merged)
-    meta = json.loads(index.read_text()) | {"_ray_faceid_model_id": f"{base.model_id} + {names}",
-                                           "_ray_faceid_merged": record}
     # A base merged before keeps its own steps and guidance unless new ones are given.
-    defaults = base.sampling | {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
-    if defaults:
-        meta["_ray_faceid_sampling"] = defaults
-    index.write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    partial.rename(out)
+    record["sampling"] = base.sampling | {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+    names = " + ".join(f"{m['file']}@{m['sha256'][:12]}x{m['scale']:g}" for m in merged)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Written into a folder of this merge's own beside --out, renamed in whole: a crash midway never
+        # leaves a folder that loads, and nothing of another merge's or the user's is touched.
+        partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merge-"))
+        try:
+            pipe.save_pretrained(partial)
+            index = partial / "model_index.json"
+            meta = json.loads(index.read_text()) | {"_ray_faceid_model_id": f"{base.model_id} + {names}",
+                                                   "_ray_faceid_merged": record}
+            if record["sampling"]:
+                meta["_ray_faceid_sampling"] = record["sampling"]
+            index.write_text(json.dumps(meta, indent=2))
+            if out.exists():
+                out.rmdir()  # empty, checked above (something written there since fails here, kept)
+            partial.rename(out)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # gone after the rename; what a failure left otherwise
+    except OSError as exc:
+        raise StorageError(f"--out {out}: the merged model could not be written ({exc.strerror or exc})") from None
     return record
 
 
 def _fuse(pipe, uri: str, data: bytes, scale: float) -> None:
     """One LoRA through diffusers' loader, fused at `scale`, its PEFT layers then removed."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         name = uri.rsplit("/", 1)[-1]
         (Path(tmp) / name).write_bytes(data)
@@ -100,5 +111,9 @@ def _fuse(pipe, uri: str, data: bytes, scale: float) -> None:
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise UnsupportedModel(f"LoRA {uri} could not be applied to this base: {first}") from None
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
+        try:
+            pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UnsupportedModel(f"LoRA {uri} could not be fused into this base: {first}") from None
     pipe.unload_lora_weights()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,8 +106,19 @@ def _local_copy(uri: str) -> Path:
     cache = Path(cache_dir()) / "models"
     target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (target / "model_index.json").exists():
-        target.mkdir(parents=True, exist_ok=True)
-        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+        # Copied aside and renamed in whole: an interrupted copy is never taken for a complete one.
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}-"))
+        try:
+            fs.get(path.rstrip("/") + "/", str(partial), recursive=True)
+            shutil.rmtree(target, ignore_errors=True)  # an older, incomplete copy
+            try:
+                partial.rename(target)
+            except OSError:  # another process renamed its complete copy in first
+                if not (target / "model_index.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

@@ -100,7 +100,14 @@ def test_a_lora_of_another_family_or_a_used_folder_is_refused_in_one_line(tmp_pa
     assert len(refused.stderr.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "merged.partial").exists()
     taken = CliRunner().invoke(app, ["merge-lora", "--model", str(base), "--lora", str(lora), "--out", str(base)])
-    assert taken.exit_code == 2 and "is not empty" in taken.stderr
+    assert taken.exit_code == 2 and "is not an empty folder" in taken.stderr
+    (tmp_path / "a-file").write_text("mine")  # a file, a URI, a scale of 0: one line each, before any work
+    for extra, says in ((["--out", str(tmp_path / "a-file")], "is not an empty folder"),
+                        (["--out", "s3://bucket/merged"], "a local folder"),
+                        (["--out", str(out), "--lora-scale", "0"], "--lora-scale 0 changes nothing")):
+        refused = CliRunner().invoke(app, ["merge-lora", "--model", str(base), "--lora", str(lora), *extra])
+        assert refused.exit_code == 2 and says in refused.stderr, refused.output
+    assert (tmp_path / "a-file").read_text() == "mine" and not list(tmp_path.glob(".merged.merge-*"))
     # A folder's own sampling defaults, edited by hand out of range, are named when it loads.
     index = base / "model_index.json"
     index.write_text(json.dumps(json.loads(index.read_text()) | {"_ray_faceid_sampling": {"steps": 0}}))
