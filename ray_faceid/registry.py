@@ -359,12 +359,23 @@ class Registry:
             storage.delete(storage.join(self._dir(tenant, identity), "meta.json"))
         return where
 
-    def _sketchable(self, tenant: str, identity: str) -> np.ndarray | None:
-        """The embeddings a tombstone sketches, or None where they are unreadable (the erasure goes on)."""
+    def _sketchable(self, tenant: str, identity: str) -> list[tuple[EncoderSpec, np.ndarray | None]]:
+        """(encoder, embeddings) a tombstone sketches: the enrollment's, then each encoder `identities
+        embed` added (the person re-enrolled with any of them is recognised); None for embeddings that
+        are unreadable, and nothing of a damaged record (the erasure goes on)."""
         try:
-            return self.embeddings(tenant, identity)[0]
-        except (StorageError, NotFound):
-            return None
+            meta = self.get(tenant, identity)
+            specs = [EncoderSpec(**meta["encoder"])]
+            specs += [EncoderSpec(**e["spec"]) for e in (meta.get("encoders") or {}).values()]
+        except (StorageError, NotFound, KeyError, TypeError, ValueError):
+            return []
+        faces = []
+        for spec in specs:
+            try:
+                faces.append((spec, self.embeddings(tenant, identity, spec)[0]))
+            except (StorageError, NotFound, EncoderMismatch):
+                faces.append((spec, None))
+        return faces
 
     def remove_files(self, tenant: str, identity: str) -> int:
         """Delete what is left of a withdrawn identity's folder; how many files there were."""

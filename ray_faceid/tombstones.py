@@ -8,8 +8,10 @@ dataset label as tokens (the SHA-256 of the name, encrypted deterministically wi
 key derived from the registry's secret, which lives outside the store: registry_secret.py), so
 that a scheduled `enroll-dataset` or a new enrollment under that name is refused without
 `--reconsent`, and a name cannot be recovered by hashing guesses without the secret; and a face
-sketch (face_sketch.py: 512 sign bits of their mean embedding, masked with a key derived from the
-secret), so that their face enrolled again is refused too. Both can be re-keyed to a new secret
+sketch per encoder they had embeddings of (face_sketch.py: 512 sign bits of their mean embedding,
+masked with a key derived from the secret: the enrollment's encoder under `face_sketch`, those
+`identities embed` added under `other_face_sketches`), so that their face enrolled again is refused
+too, whichever of those encoders enrolls it. Both can be re-keyed to a new secret
 (secret_rotation.py). It holds no photo, no embedding, no name and not the id itself: a byte search
 of the stores finds none. Every consent the person ever withdrew stays refused, for every person of
 the tenant.
@@ -83,9 +85,24 @@ def lock_key(store: str, tenant: str, name: str) -> str:
                     hashlib.sha256).hexdigest()
 
 
-def sketch_mask(keys: Keys, id_sha256: str) -> bytes:
-    """The mask of one tombstone's face sketch (its own: sketches cannot be compared with each other)."""
-    return keys.derive(f"face sketch mask\0{id_sha256}", face_sketch.BITS // 8)
+def sketch_mask(keys: Keys, id_sha256: str, encoder: str | None = None) -> bytes:
+    """The mask of one tombstone's face sketch (its own: sketches cannot be compared with each other);
+    `encoder`: of another encoder's sketch than the enrollment's (each its own mask: one mask on two
+    sketches would give away how they differ)."""
+    label = f"face sketch mask\0{id_sha256}" + ("" if encoder is None else f"\0{encoder}")
+    return keys.derive(label, face_sketch.BITS // 8)
+
+
+def _masked(keys: Keys, id_sha256: str, spec: EncoderSpec, bits: bytes, own_mask: bool) -> dict:
+    mask = sketch_mask(keys, id_sha256, spec.key() if own_mask else None)
+    return {"encoder": spec.key(), "bits": _xor(bits, mask).hex()}
+
+
+def _sketches(stone: dict) -> list[tuple[dict, bool]]:
+    """(sketch, masked with its encoder's own mask) of every face sketch a tombstone keeps."""
+    first = [(stone["face_sketch"], False)] if isinstance(stone.get("face_sketch"), dict) else []
+    others = stone.get("other_face_sketches")
+    return first + [(s, True) for s in (others if isinstance(others, list) else []) if isinstance(s, dict)]
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -96,9 +113,15 @@ def rekey(stone: dict, old: Keys, new: Keys) -> dict:
     """A tombstone of key scheme SCHEME made with `old`, re-keyed to `new`."""
     out = dict(stone, person_keys=sorted(rekey_token(t, old, new) for t in stone.get("person_keys", [])),
                key_id=new.key_id)
+    again = []
+    for sketch, own_mask in _sketches(stone):
+        encoder = sketch["encoder"] if own_mask else None
+        bits = _xor(bytes.fromhex(sketch["bits"]), sketch_mask(old, stone["id_sha256"], encoder))
+        again.append(dict(sketch, bits=_xor(bits, sketch_mask(new, stone["id_sha256"], encoder)).hex()))
     if isinstance(stone.get("face_sketch"), dict):
-        bits = _xor(bytes.fromhex(stone["face_sketch"]["bits"]), sketch_mask(old, stone["id_sha256"]))
-        out["face_sketch"] = dict(stone["face_sketch"], bits=_xor(bits, sketch_mask(new, stone["id_sha256"])).hex())
+        out["face_sketch"] = again.pop(0)
+    if "other_face_sketches" in stone:
+        out["other_face_sketches"] = again
     return out
 
 
@@ -106,10 +129,12 @@ def uri(store: str, tenant: str, identity: str) -> str:
     return storage.join(store, tenant, FOLDER, digest("id", identity) + ".json")
 
 
-def write(store: str, meta: dict, withdrawn: bool = True, embeddings: np.ndarray | None = None) -> str:
+def write(store: str, meta: dict, withdrawn: bool = True,
+          faces: list[tuple[EncoderSpec, np.ndarray | None]] | None = None) -> str:
     """The tombstone of the identity `meta` describes; returns its URI. `withdrawn`: the person is
-    gone (their name, label and face, sketched from `embeddings`, are refused from now on); False for
-    an identity replaced by a newer enrollment of the same person, whose id alone is retired."""
+    gone (their name, label and face, sketched from `faces`: (encoder, embeddings) of each encoder
+    they have embeddings of, the enrollment's first, are refused from now on); False for an identity
+    replaced by a newer enrollment of the same person, whose id alone is retired."""
     tenant, keys = meta["tenant"], keys_for(store)
     names = (meta.get("name") or "", (meta.get("source") or {}).get("identity") or "")
     tokens = sorted({name_token(keys, tenant, n) for n in names if _folded(n)}) if withdrawn else []
@@ -117,16 +142,18 @@ def write(store: str, meta: dict, withdrawn: bool = True, embeddings: np.ndarray
     record = {"id_sha256": id_sha, "tenant": tenant, "erased": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "sequence": time.time_ns(), "consent": meta.get("consent"), "withdrawn": withdrawn, "person_keys": tokens,
               "key_scheme": SCHEME, "key_id": keys.key_id}
-    if withdrawn and embeddings is not None:
+    for k, (spec, embeddings) in enumerate((faces or []) if withdrawn else []):
         try:
-            spec = EncoderSpec(**meta["encoder"])
-            bits = face_sketch.sketch(embeddings, spec)
-        except (KeyError, TypeError, ValueError):  # a damaged record: the erasure goes on without a sketch
+            bits = None if embeddings is None else face_sketch.sketch(embeddings, spec)
+        except (TypeError, ValueError):  # damaged embeddings: the erasure goes on without that sketch
             bits = None
         if bits is None:
-            log.warning("identity %s's embeddings are not usable: its tombstone keeps no face sketch", meta["id"])
+            log.warning("identity %s's %s embeddings are not usable: its tombstone keeps no sketch of them",
+                        meta["id"], spec.key())
+        elif k == 0:
+            record["face_sketch"] = _masked(keys, id_sha, spec, bits, own_mask=False)
         else:
-            record["face_sketch"] = {"encoder": spec.key(), "bits": _xor(bits, sketch_mask(keys, id_sha)).hex()}
+            record.setdefault("other_face_sketches", []).append(_masked(keys, id_sha, spec, bits, own_mask=True))
     where = uri(store, tenant, meta["id"])
     storage.write_bytes(where, json.dumps(record, indent=2).encode())
     return where
@@ -180,27 +207,28 @@ def erased_person(store: str, tenant: str, *names: str) -> list[dict]:
 def erased_face(store: str, tenant: str, embeddings: np.ndarray, spec: EncoderSpec) -> list[dict]:
     """Every tombstone whose face sketch (same encoder) the embeddings verify against, oldest first;
     the matching point tightens with the number of sketches compared (face_sketch.py)."""
-    stones = [t for t in all_for(store, tenant) if isinstance(t.get("face_sketch"), dict)
-              and t["face_sketch"].get("encoder") == spec.key()]
-    if not stones or embeddings is None or not len(embeddings):
+    sketches = [(t, sketch, own_mask) for t in all_for(store, tenant) for sketch, own_mask in _sketches(t)
+                if sketch.get("encoder") == spec.key()]
+    if not sketches or embeddings is None or not len(embeddings):
         return []
     keys = keys_for(store)
     probe, legacy = face_sketch.Probe(embeddings, spec), None
-    found = []
-    for stone in stones:
+    found = {}
+    for stone, sketch, own_mask in sketches:
         try:
-            bits = bytes.fromhex(stone["face_sketch"]["bits"])
+            bits = bytes.fromhex(sketch["bits"])
             if stone.get("key_scheme") == SCHEME:
                 if stone.get("key_id") != keys.key_id:
                     raise ValueError("made with another secret")
-                matched = probe.matches(_xor(bits, sketch_mask(keys, stone["id_sha256"])), len(stones))
+                mask = sketch_mask(keys, stone["id_sha256"], spec.key() if own_mask else None)
+                matched = probe.matches(_xor(bits, mask), len(sketches))
             else:  # sketched on the secret's own planes, unmasked
                 legacy = legacy or face_sketch.Probe(embeddings, spec, face_sketch.legacy_planes(keys.secret, spec))
-                matched = legacy.matches(bits, len(stones))
+                matched = legacy.matches(bits, len(sketches))
         except (KeyError, TypeError, ValueError) as exc:  # a damaged sketch, as a damaged tombstone: skipped, said
             log.warning("tombstone %s has an unreadable face sketch (%s): its face is not checked",
                         stone.get("id_sha256"), exc)
             continue
         if matched:
-            found.append(stone)
-    return sorted(found, key=lambda t: (t.get("erased", ""), t.get("sequence", 0)))
+            found[stone["id_sha256"]] = stone
+    return sorted(found.values(), key=lambda t: (t.get("erased", ""), t.get("sequence", 0)))

@@ -48,6 +48,35 @@ def test_an_erased_face_enrolled_without_a_name_needs_new_consent(tmp_path, face
                           "key_scheme", "key_id", "face_sketch"}
 
 
+def test_an_erased_face_is_refused_by_each_encoder_the_person_had_embeddings_of(tmp_path, faces):
+    """Enrolled with one encoder, another's embeddings added (`identities embed`), erased: enrolled
+    again with the second encoder, the face is recognised. The second encoder is stood in for by a
+    fixed rotation of the first's space (the same geometry, other coordinates)."""
+    from ray_faceid import tombstones
+    from ray_faceid.registry_secret import keys_for
+
+    tom, tom_again, others, spec = faces
+    second = spec.model_copy(update={"name": "second_encoder"})
+    rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((spec.dim, spec.dim)))[0].astype(np.float32)
+    registry = Registry(str(tmp_path / "registry"))
+    tom_id = enroll(registry, "tom", tom, spec)
+    registry.add_embeddings("default", tom_id, tom @ rotation, np.ones(1, np.float32), second)
+    erase_identity(registry, "default", tom_id)
+    with pytest.raises(ErasedPerson, match="matches a person erased"):
+        enroll(registry, "", tom_again @ rotation, second)
+    with pytest.raises(ErasedPerson, match="matches a person erased"):
+        enroll(registry, "", tom_again, spec)
+    assert all(enroll(registry, "", other @ rotation, second) for other in others)  # nobody else refused
+    (stone,) = [t for t in tombstones.all_for(registry.store, "default") if t["id_sha256"] ==
+                tombstones.digest("id", tom_id)]
+    (added,) = stone["other_face_sketches"]
+    assert added["encoder"] == second.key() and len(added["bits"]) == 128
+    # each sketch its own mask: the stored bits of the two say nothing of how the two sketches differ
+    keys = keys_for(registry.store)
+    assert tombstones.sketch_mask(keys, stone["id_sha256"]) != tombstones.sketch_mask(keys, stone["id_sha256"],
+                                                                                     second.key())
+
+
 def test_an_erased_person_under_a_new_name_or_their_withdrawn_consent_is_refused(tmp_path, faces):
     """Every route enrolls through Registry.create: named, unnamed and dataset-labelled enrollments."""
     from ray_faceid.errors import ConsentWithdrawn

@@ -101,8 +101,12 @@ def test_a_secret_kept_in_the_store_is_refused_until_moved_out(tmp_path, own_sec
 def test_rotation_rekeys_every_tombstone_and_finishes_after_a_stop(tmp_path, own_secret, monkeypatch, spec128,
                                                                   fail_at):
     registry = Registry(str(tmp_path / "registry"))
+    other_encoder = spec128.model_copy(update={"name": "other_encoder"})
     for name, seed in (("ann", 1), ("bob", 2)):
-        erase_identity(registry, "default", enroll(registry, name, seed, spec128))
+        identity = enroll(registry, name, seed, spec128)
+        if name == "ann":  # her embeddings of a second encoder (`identities embed`): sketched too
+            registry.add_embeddings("default", identity, face(11), np.ones(1, np.float32), other_encoder)
+        erase_identity(registry, "default", identity)
     new = tmp_path / "secret-new"
     new.write_text("n" * 40)
     rotate = ["identities", "rotate-secret", "--new-secret-file", str(new), "--registry", registry.store]
@@ -134,6 +138,8 @@ def test_rotation_rekeys_every_tombstone_and_finishes_after_a_stop(tmp_path, own
             enroll(registry, name, seed, spec128, n=2)
         with pytest.raises(ErasedPerson, match="matches a person erased"):  # by face
             enroll(registry, "", seed, spec128, n=2)
+    with pytest.raises(ErasedPerson, match="matches a person erased"):  # by the face the other encoder saw
+        enroll(registry, "", 11, other_encoder, n=2)
     assert enroll(registry, "cy", 3, spec128)
 
 
