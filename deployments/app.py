@@ -21,7 +21,7 @@ from deployments.generator import Generator
 from deployments.ingress import Ingress, api
 from ray_faceid import envs
 from ray_faceid.config import AutoscalingConfig, ServeConfig
-from ray_faceid.errors import BadInput, NotFound
+from ray_faceid.errors import BadInput, NotFound, UnsupportedModel
 from ray_faceid.identity import published
 
 
@@ -68,9 +68,21 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
 
         Sampler.parse(config.scheduler, config.scheduler_config, where="scheduler")
     found = published.describe(config.adapter) if config.adapter else None  # the file read once, before any replica
-    if found is not None and found.instantid:
-        raise BadInput(f"adapter {config.adapter}: {found.variant} runs from `ray-faceid generate` only (Serve holds "
-                       "people as embeddings and batches them on one engine): serve an IP-Adapter-FaceID (plain) file")
+    instantid = found is not None and found.instantid
+    if instantid and config.backend != "torch":
+        raise BadInput(f"adapter {config.adapter}: InstantID's IdentityNet runs beside the UNet, which the compiled "
+                       f"engines (backend {config.backend}) do not take: set backend torch")
+    if bool(config.identitynet) != instantid:
+        raise BadInput(f"adapter {config.adapter}: InstantID reads the face through its IdentityNet too: set identitynet "
+                       "to its folder (ControlNetModel/ of InstantX/InstantID)" if instantid else
+                       "identitynet is for InstantID's ip-adapter.bin; this adapter has no IdentityNet")
+    if config.identitynet:
+        from ray_faceid.identity.instantid import identitynet_config
+
+        try:
+            identitynet_config(config.identitynet)
+        except (NotFound, UnsupportedModel) as wrong:  # the replicas would fail on it in a loop
+            raise BadInput(f"identitynet: {wrong.message}") from None
     if found is not None and found.per_photo and config.backend != "torch":
         raise BadInput(f"adapter {config.adapter}: {found.variant} gives each photo of a person its own tokens, as "
                        f"many as they have; a compiled engine (backend {config.backend}) holds one set: set backend "

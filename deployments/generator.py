@@ -109,6 +109,7 @@ class Generator:
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
         from ray_faceid.identity.face_plus import attach_image_encoder
+        from ray_faceid.identity.instantid import attach_identitynet
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline
         from ray_faceid.pipelines.models import load_base
@@ -135,6 +136,8 @@ class Generator:
         imr, flow = load_edit_modules(adapter, self.config.imr, self.config.flow)  # before the cast
         self.pipeline = IdentityPipeline(base, adapter, imr, device=device, backend=self.config.backend,
                                          precision=self.config.precision, flow=flow)
+        attach_identitynet(self.pipeline, self.config.identitynet, self.config.identitynet_scale,
+                           "identitynet in the Serve config")
         self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self.pipeline.compile_new_shapes = False  # an unwarmed size runs eager: no request waits for a compile
         self.registry = Registry(self.config.registry)
@@ -272,7 +275,7 @@ class Generator:
             conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings, loaded.quality,
                                                 item.get("region"), item.get("expression"), item.get("scale", 1.0),
                                                 loaded.personal, edits=edits, id=item["id"],
-                                                image_features=loaded.image_features))
+                                                image_features=loaded.image_features, pose=item.get("pose")))
         return conditions, hits
 
     async def _inpaint(self, request: dict) -> dict:

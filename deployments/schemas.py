@@ -5,6 +5,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ray_faceid.identity.pose import Pose
+
 MAX_EXPRESSION = 200
 MAX_BASE64 = 4 * (64 * 2**20 // 3 + 1)  # a hard ceiling; the configured upload and body limits are lower
 
@@ -89,6 +91,7 @@ class IdentityRequest(BaseModel):
     edits: dict[str, float] | None = Field(
         None, description="Attribute targets through the server's attribute flow, e.g. {\"smile\": 0.8, "
         "\"yaw\": -20}: smile, mouth_open, eyes_open 0..1; yaw -90..90, pitch -60..60 degrees.")
+    pose: Pose | None = None
 
     @model_validator(mode="after")
     def _one_reference(self) -> "IdentityRequest":

@@ -238,6 +238,13 @@ class ServeLimits(Settings):
         return DecodeConfig(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels, max_side=max_side)
 
 
+IDENTITYNET = Field(None, description="InstantID: its IdentityNet folder (ControlNetModel/ of InstantX/InstantID: "
+                    "config.json and diffusion_pytorch_model.safetensors); needed with InstantID's ip-adapter.bin, "
+                    "refused with other adapters.")
+IDENTITYNET_SCALE = Field(0.8, ge=0.0, le=2.0, description="InstantID: the weight of IdentityNet's residuals (its "
+                          "authors' examples: 0.8).")
+
+
 class ServeConfig(Settings):
     """The composed Serve application: ingress, face encoder, generator."""
 
@@ -252,6 +259,8 @@ class ServeConfig(Settings):
     image_encoder: str | None = Field(None, description="IP-Adapter-FaceID-Plus / PlusV2: the CLIP image encoder folder "
                                       "(models/image_encoder of h94/IP-Adapter) it reads people's reference crops "
                                       "through; needed with such an adapter, refused with others.")
+    identitynet: str | None = IDENTITYNET
+    identitynet_scale: float = IDENTITYNET_SCALE
     registry: str = Field("./faceid_registry", description="Identity registry store (folder or fsspec URI).")
     scheduler: str | None = Field(None, description="The sampler of requests that name none (e.g. dpm++2m-karras, or "
                                   "euler with timestep_spacing trailing for a few-step model); default: the model's own.")
@@ -388,8 +397,9 @@ class RenderConfig(Settings):
     """`ray-faceid render`: a catalog of rows -> images, scores and a manifest."""
 
     # precision is keyed once resolved (auto differs between CPU and GPU actors): see Renderer.key.
+    # identitynet joins a row's key by its weights' hash, with its scale, where it is set: see Renderer.key.
     hash_exclude: ClassVar[frozenset[str]] = frozenset(
-        {"workers", "batch_size", "num_gpus_per_worker", "device", "precision"}
+        {"workers", "batch_size", "num_gpus_per_worker", "device", "precision", "identitynet", "identitynet_scale"}
     ) | STALL
     stall_warn_s: StallWarn = 600.0
     stall_fail_s: StallFail = 3600.0
@@ -401,6 +411,8 @@ class RenderConfig(Settings):
     size: str | None = Field(None, description="WxH of rows that do not set their own; default: the base model's "
                              "native size (512x512 for SD 1.x).")
     feather: float = Field(4.0, ge=0, le=64, description="Inpaint rows: soft edge inside the mask, in pixels.")
+    identitynet: str | None = IDENTITYNET
+    identitynet_scale: float = IDENTITYNET_SCALE
     unet_batch: int = Field(
         1, ge=1, le=64,
         description="Rows denoised together. 1 makes every row's bytes independent of its neighbours; more is faster on "

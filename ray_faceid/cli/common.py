@@ -28,6 +28,10 @@ StallFailOpt = typer.Option(3600.0, "--stall-fail", min=1, help="Seconds without
 
 ImageEncoderOpt = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-Plus / PlusV2: the CLIP image encoder "
                                "folder it reads faces through (models/image_encoder of h94/IP-Adapter).")
+IdentityNetOpt = typer.Option(None, "--identitynet", help="InstantID: its IdentityNet folder (ControlNetModel/ of "
+                              "InstantX/InstantID), with --adapter ip-adapter.bin.")
+IdentityNetScaleOpt = typer.Option(0.8, "--identitynet-scale", min=0.0, max=2.0, help="InstantID: the weight of "
+                                   "IdentityNet's residuals (the authors' 0.8).")
 
 
 @contextlib.contextmanager

@@ -7,7 +7,15 @@ from typing import Optional
 import numpy as np
 import typer
 
-from ray_faceid.cli.common import MODEL_HELP, ImageEncoderOpt, console, err_console, user_errors
+from ray_faceid.cli.common import (
+    MODEL_HELP,
+    IdentityNetOpt,
+    IdentityNetScaleOpt,
+    ImageEncoderOpt,
+    console,
+    err_console,
+    user_errors,
+)
 from ray_faceid.errors import BadInput
 from ray_faceid.pipelines.schedulers import Sampler
 from ray_faceid.progress import denoise_reporter
@@ -159,17 +167,14 @@ def _with_identitynet(pipe, identitynet: Optional[str], scale: float, pose: Opti
     """InstantID: its IdentityNet (a ControlNet folder), and each person's pose, the five keypoints
     of the --pose photo's face or else of their first reference photo's (a frontal face for people
     given as embeddings or enrolled)."""
-    from ray_faceid.identity.instantid import NEEDED, IdentityNet
+    from ray_faceid.identity.instantid import attach_identitynet
     from ray_faceid.pipelines.references import reference_pose
 
-    adapter = pipe.adapter
-    if not adapter.kind.identitynet:
-        if identitynet or pose:
-            raise BadInput("--identitynet and --pose are for InstantID's ip-adapter.bin; this adapter has no IdentityNet")
+    if pose and (pipe.adapter is None or not pipe.adapter.kind.identitynet):
+        raise BadInput("--pose is for InstantID's ip-adapter.bin; this adapter has no IdentityNet")
+    attach_identitynet(pipe, identitynet, scale, "--identitynet")
+    if pipe.adapter is None or pipe.adapter.identitynet is None:
         return
-    if not identitynet:
-        raise BadInput(f"InstantID reads the face through its IdentityNet too: give --identitynet FOLDER ({NEEDED})")
-    adapter.identitynet = IdentityNet(identitynet, pipe.base.unet, scale).to(pipe.device, pipe.base.unet.dtype)
     if analyzer.config.backend == "dlib" and analyzer.config.landmarks == "dlib5":
         # dlib's 5 points have no mouth corners: the pose reads its 68 (trained on iBUG 300-W, non-commercial
         # like InstantID's own antelopev2 encoder).
@@ -244,10 +249,8 @@ def generate(
     plus_v2_scale: Optional[float] = typer.Option(None, "--plus-v2-scale", min=0.0, max=3.0, help="FaceID-PlusV2: "
                                                   "weight of the face's CLIP features over its embedding's own tokens "
                                                   "(default 1)."),
-    identitynet: Optional[str] = typer.Option(None, "--identitynet", help="InstantID: its IdentityNet folder "
-                                              "(ControlNetModel/ of InstantX/InstantID), with --adapter ip-adapter.bin."),
-    identitynet_scale: float = typer.Option(0.8, "--identitynet-scale", min=0.0, max=2.0, help="InstantID: the "
-                                            "weight of IdentityNet's residuals (the authors' 0.8)."),
+    identitynet: Optional[str] = IdentityNetOpt,
+    identitynet_scale: float = IdentityNetScaleOpt,
     pose: Optional[str] = typer.Option(None, "--pose", help="InstantID: a photo whose face's keypoints set the pose; "
                                        "default: the reference photo's."),
 ):

@@ -9,6 +9,8 @@ from ray_faceid.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_SOME_FAILED,
     MODEL_HELP,
+    IdentityNetOpt,
+    IdentityNetScaleOpt,
     ImageEncoderOpt,
     StallFailOpt,
     StallWarnOpt,
@@ -58,6 +60,8 @@ def render(
     imr: Optional[str] = typer.Option(None, "--imr", help="Trained IMR: rows' `expression` moves the identity tokens."),
     flow: Optional[str] = typer.Option(None, "--flow", help="Trained attribute flow: for rows' `edits`."),
     image_encoder: Optional[str] = ImageEncoderOpt,
+    identitynet: Optional[str] = IdentityNetOpt,
+    identitynet_scale: float = IdentityNetScaleOpt,
     as_json: bool = typer.Option(False, "--json"),
     stall_warn: float = StallWarnOpt,
     stall_fail: float = StallFailOpt,
@@ -68,7 +72,8 @@ def render(
 
     with user_errors():
         config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
-                              precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail)
+                              precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
+                              identitynet=identitynet, identitynet_scale=identitynet_scale)
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow,
                              image_encoder=image_encoder)
     if as_json:

@@ -1,6 +1,7 @@
 """Render catalogs: one row per image to make, from JSONL or Parquet (any fsspec URI).
 
-A generate row: `id`, `identities` (registry ids or names, or {id, region, expression, scale, edits}),
+A generate row: `id`, `identities` (registry ids or names, or {id, region, expression, scale, edits,
+pose}: pose, InstantID's five face keypoints in the image, identity/pose.py),
 `prompt`, optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`,
 `edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow), `scheduler` and
 `scheduler_config` (pipelines/schedulers.py; default the base's own).
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray_faceid import storage
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.edits import edits_field
+from ray_faceid.identity.pose import Pose
 
 ROW_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -30,6 +32,7 @@ class RowIdentity(BaseModel):
     expression: str | None = None
     scale: float = Field(1.0, ge=0, le=4)
     edits: dict[str, float] | None = Field(None, description="Attribute targets through the flow, e.g. {\"smile\": 0.8}.")
+    pose: Pose | None = None
 
     @field_validator("edits")
     @classmethod
@@ -86,7 +89,7 @@ class CatalogRow(BaseModel):
         scheduler) are left out where unset, so existing outputs keep their keys."""
         dump = self.model_dump(mode="json")
         for part in [dump, *dump["identities"]]:
-            for later in ("edits", "scheduler", "scheduler_config"):
+            for later in ("edits", "scheduler", "scheduler_config", "pose"):
                 if part.get(later) is None:
                     part.pop(later, None)
         return dump

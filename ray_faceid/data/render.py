@@ -87,20 +87,23 @@ def summarize(records: list[dict], seconds: float, texts: list[str] | None = Non
 def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None, config: RenderConfig, tenant: str,
                imr: str | None, flow: str | None, image_encoder: str | None = None) -> str:
     """A fingerprint of everything a run's images depend on, read without loading a model or
-    starting Ray: the catalog rows, the base's files, the adapter's, IMR's, flow's and image encoder's bytes, the
-    settings, and the registry records of every identity the rows name (a new enrollment, erasure
-    or personal adapter changes it)."""
+    starting Ray: the catalog rows, the base's files, the adapter's, IMR's, flow's, image encoder's and
+    IdentityNet's bytes, the settings, and the registry records of every identity the rows name (a new
+    enrollment, erasure or personal adapter changes it)."""
     from ray_faceid.pipelines.model_ref import resolve_model
     from ray_faceid.registry import Registry
 
     h = hashlib.sha256(json.dumps({"rows": texts, "model": resolve_model(model).fingerprint(), "settings": config.compute_hash(),
                                    "tenant": tenant}, sort_keys=True).encode())
-    for uri in (adapter, imr, flow, image_encoder):
+    with_identitynet = [config.identitynet] if config.identitynet else []  # (unset: the hash runs before it had)
+    for uri in [adapter, imr, flow, image_encoder, *with_identitynet]:
         h.update(b"\0")
         try:
             h.update(storage.tree_hash(uri).encode() if uri else b"")
         except FaceIdError as exc:  # the run itself says what is wrong with it
             h.update(exc.code.encode())
+    if config.identitynet:
+        h.update(f"identitynet scale {config.identitynet_scale}".encode())
     store, named = Registry(registry), set()
     for text in texts:
         try:

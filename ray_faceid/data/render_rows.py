@@ -36,6 +36,7 @@ class Renderer:
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
         from ray_faceid.identity.face_plus import attach_image_encoder
+        from ray_faceid.identity.instantid import attach_identitynet
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline, resolve_precision
         from ray_faceid.pipelines.models import load_base
@@ -60,6 +61,8 @@ class Renderer:
         attach_image_encoder(shared, image_encoder, device, "--image-encoder")  # before the pipeline casts the adapter
         self.pipeline = IdentityPipeline(base, shared, imr_module, device=device, backend=config.backend,
                                          precision=self.precision, flow=flow_module)
+        attach_identitynet(self.pipeline, config.identitynet, config.identitynet_scale, "identitynet (--identitynet)")
+        self.identitynet = None if shared.identitynet is None else shared.identitynet.record()
         self.image_encoder_hash = None if shared.image_encoder is None else shared.image_encoder.sha256
         self.imr_hash = None if imr_module is None else imr_module.weights_hash
         self.flow_hash = None if flow_module is None else flow_module.weights_hash
@@ -97,6 +100,8 @@ class Renderer:
                  "defaults": self.config.compute_hash(), "inputs": extra, **self._module_hashes(row)}
         if self.image_encoder_hash:  # FaceID-Plus reads the faces through it
             parts["image_encoder"] = self.image_encoder_hash
+        if self.identitynet:  # InstantID: its weights and scale
+            parts["identitynet"] = [self.identitynet["weights_sha256"], self.identitynet["scale"]]
         if self.precision != "fp32":  # fp32 keys stay those of runs made before precision was a setting
             parts["precision"] = self.precision
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -129,7 +134,7 @@ class Renderer:
             out.append(IdentityCondition(ident.id, loaded["embeddings"], loaded["quality"], ident.region,
                                          ident.expression or row.expression, ident.scale, loaded["personal"],
                                          edits=ident.edits if ident.edits is not None else row.edits,
-                                         id=loaded["id"], image_features=loaded["image_features"]))
+                                         id=loaded["id"], image_features=loaded["image_features"], pose=ident.pose))
         return out
 
     # -- one row ------------------------------------------------------------------------------
@@ -212,6 +217,7 @@ class Renderer:
                     records[index] = {**json.loads(storage.read_bytes(record_uri)), "cached": True}
                     continue
                 conditions = self.conditions(row)
+                self.pipeline.check_people(conditions)  # a row its people cannot share fails alone, before any batch
                 shape = (row.dimensions(self.config.size), row.steps or self.config.steps,
                          row.guidance if row.guidance is not None else self.config.guidance, len(conditions),
                          row.sampler())

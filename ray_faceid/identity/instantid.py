@@ -92,6 +92,41 @@ def frontal_points(width: int, height: int) -> np.ndarray:
     return (template - 56.0) * (0.5 * min(width, height) / 112) + np.array([width / 2, height / 2])
 
 
+def identitynet_config(folder: str) -> dict:
+    """The config of the IdentityNet in `folder` (read without loading it: a Serve config is checked
+    before any replica starts); NotFound or UnsupportedModel in one line naming the files needed."""
+    root = Path(folder)
+    config_file = root / "config.json"
+    weights = [p for p in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (root / p).is_file()]
+    if not config_file.is_file() or not weights:
+        raise NotFound(f"no IdentityNet at {folder}: InstantID needs the folder its authors publish, holding {NEEDED}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModel(f"{folder}/config.json is not readable JSON ({exc}): give a folder holding {NEEDED}") from None
+    if not isinstance(config, dict) or config.get("_class_name") != "ControlNetModel":
+        found = config.get("_class_name") if isinstance(config, dict) else None
+        raise UnsupportedModel(f"{folder} holds a {found or 'model of no class'}, not a ControlNetModel: give "
+                               f"InstantID's IdentityNet folder ({NEEDED})")
+    return config
+
+
+def attach_identitynet(pipe, folder: str | None, scale: float, option: str) -> None:
+    """InstantID reads the face through its IdentityNet as well: load it from `folder` beside the
+    pipeline's adapter, in the UNet's device and dtype. `option` names where the user gives it
+    (--identitynet, identitynet in a config); a folder for another adapter, or none for InstantID, is
+    refused in one line."""
+    adapter = pipe.adapter
+    if adapter is None or not adapter.kind.identitynet:
+        if folder:
+            raise BadInput(f"{option} is for InstantID's ip-adapter.bin; this adapter has no IdentityNet")
+        return
+    if not folder:
+        raise BadInput(f"InstantID reads the face through its IdentityNet too: give {option} FOLDER ({NEEDED})")
+    unet = pipe.base.unet
+    adapter.identitynet = IdentityNet(folder, unet, scale).to(pipe.device, unet.dtype)
+
+
 class IdentityNet:
     """InstantID's ControlNet from the folder the user gives (diffusers' ControlNetModel)."""
 
@@ -102,17 +137,7 @@ class IdentityNet:
 
         model_loading()
         root = Path(folder)
-        config_file = root / "config.json"
-        weights = [p for p in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (root / p).is_file()]
-        if not config_file.is_file() or not weights:
-            raise NotFound(f"no IdentityNet at {folder}: InstantID needs the folder its authors publish, holding {NEEDED}")
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise UnsupportedModel(f"{folder}/config.json is not readable JSON ({exc}): give a folder holding {NEEDED}") from None
-        if config.get("_class_name") != "ControlNetModel":
-            raise UnsupportedModel(f"{folder} holds a {config.get('_class_name') or 'model of no class'}, not a "
-                                   f"ControlNetModel: give InstantID's IdentityNet folder ({NEEDED})")
+        config = identitynet_config(folder)
         for key in ("cross_attention_dim", "in_channels"):
             if config.get(key) != unet.config[key]:
                 raise UnsupportedModel(f"{folder}: an IdentityNet with {key} {config.get(key)}; this base's UNet has "
@@ -133,7 +158,8 @@ class IdentityNet:
         self.sha256 = weights_hash_of(self.model)
 
     def to(self, device, dtype=None) -> "IdentityNet":
-        self.model.to(device, dtype)
+        # A dtype only where it changes (diffusers warns of every cast, even to the dtype it has).
+        self.model.to(device, None if dtype == self.model.dtype else dtype)
         return self
 
     def record(self) -> dict:

@@ -139,8 +139,8 @@ class FacePlusKind(AdapterKind):
 
 
 class InstantIdKind(AdapterKind):
-    """InstantID: the raw (not unit) embedding, as its pipeline gives it; generate alone draws the
-    face keypoints its IdentityNet reads."""
+    """InstantID: the raw (not unit) embedding, as its pipeline gives it; its IdentityNet reads one
+    face's tokens and keypoints per image (the pose a row or request gives, else a frontal face)."""
 
     name = "instantid"
     identitynet = True
@@ -150,10 +150,16 @@ class InstantIdKind(AdapterKind):
             raise BadInput(f"identity {ident.name}: attribute edits act on a unit embedding; InstantID reads the raw one")
         return self.adapter.tokens(emb.mean(0, keepdim=True))
 
+    def check_people(self, identities):
+        if len(identities) > 1:
+            raise BadInput(f"InstantID's IdentityNet reads one face's tokens and keypoints: one person per image "
+                           f"(got {len(identities)})")
+
     def refuse(self, where, reads_references):
-        raise UnsupportedModel(f"{self.adapter.published['file']}: InstantID's IdentityNet reads each image's face "
-                               f"keypoints; {where} does not run it yet: use `ray-faceid generate --identitynet FOLDER`, "
-                               "or an IP-Adapter-FaceID (plain) file")
+        if not reads_references:  # personalize: its training steps run the UNet without IdentityNet beside it
+            raise UnsupportedModel(f"{self.adapter.published['file']}: InstantID's IdentityNet runs beside the UNet at "
+                                   f"every step; {where} trains without it: use InstantID as it is (generate, render, "
+                                   "Serve), or personalize an IP-Adapter-FaceID (plain) file")
 
 
 def kind_of(adapter: IdentityAdapter) -> AdapterKind:

@@ -238,12 +238,6 @@ def describe(uri: str) -> Recognised | None:
     return recognise(*read(uri), uri) if is_published_file(uri) else None
 
 
-def generate_only(uri: str) -> str | None:
-    """The variant of a published file only `generate` runs (InstantID); None for the others."""
-    found = describe(uri)
-    return found.variant if found is not None and found.instantid else None
-
-
 def load(uri: str, unet, encoder_spec: EncoderSpec | None = None, shortcut_scale: float | None = None):
     """An IdentityAdapter from a published file, for `unet` (needed: layers are named by its order);
     `shortcut_scale`: PlusV2's weight of the resampled tokens over the embedding's own (default 1)."""

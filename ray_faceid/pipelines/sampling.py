@@ -95,8 +95,6 @@ class DenoisingLoop:
         if self.adapter.identitynet is None:
             raise BadInput("InstantID needs its IdentityNet: give --identitynet FOLDER (ControlNetModel/ of "
                            "InstantX/InstantID)")
-        if any(len(it.identities) != 1 for it in items):
-            raise BadInput("InstantID's IdentityNet reads one face's tokens and keypoints: one person per image")
         from ray_faceid.identity.instantid import frontal_points, keypoint_image
 
         images = []

@@ -20,15 +20,17 @@ SIZE = 64
 POSE = np.array([[0.35, 0.4], [0.62, 0.38], [0.5, 0.55], [0.4, 0.7], [0.6, 0.72]])  # a face turned a little
 
 
-def instantid_state_dict(unet, tokens: int = 4, hidden: int = 64, inner: int = 128, depth: int = 4, seed: int = 0):
-    """InstantID's ip-adapter.bin for `unet` at toy size: random weights, the authors' keys."""
+def instantid_state_dict(unet, tokens: int = 4, hidden: int = 64, inner: int = 128, depth: int = 4, seed: int = 0,
+                         embed: int = EMBED):
+    """InstantID's ip-adapter.bin for `unet` at toy size, reading `embed`-d embeddings: random
+    weights, the authors' keys."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, std=0.1):
         return torch.randn(*shape, generator=g) * std
 
     width = unet.config.cross_attention_dim
-    proj = {"latents": rand(1, tokens, hidden, std=1.0), "proj_in.weight": rand(hidden, EMBED), "proj_in.bias": rand(hidden),
+    proj = {"latents": rand(1, tokens, hidden, std=1.0), "proj_in.weight": rand(hidden, embed), "proj_in.bias": rand(hidden),
             "proj_out.weight": rand(width, hidden), "proj_out.bias": rand(width),
             "norm_out.weight": 1 + rand(width), "norm_out.bias": rand(width)}
     for i in range(depth):
@@ -49,9 +51,10 @@ def instantid_state_dict(unet, tokens: int = 4, hidden: int = 64, inner: int = 1
     return {"image_proj": proj, "ip_adapter": ip}
 
 
-def save_identitynet(unet, folder, seed: int = 1) -> str:
+def save_identitynet(unet, folder, seed: int = 1, keypoint_weight: float = 0.05) -> str:
     """A ControlNet made from `unet` (as InstantID's IdentityNet was), its zero-initialised output
-    convolutions given random weights so its residuals reach the image."""
+    convolutions given random weights so its residuals reach the image (`keypoint_weight`: the scale
+    of those reading the keypoint image; larger, the pose shows at toy size)."""
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
@@ -60,8 +63,10 @@ def save_identitynet(unet, folder, seed: int = 1) -> str:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in net.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif name.startswith("controlnet_cond_embedding.conv_out"):
+                p.copy_(torch.randn(p.shape, generator=g) * keypoint_weight)
     net.save_pretrained(folder)
     return str(folder)
 
@@ -161,7 +166,7 @@ def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(t
     with pytest.raises(UnsupportedModel, match="cross_attention_dim 32; this base's UNet has 64"):
         IdentityNet(net_folder, base.unet)
     adapter.identitynet = IdentityNet(save_identitynet(base.unet, tmp_path / "ControlNetModel"), base.unet)
-    with pytest.raises(BadInput, match="one person per image"):
+    with pytest.raises(BadInput, match=r"one person per image \(got 2\)"):
         pipe.generate("two", [person, IdentityCondition("q", face(2))], steps=1, width=SIZE, height=SIZE)
     with pytest.raises(BadInput, match="IdentityNet runs beside the UNet on --backend torch"):
         IdentityPipeline(base, adapter, backend="onnxruntime")
@@ -169,9 +174,9 @@ def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(t
 
     with pytest.raises(BadInput, match="InstantID repaints nothing yet"):
         inpaint(pipe, np.zeros((SIZE, SIZE, 3), np.uint8), np.full((SIZE, SIZE), 255, np.uint8), person, "a face")
-    from ray_faceid.identity.published import generate_only
-
-    assert generate_only(str(path)).startswith("InstantID")  # Serve, render and personalize refuse it
+    adapter.kind.refuse("render", reads_references=True)  # render and Serve run it (tests/identity/test_instantid_paths.py)
+    with pytest.raises(UnsupportedModel, match="personalize trains without it"):
+        adapter.kind.refuse("personalize", reads_references=False)
 
 
 def test_one_command_from_instantids_files_an_embedding_and_a_pose_photo(tmp_path, sample_photos):

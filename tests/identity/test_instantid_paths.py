@@ -1,0 +1,145 @@
+"""InstantID beyond `generate`: render and Serve run it on enrolled people. Each catalog row or request
+gives its own pose (the face's five keypoints) or gets a frontal face; rows and requests of different
+people share one UNet batch and each image equals `generate` on the same embedding and pose; two
+people in one image fail that row or request alone. Tiny SDXL folder as diffusers saves it, InstantID's
+ip-adapter.bin and IdentityNet at toy size, an ArcFace-shaped ONNX recogniser."""
+import asyncio
+import base64
+import io
+import json
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.identity.test_instantid import POSE, instantid_state_dict, save_identitynet
+
+pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+SIZE, STEPS, GUIDANCE = 64, 2, 5.0  # 64 px: room for the keypoints (10 px discs) to differ
+TOKENS = {"acme": "acme-token-0123456789abcdef"}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, tiny_arcface_onnx):
+    """The user's files (an SDXL folder, ip-adapter.bin, IdentityNet) and a registry holding two people."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from ray_faceid.config import FaceConfig
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.pipelines.models import build_tiny
+    from ray_faceid.registry import REFERENCE_CROP, Registry
+
+    root = tmp_path_factory.mktemp("instantid")
+    base = build_tiny(family="sdxl")
+    StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                              tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                              scheduler=base.scheduler, add_watermarker=False).save_pretrained(root / "sdxl")
+    face_config = FaceConfig(recognizer_onnx=str(tiny_arcface_onnx))
+    spec = FaceAnalyzer(face_config).spec
+    torch.save(instantid_state_dict(base.unet, embed=spec.dim), root / "ip-adapter.bin")
+    registry = Registry(str(root / "registry"))
+    crop = np.zeros((REFERENCE_CROP, REFERENCE_CROP, 3), np.uint8)
+    taken = [{"index": 0, "filename": "0.png", "accepted": True, "reason": None}]
+    people = {}
+    for k, name in enumerate(("ann", "bob")):
+        v = np.random.default_rng(k).normal(size=(1, spec.dim)).astype(np.float32)
+        embedding = 20 * v / np.linalg.norm(v)  # raw ArcFace norms are around 20
+        people[name] = (registry.create("acme", name, f"form-{name}", embedding, np.ones(1, np.float32), spec,
+                                        [crop], taken)["id"], embedding)
+    return SimpleNamespace(sdxl=str(root / "sdxl"), adapter=str(root / "ip-adapter.bin"), face=face_config,
+                           net=save_identitynet(base.unet, root / "ControlNetModel", keypoint_weight=2.0),
+                           registry=registry.store,
+                           people=people)
+
+
+def generated(pipeline, embedding, pose, seed) -> np.ndarray:
+    from ray_faceid.pipelines.generate import IdentityCondition
+
+    image = pipeline.generate("a portrait", [IdentityCondition("p", embedding, pose=pose)], seed=seed, steps=STEPS,
+                              guidance=GUIDANCE, width=SIZE, height=SIZE).images[0]
+    return np.asarray(image).astype(int)
+
+
+def test_render_runs_instantid_rows_each_with_its_pose_as_generate_does(parts, tmp_path):
+    from ray_faceid.config import RenderConfig
+    from ray_faceid.data.render_rows import Renderer
+    from ray_faceid.errors import BadInput
+
+    config = RenderConfig(steps=STEPS, guidance=GUIDANCE, size=f"{SIZE}x{SIZE}", face=parts.face, device="cpu",
+                          unet_batch=4)
+    out = str(tmp_path / "out")
+    with pytest.raises(BadInput, match=r"give identitynet \(--identitynet\) FOLDER"):
+        Renderer(config, parts.sdxl, parts.adapter, parts.registry, "acme", out)
+    renderer = Renderer(config.model_copy(update={"identitynet": parts.net}), parts.sdxl, parts.adapter,
+                        parts.registry, "acme", out)
+    rows = [json.dumps({"id": "ann", "prompt": "a portrait", "seed": 3,
+                        "identities": [{"id": "ann", "pose": POSE.tolist()}]}),
+            json.dumps({"id": "bob", "prompt": "a portrait", "seed": 4, "identities": ["bob"]}),
+            json.dumps({"id": "both", "prompt": "a portrait", "seed": 5, "identities": ["ann", "bob"]}),
+            json.dumps({"id": "bad-pose", "prompt": "a portrait", "identities": [{"id": "ann", "pose": [[0.5, 1.5]]}]})]
+    ann, bob, both, bad_pose = renderer.render_batch(rows, [0, 1, 2, 3])
+    assert ann["status"] == bob["status"] == "ok", (ann, bob)
+    assert both["status"] == "error" and "one person per image (got 2)" in both["error"]
+    assert bad_pose["status"] == "error" and "pose" in bad_pose["error"]
+    from ray_faceid.identity.instantid import frontal_points
+
+    frontal = frontal_points(SIZE, SIZE) / SIZE
+    for record, (name, pose, seed) in zip((ann, bob), (("ann", POSE, 3), ("bob", frontal, 4))):
+        rendered = np.asarray(Image.open(record["output_uri"])).astype(int)
+        assert np.abs(rendered - generated(renderer.pipeline, parts.people[name][1], pose, seed)).max() <= 1, name
+    assert np.abs(np.asarray(Image.open(ann["output_uri"])).astype(int)
+                  - generated(renderer.pipeline, parts.people["ann"][1], frontal, 3)).max() > 2  # the pose reached it
+    provenance = json.loads(ann["provenance"])
+    assert provenance["adapter_published"]["kind"] == "InstantID"
+    assert provenance["identitynet"]["weights_sha256"] == renderer.pipeline.adapter.identitynet.sha256
+    # Another IdentityNet scale is another image: the row's key changes with it (not read from the last run).
+    stronger = Renderer(config.model_copy(update={"identitynet": parts.net, "identitynet_scale": 1.2}), parts.sdxl,
+                        parts.adapter, parts.registry, "acme", out).render_batch(rows[:1], [0])[0]
+    assert stronger["status"] == "ok" and not stronger["cached"] and stronger["key"] != ann["key"]
+
+
+def request(identities: list[dict], seed: int) -> dict:
+    return {"kind": "generate", "tenant": "acme", "identities": identities, "prompt": "a portrait",
+            "negative_prompt": "", "seed": seed, "num_images": 1, "steps": STEPS, "guidance": GUIDANCE, "width": SIZE,
+            "height": SIZE, "cancelled": threading.Event()}
+
+
+def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose(parts):
+    """The Generator's batch runner (plain async code: no Serve needed), from a config resolve_config
+    accepted; its refusals of InstantID configs it cannot run are one line each."""
+    from deployments.app import resolve_config
+    from deployments.generator import Generator
+    from deployments.schemas import GenerateRequest
+    from ray_faceid.config import ServeConfig
+    from ray_faceid.errors import BadInput
+    from ray_faceid.identity.instantid import frontal_points
+
+    config = ServeConfig(model=parts.sdxl, adapter=parts.adapter, identitynet=parts.net, face=parts.face,
+                         registry=parts.registry, api_tokens=TOKENS)
+    refusals = (({"identitynet": None}, "set identitynet to its folder"),
+                ({"backend": "torch.compile"}, "set backend torch"),
+                ({"identitynet": parts.registry}, "no IdentityNet at"))
+    for change, says in refusals:
+        with pytest.raises(BadInput, match=says):
+            resolve_config(config.model_copy(update=change))
+    with pytest.raises(ValueError, match="pose"):  # the API's 422: four points, or one outside the image
+        GenerateRequest.model_validate({"prompt": "p", "identities": [{"name": "ann", "pose": POSE.tolist()[:4]}]})
+    with pytest.raises(ValueError, match="pose"):
+        GenerateRequest.model_validate({"prompt": "p", "identities": [{"name": "ann", "pose": [[0.5, -0.1]] * 5}]})
+    generator = Generator(resolve_config(config).model_dump_json())
+    generator.load_identity = generator._load_identity  # Serve's multiplexing LRU needs a replica context
+    assert "InstantID" in generator.defaults()["served"]
+    (ann, ann_emb), (bob, bob_emb) = parts.people["ann"], parts.people["bob"]
+    answers = asyncio.run(generator._generate_group([request([{"id": ann, "pose": POSE.tolist()}], 3),
+                                                     request([{"id": bob}], 4)]))
+    for answer, embedding, pose, seed in zip(answers, (ann_emb, bob_emb), (POSE, frontal_points(SIZE, SIZE) / SIZE),
+                                             (3, 4)):
+        assert "error" not in answer, answer
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"][0])))).astype(int)
+        assert np.abs(image - generated(generator.pipeline, embedding, pose, seed)).max() <= 1
+        assert answer["provenance"][0]["identitynet"]["scale"] == 0.8
+    (two,) = asyncio.run(generator._generate_group([request([{"id": ann}, {"id": bob}], 5)]))
+    assert two["status"] == 422 and "one person per image" in two["message"], two
