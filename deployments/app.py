@@ -8,7 +8,9 @@ deployment options (replicas, resources) go in the YAML's `deployments:` list, a
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from pydantic import ValidationError
 from ray import serve
@@ -23,6 +25,7 @@ from ray_faceid import envs
 from ray_faceid.config import AutoscalingConfig, ServeConfig
 from ray_faceid.errors import BadInput, NotFound, UnsupportedModel
 from ray_faceid.identity import published
+from ray_faceid.pipelines.model_ref import TINY_FLUX, resolve_model
 
 
 class IngressWithPage(Ingress):
@@ -67,6 +70,14 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
         from ray_faceid.pipelines.schedulers import Sampler
 
         Sampler.parse(config.scheduler, config.scheduler_config, where="scheduler")
+    unet_config = None  # of a local base: what the IdentityNet is checked against
+    if config.model in TINY_FLUX or Path(config.model).is_dir():  # configs only (a URI or hub id: on the replica)
+        try:
+            ref = resolve_model(config.model)
+        except (NotFound, UnsupportedModel) as wrong:  # the replicas would fail on it in a loop
+            raise BadInput(f"model: {wrong.message}") from None
+        if ref.folder:
+            unet_config = json.loads((Path(ref.folder) / "unet" / "config.json").read_text())
     found = published.describe(config.adapter) if config.adapter else None  # the file read once, before any replica
     instantid = found is not None and found.instantid
     if instantid and config.backend != "torch":
@@ -80,7 +91,7 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
         from ray_faceid.identity.instantid import identitynet_config
 
         try:
-            identitynet_config(config.identitynet)
+            identitynet_config(config.identitynet, unet_config)
         except (NotFound, UnsupportedModel) as wrong:  # the replicas would fail on it in a loop
             raise BadInput(f"identitynet: {wrong.message}") from None
     if found is not None and found.per_photo and config.backend != "torch":

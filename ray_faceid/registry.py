@@ -365,10 +365,15 @@ class Registry:
         are unreadable, and nothing of a damaged record (the erasure goes on)."""
         try:
             meta = self.get(tenant, identity)
-            specs = [EncoderSpec(**meta["encoder"])]
-            specs += [EncoderSpec(**e["spec"]) for e in (meta.get("encoders") or {}).values()]
-        except (StorageError, NotFound, KeyError, TypeError, ValueError):
+        except (StorageError, NotFound):
             return []
+        specs = []
+        for record in [meta.get("encoder"), *[e.get("spec") if isinstance(e, dict) else None
+                                              for e in (meta.get("encoders") or {}).values()]]:
+            try:  # a damaged entry loses its own sketch, not the others'
+                specs.append(EncoderSpec(**record))
+            except (TypeError, ValueError):
+                log.warning("identity %s: an encoder record is damaged; its tombstone keeps no sketch of it", identity)
         faces = []
         for spec in specs:
             try:

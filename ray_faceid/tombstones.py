@@ -113,15 +113,19 @@ def rekey(stone: dict, old: Keys, new: Keys) -> dict:
     """A tombstone of key scheme SCHEME made with `old`, re-keyed to `new`."""
     out = dict(stone, person_keys=sorted(rekey_token(t, old, new) for t in stone.get("person_keys", [])),
                key_id=new.key_id)
-    again = []
-    for sketch, own_mask in _sketches(stone):
-        encoder = sketch["encoder"] if own_mask else None
+    def again(sketch: dict, encoder: str | None) -> dict:
         bits = _xor(bytes.fromhex(sketch["bits"]), sketch_mask(old, stone["id_sha256"], encoder))
-        again.append(dict(sketch, bits=_xor(bits, sketch_mask(new, stone["id_sha256"], encoder)).hex()))
+        return dict(sketch, bits=_xor(bits, sketch_mask(new, stone["id_sha256"], encoder)).hex())
+
     if isinstance(stone.get("face_sketch"), dict):
-        out["face_sketch"] = again.pop(0)
+        out["face_sketch"] = again(stone["face_sketch"], None)
     if "other_face_sketches" in stone:
-        out["other_face_sketches"] = again
+        out["other_face_sketches"] = []
+        for sketch, _ in _sketches(stone)[1 if "face_sketch" in out else 0 :]:
+            try:
+                out["other_face_sketches"].append(again(sketch, sketch["encoder"]))
+            except (KeyError, TypeError, ValueError):  # that sketch alone is lost, not the tombstone
+                log.warning("tombstone %s: a damaged face sketch is dropped while re-keying", stone.get("id_sha256"))
     return out
 
 

@@ -71,10 +71,18 @@ def test_an_erased_face_is_refused_by_each_encoder_the_person_had_embeddings_of(
                 tombstones.digest("id", tom_id)]
     (added,) = stone["other_face_sketches"]
     assert added["encoder"] == second.key() and len(added["bits"]) == 128
-    # each sketch its own mask: the stored bits of the two say nothing of how the two sketches differ
+    # Each sketch under its own mask (one mask on both would give away how the two sketches differ):
+    # the stored bits unmask, with the second encoder's own mask, to the sketch of what it saw.
+    from ray_faceid import face_sketch
+
     keys = keys_for(registry.store)
-    assert tombstones.sketch_mask(keys, stone["id_sha256"]) != tombstones.sketch_mask(keys, stone["id_sha256"],
-                                                                                     second.key())
+    unmasked = bytes(a ^ b for a, b in zip(bytes.fromhex(added["bits"]),
+                                           tombstones.sketch_mask(keys, stone["id_sha256"], second.key())))
+    assert unmasked == face_sketch.sketch(tom @ rotation, second)
+    # Re-keying drops a damaged second sketch, keeping the tombstone and its first sketch.
+    damaged = dict(stone, other_face_sketches=[{"bits": "not hex"}])
+    rekeyed = tombstones.rekey(damaged, keys, keys)
+    assert rekeyed["other_face_sketches"] == [] and rekeyed["face_sketch"] == stone["face_sketch"]
 
 
 def test_an_erased_person_under_a_new_name_or_their_withdrawn_consent_is_refused(tmp_path, faces):

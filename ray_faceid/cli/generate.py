@@ -50,7 +50,7 @@ def parse_edit_option(text: Optional[str]) -> Optional[dict]:
     return check_edits(parse_edits(text)) if text else None
 
 
-def _pipeline(analyzer, model: str, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,
+def _pipeline(analyzer, model, adapter_uri: Optional[str], backend: str = "torch", imr: Optional[str] = None,
               flow: Optional[str] = None, spec="analyzer", plus_v2_scale: Optional[float] = None):
     """The pipeline, loaded after the reference photos were checked: a bad photo fails in a second."""
     from ray_faceid.engines.select import require_backend
@@ -258,10 +258,23 @@ def generate(
     from ray_faceid.cli.faces import face_config
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.pipelines.generate import parse_size
+    from ray_faceid.pipelines.model_ref import resolve_model
 
     with user_errors():
         sampler = Sampler.parse(scheduler, scheduler_config)  # checked before any model loads
         width, height = parse_size(size, "--size") if size else (None, None)
+        ref_model = resolve_model(model, flux=True)  # configs only: FLUX runs another pipeline
+        if ref_model.family == "flux":
+            from ray_faceid.cli.generate_flux import generate_flux, refuse_identity_options
+
+            refuse_identity_options({"--ref": ref, "--identity": identity, "--face-embedding": face_embedding,
+                                     "--region": region, "--expression": expression, "--adapter": adapter,
+                                     "--imr": imr, "--flow": flow, "--edit": edit, "--image-encoder": image_encoder,
+                                     "--plus-v2-scale": plus_v2_scale, "--identitynet": identitynet, "--pose": pose,
+                                     "--scheduler": scheduler, "--scheduler-config": scheduler_config,
+                                     "--negative-prompt": negative_prompt,
+                                     "--backend": None if backend == "torch" else backend})
+            return generate_flux(ref_model, prompt, out, seed, steps, guidance, width, height)
         if face_embedding and identity:
             raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
         if face_embedding and ref and not (image_encoder or identitynet):
@@ -289,7 +302,7 @@ def generate(
             raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files)")
         analyzer = FaceAnalyzer(face_config("dlib" if face_embedding else face_backend, insightface_root, True))
         conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
-        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer",
+        pipe = _pipeline(analyzer, ref_model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer",
                          plus_v2_scale=plus_v2_scale)
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         _with_image_features(pipe, image_encoder, conditions, photos, analyzer, registry, tenant, enrolled)

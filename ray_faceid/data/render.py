@@ -160,8 +160,8 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         raise BadInput(f"catalog {catalog} has no rows")
     from ray_faceid.registry import Registry
 
-    Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
     model = resolve_model(model)  # once: the fingerprint and every actor take the reference
+    Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
     inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder)
     done = _finished(out, inputs)
     if done is not None:  # every row is rendered for these inputs: no cluster, no model

@@ -92,9 +92,10 @@ def frontal_points(width: int, height: int) -> np.ndarray:
     return (template - 56.0) * (0.5 * min(width, height) / 112) + np.array([width / 2, height / 2])
 
 
-def identitynet_config(folder: str) -> dict:
+def identitynet_config(folder: str, unet_config=None) -> dict:
     """The config of the IdentityNet in `folder` (read without loading it: a Serve config is checked
-    before any replica starts); NotFound or UnsupportedModel in one line naming the files needed."""
+    before any replica starts), fitting the UNet of `unet_config` where given; NotFound or
+    UnsupportedModel in one line naming the files needed, or the base it was made for."""
     root = Path(folder)
     config_file = root / "config.json"
     weights = [p for p in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (root / p).is_file()]
@@ -108,6 +109,10 @@ def identitynet_config(folder: str) -> dict:
         found = config.get("_class_name") if isinstance(config, dict) else None
         raise UnsupportedModel(f"{folder} holds a {found or 'model of no class'}, not a ControlNetModel: give "
                                f"InstantID's IdentityNet folder ({NEEDED})")
+    for key in ("cross_attention_dim", "in_channels") if unet_config is not None else ():
+        if config.get(key) != unet_config.get(key):
+            raise UnsupportedModel(f"{folder}: an IdentityNet with {key} {config.get(key)}; this base's UNet has "
+                                   f"{unet_config.get(key)}: it was made for another base family")
     return config
 
 
@@ -137,11 +142,7 @@ class IdentityNet:
 
         model_loading()
         root = Path(folder)
-        config = identitynet_config(folder)
-        for key in ("cross_attention_dim", "in_channels"):
-            if config.get(key) != unet.config[key]:
-                raise UnsupportedModel(f"{folder}: an IdentityNet with {key} {config.get(key)}; this base's UNet has "
-                                       f"{unet.config[key]}: it was made for another base family")
+        identitynet_config(folder, unet.config)
         if not 0.0 <= scale <= 2.0:
             raise BadInput(f"the IdentityNet scale must be between 0 and 2, got {scale}")
         try:

@@ -54,7 +54,10 @@ class AdapterKind:
         return ()
 
     def check_people(self, identities: list[IdentityCondition]) -> None:
-        """People who cannot share one image with this kind: BadInput naming why."""
+        """People (and what each asks for) this kind cannot make into one image: BadInput naming why.
+        Checked per row or request before a batch runs: one request's refusal never fails the others."""
+        if not self.identitynet and any(person.pose is not None for person in identities):
+            raise BadInput("pose is for InstantID (its IdentityNet reads the face's keypoints); this adapter has none")
 
     def refuse(self, where: str, reads_references: bool) -> None:
         """UnsupportedModel where a path (`where`) cannot run this kind; `reads_references`: the path
@@ -77,9 +80,6 @@ class PerPhotoKind(AdapterKind):
         if pipe.backend != "torch" and emb.shape[0] != 1:
             raise BadInput(f"identity {ident.name}: FaceID-Portrait with {emb.shape[0]} photos gives "
                            f"{emb.shape[0]} sets of tokens; compiled engines hold one: use --backend torch")
-        if ident.edits:
-            raise BadInput(f"identity {ident.name}: attribute edits act on one fused embedding; FaceID-Portrait "
-                           "reads each photo's own")
         t = self.adapter.tokens(emb)
         return t.reshape(1, -1, t.shape[-1])
 
@@ -87,6 +87,11 @@ class PerPhotoKind(AdapterKind):
         return tuple(len(np.atleast_2d(person.embeddings)) for person in identities)
 
     def check_people(self, identities):
+        super().check_people(identities)
+        for person in identities:
+            if person.edits:
+                raise BadInput(f"identity {person.name}: attribute edits act on one fused embedding; FaceID-Portrait "
+                               "reads each photo's own")
         counts = list(self.token_counts(identities))
         if len(set(counts)) > 1:
             raise BadInput("FaceID-Portrait gives tokens per photo: every person in one image needs the same number "
@@ -146,11 +151,13 @@ class InstantIdKind(AdapterKind):
     identitynet = True
 
     def tokens(self, pipe, ident, emb, code):
-        if ident.edits:
-            raise BadInput(f"identity {ident.name}: attribute edits act on a unit embedding; InstantID reads the raw one")
         return self.adapter.tokens(emb.mean(0, keepdim=True))
 
     def check_people(self, identities):
+        for person in identities:
+            if person.edits:
+                raise BadInput(f"identity {person.name}: attribute edits act on a unit embedding; InstantID reads the "
+                               "raw one")
         if len(identities) > 1:
             raise BadInput(f"InstantID's IdentityNet reads one face's tokens and keypoints: one person per image "
                            f"(got {len(identities)})")

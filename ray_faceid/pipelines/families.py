@@ -2,8 +2,9 @@
 
 `sd1` (one CLIP text encoder, 768 wide), `sd2` (one OpenCLIP encoder, 1024 wide, often
 v-prediction) and `sdxl` (two text encoders, pooled embeddings and time ids as added conditioning);
-each with an inpainting variant (a 9-channel UNet). Anything else (FLUX, SD3, PixArt: transformers,
-not UNets; an SDXL refiner; a bare UNet; UNets of other channels or conditioning, such as
+each with an inpainting variant (a 9-channel UNet). `flux` (a FluxPipeline or FluxFillPipeline
+folder: a transformer, not a UNet; pipelines/flux.py). Anything else (SD3, PixArt, FLUX's control
+and Kontext pipelines; an SDXL refiner; a bare UNet; UNets of other channels or conditioning, such as
 InstructPix2Pix, upscalers, unCLIP; a UNet without its text encoder) is refused in one line that
 names what it looks like.
 """
@@ -14,8 +15,11 @@ from pathlib import Path
 
 from ray_faceid.errors import UnsupportedModel
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-SUPPORTED = "supported: SD 1.x, SD 2.x and SDXL diffusers folders (and their inpainting variants)"
+FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+SUPPORTED = ("supported: SD 1.x, SD 2.x and SDXL diffusers folders (and their inpainting variants), and FLUX.1 "
+             "(dev, schnell, Fill)")
+FLUX_PIPELINES = ("FluxPipeline", "FluxFillPipeline")
+FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 # model_index.json _class_name prefixes of pipelines built on something other than a UNet we serve.
 OTHER_PIPELINES = {"Flux": "FLUX", "StableDiffusion3": "Stable Diffusion 3", "PixArt": "PixArt", "Sana": "Sana",
                    "HunyuanDiT": "Hunyuan-DiT", "Lumina": "Lumina", "AuraFlow": "AuraFlow", "CogView": "CogView",
@@ -42,9 +46,12 @@ def detect_family(folder: str | Path) -> str:
     folder = Path(folder)
     index = _read_json(folder / "model_index.json") or {}
     pipeline = str(index.get("_class_name", ""))
+    if pipeline in FLUX_PIPELINES:
+        return _check_flux(folder, pipeline)
     for prefix, name in OTHER_PIPELINES.items():
         if pipeline.startswith(prefix):
-            raise UnsupportedModel(f"{folder} looks like a {name} model ({pipeline}); {SUPPORTED}")
+            kind = f"a {name} model of another kind" if name == "FLUX" else f"a {name} model"
+            raise UnsupportedModel(f"{folder} looks like {kind} ({pipeline}); {SUPPORTED}")
     unet = _read_json(folder / "unet" / "config.json")
     if unet is None:
         if (folder / "transformer").is_dir():
@@ -109,3 +116,16 @@ def _check_sdxl(folder: Path, index: dict) -> None:
     if missing:
         raise UnsupportedModel(f"{folder} has an SDXL UNet but no {', '.join(missing)}: SDXL needs both text "
                                "encoders and their tokenizers")
+
+
+def _check_flux(folder: Path, pipeline: str) -> str:
+    """A FLUX.1 folder: every component there, the transformer FLUX's."""
+    missing = [name for name in FLUX_COMPONENTS if not (folder / name).is_dir()]
+    if missing:
+        raise UnsupportedModel(f"{folder} is a {pipeline} folder without {', '.join(missing)}: FLUX needs its "
+                               "transformer, VAE, both text encoders (CLIP and T5) with their tokenizers and its scheduler")
+    transformer = _read_json(folder / "transformer" / "config.json") or {}
+    if transformer.get("_class_name") != "FluxTransformer2DModel":
+        raise UnsupportedModel(f"{folder}'s transformer is a {transformer.get('_class_name') or 'model of no class'}, "
+                               f"not FLUX's FluxTransformer2DModel; {SUPPORTED}")
+    return "flux"

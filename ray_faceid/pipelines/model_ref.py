@@ -19,6 +19,9 @@ from ray_faceid.envs import cache_dir
 from ray_faceid.errors import BackendUnavailable, NotFound
 
 TINY = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint")
+TINY_FLUX = ("tiny-flux", "tiny-flux-schnell")
+FLUX_RUNS = ("a FLUX model: `ray-faceid generate` runs it from a prompt (identity on FLUX, and render, Serve, "
+             "inpaint, train and compile on it, are not built yet)")
 HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.bin", "*/*.model"]  # a diffusers layout
 HUB_CONFIGS = ["model_index.json", "*/*.json"]  # what deciding the family needs
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -48,6 +51,10 @@ class ModelRef:
     def _compute_fingerprint(self) -> str:
         from ray_faceid.weights_hash import folder_hash
 
+        if self.kind == "tiny" and self.family == "flux":
+            from ray_faceid.pipelines.flux import load_flux
+
+            return load_flux(self).model_hash()
         if self.kind == "tiny":
             from ray_faceid.pipelines.models import build_named_tiny
 
@@ -73,14 +80,24 @@ class ModelRef:
         raise NotFound(f"model {self.name!r}: no model folder at {self.folder} on this machine")
 
 
-def resolve_model(model: str | ModelRef) -> ModelRef:
+def resolve_model(model: str | ModelRef, flux: bool = False) -> ModelRef:
     """A ModelRef from a tiny name, a local folder, an fsspec URI (copied into the local cache once)
     or a hub id (its configs only, until it loads); a reference is returned as it is. A folder of an
-    unsupported kind is refused here (families.py), before any weight is read."""
-    from ray_faceid.pipelines.families import detect_family
+    unsupported kind is refused here (families.py), before any weight is read; so is a FLUX model
+    unless the caller runs FLUX (`flux`)."""
+    ref = model if isinstance(model, ModelRef) else _resolve(model)
+    if ref.family == "flux" and not flux:
+        from ray_faceid.errors import UnsupportedModel
 
-    if isinstance(model, ModelRef):
-        return model
+        raise UnsupportedModel(f"{ref.name} is {FLUX_RUNS}")
+    return ref
+
+
+def _resolve(model: str) -> ModelRef:
+    from ray_faceid.pipelines.families import FLUX_COMPONENTS, detect_family
+
+    if model in TINY_FLUX:
+        return ModelRef(model, "tiny", None, "flux", False, FLUX_COMPONENTS)
     if model in TINY:
         return ModelRef(model, "tiny", None, "sdxl" if "sdxl" in model else "sd1", model.endswith("-inpaint"),
                         COMPONENTS if "sdxl" in model else tuple(c for c in COMPONENTS if not c.endswith("_2")))
@@ -93,6 +110,10 @@ def resolve_model(model: str | ModelRef) -> ModelRef:
     else:
         raise NotFound(f"model {model!r}: not 'tiny', a folder, a URI or a hub id (owner/name)")
     family = detect_family(folder)
+    if family == "flux":  # Fill: the masked image and the mask packed beside the latents
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        latent = json.loads((folder / "vae" / "config.json").read_text()).get("latent_channels", 16)
+        return ModelRef(model, kind, str(folder), family, transformer.get("in_channels") != 4 * latent, FLUX_COMPONENTS)
     unet = json.loads((folder / "unet" / "config.json").read_text())
     present = tuple(c for c in COMPONENTS if (folder / c).is_dir())
     return ModelRef(model, kind, str(folder), family, unet.get("in_channels") == 9, present)
@@ -123,8 +144,9 @@ def _local_copy(uri: str) -> Path:
 
 
 def _has_weights(folder: Path) -> bool:
-    """Whether a hub snapshot holds the UNet's weights (a configs-only one does not)."""
-    return any((folder / "unet").glob("*.safetensors")) or any((folder / "unet").glob("*.bin"))
+    """Whether a hub snapshot holds the denoiser's weights (a configs-only one does not)."""
+    return any(any((folder / denoiser).glob(f"*.{ext}")) for denoiser in ("unet", "transformer")
+               for ext in ("safetensors", "bin"))
 
 
 def _hub_snapshot(model: str, patterns: list[str], weights: bool = False) -> str:

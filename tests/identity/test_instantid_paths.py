@@ -50,6 +50,7 @@ def parts(tmp_path_factory, tiny_arcface_onnx):
         people[name] = (registry.create("acme", name, f"form-{name}", embedding, np.ones(1, np.float32), spec,
                                         [crop], taken)["id"], embedding)
     return SimpleNamespace(sdxl=str(root / "sdxl"), adapter=str(root / "ip-adapter.bin"), face=face_config,
+                           sd1_net=save_identitynet(build_tiny().unet, root / "sd1_ControlNetModel"),  # another family's
                            net=save_identitynet(base.unet, root / "ControlNetModel", keypoint_weight=2.0),
                            registry=registry.store,
                            people=people)
@@ -107,7 +108,7 @@ def request(identities: list[dict], seed: int) -> dict:
             "height": SIZE, "cancelled": threading.Event()}
 
 
-def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose(parts):
+def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose(parts, tmp_path):
     """The Generator's batch runner (plain async code: no Serve needed), from a config resolve_config
     accepted; its refusals of InstantID configs it cannot run are one line each."""
     from deployments.app import resolve_config
@@ -121,7 +122,8 @@ def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose
                          registry=parts.registry, api_tokens=TOKENS)
     refusals = (({"identitynet": None}, "set identitynet to its folder"),
                 ({"backend": "torch.compile"}, "set backend torch"),
-                ({"identitynet": parts.registry}, "no IdentityNet at"))
+                ({"identitynet": parts.registry}, "no IdentityNet at"),
+                ({"identitynet": parts.sd1_net}, "cross_attention_dim 32; this base's UNet has 64"))
     for change, says in refusals:
         with pytest.raises(BadInput, match=says):
             resolve_config(config.model_copy(update=change))
@@ -129,7 +131,12 @@ def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose
         GenerateRequest.model_validate({"prompt": "p", "identities": [{"name": "ann", "pose": POSE.tolist()[:4]}]})
     with pytest.raises(ValueError, match="pose"):
         GenerateRequest.model_validate({"prompt": "p", "identities": [{"name": "ann", "pose": [[0.5, -0.1]] * 5}]})
-    generator = Generator(resolve_config(config).model_dump_json())
+    from ray_faceid.identity.expression import EXPRESSION_KEYS
+    from ray_faceid.identity.flow import AttributeFlow, save_flow
+
+    # An attribute flow for its encoder: requests may ask edits, which InstantID (a raw embedding) refuses.
+    save_flow(str(tmp_path / "flow"), AttributeFlow(64, EXPRESSION_KEYS, couplings=2, hidden=32), "arcface/64/insightface")
+    generator = Generator(resolve_config(config.model_copy(update={"flow": str(tmp_path / "flow")})).model_dump_json())
     generator.load_identity = generator._load_identity  # Serve's multiplexing LRU needs a replica context
     assert "InstantID" in generator.defaults()["served"]
     (ann, ann_emb), (bob, bob_emb) = parts.people["ann"], parts.people["bob"]
@@ -143,3 +150,9 @@ def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose
         assert answer["provenance"][0]["identitynet"]["scale"] == 0.8
     (two,) = asyncio.run(generator._generate_group([request([{"id": ann}, {"id": bob}], 5)]))
     assert two["status"] == 422 and "one person per image" in two["message"], two
+    # One tenant's request InstantID cannot make fails alone, never the requests batched with it.
+    edited, plain = asyncio.run(generator._generate_group([request([{"id": ann, "edits": {"smile": 0.8}}], 3),
+                                                          request([{"id": bob}], 4)]))
+    assert edited["status"] == 422 and "InstantID reads the raw one" in edited["message"], edited
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(plain["png"][0])))).astype(int)
+    assert np.abs(image - generated(generator.pipeline, bob_emb, frontal_points(SIZE, SIZE) / SIZE, 4)).max() <= 1

@@ -189,10 +189,12 @@ def test_render_gives_each_enrolled_photo_its_own_portrait_tokens(tmp_path, tiny
     config = RenderConfig(steps=2, size="32x32", face=face_config, device="cpu", unet_batch=4)
     renderer = Renderer(config, str(tmp_path / "sd15"), adapter, registry.store, "default", str(tmp_path / "out"))
     rows = [json.dumps({"id": name, "prompt": "a portrait", "identities": people, "seed": 3})
-            for name, people in (("two", ["two"]), ("one", ["one"]), ("both", ["two", "one"]))]
-    two, one, both = renderer.render_batch(rows, [0, 1, 2])
+            for name, people in (("two", ["two"]), ("one", ["one"]), ("both", ["two", "one"]),
+                                 ("posed", [{"id": "one", "pose": [[0.5, 0.5]] * 5}]))]
+    two, one, both, posed = renderer.render_batch(rows, [0, 1, 2, 3])
     assert two["status"] == one["status"] == "ok", (two, one)
     assert both["status"] == "error" and "same number of photos (got [2, 1])" in both["error"]
+    assert posed["status"] == "error" and "pose is for InstantID" in posed["error"]  # not silently dropped
 
     def generated(references) -> np.ndarray:
         return np.asarray(renderer.pipeline.generate("a portrait", [IdentityCondition("p", references)], seed=3,

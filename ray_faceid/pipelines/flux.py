@@ -1,0 +1,227 @@
+"""FLUX.1 (Black Forest Labs) bases: a diffusers folder, or `tiny-flux` built offline for tests and
+smoke runs.
+
+FLUX is not a UNet. A transformer (FluxTransformer2DModel) denoises the VAE's 16-channel latents
+packed in 2x2 patches (64 values a token): joint text-image attention in dual-stream blocks, then
+single-stream ones, rotary positions (text tokens at 0, each patch at its row and column). The text
+comes from T5 (the token sequence) and CLIP (its pooled vector). It is trained by flow matching; the
+sigma schedule is shifted by the image's token count. The variants, read from the transformer's
+config: dev takes the guidance scale as an input (guidance-distilled: no unconditional pass), schnell
+takes none and runs in 4 steps, Fill (inpainting) reads the masked image and the mask packed beside
+the latents. Sampling is in flux_sampling.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ray_faceid.errors import UnsupportedModel
+from ray_faceid.weights_hash import cached_module_hash, weights_hash_of
+
+DEV_STEPS, SCHNELL_STEPS, UNTRAINED_STEPS = 28, 4, 4  # diffusers' FluxPipeline default; schnell's 4
+DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
+DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline's: 128 latent pixels, 1024 px through the VAE's factor 8
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length (its most)
+
+
+@dataclass
+class FluxBase:
+    transformer: object
+    vae: object
+    text_encoder: object
+    """CLIP: its pooled vector conditions every block (the transformer's `pooled_projections`)."""
+    tokenizer: object
+    text_encoder_2: object
+    """T5's encoder: the token sequence the blocks attend to jointly with the image."""
+    tokenizer_2: object
+    scheduler: object
+    model_id: str
+    untrained: bool = False
+
+    family = "flux"
+
+    def __post_init__(self):
+        # Taken before any cast or move: what the model IS, whatever precision it runs in.
+        self.weights = {name: weights_hash_of(module) for name, module in self.modules.items()}
+        self._hash = None
+
+    @property
+    def modules(self) -> dict:
+        names = ("transformer", "vae", "text_encoder", "text_encoder_2")
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def inpainting(self) -> bool:
+        """Fill: the transformer reads the masked image's latents and the mask beside the noisy ones."""
+        return self.transformer.config.in_channels != 4 * self.latent_channels
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """dev: the guidance scale is an input of the transformer; schnell: none."""
+        return bool(self.transformer.config.guidance_embeds)
+
+    @property
+    def variant(self) -> str:
+        return "fill" if self.inpainting else "dev" if self.guidance_embedded else "schnell"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides are multiples of this: the VAE's factor, times 2 for the patches."""
+        return 2 * self.vae_scale_factor
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) when none is asked for: FluxPipeline's 1024 px for a real base (its 128
+        latent pixels), 32 px for the tiny one."""
+        side = 32 if self.untrained else DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
+        return side, side
+
+    @property
+    def default_steps(self) -> int:
+        if self.untrained:
+            return UNTRAINED_STEPS
+        return DEV_STEPS if self.guidance_embedded else SCHNELL_STEPS
+
+    @property
+    def default_guidance(self) -> float | None:
+        """dev's 3.5; None for schnell, which takes no guidance."""
+        return DEV_GUIDANCE if self.guidance_embedded else None
+
+    def model_hash(self) -> str:
+        """Hash of the components' weights, the tokenizers and the scheduler (provenance); not the
+        model id: the same weights under another name are the same model."""
+        if self._hash is None:
+            from ray_faceid.pipelines.models import _tokenizer_hash
+
+            parts = {"weights": self.weights, "tokenizer": _tokenizer_hash(self.tokenizer),
+                     "tokenizer_2": _tokenizer_hash(self.tokenizer_2),
+                     "scheduler": {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}}
+            self._hash = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self._hash
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "FluxBase":
+        for module in self.modules.values():
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        return self
+
+    def freeze(self) -> "FluxBase":
+        for module in self.modules.values():
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+
+def build_tiny_flux(guidance_embeds: bool = True, seed: int = 0) -> FluxBase:
+    """FLUX's structure at toy size (as diffusers' own FLUX tests build it, with FLUX's 16 latent
+    channels): one dual-stream and one single-stream block, a CLIP text encoder for the pooled
+    vector, a T5 encoder, a VAE of factor 2. `guidance_embeds`: dev (True) or schnell."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ray_faceid.pipelines.tiny_tokenizer import tiny_t5_tokenizer, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), latent_channels=16,
+        norm_num_groups=8, layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611,  # FLUX.1's VAE
+    )
+    tokenizer = tiny_tokenizer(max_length=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu"))
+    tokenizer_2 = tiny_t5_tokenizer(MAX_SEQUENCE_LENGTH)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=0))
+    # FLUX.1-dev's scheduler: shifted by the image's token count; schnell's: a fixed shift of 1.
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=256, max_image_seq_len=4096)
+                 if guidance_embeds else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False))
+    name = "tiny-flux" if guidance_embeds else "tiny-flux-schnell"
+    return FluxBase(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler,
+                    model_id=f"{name} (untrained)", untrained=True).freeze()
+
+
+def load_flux(model) -> FluxBase:
+    """A FLUX base from a tiny name or a ModelRef of the flux family (model_ref.py)."""
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    ref = resolve_model(model, flux=True)
+    if ref.family != "flux":
+        raise UnsupportedModel(f"{ref.name} is an {ref.family.upper()} model, not FLUX")
+    if ref.kind == "tiny":
+        return build_tiny_flux(guidance_embeds=ref.name == "tiny-flux")
+    return _from_diffusers_layout(str(ref.local_folder(weights=True)), ref.name)
+
+
+def _from_diffusers_layout(source: str, model_id: str) -> FluxBase:
+    from ray_faceid.quiet import model_loading
+
+    model_loading()
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    meta = json.loads((Path(source) / "model_index.json").read_text())
+    components = {
+        "transformer": FluxTransformer2DModel.from_pretrained(source, subfolder="transformer"),
+        "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
+        "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        "text_encoder_2": T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2"),
+    }
+    for name, module in components.items():  # hashed once per machine for a local folder's files
+        cached_module_hash(module, Path(source) / name)
+    base = FluxBase(**components, tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+                    tokenizer_2=AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
+                    scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler"),
+                    model_id=meta.get("_ray_faceid_model_id", model_id),
+                    untrained=bool(meta.get("_ray_faceid_untrained", False))).freeze()
+    _check_widths(base, source)
+    return base
+
+
+def _check_widths(base: FluxBase, source: str) -> None:
+    """The text encoders must fit the transformer: a mismatch is named here, not a shape error at
+    the first step."""
+    config = base.transformer.config
+    pairs = (("text_encoder_2 (T5)", base.text_encoder_2.config.d_model, "joint_attention_dim", config.joint_attention_dim),
+             ("text_encoder (CLIP)", base.text_encoder.config.hidden_size, "pooled_projection_dim",
+              config.pooled_projection_dim))
+    for what, width, key, wanted in pairs:
+        if width != wanted:
+            raise UnsupportedModel(f"{source}: {what} gives {width}-wide states but the transformer's {key} is {wanted}: "
+                                   "the components come from different models")
+
+
+def save_flux(base: FluxBase, folder: str | Path) -> None:
+    """The tiny FLUX base as diffusers saves a FluxPipeline (a folder any FLUX path loads)."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
+                        tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                        transformer=base.transformer)
+    pipe.save_pretrained(folder)
+    index = Path(folder) / "model_index.json"
+    meta = json.loads(index.read_text())
+    meta.update({"_ray_faceid_model_id": base.model_id, "_ray_faceid_untrained": base.untrained})
+    index.write_text(json.dumps(meta, indent=2))

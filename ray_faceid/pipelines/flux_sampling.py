@@ -1,0 +1,175 @@
+"""Text-to-image on a FLUX base (flux.py), as diffusers' FluxPipeline samples with its defaults: the
+prompt through CLIP (pooled) and T5 (512 tokens), seeded noise drawn on the CPU per image and packed
+in 2x2 patches, the flow-matching Euler schedule (sigmas 1 to 1/steps, shifted by the image's token
+count where the scheduler says so), dev's guidance as an input of the transformer, no unconditional
+pass. Each call builds its own scheduler: nothing another request changes is read here.
+
+Identity on FLUX is not built yet: this path takes a prompt alone."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ray_faceid.errors import BadInput
+from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH, FluxBase
+from ray_faceid.pipelines.generate import DTYPES, GenerationResult
+from ray_faceid.pipelines.provenance import png_with_provenance
+
+
+def resolve_flux_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on CUDA (FLUX's own dtype: its activations overflow fp16), fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in DTYPES:
+        raise BadInput(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+    return precision
+
+
+def flow_shift(image_tokens: int, config) -> float:
+    """mu of the schedule's shift: linear in the image's token count, from base_shift at
+    base_image_seq_len tokens to max_shift at max_image_seq_len (FLUX.1's 0.5 at 256, 1.15 at 4,096)."""
+    low, high = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (high - low)
+    return image_tokens * slope + base_shift - slope * low
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C * 4): each 2x2 patch one token, row by row."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack` for latents of h x w."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def patch_positions(h: int, w: int) -> torch.Tensor:
+    """(h/2 * w/2, 3) rotary positions of the patches: 0, row, column."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+class FluxGenerator:
+    def __init__(self, base: FluxBase, device: str | torch.device = "cpu", precision: str = "auto"):
+        self.base, self.device = base, torch.device(device)
+        self.precision = resolve_flux_precision(precision, self.device)
+        dtype = DTYPES[self.precision]
+        base.to(self.device, None if dtype == torch.float32 else dtype)
+        self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 states (B, 512, D), CLIP pooled (B, P)) of each prompt."""
+        base = self.base
+        clip = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+        pooled = base.text_encoder(clip.to(self.device), output_hidden_states=False).pooler_output
+        t5 = base.tokenizer_2(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                              return_tensors="pt").input_ids
+        states = base.text_encoder_2(t5.to(self.device), output_hidden_states=False)[0]
+        return states.to(base.text_encoder_2.dtype), pooled.to(base.text_encoder.dtype)
+
+    def check(self, steps: int, guidance: float | None, width: int, height: int) -> None:
+        base = self.base
+        if base.inpainting:
+            raise BadInput(f"{base.model_id} is FLUX.1 Fill, an inpainting model: it repaints a masked photo, which "
+                           "is not built for FLUX yet; generate images with FLUX.1 dev or schnell")
+        if not 1 <= steps <= 200:
+            raise BadInput(f"steps must be between 1 and 200, got {steps}")
+        if guidance is not None and not base.guidance_embedded:
+            raise BadInput(f"{base.model_id} is FLUX.1 schnell, which takes no guidance: leave --guidance out")
+        if guidance is not None and not 0 <= guidance <= 30:
+            raise BadInput(f"guidance must be between 0 and 30, got {guidance}")
+        multiple = base.size_multiple
+        if width % multiple or height % multiple or not 0 < width <= 4096 or not 0 < height <= 4096:
+            raise BadInput(f"FLUX makes images whose sides are multiples of {multiple} up to 4096, not {width}x{height}")
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 width: int | None = None, height: int | None = None, num_images: int = 1) -> GenerationResult:
+        """`num_images` of the prompt, seeds `seed`, `seed + 1`, ...; steps, guidance and size default
+        to the base's own (flux.py)."""
+        base = self.base
+        steps = steps or base.default_steps
+        guidance = base.default_guidance if guidance is None else guidance
+        width, height = width or base.native_size[0], height or base.native_size[1]
+        self.check(steps, guidance, width, height)
+        seeds = [seed + k for k in range(num_images)]
+        states, pooled = self.encode_prompt([prompt] * num_images)
+        text_positions = torch.zeros(states.shape[1], 3, device=self.device, dtype=states.dtype)
+        f = base.vae_scale_factor
+        h, w = height // f, width // f
+        # One generator per image, on the CPU (as diffusers draws a list of generators): an image is the
+        # same alone or batched.
+        noise = torch.cat([torch.randn((1, base.latent_channels, h, w), generator=torch.Generator("cpu").manual_seed(s))
+                           for s in seeds])
+        latents = pack(noise.to(self.device, states.dtype))
+        positions = patch_positions(h, w).to(self.device, states.dtype)
+        scheduler = type(base.scheduler).from_config(base.scheduler.config)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device,
+                                mu=flow_shift(latents.shape[1], scheduler.config))
+        scheduler.set_begin_index(0)
+        embedded = None
+        if base.guidance_embedded:
+            embedded = torch.full([num_images], guidance, device=self.device, dtype=torch.float32)
+        callback = self.on_step
+        if callback is not None:
+            callback(0, len(scheduler.timesteps))
+        transformer = base.transformer
+        for step, t in enumerate(scheduler.timesteps, 1):
+            timestep = t.expand(num_images).to(latents.dtype) / 1000
+            velocity = transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep, guidance=embedded,
+                                   pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_positions,
+                                   img_ids=positions, return_dict=False)[0]
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if callback is not None:
+                callback(step, len(scheduler.timesteps))
+        result = GenerationResult([], [], [], [])
+        for k, s in enumerate(seeds):
+            image = self.decode(unpack(latents[k : k + 1], h, w))
+            record = self.provenance(prompt, s, steps, guidance, width, height)
+            result.images.append(image)
+            result.png.append(png_with_provenance(image, record))
+            result.provenance.append(record)
+            result.seeds.append(s)
+        return result
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor):
+        from PIL import Image
+
+        vae = self.base.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        arr = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(arr)
+
+    def provenance(self, prompt: str, seed: int, steps: int, guidance: float | None, width: int, height: int) -> dict:
+        base = self.base
+        return {
+            "generator": "ray_faceid",
+            "kind": "generate",
+            "ai_generated": True,
+            "base_model": base.model_id,
+            "base_model_hash": base.model_hash(),
+            "base_family": "flux",
+            "flux_variant": base.variant,
+            "untrained_base": base.untrained,
+            "adapter": None,
+            "identities": [],
+            "backend": "torch",
+            "precision": self.precision,
+            "prompt": prompt,
+            "seed": seed,
+            "steps": steps,
+            "scheduler": {"class": type(base.scheduler).__name__, "sigmas": "1 to 1/steps, shifted by the token count"
+                          if base.scheduler.config.get("use_dynamic_shifting") else "1 to 1/steps"},
+            "guidance": guidance,
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "size": [width, height],
+        }

@@ -1,0 +1,114 @@
+"""FLUX.1 from a folder diffusers saved (tiny-flux at toy size, FLUX's 16 latent channels, a T5
+tokenizer made in code): from a prompt, the image equals diffusers' FluxPipeline with its defaults
+(512 T5 tokens, dev's guidance 3.5 as an input, the schedule shifted by the token count; schnell
+without guidance), alone or batched. The variant is read from the configs; a path that does not run
+FLUX yet says so in one line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ray_faceid.cli import app
+from ray_faceid.errors import BadInput, UnsupportedModel
+from ray_faceid.pipelines.flux import build_tiny_flux, load_flux, save_flux
+from ray_faceid.pipelines.flux_sampling import FluxGenerator
+from ray_faceid.pipelines.provenance import read_provenance
+
+SIZE, STEPS = 32, 3
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    """dev and schnell, each saved by diffusers' FluxPipeline.save_pretrained."""
+    root = tmp_path_factory.mktemp("flux")
+    for variant, guidance_embeds in (("dev", True), ("schnell", False)):
+        save_flux(build_tiny_flux(guidance_embeds=guidance_embeds), root / variant)
+    return {variant: str(root / variant) for variant in ("dev", "schnell")}
+
+
+def diffusers_images(folder: str, seeds: list[int], **kwargs) -> np.ndarray:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a portrait photo", num_inference_steps=STEPS, width=SIZE, height=SIZE,
+                  num_images_per_prompt=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
+                  output_type="np", **kwargs).images
+    return np.round(images * 255).astype(int)
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_flux_makes_the_image_of_diffusers_flux_pipeline(folders, variant):
+    base = load_flux(folders[variant])
+    assert base.variant == variant and base.family == "flux" and not base.inpainting
+    generator = FluxGenerator(base, "cpu")
+    ours = generator.generate("a portrait photo", seed=3, steps=STEPS, width=SIZE, height=SIZE, num_images=2)
+    want = diffusers_images(folders[variant], [3, 4])  # dev: FluxPipeline's own default guidance (3.5)
+    for k in range(2):
+        assert np.abs(np.asarray(ours.images[k]).astype(int) - want[k]).max() <= 1, k
+    assert np.abs(want[0] - want[1]).max() > 2  # each seed its own image
+    alone = generator.generate("a portrait photo", seed=4, steps=STEPS, width=SIZE, height=SIZE)
+    assert alone.png[0] == ours.png[1]  # batched or alone: the same bytes
+    record = ours.provenance[0]
+    assert record["base_family"] == "flux" and record["flux_variant"] == variant and record["seed"] == 3
+    assert record["guidance"] == (3.5 if variant == "dev" else None) and record["max_sequence_length"] == 512
+    if variant == "dev":  # guidance is an input of dev's transformer: another value, another image
+        other = generator.generate("a portrait photo", seed=3, steps=STEPS, guidance=1.5, width=SIZE, height=SIZE)
+        assert np.abs(np.asarray(other.images[0]).astype(int) - diffusers_images(folders[variant], [3],
+                                                                                 guidance_scale=1.5)[0]).max() <= 1
+        assert other.png[0] != ours.png[0]
+    else:
+        with pytest.raises(BadInput, match="schnell, which takes no guidance"):
+            generator.generate("a portrait photo", guidance=3.5, steps=1, width=SIZE, height=SIZE)
+    with pytest.raises(BadInput, match="multiples of 4"):
+        generator.generate("a portrait photo", steps=1, width=30, height=SIZE)
+
+
+def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(folders, tmp_path, sample_photos):
+    from ray_faceid.pipelines.models import load_base
+
+    out = tmp_path / "flux.png"
+    made = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait photo",
+                                    "--steps", "2", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert "FLUX.1 dev: 32x32, 2 steps, guidance 3.5" in made.stderr
+    record = read_provenance(out.read_bytes())
+    assert record["base_family"] == "flux" and record["untrained_base"] and record["identities"] == []
+    refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait", "--ref",
+                                       str(sample_photos["Tom_Hanks_54745.png"]), "--out", str(out)])
+    assert refused.exit_code == 2 and "--ref: identity" in refused.stderr and "not built yet" in refused.stderr
+    assert "Traceback" not in refused.output
+    with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` runs it from a prompt"):
+        load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it
+    (tmp_path / "catalog.jsonl").write_text(json.dumps({"id": "r1", "prompt": "a portrait"}) + "\n")
+    rendered = CliRunner().invoke(app, ["render", str(tmp_path / "catalog.jsonl"), str(tmp_path / "render"), "--model",
+                                        "tiny-flux", "--registry", str(tmp_path / "registry")])
+    assert rendered.exit_code == 2 and "is a FLUX model" in rendered.stderr, rendered.output
+    from deployments.app import resolve_config
+    from ray_faceid.config import ServeConfig
+
+    with pytest.raises(BadInput, match="model: .* is a FLUX model"):
+        resolve_config(ServeConfig(model=folders["dev"], api_tokens={"acme": "acme-token-0123456789abcdef"}))
+
+
+def test_a_flux_fill_folder_is_told_apart_from_its_configs(tmp_path):
+    """FLUX.1 Fill reads the masked image and the mask beside the latents (more input channels than
+    4 x the VAE's): recognised as inpainting, and refused by text-to-image in one line."""
+    from diffusers import FluxTransformer2DModel
+
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    base = build_tiny_flux()
+    base.transformer = FluxTransformer2DModel(patch_size=1, in_channels=128, out_channels=64, num_layers=1,
+                                              num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                              joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                                              axes_dims_rope=(4, 4, 8))
+    save_flux(base, tmp_path / "fill")
+    ref = resolve_model(str(tmp_path / "fill"), flux=True)
+    assert ref.family == "flux" and ref.inpainting
+    fill = load_flux(ref)
+    assert fill.variant == "fill"
+    with pytest.raises(BadInput, match="FLUX.1 Fill, an inpainting model"):
+        FluxGenerator(fill).generate("a portrait", steps=1)
