@@ -257,7 +257,7 @@ def generate(
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.cli.faces import face_config
     from ray_faceid.face.analyzer import FaceAnalyzer
-    from ray_faceid.pipelines.generate import parse_size
+    from ray_faceid.pipelines.generate import IdentityCondition, parse_size
     from ray_faceid.pipelines.model_ref import resolve_model
 
     with user_errors():
@@ -267,14 +267,15 @@ def generate(
         if ref_model.family == "flux":
             from ray_faceid.cli.generate_flux import generate_flux, refuse_identity_options
 
-            refuse_identity_options({"--ref": ref, "--identity": identity, "--face-embedding": face_embedding,
-                                     "--region": region, "--expression": expression, "--adapter": adapter,
+            refuse_identity_options({"--ref": ref, "--identity": identity,
+                                     "--region": region, "--expression": expression,
                                      "--imr": imr, "--flow": flow, "--edit": edit, "--image-encoder": image_encoder,
                                      "--plus-v2-scale": plus_v2_scale, "--identitynet": identitynet, "--pose": pose,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      "--negative-prompt": negative_prompt,
                                      "--backend": None if backend == "torch" else backend})
-            return generate_flux(ref_model, prompt, out, seed, steps, guidance, width, height)
+            people = [IdentityCondition("person", read_face_embedding(face_embedding))] if face_embedding else []
+            return generate_flux(ref_model, adapter, people, prompt, out, seed, steps, guidance, width, height)
         if face_embedding and identity:
             raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
         if face_embedding and ref and not (image_encoder or identitynet):

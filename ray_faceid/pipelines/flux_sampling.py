@@ -4,7 +4,8 @@ in 2x2 patches, the flow-matching Euler schedule (sigmas 1 to 1/steps, shifted b
 count where the scheduler says so), dev's guidance as an input of the transformer, no unconditional
 pass. Each call builds its own scheduler: nothing another request changes is read here.
 
-Identity on FLUX is not built yet: this path takes a prompt alone."""
+With a FLUX IP-Adapter (identity/flux_adapter.py) each person's reference embedding becomes identity
+tokens the dual-stream blocks attend to, each person within their region of the packed patches."""
 from __future__ import annotations
 
 import numpy as np
@@ -55,12 +56,52 @@ def patch_positions(h: int, w: int) -> torch.Tensor:
 
 
 class FluxGenerator:
-    def __init__(self, base: FluxBase, device: str | torch.device = "cpu", precision: str = "auto"):
-        self.base, self.device = base, torch.device(device)
+    def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto"):
+        """`adapter`: a FluxIdentityAdapter (identity/flux_adapter.py), installed on the transformer once."""
+        self.base, self.adapter, self.device = base, adapter, torch.device(device)
         self.precision = resolve_flux_precision(precision, self.device)
         dtype = DTYPES[self.precision]
         base.to(self.device, None if dtype == torch.float32 else dtype)
+        self.adapter_hash = None
+        if adapter is not None:
+            self.adapter_hash = adapter.content_hash()  # of the weights as loaded, before any cast
+            adapter.to(self.device, None if dtype == torch.float32 else dtype)
+            adapter.install(base.transformer)
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
+
+    @torch.no_grad()
+    def identity_inputs(self, identities: list, batch: int, h: int, w: int) -> dict:
+        """The transformer's identity inputs for `batch` images of these people: each one's tokens
+        (from the mean of their reference embeddings), strength, and the patches they own."""
+        if not identities:
+            return {}
+        if self.adapter is None:
+            raise BadInput(f"{self.base.model_id}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the "
+                           "XLabs FLUX IP-Adapter layout)")
+        from ray_faceid.identity.flux_adapter import patch_owner
+        from ray_faceid.identity.routing import strip_boxes
+        from ray_faceid.pipelines.generate import MAX_IDENTITIES
+
+        if len(identities) > MAX_IDENTITIES:
+            raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(identities)}")
+        tokens = []
+        for person in identities:
+            emb = np.atleast_2d(np.asarray(person.embeddings, np.float32))
+            if emb.shape[-1] != self.adapter.embed_dim or not np.isfinite(emb).all():
+                raise BadInput(f"identity {person.name}: this FLUX IP-Adapter reads {self.adapter.embed_dim}-d finite "
+                               f"image embeddings, got shape {emb.shape}")
+            mean = torch.from_numpy(emb).to(self.device).mean(0, keepdim=True)
+            tokens.append(self.adapter.tokens(mean))
+        stacked = torch.stack(tokens, dim=1).expand(batch, -1, -1, -1)  # B, M, T, C
+        scale = torch.tensor([[p.scale for p in identities]], device=self.device).expand(batch, -1)
+        boxes = [p.region for p in identities]
+        if len(identities) > 1 and any(box is None for box in boxes):
+            boxes = strip_boxes(len(identities)) if all(box is None for box in boxes) else None
+            if boxes is None:
+                raise BadInput("give every person a region, or none (equal vertical strips)")
+        owner = patch_owner(boxes, h, w, batch)
+        return {"identity_tokens": stacked, "identity_scale": scale,
+                "patch_owner": None if owner is None else owner.to(self.device)}
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +131,12 @@ class FluxGenerator:
             raise BadInput(f"FLUX makes images whose sides are multiples of {multiple} up to 4096, not {width}x{height}")
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 width: int | None = None, height: int | None = None, num_images: int = 1) -> GenerationResult:
-        """`num_images` of the prompt, seeds `seed`, `seed + 1`, ...; steps, guidance and size default
-        to the base's own (flux.py)."""
+    def generate(self, prompt: str, identities: list | None = None, seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, width: int | None = None, height: int | None = None,
+                 num_images: int = 1) -> GenerationResult:
+        """`num_images` of the prompt with `identities` (IdentityCondition: embeddings, scale, region),
+        seeds `seed`, `seed + 1`, ...; steps, guidance and size default to the base's own (flux.py)."""
+        identities = identities or []
         base = self.base
         steps = steps or base.default_steps
         guidance = base.default_guidance if guidance is None else guidance
@@ -110,6 +153,7 @@ class FluxGenerator:
                            for s in seeds])
         latents = pack(noise.to(self.device, states.dtype))
         positions = patch_positions(h, w).to(self.device, states.dtype)
+        identity = self.identity_inputs(identities, num_images, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device,
                                 mu=flow_shift(latents.shape[1], scheduler.config))
@@ -125,14 +169,15 @@ class FluxGenerator:
             timestep = t.expand(num_images).to(latents.dtype) / 1000
             velocity = transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep, guidance=embedded,
                                    pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_positions,
-                                   img_ids=positions, return_dict=False)[0]
+                                   img_ids=positions, joint_attention_kwargs=dict(identity) or None,
+                                   return_dict=False)[0]
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(step, len(scheduler.timesteps))
         result = GenerationResult([], [], [], [])
         for k, s in enumerate(seeds):
             image = self.decode(unpack(latents[k : k + 1], h, w))
-            record = self.provenance(prompt, s, steps, guidance, width, height)
+            record = self.provenance(prompt, identities, s, steps, guidance, width, height)
             result.images.append(image)
             result.png.append(png_with_provenance(image, record))
             result.provenance.append(record)
@@ -149,7 +194,8 @@ class FluxGenerator:
         arr = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(arr)
 
-    def provenance(self, prompt: str, seed: int, steps: int, guidance: float | None, width: int, height: int) -> dict:
+    def provenance(self, prompt: str, identities: list, seed: int, steps: int, guidance: float | None, width: int,
+                   height: int) -> dict:
         base = self.base
         return {
             "generator": "ray_faceid",
@@ -160,8 +206,9 @@ class FluxGenerator:
             "base_family": "flux",
             "flux_variant": base.variant,
             "untrained_base": base.untrained,
-            "adapter": None,
-            "identities": [],
+            "adapter": self.adapter_hash,
+            **({"adapter_published": self.adapter.published} if self.adapter is not None else {}),
+            "identities": [{"name": p.name, "id": p.id, "region": p.region, "scale": p.scale} for p in identities],
             "backend": "torch",
             "precision": self.precision,
             "prompt": prompt,

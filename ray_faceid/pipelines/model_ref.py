@@ -20,8 +20,8 @@ from ray_faceid.errors import BackendUnavailable, NotFound
 
 TINY = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint")
 TINY_FLUX = ("tiny-flux", "tiny-flux-schnell")
-FLUX_RUNS = ("a FLUX model: `ray-faceid generate` runs it from a prompt (identity on FLUX, and render, Serve, "
-             "inpaint, train and compile on it, are not built yet)")
+FLUX_RUNS = ("a FLUX model: `ray-faceid generate` runs it from a prompt (a person with a FLUX IP-Adapter and an "
+             "image embedding); render, Serve, inpaint, train and compile on FLUX are not built yet")
 HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.bin", "*/*.model"]  # a diffusers layout
 HUB_CONFIGS = ["model_index.json", "*/*.json"]  # what deciding the family needs
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")

@@ -2,7 +2,7 @@
 tokenizer made in code): from a prompt, the image equals diffusers' FluxPipeline with its defaults
 (512 T5 tokens, dev's guidance 3.5 as an input, the schedule shifted by the token count; schnell
 without guidance), alone or batched. The variant is read from the configs; a path that does not run
-FLUX yet says so in one line."""
+FLUX yet says so in one line (identity on FLUX: tests/pipelines/test_flux_identity.py)."""
 import json
 
 import numpy as np
@@ -43,7 +43,7 @@ def diffusers_images(folder: str, seeds: list[int], **kwargs) -> np.ndarray:
 def test_flux_makes_the_image_of_diffusers_flux_pipeline(folders, variant):
     base = load_flux(folders[variant])
     assert base.variant == variant and base.family == "flux" and not base.inpainting
-    generator = FluxGenerator(base, "cpu")
+    generator = FluxGenerator(base)
     ours = generator.generate("a portrait photo", seed=3, steps=STEPS, width=SIZE, height=SIZE, num_images=2)
     want = diffusers_images(folders[variant], [3, 4])  # dev: FluxPipeline's own default guidance (3.5)
     for k in range(2):
@@ -78,7 +78,8 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     assert record["base_family"] == "flux" and record["untrained_base"] and record["identities"] == []
     refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait", "--ref",
                                        str(sample_photos["Tom_Hanks_54745.png"]), "--out", str(out)])
-    assert refused.exit_code == 2 and "--ref: identity" in refused.stderr and "not built yet" in refused.stderr
+    assert refused.exit_code == 2 and "--ref: enrolled people, photos" in refused.stderr and "not built yet" in \
+        refused.stderr
     assert "Traceback" not in refused.output
     with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` runs it from a prompt"):
         load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it

@@ -1,0 +1,194 @@
+"""Identity on FLUX: identity tokens attended to by the image in every dual-stream block, as the FLUX
+IP-Adapter does (XLabs-AI/flux-ip-adapter, the layout diffusers' FluxIPAdapterMixin loads).
+
+In each dual-stream block the image's queries (after their RMS norm, before the rotary positions)
+attend to the identity tokens through the block's own `to_k_ip` / `to_v_ip`; the result, times each
+person's strength, adds to the image stream after the block's feed-forward. Single-stream blocks are
+left as they are. Several people: each image patch takes the tokens of the person whose region
+covers it (identity/routing.py, on the grid of packed 2x2 patches), nobody else's.
+
+Every request's tokens, strengths and regions are inputs of the transformer call (its
+`joint_attention_kwargs`), never state on the modules: requests sharing the transformer cannot see
+each other's people.
+
+The published file: `.safetensors` with `ip_adapter_proj_model.{proj,norm}.*` (a linear map of the
+reference's image embedding to 4 tokens, layer-normed) and
+`double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.{weight,bias}`, or the same as a
+`.bin` of `image_proj` (`proj.*`, `norm.*`) and `ip_adapter` (`{i}.to_{k,v}_ip.*`). Its input is a
+CLIP image embedding (ViT-L/14's 768-d for XLabs' file), given as an embedding file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_faceid import storage
+from ray_faceid.errors import BadInput, UnsupportedModel
+from ray_faceid.weights_hash import weights_hash_of
+
+log = logging.getLogger(__name__)
+TOKENS = 4  # diffusers' FLUX loader: 4 tokens (16 for a projection of 65,536 rows)
+LICENCE = ("FLUX IP-Adapter weights (XLabs-AI/flux-ip-adapter): FLUX.1 [dev] Non-Commercial License, as the base "
+           "they were trained on")
+
+
+class IdentityOnImage:
+    """A dual-stream block's attention: FLUX's own, then the identity tokens' attention of the
+    image queries (None: the block as FLUX made it)."""
+
+    def __init__(self, to_k_ip: nn.Linear, to_v_ip: nn.Linear):
+        self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 identity_tokens=None, identity_scale=None, patch_owner=None):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        out = FluxAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if identity_tokens is None or encoder_hidden_states is None:
+            return out
+        image, text = out
+        b, n, _ = hidden_states.shape
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))).transpose(1, 2)
+        added = torch.zeros_like(image)
+        for m in range(identity_tokens.shape[1]):  # each person's tokens, scale and patches
+            tokens = identity_tokens[:, m].to(query.dtype)
+            key = self.to_k_ip(tokens).view(b, -1, attn.heads, attn.head_dim).transpose(1, 2)
+            value = self.to_v_ip(tokens).view(b, -1, attn.heads, attn.head_dim).transpose(1, 2)
+            taken = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(b, n, -1)
+            weight = identity_scale[:, m].to(taken.dtype).view(b, 1, 1)
+            if patch_owner is not None:
+                weight = weight * patch_owner[:, :, m : m + 1].to(taken.dtype)
+            added = added + weight * taken.to(image.dtype)
+        return image, text, added
+
+
+class AcceptingIdentity:
+    """A single-stream block's attention, unchanged: it takes the identity inputs every block is
+    given and leaves them (FLUX's own processor would warn of each at every step)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 identity_tokens=None, identity_scale=None, patch_owner=None):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        return FluxAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+class FluxIdentityAdapter(nn.Module):
+    """The projection of a reference embedding to identity tokens, and each dual-stream block's
+    `to_k_ip` / `to_v_ip`."""
+
+    def __init__(self, embed_dim: int, width: int, inner: int, blocks: int, tokens: int = TOKENS):
+        super().__init__()
+        self.embed_dim, self.tokens_per_person, self.width = embed_dim, tokens, width
+        self.proj = nn.Linear(embed_dim, tokens * width)
+        self.norm = nn.LayerNorm(width)
+        self.to_k_ip = nn.ModuleList(nn.Linear(width, inner) for _ in range(blocks))
+        self.to_v_ip = nn.ModuleList(nn.Linear(width, inner) for _ in range(blocks))
+        self.published: dict | None = None
+
+    def tokens(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, D) reference embeddings -> (B, T, C) identity tokens."""
+        return self.norm(self.proj(embedding.to(self.proj.weight.dtype)).reshape(-1, self.tokens_per_person, self.width))
+
+    def install(self, transformer) -> None:
+        """Every dual-stream block's attention reads identity; single-stream blocks accept its inputs."""
+        if len(transformer.transformer_blocks) != len(self.to_k_ip):
+            raise UnsupportedModel(f"this FLUX IP-Adapter has {len(self.to_k_ip)} dual-stream blocks' weights; the "
+                                   f"base has {len(transformer.transformer_blocks)}: it was made for another model")
+        for block, k, v in zip(transformer.transformer_blocks, self.to_k_ip, self.to_v_ip):
+            block.attn.processor = IdentityOnImage(k, v)
+        for block in transformer.single_transformer_blocks:
+            block.attn.processor = AcceptingIdentity()
+
+    def content_hash(self) -> str:
+        return weights_hash_of(self)
+
+
+def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
+    """A FLUX IP-Adapter file (either layout) for `transformer`, loaded strictly; one line says what
+    was recognised, and a file of another layout or width is refused in one line."""
+    raw = storage.read_bytes(uri)
+    digest = hashlib.sha256(raw).hexdigest()
+    proj, ip = _split(raw, uri)
+    config = transformer.config
+    width, inner = config.joint_attention_dim, config.num_attention_heads * config.attention_head_dim
+    if "proj.weight" not in proj or "norm.weight" not in proj:
+        raise UnsupportedModel(f"{uri}: no FLUX IP-Adapter projection (ip_adapter_proj_model.proj / .norm): not the "
+                               "XLabs FLUX IP-Adapter layout")
+    rows, embed_dim = proj["proj.weight"].shape
+    tokens = 16 if rows == 65536 else TOKENS
+    if rows != tokens * width or proj["norm.weight"].shape[0] != width:
+        raise UnsupportedModel(f"{uri}: a FLUX IP-Adapter of {rows // tokens}-wide tokens; this base's transformer "
+                               f"reads {width}-wide text states: it was made for another model")
+    blocks = len(transformer.transformer_blocks)
+    adapter = FluxIdentityAdapter(embed_dim, width, inner, blocks, tokens)
+    state = {f"proj.{k.split('.', 1)[1]}": v for k, v in proj.items() if k.startswith("proj.")}
+    state.update({f"norm.{k.split('.', 1)[1]}": v for k, v in proj.items() if k.startswith("norm.")})
+    for i in range(blocks):
+        for part in ("k", "v"):
+            for field in ("weight", "bias"):
+                key = f"{i}.to_{part}_ip.{field}"
+                if key not in ip:
+                    raise UnsupportedModel(f"{uri}: its identity attention lacks {key} (it has {len(ip)} tensors for "
+                                           f"{blocks} dual-stream blocks): made for another FLUX model")
+                state[f"to_{part}_ip.{i}.{field}"] = ip[key]
+    extra = set(ip) - {f"{i}.to_{p}_ip.{f}" for i in range(blocks) for p in "kv" for f in ("weight", "bias")}
+    if extra:
+        raise UnsupportedModel(f"{uri}: {len(extra)} identity-attention tensors beyond this base's {blocks} dual-stream "
+                               f"blocks (e.g. {sorted(extra)[0]}): made for another FLUX model")
+    try:
+        adapter.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UnsupportedModel(f"{uri}: its tensors do not fit this base ({str(exc).splitlines()[0][:160]})") from None
+    adapter.published = {"kind": "FLUX IP-Adapter", "variant": "XLabs", "file": Path(uri).name, "sha256": digest,
+                         "tokens": tokens, "embedding_dim": embed_dim, "licence": LICENCE}
+    log.warning("recognised a FLUX IP-Adapter: %d identity tokens from %d-d image embeddings, %d dual-stream blocks",
+                tokens, embed_dim, blocks)
+    return adapter.eval().requires_grad_(False)
+
+
+def _split(raw: bytes, uri: str) -> tuple[dict, dict]:
+    """(image projection, identity attention) tensors of either layout, by their diffusers names."""
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        try:
+            flat = load(raw)
+        except Exception as exc:  # noqa: BLE001 - a damaged file raises many types
+            raise UnsupportedModel(f"{uri}: not a readable safetensors file ({type(exc).__name__})") from None
+        proj, ip = {}, {}
+        for key, value in flat.items():
+            if key.startswith(("ip_adapter_proj_model.", "image_proj.")):
+                proj[key.split(".", 1)[1]] = value
+            elif key.startswith(("double_blocks.", "ip_adapter.")):
+                name = (key.split(".", 1)[1].replace("ip_adapter_double_stream_k_proj", "to_k_ip")
+                        .replace("ip_adapter_double_stream_v_proj", "to_v_ip").replace("processor.", ""))
+                ip[name] = value
+        return proj, ip
+    try:
+        parts = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UnsupportedModel(f"{uri}: not a readable torch file ({type(exc).__name__})") from None
+    if not isinstance(parts, dict) or set(parts) != {"image_proj", "ip_adapter"}:
+        raise UnsupportedModel(f"{uri}: a FLUX IP-Adapter .bin holds image_proj and ip_adapter, nothing else")
+    return dict(parts["image_proj"]), dict(parts["ip_adapter"])
+
+
+def patch_owner(boxes: list, h: int, w: int, batch: int) -> torch.Tensor | None:
+    """(B, N, M) which person each packed patch takes (N = h/2 x w/2 patches of h x w latents); None
+    for one person (every patch)."""
+    if len(boxes) < 2:
+        return None
+    from ray_faceid.identity.routing import box_masks, query_routing
+
+    try:
+        masks = box_masks(boxes, h // 2, w // 2)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    return query_routing(masks[None].expand(batch, -1, -1, -1), (h // 2) * (w // 2))

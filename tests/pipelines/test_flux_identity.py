@@ -1,0 +1,164 @@
+"""Identity on FLUX through the FLUX IP-Adapter layout diffusers loads (XLabs' keys, built at toy
+size for tiny-flux): the image equals diffusers' FluxPipeline with the file through load_ip_adapter
+and the same image embedding; several people each reach only the patches of their region; requests
+running at once on one generator see only their own people."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ray_faceid.errors import BadInput, UnsupportedModel
+from ray_faceid.identity.flux_adapter import load_flux_adapter
+from ray_faceid.pipelines.flux import build_tiny_flux, load_flux, save_flux
+from ray_faceid.pipelines.flux_sampling import FluxGenerator
+from ray_faceid.pipelines.generate import IdentityCondition
+
+EMBED, SIZE, STEPS = 16, 32, 3
+
+
+def xlabs_state_dict(transformer, embed: int = EMBED, seed: int = 0) -> dict:
+    """XLabs' FLUX IP-Adapter for `transformer` at toy size: random weights, its published keys."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=0.2):
+        return torch.randn(*shape, generator=g) * std
+
+    config = transformer.config
+    width, inner = config.joint_attention_dim, config.num_attention_heads * config.attention_head_dim
+    state = {"ip_adapter_proj_model.proj.weight": rand(4 * width, embed), "ip_adapter_proj_model.proj.bias": rand(4 * width),
+             "ip_adapter_proj_model.norm.weight": 1 + rand(width), "ip_adapter_proj_model.norm.bias": rand(width)}
+    for i in range(len(transformer.transformer_blocks)):
+        for part in "kv":
+            state[f"double_blocks.{i}.processor.ip_adapter_double_stream_{part}_proj.weight"] = rand(inner, width, std=1.0)
+            state[f"double_blocks.{i}.processor.ip_adapter_double_stream_{part}_proj.bias"] = rand(inner)
+    return state
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux_ip")
+    base = build_tiny_flux()
+    save_flux(base, root / "flux")
+    save_file(xlabs_state_dict(base.transformer), root / "ip_adapter.safetensors")
+    return root
+
+
+def embedding(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(1, EMBED)).astype(np.float32)
+
+
+def ours(files) -> FluxGenerator:
+    base = load_flux(str(files / "flux"))
+    return FluxGenerator(base, load_flux_adapter(str(files / "ip_adapter.safetensors"), base.transformer))
+
+
+def image(generator, people, seed=3) -> np.ndarray:
+    result = generator.generate("a portrait", people, seed=seed, steps=STEPS, width=SIZE, height=SIZE)
+    return np.asarray(result.images[0]).astype(int)
+
+
+def test_the_flux_ip_adapter_gives_the_image_of_diffusers_flux_pipeline(files, caplog):
+    from diffusers import FluxPipeline
+
+    with caplog.at_level("WARNING"):
+        generator = ours(files)
+    assert "recognised a FLUX IP-Adapter: 4 identity tokens from 16-d image embeddings" in caplog.text
+    pipe = FluxPipeline.from_pretrained(str(files / "flux"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(files), weight_name="ip_adapter.safetensors", image_encoder_pretrained_model_name_or_path=None)
+    pipe.set_ip_adapter_scale(0.7)
+    for person in (1, 2):
+        want = pipe("a portrait", num_inference_steps=STEPS, width=SIZE, height=SIZE,
+                    generator=torch.Generator().manual_seed(3), output_type="np",
+                    ip_adapter_image_embeds=[torch.from_numpy(embedding(person))[None]],
+                    negative_ip_adapter_image_embeds=[torch.zeros(1, 1, EMBED)]).images[0]
+        got = image(generator, [IdentityCondition("p", embedding(person), scale=0.7)])
+        assert np.abs(got - np.round(want * 255).astype(int)).max() <= 1, person
+    assert np.abs(image(generator, [IdentityCondition("p", embedding(1))])
+                  - image(generator, [IdentityCondition("p", embedding(2))])).max() > 2  # the identity reaches the image
+    record = generator.generate("a portrait", [IdentityCondition("ann", embedding(1))], steps=1).provenance[0]
+    assert record["adapter_published"]["kind"] == "FLUX IP-Adapter" and "Non-Commercial" in \
+        record["adapter_published"]["licence"] and record["identities"][0]["name"] == "ann"
+    with pytest.raises(BadInput, match="reads 16-d finite image embeddings"):
+        generator.generate("a portrait", [IdentityCondition("p", np.ones((1, 8), np.float32))], steps=1)
+    with pytest.raises(BadInput, match="give --adapter FILE"):
+        FluxGenerator(load_flux(str(files / "flux"))).generate("a portrait", [IdentityCondition("p", embedding(1))])
+
+
+def test_each_person_reaches_only_the_patches_of_their_region(files):
+    """One dual-stream block's attention with two people: the patches of the left half take the
+    first person's tokens as if alone, those of the right half the second's."""
+    from ray_faceid.identity.flux_adapter import patch_owner
+
+    generator = ours(files)
+    attn = generator.base.transformer.transformer_blocks[0].attn
+    torch.manual_seed(0)
+    h = w = 8  # latents: 4 x 4 = 16 patches
+    image_states, text = torch.randn(1, 16, 32), torch.randn(1, 5, 32)
+    tokens = [generator.adapter.tokens(torch.from_numpy(embedding(k))) for k in (1, 2)]
+    owner = patch_owner([(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)], h, w, 1)
+    with torch.no_grad():
+        both = attn(image_states, text, identity_tokens=torch.stack(tokens, 1), identity_scale=torch.ones(1, 2),
+                    patch_owner=owner)[2]
+        alone = [attn(image_states, text, identity_tokens=t[:, None], identity_scale=torch.ones(1, 1))[2] for t in tokens]
+    left = owner[0, :, 0]
+    assert left.sum() == 8 and bool((owner[0, :, 0] ^ owner[0, :, 1]).all())  # each patch one person's
+    torch.testing.assert_close(both[0, left], alone[0][0, left])
+    torch.testing.assert_close(both[0, ~left], alone[1][0, ~left])
+    two = image(generator, [IdentityCondition("a", embedding(1)), IdentityCondition("b", embedding(2))])
+    assert np.abs(two - image(generator, [IdentityCondition("a", embedding(1))])).max() > 2
+
+
+def test_requests_at_once_on_one_generator_see_only_their_own_people(files):
+    generator = ours(files)
+    people = {k: [IdentityCondition(f"p{k}", embedding(k))] for k in (1, 2, 3)}
+    alone = {k: image(generator, p) for k, p in people.items()}
+    results, start = {}, threading.Barrier(3)
+
+    def run(k):
+        start.wait()
+        results[k] = image(generator, people[k])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in people]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert all(np.array_equal(results[k], alone[k]) for k in people)
+
+
+def test_one_command_with_a_flux_ip_adapter_file_and_an_embedding(files, tmp_path):
+    from ray_faceid.cli import app
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    np.save(tmp_path / "ann.npy", embedding(1))
+    out = tmp_path / "ann.png"
+    made = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--adapter",
+                                    str(files / "ip_adapter.safetensors"), "--face-embedding", str(tmp_path / "ann.npy"),
+                                    "--prompt", "a portrait", "--steps", "2", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    record = read_provenance(out.read_bytes())
+    assert record["base_family"] == "flux" and record["adapter_published"]["file"] == "ip_adapter.safetensors"
+    assert len(record["identities"]) == 1
+    bare = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--face-embedding",
+                                    str(tmp_path / "ann.npy"), "--prompt", "a portrait", "--out", str(out)])
+    assert bare.exit_code == 2 and "give --adapter FILE" in bare.stderr, bare.output
+
+
+def test_a_flux_ip_adapter_for_another_model_is_refused_in_one_line(files, tmp_path):
+    base = load_flux(str(files / "flux"))
+    state = xlabs_state_dict(base.transformer)
+    wide = {k: (torch.zeros(4 * 64, EMBED) if k.endswith("proj.weight") else v) for k, v in state.items()}
+    save_file(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(UnsupportedModel, match="64-wide tokens; this base's transformer reads 32-wide"):
+        load_flux_adapter(str(tmp_path / "wide.safetensors"), base.transformer)
+    more = dict(state, **{"double_blocks.5.processor.ip_adapter_double_stream_k_proj.weight": torch.zeros(32, 32)})
+    save_file(more, tmp_path / "deeper.safetensors")
+    with pytest.raises(UnsupportedModel, match="beyond this base's 1 dual-stream blocks"):
+        load_flux_adapter(str(tmp_path / "deeper.safetensors"), base.transformer)
+    torch.save({"image_proj": {}, "ip_adapter": {}}, tmp_path / "empty.bin")
+    with pytest.raises(UnsupportedModel, match="no FLUX IP-Adapter projection"):
+        load_flux_adapter(str(tmp_path / "empty.bin"), base.transformer)
