@@ -257,7 +257,7 @@ def generate(
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.cli.faces import face_config
     from ray_faceid.face.analyzer import FaceAnalyzer
-    from ray_faceid.pipelines.generate import IdentityCondition, parse_size
+    from ray_faceid.pipelines.generate import parse_size
     from ray_faceid.pipelines.model_ref import resolve_model
 
     with user_errors():
@@ -267,15 +267,17 @@ def generate(
         if ref_model.family == "flux":
             from ray_faceid.cli.generate_flux import generate_flux, refuse_identity_options
 
-            refuse_identity_options({"--ref": ref, "--identity": identity,
-                                     "--region": region, "--expression": expression,
-                                     "--imr": imr, "--flow": flow, "--edit": edit, "--image-encoder": image_encoder,
+            refuse_identity_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--plus-v2-scale": plus_v2_scale, "--identitynet": identitynet, "--pose": pose,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      "--negative-prompt": negative_prompt,
                                      "--backend": None if backend == "torch" else backend})
-            people = [IdentityCondition("person", read_face_embedding(face_embedding))] if face_embedding else []
-            return generate_flux(ref_model, adapter, people, prompt, out, seed, steps, guidance, width, height)
+            if face_embedding and (ref or identity):
+                raise BadInput("use either --face-embedding or photos (--ref / --identity NAME=PHOTO), not both")
+            people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
+            regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
+            return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
+                                 guidance, width, height)
         if face_embedding and identity:
             raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
         if face_embedding and ref and not (image_encoder or identitynet):

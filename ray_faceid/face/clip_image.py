@@ -1,4 +1,5 @@
-"""The CLIP image encoder FaceID-Plus / PlusV2 read a face through, from a folder the user gives.
+"""The CLIP image encoder FaceID-Plus / PlusV2 read a face through (and the FLUX IP-Adapter a photo:
+`image_embeds`), from a folder the user gives.
 
 IP-Adapter-FaceID-Plus takes, besides the ArcFace embedding, the penultimate hidden states of a CLIP
 vision transformer (CLIP-ViT-H-14, laion2B: the `models/image_encoder` folder its authors publish)
@@ -81,6 +82,17 @@ class ClipImageEncoder:
         """(R, S, H) penultimate hidden states of R aligned 224 px RGB face crops."""
         pixels = self.processor(images=list(crops), return_tensors="pt").pixel_values
         return self._hidden(pixels).cpu().numpy()
+
+    @torch.no_grad()
+    def image_embeds(self, images: list[np.ndarray]) -> np.ndarray:
+        """(R, P) projected image embeddings of R RGB images, each read whole as the processor resizes
+        and crops it (what image IP-Adapters take, e.g. the FLUX IP-Adapter: identity/flux_adapter.py)."""
+        if not hasattr(self.model, "visual_projection"):
+            raise UnsupportedModel(f"{self.folder} is a CLIPVisionModel without its projection: image embeddings need a "
+                                   "CLIPVisionModelWithProjection folder (e.g. openai/clip-vit-large-patch14's)")
+        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values
+        weight = next(self.model.parameters())
+        return self.model(pixels.to(weight.device, weight.dtype)).image_embeds.float().cpu().numpy()
 
     def enrolled_features(self, references: list[np.ndarray]) -> np.ndarray:
         """`features` of an enrolled person, from the reference crops the registry keeps."""

@@ -63,6 +63,8 @@ class FluxGenerator:
         dtype = DTYPES[self.precision]
         base.to(self.device, None if dtype == torch.float32 else dtype)
         self.adapter_hash = None
+        self.image_encoder_hash = None
+        """The CLIP image encoder's weights hash where people's embeddings came from photos through it."""
         if adapter is not None:
             self.adapter_hash = adapter.content_hash()  # of the weights as loaded, before any cast
             adapter.to(self.device, None if dtype == torch.float32 else dtype)
@@ -208,6 +210,7 @@ class FluxGenerator:
             "untrained_base": base.untrained,
             "adapter": self.adapter_hash,
             **({"adapter_published": self.adapter.published} if self.adapter is not None else {}),
+            **({"image_encoder": self.image_encoder_hash} if self.image_encoder_hash else {}),
             "identities": [{"name": p.name, "id": p.id, "region": p.region, "scale": p.scale} for p in identities],
             "backend": "torch",
             "precision": self.precision,

@@ -15,6 +15,7 @@ from ray_faceid.identity.flux_adapter import load_flux_adapter
 from ray_faceid.pipelines.flux import build_tiny_flux, load_flux, save_flux
 from ray_faceid.pipelines.flux_sampling import FluxGenerator
 from ray_faceid.pipelines.generate import IdentityCondition
+from tests.identity.test_face_plus import image_encoder_folder  # noqa: F401 - a fixture: a tiny CLIP, 16-d embeds
 
 EMBED, SIZE, STEPS = 16, 32, 3
 
@@ -162,3 +163,47 @@ def test_a_flux_ip_adapter_for_another_model_is_refused_in_one_line(files, tmp_p
     torch.save({"image_proj": {}, "ip_adapter": {}}, tmp_path / "empty.bin")
     with pytest.raises(UnsupportedModel, match="no FLUX IP-Adapter projection"):
         load_flux_adapter(str(tmp_path / "empty.bin"), base.transformer)
+
+
+def test_photos_read_through_the_clip_image_encoder_as_diffusers_reads_them(files, image_encoder_folder,  # noqa: F811
+                                                                             sample_photos, tmp_path):
+    """A person's photo, read whole through a CLIP image encoder folder: the image equals diffusers'
+    FluxPipeline given the photo as ip_adapter_image (its image encoder and CLIP's processor); two
+    people from photos, each in their region, from one command."""
+    from diffusers import FluxPipeline
+    from PIL import Image
+    from transformers import CLIPVisionModelWithProjection
+
+    from ray_faceid.cli import app
+    from ray_faceid.face.clip_image import ClipImageEncoder
+    from ray_faceid.face.decode import decode_image
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+    photo = sample_photos["Tom_Hanks_54745.png"]
+    embeds = ClipImageEncoder(str(image_encoder_folder)).image_embeds([decode_image(str(photo))])
+    assert embeds.shape == (1, EMBED)
+    pipe = FluxPipeline.from_pretrained(str(files / "flux"),
+                                        image_encoder=CLIPVisionModelWithProjection.from_pretrained(image_encoder_folder),
+                                        feature_extractor=CLIPImageProcessor())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(files), weight_name="ip_adapter.safetensors", image_encoder_pretrained_model_name_or_path=None)
+    want = pipe("a portrait", num_inference_steps=STEPS, width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(3),
+                output_type="np", ip_adapter_image=Image.open(photo).convert("RGB"),
+                negative_ip_adapter_image_embeds=[torch.zeros(1, 1, EMBED)]).images[0]
+    got = image(ours(files), [IdentityCondition("p", embeds)])
+    assert np.abs(got - np.round(want * 255).astype(int)).max() <= 1
+    out = tmp_path / "two.png"
+    command = ["generate", "--model", str(files / "flux"), "--adapter", str(files / "ip_adapter.safetensors"),
+               "--identity", f"tom={photo}", "--identity", f"other={sample_photos['t1.jpg']}", "--region",
+               "tom=0,0,0.5,1", "--region", "other=0.5,0,1,1", "--prompt", "two people", "--steps", "2", "--out", str(out)]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2 and "give --image-encoder FOLDER" in refused.stderr, refused.output
+    made = CliRunner().invoke(app, command + ["--image-encoder", str(image_encoder_folder)])
+    assert made.exit_code == 0 and "2 identities" in made.stdout, made.output
+    record = read_provenance(out.read_bytes())
+    assert [p["region"] for p in record["identities"]] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
+    assert record["image_encoder"] == ClipImageEncoder(str(image_encoder_folder)).sha256
