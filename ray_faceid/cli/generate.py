@@ -344,16 +344,31 @@ def inpaint(
     edit: Optional[str] = EditOpt,
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
+    image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="FLUX.1 Fill with a FLUX IP-Adapter: the "
+                                                "CLIP vision folder (with projection) it reads the --ref photos through."),
 ):
     """Repaint the masked region with the person; pixels outside the mask are kept exactly."""
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.face.decode import decode_image
     from ray_faceid.pipelines.inpaint import inpaint as run_inpaint
+    from ray_faceid.pipelines.model_ref import resolve_model
 
     with user_errors():
         sampler = Sampler.parse(scheduler, scheduler_config)  # checked before any model loads
         picture = decode_image(image)
         mask_array = decode_image(mask)
+        ref_model = resolve_model(model, flux=True)  # configs only: FLUX Fill runs another pipeline
+        if ref_model.family == "flux":
+            from ray_faceid.cli.generate_flux import inpaint_flux, refuse_identity_options
+
+            refuse_identity_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
+                                     "--scheduler": scheduler, "--scheduler-config": scheduler_config,
+                                     "--backend": None if backend == "torch" else backend})
+            people = _people(ref, [identity] if identity else [])
+            return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
+                                guidance)
+        if image_encoder:
+            raise BadInput("--image-encoder on inpaint is for FLUX.1 Fill with a FLUX IP-Adapter")
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
@@ -362,7 +377,7 @@ def inpaint(
             raise BadInput("whose face? give --ref PHOTO or --identity NAME (an enrolled person)")
         analyzer = FaceAnalyzer()
         conditions, enrolled = _conditions(analyzer, people, registry, tenant, {}, expression, edits)
-        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow)
+        pipe = _pipeline(analyzer, ref_model, adapter, backend, imr, flow)
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         person = conditions[0]
         pipe.on_step = denoise_reporter()

@@ -54,9 +54,8 @@ def flux_people(people: dict, regions: dict, image_encoder: str | None, device) 
     return conditions, None if encoder is None else encoder.sha256
 
 
-def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,
-                  out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
-                  height: int | None) -> None:
+def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict):
+    """(the FluxGenerator, people's IdentityConditions): photos read and checked before the model loads."""
     import torch
 
     from ray_faceid.pipelines.flux import load_flux
@@ -66,7 +65,7 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
         raise BadInput(f"{ref.name}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the XLabs FLUX "
                        "IP-Adapter layout)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    conditions, encoder_hash = flux_people(people, regions, image_encoder, device)  # before the model loads
+    conditions, encoder_hash = flux_people(people, regions, image_encoder, device)
     base = load_flux(ref)
     if base.untrained:
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")
@@ -77,15 +76,41 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
         adapter = load_flux_adapter(adapter_uri, base.transformer)
     generator = FluxGenerator(base, adapter, device=device)
     generator.image_encoder_hash = encoder_hash
+    generator.on_step = denoise_reporter()
+    return generator, conditions
+
+
+def _who(conditions: list) -> str:
+    return f"{len(conditions)} identit{'y' if len(conditions) == 1 else 'ies'}" if conditions else "no identity"
+
+
+def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
+                 out: Path, seed: int, steps: int | None, guidance: float | None) -> None:
+    """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter)."""
+    if len(people) > 1:
+        raise BadInput("inpainting repaints one person: give one --ref person or --identity")
+    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {})
+    base = generator.base
+    err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
+                      f"on {generator.device.type}")
+    result = generator.inpaint(image, mask, prompt, conditions, seed, steps, guidance)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(result.png[0])
+    console.print(f"wrote {out} (seed {seed}, FLUX.1 {base.variant}, {_who(conditions)})")
+
+
+def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,
+                  out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
+                  height: int | None) -> None:
+    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions)
+    base = generator.base
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size
     generator.check(steps, guidance, width, height)  # before the prompt is encoded
     said = "" if guidance is None and base.default_guidance is None else \
         f", guidance {base.default_guidance if guidance is None else guidance}"
     err_console.print(f"FLUX.1 {base.variant}: {width}x{height}, {steps} steps{said} on {generator.device.type}")
-    generator.on_step = denoise_reporter()
     result = generator.generate(prompt, conditions, seed, steps, guidance, width, height)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.png[0])
-    who = f"{len(conditions)} identit{'y' if len(conditions) == 1 else 'ies'}" if conditions else "no identity"
-    console.print(f"wrote {out} (seed {seed}, FLUX.1 {base.variant}, {who})")
+    console.print(f"wrote {out} (seed {seed}, FLUX.1 {base.variant}, {_who(conditions)})")

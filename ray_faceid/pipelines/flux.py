@@ -22,8 +22,8 @@ import torch
 from ray_faceid.errors import UnsupportedModel
 from ray_faceid.weights_hash import cached_module_hash, weights_hash_of
 
-DEV_STEPS, SCHNELL_STEPS, UNTRAINED_STEPS = 28, 4, 4  # diffusers' FluxPipeline default; schnell's 4
-DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
+DEV_STEPS, SCHNELL_STEPS, FILL_STEPS, UNTRAINED_STEPS = 28, 4, 50, 4  # FluxPipeline's, schnell's, FluxFillPipeline's
+DEV_GUIDANCE, FILL_GUIDANCE = 3.5, 30.0  # FluxPipeline's and FluxFillPipeline's default guidance_scale
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline's: 128 latent pixels, 1024 px through the VAE's factor 8
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length (its most)
 
@@ -92,12 +92,14 @@ class FluxBase:
     def default_steps(self) -> int:
         if self.untrained:
             return UNTRAINED_STEPS
-        return DEV_STEPS if self.guidance_embedded else SCHNELL_STEPS
+        return FILL_STEPS if self.inpainting else DEV_STEPS if self.guidance_embedded else SCHNELL_STEPS
 
     @property
     def default_guidance(self) -> float | None:
-        """dev's 3.5; None for schnell, which takes no guidance."""
-        return DEV_GUIDANCE if self.guidance_embedded else None
+        """dev's 3.5, Fill's 30 (diffusers' defaults); None for schnell, which takes no guidance."""
+        if not self.guidance_embedded:
+            return None
+        return FILL_GUIDANCE if self.inpainting else DEV_GUIDANCE
 
     def model_hash(self) -> str:
         """Hash of the components' weights, the tokenizers and the scheduler (provenance); not the
@@ -123,10 +125,12 @@ class FluxBase:
         return self
 
 
-def build_tiny_flux(guidance_embeds: bool = True, seed: int = 0) -> FluxBase:
+def build_tiny_flux(guidance_embeds: bool = True, seed: int = 0, fill: bool = False) -> FluxBase:
     """FLUX's structure at toy size (as diffusers' own FLUX tests build it, with FLUX's 16 latent
     channels): one dual-stream and one single-stream block, a CLIP text encoder for the pooled
-    vector, a T5 encoder, a VAE of factor 2. `guidance_embeds`: dev (True) or schnell."""
+    vector, a T5 encoder, a VAE of factor 2. `guidance_embeds`: dev (True) or schnell; `fill`: Fill's
+    transformer, reading the packed masked photo (64) and mask (2 x 2 x the VAE's factor squared)
+    beside the latents."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -134,9 +138,9 @@ def build_tiny_flux(guidance_embeds: bool = True, seed: int = 0) -> FluxBase:
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 4, 8),
+        patch_size=1, in_channels=64 + (64 + 4 * 2 * 2 if fill else 0), out_channels=64, num_layers=1,
+        num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -158,7 +162,7 @@ def build_tiny_flux(guidance_embeds: bool = True, seed: int = 0) -> FluxBase:
     scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                  base_image_seq_len=256, max_image_seq_len=4096)
                  if guidance_embeds else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False))
-    name = "tiny-flux" if guidance_embeds else "tiny-flux-schnell"
+    name = "tiny-flux-fill" if fill else "tiny-flux" if guidance_embeds else "tiny-flux-schnell"
     return FluxBase(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler,
                     model_id=f"{name} (untrained)", untrained=True).freeze()
 
@@ -171,7 +175,7 @@ def load_flux(model) -> FluxBase:
     if ref.family != "flux":
         raise UnsupportedModel(f"{ref.name} is an {ref.family.upper()} model, not FLUX")
     if ref.kind == "tiny":
-        return build_tiny_flux(guidance_embeds=ref.name == "tiny-flux")
+        return build_tiny_flux(guidance_embeds=ref.name != "tiny-flux-schnell", fill=ref.inpainting)
     return _from_diffusers_layout(str(ref.local_folder(weights=True)), ref.name)
 
 
@@ -214,12 +218,13 @@ def _check_widths(base: FluxBase, source: str) -> None:
 
 
 def save_flux(base: FluxBase, folder: str | Path) -> None:
-    """The tiny FLUX base as diffusers saves a FluxPipeline (a folder any FLUX path loads)."""
-    from diffusers import FluxPipeline
+    """The tiny FLUX base as diffusers saves a FluxPipeline, or a FluxFillPipeline (a folder any FLUX
+    path loads)."""
+    from diffusers import FluxFillPipeline, FluxPipeline
 
-    pipe = FluxPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
-                        tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
-                        transformer=base.transformer)
+    pipeline = FluxFillPipeline if base.inpainting else FluxPipeline
+    pipe = pipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                    text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, transformer=base.transformer)
     pipe.save_pretrained(folder)
     index = Path(folder) / "model_index.json"
     meta = json.loads(index.read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ray_faceid.errors import BadInput
 from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH, FluxBase
@@ -117,11 +118,12 @@ class FluxGenerator:
         states = base.text_encoder_2(t5.to(self.device), output_hidden_states=False)[0]
         return states.to(base.text_encoder_2.dtype), pooled.to(base.text_encoder.dtype)
 
-    def check(self, steps: int, guidance: float | None, width: int, height: int) -> None:
+    def check(self, steps: int, guidance: float | None, width: int, height: int, inpainting: bool = False) -> None:
         base = self.base
-        if base.inpainting:
-            raise BadInput(f"{base.model_id} is FLUX.1 Fill, an inpainting model: it repaints a masked photo, which "
-                           "is not built for FLUX yet; generate images with FLUX.1 dev or schnell")
+        if base.inpainting != inpainting:
+            raise BadInput(f"{base.model_id} is FLUX.1 Fill, an inpainting model: it repaints a masked photo "
+                           "(`ray-faceid inpaint`); generate images with FLUX.1 dev or schnell" if base.inpainting else
+                           f"{base.model_id} is FLUX.1 {base.variant}: repainting a masked photo needs FLUX.1 Fill")
         if not 1 <= steps <= 200:
             raise BadInput(f"steps must be between 1 and 200, got {steps}")
         if guidance is not None and not base.guidance_embedded:
@@ -132,6 +134,11 @@ class FluxGenerator:
         if width % multiple or height % multiple or not 0 < width <= 4096 or not 0 < height <= 4096:
             raise BadInput(f"FLUX makes images whose sides are multiples of {multiple} up to 4096, not {width}x{height}")
 
+    def _defaults(self, steps, guidance, width, height):
+        base = self.base
+        return (steps or base.default_steps, base.default_guidance if guidance is None else guidance,
+                width or base.native_size[0], height or base.native_size[1])
+
     @torch.no_grad()
     def generate(self, prompt: str, identities: list | None = None, seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
@@ -139,47 +146,108 @@ class FluxGenerator:
         """`num_images` of the prompt with `identities` (IdentityCondition: embeddings, scale, region),
         seeds `seed`, `seed + 1`, ...; steps, guidance and size default to the base's own (flux.py)."""
         identities = identities or []
-        base = self.base
-        steps = steps or base.default_steps
-        guidance = base.default_guidance if guidance is None else guidance
-        width, height = width or base.native_size[0], height or base.native_size[1]
+        steps, guidance, width, height = self._defaults(steps, guidance, width, height)
         self.check(steps, guidance, width, height)
         seeds = [seed + k for k in range(num_images)]
-        states, pooled = self.encode_prompt([prompt] * num_images)
-        text_positions = torch.zeros(states.shape[1], 3, device=self.device, dtype=states.dtype)
-        f = base.vae_scale_factor
+        f = self.base.vae_scale_factor
         h, w = height // f, width // f
         # One generator per image, on the CPU (as diffusers draws a list of generators): an image is the
         # same alone or batched.
-        noise = torch.cat([torch.randn((1, base.latent_channels, h, w), generator=torch.Generator("cpu").manual_seed(s))
+        noise = torch.cat([torch.randn((1, self.base.latent_channels, h, w), generator=torch.Generator("cpu").manual_seed(s))
                            for s in seeds])
-        latents = pack(noise.to(self.device, states.dtype))
+        latents = self._denoise(prompt, identities, pack(noise.to(self.device)), None, steps, guidance, h, w)
+        return self._result(prompt, identities, seeds, latents, steps, guidance, width, height)
+
+    @torch.no_grad()
+    def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, identities: list | None = None, seed: int = 0,
+                steps: int | None = None, guidance: float | None = None) -> GenerationResult:
+        """The masked part (white) of an RGB image repainted by FLUX.1 Fill, as diffusers'
+        FluxFillPipeline does at the image's own size (strength 1); outside the mask the photo's own
+        pixels are kept exactly. A side that is no multiple of the patch size is padded (edges
+        repeated) and cut back."""
+        identities = identities or []
+        base = self.base
+        height, width = image.shape[:2]
+        if mask.shape[:2] != (height, width):
+            raise BadInput(f"the mask is {mask.shape[1]}x{mask.shape[0]}, the image {width}x{height}: give one of the "
+                           "image's size")
+        multiple = base.size_multiple
+        padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+        pad = ((0, padded_h - height), (0, padded_w - width))
+        photo = np.pad(image[..., :3], pad + ((0, 0),), mode="edge")
+        gray = mask if mask.ndim == 2 else np.asarray(Image.fromarray(mask[..., :3]).convert("L"))
+        binary = (np.pad(gray, pad) / 255.0 >= 0.5).astype(np.float32)  # diffusers binarises the mask at 0.5
+        steps, guidance, _, _ = self._defaults(steps, guidance, padded_w, padded_h)
+        self.check(steps, guidance, padded_w, padded_h, inpainting=True)
+        f, vae = base.vae_scale_factor, base.vae
+        h, w = padded_h // f, padded_w // f
+        pixels = torch.from_numpy(photo).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        hole = torch.from_numpy(binary)[None, None].to(self.device)
+        # The draws diffusers makes from the image's generator, in its order: the photo's latents, the
+        # noise, the masked photo's latents.
+        generator = torch.Generator("cpu").manual_seed(seed)
+
+        def latents_of(x: torch.Tensor) -> torch.Tensor:
+            sample = vae.encode(x.to(vae.dtype)).latent_dist.sample(generator=generator)
+            return (sample.float() - vae.config.shift_factor) * vae.config.scaling_factor
+
+        image_latents = latents_of(pixels)
+        noise = torch.randn((1, base.latent_channels, h, w), generator=generator).to(self.device)
+        masked = pack(latents_of(pixels * (1 - hole)))
+        packed_mask = pack(hole[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w))
+        condition = torch.cat([masked, packed_mask], dim=-1)
+        latents = self._denoise(prompt, identities, noise, condition, steps, guidance, h, w, start=image_latents)
+        result = self._result(prompt, identities, [seed], latents, steps, guidance, padded_w, padded_h, "inpaint")
+        painted = np.asarray(result.images[0])
+        keep = binary[..., None] < 0.5
+        kept = np.where(keep, photo, painted)[:height, :width]  # the photo's own pixels outside the mask
+        out = Image.fromarray(kept.astype(np.uint8))
+        record = dict(result.provenance[0], size=[width, height])
+        return GenerationResult([out], [png_with_provenance(out, record)], [record], [seed])
+
+    def _denoise(self, prompt: str, identities: list, latents: torch.Tensor, condition: torch.Tensor | None,
+                 steps: int, guidance: float | None, h: int, w: int, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed latents denoised from `latents` (packed noise; Fill: the unpacked noise, put on the
+        schedule's first sigma over the photo's latents `start`); `condition`: Fill's packed masked photo
+        and mask, beside the latents."""
+        base = self.base
+        batch = latents.shape[0]
+        states, pooled = self.encode_prompt([prompt] * batch)
+        text_positions = torch.zeros(states.shape[1], 3, device=self.device, dtype=states.dtype)
         positions = patch_positions(h, w).to(self.device, states.dtype)
-        identity = self.identity_inputs(identities, num_images, h, w)
+        identity = self.identity_inputs(identities, batch, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device,
-                                mu=flow_shift(latents.shape[1], scheduler.config))
+                                mu=flow_shift((h // 2) * (w // 2), scheduler.config))
         scheduler.set_begin_index(0)
+        if start is not None:
+            latents = pack(scheduler.scale_noise(start, scheduler.timesteps[:1].repeat(batch), latents))
+        latents = latents.to(states.dtype)
         embedded = None
         if base.guidance_embedded:
-            embedded = torch.full([num_images], guidance, device=self.device, dtype=torch.float32)
+            embedded = torch.full([batch], guidance, device=self.device, dtype=torch.float32)
         callback = self.on_step
         if callback is not None:
             callback(0, len(scheduler.timesteps))
         transformer = base.transformer
         for step, t in enumerate(scheduler.timesteps, 1):
-            timestep = t.expand(num_images).to(latents.dtype) / 1000
-            velocity = transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep, guidance=embedded,
+            timestep = t.expand(batch).to(latents.dtype) / 1000
+            hidden = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=2)
+            velocity = transformer(hidden_states=hidden.to(transformer.dtype), timestep=timestep, guidance=embedded,
                                    pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_positions,
                                    img_ids=positions, joint_attention_kwargs=dict(identity) or None,
                                    return_dict=False)[0]
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(step, len(scheduler.timesteps))
+        return latents
+
+    def _result(self, prompt, identities, seeds, latents, steps, guidance, width, height, kind="generate"):
+        f = self.base.vae_scale_factor
         result = GenerationResult([], [], [], [])
         for k, s in enumerate(seeds):
-            image = self.decode(unpack(latents[k : k + 1], h, w))
-            record = self.provenance(prompt, identities, s, steps, guidance, width, height)
+            image = self.decode(unpack(latents[k : k + 1], height // f, width // f))
+            record = self.provenance(prompt, identities, s, steps, guidance, width, height, kind)
             result.images.append(image)
             result.png.append(png_with_provenance(image, record))
             result.provenance.append(record)
@@ -187,9 +255,7 @@ class FluxGenerator:
         return result
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor):
-        from PIL import Image
-
+    def decode(self, latents: torch.Tensor) -> Image.Image:
         vae = self.base.vae
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
@@ -197,11 +263,11 @@ class FluxGenerator:
         return Image.fromarray(arr)
 
     def provenance(self, prompt: str, identities: list, seed: int, steps: int, guidance: float | None, width: int,
-                   height: int) -> dict:
+                   height: int, kind: str = "generate") -> dict:
         base = self.base
         return {
             "generator": "ray_faceid",
-            "kind": "generate",
+            "kind": kind,
             "ai_generated": True,
             "base_model": base.model_id,
             "base_model_hash": base.model_hash(),

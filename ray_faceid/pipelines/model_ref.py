@@ -19,9 +19,9 @@ from ray_faceid.envs import cache_dir
 from ray_faceid.errors import BackendUnavailable, NotFound
 
 TINY = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint")
-TINY_FLUX = ("tiny-flux", "tiny-flux-schnell")
-FLUX_RUNS = ("a FLUX model: `ray-faceid generate` runs it from a prompt (a person with a FLUX IP-Adapter and an "
-             "image embedding); render, Serve, inpaint, train and compile on FLUX are not built yet")
+TINY_FLUX = ("tiny-flux", "tiny-flux-schnell", "tiny-flux-fill")
+FLUX_RUNS = ("a FLUX model: `ray-faceid generate` runs it (and `inpaint` FLUX.1 Fill), people given by photos with a "
+             "FLUX IP-Adapter; render, Serve, train and compile on FLUX are not built yet")
 HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.bin", "*/*.model"]  # a diffusers layout
 HUB_CONFIGS = ["model_index.json", "*/*.json"]  # what deciding the family needs
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -97,7 +97,7 @@ def _resolve(model: str) -> ModelRef:
     from ray_faceid.pipelines.families import FLUX_COMPONENTS, detect_family
 
     if model in TINY_FLUX:
-        return ModelRef(model, "tiny", None, "flux", False, FLUX_COMPONENTS)
+        return ModelRef(model, "tiny", None, "flux", model.endswith("-fill"), FLUX_COMPONENTS)
     if model in TINY:
         return ModelRef(model, "tiny", None, "sdxl" if "sdxl" in model else "sd1", model.endswith("-inpaint"),
                         COMPONENTS if "sdxl" in model else tuple(c for c in COMPONENTS if not c.endswith("_2")))

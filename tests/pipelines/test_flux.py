@@ -78,10 +78,12 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     assert record["base_family"] == "flux" and record["untrained_base"] and record["identities"] == []
     refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait", "--ref",
                                        str(sample_photos["Tom_Hanks_54745.png"]), "--out", str(out)])
-    assert refused.exit_code == 2 and "--ref: enrolled people, photos" in refused.stderr and "not built yet" in \
-        refused.stderr
+    assert refused.exit_code == 2 and "identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE" in refused.stderr
+    refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait",
+                                       "--negative-prompt", "blurry", "--scheduler", "euler", "--out", str(out)])
+    assert refused.exit_code == 2 and "--scheduler, --negative-prompt: not built for FLUX yet" in refused.stderr
     assert "Traceback" not in refused.output
-    with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` runs it from a prompt"):
+    with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` runs it"):
         load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it
     (tmp_path / "catalog.jsonl").write_text(json.dumps({"id": "r1", "prompt": "a portrait"}) + "\n")
     rendered = CliRunner().invoke(app, ["render", str(tmp_path / "catalog.jsonl"), str(tmp_path / "render"), "--model",
@@ -94,22 +96,44 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
         resolve_config(ServeConfig(model=folders["dev"], api_tokens={"acme": "acme-token-0123456789abcdef"}))
 
 
-def test_a_flux_fill_folder_is_told_apart_from_its_configs(tmp_path):
-    """FLUX.1 Fill reads the masked image and the mask beside the latents (more input channels than
-    4 x the VAE's): recognised as inpainting, and refused by text-to-image in one line."""
-    from diffusers import FluxTransformer2DModel
+def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_path):
+    """FLUX.1 Fill (its transformer reads the packed masked photo and mask beside the latents: told
+    apart by its input channels): inside the mask the image equals diffusers' FluxFillPipeline with
+    its defaults (guidance 30), outside it the photo's own pixels; from one command too."""
+    from diffusers import FluxFillPipeline
+    from PIL import Image
 
     from ray_faceid.pipelines.model_ref import resolve_model
 
-    base = build_tiny_flux()
-    base.transformer = FluxTransformer2DModel(patch_size=1, in_channels=128, out_channels=64, num_layers=1,
-                                              num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                              joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                                              axes_dims_rope=(4, 4, 8))
-    save_flux(base, tmp_path / "fill")
+    save_flux(build_tiny_flux(fill=True), tmp_path / "fill")
     ref = resolve_model(str(tmp_path / "fill"), flux=True)
     assert ref.family == "flux" and ref.inpainting
     fill = load_flux(ref)
-    assert fill.variant == "fill"
+    assert fill.variant == "fill" and fill.default_guidance == 30.0
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    mask = np.zeros((32, 40), np.uint8)
+    mask[8:24, 12:30] = 255
+    generator = FluxGenerator(fill)
+    ours = np.asarray(generator.inpaint(photo, mask, "a face", seed=3, steps=STEPS).images[0]).astype(int)
+    pipe = FluxFillPipeline.from_pretrained(str(tmp_path / "fill"))
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe("a face", image=Image.fromarray(photo), mask_image=Image.fromarray(mask), height=32, width=40,
+                num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    inside = mask > 127
+    assert np.abs(ours - np.round(want * 255).astype(int))[inside].max() <= 1
+    assert np.array_equal(ours[~inside], photo[~inside]) and np.abs(ours - photo)[inside].max() > 2
+    odd = generator.inpaint(photo[:30, :37], mask[:30, :37], "a face", steps=1).images[0]  # padded, cut back
+    assert odd.size == (37, 30)
     with pytest.raises(BadInput, match="FLUX.1 Fill, an inpainting model"):
-        FluxGenerator(fill).generate("a portrait", steps=1)
+        generator.generate("a portrait", steps=1)
+    with pytest.raises(BadInput, match="repainting a masked photo needs FLUX.1 Fill"):
+        FluxGenerator(build_tiny_flux()).inpaint(photo, mask, "a face", steps=1)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    made = CliRunner().invoke(app, ["inpaint", "--model", str(tmp_path / "fill"), "--image", str(tmp_path / "photo.png"),
+                                    "--mask", str(tmp_path / "mask.png"), "--prompt", "a face", "--steps", "2",
+                                    "--out", str(tmp_path / "out.png")])
+    assert made.exit_code == 0, made.output
+    record = read_provenance((tmp_path / "out.png").read_bytes())
+    assert record["kind"] == "inpaint" and record["flux_variant"] == "fill" and record["size"] == [40, 32]
