@@ -101,10 +101,11 @@ class FluxIdentityAdapter(nn.Module):
         if len(transformer.transformer_blocks) != len(self.to_k_ip):
             raise UnsupportedModel(f"this FLUX IP-Adapter has {len(self.to_k_ip)} dual-stream blocks' weights; the "
                                    f"base has {len(transformer.transformer_blocks)}: it was made for another model")
+        # set_processor: a processor diffusers loaded before may be a child module of the attention.
         for block, k, v in zip(transformer.transformer_blocks, self.to_k_ip, self.to_v_ip):
-            block.attn.processor = IdentityOnImage(k, v)
+            block.attn.set_processor(IdentityOnImage(k, v))
         for block in transformer.single_transformer_blocks:
-            block.attn.processor = AcceptingIdentity()
+            block.attn.set_processor(AcceptingIdentity())
 
     def content_hash(self) -> str:
         return weights_hash_of(self)

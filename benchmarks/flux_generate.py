@@ -1,0 +1,175 @@
+"""Seconds per FLUX.1-dev image with identity: diffusers' FluxPipeline (the FLUX IP-Adapter through
+`load_ip_adapter`) against ray_faceid, eager and with the transformer under torch.compile, on the
+same modules, in one run.
+
+FLUX.1-dev's shapes (19 dual- and 38 single-stream blocks of 3072, T5-XXL, CLIP-L, its VAE) with
+random weights (timing needs no trained weights), bf16, 1024x1024, 28 steps, guidance 3.5, one
+person through a FLUX IP-Adapter of XLabs' shape (4 tokens from a 768-d image embedding).
+
+    python benchmarks/flux_generate.py [--no-record]            # on a GPU (about 40 GB of weights)
+    python benchmarks/flux_generate.py --smoke --no-record      # the same code on tiny-flux, any device
+
+Rows: (a) diffusers eager; (b) ray_faceid eager; (c) ray_faceid, transformer compiled (after its
+warm-up; the compile time and the recompiles when the person changes are reported). Anchors from
+the issue: diffusers eager about 7.1 s on an H100; the target with compile, without step caching,
+at most 2.0 s. Step caching is not built.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _record import machine_line, report  # noqa: E402
+
+PROMPT = "a photo of a person smiling, studio light"
+
+
+def flux_dev_components(device: str, dtype: torch.dtype):
+    """FLUX.1-dev's transformer, text encoders and VAE from their published configs, random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ray_faceid.pipelines.flux import FluxBase
+    from ray_faceid.pipelines.tiny_tokenizer import tiny_t5_tokenizer, tiny_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                             pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                                 num_heads=64, feed_forward_proj="gated-gelu", is_gated_act=True))
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                    num_attention_heads=12, max_position_embeddings=77, vocab_size=49408))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                            scaling_factor=0.3611)
+    # Tokenizers made in code: their vocabularies are downloads (token ids, not their meaning, set the time).
+    tokenizer = tiny_tokenizer(max_length=77)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    base = FluxBase(transformer, vae, text_encoder, tokenizer, text_encoder_2, tiny_t5_tokenizer(512), scheduler,
+                    model_id="FLUX.1-dev shapes (random weights)").freeze()
+    return base.to(device, dtype)  # bf16 on the GPU
+
+
+def xlabs_adapter(base, embed: int, device, dtype):
+    """A FLUX IP-Adapter of XLabs' shape for `base`, random weights, in its published layout."""
+    from ray_faceid.identity.flux_adapter import FluxIdentityAdapter
+
+    config = base.transformer.config
+    adapter = FluxIdentityAdapter(embed, config.joint_attention_dim, config.num_attention_heads * config.attention_head_dim,
+                                  len(base.transformer.transformer_blocks))
+    adapter.published = {"kind": "FLUX IP-Adapter", "variant": "benchmark", "file": "random", "sha256": "-",
+                         "tokens": 4, "embedding_dim": embed, "licence": "-"}
+    return adapter.to(device, dtype).eval().requires_grad_(False)
+
+
+def diffusers_state(adapter) -> dict:
+    """The adapter's weights as diffusers' loader takes them (image_proj / ip_adapter)."""
+    proj = {"proj.weight": adapter.proj.weight, "proj.bias": adapter.proj.bias, "norm.weight": adapter.norm.weight,
+            "norm.bias": adapter.norm.bias}
+    ip = {}
+    for i, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip)):
+        ip.update({f"{i}.to_k_ip.weight": k.weight, f"{i}.to_k_ip.bias": k.bias, f"{i}.to_v_ip.weight": v.weight,
+                   f"{i}.to_v_ip.bias": v.bias})
+    return {"image_proj": {k: t.detach().float().cpu() for k, t in proj.items()},
+            "ip_adapter": {k: t.detach().float().cpu() for k, t in ip.items()}}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=None, help="image side; default 1024 (tiny: 32)")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny-flux (the script's own check, any device)")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    from diffusers import FluxPipeline
+
+    from ray_faceid.pipelines.flux import build_tiny_flux
+    from ray_faceid.pipelines.flux_sampling import FluxGenerator
+    from ray_faceid.pipelines.generate import IdentityCondition
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    base = build_tiny_flux() if args.smoke else flux_dev_components(device, dtype)  # tiny: fp32 on the CPU
+    size = args.size or (32 if args.smoke else 1024)
+    embed = 16 if args.smoke else 768
+    adapter = xlabs_adapter(base, embed, device, dtype)
+    rng = np.random.default_rng(0)
+    people = [[IdentityCondition(f"p{k}", rng.normal(size=(1, embed)).astype(np.float32))] for k in range(3)]
+
+    pipe = FluxPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                        text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, transformer=base.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer._load_ip_adapter_weights([diffusers_state(adapter)])
+    pipe.transformer.to(device, dtype)
+    embeds = torch.from_numpy(people[0][0].embeddings)[None].to(device, dtype)
+
+    def stock():
+        pipe(PROMPT, height=size, width=size, num_inference_steps=args.steps, guidance_scale=3.5,
+             generator=torch.Generator("cpu").manual_seed(0), ip_adapter_image_embeds=[embeds],
+             negative_ip_adapter_image_embeds=[torch.zeros_like(embeds)], output_type="np")
+
+    rows = [("diffusers FluxPipeline, eager, FLUX IP-Adapter", timed(stock, args.repeats))]
+    generator = FluxGenerator(base, adapter, device=device, precision="bf16" if dtype == torch.bfloat16 else "fp32")
+
+    def ours():
+        generator.generate(PROMPT, people[0], steps=args.steps, width=size, height=size)
+
+    rows.append(("ray_faceid, eager", timed(ours, args.repeats)))
+    from torch._dynamo.utils import counters
+
+    eager_transformer = base.transformer
+    base.transformer = torch.compile(eager_transformer, backend="eager" if args.smoke else "inductor")
+    started = time.perf_counter()
+    ours()
+    sync()
+    compile_s = time.perf_counter() - started
+    compiled_s = timed(ours, args.repeats)
+    graphs = counters["stats"]["unique_graphs"]
+    for person in people[1:]:  # another person: their tokens are inputs, not constants of the graph
+        generator.generate(PROMPT, person, steps=args.steps, width=size, height=size)
+    recompiles = counters["stats"]["unique_graphs"] - graphs
+    base.transformer = eager_transformer
+    rows.append((f"ray_faceid, transformer compiled ({'eager backend: smoke' if args.smoke else 'Inductor'})",
+                 compiled_s))
+    lines = [f"## FLUX.1-dev with identity ({time.strftime('%Y-%m-%d')}{', smoke: tiny-flux' if args.smoke else ''})", "",
+             f"{machine_line()}, {device}, {str(dtype).removeprefix('torch.')}, {size}x{size}, {args.steps} steps, "
+             f"guidance 3.5, one person (FLUX IP-Adapter), median of {args.repeats}.", "",
+             "| run | s / image | vs diffusers |", "|---|---|---|"]
+    baseline = rows[0][1]
+    lines += [f"| {name} | {seconds:.3f} | {baseline / seconds:.2f}x |" for name, seconds in rows]
+    lines += ["", f"Compile and first image: {compile_s:.1f} s; graphs compiled anew when the person changed "
+              f"({len(people) - 1} other people): {recompiles}."]
+    report(lines, not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
