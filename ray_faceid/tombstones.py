@@ -110,22 +110,29 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def rekey(stone: dict, old: Keys, new: Keys) -> dict:
-    """A tombstone of key scheme SCHEME made with `old`, re-keyed to `new`."""
+    """A tombstone of key scheme SCHEME made with `old`, re-keyed to `new`. A damaged face sketch is
+    dropped, with a warning: the tombstone and its other sketches stay."""
     out = dict(stone, person_keys=sorted(rekey_token(t, old, new) for t in stone.get("person_keys", [])),
                key_id=new.key_id)
-    def again(sketch: dict, encoder: str | None) -> dict:
-        bits = _xor(bytes.fromhex(sketch["bits"]), sketch_mask(old, stone["id_sha256"], encoder))
-        return dict(sketch, bits=_xor(bits, sketch_mask(new, stone["id_sha256"], encoder)).hex())
 
-    if isinstance(stone.get("face_sketch"), dict):
-        out["face_sketch"] = again(stone["face_sketch"], None)
+    def again(sketch: dict, own_mask: bool) -> dict | None:
+        try:
+            encoder = sketch["encoder"] if own_mask else None
+            bits = _xor(bytes.fromhex(sketch["bits"]), sketch_mask(old, stone["id_sha256"], encoder))
+            return dict(sketch, bits=_xor(bits, sketch_mask(new, stone["id_sha256"], encoder)).hex())
+        except (KeyError, TypeError, ValueError):
+            log.warning("tombstone %s: a damaged face sketch is dropped while re-keying", stone.get("id_sha256"))
+            return None
+
+    out.pop("face_sketch", None)
     if "other_face_sketches" in stone:
         out["other_face_sketches"] = []
-        for sketch, _ in _sketches(stone)[1 if "face_sketch" in out else 0 :]:
-            try:
-                out["other_face_sketches"].append(again(sketch, sketch["encoder"]))
-            except (KeyError, TypeError, ValueError):  # that sketch alone is lost, not the tombstone
-                log.warning("tombstone %s: a damaged face sketch is dropped while re-keying", stone.get("id_sha256"))
+    for sketch, own_mask in _sketches(stone):
+        rekeyed = again(sketch, own_mask)
+        if rekeyed is not None and own_mask:
+            out["other_face_sketches"].append(rekeyed)
+        elif rekeyed is not None:
+            out["face_sketch"] = rekeyed
     return out
 
 

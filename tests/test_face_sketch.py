@@ -83,6 +83,9 @@ def test_an_erased_face_is_refused_by_each_encoder_the_person_had_embeddings_of(
     damaged = dict(stone, other_face_sketches=[{"bits": "not hex"}])
     rekeyed = tombstones.rekey(damaged, keys, keys)
     assert rekeyed["other_face_sketches"] == [] and rekeyed["face_sketch"] == stone["face_sketch"]
+    for first in ({"encoder": spec.key()}, None):  # a first sketch without bits, or none: the second stays
+        rekeyed = tombstones.rekey(dict(stone, face_sketch=first), keys, keys)
+        assert "face_sketch" not in rekeyed and rekeyed["other_face_sketches"] == stone["other_face_sketches"]
 
 
 def test_an_erased_person_under_a_new_name_or_their_withdrawn_consent_is_refused(tmp_path, faces):

@@ -271,13 +271,15 @@ def generate(
                                      "--plus-v2-scale": plus_v2_scale, "--identitynet": identitynet, "--pose": pose,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      "--negative-prompt": negative_prompt,
+                                     "--face-backend": None if face_backend == "dlib" else face_backend,
+                                     "--insightface-root": insightface_root,
                                      "--backend": None if backend == "torch" else backend})
             if face_embedding and (ref or identity):
                 raise BadInput("use either --face-embedding or photos (--ref / --identity NAME=PHOTO), not both")
             people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
-                                 guidance, width, height)
+                                 guidance, width, height, registry, tenant)
         if face_embedding and identity:
             raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
         if face_embedding and ref and not (image_encoder or identitynet):
@@ -366,7 +368,7 @@ def inpaint(
                                      "--backend": None if backend == "torch" else backend})
             people = _people(ref, [identity] if identity else [])
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
-                                guidance)
+                                guidance, registry, tenant)
         if image_encoder:
             raise BadInput("--image-encoder on inpaint is for FLUX.1 Fill with a FLUX IP-Adapter")
         edits = parse_edit_option(edit)

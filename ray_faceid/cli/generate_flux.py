@@ -1,8 +1,8 @@
 """`ray-faceid generate` on a FLUX base, sampled as diffusers' FluxPipeline samples it
 (pipelines/flux_sampling.py): a prompt, and people with a FLUX IP-Adapter file
-(identity/flux_adapter.py), each from photos read through a CLIP image encoder folder or as an image
-embedding file, each in their region. Enrolled people, samplers and the other engines on FLUX are not
-built yet: those options are refused in one line."""
+(identity/flux_adapter.py), each from photos (or an enrolled person's reference crops) read through a
+CLIP image encoder folder, or as an image embedding file, each in their region. Samplers and the
+other engines on FLUX are not built yet: those options are refused in one line."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,25 +17,27 @@ def refuse_identity_options(given: dict[str, object]) -> None:
     used = [option for option, value in given.items() if value not in (None, "", [], False)]
     if used:
         raise BadInput(f"{', '.join(used)}: not built for FLUX yet; FLUX runs from --prompt (--seed, --steps, "
-                       "--guidance, --size), with people as photos (--ref, or --identity NAME=PHOTO and --region) or "
-                       "--face-embedding EMB.npy, and --adapter FILE (a FLUX IP-Adapter)")
+                       "--guidance, --size), with people as photos or enrolled (--ref, --identity NAME[=PHOTO], "
+                       "--region) or --face-embedding EMB.npy, and --adapter FILE (a FLUX IP-Adapter)")
 
 
-def flux_people(people: dict, regions: dict, image_encoder: str | None, device) -> tuple[list, str | None]:
-    """IdentityConditions of `people` (name -> photos, an enrolled name, or an embedding array): each
-    photo read whole through the CLIP image encoder, as the FLUX IP-Adapter's pipeline reads it; and
-    the encoder's weights hash (None without photos)."""
+def flux_people(people: dict, regions: dict, image_encoder: str | None, device, registry: str | None = None,
+                tenant: str = "default") -> tuple[list, str | None]:
+    """IdentityConditions of `people` (name -> photos, an enrolled person's name or id, or an embedding
+    array): each photo read whole through the CLIP image encoder, as the FLUX IP-Adapter's pipeline
+    reads it (an enrolled person: the reference crops the registry keeps of them); and the encoder's
+    weights hash (None without photos)."""
     from ray_faceid.face.decode import decode_image
     from ray_faceid.pipelines.generate import IdentityCondition
+    from ray_faceid.registry import Registry
 
     unknown = set(regions) - set(people)
     if unknown:
         raise BadInput(f"--region for unknown identity {sorted(unknown)}; identities: {sorted(people)}")
-    photos = {name: value for name, value in people.items() if isinstance(value, list)}
-    enrolled = [name for name, value in people.items() if isinstance(value, str)]
-    if enrolled:
-        raise BadInput(f"--identity {enrolled[0]}: enrolled people on FLUX are not built yet (the registry keeps face "
-                       "embeddings, the FLUX IP-Adapter reads image embeddings): give photos, NAME=PHOTO")
+    store = Registry(registry) if registry and any(isinstance(v, str) for v in people.values()) else None
+    enrolled = {name: store.resolve(tenant, value) for name, value in people.items() if isinstance(value, str)}
+    photos = {name: [decode_image(p) for p in value] for name, value in people.items() if isinstance(value, list)}
+    photos.update({name: store.references(tenant, identity) for name, identity in enrolled.items()})
     encoder = None
     if photos:
         if not image_encoder:
@@ -49,12 +51,29 @@ def flux_people(people: dict, regions: dict, image_encoder: str | None, device) 
         raise BadInput("--image-encoder reads photos: give them with --ref or --identity NAME=PHOTO")
     conditions = []
     for name, value in people.items():
-        embeddings = encoder.image_embeds([decode_image(p) for p in value]) if name in photos else value
-        conditions.append(IdentityCondition(name, embeddings, region=regions.get(name)))
+        embeddings = encoder.image_embeds(photos[name]) if name in photos else value
+        conditions.append(IdentityCondition(name, embeddings, region=regions.get(name), id=enrolled.get(name)))
     return conditions, None if encoder is None else encoder.sha256
 
 
-def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict):
+def precheck(ref, guidance: float | None, width: int | None, height: int | None, inpainting: bool) -> None:
+    """The model's own refusals, from its configs, before minutes of loading (FluxGenerator.check
+    says the same after)."""
+    from ray_faceid.pipelines.flux import flux_settings
+
+    settings = flux_settings(ref)
+    if ref.inpainting != inpainting:
+        raise BadInput(f"{ref.name} is FLUX.1 Fill, an inpainting model: it repaints a masked photo (`ray-faceid "
+                       "inpaint`)" if ref.inpainting else f"{ref.name}: repainting a masked photo needs FLUX.1 Fill")
+    if guidance is not None and not settings["guidance_embedded"]:
+        raise BadInput(f"{ref.name} is FLUX.1 schnell, which takes no guidance: leave --guidance out")
+    multiple = settings["size_multiple"]
+    if width and (width % multiple or height % multiple):
+        raise BadInput(f"FLUX makes images whose sides are multiples of {multiple}, not {width}x{height}")
+
+
+def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict,
+               registry: str | None, tenant: str):
     """(the FluxGenerator, people's IdentityConditions): photos read and checked before the model loads."""
     import torch
 
@@ -65,8 +84,8 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         raise BadInput(f"{ref.name}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the XLabs FLUX "
                        "IP-Adapter layout)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    conditions, encoder_hash = flux_people(people, regions, image_encoder, device)
-    base = load_flux(ref)
+    conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant)
+    base = load_flux(ref, torch.bfloat16 if device == "cuda" else None)  # FLUX's own dtype on a GPU
     if base.untrained:
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")
     adapter = None
@@ -85,11 +104,12 @@ def _who(conditions: list) -> str:
 
 
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
-                 out: Path, seed: int, steps: int | None, guidance: float | None) -> None:
+                 out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str) -> None:
     """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter)."""
     if len(people) > 1:
         raise BadInput("inpainting repaints one person: give one --ref person or --identity")
-    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {})
+    precheck(ref, guidance, None, None, inpainting=True)
+    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant)
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
                       f"on {generator.device.type}")
@@ -101,8 +121,9 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
 
 def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,
                   out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
-                  height: int | None) -> None:
-    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions)
+                  height: int | None, registry: str, tenant: str) -> None:
+    precheck(ref, guidance, width, height, inpainting=False)
+    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant)
     base = generator.base
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size

@@ -181,11 +181,9 @@ def _split(raw: bytes, uri: str) -> tuple[dict, dict]:
     return dict(parts["image_proj"]), dict(parts["ip_adapter"])
 
 
-def patch_owner(boxes: list, h: int, w: int, batch: int) -> torch.Tensor | None:
-    """(B, N, M) which person each packed patch takes (N = h/2 x w/2 patches of h x w latents); None
-    for one person (every patch)."""
-    if len(boxes) < 2:
-        return None
+def patch_owner(boxes: list, h: int, w: int, batch: int) -> torch.Tensor:
+    """(B, N, M) which person each packed patch takes (N = h/2 x w/2 patches of h x w latents, row
+    by row): the person whose region covers most of it."""
     from ray_faceid.identity.routing import box_masks, query_routing
 
     try:

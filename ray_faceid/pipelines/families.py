@@ -124,6 +124,8 @@ def _check_flux(folder: Path, pipeline: str) -> str:
     if missing:
         raise UnsupportedModel(f"{folder} is a {pipeline} folder without {', '.join(missing)}: FLUX needs its "
                                "transformer, VAE, both text encoders (CLIP and T5) with their tokenizers and its scheduler")
+    if _read_json(folder / "vae" / "config.json") is None:
+        raise UnsupportedModel(f"{folder}/vae/config.json is missing or not JSON: FLUX needs its VAE's config")
     transformer = _read_json(folder / "transformer" / "config.json") or {}
     if transformer.get("_class_name") != "FluxTransformer2DModel":
         raise UnsupportedModel(f"{folder}'s transformer is a {transformer.get('_class_name') or 'model of no class'}, "

@@ -167,8 +167,9 @@ def build_tiny_flux(guidance_embeds: bool = True, seed: int = 0, fill: bool = Fa
                     model_id=f"{name} (untrained)", untrained=True).freeze()
 
 
-def load_flux(model) -> FluxBase:
-    """A FLUX base from a tiny name or a ModelRef of the flux family (model_ref.py)."""
+def load_flux(model, dtype: torch.dtype | None = None) -> FluxBase:
+    """A FLUX base from a tiny name or a ModelRef of the flux family (model_ref.py); `dtype`: what a
+    folder's weights load as (bf16 on a GPU: FLUX.1-dev's 12B parameters are 48 GB in fp32)."""
     from ray_faceid.pipelines.model_ref import resolve_model
 
     ref = resolve_model(model, flux=True)
@@ -176,10 +177,22 @@ def load_flux(model) -> FluxBase:
         raise UnsupportedModel(f"{ref.name} is an {ref.family.upper()} model, not FLUX")
     if ref.kind == "tiny":
         return build_tiny_flux(guidance_embeds=ref.name != "tiny-flux-schnell", fill=ref.inpainting)
-    return _from_diffusers_layout(str(ref.local_folder(weights=True)), ref.name)
+    return _from_diffusers_layout(str(ref.local_folder(weights=True)), ref.name, dtype)
 
 
-def _from_diffusers_layout(source: str, model_id: str) -> FluxBase:
+def flux_settings(ref) -> dict:
+    """What the checks before loading need, from a FLUX reference's configs alone: whether the
+    transformer takes guidance, and the multiple image sides must be."""
+    if ref.kind == "tiny":
+        return {"guidance_embedded": ref.name != "tiny-flux-schnell", "size_multiple": 4}
+    folder = ref.local_folder()
+    transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return {"guidance_embedded": bool(transformer.get("guidance_embeds")),
+            "size_multiple": 2 ** len(vae.get("block_out_channels", (0, 0, 0, 0)))}
+
+
+def _from_diffusers_layout(source: str, model_id: str, dtype: torch.dtype | None = None) -> FluxBase:
     from ray_faceid.quiet import model_loading
 
     model_loading()
@@ -187,11 +200,12 @@ def _from_diffusers_layout(source: str, model_id: str) -> FluxBase:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     meta = json.loads((Path(source) / "model_index.json").read_text())
+    cast = {} if dtype is None else {"torch_dtype": dtype}
     components = {
-        "transformer": FluxTransformer2DModel.from_pretrained(source, subfolder="transformer"),
-        "vae": AutoencoderKL.from_pretrained(source, subfolder="vae"),
-        "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-        "text_encoder_2": T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2"),
+        "transformer": FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", **cast),
+        "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **cast),
+        "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **cast),
+        "text_encoder_2": T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **cast),
     }
     for name, module in components.items():  # hashed once per machine for a local folder's files
         cached_module_hash(module, Path(source) / name)

@@ -89,12 +89,17 @@ class FluxGenerator:
             raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(identities)}")
         tokens = []
         for person in identities:
-            emb = np.atleast_2d(np.asarray(person.embeddings, np.float32))
-            if emb.shape[-1] != self.adapter.embed_dim or not np.isfinite(emb).all():
-                raise BadInput(f"identity {person.name}: this FLUX IP-Adapter reads {self.adapter.embed_dim}-d finite "
+            emb = np.asarray(person.embeddings, np.float32)
+            emb = emb[None] if emb.ndim == 1 else emb
+            if emb.ndim != 2 or not len(emb) or emb.shape[-1] != self.adapter.embed_dim or not np.isfinite(emb).all():
+                raise BadInput(f"identity {person.name}: this FLUX IP-Adapter reads N x {self.adapter.embed_dim} finite "
                                f"image embeddings, got shape {emb.shape}")
-            mean = torch.from_numpy(emb).to(self.device).mean(0, keepdim=True)
-            tokens.append(self.adapter.tokens(mean))
+            if not (np.isfinite(person.scale) and 0 <= person.scale <= 4):
+                raise BadInput(f"identity {person.name}: strength must be between 0 and 4, got {person.scale}")
+            made = self.adapter.tokens(torch.from_numpy(emb).to(self.device).mean(0, keepdim=True))
+            if not torch.isfinite(made).all():  # finite but huge embeddings overflow the projection
+                raise BadInput(f"identity {person.name}: its image embedding is out of range (its tokens overflow)")
+            tokens.append(made)
         stacked = torch.stack(tokens, dim=1).expand(batch, -1, -1, -1)  # B, M, T, C
         scale = torch.tensor([[p.scale for p in identities]], device=self.device).expand(batch, -1)
         boxes = [p.region for p in identities]
@@ -102,7 +107,7 @@ class FluxGenerator:
             boxes = strip_boxes(len(identities)) if all(box is None for box in boxes) else None
             if boxes is None:
                 raise BadInput("give every person a region, or none (equal vertical strips)")
-        owner = patch_owner(boxes, h, w, batch)
+        owner = None if boxes == [None] else patch_owner(boxes, h, w, batch)  # one person, no region: everywhere
         return {"identity_tokens": stacked, "identity_scale": scale,
                 "patch_owner": None if owner is None else owner.to(self.device)}
 

@@ -82,6 +82,10 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait",
                                        "--negative-prompt", "blurry", "--scheduler", "euler", "--out", str(out)])
     assert refused.exit_code == 2 and "--scheduler, --negative-prompt: not built for FLUX yet" in refused.stderr
+    refused = CliRunner().invoke(app, ["generate", "--model", folders["schnell"], "--prompt", "a portrait",
+                                       "--guidance", "3.5", "--out", str(out)])
+    assert refused.exit_code == 2 and "schnell, which takes no guidance" in refused.stderr
+    assert "untrained base model" not in refused.stderr  # refused from its configs, before it loads
     assert "Traceback" not in refused.output
     with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` runs it"):
         load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it

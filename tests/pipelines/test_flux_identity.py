@@ -83,7 +83,7 @@ def test_the_flux_ip_adapter_gives_the_image_of_diffusers_flux_pipeline(files, c
     record = generator.generate("a portrait", [IdentityCondition("ann", embedding(1))], steps=1).provenance[0]
     assert record["adapter_published"]["kind"] == "FLUX IP-Adapter" and "Non-Commercial" in \
         record["adapter_published"]["licence"] and record["identities"][0]["name"] == "ann"
-    with pytest.raises(BadInput, match="reads 16-d finite image embeddings"):
+    with pytest.raises(BadInput, match="reads N x 16 finite image embeddings"):
         generator.generate("a portrait", [IdentityCondition("p", np.ones((1, 8), np.float32))], steps=1)
     with pytest.raises(BadInput, match="give --adapter FILE"):
         FluxGenerator(load_flux(str(files / "flux"))).generate("a portrait", [IdentityCondition("p", embedding(1))])
@@ -106,11 +106,25 @@ def test_each_person_reaches_only_the_patches_of_their_region(files):
                     patch_owner=owner)[2]
         alone = [attn(image_states, text, identity_tokens=t[:, None], identity_scale=torch.ones(1, 1))[2] for t in tokens]
     left = owner[0, :, 0]
-    assert left.sum() == 8 and bool((owner[0, :, 0] ^ owner[0, :, 1]).all())  # each patch one person's
+    # patches row by row on the 4 x 4 grid: the first two of each row are the left half's
+    assert left.nonzero().flatten().tolist() == [r * 4 + c for r in range(4) for c in range(2)]
+    assert bool((owner[0, :, 0] ^ owner[0, :, 1]).all())  # each patch one person's
     torch.testing.assert_close(both[0, left], alone[0][0, left])
     torch.testing.assert_close(both[0, ~left], alone[1][0, ~left])
     two = image(generator, [IdentityCondition("a", embedding(1)), IdentityCondition("b", embedding(2))])
     assert np.abs(two - image(generator, [IdentityCondition("a", embedding(1))])).max() > 2
+    # One person given a region: their tokens reach only its patches (as in the UNet families).
+    inputs = generator.identity_inputs([IdentityCondition("a", embedding(1), region=(0.0, 0.0, 0.5, 0.5))], 1, h, w)
+    assert inputs["patch_owner"][0, :, 0].nonzero().flatten().tolist() == [0, 1, 4, 5]
+    bad = {"no rows": np.zeros((0, EMBED), np.float32), "3-d": np.zeros((2, 3, EMBED), np.float32),
+           "huge": np.full((1, EMBED), 3e38, np.float32)}
+    for what, emb in bad.items():
+        with pytest.raises(BadInput, match="image embeddings|out of range"):
+            generator.identity_inputs([IdentityCondition("p", emb)], 1, h, w)
+    with pytest.raises(BadInput, match="strength must be between 0 and 4"):
+        generator.identity_inputs([IdentityCondition("p", embedding(1), scale=float("nan"))], 1, h, w)
+    with pytest.raises(BadInput, match="need 0 <= x0 < x1 <= 1"):
+        generator.identity_inputs([IdentityCondition("p", embedding(1), region=(0.9, 0.0, 0.1, 1.0))], 1, h, w)
 
 
 def test_requests_at_once_on_one_generator_see_only_their_own_people(files):
@@ -207,3 +221,21 @@ def test_photos_read_through_the_clip_image_encoder_as_diffusers_reads_them(file
     record = read_provenance(out.read_bytes())
     assert [p["region"] for p in record["identities"]] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
     assert record["image_encoder"] == ClipImageEncoder(str(image_encoder_folder)).sha256
+    # An enrolled person: the reference crops the registry keeps, read through the same encoder.
+    registry = tmp_path / "registry"
+    enrolled = CliRunner().invoke(app, ["identities", "enroll", str(photo), "--name", "tom", "--consent", "form-1",
+                                        "--registry", str(registry)])
+    assert enrolled.exit_code == 0, enrolled.output
+    command = ["generate", "--model", str(files / "flux"), "--adapter", str(files / "ip_adapter.safetensors"),
+               "--identity", "tom", "--image-encoder", str(image_encoder_folder), "--registry", str(registry),
+               "--prompt", "a portrait", "--steps", str(STEPS), "--seed", "3", "--out", str(tmp_path / "tom.png")]
+    made = CliRunner().invoke(app, command)
+    assert made.exit_code == 0, made.output
+    from ray_faceid.registry import Registry
+
+    store = Registry(str(registry))
+    tom = store.resolve("default", "tom")
+    crops = ClipImageEncoder(str(image_encoder_folder)).image_embeds(store.references("default", tom))
+    assert read_provenance((tmp_path / "tom.png").read_bytes())["identities"][0]["id"] == tom
+    got = np.asarray(Image.open(tmp_path / "tom.png")).astype(int)
+    assert np.abs(got - image(ours(files), [IdentityCondition("tom", crops)])).max() <= 1
