@@ -41,6 +41,8 @@ class RenderRows:
                  imr: str | None, flow: str | None, image_encoder: str | None):
         from ray_faceid.data.render_rows import Renderer
 
+        if getattr(model, "family", None) == "flux":  # a FLUX base: its own pipeline (render_flux.py)
+            from ray_faceid.data.render_flux import FluxRenderer as Renderer
         self.renderer = Renderer(RenderConfig.model_validate_json(config_json), model, adapter, registry, tenant, out,
                                  imr=imr, flow=flow, image_encoder=image_encoder)
 
@@ -93,7 +95,8 @@ def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None,
     from ray_faceid.pipelines.model_ref import resolve_model
     from ray_faceid.registry import Registry
 
-    h = hashlib.sha256(json.dumps({"rows": texts, "model": resolve_model(model).fingerprint(), "settings": config.compute_hash(),
+    h = hashlib.sha256(json.dumps({"rows": texts, "model": resolve_model(model, flux=True).fingerprint(),
+                                   "settings": config.compute_hash(),
                                    "tenant": tenant}, sort_keys=True).encode())
     with_identitynet = [config.identitynet] if config.identitynet else []  # (unset: the hash runs before it had)
     for uri in [adapter, imr, flow, image_encoder, *with_identitynet]:
@@ -160,7 +163,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         raise BadInput(f"catalog {catalog} has no rows")
     from ray_faceid.registry import Registry
 
-    model = resolve_model(model)  # once: the fingerprint and every actor take the reference
+    model = resolve_model(model, flux=True)  # once: the fingerprint and every actor take the reference
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
     inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder)
     done = _finished(out, inputs)

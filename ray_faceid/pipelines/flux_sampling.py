@@ -102,12 +102,12 @@ class FluxGenerator:
             tokens.append(made)
         stacked = torch.stack(tokens, dim=1).expand(batch, -1, -1, -1)  # B, M, T, C
         scale = torch.tensor([[p.scale for p in identities]], device=self.device).expand(batch, -1)
-        boxes = [p.region for p in identities]
-        if len(identities) > 1 and any(box is None for box in boxes):
-            boxes = strip_boxes(len(identities)) if all(box is None for box in boxes) else None
-            if boxes is None:
-                raise BadInput("give every person a region, or none (equal vertical strips)")
-        owner = None if boxes == [None] else patch_owner(boxes, h, w, batch)  # one person, no region: everywhere
+        # As on the UNet families: a person without a region takes their strip of M equal vertical ones;
+        # one person without a region, the whole image.
+        defaults = strip_boxes(len(identities))
+        boxes = [p.region or defaults[i] for i, p in enumerate(identities)]
+        alone = len(identities) == 1 and identities[0].region is None
+        owner = None if alone else patch_owner(boxes, h, w, batch)
         return {"identity_tokens": stacked, "identity_scale": scale,
                 "patch_owner": None if owner is None else owner.to(self.device)}
 

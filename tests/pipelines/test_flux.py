@@ -3,8 +3,6 @@ tokenizer made in code): from a prompt, the image equals diffusers' FluxPipeline
 (512 T5 tokens, dev's guidance 3.5 as an input, the schedule shifted by the token count; schnell
 without guidance), alone or batched. The variant is read from the configs; a path that does not run
 FLUX yet says so in one line (identity on FLUX: tests/pipelines/test_flux_identity.py)."""
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -89,10 +87,8 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     assert "Traceback" not in refused.output
     with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` runs it"):
         load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it
-    (tmp_path / "catalog.jsonl").write_text(json.dumps({"id": "r1", "prompt": "a portrait"}) + "\n")
-    rendered = CliRunner().invoke(app, ["render", str(tmp_path / "catalog.jsonl"), str(tmp_path / "render"), "--model",
-                                        "tiny-flux", "--registry", str(tmp_path / "registry")])
-    assert rendered.exit_code == 2 and "is a FLUX model" in rendered.stderr, rendered.output
+    compiled = CliRunner().invoke(app, ["compile", "--model", "tiny-flux", "--out", str(tmp_path / "engines")])
+    assert compiled.exit_code == 2 and "is a FLUX model" in compiled.stderr, compiled.output
     from deployments.app import resolve_config
     from ray_faceid.config import ServeConfig
 

@@ -1,0 +1,136 @@
+"""Catalog rows on a FLUX base: the Renderer's keys, cache, scoring and manifest records, each image
+made by FluxGenerator (pipelines/flux_sampling.py) one row at a time. A row's people are enrolled
+ones, read as the FLUX IP-Adapter reads a person: the reference crops the registry keeps, through the
+CLIP image encoder (--image-encoder). Inpaint rows need FLUX.1 Fill. What FLUX does not take yet (a
+row's expression, edits, pose, sampler or negative prompt; an IMR, a flow, an IdentityNet, another
+backend) is refused in one line: the row, or the job before it starts."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+
+from ray_faceid import storage
+from ray_faceid.config import RenderConfig
+from ray_faceid.data.catalog import CatalogRow
+from ray_faceid.data.render_rows import IDENTITY_CACHE, Renderer, output_uris
+from ray_faceid.errors import BadInput
+
+
+class FluxRenderer(Renderer):
+    def __init__(self, config: RenderConfig, model, adapter: str | None, registry: str, tenant: str, out: str,
+                 imr: str | None = None, flow: str | None = None, image_encoder: str | None = None):
+        import torch
+
+        from ray_faceid.face.analyzer import FaceAnalyzer
+        from ray_faceid.pipelines.flux import load_flux
+        from ray_faceid.pipelines.flux_sampling import FluxGenerator, resolve_flux_precision
+        from ray_faceid.pipelines.generate import DTYPES
+        from ray_faceid.registry import Registry
+
+        given = {"--imr": imr, "--flow": flow, "--identitynet": config.identitynet,
+                 "--backend": None if config.backend == "torch" else config.backend}
+        refused = [option for option, value in given.items() if value]
+        if refused:
+            raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; FLUX renders with --adapter (a FLUX "
+                           "IP-Adapter) and --image-encoder, backend torch")
+        self.tenant, self.out = tenant, out
+        self.analyzer = FaceAnalyzer(config.face)  # scores the outputs, as for every base
+        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_flux_precision(config.precision, torch.device(device))
+        base = load_flux(model, DTYPES[self.precision] if device == "cuda" else None)
+        width, height = base.native_size
+        self.config = config = config.model_copy(update={
+            "steps": config.steps or base.default_steps, "size": config.size or f"{width}x{height}",
+            "guidance": base.default_guidance if config.guidance is None else config.guidance})
+        flux_adapter, self.encoder = None, None
+        if adapter:
+            from ray_faceid.identity.flux_adapter import load_flux_adapter
+
+            flux_adapter = load_flux_adapter(adapter, base.transformer)
+            if not image_encoder:
+                raise BadInput("a FLUX IP-Adapter reads each person's reference crops through a CLIP image encoder: "
+                               "give --image-encoder FOLDER (a CLIPVisionModelWithProjection)")
+        if image_encoder:
+            if not adapter:
+                raise BadInput("--image-encoder reads people for a FLUX IP-Adapter: give --adapter FILE too")
+            from ray_faceid.face.clip_image import ClipImageEncoder
+
+            self.encoder = ClipImageEncoder(image_encoder, device)
+        self.pipeline = FluxGenerator(base, flux_adapter, device=device, precision=self.precision)
+        self.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
+        self.pipeline.image_encoder_hash = self.image_encoder_hash
+        self.imr_hash = self.flow_hash = self.identitynet = None
+        self.registry = Registry(registry)
+        self.model_hash, self.adapter_hash = base.model_hash(), self.pipeline.adapter_hash
+        self.identities: OrderedDict[str, dict] = OrderedDict()
+
+    def identity(self, identity: str) -> dict:
+        """The face stack's embeddings (scores) and the CLIP image embeddings of the reference crops
+        (the adapter's input) of an identity, by id or name (LRU-cached)."""
+        if identity in self.identities:
+            self.identities.move_to_end(identity)
+            return self.identities[identity]
+        found = self.registry.resolve(self.tenant, identity)
+        embeddings, quality, _ = self.registry.embeddings(self.tenant, found, self.analyzer.spec)
+        image_embeds = None
+        if self.encoder is not None:
+            image_embeds = self.encoder.image_embeds(self.registry.references(self.tenant, found))
+        loaded = {"id": found, "embeddings": embeddings, "quality": quality, "personal": None,
+                  "image_embeds": image_embeds}
+        self.identities[identity] = loaded
+        if len(self.identities) > IDENTITY_CACHE:
+            self.identities.popitem(last=False)
+        return loaded
+
+    def conditions(self, row: CatalogRow) -> list:
+        from ray_faceid.pipelines.generate import IdentityCondition
+
+        asked = [what for what, value in (("expression", row.expression), ("edits", row.edits),
+                                          ("scheduler", row.scheduler), ("negative_prompt", row.negative_prompt))
+                 if value]
+        asked += [f"{what} of {i.id}" for i in row.identities for what, value in
+                  (("expression", i.expression), ("edits", i.edits), ("pose", i.pose)) if value]
+        if asked:
+            raise BadInput(f"{', '.join(asked)}: not built for FLUX yet")
+        if row.identities and self.encoder is None:
+            raise BadInput("identity on FLUX reads a FLUX IP-Adapter: render with --adapter FILE and --image-encoder "
+                           "FOLDER")
+        out = []
+        for ident in row.identities:
+            loaded = self.identity(ident.id)
+            out.append(IdentityCondition(ident.id, loaded["image_embeds"], region=ident.region, scale=ident.scale,
+                                         id=loaded["id"]))
+        return out
+
+    def render(self, row: CatalogRow) -> dict:
+        from ray_faceid.face.decode import decode_image
+
+        inputs = []
+        if row.inpaint:
+            image_bytes, mask_bytes = storage.read_bytes(row.image), storage.read_bytes(row.mask)
+            inputs = [_sha256(image_bytes), _sha256(mask_bytes)]
+        key = self.key(row, inputs)
+        png_uri, record_uri = output_uris(self.out, row.id, key)
+        if storage.exists(record_uri):
+            return {**json.loads(storage.read_bytes(record_uri)), "cached": True}
+        conditions = self.conditions(row)
+        steps = row.steps or self.config.steps
+        guidance = row.guidance if row.guidance is not None else self.config.guidance
+        if row.inpaint:
+            result = self.pipeline.inpaint(decode_image(image_bytes), np.asarray(decode_image(mask_bytes)), row.prompt,
+                                           conditions, row.seed, steps, guidance)
+        else:
+            width, height = row.dimensions(self.config.size)
+            result = self.pipeline.generate(row.prompt, conditions, row.seed, steps, guidance, width, height)
+        return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
+
+    def render_batch(self, texts: list[str], indices: list[int]) -> list[dict]:
+        return [{**self.render_text(t, i), "index": i} for t, i in zip(texts, indices)]
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
