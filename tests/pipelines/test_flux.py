@@ -85,7 +85,7 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     assert refused.exit_code == 2 and "schnell, which takes no guidance" in refused.stderr
     assert "untrained base model" not in refused.stderr  # refused from its configs, before it loads
     assert "Traceback" not in refused.output
-    with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` runs it"):
+    with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` and `render` run it"):
         load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it
     compiled = CliRunner().invoke(app, ["compile", "--model", "tiny-flux", "--out", str(tmp_path / "engines")])
     assert compiled.exit_code == 2 and "is a FLUX model" in compiled.stderr, compiled.output
