@@ -60,6 +60,39 @@ def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing
     }
 
 
+def model_family(model: str) -> str | None:
+    """The family of a tiny name or a local folder, from its configs (None for a URI or hub id, or a
+    folder of no family we run: resolve_config says why)."""
+    if model not in TINY_FLUX and not Path(model).is_dir():
+        return None
+    try:
+        return resolve_model(model, flux=True).family
+    except (NotFound, UnsupportedModel):
+        return None
+
+
+def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
+    """A Serve config of a FLUX base: what its Generator (flux_generator.py) does not take is one line."""
+    given = {"imr": config.imr, "flow": config.flow, "identitynet": config.identitynet,
+             "scheduler": config.scheduler, "scheduler_config": config.scheduler_config,
+             "backend": None if config.backend == "torch" else config.backend}
+    refused = [key for key, value in given.items() if value]
+    if refused:
+        raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; a FLUX deployment takes adapter (a FLUX "
+                       "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch")
+    if bool(config.adapter) != bool(config.image_encoder):
+        raise BadInput("a FLUX IP-Adapter reads each person's reference crops through a CLIP image encoder: set both "
+                       "adapter and image_encoder, or neither (prompts alone)")
+    if config.image_encoder:
+        from ray_faceid.face.clip_image import check_folder
+
+        try:
+            check_folder(config.image_encoder)
+        except NotFound as missing:
+            raise BadInput(f"image_encoder: {missing.message}") from None
+    return config.model_copy(update={"api_tokens": tokens})
+
+
 def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args or {})
     tokens = {**parse_tokens(envs.api_tokens()), **config.api_tokens}
@@ -71,6 +104,8 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
 
         Sampler.parse(config.scheduler, config.scheduler_config, where="scheduler")
     unet_config = None  # of a local base: what the IdentityNet is checked against
+    if model_family(config.model) == "flux":
+        return resolve_flux_config(config, tokens)
     if config.model in TINY_FLUX or Path(config.model).is_dir():  # configs only (a URI or hub id: on the replica)
         try:
             ref = resolve_model(config.model)
@@ -143,7 +178,10 @@ def build_app(args: dict | ServeConfig):
     blob = config.model_dump_json()
     face = serve.deployment(FaceEncoder).options(**_options(
         "FaceEncoder", config.encoder_autoscaling, config.encoder_gpus, 2 * config.encoder_batch_size)).bind(blob)
-    generator = serve.deployment(Generator).options(**_options(
+    generator_class = Generator
+    if model_family(config.model) == "flux":
+        from deployments.flux_generator import FluxServeGenerator as generator_class
+    generator = serve.deployment(generator_class).options(**_options(
         "Generator", config.generator_autoscaling, config.generator_gpus, 2 * config.generator_batch_size,
         max_queued=config.limits.generator_max_queued)).bind(blob)
     ingress = serve.deployment(IngressApp).options(**_options(

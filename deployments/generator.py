@@ -113,7 +113,6 @@ class Generator:
         from ray_faceid.pipelines.edit_modules import load_edit_modules
         from ray_faceid.pipelines.generate import IdentityPipeline
         from ray_faceid.pipelines.models import load_base
-        from ray_faceid.registry import Registry
 
         self.config = ServeConfig.model_validate_json(config_json)
         device = self.config.device
@@ -140,6 +139,12 @@ class Generator:
                            "identitynet in the Serve config")
         self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self.pipeline.compile_new_shapes = False  # an unwarmed size runs eager: no request waits for a compile
+        self._serving_state()
+
+    def _serving_state(self) -> None:
+        """The replica's registry, identity cache, erasure bookkeeping and batching, once its pipeline is loaded."""
+        from ray_faceid.registry import Registry
+
         self.registry = Registry(self.config.registry)
         self.adapter_hash = self.pipeline.adapter_hash
         self.loads, self.cancelled = 0, 0

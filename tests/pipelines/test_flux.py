@@ -85,15 +85,16 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     assert refused.exit_code == 2 and "schnell, which takes no guidance" in refused.stderr
     assert "untrained base model" not in refused.stderr  # refused from its configs, before it loads
     assert "Traceback" not in refused.output
-    with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate` and `render` run it"):
+    with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate`, `render` and Serve run it"):
         load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it
     compiled = CliRunner().invoke(app, ["compile", "--model", "tiny-flux", "--out", str(tmp_path / "engines")])
     assert compiled.exit_code == 2 and "is a FLUX model" in compiled.stderr, compiled.output
     from deployments.app import resolve_config
     from ray_faceid.config import ServeConfig
 
-    with pytest.raises(BadInput, match="model: .* is a FLUX model"):
-        resolve_config(ServeConfig(model=folders["dev"], api_tokens={"acme": "acme-token-0123456789abcdef"}))
+    with pytest.raises(BadInput, match="backend: not built for FLUX yet"):  # Serve runs FLUX eager
+        resolve_config(ServeConfig(model=folders["dev"], backend="onnxruntime",
+                                   api_tokens={"acme": "acme-token-0123456789abcdef"}))
 
 
 def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_path):

@@ -1,0 +1,112 @@
+"""The Generator deployment on a FLUX base (pipelines/flux_sampling.py): the same API, batching
+boundaries, cancellation, turns and erasure sweep as the UNet families' Generator, each request made
+by FluxGenerator on its own (requests are not denoised together yet). Enrolled people are read as
+the FLUX IP-Adapter reads a person: the reference crops the registry keeps, through the CLIP image
+encoder (`image_encoder` in the Serve config). What FLUX does not take yet (a request's expression,
+edits, pose, sampler or negative prompt) fails that request alone, in one line."""
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from deployments import multiplex
+from deployments.generator import Generator, LoadedIdentity, failure_body
+from ray_faceid.config import ServeConfig
+from ray_faceid.errors import BadInput
+from ray_faceid.registry_secret import never_create_here
+
+
+class FluxServeGenerator(Generator):
+    def __init__(self, config_json: str):
+        from ray_faceid.pipelines.flux import load_flux
+        from ray_faceid.pipelines.flux_sampling import FluxGenerator, resolve_flux_precision
+        from ray_faceid.pipelines.generate import DTYPES
+
+        self.config = config = ServeConfig.model_validate_json(config_json)
+        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        never_create_here()  # the registry secret comes from the cluster's configuration (registry_secret.py)
+        precision = resolve_flux_precision(config.precision, torch.device(device))
+        base = load_flux(config.model, DTYPES[precision] if device == "cuda" else None)
+        adapter, self.encoder = None, None
+        if config.adapter:
+            from ray_faceid.face.clip_image import ClipImageEncoder
+            from ray_faceid.identity.flux_adapter import load_flux_adapter
+
+            adapter = load_flux_adapter(config.adapter, base.transformer)
+            self.encoder = ClipImageEncoder(config.image_encoder, device)  # resolve_config asked for both
+        self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision)
+        self.pipeline.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
+        self.warm_up_report = {"buckets": 0, "note": "FLUX runs eager: nothing compiled"}
+        self._serving_state()
+
+    def info(self) -> dict:
+        adapter = self.pipeline.adapter
+        return {"model": self.pipeline.base.model_id, "family": "flux", "adapter": self.adapter_hash,
+                "adapter_trained_steps": None, "adapter_published": None if adapter is None else adapter.published,
+                "image_encoder": self.pipeline.image_encoder_hash, "identity_loads": self.loads, "backend": "torch",
+                "warm_up": self.warm_up_report, "cancelled": self.cancelled, "lent_to_small_requests": self.turns.lent,
+                "imr": None, "flow": None}
+
+    async def _load_identity(self, key: str) -> LoadedIdentity:
+        tenant, identity = multiplex.split_key(key)
+        _, _, spec = self.registry.embeddings(tenant, identity)  # what the person was enrolled with
+        crops = self.registry.references(tenant, identity)
+        image_embeds = await asyncio.to_thread(self.encoder.image_embeds, crops)
+        self.loads += 1
+        loaded = LoadedIdentity(key, image_embeds, None, spec)
+        self.held[key] = loaded
+        return loaded
+
+    async def _conditions(self, tenant: str, requested: list[dict]):
+        from ray_faceid.pipelines.generate import IdentityCondition
+
+        if requested and self.encoder is None:
+            raise BadInput(f"{self.pipeline.base.model_id}: identity on FLUX reads a FLUX IP-Adapter: this deployment "
+                           "serves prompts alone (set adapter and image_encoder in its Serve config)")
+        conditions, hits = [], 0
+        for item in requested:
+            asked = [what for what in ("expression", "edits", "pose") if item.get(what)]
+            if asked:
+                raise BadInput(f"identity {item['id']}: {', '.join(asked)} not built for FLUX yet")
+            meta = self.registry.get(tenant, item["id"])  # a deleted identity is never served from the cache
+            before = self.loads
+            loaded = await self.load_identity(multiplex.identity_key(tenant, item["id"]))
+            hits += self.loads == before
+            conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings,
+                                                region=item.get("region"), scale=item.get("scale", 1.0), id=item["id"]))
+        return conditions, hits
+
+    @staticmethod
+    def _refuse_unbuilt(request: dict) -> None:
+        asked = [what for what in ("negative_prompt", "scheduler", "scheduler_config") if request.get(what)]
+        if asked:
+            raise BadInput(f"{', '.join(asked)}: not built for FLUX yet (FLUX.1 is guidance-distilled; its sampler "
+                           "is its own flow-matching Euler)")
+
+    async def _generate_group(self, requests: list[dict]) -> list[dict]:
+        """Each request made on its own (FluxGenerator takes one prompt and one set of people a call)."""
+        out = []
+        for r in requests:
+            try:
+                self._refuse_unbuilt(r)
+                conditions, hits = await self._conditions(r["tenant"], r["identities"])
+                cost = r["width"] * r["height"] * r["steps"] * r["num_images"]
+                result = await self._run([r], cost, self.pipeline.generate, r["prompt"], conditions, r["seed"],
+                                         r["steps"], r["guidance"], r["width"], r["height"], r["num_images"])
+                out.append(self._response(result.png, result.provenance, result.seeds, hits, len(conditions)))
+            except Exception as exc:  # noqa: BLE001 - one request's people or settings fail that request alone
+                out.append(failure_body(exc))
+        return out
+
+    async def _inpaint(self, request: dict) -> dict:
+        from ray_faceid.face.decode import decode_image
+
+        self._refuse_unbuilt(request)
+        conditions, hits = await self._conditions(request["tenant"], request["identities"])
+        decode = self.config.limits.decode()
+        image, mask = decode_image(request["image"], decode), decode_image(request["mask"], decode)
+        cost = image.shape[0] * image.shape[1] * request["steps"]
+        result = await self._run([request], cost, self.pipeline.inpaint, image, mask, request["prompt"], conditions,
+                                 request["seed"], request["steps"], request["guidance"])
+        return self._response(result.png, result.provenance, result.seeds, hits, len(conditions))
