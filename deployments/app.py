@@ -61,13 +61,22 @@ def _options(name: str, autoscaling: AutoscalingConfig, gpus: float, max_ongoing
 
 
 def model_family(model: str) -> str | None:
-    """The family of a tiny name or a local folder, from its configs (None for a URI or hub id, or a
-    folder of no family we run: resolve_config says why)."""
-    if model not in TINY_FLUX and not Path(model).is_dir():
-        return None
+    """The family of a base from its configs: a tiny name, a folder or a hub id resolved (configs
+    only), a URI by its model_index.json alone (resolving it would copy the whole model here). None
+    where that cannot be read, or for no family we run: resolve_config or the replica says why."""
+    from ray_faceid import storage
+    from ray_faceid.errors import FaceIdError
+    from ray_faceid.pipelines.families import FLUX_PIPELINES
+
+    if "://" in model and not model.startswith("file://"):
+        try:
+            index = json.loads(storage.read_bytes(storage.join(model, "model_index.json")))
+        except (FaceIdError, ValueError):
+            return None
+        return "flux" if isinstance(index, dict) and index.get("_class_name") in FLUX_PIPELINES else None
     try:
         return resolve_model(model, flux=True).family
-    except (NotFound, UnsupportedModel):
+    except (FaceIdError, OSError):
         return None
 
 
@@ -83,6 +92,18 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
     if bool(config.adapter) != bool(config.image_encoder):
         raise BadInput("a FLUX IP-Adapter reads each person's reference crops through a CLIP image encoder: set both "
                        "adapter and image_encoder, or neither (prompts alone)")
+    if config.adapter:  # the file read once, before any replica (they would fail on it in a loop)
+        from ray_faceid.identity.flux_adapter import check_flux_adapter_file
+
+        try:
+            check_flux_adapter_file(config.adapter)
+        except (NotFound, UnsupportedModel) as wrong:
+            raise BadInput(f"adapter: {wrong.message}") from None
+    if config.guidance is not None and ("://" not in config.model or config.model.startswith("file://")):
+        from ray_faceid.pipelines.flux import flux_settings  # configs only (a URI's: on the replica)
+
+        if not flux_settings(resolve_model(config.model, flux=True))["guidance_embedded"]:
+            raise BadInput("guidance: FLUX.1 schnell takes no guidance: leave it out")
     if config.image_encoder:
         from ray_faceid.face.clip_image import check_folder
 

@@ -104,9 +104,16 @@ class FluxServeGenerator(Generator):
 
         self._refuse_unbuilt(request)
         conditions, hits = await self._conditions(request["tenant"], request["identities"])
-        decode = self.config.limits.decode()
+        # FLUX.1 Fill repaints at the photo's own size: reduced to the deployment's largest side as it is
+        # decoded, and its real cost checked here (the ingress priced it at the native size).
+        limits = self.config.limits
+        decode = limits.decode(max_side=limits.max_side)
         image, mask = decode_image(request["image"], decode), decode_image(request["mask"], decode)
         cost = image.shape[0] * image.shape[1] * request["steps"]
+        if cost > limits.max_cost:
+            raise BadInput(f"inpainting a {image.shape[1]}x{image.shape[0]} photo in {request['steps']} steps is "
+                           f"{cost} pixel-steps, over this deployment's {limits.max_cost}: send a smaller photo or "
+                           "fewer steps")
         result = await self._run([request], cost, self.pipeline.inpaint, image, mask, request["prompt"], conditions,
                                  request["seed"], request["steps"], request["guidance"])
         return self._response(result.png, result.provenance, result.seeds, hits, len(conditions))

@@ -154,6 +154,15 @@ def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
     return adapter.eval().requires_grad_(False)
 
 
+def check_flux_adapter_file(uri: str) -> None:
+    """A FLUX IP-Adapter file of either layout, read without a base (a Serve config is checked before
+    any replica loads one): its projection and identity attention are there, or one line says not."""
+    proj, ip = _split(storage.read_bytes(uri), uri)
+    if "proj.weight" not in proj or "norm.weight" not in proj or not any(k.endswith("to_k_ip.weight") for k in ip):
+        raise UnsupportedModel(f"{uri}: not the XLabs FLUX IP-Adapter layout (ip_adapter_proj_model.proj / .norm and "
+                               "double_blocks.*.ip_adapter_double_stream_k_proj): a FLUX deployment takes that file")
+
+
 def _split(raw: bytes, uri: str) -> tuple[dict, dict]:
     """(image projection, identity attention) tensors of either layout, by their diffusers names."""
     if uri.endswith(".safetensors"):

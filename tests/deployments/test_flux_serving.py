@@ -35,6 +35,7 @@ def test_a_flux_deployment_serves_enrolled_people_each_request_on_its_own(tmp_pa
     from ray_faceid.face.clip_image import ClipImageEncoder
     from ray_faceid.pipelines.flux import build_tiny_flux, save_flux
     from ray_faceid.pipelines.generate import IdentityCondition
+    from ray_faceid.pipelines.models import build_tiny
     from ray_faceid.registry import Registry
 
     base = build_tiny_flux()
@@ -50,10 +51,21 @@ def test_a_flux_deployment_serves_enrolled_people_each_request_on_its_own(tmp_pa
                                        analyzer.spec, [crop], [])["id"]
     config = ServeConfig(model=str(tmp_path / "flux"), adapter=str(tmp_path / "ip_adapter.safetensors"),
                          image_encoder=str(image_encoder_folder), registry=registry.store, api_tokens=TOKENS)
+    from tests.identity.test_published_adapters import faceid_state_dict, save
+
+    faceid = save(faceid_state_dict(build_tiny().unet), tmp_path / "ip-adapter-faceid_sd15.bin")
     for change, says in (({"imr": "x", "backend": "torch.compile"}, "imr, backend: not built for FLUX yet"),
-                         ({"image_encoder": None}, "set both adapter and image_encoder")):
+                         ({"image_encoder": None}, "set both adapter and image_encoder"),
+                         ({"adapter": faceid}, "adapter: .* not the XLabs FLUX IP-Adapter layout"),
+                         ({"adapter": str(tmp_path / "missing.safetensors")}, "adapter: ")):
         with pytest.raises(BadInput, match=says):
             resolve_config(config.model_copy(update=change))
+    from deployments.app import model_family
+    from ray_faceid import storage
+
+    assert model_family("file://" + str(tmp_path / "flux")) == "flux"  # Serve builds the FLUX Generator for it
+    storage.write_bytes("memory://models/flux/model_index.json", (tmp_path / "flux" / "model_index.json").read_bytes())
+    assert model_family("memory://models/flux") == "flux" and model_family("memory://models/none") is None
     generator = FluxServeGenerator(resolve_config(config).model_dump_json())
     held = {}  # Serve's multiplexing LRU (it needs a replica context): what keeps loaded people alive
 
@@ -77,6 +89,10 @@ def test_a_flux_deployment_serves_enrolled_people_each_request_on_its_own(tmp_pa
         assert answer["provenance"][0]["identities"][0]["id"] == people[name]
     assert answers[2]["status"] == 422 and "expression not built for FLUX yet" in answers[2]["message"]
     assert answers[3]["status"] == 422 and "scheduler: not built for FLUX yet" in answers[3]["message"]
+    # Fill repaints at the photo's size: its real cost is checked on the replica, not the native size's.
+    photo = sample_photos["Tom_Hanks_54745.png"].read_bytes()
+    with pytest.raises(BadInput, match="pixel-steps, over this deployment's"):
+        asyncio.run(generator._inpaint(dict(request([], 1), kind="inpaint", image=photo, mask=photo, steps=100_000)))
     erase_identity(registry, "acme", people["ann"])
     assert generator.forget_erased() == 1  # her image embeddings leave the replica too
     assert [loaded.embeddings is None for loaded in held.values()].count(True) == 1
