@@ -301,7 +301,9 @@ class PageActions:
             table = "_An untrained smoke-test base made this image: it is noise-like._\n\n" + table
         sampler = (first.provenance.get("scheduler") or {}).get("class")
         if sampler:
-            table += f"\n\nSampler: {sampler}, {first.provenance['steps']} steps, guidance {first.provenance['guidance']:g}"
+            guidance = first.provenance.get("guidance")  # None: a model that takes none (FLUX.1 schnell)
+            table += (f"\n\nSampler: {sampler}, {first.provenance['steps']} steps, "
+                      + ("no guidance" if guidance is None else f"guidance {guidance:g}"))
         return decode_image(base64.b64decode(first.png_base64)), table, first.provenance
 
     async def catalog(self, token: str, which):
