@@ -265,9 +265,9 @@ def generate(
         width, height = parse_size(size, "--size") if size else (None, None)
         ref_model = resolve_model(model, flux=True)  # configs only: FLUX runs another pipeline
         if ref_model.family == "flux":
-            from ray_faceid.cli.generate_flux import generate_flux, refuse_identity_options
+            from ray_faceid.cli.generate_flux import generate_flux, refuse_unbuilt_options
 
-            refuse_identity_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
+            refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--plus-v2-scale": plus_v2_scale, "--identitynet": identitynet, "--pose": pose,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      "--negative-prompt": negative_prompt,
@@ -361,9 +361,9 @@ def inpaint(
         mask_array = decode_image(mask)
         ref_model = resolve_model(model, flux=True)  # configs only: FLUX Fill runs another pipeline
         if ref_model.family == "flux":
-            from ray_faceid.cli.generate_flux import inpaint_flux, refuse_identity_options
+            from ray_faceid.cli.generate_flux import inpaint_flux, refuse_unbuilt_options
 
-            refuse_identity_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
+            refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      "--backend": None if backend == "torch" else backend})
             people = _people(ref, [identity] if identity else [])

@@ -12,8 +12,8 @@ from ray_faceid.errors import BadInput
 from ray_faceid.progress import denoise_reporter
 
 
-def refuse_identity_options(given: dict[str, object]) -> None:
-    """The options FLUX does not take yet, named in one line (`given`: option -> its value)."""
+def refuse_unbuilt_options(given: dict[str, object]) -> None:
+    """The options given that FLUX does not take yet, named in one line (`given`: option -> its value)."""
     used = [option for option, value in given.items() if value not in (None, "", [], False)]
     if used:
         raise BadInput(f"{', '.join(used)}: not built for FLUX yet; FLUX runs from --prompt (--seed, --steps, "
