@@ -107,6 +107,8 @@ def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None,
             h.update(exc.code.encode())
     if config.identitynet:
         h.update(f"identitynet scale {config.identitynet_scale}".encode())
+    if (config.precision, config.device) != ("auto", "auto"):  # keyed per row once resolved (Renderer.key)
+        h.update(f"precision {config.precision} on {config.device}".encode())
     store, named = Registry(registry), set()
     for text in texts:
         try:

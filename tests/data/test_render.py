@@ -285,6 +285,9 @@ def test_a_rerun_with_every_row_done_starts_no_cluster(people, tmp_path, monkeyp
     assert time.perf_counter() - began < 20  # not the minutes a job takes, and no cluster started
     assert again["rendered"] == 0 and again["cached"] == 2 and again["failed"] == 0
     assert again["rows_per_s"] is None  # no rate for a run that rendered nothing (it said 0.0)
+    with pytest.raises(StartedRay):  # another precision: other images (the rows' keys say it once resolved)
+        run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store,
+                   config=CONFIG.model_copy(update={"precision": "bf16"}))
     registry.update("default", ids["penny"], lambda meta: None)  # penny's record changed: look again
     with pytest.raises(StartedRay):
         run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
