@@ -70,6 +70,7 @@ class FluxRenderer(Renderer):
         """The face stack's embeddings (scores) and the CLIP image embeddings of the reference crops
         (the adapter's input) of an identity, by id or name (LRU-cached)."""
         if identity in self.identities:
+            self._still_enrolled(identity)
             self.identities.move_to_end(identity)
             return self.identities[identity]
         found = self.registry.resolve(self.tenant, identity)

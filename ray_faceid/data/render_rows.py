@@ -76,6 +76,8 @@ class Renderer:
         from ray_faceid.identity.personalization import load_personal
 
         if identity in self.identities:
+            # Still enrolled? (a person erased while the job runs: their later rows fail, their copy is dropped)
+            self._still_enrolled(identity)
             self.identities.move_to_end(identity)
             return self.identities[identity]
         found = self.registry.resolve(self.tenant, identity)  # rows may name people or give their ids
@@ -88,6 +90,16 @@ class Renderer:
         if len(self.identities) > IDENTITY_CACHE:
             self.identities.popitem(last=False)
         return loaded
+
+    def _still_enrolled(self, identity: str) -> None:
+        """Erased (or NotFound) for a cached identity erased since it was loaded, its copy dropped."""
+        from ray_faceid.errors import Erased, NotFound
+
+        try:
+            self.registry.get(self.tenant, self.identities[identity]["id"])
+        except (Erased, NotFound):
+            del self.identities[identity]
+            raise
 
     def _image_features(self, identity: str) -> np.ndarray | None:
         """FaceID-Plus: the CLIP features of the person's reference crops; None for other adapters."""

@@ -319,3 +319,27 @@ def test_eval_scores_with_sface_as_the_second_recogniser_by_default(rendered, pe
     assert "second recogniser: SFace" in table.output and "untrained smoke-test base" in table.output
     failed_line = f"{len(rows) - made} catalog rows failed in the render and are not scored"
     assert (failed_line in table.output) == (len(rows) > made)
+
+
+def test_a_person_erased_while_a_render_job_runs_is_not_rendered_again(tmp_path, sample_photos):
+    """The renderer keeps each person it loaded for the job's rows: erased meanwhile, their later rows
+    fail (Erased) and the renderer drops its copy; other people's rows go on."""
+    from ray_faceid.data.render_rows import Renderer
+    from ray_faceid.erasure import erase_identity
+    from ray_faceid.face.analyzer import FaceAnalyzer
+
+    registry = Registry(str(tmp_path / "registry"))
+    analyzer = FaceAnalyzer(CONFIG.face)
+    for name, photo in (("ann", "Tom_Hanks_54745.png"), ("bob", "t1.jpg")):
+        face = analyzer.analyze(analyzer.load(sample_photos[photo]))[0]
+        registry.create("default", name, f"form-{name}", face.embedding[None], np.ones(1, np.float32), analyzer.spec,
+                        [np.zeros((256, 256, 3), np.uint8)], [])
+    renderer = Renderer(CONFIG, "tiny", None, registry.store, "default", str(tmp_path / "out"))
+    row = {"prompt": "a portrait", "seed": 1}
+    first = renderer.render_batch([json.dumps({**row, "id": "ann-1", "identities": ["ann"]})], [0])[0]
+    assert first["status"] == "ok", first
+    erase_identity(registry, "default", registry.resolve("default", "ann"))
+    later = renderer.render_batch([json.dumps({**row, "id": "ann-2", "identities": ["ann"]}),
+                                   json.dumps({**row, "id": "bob-1", "identities": ["bob"]})], [1, 2])
+    assert later[0]["status"] == "error" and "erased" in later[0]["error"], later[0]
+    assert later[1]["status"] == "ok" and "ann" not in renderer.identities
