@@ -84,11 +84,12 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
     """A Serve config of a FLUX base: what its Generator (flux_generator.py) does not take is one line."""
     given = {"imr": config.imr, "flow": config.flow, "identitynet": config.identitynet,
              "scheduler": config.scheduler, "scheduler_config": config.scheduler_config,
-             "backend": None if config.backend == "torch" else config.backend}
+             "backend": None if config.backend in ("torch", "torch.compile", "auto") else config.backend}
     refused = [key for key, value in given.items() if value]
     if refused:
         raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; a FLUX deployment takes adapter (a FLUX "
-                       "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch")
+                       "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch "
+                       "or torch.compile")
     if bool(config.adapter) != bool(config.image_encoder):
         raise BadInput("a FLUX IP-Adapter reads each person's reference crops through a CLIP image encoder: set both "
                        "adapter and image_encoder, or neither (prompts alone)")

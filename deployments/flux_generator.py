@@ -7,7 +7,9 @@ edits, pose, sampler or negative prompt) fails that request alone, in one line."
 from __future__ import annotations
 
 import asyncio
+import time
 
+import numpy as np
 import torch
 
 from deployments import multiplex
@@ -35,16 +37,35 @@ class FluxServeGenerator(Generator):
 
             adapter = load_flux_adapter(config.adapter, base.transformer)
             self.encoder = ClipImageEncoder(config.image_encoder, device)  # resolve_config asked for both
-        self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision)
+        self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision, backend=config.backend)
         self.pipeline.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
-        self.warm_up_report = {"buckets": 0, "note": "FLUX runs eager: nothing compiled"}
+        self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self._serving_state()
+
+    def _warm_up(self) -> dict:
+        """torch.compile: each configured size compiled before the replica is ready, without people and
+        with one (another person reuses the graph: their tokens are inputs); eager: nothing to do."""
+        from ray_faceid.pipelines.generate import IdentityCondition, parse_size
+
+        if self.pipeline.backend != "torch.compile":
+            return {"buckets": 0, "note": "FLUX eager: nothing compiled"}
+        if self.pipeline.base.inpainting:
+            return {"buckets": 0, "note": "FLUX.1 Fill: each photo size compiles at its first request"}
+        started, base = time.perf_counter(), self.pipeline.base
+        sizes = [parse_size(size, "warm_up_sizes") for size in self.config.warm_up_sizes] or [base.native_size]
+        someone = [] if self.pipeline.adapter is None else [
+            [IdentityCondition("warm-up", np.zeros((1, self.pipeline.adapter.embed_dim), np.float32))]]
+        for width, height in sizes:
+            for people in [[], *someone]:
+                self.pipeline.generate("", people, steps=1, width=width, height=height)
+        return {"buckets": len(sizes) * (1 + len(someone)), "seconds": round(time.perf_counter() - started, 1)}
 
     def info(self) -> dict:
         adapter = self.pipeline.adapter
         return {"model": self.pipeline.base.model_id, "family": "flux", "adapter": self.adapter_hash,
                 "adapter_trained_steps": None, "adapter_published": None if adapter is None else adapter.published,
-                "image_encoder": self.pipeline.image_encoder_hash, "identity_loads": self.loads, "backend": "torch",
+                "image_encoder": self.pipeline.image_encoder_hash, "identity_loads": self.loads,
+                "backend": self.pipeline.backend,
                 "warm_up": self.warm_up_report, "cancelled": self.cancelled, "lent_to_small_requests": self.turns.lent,
                 "imr": None, "flow": None}
 

@@ -34,6 +34,7 @@ StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; 
                         "for an untrained smoke base, or what merge-lora --steps recorded).")
 GuidanceOpt = typer.Option(None, "--guidance", min=0.0, max=30.0, help="Classifier-free guidance; default: the "
                            "model's own (5, or what merge-lora --guidance recorded).")
+FLUX_BACKENDS = ("torch", "torch.compile", "auto")  # what FLUX runs on (pipelines/flux_sampling.py)
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry for enrolled people.")
 TenantOpt = typer.Option("default", "--tenant", help="Tenant whose people --identity names.")
 ImrOpt = typer.Option(None, "--imr", help="Trained IMR (train --method imr): --expression then moves the identity "
@@ -273,13 +274,13 @@ def generate(
                                      "--negative-prompt": negative_prompt,
                                      "--face-backend": None if face_backend == "dlib" else face_backend,
                                      "--insightface-root": insightface_root,
-                                     "--backend": None if backend == "torch" else backend})
+                                     "--backend": None if backend in FLUX_BACKENDS else backend})
             if face_embedding and (ref or identity):
                 raise BadInput("use either --face-embedding or photos (--ref / --identity NAME=PHOTO), not both")
             people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
-                                 guidance, width, height, registry, tenant)
+                                 guidance, width, height, registry, tenant, backend)
         if face_embedding and identity:
             raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
         if face_embedding and ref and not (image_encoder or identitynet):
@@ -365,10 +366,10 @@ def inpaint(
 
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
-                                     "--backend": None if backend == "torch" else backend})
+                                     "--backend": None if backend in FLUX_BACKENDS else backend})
             people = _people(ref, [identity] if identity else [])
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
-                                guidance, registry, tenant)
+                                guidance, registry, tenant, backend)
         if image_encoder:
             raise BadInput("--image-encoder on inpaint is for FLUX.1 Fill with a FLUX IP-Adapter")
         edits = parse_edit_option(edit)

@@ -1,8 +1,9 @@
 """`ray-faceid generate` on a FLUX base, sampled as diffusers' FluxPipeline samples it
 (pipelines/flux_sampling.py): a prompt, and people with a FLUX IP-Adapter file
 (identity/flux_adapter.py), each from photos (or an enrolled person's reference crops) read through a
-CLIP image encoder folder, or as an image embedding file, each in their region. Samplers and the
-other engines on FLUX are not built yet: those options are refused in one line."""
+CLIP image encoder folder, or as an image embedding file, each in their region; eager or with the
+transformer compiled (--backend torch.compile). Samplers, ONNX and TensorRT on FLUX are not built
+yet: those options are refused in one line."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,7 +74,7 @@ def precheck(ref, guidance: float | None, width: int | None, height: int | None,
 
 
 def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict,
-               registry: str | None, tenant: str):
+               registry: str | None, tenant: str, backend: str = "torch"):
     """(the FluxGenerator, people's IdentityConditions): photos read and checked before the model loads."""
     import torch
 
@@ -93,7 +94,7 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         from ray_faceid.identity.flux_adapter import load_flux_adapter
 
         adapter = load_flux_adapter(adapter_uri, base.transformer)
-    generator = FluxGenerator(base, adapter, device=device)
+    generator = FluxGenerator(base, adapter, device=device, backend=backend)
     generator.image_encoder_hash = encoder_hash
     generator.on_step = denoise_reporter()
     return generator, conditions
@@ -104,12 +105,13 @@ def _who(conditions: list) -> str:
 
 
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
-                 out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str) -> None:
+                 out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str,
+                 backend: str = "torch") -> None:
     """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter)."""
     if len(people) > 1:
         raise BadInput("inpainting repaints one person: give one --ref person or --identity")
     precheck(ref, guidance, None, None, inpainting=True)
-    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant)
+    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant, backend)
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
                       f"on {generator.device.type}")
@@ -121,9 +123,9 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
 
 def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,
                   out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
-                  height: int | None, registry: str, tenant: str) -> None:
+                  height: int | None, registry: str, tenant: str, backend: str = "torch") -> None:
     precheck(ref, guidance, width, height, inpainting=False)
-    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant)
+    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend)
     base = generator.base
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size

@@ -30,11 +30,11 @@ class FluxRenderer(Renderer):
         from ray_faceid.registry import Registry
 
         given = {"--imr": imr, "--flow": flow, "--identitynet": config.identitynet,
-                 "--backend": None if config.backend == "torch" else config.backend}
+                 "--backend": None if config.backend in ("torch", "torch.compile", "auto") else config.backend}
         refused = [option for option, value in given.items() if value]
         if refused:
             raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; FLUX renders with --adapter (a FLUX "
-                           "IP-Adapter) and --image-encoder, backend torch")
+                           "IP-Adapter) and --image-encoder, on backend torch or torch.compile")
         self.tenant, self.out = tenant, out
         self.analyzer = FaceAnalyzer(config.face)  # scores the outputs, as for every base
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,7 +58,8 @@ class FluxRenderer(Renderer):
             from ray_faceid.face.clip_image import ClipImageEncoder
 
             self.encoder = ClipImageEncoder(image_encoder, device)
-        self.pipeline = FluxGenerator(base, flux_adapter, device=device, precision=self.precision)
+        self.pipeline = FluxGenerator(base, flux_adapter, device=device, precision=self.precision,
+                                      backend=config.backend)  # compiled: once per actor, for the whole job
         self.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
         self.pipeline.image_encoder_hash = self.image_encoder_hash
         self.imr_hash = self.flow_hash = self.identitynet = None

@@ -27,6 +27,15 @@ def resolve_flux_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_flux_backend(backend: str, device: torch.device) -> str:
+    """`auto`: torch.compile on CUDA, eager elsewhere; FLUX has no ONNX or TensorRT engine yet."""
+    if backend == "auto":
+        return "torch.compile" if device.type == "cuda" else "torch"
+    if backend not in ("torch", "torch.compile"):
+        raise BadInput(f"backend {backend}: not built for FLUX yet; FLUX runs on torch or torch.compile")
+    return backend
+
+
 def flow_shift(image_tokens: int, config) -> float:
     """mu of the schedule's shift: linear in the image's token count, from base_shift at
     base_image_seq_len tokens to max_shift at max_image_seq_len (FLUX.1's 0.5 at 256, 1.15 at 4,096)."""
@@ -57,9 +66,14 @@ def patch_positions(h: int, w: int) -> torch.Tensor:
 
 
 class FluxGenerator:
-    def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto"):
-        """`adapter`: a FluxIdentityAdapter (identity/flux_adapter.py), installed on the transformer once."""
+    def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto",
+                 backend: str = "torch"):
+        """`adapter`: a FluxIdentityAdapter (identity/flux_adapter.py), installed on the transformer once.
+        `backend` torch.compile: the transformer compiled once per shape (RAY_FACEID_TORCH_COMPILE_BACKEND,
+        else Inductor); people's tokens, strengths and patches are its inputs, so another person compiles
+        nothing anew (another person count or a region where there was none does: other graphs)."""
         self.base, self.adapter, self.device = base, adapter, torch.device(device)
+        self.backend = backend = resolve_flux_backend(backend, self.device)
         self.precision = resolve_flux_precision(precision, self.device)
         dtype = DTYPES[self.precision]
         base.to(self.device, None if dtype == torch.float32 else dtype)
@@ -70,6 +84,11 @@ class FluxGenerator:
             self.adapter_hash = adapter.content_hash()  # of the weights as loaded, before any cast
             adapter.to(self.device, None if dtype == torch.float32 else dtype)
             adapter.install(base.transformer)
+        self.denoiser = base.transformer
+        if backend == "torch.compile":
+            from ray_faceid.envs import torch_compile_backend
+
+            self.denoiser = torch.compile(base.transformer, backend=torch_compile_backend(), dynamic=False)
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
 
     @torch.no_grad()
@@ -238,7 +257,7 @@ class FluxGenerator:
         for step, t in enumerate(scheduler.timesteps, 1):
             timestep = t.expand(batch).to(latents.dtype) / 1000
             hidden = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=2)
-            velocity = transformer(hidden_states=hidden.to(transformer.dtype), timestep=timestep, guidance=embedded,
+            velocity = self.denoiser(hidden_states=hidden.to(transformer.dtype), timestep=timestep, guidance=embedded,
                                    pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_positions,
                                    img_ids=positions, joint_attention_kwargs=dict(identity) or None,
                                    return_dict=False)[0]
@@ -283,7 +302,7 @@ class FluxGenerator:
             **({"adapter_published": self.adapter.published} if self.adapter is not None else {}),
             **({"image_encoder": self.image_encoder_hash} if self.image_encoder_hash else {}),
             "identities": [{"name": p.name, "id": p.id, "region": p.region, "scale": p.scale} for p in identities],
-            "backend": "torch",
+            "backend": self.backend,
             "precision": self.precision,
             "prompt": prompt,
             "seed": seed,

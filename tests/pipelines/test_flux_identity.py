@@ -239,3 +239,21 @@ def test_photos_read_through_the_clip_image_encoder_as_diffusers_reads_them(file
     assert read_provenance((tmp_path / "tom.png").read_bytes())["identities"][0]["id"] == tom
     got = np.asarray(Image.open(tmp_path / "tom.png")).astype(int)
     assert np.abs(got - image(ours(files), [IdentityCondition("tom", crops)])).max() <= 1
+
+
+def test_the_compiled_transformer_takes_people_as_inputs(files):
+    """--backend torch.compile (the suite's Dynamo backend, tests/conftest.py): the image of the
+    eager transformer, and another person (or strength) compiles nothing anew."""
+    from torch._dynamo.utils import counters
+
+    base = load_flux(str(files / "flux"))
+    compiled = FluxGenerator(base, load_flux_adapter(str(files / "ip_adapter.safetensors"), base.transformer),
+                             backend="torch.compile")
+    first = image(compiled, [IdentityCondition("a", embedding(1))])
+    graphs = counters["stats"]["unique_graphs"]
+    others = [image(compiled, [IdentityCondition("b", embedding(k), scale=0.5 + k / 4)]) for k in (2, 3)]
+    assert counters["stats"]["unique_graphs"] == graphs  # people and strengths are inputs of the graph
+    eager = ours(files)
+    assert np.abs(first - image(eager, [IdentityCondition("a", embedding(1))])).max() <= 1
+    assert np.abs(others[0] - image(eager, [IdentityCondition("b", embedding(2), scale=1.0)])).max() <= 1
+    assert compiled.generate("a portrait", steps=1).provenance[0]["backend"] == "torch.compile"
