@@ -19,6 +19,7 @@ from ray_faceid.cli.common import (
     user_errors,
 )
 from ray_faceid.cli.data import summary_table
+from ray_faceid.errors import BadInput
 
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
 TenantOpt = typer.Option("default", "--tenant")
@@ -60,6 +61,11 @@ def render(
     imr: Optional[str] = typer.Option(None, "--imr", help="Trained IMR: rows' `expression` moves the identity tokens."),
     flow: Optional[str] = typer.Option(None, "--flow", help="Trained attribute flow: for rows' `edits`."),
     image_encoder: Optional[str] = ImageEncoderOpt,
+    face_backend: str = typer.Option("dlib", "--face-backend", help="Face encoder that reads the rows' people and "
+                                     "scores the outputs: dlib (default) or insightface (ArcFace, what a published "
+                                     "IP-Adapter-FaceID or InstantID file takes; needs --insightface-root)."),
+    insightface_root: Optional[str] = typer.Option(None, "--insightface-root", help="Folder of an insightface pack "
+                                                   "(buffalo_l for FaceID, antelopev2 for InstantID)."),
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: float = IdentityNetScaleOpt,
     as_json: bool = typer.Option(False, "--json"),
@@ -71,7 +77,14 @@ def render(
     from ray_faceid.data.render import run_render
 
     with user_errors():
-        config = RenderConfig(steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
+        from ray_faceid.config import SCORING_FACE
+
+        if insightface_root and face_backend == "dlib":
+            face_backend = "insightface"  # a pack given is a pack to use
+        if face_backend not in ("dlib", "insightface") or (face_backend == "insightface" and not insightface_root):
+            raise BadInput("--face-backend is dlib, or insightface with --insightface-root PACK")
+        face = SCORING_FACE.model_copy(update={"backend": face_backend, "insightface_root": insightface_root})
+        config = RenderConfig(face=face, steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
                               precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
                               identitynet=identitynet, identitynet_scale=identitynet_scale)
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow,

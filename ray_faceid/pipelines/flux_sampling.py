@@ -201,6 +201,8 @@ class FluxGenerator:
         photo = np.pad(image[..., :3], pad + ((0, 0),), mode="edge")
         gray = mask if mask.ndim == 2 else np.asarray(Image.fromarray(mask[..., :3]).convert("L"))
         binary = (np.pad(gray, pad) / 255.0 >= 0.5).astype(np.float32)  # diffusers binarises the mask at 0.5
+        if not binary.any():
+            raise BadInput("mask is empty: paint the region to repaint in white")
         steps, guidance, _, _ = self._defaults(steps, guidance, padded_w, padded_h)
         self.check(steps, guidance, padded_w, padded_h, inpainting=True)
         f, vae = base.vae_scale_factor, base.vae

@@ -156,3 +156,15 @@ def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose
     assert edited["status"] == 422 and "InstantID reads the raw one" in edited["message"], edited
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(plain["png"][0])))).astype(int)
     assert np.abs(image - generated(generator.pipeline, bob_emb, frontal_points(SIZE, SIZE) / SIZE, 4)).max() <= 1
+
+
+def test_a_render_job_with_dlibs_face_stack_and_a_published_file_is_refused_before_ray_starts(parts, tmp_path):
+    from ray_faceid.data.render import run_render
+    from ray_faceid.errors import BadInput
+
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text(json.dumps({"id": "r1", "identities": ["ann"], "prompt": "a portrait"}) + "\n")
+    with pytest.raises(BadInput, match="InstantID takes 64-d insightface ArcFace embeddings; this job's face stack is "
+                                       "dlib's: render with --face-backend insightface"):
+        run_render(str(catalog), str(tmp_path / "out"), parts.sdxl, parts.registry, parts.adapter,
+                   tenant="acme")  # the default RenderConfig: dlib, as `ray-faceid render` without face options

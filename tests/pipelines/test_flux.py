@@ -128,6 +128,8 @@ def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_pa
     assert odd.size == (37, 30)
     with pytest.raises(BadInput, match="FLUX.1 Fill, an inpainting model"):
         generator.generate("a portrait", steps=1)
+    with pytest.raises(BadInput, match="mask is empty"):  # as on the UNet families, not the photo returned
+        generator.inpaint(photo, np.zeros_like(mask), "a face", steps=1)
     with pytest.raises(BadInput, match="repainting a masked photo needs FLUX.1 Fill"):
         FluxGenerator(build_tiny_flux()).inpaint(photo, mask, "a face", steps=1)
     Image.fromarray(photo).save(tmp_path / "photo.png")
