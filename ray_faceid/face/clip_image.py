@@ -62,9 +62,12 @@ class ClipImageEncoder:
                                    f"(e.g. {sorted(info['missing_keys'])[0]}): give a folder holding {NEEDED}")
         self.model = model.eval().to(device)
         self.model.requires_grad_(False)
-        # The authors' folder has no processor config; their pipeline uses CLIP's defaults (224 px, OpenAI's mean/std).
+        # The authors' folder has no processor config; their pipeline uses CLIP's defaults (OpenAI's mean/std)
+        # at the model's own input size (224 px for theirs).
         has_processor = (root / "preprocessor_config.json").is_file()
-        self.processor = CLIPImageProcessor.from_pretrained(root) if has_processor else CLIPImageProcessor()
+        side = model.config.image_size
+        self.processor = CLIPImageProcessor.from_pretrained(root) if has_processor else CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side})
         self.folder = str(root)
         self.sha256 = weights_hash_of(self.model)
         self._negative: torch.Tensor | None = None

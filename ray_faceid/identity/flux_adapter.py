@@ -136,8 +136,9 @@ def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
             for field in ("weight", "bias"):
                 key = f"{i}.to_{part}_ip.{field}"
                 if key not in ip:
-                    raise UnsupportedModel(f"{uri}: its identity attention lacks {key} (it has {len(ip)} tensors for "
-                                           f"{blocks} dual-stream blocks): made for another FLUX model")
+                    published_key = f"double_blocks.{i}.processor.ip_adapter_double_stream_{part}_proj.{field}"
+                    raise UnsupportedModel(f"{uri}: its identity attention lacks {published_key} (it has {len(ip)} "
+                                           f"tensors for {blocks} dual-stream blocks): made for another FLUX model")
                 state[f"to_{part}_ip.{i}.{field}"] = ip[key]
     extra = set(ip) - {f"{i}.to_{p}_ip.{f}" for i in range(blocks) for p in "kv" for f in ("weight", "bias")}
     if extra:
@@ -145,8 +146,9 @@ def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
                                f"blocks (e.g. {sorted(extra)[0]}): made for another FLUX model")
     try:
         adapter.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UnsupportedModel(f"{uri}: its tensors do not fit this base ({str(exc).splitlines()[0][:160]})") from None
+    except RuntimeError as exc:  # the first mismatch diffusers' names say, e.g. "size mismatch for proj.weight ..."
+        said = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:240]
+        raise UnsupportedModel(f"{uri}: its tensors do not fit this base ({said})") from None
     adapter.published = {"kind": "FLUX IP-Adapter", "variant": "XLabs", "file": Path(uri).name, "sha256": digest,
                          "tokens": tokens, "embedding_dim": embed_dim, "licence": LICENCE}
     log.warning("recognised a FLUX IP-Adapter: %d identity tokens from %d-d image embeddings, %d dual-stream blocks",
