@@ -29,7 +29,8 @@ StallFailOpt = typer.Option(3600.0, "--stall-fail", min=1, help="Seconds without
                            "placed stops after 600 s, or this when shorter.")
 
 ImageEncoderOpt = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-Plus / PlusV2: the CLIP image encoder "
-                               "folder it reads faces through (models/image_encoder of h94/IP-Adapter).")
+                               "folder it reads faces through (models/image_encoder of h94/IP-Adapter); a FLUX "
+                               "IP-Adapter: the CLIP vision folder with projection it reads photos through.")
 IdentityNetOpt = typer.Option(None, "--identitynet", help="InstantID: its IdentityNet folder (ControlNetModel/ of "
                               "InstantX/InstantID), with --adapter ip-adapter.bin.")
 IdentityNetScaleOpt = typer.Option(0.8, "--identitynet-scale", min=0.0, max=2.0, help="InstantID: the weight of "

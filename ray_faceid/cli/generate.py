@@ -22,8 +22,8 @@ from ray_faceid.progress import denoise_reporter
 
 ModelOpt = typer.Option("tiny", "--model", help=MODEL_HELP)
 AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter: a folder `ray-faceid train` wrote, or a published "
-                          "IP-Adapter-FaceID .bin / .safetensors; without it only the tiny smoke-test base runs (with "
-                          "its seeded, untrained adapter).")
+                          "IP-Adapter-FaceID / InstantID .bin / .safetensors (a FLUX base: the XLabs FLUX IP-Adapter); "
+                          "without it only the tiny smoke-test base runs (with its seeded, untrained adapter).")
 BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
 SchedulerOpt = typer.Option(None, "--scheduler", help="Sampler: the model's own by default; ddim, pndm, euler, "
                             "euler-a, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde-karras, unipc, lcm, tcd, or a "
@@ -33,7 +33,8 @@ SchedulerConfigOpt = typer.Option([], "--scheduler-config", help="KEY=VALUE of t
 StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; default: the model's own (30, 4 "
                         "for an untrained smoke base, or what merge-lora --steps recorded).")
 GuidanceOpt = typer.Option(None, "--guidance", min=0.0, max=30.0, help="Classifier-free guidance; default: the "
-                           "model's own (5, or what merge-lora --guidance recorded).")
+                           "model's own (5, or what merge-lora --guidance recorded; FLUX.1 dev 3.5, Fill 30, schnell "
+                           "none).")
 FLUX_BACKENDS = ("torch", "torch.compile", "auto")  # what FLUX runs on (pipelines/flux_sampling.py)
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry for enrolled people.")
 TenantOpt = typer.Option("default", "--tenant", help="Tenant whose people --identity names.")

@@ -109,11 +109,19 @@ def identitynet_config(folder: str, unet_config=None) -> dict:
         found = config.get("_class_name") if isinstance(config, dict) else None
         raise UnsupportedModel(f"{folder} holds a {found or 'model of no class'}, not a ControlNetModel: give "
                                f"InstantID's IdentityNet folder ({NEEDED})")
-    for key in ("cross_attention_dim", "in_channels") if unet_config is not None else ():
-        if config.get(key) != unet_config.get(key):
+    # Its residuals add to the UNet's down and mid blocks: they must have the UNet's blocks and widths.
+    layout = ("cross_attention_dim", "in_channels", "block_out_channels", "down_block_types", "layers_per_block",
+              "addition_embed_type")
+    for key in layout if unet_config is not None else ():
+        if _as_list(config.get(key)) != _as_list(unet_config.get(key)):
             raise UnsupportedModel(f"{folder}: an IdentityNet with {key} {config.get(key)}; this base's UNet has "
                                    f"{unet_config.get(key)}: it was made for another base family")
     return config
+
+
+def _as_list(value):
+    """A config value as JSON gives it (a tuple from a live config, a list from a file)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def attach_identitynet(pipe, folder: str | None, scale: float, option: str) -> None:

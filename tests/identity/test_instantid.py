@@ -166,6 +166,16 @@ def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(t
     with pytest.raises(UnsupportedModel, match="cross_attention_dim 32; this base's UNet has 64"):
         IdentityNet(net_folder, base.unet)
     adapter.identitynet = IdentityNet(save_identitynet(base.unet, tmp_path / "ControlNetModel"), base.unet)
+    import json
+
+    from ray_faceid.identity.instantid import identitynet_config
+
+    other = json.loads((tmp_path / "ControlNetModel" / "config.json").read_text())
+    (tmp_path / "other_layout").mkdir()
+    (tmp_path / "other_layout" / "config.json").write_text(json.dumps(dict(other, layers_per_block=2)))
+    (tmp_path / "other_layout" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(UnsupportedModel, match="layers_per_block 2; this base's UNet has 1"):  # not mid-denoise
+        identitynet_config(str(tmp_path / "other_layout"), base.unet.config)
     with pytest.raises(BadInput, match=r"one person per image \(got 2\)"):
         pipe.generate("two", [person, IdentityCondition("q", face(2))], steps=1, width=SIZE, height=SIZE)
     with pytest.raises(BadInput, match="IdentityNet runs beside the UNet on --backend torch"):
