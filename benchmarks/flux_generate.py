@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import machine_line, report  # noqa: E402
+from gpu_generate import sync as gpu_sync  # noqa: E402
+from gpu_generate import timed  # noqa: E402 - the same timing (median after a warm-up, synchronised)
 
 PROMPT = "a photo of a person smiling, studio light"
 
@@ -86,23 +87,6 @@ def diffusers_state(adapter) -> dict:
             "ip_adapter": {k: t.detach().float().cpu() for k, t in ip.items()}}
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=None, help="image side; default 1024 (tiny: 32)")
@@ -152,7 +136,7 @@ def main() -> None:
     generator = FluxGenerator(base, adapter, device=device, precision=generator.precision, backend="torch.compile")
     started = time.perf_counter()
     ours()
-    sync()
+    gpu_sync()
     compile_s = time.perf_counter() - started
     compiled_s = timed(ours, args.repeats)
     graphs = counters["stats"]["unique_graphs"]

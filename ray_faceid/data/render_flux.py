@@ -6,6 +6,7 @@ row's expression, edits, pose, sampler or negative prompt; an IMR, a flow, an Id
 backend) is refused in one line: the row, or the job before it starts."""
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 
@@ -112,7 +113,7 @@ class FluxRenderer(Renderer):
         inputs = []
         if row.inpaint:
             image_bytes, mask_bytes = storage.read_bytes(row.image), storage.read_bytes(row.mask)
-            inputs = [_sha256(image_bytes), _sha256(mask_bytes)]
+            inputs = [hashlib.sha256(image_bytes).hexdigest(), hashlib.sha256(mask_bytes).hexdigest()]
         key = self.key(row, inputs)
         png_uri, record_uri = output_uris(self.out, row.id, key)
         if storage.exists(record_uri):
@@ -131,8 +132,3 @@ class FluxRenderer(Renderer):
     def render_batch(self, texts: list[str], indices: list[int]) -> list[dict]:
         return [{**self.render_text(t, i), "index": i} for t, i in zip(texts, indices)]
 
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()

@@ -6,32 +6,19 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
-from safetensors.torch import save_file
 
 from ray_faceid.config import RenderConfig
 from ray_faceid.data.render import run_render
 from ray_faceid.enrollment import enroll_dataset
 from ray_faceid.registry import Registry
 from tests.identity.test_face_plus import image_encoder_folder  # noqa: F401 - a fixture: a tiny CLIP, 16-d embeds
-from tests.pipelines.test_flux_identity import xlabs_state_dict
+from tests.pipelines.test_flux_identity import files  # noqa: F401 - a fixture: tiny-flux and its FLUX IP-Adapter
 
 CONFIG = RenderConfig(steps=2, size="32x32", workers=1, batch_size=4)
 
 
-@pytest.fixture(scope="module")
-def flux_files(tmp_path_factory):
-    from ray_faceid.pipelines.flux import build_tiny_flux, save_flux
-
-    root = tmp_path_factory.mktemp("flux_render")
-    base = build_tiny_flux()
-    save_flux(base, root / "flux")
-    save_file(xlabs_state_dict(base.transformer), root / "ip_adapter.safetensors")
-    return root
-
-
-def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, flux_files, image_encoder_folder,  # noqa: F811
+def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, files, image_encoder_folder,  # noqa: F811
                                                         tmp_path):
     from ray_faceid.face.clip_image import ClipImageEncoder
     from ray_faceid.identity.flux_adapter import load_flux_adapter
@@ -49,7 +36,7 @@ def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, flux_file
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
-    flux, adapter = str(flux_files / "flux"), str(flux_files / "ip_adapter.safetensors")
+    flux, adapter = str(files / "flux"), str(files / "ip_adapter.safetensors")
     summary = run_render(str(catalog), str(out), flux, registry.store, adapter, CONFIG,
                          image_encoder=str(image_encoder_folder))
     records = {r["id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
