@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-CELL, LABEL = 160, 34
+CELL, LINE, PAD = 160, 15, 4
 
 
 def _fit(image: Image.Image | np.ndarray) -> Image.Image:
@@ -18,19 +18,33 @@ def _fit(image: Image.Image | np.ndarray) -> Image.Image:
     return cell
 
 
+def _fitted(draw: ImageDraw.ImageDraw, line: str, font) -> str:
+    """The line cut (with an ellipsis) to what fits one cell: a long name ran into the next column."""
+    width = CELL - 2 * PAD
+    if draw.textlength(line, font=font) <= width:
+        return line
+    while line and draw.textlength(line + "…", font=font) > width:
+        line = line[:-1]
+    return line + "…"
+
+
 def contact_sheet(rows: list[dict]) -> Image.Image:
     """rows: {"references": [(label, image)], "output": image, "label": str} -> one PNG-able image."""
     columns = max(len(r["references"]) for r in rows) + 1 if rows else 1
-    sheet = Image.new("RGB", (columns * CELL, max(1, len(rows)) * (CELL + LABEL)), "white")
+    lines = max((len(label.split("\n")) for r in rows for label, _ in [*r["references"], (r["label"], None)]),
+                default=1)
+    label_height = lines * LINE + PAD
+    sheet = Image.new("RGB", (columns * CELL, max(1, len(rows)) * (CELL + label_height)), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for y, row in enumerate(rows):
-        top = y * (CELL + LABEL)
+        top = y * (CELL + label_height)
         cells = [*row["references"], (row["label"], row["output"])]
         for x, (label, image) in enumerate(cells):
             # The output always sits in the last column, so outputs line up down the sheet.
             column = columns - 1 if x == len(cells) - 1 else x
             sheet.paste(_fit(image), (column * CELL, top))
-            for k, line in enumerate(label.split("\n")[:2]):
-                draw.text((column * CELL + 4, top + CELL + 3 + 15 * k), line[:26], fill="black", font=font)
+            for k, line in enumerate(label.split("\n")):
+                draw.text((column * CELL + PAD, top + CELL + 3 + LINE * k), _fitted(draw, line, font), fill="black",
+                          font=font)
     return sheet

@@ -129,12 +129,12 @@ def evaluate(source: str, registry, tenant: str = "default", identities: list[st
     storage.write_bytes(storage.join(out, REPORT), json.dumps(report, indent=2).encode())
     sheet = []
     for row in per_row[:sheet_rows]:
-        crops = [((registry.get(tenant, ids[i]).get("name") or i)[:24], registry.references(tenant, ids[i])[0])
+        crops = [(registry.get(tenant, ids[i]).get("name") or i, registry.references(tenant, ids[i])[0])
                  for i in row["identities"]]
-        label = "\n".join(f"{n[:4]} sim {row[n]['similarity']:.2f}" if row[n]["similarity"] is not None
-                          else f"{n[:4]} no face" for n in encoders)
+        scores_lines = [f"{n} sim {row[n]['similarity']:.2f}" if row[n]["similarity"] is not None
+                        else f"{n} no face" for n in encoders]
         image = Image.open(io.BytesIO(storage.read_bytes(row["image_uri"])))
-        sheet.append({"references": crops, "output": image, "label": f"{row['id'][:12]} " + label})
+        sheet.append({"references": crops, "output": image, "label": "\n".join([row["id"], *scores_lines])})
     buf = io.BytesIO()
     contact_sheet(sheet).save(buf, "PNG")
     storage.write_bytes(storage.join(out, SHEET), buf.getvalue())

@@ -128,7 +128,8 @@ def test_eval_reports_both_encoders_and_writes_a_contact_sheet(rendered, people,
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert {r["id"] for r in rows} == {"amy-beach", "amy-penny", "amy-inpaint", "sheldon-smile"}
     sheet = Image.open(tmp_path / "contact_sheet.png")
-    assert sheet.size == (3 * 160, 4 * (160 + 34))  # two reference columns + the output, one row per image
+    # two reference columns + the output, one row per image; under each output its id and a line per encoder
+    assert sheet.size == (3 * 160, 4 * (160 + 3 * 15 + 4))
 
 
 def test_batched_unet_rendering_gives_the_same_records_and_near_identical_images(rendered, catalog, people, tmp_path):
