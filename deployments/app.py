@@ -100,7 +100,7 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
             check_flux_adapter_file(config.adapter)
         except (NotFound, UnsupportedModel) as wrong:
             raise BadInput(f"adapter: {wrong.message}") from None
-    if config.guidance is not None and ("://" not in config.model or config.model.startswith("file://")):
+    if config.guidance and ("://" not in config.model or config.model.startswith("file://")):  # 0 is none
         from ray_faceid.pipelines.flux import flux_settings  # configs only (a URI's: on the replica)
 
         if not flux_settings(resolve_model(config.model, flux=True))["guidance_embedded"]:

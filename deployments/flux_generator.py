@@ -60,6 +60,11 @@ class FluxServeGenerator(Generator):
                 self.pipeline.generate("", people, steps=1, width=width, height=height)
         return {"buckets": len(sizes) * (1 + len(someone)), "seconds": round(time.perf_counter() - started, 1)}
 
+    def controls(self) -> dict[str, bool]:
+        base = self.pipeline.base
+        return {"negative_prompt": False, "sampler": False, "expression": False, "edits": False,
+                "guidance": base.guidance_embedded, "generate": not base.inpainting, "inpaint": base.inpainting}
+
     def info(self) -> dict:
         adapter = self.pipeline.adapter
         return {"model": self.pipeline.base.model_id, "family": "flux", "adapter": self.adapter_hash,

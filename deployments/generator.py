@@ -26,6 +26,7 @@ from ray import serve
 
 from deployments import multiplex
 from deployments.memory import replica_memory
+from deployments.schemas import CONTROLS
 from deployments.turns import PipelineTurns
 from ray_faceid.config import ServeConfig
 from ray_faceid.errors import BadInput, EncoderMismatch, Erased, FaceIdError, NotFound
@@ -181,7 +182,11 @@ class Generator:
         width, height = base.native_size
         return {"steps": self.config.steps or base.default_steps, "width": width, "height": height,
                 "guidance": base.default_guidance if self.config.guidance is None else self.config.guidance,
-                "served": served_line(self.pipeline)}
+                "served": served_line(self.pipeline), "controls": self.controls()}
+
+    def controls(self) -> dict[str, bool]:
+        """Which of a request's settings and actions this deployment takes: the page shows only these."""
+        return dict.fromkeys(CONTROLS, True)
 
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
+from deployments.schemas import CONTROLS
 from deployments.service import FaceService, public_message
 from ray_faceid.errors import BadInput, FaceIdError
 
@@ -136,6 +137,24 @@ def regions(layout: str, count: int) -> list:
     return [None] * count
 
 
+def taken(defaults: dict) -> dict[str, bool]:
+    """Which settings and actions the deployment takes (Generator.controls; all where it does not say)."""
+    controls = defaults.get("controls") or {}
+    return {name: controls.get(name, True) for name in CONTROLS}
+
+
+def control_updates(defaults: dict) -> tuple:
+    """The Generate and Inpaint tabs as the deployment's base takes them, starting from its own steps and
+    guidance: a FLUX deployment answers a negative prompt or a sampler with 422, schnell any guidance."""
+    import gradio as gr
+
+    takes = taken(defaults)
+    guidance = gr.Slider(value=defaults["guidance"], visible=True) if takes["guidance"] else gr.Slider(visible=False)
+    return (defaults["steps"], guidance, defaults["steps"], guidance,
+            *(gr.update(visible=takes[name]) for name in ("negative_prompt", "expression", "edits", "sampler", "sampler",
+                                                          "generate", "inpaint")))
+
+
 def scores_table(images, names: dict[str, str]) -> str:
     rows = ["| person | similarity | same person | most similar other person |", "|---|---|---|---|"]
     for image in images:
@@ -167,14 +186,14 @@ class PageActions:
         except Unauthorized as exc:
             empty = gr.Dropdown(choices=[], value=None)
             return (f"**{exc.status} {exc.code}**: {exc.message}", gr.Tabs(visible=False), [], empty,
-                    gr.Dropdown(choices=[], value=[]), empty, empty, *[gr.skip()] * 6)
+                    gr.Dropdown(choices=[], value=[]), empty, empty, *[gr.skip()] * 13)
         defaults = await self.service.defaults()
         everyone = await self.service.people(tenant)
         outputs = [(f"{k + 1}: {name}", k) for k, name in enumerate(await self.service.render_outputs(tenant))]
         return (f"Signed in: tenant **{tenant}**, {len(everyone)} people enrolled. {defaults.get('served', '')}",
                 gr.Tabs(visible=True), *(await self._people_updates(tenant, everyone)),
                 gr.Dropdown(choices=outputs, value=None), defaults["width"], defaults["height"],
-                *[defaults["steps"], defaults["guidance"]] * 2)  # the deployment's own, on both tabs
+                *control_updates(defaults))
 
     async def gallery(self, tenant: str, everyone: list[dict]) -> list:
         tiles = []
@@ -254,6 +273,11 @@ class PageActions:
         from deployments.schemas import GenerateRequest
 
         tenant = self.tenant(token)
+        # A control this deployment does not take is hidden; its last value is not sent either.
+        takes = taken(await self.service.defaults())
+        negative, expression, edits, sampler = (value if takes[what] else None for what, value in (
+            ("negative_prompt", negative), ("expression", expression), ("edits", edits), ("sampler", sampler)))
+        guidance = guidance if takes["guidance"] else None
         picked = list(picked or [])
         if not 1 <= len(picked) <= 4:
             raise BadInput("pick one to four people")
@@ -272,6 +296,8 @@ class PageActions:
         from deployments.schemas import InpaintRequest
 
         tenant = self.tenant(token)
+        takes = taken(await self.service.defaults())
+        guidance, sampler = (guidance if takes["guidance"] else None), (sampler if takes["sampler"] else None)
         if not person:
             raise BadInput("pick the person to paint in")
         image, mask = editor_image_and_mask(edited)
@@ -391,14 +417,14 @@ def build(service: FaceService, files=None):
                     confirm = gr.Button("Erase everywhere", variant="stop", elem_id="confirm-delete")
                     keep = gr.Button("Keep", elem_id="keep")
                 erasure = gr.JSON(label="Erasure report", visible=False, elem_id="erasure")
-            with gr.Tab("Generate", elem_id="tab-generate"):
+            with gr.Tab("Generate", elem_id="tab-generate") as generate_tab:
                 picked = gr.Dropdown(label="People (one to four, by name)", multiselect=True, max_choices=4,
                                      elem_id="picked")
                 prompt = gr.Textbox(label="Prompt", value="a portrait photo", elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                 with gr.Row():
-                    expression = gr.Textbox(label="Expression", placeholder="smile, turn left")
-                    edits = gr.Textbox(label="Attribute edits", placeholder="smile=0.8, yaw=-20")
+                    expression = gr.Textbox(label="Expression", placeholder="smile, turn left", elem_id="expression")
+                    edits = gr.Textbox(label="Attribute edits", placeholder="smile=0.8, yaw=-20", elem_id="edits")
                     layout = gr.Radio(list(LAYOUTS), value=LAYOUTS[0], label="Where each person goes")
                 with gr.Row():
                     width = gr.Number(label="Width", value=512, step=8, precision=0, elem_id="width")
@@ -415,7 +441,7 @@ def build(service: FaceService, files=None):
                 scores = gr.Markdown(elem_id="scores")
                 with gr.Accordion("Provenance", open=False):
                     provenance = gr.JSON(elem_id="provenance")
-            with gr.Tab("Inpaint", elem_id="tab-inpaint"):
+            with gr.Tab("Inpaint", elem_id="tab-inpaint") as inpaint_tab:
                 edited = gr.ImageMask(label="Photo: paint over the region to repaint", type="numpy",
                                       elem_id="inpaint-photo")
                 with gr.Row():
@@ -423,7 +449,8 @@ def build(service: FaceService, files=None):
                     inpaint_prompt = gr.Textbox(label="Prompt", value="a portrait photo")
                     inpaint_steps = gr.Number(label="Steps", value=30, precision=0, minimum=1)
                     inpaint_seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
-                    inpaint_guidance = gr.Slider(0, 30, value=5.0, step=0.1, label="Guidance")
+                    inpaint_guidance = gr.Slider(0, 30, value=5.0, step=0.1, label="Guidance",
+                                                 elem_id="inpaint-guidance")
                     inpaint_sampler = sampler_list("inpaint-sampler")
                 paint = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
                 with gr.Row():
@@ -442,7 +469,7 @@ def build(service: FaceService, files=None):
 
         people_outputs = [gallery, to_delete, picked, person]
         signed_in = [status, tabs, *people_outputs, output, width, height, steps, guidance, inpaint_steps,
-                     inpaint_guidance]
+                     inpaint_guidance, negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab]
         sign_in.click(act["sign_in"], [token], signed_in, js=SIGN_IN_JS)
         token.submit(act["sign_in"], [token], signed_in, js=SIGN_IN_JS)
         photos.change(act["preview"], [token, photos, consent], [found, problems])

@@ -66,7 +66,7 @@ def precheck(ref, guidance: float | None, width: int | None, height: int | None,
     if ref.inpainting != inpainting:
         raise BadInput(f"{ref.name} is FLUX.1 Fill, an inpainting model: it repaints a masked photo (`ray-faceid "
                        "inpaint`)" if ref.inpainting else f"{ref.name}: repainting a masked photo needs FLUX.1 Fill")
-    if guidance is not None and not settings["guidance_embedded"]:
+    if guidance and not settings["guidance_embedded"]:  # 0 is none, as diffusers' schnell examples pass it
         raise BadInput(f"{ref.name} is FLUX.1 schnell, which takes no guidance: leave --guidance out")
     multiple = settings["size_multiple"]
     if width and (width % multiple or height % multiple):
@@ -130,8 +130,7 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size
     generator.check(steps, guidance, width, height)  # before the prompt is encoded
-    said = "" if guidance is None and base.default_guidance is None else \
-        f", guidance {base.default_guidance if guidance is None else guidance}"
+    said = f", guidance {base.default_guidance if guidance is None else guidance}" if base.guidance_embedded else ""
     err_console.print(f"FLUX.1 {base.variant}: {width}x{height}, {steps} steps{said} on {generator.device.type}")
     result = generator.generate(prompt, conditions, seed, steps, guidance, width, height)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -150,7 +150,7 @@ class FluxGenerator:
                            f"{base.model_id} is FLUX.1 {base.variant}: repainting a masked photo needs FLUX.1 Fill")
         if not 1 <= steps <= 200:
             raise BadInput(f"steps must be between 1 and 200, got {steps}")
-        if guidance is not None and not base.guidance_embedded:
+        if guidance and not base.guidance_embedded:  # 0 is none, as diffusers' schnell examples pass it
             raise BadInput(f"{base.model_id} is FLUX.1 schnell, which takes no guidance: leave --guidance out")
         if guidance is not None and not 0 <= guidance <= 30:
             raise BadInput(f"guidance must be between 0 and 30, got {guidance}")
@@ -160,6 +160,8 @@ class FluxGenerator:
 
     def _defaults(self, steps, guidance, width, height):
         base = self.base
+        if not base.guidance_embedded and guidance == 0:
+            guidance = None  # schnell's "no guidance" (check refuses any other value)
         return (steps or base.default_steps, base.default_guidance if guidance is None else guidance,
                 width or base.native_size[0], height or base.native_size[1])
 

@@ -78,6 +78,9 @@ def test_a_flux_deployment_serves_enrolled_people_each_request_on_its_own(tmp_pa
 
     generator.load_identity = load_identity
     assert "FLUX IP-Adapter" in generator.defaults()["served"] and generator.info()["family"] == "flux"
+    # What the page shows of it: dev takes guidance, not a negative prompt, a sampler or inpainting.
+    assert generator.defaults()["controls"] == {"negative_prompt": False, "sampler": False, "guidance": True,
+                                                "expression": False, "edits": False, "generate": True, "inpaint": False}
     answers = asyncio.run(generator._generate_group([
         request([{"id": people["ann"]}], 3), request([{"id": people["bob"]}], 4),
         request([{"id": people["ann"], "expression": "smile"}], 5), request([], 6, scheduler="euler")]))

@@ -60,6 +60,9 @@ def test_flux_makes_the_image_of_diffusers_flux_pipeline(folders, variant):
     else:
         with pytest.raises(BadInput, match="schnell, which takes no guidance"):
             generator.generate("a portrait photo", guidance=3.5, steps=1, width=SIZE, height=SIZE)
+        # 0 is no guidance, as diffusers' schnell examples pass it: the same image
+        zero = generator.generate("a portrait photo", seed=4, steps=STEPS, guidance=0, width=SIZE, height=SIZE)
+        assert zero.png[0] == alone.png[0] and zero.provenance[0]["guidance"] is None
     with pytest.raises(BadInput, match="multiples of 4"):
         generator.generate("a portrait photo", steps=1, width=30, height=SIZE)
 
@@ -84,6 +87,9 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
                                        "--guidance", "3.5", "--out", str(out)])
     assert refused.exit_code == 2 and "schnell, which takes no guidance" in refused.stderr
     assert "untrained base model" not in refused.stderr  # refused from its configs, before it loads
+    zero = CliRunner().invoke(app, ["generate", "--model", folders["schnell"], "--prompt", "a portrait",
+                                    "--guidance", "0", "--steps", "1", "--out", str(out)])
+    assert zero.exit_code == 0, zero.output
     assert "Traceback" not in refused.output
     with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate`, `render` and Serve run it"):
         load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it

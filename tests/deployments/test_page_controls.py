@@ -1,0 +1,72 @@
+"""The page shows the controls its deployment's base takes: on FLUX.1 no negative prompt, sampler,
+expression or edits (a FLUX deployment answers each with 422), on schnell no guidance, on Fill only
+the Inpaint tab; and a hidden control's last value is never sent."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+gr = pytest.importorskip("gradio", reason="the web page needs the `ui` extra (pip install 'ray-faceid[ui]')")
+
+UNET = {"steps": 30, "guidance": 5.0, "width": 512, "height": 512, "served": ""}
+SCHNELL = {"steps": 4, "guidance": None, "width": 1024, "height": 1024, "served": "",
+           "controls": {"negative_prompt": False, "sampler": False, "guidance": False, "expression": False,
+                        "edits": False, "generate": True, "inpaint": False}}
+
+
+class Sent(Exception):
+    """Raised by the fake service with the request the page built."""
+
+
+class FakeService:
+    """The service's steps the page calls before a request leaves it."""
+
+    def __init__(self, defaults: dict):
+        self._defaults = defaults
+
+    def tenant(self, authorization: str) -> str:
+        return "acme"
+
+    async def defaults(self) -> dict:
+        return self._defaults
+
+    async def generate(self, tenant, body, on_progress=None):
+        raise Sent(body)
+
+    inpaint = generate
+
+
+def _visible(update) -> bool:
+    return update.get("visible") if isinstance(update, dict) else update.visible
+
+
+def test_a_schnell_deployment_hides_what_it_refuses():
+    from deployments.web_page import control_updates
+
+    steps, guidance, inpaint_steps, inpaint_guidance, *shown = control_updates(SCHNELL)
+    assert (steps, inpaint_steps) == (4, 4)
+    assert not guidance.visible and not inpaint_guidance.visible
+    negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab = map(_visible, shown)
+    assert not any((negative, expression, edits, sampler, inpaint_sampler, inpaint_tab)) and generate_tab
+    # A UNet deployment (which says nothing of controls) shows them all, from its own guidance.
+    steps, guidance, _, _, *shown = control_updates(UNET)
+    assert guidance.value == 5.0 and guidance.visible and all(map(_visible, shown))
+
+
+@pytest.mark.parametrize("defaults", [SCHNELL, UNET], ids=["schnell", "unet"])
+def test_a_hidden_control_value_is_not_sent(defaults):
+    from deployments.web_page import PageActions
+
+    actions = PageActions(FakeService(defaults))
+    with pytest.raises(Sent) as sent:
+        asyncio.run(actions.generate("token", ["id-1"], "a portrait", "blurry", "smile", "smile=0.5", "automatic",
+                                     64, 64, 2, 1, 1.0, 7.5, "euler"))
+    body = sent.value.args[0]
+    person = body.identities[0]
+    taken = defaults is UNET
+    assert (body.negative_prompt == "blurry") is taken and (body.scheduler == "euler") is taken
+    assert (body.guidance == 7.5) is taken and (person.expression == "smile") is taken
+    assert (person.edits == {"smile": 0.5}) is taken
+    if not taken:
+        assert body.guidance is None and body.scheduler is None and person.edits is None
