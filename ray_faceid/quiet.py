@@ -45,6 +45,12 @@ HARMLESS_WORKER_LINES = {
         "parameters a step reaches depends on the method and the batch, and a wrong False fails a multi-worker run",
     r"Reporting training result \d+":
         "Ray Train echoing each checkpoint report (INFO); the job prints its own progress line",
+    r"Failed to get queue length from .* within [\d.]+s":
+        "Serve's router asking a replica busy denoising for its queue length within 0.1 s; it routes the request "
+        "anyway and asks again (a replica that is gone is reported as gone)",
+    r"replicas? that ha(ve|s) taken more than \d+s to\s+initialize|This may be caused by a slow __init__ or reconfigure":
+        "a Generator loading its base and compiling its warm-up sizes (minutes on a CPU) before it is ready; "
+        "`ray-faceid serve` says when the API is up. A replica that cannot be placed (\"to be scheduled\") still shows",
 }
 # Ray-internal actors whose whole output is cleanup chatter (tracebacks included).
 HARMLESS_ACTORS = {"PlacementGroupCleaner": "Ray Train's placement-group cleanup after a run ends"}

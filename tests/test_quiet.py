@@ -109,3 +109,16 @@ def test_loading_a_users_model_leaves_out_diffusers_accelerate_notice_and_nothin
                    "environment. Defaulting to `low_cpu_mem_usage=False`.")
     logger.warning("the unet's config names an unknown block")
     assert stream.getvalue() == "the unet's config names an unknown block\n"
+
+
+def test_serves_routine_warnings_are_left_out_and_a_replica_that_cannot_be_placed_is_not():
+    routine = ["WARNING 2026-12-04 09:01:02,345 proxy 127.0.0.1 -- Failed to get queue length from Replica(id='x', "
+               "deployment='Generator', app='faceid') within 0.1s. If this happens repeatedly it's likely caused by "
+               "high network latency in the cluster.",
+               "WARNING controller 123 -- Deployment 'Generator' in application 'faceid' has 1 replicas that have "
+               "taken more than 30s to initialize.", "This may be caused by a slow __init__ or reconfigure method."]
+    for line in routine:
+        assert any(re.search(p, line) for p in quiet.HARMLESS_WORKER_LINES), line
+    unplaced = ("Deployment 'Generator' in application 'faceid' has 1 replicas that have taken more than 30s to be "
+                "scheduled. This may be due to waiting for the cluster to auto-scale or for a runtime environment")
+    assert not any(re.search(p, unplaced) for p in quiet.HARMLESS_WORKER_LINES)
