@@ -241,8 +241,9 @@ class ServeLimits(Settings):
 IDENTITYNET = Field(None, description="InstantID: its IdentityNet folder (ControlNetModel/ of InstantX/InstantID: "
                     "config.json and diffusion_pytorch_model.safetensors); needed with InstantID's ip-adapter.bin, "
                     "refused with other adapters.")
-IDENTITYNET_SCALE = Field(0.8, ge=0.0, le=2.0, description="InstantID: the weight of IdentityNet's residuals (its "
-                          "authors' examples: 0.8).")
+DEFAULT_IDENTITYNET_SCALE = 0.8
+IDENTITYNET_SCALE = Field(DEFAULT_IDENTITYNET_SCALE, ge=0.0, le=2.0, description="InstantID: the weight of "
+                          "IdentityNet's residuals (its authors' examples: 0.8).")
 
 
 class ServeConfig(Settings):

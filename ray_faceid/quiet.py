@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 
@@ -141,6 +142,8 @@ def onnx_export():
 
 def before_ray_init() -> dict:
     """Settings to apply before ray.init; returns the ray.init keyword arguments for its log level."""
+    if not sys.stderr.isatty():  # Ray colours each worker line's prefix even in a file or a pipe
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if verbose():
         return {}
     for pattern in HARMLESS_WARNINGS:

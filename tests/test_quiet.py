@@ -122,3 +122,18 @@ def test_serves_routine_warnings_are_left_out_and_a_replica_that_cannot_be_place
     unplaced = ("Deployment 'Generator' in application 'faceid' has 1 replicas that have taken more than 30s to be "
                 "scheduled. This may be due to waiting for the cluster to auto-scale or for a runtime environment")
     assert not any(re.search(p, unplaced) for p in quiet.HARMLESS_WORKER_LINES)
+
+
+def test_worker_lines_in_a_file_carry_no_colour_codes(monkeypatch, capsys):
+    """`ray-faceid render ... 2> log`: Ray coloured each forwarded line's prefix there too."""
+    from ray._private import worker
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    with open(os.devnull, "w") as file:  # a file, not a terminal
+        monkeypatch.setattr(sys, "stderr", file)
+        quiet.before_ray_init()
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    worker.print_worker_logs({"pid": 4242, "lines": ["rendering row r1"], "ip": "127.0.0.1",
+                              "localhost": "127.0.0.1"}, sys.stdout)
+    printed = capsys.readouterr().out
+    assert "rendering row r1" in printed and "\x1b[" not in printed, repr(printed)

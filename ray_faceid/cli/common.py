@@ -33,8 +33,27 @@ ImageEncoderOpt = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-
                                "IP-Adapter: the CLIP vision folder with projection it reads photos through.")
 IdentityNetOpt = typer.Option(None, "--identitynet", help="InstantID: its IdentityNet folder (ControlNetModel/ of "
                               "InstantX/InstantID), with --adapter ip-adapter.bin.")
-IdentityNetScaleOpt = typer.Option(0.8, "--identitynet-scale", min=0.0, max=2.0, help="InstantID: the weight of "
-                                   "IdentityNet's residuals (the authors' 0.8).")
+def _png_name(out):
+    """An image's --out is a .png: its provenance rides in PNG text chunks (a .jpg name held PNG bytes)."""
+    if out is not None and out.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{out}: images are written as PNG, their provenance in its text chunks: name it "
+                                 f"{out.with_suffix('.png').name}")
+    return out
+
+
+PngOutOpt = typer.Option(..., "--out", callback=_png_name, help="Output PNG (with provenance metadata).")
+IdentityNetScaleOpt = typer.Option(None, "--identitynet-scale", min=0.0, max=2.0, help="InstantID, with "
+                                   "--identitynet: the weight of IdentityNet's residuals (default: the authors' 0.8).")
+
+
+def identitynet_scale_of(identitynet: str | None, scale: float | None) -> float:
+    """--identitynet-scale's value; given without --identitynet it would do nothing, so it is refused."""
+    from ray_faceid.config import DEFAULT_IDENTITYNET_SCALE
+    from ray_faceid.errors import BadInput
+
+    if scale is not None and not identitynet:
+        raise BadInput("--identitynet-scale weighs InstantID's IdentityNet: give --identitynet FOLDER too")
+    return DEFAULT_IDENTITYNET_SCALE if scale is None else scale
 
 
 @contextlib.contextmanager

@@ -12,8 +12,10 @@ from ray_faceid.cli.common import (
     IdentityNetOpt,
     IdentityNetScaleOpt,
     ImageEncoderOpt,
+    PngOutOpt,
     console,
     err_console,
+    identitynet_scale_of,
     user_errors,
 )
 from ray_faceid.errors import BadInput
@@ -218,7 +220,7 @@ def _region(value: str):
 
 def generate(
     prompt: str = typer.Option(..., "--prompt", help="What to render."),
-    out: Path = typer.Option(..., "--out", help="Output PNG (with provenance metadata)."),
+    out: Path = PngOutOpt,
     ref: list[str] = typer.Option([], "--ref", help="Reference photo of the (single) identity; repeat for more."),
     identity: list[str] = typer.Option([], "--identity", help="An enrolled person's name or id (see --registry), or "
                                        "NAME=IMG[,IMG...] from photos; repeat for several people."),
@@ -252,7 +254,7 @@ def generate(
                                                   "weight of the face's CLIP features over its embedding's own tokens "
                                                   "(default 1)."),
     identitynet: Optional[str] = IdentityNetOpt,
-    identitynet_scale: float = IdentityNetScaleOpt,
+    identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     pose: Optional[str] = typer.Option(None, "--pose", help="InstantID: a photo whose face's keypoints set the pose; "
                                        "default: the reference photo's."),
 ):
@@ -271,6 +273,7 @@ def generate(
 
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--plus-v2-scale": plus_v2_scale, "--identitynet": identitynet, "--pose": pose,
+                                     "--identitynet-scale": identitynet_scale,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      "--negative-prompt": negative_prompt,
                                      "--face-backend": None if face_backend == "dlib" else face_backend,
@@ -282,6 +285,7 @@ def generate(
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend)
+        identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
         if face_embedding and identity:
             raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
         if face_embedding and ref and not (image_encoder or identitynet):
@@ -332,7 +336,7 @@ def inpaint(
     ref: list[str] = typer.Option([], "--ref", help="Reference photo(s) of the person."),
     identity: Optional[str] = typer.Option(None, "--identity", help="Or an enrolled person's name or id."),
     prompt: str = typer.Option(..., "--prompt", help="What to paint into the masked area."),
-    out: Path = typer.Option(..., "--out", help="Output PNG (with provenance metadata)."),
+    out: Path = PngOutOpt,
     model: str = ModelOpt,
     adapter: Optional[str] = AdapterOpt,
     seed: int = typer.Option(0, "--seed"),

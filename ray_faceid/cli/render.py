@@ -15,6 +15,7 @@ from ray_faceid.cli.common import (
     StallFailOpt,
     StallWarnOpt,
     console,
+    identitynet_scale_of,
     print_json,
     user_errors,
 )
@@ -67,7 +68,7 @@ def render(
     insightface_root: Optional[str] = typer.Option(None, "--insightface-root", help="Folder of an insightface pack "
                                                    "(buffalo_l for FaceID, antelopev2 for InstantID)."),
     identitynet: Optional[str] = IdentityNetOpt,
-    identitynet_scale: float = IdentityNetScaleOpt,
+    identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     as_json: bool = typer.Option(False, "--json"),
     stall_warn: float = StallWarnOpt,
     stall_fail: float = StallFailOpt,
@@ -86,7 +87,8 @@ def render(
         face = SCORING_FACE.model_copy(update={"backend": face_backend, "insightface_root": insightface_root})
         config = RenderConfig(face=face, steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
                               precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
-                              identitynet=identitynet, identitynet_scale=identitynet_scale)
+                              identitynet=identitynet,
+                              identitynet_scale=identitynet_scale_of(identitynet, identitynet_scale))
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow,
                              image_encoder=image_encoder)
     if as_json:

@@ -108,7 +108,12 @@ def _resolve(model: str) -> ModelRef:
     elif model.count("/") == 1 and not model.startswith((".", "/")):
         kind, folder = "hub", Path(_hub_snapshot(model, HUB_CONFIGS))
     else:
-        raise NotFound(f"model {model!r}: not 'tiny', a folder, a URI or a hub id (owner/name)")
+        import difflib
+
+        close = difflib.get_close_matches(model, TINY + TINY_FLUX, n=1)
+        hint = f": did you mean {close[0]!r}?" if close else ""
+        raise NotFound(f"model {model!r}: not a built-in tiny base ({', '.join(TINY + TINY_FLUX)}), a folder, a URI "
+                       f"or a hub id (owner/name){hint}")
     family = detect_family(folder)
     if family == "flux":  # Fill: the masked image and the mask packed beside the latents
         transformer = json.loads((folder / "transformer" / "config.json").read_text())

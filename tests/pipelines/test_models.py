@@ -30,8 +30,11 @@ def test_unknown_models_say_what_is_accepted(tmp_path):
 
     with pytest.raises(UnsupportedModel, match="not a diffusers model folder"):
         load_base(str(tmp_path))
-    with pytest.raises(NotFound, match="not 'tiny', a folder, a URI or a hub id"):
+    with pytest.raises(NotFound, match="not a built-in tiny base .*, a folder, a URI or a hub id") as refused:
         load_base("./no/such/thing")
+    assert "did you mean" not in str(refused.value)
+    with pytest.raises(NotFound, match="did you mean 'tiny-flux'"):  # a mistyped built-in name
+        load_base("tiny-flx")
 
 
 def test_the_hash_identifies_the_weights_not_the_config_or_the_name(tmp_path, monkeypatch, spec128):
