@@ -119,7 +119,9 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
     result = generator.inpaint(image, mask, prompt, conditions, seed, steps, guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.png[0])
-    console.print(f"wrote {out} (seed {seed}, FLUX.1 {base.variant}, {_who(conditions)})")
+    reduced = result.provenance[0].get("repainted_at")
+    said = f", repainted at {reduced[0]}x{reduced[1]}: FLUX's pixel budget" if reduced else ""
+    console.print(f"wrote {out} (seed {seed}, FLUX.1 {base.variant}, {_who(conditions)}{said})")
 
 
 def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,

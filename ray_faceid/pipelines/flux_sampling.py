@@ -65,6 +65,10 @@ def patch_positions(h: int, w: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
+# FLUX.1 makes images up to about 2 megapixels; a larger photo (a camera's 12 MP) is repainted reduced.
+MAX_FILL_PIXELS = 2 * 1024 * 1024
+
+
 class FluxGenerator:
     def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto",
                  backend: str = "torch"):
@@ -186,25 +190,39 @@ class FluxGenerator:
 
     @torch.no_grad()
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, identities: list | None = None, seed: int = 0,
-                steps: int | None = None, guidance: float | None = None) -> GenerationResult:
+                steps: int | None = None, guidance: float | None = None,
+                max_pixels: int = MAX_FILL_PIXELS) -> GenerationResult:
         """The masked part (white) of an RGB image repainted by FLUX.1 Fill, as diffusers'
         FluxFillPipeline does at the image's own size (strength 1); outside the mask the photo's own
         pixels are kept exactly. A side that is no multiple of the patch size is padded (edges
-        repeated) and cut back."""
+        repeated) and cut back. A photo over `max_pixels` is repainted reduced to it and the
+        repainted part enlarged back."""
         identities = identities or []
         base = self.base
-        height, width = image.shape[:2]
-        if mask.shape[:2] != (height, width):
-            raise BadInput(f"the mask is {mask.shape[1]}x{mask.shape[0]}, the image {width}x{height}: give one of the "
+        full_h, full_w = image.shape[:2]
+        if mask.shape[:2] != (full_h, full_w):
+            raise BadInput(f"the mask is {mask.shape[1]}x{mask.shape[0]}, the image {full_w}x{full_h}: give one of the "
                            "image's size")
+        full_gray = mask if mask.ndim == 2 else np.asarray(Image.fromarray(mask[..., :3]).convert("L"))
+        full_hole = full_gray / 255.0 >= 0.5  # diffusers binarises the mask at 0.5
+        if not full_hole.any():
+            raise BadInput("mask is empty: paint the region to repaint in white")
+        source = image = image[..., :3]
+        gray = full_gray
+        scale = min(1.0, (max_pixels / (full_h * full_w)) ** 0.5)
+        if scale < 1:
+            size = (max(1, int(full_w * scale)), max(1, int(full_h * scale)))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+            gray = np.asarray(Image.fromarray(full_gray).resize(size, Image.Resampling.BILINEAR))
+        height, width = image.shape[:2]
         multiple = base.size_multiple
         padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
         pad = ((0, padded_h - height), (0, padded_w - width))
-        photo = np.pad(image[..., :3], pad + ((0, 0),), mode="edge")
-        gray = mask if mask.ndim == 2 else np.asarray(Image.fromarray(mask[..., :3]).convert("L"))
-        binary = (np.pad(gray, pad) / 255.0 >= 0.5).astype(np.float32)  # diffusers binarises the mask at 0.5
+        photo = np.pad(image, pad + ((0, 0),), mode="edge")
+        binary = (np.pad(gray, pad) / 255.0 >= 0.5).astype(np.float32)
         if not binary.any():
-            raise BadInput("mask is empty: paint the region to repaint in white")
+            raise BadInput(f"the mask is too thin to repaint at {width}x{height} (the photo reduced to FLUX's "
+                           f"{max_pixels} pixels): paint a wider region")
         steps, guidance, _, _ = self._defaults(steps, guidance, padded_w, padded_h)
         self.check(steps, guidance, padded_w, padded_h, inpainting=True)
         f, vae = base.vae_scale_factor, base.vae
@@ -226,11 +244,14 @@ class FluxGenerator:
         condition = torch.cat([masked, packed_mask], dim=-1)
         latents = self._denoise(prompt, identities, noise, condition, steps, guidance, h, w, start=image_latents)
         result = self._result(prompt, identities, [seed], latents, steps, guidance, padded_w, padded_h, "inpaint")
-        painted = np.asarray(result.images[0])
-        keep = binary[..., None] < 0.5
-        kept = np.where(keep, photo, painted)[:height, :width]  # the photo's own pixels outside the mask
+        painted = result.images[0].crop((0, 0, width, height))
+        if scale < 1:
+            painted = painted.resize((full_w, full_h), Image.Resampling.LANCZOS)
+        kept = np.where(full_hole[..., None], np.asarray(painted), source)  # the photo's own pixels outside the mask
         out = Image.fromarray(kept.astype(np.uint8))
-        record = dict(result.provenance[0], size=[width, height])
+        record = dict(result.provenance[0], size=[full_w, full_h])
+        if scale < 1:
+            record["repainted_at"] = [width, height]
         return GenerationResult([out], [png_with_provenance(out, record)], [record], [seed])
 
     def _denoise(self, prompt: str, identities: list, latents: torch.Tensor, condition: torch.Tensor | None,

@@ -132,6 +132,15 @@ def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_pa
     assert np.array_equal(ours[~inside], photo[~inside]) and np.abs(ours - photo)[inside].max() > 2
     odd = generator.inpaint(photo[:30, :37], mask[:30, :37], "a face", steps=1).images[0]  # padded, cut back
     assert odd.size == (37, 30)
+    # A photo over FLUX's pixel budget is repainted reduced (a 12 MP photo ran at full size) and the
+    # repainted part brought back to its size; outside the mask its own pixels stay, byte for byte.
+    big_photo = np.kron(photo, np.ones((4, 4, 1), np.uint8))
+    big_mask = np.kron(mask, np.ones((4, 4), np.uint8))
+    big = generator.inpaint(big_photo, big_mask, "a face", steps=1, max_pixels=32 * 40)
+    painted, inside_big = np.asarray(big.images[0]).astype(int), big_mask > 127
+    assert painted.shape == big_photo.shape and np.array_equal(painted[~inside_big], big_photo[~inside_big])
+    assert np.abs(painted - big_photo)[inside_big].max() > 2
+    assert big.provenance[0]["size"] == [160, 128] and big.provenance[0]["repainted_at"] == [40, 32]
     with pytest.raises(BadInput, match="FLUX.1 Fill, an inpainting model"):
         generator.generate("a portrait", steps=1)
     with pytest.raises(BadInput, match="mask is empty"):  # as on the UNet families, not the photo returned
