@@ -1,6 +1,6 @@
 """The Generator deployment on a FLUX base (pipelines/flux_sampling.py): the same API, batching
-boundaries, cancellation, turns and erasure sweep as the UNet families' Generator, each request made
-by FluxGenerator on its own (requests are not denoised together yet). Enrolled people are read as
+boundaries, cancellation, turns and erasure sweep as the UNet families' Generator; requests of
+different people and prompts are denoised in one transformer batch. Enrolled people are read as
 the FLUX IP-Adapter reads a person: the reference crops the registry keeps, through the CLIP image
 encoder (`image_encoder` in the Serve config). What FLUX does not take yet (a request's expression,
 edits, pose, sampler or negative prompt) fails that request alone, in one line."""
@@ -111,18 +111,19 @@ class FluxServeGenerator(Generator):
                            "is its own flow-matching Euler)")
 
     async def _generate_group(self, requests: list[dict]) -> list[dict]:
-        """Each request made on its own (FluxGenerator takes one prompt and one set of people a call)."""
-        out = []
-        for r in requests:
+        """Requests of the same size, steps, guidance and identity count: one transformer batch for all
+        their images, as on the UNet families; what FLUX does not take yet fails its request alone."""
+        out: list[dict | None] = [None] * len(requests)
+        taken = []
+        for i, r in enumerate(requests):
             try:
                 self._refuse_unbuilt(r)
-                conditions, hits = await self._conditions(r["tenant"], r["identities"])
-                cost = r["width"] * r["height"] * r["steps"] * r["num_images"]
-                result = await self._run([r], cost, self.pipeline.generate, r["prompt"], conditions, r["seed"],
-                                         r["steps"], r["guidance"], r["width"], r["height"], r["num_images"])
-                out.append(self._response(result.png, result.provenance, result.seeds, hits, len(conditions)))
-            except Exception as exc:  # noqa: BLE001 - one request's people or settings fail that request alone
-                out.append(failure_body(exc))
+                taken.append(i)
+            except BadInput as exc:
+                out[i] = failure_body(exc)
+        made = await super()._generate_group([requests[i] for i in taken]) if taken else []
+        for i, answer in zip(taken, made):
+            out[i] = answer
         return out
 
     async def _inpaint(self, request: dict) -> dict:

@@ -1,5 +1,6 @@
-"""Catalog rows on a FLUX base: the Renderer's keys, cache, scoring and manifest records, each image
-made by FluxGenerator (pipelines/flux_sampling.py) one row at a time. A row's people are enrolled
+"""Catalog rows on a FLUX base: the Renderer's keys, cache, scoring, manifest records and batching
+(`--unet-batch`: rows of the same size, steps, guidance and people count denoised together), each
+image made by FluxGenerator (pipelines/flux_sampling.py). A row's people are enrolled
 ones, read as the FLUX IP-Adapter reads a person: the reference crops the registry keeps, through the
 CLIP image encoder (--image-encoder). Inpaint rows need FLUX.1 Fill. What FLUX does not take yet (a
 row's expression, edits, pose, sampler or negative prompt; an IMR, a flow, an IdentityNet, another
@@ -128,7 +129,4 @@ class FluxRenderer(Renderer):
             width, height = row.dimensions(self.config.size)
             result = self.pipeline.generate(row.prompt, conditions, row.seed, steps, guidance, width, height)
         return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
-
-    def render_batch(self, texts: list[str], indices: list[int]) -> list[dict]:
-        return [{**self.render_text(t, i), "index": i} for t, i in zip(texts, indices)]
 

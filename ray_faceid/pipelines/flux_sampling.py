@@ -14,7 +14,7 @@ from PIL import Image
 
 from ray_faceid.errors import BadInput
 from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH, FluxBase
-from ray_faceid.pipelines.generate import DTYPES, GenerationResult
+from ray_faceid.pipelines.generate import DTYPES, GenerationItem, GenerationResult
 from ray_faceid.pipelines.provenance import png_with_provenance
 
 
@@ -96,10 +96,26 @@ class FluxGenerator:
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
 
     @torch.no_grad()
-    def identity_inputs(self, identities: list, batch: int, h: int, w: int) -> dict:
-        """The transformer's identity inputs for `batch` images of these people: each one's tokens
-        (from the mean of their reference embeddings), strength, and the patches they own."""
-        if not identities:
+    def _person_tokens(self, person) -> torch.Tensor:
+        """(1, T, C) tokens of one person (from the mean of their reference embeddings), checked."""
+        emb = np.asarray(person.embeddings, np.float32)
+        emb = emb[None] if emb.ndim == 1 else emb
+        if emb.ndim != 2 or not len(emb) or emb.shape[-1] != self.adapter.embed_dim or not np.isfinite(emb).all():
+            raise BadInput(f"identity {person.name}: this FLUX IP-Adapter reads N x {self.adapter.embed_dim} finite "
+                           f"image embeddings, got shape {emb.shape}")
+        if not (np.isfinite(person.scale) and 0 <= person.scale <= 4):
+            raise BadInput(f"identity {person.name}: strength must be between 0 and 4, got {person.scale}")
+        made = self.adapter.tokens(torch.from_numpy(emb).to(self.device).mean(0, keepdim=True))
+        if not torch.isfinite(made).all():  # finite but huge embeddings overflow the projection
+            raise BadInput(f"identity {person.name}: its image embedding is out of range (its tokens overflow)")
+        return made[0]
+
+    @torch.no_grad()
+    def identity_inputs(self, rows: list[list], h: int, w: int) -> dict:
+        """The transformer's identity inputs for a batch whose image k has the people `rows[k]`: each
+        one's tokens, strength, and the patches they own. Rows of fewer people are padded with
+        people of strength 0, who add nothing: rows of any people share one batch."""
+        if not any(rows):
             return {}
         if self.adapter is None:
             raise BadInput(f"{self.base.model_id}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the "
@@ -108,31 +124,37 @@ class FluxGenerator:
         from ray_faceid.identity.routing import strip_boxes
         from ray_faceid.pipelines.generate import MAX_IDENTITIES
 
-        if len(identities) > MAX_IDENTITIES:
-            raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {len(identities)}")
-        tokens = []
-        for person in identities:
-            emb = np.asarray(person.embeddings, np.float32)
-            emb = emb[None] if emb.ndim == 1 else emb
-            if emb.ndim != 2 or not len(emb) or emb.shape[-1] != self.adapter.embed_dim or not np.isfinite(emb).all():
-                raise BadInput(f"identity {person.name}: this FLUX IP-Adapter reads N x {self.adapter.embed_dim} finite "
-                               f"image embeddings, got shape {emb.shape}")
-            if not (np.isfinite(person.scale) and 0 <= person.scale <= 4):
-                raise BadInput(f"identity {person.name}: strength must be between 0 and 4, got {person.scale}")
-            made = self.adapter.tokens(torch.from_numpy(emb).to(self.device).mean(0, keepdim=True))
-            if not torch.isfinite(made).all():  # finite but huge embeddings overflow the projection
-                raise BadInput(f"identity {person.name}: its image embedding is out of range (its tokens overflow)")
-            tokens.append(made)
-        stacked = torch.stack(tokens, dim=1).expand(batch, -1, -1, -1)  # B, M, T, C
-        scale = torch.tensor([[p.scale for p in identities]], device=self.device).expand(batch, -1)
-        # As on the UNet families: a person without a region takes their strip of M equal vertical ones;
-        # one person without a region, the whole image.
-        defaults = strip_boxes(len(identities))
-        boxes = [p.region or defaults[i] for i, p in enumerate(identities)]
-        alone = len(identities) == 1 and identities[0].region is None
-        owner = None if alone else patch_owner(boxes, h, w, batch)
-        return {"identity_tokens": stacked, "identity_scale": scale,
+        slots = max(len(people) for people in rows)
+        if slots > MAX_IDENTITIES:
+            raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {slots}")
+        adapter = self.adapter
+        tokens = torch.zeros(len(rows), slots, adapter.tokens_per_person, adapter.width, device=self.device,
+                             dtype=adapter.proj.weight.dtype)
+        scale = torch.zeros(len(rows), slots, device=self.device)
+        # One person without a region takes the whole image (no routing); several, or one with a region,
+        # their region: a person without one takes their strip of M equal vertical ones (as on the UNet
+        # families).
+        routed = any(len(people) > 1 or (people and people[0].region is not None) for people in rows)
+        owner = torch.zeros(len(rows), (h // 2) * (w // 2), slots, dtype=torch.bool) if routed else None
+        for k, people in enumerate(rows):
+            for m, person in enumerate(people):
+                tokens[k, m] = self._person_tokens(person)
+                scale[k, m] = person.scale
+            if owner is None or not people:
+                continue
+            if len(people) == 1 and people[0].region is None:
+                owner[k, :, 0] = True
+                continue
+            defaults = strip_boxes(len(people))
+            boxes = [p.region or defaults[i] for i, p in enumerate(people)]
+            owner[k, :, : len(people)] = patch_owner(boxes, h, w, 1)[0]
+        return {"identity_tokens": tokens, "identity_scale": scale,
                 "patch_owner": None if owner is None else owner.to(self.device)}
+
+    def check_people(self, identities: list) -> None:
+        """One image's people as the batch will read them (embeddings, strengths, regions, count):
+        checked per request or row before a batch runs, so one's bad people fail it alone."""
+        self.identity_inputs([identities], 2, 2)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,18 +197,31 @@ class FluxGenerator:
                  num_images: int = 1) -> GenerationResult:
         """`num_images` of the prompt with `identities` (IdentityCondition: embeddings, scale, region),
         seeds `seed`, `seed + 1`, ...; steps, guidance and size default to the base's own (flux.py)."""
-        identities = identities or []
+        items = [GenerationItem(prompt, identities or [], "", seed + k) for k in range(num_images)]
+        return self.generate_items(items, steps, guidance, width, height)
+
+    @torch.no_grad()
+    def generate_items(self, items: list, steps: int | None = None, guidance: float | None = None,
+                       width: int | None = None, height: int | None = None, sampler=None) -> GenerationResult:
+        """One image per GenerationItem (its prompt, people and seed), denoised in one batch: requests
+        and catalog rows of different people and prompts share the transformer's calls. Each image is
+        the one `generate` makes of its item alone."""
+        asked = sampler is not None and (sampler.name or sampler.overrides)  # None or the base's own: taken
+        if asked or any(item.negative_prompt for item in items):
+            raise BadInput("a sampler or negative prompt: not built for FLUX yet (FLUX.1 is guidance-distilled; its "
+                           "sampler is its own flow-matching Euler)")
         steps, guidance, width, height = self._defaults(steps, guidance, width, height)
         self.check(steps, guidance, width, height)
-        seeds = [seed + k for k in range(num_images)]
         f = self.base.vae_scale_factor
         h, w = height // f, width // f
         # One generator per image, on the CPU (as diffusers draws a list of generators): an image is the
         # same alone or batched.
-        noise = torch.cat([torch.randn((1, self.base.latent_channels, h, w), generator=torch.Generator("cpu").manual_seed(s))
-                           for s in seeds])
-        latents = self._denoise(prompt, identities, pack(noise.to(self.device)), None, steps, guidance, h, w)
-        return self._result(prompt, identities, seeds, latents, steps, guidance, width, height)
+        noise = torch.cat([torch.randn((1, self.base.latent_channels, h, w),
+                                       generator=torch.Generator("cpu").manual_seed(item.seed)) for item in items])
+        rows = [item.identities for item in items]
+        latents = self._denoise([item.prompt for item in items], rows, pack(noise.to(self.device)), None, steps,
+                                guidance, h, w)
+        return self._result(items, latents, steps, guidance, width, height)
 
     @torch.no_grad()
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, identities: list | None = None, seed: int = 0,
@@ -242,8 +277,9 @@ class FluxGenerator:
         masked = pack(latents_of(pixels * (1 - hole)))
         packed_mask = pack(hole[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w))
         condition = torch.cat([masked, packed_mask], dim=-1)
-        latents = self._denoise(prompt, identities, noise, condition, steps, guidance, h, w, start=image_latents)
-        result = self._result(prompt, identities, [seed], latents, steps, guidance, padded_w, padded_h, "inpaint")
+        latents = self._denoise([prompt], [identities], noise, condition, steps, guidance, h, w, start=image_latents)
+        result = self._result([GenerationItem(prompt, identities, "", seed)], latents, steps, guidance, padded_w,
+                              padded_h, "inpaint")
         painted = result.images[0].crop((0, 0, width, height))
         if scale < 1:
             painted = painted.resize((full_w, full_h), Image.Resampling.LANCZOS)
@@ -254,17 +290,17 @@ class FluxGenerator:
             record["repainted_at"] = [width, height]
         return GenerationResult([out], [png_with_provenance(out, record)], [record], [seed])
 
-    def _denoise(self, prompt: str, identities: list, latents: torch.Tensor, condition: torch.Tensor | None,
+    def _denoise(self, prompts: list[str], rows: list[list], latents: torch.Tensor, condition: torch.Tensor | None,
                  steps: int, guidance: float | None, h: int, w: int, start: torch.Tensor | None = None) -> torch.Tensor:
         """Packed latents denoised from `latents` (packed noise; Fill: the unpacked noise, put on the
-        schedule's first sigma over the photo's latents `start`); `condition`: Fill's packed masked photo
-        and mask, beside the latents."""
+        schedule's first sigma over the photo's latents `start`), image k with prompts[k] and the
+        people rows[k]; `condition`: Fill's packed masked photo and mask, beside the latents."""
         base = self.base
         batch = latents.shape[0]
-        states, pooled = self.encode_prompt([prompt] * batch)
+        states, pooled = self.encode_prompt(prompts)
         text_positions = torch.zeros(states.shape[1], 3, device=self.device, dtype=states.dtype)
         positions = patch_positions(h, w).to(self.device, states.dtype)
-        identity = self.identity_inputs(identities, batch, h, w)
+        identity = self.identity_inputs(rows, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device,
                                 mu=flow_shift((h // 2) * (w // 2), scheduler.config))
@@ -291,16 +327,16 @@ class FluxGenerator:
                 callback(step, len(scheduler.timesteps))
         return latents
 
-    def _result(self, prompt, identities, seeds, latents, steps, guidance, width, height, kind="generate"):
+    def _result(self, items: list, latents, steps, guidance, width, height, kind="generate"):
         f = self.base.vae_scale_factor
         result = GenerationResult([], [], [], [])
-        for k, s in enumerate(seeds):
+        for k, item in enumerate(items):
             image = self.decode(unpack(latents[k : k + 1], height // f, width // f))
-            record = self.provenance(prompt, identities, s, steps, guidance, width, height, kind)
+            record = self.provenance(item.prompt, item.identities, item.seed, steps, guidance, width, height, kind)
             result.images.append(image)
             result.png.append(png_with_provenance(image, record))
             result.provenance.append(record)
-            result.seeds.append(s)
+            result.seeds.append(item.seed)
         return result
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, files, im
             {"id": "two", "identities": [{"id": ids["amy"], "region": [0, 0, 0.5, 1]}, ids["penny"]],
              "prompt": "two people", "seed": 2},
             {"id": "plain", "prompt": "a beach", "seed": 3},
+            {"id": "penny", "identities": [ids["penny"]], "prompt": "a person in a park", "seed": 4},
             {"id": "smile", "identities": [ids["amy"]], "prompt": "a person", "expression": "smile"}]
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -40,9 +41,10 @@ def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, files, im
     summary = run_render(str(catalog), str(out), flux, registry.store, adapter, CONFIG,
                          image_encoder=str(image_encoder_folder))
     records = {r["id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
-    assert {k: r["status"] for k, r in records.items()} == {"amy": "ok", "two": "ok", "plain": "ok", "smile": "error"}
+    assert {k: r["status"] for k, r in records.items()} == {"amy": "ok", "two": "ok", "plain": "ok", "penny": "ok",
+                                                            "smile": "error"}
     assert "expression: not built for FLUX yet" in records["smile"]["error"]
-    assert summary["rendered"] == 3 and summary["failed"] == 1
+    assert summary["rendered"] == 4 and summary["failed"] == 1
     provenance = json.loads(records["amy"]["provenance"])
     assert provenance["base_family"] == "flux" and provenance["identities"][0]["id"] == ids["amy"]
     base = load_flux(flux)
@@ -54,4 +56,19 @@ def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, files, im
     assert np.abs(got - np.asarray(want).astype(int)).max() <= 1
     again = run_render(str(catalog), str(out), flux, registry.store, adapter, CONFIG,
                        image_encoder=str(image_encoder_folder))
-    assert again["rendered"] == 0 and again["cached"] == 3
+    assert again["rendered"] == 0 and again["cached"] == 4
+    # --unet-batch: rows of other people and prompts denoised together, each the image made alone.
+    from ray_faceid.data.catalog import read_catalog
+    from ray_faceid.data.render_flux import FluxRenderer
+
+    batched = FluxRenderer(CONFIG.model_copy(update={"unet_batch": 4}), flux, adapter, registry.store, "default",
+                           str(tmp_path / "batched"), image_encoder=str(image_encoder_folder))
+    sizes, generate_items = [], batched.pipeline.generate_items
+    batched.pipeline.generate_items = lambda items, *args: sizes.append(len(items)) or generate_items(items, *args)
+    texts = read_catalog(str(catalog))
+    made = {r["id"]: r for r in batched.render_batch(texts, list(range(len(texts))))}
+    assert sizes == [2, 1, 1]  # amy's and penny's rows together; two people, nobody: a batch each
+    assert {k: r["status"] for k, r in made.items()} == {k: r["status"] for k, r in records.items()}
+    for row_id in ("amy", "penny", "two"):
+        a = np.asarray(Image.open(made[row_id]["output_uri"])).astype(int)
+        assert np.abs(a - np.asarray(Image.open(records[row_id]["output_uri"])).astype(int)).max() <= 1, row_id

@@ -24,7 +24,7 @@ def request(identities: list[dict], seed: int, **extra) -> dict:
             "height": 32, "cancelled": threading.Event(), **extra}
 
 
-def test_a_flux_deployment_serves_enrolled_people_each_request_on_its_own(tmp_path, image_encoder_folder,  # noqa: F811
+def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_path, image_encoder_folder,  # noqa: F811
                                                                            sample_photos):
     from deployments.app import resolve_config
     from deployments.flux_generator import FluxServeGenerator
@@ -81,9 +81,17 @@ def test_a_flux_deployment_serves_enrolled_people_each_request_on_its_own(tmp_pa
     # What the page shows of it: dev takes guidance, not a negative prompt, a sampler or inpainting.
     assert generator.defaults()["controls"] == {"negative_prompt": False, "sampler": False, "guidance": True,
                                                 "expression": False, "edits": False, "generate": True, "inpaint": False}
+    batches, generate_items = [], generator.pipeline.generate_items
+
+    def counted(items, *args):
+        batches.append(len(items))
+        return generate_items(items, *args)
+
+    generator.pipeline.generate_items = counted
     answers = asyncio.run(generator._generate_group([
         request([{"id": people["ann"]}], 3), request([{"id": people["bob"]}], 4),
         request([{"id": people["ann"], "expression": "smile"}], 5), request([], 6, scheduler="euler")]))
+    assert batches == [2]  # ann's and bob's requests in one transformer batch; the refused ones in none
     encoder = ClipImageEncoder(str(image_encoder_folder))
     for answer, name, seed in zip(answers, ("ann", "bob"), (3, 4)):
         assert "error" not in answer, answer

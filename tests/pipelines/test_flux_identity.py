@@ -114,17 +114,17 @@ def test_each_person_reaches_only_the_patches_of_their_region(files):
     two = image(generator, [IdentityCondition("a", embedding(1)), IdentityCondition("b", embedding(2))])
     assert np.abs(two - image(generator, [IdentityCondition("a", embedding(1))])).max() > 2
     # One person given a region: their tokens reach only its patches (as in the UNet families).
-    inputs = generator.identity_inputs([IdentityCondition("a", embedding(1), region=(0.0, 0.0, 0.5, 0.5))], 1, h, w)
+    inputs = generator.identity_inputs([[IdentityCondition("a", embedding(1), region=(0.0, 0.0, 0.5, 0.5))]], h, w)
     assert inputs["patch_owner"][0, :, 0].nonzero().flatten().tolist() == [0, 1, 4, 5]
     bad = {"no rows": np.zeros((0, EMBED), np.float32), "3-d": np.zeros((2, 3, EMBED), np.float32),
            "huge": np.full((1, EMBED), 3e38, np.float32)}
     for what, emb in bad.items():
         with pytest.raises(BadInput, match="image embeddings|out of range"):
-            generator.identity_inputs([IdentityCondition("p", emb)], 1, h, w)
+            generator.check_people([IdentityCondition("p", emb)])
     with pytest.raises(BadInput, match="strength must be between 0 and 4"):
-        generator.identity_inputs([IdentityCondition("p", embedding(1), scale=float("nan"))], 1, h, w)
+        generator.check_people([IdentityCondition("p", embedding(1), scale=float("nan"))])
     with pytest.raises(BadInput, match="need 0 <= x0 < x1 <= 1"):
-        generator.identity_inputs([IdentityCondition("p", embedding(1), region=(0.9, 0.0, 0.1, 1.0))], 1, h, w)
+        generator.check_people([IdentityCondition("p", embedding(1), region=(0.9, 0.0, 0.1, 1.0))])
 
 
 def test_requests_at_once_on_one_generator_see_only_their_own_people(files):
@@ -143,6 +143,31 @@ def test_requests_at_once_on_one_generator_see_only_their_own_people(files):
     for t in threads:
         t.join(timeout=300)
     assert all(np.array_equal(results[k], alone[k]) for k in people)
+
+
+def test_rows_of_other_people_and_prompts_share_one_batch_each_its_own_image(files):
+    """Requests and catalog rows are denoised together: one person, two in their regions, nobody,
+    each with its own prompt and seed, in one batch; each image is the one made alone."""
+    from ray_faceid.pipelines.generate import GenerationItem
+
+    generator = ours(files)
+    left, right = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+    items = [GenerationItem("a portrait", [IdentityCondition("a", embedding(1))], seed=3),
+             GenerationItem("two friends", [IdentityCondition("b", embedding(2), region=left),
+                                            IdentityCondition("c", embedding(3), region=right, scale=0.5)], seed=4),
+             GenerationItem("a landscape", [], seed=5),
+             GenerationItem("a portrait", [IdentityCondition("d", embedding(4), region=right)], seed=6)]
+    batched = generator.generate_items(items, steps=STEPS, width=SIZE, height=SIZE)
+    for k, item in enumerate(items):
+        alone = generator.generate(item.prompt, item.identities, seed=item.seed, steps=STEPS, width=SIZE,
+                                   height=SIZE)
+        got, want = (np.asarray(r.images[0 if r is alone else k]).astype(int) for r in (batched, alone))
+        assert np.abs(got - want).max() <= 1, k
+        assert batched.provenance[k]["prompt"] == item.prompt and batched.provenance[k]["seed"] == item.seed
+        assert [p["name"] for p in batched.provenance[k]["identities"]] == [p.name for p in item.identities]
+    assert len({r.tobytes() for r in map(np.asarray, batched.images)}) == 4
+    with pytest.raises(BadInput, match="negative prompt: not built for FLUX"):
+        generator.generate_items([GenerationItem("a portrait", [], "blurry")], steps=1)
 
 
 def test_one_command_with_a_flux_ip_adapter_file_and_an_embedding(files, tmp_path):
