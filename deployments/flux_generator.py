@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import numpy as np
 import torch
 
 from deployments import multiplex
@@ -43,22 +42,15 @@ class FluxServeGenerator(Generator):
         self._serving_state()
 
     def _warm_up(self) -> dict:
-        """torch.compile: each configured size compiled before the replica is ready, without people and
-        with one (another person reuses the graph: their tokens are inputs); eager: nothing to do."""
-        from ray_faceid.pipelines.generate import IdentityCondition, parse_size
+        """torch.compile: each configured size compiled before the replica is ready, at every batch
+        bucket a batch of requests can fill (people are inputs: none compile anew); eager: nothing."""
+        from ray_faceid.pipelines.generate import parse_size
 
-        if self.pipeline.backend != "torch.compile":
-            return {"buckets": 0, "note": "FLUX eager: nothing compiled"}
-        if self.pipeline.base.inpainting:
-            return {"buckets": 0, "note": "FLUX.1 Fill: each photo size compiles at its first request"}
-        started, base = time.perf_counter(), self.pipeline.base
-        sizes = [parse_size(size, "warm_up_sizes") for size in self.config.warm_up_sizes] or [base.native_size]
-        someone = [] if self.pipeline.adapter is None else [
-            [IdentityCondition("warm-up", np.zeros((1, self.pipeline.adapter.embed_dim), np.float32))]]
-        for width, height in sizes:
-            for people in [[], *someone]:
-                self.pipeline.generate("", people, steps=1, width=width, height=height)
-        return {"buckets": len(sizes) * (1 + len(someone)), "seconds": round(time.perf_counter() - started, 1)}
+        started = time.perf_counter()
+        sizes = [parse_size(size, "warm_up_sizes") for size in self.config.warm_up_sizes]
+        most_images = self.config.generator_batch_size * self.config.limits.max_images
+        report = self.pipeline.warm_up(sizes or [self.pipeline.base.native_size], most_images)
+        return dict(report, seconds=round(time.perf_counter() - started, 1))
 
     def controls(self) -> dict[str, bool]:
         base = self.pipeline.base

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ray_faceid.engines.buckets import BATCH_BUCKETS, batch_bucket
 from ray_faceid.errors import BadInput
 from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH, FluxBase
 from ray_faceid.pipelines.generate import DTYPES, GenerationItem, GenerationResult
@@ -73,9 +74,10 @@ class FluxGenerator:
     def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto",
                  backend: str = "torch"):
         """`adapter`: a FluxIdentityAdapter (identity/flux_adapter.py), installed on the transformer once.
-        `backend` torch.compile: the transformer compiled once per shape (RAY_FACEID_TORCH_COMPILE_BACKEND,
-        else Inductor); people's tokens, strengths and patches are its inputs, so another person compiles
-        nothing anew (another person count or a region where there was none does: other graphs)."""
+        `backend` torch.compile: the transformer compiled once per size and batch bucket
+        (RAY_FACEID_TORCH_COMPILE_BACKEND, else Inductor): a batch is padded up to its bucket
+        (engines/buckets.py) and every call takes the identity inputs of MAX_IDENTITIES people and their
+        patches, so another person, person count, region or strength compiles nothing anew."""
         self.base, self.adapter, self.device = base, adapter, torch.device(device)
         self.backend = backend = resolve_flux_backend(backend, self.device)
         self.precision = resolve_flux_precision(precision, self.device)
@@ -115,7 +117,8 @@ class FluxGenerator:
         """The transformer's identity inputs for a batch whose image k has the people `rows[k]`: each
         one's tokens, strength, and the patches they own. Rows of fewer people are padded with
         people of strength 0, who add nothing: rows of any people share one batch."""
-        if not any(rows):
+        fixed = self.backend == "torch.compile"  # one graph for any people: every input always there, one shape
+        if not any(rows) and not (fixed and self.adapter is not None):
             return {}
         if self.adapter is None:
             raise BadInput(f"{self.base.model_id}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the "
@@ -124,9 +127,10 @@ class FluxGenerator:
         from ray_faceid.identity.routing import strip_boxes
         from ray_faceid.pipelines.generate import MAX_IDENTITIES
 
-        slots = max(len(people) for people in rows)
-        if slots > MAX_IDENTITIES:
-            raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {slots}")
+        most = max(len(people) for people in rows)
+        if most > MAX_IDENTITIES:
+            raise BadInput(f"at most {MAX_IDENTITIES} identities per image, got {most}")
+        slots = MAX_IDENTITIES if fixed else most
         adapter = self.adapter
         tokens = torch.zeros(len(rows), slots, adapter.tokens_per_person, adapter.width, device=self.device,
                              dtype=adapter.proj.weight.dtype)
@@ -134,7 +138,7 @@ class FluxGenerator:
         # One person without a region takes the whole image (no routing); several, or one with a region,
         # their region: a person without one takes their strip of M equal vertical ones (as on the UNet
         # families).
-        routed = any(len(people) > 1 or (people and people[0].region is not None) for people in rows)
+        routed = fixed or any(len(people) > 1 or (people and people[0].region is not None) for people in rows)
         owner = torch.zeros(len(rows), (h // 2) * (w // 2), slots, dtype=torch.bool) if routed else None
         for k, people in enumerate(rows):
             for m, person in enumerate(people):
@@ -212,16 +216,37 @@ class FluxGenerator:
                            "sampler is its own flow-matching Euler)")
         steps, guidance, width, height = self._defaults(steps, guidance, width, height)
         self.check(steps, guidance, width, height)
+        compiled = self.backend == "torch.compile"
+        if compiled and len(items) > BATCH_BUCKETS[-1]:  # the largest bucket at a time
+            parts = [self.generate_items(items[i : i + BATCH_BUCKETS[-1]], steps, guidance, width, height)
+                     for i in range(0, len(items), BATCH_BUCKETS[-1])]
+            return GenerationResult(*(sum((getattr(p, field) for p in parts), []) for field in
+                                      ("images", "png", "provenance", "seeds")))
+        # Compiled: padded up to the batch bucket with copies of the last image, made and dropped.
+        padded = items + [items[-1]] * (batch_bucket(len(items)) - len(items)) if compiled else items
         f = self.base.vae_scale_factor
         h, w = height // f, width // f
         # One generator per image, on the CPU (as diffusers draws a list of generators): an image is the
         # same alone or batched.
         noise = torch.cat([torch.randn((1, self.base.latent_channels, h, w),
-                                       generator=torch.Generator("cpu").manual_seed(item.seed)) for item in items])
-        rows = [item.identities for item in items]
-        latents = self._denoise([item.prompt for item in items], rows, pack(noise.to(self.device)), None, steps,
+                                       generator=torch.Generator("cpu").manual_seed(item.seed)) for item in padded])
+        rows = [item.identities for item in padded]
+        latents = self._denoise([item.prompt for item in padded], rows, pack(noise.to(self.device)), None, steps,
                                 guidance, h, w)
         return self._result(items, latents, steps, guidance, width, height)
+
+    def warm_up(self, sizes: list[tuple[int, int]], most_images: int) -> dict:
+        """torch.compile: every (size, batch bucket) a call of up to `most_images` images can take,
+        compiled now (a Serve replica, before it is ready); eager: nothing to do."""
+        if self.backend != "torch.compile":
+            return {"buckets": 0, "note": "FLUX eager: nothing compiled"}
+        if self.base.inpainting:
+            return {"buckets": 0, "note": "FLUX.1 Fill: each photo size compiles at its first request"}
+        buckets = [b for b in BATCH_BUCKETS if b <= batch_bucket(most_images)]
+        for width, height in sizes:
+            for bucket in buckets:
+                self.generate_items([GenerationItem("", [], "", 0)] * bucket, steps=1, width=width, height=height)
+        return {"buckets": len(sizes) * len(buckets)}
 
     @torch.no_grad()
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, identities: list | None = None, seed: int = 0,

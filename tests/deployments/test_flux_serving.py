@@ -67,9 +67,13 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
     storage.write_bytes("memory://models/flux/model_index.json", (tmp_path / "flux" / "model_index.json").read_bytes())
     assert model_family("memory://models/flux") == "flux" and model_family("memory://models/none") is None
     # Compiled (the suite's Dynamo backend): the native size warmed before the replica is ready.
-    generator = FluxServeGenerator(resolve_config(config.model_copy(update={"backend": "torch.compile"}))
-                                   .model_dump_json())
+    from torch._dynamo.utils import counters
+
+    compiled = config.model_copy(update={"backend": "torch.compile", "generator_batch_size": 2,
+                                         "limits": config.limits.model_copy(update={"max_images": 1})})
+    generator = FluxServeGenerator(resolve_config(compiled).model_dump_json())
     assert generator.info()["warm_up"]["buckets"] == 2 and generator.info()["backend"] == "torch.compile"
+    graphs = counters["stats"]["unique_graphs"]  # batch buckets 1 and 2 at the native size, compiled
     held = {}  # Serve's multiplexing LRU (it needs a replica context): what keeps loaded people alive
 
     async def load_identity(key):
@@ -92,6 +96,7 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
         request([{"id": people["ann"]}], 3), request([{"id": people["bob"]}], 4),
         request([{"id": people["ann"], "expression": "smile"}], 5), request([], 6, scheduler="euler")]))
     assert batches == [2]  # ann's and bob's requests in one transformer batch; the refused ones in none
+    assert counters["stats"]["unique_graphs"] == graphs  # a warmed bucket: nothing compiled at request time
     encoder = ClipImageEncoder(str(image_encoder_folder))
     for answer, name, seed in zip(answers, ("ann", "bob"), (3, 4)):
         assert "error" not in answer, answer

@@ -268,17 +268,30 @@ def test_photos_read_through_the_clip_image_encoder_as_diffusers_reads_them(file
 
 def test_the_compiled_transformer_takes_people_as_inputs(files):
     """--backend torch.compile (the suite's Dynamo backend, tests/conftest.py): the image of the
-    eager transformer, and another person (or strength) compiles nothing anew."""
+    eager transformer; another person, strength, person count, region or nobody compiles nothing
+    anew, and a batch compiles once per batch bucket (padded up to it)."""
     from torch._dynamo.utils import counters
+
+    from ray_faceid.pipelines.generate import GenerationItem
 
     base = load_flux(str(files / "flux"))
     compiled = FluxGenerator(base, load_flux_adapter(str(files / "ip_adapter.safetensors"), base.transformer),
                              backend="torch.compile")
-    first = image(compiled, [IdentityCondition("a", embedding(1))])
+    assert compiled.warm_up([(SIZE, SIZE)], 2) == {"buckets": 2}  # batch buckets 1 and 2
     graphs = counters["stats"]["unique_graphs"]
+    first = image(compiled, [IdentityCondition("a", embedding(1))])
     others = [image(compiled, [IdentityCondition("b", embedding(k), scale=0.5 + k / 4)]) for k in (2, 3)]
-    assert counters["stats"]["unique_graphs"] == graphs  # people and strengths are inputs of the graph
+    two = [IdentityCondition("a", embedding(1), region=(0.0, 0.0, 0.5, 1.0)), IdentityCondition("b", embedding(2))]
+    both, nobody = image(compiled, two), image(compiled, [])
+    assert counters["stats"]["unique_graphs"] == graphs  # people, counts, regions and strengths are inputs
     eager = ours(files)
     assert np.abs(first - image(eager, [IdentityCondition("a", embedding(1))])).max() <= 1
     assert np.abs(others[0] - image(eager, [IdentityCondition("b", embedding(2), scale=1.0)])).max() <= 1
+    assert np.abs(both - image(eager, two)).max() <= 1 and np.abs(nobody - image(eager, [])).max() <= 1
+    items = [GenerationItem("a portrait", [IdentityCondition("a", embedding(k))], seed=k) for k in (1, 2, 3)]
+    three = compiled.generate_items(items, steps=STEPS, width=SIZE, height=SIZE)  # padded to the bucket of 4
+    assert len(three.images) == 3 and counters["stats"]["unique_graphs"] == graphs + 1
+    again = compiled.generate_items(items + items[:1], steps=STEPS, width=SIZE, height=SIZE)
+    assert counters["stats"]["unique_graphs"] == graphs + 1 and again.png[:3] == three.png
+    assert np.abs(np.asarray(three.images[1]).astype(int) - image(eager, items[1].identities, seed=2)).max() <= 1
     assert compiled.generate("a portrait", steps=1).provenance[0]["backend"] == "torch.compile"
