@@ -92,8 +92,10 @@ class FluxGenerator:
             adapter.install(base.transformer)
         self.denoiser = base.transformer
         if backend == "torch.compile":
+            from ray_faceid.engines.compiled_engine import allow_shape_compiles
             from ray_faceid.envs import torch_compile_backend
 
+            allow_shape_compiles()  # sizes x batch buckets: past Dynamo's 8 graphs it would run eager, silently
             self.denoiser = torch.compile(base.transformer, backend=torch_compile_backend(), dynamic=False)
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
 
