@@ -35,30 +35,18 @@ PROMPT = "a photo of a person smiling, studio light"
 
 def flux_dev_components(device: str, dtype: torch.dtype):
     """FLUX.1-dev's transformer, text encoders and VAE from their published configs, random weights."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ray_faceid.pipelines.flux import FluxBase
+    from ray_faceid.pipelines.flux import FluxBase, flux_dev_modules
     from ray_faceid.pipelines.tiny_tokenizer import tiny_t5_tokenizer, tiny_tokenizer
 
     torch.manual_seed(0)
-    with torch.device(device):
-        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                                             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                             pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                                 num_heads=64, feed_forward_proj="gated-gelu", is_gated_act=True))
-        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                    num_attention_heads=12, max_position_embeddings=77, vocab_size=49408))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
-                            scaling_factor=0.3611)
+    modules = flux_dev_modules(device)
     # Tokenizers made in code: their vocabularies are downloads (token ids, not their meaning, set the time).
     tokenizer = tiny_tokenizer(max_length=77)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    base = FluxBase(transformer, vae, text_encoder, tokenizer, text_encoder_2, tiny_t5_tokenizer(512), scheduler,
+    base = FluxBase(**modules, tokenizer=tokenizer, tokenizer_2=tiny_t5_tokenizer(512), scheduler=scheduler,
                     model_id="FLUX.1-dev shapes (random weights)").freeze()
     return base.to(device, dtype)  # bf16 on the GPU
 

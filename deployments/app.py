@@ -112,7 +112,35 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
             check_folder(config.image_encoder)
         except NotFound as missing:
             raise BadInput(f"image_encoder: {missing.message}") from None
+    check_flux_memory(config)
     return config.model_copy(update={"api_tokens": tokens})
+
+
+def check_flux_memory(config: ServeConfig) -> None:
+    """With generator_gpu_memory_gb, a FLUX model that does not fit one replica's GPU is one line
+    when the config is read (a local folder's safetensors headers give its sizes)."""
+    if config.generator_gpu_memory_gb is None or not config.generator_gpus:
+        return
+    import torch
+
+    from ray_faceid.pipelines import flux_memory
+    from ray_faceid.pipelines.flux_sampling import resolve_flux_precision
+
+    ref = resolve_model(config.model, flux=True)
+    if ref.kind not in ("folder", "tiny"):
+        return  # its weights are not here: the replica checks its size before it loads
+    precision = resolve_flux_precision(config.precision, torch.device("cuda"))
+    options = dict(text_encoders=config.flux_text_encoders, transformer_weights=config.flux_transformer_weights)
+    if ref.kind == "tiny":
+        from ray_faceid.pipelines.flux import load_flux
+
+        plan = flux_memory.plan_of_base(load_flux(ref), precision, **options)
+    else:
+        plan = flux_memory.plan_of_folder(ref.local_folder(), precision, **options)
+    # A fractional replica shares its GPU: it may count on its share of the memory only.
+    share = config.generator_gpu_memory_gb * 1e9 * min(1.0, config.generator_gpus)
+    flux_memory.check_fits(plan, int(share), f"generator_gpu_memory_gb {config.generator_gpu_memory_gb:g} x "
+                                             f"generator_gpus {config.generator_gpus:g}")
 
 
 def resolve_config(args: dict | ServeConfig) -> ServeConfig:
@@ -128,6 +156,13 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     unet_config = None  # of a local base: what the IdentityNet is checked against
     if model_family(config.model) == "flux":
         return resolve_flux_config(config, tokens)
+    flux_only = [name for name, value, default in (("flux_text_encoders", config.flux_text_encoders, "same"),
+                                                   ("flux_transformer_weights", config.flux_transformer_weights, "same"),
+                                                   ("generator_gpu_memory_gb", config.generator_gpu_memory_gb, None))
+                 if value != default]
+    if flux_only:
+        raise BadInput(f"{', '.join(flux_only)}: for FLUX models (how a replica holds 12B parameters); "
+                       f"{config.model} is not one")
     if config.model in TINY_FLUX or Path(config.model).is_dir():  # configs only (a URI or hub id: on the replica)
         try:
             ref = resolve_model(config.model)

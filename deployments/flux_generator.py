@@ -18,6 +18,20 @@ from ray_faceid.errors import BadInput
 from ray_faceid.registry_secret import never_create_here
 
 
+def fits_this_gpu(model: str, precision: str, **memory) -> str:
+    """The replica's memory plan (flux_memory.py), checked against this GPU's free memory; its line."""
+    from ray_faceid.pipelines import flux_memory
+    from ray_faceid.pipelines.flux import load_flux
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    ref = resolve_model(model, flux=True)
+    plan = (flux_memory.plan_of_base(load_flux(ref), precision, **memory) if ref.kind == "tiny" else
+            flux_memory.plan_of_folder(ref.local_folder(weights=True), precision, **memory))
+    free, _ = torch.cuda.mem_get_info()
+    flux_memory.check_fits(plan, free, "this replica's GPU (free memory)")
+    return plan.line()
+
+
 class FluxServeGenerator(Generator):
     def __init__(self, config_json: str):
         from ray_faceid.pipelines.flux import load_flux
@@ -28,6 +42,10 @@ class FluxServeGenerator(Generator):
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         never_create_here()  # the registry secret comes from the cluster's configuration (registry_secret.py)
         precision = resolve_flux_precision(config.precision, torch.device(device))
+        memory = dict(text_encoders=config.flux_text_encoders, transformer_weights=config.flux_transformer_weights)
+        self.memory_plan = None  # the CPU's memory is the machine's: not planned
+        if device == "cuda":  # before anything loads: one line instead of an out-of-memory error halfway
+            self.memory_plan = fits_this_gpu(config.model, precision, **memory)
         base = load_flux(config.model, DTYPES[precision] if device == "cuda" else None)
         adapter, self.encoder = None, None
         if config.adapter:
@@ -36,7 +54,8 @@ class FluxServeGenerator(Generator):
 
             adapter = load_flux_adapter(config.adapter, base.transformer)
             self.encoder = ClipImageEncoder(config.image_encoder, device)  # resolve_config asked for both
-        self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision, backend=config.backend)
+        self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision, backend=config.backend,
+                                      **memory)
         self.pipeline.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
         self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self._serving_state()
@@ -62,7 +81,8 @@ class FluxServeGenerator(Generator):
         return {"model": self.pipeline.base.model_id, "family": "flux", "adapter": self.adapter_hash,
                 "adapter_trained_steps": None, "adapter_published": None if adapter is None else adapter.published,
                 "image_encoder": self.pipeline.image_encoder_hash, "identity_loads": self.loads,
-                "backend": self.pipeline.backend,
+                "backend": self.pipeline.backend, "memory": self.memory_plan,
+                "text_encoders": self.pipeline.text_encoders, "transformer_weights": self.pipeline.transformer_weights,
                 "warm_up": self.warm_up_report, "cancelled": self.cancelled, "lent_to_small_requests": self.turns.lent,
                 "imr": None, "flow": None}
 

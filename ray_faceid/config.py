@@ -295,6 +295,16 @@ class ServeConfig(Settings):
         [1], description="Engine backends: identity counts per image built before the replica reports ready."
     )
     generator_gpus: float = Field(0.0, ge=0, description="GPUs per Generator replica (1 on GPU clusters).")
+    generator_gpu_memory_gb: float | None = Field(None, gt=0, description="FLUX: the memory of the GPU a Generator "
+                                                  "replica runs on; with it, whether the model fits (weights x 1.15) "
+                                                  "is checked when the config is read. A replica checks its own GPU's "
+                                                  "free memory before loading either way.")
+    flux_text_encoders: Literal["same", "cpu"] = Field("same", description="FLUX: where T5 and CLIP encode prompts: "
+                                                       "same (the Generator's device) or cpu (FLUX.1's 9.5 GB of text "
+                                                       "encoders off the GPU; each prompt takes seconds).")
+    flux_transformer_weights: Literal["same", "fp8"] = Field("same", description="FLUX: fp8 stores the transformer's "
+                                                             "linear weights in float8 with a scale per row (FLUX.1-dev: "
+                                                             "12 GB instead of 24 in bf16); images differ slightly.")
     encoder_gpus: float = Field(0.0, ge=0, description="GPUs per FaceEncoder replica.")
     generator_batch_size: int = Field(4, ge=1, description="Requests the Generator batches together.")
     encoder_batch_size: int = Field(16, ge=1, description="Images the FaceEncoder batches together.")

@@ -72,23 +72,44 @@ MAX_FILL_PIXELS = 2 * 1024 * 1024
 
 class FluxGenerator:
     def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto",
-                 backend: str = "torch"):
+                 backend: str = "torch", text_encoders: str = "same", transformer_weights: str = "same"):
         """`adapter`: a FluxIdentityAdapter (identity/flux_adapter.py), installed on the transformer once.
         `backend` torch.compile: the transformer compiled once per size and batch bucket
         (RAY_FACEID_TORCH_COMPILE_BACKEND, else Inductor): a batch is padded up to its bucket
         (engines/buckets.py) and every call takes the identity inputs of MAX_IDENTITIES people and their
         patches, so another person, person count, region or strength compiles nothing anew."""
+        from ray_faceid.pipelines.flux_memory import TEXT_ENCODERS, TRANSFORMER_WEIGHTS, store_fp8
+
+        if text_encoders not in TEXT_ENCODERS or transformer_weights not in TRANSFORMER_WEIGHTS:
+            raise BadInput(f"text_encoders is {' or '.join(TEXT_ENCODERS)} and transformer_weights "
+                           f"{' or '.join(TRANSFORMER_WEIGHTS)}, not {text_encoders!r} / {transformer_weights!r}")
         self.base, self.adapter, self.device = base, adapter, torch.device(device)
         self.backend = backend = resolve_flux_backend(backend, self.device)
         self.precision = resolve_flux_precision(precision, self.device)
-        dtype = DTYPES[self.precision]
-        base.to(self.device, None if dtype == torch.float32 else dtype)
+        self.text_encoders, self.transformer_weights = text_encoders, transformer_weights
+        # text_encoders cpu: T5 and CLIP encode on the CPU (memory planned in flux_memory.py).
+        self.text_device = torch.device("cpu") if text_encoders == "cpu" else self.device
+        # fp32 modules stay as they are; a folder loaded in the precision is not cast again (diffusers
+        # warns at every cast).
+        cast = None if DTYPES[self.precision] == torch.float32 else DTYPES[self.precision]
+        for name, module in base.modules.items():
+            target = self.text_device if name.startswith("text_encoder") else self.device
+            narrow = cast is not None and module.dtype != cast
+            if name == "transformer" and transformer_weights == "fp8":
+                # Narrowed where it was loaded, then moved: the GPU never holds the wide weights, and a
+                # cast after it would widen the float8 buffers again.
+                if narrow:
+                    module.to(dtype=cast)
+                store_fp8(module)
+                module.to(target)
+            else:
+                module.to(device=target, dtype=cast) if narrow else module.to(target)
         self.adapter_hash = None
         self.image_encoder_hash = None
         """The CLIP image encoder's weights hash where people's embeddings came from photos through it."""
         if adapter is not None:
             self.adapter_hash = adapter.content_hash()  # of the weights as loaded, before any cast
-            adapter.to(self.device, None if dtype == torch.float32 else dtype)
+            adapter.to(self.device, cast)
             adapter.install(base.transformer)
         self.denoiser = base.transformer
         if backend == "torch.compile":
@@ -168,11 +189,11 @@ class FluxGenerator:
         base = self.base
         clip = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
-        pooled = base.text_encoder(clip.to(self.device), output_hidden_states=False).pooler_output
+        pooled = base.text_encoder(clip.to(self.text_device), output_hidden_states=False).pooler_output
         t5 = base.tokenizer_2(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
                               return_tensors="pt").input_ids
-        states = base.text_encoder_2(t5.to(self.device), output_hidden_states=False)[0]
-        return states.to(base.text_encoder_2.dtype), pooled.to(base.text_encoder.dtype)
+        states = base.text_encoder_2(t5.to(self.text_device), output_hidden_states=False)[0]
+        return (states.to(self.device, base.text_encoder_2.dtype), pooled.to(self.device, base.text_encoder.dtype))
 
     def check(self, steps: int, guidance: float | None, width: int, height: int, inpainting: bool = False) -> None:
         base = self.base
@@ -392,6 +413,7 @@ class FluxGenerator:
             "identities": [{"name": p.name, "id": p.id, "region": p.region, "scale": p.scale} for p in identities],
             "backend": self.backend,
             "precision": self.precision,
+            **({"transformer_weights": "fp8"} if self.transformer_weights == "fp8" else {}),
             "prompt": prompt,
             "seed": seed,
             "steps": steps,

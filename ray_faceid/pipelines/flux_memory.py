@@ -1,0 +1,158 @@
+"""How a FLUX replica holds the model: FLUX.1-dev is 12B parameters in its transformer and 4.8B in
+T5, 33 GB of GPU memory in bf16 before any activation. Two settings lower it:
+
+- `text_encoders: cpu`: T5 and CLIP stay in the CPU's memory and encode each prompt there (seconds
+  a prompt); their states move to the GPU for denoising.
+- `transformer_weights: fp8`: the transformer's linear weights stored in float8 (e4m3) with a scale
+  per output row, widened to the run's precision layer by layer as they are used: half of bf16's
+  bytes; images differ slightly from bf16's (measured in tests/pipelines/test_flux_memory.py).
+
+The plan (bytes each component holds on the GPU) is read from a folder's safetensors headers, never
+its weights, so a Serve config is checked when it is read (against `generator_gpu_memory_gb`), and a
+replica checks it again against its own GPU's free memory before loading anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_faceid.errors import BadInput
+
+TEXT_ENCODERS = ("same", "cpu")
+TRANSFORMER_WEIGHTS = ("same", "fp8")
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+FP8_MAX = 448.0  # the largest finite float8 e4m3 value
+HEADROOM = 1.15  # activations and the allocator's slack at FLUX's native size, above the weights
+GB = 1e9
+
+
+class Float8Linear(nn.Module):
+    """A Linear whose weight is stored in float8 (e4m3) with a scale per output row; each call widens
+    it to the input's dtype (a transient copy of one layer) and multiplies as the Linear did."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_fp8.to(x.dtype) * self.scale.to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def store_fp8(module: nn.Module) -> int:
+    """Every Linear of `module` (the transformer) replaced by a Float8Linear; how many."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Float8Linear(child))
+                replaced += 1
+    return replaced
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes each component holds, and where."""
+
+    precision: str
+    text_encoders: str
+    transformer_weights: str
+    components: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gpu_bytes(self) -> int:
+        off = ("text_encoder", "text_encoder_2") if self.text_encoders == "cpu" else ()
+        return sum(size for name, size in self.components.items() if name not in off)
+
+    @property
+    def needed_bytes(self) -> int:
+        return int(self.gpu_bytes * HEADROOM)
+
+    def line(self) -> str:
+        where = {name: "cpu" if self.text_encoders == "cpu" and name.startswith("text_encoder") else "gpu"
+                 for name in self.components}
+        parts = ", ".join(f"{name} {gigabytes(size)} ({where[name]})" for name, size in self.components.items())
+        weights = f"{self.precision}, fp8 transformer weights" if self.transformer_weights == "fp8" else self.precision
+        return f"FLUX in {weights}: {parts}; {gigabytes(self.needed_bytes)} of GPU memory with activations (x{HEADROOM})"
+
+
+def gigabytes(size: float) -> str:
+    return f"{size / GB:.1f} GB" if size >= 0.1 * GB else f"{size / 1e6:.1f} MB"
+
+
+def plan_from_shapes(shapes: dict[str, list[tuple[str, tuple[int, ...]]]], precision: str, text_encoders: str = "same",
+                     transformer_weights: str = "same") -> MemoryPlan:
+    """`shapes`: each component's (tensor name, shape) list."""
+    if text_encoders not in TEXT_ENCODERS:
+        raise BadInput(f"text_encoders must be one of {', '.join(TEXT_ENCODERS)}, not {text_encoders!r}")
+    if transformer_weights not in TRANSFORMER_WEIGHTS:
+        raise BadInput(f"transformer_weights must be one of {', '.join(TRANSFORMER_WEIGHTS)}, not "
+                       f"{transformer_weights!r}")
+    width = BYTES[precision]
+    plan = MemoryPlan(precision, text_encoders, transformer_weights)
+    for component, tensors in shapes.items():
+        total = 0
+        for name, shape in tensors:
+            count = prod(shape)
+            # fp8: a Linear's weight (2-d) is one byte an element, plus a scale per output row.
+            fp8 = transformer_weights == "fp8" and component == "transformer" and len(shape) == 2 and name.endswith(
+                "weight")
+            total += count + shape[0] * width if fp8 else count * width
+        plan.components[component] = total
+    return plan
+
+
+def plan_of_folder(folder: str | Path, precision: str, text_encoders: str = "same",
+                   transformer_weights: str = "same") -> MemoryPlan:
+    """The plan of a diffusers FLUX folder, from its safetensors headers (no weight is read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for component in COMPONENTS:
+        files = sorted((Path(folder) / component).glob("*.safetensors"))
+        if not files:
+            raise BadInput(f"{folder}: no {component}/*.safetensors to size the replica's memory from")
+        tensors = []
+        for path in files:
+            with safe_open(str(path), "pt") as opened:
+                tensors += [(key, tuple(opened.get_slice(key).get_shape())) for key in opened.keys()]
+        shapes[component] = tensors
+    return plan_from_shapes(shapes, precision, text_encoders, transformer_weights)
+
+
+def plan_of_base(base, precision: str, text_encoders: str = "same", transformer_weights: str = "same") -> MemoryPlan:
+    """The plan of a loaded base (a tiny one has no files)."""
+    shapes = {name: module_shapes(module) for name, module in base.modules.items()}
+    return plan_from_shapes(shapes, precision, text_encoders, transformer_weights)
+
+
+def module_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """The (name, shape) of each tensor a module saves, a tied one (T5's embeddings) once."""
+    seen, shapes = set(), []
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes.append((key, tuple(tensor.shape)))
+    return shapes
+
+
+def check_fits(plan: MemoryPlan, free_bytes: int, where: str) -> None:
+    """One line where the plan does not fit `free_bytes` (`where`: what holds them), naming what lowers it."""
+    if plan.needed_bytes <= free_bytes:
+        return
+    lower = [f"{option}: {value}" for option, value, now in (("flux_text_encoders", "cpu", plan.text_encoders),
+                                                              ("flux_transformer_weights", "fp8",
+                                                               plan.transformer_weights)) if now != value]
+    hint = f"set {' and '.join(lower)}" if lower else "use a GPU with more memory"
+    raise BadInput(f"{plan.line()}: {where} has {gigabytes(free_bytes)}: {hint}")
