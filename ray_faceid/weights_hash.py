@@ -1,8 +1,10 @@
 """What made an artifact: hashes of model WEIGHTS (never of configs or ids alone).
 
-`module_hash(module)` hashes every tensor of a module's state dict (name, dtype, shape, bytes) and
-its config: two models of one architecture with other weights differ, the same weights give the
-same hash wherever they were loaded from. The hash is taken once, when the model is built or
+`module_hash(module)` hashes every tensor of a module's state dict (name, dtype, shape, bytes; fp16
+and bf16 tensors widened to fp32 first, which is exact) and its config: two models of one
+architecture with other weights differ, the same weights give the same hash wherever they were
+loaded from and in whichever precision they hold them exactly (a FLUX folder's bf16 files loaded in
+bf16 on a GPU or in fp32 on a CPU). The hash is taken once, when the model is built or
 loaded, and kept on the module (`weights_hash_of`), so a later cast to fp16 or a move to a GPU
 does not change what the model is said to be.
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 ATTRIBUTE = "_ray_faceid_weights_hash"
+HALF = (torch.float16, torch.bfloat16)
 DIGEST_CHARS = 16
 
 
@@ -43,6 +46,8 @@ def module_hash(module: torch.nn.Module) -> str:
         if ".processor." in name:
             continue
         t = tensor.detach()
+        if t.dtype in HALF:  # widened exactly: the same file's weights hash alike loaded in bf16 (GPU) or fp32
+            t = t.float()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -93,7 +98,7 @@ def cached_module_hash(module: torch.nn.Module, folder: str | Path | None) -> st
     if folder is None or not Path(folder).is_dir():
         digest = module_hash(module)
     else:
-        digest = _remembered(Path(folder), "", lambda: module_hash(module))
+        digest = _remembered(Path(folder), "w2-", lambda: module_hash(module))  # w2: half tensors widened
     record(module, digest)
     return digest
 

@@ -155,3 +155,18 @@ def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_pa
     assert made.exit_code == 0, made.output
     record = read_provenance((tmp_path / "out.png").read_bytes())
     assert record["kind"] == "inpaint" and record["flux_variant"] == "fill" and record["size"] == [40, 32]
+
+
+def test_a_folders_weights_hash_alike_in_bf16_and_fp32(tmp_path, monkeypatch):
+    """FLUX.1's files are bf16: loaded in bf16 on a GPU or in fp32 on a CPU, they are the same model
+    in every artifact's provenance (each load hashed afresh: no cache shared between them)."""
+    base = build_tiny_flux()
+    base.to("cpu", torch.bfloat16)
+    save_flux(base, tmp_path / "flux")
+    hashes = {}
+    for dtype in (torch.bfloat16, None):
+        monkeypatch.setenv("RAY_FACEID_CACHE", str(tmp_path / f"cache-{dtype}"))
+        loaded = load_flux(str(tmp_path / "flux"), dtype)
+        assert loaded.transformer.dtype == (dtype or torch.float32)
+        hashes[dtype] = loaded.model_hash()
+    assert hashes[torch.bfloat16] == hashes[None]
