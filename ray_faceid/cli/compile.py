@@ -40,8 +40,10 @@ def compile_engine(
     identities: int = typer.Option(1, "--identities", min=1, max=4, help="Identities per image."),
     precision: str = typer.Option(
         "auto", "--precision", help="auto | fp32 | fp16 | bf16: the TensorRT graph's precision (auto: fp16); ONNX Runtime "
-        "graphs are fp32; torch.compile: auto is fp16 on CUDA, fp32 on CPU.",
+        "graphs are fp32; torch.compile: auto is fp16 on CUDA (FLUX: bf16), fp32 on CPU.",
     ),
+    flux_transformer_weights: str = typer.Option("same", "--flux-transformer-weights", help="FLUX: same | fp8, as the "
+                                                 "Serve config that will look the artifacts up says."),
 ):
     """Build the UNet engines ahead of time: ONNX graphs, TensorRT plans, or torch.compile's artifacts."""
     from ray_faceid.engines.base import DTYPES
@@ -63,6 +65,21 @@ def compile_engine(
         max_rows = _max_rows(batch)
         width, height = parse_size(size, "--size") if size else (None, None)
         cache = EngineCache(out)
+        from ray_faceid.pipelines.model_ref import resolve_model
+
+        ref = resolve_model(model, flux=True)  # configs only: FLUX compiles its transformer, not a UNet
+        if ref.family != "flux" and flux_transformer_weights != "same":
+            raise BadInput("--flux-transformer-weights is for FLUX models")
+        if ref.family == "flux":
+            if backend != "torch.compile":
+                raise BadInput(f"--backend {backend}: FLUX's transformer compiles with torch.compile only (no ONNX or "
+                               "TensorRT engine yet)")
+            if identities != 1:
+                raise BadInput("--identities: FLUX's transformer is compiled for up to four people a call; leave it out")
+            report = _build_flux(ref, adapter, width, height, max_rows, precision, flux_transformer_weights, cache)
+            console.print(f"compiled {report['buckets']} batch buckets of FLUX's transformer (Inductor artifacts "
+                          f"loaded from the cache: {report['loaded']}, stored: {report['stored']}) in {cache.root}")
+            return
         from ray_faceid.engines.select import BUILDING_AHEAD
 
         ahead = BUILDING_AHEAD.set(True)
@@ -78,6 +95,29 @@ def compile_engine(
     for entry in sorted(cache.root.iterdir()):
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")
+
+
+def _build_flux(ref, adapter, width, height, max_images, precision, transformer_weights, cache) -> dict:
+    """FLUX's transformer compiled for every batch bucket up to `max_images` (no guidance rows on
+    FLUX.1), by the warm-up a Serve replica runs at start, into the engine cache it looks in."""
+    import torch
+
+    from ray_faceid.pipelines.flux import load_flux
+    from ray_faceid.pipelines.flux_sampling import FluxGenerator, resolve_flux_precision
+    from ray_faceid.pipelines.generate import DTYPES
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_flux_precision(precision, device)
+    base = load_flux(ref, DTYPES[precision] if device.type == "cuda" else None)
+    flux_adapter = None
+    if adapter:
+        from ray_faceid.identity.flux_adapter import load_flux_adapter
+
+        flux_adapter = load_flux_adapter(adapter, base.transformer)
+    generator = FluxGenerator(base, flux_adapter, device=device, precision=precision, backend="torch.compile",
+                              transformer_weights=transformer_weights, engine_cache=cache)
+    width, height = (width, height) if width else base.native_size
+    return generator.warm_up([(width, height)], max_images)
 
 
 def _build(model, adapter, width, height, identities, max_rows, backend, precision, cache) -> dict:

@@ -31,7 +31,7 @@ class EngineKey(Settings):
 
     backend: Literal["onnx", "tensorrt", "torch.compile"] = Field(
         ..., description="What the file is: an ONNX graph, a TensorRT plan or Inductor's compiled artifacts.")
-    graph: Literal["unet", "face_encoder"] = Field("unet", description="Which network.")
+    graph: Literal["unet", "face_encoder", "flux_transformer"] = Field("unet", description="Which network.")
     model_hash: str = Field(..., description="BaseModel.model_hash() of the base, or the encoder's spec version.")
     adapter_structure: str | None = Field(None, description="Adapter options and layers (not weights); UNet only.")
     weight_inputs: bool = Field(False, description="ONNX graphs: the adapter's in-layer weights are also inputs.")

@@ -1,4 +1,5 @@
-"""The compiled engine's on-disk artifact: Inductor's compiled code for every warmed-up shape.
+"""The compiled engine's on-disk artifact: Inductor's compiled code for every warmed-up shape (the
+UNet engine's, and FLUX's transformer's: flux_sampling.py).
 
 `torch.compiler.save_cache_artifacts()` collects what Inductor and AOTAutograd compiled in this
 process (kernels, wrapper code, autotuning results); `load_cache_artifacts()` in a fresh process
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ray_faceid.engines.base import device_tag
 from ray_faceid.engines.cache import EngineCache, EngineKey
-from ray_faceid.engines.compiled_engine import CompiledUNetEngine, buckets_for
+from ray_faceid.engines.compiled_engine import buckets_for
 
 log = logging.getLogger(__name__)
 FILENAME = "inductor_artifacts.bin"
@@ -34,18 +36,19 @@ def compiled_key(model_hash: str, adapter_structure: str, shape, precision: str,
                      runtime_version=f"torch {torch.__version__}, {compiler}")
 
 
-def warm_up_cached(engine: CompiledUNetEngine, shapes: list, keys: list[EngineKey], cache: EngineCache) -> dict:
-    """Load the cached artifacts of `keys`, warm up every shape, and store what was missing.
+def warm_up_cached(compiler: str, warm_up: Callable[[], int], keys: list[EngineKey], cache: EngineCache) -> dict:
+    """Load the cached artifacts of `keys`, run `warm_up()` (it compiles every shape they stand for and
+    says how many), and store what was missing. The UNet engine's and FLUX's transformer's alike.
     Returns {"loaded": n, "stored": n, "buckets": n} for the caller's log or readiness report."""
-    if engine.compiler != "inductor":  # the artifacts are Inductor's: another backend has none to keep
-        return {"loaded": 0, "stored": 0, "buckets": engine.warm_up(shapes)}
+    if compiler != "inductor":  # the artifacts are Inductor's: another backend has none to keep
+        return {"loaded": 0, "stored": 0, "buckets": warm_up()}
     loaded = 0
     for key in keys:
         path = cache.lookup(key, FILENAME)
         if path is not None:
             torch.compiler.load_cache_artifacts(path.read_bytes())
             loaded += 1
-    buckets = engine.warm_up(shapes)
+    buckets = warm_up()
     stored = 0
     if loaded < len(keys):
         artifacts = torch.compiler.save_cache_artifacts()

@@ -72,12 +72,15 @@ MAX_FILL_PIXELS = 2 * 1024 * 1024
 
 class FluxGenerator:
     def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto",
-                 backend: str = "torch", text_encoders: str = "same", transformer_weights: str = "same"):
+                 backend: str = "torch", text_encoders: str = "same", transformer_weights: str = "same",
+                 engine_cache=None):
         """`adapter`: a FluxIdentityAdapter (identity/flux_adapter.py), installed on the transformer once.
         `backend` torch.compile: the transformer compiled once per size and batch bucket
         (RAY_FACEID_TORCH_COMPILE_BACKEND, else Inductor): a batch is padded up to its bucket
         (engines/buckets.py) and every call takes the identity inputs of MAX_IDENTITIES people and their
-        patches, so another person, person count, region or strength compiles nothing anew."""
+        patches, so another person, person count, region or strength compiles nothing anew. `engine_cache`:
+        where warm_up finds Inductor's artifacts (`ray-faceid compile`) and stores them (default
+        $RAY_FACEID_CACHE/engines)."""
         from ray_faceid.pipelines.flux_memory import TEXT_ENCODERS, TRANSFORMER_WEIGHTS, store_fp8
 
         if text_encoders not in TEXT_ENCODERS or transformer_weights not in TRANSFORMER_WEIGHTS:
@@ -111,13 +114,14 @@ class FluxGenerator:
             self.adapter_hash = adapter.content_hash()  # of the weights as loaded, before any cast
             adapter.to(self.device, cast)
             adapter.install(base.transformer)
-        self.denoiser = base.transformer
+        self.denoiser, self.engine_cache, self.compiler = base.transformer, engine_cache, None
         if backend == "torch.compile":
             from ray_faceid.engines.compiled_engine import allow_shape_compiles
             from ray_faceid.envs import torch_compile_backend
 
             allow_shape_compiles()  # sizes x batch buckets: past Dynamo's 8 graphs it would run eager, silently
-            self.denoiser = torch.compile(base.transformer, backend=torch_compile_backend(), dynamic=False)
+            self.compiler = torch_compile_backend()
+            self.denoiser = torch.compile(base.transformer, backend=self.compiler, dynamic=False)
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
 
     @torch.no_grad()
@@ -260,16 +264,47 @@ class FluxGenerator:
 
     def warm_up(self, sizes: list[tuple[int, int]], most_images: int) -> dict:
         """torch.compile: every (size, batch bucket) a call of up to `most_images` images can take,
-        compiled now (a Serve replica, before it is ready); eager: nothing to do."""
+        compiled now (a Serve replica, before it is ready; `ray-faceid compile`, ahead), from
+        Inductor's artifacts in the engine cache where they are there and into it where not; eager:
+        nothing to do. Returns {"loaded", "stored", "buckets"}."""
+        from ray_faceid.engines.cache import EngineCache
+        from ray_faceid.engines.compile_artifacts import warm_up_cached
+
         if self.backend != "torch.compile":
             return {"buckets": 0, "note": "FLUX eager: nothing compiled"}
         if self.base.inpainting:
             return {"buckets": 0, "note": "FLUX.1 Fill: each photo size compiles at its first request"}
         buckets = [b for b in BATCH_BUCKETS if b <= batch_bucket(most_images)]
         for width, height in sizes:
-            for bucket in buckets:
-                self.generate_items([GenerationItem("", [], "", 0)] * bucket, steps=1, width=width, height=height)
-        return {"buckets": len(sizes) * len(buckets)}
+            self.check(1, None, width, height)
+
+        def compile_all() -> int:
+            for width, height in sizes:
+                for bucket in buckets:
+                    self.generate_items([GenerationItem("", [], "", 0)] * bucket, steps=1, width=width, height=height)
+            return len(sizes) * len(buckets)
+
+        keys = [self.engine_key(width, height, buckets) for width, height in sizes]
+        return warm_up_cached(self.compiler, compile_all, keys, self.engine_cache or EngineCache())
+
+    def engine_key(self, width: int, height: int, buckets: list[int]):
+        """The engine cache's key of the compiled transformer at one size: what its code depends on."""
+        from ray_faceid.engines.base import device_tag
+        from ray_faceid.engines.cache import EngineKey
+        from ray_faceid.pipelines.generate import MAX_IDENTITIES
+
+        adapter = self.adapter
+        structure = "no identity" if adapter is None else (
+            f"FLUX IP-Adapter: {adapter.tokens_per_person} tokens of {adapter.width} from {adapter.embed_dim}-d "
+            f"embeddings on {len(adapter.to_k_ip)} dual-stream blocks, {MAX_IDENTITIES} people a call")
+        if self.transformer_weights == "fp8":
+            structure += "; fp8 transformer weights"
+        f = self.base.vae_scale_factor
+        return EngineKey(backend="torch.compile", graph="flux_transformer", model_hash=self.base.model_hash(),
+                         adapter_structure=structure, batch=(1, buckets[0], buckets[-1]), buckets=tuple(buckets),
+                         latent=(height // f, width // f), identities=None if adapter is None else MAX_IDENTITIES,
+                         tokens=None if adapter is None else adapter.tokens_per_person, precision=self.precision,
+                         device=device_tag(self.device), runtime_version=f"torch {torch.__version__}, {self.compiler}")
 
     @torch.no_grad()
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, identities: list | None = None, seed: int = 0,

@@ -192,4 +192,4 @@ class UNetRuntime:
         structure, model_hash, engine = adapter_structure(self.adapter), self.base.model_hash(), self.compiled_engine()
         keys = [compiled_key(model_hash, structure, shape, self.precision, self.device, engine.compiler)
                 for shape in shapes]
-        return warm_up_cached(engine, shapes, keys, self.engine_cache or EngineCache())
+        return warm_up_cached(engine.compiler, lambda: engine.warm_up(shapes), keys, self.engine_cache or EngineCache())

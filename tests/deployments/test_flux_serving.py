@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tests.identity.test_face_plus import image_encoder_folder  # noqa: F401 - a fixture: a tiny CLIP, 16-d embeds
 from tests.pipelines.test_flux_identity import xlabs_state_dict
 
-TOKENS = {"acme": "acme-token-0123456789abcdef"}
+TOKENS = {"acme": "acme-token-0123456789abcdef", "other": "other-token-0123456789abcdef"}
 
 
 def request(identities: list[dict], seed: int, **extra) -> dict:
@@ -152,5 +152,21 @@ def test_the_flux_app_answers_over_http(ray_cluster, tmp_path, loopback_port, im
             assert provenance["base_family"] == "flux" and provenance["identities"][0]["id"] == enrolled.json()["id"]
             refused = client.post("/v1/generate", json={**body, "negative_prompt": "blurry"}, headers=headers)
             assert refused.status_code == 422 and "negative_prompt: not built for FLUX yet" in refused.text
+            # Another tenant's token, as an attacker would hold it: acme's person is nowhere to be found,
+            # by name or id, and their requests sent at once (one batch) each get only their own answer.
+            attacker = {"Authorization": f"Bearer {TOKENS['other']}"}
+            assert client.get("/v1/identities", headers=attacker).json()["identities"] == []
+            tom = enrolled.json()["id"]
+            assert client.get(f"/v1/identities/{tom}", headers=attacker).status_code == 404
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(3) as pool:
+                own, by_id, by_name = pool.map(
+                    lambda sent: client.post("/v1/generate", json=sent[0], headers=sent[1]),
+                    [(body, headers), ({**body, "identities": [{"id": tom}]}, attacker), (body, attacker)])
+            assert own.status_code == 200 and own.json()["images"][0]["png_base64"] == made.json()["images"][0][
+                "png_base64"]
+            assert by_id.status_code == 404 and by_name.status_code == 404, (by_id.text, by_name.text)
+            assert "tom" not in by_id.text and tom not in by_name.text
     finally:
         serve.shutdown()

@@ -277,7 +277,7 @@ def test_the_compiled_transformer_takes_people_as_inputs(files):
     base = load_flux(str(files / "flux"))
     compiled = FluxGenerator(base, load_flux_adapter(str(files / "ip_adapter.safetensors"), base.transformer),
                              backend="torch.compile")
-    assert compiled.warm_up([(SIZE, SIZE)], 2) == {"buckets": 2}  # batch buckets 1 and 2
+    assert compiled.warm_up([(SIZE, SIZE)], 2)["buckets"] == 2  # batch buckets 1 and 2
     graphs = counters["stats"]["unique_graphs"]
     first = image(compiled, [IdentityCondition("a", embedding(1))])
     others = [image(compiled, [IdentityCondition("b", embedding(k), scale=0.5 + k / 4)]) for k in (2, 3)]
