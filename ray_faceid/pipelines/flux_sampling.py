@@ -237,6 +237,8 @@ class FluxGenerator:
         """One image per GenerationItem (its prompt, people and seed), denoised in one batch: requests
         and catalog rows of different people and prompts share the transformer's calls. Each image is
         the one `generate` makes of its item alone."""
+        if not items:
+            return GenerationResult([], [], [], [])
         asked = sampler is not None and (sampler.name or sampler.overrides)  # None or the base's own: taken
         if asked or any(item.negative_prompt for item in items):
             raise BadInput("a sampler or negative prompt: not built for FLUX yet (FLUX.1 is guidance-distilled; its "
