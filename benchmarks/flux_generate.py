@@ -87,7 +87,7 @@ def main() -> None:
 
     from ray_faceid.pipelines.flux import build_tiny_flux
     from ray_faceid.pipelines.flux_sampling import FluxGenerator
-    from ray_faceid.pipelines.generate import IdentityCondition
+    from ray_faceid.pipelines.generate import GenerationItem, IdentityCondition
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -131,8 +131,28 @@ def main() -> None:
     for person in people[1:]:  # another person: their tokens are inputs, not constants of the graph
         generator.generate(PROMPT, person, steps=args.steps, width=size, height=size)
     recompiles = counters["stats"]["unique_graphs"] - graphs
-    rows.append((f"ray_faceid, --backend torch.compile ({'Dynamo eager backend: smoke' if args.smoke else 'Inductor'})",
-                 compiled_s))
+    compiler = "Dynamo eager backend: smoke" if args.smoke else "Inductor"
+    rows.append((f"ray_faceid, --backend torch.compile ({compiler})", compiled_s))
+    # Serve's and render's batches: four requests of other people and seeds denoised together.
+    items = [GenerationItem(PROMPT, people[k % len(people)], "", k) for k in range(4)]
+
+    def batched():
+        generator.generate_items(items, steps=args.steps, width=size, height=size)
+
+    batched()  # compiles the bucket of 4
+    rows.append(("ray_faceid, torch.compile, 4 people's requests in one batch (per image)",
+                 timed(batched, args.repeats) / len(items)))
+    # fp8 transformer weights (last: it narrows the shared base's transformer in place).
+    fp8 = FluxGenerator(base, adapter, device=device, precision=generator.precision, backend="torch.compile",
+                        transformer_weights="fp8")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fp8.generate(PROMPT, people[0], steps=args.steps, width=size, height=size)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+    rows.append((f"ray_faceid, torch.compile, fp8 transformer weights"
+                 f"{f' (peak {peak:.1f} GB)' if peak else ''}",
+                 timed(lambda: fp8.generate(PROMPT, people[0], steps=args.steps, width=size, height=size),
+                       args.repeats)))
     lines = [f"## FLUX.1-dev with identity ({time.strftime('%Y-%m-%d')}{', smoke: tiny-flux' if args.smoke else ''})", "",
              f"{machine_line()}, {device}, {str(dtype).removeprefix('torch.')}, {size}x{size}, {args.steps} steps, "
              f"guidance 3.5, one person (FLUX IP-Adapter), median of {args.repeats}.", "",
