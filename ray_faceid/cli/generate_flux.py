@@ -83,8 +83,11 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
     from ray_faceid.pipelines.flux_sampling import FluxGenerator
 
     if people and not adapter_uri:
+        photos = any(not hasattr(value, "shape") for value in people.values())  # not only embedding files
+        also = " and --image-encoder FOLDER (the CLIP vision folder it reads photos through)" if photos and not \
+            image_encoder else ""
         raise BadInput(f"{ref.name}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the XLabs FLUX "
-                       "IP-Adapter layout)")
+                       f"IP-Adapter layout){also}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant)
     base = load_flux(ref, torch.bfloat16 if device == "cuda" else None)  # FLUX's own dtype on a GPU

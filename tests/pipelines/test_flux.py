@@ -80,6 +80,7 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait", "--ref",
                                        str(sample_photos["Tom_Hanks_54745.png"]), "--out", str(out)])
     assert refused.exit_code == 2 and "identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE" in refused.stderr
+    assert "and --image-encoder FOLDER" in refused.stderr  # both missing: both named at once
     refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait",
                                        "--negative-prompt", "blurry", "--scheduler", "euler", "--out", str(out)])
     assert refused.exit_code == 2 and "--scheduler, --negative-prompt: not built for FLUX yet" in refused.stderr
