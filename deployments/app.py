@@ -129,14 +129,12 @@ def check_flux_memory(config: ServeConfig) -> None:
     ref = resolve_model(config.model, flux=True)
     if ref.kind not in ("folder", "tiny"):
         return  # its weights are not here: the replica checks its size before it loads
-    precision = resolve_flux_precision(config.precision, torch.device("cuda"))
-    options = dict(text_encoders=config.flux_text_encoders, transformer_weights=config.flux_transformer_weights)
-    if ref.kind == "tiny":
-        from ray_faceid.pipelines.flux import load_flux
+    from ray_faceid.pipelines.generate import parse_size
 
-        plan = flux_memory.plan_of_base(load_flux(ref), precision, **options)
-    else:
-        plan = flux_memory.plan_of_folder(ref.local_folder(), precision, **options)
+    plan = flux_memory.replica_plan(
+        ref, resolve_flux_precision(config.precision, torch.device("cuda")), config.flux_text_encoders,
+        config.flux_transformer_weights, config.generator_batch_size * config.limits.max_images,
+        [parse_size(size, "warm_up_sizes") for size in config.warm_up_sizes], config.adapter, config.image_encoder)
     # A fractional replica shares its GPU: it may count on its share of the memory only.
     share = config.generator_gpu_memory_gb * 1e9 * min(1.0, config.generator_gpus)
     flux_memory.check_fits(plan, int(share), f"generator_gpu_memory_gb {config.generator_gpu_memory_gb:g} x "

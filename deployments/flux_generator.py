@@ -18,15 +18,16 @@ from ray_faceid.errors import BadInput
 from ray_faceid.registry_secret import never_create_here
 
 
-def fits_this_gpu(model: str, precision: str, **memory) -> str:
+def fits_this_gpu(config: ServeConfig, precision: str) -> str:
     """The replica's memory plan (flux_memory.py), checked against this GPU's free memory; its line."""
     from ray_faceid.pipelines import flux_memory
-    from ray_faceid.pipelines.flux import load_flux
+    from ray_faceid.pipelines.generate import parse_size
     from ray_faceid.pipelines.model_ref import resolve_model
 
-    ref = resolve_model(model, flux=True)
-    plan = (flux_memory.plan_of_base(load_flux(ref), precision, **memory) if ref.kind == "tiny" else
-            flux_memory.plan_of_folder(ref.local_folder(weights=True), precision, **memory))
+    plan = flux_memory.replica_plan(
+        resolve_model(config.model, flux=True), precision, config.flux_text_encoders, config.flux_transformer_weights,
+        config.generator_batch_size * config.limits.max_images,
+        [parse_size(size, "warm_up_sizes") for size in config.warm_up_sizes], config.adapter, config.image_encoder)
     free, _ = torch.cuda.mem_get_info()
     flux_memory.check_fits(plan, free, "this replica's GPU (free memory)")
     return plan.line()
@@ -45,7 +46,7 @@ class FluxServeGenerator(Generator):
         memory = dict(text_encoders=config.flux_text_encoders, transformer_weights=config.flux_transformer_weights)
         self.memory_plan = None  # the CPU's memory is the machine's: not planned
         if device == "cuda":  # before anything loads: one line instead of an out-of-memory error halfway
-            self.memory_plan = fits_this_gpu(config.model, precision, **memory)
+            self.memory_plan = fits_this_gpu(config, precision)
         base = load_flux(config.model, DTYPES[precision] if device == "cuda" else None)
         adapter, self.encoder = None, None
         if config.adapter:
@@ -133,7 +134,10 @@ class FluxServeGenerator(Generator):
                 taken.append(i)
             except BadInput as exc:
                 out[i] = failure_body(exc)
-        made = await super()._generate_group([requests[i] for i in taken]) if taken else []
+        try:
+            made = await super()._generate_group([requests[i] for i in taken]) if taken else []
+        except Exception as exc:  # noqa: BLE001 - the batch's failure is its requests', not the refused ones'
+            made = [failure_body(exc)] * len(taken)
         for i, answer in zip(taken, made):
             out[i] = answer
         return out
@@ -148,7 +152,10 @@ class FluxServeGenerator(Generator):
         limits = self.config.limits
         decode = limits.decode(max_side=limits.max_side)
         image, mask = decode_image(request["image"], decode), decode_image(request["mask"], decode)
-        cost = image.shape[0] * image.shape[1] * request["steps"]
+        from ray_faceid.pipelines.flux_sampling import MAX_FILL_PIXELS
+
+        # What is repainted: a photo over FLUX's pixel budget at the budget (flux_sampling.py).
+        cost = min(image.shape[0] * image.shape[1], MAX_FILL_PIXELS) * request["steps"]
         if cost > limits.max_cost:
             raise BadInput(f"inpainting a {image.shape[1]}x{image.shape[0]} photo in {request['steps']} steps is "
                            f"{cost} pixel-steps, over this deployment's {limits.max_cost}: send a smaller photo or "

@@ -296,9 +296,11 @@ class ServeConfig(Settings):
     )
     generator_gpus: float = Field(0.0, ge=0, description="GPUs per Generator replica (1 on GPU clusters).")
     generator_gpu_memory_gb: float | None = Field(None, gt=0, description="FLUX: the memory of the GPU a Generator "
-                                                  "replica runs on; with it, whether the model fits (weights x 1.15) "
-                                                  "is checked when the config is read. A replica checks its own GPU's "
-                                                  "free memory before loading either way.")
+                                                  "replica runs on (with generator_gpus > 0); with it, whether a local "
+                                                  "folder's model fits (weights, adapter, image encoder and the "
+                                                  "largest batch's activations) is checked when the config is read. A "
+                                                  "replica checks its own GPU's free memory before loading either way "
+                                                  "(a URI's or hub id's model only there).")
     flux_text_encoders: Literal["same", "cpu"] = Field("same", description="FLUX: where T5 and CLIP encode prompts: "
                                                        "same (the Generator's device) or cpu (FLUX.1's 9.5 GB of text "
                                                        "encoders off the GPU; each prompt takes seconds).")

@@ -1,10 +1,10 @@
 """What made an artifact: hashes of model WEIGHTS (never of configs or ids alone).
 
-`module_hash(module)` hashes every tensor of a module's state dict (name, dtype, shape, bytes; fp16
-and bf16 tensors widened to fp32 first, which is exact) and its config: two models of one
-architecture with other weights differ, the same weights give the same hash wherever they were
-loaded from and in whichever precision they hold them exactly (a FLUX folder's bf16 files loaded in
-bf16 on a GPU or in fp32 on a CPU). The hash is taken once, when the model is built or
+`module_hash(module)` hashes every tensor of a module's state dict (name, dtype, shape, bytes) and
+its config: two models of one architecture with other weights differ, the same weights give the
+same hash wherever they were loaded from. Models loaded in another precision by device (FLUX: bf16
+on a GPU, fp32 on a CPU) are hashed with their fp16 / bf16 tensors widened to fp32 first (exact), so
+the same files are one model on both. The hash is taken once, when the model is built or
 loaded, and kept on the module (`weights_hash_of`), so a later cast to fp16 or a move to a GPU
 does not change what the model is said to be.
 
@@ -38,15 +38,16 @@ def _config_of(module) -> dict:
     return {k: v for k, v in items if not str(k).startswith("_") and k not in METADATA_KEYS}
 
 
-def module_hash(module: torch.nn.Module) -> str:
+def module_hash(module: torch.nn.Module, widen_half: bool = False) -> str:
     """sha256 of the module's config and every tensor of its state dict, in name order. Identity
-    attention processors installed in a UNet are not part of the base: their tensors are skipped."""
+    attention processors installed in a UNet are not part of the base: their tensors are skipped.
+    `widen_half`: fp16 / bf16 tensors hashed as fp32 (a model loaded in either precision by device)."""
     h = hashlib.sha256(json.dumps(_config_of(module), sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         if ".processor." in name:
             continue
         t = tensor.detach()
-        if t.dtype in HALF:  # widened exactly: the same file's weights hash alike loaded in bf16 (GPU) or fp32
+        if widen_half and t.dtype in HALF:  # exact: the same file's weights alike in bf16 (GPU) or fp32
             t = t.float()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
@@ -92,13 +93,13 @@ def _remembered(folder: Path, kind: str, compute) -> str:
     return digest
 
 
-def cached_module_hash(module: torch.nn.Module, folder: str | Path | None) -> str:
+def cached_module_hash(module: torch.nn.Module, folder: str | Path | None, widen_half: bool = False) -> str:
     """module_hash, remembered for the files of `folder` it was loaded from (unchanged files,
     same hash); recorded on the module either way."""
     if folder is None or not Path(folder).is_dir():
-        digest = module_hash(module)
+        digest = module_hash(module, widen_half)
     else:
-        digest = _remembered(Path(folder), "w2-", lambda: module_hash(module))  # w2: half tensors widened
+        digest = _remembered(Path(folder), "w2-" if widen_half else "", lambda: module_hash(module, widen_half))
     record(module, digest)
     return digest
 

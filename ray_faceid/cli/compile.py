@@ -32,7 +32,9 @@ def compile_engine(
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
     batch: str = typer.Option("8", "--batch", help="The most UNet rows a call runs (classifier-free guidance "
-                              "doubles rows: 8 = 4 images). Engines are built for the batch buckets requests look up "
+                              "doubles rows: 8 = 4 images; FLUX: the most images, no rows doubled, a Serve replica's "
+                              "generator_batch_size x limits.max_images, 16 by default). Engines are built for the "
+                              "batch buckets requests look up "
                               "(ONNX Runtime: one graph for any batch; TensorRT and torch.compile: each bucket up to "
                               "MAX). The older MIN:OPT:MAX form is accepted; only MAX counts."),
     size: Optional[str] = typer.Option(None, "--size", help="Image WxH the engine serves; default: the model's "
@@ -76,6 +78,9 @@ def compile_engine(
                                "TensorRT engine yet)")
             if identities != 1:
                 raise BadInput("--identities: FLUX's transformer is compiled for up to four people a call; leave it out")
+            if ref.inpainting:
+                raise BadInput(f"{ref.name} is FLUX.1 Fill: it repaints each photo at the photo's own size, so there "
+                               "is no size to compile ahead (a replica compiles each at its first request)")
             report = _build_flux(ref, adapter, width, height, max_rows, precision, flux_transformer_weights, cache)
             console.print(f"compiled {report['buckets']} batch buckets of FLUX's transformer (Inductor artifacts "
                           f"loaded from the cache: {report['loaded']}, stored: {report['stored']}) in {cache.root}")

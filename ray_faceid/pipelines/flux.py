@@ -232,7 +232,7 @@ def _from_diffusers_layout(source: str, model_id: str, dtype: torch.dtype | None
         "text_encoder_2": T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **cast),
     }
     for name, module in components.items():  # hashed once per machine for a local folder's files
-        cached_module_hash(module, Path(source) / name)
+        cached_module_hash(module, Path(source) / name, widen_half=True)  # bf16 on a GPU, fp32 on a CPU
     base = FluxBase(**components, tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
                     tokenizer_2=AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
                     scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler"),

@@ -28,7 +28,11 @@ TRANSFORMER_WEIGHTS = ("same", "fp8")
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 FP8_MAX = 448.0  # the largest finite float8 e4m3 value
-HEADROOM = 1.15  # activations and the allocator's slack at FLUX's native size, above the weights
+HEADROOM = 1.05  # the allocator's slack, above the weights and the estimated activations
+# Live tensors of one block's call, in hidden widths a token: its attention's Q, K, V and output, the
+# single-stream block's 4x MLP beside them, the residuals (counted on FLUX.1's blocks).
+ACTIVATION_WIDTHS = 16
+TEXT_TOKENS = 512  # FluxPipeline's T5 sequence, joint with the image's patches
 GB = 1e9
 
 
@@ -50,6 +54,17 @@ class Float8Linear(nn.Module):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
+def check_fp8(device: torch.device, backend: str) -> None:
+    """fp8 weights compiled on CUDA: Inductor reads them with Triton's float8 loads, which need compute
+    capability 8.9 or more (Ada, Hopper); older GPUs fail in the middle of the warm-up without it."""
+    if device.type == "cuda" and backend == "torch.compile":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise BadInput(f"fp8 transformer weights with torch.compile need a GPU of compute capability 8.9 or more "
+                           f"(Ada, Hopper); {torch.cuda.get_device_name(device)} is sm_{major}{minor}: use backend "
+                           "torch with fp8, or the precision's own weights")
+
+
 def store_fp8(module: nn.Module) -> int:
     """Every Linear of `module` (the transformer) replaced by a Float8Linear; how many."""
     replaced = 0
@@ -69,6 +84,12 @@ class MemoryPlan:
     text_encoders: str
     transformer_weights: str
     components: dict[str, int] = field(default_factory=dict)
+    hidden: int = 0
+    """The transformer's hidden width (activations scale with it)."""
+    widest_linear: int = 0
+    """Elements of its largest linear weight: fp8 widens one such copy at a time."""
+    activations: int = 0
+    calls: str = ""
 
     @property
     def gpu_bytes(self) -> int:
@@ -77,14 +98,28 @@ class MemoryPlan:
 
     @property
     def needed_bytes(self) -> int:
-        return int(self.gpu_bytes * HEADROOM)
+        return int((self.gpu_bytes + self.activations) * HEADROOM)
+
+    def for_calls(self, images: int, width: int, height: int, extra: dict[str, int] | None = None) -> "MemoryPlan":
+        """This plan with what a replica runs beside the base: `extra` weights (an identity adapter, an
+        image encoder) and the activations of its largest call, `images` images at width x height
+        (estimated: the joint sequence x hidden width x ACTIVATION_WIDTHS)."""
+        tokens = TEXT_TOKENS + (height // 16) * (width // 16)  # 8x VAE, 2x2 patches
+        activations = images * tokens * self.hidden * BYTES[self.precision] * ACTIVATION_WIDTHS
+        if self.transformer_weights == "fp8":
+            activations += self.widest_linear * BYTES[self.precision]
+        return MemoryPlan(self.precision, self.text_encoders, self.transformer_weights,
+                          {**self.components, **(extra or {})}, self.hidden, self.widest_linear, activations,
+                          f"{images} images at {width}x{height}")
 
     def line(self) -> str:
         where = {name: "cpu" if self.text_encoders == "cpu" and name.startswith("text_encoder") else "gpu"
                  for name in self.components}
         parts = ", ".join(f"{name} {gigabytes(size)} ({where[name]})" for name, size in self.components.items())
         weights = f"{self.precision}, fp8 transformer weights" if self.transformer_weights == "fp8" else self.precision
-        return f"FLUX in {weights}: {parts}; {gigabytes(self.needed_bytes)} of GPU memory with activations (x{HEADROOM})"
+        run = f"; activations of {self.calls} about {gigabytes(self.activations)}" if self.calls else ""
+        return (f"FLUX in {weights}: {parts}{run}; {gigabytes(self.needed_bytes)} of GPU memory with "
+                f"{round((HEADROOM - 1) * 100)} % slack")
 
 
 def gigabytes(size: float) -> str:
@@ -109,6 +144,10 @@ def plan_from_shapes(shapes: dict[str, list[tuple[str, tuple[int, ...]]]], preci
             fp8 = transformer_weights == "fp8" and component == "transformer" and len(shape) == 2 and name.endswith(
                 "weight")
             total += count + shape[0] * width if fp8 else count * width
+            if component == "transformer" and len(shape) == 2:
+                plan.widest_linear = max(plan.widest_linear, count)
+                if name.endswith("x_embedder.weight"):  # the patches' projection to the hidden width
+                    plan.hidden = shape[0]
         plan.components[component] = total
     return plan
 
@@ -145,6 +184,35 @@ def module_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
             seen.add(id(tensor))
             shapes.append((key, tuple(tensor.shape)))
     return shapes
+
+
+def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: str, images: int,
+                 sizes: list[tuple[int, int]], adapter: str | None = None, image_encoder: str | None = None) -> MemoryPlan:
+    """A Serve replica's plan: the base (a folder's headers; a tiny one built), its identity adapter and
+    image encoder (their files' sizes), and the activations of its largest batch (`images` at the
+    largest of `sizes`, else the native 1024 px; a tiny base's 32)."""
+    if ref.kind == "tiny":
+        from ray_faceid.pipelines.flux import load_flux
+
+        plan = plan_of_base(load_flux(ref), precision, text_encoders, transformer_weights)
+    else:
+        plan = plan_of_folder(ref.local_folder(weights=True), precision, text_encoders, transformer_weights)
+    side = 32 if ref.kind == "tiny" else 1024
+    width, height = max(sizes, key=lambda wh: wh[0] * wh[1]) if sizes else (side, side)
+    extra = {name: _local_bytes(path) for name, path in (("FLUX IP-Adapter", adapter),
+                                                          ("CLIP image encoder", image_encoder)) if path}
+    return plan.for_calls(images, width, height, extra)
+
+
+def _local_bytes(path: str) -> int:
+    """A file's or a folder's weights' bytes on this machine (0 for a URI: counted on the replica)."""
+    local = Path(path.removeprefix("file://"))
+    if local.is_file():
+        return local.stat().st_size
+    if local.is_dir():
+        return sum(p.stat().st_size for p in local.glob("*.safetensors")) or sum(
+            p.stat().st_size for p in local.glob("*.bin"))
+    return 0
 
 
 def check_fits(plan: MemoryPlan, free_bytes: int, where: str) -> None:

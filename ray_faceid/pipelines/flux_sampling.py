@@ -81,7 +81,7 @@ class FluxGenerator:
         patches, so another person, person count, region or strength compiles nothing anew. `engine_cache`:
         where warm_up finds Inductor's artifacts (`ray-faceid compile`) and stores them (default
         $RAY_FACEID_CACHE/engines)."""
-        from ray_faceid.pipelines.flux_memory import TEXT_ENCODERS, TRANSFORMER_WEIGHTS, store_fp8
+        from ray_faceid.pipelines.flux_memory import TEXT_ENCODERS, TRANSFORMER_WEIGHTS, check_fp8, store_fp8
 
         if text_encoders not in TEXT_ENCODERS or transformer_weights not in TRANSFORMER_WEIGHTS:
             raise BadInput(f"text_encoders is {' or '.join(TEXT_ENCODERS)} and transformer_weights "
@@ -92,17 +92,18 @@ class FluxGenerator:
         self.text_encoders, self.transformer_weights = text_encoders, transformer_weights
         # text_encoders cpu: T5 and CLIP encode on the CPU (memory planned in flux_memory.py).
         self.text_device = torch.device("cpu") if text_encoders == "cpu" else self.device
-        # fp32 modules stay as they are; a folder loaded in the precision is not cast again (diffusers
-        # warns at every cast).
-        cast = None if DTYPES[self.precision] == torch.float32 else DTYPES[self.precision]
+        # Every module in the precision (a bf16 folder's text encoders load in bf16 even where the rest is
+        # fp32); one already in it is not cast again (diffusers warns at every cast).
+        cast = DTYPES[self.precision]
         for name, module in base.modules.items():
             target = self.text_device if name.startswith("text_encoder") else self.device
-            narrow = cast is not None and module.dtype != cast
+            narrow = module.dtype != cast
             if name == "transformer" and transformer_weights == "fp8":
                 # Narrowed where it was loaded, then moved: the GPU never holds the wide weights, and a
                 # cast after it would widen the float8 buffers again.
                 if narrow:
                     module.to(dtype=cast)
+                check_fp8(self.device, backend)
                 store_fp8(module)
                 module.to(target)
             else:
@@ -245,12 +246,19 @@ class FluxGenerator:
                            "sampler is its own flow-matching Euler)")
         steps, guidance, width, height = self._defaults(steps, guidance, width, height)
         self.check(steps, guidance, width, height)
+        # This call's progress and cancellation, read once: while it pauses between steps another request
+        # may run and set on_step for itself (deployments/turns.py).
+        callback = self.on_step
+        if self.backend != "torch.compile" or len(items) <= BATCH_BUCKETS[-1]:
+            return self._generate_batch(items, steps, guidance, width, height, callback)
+        parts = [self._generate_batch(items[i : i + BATCH_BUCKETS[-1]], steps, guidance, width, height, callback)
+                 for i in range(0, len(items), BATCH_BUCKETS[-1])]  # the largest bucket at a time
+        return GenerationResult(*(sum((getattr(p, field) for p in parts), []) for field in
+                                  ("images", "png", "provenance", "seeds")))
+
+    def _generate_batch(self, items: list, steps: int, guidance: float | None, width: int, height: int,
+                        callback) -> GenerationResult:
         compiled = self.backend == "torch.compile"
-        if compiled and len(items) > BATCH_BUCKETS[-1]:  # the largest bucket at a time
-            parts = [self.generate_items(items[i : i + BATCH_BUCKETS[-1]], steps, guidance, width, height)
-                     for i in range(0, len(items), BATCH_BUCKETS[-1])]
-            return GenerationResult(*(sum((getattr(p, field) for p in parts), []) for field in
-                                      ("images", "png", "provenance", "seeds")))
         # Compiled: padded up to the batch bucket with copies of the last image, made and dropped.
         padded = items + [items[-1]] * (batch_bucket(len(items)) - len(items)) if compiled else items
         f = self.base.vae_scale_factor
@@ -261,7 +269,7 @@ class FluxGenerator:
                                        generator=torch.Generator("cpu").manual_seed(item.seed)) for item in padded])
         rows = [item.identities for item in padded]
         latents = self._denoise([item.prompt for item in padded], rows, pack(noise.to(self.device)), None, steps,
-                                guidance, h, w)
+                                guidance, h, w, callback)
         return self._result(items, latents, steps, guidance, width, height)
 
     def warm_up(self, sizes: list[tuple[int, int]], most_images: int) -> dict:
@@ -286,11 +294,14 @@ class FluxGenerator:
                     self.generate_items([GenerationItem("", [], "", 0)] * bucket, steps=1, width=width, height=height)
             return len(sizes) * len(buckets)
 
-        keys = [self.engine_key(width, height, buckets) for width, height in sizes]
+        # A key per (size, bucket): `compile --batch 8` serves a replica whose batches reach 16 for the
+        # buckets they share.
+        keys = [self.engine_key(width, height, bucket) for width, height in sizes for bucket in buckets]
         return warm_up_cached(self.compiler, compile_all, keys, self.engine_cache or EngineCache())
 
-    def engine_key(self, width: int, height: int, buckets: list[int]):
-        """The engine cache's key of the compiled transformer at one size: what its code depends on."""
+    def engine_key(self, width: int, height: int, bucket: int):
+        """The engine cache's key of the compiled transformer at one size and batch bucket: what its
+        code depends on."""
         from ray_faceid.engines.base import device_tag
         from ray_faceid.engines.cache import EngineKey
         from ray_faceid.pipelines.generate import MAX_IDENTITIES
@@ -303,7 +314,7 @@ class FluxGenerator:
             structure += "; fp8 transformer weights"
         f = self.base.vae_scale_factor
         return EngineKey(backend="torch.compile", graph="flux_transformer", model_hash=self.base.model_hash(),
-                         adapter_structure=structure, batch=(1, buckets[0], buckets[-1]), buckets=tuple(buckets),
+                         adapter_structure=structure, batch=(bucket, bucket, bucket), buckets=(bucket,),
                          latent=(height // f, width // f), identities=None if adapter is None else MAX_IDENTITIES,
                          tokens=None if adapter is None else adapter.tokens_per_person, precision=self.precision,
                          device=device_tag(self.device), runtime_version=f"torch {torch.__version__}, {self.compiler}")
@@ -333,7 +344,9 @@ class FluxGenerator:
         if scale < 1:
             size = (max(1, int(full_w * scale)), max(1, int(full_h * scale)))
             image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
-            gray = np.asarray(Image.fromarray(full_gray).resize(size, Image.Resampling.BILINEAR))
+            # Any coverage repaints a reduced pixel: the repainted part then covers the whole mask.
+            gray = np.asarray(Image.fromarray(full_gray).resize(size, Image.Resampling.BOX))
+            gray = np.where(gray > 0, 255, 0).astype(np.uint8)
         height, width = image.shape[:2]
         multiple = base.size_multiple
         padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
@@ -362,7 +375,8 @@ class FluxGenerator:
         masked = pack(latents_of(pixels * (1 - hole)))
         packed_mask = pack(hole[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w))
         condition = torch.cat([masked, packed_mask], dim=-1)
-        latents = self._denoise([prompt], [identities], noise, condition, steps, guidance, h, w, start=image_latents)
+        latents = self._denoise([prompt], [identities], noise, condition, steps, guidance, h, w, self.on_step,
+                                start=image_latents)
         result = self._result([GenerationItem(prompt, identities, "", seed)], latents, steps, guidance, padded_w,
                               padded_h, "inpaint")
         painted = result.images[0].crop((0, 0, width, height))
@@ -376,7 +390,8 @@ class FluxGenerator:
         return GenerationResult([out], [png_with_provenance(out, record)], [record], [seed])
 
     def _denoise(self, prompts: list[str], rows: list[list], latents: torch.Tensor, condition: torch.Tensor | None,
-                 steps: int, guidance: float | None, h: int, w: int, start: torch.Tensor | None = None) -> torch.Tensor:
+                 steps: int, guidance: float | None, h: int, w: int, callback=None,
+                 start: torch.Tensor | None = None) -> torch.Tensor:
         """Packed latents denoised from `latents` (packed noise; Fill: the unpacked noise, put on the
         schedule's first sigma over the photo's latents `start`), image k with prompts[k] and the
         people rows[k]; `condition`: Fill's packed masked photo and mask, beside the latents."""
@@ -396,7 +411,6 @@ class FluxGenerator:
         embedded = None
         if base.guidance_embedded:
             embedded = torch.full([batch], guidance, device=self.device, dtype=torch.float32)
-        callback = self.on_step
         if callback is not None:
             callback(0, len(scheduler.timesteps))
         transformer = base.transformer

@@ -102,6 +102,9 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
                                         "2", "--size", "32x32", "--out", str(tmp_path / "engines")])
     assert compiled.exit_code == 0, compiled.output
     assert "compiled 2 batch buckets of FLUX's transformer" in " ".join(compiled.stdout.split())
+    fill = CliRunner().invoke(app, ["compile", "--model", "tiny-flux-fill", "--backend", "torch.compile", "--out",
+                                    str(tmp_path / "engines")])
+    assert fill.exit_code == 2 and "is FLUX.1 Fill" in fill.stderr, fill.output  # a KeyError before
     from deployments.app import resolve_config
     from ray_faceid.config import ServeConfig
 
@@ -177,3 +180,7 @@ def test_a_folders_weights_hash_alike_in_bf16_and_fp32(tmp_path, monkeypatch):
         assert loaded.transformer.dtype == (dtype or torch.float32)
         hashes[dtype] = loaded.model_hash()
     assert hashes[torch.bfloat16] == hashes[None]
+    # In fp32 on the CPU, every module runs in fp32 (transformers loads the text encoders in the files'
+    # bf16 where diffusers widens the transformer: a dtype mismatch before).
+    made = FluxGenerator(loaded, precision="fp32").generate("a portrait", steps=1)
+    assert made.images[0].size == (32, 32)

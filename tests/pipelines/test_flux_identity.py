@@ -266,7 +266,7 @@ def test_photos_read_through_the_clip_image_encoder_as_diffusers_reads_them(file
     assert np.abs(got - image(ours(files), [IdentityCondition("tom", crops)])).max() <= 1
 
 
-def test_the_compiled_transformer_takes_people_as_inputs(files):
+def test_the_compiled_transformer_takes_people_as_inputs(files, monkeypatch):
     """--backend torch.compile (the suite's Dynamo backend, tests/conftest.py): the image of the
     eager transformer; another person, strength, person count, region or nobody compiles nothing
     anew, and a batch compiles once per batch bucket (padded up to it)."""
@@ -294,4 +294,18 @@ def test_the_compiled_transformer_takes_people_as_inputs(files):
     again = compiled.generate_items(items + items[:1], steps=STEPS, width=SIZE, height=SIZE)
     assert counters["stats"]["unique_graphs"] == graphs + 1 and again.png[:3] == three.png
     assert np.abs(np.asarray(three.images[1]).astype(int) - image(eager, items[1].identities, seed=2)).max() <= 1
+    # Above the largest bucket, in chunks; each chunk reports to this call's progress, not to another
+    # request's that set on_step while this one paused between steps (Serve's turns).
+    from ray_faceid.pipelines import flux_sampling
+
+    monkeypatch.setattr(flux_sampling, "BATCH_BUCKETS", (1, 2))  # three images: chunks of two and one
+    seen = []
+
+    def mine(step, total):
+        seen.append(step)
+        compiled.on_step = lambda *_: seen.append("another request's")
+
+    compiled.on_step = mine
+    chunked = compiled.generate_items(items, steps=1, width=SIZE, height=SIZE)
+    assert len(chunked.images) == 3 and seen == [0, 1, 0, 1]
     assert compiled.generate("a portrait", steps=1).provenance[0]["backend"] == "torch.compile"
