@@ -397,7 +397,12 @@ class FluxGenerator:
         people rows[k]; `condition`: Fill's packed masked photo and mask, beside the latents."""
         base = self.base
         batch = latents.shape[0]
-        states, pooled = self.encode_prompt(prompts)
+        # Each prompt encoded once (a bucket's padding repeats one; T5-XXL on the CPU takes seconds a prompt).
+        unique = list(dict.fromkeys(prompts))
+        states, pooled = self.encode_prompt(unique)
+        if len(unique) < len(prompts):
+            which = torch.tensor([unique.index(p) for p in prompts], device=states.device)
+            states, pooled = states[which], pooled[which]
         text_positions = torch.zeros(states.shape[1], 3, device=self.device, dtype=states.dtype)
         positions = patch_positions(h, w).to(self.device, states.dtype)
         identity = self.identity_inputs(rows, h, w)
