@@ -90,9 +90,10 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
         raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; a FLUX deployment takes adapter (a FLUX "
                        "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch "
                        "or torch.compile")
-    if bool(config.adapter) != bool(config.image_encoder):
-        raise BadInput("a FLUX IP-Adapter reads each person's reference crops through a CLIP image encoder: set both "
-                       "adapter and image_encoder, or neither (prompts alone)")
+    if not config.adapter or not config.image_encoder:  # the API renders people: without them it serves nothing
+        raise BadInput("a FLUX deployment renders people through a FLUX IP-Adapter, which reads each person's reference "
+                       "crops through a CLIP image encoder: set both adapter and image_encoder (prompts alone: "
+                       "`ray-faceid generate --model FLUX_FOLDER`)")
     if config.adapter:  # the file read once, before any replica (they would fail on it in a loop)
         from ray_faceid.identity.flux_adapter import check_flux_adapter_file
 
@@ -119,8 +120,11 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
 def check_flux_memory(config: ServeConfig) -> None:
     """With generator_gpu_memory_gb, a FLUX model that does not fit one replica's GPU is one line
     when the config is read (a local folder's safetensors headers give its sizes)."""
-    if config.generator_gpu_memory_gb is None or not config.generator_gpus:
+    if config.generator_gpu_memory_gb is None:
         return
+    if not config.generator_gpus:
+        raise BadInput("generator_gpu_memory_gb is the memory of the GPU a Generator replica runs on: set "
+                       "generator_gpus too (1 on GPU workers)")
     import torch
 
     from ray_faceid.pipelines import flux_memory

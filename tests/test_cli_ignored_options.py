@@ -29,3 +29,13 @@ def test_an_identitynet_scale_without_an_identitynet_is_refused(tmp_path):
     refused = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--identitynet-scale", "0",
                    "--out", str(tmp_path / "x.png"))
     assert refused.exit_code == 2 and "--identitynet-scale: not built for FLUX yet" in refused.stderr, refused.output
+
+
+def test_a_flux_option_of_another_value_is_named_with_what_it_takes(tmp_path):
+    refused = _run("compile", "--model", "tiny-flux", "--backend", "torch.compile", "--flux-transformer-weights", "fp4",
+                   "--out", str(tmp_path))
+    assert refused.exit_code == 2 and "--flux-transformer-weights is same or fp8, not 'fp4'" in refused.stderr
+    refused = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--backend", "onnxruntime",
+                   "--out", str(tmp_path / "x.png"))
+    assert refused.exit_code == 2 and "--backend onnxruntime: not built for FLUX yet" in refused.stderr
+    assert "on --backend torch or torch.compile" in refused.stderr

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import console, user_errors
+from ray_faceid.cli.common import console, err_console, user_errors
 from ray_faceid.errors import BadInput
 
 
@@ -31,9 +31,10 @@ def compile_engine(
         "machine's device: compile on the kind of GPU that will serve)."),
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
-    batch: str = typer.Option("8", "--batch", help="The most UNet rows a call runs (classifier-free guidance "
-                              "doubles rows: 8 = 4 images; FLUX: the most images, no rows doubled, a Serve replica's "
-                              "generator_batch_size x limits.max_images, 16 by default). Engines are built for the "
+    batch: Optional[str] = typer.Option(None, "--batch", help="The most UNet rows a call runs (default 8; "
+                              "classifier-free guidance doubles rows: 8 = 4 images); FLUX: the most images a call runs "
+                              "(default 16, a Serve replica's generator_batch_size x limits.max_images). Engines are "
+                              "built for the "
                               "batch buckets requests look up "
                               "(ONNX Runtime: one graph for any batch; TensorRT and torch.compile: each bucket up to "
                               "MAX). The older MIN:OPT:MAX form is accepted; only MAX counts."),
@@ -64,7 +65,7 @@ def compile_engine(
         if backend == "onnx" and precision not in ("auto", "fp32"):
             raise BadInput(f"--precision {precision} is for TensorRT plans: ONNX Runtime runs fp32 graphs; drop it or "
                            "use --backend tensorrt")
-        max_rows = _max_rows(batch)
+        max_rows = _max_rows(batch or "8")
         width, height = parse_size(size, "--size") if size else (None, None)
         cache = EngineCache(out)
         from ray_faceid.pipelines.model_ref import resolve_model
@@ -81,9 +82,17 @@ def compile_engine(
             if ref.inpainting:
                 raise BadInput(f"{ref.name} is FLUX.1 Fill: it repaints each photo at the photo's own size, so there "
                                "is no size to compile ahead (a replica compiles each at its first request)")
-            report = _build_flux(ref, adapter, width, height, max_rows, precision, flux_transformer_weights, cache)
-            console.print(f"compiled {report['buckets']} batch buckets of FLUX's transformer (Inductor artifacts "
-                          f"loaded from the cache: {report['loaded']}, stored: {report['stored']}) in {cache.root}")
+            if flux_transformer_weights not in ("same", "fp8"):
+                raise BadInput(f"--flux-transformer-weights is same or fp8, not {flux_transformer_weights!r}")
+            most = _max_rows(batch or "16")  # FLUX.1 doubles no rows: a Serve replica's 4 requests x 4 images
+            err_console.print(f"compiling FLUX's transformer for batches of up to {most} images (each batch bucket "
+                              "takes minutes on a GPU without cached artifacts, about a minute on a CPU for a tiny base)")
+            report = _build_flux(ref, adapter, width, height, most, precision, flux_transformer_weights, cache)
+            buckets = report["buckets"]
+            console.print(f"compiled {buckets} batch bucket{'s' if buckets != 1 else ''} of FLUX's transformer "
+                          f"(Inductor artifacts loaded from the cache: {report['loaded']}, stored: {report['stored']}) "
+                          f"in {cache.root}; replicas and commands find them where RAY_FACEID_CACHE/engines is this "
+                          "folder")
             return
         from ray_faceid.engines.select import BUILDING_AHEAD
 

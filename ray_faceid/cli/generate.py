@@ -278,7 +278,7 @@ def generate(
                                      "--negative-prompt": negative_prompt,
                                      "--face-backend": None if face_backend == "dlib" else face_backend,
                                      "--insightface-root": insightface_root,
-                                     "--backend": None if backend in FLUX_BACKENDS else backend})
+                                     f"--backend {backend}": None if backend in FLUX_BACKENDS else backend})
             if face_embedding and (ref or identity):
                 raise BadInput("use either --face-embedding or photos (--ref / --identity NAME=PHOTO), not both")
             people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
@@ -371,7 +371,7 @@ def inpaint(
 
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
-                                     "--backend": None if backend in FLUX_BACKENDS else backend})
+                                     f"--backend {backend}": None if backend in FLUX_BACKENDS else backend})
             people = _people(ref, [identity] if identity else [])
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend)

@@ -20,7 +20,8 @@ def refuse_unbuilt_options(given: dict[str, object]) -> None:
     if used:
         raise BadInput(f"{', '.join(used)}: not built for FLUX yet; FLUX runs from --prompt (--seed, --steps, "
                        "--guidance, --size), with people as photos or enrolled (--ref, --identity NAME[=PHOTO], "
-                       "--region) or --face-embedding EMB.npy, and --adapter FILE (a FLUX IP-Adapter)")
+                       "--region) or --face-embedding EMB.npy, and --adapter FILE (a FLUX IP-Adapter), on --backend "
+                       "torch or torch.compile")
 
 
 def flux_people(people: dict, regions: dict, image_encoder: str | None, device, registry: str | None = None,
@@ -39,6 +40,14 @@ def flux_people(people: dict, regions: dict, image_encoder: str | None, device, 
     store = Registry(registry) if registry and any(isinstance(v, str) for v in people.values()) else None
     enrolled = {name: store.resolve(tenant, value) for name, value in people.items() if isinstance(value, str)}
     photos = {name: [decode_image(p) for p in value] for name, value in people.items() if isinstance(value, list)}
+    if photos:  # read whole by the adapter, but a person's photo shows them: as on the UNet families
+        from ray_faceid.face.analyzer import FaceAnalyzer
+
+        analyzer = FaceAnalyzer()
+        for name, images in photos.items():
+            for path, image in zip(people[name], images):
+                if not analyzer.analyze(image):
+                    raise BadInput(f"no face found in {path} ({name}): give a photo that shows the person")
     photos.update({name: store.references(tenant, identity) for name, identity in enrolled.items()})
     encoder = None
     if photos:

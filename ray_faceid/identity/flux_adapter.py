@@ -151,8 +151,8 @@ def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
         raise UnsupportedModel(f"{uri}: its tensors do not fit this base ({said})") from None
     adapter.published = {"kind": "FLUX IP-Adapter", "variant": "XLabs", "file": Path(uri).name, "sha256": digest,
                          "tokens": tokens, "embedding_dim": embed_dim, "licence": LICENCE}
-    log.warning("recognised a FLUX IP-Adapter: %d identity tokens from %d-d image embeddings, %d dual-stream blocks",
-                tokens, embed_dim, blocks)
+    log.warning("recognised a FLUX IP-Adapter: %d identity tokens from %d-d image embeddings, %d dual-stream block%s",
+                tokens, embed_dim, blocks, "" if blocks == 1 else "s")
     return adapter.eval().requires_grad_(False)
 
 

@@ -8,6 +8,8 @@ With a FLUX IP-Adapter (identity/flux_adapter.py) each person's reference embedd
 tokens the dual-stream blocks attend to, each person within their region of the packed patches."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from PIL import Image
@@ -17,6 +19,8 @@ from ray_faceid.errors import BadInput
 from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH, FluxBase
 from ray_faceid.pipelines.generate import DTYPES, GenerationItem, GenerationResult
 from ray_faceid.pipelines.provenance import png_with_provenance
+
+log = logging.getLogger(__name__)
 
 
 def resolve_flux_precision(precision: str, device: torch.device) -> str:
@@ -116,6 +120,7 @@ class FluxGenerator:
             adapter.to(self.device, cast)
             adapter.install(base.transformer)
         self.denoiser, self.engine_cache, self.compiler = base.transformer, engine_cache, None
+        self.fill_sizes: set[tuple[int, int]] = set()  # photo sizes Fill has compiled (it warms none ahead)
         if backend == "torch.compile":
             from ray_faceid.engines.compiled_engine import allow_shape_compiles
             from ray_faceid.envs import torch_compile_backend
@@ -358,6 +363,10 @@ class FluxGenerator:
                            f"{max_pixels} pixels): paint a wider region")
         steps, guidance, _, _ = self._defaults(steps, guidance, padded_w, padded_h)
         self.check(steps, guidance, padded_w, padded_h, inpainting=True)
+        if self.backend == "torch.compile" and (padded_w, padded_h) not in self.fill_sizes:
+            self.fill_sizes.add((padded_w, padded_h))  # Fill repaints at each photo's size: none is warmed ahead
+            log.warning("FLUX.1 Fill: compiling the transformer for %dx%d photos (their first request; minutes on a "
+                        "GPU without cached artifacts, then cached)", padded_w, padded_h)
         f, vae = base.vae_scale_factor, base.vae
         h, w = padded_h // f, padded_w // f
         pixels = torch.from_numpy(photo).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)

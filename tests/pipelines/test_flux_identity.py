@@ -246,6 +246,11 @@ def test_photos_read_through_the_clip_image_encoder_as_diffusers_reads_them(file
     record = read_provenance(out.read_bytes())
     assert [p["region"] for p in record["identities"]] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
     assert record["image_encoder"] == ClipImageEncoder(str(image_encoder_folder)).sha256
+    # A photo that shows nobody is not a person (the adapter reads photos whole: it took a blank one).
+    Image.new("RGB", (128, 128), "gray").save(tmp_path / "blank.png")
+    blank = [f"other={tmp_path / 'blank.png'}" if a.startswith("other=") and "/" in a else a for a in command]
+    refused = CliRunner().invoke(app, blank + ["--image-encoder", str(image_encoder_folder)])
+    assert refused.exit_code == 2 and "no face found in" in refused.stderr and "blank.png" in refused.stderr
     # An enrolled person: the reference crops the registry keeps, read through the same encoder.
     registry = tmp_path / "registry"
     enrolled = CliRunner().invoke(app, ["identities", "enroll", str(photo), "--name", "tom", "--consent", "form-1",

@@ -10,6 +10,8 @@ from ray_faceid.errors import BadInput
 from ray_faceid.pipelines import flux_memory
 from ray_faceid.pipelines.flux import build_tiny_flux, flux_dev_modules, save_flux
 from ray_faceid.pipelines.flux_sampling import FluxGenerator
+from tests.identity.test_face_plus import image_encoder_folder  # noqa: F401 - a fixture: a tiny CLIP, 16-d embeds
+from tests.pipelines.test_flux_identity import files  # noqa: F401 - a fixture: tiny-flux and its FLUX IP-Adapter
 
 GB = 1e9
 
@@ -48,18 +50,24 @@ def test_a_folder_is_sized_from_its_headers(tmp_path):
         assert from_files.components == flux_memory.plan_of_base(base, "fp32", **options).components
 
 
-def test_a_serve_config_that_cannot_fit_its_gpu_is_refused_when_read(tmp_path, monkeypatch):
+def test_a_serve_config_that_cannot_fit_its_gpu_is_refused_when_read(files, image_encoder_folder,  # noqa: F811
+                                                                     monkeypatch):
     from deployments.app import resolve_config
     from ray_faceid.config import ServeConfig
 
     monkeypatch.setattr(flux_memory, "HEADROOM", 1e6)  # the tiny model's few MB made to not fit 1 GB
-    config = ServeConfig(model="tiny-flux", api_tokens={"acme": "acme-token-0123456789"}, generator_gpus=1,
-                         generator_gpu_memory_gb=1)
+    config = ServeConfig(model="tiny-flux", adapter=str(files / "ip_adapter.safetensors"),
+                         image_encoder=str(image_encoder_folder), api_tokens={"acme": "acme-token-0123456789"},
+                         generator_gpus=1, generator_gpu_memory_gb=1)
     with pytest.raises(BadInput, match="generator_gpu_memory_gb 1 x generator_gpus 1 has 1.0 GB: set "
                                        "flux_text_encoders: cpu and flux_transformer_weights: fp8"):
         resolve_config(config)
     monkeypatch.setattr(flux_memory, "HEADROOM", 1.15)
     resolve_config(config)  # it fits
+    with pytest.raises(BadInput, match="set generator_gpus too"):  # on no GPU: nothing it could check
+        resolve_config(config.model_copy(update={"generator_gpus": 0}))
+    with pytest.raises(BadInput, match="set both adapter and image_encoder"):  # the API renders people
+        resolve_config(config.model_copy(update={"adapter": None, "image_encoder": None}))
     with pytest.raises(BadInput, match="flux_transformer_weights: for FLUX models"):
         resolve_config(config.model_copy(update={"model": "tiny", "generator_gpu_memory_gb": None,
                                                  "flux_transformer_weights": "fp8"}))
