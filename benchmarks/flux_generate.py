@@ -82,8 +82,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny-flux (the script's own check, any device)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip the batched and fp8 rows once the run has taken this long (a lent GPU's minutes)")
+    parser.add_argument("--out", help="also write the section here after every row (a run cut short keeps its rows)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    started_run = time.perf_counter()
+    notes = []
     from diffusers import FluxPipeline
 
     from ray_faceid.pipelines.flux import build_tiny_flux
@@ -111,13 +116,40 @@ def main() -> None:
              generator=torch.Generator("cpu").manual_seed(0), ip_adapter_image_embeds=[embeds],
              negative_ip_adapter_image_embeds=[torch.zeros_like(embeds)], output_type="np")
 
-    rows = [("diffusers FluxPipeline, eager, FLUX IP-Adapter", timed(stock, args.repeats))]
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+
+    def section() -> list[str]:
+        lines = [f"## FLUX.1-dev with identity ({time.strftime('%Y-%m-%d')}{', smoke: tiny-flux' if args.smoke else ''})",
+                 "", f"{machine_line()}, {gpu}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, "
+                 f"{size}x{size}, {args.steps} steps, guidance 3.5, one person (FLUX IP-Adapter), median of {args.repeats}.", "",
+                 "| run | s / image | vs diffusers |", "|---|---|---|"]
+        lines += [f"| {name} | {seconds:.3f} | {rows[0][1] / seconds:.2f}x |" for name, seconds in rows]
+        return lines + ([""] + notes if notes else [])
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text("\n".join(section()) + "\n")
+
+    def row(name: str, seconds: float) -> None:
+        rows.append((name, seconds))
+        save()
+        print(f"{name}: {seconds:.3f} s", flush=True)
+
+    def over_budget(what: str) -> bool:
+        if args.budget_s is None or time.perf_counter() - started_run < args.budget_s:
+            return False
+        notes.append(f"{what}: not measured (the run's time budget, {args.budget_s:.0f} s, was spent).")
+        save()
+        return True
+
+    rows = []
+    row("diffusers FluxPipeline, eager, FLUX IP-Adapter", timed(stock, args.repeats))
     generator = FluxGenerator(base, adapter, device=device, precision="bf16" if dtype == torch.bfloat16 else "fp32")
 
     def ours():
         generator.generate(PROMPT, people[0], steps=args.steps, width=size, height=size)
 
-    rows.append(("ray_faceid, eager", timed(ours, args.repeats)))
+    row("ray_faceid, eager", timed(ours, args.repeats))
     from torch._dynamo.utils import counters
 
     if args.smoke:  # the smoke run checks the graph, not Inductor's kernels (minutes on a CPU)
@@ -133,16 +165,21 @@ def main() -> None:
         generator.generate(PROMPT, person, steps=args.steps, width=size, height=size)
     recompiles = counters["stats"]["unique_graphs"] - graphs
     compiler = "Dynamo eager backend: smoke" if args.smoke else "Inductor"
-    rows.append((f"ray_faceid, --backend torch.compile ({compiler})", compiled_s))
+    notes.append(f"Compile and first image: {compile_s:.1f} s; graphs compiled anew when the person changed "
+                 f"({len(people) - 1} other people): {recompiles}.")
+    row(f"ray_faceid, --backend torch.compile ({compiler})", compiled_s)
     # Serve's and render's batches: four requests of other people and seeds denoised together.
     items = [GenerationItem(PROMPT, people[k % len(people)], "", k) for k in range(4)]
 
     def batched():
         generator.generate_items(items, steps=args.steps, width=size, height=size)
 
-    batched()  # compiles the bucket of 4
-    rows.append(("ray_faceid, torch.compile, 4 people's requests in one batch (per image)",
-                 timed(batched, args.repeats) / len(items)))
+    if not over_budget("4 people's requests in one batch"):
+        batched()  # compiles the bucket of 4
+        row("ray_faceid, torch.compile, 4 people's requests in one batch (per image)",
+            timed(batched, args.repeats) / len(items))
+    if over_budget("fp8 transformer weights"):
+        return report(section(), not args.no_record)
     # fp8 transformer weights, on a fresh base once the others are gone (their compiled graphs and
     # diffusers' pipeline hold the bf16 weights): the peak is this run's alone.
     precision = generator.precision
@@ -158,19 +195,9 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     fp8.generate(PROMPT, people[0], steps=args.steps, width=size, height=size)
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
-    rows.append((f"ray_faceid, torch.compile, fp8 transformer weights"
-                 f"{f' (peak {peak:.1f} GB)' if peak else ''}",
-                 timed(lambda: fp8.generate(PROMPT, people[0], steps=args.steps, width=size, height=size),
-                       args.repeats)))
-    lines = [f"## FLUX.1-dev with identity ({time.strftime('%Y-%m-%d')}{', smoke: tiny-flux' if args.smoke else ''})", "",
-             f"{machine_line()}, {device}, {str(dtype).removeprefix('torch.')}, {size}x{size}, {args.steps} steps, "
-             f"guidance 3.5, one person (FLUX IP-Adapter), median of {args.repeats}.", "",
-             "| run | s / image | vs diffusers |", "|---|---|---|"]
-    baseline = rows[0][1]
-    lines += [f"| {name} | {seconds:.3f} | {baseline / seconds:.2f}x |" for name, seconds in rows]
-    lines += ["", f"Compile and first image: {compile_s:.1f} s; graphs compiled anew when the person changed "
-              f"({len(people) - 1} other people): {recompiles}."]
-    report(lines, not args.no_record)
+    row(f"ray_faceid, torch.compile, fp8 transformer weights{f' (peak {peak:.1f} GB)' if peak else ''}",
+        timed(lambda: fp8.generate(PROMPT, people[0], steps=args.steps, width=size, height=size), args.repeats))
+    report(section(), not args.no_record)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,14 @@ fp16, DDIM, CFG 5, one identity (decoupled processors) unless a row says otherwi
     time vs one by one;
 (g) UNet calls (ms) at batch 2 and 8: stock vs each identity method, eager; stock and decoupled compiled.
 
+`--adapter faceid` measures a published adapter instead: an IP-Adapter-FaceID file in its authors'
+layout at the published size (512-d ArcFace, 4 tokens, its LoRA of rank 128, random weights),
+diffusers' own path (`load_ip_adapter`, the LoRA through PEFT, `ip_adapter_image_embeds`) against
+ray_faceid eager and compiled loading the same file, seconds per image (1 and 4 images).
+
     python benchmarks/gpu_generate.py [--out results.md] [--no-record]      # on a GPU
     python benchmarks/gpu_generate.py --family sdxl                          # SDXL-shaped, 1024 px by default
+    python benchmarks/gpu_generate.py --adapter faceid [--family sdxl]        # a published FaceID file
     python benchmarks/gpu_generate.py --smoke --no-record                   # the same code on CPU, tiny
 
 `--family sdxl` builds SDXL's UNet, both CLIP text encoders and its VAE from their published
@@ -423,6 +429,76 @@ def base_example(base, batch, device, dtype):
     return shape.example(batch, device, dtype)
 
 
+def faceid_rows(args) -> list[str]:
+    """Seconds per image with a published IP-Adapter-FaceID file: diffusers' own path vs ours,
+    eager and compiled, each on its own copy of the same base (ours fuses the file's LoRA into the
+    UNet's weights; diffusers keeps it beside them through PEFT)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "identity"))
+    from test_published_adapters import faceid_state_dict, save  # the authors' key layout, built once
+
+    from ray_faceid.engines.cache import EngineCache
+    from ray_faceid.face.spec import EncoderSpec
+    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+
+    embed = 16 if args.smoke else 512
+    spec = EncoderSpec(name="arcface_w600k_r50", dim=embed, version="insightface", license="-", metric="cosine",
+                       threshold=0.6)
+    rank = 4 if args.smoke else 128  # the published files' LoRA rank
+    dtype = torch.float16 if args.precision == "fp16" else torch.float32
+    folder = Path(tempfile.mkdtemp(prefix="faceid_"))
+    base, _ = build(args)
+    path = save(faceid_state_dict(base.unet, tokens=4, hidden=2 * embed, rank=rank, embed=embed),
+                folder / f"ip-adapter-faceid_{'sdxl' if base.family == 'sdxl' else 'sd15'}.bin")
+    rng = np.random.default_rng(0)
+    faces = rng.normal(size=(8, 1, embed)).astype(np.float32)
+    faces /= np.linalg.norm(faces, axis=-1, keepdims=True)
+
+    # diffusers' own path on its own copy of the base.
+    reference, _ = build(args)
+    pipe = diffusers_pipeline(reference).to(args.device, dtype)
+    pipe_name = type(pipe).__name__
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=Path(path).name, image_encoder_folder=None)
+    results = {}
+    for images in (1, 4):
+        embeds = torch.cat([torch.zeros(images, 1, embed), torch.from_numpy(faces[:images])])  # negatives, then faces
+        kwargs = dict(num_inference_steps=args.steps, guidance_scale=5.0, height=args.size, width=args.size,
+                      ip_adapter_image_embeds=[embeds.to(args.device, dtype)])
+        results[("diffusers", images)] = timed(lambda: pipe([PROMPT] * images, **kwargs), args.repeats)
+        print(f"diffusers, {images} images: {results[('diffusers', images)]:.3f} s", flush=True)
+    theirs = pipe(PROMPT, **{**kwargs, "ip_adapter_image_embeds": [embeds[::4].to(args.device, dtype)]},
+                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    pipe = reference = None
+    adapter = IdentityAdapter.load(path, base.unet, spec)
+    person = IdentityCondition("p0", faces[0])
+    for backend in ("torch", "torch.compile"):
+        ours_pipe = IdentityPipeline(base, adapter, device=args.device, backend=backend, precision=args.precision)
+        if backend == "torch.compile":
+            started = time.perf_counter()
+            warm_compiled(ours_pipe, args, EngineCache(tempfile.mkdtemp(prefix="engines_")))
+            compile_s = time.perf_counter() - started
+        for images in (1, 4):
+            results[(backend, images)] = timed(lambda: ours(ours_pipe, person, images, args), args.repeats)
+            print(f"ray_faceid {backend}, {images} images: {results[(backend, images)]:.3f} s", flush=True)
+        image = np.asarray(ours(ours_pipe, person, 1, args).images[0]).astype(int)
+        results[(backend, "differs")] = int(np.abs(image - np.round(theirs * 255).astype(int)).max())
+    rows = [f"IP-Adapter-FaceID ({base.family}, the published layout: {embed}-d ArcFace, 4 tokens, LoRA rank "
+            f"{rank}), {args.size}x{args.size}, {args.steps} DDIM steps, CFG 5, {args.precision}; median of "
+            f"{args.repeats} after a warm-up (ours includes PNG + provenance encoding):", "",
+            "| what | 1 image (s) | 4 images in one batch (s) | vs diffusers at 1 | vs diffusers at 4 |",
+            "|---|---|---|---|---|"]
+    for key, label in (("diffusers", f"diffusers {pipe_name} + load_ip_adapter "
+                                     "(LoRA through PEFT), eager"),
+                       ("torch", "ray_faceid eager (LoRA fused at load)"),
+                       ("torch.compile", "ray_faceid torch.compile + CUDA graphs")):
+        one, four = results[(key, 1)], results[(key, 4)]
+        rows.append(f"| {label} | {one:.3f} | {four:.3f} | {results[('diffusers', 1)] / one:.2f}x | "
+                    f"{results[('diffusers', 4)] / four:.2f}x |")
+    return rows + ["", f"Compiling the two buckets (1 and 4 images): {compile_s:.0f} s. The same person and seed against "
+                   f"diffusers' image: eager differs by at most {results[('torch', 'differs')]}/255 per pixel, "
+                   f"compiled by {results[('torch.compile', 'differs')]}/255."]
+
+
 def main() -> None:
     global ARGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -432,6 +508,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile-budget-s", type=float, default=300,
                         help="skip the compiled UNet-call rows once the run has taken this long")
+    parser.add_argument("--adapter", choices=("ours", "faceid"), default="ours",
+                        help="ours: our identity adapter (every part); faceid: a published IP-Adapter-FaceID file")
     parser.add_argument("--parts", default="generation,unet", help="generation and/or unet")
     parser.add_argument("--compiled-batches", default="2,8", help="UNet-call rows: compiled batch sizes")
     parser.add_argument("--smoke", action="store_true", help="tiny model (the script's own check, any device)")
@@ -449,9 +527,10 @@ def main() -> None:
     from ray_faceid.engines.cache import EngineCache
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_"))
-    base, adapter = build(args)
+    base, adapter = build(args) if args.adapter == "ours" else (None, None)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    lines = [f"### gpu_generate ({args.family}) — {time.strftime('%Y-%m-%d')} — {device}, torch {torch.__version__}, diffusers "
+    which = args.family + (", --adapter faceid" if args.adapter == "faceid" else "")
+    lines = [f"### gpu_generate ({which}) — {time.strftime('%Y-%m-%d')} — {device}, torch {torch.__version__}, diffusers "
              f"{__import__('diffusers').__version__}; {machine_line()}" + (" (SMOKE: tiny model)" if args.smoke else ""),
              ""]
     raw = {}
@@ -462,6 +541,10 @@ def main() -> None:
             Path(args.out).with_suffix(".json").write_text(json.dumps(
                 {k: v for k, v in raw.items() if k != "engine"}, indent=2))
 
+    if args.adapter == "faceid":
+        attempt("faceid", lambda: faceid_rows(args), lines)
+        save()
+        return report(lines, not args.no_record)
     if "generation" in args.parts:
         attempt("generation", lambda: generation_rows(args, base, adapter, cache, raw), lines)
         save()
