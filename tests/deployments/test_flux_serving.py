@@ -25,7 +25,7 @@ def request(identities: list[dict], seed: int, **extra) -> dict:
 
 
 def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_path, image_encoder_folder,  # noqa: F811
-                                                                           sample_photos):
+                                                                           sample_photos, monkeypatch):
     from deployments.app import resolve_config
     from deployments.flux_generator import FluxServeGenerator
     from ray_faceid.config import ServeConfig
@@ -112,6 +112,23 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
     photo = sample_photos["Tom_Hanks_54745.png"].read_bytes()
     with pytest.raises(BadInput, match="pixel-steps, over this deployment's"):
         asyncio.run(generator._inpaint(dict(request([], 1), kind="inpaint", image=photo, mask=photo, steps=100_000)))
+    # ... at what it repaints: a photo over FLUX's pixel budget costs the budget, not its own pixels.
+    from ray_faceid.pipelines import flux_sampling
+
+    monkeypatch.setattr(flux_sampling, "MAX_FILL_PIXELS", 1024)
+    steps = compiled.limits.max_cost // (112 * 112) + 1  # the 112 px photo's own pixels: over the limit
+    with pytest.raises(BadInput, match="needs FLUX.1 Fill"):  # priced, then refused by this dev base
+        asyncio.run(generator._inpaint(dict(request([], 1), kind="inpaint", image=photo, mask=photo, steps=steps)))
+    # A batch that fails answers its own requests with the failure; refused ones keep their own 422.
+    def broken(*_):
+        raise RuntimeError("the GPU fell over")
+
+    generator.pipeline.generate_items = broken
+    failed, refused = asyncio.run(generator._generate_group([request([{"id": people["ann"]}], 3),
+                                                             request([], 6, scheduler="euler")]))
+    assert failed["status"] == 500 and "RuntimeError" in failed["message"]
+    assert refused["status"] == 422 and "scheduler: not built for FLUX yet" in refused["message"]
+    generator.pipeline.generate_items = generate_items
     erase_identity(registry, "acme", people["ann"])
     assert generator.forget_erased() == 1  # her image embeddings leave the replica too
     assert [loaded.embeddings is None for loaded in held.values()].count(True) == 1

@@ -113,7 +113,7 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
                                    api_tokens={"acme": "acme-token-0123456789abcdef"}))
 
 
-def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_path):
+def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_path, caplog):
     """FLUX.1 Fill (its transformer reads the packed masked photo and mask beside the latents: told
     apart by its input channels): inside the mask the image equals diffusers' FluxFillPipeline with
     its defaults (guidance 30), outside it the photo's own pixels; from one command too."""
@@ -151,8 +151,22 @@ def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_pa
     assert painted.shape == big_photo.shape and np.array_equal(painted[~inside_big], big_photo[~inside_big])
     assert np.abs(painted - big_photo)[inside_big].max() > 2
     assert big.provenance[0]["size"] == [160, 128] and big.provenance[0]["repainted_at"] == [40, 32]
+    # A stroke thinner than the reduction is repainted too, not left as the reduced photo enlarged.
+    stroke = np.zeros_like(big_mask)
+    stroke[40:100, 61] = 255
+    thin = np.asarray(generator.inpaint(big_photo, stroke, "a face", steps=1, max_pixels=32 * 40).images[0])
+    assert np.abs(thin.astype(int) - big_photo)[stroke > 127].mean() > 4
     with pytest.raises(BadInput, match="FLUX.1 Fill, an inpainting model"):
         generator.generate("a portrait", steps=1)
+    # Compiled, each photo size compiles at its first request (none is warmed ahead): said once a size.
+    compiled = FluxGenerator(fill, backend="torch.compile")
+    assert "each photo size compiles at its first request" in compiled.warm_up([(32, 40)], 1)["note"]
+    with caplog.at_level("WARNING"):
+        for size in (40, 40, 36):
+            compiled.inpaint(photo[:32, :size], mask[:32, :size], "a face", steps=1)
+    assert [r.getMessage() for r in caplog.records if "compiling the transformer" in r.getMessage()] == [
+        f"FLUX.1 Fill: compiling the transformer for {w}x32 photos (their first request; minutes on a GPU without "
+        "cached artifacts, then cached)" for w in (40, 36)]
     with pytest.raises(BadInput, match="mask is empty"):  # as on the UNet families, not the photo returned
         generator.inpaint(photo, np.zeros_like(mask), "a face", steps=1)
     with pytest.raises(BadInput, match="repainting a masked photo needs FLUX.1 Fill"):

@@ -314,3 +314,25 @@ def test_the_compiled_transformer_takes_people_as_inputs(files, monkeypatch):
     chunked = compiled.generate_items(items, steps=1, width=SIZE, height=SIZE)
     assert len(chunked.images) == 3 and seen == [0, 1, 0, 1]
     assert compiled.generate("a portrait", steps=1).provenance[0]["backend"] == "torch.compile"
+
+
+def test_compiled_ahead_for_fewer_images_serves_the_buckets_a_replica_shares(files, tmp_path, monkeypatch):
+    """`ray-faceid compile --batch 2` stores Inductor's artifacts per (size, batch bucket): a replica
+    whose batches reach 4 images loads the two buckets compiled ahead and compiles only the third."""
+    from ray_faceid.engines.cache import EngineCache
+
+    store = {}  # Inductor's artifacts stand-in: the suite compiles with Dynamo's eager backend
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: store.setdefault("loaded", data))
+    cache = EngineCache(str(tmp_path / "engines"))
+
+    def generator():
+        base = load_flux(str(files / "flux"))
+        made = FluxGenerator(base, load_flux_adapter(str(files / "ip_adapter.safetensors"), base.transformer),
+                             backend="torch.compile")
+        made.compiler, made.engine_cache = "inductor", cache
+        return made
+
+    assert generator().warm_up([(SIZE, SIZE)], 2) == {"loaded": 0, "stored": 2, "buckets": 2}
+    assert generator().warm_up([(SIZE, SIZE)], 4) == {"loaded": 2, "stored": 1, "buckets": 3}
+    assert store["loaded"] == b"artifacts"

@@ -87,3 +87,23 @@ def test_fp8_weights_and_cpu_text_encoders_make_nearly_the_image_of_bf16():
     assert record["transformer_weights"] == "fp8"
     # fp8 against bf16 differs about as much as bf16 against fp32 (measured: 4 and 5 of 255 at most).
     assert np.abs(narrow - wide).max() <= 8 and np.abs(narrow - wide).mean() < 2
+
+
+def test_a_replica_on_part_of_a_gpu_counts_on_its_share(files, image_encoder_folder, monkeypatch):  # noqa: F811
+    """Replicas placed on one GPU start together and each sees it all free: a replica of
+    generator_gpus 0.5 checks its plan against half the card, not the whole of it."""
+    from deployments.flux_generator import fits_this_gpu
+    from ray_faceid.config import ServeConfig
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    config = ServeConfig(model="tiny-flux", adapter=str(files / "ip_adapter.safetensors"),
+                         image_encoder=str(image_encoder_folder), api_tokens={"acme": "acme-token-0123456789"},
+                         generator_gpus=1)
+    plan = flux_memory.replica_plan(resolve_model("tiny-flux", flux=True), "fp32", "same", "same",
+                                    config.generator_batch_size * config.limits.max_images, [], config.adapter,
+                                    config.image_encoder)
+    card = int(plan.needed_bytes * 1.5)  # the whole card fits the plan, half of it does not
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (card, card))
+    assert fits_this_gpu(config, "fp32") == plan.line()
+    with pytest.raises(BadInput, match="generator_gpus 0.5"):
+        fits_this_gpu(config.model_copy(update={"generator_gpus": 0.5}), "fp32")
