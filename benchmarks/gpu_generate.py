@@ -433,13 +433,11 @@ def faceid_rows(args) -> list[str]:
     """Seconds per image with a published IP-Adapter-FaceID file: diffusers' own path vs ours,
     eager and compiled, each on its own copy of the same base (ours fuses the file's LoRA into the
     UNet's weights; diffusers keeps it beside them through PEFT)."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "identity"))
-    from test_published_adapters import faceid_state_dict, save  # the authors' key layout, built once
-
     from ray_faceid.engines.cache import EngineCache
     from ray_faceid.face.spec import EncoderSpec
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+    from ray_faceid.stand_ins import faceid_state_dict, save
 
     embed = 16 if args.smoke else 512
     spec = EncoderSpec(name="arcface_w600k_r50", dim=embed, version="insightface", license="-", metric="cosine",

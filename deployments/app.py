@@ -145,6 +145,14 @@ def check_flux_memory(config: ServeConfig) -> None:
                                              f"generator_gpus {config.generator_gpus:g}")
 
 
+def smoke_base(ref) -> bool:
+    """A tiny untrained base (built in, or saved by us and marked so): it runs its seeded adapter."""
+    if ref.kind == "tiny":
+        return True
+    index = Path(ref.folder) / "model_index.json"
+    return index.exists() and bool(json.loads(index.read_text()).get("_ray_faceid_untrained"))
+
+
 def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args or {})
     tokens = {**parse_tokens(envs.api_tokens()), **config.api_tokens}
@@ -172,6 +180,11 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
             raise BadInput(f"model: {wrong.message}") from None
         if ref.folder:
             unet_config = json.loads((Path(ref.folder) / "unet" / "config.json").read_text())
+        if not config.adapter and not smoke_base(ref):  # every request names people: it would serve nothing
+            from ray_faceid.identity.adapter import NO_ADAPTER
+
+            raise BadInput(NO_ADAPTER.format(model=config.model) + "; every API request names people, so this "
+                           "deployment would refuse them all")
     found = published.describe(config.adapter) if config.adapter else None  # the file read once, before any replica
     instantid = found is not None and found.instantid
     if instantid and config.backend != "torch":

@@ -3,7 +3,20 @@ from __future__ import annotations
 
 import typer
 
-from ray_faceid.cli import compile, data, demo, eval_edits, faces, generate, identities, merge_lora, render, serve, train
+from ray_faceid.cli import (
+    compile,
+    data,
+    demo,
+    eval_edits,
+    faces,
+    generate,
+    identities,
+    merge_lora,
+    render,
+    serve,
+    stand_ins,
+    train,
+)
 
 app = typer.Typer(
     name="ray-faceid",
@@ -40,3 +53,4 @@ app.command("eval")(render.evaluate)
 app.command("eval-edits")(eval_edits.eval_edits)
 app.command("compile")(compile.compile_engine)
 app.command("merge-lora")(merge_lora.merge_lora)
+app.command("stand-ins")(stand_ins.stand_ins)

@@ -257,7 +257,8 @@ def demo(
 
         console.rule("3. Serve: enroll, generate, score")
         untrained = ("the demo's diffusion base is tiny and untrained: its images are noise, so no face is found in "
-                     "them and similarity is '-'. With a trained base and adapter (--model, --adapter) these "
+                     "them and similarity is '-'. With a real base and an identity adapter (--model, --adapter: the "
+                     "README's 'Bring published weights'; `ray-faceid stand-ins` tries each layout offline) these "
                      "columns measure identity.")
         if photos is not None:
             people, left_out = _dataset_people(dataset, photos)

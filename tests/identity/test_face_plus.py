@@ -3,6 +3,7 @@
 (no processor config), the image equals diffusers' own path (`load_ip_adapter`, the projection's
 `clip_embeds` and `shortcut`, its LoRA through PEFT) with the same embedding, face crop and seed."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,46 +14,15 @@ from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
+from ray_faceid.stand_ins import CLIP_INNER as INNER
+from ray_faceid.stand_ins import CLIP_WIDTH, faceid_plus_state_dict, save_image_encoder
 from tests.identity.test_published_adapters import EMBED, SIZE, SPEC, face, faceid_state_dict, save, save_like_a_user
-
-CLIP_WIDTH, INNER, DEPTH = 24, 128, 4  # diffusers reads heads as to_q rows // 64 (2 here) and builds 4 blocks
-
-
-def faceid_plus_state_dict(unet, seed: int = 0, embed: int = EMBED) -> dict:
-    """FaceID-Plus's checkpoint for `unet`: FaceID's projection and LoRA, and a perceiver resampler
-    over CLIP_WIDTH-d image features, named as its authors save it, taking `embed`-d embeddings."""
-    state = faceid_state_dict(unet, seed=seed, embed=embed)
-    g = torch.Generator().manual_seed(seed + 1)
-    width = unet.config.cross_attention_dim
-
-    def rand(*shape, std=0.1):
-        return torch.randn(*shape, generator=g) * std
-
-    resampler = {"proj_in.weight": rand(width, CLIP_WIDTH), "proj_in.bias": rand(width),
-                 "proj_out.weight": rand(width, width), "proj_out.bias": rand(width),
-                 "norm_out.weight": 1 + rand(width), "norm_out.bias": rand(width)}
-    for i in range(DEPTH):
-        resampler |= {f"layers.{i}.0.norm1.weight": 1 + rand(width), f"layers.{i}.0.norm1.bias": rand(width),
-                      f"layers.{i}.0.norm2.weight": 1 + rand(width), f"layers.{i}.0.norm2.bias": rand(width),
-                      f"layers.{i}.0.to_q.weight": rand(INNER, width), f"layers.{i}.0.to_kv.weight": rand(2 * INNER, width),
-                      f"layers.{i}.0.to_out.weight": rand(width, INNER),
-                      f"layers.{i}.1.0.weight": 1 + rand(width), f"layers.{i}.1.0.bias": rand(width),
-                      f"layers.{i}.1.1.weight": rand(4 * width, width), f"layers.{i}.1.3.weight": rand(width, 4 * width)}
-    state["image_proj"] |= {f"perceiver_resampler.{k}": v for k, v in resampler.items()}
-    return state
 
 
 @pytest.fixture(scope="module")
 def image_encoder_folder(tmp_path_factory):
     """A tiny CLIP vision model saved as h94/IP-Adapter's models/image_encoder is: config and weights only."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=CLIP_WIDTH, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=224, patch_size=32, projection_dim=16)
-    folder = tmp_path_factory.mktemp("image_encoder")
-    CLIPVisionModelWithProjection(config).eval().save_pretrained(folder)
-    return folder
+    return Path(save_image_encoder(tmp_path_factory.mktemp("image_encoder")))
 
 
 def crop(seed: int) -> np.ndarray:

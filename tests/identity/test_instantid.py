@@ -13,62 +13,12 @@ from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.instantid import IdentityNet, keypoint_image
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
+from ray_faceid.stand_ins import instantid_state_dict, save_identitynet
 
 EMBED = 16  # antelopev2 gives 512-d; InstantID reads it raw (not unit length)
 SPEC = EncoderSpec(name="arcface_glintr100", dim=EMBED, version="test", license="-", metric="cosine", threshold=0.6)
 SIZE = 64
 POSE = np.array([[0.35, 0.4], [0.62, 0.38], [0.5, 0.55], [0.4, 0.7], [0.6, 0.72]])  # a face turned a little
-
-
-def instantid_state_dict(unet, tokens: int = 4, hidden: int = 64, inner: int = 128, depth: int = 4, seed: int = 0,
-                         embed: int = EMBED):
-    """InstantID's ip-adapter.bin for `unet` at toy size, reading `embed`-d embeddings: random
-    weights, the authors' keys."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, std=0.1):
-        return torch.randn(*shape, generator=g) * std
-
-    width = unet.config.cross_attention_dim
-    proj = {"latents": rand(1, tokens, hidden, std=1.0), "proj_in.weight": rand(hidden, embed), "proj_in.bias": rand(hidden),
-            "proj_out.weight": rand(width, hidden), "proj_out.bias": rand(width),
-            "norm_out.weight": 1 + rand(width), "norm_out.bias": rand(width)}
-    for i in range(depth):
-        for norm in ("0.norm1", "0.norm2", "1.0"):
-            proj[f"layers.{i}.{norm}.weight"], proj[f"layers.{i}.{norm}.bias"] = 1 + rand(hidden), rand(hidden)
-        proj[f"layers.{i}.0.to_q.weight"] = rand(inner, hidden)
-        proj[f"layers.{i}.0.to_kv.weight"] = rand(2 * inner, hidden)
-        proj[f"layers.{i}.0.to_out.weight"] = rand(hidden, inner)
-        proj[f"layers.{i}.1.1.weight"] = rand(4 * hidden, hidden)
-        proj[f"layers.{i}.1.3.weight"] = rand(hidden, 4 * hidden)
-    modules = dict(unet.named_modules())
-    ip = {}
-    for i, name in enumerate(unet.attn_processors):
-        if name.endswith("attn2.processor"):
-            attention = modules[name.removesuffix(".processor")]
-            ip[f"{i}.to_k_ip.weight"] = rand(attention.to_k.out_features, width)
-            ip[f"{i}.to_v_ip.weight"] = rand(attention.to_v.out_features, width)
-    return {"image_proj": proj, "ip_adapter": ip}
-
-
-def save_identitynet(unet, folder, seed: int = 1, keypoint_weight: float = 0.05) -> str:
-    """A ControlNet made from `unet` (as InstantID's IdentityNet was), its zero-initialised output
-    convolutions given random weights so its residuals reach the image (`keypoint_weight`: the scale
-    of those reading the keypoint image; larger, the pose shows at toy size)."""
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16),  # the tiny VAE's factor 2
-                                    load_weights_from_unet=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            elif name.startswith("controlnet_cond_embedding.conv_out"):
-                p.copy_(torch.randn(p.shape, generator=g) * keypoint_weight)
-    net.save_pretrained(folder)
-    return str(folder)
 
 
 def face(seed: int) -> np.ndarray:

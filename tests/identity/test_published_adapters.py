@@ -9,54 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ray_faceid.errors import EncoderMismatch, UnsupportedModel
+from ray_faceid.errors import BadInput, EncoderMismatch, UnsupportedModel
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
 from ray_faceid.pipelines.schedulers import SHORT_NAMES, Sampler
+from ray_faceid.stand_ins import faceid_state_dict, save  # noqa: F401 - other tests import them from here
 
 EMBED = 16  # the published files take 512-d ArcFace embeddings; the hidden width is a multiple of it
 SPEC = EncoderSpec(name="arcface_w600k_r50", dim=EMBED, version="test", license="-", metric="cosine", threshold=0.6)
 SIZE = dict(width=64, height=64)
-
-
-def faceid_state_dict(unet, tokens: int = 4, hidden: int | None = None, rank: int = 4, seed: int = 0,
-                      embed: int = EMBED) -> dict:
-    """An IP-Adapter-FaceID checkpoint for `unet` in the authors' layout, random weights at toy size,
-    taking `embed`-d embeddings."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = hidden or 2 * embed
-
-    def rand(*shape, std=0.1):
-        return torch.randn(*shape, generator=g) * std
-
-    width = unet.config.cross_attention_dim
-    proj = {"proj.0.weight": rand(hidden, embed, std=0.05), "proj.0.bias": rand(hidden),
-            "proj.2.weight": rand(width * tokens, hidden), "proj.2.bias": rand(width * tokens),
-            "norm.weight": 1 + rand(width), "norm.bias": rand(width)}
-    modules = dict(unet.named_modules())
-    ip = {}
-    for i, name in enumerate(unet.attn_processors):
-        attention = modules[name.removesuffix(".processor")]
-        for projection, linear in (("to_q", attention.to_q), ("to_k", attention.to_k), ("to_v", attention.to_v),
-                                   ("to_out", attention.to_out[0])):
-            ip[f"{i}.{projection}_lora.down.weight"] = rand(rank, linear.in_features)
-            ip[f"{i}.{projection}_lora.up.weight"] = rand(linear.out_features, rank)
-        if name.endswith("attn2.processor"):
-            ip[f"{i}.to_k_ip.weight"] = rand(attention.to_k.out_features, width)
-            ip[f"{i}.to_v_ip.weight"] = rand(attention.to_v.out_features, width)
-    return {"image_proj": proj, "ip_adapter": ip}
-
-
-def save(state: dict, path):
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file({f"{part}.{k}": v.contiguous() for part, d in state.items() for k, v in d.items()}, str(path))
-    else:
-        torch.save(state, path)
-    return str(path)
 
 
 def face(seed: int) -> np.ndarray:
@@ -303,6 +266,13 @@ def test_a_real_base_without_an_adapter_is_refused_and_the_smoke_base_is_seeded(
     refused = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "real"), "--ref", hanks, "--prompt", "a",
                                        "--out", str(tmp_path / "x.png"), *fast])
     assert refused.exit_code == 2 and "no identity adapter was given: pass --adapter" in refused.stderr
+    from deployments.app import resolve_config  # a Serve config likewise, when read: it would serve nothing
+    from ray_faceid.config import ServeConfig
+
+    tokens = {"acme": "acme-token-0123456789abcdef"}
+    with pytest.raises(BadInput, match="no identity adapter was given: pass --adapter .* refuse them all"):
+        resolve_config(ServeConfig(model=str(tmp_path / "real"), api_tokens=tokens))
+    resolve_config(ServeConfig(model="tiny", api_tokens=tokens))
     made = []
     for k in range(2):
         out = tmp_path / f"tiny{k}.png"

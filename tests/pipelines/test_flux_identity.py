@@ -15,27 +15,10 @@ from ray_faceid.identity.flux_adapter import load_flux_adapter
 from ray_faceid.pipelines.flux import build_tiny_flux, load_flux, save_flux
 from ray_faceid.pipelines.flux_sampling import FluxGenerator
 from ray_faceid.pipelines.generate import IdentityCondition
+from ray_faceid.stand_ins import xlabs_state_dict
 from tests.identity.test_face_plus import image_encoder_folder  # noqa: F401 - a fixture: a tiny CLIP, 16-d embeds
 
 EMBED, SIZE, STEPS = 16, 32, 3
-
-
-def xlabs_state_dict(transformer, embed: int = EMBED, seed: int = 0) -> dict:
-    """XLabs' FLUX IP-Adapter for `transformer` at toy size: random weights, its published keys."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, std=0.2):
-        return torch.randn(*shape, generator=g) * std
-
-    config = transformer.config
-    width, inner = config.joint_attention_dim, config.num_attention_heads * config.attention_head_dim
-    state = {"ip_adapter_proj_model.proj.weight": rand(4 * width, embed), "ip_adapter_proj_model.proj.bias": rand(4 * width),
-             "ip_adapter_proj_model.norm.weight": 1 + rand(width), "ip_adapter_proj_model.norm.bias": rand(width)}
-    for i in range(len(transformer.transformer_blocks)):
-        for part in "kv":
-            state[f"double_blocks.{i}.processor.ip_adapter_double_stream_{part}_proj.weight"] = rand(inner, width, std=1.0)
-            state[f"double_blocks.{i}.processor.ip_adapter_double_stream_{part}_proj.bias"] = rand(inner)
-    return state
 
 
 @pytest.fixture(scope="module")
