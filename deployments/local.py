@@ -21,6 +21,12 @@ def config_from_yaml(path: str | Path = DEFAULT_YAML, **overrides) -> ServeConfi
     return ServeConfig.model_validate(args)
 
 
+def port_from_yaml(path: str | Path = DEFAULT_YAML) -> int:
+    """The file's http_options.port (what `serve run` listens on), else 8000."""
+    data = yaml.safe_load(Path(path).read_text())
+    return int((data.get("http_options") or {}).get("port") or 8000)
+
+
 def web_page_available() -> bool:
     """Whether `start` serves the web page (it needs the `ui` extra)."""
     from deployments import web_page

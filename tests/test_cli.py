@@ -152,6 +152,20 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):
     assert result.exit_code == 2
     assert f"port {port} on 127.0.0.1 is in use" in result.stderr and "--port" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    # Without --port, the file's http_options.port: what `serve run` of the same file listens on.
+    import yaml
+
+    from deployments.local import DEFAULT_YAML
+
+    data = yaml.safe_load(DEFAULT_YAML.read_text())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        data["http_options"] = {"host": "127.0.0.1", "port": port}
+        (tmp_path / "serve.yaml").write_text(yaml.safe_dump(data))
+        result = CliRunner().invoke(app, ["serve", "--config", str(tmp_path / "serve.yaml"), "--registry", str(tmp_path)])
+    assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr
 
 
 def test_faces_analyze_fits_80_columns_and_wide_shows_every_column(sample_photos):

@@ -25,16 +25,17 @@ def serve(
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default from the YAML: tiny)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI."),
     registry: Optional[str] = typer.Option(None, "--registry", help="Identity registry folder or URI."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Port on 127.0.0.1 (this command "
+                                       "listens on loopback only); default: the file's http_options.port, else 8000."),
     backend: Optional[str] = typer.Option(
         None, "--backend", help="UNet runtime: auto (torch.compile on CUDA), torch, torch.compile, onnxruntime, tensorrt."),
 ):
     """Start the API locally, print its URL, a token and a curl example; Ctrl-C stops it."""
-    from deployments.local import config_from_yaml, start
+    from deployments.local import config_from_yaml, port_from_yaml, start
 
     with user_errors():
         cfg = config_from_yaml(config, model=model, adapter=adapter, registry=registry, backend=backend)
-        url, tokens = start(cfg, port)
+        url, tokens = start(cfg, port or port_from_yaml(config))
     tenant, token = next(iter(tokens.items()))
     console.print(f"ray_faceid API at {url} (docs: {url}/docs); tenant [bold]{tenant}[/bold] token: {token}")
     console.print(web_page_line(url), soft_wrap=True)
