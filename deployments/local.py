@@ -1,8 +1,12 @@
 """Run the application on a local Ray cluster bound to loopback (the embedded default)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -75,5 +79,40 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
     _SERVING.add(port)
-    serve.run(build_app(config), name="faceid", route_prefix="/", blocking=False, logging_config=logging_config)
+    with starting_lines(envs.serve_wait_line_s()):  # replicas load and compile silently for minutes
+        serve.run(build_app(config), name="faceid", route_prefix="/", blocking=False, logging_config=logging_config)
     return f"http://127.0.0.1:{port}", tokens
+
+
+@contextlib.contextmanager
+def starting_lines(every_s: float, app: str = "faceid"):
+    """While the block runs, every `every_s` seconds one stderr line of what each deployment's replicas
+    are doing (Serve's own slow-start warnings are left out as routine: quiet.py), so a replica that is
+    stuck shows as one, and a slow one as busy."""
+    from ray import serve
+
+    done, started = threading.Event(), time.monotonic()
+
+    def name(state) -> str:  # enums in some Ray versions, plain strings in others
+        return str(getattr(state, "value", state)).lower()
+
+    def report() -> None:
+        while not done.wait(every_s):
+            try:
+                deployments = serve.status().applications[app].deployments
+                states = "; ".join(
+                    f"{deployment} {name(d.status)}"
+                    + (f" ({', '.join(f'{n} {name(s)}' for s, n in d.replica_states.items())})" if d.replica_states else "")
+                    for deployment, d in deployments.items())
+            except Exception:  # noqa: BLE001 - not deployed yet, or the controller busy: said next time
+                continue
+            print(f"starting ({time.monotonic() - started:.0f} s): {states or 'deploying'}", file=sys.stderr,
+                  flush=True)
+
+    thread = threading.Thread(target=report, name="serve-starting-lines", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

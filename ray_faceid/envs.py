@@ -19,6 +19,11 @@ def cache_dir() -> str:
     return os.environ.get("RAY_FACEID_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ray_faceid"))
 
 
+def serve_wait_line_s() -> float:
+    """How often `ray-faceid serve` says what its replicas are doing while they start (seconds)."""
+    return float(os.environ.get("RAY_FACEID_SERVE_WAIT_LINE_S", "15"))
+
+
 def torch_compile_backend() -> str:
     """torch.compile's backend for `--backend torch.compile`: Inductor (the default, what serves),
     or another registered one, e.g. `aot_eager` (traces and runs the same graph with no code

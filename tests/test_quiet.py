@@ -36,6 +36,7 @@ def test_sigterm_stops_the_server_without_a_native_stack_dump(tmp_path, loopback
     import time
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_FACEID_SERVE_WAIT_LINE_S"] = "1"  # what the replicas do while they start, every second here
     command = [str(Path(sys.executable).parent / "ray-faceid"), "serve", "--port", str(loopback_port()),
                "--registry", str(tmp_path / "registry")]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -52,6 +53,7 @@ def test_sigterm_stops_the_server_without_a_native_stack_dump(tmp_path, loopback
             server.kill()
     assert server.returncode == 128 + signal.SIGTERM
     assert "SIGTERM received" not in stderr and "clock_nanosleep" not in stderr
+    assert re.search(r"starting \(\d+ s\): .*Generator (updating|healthy)", stderr), stderr[-3000:]
 
 
 def test_a_real_worker_error_line_passes_the_filter():
