@@ -38,6 +38,7 @@ class CrossBatch:
     expressions: torch.Tensor | None  # B, E of B
     people: list[str]
     target_embeddings: torch.Tensor | None = None  # B, D of B (the IMR's target tokens)
+    image_features: torch.Tensor | None = None  # B, S, H: CLIP features of A's faces (FaceID-Plus's second input)
 
 
 def face_mask(landmarks: np.ndarray, height: int, width: int, grow: float = 0.6) -> np.ndarray:

@@ -66,7 +66,9 @@ def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression
     expressions = None if batch.expressions is None else batch.expressions.to(device)
     if adapter.options.expression_dim == 0:
         expressions = None
-    tokens = adapter.tokens(batch.id_embeddings.to(device), expression=expressions, drop_prob=expression_drop)
+    features = None if batch.image_features is None else batch.image_features.to(device)
+    tokens = adapter.tokens(batch.id_embeddings.to(device), expression=expressions, drop_prob=expression_drop,
+                            image_features=features)
     identity = identity_kwargs(tokens.unsqueeze(1), torch.ones(b, 1, device=device))
     pred = base.unet(noisy, t, **text_inputs(base, batch.captions, batch.pixels), cross_attention_kwargs=identity).sample
     with torch.no_grad():

@@ -65,20 +65,27 @@ def template_landmarks(size: int) -> np.ndarray:
 
 
 def reference_batch(name: str, crops: list[np.ndarray], embeddings: np.ndarray, quality: np.ndarray,
-                    targets: list[int], size: int, caption: str) -> CrossBatch:
-    """Reference k is the target; the fused embedding of the others conditions it (itself if it is alone)."""
+                    targets: list[int], size: int, caption: str, features: np.ndarray | None = None) -> CrossBatch:
+    """Reference k is the target; the fused embedding of the others conditions it (itself if it is alone),
+    and with `features` (R, S, H: each reference's CLIP image features, FaceID-Plus) their mean, as the
+    pipeline reads a person's photos."""
     if len(crops) != len(embeddings):
         raise BadInput(f"identity {name}: {len(crops)} reference crops but {len(embeddings)} embeddings")
     import torch
 
     landmarks = template_landmarks(size)
-    pairs = []
+    pairs, conditioning_features = [], []
     for k in targets:
         others = [j for j in range(len(crops)) if j != k] or [k]
+        if features is not None:
+            conditioning_features.append(torch.as_tensor(features[others], dtype=torch.float32).mean(0))
         fused = fuse_embeddings(torch.as_tensor(embeddings[others], dtype=torch.float32),
                                 torch.as_tensor(quality[others], dtype=torch.float32)).numpy()
         image = np.asarray(Image.fromarray(crops[k]).resize((size, size), Image.Resampling.LANCZOS))
         source = Shot(f"{name}/conditioning-{k}", name, fused)
         target = Shot(f"{name}/{k}", name, unit(embeddings[k]), image=image, landmarks=landmarks, caption=caption)
         pairs.append((source, target))
-    return assemble_cross_batch(pairs)
+    batch = assemble_cross_batch(pairs)
+    if features is not None:
+        batch.image_features = torch.stack(conditioning_features)
+    return batch

@@ -30,32 +30,37 @@ REFERENCE_SIDE = 256  # the registry's reference crops: training above it only u
 
 
 def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str, identity: str,
-              config: PersonalizeConfig, on_step=None) -> dict:
+              config: PersonalizeConfig, on_step=None, settings: str | None = None) -> dict:
     """Adapt one identity and store the result; returns its progress record. `on_step(step, loss)`
-    after each optimiser step."""
+    after each optimiser step; `settings`: what the record is keyed by beside the shared adapter
+    (default: the config's hash; with a CLIP image encoder, its weights' hash too)."""
     from ray_faceid.identity.personalization import adapt_identity, delta_bytes
     from ray_faceid.train.examples import reference_batch
 
     started = time.perf_counter()
-    existing = registry.adapter_record(tenant, identity, adapter_hash, config.compute_hash())
+    settings = settings or config.compute_hash()
+    existing = registry.adapter_record(tenant, identity, adapter_hash, settings)
     if existing:
         return {"version": existing["version"], "skipped": True}
     embeddings, quality, spec = registry.embeddings(tenant, identity, accept=adapter.takes)
     crops = registry.references(tenant, identity)
+    # FaceID-Plus: each reference crop read through CLIP as the pipeline reads an enrolled person's.
+    features = None if adapter.image_encoder is None else adapter.image_encoder.enrolled_features(crops)
     size = config.size or min(max(base.native_size), REFERENCE_SIDE)
     n = len(crops)
     per = min(config.batch_size, n)
 
     def batch_at(step: int):
         return reference_batch(identity, crops, embeddings, quality, [(step * per + j) % n for j in range(per)],
-                               size, CAPTION)
+                               size, CAPTION, features)
 
-    eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), size, CAPTION)
+    eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), size, CAPTION, features)
     delta, metrics = adapt_identity(base, adapter, batch_at, eval_batch, config.steps, config.lr, config.outside_weight,
                                     config.seed, on_step)
     seconds = time.perf_counter() - started
     entry = registry.add_adapter(tenant, identity, delta_bytes(delta), {
-        "kind": "personal", "base_adapter": adapter_hash, "settings": config.compute_hash(), "references": n,
+        "kind": "personal", "base_adapter": adapter_hash, "settings": settings, "references": n,
+        **({"image_encoder": adapter.image_encoder.sha256} if adapter.image_encoder is not None else {}),
         "seconds": round(seconds, 3), **metrics,
     })
     return {"version": entry["version"], "seconds": seconds, "loss_start": metrics["loss_start"],
@@ -98,6 +103,10 @@ def _work(loop: dict) -> None:
     base = load_base(loop["model"]).to(device)
     adapter = IdentityAdapter.load(loop["adapter"], base.unet)
     adapter.to(device).install(base.unet)
+    if loop.get("image_encoder"):
+        from ray_faceid.identity.face_plus import attach_image_encoder
+
+        attach_image_encoder(adapter, loop["image_encoder"], device, "--image-encoder")
     adapter_hash = adapter.content_hash()
     registry = Registry(loop["registry"])
 
@@ -124,7 +133,7 @@ def _work(loop: dict) -> None:
 
             try:
                 done[identity] = adapt_one(base, adapter, adapter_hash, registry, loop["tenant"], identity, config,
-                                           on_step)
+                                           on_step, loop.get("settings"))
             except (FaceIdError, OSError) as exc:
                 failed[identity] = getattr(exc, "message", None) or str(exc)
         fault = loop.get("fault")
@@ -140,9 +149,11 @@ def _work(loop: dict) -> None:
 
 
 def run_personalize(registry: str, adapter: str, model: str, config: PersonalizeConfig, tenant: str = "default",
-                    identities: list[str] | None = None, address: str | None = None, fault: dict | None = None) -> dict:
+                    identities: list[str] | None = None, address: str | None = None, fault: dict | None = None,
+                    image_encoder: str | None = None) -> dict:
     """Adapt every identity of `tenant` (or the ones named) that has no adapter for this shared
-    adapter and these settings yet; returns done / skipped / failed and the throughput."""
+    adapter and these settings yet; returns done / skipped / failed and the throughput.
+    `image_encoder`: the CLIP vision folder FaceID-Plus / PlusV2 read faces through."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -163,9 +174,15 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
         shared = IdentityAdapter.load(adapter, load_base(model).unet)
     else:
         shared = IdentityAdapter.load(adapter)
-    shared.kind.refuse("personalize", reads_references=False)
+    from ray_faceid.identity.face_plus import attach_image_encoder
+
+    # FaceID-Plus reads the references' crops through CLIP (the registry keeps them); other kinds refuse
+    # a folder. Its weights' hash joins the settings: another encoder, another personal adapter.
+    attach_image_encoder(shared, image_encoder, "cpu", "--image-encoder")
+    if shared.image_encoder is None:
+        shared.kind.refuse("personalize", reads_references=False)
     adapter_hash = shared.content_hash()
-    settings = config.compute_hash()
+    settings = config.compute_hash() + ("" if shared.image_encoder is None else f"+clip:{shared.image_encoder.sha256}")
     skipped, failed, pending = [], {}, []
     for reference in wanted:  # ids or names, as everywhere else
         try:
@@ -180,7 +197,8 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
                                      with_data=False, local=is_local(address))
         heartbeat = new_heartbeat()
         loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "registry": registry,
-                "tenant": tenant, "identities": pending, "fault": fault, "heartbeat": heartbeat}
+                "tenant": tenant, "identities": pending, "fault": fault, "heartbeat": heartbeat,
+                "image_encoder": image_encoder, "settings": settings}
         name = f"personalize_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
         trainer = TorchTrainer(
             worker_loop,

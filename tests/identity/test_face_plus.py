@@ -201,33 +201,71 @@ def test_render_runs_faceid_plus_on_enrolled_people_as_generate_does(tmp_path, i
                  image_encoder=str(image_encoder_folder))
 
 
-def test_paths_holding_people_as_embeddings_refuse_plus_in_one_line(tmp_path, sample_photos, monkeypatch):
-    """personalize and train hold people as embeddings alone: a FaceID-Plus file is refused before any
-    worker starts, saying what runs it."""
+def test_personalize_reads_the_references_through_clip_and_train_refuses_plus(tmp_path, image_encoder_folder,
+                                                                              tiny_arcface_onnx, sample_photos,
+                                                                              ray_cluster, monkeypatch):
+    """personalize on FaceID-Plus: without the CLIP image encoder one line saying to give it; with it,
+    each person's reference crops read through CLIP condition the training steps (as the pipeline
+    reads an enrolled person), and the personal adapter changes that person's image. train (rows of
+    embeddings alone) refuses it, saying what runs it."""
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
+    from ray_faceid.config import FaceConfig
+    from ray_faceid.face.align import align, loose_template
+    from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.identity import published
+    from ray_faceid.identity.face_plus import attach_image_encoder
+    from ray_faceid.identity.personalization import load_personal
+    from ray_faceid.registry import REFERENCE_CROP, Registry
 
     monkeypatch.setitem(published.FAMILY_OF_WIDTH, 32, "sd1")  # the tiny base's width stands for SD 1.x's
-
-    base = save_like_a_user(tmp_path / "sd15")
-    adapter = save(faceid_plus_state_dict(base.unet), tmp_path / "ip-adapter-faceid-plus_sd15.bin")
-    registry = str(tmp_path / "registry")
-    enrolled = CliRunner().invoke(app, ["identities", "enroll", str(sample_photos["Tom_Hanks_54745.png"]), "--name",
-                                        "hanks", "--consent", "form-1", "--registry", registry])
-    assert enrolled.exit_code == 0, enrolled.output
-    refused = CliRunner().invoke(app, ["personalize", "--adapter", adapter, "--model", str(tmp_path / "sd15"),
-                                       "--registry", registry])
-    assert refused.exit_code == 2, refused.output
-    assert "personalize holds people as embeddings and does not run it yet" in refused.stderr
+    analyzer = FaceAnalyzer(FaceConfig(recognizer_onnx=str(tiny_arcface_onnx)))
+    save_like_a_user(tmp_path / "sd15")
+    adapter = save(faceid_plus_state_dict(build_tiny().unet, embed=analyzer.spec.dim),
+                   tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+    registry = Registry(str(tmp_path / "registry"))
+    references, embeddings = [], []
+    for photo in ("Tom_Hanks_54745.png", "t1.jpg"):  # two references: each the target, the other its condition
+        pixels = analyzer.load(sample_photos[photo])
+        found = analyzer.analyze(pixels)[0]
+        references.append(align(pixels, found.landmarks, loose_template(REFERENCE_CROP))[0])
+        embeddings.append(found.embedding)
+    hanks = registry.create("default", "hanks", "form-1", np.stack(embeddings), np.ones(2, np.float32), analyzer.spec,
+                            references, [{"index": k, "filename": f"{k}.png", "accepted": True, "reason": None}
+                                         for k in range(2)])["id"]
+    command = ["personalize", "--adapter", adapter, "--model", str(tmp_path / "sd15"), "--registry", registry.store,
+               "--steps", "3", "--size", "32", "--lr", "1e-2", "--json"]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2 and "give --image-encoder FOLDER" in refused.stderr, refused.output
     assert len(refused.stderr.strip().splitlines()) == 1
+    done = CliRunner().invoke(app, [*command, "--image-encoder", str(image_encoder_folder)])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["trained"] == [hanks] and not summary["failed"], summary
+    base = build_tiny()
+    plus = IdentityAdapter.load(adapter, base.unet)
+    attach_image_encoder(plus, str(image_encoder_folder), "cpu", "--image-encoder")
+    record = registry.adapter_record("default", hanks, plus.content_hash())
+    assert record["image_encoder"] == plus.image_encoder.sha256 and record["loss_end"] < record["loss_start"]
+    personal = load_personal(registry, "default", hanks, plus.content_hash())
+    features = plus.image_encoder.enrolled_features(registry.references("default", hanks))
+    pipe = IdentityPipeline(base, plus)
+
+    def image(own) -> np.ndarray:
+        person = IdentityCondition("hanks", np.stack(embeddings), np.ones(2, np.float32), image_features=features,
+                                   personal=own)
+        return np.asarray(pipe.generate("a portrait", [person], seed=3, steps=2, width=32, height=32).images[0])
+
+    assert np.abs(image(personal).astype(int) - image(None)).max() > 2  # the personal adapter reaches the image
+    again = CliRunner().invoke(app, [*command, "--image-encoder", str(image_encoder_folder)])
+    assert again.exit_code == 0 and json.loads(again.stdout[again.stdout.index("{"):])["skipped"] == [hanks]
     dataset = tmp_path / "dataset"  # an ingest output's summary: the check comes before its rows are read
     dataset.mkdir()
     (dataset / "summary.json").write_text('{"encoder_spec": {"name": "arcface"}}')
     trained = CliRunner().invoke(app, ["train", str(dataset), "--method", "imr", "--adapter", adapter, "--model",
                                        str(tmp_path / "sd15"), "--out", str(tmp_path / "imr")])
-    assert trained.exit_code == 2 and "FaceID-Plus reads each face's photos" in trained.stderr, trained.output
+    assert trained.exit_code == 2 and "through a CLIP image encoder; training rows hold embeddings" in trained.stderr
 
 
 def test_half_precision_tokens_of_the_zero_embedding_are_finite():
