@@ -213,7 +213,10 @@ class IdentityAdapter(nn.Module):
         """Hash of the weights and config: a version id for caches and provenance. Weights are
         hashed as fp32 (numpy has no bf16); an adapter cast to half precision hashes as its
         rounded weights, which is what then runs."""
-        h = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        config = self.config_dict()
+        if self.published is not None:  # one file, whichever ArcFace pack's spec it was loaded beside (takes)
+            config.pop("encoder")
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for k, t in sorted(self.state_dict().items()):
             h.update(k.encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())

@@ -31,6 +31,8 @@ class AdapterKind:
     name = "fused"
     identitynet = False
     """Whether the kind drives an IdentityNet beside the UNet (its residuals added at every step)."""
+    personalizes = True
+    """Whether personalize's training steps can read a person as this kind does (personalize.py)."""
 
     def __init__(self, adapter: IdentityAdapter):
         self.adapter = adapter
@@ -97,12 +99,6 @@ class PerPhotoKind(AdapterKind):
             raise BadInput("FaceID-Portrait gives tokens per photo: every person in one image needs the same number "
                            f"of photos (got {counts})")
 
-    def refuse(self, where, reads_references):
-        if not reads_references:
-            raise UnsupportedModel(f"{self.adapter.published['file']}: FaceID-Portrait gives tokens per photo, as many "
-                                   f"as each person has; {where} does not run it yet: use `ray-faceid generate`, render "
-                                   "or Serve with it, or an IP-Adapter-FaceID (plain) file")
-
 
 class FacePlusKind(AdapterKind):
     """FaceID-Plus / PlusV2: the fused embedding and the mean CLIP image features of the person's faces."""
@@ -135,13 +131,6 @@ class FacePlusKind(AdapterKind):
         empty = torch.zeros(1, self.adapter.encoder_spec.dim, dtype=dtype, device=pipe.device)
         return self.adapter.tokens(empty, image_features=negative)
 
-    def refuse(self, where, reads_references):
-        if not reads_references:
-            raise UnsupportedModel(f"{self.adapter.published['file']}: {self.adapter.published['variant']} reads each "
-                                   f"face's photos through a CLIP image encoder; {where} holds people as embeddings and "
-                                   "does not run it yet: use `ray-faceid generate`, render or Serve with it, or an "
-                                   "IP-Adapter-FaceID (plain) file")
-
 
 class InstantIdKind(AdapterKind):
     """InstantID: the raw (not unit) embedding, as its pipeline gives it; its IdentityNet reads one
@@ -149,6 +138,7 @@ class InstantIdKind(AdapterKind):
 
     name = "instantid"
     identitynet = True
+    personalizes = False  # its training steps would run the UNet without IdentityNet beside it
 
     def tokens(self, pipe, ident, emb, code):
         return self.adapter.tokens(emb.mean(0, keepdim=True))

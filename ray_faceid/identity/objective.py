@@ -66,9 +66,14 @@ def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression
     expressions = None if batch.expressions is None else batch.expressions.to(device)
     if adapter.options.expression_dim == 0:
         expressions = None
-    features = None if batch.image_features is None else batch.image_features.to(device)
-    tokens = adapter.tokens(batch.id_embeddings.to(device), expression=expressions, drop_prob=expression_drop,
-                            image_features=features)
+    if batch.photo_embeddings is not None:  # FaceID-Portrait: each photo its own tokens, concatenated
+        photos = batch.photo_embeddings.to(device)
+        each = adapter.tokens(photos.flatten(0, 1))
+        tokens = each.reshape(b, -1, each.shape[-1])
+    else:
+        features = None if batch.image_features is None else batch.image_features.to(device)
+        tokens = adapter.tokens(batch.id_embeddings.to(device), expression=expressions, drop_prob=expression_drop,
+                                image_features=features)
     identity = identity_kwargs(tokens.unsqueeze(1), torch.ones(b, 1, device=device))
     pred = base.unet(noisy, t, **text_inputs(base, batch.captions, batch.pixels), cross_attention_kwargs=identity).sample
     with torch.no_grad():

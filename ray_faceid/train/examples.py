@@ -65,10 +65,11 @@ def template_landmarks(size: int) -> np.ndarray:
 
 
 def reference_batch(name: str, crops: list[np.ndarray], embeddings: np.ndarray, quality: np.ndarray,
-                    targets: list[int], size: int, caption: str, features: np.ndarray | None = None) -> CrossBatch:
+                    targets: list[int], size: int, caption: str, features: np.ndarray | None = None,
+                    per_photo: bool = False) -> CrossBatch:
     """Reference k is the target; the fused embedding of the others conditions it (itself if it is alone),
     and with `features` (R, S, H: each reference's CLIP image features, FaceID-Plus) their mean, as the
-    pipeline reads a person's photos."""
+    pipeline reads a person's photos; `per_photo` (FaceID-Portrait): each other's embedding too."""
     if len(crops) != len(embeddings):
         raise BadInput(f"identity {name}: {len(crops)} reference crops but {len(embeddings)} embeddings")
     import torch
@@ -88,4 +89,7 @@ def reference_batch(name: str, crops: list[np.ndarray], embeddings: np.ndarray, 
     batch = assemble_cross_batch(pairs)
     if features is not None:
         batch.image_features = torch.stack(conditioning_features)
+    if per_photo:  # every target has the same number of others: the person's photos but one (or itself)
+        batch.photo_embeddings = torch.stack([torch.as_tensor(embeddings[[j for j in range(len(crops)) if j != k] or [k]],
+                                                              dtype=torch.float32) for k in targets])
     return batch

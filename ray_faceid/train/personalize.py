@@ -46,15 +46,17 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
     crops = registry.references(tenant, identity)
     # FaceID-Plus: each reference crop read through CLIP as the pipeline reads an enrolled person's.
     features = None if adapter.image_encoder is None else adapter.image_encoder.enrolled_features(crops)
+    per_photo = adapter.kind.name == "per_photo"  # FaceID-Portrait: each other reference its own tokens
     size = config.size or min(max(base.native_size), REFERENCE_SIDE)
     n = len(crops)
     per = min(config.batch_size, n)
 
     def batch_at(step: int):
         return reference_batch(identity, crops, embeddings, quality, [(step * per + j) % n for j in range(per)],
-                               size, CAPTION, features)
+                               size, CAPTION, features, per_photo)
 
-    eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), size, CAPTION, features)
+    eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), size, CAPTION, features,
+                                 per_photo)
     delta, metrics = adapt_identity(base, adapter, batch_at, eval_batch, config.steps, config.lr, config.outside_weight,
                                     config.seed, on_step)
     seconds = time.perf_counter() - started
@@ -179,7 +181,7 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     # FaceID-Plus reads the references' crops through CLIP (the registry keeps them); other kinds refuse
     # a folder. Its weights' hash joins the settings: another encoder, another personal adapter.
     attach_image_encoder(shared, image_encoder, "cpu", "--image-encoder")
-    if shared.image_encoder is None:
+    if not shared.kind.personalizes:
         shared.kind.refuse("personalize", reads_references=False)
     adapter_hash = shared.content_hash()
     settings = config.compute_hash() + ("" if shared.image_encoder is None else f"+clip:{shared.image_encoder.sha256}")
