@@ -128,8 +128,6 @@ class Generator:
         if adapter is not None and adapter.published and not adapter.takes(FaceAnalyzer(self.config.face).spec):
             raise EncoderMismatch(f"{self.config.adapter} takes {adapter.encoder_spec.dim}-d insightface ArcFace "
                                   "embeddings: set face.backend: insightface and face.insightface_root in the Serve config")
-        if adapter is not None:
-            adapter.kind.refuse("Serve", reads_references=True)
         attach_image_encoder(adapter, self.config.image_encoder, device, "image_encoder in the Serve config")
         if adapter is None and self.config.backend != "torch":
             raise BadInput(NO_ADAPTER.format(model=self.config.model) + "; compiled engines are built around one")

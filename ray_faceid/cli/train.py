@@ -77,6 +77,9 @@ def personalize(
     image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="FaceID-Plus / PlusV2: the CLIP image "
                                                 "encoder folder (models/image_encoder of h94/IP-Adapter) the people's "
                                                 "reference crops are read through."),
+    identitynet: Optional[str] = typer.Option(None, "--identitynet", help="InstantID: its IdentityNet folder "
+                                              "(ControlNetModel/ of InstantX/InstantID), run beside the UNet in "
+                                              "every training step."),
 ):
     """Adapt the identity attention to each enrolled person (skips those already done)."""
     from ray_faceid.config import PersonalizeConfig
@@ -88,7 +91,8 @@ def personalize(
         config = PersonalizeConfig(steps=steps, workers=workers, lr=lr, size=size, use_gpu=gpu,
                                    cpus_per_worker=cpus_per_worker, stall_warn_s=stall_warn, stall_fail_s=stall_fail)
         wanted = None if identities == "all" else [i.strip() for i in identities.split(",") if i.strip()]
-        summary = run_personalize(registry, adapter, model, config, tenant, wanted, address, image_encoder=image_encoder)
+        summary = run_personalize(registry, adapter, model, config, tenant, wanted, address, image_encoder=image_encoder,
+                                  identitynet=identitynet)
     if as_json:
         print_json(summary)
     else:

@@ -54,7 +54,6 @@ class Renderer:
         shared = shared_adapter(adapter, base, self.analyzer.spec)  # without one: the smoke base's seeded adapter
         if shared is None:
             raise BadInput(NO_ADAPTER.format(model=base.model_id))
-        shared.kind.refuse("render", reads_references=True)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(config.precision, device)
         imr_module, flow_module = load_edit_modules(shared, imr, flow)  # before the pipeline casts the adapter

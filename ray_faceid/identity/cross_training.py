@@ -40,6 +40,7 @@ class CrossBatch:
     target_embeddings: torch.Tensor | None = None  # B, D of B (the IMR's target tokens)
     image_features: torch.Tensor | None = None  # B, S, H: CLIP features of A's faces (FaceID-Plus's second input)
     photo_embeddings: torch.Tensor | None = None  # B, R, D: each of A's photos its own (FaceID-Portrait's tokens)
+    keypoints: torch.Tensor | None = None  # B, 5, 2: B's five points in pixels (InstantID's IdentityNet reads them)
 
 
 def face_mask(landmarks: np.ndarray, height: int, width: int, grow: float = 0.6) -> np.ndarray:

@@ -129,15 +129,18 @@ def attach_identitynet(pipe, folder: str | None, scale: float, option: str) -> N
     pipeline's adapter, in the UNet's device and dtype. `option` names where the user gives it
     (--identitynet, identitynet in a config); a folder for another adapter, or none for InstantID, is
     refused in one line."""
-    adapter = pipe.adapter
+    attach_identitynet_to(pipe.adapter, pipe.base.unet, pipe.device, folder, scale, option)
+
+
+def attach_identitynet_to(adapter, unet, device, folder: str | None, scale: float, option: str) -> None:
+    """`attach_identitynet` for an adapter installed in `unet` outside a pipeline (personalize's workers)."""
     if adapter is None or not adapter.kind.identitynet:
         if folder:
             raise BadInput(f"{option} is for InstantID's ip-adapter.bin; this adapter has no IdentityNet")
         return
     if not folder:
         raise BadInput(f"InstantID reads the face through its IdentityNet too: give {option} FOLDER ({NEEDED})")
-    unet = pipe.base.unet
-    adapter.identitynet = IdentityNet(folder, unet, scale).to(pipe.device, unet.dtype)
+    adapter.identitynet = IdentityNet(folder, unet, scale).to(device, unet.dtype)
 
 
 class IdentityNet:

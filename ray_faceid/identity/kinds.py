@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ray_faceid.errors import BadInput, UnsupportedModel
+from ray_faceid.errors import BadInput
 from ray_faceid.identity.expression import EXPRESSION_DIM
 from ray_faceid.identity.tokens import fuse_embeddings
 
@@ -31,8 +31,6 @@ class AdapterKind:
     name = "fused"
     identitynet = False
     """Whether the kind drives an IdentityNet beside the UNet (its residuals added at every step)."""
-    personalizes = True
-    """Whether personalize's training steps can read a person as this kind does (personalize.py)."""
 
     def __init__(self, adapter: IdentityAdapter):
         self.adapter = adapter
@@ -60,10 +58,6 @@ class AdapterKind:
         Checked per row or request before a batch runs: one request's refusal never fails the others."""
         if not self.identitynet and any(person.pose is not None for person in identities):
             raise BadInput("pose is for InstantID (its IdentityNet reads the face's keypoints); this adapter has none")
-
-    def refuse(self, where: str, reads_references: bool) -> None:
-        """UnsupportedModel where a path (`where`) cannot run this kind; `reads_references`: the path
-        reads enrolled people's records (their reference crops and each photo's embedding)."""
 
 
 class MultiRefKind(AdapterKind):
@@ -138,7 +132,6 @@ class InstantIdKind(AdapterKind):
 
     name = "instantid"
     identitynet = True
-    personalizes = False  # its training steps would run the UNet without IdentityNet beside it
 
     def tokens(self, pipe, ident, emb, code):
         return self.adapter.tokens(emb.mean(0, keepdim=True))
@@ -151,12 +144,6 @@ class InstantIdKind(AdapterKind):
         if len(identities) > 1:
             raise BadInput(f"InstantID's IdentityNet reads one face's tokens and keypoints: one person per image "
                            f"(got {len(identities)})")
-
-    def refuse(self, where, reads_references):
-        if not reads_references:  # personalize: its training steps run the UNet without IdentityNet beside it
-            raise UnsupportedModel(f"{self.adapter.published['file']}: InstantID's IdentityNet runs beside the UNet at "
-                                   f"every step; {where} trains without it: use InstantID as it is (generate, render, "
-                                   "Serve), or personalize an IP-Adapter-FaceID (plain) file")
 
 
 def kind_of(adapter: IdentityAdapter) -> AdapterKind:

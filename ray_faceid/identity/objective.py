@@ -75,12 +75,31 @@ def adapter_losses(base, adapter: IdentityAdapter, batch: CrossBatch, expression
         tokens = adapter.tokens(batch.id_embeddings.to(device), expression=expressions, drop_prob=expression_drop,
                                 image_features=features)
     identity = identity_kwargs(tokens.unsqueeze(1), torch.ones(b, 1, device=device))
-    pred = base.unet(noisy, t, **text_inputs(base, batch.captions, batch.pixels), cross_attention_kwargs=identity).sample
+    text = text_inputs(base, batch.captions, batch.pixels)
+    if adapter.kind.identitynet:  # InstantID: IdentityNet's residuals from the tokens and the target's keypoints
+        text.update(identitynet_residuals(adapter, batch, noisy, t, tokens, text.get("added_cond_kwargs")))
+    pred = base.unet(noisy, t, **text, cross_attention_kwargs=identity).sample
     with torch.no_grad():
         class_pred = base.unet(noisy, t, **text_inputs(base, [CLASS_PROMPT] * b, batch.pixels)).sample
     mask = F.interpolate(batch.face_masks.to(device), size=latents.shape[-2:], mode="nearest")
     target = diffusion_target(training_noise(base), latents, noise, t)
     return class_guided_regularization(pred, target, class_pred, mask, outside_weight)
+
+
+def identitynet_residuals(adapter: IdentityAdapter, batch: CrossBatch, noisy, t, tokens, added) -> dict:
+    """The UNet's extra inputs from InstantID's IdentityNet for these rows, as the pipeline adds them."""
+    import numpy as np
+
+    from ray_faceid.identity.instantid import keypoint_image
+
+    if adapter.identitynet is None or batch.keypoints is None:
+        raise BadInput("InstantID's training steps need its IdentityNet and each target's keypoints: give "
+                       "--identitynet FOLDER")
+    height, width = batch.pixels.shape[-2:]
+    images = np.stack([np.asarray(keypoint_image(p.numpy(), width, height), np.float32) / 255 for p in batch.keypoints])
+    image = torch.from_numpy(images).permute(0, 3, 1, 2).to(noisy.device)
+    down, mid = adapter.identitynet.residuals(noisy, t, tokens.detach(), image, added)
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
 class AdapterObjective(nn.Module):

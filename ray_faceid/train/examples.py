@@ -66,10 +66,11 @@ def template_landmarks(size: int) -> np.ndarray:
 
 def reference_batch(name: str, crops: list[np.ndarray], embeddings: np.ndarray, quality: np.ndarray,
                     targets: list[int], size: int, caption: str, features: np.ndarray | None = None,
-                    per_photo: bool = False) -> CrossBatch:
+                    per_photo: bool = False, keypoints: bool = False) -> CrossBatch:
     """Reference k is the target; the fused embedding of the others conditions it (itself if it is alone),
     and with `features` (R, S, H: each reference's CLIP image features, FaceID-Plus) their mean, as the
-    pipeline reads a person's photos; `per_photo` (FaceID-Portrait): each other's embedding too."""
+    pipeline reads a person's photos; `per_photo` (FaceID-Portrait): each other's embedding too;
+    `keypoints` (InstantID): the target's five points, for its IdentityNet."""
     if len(crops) != len(embeddings):
         raise BadInput(f"identity {name}: {len(crops)} reference crops but {len(embeddings)} embeddings")
     import torch
@@ -92,4 +93,6 @@ def reference_batch(name: str, crops: list[np.ndarray], embeddings: np.ndarray, 
     if per_photo:  # every target has the same number of others: the person's photos but one (or itself)
         batch.photo_embeddings = torch.stack([torch.as_tensor(embeddings[[j for j in range(len(crops)) if j != k] or [k]],
                                                               dtype=torch.float32) for k in targets])
+    if keypoints:  # the registry's crops hold the face on one template: its five points, IdentityNet's order
+        batch.keypoints = torch.as_tensor(landmarks, dtype=torch.float32).expand(len(targets), -1, -1).clone()
     return batch

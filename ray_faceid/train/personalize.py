@@ -47,22 +47,24 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
     # FaceID-Plus: each reference crop read through CLIP as the pipeline reads an enrolled person's.
     features = None if adapter.image_encoder is None else adapter.image_encoder.enrolled_features(crops)
     per_photo = adapter.kind.name == "per_photo"  # FaceID-Portrait: each other reference its own tokens
+    keypoints = adapter.kind.identitynet  # InstantID: its IdentityNet reads each target's five points
     size = config.size or min(max(base.native_size), REFERENCE_SIDE)
     n = len(crops)
     per = min(config.batch_size, n)
 
     def batch_at(step: int):
         return reference_batch(identity, crops, embeddings, quality, [(step * per + j) % n for j in range(per)],
-                               size, CAPTION, features, per_photo)
+                               size, CAPTION, features, per_photo, keypoints)
 
     eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), size, CAPTION, features,
-                                 per_photo)
+                                 per_photo, keypoints)
     delta, metrics = adapt_identity(base, adapter, batch_at, eval_batch, config.steps, config.lr, config.outside_weight,
                                     config.seed, on_step)
     seconds = time.perf_counter() - started
     entry = registry.add_adapter(tenant, identity, delta_bytes(delta), {
         "kind": "personal", "base_adapter": adapter_hash, "settings": settings, "references": n,
         **({"image_encoder": adapter.image_encoder.sha256} if adapter.image_encoder is not None else {}),
+        **({"identitynet": adapter.identitynet.record()} if adapter.identitynet is not None else {}),
         "seconds": round(seconds, 3), **metrics,
     })
     return {"version": entry["version"], "seconds": seconds, "loss_start": metrics["loss_start"],
@@ -109,6 +111,10 @@ def _work(loop: dict) -> None:
         from ray_faceid.identity.face_plus import attach_image_encoder
 
         attach_image_encoder(adapter, loop["image_encoder"], device, "--image-encoder")
+    if loop.get("identitynet"):
+        from ray_faceid.identity.instantid import DEFAULT_SCALE, attach_identitynet_to
+
+        attach_identitynet_to(adapter, base.unet, device, loop["identitynet"], DEFAULT_SCALE, "--identitynet")
     adapter_hash = adapter.content_hash()
     registry = Registry(loop["registry"])
 
@@ -152,10 +158,11 @@ def _work(loop: dict) -> None:
 
 def run_personalize(registry: str, adapter: str, model: str, config: PersonalizeConfig, tenant: str = "default",
                     identities: list[str] | None = None, address: str | None = None, fault: dict | None = None,
-                    image_encoder: str | None = None) -> dict:
+                    image_encoder: str | None = None, identitynet: str | None = None) -> dict:
     """Adapt every identity of `tenant` (or the ones named) that has no adapter for this shared
     adapter and these settings yet; returns done / skipped / failed and the throughput.
-    `image_encoder`: the CLIP vision folder FaceID-Plus / PlusV2 read faces through."""
+    `image_encoder`: the CLIP vision folder FaceID-Plus / PlusV2 read faces through; `identitynet`:
+    InstantID's IdentityNet folder (its training steps run it beside the UNet, at its default scale)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -170,21 +177,28 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     wanted = identities or [meta["id"] for meta in store.list(tenant)]
     model = resolve_model(model)  # once: the checks below and every worker take the reference
     IdentityAdapter.check_file_family(adapter, model.family)  # before any worker starts
+    unet = None
     if published.is_published_file(adapter):  # its layers are named by the base: read against it
         from ray_faceid.pipelines.models import load_base
 
-        shared = IdentityAdapter.load(adapter, load_base(model).unet)
+        unet = load_base(model).unet
+        shared = IdentityAdapter.load(adapter, unet)
     else:
         shared = IdentityAdapter.load(adapter)
     from ray_faceid.identity.face_plus import attach_image_encoder
+    from ray_faceid.identity.instantid import DEFAULT_SCALE, attach_identitynet_to
 
-    # FaceID-Plus reads the references' crops through CLIP (the registry keeps them); other kinds refuse
-    # a folder. Its weights' hash joins the settings: another encoder, another personal adapter.
+    # FaceID-Plus reads the references' crops through CLIP (the registry keeps them), InstantID runs its
+    # IdentityNet beside the UNet; other kinds refuse either folder. Their weights' hashes join the
+    # settings: another encoder or IdentityNet, another personal adapter.
     attach_image_encoder(shared, image_encoder, "cpu", "--image-encoder")
-    if not shared.kind.personalizes:
-        shared.kind.refuse("personalize", reads_references=False)
+    attach_identitynet_to(shared, unet, "cpu", identitynet, DEFAULT_SCALE, "--identitynet")
     adapter_hash = shared.content_hash()
-    settings = config.compute_hash() + ("" if shared.image_encoder is None else f"+clip:{shared.image_encoder.sha256}")
+    settings = config.compute_hash()
+    if shared.image_encoder is not None:
+        settings += f"+clip:{shared.image_encoder.sha256}"
+    if shared.identitynet is not None:
+        settings += f"+identitynet:{shared.identitynet.sha256}@{shared.identitynet.scale:g}"
     skipped, failed, pending = [], {}, []
     for reference in wanted:  # ids or names, as everywhere else
         try:
@@ -200,7 +214,7 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
         heartbeat = new_heartbeat()
         loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "registry": registry,
                 "tenant": tenant, "identities": pending, "fault": fault, "heartbeat": heartbeat,
-                "image_encoder": image_encoder, "settings": settings}
+                "image_encoder": image_encoder, "identitynet": identitynet, "settings": settings}
         name = f"personalize_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
         trainer = TorchTrainer(
             worker_loop,

@@ -134,9 +134,6 @@ def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(t
 
     with pytest.raises(BadInput, match="InstantID repaints nothing yet"):
         inpaint(pipe, np.zeros((SIZE, SIZE, 3), np.uint8), np.full((SIZE, SIZE), 255, np.uint8), person, "a face")
-    adapter.kind.refuse("render", reads_references=True)  # render and Serve run it (tests/identity/test_instantid_paths.py)
-    with pytest.raises(UnsupportedModel, match="personalize trains without it"):
-        adapter.kind.refuse("personalize", reads_references=False)
 
 
 def test_one_command_from_instantids_files_an_embedding_and_a_pose_photo(tmp_path, sample_photos):

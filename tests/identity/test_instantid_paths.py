@@ -168,3 +168,57 @@ def test_a_render_job_with_dlibs_face_stack_and_a_published_file_is_refused_befo
                                        "dlib's: render with --face-backend insightface"):
         run_render(str(catalog), str(tmp_path / "out"), parts.sdxl, parts.registry, parts.adapter,
                    tenant="acme")  # the default RenderConfig: dlib, as `ray-faceid render` without face options
+
+
+def test_personalize_runs_identitynet_beside_the_unet_in_every_step(parts, ray_cluster, monkeypatch):
+    """personalize on InstantID: without its IdentityNet one line saying to give it; with it, every
+    training step adds IdentityNet's residuals from the person's tokens and their reference crop's five
+    points (as generate adds them), and the personal adapter reaches the person's image."""
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.identity import published
+    from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.identity.instantid import attach_identitynet
+    from ray_faceid.identity.personalization import load_personal
+    from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
+    from ray_faceid.pipelines.models import load_base
+    from ray_faceid.registry import Registry
+
+    monkeypatch.setitem(published.FAMILY_OF_WIDTH, 64, "sdxl")  # the tiny SDXL's width stands for SDXL's
+    command = ["personalize", "--adapter", parts.adapter, "--model", parts.sdxl, "--registry", parts.registry,
+               "--tenant", "acme", "--identities", "ann", "--steps", "3", "--size", str(SIZE), "--lr", "1e-2", "--json"]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2 and "give --identitynet FOLDER" in refused.stderr, refused.output
+    done = CliRunner().invoke(app, [*command, "--identitynet", parts.net])
+    assert done.exit_code == 0, done.output
+    ann, embedding = parts.people["ann"]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["trained"] == [ann]
+    base = load_base(parts.sdxl)
+    pipeline = IdentityPipeline(base, IdentityAdapter.load(parts.adapter, base.unet))
+    attach_identitynet(pipeline, parts.net, 0.8, "--identitynet")
+    registry = Registry(parts.registry)
+    record = registry.adapter_record("acme", ann, pipeline.adapter.content_hash())
+    assert record["identitynet"]["weights_sha256"] == pipeline.adapter.identitynet.sha256
+    personal = load_personal(registry, "acme", ann, pipeline.adapter.content_hash())
+
+    def image(own) -> np.ndarray:
+        person = IdentityCondition("ann", embedding, personal=own)
+        return np.asarray(pipeline.generate("a portrait", [person], seed=3, steps=STEPS, guidance=GUIDANCE, width=SIZE,
+                                            height=SIZE).images[0]).astype(int)
+
+    assert np.abs(image(personal) - image(None)).max() > 2
+    # The training step's prediction takes IdentityNet's residuals (none at scale 0: another loss).
+    import torch
+
+    from ray_faceid.identity.objective import adapter_losses
+    from ray_faceid.train.examples import reference_batch
+
+    crops = registry.references("acme", ann)
+    batch = reference_batch("ann", crops, embedding, np.ones(1), [0], SIZE, "a photo", keypoints=True)
+    adapter, losses = pipeline.adapter, []
+    for scale in (0.8, 0.0):
+        adapter.identitynet.scale = scale
+        with torch.no_grad():
+            losses.append(float(adapter_losses(base, adapter, batch, 0.0, torch.Generator().manual_seed(0))["total"]))
+    assert losses[0] != losses[1], losses
