@@ -73,9 +73,12 @@ class PerPhotoKind(AdapterKind):
     name = "per_photo"
 
     def tokens(self, pipe, ident, emb, code):
-        if pipe.backend != "torch" and emb.shape[0] != 1:
+        # torch.compile keys its graphs by the token count (a new count compiles, or on a Serve replica
+        # runs eager); an exported ONNX / TensorRT graph holds one count.
+        if pipe.backend not in ("torch", "torch.compile") and emb.shape[0] != 1:
             raise BadInput(f"identity {ident.name}: FaceID-Portrait with {emb.shape[0]} photos gives "
-                           f"{emb.shape[0]} sets of tokens; compiled engines hold one: use --backend torch")
+                           f"{emb.shape[0]} sets of tokens; an exported engine ({pipe.backend}) holds one: use "
+                           "--backend torch or torch.compile")
         t = self.adapter.tokens(emb)
         return t.reshape(1, -1, t.shape[-1])
 

@@ -122,6 +122,15 @@ def test_faceid_portrait_gives_each_photo_its_own_tokens_as_diffusers_does(tmp_p
         images.append(got)
     assert np.abs(images[0] - images[1]).max() > 0  # every photo reaches the image, with its own 16 tokens
     assert pipe.identity_tokens([IdentityCondition("p", photos)]).shape[2] == 3 * 16
+    # Compiled (the suite's Dynamo backend): a graph per token count, each photo count its own image.
+    compiled = IdentityPipeline(base, adapter, backend="torch.compile")
+    for refs, want in ((photos, images[0]), (photos[:1], images[1])):
+        got = np.asarray(compiled.generate("a portrait photo", [IdentityCondition("p", refs)], seed=11, steps=3,
+                                           guidance=5.0, **SIZE).images[0]).astype(int)
+        assert np.abs(got - want).max() <= 1, len(refs)
+    with pytest.raises(BadInput, match="an exported engine \\(onnxruntime\\) holds one"):
+        IdentityPipeline(base, adapter, backend="onnxruntime").generate("a", [IdentityCondition("p", photos)],
+                                                                        steps=1, **SIZE)
     with pytest.raises(UnsupportedModel, match="unnormalised FaceID-Portrait"):
         IdentityAdapter.load(save(faceid_state_dict(base.unet, tokens=16), tmp_path / "portrait_sdxl_unnorm.bin"),
                              base.unet, SPEC)
