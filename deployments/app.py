@@ -145,12 +145,27 @@ def check_flux_memory(config: ServeConfig) -> None:
                                              f"generator_gpus {config.generator_gpus:g}")
 
 
-def smoke_base(ref) -> bool:
-    """A tiny untrained base (built in, or saved by us and marked so): it runs its seeded adapter."""
-    if ref.kind == "tiny":
+def smoke_base(model: str) -> bool | None:
+    """Whether a base is a tiny untrained one (built in, or saved by us and marked so), which runs its
+    seeded adapter; None where its model_index.json cannot be read here (the replica says why). A hub
+    id names a published base."""
+    from ray_faceid import storage
+    from ray_faceid.errors import FaceIdError
+    from ray_faceid.pipelines.model_ref import TINY
+
+    if model in TINY:
         return True
-    index = Path(ref.folder) / "model_index.json"
-    return index.exists() and bool(json.loads(index.read_text()).get("_ray_faceid_untrained"))
+    remote = "://" in model and not model.startswith("file://")
+    folder = Path(model.removeprefix("file://"))
+    if not remote and not folder.is_dir():
+        return False
+    try:
+        raw = storage.read_bytes(storage.join(model, "model_index.json")) if remote else \
+            (folder / "model_index.json").read_bytes()
+        index = json.loads(raw)
+    except (FaceIdError, OSError, ValueError):
+        return None
+    return isinstance(index, dict) and bool(index.get("_ray_faceid_untrained"))
 
 
 def resolve_config(args: dict | ServeConfig) -> ServeConfig:
@@ -180,11 +195,11 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
             raise BadInput(f"model: {wrong.message}") from None
         if ref.folder:
             unet_config = json.loads((Path(ref.folder) / "unet" / "config.json").read_text())
-        if not config.adapter and not smoke_base(ref):  # every request names people: it would serve nothing
-            from ray_faceid.identity.adapter import NO_ADAPTER
+    if not config.adapter and smoke_base(config.model) is False:  # every request names people: it would serve nothing
+        from ray_faceid.identity.adapter import NO_ADAPTER
 
-            raise BadInput(NO_ADAPTER.format(model=config.model) + "; every API request names people, so this "
-                           "deployment would refuse them all")
+        raise BadInput(NO_ADAPTER.format(model=config.model) + "; every generate request names people, so this "
+                       "deployment would refuse them all (to enroll people first: `ray-faceid identities enroll`)")
     found = published.describe(config.adapter) if config.adapter else None  # the file read once, before any replica
     instantid = found is not None and found.instantid
     if instantid and config.backend != "torch":

@@ -122,7 +122,7 @@ class Generator:
         never_create_here()  # the registry secret comes from the cluster's configuration (registry_secret.py)
         base = load_base(self.config.model)
         # Identities are checked against the adapter's encoder spec when they are used. A real base
-        # without an adapter serves prompts alone: identity requests are refused (NO_ADAPTER).
+        # without an adapter is refused when the config is read (deployments/app.py).
         adapter = shared_adapter(self.config.adapter, base, None if self.config.adapter else
                                  FaceAnalyzer(self.config.face).spec)
         if adapter is not None and adapter.published and not adapter.takes(FaceAnalyzer(self.config.face).spec):

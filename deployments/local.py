@@ -27,8 +27,18 @@ def config_from_yaml(path: str | Path = DEFAULT_YAML, **overrides) -> ServeConfi
 
 def port_from_yaml(path: str | Path = DEFAULT_YAML) -> int:
     """The file's http_options.port (what `serve run` listens on), else 8000."""
+    from ray_faceid.errors import BadInput
+
     data = yaml.safe_load(Path(path).read_text())
-    return int((data.get("http_options") or {}).get("port") or 8000)
+    options = data.get("http_options") if isinstance(data, dict) else None
+    port = options.get("port", 8000) if isinstance(options, dict) else 8000 if options is None else options
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        number = 0
+    if isinstance(port, bool) or not 1 <= number <= 65535 or str(number) != str(port).strip():
+        raise BadInput(f"{path}: http_options.port must be a port number 1-65535, got {port!r}; or give --port")
+    return number
 
 
 def web_page_available() -> bool:
@@ -59,7 +69,7 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     """Deploy locally; returns the base URL and the tenant tokens (one generated if none is set)."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_app, resolve_config
     from deployments.auth import parse_tokens
     from ray_faceid.data.cluster import init_ray
     from ray_faceid.registry_secret import keys_for
@@ -71,6 +81,7 @@ def start(config: ServeConfig, port: int = 8000) -> tuple[str, dict[str, str]]:
     if not tokens:
         tokens = {"default": generated_token()}
     config = config.model_copy(update={"api_tokens": tokens})
+    resolve_config(config)  # a config Serve would refuse: one line now, not after Ray and Serve started
     # A local cluster gets a few logical CPUs more than cores: the three deployments each hold one.
     init_ray(num_cpus=max(4, os.cpu_count() or 1))
     # Quiet by default (ray_faceid/quiet.py): Serve logs every request and replica at INFO.

@@ -5,6 +5,7 @@ build them (against diffusers' own loaders); `ray-faceid stand-ins DIR` writes a
 bases so every adapter path can be tried offline in one command each."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +175,7 @@ def write_stand_ins(folder: str | Path) -> list[tuple[str, str]]:
     np.save(root / "ann_arcface.npy", arcface[:1])
     np.save(root / "ann_arcface_3_photos.npy", arcface[1:])
     np.save(root / "ann_clip.npy", rng.normal(size=(1, TOY_EMBED)).astype(np.float32))
-    encoder = save_image_encoder(root / "image_encoder")
+    save_image_encoder(root / "image_encoder")
     save(faceid_state_dict(sd1, embed=ARCFACE_DIM), root / "ip-adapter-faceid_sd15.bin")
     save(faceid_state_dict(sdxl, embed=ARCFACE_DIM), root / "ip-adapter-faceid_sdxl.bin")
     save(faceid_plus_state_dict(sd1, embed=ARCFACE_DIM), root / "ip-adapter-faceid-plusv2_sd15.bin")
@@ -184,23 +185,26 @@ def write_stand_ins(folder: str | Path) -> list[tuple[str, str]]:
     save_identitynet(sdxl, root / "InstantID" / "ControlNetModel")
     (root / "flux-ip-adapter").mkdir(exist_ok=True)
     save_file(xlabs_state_dict(build_tiny_flux().transformer), str(root / "flux-ip-adapter" / "ip_adapter.safetensors"))
-    arc, clip = root / "ann_arcface.npy", root / "ann_clip.npy"
+
+    def path(*parts: str) -> str:  # quoted as a shell reads it: a folder may hold spaces or brackets
+        return shlex.quote(str(root.joinpath(*parts)))
+
+    arc, clip, encoder = path("ann_arcface.npy"), path("ann_clip.npy"), path("image_encoder")
+    flux = path("flux-ip-adapter", "ip_adapter.safetensors")
     return [
-        ("IP-Adapter-FaceID, SD 1.5", f"--model tiny --adapter {root / 'ip-adapter-faceid_sd15.bin'} --face-embedding {arc}"),
-        ("IP-Adapter-FaceID, SDXL", f"--model tiny-sdxl --adapter {root / 'ip-adapter-faceid_sdxl.bin'} "
+        ("IP-Adapter-FaceID, SD 1.5", f"--model tiny --adapter {path('ip-adapter-faceid_sd15.bin')} --face-embedding {arc}"),
+        ("IP-Adapter-FaceID, SDXL", f"--model tiny-sdxl --adapter {path('ip-adapter-faceid_sdxl.bin')} "
                                     f"--face-embedding {arc}"),
         ("IP-Adapter-FaceID-PlusV2 (a face photo read through CLIP too)",
-         f"--model tiny --adapter {root / 'ip-adapter-faceid-plusv2_sd15.bin'} --image-encoder {encoder} "
+         f"--model tiny --adapter {path('ip-adapter-faceid-plusv2_sd15.bin')} --image-encoder {encoder} "
          f"--face-embedding {arc} --ref PHOTO"),
         ("IP-Adapter-FaceID-Portrait (three photos' embeddings, each its own tokens)",
-         f"--model tiny --adapter {root / 'ip-adapter-faceid-portrait_sd15.bin'} "
-         f"--face-embedding {root / 'ann_arcface_3_photos.npy'}"),
-        ("InstantID (IdentityNet; a frontal pose)", f"--model tiny-sdxl --adapter {root / 'InstantID' / 'ip-adapter.bin'} "
-                                                    f"--identitynet {root / 'InstantID' / 'ControlNetModel'} "
-                                                    f"--face-embedding {arc}"),
-        ("XLabs' FLUX IP-Adapter (the CLIP image embedding)",
-         f"--model tiny-flux --adapter {root / 'flux-ip-adapter' / 'ip_adapter.safetensors'} --face-embedding {clip}"),
+         f"--model tiny --adapter {path('ip-adapter-faceid-portrait_sd15.bin')} "
+         f"--face-embedding {path('ann_arcface_3_photos.npy')}"),
+        ("InstantID (IdentityNet; a frontal pose)",
+         f"--model tiny-sdxl --adapter {path('InstantID', 'ip-adapter.bin')} "
+         f"--identitynet {path('InstantID', 'ControlNetModel')} --face-embedding {arc}"),
+        ("XLabs' FLUX IP-Adapter (the CLIP image embedding)", f"--model tiny-flux --adapter {flux} --face-embedding {clip}"),
         ("XLabs' FLUX IP-Adapter, a photo read through the CLIP image encoder",
-         f"--model tiny-flux --adapter {root / 'flux-ip-adapter' / 'ip_adapter.safetensors'} --image-encoder {encoder} "
-         "--ref PHOTO"),
+         f"--model tiny-flux --adapter {flux} --image-encoder {encoder} --ref PHOTO"),
     ]

@@ -166,6 +166,11 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):
         (tmp_path / "serve.yaml").write_text(yaml.safe_dump(data))
         result = CliRunner().invoke(app, ["serve", "--config", str(tmp_path / "serve.yaml"), "--registry", str(tmp_path)])
     assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr
+    for bad in ("abc", 70000, 0, [1]):  # one line naming the setting, never a traceback
+        data["http_options"] = {"port": bad} if bad != [1] else bad
+        (tmp_path / "serve.yaml").write_text(yaml.safe_dump(data))
+        result = CliRunner().invoke(app, ["serve", "--config", str(tmp_path / "serve.yaml"), "--registry", str(tmp_path)])
+        assert result.exit_code == 2 and "http_options.port must be a port number 1-65535" in result.stderr, bad
 
 
 def test_faces_analyze_fits_80_columns_and_wide_shows_every_column(sample_photos):

@@ -8,13 +8,15 @@ from typer.testing import CliRunner
 from ray_faceid.cli import app
 from ray_faceid.pipelines.provenance import read_provenance
 
-KINDS = ["IP-Adapter-FaceID: FaceID", "IP-Adapter-FaceID: FaceID", "IP-Adapter-FaceID: FaceID-PlusV2",
-         "IP-Adapter-FaceID: FaceID-Portrait", "InstantID", "FLUX IP-Adapter", "FLUX IP-Adapter"]
+KINDS = [("IP-Adapter-FaceID", "FaceID"), ("IP-Adapter-FaceID", "FaceID"),
+         ("IP-Adapter-FaceID", "FaceID-PlusV2, shortcut"), ("IP-Adapter-FaceID", "FaceID-Portrait, tokens per photo"),
+         ("InstantID", "InstantID, with its IdentityNet"), ("FLUX IP-Adapter", "XLabs"), ("FLUX IP-Adapter", "XLabs")]
 
 
 def test_every_printed_command_makes_an_image_of_its_published_kind(tmp_path, sample_photos):
     runner = CliRunner()
-    written = runner.invoke(app, ["stand-ins", str(tmp_path / "files")])
+    folder = tmp_path / "my files [v1]"  # printed as a shell reads it: spaces and brackets kept
+    written = runner.invoke(app, ["stand-ins", str(folder)])
     assert written.exit_code == 0, written.output
     commands = [line.strip() for line in written.output.splitlines() if line.strip().startswith("ray-faceid generate")]
     assert len(commands) == len(KINDS)
@@ -25,6 +27,9 @@ def test_every_printed_command_makes_an_image_of_its_published_kind(tmp_path, sa
         made = runner.invoke(app, argv)
         assert made.exit_code == 0, (command, made.output)
         published = read_provenance(out.read_bytes())["adapter_published"]
-        assert f"{published['kind']}: {published['variant']}".startswith(kind), (command, published)
-    again = runner.invoke(app, ["stand-ins", str(tmp_path / "files")])  # never written over
-    assert again.exit_code != 0 and "not an empty folder" in again.output
+        assert (published["kind"], published["variant"]) == kind, (command, published)
+    again = runner.invoke(app, ["stand-ins", str(folder)])  # never written over
+    assert again.exit_code == 2 and "not an empty folder" in again.output
+    (tmp_path / "a_file").write_text("x")
+    blocked = runner.invoke(app, ["stand-ins", str(tmp_path / "a_file" / "files")])
+    assert blocked.exit_code == 2 and "cannot write there" in blocked.stderr and "Traceback" not in blocked.output

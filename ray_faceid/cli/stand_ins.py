@@ -24,6 +24,19 @@ def stand_ins(folder: str = typer.Argument(..., help="Where to write them (a new
         root = Path(folder)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise BadInput(f"{folder}: not an empty folder; give a new one")
-        for what, arguments in write_stand_ins(root):
-            console.print(f"[bold]{what}[/bold]\n  ray-faceid generate {arguments} --prompt \"a portrait photo\" "
-                          "--out out.png", soft_wrap=True, highlight=False)
+        existed = root.is_dir()
+        try:
+            made = write_stand_ins(root)
+        except OSError as exc:  # a file in the way, no permission, a full disk: one line, what it wrote removed
+            import shutil
+
+            for written in (list(root.iterdir()) if existed else [root]) if root.is_dir() else []:
+                if written.is_dir():
+                    shutil.rmtree(written, ignore_errors=True)
+                else:
+                    written.unlink(missing_ok=True)
+            raise BadInput(f"{folder}: cannot write there ({exc.strerror or exc}); give another folder") from None
+        for what, arguments in made:
+            console.print(what, style="bold", markup=False, highlight=False)
+            console.print(f"  ray-faceid generate {arguments} --prompt 'a portrait photo' --out out.png",
+                          soft_wrap=True, markup=False, highlight=False)

@@ -336,7 +336,9 @@ def fuse_lora(unet, lora: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]
                 raise UnsupportedModel(f"the LoRA of {name}.{projection} is {up.shape[0]}x{down.shape[1]}; the layer "
                                        f"is {tuple(linear.weight.shape)}: it was made for another UNet layout")
             updates.append((linear, up, down))
-    for linear, up, down in updates:  # summed in fp32, stored in the layer's precision
-        linear.weight.copy_((linear.weight.float() + up.float() @ down.float()).to(linear.weight.dtype))
+    for linear, up, down in updates:  # summed in fp32 where the layer is (read on the CPU), stored in its precision
+        weight = linear.weight
+        up, down = up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)
+        weight.copy_((weight.float() + up @ down).to(weight.dtype))
     unet._ray_faceid_fused_lora = fused | {tag}
     return True

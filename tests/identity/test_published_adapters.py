@@ -306,6 +306,19 @@ def test_published_layouts_the_system_does_not_run_or_damaged_files_are_refused_
         IdentityAdapter.load(save(state, tmp_path / "ok.bin"), base.unet, dlib)
 
 
+def test_the_files_lora_fuses_into_a_unet_on_another_device(tmp_path):
+    """The file is read on the CPU; the pipeline moves the UNet to its device (a GPU) before the
+    LoRA fuses into it: the sum is made there (it failed with tensors on two devices)."""
+    from ray_faceid.identity.published import fuse_lora
+
+    base = build_tiny()
+    adapter = IdentityAdapter.load(save(faceid_state_dict(base.unet), tmp_path / "ip-adapter-faceid_sd15.bin"),
+                                   base.unet, SPEC)
+    unet = build_tiny().unet.to("meta")  # another device than the file's tensors, on a machine without a GPU
+    assert fuse_lora(unet, adapter.base_lora, "file") and unet.down_blocks[0].attentions[0].transformer_blocks[0] \
+        .attn1.to_q.weight.device.type == "meta"
+
+
 def test_a_real_base_without_an_adapter_is_refused_and_the_smoke_base_is_seeded(tmp_path, sample_photos):
     """Never a random adapter: a real base with no --adapter says where one comes from (it made
     another image each run); the tiny smoke-test base's untrained adapter gives the same bytes."""
@@ -323,9 +336,16 @@ def test_a_real_base_without_an_adapter_is_refused_and_the_smoke_base_is_seeded(
     from ray_faceid.config import ServeConfig
 
     tokens = {"acme": "acme-token-0123456789abcdef"}
-    with pytest.raises(BadInput, match="no identity adapter was given: pass --adapter .* refuse them all"):
-        resolve_config(ServeConfig(model=str(tmp_path / "real"), api_tokens=tokens))
-    resolve_config(ServeConfig(model="tiny", api_tokens=tokens))
+    from ray_faceid import storage
+    from ray_faceid.pipelines.models import save_base
+
+    storage.write_bytes("memory://models/real/model_index.json", (tmp_path / "real" / "model_index.json").read_bytes())
+    for real in (str(tmp_path / "real"), "memory://models/real", "someone/sd15-on-the-hub"):  # a folder, a URI, a hub id
+        with pytest.raises(BadInput, match="no identity adapter was given: pass --adapter .* refuse them all"):
+            resolve_config(ServeConfig(model=real, api_tokens=tokens))
+    save_base(build_tiny(), tmp_path / "smoke")  # our smoke base saved: marked, it runs its seeded adapter
+    for smoke in ("tiny", str(tmp_path / "smoke")):
+        resolve_config(ServeConfig(model=smoke, api_tokens=tokens))
     made = []
     for k in range(2):
         out = tmp_path / f"tiny{k}.png"
