@@ -1,6 +1,6 @@
 """Identity adapter kinds behind one interface: what each reads of a person and how it turns that
 into identity tokens, the tokens its unconditional rows take, what sets its token count (rows of
-other counts never share a UNet batch), and which paths run it. The pipeline asks the adapter's kind
+other counts never share a UNet batch), and which people it can put in one image. The pipeline asks the adapter's kind
 (`kind_of`) and never which kind it is, so a new kind plugs in here without touching the sampler.
 
 - `fused`: one embedding per person, the references fused by quality (our adapter, IP-Adapter-FaceID);

@@ -33,7 +33,7 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
               config: PersonalizeConfig, on_step=None, settings: str | None = None) -> dict:
     """Adapt one identity and store the result; returns its progress record. `on_step(step, loss)`
     after each optimiser step; `settings`: what the record is keyed by beside the shared adapter
-    (default: the config's hash; with a CLIP image encoder, its weights' hash too)."""
+    (default: the config's hash; run_personalize adds the CLIP image encoder's or IdentityNet's weights hash)."""
     from ray_faceid.identity.personalization import adapt_identity, delta_bytes
     from ray_faceid.train.examples import reference_batch
 
