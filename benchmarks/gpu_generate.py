@@ -488,7 +488,8 @@ def faceid_rows(args) -> list[str]:
     for key, label in (("diffusers", f"diffusers {pipe_name} + load_ip_adapter "
                                      "(LoRA through PEFT), eager"),
                        ("torch", "ray_faceid eager (LoRA fused at load)"),
-                       ("torch.compile", "ray_faceid torch.compile + CUDA graphs")):
+                       ("torch.compile", "ray_faceid torch.compile" + (" + CUDA graphs" if args.device == "cuda" else
+                                                                       " (Inductor on the CPU)"))):
         one, four = results[(key, 1)], results[(key, 4)]
         rows.append(f"| {label} | {one:.3f} | {four:.3f} | {results[('diffusers', 1)] / one:.2f}x | "
                     f"{results[('diffusers', 4)] / four:.2f}x |")
