@@ -436,8 +436,8 @@ def faceid_rows(args) -> list[str]:
     from ray_faceid.engines.cache import EngineCache
     from ray_faceid.face.spec import EncoderSpec
     from ray_faceid.identity.adapter import IdentityAdapter
+    from ray_faceid.identity.stand_ins import faceid_state_dict, save
     from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
-    from ray_faceid.stand_ins import faceid_state_dict, save
 
     embed = 16 if args.smoke else 512
     spec = EncoderSpec(name="arcface_w600k_r50", dim=embed, version="insightface", license="-", metric="cosine",

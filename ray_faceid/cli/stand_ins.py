@@ -15,8 +15,8 @@ def stand_ins(folder: str = typer.Argument(..., help="Where to write them (a new
     from pathlib import Path
 
     from ray_faceid.errors import BadInput
+    from ray_faceid.identity.stand_ins import write_stand_ins
     from ray_faceid.quiet import model_loading
-    from ray_faceid.stand_ins import write_stand_ins
 
     model_loading()  # the weight-writing bars off: this command prints what it wrote
 

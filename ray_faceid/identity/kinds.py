@@ -31,6 +31,8 @@ class AdapterKind:
     name = "fused"
     identitynet = False
     """Whether the kind drives an IdentityNet beside the UNet (its residuals added at every step)."""
+    per_photo = False
+    """Whether each photo of a person gives its own tokens (training conditions on them so: personalize)."""
 
     def __init__(self, adapter: IdentityAdapter):
         self.adapter = adapter
@@ -71,6 +73,7 @@ class PerPhotoKind(AdapterKind):
     """FaceID-Portrait: each reference photo's own tokens, in photo order."""
 
     name = "per_photo"
+    per_photo = True
 
     def tokens(self, pipe, ident, emb, code):
         # torch.compile keys its graphs by the token count (a new count compiles, or on a Serve replica

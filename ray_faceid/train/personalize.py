@@ -46,7 +46,7 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
     crops = registry.references(tenant, identity)
     # FaceID-Plus: each reference crop read through CLIP as the pipeline reads an enrolled person's.
     features = None if adapter.image_encoder is None else adapter.image_encoder.enrolled_features(crops)
-    per_photo = adapter.kind.name == "per_photo"  # FaceID-Portrait: each other reference its own tokens
+    per_photo = adapter.kind.per_photo  # FaceID-Portrait: each other reference its own tokens
     keypoints = adapter.kind.identitynet  # InstantID: its IdentityNet reads each target's five points
     size = config.size or min(max(base.native_size), REFERENCE_SIDE)
     n = len(crops)

@@ -12,10 +12,10 @@ from PIL import Image
 
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.identity.stand_ins import CLIP_INNER as INNER
+from ray_faceid.identity.stand_ins import CLIP_WIDTH, faceid_plus_state_dict, save_image_encoder
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
-from ray_faceid.stand_ins import CLIP_INNER as INNER
-from ray_faceid.stand_ins import CLIP_WIDTH, faceid_plus_state_dict, save_image_encoder
 from tests.identity.test_published_adapters import EMBED, SIZE, SPEC, face, faceid_state_dict, save, save_like_a_user
 
 

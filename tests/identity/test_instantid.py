@@ -11,9 +11,9 @@ from ray_faceid.errors import BadInput, NotFound, UnsupportedModel
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.identity.adapter import IdentityAdapter
 from ray_faceid.identity.instantid import IdentityNet, keypoint_image
+from ray_faceid.identity.stand_ins import instantid_state_dict, save_identitynet
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
-from ray_faceid.stand_ins import instantid_state_dict, save_identitynet
 
 EMBED = 16  # antelopev2 gives 512-d; InstantID reads it raw (not unit length)
 SPEC = EncoderSpec(name="arcface_glintr100", dim=EMBED, version="test", license="-", metric="cosine", threshold=0.6)

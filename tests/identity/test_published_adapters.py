@@ -12,10 +12,10 @@ from PIL import Image
 from ray_faceid.errors import BadInput, EncoderMismatch, UnsupportedModel
 from ray_faceid.face.spec import EncoderSpec
 from ray_faceid.identity.adapter import IdentityAdapter
+from ray_faceid.identity.stand_ins import faceid_state_dict, save  # noqa: F401 - other tests import them from here
 from ray_faceid.pipelines.generate import IdentityCondition, IdentityPipeline
 from ray_faceid.pipelines.models import build_tiny
 from ray_faceid.pipelines.schedulers import SHORT_NAMES, Sampler
-from ray_faceid.stand_ins import faceid_state_dict, save  # noqa: F401 - other tests import them from here
 
 EMBED = 16  # the published files take 512-d ArcFace embeddings; the hidden width is a multiple of it
 SPEC = EncoderSpec(name="arcface_w600k_r50", dim=EMBED, version="test", license="-", metric="cosine", threshold=0.6)

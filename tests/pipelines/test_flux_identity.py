@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from ray_faceid.errors import BadInput, UnsupportedModel
 from ray_faceid.identity.flux_adapter import load_flux_adapter
+from ray_faceid.identity.stand_ins import xlabs_state_dict
 from ray_faceid.pipelines.flux import build_tiny_flux, load_flux, save_flux
 from ray_faceid.pipelines.flux_sampling import FluxGenerator
 from ray_faceid.pipelines.generate import IdentityCondition
-from ray_faceid.stand_ins import xlabs_state_dict
 from tests.identity.test_face_plus import image_encoder_folder  # noqa: F401 - a fixture: a tiny CLIP, 16-d embeds
 
 EMBED, SIZE, STEPS = 16, 32, 3
