@@ -146,6 +146,8 @@ class IdentityAdapter(nn.Module):
 
         if published.is_published_file(uri):
             made_for = published.family_of(uri)
+            if made_for is None:
+                return
             if made_for != family and {made_for, family} & {"sdxl"}:
                 raise BaseModelMismatch(f"{uri} was made for an {made_for.upper()} base; the base is {family.upper()}: "
                                         "use the file made for this family")

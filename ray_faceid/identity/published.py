@@ -206,13 +206,11 @@ def recognise(parts: dict, digest: str, uri: str) -> Recognised:
                       proj["proj.0.weight"].shape[0], lora_rank(ip), digest, per_photo=portrait)
 
 
-def family_of(uri: str) -> str:
-    """The base family a published file was made for, from its width (before any base loads)."""
+def family_of(uri: str) -> str | None:
+    """The base family a published file was made for, from its width (before any base loads); None for
+    a width no family has (a tiny stand-in: loading it against the base checks the width itself)."""
     parts, digest = read(uri)
-    found = recognise(parts, digest, uri)
-    if found.width not in FAMILY_OF_WIDTH:
-        raise UnsupportedModel(f"{uri}: cross-attention width {found.width} is none of the families' ({WIDTH_NAMES})")
-    return FAMILY_OF_WIDTH[found.width]
+    return FAMILY_OF_WIDTH.get(recognise(parts, digest, uri).width)
 
 
 def check_encoder(found: Recognised, spec: EncoderSpec | None) -> None:

@@ -170,14 +170,13 @@ def test_a_render_job_with_dlibs_face_stack_and_a_published_file_is_refused_befo
                    tenant="acme")  # the default RenderConfig: dlib, as `ray-faceid render` without face options
 
 
-def test_personalize_runs_identitynet_beside_the_unet_in_every_step(parts, ray_cluster, monkeypatch):
+def test_personalize_runs_identitynet_beside_the_unet_in_every_step(parts, ray_cluster):
     """personalize on InstantID: without its IdentityNet one line saying to give it; with it, every
     training step adds IdentityNet's residuals from the person's tokens and their reference crop's five
     points (as generate adds them), and the personal adapter reaches the person's image."""
     from typer.testing import CliRunner
 
     from ray_faceid.cli import app
-    from ray_faceid.identity import published
     from ray_faceid.identity.adapter import IdentityAdapter
     from ray_faceid.identity.instantid import attach_identitynet
     from ray_faceid.identity.personalization import load_personal
@@ -185,7 +184,6 @@ def test_personalize_runs_identitynet_beside_the_unet_in_every_step(parts, ray_c
     from ray_faceid.pipelines.models import load_base
     from ray_faceid.registry import Registry
 
-    monkeypatch.setitem(published.FAMILY_OF_WIDTH, 64, "sdxl")  # the tiny SDXL's width stands for SDXL's
     command = ["personalize", "--adapter", parts.adapter, "--model", parts.sdxl, "--registry", parts.registry,
                "--tenant", "acme", "--identities", "ann", "--steps", "3", "--size", str(SIZE), "--lr", "1e-2", "--json"]
     refused = CliRunner().invoke(app, command)
