@@ -182,9 +182,9 @@ def ours(pipe, person, images, args, seed=0):
 
 
 def compile_shapes(pipe, args):
-    """Buckets 2 (one image) and 8 (four images): the two batch sizes measured."""
+    """One bucket per batch measured: 2 (one image, CFG's two rows), 8 (four images)."""
     one = pipe.engine_shape(args.size, args.size, 1, 1)
-    return [one, dataclasses.replace(one, batch=(8, 8, 8))]
+    return [dataclasses.replace(one, batch=(2 * n,) * 3) for n in getattr(args, "images", (1, 4))]
 
 
 def warm_compiled(pipe, args, cache) -> dict:
@@ -429,10 +429,11 @@ def base_example(base, batch, device, dtype):
     return shape.example(batch, device, dtype)
 
 
-def faceid_rows(args) -> list[str]:
+def faceid_rows(args, progress) -> list[str]:
     """Seconds per image with a published IP-Adapter-FaceID file: diffusers' own path vs ours,
     eager and compiled, each on its own copy of the same base (ours fuses the file's LoRA into the
-    UNet's weights; diffusers keeps it beside them through PEFT)."""
+    UNet's weights; diffusers keeps it beside them through PEFT). `progress(rows)` gets the table
+    after every measurement, so a run cut short keeps what it measured."""
     from ray_faceid.engines.cache import EngineCache
     from ray_faceid.face.spec import EncoderSpec
     from ray_faceid.identity.adapter import IdentityAdapter
@@ -449,53 +450,86 @@ def faceid_rows(args) -> list[str]:
     path = save(faceid_state_dict(base.unet, tokens=4, hidden=2 * embed, rank=rank, embed=embed),
                 folder / f"ip-adapter-faceid_{'sdxl' if base.family == 'sdxl' else 'sd15'}.bin")
     rng = np.random.default_rng(0)
-    faces = rng.normal(size=(8, 1, embed)).astype(np.float32)
+    faces = rng.normal(size=(max(args.images), 1, embed)).astype(np.float32)
     faces /= np.linalg.norm(faces, axis=-1, keepdims=True)
+    results, differs = {}, {}
+    labels = {"diffusers": "diffusers {pipe} + load_ip_adapter (LoRA through PEFT), eager",
+              "torch": "ray_faceid eager (LoRA fused at load)",
+              "torch.compile": "ray_faceid torch.compile" + (" + CUDA graphs" if args.device == "cuda" else
+                                                             " (Inductor on the CPU)")}
+
+    def table(pipe_name: str, compile_s: float | None = None) -> list[str]:
+        rows = [f"IP-Adapter-FaceID ({base.family}, the published layout: {embed}-d ArcFace, 4 tokens, LoRA rank "
+                f"{rank}), {args.size}x{args.size}, {args.steps} DDIM steps, CFG 5, {args.precision}; median of "
+                f"{args.repeats} after a warm-up (ours includes PNG + provenance encoding):", "",
+                "| what | " + " | ".join(f"{n} image{'s' * (n > 1)} (s)" for n in args.images) + " | "
+                + " | ".join(f"vs diffusers at {n}" for n in args.images) + " |",
+                "|---" * (1 + 2 * len(args.images)) + "|"]
+        for key, label in labels.items():
+            if (key, args.images[0]) in results:
+                seconds = [results.get((key, n)) for n in args.images]
+                rows.append(f"| {label.format(pipe=pipe_name)} | "
+                            + " | ".join("-" if s is None else f"{s:.3f}" for s in seconds) + " | "
+                            + " | ".join("-" if s is None else f"{results[('diffusers', n)] / s:.2f}x"
+                                         for n, s in zip(args.images, seconds)) + " |")
+        rows.append("")
+        if compile_s is not None:
+            rows.append(f"Compiling the {len(args.images)} bucket(s): {compile_s:.0f} s.")
+        if differs:
+            rows.append("The same person and seed, one image, difference per pixel (max / mean, of 255): "
+                        + "; ".join(f"{what} {m} / {a:.2f}" for what, (m, a) in differs.items())
+                        + ". Fusing a LoRA into the weights rounds differently from adding it beside them, and "
+                          "a random-weight UNet amplifies rounding over the steps: diffusers' own fuse_lora "
+                          "against its unfused path is the floor for a fused engine.")
+        return rows
+
+    def difference(a, b) -> tuple[int, float]:
+        d = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+        return int(d.max()), float(d.mean())
 
     # diffusers' own path on its own copy of the base.
     reference, _ = build(args)
     pipe = diffusers_pipeline(reference).to(args.device, dtype)
     pipe_name = type(pipe).__name__
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=Path(path).name, image_encoder_folder=None)
-    results = {}
-    for images in (1, 4):
+
+    def theirs_image():
+        embeds = torch.cat([torch.zeros(1, 1, embed), torch.from_numpy(faces[:1])])  # the negative, then the face
+        image = pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=5.0, height=args.size, width=args.size,
+                     ip_adapter_image_embeds=[embeds.to(args.device, dtype)], generator=torch.Generator().manual_seed(0),
+                     output_type="np").images[0]
+        return np.round(image * 255).astype(int)
+
+    for images in args.images:
         embeds = torch.cat([torch.zeros(images, 1, embed), torch.from_numpy(faces[:images])])  # negatives, then faces
         kwargs = dict(num_inference_steps=args.steps, guidance_scale=5.0, height=args.size, width=args.size,
                       ip_adapter_image_embeds=[embeds.to(args.device, dtype)])
         results[("diffusers", images)] = timed(lambda: pipe([PROMPT] * images, **kwargs), args.repeats)
         print(f"diffusers, {images} images: {results[('diffusers', images)]:.3f} s", flush=True)
-    theirs = pipe(PROMPT, **{**kwargs, "ip_adapter_image_embeds": [embeds[::4].to(args.device, dtype)]},
-                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        progress(table(pipe_name))
+    theirs = theirs_image()
+    pipe.fuse_lora()
+    theirs_fused = theirs_image()
+    differs["diffusers fused vs diffusers"] = difference(theirs_fused, theirs)
     pipe = reference = None
     adapter = IdentityAdapter.load(path, base.unet, spec)
     person = IdentityCondition("p0", faces[0])
+    compile_s = None
     for backend in ("torch", "torch.compile"):
         ours_pipe = IdentityPipeline(base, adapter, device=args.device, backend=backend, precision=args.precision)
         if backend == "torch.compile":
             started = time.perf_counter()
             warm_compiled(ours_pipe, args, EngineCache(tempfile.mkdtemp(prefix="engines_")))
             compile_s = time.perf_counter() - started
-        for images in (1, 4):
+        image = ours(ours_pipe, person, 1, args).images[0]
+        differs[f"{labels[backend].split(' (')[0]} vs diffusers"] = difference(image, theirs)
+        differs[f"{labels[backend].split(' (')[0]} vs diffusers fused"] = difference(image, theirs_fused)
+        progress(table(pipe_name, compile_s))
+        for images in args.images:
             results[(backend, images)] = timed(lambda: ours(ours_pipe, person, images, args), args.repeats)
             print(f"ray_faceid {backend}, {images} images: {results[(backend, images)]:.3f} s", flush=True)
-        image = np.asarray(ours(ours_pipe, person, 1, args).images[0]).astype(int)
-        results[(backend, "differs")] = int(np.abs(image - np.round(theirs * 255).astype(int)).max())
-    rows = [f"IP-Adapter-FaceID ({base.family}, the published layout: {embed}-d ArcFace, 4 tokens, LoRA rank "
-            f"{rank}), {args.size}x{args.size}, {args.steps} DDIM steps, CFG 5, {args.precision}; median of "
-            f"{args.repeats} after a warm-up (ours includes PNG + provenance encoding):", "",
-            "| what | 1 image (s) | 4 images in one batch (s) | vs diffusers at 1 | vs diffusers at 4 |",
-            "|---|---|---|---|---|"]
-    for key, label in (("diffusers", f"diffusers {pipe_name} + load_ip_adapter "
-                                     "(LoRA through PEFT), eager"),
-                       ("torch", "ray_faceid eager (LoRA fused at load)"),
-                       ("torch.compile", "ray_faceid torch.compile" + (" + CUDA graphs" if args.device == "cuda" else
-                                                                       " (Inductor on the CPU)"))):
-        one, four = results[(key, 1)], results[(key, 4)]
-        rows.append(f"| {label} | {one:.3f} | {four:.3f} | {results[('diffusers', 1)] / one:.2f}x | "
-                    f"{results[('diffusers', 4)] / four:.2f}x |")
-    return rows + ["", f"Compiling the two buckets (1 and 4 images): {compile_s:.0f} s. The same person and seed against "
-                   f"diffusers' image: eager differs by at most {results[('torch', 'differs')]}/255 per pixel, "
-                   f"compiled by {results[('torch.compile', 'differs')]}/255."]
+            progress(table(pipe_name, compile_s))
+    return table(pipe_name, compile_s)
 
 
 def main() -> None:
@@ -509,6 +543,7 @@ def main() -> None:
                         help="skip the compiled UNet-call rows once the run has taken this long")
     parser.add_argument("--adapter", choices=("ours", "faceid"), default="ours",
                         help="ours: our identity adapter (every part); faceid: a published IP-Adapter-FaceID file")
+    parser.add_argument("--images", default="1,4", help="--adapter faceid: images per call measured")
     parser.add_argument("--parts", default="generation,unet", help="generation and/or unet")
     parser.add_argument("--compiled-batches", default="2,8", help="UNet-call rows: compiled batch sizes")
     parser.add_argument("--smoke", action="store_true", help="tiny model (the script's own check, any device)")
@@ -519,6 +554,7 @@ def main() -> None:
     args = ARGS = parser.parse_args()
     args.size = args.size or (1024 if args.family == "sdxl" else 512)
     args.compiled_batches = [int(b) for b in args.compiled_batches.split(",")]
+    args.images = [int(n) for n in args.images.split(",")]
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.precision = "fp16" if args.device == "cuda" else "fp32"
     if args.cold_start:
@@ -541,7 +577,10 @@ def main() -> None:
                 {k: v for k, v in raw.items() if k != "engine"}, indent=2))
 
     if args.adapter == "faceid":
-        attempt("faceid", lambda: faceid_rows(args), lines)
+        def progress(rows):
+            if args.out:
+                Path(args.out).write_text("\n".join(lines + rows) + "\n")
+        attempt("faceid", lambda: faceid_rows(args, progress), lines)
         save()
         return report(lines, not args.no_record)
     if "generation" in args.parts:
