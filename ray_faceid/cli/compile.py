@@ -7,7 +7,14 @@ from typing import Optional
 
 import typer
 
-from ray_faceid.cli.common import console, err_console, user_errors
+from ray_faceid.cli.common import (
+    IdentityNetOpt,
+    IdentityNetScaleOpt,
+    console,
+    err_console,
+    identitynet_scale_of,
+    user_errors,
+)
 from ray_faceid.errors import BadInput
 
 
@@ -47,6 +54,8 @@ def compile_engine(
     ),
     flux_transformer_weights: str = typer.Option("same", "--flux-transformer-weights", help="FLUX: same | fp8, as the "
                                                  "Serve config that will look the artifacts up says."),
+    identitynet: Optional[str] = IdentityNetOpt,
+    identitynet_scale: Optional[float] = IdentityNetScaleOpt,
 ):
     """Build the UNet engines ahead of time: ONNX graphs, TensorRT plans, or torch.compile's artifacts."""
     from ray_faceid.engines.base import DTYPES
@@ -73,6 +82,9 @@ def compile_engine(
         ref = resolve_model(model, flux=True)  # configs only: FLUX compiles its transformer, not a UNet
         if ref.family != "flux" and flux_transformer_weights != "same":
             raise BadInput("--flux-transformer-weights is for FLUX models")
+        scale = identitynet_scale_of(identitynet, identitynet_scale)
+        if ref.family == "flux" and identitynet:
+            raise BadInput("--identitynet is for InstantID's ip-adapter.bin on SDXL, not for FLUX models")
         if ref.family == "flux":
             if backend != "torch.compile":
                 raise BadInput(f"--backend {backend}: FLUX's transformer compiles with torch.compile only (no ONNX or "
@@ -98,7 +110,8 @@ def compile_engine(
 
         ahead = BUILDING_AHEAD.set(True)
         try:
-            report = _build(model, adapter, width, height, identities, max_rows, backend, precision, cache)
+            report = _build(model, adapter, width, height, identities, max_rows, backend, precision, cache,
+                            (identitynet, scale))
         finally:
             BUILDING_AHEAD.reset(ahead)
         if backend == "torch.compile":
@@ -106,7 +119,7 @@ def compile_engine(
                           f"{report['loaded']}, stored: {report['stored']})")
         else:
             console.print(f"{backend} engines ready: {report['buckets']} (up to {max_rows} rows), in {cache.root}")
-    for entry in sorted(cache.root.iterdir()):
+    for entry in sorted(cache.root.iterdir()) if cache.root.is_dir() else ():  # another compiler stores nothing
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")
 
@@ -134,13 +147,15 @@ def _build_flux(ref, adapter, width, height, max_images, precision, transformer_
     return generator.warm_up([(width, height)], max_images)
 
 
-def _build(model, adapter, width, height, identities, max_rows, backend, precision, cache) -> dict:
+def _build(model, adapter, width, height, identities, max_rows, backend, precision, cache, identitynet) -> dict:
     """The pipeline's own warm-up, the engine builder a Serve replica runs at start (render actors
-    build the same keys as rows need them), so what is built here is exactly what they look up."""
+    build the same keys as rows need them), so what is built here is exactly what they look up.
+    `identitynet`: (folder, scale), InstantID's, compiled into the UNet's graph as a replica's is."""
     import torch
 
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.identity.adapter import NO_ADAPTER, shared_adapter
+    from ray_faceid.identity.instantid import attach_identitynet
     from ray_faceid.pipelines.generate import IdentityPipeline
     from ray_faceid.pipelines.models import load_base
 
@@ -149,11 +164,13 @@ def _build(model, adapter, width, height, identities, max_rows, backend, precisi
     elif backend == "tensorrt" and precision == "auto":
         precision = "fp16"
     base = load_base(model)
-    spec = FaceAnalyzer().spec
-    shared = shared_adapter(adapter, base, spec)
+    # The engine takes identity tokens, not embeddings: a given adapter loads without an encoder check
+    # (a published file needs insightface's); the tiny base's seeded default is made for the default one.
+    shared = shared_adapter(adapter, base, None if adapter else FaceAnalyzer().spec)
     if shared is None:
         raise BadInput(NO_ADAPTER.format(model=base.model_id))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = IdentityPipeline(base, shared, device=device, backend=backend, engine_cache=cache, precision=precision)
+    attach_identitynet(pipe, *identitynet, "--identitynet")
     width, height = (width, height) if width else base.native_size
     return pipe.warm_up([(width, height)], [identities], max_images=max(1, max_rows // 2))

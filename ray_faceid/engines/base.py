@@ -57,10 +57,11 @@ class EngineShape:
     cross_dim: int
     pooled_dim: int = 0  # SDXL's pooled text embedding width (its added conditioning); 0 for SD 1.x / 2.x
     vae_factor: int = 8  # pixels per latent: the image size SDXL's time ids give
+    control: bool = False  # InstantID: the keypoint image its IdentityNet reads is an input too
 
     @property
     def input_names(self) -> list[str]:
-        return INPUT_NAMES + (ADDED_INPUT_NAMES if self.pooled_dim else [])
+        return INPUT_NAMES + (ADDED_INPUT_NAMES if self.pooled_dim else []) + (["control_image"] if self.control else [])
 
     def example(self, batch: int | None = None, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
         """Inputs of the right shapes (seeded), for export, warm-up and parity checks."""
@@ -71,7 +72,9 @@ class EngineShape:
             "text_embeds": torch.randn(b, self.pooled_dim, generator=g).to(device, dtype),
             "time_ids": time_ids(b, w * self.vae_factor, h * self.vae_factor, dtype, device),
         }
-        return added | {
+        control = {} if not self.control else {
+            "control_image": torch.zeros(b, 3, h * self.vae_factor, w * self.vae_factor).to(device)}
+        return added | control | {
             "sample": torch.randn(b, self.channels, h, w, generator=g).to(device, dtype),
             "timestep": torch.tensor(500.0).to(device),
             "text_tokens": torch.randn(b, self.text_length, self.cross_dim, generator=g).to(device, dtype),
@@ -88,17 +91,25 @@ ADDED_INPUT_NAMES = ["text_embeds", "time_ids"]  # SDXL's added conditioning, af
 class UNetCall(torch.nn.Module):
     """The UNet (identity processors installed) as a function of the engine inputs: what is
     exported to ONNX and what the torch engines run. With a PersonalBank, `personal_rows` (one
-    bank slot per row) gives each row its own adapter weights."""
+    bank slot per row) gives each row its own adapter weights. With InstantID's IdentityNet
+    (identity/instantid.py), `control_image` (rows, 3, H, W: each row's keypoint image) makes its
+    residuals inside the same call, from the first identity's tokens: the person stays an input."""
 
-    def __init__(self, unet, bank=None):
+    def __init__(self, unet, bank=None, identitynet=None):
         super().__init__()
-        self.unet, self.bank = unet, bank
+        self.unet, self.bank, self.identitynet = unet, bank, identitynet
 
     def forward(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds=None,
-                time_ids=None, personal_rows=None):
+                time_ids=None, personal_rows=None, control_image=None):
         personal = None if personal_rows is None or self.bank is None else PersonalRows(self.bank, personal_rows)
         # routing once per call, not per layer
         kwargs = identity_kwargs(identity_tokens, identity_scale, region_masks, personal)
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        control = {}
+        if control_image is not None:
+            if self.identitynet is None:
+                raise ValueError("a keypoint image was given to a UNet call without InstantID's IdentityNet")
+            down, mid = self.identitynet.residuals(sample, timestep, identity_tokens[:, 0], control_image, added)
+            control = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         return self.unet(sample, timestep, encoder_hidden_states=text_tokens, added_cond_kwargs=added,
-                         cross_attention_kwargs=kwargs).sample
+                         cross_attention_kwargs=kwargs, **control).sample

@@ -50,28 +50,31 @@ class _Slot:
 class CompiledUNetEngine:
     backend = "torch.compile"
 
-    def __init__(self, unet, cuda_graphs: bool | None = None, compiler: str | None = None, bank=None):
+    def __init__(self, unet, cuda_graphs: bool | None = None, compiler: str | None = None, bank=None,
+                 identitynet=None):
         """`cuda_graphs`: None = on when the UNet is on CUDA. `compiler` is torch.compile's backend
         (None: RAY_FACEID_TORCH_COMPILE_BACKEND, else Inductor). `bank`: the PersonalBank whose
-        slots calls may name (personal_rows)."""
+        slots calls may name (personal_rows). `identitynet`: InstantID's, compiled into the same
+        graph as the UNet (calls then give each row's keypoint image, control_image)."""
         self.compiler = compiler or torch_compile_backend()
         known = torch._dynamo.list_backends(exclude_tags=())
         if self.compiler not in known:
             raise BadInput(f"torch.compile has no backend {self.compiler!r} "
                            f"(RAY_FACEID_TORCH_COMPILE_BACKEND); known: {', '.join(sorted(known))}")
-        self.unet, self.bank = unet, bank
+        self.unet, self.bank, self.identitynet = unet, bank, identitynet
         self.device = next(unet.parameters()).device
         self.dtype = unet.dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         allow_shape_compiles()
-        self.compiled = torch.compile(UNetCall(unet, bank).eval(), backend=self.compiler, fullgraph=True, dynamic=False)
+        self.compiled = torch.compile(UNetCall(unet, bank, identitynet).eval(), backend=self.compiler, fullgraph=True,
+                                      dynamic=False)
         self.slots: OrderedDict[tuple, _Slot] = OrderedDict()  # least recently used first
         self.evicted = 0
         self._pool = None  # one CUDA-graph memory pool shared by every bucket: they never run at once
 
     @torch.no_grad()
     def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks,
-                 personal_rows=None, text_embeds=None, time_ids=None, compile_new: bool = True):
+                 personal_rows=None, text_embeds=None, time_ids=None, control_image=None, compile_new: bool = True):
         """The engine inputs (base.py); `text_embeds` and `time_ids`: SDXL's added conditioning.
         With `compile_new` False a shape not compiled yet is not compiled here: None comes back and
         the caller runs it eager (a request never waits minutes for a compile in its own path)."""
@@ -80,7 +83,7 @@ class CompiledUNetEngine:
             personal_rows = torch.zeros(rows, dtype=torch.int64, device=self.device)
         values = {"sample": sample, "timestep": timestep, "text_tokens": text_tokens, "identity_tokens": identity_tokens,
                   "identity_scale": identity_scale, "region_masks": region_masks, "personal_rows": personal_rows,
-                  "text_embeds": text_embeds, "time_ids": time_ids}
+                  "text_embeds": text_embeds, "time_ids": time_ids, "control_image": control_image}
         values = {name: value for name, value in values.items() if value is not None}
         top = BATCH_BUCKETS[-1]
         if rows > top:  # larger batches run in chunks of the largest bucket

@@ -52,7 +52,9 @@ def require_backend(backend: str) -> str:
 
 
 def adapter_structure(adapter) -> str:
-    config = {k: v for k, v in adapter.config_dict().items() if k != "trained_steps"}
+    """What an engine of the adapter depends on: not its training steps, nor the face encoder (the
+    engine takes tokens; `compile` loads a published file without one, a replica with its own)."""
+    config = {k: v for k, v in adapter.config_dict().items() if k not in ("trained_steps", "encoder")}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -86,13 +86,16 @@ class UNetRuntime:
         text = text.hidden
         if self.backend == "torch.compile":
             # One engine for every shape: a compiled graph per bucket; the bank slots are an input.
-            out = self.compiled_engine()(sample, t, text, tokens, scale, region, personal_rows, **added,
-                                         compile_new=self.compile_new_shapes)
+            # InstantID: IdentityNet runs in the same graph, from the tokens and each row's keypoint image.
+            control_image = None if control is None else control[1]
+            engine = self.compiled_engine()
+            out = engine(sample, t, text, tokens, scale, region, personal_rows, **added, control_image=control_image,
+                         compile_new=self.compile_new_shapes)
             if out is not None:
                 return out
             # An unwarmed shape runs eager: the very function the engine compiles, uncompiled.
-            return UNetCall(self.base.unet, self.personal_bank)(sample, t, text, tokens, scale, region,
-                                                                 personal_rows=personal_rows, **added)
+            return UNetCall(self.base.unet, self.personal_bank, engine.identitynet)(
+                sample, t, text, tokens, scale, region, personal_rows=personal_rows, **added, control_image=control_image)
         versions = {p[0]: p for p in row_personal if p}
         if len(versions) > 1:
             raise BadInput("images generated together on this backend must use the same person's own adapter")
@@ -142,10 +145,13 @@ class UNetRuntime:
                 self.engines.pop(key)
 
     def compiled_engine(self):
-        if self._compiled is None:
+        """The torch.compile engine; InstantID's IdentityNet (attached after the pipeline is made) is
+        compiled into it, so it is made anew if that changed."""
+        identitynet = self.adapter.identitynet if self.adapter is not None else None
+        if self._compiled is None or self._compiled.identitynet is not identitynet:
             from ray_faceid.engines.compiled_engine import CompiledUNetEngine
 
-            self._compiled = CompiledUNetEngine(self.base.unet, bank=self.personal_bank)
+            self._compiled = CompiledUNetEngine(self.base.unet, bank=self.personal_bank, identitynet=identitynet)
         return self._compiled
 
     def engine_shape(self, width: int, height: int, identities: int, max_images: int):
@@ -157,7 +163,8 @@ class UNetRuntime:
         return EngineShape(batch=(2, 2, 2 * max_images), latent=(height // f, width // f), identities=identities,
                            tokens=self.adapter.options.num_tokens, text_length=self.base.tokenizer.model_max_length,
                            channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
-                           pooled_dim=self.base.pooled_dim, vae_factor=f)
+                           pooled_dim=self.base.pooled_dim, vae_factor=f,
+                           control=self.adapter.identitynet is not None)
 
     @property
     def precision(self) -> str:
@@ -190,6 +197,8 @@ class UNetRuntime:
         from ray_faceid.engines.select import adapter_structure
 
         structure, model_hash, engine = adapter_structure(self.adapter), self.base.model_hash(), self.compiled_engine()
+        if engine.identitynet is not None:  # InstantID: IdentityNet is in the compiled graph too
+            structure = f"{structure}+identitynet {engine.identitynet.sha256[:16]} x{engine.identitynet.scale}"
         keys = [compiled_key(model_hash, structure, shape, self.precision, self.device, engine.compiler)
                 for shape in shapes]
         return warm_up_cached(engine.compiler, lambda: engine.warm_up(shapes), keys, self.engine_cache or EngineCache())

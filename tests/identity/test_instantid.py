@@ -128,7 +128,7 @@ def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(t
         identitynet_config(str(tmp_path / "other_layout"), base.unet.config)
     with pytest.raises(BadInput, match=r"one person per image \(got 2\)"):
         pipe.generate("two", [person, IdentityCondition("q", face(2))], steps=1, width=SIZE, height=SIZE)
-    with pytest.raises(BadInput, match="IdentityNet runs beside the UNet on --backend torch"):
+    with pytest.raises(BadInput, match="IdentityNet runs with the UNet on --backend torch or torch.compile"):
         IdentityPipeline(base, adapter, backend="onnxruntime")
     from ray_faceid.pipelines.inpaint import inpaint
 
@@ -165,3 +165,72 @@ def test_one_command_from_instantids_files_an_embedding_and_a_pose_photo(tmp_pat
     frontal = CliRunner().invoke(app, command + ["--identitynet", net_folder, "--out", str(tmp_path / "front.png")])
     assert frontal.exit_code == 0 and "a frontal face in the middle" in frontal.stderr, frontal.output
     assert (tmp_path / "front.png").read_bytes() != (tmp_path / "ann.png").read_bytes()  # the pose reached the image
+
+
+def test_the_compiled_engine_runs_instantid_with_identitynet_in_its_graph(tmp_path):
+    """torch.compile with InstantID: IdentityNet compiled into the UNet's graph, the person's tokens and
+    each row's keypoint image its live inputs. After one warm-up, two people and two poses run the
+    compiled graph at every step with 0 recompiles, each eager's image within 1/255."""
+    pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+    from ray_faceid.engines.cache import EngineCache
+    from ray_faceid.identity.instantid import attach_identitynet
+
+    torch.save(instantid_state_dict(build_tiny(family="sdxl").unet), tmp_path / "ip-adapter.bin")
+    net_folder = save_identitynet(build_tiny(family="sdxl").unet, tmp_path / "ControlNetModel", keypoint_weight=2.0)
+
+    def pipeline(backend):
+        base = build_tiny(family="sdxl")
+        adapter = IdentityAdapter.load(str(tmp_path / "ip-adapter.bin"), base.unet, SPEC)
+        pipe = IdentityPipeline(base, adapter, backend=backend, engine_cache=EngineCache(tmp_path / "engines"))
+        attach_identitynet(pipe, net_folder, 0.8, "--identitynet")
+        return pipe
+
+    compiled, eager = pipeline("torch.compile"), pipeline("torch")
+    assert compiled.warm_up([(SIZE, SIZE)], [1], max_images=1)["buckets"] == 1
+    compiled.compile_new_shapes = False  # as on Serve: a shape the warm-up missed would run eager, not compile
+    engine = compiled.compiled_engine()
+    graph, calls = engine.compiled, []
+    engine.compiled = lambda **inputs: calls.append(sorted(inputs)) or graph(**inputs)
+    images = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for person in (IdentityCondition("ann", face(1), pose=POSE), IdentityCondition("bob", face(2), pose=POSE),
+                       IdentityCondition("ann, frontal", face(1))):
+            got, want = (np.asarray(p.generate("a portrait photo", [person], seed=5, steps=2, guidance=5.0, width=SIZE,
+                                               height=SIZE).images[0]).astype(int) for p in (compiled, eager))
+            assert np.abs(got - want).max() <= 1, person.name
+            images.append(got.tobytes())
+    assert len(calls) == 3 * 2 and all("control_image" in names for names in calls)  # every step in the graph
+    assert len(set(images)) == 3  # each person and each pose reaches the image
+
+
+def test_compile_builds_instantids_engine_with_its_identitynet_and_refuses_it_without(tmp_path):
+    """`ray-faceid compile` of InstantID builds what a replica serves (IdentityNet in the graph): without
+    --identitynet one line saying to give it; an exported engine refuses InstantID in one line."""
+    pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+    from diffusers import StableDiffusionXLPipeline
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    base = build_tiny(family="sdxl")
+    StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                              tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+                              scheduler=base.scheduler, add_watermarker=False).save_pretrained(tmp_path / "sdxl")
+    torch.save(instantid_state_dict(base.unet, embed=512), tmp_path / "ip-adapter.bin")
+    net_folder = save_identitynet(base.unet, tmp_path / "ControlNetModel")
+    command = ["compile", "--out", str(tmp_path / "engines"), "--model", str(tmp_path / "sdxl"), "--adapter",
+               str(tmp_path / "ip-adapter.bin"), "--size", "64x64", "--batch", "2"]
+    refused = CliRunner().invoke(app, command + ["--backend", "torch.compile"])
+    assert refused.exit_code == 2 and "give --identitynet FOLDER" in refused.stderr, refused.output
+    built = CliRunner().invoke(app, command + ["--backend", "torch.compile", "--identitynet", net_folder])
+    assert built.exit_code == 0 and "compiled 1 batch buckets" in built.stdout, built.output
+    pytest.importorskip("onnxruntime")
+    exported = CliRunner().invoke(app, command + ["--backend", "onnx", "--identitynet", net_folder])
+    assert exported.exit_code == 2 and "on --backend torch or torch.compile" in exported.stderr, exported.output
+    assert "\n" not in exported.stderr.strip()
+    from ray_faceid.engines.select import adapter_structure
+
+    # What compile built is what a replica with insightface's encoder looks up (the engine takes tokens).
+    compiled, replica = (IdentityAdapter.load(str(tmp_path / "ip-adapter.bin"), base.unet, spec)
+                         for spec in (None, SPEC.model_copy(update={"dim": 512})))
+    assert adapter_structure(compiled) == adapter_structure(replica)

@@ -121,7 +121,7 @@ def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose
     config = ServeConfig(model=parts.sdxl, adapter=parts.adapter, identitynet=parts.net, face=parts.face,
                          registry=parts.registry, api_tokens=TOKENS)
     refusals = (({"identitynet": None}, "set identitynet to its folder"),
-                ({"backend": "torch.compile"}, "set backend torch"),
+                ({"backend": "onnxruntime"}, "set backend torch or torch.compile"),
                 ({"identitynet": parts.registry}, "no IdentityNet at"),
                 ({"identitynet": parts.sd1_net}, "cross_attention_dim 32; this base's UNet has 64"))
     for change, says in refusals:
@@ -156,6 +156,22 @@ def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose
     assert edited["status"] == 422 and "InstantID reads the raw one" in edited["message"], edited
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(plain["png"][0])))).astype(int)
     assert np.abs(image - generated(generator.pipeline, bob_emb, frontal_points(SIZE, SIZE) / SIZE, 4)).max() <= 1
+    # A torch.compile replica: IdentityNet compiled into the warmed graph, the two people's batch run in it.
+    compiled = Generator(resolve_config(config.model_copy(update={
+        "backend": "torch.compile", "warm_up_sizes": [f"{SIZE}x{SIZE}"], "generator_batch_size": 2,
+        "limits": config.limits.model_copy(update={"max_images": 1})})).model_dump_json())
+    compiled.load_identity = compiled._load_identity
+    assert compiled.warm_up_report["buckets"] == 2  # 2 and 4 rows
+    engine = compiled.pipeline.compiled_engine()
+    graph, calls = engine.compiled, []
+    engine.compiled = lambda **inputs: calls.append("control_image" in inputs) or graph(**inputs)
+    answers = asyncio.run(compiled._generate_group([request([{"id": ann, "pose": POSE.tolist()}], 3),
+                                                    request([{"id": bob}], 4)]))
+    assert calls == [True] * STEPS  # both requests in one batch, every step in the compiled graph
+    for answer, embedding, pose, seed in zip(answers, (ann_emb, bob_emb), (POSE, frontal_points(SIZE, SIZE) / SIZE),
+                                             (3, 4)):
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"][0])))).astype(int)
+        assert np.abs(image - generated(generator.pipeline, embedding, pose, seed)).max() <= 1
 
 
 def test_a_render_job_with_dlibs_face_stack_and_a_published_file_is_refused_before_ray_starts(parts, tmp_path):
