@@ -26,6 +26,45 @@ def test_onnx_recogniser_with_the_wrong_input_shape_is_refused(tmp_path):
         FaceAnalyzer(FaceConfig(recognizer_onnx=str(path)))
 
 
+def test_an_onnx_file_that_is_no_recogniser_is_refused_in_one_line(tmp_path):
+    """Two inputs, an image out, or not ONNX at all: one typed line naming the file, not onnxruntime's
+    traceback at the first face (the new-user trial's crash)."""
+    torch = pytest.importorskip("torch")
+
+    class TwoInputs(torch.nn.Module):
+        def forward(self, x, y):
+            return x.flatten(1)[:, :8] + y
+
+    class ImageOut(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    two, image, junk = tmp_path / "two.onnx", tmp_path / "image.onnx", tmp_path / "junk.onnx"
+    torch.onnx.export(TwoInputs().eval(), (torch.zeros(1, 3, 112, 112), torch.zeros(1, 8)), str(two), dynamo=False)
+    torch.onnx.export(ImageOut().eval(), (torch.zeros(1, 3, 112, 112),), str(image), dynamo=False)
+    junk.write_bytes(b"not an onnx model")
+    for path, says in ((two, "takes 2 inputs"), (image, "gives outputs of shape"), (junk, "not an ONNX model")):
+        with pytest.raises(BackendUnavailable, match=says) as refused:
+            FaceAnalyzer(FaceConfig(recognizer_onnx=str(path)))
+        assert str(path) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_recogniser_exported_at_batch_one_embeds_several_faces(tmp_path):
+    """A recogniser exported without a dynamic batch (N fixed at 1) embeds several faces, each as it would
+    alone."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 32)).eval()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False)
+    encoder = FaceAnalyzer(FaceConfig(recognizer_onnx=str(path))).backend.encoder
+    crops = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    together = encoder.embed_crops(crops)
+    assert together.shape == (3, 32)
+    assert np.allclose(together, np.concatenate([encoder.embed_crops(crops[k:k + 1]) for k in range(3)]), atol=1e-5)
+
+
 def test_insightface_needs_a_user_folder_and_says_why(tmp_path):
     with pytest.raises(BackendUnavailable, match="non-commercial"):
         build_backend(FaceConfig(backend="insightface"))
