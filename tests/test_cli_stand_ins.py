@@ -20,6 +20,8 @@ def test_every_printed_command_makes_an_image_of_its_published_kind(tmp_path, sa
     assert written.exit_code == 0, written.output
     commands = [line.strip() for line in written.output.splitlines() if line.strip().startswith("ray-faceid generate")]
     assert len(commands) == len(KINDS)
+    outs = {shlex.split(c)[shlex.split(c).index("--out") + 1] for c in commands}
+    assert len(outs) == len(commands)  # each command its own image: run one after another, none overwritten
     for k, (command, kind) in enumerate(zip(commands, KINDS)):
         out = tmp_path / f"out{k}.png"
         argv = shlex.split(command.replace("PHOTO", str(sample_photos["Tom_Hanks_54745.png"])))[1:]

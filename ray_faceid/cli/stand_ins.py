@@ -36,7 +36,14 @@ def stand_ins(folder: str = typer.Argument(..., help="Where to write them (a new
                 else:
                     written.unlink(missing_ok=True)
             raise BadInput(f"{folder}: cannot write there ({exc.strerror or exc}); give another folder") from None
+        import re
+        import shlex
+        import sys
+
+        # The program as the user ran it (.venv/bin/ray-faceid without an activated venv), else its name.
+        program = shlex.quote(sys.argv[0]) if Path(sys.argv[0]).name == "ray-faceid" else "ray-faceid"
         for what, arguments in made:
+            out = re.sub(r"[^a-z0-9]+", "-", what.lower().split(" (")[0]).strip("-")  # one image per command
             console.print(what, style="bold", markup=False, highlight=False)
-            console.print(f"  ray-faceid generate {arguments} --prompt 'a portrait photo' --out out.png",
+            console.print(f"  {program} generate {arguments} --prompt 'a portrait photo' --out {out}.png",
                           soft_wrap=True, markup=False, highlight=False)

@@ -261,9 +261,9 @@ class IdentityAdapter(nn.Module):
         return adapter
 
 
-NO_ADAPTER = ("{model} is a real base and no identity adapter was given: pass --adapter with a published "
-              "IP-Adapter-FaceID file (README: 'Bring published weights') or a folder `ray-faceid train` wrote "
-              "(adapter: in the Serve config, --adapter for render)")
+NO_ADAPTER = ("{model} is a real base and no identity adapter was given: pass --adapter (in a Serve config: "
+              "adapter:) with a published IP-Adapter-FaceID file (README: 'Bring published weights') or a folder "
+              "`ray-faceid train` wrote")
 
 
 def shared_adapter(uri: str | None, base, encoder_spec: EncoderSpec | None,

@@ -87,7 +87,7 @@ class Recognised:
         clip = f" and {self.image_feature_dim}-d CLIP image features" if self.image_feature_dim else ""
         return (f"recognised {self.kind} ({self.variant}): {self.tokens} identity tokens from {self.embedding_dim}-d "
                 f"ArcFace embeddings{clip}, cross-attention width {self.width} "
-                f"({FAMILY_OF_WIDTH.get(self.width, '?')}){lora}")
+                f"({FAMILY_OF_WIDTH.get(self.width, 'no published family: checked against the base')}){lora}")
 
 
 def read(uri: str) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
