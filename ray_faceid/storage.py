@@ -37,6 +37,14 @@ def _protocol(fs: fsspec.AbstractFileSystem) -> str:
     return proto[0] if isinstance(proto, (tuple, list)) else proto
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute in the driver (Ray workers may run in another working directory:
+    Ray Train's always do); a URI, or None, as it is."""
+    if uri is None or "://" in str(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(str(uri)))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with '/' whatever the platform."""
     uri = str(uri)

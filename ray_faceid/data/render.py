@@ -173,6 +173,10 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     from ray_faceid.pipelines.model_ref import resolve_model
 
     config = config or RenderConfig()
+    # The actors may run in another working directory (a cluster started elsewhere): paths from here.
+    out, registry, adapter, imr, flow, image_encoder = map(storage.absolute, (out, registry, adapter, imr, flow,
+                                                                              image_encoder))
+    config = config.model_copy(update={"identitynet": storage.absolute(config.identitynet)})
     started = time.perf_counter()
     texts = read_catalog(catalog)
     if not texts:

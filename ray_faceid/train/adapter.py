@@ -291,6 +291,8 @@ def run_training(dataset: str, model: str | ModelRef, out: str, config: TrainCon
     from ray_faceid.train.placement import worker_resources
 
     model = resolve_model(model)  # once: the checks below and every worker take the reference
+    # The workers run in another working directory: a relative path is this one's.
+    dataset, out, adapter = map(storage.absolute, (dataset, out, adapter))
     summary = json.loads(storage.read_bytes(storage.join(dataset, tables.SUMMARY)))
     if not summary.get("encoder_spec"):
         raise BadInput(f"{dataset}: the ingest found no faces, nothing to train on")

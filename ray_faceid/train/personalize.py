@@ -14,7 +14,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 from ray_faceid import storage
 from ray_faceid.config import PersonalizeConfig
@@ -174,8 +173,9 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     from ray_faceid.train.placement import worker_resources
 
     started = time.perf_counter()
-    if "://" not in registry:  # the workers run in another working directory: a relative folder is this one's
-        registry = str(Path(registry).resolve())
+    # The workers run in another working directory: a relative path is this one's.
+    registry, adapter, image_encoder, identitynet = map(storage.absolute, (registry, adapter, image_encoder,
+                                                                          identitynet))
     store = Registry(registry)
     wanted = identities or [meta["id"] for meta in store.list(tenant)]
     model = resolve_model(model)  # once: the checks below and every worker take the reference

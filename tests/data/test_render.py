@@ -272,8 +272,12 @@ def test_a_rerun_with_every_row_done_starts_no_cluster(people, tmp_path, monkeyp
             {"id": "two", "identities": ["amy", "penny"], "prompt": "two people", "seed": 2}]  # ids or names
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    first = run_render(str(catalog), str(tmp_path / "out"), "tiny", registry.store, config=CONFIG)
-    assert first["rendered"] == 2
+    # Relative paths, as a user types them: the actors run where the cluster was started (before this chdir).
+    cluster.init_ray(None)
+    monkeypatch.chdir(tmp_path)
+    first = run_render("catalog.jsonl", "out", "tiny", registry.store, config=CONFIG)
+    assert first["rendered"] == 2 and (tmp_path / "out" / "manifest.parquet").is_file()
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 2
     class StartedRay(Exception):
         pass
 

@@ -3,6 +3,7 @@ LoRA embedded), built at toy size in the authors' key layout, gives diffusers' o
 `load_ip_adapter` image (its LoRA through PEFT) with the same embedding, seed and scheduler; other
 layouts, widths and encoders are refused in one line."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,7 +150,7 @@ def test_personalize_trains_a_portrait_person_on_each_other_photos_own_tokens(tm
 
     save_like_a_user(tmp_path / "sd15")  # a tiny stand-in's width is no family's: its load checks it on the base
     adapter = save(faceid_state_dict(build_tiny().unet, tokens=16), tmp_path / "ip-adapter-faceid-portrait_sd15.bin")
-    monkeypatch.chdir(tmp_path)  # a relative --registry, as the default ./faceid_registry is (the workers run elsewhere)
+    monkeypatch.chdir(tmp_path)  # relative paths, as the default ./faceid_registry is (the workers run elsewhere)
     registry = Registry("registry")
     photos = np.concatenate([face(1), face(2), face(3)])
     crops = [np.random.default_rng(k).integers(0, 256, (256, 256, 3), dtype=np.uint8) for k in range(3)]
@@ -158,7 +159,7 @@ def test_personalize_trains_a_portrait_person_on_each_other_photos_own_tokens(tm
     batch = reference_batch("ann", crops, photos, np.ones(3), [0, 1, 2], 32, "a photo", per_photo=True)
     assert batch.photo_embeddings.shape == (3, 2, EMBED)  # each target conditioned on the two other photos
     assert np.allclose(batch.photo_embeddings[0].numpy(), photos[[1, 2]])
-    done = CliRunner().invoke(app, ["personalize", "--adapter", adapter, "--model", str(tmp_path / "sd15"),
+    done = CliRunner().invoke(app, ["personalize", "--adapter", Path(adapter).name, "--model", str(tmp_path / "sd15"),
                                     "--registry", "registry", "--steps", "3", "--size", "32", "--lr", "1e-2",
                                     "--json"])
     assert done.exit_code == 0, done.output
