@@ -250,7 +250,24 @@ class Registry:
         `spec`, that encoder's; with `accept`, the first encoder it accepts (the enrollment's, then those
         `identities embed` added; an adapter's `takes`). None fitting is EncoderMismatch saying how to
         add them."""
-        meta = self.get(tenant, identity)
+        file, chosen = self._embedding_file(self.get(tenant, identity), identity, spec, accept)
+        raw = storage.read_bytes(storage.join(self._dir(tenant, identity), file))
+        try:
+            data = np.load(io.BytesIO(raw))
+            return data["embeddings"], data["quality"], chosen
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:  # a damaged file, not a bad request
+            again = "re-enroll the identity" if file == "embeddings.npz" else "run `ray-faceid identities embed` again"
+            raise StorageError(f"identity {identity}'s embeddings in the store are unreadable ({exc}); {again}") from exc
+
+    def embedding_encoder(self, tenant: str, identity: str,
+                          accept: Callable[[EncoderSpec], bool] | None = None) -> EncoderSpec:
+        """The encoder whose embeddings `embeddings(accept=...)` would give, from the record alone (a
+        job's driver checks its people before any worker); EncoderMismatch as there."""
+        return self._embedding_file(self.get(tenant, identity), identity, None, accept)[1]
+
+    @staticmethod
+    def _embedding_file(meta: dict, identity: str, spec: EncoderSpec | None,
+                        accept: Callable[[EncoderSpec], bool] | None) -> tuple[str, EncoderSpec]:
         found = [("embeddings.npz", EncoderSpec(**meta["encoder"]))]
         found += [(e["file"], EncoderSpec(**e["spec"])) for e in (meta.get("encoders") or {}).values()]
         fits = [(f, s) for f, s in found if (spec is None or s.key() == spec.key()) and (accept is None or accept(s))]
@@ -260,14 +277,7 @@ class Registry:
                                   f"{', '.join(s.key() for _, s in found)}, not of {wanted}: add them from the "
                                   "reference crops with `ray-faceid identities embed` and that face stack (no photo "
                                   "needed)")
-        file, chosen = fits[0]
-        raw = storage.read_bytes(storage.join(self._dir(tenant, identity), file))
-        try:
-            data = np.load(io.BytesIO(raw))
-            return data["embeddings"], data["quality"], chosen
-        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:  # a damaged file, not a bad request
-            again = "re-enroll the identity" if file == "embeddings.npz" else "run `ray-faceid identities embed` again"
-            raise StorageError(f"identity {identity}'s embeddings in the store are unreadable ({exc}); {again}") from exc
+        return fits[0]
 
     def add_embeddings(self, tenant: str, identity: str, embeddings: np.ndarray, quality: np.ndarray,
                        spec: EncoderSpec) -> dict:

@@ -17,7 +17,7 @@ import time
 
 from ray_faceid import storage
 from ray_faceid.config import PersonalizeConfig
-from ray_faceid.errors import BadInput, FaceIdError, NotFound
+from ray_faceid.errors import BadInput, EncoderMismatch, FaceIdError, NotFound
 from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.quiet import train_logging
 from ray_faceid.registry import Registry
@@ -206,8 +206,12 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     for reference in wanted:  # ids or names, as everywhere else
         try:
             identity = store.resolve(tenant, reference)
-            (skipped if store.adapter_record(tenant, identity, adapter_hash, settings) else pending).append(identity)
-        except (NotFound, BadInput) as exc:
+            if store.adapter_record(tenant, identity, adapter_hash, settings):
+                skipped.append(identity)
+                continue
+            store.embedding_encoder(tenant, identity, accept=shared.takes)  # here, not after Ray Train started
+            pending.append(identity)
+        except (NotFound, BadInput, EncoderMismatch) as exc:
             failed[reference] = exc.message
     done: dict = {}
     if pending:

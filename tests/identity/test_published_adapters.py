@@ -180,6 +180,34 @@ def test_personalize_trains_a_portrait_person_on_each_other_photos_own_tokens(tm
     assert np.abs(image(personal) - image(None)).max() > 2
 
 
+def test_personalize_finds_people_without_the_files_encoder_before_any_worker(tmp_path, monkeypatch):
+    """A person enrolled with dlib alone has no ArcFace embeddings for a FaceID file: personalize names them
+    and says how to add them before Ray starts (it started Ray Train and failed them in the worker)."""
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.data import cluster
+    from ray_faceid.registry import Registry
+
+    save_like_a_user(tmp_path / "sd15")
+    adapter = save(faceid_state_dict(build_tiny().unet), tmp_path / "ip-adapter-faceid_sd15.bin")
+    registry = Registry(str(tmp_path / "registry"))
+    dlib = EncoderSpec(name="dlib_resnet", dim=128, version="test", license="-", metric="euclidean", threshold=0.6)
+    dan = registry.create("default", "dan", "form-1", np.ones((1, 128), np.float32), np.ones(1, np.float32), dlib,
+                          [np.zeros((256, 256, 3), np.uint8)], [{"index": 0, "filename": "0.png", "accepted": True,
+                                                                 "reason": None}])["id"]
+
+    def init_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a job with nobody to adapt")
+
+    monkeypatch.setattr(cluster, "init_ray", init_ray)
+    run = CliRunner().invoke(app, ["personalize", "--adapter", adapter, "--model", str(tmp_path / "sd15"),
+                                   "--registry", registry.store, "--json"])
+    assert run.exit_code == 3, run.output
+    summary = json.loads(run.stdout[run.stdout.index("{"):])
+    assert list(summary["failed"]) == [dan] and "ray-faceid identities embed" in summary["failed"][dan], summary
+
+
 def test_render_gives_each_enrolled_photo_its_own_portrait_tokens(tmp_path, tiny_arcface_onnx, sample_photos):
     """FaceID-Portrait on enrolled people (render; Serve takes the same rows): each reference photo's
     embedding gives its own tokens, as generate does; rows of people with other photo counts, sent
