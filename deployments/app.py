@@ -202,9 +202,9 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
                        "deployment would refuse them all (to enroll people first: `ray-faceid identities enroll`)")
     found = published.describe(config.adapter) if config.adapter else None  # the file read once, before any replica
     instantid = found is not None and found.instantid
-    if instantid and config.backend in ("onnxruntime", "tensorrt"):
-        raise BadInput(f"adapter {config.adapter}: InstantID's IdentityNet runs with the UNet, which an exported "
-                       f"engine (backend {config.backend}) does not take: set backend torch or torch.compile")
+    if instantid and config.backend == "tensorrt":
+        raise BadInput(f"adapter {config.adapter}: InstantID's IdentityNet runs with the UNet, which TensorRT plans "
+                       "do not take yet: set backend torch, torch.compile or onnxruntime")
     if bool(config.identitynet) != instantid:
         raise BadInput(f"adapter {config.adapter}: InstantID reads the face through its IdentityNet too: set identitynet "
                        "to its folder (ControlNetModel/ of InstantX/InstantID)" if instantid else

@@ -98,9 +98,12 @@ class UNetCall(torch.nn.Module):
     def __init__(self, unet, bank=None, identitynet=None):
         super().__init__()
         self.unet, self.bank, self.identitynet = unet, bank, identitynet
+        if identitynet is not None:  # registered: ONNX export keeps its weights' names, eval() reaches it
+            self.identitynet_model = identitynet.model
 
     def forward(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds=None,
-                time_ids=None, personal_rows=None, control_image=None):
+                time_ids=None, control_image=None, personal_rows=None):
+        # The inputs in EngineShape.input_names' order (ONNX export passes them by position).
         personal = None if personal_rows is None or self.bank is None else PersonalRows(self.bank, personal_rows)
         # routing once per call, not per layer
         kwargs = identity_kwargs(identity_tokens, identity_scale, region_masks, personal)

@@ -23,11 +23,12 @@ OPSET = 18
 
 
 def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype = torch.float32,
-                weight_inputs: Iterable[str] = ()) -> Path:
+                weight_inputs: Iterable[str] = (), identitynet=None) -> Path:
     """`dtype` is the graph's precision: fp16 / bf16 graphs make half-precision TensorRT engines
     (strongly typed). The module is copied, never cast in place, when its dtype differs.
     `weight_inputs` (initializer names) become graph inputs too, their values the defaults: ONNX
-    Runtime then takes another identity's in-layer weights with each call, with no new graph."""
+    Runtime then takes another identity's in-layer weights with each call, with no new graph.
+    `identitynet`: InstantID's, exported into the same graph (the keypoint image an input; shape.control)."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (the exporter's dependency)
@@ -38,11 +39,17 @@ def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype =
     param = next(unet.parameters())
     if param.dtype != dtype:
         unet = copy.deepcopy(unet).to(dtype)
+    if identitynet is not None and identitynet.model.dtype != dtype:
+        identitynet = copy.copy(identitynet)
+        identitynet.model = copy.deepcopy(identitynet.model).to(dtype)
+    if (identitynet is not None) != shape.control or (shape.control and not shape.pooled_dim):
+        # By position: the keypoint image follows SDXL's added conditioning (UNetCall's signature).
+        raise BackendUnavailable("an ONNX graph with IdentityNet is made for InstantID on SDXL only")
     example = shape.example(device=param.device, dtype=dtype)
     batch = torch.export.Dim("batch", min=shape.batch[0], max=max(shape.batch[2], 2))
     names = shape.input_names
     dynamic = tuple(None if name == "timestep" else {0: batch} for name in names)
-    call = UNetCall(unet).eval()
+    call = UNetCall(unet, identitynet=identitynet).eval()
     large = sum(p.numel() * p.element_size() for p in call.parameters()) > 1.8 * 2**30
     # torch.export-based exporter: it keeps the batch symbolic through diffusers' reshapes (the
     # TorchScript tracer bakes it in) and keeps parameter names, which TensorRT refit uses.

@@ -45,9 +45,10 @@ class OnnxRuntimeUNetEngine:
         return len(weights)
 
     def __call__(self, sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds=None,
-                 time_ids=None):
-        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds, time_ids)
+                 time_ids=None, control_image=None):
+        values = (sample, timestep, text_tokens, identity_tokens, identity_scale, region_masks, text_embeds, time_ids,
+                  control_image)
         feed = {n: v.detach().cpu().float().numpy() if n != "timestep" else np.asarray(float(v), np.float32)
-                for n, v in zip(INPUT_NAMES + ADDED_INPUT_NAMES, values) if v is not None}
+                for n, v in zip(INPUT_NAMES + ADDED_INPUT_NAMES + ["control_image"], values) if v is not None}
         (out,) = self.session.run(["noise_pred"], {**feed, **self.weights})
         return torch.from_numpy(out).to(sample.device, sample.dtype)

@@ -73,6 +73,7 @@ def processor_weights_by_onnx_name(adapter, delta: dict[str, torch.Tensor] | Non
 
 def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precision: str = "fp32",
                 cache: EngineCache | None = None) -> UNetEngine:
+    """`shape.control`: InstantID, its IdentityNet (`adapter.identitynet`) exported into the graph."""
     backend = resolve_backend(backend)
     if backend == "torch":
         from ray_faceid.engines.torch_engine import TorchUNetEngine
@@ -91,7 +92,14 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
     cache = cache or EngineCache()
     if backend == "onnxruntime":
         precision = "fp32"  # ONNX Runtime on CPU runs the fp32 graph; TensorRT graphs carry their precision
-    common = dict(model_hash=base.model_hash(), adapter_structure=adapter_structure(adapter), batch=shape.batch,
+    identitynet = adapter.identitynet if shape.control else None
+    if identitynet is not None and backend == "tensorrt":
+        raise BadInput("InstantID's IdentityNet is not in TensorRT plans yet: use --backend onnxruntime, torch.compile "
+                       "or torch")
+    structure = adapter_structure(adapter)
+    if identitynet is not None:  # its weights and scale are in the graph
+        structure = f"{structure}+identitynet {identitynet.sha256[:16]} x{identitynet.scale}"
+    common = dict(model_hash=base.model_hash(), adapter_structure=structure, batch=shape.batch,
                   latent=shape.latent, identities=shape.identities, tokens=shape.tokens)
     weights = processor_weights_by_onnx_name(adapter)
     # ONNX Runtime takes the in-layer weights as inputs; TensorRT keeps them as refittable weights.
@@ -106,7 +114,8 @@ def unet_engine(base, adapter, shape: EngineShape, backend: str = "auto", precis
         else:
             log.warning("the UNet's ONNX graph for latent %sx%s is not in the engine cache at %s: exporting it (tens "
                         "of seconds; `ray-faceid compile` builds it ahead)", shape.latent[1], shape.latent[0], cache.root)
-        return export_unet(base.unet, shape, folder / "unet.onnx", DTYPES[precision], weights if weight_inputs else ())
+        return export_unet(base.unet, shape, folder / "unet.onnx", DTYPES[precision], weights if weight_inputs else (),
+                           identitynet)
 
     def onnx_graph():
         return cache.get_or_build(onnx_key, "unet.onnx", export)

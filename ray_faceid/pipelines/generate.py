@@ -120,9 +120,9 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
         self.backend = resolve_backend(backend)
         if self.backend != "torch" and adapter is None:
             raise BadInput(f"the {self.backend} backend runs the UNet with identity processors: load an adapter")
-        if self.backend not in ("torch", "torch.compile") and adapter is not None and adapter.kind.identitynet:
-            raise BadInput(f"InstantID's IdentityNet runs with the UNet on --backend torch or torch.compile; the "
-                           f"{self.backend} engines do not take its residuals yet")
+        if self.backend == "tensorrt" and adapter is not None and adapter.kind.identitynet:
+            raise BadInput("InstantID's IdentityNet runs with the UNet on --backend torch, torch.compile or "
+                           "onnxruntime; TensorRT plans do not take its residuals yet")
         self.engine_cache, self.engines = engine_cache, {}
         self._engines_lock, self._refused = threading.Lock(), set()  # versions of erased people's adapters
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)

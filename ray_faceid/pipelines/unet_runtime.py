@@ -99,13 +99,18 @@ class UNetRuntime:
         versions = {p[0]: p for p in row_personal if p}
         if len(versions) > 1:
             raise BadInput("images generated together on this backend must use the same person's own adapter")
-        engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1], next(iter(versions.values()), None))
+        engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1], next(iter(versions.values()), None),
+                              control is not None)
+        if control is not None:  # InstantID: IdentityNet is in the exported graph, the keypoint image an input
+            added["control_image"] = control[1]
         return engine(sample, t, text, tokens, scale, region, **added)
 
-    def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int, personal: tuple | None):
+    def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int, personal: tuple | None,
+                control: bool = False):
         """An ONNX Runtime or TensorRT engine holding the shared weights plus `personal` (version,
         delta). Engines are kept per set of weights, never refitted while in use: a job paused
-        between its steps (turns.py) comes back to the weights it started with."""
+        between its steps (turns.py) comes back to the weights it started with. `control`: with
+        InstantID's IdentityNet in the graph (a call without identity has none)."""
         from ray_faceid.engines.base import EngineShape
         from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
 
@@ -113,7 +118,7 @@ class UNetRuntime:
         version, delta = personal or (None, None)
         if version in self._refused:
             raise Erased("this person was erased: their own adapter is not served any more")
-        key = (h, w, identities, top, version)
+        key = (h, w, identities, top, control, version)
         with self._engines_lock:  # the erasure sweep may drop engines from another thread
             found = self.engines.pop(key, None)
         if found is not None:
@@ -124,7 +129,8 @@ class UNetRuntime:
             shape = EngineShape(batch=(1, 2, top), latent=(h, w), identities=identities,
                                 tokens=self.adapter.options.num_tokens, text_length=text_length,
                                 channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
-                                pooled_dim=self.base.pooled_dim, vae_factor=self.base.vae_scale_factor)
+                                pooled_dim=self.base.pooled_dim, vae_factor=self.base.vae_scale_factor,
+                                control=control)
             engine = unet_engine(self.base, self.adapter, shape, self.backend, self.precision, self.engine_cache)
             if delta:
                 engine.refit(processor_weights_by_onnx_name(self.adapter, delta))  # a new engine: no one uses it yet
@@ -186,7 +192,8 @@ class UNetRuntime:
             self._check_size(width, height)
             for count in identities:
                 for top in engine_buckets(self.backend, 2 * max_images):  # CFG doubles every image
-                    self._engine(top, count, height // f, width // f, self.base.tokenizer.model_max_length, None)
+                    self._engine(top, count, height // f, width // f, self.base.tokenizer.model_max_length, None,
+                                 self.adapter.identitynet is not None)
                     built += 1
         return {"buckets": built, "loaded": None, "stored": None}
 

@@ -121,7 +121,7 @@ def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose
     config = ServeConfig(model=parts.sdxl, adapter=parts.adapter, identitynet=parts.net, face=parts.face,
                          registry=parts.registry, api_tokens=TOKENS)
     refusals = (({"identitynet": None}, "set identitynet to its folder"),
-                ({"backend": "onnxruntime"}, "set backend torch or torch.compile"),
+                ({"backend": "tensorrt"}, "set backend torch, torch.compile or onnxruntime"),
                 ({"identitynet": parts.registry}, "no IdentityNet at"),
                 ({"identitynet": parts.sd1_net}, "cross_attention_dim 32; this base's UNet has 64"))
     for change, says in refusals:
