@@ -216,10 +216,10 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
             identitynet_config(config.identitynet, unet_config)
         except (NotFound, UnsupportedModel) as wrong:  # the replicas would fail on it in a loop
             raise BadInput(f"identitynet: {wrong.message}") from None
-    if found is not None and found.per_photo and config.backend in ("onnxruntime", "tensorrt"):
+    if found is not None and found.per_photo and config.backend == "tensorrt":
         raise BadInput(f"adapter {config.adapter}: {found.variant} gives each photo of a person its own tokens, as "
-                       f"many as they have; an exported engine (backend {config.backend}) holds one set: set backend "
-                       "torch or torch.compile")
+                       "many as they have; a TensorRT plan holds one set: set backend torch, torch.compile or "
+                       "onnxruntime")
     plus = found.variant if found is not None and found.plus else None
     if plus and not config.image_encoder:
         raise BadInput(f"adapter {config.adapter}: {plus} reads faces through a CLIP image encoder too: set "

@@ -76,12 +76,12 @@ class PerPhotoKind(AdapterKind):
     per_photo = True
 
     def tokens(self, pipe, ident, emb, code):
-        # torch.compile keys its graphs by the token count (a new count compiles, or on a Serve replica
-        # runs eager); an exported ONNX / TensorRT graph holds one count.
-        if pipe.backend not in ("torch", "torch.compile") and emb.shape[0] != 1:
+        # torch.compile and ONNX Runtime key their graphs by the token count (a new count compiles or
+        # exports once); a TensorRT plan is built for one count (not checked on others yet).
+        if pipe.backend == "tensorrt" and emb.shape[0] != 1:
             raise BadInput(f"identity {ident.name}: FaceID-Portrait with {emb.shape[0]} photos gives "
-                           f"{emb.shape[0]} sets of tokens; an exported engine ({pipe.backend}) holds one: use "
-                           "--backend torch or torch.compile")
+                           f"{emb.shape[0]} sets of tokens; a TensorRT plan holds one: use --backend torch, "
+                           "torch.compile or onnxruntime")
         t = self.adapter.tokens(emb)
         return t.reshape(1, -1, t.shape[-1])
 

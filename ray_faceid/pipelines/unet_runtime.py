@@ -100,17 +100,18 @@ class UNetRuntime:
         if len(versions) > 1:
             raise BadInput("images generated together on this backend must use the same person's own adapter")
         engine = self._engine(rows, tokens.shape[1], h, w, text.shape[1], next(iter(versions.values()), None),
-                              control is not None)
+                              control is not None, tokens.shape[2])
         if control is not None:  # InstantID: IdentityNet is in the exported graph, the keypoint image an input
             added["control_image"] = control[1]
         return engine(sample, t, text, tokens, scale, region, **added)
 
     def _engine(self, rows: int, identities: int, h: int, w: int, text_length: int, personal: tuple | None,
-                control: bool = False):
+                control: bool = False, tokens: int | None = None):
         """An ONNX Runtime or TensorRT engine holding the shared weights plus `personal` (version,
         delta). Engines are kept per set of weights, never refitted while in use: a job paused
         between its steps (turns.py) comes back to the weights it started with. `control`: with
-        InstantID's IdentityNet in the graph (a call without identity has none)."""
+        InstantID's IdentityNet in the graph (a call without identity has none). `tokens`: per
+        identity (default the adapter's; FaceID-Portrait gives 16 per photo: a graph per count)."""
         from ray_faceid.engines.base import EngineShape
         from ray_faceid.engines.select import processor_weights_by_onnx_name, unet_engine
 
@@ -118,7 +119,8 @@ class UNetRuntime:
         version, delta = personal or (None, None)
         if version in self._refused:
             raise Erased("this person was erased: their own adapter is not served any more")
-        key = (h, w, identities, top, control, version)
+        tokens = tokens or self.adapter.options.num_tokens
+        key = (h, w, identities, top, control, tokens, version)
         with self._engines_lock:  # the erasure sweep may drop engines from another thread
             found = self.engines.pop(key, None)
         if found is not None:
@@ -127,7 +129,7 @@ class UNetRuntime:
             # One engine per bucket whatever the first call's rows (its key, and the file `compile`
             # builds ahead): tuned for one image with guidance, the most common call.
             shape = EngineShape(batch=(1, 2, top), latent=(h, w), identities=identities,
-                                tokens=self.adapter.options.num_tokens, text_length=text_length,
+                                tokens=tokens, text_length=text_length,
                                 channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
                                 pooled_dim=self.base.pooled_dim, vae_factor=self.base.vae_scale_factor,
                                 control=control)

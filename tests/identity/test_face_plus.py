@@ -297,8 +297,8 @@ def test_a_serve_config_with_a_compiled_portrait_or_plus_without_its_encoder_is_
     portrait = save(faceid_state_dict(unet, tokens=16), tmp_path / "ip-adapter-faceid-portrait_sd15.bin")
     plain = save(faceid_state_dict(unet), tmp_path / "ip-adapter-faceid_sd15.bin")
     for config, refusal in (
-        (ServeConfig(adapter=portrait, registry=registry, backend="onnxruntime"),
-         r"FaceID-Portrait.* an exported engine \(backend onnxruntime\) holds one set: set backend torch or torch"),
+        (ServeConfig(adapter=portrait, registry=registry, backend="tensorrt"),
+         r"FaceID-Portrait.* a TensorRT plan holds one set: set backend torch, torch.compile or onnxruntime"),
         (ServeConfig(adapter=plus, registry=registry), "FaceID-PlusV2.* set image_encoder to its folder"),
         (ServeConfig(adapter=plus, image_encoder=str(tmp_path), registry=registry), "image_encoder: no CLIP image "
                                                                                      "encoder at"),
