@@ -204,7 +204,7 @@ class Generator:
         embeddings, quality, spec = self.registry.embeddings(tenant, identity,
                                                              accept=None if adapter is None else adapter.takes)
         self.loads += 1
-        personal = load_personal(self.registry, tenant, identity, self.adapter_hash)
+        personal = load_personal(self.registry, tenant, identity, self.adapter_hash, adapter)
         encoder = self.pipeline.adapter.image_encoder if self.pipeline.adapter is not None else None
         features = None if encoder is None else await asyncio.to_thread(
             encoder.enrolled_features, self.registry.references(tenant, identity))
@@ -254,6 +254,7 @@ class Generator:
 
     async def _conditions(self, tenant: str, requested: list[dict]):
         from ray_faceid.identity.adapter import NO_ADAPTER
+        from ray_faceid.identity.personalization import load_personal, made_with
         from ray_faceid.pipelines.generate import IdentityCondition
 
         if requested and self.pipeline.adapter is None:
@@ -265,12 +266,11 @@ class Generator:
             meta = self.registry.get(tenant, item["id"])  # a deleted identity is never served from the cache
             before = self.loads
             loaded = await self.load_identity(key)
-            newest = newest_adapter(meta, self.adapter_hash)
+            newest = newest_adapter(meta, self.adapter_hash, made_with=made_with(self.pipeline.adapter))
             if (newest and newest["version"]) != (loaded.personal and version_of(loaded.personal[0])):
                 # A new per-identity adapter since this replica cached the identity.
-                from ray_faceid.identity.personalization import load_personal
-
-                loaded.personal = load_personal(self.registry, tenant, item["id"], self.adapter_hash)
+                loaded.personal = load_personal(self.registry, tenant, item["id"], self.adapter_hash,
+                                                self.pipeline.adapter)
                 self._note_version(key, loaded.personal)
             hits += self.loads == before
             expected = self.pipeline.adapter.encoder_spec.key()

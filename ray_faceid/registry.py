@@ -71,11 +71,21 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def newest_adapter(meta: dict, base_adapter: str, settings: str | None = None) -> dict | None:
-    """From an identity's metadata: its newest adapter record for this base adapter (and settings)."""
+def newest_adapter(meta: dict, base_adapter: str, settings: str | None = None,
+                   made_with: dict | None = None) -> dict | None:
+    """From an identity's metadata: its newest adapter record for this base adapter (and settings;
+    and, with `made_with`, trained beside that CLIP image encoder and IdentityNet: see made_with_of)."""
     found = [a for a in meta.get("adapters", [])
-             if a.get("base_adapter") == base_adapter and (settings is None or a.get("settings") == settings)]
+             if a.get("base_adapter") == base_adapter and (settings is None or a.get("settings") == settings)
+             and (made_with is None or made_with_of(a) == made_with)]
     return found[-1] if found else None
+
+
+def made_with_of(record: dict) -> dict:
+    """The weights a personal adapter's record says it was trained beside: FaceID-Plus's CLIP image
+    encoder, InstantID's IdentityNet (None where the kind reads neither)."""
+    return {"image_encoder": record.get("image_encoder"),
+            "identitynet": (record.get("identitynet") or {}).get("weights_sha256")}
 
 
 def check_name(name: str | None) -> str:
@@ -438,9 +448,11 @@ class Registry:
         self.update(tenant, identity, store)
         return entry
 
-    def adapter_record(self, tenant: str, identity: str, base_adapter: str, settings: str | None = None) -> dict | None:
-        """The newest per-identity adapter made for this base adapter (and these settings, when given)."""
-        return newest_adapter(self.get(tenant, identity), base_adapter, settings)
+    def adapter_record(self, tenant: str, identity: str, base_adapter: str, settings: str | None = None,
+                       made_with: dict | None = None) -> dict | None:
+        """The newest per-identity adapter made for this base adapter (and these settings, and beside
+        these weights, when given: newest_adapter)."""
+        return newest_adapter(self.get(tenant, identity), base_adapter, settings, made_with)
 
     def adapter_weights(self, tenant: str, identity: str, version: str) -> bytes:
         return storage.read_bytes(storage.join(self._dir(tenant, identity), "adapters", version, "weights.safetensors"))

@@ -139,7 +139,8 @@ def _with_personal_adapters(conditions: list, enrolled: dict, pipe, registry: st
 
     for condition in conditions:
         if condition.name in enrolled:
-            condition.personal = load_personal(Registry(registry), tenant, enrolled[condition.name], pipe.adapter_hash)
+            condition.personal = load_personal(Registry(registry), tenant, enrolled[condition.name], pipe.adapter_hash,
+                                               pipe.adapter)
 
 
 def _with_image_features(pipe, image_encoder: Optional[str], conditions: list, photos: dict, analyzer,
@@ -315,11 +316,11 @@ def generate(
         conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
         pipe = _pipeline(analyzer, ref_model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer",
                          plus_v2_scale=plus_v2_scale)
-        _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         _with_image_features(pipe, image_encoder, conditions, photos, analyzer, registry, tenant, enrolled)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size
         _with_identitynet(pipe, identitynet, identitynet_scale, pose, conditions, photos, analyzer, width, height)
+        _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)  # beside what it reads: after both
         sampling = sampler.record(pipe.base.scheduler)["class"]
         err_console.print(f"{width}x{height}, {steps} steps of {sampling} on {pipe.device.type}")
         pipe.on_step = denoise_reporter()

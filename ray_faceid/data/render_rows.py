@@ -83,7 +83,7 @@ class Renderer:
         # The face stack's embeddings (the enrollment's, or added by `identities embed`): tokens and scores.
         embeddings, quality, _ = self.registry.embeddings(self.tenant, found, self.analyzer.spec)
         loaded = {"id": found, "embeddings": embeddings, "quality": quality,
-                  "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash),
+                  "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash, self.pipeline.adapter),
                   "image_features": self._image_features(found)}
         self.identities[identity] = loaded
         if len(self.identities) > IDENTITY_CACHE:

@@ -78,9 +78,21 @@ def version_of(key: str) -> str:
     return key.split("@", 1)[0]
 
 
-def load_personal(registry, tenant: str, identity: str, adapter_hash: str) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """(personal key, delta) of the identity's newest adapter made for the shared adapter `adapter_hash`, or None."""
-    record = registry.adapter_record(tenant, identity, adapter_hash)
+def made_with(adapter: IdentityAdapter | None) -> dict:
+    """What a personal adapter of `adapter` must have been trained beside to be used with it now:
+    the CLIP image encoder and IdentityNet it reads (registry.made_with_of, the record's side)."""
+    encoder = None if adapter is None else adapter.image_encoder
+    identitynet = None if adapter is None else adapter.identitynet
+    return {"image_encoder": None if encoder is None else encoder.sha256,
+            "identitynet": None if identitynet is None else identitynet.sha256}
+
+
+def load_personal(registry, tenant: str, identity: str, adapter_hash: str,
+                  adapter: IdentityAdapter | None) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(personal key, delta) of the identity's newest adapter made for the shared adapter `adapter_hash`
+    beside the CLIP image encoder and IdentityNet `adapter` reads now (one trained beside others learned
+    other inputs), or None."""
+    record = registry.adapter_record(tenant, identity, adapter_hash, made_with=made_with(adapter))
     if record is None:
         return None
     return (personal_key(identity, record["version"]),

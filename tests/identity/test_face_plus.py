@@ -248,7 +248,9 @@ def test_personalize_reads_the_references_through_clip_and_train_refuses_plus(tm
     attach_image_encoder(plus, str(image_encoder_folder), "cpu", "--image-encoder")
     record = registry.adapter_record("default", hanks, plus.content_hash())
     assert record["image_encoder"] == plus.image_encoder.sha256 and record["loss_end"] < record["loss_start"]
-    personal = load_personal(registry, "default", hanks, plus.content_hash())
+    personal = load_personal(registry, "default", hanks, plus.content_hash(), plus)
+    # Not beside another image encoder (or none): the personal adapter learned this one's features.
+    assert load_personal(registry, "default", hanks, plus.content_hash(), IdentityAdapter.load(adapter, base.unet)) is None
     features = plus.image_encoder.enrolled_features(registry.references("default", hanks))
     pipe = IdentityPipeline(base, plus)
 

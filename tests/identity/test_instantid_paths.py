@@ -214,7 +214,10 @@ def test_personalize_runs_identitynet_beside_the_unet_in_every_step(parts, ray_c
     registry = Registry(parts.registry)
     record = registry.adapter_record("acme", ann, pipeline.adapter.content_hash())
     assert record["identitynet"]["weights_sha256"] == pipeline.adapter.identitynet.sha256
-    personal = load_personal(registry, "acme", ann, pipeline.adapter.content_hash())
+    personal = load_personal(registry, "acme", ann, pipeline.adapter.content_hash(), pipeline.adapter)
+    # Not without IdentityNet (or beside another): the personal adapter learned beside its residuals.
+    assert load_personal(registry, "acme", ann, pipeline.adapter.content_hash(),
+                         IdentityAdapter.load(parts.adapter, base.unet)) is None
 
     def image(own) -> np.ndarray:
         person = IdentityCondition("ann", embedding, personal=own)

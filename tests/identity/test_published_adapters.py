@@ -181,7 +181,7 @@ def test_personalize_trains_a_portrait_person_on_each_other_photos_own_tokens(tm
     # One file is one adapter whichever ArcFace spec it is loaded beside (personalize loads it with none):
     # its personal adapters were never found by generate or Serve.
     assert portrait.content_hash() == IdentityAdapter.load(adapter, base.unet).content_hash()
-    personal = load_personal(registry, "default", ann, portrait.content_hash())
+    personal = load_personal(registry, "default", ann, portrait.content_hash(), portrait)
     pipe = IdentityPipeline(base, portrait)
 
     def image(own) -> np.ndarray:

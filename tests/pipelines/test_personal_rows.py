@@ -135,7 +135,7 @@ def test_a_person_erased_then_enrolled_again_is_served_their_same_adapter_bytes(
         meta = registry.create("t", "dee", "form-1", face, np.ones(1, np.float32), spec128,
                                [np.zeros((8, 8, 3), np.uint8)], [], **consent)
         registry.add_adapter("t", meta["id"], weights, {"base_adapter": "shared"})
-        return meta["id"], IdentityCondition("dee", face, personal=load_personal(registry, "t", meta["id"], "shared"))
+        return meta["id"], IdentityCondition("dee", face, personal=load_personal(registry, "t", meta["id"], "shared", None))
 
     first, before = enrolled()
     alone(pipe, before)

@@ -70,7 +70,7 @@ def test_a_personal_adapter_changes_the_pipeline_output(personalized_registry, s
     pipe = IdentityPipeline(base, adapter)
     identity = enrolled["penny"]
     embeddings, quality, _ = registry.embeddings("default", identity)
-    personal = load_personal(registry, "default", identity, adapter.content_hash())
+    personal = load_personal(registry, "default", identity, adapter.content_hash(), adapter)
     assert personal is not None
     shared_weights = {k: v.clone() for k, v in adapter.state_dict().items()}
 
