@@ -110,9 +110,32 @@ def _people(ref: list[str], identity: list[str]) -> dict[str, str | list[str]]:
     return people
 
 
-def _conditions(analyzer, people: dict, registry: str, tenant: str, regions: dict, expression, edits):
+def _conditions_and_pipeline(analyzer, people: dict, registry: str, tenant: str, regions: dict, expression, edits,
+                             model, adapter: Optional[str], backend: str, imr: Optional[str], flow: Optional[str],
+                             spec="analyzer", plus_v2_scale: Optional[float] = None):
+    """(conditions, {name: id} of the enrolled, pipeline). Photos are checked before the model loads (a bad
+    photo fails in a second). Enrolled people alone with a published file: each person's stored
+    embeddings the file takes (any ArcFace of its width, e.g. added by `identities embed
+    --recognizer-onnx`), whatever face stack this command would read photos with."""
+    from ray_faceid.identity import published
+    from ray_faceid.registry import Registry
+
+    if people and all(isinstance(v, str) for v in people.values()) and adapter and published.is_published_file(adapter):
+        store = Registry(registry).require()
+        for source in people.values():
+            store.resolve(tenant, source)  # an unknown name fails before the model loads
+        pipe = _pipeline(analyzer, model, adapter, backend, imr, flow, spec=None, plus_v2_scale=plus_v2_scale)
+        conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits,
+                                           accept=pipe.adapter.takes)
+        return conditions, enrolled, pipe
+    conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
+    return conditions, enrolled, _pipeline(analyzer, model, adapter, backend, imr, flow, spec, plus_v2_scale)
+
+
+def _conditions(analyzer, people: dict, registry: str, tenant: str, regions: dict, expression, edits, accept=None):
     """IdentityConditions from photos (checked now, before any model loads) or from the registry,
-    and {name: id} of the enrolled ones."""
+    and {name: id} of the enrolled ones. `accept`: the enrolled people's embeddings of the first encoder
+    it accepts (an adapter's `takes`), else the analyzer's."""
     from ray_faceid.pipelines.generate import IdentityCondition
     from ray_faceid.pipelines.references import embed_references
     from ray_faceid.registry import Registry
@@ -124,7 +147,7 @@ def _conditions(analyzer, people: dict, registry: str, tenant: str, regions: dic
             emb, quality = source, None
         elif isinstance(source, str):
             enrolled[name] = store.resolve(tenant, source)
-            emb, quality, _ = store.embeddings(tenant, enrolled[name], analyzer.spec)
+            emb, quality, _ = store.embeddings(tenant, enrolled[name], None if accept else analyzer.spec, accept)
         else:
             emb, quality = embed_references(analyzer, source)
         conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits,
@@ -313,9 +336,9 @@ def generate(
         if face_backend == "insightface" and not insightface_root and not face_embedding:
             raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files)")
         analyzer = FaceAnalyzer(face_config("dlib" if face_embedding else face_backend, insightface_root, True))
-        conditions, enrolled = _conditions(analyzer, people, registry, tenant, regions, expression, edits)
-        pipe = _pipeline(analyzer, ref_model, adapter, backend, imr, flow, spec=None if face_embedding else "analyzer",
-                         plus_v2_scale=plus_v2_scale)
+        conditions, enrolled, pipe = _conditions_and_pipeline(
+            analyzer, people, registry, tenant, regions, expression, edits, ref_model, adapter, backend, imr, flow,
+            spec=None if face_embedding else "analyzer", plus_v2_scale=plus_v2_scale)
         _with_image_features(pipe, image_encoder, conditions, photos, analyzer, registry, tenant, enrolled)
         steps = steps or pipe.base.default_steps
         width, height = (width, height) if width else pipe.base.native_size
@@ -385,8 +408,8 @@ def inpaint(
         if not people:
             raise BadInput("whose face? give --ref PHOTO or --identity NAME (an enrolled person)")
         analyzer = FaceAnalyzer()
-        conditions, enrolled = _conditions(analyzer, people, registry, tenant, {}, expression, edits)
-        pipe = _pipeline(analyzer, ref_model, adapter, backend, imr, flow)
+        conditions, enrolled, pipe = _conditions_and_pipeline(analyzer, people, registry, tenant, {}, expression, edits,
+                                                              ref_model, adapter, backend, imr, flow)
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         person = conditions[0]
         pipe.on_step = denoise_reporter()

@@ -308,6 +308,11 @@ def test_a_person_enrolled_with_dlib_renders_with_a_faceid_file_after_identities
         again.output, again.output
     after = render()
     assert after["status"] == "ok", after
+    # generate --identity finds the embeddings the file takes without the face options they were made with.
+    made = run(app, ["generate", "--identity", "hanks", "--adapter", adapter, "--model", str(tmp_path / "sd15"),
+                     "--registry", registry, "--prompt", "a portrait", "--size", "32x32", "--steps", "2", "--out",
+                     str(tmp_path / "hanks.png")])
+    assert made.exit_code == 0, made.output
     erased = run(app, ["identities", "delete", "hanks", "--registry", registry])
     assert erased.exit_code == 0, erased.output
     assert not store.files("default", identity)
