@@ -56,8 +56,11 @@ def denoise_reporter(what: str = "denoise", every_s: float = 5.0):
                     bar.stop()
                 bar.start()
                 state["task"], state["started"] = bar.add_task(what, total=total, rate=""), time.monotonic()
-            if step:
-                per_step = (time.monotonic() - state["started"]) / step
+            if step == 1:  # it holds any compile on first use: the rate starts after it
+                first, state["started"] = time.monotonic() - state["started"], time.monotonic()
+                bar.update(state["task"], completed=1, rate=f"first step {first:.1f} s")
+            elif step:
+                per_step = (time.monotonic() - state["started"]) / (step - 1)
                 bar.update(state["task"], completed=step, rate=f"{per_step:.2f} s/step")
             if step >= total:
                 bar.stop()
@@ -68,6 +71,10 @@ def denoise_reporter(what: str = "denoise", every_s: float = 5.0):
     def on_line(step: int, total: int) -> None:
         if step == 0 or "line" not in lines:
             lines["line"] = ProgressLine(f"{what} steps", total, every_s=every_s, emit=to_stderr)
-        if step:
+        if step == 1 and total > 1:
+            # The first step holds any compile on first use (minutes): said apart, the rate and ETA start after it.
+            to_stderr(f"{what} steps: 1/{total}, first step {time.monotonic() - lines['line'].started:.1f} s")
+            lines["line"] = ProgressLine(f"{what} steps", total, first=1, every_s=every_s, emit=to_stderr)
+        elif step:
             lines["line"].update(step)
     return on_line
