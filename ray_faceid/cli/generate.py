@@ -378,8 +378,11 @@ def inpaint(
     tenant: str = TenantOpt,
     image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="FLUX.1 Fill with a FLUX IP-Adapter: the "
                                                 "CLIP vision folder (with projection) it reads the --ref photos through."),
+    identitynet: Optional[str] = IdentityNetOpt,
+    identitynet_scale: Optional[float] = IdentityNetScaleOpt,
 ):
-    """Repaint the masked region with the person; pixels outside the mask are kept exactly."""
+    """Repaint the masked region with the person; pixels outside the mask are kept exactly. InstantID
+    (with --identitynet) paints a frontal face filling the mask's box."""
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.face.decode import decode_image
     from ray_faceid.pipelines.inpaint import inpaint as run_inpaint
@@ -395,12 +398,14 @@ def inpaint(
 
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
-                                     f"--backend {backend}": None if backend in FLUX_BACKENDS else backend})
+                                     f"--backend {backend}": None if backend in FLUX_BACKENDS else backend,
+                                     "--identitynet": identitynet, "--identitynet-scale": identitynet_scale})
             people = _people(ref, [identity] if identity else [])
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend)
         if image_encoder:
             raise BadInput("--image-encoder on inpaint is for FLUX.1 Fill with a FLUX IP-Adapter")
+        identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
@@ -410,6 +415,9 @@ def inpaint(
         analyzer = FaceAnalyzer()
         conditions, enrolled, pipe = _conditions_and_pipeline(analyzer, people, registry, tenant, {}, expression, edits,
                                                               ref_model, adapter, backend, imr, flow)
+        from ray_faceid.identity.instantid import attach_identitynet
+
+        attach_identitynet(pipe, identitynet, identitynet_scale, "--identitynet")
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         person = conditions[0]
         pipe.on_step = denoise_reporter()

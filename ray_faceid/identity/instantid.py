@@ -92,6 +92,18 @@ def frontal_points(width: int, height: int) -> np.ndarray:
     return (template - 56.0) * (0.5 * min(width, height) / 112) + np.array([width / 2, height / 2])
 
 
+def box_points(box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+    """A frontal face filling `box` (x0, y0, x1, y1 in pixels) of a `width` x `height` image, as
+    fractions of it: the pose of a masked face repainted without one (ArcFace's tight crop template
+    scaled to the box's shorter side, centred in it)."""
+    from ray_faceid.face.align import ARCFACE_112
+
+    x0, y0, x1, y1 = box
+    template = np.array([ARCFACE_112.points[name] for name in FIVE_POINTS])
+    points = (template - 56.0) * (min(x1 - x0, y1 - y0) / 112) + np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+    return points / np.array([width, height])
+
+
 def identitynet_config(folder: str, unet_config=None) -> dict:
     """The config of the IdentityNet in `folder` (read without loading it: a Serve config is checked
     before any replica starts), fitting the UNet of `unet_config` where given; NotFound or
@@ -180,7 +192,9 @@ class IdentityNet:
 
     def residuals(self, sample: torch.Tensor, t, tokens: torch.Tensor, image: torch.Tensor, added: dict | None):
         """(down residuals, mid residual) for the UNet: `tokens` (rows, T, C) in place of the text,
-        `image` (rows, 3, H, W) in [0, 1]."""
+        `image` (rows, 3, H, W) in [0, 1]. An inpainting UNet's extra input channels (mask, masked image)
+        are not IdentityNet's: it reads the noisy latents alone."""
+        sample = sample[:, : self.model.config.in_channels]
         return self.model(sample, t, encoder_hidden_states=tokens.to(self.model.dtype),
                           controlnet_cond=image.to(self.model.dtype), conditioning_scale=self.scale,
                           added_cond_kwargs=added, return_dict=False)

@@ -6,6 +6,8 @@ the mask is returned unchanged, byte for byte.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -84,13 +86,17 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
             feather: float = 4.0, max_side: int | None = None, sampler=None) -> GenerationResult:
     """Steps, guidance and scheduler default to the base's own (`sampler`: another, schedulers.py); the image is
     repainted at up to `max_side` pixels (default: the base's native size) and pasted back at its own size."""
-    if pipe.adapter is not None and pipe.adapter.kind.identitynet:
-        raise BadInput("InstantID repaints nothing yet: its IdentityNet would read the keypoints of the face being "
-                       "repainted; use `ray-faceid generate` with it, or an IP-Adapter-FaceID file to inpaint")
     height, width = image.shape[:2]
     steps, max_side = steps or pipe.base.default_steps, max_side or max(pipe.base.native_size)
     guidance = pipe.base.default_guidance if guidance is None else guidance
     region = binary_mask(mask, (height, width))
+    if pipe.adapter is not None and pipe.adapter.kind.identitynet and identity.pose is None:
+        # InstantID: IdentityNet reads where the face goes; without a pose, a frontal face filling the mask.
+        from ray_faceid.identity.instantid import box_points
+
+        ys, xs = np.nonzero(region)
+        box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        identity = dataclasses.replace(identity, pose=box_points(box, width, height))
     base = pipe.base
     step = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)  # clean latent pyramid
     gen_w, gen_h = working_size(width, height, step, max_side)

@@ -130,10 +130,6 @@ def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(t
         pipe.generate("two", [person, IdentityCondition("q", face(2))], steps=1, width=SIZE, height=SIZE)
     with pytest.raises(BadInput, match="TensorRT plans do not take its residuals yet"):
         IdentityPipeline(base, adapter, backend="tensorrt")
-    from ray_faceid.pipelines.inpaint import inpaint
-
-    with pytest.raises(BadInput, match="InstantID repaints nothing yet"):
-        inpaint(pipe, np.zeros((SIZE, SIZE, 3), np.uint8), np.full((SIZE, SIZE), 255, np.uint8), person, "a face")
 
 
 def test_one_command_from_instantids_files_an_embedding_and_a_pose_photo(tmp_path, sample_photos):
@@ -264,3 +260,30 @@ def test_onnxruntime_runs_instantid_with_identitynet_in_the_exported_graph(tmp_p
     assert len(set(images)) == 3  # each person and each pose reaches the image
     assert len(exported.engines) == 1  # one graph: the people and poses are its inputs
     assert len(list((tmp_path / "engines").rglob("unet.onnx"))) == 1
+
+
+def test_inpaint_with_instantid_puts_the_face_where_the_mask_is(tmp_path):
+    """InstantID inpaint: IdentityNet reads a frontal face filling the mask's box where no pose is given
+    (the same image as that pose given), another pose gives another face; outside the mask, unchanged."""
+    pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+    from ray_faceid.identity.instantid import attach_identitynet, box_points
+    from ray_faceid.pipelines.inpaint import inpaint
+
+    base = build_tiny(family="sdxl")
+    torch.save(instantid_state_dict(base.unet), tmp_path / "ip-adapter.bin")
+    adapter = IdentityAdapter.load(str(tmp_path / "ip-adapter.bin"), base.unet, SPEC)
+    pipe = IdentityPipeline(base, adapter)
+    attach_identitynet(pipe, save_identitynet(base.unet, tmp_path / "ControlNetModel", keypoint_weight=2.0), 0.8,
+                       "--identitynet")
+    photo = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:56, 12:52] = 255
+
+    def painted(pose) -> np.ndarray:
+        person = IdentityCondition("ann", face(1), pose=pose)
+        return np.asarray(inpaint(pipe, photo, mask, person, "a face", seed=2, steps=2).images[0]).astype(int)
+
+    in_the_mask = painted(None)
+    assert np.array_equal(in_the_mask, painted(box_points((12, 8, 52, 56), SIZE, SIZE)))
+    assert np.abs(in_the_mask - painted(POSE)).max() > 2  # IdentityNet reads where the face goes
+    assert np.array_equal(in_the_mask[mask == 0], photo[mask == 0])

@@ -174,6 +174,29 @@ def test_serve_batches_instantid_requests_of_different_people_each_with_its_pose
         assert np.abs(image - generated(generator.pipeline, embedding, pose, seed)).max() <= 1
 
 
+def test_inpaint_command_repaints_an_enrolled_persons_face_with_instantid(parts, tmp_path):
+    """`ray-faceid inpaint --identity NAME` with InstantID's files: the enrolled person's stored ArcFace
+    embeddings (no face options), IdentityNet given; without it, one line saying to give it."""
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:56, 12:52] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    command = ["inpaint", "--image", str(tmp_path / "p.png"), "--mask", str(tmp_path / "m.png"), "--identity", "ann",
+               "--prompt", "a face", "--model", parts.sdxl, "--adapter", parts.adapter, "--registry", parts.registry,
+               "--tenant", "acme", "--steps", "2", "--out", str(tmp_path / "out.png")]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2 and "give --identitynet FOLDER" in refused.stderr, refused.output
+    made = CliRunner().invoke(app, command + ["--identitynet", parts.net])
+    assert made.exit_code == 0, made.output
+    record = read_provenance((tmp_path / "out.png").read_bytes())
+    assert record["adapter_published"]["kind"] == "InstantID" and record["identitynet"]["scale"] == 0.8
+
+
 def test_a_render_job_with_dlibs_face_stack_and_a_published_file_is_refused_before_ray_starts(parts, tmp_path):
     from ray_faceid.data.render import run_render
     from ray_faceid.errors import BadInput
