@@ -216,6 +216,9 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
             identitynet_config(config.identitynet, unet_config)
         except (NotFound, UnsupportedModel) as wrong:  # the replicas would fail on it in a loop
             raise BadInput(f"identitynet: {wrong.message}") from None
+    if config.warm_up_photos != [1] and not (found is not None and found.per_photo):
+        raise BadInput("warm_up_photos is for FaceID-Portrait files (each photo its own tokens); this adapter fuses a "
+                       "person's photos into one set of tokens: leave it out")
     if found is not None and found.per_photo and config.backend == "tensorrt":
         raise BadInput(f"adapter {config.adapter}: {found.variant} gives each photo of a person its own tokens, as "
                        "many as they have; a TensorRT plan holds one set: set backend torch, torch.compile or "

@@ -165,7 +165,7 @@ class Generator:
         # A batch holds up to generator_batch_size requests of up to max_images images each.
         most_images = self.config.generator_batch_size * self.config.limits.max_images
         started = time.perf_counter()
-        report = self.pipeline.warm_up(sizes, self.config.warm_up_identities, most_images)
+        report = self.pipeline.warm_up(sizes, self.config.warm_up_identities, most_images, self.config.warm_up_photos)
         return dict(report, seconds=round(time.perf_counter() - started, 1))
 
     def ping(self) -> bool:

@@ -294,6 +294,11 @@ class ServeConfig(Settings):
     warm_up_identities: list[int] = Field(
         [1], description="Engine backends: identity counts per image built before the replica reports ready."
     )
+    warm_up_photos: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        [1], min_length=1, description="FaceID-Portrait on engine backends: photos per person whose token counts "
+        "(16 per photo) are built before the replica reports ready. A person with another count runs eager on "
+        "torch.compile (never a compile at request time), or exports its graph at first use on onnxruntime."
+    )
     generator_gpus: float = Field(0.0, ge=0, description="GPUs per Generator replica (1 on GPU clusters).")
     generator_gpu_memory_gb: float | None = Field(None, gt=0, description="FLUX: the memory of the GPU a Generator "
                                                   "replica runs on (with generator_gpus > 0); with it, whether a local "
@@ -343,10 +348,11 @@ class ServeConfig(Settings):
                 len(engine_buckets(self.backend, rows))
         else:
             return self
-        shapes = max(1, len(self.warm_up_sizes)) * len(self.warm_up_identities) * buckets
+        shapes = max(1, len(self.warm_up_sizes)) * len(self.warm_up_identities) * len(self.warm_up_photos) * buckets
         if shapes > most:
-            raise ValueError(f"warm_up_sizes x warm_up_identities x batch buckets is {shapes} {what} {most}: warm "
-                             "up fewer sizes or identity counts, or lower generator_batch_size or limits.max_images")
+            raise ValueError(f"warm_up_sizes x warm_up_identities x warm_up_photos x batch buckets is {shapes} {what} "
+                             f"{most}: warm up fewer sizes, identity or photo counts, or lower generator_batch_size or "
+                             "limits.max_images")
         return self
 
 

@@ -56,6 +56,8 @@ def compile_engine(
                                                  "Serve config that will look the artifacts up says."),
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
+    photos: str = typer.Option("1", "--photos", help="FaceID-Portrait: photos per person to build for, e.g. 1,3 (each "
+                               "count its own token count), as warm_up_photos in the Serve config."),
 ):
     """Build the UNet engines ahead of time: ONNX graphs, TensorRT plans, or torch.compile's artifacts."""
     from ray_faceid.engines.base import DTYPES
@@ -83,6 +85,14 @@ def compile_engine(
         if ref.family != "flux" and flux_transformer_weights != "same":
             raise BadInput("--flux-transformer-weights is for FLUX models")
         scale = identitynet_scale_of(identitynet, identitynet_scale)
+        try:
+            photo_counts = sorted({int(n) for n in photos.split(",") if n.strip()})
+        except ValueError:
+            raise BadInput(f"--photos takes photo counts such as 1,3, not {photos!r}") from None
+        if not photo_counts or not all(1 <= n <= 16 for n in photo_counts):
+            raise BadInput(f"--photos takes counts between 1 and 16, not {photos!r}")
+        if ref.family == "flux" and photo_counts != [1]:
+            raise BadInput("--photos is for FaceID-Portrait files on SD 1.x / SDXL, not for FLUX models")
         if ref.family == "flux" and identitynet:
             raise BadInput("--identitynet is for InstantID's ip-adapter.bin on SDXL, not for FLUX models")
         if ref.family == "flux":
@@ -111,7 +121,7 @@ def compile_engine(
         ahead = BUILDING_AHEAD.set(True)
         try:
             report = _build(model, adapter, width, height, identities, max_rows, backend, precision, cache,
-                            (identitynet, scale))
+                            (identitynet, scale), photo_counts)
         finally:
             BUILDING_AHEAD.reset(ahead)
         if backend == "torch.compile":
@@ -147,7 +157,8 @@ def _build_flux(ref, adapter, width, height, max_images, precision, transformer_
     return generator.warm_up([(width, height)], max_images)
 
 
-def _build(model, adapter, width, height, identities, max_rows, backend, precision, cache, identitynet) -> dict:
+def _build(model, adapter, width, height, identities, max_rows, backend, precision, cache, identitynet,
+           photos: list[int]) -> dict:
     """The pipeline's own warm-up, the engine builder a Serve replica runs at start (render actors
     build the same keys as rows need them), so what is built here is exactly what they look up.
     `identitynet`: (folder, scale), InstantID's, compiled into the UNet's graph as a replica's is."""
@@ -173,4 +184,4 @@ def _build(model, adapter, width, height, identities, max_rows, backend, precisi
     pipe = IdentityPipeline(base, shared, device=device, backend=backend, engine_cache=cache, precision=precision)
     attach_identitynet(pipe, *identitynet, "--identitynet")
     width, height = (width, height) if width else base.native_size
-    return pipe.warm_up([(width, height)], [identities], max_images=max(1, max_rows // 2))
+    return pipe.warm_up([(width, height)], [identities], max_images=max(1, max_rows // 2), photos=photos)

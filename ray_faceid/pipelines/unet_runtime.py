@@ -162,14 +162,16 @@ class UNetRuntime:
             self._compiled = CompiledUNetEngine(self.base.unet, bank=self.personal_bank, identitynet=identitynet)
         return self._compiled
 
-    def engine_shape(self, width: int, height: int, identities: int, max_images: int):
-        """The EngineShape of this pipeline's UNet calls at one size: CFG doubles the rows."""
+    def engine_shape(self, width: int, height: int, identities: int, max_images: int, photos: int = 1):
+        """The EngineShape of this pipeline's UNet calls at one size: CFG doubles the rows. `photos`:
+        FaceID-Portrait's photos per person (each its own tokens)."""
         from ray_faceid.engines.base import EngineShape
 
         self._check_size(width, height)
         f = self.base.vae_scale_factor
         return EngineShape(batch=(2, 2, 2 * max_images), latent=(height // f, width // f), identities=identities,
-                           tokens=self.adapter.options.num_tokens, text_length=self.base.tokenizer.model_max_length,
+                           tokens=self.adapter.options.num_tokens * photos,
+                           text_length=self.base.tokenizer.model_max_length,
                            channels=self.base.unet.config.in_channels, cross_dim=self.base.cross_attention_dim,
                            pooled_dim=self.base.pooled_dim, vae_factor=f,
                            control=self.adapter.identitynet is not None)
@@ -179,14 +181,20 @@ class UNetRuntime:
         """The UNet's precision name (fp32, fp16, bf16)."""
         return next(name for name, dtype in DTYPES.items() if dtype == self.base.unet.dtype)
 
-    def warm_up(self, sizes: list[tuple[int, int]], identities: list[int], max_images: int) -> dict:
+    def warm_up(self, sizes: list[tuple[int, int]], identities: list[int], max_images: int,
+                photos: list[int] = (1,)) -> dict:
         """Build every engine (size, identity count, batch bucket) the pipeline will run, from the
         engine cache where it is there and into it where not: the one builder behind `compile`, a
         Serve replica's start (render actors build the same keys as their rows need them).
         torch.compile: Inductor's artifacts; ONNX Runtime: one graph per size and identity count;
-        TensorRT: a plan per batch bucket (engines/buckets.py, the keys requests look up); torch: none."""
+        TensorRT: a plan per batch bucket (engines/buckets.py, the keys requests look up); torch: none.
+        `photos`: FaceID-Portrait's photo counts per person (each count its own token count)."""
+        if list(photos) != [1] and not self.adapter.kind.per_photo:
+            raise BadInput("warm-up photo counts are for FaceID-Portrait (each photo its own tokens); this adapter "
+                           "fuses a person's photos into one set of tokens")
         if self.backend == "torch.compile":
-            return self.warm_up_shapes([self.engine_shape(w, h, m, max_images) for w, h in sizes for m in identities])
+            return self.warm_up_shapes([self.engine_shape(w, h, m, max_images, p)
+                                        for w, h in sizes for m in identities for p in photos])
         if self.backend == "torch":
             return {"buckets": 0, "loaded": 0, "stored": 0}
         f, built = self.base.vae_scale_factor, 0
@@ -194,9 +202,10 @@ class UNetRuntime:
             self._check_size(width, height)
             for count in identities:
                 for top in engine_buckets(self.backend, 2 * max_images):  # CFG doubles every image
-                    self._engine(top, count, height // f, width // f, self.base.tokenizer.model_max_length, None,
-                                 self.adapter.identitynet is not None)
-                    built += 1
+                    for p in photos:
+                        self._engine(top, count, height // f, width // f, self.base.tokenizer.model_max_length, None,
+                                     self.adapter.identitynet is not None, self.adapter.options.num_tokens * p)
+                        built += 1
         return {"buckets": built, "loaded": None, "stored": None}
 
     def warm_up_shapes(self, shapes: list) -> dict:

@@ -148,6 +148,41 @@ def test_faceid_portrait_gives_each_photo_its_own_tokens_as_diffusers_does(tmp_p
                              base.unet, SPEC)
 
 
+def test_a_warmed_portrait_engine_serves_people_of_each_warmed_photo_count_compiled(tmp_path):
+    """A Serve replica of FaceID-Portrait on torch.compile warms each photo count of warm_up_photos: a
+    person of three photos runs in the compiled graph (it ran eager), with eager's image; the count is
+    refused for other adapters, in the config and in compile, in one line."""
+    from ray_faceid.config import ServeConfig
+    from ray_faceid.engines.cache import EngineCache
+
+    base = build_tiny()
+    portrait = save(faceid_state_dict(base.unet, tokens=16), tmp_path / "ip-adapter-faceid-portrait_sd15.bin")
+    adapter = IdentityAdapter.load(portrait, base.unet, SPEC)
+    compiled = IdentityPipeline(base, adapter, backend="torch.compile", engine_cache=EngineCache(tmp_path / "engines"))
+    assert compiled.warm_up([(16, 16)], [1], max_images=1, photos=[1, 3])["buckets"] == 2
+    compiled.compile_new_shapes = False  # as on a Serve replica after its warm-up
+    engine = compiled.compiled_engine()
+    graph, calls = engine.compiled, []
+    engine.compiled = lambda **inputs: calls.append(inputs["identity_tokens"].shape[2]) or graph(**inputs)
+    photos = np.concatenate([face(1), face(2), face(3)])
+    got = compiled.generate("a portrait", [IdentityCondition("p", photos)], seed=3, steps=2, width=16, height=16)
+    want = IdentityPipeline(base, adapter).generate("a portrait", [IdentityCondition("p", photos)], seed=3, steps=2,
+                                                    width=16, height=16)
+    assert calls == [3 * 16] * 2  # both steps in the warmed graph
+    assert np.abs(np.asarray(got.images[0]).astype(int) - np.asarray(want.images[0]).astype(int)).max() <= 1
+    plain = save(faceid_state_dict(base.unet), tmp_path / "ip-adapter-faceid_sd15.bin")
+    with pytest.raises(BadInput, match="warm-up photo counts are for FaceID-Portrait"):
+        IdentityPipeline(base, IdentityAdapter.load(plain, base.unet, SPEC), backend="torch.compile").warm_up(
+            [(16, 16)], [1], max_images=1, photos=[3])
+    from deployments.app import resolve_config
+
+    with pytest.raises(BadInput, match="warm_up_photos is for FaceID-Portrait files"):
+        resolve_config(ServeConfig(adapter=plain, registry=str(tmp_path / "r"), backend="torch.compile",
+                                   warm_up_photos=[1, 3], api_tokens={"acme": "acme-token-0123456789abcdef"}))
+    with pytest.raises(ValueError, match="warm_up_photos x batch buckets"):
+        ServeConfig(backend="torch.compile", warm_up_photos=list(range(1, 17)))
+
+
 def test_personalize_trains_a_portrait_person_on_each_other_photos_own_tokens(tmp_path, ray_cluster, monkeypatch):
     """personalize on FaceID-Portrait: each reference the target in turn, every other photo its own 16
     tokens as the pipeline gives them (not one fused embedding); the personal adapter reaches the
