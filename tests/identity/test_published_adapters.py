@@ -181,6 +181,15 @@ def test_a_warmed_portrait_engine_serves_people_of_each_warmed_photo_count_compi
                                    warm_up_photos=[1, 3], api_tokens={"acme": "acme-token-0123456789abcdef"}))
     with pytest.raises(ValueError, match="warm_up_photos x batch buckets"):
         ServeConfig(backend="torch.compile", warm_up_photos=list(range(1, 17)))
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+
+    save_like_a_user(tmp_path / "sd15")
+    refused = CliRunner().invoke(app, ["compile", "--out", str(tmp_path / "engines"), "--model", str(tmp_path / "sd15"),
+                                       "--adapter", plain, "--backend", "torch.compile", "--size", "16x16", "--photos",
+                                       "1,3"])
+    assert refused.exit_code == 2 and "warm-up photo counts are for FaceID-Portrait" in refused.stderr, refused.output
 
 
 def test_personalize_trains_a_portrait_person_on_each_other_photos_own_tokens(tmp_path, ray_cluster, monkeypatch):
