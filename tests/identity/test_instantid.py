@@ -163,11 +163,8 @@ def test_one_command_from_instantids_files_an_embedding_and_a_pose_photo(tmp_pat
     assert (tmp_path / "front.png").read_bytes() != (tmp_path / "ann.png").read_bytes()  # the pose reached the image
 
 
-def test_the_compiled_engine_runs_instantid_with_identitynet_in_its_graph(tmp_path):
-    """torch.compile with InstantID: IdentityNet compiled into the UNet's graph, the person's tokens and
-    each row's keypoint image its live inputs. After one warm-up, two people and two poses run the
-    compiled graph at every step with 0 recompiles, each eager's image within 1/255."""
-    pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+def engine_and_eager(tmp_path, backend: str):
+    """InstantID's files at toy size and two pipelines over them: on `backend`, and eager (torch)."""
     from ray_faceid.engines.cache import EngineCache
     from ray_faceid.identity.instantid import attach_identitynet
 
@@ -181,22 +178,36 @@ def test_the_compiled_engine_runs_instantid_with_identitynet_in_its_graph(tmp_pa
         attach_identitynet(pipe, net_folder, 0.8, "--identitynet")
         return pipe
 
-    compiled, eager = pipeline("torch.compile"), pipeline("torch")
+    return pipeline(backend), pipeline("torch")
+
+
+def images_of_two_people_and_two_poses(engine, eager) -> set[bytes]:
+    """Each image on `engine` within 1/255 of eager's; the set of distinct images."""
+    images = set()
+    for person in (IdentityCondition("ann", face(1), pose=POSE), IdentityCondition("bob", face(2), pose=POSE),
+                   IdentityCondition("ann, frontal", face(1))):
+        got, want = (np.asarray(p.generate("a portrait photo", [person], seed=5, steps=2, guidance=5.0, width=SIZE,
+                                           height=SIZE).images[0]).astype(int) for p in (engine, eager))
+        assert np.abs(got - want).max() <= 1, person.name
+        images.add(got.tobytes())
+    return images
+
+
+def test_the_compiled_engine_runs_instantid_with_identitynet_in_its_graph(tmp_path):
+    """torch.compile with InstantID: IdentityNet compiled into the UNet's graph, the person's tokens and
+    each row's keypoint image its live inputs. After one warm-up, two people and two poses run the
+    compiled graph at every step with 0 recompiles, each eager's image within 1/255."""
+    pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
+    compiled, eager = engine_and_eager(tmp_path, "torch.compile")
     assert compiled.warm_up([(SIZE, SIZE)], [1], max_images=1)["buckets"] == 1
     compiled.compile_new_shapes = False  # as on Serve: a shape the warm-up missed would run eager, not compile
     engine = compiled.compiled_engine()
     graph, calls = engine.compiled, []
     engine.compiled = lambda **inputs: calls.append(sorted(inputs)) or graph(**inputs)
-    images = []
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for person in (IdentityCondition("ann", face(1), pose=POSE), IdentityCondition("bob", face(2), pose=POSE),
-                       IdentityCondition("ann, frontal", face(1))):
-            got, want = (np.asarray(p.generate("a portrait photo", [person], seed=5, steps=2, guidance=5.0, width=SIZE,
-                                               height=SIZE).images[0]).astype(int) for p in (compiled, eager))
-            assert np.abs(got - want).max() <= 1, person.name
-            images.append(got.tobytes())
+        images = images_of_two_people_and_two_poses(compiled, eager)
     assert len(calls) == 3 * 2 and all("control_image" in names for names in calls)  # every step in the graph
-    assert len(set(images)) == 3  # each person and each pose reaches the image
+    assert len(images) == 3  # each person and each pose reaches the image
 
 
 def test_compile_builds_instantids_engine_with_its_identitynet_and_refuses_it_without(tmp_path):
@@ -236,28 +247,8 @@ def test_onnxruntime_runs_instantid_with_identitynet_in_the_exported_graph(tmp_p
     beside the tokens; two people and two poses on one graph give eager's images within 1/255."""
     pytest.importorskip("cv2", reason="IdentityNet's keypoint image is drawn with OpenCV (the insightface extra)")
     pytest.importorskip("onnxruntime")
-    from ray_faceid.engines.cache import EngineCache
-    from ray_faceid.identity.instantid import attach_identitynet
-
-    torch.save(instantid_state_dict(build_tiny(family="sdxl").unet), tmp_path / "ip-adapter.bin")
-    net_folder = save_identitynet(build_tiny(family="sdxl").unet, tmp_path / "ControlNetModel", keypoint_weight=2.0)
-
-    def pipeline(backend):
-        base = build_tiny(family="sdxl")
-        adapter = IdentityAdapter.load(str(tmp_path / "ip-adapter.bin"), base.unet, SPEC)
-        pipe = IdentityPipeline(base, adapter, backend=backend, engine_cache=EngineCache(tmp_path / "engines"))
-        attach_identitynet(pipe, net_folder, 0.8, "--identitynet")
-        return pipe
-
-    exported, eager = pipeline("onnxruntime"), pipeline("torch")
-    images = []
-    for person in (IdentityCondition("ann", face(1), pose=POSE), IdentityCondition("bob", face(2), pose=POSE),
-                   IdentityCondition("ann, frontal", face(1))):
-        got, want = (np.asarray(p.generate("a portrait photo", [person], seed=5, steps=2, guidance=5.0, width=SIZE,
-                                           height=SIZE).images[0]).astype(int) for p in (exported, eager))
-        assert np.abs(got - want).max() <= 1, person.name
-        images.append(got.tobytes())
-    assert len(set(images)) == 3  # each person and each pose reaches the image
+    exported, eager = engine_and_eager(tmp_path, "onnxruntime")
+    assert len(images_of_two_people_and_two_poses(exported, eager)) == 3  # each person and pose reaches the image
     assert len(exported.engines) == 1  # one graph: the people and poses are its inputs
     assert len(list((tmp_path / "engines").rglob("unet.onnx"))) == 1
 
