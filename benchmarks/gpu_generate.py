@@ -181,15 +181,15 @@ def ours(pipe, person, images, args, seed=0):
     return pipe.generate_items(items, args.steps, 5.0, args.size, args.size)
 
 
-def compile_shapes(pipe, args):
+def compile_shapes(pipe, args, images=(1, 4)):
     """One bucket per batch measured: 2 (one image, CFG's two rows), 8 (four images)."""
     one = pipe.engine_shape(args.size, args.size, 1, 1)
-    return [dataclasses.replace(one, batch=(2 * n,) * 3) for n in getattr(args, "images", (1, 4))]
+    return [dataclasses.replace(one, batch=(2 * n,) * 3) for n in images]
 
 
-def warm_compiled(pipe, args, cache) -> dict:
+def warm_compiled(pipe, args, cache, images=(1, 4)) -> dict:
     pipe.engine_cache = cache
-    return pipe.warm_up_shapes(compile_shapes(pipe, args))
+    return pipe.warm_up_shapes(compile_shapes(pipe, args, images))
 
 
 def cold_start(args, cache_dir: str) -> dict:
@@ -519,7 +519,7 @@ def faceid_rows(args, progress) -> list[str]:
         ours_pipe = IdentityPipeline(base, adapter, device=args.device, backend=backend, precision=args.precision)
         if backend == "torch.compile":
             started = time.perf_counter()
-            warm_compiled(ours_pipe, args, EngineCache(tempfile.mkdtemp(prefix="engines_")))
+            warm_compiled(ours_pipe, args, EngineCache(tempfile.mkdtemp(prefix="engines_")), args.images)
             compile_s = time.perf_counter() - started
         image = ours(ours_pipe, person, 1, args).images[0]
         differs[f"{labels[backend].split(' (')[0]} vs diffusers"] = difference(image, theirs)
@@ -577,10 +577,20 @@ def main() -> None:
                 {k: v for k, v in raw.items() if k != "engine"}, indent=2))
 
     if args.adapter == "faceid":
+        measured: list[str] = []  # the table so far: kept if a later part fails
+
         def progress(rows):
+            measured[:] = rows
             if args.out:
                 Path(args.out).write_text("\n".join(lines + rows) + "\n")
-        attempt("faceid", lambda: faceid_rows(args, progress), lines)
+
+        def faceid():
+            try:
+                return faceid_rows(args, progress)
+            except Exception:
+                lines.extend(measured)
+                raise
+        attempt("faceid", faceid, lines)
         save()
         return report(lines, not args.no_record)
     if "generation" in args.parts:

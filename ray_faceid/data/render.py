@@ -176,7 +176,9 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     # The actors may run in another working directory (a cluster started elsewhere): paths from here.
     out, registry, adapter, imr, flow, image_encoder = map(storage.absolute, (out, registry, adapter, imr, flow,
                                                                               image_encoder))
-    config = config.model_copy(update={"identitynet": storage.absolute(config.identitynet)})
+    face = config.face.model_copy(update={"insightface_root": storage.absolute(config.face.insightface_root),
+                                          "recognizer_onnx": storage.absolute(config.face.recognizer_onnx)})
+    config = config.model_copy(update={"identitynet": storage.absolute(config.identitynet), "face": face})
     started = time.perf_counter()
     texts = read_catalog(catalog)
     if not texts:

@@ -125,9 +125,12 @@ def identitynet_config(folder: str, unet_config=None) -> dict:
     layout = ("cross_attention_dim", "in_channels", "block_out_channels", "down_block_types", "layers_per_block",
               "addition_embed_type")
     for key in layout if unet_config is not None else ():
-        if _as_list(config.get(key)) != _as_list(unet_config.get(key)):
+        wanted = unet_config.get(key)
+        if key == "in_channels" and wanted == 9:  # an inpainting UNet: IdentityNet reads its 4 latent channels
+            wanted = 4
+        if _as_list(config.get(key)) != _as_list(wanted):
             raise UnsupportedModel(f"{folder}: an IdentityNet with {key} {config.get(key)}; this base's UNet has "
-                                   f"{unet_config.get(key)}: it was made for another base family")
+                                   f"{wanted}: it was made for another base family")
     return config
 
 

@@ -104,7 +104,8 @@ def _resolve(model: str) -> ModelRef:
     if "://" in model and not model.startswith("file://"):
         kind, folder = "uri", _local_copy(model)
     elif Path(model.removeprefix("file://")).is_dir():
-        kind, folder = "folder", Path(model.removeprefix("file://"))
+        # Absolute: workers and actors may run in another working directory (Ray Train's always do).
+        kind, folder = "folder", Path(model.removeprefix("file://")).resolve()
     elif model.count("/") == 1 and not model.startswith((".", "/")):
         kind, folder = "hub", Path(_hub_snapshot(model, HUB_CONFIGS))
     else:

@@ -120,7 +120,8 @@ class UNetRuntime:
         if version in self._refused:
             raise Erased("this person was erased: their own adapter is not served any more")
         tokens = tokens or self.adapter.options.num_tokens
-        key = (h, w, identities, top, control, tokens, version)
+        net = self.adapter.identitynet if control else None  # its weights and scale are in the graph
+        key = (h, w, identities, top, net and (net.sha256, net.scale), tokens, version)
         with self._engines_lock:  # the erasure sweep may drop engines from another thread
             found = self.engines.pop(key, None)
         if found is not None:

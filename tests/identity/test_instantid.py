@@ -278,3 +278,8 @@ def test_inpaint_with_instantid_puts_the_face_where_the_mask_is(tmp_path):
     assert np.array_equal(in_the_mask, painted(box_points((12, 8, 52, 56), SIZE, SIZE)))
     assert np.abs(in_the_mask - painted(POSE)).max() > 2  # IdentityNet reads where the face goes
     assert np.array_equal(in_the_mask[mask == 0], photo[mask == 0])
+    # An inpainting base (9 input channels): the same IdentityNet reads its 4 latent channels.
+    inpainting = build_tiny(family="sdxl", inpainting=True)
+    pipe = IdentityPipeline(inpainting, IdentityAdapter.load(str(tmp_path / "ip-adapter.bin"), inpainting.unet, SPEC))
+    attach_identitynet(pipe, str(tmp_path / "ControlNetModel"), 0.8, "--identitynet")
+    assert np.array_equal(painted(None)[mask == 0], photo[mask == 0])

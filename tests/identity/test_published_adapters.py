@@ -214,7 +214,7 @@ def test_personalize_trains_a_portrait_person_on_each_other_photos_own_tokens(tm
     batch = reference_batch("ann", crops, photos, np.ones(3), [0, 1, 2], 32, "a photo", per_photo=True)
     assert batch.photo_embeddings.shape == (3, 2, EMBED)  # each target conditioned on the two other photos
     assert np.allclose(batch.photo_embeddings[0].numpy(), photos[[1, 2]])
-    done = CliRunner().invoke(app, ["personalize", "--adapter", Path(adapter).name, "--model", str(tmp_path / "sd15"),
+    done = CliRunner().invoke(app, ["personalize", "--adapter", Path(adapter).name, "--model", "sd15",
                                     "--registry", "registry", "--steps", "3", "--size", "32", "--lr", "1e-2",
                                     "--json"])
     assert done.exit_code == 0, done.output
