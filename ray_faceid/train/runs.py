@@ -8,7 +8,6 @@ are kept beside it, so a resume with other settings is refused instead of mixing
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ RUNS_DIR = "_runs"
 
 def storage_path(folder: str) -> str:
     """`folder` as Ray Train's storage_path: URIs as they are, local folders made absolute."""
-    return folder if "://" in folder else os.path.abspath(folder)
+    return storage.absolute(folder)
 
 
 def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
