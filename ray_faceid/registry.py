@@ -283,10 +283,14 @@ class Registry:
         fits = [(f, s) for f, s in found if (spec is None or s.key() == spec.key()) and (accept is None or accept(s))]
         if not fits:
             wanted = spec.key() if spec is not None else "the adapter's encoder"
-            raise EncoderMismatch(f"identity {meta.get('name') or identity} has embeddings of "
-                                  f"{', '.join(s.key() for _, s in found)}, not of {wanted}: add them from the "
-                                  "reference crops with `ray-faceid identities embed` and that face stack (no photo "
-                                  "needed)")
+            who = meta.get("name") or identity
+            if spec is not None and spec.name.startswith("dlib"):
+                how = f"`ray-faceid identities embed {who} --face-backend dlib`"
+            else:
+                how = (f"`ray-faceid identities embed {who} --insightface-root PACK` (insightface's ArcFace, what "
+                       "published FaceID and InstantID files take; an ArcFace ONNX of your own: --recognizer-onnx FILE)")
+            raise EncoderMismatch(f"identity {who} has embeddings of {', '.join(s.key() for _, s in found)}, not of "
+                                  f"{wanted}: add them from the reference crops it keeps (no photo needed) with {how}")
         return fits[0]
 
     def add_embeddings(self, tenant: str, identity: str, embeddings: np.ndarray, quality: np.ndarray,

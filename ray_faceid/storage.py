@@ -53,6 +53,15 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def beside(anchor: str, path: str) -> str:
+    """`path` as the file `anchor` names it: a URI or an absolute path as it is, a relative one from
+    anchor's folder (a catalog and its photos travel together; a Ray worker's directory is anyone's)."""
+    if "://" in path or os.path.isabs(os.path.expanduser(path)):
+        return path if "://" in path else os.path.expanduser(path)
+    anchor = absolute(anchor)
+    return join(posixpath.dirname(anchor) if "://" in anchor else os.path.dirname(anchor), path)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:

@@ -119,3 +119,16 @@ def test_a_name_held_by_two_identities_asks_for_an_id(tmp_path, spec128):
         registry.resolve("t", "ann")
     assert all(m["id"] in refused.value.message for m in made)
     assert registry.resolve("t", made[0]["id"]) == made[0]["id"]
+
+
+def test_the_insightface_stack_without_its_pack_is_refused_before_any_photo_is_read(tmp_path, sample_photos):
+    """enroll and inpaint take the face stack a published adapter needs; asked for insightface without
+    a pack folder, one line says which files to give."""
+    photo = str(sample_photos["Tom_Hanks_54745.png"])
+    commands = [["identities", "enroll", photo, "--consent", "form-1", "--registry", str(tmp_path / "r")],
+                ["inpaint", "--image", photo, "--mask", photo, "--ref", photo, "--prompt", "a face", "--out",
+                 str(tmp_path / "o.png")]]
+    for command in commands:
+        result = runner.invoke(app, [*command, "--face-backend", "insightface"])
+        assert result.exit_code == 2 and "needs --insightface-root PACK" in result.stderr, (command, result.output)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o.png").exists()

@@ -124,11 +124,15 @@ def compile_engine(
                             (identitynet, scale), photo_counts)
         finally:
             BUILDING_AHEAD.reset(ahead)
+        # What was built, as a Serve config or command must ask for it to find it.
+        built = (f"for {report['size']}, {identities} identit{'y' if identities == 1 else 'ies'} an image"
+                 + (f", {photos} photo(s) per person" if photo_counts != [1] else "")
+                 + (f", IdentityNet at scale {scale}" if identitynet else ""))
         if backend == "torch.compile":
-            console.print(f"compiled {report['buckets']} batch buckets (Inductor artifacts loaded from the cache: "
-                          f"{report['loaded']}, stored: {report['stored']})")
+            console.print(f"compiled {report['buckets']} batch buckets {built} (Inductor artifacts loaded from the "
+                          f"cache: {report['loaded']}, stored: {report['stored']})")
         else:
-            console.print(f"{backend} engines ready: {report['buckets']} (up to {max_rows} rows), in {cache.root}")
+            console.print(f"{backend} engines ready: {report['buckets']} (up to {max_rows} rows) {built}, in {cache.root}")
     for entry in sorted(cache.root.iterdir()) if cache.root.is_dir() else ():  # another compiler stores nothing
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")
@@ -184,4 +188,5 @@ def _build(model, adapter, width, height, identities, max_rows, backend, precisi
     pipe = IdentityPipeline(base, shared, device=device, backend=backend, engine_cache=cache, precision=precision)
     attach_identitynet(pipe, *identitynet, "--identitynet")
     width, height = (width, height) if width else base.native_size
-    return pipe.warm_up([(width, height)], [identities], max_images=max(1, max_rows // 2), photos=photos)
+    report = pipe.warm_up([(width, height)], [identities], max_images=max(1, max_rows // 2), photos=photos)
+    return {**report, "size": f"{width}x{height}"}

@@ -31,6 +31,19 @@ def face_config(backend: str, insightface_root: Optional[str], cnn_fallback: boo
     )
 
 
+def face_stack(face_backend: str, insightface_root: Optional[str], needs_pack: bool = True) -> str:
+    """The backend --face-backend and --insightface-root name together: a pack given is a pack to use;
+    insightface without one is refused unless nothing will be read with it (`needs_pack` False)."""
+    if face_backend not in ("dlib", "insightface"):
+        raise BadInput(f"--face-backend must be dlib or insightface, not {face_backend!r}")
+    if insightface_root:
+        return "insightface"
+    if face_backend == "insightface" and needs_pack:
+        raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files, e.g. "
+                       "buffalo_l for IP-Adapter-FaceID, antelopev2 for InstantID)")
+    return face_backend
+
+
 def faces_table(name: str, faces, wide: bool = False) -> Table:
     """One row per face; the default columns fit 80 characters, `wide` adds the full box, roll, the
     mouth and eye opening and the sharpness."""

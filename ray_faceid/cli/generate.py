@@ -43,6 +43,13 @@ TenantOpt = typer.Option("default", "--tenant", help="Tenant whose people --iden
 ImrOpt = typer.Option(None, "--imr", help="Trained IMR (train --method imr): --expression then moves the identity "
                       "tokens to that expression and pose.")
 FlowOpt = typer.Option(None, "--flow", help="Trained attribute flow (train --method flow), for --edit.")
+FaceBackendOpt = typer.Option("dlib", "--face-backend", help="Face encoder of --ref / --identity photos: dlib "
+                              "(default) or insightface (ArcFace, what IP-Adapter-FaceID and InstantID take; needs "
+                              "--insightface-root, a pack you are licensed to use).")
+InsightfaceRootOpt = typer.Option(None, "--insightface-root", help="Folder of an insightface pack (buffalo_l: "
+                                  "det_10g.onnx, w600k_r50.onnx for FaceID; antelopev2 for InstantID).")
+FaceEmbeddingOpt = typer.Option(None, "--face-embedding", help="One person's embeddings as an .npy (N x D, as the "
+                                "adapter's encoder gives them) instead of photos.")
 EditOpt = typer.Option(None, "--edit", help="Attribute targets through the flow, e.g. 'smile=0.8,yaw=-20' "
                        "(smile, mouth_open, eyes_open 0..1; yaw -90..90, pitch -60..60 degrees).")
 
@@ -108,6 +115,31 @@ def _people(ref: list[str], identity: list[str]) -> dict[str, str | list[str]]:
         else:
             people[name] = images.split(",")
     return people
+
+
+def _people_and_photos(ref: list[str], identity: list[str], face_embedding: Optional[str],
+                       reads_photos: bool) -> tuple[dict, dict]:
+    """(people, photos): name -> photos, an enrolled name, or --face-embedding's array; and name -> the
+    photos an adapter reads beside the embedding (FaceID-Plus's CLIP encoder, InstantID's pose:
+    `reads_photos`), which with --face-embedding are the --ref photos."""
+    if face_embedding and identity:
+        raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
+    if face_embedding and ref and not reads_photos:
+        raise BadInput("--face-embedding with --ref: the photos are read only by FaceID-Plus's CLIP image encoder "
+                       "(--image-encoder) or for InstantID's pose; otherwise give the embedding or the photos, not "
+                       "both")
+    people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
+    return people, ({"person": list(ref)} if face_embedding and ref else people)
+
+
+def _analyzer(face_backend: str, insightface_root: Optional[str], face_embedding: Optional[str]):
+    """The face stack that reads the photos (with --face-embedding, dlib: it only finds faces for CLIP
+    or a pose, the embedding is given)."""
+    from ray_faceid.cli.faces import face_config, face_stack
+    from ray_faceid.face.analyzer import FaceAnalyzer
+
+    backend = face_stack(face_backend, insightface_root, needs_pack=not face_embedding)
+    return FaceAnalyzer(face_config("dlib" if face_embedding else backend, insightface_root, True))
 
 
 def _conditions_and_pipeline(analyzer, people: dict, registry: str, tenant: str, regions: dict, expression, edits,
@@ -218,6 +250,13 @@ def _with_identitynet(pipe, identitynet: Optional[str], scale: float, pose: Opti
             condition.pose = reference_pose(analyzer, source, width, height)
 
 
+def _say_engine_build(pipe) -> None:
+    """A compiled backend builds its engine in the first step (a minute or more, silent): said before it."""
+    if pipe.backend != "torch":
+        err_console.print(f"{pipe.backend}: the first step builds the UNet engine for this size unless one is cached "
+                          "(minutes on a GPU; `ray-faceid compile` builds it ahead)")
+
+
 def read_face_embedding(path: str) -> np.ndarray:
     """--face-embedding: an .npy of one person's N x D embeddings (or one D vector), as their encoder gives them."""
     try:
@@ -266,13 +305,9 @@ def generate(
     edit: Optional[str] = EditOpt,
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
-    face_backend: str = typer.Option("dlib", "--face-backend", help="Face encoder of --ref / --identity photos: dlib "
-                                     "(default) or insightface (ArcFace, what IP-Adapter-FaceID takes; needs "
-                                     "--insightface-root, a pack you are licensed to use)."),
-    insightface_root: Optional[str] = typer.Option(None, "--insightface-root", help="Folder of an insightface pack "
-                                                   "(e.g. buffalo_l: det_10g.onnx, w600k_r50.onnx)."),
-    face_embedding: Optional[str] = typer.Option(None, "--face-embedding", help="One person's embeddings as an .npy "
-                                                 "(N x D, as the adapter's encoder gives them) instead of photos."),
+    face_backend: str = FaceBackendOpt,
+    insightface_root: Optional[str] = InsightfaceRootOpt,
+    face_embedding: Optional[str] = FaceEmbeddingOpt,
     image_encoder: Optional[str] = ImageEncoderOpt,
     plus_v2_scale: Optional[float] = typer.Option(None, "--plus-v2-scale", min=0.0, max=3.0, help="FaceID-PlusV2: "
                                                   "weight of the face's CLIP features over its embedding's own tokens "
@@ -283,8 +318,6 @@ def generate(
                                        "default: the reference photo's."),
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
-    from ray_faceid.cli.faces import face_config
-    from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.pipelines.generate import parse_size
     from ray_faceid.pipelines.model_ref import resolve_model
 
@@ -310,15 +343,7 @@ def generate(
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend)
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
-        if face_embedding and identity:
-            raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
-        if face_embedding and ref and not (image_encoder or identitynet):
-            raise BadInput("--face-embedding with --ref: the photos are read only by FaceID-Plus's CLIP image encoder "
-                           "(--image-encoder) or for InstantID's pose; otherwise give the embedding or the photos, not "
-                           "both")
-        people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
-        # FaceID-Plus reads each person's photos through CLIP too (with --face-embedding, the --ref photos).
-        photos = {"person": list(ref)} if face_embedding and ref else people
+        people, photos = _people_and_photos(ref, identity, face_embedding, bool(image_encoder or identitynet))
         if not people:
             raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO, or "
                            "--face-embedding EMB.npy")
@@ -329,13 +354,7 @@ def generate(
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
-        if face_backend not in ("dlib", "insightface"):
-            raise BadInput(f"--face-backend must be dlib or insightface, not {face_backend!r}")
-        if insightface_root and face_backend == "dlib":
-            face_backend = "insightface"  # a pack given is a pack to use
-        if face_backend == "insightface" and not insightface_root and not face_embedding:
-            raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files)")
-        analyzer = FaceAnalyzer(face_config("dlib" if face_embedding else face_backend, insightface_root, True))
+        analyzer = _analyzer(face_backend, insightface_root, face_embedding)
         conditions, enrolled, pipe = _conditions_and_pipeline(
             analyzer, people, registry, tenant, regions, expression, edits, ref_model, adapter, backend, imr, flow,
             spec=None if face_embedding else "analyzer", plus_v2_scale=plus_v2_scale)
@@ -346,6 +365,7 @@ def generate(
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)  # beside what it reads: after both
         sampling = sampler.record(pipe.base.scheduler)["class"]
         err_console.print(f"{width}x{height}, {steps} steps of {sampling} on {pipe.device.type}")
+        _say_engine_build(pipe)
         pipe.on_step = denoise_reporter()
         result = pipe.generate(prompt, conditions, negative_prompt, seed, steps, guidance, width, height,
                                sampler=sampler)
@@ -376,14 +396,15 @@ def inpaint(
     edit: Optional[str] = EditOpt,
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
-    image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help="FLUX.1 Fill with a FLUX IP-Adapter: the "
-                                                "CLIP vision folder (with projection) it reads the --ref photos through."),
+    face_backend: str = FaceBackendOpt,
+    insightface_root: Optional[str] = InsightfaceRootOpt,
+    face_embedding: Optional[str] = FaceEmbeddingOpt,
+    image_encoder: Optional[str] = ImageEncoderOpt,
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
 ):
     """Repaint the masked region with the person; pixels outside the mask are kept exactly. InstantID
     (with --identitynet) paints a frontal face filling the mask's box."""
-    from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.face.decode import decode_image
     from ray_faceid.pipelines.inpaint import inpaint as run_inpaint
     from ray_faceid.pipelines.model_ref import resolve_model
@@ -399,27 +420,31 @@ def inpaint(
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      f"--backend {backend}": None if backend in FLUX_BACKENDS else backend,
-                                     "--identitynet": identitynet, "--identitynet-scale": identitynet_scale})
-            people = _people(ref, [identity] if identity else [])
+                                     "--identitynet": identitynet, "--identitynet-scale": identitynet_scale,
+                                     "--face-backend": None if face_backend == "dlib" else face_backend,
+                                     "--insightface-root": insightface_root})
+            people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False)
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend)
-        if image_encoder:
-            raise BadInput("--image-encoder on inpaint is for FLUX.1 Fill with a FLUX IP-Adapter")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
         edits = parse_edit_option(edit)
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
-        people = _people(ref, [identity] if identity else [])
+        # InstantID's pose comes from the mask's box here, not a photo: only FaceID-Plus reads --ref beside --face-embedding.
+        people, photos = _people_and_photos(ref, [identity] if identity else [], face_embedding, bool(image_encoder))
         if not people:
-            raise BadInput("whose face? give --ref PHOTO or --identity NAME (an enrolled person)")
-        analyzer = FaceAnalyzer()
-        conditions, enrolled, pipe = _conditions_and_pipeline(analyzer, people, registry, tenant, {}, expression, edits,
-                                                              ref_model, adapter, backend, imr, flow)
+            raise BadInput("whose face? give --ref PHOTO, --identity NAME (an enrolled person) or --face-embedding EMB.npy")
+        analyzer = _analyzer(face_backend, insightface_root, face_embedding)
+        conditions, enrolled, pipe = _conditions_and_pipeline(
+            analyzer, people, registry, tenant, {}, expression, edits, ref_model, adapter, backend, imr, flow,
+            spec=None if face_embedding else "analyzer")
+        _with_image_features(pipe, image_encoder, conditions, photos, analyzer, registry, tenant, enrolled)
         from ray_faceid.identity.instantid import attach_identitynet
 
         attach_identitynet(pipe, identitynet, identitynet_scale, "--identitynet")
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         person = conditions[0]
+        _say_engine_build(pipe)
         pipe.on_step = denoise_reporter()
         result = run_inpaint(pipe, picture, mask_array, person, prompt,
                              seed=seed, steps=steps, guidance=guidance, feather=feather, sampler=sampler)

@@ -24,13 +24,19 @@ def enroll(
                                     "(adds a suffix) | replace (erases the identity holding it)."),
     reconsent: str = typer.Option(None, "--reconsent", help="For a person erased before: the new consent "
                                   "reference they gave (without it, an erased person is refused)."),
+    face_backend: str = typer.Option("dlib", "--face-backend", help="dlib (default) | insightface: the face stack "
+                                     "that finds and embeds the faces (a published IP-Adapter-FaceID or InstantID "
+                                     "file takes insightface's ArcFace; `identities embed` adds another stack's later)."),
+    insightface_root: Optional[str] = typer.Option(None, "--insightface-root", help="An insightface pack folder "
+                                                   "(its .onnx files; the packs are non-commercial)."),
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
 ):
     """Enroll one person; prints the new id, and the reason for every rejected photo."""
     import numpy as np
 
-    from ray_faceid.config import DetectionConfig, FaceConfig, ServeLimits
+    from ray_faceid.cli.faces import face_config, face_stack
+    from ray_faceid.config import ServeLimits
     from ray_faceid.enrollment import rejection
     from ray_faceid.errors import BadInput, FaceIdError
     from ray_faceid.face.align import align, loose_template
@@ -41,7 +47,7 @@ def enroll(
         limits = ServeLimits()
         if not 1 <= len(photos) <= limits.max_photos:
             raise BadInput(f"give between 1 and {limits.max_photos} photos, got {len(photos)}")
-        analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
+        analyzer = FaceAnalyzer(face_config(face_stack(face_backend, insightface_root), insightface_root, True, "all"))
         reports, embeddings, quality, crops = [], [], [], []
         for i, (path, found) in enumerate(zip(photos, analyzer.analyze_batch(photos, return_errors=True))):
             faces = [] if isinstance(found, FaceIdError) else found
@@ -124,19 +130,16 @@ def embed(
     """Add another face stack's embeddings to enrolled people, from the reference crops the registry
     keeps (no photo needed), so a person enrolled once works with adapters of that encoder too (e.g.
     enrolled with dlib, then served with a published IP-Adapter-FaceID). Exits 3 if a person failed."""
-    from ray_faceid.cli.faces import face_config
+    from ray_faceid.cli.faces import face_config, face_stack
     from ray_faceid.enrollment import embed_again
-    from ray_faceid.errors import BadInput, FaceIdError
+    from ray_faceid.errors import FaceIdError
     from ray_faceid.face.analyzer import FaceAnalyzer
     from ray_faceid.registry import Registry
 
     with user_errors():
-        if face_backend not in ("dlib", "insightface"):
-            raise BadInput(f"--face-backend must be dlib or insightface, not {face_backend!r}")
-        if face_backend == "insightface" and not insightface_root:
-            raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files); "
-                           "an ONNX recogniser of your own goes with --face-backend dlib --recognizer-onnx FILE")
-        config = face_config(face_backend, insightface_root, True)
+        if face_backend == "insightface" and not insightface_root and recognizer_onnx:
+            face_backend = "dlib"  # an ONNX recogniser of the user's own on the embedded detector
+        config = face_config(face_stack(face_backend, insightface_root), insightface_root, True)
         if recognizer_onnx:
             config = config.model_copy(update={"recognizer_onnx": recognizer_onnx})
         analyzer = FaceAnalyzer(config)

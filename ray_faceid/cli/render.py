@@ -20,7 +20,6 @@ from ray_faceid.cli.common import (
     user_errors,
 )
 from ray_faceid.cli.data import summary_table
-from ray_faceid.errors import BadInput
 
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
 TenantOpt = typer.Option("default", "--tenant")
@@ -78,13 +77,11 @@ def render(
     from ray_faceid.data.render import run_render
 
     with user_errors():
+        from ray_faceid.cli.faces import face_stack
         from ray_faceid.config import SCORING_FACE
 
-        if insightface_root and face_backend == "dlib":
-            face_backend = "insightface"  # a pack given is a pack to use
-        if face_backend not in ("dlib", "insightface") or (face_backend == "insightface" and not insightface_root):
-            raise BadInput("--face-backend is dlib, or insightface with --insightface-root PACK")
-        face = SCORING_FACE.model_copy(update={"backend": face_backend, "insightface_root": insightface_root})
+        face = SCORING_FACE.model_copy(update={"backend": face_stack(face_backend, insightface_root),
+                                               "insightface_root": insightface_root})
         config = RenderConfig(face=face, steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
                               precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
                               identitynet=identitynet,

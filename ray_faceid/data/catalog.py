@@ -107,6 +107,12 @@ class CatalogRow(BaseModel):
     def inpaint(self) -> bool:
         return self.image is not None
 
+    def inpaint_files(self, catalog: str | None) -> tuple[str, str]:
+        """The image and mask to read: a relative path from the catalog's folder (keys keep the row as written)."""
+        if catalog is None:
+            return self.image, self.mask
+        return storage.beside(catalog, self.image), storage.beside(catalog, self.mask)
+
     def dimensions(self, default: str) -> tuple[int, int]:
         from ray_faceid.pipelines.generate import parse_size
 

@@ -38,13 +38,13 @@ class RenderRows:
     """Map-batches UDF: one Renderer per actor."""
 
     def __init__(self, config_json: str, model: str, adapter: str | None, registry: str, tenant: str, out: str,
-                 imr: str | None, flow: str | None, image_encoder: str | None):
+                 imr: str | None, flow: str | None, image_encoder: str | None, catalog: str):
         from ray_faceid.data.render_rows import Renderer
 
         if getattr(model, "family", None) == "flux":  # a FLUX base: its own pipeline (render_flux.py)
             from ray_faceid.data.render_flux import FluxRenderer as Renderer
         self.renderer = Renderer(RenderConfig.model_validate_json(config_json), model, adapter, registry, tenant, out,
-                                 imr=imr, flow=flow, image_encoder=image_encoder)
+                                 imr=imr, flow=flow, image_encoder=image_encoder, catalog=catalog)
 
     def __call__(self, batch: dict) -> dict:
         records = self.renderer.render_batch([str(t) for t in batch["row"]], [int(i) for i in batch["index"]])
@@ -87,7 +87,7 @@ def summarize(records: list[dict], seconds: float, texts: list[str] | None = Non
 
 
 def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None, config: RenderConfig, tenant: str,
-               imr: str | None, flow: str | None, image_encoder: str | None = None) -> str:
+               imr: str | None, flow: str | None, image_encoder: str | None = None, catalog: str | None = None) -> str:
     """A fingerprint of everything a run's images depend on, read without loading a model or
     starting Ray: the catalog rows, the base's files, the adapter's, IMR's, flow's, image encoder's and
     IdentityNet's bytes, the settings, and the registry records of every identity the rows name (a new
@@ -119,7 +119,8 @@ def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None,
         for field in ("image", "mask"):  # an inpaint row's photo or mask may change under the same name
             if isinstance(row.get(field), str):
                 try:
-                    h.update(hashlib.sha256(storage.read_bytes(row[field])).digest())
+                    where = storage.beside(catalog, row[field]) if catalog else row[field]
+                    h.update(hashlib.sha256(storage.read_bytes(where)).digest())
                 except FaceIdError:
                     h.update(b"unreadable")
     for reference in sorted(named):
@@ -174,8 +175,8 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
 
     config = config or RenderConfig()
     # The actors may run in another working directory (a cluster started elsewhere): paths from here.
-    out, registry, adapter, imr, flow, image_encoder = map(storage.absolute, (out, registry, adapter, imr, flow,
-                                                                              image_encoder))
+    out, registry, adapter, imr, flow, image_encoder, catalog = map(
+        storage.absolute, (out, registry, adapter, imr, flow, image_encoder, catalog))
     face = config.face.model_copy(update={"insightface_root": storage.absolute(config.face.insightface_root),
                                           "recognizer_onnx": storage.absolute(config.face.recognizer_onnx)})
     config = config.model_copy(update={"identitynet": storage.absolute(config.identitynet), "face": face})
@@ -188,7 +189,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     model = resolve_model(model, flux=True)  # once: the fingerprint and every actor take the reference
     _check_face_stack(adapter, config, model)
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
-    inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder)
+    inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder, catalog)
     done = _finished(out, inputs)
     if done is not None:  # every row is rendered for these inputs: no cluster, no model
         seconds = round(time.perf_counter() - started, 2)
@@ -204,7 +205,8 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
         RenderRows,
-        fn_constructor_args=(config.model_dump_json(), model, adapter, registry, tenant, out, imr, flow, image_encoder),
+        fn_constructor_args=(config.model_dump_json(), model, adapter, registry, tenant, out, imr, flow, image_encoder,
+                             catalog),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -22,7 +22,8 @@ from ray_faceid.errors import BadInput
 
 class FluxRenderer(Renderer):
     def __init__(self, config: RenderConfig, model, adapter: str | None, registry: str, tenant: str, out: str,
-                 imr: str | None = None, flow: str | None = None, image_encoder: str | None = None):
+                 imr: str | None = None, flow: str | None = None, image_encoder: str | None = None,
+                 catalog: str | None = None):
         import torch
 
         from ray_faceid.face.analyzer import FaceAnalyzer
@@ -38,6 +39,7 @@ class FluxRenderer(Renderer):
             raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; FLUX renders with --adapter (a FLUX "
                            "IP-Adapter) and --image-encoder, on backend torch or torch.compile")
         self.tenant, self.out = tenant, out
+        self.catalog = catalog  # rows' relative image and mask paths are read from its folder
         self.analyzer = FaceAnalyzer(config.face)  # scores the outputs, as for every base
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_flux_precision(config.precision, torch.device(device))
@@ -113,7 +115,7 @@ class FluxRenderer(Renderer):
 
         inputs = []
         if row.inpaint:
-            image_bytes, mask_bytes = storage.read_bytes(row.image), storage.read_bytes(row.mask)
+            image_bytes, mask_bytes = map(storage.read_bytes, row.inpaint_files(self.catalog))
             inputs = [hashlib.sha256(image_bytes).hexdigest(), hashlib.sha256(mask_bytes).hexdigest()]
         key = self.key(row, inputs)
         png_uri, record_uri = output_uris(self.out, row.id, key)

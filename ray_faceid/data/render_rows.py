@@ -30,7 +30,8 @@ def output_uris(out: str, row_id: str, key: str) -> tuple[str, str]:
 
 class Renderer:
     def __init__(self, config: RenderConfig, model: str, adapter: str | None, registry: str, tenant: str, out: str,
-                 imr: str | None = None, flow: str | None = None, image_encoder: str | None = None):
+                 imr: str | None = None, flow: str | None = None, image_encoder: str | None = None,
+                 catalog: str | None = None):
         import torch
 
         from ray_faceid.face.analyzer import FaceAnalyzer
@@ -43,6 +44,7 @@ class Renderer:
         from ray_faceid.registry import Registry
 
         self.tenant, self.out = tenant, out
+        self.catalog = catalog  # rows' relative image and mask paths are read from its folder
         self.analyzer = FaceAnalyzer(config.face)
         base = load_base(model)
         # Defaults resolved to the model's own before they join the output keys: an SD 1.x job keeps
@@ -169,7 +171,7 @@ class Renderer:
 
         inputs = []
         if row.inpaint:
-            image_bytes, mask_bytes = storage.read_bytes(row.image), storage.read_bytes(row.mask)
+            image_bytes, mask_bytes = map(storage.read_bytes, row.inpaint_files(self.catalog))
             inputs = [hashlib.sha256(image_bytes).hexdigest(), hashlib.sha256(mask_bytes).hexdigest()]
         key = self.key(row, inputs)
         png_uri, record_uri = output_uris(self.out, row.id, key)

@@ -35,8 +35,9 @@ def catalog(people, tmp_path_factory):
         {"id": "amy-beach", "identities": [ids["amy"]], "prompt": "a photo of a person at the beach", "seed": 1},
         {"id": "amy-penny", "identities": [{"id": ids["amy"], "region": [0, 0, 0.5, 1]}, ids["penny"]],
          "prompt": "two people", "seed": 2},
-        {"id": "amy-inpaint", "identities": [ids["amy"]], "prompt": "a person", "image": str(folder / "photo.png"),
-         "mask": str(folder / "mask.png"), "seed": 3},
+        # Paths relative to the catalog's folder, not to where the job or its actors run.
+        {"id": "amy-inpaint", "identities": [ids["amy"]], "prompt": "a person", "image": "photo.png",
+         "mask": "mask.png", "seed": 3},
         {"id": "sheldon-smile", "identities": [ids["sheldon"]], "prompt": "a person", "expression": "smile", "seed": 4},
         {"id": "stranger", "identities": ["id_doesnotexistdoesnotexist"], "prompt": "a person"},
         {"id": "bad-mask", "identities": [ids["amy"]], "prompt": "a person", "image": str(folder / "photo.png"),
@@ -139,7 +140,8 @@ def test_batched_unet_rendering_gives_the_same_records_and_near_identical_images
     out, _ = rendered
     registry, _ = people
     texts = read_catalog(str(catalog))
-    batched = Renderer(CONFIG.model_copy(update={"unet_batch": 4}), "tiny", None, registry.store, "default", str(tmp_path))
+    batched = Renderer(CONFIG.model_copy(update={"unet_batch": 4}), "tiny", None, registry.store, "default", str(tmp_path),
+                       catalog=str(catalog))
     records = {r["id"]: r for r in batched.render_batch(texts, list(range(len(texts))))}
     single = manifest(out)
     assert {k: r["status"] for k, r in records.items()} == {k: r["status"] for k, r in single.items()}

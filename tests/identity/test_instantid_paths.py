@@ -195,6 +195,14 @@ def test_inpaint_command_repaints_an_enrolled_persons_face_with_instantid(parts,
     assert made.exit_code == 0, made.output
     record = read_provenance((tmp_path / "out.png").read_bytes())
     assert record["adapter_published"]["kind"] == "InstantID" and record["identitynet"]["scale"] == 0.8
+    # Her embedding given as a file (embedded elsewhere) paints the same face as her enrolled record.
+    np.save(tmp_path / "ann.npy", parts.people["ann"][1])
+    at = command.index("--identity")
+    given = command[:at] + ["--face-embedding", str(tmp_path / "ann.npy")] + command[at + 2:]
+    given[given.index("--out") + 1] = str(tmp_path / "given.png")
+    made = CliRunner().invoke(app, given + ["--identitynet", parts.net])
+    assert made.exit_code == 0, made.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "given.png")), np.asarray(Image.open(tmp_path / "out.png")))
 
 
 def test_a_render_job_with_dlibs_face_stack_and_a_published_file_is_refused_before_ray_starts(parts, tmp_path):

@@ -260,7 +260,8 @@ def test_personalize_finds_people_without_the_files_encoder_before_any_worker(tm
                                    "--registry", registry.store, "--json"])
     assert run.exit_code == 3, run.output
     summary = json.loads(run.stdout[run.stdout.index("{"):])
-    assert list(summary["failed"]) == [dan] and "ray-faceid identities embed" in summary["failed"][dan], summary
+    assert list(summary["failed"]) == [dan], summary
+    assert "`ray-faceid identities embed dan --insightface-root PACK`" in summary["failed"][dan], summary
 
 
 def test_render_gives_each_enrolled_photo_its_own_portrait_tokens(tmp_path, tiny_arcface_onnx, sample_photos):
