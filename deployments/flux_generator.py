@@ -53,9 +53,9 @@ class FluxServeGenerator(Generator):
         adapter, self.encoder = None, None
         if config.adapter:
             from ray_faceid.face.clip_image import ClipImageEncoder
-            from ray_faceid.identity.flux_adapter import load_flux_adapter
+            from ray_faceid.identity.flux_adapter import load_flux_identity
 
-            adapter = load_flux_adapter(config.adapter, base.transformer)
+            adapter = load_flux_identity(config.adapter, base.transformer)
             self.encoder = ClipImageEncoder(config.image_encoder, device)  # resolve_config asked for both
         self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision, backend=config.backend,
                                       **memory)

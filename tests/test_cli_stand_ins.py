@@ -10,7 +10,8 @@ from ray_faceid.pipelines.provenance import read_provenance
 
 KINDS = [("IP-Adapter-FaceID", "FaceID"), ("IP-Adapter-FaceID", "FaceID"),
          ("IP-Adapter-FaceID", "FaceID-PlusV2, shortcut"), ("IP-Adapter-FaceID", "FaceID-Portrait, tokens per photo"),
-         ("InstantID", "InstantID, with its IdentityNet"), ("FLUX IP-Adapter", "XLabs"), ("FLUX IP-Adapter", "XLabs")]
+         ("InstantID", "InstantID, with its IdentityNet"), ("FLUX IP-Adapter", "XLabs"), ("FLUX IP-Adapter", "XLabs"),
+         ("PuLID-FLUX", "IDFormer, 2 ID cross-attentions")]
 
 
 def test_every_printed_command_makes_an_image_of_its_published_kind(tmp_path, sample_photos):

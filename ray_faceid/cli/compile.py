@@ -152,9 +152,9 @@ def _build_flux(ref, adapter, width, height, max_images, precision, transformer_
     base = load_flux(ref, DTYPES[precision] if device.type == "cuda" else None)
     flux_adapter = None
     if adapter:
-        from ray_faceid.identity.flux_adapter import load_flux_adapter
+        from ray_faceid.identity.flux_adapter import load_flux_identity
 
-        flux_adapter = load_flux_adapter(adapter, base.transformer)
+        flux_adapter = load_flux_identity(adapter, base.transformer)
     generator = FluxGenerator(base, flux_adapter, device=device, precision=precision, backend="torch.compile",
                               transformer_weights=transformer_weights, engine_cache=cache)
     width, height = (width, height) if width else base.native_size

@@ -97,6 +97,11 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
             image_encoder else ""
         raise BadInput(f"{ref.name}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the XLabs FLUX "
                        f"IP-Adapter layout){also}")
+    if adapter_uri:
+        from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
+
+        if is_pulid_file(adapter_uri) and (image_encoder or not all(hasattr(v, "shape") for v in people.values())):
+            raise BadInput(TOKENS_ONLY)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant)
     base = load_flux(ref, torch.bfloat16 if device == "cuda" else None)  # FLUX's own dtype on a GPU
@@ -104,9 +109,9 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")
     adapter = None
     if adapter_uri:
-        from ray_faceid.identity.flux_adapter import load_flux_adapter
+        from ray_faceid.identity.flux_adapter import load_flux_identity
 
-        adapter = load_flux_adapter(adapter_uri, base.transformer)
+        adapter = load_flux_identity(adapter_uri, base.transformer)
     generator = FluxGenerator(base, adapter, device=device, backend=backend)
     generator.image_encoder_hash = encoder_hash
     generator.on_step = denoise_reporter()

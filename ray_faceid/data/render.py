@@ -188,6 +188,11 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
 
     model = resolve_model(model, flux=True)  # once: the fingerprint and every actor take the reference
     _check_face_stack(adapter, config, model)
+    if model.family == "flux" and adapter:
+        from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
+
+        if is_pulid_file(adapter):  # before Ray: every row names enrolled people
+            raise BadInput(f"{TOKENS_ONLY}; a catalog's rows name enrolled people")
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
     inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder, catalog)
     done = _finished(out, inputs)

@@ -50,9 +50,9 @@ class FluxRenderer(Renderer):
             "guidance": base.default_guidance if config.guidance is None else config.guidance})
         flux_adapter, self.encoder = None, None
         if adapter:
-            from ray_faceid.identity.flux_adapter import load_flux_adapter
+            from ray_faceid.identity.flux_adapter import load_flux_identity
 
-            flux_adapter = load_flux_adapter(adapter, base.transformer)
+            flux_adapter = load_flux_identity(adapter, base.transformer)
             if not image_encoder:
                 raise BadInput("a FLUX IP-Adapter reads each person's reference crops through a CLIP image encoder: "
                                "give --image-encoder FOLDER (a CLIPVisionModelWithProjection)")

@@ -24,6 +24,7 @@ import io
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,6 +97,29 @@ class FluxIdentityAdapter(nn.Module):
         """(B, D) reference embeddings -> (B, T, C) identity tokens."""
         return self.norm(self.proj(embedding.to(self.proj.weight.dtype)).reshape(-1, self.tokens_per_person, self.width))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj.weight.dtype
+
+    @property
+    def structure(self) -> str:
+        """What the compiled transformer's graph holds of it (its engine key)."""
+        return (f"FLUX IP-Adapter: {self.tokens_per_person} tokens of {self.width} from {self.embed_dim}-d embeddings "
+                f"on {len(self.to_k_ip)} dual-stream blocks")
+
+    @torch.no_grad()
+    def person_tokens(self, embeddings: np.ndarray, name: str, device) -> torch.Tensor:
+        """(T, C) tokens of one person, from the mean of their N x D reference embeddings, checked."""
+        emb = np.asarray(embeddings, np.float32)
+        emb = emb[None] if emb.ndim == 1 else emb
+        if emb.ndim != 2 or not len(emb) or emb.shape[-1] != self.embed_dim or not np.isfinite(emb).all():
+            raise BadInput(f"identity {name}: this FLUX IP-Adapter reads N x {self.embed_dim} finite image "
+                           f"embeddings, got shape {emb.shape}")
+        made = self.tokens(torch.from_numpy(emb).to(device).mean(0, keepdim=True))
+        if not torch.isfinite(made).all():  # finite but huge embeddings overflow the projection
+            raise BadInput(f"identity {name}: its image embedding is out of range (its tokens overflow)")
+        return made[0]
+
     def install(self, transformer) -> None:
         """Every dual-stream block's attention reads identity; single-stream blocks accept its inputs."""
         if len(transformer.transformer_blocks) != len(self.to_k_ip):
@@ -156,9 +180,20 @@ def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
     return adapter.eval().requires_grad_(False)
 
 
+def load_flux_identity(uri: str, transformer):
+    """The identity file a FLUX base takes: PuLID-FLUX's (identity/pulid_flux.py) or a FLUX IP-Adapter."""
+    from ray_faceid.identity.pulid_flux import is_pulid_file, load_pulid_flux
+
+    return load_pulid_flux(uri, transformer) if is_pulid_file(uri) else load_flux_adapter(uri, transformer)
+
+
 def check_flux_adapter_file(uri: str) -> None:
     """A FLUX IP-Adapter file of either layout, read without a base (a Serve config is checked before
     any replica loads one): its projection and identity attention are there, or one line says not."""
+    from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
+
+    if is_pulid_file(uri):
+        raise UnsupportedModel(f"{uri}: {TOKENS_ONLY}; a deployment serves enrolled people")
     proj, ip = _split(storage.read_bytes(uri), uri)
     if "proj.weight" not in proj or "norm.weight" not in proj or not any(k.endswith("to_k_ip.weight") for k in ip):
         raise UnsupportedModel(f"{uri}: not the XLabs FLUX IP-Adapter layout (ip_adapter_proj_model.proj / .norm and "

@@ -1,6 +1,6 @@
 """Tiny stand-ins of the published identity files, in their authors' key layouts, random weights:
 IP-Adapter-FaceID (Plus, PlusV2, Portrait), InstantID's ip-adapter.bin and IdentityNet, XLabs' FLUX
-IP-Adapter, and the CLIP image encoder folder they read photos through. The tests' parity checks
+IP-Adapter, PuLID-FLUX, and the CLIP image encoder folder they read photos through. The tests' parity checks
 build them (against diffusers' own loaders); `ray-faceid stand-ins DIR` writes a set for the tiny
 bases so every adapter path can be tried offline in one command each."""
 from __future__ import annotations
@@ -130,6 +130,38 @@ def xlabs_state_dict(transformer, embed: int = TOY_EMBED, seed: int = 0) -> dict
     return state
 
 
+PULID_TOKENS, PULID_WIDTH = 4, 24  # the toy file's ID tokens (the published file: 32 of 2048)
+
+
+def pulid_state_dict(transformer, seed: int = 0) -> dict:
+    """PuLID-FLUX's file for `transformer`: its IDFormer (toy widths: 16-d ArcFace + 8-d EVA-CLIP
+    embeddings, 12-wide hidden states) and an ID cross-attention for every 2nd dual-stream and every
+    4th single-stream block, under their published names, flat as saved with safetensors."""
+    from ray_faceid.identity.pulid_flux import (
+        DOUBLE_INTERVAL,
+        SINGLE_INTERVAL,
+        IdCrossAttention,
+        IdFormer,
+    )
+
+    torch.manual_seed(seed)
+    former = IdFormer(dim=16, depth=5, inner=64, queries=PULID_TOKENS, id_tokens=2, id_input=24, vit_width=12,
+                      mapping_width=16, output_dim=PULID_WIDTH)
+    with torch.no_grad():
+        former.latents.normal_(0, 0.25)
+        former.proj_out.normal_(0, 0.25)
+    config = transformer.config
+    count = (-(-len(transformer.transformer_blocks) // DOUBLE_INTERVAL)
+             + -(-len(transformer.single_transformer_blocks) // SINGLE_INTERVAL))
+    attentions = torch.nn.ModuleList(IdCrossAttention(config.num_attention_heads * config.attention_head_dim,
+                                                      PULID_WIDTH, 128) for _ in range(count))
+    with torch.no_grad():
+        for attention in attentions:  # a residual as large as the stream's own: the toy's identity shows
+            attention.to_out.weight.mul_(8)
+    return {**{f"pulid_encoder.{k}": v.contiguous() for k, v in former.state_dict().items()},
+            **{f"pulid_ca.{k}": v.contiguous() for k, v in attentions.state_dict().items()}}
+
+
 def save_image_encoder(folder, projection_dim: int = TOY_EMBED) -> str:
     """A tiny CLIP vision model with projection, saved as h94/IP-Adapter's models/image_encoder is
     (config and weights only)."""
@@ -185,6 +217,8 @@ def write_stand_ins(folder: str | Path) -> list[tuple[str, str]]:
     save_identitynet(sdxl, root / "InstantID" / "ControlNetModel")
     (root / "flux-ip-adapter").mkdir(exist_ok=True)
     save_file(xlabs_state_dict(build_tiny_flux().transformer), str(root / "flux-ip-adapter" / "ip_adapter.safetensors"))
+    save_file(pulid_state_dict(build_tiny_flux().transformer), str(root / "pulid_flux_v0.9.1.safetensors"))
+    np.save(root / "ann_pulid_tokens.npy", rng.normal(size=(PULID_TOKENS, PULID_WIDTH)).astype(np.float32))
 
     def path(*parts: str) -> str:  # quoted as a shell reads it: a folder may hold spaces or brackets
         return shlex.quote(str(root.joinpath(*parts)))
@@ -207,4 +241,7 @@ def write_stand_ins(folder: str | Path) -> list[tuple[str, str]]:
         ("XLabs' FLUX IP-Adapter (the CLIP image embedding)", f"--model tiny-flux --adapter {flux} --face-embedding {clip}"),
         ("XLabs' FLUX IP-Adapter, a photo read through the CLIP image encoder",
          f"--model tiny-flux --adapter {flux} --image-encoder {encoder} --ref PHOTO"),
+        ("PuLID-FLUX (the ID tokens of PuLID's own pipeline)",
+         f"--model tiny-flux --adapter {path('pulid_flux_v0.9.1.safetensors')} "
+         f"--face-embedding {path('ann_pulid_tokens.npy')}"),
     ]

@@ -132,18 +132,10 @@ class FluxGenerator:
 
     @torch.no_grad()
     def _person_tokens(self, person) -> torch.Tensor:
-        """(1, T, C) tokens of one person (from the mean of their reference embeddings), checked."""
-        emb = np.asarray(person.embeddings, np.float32)
-        emb = emb[None] if emb.ndim == 1 else emb
-        if emb.ndim != 2 or not len(emb) or emb.shape[-1] != self.adapter.embed_dim or not np.isfinite(emb).all():
-            raise BadInput(f"identity {person.name}: this FLUX IP-Adapter reads N x {self.adapter.embed_dim} finite "
-                           f"image embeddings, got shape {emb.shape}")
+        """(T, C) tokens of one person, as the adapter reads them, checked."""
         if not (np.isfinite(person.scale) and 0 <= person.scale <= 4):
             raise BadInput(f"identity {person.name}: strength must be between 0 and 4, got {person.scale}")
-        made = self.adapter.tokens(torch.from_numpy(emb).to(self.device).mean(0, keepdim=True))
-        if not torch.isfinite(made).all():  # finite but huge embeddings overflow the projection
-            raise BadInput(f"identity {person.name}: its image embedding is out of range (its tokens overflow)")
-        return made[0]
+        return self.adapter.person_tokens(person.embeddings, person.name, self.device)
 
     @torch.no_grad()
     def identity_inputs(self, rows: list[list], h: int, w: int) -> dict:
@@ -166,7 +158,7 @@ class FluxGenerator:
         slots = MAX_IDENTITIES if fixed else most
         adapter = self.adapter
         tokens = torch.zeros(len(rows), slots, adapter.tokens_per_person, adapter.width, device=self.device,
-                             dtype=adapter.proj.weight.dtype)
+                             dtype=adapter.dtype)
         scale = torch.zeros(len(rows), slots, device=self.device)
         # One person without a region takes the whole image (no routing); several, or one with a region,
         # their region: a person without one takes their strip of M equal vertical ones (as on the UNet
@@ -312,9 +304,7 @@ class FluxGenerator:
         from ray_faceid.pipelines.generate import MAX_IDENTITIES
 
         adapter = self.adapter
-        structure = "no identity" if adapter is None else (
-            f"FLUX IP-Adapter: {adapter.tokens_per_person} tokens of {adapter.width} from {adapter.embed_dim}-d "
-            f"embeddings on {len(adapter.to_k_ip)} dual-stream blocks, {MAX_IDENTITIES} people a call")
+        structure = "no identity" if adapter is None else f"{adapter.structure}, {MAX_IDENTITIES} people a call"
         if self.transformer_weights == "fp8":
             structure += "; fp8 transformer weights"
         f = self.base.vae_scale_factor

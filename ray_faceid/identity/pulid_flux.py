@@ -1,0 +1,260 @@
+"""PuLID-FLUX (Guo et al., PuLID: pure and lightning ID customization; guozinan/PuLID's
+`pulid_flux_v0.9.*.safetensors`) on our FLUX transformer.
+
+The file holds two parts, loaded strictly under their published names:
+- `pulid_encoder.*`, the IDFormer: a perceiver whose queries attend over the face's ArcFace
+  embedding (antelopev2's, 512-d, raw) joined to its EVA-CLIP embedding (768-d, unit length), and
+  over five EVA-CLIP hidden states, giving 32 ID tokens of 2048;
+- `pulid_ca.{j}.*`, cross-attentions from the image stream to the ID tokens, whose output times the
+  person's weight adds to the image stream after every 2nd dual-stream block and every 4th
+  single-stream block (their authors' intervals), in that order.
+
+Here the residuals run through forward hooks on those blocks that read the call's identity inputs
+(`joint_attention_kwargs`: each row's people's tokens, weights and patches), never state on the
+modules: requests sharing the transformer cannot see each other's people. Several people: each patch
+takes the residual of the person whose region covers it.
+
+What is not built: the face encoders PuLID reads a photo with (antelopev2, EVA02-CLIP-L-14-336, and
+the face parsing that greys the face on white): a person comes as the ID tokens PuLID's own pipeline
+gives (`get_id_embedding`, 32 x 2048), or as those encoders' outputs (`encode`). No reference code
+was at hand to compare the image with: the published names load strictly, and the tests check where
+the residuals land and that a zero weight leaves FLUX's own image.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_faceid import storage
+from ray_faceid.errors import BadInput, UnsupportedModel
+from ray_faceid.identity.face_plus import PerceiverAttention, feed_forward
+from ray_faceid.weights_hash import weights_hash_of
+
+log = logging.getLogger(__name__)
+DOUBLE_INTERVAL, SINGLE_INTERVAL = 2, 4  # a residual after dual-stream blocks 0, 2, 4...; single-stream 0, 4, 8...
+SCALES = 5  # EVA-CLIP hidden states the IDFormer reads, one per group of its layers
+CA_HEAD_WIDTH = 128
+LICENCE = ("PuLID-FLUX weights (guozinan/PuLID): used with FLUX.1 [dev], under the FLUX.1 [dev] Non-Commercial "
+           "License; its face embeddings come from insightface's antelopev2 pack, also non-commercial")
+
+
+def _mlp(inputs: int, width: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, width), nn.LayerNorm(width), nn.LeakyReLU(), nn.Linear(width, width),
+                         nn.LayerNorm(width), nn.LeakyReLU(), nn.Linear(width, out))
+
+
+class IdFormer(nn.Module):
+    """The face's embeddings and EVA-CLIP hidden states -> ID tokens (`pulid_encoder.*`)."""
+
+    def __init__(self, dim: int, depth: int, inner: int, queries: int, id_tokens: int, id_input: int,
+                 vit_width: int, mapping_width: int, output_dim: int):
+        super().__init__()
+        self.dim, self.id_tokens, self.queries = dim, id_tokens, queries
+        self.latents = nn.Parameter(torch.zeros(1, queries, dim))
+        self.proj_out = nn.Parameter(torch.zeros(dim, output_dim))
+        self.layers = nn.ModuleList([nn.ModuleList([PerceiverAttention(dim, inner), feed_forward(dim)])
+                                     for _ in range(depth)])
+        for i in range(SCALES):
+            setattr(self, f"mapping_{i}", _mlp(vit_width, mapping_width, dim))
+        self.id_embedding_mapping = _mlp(id_input, mapping_width, dim * id_tokens)
+
+    def forward(self, id_cond: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """(B, 512 + 768) embeddings and SCALES x (B, S, W) hidden states -> (B, queries, output_dim)."""
+        x = self.id_embedding_mapping(id_cond).reshape(id_cond.shape[0], self.id_tokens, self.dim)
+        latents = torch.cat([self.latents.expand(id_cond.shape[0], -1, -1), x], dim=1)
+        per_scale = len(self.layers) // SCALES
+        for i in range(SCALES):
+            context = torch.cat([x, getattr(self, f"mapping_{i}")(hidden[i])], dim=1)
+            for attention, ff in self.layers[i * per_scale:(i + 1) * per_scale]:
+                latents = attention(context, latents) + latents
+                latents = ff(latents) + latents
+        return latents[:, :self.queries] @ self.proj_out
+
+
+class IdCrossAttention(nn.Module):
+    """The image stream's queries over one person's ID tokens (`pulid_ca.{j}.*`)."""
+
+    def __init__(self, dim: int, kv_dim: int, inner: int):
+        super().__init__()
+        self.heads = max(1, inner // CA_HEAD_WIDTH)
+        self.norm1, self.norm2 = nn.LayerNorm(kv_dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(kv_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        b, n, _ = image.shape
+        q = self.to_q(self.norm2(image))
+        k, v = self.to_kv(self.norm1(tokens)).chunk(2, dim=-1)
+        q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class IdResidual:
+    """A forward hook on a FLUX block: the block's image stream plus each person's ID cross-attention,
+    times their weight, on their patches; the identity inputs are the call's own."""
+
+    def __init__(self, attention: IdCrossAttention):
+        self.attention = attention
+
+    def __call__(self, module, args, kwargs, output):
+        identity = kwargs.get("joint_attention_kwargs") or {}
+        tokens = identity.get("identity_tokens")
+        if tokens is None:
+            return output
+        text, image = output
+        weight, owner = identity["identity_scale"], identity.get("patch_owner")
+        added = torch.zeros_like(image)
+        for m in range(tokens.shape[1]):
+            taken = self.attention(tokens[:, m].to(image.dtype), image)
+            w = weight[:, m].to(image.dtype).view(-1, 1, 1)
+            if owner is not None:
+                w = w * owner[:, :, m:m + 1].to(image.dtype)
+            added = added + w * taken
+        return text, image + added
+
+
+class PulidFlux(nn.Module):
+    """PuLID-FLUX's IDFormer and cross-attentions, as the FLUX generator takes an identity adapter."""
+
+    def __init__(self, encoder: IdFormer, attentions: list[IdCrossAttention]):
+        super().__init__()
+        self.pulid_encoder = encoder
+        self.pulid_ca = nn.ModuleList(attentions)
+        self.tokens_per_person, self.width = encoder.queries, encoder.proj_out.shape[1]
+        self.published: dict | None = None
+        self._hooks: list = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pulid_encoder.proj_out.dtype
+
+    @property
+    def structure(self) -> str:
+        """What the compiled transformer's graph holds of it (its engine key)."""
+        return (f"PuLID-FLUX: {self.tokens_per_person} ID tokens of {self.width}, {len(self.pulid_ca)} residuals "
+                f"every {DOUBLE_INTERVAL} dual / {SINGLE_INTERVAL} single-stream blocks")
+
+    def person_tokens(self, embeddings: np.ndarray, name: str, device) -> torch.Tensor:
+        """(T, C) tokens of a person given as PuLID's ID tokens (T x C, or N x T x C from N photos: their mean)."""
+        emb = np.asarray(embeddings, np.float32)
+        emb = emb[None] if emb.ndim == 2 else emb
+        if emb.ndim != 3 or emb.shape[1:] != (self.tokens_per_person, self.width) or not np.isfinite(emb).all():
+            raise BadInput(f"identity {name}: PuLID-FLUX takes its ID tokens, {self.tokens_per_person} x {self.width} "
+                           f"finite numbers (PuLID's get_id_embedding), got shape {emb.shape}")
+        return torch.from_numpy(emb.mean(0)).to(device, self.dtype)
+
+    @torch.no_grad()
+    def encode(self, id_embedding: torch.Tensor, eva_embedding: torch.Tensor, eva_hidden: list[torch.Tensor]):
+        """ID tokens from the face's antelopev2 embedding (raw), EVA-CLIP embedding and hidden states."""
+        eva = eva_embedding / eva_embedding.norm(dim=-1, keepdim=True)
+        cond = torch.cat([id_embedding, eva], dim=-1).to(self.dtype)
+        return self.pulid_encoder(cond, [h.to(self.dtype) for h in eva_hidden])
+
+    def install(self, transformer) -> None:
+        """The residual hooks on their blocks (a second install replaces the first's)."""
+        from ray_faceid.identity.flux_adapter import AcceptingIdentity
+
+        for hook in self._hooks:
+            hook.remove()
+        doubles, singles = transformer.transformer_blocks, transformer.single_transformer_blocks
+        blocks = list(doubles)[::DOUBLE_INTERVAL] + list(singles)[::SINGLE_INTERVAL]
+        if len(blocks) != len(self.pulid_ca):
+            raise UnsupportedModel(f"this PuLID-FLUX file has {len(self.pulid_ca)} ID cross-attentions; a base of "
+                                   f"{len(doubles)} dual- and {len(singles)} single-stream blocks takes {len(blocks)}: "
+                                   "it was made for another model")
+        self._hooks = [block.register_forward_hook(IdResidual(ca), with_kwargs=True)
+                       for block, ca in zip(blocks, self.pulid_ca)]
+        for block in [*doubles, *singles]:  # FLUX's own attention, taking the identity inputs each block is given
+            block.attn.set_processor(AcceptingIdentity())
+
+    def content_hash(self) -> str:
+        return weights_hash_of(self)
+
+
+TOKENS_ONLY = ("PuLID-FLUX takes each person as their ID tokens (--face-embedding: the 32 x 2048 array PuLID's "
+               "get_id_embedding gives); its face encoders (antelopev2, EVA02-CLIP-L-14-336, face parsing) are not "
+               "built yet, so photos and enrolled people cannot be read for it")
+
+
+def is_pulid_file(uri: str) -> bool:
+    """A safetensors file whose tensors are PuLID-FLUX's (read from its header alone)."""
+    if not str(uri).endswith(".safetensors"):
+        return False
+    try:
+        keys = _header_keys(uri)
+    except (OSError, ValueError, UnsupportedModel):
+        return False
+    return any(k.startswith("pulid_encoder.") for k in keys) and any(k.startswith("pulid_ca.") for k in keys)
+
+
+def _header_keys(uri: str) -> list[str]:
+    import json
+    import struct
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        if size > 100_000_000:
+            raise UnsupportedModel(f"{uri}: not a safetensors file")
+        header = json.loads(f.read(size))
+    return [k for k in header if k != "__metadata__"]
+
+
+def load_pulid_flux(uri: str, transformer) -> PulidFlux:
+    """A PuLID-FLUX file for `transformer`, loaded strictly; one line says what was recognised, and a
+    file made for another model is refused in one line."""
+    from safetensors.torch import load
+
+    raw = storage.read_bytes(uri)
+    try:
+        flat = load(raw)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises many types
+        raise UnsupportedModel(f"{uri}: not a readable safetensors file ({type(exc).__name__})") from None
+    encoder = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("pulid_encoder.")}
+    ca = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("pulid_ca.")}
+    others = sorted(k for k in flat if not k.startswith(("pulid_encoder.", "pulid_ca.")))
+    if others or "latents" not in encoder or "proj_out" not in encoder or "0.to_q.weight" not in ca:
+        raise UnsupportedModel(f"{uri}: not PuLID-FLUX's layout (pulid_encoder.latents, .proj_out, pulid_ca.0.to_q"
+                               + (f"; it also holds {others[0]}" if others else "") + ")")
+    _, queries, dim = encoder["latents"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("layers."))
+    mapping = encoder["mapping_0.0.weight"] if "mapping_0.0.weight" in encoder else None
+    first = encoder.get("id_embedding_mapping.0.weight")
+    last = encoder.get("id_embedding_mapping.6.weight")
+    if mapping is None or first is None or last is None or depth % SCALES:
+        raise UnsupportedModel(f"{uri}: its IDFormer lacks the layout PuLID publishes (mapping_0..4, "
+                               f"id_embedding_mapping, layers in {SCALES} groups)")
+    former = IdFormer(dim, depth, encoder["layers.0.0.to_q.weight"].shape[0], queries, last.shape[0] // dim,
+                      first.shape[1], mapping.shape[1], mapping.shape[0], encoder["proj_out"].shape[1])
+    count = 1 + max(int(k.split(".")[0]) for k in ca)
+    inner, hidden = ca["0.to_q.weight"].shape
+    attentions = [IdCrossAttention(hidden, ca["0.to_kv.weight"].shape[1], inner) for _ in range(count)]
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    if hidden != width:
+        raise UnsupportedModel(f"{uri}: PuLID-FLUX for a {hidden}-wide FLUX transformer; this base's is {width}-wide: "
+                               "it was made for another model")
+    adapter = PulidFlux(former, attentions)
+    try:
+        adapter.pulid_encoder.load_state_dict(encoder, strict=True)
+        adapter.pulid_ca.load_state_dict(ca, strict=True)
+    except RuntimeError as exc:
+        said = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:240]
+        raise UnsupportedModel(f"{uri}: its tensors do not fit PuLID-FLUX's layout ({said})") from None
+    adapter.eval().requires_grad_(False)
+    if not all(bool(torch.isfinite(p).all()) for p in adapter.parameters()):
+        raise UnsupportedModel(f"{uri}: it holds NaN or infinite weights")
+    # v0.9.0 and v0.9.1 share one layout: what was recognised is the layout, the file names its version.
+    adapter.published = {"kind": "PuLID-FLUX", "variant": f"IDFormer, {count} ID cross-attentions",
+                         "file": Path(uri).name, "sha256": hashlib.sha256(raw).hexdigest(), "tokens": queries,
+                         "licence": LICENCE}
+    log.warning("recognised PuLID-FLUX: %d ID tokens of %d, %d ID cross-attentions", queries, adapter.width, count)
+    return adapter

@@ -1,0 +1,160 @@
+"""PuLID-FLUX's file (its published names, built at toy size for tiny-flux) on the FLUX transformer:
+its ID cross-attentions add to the image stream after every 2nd dual-stream and every 4th
+single-stream block and nowhere else; a weight of 0 leaves FLUX's own image; people are inputs of
+each call (batched rows and regions, the compiled transformer without recompiles); what is not built
+(its face encoders) is refused in one line on every path that would need it."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ray_faceid.errors import BadInput, UnsupportedModel
+from ray_faceid.identity.pulid_flux import IdResidual, load_pulid_flux
+from ray_faceid.identity.stand_ins import PULID_TOKENS, PULID_WIDTH, pulid_state_dict
+from ray_faceid.pipelines.flux import build_tiny_flux, load_flux, save_flux
+from ray_faceid.pipelines.flux_sampling import FluxGenerator
+from ray_faceid.pipelines.generate import GenerationItem, IdentityCondition
+
+SIZE, STEPS = 32, 3
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pulid")
+    base = build_tiny_flux()
+    save_flux(base, root / "flux")
+    save_file(pulid_state_dict(base.transformer), root / "pulid_flux_v0.9.1.safetensors")
+    return root
+
+
+def tokens(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(PULID_TOKENS, PULID_WIDTH)).astype(np.float32)
+
+
+def generator(files, backend="torch") -> FluxGenerator:
+    base = load_flux(str(files / "flux"))
+    return FluxGenerator(base, load_pulid_flux(str(files / "pulid_flux_v0.9.1.safetensors"), base.transformer),
+                         backend=backend)
+
+
+def image(gen, people, seed=3) -> np.ndarray:
+    return np.asarray(gen.generate("a portrait", people, seed=seed, steps=STEPS, width=SIZE, height=SIZE).images[0]
+                      ).astype(int)
+
+
+def test_the_residuals_sit_after_every_2nd_dual_and_every_4th_single_stream_block():
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=3, num_single_layers=5,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    adapter = load_pulid_flux(_saved(pulid_state_dict(transformer)), transformer)
+    adapter.install(transformer)
+    adapter.install(transformer)  # a second install replaces the first's hooks
+    hooked = [[isinstance(h, IdResidual) for h in block._forward_hooks.values()]
+              for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]]
+    assert hooked == [[True], [], [True], [True], [], [], [], [True]]  # dual 0, 2; single 0, 4
+    with pytest.raises(UnsupportedModel, match="blocks takes 4: it was made for another model"):
+        load_pulid_flux(_saved(pulid_state_dict(build_tiny_flux().transformer)), transformer).install(transformer)
+
+
+def _saved(state: dict) -> str:
+    import tempfile
+
+    path = tempfile.mktemp(suffix=".safetensors")
+    save_file(state, path)
+    return path
+
+
+def test_the_id_tokens_reach_the_image_and_a_zero_weight_leaves_fluxs_own(files, caplog):
+    with caplog.at_level("WARNING"):
+        gen = generator(files)
+    assert "recognised PuLID-FLUX: 4 ID tokens of 24, 2 ID cross-attentions" in caplog.text
+    plain = FluxGenerator(load_flux(str(files / "flux")))
+    base_image = image(plain, [])
+    assert np.array_equal(image(gen, [IdentityCondition("ann", tokens(1), scale=0.0)]), base_image)
+    ann, bob = image(gen, [IdentityCondition("ann", tokens(1))]), image(gen, [IdentityCondition("bob", tokens(2))])
+    assert np.abs(ann - base_image).max() > 8 and np.abs(ann - bob).max() > 8
+    # Several photos' tokens (N x T x C) are their mean.
+    assert np.array_equal(image(gen, [IdentityCondition("ann", np.stack([tokens(1), tokens(1)]))]), ann)
+    record = gen.generate("a portrait", [IdentityCondition("ann", tokens(1))], steps=1).provenance[0]
+    assert record["adapter_published"]["kind"] == "PuLID-FLUX" and "Non-Commercial" in \
+        record["adapter_published"]["licence"]
+    with pytest.raises(BadInput, match="PuLID-FLUX takes its ID tokens, 4 x 24 finite numbers"):
+        gen.generate("a portrait", [IdentityCondition("p", np.ones((1, 16), np.float32))], steps=1)
+
+
+def test_rows_of_other_people_share_a_batch_and_each_person_keeps_to_their_region(files):
+    gen = generator(files)
+    rows = [[IdentityCondition("ann", tokens(1))],
+            [IdentityCondition("ann", tokens(1), region=(0.0, 0.0, 0.5, 1.0)),
+             IdentityCondition("bob", tokens(2), region=(0.5, 0.0, 1.0, 1.0))]]
+    batch = gen.generate_items([GenerationItem("a portrait", people, seed=3) for people in rows], steps=STEPS,
+                               width=SIZE, height=SIZE)
+    for people, got in zip(rows, batch.images):
+        assert np.abs(np.asarray(got).astype(int) - image(gen, people)).max() <= 1
+    # Bob's tokens reach his half alone: his change moves the right half's patches, not the left's
+    # (the joint attention carries some of it across: measured against a change of everyone's).
+    other = [rows[1][0], IdentityCondition("bob", tokens(5), region=(0.5, 0.0, 1.0, 1.0))]
+    left = SIZE // 2 - 4
+    moved = np.abs(image(gen, other) - np.asarray(batch.images[1]).astype(int))
+    assert moved[:, SIZE // 2:].mean() > 3 * moved[:, :left].mean()
+
+
+def test_the_compiled_transformer_takes_people_as_inputs(files):
+    from torch._dynamo.utils import counters
+
+    compiled = generator(files, "torch.compile")
+    compiled.warm_up([(SIZE, SIZE)], 1)
+    graphs = counters["stats"]["unique_graphs"]
+    first = image(compiled, [IdentityCondition("ann", tokens(1))])
+    image(compiled, [IdentityCondition("bob", tokens(2), scale=0.5)])
+    image(compiled, [])
+    assert counters["stats"]["unique_graphs"] == graphs  # people and strengths are inputs
+    assert np.abs(first - image(generator(files), [IdentityCondition("ann", tokens(1))])).max() <= 1
+
+
+def test_what_its_unbuilt_encoders_would_read_is_refused_in_one_line(files, tmp_path, sample_photos):
+    from ray_faceid.cli import app
+    from ray_faceid.identity.flux_adapter import check_flux_adapter_file
+
+    pulid = str(files / "pulid_flux_v0.9.1.safetensors")
+    np.save(tmp_path / "ann.npy", tokens(1))
+    made = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--adapter", pulid, "--face-embedding",
+                                    str(tmp_path / "ann.npy"), "--prompt", "a portrait", "--steps", "2", "--out",
+                                    str(tmp_path / "ann.png")])
+    assert made.exit_code == 0, made.output
+    photo = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--adapter", pulid, "--ref",
+                                     str(sample_photos["Tom_Hanks_54745.png"]), "--prompt", "a portrait", "--out",
+                                     str(tmp_path / "o.png")])
+    assert photo.exit_code == 2 and "its face encoders (antelopev2, EVA02-CLIP-L-14-336, face parsing) are not " \
+        "built yet" in photo.stderr, photo.output
+    with pytest.raises(UnsupportedModel, match="a deployment serves enrolled people"):
+        check_flux_adapter_file(pulid)  # a Serve config naming it is refused when read
+    from ray_faceid.data.render import run_render
+
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text(json.dumps({"id": "r1", "identities": ["ann"], "prompt": "a portrait"}) + "\n")
+    with pytest.raises(BadInput, match="a catalog's rows name enrolled people"):
+        run_render(str(catalog), str(tmp_path / "out"), str(files / "flux"), str(tmp_path / "registry"), pulid)
+    state = pulid_state_dict(build_tiny_flux().transformer)
+    state.pop("pulid_ca.1.to_out.weight")
+    with pytest.raises(UnsupportedModel, match="do not fit PuLID-FLUX's layout"):
+        load_pulid_flux(_saved(state), build_tiny_flux().transformer)
+
+
+def test_the_idformer_turns_the_encoders_outputs_into_id_tokens(files):
+    """The file's IDFormer, as PuLID's pipeline feeds it: a raw ArcFace embedding, a unit EVA-CLIP
+    embedding (normalised here) and five EVA-CLIP hidden states; each face its own tokens."""
+    adapter = generator(files).adapter
+    g = torch.Generator().manual_seed(0)
+    arc, eva = torch.randn(2, 16, generator=g) * 20, torch.randn(2, 8, generator=g)
+    hidden = [torch.randn(2, 5, 12, generator=g) for _ in range(5)]
+    made = adapter.encode(arc, eva, hidden)
+    assert made.shape == (2, PULID_TOKENS, PULID_WIDTH) and torch.isfinite(made).all()
+    assert torch.allclose(adapter.encode(arc, 3 * eva, hidden), made, atol=1e-5)  # the EVA embedding's length is not read
+    assert torch.allclose(adapter.encode(arc[:1], eva[:1], [h[:1] for h in hidden])[0], made[0], atol=1e-5)
+    assert (made[0] - made[1]).abs().max() > 1e-3
