@@ -118,7 +118,7 @@ def _people(ref: list[str], identity: list[str]) -> dict[str, str | list[str]]:
 
 
 def _people_and_photos(ref: list[str], identity: list[str], face_embedding: Optional[str],
-                       reads_photos: bool) -> tuple[dict, dict]:
+                       reads_photos: bool, tokens: bool = False) -> tuple[dict, dict]:
     """(people, photos): name -> photos, an enrolled name, or --face-embedding's array; and name -> the
     photos an adapter reads beside the embedding (FaceID-Plus's CLIP encoder, InstantID's pose:
     `reads_photos`), which with --face-embedding are the --ref photos."""
@@ -128,7 +128,7 @@ def _people_and_photos(ref: list[str], identity: list[str], face_embedding: Opti
         raise BadInput("--face-embedding with --ref: the photos are read only by FaceID-Plus's CLIP image encoder "
                        "(--image-encoder) or for InstantID's pose; otherwise give the embedding or the photos, not "
                        "both")
-    people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
+    people = {"person": read_face_embedding(face_embedding, tokens)} if face_embedding else _people(ref, identity)
     return people, ({"person": list(ref)} if face_embedding and ref else people)
 
 
@@ -257,15 +257,17 @@ def _say_engine_build(pipe) -> None:
                           "(minutes on a GPU; `ray-faceid compile` builds it ahead)")
 
 
-def read_face_embedding(path: str) -> np.ndarray:
-    """--face-embedding: an .npy of one person's N x D embeddings (or one D vector), as their encoder gives them."""
+def read_face_embedding(path: str, tokens: bool = False) -> np.ndarray:
+    """--face-embedding: an .npy of one person's N x D embeddings (or one D vector), as their encoder
+    gives them; on FLUX (`tokens`) also N x T x C tokens (PuLID's ID tokens, whose adapter checks T and C)."""
     try:
         emb = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise BadInput(f"--face-embedding {path}: not a readable .npy file ({exc})") from None
     emb = np.atleast_2d(emb)
-    if emb.ndim != 2 or not emb.size or not np.issubdtype(emb.dtype, np.number):
-        raise BadInput(f"--face-embedding {path}: expected N x D numbers, got {emb.dtype} of shape {emb.shape}")
+    if emb.ndim not in ((2, 3) if tokens else (2,)) or not emb.size or not np.issubdtype(emb.dtype, np.number):
+        wanted = "N x D numbers (or N x T x C tokens)" if tokens else "N x D numbers"
+        raise BadInput(f"--face-embedding {path}: expected {wanted}, got {emb.dtype} of shape {emb.shape}")
     if not np.isfinite(emb).all():
         raise BadInput(f"--face-embedding {path}: it holds NaN or infinite values")
     return emb.astype(np.float32)
@@ -338,7 +340,8 @@ def generate(
                                      f"--backend {backend}": None if backend in FLUX_BACKENDS else backend})
             if face_embedding and (ref or identity):
                 raise BadInput("use either --face-embedding or photos (--ref / --identity NAME=PHOTO), not both")
-            people = {"person": read_face_embedding(face_embedding)} if face_embedding else _people(ref, identity)
+            people = ({"person": read_face_embedding(face_embedding, tokens=True)} if face_embedding
+                      else _people(ref, identity))
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend)
@@ -423,7 +426,7 @@ def inpaint(
                                      "--identitynet": identitynet, "--identitynet-scale": identitynet_scale,
                                      "--face-backend": None if face_backend == "dlib" else face_backend,
                                      "--insightface-root": insightface_root})
-            people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False)
+            people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True)
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend)
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)

@@ -218,7 +218,7 @@ def write_stand_ins(folder: str | Path) -> list[tuple[str, str]]:
     (root / "flux-ip-adapter").mkdir(exist_ok=True)
     save_file(xlabs_state_dict(build_tiny_flux().transformer), str(root / "flux-ip-adapter" / "ip_adapter.safetensors"))
     save_file(pulid_state_dict(build_tiny_flux().transformer), str(root / "pulid_flux_v0.9.1.safetensors"))
-    np.save(root / "ann_pulid_tokens.npy", rng.normal(size=(PULID_TOKENS, PULID_WIDTH)).astype(np.float32))
+    np.save(root / "ann_pulid_tokens.npy", rng.normal(size=(1, PULID_TOKENS, PULID_WIDTH)).astype(np.float32))
 
     def path(*parts: str) -> str:  # quoted as a shell reads it: a folder may hold spaces or brackets
         return shlex.quote(str(root.joinpath(*parts)))

@@ -122,7 +122,7 @@ def test_what_its_unbuilt_encoders_would_read_is_refused_in_one_line(files, tmp_
     from ray_faceid.identity.flux_adapter import check_flux_adapter_file
 
     pulid = str(files / "pulid_flux_v0.9.1.safetensors")
-    np.save(tmp_path / "ann.npy", tokens(1))
+    np.save(tmp_path / "ann.npy", tokens(1)[None])  # as PuLID's get_id_embedding gives them: 1 x T x C
     made = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--adapter", pulid, "--face-embedding",
                                     str(tmp_path / "ann.npy"), "--prompt", "a portrait", "--steps", "2", "--out",
                                     str(tmp_path / "ann.png")])
