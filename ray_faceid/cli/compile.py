@@ -30,9 +30,9 @@ def _max_rows(text: str) -> int:
 
 
 def compile_engine(
-    out: str = typer.Option(..., "--out", help="Engine cache folder. Commands and replicas look in "
-                            "$RAY_FACEID_CACHE/engines (default ~/.cache/ray_faceid/engines): build there, or set "
-                            "RAY_FACEID_CACHE to this folder's parent where they run."),
+    out: Optional[str] = typer.Option(None, "--out", help="Engine cache folder; default: the one commands and "
+                                      "replicas look in, $RAY_FACEID_CACHE/engines (~/.cache/ray_faceid/engines). "
+                                      "Another folder named engines is found where RAY_FACEID_CACHE is its parent."),
     backend: str = typer.Option(
         "onnx", "--backend", help="onnx (or onnxruntime) | tensorrt | torch.compile (Inductor artifacts for this "
         "machine's device: compile on the kind of GPU that will serve)."),
@@ -112,9 +112,9 @@ def compile_engine(
             report = _build_flux(ref, adapter, width, height, most, precision, flux_transformer_weights, cache)
             buckets = report["buckets"]
             console.print(f"compiled {buckets} batch bucket{'s' if buckets != 1 else ''} of FLUX's transformer "
-                          f"(Inductor artifacts loaded from the cache: {report['loaded']}, stored: {report['stored']}) "
-                          f"in {cache.root}; replicas and commands find them where RAY_FACEID_CACHE/engines is this "
-                          "folder")
+                          f"(Inductor artifacts loaded from the cache: {report['loaded']}, stored: {report['stored']})",
+                          soft_wrap=True)
+            console.print(where_found(cache.root), soft_wrap=True, highlight=False)
             return
         from ray_faceid.engines.select import BUILDING_AHEAD
 
@@ -130,12 +130,28 @@ def compile_engine(
                  + (f", IdentityNet at scale {scale}" if identitynet else ""))
         if backend == "torch.compile":
             console.print(f"compiled {report['buckets']} batch buckets {built} (Inductor artifacts loaded from the "
-                          f"cache: {report['loaded']}, stored: {report['stored']})")
+                          f"cache: {report['loaded']}, stored: {report['stored']})", soft_wrap=True)
         else:
-            console.print(f"{backend} engines ready: {report['buckets']} (up to {max_rows} rows) {built}, in {cache.root}")
+            console.print(f"{backend} engines ready: {report['buckets']} (up to {max_rows} rows) {built}",
+                          soft_wrap=True)
+        console.print(where_found(cache.root), soft_wrap=True, highlight=False)
     for entry in sorted(cache.root.iterdir()) if cache.root.is_dir() else ():  # another compiler stores nothing
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")
+
+
+def where_found(root) -> str:
+    """Where the engines went, and what makes commands and replicas find them there."""
+    from pathlib import Path
+
+    from ray_faceid.engines.cache import EngineCache
+
+    root, looked = Path(root).resolve(), EngineCache().root.resolve()
+    if root == looked:
+        return f"in {root}, where commands and replicas on this machine look"
+    how = (f"set RAY_FACEID_CACHE={root.parent} where they run" if root.name == "engines" else
+           "move it to a folder named engines and set RAY_FACEID_CACHE to that folder's parent where they run")
+    return f"in {root}; commands and replicas look in {looked}: {how}"
 
 
 def _build_flux(ref, adapter, width, height, max_images, precision, transformer_weights, cache) -> dict:

@@ -49,7 +49,8 @@ FaceBackendOpt = typer.Option("dlib", "--face-backend", help="Face encoder of --
 InsightfaceRootOpt = typer.Option(None, "--insightface-root", help="Folder of an insightface pack (buffalo_l: "
                                   "det_10g.onnx, w600k_r50.onnx for FaceID; antelopev2 for InstantID).")
 FaceEmbeddingOpt = typer.Option(None, "--face-embedding", help="One person's embeddings as an .npy (N x D, as the "
-                                "adapter's encoder gives them) instead of photos.")
+                                "adapter's encoder gives them; PuLID-FLUX: its N x 32 x 2048 ID tokens) instead of "
+                                "photos.")
 EditOpt = typer.Option(None, "--edit", help="Attribute targets through the flow, e.g. 'smile=0.8,yaw=-20' "
                        "(smile, mouth_open, eyes_open 0..1; yaw -90..90, pitch -60..60 degrees).")
 
@@ -266,7 +267,8 @@ def read_face_embedding(path: str, tokens: bool = False) -> np.ndarray:
         raise BadInput(f"--face-embedding {path}: not a readable .npy file ({exc})") from None
     emb = np.atleast_2d(emb)
     if emb.ndim not in ((2, 3) if tokens else (2,)) or not emb.size or not np.issubdtype(emb.dtype, np.number):
-        wanted = "N x D numbers (or N x T x C tokens)" if tokens else "N x D numbers"
+        wanted = ("N x D numbers (or N x T x C tokens)" if tokens else
+                  "N x D numbers (N x T x C tokens are PuLID-FLUX's, on a FLUX base)")
         raise BadInput(f"--face-embedding {path}: expected {wanted}, got {emb.dtype} of shape {emb.shape}")
     if not np.isfinite(emb).all():
         raise BadInput(f"--face-embedding {path}: it holds NaN or infinite values")

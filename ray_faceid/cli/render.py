@@ -61,9 +61,11 @@ def render(
     imr: Optional[str] = typer.Option(None, "--imr", help="Trained IMR: rows' `expression` moves the identity tokens."),
     flow: Optional[str] = typer.Option(None, "--flow", help="Trained attribute flow: for rows' `edits`."),
     image_encoder: Optional[str] = ImageEncoderOpt,
-    face_backend: str = typer.Option("dlib", "--face-backend", help="Face encoder that reads the rows' people and "
-                                     "scores the outputs: dlib (default) or insightface (ArcFace, what a published "
-                                     "IP-Adapter-FaceID or InstantID file takes; needs --insightface-root)."),
+    face_backend: str = typer.Option("dlib", "--face-backend", help="Face stack whose embeddings of the rows' people "
+                                     "make their tokens and score the outputs: dlib (default) or insightface (needs "
+                                     "--insightface-root). A published IP-Adapter-FaceID or InstantID file reads each "
+                                     "person's stored ArcFace embeddings whatever the stack (`identities embed` adds "
+                                     "them)."),
     insightface_root: Optional[str] = typer.Option(None, "--insightface-root", help="Folder of an insightface pack "
                                                    "(buffalo_l for FaceID, antelopev2 for InstantID)."),
     identitynet: Optional[str] = IdentityNetOpt,

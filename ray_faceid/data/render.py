@@ -148,20 +148,6 @@ def _finished(out: str, inputs: str) -> dict | None:
     return summary
 
 
-def _check_face_stack(adapter: str | None, config: RenderConfig, model) -> None:
-    """A published FaceID / InstantID file takes ArcFace embeddings: with the dlib face stack every
-    actor would fail on it, so the job says it in one line before Ray starts."""
-    from ray_faceid.identity import published
-
-    if not adapter or model.family == "flux" or not published.is_published_file(adapter):
-        return
-    if config.face.backend == "dlib" and not config.face.recognizer_onnx:
-        found = published.describe(adapter)
-        raise BadInput(f"{found.kind} takes {found.embedding_dim}-d insightface ArcFace embeddings; this job's face "
-                       "stack is dlib's: render with --face-backend insightface --insightface-root PACK (people "
-                       "enrolled with dlib get those embeddings from `ray-faceid identities embed`)")
-
-
 def run_render(catalog: str, out: str, model: str, registry: str, adapter: str | None = None,
                config: RenderConfig | None = None, tenant: str = "default", address: str | None = None,
                imr: str | None = None, flow: str | None = None, image_encoder: str | None = None) -> dict:
@@ -187,7 +173,6 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     from ray_faceid.registry import Registry
 
     model = resolve_model(model, flux=True)  # once: the fingerprint and every actor take the reference
-    _check_face_stack(adapter, config, model)
     if model.family == "flux" and adapter:
         from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
 

@@ -17,7 +17,7 @@ from ray_faceid import storage
 from ray_faceid.config import RenderConfig
 from ray_faceid.data.catalog import CatalogRow
 from ray_faceid.data.render_rows import IDENTITY_CACHE, Renderer, output_uris
-from ray_faceid.errors import BadInput
+from ray_faceid.errors import BadInput, EncoderMismatch
 
 
 class FluxRenderer(Renderer):
@@ -72,19 +72,21 @@ class FluxRenderer(Renderer):
         self.identities: OrderedDict[str, dict] = OrderedDict()
 
     def identity(self, identity: str) -> dict:
-        """The face stack's embeddings (scores) and the CLIP image embeddings of the reference crops
-        (the adapter's input) of an identity, by id or name (LRU-cached)."""
+        """The face stack's embeddings (the scores, where the person has them) and the CLIP image
+        embeddings of the reference crops (the adapter's input) of an identity, by id or name (LRU-cached)."""
         if identity in self.identities:
             self._still_enrolled(identity)
             self.identities.move_to_end(identity)
             return self.identities[identity]
         found = self.registry.resolve(self.tenant, identity)
-        embeddings, quality, _ = self.registry.embeddings(self.tenant, found, self.analyzer.spec)
+        try:  # the adapter reads the reference crops: a person without the face stack's embeddings goes unscored
+            scoring = self.registry.embeddings(self.tenant, found, self.analyzer.spec)[0]
+        except EncoderMismatch:
+            scoring = None
         image_embeds = None
         if self.encoder is not None:
             image_embeds = self.encoder.image_embeds(self.registry.references(self.tenant, found))
-        loaded = {"id": found, "embeddings": embeddings, "quality": quality, "personal": None,
-                  "image_embeds": image_embeds}
+        loaded = {"id": found, "scoring": scoring, "personal": None, "image_embeds": image_embeds}
         self.identities[identity] = loaded
         if len(self.identities) > IDENTITY_CACHE:
             self.identities.popitem(last=False)

@@ -17,7 +17,7 @@ import numpy as np
 from ray_faceid import storage
 from ray_faceid.config import RenderConfig
 from ray_faceid.data.catalog import CatalogRow, parse_row
-from ray_faceid.errors import BadInput, FaceIdError
+from ray_faceid.errors import BadInput, EncoderMismatch, FaceIdError
 
 IMAGES_DIR = "images"
 IDENTITY_CACHE = 64  # identities (embeddings + per-identity weights) kept per renderer
@@ -53,7 +53,12 @@ class Renderer:
         self.config = config = config.model_copy(update={
             "steps": config.steps or base.default_steps, "size": config.size or f"{width}x{height}",
             "guidance": base.default_guidance if config.guidance is None else config.guidance})
-        shared = shared_adapter(adapter, base, self.analyzer.spec)  # without one: the smoke base's seeded adapter
+        from ray_faceid.identity import published
+
+        # A published file reads each person's stored embeddings it takes (identity()), whatever stack
+        # scores the outputs; ours, the face stack's own. Without one: the smoke base's seeded adapter.
+        given = None if adapter and published.is_published_file(adapter) else self.analyzer.spec
+        shared = shared_adapter(adapter, base, given)
         if shared is None:
             raise BadInput(NO_ADAPTER.format(model=base.model_id))
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,9 +87,20 @@ class Renderer:
             self.identities.move_to_end(identity)
             return self.identities[identity]
         found = self.registry.resolve(self.tenant, identity)  # rows may name people or give their ids
-        # The face stack's embeddings (the enrollment's, or added by `identities embed`): tokens and scores.
-        embeddings, quality, _ = self.registry.embeddings(self.tenant, found, self.analyzer.spec)
-        loaded = {"id": found, "embeddings": embeddings, "quality": quality,
+        # The face stack's embeddings (the enrollment's, or added by `identities embed`) give the tokens
+        # and the scores; a published file that takes another encoder's reads those (any it takes), and
+        # the outputs are scored where the person has the face stack's too.
+        spec, adapter = self.analyzer.spec, self.pipeline.adapter
+        if adapter.takes(spec):
+            embeddings, quality, _ = self.registry.embeddings(self.tenant, found, spec)
+            scoring = embeddings
+        else:
+            embeddings, quality, _ = self.registry.embeddings(self.tenant, found, None, adapter.takes)
+            try:
+                scoring = self.registry.embeddings(self.tenant, found, spec)[0]
+            except EncoderMismatch:
+                scoring = None
+        loaded = {"id": found, "embeddings": embeddings, "quality": quality, "scoring": scoring,
                   "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash, self.pipeline.adapter),
                   "image_features": self._image_features(found)}
         self.identities[identity] = loaded
@@ -197,7 +213,8 @@ class Renderer:
         from ray_faceid.eval.identity import score_output
 
         faces = self.analyzer.analyze(np.asarray(image))
-        scores = score_output(faces, {i.id: self.identity(i.id)["embeddings"] for i in row.identities})
+        references = {i.id: self.identity(i.id)["scoring"] for i in row.identities}
+        scores = score_output(faces, {k: v for k, v in references.items() if v is not None})
         record = {"id": row.id, "index": None, "status": "ok", "error": None, "output_uri": png_uri, "key": key,
                   "seed": row.seed, "cached": False, "similarity": scores["similarity"], "face_found": scores["face_found"],
                   "leakage": scores["leakage"], "scores": json.dumps(scores), "provenance": json.dumps(provenance),

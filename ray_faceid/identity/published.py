@@ -180,6 +180,12 @@ def recognise(parts: dict, digest: str, uri: str) -> Recognised:
         raise UnsupportedModel(f"{uri} holds a LoRA alone ({len(lora_layers)} layers, kohya keys): the authors' .bin "
                                "of the same name without `_lora` holds this LoRA and the identity weights: give that "
                                "file as --adapter")
+    flux = {"pulid_encoder": "PuLID-FLUX", "ip_adapter_proj_model": "FLUX IP-Adapter (XLabs)",
+            "double_blocks": "FLUX IP-Adapter (XLabs)"}
+    for head, kind in flux.items():
+        if head in parts:
+            raise UnsupportedModel(f"{uri} is a {kind} file: it runs on a FLUX.1 base (--model a FLUX folder), not on "
+                                   "SD 1.x / SDXL")
     proj, ip = parts.get("image_proj") or {}, parts.get("ip_adapter") or {}
     keys = set(proj)
     if any(k.startswith("perceiver_resampler.") for k in keys):

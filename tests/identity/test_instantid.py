@@ -233,6 +233,7 @@ def test_compile_builds_instantids_engine_with_its_identitynet_and_refuses_it_wi
     said = " ".join(built.stdout.split())  # what it built, as a Serve config must ask for it
     assert built.exit_code == 0 and "compiled 1 batch buckets for 64x64, 1 identity an image, IdentityNet at scale 0.8" \
         in said, built.output
+    assert f"set RAY_FACEID_CACHE={tmp_path.resolve()} where they run" in said  # how commands find them
     pytest.importorskip("onnxruntime")
     exported = CliRunner().invoke(app, command + ["--backend", "onnx", "--identitynet", net_folder])
     assert exported.exit_code == 0 and "onnx engines ready: 1" in exported.stdout, exported.output

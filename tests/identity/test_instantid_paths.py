@@ -205,16 +205,33 @@ def test_inpaint_command_repaints_an_enrolled_persons_face_with_instantid(parts,
     assert np.array_equal(np.asarray(Image.open(tmp_path / "given.png")), np.asarray(Image.open(tmp_path / "out.png")))
 
 
-def test_a_render_job_with_dlibs_face_stack_and_a_published_file_is_refused_before_ray_starts(parts, tmp_path):
-    from ray_faceid.data.render import run_render
-    from ray_faceid.errors import BadInput
+def test_a_render_job_on_dlibs_face_stack_reads_each_persons_stored_arcface_embeddings(parts, tmp_path):
+    """`ray-faceid render` without face options (dlib's stack, which scores the outputs) and a published
+    file: each person's stored ArcFace embeddings make their tokens, as generate takes them; a person
+    enrolled with dlib alone fails their row alone, with the command that adds the embeddings."""
+    from ray_faceid.config import RenderConfig
+    from ray_faceid.data.render_rows import Renderer
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.face.spec import EncoderSpec
+    from ray_faceid.identity.instantid import frontal_points
+    from ray_faceid.registry import REFERENCE_CROP, Registry
 
-    catalog = tmp_path / "catalog.jsonl"
-    catalog.write_text(json.dumps({"id": "r1", "identities": ["ann"], "prompt": "a portrait"}) + "\n")
-    with pytest.raises(BadInput, match="InstantID takes 64-d insightface ArcFace embeddings; this job's face stack is "
-                                       "dlib's: render with --face-backend insightface"):
-        run_render(str(catalog), str(tmp_path / "out"), parts.sdxl, parts.registry, parts.adapter,
-                   tenant="acme")  # the default RenderConfig: dlib, as `ray-faceid render` without face options
+    registry = Registry(str(tmp_path / "registry"))
+    crop = [np.zeros((REFERENCE_CROP, REFERENCE_CROP, 3), np.uint8)]
+    taken = [{"index": 0, "filename": "0.png", "accepted": True, "reason": None}]
+    registry.create("acme", "bob", "form-bob", parts.people["bob"][1], np.ones(1, np.float32),
+                    FaceAnalyzer(parts.face).spec, crop, taken)
+    dlib = EncoderSpec(name="dlib_resnet", dim=128, version="test", license="-", metric="euclidean", threshold=0.6)
+    registry.create("acme", "dan", "form-dan", np.ones((1, 128), np.float32), np.ones(1, np.float32), dlib, crop, taken)
+    config = RenderConfig(steps=STEPS, guidance=GUIDANCE, size=f"{SIZE}x{SIZE}", device="cpu", identitynet=parts.net)
+    renderer = Renderer(config, parts.sdxl, parts.adapter, registry.store, "acme", str(tmp_path / "out"))
+    rows = [json.dumps({"id": name, "prompt": "a portrait", "seed": 4, "identities": [name]}) for name in ("bob", "dan")]
+    bob, dan = renderer.render_batch(rows, [0, 1])
+    assert bob["status"] == "ok", bob
+    rendered = np.asarray(Image.open(bob["output_uri"])).astype(int)
+    frontal = frontal_points(SIZE, SIZE) / SIZE
+    assert np.abs(rendered - generated(renderer.pipeline, parts.people["bob"][1], frontal, 4)).max() <= 1
+    assert dan["status"] == "error" and "`ray-faceid identities embed dan --insightface-root PACK`" in dan["error"]
 
 
 def test_personalize_runs_identitynet_beside_the_unet_in_every_step(parts, ray_cluster):

@@ -132,6 +132,13 @@ def test_what_its_unbuilt_encoders_would_read_is_refused_in_one_line(files, tmp_
                                      str(tmp_path / "o.png")])
     assert photo.exit_code == 2 and "its face encoders (antelopev2, EVA02-CLIP-L-14-336, face parsing) are not " \
         "built yet" in photo.stderr, photo.output
+    on_sd = CliRunner().invoke(app, ["generate", "--model", "tiny", "--adapter", pulid, "--face-embedding",
+                                     str(tmp_path / "ann.npy"), "--prompt", "a portrait", "--out", str(tmp_path / "o.png")])
+    assert on_sd.exit_code == 2 and "PuLID-FLUX's, on a FLUX base" in on_sd.stderr, on_sd.output
+    np.save(tmp_path / "flat.npy", np.ones((1, 16), np.float32))
+    on_sd = CliRunner().invoke(app, ["generate", "--model", "tiny", "--adapter", pulid, "--face-embedding",
+                                     str(tmp_path / "flat.npy"), "--prompt", "a portrait", "--out", str(tmp_path / "o.png")])
+    assert on_sd.exit_code == 2 and "is a PuLID-FLUX file: it runs on a FLUX.1 base" in on_sd.stderr, on_sd.output
     with pytest.raises(UnsupportedModel, match="a deployment serves enrolled people"):
         check_flux_adapter_file(pulid)  # a Serve config naming it is refused when read
     from ray_faceid.data.render import run_render
