@@ -22,8 +22,10 @@ class OnnxArcFaceEncoder(CropEncoder):
         except ImportError as exc:
             raise BackendUnavailable("an ONNX recogniser needs onnxruntime: pip install 'ray_faceid[onnx]'") from exc
         data = storage.read_bytes(uri)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: a model's graph warnings (one line per initializer) are not the user's
         try:
-            self._session = ort.InferenceSession(data, providers=providers or ort.get_available_providers())
+            self._session = ort.InferenceSession(data, options, providers=providers or ort.get_available_providers())
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
             raise BackendUnavailable(f"{uri}: not an ONNX model onnxruntime can load "
                                      f"({str(exc).splitlines()[0][:160]})") from None
