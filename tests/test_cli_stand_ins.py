@@ -19,7 +19,8 @@ def test_every_printed_command_makes_an_image_of_its_published_kind(tmp_path, sa
     folder = tmp_path / "my files [v1]"  # printed as a shell reads it: spaces and brackets kept
     written = runner.invoke(app, ["stand-ins", str(folder)])
     assert written.exit_code == 0, written.output
-    commands = [line.strip() for line in written.output.splitlines() if line.strip().startswith("ray-faceid generate")]
+    printed = [line.strip() for line in written.output.splitlines() if line.strip().startswith("ray-faceid ")]
+    commands = [c for c in printed if c.startswith("ray-faceid generate") and "NAME" not in c]
     assert len(commands) == len(KINDS)
     outs = {shlex.split(c)[shlex.split(c).index("--out") + 1] for c in commands}
     assert len(outs) == len(commands)  # each command its own image: run one after another, none overwritten
@@ -31,6 +32,20 @@ def test_every_printed_command_makes_an_image_of_its_published_kind(tmp_path, sa
         assert made.exit_code == 0, (command, made.output)
         published = read_provenance(out.read_bytes())["adapter_published"]
         assert (published["kind"], published["variant"]) == kind, (command, published)
+    # A person enrolled with the default (dlib) stack, then the printed embed and generate, as printed.
+    registry = str(tmp_path / "registry")
+    enrolled = runner.invoke(app, ["identities", "enroll", str(sample_photos["Tom_Hanks_54745.png"]), "--consent",
+                                   "form-1", "--name", "tom", "--registry", registry])
+    assert enrolled.exit_code == 0, enrolled.output
+    named = [c for c in printed if "NAME" in c]
+    assert [shlex.split(c)[1] for c in named] == ["identities", "generate"]
+    for command in named:
+        argv = shlex.split(command.replace("NAME", "tom"))[1:] + ["--registry", registry]
+        if "--out" in argv:
+            argv[argv.index("--out") + 1] = str(tmp_path / "tom.png")
+        ran = runner.invoke(app, argv)
+        assert ran.exit_code == 0, (command, ran.output)
+    assert read_provenance((tmp_path / "tom.png").read_bytes())["adapter_published"]["kind"] == "IP-Adapter-FaceID"
     again = runner.invoke(app, ["stand-ins", str(folder)])  # never written over
     assert again.exit_code == 2 and "not an empty folder" in again.output
     (tmp_path / "a_file").write_text("x")

@@ -47,3 +47,11 @@ def stand_ins(folder: str = typer.Argument(..., help="Where to write them (a new
             console.print(what, style="bold", markup=False, highlight=False)
             console.print(f"  {program} generate {arguments} --prompt 'a portrait photo' --out {out}.png",
                           soft_wrap=True, markup=False, highlight=False)
+        onnx = root / "tiny_arcface_512.onnx"
+        if onnx.is_file():  # enrolled people get the embeddings the stand-ins take from a random ArcFace-shaped net
+            console.print("An enrolled person (e.g. enrolled with the default dlib stack) with these files",
+                          style="bold", markup=False, highlight=False)
+            console.print(f"  {program} identities embed NAME --recognizer-onnx {shlex.quote(str(onnx))}\n"
+                          f"  {program} generate --model tiny --adapter "
+                          f"{shlex.quote(str(root / 'ip-adapter-faceid_sd15.bin'))} --identity NAME --prompt "
+                          "'a portrait photo' --out name.png", soft_wrap=True, markup=False, highlight=False)

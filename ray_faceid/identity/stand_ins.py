@@ -189,6 +189,22 @@ def save(state: dict, path) -> str:
 ARCFACE_DIM = 512  # what buffalo_l's and antelopev2's recognisers give
 
 
+def save_arcface_onnx(path) -> str | None:
+    """A tiny random ArcFace-shaped recogniser (N x 3 x 112 x 112 -> N x 512) as ONNX, so enrolled
+    people can get the embeddings the stand-ins take (`identities embed --recognizer-onnx`); None
+    without the onnx extra."""
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, ARCFACE_DIM)).eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    return str(path)
+
+
 def write_stand_ins(folder: str | Path) -> list[tuple[str, str]]:
     """Every published layout for the tiny bases under `folder`, with an embedding for each encoder
     they read (`ann_arcface.npy`: 512-d, unit length; `ann_clip.npy`: the tiny CLIP's image embedding).
@@ -219,6 +235,7 @@ def write_stand_ins(folder: str | Path) -> list[tuple[str, str]]:
     save_file(xlabs_state_dict(build_tiny_flux().transformer), str(root / "flux-ip-adapter" / "ip_adapter.safetensors"))
     save_file(pulid_state_dict(build_tiny_flux().transformer), str(root / "pulid_flux_v0.9.1.safetensors"))
     np.save(root / "ann_pulid_tokens.npy", rng.normal(size=(1, PULID_TOKENS, PULID_WIDTH)).astype(np.float32))
+    save_arcface_onnx(root / "tiny_arcface_512.onnx")
 
     def path(*parts: str) -> str:  # quoted as a shell reads it: a folder may hold spaces or brackets
         return shlex.quote(str(root.joinpath(*parts)))
