@@ -16,9 +16,9 @@ takes the residual of the person whose region covers it.
 
 What is not built: the face encoders PuLID reads a photo with (antelopev2, EVA02-CLIP-L-14-336, and
 the face parsing that greys the face on white): a person comes as the ID tokens PuLID's own pipeline
-gives (`get_id_embedding`, 32 x 2048), or as those encoders' outputs (`encode`). No reference code
-was at hand to compare the image with: the published names load strictly, and the tests check where
-the residuals land and that a zero weight leaves FLUX's own image.
+gives (`get_id_embedding`, 32 x 2048), or as those encoders' outputs (`encode`). PuLID's code is no
+package to compare with: the tests write its loop and attention out from their description and the
+hooked transformer must match them.
 """
 from __future__ import annotations
 
@@ -88,18 +88,25 @@ class IdCrossAttention(nn.Module):
         self.to_kv = nn.Linear(kv_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def queries(self, image: torch.Tensor) -> torch.Tensor:
         b, n, _ = image.shape
-        q = self.to_q(self.norm2(image))
-        k, v = self.to_kv(self.norm1(tokens)).chunk(2, dim=-1)
-        q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_q(self.norm2(image)).view(b, n, self.heads, -1).transpose(1, 2)
+
+    def attend(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, inner) of the queries over the tokens, before the output projection."""
+        b, _, n, _ = queries.shape
+        k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
+                for t in self.to_kv(self.norm1(tokens)).chunk(2, dim=-1))
+        return F.scaled_dot_product_attention(queries, k, v).transpose(1, 2).reshape(b, n, -1)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.to_out(self.attend(self.queries(image), tokens))
 
 
 class IdResidual:
     """A forward hook on a FLUX block: the block's image stream plus each person's ID cross-attention,
-    times their weight, on their patches; the identity inputs are the call's own."""
+    times their weight, on their patches; the identity inputs are the call's own. The queries and the
+    output projection (linear, no bias) are shared by the people: computed once a block."""
 
     def __init__(self, attention: IdCrossAttention):
         self.attention = attention
@@ -111,14 +118,14 @@ class IdResidual:
             return output
         text, image = output
         weight, owner = identity["identity_scale"], identity.get("patch_owner")
-        added = torch.zeros_like(image)
+        queries = self.attention.queries(image)
+        mixed = 0
         for m in range(tokens.shape[1]):
-            taken = self.attention(tokens[:, m].to(image.dtype), image)
             w = weight[:, m].to(image.dtype).view(-1, 1, 1)
             if owner is not None:
                 w = w * owner[:, :, m:m + 1].to(image.dtype)
-            added = added + w * taken
-        return text, image + added
+            mixed = mixed + w * self.attention.attend(queries, tokens[:, m].to(image.dtype))
+        return text, image + self.attention.to_out(mixed)
 
 
 class PulidFlux(nn.Module):
@@ -146,10 +153,16 @@ class PulidFlux(nn.Module):
         """(T, C) tokens of a person given as PuLID's ID tokens (T x C, or N x T x C from N photos: their mean)."""
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 2 else emb
-        if emb.ndim != 3 or emb.shape[1:] != (self.tokens_per_person, self.width) or not np.isfinite(emb).all():
+        if emb.ndim != 3 or not len(emb) or emb.shape[1:] != (self.tokens_per_person, self.width) or \
+                not np.isfinite(emb).all():
             raise BadInput(f"identity {name}: PuLID-FLUX takes its ID tokens, {self.tokens_per_person} x {self.width} "
                            f"finite numbers (PuLID's get_id_embedding), got shape {emb.shape}")
-        return torch.from_numpy(emb.mean(0)).to(device, self.dtype)
+        # Several photos' tokens: their mean (our choice; PuLID's pipeline reads one photo).
+        tokens = torch.from_numpy(emb.mean(0)).to(device, self.dtype)
+        with torch.no_grad():  # finite but huge tokens overflow the first norm: a black image, said instead
+            if not torch.isfinite(self.pulid_ca[0].norm1(tokens)).all():
+                raise BadInput(f"identity {name}: its ID tokens are out of range (they overflow PuLID's attention)")
+        return tokens
 
     @torch.no_grad()
     def encode(self, id_embedding: torch.Tensor, eva_embedding: torch.Tensor, eva_hidden: list[torch.Tensor]):
@@ -190,22 +203,36 @@ def is_pulid_file(uri: str) -> bool:
         return False
     try:
         keys = _header_keys(uri)
-    except (OSError, ValueError, UnsupportedModel):
+    except Exception:  # noqa: BLE001 - a damaged or missing file is no PuLID file: its loader says what is wrong
         return False
     return any(k.startswith("pulid_encoder.") for k in keys) and any(k.startswith("pulid_ca.") for k in keys)
 
 
 def _header_keys(uri: str) -> list[str]:
+    """The tensor names of a safetensors file's JSON header (the file's first 8 bytes give its length)."""
     import json
-    import struct
 
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        if size > 100_000_000:
-            raise UnsupportedModel(f"{uri}: not a safetensors file")
-        header = json.loads(f.read(size))
-    return [k for k in header if k != "__metadata__"]
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else None
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+
+
+def _modules_of(encoder: dict, ca: dict) -> tuple[IdFormer, list[IdCrossAttention]]:
+    """The IDFormer and cross-attentions the tensors' shapes describe (KeyError / ValueError where not)."""
+    _, queries, dim = encoder["latents"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("layers."))
+    mapping, first = encoder["mapping_0.0.weight"], encoder["id_embedding_mapping.0.weight"]
+    last = encoder["id_embedding_mapping.6.weight"]
+    if depth % SCALES:
+        raise ValueError(f"{depth} layers")
+    former = IdFormer(dim, depth, encoder["layers.0.0.to_q.weight"].shape[0], queries, last.shape[0] // dim,
+                      first.shape[1], mapping.shape[1], mapping.shape[0], encoder["proj_out"].shape[1])
+    count = 1 + max(int(k.split(".")[0]) for k in ca)
+    inner, hidden = ca["0.to_q.weight"].shape
+    return former, [IdCrossAttention(hidden, ca["0.to_kv.weight"].shape[1], inner) for _ in range(count)]
 
 
 def load_pulid_flux(uri: str, transformer) -> PulidFlux:
@@ -224,19 +251,13 @@ def load_pulid_flux(uri: str, transformer) -> PulidFlux:
     if others or "latents" not in encoder or "proj_out" not in encoder or "0.to_q.weight" not in ca:
         raise UnsupportedModel(f"{uri}: not PuLID-FLUX's layout (pulid_encoder.latents, .proj_out, pulid_ca.0.to_q"
                                + (f"; it also holds {others[0]}" if others else "") + ")")
-    _, queries, dim = encoder["latents"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("layers."))
-    mapping = encoder["mapping_0.0.weight"] if "mapping_0.0.weight" in encoder else None
-    first = encoder.get("id_embedding_mapping.0.weight")
-    last = encoder.get("id_embedding_mapping.6.weight")
-    if mapping is None or first is None or last is None or depth % SCALES:
-        raise UnsupportedModel(f"{uri}: its IDFormer lacks the layout PuLID publishes (mapping_0..4, "
-                               f"id_embedding_mapping, layers in {SCALES} groups)")
-    former = IdFormer(dim, depth, encoder["layers.0.0.to_q.weight"].shape[0], queries, last.shape[0] // dim,
-                      first.shape[1], mapping.shape[1], mapping.shape[0], encoder["proj_out"].shape[1])
-    count = 1 + max(int(k.split(".")[0]) for k in ca)
-    inner, hidden = ca["0.to_q.weight"].shape
-    attentions = [IdCrossAttention(hidden, ca["0.to_kv.weight"].shape[1], inner) for _ in range(count)]
+    try:  # its widths, read from the tensors; a damaged layout is refused, not a traceback
+        former, attentions = _modules_of(encoder, ca)
+    except (KeyError, ValueError, IndexError, TypeError, RuntimeError):
+        raise UnsupportedModel(f"{uri}: its tensors lack PuLID-FLUX's layout (pulid_encoder: latents, proj_out, "
+                               f"layers in {SCALES} groups, mapping_0..4, id_embedding_mapping; pulid_ca.N: norm1, "
+                               "norm2, to_q, to_kv, to_out): the file is damaged or of another kind") from None
+    count, hidden = len(attentions), attentions[0].to_q.in_features
     config = transformer.config
     width = config.num_attention_heads * config.attention_head_dim
     if hidden != width:
@@ -254,7 +275,8 @@ def load_pulid_flux(uri: str, transformer) -> PulidFlux:
         raise UnsupportedModel(f"{uri}: it holds NaN or infinite weights")
     # v0.9.0 and v0.9.1 share one layout: what was recognised is the layout, the file names its version.
     adapter.published = {"kind": "PuLID-FLUX", "variant": f"IDFormer, {count} ID cross-attentions",
-                         "file": Path(uri).name, "sha256": hashlib.sha256(raw).hexdigest(), "tokens": queries,
+                         "file": Path(uri).name, "sha256": hashlib.sha256(raw).hexdigest(), "tokens": adapter.tokens_per_person,
                          "licence": LICENCE}
-    log.warning("recognised PuLID-FLUX: %d ID tokens of %d, %d ID cross-attentions", queries, adapter.width, count)
+    log.warning("recognised PuLID-FLUX: %d ID tokens of %d, %d ID cross-attentions", adapter.tokens_per_person,
+                adapter.width, count)
     return adapter

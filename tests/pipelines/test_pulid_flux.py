@@ -61,6 +61,64 @@ def test_the_residuals_sit_after_every_2nd_dual_and_every_4th_single_stream_bloc
         load_pulid_flux(_saved(pulid_state_dict(build_tiny_flux().transformer)), transformer).install(transformer)
 
 
+def _written_out(transformer, adapter, inputs: dict, tokens: torch.Tensor, weight: float) -> torch.Tensor:
+    """FLUX's forward pass with PuLID's residual written out from its description, apart from the
+    hooks: after dual-stream blocks 0, 2, 4... and single-stream blocks 0, 4, 8..., the image stream
+    plus weight x the softmax attention of its layer-normed queries over the layer-normed ID tokens."""
+    import torch.nn.functional as F
+
+    def residual(ca, image):
+        q = ca.to_q(F.layer_norm(image, image.shape[-1:], ca.norm2.weight, ca.norm2.bias))
+        k, v = ca.to_kv(F.layer_norm(tokens, tokens.shape[-1:], ca.norm1.weight, ca.norm1.bias)).chunk(2, dim=-1)
+        heads = q.shape[-1] // 128
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        attention = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return ca.to_out((attention @ v).transpose(1, 2).flatten(2))
+
+    hidden = transformer.x_embedder(inputs["hidden_states"])
+    temb = transformer.time_text_embed(inputs["timestep"] * 1000, inputs["pooled_projections"])
+    text = transformer.context_embedder(inputs["encoder_hidden_states"])
+    rotary = transformer.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]]))
+    attentions = iter(adapter.pulid_ca)
+    for i, block in enumerate(transformer.transformer_blocks):
+        text, hidden = block.forward(hidden, text, temb, rotary)
+        if i % 2 == 0:
+            hidden = hidden + weight * residual(next(attentions), hidden)
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        text, hidden = block.forward(hidden, text, temb, rotary)
+        if i % 4 == 0:
+            hidden = hidden + weight * residual(next(attentions), hidden)
+    assert next(attentions, None) is None
+    return transformer.proj_out(transformer.norm_out(hidden, temb))
+
+
+def test_the_hooked_transformer_equals_pulids_loop_written_out():
+    """PuLID's reference code is no package: its loop and attention are written out here from their
+    description, independently of the hooks, and the hooked transformer's output must match it."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=3, num_single_layers=5,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    adapter = load_pulid_flux(_saved(pulid_state_dict(transformer)), transformer)
+    adapter.install(transformer)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(1, 16, 16, generator=g), "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+              "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.7]),
+              "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
+                                     -1).reshape(16, 3),
+              "txt_ids": torch.zeros(8, 3)}
+    person = torch.randn(1, PULID_TOKENS, PULID_WIDTH, generator=g)
+    with torch.no_grad():
+        hooked = transformer(**inputs, joint_attention_kwargs={"identity_tokens": person[:, None],
+                                                               "identity_scale": torch.tensor([[0.8]])}).sample
+        want = _written_out(transformer, adapter, inputs, person, 0.8)
+        alone = transformer(**inputs).sample  # no identity inputs: FLUX's own
+    assert (want - alone).abs().max() > 0.1  # the identity moves the output: the match below means something
+    assert torch.allclose(hooked, want, atol=1e-4), (hooked - want).abs().max()
+
+
 def _saved(state: dict) -> str:
     import tempfile
 
@@ -151,6 +209,17 @@ def test_what_its_unbuilt_encoders_would_read_is_refused_in_one_line(files, tmp_
     state.pop("pulid_ca.1.to_out.weight")
     with pytest.raises(UnsupportedModel, match="do not fit PuLID-FLUX's layout"):
         load_pulid_flux(_saved(state), build_tiny_flux().transformer)
+    state = pulid_state_dict(build_tiny_flux().transformer)
+    state.pop("pulid_encoder.layers.0.0.to_q.weight")
+    with pytest.raises(UnsupportedModel, match="lack PuLID-FLUX's layout"):
+        load_pulid_flux(_saved(state), build_tiny_flux().transformer)
+    from ray_faceid.identity.flux_adapter import load_flux_identity
+
+    (tmp_path / "cut.safetensors").write_bytes(b"\x05\x00")  # a truncated download: one line, not a traceback
+    with pytest.raises(UnsupportedModel, match="not a readable safetensors file"):
+        load_flux_identity(str(tmp_path / "cut.safetensors"), build_tiny_flux().transformer)
+    with pytest.raises(BadInput, match="its ID tokens are out of range"):  # else a black image
+        generator(files).generate("a portrait", [IdentityCondition("p", tokens(1) * 1e30)], steps=1)
 
 
 def test_the_idformer_turns_the_encoders_outputs_into_id_tokens(files):
