@@ -260,7 +260,7 @@ class Registry:
         `spec`, that encoder's; with `accept`, the first encoder it accepts (the enrollment's, then those
         `identities embed` added; an adapter's `takes`). None fitting is EncoderMismatch saying how to
         add them."""
-        file, chosen = self._embedding_file(self.get(tenant, identity), identity, spec, accept)
+        file, chosen = self._embedding_file(self.get(tenant, identity), identity, spec, accept, tenant)
         raw = storage.read_bytes(storage.join(self._dir(tenant, identity), file))
         try:
             data = np.load(io.BytesIO(raw))
@@ -273,22 +273,27 @@ class Registry:
                           accept: Callable[[EncoderSpec], bool] | None = None) -> EncoderSpec:
         """The encoder whose embeddings `embeddings(accept=...)` would give, from the record alone (a
         job's driver checks its people before any worker); EncoderMismatch as there."""
-        return self._embedding_file(self.get(tenant, identity), identity, None, accept)[1]
+        return self._embedding_file(self.get(tenant, identity), identity, None, accept, tenant)[1]
 
-    @staticmethod
-    def _embedding_file(meta: dict, identity: str, spec: EncoderSpec | None,
-                        accept: Callable[[EncoderSpec], bool] | None) -> tuple[str, EncoderSpec]:
+    def _embedding_file(self, meta: dict, identity: str, spec: EncoderSpec | None,
+                        accept: Callable[[EncoderSpec], bool] | None, tenant: str) -> tuple[str, EncoderSpec]:
         found = [("embeddings.npz", EncoderSpec(**meta["encoder"]))]
         found += [(e["file"], EncoderSpec(**e["spec"])) for e in (meta.get("encoders") or {}).values()]
         fits = [(f, s) for f, s in found if (spec is None or s.key() == spec.key()) and (accept is None or accept(s))]
         if not fits:
             wanted = spec.key() if spec is not None else "the adapter's encoder"
+            import shlex
+
             who = meta.get("name") or identity
+            # This person (by id: a name may be taken twice) and tenant; the store a placeholder like the
+            # pack (an API caller is told no server path).
+            command = (f"ray-faceid identities embed {shlex.quote(meta.get('id') or identity)} --tenant "
+                       f"{shlex.quote(tenant)} --registry REGISTRY")
             if spec is not None and spec.name.startswith("dlib"):
-                how = f"`ray-faceid identities embed {who} --face-backend dlib`"
+                how = f"`{command} --face-backend dlib`"
             else:
-                how = (f"`ray-faceid identities embed {who} --insightface-root PACK` (insightface's ArcFace, what "
-                       "published FaceID and InstantID files take; an ArcFace ONNX of your own: --recognizer-onnx FILE)")
+                how = (f"`{command} --insightface-root PACK` (insightface's ArcFace, what published FaceID and "
+                       "InstantID files take; an ArcFace ONNX of your own: --recognizer-onnx FILE)")
             raise EncoderMismatch(f"identity {who} has embeddings of {', '.join(s.key() for _, s in found)}, not of "
                                   f"{wanted}: add them from the reference crops it keeps (no photo needed) with {how}")
         return fits[0]

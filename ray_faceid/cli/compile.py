@@ -114,7 +114,7 @@ def compile_engine(
             console.print(f"compiled {buckets} batch bucket{'s' if buckets != 1 else ''} of FLUX's transformer "
                           f"(Inductor artifacts loaded from the cache: {report['loaded']}, stored: {report['stored']})",
                           soft_wrap=True)
-            console.print(where_found(cache.root), soft_wrap=True, highlight=False)
+            console.print(where_found(cache.root), soft_wrap=True, highlight=False, markup=False)
             return
         from ray_faceid.engines.select import BUILDING_AHEAD
 
@@ -134,7 +134,7 @@ def compile_engine(
         else:
             console.print(f"{backend} engines ready: {report['buckets']} (up to {max_rows} rows) {built}",
                           soft_wrap=True)
-        console.print(where_found(cache.root), soft_wrap=True, highlight=False)
+        console.print(where_found(cache.root), soft_wrap=True, highlight=False, markup=False)
     for entry in sorted(cache.root.iterdir()) if cache.root.is_dir() else ():  # another compiler stores nothing
         if entry.is_dir():
             console.print(f"{entry}: {', '.join(sorted(p.name for p in entry.iterdir()))}")
@@ -142,6 +142,7 @@ def compile_engine(
 
 def where_found(root) -> str:
     """Where the engines went, and what makes commands and replicas find them there."""
+    import shlex
     from pathlib import Path
 
     from ray_faceid.engines.cache import EngineCache
@@ -149,7 +150,7 @@ def where_found(root) -> str:
     root, looked = Path(root).resolve(), EngineCache().root.resolve()
     if root == looked:
         return f"in {root}, where commands and replicas on this machine look"
-    how = (f"set RAY_FACEID_CACHE={root.parent} where they run" if root.name == "engines" else
+    how = (f"set RAY_FACEID_CACHE={shlex.quote(str(root.parent))} where they run" if root.name == "engines" else
            "move it to a folder named engines and set RAY_FACEID_CACHE to that folder's parent where they run")
     return f"in {root}; commands and replicas look in {looked}: {how}"
 

@@ -95,8 +95,8 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         photos = any(not hasattr(value, "shape") for value in people.values())  # not only embedding files
         also = " and --image-encoder FOLDER (the CLIP vision folder it reads photos through)" if photos and not \
             image_encoder else ""
-        raise BadInput(f"{ref.name}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the XLabs FLUX "
-                       f"IP-Adapter layout){also}")
+        raise BadInput(f"{ref.name}: identity on FLUX reads a FLUX IP-Adapter or PuLID-FLUX: give --adapter FILE (the "
+                       f"XLabs FLUX IP-Adapter layout, or PuLID-FLUX's file){also}")
     if adapter_uri:
         from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
 

@@ -146,8 +146,8 @@ class FluxGenerator:
         if not any(rows) and not (fixed and self.adapter is not None):
             return {}
         if self.adapter is None:
-            raise BadInput(f"{self.base.model_id}: identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE (the "
-                           "XLabs FLUX IP-Adapter layout)")
+            raise BadInput(f"{self.base.model_id}: identity on FLUX reads a FLUX IP-Adapter or PuLID-FLUX: give "
+                           "--adapter FILE (the XLabs FLUX IP-Adapter layout, or PuLID-FLUX's file)")
         from ray_faceid.identity.flux_adapter import patch_owner
         from ray_faceid.identity.routing import strip_boxes
         from ray_faceid.pipelines.generate import MAX_IDENTITIES

@@ -222,7 +222,8 @@ def test_a_render_job_on_dlibs_face_stack_reads_each_persons_stored_arcface_embe
     registry.create("acme", "bob", "form-bob", parts.people["bob"][1], np.ones(1, np.float32),
                     FaceAnalyzer(parts.face).spec, crop, taken)
     dlib = EncoderSpec(name="dlib_resnet", dim=128, version="test", license="-", metric="euclidean", threshold=0.6)
-    registry.create("acme", "dan", "form-dan", np.ones((1, 128), np.float32), np.ones(1, np.float32), dlib, crop, taken)
+    dan_id = registry.create("acme", "dan", "form-dan", np.ones((1, 128), np.float32), np.ones(1, np.float32), dlib, crop,
+                             taken)["id"]
     config = RenderConfig(steps=STEPS, guidance=GUIDANCE, size=f"{SIZE}x{SIZE}", device="cpu", identitynet=parts.net)
     renderer = Renderer(config, parts.sdxl, parts.adapter, registry.store, "acme", str(tmp_path / "out"))
     rows = [json.dumps({"id": name, "prompt": "a portrait", "seed": 4, "identities": [name]}) for name in ("bob", "dan")]
@@ -231,7 +232,8 @@ def test_a_render_job_on_dlibs_face_stack_reads_each_persons_stored_arcface_embe
     rendered = np.asarray(Image.open(bob["output_uri"])).astype(int)
     frontal = frontal_points(SIZE, SIZE) / SIZE
     assert np.abs(rendered - generated(renderer.pipeline, parts.people["bob"][1], frontal, 4)).max() <= 1
-    assert dan["status"] == "error" and "`ray-faceid identities embed dan --insightface-root PACK`" in dan["error"]
+    command = f"`ray-faceid identities embed {dan_id} --tenant acme --registry REGISTRY --insightface-root PACK`"
+    assert dan["status"] == "error" and command in dan["error"], dan
 
 
 def test_personalize_runs_identitynet_beside_the_unet_in_every_step(parts, ray_cluster):

@@ -261,7 +261,9 @@ def test_personalize_finds_people_without_the_files_encoder_before_any_worker(tm
     assert run.exit_code == 3, run.output
     summary = json.loads(run.stdout[run.stdout.index("{"):])
     assert list(summary["failed"]) == [dan], summary
-    assert "`ray-faceid identities embed dan --insightface-root PACK`" in summary["failed"][dan], summary
+    # The command for this person and tenant; the store a placeholder (an API caller is told no server path).
+    command = f"`ray-faceid identities embed {dan} --tenant default --registry REGISTRY --insightface-root PACK`"
+    assert command in summary["failed"][dan], summary
 
 
 def test_render_gives_each_enrolled_photo_its_own_portrait_tokens(tmp_path, tiny_arcface_onnx, sample_photos):

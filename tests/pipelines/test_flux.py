@@ -79,7 +79,8 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     assert record["base_family"] == "flux" and record["untrained_base"] and record["identities"] == []
     refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait", "--ref",
                                        str(sample_photos["Tom_Hanks_54745.png"]), "--out", str(out)])
-    assert refused.exit_code == 2 and "identity on FLUX reads a FLUX IP-Adapter: give --adapter FILE" in refused.stderr
+    assert refused.exit_code == 2
+    assert "identity on FLUX reads a FLUX IP-Adapter or PuLID-FLUX: give --adapter FILE" in refused.stderr
     assert "and --image-encoder FOLDER" in refused.stderr  # both missing: both named at once
     refused = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait",
                                        "--negative-prompt", "blurry", "--scheduler", "euler", "--out", str(out)])
