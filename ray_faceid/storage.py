@@ -59,7 +59,10 @@ def beside(anchor: str, path: str) -> str:
     if "://" in path or os.path.isabs(os.path.expanduser(path)):
         return path if "://" in path else os.path.expanduser(path)
     anchor = absolute(anchor)
-    return join(posixpath.dirname(anchor) if "://" in anchor else os.path.dirname(anchor), path)
+    if "://" in anchor:  # "../photos/a.png" climbs the URI's folders, as it would a local path's
+        protocol, _, rest = anchor.partition("://")
+        return f"{protocol}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), path))}"
+    return os.path.normpath(os.path.join(os.path.dirname(anchor), path))
 
 
 def read_bytes(uri: str) -> bytes:

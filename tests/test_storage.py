@@ -37,6 +37,8 @@ def test_a_path_in_a_file_is_read_from_that_files_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert storage.beside("s3://bucket/catalogs/c.jsonl", "photos/a.png") == "s3://bucket/catalogs/photos/a.png"
     assert storage.beside("s3://bucket/catalogs/c.jsonl", "gs://other/a.png") == "gs://other/a.png"
+    assert storage.beside("s3://bucket/catalogs/c.jsonl", "../photos/a.png") == "s3://bucket/photos/a.png"
+    assert storage.beside("cat/c.jsonl", "../photos/a.png") == str(tmp_path / "photos" / "a.png")
     assert storage.beside("cat/c.jsonl", "photos/a.png") == str(tmp_path / "cat" / "photos" / "a.png")
     assert storage.beside("cat/c.jsonl", "/data/a.png") == "/data/a.png"
     assert storage.beside("s3://bucket/c.jsonl", "~/a.png") == os.path.expanduser("~/a.png")

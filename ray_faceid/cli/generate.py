@@ -118,17 +118,19 @@ def _people(ref: list[str], identity: list[str]) -> dict[str, str | list[str]]:
     return people
 
 
+PHOTOS_BESIDE = "FaceID-Plus's CLIP image encoder (--image-encoder) or InstantID's pose (--identitynet)"
+
+
 def _people_and_photos(ref: list[str], identity: list[str], face_embedding: Optional[str],
-                       reads_photos: bool, tokens: bool = False) -> tuple[dict, dict]:
+                       reads_photos: bool, tokens: bool = False, readers: str = PHOTOS_BESIDE) -> tuple[dict, dict]:
     """(people, photos): name -> photos, an enrolled name, or --face-embedding's array; and name -> the
-    photos an adapter reads beside the embedding (FaceID-Plus's CLIP encoder, InstantID's pose:
-    `reads_photos`), which with --face-embedding are the --ref photos."""
+    photos an adapter reads beside the embedding (`reads_photos`: `readers` do), which with
+    --face-embedding are the --ref photos."""
     if face_embedding and identity:
         raise BadInput("use either --face-embedding or --identity (enrolled people or photos), not both")
     if face_embedding and ref and not reads_photos:
-        raise BadInput("--face-embedding with --ref: the photos are read only by FaceID-Plus's CLIP image encoder "
-                       "(--image-encoder) or for InstantID's pose; otherwise give the embedding or the photos, not "
-                       "both")
+        raise BadInput(f"--face-embedding with --ref: photos beside an embedding are read only by {readers}; "
+                       "otherwise give the embedding or the photos, not both")
     people = {"person": read_face_embedding(face_embedding, tokens)} if face_embedding else _people(ref, identity)
     return people, ({"person": list(ref)} if face_embedding and ref else people)
 
@@ -428,7 +430,8 @@ def inpaint(
                                      "--identitynet": identitynet, "--identitynet-scale": identitynet_scale,
                                      "--face-backend": None if face_backend == "dlib" else face_backend,
                                      "--insightface-root": insightface_root})
-            people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True)
+            people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True,
+                                           readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend)
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -436,7 +439,9 @@ def inpaint(
         if edits and not flow:
             raise BadInput("--edit needs --flow URI (a flow trained with `ray-faceid train --method flow`)")
         # InstantID's pose comes from the mask's box here, not a photo: only FaceID-Plus reads --ref beside --face-embedding.
-        people, photos = _people_and_photos(ref, [identity] if identity else [], face_embedding, bool(image_encoder))
+        people, photos = _people_and_photos(ref, [identity] if identity else [], face_embedding, bool(image_encoder),
+                                            readers="FaceID-Plus's CLIP image encoder (--image-encoder); inpaint's "
+                                            "InstantID pose comes from the mask")
         if not people:
             raise BadInput("whose face? give --ref PHOTO, --identity NAME (an enrolled person) or --face-embedding EMB.npy")
         analyzer = _analyzer(face_backend, insightface_root, face_embedding)
