@@ -283,7 +283,8 @@ class Generator:
             conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings, loaded.quality,
                                                 item.get("region"), item.get("expression"), item.get("scale", 1.0),
                                                 loaded.personal, edits=edits, id=item["id"],
-                                                image_features=loaded.image_features, pose=item.get("pose")))
+                                                image_features=loaded.image_features, pose=item.get("pose"),
+                                                encoder=loaded.spec_key))
         return conditions, hits
 
     async def _inpaint(self, request: dict) -> dict:

@@ -179,14 +179,15 @@ def _conditions(analyzer, people: dict, registry: str, tenant: str, regions: dic
     conditions, enrolled = [], {}
     for name, source in people.items():
         if isinstance(source, np.ndarray):  # --face-embedding: embedded elsewhere
-            emb, quality = source, None
+            emb, quality, encoder = source, None, None
         elif isinstance(source, str):
             enrolled[name] = store.resolve(tenant, source)
-            emb, quality, _ = store.embeddings(tenant, enrolled[name], None if accept else analyzer.spec, accept)
+            emb, quality, spec = store.embeddings(tenant, enrolled[name], None if accept else analyzer.spec, accept)
+            encoder = spec.key()
         else:
-            emb, quality = embed_references(analyzer, source)
+            (emb, quality), encoder = embed_references(analyzer, source), analyzer.spec.key()
         conditions.append(IdentityCondition(name, emb, quality, regions.get(name), expression, edits=edits,
-                                            id=enrolled.get(name)))
+                                            id=enrolled.get(name), encoder=encoder))
     return conditions, enrolled
 
 

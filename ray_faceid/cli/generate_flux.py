@@ -98,10 +98,12 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         raise BadInput(f"{ref.name}: identity on FLUX reads a FLUX IP-Adapter or PuLID-FLUX: give --adapter FILE (the "
                        f"XLabs FLUX IP-Adapter layout, or PuLID-FLUX's file){also}")
     if adapter_uri:
+        from ray_faceid.identity.flux_adapter import check_given_embeddings
         from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
 
         if is_pulid_file(adapter_uri) and (image_encoder or not all(hasattr(v, "shape") for v in people.values())):
             raise BadInput(TOKENS_ONLY)
+        check_given_embeddings(adapter_uri, {name: v for name, v in people.items() if hasattr(v, "shape")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant)
     base = load_flux(ref, torch.bfloat16 if device == "cuda" else None)  # FLUX's own dtype on a GPU

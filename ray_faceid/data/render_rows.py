@@ -95,12 +95,12 @@ class Renderer:
             embeddings, quality, _ = self.registry.embeddings(self.tenant, found, spec)
             scoring = embeddings
         else:
-            embeddings, quality, _ = self.registry.embeddings(self.tenant, found, None, adapter.takes)
+            embeddings, quality, spec = self.registry.embeddings(self.tenant, found, None, adapter.takes)
             try:
-                scoring = self.registry.embeddings(self.tenant, found, spec)[0]
+                scoring = self.registry.embeddings(self.tenant, found, self.analyzer.spec)[0]
             except EncoderMismatch:
                 scoring = None
-        loaded = {"id": found, "embeddings": embeddings, "quality": quality, "scoring": scoring,
+        loaded = {"id": found, "embeddings": embeddings, "quality": quality, "scoring": scoring, "encoder": spec.key(),
                   "personal": load_personal(self.registry, self.tenant, found, self.adapter_hash, self.pipeline.adapter),
                   "image_features": self._image_features(found)}
         self.identities[identity] = loaded
@@ -127,6 +127,9 @@ class Renderer:
         parts = {"row": row.key_fields(), "model": self.model_hash, "adapter": self.adapter_hash,
                  "personal": self._personal_version(row),
                  "defaults": self.config.compute_hash(), "inputs": extra, **self._module_hashes(row)}
+        encoders = [self.identity(i.id).get("encoder") for i in row.identities]  # FLUX reads photos: None
+        if any(e not in (None, self.analyzer.spec.key()) for e in encoders):  # a published file read another set
+            parts["embeddings_encoders"] = encoders
         if self.image_encoder_hash:  # FaceID-Plus reads the faces through it
             parts["image_encoder"] = self.image_encoder_hash
         if self.identitynet:  # InstantID: its weights and scale
@@ -163,7 +166,8 @@ class Renderer:
             out.append(IdentityCondition(ident.id, loaded["embeddings"], loaded["quality"], ident.region,
                                          ident.expression or row.expression, ident.scale, loaded["personal"],
                                          edits=ident.edits if ident.edits is not None else row.edits,
-                                         id=loaded["id"], image_features=loaded["image_features"], pose=ident.pose))
+                                         id=loaded["id"], image_features=loaded["image_features"], pose=ident.pose,
+                                         encoder=loaded["encoder"]))
         return out
 
     # -- one row ------------------------------------------------------------------------------
@@ -215,6 +219,9 @@ class Renderer:
         faces = self.analyzer.analyze(np.asarray(image))
         references = {i.id: self.identity(i.id)["scoring"] for i in row.identities}
         scores = score_output(faces, {k: v for k, v in references.items() if v is not None})
+        # People without the face stack's embeddings are left out of the scores, and named: a
+        # similarity of None must not read as "their face was not found".
+        scores["unscored"] = [self.identity(k)["id"] for k, v in references.items() if v is None]
         record = {"id": row.id, "index": None, "status": "ok", "error": None, "output_uri": png_uri, "key": key,
                   "seed": row.seed, "cached": False, "similarity": scores["similarity"], "face_found": scores["face_found"],
                   "leakage": scores["leakage"], "scores": json.dumps(scores), "provenance": json.dumps(provenance),

@@ -187,6 +187,54 @@ def load_flux_identity(uri: str, transformer):
     return load_pulid_flux(uri, transformer) if is_pulid_file(uri) else load_flux_adapter(uri, transformer)
 
 
+def check_given_embeddings(uri: str, people: dict[str, np.ndarray]) -> None:
+    """People given as arrays (--face-embedding) checked against what the FLUX identity file reads, from
+    its header, before the base loads (minutes for FLUX.1): PuLID-FLUX's T x C ID tokens (N x T x C from
+    N photos), a FLUX IP-Adapter's D-wide image embeddings (N x D). The loaders say why an unreadable
+    file is refused: nothing is said of it here."""
+    from ray_faceid.identity.pulid_flux import header_shapes, is_pulid_file
+
+    if not people:
+        return
+    if is_pulid_file(uri):
+        shapes = header_shapes(uri)
+        latents, out = shapes.get("pulid_encoder.latents"), shapes.get("pulid_encoder.proj_out")
+        if not (latents and out and len(latents) == 3 and len(out) == 2):
+            return
+        per_photo = (latents[1], out[1])
+        said = (f"PuLID-FLUX takes its ID tokens, {per_photo[0]} x {per_photo[1]} finite numbers (PuLID's "
+                "get_id_embedding)")
+    else:
+        rows = _projection_shape(uri)
+        if rows is None:
+            return
+        per_photo = (rows[1],)
+        said = f"this FLUX IP-Adapter reads N x {per_photo[0]} finite image embeddings"
+    for name, value in people.items():
+        shape = tuple(np.shape(value))
+        if shape[-len(per_photo):] != per_photo or len(shape) > len(per_photo) + 1:
+            raise BadInput(f"identity {name}: {said}, got shape {shape}")
+
+
+def _projection_shape(uri: str) -> list[int] | None:
+    """The FLUX IP-Adapter projection's weight shape (rows, embedding width), or None where unreadable."""
+    from ray_faceid.identity.pulid_flux import header_shapes
+
+    if uri.endswith(".safetensors"):
+        try:
+            shapes = header_shapes(uri)
+        except Exception:  # noqa: BLE001 - a damaged or missing file: its loader says what is wrong
+            return None
+        found = shapes.get("ip_adapter_proj_model.proj.weight") or shapes.get("image_proj.proj.weight")
+        return found if found and len(found) == 2 else None
+    try:
+        proj, _ = _split(storage.read_bytes(uri), uri)
+    except Exception:  # noqa: BLE001
+        return None
+    weight = proj.get("proj.weight")
+    return None if weight is None or weight.ndim != 2 else list(weight.shape)
+
+
 def check_flux_adapter_file(uri: str) -> None:
     """A FLUX IP-Adapter file of either layout, read without a base (a Serve config is checked before
     any replica loads one): its projection and identity attention are there, or one line says not."""

@@ -209,7 +209,13 @@ def is_pulid_file(uri: str) -> bool:
 
 
 def _header_keys(uri: str) -> list[str]:
-    """The tensor names of a safetensors file's JSON header (the file's first 8 bytes give its length)."""
+    """The tensor names of a safetensors file's JSON header."""
+    return list(header_shapes(uri))
+
+
+def header_shapes(uri: str) -> dict[str, list[int]]:
+    """Each tensor's shape, from a safetensors file's JSON header alone (its first 8 bytes give the
+    header's length): what a file takes is known before gigabytes of weights or a base load."""
     import json
 
     fs, path = storage.filesystem(uri)
@@ -217,7 +223,9 @@ def _header_keys(uri: str) -> list[str]:
         head = f.read(8)
         size = int.from_bytes(head, "little") if len(head) == 8 else 0
         header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else None
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+    if not isinstance(header, dict):
+        return {}
+    return {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
 
 
 def _modules_of(encoder: dict, ca: dict) -> tuple[IdFormer, list[IdCrossAttention]]:

@@ -78,6 +78,9 @@ class IdentityCondition:
     pose: np.ndarray | None = None
     """InstantID: the face's five keypoints in the image made (5 x 2, fractions of its width and
     height, identity/instantid.py's order); None: a frontal face in the middle."""
+    encoder: str | None = None
+    """The key of the encoder that made `embeddings` (a person may hold several encoders' sets, and a
+    published file takes any of its width); None: the caller gave them as they are (--face-embedding)."""
     edit_moved: float | None = field(default=None, init=False)
     """Set by the pipeline: how far the edits moved the embedding (L2, the encoder's units)."""
 
@@ -296,6 +299,7 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
             "flow": getattr(self.flow, "weights_hash", None if self.flow is None else "unsaved"),
             "identities": [{"name": i.name, "id": i.id, "region": i.region, "expression": i.expression, "scale": i.scale,
                             "personal_adapter": version_of(i.personal[0]) if i.personal and len(identities) == 1 else None,
+                            "embeddings_encoder": i.encoder,
                             **({"edits": i.edits, "edit_moved": i.edit_moved} if i.edits else {})}
                            for i in identities],
             "prompt": prompt,

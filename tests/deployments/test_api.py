@@ -418,6 +418,7 @@ def test_a_new_per_identity_adapter_is_served_without_a_restart(api, people):
     assert before["provenance"]["identities"][0]["personal_adapter"] is None
     registry = Registry(config.registry)
     spec = EncoderSpec(**registry.get("acme", people["middle"])["encoder"])
+    assert before["provenance"]["identities"][0]["embeddings_encoder"] == spec.key()  # what made the tokens
     layout = IdentityAdapter.for_unet(build_tiny().unet, spec).processors.state_dict()
     delta = {k: torch.full(v.shape, 0.02).half() for k, v in layout.items()}
     entry = registry.add_adapter("acme", people["middle"], delta_bytes(delta),

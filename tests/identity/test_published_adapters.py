@@ -308,6 +308,16 @@ def test_render_gives_each_enrolled_photo_its_own_portrait_tokens(tmp_path, tiny
     assert np.abs(np.asarray(Image.open(one["output_uri"])).astype(int) - generated(embeddings[:1])).max() <= 1
 
 
+def registry_person(store, name: str, embeddings: np.ndarray, spec) -> str:
+    """A person enrolled with `spec`'s embeddings alone (their reference crops blank)."""
+    from ray_faceid.registry import REFERENCE_CROP
+
+    crop = np.zeros((REFERENCE_CROP, REFERENCE_CROP, 3), np.uint8)
+    taken = [{"index": 0, "filename": "0.png", "accepted": True, "reason": None}]
+    return store.create("default", name, "form-2", embeddings, np.ones(len(embeddings), np.float32), spec, [crop],
+                        taken)["id"]
+
+
 def test_a_person_enrolled_with_dlib_renders_with_a_faceid_file_after_identities_embed(tmp_path, tiny_arcface_onnx,
                                                                                          sample_photos):
     """Enrolled once (dlib, the default), then the ArcFace-shaped encoder's embeddings added from the
@@ -319,6 +329,7 @@ def test_a_person_enrolled_with_dlib_renders_with_a_faceid_file_after_identities
     from ray_faceid.config import FaceConfig, RenderConfig
     from ray_faceid.data.render_rows import Renderer
     from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.pipelines.provenance import read_provenance
     from ray_faceid.registry import Registry
 
     registry = str(tmp_path / "registry")
@@ -355,11 +366,26 @@ def test_a_person_enrolled_with_dlib_renders_with_a_faceid_file_after_identities
         again.output, again.output
     after = render()
     assert after["status"] == "ok", after
+    assert json.loads(after["provenance"])["identities"][0]["embeddings_encoder"] == arcface.key()
+    # On dlib's stack (the default) the file reads the ArcFace set, the outputs are scored with dlib's,
+    # and the record says which set made the image; a person with no dlib set is named unscored.
+    ann = registry_person(store, "ann", embeddings, arcface)
+    on_dlib = Renderer(RenderConfig(steps=2, size="32x32", device="cpu"), str(tmp_path / "sd15"), adapter, registry,
+                       "default", str(tmp_path / "out"))
+    rows = [json.dumps({"id": f"r-{p}", "prompt": "a portrait", "identities": [p], "seed": 3}) for p in ("hanks", "ann")]
+    hanks_row, ann_row = on_dlib.render_batch(rows, [0, 1])
+    assert hanks_row["status"] == ann_row["status"] == "ok", (hanks_row, ann_row)
+    assert json.loads(hanks_row["provenance"])["identities"][0]["embeddings_encoder"] == arcface.key()
+    assert json.loads(hanks_row["scores"])["unscored"] == []
+    assert json.loads(ann_row["scores"])["unscored"] == [ann]
+    assert hanks_row["key"] != after["key"]  # another set read: another output
     # generate --identity finds the embeddings the file takes without the face options they were made with.
     made = run(app, ["generate", "--identity", "hanks", "--adapter", adapter, "--model", str(tmp_path / "sd15"),
                      "--registry", registry, "--prompt", "a portrait", "--size", "32x32", "--steps", "2", "--out",
                      str(tmp_path / "hanks.png")])
     assert made.exit_code == 0, made.output
+    recorded = read_provenance((tmp_path / "hanks.png").read_bytes())["identities"][0]
+    assert recorded["embeddings_encoder"] == arcface.key() and recorded["id"] == identity
     erased = run(app, ["identities", "delete", "hanks", "--registry", registry])
     assert erased.exit_code == 0, erased.output
     assert not store.files("default", identity)

@@ -171,6 +171,29 @@ def test_one_command_with_a_flux_ip_adapter_file_and_an_embedding(files, tmp_pat
     assert bare.exit_code == 2 and "give --adapter FILE" in bare.stderr, bare.output
 
 
+def test_an_embedding_of_another_width_is_refused_before_the_base_loads(files, tmp_path, monkeypatch):
+    from ray_faceid.cli import app
+    from ray_faceid.pipelines import flux
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(flux, "load_flux", no_load)  # FLUX.1-dev loads for minutes: the file's header says it first
+    flat = xlabs_state_dict(build_tiny_flux().transformer)
+    save_file(flat, tmp_path / "ip_adapter.safetensors")
+    torch.save({"image_proj": {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("ip_adapter_proj")},
+                "ip_adapter": {k.replace("double_blocks.", "").replace("processor.ip_adapter_double_stream_", "to_")
+                               .replace("_proj", "_ip"): v for k, v in flat.items() if k.startswith("double_blocks.")}},
+               tmp_path / "ip_adapter.bin")
+    for name in ("ip_adapter.safetensors", "ip_adapter.bin"):
+        np.save(tmp_path / "arcface.npy", np.ones((1, 512), np.float32))
+        made = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--adapter", str(tmp_path / name),
+                                        "--face-embedding", str(tmp_path / "arcface.npy"), "--prompt", "a portrait",
+                                        "--out", str(tmp_path / "o.png")])
+        assert made.exit_code == 2 and f"reads N x {EMBED} finite image embeddings, got shape (1, 512)" in \
+            made.stderr, (name, made.output)
+
+
 def test_a_flux_ip_adapter_for_another_model_is_refused_in_one_line(files, tmp_path):
     base = load_flux(str(files / "flux"))
     state = xlabs_state_dict(base.transformer)

@@ -234,3 +234,22 @@ def test_the_idformer_turns_the_encoders_outputs_into_id_tokens(files):
     assert torch.allclose(adapter.encode(arc, 3 * eva, hidden), made, atol=1e-5)  # the EVA embedding's length is not read
     assert torch.allclose(adapter.encode(arc[:1], eva[:1], [h[:1] for h in hidden])[0], made[0], atol=1e-5)
     assert (made[0] - made[1]).abs().max() > 1e-3
+
+
+def test_id_tokens_of_the_wrong_shape_are_refused_before_the_base_loads(files, tmp_path, monkeypatch):
+    """Read from the file's header: on FLUX.1-dev the base takes minutes to load before a mistyped
+    array would be found."""
+    from ray_faceid.cli import app
+    from ray_faceid.pipelines import flux
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(flux, "load_flux", no_load)
+    np.save(tmp_path / "flat.npy", np.ones((1, PULID_WIDTH), np.float32))  # an ArcFace-like vector, not ID tokens
+    made = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--adapter",
+                                    str(files / "pulid_flux_v0.9.1.safetensors"), "--face-embedding",
+                                    str(tmp_path / "flat.npy"), "--prompt", "a portrait", "--out", str(tmp_path / "o.png")])
+    assert made.exit_code == 2, made.output
+    assert f"PuLID-FLUX takes its ID tokens, {PULID_TOKENS} x {PULID_WIDTH} finite numbers" in made.stderr
+    assert f"got shape (1, {PULID_WIDTH})" in made.stderr
