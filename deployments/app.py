@@ -90,10 +90,19 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
         raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; a FLUX deployment takes adapter (a FLUX "
                        "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch "
                        "or torch.compile")
-    if not config.adapter or not config.image_encoder:  # the API renders people: without them it serves nothing
+    ours = None  # a FLUX adapter `ray-faceid train` made reads people's identity embeddings, no image encoder
+    if config.adapter:
+        from ray_faceid.identity.flux_adapter import trained_encoder
+
+        ours = trained_encoder(config.adapter)
+    if ours is not None and config.image_encoder:
+        raise BadInput("image_encoder: this FLUX adapter (made by `ray-faceid train`) reads people's identity "
+                       "embeddings; leave image_encoder out")
+    if not config.adapter or (ours is None and not config.image_encoder):  # the API renders people: else nothing
         raise BadInput("a FLUX deployment renders people through a FLUX IP-Adapter, which reads each person's reference "
-                       "crops through a CLIP image encoder: set both adapter and image_encoder (prompts alone: "
-                       "`ray-faceid generate --model FLUX_FOLDER`)")
+                       "crops through a CLIP image encoder: set both adapter and image_encoder, or adapter to the "
+                       "folder `ray-faceid train --model FLUX` wrote (prompts alone: `ray-faceid generate --model "
+                       "FLUX_FOLDER`)")
     if config.adapter:  # the file read once, before any replica (they would fail on it in a loop)
         from ray_faceid.identity.flux_adapter import check_flux_adapter_file
 

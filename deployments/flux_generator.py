@@ -2,7 +2,8 @@
 boundaries, cancellation, turns and erasure sweep as the UNet families' Generator; requests of
 different people and prompts are denoised in one transformer batch. Enrolled people are read as
 the FLUX IP-Adapter reads a person: the reference crops the registry keeps, through the CLIP image
-encoder (`image_encoder` in the Serve config). What FLUX does not take yet (a request's expression,
+encoder (`image_encoder` in the Serve config); with the FLUX adapter `ray-faceid train` made, their
+stored identity embeddings of its encoder. What FLUX does not take yet (a request's expression,
 edits, pose, sampler or negative prompt) fails that request alone, in one line."""
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class FluxServeGenerator(Generator):
             from ray_faceid.identity.flux_adapter import load_flux_identity
 
             adapter = load_flux_identity(config.adapter, base.transformer)
-            self.encoder = ClipImageEncoder(config.image_encoder, device)  # resolve_config asked for both
+            if adapter.encoder_spec is None:  # ours reads identity embeddings; a FLUX IP-Adapter, the crops
+                self.encoder = ClipImageEncoder(config.image_encoder, device)  # resolve_config asked for both
         self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision, backend=config.backend,
                                       **memory)
         self.pipeline.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
@@ -82,7 +84,8 @@ class FluxServeGenerator(Generator):
     def info(self) -> dict:
         adapter = self.pipeline.adapter
         return {"model": self.pipeline.base.model_id, "family": "flux", "adapter": self.adapter_hash,
-                "adapter_trained_steps": None, "adapter_published": None if adapter is None else adapter.published,
+                "adapter_trained_steps": adapter.trained["trained_steps"] if adapter is not None and adapter.trained
+                else None, "adapter_published": None if adapter is None else adapter.published,
                 "image_encoder": self.pipeline.image_encoder_hash, "identity_loads": self.loads,
                 "backend": self.pipeline.backend, "memory": self.memory_plan,
                 "text_encoders": self.pipeline.text_encoders, "transformer_weights": self.pipeline.transformer_weights,
@@ -91,18 +94,24 @@ class FluxServeGenerator(Generator):
 
     async def _load_identity(self, key: str) -> LoadedIdentity:
         tenant, identity = multiplex.split_key(key)
-        _, _, spec = self.registry.embeddings(tenant, identity)  # what the person was enrolled with
-        crops = self.registry.references(tenant, identity)
-        image_embeds = await asyncio.to_thread(self.encoder.image_embeds, crops)
+        reads = self.pipeline.adapter.encoder_spec  # ours: the person's identity embeddings of its encoder
+        if reads is not None:
+            embeddings, quality, spec = self.registry.embeddings(tenant, identity, reads)
+            loaded = LoadedIdentity(key, embeddings, quality, spec)
+        else:
+            _, _, spec = self.registry.embeddings(tenant, identity)  # what the person was enrolled with
+            crops = self.registry.references(tenant, identity)
+            image_embeds = await asyncio.to_thread(self.encoder.image_embeds, crops)
+            loaded = LoadedIdentity(key, image_embeds, None, spec)
         self.loads += 1
-        loaded = LoadedIdentity(key, image_embeds, None, spec)
         self.held[key] = loaded
         return loaded
 
     async def _conditions(self, tenant: str, requested: list[dict]):
         from ray_faceid.pipelines.generate import IdentityCondition
 
-        if requested and self.encoder is None:
+        adapter = self.pipeline.adapter
+        if requested and self.encoder is None and (adapter is None or adapter.encoder_spec is None):
             raise BadInput(f"{self.pipeline.base.model_id}: identity on FLUX reads a FLUX IP-Adapter: this deployment "
                            "serves prompts alone (set adapter and image_encoder in its Serve config)")
         conditions, hits = [], 0
@@ -115,7 +124,8 @@ class FluxServeGenerator(Generator):
             loaded = await self.load_identity(multiplex.identity_key(tenant, item["id"]))
             hits += self.loads == before
             conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings,
-                                                region=item.get("region"), scale=item.get("scale", 1.0), id=item["id"]))
+                                                region=item.get("region"), scale=item.get("scale", 1.0), id=item["id"],
+                                                encoder=loaded.spec_key if adapter.encoder_spec is not None else None))
         return conditions, hits
 
     @staticmethod

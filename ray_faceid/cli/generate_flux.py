@@ -25,11 +25,12 @@ def refuse_unbuilt_options(given: dict[str, object]) -> None:
 
 
 def flux_people(people: dict, regions: dict, image_encoder: str | None, device, registry: str | None = None,
-                tenant: str = "default") -> tuple[list, str | None]:
+                tenant: str = "default", face_encoder=None) -> tuple[list, str | None]:
     """IdentityConditions of `people` (name -> photos, an enrolled person's name or id, or an embedding
     array): each photo read whole through the CLIP image encoder, as the FLUX IP-Adapter's pipeline
     reads it (an enrolled person: the reference crops the registry keeps of them); and the encoder's
-    weights hash (None without photos)."""
+    weights hash (None without photos). `face_encoder` (the EncoderSpec a FLUX adapter `ray-faceid
+    train` made reads): people are read through the face stack instead, as on the UNet families."""
     from ray_faceid.face.decode import decode_image
     from ray_faceid.pipelines.generate import IdentityCondition
     from ray_faceid.registry import Registry
@@ -39,6 +40,8 @@ def flux_people(people: dict, regions: dict, image_encoder: str | None, device, 
         raise BadInput(f"--region for unknown identity {sorted(unknown)}; identities: {sorted(people)}")
     store = Registry(registry) if registry and any(isinstance(v, str) for v in people.values()) else None
     enrolled = {name: store.resolve(tenant, value) for name, value in people.items() if isinstance(value, str)}
+    if face_encoder is not None:
+        return _face_stack_people(people, regions, image_encoder, store, tenant, enrolled, face_encoder), None
     photos = {name: [decode_image(p) for p in value] for name, value in people.items() if isinstance(value, list)}
     if photos:  # read whole by the adapter, but a person's photo shows them: as on the UNet families
         from ray_faceid.face.analyzer import FaceAnalyzer
@@ -65,6 +68,40 @@ def flux_people(people: dict, regions: dict, image_encoder: str | None, device, 
         embeddings = encoder.image_embeds(photos[name]) if name in photos else value
         conditions.append(IdentityCondition(name, embeddings, region=regions.get(name), id=enrolled.get(name)))
     return conditions, None if encoder is None else encoder.sha256
+
+
+def _face_stack_people(people: dict, regions: dict, image_encoder: str | None, store, tenant: str, enrolled: dict,
+                       spec) -> list:
+    """People for a FLUX adapter reading `spec`'s identity embeddings: photos through the face stack,
+    enrolled people's stored embeddings of that encoder, or arrays as given."""
+    from ray_faceid.pipelines.generate import IdentityCondition
+
+    if image_encoder:
+        raise BadInput("this FLUX adapter (made by `ray-faceid train`) reads people through the face stack: leave "
+                       "--image-encoder out")
+    analyzer = None
+    if any(isinstance(v, list) for v in people.values()):
+        from ray_faceid.face.analyzer import FaceAnalyzer
+
+        analyzer = FaceAnalyzer()
+        if analyzer.spec.key() != spec.key():
+            raise BadInput(f"this FLUX adapter reads {spec.key()} embeddings; photos here are read by "
+                           f"{analyzer.spec.key()}: give enrolled people with those embeddings, or --face-embedding")
+    conditions = []
+    for name, value in people.items():
+        if name in enrolled:
+            embeddings, _, found = store.embeddings(tenant, enrolled[name], spec)
+            encoder = found.key()
+        elif isinstance(value, list):
+            from ray_faceid.pipelines.references import embed_references
+
+            embeddings, _ = embed_references(analyzer, [analyzer.load(p) for p in value], [str(p) for p in value])
+            encoder = spec.key()
+        else:
+            embeddings, encoder = value, None
+        conditions.append(IdentityCondition(name, embeddings, region=regions.get(name), id=enrolled.get(name),
+                                            encoder=encoder))
+    return conditions
 
 
 def precheck(ref, guidance: float | None, width: int | None, height: int | None, inpainting: bool) -> None:
@@ -105,7 +142,12 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
             raise BadInput(TOKENS_ONLY)
         check_given_embeddings(adapter_uri, {name: v for name, v in people.items() if hasattr(v, "shape")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant)
+    face_encoder = None
+    if adapter_uri:
+        from ray_faceid.identity.flux_adapter import trained_encoder
+
+        face_encoder = trained_encoder(adapter_uri)
+    conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant, face_encoder)
     base = load_flux(ref, torch.bfloat16 if device == "cuda" else None)  # FLUX's own dtype on a GPU
     if base.untrained:
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")

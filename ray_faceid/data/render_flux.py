@@ -2,7 +2,8 @@
 (`--unet-batch`: rows of the same size, steps, guidance and people count denoised together), each
 image made by FluxGenerator (pipelines/flux_sampling.py). A row's people are enrolled
 ones, read as the FLUX IP-Adapter reads a person: the reference crops the registry keeps, through the
-CLIP image encoder (--image-encoder). Inpaint rows need FLUX.1 Fill. What FLUX does not take yet (a
+CLIP image encoder (--image-encoder); for a FLUX adapter `ray-faceid train` made, their stored
+identity embeddings of its encoder. Inpaint rows need FLUX.1 Fill. What FLUX does not take yet (a
 row's expression, edits, pose, sampler or negative prompt; an IMR, a flow, an IdentityNet, another
 backend) is refused in one line: the row, or the job before it starts."""
 from __future__ import annotations
@@ -53,6 +54,12 @@ class FluxRenderer(Renderer):
             from ray_faceid.identity.flux_adapter import load_flux_identity
 
             flux_adapter = load_flux_identity(adapter, base.transformer)
+        # Ours (`ray-faceid train` made it) reads each person's stored identity embeddings of its encoder.
+        self.face_encoder = None if flux_adapter is None else flux_adapter.encoder_spec
+        if self.face_encoder is not None and image_encoder:
+            raise BadInput("this FLUX adapter (made by `ray-faceid train`) reads people's identity embeddings: leave "
+                           "--image-encoder out")
+        if adapter and self.face_encoder is None:
             if not image_encoder:
                 raise BadInput("a FLUX IP-Adapter reads each person's reference crops through a CLIP image encoder: "
                                "give --image-encoder FOLDER (a CLIPVisionModelWithProjection)")
@@ -83,10 +90,13 @@ class FluxRenderer(Renderer):
             scoring = self.registry.embeddings(self.tenant, found, self.analyzer.spec)[0]
         except EncoderMismatch:
             scoring = None
-        image_embeds = None
+        image_embeds, encoder = None, None
         if self.encoder is not None:
             image_embeds = self.encoder.image_embeds(self.registry.references(self.tenant, found))
-        loaded = {"id": found, "scoring": scoring, "personal": None, "image_embeds": image_embeds}
+        if self.face_encoder is not None:
+            image_embeds, _, spec = self.registry.embeddings(self.tenant, found, self.face_encoder)
+            encoder = spec.key()
+        loaded = {"id": found, "scoring": scoring, "personal": None, "image_embeds": image_embeds, "encoder": encoder}
         self.identities[identity] = loaded
         if len(self.identities) > IDENTITY_CACHE:
             self.identities.popitem(last=False)
@@ -102,14 +112,14 @@ class FluxRenderer(Renderer):
                   (("expression", i.expression), ("edits", i.edits), ("pose", i.pose)) if value]
         if asked:
             raise BadInput(f"{', '.join(asked)}: not built for FLUX yet")
-        if row.identities and self.encoder is None:
+        if row.identities and self.encoder is None and self.face_encoder is None:
             raise BadInput("identity on FLUX reads a FLUX IP-Adapter: render with --adapter FILE and --image-encoder "
-                           "FOLDER")
+                           "FOLDER, or --adapter with the folder `ray-faceid train --model FLUX` wrote")
         out = []
         for ident in row.identities:
             loaded = self.identity(ident.id)
             out.append(IdentityCondition(ident.id, loaded["image_embeds"], region=ident.region, scale=ident.scale,
-                                         id=loaded["id"]))
+                                         id=loaded["id"], encoder=loaded["encoder"]))
         return out
 
     def render(self, row: CatalogRow) -> dict:

@@ -92,6 +92,10 @@ class FluxIdentityAdapter(nn.Module):
         self.to_k_ip = nn.ModuleList(nn.Linear(width, inner) for _ in range(blocks))
         self.to_v_ip = nn.ModuleList(nn.Linear(width, inner) for _ in range(blocks))
         self.published: dict | None = None
+        self.trained: dict | None = None
+        """What `ray-faceid train` recorded of an adapter it made (identity/flux_training.py)."""
+        self.encoder_spec = None
+        """The face encoder whose identity embeddings it reads (ours); None: CLIP image embeddings (XLabs')."""
 
     def tokens(self, embedding: torch.Tensor) -> torch.Tensor:
         """(B, D) reference embeddings -> (B, T, C) identity tokens."""
@@ -100,6 +104,11 @@ class FluxIdentityAdapter(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.proj.weight.dtype
+
+    @property
+    def trained_steps(self) -> int:
+        """The optimiser steps `ray-faceid train` gave it (0 for a published file)."""
+        return int((self.trained or {}).get("trained_steps", 0))
 
     @property
     def structure(self) -> str:
@@ -113,9 +122,13 @@ class FluxIdentityAdapter(nn.Module):
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
         if emb.ndim != 2 or not len(emb) or emb.shape[-1] != self.embed_dim or not np.isfinite(emb).all():
-            raise BadInput(f"identity {name}: this FLUX IP-Adapter reads N x {self.embed_dim} finite image "
+            what = "image" if self.encoder_spec is None else f"{self.encoder_spec.key()} identity"
+            raise BadInput(f"identity {name}: this FLUX IP-Adapter reads N x {self.embed_dim} finite {what} "
                            f"embeddings, got shape {emb.shape}")
-        made = self.tokens(torch.from_numpy(emb).to(device).mean(0, keepdim=True))
+        mean = torch.from_numpy(emb).to(device).mean(0, keepdim=True)
+        if self.encoder_spec is not None:  # identity embeddings: unit rows, their mean unit, as it was trained
+            mean = F.normalize(F.normalize(torch.from_numpy(emb).to(device), dim=-1).mean(0, keepdim=True), dim=-1)
+        made = self.tokens(mean)
         if not torch.isfinite(made).all():  # finite but huge embeddings overflow the projection
             raise BadInput(f"identity {name}: its image embedding is out of range (its tokens overflow)")
         return made[0]
@@ -138,6 +151,7 @@ class FluxIdentityAdapter(nn.Module):
 def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
     """A FLUX IP-Adapter file (either layout) for `transformer`, loaded strictly; one line says what
     was recognised, and a file of another layout or width is refused in one line."""
+    uri = adapter_file(uri)
     raw = storage.read_bytes(uri)
     digest = hashlib.sha256(raw).hexdigest()
     proj, ip = _split(raw, uri)
@@ -146,8 +160,11 @@ def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
     if "proj.weight" not in proj or "norm.weight" not in proj:
         raise UnsupportedModel(f"{uri}: no FLUX IP-Adapter projection (ip_adapter_proj_model.proj / .norm): not the "
                                "XLabs FLUX IP-Adapter layout")
+    from ray_faceid.identity.flux_training import made_by_training
+
+    made = made_by_training(_metadata(raw, uri))  # ours says its token count; XLabs' files have 4 (16 at 65,536 rows)
     rows, embed_dim = proj["proj.weight"].shape
-    tokens = 16 if rows == 65536 else TOKENS
+    tokens = int(made["tokens"]) if made else 16 if rows == 65536 else TOKENS
     if rows != tokens * width or proj["norm.weight"].shape[0] != width:
         raise UnsupportedModel(f"{uri}: a FLUX IP-Adapter of {rows // tokens}-wide tokens; this base's transformer "
                                f"reads {width}-wide text states: it was made for another model")
@@ -173,11 +190,62 @@ def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
     except RuntimeError as exc:  # the first mismatch diffusers' names say, e.g. "size mismatch for proj.weight ..."
         said = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:240]
         raise UnsupportedModel(f"{uri}: its tensors do not fit this base ({said})") from None
+    if made is not None:  # ours: reads the face stack's identity embeddings
+        from ray_faceid.face.spec import EncoderSpec
+
+        adapter.trained, adapter.encoder_spec = made, EncoderSpec(**made["encoder"])
+        log.warning("recognised a FLUX identity adapter `ray-faceid train` made: %d identity tokens from %s "
+                    "embeddings, %d steps", tokens, adapter.encoder_spec.key(), made["trained_steps"])
+        return adapter.eval().requires_grad_(False)
     adapter.published = {"kind": "FLUX IP-Adapter", "variant": "XLabs", "file": Path(uri).name, "sha256": digest,
                          "tokens": tokens, "embedding_dim": embed_dim, "licence": LICENCE}
     log.warning("recognised a FLUX IP-Adapter: %d identity tokens from %d-d image embeddings, %d dual-stream block%s",
                 tokens, embed_dim, blocks, "" if blocks == 1 else "s")
     return adapter.eval().requires_grad_(False)
+
+
+def adapter_file(uri: str) -> str:
+    """The file of a FLUX identity adapter: `uri` itself, or in a folder `ray-faceid train` wrote, its file."""
+    from ray_faceid.identity.flux_training import ADAPTER_FILE
+
+    if not str(uri).endswith((".safetensors", ".bin")) and storage.exists(storage.join(uri, ADAPTER_FILE)):
+        return storage.join(uri, ADAPTER_FILE)
+    return uri
+
+
+def trained_encoder(uri: str):
+    """The face encoder (EncoderSpec) a FLUX adapter `ray-faceid train` made reads, from the file's header
+    alone (before any base loads); None for a published file or one that cannot be read (its loader says why)."""
+    from ray_faceid.face.spec import EncoderSpec
+    from ray_faceid.identity.flux_training import made_by_training
+
+    uri = adapter_file(uri)
+    if not uri.endswith(".safetensors"):
+        return None
+    try:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = f.read(size) if 0 < size <= 100_000_000 else b""
+        made = made_by_training(_metadata(head + header, uri))
+    except Exception:  # noqa: BLE001 - a damaged or missing file: its loader says what is wrong
+        return None
+    return None if made is None else EncoderSpec(**made["encoder"])
+
+
+def _metadata(raw: bytes, uri: str) -> dict | None:
+    """A safetensors file's `__metadata__` (its JSON header's), None for a .bin or an unreadable header."""
+    import json
+
+    if not uri.endswith(".safetensors") or len(raw) < 8:
+        return None
+    size = int.from_bytes(raw[:8], "little")
+    try:
+        header = json.loads(raw[8:8 + size])
+    except ValueError:
+        return None
+    return header.get("__metadata__") if isinstance(header, dict) else None
 
 
 def load_flux_identity(uri: str, transformer):
@@ -220,6 +288,7 @@ def _projection_shape(uri: str) -> list[int] | None:
     """The FLUX IP-Adapter projection's weight shape (rows, embedding width), or None where unreadable."""
     from ray_faceid.identity.pulid_flux import header_shapes
 
+    uri = adapter_file(uri)
     if uri.endswith(".safetensors"):
         try:
             shapes = header_shapes(uri)
@@ -242,6 +311,7 @@ def check_flux_adapter_file(uri: str) -> None:
 
     if is_pulid_file(uri):
         raise UnsupportedModel(f"{uri}: {TOKENS_ONLY}; a deployment serves enrolled people")
+    uri = adapter_file(uri)
     proj, ip = _split(storage.read_bytes(uri), uri)
     if "proj.weight" not in proj or "norm.weight" not in proj or not any(k.endswith("to_k_ip.weight") for k in ip):
         raise UnsupportedModel(f"{uri}: not the XLabs FLUX IP-Adapter layout (ip_adapter_proj_model.proj / .norm and "

@@ -137,6 +137,7 @@ class PulidFlux(nn.Module):
         self.pulid_ca = nn.ModuleList(attentions)
         self.tokens_per_person, self.width = encoder.queries, encoder.proj_out.shape[1]
         self.published: dict | None = None
+        self.trained = self.encoder_spec = None  # the FLUX adapters' interface: ours sets them, PuLID's file none
         self._hooks: list = []
 
     @property

@@ -463,9 +463,14 @@ class FluxGenerator:
             "flux_variant": base.variant,
             "untrained_base": base.untrained,
             "adapter": self.adapter_hash,
-            **({"adapter_published": self.adapter.published} if self.adapter is not None else {}),
+            **({"adapter_published": self.adapter.published} if self.adapter is not None and self.adapter.published
+               else {}),
+            **({"adapter_trained": self.adapter.trained} if self.adapter is not None and self.adapter.trained else {}),
+            **({"encoder": self.adapter.encoder_spec.key()}
+               if self.adapter is not None and self.adapter.encoder_spec is not None else {}),
             **({"image_encoder": self.image_encoder_hash} if self.image_encoder_hash else {}),
-            "identities": [{"name": p.name, "id": p.id, "region": p.region, "scale": p.scale} for p in identities],
+            "identities": [{"name": p.name, "id": p.id, "region": p.region, "scale": p.scale,
+                            **({"embeddings_encoder": p.encoder} if p.encoder else {})} for p in identities],
             "backend": self.backend,
             "precision": self.precision,
             **({"transformer_weights": "fp8"} if self.transformer_weights == "fp8" else {}),

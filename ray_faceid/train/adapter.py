@@ -83,6 +83,27 @@ def _adapter_job(config: TrainConfig, spec: dict, model: str, init: str | None, 
                lambda rows: cross_batch(rows, config.size or base.native_size[0]), save)
 
 
+def _flux_job(config: TrainConfig, spec: dict, model, device) -> Job:
+    """Our identity adapter on a FLUX base (identity/flux_training.py): the transformer frozen in fp32."""
+    from ray_faceid.face.spec import EncoderSpec
+    from ray_faceid.identity.flux_training import FluxAdapterObjective, new_flux_adapter, save_flux_adapter
+    from ray_faceid.pipelines.flux import load_flux
+    from ray_faceid.train.examples import cross_batch
+
+    base = load_flux(model).to(device).freeze()
+    adapter = new_flux_adapter(base.transformer, EncoderSpec(**spec), config.seed, config.num_tokens).to(device)
+    adapter.install(base.transformer)
+    size = config.size or base.native_size[0]
+    if size % base.size_multiple:
+        raise BadInput(f"FLUX trains on sides that are multiples of {base.size_multiple}, not {size}: pass --size")
+
+    def save(out: str, record: dict) -> None:
+        save_flux_adapter(out, adapter, base.model_hash(), record["steps"])
+
+    return Job(FluxAdapterObjective(base, adapter, config.outside_weight), adapter, lambda rows: cross_batch(rows, size),
+               save)
+
+
 def _imr_job(config: TrainConfig, spec: dict, model: str, adapter_uri: str, device) -> Job:
     import torch
 
@@ -130,6 +151,8 @@ def build_job(config: TrainConfig, loop: dict, device) -> Job:
         return _flow_job(config, loop["encoder_spec"], loop.get("held_out_people") or [], device)
     if config.method == "imr":
         return _imr_job(config, loop["encoder_spec"], loop["model"], loop["adapter"], device)
+    if loop["model"].family == "flux":
+        return _flux_job(config, loop["encoder_spec"], loop["model"], device)
     return _adapter_job(config, loop["encoder_spec"], loop["model"], loop["adapter"], device)
 
 
@@ -290,9 +313,13 @@ def run_training(dataset: str, model: str | ModelRef, out: str, config: TrainCon
     from ray_faceid.data.cluster import init_ray, is_local
     from ray_faceid.train.placement import worker_resources
 
-    model = resolve_model(model)  # once: the checks below and every worker take the reference
+    model = resolve_model(model, flux=True)  # once: the checks below and every worker take the reference
     # The workers run in another working directory: a relative path is this one's.
     dataset, out, adapter = map(storage.absolute, (dataset, out, adapter))
+    if model.family == "flux" and (config.method in ("pva", "imr") or adapter):
+        raise BadInput(f"{model.name} is a FLUX model: `train` makes its identity adapter from scratch (--method "
+                       "decoupled, the default, without --adapter; --resume continues a stopped run) or the attribute "
+                       "flow (--method flow)")
     summary = json.loads(storage.read_bytes(storage.join(dataset, tables.SUMMARY)))
     if not summary.get("encoder_spec"):
         raise BadInput(f"{dataset}: the ingest found no faces, nothing to train on")

@@ -1,0 +1,144 @@
+"""Our identity adapter on FLUX (tiny-flux): its flow-matching objective learns, the untrained adapter
+leaves FLUX's image as it is, `ray-faceid train --model tiny-flux` trains it on Ray Train, and the
+folder it writes generates enrolled people from one command, recording what made the image."""
+import asyncio
+import base64
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from ray_faceid.errors import BadInput
+from ray_faceid.identity.cross_training import CrossBatch
+from ray_faceid.identity.flux_training import FluxAdapterObjective, new_flux_adapter, save_flux_adapter
+from ray_faceid.pipelines.flux import build_tiny_flux
+from ray_faceid.pipelines.flux_sampling import FluxGenerator
+from ray_faceid.pipelines.generate import IdentityCondition
+
+SIZE = 32
+
+
+def batch(seed: int = 0) -> CrossBatch:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2, 1, SIZE, SIZE)
+    mask[:, :, 8:24, 8:24] = 1
+    return CrossBatch(id_embeddings=torch.nn.functional.normalize(torch.randn(2, 128, generator=g), dim=-1),
+                      pixels=torch.rand(2, 3, SIZE, SIZE, generator=g) * 2 - 1, face_masks=mask,
+                      captions=["a photo of amy", "a photo of bob"], expressions=None, people=["amy", "bob"])
+
+
+def image(generator, people) -> np.ndarray:
+    made = generator.generate("a portrait", people, seed=3, steps=2, width=SIZE, height=SIZE)
+    return np.asarray(made.images[0]).astype(int)
+
+
+def test_the_objective_learns_and_the_untrained_adapter_leaves_fluxs_image(spec128, tmp_path):
+    from ray_faceid.identity.flux_adapter import load_flux_adapter
+
+    base = build_tiny_flux().freeze()
+    adapter = new_flux_adapter(base.transformer, spec128, seed=0)
+    adapter.install(base.transformer)
+    person = [IdentityCondition("amy", batch().id_embeddings[:1].numpy())]
+    before = FluxGenerator(build_tiny_flux())
+    untrained = save_flux_adapter(str(tmp_path / "untrained"), adapter, base.model_hash(), 0)
+    with_it = FluxGenerator(build_tiny_flux(), load_flux_adapter(untrained, build_tiny_flux().transformer))
+    assert np.array_equal(image(with_it, person), image(before, []))  # its values start at zero
+
+    objective = FluxAdapterObjective(base, adapter)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return float(objective(batch(), torch.Generator().manual_seed(99))["total"])
+
+    start = fixed_loss()
+    for step in range(15):
+        loss = objective(batch(), torch.Generator().manual_seed(step))["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fixed_loss() < 0.97 * start
+    trained = save_flux_adapter(str(tmp_path / "trained"), adapter, base.model_hash(), 15)
+    loaded = load_flux_adapter(str(tmp_path / "trained"), build_tiny_flux().transformer)  # the folder `train` wrote
+    assert loaded.encoder_spec == spec128 and loaded.trained["trained_steps"] == 15 and loaded.published is None
+    assert trained.endswith("flux_identity.safetensors")
+    gen = FluxGenerator(build_tiny_flux(), loaded)
+    amy, bob = image(gen, person), image(gen, [IdentityCondition("bob", batch().id_embeddings[1:].numpy())])
+    assert np.abs(amy - image(before, [])).max() > 2 and np.abs(amy - bob).max() > 2
+    record = gen.generate("a portrait", person, steps=1).provenance[0]
+    assert record["encoder"] == spec128.key() and record["adapter_trained"]["trained_steps"] == 15
+    with pytest.raises(BadInput, match=f"reads N x 128 finite {spec128.key()} identity embeddings"):
+        gen.generate("a portrait", [IdentityCondition("p", np.ones((1, 64), np.float32))], steps=1)
+
+
+@pytest.fixture(scope="module")
+def flux_adapter(small_dataset, tmp_path_factory):
+    from ray_faceid.config import TrainConfig
+    from ray_faceid.train.adapter import run_training
+
+    out = tmp_path_factory.mktemp("flux_adapter")
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-3, workers=1, cpus_per_worker=0.5, checkpoint_every=2)
+    return str(out), run_training(small_dataset, "tiny-flux", str(out), config)
+
+
+def test_train_on_flux_and_generate_an_enrolled_person_from_the_folder(flux_adapter, small_dataset, tmp_path):
+    from deployments.app import resolve_config
+    from deployments.flux_generator import FluxServeGenerator
+    from ray_faceid.cli import app
+    from ray_faceid.config import RenderConfig, ServeConfig, TrainConfig
+    from ray_faceid.data.render_flux import FluxRenderer
+    from ray_faceid.enrollment import enroll_dataset
+    from ray_faceid.face.spec import EncoderSpec
+    from ray_faceid.pipelines.provenance import read_provenance
+    from ray_faceid.registry import Registry
+    from ray_faceid.train.adapter import run_training
+
+    out, record = flux_adapter
+    assert record["steps"] == 2 and record["eval_loss_start"] > 0
+    registry = Registry(str(tmp_path / "registry"))
+    enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)")
+    made = CliRunner().invoke(app, ["generate", "--model", "tiny-flux", "--adapter", out, "--identity", "amy",
+                                    "--registry", registry.store, "--prompt", "a portrait", "--steps", "2", "--seed",
+                                    "3", "--out", str(tmp_path / "amy.png")])
+    assert made.exit_code == 0, made.output
+    generated = np.asarray(Image.open(tmp_path / "amy.png")).astype(int)
+    provenance = read_provenance((tmp_path / "amy.png").read_bytes())
+    enrolled_with = EncoderSpec(**registry.get("default", registry.resolve("default", "amy"))["encoder"])
+    assert provenance["adapter_trained"]["trained_steps"] == 2 and provenance["base_family"] == "flux"
+    assert provenance["identities"][0]["embeddings_encoder"] == enrolled_with.key() == provenance["encoder"]
+    # A catalog row and a Serve request of the same person, prompt and seed: the same image.
+    renderer = FluxRenderer(RenderConfig(steps=2, device="cpu"), "tiny-flux", out, registry.store, "default",
+                            str(tmp_path / "rendered"))
+    row = renderer.render_batch([json.dumps({"id": "amy-1", "identities": ["amy"], "prompt": "a portrait",
+                                             "seed": 3})], [0])[0]
+    assert row["status"] == "ok", row
+    assert np.abs(np.asarray(Image.open(row["output_uri"])).astype(int) - generated).max() <= 1
+    amy = registry.resolve("default", "amy")
+    config = resolve_config(ServeConfig(model="tiny-flux", adapter=out, registry=registry.store,
+                                        api_tokens={"default": "default-token-0123456789abcdef"}))
+    generator = FluxServeGenerator(config.model_dump_json())
+    held = {}
+
+    async def load_identity(key):  # Serve's multiplexing needs a replica context
+        held[key] = held.get(key) or await generator._load_identity(key)
+        return held[key]
+
+    generator.load_identity = load_identity
+    assert "2 steps trained" in generator.defaults()["served"]
+    (answer,) = asyncio.run(generator._generate_group([{
+        "kind": "generate", "tenant": "default", "identities": [{"id": amy}], "prompt": "a portrait",
+        "negative_prompt": "", "seed": 3, "num_images": 1, "steps": 2, "guidance": None, "width": 32, "height": 32,
+        "cancelled": threading.Event()}]))
+    assert "error" not in answer, answer
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"][0])))).astype(int)
+    assert np.abs(served - generated).max() <= 1
+    with pytest.raises(BadInput, match="leave image_encoder out"):
+        resolve_config(config.model_copy(update={"image_encoder": str(tmp_path)}))
+    with pytest.raises(BadInput, match="makes its identity adapter from scratch"):
+        run_training(small_dataset, "tiny-flux", str(tmp_path / "imr"), TrainConfig(method="imr", steps=1, workers=1),
+                     adapter=out)
