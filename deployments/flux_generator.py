@@ -95,9 +95,13 @@ class FluxServeGenerator(Generator):
     async def _load_identity(self, key: str) -> LoadedIdentity:
         tenant, identity = multiplex.split_key(key)
         reads = self.pipeline.adapter.encoder_spec  # ours: the person's identity embeddings of its encoder
-        if reads is not None:
+        if reads is not None:  # and their own adapter (personalize), if any
+            from ray_faceid.identity.personalization import load_personal
+
             embeddings, quality, spec = self.registry.embeddings(tenant, identity, reads)
-            loaded = LoadedIdentity(key, embeddings, quality, spec)
+            personal = load_personal(self.registry, tenant, identity, self.adapter_hash, self.pipeline.adapter)
+            loaded = LoadedIdentity(key, embeddings, quality, spec, personal)
+            self._note_version(key, personal)
         else:
             _, _, spec = self.registry.embeddings(tenant, identity)  # what the person was enrolled with
             crops = self.registry.references(tenant, identity)
@@ -121,11 +125,16 @@ class FluxServeGenerator(Generator):
                 raise BadInput(f"identity {item['id']}: {', '.join(asked)} not built for FLUX yet")
             meta = self.registry.get(tenant, item["id"])  # a deleted identity is never served from the cache
             before = self.loads
-            loaded = await self.load_identity(multiplex.identity_key(tenant, item["id"]))
+            key = multiplex.identity_key(tenant, item["id"])
+            loaded = await self.load_identity(key)
+            ours = adapter.encoder_spec is not None
+            if ours:
+                self._refresh_personal(tenant, item["id"], meta, key, loaded)
             hits += self.loads == before
             conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings,
                                                 region=item.get("region"), scale=item.get("scale", 1.0), id=item["id"],
-                                                encoder=loaded.spec_key if adapter.encoder_spec is not None else None))
+                                                encoder=loaded.spec_key if ours else None,
+                                                personal=loaded.personal if ours else None))
         return conditions, hits
 
     @staticmethod

@@ -213,6 +213,15 @@ class Generator:
         self._note_version(key, personal)
         return loaded
 
+    def _refresh_personal(self, tenant: str, identity: str, meta: dict, key: str, loaded: LoadedIdentity) -> None:
+        """A per-identity adapter newer than the one this replica cached with the identity replaces it."""
+        from ray_faceid.identity.personalization import load_personal, made_with
+
+        newest = newest_adapter(meta, self.adapter_hash, made_with=made_with(self.pipeline.adapter))
+        if (newest and newest["version"]) != (loaded.personal and version_of(loaded.personal[0])):
+            loaded.personal = load_personal(self.registry, tenant, identity, self.adapter_hash, self.pipeline.adapter)
+            self._note_version(key, loaded.personal)
+
     def _note_version(self, key: str, personal) -> None:
         """Which adapter versions of whom the pipeline may hold (device bank, engines): an erasure
         must find them even after Serve's LRU dropped the loaded identity."""
@@ -254,7 +263,6 @@ class Generator:
 
     async def _conditions(self, tenant: str, requested: list[dict]):
         from ray_faceid.identity.adapter import NO_ADAPTER
-        from ray_faceid.identity.personalization import load_personal, made_with
         from ray_faceid.pipelines.generate import IdentityCondition
 
         if requested and self.pipeline.adapter is None:
@@ -266,12 +274,7 @@ class Generator:
             meta = self.registry.get(tenant, item["id"])  # a deleted identity is never served from the cache
             before = self.loads
             loaded = await self.load_identity(key)
-            newest = newest_adapter(meta, self.adapter_hash, made_with=made_with(self.pipeline.adapter))
-            if (newest and newest["version"]) != (loaded.personal and version_of(loaded.personal[0])):
-                # A new per-identity adapter since this replica cached the identity.
-                loaded.personal = load_personal(self.registry, tenant, item["id"], self.adapter_hash,
-                                                self.pipeline.adapter)
-                self._note_version(key, loaded.personal)
+            self._refresh_personal(tenant, item["id"], meta, key, loaded)
             hits += self.loads == before
             expected = self.pipeline.adapter.encoder_spec.key()
             if not self.pipeline.adapter.takes(loaded.spec):

@@ -158,6 +158,14 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         adapter = load_flux_identity(adapter_uri, base.transformer)
     generator = FluxGenerator(base, adapter, device=device, backend=backend)
     generator.image_encoder_hash = encoder_hash
+    if generator.personal_bank is not None:  # enrolled people run with their own adapter (personalize), if any
+        from ray_faceid.identity.personalization import load_personal
+        from ray_faceid.registry import Registry
+
+        for condition in conditions:
+            if condition.id:
+                condition.personal = load_personal(Registry(registry), tenant, condition.id, generator.adapter_hash,
+                                                   adapter)
     generator.on_step = denoise_reporter()
     return generator, conditions
 

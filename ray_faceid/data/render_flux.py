@@ -93,10 +93,15 @@ class FluxRenderer(Renderer):
         image_embeds, encoder = None, None
         if self.encoder is not None:
             image_embeds = self.encoder.image_embeds(self.registry.references(self.tenant, found))
+        personal = None
         if self.face_encoder is not None:
+            from ray_faceid.identity.personalization import load_personal
+
             image_embeds, _, spec = self.registry.embeddings(self.tenant, found, self.face_encoder)
             encoder = spec.key()
-        loaded = {"id": found, "scoring": scoring, "personal": None, "image_embeds": image_embeds, "encoder": encoder}
+            personal = load_personal(self.registry, self.tenant, found, self.adapter_hash, self.pipeline.adapter)
+        loaded = {"id": found, "scoring": scoring, "personal": personal, "image_embeds": image_embeds,
+                  "encoder": encoder}
         self.identities[identity] = loaded
         if len(self.identities) > IDENTITY_CACHE:
             self.identities.popitem(last=False)
@@ -119,8 +124,18 @@ class FluxRenderer(Renderer):
         for ident in row.identities:
             loaded = self.identity(ident.id)
             out.append(IdentityCondition(ident.id, loaded["image_embeds"], region=ident.region, scale=ident.scale,
-                                         id=loaded["id"], encoder=loaded["encoder"]))
+                                         id=loaded["id"], encoder=loaded["encoder"], personal=loaded["personal"]))
         return out
+
+    def _personal_version(self, row: CatalogRow):
+        """The people's own adapters a row renders with: on FLUX each person's applies beside others too
+        ("shared" where nobody has one: the keys rows had before personal adapters)."""
+        from ray_faceid.identity.personalization import version_of
+
+        versions = [self.identity(i.id)["personal"] for i in row.identities]
+        if not any(versions):
+            return "shared"
+        return [version_of(v[0]) if v else "shared" for v in versions]
 
     def render(self, row: CatalogRow) -> dict:
         from ray_faceid.face.decode import decode_image

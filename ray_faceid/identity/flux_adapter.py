@@ -41,13 +41,23 @@ LICENCE = ("FLUX IP-Adapter weights (XLabs-AI/flux-ip-adapter): FLUX.1 [dev] Non
 
 class IdentityOnImage:
     """A dual-stream block's attention: FLUX's own, then the identity tokens' attention of the
-    image queries (None: the block as FLUX made it)."""
+    image queries (None: the block as FLUX made it). With a personal bank (identity/personal_bank.py),
+    `personal_slots` (B, M) gives each person of each row their own `to_k_ip` / `to_v_ip` (a slot 0:
+    the shared ones): each person's projections read their own tokens only, so a person's own adapter
+    applies beside other people in one image too."""
 
-    def __init__(self, to_k_ip: nn.Linear, to_v_ip: nn.Linear):
-        self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip
+    def __init__(self, to_k_ip: nn.Linear, to_v_ip: nn.Linear, bank=None, index: int = 0):
+        self.to_k_ip, self.to_v_ip, self.bank, self.index = to_k_ip, to_v_ip, bank, index
+
+    def _project(self, linear: nn.Linear, part: str, tokens: torch.Tensor, slots) -> torch.Tensor:
+        if slots is None or self.bank is None:
+            return linear(tokens)
+        from ray_faceid.identity.personal_bank import PersonalRows
+
+        return PersonalRows(self.bank, slots).project(linear, f"to_{part}_ip.{self.index}.weight", tokens)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 identity_tokens=None, identity_scale=None, patch_owner=None):
+                 identity_tokens=None, identity_scale=None, patch_owner=None, personal_slots=None):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
         out = FluxAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -59,8 +69,10 @@ class IdentityOnImage:
         added = torch.zeros_like(image)
         for m in range(identity_tokens.shape[1]):  # each person's tokens, scale and patches
             tokens = identity_tokens[:, m].to(query.dtype)
-            key = self.to_k_ip(tokens).view(b, -1, attn.heads, attn.head_dim).transpose(1, 2)
-            value = self.to_v_ip(tokens).view(b, -1, attn.heads, attn.head_dim).transpose(1, 2)
+            slots = None if personal_slots is None else personal_slots[:, m]
+            key = self._project(self.to_k_ip, "k", tokens, slots).view(b, -1, attn.heads, attn.head_dim).transpose(1, 2)
+            value = self._project(self.to_v_ip, "v", tokens, slots).view(b, -1, attn.heads, attn.head_dim
+                                                                          ).transpose(1, 2)
             taken = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(b, n, -1)
             weight = identity_scale[:, m].to(taken.dtype).view(b, 1, 1)
             if patch_owner is not None:
@@ -74,7 +86,7 @@ class AcceptingIdentity:
     given and leaves them (FLUX's own processor would warn of each at every step)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 identity_tokens=None, identity_scale=None, patch_owner=None):
+                 identity_tokens=None, identity_scale=None, patch_owner=None, personal_slots=None):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
         return FluxAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -92,6 +104,11 @@ class FluxIdentityAdapter(nn.Module):
         self.to_k_ip = nn.ModuleList(nn.Linear(width, inner) for _ in range(blocks))
         self.to_v_ip = nn.ModuleList(nn.Linear(width, inner) for _ in range(blocks))
         self.published: dict | None = None
+        self.image_encoder = self.identitynet = None  # what personal adapters of a UNet adapter are keyed by too
+        # What personalize trains (each block's identity projections) and keeps (the projection to
+        # tokens); not registered: the file's names and the weights hash stay those of the layout.
+        object.__setattr__(self, "processors", nn.ModuleDict({"to_k_ip": self.to_k_ip, "to_v_ip": self.to_v_ip}))
+        object.__setattr__(self, "mapper", nn.ModuleDict({"proj": self.proj, "norm": self.norm}))
         self.trained: dict | None = None
         """What `ray-faceid train` recorded of an adapter it made (identity/flux_training.py)."""
         self.encoder_spec = None
@@ -105,6 +122,14 @@ class FluxIdentityAdapter(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.proj.weight.dtype
 
+    class kind:  # noqa: N801 - what personalize asks of an adapter's kind (identity/kinds.py): one embedding a person
+        per_photo = identitynet = False
+
+    def takes(self, spec) -> bool:
+        """Whether people's stored embeddings of encoder `spec` are what it reads (ours: its encoder's;
+        XLabs' file reads CLIP image embeddings of the photos, none stored)."""
+        return self.encoder_spec is not None and spec.key() == self.encoder_spec.key()
+
     @property
     def trained_steps(self) -> int:
         """The optimiser steps `ray-faceid train` gave it (0 for a published file)."""
@@ -114,7 +139,8 @@ class FluxIdentityAdapter(nn.Module):
     def structure(self) -> str:
         """What the compiled transformer's graph holds of it (its engine key)."""
         return (f"FLUX IP-Adapter: {self.tokens_per_person} tokens of {self.width} from {self.embed_dim}-d embeddings "
-                f"on {len(self.to_k_ip)} dual-stream blocks")
+                f"on {len(self.to_k_ip)} dual-stream blocks" + (", people's own projections per row" if self.trained
+                                                                 else ""))
 
     @torch.no_grad()
     def person_tokens(self, embeddings: np.ndarray, name: str, device) -> torch.Tensor:
@@ -133,14 +159,15 @@ class FluxIdentityAdapter(nn.Module):
             raise BadInput(f"identity {name}: its image embedding is out of range (its tokens overflow)")
         return made[0]
 
-    def install(self, transformer) -> None:
-        """Every dual-stream block's attention reads identity; single-stream blocks accept its inputs."""
+    def install(self, transformer, bank=None) -> None:
+        """Every dual-stream block's attention reads identity (`bank`: people's own projections, per
+        row and person); single-stream blocks accept its inputs."""
         if len(transformer.transformer_blocks) != len(self.to_k_ip):
             raise UnsupportedModel(f"this FLUX IP-Adapter has {len(self.to_k_ip)} dual-stream blocks' weights; the "
                                    f"base has {len(transformer.transformer_blocks)}: it was made for another model")
         # set_processor: a processor diffusers loaded before may be a child module of the attention.
-        for block, k, v in zip(transformer.transformer_blocks, self.to_k_ip, self.to_v_ip):
-            block.attn.set_processor(IdentityOnImage(k, v))
+        for i, (block, k, v) in enumerate(zip(transformer.transformer_blocks, self.to_k_ip, self.to_v_ip)):
+            block.attn.set_processor(IdentityOnImage(k, v, bank, i))
         for block in transformer.single_transformer_blocks:
             block.attn.set_processor(AcceptingIdentity())
 
@@ -148,18 +175,27 @@ class FluxIdentityAdapter(nn.Module):
         return weights_hash_of(self)
 
 
-def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
+def load_flux_adapter(uri: str, transformer=None) -> FluxIdentityAdapter:
     """A FLUX IP-Adapter file (either layout) for `transformer`, loaded strictly; one line says what
-    was recognised, and a file of another layout or width is refused in one line."""
+    was recognised, and a file of another layout or width is refused in one line. Without a
+    transformer its widths and blocks are the file's (a driver reads it without loading a base)."""
     uri = adapter_file(uri)
     raw = storage.read_bytes(uri)
     digest = hashlib.sha256(raw).hexdigest()
     proj, ip = _split(raw, uri)
-    config = transformer.config
-    width, inner = config.joint_attention_dim, config.num_attention_heads * config.attention_head_dim
     if "proj.weight" not in proj or "norm.weight" not in proj:
         raise UnsupportedModel(f"{uri}: no FLUX IP-Adapter projection (ip_adapter_proj_model.proj / .norm): not the "
                                "XLabs FLUX IP-Adapter layout")
+    if transformer is None:
+        blocks = len([k for k in ip if k.endswith("to_k_ip.weight")])
+        if not blocks:
+            raise UnsupportedModel(f"{uri}: no identity attention (double_blocks.*.ip_adapter_double_stream_k_proj)")
+        width, inner = proj["norm.weight"].shape[0], next(v for k, v in ip.items() if k.endswith("to_k_ip.weight")
+                                                          ).shape[0]
+    else:
+        config = transformer.config
+        width, inner = config.joint_attention_dim, config.num_attention_heads * config.attention_head_dim
+        blocks = len(transformer.transformer_blocks)
     from ray_faceid.identity.flux_training import made_by_training
 
     made = made_by_training(_metadata(raw, uri))  # ours says its token count; XLabs' files have 4 (16 at 65,536 rows)
@@ -168,7 +204,6 @@ def load_flux_adapter(uri: str, transformer) -> FluxIdentityAdapter:
     if rows != tokens * width or proj["norm.weight"].shape[0] != width:
         raise UnsupportedModel(f"{uri}: a FLUX IP-Adapter of {rows // tokens}-wide tokens; this base's transformer "
                                f"reads {width}-wide text states: it was made for another model")
-    blocks = len(transformer.transformer_blocks)
     adapter = FluxIdentityAdapter(embed_dim, width, inner, blocks, tokens)
     state = {f"proj.{k.split('.', 1)[1]}": v for k, v in proj.items() if k.startswith("proj.")}
     state.update({f"norm.{k.split('.', 1)[1]}": v for k, v in proj.items() if k.startswith("norm.")})

@@ -31,9 +31,13 @@ class PersonalRows:
         self.bank, self.rows = bank, rows
 
     def project(self, linear: nn.Linear, weight_name: str, x: torch.Tensor) -> torch.Tensor:
-        """linear(x) with each row's own weights: (B, N, in) -> (B, N, out)."""
+        """linear(x) with each row's own weights (and bias, where the bank holds its delta): (B, N, in) -> (B, N, out)."""
         delta = self.bank.stack(weight_name).index_select(0, self.rows)  # B, out, in
-        return linear(x) + torch.bmm(x, delta.transpose(1, 2).to(x.dtype))
+        out = linear(x) + torch.bmm(x, delta.transpose(1, 2).to(x.dtype))
+        bias = weight_name.removesuffix("weight") + "bias"
+        if linear.bias is not None and self.bank.holds(bias):
+            out = out + self.bank.stack(bias).index_select(0, self.rows)[:, None, :].to(out.dtype)
+        return out
 
 
 class PersonalBank(nn.Module):
@@ -56,6 +60,9 @@ class PersonalBank(nn.Module):
         self._refused: set[str] = set()  # versions of erased people: never loaded again
         self._lock = threading.Lock()
         self.loads = 0  # deltas copied in (a resident person costs none)
+
+    def holds(self, weight_name: str) -> bool:
+        return weight_name in self._index
 
     def stack(self, weight_name: str) -> torch.Tensor:
         """(slots + 1, out, in) deltas of one processor weight, e.g. 'down__...__processor.to_k_id.weight'."""

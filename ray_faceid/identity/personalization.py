@@ -25,10 +25,16 @@ def processor_weights(adapter: IdentityAdapter) -> dict[str, torch.Tensor]:
 
 def adapt_identity(base, adapter: IdentityAdapter, batch_at: Callable[[int], CrossBatch], eval_batch: CrossBatch,
                    steps: int, lr: float, outside_weight: float = 1.0, seed: int = 0,
-                   on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                   on_step: Callable[[int, float], None] | None = None,
+                   losses: Callable | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Train the processors from the adapter's current weights; returns (fp16 delta, metrics) and
     leaves the adapter as it found it. `batch_at(step)` gives the references of each step;
-    `on_step(step, loss)` is called after each (progress lines, heartbeats)."""
+    `on_step(step, loss)` is called after each (progress lines, heartbeats). `losses(batch, generator)`:
+    the objective (default: the UNet adapter's; FLUX's is identity/flux_training.py's)."""
+    if losses is None:
+        def losses(batch, g):
+            return adapter_losses(base, adapter, batch, 0.0, g, outside_weight)
+
     start = processor_weights(adapter)
     params = list(adapter.processors.parameters())
     grads = {p: p.requires_grad for p in adapter.parameters()}  # restored after: the caller's flags
@@ -39,13 +45,13 @@ def adapt_identity(base, adapter: IdentityAdapter, batch_at: Callable[[int], Cro
     def evaluate() -> float:
         with torch.no_grad():
             g = torch.Generator().manual_seed(seed)
-            return float(adapter_losses(base, adapter, eval_batch, 0.0, g, outside_weight)["total"])
+            return float(losses(eval_batch, g)["total"])
 
     try:
         loss_start = evaluate()
         for step in range(steps):
             g = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
-            loss = adapter_losses(base, adapter, batch_at(step), 0.0, g, outside_weight)["total"]
+            loss = losses(batch_at(step), g)["total"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -172,8 +172,9 @@ class PulidFlux(nn.Module):
         cond = torch.cat([id_embedding, eva], dim=-1).to(self.dtype)
         return self.pulid_encoder(cond, [h.to(self.dtype) for h in eva_hidden])
 
-    def install(self, transformer) -> None:
-        """The residual hooks on their blocks (a second install replaces the first's)."""
+    def install(self, transformer, bank=None) -> None:
+        """The residual hooks on their blocks (a second install replaces the first's); PuLID's file has
+        no personal adapters (`bank` None)."""
         from ray_faceid.identity.flux_adapter import AcceptingIdentity
 
         for hook in self._hooks:

@@ -115,10 +115,16 @@ class FluxGenerator:
         self.adapter_hash = None
         self.image_encoder_hash = None
         """The CLIP image encoder's weights hash where people's embeddings came from photos through it."""
+        self.personal_bank = None
+        """People's own adapters (`ray-faceid personalize` on ours) as per-row, per-person weights."""
         if adapter is not None:
             self.adapter_hash = adapter.content_hash()  # of the weights as loaded, before any cast
             adapter.to(self.device, cast)
-            adapter.install(base.transformer)
+            if adapter.trained:  # after the cast: the bank takes the adapter's dtype
+                from ray_faceid.identity.personal_bank import PersonalBank
+
+                self.personal_bank = PersonalBank(adapter)
+            adapter.install(base.transformer, self.personal_bank)
         self.denoiser, self.engine_cache, self.compiler = base.transformer, engine_cache, None
         self.fill_sizes: set[tuple[int, int]] = set()  # photo sizes Fill has compiled (it warms none ahead)
         if backend == "torch.compile":
@@ -418,7 +424,10 @@ class FluxGenerator:
         if callback is not None:
             callback(0, len(scheduler.timesteps))
         transformer = base.transformer
+        personal = self._row_personal(rows, identity)
         for step, t in enumerate(scheduler.timesteps, 1):
+            if personal is not None:  # placed at every step: another batch may run between two (turns.py)
+                identity["personal_slots"] = self.personal_bank.rows(personal).view(batch, -1)
             timestep = t.expand(batch).to(latents.dtype) / 1000
             hidden = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=2)
             velocity = self.denoiser(hidden_states=hidden.to(transformer.dtype), timestep=timestep, guidance=embedded,
@@ -429,6 +438,20 @@ class FluxGenerator:
             if callback is not None:
                 callback(step, len(scheduler.timesteps))
         return latents
+
+    def _row_personal(self, rows: list[list], identity: dict) -> list | None:
+        """Each (row, person slot)'s own adapter (version, delta) or None, row by row; None where no bank
+        or no identity. Compiled: always there (zeros for nobody's), so one graph serves either."""
+        if self.personal_bank is None or not identity:
+            return None
+        slots = identity["identity_tokens"].shape[1]
+        personal = [(people[m].personal if m < len(people) else None) for people in rows for m in range(slots)]
+        return personal if any(personal) or self.backend == "torch.compile" else None
+
+    def forget_personal(self, version: str) -> None:
+        """Drop an erased person's own adapter from the bank and refuse it from now on."""
+        if self.personal_bank is not None:
+            self.personal_bank.evict(version, forever=True)
 
     def _result(self, items: list, latents, steps, guidance, width, height, kind="generate"):
         f = self.base.vae_scale_factor
@@ -452,6 +475,8 @@ class FluxGenerator:
 
     def provenance(self, prompt: str, identities: list, seed: int, steps: int, guidance: float | None, width: int,
                    height: int, kind: str = "generate") -> dict:
+        from ray_faceid.identity.personalization import version_of
+
         base = self.base
         return {
             "generator": "ray_faceid",
@@ -470,7 +495,9 @@ class FluxGenerator:
                if self.adapter is not None and self.adapter.encoder_spec is not None else {}),
             **({"image_encoder": self.image_encoder_hash} if self.image_encoder_hash else {}),
             "identities": [{"name": p.name, "id": p.id, "region": p.region, "scale": p.scale,
-                            **({"embeddings_encoder": p.encoder} if p.encoder else {})} for p in identities],
+                            **({"embeddings_encoder": p.encoder} if p.encoder else {}),
+                            **({"personal_adapter": version_of(p.personal[0])}
+                               if p.personal and self.personal_bank is not None else {})} for p in identities],
             "backend": self.backend,
             "precision": self.precision,
             **({"transformer_weights": "fp8"} if self.transformer_weights == "fp8" else {}),

@@ -20,8 +20,9 @@ from ray_faceid.errors import BackendUnavailable, NotFound
 
 TINY = ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint")
 TINY_FLUX = ("tiny-flux", "tiny-flux-schnell", "tiny-flux-fill")
-FLUX_RUNS = ("a FLUX model: `ray-faceid generate`, `render` and Serve run it (`inpaint`: FLUX.1 Fill), people read "
-             "through a FLUX IP-Adapter; train, personalize, merge-lora and compile on FLUX are not built yet")
+FLUX_RUNS = ("a FLUX model: `ray-faceid generate`, `render` and Serve run it (`inpaint`: FLUX.1 Fill; `train`, "
+             "`personalize` and `compile --backend torch.compile` too), people read through a FLUX IP-Adapter, "
+             "PuLID-FLUX or the adapter `train` makes; merge-lora and the IMR on FLUX are not built yet")
 HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.bin", "*/*.model"]  # a diffusers layout
 HUB_CONFIGS = ["model_index.json", "*/*.json"]  # what deciding the family needs
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")

@@ -30,10 +30,11 @@ REFERENCE_SIDE = 256  # the registry's reference crops: training above it only u
 
 
 def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str, identity: str,
-              config: PersonalizeConfig, on_step=None, settings: str | None = None) -> dict:
+              config: PersonalizeConfig, on_step=None, settings: str | None = None, losses=None) -> dict:
     """Adapt one identity and store the result; returns its progress record. `on_step(step, loss)`
     after each optimiser step; `settings`: what the record is keyed by beside the shared adapter
-    (default: the config's hash; run_personalize adds the CLIP image encoder's or IdentityNet's weights hash)."""
+    (default: the config's hash; run_personalize adds the CLIP image encoder's or IdentityNet's weights hash);
+    `losses`: the objective where it is not the UNet adapter's (FLUX)."""
     from ray_faceid.identity.personalization import adapt_identity, delta_bytes
     from ray_faceid.train.examples import reference_batch
 
@@ -59,7 +60,7 @@ def adapt_one(base, adapter, adapter_hash: str, registry: Registry, tenant: str,
     eval_batch = reference_batch(identity, crops, embeddings, quality, list(range(n)), size, CAPTION, features,
                                  per_photo, keypoints)
     delta, metrics = adapt_identity(base, adapter, batch_at, eval_batch, config.steps, config.lr, config.outside_weight,
-                                    config.seed, on_step)
+                                    config.seed, on_step, losses)
     seconds = time.perf_counter() - started
     entry = registry.add_adapter(tenant, identity, delta_bytes(delta), {
         "kind": "personal", "base_adapter": adapter_hash, "settings": settings, "references": n,
@@ -104,9 +105,23 @@ def _work(loop: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
-    base = load_base(loop["model"]).to(device)
-    adapter = IdentityAdapter.load(loop["adapter"], base.unet)
-    adapter.to(device).install(base.unet)
+    losses = None
+    if loop["model"].family == "flux":  # ours on FLUX: its flow-matching objective (identity/flux_training.py)
+        from ray_faceid.identity.flux_adapter import load_flux_adapter
+        from ray_faceid.identity.flux_training import FluxAdapterObjective
+        from ray_faceid.pipelines.flux import load_flux
+
+        base = load_flux(loop["model"]).to(device).freeze()
+        adapter = load_flux_adapter(loop["adapter"], base.transformer).to(device)
+        adapter.install(base.transformer)
+        objective = FluxAdapterObjective(base, adapter, config.outside_weight)
+
+        def losses(batch, generator):
+            return objective(batch, generator)
+    else:
+        base = load_base(loop["model"]).to(device)
+        adapter = IdentityAdapter.load(loop["adapter"], base.unet)
+        adapter.to(device).install(base.unet)
     if loop.get("image_encoder"):
         from ray_faceid.identity.face_plus import attach_image_encoder
 
@@ -141,7 +156,7 @@ def _work(loop: dict) -> None:
 
             try:
                 done[identity] = adapt_one(base, adapter, adapter_hash, registry, loop["tenant"], identity, config,
-                                           on_step, loop.get("settings"))
+                                           on_step, loop.get("settings"), losses)
             except (FaceIdError, OSError) as exc:
                 failed[identity] = getattr(exc, "message", None) or str(exc)
         fault = loop.get("fault")
@@ -154,6 +169,25 @@ def _work(loop: dict) -> None:
             (folder / f"progress_{rank}.json").write_text(json.dumps({"done": done, "failed": failed}))
             ray.train.report({"identities_done": len(done), "identities_failed": len(failed)},
                              checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+
+
+def _flux_shared_adapter(adapter: str, model, config: PersonalizeConfig, image_encoder: str | None,
+                         identitynet: str | None):
+    """The FLUX adapter `ray-faceid train` made, read from its file alone; what FLUX does not take is one line."""
+    from ray_faceid.identity.flux_adapter import load_flux_adapter
+    from ray_faceid.pipelines.flux import flux_settings
+
+    if image_encoder or identitynet:
+        raise BadInput("--image-encoder / --identitynet: the FLUX adapter `ray-faceid train` made reads people's "
+                       "identity embeddings alone: leave them out")
+    multiple = flux_settings(model)["size_multiple"]
+    if config.size and config.size % multiple:
+        raise BadInput(f"FLUX trains on sides that are multiples of {multiple}, not --size {config.size}")
+    shared = load_flux_adapter(adapter)
+    if not shared.trained:
+        raise BadInput(f"{adapter}: personalize on FLUX adapts the adapter `ray-faceid train --model FLUX` made; a "
+                       "FLUX IP-Adapter or PuLID-FLUX file is used as it is (generate, render, Serve)")
+    return shared
 
 
 def run_personalize(registry: str, adapter: str, model: str, config: PersonalizeConfig, tenant: str = "default",
@@ -178,24 +212,27 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
                                                                           identitynet))
     store = Registry(registry)
     wanted = identities or [meta["id"] for meta in store.list(tenant)]
-    model = resolve_model(model)  # once: the checks below and every worker take the reference
-    IdentityAdapter.check_file_family(adapter, model.family)  # before any worker starts
+    model = resolve_model(model, flux=True)  # once: the checks below and every worker take the reference
     unet = None
-    if published.is_published_file(adapter):  # its layers are named by the base: read against it
-        from ray_faceid.pipelines.models import load_base
-
-        unet = load_base(model).unet
-        shared = IdentityAdapter.load(adapter, unet)
+    if model.family == "flux":  # ours, read without a base (FLUX.1's is 12B parameters)
+        shared = _flux_shared_adapter(adapter, model, config, image_encoder, identitynet)
     else:
-        shared = IdentityAdapter.load(adapter)
-    from ray_faceid.identity.face_plus import attach_image_encoder
-    from ray_faceid.identity.instantid import DEFAULT_SCALE, attach_identitynet_to
+        IdentityAdapter.check_file_family(adapter, model.family)  # before any worker starts
+        if published.is_published_file(adapter):  # its layers are named by the base: read against it
+            from ray_faceid.pipelines.models import load_base
 
-    # FaceID-Plus reads the references' crops through CLIP (the registry keeps them), InstantID runs its
-    # IdentityNet beside the UNet; other kinds refuse either folder. Their weights' hashes join the
-    # settings: another encoder or IdentityNet, another personal adapter.
-    attach_image_encoder(shared, image_encoder, "cpu", "--image-encoder")
-    attach_identitynet_to(shared, unet, "cpu", identitynet, DEFAULT_SCALE, "--identitynet")
+            unet = load_base(model).unet
+            shared = IdentityAdapter.load(adapter, unet)
+        else:
+            shared = IdentityAdapter.load(adapter)
+        from ray_faceid.identity.face_plus import attach_image_encoder
+        from ray_faceid.identity.instantid import DEFAULT_SCALE, attach_identitynet_to
+
+        # FaceID-Plus reads the references' crops through CLIP (the registry keeps them), InstantID runs its
+        # IdentityNet beside the UNet; other kinds refuse either folder. Their weights' hashes join the
+        # settings: another encoder or IdentityNet, another personal adapter.
+        attach_image_encoder(shared, image_encoder, "cpu", "--image-encoder")
+        attach_identitynet_to(shared, unet, "cpu", identitynet, DEFAULT_SCALE, "--identitynet")
     adapter_hash = shared.content_hash()
     settings = config.compute_hash()
     if shared.image_encoder is not None:

@@ -76,6 +76,53 @@ def test_the_objective_learns_and_the_untrained_adapter_leaves_fluxs_image(spec1
         gen.generate("a portrait", [IdentityCondition("p", np.ones((1, 64), np.float32))], steps=1)
 
 
+def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would(spec128, tmp_path):
+    """Per row and person, from the bank (never the shared weights changed): the image equals that of
+    the shared adapter with the person's delta added to its weights, biases included."""
+    from ray_faceid.identity.flux_adapter import load_flux_adapter
+    from ray_faceid.pipelines.generate import GenerationItem
+
+    base = build_tiny_flux()
+    adapter = new_flux_adapter(base.transformer, spec128, seed=0)
+    with torch.no_grad():
+        for p in adapter.to_v_ip.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+    saved = save_flux_adapter(str(tmp_path / "shared"), adapter, base.model_hash(), 10)
+    generator = torch.Generator().manual_seed(2)
+    delta = {name: (torch.randn(p.shape, generator=generator) * 0.3).half()
+             for name, p in adapter.processors.named_parameters()}
+    amy_emb, bob_emb = batch().id_embeddings[:1].numpy(), batch().id_embeddings[1:].numpy()
+    gen = FluxGenerator(build_tiny_flux(), load_flux_adapter(saved, build_tiny_flux().transformer))
+    amy = IdentityCondition("amy", amy_emb, personal=("v1@amy", delta))
+    own = image(gen, [amy])
+    assert np.abs(own - image(gen, [IdentityCondition("amy", amy_emb)])).max() > 2
+    summed = load_flux_adapter(saved, build_tiny_flux().transformer)
+    with torch.no_grad():
+        for name, p in summed.processors.named_parameters():
+            p.add_(delta[name].float())
+    assert np.abs(own - image(FluxGenerator(build_tiny_flux(), summed), [IdentityCondition("amy", amy_emb)])).max() <= 1
+    bob = [IdentityCondition("bob", bob_emb)]
+    both = gen.generate_items([GenerationItem("a portrait", [amy], seed=3), GenerationItem("a portrait", bob, seed=3)],
+                              steps=2, width=SIZE, height=SIZE)
+    assert np.abs(np.asarray(both.images[0]).astype(int) - own).max() <= 1
+    assert np.abs(np.asarray(both.images[1]).astype(int) - image(gen, bob)).max() <= 1
+    assert both.provenance[0]["identities"][0]["personal_adapter"] == "v1"
+    # Compiled (the suite's Dynamo backend): each row's slot is an input; a person's own adapter, or
+    # none, compiles nothing anew.
+    from torch._dynamo.utils import counters
+
+    compiled = FluxGenerator(build_tiny_flux(), load_flux_adapter(saved, build_tiny_flux().transformer),
+                             backend="torch.compile")
+    compiled.warm_up([(SIZE, SIZE)], 1)
+    graphs = counters["stats"]["unique_graphs"]
+    assert np.abs(image(compiled, [amy]) - own).max() <= 1
+    assert np.abs(image(compiled, bob) - image(gen, bob)).max() <= 1
+    assert counters["stats"]["unique_graphs"] == graphs
+    gen.forget_personal("v1@amy")  # an erased person's: refused from then on
+    with pytest.raises(Exception, match="erased"):
+        image(gen, [amy])
+
+
 @pytest.fixture(scope="module")
 def flux_adapter(small_dataset, tmp_path_factory):
     from ray_faceid.config import TrainConfig
@@ -90,13 +137,14 @@ def test_train_on_flux_and_generate_an_enrolled_person_from_the_folder(flux_adap
     from deployments.app import resolve_config
     from deployments.flux_generator import FluxServeGenerator
     from ray_faceid.cli import app
-    from ray_faceid.config import RenderConfig, ServeConfig, TrainConfig
+    from ray_faceid.config import PersonalizeConfig, RenderConfig, ServeConfig, TrainConfig
     from ray_faceid.data.render_flux import FluxRenderer
     from ray_faceid.enrollment import enroll_dataset
     from ray_faceid.face.spec import EncoderSpec
     from ray_faceid.pipelines.provenance import read_provenance
     from ray_faceid.registry import Registry
     from ray_faceid.train.adapter import run_training
+    from ray_faceid.train.personalize import run_personalize
 
     out, record = flux_adapter
     assert record["steps"] == 2 and record["eval_loss_start"] > 0
@@ -139,6 +187,31 @@ def test_train_on_flux_and_generate_an_enrolled_person_from_the_folder(flux_adap
     assert np.abs(served - generated).max() <= 1
     with pytest.raises(BadInput, match="leave image_encoder out"):
         resolve_config(config.model_copy(update={"image_encoder": str(tmp_path)}))
+    # Amy's own adapter (personalize on Ray Train): generate, render and the replica that cached her
+    # before it all use it, and give the same image.
+    summary = run_personalize(registry.store, out, "tiny-flux", PersonalizeConfig(steps=2, lr=1e-2, workers=1,
+                                                                                  cpus_per_worker=0.5),
+                              identities=["amy"])
+    assert summary["trained"] == [amy] and not summary["failed"], summary
+    version = registry.get("default", amy)["adapters"][-1]["version"]
+    again = CliRunner().invoke(app, ["generate", "--model", "tiny-flux", "--adapter", out, "--identity", "amy",
+                                     "--registry", registry.store, "--prompt", "a portrait", "--steps", "2", "--seed",
+                                     "3", "--out", str(tmp_path / "own.png")])
+    assert again.exit_code == 0, again.output
+    own = np.asarray(Image.open(tmp_path / "own.png")).astype(int)
+    assert read_provenance((tmp_path / "own.png").read_bytes())["identities"][0]["personal_adapter"] == version
+    assert np.abs(own - generated).max() > 0  # two steps on 32 px: a small change, but hers
+    renderer = FluxRenderer(RenderConfig(steps=2, device="cpu"), "tiny-flux", out, registry.store, "default",
+                            str(tmp_path / "rendered"))  # the next render job, into the same folder
+    row = renderer.render_batch([json.dumps({"id": "amy-1", "identities": ["amy"], "prompt": "a portrait",
+                                             "seed": 3})], [0])[0]
+    assert row["status"] == "ok" and not row["cached"], row  # a new key: her own adapter
+    assert np.abs(np.asarray(Image.open(row["output_uri"])).astype(int) - own).max() <= 1
+    (answer,) = asyncio.run(generator._generate_group([{
+        "kind": "generate", "tenant": "default", "identities": [{"id": amy}], "prompt": "a portrait",
+        "negative_prompt": "", "seed": 3, "num_images": 1, "steps": 2, "guidance": None, "width": 32, "height": 32,
+        "cancelled": threading.Event()}]))
+    assert np.abs(np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"][0])))).astype(int) - own).max() <= 1
     with pytest.raises(BadInput, match="makes its identity adapter from scratch"):
         run_training(small_dataset, "tiny-flux", str(tmp_path / "imr"), TrainConfig(method="imr", steps=1, workers=1),
                      adapter=out)
