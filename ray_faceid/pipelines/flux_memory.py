@@ -201,7 +201,22 @@ def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: s
     width, height = max(sizes, key=lambda wh: wh[0] * wh[1]) if sizes else (side, side)
     extra = {name: _local_bytes(path) for name, path in (("FLUX IP-Adapter", adapter),
                                                           ("CLIP image encoder", image_encoder)) if path}
+    if adapter and extra["FLUX IP-Adapter"]:
+        from ray_faceid.identity.flux_adapter import trained_encoder
+
+        if trained_encoder(adapter) is not None:  # ours: a bank of people's own projections beside it
+            extra["people's own adapters"] = _bank_bytes(extra["FLUX IP-Adapter"], precision)
     return plan.for_calls(images, width, height, extra)
+
+
+def _bank_bytes(file_bytes: int, precision: str) -> int:
+    """The personal bank's stacks (identity/personal_bank.py) for an adapter saved in fp32: its slots
+    plus the shared slot, each about the file's projections in the serving precision."""
+    from ray_faceid.identity.personal_bank import BANK_BYTES, BANK_SLOTS
+
+    per_person = file_bytes * BYTES[precision] // 4
+    slots = max(1, min(BANK_SLOTS, BANK_BYTES // max(per_person, 1) - 1))
+    return (slots + 1) * per_person
 
 
 def _local_bytes(path: str) -> int:

@@ -67,6 +67,12 @@ def test_the_objective_learns_and_the_untrained_adapter_leaves_fluxs_image(spec1
     loaded = load_flux_adapter(str(tmp_path / "trained"), build_tiny_flux().transformer)  # the folder `train` wrote
     assert loaded.encoder_spec == spec128 and loaded.trained["trained_steps"] == 15 and loaded.published is None
     assert trained.endswith("flux_identity.safetensors")
+    from ray_faceid.pipelines.flux_memory import replica_plan
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    plan = replica_plan(resolve_model("tiny-flux", flux=True), "bf16", "same", "same", 1, [], str(tmp_path / "trained"))
+    # Its bank: 8 people's projections and the shared slot, in bf16 (the file holds fp32).
+    assert plan.components["people's own adapters"] == 9 * (plan.components["FLUX IP-Adapter"] // 2)
     gen = FluxGenerator(build_tiny_flux(), loaded)
     amy, bob = image(gen, person), image(gen, [IdentityCondition("bob", batch().id_embeddings[1:].numpy())])
     assert np.abs(amy - image(before, [])).max() > 2 and np.abs(amy - bob).max() > 2
