@@ -45,6 +45,8 @@ def test_inpaint_keeps_the_outside(tmp_path, sample_photos):
                                  str(tmp_path / "mask.png"), "--ref", str(sample_photos["Tom_Hanks_54745.png"]),
                                  "--prompt", "a face", "--steps", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())  # what it will do, before minutes of steps on a real base
+    assert f"a {image.shape[1]}x{image.shape[0]} photo, its masked face repainted at up to 32 px, 2 steps of" in said
     got = np.asarray(Image.open(out).convert("RGB"))
     assert np.array_equal(got[mask == 0], image[mask == 0])
 

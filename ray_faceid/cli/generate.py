@@ -455,10 +455,14 @@ def inpaint(
         attach_identitynet(pipe, identitynet, identitynet_scale, "--identitynet")
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
         person = conditions[0]
+        sampling = sampler.record(pipe.base.scheduler)["class"]
+        err_console.print(f"a {picture.shape[1]}x{picture.shape[0]} photo, its masked face repainted at up to "
+                          f"{max(pipe.base.native_size)} px, {steps or pipe.base.default_steps} steps of {sampling} "
+                          f"on {pipe.device.type}")
         _say_engine_build(pipe)
         pipe.on_step = denoise_reporter()
         result = run_inpaint(pipe, picture, mask_array, person, prompt,
                              seed=seed, steps=steps, guidance=guidance, feather=feather, sampler=sampler)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.png[0])
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out} (seed {seed}, {person.name})")
