@@ -369,7 +369,7 @@ class TrainConfig(Settings):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after a linear warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
     size: int | None = Field(None, ge=16, description="Training resolution: target crops are resized to size x "
-                             "size; default: the base model's native size (512 for SD 1.x, 32 for tiny).")
+                             "size; default: the base model's native size (512 for SD 1.x, 32 for tiny; at most 512 on FLUX).")
     num_tokens: int = Field(4, ge=1, le=64, description="Identity tokens per identity (adapter methods).")
     expression_drop: float = Field(0.1, ge=0, le=1, description="Probability the expression code is replaced by the null code.")
     outside_weight: float = Field(1.0, ge=0, description="Weight of the class-guided term outside the face mask.")

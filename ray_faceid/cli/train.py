@@ -26,7 +26,7 @@ def train(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples per worker per step."),
     lr: float = typer.Option(1e-4, "--lr", min=0.0),
     size: Optional[int] = typer.Option(None, "--size", min=16, help="Training resolution (target crops are resized); "
-                                       "default: the model's native size (512 for SD 1.x, 32 for tiny)."),
+                                       "default: the model's native size (512 for SD 1.x, 32 for tiny; at most 512 on FLUX)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
     cpus_per_worker: Optional[float] = CpusOpt,
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1),

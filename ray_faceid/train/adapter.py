@@ -35,6 +35,7 @@ from ray_faceid.watchdog import Pulse, Watchdog, beat, job_report, last_beat, ne
 
 RUN_NAME, RECORD_FILE = "train", "training.json"
 EVAL_EXAMPLES = 8
+FLUX_TRAIN_SIDE = 512  # the default training side on FLUX (_flux_job)
 CACHED_ROWS = 100_000  # rows of a worker shard kept in memory across epochs (_cycle)
 PAIR_COLUMNS = ["identity", "source_face_id", "target_face_id", "source_embedding", "target_embedding",
                 "target_crop_uri", "target_crop_landmarks", "target_expression", "caption"]
@@ -93,7 +94,9 @@ def _flux_job(config: TrainConfig, spec: dict, model, device) -> Job:
     base = load_flux(model).to(device).freeze()
     adapter = new_flux_adapter(base.transformer, EncoderSpec(**spec), config.seed, config.num_tokens).to(device)
     adapter.install(base.transformer)
-    size = config.size or base.native_size[0]
+    # FLUX makes 1024 px, but the ingest's crops are 512 px (its default) and FLUX trains at any size:
+    # upsampled crops would cost 4x the compute and teach nothing more.
+    size = config.size or min(base.native_size[0], FLUX_TRAIN_SIDE)
     if size % base.size_multiple:
         raise BadInput(f"FLUX trains on sides that are multiples of {base.size_multiple}, not {size}: pass --size")
 
