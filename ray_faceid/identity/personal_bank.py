@@ -48,6 +48,7 @@ class PersonalBank(nn.Module):
         """`slots`: default BANK_SLOTS, fewer where one person's weights are large (BANK_BYTES)."""
         super().__init__()
         per_person = sum(p.numel() * p.element_size() for p in adapter.processors.parameters())
+        self.person_bytes = per_person
         self.slots = slots or max(1, min(BANK_SLOTS, BANK_BYTES // max(per_person, 1) - 1))
         self.names = [name for name, _ in adapter.processors.named_parameters()]
         self._index = {name: i for i, name in enumerate(self.names)}

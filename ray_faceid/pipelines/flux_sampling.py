@@ -187,9 +187,32 @@ class FluxGenerator:
                 "patch_owner": None if owner is None else owner.to(self.device)}
 
     def check_people(self, identities: list) -> None:
-        """One image's people as the batch will read them (embeddings, strengths, regions, count):
-        checked per request or row before a batch runs, so one's bad people fail it alone."""
+        """One image's people as the batch will read them (embeddings, strengths, regions, count, their
+        own adapters): checked per request or row before a batch runs, so one's bad people fail it alone."""
         self.identity_inputs([identities], 2, 2)
+        own = self._versions(identities)
+        if self.personal_bank is not None and len(own) > self.personal_bank.slots:
+            raise BadInput(f"{len(own)} people with their own adapter in one image; this generator holds "
+                           f"{self.personal_bank.slots} at a time (each person's projections are about "
+                           f"{self.personal_bank.person_bytes / 2**30:.1f} GB): fewer people, or some without theirs")
+
+    @staticmethod
+    def _versions(identities: list) -> set:
+        return {p.personal[0] for p in identities if p.personal}
+
+    def _bank_chunks(self, items: list) -> list[list]:
+        """Items in runs whose people's own adapters fit the bank together (one run without a bank)."""
+        if self.personal_bank is None:
+            return [items]
+        chunks, held = [[]], set()
+        for item in items:
+            own = self._versions(item.identities)
+            if chunks[-1] and len(held | own) > self.personal_bank.slots:
+                chunks.append([])
+                held = set()
+            chunks[-1].append(item)
+            held |= own
+        return chunks
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,10 +275,14 @@ class FluxGenerator:
         # This call's progress and cancellation, read once: while it pauses between steps another request
         # may run and set on_step for itself (deployments/turns.py).
         callback = self.on_step
-        if self.backend != "torch.compile" or len(items) <= BATCH_BUCKETS[-1]:
+        for item in items:
+            self.check_people(item.identities)
+        runs = self._bank_chunks(items)  # people's own adapters: as many as the bank holds at a time
+        if len(runs) == 1 and (self.backend != "torch.compile" or len(items) <= BATCH_BUCKETS[-1]):
             return self._generate_batch(items, steps, guidance, width, height, callback)
-        parts = [self._generate_batch(items[i : i + BATCH_BUCKETS[-1]], steps, guidance, width, height, callback)
-                 for i in range(0, len(items), BATCH_BUCKETS[-1])]  # the largest bucket at a time
+        largest = BATCH_BUCKETS[-1] if self.backend == "torch.compile" else max(len(items), 1)
+        parts = [self._generate_batch(run[i : i + largest], steps, guidance, width, height, callback)
+                 for run in runs for i in range(0, len(run), largest)]  # the largest bucket at a time
         return GenerationResult(*(sum((getattr(p, field) for p in parts), []) for field in
                                   ("images", "png", "provenance", "seeds")))
 

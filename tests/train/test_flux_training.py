@@ -82,7 +82,7 @@ def test_the_objective_learns_and_the_untrained_adapter_leaves_fluxs_image(spec1
         gen.generate("a portrait", [IdentityCondition("p", np.ones((1, 64), np.float32))], steps=1)
 
 
-def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would(spec128, tmp_path):
+def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would(spec128, tmp_path, monkeypatch):
     """Per row and person, from the bank (never the shared weights changed): the image equals that of
     the shared adapter with the person's delta added to its weights, biases included."""
     from ray_faceid.identity.flux_adapter import load_flux_adapter
@@ -124,6 +124,19 @@ def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would
     assert np.abs(image(compiled, [amy]) - own).max() <= 1
     assert np.abs(image(compiled, bob) - image(gen, bob)).max() <= 1
     assert counters["stats"]["unique_graphs"] == graphs
+    # A bank of one person (FLUX.1's projections are about 1 GB a person): two people's own adapters
+    # in one batch run one after the other, each its own image; in one image, refused in one line.
+    from ray_faceid.identity import personal_bank
+
+    monkeypatch.setattr(personal_bank, "BANK_SLOTS", 1)
+    one_slot = FluxGenerator(build_tiny_flux(), load_flux_adapter(saved, build_tiny_flux().transformer))
+    bob_own = IdentityCondition("bob", bob_emb, personal=("v2@bob", {k: -v for k, v in delta.items()}))
+    pair = one_slot.generate_items([GenerationItem("a portrait", [amy], seed=3),
+                                    GenerationItem("a portrait", [bob_own], seed=3)], steps=2, width=SIZE, height=SIZE)
+    assert np.abs(np.asarray(pair.images[0]).astype(int) - own).max() <= 1
+    assert np.abs(np.asarray(pair.images[1]).astype(int) - image(one_slot, [bob_own])).max() <= 1
+    with pytest.raises(BadInput, match="2 people with their own adapter in one image; this generator holds 1"):
+        one_slot.generate("a portrait", [amy, bob_own], steps=1)
     gen.forget_personal("v1@amy")  # an erased person's: refused from then on
     with pytest.raises(Exception, match="erased"):
         image(gen, [amy])
