@@ -131,7 +131,7 @@ class FluxServeGenerator(Generator):
             if ours:
                 self._refresh_personal(tenant, item["id"], meta, key, loaded)
             hits += self.loads == before
-            conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings,
+            conditions.append(IdentityCondition(meta.get("name") or item["id"], loaded.embeddings, loaded.quality,
                                                 region=item.get("region"), scale=item.get("scale", 1.0), id=item["id"],
                                                 encoder=loaded.spec_key if ours else None,
                                                 personal=loaded.personal if ours else None))

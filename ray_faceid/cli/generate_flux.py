@@ -90,16 +90,16 @@ def _face_stack_people(people: dict, regions: dict, image_encoder: str | None, s
     conditions = []
     for name, value in people.items():
         if name in enrolled:
-            embeddings, _, found = store.embeddings(tenant, enrolled[name], spec)
+            embeddings, quality, found = store.embeddings(tenant, enrolled[name], spec)
             encoder = found.key()
         elif isinstance(value, list):
             from ray_faceid.pipelines.references import embed_references
 
-            embeddings, _ = embed_references(analyzer, [analyzer.load(p) for p in value], [str(p) for p in value])
+            embeddings, quality = embed_references(analyzer, [analyzer.load(p) for p in value], [str(p) for p in value])
             encoder = spec.key()
         else:
-            embeddings, encoder = value, None
-        conditions.append(IdentityCondition(name, embeddings, region=regions.get(name), id=enrolled.get(name),
+            embeddings, quality, encoder = value, None, None
+        conditions.append(IdentityCondition(name, embeddings, quality, region=regions.get(name), id=enrolled.get(name),
                                             encoder=encoder))
     return conditions
 

@@ -90,18 +90,18 @@ class FluxRenderer(Renderer):
             scoring = self.registry.embeddings(self.tenant, found, self.analyzer.spec)[0]
         except EncoderMismatch:
             scoring = None
-        image_embeds, encoder = None, None
+        image_embeds, encoder, quality = None, None, None
         if self.encoder is not None:
             image_embeds = self.encoder.image_embeds(self.registry.references(self.tenant, found))
         personal = None
         if self.face_encoder is not None:
             from ray_faceid.identity.personalization import load_personal
 
-            image_embeds, _, spec = self.registry.embeddings(self.tenant, found, self.face_encoder)
+            image_embeds, quality, spec = self.registry.embeddings(self.tenant, found, self.face_encoder)
             encoder = spec.key()
             personal = load_personal(self.registry, self.tenant, found, self.adapter_hash, self.pipeline.adapter)
         loaded = {"id": found, "scoring": scoring, "personal": personal, "image_embeds": image_embeds,
-                  "encoder": encoder}
+                  "quality": quality, "encoder": encoder}
         self.identities[identity] = loaded
         if len(self.identities) > IDENTITY_CACHE:
             self.identities.popitem(last=False)
@@ -123,7 +123,8 @@ class FluxRenderer(Renderer):
         out = []
         for ident in row.identities:
             loaded = self.identity(ident.id)
-            out.append(IdentityCondition(ident.id, loaded["image_embeds"], region=ident.region, scale=ident.scale,
+            out.append(IdentityCondition(ident.id, loaded["image_embeds"], loaded["quality"], region=ident.region,
+                                         scale=ident.scale,
                                          id=loaded["id"], encoder=loaded["encoder"], personal=loaded["personal"]))
         return out
 

@@ -127,8 +127,11 @@ class Renderer:
         parts = {"row": row.key_fields(), "model": self.model_hash, "adapter": self.adapter_hash,
                  "personal": self._personal_version(row),
                  "defaults": self.config.compute_hash(), "inputs": extra, **self._module_hashes(row)}
-        encoders = [self.identity(i.id).get("encoder") for i in row.identities]  # FLUX reads photos: None
-        if any(e not in (None, self.analyzer.spec.key()) for e in encoders):  # a published file read another set
+        # A published file takes any set of its width: which one made the tokens is part of what made the
+        # image (ours is pinned to its encoder by its hash; a FLUX IP-Adapter reads photos: None).
+        encoders = [self.identity(i.id).get("encoder") for i in row.identities]
+        adapter = self.pipeline.adapter
+        if adapter is not None and adapter.published and any(e not in (None, self.analyzer.spec.key()) for e in encoders):
             parts["embeddings_encoders"] = encoders
         if self.image_encoder_hash:  # FaceID-Plus reads the faces through it
             parts["image_encoder"] = self.image_encoder_hash

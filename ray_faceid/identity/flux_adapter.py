@@ -115,7 +115,10 @@ class FluxIdentityAdapter(nn.Module):
         """The face encoder whose identity embeddings it reads (ours); None: CLIP image embeddings (XLabs')."""
 
     def tokens(self, embedding: torch.Tensor) -> torch.Tensor:
-        """(B, D) reference embeddings -> (B, T, C) identity tokens."""
+        """(B, D) reference embeddings -> (B, T, C) identity tokens. Ours reads identity embeddings at unit
+        length (training's fused and single ones, and generation's, alike)."""
+        if self.encoder_spec is not None:
+            embedding = F.normalize(embedding.float(), dim=-1)
         return self.norm(self.proj(embedding.to(self.proj.weight.dtype)).reshape(-1, self.tokens_per_person, self.width))
 
     @property
@@ -143,8 +146,9 @@ class FluxIdentityAdapter(nn.Module):
                                                                  else ""))
 
     @torch.no_grad()
-    def person_tokens(self, embeddings: np.ndarray, name: str, device) -> torch.Tensor:
-        """(T, C) tokens of one person, from the mean of their N x D reference embeddings, checked."""
+    def person_tokens(self, embeddings: np.ndarray, name: str, device, quality=None) -> torch.Tensor:
+        """(T, C) tokens of one person, from the mean of their N x D reference embeddings (ours: fused by
+        `quality`, as training fuses a person's references), checked."""
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
         if emb.ndim != 2 or not len(emb) or emb.shape[-1] != self.embed_dim or not np.isfinite(emb).all():
@@ -152,8 +156,11 @@ class FluxIdentityAdapter(nn.Module):
             raise BadInput(f"identity {name}: this FLUX IP-Adapter reads N x {self.embed_dim} finite {what} "
                            f"embeddings, got shape {emb.shape}")
         mean = torch.from_numpy(emb).to(device).mean(0, keepdim=True)
-        if self.encoder_spec is not None:  # identity embeddings: unit rows, their mean unit, as it was trained
-            mean = F.normalize(F.normalize(torch.from_numpy(emb).to(device), dim=-1).mean(0, keepdim=True), dim=-1)
+        if self.encoder_spec is not None:  # identity embeddings: the references' unit rows fused, as trained
+            from ray_faceid.identity.tokens import fuse_embeddings
+
+            quality = None if quality is None else torch.as_tensor(np.asarray(quality, np.float32), device=device)
+            mean = fuse_embeddings(torch.from_numpy(emb).to(device), quality)[None]
         made = self.tokens(mean)
         if not torch.isfinite(made).all():  # finite but huge embeddings overflow the projection
             raise BadInput(f"identity {name}: its image embedding is out of range (its tokens overflow)")
@@ -198,7 +205,7 @@ def load_flux_adapter(uri: str, transformer=None) -> FluxIdentityAdapter:
         blocks = len(transformer.transformer_blocks)
     from ray_faceid.identity.flux_training import made_by_training
 
-    made = made_by_training(_metadata(raw, uri))  # ours says its token count; XLabs' files have 4 (16 at 65,536 rows)
+    made = made_by_training(_metadata(raw, uri), uri)  # ours says its token count; XLabs' have 4 (16 at 65,536 rows)
     rows, embed_dim = proj["proj.weight"].shape
     tokens = int(made["tokens"]) if made else 16 if rows == 65536 else TOKENS
     if rows != tokens * width or proj["norm.weight"].shape[0] != width:
@@ -226,9 +233,8 @@ def load_flux_adapter(uri: str, transformer=None) -> FluxIdentityAdapter:
         said = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:240]
         raise UnsupportedModel(f"{uri}: its tensors do not fit this base ({said})") from None
     if made is not None:  # ours: reads the face stack's identity embeddings
-        from ray_faceid.face.spec import EncoderSpec
-
-        adapter.trained, adapter.encoder_spec = made, EncoderSpec(**made["encoder"])
+        adapter.encoder_spec = made.pop("encoder_spec")
+        adapter.trained = made
         log.warning("recognised a FLUX identity adapter `ray-faceid train` made: %d identity tokens from %s "
                     "embeddings, %d steps", tokens, adapter.encoder_spec.key(), made["trained_steps"])
         return adapter.eval().requires_grad_(False)
@@ -251,7 +257,6 @@ def adapter_file(uri: str) -> str:
 def trained_encoder(uri: str):
     """The face encoder (EncoderSpec) a FLUX adapter `ray-faceid train` made reads, from the file's header
     alone (before any base loads); None for a published file or one that cannot be read (its loader says why)."""
-    from ray_faceid.face.spec import EncoderSpec
     from ray_faceid.identity.flux_training import made_by_training
 
     uri = adapter_file(uri)
@@ -263,10 +268,10 @@ def trained_encoder(uri: str):
             head = f.read(8)
             size = int.from_bytes(head, "little") if len(head) == 8 else 0
             header = f.read(size) if 0 < size <= 100_000_000 else b""
-        made = made_by_training(_metadata(head + header, uri))
     except Exception:  # noqa: BLE001 - a damaged or missing file: its loader says what is wrong
         return None
-    return None if made is None else EncoderSpec(**made["encoder"])
+    made = made_by_training(_metadata(head + header, uri), uri)  # a damaged record of ours: one line
+    return None if made is None else made["encoder_spec"]
 
 
 def _metadata(raw: bytes, uri: str) -> dict | None:
@@ -312,7 +317,9 @@ def check_given_embeddings(uri: str, people: dict[str, np.ndarray]) -> None:
         if rows is None:
             return
         per_photo = (rows[1],)
-        said = f"this FLUX IP-Adapter reads N x {per_photo[0]} finite image embeddings"
+        ours = trained_encoder(uri)
+        what = "image" if ours is None else f"{ours.key()} identity"
+        said = f"this FLUX IP-Adapter reads N x {per_photo[0]} finite {what} embeddings"
     for name, value in people.items():
         shape = tuple(np.shape(value))
         if shape[-len(per_photo):] != per_photo or len(shape) > len(per_photo) + 1:

@@ -139,10 +139,31 @@ def save_flux_adapter(out: str, adapter: FluxIdentityAdapter, base_hash: str, tr
     return uri
 
 
-def made_by_training(metadata: dict | None) -> dict | None:
-    """What `save_flux_adapter` recorded, from a safetensors file's metadata; None for a published file."""
+def made_by_training(metadata: dict | None, uri: str = "the adapter") -> dict | None:
+    """What `save_flux_adapter` recorded, from a safetensors file's metadata, checked; None for a
+    published file (no such record). A record of ours that is damaged is refused in one line."""
+    from ray_faceid.errors import UnsupportedModel
+
     try:
         made = json.loads((metadata or {}).get(METADATA_KEY) or "null")
     except ValueError:
+        made = None
+    if not (isinstance(made, dict) and made.get("kind") == KIND):
         return None
-    return made if isinstance(made, dict) and made.get("kind") == KIND else None
+    try:
+        spec = EncoderSpec(**made["encoder"])
+        tokens, steps = int(made["tokens"]), int(made["trained_steps"])
+        if tokens < 1 or steps < 0 or not isinstance(made["base_model_hash"], str):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise UnsupportedModel(f"{uri}: its record of what made it (encoder, base, tokens, steps) is damaged: train "
+                               "it again") from None
+    return {**made, "encoder_spec": spec, "tokens": tokens, "trained_steps": steps}
+
+
+def base_refusal(made: dict | None, base) -> str | None:
+    """Why an adapter `ray-faceid train` made must not run on `base` (trained on other base weights), or None."""
+    if made and made["base_model_hash"] != base.model_hash():
+        return (f"this FLUX identity adapter was trained on base weights {made['base_model_hash']}; {base.model_id} is "
+                f"{base.model_hash()}: train or use one made for this base")
+    return None

@@ -150,7 +150,7 @@ class PulidFlux(nn.Module):
         return (f"PuLID-FLUX: {self.tokens_per_person} ID tokens of {self.width}, {len(self.pulid_ca)} residuals "
                 f"every {DOUBLE_INTERVAL} dual / {SINGLE_INTERVAL} single-stream blocks")
 
-    def person_tokens(self, embeddings: np.ndarray, name: str, device) -> torch.Tensor:
+    def person_tokens(self, embeddings: np.ndarray, name: str, device, quality=None) -> torch.Tensor:
         """(T, C) tokens of a person given as PuLID's ID tokens (T x C, or N x T x C from N photos: their mean)."""
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 2 else emb

@@ -206,14 +206,21 @@ def flux_dev_modules(device: str | torch.device = "cpu") -> dict:
 
 def flux_settings(ref) -> dict:
     """What the checks before loading need, from a FLUX reference's configs alone: whether the
-    transformer takes guidance, and the multiple image sides must be."""
+    transformer takes guidance, the multiple image sides must be, and the transformer's text width,
+    inner width and dual-stream block count (what an identity adapter must match)."""
     if ref.kind == "tiny":
-        return {"guidance_embedded": ref.name != "tiny-flux-schnell", "size_multiple": 4}
-    folder = ref.local_folder()
-    transformer = json.loads((folder / "transformer" / "config.json").read_text())
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    return {"guidance_embedded": bool(transformer.get("guidance_embeds")),
-            "size_multiple": 2 ** len(vae.get("block_out_channels", (0, 0, 0, 0)))}
+        config = build_tiny_flux(guidance_embeds=ref.name != "tiny-flux-schnell").transformer.config
+        transformer = dict(config)
+        multiple = 4
+    else:
+        folder = ref.local_folder()
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        multiple = 2 ** len(vae.get("block_out_channels", (0, 0, 0, 0)))
+    return {"guidance_embedded": bool(transformer.get("guidance_embeds")), "size_multiple": multiple,
+            "text_width": transformer.get("joint_attention_dim"),
+            "inner_width": transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0),
+            "dual_blocks": transformer.get("num_layers")}
 
 
 def _from_diffusers_layout(source: str, model_id: str, dtype: torch.dtype | None = None) -> FluxBase:

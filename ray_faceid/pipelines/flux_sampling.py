@@ -118,6 +118,13 @@ class FluxGenerator:
         self.personal_bank = None
         """People's own adapters (`ray-faceid personalize` on ours) as per-row, per-person weights."""
         if adapter is not None:
+            from ray_faceid.identity.flux_training import base_refusal
+
+            refusal = base_refusal(adapter.trained, base)  # ours: the base it was trained on, as on the UNet
+            if refusal:
+                from ray_faceid.errors import BaseModelMismatch
+
+                raise BaseModelMismatch(refusal)
             self.adapter_hash = adapter.content_hash()  # of the weights as loaded, before any cast
             adapter.to(self.device, cast)
             if adapter.trained:  # after the cast: the bank takes the adapter's dtype
@@ -141,7 +148,7 @@ class FluxGenerator:
         """(T, C) tokens of one person, as the adapter reads them, checked."""
         if not (np.isfinite(person.scale) and 0 <= person.scale <= 4):
             raise BadInput(f"identity {person.name}: strength must be between 0 and 4, got {person.scale}")
-        return self.adapter.person_tokens(person.embeddings, person.name, self.device)
+        return self.adapter.person_tokens(person.embeddings, person.name, self.device, person.quality)
 
     @torch.no_grad()
     def identity_inputs(self, rows: list[list], h: int, w: int) -> dict:

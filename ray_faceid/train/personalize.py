@@ -17,7 +17,7 @@ import time
 
 from ray_faceid import storage
 from ray_faceid.config import PersonalizeConfig
-from ray_faceid.errors import BadInput, EncoderMismatch, FaceIdError, NotFound
+from ray_faceid.errors import BadInput, BaseModelMismatch, EncoderMismatch, FaceIdError, NotFound
 from ray_faceid.progress import ProgressLine, silent, to_stderr
 from ray_faceid.quiet import train_logging
 from ray_faceid.registry import Registry
@@ -108,17 +108,19 @@ def _work(loop: dict) -> None:
     losses = None
     if loop["model"].family == "flux":  # ours on FLUX: its flow-matching objective (identity/flux_training.py)
         from ray_faceid.identity.flux_adapter import load_flux_adapter
-        from ray_faceid.identity.flux_training import FluxAdapterObjective
+        from ray_faceid.identity.flux_training import FluxAdapterObjective, base_refusal
         from ray_faceid.pipelines.flux import load_flux
 
         base = load_flux(loop["model"]).to(device).freeze()
         adapter = load_flux_adapter(loop["adapter"], base.transformer).to(device)
         adapter.install(base.transformer)
+        refused = base_refusal(adapter.trained, base)  # every person fails with it, named, not the run
         objective = FluxAdapterObjective(base, adapter, config.outside_weight)
 
         def losses(batch, generator):
             return objective(batch, generator)
     else:
+        refused = None
         base = load_base(loop["model"]).to(device)
         adapter = IdentityAdapter.load(loop["adapter"], base.unet)
         adapter.to(device).install(base.unet)
@@ -155,6 +157,8 @@ def _work(loop: dict) -> None:
                 beat(loop.get("heartbeat"), round_)  # a worker inside long steps is busy, not stalled
 
             try:
+                if refused:
+                    raise BaseModelMismatch(refused)
                 done[identity] = adapt_one(base, adapter, adapter_hash, registry, loop["tenant"], identity, config,
                                            on_step, loop.get("settings"), losses)
             except (FaceIdError, OSError) as exc:
@@ -187,6 +191,12 @@ def _flux_shared_adapter(adapter: str, model, config: PersonalizeConfig, image_e
     if not shared.trained:
         raise BadInput(f"{adapter}: personalize on FLUX adapts the adapter `ray-faceid train --model FLUX` made; a "
                        "FLUX IP-Adapter or PuLID-FLUX file is used as it is (generate, render, Serve)")
+    settings = flux_settings(model)  # its widths against the base's configs, before any worker loads it
+    has = (shared.width, shared.to_k_ip[0].out_features, len(shared.to_k_ip))
+    wants = (settings["text_width"], settings["inner_width"], settings["dual_blocks"])
+    if has != wants:
+        raise BaseModelMismatch(f"{adapter}: made for a FLUX transformer of text width, inner width and dual-stream "
+                                f"blocks {has}; {model.name}'s are {wants}: use one made for this base")
     return shared
 
 

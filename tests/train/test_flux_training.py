@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from ray_faceid.cli import app
+from ray_faceid.config import PersonalizeConfig
 from ray_faceid.errors import BadInput
 from ray_faceid.identity.cross_training import CrossBatch
 from ray_faceid.identity.flux_training import FluxAdapterObjective, new_flux_adapter, save_flux_adapter
@@ -80,6 +82,43 @@ def test_the_objective_learns_and_the_untrained_adapter_leaves_fluxs_image(spec1
     assert record["encoder"] == spec128.key() and record["adapter_trained"]["trained_steps"] == 15
     with pytest.raises(BadInput, match=f"reads N x 128 finite {spec128.key()} identity embeddings"):
         gen.generate("a portrait", [IdentityCondition("p", np.ones((1, 64), np.float32))], steps=1)
+    # Identity embeddings at unit length, as trained (the cross-training shots' and a person's fused references).
+    emb = batch().id_embeddings[:1].numpy()
+    assert torch.allclose(loaded.person_tokens(emb, "p", "cpu"), loaded.person_tokens(3 * emb, "p", "cpu"), atol=1e-5)
+
+
+def test_what_does_not_fit_our_flux_adapter_is_refused_in_one_line(spec128, tmp_path):
+    """Another base's weights (as the UNet adapters refuse them), a damaged record of what made it,
+    and personalize on a base of other widths before any worker starts."""
+    from safetensors.torch import load_file, save_file
+
+    from ray_faceid.errors import BaseModelMismatch
+    from ray_faceid.identity.flux_adapter import FluxIdentityAdapter, load_flux_adapter
+    from ray_faceid.train.personalize import run_personalize
+
+    base = build_tiny_flux()
+    saved = save_flux_adapter(str(tmp_path / "dev"), new_flux_adapter(base.transformer, spec128, 0),
+                              base.model_hash(), 5)
+    schnell = build_tiny_flux(guidance_embeds=False)
+    with pytest.raises(BaseModelMismatch, match="was trained on base weights"):
+        FluxGenerator(schnell, load_flux_adapter(saved, schnell.transformer))
+    from safetensors import safe_open
+
+    with safe_open(saved, "pt") as f:
+        made = json.loads(f.metadata()["ray_faceid"])
+    made.pop("encoder")
+    save_file(load_file(saved), str(tmp_path / "damaged.safetensors"), metadata={"ray_faceid": json.dumps(made)})
+    np.save(tmp_path / "e.npy", np.ones((1, 128), np.float32))
+    refused = CliRunner().invoke(app, ["generate", "--model", "tiny-flux", "--adapter",
+                                       str(tmp_path / "damaged.safetensors"), "--face-embedding", str(tmp_path / "e.npy"),
+                                       "--prompt", "a portrait", "--out", str(tmp_path / "o.png")])
+    assert refused.exit_code == 2 and "its record of what made it (encoder, base, tokens, steps) is damaged" in \
+        refused.stderr, refused.output
+    narrow = FluxIdentityAdapter(128, 8, 16, 1)
+    narrow.encoder_spec = spec128
+    other = save_flux_adapter(str(tmp_path / "narrow"), narrow, "another base", 1)
+    with pytest.raises(BaseModelMismatch, match="text width, inner width and dual-stream blocks"):
+        run_personalize(str(tmp_path / "registry"), other, "tiny-flux", PersonalizeConfig(steps=1))
 
 
 def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would(spec128, tmp_path, monkeypatch):
@@ -155,8 +194,7 @@ def flux_adapter(small_dataset, tmp_path_factory):
 def test_train_on_flux_and_generate_an_enrolled_person_from_the_folder(flux_adapter, small_dataset, tmp_path):
     from deployments.app import resolve_config
     from deployments.flux_generator import FluxServeGenerator
-    from ray_faceid.cli import app
-    from ray_faceid.config import PersonalizeConfig, RenderConfig, ServeConfig, TrainConfig
+    from ray_faceid.config import RenderConfig, ServeConfig, TrainConfig
     from ray_faceid.data.render_flux import FluxRenderer
     from ray_faceid.enrollment import enroll_dataset
     from ray_faceid.face.spec import EncoderSpec
