@@ -101,6 +101,9 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     config = config or IngestConfig()
     if labels not in ("folders", "cluster", "none"):
         raise BadInput(f"--labels must be folders, cluster or none, not {labels!r}")
+    # The rows name photos and crops as paths other jobs read from other working folders (Ray Train's
+    # workers run in their own): a relative path is this one's.
+    src, dst = storage.absolute(src), storage.absolute(dst)
     start = time.perf_counter()
     listed = list(storage.list_files(src, config.extensions))
     if not listed:

@@ -51,7 +51,7 @@ class Job:
     save: Callable[[str, dict], None]
 
 
-def _adapter_job(config: TrainConfig, spec: dict, model: str, init: str | None, device) -> Job:
+def _adapter_job(config: TrainConfig, spec: dict, model: str, init: str | None, device, cwd: str | None) -> Job:
     import torch
 
     from ray_faceid.face.spec import EncoderSpec
@@ -81,10 +81,10 @@ def _adapter_job(config: TrainConfig, spec: dict, model: str, init: str | None, 
         adapter.save(out)
 
     return Job(AdapterObjective(base, adapter, config.expression_drop, config.outside_weight), adapter,
-               lambda rows: cross_batch(rows, config.size or base.native_size[0]), save)
+               lambda rows: cross_batch(rows, config.size or base.native_size[0], cwd), save)
 
 
-def _flux_job(config: TrainConfig, spec: dict, model, device) -> Job:
+def _flux_job(config: TrainConfig, spec: dict, model, device, cwd: str | None) -> Job:
     """Our identity adapter on a FLUX base (identity/flux_training.py): the transformer frozen in fp32."""
     from ray_faceid.face.spec import EncoderSpec
     from ray_faceid.identity.flux_training import FluxAdapterObjective, new_flux_adapter, save_flux_adapter
@@ -103,11 +103,11 @@ def _flux_job(config: TrainConfig, spec: dict, model, device) -> Job:
     def save(out: str, record: dict) -> None:
         save_flux_adapter(out, adapter, base.model_hash(), record["steps"])
 
-    return Job(FluxAdapterObjective(base, adapter, config.outside_weight), adapter, lambda rows: cross_batch(rows, size),
-               save)
+    return Job(FluxAdapterObjective(base, adapter, config.outside_weight), adapter,
+               lambda rows: cross_batch(rows, size, cwd), save)
 
 
-def _imr_job(config: TrainConfig, spec: dict, model: str, adapter_uri: str, device) -> Job:
+def _imr_job(config: TrainConfig, spec: dict, model: str, adapter_uri: str, device, cwd: str | None) -> Job:
     import torch
 
     from ray_faceid.face.spec import EncoderSpec
@@ -124,7 +124,8 @@ def _imr_job(config: TrainConfig, spec: dict, model: str, adapter_uri: str, devi
     torch.manual_seed(config.seed)
     imr = IdentityMotionReconfigurator(token_dim=base.cross_attention_dim).to(device)
     adapter_hash = adapter.content_hash()
-    return Job(ImrObjective(base, adapter, imr), imr, lambda rows: cross_batch(rows, config.size or base.native_size[0]),
+    return Job(ImrObjective(base, adapter, imr), imr,
+               lambda rows: cross_batch(rows, config.size or base.native_size[0], cwd),
                lambda out, record: save_imr(out, imr, adapter_hash, adapter.encoder_spec.key(), {"training": record}))
 
 
@@ -152,11 +153,13 @@ def _flow_job(config: TrainConfig, spec: dict, held_out: list[str], device) -> J
 def build_job(config: TrainConfig, loop: dict, device) -> Job:
     if config.method == "flow":
         return _flow_job(config, loop["encoder_spec"], loop.get("held_out_people") or [], device)
+    # Crop paths an older ingest stored relative to where it ran: the driver's folder (workers run elsewhere).
+    cwd = loop.get("cwd")
     if config.method == "imr":
-        return _imr_job(config, loop["encoder_spec"], loop["model"], loop["adapter"], device)
+        return _imr_job(config, loop["encoder_spec"], loop["model"], loop["adapter"], device, cwd)
     if loop["model"].family == "flux":
-        return _flux_job(config, loop["encoder_spec"], loop["model"], device)
-    return _adapter_job(config, loop["encoder_spec"], loop["model"], loop["adapter"], device)
+        return _flux_job(config, loop["encoder_spec"], loop["model"], device, cwd)
+    return _adapter_job(config, loop["encoder_spec"], loop["model"], loop["adapter"], device, cwd)
 
 
 def _cycle(shard, batch_size: int, seed: int):
@@ -361,7 +364,7 @@ def run_training(dataset: str, model: str | ModelRef, out: str, config: TrainCon
     # next to the images the workers load, and a materialised dataset needs no read task later.
     ds = ds.materialize()
     heartbeat = new_heartbeat()
-    loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "out": out,
+    loop = {"config": config.model_dump(mode="json"), "model": model, "adapter": adapter, "out": out, "cwd": os.getcwd(),
             "encoder_spec": summary["encoder_spec"], "eval_rows": rows[:EVAL_EXAMPLES], "fault": fault,
             "held_out_people": held_out, "heartbeat": heartbeat}
     trainer = TorchTrainer(
@@ -373,9 +376,17 @@ def run_training(dataset: str, model: str | ModelRef, out: str, config: TrainCon
                              **({"logging_config": train_logging()} if train_logging() else {})),
         datasets={"train": ds},
     )
+    from ray.train import TrainingFailedError
+
     with Watchdog(f"train {config.method}", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat),
                   report=job_report(heartbeat)):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as exc:
+            typed = runs.worker_failure(exc)
+            if typed is None:
+                raise
+            raise typed from None
     record = json.loads(storage.read_bytes(storage.join(out, RECORD_FILE)))
     record["last_metrics"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return record

@@ -44,10 +44,16 @@ def rows_from_columns(batch: dict) -> list[dict]:
     return [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
 
 
-def cross_batch(rows: list[dict], size: int) -> CrossBatch:
+def cross_batch(rows: list[dict], size: int, cwd: str | None = None) -> CrossBatch:
+    """`cwd`: where a relative crop path (an older ingest's) is read from."""
+    import os
+
     pairs = []
     for row in rows:
-        image, factor = load_crop(str(row["target_crop_uri"]), size)
+        uri = str(row["target_crop_uri"])
+        if cwd and "://" not in uri and not os.path.isabs(uri):
+            uri = os.path.join(cwd, uri)
+        image, factor = load_crop(uri, size)
         # Stored flat (x0, y0, x1, y1, ...) in crop pixels.
         landmarks = np.asarray(list(row["target_crop_landmarks"]), dtype=np.float32).reshape(-1, 2) * factor
         source = Shot(str(row["source_face_id"]), str(row["identity"]), unit(row["source_embedding"]))

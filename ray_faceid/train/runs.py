@@ -67,3 +67,19 @@ def checkpoint_folder():
     """A temporary local folder to write one checkpoint into before it is reported."""
     with tempfile.TemporaryDirectory(prefix="ray_faceid_ckpt_") as folder:
         yield Path(folder)
+
+
+def worker_failure(exc: Exception):
+    """The typed error (errors.py) a Ray Train worker failed with, as this process's own class and
+    message, or None: `ray-faceid` then says it in one line instead of Ray's traceback of every retry."""
+    from ray_faceid import errors
+
+    for failure in (getattr(exc, "worker_failures", None) or {}).values():
+        seen, depth = failure, 0
+        while seen is not None and depth < 8:
+            if isinstance(seen, errors.FaceIdError):
+                own = next(c for c in type(seen).__mro__ if c.__module__ == errors.__name__)
+                return own(f"a training worker failed: {seen.message}")
+            seen, depth = getattr(seen, "cause", None) or seen.__cause__, depth + 1
+    return None
+

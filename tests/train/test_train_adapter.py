@@ -118,3 +118,29 @@ def test_a_job_that_cannot_fit_fails_at_once_saying_what_to_change(small_dataset
     assert "--workers" in result.output
     assert time.perf_counter() - started < 30
     assert not (tmp_path / "adapter").exists()  # nothing written for a job that never started
+
+
+def test_a_dataset_ingested_to_a_relative_folder_trains_and_a_missing_crop_is_one_line(small_dataset, tmp_path,
+                                                                                     monkeypatch, ray_cluster):
+    """Its rows name the crops relative to where the ingest ran (ingests before they were made
+    absolute); Ray Train's workers run in another folder. A crop that is gone fails the run with the
+    worker's own typed error, not Ray's traceback of every retry."""
+    import shutil
+
+    import pyarrow.compute as pc
+
+    from ray_faceid.data import tables
+    from ray_faceid.data.pairs import PAIRS
+    from ray_faceid.errors import NotFound
+
+    shutil.copytree(small_dataset, tmp_path / "ds")
+    table = tables.read_table(str(tmp_path / "ds" / PAIRS))
+    relative = pc.replace_substring(table["target_crop_uri"], small_dataset, "ds")
+    tables.write_table(str(tmp_path / "ds" / PAIRS),
+                       table.set_column(table.schema.get_field_index("target_crop_uri"), "target_crop_uri", relative))
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(steps=1, batch_size=2, workers=1, cpus_per_worker=0.5, checkpoint_every=1, max_failures=0)
+    assert run_training("ds", "tiny", "adapter", config)["steps"] == 1
+    shutil.rmtree(tmp_path / "ds" / "crops")
+    with pytest.raises(NotFound, match=f"^a training worker failed: no file at {tmp_path}/ds/crops/"):
+        run_training("ds", "tiny", "again", config)
