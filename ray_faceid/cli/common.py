@@ -15,8 +15,8 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one message, one line: logs are grepped
 
 MODEL_HELP = ("Base model: tiny | tiny-inpaint | tiny-sdxl | tiny-sdxl-inpaint (untrained, for smoke runs) | a "
-              "diffusers folder of SD 1.x, 2.x or SDXL (generate, inpaint, render: FLUX.1 too; tiny-flux, "
-              "tiny-flux-schnell, tiny-flux-fill) | an fsspec URI of one | "
+              "diffusers folder of SD 1.x, 2.x or SDXL (generate, inpaint, render, train, personalize, serve: FLUX.1 "
+              "too; tiny-flux, tiny-flux-schnell, tiny-flux-fill) | an fsspec URI of one | "
               "a hub id.")
 EXIT_BAD_INPUT = 2
 EXIT_SOME_FAILED = 3  # a batch job finished, but some of its rows or identities have no result

@@ -23,8 +23,9 @@ from ray_faceid.pipelines.schedulers import Sampler
 from ray_faceid.progress import denoise_reporter
 
 ModelOpt = typer.Option("tiny", "--model", help=MODEL_HELP)
-AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter: a folder `ray-faceid train` wrote, or a published "
-                          "IP-Adapter-FaceID / InstantID .bin / .safetensors (a FLUX base: the XLabs FLUX IP-Adapter); "
+AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter: a folder `ray-faceid train` wrote (on FLUX too), "
+                          "or a published IP-Adapter-FaceID / InstantID .bin / .safetensors (a FLUX base: the XLabs "
+                          "FLUX IP-Adapter or PuLID-FLUX's file); "
                           "without it only the tiny smoke-test base runs (with its seeded, untrained adapter).")
 BackendOpt = typer.Option("torch", "--backend", help="UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt.")
 SchedulerOpt = typer.Option(None, "--scheduler", help="Sampler: the model's own by default; ddim, pndm, euler, "

@@ -54,8 +54,8 @@ def train(
 
 
 ADAPTER_SOURCE = ("The shared identity adapter the per-identity ones start from: the folder "
-                  "`ray-faceid train DATASET --out FOLDER` wrote, or a published IP-Adapter-FaceID / InstantID "
-                  ".bin or .safetensors file (a path or URI).")
+                  "`ray-faceid train DATASET --out FOLDER` wrote (on FLUX: only that one), or a published "
+                  "IP-Adapter-FaceID / InstantID .bin or .safetensors file (a path or URI).")
 
 
 def personalize(

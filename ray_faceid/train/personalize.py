@@ -179,18 +179,22 @@ def _flux_shared_adapter(adapter: str, model, config: PersonalizeConfig, image_e
                          identitynet: str | None):
     """The FLUX adapter `ray-faceid train` made, read from its file alone; what FLUX does not take is one line."""
     from ray_faceid.identity.flux_adapter import load_flux_adapter
+    from ray_faceid.identity.pulid_flux import is_pulid_file
     from ray_faceid.pipelines.flux import flux_settings
 
+    used_as_is = (f"{adapter}: personalize on FLUX adapts the adapter `ray-faceid train --model FLUX` made; a FLUX "
+                  "IP-Adapter or PuLID-FLUX file is used as it is (generate, render, Serve)")
+    if is_pulid_file(adapter):
+        raise BadInput(used_as_is)
+    shared = load_flux_adapter(adapter)
+    if not shared.trained:
+        raise BadInput(used_as_is)
     if image_encoder or identitynet:
         raise BadInput("--image-encoder / --identitynet: the FLUX adapter `ray-faceid train` made reads people's "
                        "identity embeddings alone: leave them out")
     multiple = flux_settings(model)["size_multiple"]
     if config.size and config.size % multiple:
         raise BadInput(f"FLUX trains on sides that are multiples of {multiple}, not --size {config.size}")
-    shared = load_flux_adapter(adapter)
-    if not shared.trained:
-        raise BadInput(f"{adapter}: personalize on FLUX adapts the adapter `ray-faceid train --model FLUX` made; a "
-                       "FLUX IP-Adapter or PuLID-FLUX file is used as it is (generate, render, Serve)")
     settings = flux_settings(model)  # its widths against the base's configs, before any worker loads it
     has = (shared.width, shared.to_k_ip[0].out_features, len(shared.to_k_ip))
     wants = (settings["text_width"], settings["inner_width"], settings["dual_blocks"])

@@ -119,6 +119,15 @@ def test_what_does_not_fit_our_flux_adapter_is_refused_in_one_line(spec128, tmp_
     other = save_flux_adapter(str(tmp_path / "narrow"), narrow, "another base", 1)
     with pytest.raises(BaseModelMismatch, match="text width, inner width and dual-stream blocks"):
         run_personalize(str(tmp_path / "registry"), other, "tiny-flux", PersonalizeConfig(steps=1))
+    from ray_faceid.identity.stand_ins import pulid_state_dict, xlabs_state_dict
+
+    save_file(xlabs_state_dict(base.transformer), str(tmp_path / "ip_adapter.safetensors"))
+    save_file(pulid_state_dict(base.transformer), str(tmp_path / "pulid_flux_v0.9.1.safetensors"))
+    for published in ("ip_adapter.safetensors", "pulid_flux_v0.9.1.safetensors"):  # with or without --image-encoder
+        for encoder in (None, str(tmp_path)):
+            with pytest.raises(BadInput, match="is used as it is"):
+                run_personalize(str(tmp_path / "registry"), str(tmp_path / published), "tiny-flux",
+                                PersonalizeConfig(steps=1), image_encoder=encoder)
 
 
 def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would(spec128, tmp_path, monkeypatch):
