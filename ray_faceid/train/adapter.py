@@ -376,17 +376,9 @@ def run_training(dataset: str, model: str | ModelRef, out: str, config: TrainCon
                              **({"logging_config": train_logging()} if train_logging() else {})),
         datasets={"train": ds},
     )
-    from ray.train import TrainingFailedError
-
     with Watchdog(f"train {config.method}", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat),
                   report=job_report(heartbeat)):
-        try:
-            result = trainer.fit()
-        except TrainingFailedError as exc:
-            typed = runs.worker_failure(exc)
-            if typed is None:
-                raise
-            raise typed from None
+        result = runs.fit(trainer)
     record = json.loads(storage.read_bytes(storage.join(out, RECORD_FILE)))
     record["last_metrics"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return record

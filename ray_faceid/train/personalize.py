@@ -211,7 +211,7 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
     adapter and these settings yet; returns done / skipped / failed and the throughput.
     `image_encoder`: the CLIP vision folder FaceID-Plus / PlusV2 read faces through; `identitynet`:
     InstantID's IdentityNet folder (its training steps run it beside the UNet, at its default scale)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_faceid.data.cluster import init_ray, is_local
@@ -285,13 +285,7 @@ def run_personalize(registry: str, adapter: str, model: str, config: Personalize
         )
         with Watchdog("personalize", config.stall_warn_s, config.stall_fail_s, last_beat(heartbeat),
                       report=job_report(heartbeat)):
-            try:
-                result = trainer.fit()
-            except TrainingFailedError as exc:
-                typed = runs.worker_failure(exc)
-                if typed is None:
-                    raise
-                raise typed from None
+            result = runs.fit(trainer)
         done, run_failed = _restored_progress(result.checkpoint)
         failed.update(run_failed)
     seconds = time.perf_counter() - started

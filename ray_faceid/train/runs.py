@@ -69,6 +69,19 @@ def checkpoint_folder():
         yield Path(folder)
 
 
+def fit(trainer):
+    """`trainer.fit()`; a typed error a worker failed with ends it as that error, in one line."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        typed = worker_failure(exc)
+        if typed is None:
+            raise
+        raise typed from None
+
+
 def worker_failure(exc: Exception):
     """The typed error (errors.py) a Ray Train worker failed with, as this process's own class and
     message, or None: `ray-faceid` then says it in one line instead of Ray's traceback of every retry."""
