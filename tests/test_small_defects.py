@@ -106,3 +106,22 @@ def test_two_processes_storing_the_same_entry_both_finish(tmp_path):
         t.join(10)
     assert not errors
     assert cache.lookup(key, "unet.onnx") is not None
+
+
+def test_the_identity_figures_say_what_they_count():
+    """A two-person image with one face found is not 'detected', yet its one match has a similarity:
+    a new user read 'detection rate 0.0' beside 'similarity mean 0.872' as a contradiction."""
+    from rich.console import Console
+
+    from ray_faceid.cli.data import summary_table
+    from ray_faceid.cli.render import eval_table
+
+    console = Console(record=True, width=200)
+    console.print(summary_table("render", {"similarity_mean": 0.872, "detection_rate": 0.0, "rows": 3}))
+    metrics = {"images": 3, "detection_rate": 0.0, "similarity_mean": 0.872, "similarity_p10": 0.872,
+               "multi_identity_images": 1, "leakage_max": 0.856}
+    console.print(eval_table({"encoders": {"dlib": metrics}}, "eval"))
+    said = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "images with every person's face found" in said and "similarity mean (cosine, of the faces matched)" in said
+    assert "found: images with every person's face found; sim: cosine similarity of the faces matched" in said
+    assert "rows" in said  # other figures keep their names

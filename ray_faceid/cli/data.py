@@ -10,6 +10,13 @@ from ray_faceid.cli.common import StallFailOpt, StallWarnOpt, console, err_conso
 from ray_faceid.data.clustering import DEFAULT_CUT_SHARE
 from ray_faceid.quiet import verbose
 
+# What the identity figures of render and eval count (their JSON keys stay): an image of two people
+# with one found is not "detected", yet its one match has a similarity.
+LABELS = {"detection_rate": "images with every person's face found",
+          "similarity_mean": "similarity mean (cosine, of the faces matched)",
+          "similarity_p10": "similarity p10 (of the faces matched)",
+          "leakage_max": "leakage max (cosine to another person of the image)"}
+
 
 def summary_table(title: str, summary: dict) -> Table:
     table = Table(title=title)
@@ -18,7 +25,7 @@ def summary_table(title: str, summary: dict) -> Table:
     for key, value in summary.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) if key != "encoder_spec" else value.get("name")
-        table.add_row(key.replace("_", " "), str(value))
+        table.add_row(LABELS.get(key, key.replace("_", " ")), str(value))
     return table
 
 

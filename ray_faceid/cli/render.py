@@ -31,7 +31,8 @@ def eval_table(report: dict, title: str):
     """The eval metrics of each encoder, one row per encoder."""
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption="found: images with every person's face found; sim: cosine similarity of "
+                  "the faces matched to their person; leak: the highest to another person of the image")
     for column in ("encoder", "images", "found", "sim mean", "sim p10", "multi", "leak"):
         table.add_column(column, justify="right", no_wrap=True)
     for name, m in report["encoders"].items():
