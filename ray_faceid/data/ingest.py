@@ -112,7 +112,8 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     if raw and not resume:
         raise BadInput(f"{dst} already holds ingest results: pass --resume to continue them, or use a new DST")
     check_same_settings(dst, config, resumed=bool(raw))
-    skip = {(r["uri"], r["sha256"]) for r in raw if r["sha256"]}
+    # An older ingest stored paths as given: resumed from the folder it ran in, they are these files.
+    skip = {(storage.absolute(r["uri"]), r["sha256"]) for r in raw if r["sha256"]}
 
     init_ray(address)
     gpus = config.num_gpus_per_worker
