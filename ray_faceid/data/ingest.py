@@ -101,19 +101,19 @@ def run_ingest(src: str, dst: str, config: IngestConfig | None = None, labels: s
     config = config or IngestConfig()
     if labels not in ("folders", "cluster", "none"):
         raise BadInput(f"--labels must be folders, cluster or none, not {labels!r}")
-    # The rows name photos and crops as paths other jobs read from other working folders (Ray Train's
-    # workers run in their own): a relative path is this one's.
-    src, dst = storage.absolute(src), storage.absolute(dst)
     start = time.perf_counter()
-    listed = list(storage.list_files(src, config.extensions))
-    if not listed:
-        raise BadInput(f"no image files ({', '.join(config.extensions)}) under {src}")
     raw = tables.read_raw(dst)
     if raw and not resume:
         raise BadInput(f"{dst} already holds ingest results: pass --resume to continue them, or use a new DST")
+    # The rows name crops as paths other jobs read from other working folders (Ray Train's workers run
+    # in their own): a relative DST is this one's. (Photos were always listed absolute; an older
+    # ingest's relative crop paths are read by train from the folder it runs in.)
+    src, dst = storage.absolute(src), storage.absolute(dst)
+    listed = list(storage.list_files(src, config.extensions))
+    if not listed:
+        raise BadInput(f"no image files ({', '.join(config.extensions)}) under {src}")
     check_same_settings(dst, config, resumed=bool(raw))
-    # An older ingest stored paths as given: resumed from the folder it ran in, they are these files.
-    skip = {(storage.absolute(r["uri"]), r["sha256"]) for r in raw if r["sha256"]}
+    skip = {(r["uri"], r["sha256"]) for r in raw if r["sha256"]}
 
     init_ray(address)
     gpus = config.num_gpus_per_worker

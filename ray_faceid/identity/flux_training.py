@@ -146,7 +146,7 @@ def made_by_training(metadata: dict | None, uri: str = "the adapter") -> dict | 
 
     try:
         made = json.loads((metadata or {}).get(METADATA_KEY) or "null")
-    except ValueError:
+    except (ValueError, AttributeError, TypeError):  # no record, or metadata of another shape: not ours
         made = None
     if not (isinstance(made, dict) and made.get("kind") == KIND):
         return None

@@ -209,7 +209,8 @@ def flux_settings(ref) -> dict:
     transformer takes guidance, the multiple image sides must be, and the transformer's text width,
     inner width and dual-stream block count (what an identity adapter must match)."""
     if ref.kind == "tiny":
-        config = build_tiny_flux(guidance_embeds=ref.name != "tiny-flux-schnell").transformer.config
+        with torch.random.fork_rng():  # building it seeds torch's generator: the caller's draws stay theirs
+            config = build_tiny_flux(guidance_embeds=ref.name != "tiny-flux-schnell").transformer.config
         transformer = dict(config)
         multiple = 4
     else:

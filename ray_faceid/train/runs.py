@@ -85,14 +85,18 @@ def fit(trainer):
 def worker_failure(exc: Exception):
     """The typed error (errors.py) a Ray Train worker failed with, as this process's own class and
     message, or None: `ray-faceid` then says it in one line instead of Ray's traceback of every retry."""
+    from ray.exceptions import RayError
+
     from ray_faceid import errors
 
     for failure in (getattr(exc, "worker_failures", None) or {}).values():
         seen, depth = failure, 0
         while seen is not None and depth < 8:
             if isinstance(seen, errors.FaceIdError):
-                own = next(c for c in type(seen).__mro__ if c.__module__ == errors.__name__)
+                # Its own class (Ray wraps it in a class deriving from both): every one takes a message.
+                own = next(c for c in type(seen).__mro__ if issubclass(c, errors.FaceIdError)
+                           and not issubclass(c, RayError))
                 return own(f"a training worker failed: {seen.message}")
-            seen, depth = getattr(seen, "cause", None) or seen.__cause__, depth + 1
+            seen, depth = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__, depth + 1
     return None
 

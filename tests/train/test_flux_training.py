@@ -83,8 +83,14 @@ def test_the_objective_learns_and_the_untrained_adapter_leaves_fluxs_image(spec1
     with pytest.raises(BadInput, match=f"reads N x 128 finite {spec128.key()} identity embeddings"):
         gen.generate("a portrait", [IdentityCondition("p", np.ones((1, 64), np.float32))], steps=1)
     # Identity embeddings at unit length, as trained (the cross-training shots' and a person's fused references).
-    emb = batch().id_embeddings[:1].numpy()
-    assert torch.allclose(loaded.person_tokens(emb, "p", "cpu"), loaded.person_tokens(3 * emb, "p", "cpu"), atol=1e-5)
+    from ray_faceid.identity.tokens import fuse_embeddings
+
+    two, quality = batch().id_embeddings.numpy(), np.array([1.0, 3.0], np.float32)  # one person's two photos
+    want = loaded.tokens(fuse_embeddings(torch.from_numpy(two), torch.from_numpy(quality))[None])[0]
+    assert torch.allclose(loaded.person_tokens(two, "p", "cpu", quality), want, atol=1e-5)
+    assert not torch.allclose(loaded.person_tokens(two, "p", "cpu"), want, atol=1e-3)  # their quality weighs them
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(loaded.tokens(x), loaded.tokens(5 * x), atol=1e-5)  # training's fused ones too
 
 
 def test_what_does_not_fit_our_flux_adapter_is_refused_in_one_line(spec128, tmp_path):
@@ -180,9 +186,10 @@ def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would
     one_slot = FluxGenerator(build_tiny_flux(), load_flux_adapter(saved, build_tiny_flux().transformer))
     bob_own = IdentityCondition("bob", bob_emb, personal=("v2@bob", {k: -v for k, v in delta.items()}))
     pair = one_slot.generate_items([GenerationItem("a portrait", [amy], seed=3),
-                                    GenerationItem("a portrait", [bob_own], seed=3)], steps=2, width=SIZE, height=SIZE)
-    assert np.abs(np.asarray(pair.images[0]).astype(int) - own).max() <= 1
-    assert np.abs(np.asarray(pair.images[1]).astype(int) - image(one_slot, [bob_own])).max() <= 1
+                                    GenerationItem("a photo", [bob_own], seed=4)], steps=2, width=SIZE, height=SIZE)
+    assert np.abs(np.asarray(pair.images[0]).astype(int) - own).max() <= 1 and pair.seeds == [3, 4]
+    alone = one_slot.generate("a photo", [bob_own], seed=4, steps=2, width=SIZE, height=SIZE).images[0]
+    assert np.abs(np.asarray(pair.images[1]).astype(int) - np.asarray(alone).astype(int)).max() <= 1
     with pytest.raises(BadInput, match="2 people with their own adapter in one image; this generator holds 1"):
         one_slot.generate("a portrait", [amy, bob_own], steps=1)
     gen.forget_personal("v1@amy")  # an erased person's: refused from then on

@@ -144,3 +144,33 @@ def test_a_dataset_ingested_to_a_relative_folder_trains_and_a_missing_crop_is_on
     shutil.rmtree(tmp_path / "ds" / "crops")
     with pytest.raises(NotFound, match=f"^a training worker failed: no file at {tmp_path}/ds/crops/"):
         run_training("ds", "tiny", "again", config)
+
+
+def test_a_workers_typed_error_keeps_its_class_and_code():
+    """Raised in a worker (Ray wraps it in a class of both, or it is the context of another error),
+    it ends the command as itself: its code and status, not a plain error."""
+    from ray.exceptions import RayTaskError
+
+    from ray_faceid.errors import NotFound
+    from ray_faceid.registry_secret import RegistrySecretError
+    from ray_faceid.train.runs import worker_failure
+
+    try:
+        try:
+            raise RegistrySecretError("no registry secret here")
+        except RegistrySecretError:
+            raise RuntimeError("while reading the registry")  # noqa: B904 - the context is what is read
+    except RuntimeError as outer:
+        in_context = outer
+
+    class Failed(Exception):
+        pass
+
+    for failure, kind, said in ((in_context, RegistrySecretError, "no registry secret here"),
+                                (RayTaskError("step", "traceback", NotFound("no file at x")).as_instanceof_cause(),
+                                 NotFound, "no file at x")):
+        failed = Failed()
+        failed.worker_failures = {0: failure}
+        typed = worker_failure(failed)
+        assert type(typed) is kind and typed.message == f"a training worker failed: {said}", typed
+        assert typed.code == kind.code
