@@ -258,19 +258,16 @@ def trained_encoder(uri: str):
     """The face encoder (EncoderSpec) a FLUX adapter `ray-faceid train` made reads, from the file's header
     alone (before any base loads); None for a published file or one that cannot be read (its loader says why)."""
     from ray_faceid.identity.flux_training import made_by_training
+    from ray_faceid.identity.pulid_flux import safetensors_header
 
     uri = adapter_file(uri)
     if not uri.endswith(".safetensors"):
         return None
     try:
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as f:
-            head = f.read(8)
-            size = int.from_bytes(head, "little") if len(head) == 8 else 0
-            header = f.read(size) if 0 < size <= 100_000_000 else b""
+        metadata = safetensors_header(uri).get("__metadata__")
     except Exception:  # noqa: BLE001 - a damaged or missing file: its loader says what is wrong
         return None
-    made = made_by_training(_metadata(head + header, uri), uri)  # a damaged record of ours: one line
+    made = made_by_training(metadata, uri)  # a damaged record of ours: one line
     return None if made is None else made["encoder_spec"]
 
 

@@ -58,20 +58,6 @@ def flux_latents(base, pixels: torch.Tensor) -> torch.Tensor:
     return (mean.float() - vae.config.shift_factor) * vae.config.scaling_factor
 
 
-def flux_text(base, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T5 states, CLIP pooled) of the prompts, as the FLUX generator encodes them."""
-    from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH
-
-    with torch.no_grad():
-        clip = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
-        pooled = base.text_encoder(clip.to(base.text_encoder.device), output_hidden_states=False).pooler_output
-        t5 = base.tokenizer_2(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                              return_tensors="pt").input_ids
-        states = base.text_encoder_2(t5.to(base.text_encoder_2.device), output_hidden_states=False)[0]
-    return states.to(device), pooled.to(device)
-
-
 class FluxAdapterObjective(nn.Module):
     """The adapter's flow-matching loss as a module (forward(batch, generator) -> loss terms), so DDP
     can wrap it; the frozen base is held outside the module tree."""
@@ -81,7 +67,7 @@ class FluxAdapterObjective(nn.Module):
         self.adapter, self._base, self.outside_weight = adapter, (base,), outside_weight
 
     def forward(self, batch: CrossBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        from ray_faceid.pipelines.flux_sampling import pack, patch_positions
+        from ray_faceid.pipelines.flux_sampling import encode_prompts, pack, patch_positions, unpack
 
         base = self._base[0]
         transformer = base.transformer
@@ -98,14 +84,12 @@ class FluxAdapterObjective(nn.Module):
             guidance = torch.full([b], base.default_guidance, device=device, dtype=torch.float32)
 
         def velocity(prompts: list[str], identity: dict | None) -> torch.Tensor:
-            states, pooled = flux_text(base, prompts, device)
+            states, pooled = encode_prompts(base, prompts, base.text_encoder.device, device)
             packed = transformer(hidden_states=noisy.to(dtype), timestep=t.to(dtype), guidance=guidance,
                                  pooled_projections=pooled.to(dtype), encoder_hidden_states=states.to(dtype),
                                  txt_ids=torch.zeros(states.shape[1], 3, device=device, dtype=dtype),
                                  img_ids=patch_positions(h, w).to(device, dtype), joint_attention_kwargs=identity,
                                  return_dict=False)[0]
-            from ray_faceid.pipelines.flux_sampling import unpack
-
             return unpack(packed.float(), h, w)
 
         tokens = self.adapter.tokens(batch.id_embeddings.to(device))

@@ -215,9 +215,9 @@ def _header_keys(uri: str) -> list[str]:
     return list(header_shapes(uri))
 
 
-def header_shapes(uri: str) -> dict[str, list[int]]:
-    """Each tensor's shape, from a safetensors file's JSON header alone (its first 8 bytes give the
-    header's length): what a file takes is known before gigabytes of weights or a base load."""
+def safetensors_header(uri: str) -> dict:
+    """A safetensors file's JSON header alone (its first 8 bytes give its length; {} where there is
+    none): what a file takes and what made it are known before gigabytes of weights or a base load."""
     import json
 
     fs, path = storage.filesystem(uri)
@@ -225,9 +225,12 @@ def header_shapes(uri: str) -> dict[str, list[int]]:
         head = f.read(8)
         size = int.from_bytes(head, "little") if len(head) == 8 else 0
         header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else None
-    if not isinstance(header, dict):
-        return {}
-    return {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    return header if isinstance(header, dict) else {}
+
+
+def header_shapes(uri: str) -> dict[str, list[int]]:
+    """Each tensor's shape, from the file's header."""
+    return {k: v.get("shape") for k, v in safetensors_header(uri).items() if k != "__metadata__" and isinstance(v, dict)}
 
 
 def _modules_of(encoder: dict, ca: dict) -> tuple[IdFormer, list[IdCrossAttention]]:

@@ -74,6 +74,19 @@ def patch_positions(h: int, w: int) -> torch.Tensor:
 MAX_FILL_PIXELS = 2 * 1024 * 1024
 
 
+@torch.no_grad()
+def encode_prompts(base: FluxBase, prompts: list[str], text_device, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T5 states (B, 512, D), CLIP pooled (B, P)) of each prompt, as FluxPipeline encodes them: the
+    text encoders run on `text_device`, the states go to `device` (the generator's, training's)."""
+    clip = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    pooled = base.text_encoder(clip.to(text_device), output_hidden_states=False).pooler_output
+    t5 = base.tokenizer_2(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                          return_tensors="pt").input_ids
+    states = base.text_encoder_2(t5.to(text_device), output_hidden_states=False)[0]
+    return states.to(device, base.text_encoder_2.dtype), pooled.to(device, base.text_encoder.dtype)
+
+
 class FluxGenerator:
     def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto",
                  backend: str = "torch", text_encoders: str = "same", transformer_weights: str = "same",
@@ -224,14 +237,7 @@ class FluxGenerator:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 states (B, 512, D), CLIP pooled (B, P)) of each prompt."""
-        base = self.base
-        clip = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
-        pooled = base.text_encoder(clip.to(self.text_device), output_hidden_states=False).pooler_output
-        t5 = base.tokenizer_2(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                              return_tensors="pt").input_ids
-        states = base.text_encoder_2(t5.to(self.text_device), output_hidden_states=False)[0]
-        return (states.to(self.device, base.text_encoder_2.dtype), pooled.to(self.device, base.text_encoder.dtype))
+        return encode_prompts(self.base, prompts, self.text_device, self.device)
 
     def check(self, steps: int, guidance: float | None, width: int, height: int, inpainting: bool = False) -> None:
         base = self.base
