@@ -82,14 +82,20 @@ def model_family(model: str) -> str | None:
 
 def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
     """A Serve config of a FLUX base: what its Generator (flux_generator.py) does not take is one line."""
+    from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS
+
     given = {"imr": config.imr, "flow": config.flow, "identitynet": config.identitynet,
              "scheduler": config.scheduler, "scheduler_config": config.scheduler_config,
-             "backend": None if config.backend in ("torch", "torch.compile", "auto") else config.backend}
+             "backend": None if config.backend in ("auto", *FLUX_BACKENDS) else config.backend}
     refused = [key for key, value in given.items() if value]
+    if config.backend == "onnxruntime" and (config.precision not in ("auto", "fp32")
+                                            or config.flux_transformer_weights != "same"):
+        raise BadInput("backend onnxruntime runs FLUX's transformer graph in fp32: set precision auto or fp32 and "
+                       "flux_transformer_weights same (or backend torch / torch.compile)")
     if refused:
         raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; a FLUX deployment takes adapter (a FLUX "
-                       "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch "
-                       "or torch.compile")
+                       "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch, "
+                       "torch.compile or onnxruntime")
     ours = None  # a FLUX adapter `ray-faceid train` made reads people's identity embeddings, no image encoder
     if config.adapter:
         from ray_faceid.identity.flux_adapter import trained_encoder
@@ -145,7 +151,7 @@ def check_flux_memory(config: ServeConfig) -> None:
     from ray_faceid.pipelines.generate import parse_size
 
     plan = flux_memory.replica_plan(
-        ref, resolve_flux_precision(config.precision, torch.device("cuda")), config.flux_text_encoders,
+        ref, resolve_flux_precision(config.precision, torch.device("cuda"), config.backend), config.flux_text_encoders,
         config.flux_transformer_weights, config.generator_batch_size * config.limits.max_images,
         [parse_size(size, "warm_up_sizes") for size in config.warm_up_sizes], config.adapter, config.image_encoder)
     # A fractional replica shares its GPU: it may count on its share of the memory only.

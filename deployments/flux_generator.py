@@ -45,7 +45,7 @@ class FluxServeGenerator(Generator):
         self.config = config = ServeConfig.model_validate_json(config_json)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         never_create_here()  # the registry secret comes from the cluster's configuration (registry_secret.py)
-        precision = resolve_flux_precision(config.precision, torch.device(device))
+        precision = resolve_flux_precision(config.precision, torch.device(device), config.backend)
         memory = dict(text_encoders=config.flux_text_encoders, transformer_weights=config.flux_transformer_weights)
         self.memory_plan = None  # the CPU's memory is the machine's: not planned
         if device == "cuda":  # before anything loads: one line instead of an out-of-memory error halfway
@@ -67,7 +67,8 @@ class FluxServeGenerator(Generator):
 
     def _warm_up(self) -> dict:
         """torch.compile: each configured size compiled before the replica is ready, at every batch
-        bucket a batch of requests can fill (people are inputs: none compile anew); eager: nothing."""
+        bucket a batch of requests can fill (people are inputs: none compile anew); onnxruntime: each
+        size's graph exported or loaded; eager: nothing."""
         from ray_faceid.pipelines.generate import parse_size
 
         started = time.perf_counter()

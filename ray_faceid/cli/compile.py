@@ -33,9 +33,10 @@ def compile_engine(
     out: Optional[str] = typer.Option(None, "--out", help="Engine cache folder; default: the one commands and "
                                       "replicas look in, $RAY_FACEID_CACHE/engines (~/.cache/ray_faceid/engines). "
                                       "Another folder named engines is found where RAY_FACEID_CACHE is its parent."),
-    backend: str = typer.Option(
-        "onnx", "--backend", help="onnx (or onnxruntime) | tensorrt | torch.compile (Inductor artifacts for this "
-        "machine's device: compile on the kind of GPU that will serve)."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="onnx (or onnxruntime) | tensorrt | torch.compile (Inductor artifacts for this "
+        "machine's device: compile on the kind of GPU that will serve). Default: onnx; on FLUX torch.compile (what "
+        "its replicas run on GPUs)."),
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
     batch: Optional[str] = typer.Option(None, "--batch", help="The most UNet rows a call runs (default 8; "
@@ -65,11 +66,18 @@ def compile_engine(
     from ray_faceid.pipelines.generate import parse_size
 
     with user_errors():
+        from ray_faceid.engines.select import require_backend
+        from ray_faceid.pipelines.model_ref import resolve_model
+
+        ref = resolve_model(model, flux=True)  # configs only: FLUX compiles its transformer, not a UNet
         backend = "onnx" if backend == "onnxruntime" else backend  # the runtime's name, as --backend elsewhere
+        if backend is None:
+            backend = "torch.compile" if ref.family == "flux" else "onnx"
         if backend not in ("onnx", "tensorrt", "torch.compile"):
             raise BadInput(f"--backend must be onnx, tensorrt or torch.compile, not {backend!r}")
-        from ray_faceid.engines.select import require_backend
-
+        if ref.family == "flux" and backend == "tensorrt":
+            raise BadInput("--backend tensorrt: FLUX's transformer has no TensorRT engine yet; use torch.compile, "
+                           "or onnx (its ONNX graph, which ONNX Runtime runs)")
         require_backend("onnxruntime" if backend == "onnx" else backend)  # before the model loads
         if precision not in ("auto", *DTYPES):
             raise BadInput(f"--precision must be auto, fp32, fp16 or bf16, not {precision!r}")
@@ -79,9 +87,6 @@ def compile_engine(
         max_rows = _max_rows(batch or "8")
         width, height = parse_size(size, "--size") if size else (None, None)
         cache = EngineCache(out)
-        from ray_faceid.pipelines.model_ref import resolve_model
-
-        ref = resolve_model(model, flux=True)  # configs only: FLUX compiles its transformer, not a UNet
         if ref.family != "flux" and flux_transformer_weights != "same":
             raise BadInput("--flux-transformer-weights is for FLUX models")
         scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -96,9 +101,6 @@ def compile_engine(
         if ref.family == "flux" and identitynet:
             raise BadInput("--identitynet is for InstantID's ip-adapter.bin on SDXL, not for FLUX models")
         if ref.family == "flux":
-            if backend != "torch.compile":
-                raise BadInput(f"--backend {backend}: FLUX's transformer compiles with torch.compile only (no ONNX or "
-                               "TensorRT engine yet)")
             if identities != 1:
                 raise BadInput("--identities: FLUX's transformer is compiled for up to four people a call; leave it out")
             if ref.inpainting:
@@ -107,9 +109,21 @@ def compile_engine(
             if flux_transformer_weights not in ("same", "fp8"):
                 raise BadInput(f"--flux-transformer-weights is same or fp8, not {flux_transformer_weights!r}")
             most = _max_rows(batch or "16")  # FLUX.1 doubles no rows: a Serve replica's 4 requests x 4 images
+            if backend == "onnx":
+                err_console.print("exporting FLUX's transformer to ONNX, identity adapter installed, for any batch "
+                                  "(seconds for a tiny base; FLUX.1's 12B parameters: many minutes, and as much memory "
+                                  "as its fp32 weights, twice)")
+                report = _build_flux(ref, adapter, width, height, most, "fp32", flux_transformer_weights, cache,
+                                     "onnxruntime")
+                size = f"{width}x{height}" if width else "the model's native size"
+                console.print(f"FLUX transformer ONNX graph for {size} (loaded from the cache: {report['loaded']}, "
+                              f"stored: {report['stored']})", soft_wrap=True)
+                console.print(where_found(cache.root), soft_wrap=True, highlight=False, markup=False)
+                return
             err_console.print(f"compiling FLUX's transformer for batches of up to {most} images (each batch bucket "
                               "takes minutes on a GPU without cached artifacts, about a minute on a CPU for a tiny base)")
-            report = _build_flux(ref, adapter, width, height, most, precision, flux_transformer_weights, cache)
+            report = _build_flux(ref, adapter, width, height, most, precision, flux_transformer_weights, cache,
+                                 "torch.compile")
             buckets = report["buckets"]
             console.print(f"compiled {buckets} batch bucket{'s' if buckets != 1 else ''} of FLUX's transformer "
                           f"(Inductor artifacts loaded from the cache: {report['loaded']}, stored: {report['stored']})",
@@ -155,9 +169,10 @@ def where_found(root) -> str:
     return f"in {root}; commands and replicas look in {looked}: {how}"
 
 
-def _build_flux(ref, adapter, width, height, max_images, precision, transformer_weights, cache) -> dict:
+def _build_flux(ref, adapter, width, height, max_images, precision, transformer_weights, cache, backend) -> dict:
     """FLUX's transformer compiled for every batch bucket up to `max_images` (no guidance rows on
-    FLUX.1), by the warm-up a Serve replica runs at start, into the engine cache it looks in."""
+    FLUX.1), or exported to ONNX (backend onnxruntime: any batch), by the warm-up a Serve replica runs
+    at start, into the engine cache it looks in."""
     import torch
 
     from ray_faceid.pipelines.flux import load_flux
@@ -165,14 +180,14 @@ def _build_flux(ref, adapter, width, height, max_images, precision, transformer_
     from ray_faceid.pipelines.generate import DTYPES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_flux_precision(precision, device)
+    precision = resolve_flux_precision(precision, device, backend)
     base = load_flux(ref, DTYPES[precision] if device.type == "cuda" else None)
     flux_adapter = None
     if adapter:
         from ray_faceid.identity.flux_adapter import load_flux_identity
 
         flux_adapter = load_flux_identity(adapter, base.transformer)
-    generator = FluxGenerator(base, flux_adapter, device=device, precision=precision, backend="torch.compile",
+    generator = FluxGenerator(base, flux_adapter, device=device, precision=precision, backend=backend,
                               transformer_weights=transformer_weights, engine_cache=cache)
     width, height = (width, height) if width else base.native_size
     return generator.warm_up([(width, height)], max_images)

@@ -38,7 +38,6 @@ StepsOpt = typer.Option(None, "--steps", min=1, max=200, help="Denoising steps; 
 GuidanceOpt = typer.Option(None, "--guidance", min=0.0, max=30.0, help="Classifier-free guidance; default: the "
                            "model's own (5, or what merge-lora --guidance recorded; FLUX.1 dev 3.5, Fill 30, schnell "
                            "none).")
-FLUX_BACKENDS = ("torch", "torch.compile", "auto")  # what FLUX runs on (pipelines/flux_sampling.py)
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry for enrolled people.")
 TenantOpt = typer.Option("default", "--tenant", help="Tenant whose people --identity names.")
 ImrOpt = typer.Option(None, "--imr", help="Trained IMR (train --method imr): --expression then moves the identity "
@@ -335,6 +334,7 @@ def generate(
         ref_model = resolve_model(model, flux=True)  # configs only: FLUX runs another pipeline
         if ref_model.family == "flux":
             from ray_faceid.cli.generate_flux import generate_flux, refuse_unbuilt_options
+            from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS
 
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--plus-v2-scale": plus_v2_scale, "--identitynet": identitynet, "--pose": pose,
@@ -343,7 +343,7 @@ def generate(
                                      "--negative-prompt": negative_prompt,
                                      "--face-backend": None if face_backend == "dlib" else face_backend,
                                      "--insightface-root": insightface_root,
-                                     f"--backend {backend}": None if backend in FLUX_BACKENDS else backend})
+                                     f"--backend {backend}": None if backend in ("auto", *FLUX_BACKENDS) else backend})
             if face_embedding and (ref or identity):
                 raise BadInput("use either --face-embedding or photos (--ref / --identity NAME=PHOTO), not both")
             people = ({"person": read_face_embedding(face_embedding, tokens=True)} if face_embedding
@@ -425,10 +425,11 @@ def inpaint(
         ref_model = resolve_model(model, flux=True)  # configs only: FLUX Fill runs another pipeline
         if ref_model.family == "flux":
             from ray_faceid.cli.generate_flux import inpaint_flux, refuse_unbuilt_options
+            from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS
 
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
-                                     f"--backend {backend}": None if backend in FLUX_BACKENDS else backend,
+                                     f"--backend {backend}": None if backend in ("auto", *FLUX_BACKENDS) else backend,
                                      "--identitynet": identitynet, "--identitynet-scale": identitynet_scale,
                                      "--face-backend": None if face_backend == "dlib" else face_backend,
                                      "--insightface-root": insightface_root})

@@ -2,8 +2,8 @@
 (pipelines/flux_sampling.py): a prompt, and people with a FLUX IP-Adapter file
 (identity/flux_adapter.py), each from photos (or an enrolled person's reference crops) read through a
 CLIP image encoder folder, or as an image embedding file, each in their region; eager or with the
-transformer compiled (--backend torch.compile). Samplers, ONNX and TensorRT on FLUX are not built
-yet: those options are refused in one line."""
+transformer compiled (--backend torch.compile), or its ONNX graph on ONNX Runtime (--backend
+onnxruntime). Samplers and TensorRT on FLUX are not built yet: those options are refused in one line."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +21,7 @@ def refuse_unbuilt_options(given: dict[str, object]) -> None:
         raise BadInput(f"{', '.join(used)}: not built for FLUX yet; FLUX runs from --prompt (--seed, --steps, "
                        "--guidance, --size), with people as photos or enrolled (--ref, --identity NAME[=PHOTO], "
                        "--region) or --face-embedding EMB.npy, and --adapter FILE (a FLUX IP-Adapter), on --backend "
-                       "torch or torch.compile")
+                       "torch, torch.compile or onnxruntime")
 
 
 def flux_people(people: dict, regions: dict, image_encoder: str | None, device, registry: str | None = None,

@@ -29,21 +29,21 @@ class FluxRenderer(Renderer):
 
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.pipelines.flux import load_flux
-        from ray_faceid.pipelines.flux_sampling import FluxGenerator, resolve_flux_precision
+        from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS, FluxGenerator, resolve_flux_precision
         from ray_faceid.pipelines.generate import DTYPES
         from ray_faceid.registry import Registry
 
         given = {"--imr": imr, "--flow": flow, "--identitynet": config.identitynet,
-                 "--backend": None if config.backend in ("torch", "torch.compile", "auto") else config.backend}
+                 "--backend": None if config.backend in ("auto", *FLUX_BACKENDS) else config.backend}
         refused = [option for option, value in given.items() if value]
         if refused:
             raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; FLUX renders with --adapter (a FLUX "
-                           "IP-Adapter) and --image-encoder, on backend torch or torch.compile")
+                           "IP-Adapter) and --image-encoder, on backend torch, torch.compile or onnxruntime")
         self.tenant, self.out = tenant, out
         self.catalog = catalog  # rows' relative image and mask paths are read from its folder
         self.analyzer = FaceAnalyzer(config.face)  # scores the outputs, as for every base
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.precision = resolve_flux_precision(config.precision, torch.device(device))
+        self.precision = resolve_flux_precision(config.precision, torch.device(device), config.backend)
         base = load_flux(model, DTYPES[self.precision] if device == "cuda" else None)
         width, height = base.native_size
         self.config = config = config.model_copy(update={

@@ -23,8 +23,14 @@ from ray_faceid.pipelines.provenance import png_with_provenance
 log = logging.getLogger(__name__)
 
 
-def resolve_flux_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 on CUDA (FLUX's own dtype: its activations overflow fp16), fp32 on the CPU."""
+def resolve_flux_precision(precision: str, device: torch.device, backend: str = "torch") -> str:
+    """`auto`: bf16 on CUDA (FLUX's own dtype: its activations overflow fp16), fp32 on the CPU and on
+    backend onnxruntime (its graphs are fp32)."""
+    if backend == "onnxruntime":
+        if precision not in ("auto", "fp32"):
+            raise BadInput(f"backend onnxruntime runs FLUX's transformer in fp32: precision {precision} is for torch "
+                           "or torch.compile")
+        return "fp32"
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in DTYPES:
@@ -32,12 +38,20 @@ def resolve_flux_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+FLUX_BACKENDS = ("torch", "torch.compile", "onnxruntime")
+
+
 def resolve_flux_backend(backend: str, device: torch.device) -> str:
-    """`auto`: torch.compile on CUDA, eager elsewhere; FLUX has no ONNX or TensorRT engine yet."""
+    """`auto`: torch.compile on CUDA, eager elsewhere; onnxruntime where asked (the transformer's ONNX
+    graph, engines/flux_onnx.py); FLUX has no TensorRT engine yet."""
     if backend == "auto":
         return "torch.compile" if device.type == "cuda" else "torch"
-    if backend not in ("torch", "torch.compile"):
-        raise BadInput(f"backend {backend}: not built for FLUX yet; FLUX runs on torch or torch.compile")
+    if backend not in FLUX_BACKENDS:
+        raise BadInput(f"backend {backend}: not built for FLUX yet; FLUX runs on torch, torch.compile or onnxruntime")
+    if backend == "onnxruntime":
+        from ray_faceid.engines.select import require_backend
+
+        require_backend(backend)
     return backend
 
 
@@ -105,7 +119,10 @@ class FluxGenerator:
                            f"{' or '.join(TRANSFORMER_WEIGHTS)}, not {text_encoders!r} / {transformer_weights!r}")
         self.base, self.adapter, self.device = base, adapter, torch.device(device)
         self.backend = backend = resolve_flux_backend(backend, self.device)
-        self.precision = resolve_flux_precision(precision, self.device)
+        if backend == "onnxruntime" and transformer_weights != "same":
+            raise BadInput(f"transformer_weights {transformer_weights} is for torch or torch.compile; backend "
+                           "onnxruntime runs FLUX's transformer graph in fp32")
+        self.precision = resolve_flux_precision(precision, self.device, backend)
         self.text_encoders, self.transformer_weights = text_encoders, transformer_weights
         # text_encoders cpu: T5 and CLIP encode on the CPU (memory planned in flux_memory.py).
         self.text_device = torch.device("cpu") if text_encoders == "cpu" else self.device
@@ -147,6 +164,9 @@ class FluxGenerator:
             adapter.install(base.transformer, self.personal_bank)
         self.denoiser, self.engine_cache, self.compiler = base.transformer, engine_cache, None
         self.fill_sizes: set[tuple[int, int]] = set()  # photo sizes Fill has compiled (it warms none ahead)
+        # One graph for any people (compiled or exported): every identity input always there, one shape.
+        self.fixed_inputs = backend in ("torch.compile", "onnxruntime")
+        self.graphs: dict[tuple[int, int], object] = {}  # onnxruntime: the transformer's graph per latent size
         if backend == "torch.compile":
             from ray_faceid.engines.compiled_engine import allow_shape_compiles
             from ray_faceid.envs import torch_compile_backend
@@ -168,7 +188,7 @@ class FluxGenerator:
         """The transformer's identity inputs for a batch whose image k has the people `rows[k]`: each
         one's tokens, strength, and the patches they own. Rows of fewer people are padded with
         people of strength 0, who add nothing: rows of any people share one batch."""
-        fixed = self.backend == "torch.compile"  # one graph for any people: every input always there, one shape
+        fixed = self.fixed_inputs
         if not any(rows) and not (fixed and self.adapter is not None):
             return {}
         if self.adapter is None:
@@ -323,10 +343,19 @@ class FluxGenerator:
         from ray_faceid.engines.cache import EngineCache
         from ray_faceid.engines.compile_artifacts import warm_up_cached
 
-        if self.backend != "torch.compile":
+        if self.backend not in ("torch.compile", "onnxruntime"):
             return {"buckets": 0, "note": "FLUX eager: nothing compiled"}
         if self.base.inpainting:
             return {"buckets": 0, "note": "FLUX.1 Fill: each photo size compiles at its first request"}
+        if self.backend == "onnxruntime":  # a graph per size, any batch
+            from ray_faceid.engines.cache import EngineCache
+
+            f, cache = self.base.vae_scale_factor, self.engine_cache or EngineCache()
+            found = sum(cache.lookup(self.engine_key(w, h), "flux_transformer.onnx") is not None for w, h in sizes)
+            for width, height in sizes:
+                self.check(1, None, width, height)
+                self._onnx_graph(height // f, width // f)
+            return {"buckets": 0, "graphs": len(sizes), "loaded": found, "stored": len(sizes) - found}
         buckets = [b for b in BATCH_BUCKETS if b <= batch_bucket(most_images)]
         for width, height in sizes:
             self.check(1, None, width, height)
@@ -342,11 +371,13 @@ class FluxGenerator:
         keys = [self.engine_key(width, height, bucket) for width, height in sizes for bucket in buckets]
         return warm_up_cached(self.compiler, compile_all, keys, self.engine_cache or EngineCache())
 
-    def engine_key(self, width: int, height: int, bucket: int):
-        """The engine cache's key of the compiled transformer at one size and batch bucket: what its
-        code depends on."""
+    def engine_key(self, width: int, height: int, bucket: int | None = None):
+        """The engine cache's key of the compiled transformer at one size and batch bucket (onnxruntime:
+        its graph at one size, any batch): what its code depends on."""
         from ray_faceid.engines.base import device_tag
         from ray_faceid.engines.cache import EngineKey
+        from ray_faceid.engines.flux_onnx import MAX_BATCH
+        from ray_faceid.engines.onnx_export import OPSET
         from ray_faceid.pipelines.generate import MAX_IDENTITIES
 
         adapter = self.adapter
@@ -354,11 +385,56 @@ class FluxGenerator:
         if self.transformer_weights == "fp8":
             structure += "; fp8 transformer weights"
         f = self.base.vae_scale_factor
-        return EngineKey(backend="torch.compile", graph="flux_transformer", model_hash=self.base.model_hash(),
-                         adapter_structure=structure, batch=(bucket, bucket, bucket), buckets=(bucket,),
-                         latent=(height // f, width // f), identities=None if adapter is None else MAX_IDENTITIES,
-                         tokens=None if adapter is None else adapter.tokens_per_person, precision=self.precision,
-                         device=device_tag(self.device), runtime_version=f"torch {torch.__version__}, {self.compiler}")
+        common = dict(graph="flux_transformer", model_hash=self.base.model_hash(), latent=(height // f, width // f),
+                      identities=None if adapter is None else MAX_IDENTITIES,
+                      tokens=None if adapter is None else adapter.tokens_per_person, precision=self.precision)
+        if self.backend == "onnxruntime":  # the adapter's weights are in the graph; a bank's are its inputs
+            weights = "" if adapter is None else f", weights {self.adapter_hash[:16]}"
+            return EngineKey(backend="onnx", adapter_structure=structure + weights, batch=(1, 2, MAX_BATCH),
+                             weight_inputs=self.personal_bank is not None, runtime_version=f"opset{OPSET}", **common)
+        return EngineKey(backend="torch.compile", adapter_structure=structure, batch=(bucket, bucket, bucket),
+                         buckets=(bucket,), device=device_tag(self.device),
+                         runtime_version=f"torch {torch.__version__}, {self.compiler}", **common)
+
+    def _onnx_graph(self, h: int, w: int):
+        """onnxruntime: the transformer's graph for latents h x w, from the engine cache, exported into it
+        where it is not there (seconds on a tiny base, many minutes on FLUX.1: `ray-faceid compile
+        --backend onnx` exports ahead)."""
+        graph = self.graphs.get((h, w))
+        if graph is not None:
+            return graph
+        from ray_faceid.engines.cache import EngineCache
+        from ray_faceid.engines.flux_onnx import FluxCall, OnnxRuntimeFluxTransformer, export_flux_transformer
+
+        cache = self.engine_cache or EngineCache()
+        f = self.base.vae_scale_factor
+
+        def export(folder):
+            log.warning("FLUX's transformer graph for %dx%d images is not in the engine cache at %s: exporting it "
+                        "(`ray-faceid compile --backend onnx` exports ahead)", w * f, h * f, cache.root)
+            call = FluxCall(self.base.transformer, self.adapter, self.personal_bank)
+            return export_flux_transformer(call, self._example(h, w), folder / "flux_transformer.onnx")
+
+        path = cache.get_or_build(self.engine_key(w * f, h * f), "flux_transformer.onnx", export)
+        graph = self.graphs[(h, w)] = OnnxRuntimeFluxTransformer(path, self.personal_bank)
+        return graph
+
+    def _example(self, h: int, w: int) -> dict:
+        """What _denoise gives the transformer for a batch of two at latents h x w (the export's example)."""
+        states, pooled = self.encode_prompt(["", ""])
+        config = self.base.transformer.config
+        example = dict(hidden_states=torch.zeros(2, (h // 2) * (w // 2), config.in_channels, device=self.device),
+                       timestep=torch.ones(2, device=self.device), pooled_projections=pooled,
+                       encoder_hidden_states=states, txt_ids=torch.zeros(states.shape[1], 3, device=self.device),
+                       img_ids=patch_positions(h, w).to(self.device, states.dtype))
+        if self.base.guidance_embedded:
+            example["guidance"] = torch.ones(2, device=self.device)
+        identity = self.identity_inputs([[], []], h, w)
+        example.update(identity)
+        personal = self._row_personal([[], []], identity)
+        if personal is not None:
+            example["personal_slots"] = self.personal_bank.rows(personal).view(2, -1)
+        return example
 
     @torch.no_grad()
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, identities: list | None = None, seed: int = 0,
@@ -464,16 +540,17 @@ class FluxGenerator:
         if callback is not None:
             callback(0, len(scheduler.timesteps))
         transformer = base.transformer
+        denoiser = self._onnx_graph(h, w) if self.backend == "onnxruntime" else self.denoiser
         personal = self._row_personal(rows, identity)
         for step, t in enumerate(scheduler.timesteps, 1):
             if personal is not None:  # placed at every step: another batch may run between two (turns.py)
                 identity["personal_slots"] = self.personal_bank.rows(personal).view(batch, -1)
             timestep = t.expand(batch).to(latents.dtype) / 1000
             hidden = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=2)
-            velocity = self.denoiser(hidden_states=hidden.to(transformer.dtype), timestep=timestep, guidance=embedded,
-                                   pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_positions,
-                                   img_ids=positions, joint_attention_kwargs=dict(identity) or None,
-                                   return_dict=False)[0]
+            velocity = denoiser(hidden_states=hidden.to(transformer.dtype), timestep=timestep, guidance=embedded,
+                              pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_positions,
+                              img_ids=positions, joint_attention_kwargs=dict(identity) or None,
+                              return_dict=False)[0]
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(step, len(scheduler.timesteps))
@@ -486,7 +563,7 @@ class FluxGenerator:
             return None
         slots = identity["identity_tokens"].shape[1]
         personal = [(people[m].personal if m < len(people) else None) for people in rows for m in range(slots)]
-        return personal if any(personal) or self.backend == "torch.compile" else None
+        return personal if any(personal) or self.fixed_inputs else None
 
     def forget_personal(self, version: str) -> None:
         """Drop an erased person's own adapter from the bank and refuse it from now on."""

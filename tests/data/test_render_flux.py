@@ -72,3 +72,10 @@ def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, files, im
     for row_id in ("amy", "penny", "two"):
         a = np.asarray(Image.open(made[row_id]["output_uri"])).astype(int)
         assert np.abs(a - np.asarray(Image.open(records[row_id]["output_uri"])).astype(int)).max() <= 1, row_id
+    # On FLUX's ONNX graph (backend onnxruntime): the same images.
+    on_onnx = FluxRenderer(CONFIG.model_copy(update={"unet_batch": 4, "backend": "onnxruntime"}), flux, adapter,
+                           registry.store, "default", str(tmp_path / "onnx"), image_encoder=str(image_encoder_folder))
+    exported = {r["id"]: r for r in on_onnx.render_batch(texts, list(range(len(texts))))}
+    for row_id in ("amy", "two"):
+        a = np.asarray(Image.open(exported[row_id]["output_uri"])).astype(int)
+        assert np.abs(a - np.asarray(Image.open(records[row_id]["output_uri"])).astype(int)).max() <= 1, row_id

@@ -54,7 +54,7 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
     from tests.identity.test_published_adapters import faceid_state_dict, save
 
     faceid = save(faceid_state_dict(build_tiny().unet), tmp_path / "ip-adapter-faceid_sd15.bin")
-    for change, says in (({"imr": "x", "backend": "onnxruntime"}, "imr, backend: not built for FLUX yet"),
+    for change, says in (({"imr": "x", "backend": "tensorrt"}, "imr, backend: not built for FLUX yet"),
                          ({"image_encoder": None}, "set both adapter and image_encoder"),
                          ({"adapter": faceid}, "adapter: .* not the XLabs FLUX IP-Adapter layout"),
                          ({"adapter": str(tmp_path / "missing.safetensors")}, "adapter: ")):
@@ -107,6 +107,14 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
         assert np.abs(image - np.asarray(want).astype(int)).max() <= 1, name
         assert [p["id"] for p in answer["provenance"][0]["identities"]] == [people[name]]  # theirs alone
     assert answers[2]["status"] == 422 and "expression not built for FLUX yet" in answers[2]["message"]
+    # backend onnxruntime: the replica exports (or loads) the transformer's graph of its size before it is
+    # ready; a request's image is the compiled replica's.
+    on_onnx = FluxServeGenerator(resolve_config(config.model_copy(update={"backend": "onnxruntime"})).model_dump_json())
+    assert on_onnx.info()["backend"] == "onnxruntime" and on_onnx.info()["warm_up"]["graphs"] == 1
+    on_onnx.load_identity = load_identity
+    (onnx_answer,) = asyncio.run(on_onnx._generate_group([request([{"id": people["ann"]}], 3)]))
+    assert np.abs(np.asarray(Image.open(io.BytesIO(base64.b64decode(onnx_answer["png"][0])))).astype(int)
+                  - np.asarray(Image.open(io.BytesIO(base64.b64decode(answers[0]["png"][0])))).astype(int)).max() <= 1
     assert answers[3]["status"] == 422 and "scheduler: not built for FLUX yet" in answers[3]["message"]
     # Fill repaints at the photo's size: its real cost is checked on the replica, not the native size's.
     photo = sample_photos["Tom_Hanks_54745.png"].read_bytes()

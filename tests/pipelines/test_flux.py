@@ -95,12 +95,13 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     assert "Traceback" not in refused.output
     with pytest.raises(UnsupportedModel, match="is a FLUX model: `ray-faceid generate`, `render` and Serve run it"):
         load_base(folders["dev"])  # render, Serve, inpaint, train, compile load through it
-    refused = CliRunner().invoke(app, ["compile", "--model", "tiny-flux", "--out", str(tmp_path / "engines")])
-    assert refused.exit_code == 2 and "compiles with torch.compile only" in refused.stderr, refused.output
+    refused = CliRunner().invoke(app, ["compile", "--model", "tiny-flux", "--backend", "tensorrt", "--out",
+                                       str(tmp_path / "engines")])
+    assert refused.exit_code == 2 and "has no TensorRT engine yet" in refused.stderr, refused.output
     # Ahead of Serve: every batch bucket a replica's batches fill, into the engine cache it looks in (the
     # suite's Dynamo backend keeps no Inductor artifacts; the UNet engine's test checks them).
-    compiled = CliRunner().invoke(app, ["compile", "--model", folders["dev"], "--backend", "torch.compile", "--batch",
-                                        "2", "--size", "32x32", "--out", str(tmp_path / "engines")])
+    compiled = CliRunner().invoke(app, ["compile", "--model", folders["dev"], "--batch", "2", "--size", "32x32",
+                                        "--out", str(tmp_path / "engines")])  # FLUX's default: torch.compile
     assert compiled.exit_code == 0, compiled.output
     assert "compiled 2 batch buckets of FLUX's transformer" in " ".join(compiled.stdout.split())
     fill = CliRunner().invoke(app, ["compile", "--model", "tiny-flux-fill", "--backend", "torch.compile", "--out",
@@ -110,7 +111,7 @@ def test_a_flux_folder_generates_from_one_command_and_paths_without_flux_say_so(
     from ray_faceid.config import ServeConfig
 
     with pytest.raises(BadInput, match="backend: not built for FLUX yet"):  # Serve runs FLUX eager
-        resolve_config(ServeConfig(model=folders["dev"], backend="onnxruntime",
+        resolve_config(ServeConfig(model=folders["dev"], backend="tensorrt",
                                    api_tokens={"acme": "acme-token-0123456789abcdef"}))
 
 

@@ -162,7 +162,7 @@ def test_rows_of_other_people_share_a_batch_and_each_person_keeps_to_their_regio
     assert moved[:, SIZE // 2:].mean() > 3 * moved[:, :left].mean()
 
 
-def test_the_compiled_transformer_takes_people_as_inputs(files):
+def test_the_compiled_transformer_and_its_onnx_graph_take_people_as_inputs(files, tmp_path):
     from torch._dynamo.utils import counters
 
     compiled = generator(files, "torch.compile")
@@ -172,7 +172,17 @@ def test_the_compiled_transformer_takes_people_as_inputs(files):
     image(compiled, [IdentityCondition("bob", tokens(2), scale=0.5)])
     image(compiled, [])
     assert counters["stats"]["unique_graphs"] == graphs  # people and strengths are inputs
-    assert np.abs(first - image(generator(files), [IdentityCondition("ann", tokens(1))])).max() <= 1
+    eager = generator(files)
+    assert np.abs(first - image(eager, [IdentityCondition("ann", tokens(1))])).max() <= 1
+    # Its residual hooks are in FLUX's ONNX graph too (onnxruntime: the people are the graph's inputs).
+    from ray_faceid.engines.cache import EngineCache
+
+    base = load_flux(str(files / "flux"))
+    onnx = FluxGenerator(base, load_pulid_flux(str(files / "pulid_flux_v0.9.1.safetensors"), base.transformer),
+                         backend="onnxruntime", engine_cache=EngineCache(tmp_path))
+    two = [IdentityCondition("ann", tokens(1), region=(0.0, 0.0, 0.5, 1.0)), IdentityCondition("bob", tokens(2))]
+    assert np.abs(image(onnx, two) - image(eager, two)).max() <= 1
+    assert np.abs(image(onnx, two) - image(eager, [])).max() > 2
 
 
 def test_what_its_unbuilt_encoders_would_read_is_refused_in_one_line(files, tmp_path, sample_photos):

@@ -178,6 +178,14 @@ def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would
     assert np.abs(image(compiled, [amy]) - own).max() <= 1
     assert np.abs(image(compiled, bob) - image(gen, bob)).max() <= 1
     assert counters["stats"]["unique_graphs"] == graphs
+    # On FLUX's ONNX graph the bank's stacks are inputs: a person's own adapter loaded after the export
+    # (bob's image exported it) applies as well.
+    from ray_faceid.engines.cache import EngineCache
+
+    onnx = FluxGenerator(build_tiny_flux(), load_flux_adapter(saved, build_tiny_flux().transformer),
+                         backend="onnxruntime", engine_cache=EngineCache(tmp_path / "engines"))
+    assert np.abs(image(onnx, bob) - image(gen, bob)).max() <= 1
+    assert np.abs(image(onnx, [amy]) - own).max() <= 1
     # A bank of one person (FLUX.1's projections are about 1 GB a person): two people's own adapters
     # in one batch run one after the other, each its own image; in one image, refused in one line.
     from ray_faceid.identity import personal_bank
