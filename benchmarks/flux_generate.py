@@ -10,9 +10,13 @@ person through a FLUX IP-Adapter of XLabs' shape (4 tokens from a 768-d image em
     python benchmarks/flux_generate.py --smoke --no-record      # the same code on tiny-flux, any device
 
 Rows: (a) diffusers eager; (b) ray_faceid eager; (c) ray_faceid, transformer compiled (after its
-warm-up; the compile time and the recompiles when the person changes are reported). Anchors from
-the issue: diffusers eager about 7.1 s on an H100; the target with compile, without step caching,
-at most 2.0 s. Step caching is not built.
+warm-up; the compile time and the recompiles when the person changes are reported); (d) compiled
+with the step cache at each `--step-cache` threshold (pipelines/flux_step_cache.py): the steps it
+reused, and its image against (c)'s uncached one of the same seed: mean and largest pixel
+difference, PSNR, and the identity similarity of the two faces (cosine of the face stack's
+embeddings; with random weights there is no face to compare, and the row says so). Anchors from
+the issue: diffusers eager about 7.1 s on an H100, first-block caching about 1.9 s; the target with
+compile, without step caching, at most 2.0 s.
 """
 from __future__ import annotations
 
@@ -76,6 +80,24 @@ def diffusers_state(adapter) -> dict:
             "ip_adapter": {k: t.detach().float().cpu() for k, t in ip.items()}}
 
 
+def image_difference(a, b) -> str:
+    """Pixel difference, PSNR and the two faces' identity similarity of two images of one seed."""
+    from ray_faceid.face.analyzer import FaceAnalyzer
+
+    x, y = np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64)
+    mse = ((x - y) ** 2).mean()
+    psnr = "inf" if mse == 0 else f"{10 * np.log10(255 ** 2 / mse):.1f} dB"
+    analyzer = FaceAnalyzer()
+    faces = [analyzer.analyze(np.asarray(image.convert("RGB"))) for image in (a, b)]
+    if not faces[0] or not faces[1]:
+        identity = "no face in " + ("either image" if not faces[0] and not faces[1] else
+                                    "the uncached image" if not faces[0] else "the cached image")
+    else:
+        e, f = faces[0][0].embedding, faces[1][0].embedding
+        identity = f"identity similarity {float(e @ f / np.linalg.norm(e) / np.linalg.norm(f)):.3f}"
+    return f"mean pixel difference {np.abs(x - y).mean():.2f}/255, largest {np.abs(x - y).max():.0f}, PSNR {psnr}, {identity}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=None, help="image side; default 1024 (tiny: 32)")
@@ -84,6 +106,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny-flux (the script's own check, any device)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip the batched and fp8 rows once the run has taken this long (a lent GPU's minutes)")
+    parser.add_argument("--step-cache", default="0.08,0.12", help="step cache thresholds to measure (comma list; "
+                        "empty: none)")
     parser.add_argument("--out", help="also write the section here after every row (a run cut short keeps its rows)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -168,6 +192,18 @@ def main() -> None:
     notes.append(f"Compile and first image: {compile_s:.1f} s; graphs compiled anew when the person changed "
                  f"({len(people) - 1} other people): {recompiles}.")
     row(f"ray_faceid, --backend torch.compile ({compiler})", compiled_s)
+    uncached = generator.generate(PROMPT, people[0], steps=args.steps, width=size, height=size).images[0]
+    for threshold in [float(t) for t in args.step_cache.split(",") if t.strip()]:
+        if over_budget(f"the step cache at {threshold}"):
+            break
+        cached = FluxGenerator(base, adapter, device=device, precision=generator.precision, backend="torch.compile",
+                               step_cache=threshold)
+        made = cached.generate(PROMPT, people[0], steps=args.steps, width=size, height=size)  # compiles its parts
+        notes.append(f"Step cache {threshold}: {made.provenance[0]['step_cache']['steps_reused']} of {args.steps} "
+                     f"steps reused; against the uncached image {image_difference(uncached, made.images[0])}.")
+        row(f"ray_faceid, torch.compile, step cache {threshold}", timed(
+            lambda: cached.generate(PROMPT, people[0], steps=args.steps, width=size, height=size), args.repeats))
+        cached = None
     # Serve's and render's batches: four requests of other people and seeds denoised together.
     items = [GenerationItem(PROMPT, people[k % len(people)], "", k) for k in range(4)]
 

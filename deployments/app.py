@@ -82,7 +82,7 @@ def model_family(model: str) -> str | None:
 
 def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
     """A Serve config of a FLUX base: what its Generator (flux_generator.py) does not take is one line."""
-    from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS
+    from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS, check_step_cache
 
     given = {"imr": config.imr, "flow": config.flow, "identitynet": config.identitynet,
              "scheduler": config.scheduler, "scheduler_config": config.scheduler_config,
@@ -92,6 +92,7 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
                                             or config.flux_transformer_weights != "same"):
         raise BadInput("backend onnxruntime runs FLUX's transformer graph in fp32: set precision auto or fp32 and "
                        "flux_transformer_weights same (or backend torch / torch.compile)")
+    check_step_cache(config.flux_step_cache, config.backend)
     if refused:
         raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; a FLUX deployment takes adapter (a FLUX "
                        "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch, "
@@ -198,6 +199,7 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
         return resolve_flux_config(config, tokens)
     flux_only = [name for name, value, default in (("flux_text_encoders", config.flux_text_encoders, "same"),
                                                    ("flux_transformer_weights", config.flux_transformer_weights, "same"),
+                                                   ("flux_step_cache", config.flux_step_cache, 0.0),
                                                    ("generator_gpu_memory_gb", config.generator_gpu_memory_gb, None))
                  if value != default]
     if flux_only:

@@ -60,7 +60,7 @@ class FluxServeGenerator(Generator):
             if adapter.encoder_spec is None:  # ours reads identity embeddings; a FLUX IP-Adapter, the crops
                 self.encoder = ClipImageEncoder(config.image_encoder, device)  # resolve_config asked for both
         self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision, backend=config.backend,
-                                      **memory)
+                                      step_cache=config.flux_step_cache, **memory)
         self.pipeline.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
         self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self._serving_state()

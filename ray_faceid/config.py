@@ -312,6 +312,11 @@ class ServeConfig(Settings):
     flux_transformer_weights: Literal["same", "fp8"] = Field("same", description="FLUX: fp8 stores the transformer's "
                                                              "linear weights in float8 with a scale per row (FLUX.1-dev: "
                                                              "12 GB instead of 24 in bf16); images differ slightly.")
+    flux_step_cache: float = Field(
+        0.0, ge=0, le=1, description="FLUX: the step cache's threshold (first-block caching, "
+        "pipelines/flux_step_cache.py): steps where the first block's residual moved less than this reuse the other "
+        "blocks' residual; 0: off. Faster, a slightly different image (benchmarks/flux_generate.py measures how "
+        "different).")
     encoder_gpus: float = Field(0.0, ge=0, description="GPUs per FaceEncoder replica.")
     generator_batch_size: int = Field(4, ge=1, description="Requests the Generator batches together.")
     encoder_batch_size: int = Field(16, ge=1, description="Images the FaceEncoder batches together.")
@@ -416,9 +421,11 @@ class RenderConfig(Settings):
     """`ray-faceid render`: a catalog of rows -> images, scores and a manifest."""
 
     # precision is keyed once resolved (auto differs between CPU and GPU actors): see Renderer.key.
-    # identitynet joins a row's key by its weights' hash, with its scale, where it is set: see Renderer.key.
+    # identitynet joins a row's key by its weights' hash, with its scale, where it is set: see Renderer.key;
+    # flux_step_cache likewise (keys made before it existed stay theirs).
     hash_exclude: ClassVar[frozenset[str]] = frozenset(
-        {"workers", "batch_size", "num_gpus_per_worker", "device", "precision", "identitynet", "identitynet_scale"}
+        {"workers", "batch_size", "num_gpus_per_worker", "device", "precision", "identitynet", "identitynet_scale",
+         "flux_step_cache"}
     ) | STALL
     stall_warn_s: StallWarn = 600.0
     stall_fail_s: StallFail = 3600.0
@@ -451,6 +458,11 @@ class RenderConfig(Settings):
         "torch", description="UNet runtime; auto = torch.compile on CUDA (one compiled engine per actor for the whole "
         "job), else onnxruntime when installed, else torch; tensorrt only when installed and named."
     )
+    flux_step_cache: float = Field(
+        0.0, ge=0, le=1, description="FLUX: the step cache's threshold (first-block caching, "
+        "pipelines/flux_step_cache.py): steps where the first block's residual moved less than this reuse the other "
+        "blocks' residual; 0: off. Faster, a slightly different image (benchmarks/flux_generate.py measures how "
+        "different).")
     face: FaceConfig = Field(
         default_factory=lambda: SCORING_FACE,
         description="Face stack that scores the outputs: every face (multi-identity leakage), HOG only by default so "

@@ -13,6 +13,7 @@ from ray_faceid.cli.common import (
     IdentityNetScaleOpt,
     ImageEncoderOpt,
     PngOutOpt,
+    StepCacheOpt,
     console,
     err_console,
     identitynet_scale_of,
@@ -323,6 +324,7 @@ def generate(
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     pose: Optional[str] = typer.Option(None, "--pose", help="InstantID: a photo whose face's keypoints set the pose; "
                                        "default: the reference photo's."),
+    step_cache: float = StepCacheOpt,
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.pipelines.generate import parse_size
@@ -350,7 +352,9 @@ def generate(
                       else _people(ref, identity))
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
-                                 guidance, width, height, registry, tenant, backend)
+                                 guidance, width, height, registry, tenant, backend, step_cache)
+        if step_cache:
+            raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
         people, photos = _people_and_photos(ref, identity, face_embedding, bool(image_encoder or identitynet))
         if not people:
@@ -411,6 +415,7 @@ def inpaint(
     image_encoder: Optional[str] = ImageEncoderOpt,
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
+    step_cache: float = StepCacheOpt,
 ):
     """Repaint the masked region with the person; pixels outside the mask are kept exactly. InstantID
     (with --identitynet) paints a frontal face filling the mask's box."""
@@ -436,7 +441,9 @@ def inpaint(
             people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True,
                                            readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
-                                guidance, registry, tenant, backend)
+                                guidance, registry, tenant, backend, step_cache)
+        if step_cache:
+            raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
         edits = parse_edit_option(edit)
         if edits and not flow:

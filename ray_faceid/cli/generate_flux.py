@@ -121,12 +121,12 @@ def precheck(ref, guidance: float | None, width: int | None, height: int | None,
 
 
 def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict,
-               registry: str | None, tenant: str, backend: str = "torch"):
+               registry: str | None, tenant: str, backend: str = "torch", step_cache: float = 0.0):
     """(the FluxGenerator, people's IdentityConditions): photos read and checked before the model loads."""
     import torch
 
     from ray_faceid.pipelines.flux import load_flux
-    from ray_faceid.pipelines.flux_sampling import FluxGenerator
+    from ray_faceid.pipelines.flux_sampling import FluxGenerator, check_step_cache, resolve_flux_backend
 
     if people and not adapter_uri:
         photos = any(not hasattr(value, "shape") for value in people.values())  # not only embedding files
@@ -142,6 +142,7 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
             raise BadInput(TOKENS_ONLY)
         check_given_embeddings(adapter_uri, {name: v for name, v in people.items() if hasattr(v, "shape")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_step_cache(step_cache, resolve_flux_backend(backend, torch.device(device)))  # before the base loads
     face_encoder = None
     if adapter_uri:
         from ray_faceid.identity.flux_adapter import trained_encoder
@@ -156,7 +157,7 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         from ray_faceid.identity.flux_adapter import load_flux_identity
 
         adapter = load_flux_identity(adapter_uri, base.transformer)
-    generator = FluxGenerator(base, adapter, device=device, backend=backend)
+    generator = FluxGenerator(base, adapter, device=device, backend=backend, step_cache=step_cache)
     generator.image_encoder_hash = encoder_hash
     if generator.personal_bank is not None:  # enrolled people run with their own adapter (personalize), if any
         from ray_faceid.identity.personalization import load_personal
@@ -176,12 +177,13 @@ def _who(conditions: list) -> str:
 
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
                  out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", step_cache: float = 0.0) -> None:
     """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter)."""
     if len(people) > 1:
         raise BadInput("inpainting repaints one person: give one --ref person or --identity")
     precheck(ref, guidance, None, None, inpainting=True)
-    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant, backend)
+    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant, backend,
+                                       step_cache)
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
                       f"on {generator.device.type}")
@@ -195,9 +197,11 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
 
 def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,
                   out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
-                  height: int | None, registry: str, tenant: str, backend: str = "torch") -> None:
+                  height: int | None, registry: str, tenant: str, backend: str = "torch",
+                  step_cache: float = 0.0) -> None:
     precheck(ref, guidance, width, height, inpainting=False)
-    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend)
+    generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend,
+                                       step_cache)
     base = generator.base
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size

@@ -14,6 +14,7 @@ from ray_faceid.cli.common import (
     ImageEncoderOpt,
     StallFailOpt,
     StallWarnOpt,
+    StepCacheOpt,
     console,
     identitynet_scale_of,
     print_json,
@@ -71,6 +72,7 @@ def render(
                                                    "(buffalo_l for FaceID, antelopev2 for InstantID)."),
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
+    step_cache: float = StepCacheOpt,
     as_json: bool = typer.Option(False, "--json"),
     stall_warn: float = StallWarnOpt,
     stall_fail: float = StallFailOpt,
@@ -88,7 +90,8 @@ def render(
         config = RenderConfig(face=face, steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
                               precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
                               identitynet=identitynet,
-                              identitynet_scale=identitynet_scale_of(identitynet, identitynet_scale))
+                              identitynet_scale=identitynet_scale_of(identitynet, identitynet_scale),
+                              flux_step_cache=step_cache)
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow,
                              image_encoder=image_encoder)
     if as_json:

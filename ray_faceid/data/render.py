@@ -107,6 +107,8 @@ def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None,
             h.update(exc.code.encode())
     if config.identitynet:
         h.update(f"identitynet scale {config.identitynet_scale}".encode())
+    if config.flux_step_cache:
+        h.update(f"flux step cache {config.flux_step_cache}".encode())
     if (config.precision, config.device) != ("auto", "auto"):  # keyed per row once resolved (Renderer.key)
         h.update(f"precision {config.precision} on {config.device}".encode())
     store, named = Registry(registry), set()
@@ -173,6 +175,12 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     from ray_faceid.registry import Registry
 
     model = resolve_model(model, flux=True)  # once: the fingerprint and every actor take the reference
+    if model.family == "flux":
+        from ray_faceid.pipelines.flux_sampling import check_step_cache
+
+        check_step_cache(config.flux_step_cache, config.backend)
+    elif config.flux_step_cache:
+        raise BadInput(f"--step-cache is for FLUX bases; {model.name} is a UNet family")
     if model.family == "flux" and adapter:
         from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
 

@@ -70,7 +70,8 @@ class FluxRenderer(Renderer):
 
             self.encoder = ClipImageEncoder(image_encoder, device)
         self.pipeline = FluxGenerator(base, flux_adapter, device=device, precision=self.precision,
-                                      backend=config.backend)  # compiled: once per actor, for the whole job
+                                      backend=config.backend,  # compiled: once per actor, for the whole job
+                                      step_cache=config.flux_step_cache)
         self.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
         self.pipeline.image_encoder_hash = self.image_encoder_hash
         self.imr_hash = self.flow_hash = self.identitynet = None

@@ -137,6 +137,8 @@ class Renderer:
             parts["image_encoder"] = self.image_encoder_hash
         if self.identitynet:  # InstantID: its weights and scale
             parts["identitynet"] = [self.identitynet["weights_sha256"], self.identitynet["scale"]]
+        if self.config.flux_step_cache:  # FLUX's step cache changes the image
+            parts["step_cache"] = self.config.flux_step_cache
         if self.precision != "fp32":  # fp32 keys stay those of runs made before precision was a setting
             parts["precision"] = self.precision
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

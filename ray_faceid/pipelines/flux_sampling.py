@@ -55,6 +55,14 @@ def resolve_flux_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def check_step_cache(threshold: float, backend: str) -> None:
+    """A step cache threshold (pipelines/flux_step_cache.py) this backend runs, or BadInput."""
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise BadInput(f"step_cache is a threshold between 0 (off) and 1, not {threshold!r} (0.1 is a common one)")
+    if threshold and backend == "onnxruntime":
+        raise BadInput("a step cache runs on backend torch or torch.compile, not on FLUX's ONNX graph")
+
+
 def flow_shift(image_tokens: int, config) -> float:
     """mu of the schedule's shift: linear in the image's token count, from base_shift at
     base_image_seq_len tokens to max_shift at max_image_seq_len (FLUX.1's 0.5 at 256, 1.15 at 4,096)."""
@@ -104,14 +112,15 @@ def encode_prompts(base: FluxBase, prompts: list[str], text_device, device) -> t
 class FluxGenerator:
     def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto",
                  backend: str = "torch", text_encoders: str = "same", transformer_weights: str = "same",
-                 engine_cache=None):
+                 engine_cache=None, step_cache: float = 0.0):
         """`adapter`: a FluxIdentityAdapter (identity/flux_adapter.py), installed on the transformer once.
         `backend` torch.compile: the transformer compiled once per size and batch bucket
         (RAY_FACEID_TORCH_COMPILE_BACKEND, else Inductor): a batch is padded up to its bucket
         (engines/buckets.py) and every call takes the identity inputs of MAX_IDENTITIES people and their
         patches, so another person, person count, region or strength compiles nothing anew. `engine_cache`:
         where warm_up finds Inductor's artifacts (`ray-faceid compile`) and stores them (default
-        $RAY_FACEID_CACHE/engines)."""
+        $RAY_FACEID_CACHE/engines). `step_cache`: the first-block change under which a step reuses the
+        other blocks' residual (pipelines/flux_step_cache.py); 0: off, every block at every step."""
         from ray_faceid.pipelines.flux_memory import TEXT_ENCODERS, TRANSFORMER_WEIGHTS, check_fp8, store_fp8
 
         if text_encoders not in TEXT_ENCODERS or transformer_weights not in TRANSFORMER_WEIGHTS:
@@ -119,6 +128,8 @@ class FluxGenerator:
                            f"{' or '.join(TRANSFORMER_WEIGHTS)}, not {text_encoders!r} / {transformer_weights!r}")
         self.base, self.adapter, self.device = base, adapter, torch.device(device)
         self.backend = backend = resolve_flux_backend(backend, self.device)
+        check_step_cache(step_cache, backend)
+        self.step_cache = float(step_cache)
         if backend == "onnxruntime" and transformer_weights != "same":
             raise BadInput(f"transformer_weights {transformer_weights} is for torch or torch.compile; backend "
                            "onnxruntime runs FLUX's transformer graph in fp32")
@@ -174,6 +185,15 @@ class FluxGenerator:
             allow_shape_compiles()  # sizes x batch buckets: past Dynamo's 8 graphs it would run eager, silently
             self.compiler = torch_compile_backend()
             self.denoiser = torch.compile(base.transformer, backend=self.compiler, dynamic=False)
+        self.stages = None  # the step cache's two parts of the transformer (each compiled on torch.compile)
+        if self.step_cache:
+            from ray_faceid.pipelines.flux_step_cache import FluxStages
+
+            self.stages = FluxStages(base.transformer)
+            self.head, self.tail = self.stages.head, self.stages.tail
+            if backend == "torch.compile":
+                self.head, self.tail = (torch.compile(part, backend=self.compiler, dynamic=False)
+                                        for part in (self.head, self.tail))
         self.on_step = None  # callback(step, total): 0 before denoising, then after each step (progress bars)
 
     @torch.no_grad()
@@ -331,9 +351,9 @@ class FluxGenerator:
         noise = torch.cat([torch.randn((1, self.base.latent_channels, h, w),
                                        generator=torch.Generator("cpu").manual_seed(item.seed)) for item in padded])
         rows = [item.identities for item in padded]
-        latents = self._denoise([item.prompt for item in padded], rows, pack(noise.to(self.device)), None, steps,
-                                guidance, h, w, callback)
-        return self._result(items, latents, steps, guidance, width, height)
+        latents, reused = self._denoise([item.prompt for item in padded], rows, pack(noise.to(self.device)), None,
+                                        steps, guidance, h, w, callback)
+        return self._result(items, latents, steps, guidance, width, height, reused=reused)
 
     def warm_up(self, sizes: list[tuple[int, int]], most_images: int) -> dict:
         """torch.compile: every (size, batch bucket) a call of up to `most_images` images can take,
@@ -384,6 +404,8 @@ class FluxGenerator:
         structure = "no identity" if adapter is None else f"{adapter.structure}, {MAX_IDENTITIES} people a call"
         if self.transformer_weights == "fp8":
             structure += "; fp8 transformer weights"
+        if self.step_cache:  # its two parts are compiled apart (the threshold changes no code)
+            structure += "; step cache"
         f = self.base.vae_scale_factor
         common = dict(graph="flux_transformer", model_hash=self.base.model_hash(), latent=(height // f, width // f),
                       identities=None if adapter is None else MAX_IDENTITIES,
@@ -496,10 +518,10 @@ class FluxGenerator:
         masked = pack(latents_of(pixels * (1 - hole)))
         packed_mask = pack(hole[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w))
         condition = torch.cat([masked, packed_mask], dim=-1)
-        latents = self._denoise([prompt], [identities], noise, condition, steps, guidance, h, w, self.on_step,
-                                start=image_latents)
+        latents, reused = self._denoise([prompt], [identities], noise, condition, steps, guidance, h, w, self.on_step,
+                                        start=image_latents)
         result = self._result([GenerationItem(prompt, identities, "", seed)], latents, steps, guidance, padded_w,
-                              padded_h, "inpaint")
+                              padded_h, "inpaint", reused)
         painted = result.images[0].crop((0, 0, width, height))
         if scale < 1:
             painted = painted.resize((full_w, full_h), Image.Resampling.LANCZOS)
@@ -512,10 +534,11 @@ class FluxGenerator:
 
     def _denoise(self, prompts: list[str], rows: list[list], latents: torch.Tensor, condition: torch.Tensor | None,
                  steps: int, guidance: float | None, h: int, w: int, callback=None,
-                 start: torch.Tensor | None = None) -> torch.Tensor:
+                 start: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int] | None]:
         """Packed latents denoised from `latents` (packed noise; Fill: the unpacked noise, put on the
         schedule's first sigma over the photo's latents `start`), image k with prompts[k] and the
-        people rows[k]; `condition`: Fill's packed masked photo and mask, beside the latents."""
+        people rows[k]; `condition`: Fill's packed masked photo and mask, beside the latents. With the
+        step cache on, also the steps each image reused (else None)."""
         base = self.base
         batch = latents.shape[0]
         # Each prompt encoded once (a bucket's padding repeats one; T5-XXL on the CPU takes seconds a prompt).
@@ -541,6 +564,14 @@ class FluxGenerator:
             callback(0, len(scheduler.timesteps))
         transformer = base.transformer
         denoiser = self._onnx_graph(h, w) if self.backend == "onnxruntime" else self.denoiser
+        cache = None
+        if self.step_cache:  # this call's own: other requests' steps run between this one's
+            from functools import partial
+
+            from ray_faceid.pipelines.flux_step_cache import StepCache
+
+            cache = StepCache(self.step_cache, batch)
+            denoiser = partial(cache, self.head, self.tail, self.stages)
         personal = self._row_personal(rows, identity)
         for step, t in enumerate(scheduler.timesteps, 1):
             if personal is not None:  # placed at every step: another batch may run between two (turns.py)
@@ -554,7 +585,7 @@ class FluxGenerator:
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(step, len(scheduler.timesteps))
-        return latents
+        return latents, None if cache is None else cache.reused
 
     def _row_personal(self, rows: list[list], identity: dict) -> list | None:
         """Each (row, person slot)'s own adapter (version, delta) or None, row by row; None where no bank
@@ -570,12 +601,14 @@ class FluxGenerator:
         if self.personal_bank is not None:
             self.personal_bank.evict(version, forever=True)
 
-    def _result(self, items: list, latents, steps, guidance, width, height, kind="generate"):
+    def _result(self, items: list, latents, steps, guidance, width, height, kind="generate", reused=None):
         f = self.base.vae_scale_factor
         result = GenerationResult([], [], [], [])
         for k, item in enumerate(items):
             image = self.decode(unpack(latents[k : k + 1], height // f, width // f))
             record = self.provenance(item.prompt, item.identities, item.seed, steps, guidance, width, height, kind)
+            if reused is not None:  # what made this image: the threshold, and the steps it took from the cache
+                record["step_cache"] = {"threshold": self.step_cache, "steps_reused": reused[k]}
             result.images.append(image)
             result.png.append(png_with_provenance(image, record))
             result.provenance.append(record)

@@ -72,6 +72,12 @@ def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, files, im
     for row_id in ("amy", "penny", "two"):
         a = np.asarray(Image.open(made[row_id]["output_uri"])).astype(int)
         assert np.abs(a - np.asarray(Image.open(records[row_id]["output_uri"])).astype(int)).max() <= 1, row_id
+    # With the step cache: its threshold keys the rows (another image) and each record says what it reused.
+    cached = FluxRenderer(CONFIG.model_copy(update={"unet_batch": 4, "flux_step_cache": 0.5}), flux, adapter,
+                          registry.store, "default", str(tmp_path / "cached"), image_encoder=str(image_encoder_folder))
+    with_cache = {r["id"]: r for r in cached.render_batch(texts, list(range(len(texts))))}
+    assert with_cache["amy"]["key"] != made["amy"]["key"]
+    assert json.loads(with_cache["amy"]["provenance"])["step_cache"]["threshold"] == 0.5
     # On FLUX's ONNX graph (backend onnxruntime): the same images.
     on_onnx = FluxRenderer(CONFIG.model_copy(update={"unet_batch": 4, "backend": "onnxruntime"}), flux, adapter,
                            registry.store, "default", str(tmp_path / "onnx"), image_encoder=str(image_encoder_folder))
