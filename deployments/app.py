@@ -154,7 +154,8 @@ def check_flux_memory(config: ServeConfig) -> None:
     plan = flux_memory.replica_plan(
         ref, resolve_flux_precision(config.precision, torch.device("cuda"), config.backend), config.flux_text_encoders,
         config.flux_transformer_weights, config.generator_batch_size * config.limits.max_images,
-        [parse_size(size, "warm_up_sizes") for size in config.warm_up_sizes], config.adapter, config.image_encoder)
+        [parse_size(size, "warm_up_sizes") for size in config.warm_up_sizes], config.adapter, config.image_encoder,
+        bool(config.flux_step_cache))
     # A fractional replica shares its GPU: it may count on its share of the memory only.
     share = config.generator_gpu_memory_gb * 1e9 * min(1.0, config.generator_gpus)
     flux_memory.check_fits(plan, int(share), f"generator_gpu_memory_gb {config.generator_gpu_memory_gb:g} x "

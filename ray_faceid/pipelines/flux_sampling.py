@@ -368,8 +368,6 @@ class FluxGenerator:
         if self.base.inpainting:
             return {"buckets": 0, "note": "FLUX.1 Fill: each photo size compiles at its first request"}
         if self.backend == "onnxruntime":  # a graph per size, any batch
-            from ray_faceid.engines.cache import EngineCache
-
             f, cache = self.base.vae_scale_factor, self.engine_cache or EngineCache()
             found = sum(cache.lookup(self.engine_key(w, h), "flux_transformer.onnx") is not None for w, h in sizes)
             for width, height in sizes:

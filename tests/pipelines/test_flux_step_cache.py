@@ -142,3 +142,15 @@ def test_generate_render_and_serve_take_it_and_refuse_it_where_it_cannot_run(fil
     with pytest.raises(BadInput, match="not on FLUX's ONNX graph"):
         resolve_config(ServeConfig(model=str(files / "flux"), flux_step_cache=0.1, backend="onnxruntime",
                                    api_tokens=tokens))
+
+
+def test_a_replicas_memory_plan_counts_what_the_cache_keeps():
+    from ray_faceid.pipelines import flux_memory
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    ref = resolve_model("tiny-flux", flux=True)
+    plain = flux_memory.replica_plan(ref, "fp32", "same", "same", 4, [(64, 64)])
+    cached = flux_memory.replica_plan(ref, "fp32", "same", "same", 4, [(64, 64)], step_cache=True)
+    hidden = plain.hidden
+    assert cached.needed_bytes - plain.needed_bytes >= 2 * 4 * 16 * hidden * 4  # two residuals of 4 images' 16 patches
+    assert "step cache" in cached.line()
