@@ -63,7 +63,8 @@ def export_flux_transformer(call: FluxCall, example: dict[str, torch.Tensor], pa
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     # Positions (txt_ids, img_ids) are per size, not per row.
     dynamic = {name: None if name.endswith("_ids") else {0: batch} for name in example}
-    large = sum(p.numel() * p.element_size() for p in call.parameters()) > 1.8 * 2**30
+    # Weights and buffers (a bank's stacks too) past protobuf's 2 GB go to external data.
+    large = sum(t.numel() * t.element_size() for t in (*call.parameters(), *call.buffers())) > 1.8 * 2**30
     with torch.no_grad(), quiet.onnx_export():
         torch.onnx.export(call.eval(), (), str(path), kwargs=example, input_names=list(example),
                           output_names=["velocity"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,

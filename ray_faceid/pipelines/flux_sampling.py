@@ -112,7 +112,7 @@ def encode_prompts(base: FluxBase, prompts: list[str], text_device, device) -> t
 class FluxGenerator:
     def __init__(self, base: FluxBase, adapter=None, device: str | torch.device = "cpu", precision: str = "auto",
                  backend: str = "torch", text_encoders: str = "same", transformer_weights: str = "same",
-                 engine_cache=None, step_cache: float = 0.0):
+                 engine_cache=None, step_cache: float = 0.0, cuda_graphs: bool | None = None):
         """`adapter`: a FluxIdentityAdapter (identity/flux_adapter.py), installed on the transformer once.
         `backend` torch.compile: the transformer compiled once per size and batch bucket
         (RAY_FACEID_TORCH_COMPILE_BACKEND, else Inductor): a batch is padded up to its bucket
@@ -120,7 +120,9 @@ class FluxGenerator:
         patches, so another person, person count, region or strength compiles nothing anew. `engine_cache`:
         where warm_up finds Inductor's artifacts (`ray-faceid compile`) and stores them (default
         $RAY_FACEID_CACHE/engines). `step_cache`: the first-block change under which a step reuses the
-        other blocks' residual (pipelines/flux_step_cache.py); 0: off, every block at every step."""
+        other blocks' residual (pipelines/flux_step_cache.py); 0: off, every block at every step.
+        `cuda_graphs` (None: on for torch.compile on CUDA): each compiled shape replayed from a CUDA
+        graph (engines/flux_cuda_graphs.py); not with the step cache, whose two parts run compiled."""
         from ray_faceid.pipelines.flux_memory import TEXT_ENCODERS, TRANSFORMER_WEIGHTS, check_fp8, store_fp8
 
         if text_encoders not in TEXT_ENCODERS or transformer_weights not in TRANSFORMER_WEIGHTS:
@@ -185,6 +187,10 @@ class FluxGenerator:
             allow_shape_compiles()  # sizes x batch buckets: past Dynamo's 8 graphs it would run eager, silently
             self.compiler = torch_compile_backend()
             self.denoiser = torch.compile(base.transformer, backend=self.compiler, dynamic=False)
+            if self.device.type == "cuda" if cuda_graphs is None else cuda_graphs:
+                from ray_faceid.engines.flux_cuda_graphs import GraphedTransformer
+
+                self.denoiser = GraphedTransformer(self.denoiser, capture=self.device.type == "cuda")
         self.stages = None  # the step cache's two parts of the transformer (each compiled on torch.compile)
         if self.step_cache:
             from ray_faceid.pipelines.flux_step_cache import FluxStages
