@@ -93,6 +93,11 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
         raise BadInput("backend onnxruntime runs FLUX's transformer graph in fp32: set precision auto or fp32 and "
                        "flux_transformer_weights same (or backend torch / torch.compile)")
     check_step_cache(config.flux_step_cache, config.backend)
+    local = "://" not in config.model or config.model.startswith("file://")  # configs only (a URI's: on the replica)
+    if config.backend == "onnxruntime" and local and resolve_model(config.model, flux=True).inpainting:
+        raise BadInput("backend onnxruntime: FLUX.1 Fill repaints each photo at its own size, and each size would be "
+                       "a new ONNX export (minutes, the transformer's memory again) inside a request: serve Fill on "
+                       "backend torch or torch.compile")
     if refused:
         raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; a FLUX deployment takes adapter (a FLUX "
                        "IP-Adapter) with image_encoder (the CLIP vision folder it reads people through), backend torch, "
@@ -117,8 +122,8 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
             check_flux_adapter_file(config.adapter)
         except (NotFound, UnsupportedModel) as wrong:
             raise BadInput(f"adapter: {wrong.message}") from None
-    if config.guidance and ("://" not in config.model or config.model.startswith("file://")):  # 0 is none
-        from ray_faceid.pipelines.flux import flux_settings  # configs only (a URI's: on the replica)
+    if config.guidance and local:  # 0 is none
+        from ray_faceid.pipelines.flux import flux_settings
 
         if not flux_settings(resolve_model(config.model, flux=True))["guidance_embedded"]:
             raise BadInput("guidance: FLUX.1 schnell takes no guidance: leave it out")
@@ -155,7 +160,7 @@ def check_flux_memory(config: ServeConfig) -> None:
         ref, resolve_flux_precision(config.precision, torch.device("cuda"), config.backend), config.flux_text_encoders,
         config.flux_transformer_weights, config.generator_batch_size * config.limits.max_images,
         [parse_size(size, "warm_up_sizes") for size in config.warm_up_sizes], config.adapter, config.image_encoder,
-        bool(config.flux_step_cache))
+        bool(config.flux_step_cache), config.backend)
     # A fractional replica shares its GPU: it may count on its share of the memory only.
     share = config.generator_gpu_memory_gb * 1e9 * min(1.0, config.generator_gpus)
     flux_memory.check_fits(plan, int(share), f"generator_gpu_memory_gb {config.generator_gpu_memory_gb:g} x "

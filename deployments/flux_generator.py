@@ -29,7 +29,7 @@ def fits_this_gpu(config: ServeConfig, precision: str) -> str:
         resolve_model(config.model, flux=True), precision, config.flux_text_encoders, config.flux_transformer_weights,
         config.generator_batch_size * config.limits.max_images,
         [parse_size(size, "warm_up_sizes") for size in config.warm_up_sizes], config.adapter, config.image_encoder,
-        bool(config.flux_step_cache))
+        bool(config.flux_step_cache), config.backend)
     free, total = torch.cuda.mem_get_info()
     # A fractional replica counts on its share of the GPU: replicas starting together each see it all free.
     share = min(free, int(total * min(1.0, config.generator_gpus or 1.0)))

@@ -108,6 +108,9 @@ def compile_engine(
                                "is no size to compile ahead (a replica compiles each at its first request)")
             if flux_transformer_weights not in ("same", "fp8"):
                 raise BadInput(f"--flux-transformer-weights is same or fp8, not {flux_transformer_weights!r}")
+            if backend == "onnx" and flux_transformer_weights != "same":
+                raise BadInput("--flux-transformer-weights fp8 is for torch.compile: ONNX Runtime runs FLUX's "
+                               "transformer graph in fp32")
             most = _max_rows(batch or "16")  # FLUX.1 doubles no rows: a Serve replica's 4 requests x 4 images
             if backend == "onnx":
                 err_console.print("exporting FLUX's transformer to ONNX, identity adapter installed, for any batch "

@@ -126,7 +126,13 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
     import torch
 
     from ray_faceid.pipelines.flux import load_flux
-    from ray_faceid.pipelines.flux_sampling import FluxGenerator, check_step_cache, resolve_flux_backend
+    from ray_faceid.pipelines.flux_sampling import (
+        FluxGenerator,
+        check_step_cache,
+        resolve_flux_backend,
+        resolve_flux_precision,
+    )
+    from ray_faceid.pipelines.generate import DTYPES
 
     if people and not adapter_uri:
         photos = any(not hasattr(value, "shape") for value in people.values())  # not only embedding files
@@ -149,7 +155,9 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
 
         face_encoder = trained_encoder(adapter_uri)
     conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant, face_encoder)
-    base = load_flux(ref, torch.bfloat16 if device == "cuda" else None)  # FLUX's own dtype on a GPU
+    # FLUX's own dtype on a GPU (bf16; fp32 for onnxruntime: its graph is keyed as fp32 weights)
+    precision = resolve_flux_precision("auto", torch.device(device), backend)
+    base = load_flux(ref, DTYPES[precision] if device == "cuda" else None)
     if base.untrained:
         err_console.print(f"[yellow]{base.model_id}: untrained base model, images are noise-like (smoke run)[/yellow]")
     adapter = None

@@ -5,18 +5,21 @@ patches of MAX_IDENTITIES people a row; with a personal bank, each (row, person)
 another person, person count or region runs on the same graph. Its batch is dynamic; the latent size
 is fixed: one graph per image size. The adapter's weights are in the graph (its engine key names
 their hash); a personal bank's stacks are graph inputs as well, fed from the bank at every call, so a
-person's own adapter loaded after the export runs on it too. Graphs over 2 GB (FLUX.1 is 12B
-parameters) are written with external data.
+person's own adapter loaded after the export runs on it too. The graph holds none of the bank's
+contents: it is exported with the stacks zeroed and they are required inputs without data, so no
+person's own adapter is written into the engine cache (erasing a person leaves nothing of theirs
+there). Graphs over 2 GB (FLUX.1 is 12B parameters) are written with external data.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ray_faceid import quiet
-from ray_faceid.engines.onnx_export import OPSET, as_inputs
+from ray_faceid.engines.onnx_export import OPSET
 from ray_faceid.engines.onnxruntime_engine import onnxruntime_session
 from ray_faceid.errors import BackendUnavailable
 
@@ -65,14 +68,47 @@ def export_flux_transformer(call: FluxCall, example: dict[str, torch.Tensor], pa
     dynamic = {name: None if name.endswith("_ids") else {0: batch} for name in example}
     # Weights and buffers (a bank's stacks too) past protobuf's 2 GB go to external data.
     large = sum(t.numel() * t.element_size() for t in (*call.parameters(), *call.buffers())) > 1.8 * 2**30
-    with torch.no_grad(), quiet.onnx_export():
+    with torch.no_grad(), quiet.onnx_export(), _zeroed(call.bank):
         torch.onnx.export(call.eval(), (), str(path), kwargs=example, input_names=list(example),
                           output_names=["velocity"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
                           external_data=large, verbose=False, optimize=False)
     if call.bank is not None:
-        as_inputs(path, set(bank_names(call.bank)))
+        _required_inputs(path, set(bank_names(call.bank)))
     onnx.checker.check_model(str(path))
     return path
+
+
+@contextmanager
+def _zeroed(bank):
+    """The bank's stacks swapped for zeros while the graph is traced (its people stay out of the file)."""
+    if bank is None:
+        yield
+        return
+    held = dict(bank.named_buffers())
+    try:
+        for name, buffer in held.items():
+            setattr(bank, name, torch.zeros_like(buffer))
+        yield
+    finally:
+        for name, buffer in held.items():
+            setattr(bank, name, buffer)
+
+
+def _required_inputs(path: Path, names: set[str]) -> None:
+    """Initializers `names` turned into graph inputs without data (a call must give them)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # external data files stay as they are
+    tensors = {t.name: t for t in model.graph.initializer if t.name in names}
+    if set(tensors) != names:
+        raise BackendUnavailable(f"the exported graph lost the names of the bank's stacks {sorted(names - set(tensors))}")
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for name in sorted(names):
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensors[name].data_type,
+                                                                   list(tensors[name].dims)))
+    onnx.save(model, str(path))
 
 
 class OnnxRuntimeFluxTransformer:
@@ -81,24 +117,34 @@ class OnnxRuntimeFluxTransformer:
 
     def __init__(self, path: str | Path, bank=None, threads: int = 0):
         self.session = onnxruntime_session(path, threads, quiet=True)
-        # A bank's stacks are initializers a call may override (ONNX Runtime lists them apart).
-        self.inputs = [i.name for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())]
+        self.inputs = [i.name for i in self.session.get_inputs()]
         self.bank = bank
+        self._bank_arrays: tuple | None = None  # (the bank's state, its stacks as arrays): copied when it changes
 
     def __call__(self, hidden_states, timestep, pooled_projections, encoder_hidden_states, txt_ids, img_ids,
                  guidance=None, joint_attention_kwargs=None, return_dict=False):
         given = dict(hidden_states=hidden_states, timestep=timestep, pooled_projections=pooled_projections,
                      encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=img_ids, guidance=guidance,
                      **(joint_attention_kwargs or {}))
+        given = {name: _numpy(value) for name, value in given.items() if value is not None}
         if self.bank is not None:  # what is loaded now: a person's own adapter loaded after the export too
-            given.update({f"bank.{name}": buffer for name, buffer in self.bank.named_buffers()})
-        missing = [name for name in self.inputs if given.get(name) is None]
+            given.update(self._bank())
+        missing = [name for name in self.inputs if name not in given]
         if missing:
             raise BackendUnavailable(f"this FLUX graph takes {missing}, which the generator did not give: it was "
                                      "exported for another kind of call; rebuild it")
-        feed = {name: _numpy(given[name]) for name in self.inputs}
+        feed = {name: given[name] for name in self.inputs}
         (out,) = self.session.run(["velocity"], feed)
         return (torch.from_numpy(out).to(hidden_states.device, hidden_states.dtype),)
+
+
+    def _bank(self) -> dict[str, np.ndarray]:
+        """The bank's stacks as arrays, converted again only when its people changed (on a GPU each
+        conversion is a copy of every stack to the host)."""
+        state = self.bank.state
+        if self._bank_arrays is None or self._bank_arrays[0] != state:
+            self._bank_arrays = (state, {f"bank.{name}": _numpy(b) for name, b in self.bank.named_buffers()})
+        return self._bank_arrays[1]
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -58,12 +58,12 @@ def export_unet(unet, shape: EngineShape, path: str | Path, dtype: torch.dtype =
                           output_names=["noise_pred"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
                           external_data=large, verbose=False, optimize=False)
     if weight_inputs:
-        as_inputs(path, set(weight_inputs))
+        _as_inputs(path, set(weight_inputs))
     onnx.checker.check_model(str(path))
     return path
 
 
-def as_inputs(path: Path, names: set[str]) -> None:
+def _as_inputs(path: Path, names: set[str]) -> None:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)  # external data files stay as they are

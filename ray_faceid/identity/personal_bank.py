@@ -89,6 +89,12 @@ class PersonalBank(nn.Module):
         device = self.stack(self.names[0]).device
         return torch.tensor(slots, dtype=torch.int64, device=device)
 
+    @property
+    def state(self) -> tuple:
+        """Changes whenever the stacks' contents do (a load, an eviction): what a copy of them is keyed by."""
+        with self._lock:
+            return self.loads, tuple(self._resident.items())
+
     def evict(self, version: str, forever: bool = False) -> bool:
         """Forget one adapter version's weights: its slot is zeroed and freed; `forever` (an erased
         person) also refuses to load it again. True if it was resident."""

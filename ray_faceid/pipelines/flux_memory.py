@@ -188,11 +188,12 @@ def module_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: str, images: int,
                  sizes: list[tuple[int, int]], adapter: str | None = None, image_encoder: str | None = None,
-                 step_cache: bool = False) -> MemoryPlan:
+                 step_cache: bool = False, backend: str = "torch") -> MemoryPlan:
     """A Serve replica's plan: the base (a folder's headers; a tiny one built), its identity adapter and
     image encoder (their files' sizes), and the activations of its largest batch (`images` at the
     largest of `sizes`, else the native 1024 px; a tiny base's 32). `step_cache`: the two residuals
-    a call keeps of each image (pipelines/flux_step_cache.py)."""
+    a call keeps of each image (pipelines/flux_step_cache.py). `backend` onnxruntime: each loaded
+    graph's session holds its own copy of the transformer (a graph per size, up to GRAPHS_KEPT)."""
     if ref.kind == "tiny":
         from ray_faceid.pipelines.flux import load_flux
 
@@ -208,6 +209,10 @@ def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: s
 
         if trained_encoder(adapter) is not None:  # ours: a bank of people's own projections beside it
             extra["people's own adapters"] = _bank_bytes(extra["FLUX IP-Adapter"], precision)
+    if backend == "onnxruntime":
+        from ray_faceid.pipelines.flux_sampling import GRAPHS_KEPT
+
+        extra["ONNX Runtime's transformer graphs"] = min(max(len(sizes), 1), GRAPHS_KEPT) * plan.components["transformer"]
     if step_cache:
         extra["step cache"] = 2 * images * (height // 16) * (width // 16) * plan.hidden * BYTES[precision]
     return plan.for_calls(images, width, height, extra)

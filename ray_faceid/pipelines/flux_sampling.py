@@ -9,6 +9,7 @@ tokens the dual-stream blocks attend to, each person within their region of the 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from ray_faceid.pipelines.generate import DTYPES, GenerationItem, GenerationResu
 from ray_faceid.pipelines.provenance import png_with_provenance
 
 log = logging.getLogger(__name__)
+GRAPHS_KEPT = 2  # onnxruntime: image sizes whose sessions a generator keeps loaded
 
 
 def resolve_flux_precision(precision: str, device: torch.device, backend: str = "torch") -> str:
@@ -179,7 +181,9 @@ class FluxGenerator:
         self.fill_sizes: set[tuple[int, int]] = set()  # photo sizes Fill has compiled (it warms none ahead)
         # One graph for any people (compiled or exported): every identity input always there, one shape.
         self.fixed_inputs = backend in ("torch.compile", "onnxruntime")
-        self.graphs: dict[tuple[int, int], object] = {}  # onnxruntime: the transformer's graph per latent size
+        # onnxruntime: the transformer's graph per latent size, the GRAPHS_KEPT last used (each session holds
+        # the whole transformer; an evicted one comes back from the engine cache, not a new export).
+        self.graphs: OrderedDict[tuple[int, int], object] = OrderedDict()
         if backend == "torch.compile":
             from ray_faceid.engines.compiled_engine import allow_shape_compiles
             from ray_faceid.envs import torch_compile_backend
@@ -428,6 +432,7 @@ class FluxGenerator:
         --backend onnx` exports ahead)."""
         graph = self.graphs.get((h, w))
         if graph is not None:
+            self.graphs.move_to_end((h, w))
             return graph
         from ray_faceid.engines.cache import EngineCache
         from ray_faceid.engines.flux_onnx import FluxCall, OnnxRuntimeFluxTransformer, export_flux_transformer
@@ -442,6 +447,8 @@ class FluxGenerator:
             return export_flux_transformer(call, self._example(h, w), folder / "flux_transformer.onnx")
 
         path = cache.get_or_build(self.engine_key(w * f, h * f), "flux_transformer.onnx", export)
+        while len(self.graphs) >= GRAPHS_KEPT:
+            self.graphs.popitem(last=False)
         graph = self.graphs[(h, w)] = OnnxRuntimeFluxTransformer(path, self.personal_bank)
         return graph
 

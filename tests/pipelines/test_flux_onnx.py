@@ -51,8 +51,9 @@ def test_the_onnx_graph_takes_people_as_inputs_and_gives_the_eager_image(files, 
     assert np.abs(image(again, two) - image(eager, two)).max() <= 1
 
 
-def test_compile_exports_the_graph_that_generate_then_loads(files, tmp_path):  # noqa: F811
+def test_compile_exports_the_graph_that_generate_then_loads(files, tmp_path, monkeypatch):  # noqa: F811
     from ray_faceid.cli.app import app
+    from ray_faceid.engines import flux_onnx
 
     embedding_file = tmp_path / "person.npy"
     np.save(embedding_file, embedding(1))
@@ -63,12 +64,12 @@ def test_compile_exports_the_graph_that_generate_then_loads(files, tmp_path):  #
     assert built.exit_code == 0, built.output
     assert "FLUX transformer ONNX graph for 32x32 (loaded from the cache: 0, stored: 1)" in " ".join(built.stdout.split())
     out = tmp_path / "a.png"
+    monkeypatch.setattr(flux_onnx, "export_flux_transformer", lambda *a, **k: pytest.fail("exported again"))
     made = CliRunner().invoke(app, ["generate", "--model", model, "--adapter", adapter, "--face-embedding",
                                     str(embedding_file), "--prompt", "a portrait", "--steps", str(STEPS), "--size",
                                     f"{SIZE}x{SIZE}", "--seed", "3", "--backend", "onnxruntime", "--out", str(out)],
                                env=env)
-    assert made.exit_code == 0, made.output
-    assert "exporting it" not in made.output  # found where compile put it
+    assert made.exit_code == 0, made.output  # found where compile put it: the export above would fail it
     from PIL import Image
 
     got = np.asarray(Image.open(out)).astype(int)
@@ -83,6 +84,19 @@ def test_compile_exports_the_graph_that_generate_then_loads(files, tmp_path):  #
         with pytest.raises(BadInput, match="fp32"):
             resolve_config(ServeConfig(model=model, backend="onnxruntime", precision=precision,
                                        flux_transformer_weights=weights, api_tokens=tokens))
+    with pytest.raises(BadInput, match="each size would be a new ONNX export"):  # Fill: a graph per photo size
+        resolve_config(ServeConfig(model="tiny-flux-fill", backend="onnxruntime", api_tokens=tokens))
+    fp8 = CliRunner().invoke(app, ["compile", "--model", model, "--backend", "onnx", "--flux-transformer-weights",
+                                   "fp8"], env=env)
+    assert fp8.exit_code == 2 and "fp8 is for torch.compile" in fp8.stderr and "exporting" not in fp8.stderr
+    # A replica's memory plan counts each loaded graph's own copy of the transformer.
+    from ray_faceid.pipelines import flux_memory
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    ref = resolve_model(model, flux=True)
+    plain = flux_memory.replica_plan(ref, "fp32", "same", "same", 1, [])
+    on_onnx = flux_memory.replica_plan(ref, "fp32", "same", "same", 1, [], backend="onnxruntime")
+    assert on_onnx.needed_bytes > plain.needed_bytes and "ONNX Runtime" in on_onnx.line()
 
 
 def test_fill_repaints_on_the_graph_of_the_photos_size(tmp_path):

@@ -186,6 +186,17 @@ def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would
                          backend="onnxruntime", engine_cache=EngineCache(tmp_path / "engines"))
     assert np.abs(image(onnx, bob) - image(gen, bob)).max() <= 1
     assert np.abs(image(onnx, [amy]) - own).max() <= 1
+    # A graph exported while amy's adapter is in the bank holds nothing of it: the stacks are inputs
+    # without data (erasing her leaves nothing of hers in the engine cache).
+    import onnx as onnx_format
+
+    onnx.generate("a portrait", bob, seed=3, steps=1, width=2 * SIZE, height=2 * SIZE)
+    graphs = sorted((tmp_path / "engines").glob("onnx-*/flux_transformer.onnx"))
+    assert len(graphs) == 2
+    for path in graphs:
+        model = onnx_format.load(str(path))
+        assert not [t.name for t in model.graph.initializer if t.name.startswith("bank.")]
+        assert [i.name for i in model.graph.input if i.name.startswith("bank.")]
     # A bank of one person (FLUX.1's projections are about 1 GB a person): two people's own adapters
     # in one batch run one after the other, each its own image; in one image, refused in one line.
     from ray_faceid.identity import personal_bank
