@@ -6,13 +6,16 @@ tensors into them and replays the graph captured on them, so a new person, stren
 person's own adapter (the bank's stacks are read by address) replays the same graph. The
 generator pads a batch up to its bucket, so a few shapes serve every call. Calls never overlap:
 a replica's pipeline runs one denoise at a time (deployments/turns.py), and a nested small job
-copies its own inputs before each replay. Where capture fails the shape runs compiled, launch by
-launch, and says so.
+copies its own inputs before each replay. Shapes are captured only inside `capturing()` (the
+generator's warm-up, before a replica is ready): a capture blocks other threads' GPU allocations
+(a replica's image encoder, an erasure's eviction), so a shape first met by a request runs compiled,
+launch by launch, as does one whose capture fails (said in a warning).
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +40,7 @@ class GraphedTransformer:
 
     def __init__(self, compiled, capture: bool = True):
         self.compiled, self.capture = compiled, capture
+        self._capturing = False  # inside warm-up: new shapes are captured
         self.shapes: OrderedDict[tuple, _Shape] = OrderedDict()  # least recently used first
         self._pool = None  # one memory pool for every shape: they never run at once
 
@@ -66,9 +70,18 @@ class GraphedTransformer:
         if len(self.shapes) >= MAX_SLOTS:  # the least recently used makes room (captured again if it returns)
             self.shapes.popitem(last=False)
         shape = self.shapes[key] = _Shape({name: t.clone() for name, t in tensors.items()})
-        if self.capture:
+        if self.capture and self._capturing:
             self._capture(shape)
         return shape
+
+    @contextmanager
+    def capturing(self):
+        """New shapes met inside are captured (the generator's warm-up)."""
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
 
     def _capture(self, shape: _Shape) -> None:
         stream = torch.cuda.Stream()

@@ -24,6 +24,7 @@ from ray_faceid.engines.onnxruntime_engine import onnxruntime_session
 from ray_faceid.errors import BackendUnavailable
 
 MAX_BATCH = 1024  # the graph's symbolic batch: any a call gives
+EXTERNAL_DATA_BYTES = 1.8 * 2**30  # graphs past this write their weights apart (protobuf's limit is 2 GB)
 
 
 class FluxCall(torch.nn.Module):
@@ -67,7 +68,7 @@ def export_flux_transformer(call: FluxCall, example: dict[str, torch.Tensor], pa
     # Positions (txt_ids, img_ids) are per size, not per row.
     dynamic = {name: None if name.endswith("_ids") else {0: batch} for name in example}
     # Weights and buffers (a bank's stacks too) past protobuf's 2 GB go to external data.
-    large = sum(t.numel() * t.element_size() for t in (*call.parameters(), *call.buffers())) > 1.8 * 2**30
+    large = sum(t.numel() * t.element_size() for t in (*call.parameters(), *call.buffers())) > EXTERNAL_DATA_BYTES
     with torch.no_grad(), quiet.onnx_export(), _zeroed(call.bank):
         torch.onnx.export(call.eval(), (), str(path), kwargs=example, input_names=list(example),
                           output_names=["velocity"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
@@ -118,6 +119,10 @@ class OnnxRuntimeFluxTransformer:
     def __init__(self, path: str | Path, bank=None, threads: int = 0):
         self.session = onnxruntime_session(path, threads, quiet=True)
         self.inputs = [i.name for i in self.session.get_inputs()]
+        stored = [i.name for i in self.session.get_overridable_initializers() if i.name.startswith("bank.")]
+        if stored:  # a graph that holds a bank's contents would run on them, not on the bank's people now
+            raise BackendUnavailable(f"{path} holds the personal bank's contents ({stored[0]}, ...): an older export; "
+                                     "delete it from the engine cache to export it again")
         self.bank = bank
         self._bank_arrays: tuple | None = None  # (the bank's state, its stacks as arrays): copied when it changes
 

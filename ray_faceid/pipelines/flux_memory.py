@@ -193,7 +193,8 @@ def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: s
     image encoder (their files' sizes), and the activations of its largest batch (`images` at the
     largest of `sizes`, else the native 1024 px; a tiny base's 32). `step_cache`: the two residuals
     a call keeps of each image (pipelines/flux_step_cache.py). `backend` onnxruntime: each loaded
-    graph's session holds its own copy of the transformer (a graph per size, up to GRAPHS_KEPT)."""
+    graph's session holds its own copy of the transformer (a graph per size, up to GRAPHS_KEPT, and
+    one more a paused large job may still hold while small ones run at other sizes)."""
     if ref.kind == "tiny":
         from ray_faceid.pipelines.flux import load_flux
 
@@ -212,7 +213,8 @@ def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: s
     if backend == "onnxruntime":
         from ray_faceid.pipelines.flux_sampling import GRAPHS_KEPT
 
-        extra["ONNX Runtime's transformer graphs"] = min(max(len(sizes), 1), GRAPHS_KEPT) * plan.components["transformer"]
+        sessions = min(max(len(sizes), 1), GRAPHS_KEPT) + (len(sizes) > 1)
+        extra["ONNX Runtime's transformer graphs"] = sessions * plan.components["transformer"]
     if step_cache:
         extra["step cache"] = 2 * images * (height // 16) * (width // 16) * plan.hidden * BYTES[precision]
     return plan.for_calls(images, width, height, extra)

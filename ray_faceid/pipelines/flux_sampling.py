@@ -389,9 +389,14 @@ class FluxGenerator:
             self.check(1, None, width, height)
 
         def compile_all() -> int:
-            for width, height in sizes:
-                for bucket in buckets:
-                    self.generate_items([GenerationItem("", [], "", 0)] * bucket, steps=1, width=width, height=height)
+            from contextlib import nullcontext
+
+            capturing = getattr(self.denoiser, "capturing", nullcontext)  # CUDA graphs: captured here, never later
+            with capturing():
+                for width, height in sizes:
+                    for bucket in buckets:
+                        self.generate_items([GenerationItem("", [], "", 0)] * bucket, steps=1, width=width,
+                                            height=height)
             return len(sizes) * len(buckets)
 
         # A key per (size, bucket): `compile --batch 8` serves a replica whose batches reach 16 for the
@@ -421,7 +426,8 @@ class FluxGenerator:
         if self.backend == "onnxruntime":  # the adapter's weights are in the graph; a bank's are its inputs
             weights = "" if adapter is None else f", weights {self.adapter_hash[:16]}"
             return EngineKey(backend="onnx", adapter_structure=structure + weights, batch=(1, 2, MAX_BATCH),
-                             weight_inputs=self.personal_bank is not None, runtime_version=f"opset{OPSET}", **common)
+                             weight_inputs=self.personal_bank is not None,
+                             runtime_version=f"opset{OPSET}, bank stacks inputs without data", **common)
         return EngineKey(backend="torch.compile", adapter_structure=structure, batch=(bucket, bucket, bucket),
                          buckets=(bucket,), device=device_tag(self.device),
                          runtime_version=f"torch {torch.__version__}, {self.compiler}", **common)

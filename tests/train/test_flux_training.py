@@ -190,6 +190,12 @@ def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would
     # without data (erasing her leaves nothing of hers in the engine cache).
     import onnx as onnx_format
 
+    from ray_faceid.engines import flux_onnx
+
+    monkeypatch.setattr(flux_onnx, "EXTERNAL_DATA_BYTES", 0)  # the second graph's weights written apart, as FLUX.1's
+    held = onnx.personal_bank.stack(onnx.personal_bank.names[0])
+    hers = held[held.flatten(1).abs().sum(1).argmax()].flatten()[:8].numpy().tobytes()  # her delta's first values
+    assert any(hers)
     onnx.generate("a portrait", bob, seed=3, steps=1, width=2 * SIZE, height=2 * SIZE)
     graphs = sorted((tmp_path / "engines").glob("onnx-*/flux_transformer.onnx"))
     assert len(graphs) == 2
@@ -197,6 +203,8 @@ def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would
         model = onnx_format.load(str(path))
         assert not [t.name for t in model.graph.initializer if t.name.startswith("bank.")]
         assert [i.name for i in model.graph.input if i.name.startswith("bank.")]
+        assert all(hers not in f.read_bytes() for f in path.parent.iterdir() if f.is_file())
+    assert len(list(graphs[0].parent.iterdir()) + list(graphs[1].parent.iterdir())) > 4  # one holds external data
     # A bank of one person (FLUX.1's projections are about 1 GB a person): two people's own adapters
     # in one batch run one after the other, each its own image; in one image, refused in one line.
     from ray_faceid.identity import personal_bank
