@@ -39,12 +39,34 @@ def allow_shape_compiles(count: int = 8 * MAX_SLOTS) -> None:
 
 
 @dataclass
-class _Slot:
+class StaticShape:
     """One compiled shape: its static inputs, and on CUDA the captured graph and its output."""
 
     inputs: dict[str, torch.Tensor]
     output: torch.Tensor | None = None
     graph: "torch.cuda.CUDAGraph | None" = None
+
+
+def capture(shape: StaticShape, run, pool, what: str) -> None:
+    """`run()` (reading `shape.inputs`) warmed up outside, then captured into a CUDA graph in `pool`:
+    `shape.graph` and `shape.output` set. Where capture fails the shape stays without a graph (still
+    correct, only slower): said, rather than failing the replica."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and autotune outside the capture
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            output = run()
+    except RuntimeError as exc:
+        log.warning("CUDA graph capture of %s failed (%s); this shape runs compiled without a graph", what, exc)
+        torch.cuda.synchronize()
+        return
+    shape.graph, shape.output = graph, output
 
 
 class CompiledUNetEngine:
@@ -68,7 +90,7 @@ class CompiledUNetEngine:
         allow_shape_compiles()
         self.compiled = torch.compile(UNetCall(unet, bank, identitynet).eval(), backend=self.compiler, fullgraph=True,
                                       dynamic=False)
-        self.slots: OrderedDict[tuple, _Slot] = OrderedDict()  # least recently used first
+        self.slots: OrderedDict[tuple, StaticShape] = OrderedDict()  # least recently used first
         self.evicted = 0
         self._pool = None  # one CUDA-graph memory pool shared by every bucket: they never run at once
 
@@ -126,7 +148,7 @@ class CompiledUNetEngine:
         return (bucket, values["sample"].dtype,
                 *((name, tuple(v.shape[1:])) for name, v in values.items() if name != "timestep"))
 
-    def _slot(self, bucket: int, values: dict) -> _Slot:
+    def _slot(self, bucket: int, values: dict) -> StaticShape:
         key = self._key(bucket, values)
         if key in self.slots:
             self.slots.move_to_end(key)
@@ -138,7 +160,7 @@ class CompiledUNetEngine:
         inputs = {name: torch.zeros((bucket, *v.shape[1:]), dtype=self._dtype_of(v), device=self.device)
                   for name, v in values.items()}
         inputs["timestep"] = torch.zeros(bucket, dtype=torch.float32, device=self.device)
-        slot = _Slot(inputs)
+        slot = StaticShape(inputs)
         log.info("compiling the UNet for %s (batch bucket %d)", key[2:], bucket)
         if self.cuda_graphs:  # on CPU the first call compiles
             self._capture(slot)
@@ -151,7 +173,7 @@ class CompiledUNetEngine:
         return value.dtype if value.is_floating_point() else self.dtype
 
     @staticmethod
-    def _load(slot: _Slot, values: dict, rows: int) -> None:
+    def _load(slot: StaticShape, values: dict, rows: int) -> None:
         """Copy a call into the slot's buffers; rows past `rows` are zero (scale 0: no identity;
         bank slot 0: the shared weights)."""
         for name, value in values.items():
@@ -166,25 +188,10 @@ class CompiledUNetEngine:
             if rows < buffer.shape[0]:
                 buffer[rows:].zero_()
 
-    def _capture(self, slot: _Slot) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile and autotune outside the capture
-            for _ in range(3):
-                self.compiled(**slot.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+    def _capture(self, slot: StaticShape) -> None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                output = self.compiled(**slot.inputs)
-        except RuntimeError as exc:  # still correct, only slower: say so rather than fail the replica
-            log.warning("CUDA graph capture failed (%s); this shape runs compiled without a graph", exc)
-            torch.cuda.synchronize()
-            return
-        slot.graph, slot.output = graph, output
+        capture(slot, lambda: self.compiled(**slot.inputs), self._pool, "the UNet")
 
     @property
     def graphs(self) -> int:

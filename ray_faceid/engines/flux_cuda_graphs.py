@@ -9,28 +9,19 @@ a replica's pipeline runs one denoise at a time (deployments/turns.py), and a ne
 copies its own inputs before each replay. Shapes are captured only inside `capturing()` (the
 generator's warm-up, before a replica is ready): a capture blocks other threads' GPU allocations
 (a replica's image encoder, an erasure's eviction), so a shape first met by a request runs compiled,
-launch by launch, as does one whose capture fails (said in a warning).
+launch by launch, as does one whose capture fails (compiled_engine.capture says so).
 """
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from ray_faceid.engines.buckets import MAX_SLOTS
+from ray_faceid.engines.compiled_engine import StaticShape, capture
 
-log = logging.getLogger(__name__)
 IDENTITY = "joint_attention_kwargs."
-
-
-@dataclass
-class _Shape:
-    inputs: dict[str, torch.Tensor]
-    output: torch.Tensor | None = None
-    graph: "torch.cuda.CUDAGraph | None" = None
 
 
 class GraphedTransformer:
@@ -41,7 +32,7 @@ class GraphedTransformer:
     def __init__(self, compiled, capture: bool = True):
         self.compiled, self.capture = compiled, capture
         self._capturing = False  # inside warm-up: new shapes are captured
-        self.shapes: OrderedDict[tuple, _Shape] = OrderedDict()  # least recently used first
+        self.shapes: OrderedDict[tuple, StaticShape] = OrderedDict()  # least recently used first
         self._pool = None  # one memory pool for every shape: they never run at once
 
     @torch.no_grad()
@@ -63,13 +54,13 @@ class GraphedTransformer:
         call = {name: t for name, t in inputs.items() if not name.startswith(IDENTITY)}
         return self.compiled(**call, joint_attention_kwargs=identity or None, return_dict=False)[0]
 
-    def _shape(self, key: tuple, tensors: dict[str, torch.Tensor]) -> _Shape:
+    def _shape(self, key: tuple, tensors: dict[str, torch.Tensor]) -> StaticShape:
         if key in self.shapes:
             self.shapes.move_to_end(key)
             return self.shapes[key]
-        if len(self.shapes) >= MAX_SLOTS:  # the least recently used makes room (captured again if it returns)
+        if len(self.shapes) >= MAX_SLOTS:  # the least recently used makes room (it comes back compiled, without a graph)
             self.shapes.popitem(last=False)
-        shape = self.shapes[key] = _Shape({name: t.clone() for name, t in tensors.items()})
+        shape = self.shapes[key] = StaticShape({name: t.clone() for name, t in tensors.items()})
         if self.capture and self._capturing:
             self._capture(shape)
         return shape
@@ -83,26 +74,10 @@ class GraphedTransformer:
         finally:
             self._capturing = False
 
-    def _capture(self, shape: _Shape) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile and autotune outside the capture
-            for _ in range(3):
-                self._run(shape.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+    def _capture(self, shape: StaticShape) -> None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                output = self._run(shape.inputs)
-        except RuntimeError as exc:  # still correct, only slower: say so rather than fail the replica
-            log.warning("CUDA graph capture of FLUX's transformer failed (%s); this shape runs compiled without one",
-                        exc)
-            torch.cuda.synchronize()
-            return
-        shape.graph, shape.output = graph, output
+        capture(shape, lambda: self._run(shape.inputs), self._pool, "FLUX's transformer")
 
     @property
     def graphs(self) -> int:
