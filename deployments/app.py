@@ -209,8 +209,7 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
                                                    ("generator_gpu_memory_gb", config.generator_gpu_memory_gb, None))
                  if value != default]
     if flux_only:
-        raise BadInput(f"{', '.join(flux_only)}: for FLUX models (how a replica holds 12B parameters); "
-                       f"{config.model} is not one")
+        raise BadInput(f"{', '.join(flux_only)}: for FLUX models; {config.model} is not one")
     if config.model in TINY_FLUX or Path(config.model).is_dir():  # configs only (a URI or hub id: on the replica)
         try:
             ref = resolve_model(config.model)

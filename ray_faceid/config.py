@@ -10,12 +10,22 @@ import hashlib
 import json
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # Every Ray job's watchdog (ray_faceid/watchdog.py); not part of any settings hash.
 StallWarn = Annotated[float, Field(gt=0, description="No progress for this long (s): print what the job waits for.")]
 StallFail = Annotated[float, Field(gt=0, description="No progress for this long (s): stop the job with that report.")]
 STALL = frozenset({"stall_warn_s", "stall_fail_s"})
+
+
+def _not_a_switch(value):
+    """A threshold, not on/off: `true` would read as 1.0, a step cache that reuses nearly every step."""
+    if isinstance(value, bool):
+        raise ValueError("a threshold between 0 (off) and 1, not true or false (0.1 is a common one)")
+    return value
+
+
+StepCacheThreshold = Annotated[float, BeforeValidator(_not_a_switch), Field(ge=0, le=1)]
 
 
 class Settings(BaseModel):
@@ -312,8 +322,8 @@ class ServeConfig(Settings):
     flux_transformer_weights: Literal["same", "fp8"] = Field("same", description="FLUX: fp8 stores the transformer's "
                                                              "linear weights in float8 with a scale per row (FLUX.1-dev: "
                                                              "12 GB instead of 24 in bf16); images differ slightly.")
-    flux_step_cache: float = Field(
-        0.0, ge=0, le=1, description="FLUX: the step cache's threshold (first-block caching, "
+    flux_step_cache: StepCacheThreshold = Field(
+        0.0, description="FLUX: the step cache's threshold (first-block caching, "
         "pipelines/flux_step_cache.py): steps where the first block's residual moved less than this reuse the other "
         "blocks' residual; 0: off. Faster, a slightly different image (benchmarks/flux_generate.py measures how "
         "different).")
@@ -458,8 +468,8 @@ class RenderConfig(Settings):
         "torch", description="UNet runtime; auto = torch.compile on CUDA (one compiled engine per actor for the whole "
         "job), else onnxruntime when installed, else torch; tensorrt only when installed and named."
     )
-    flux_step_cache: float = Field(
-        0.0, ge=0, le=1, description="FLUX: the step cache's threshold (first-block caching, "
+    flux_step_cache: StepCacheThreshold = Field(
+        0.0, description="FLUX: the step cache's threshold (first-block caching, "
         "pipelines/flux_step_cache.py): steps where the first block's residual moved less than this reuse the other "
         "blocks' residual; 0: off. Faster, a slightly different image (benchmarks/flux_generate.py measures how "
         "different).")

@@ -31,9 +31,13 @@ StallFailOpt = typer.Option(3600.0, "--stall-fail", min=1, help="Seconds without
 ImageEncoderOpt = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-Plus / PlusV2: the CLIP image encoder "
                                "folder it reads faces through (models/image_encoder of h94/IP-Adapter); a FLUX "
                                "IP-Adapter: the CLIP vision folder with projection it reads photos through.")
-StepCacheOpt = typer.Option(0.0, "--step-cache", help="FLUX: reuse the transformer's other blocks at steps where its "
-                            "first block changed less than this (first-block caching; 0: off; 0.1 is a common start). "
-                            "Faster, a slightly different image: benchmarks/flux_generate.py measures how different.")
+BACKEND_HELP = ("Denoiser runtime: auto | torch | torch.compile | onnxruntime | tensorrt. auto: torch.compile on a GPU; "
+                "on a CPU, ONNX Runtime for a UNet (where installed) and eager torch for FLUX. FLUX has no TensorRT "
+                "engine yet.")
+StepCacheOpt = typer.Option(0.0, "--step-cache", min=0.0, max=1.0, help="FLUX: reuse the transformer's other blocks "
+                            "at steps where its first block changed less than this (first-block caching; 0: off; 0.1 is "
+                            "a common start), on backend torch or torch.compile (not onnxruntime). Faster, a slightly "
+                            "different image: benchmarks/flux_generate.py measures how different.")
 IdentityNetOpt = typer.Option(None, "--identitynet", help="InstantID: its IdentityNet folder (ControlNetModel/ of "
                               "InstantX/InstantID), with --adapter ip-adapter.bin.")
 def _png_name(out):

@@ -38,7 +38,8 @@ def compile_engine(
         "machine's device: compile on the kind of GPU that will serve). Default: onnx; on FLUX torch.compile (what "
         "its replicas run on GPUs)."),
     model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one; "
+                                          "FLUX: none, engines for images without identity)."),
     batch: Optional[str] = typer.Option(None, "--batch", help="The most UNet rows a call runs (default 8; "
                               "classifier-free guidance doubles rows: 8 = 4 images); FLUX: the most images a call runs "
                               "(default 16, a Serve replica's generator_batch_size x limits.max_images). Engines are "
@@ -59,6 +60,9 @@ def compile_engine(
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     photos: str = typer.Option("1", "--photos", help="FaceID-Portrait: photos per person to build for, e.g. 1,3 (each "
                                "count its own token count), as warm_up_photos in the Serve config."),
+    step_cache: bool = typer.Option(False, "--step-cache", help="FLUX on torch.compile: compile the step cache's two "
+                                    "parts instead of the whole transformer, for the runs and replicas that set a step "
+                                    "cache (--step-cache T, flux_step_cache: any threshold compiles the same code)."),
 ):
     """Build the UNet engines ahead of time: ONNX graphs, TensorRT plans, or torch.compile's artifacts."""
     from ray_faceid.engines.base import DTYPES
@@ -82,8 +86,11 @@ def compile_engine(
         if precision not in ("auto", *DTYPES):
             raise BadInput(f"--precision must be auto, fp32, fp16 or bf16, not {precision!r}")
         if backend == "onnx" and precision not in ("auto", "fp32"):
-            raise BadInput(f"--precision {precision} is for TensorRT plans: ONNX Runtime runs fp32 graphs; drop it or "
-                           "use --backend tensorrt")
+            other = "torch.compile" if ref.family == "flux" else "tensorrt"  # FLUX has no TensorRT engine
+            raise BadInput(f"--precision {precision}: ONNX Runtime runs fp32 graphs; drop it or use --backend {other}")
+        if step_cache and (ref.family != "flux" or backend != "torch.compile"):
+            raise BadInput("--step-cache compiles FLUX's transformer in two parts for torch.compile: give a FLUX "
+                           "--model and --backend torch.compile (FLUX's ONNX graph runs no step cache)")
         max_rows = _max_rows(batch or "8")
         width, height = parse_size(size, "--size") if size else (None, None)
         cache = EngineCache(out)
@@ -112,10 +119,12 @@ def compile_engine(
                 raise BadInput("--flux-transformer-weights fp8 is for torch.compile: ONNX Runtime runs FLUX's "
                                "transformer graph in fp32")
             most = _max_rows(batch or "16")  # FLUX.1 doubles no rows: a Serve replica's 4 requests x 4 images
+            what = ("its identity adapter installed" if adapter else
+                    "no identity adapter: for images without identity (give --adapter FILE for runs with people)")
             if backend == "onnx":
-                err_console.print("exporting FLUX's transformer to ONNX, identity adapter installed, for any batch "
-                                  "(seconds for a tiny base; FLUX.1's 12B parameters: many minutes, and as much memory "
-                                  "as its fp32 weights, twice)")
+                err_console.print(f"exporting FLUX's transformer to ONNX, {what}, for any batch (seconds for a tiny "
+                                  "base; FLUX.1's 12B parameters: many minutes, and as much memory as its fp32 weights, "
+                                  "twice)")
                 report = _build_flux(ref, adapter, width, height, most, "fp32", flux_transformer_weights, cache,
                                      "onnxruntime")
                 size = f"{width}x{height}" if width else "the model's native size"
@@ -123,12 +132,14 @@ def compile_engine(
                               f"stored: {report['stored']})", soft_wrap=True)
                 console.print(where_found(cache.root), soft_wrap=True, highlight=False, markup=False)
                 return
-            err_console.print(f"compiling FLUX's transformer for batches of up to {most} images (each batch bucket "
-                              "takes minutes on a GPU without cached artifacts, about a minute on a CPU for a tiny base)")
+            parts = "the step cache's two parts of " if step_cache else ""
+            err_console.print(f"compiling {parts}FLUX's transformer, {what}, for batches of up to {most} images (each "
+                              "batch bucket takes minutes on a GPU without cached artifacts, about a minute on a CPU "
+                              "for a tiny base)")
             report = _build_flux(ref, adapter, width, height, most, precision, flux_transformer_weights, cache,
-                                 "torch.compile")
+                                 "torch.compile", step_cache)
             buckets = report["buckets"]
-            console.print(f"compiled {buckets} batch bucket{'s' if buckets != 1 else ''} of FLUX's transformer "
+            console.print(f"compiled {buckets} batch bucket{'s' if buckets != 1 else ''} of {parts}FLUX's transformer "
                           f"(Inductor artifacts loaded from the cache: {report['loaded']}, stored: {report['stored']})",
                           soft_wrap=True)
             console.print(where_found(cache.root), soft_wrap=True, highlight=False, markup=False)
@@ -172,10 +183,12 @@ def where_found(root) -> str:
     return f"in {root}; commands and replicas look in {looked}: {how}"
 
 
-def _build_flux(ref, adapter, width, height, max_images, precision, transformer_weights, cache, backend) -> dict:
+def _build_flux(ref, adapter, width, height, max_images, precision, transformer_weights, cache, backend,
+                step_cache: bool = False) -> dict:
     """FLUX's transformer compiled for every batch bucket up to `max_images` (no guidance rows on
-    FLUX.1), or exported to ONNX (backend onnxruntime: any batch), by the warm-up a Serve replica runs
-    at start, into the engine cache it looks in."""
+    FLUX.1; `step_cache`: its two parts, as a generator with a step cache compiles them), or exported
+    to ONNX (backend onnxruntime: any batch), by the warm-up a Serve replica runs at start, into the
+    engine cache it looks in."""
     import torch
 
     from ray_faceid.pipelines.flux import load_flux
@@ -190,10 +203,18 @@ def _build_flux(ref, adapter, width, height, max_images, precision, transformer_
         from ray_faceid.identity.flux_adapter import load_flux_identity
 
         flux_adapter = load_flux_identity(adapter, base.transformer)
+    # Any threshold compiles the same two parts (the engine key says "step cache", not which threshold).
     generator = FluxGenerator(base, flux_adapter, device=device, precision=precision, backend=backend,
-                              transformer_weights=transformer_weights, engine_cache=cache)
+                              transformer_weights=transformer_weights, engine_cache=cache,
+                              step_cache=0.1 if step_cache else 0.0)
     width, height = (width, height) if width else base.native_size
-    return generator.warm_up([(width, height)], max_images)
+    from ray_faceid.engines.select import BUILDING_AHEAD
+
+    ahead = BUILDING_AHEAD.set(True)  # an export here is the one ahead: not a missing engine's warning
+    try:
+        return generator.warm_up([(width, height)], max_images)
+    finally:
+        BUILDING_AHEAD.reset(ahead)
 
 
 def _build(model, adapter, width, height, identities, max_rows, backend, precision, cache, identitynet,

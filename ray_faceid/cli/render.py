@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from ray_faceid.cli.common import (
+    BACKEND_HELP,
     EXIT_BAD_INPUT,
     EXIT_SOME_FAILED,
     MODEL_HELP,
@@ -24,7 +25,6 @@ from ray_faceid.cli.data import summary_table
 
 RegistryOpt = typer.Option("./faceid_registry", "--registry", help="Identity registry store (folder or URI).")
 TenantOpt = typer.Option("default", "--tenant")
-BACKEND_HELP = "UNet runtime: auto | torch | torch.compile | onnxruntime | tensorrt."
 FIRST_ERRORS = 5
 
 

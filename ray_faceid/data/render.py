@@ -176,9 +176,9 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
 
     model = resolve_model(model, flux=True)  # once: the fingerprint and every actor take the reference
     if model.family == "flux":
-        from ray_faceid.pipelines.flux_sampling import check_step_cache
+        from ray_faceid.data.render_flux import check_flux_job
 
-        check_step_cache(config.flux_step_cache, config.backend)
+        check_flux_job(config, imr, flow)
     elif config.flux_step_cache:
         raise BadInput(f"--step-cache is for FLUX bases; {model.name} is a UNet family")
     if model.family == "flux" and adapter:

@@ -21,6 +21,22 @@ from ray_faceid.data.render_rows import IDENTITY_CACHE, Renderer, output_uris
 from ray_faceid.errors import BadInput, EncoderMismatch
 
 
+def check_flux_job(config: RenderConfig, imr: str | None, flow: str | None) -> None:
+    """What a FLUX render does not run, in one line: run_render asks before Ray starts, each actor again."""
+    import torch
+
+    from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS, check_step_cache, resolve_flux_precision
+
+    given = {"--imr": imr, "--flow": flow, "--identitynet": config.identitynet,
+             "--backend": None if config.backend in ("auto", *FLUX_BACKENDS) else config.backend}
+    refused = [option for option, value in given.items() if value]
+    if refused:
+        raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; FLUX renders with --adapter (a FLUX "
+                       "IP-Adapter) and --image-encoder, on backend torch, torch.compile or onnxruntime")
+    resolve_flux_precision(config.precision, torch.device("cpu"), config.backend)  # what no device runs
+    check_step_cache(config.flux_step_cache, config.backend)
+
+
 class FluxRenderer(Renderer):
     def __init__(self, config: RenderConfig, model, adapter: str | None, registry: str, tenant: str, out: str,
                  imr: str | None = None, flow: str | None = None, image_encoder: str | None = None,
@@ -29,16 +45,11 @@ class FluxRenderer(Renderer):
 
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.pipelines.flux import load_flux
-        from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS, FluxGenerator, resolve_flux_precision
+        from ray_faceid.pipelines.flux_sampling import FluxGenerator, resolve_flux_precision
         from ray_faceid.pipelines.generate import DTYPES
         from ray_faceid.registry import Registry
 
-        given = {"--imr": imr, "--flow": flow, "--identitynet": config.identitynet,
-                 "--backend": None if config.backend in ("auto", *FLUX_BACKENDS) else config.backend}
-        refused = [option for option, value in given.items() if value]
-        if refused:
-            raise BadInput(f"{', '.join(refused)}: not built for FLUX yet; FLUX renders with --adapter (a FLUX "
-                           "IP-Adapter) and --image-encoder, on backend torch, torch.compile or onnxruntime")
+        check_flux_job(config, imr, flow)
         self.tenant, self.out = tenant, out
         self.catalog = catalog  # rows' relative image and mask paths are read from its folder
         self.analyzer = FaceAnalyzer(config.face)  # scores the outputs, as for every base

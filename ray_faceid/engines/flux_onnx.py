@@ -117,14 +117,24 @@ class OnnxRuntimeFluxTransformer:
     `joint_attention_kwargs`), returning (velocity,). ONNX Runtime on CPU runs fp32."""
 
     def __init__(self, path: str | Path, bank=None, threads: int = 0):
+        if bank is not None:
+            self._refuse_stored_bank(path)
         self.session = onnxruntime_session(path, threads, quiet=True)
         self.inputs = [i.name for i in self.session.get_inputs()]
-        stored = [i.name for i in self.session.get_overridable_initializers() if i.name.startswith("bank.")]
-        if stored:  # a graph that holds a bank's contents would run on them, not on the bank's people now
-            raise BackendUnavailable(f"{path} holds the personal bank's contents ({stored[0]}, ...): an older export; "
-                                     "delete it from the engine cache to export it again")
         self.bank = bank
         self._bank_arrays: tuple | None = None  # (the bank's state, its stacks as arrays): copied when it changes
+
+    @staticmethod
+    def _refuse_stored_bank(path: str | Path) -> None:
+        """A graph that holds a bank's contents as initializers (an older export) would run on them, not on
+        the bank's people now. ONNX Runtime lists only initializers that are also inputs: read the graph."""
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        stored = [t.name for t in model.graph.initializer if t.name.startswith("bank.")]
+        if stored:
+            raise BackendUnavailable(f"{path} holds the personal bank's contents ({stored[0]}, ...): an older export; "
+                                     "delete it from the engine cache to export it again")
 
     def __call__(self, hidden_states, timestep, pooled_projections, encoder_hidden_states, txt_ids, img_ids,
                  guidance=None, joint_attention_kwargs=None, return_dict=False):

@@ -59,7 +59,7 @@ def resolve_flux_backend(backend: str, device: torch.device) -> str:
 
 def check_step_cache(threshold: float, backend: str) -> None:
     """A step cache threshold (pipelines/flux_step_cache.py) this backend runs, or BadInput."""
-    if not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+    if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
         raise BadInput(f"step_cache is a threshold between 0 (off) and 1, not {threshold!r} (0.1 is a common one)")
     if threshold and backend == "onnxruntime":
         raise BadInput("a step cache runs on backend torch or torch.compile, not on FLUX's ONNX graph")
@@ -447,8 +447,16 @@ class FluxGenerator:
         f = self.base.vae_scale_factor
 
         def export(folder):
-            log.warning("FLUX's transformer graph for %dx%d images is not in the engine cache at %s: exporting it "
-                        "(`ray-faceid compile --backend onnx` exports ahead)", w * f, h * f, cache.root)
+            from ray_faceid.engines.select import BUILDING_AHEAD
+
+            if BUILDING_AHEAD.get():  # `ray-faceid compile` itself
+                log.info("exporting FLUX's transformer graph for %dx%d images into %s", w * f, h * f, cache.root)
+            elif self.base.inpainting:  # a graph per photo size: none is exported ahead
+                log.warning("FLUX.1 Fill: exporting the transformer's graph for %dx%d photos (their first request at "
+                            "this size; then kept in the engine cache at %s)", w * f, h * f, cache.root)
+            else:
+                log.warning("FLUX's transformer graph for %dx%d images is not in the engine cache at %s: exporting it "
+                            "(`ray-faceid compile --backend onnx` exports ahead)", w * f, h * f, cache.root)
             call = FluxCall(self.base.transformer, self.adapter, self.personal_bank)
             return export_flux_transformer(call, self._example(h, w), folder / "flux_transformer.onnx")
 
@@ -666,6 +674,7 @@ class FluxGenerator:
                             **({"personal_adapter": version_of(p.personal[0])}
                                if p.personal and self.personal_bank is not None else {})} for p in identities],
             "backend": self.backend,
+            **({"compiler": self.compiler} if self.compiler else {}),  # torch.compile's backend (Inductor)
             "precision": self.precision,
             **({"transformer_weights": "fp8"} if self.transformer_weights == "fp8" else {}),
             "prompt": prompt,

@@ -205,6 +205,17 @@ def test_a_persons_own_adapter_applies_to_their_row_alone_as_their_weights_would
         assert [i.name for i in model.graph.input if i.name.startswith("bank.")]
         assert all(hers not in f.read_bytes() for f in path.parent.iterdir() if f.is_file())
     assert len(list(graphs[0].parent.iterdir()) + list(graphs[1].parent.iterdir())) > 4  # one holds external data
+    # A graph exported before the stacks became inputs (they stayed in it as initializers, her delta
+    # with them) is refused when loaded, never run on the bank it was exported with.
+    from ray_faceid.errors import BackendUnavailable
+
+    monkeypatch.setattr(flux_onnx, "_required_inputs", lambda path, names: None)
+    latent = SIZE // onnx.base.vae_scale_factor
+    older = flux_onnx.export_flux_transformer(flux_onnx.FluxCall(onnx.base.transformer, onnx.adapter,
+                                                                 onnx.personal_bank),
+                                              onnx._example(latent, latent), tmp_path / "older" / "graph.onnx")
+    with pytest.raises(BackendUnavailable, match="an older export; delete it from the engine cache"):
+        flux_onnx.OnnxRuntimeFluxTransformer(older, onnx.personal_bank)
     # A bank of one person (FLUX.1's projections are about 1 GB a person): two people's own adapters
     # in one batch run one after the other, each its own image; in one image, refused in one line.
     from ray_faceid.identity import personal_bank

@@ -1,0 +1,93 @@
+"""FLUX options a new user gets wrong are refused in one line that names the flag and what it takes,
+before Ray starts or a model loads; and `compile` says what it builds (from the new-user trial of
+FLUX's ONNX Runtime backend and step cache)."""
+import pytest
+from typer.testing import CliRunner
+
+from ray_faceid.cli import app
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _said(result) -> str:
+    return " ".join(result.output.replace("│", " ").split())  # click's error box wraps the line
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    path = tmp_path / "catalog.jsonl"
+    path.write_text('{"id": "r", "prompt": "a portrait", "identities": []}\n')
+    return path
+
+
+def test_render_refuses_what_flux_does_not_run_before_ray_starts(tmp_path, catalog):
+    """Each was a Ray Data actor's traceback after the cluster started (exit 1)."""
+    for options, said in ((["--backend", "onnxruntime", "--precision", "fp16"], "runs FLUX's transformer in fp32"),
+                          (["--imr", str(tmp_path / "imr")], "--imr: not built for FLUX yet"),
+                          (["--backend", "tensorrt"], "--backend: not built for FLUX yet")):
+        refused = _run("render", str(catalog), str(tmp_path / "out"), "--model", "tiny-flux", "--registry",
+                       str(tmp_path / "registry"), *options)
+        assert refused.exit_code == 2 and said in refused.stderr, refused.output
+        assert "Traceback" not in refused.output and "ray" not in refused.stderr.lower(), refused.output
+        assert not (tmp_path / "out").exists()  # nothing written, nothing recorded for a job that never ran
+
+
+def test_a_step_cache_out_of_range_names_the_flag(tmp_path, catalog):
+    for command in (["generate", "--prompt", "a portrait", "--out", str(tmp_path / "x.png")],
+                    ["render", str(catalog), str(tmp_path / "out"), "--registry", str(tmp_path / "registry")]):
+        refused = _run(*command, "--model", "tiny-flux", "--step-cache", "2")
+        assert refused.exit_code == 2 and "--step-cache" in _said(refused), refused.output
+
+
+def test_onnx_named_as_a_backend_on_flux_points_to_onnxruntime(tmp_path):
+    refused = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--backend", "onnx",
+                   "--out", str(tmp_path / "x.png"))
+    assert refused.exit_code == 2 and "--backend onnxruntime" in refused.stderr, refused.output
+
+
+def test_compile_onnx_on_flux_at_another_precision_says_fp32_only(tmp_path):
+    refused = _run("compile", "--model", "tiny-flux", "--backend", "onnx", "--precision", "fp16", "--out",
+                   str(tmp_path))
+    assert refused.exit_code == 2 and "fp32" in refused.stderr and "tensorrt" not in refused.stderr, refused.output
+
+
+def test_compile_without_an_adapter_on_flux_says_its_graph_has_no_identity(tmp_path, caplog):
+    built = _run("compile", "--model", "tiny-flux", "--backend", "onnx", "--out", str(tmp_path / "engines"))
+    assert built.exit_code == 0, built.output
+    said = _said(built)
+    assert "no identity" in said and "identity adapter installed" not in said, said
+    assert "stored: 1" in said and not [r for r in caplog.records if "ahead" in r.getMessage()]  # it is the compile
+
+
+def test_compile_builds_the_step_cache_parts_only_for_flux_on_torch_compile(tmp_path):
+    built = _run("compile", "--model", "tiny-flux", "--step-cache", "--batch", "1", "--size", "32x32", "--out",
+                 str(tmp_path / "engines"))
+    assert built.exit_code == 0, built.output
+    assert "compiled 1 batch bucket of the step cache's two parts of FLUX's transformer" in _said(built)
+    for model, backend in (("tiny", "onnx"), ("tiny-flux", "onnx")):
+        refused = _run("compile", "--model", model, "--backend", backend, "--step-cache", "--out", str(tmp_path))
+        assert refused.exit_code == 2 and "--step-cache compiles FLUX's transformer in two parts" in refused.stderr
+
+
+def test_a_step_cache_given_as_on_is_refused_not_read_as_one():
+    """`flux_step_cache: true` in a config read as the threshold 1.0: nearly every step reused."""
+    from pydantic import ValidationError
+
+    from ray_faceid.config import RenderConfig, ServeConfig
+
+    for config in (ServeConfig, RenderConfig):
+        with pytest.raises(ValidationError, match="not true or false"):
+            config(flux_step_cache=True)
+        assert config(flux_step_cache="0.1").flux_step_cache == 0.1  # `serve run app key=value` passes text
+
+
+def test_serve_names_the_flux_options_a_unet_base_does_not_take():
+    from deployments.app import resolve_config
+    from ray_faceid.config import ServeConfig
+    from ray_faceid.errors import BadInput
+
+    with pytest.raises(BadInput) as refused:
+        resolve_config(ServeConfig(model="tiny", flux_step_cache=0.1, api_tokens={"acme": "acme-token-0123456789abc"}))
+    assert str(refused.value.message) == "flux_step_cache: for FLUX models; tiny is not one"
