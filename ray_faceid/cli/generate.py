@@ -336,7 +336,7 @@ def generate(
         width, height = parse_size(size, "--size") if size else (None, None)
         ref_model = resolve_model(model, flux=True)  # configs only: FLUX runs another pipeline
         if ref_model.family == "flux":
-            from ray_faceid.cli.generate_flux import generate_flux, refuse_unbuilt_options
+            from ray_faceid.cli.generate_flux import generate_flux, pulid_face_options, refuse_unbuilt_options
             from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS
 
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
@@ -344,8 +344,7 @@ def generate(
                                      "--identitynet-scale": identitynet_scale,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      "--negative-prompt": negative_prompt,
-                                     "--face-backend": None if face_backend == "dlib" else face_backend,
-                                     "--insightface-root": insightface_root,
+                                     **pulid_face_options(adapter, face_backend, insightface_root),
                                      f"--backend {backend}": None if backend in ("auto", *FLUX_BACKENDS) else backend})
             if face_embedding and (ref or identity):
                 raise BadInput("use either --face-embedding or photos (--ref / --identity NAME=PHOTO), not both")
@@ -353,7 +352,7 @@ def generate(
                       else _people(ref, identity))
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
-                                 guidance, width, height, registry, tenant, backend, step_cache)
+                                 guidance, width, height, registry, tenant, backend, step_cache, insightface_root)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -430,19 +429,18 @@ def inpaint(
         mask_array = decode_image(mask)
         ref_model = resolve_model(model, flux=True)  # configs only: FLUX Fill runs another pipeline
         if ref_model.family == "flux":
-            from ray_faceid.cli.generate_flux import inpaint_flux, refuse_unbuilt_options
+            from ray_faceid.cli.generate_flux import inpaint_flux, pulid_face_options, refuse_unbuilt_options
             from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS
 
             refuse_unbuilt_options({"--expression": expression, "--imr": imr, "--flow": flow, "--edit": edit,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      f"--backend {backend}": None if backend in ("auto", *FLUX_BACKENDS) else backend,
                                      "--identitynet": identitynet, "--identitynet-scale": identitynet_scale,
-                                     "--face-backend": None if face_backend == "dlib" else face_backend,
-                                     "--insightface-root": insightface_root})
+                                     **pulid_face_options(adapter, face_backend, insightface_root)})
             people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True,
                                            readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
-                                guidance, registry, tenant, backend, step_cache)
+                                guidance, registry, tenant, backend, step_cache, insightface_root)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)

@@ -13,6 +13,16 @@ from ray_faceid.errors import BadInput
 from ray_faceid.progress import denoise_reporter
 
 
+def pulid_face_options(adapter: str | None, face_backend: str, insightface_root: str | None) -> dict:
+    """--face-backend and --insightface-root as refuse_unbuilt_options takes them: PuLID-FLUX reads
+    photos through antelopev2's pack, other FLUX adapters take neither."""
+    from ray_faceid.identity.pulid_flux import is_pulid_file
+
+    pulid = bool(adapter) and is_pulid_file(adapter)
+    return {"--face-backend": None if face_backend == "dlib" or (pulid and face_backend == "insightface")
+            else face_backend, "--insightface-root": None if pulid else insightface_root}
+
+
 def refuse_unbuilt_options(given: dict[str, object]) -> None:
     """The options given that FLUX does not take yet, named in one line (`given`: option -> its value)."""
     used = [option for option, value in given.items()  # a 0 given is given (0 == False)
@@ -28,12 +38,14 @@ def refuse_unbuilt_options(given: dict[str, object]) -> None:
 
 
 def flux_people(people: dict, regions: dict, image_encoder: str | None, device, registry: str | None = None,
-                tenant: str = "default", face_encoder=None) -> tuple[list, str | None]:
+                tenant: str = "default", face_encoder=None, pulid_reader=None) -> tuple[list, str | None]:
     """IdentityConditions of `people` (name -> photos, an enrolled person's name or id, or an embedding
     array): each photo read whole through the CLIP image encoder, as the FLUX IP-Adapter's pipeline
     reads it (an enrolled person: the reference crops the registry keeps of them); and the encoder's
     weights hash (None without photos). `face_encoder` (the EncoderSpec a FLUX adapter `ray-faceid
-    train` made reads): people are read through the face stack instead, as on the UNet families."""
+    train` made reads): people are read through the face stack instead, as on the UNet families.
+    `pulid_reader` (identity/pulid_faces.py): photos read as PuLID-FLUX's pipeline reads them, each
+    person's PulidFeatures their embeddings until the file's IDFormer turns them into tokens."""
     from ray_faceid.face.decode import decode_image
     from ray_faceid.pipelines.generate import IdentityCondition
     from ray_faceid.registry import Registry
@@ -45,6 +57,8 @@ def flux_people(people: dict, regions: dict, image_encoder: str | None, device, 
     enrolled = {name: store.resolve(tenant, value) for name, value in people.items() if isinstance(value, str)}
     if face_encoder is not None:
         return _face_stack_people(people, regions, image_encoder, store, tenant, enrolled, face_encoder), None
+    if pulid_reader is not None:
+        return _pulid_people(people, regions, store, tenant, enrolled, pulid_reader), pulid_reader.sha256
     photos = {name: [decode_image(p) for p in value] for name, value in people.items() if isinstance(value, list)}
     if photos:  # read whole by the adapter, but a person's photo shows them: as on the UNet families
         from ray_faceid.face.analyzer import FaceAnalyzer
@@ -107,6 +121,27 @@ def _face_stack_people(people: dict, regions: dict, image_encoder: str | None, s
     return conditions
 
 
+def _pulid_people(people: dict, regions: dict, store, tenant: str, enrolled: dict, reader) -> list:
+    """People for PuLID-FLUX: photos and enrolled people's reference crops through its encoders; ID
+    tokens given as arrays as they are."""
+    from ray_faceid.face.decode import decode_image
+    from ray_faceid.pipelines.generate import IdentityCondition
+
+    conditions = []
+    for name, value in people.items():
+        if name in enrolled:
+            photos = store.references(tenant, enrolled[name])
+            labels = [f"{name}'s reference crop {i + 1}" for i in range(len(photos))]
+        elif isinstance(value, list):
+            photos, labels = [decode_image(path) for path in value], [f"{path} ({name})" for path in value]
+        else:
+            conditions.append(IdentityCondition(name, value, region=regions.get(name)))
+            continue
+        conditions.append(IdentityCondition(name, reader.read(photos, labels), region=regions.get(name),
+                                            id=enrolled.get(name), encoder=reader.analyzer.spec.key()))
+    return conditions
+
+
 def precheck(ref, guidance: float | None, width: int | None, height: int | None, inpainting: bool) -> None:
     """The model's own refusals, from its configs, before minutes of loading (FluxGenerator.check
     says the same after)."""
@@ -124,7 +159,8 @@ def precheck(ref, guidance: float | None, width: int | None, height: int | None,
 
 
 def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict,
-               registry: str | None, tenant: str, backend: str = "torch", step_cache: float = 0.0):
+               registry: str | None, tenant: str, backend: str = "torch", step_cache: float = 0.0,
+               insightface_root: str | None = None):
     """(the FluxGenerator, people's IdentityConditions): photos read and checked before the model loads."""
     import torch
 
@@ -147,17 +183,32 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         from ray_faceid.identity.flux_adapter import check_given_embeddings
         from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
 
-        if is_pulid_file(adapter_uri) and (image_encoder or not all(hasattr(v, "shape") for v in people.values())):
-            raise BadInput(TOKENS_ONLY)
+        pulid = is_pulid_file(adapter_uri)
+        photos = not all(hasattr(v, "shape") for v in people.values())
+        if pulid and photos != bool(image_encoder and insightface_root):
+            raise BadInput(TOKENS_ONLY if photos else "--image-encoder and --insightface-root read photos for "
+                           "PuLID-FLUX: give them with --ref or --identity NAME[=PHOTO]")
+        if insightface_root and not pulid:
+            raise BadInput("--insightface-root reads photos for PuLID-FLUX (antelopev2's pack); this FLUX adapter "
+                           "reads people otherwise: leave it out")
         check_given_embeddings(adapter_uri, {name: v for name, v in people.items() if hasattr(v, "shape")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_step_cache(step_cache, resolve_flux_backend(backend, torch.device(device)))  # before the base loads
-    face_encoder = None
+    face_encoder, pulid_reader = None, None
     if adapter_uri:
         from ray_faceid.identity.flux_adapter import trained_encoder
 
         face_encoder = trained_encoder(adapter_uri)
-    conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant, face_encoder)
+    if insightface_root:  # PuLID-FLUX's encoders: antelopev2's ArcFace, EVA02-CLIP and its face parser
+        from ray_faceid.cli.faces import face_config
+        from ray_faceid.face.analyzer import FaceAnalyzer
+        from ray_faceid.identity.pulid_faces import PulidFaceReader
+
+        pulid_reader = PulidFaceReader(image_encoder, FaceAnalyzer(face_config("insightface", insightface_root, True)),
+                                       device, DTYPES["bf16"] if device == "cuda" else torch.float32)
+        image_encoder = None
+    conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant, face_encoder,
+                                           pulid_reader)
     # FLUX's own dtype on a GPU (bf16; fp32 for onnxruntime: its graph is keyed as fp32 weights)
     precision = resolve_flux_precision("auto", torch.device(device), backend)
     base = load_flux(ref, DTYPES[precision] if device == "cuda" else None)
@@ -168,6 +219,11 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         from ray_faceid.identity.flux_adapter import load_flux_identity
 
         adapter = load_flux_identity(adapter_uri, base.transformer)
+        from ray_faceid.identity.pulid_faces import PulidFeatures
+
+        for condition in conditions:  # photos read by PuLID's encoders: the file's IDFormer makes their tokens
+            if isinstance(condition.embeddings, PulidFeatures):
+                condition.embeddings = adapter.tokens_of(condition.embeddings, condition.name)
     generator = FluxGenerator(base, adapter, device=device, backend=backend, step_cache=step_cache)
     generator.image_encoder_hash = encoder_hash
     if generator.personal_bank is not None:  # enrolled people run with their own adapter (personalize), if any
@@ -188,13 +244,13 @@ def _who(conditions: list) -> str:
 
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
                  out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str,
-                 backend: str = "torch", step_cache: float = 0.0) -> None:
+                 backend: str = "torch", step_cache: float = 0.0, insightface_root: str | None = None) -> None:
     """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter)."""
     if len(people) > 1:
         raise BadInput("inpainting repaints one person: give one --ref person or --identity")
     precheck(ref, guidance, None, None, inpainting=True)
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant, backend,
-                                       step_cache)
+                                       step_cache, insightface_root)
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
                       f"on {generator.device.type}")
@@ -209,10 +265,10 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
 def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,
                   out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
                   height: int | None, registry: str, tenant: str, backend: str = "torch",
-                  step_cache: float = 0.0) -> None:
+                  step_cache: float = 0.0, insightface_root: str | None = None) -> None:
     precheck(ref, guidance, width, height, inpainting=False)
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend,
-                                       step_cache)
+                                       step_cache, insightface_root)
     base = generator.base
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size

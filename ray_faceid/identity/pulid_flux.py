@@ -14,11 +14,12 @@ Here the residuals run through forward hooks on those blocks that read the call'
 modules: requests sharing the transformer cannot see each other's people. Several people: each patch
 takes the residual of the person whose region covers it.
 
-What is not built: the face encoders PuLID reads a photo with (antelopev2, EVA02-CLIP-L-14-336, and
-the face parsing that greys the face on white): a person comes as the ID tokens PuLID's own pipeline
-gives (`get_id_embedding`, 32 x 2048), or as those encoders' outputs (`encode`). PuLID's code is no
-package to compare with: the tests write its loop and attention out from their description and the
-hooked transformer must match them.
+A person comes as photos (or an enrolled person's reference crops) read by PuLID's encoders
+(identity/pulid_faces.py: antelopev2's ArcFace, EVA02-CLIP-L-14-336, BiSeNet's face parsing, from
+files the user gives), as the ID tokens PuLID's own pipeline gives (`get_id_embedding`, 32 x 2048),
+or as those encoders' outputs (`encode`). PuLID's code is no package to compare with: the tests
+write its loop and attention out from their description and the hooked transformer must match them;
+the encoders are checked against their authors' code (tests/face/test_pulid_encoders.py).
 """
 from __future__ import annotations
 
@@ -172,6 +173,22 @@ class PulidFlux(nn.Module):
         cond = torch.cat([id_embedding, eva], dim=-1).to(self.dtype)
         return self.pulid_encoder(cond, [h.to(self.dtype) for h in eva_hidden])
 
+    def tokens_of(self, features, name: str) -> np.ndarray:
+        """N x T x C ID tokens of one person's photos as the encoders read them (identity/pulid_faces.py),
+        each photo's own; refused in one line where the encoders' widths are not the ones this file reads."""
+        takes = self.pulid_encoder.id_embedding_mapping[0].in_features
+        vit = self.pulid_encoder.mapping_0[0].in_features
+        given = features.arcface.shape[1] + features.eva.shape[1]
+        if given != takes or len(features.hidden) != SCALES or features.hidden[0].shape[-1] != vit:
+            raise BadInput(f"identity {name}: this PuLID-FLUX file reads an ArcFace + EVA-CLIP embedding of {takes} "
+                           f"and {SCALES} hidden states {vit} wide; the encoders gave {features.arcface.shape[1]} + "
+                           f"{features.eva.shape[1]} and {len(features.hidden)} of "
+                           f"{features.hidden[0].shape[-1] if features.hidden else 0}: give antelopev2's pack "
+                           "(--insightface-root) and EVA02-CLIP-L-14-336")
+        device = self.pulid_encoder.latents.device
+        tokens = self.encode(features.arcface.to(device), features.eva.to(device), [h.to(device) for h in features.hidden])
+        return tokens.float().cpu().numpy()
+
     def install(self, transformer, bank=None) -> None:
         """The residual hooks on their blocks (a second install replaces the first's); PuLID's file has
         no personal adapters (`bank` None)."""
@@ -194,9 +211,12 @@ class PulidFlux(nn.Module):
         return weights_hash_of(self)
 
 
-TOKENS_ONLY = ("PuLID-FLUX takes each person as their ID tokens (--face-embedding: the 32 x 2048 array PuLID's "
-               "get_id_embedding gives); its face encoders (antelopev2, EVA02-CLIP-L-14-336, face parsing) are not "
-               "built yet, so photos and enrolled people cannot be read for it")
+TOKENS_ONLY = ("PuLID-FLUX reads photos and enrolled people on `ray-faceid generate` and `inpaint` (--image-encoder "
+               "FOLDER of EVA02-CLIP and its face parser, --insightface-root of antelopev2), or takes their ID tokens "
+               "(--face-embedding: the 32 x 2048 array PuLID's get_id_embedding gives)")
+
+NOT_SERVED = ("PuLID-FLUX's face encoders run on `ray-faceid generate` and `inpaint` (photos, enrolled people or ID "
+              "tokens); render and Serve of PuLID-FLUX are not built yet")
 
 
 def is_pulid_file(uri: str) -> bool:

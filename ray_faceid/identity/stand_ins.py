@@ -133,10 +133,10 @@ def xlabs_state_dict(transformer, embed: int = TOY_EMBED, seed: int = 0) -> dict
 PULID_TOKENS, PULID_WIDTH = 4, 24  # the toy file's ID tokens (the published file: 32 of 2048)
 
 
-def pulid_state_dict(transformer, seed: int = 0) -> dict:
-    """PuLID-FLUX's file for `transformer`: its IDFormer (toy widths: 16-d ArcFace + 8-d EVA-CLIP
-    embeddings, 12-wide hidden states) and an ID cross-attention for every 2nd dual-stream and every
-    4th single-stream block, under their published names, flat as saved with safetensors."""
+def pulid_state_dict(transformer, seed: int = 0, id_input: int = 24, vit_width: int = 12) -> dict:
+    """PuLID-FLUX's file for `transformer`: its IDFormer (toy widths: by default 16-d ArcFace + 8-d
+    EVA-CLIP embeddings, 12-wide hidden states) and an ID cross-attention for every 2nd dual-stream and
+    every 4th single-stream block, under their published names, flat as saved with safetensors."""
     from ray_faceid.identity.pulid_flux import (
         DOUBLE_INTERVAL,
         SINGLE_INTERVAL,
@@ -145,8 +145,8 @@ def pulid_state_dict(transformer, seed: int = 0) -> dict:
     )
 
     torch.manual_seed(seed)
-    former = IdFormer(dim=16, depth=5, inner=64, queries=PULID_TOKENS, id_tokens=2, id_input=24, vit_width=12,
-                      mapping_width=16, output_dim=PULID_WIDTH)
+    former = IdFormer(dim=16, depth=5, inner=64, queries=PULID_TOKENS, id_tokens=2, id_input=id_input,
+                      vit_width=vit_width, mapping_width=16, output_dim=PULID_WIDTH)
     with torch.no_grad():
         former.latents.normal_(0, 0.25)
         former.proj_out.normal_(0, 0.25)

@@ -185,7 +185,7 @@ def test_the_compiled_transformer_and_its_onnx_graph_take_people_as_inputs(files
     assert np.abs(image(onnx, two) - image(eager, [])).max() > 2
 
 
-def test_what_its_unbuilt_encoders_would_read_is_refused_in_one_line(files, tmp_path, sample_photos):
+def test_what_it_cannot_read_is_refused_in_one_line(files, tmp_path, sample_photos):
     from ray_faceid.cli import app
     from ray_faceid.identity.flux_adapter import check_flux_adapter_file
 
@@ -198,8 +198,8 @@ def test_what_its_unbuilt_encoders_would_read_is_refused_in_one_line(files, tmp_
     photo = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--adapter", pulid, "--ref",
                                      str(sample_photos["Tom_Hanks_54745.png"]), "--prompt", "a portrait", "--out",
                                      str(tmp_path / "o.png")])
-    assert photo.exit_code == 2 and "its face encoders (antelopev2, EVA02-CLIP-L-14-336, face parsing) are not " \
-        "built yet" in photo.stderr, photo.output
+    assert photo.exit_code == 2 and "--image-encoder FOLDER of EVA02-CLIP and its face parser, --insightface-root of " \
+        "antelopev2" in photo.stderr, photo.output
     on_sd = CliRunner().invoke(app, ["generate", "--model", "tiny", "--adapter", pulid, "--face-embedding",
                                      str(tmp_path / "ann.npy"), "--prompt", "a portrait", "--out", str(tmp_path / "o.png")])
     assert on_sd.exit_code == 2 and "PuLID-FLUX's, on a FLUX base" in on_sd.stderr, on_sd.output
@@ -207,13 +207,13 @@ def test_what_its_unbuilt_encoders_would_read_is_refused_in_one_line(files, tmp_
     on_sd = CliRunner().invoke(app, ["generate", "--model", "tiny", "--adapter", pulid, "--face-embedding",
                                      str(tmp_path / "flat.npy"), "--prompt", "a portrait", "--out", str(tmp_path / "o.png")])
     assert on_sd.exit_code == 2 and "is a PuLID-FLUX file: it runs on a FLUX.1 base" in on_sd.stderr, on_sd.output
-    with pytest.raises(UnsupportedModel, match="a deployment serves enrolled people"):
+    with pytest.raises(UnsupportedModel, match="render and Serve of PuLID-FLUX are not built yet"):
         check_flux_adapter_file(pulid)  # a Serve config naming it is refused when read
     from ray_faceid.data.render import run_render
 
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text(json.dumps({"id": "r1", "identities": ["ann"], "prompt": "a portrait"}) + "\n")
-    with pytest.raises(BadInput, match="a catalog's rows name enrolled people"):
+    with pytest.raises(BadInput, match="render and Serve of PuLID-FLUX are not built yet"):
         run_render(str(catalog), str(tmp_path / "out"), str(files / "flux"), str(tmp_path / "registry"), pulid)
     state = pulid_state_dict(build_tiny_flux().transformer)
     state.pop("pulid_ca.1.to_out.weight")

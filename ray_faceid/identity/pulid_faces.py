@@ -1,0 +1,118 @@
+"""A photo read as PuLID-FLUX's pipeline reads it (`get_id_embedding`), from encoders the user gives:
+
+1. the largest face's ArcFace embedding, raw, from the face stack (PuLID's: antelopev2's glintr100,
+   `--insightface-root`), and its five points;
+2. the face aligned to FFHQ's five-point template at 512 x 512 (a partial affine fitted by least
+   median of squares, grey outside the photo), as facexlib aligns it;
+3. BiSeNet's classes of that face (face/face_parsing.py): background, neck, clothes, ears, earrings,
+   hair and hat made white, the rest turned grey;
+4. EVA02-CLIP's vision tower (face/eva_clip.py) on that image, resized bicubically to its input:
+   the class token's embedding and five hidden states.
+
+PuLID-FLUX's IDFormer turns the two embeddings and the hidden states into the person's ID tokens
+(PulidFlux.encode). Where this differs from PuLID's pipeline: the five points come from the face
+stack's detector (SCRFD in antelopev2's pack) rather than facexlib's RetinaFace, whose weights PuLID
+downloads; several photos give the mean of their tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ray_faceid import storage
+from ray_faceid.errors import BackendUnavailable, BadInput
+
+ALIGNED = 512
+FFHQ_FIVE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+                      [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)  # eyes, nose, mouth corners
+OUTSIDE = (132, 133, 135)  # RGB of facexlib's border grey (135, 133, 132 in its BGR)
+EVA_NAMES = ("EVA02_CLIP_L_336_psz14_s6B.pt", "EVA02_CLIP_L_336_psz14_s6B.safetensors")
+PARSER_NAMES = ("parsing_bisenet.pth", "parsing_bisenet.safetensors")
+FOLDER_HELP = ("a folder holding EVA02-CLIP-L-14-336 (QuanSun/EVA-CLIP's EVA02_CLIP_L_336_psz14_s6B.pt) and facexlib's "
+               "face parser (parsing_bisenet.pth)")
+
+
+@dataclass
+class PulidFeatures:
+    """What the encoders read of one person's photos (N photos): what PuLID's IDFormer takes."""
+
+    arcface: torch.Tensor  # N x 512, raw
+    eva: torch.Tensor  # N x 768
+    hidden: list[torch.Tensor]  # 5 x (N x tokens x width)
+
+
+def _one_of(folder: str, names: tuple[str, ...]) -> str:
+    for name in names:
+        path = storage.join(folder, name)
+        if storage.exists(path):
+            return path
+    raise BadInput(f"PuLID-FLUX reads photos through {FOLDER_HELP}: {folder} has no {' or '.join(names)}")
+
+
+class PulidFaceReader:
+    def __init__(self, folder: str, analyzer, device="cpu", dtype: torch.dtype = torch.float32):
+        from ray_faceid.face.eva_clip import load_eva_clip
+        from ray_faceid.face.face_parsing import load_face_parsing
+        from ray_faceid.weights_hash import weights_hash_of
+
+        eva_file, parser_file = _one_of(folder, EVA_NAMES), _one_of(folder, PARSER_NAMES)
+        self.analyzer, self.device, self.dtype = analyzer, torch.device(device), dtype
+        self.eva = load_eva_clip(eva_file).to(self.device, dtype)
+        self.parser = load_face_parsing(parser_file).to(self.device)  # fp32: its classes, not its scores, are read
+        self.sha256 = weights_hash_of(torch.nn.ModuleList([self.eva, self.parser]))
+
+    @torch.no_grad()
+    def read(self, photos: list[np.ndarray], labels: list[str]) -> PulidFeatures:
+        """Each photo's largest face (RGB uint8 arrays; `labels` name them in errors)."""
+        arcface, eva, hidden = [], [], []
+        for photo, label in zip(photos, labels):
+            a, e, h = self._read_one(photo, label)
+            arcface.append(a)
+            eva.append(e)
+            hidden.append(h)
+        return PulidFeatures(torch.cat(arcface), torch.cat(eva), [torch.cat(level) for level in zip(*hidden)])
+
+    def _read_one(self, photo: np.ndarray, label: str):
+        from ray_faceid.face import eva_clip, face_parsing
+        from ray_faceid.identity.instantid import FIVE_POINTS
+
+        faces = self.analyzer.analyze(photo)
+        if not faces:
+            raise BadInput(f"no face found in {label}: give a photo that shows the person")
+        face = faces[0]  # the largest
+        try:
+            points = np.stack([face.landmarks.point(name) for name in FIVE_POINTS]).astype(np.float32)
+        except KeyError:
+            raise BadInput("PuLID-FLUX aligns faces by their eyes, nose and mouth corners: use a face stack whose "
+                           "landmarks have them (insightface's pack, --insightface-root)") from None
+        aligned = torch.from_numpy(align_ffhq(photo, points)).permute(2, 0, 1)[None].to(self.device).float() / 255
+        classes = self.parser(_normalised(aligned, face_parsing.MEAN, face_parsing.STD)).argmax(1, keepdim=True)
+        outside = torch.isin(classes, torch.tensor(face_parsing.NOT_FACE, device=self.device))
+        grey = (0.299 * aligned[:, :1] + 0.587 * aligned[:, 1:2] + 0.114 * aligned[:, 2:3]).expand(-1, 3, -1, -1)
+        face_only = torch.where(outside, torch.ones_like(aligned), grey)
+        size = self.eva.image_size
+        resized = F.interpolate(face_only, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        embedding, hidden = self.eva(_normalised(resized, eva_clip.MEAN, eva_clip.STD).to(self.dtype))
+        arcface = torch.from_numpy(np.asarray(face.embedding, np.float32))[None].to(self.device)
+        return arcface, embedding.float(), [h.float() for h in hidden]
+
+
+def _normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
+    shape = (1, 3, 1, 1)
+    return (images - torch.tensor(mean, device=images.device).view(shape)) / torch.tensor(std, device=images.device
+                                                                                              ).view(shape)
+
+
+def align_ffhq(photo: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The 512 x 512 crop whose five points sit on FFHQ's template: a rotation, uniform scale and shift
+    fitted by least median of squares (as facexlib fits it), grey where the photo ends."""
+    try:
+        import cv2
+    except ImportError:
+        raise BackendUnavailable("PuLID-FLUX aligns faces with OpenCV: pip install 'ray_faceid[insightface]'") from None
+    matrix = cv2.estimateAffinePartial2D(points, FFHQ_FIVE, method=cv2.LMEDS)[0]
+    if matrix is None:
+        raise BadInput("the face's five points do not fit a face's shape: give a clearer photo")
+    return cv2.warpAffine(photo, matrix, (ALIGNED, ALIGNED), borderMode=cv2.BORDER_CONSTANT, borderValue=OUTSIDE)

@@ -1,0 +1,175 @@
+"""A photo read as PuLID-FLUX's pipeline reads it (identity/pulid_faces.py): the largest face's raw
+ArcFace embedding, the face aligned to FFHQ's template, whitened outside the parser's face classes,
+greyed inside, and EVA-CLIP's embedding and hidden states of that; then the file's IDFormer makes the
+person's tokens, which reach the image. The encoders are toys of the published layouts (their
+architectures are checked against their authors' code in tests/face/test_pulid_encoders.py); the
+ArcFace is a stand-in recogniser behind dlib's detector (antelopev2's pack cannot be fetched here)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.face.pulid_encoder_recipe import EVA_TOY, REFERENCE, recipe_state
+
+TINY_ARCFACE = 64  # tests/conftest.py's stand-in recogniser
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory) -> Path:
+    """EVA-CLIP's and facexlib's file names, holding toy weights of their published layouts."""
+    folder = tmp_path_factory.mktemp("pulid_encoders")
+    reference = np.load(Path(__file__).parents[1] / "face" / REFERENCE)
+    eva = json.loads(str(reference["eva_shapes"]))
+    torch.save({f"visual.{k}": torch.from_numpy(v) for k, v in recipe_state(eva, seed=1).items()},
+               folder / "EVA02_CLIP_L_336_psz14_s6B.pt")
+    parser = json.loads(str(reference["parsing_shapes"]))
+    state = {k: torch.from_numpy(v) for k, v in recipe_state(parser, seed=2).items()}
+    state.update({k: torch.zeros((), dtype=torch.long) for k in parser if k.endswith("num_batches_tracked")})
+    torch.save(state, folder / "parsing_bisenet.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reader(encoders, tiny_arcface_onnx):
+    from ray_faceid.config import FaceConfig
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.identity.pulid_faces import PulidFaceReader
+
+    # dlib's 68 points give the mouth corners the alignment needs (antelopev2's SCRFD gives five).
+    analyzer = FaceAnalyzer(FaceConfig(recognizer_onnx=str(tiny_arcface_onnx), landmarks="dlib68"))
+    return PulidFaceReader(str(encoders), analyzer)
+
+
+def test_a_photo_becomes_the_features_pulids_idformer_reads(reader, sample_photos):
+    from ray_faceid.face.decode import decode_image
+    from ray_faceid.identity.instantid import FIVE_POINTS
+    from ray_faceid.identity.pulid_faces import FFHQ_FIVE, align_ffhq
+
+    photo = decode_image(sample_photos["Tom_Hanks_54745.png"])
+    face = reader.analyzer.analyze(photo)[0]
+    features = reader.read([photo, photo[:, ::-1].copy()], ["tom", "tom mirrored"])
+    assert features.arcface.shape == (2, TINY_ARCFACE) and features.eva.shape == (2, EVA_TOY["embed_dim"])
+    np.testing.assert_allclose(features.arcface[0].numpy(), face.embedding, rtol=1e-5)  # raw, as PuLID reads it
+    assert [h.shape for h in features.hidden] == [(2, 1 + (EVA_TOY["image_size"] // 14) ** 2, EVA_TOY["width"])] * 5
+    assert (features.eva[0] - features.eva[1]).abs().max() > 1e-4  # each photo its own
+    # The face lands on FFHQ's template: least median of squares puts most of its five points within a
+    # few pixels of it in the 512 crop (a turned face's nose and a mouth corner stay off).
+    points = np.stack([face.landmarks.point(name) for name in FIVE_POINTS]).astype(np.float32)
+    import cv2
+
+    matrix = cv2.estimateAffinePartial2D(points, FFHQ_FIVE, method=cv2.LMEDS)[0]
+    placed = points @ matrix[:, :2].T + matrix[:, 2]
+    assert (np.linalg.norm(placed - FFHQ_FIVE, axis=1) < 12).sum() >= 3
+    aligned = align_ffhq(photo, points)
+    assert aligned.shape == (512, 512, 3) and aligned.std() > 20
+
+
+def test_what_the_parser_calls_not_face_is_white_and_the_face_grey(reader, sample_photos, monkeypatch):
+    from ray_faceid.face import eva_clip
+    from ray_faceid.face.decode import decode_image
+
+    def left_half_background(images):  # class 0 (background) on the left half, 1 (skin) on the right
+        scores = torch.zeros(len(images), 19, *images.shape[2:])
+        scores[:, 0, :, : images.shape[3] // 2] = 1
+        scores[:, 1, :, images.shape[3] // 2:] = 1
+        return scores
+
+    seen = []
+    monkeypatch.setattr(reader, "parser", left_half_background)
+    hook = reader.eva.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        reader.read([decode_image(sample_photos["Tom_Hanks_54745.png"])], ["tom"])
+    finally:
+        hook.remove()
+    std, mean = torch.tensor(eva_clip.STD).view(3, 1, 1), torch.tensor(eva_clip.MEAN).view(3, 1, 1)
+    image = seen[0][0] * std + mean  # back to [0, 1]
+    size = image.shape[-1]
+    assert torch.allclose(image[:, :, : size // 2 - 2], torch.ones(()), atol=1e-4)  # white (bicubic's edge aside)
+    right = image[:, :, size // 2 + 2:]
+    assert torch.allclose(right[0], right[1], atol=1e-4) and torch.allclose(right[1], right[2], atol=1e-4)  # grey
+    assert right.std() > 0.01  # the face's own shades
+
+
+def test_pulids_file_makes_tokens_that_reach_the_image_and_other_widths_are_refused(reader, sample_photos, tmp_path):
+    from ray_faceid.errors import BadInput
+    from ray_faceid.face.decode import decode_image
+    from ray_faceid.identity.pulid_flux import load_pulid_flux
+    from ray_faceid.identity.stand_ins import pulid_state_dict
+    from ray_faceid.pipelines.flux import build_tiny_flux
+    from ray_faceid.pipelines.flux_sampling import FluxGenerator
+    from ray_faceid.pipelines.generate import IdentityCondition
+
+    features = reader.read([decode_image(sample_photos["Tom_Hanks_54745.png"])], ["tom"])
+    base = build_tiny_flux()
+    save_file(pulid_state_dict(base.transformer, id_input=TINY_ARCFACE + EVA_TOY["embed_dim"],
+                               vit_width=EVA_TOY["width"]), str(tmp_path / "pulid.safetensors"))
+    adapter = load_pulid_flux(str(tmp_path / "pulid.safetensors"), base.transformer)
+    tokens = adapter.tokens_of(features, "tom")
+    assert tokens.shape == (1, adapter.tokens_per_person, adapter.width) and np.isfinite(tokens).all()
+    generator = FluxGenerator(base, adapter)
+
+    def image(people):
+        return np.asarray(generator.generate("a portrait", people, seed=3, steps=2).images[0]).astype(int)
+
+    assert np.abs(image([IdentityCondition("tom", tokens)]) - image([])).max() > 2
+    save_file(pulid_state_dict(build_tiny_flux().transformer), str(tmp_path / "other.safetensors"))  # 16 + 8 wide
+    other = load_pulid_flux(str(tmp_path / "other.safetensors"), build_tiny_flux().transformer)
+    with pytest.raises(BadInput, match="reads an ArcFace \\+ EVA-CLIP embedding of 24"):
+        other.tokens_of(features, "tom")
+
+
+def test_a_folder_without_the_encoders_is_named_in_one_line(tmp_path, tiny_arcface_onnx):
+    from ray_faceid.errors import BadInput
+    from ray_faceid.identity.pulid_faces import PulidFaceReader
+
+    with pytest.raises(BadInput, match="has no EVA02_CLIP_L_336_psz14_s6B.pt"):
+        PulidFaceReader(str(tmp_path), analyzer=None)
+
+
+def test_generate_reads_a_photo_for_pulid_as_the_tokens_it_makes(reader, encoders, sample_photos, tmp_path,
+                                                                 tiny_arcface_onnx, monkeypatch):
+    """`ray-faceid generate --adapter PULID --image-encoder FOLDER --insightface-root PACK --ref PHOTO`:
+    the image equals the one made from the same photo's tokens given as --face-embedding. The pack's
+    detector is dlib's here (no SCRFD offline): the command's face stack is swapped for the test's."""
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app, faces
+    from ray_faceid.config import FaceConfig
+    from ray_faceid.face.decode import decode_image
+    from ray_faceid.identity.pulid_flux import load_pulid_flux
+    from ray_faceid.identity.stand_ins import pulid_state_dict
+    from ray_faceid.pipelines.flux import build_tiny_flux, save_flux
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    base = build_tiny_flux()
+    save_flux(base, tmp_path / "flux")
+    pulid = str(tmp_path / "pulid_flux_v0.9.1.safetensors")
+    save_file(pulid_state_dict(base.transformer, id_input=TINY_ARCFACE + EVA_TOY["embed_dim"],
+                               vit_width=EVA_TOY["width"]), pulid)
+    photo = str(sample_photos["Tom_Hanks_54745.png"])
+    tokens = load_pulid_flux(pulid, build_tiny_flux().transformer).tokens_of(
+        reader.read([decode_image(photo)], ["tom"]), "tom")
+    np.save(tmp_path / "tom_tokens.npy", tokens)
+    monkeypatch.setattr(faces, "face_config", lambda *args, **kwargs: FaceConfig(recognizer_onnx=str(tiny_arcface_onnx),
+                                                                                   landmarks="dlib68"))
+    common = ["generate", "--model", str(tmp_path / "flux"), "--adapter", pulid, "--prompt", "a portrait", "--steps",
+              "2", "--seed", "3"]
+    read = CliRunner().invoke(app, [*common, "--image-encoder", str(encoders), "--insightface-root", str(tmp_path),
+                                    "--ref", photo, "--out", str(tmp_path / "read.png")])
+    assert read.exit_code == 0, read.output
+    given = CliRunner().invoke(app, [*common, "--face-embedding", str(tmp_path / "tom_tokens.npy"), "--out",
+                                     str(tmp_path / "given.png")])
+    assert given.exit_code == 0, given.output
+    from PIL import Image
+
+    assert np.abs(np.asarray(Image.open(tmp_path / "read.png")).astype(int)
+                  - np.asarray(Image.open(tmp_path / "given.png")).astype(int)).max() <= 1
+    record = read_provenance((tmp_path / "read.png").read_bytes())
+    assert record["image_encoder"] == reader.sha256  # what read the photo: the encoders' weights hash
+    assert record["identities"][0]["embeddings_encoder"] == reader.analyzer.spec.key()
+    refused = CliRunner().invoke(app, [*common, "--image-encoder", str(encoders), "--ref", photo, "--out",
+                                       str(tmp_path / "x.png")])
+    assert refused.exit_code == 2 and "--insightface-root of antelopev2" in refused.stderr, refused.output
