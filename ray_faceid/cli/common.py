@@ -30,7 +30,9 @@ StallFailOpt = typer.Option(3600.0, "--stall-fail", min=1, help="Seconds without
 
 ImageEncoderOpt = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-Plus / PlusV2: the CLIP image encoder "
                                "folder it reads faces through (models/image_encoder of h94/IP-Adapter); a FLUX "
-                               "IP-Adapter: the CLIP vision folder with projection it reads photos through.")
+                               "IP-Adapter: the CLIP vision folder with projection it reads photos through; PuLID-FLUX: "
+                               "a folder of EVA02_CLIP_L_336_psz14_s6B.pt (QuanSun/EVA-CLIP) and parsing_bisenet.pth "
+                               "(facexlib), with --insightface-root (antelopev2).")
 BACKEND_HELP = ("Denoiser runtime: auto | torch | torch.compile | onnxruntime | tensorrt. auto: torch.compile on a GPU; "
                 "on a CPU, ONNX Runtime for a UNet (where installed) and eager torch for FLUX. FLUX has no TensorRT "
                 "engine yet.")

@@ -40,7 +40,7 @@ def face_stack(face_backend: str, insightface_root: Optional[str], needs_pack: b
         return "insightface"
     if face_backend == "insightface" and needs_pack:
         raise BadInput("--face-backend insightface needs --insightface-root PACK (a folder of its .onnx files, e.g. "
-                       "buffalo_l for IP-Adapter-FaceID, antelopev2 for InstantID)")
+                       "buffalo_l for IP-Adapter-FaceID, antelopev2 for InstantID and PuLID-FLUX)")
     return face_backend
 
 

@@ -49,7 +49,7 @@ FaceBackendOpt = typer.Option("dlib", "--face-backend", help="Face encoder of --
                               "(default) or insightface (ArcFace, what IP-Adapter-FaceID and InstantID take; needs "
                               "--insightface-root, a pack you are licensed to use).")
 InsightfaceRootOpt = typer.Option(None, "--insightface-root", help="Folder of an insightface pack (buffalo_l: "
-                                  "det_10g.onnx, w600k_r50.onnx for FaceID; antelopev2 for InstantID).")
+                                  "det_10g.onnx, w600k_r50.onnx for FaceID; antelopev2 for InstantID and PuLID-FLUX).")
 FaceEmbeddingOpt = typer.Option(None, "--face-embedding", help="One person's embeddings as an .npy (N x D, as the "
                                 "adapter's encoder gives them; PuLID-FLUX: its N x 32 x 2048 ID tokens) instead of "
                                 "photos.")

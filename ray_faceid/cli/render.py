@@ -69,7 +69,7 @@ def render(
                                      "person's stored ArcFace embeddings whatever the stack (`identities embed` adds "
                                      "them)."),
     insightface_root: Optional[str] = typer.Option(None, "--insightface-root", help="Folder of an insightface pack "
-                                                   "(buffalo_l for FaceID, antelopev2 for InstantID)."),
+                                                   "(buffalo_l for FaceID, antelopev2 for InstantID and PuLID-FLUX)."),
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     step_cache: float = StepCacheOpt,

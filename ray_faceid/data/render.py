@@ -182,10 +182,11 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     elif config.flux_step_cache:
         raise BadInput(f"--step-cache is for FLUX bases; {model.name} is a UNet family")
     if model.family == "flux" and adapter:
-        from ray_faceid.identity.pulid_flux import NOT_SERVED, is_pulid_file
+        from ray_faceid.identity.pulid_flux import RENDER_READERS, is_pulid_file
 
-        if is_pulid_file(adapter):  # before Ray
-            raise BadInput(NOT_SERVED)
+        if is_pulid_file(adapter) and (not image_encoder or (config.face.backend == "dlib"
+                                                             and not config.face.recognizer_onnx)):
+            raise BadInput(RENDER_READERS)  # before Ray: each row's people are read by its encoders
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
     inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder, catalog)
     done = _finished(out, inputs)

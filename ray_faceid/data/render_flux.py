@@ -74,7 +74,14 @@ class FluxRenderer(Renderer):
             if not image_encoder:
                 raise BadInput("a FLUX IP-Adapter reads each person's reference crops through a CLIP image encoder: "
                                "give --image-encoder FOLDER (a CLIPVisionModelWithProjection)")
-        if image_encoder:
+        self.pulid_reader = None  # PuLID-FLUX: its encoders read each person's reference crops
+        if image_encoder and getattr(flux_adapter, "tokens_of", None) is not None:
+            from ray_faceid.identity.pulid_faces import PulidFaceReader
+
+            # The face stack that scores the outputs gives the ArcFace embedding (antelopev2's pack).
+            self.pulid_reader = PulidFaceReader(image_encoder, self.analyzer, device,
+                                                DTYPES["bf16"] if device == "cuda" else torch.float32)
+        elif image_encoder:
             if not adapter:
                 raise BadInput("--image-encoder reads people for a FLUX IP-Adapter: give --adapter FILE too")
             from ray_faceid.face.clip_image import ClipImageEncoder
@@ -83,7 +90,8 @@ class FluxRenderer(Renderer):
         self.pipeline = FluxGenerator(base, flux_adapter, device=device, precision=self.precision,
                                       backend=config.backend,  # compiled: once per actor, for the whole job
                                       step_cache=config.flux_step_cache)
-        self.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
+        reader = self.encoder or self.pulid_reader
+        self.image_encoder_hash = None if reader is None else reader.sha256
         self.pipeline.image_encoder_hash = self.image_encoder_hash
         self.imr_hash = self.flow_hash = self.identitynet = None
         self.registry = Registry(registry)
@@ -105,6 +113,11 @@ class FluxRenderer(Renderer):
         image_embeds, encoder, quality = None, None, None
         if self.encoder is not None:
             image_embeds = self.encoder.image_embeds(self.registry.references(self.tenant, found))
+        if self.pulid_reader is not None:  # PuLID-FLUX's ID tokens of the reference crops, each crop its own
+            crops = self.registry.references(self.tenant, found)
+            features = self.pulid_reader.read(crops, [f"{identity}'s reference crop {i + 1}" for i in range(len(crops))])
+            image_embeds = self.pipeline.adapter.tokens_of(features, identity)
+            encoder = self.analyzer.spec.key()
         personal = None
         if self.face_encoder is not None:
             from ray_faceid.identity.personalization import load_personal
@@ -129,7 +142,7 @@ class FluxRenderer(Renderer):
                   (("expression", i.expression), ("edits", i.edits), ("pose", i.pose)) if value]
         if asked:
             raise BadInput(f"{', '.join(asked)}: not built for FLUX yet")
-        if row.identities and self.encoder is None and self.face_encoder is None:
+        if row.identities and self.encoder is None and self.face_encoder is None and self.pulid_reader is None:
             raise BadInput("identity on FLUX reads a FLUX IP-Adapter: render with --adapter FILE and --image-encoder "
                            "FOLDER, or --adapter with the folder `ray-faceid train --model FLUX` wrote")
         out = []

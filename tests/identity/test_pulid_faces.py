@@ -173,3 +173,49 @@ def test_generate_reads_a_photo_for_pulid_as_the_tokens_it_makes(reader, encoder
     refused = CliRunner().invoke(app, [*common, "--image-encoder", str(encoders), "--ref", photo, "--out",
                                        str(tmp_path / "x.png")])
     assert refused.exit_code == 2 and "--insightface-root of antelopev2" in refused.stderr, refused.output
+
+
+def test_render_reads_an_enrolled_person_for_pulid_as_generate_does(reader, encoders, sample_photos, tmp_path,
+                                                                    tiny_arcface_onnx, ray_cluster):
+    """A catalog row naming an enrolled person: their reference crops read by PuLID's encoders in the
+    render actor, the image equal to the generator's on the tokens of the same crops."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ray_faceid.cli import app
+    from ray_faceid.config import FaceConfig, RenderConfig
+    from ray_faceid.data.render import run_render
+    from ray_faceid.errors import BadInput
+    from ray_faceid.identity.pulid_flux import load_pulid_flux
+    from ray_faceid.identity.stand_ins import pulid_state_dict
+    from ray_faceid.pipelines.flux import build_tiny_flux, save_flux
+    from ray_faceid.pipelines.flux_sampling import FluxGenerator
+    from ray_faceid.pipelines.generate import IdentityCondition
+    from ray_faceid.registry import Registry
+
+    registry = str(tmp_path / "registry")
+    enrolled = CliRunner().invoke(app, ["identities", "enroll", str(sample_photos["Tom_Hanks_54745.png"]), "--name",
+                                        "tom", "--consent", "licence (test)", "--registry", registry])
+    assert enrolled.exit_code == 0, enrolled.output
+    base = build_tiny_flux()
+    save_flux(base, tmp_path / "flux")
+    pulid = str(tmp_path / "pulid_flux_v0.9.1.safetensors")
+    save_file(pulid_state_dict(base.transformer, id_input=TINY_ARCFACE + EVA_TOY["embed_dim"],
+                               vit_width=EVA_TOY["width"]), pulid)
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text(json.dumps({"id": "tom", "identities": ["tom"], "prompt": "a portrait", "seed": 5}) + "\n")
+    config = RenderConfig(steps=2, size="32x32", workers=1,
+                          face=FaceConfig(recognizer_onnx=str(tiny_arcface_onnx), landmarks="dlib68"))
+    summary = run_render(str(catalog), str(tmp_path / "out"), str(tmp_path / "flux"), registry, pulid, config,
+                         image_encoder=str(encoders))
+    assert summary["rendered"] == 1 and not summary["errors"], summary["errors"]
+    store = Registry(registry)
+    crops = store.references("default", store.resolve("default", "tom"))
+    adapter = load_pulid_flux(pulid, base.transformer)
+    tokens = adapter.tokens_of(reader.read(crops, ["tom"] * len(crops)), "tom")
+    want = FluxGenerator(base, adapter).generate("a portrait", [IdentityCondition("tom", tokens)], seed=5, steps=2,
+                                                 width=32, height=32).images[0]
+    got = next((tmp_path / "out" / "images").rglob("*.png"))
+    assert np.abs(np.asarray(Image.open(got)).astype(int) - np.asarray(want).astype(int)).max() <= 1
+    with pytest.raises(BadInput, match="give --image-encoder FOLDER"):  # before Ray, not in every row
+        run_render(str(catalog), str(tmp_path / "out2"), str(tmp_path / "flux"), registry, pulid, config)

@@ -207,13 +207,13 @@ def test_what_it_cannot_read_is_refused_in_one_line(files, tmp_path, sample_phot
     on_sd = CliRunner().invoke(app, ["generate", "--model", "tiny", "--adapter", pulid, "--face-embedding",
                                      str(tmp_path / "flat.npy"), "--prompt", "a portrait", "--out", str(tmp_path / "o.png")])
     assert on_sd.exit_code == 2 and "is a PuLID-FLUX file: it runs on a FLUX.1 base" in on_sd.stderr, on_sd.output
-    with pytest.raises(UnsupportedModel, match="render and Serve of PuLID-FLUX are not built yet"):
+    with pytest.raises(UnsupportedModel, match="Serve of PuLID-FLUX is not built yet"):
         check_flux_adapter_file(pulid)  # a Serve config naming it is refused when read
     from ray_faceid.data.render import run_render
 
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text(json.dumps({"id": "r1", "identities": ["ann"], "prompt": "a portrait"}) + "\n")
-    with pytest.raises(BadInput, match="render and Serve of PuLID-FLUX are not built yet"):
+    with pytest.raises(BadInput, match="PuLID-FLUX renders enrolled people read by its encoders"):
         run_render(str(catalog), str(tmp_path / "out"), str(files / "flux"), str(tmp_path / "registry"), pulid)
     state = pulid_state_dict(build_tiny_flux().transformer)
     state.pop("pulid_ca.1.to_out.weight")
