@@ -110,12 +110,23 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
     if ours is not None and config.image_encoder:
         raise BadInput("image_encoder: this FLUX adapter (made by `ray-faceid train`) reads people's identity "
                        "embeddings; leave image_encoder out")
-    if not config.adapter or (ours is None and not config.image_encoder):  # the API renders people: else nothing
+    from ray_faceid.identity.pulid_flux import is_pulid_file
+
+    pulid = is_pulid_file(config.adapter)  # reads people through its own encoders (identity/pulid_faces.py)
+    if pulid:
+        from ray_faceid.identity.pulid_faces import check_encoder_folder
+
+        if config.face.backend == "dlib" and not config.face.recognizer_onnx:
+            raise BadInput("face: PuLID-FLUX serves enrolled people read by its encoders, its ArcFace embedding from "
+                           "antelopev2's pack: set face.backend insightface and face.insightface_root (and "
+                           "image_encoder to the folder of EVA02-CLIP and its face parser)")
+        check_encoder_folder(config.image_encoder)
+    if not config.adapter or (not pulid and ours is None and not config.image_encoder):  # the API renders people
         raise BadInput("a FLUX deployment renders people through a FLUX IP-Adapter, which reads each person's reference "
                        "crops through a CLIP image encoder: set both adapter and image_encoder, or adapter to the "
                        "folder `ray-faceid train --model FLUX` wrote (prompts alone: `ray-faceid generate --model "
                        "FLUX_FOLDER`)")
-    if config.adapter:  # the file read once, before any replica (they would fail on it in a loop)
+    if config.adapter and not pulid:  # the file read once, before any replica (they would fail on it in a loop)
         from ray_faceid.identity.flux_adapter import check_flux_adapter_file
 
         try:
@@ -127,7 +138,7 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
 
         if not flux_settings(resolve_model(config.model, flux=True))["guidance_embedded"]:
             raise BadInput("guidance: FLUX.1 schnell takes no guidance: leave it out")
-    if config.image_encoder:
+    if config.image_encoder and not pulid:
         from ray_faceid.face.clip_image import check_folder
 
         try:

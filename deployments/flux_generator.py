@@ -52,17 +52,24 @@ class FluxServeGenerator(Generator):
         if device == "cuda":  # before anything loads: one line instead of an out-of-memory error halfway
             self.memory_plan = fits_this_gpu(config, precision)
         base = load_flux(config.model, DTYPES[precision] if device == "cuda" else None)
-        adapter, self.encoder = None, None
+        adapter, self.encoder, self.pulid_reader = None, None, None
         if config.adapter:
             from ray_faceid.face.clip_image import ClipImageEncoder
             from ray_faceid.identity.flux_adapter import load_flux_identity
 
             adapter = load_flux_identity(config.adapter, base.transformer)
-            if adapter.encoder_spec is None:  # ours reads identity embeddings; a FLUX IP-Adapter, the crops
+            if getattr(adapter, "tokens_of", None) is not None:  # PuLID-FLUX: its own encoders read the crops
+                from ray_faceid.face.analyzer import FaceAnalyzer
+                from ray_faceid.identity.pulid_faces import PulidFaceReader
+
+                self.pulid_reader = PulidFaceReader(config.image_encoder, FaceAnalyzer(config.face), device,
+                                                    DTYPES["bf16"] if device == "cuda" else torch.float32)
+            elif adapter.encoder_spec is None:  # ours reads identity embeddings; a FLUX IP-Adapter, the crops
                 self.encoder = ClipImageEncoder(config.image_encoder, device)  # resolve_config asked for both
         self.pipeline = FluxGenerator(base, adapter, device=device, precision=precision, backend=config.backend,
                                       step_cache=config.flux_step_cache, **memory)
-        self.pipeline.image_encoder_hash = None if self.encoder is None else self.encoder.sha256
+        reader = self.encoder or self.pulid_reader
+        self.pipeline.image_encoder_hash = None if reader is None else reader.sha256
         self.warm_up_report = self._warm_up()  # in __init__: Serve routes nothing to a replica still compiling
         self._serving_state()
 
@@ -104,6 +111,10 @@ class FluxServeGenerator(Generator):
             personal = load_personal(self.registry, tenant, identity, self.adapter_hash, self.pipeline.adapter)
             loaded = LoadedIdentity(key, embeddings, quality, spec, personal)
             self._note_version(key, personal)
+        elif self.pulid_reader is not None:  # PuLID-FLUX's ID tokens of the reference crops, each crop its own
+            crops = self.registry.references(tenant, identity)
+            tokens = await asyncio.to_thread(self._pulid_tokens, crops, identity)
+            loaded = LoadedIdentity(key, tokens, None, self.pulid_reader.analyzer.spec)
         else:
             _, _, spec = self.registry.embeddings(tenant, identity)  # what the person was enrolled with
             crops = self.registry.references(tenant, identity)
@@ -113,11 +124,17 @@ class FluxServeGenerator(Generator):
         self.held[key] = loaded
         return loaded
 
+    def _pulid_tokens(self, crops: list, identity: str):
+        """(modules run without state: two people loading at once share them safely)"""
+        features = self.pulid_reader.read(crops, [f"{identity}'s reference crop {i + 1}" for i in range(len(crops))])
+        return self.pipeline.adapter.tokens_of(features, identity)
+
     async def _conditions(self, tenant: str, requested: list[dict]):
         from ray_faceid.pipelines.generate import IdentityCondition
 
         adapter = self.pipeline.adapter
-        if requested and self.encoder is None and (adapter is None or adapter.encoder_spec is None):
+        if requested and self.encoder is None and self.pulid_reader is None and (adapter is None or
+                                                                                  adapter.encoder_spec is None):
             raise BadInput(f"{self.pipeline.base.model_id}: identity on FLUX reads a FLUX IP-Adapter: this deployment "
                            "serves prompts alone (set adapter and image_encoder in its Serve config)")
         conditions, hits = [], 0

@@ -286,7 +286,8 @@ class ServeConfig(Settings):
     api_tokens: dict[str, str] = Field(
         default_factory=dict, description="tenant -> bearer token; also from RAY_FACEID_API_TOKENS=tenant:token,..."
     )
-    face: FaceConfig = Field(default_factory=FaceConfig, description="Face stack of the encoder deployment.")
+    face: FaceConfig = Field(default_factory=FaceConfig, description="Face stack of the encoder deployment (and, "
+                             "serving PuLID-FLUX, the one the Generator reads people's ArcFace embeddings with).")
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Request bounds.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the Generator runs its pipeline.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(

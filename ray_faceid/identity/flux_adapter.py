@@ -346,10 +346,6 @@ def _projection_shape(uri: str) -> list[int] | None:
 def check_flux_adapter_file(uri: str) -> None:
     """A FLUX IP-Adapter file of either layout, read without a base (a Serve config is checked before
     any replica loads one): its projection and identity attention are there, or one line says not."""
-    from ray_faceid.identity.pulid_flux import NOT_SERVED, is_pulid_file
-
-    if is_pulid_file(uri):
-        raise UnsupportedModel(f"{uri}: {NOT_SERVED}")
     uri = adapter_file(uri)
     proj, ip = _split(storage.read_bytes(uri), uri)
     if "proj.weight" not in proj or "norm.weight" not in proj or not any(k.endswith("to_k_ip.weight") for k in ip):

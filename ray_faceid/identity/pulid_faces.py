@@ -51,6 +51,14 @@ def _one_of(folder: str, names: tuple[str, ...]) -> str:
     raise BadInput(f"PuLID-FLUX reads photos through {FOLDER_HELP}: {folder} has no {' or '.join(names)}")
 
 
+def check_encoder_folder(folder: str | None) -> None:
+    """The folder holds both encoders' files (read without loading them), or BadInput."""
+    if not folder:
+        raise BadInput(f"PuLID-FLUX reads people through {FOLDER_HELP}: set image_encoder to it")
+    _one_of(folder, EVA_NAMES)
+    _one_of(folder, PARSER_NAMES)
+
+
 class PulidFaceReader:
     def __init__(self, folder: str, analyzer, device="cpu", dtype: torch.dtype = torch.float32):
         from ray_faceid.face.eva_clip import load_eva_clip

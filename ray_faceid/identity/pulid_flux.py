@@ -215,8 +215,6 @@ TOKENS_ONLY = ("PuLID-FLUX reads photos and enrolled people on `ray-faceid gener
                "FOLDER of EVA02-CLIP and its face parser, --insightface-root of antelopev2), or takes their ID tokens "
                "(--face-embedding: the 32 x 2048 array PuLID's get_id_embedding gives)")
 
-NOT_SERVED = ("PuLID-FLUX's face encoders run on `ray-faceid generate`, `inpaint` and `render`; Serve of PuLID-FLUX "
-              "is not built yet")
 RENDER_READERS = ("PuLID-FLUX renders enrolled people read by its encoders: give --image-encoder FOLDER (EVA02-CLIP and "
                   "its face parser) and --face-backend insightface --insightface-root PACK (antelopev2: its ArcFace)")
 

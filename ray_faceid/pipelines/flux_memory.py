@@ -204,7 +204,7 @@ def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: s
     side = 32 if ref.kind == "tiny" else 1024
     width, height = max(sizes, key=lambda wh: wh[0] * wh[1]) if sizes else (side, side)
     extra = {name: _local_bytes(path) for name, path in (("FLUX IP-Adapter", adapter),
-                                                          ("CLIP image encoder", image_encoder)) if path}
+                                                          ("image encoder", image_encoder)) if path}
     if adapter and extra["FLUX IP-Adapter"]:
         from ray_faceid.identity.flux_adapter import trained_encoder
 
@@ -236,8 +236,10 @@ def _local_bytes(path: str) -> int:
     if local.is_file():
         return local.stat().st_size
     if local.is_dir():
-        return sum(p.stat().st_size for p in local.glob("*.safetensors")) or sum(
-            p.stat().st_size for p in local.glob("*.bin"))
+        for patterns in (("*.safetensors",), ("*.bin",), ("*.pt", "*.pth")):  # PuLID's encoders: .pt and .pth
+            found = sum(p.stat().st_size for pattern in patterns for p in local.glob(pattern))
+            if found:
+                return found
     return 0
 
 

@@ -219,3 +219,67 @@ def test_render_reads_an_enrolled_person_for_pulid_as_generate_does(reader, enco
     assert np.abs(np.asarray(Image.open(got)).astype(int) - np.asarray(want).astype(int)).max() <= 1
     with pytest.raises(BadInput, match="give --image-encoder FOLDER"):  # before Ray, not in every row
         run_render(str(catalog), str(tmp_path / "out2"), str(tmp_path / "flux"), registry, pulid, config)
+
+
+def test_a_serve_replica_reads_enrolled_people_for_pulid_as_render_does(reader, encoders, sample_photos, tmp_path,
+                                                                       tiny_arcface_onnx):
+    """A FLUX Generator replica serving PuLID-FLUX (from a config resolve_config accepted): each
+    request's enrolled person read by its encoders from their reference crops, each image equal to the
+    generator's on the same crops' tokens; a config without the encoders is refused when read."""
+    import asyncio
+    import base64
+    import io
+    import threading
+
+    from PIL import Image
+
+    from deployments.app import resolve_config
+    from deployments.flux_generator import FluxServeGenerator
+    from ray_faceid.config import FaceConfig, ServeConfig
+    from ray_faceid.errors import BadInput
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.face.clip_image import face_crop
+    from ray_faceid.identity.stand_ins import pulid_state_dict
+    from ray_faceid.pipelines.flux import build_tiny_flux, save_flux
+    from ray_faceid.pipelines.generate import IdentityCondition
+    from ray_faceid.registry import Registry
+
+    base = build_tiny_flux()
+    save_flux(base, tmp_path / "flux")
+    pulid = str(tmp_path / "pulid_flux_v0.9.1.safetensors")
+    save_file(pulid_state_dict(base.transformer, id_input=TINY_ARCFACE + EVA_TOY["embed_dim"],
+                               vit_width=EVA_TOY["width"]), pulid)
+    registry, analyzer = Registry(str(tmp_path / "registry")), FaceAnalyzer()
+    people = {}
+    for name, photo in (("ann", "Tom_Hanks_54745.png"), ("bob", "t1.jpg")):
+        picture = analyzer.load(sample_photos[photo])
+        face = analyzer.analyze(picture)[0]
+        crop = face_crop(picture, face.landmarks)[..., ::-1]  # a face a detector finds again, as enrolled crops are
+        people[name] = registry.create("acme", name, f"form-{name}", face.embedding[None], np.ones(1, np.float32),
+                                       analyzer.spec, [np.ascontiguousarray(crop)], [])["id"]
+    tokens = {"acme": "acme-token-0123456789abcdef"}
+    face = FaceConfig(recognizer_onnx=str(tiny_arcface_onnx), landmarks="dlib68")
+    config = ServeConfig(model=str(tmp_path / "flux"), adapter=pulid, image_encoder=str(encoders), face=face,
+                         registry=registry.store, api_tokens=tokens)
+    for change, says in (({"face": FaceConfig()}, "face: PuLID-FLUX serves enrolled people read by its encoders"),
+                         ({"image_encoder": str(tmp_path)}, "has no EVA02_CLIP_L_336_psz14_s6B.pt")):
+        with pytest.raises(BadInput, match=says):
+            resolve_config(config.model_copy(update=change))
+    generator = FluxServeGenerator(resolve_config(config).model_dump_json())
+    assert "PuLID-FLUX" in generator.defaults()["served"] and generator.info()["image_encoder"] == reader.sha256
+    generator.load_identity = generator._load_identity  # Serve's multiplexing needs a replica context
+
+    def request(person: str, seed: int) -> dict:
+        return {"kind": "generate", "tenant": "acme", "identities": [{"id": people[person]}], "prompt": "a portrait",
+                "negative_prompt": "", "seed": seed, "num_images": 1, "steps": 2, "guidance": 3.5, "width": 32,
+                "height": 32, "cancelled": threading.Event()}
+
+    answers = asyncio.run(generator._generate_group([request("ann", 3), request("bob", 4)]))
+    for answer, name, seed in zip(answers, ("ann", "bob"), (3, 4)):
+        assert "error" not in answer and "status" not in answer, answer
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"][0])))).astype(int)
+        crops = registry.references("acme", people[name])
+        want_tokens = generator.pipeline.adapter.tokens_of(reader.read(crops, [name]), name)
+        want = generator.pipeline.generate("a portrait", [IdentityCondition(name, want_tokens)], seed=seed, steps=2,
+                                           width=32, height=32).images[0]
+        assert np.abs(got - np.asarray(want).astype(int)).max() <= 1, name
