@@ -173,6 +173,25 @@ def test_generate_reads_a_photo_for_pulid_as_the_tokens_it_makes(reader, encoder
     refused = CliRunner().invoke(app, [*common, "--image-encoder", str(encoders), "--ref", photo, "--out",
                                        str(tmp_path / "x.png")])
     assert refused.exit_code == 2 and "--insightface-root of antelopev2" in refused.stderr, refused.output
+    # An enrolled person: the reference crops the registry keeps, read the same way.
+    registry = ["--registry", str(tmp_path / "registry")]
+    enrolled = CliRunner().invoke(app, ["identities", "enroll", photo, "--name", "tom", "--consent", "licence (test)",
+                                        *registry])
+    assert enrolled.exit_code == 0, enrolled.output
+    made = CliRunner().invoke(app, [*common, "--image-encoder", str(encoders), "--insightface-root", str(tmp_path),
+                                    "--identity", "tom", *registry, "--out", str(tmp_path / "enrolled.png")])
+    assert made.exit_code == 0, made.output
+    from ray_faceid.registry import Registry
+
+    store = Registry(str(tmp_path / "registry"))
+    crops = store.references("default", store.resolve("default", "tom"))
+    np.save(tmp_path / "crop_tokens.npy", load_pulid_flux(pulid, build_tiny_flux().transformer).tokens_of(
+        reader.read(crops, ["tom"] * len(crops)), "tom"))
+    given = CliRunner().invoke(app, [*common, "--face-embedding", str(tmp_path / "crop_tokens.npy"), "--out",
+                                     str(tmp_path / "crop_given.png")])
+    assert given.exit_code == 0, given.output
+    assert np.abs(np.asarray(Image.open(tmp_path / "enrolled.png")).astype(int)
+                  - np.asarray(Image.open(tmp_path / "crop_given.png")).astype(int)).max() <= 1
 
 
 def test_render_reads_an_enrolled_person_for_pulid_as_generate_does(reader, encoders, sample_photos, tmp_path,
