@@ -144,12 +144,17 @@ class BiSeNet(nn.Module):
 def load_face_parsing(uri: str) -> BiSeNet:
     """facexlib's parsing_bisenet.pth (or .safetensors of the same names), loaded strictly."""
     raw = storage.read_bytes(uri)
-    if str(uri).endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
+    try:  # a damaged or foreign file: one line, not a traceback
+        if str(uri).endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
 
-        state = load_safetensors(raw)
-    else:  # tensors only: a pickle's code is never run
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            state = load_safetensors(raw)
+        else:  # tensors only: a pickle's code is never run
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling and safetensors raise many types
+        raise UnsupportedModel(f"{uri}: not a readable face parser (parsing_bisenet.pth) ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnsupportedModel(f"{uri}: not a face parser (parsing_bisenet.pth): it holds no table of tensors")
     parser = BiSeNet()
     try:
         parser.load_state_dict(state, strict=True)

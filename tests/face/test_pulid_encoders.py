@@ -70,3 +70,7 @@ def test_a_file_of_other_names_is_refused_in_one_line(reference, tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(UnsupportedModel, match="not facexlib's BiSeNet face parser"):
         load_face_parsing(str(tmp_path / "other.pth"))
+    (tmp_path / "damaged.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1")  # a pointer, not weights
+    for load, path in ((load_eva_clip, "damaged.pt"), (load_face_parsing, "damaged.pt")):
+        with pytest.raises(UnsupportedModel, match="not a readable"):
+            load(str(tmp_path / path))
