@@ -187,6 +187,10 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         if is_pulid_file(adapter) and (not image_encoder or (config.face.backend == "dlib"
                                                              and not config.face.recognizer_onnx)):
             raise BadInput(RENDER_READERS)  # before Ray: each row's people are read by its encoders
+        if is_pulid_file(adapter):
+            from ray_faceid.identity.pulid_faces import check_encoder_folder
+
+            check_encoder_folder(image_encoder)  # both files there, before any actor loads them
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
     inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder, catalog)
     done = _finished(out, inputs)

@@ -20,7 +20,7 @@ from ray_faceid.errors import UnsupportedModel
 
 CLASSES = 19
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as PuLID normalises the parser's input
-# The classes PuLID whitens (background, neck, cloth, ears, earring, hair, hat): what is left is the face.
+# The classes PuLID whitens (background, ears, earring, neck, necklace, cloth, hat): the face and hair stay.
 NOT_FACE = (0, 7, 8, 9, 14, 15, 16, 18)
 
 

@@ -4,8 +4,8 @@
    `--insightface-root`), and its five points;
 2. the face aligned to FFHQ's five-point template at 512 x 512 (a partial affine fitted by least
    median of squares, grey outside the photo), as facexlib aligns it;
-3. BiSeNet's classes of that face (face/face_parsing.py): background, neck, clothes, ears, earrings,
-   hair and hat made white, the rest turned grey;
+3. BiSeNet's classes of that face (face/face_parsing.py): background, ears, earrings, neck, necklace,
+   clothes and hat made white, the rest (face, hair) turned grey;
 4. EVA02-CLIP's vision tower (face/eva_clip.py) on that image, resized bicubically to its input:
    the class token's embedding and five hidden states.
 
@@ -67,9 +67,10 @@ class PulidFaceReader:
 
         eva_file, parser_file = _one_of(folder, EVA_NAMES), _one_of(folder, PARSER_NAMES)
         self.analyzer, self.device, self.dtype = analyzer, torch.device(device), dtype
-        self.eva = load_eva_clip(eva_file).to(self.device, dtype)
-        self.parser = load_face_parsing(parser_file).to(self.device)  # fp32: its classes, not its scores, are read
-        self.sha256 = weights_hash_of(torch.nn.ModuleList([self.eva, self.parser]))
+        eva, parser = load_eva_clip(eva_file), load_face_parsing(parser_file)
+        self.sha256 = weights_hash_of(torch.nn.ModuleList([eva, parser]))  # of the files' weights, before any cast
+        self.eva = eva.to(self.device, dtype)
+        self.parser = parser.to(self.device)  # fp32: its classes, not its scores, are read
 
     @torch.no_grad()
     def read(self, photos: list[np.ndarray], labels: list[str]) -> PulidFeatures:

@@ -238,6 +238,10 @@ def test_render_reads_an_enrolled_person_for_pulid_as_generate_does(reader, enco
     assert np.abs(np.asarray(Image.open(got)).astype(int) - np.asarray(want).astype(int)).max() <= 1
     with pytest.raises(BadInput, match="give --image-encoder FOLDER"):  # before Ray, not in every row
         run_render(str(catalog), str(tmp_path / "out2"), str(tmp_path / "flux"), registry, pulid, config)
+    (tmp_path / "no_encoders").mkdir()
+    with pytest.raises(BadInput, match="has no EVA02_CLIP_L_336_psz14_s6B.pt"):  # before Ray too
+        run_render(str(catalog), str(tmp_path / "out3"), str(tmp_path / "flux"), registry, pulid, config,
+                   image_encoder=str(tmp_path / "no_encoders"))
 
 
 def test_a_serve_replica_reads_enrolled_people_for_pulid_as_render_does(reader, encoders, sample_photos, tmp_path,
