@@ -12,7 +12,6 @@ Checked against EVA-CLIP's own code (as PuLID ships it) on a toy configuration:
 tests/face/test_pulid_encoders.py."""
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_faceid import storage
 from ray_faceid.errors import UnsupportedModel
 
 HEAD_WIDTH = 64  # EVA02-CLIP's attention heads are 64 wide (one head below that: toy widths)
@@ -177,21 +175,9 @@ def load_eva_clip(uri: str) -> EvaVisionTower:
     """The vision tower of an EVA02-CLIP checkpoint (.pt, as EVA-CLIP publishes it, or .safetensors of
     the same names), loaded strictly: every `visual.*` weight has its place and every place its weight
     (the rotary tables it also stores are computed here)."""
-    raw = storage.read_bytes(uri)
-    try:  # a damaged or foreign file: one line, not a traceback
-        if str(uri).endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
+    from ray_faceid.face.face_parsing import read_tensors
 
-            state = load_safetensors(raw)
-        else:  # tensors only: a pickle's code is never run
-            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling and safetensors raise many types
-        raise UnsupportedModel(f"{uri}: not a readable EVA02-CLIP checkpoint ({type(exc).__name__})") from None
-    for key in ("model", "module", "state_dict"):  # EVA-CLIP's loader unwraps these too
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UnsupportedModel(f"{uri}: not an EVA02-CLIP checkpoint: it holds no table of tensors")
+    state = read_tensors(uri, "EVA02-CLIP checkpoint")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")} or state
     visual = {k: v for k, v in visual.items() if "freqs_cos" not in k and "freqs_sin" not in k}

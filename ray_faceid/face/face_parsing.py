@@ -24,6 +24,27 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as PuLID
 NOT_FACE = (0, 7, 8, 9, 14, 15, 16, 18)
 
 
+def read_tensors(uri: str, what: str) -> dict:
+    """A weights file's tensors by name (.safetensors, or a .pt/.pth read with weights_only: no pickled
+    code runs); a damaged or foreign file is one UnsupportedModel line naming `what` it should be."""
+    raw = storage.read_bytes(uri)
+    try:
+        if str(uri).endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(raw)
+        else:
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling and safetensors raise many types
+        raise UnsupportedModel(f"{uri}: not a readable {what} ({type(exc).__name__})") from None
+    for key in ("model", "module", "state_dict"):  # wrappers checkpoints are often saved in
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnsupportedModel(f"{uri}: not a {what}: it holds no table of tensors")
+    return state
+
+
 class ConvBNReLU(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int = 3):
         super().__init__()
@@ -143,18 +164,7 @@ class BiSeNet(nn.Module):
 
 def load_face_parsing(uri: str) -> BiSeNet:
     """facexlib's parsing_bisenet.pth (or .safetensors of the same names), loaded strictly."""
-    raw = storage.read_bytes(uri)
-    try:  # a damaged or foreign file: one line, not a traceback
-        if str(uri).endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
-
-            state = load_safetensors(raw)
-        else:  # tensors only: a pickle's code is never run
-            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling and safetensors raise many types
-        raise UnsupportedModel(f"{uri}: not a readable face parser (parsing_bisenet.pth) ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UnsupportedModel(f"{uri}: not a face parser (parsing_bisenet.pth): it holds no table of tensors")
+    state = read_tensors(uri, "face parser (parsing_bisenet.pth)")
     parser = BiSeNet()
     try:
         parser.load_state_dict(state, strict=True)
