@@ -1,5 +1,6 @@
 """A photo read as PuLID-FLUX's pipeline reads it (`get_id_embedding`), from encoders the user gives:
 
+0. a photo larger than 1024 pixels shrunk to that long edge (Lanczos), as PuLID's app does;
 1. the largest face's ArcFace embedding, raw, from the face stack (PuLID's: antelopev2's glintr100,
    `--insightface-root`), and its five points;
 2. the face aligned to FFHQ's five-point template at 512 x 512 (a partial affine fitted by least
@@ -25,6 +26,7 @@ from ray_faceid import storage
 from ray_faceid.errors import BackendUnavailable, BadInput
 
 ALIGNED = 512
+LONG_EDGE = 1024  # PuLID's app shrinks each photo to this long edge before its encoders read it
 FFHQ_FIVE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
                       [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)  # eyes, nose, mouth corners
 OUTSIDE = (132, 133, 135)  # RGB of facexlib's border grey (135, 133, 132 in its BGR)
@@ -87,6 +89,7 @@ class PulidFaceReader:
         from ray_faceid.face import eva_clip, face_parsing
         from ray_faceid.identity.instantid import FIVE_POINTS
 
+        photo = shrink_long_edge(photo, LONG_EDGE)  # as PuLID's app does; a phone photo warped whole would alias
         faces = self.analyzer.analyze(photo)
         if not faces:
             raise BadInput(f"no face found in {label}: give a photo that shows the person")
@@ -114,13 +117,28 @@ def _normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
                                                                                               ).view(shape)
 
 
-def align_ffhq(photo: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """The 512 x 512 crop whose five points sit on FFHQ's template: a rotation, uniform scale and shift
-    fitted by least median of squares (as facexlib fits it), grey where the photo ends."""
+def _opencv():
     try:
         import cv2
     except ImportError:
-        raise BackendUnavailable("PuLID-FLUX aligns faces with OpenCV: pip install 'ray_faceid[insightface]'") from None
+        raise BackendUnavailable("PuLID-FLUX reads photos with OpenCV: pip install 'ray_faceid[insightface]'") from None
+    return cv2
+
+
+def shrink_long_edge(photo: np.ndarray, edge: int) -> np.ndarray:
+    """The photo with its long edge at most `edge` (Lanczos, sides rounded down, as PuLID's
+    resize_numpy_image_long); a smaller photo as it is."""
+    height, width = photo.shape[:2]
+    if max(height, width) <= edge:
+        return photo
+    cv2, scale = _opencv(), edge / max(height, width)
+    return cv2.resize(photo, (int(width * scale), int(height * scale)), interpolation=cv2.INTER_LANCZOS4)
+
+
+def align_ffhq(photo: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The 512 x 512 crop whose five points sit on FFHQ's template: a rotation, uniform scale and shift
+    fitted by least median of squares (as facexlib fits it), grey where the photo ends."""
+    cv2 = _opencv()
     matrix = cv2.estimateAffinePartial2D(points, FFHQ_FIVE, method=cv2.LMEDS)[0]
     if matrix is None:
         raise BadInput("the face's five points do not fit a face's shape: give a clearer photo")

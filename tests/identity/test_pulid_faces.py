@@ -67,6 +67,21 @@ def test_a_photo_becomes_the_features_pulids_idformer_reads(reader, sample_photo
     assert aligned.shape == (512, 512, 3) and aligned.std() > 20
 
 
+def test_a_photo_over_1024_pixels_is_read_as_pulid_reads_it_shrunk_first(reader, sample_photos):
+    """PuLID's app shrinks a photo to a long edge of 1024 (Lanczos) before its encoders see it: a
+    1280-wide group photo reads as that shrunk copy does, not as a warp of the full photo would."""
+    import cv2
+
+    from ray_faceid.face.decode import decode_image
+
+    photo = decode_image(sample_photos["t1.jpg"])
+    height, width = photo.shape[:2]
+    scale = 1024 / max(height, width)
+    shrunk = cv2.resize(photo, (int(width * scale), int(height * scale)), interpolation=cv2.INTER_LANCZOS4)
+    full, small = reader.read([photo], ["group"]), reader.read([shrunk], ["group, shrunk"])
+    assert torch.equal(full.eva, small.eva) and torch.equal(full.arcface, small.arcface)
+
+
 def test_what_the_parser_calls_not_face_is_white_and_the_face_grey(reader, sample_photos, monkeypatch):
     from ray_faceid.face import eva_clip
     from ray_faceid.face.decode import decode_image
