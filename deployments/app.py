@@ -82,6 +82,7 @@ def model_family(model: str) -> str | None:
 
 def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
     """A Serve config of a FLUX base: what its Generator (flux_generator.py) does not take is one line."""
+    from ray_faceid.pipelines.flux import flux_settings
     from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS, check_step_cache
 
     given = {"imr": config.imr, "flow": config.flow, "identitynet": config.identitynet,
@@ -113,14 +114,20 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
     from ray_faceid.identity.pulid_flux import is_pulid_file
 
     pulid = is_pulid_file(config.adapter)  # reads people through its own encoders (identity/pulid_faces.py)
-    if pulid:
-        from ray_faceid.identity.pulid_faces import check_encoder_folder
+    if pulid:  # its file, encoders and face stack read when the config is, not by every replica in a loop
+        from ray_faceid.identity.pulid_faces import check_encoder_folder, check_face_stack
+        from ray_faceid.identity.pulid_flux import check_pulid_file
 
-        if config.face.backend == "dlib" and not config.face.recognizer_onnx:
-            raise BadInput("face: PuLID-FLUX serves enrolled people read by its encoders, its ArcFace embedding from "
-                           "antelopev2's pack: set face.backend insightface and face.insightface_root (and "
-                           "image_encoder to the folder of EVA02-CLIP and its face parser)")
-        check_encoder_folder(config.image_encoder)
+        check_face_stack(config.face)
+        try:
+            check_encoder_folder(config.image_encoder)
+        except UnsupportedModel as wrong:
+            raise BadInput(f"image_encoder: {wrong.message}") from None
+        try:
+            check_pulid_file(config.adapter, flux_settings(resolve_model(config.model, flux=True))["inner_width"]
+                             if local else None)
+        except UnsupportedModel as wrong:
+            raise BadInput(f"adapter: {wrong.message}") from None
     if not config.adapter or (not pulid and ours is None and not config.image_encoder):  # the API renders people
         raise BadInput("a FLUX deployment renders people through a FLUX IP-Adapter, which reads each person's reference "
                        "crops through a CLIP image encoder: set both adapter and image_encoder, or adapter to the "
@@ -134,8 +141,6 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
         except (NotFound, UnsupportedModel) as wrong:
             raise BadInput(f"adapter: {wrong.message}") from None
     if config.guidance and local:  # 0 is none
-        from ray_faceid.pipelines.flux import flux_settings
-
         if not flux_settings(resolve_model(config.model, flux=True))["guidance_embedded"]:
             raise BadInput("guidance: FLUX.1 schnell takes no guidance: leave it out")
     if config.image_encoder and not pulid:

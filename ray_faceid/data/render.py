@@ -187,10 +187,14 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         if is_pulid_file(adapter) and (not image_encoder or (config.face.backend == "dlib"
                                                              and not config.face.recognizer_onnx)):
             raise BadInput(RENDER_READERS)  # before Ray: each row's people are read by its encoders
-        if is_pulid_file(adapter):
-            from ray_faceid.identity.pulid_faces import check_encoder_folder
+        if is_pulid_file(adapter):  # its file, encoders and face stack, before any actor loads them
+            from ray_faceid.identity.pulid_faces import check_encoder_folder, check_face_stack
+            from ray_faceid.identity.pulid_flux import check_pulid_file
+            from ray_faceid.pipelines.flux import flux_settings
 
-            check_encoder_folder(image_encoder)  # both files there, before any actor loads them
+            check_face_stack(config.face)
+            check_encoder_folder(image_encoder)
+            check_pulid_file(adapter, flux_settings(model)["inner_width"])
     Registry(registry).record_output(tenant, out)  # before any image: erasing a person reaches this folder
     inputs = run_inputs(texts, model, registry, adapter, config, tenant, imr, flow, image_encoder, catalog)
     done = _finished(out, inputs)

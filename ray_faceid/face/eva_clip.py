@@ -171,17 +171,19 @@ def config_of(state: dict[str, torch.Tensor]) -> EvaConfig:
                                "e.g. EVA02_CLIP_L_336_psz14_s6B.pt)") from None
 
 
-def load_eva_clip(uri: str) -> EvaVisionTower:
+def load_eva_clip(uri: str, meta: bool = False) -> EvaVisionTower:
     """The vision tower of an EVA02-CLIP checkpoint (.pt, as EVA-CLIP publishes it, or .safetensors of
     the same names), loaded strictly: every `visual.*` weight has its place and every place its weight
-    (the rotary tables it also stores are computed here)."""
-    from ray_faceid.face.face_parsing import read_tensors
+    (the rotary tables it also stores are computed here). `meta`: built on the meta device from the
+    file's names and shapes alone, a check of its layout that reads no weights."""
+    from ray_faceid.weight_files import read_tensors
 
-    state = read_tensors(uri, "EVA02-CLIP checkpoint")
+    state = read_tensors(uri, "EVA02-CLIP checkpoint", meta=meta)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")} or state
     visual = {k: v for k, v in visual.items() if "freqs_cos" not in k and "freqs_sin" not in k}
-    tower = EvaVisionTower(config_of(visual))
+    with torch.device("meta" if meta else "cpu"):
+        tower = EvaVisionTower(config_of(visual))
     try:
         tower.load_state_dict(visual, strict=True)
     except RuntimeError as exc:

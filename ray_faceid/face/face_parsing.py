@@ -9,40 +9,17 @@ heads (1/8 and 1/16 context) are loaded, as the file holds them, but not run: on
 classes are read. Checked against facexlib's code on random weights: tests/face/test_pulid_encoders.py."""
 from __future__ import annotations
 
-import io
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_faceid import storage
 from ray_faceid.errors import UnsupportedModel
+from ray_faceid.weight_files import read_tensors
 
 CLASSES = 19
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as PuLID normalises the parser's input
 # The classes PuLID whitens (background, ears, earring, neck, necklace, cloth, hat): the face and hair stay.
 NOT_FACE = (0, 7, 8, 9, 14, 15, 16, 18)
-
-
-def read_tensors(uri: str, what: str) -> dict:
-    """A weights file's tensors by name (.safetensors, or a .pt/.pth read with weights_only: no pickled
-    code runs); a damaged or foreign file is one UnsupportedModel line naming `what` it should be."""
-    raw = storage.read_bytes(uri)
-    try:
-        if str(uri).endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
-
-            state = load_safetensors(raw)
-        else:
-            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling and safetensors raise many types
-        raise UnsupportedModel(f"{uri}: not a readable {what} ({type(exc).__name__})") from None
-    for key in ("model", "module", "state_dict"):  # wrappers checkpoints are often saved in
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UnsupportedModel(f"{uri}: not a {what}: it holds no table of tensors")
-    return state
 
 
 class ConvBNReLU(nn.Module):
@@ -162,10 +139,12 @@ class BiSeNet(nn.Module):
         return F.interpolate(scores, images.shape[2:], mode="bilinear", align_corners=True)
 
 
-def load_face_parsing(uri: str) -> BiSeNet:
-    """facexlib's parsing_bisenet.pth (or .safetensors of the same names), loaded strictly."""
-    state = read_tensors(uri, "face parser (parsing_bisenet.pth)")
-    parser = BiSeNet()
+def load_face_parsing(uri: str, meta: bool = False) -> BiSeNet:
+    """facexlib's parsing_bisenet.pth (or .safetensors of the same names), loaded strictly (`meta`: on
+    the meta device from the file's names and shapes alone, a check that reads no weights)."""
+    state = read_tensors(uri, "face parser (parsing_bisenet.pth)", meta=meta)
+    with torch.device("meta" if meta else "cpu"):
+        parser = BiSeNet()
     try:
         parser.load_state_dict(state, strict=True)
     except (RuntimeError, AttributeError) as exc:

@@ -258,7 +258,7 @@ def trained_encoder(uri: str):
     """The face encoder (EncoderSpec) a FLUX adapter `ray-faceid train` made reads, from the file's header
     alone (before any base loads); None for a published file or one that cannot be read (its loader says why)."""
     from ray_faceid.identity.flux_training import made_by_training
-    from ray_faceid.identity.pulid_flux import safetensors_header
+    from ray_faceid.weight_files import safetensors_header
 
     uri = adapter_file(uri)
     if not uri.endswith(".safetensors"):
@@ -297,7 +297,8 @@ def check_given_embeddings(uri: str, people: dict[str, np.ndarray]) -> None:
     its header, before the base loads (minutes for FLUX.1): PuLID-FLUX's T x C ID tokens (N x T x C from
     N photos), a FLUX IP-Adapter's D-wide image embeddings (N x D). The loaders say why an unreadable
     file is refused: nothing is said of it here."""
-    from ray_faceid.identity.pulid_flux import header_shapes, is_pulid_file
+    from ray_faceid.identity.pulid_flux import is_pulid_file
+    from ray_faceid.weight_files import header_shapes
 
     if not people:
         return
@@ -325,7 +326,7 @@ def check_given_embeddings(uri: str, people: dict[str, np.ndarray]) -> None:
 
 def _projection_shape(uri: str) -> list[int] | None:
     """The FLUX IP-Adapter projection's weight shape (rows, embedding width), or None where unreadable."""
-    from ray_faceid.identity.pulid_flux import header_shapes
+    from ray_faceid.weight_files import header_shapes
 
     uri = adapter_file(uri)
     if uri.endswith(".safetensors"):

@@ -54,11 +54,26 @@ def _one_of(folder: str, names: tuple[str, ...]) -> str:
 
 
 def check_encoder_folder(folder: str | None) -> None:
-    """The folder holds both encoders' files (read without loading them), or BadInput."""
+    """The folder holds both encoders' files in their published layouts (their names and shapes: no
+    weights read), or BadInput / UnsupportedModel in one line."""
+    from ray_faceid.face.eva_clip import load_eva_clip
+    from ray_faceid.face.face_parsing import load_face_parsing
+
     if not folder:
         raise BadInput(f"PuLID-FLUX reads people through {FOLDER_HELP}: set image_encoder to it")
-    _one_of(folder, EVA_NAMES)
-    _one_of(folder, PARSER_NAMES)
+    load_eva_clip(_one_of(folder, EVA_NAMES), meta=True)
+    load_face_parsing(_one_of(folder, PARSER_NAMES), meta=True)
+
+
+def check_face_stack(face) -> None:
+    """A face stack (FaceConfig) PuLID-FLUX can read people with: an ArcFace embedding and the five
+    points it aligns by, or BadInput naming the setting."""
+    if face.backend == "dlib" and not face.recognizer_onnx:
+        raise BadInput("face: PuLID-FLUX reads people's ArcFace embedding (antelopev2's pack): set face.backend "
+                       "insightface and face.insightface_root")
+    if face.backend == "dlib" and face.landmarks != "dlib68":
+        raise BadInput("face: PuLID-FLUX aligns faces by their eyes, nose and mouth corners, which dlib's 5 points lack: "
+                       "set face.landmarks dlib68, or face.backend insightface")
 
 
 class PulidFaceReader:

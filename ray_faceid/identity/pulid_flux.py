@@ -35,6 +35,7 @@ from torch import nn
 from ray_faceid import storage
 from ray_faceid.errors import BadInput, UnsupportedModel
 from ray_faceid.identity.face_plus import PerceiverAttention, feed_forward
+from ray_faceid.weight_files import header_shapes
 from ray_faceid.weights_hash import weights_hash_of
 
 log = logging.getLogger(__name__)
@@ -235,24 +236,6 @@ def _header_keys(uri: str) -> list[str]:
     return list(header_shapes(uri))
 
 
-def safetensors_header(uri: str) -> dict:
-    """A safetensors file's JSON header alone (its first 8 bytes give its length; {} where there is
-    none): what a file takes and what made it are known before gigabytes of weights or a base load."""
-    import json
-
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        head = f.read(8)
-        size = int.from_bytes(head, "little") if len(head) == 8 else 0
-        header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else None
-    return header if isinstance(header, dict) else {}
-
-
-def header_shapes(uri: str) -> dict[str, list[int]]:
-    """Each tensor's shape, from the file's header."""
-    return {k: v.get("shape") for k, v in safetensors_header(uri).items() if k != "__metadata__" and isinstance(v, dict)}
-
-
 def _modules_of(encoder: dict, ca: dict) -> tuple[IdFormer, list[IdCrossAttention]]:
     """The IDFormer and cross-attentions the tensors' shapes describe (KeyError / ValueError where not)."""
     _, queries, dim = encoder["latents"].shape
@@ -268,16 +251,19 @@ def _modules_of(encoder: dict, ca: dict) -> tuple[IdFormer, list[IdCrossAttentio
     return former, [IdCrossAttention(hidden, ca["0.to_kv.weight"].shape[1], inner) for _ in range(count)]
 
 
-def load_pulid_flux(uri: str, transformer) -> PulidFlux:
-    """A PuLID-FLUX file for `transformer`, loaded strictly; one line says what was recognised, and a
-    file made for another model is refused in one line."""
-    from safetensors.torch import load
+def check_pulid_file(uri: str, width: int | None = None) -> None:
+    """PuLID-FLUX's layout, read from the file's header alone (a Serve config and a render job are
+    checked before any replica or actor loads it): its names and shapes build the IDFormer and
+    cross-attentions on the meta device, strictly; `width`: the base transformer's. A file cut short,
+    of another layout or for another base is one UnsupportedModel line."""
+    from ray_faceid.weight_files import read_tensors
 
-    raw = storage.read_bytes(uri)
-    try:
-        flat = load(raw)
-    except Exception as exc:  # noqa: BLE001 - a damaged file raises many types
-        raise UnsupportedModel(f"{uri}: not a readable safetensors file ({type(exc).__name__})") from None
+    with torch.device("meta"):
+        _pulid_of(read_tensors(uri, "PuLID-FLUX file", meta=True), uri, width)
+
+
+def _pulid_of(flat: dict, uri: str, width: int | None) -> PulidFlux:
+    """The adapter `flat`'s tensors fill, strictly (built on the current device; `width`: the base's)."""
     encoder = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("pulid_encoder.")}
     ca = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("pulid_ca.")}
     others = sorted(k for k in flat if not k.startswith(("pulid_encoder.", "pulid_ca.")))
@@ -290,10 +276,8 @@ def load_pulid_flux(uri: str, transformer) -> PulidFlux:
         raise UnsupportedModel(f"{uri}: its tensors lack PuLID-FLUX's layout (pulid_encoder: latents, proj_out, "
                                f"layers in {SCALES} groups, mapping_0..4, id_embedding_mapping; pulid_ca.N: norm1, "
                                "norm2, to_q, to_kv, to_out): the file is damaged or of another kind") from None
-    count, hidden = len(attentions), attentions[0].to_q.in_features
-    config = transformer.config
-    width = config.num_attention_heads * config.attention_head_dim
-    if hidden != width:
+    hidden = attentions[0].to_q.in_features
+    if width is not None and hidden != width:
         raise UnsupportedModel(f"{uri}: PuLID-FLUX for a {hidden}-wide FLUX transformer; this base's is {width}-wide: "
                                "it was made for another model")
     adapter = PulidFlux(former, attentions)
@@ -303,6 +287,22 @@ def load_pulid_flux(uri: str, transformer) -> PulidFlux:
     except RuntimeError as exc:
         said = " ".join(line.strip() for line in str(exc).splitlines()[1:3])[:240]
         raise UnsupportedModel(f"{uri}: its tensors do not fit PuLID-FLUX's layout ({said})") from None
+    return adapter
+
+
+def load_pulid_flux(uri: str, transformer) -> PulidFlux:
+    """A PuLID-FLUX file for `transformer`, loaded strictly; one line says what was recognised, and a
+    file made for another model is refused in one line."""
+    from safetensors.torch import load
+
+    raw = storage.read_bytes(uri)
+    try:
+        flat = load(raw)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises many types
+        raise UnsupportedModel(f"{uri}: not a readable safetensors file ({type(exc).__name__})") from None
+    config = transformer.config
+    adapter = _pulid_of(flat, uri, config.num_attention_heads * config.attention_head_dim)
+    count = len(adapter.pulid_ca)
     adapter.eval().requires_grad_(False)
     if not all(bool(torch.isfinite(p).all()) for p in adapter.parameters()):
         raise UnsupportedModel(f"{uri}: it holds NaN or infinite weights")

@@ -219,7 +219,7 @@ def test_render_reads_an_enrolled_person_for_pulid_as_generate_does(reader, enco
     from ray_faceid.cli import app
     from ray_faceid.config import FaceConfig, RenderConfig
     from ray_faceid.data.render import run_render
-    from ray_faceid.errors import BadInput
+    from ray_faceid.errors import BadInput, UnsupportedModel
     from ray_faceid.identity.pulid_flux import load_pulid_flux
     from ray_faceid.identity.stand_ins import pulid_state_dict
     from ray_faceid.pipelines.flux import build_tiny_flux, save_flux
@@ -257,6 +257,21 @@ def test_render_reads_an_enrolled_person_for_pulid_as_generate_does(reader, enco
     with pytest.raises(BadInput, match="has no EVA02_CLIP_L_336_psz14_s6B.pt"):  # before Ray too
         run_render(str(catalog), str(tmp_path / "out3"), str(tmp_path / "flux"), registry, pulid, config,
                    image_encoder=str(tmp_path / "no_encoders"))
+    # A damaged parser, a PuLID file cut short, a stack without mouth corners: before Ray, not per actor.
+    damaged = tmp_path / "damaged_encoders"
+    damaged.mkdir()
+    (damaged / "EVA02_CLIP_L_336_psz14_s6B.pt").write_bytes((encoders / "EVA02_CLIP_L_336_psz14_s6B.pt").read_bytes())
+    (damaged / "parsing_bisenet.pth").write_bytes((encoders / "parsing_bisenet.pth").read_bytes()[:5000])
+    (tmp_path / "cut.safetensors").write_bytes(Path(pulid).read_bytes()[:-100])
+    five_points = config.model_copy(update={"face": FaceConfig(recognizer_onnx=str(tiny_arcface_onnx))})
+    for settings, adapter, encoder_folder, says in (
+            (config, pulid, damaged, "not a readable face parser"),
+            (config, str(tmp_path / "cut.safetensors"), encoders, "cut short"),
+            (five_points, pulid, encoders, "landmarks dlib68")):
+        with pytest.raises((BadInput, UnsupportedModel), match=says):
+            run_render(str(catalog), str(tmp_path / "out4"), str(tmp_path / "flux"), registry, adapter, settings,
+                       image_encoder=str(encoder_folder))
+    assert not (tmp_path / "out4" / "images").exists()
 
 
 def test_a_serve_replica_reads_enrolled_people_for_pulid_as_render_does(reader, encoders, sample_photos, tmp_path,
@@ -299,8 +314,26 @@ def test_a_serve_replica_reads_enrolled_people_for_pulid_as_render_does(reader, 
     face = FaceConfig(recognizer_onnx=str(tiny_arcface_onnx), landmarks="dlib68")
     config = ServeConfig(model=str(tmp_path / "flux"), adapter=pulid, image_encoder=str(encoders), face=face,
                          registry=registry.store, api_tokens=tokens)
-    for change, says in (({"face": FaceConfig()}, "face: PuLID-FLUX serves enrolled people read by its encoders"),
-                         ({"image_encoder": str(tmp_path)}, "has no EVA02_CLIP_L_336_psz14_s6B.pt")):
+    # Each refused when the config is read, not by every replica in a loop: files' layouts from their
+    # names and shapes alone (a file cut short, another base's width, a tower missing a weight).
+    (tmp_path / "cut.safetensors").write_bytes(Path(pulid).read_bytes()[:-100])
+    from types import SimpleNamespace
+
+    wider = SimpleNamespace(config=SimpleNamespace(num_attention_heads=3, attention_head_dim=16),
+                            transformer_blocks=[0], single_transformer_blocks=[0])  # a 48-wide transformer's shape
+    save_file(pulid_state_dict(wider), str(tmp_path / "wide.safetensors"))
+    damaged = tmp_path / "damaged_encoders"
+    damaged.mkdir()
+    (damaged / "parsing_bisenet.pth").write_bytes((encoders / "parsing_bisenet.pth").read_bytes())
+    eva = torch.load(encoders / "EVA02_CLIP_L_336_psz14_s6B.pt", weights_only=True)
+    torch.save({k: v for k, v in eva.items() if k != "visual.blocks.3.mlp.w3.weight"},
+               damaged / "EVA02_CLIP_L_336_psz14_s6B.pt")
+    for change, says in (({"face": FaceConfig()}, "face: PuLID-FLUX reads people's ArcFace embedding"),
+                         ({"face": FaceConfig(recognizer_onnx=str(tiny_arcface_onnx))}, "face.landmarks dlib68"),
+                         ({"image_encoder": str(tmp_path)}, "has no EVA02_CLIP_L_336_psz14_s6B.pt"),
+                         ({"image_encoder": str(damaged)}, "image_encoder: .* is not EVA02-CLIP's vision tower .*w3"),
+                         ({"adapter": str(tmp_path / "cut.safetensors")}, "adapter: .*cut short"),
+                         ({"adapter": str(tmp_path / "wide.safetensors")}, "adapter: .*PuLID-FLUX for a 48-wide")):
         with pytest.raises(BadInput, match=says):
             resolve_config(config.model_copy(update=change))
     generator = FluxServeGenerator(resolve_config(config).model_dump_json())
