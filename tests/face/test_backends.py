@@ -73,6 +73,18 @@ def test_insightface_needs_a_user_folder_and_says_why(tmp_path):
         build_backend(FaceConfig(backend="insightface", insightface_root=str(tmp_path)))
 
 
+def test_a_damaged_or_foreign_detector_in_a_pack_is_refused_in_one_line(tmp_path, tiny_arcface_onnx):
+    """A pack copied half-way, or a folder whose 'det' file is no SCRFD detector: one line naming the file."""
+    pytest.importorskip("insightface")
+    (tmp_path / "glintr100.onnx").write_bytes(tiny_arcface_onnx.read_bytes())
+    (tmp_path / "scrfd_10g_bnkps.onnx").write_bytes(tiny_arcface_onnx.read_bytes()[:3000])
+    with pytest.raises(BackendUnavailable, match="scrfd_10g_bnkps.onnx: not an ONNX model onnxruntime can load"):
+        build_backend(FaceConfig(backend="insightface", insightface_root=str(tmp_path)))
+    (tmp_path / "scrfd_10g_bnkps.onnx").write_bytes(tiny_arcface_onnx.read_bytes())  # a recogniser named as a detector
+    with pytest.raises(BackendUnavailable, match="scrfd_10g_bnkps.onnx: not an SCRFD face detector"):
+        build_backend(FaceConfig(backend="insightface", insightface_root=str(tmp_path)))
+
+
 def test_jitter_needs_the_dlib_runtime_and_says_so():
     with pytest.raises(BackendUnavailable, match="num_jitters needs the dlib encoder runtime"):
         FaceAnalyzer(FaceConfig(num_jitters=2))
