@@ -8,6 +8,7 @@ edits, pose, sampler or negative prompt) fails that request alone, in one line."
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import torch
@@ -200,6 +201,7 @@ class FluxServeGenerator(Generator):
             raise BadInput(f"inpainting a {image.shape[1]}x{image.shape[0]} photo in {request['steps']} steps is "
                            f"{cost} pixel-steps, over this deployment's {limits.max_cost}: send a smaller photo or "
                            "fewer steps")
-        result = await self._run([request], cost, self.pipeline.inpaint, image, mask, request["prompt"], conditions,
-                                 request["seed"], request["steps"], request["guidance"])
+        inpaint = functools.partial(self.pipeline.inpaint, feather=request["feather"])
+        result = await self._run([request], cost, inpaint, image, mask, request["prompt"], conditions, request["seed"],
+                                 request["steps"], request["guidance"])
         return self._response(result.png, result.provenance, result.seeds, hits, len(conditions))

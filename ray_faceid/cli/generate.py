@@ -440,7 +440,7 @@ def inpaint(
             people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True,
                                            readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
-                                guidance, registry, tenant, backend, step_cache, insightface_root)
+                                guidance, registry, tenant, backend, step_cache, insightface_root, feather)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)

@@ -244,8 +244,10 @@ def _who(conditions: list) -> str:
 
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
                  out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str,
-                 backend: str = "torch", step_cache: float = 0.0, insightface_root: str | None = None) -> None:
-    """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter)."""
+                 backend: str = "torch", step_cache: float = 0.0, insightface_root: str | None = None,
+                 feather: float = 0.0) -> None:
+    """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter),
+    `feather` pixels inside the mask's edge blended into the photo."""
     if len(people) > 1:
         raise BadInput("inpainting repaints one person: give one --ref person or --identity")
     precheck(ref, guidance, None, None, inpainting=True)
@@ -254,7 +256,7 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
                       f"on {generator.device.type}")
-    result = generator.inpaint(image, mask, prompt, conditions, seed, steps, guidance)
+    result = generator.inpaint(image, mask, prompt, conditions, seed, steps, guidance, feather=feather)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.png[0])
     reduced = result.provenance[0].get("repainted_at")

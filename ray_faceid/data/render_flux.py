@@ -179,7 +179,7 @@ class FluxRenderer(Renderer):
         guidance = row.guidance if row.guidance is not None else self.config.guidance
         if row.inpaint:
             result = self.pipeline.inpaint(decode_image(image_bytes), np.asarray(decode_image(mask_bytes)), row.prompt,
-                                           conditions, row.seed, steps, guidance)
+                                           conditions, row.seed, steps, guidance, feather=self.config.feather)
         else:
             width, height = row.dimensions(self.config.size)
             result = self.pipeline.generate(row.prompt, conditions, row.seed, steps, guidance, width, height)

@@ -486,11 +486,12 @@ class FluxGenerator:
     @torch.no_grad()
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, identities: list | None = None, seed: int = 0,
                 steps: int | None = None, guidance: float | None = None,
-                max_pixels: int = MAX_FILL_PIXELS) -> GenerationResult:
+                max_pixels: int = MAX_FILL_PIXELS, feather: float = 0.0) -> GenerationResult:
         """The masked part (white) of an RGB image repainted by FLUX.1 Fill, as diffusers'
         FluxFillPipeline does at the image's own size (strength 1); outside the mask the photo's own
-        pixels are kept exactly. A side that is no multiple of the patch size is padded (edges
-        repeated) and cut back. A photo over `max_pixels` is repainted reduced to it and the
+        pixels are kept exactly, and `feather` pixels inside its edge blend into them (0: a hard edge,
+        diffusers' pixels everywhere inside). A side that is no multiple of the patch size is padded
+        (edges repeated) and cut back. A photo over `max_pixels` is repainted reduced to it and the
         repainted part enlarged back."""
         identities = identities or []
         base = self.base
@@ -550,9 +551,14 @@ class FluxGenerator:
         painted = result.images[0].crop((0, 0, width, height))
         if scale < 1:
             painted = painted.resize((full_w, full_h), Image.Resampling.LANCZOS)
-        kept = np.where(full_hole[..., None], np.asarray(painted), source)  # the photo's own pixels outside the mask
+        if feather > 0:  # the UNet families' soft inner edge (pipelines/inpaint.py)
+            from ray_faceid.pipelines.inpaint import paste_back
+
+            kept = paste_back(source, full_hole, painted, feather)
+        else:
+            kept = np.where(full_hole[..., None], np.asarray(painted), source)  # the photo's own pixels outside the mask
         out = Image.fromarray(kept.astype(np.uint8))
-        record = dict(result.provenance[0], size=[full_w, full_h])
+        record = dict(result.provenance[0], size=[full_w, full_h], feather=feather)
         if scale < 1:
             record["repainted_at"] = [width, height]
         return GenerationResult([out], [png_with_provenance(out, record)], [record], [seed])

@@ -85,3 +85,46 @@ def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, files, im
     for row_id in ("amy", "two"):
         a = np.asarray(Image.open(exported[row_id]["output_uri"])).astype(int)
         assert np.abs(a - np.asarray(Image.open(records[row_id]["output_uri"])).astype(int)).max() <= 1, row_id
+
+
+def test_an_inpaint_row_renders_on_flux_fill_as_the_generator_repaints_it(small_dataset, image_encoder_folder,  # noqa: F811
+                                                                        tmp_path):
+    """A catalog's inpaint row (photo and mask beside the catalog, one enrolled person) on FLUX.1 Fill:
+    the image equals FluxGenerator.inpaint's on the same person's crops, with the job's feather."""
+    from safetensors.torch import save_file
+
+    from ray_faceid.data.catalog import read_catalog
+    from ray_faceid.data.render_flux import FluxRenderer
+    from ray_faceid.face.clip_image import ClipImageEncoder
+    from ray_faceid.identity.flux_adapter import load_flux_adapter
+    from ray_faceid.pipelines.flux import build_tiny_flux, load_flux, save_flux
+    from ray_faceid.pipelines.flux_sampling import FluxGenerator
+    from ray_faceid.pipelines.generate import IdentityCondition
+    from tests.pipelines.test_flux_identity import xlabs_state_dict
+
+    save_flux(build_tiny_flux(fill=True), tmp_path / "fill")
+    adapter = str(tmp_path / "ip_adapter.safetensors")
+    save_file(xlabs_state_dict(build_tiny_flux(fill=True).transformer), adapter)
+    registry = Registry(str(tmp_path / "registry"))
+    amy = enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)")["enrolled"]["amy"]
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    mask = np.zeros((32, 40), np.uint8)
+    mask[8:24, 12:30] = 255
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text(json.dumps({"id": "amy", "identities": [amy], "prompt": "a face", "seed": 6,
+                                   "image": "photo.png", "mask": "mask.png"}) + "\n")
+    config = CONFIG.model_copy(update={"feather": 3.0})
+    renderer = FluxRenderer(config, str(tmp_path / "fill"), adapter, registry.store, "default", str(tmp_path / "out"),
+                            image_encoder=str(image_encoder_folder), catalog=str(catalog))
+    (made,) = renderer.render_batch(read_catalog(str(catalog)), [0])
+    assert made["status"] == "ok", made.get("error")
+    base = load_flux(str(tmp_path / "fill"))
+    crops = ClipImageEncoder(str(image_encoder_folder)).image_embeds(registry.references("default", amy))
+    want = FluxGenerator(base, load_flux_adapter(adapter, base.transformer)).inpaint(
+        photo, mask, "a face", [IdentityCondition("amy", crops)], 6, 2, feather=3.0).images[0]
+    got = np.asarray(Image.open(made["output_uri"])).astype(int)
+    assert np.abs(got - np.asarray(want).astype(int)).max() <= 1
+    assert json.loads(made["provenance"])["feather"] == 3.0

@@ -119,14 +119,14 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
     # Fill repaints at the photo's size: its real cost is checked on the replica, not the native size's.
     photo = sample_photos["Tom_Hanks_54745.png"].read_bytes()
     with pytest.raises(BadInput, match="pixel-steps, over this deployment's"):
-        asyncio.run(generator._inpaint(dict(request([], 1), kind="inpaint", image=photo, mask=photo, steps=100_000)))
+        asyncio.run(generator._inpaint(dict(request([], 1), kind="inpaint", image=photo, mask=photo, feather=4.0, steps=100_000)))
     # ... at what it repaints: a photo over FLUX's pixel budget costs the budget, not its own pixels.
     from ray_faceid.pipelines import flux_sampling
 
     monkeypatch.setattr(flux_sampling, "MAX_FILL_PIXELS", 1024)
     steps = compiled.limits.max_cost // (112 * 112) + 1  # the 112 px photo's own pixels: over the limit
     with pytest.raises(BadInput, match="needs FLUX.1 Fill"):  # priced, then refused by this dev base
-        asyncio.run(generator._inpaint(dict(request([], 1), kind="inpaint", image=photo, mask=photo, steps=steps)))
+        asyncio.run(generator._inpaint(dict(request([], 1), kind="inpaint", image=photo, mask=photo, feather=4.0, steps=steps)))
     # A batch that fails answers its own requests with the failure; refused ones keep their own 422.
     def broken(*_):
         raise RuntimeError("the GPU fell over")
@@ -195,3 +195,40 @@ def test_the_flux_app_answers_over_http(ray_cluster, tmp_path, loopback_port, im
             assert "tom" not in by_id.text and tom not in by_name.text
     finally:
         serve.shutdown()
+
+
+def test_a_flux_fill_deployment_repaints_a_request_as_the_generator_does(tmp_path, image_encoder_folder):  # noqa: F811
+    """A Fill replica answers an inpaint request with the generator's own image for that photo, mask
+    and feather (the request's soft edge reaches the image; outside the mask the photo stays)."""
+    from deployments.app import resolve_config
+    from deployments.flux_generator import FluxServeGenerator
+    from ray_faceid.config import ServeConfig
+    from ray_faceid.pipelines.flux import build_tiny_flux, save_flux
+    from ray_faceid.registry import Registry
+
+    base = build_tiny_flux(fill=True)
+    save_flux(base, tmp_path / "fill")
+    save_file(xlabs_state_dict(base.transformer), tmp_path / "ip_adapter.safetensors")
+    config = ServeConfig(model=str(tmp_path / "fill"), adapter=str(tmp_path / "ip_adapter.safetensors"),
+                         image_encoder=str(image_encoder_folder), registry=Registry(str(tmp_path / "registry")).store,
+                         api_tokens=TOKENS)
+    generator = FluxServeGenerator(resolve_config(config).model_dump_json())
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    mask = np.zeros((32, 40), np.uint8)
+    mask[8:24, 12:30] = 255
+
+    def png(array) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, format="PNG")
+        return out.getvalue()
+
+    images = {}
+    for feather in (0.0, 3.0):
+        answer = asyncio.run(generator._inpaint(dict(request([], 5), kind="inpaint", image=png(photo), mask=png(mask),
+                                                     feather=feather)))
+        images[feather] = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"][0])))).astype(int)
+        want = generator.pipeline.inpaint(photo, mask, "a portrait", [], 5, 2, 3.5, feather=feather).images[0]
+        assert np.abs(images[feather] - np.asarray(want).astype(int)).max() <= 1, feather
+        assert np.array_equal(images[feather][mask == 0], photo[mask == 0])
+    assert np.abs(images[3.0] - images[0.0])[mask > 0].max() > 2

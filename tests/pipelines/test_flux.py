@@ -181,6 +181,21 @@ def test_flux_fill_repaints_the_mask_as_diffusers_flux_fill_pipeline_does(tmp_pa
     assert made.exit_code == 0, made.output
     record = read_provenance((tmp_path / "out.png").read_bytes())
     assert record["kind"] == "inpaint" and record["flux_variant"] == "fill" and record["size"] == [40, 32]
+    assert record["feather"] == 4  # the command's default, as on the UNet families
+    # --feather softens the mask's inner edge: the edge leans towards the photo, the middle is the
+    # repainted face, and outside the mask the photo's own pixels stay, byte for byte.
+    soft = {}
+    for feather in ("0", "2"):
+        made = CliRunner().invoke(app, ["inpaint", "--model", str(tmp_path / "fill"), "--image", str(tmp_path / "photo.png"),
+                                        "--mask", str(tmp_path / "mask.png"), "--prompt", "a face", "--steps", "2",
+                                        "--feather", feather, "--out", str(tmp_path / f"feather{feather}.png")])
+        assert made.exit_code == 0, made.output
+        soft[feather] = np.asarray(Image.open(tmp_path / f"feather{feather}.png")).astype(int)
+    assert np.array_equal(soft["2"][~inside], photo[~inside]) and np.array_equal(soft["0"][~inside], photo[~inside])
+    edge = np.zeros_like(inside)
+    edge[8, 12:30] = edge[23, 12:30] = edge[8:24, 12] = edge[8:24, 29] = True
+    assert np.abs(soft["2"] - photo)[edge].mean() < 0.5 * np.abs(soft["0"] - photo)[edge].mean()
+    assert np.abs(soft["2"] - soft["0"])[15:17, 19:23].max() <= 2  # far from the edge: the repainted pixels
 
 
 def test_a_folders_weights_hash_alike_in_bf16_and_fp32(tmp_path, monkeypatch):
