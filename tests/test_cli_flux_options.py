@@ -47,6 +47,37 @@ def test_onnx_named_as_a_backend_on_flux_points_to_onnxruntime(tmp_path):
     assert refused.exit_code == 2 and "--backend onnxruntime" in refused.stderr, refused.output
 
 
+def test_a_backend_name_that_is_none_is_refused_as_it_is_parsed(tmp_path, catalog):
+    """Before, `--backend foo` said "not built for FLUX yet" on FLUX and nothing about it on a UNet."""
+    for command in (["generate", "--model", "tiny", "--prompt", "a portrait", "--out", str(tmp_path / "x.png")],
+                    ["generate", "--model", "tiny-flux", "--prompt", "a portrait", "--out", str(tmp_path / "x.png")],
+                    ["inpaint", "--model", "tiny-flux-fill", "--image", str(catalog), "--mask", str(catalog), "--prompt",
+                     "a face", "--out", str(tmp_path / "x.png")],
+                    ["render", str(catalog), str(tmp_path / "out"), "--registry", str(tmp_path / "registry")]):
+        refused = _run(*command, "--backend", "foo")
+        said = _said(refused)
+        assert refused.exit_code == 2 and "--backend" in said and "'foo'" in said and "torch.compile" in said, said
+        assert "not built for FLUX" not in said
+
+
+def test_render_refuses_a_job_size_flux_cannot_make_before_ray_starts(tmp_path, catalog):
+    for size, said in (("3000", "size must look like 512x512"), ("30x30", "multiples of 4")):
+        refused = _run("render", str(catalog), str(tmp_path / "out"), "--model", "tiny-flux", "--registry",
+                       str(tmp_path / "registry"), "--size", size)
+        assert refused.exit_code == 2 and said in _said(refused), refused.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_render_on_flux_without_an_adapter_refuses_rows_that_name_people_before_ray_starts(tmp_path):
+    catalog = tmp_path / "people.jsonl"
+    catalog.write_text('{"id": "a", "prompt": "a beach"}\n{"id": "b", "prompt": "a portrait", "identities": ["ann"]}\n')
+    refused = _run("render", str(catalog), str(tmp_path / "out"), "--model", "tiny-flux", "--registry",
+                   str(tmp_path / "registry"))
+    said = _said(refused)
+    assert refused.exit_code == 2 and "1 row names people" in said and "--adapter" in said, said
+    assert not (tmp_path / "out").exists()
+
+
 def test_compile_onnx_on_flux_at_another_precision_says_fp32_only(tmp_path):
     refused = _run("compile", "--model", "tiny-flux", "--backend", "onnx", "--precision", "fp16", "--out",
                    str(tmp_path))

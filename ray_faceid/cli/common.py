@@ -36,6 +36,20 @@ ImageEncoderOpt = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-
 BACKEND_HELP = ("Denoiser runtime: auto | torch | torch.compile | onnxruntime | tensorrt. auto: torch.compile on a GPU; "
                 "on a CPU, ONNX Runtime for a UNet (where installed) and eager torch for FLUX. FLUX has no TensorRT "
                 "engine yet.")
+
+
+def _denoiser_backend(value: str) -> str:
+    """--backend checked as it is parsed, whatever the model: a runtime's name, or one line."""
+    from ray_faceid.engines.select import BACKENDS
+
+    if value == "onnx":  # compile's name for the export, not a runtime
+        raise typer.BadParameter("onnx is `ray-faceid compile`'s export; its graphs run on --backend onnxruntime")
+    if value not in BACKENDS:
+        raise typer.BadParameter(f"one of {', '.join(BACKENDS)}; not {value!r}")
+    return value
+
+
+BackendOpt = typer.Option("torch", "--backend", help=BACKEND_HELP, callback=_denoiser_backend)
 StepCacheOpt = typer.Option(0.0, "--step-cache", min=0.0, max=1.0, help="FLUX: reuse the transformer's other blocks "
                             "at steps where its first block changed less than this (first-block caching; 0: off; 0.1 is "
                             "a common start), on backend torch or torch.compile (not onnxruntime). Faster, a slightly "

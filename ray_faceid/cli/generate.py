@@ -8,8 +8,8 @@ import numpy as np
 import typer
 
 from ray_faceid.cli.common import (
-    BACKEND_HELP,
     MODEL_HELP,
+    BackendOpt,
     IdentityNetOpt,
     IdentityNetScaleOpt,
     ImageEncoderOpt,
@@ -29,7 +29,6 @@ AdapterOpt = typer.Option(None, "--adapter", help="Identity adapter: a folder `r
                           "or a published IP-Adapter-FaceID / InstantID .bin / .safetensors (a FLUX base: the XLabs "
                           "FLUX IP-Adapter or PuLID-FLUX's file); "
                           "without it only the tiny smoke-test base runs (with its seeded, untrained adapter).")
-BackendOpt = typer.Option("torch", "--backend", help=BACKEND_HELP)
 SchedulerOpt = typer.Option(None, "--scheduler", help="Sampler: the model's own by default; ddim, pndm, euler, "
                             "euler-a, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde-karras, unipc, lcm, tcd, or a "
                             "diffusers scheduler class name.")

@@ -27,9 +27,6 @@ def refuse_unbuilt_options(given: dict[str, object]) -> None:
     """The options given that FLUX does not take yet, named in one line (`given`: option -> its value)."""
     used = [option for option, value in given.items()  # a 0 given is given (0 == False)
             if value is not None and value is not False and value != "" and value != []]
-    if "--backend onnx" in used:  # compile's name for the export, not a runtime
-        raise BadInput("--backend onnx: FLUX's ONNX graph runs on --backend onnxruntime (`ray-faceid compile "
-                       "--backend onnx` exports it ahead)")
     if used:
         raise BadInput(f"{', '.join(used)}: not built for FLUX yet; FLUX runs from --prompt (--seed, --steps, "
                        "--guidance, --size), with people as photos or enrolled (--ref, --identity NAME[=PHOTO], "

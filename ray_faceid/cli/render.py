@@ -6,10 +6,10 @@ from typing import Optional
 import typer
 
 from ray_faceid.cli.common import (
-    BACKEND_HELP,
     EXIT_BAD_INPUT,
     EXIT_SOME_FAILED,
     MODEL_HELP,
+    BackendOpt,
     IdentityNetOpt,
     IdentityNetScaleOpt,
     ImageEncoderOpt,
@@ -49,13 +49,15 @@ def render(
     model: str = typer.Option("tiny", "--model", help=MODEL_HELP),
     registry: str = RegistryOpt,
     tenant: str = TenantOpt,
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Shared identity adapter; without it an UNTRAINED one."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Shared identity adapter (as generate's --adapter); "
+                                          "without it an UNTRAINED one on the UNet families, none on FLUX (rows "
+                                          "naming people are refused)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=200, help="For rows without their own; "
                                         "default: the model's (30, or 4 for an untrained smoke base)."),
     size: Optional[str] = typer.Option(None, "--size", help="WxH for rows without their own; default: the model's "
                                        "native size (512x512 for SD 1.x)."),
     unet_batch: int = typer.Option(1, "--unet-batch", min=1, help="Rows denoised together (1: byte-stable per row)."),
-    backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
+    backend: str = BackendOpt,
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render actors (default: one per free GPU, or 1)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local cluster."),

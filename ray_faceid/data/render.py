@@ -175,10 +175,17 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     from ray_faceid.registry import Registry
 
     model = resolve_model(model, flux=True)  # once: the fingerprint and every actor take the reference
+    if config.size:  # the job's own size: one line here, not every row's error after Ray starts
+        from ray_faceid.pipelines.generate import parse_size
+
+        parse_size(config.size)
     if model.family == "flux":
         from ray_faceid.data.render_flux import check_flux_job
 
-        check_flux_job(config, imr, flow)
+        check_flux_job(config, imr, flow, model)
+        if not adapter and (named := sum(bool(_identity_order(t)) for t in texts)):
+            raise BadInput(f"{named} row{'s name' if named > 1 else ' names'} people: identity on FLUX reads a FLUX "
+                           "IP-Adapter or PuLID-FLUX file; give --adapter FILE (rows of prompts alone render without it)")
     elif config.flux_step_cache:
         raise BadInput(f"--step-cache is for FLUX bases; {model.name} is a UNet family")
     if model.family == "flux" and adapter:

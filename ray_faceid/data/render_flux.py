@@ -21,8 +21,9 @@ from ray_faceid.data.render_rows import IDENTITY_CACHE, Renderer, output_uris
 from ray_faceid.errors import BadInput, EncoderMismatch
 
 
-def check_flux_job(config: RenderConfig, imr: str | None, flow: str | None) -> None:
-    """What a FLUX render does not run, in one line: run_render asks before Ray starts, each actor again."""
+def check_flux_job(config: RenderConfig, imr: str | None, flow: str | None, model=None) -> None:
+    """What a FLUX render does not run, in one line: run_render asks before Ray starts, each actor again
+    (`model`, a reference: the job's size checked against its configs)."""
     import torch
 
     from ray_faceid.pipelines.flux_sampling import FLUX_BACKENDS, check_step_cache, resolve_flux_precision
@@ -35,6 +36,15 @@ def check_flux_job(config: RenderConfig, imr: str | None, flow: str | None) -> N
                        "IP-Adapter) and --image-encoder, on backend torch, torch.compile or onnxruntime")
     resolve_flux_precision(config.precision, torch.device("cpu"), config.backend)  # what no device runs
     check_step_cache(config.flux_step_cache, config.backend)
+    if model is not None and config.size:
+        from ray_faceid.pipelines.flux import flux_settings
+        from ray_faceid.pipelines.generate import parse_size
+
+        width, height = parse_size(config.size)
+        multiple = flux_settings(model)["size_multiple"]
+        if width % multiple or height % multiple:
+            raise BadInput(f"size {config.size}: FLUX makes images whose sides are multiples of {multiple} (this "
+                           "model's), e.g. 512x512")
 
 
 class FluxRenderer(Renderer):
