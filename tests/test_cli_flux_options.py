@@ -122,3 +122,16 @@ def test_serve_names_the_flux_options_a_unet_base_does_not_take():
     with pytest.raises(BadInput) as refused:
         resolve_config(ServeConfig(model="tiny", flux_step_cache=0.1, api_tokens={"acme": "acme-token-0123456789abc"}))
     assert str(refused.value.message) == "flux_step_cache: for FLUX models; tiny is not one"
+
+
+def test_inpaint_on_flux_refuses_an_option_naming_what_inpaint_takes(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photo.png")
+    refused = _run("inpaint", "--model", "tiny-flux-fill", "--image", str(tmp_path / "photo.png"), "--mask",
+                   str(tmp_path / "photo.png"), "--prompt", "a face", "--scheduler", "euler", "--out",
+                   str(tmp_path / "x.png"))
+    said = _said(refused)
+    assert refused.exit_code == 2 and "--scheduler: not built for FLUX yet" in said and "--feather" in said, said
+    assert "--size" not in said and "--region" not in said  # generate's, which inpaint has not

@@ -37,7 +37,8 @@ def compile_engine(
         None, "--backend", help="onnx (or onnxruntime) | tensorrt | torch.compile (Inductor artifacts for this "
         "machine's device: compile on the kind of GPU that will serve). Default: onnx; on FLUX torch.compile (what "
         "its replicas run on GPUs)."),
-    model: str = typer.Option("tiny", "--model", help="tiny | a diffusers folder | an fsspec URI | a hub id."),
+    model: str = typer.Option("tiny", "--model", help="tiny | tiny-flux | a diffusers folder (SD 1.x, 2.x, SDXL or "
+                              "FLUX.1 dev / schnell) | an fsspec URI | a hub id."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Identity adapter URI (default: an untrained one; "
                                           "FLUX: none, engines for images without identity)."),
     batch: Optional[str] = typer.Option(None, "--batch", help="The most UNet rows a call runs (default 8; "
@@ -64,7 +65,8 @@ def compile_engine(
                                     "parts instead of the whole transformer, for the runs and replicas that set a step "
                                     "cache (--step-cache T, flux_step_cache: any threshold compiles the same code)."),
 ):
-    """Build the UNet engines ahead of time: ONNX graphs, TensorRT plans, or torch.compile's artifacts."""
+    """Build the denoiser's engines ahead of time (a UNet, or FLUX's transformer): ONNX graphs, TensorRT plans,
+    or torch.compile's artifacts."""
     from ray_faceid.engines.base import DTYPES
     from ray_faceid.engines.cache import EngineCache
     from ray_faceid.pipelines.generate import parse_size

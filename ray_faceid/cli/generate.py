@@ -435,7 +435,7 @@ def inpaint(
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
                                      f"--backend {backend}": None if backend in ("auto", *FLUX_BACKENDS) else backend,
                                      "--identitynet": identitynet, "--identitynet-scale": identitynet_scale,
-                                     **pulid_face_options(adapter, face_backend, insightface_root)})
+                                     **pulid_face_options(adapter, face_backend, insightface_root)}, "inpaint")
             people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True,
                                            readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,

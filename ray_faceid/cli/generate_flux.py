@@ -23,15 +23,22 @@ def pulid_face_options(adapter: str | None, face_backend: str, insightface_root:
             else face_backend, "--insightface-root": None if pulid else insightface_root}
 
 
-def refuse_unbuilt_options(given: dict[str, object]) -> None:
-    """The options given that FLUX does not take yet, named in one line (`given`: option -> its value)."""
+WHAT_FLUX_TAKES = {
+    "generate": "FLUX runs from --prompt (--seed, --steps, --guidance, --size), with people as photos or enrolled "
+                "(--ref, --identity NAME[=PHOTO], --region) or --face-embedding EMB.npy",
+    "inpaint": "FLUX.1 Fill repaints from --image, --mask and --prompt (--seed, --steps, --guidance, --feather), with "
+               "one person as photos or enrolled (--ref, --identity NAME[=PHOTO]) or --face-embedding EMB.npy",
+}
+
+
+def refuse_unbuilt_options(given: dict[str, object], command: str = "generate") -> None:
+    """The options given that FLUX does not take yet, named in one line with what `command` takes on
+    FLUX (`given`: option -> its value)."""
     used = [option for option, value in given.items()  # a 0 given is given (0 == False)
             if value is not None and value is not False and value != "" and value != []]
     if used:
-        raise BadInput(f"{', '.join(used)}: not built for FLUX yet; FLUX runs from --prompt (--seed, --steps, "
-                       "--guidance, --size), with people as photos or enrolled (--ref, --identity NAME[=PHOTO], "
-                       "--region) or --face-embedding EMB.npy, and --adapter FILE (a FLUX IP-Adapter), on --backend "
-                       "torch, torch.compile or onnxruntime")
+        raise BadInput(f"{', '.join(used)}: not built for FLUX yet; {WHAT_FLUX_TAKES[command]}, and --adapter FILE "
+                       "(a FLUX IP-Adapter or PuLID-FLUX's file), on --backend torch, torch.compile or onnxruntime")
 
 
 def flux_people(people: dict, regions: dict, image_encoder: str | None, device, registry: str | None = None,
@@ -178,13 +185,12 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
                        f"XLabs FLUX IP-Adapter layout, or PuLID-FLUX's file){also}")
     if adapter_uri:
         from ray_faceid.identity.flux_adapter import check_given_embeddings
-        from ray_faceid.identity.pulid_flux import TOKENS_ONLY, is_pulid_file
+        from ray_faceid.identity.pulid_flux import is_pulid_file
 
         pulid = is_pulid_file(adapter_uri)
         photos = not all(hasattr(v, "shape") for v in people.values())
-        if pulid and photos != bool(image_encoder and insightface_root):
-            raise BadInput(TOKENS_ONLY if photos else "--image-encoder and --insightface-root read photos for "
-                           "PuLID-FLUX: give them with --ref or --identity NAME[=PHOTO]")
+        if pulid:
+            _check_pulid_readers(photos, image_encoder, insightface_root)
         if insightface_root and not pulid:
             raise BadInput("--insightface-root reads photos for PuLID-FLUX (antelopev2's pack); this FLUX adapter "
                            "reads people otherwise: leave it out")
@@ -237,6 +243,23 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
 
 def _who(conditions: list) -> str:
     return f"{len(conditions)} identit{'y' if len(conditions) == 1 else 'ies'}" if conditions else "no identity"
+
+
+def _check_pulid_readers(photos: bool, image_encoder: str | None, insightface_root: str | None) -> None:
+    """PuLID-FLUX reads photos through both its readers: each one missing named, or each one given
+    with no photo to read."""
+    readers = {"--image-encoder FOLDER (EVA02-CLIP and its face parser)": image_encoder,
+               "--insightface-root PACK (antelopev2: its ArcFace)": insightface_root}
+    missing = [flag for flag, value in readers.items() if not value]
+    if photos and missing:
+        raise BadInput(f"PuLID-FLUX reads photos and enrolled people through its encoders: give {' and '.join(missing)}; "
+                       "or give their ID tokens as --face-embedding TOKENS.npy (the 32 x 2048 array PuLID's "
+                       "get_id_embedding gives)")
+    given = [flag.split()[0] for flag, value in readers.items() if value]
+    if not photos and given:
+        raise BadInput(f"{' and '.join(given)} read{'s' if len(given) == 1 else ''} photos for PuLID-FLUX: give them "
+                       "with --ref or --identity NAME[=PHOTO] (with --face-embedding, leave "
+                       f"{'it' if len(given) == 1 else 'them'} out)")
 
 
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,

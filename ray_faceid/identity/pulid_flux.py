@@ -212,10 +212,6 @@ class PulidFlux(nn.Module):
         return weights_hash_of(self)
 
 
-TOKENS_ONLY = ("PuLID-FLUX reads photos and enrolled people on `ray-faceid generate` and `inpaint` (--image-encoder "
-               "FOLDER of EVA02-CLIP and its face parser, --insightface-root of antelopev2), or takes their ID tokens "
-               "(--face-embedding: the 32 x 2048 array PuLID's get_id_embedding gives)")
-
 RENDER_READERS = ("PuLID-FLUX renders enrolled people read by its encoders: give --image-encoder FOLDER (EVA02-CLIP and "
                   "its face parser) and --face-backend insightface --insightface-root PACK (antelopev2: its ArcFace)")
 
@@ -312,4 +308,7 @@ def load_pulid_flux(uri: str, transformer) -> PulidFlux:
                          "licence": LICENCE}
     log.warning("recognised PuLID-FLUX: %d ID tokens of %d, %d ID cross-attentions", adapter.tokens_per_person,
                 adapter.width, count)
+    if not config.guidance_embeds:  # schnell: the same blocks, distilled otherwise
+        log.warning("PuLID-FLUX was trained on FLUX.1 dev; this base is FLUX.1 schnell: it runs, but its authors publish "
+                    "no results there: measure the likeness (`ray-faceid eval`)")
     return adapter

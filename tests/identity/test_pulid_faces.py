@@ -187,7 +187,13 @@ def test_generate_reads_a_photo_for_pulid_as_the_tokens_it_makes(reader, encoder
     assert record["identities"][0]["embeddings_encoder"] == reader.analyzer.spec.key()
     refused = CliRunner().invoke(app, [*common, "--image-encoder", str(encoders), "--ref", photo, "--out",
                                        str(tmp_path / "x.png")])
-    assert refused.exit_code == 2 and "--insightface-root of antelopev2" in refused.stderr, refused.output
+    said = " ".join(refused.stderr.split())
+    assert refused.exit_code == 2 and "give --insightface-root PACK" in said and "give --image-encoder" not in said, said
+    # Readers given with no photo to read: they would be loaded for nothing (a traceback before).
+    refused = CliRunner().invoke(app, [*common, "--insightface-root", str(tmp_path), "--face-embedding",
+                                       str(tmp_path / "tom_tokens.npy"), "--out", str(tmp_path / "x.png")])
+    said = " ".join(refused.stderr.split())
+    assert refused.exit_code == 2 and "--insightface-root reads photos for PuLID-FLUX" in said, refused.output
     # An enrolled person: the reference crops the registry keeps, read the same way.
     registry = ["--registry", str(tmp_path / "registry")]
     enrolled = CliRunner().invoke(app, ["identities", "enroll", photo, "--name", "tom", "--consent", "licence (test)",

@@ -143,6 +143,11 @@ def test_the_id_tokens_reach_the_image_and_a_zero_weight_leaves_fluxs_own(files,
         record["adapter_published"]["licence"]
     with pytest.raises(BadInput, match="PuLID-FLUX takes its ID tokens, 4 x 24 finite numbers"):
         gen.generate("a portrait", [IdentityCondition("p", np.ones((1, 16), np.float32))], steps=1)
+    assert "FLUX.1 dev" not in caplog.text  # said only where the base is not the one it was trained on
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # on schnell it runs, and says it was trained on dev
+        load_pulid_flux(str(files / "pulid_flux_v0.9.1.safetensors"), build_tiny_flux(guidance_embeds=False).transformer)
+    assert "PuLID-FLUX was trained on FLUX.1 dev" in caplog.text
 
 
 def test_rows_of_other_people_share_a_batch_and_each_person_keeps_to_their_region(files):
@@ -197,8 +202,9 @@ def test_what_it_cannot_read_is_refused_in_one_line(files, tmp_path, sample_phot
     photo = CliRunner().invoke(app, ["generate", "--model", str(files / "flux"), "--adapter", pulid, "--ref",
                                      str(sample_photos["Tom_Hanks_54745.png"]), "--prompt", "a portrait", "--out",
                                      str(tmp_path / "o.png")])
-    assert photo.exit_code == 2 and "--image-encoder FOLDER of EVA02-CLIP and its face parser, --insightface-root of " \
-        "antelopev2" in photo.stderr, photo.output
+    said = " ".join(photo.stderr.split())
+    assert photo.exit_code == 2 and "give --image-encoder FOLDER (EVA02-CLIP and its face parser) and " \
+        "--insightface-root PACK (antelopev2: its ArcFace)" in said, photo.output
     on_sd = CliRunner().invoke(app, ["generate", "--model", "tiny", "--adapter", pulid, "--face-embedding",
                                      str(tmp_path / "ann.npy"), "--prompt", "a portrait", "--out", str(tmp_path / "o.png")])
     assert on_sd.exit_code == 2 and "PuLID-FLUX's, on a FLUX base" in on_sd.stderr, on_sd.output
