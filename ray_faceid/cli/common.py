@@ -79,6 +79,13 @@ def identitynet_scale_of(identitynet: str | None, scale: float | None) -> float:
     return DEFAULT_IDENTITYNET_SCALE if scale is None else scale
 
 
+def with_strengths(conditions: list, strengths: dict[str, float]) -> list:
+    """Each IdentityCondition with its person's --strength (the others as they are)."""
+    import dataclasses
+
+    return [dataclasses.replace(c, scale=strengths.get(c.name, c.scale)) for c in conditions]
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a FaceIdError into a one-line message and exit code 2, never a traceback."""

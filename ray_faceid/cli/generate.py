@@ -19,6 +19,7 @@ from ray_faceid.cli.common import (
     err_console,
     identitynet_scale_of,
     user_errors,
+    with_strengths,
 )
 from ray_faceid.errors import BadInput
 from ray_faceid.pipelines.schedulers import Sampler
@@ -100,6 +101,29 @@ def _parse_named(items: list[str], what: str) -> dict[str, str]:
         if not sep or not name or not value:
             raise BadInput(f"{what} {item!r}: expected NAME=VALUE")
         out[name] = value
+    return out
+
+
+STRENGTH_MAX = 4.0  # as a catalog row's scale
+StrengthOpt = typer.Option([], "--strength", help="Identity strength, 0 to 4 (default 1; 0: the image without the "
+                           "person): S for everyone, or NAME=S per person (--ref's person is 'person'). An "
+                           "IP-Adapter's scale, PuLID-FLUX's id_weight.")
+
+
+def _strengths(items: list[str], people: dict) -> dict[str, float]:
+    """--strength values by person's name (a bare number: everyone's), checked before any model loads."""
+    out = {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            strength = float(value)
+        except ValueError:
+            raise BadInput(f"--strength {item!r}: expected S or NAME=S, S a number from 0 to {STRENGTH_MAX:g}") from None
+        if not 0 <= strength <= STRENGTH_MAX:
+            raise BadInput(f"--strength {item!r}: S is from 0 to {STRENGTH_MAX:g}")
+        if name and name not in people:
+            raise BadInput(f"--strength for unknown identity {name!r}; identities: {sorted(people)}")
+        out.update({person: strength for person in ([name] if name else people)})
     return out
 
 
@@ -325,6 +349,7 @@ def generate(
     pose: Optional[str] = typer.Option(None, "--pose", help="InstantID: a photo whose face's keypoints set the pose; "
                                        "default: the reference photo's."),
     step_cache: float = StepCacheOpt,
+    strength: list[str] = StrengthOpt,
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.pipelines.generate import parse_size
@@ -351,7 +376,8 @@ def generate(
                       else _people(ref, identity))
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
-                                 guidance, width, height, registry, tenant, backend, step_cache, insightface_root)
+                                 guidance, width, height, registry, tenant, backend, step_cache, insightface_root,
+                                 _strengths(strength, people))
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -360,6 +386,7 @@ def generate(
             raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO, or "
                            "--face-embedding EMB.npy")
         regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
+        strengths = _strengths(strength, people)
         unknown = set(regions) - set(people)
         if unknown:
             raise BadInput(f"--region for unknown identity {sorted(unknown)}; identities: {sorted(people)}")
@@ -375,6 +402,7 @@ def generate(
         width, height = (width, height) if width else pipe.base.native_size
         _with_identitynet(pipe, identitynet, identitynet_scale, pose, conditions, photos, analyzer, width, height)
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)  # beside what it reads: after both
+        conditions = with_strengths(conditions, strengths)
         sampling = sampler.record(pipe.base.scheduler)["class"]
         err_console.print(f"{width}x{height}, {steps} steps of {sampling} on {pipe.device.type}")
         _say_engine_build(pipe)
@@ -415,6 +443,7 @@ def inpaint(
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     step_cache: float = StepCacheOpt,
+    strength: list[str] = StrengthOpt,
 ):
     """Repaint the masked region with the person; pixels outside the mask are kept exactly. InstantID
     (with --identitynet) paints a frontal face filling the mask's box."""
@@ -439,7 +468,8 @@ def inpaint(
             people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True,
                                            readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
-                                guidance, registry, tenant, backend, step_cache, insightface_root, feather)
+                                guidance, registry, tenant, backend, step_cache, insightface_root, feather,
+                                _strengths(strength, people))
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -452,6 +482,7 @@ def inpaint(
                                             "InstantID pose comes from the mask")
         if not people:
             raise BadInput("whose face? give --ref PHOTO, --identity NAME (an enrolled person) or --face-embedding EMB.npy")
+        strengths = _strengths(strength, people)
         analyzer = _analyzer(face_backend, insightface_root, face_embedding)
         conditions, enrolled, pipe = _conditions_and_pipeline(
             analyzer, people, registry, tenant, {}, expression, edits, ref_model, adapter, backend, imr, flow,
@@ -461,7 +492,7 @@ def inpaint(
 
         attach_identitynet(pipe, identitynet, identitynet_scale, "--identitynet")
         _with_personal_adapters(conditions, enrolled, pipe, registry, tenant)
-        person = conditions[0]
+        person = with_strengths(conditions, strengths)[0]
         sampling = sampler.record(pipe.base.scheduler)["class"]
         err_console.print(f"a {picture.shape[1]}x{picture.shape[0]} photo, its masked face repainted at up to "
                           f"{max(pipe.base.native_size)} px, {steps or pipe.base.default_steps} steps of {sampling} "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ray_faceid.cli.common import console, err_console
+from ray_faceid.cli.common import console, err_console, with_strengths
 from ray_faceid.errors import BadInput
 from ray_faceid.progress import denoise_reporter
 
@@ -265,7 +265,7 @@ def _check_pulid_readers(photos: bool, image_encoder: str | None, insightface_ro
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
                  out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str,
                  backend: str = "torch", step_cache: float = 0.0, insightface_root: str | None = None,
-                 feather: float = 0.0) -> None:
+                 feather: float = 0.0, strengths: dict | None = None) -> None:
     """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter),
     `feather` pixels inside the mask's edge blended into the photo."""
     if len(people) > 1:
@@ -273,6 +273,7 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
     precheck(ref, guidance, None, None, inpainting=True)
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant, backend,
                                        step_cache, insightface_root)
+    conditions = with_strengths(conditions, strengths or {})
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
                       f"on {generator.device.type}")
@@ -287,10 +288,11 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
 def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,
                   out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
                   height: int | None, registry: str, tenant: str, backend: str = "torch",
-                  step_cache: float = 0.0, insightface_root: str | None = None) -> None:
+                  step_cache: float = 0.0, insightface_root: str | None = None, strengths: dict | None = None) -> None:
     precheck(ref, guidance, width, height, inpainting=False)
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend,
                                        step_cache, insightface_root)
+    conditions = with_strengths(conditions, strengths or {})
     base = generator.base
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size
