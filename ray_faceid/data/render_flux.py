@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 
 import numpy as np
@@ -19,6 +20,8 @@ from ray_faceid.config import RenderConfig
 from ray_faceid.data.catalog import CatalogRow
 from ray_faceid.data.render_rows import IDENTITY_CACHE, Renderer, output_uris
 from ray_faceid.errors import BadInput, EncoderMismatch
+
+log = logging.getLogger(__name__)
 
 
 def check_flux_job(config: RenderConfig, imr: str | None, flow: str | None, model=None) -> None:
@@ -107,6 +110,14 @@ class FluxRenderer(Renderer):
         self.registry = Registry(registry)
         self.model_hash, self.adapter_hash = base.model_hash(), self.pipeline.adapter_hash
         self.identities: OrderedDict[str, dict] = OrderedDict()
+        self.warmed = None
+        if self.pipeline.backend == "torch.compile" and not base.inpainting:  # Fill compiles each photo's size
+            from ray_faceid.pipelines.generate import parse_size
+
+            # The job's size in every batch bucket its rows fill, before the first row: from `ray-faceid
+            # compile`'s artifacts where the engine cache has them (seconds, not minutes per actor).
+            self.warmed = self.pipeline.warm_up([parse_size(config.size)], config.unet_batch)
+            log.info("render actor: torch.compile warmed %s", self.warmed)
 
     def identity(self, identity: str) -> dict:
         """The face stack's embeddings (the scores, where the person has them) and the CLIP image

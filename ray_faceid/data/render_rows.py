@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 
 import numpy as np
@@ -18,6 +19,8 @@ from ray_faceid import storage
 from ray_faceid.config import RenderConfig
 from ray_faceid.data.catalog import CatalogRow, parse_row
 from ray_faceid.errors import BadInput, EncoderMismatch, FaceIdError
+
+log = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
 IDENTITY_CACHE = 64  # identities (embeddings + per-identity weights) kept per renderer
@@ -75,6 +78,14 @@ class Renderer:
         self.registry = Registry(registry)
         self.model_hash, self.adapter_hash = base.model_hash(), self.pipeline.adapter_hash
         self.identities: OrderedDict[str, dict] = OrderedDict()
+        self.warmed = None
+        if self.pipeline.backend == "torch.compile":
+            from ray_faceid.pipelines.generate import parse_size
+
+            # The job's size for one person in every batch bucket its rows fill, before the first row: from
+            # `ray-faceid compile`'s artifacts where the engine cache has them (other shapes: as rows need them).
+            self.warmed = self.pipeline.warm_up([parse_size(config.size)], [1], max_images=config.unet_batch)
+            log.info("render actor: torch.compile warmed %s", self.warmed)
 
     # -- inputs -------------------------------------------------------------------------------
     def identity(self, identity: str) -> dict:

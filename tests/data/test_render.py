@@ -165,6 +165,9 @@ def test_render_on_the_compiled_engine_keeps_one_engine_for_the_job(rendered, ca
     config = CONFIG.model_copy(update={"size": "16x16"})
     renderers = {backend: Renderer(config.model_copy(update={"backend": backend}), "tiny", None, registry.store,
                                    "default", str(tmp_path / backend)) for backend in ("torch", "torch.compile")}
+    # Warmed when the actor starts (from compile's artifacts where cached): the job's size, one person.
+    assert renderers["torch.compile"].warmed["buckets"] == 1 and renderers["torch"].warmed is None
+    assert len(renderers["torch.compile"].pipeline.compiled_engine().slots) == 1
     records = {backend: {r["id"]: r for r in renderer.render_batch(texts, list(range(len(texts))))}
                for backend, renderer in renderers.items()}
     compiled, eager = records["torch.compile"], records["torch"]

@@ -128,3 +128,31 @@ def test_an_inpaint_row_renders_on_flux_fill_as_the_generator_repaints_it(small_
     got = np.asarray(Image.open(made["output_uri"])).astype(int)
     assert np.abs(got - np.asarray(want).astype(int)).max() <= 1
     assert json.loads(made["provenance"])["feather"] == 3.0
+
+
+def test_a_compiled_render_actor_warms_the_jobs_shapes_before_its_first_row(small_dataset, files,  # noqa: F811
+                                                                            image_encoder_folder, tmp_path):  # noqa: F811
+    """On torch.compile an actor compiles the job's size for every batch bucket its rows can fill when
+    it starts (from `ray-faceid compile`'s artifacts where the engine cache has them, into it where
+    not): its rows then compile nothing."""
+    from torch._dynamo.utils import counters
+
+    from ray_faceid.data.catalog import read_catalog
+    from ray_faceid.data.render_flux import FluxRenderer
+
+    registry = Registry(str(tmp_path / "registry"))
+    ids = enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)")["enrolled"]
+    rows = [{"id": "amy", "identities": [ids["amy"]], "prompt": "a person", "seed": 1},
+            {"id": "penny", "identities": [ids["penny"]], "prompt": "a person", "seed": 2},
+            {"id": "plain", "prompt": "a beach", "seed": 3}]
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    renderer = FluxRenderer(CONFIG.model_copy(update={"backend": "torch.compile", "unet_batch": 2}), str(files / "flux"),
+                            str(files / "ip_adapter.safetensors"), registry.store, "default", str(tmp_path / "out"),
+                            image_encoder=str(image_encoder_folder))
+    assert renderer.warmed["buckets"] == 2  # batches of 1 and 2 rows at 32x32
+    graphs = counters["stats"]["unique_graphs"]
+    texts = read_catalog(str(catalog))
+    made = renderer.render_batch(texts, list(range(len(texts))))
+    assert [r["status"] for r in made] == ["ok"] * 3
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while rows ran
