@@ -84,8 +84,11 @@ class Renderer:
 
             # The job's size for one person in every batch bucket its rows fill, before the first row: from
             # `ray-faceid compile`'s artifacts where the engine cache has them (other shapes: as rows need them).
-            self.warmed = self.pipeline.warm_up([parse_size(config.size)], [1], max_images=config.unet_batch)
-            log.info("render actor: torch.compile warmed %s", self.warmed)
+            try:
+                self.warmed = self.pipeline.warm_up([parse_size(config.size)], [1], max_images=config.unet_batch)
+                log.info("render actor: torch.compile warmed %s", self.warmed)
+            except BadInput as wrong:  # a size this model cannot make: each row says so, as it would unwarmed
+                log.warning("render actor: nothing warmed (%s)", wrong.message)
 
     # -- inputs -------------------------------------------------------------------------------
     def identity(self, identity: str) -> dict:
