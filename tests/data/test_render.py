@@ -168,6 +168,9 @@ def test_render_on_the_compiled_engine_keeps_one_engine_for_the_job(rendered, ca
     # Warmed when the actor starts (from compile's artifacts where cached): the job's size, one person.
     assert renderers["torch.compile"].warmed["buckets"] == 1 and renderers["torch"].warmed is None
     assert len(renderers["torch.compile"].pipeline.compiled_engine().slots) == 1
+    odd = Renderer(config.model_copy(update={"backend": "torch.compile", "size": "15x15"}), "tiny", None, registry.store,
+                   "default", str(tmp_path / "odd"))  # a size the model cannot make: the actor starts, each row says so
+    assert odd.warmed is None
     records = {backend: {r["id"]: r for r in renderer.render_batch(texts, list(range(len(texts))))}
                for backend, renderer in renderers.items()}
     compiled, eager = records["torch.compile"], records["torch"]
