@@ -14,7 +14,7 @@ import time
 import torch
 
 from deployments import multiplex
-from deployments.generator import Generator, LoadedIdentity, failure_body
+from deployments.generator import Generator, LoadedIdentity, failure_body, start_of
 from ray_faceid.config import ServeConfig
 from ray_faceid.errors import BadInput
 from ray_faceid.registry_secret import never_create_here
@@ -201,7 +201,7 @@ class FluxServeGenerator(Generator):
             raise BadInput(f"inpainting a {image.shape[1]}x{image.shape[0]} photo in {request['steps']} steps is "
                            f"{cost} pixel-steps, over this deployment's {limits.max_cost}: send a smaller photo or "
                            "fewer steps")
-        inpaint = functools.partial(self.pipeline.inpaint, feather=request["feather"])
+        inpaint = functools.partial(self.pipeline.inpaint, feather=request["feather"], identity_start=start_of(request))
         result = await self._run([request], cost, inpaint, image, mask, request["prompt"], conditions, request["seed"],
                                  request["steps"], request["guidance"])
         return self._response(result.png, result.provenance, result.seeds, hits, len(conditions))

@@ -72,6 +72,11 @@ class Cancelled(FaceIdError):
     code = "cancelled"
 
 
+def start_of(request: dict) -> int:
+    """The step a request's identity starts at (the service sends it; 0 where a caller leaves it out)."""
+    return request.get("identity_start", 0)
+
+
 def sampler_of(request: dict):
     """The request's scheduler (schedulers.py): a bad name or setting fails its own group in one line."""
     from ray_faceid.pipelines.schedulers import Sampler
@@ -298,7 +303,7 @@ class Generator:
         decode = self.config.limits.decode()
         image, mask = decode_image(request["image"], decode), decode_image(request["mask"], decode)
         width, height = self.pipeline.base.native_size  # inpainting denoises at most at the native size
-        repaint = functools.partial(inpaint, sampler=sampler_of(request))
+        repaint = functools.partial(inpaint, sampler=sampler_of(request), identity_start=start_of(request))
         result = await self._run([request], width * height * request["steps"], repaint, self.pipeline, image, mask,
                                  conditions[0], request["prompt"], request["negative_prompt"], request["seed"],
                                  request["steps"], request["guidance"], request["feather"])
@@ -332,7 +337,7 @@ class Generator:
     async def _generate_group(self, requests: list[dict]) -> list[dict]:
         """Requests of the same size, steps, guidance, scheduler and identity count: one UNet batch for all
         their images."""
-        from ray_faceid.pipelines.generate import GenerationItem
+        from ray_faceid.pipelines.generate import GenerationItem, check_identity_start
 
         out: list[dict | None] = [None] * len(requests)
         items, owners, lookups = [], [], {}
@@ -340,12 +345,13 @@ class Generator:
             try:
                 conditions, hits = await self._conditions(r["tenant"], r["identities"])
                 self.pipeline.check_people(conditions)
+                check_identity_start([GenerationItem(r["prompt"], conditions, identity_start=start_of(r))], r["steps"])
             except Exception as exc:  # noqa: BLE001 - one request's damaged record or people fail that request alone
                 out[i] = failure_body(exc)
                 continue
             lookups[i] = (hits, len(conditions))
             for k in range(r["num_images"]):
-                items.append(GenerationItem(r["prompt"], conditions, r["negative_prompt"], r["seed"] + k))
+                items.append(GenerationItem(r["prompt"], conditions, r["negative_prompt"], r["seed"] + k, start_of(r)))
                 owners.append(i)
         # People with and without their own adapters share the UNet batch: each row carries its own
         # weights (identity/personal_bank.py); the pipeline splits only what its engine cannot mix.

@@ -152,6 +152,9 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=8, description="Default: the base model's native size (512 for SD 1.x).")
     num_images: int = Field(1, ge=1)
     min_identity_score: float | None = Field(None, ge=-1.0, le=1.0, description="Reseed (bounded) until every face scores this.")
+    identity_start: int = Field(0, ge=0, le=199, description="The denoising step (from 0) the identity starts at; "
+                                "earlier steps run without it (later: less likeness, more of the prompt; PuLID-FLUX's "
+                                "start_step, 4 suggested for photographs). Below the request's steps.")
 
 
 class InpaintRequest(BaseModel):
@@ -174,6 +177,9 @@ class InpaintRequest(BaseModel):
         "{\"timestep_spacing\": \"trailing\", \"use_karras_sigmas\": true}.")
     feather: float = Field(4.0, ge=0.0, le=64.0)
     min_identity_score: float | None = Field(None, ge=-1.0, le=1.0)
+    identity_start: int = Field(0, ge=0, le=199, description="The denoising step (from 0) the identity starts at; "
+                                "earlier steps run without it (later: less likeness, more of the prompt; PuLID-FLUX's "
+                                "start_step, 4 suggested for photographs). Below the request's steps.")
 
 
 class IdentityScore(BaseModel):

@@ -376,7 +376,7 @@ class FaceService:
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "width": body.width, "height": body.height,
-                   "num_images": body.num_images, **sampling(body, self.config)}
+                   "num_images": body.num_images, "identity_start": body.identity_start, **sampling(body, self.config)}
         return await self._generate_scored(tenant, payload, ids, body.min_identity_score, on_progress)
 
     async def inpaint(self, tenant: str, body: InpaintRequest, on_progress=None) -> GenerateResponse:
@@ -396,7 +396,8 @@ class FaceService:
                    "image": image, "mask": mask,
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
-                   "steps": body.steps, "guidance": body.guidance, "feather": body.feather, **sampling(body, self.config)}
+                   "steps": body.steps, "guidance": body.guidance, "feather": body.feather,
+                   "identity_start": body.identity_start, **sampling(body, self.config)}
         return await self._generate_scored(tenant, payload, [person["id"]], body.min_identity_score, on_progress)
 
     # -- render outputs ------------------------------------------------------------------------

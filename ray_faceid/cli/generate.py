@@ -110,6 +110,12 @@ StrengthOpt = typer.Option([], "--strength", help="Identity strength, 0 to 4 (de
                            "IP-Adapter's scale, PuLID-FLUX's id_weight.")
 
 
+IdentityStartOpt = typer.Option(0, "--identity-start", min=0, max=199, help="The denoising step (from 0) at which "
+                                "the people's identity starts; earlier steps run without it. Later: less likeness, "
+                                "more of the prompt (PuLID-FLUX's start_step: its authors suggest 4 for photographs, "
+                                "0-1 for stylised images). Default 0.")
+
+
 def _strengths(items: list[str], people: dict) -> dict[str, float]:
     """--strength values by person's name (a bare number: everyone's), checked before any model loads."""
     out = {}
@@ -350,6 +356,7 @@ def generate(
                                        "default: the reference photo's."),
     step_cache: float = StepCacheOpt,
     strength: list[str] = StrengthOpt,
+    identity_start: int = IdentityStartOpt,
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.pipelines.generate import parse_size
@@ -377,7 +384,7 @@ def generate(
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend, step_cache, insightface_root,
-                                 _strengths(strength, people))
+                                 _strengths(strength, people), identity_start)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -408,7 +415,7 @@ def generate(
         _say_engine_build(pipe)
         pipe.on_step = denoise_reporter()
         result = pipe.generate(prompt, conditions, negative_prompt, seed, steps, guidance, width, height,
-                               sampler=sampler)
+                               sampler=sampler, identity_start=identity_start)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.png[0])
     console.print(f"wrote {out} (seed {seed}, {len(conditions)} identit{'y' if len(conditions) == 1 else 'ies'})")
@@ -444,6 +451,7 @@ def inpaint(
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     step_cache: float = StepCacheOpt,
     strength: list[str] = StrengthOpt,
+    identity_start: int = IdentityStartOpt,
 ):
     """Repaint the masked region with the person; pixels outside the mask are kept exactly. InstantID
     (with --identitynet) paints a frontal face filling the mask's box."""
@@ -469,7 +477,7 @@ def inpaint(
                                            readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend, step_cache, insightface_root, feather,
-                                _strengths(strength, people))
+                                _strengths(strength, people), identity_start)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -500,7 +508,8 @@ def inpaint(
         _say_engine_build(pipe)
         pipe.on_step = denoise_reporter()
         result = run_inpaint(pipe, picture, mask_array, person, prompt,
-                             seed=seed, steps=steps, guidance=guidance, feather=feather, sampler=sampler)
+                             seed=seed, steps=steps, guidance=guidance, feather=feather, sampler=sampler,
+                             identity_start=identity_start)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.png[0])
     console.print(f"wrote {out} (seed {seed}, {person.name})")

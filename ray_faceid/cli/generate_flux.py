@@ -265,7 +265,7 @@ def _check_pulid_readers(photos: bool, image_encoder: str | None, insightface_ro
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
                  out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str,
                  backend: str = "torch", step_cache: float = 0.0, insightface_root: str | None = None,
-                 feather: float = 0.0, strengths: dict | None = None) -> None:
+                 feather: float = 0.0, strengths: dict | None = None, identity_start: int = 0) -> None:
     """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter),
     `feather` pixels inside the mask's edge blended into the photo."""
     if len(people) > 1:
@@ -277,7 +277,8 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
                       f"on {generator.device.type}")
-    result = generator.inpaint(image, mask, prompt, conditions, seed, steps, guidance, feather=feather)
+    result = generator.inpaint(image, mask, prompt, conditions, seed, steps, guidance, feather=feather,
+                               identity_start=identity_start)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.png[0])
     reduced = result.provenance[0].get("repainted_at")
@@ -288,7 +289,8 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
 def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict, prompt: str,
                   out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
                   height: int | None, registry: str, tenant: str, backend: str = "torch",
-                  step_cache: float = 0.0, insightface_root: str | None = None, strengths: dict | None = None) -> None:
+                  step_cache: float = 0.0, insightface_root: str | None = None, strengths: dict | None = None,
+                  identity_start: int = 0) -> None:
     precheck(ref, guidance, width, height, inpainting=False)
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend,
                                        step_cache, insightface_root)
@@ -299,7 +301,7 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
     generator.check(steps, guidance, width, height)  # before the prompt is encoded
     said = f", guidance {base.default_guidance if guidance is None else guidance}" if base.guidance_embedded else ""
     err_console.print(f"FLUX.1 {base.variant}: {width}x{height}, {steps} steps{said} on {generator.device.type}")
-    result = generator.generate(prompt, conditions, seed, steps, guidance, width, height)
+    result = generator.generate(prompt, conditions, seed, steps, guidance, width, height, identity_start=identity_start)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.png[0])
     console.print(f"wrote {out} (seed {seed}, FLUX.1 {base.variant}, {_who(conditions)})")

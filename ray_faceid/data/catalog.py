@@ -4,7 +4,8 @@ A generate row: `id`, `identities` (registry ids or names, or {id, region, expre
 pose}: pose, InstantID's five face keypoints in the image, identity/pose.py),
 `prompt`, optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`,
 `edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow), `scheduler` and
-`scheduler_config` (pipelines/schedulers.py; default the base's own).
+`scheduler_config` (pipelines/schedulers.py; default the base's own), `identity_start` (the step the
+identity starts at; default 0).
 An inpaint row adds `image` and `mask` (URIs; white = repaint) and takes exactly one identity.
 Rows are validated one by one: a bad row becomes an error record, never a failed job.
 """
@@ -58,6 +59,8 @@ class CatalogRow(BaseModel):
     scheduler: str | None = Field(None, max_length=64, description="Sampler (e.g. dpm++2m-karras); default the base's own.")
     scheduler_config: dict[str, bool | int | float | str] | None = Field(None, description="e.g. {\"timestep_spacing\": "
                                                                          "\"trailing\"}.")
+    identity_start: int | None = Field(None, ge=0, le=199, description="The step (from 0) the row's identity starts "
+                                       "at; earlier steps run without it (PuLID-FLUX's start_step). Default 0.")
 
     @field_validator("id")
     @classmethod
@@ -89,7 +92,7 @@ class CatalogRow(BaseModel):
         scheduler) are left out where unset, so existing outputs keep their keys."""
         dump = self.model_dump(mode="json")
         for part in [dump, *dump["identities"]]:
-            for later in ("edits", "scheduler", "scheduler_config", "pose"):
+            for later in ("edits", "scheduler", "scheduler_config", "pose", "identity_start"):
                 if part.get(later) is None:
                     part.pop(later, None)
         return dump

@@ -200,9 +200,11 @@ class FluxRenderer(Renderer):
         guidance = row.guidance if row.guidance is not None else self.config.guidance
         if row.inpaint:
             result = self.pipeline.inpaint(decode_image(image_bytes), np.asarray(decode_image(mask_bytes)), row.prompt,
-                                           conditions, row.seed, steps, guidance, feather=self.config.feather)
+                                           conditions, row.seed, steps, guidance, feather=self.config.feather,
+                                           identity_start=row.identity_start or 0)
         else:
             width, height = row.dimensions(self.config.size)
-            result = self.pipeline.generate(row.prompt, conditions, row.seed, steps, guidance, width, height)
+            result = self.pipeline.generate(row.prompt, conditions, row.seed, steps, guidance, width, height,
+                                            identity_start=row.identity_start or 0)
         return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
 

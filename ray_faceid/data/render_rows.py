@@ -223,12 +223,13 @@ class Renderer:
             from ray_faceid.pipelines.inpaint import inpaint
 
             result = inpaint(self.pipeline, decode_image(image_bytes), decode_image(mask_bytes), conditions[0], row.prompt,
-                             row.negative_prompt, row.seed, steps, guidance, self.config.feather, sampler=sampler)
+                             row.negative_prompt, row.seed, steps, guidance, self.config.feather, sampler=sampler,
+                             identity_start=row.identity_start or 0)
         else:
             from ray_faceid.pipelines.generate import GenerationItem
 
             width, height = row.dimensions(self.config.size)
-            item = GenerationItem(row.prompt, conditions, row.negative_prompt, row.seed)
+            item = GenerationItem(row.prompt, conditions, row.negative_prompt, row.seed, row.identity_start or 0)
             result = self.pipeline.generate_items([item], steps, guidance, width, height, sampler)
         return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
 
@@ -257,7 +258,7 @@ class Renderer:
     def _render_grouped(self, texts: list[str], indices: list[int]) -> list[dict]:
         """Generate rows that can share a UNet batch (same size, steps, guidance, scheduler, identity
         count and per-identity weights) are denoised together; the others go one by one."""
-        from ray_faceid.pipelines.generate import GenerationItem
+        from ray_faceid.pipelines.generate import GenerationItem, check_identity_start
 
         records: dict[int, dict] = {}
         groups: dict[tuple, list] = {}
@@ -277,13 +278,16 @@ class Renderer:
                 shape = (row.dimensions(self.config.size), row.steps or self.config.steps,
                          row.guidance if row.guidance is not None else self.config.guidance, len(conditions),
                          row.sampler())
+                check_identity_start([GenerationItem(row.prompt, conditions, identity_start=row.identity_start or 0)],
+                                     shape[1])  # its own error, not its batch's
                 groups.setdefault(shape, []).append((index, row, key, png_uri, record_uri, conditions))
             except FaceIdError:
                 records[index] = self.render_text(text, index)
         for (size, steps, guidance, _, sampler), members in groups.items():
             for start in range(0, len(members), self.config.unet_batch):
                 chunk = members[start : start + self.config.unet_batch]
-                items = [GenerationItem(r.prompt, c, r.negative_prompt, r.seed) for _, r, _, _, _, c in chunk]
+                items = [GenerationItem(r.prompt, c, r.negative_prompt, r.seed, r.identity_start or 0)
+                         for _, r, _, _, _, c in chunk]
                 try:
                     result = self.pipeline.generate_items(items, steps, guidance, *size, sampler)
                 except BadInput:

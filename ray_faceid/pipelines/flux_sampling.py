@@ -18,7 +18,14 @@ from PIL import Image
 from ray_faceid.engines.buckets import BATCH_BUCKETS, batch_bucket
 from ray_faceid.errors import BadInput
 from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH, FluxBase
-from ray_faceid.pipelines.generate import DTYPES, GenerationItem, GenerationResult
+from ray_faceid.pipelines.generate import (
+    DTYPES,
+    GenerationItem,
+    GenerationResult,
+    check_identity_start,
+    identity_active,
+    with_identity_start,
+)
 from ray_faceid.pipelines.provenance import png_with_provenance
 
 log = logging.getLogger(__name__)
@@ -315,10 +322,11 @@ class FluxGenerator:
     @torch.no_grad()
     def generate(self, prompt: str, identities: list | None = None, seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
-                 num_images: int = 1) -> GenerationResult:
+                 num_images: int = 1, identity_start: int = 0) -> GenerationResult:
         """`num_images` of the prompt with `identities` (IdentityCondition: embeddings, scale, region),
-        seeds `seed`, `seed + 1`, ...; steps, guidance and size default to the base's own (flux.py)."""
-        items = [GenerationItem(prompt, identities or [], "", seed + k) for k in range(num_images)]
+        seeds `seed`, `seed + 1`, ...; steps, guidance and size default to the base's own (flux.py);
+        `identity_start`: the step their identity starts at (GenerationItem)."""
+        items = [GenerationItem(prompt, identities or [], "", seed + k, identity_start) for k in range(num_images)]
         return self.generate_items(items, steps, guidance, width, height)
 
     @torch.no_grad()
@@ -340,6 +348,7 @@ class FluxGenerator:
         callback = self.on_step
         for item in items:
             self.check_people(item.identities)
+        check_identity_start(items, steps)
         runs = self._bank_chunks(items)  # people's own adapters: as many as the bank holds at a time
         if len(runs) == 1 and (self.backend != "torch.compile" or len(items) <= BATCH_BUCKETS[-1]):
             return self._generate_batch(items, steps, guidance, width, height, callback)
@@ -362,7 +371,7 @@ class FluxGenerator:
                                        generator=torch.Generator("cpu").manual_seed(item.seed)) for item in padded])
         rows = [item.identities for item in padded]
         latents, reused = self._denoise([item.prompt for item in padded], rows, pack(noise.to(self.device)), None,
-                                        steps, guidance, h, w, callback)
+                                        steps, guidance, h, w, callback, starts=[item.identity_start for item in padded])
         return self._result(items, latents, steps, guidance, width, height, reused=reused)
 
     def warm_up(self, sizes: list[tuple[int, int]], most_images: int) -> dict:
@@ -486,7 +495,7 @@ class FluxGenerator:
     @torch.no_grad()
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, identities: list | None = None, seed: int = 0,
                 steps: int | None = None, guidance: float | None = None,
-                max_pixels: int = MAX_FILL_PIXELS, feather: float = 0.0) -> GenerationResult:
+                max_pixels: int = MAX_FILL_PIXELS, feather: float = 0.0, identity_start: int = 0) -> GenerationResult:
         """The masked part (white) of an RGB image repainted by FLUX.1 Fill, as diffusers'
         FluxFillPipeline does at the image's own size (strength 1); outside the mask the photo's own
         pixels are kept exactly, and `feather` pixels inside its edge blend into them (0: a hard edge,
@@ -523,6 +532,8 @@ class FluxGenerator:
                            f"{max_pixels} pixels): paint a wider region")
         steps, guidance, _, _ = self._defaults(steps, guidance, padded_w, padded_h)
         self.check(steps, guidance, padded_w, padded_h, inpainting=True)
+        item = GenerationItem(prompt, identities, "", seed, identity_start)
+        check_identity_start([item], steps)
         if self.backend == "torch.compile" and (padded_w, padded_h) not in self.fill_sizes:
             self.fill_sizes.add((padded_w, padded_h))  # Fill repaints at each photo's size: none is warmed ahead
             log.warning("FLUX.1 Fill: compiling the transformer for %dx%d photos (their first request; minutes on a "
@@ -545,9 +556,8 @@ class FluxGenerator:
         packed_mask = pack(hole[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w))
         condition = torch.cat([masked, packed_mask], dim=-1)
         latents, reused = self._denoise([prompt], [identities], noise, condition, steps, guidance, h, w, self.on_step,
-                                        start=image_latents)
-        result = self._result([GenerationItem(prompt, identities, "", seed)], latents, steps, guidance, padded_w,
-                              padded_h, "inpaint", reused)
+                                        start=image_latents, starts=[identity_start])
+        result = self._result([item], latents, steps, guidance, padded_w, padded_h, "inpaint", reused)
         painted = result.images[0].crop((0, 0, width, height))
         if scale < 1:
             painted = painted.resize((full_w, full_h), Image.Resampling.LANCZOS)
@@ -565,11 +575,12 @@ class FluxGenerator:
 
     def _denoise(self, prompts: list[str], rows: list[list], latents: torch.Tensor, condition: torch.Tensor | None,
                  steps: int, guidance: float | None, h: int, w: int, callback=None,
-                 start: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int] | None]:
+                 start: torch.Tensor | None = None, starts: list[int] | None = None
+                 ) -> tuple[torch.Tensor, list[int] | None]:
         """Packed latents denoised from `latents` (packed noise; Fill: the unpacked noise, put on the
         schedule's first sigma over the photo's latents `start`), image k with prompts[k] and the
-        people rows[k]; `condition`: Fill's packed masked photo and mask, beside the latents. With the
-        step cache on, also the steps each image reused (else None)."""
+        people rows[k] from step starts[k] (default: the first); `condition`: Fill's packed masked photo
+        and mask, beside the latents. With the step cache on, also the steps each image reused (else None)."""
         base = self.base
         batch = latents.shape[0]
         # Each prompt encoded once (a bucket's padding repeats one; T5-XXL on the CPU takes seconds a prompt).
@@ -609,9 +620,12 @@ class FluxGenerator:
                 identity["personal_slots"] = self.personal_bank.rows(personal).view(batch, -1)
             timestep = t.expand(batch).to(latents.dtype) / 1000
             hidden = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=2)
+            active = identity_active(starts, step - 1, self.device) if starts and identity else None
+            now = identity if active is None else dict(  # rows whose identity has not started: strength 0
+                identity, identity_scale=identity["identity_scale"] * active[:, None])
             velocity = denoiser(hidden_states=hidden.to(transformer.dtype), timestep=timestep, guidance=embedded,
                               pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_positions,
-                              img_ids=positions, joint_attention_kwargs=dict(identity) or None,
+                              img_ids=positions, joint_attention_kwargs=dict(now) or None,
                               return_dict=False)[0]
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback is not None:
@@ -637,7 +651,8 @@ class FluxGenerator:
         result = GenerationResult([], [], [], [])
         for k, item in enumerate(items):
             image = self.decode(unpack(latents[k : k + 1], height // f, width // f))
-            record = self.provenance(item.prompt, item.identities, item.seed, steps, guidance, width, height, kind)
+            record = with_identity_start(self.provenance(item.prompt, item.identities, item.seed, steps, guidance,
+                                                         width, height, kind), item)
             if reused is not None:  # what made this image: the threshold, and the steps it took from the cache
                 record["step_cache"] = {"threshold": self.step_cache, "steps_reused": reused[k]}
             result.images.append(image)

@@ -93,6 +93,30 @@ class GenerationItem:
     identities: list[IdentityCondition]
     negative_prompt: str = ""
     seed: int = 0
+    identity_start: int = 0
+    """The denoising step (from 0) at which its people's identity starts: earlier steps run without it
+    (PuLID-FLUX's start_step; later: less likeness, more of the prompt). Its strength is an input of
+    each call, so compiled engines never rebuild for it."""
+
+
+def check_identity_start(items: list[GenerationItem], steps: int) -> None:
+    for item in items:
+        if not 0 <= item.identity_start < steps:
+            raise BadInput(f"identity_start {item.identity_start}: a step from 0 to {steps - 1} (of {steps}); later, "
+                           "the person would not be in the image")
+
+
+def identity_active(starts: list[int], step: int, device) -> torch.Tensor | None:
+    """Per row, 1 where its identity applies at `step` (from 0) and 0 where it has not started; None
+    where every row's applies (the inputs as they are)."""
+    if all(start <= step for start in starts):
+        return None
+    return torch.tensor([float(start <= step) for start in starts], device=device)
+
+
+def with_identity_start(record: dict, item: GenerationItem) -> dict:
+    """An image's provenance with the step its identity started at (where not the first)."""
+    return dict(record, identity_start=item.identity_start) if item.identity_start else record
 
 
 @dataclass
@@ -313,10 +337,13 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
 
     def generate(self, prompt: str, identities: list[IdentityCondition] | None = None, negative_prompt: str = "",
                  seed: int = 0, steps: int | None = None, guidance: float | None = None, width: int | None = None,
-                 height: int | None = None, num_images: int = 1, sampler: Sampler | None = None) -> GenerationResult:
+                 height: int | None = None, num_images: int = 1, sampler: Sampler | None = None,
+                 identity_start: int = 0) -> GenerationResult:
         """Steps, guidance and size default to the base model's own (BaseModel.default_steps,
-        default_guidance, native_size), the scheduler to the base's own (`sampler`: another, schedulers.py)."""
-        items = [GenerationItem(prompt, identities or [], negative_prompt, seed + k) for k in range(num_images)]
+        default_guidance, native_size), the scheduler to the base's own (`sampler`: another, schedulers.py);
+        `identity_start`: the step their identity starts at (GenerationItem)."""
+        items = [GenerationItem(prompt, identities or [], negative_prompt, seed + k, identity_start)
+                 for k in range(num_images)]
         return self.generate_items(items, steps, guidance, width, height, sampler)
 
     def generate_items(self, items: list["GenerationItem"], steps: int | None = None, guidance: float | None = None,
@@ -341,8 +368,8 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
         result = GenerationResult([], [], [], [])
         for k, it in enumerate(items):
             image = self.decode(latents[k])
-            record = self.provenance("generate", it.prompt, it.negative_prompt, it.identities, it.seed, steps,
-                                     guidance, width, height, sampler)
+            record = with_identity_start(self.provenance("generate", it.prompt, it.negative_prompt, it.identities,
+                                                         it.seed, steps, guidance, width, height, sampler), it)
             result.images.append(image)
             result.png.append(png_with_provenance(image, record))
             result.provenance.append(record)

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from ray_faceid.errors import BadInput
-from ray_faceid.pipelines.generate import GenerationItem, GenerationResult, IdentityCondition, IdentityPipeline
+from ray_faceid.pipelines.generate import (
+    GenerationItem,
+    GenerationResult,
+    IdentityCondition,
+    IdentityPipeline,
+    with_identity_start,
+)
 from ray_faceid.pipelines.provenance import png_with_provenance
 
 
@@ -83,7 +89,7 @@ def inpainting_conditioning(pipe: IdentityPipeline, image: np.ndarray, mask: np.
 
 def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identity: IdentityCondition, prompt: str,
             negative_prompt: str = "", seed: int = 0, steps: int | None = None, guidance: float | None = None,
-            feather: float = 4.0, max_side: int | None = None, sampler=None) -> GenerationResult:
+            feather: float = 4.0, max_side: int | None = None, sampler=None, identity_start: int = 0) -> GenerationResult:
     """Steps, guidance and scheduler default to the base's own (`sampler`: another, schedulers.py); the image is
     repainted at up to `max_side` pixels (default: the base's native size) and pasted back at its own size."""
     height, width = image.shape[:2]
@@ -108,11 +114,11 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
     mask_latent = F.max_pool2d(mask_t, f, f)
     image_latents = pipe.encode_image(resized)
     conditioning = inpainting_conditioning(pipe, resized, small_mask) if base.inpainting else None
-    item = GenerationItem(prompt, [identity], negative_prompt, seed)
+    item = GenerationItem(prompt, [identity], negative_prompt, seed, identity_start)
     latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent, conditioning),
                             callback=pipe.on_step, sampler=sampler)
     result_image = Image.fromarray(paste_back(image, region, pipe.decode(latents), feather))
     record = pipe.provenance("inpaint", prompt, negative_prompt, [identity], seed, steps, guidance, width, height,
                              sampler)
-    record["feather"] = feather
+    record = dict(with_identity_start(record, item), feather=feather)
     return GenerationResult([result_image], [png_with_provenance(result_image, record)], [record], [seed])

@@ -29,6 +29,9 @@ class DenoisingLoop:
         started (its caller's), never again: another job may run on this pipeline inside it (a
         large job pausing for small ones, deployments/turns.py) and set its own. `sampler`: the
         request's scheduler (default: the base's own)."""
+        from ray_faceid.identity.context import identity_kwargs
+        from ray_faceid.pipelines.generate import check_identity_start, identity_active
+
         # A scheduler of its own per denoise (schedulers keep state between steps), and each row's
         # own adapter as an input of every UNet call: nothing a job inside the pause changes is read here.
         sampler = sampler or Sampler()
@@ -45,6 +48,7 @@ class DenoisingLoop:
         negative = self.encode_prompt([it.negative_prompt or "" for it in items], zero_empty=True)
         text = TextConditioning.cat([negative, self.encode_prompt([it.prompt for it in items])])
         kwargs = self._identity_kwargs(items, h, w)
+        check_identity_start(items, steps)
         # Guidance at most 1 (few-step models) takes the prompt's prediction alone, as diffusers does: the
         # unconditional rows are not run at all (half the UNet's work per step).
         copies = 2 if guidance > 1 else 1
@@ -71,7 +75,11 @@ class DenoisingLoop:
             if inpaint is not None and base.inpainting:
                 mask_c, masked_c = conditioning
                 model_in = torch.cat([model_in, torch.cat([mask_c] * copies), torch.cat([masked_c] * copies)], dim=1)
-            guided = self._unet(model_in, t, text, kwargs, h, w, row_personal, control)
+            active = identity_active([it.identity_start for it in items] * copies, step - 1, self.device) if kwargs \
+                else None
+            now = kwargs if active is None else identity_kwargs(  # rows whose identity has not started: strength 0
+                kwargs["identity_tokens"], kwargs["identity_scale"] * active[:, None], kwargs["region_masks"])
+            guided = self._unet(model_in, t, text, now, h, w, row_personal, control)
             if copies == 2:
                 uncond, cond = guided.chunk(2)
                 guided = uncond + guidance * (cond - uncond)

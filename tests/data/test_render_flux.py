@@ -143,8 +143,9 @@ def test_a_compiled_render_actor_warms_the_jobs_shapes_before_its_first_row(smal
     registry = Registry(str(tmp_path / "registry"))
     ids = enroll_dataset(registry, "default", small_dataset, consent="dataset licence (test)")["enrolled"]
     rows = [{"id": "amy", "identities": [ids["amy"]], "prompt": "a person", "seed": 1},
-            {"id": "penny", "identities": [ids["penny"]], "prompt": "a person", "seed": 2},
-            {"id": "plain", "prompt": "a beach", "seed": 3}]
+            {"id": "penny", "identities": [ids["penny"]], "prompt": "a person", "seed": 2, "identity_start": 1},
+            {"id": "plain", "prompt": "a beach", "seed": 3},
+            {"id": "late", "identities": [ids["penny"]], "prompt": "a person", "identity_start": 2}]
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     renderer = FluxRenderer(CONFIG.model_copy(update={"backend": "torch.compile", "unet_batch": 2}), str(files / "flux"),
@@ -154,5 +155,9 @@ def test_a_compiled_render_actor_warms_the_jobs_shapes_before_its_first_row(smal
     graphs = counters["stats"]["unique_graphs"]
     texts = read_catalog(str(catalog))
     made = renderer.render_batch(texts, list(range(len(texts))))
-    assert [r["status"] for r in made] == ["ok"] * 3
+    assert [r["status"] for r in made] == ["ok"] * 3 + ["error"]
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while rows ran
+    # A row's identity from its second step (PuLID's start_step), batched with amy's from the first; a
+    # start past the job's 2 steps is that row's error alone.
+    assert json.loads(made[1]["provenance"])["identity_start"] == 1
+    assert "identity_start 2: a step from 0 to 1" in made[3]["error"]

@@ -346,17 +346,20 @@ def test_a_serve_replica_reads_enrolled_people_for_pulid_as_render_does(reader, 
     assert "PuLID-FLUX" in generator.defaults()["served"] and generator.info()["image_encoder"] == reader.sha256
     generator.load_identity = generator._load_identity  # Serve's multiplexing needs a replica context
 
-    def request(person: str, seed: int) -> dict:
+    def request(person: str, seed: int, start: int = 0) -> dict:
         return {"kind": "generate", "tenant": "acme", "identities": [{"id": people[person]}], "prompt": "a portrait",
                 "negative_prompt": "", "seed": seed, "num_images": 1, "steps": 2, "guidance": 3.5, "width": 32,
-                "height": 32, "cancelled": threading.Event()}
+                "height": 32, "cancelled": threading.Event(), "identity_start": start}
 
-    answers = asyncio.run(generator._generate_group([request("ann", 3), request("bob", 4)]))
-    for answer, name, seed in zip(answers, ("ann", "bob"), (3, 4)):
+    # bob's identity from the second step (PuLID's start_step), in the same batch as ann's from the first;
+    # a start past the request's steps is that request's own 422.
+    answers = asyncio.run(generator._generate_group([request("ann", 3), request("bob", 4, 1), request("bob", 5, 2)]))
+    assert answers[2]["status"] == 422 and "identity_start 2: a step from 0 to 1" in answers[2]["message"]
+    for answer, name, seed, start in zip(answers, ("ann", "bob"), (3, 4), (0, 1)):
         assert "error" not in answer and "status" not in answer, answer
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"][0])))).astype(int)
         crops = registry.references("acme", people[name])
         want_tokens = generator.pipeline.adapter.tokens_of(reader.read(crops, [name]), name)
         want = generator.pipeline.generate("a portrait", [IdentityCondition(name, want_tokens)], seed=seed, steps=2,
-                                           width=32, height=32).images[0]
+                                           width=32, height=32, identity_start=start).images[0]
         assert np.abs(got - np.asarray(want).astype(int)).max() <= 1, name

@@ -1,6 +1,7 @@
-"""`--strength`: each person's identity strength from the command line (PuLID-FLUX's id_weight, an
-IP-Adapter's scale), as catalog rows and API requests already set it: 0 gives the image without the
-person, another value another image, recorded in the image's provenance."""
+"""The identity controls of generate and inpaint: `--strength`, each person's identity strength
+(PuLID-FLUX's id_weight, an IP-Adapter's scale), as catalog rows and API requests set it: 0 gives the
+image without the person, another value another image; `--identity-start`, the step it starts at
+(PuLID-FLUX's start_step). Both recorded in the image's provenance."""
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
@@ -41,3 +42,15 @@ def test_strength_reaches_a_unet_image_and_bad_values_are_refused(tmp_path):
         refused = CliRunner().invoke(app, [*common, "--prompt", "a portrait", "--strength", value, "--out",
                                            str(tmp_path / "x.png")])
         assert refused.exit_code == 2 and said in " ".join(refused.stderr.split()), refused.output
+
+
+def test_identity_start_from_the_command_line(files, tmp_path):  # noqa: F811
+    np.save(tmp_path / "ann.npy", tokens(1)[None])
+    common = ["generate", "--model", str(files / "flux"), "--adapter", str(files / "pulid_flux_v0.9.1.safetensors"),
+              "--face-embedding", str(tmp_path / "ann.npy")]
+    first, _ = _made(tmp_path, "first", *common)
+    late, record = _made(tmp_path, "late", *common, "--identity-start", "1")
+    assert np.abs(first - late).max() > 2 and record["identity_start"] == 1
+    refused = CliRunner().invoke(app, [*common, "--prompt", "a portrait", "--steps", "2", "--identity-start", "2",
+                                       "--out", str(tmp_path / "x.png")])
+    assert refused.exit_code == 2 and "identity_start 2: a step from 0 to 1" in refused.stderr, refused.output
