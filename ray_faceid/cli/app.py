@@ -12,6 +12,7 @@ from ray_faceid.cli import (
     generate,
     identities,
     merge_lora,
+    provenance,
     render,
     serve,
     stand_ins,
@@ -51,6 +52,7 @@ app.command("personalize")(train.personalize)
 app.command("render")(render.render)
 app.command("eval")(render.evaluate)
 app.command("eval-edits")(eval_edits.eval_edits)
+app.command("provenance")(provenance.provenance)
 app.command("compile")(compile.compile_engine)
 app.command("merge-lora")(merge_lora.merge_lora)
 app.command("stand-ins")(stand_ins.stand_ins)

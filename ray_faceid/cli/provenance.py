@@ -1,0 +1,85 @@
+"""`ray-faceid provenance IMAGE...`: what made each image, read from the record every image we write
+carries (pipelines/provenance.py): the base model's and adapter's weights hashes, the encoders, the
+people (registry ids), the seed and settings; `--json` gives the whole record."""
+from __future__ import annotations
+
+import typer
+
+from ray_faceid.cli.common import EXIT_BAD_INPUT, console, err_console, print_json
+
+
+def provenance(
+    images: list[str] = typer.Argument(..., help="Images ray_faceid made (paths or URIs)."),
+    as_json: bool = typer.Option(False, "--json", help="The whole record of each image, as JSON."),
+):
+    """What made each image: base model and adapter (weights hashes), encoders, people, seed and settings."""
+    from ray_faceid import storage
+    from ray_faceid.errors import NotFound
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    records, unreadable = {}, 0
+    for uri in images:
+        try:
+            record = read_provenance(storage.read_bytes(uri))
+        except (FileNotFoundError, NotFound):
+            record, why = None, "no such file"
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for what is not a PNG
+            record, why = None, f"not a PNG ray_faceid wrote ({type(exc).__name__})"
+        else:
+            why = "no ray_faceid record: not made by ray_faceid, or its metadata was stripped"
+        if record is None:
+            err_console.print(f"{uri}: {why}", markup=False, highlight=False)
+            unreadable += 1
+        else:
+            records[uri] = record
+    if as_json:
+        print_json(records)
+    else:
+        for uri, record in records.items():
+            console.print(summary_table(uri, record))
+    if unreadable:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def summary_table(uri: str, record: dict):
+    """The record's lines a person auditing an image asks for first."""
+    from rich.table import Table
+
+    table = Table(title=uri, show_header=False, title_justify="left")
+    published = record.get("adapter_published") or {}
+    rows = [
+        ("made by", f"{record.get('generator', '?')} {record.get('kind', '')}".strip()),
+        ("base model", f"{record.get('base_model')} ({record.get('base_family', 'unet')}"
+                       f"{', ' + record['flux_variant'] if record.get('flux_variant') else ''}), "
+                       f"weights {str(record.get('base_model_hash'))[:16]}"),
+        ("adapter", (f"{published.get('kind')} {published.get('file')} (sha256 {str(published.get('sha256'))[:16]})"
+                     if published else f"weights {str(record.get('adapter'))[:16]}" if record.get("adapter") else
+                     "none")),
+        ("image encoder", str(record.get("image_encoder", "none"))[:16]),
+        ("adapter's face encoder", record.get("encoder") or "none"),
+        ("identities", "; ".join(_person(p) for p in record.get("identities", [])) or "none"),
+        ("prompt", record.get("prompt", "")),
+        ("seed / steps / guidance", f"{record.get('seed')} / {record.get('steps')} / {record.get('guidance')}"),
+        ("size", "x".join(str(side) for side in record.get("size", [])) or "?"),
+        ("runtime", f"{record.get('backend')} {record.get('compiler', '')} {record.get('precision', '')}".strip()),
+    ]
+    for key in ("identity_start", "feather", "step_cache", "repainted_at"):
+        if key in record:
+            rows.append((key.replace("_", " "), str(record[key])))
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table
+
+
+def _person(person: dict) -> str:
+    said = f"{person.get('name')} (id {person.get('id')})" if person.get("id") else str(person.get("name"))
+    extras = []
+    if person.get("scale", 1.0) != 1.0:
+        extras.append(f"strength {person['scale']}")
+    if person.get("region"):
+        extras.append(f"region {person['region']}")
+    if person.get("embeddings_encoder"):
+        extras.append(f"encoder {person['embeddings_encoder']}")
+    if person.get("personal_adapter"):
+        extras.append(f"personal adapter {person['personal_adapter']}")
+    return said + (f", {', '.join(extras)}" if extras else "")

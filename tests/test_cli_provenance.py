@@ -1,0 +1,33 @@
+"""`ray-faceid provenance IMAGE...`: what made an image, read back from the record it carries; a file
+without one is named in one line (exit 2), the others still shown."""
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from ray_faceid.cli import app
+from ray_faceid.pipelines.provenance import read_provenance
+
+
+def test_provenance_reads_back_what_made_an_image(tmp_path):
+    np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(1, 128)).astype(np.float32))
+    made = CliRunner().invoke(app, ["generate", "--model", "tiny", "--face-embedding", str(tmp_path / "emb.npy"),
+                                    "--strength", "0.5", "--prompt", "a portrait", "--steps", "2", "--seed", "7",
+                                    "--out", str(tmp_path / "a.png")])
+    assert made.exit_code == 0, made.output
+    record = read_provenance((tmp_path / "a.png").read_bytes())
+    shown = CliRunner().invoke(app, ["provenance", str(tmp_path / "a.png")])
+    said = " ".join(shown.stdout.split())
+    assert shown.exit_code == 0, shown.output
+    assert record["base_model_hash"][:16] in said and "strength 0.5" in said and "7 / 2 /" in said, said
+    as_json = CliRunner().invoke(app, ["provenance", "--json", str(tmp_path / "a.png")])
+    assert json.loads(as_json.stdout) == {str(tmp_path / "a.png"): record}
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "plain.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    mixed = CliRunner().invoke(app, ["provenance", str(tmp_path / "plain.png"), str(tmp_path / "notes.txt"),
+                                     str(tmp_path / "missing.png"), str(tmp_path / "a.png")])
+    errors = " ".join(mixed.stderr.split())
+    assert mixed.exit_code == 2 and "plain.png: no ray_faceid record" in errors, mixed.output
+    assert "notes.txt: not a PNG ray_faceid wrote" in errors and "missing.png: no such file" in errors
+    assert record["base_model_hash"][:16] in mixed.stdout  # the readable one still shown
