@@ -7,8 +7,9 @@
    median of squares, grey outside the photo), as facexlib aligns it;
 3. BiSeNet's classes of that face (face/face_parsing.py): background, ears, earrings, neck, necklace,
    clothes and hat made white, the rest (face, hair) turned grey;
-4. EVA02-CLIP's vision tower (face/eva_clip.py) on that image, resized bicubically to its input:
-   the class token's embedding and five hidden states.
+4. EVA02-CLIP's vision tower (face/eva_clip.py) on that image, resized bicubically to its input
+   with antialiasing (torchvision's tensor resize does so from 0.17, the newer of PuLID's pins; its
+   older pin did not): the class token's embedding and five hidden states.
 
 PuLID-FLUX's IDFormer turns the two embeddings and the hidden states into the person's ID tokens
 (PulidFlux.encode). Where this differs from PuLID's pipeline: the five points come from the face
@@ -16,6 +17,7 @@ stack's detector (SCRFD in antelopev2's pack) rather than facexlib's RetinaFace,
 downloads; several photos give the mean of their tokens."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +27,10 @@ import torch.nn.functional as F
 from ray_faceid import storage
 from ray_faceid.errors import BackendUnavailable, BadInput
 
+log = logging.getLogger(__name__)
+
 ALIGNED = 512
+ANTELOPE_RECOGNISER = "glintr100.onnx"  # antelopev2's ArcFace, whose raw embeddings PuLID-FLUX reads
 LONG_EDGE = 1024  # PuLID's app shrinks each photo to this long edge before its encoders read it
 FFHQ_FIVE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
                       [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)  # eyes, nose, mouth corners
@@ -83,6 +88,10 @@ class PulidFaceReader:
         from ray_faceid.weights_hash import weights_hash_of
 
         eva_file, parser_file = _one_of(folder, EVA_NAMES), _one_of(folder, PARSER_NAMES)
+        recogniser = analyzer.spec.version if analyzer is not None else ""
+        if analyzer is not None and not recogniser.startswith(ANTELOPE_RECOGNISER):
+            log.warning("PuLID-FLUX was trained on antelopev2's ArcFace (%s); this face stack's recogniser is %s: the "
+                        "tokens will be off unless it is the same network", ANTELOPE_RECOGNISER, recogniser)
         self.analyzer, self.device, self.dtype = analyzer, torch.device(device), dtype
         eva, parser = load_eva_clip(eva_file), load_face_parsing(parser_file)
         self.sha256 = weights_hash_of(torch.nn.ModuleList([eva, parser]))  # of the files' weights, before any cast

@@ -108,6 +108,37 @@ def test_what_the_parser_calls_not_face_is_white_and_the_face_grey(reader, sampl
     assert right.std() > 0.01  # the face's own shades
 
 
+def test_each_parser_class_is_whitened_or_greyed_as_pulid_does(reader, sample_photos, monkeypatch):
+    """Class by class, the 19 of CelebAMask-HQ: those PuLID's get_id_embedding lists as background
+    (bg_label = [0, 16, 18, 7, 8, 9, 14, 15]: background, ears, earring, neck, necklace, cloth, hat) are
+    white, the rest (skin, brows, eyes, glasses, nose, mouth, lips, hair) keep the face's grey."""
+    from ray_faceid.face import eva_clip
+    from ray_faceid.face.decode import decode_image
+
+    photo = decode_image(sample_photos["Tom_Hanks_54745.png"])
+    std, mean = torch.tensor(eva_clip.STD).view(3, 1, 1), torch.tensor(eva_clip.MEAN).view(3, 1, 1)
+    whitened = set()
+    for label in range(19):
+        def only(images, label=label):
+            scores = torch.zeros(len(images), 19, *images.shape[2:])
+            scores[:, label] = 1
+            return scores
+
+        seen = []
+        monkeypatch.setattr(reader, "parser", only)
+        hook = reader.eva.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            reader.read([photo], ["tom"])
+        finally:
+            hook.remove()
+        image = seen[0][0] * std + mean
+        if torch.allclose(image, torch.ones(()), atol=1e-4):
+            whitened.add(label)
+        else:
+            assert image.std() > 0.01, label  # the face's own grey shades
+    assert whitened == {0, 16, 18, 7, 8, 9, 14, 15}
+
+
 def test_pulids_file_makes_tokens_that_reach_the_image_and_other_widths_are_refused(reader, sample_photos, tmp_path):
     from ray_faceid.errors import BadInput
     from ray_faceid.face.decode import decode_image
@@ -134,6 +165,17 @@ def test_pulids_file_makes_tokens_that_reach_the_image_and_other_widths_are_refu
     other = load_pulid_flux(str(tmp_path / "other.safetensors"), build_tiny_flux().transformer)
     with pytest.raises(BadInput, match="reads an ArcFace \\+ EVA-CLIP embedding of 24"):
         other.tokens_of(features, "tom")
+
+
+def test_a_recogniser_other_than_antelopev2s_is_said(encoders, reader, caplog):
+    """Any 512-d ArcFace would run (buffalo_l's w600k_r50, say), but the file's IDFormer was trained
+    on glintr100's embeddings: said when the reader starts, not silently accepted."""
+    from ray_faceid.identity.pulid_faces import PulidFaceReader
+
+    with caplog.at_level("WARNING"):
+        PulidFaceReader(str(encoders), reader.analyzer)
+    assert "trained on antelopev2's ArcFace (glintr100.onnx)" in caplog.text
+    assert reader.analyzer.spec.version.split("@")[0] in caplog.text
 
 
 def test_a_folder_without_the_encoders_is_named_in_one_line(tmp_path, tiny_arcface_onnx):
