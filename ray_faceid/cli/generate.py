@@ -357,6 +357,10 @@ def generate(
     step_cache: float = StepCacheOpt,
     strength: list[str] = StrengthOpt,
     identity_start: int = IdentityStartOpt,
+    true_cfg: float = typer.Option(1.0, "--true-cfg", min=1.0, max=30.0, help="FLUX: true classifier-free guidance "
+                                   "away from --negative-prompt (over 1; each step runs the transformer twice; "
+                                   "diffusers' true_cfg_scale, PuLID-FLUX's true CFG, where its authors suggest "
+                                   "--guidance 1). Default 1: off."),
 ):
     """Render a prompt with one to four people: enrolled ones by name or id, or from photos."""
     from ray_faceid.pipelines.generate import parse_size
@@ -374,7 +378,6 @@ def generate(
                                      "--plus-v2-scale": plus_v2_scale, "--identitynet": identitynet, "--pose": pose,
                                      "--identitynet-scale": identitynet_scale,
                                      "--scheduler": scheduler, "--scheduler-config": scheduler_config,
-                                     "--negative-prompt": negative_prompt,
                                      **pulid_face_options(adapter, face_backend, insightface_root),
                                      f"--backend {backend}": None if backend in ("auto", *FLUX_BACKENDS) else backend})
             if face_embedding and (ref or identity):
@@ -384,9 +387,11 @@ def generate(
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend, step_cache, insightface_root,
-                                 _strengths(strength, people), identity_start)
+                                 _strengths(strength, people), identity_start, negative_prompt, true_cfg)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
+        if true_cfg != 1:
+            raise BadInput(f"--true-cfg is for FLUX bases; {model} runs classifier-free guidance already (--guidance)")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
         people, photos = _people_and_photos(ref, identity, face_embedding, bool(image_encoder or identitynet))
         if not people:

@@ -24,7 +24,8 @@ def pulid_face_options(adapter: str | None, face_backend: str, insightface_root:
 
 
 WHAT_FLUX_TAKES = {
-    "generate": "FLUX runs from --prompt (--seed, --steps, --guidance, --size), with people as photos or enrolled "
+    "generate": "FLUX runs from --prompt (--seed, --steps, --guidance, --size; --negative-prompt with --true-cfg), "
+                "with people as photos or enrolled "
                 "(--ref, --identity NAME[=PHOTO], --region) or --face-embedding EMB.npy",
     "inpaint": "FLUX.1 Fill repaints from --image, --mask and --prompt (--seed, --steps, --guidance, --feather), with "
                "one person as photos or enrolled (--ref, --identity NAME[=PHOTO]) or --face-embedding EMB.npy",
@@ -290,8 +291,11 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
                   out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
                   height: int | None, registry: str, tenant: str, backend: str = "torch",
                   step_cache: float = 0.0, insightface_root: str | None = None, strengths: dict | None = None,
-                  identity_start: int = 0) -> None:
+                  identity_start: int = 0, negative_prompt: str = "", true_cfg: float = 1.0) -> None:
+    from ray_faceid.pipelines.flux_sampling import check_true_cfg
+
     precheck(ref, guidance, width, height, inpainting=False)
+    check_true_cfg(true_cfg, bool(negative_prompt), step_cache)  # before minutes of loading
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend,
                                        step_cache, insightface_root)
     conditions = with_strengths(conditions, strengths or {})
@@ -300,8 +304,10 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
     width, height = (width, height) if width else base.native_size
     generator.check(steps, guidance, width, height)  # before the prompt is encoded
     said = f", guidance {base.default_guidance if guidance is None else guidance}" if base.guidance_embedded else ""
+    said += f", true CFG {true_cfg:g}" if true_cfg > 1 else ""
     err_console.print(f"FLUX.1 {base.variant}: {width}x{height}, {steps} steps{said} on {generator.device.type}")
-    result = generator.generate(prompt, conditions, seed, steps, guidance, width, height, identity_start=identity_start)
+    result = generator.generate(prompt, conditions, seed, steps, guidance, width, height, identity_start=identity_start,
+                                negative_prompt=negative_prompt, true_cfg=true_cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.png[0])
     console.print(f"wrote {out} (seed {seed}, FLUX.1 {base.variant}, {_who(conditions)})")

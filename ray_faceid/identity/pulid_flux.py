@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DOUBLE_INTERVAL, SINGLE_INTERVAL = 2, 4  # a residual after dual-stream blocks 0, 2, 4...; single-stream 0, 4, 8...
 SCALES = 5  # EVA-CLIP hidden states the IDFormer reads, one per group of its layers
 CA_HEAD_WIDTH = 128
+EVA_HIDDEN_TOKENS = 1 + 24 * 24  # EVA02-CLIP-L-14-336's class token and patches: the hidden states PuLID reads
 LICENCE = ("PuLID-FLUX weights (guozinan/PuLID): used with FLUX.1 [dev], under the FLUX.1 [dev] Non-Commercial "
            "License; its face embeddings come from insightface's antelopev2 pack, also non-commercial")
 
@@ -166,6 +167,18 @@ class PulidFlux(nn.Module):
             if not torch.isfinite(self.pulid_ca[0].norm1(tokens)).all():
                 raise BadInput(f"identity {name}: its ID tokens are out of range (they overflow PuLID's attention)")
         return tokens
+
+    true_cfg_from = 1  # PuLID's app runs true CFG from step 1 (timestep_to_start_cfg)
+
+    @torch.no_grad()
+    def uncond_tokens(self) -> torch.Tensor:
+        """(T, C): the IDFormer on zeros, PuLID's uncond_id (its true CFG's negative pass): zeros of the
+        embeddings and of EVA02-CLIP-L-14-336's hidden states (their token count weighs the attention)."""
+        encoder = self.pulid_encoder
+        device, dtype = encoder.latents.device, self.dtype
+        hidden = torch.zeros(1, EVA_HIDDEN_TOKENS, encoder.mapping_0[0].in_features, device=device, dtype=dtype)
+        cond = torch.zeros(1, encoder.id_embedding_mapping[0].in_features, device=device, dtype=dtype)
+        return encoder(cond, [hidden] * SCALES)[0]
 
     @torch.no_grad()
     def encode(self, id_embedding: torch.Tensor, eva_embedding: torch.Tensor, eva_hidden: list[torch.Tensor]):

@@ -64,6 +64,18 @@ def resolve_flux_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def check_true_cfg(true_cfg: float, negative_prompt: bool, step_cache: float) -> None:
+    """A negative prompt on FLUX works through true CFG only; the step cache reads one transformer pass
+    a step, not two."""
+    if not 1 <= true_cfg <= 30:
+        raise BadInput(f"true_cfg {true_cfg}: from 1 (off) to 30")
+    if negative_prompt and true_cfg <= 1:
+        raise BadInput("a negative prompt on FLUX works through true CFG (FLUX.1 is guidance-distilled): give "
+                       "--true-cfg S over 1 (each step runs the transformer twice), or leave the negative prompt out")
+    if true_cfg > 1 and step_cache:
+        raise BadInput("true CFG and the step cache: not both (the cache compares one transformer pass a step)")
+
+
 def check_step_cache(threshold: float, backend: str) -> None:
     """A step cache threshold (pipelines/flux_step_cache.py) this backend runs, or BadInput."""
     if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
@@ -322,25 +334,32 @@ class FluxGenerator:
     @torch.no_grad()
     def generate(self, prompt: str, identities: list | None = None, seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
-                 num_images: int = 1, identity_start: int = 0) -> GenerationResult:
+                 num_images: int = 1, identity_start: int = 0, negative_prompt: str = "",
+                 true_cfg: float = 1.0) -> GenerationResult:
         """`num_images` of the prompt with `identities` (IdentityCondition: embeddings, scale, region),
         seeds `seed`, `seed + 1`, ...; steps, guidance and size default to the base's own (flux.py);
-        `identity_start`: the step their identity starts at (GenerationItem)."""
-        items = [GenerationItem(prompt, identities or [], "", seed + k, identity_start) for k in range(num_images)]
-        return self.generate_items(items, steps, guidance, width, height)
+        `identity_start`: the step their identity starts at (GenerationItem); `true_cfg` over 1: true
+        classifier-free guidance away from `negative_prompt` (generate_items)."""
+        items = [GenerationItem(prompt, identities or [], negative_prompt, seed + k, identity_start)
+                 for k in range(num_images)]
+        return self.generate_items(items, steps, guidance, width, height, None, true_cfg)
 
     @torch.no_grad()
     def generate_items(self, items: list, steps: int | None = None, guidance: float | None = None,
-                       width: int | None = None, height: int | None = None, sampler=None) -> GenerationResult:
+                       width: int | None = None, height: int | None = None, sampler=None,
+                       true_cfg: float = 1.0) -> GenerationResult:
         """One image per GenerationItem (its prompt, people and seed), denoised in one batch: requests
         and catalog rows of different people and prompts share the transformer's calls. Each image is
-        the one `generate` makes of its item alone."""
+        the one `generate` makes of its item alone. `true_cfg` over 1: each step also runs the
+        transformer on the items' negative prompts and moves away from them, as diffusers'
+        FluxPipeline(true_cfg_scale=, negative_prompt=) does (twice the transformer's work)."""
         if not items:
             return GenerationResult([], [], [], [])
         asked = sampler is not None and (sampler.name or sampler.overrides)  # None or the base's own: taken
-        if asked or any(item.negative_prompt for item in items):
-            raise BadInput("a sampler or negative prompt: not built for FLUX yet (FLUX.1 is guidance-distilled; its "
-                           "sampler is its own flow-matching Euler)")
+        if asked:
+            raise BadInput("a sampler: not built for FLUX yet (FLUX.1 is guidance-distilled; its sampler is its own "
+                           "flow-matching Euler)")
+        check_true_cfg(true_cfg, any(item.negative_prompt for item in items), self.step_cache)
         steps, guidance, width, height = self._defaults(steps, guidance, width, height)
         self.check(steps, guidance, width, height)
         # This call's progress and cancellation, read once: while it pauses between steps another request
@@ -351,15 +370,15 @@ class FluxGenerator:
         check_identity_start(items, steps)
         runs = self._bank_chunks(items)  # people's own adapters: as many as the bank holds at a time
         if len(runs) == 1 and (self.backend != "torch.compile" or len(items) <= BATCH_BUCKETS[-1]):
-            return self._generate_batch(items, steps, guidance, width, height, callback)
+            return self._generate_batch(items, steps, guidance, width, height, callback, true_cfg)
         largest = BATCH_BUCKETS[-1] if self.backend == "torch.compile" else max(len(items), 1)
-        parts = [self._generate_batch(run[i : i + largest], steps, guidance, width, height, callback)
+        parts = [self._generate_batch(run[i : i + largest], steps, guidance, width, height, callback, true_cfg)
                  for run in runs for i in range(0, len(run), largest)]  # the largest bucket at a time
         return GenerationResult(*(sum((getattr(p, field) for p in parts), []) for field in
                                   ("images", "png", "provenance", "seeds")))
 
     def _generate_batch(self, items: list, steps: int, guidance: float | None, width: int, height: int,
-                        callback) -> GenerationResult:
+                        callback, true_cfg: float = 1.0) -> GenerationResult:
         compiled = self.backend == "torch.compile"
         # Compiled: padded up to the batch bucket with copies of the last image, made and dropped.
         padded = items + [items[-1]] * (batch_bucket(len(items)) - len(items)) if compiled else items
@@ -371,8 +390,15 @@ class FluxGenerator:
                                        generator=torch.Generator("cpu").manual_seed(item.seed)) for item in padded])
         rows = [item.identities for item in padded]
         latents, reused = self._denoise([item.prompt for item in padded], rows, pack(noise.to(self.device)), None,
-                                        steps, guidance, h, w, callback, starts=[item.identity_start for item in padded])
-        return self._result(items, latents, steps, guidance, width, height, reused=reused)
+                                        steps, guidance, h, w, callback, starts=[item.identity_start for item in padded],
+                                        negatives=[item.negative_prompt for item in padded], true_cfg=true_cfg)
+        result = self._result(items, latents, steps, guidance, width, height, reused=reused)
+        if true_cfg > 1:  # what made the image: the guidance away from its negative prompt
+            for item, record in zip(items, result.provenance):
+                record.update(negative_prompt=item.negative_prompt, true_cfg=true_cfg,
+                              true_cfg_from_step=self.true_cfg_from)
+            result.png = [png_with_provenance(image, record) for image, record in zip(result.images, result.provenance)]
+        return result
 
     def warm_up(self, sizes: list[tuple[int, int]], most_images: int) -> dict:
         """torch.compile: every (size, batch bucket) a call of up to `most_images` images can take,
@@ -575,12 +601,14 @@ class FluxGenerator:
 
     def _denoise(self, prompts: list[str], rows: list[list], latents: torch.Tensor, condition: torch.Tensor | None,
                  steps: int, guidance: float | None, h: int, w: int, callback=None,
-                 start: torch.Tensor | None = None, starts: list[int] | None = None
-                 ) -> tuple[torch.Tensor, list[int] | None]:
+                 start: torch.Tensor | None = None, starts: list[int] | None = None,
+                 negatives: list[str] | None = None, true_cfg: float = 1.0) -> tuple[torch.Tensor, list[int] | None]:
         """Packed latents denoised from `latents` (packed noise; Fill: the unpacked noise, put on the
         schedule's first sigma over the photo's latents `start`), image k with prompts[k] and the
         people rows[k] from step starts[k] (default: the first); `condition`: Fill's packed masked photo
-        and mask, beside the latents. With the step cache on, also the steps each image reused (else None)."""
+        and mask, beside the latents. With the step cache on, also the steps each image reused (else None).
+        `true_cfg` over 1: from step true_cfg_from on, the transformer also runs on `negatives` (their
+        people's unconditional identity: uncond_identity) and the velocity is moved away from it."""
         base = self.base
         batch = latents.shape[0]
         # Each prompt encoded once (a bucket's padding repeats one; T5-XXL on the CPU takes seconds a prompt).
@@ -615,6 +643,13 @@ class FluxGenerator:
             cache = StepCache(self.step_cache, batch)
             denoiser = partial(cache, self.head, self.tail, self.stages)
         personal = self._row_personal(rows, identity)
+        negative = None
+        if true_cfg > 1:  # the negative prompts, each encoded once, and the people's unconditional identity
+            unique_negatives = list(dict.fromkeys(negatives))
+            negative_states, negative_pooled = self.encode_prompt(unique_negatives)
+            which = torch.tensor([unique_negatives.index(n) for n in negatives], device=negative_states.device)
+            negative = (negative_states[which], negative_pooled[which])
+            negative_identity = self.uncond_identity(identity)
         for step, t in enumerate(scheduler.timesteps, 1):
             if personal is not None:  # placed at every step: another batch may run between two (turns.py)
                 identity["personal_slots"] = self.personal_bank.rows(personal).view(batch, -1)
@@ -627,10 +662,38 @@ class FluxGenerator:
                               pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_positions,
                               img_ids=positions, joint_attention_kwargs=dict(now) or None,
                               return_dict=False)[0]
+            if negative is not None and step - 1 >= self.true_cfg_from:
+                if personal is not None:
+                    negative_identity["personal_slots"] = identity["personal_slots"]
+                away = negative_identity if active is None else dict(
+                    negative_identity, identity_scale=negative_identity["identity_scale"] * active[:, None])
+                unwanted = denoiser(hidden_states=hidden.to(transformer.dtype), timestep=timestep, guidance=embedded,
+                                    pooled_projections=negative[1], encoder_hidden_states=negative[0],
+                                    txt_ids=text_positions, img_ids=positions, joint_attention_kwargs=dict(away) or None,
+                                    return_dict=False)[0]
+                velocity = unwanted + true_cfg * (velocity - unwanted)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(step, len(scheduler.timesteps))
         return latents, None if cache is None else cache.reused
+
+    @property
+    def true_cfg_from(self) -> int:
+        """The first step true CFG runs at: PuLID-FLUX's app starts it at step 1
+        (timestep_to_start_cfg), diffusers' FluxPipeline at step 0."""
+        return getattr(self.adapter, "true_cfg_from", 0)
+
+    def uncond_identity(self, identity: dict) -> dict:
+        """The identity inputs of true CFG's negative pass: the adapter's unconditional tokens where it
+        has them (PuLID-FLUX: its IDFormer on zeros, as its pipeline's uncond_id), at the same strengths
+        and patches; otherwise no identity (strength 0)."""
+        if not identity:
+            return {}
+        uncond = getattr(self.adapter, "uncond_tokens", None)
+        if uncond is None:
+            return dict(identity, identity_scale=torch.zeros_like(identity["identity_scale"]))
+        tokens = uncond().to(identity["identity_tokens"].dtype).expand_as(identity["identity_tokens"])
+        return dict(identity, identity_tokens=tokens.contiguous())
 
     def _row_personal(self, rows: list[list], identity: dict) -> list | None:
         """Each (row, person slot)'s own adapter (version, delta) or None, row by row; None where no bank

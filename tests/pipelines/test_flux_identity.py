@@ -149,7 +149,7 @@ def test_rows_of_other_people_and_prompts_share_one_batch_each_its_own_image(fil
         assert batched.provenance[k]["prompt"] == item.prompt and batched.provenance[k]["seed"] == item.seed
         assert [p["name"] for p in batched.provenance[k]["identities"]] == [p.name for p in item.identities]
     assert len({r.tobytes() for r in map(np.asarray, batched.images)}) == 4
-    with pytest.raises(BadInput, match="negative prompt: not built for FLUX"):
+    with pytest.raises(BadInput, match="a negative prompt on FLUX works through true CFG"):
         generator.generate_items([GenerationItem("a portrait", [], "blurry")], steps=1)
 
 
