@@ -106,7 +106,7 @@ def check_identity_start(items: list[GenerationItem], steps: int) -> None:
                            "the person would not be in the image")
 
 
-def identity_active(starts: list[int], step: int, device) -> torch.Tensor | None:
+def identity_active(starts: list[int], step: float, device) -> torch.Tensor | None:
     """Per row, 1 where its identity applies at `step` (from 0) and 0 where it has not started; None
     where every row's applies (the inputs as they are)."""
     if all(start <= step for start in starts):

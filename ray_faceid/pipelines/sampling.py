@@ -75,8 +75,9 @@ class DenoisingLoop:
             if inpaint is not None and base.inpainting:
                 mask_c, masked_c = conditioning
                 model_in = torch.cat([model_in, torch.cat([mask_c] * copies), torch.cat([masked_c] * copies)], dim=1)
-            active = identity_active([it.identity_start for it in items] * copies, step - 1, self.device) if kwargs \
-                else None
+            # In denoising steps: a second-order scheduler (Heun) calls the UNet about twice a step.
+            done = (step - 1) * steps / len(sched.timesteps)
+            active = identity_active([it.identity_start for it in items] * copies, done, self.device) if kwargs else None
             now = kwargs if active is None else identity_kwargs(  # rows whose identity has not started: strength 0
                 kwargs["identity_tokens"], kwargs["identity_scale"] * active[:, None], kwargs["region_masks"])
             guided = self._unet(model_in, t, text, now, h, w, row_personal, control)
