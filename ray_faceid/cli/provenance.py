@@ -61,10 +61,11 @@ def summary_table(uri: str, record: dict):
         ("prompt", record.get("prompt", "")),
         ("seed / steps / guidance", f"{record.get('seed')} / {record.get('steps')} / {record.get('guidance')}"),
         ("size", "x".join(str(side) for side in record.get("size", [])) or "?"),
-        ("runtime", f"{record.get('backend')} {record.get('compiler', '')} {record.get('precision', '')}".strip()),
+        ("runtime", " ".join(str(record[k]) for k in ("backend", "compiler", "precision") if record.get(k))),
     ]
-    for key in ("identity_start", "feather", "step_cache", "repainted_at"):
-        if key in record:
+    for key in ("negative_prompt", "true_cfg", "true_cfg_from_step", "identity_start", "feather", "step_cache",
+                "repainted_at"):
+        if record.get(key) not in (None, ""):
             rows.append((key.replace("_", " "), str(record[key])))
     for name, value in rows:
         table.add_row(name, str(value))
