@@ -54,3 +54,10 @@ def test_identity_start_from_the_command_line(files, tmp_path):  # noqa: F811
     refused = CliRunner().invoke(app, [*common, "--prompt", "a portrait", "--steps", "2", "--identity-start", "2",
                                        "--out", str(tmp_path / "x.png")])
     assert refused.exit_code == 2 and "identity_start 2: a step from 0 to 1" in refused.stderr, refused.output
+
+
+def test_identity_controls_without_anyone_to_act_on_are_refused(tmp_path):
+    for flags in (["--strength", "0.5"], ["--identity-start", "1"]):
+        refused = CliRunner().invoke(app, ["generate", "--model", "tiny-flux", "--prompt", "a beach", *flags, "--out",
+                                           str(tmp_path / "x.png")])
+        assert refused.exit_code == 2 and f"{flags[0]}: for the people in the image" in refused.stderr, refused.output

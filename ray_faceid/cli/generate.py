@@ -116,8 +116,13 @@ IdentityStartOpt = typer.Option(0, "--identity-start", min=0, max=199, help="The
                                 "0-1 for stylised images). Default 0.")
 
 
-def _strengths(items: list[str], people: dict) -> dict[str, float]:
-    """--strength values by person's name (a bare number: everyone's), checked before any model loads."""
+def _strengths(items: list[str], people: dict, identity_start: int = 0) -> dict[str, float]:
+    """--strength values by person's name (a bare number: everyone's), checked before any model loads;
+    with --identity-start, that there is someone for both to act on."""
+    if not people and (items or identity_start):
+        flags = " and ".join(f for f, given in (("--strength", items), ("--identity-start", identity_start)) if given)
+        raise BadInput(f"{flags}: for the people in the image, and there are none: give --ref PHOTO, --identity NAME "
+                       "or --face-embedding EMB.npy")
     out = {}
     for item in items:
         name, _, value = item.rpartition("=")
@@ -387,7 +392,7 @@ def generate(
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend, step_cache, insightface_root,
-                                 _strengths(strength, people), identity_start, negative_prompt, true_cfg)
+                                 _strengths(strength, people, identity_start), identity_start, negative_prompt, true_cfg)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         if true_cfg != 1:
@@ -398,7 +403,7 @@ def generate(
             raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO, or "
                            "--face-embedding EMB.npy")
         regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
-        strengths = _strengths(strength, people)
+        strengths = _strengths(strength, people, identity_start)
         unknown = set(regions) - set(people)
         if unknown:
             raise BadInput(f"--region for unknown identity {sorted(unknown)}; identities: {sorted(people)}")
@@ -482,7 +487,7 @@ def inpaint(
                                            readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend, step_cache, insightface_root, feather,
-                                _strengths(strength, people), identity_start)
+                                _strengths(strength, people, identity_start), identity_start)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -495,7 +500,7 @@ def inpaint(
                                             "InstantID pose comes from the mask")
         if not people:
             raise BadInput("whose face? give --ref PHOTO, --identity NAME (an enrolled person) or --face-embedding EMB.npy")
-        strengths = _strengths(strength, people)
+        strengths = _strengths(strength, people, identity_start)
         analyzer = _analyzer(face_backend, insightface_root, face_embedding)
         conditions, enrolled, pipe = _conditions_and_pipeline(
             analyzer, people, registry, tenant, {}, expression, edits, ref_model, adapter, backend, imr, flow,
