@@ -78,10 +78,28 @@ def _safetensors_on_meta(uri: str) -> dict:
     if not header:
         raise UnsupportedModel(f"{uri}: not a readable safetensors file (no header)")
     fs, path = storage.filesystem(uri)
-    if fs.size(path) < expected:
-        raise UnsupportedModel(f"{uri}: cut short ({fs.size(path):,} of its {expected:,} bytes): copy it again")
-    return {k: torch.empty(v["shape"], dtype=DTYPES.get(v.get("dtype"), torch.float32), device="meta")
-            for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    if fs.size(path) != expected:
+        raise UnsupportedModel(f"{uri}: {fs.size(path):,} bytes where its header says {expected:,}: "
+                               f"{'cut short' if fs.size(path) < expected else 'damaged'}; copy it again")
+    tensors, spans = {}, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        try:
+            start, end = entry["data_offsets"]
+            meta = torch.empty(entry["shape"], dtype=dtype, device="meta")
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            meta = None
+        # As safetensors checks when it loads: a known dtype, and offsets that hold exactly the shape's bytes.
+        if meta is None or dtype is None or end - start != meta.numel() * meta.element_size():
+            raise UnsupportedModel(f"{uri}: its header's entry for {name} does not describe its bytes: the file is damaged")
+        tensors[name] = meta
+        spans.append((start, end))
+    spans.sort()
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or (spans and spans[0][0] != 0):
+        raise UnsupportedModel(f"{uri}: its tensors' bytes overlap or leave gaps: the file is damaged")
+    return tensors
 
 
 def _pickled(uri: str, meta: bool):

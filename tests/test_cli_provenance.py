@@ -13,7 +13,7 @@ from ray_faceid.pipelines.provenance import read_provenance
 def test_provenance_reads_back_what_made_an_image(tmp_path):
     np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(1, 128)).astype(np.float32))
     made = CliRunner().invoke(app, ["generate", "--model", "tiny", "--face-embedding", str(tmp_path / "emb.npy"),
-                                    "--strength", "0.5", "--prompt", "a portrait", "--steps", "2", "--seed", "7",
+                                    "--strength", "0.5", "--prompt", "a portrait, [blurry] [/]", "--steps", "2", "--seed", "7",
                                     "--out", str(tmp_path / "a.png")])
     assert made.exit_code == 0, made.output
     record = read_provenance((tmp_path / "a.png").read_bytes())
@@ -21,6 +21,7 @@ def test_provenance_reads_back_what_made_an_image(tmp_path):
     said = " ".join(shown.stdout.split())
     assert shown.exit_code == 0, shown.output
     assert record["base_model_hash"][:16] in said and "strength 0.5" in said and "7 / 2 /" in said, said
+    assert "a portrait, [blurry] [/]" in said  # a prompt's brackets as written, not read as markup
     as_json = CliRunner().invoke(app, ["provenance", "--json", str(tmp_path / "a.png")])
     assert json.loads(as_json.stdout) == {str(tmp_path / "a.png"): record}
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "plain.png")

@@ -44,8 +44,9 @@ def provenance(
 def summary_table(uri: str, record: dict):
     """The record's lines a person auditing an image asks for first."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=uri, show_header=False, title_justify="left")
+    table = Table(title=Text(uri), show_header=False, title_justify="left")  # Text: a prompt's [brackets] as written
     published = record.get("adapter_published") or {}
     rows = [
         ("made by", f"{record.get('generator', '?')} {record.get('kind', '')}".strip()),
@@ -68,7 +69,7 @@ def summary_table(uri: str, record: dict):
         if record.get(key) not in (None, ""):
             rows.append((key.replace("_", " "), str(record[key])))
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(Text(name), Text(str(value)))
     return table
 
 

@@ -93,7 +93,7 @@ class CatalogRow(BaseModel):
         dump = self.model_dump(mode="json")
         for part in [dump, *dump["identities"]]:
             for later in ("edits", "scheduler", "scheduler_config", "pose", "identity_start"):
-                if part.get(later) is None:
+                if part.get(later) is None or (later == "identity_start" and part[later] == 0):  # 0: the default
                     part.pop(later, None)
         return dump
 

@@ -49,6 +49,9 @@ class DenoisingLoop:
         text = TextConditioning.cat([negative, self.encode_prompt([it.prompt for it in items])])
         kwargs = self._identity_kwargs(items, h, w)
         check_identity_start(items, steps)
+        if kwargs and self.adapter.kind.identitynet and any(it.identity_start for it in items):
+            raise BadInput("identity_start: InstantID's IdentityNet draws the face at every step; a later start is not "
+                           "built for it (leave --identity-start out)")
         # Guidance at most 1 (few-step models) takes the prompt's prediction alone, as diffusers does: the
         # unconditional rows are not run at all (half the UNet's work per step).
         copies = 2 if guidance > 1 else 1

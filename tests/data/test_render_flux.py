@@ -161,3 +161,13 @@ def test_a_compiled_render_actor_warms_the_jobs_shapes_before_its_first_row(smal
     # start past the job's 2 steps is that row's error alone.
     assert json.loads(made[1]["provenance"])["identity_start"] == 1
     assert "identity_start 2: a step from 0 to 1" in made[3]["error"]
+
+
+def test_an_identity_start_of_0_keys_a_row_as_one_without_it():
+    """0 is the default: a catalog that writes it out keeps the outputs rendered before it existed."""
+    from ray_faceid.data.catalog import parse_row
+
+    plain, zero, one = (parse_row(text, 0).key_fields() for text in (
+        '{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "x", "identity_start": 0}',
+        '{"id": "a", "prompt": "x", "identity_start": 1}'))
+    assert plain == zero != one

@@ -85,6 +85,26 @@ def test_a_damaged_or_foreign_detector_in_a_pack_is_refused_in_one_line(tmp_path
         build_backend(FaceConfig(backend="insightface", insightface_root=str(tmp_path)))
 
 
+def test_insightface_07s_detector_class_is_taken_as_the_packs_detector(tmp_path, tiny_arcface_onnx, monkeypatch):
+    """insightface 0.7 routes SCRFD files to its RetinaFace class (no SCRFD subclass): a detector by its task."""
+    pytest.importorskip("insightface")
+    from insightface.model_zoo import model_zoo
+
+    from ray_faceid.face.backends.insightface_backend import ScrfdDetector
+
+    class RetinaFace:  # what 0.7.3's model_zoo.get_model returns for antelopev2's and buffalo_l's detectors
+        taskname = "detection"
+
+        def prepare(self, **_):
+            pass
+
+        def detect(self, image, **_):
+            return np.zeros((0, 5)), None
+
+    monkeypatch.setattr(model_zoo, "get_model", lambda path, **_: RetinaFace())
+    assert ScrfdDetector(str(tmp_path / "det_10g.onnx")).detect(np.zeros((8, 8, 3), np.uint8)) == []
+
+
 def test_jitter_needs_the_dlib_runtime_and_says_so():
     with pytest.raises(BackendUnavailable, match="num_jitters needs the dlib encoder runtime"):
         FaceAnalyzer(FaceConfig(num_jitters=2))

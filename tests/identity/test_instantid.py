@@ -128,6 +128,8 @@ def test_instantid_without_its_parts_or_on_another_path_is_refused_in_one_line(t
         identitynet_config(str(tmp_path / "other_layout"), base.unet.config)
     with pytest.raises(BadInput, match=r"one person per image \(got 2\)"):
         pipe.generate("two", [person, IdentityCondition("q", face(2))], steps=1, width=SIZE, height=SIZE)
+    with pytest.raises(BadInput, match="IdentityNet draws the face at every step"):  # not a start it ignores
+        pipe.generate("a portrait photo", [person], steps=2, width=SIZE, height=SIZE, identity_start=1)
     with pytest.raises(BadInput, match="TensorRT plans do not take its residuals yet"):
         IdentityPipeline(base, adapter, backend="tensorrt")
 

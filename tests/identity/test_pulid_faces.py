@@ -365,6 +365,7 @@ def test_a_serve_replica_reads_enrolled_people_for_pulid_as_render_does(reader, 
     # Each refused when the config is read, not by every replica in a loop: files' layouts from their
     # names and shapes alone (a file cut short, another base's width, a tower missing a weight).
     (tmp_path / "cut.safetensors").write_bytes(Path(pulid).read_bytes()[:-100])
+    (tmp_path / "trailing.safetensors").write_bytes(Path(pulid).read_bytes() + bytes(16))  # safetensors refuses it too
     from types import SimpleNamespace
 
     wider = SimpleNamespace(config=SimpleNamespace(num_attention_heads=3, attention_head_dim=16),
@@ -381,6 +382,7 @@ def test_a_serve_replica_reads_enrolled_people_for_pulid_as_render_does(reader, 
                          ({"image_encoder": str(tmp_path)}, "has no EVA02_CLIP_L_336_psz14_s6B.pt"),
                          ({"image_encoder": str(damaged)}, "image_encoder: .* is not EVA02-CLIP's vision tower .*w3"),
                          ({"adapter": str(tmp_path / "cut.safetensors")}, "adapter: .*cut short"),
+                         ({"adapter": str(tmp_path / "trailing.safetensors")}, "adapter: .*damaged"),
                          ({"adapter": str(tmp_path / "wide.safetensors")}, "adapter: .*PuLID-FLUX for a 48-wide")):
         with pytest.raises(BadInput, match=says):
             resolve_config(config.model_copy(update=change))

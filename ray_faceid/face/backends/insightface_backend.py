@@ -32,14 +32,14 @@ def _local_folder(uri: str) -> str:
 class ScrfdDetector:
     def __init__(self, onnx_path: str, det_size: int = 640, threshold: float = 0.5):
         from insightface.model_zoo import model_zoo
-        from insightface.model_zoo.scrfd import SCRFD
 
         try:
             self._model = model_zoo.get_model(onnx_path)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
             raise BackendUnavailable(f"{onnx_path}: not an ONNX model onnxruntime can load "
                                      f"({str(exc).splitlines()[0][:160]}): copy the pack again") from None
-        if not isinstance(self._model, SCRFD):  # insightface tells its models apart by their inputs and outputs
+        # insightface tells its models apart by their inputs and outputs (0.7's routes SCRFD to RetinaFace).
+        if getattr(self._model, "taskname", None) != "detection" or not hasattr(self._model, "detect"):
             raise BackendUnavailable(f"{onnx_path}: not an SCRFD face detector (a file with 'det' or 'scrfd' in its "
                                      "name is read as the pack's detector)")
         self._model.prepare(ctx_id=-1, input_size=(det_size, det_size), det_thresh=threshold)
