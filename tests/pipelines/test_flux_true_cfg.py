@@ -83,6 +83,9 @@ def test_the_command_takes_a_negative_prompt_with_true_cfg_and_says_what_it_need
     made = CliRunner().invoke(app, [*common, "--true-cfg", "2.5", "--out", str(tmp_path / "a.png")])
     assert made.exit_code == 0, made.output
     assert read_provenance((tmp_path / "a.png").read_bytes())["true_cfg"] == 2.5
+    alone = CliRunner().invoke(app, ["generate", "--model", folders["dev"], "--prompt", "a portrait", "--true-cfg", "2",
+                                     "--out", str(tmp_path / "x.png")])  # diffusers runs none without a negative
+    assert alone.exit_code == 2 and "give one" in alone.stderr, alone.output
     on_unet = CliRunner().invoke(app, ["generate", "--model", "tiny", "--prompt", "a portrait", "--true-cfg", "2",
                                        "--out", str(tmp_path / "x.png")])
     assert on_unet.exit_code == 2 and "--true-cfg is for FLUX bases" in on_unet.stderr, on_unet.output
