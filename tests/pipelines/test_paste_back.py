@@ -23,3 +23,19 @@ def test_paste_back_matches_the_whole_image_blend_and_leaves_the_rest():
     assert np.array_equal(out[~region], image[~region])
     assert np.abs(out.astype(int) - whole_image_blend(image, region, generated, 4.0).astype(int)).max() <= 2
     assert np.abs(out[region].astype(int) - image[region].astype(int)).mean() > 20  # the region did change
+
+
+def test_feather_blends_exactly_its_width_inside_the_edge():
+    """`--feather 8` on a 40 px hole: fully repainted from 8 px inside the edge on, and each step
+    inwards repaints more (before, the hole was eroded by 8 and blurred by 8: its centre only 74%)."""
+    region = np.zeros((80, 80), bool)
+    region[20:60, 20:60] = True
+    alpha = feathered(region, 8.0)
+    assert alpha[~region].max() == 0.0
+    assert np.all(alpha[28:52, 28:52] == 1.0)  # 8 px and more inside: the generated pixels alone
+    ramp = alpha[40, 20:29]  # the middle row, from the edge inwards
+    assert 0 < ramp[0] < 0.2 and np.all(np.diff(ramp) > 0)
+    assert np.array_equal(feathered(region, 0.0), region.astype(np.float32))  # 0: a hard edge
+    thin = np.zeros((80, 80), bool)
+    thin[10:70, 38:42] = True  # a 4 px stroke under feather 8 still repaints something
+    assert feathered(thin, 8.0)[40, 38:42].max() > 0.05
