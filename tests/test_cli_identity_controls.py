@@ -38,7 +38,7 @@ def test_strength_reaches_a_unet_image_and_bad_values_are_refused(tmp_path):
     weak, record = _made(tmp_path, "weak", *common, "--strength", "0.25")
     assert np.abs(full - weak).max() > 2 and record["identities"][0]["scale"] == 0.25
     for value, said in (("bob=0.5", "--strength for unknown identity 'bob'"), ("5", "from 0 to 4"),
-                        ("much", "expected S or NAME=S")):
+                        ("much", "expected S or NAME=S"), ("=0.5", "expected S or NAME=S")):
         refused = CliRunner().invoke(app, [*common, "--prompt", "a portrait", "--strength", value, "--out",
                                            str(tmp_path / "x.png")])
         assert refused.exit_code == 2 and said in " ".join(refused.stderr.split()), refused.output
@@ -61,3 +61,20 @@ def test_identity_controls_without_anyone_to_act_on_are_refused(tmp_path):
         refused = CliRunner().invoke(app, ["generate", "--model", "tiny-flux", "--prompt", "a beach", *flags, "--out",
                                            str(tmp_path / "x.png")])
         assert refused.exit_code == 2 and f"{flags[0]}: for the people in the image" in refused.stderr, refused.output
+
+
+def test_strengths_given_twice_are_refused_and_a_bare_one_is_everyone_elses(tmp_path):
+    """A repeated name was silently its last value; a bare S after NAME=S overwrote NAME's."""
+    from ray_faceid.cli.generate import _strengths
+    from ray_faceid.errors import BadInput
+
+    people = {"ann": "a.jpg", "bob": "b.jpg"}
+    assert _strengths(["ann=0.5", "1.5"], people) == _strengths(["1.5", "ann=0.5"], people) == {"ann": 0.5, "bob": 1.5}
+    for twice, said in ((["ann=0.5", "ann=0.7"], "--strength for ann given twice"),
+                        (["0.5", "0.7"], "--strength S given twice")):
+        try:
+            _strengths(twice, people)
+        except BadInput as exc:
+            assert said in exc.message
+        else:
+            raise AssertionError(f"{twice} was taken")

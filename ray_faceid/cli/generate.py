@@ -117,25 +117,31 @@ IdentityStartOpt = typer.Option(0, "--identity-start", min=0, max=199, help="The
 
 
 def _strengths(items: list[str], people: dict, identity_start: int = 0) -> dict[str, float]:
-    """--strength values by person's name (a bare number: everyone's), checked before any model loads;
-    with --identity-start, that there is someone for both to act on."""
+    """--strength values by person's name (a bare number: everyone not named, in any order), checked
+    before any model loads; with --identity-start, that there is someone for both to act on."""
     if not people and (items or identity_start):
         flags = " and ".join(f for f, given in (("--strength", items), ("--identity-start", identity_start)) if given)
         raise BadInput(f"{flags}: for the people in the image, and there are none: give --ref PHOTO, --identity NAME "
                        "or --face-embedding EMB.npy")
-    out = {}
+    named: dict[str, float] = {}  # "" holds the bare S
     for item in items:
-        name, _, value = item.rpartition("=")
+        name, sep, value = item.rpartition("=")
         try:
             strength = float(value)
         except ValueError:
-            raise BadInput(f"--strength {item!r}: expected S or NAME=S, S a number from 0 to {STRENGTH_MAX:g}") from None
+            strength = None
+        if strength is None or (sep and not name):
+            raise BadInput(f"--strength {item!r}: expected S or NAME=S, S a number from 0 to {STRENGTH_MAX:g}")
         if not 0 <= strength <= STRENGTH_MAX:
             raise BadInput(f"--strength {item!r}: S is from 0 to {STRENGTH_MAX:g}")
         if name and name not in people:
             raise BadInput(f"--strength for unknown identity {name!r}; identities: {sorted(people)}")
-        out.update({person: strength for person in ([name] if name else people)})
-    return out
+        if name in named:
+            raise BadInput(f"--strength {'for ' + name if name else 'S'} given twice ({named[name]:g} and {strength:g}): "
+                           "give each person's once")
+        named[name] = strength
+    everyone = {person: named[""] for person in people} if "" in named else {}
+    return {**everyone, **{k: v for k, v in named.items() if k}}
 
 
 def _people(ref: list[str], identity: list[str]) -> dict[str, str | list[str]]:
