@@ -447,7 +447,8 @@ class RenderConfig(Settings):
                                    "their own; default: the base model's (5, or what merge-lora recorded).")
     size: str | None = Field(None, description="WxH of rows that do not set their own; default: the base model's "
                              "native size (512x512 for SD 1.x).")
-    feather: float = Field(4.0, ge=0, le=64, description="Inpaint rows: soft edge inside the mask, in pixels.")
+    feather: float = Field(4.0, ge=0, le=64, description="Inpaint rows without their own: the last N px "
+                           "inside the mask's edge blend into the photo (0: a hard edge).")
     identitynet: str | None = IDENTITYNET
     identitynet_scale: float = IDENTITYNET_SCALE
     unet_batch: int = Field(

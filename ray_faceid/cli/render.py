@@ -56,6 +56,8 @@ def render(
                                         "default: the model's (30, or 4 for an untrained smoke base)."),
     size: Optional[str] = typer.Option(None, "--size", help="WxH for rows without their own; default: the model's "
                                        "native size (512x512 for SD 1.x)."),
+    feather: float = typer.Option(4.0, "--feather", min=0.0, max=64.0, help="Inpaint rows without their own: the last "
+                                  "N px inside the mask's edge blend into the photo (0: a hard edge)."),
     unet_batch: int = typer.Option(1, "--unet-batch", min=1, help="Rows denoised together (1: byte-stable per row)."),
     backend: str = BackendOpt,
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16."),
@@ -89,7 +91,7 @@ def render(
 
         face = SCORING_FACE.model_copy(update={"backend": face_stack(face_backend, insightface_root),
                                                "insightface_root": insightface_root})
-        config = RenderConfig(face=face, steps=steps, size=size, unet_batch=unet_batch, workers=workers, backend=backend,
+        config = RenderConfig(face=face, steps=steps, size=size, feather=feather, unet_batch=unet_batch, workers=workers, backend=backend,
                               precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
                               identitynet=identitynet,
                               identitynet_scale=identitynet_scale_of(identitynet, identitynet_scale),

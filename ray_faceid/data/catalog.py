@@ -6,7 +6,8 @@ pose}: pose, InstantID's five face keypoints in the image, identity/pose.py),
 `edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow), `scheduler` and
 `scheduler_config` (pipelines/schedulers.py; default the base's own), `identity_start` (the step the
 identity starts at; default 0).
-An inpaint row adds `image` and `mask` (URIs; white = repaint) and takes exactly one identity.
+An inpaint row adds `image` and `mask` (URIs; white = repaint), takes one identity at most (none: the
+prompt alone repaints the mask) and may set its own `feather` (default the job's).
 Rows are validated one by one: a bad row becomes an error record, never a failed job.
 """
 from __future__ import annotations
@@ -61,6 +62,8 @@ class CatalogRow(BaseModel):
                                                                          "\"trailing\"}.")
     identity_start: int | None = Field(None, ge=0, le=199, description="The step (from 0) the row's identity starts "
                                        "at; earlier steps run without it (PuLID-FLUX's start_step). Default 0.")
+    feather: float | None = Field(None, ge=0, le=64, description="Inpaint: the soft edge inside the mask, in pixels; "
+                                  "default the job's.")
 
     @field_validator("id")
     @classmethod
@@ -83,16 +86,23 @@ class CatalogRow(BaseModel):
     def _inpaint(self) -> "CatalogRow":
         if (self.image is None) != (self.mask is None):
             raise ValueError("an inpaint row needs both image and mask")
-        if self.image is not None and len(self.identities) != 1:
-            raise ValueError("an inpaint row takes exactly one identity")
+        if self.image is not None and len(self.identities) > 1:
+            raise ValueError("an inpaint row takes one identity at most (none: the prompt alone repaints the mask)")
+        if self.feather is not None and self.image is None:
+            raise ValueError("feather: for inpaint rows (image and mask)")
+        if self.identity_start and not self.identities:
+            raise ValueError("identity_start: the row names nobody for the identity to start on")
         return self
+
+    def feather_or(self, default: float) -> float:
+        return default if self.feather is None else self.feather
 
     def key_fields(self) -> dict:
         """The row as its output key hashes it: fields added since keys were first made (edits, the
         scheduler) are left out where unset, so existing outputs keep their keys."""
         dump = self.model_dump(mode="json")
         for part in [dump, *dump["identities"]]:
-            for later in ("edits", "scheduler", "scheduler_config", "pose", "identity_start"):
+            for later in ("edits", "scheduler", "scheduler_config", "pose", "identity_start", "feather"):
                 if part.get(later) is None or (later == "identity_start" and part[later] == 0):  # 0: the default
                     part.pop(later, None)
         return dump
@@ -131,7 +141,8 @@ def parse_row(text: str, index: int) -> CatalogRow:
             name = json.loads(text).get("id") or f"#{index}"
         except (ValueError, AttributeError):
             name = f"#{index}"
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
+                            for e in exc.errors())
         raise BadInput(f"catalog row {name}: {reasons}") from None
 
 

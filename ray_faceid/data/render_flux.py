@@ -120,8 +120,9 @@ class FluxRenderer(Renderer):
             log.info("render actor: torch.compile warmed %s", self.warmed)
 
     def key(self, row: CatalogRow, extra: list[str]) -> str:
-        if row.inpaint and self.config.feather:  # Fill pasted a hard edge whatever the feather before it took one
-            extra = [*extra, f"fill feather {self.config.feather}"]
+        feather = row.feather_or(self.config.feather)
+        if row.inpaint and feather:  # Fill pasted a hard edge whatever the feather before it took one
+            extra = [*extra, f"fill feather {feather}"]
         return super().key(row, extra)
 
     def identity(self, identity: str) -> dict:
@@ -205,7 +206,8 @@ class FluxRenderer(Renderer):
         guidance = row.guidance if row.guidance is not None else self.config.guidance
         if row.inpaint:
             result = self.pipeline.inpaint(decode_image(image_bytes), np.asarray(decode_image(mask_bytes)), row.prompt,
-                                           conditions, row.seed, steps, guidance, feather=self.config.feather,
+                                           conditions, row.seed, steps, guidance,
+                                           feather=row.feather_or(self.config.feather),
                                            identity_start=row.identity_start or 0)
         else:
             width, height = row.dimensions(self.config.size)

@@ -222,8 +222,9 @@ class Renderer:
         if row.inpaint:
             from ray_faceid.pipelines.inpaint import inpaint
 
-            result = inpaint(self.pipeline, decode_image(image_bytes), decode_image(mask_bytes), conditions[0], row.prompt,
-                             row.negative_prompt, row.seed, steps, guidance, self.config.feather, sampler=sampler,
+            result = inpaint(self.pipeline, decode_image(image_bytes), decode_image(mask_bytes),
+                             conditions[0] if conditions else None, row.prompt, row.negative_prompt, row.seed, steps,
+                             guidance, row.feather_or(self.config.feather), sampler=sampler,
                              identity_start=row.identity_start or 0)
         else:
             from ray_faceid.pipelines.generate import GenerationItem

@@ -88,22 +88,24 @@ def inpainting_conditioning(pipe: IdentityPipeline, image: np.ndarray, mask: np.
     return F.interpolate(binary, size=(binary.shape[2] // f, binary.shape[3] // f)), latents
 
 
-def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identity: IdentityCondition, prompt: str,
+def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identity: IdentityCondition | None, prompt: str,
             negative_prompt: str = "", seed: int = 0, steps: int | None = None, guidance: float | None = None,
             feather: float = 4.0, max_side: int | None = None, sampler=None, identity_start: int = 0) -> GenerationResult:
     """Steps, guidance and scheduler default to the base's own (`sampler`: another, schedulers.py); the image is
-    repainted at up to `max_side` pixels (default: the base's native size) and pasted back at its own size."""
+    repainted at up to `max_side` pixels (default: the base's native size) and pasted back at its own size.
+    `identity` None: the prompt alone repaints the mask."""
     height, width = image.shape[:2]
     steps, max_side = steps or pipe.base.default_steps, max_side or max(pipe.base.native_size)
     guidance = pipe.base.default_guidance if guidance is None else guidance
     region = binary_mask(mask, (height, width))
-    if pipe.adapter is not None and pipe.adapter.kind.identitynet and identity.pose is None:
+    people = [] if identity is None else [identity]
+    if people and pipe.adapter is not None and pipe.adapter.kind.identitynet and identity.pose is None:
         # InstantID: IdentityNet reads where the face goes; without a pose, a frontal face filling the mask.
         from ray_faceid.identity.instantid import box_points
 
         ys, xs = np.nonzero(region)
         box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        identity = dataclasses.replace(identity, pose=box_points(box, width, height))
+        people = [dataclasses.replace(identity, pose=box_points(box, width, height))]
     base = pipe.base
     step = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)  # clean latent pyramid
     gen_w, gen_h = working_size(width, height, step, max_side)
@@ -115,11 +117,11 @@ def inpaint(pipe: IdentityPipeline, image: np.ndarray, mask: np.ndarray, identit
     mask_latent = F.max_pool2d(mask_t, f, f)
     image_latents = pipe.encode_image(resized)
     conditioning = inpainting_conditioning(pipe, resized, small_mask) if base.inpainting else None
-    item = GenerationItem(prompt, [identity], negative_prompt, seed, identity_start)
+    item = GenerationItem(prompt, people, negative_prompt, seed, identity_start)
     latents = pipe._denoise([item], steps, guidance, gen_w, gen_h, inpaint=(image_latents, mask_latent, conditioning),
                             callback=pipe.on_step, sampler=sampler)
     result_image = Image.fromarray(paste_back(image, region, pipe.decode(latents), feather))
-    record = pipe.provenance("inpaint", prompt, negative_prompt, [identity], seed, steps, guidance, width, height,
+    record = pipe.provenance("inpaint", prompt, negative_prompt, people, seed, steps, guidance, width, height,
                              sampler)
     record = dict(with_identity_start(record, item), feather=feather)
     return GenerationResult([result_image], [png_with_provenance(result_image, record)], [record], [seed])

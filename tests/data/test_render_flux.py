@@ -168,6 +168,7 @@ def test_an_identity_start_of_0_keys_a_row_as_one_without_it():
     from ray_faceid.data.catalog import parse_row
 
     plain, zero, one = (parse_row(text, 0).key_fields() for text in (
-        '{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "x", "identity_start": 0}',
-        '{"id": "a", "prompt": "x", "identity_start": 1}'))
+        '{"id": "a", "prompt": "x", "identities": ["amy"]}',
+        '{"id": "a", "prompt": "x", "identities": ["amy"], "identity_start": 0}',
+        '{"id": "a", "prompt": "x", "identities": ["amy"], "identity_start": 1}'))
     assert plain == zero != one

@@ -1,0 +1,67 @@
+"""What a catalog row may ask for, checked row by row, and an inpaint row's own feather."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ray_faceid.config import RenderConfig
+from ray_faceid.data.catalog import parse_row
+from ray_faceid.errors import BadInput
+
+CONFIG = RenderConfig(steps=2, size="32x32", workers=1, batch_size=4)
+INPAINT = {"id": "r", "prompt": "a wall", "image": "photo.png", "mask": "mask.png"}
+
+
+@pytest.mark.parametrize("row, said", [
+    ({**INPAINT, "identities": ["amy", "bob"]}, "an inpaint row takes one identity at most"),
+    ({"id": "r", "prompt": "x", "feather": 2}, "feather: for inpaint rows (image and mask)"),
+    ({"id": "r", "prompt": "x", "identity_start": 2}, "identity_start: the row names nobody"),
+    ({"id": "r", "prompt": "x", "image": "photo.png"}, "an inpaint row needs both image and mask"),
+])
+def test_rows_asking_for_what_they_cannot_have_are_refused_in_plain_words(row, said):
+    with pytest.raises(BadInput) as refused:
+        parse_row(json.dumps(row), 0)
+    assert said in refused.value.message and "Value error" not in refused.value.message
+
+
+def test_a_rows_own_feather_keys_it_and_rows_without_one_keep_their_keys():
+    plain = parse_row(json.dumps(INPAINT), 0)
+    assert "feather" not in plain.key_fields()
+    assert parse_row(json.dumps({**INPAINT, "feather": 0}), 0).key_fields() != plain.key_fields()
+
+
+def test_an_inpaint_row_renders_without_a_person_and_with_its_own_feather(tmp_path):
+    """A prompt alone repaints the mask (as a generate row renders a prompt alone); `feather: 0` is a
+    hard edge where the job's 4 px blend."""
+    from ray_faceid.data.catalog import read_catalog
+    from ray_faceid.data.render_rows import Renderer
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    mask = np.zeros((48, 48), np.uint8)
+    mask[8:40, 8:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text(json.dumps({**INPAINT, "id": "soft"}) + "\n" + json.dumps({**INPAINT, "id": "hard", "feather": 0}))
+    renderer = Renderer(CONFIG, "tiny", None, str(tmp_path / "registry"), "default", str(tmp_path / "out"),
+                        catalog=str(catalog))
+    soft, hard = renderer.render_batch(read_catalog(str(catalog)), [0, 1])
+    assert soft["status"] == hard["status"] == "ok", (soft["error"], hard["error"])
+    assert [json.loads(r["provenance"])["feather"] for r in (soft, hard)] == [4.0, 0.0]
+    a, b = (np.asarray(Image.open(r["output_uri"])).astype(int) for r in (soft, hard))
+    inside = mask > 0
+    assert np.array_equal(a[~inside], b[~inside])  # the photo's own pixels outside the mask, either way
+    assert np.abs(a[inside] - b[inside]).max() > 8  # the edge's 4 px blend, or none
+
+
+def test_render_takes_the_jobs_feather_from_the_command_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import ray_faceid.data.render as render_job
+    from ray_faceid.cli import app
+
+    asked = {}
+    monkeypatch.setattr(render_job, "run_render", lambda *args, **kwargs: asked.update(config=args[5]) or {"rows": 0})
+    CliRunner().invoke(app, ["render", "catalog.jsonl", str(tmp_path), "--feather", "9"])
+    assert asked["config"].feather == 9.0
