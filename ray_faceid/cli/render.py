@@ -91,7 +91,8 @@ def render(
 
         face = SCORING_FACE.model_copy(update={"backend": face_stack(face_backend, insightface_root),
                                                "insightface_root": insightface_root})
-        config = RenderConfig(face=face, steps=steps, size=size, feather=feather, unet_batch=unet_batch, workers=workers, backend=backend,
+        config = RenderConfig(face=face, steps=steps, size=size, feather=feather, unet_batch=unet_batch, workers=workers,
+                              backend=backend,
                               precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
                               identitynet=identitynet,
                               identitynet_scale=identitynet_scale_of(identitynet, identitynet_scale),

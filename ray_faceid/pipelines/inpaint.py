@@ -51,7 +51,8 @@ def feathered(mask: np.ndarray, radius: float) -> np.ndarray:
 
 def paste_back(image: np.ndarray, region: np.ndarray, generated: Image.Image, feather: float) -> np.ndarray:
     """`image` with the masked region taken from `generated` (any size; resized onto the image),
-    blended over a feathered edge. Computed in the mask's bounding box only, so a large photo costs its uint8 copy, not float copies of every pixel."""
+    blended over a feathered edge. Computed in the mask's bounding box only, so a large photo costs its
+    uint8 copy, not float copies of every pixel."""
     height, width = region.shape
     rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
     margin = 2  # outside pixels around the box: the feather measures from them
