@@ -17,8 +17,9 @@ def test_generate_one_and_two_identities(tmp_path, sample_photos):
     assert result.exit_code == 0, result.output
     record = read_provenance(out.read_bytes())
     assert record["untrained_base"] and record["adapter_trained_steps"] == 0
-    two = tmp_path / "two.png"
-    result = runner.invoke(app, ["generate", "--identity", f"a={hanks}", "--identity", f"b={sample_photos['t1.jpg']}",
+    two, one_of_six = tmp_path / "two.png", tmp_path / "one_of_six.png"
+    Image.open(sample_photos["t1.jpg"]).crop((20, 240, 230, 440)).save(one_of_six)  # one face of the group photo
+    result = runner.invoke(app, ["generate", "--identity", f"a={hanks}", "--identity", f"b={one_of_six}",
                                  "--region", "a=0,0,0.5,1", "--prompt", "two people", "--out", str(two), *FAST])
     assert result.exit_code == 0, result.output
     assert [i["name"] for i in read_provenance(two.read_bytes())["identities"]] == ["a", "b"]
@@ -33,6 +34,16 @@ def test_generate_refuses_a_reference_without_a_face(tmp_path):
     result = runner.invoke(app, ["generate", "--ref", str(blank), "--prompt", "x", "--out", str(tmp_path / "o.png"),
                                  "--size", "64by64"])
     assert result.exit_code == 2 and "--size must look like 512x512" in result.stderr
+
+
+def test_a_group_photo_as_a_reference_is_refused_not_read_as_its_largest_face(tmp_path, sample_photos):
+    """Whose face? The largest of six of much the same size was taken without a word (enroll refuses it)."""
+    group = str(sample_photos["t1.jpg"])
+    for command in (["generate", "--ref", group, *FAST], ["inpaint", "--ref", group, "--image", group, "--mask", group]):
+        result = runner.invoke(app, [*command, "--prompt", "x", "--out", str(tmp_path / "o.png"), "--steps", "1"])
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.stderr.split())
+        assert "t1.jpg: 6 faces" in said and "alone" in said, said
 
 
 def test_inpaint_keeps_the_outside(tmp_path, sample_photos):

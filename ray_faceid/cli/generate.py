@@ -179,12 +179,12 @@ def _people_and_photos(ref: list[str], identity: list[str], face_embedding: Opti
 
 def _analyzer(face_backend: str, insightface_root: Optional[str], face_embedding: Optional[str]):
     """The face stack that reads the photos (with --face-embedding, dlib: it only finds faces for CLIP
-    or a pose, the embedding is given)."""
+    or a pose, the embedding is given); every face, so a photo of several people is refused."""
     from ray_faceid.cli.faces import face_config, face_stack
     from ray_faceid.face.analyzer import FaceAnalyzer
 
     backend = face_stack(face_backend, insightface_root, needs_pack=not face_embedding)
-    return FaceAnalyzer(face_config("dlib" if face_embedding else backend, insightface_root, True))
+    return FaceAnalyzer(face_config("dlib" if face_embedding else backend, insightface_root, True, "all"))
 
 
 def _conditions_and_pipeline(analyzer, people: dict, registry: str, tenant: str, regions: dict, expression, edits,

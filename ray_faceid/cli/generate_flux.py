@@ -65,14 +65,15 @@ def flux_people(people: dict, regions: dict, image_encoder: str | None, device, 
     if pulid_reader is not None:
         return _pulid_people(people, regions, store, tenant, enrolled, pulid_reader), pulid_reader.sha256
     photos = {name: [decode_image(p) for p in value] for name, value in people.items() if isinstance(value, list)}
-    if photos:  # read whole by the adapter, but a person's photo shows them: as on the UNet families
+    if photos:  # read whole by the adapter, but a person's photo shows them alone: as on the UNet families
+        from ray_faceid.config import DetectionConfig, FaceConfig
         from ray_faceid.face.analyzer import FaceAnalyzer
+        from ray_faceid.pipelines.references import the_face
 
-        analyzer = FaceAnalyzer()
+        analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
         for name, images in photos.items():
             for path, image in zip(people[name], images):
-                if not analyzer.analyze(image):
-                    raise BadInput(f"no face found in {path} ({name}): give a photo that shows the person")
+                the_face(analyzer.analyze(image), f"{path} ({name})")
     photos.update({name: store.references(tenant, identity) for name, identity in enrolled.items()})
     encoder = None
     if photos:
@@ -208,7 +209,7 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         from ray_faceid.face.analyzer import FaceAnalyzer
         from ray_faceid.identity.pulid_faces import PulidFaceReader
 
-        pulid_reader = PulidFaceReader(image_encoder, FaceAnalyzer(face_config("insightface", insightface_root, True)),
+        pulid_reader = PulidFaceReader(image_encoder, FaceAnalyzer(face_config("insightface", insightface_root, True, "all")),
                                        device, DTYPES["bf16"] if device == "cuda" else torch.float32)
         image_encoder = None
     conditions, encoder_hash = flux_people(people, regions, image_encoder, device, registry, tenant, face_encoder,

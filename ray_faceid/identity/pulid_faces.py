@@ -100,7 +100,7 @@ class PulidFaceReader:
 
     @torch.no_grad()
     def read(self, photos: list[np.ndarray], labels: list[str]) -> PulidFeatures:
-        """Each photo's largest face (RGB uint8 arrays; `labels` name them in errors)."""
+        """Each photo's face (RGB uint8 arrays; `labels` name them in errors; several people: refused)."""
         arcface, eva, hidden = [], [], []
         for photo, label in zip(photos, labels):
             a, e, h = self._read_one(photo, label)
@@ -112,12 +112,10 @@ class PulidFaceReader:
     def _read_one(self, photo: np.ndarray, label: str):
         from ray_faceid.face import eva_clip, face_parsing
         from ray_faceid.identity.instantid import FIVE_POINTS
+        from ray_faceid.pipelines.references import the_face
 
         photo = shrink_long_edge(photo, LONG_EDGE)  # as PuLID's app does; a phone photo warped whole would alias
-        faces = self.analyzer.analyze(photo)
-        if not faces:
-            raise BadInput(f"no face found in {label}: give a photo that shows the person")
-        face = faces[0]  # the largest
+        face = the_face(self.analyzer.analyze(photo), label)
         try:
             points = np.stack([face.landmarks.point(name) for name in FIVE_POINTS]).astype(np.float32)
         except KeyError:
