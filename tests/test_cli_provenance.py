@@ -22,6 +22,7 @@ def test_provenance_reads_back_what_made_an_image(tmp_path):
     assert shown.exit_code == 0, shown.output
     assert record["base_model_hash"][:16] in said and "strength 0.5" in said and "7 / 2 /" in said, said
     assert "a portrait, [blurry] [/]" in said  # a prompt's brackets as written, not read as markup
+    assert "UNTRAINED" in said  # no --adapter on tiny: the seeded adapter, said where an auditor looks
     as_json = CliRunner().invoke(app, ["provenance", "--json", str(tmp_path / "a.png")])
     assert json.loads(as_json.stdout) == {str(tmp_path / "a.png"): record}
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "plain.png")
@@ -30,5 +31,20 @@ def test_provenance_reads_back_what_made_an_image(tmp_path):
                                      str(tmp_path / "missing.png"), str(tmp_path / "a.png")])
     errors = " ".join(mixed.stderr.split())
     assert mixed.exit_code == 2 and "plain.png: no ray_faceid record" in errors, mixed.output
-    assert "notes.txt: not a PNG ray_faceid wrote" in errors and "missing.png: no such file" in errors
+    assert "notes.txt: not an image" in errors and "missing.png: no such file" in errors
+    Image.open(tmp_path / "a.png").convert("RGB").save(tmp_path / "a.jpg")
+    converted = CliRunner().invoke(app, ["provenance", str(tmp_path / "a.jpg"), str(tmp_path)])
+    errors = " ".join(converted.stderr.split())
+    assert converted.exit_code == 2 and "a.jpg: a JPEG" in errors and f"{tmp_path}: a folder" in errors, errors
+    assert "Error" not in errors  # was Python's class names: AttributeError, IsADirectoryError
     assert record["base_model_hash"][:16] in mixed.stdout  # the readable one still shown
+
+
+def test_the_step_cache_reads_as_a_sentence():
+    from rich.console import Console
+
+    from ray_faceid.cli.provenance import summary_table
+
+    console = Console(width=200, record=True)
+    console.print(summary_table("x.png", {"steps": 28, "step_cache": {"threshold": 0.08, "steps_reused": 9}}))
+    assert "threshold 0.08, 9 of 28 steps reused" in console.export_text()

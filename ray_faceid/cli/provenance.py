@@ -13,20 +13,9 @@ def provenance(
     as_json: bool = typer.Option(False, "--json", help="The whole record of each image, as JSON."),
 ):
     """What made each image: base model and adapter (weights hashes), encoders, people, seed and settings."""
-    from ray_faceid import storage
-    from ray_faceid.errors import NotFound
-    from ray_faceid.pipelines.provenance import read_provenance
-
     records, unreadable = {}, 0
     for uri in images:
-        try:
-            record = read_provenance(storage.read_bytes(uri))
-        except (FileNotFoundError, NotFound):
-            record, why = None, "no such file"
-        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for what is not a PNG
-            record, why = None, f"not a PNG ray_faceid wrote ({type(exc).__name__})"
-        else:
-            why = "no ray_faceid record: not made by ray_faceid, or its metadata was stripped"
+        record, why = _record_of(uri)
         if record is None:
             err_console.print(f"{uri}: {why}", markup=False, highlight=False)
             unreadable += 1
@@ -41,6 +30,36 @@ def provenance(
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _record_of(uri: str) -> tuple[dict | None, str | None]:
+    """(the image's record, None), or (None, why there is none) in words a user acts on."""
+    import io
+
+    from PIL import Image
+
+    from ray_faceid import storage
+    from ray_faceid.errors import NotFound, StorageError
+    from ray_faceid.pipelines.provenance import read_provenance
+
+    try:
+        data = storage.read_bytes(uri)
+    except (FileNotFoundError, NotFound):
+        return None, "no such file"
+    except StorageError as exc:
+        if isinstance(exc.__cause__, IsADirectoryError):
+            return None, "a folder: give the images in it (e.g. FOLDER/*.png)"
+        return None, exc.message
+    try:
+        kind = Image.open(io.BytesIO(data)).format
+    except Exception:  # noqa: BLE001 - Pillow raises many types for what is not an image
+        return None, "not an image"
+    if kind != "PNG":
+        return None, (f"a {kind}: ray_faceid writes its record into the PNGs it makes; a copy converted to {kind} "
+                      "has lost it (read the PNG)")
+    record = read_provenance(data)
+    return (record, None) if record is not None else (
+        None, "no ray_faceid record: not made by ray_faceid, or its metadata was stripped")
+
+
 def summary_table(uri: str, record: dict):
     """The record's lines a person auditing an image asks for first."""
     from rich.table import Table
@@ -52,10 +71,12 @@ def summary_table(uri: str, record: dict):
         ("made by", f"{record.get('generator', '?')} {record.get('kind', '')}".strip()),
         ("base model", f"{record.get('base_model')} ({record.get('base_family', 'unet')}"
                        f"{', ' + record['flux_variant'] if record.get('flux_variant') else ''}), "
-                       f"weights {str(record.get('base_model_hash'))[:16]}"),
+                       f"weights {str(record.get('base_model_hash'))[:16]}"
+                       f"{' UNTRAINED (a smoke-test base)' if record.get('untrained_base') else ''}"),
         ("adapter", (f"{published.get('kind')} {published.get('file')} (sha256 {str(published.get('sha256'))[:16]})"
                      if published else f"weights {str(record.get('adapter'))[:16]}" if record.get("adapter") else
-                     "none")),
+                     "none") + (" UNTRAINED (seeded, no training step: identity not preserved)"
+                                if record.get("adapter_trained_steps") == 0 and not published else "")),
         ("image encoder", str(record.get("image_encoder", "none"))[:16]),
         ("adapter's face encoder", record.get("encoder") or "none"),
         ("identities", "; ".join(_person(p) for p in record.get("identities", [])) or "none"),
@@ -64,10 +85,13 @@ def summary_table(uri: str, record: dict):
         ("size", "x".join(str(side) for side in record.get("size", [])) or "?"),
         ("runtime", " ".join(str(record[k]) for k in ("backend", "compiler", "precision") if record.get(k))),
     ]
-    for key in ("negative_prompt", "true_cfg", "true_cfg_from_step", "identity_start", "feather", "step_cache",
-                "repainted_at"):
+    for key in ("negative_prompt", "true_cfg", "true_cfg_from_step", "identity_start", "feather", "repainted_at"):
         if record.get(key) not in (None, ""):
             rows.append((key.replace("_", " "), str(record[key])))
+    if isinstance(record.get("step_cache"), dict):
+        cache = record["step_cache"]
+        rows.append(("step cache", f"threshold {cache.get('threshold'):g}, {cache.get('steps_reused')} of "
+                                   f"{record.get('steps')} steps reused"))
     for name, value in rows:
         table.add_row(Text(name), Text(str(value)))
     return table
