@@ -3,8 +3,9 @@ boundaries, cancellation, turns and erasure sweep as the UNet families' Generato
 different people and prompts are denoised in one transformer batch. Enrolled people are read as
 the FLUX IP-Adapter reads a person: the reference crops the registry keeps, through the CLIP image
 encoder (`image_encoder` in the Serve config); with the FLUX adapter `ray-faceid train` made, their
-stored identity embeddings of its encoder. What FLUX does not take yet (a request's expression,
-edits, pose, sampler or negative prompt) fails that request alone, in one line."""
+stored identity embeddings of its encoder. A negative prompt works through true CFG (`true_cfg`).
+What FLUX does not take yet (a request's expression, edits, pose or sampler, a Fill request's
+negative prompt) fails that request alone, in one line."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,7 @@ import time
 import torch
 
 from deployments import multiplex
-from deployments.generator import Generator, LoadedIdentity, failure_body, start_of
+from deployments.generator import Generator, LoadedIdentity, start_of, true_cfg
 from ray_faceid.config import ServeConfig
 from ray_faceid.errors import BadInput
 from ray_faceid.registry_secret import never_create_here
@@ -157,31 +158,23 @@ class FluxServeGenerator(Generator):
                                                 personal=loaded.personal if ours else None))
         return conditions, hits
 
-    @staticmethod
-    def _refuse_unbuilt(request: dict) -> None:
-        asked = [what for what in ("negative_prompt", "scheduler", "scheduler_config") if request.get(what)]
+    def _refuse_unbuilt(self, request: dict) -> None:
+        """What FLUX does not take yet, for this request alone (the Generator's groups call it per
+        request); a negative prompt goes through true CFG, on generate."""
+        from ray_faceid.pipelines.flux_sampling import check_true_cfg
+
+        asked = [what for what in ("scheduler", "scheduler_config") if request.get(what)]
+        if request["kind"] == "inpaint" and request.get("negative_prompt"):
+            asked.append("negative_prompt (on FLUX.1 Fill)")
         if asked:
             raise BadInput(f"{', '.join(asked)}: not built for FLUX yet (FLUX.1 is guidance-distilled; its sampler "
                            "is its own flow-matching Euler)")
+        if request["kind"] == "generate":
+            check_true_cfg(true_cfg(request), bool(request.get("negative_prompt")), self.pipeline.step_cache,
+                           ("negative_prompt", "true_cfg"))
 
-    async def _generate_group(self, requests: list[dict]) -> list[dict]:
-        """Requests of the same size, steps, guidance and identity count: one transformer batch for all
-        their images, as on the UNet families; what FLUX does not take yet fails its request alone."""
-        out: list[dict | None] = [None] * len(requests)
-        taken = []
-        for i, r in enumerate(requests):
-            try:
-                self._refuse_unbuilt(r)
-                taken.append(i)
-            except BadInput as exc:
-                out[i] = failure_body(exc)
-        try:
-            made = await super()._generate_group([requests[i] for i in taken]) if taken else []
-        except Exception as exc:  # noqa: BLE001 - the batch's failure is its requests', not the refused ones'
-            made = [failure_body(exc)] * len(taken)
-        for i, answer in zip(taken, made):
-            out[i] = answer
-        return out
+    def _denoiser_call(self, request: dict):
+        return functools.partial(self.pipeline.generate_items, true_cfg=true_cfg(request))
 
     async def _inpaint(self, request: dict) -> dict:
         from ray_faceid.face.decode import decode_image

@@ -84,6 +84,10 @@ def sampler_of(request: dict):
     return Sampler.parse(request.get("scheduler"), request.get("scheduler_config") or {}, where="scheduler")
 
 
+def true_cfg(request: dict) -> float:
+    return request.get("true_cfg", 1.0)  # requests made before it existed (and inpaint's): off
+
+
 def failure_body(exc: Exception) -> dict:
     """The error body of one request that failed: typed errors as they are; anything else (a bug, a
     store that broke mid-read) a 500 of that request alone, logged with its traceback."""
@@ -295,6 +299,17 @@ class Generator:
                                                 encoder=loaded.spec_key))
         return conditions, hits
 
+    @staticmethod
+    def _refuse_unbuilt(request: dict) -> None:
+        """What this base does not take, refused for its request alone (FluxServeGenerator: FLUX's list)."""
+        if true_cfg(request) != 1:
+            raise BadInput("true_cfg: for FLUX bases; this deployment's base guides with guidance (classifier-free "
+                           "guidance runs already)")
+
+    def _denoiser_call(self, request: dict):
+        """What denoises a group of generate requests like `request` (FLUX's adds its true CFG)."""
+        return self.pipeline.generate_items
+
     async def _inpaint(self, request: dict) -> dict:
         from ray_faceid.face.decode import decode_image
         from ray_faceid.pipelines.inpaint import inpaint
@@ -335,14 +350,15 @@ class Generator:
                 "cache_hits": hits, "cache_misses": lookups - hits}
 
     async def _generate_group(self, requests: list[dict]) -> list[dict]:
-        """Requests of the same size, steps, guidance, scheduler and identity count: one UNet batch for all
-        their images."""
+        """Requests of the same size, steps, guidance, scheduler, true CFG and identity count: one denoiser
+        batch for all their images; what the base does not take, or a request's people, fail it alone."""
         from ray_faceid.pipelines.generate import GenerationItem, check_identity_start
 
         out: list[dict | None] = [None] * len(requests)
         items, owners, lookups = [], [], {}
         for i, r in enumerate(requests):
             try:
+                self._refuse_unbuilt(r)
                 conditions, hits = await self._conditions(r["tenant"], r["identities"])
                 self.pipeline.check_people(conditions)
                 check_identity_start([GenerationItem(r["prompt"], conditions, identity_start=start_of(r))], r["steps"])
@@ -358,15 +374,19 @@ class Generator:
         png, provenance, seeds = [None] * len(items), [None] * len(items), [None] * len(items)
         if items:
             first = requests[owners[0]]
-            cost = first["width"] * first["height"] * first["steps"] * len(items)
+            cost = first["width"] * first["height"] * first["steps"] * len(items) * (2 if true_cfg(first) > 1 else 1)
             try:
-                result = await self._run([requests[i] for i in lookups], cost, self.pipeline.generate_items, items,
+                result = await self._run([requests[i] for i in lookups], cost, self._denoiser_call(first), items,
                                          first["steps"], first["guidance"], first["width"], first["height"],
                                          sampler_of(first))
             except Cancelled as exc:
                 result = None
                 for i in lookups:
                     out[i] = {"error": exc.code, "message": exc.message, "status": exc.status}
+            except Exception as exc:  # noqa: BLE001 - the batch's failure is its requests'; refused ones keep theirs
+                result = None
+                for i in lookups:
+                    out[i] = failure_body(exc)
             if result is not None:
                 png, provenance, seeds = result.png, result.provenance, result.seeds
         for i, (hits, count) in lookups.items():
@@ -385,7 +405,7 @@ class Generator:
         for i, r in enumerate(requests):
             key = ("inpaint", i) if r["kind"] == "inpaint" else (
                 r["steps"], r["guidance"], r["width"], r["height"], len(r["identities"]), r.get("scheduler"),
-                tuple(sorted((r.get("scheduler_config") or {}).items())))
+                tuple(sorted((r.get("scheduler_config") or {}).items())), true_cfg(r))
             groups.setdefault(key, []).append(i)
         results: list[dict] = [{}] * len(requests)
         for key, members in groups.items():

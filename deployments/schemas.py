@@ -155,6 +155,9 @@ class GenerateRequest(BaseModel):
     identity_start: int = Field(0, ge=0, le=199, description="The denoising step (from 0) the identity starts at; "
                                 "earlier steps run without it (later: less likeness, more of the prompt; PuLID-FLUX's "
                                 "start_step, 4 suggested for photographs). Below the request's steps.")
+    true_cfg: float = Field(1.0, ge=1.0, le=30.0, description="FLUX bases: true classifier-free guidance away from "
+                            "negative_prompt, which a FLUX base takes only with it (over 1; each step runs the "
+                            "transformer twice and costs twice). Other bases: 1 (they guide with guidance).")
 
 
 class InpaintRequest(BaseModel):

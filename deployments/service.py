@@ -288,7 +288,9 @@ class FaceService:
         return ErasureReport(id=report["id"], removed=removed)
 
     # -- generation ----------------------------------------------------------------------------
-    def _validate_generation(self, steps: int, width: int = 64, height: int = 64, images: int = 1) -> None:
+    def _validate_generation(self, steps: int, width: int = 64, height: int = 64, images: int = 1,
+                             passes: int = 1) -> None:
+        """`passes`: denoiser runs a step (2 with true CFG)."""
         limits = self.config.limits
         if steps > limits.max_steps:
             raise BadInput(f"steps {steps} is over the limit of {limits.max_steps}")
@@ -296,10 +298,11 @@ class FaceService:
             raise BadInput(f"width and height must be multiples of 8 up to {limits.max_side}, got {width}x{height}")
         if images > limits.max_images:
             raise BadInput(f"num_images {images} is over the limit of {limits.max_images}")
-        cost = width * height * steps * images
+        cost = width * height * steps * images * passes
         if cost > limits.max_cost:
-            raise BadInput(f"this request is {cost} pixel-steps of work (width x height x steps x images); the limit is "
-                           f"{limits.max_cost}: ask for fewer steps, a smaller size or fewer images")
+            raise BadInput(f"this request is {cost} pixel-steps of work (width x height x steps x images"
+                           f"{' x 2 for true CFG' if passes > 1 else ''}); the limit is {limits.max_cost}: ask for "
+                           "fewer steps, a smaller size or fewer images")
 
     async def _score(self, png_b64: str, tenant: str, ids: list[str]) -> list[IdentityScore]:
         from ray_faceid.eval.identity import leakage, reference_embedding
@@ -366,7 +369,7 @@ class FaceService:
         defaults = await self.defaults()
         body = body.model_copy(update={k: getattr(body, k) or defaults[k] for k in ("steps", "width", "height")}
                                | {"guidance": _guidance(body, defaults)})
-        self._validate_generation(body.steps, body.width, body.height, body.num_images)
+        self._validate_generation(body.steps, body.width, body.height, body.num_images, 2 if body.true_cfg > 1 else 1)
         # 404 for unknown names and ids, and for other tenants' ids.
         people = [dict(i.model_dump(), id=await self.registry.resolve(tenant, i.id or i.name)) for i in body.identities]
         ids = [p["id"] for p in people]
@@ -376,7 +379,8 @@ class FaceService:
                    "prompt": body.prompt, "negative_prompt": body.negative_prompt,
                    "seed": body.seed if body.seed is not None else secrets.randbelow(2**31 - 10**6),
                    "steps": body.steps, "guidance": body.guidance, "width": body.width, "height": body.height,
-                   "num_images": body.num_images, "identity_start": body.identity_start, **sampling(body, self.config)}
+                   "num_images": body.num_images, "identity_start": body.identity_start, "true_cfg": body.true_cfg,
+                   **sampling(body, self.config)}
         return await self._generate_scored(tenant, payload, ids, body.min_identity_score, on_progress)
 
     async def inpaint(self, tenant: str, body: InpaintRequest, on_progress=None) -> GenerateResponse:

@@ -297,9 +297,6 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
 
     precheck(ref, guidance, width, height, inpainting=False)
     check_true_cfg(true_cfg, bool(negative_prompt), step_cache)  # before minutes of loading
-    if true_cfg > 1 and not negative_prompt:  # diffusers' FluxPipeline runs none without one
-        raise BadInput("--true-cfg guides the image away from --negative-prompt: give one (each step then runs the "
-                       "transformer twice)")
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend,
                                        step_cache, insightface_root)
     conditions = with_strengths(conditions, strengths or {})

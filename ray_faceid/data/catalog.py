@@ -5,7 +5,7 @@ pose}: pose, InstantID's five face keypoints in the image, identity/pose.py),
 `prompt`, optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`,
 `edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow), `scheduler` and
 `scheduler_config` (pipelines/schedulers.py; default the base's own), `identity_start` (the step the
-identity starts at; default 0).
+identity starts at; default 0), `true_cfg` (FLUX: true CFG away from `negative_prompt`).
 An inpaint row adds `image` and `mask` (URIs; white = repaint), takes one identity at most (none: the
 prompt alone repaints the mask) and may set its own `feather` (default the job's).
 Rows are validated one by one: a bad row becomes an error record, never a failed job.
@@ -62,6 +62,8 @@ class CatalogRow(BaseModel):
                                                                          "\"trailing\"}.")
     identity_start: int | None = Field(None, ge=0, le=199, description="The step (from 0) the row's identity starts "
                                        "at; earlier steps run without it (PuLID-FLUX's start_step). Default 0.")
+    true_cfg: float | None = Field(None, ge=1, le=30, description="FLUX: true classifier-free guidance away from "
+                                   "negative_prompt (over 1; each step runs the transformer twice). Default off.")
     feather: float | None = Field(None, ge=0, le=64, description="Inpaint: the soft edge inside the mask, in pixels; "
                                   "default the job's.")
 
@@ -102,7 +104,8 @@ class CatalogRow(BaseModel):
         scheduler) are left out where unset, so existing outputs keep their keys."""
         dump = self.model_dump(mode="json")
         for part in [dump, *dump["identities"]]:
-            for later in ("edits", "scheduler", "scheduler_config", "pose", "identity_start", "feather"):
+            for later in ("edits", "scheduler", "scheduler_config", "pose", "identity_start", "feather",
+                          "true_cfg"):
                 if part.get(later) is None or (later == "identity_start" and part[later] == 0):  # 0: the default
                     part.pop(later, None)
         return dump

@@ -1,10 +1,10 @@
 """Catalog rows on a FLUX base: the Renderer's keys, cache, scoring, manifest records and batching
-(`--unet-batch`: rows of the same size, steps, guidance and people count denoised together), each
+(`--unet-batch`: rows of the same size, steps, guidance, true CFG and people count denoised together), each
 image made by FluxGenerator (pipelines/flux_sampling.py). A row's people are enrolled
 ones, read as the FLUX IP-Adapter reads a person: the reference crops the registry keeps, through the
 CLIP image encoder (--image-encoder); for a FLUX adapter `ray-faceid train` made, their stored
 identity embeddings of its encoder. Inpaint rows need FLUX.1 Fill. What FLUX does not take yet (a
-row's expression, edits, pose, sampler or negative prompt; an IMR, a flow, an IdentityNet, another
+row's expression, edits, pose or sampler, an inpaint row's negative prompt; an IMR, a flow, an IdentityNet, another
 backend) is refused in one line: the row, or the job before it starts."""
 from __future__ import annotations
 
@@ -160,15 +160,19 @@ class FluxRenderer(Renderer):
         return loaded
 
     def conditions(self, row: CatalogRow) -> list:
+        from ray_faceid.pipelines.flux_sampling import check_true_cfg
         from ray_faceid.pipelines.generate import IdentityCondition
 
         asked = [what for what, value in (("expression", row.expression), ("edits", row.edits),
-                                          ("scheduler", row.scheduler), ("negative_prompt", row.negative_prompt))
-                 if value]
+                                          ("scheduler", row.scheduler)) if value]
         asked += [f"{what} of {i.id}" for i in row.identities for what, value in
                   (("expression", i.expression), ("edits", i.edits), ("pose", i.pose)) if value]
+        if row.inpaint and (row.negative_prompt or row.true_cfg not in (None, 1)):
+            asked.append("a negative prompt or true CFG on FLUX.1 Fill")
         if asked:
             raise BadInput(f"{', '.join(asked)}: not built for FLUX yet")
+        check_true_cfg(row.true_cfg or 1.0, bool(row.negative_prompt), self.config.flux_step_cache,
+                       ("negative_prompt", "true_cfg"))
         if row.identities and self.encoder is None and self.face_encoder is None and self.pulid_reader is None:
             raise BadInput("identity on FLUX reads a FLUX IP-Adapter: render with --adapter FILE and --image-encoder "
                            "FOLDER, or --adapter with the folder `ray-faceid train --model FLUX` wrote")
@@ -212,6 +216,7 @@ class FluxRenderer(Renderer):
         else:
             width, height = row.dimensions(self.config.size)
             result = self.pipeline.generate(row.prompt, conditions, row.seed, steps, guidance, width, height,
-                                            identity_start=row.identity_start or 0)
+                                            identity_start=row.identity_start or 0, negative_prompt=row.negative_prompt,
+                                            true_cfg=row.true_cfg or 1.0)
         return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
 

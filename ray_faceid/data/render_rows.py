@@ -179,6 +179,8 @@ class Renderer:
     def conditions(self, row: CatalogRow) -> list:
         from ray_faceid.pipelines.generate import IdentityCondition
 
+        if row.true_cfg not in (None, 1):
+            raise BadInput("true_cfg: for FLUX bases; this base runs classifier-free guidance already (guidance)")
         out = []
         for ident in row.identities:
             loaded = self.identity(ident.id)
@@ -278,19 +280,20 @@ class Renderer:
                 self.pipeline.check_people(conditions)  # a row its people cannot share fails alone, before any batch
                 shape = (row.dimensions(self.config.size), row.steps or self.config.steps,
                          row.guidance if row.guidance is not None else self.config.guidance, len(conditions),
-                         row.sampler())
+                         row.sampler(), row.true_cfg or 1.0)
                 check_identity_start([GenerationItem(row.prompt, conditions, identity_start=row.identity_start or 0)],
                                      shape[1])  # its own error, not its batch's
                 groups.setdefault(shape, []).append((index, row, key, png_uri, record_uri, conditions))
             except FaceIdError:
                 records[index] = self.render_text(text, index)
-        for (size, steps, guidance, _, sampler), members in groups.items():
+        for (size, steps, guidance, _, sampler, true_cfg), members in groups.items():
             for start in range(0, len(members), self.config.unet_batch):
                 chunk = members[start : start + self.config.unet_batch]
                 items = [GenerationItem(r.prompt, c, r.negative_prompt, r.seed, r.identity_start or 0)
                          for _, r, _, _, _, c in chunk]
                 try:
-                    result = self.pipeline.generate_items(items, steps, guidance, *size, sampler)
+                    more = {"true_cfg": true_cfg} if true_cfg != 1 else {}  # FLUX's alone (UNet rows refuse it)
+                    result = self.pipeline.generate_items(items, steps, guidance, *size, sampler, **more)
                 except BadInput:
                     for index, row, *_ in chunk:
                         records[index] = self.render_text(row.model_dump_json(), index)

@@ -64,14 +64,20 @@ def resolve_flux_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def check_true_cfg(true_cfg: float, negative_prompt: bool, step_cache: float) -> None:
-    """A negative prompt on FLUX works through true CFG only; the step cache reads one transformer pass
-    a step, not two."""
+def check_true_cfg(true_cfg: float, negative_prompt: bool, step_cache: float,
+                   names: tuple[str, str] = ("--negative-prompt", "--true-cfg")) -> None:
+    """A negative prompt on FLUX works through true CFG only, and true CFG needs one (diffusers'
+    FluxPipeline runs none without it); the step cache reads one transformer pass a step, not two.
+    `names`: the negative prompt's and true CFG's names where they were given (flags, fields)."""
+    negative, cfg = names
     if not 1 <= true_cfg <= 30:
-        raise BadInput(f"true_cfg {true_cfg}: from 1 (off) to 30")
+        raise BadInput(f"{cfg} {true_cfg}: from 1 (off) to 30")
     if negative_prompt and true_cfg <= 1:
-        raise BadInput("a negative prompt on FLUX works through true CFG (FLUX.1 is guidance-distilled): give "
-                       "--true-cfg S over 1 (each step runs the transformer twice), or leave the negative prompt out")
+        raise BadInput(f"a negative prompt on FLUX works through true CFG (FLUX.1 is guidance-distilled): give "
+                       f"{cfg} S over 1 (each step runs the transformer twice), or leave {negative} out")
+    if true_cfg > 1 and not negative_prompt:
+        raise BadInput(f"{cfg} guides the image away from {negative}: give one (each step then runs the transformer "
+                       "twice)")
     if true_cfg > 1 and step_cache:
         raise BadInput("true CFG and the step cache: not both (the cache compares one transformer pass a step)")
 

@@ -8,6 +8,7 @@ from PIL import Image
 from ray_faceid.config import RenderConfig
 from ray_faceid.data.catalog import parse_row
 from ray_faceid.errors import BadInput
+from tests.pipelines.test_flux_identity import files  # noqa: F401 - a fixture: tiny-flux
 
 CONFIG = RenderConfig(steps=2, size="32x32", workers=1, batch_size=4)
 INPAINT = {"id": "r", "prompt": "a wall", "image": "photo.png", "mask": "mask.png"}
@@ -65,3 +66,40 @@ def test_render_takes_the_jobs_feather_from_the_command_line(tmp_path, monkeypat
     monkeypatch.setattr(render_job, "run_render", lambda *args, **kwargs: asked.update(config=args[5]) or {"rows": 0})
     CliRunner().invoke(app, ["render", "catalog.jsonl", str(tmp_path), "--feather", "9"])
     assert asked["config"].feather == 9.0
+
+
+def test_a_flux_row_with_a_negative_prompt_renders_through_true_cfg(files, tmp_path):  # noqa: F811
+    """`negative_prompt` with `true_cfg` on FLUX: the image generate makes with --negative-prompt and
+    --true-cfg, alone or batched; a negative prompt without true CFG, true CFG without one, or true
+    CFG on a UNet base is that row's error."""
+    from ray_faceid.data.catalog import read_catalog
+    from ray_faceid.data.render_flux import FluxRenderer
+    from ray_faceid.data.render_rows import Renderer
+    from ray_faceid.pipelines.flux import load_flux
+    from ray_faceid.pipelines.flux_sampling import FluxGenerator
+
+    rows = [{"id": "away", "prompt": "a beach", "negative_prompt": "people", "true_cfg": 2.5, "seed": 4},
+            {"id": "away-too", "prompt": "a beach", "negative_prompt": "sand", "true_cfg": 2.5, "seed": 5},
+            {"id": "plain", "prompt": "a beach", "seed": 4},
+            {"id": "ignored", "prompt": "a beach", "negative_prompt": "people", "seed": 4},
+            {"id": "nothing-to-avoid", "prompt": "a beach", "true_cfg": 2.5, "seed": 4}]
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    texts = read_catalog(str(catalog))
+    generator = FluxGenerator(load_flux(str(files / "flux")))
+    for batch in (1, 2):
+        renderer = FluxRenderer(CONFIG.model_copy(update={"unet_batch": batch}), str(files / "flux"), None,
+                                str(tmp_path / "registry"), "default", str(tmp_path / f"out{batch}"))
+        made = {r["id"]: r for r in renderer.render_batch(texts, list(range(len(texts))))}
+        assert [made[r["id"]]["status"] for r in rows] == ["ok"] * 3 + ["error"] * 2, made
+        assert "true_cfg" in made["ignored"]["error"] and "negative_prompt" in made["nothing-to-avoid"]["error"]
+        for row_id, negative, seed in (("away", "people", 4), ("away-too", "sand", 5)):
+            want = generator.generate("a beach", [], seed, 2, None, 32, 32, negative_prompt=negative,
+                                      true_cfg=2.5).images[0]
+            got = np.asarray(Image.open(made[row_id]["output_uri"])).astype(int)
+            assert np.abs(got - np.asarray(want).astype(int)).max() <= 1
+            assert json.loads(made[row_id]["provenance"])["true_cfg"] == 2.5
+        assert made["away"]["key"] != made["plain"]["key"]
+    unet = Renderer(CONFIG, "tiny", None, str(tmp_path / "registry"), "default", str(tmp_path / "unet"))
+    (refused,) = unet.render_batch(texts[:1], [0])
+    assert refused["status"] == "error" and "true_cfg: for FLUX bases" in refused["error"]

@@ -241,6 +241,8 @@ def test_multi_identity_generate_and_reseeding(api, people):
     ({"identities": [{"id": "ID", "expression": "smile, " * 40}]}, "at most 200 characters"),
     ({"scheduler": "nope"}, "no scheduler 'nope'; use one of ddim, pndm, euler"),
     ({"scheduler": "euler", "scheduler_config": {"colour": "red"}}, "EulerDiscreteScheduler has no setting colour"),
+    ({"negative_prompt": "blurry", "true_cfg": 2}, "true_cfg: for FLUX bases"),
+    ({"true_cfg": 0.5}, "greater than or equal to 1"),
 ])
 def test_bad_generate_requests_get_4xx_with_a_message(api, people, change, message):
     client, _ = api

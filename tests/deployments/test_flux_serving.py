@@ -87,9 +87,9 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
                                                 "expression": False, "edits": False, "generate": True, "inpaint": False}
     batches, generate_items = [], generator.pipeline.generate_items
 
-    def counted(items, *args):
+    def counted(items, *args, **kwargs):
         batches.append(len(items))
-        return generate_items(items, *args)
+        return generate_items(items, *args, **kwargs)
 
     generator.pipeline.generate_items = counted
     answers = asyncio.run(generator._generate_group([
@@ -107,6 +107,18 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
         assert np.abs(image - np.asarray(want).astype(int)).max() <= 1, name
         assert [p["id"] for p in answer["provenance"][0]["identities"]] == [people[name]]  # theirs alone
     assert answers[2]["status"] == 422 and "expression not built for FLUX yet" in answers[2]["message"]
+    # A negative prompt through true CFG: the image the generator makes with them, compiled, nothing new
+    # compiled (the negative pass is another call of the same graphs); without true_cfg, its own 422.
+    away, ignored = asyncio.run(generator._generate_group([
+        request([{"id": people["ann"]}], 3, negative_prompt="blurry", true_cfg=2.0),
+        request([{"id": people["ann"]}], 3, negative_prompt="blurry")]))
+    crops = ClipImageEncoder(str(image_encoder_folder)).image_embeds(registry.references("acme", people["ann"]))
+    want = generator.pipeline.generate("a portrait", [IdentityCondition("ann", crops)], seed=3, steps=2, width=32,
+                                       height=32, negative_prompt="blurry", true_cfg=2.0).images[0]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(away["png"][0])))).astype(int)
+    assert np.abs(image - np.asarray(want).astype(int)).max() <= 1 and away["provenance"][0]["true_cfg"] == 2.0
+    assert ignored["status"] == 422 and "give true_cfg S over 1" in ignored["message"]
+    assert counters["stats"]["unique_graphs"] == graphs
     # backend onnxruntime: the replica exports (or loads) the transformer's graph of its size before it is
     # ready; a request's image is the compiled replica's.
     on_onnx = FluxServeGenerator(resolve_config(config.model_copy(update={"backend": "onnxruntime"})).model_dump_json())
@@ -128,7 +140,7 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
     with pytest.raises(BadInput, match="needs FLUX.1 Fill"):  # priced, then refused by this dev base
         asyncio.run(generator._inpaint(dict(request([], 1), kind="inpaint", image=photo, mask=photo, feather=4.0, steps=steps)))
     # A batch that fails answers its own requests with the failure; refused ones keep their own 422.
-    def broken(*_):
+    def broken(*_, **__):
         raise RuntimeError("the GPU fell over")
 
     generator.pipeline.generate_items = broken
@@ -176,7 +188,9 @@ def test_the_flux_app_answers_over_http(ray_cluster, tmp_path, loopback_port, im
             provenance = made.json()["images"][0]["provenance"]
             assert provenance["base_family"] == "flux" and provenance["identities"][0]["id"] == enrolled.json()["id"]
             refused = client.post("/v1/generate", json={**body, "negative_prompt": "blurry"}, headers=headers)
-            assert refused.status_code == 422 and "negative_prompt: not built for FLUX yet" in refused.text
+            assert refused.status_code == 422 and "give true_cfg S over 1" in refused.text
+            away = client.post("/v1/generate", json={**body, "negative_prompt": "blurry", "true_cfg": 2}, headers=headers)
+            assert away.status_code == 200 and away.json()["images"][0]["provenance"]["true_cfg"] == 2, away.text
             # Another tenant's token, as an attacker would hold it: acme's person is nowhere to be found,
             # by name or id, even sent beside acme's own request (batching across tenants: the test above).
             attacker = {"Authorization": f"Bearer {TOKENS['other']}"}
