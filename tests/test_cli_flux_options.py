@@ -61,7 +61,7 @@ def test_a_backend_name_that_is_none_is_refused_as_it_is_parsed(tmp_path, catalo
 
 
 def test_render_refuses_a_job_size_flux_cannot_make_before_ray_starts(tmp_path, catalog):
-    for size, said in (("3000", "size must look like 512x512"), ("30x30", "multiples of 4")):
+    for size, said in (("3000", "size must look like 512x512"), ("30x30", "multiples of 4 up to 4096, not 30x30: try 32x32")):
         refused = _run("render", str(catalog), str(tmp_path / "out"), "--model", "tiny-flux", "--registry",
                        str(tmp_path / "registry"), "--size", size)
         assert refused.exit_code == 2 and said in _said(refused), refused.output
@@ -74,7 +74,7 @@ def test_render_on_flux_without_an_adapter_refuses_rows_that_name_people_before_
     refused = _run("render", str(catalog), str(tmp_path / "out"), "--model", "tiny-flux", "--registry",
                    str(tmp_path / "registry"))
     said = _said(refused)
-    assert refused.exit_code == 2 and "1 row names people" in said and "--adapter" in said, said
+    assert refused.exit_code == 2 and "1 row names people (b)" in said and "--adapter" in said, said
     assert not (tmp_path / "out").exists()
 
 

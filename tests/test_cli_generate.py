@@ -139,3 +139,13 @@ def test_ctrl_c_says_the_command_was_interrupted_and_exits_130(sample_photos, tm
     assert run.returncode == 130, said
     assert "interrupted" in rest and "Traceback" not in said, said
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_size_the_model_cannot_make_is_refused_with_the_nearest_it_can(tmp_path):
+    np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(1, 128)).astype(np.float32))
+    for model, size, said in (("tiny", "63x64", "got 63x64: try 64x64"),
+                              ("tiny-flux", "30x66", "not 30x66: try 32x68")):
+        person = ["--face-embedding", str(tmp_path / "emb.npy")] if model == "tiny" else []
+        refused = runner.invoke(app, ["generate", "--model", model, *person, "--prompt", "x", "--size", size,
+                                      "--steps", "1", "--out", str(tmp_path / "o.png")])
+        assert refused.exit_code == 2 and said in " ".join(refused.stderr.split()), refused.output

@@ -151,7 +151,7 @@ def _pulid_people(people: dict, regions: dict, store, tenant: str, enrolled: dic
 def precheck(ref, guidance: float | None, width: int | None, height: int | None, inpainting: bool) -> None:
     """The model's own refusals, from its configs, before minutes of loading (FluxGenerator.check
     says the same after)."""
-    from ray_faceid.pipelines.flux import flux_settings
+    from ray_faceid.pipelines.flux import check_flux_size, flux_settings
 
     settings = flux_settings(ref)
     if ref.inpainting != inpainting:
@@ -159,9 +159,8 @@ def precheck(ref, guidance: float | None, width: int | None, height: int | None,
                        "inpaint`)" if ref.inpainting else f"{ref.name}: repainting a masked photo needs FLUX.1 Fill")
     if guidance and not settings["guidance_embedded"]:  # 0 is none, as diffusers' schnell examples pass it
         raise BadInput(f"{ref.name} is FLUX.1 schnell, which takes no guidance: leave --guidance out")
-    multiple = settings["size_multiple"]
-    if width and (width % multiple or height % multiple):
-        raise BadInput(f"FLUX makes images whose sides are multiples of {multiple}, not {width}x{height}")
+    if width:
+        check_flux_size(width, height, settings["size_multiple"])
 
 
 def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict,

@@ -59,6 +59,13 @@ def _identity_order(text: str) -> tuple:
         return ()
 
 
+def _row_name(text: str, index: int) -> str:
+    try:
+        return str(json.loads(text).get("id") or f"#{index}")
+    except (ValueError, AttributeError):
+        return f"#{index}"
+
+
 def _readable(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
@@ -183,9 +190,12 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
         from ray_faceid.data.render_flux import check_flux_job
 
         check_flux_job(config, imr, flow, model)
-        if not adapter and (named := sum(bool(_identity_order(t)) for t in texts)):
-            raise BadInput(f"{named} row{'s name' if named > 1 else ' names'} people: identity on FLUX reads a FLUX "
-                           "IP-Adapter or PuLID-FLUX file; give --adapter FILE (rows of prompts alone render without it)")
+        named = [_row_name(t, k) for k, t in enumerate(texts) if _identity_order(t)]
+        if not adapter and named:
+            shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+            raise BadInput(f"{len(named)} row{'s name' if len(named) > 1 else ' names'} people ({shown}): identity on "
+                           "FLUX reads a FLUX IP-Adapter or PuLID-FLUX file; give --adapter FILE (rows of prompts alone "
+                           "render without it)")
     elif config.flux_step_cache:
         raise BadInput(f"--step-cache is for FLUX bases; {model.name} is a UNet family")
     if model.family == "flux" and adapter:

@@ -40,14 +40,10 @@ def check_flux_job(config: RenderConfig, imr: str | None, flow: str | None, mode
     resolve_flux_precision(config.precision, torch.device("cpu"), config.backend)  # what no device runs
     check_step_cache(config.flux_step_cache, config.backend)
     if model is not None and config.size:
-        from ray_faceid.pipelines.flux import flux_settings
+        from ray_faceid.pipelines.flux import check_flux_size, flux_settings
         from ray_faceid.pipelines.generate import parse_size
 
-        width, height = parse_size(config.size)
-        multiple = flux_settings(model)["size_multiple"]
-        if width % multiple or height % multiple:
-            raise BadInput(f"size {config.size}: FLUX makes images whose sides are multiples of {multiple} (this "
-                           "model's), e.g. 512x512")
+        check_flux_size(*parse_size(config.size, "--size"), flux_settings(model)["size_multiple"], "--size: ")
 
 
 class FluxRenderer(Renderer):

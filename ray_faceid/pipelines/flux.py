@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ray_faceid.errors import UnsupportedModel
+from ray_faceid.errors import BadInput, UnsupportedModel
 from ray_faceid.weights_hash import cached_module_hash, weights_hash_of
 
 DEV_STEPS, SCHNELL_STEPS, FILL_STEPS, UNTRAINED_STEPS = 28, 4, 50, 4  # FluxPipeline's, schnell's, FluxFillPipeline's
@@ -202,6 +202,19 @@ def flux_dev_modules(device: str | torch.device = "cpu") -> dict:
                                  layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False,
                                  shift_factor=0.1159, scaling_factor=0.3611),
         }
+
+
+FLUX_MAX_SIDE = 4096
+
+
+def check_flux_size(width: int, height: int, multiple: int, where: str = "") -> None:
+    """Sides FLUX makes: multiples of its patch in pixels (`size_multiple`), up to FLUX_MAX_SIDE; a
+    refusal suggests the nearest size it makes. `where`: what the message starts with (a flag, a field)."""
+    if width % multiple or height % multiple or not 0 < width <= FLUX_MAX_SIDE or not 0 < height <= FLUX_MAX_SIDE:
+        from ray_faceid.pipelines.generate import nearest_size
+
+        raise BadInput(f"{where}FLUX makes images whose sides are multiples of {multiple} up to {FLUX_MAX_SIDE}, not "
+                       f"{width}x{height}: try {nearest_size(width, height, multiple, FLUX_MAX_SIDE)}")
 
 
 def flux_settings(ref) -> dict:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ray_faceid.engines.buckets import BATCH_BUCKETS, batch_bucket
 from ray_faceid.errors import BadInput
-from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH, FluxBase
+from ray_faceid.pipelines.flux import MAX_SEQUENCE_LENGTH, FluxBase, check_flux_size
 from ray_faceid.pipelines.generate import (
     DTYPES,
     GenerationItem,
@@ -326,9 +326,7 @@ class FluxGenerator:
             raise BadInput(f"{base.model_id} is FLUX.1 schnell, which takes no guidance: leave --guidance out")
         if guidance is not None and not 0 <= guidance <= 30:
             raise BadInput(f"guidance must be between 0 and 30, got {guidance}")
-        multiple = base.size_multiple
-        if width % multiple or height % multiple or not 0 < width <= 4096 or not 0 < height <= 4096:
-            raise BadInput(f"FLUX makes images whose sides are multiples of {multiple} up to 4096, not {width}x{height}")
+        check_flux_size(width, height, base.size_multiple)
 
     def _defaults(self, steps, guidance, width, height):
         base = self.base

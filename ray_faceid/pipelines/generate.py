@@ -52,6 +52,15 @@ def parse_size(text: str, name: str = "size") -> tuple[int, int]:
     return width, height
 
 
+def nearest_size(width: int, height: int, multiple: int, most: int = 2048) -> str:
+    """The size nearest `width` x `height` whose sides are multiples of `multiple` up to `most`: what a
+    refusal of a size suggests."""
+    def side(length: int) -> int:
+        return min(most // multiple * multiple, max(multiple, int(length / multiple + 0.5) * multiple))
+
+    return f"{side(width)}x{side(height)}"
+
+
 @dataclass
 class IdentityCondition:
     """One person to put in the image."""
@@ -247,7 +256,8 @@ class IdentityPipeline(DenoisingLoop, UNetRuntime):
     def _check_size(self, width: int, height: int) -> None:
         step = self.base.vae_scale_factor
         if width % step or height % step or width < step or height < step:
-            raise BadInput(f"width and height must be positive multiples of {step} for this model, got {width}x{height}")
+            raise BadInput(f"width and height must be positive multiples of {step} for this model, got {width}x{height}: "
+                           f"try {nearest_size(width, height, step)}")
 
     def _identity_kwargs(self, items: list["GenerationItem"], h: int, w: int) -> dict:
         """cross_attention_kwargs for 2B rows: B unconditional (identity scale 0), then B conditional."""
