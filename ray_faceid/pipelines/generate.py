@@ -111,8 +111,8 @@ class GenerationItem:
 def check_identity_start(items: list[GenerationItem], steps: int) -> None:
     for item in items:
         if not 0 <= item.identity_start < steps:
-            raise BadInput(f"identity_start {item.identity_start}: a step from 0 to {steps - 1} (of {steps}); later, "
-                           "the person would not be in the image")
+            raise BadInput(f"identity start {item.identity_start} is past the last of {steps} steps: give a step from 0 "
+                           f"to {steps - 1} (later, the person would not be in the image)")
 
 
 def identity_active(starts: list[int], step: float, device) -> torch.Tensor | None:

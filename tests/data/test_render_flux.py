@@ -160,7 +160,7 @@ def test_a_compiled_render_actor_warms_the_jobs_shapes_before_its_first_row(smal
     # A row's identity from its second step (PuLID's start_step), batched with amy's from the first; a
     # start past the job's 2 steps is that row's error alone.
     assert json.loads(made[1]["provenance"])["identity_start"] == 1
-    assert "identity_start 2: a step from 0 to 1" in made[3]["error"]
+    assert "identity start 2 is past the last of 2 steps" in made[3]["error"]
 
 
 def test_an_identity_start_of_0_keys_a_row_as_one_without_it():

@@ -31,7 +31,7 @@ def test_flux_identity_starts_at_its_step_and_rows_of_other_starts_share_a_batch
                                   width=32, height=32)
     assert np.abs(pixels(together, 0) - pixels(made[2])).max() <= 1
     assert np.abs(pixels(together, 1) - pixels(made[0])).max() <= 1
-    with pytest.raises(BadInput, match="identity_start 3: a step from 0 to 2"):
+    with pytest.raises(BadInput, match="identity start 3 is past the last of 3 steps: give a step from 0 to 2"):
         gen.generate("a portrait", [ann], steps=STEPS, width=32, height=32, identity_start=STEPS)
 
 
