@@ -89,8 +89,9 @@ class FluxServeGenerator(Generator):
 
     def controls(self) -> dict[str, bool]:
         base = self.pipeline.base
-        return {"negative_prompt": False, "sampler": False, "expression": False, "edits": False,
-                "guidance": base.guidance_embedded, "generate": not base.inpainting, "inpaint": base.inpainting}
+        return {"negative_prompt": not base.inpainting, "sampler": False, "expression": False, "edits": False,
+                "guidance": base.guidance_embedded, "generate": not base.inpainting, "inpaint": base.inpainting,
+                "true_cfg": not base.inpainting}
 
     def info(self) -> dict:
         adapter = self.pipeline.adapter

@@ -26,7 +26,7 @@ from ray import serve
 
 from deployments import multiplex
 from deployments.memory import replica_memory
-from deployments.schemas import CONTROLS
+from deployments.schemas import TAKEN_UNSAID
 from deployments.turns import PipelineTurns
 from ray_faceid.config import ServeConfig
 from ray_faceid.errors import BadInput, EncoderMismatch, Erased, FaceIdError, NotFound
@@ -193,7 +193,7 @@ class Generator:
 
     def controls(self) -> dict[str, bool]:
         """Which of a request's settings and actions this deployment takes: the page shows only these."""
-        return dict.fromkeys(CONTROLS, True)
+        return dict(TAKEN_UNSAID)
 
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,

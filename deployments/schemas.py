@@ -7,9 +7,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ray_faceid.identity.pose import Pose
 
-# A request's settings and actions a base family may not take (FLUX.1: no negative prompt or sampler;
-# schnell: no guidance; Fill: inpainting only); the Generator says which its base takes.
-CONTROLS = ("negative_prompt", "sampler", "guidance", "expression", "edits", "generate", "inpaint")
+# A request's settings and actions a base family may not take (FLUX.1: no sampler, a negative prompt
+# through true CFG alone; schnell: no guidance; Fill: inpainting only; true CFG: FLUX's alone); the
+# Generator says which its base takes.
+CONTROLS = ("negative_prompt", "sampler", "guidance", "expression", "edits", "generate", "inpaint", "true_cfg")
+# What a deployment that says nothing of its controls takes (one from before they existed: a UNet's).
+TAKEN_UNSAID = dict.fromkeys(CONTROLS, True) | {"true_cfg": False}
 
 MAX_EXPRESSION = 200
 MAX_BASE64 = 4 * (64 * 2**20 // 3 + 1)  # a hard ceiling; the configured upload and body limits are lower

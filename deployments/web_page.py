@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.schemas import CONTROLS
+from deployments.schemas import CONTROLS, TAKEN_UNSAID
 from deployments.service import FaceService, public_message
 from ray_faceid.errors import BadInput, FaceIdError
 
@@ -140,7 +140,7 @@ def regions(layout: str, count: int) -> list:
 def taken(defaults: dict) -> dict[str, bool]:
     """Which settings and actions the deployment takes (Generator.controls; all where it does not say)."""
     controls = defaults.get("controls") or {}
-    return {name: controls.get(name, True) for name in CONTROLS}
+    return {name: controls.get(name, TAKEN_UNSAID[name]) for name in CONTROLS}
 
 
 def control_updates(defaults: dict) -> tuple:
@@ -152,7 +152,7 @@ def control_updates(defaults: dict) -> tuple:
     guidance = gr.Slider(value=defaults["guidance"], visible=True) if takes["guidance"] else gr.Slider(visible=False)
     return (defaults["steps"], guidance, defaults["steps"], guidance,
             *(gr.update(visible=takes[name]) for name in ("negative_prompt", "expression", "edits", "sampler", "sampler",
-                                                          "generate", "inpaint")))
+                                                          "generate", "inpaint", "true_cfg")))
 
 
 def scores_table(images, names: dict[str, str]) -> str:
@@ -186,7 +186,7 @@ class PageActions:
         except Unauthorized as exc:
             empty = gr.Dropdown(choices=[], value=None)
             return (f"**{exc.status} {exc.code}**: {exc.message}", gr.Tabs(visible=False), [], empty,
-                    gr.Dropdown(choices=[], value=[]), empty, empty, *[gr.skip()] * 13)
+                    gr.Dropdown(choices=[], value=[]), empty, empty, *[gr.skip()] * 14)
         defaults = await self.service.defaults()
         everyone = await self.service.people(tenant)
         outputs = [(f"{k + 1}: {name}", k) for k, name in enumerate(await self.service.render_outputs(tenant))]
@@ -269,7 +269,7 @@ class PageActions:
                 *(await self._people_updates(tenant)))
 
     async def generate(self, token, picked, prompt, negative, expression, edits, layout, width, height, steps, seed,
-                       strength, guidance, sampler=None, progress=None):
+                       strength, guidance, sampler=None, progress=None, identity_start=0, true_cfg=1.0):
         from deployments.schemas import GenerateRequest
 
         tenant = self.tenant(token)
@@ -278,6 +278,7 @@ class PageActions:
         negative, expression, edits, sampler = (value if takes[what] else None for what, value in (
             ("negative_prompt", negative), ("expression", expression), ("edits", edits), ("sampler", sampler)))
         guidance = guidance if takes["guidance"] else None
+        true_cfg = true_cfg if takes["true_cfg"] else 1.0
         picked = list(picked or [])
         if not 1 <= len(picked) <= 4:
             raise BadInput("pick one to four people")
@@ -286,7 +287,8 @@ class PageActions:
                    "edits": changes} for p, box in zip(picked, regions(layout, len(picked)))]
         body = GenerateRequest(prompt=prompt, negative_prompt=negative or "", identities=people, seed=_seed(seed),
                                steps=_whole(steps, "steps"), width=_whole(width, "width"),
-                               height=_whole(height, "height"), guidance=guidance, scheduler=sampler or None)
+                               height=_whole(height, "height"), guidance=guidance, scheduler=sampler or None,
+                               identity_start=_whole(identity_start or 0, "identity start"), true_cfg=true_cfg)
         result = await self.service.generate(tenant, body, self._reporter(progress))
         return await self._shown_result(tenant, result)
 
@@ -372,9 +374,10 @@ def build(service: FaceService, files=None):
            ("sign_in", "preview", "enroll", "ask_delete", "delete", "catalog")}
 
     async def generate(token, picked, prompt, negative, expression, edits, layout, width, height, steps, seed,
-                       strength, guidance, sampler, progress=gr.Progress()):
+                       strength, guidance, sampler, identity_start, true_cfg, progress=gr.Progress()):
         return await _action(actions.generate)(token, picked, prompt, negative, expression, edits, layout, width,
-                                               height, steps, seed, strength, guidance, sampler, progress)
+                                               height, steps, seed, strength, guidance, sampler, progress,
+                                               identity_start=identity_start, true_cfg=true_cfg)
 
     async def inpaint(token, edited, person, prompt, steps, seed, guidance, sampler, progress=gr.Progress()):
         return await _action(actions.inpaint)(token, edited, person, prompt, steps, seed, guidance, sampler, progress)
@@ -432,8 +435,12 @@ def build(service: FaceService, files=None):
                     steps = gr.Number(label="Steps", value=30, precision=0, minimum=1, elem_id="steps")
                     seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
                     strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Identity strength")
+                    identity_start = gr.Number(label="Identity from step (later: more of the prompt)", value=0,
+                                               precision=0, minimum=0, elem_id="identity-start")
                     guidance = gr.Slider(0, 30, value=5.0, step=0.1, label="Guidance", elem_id="guidance")
                     sampler = sampler_list("sampler")
+                    true_cfg = gr.Slider(1, 10, value=1.0, step=0.1, visible=False, elem_id="true-cfg",
+                                         label="True CFG, away from the negative prompt (FLUX; over 1: twice the work)")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", elem_id="cancel")
@@ -469,7 +476,8 @@ def build(service: FaceService, files=None):
 
         people_outputs = [gallery, to_delete, picked, person]
         signed_in = [status, tabs, *people_outputs, output, width, height, steps, guidance, inpaint_steps,
-                     inpaint_guidance, negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab]
+                     inpaint_guidance, negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab,
+                     true_cfg]
         sign_in.click(act["sign_in"], [token], signed_in, js=SIGN_IN_JS)
         token.submit(act["sign_in"], [token], signed_in, js=SIGN_IN_JS)
         photos.change(act["preview"], [token, photos, consent], [found, problems])
@@ -480,7 +488,8 @@ def build(service: FaceService, files=None):
         keep.click(lambda: gr.Row(visible=False), None, [confirm_row])
         confirm.click(act["delete"], [token, to_delete], [confirm_row, erasure, *people_outputs])
         running = go.click(generate, [token, picked, prompt, negative, expression, edits, layout, width, height, steps,
-                                      seed, strength, guidance, sampler], [result, scores, provenance])
+                                      seed, strength, guidance, sampler, identity_start, true_cfg],
+                               [result, scores, provenance])
         cancel.click(None, None, None, cancels=[running])
         paint.click(inpaint, [token, edited, person, inpaint_prompt, inpaint_steps, inpaint_seed, inpaint_guidance,
                               inpaint_sampler],

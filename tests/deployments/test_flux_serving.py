@@ -82,9 +82,10 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
 
     generator.load_identity = load_identity
     assert "FLUX IP-Adapter" in generator.defaults()["served"] and generator.info()["family"] == "flux"
-    # What the page shows of it: dev takes guidance, not a negative prompt, a sampler or inpainting.
-    assert generator.defaults()["controls"] == {"negative_prompt": False, "sampler": False, "guidance": True,
-                                                "expression": False, "edits": False, "generate": True, "inpaint": False}
+    # What the page shows of it: dev takes guidance and a negative prompt with true CFG, not a sampler or inpainting.
+    assert generator.defaults()["controls"] == {"negative_prompt": True, "sampler": False, "guidance": True,
+                                                "expression": False, "edits": False, "generate": True, "inpaint": False,
+                                                "true_cfg": True}
     batches, generate_items = [], generator.pipeline.generate_items
 
     def counted(items, *args, **kwargs):

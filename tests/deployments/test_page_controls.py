@@ -1,6 +1,7 @@
-"""The page shows the controls its deployment's base takes: on FLUX.1 no negative prompt, sampler,
-expression or edits (a FLUX deployment answers each with 422), on schnell no guidance, on Fill only
-the Inpaint tab; and a hidden control's last value is never sent."""
+"""The page shows the controls its deployment's base takes: on FLUX.1 no sampler, expression or edits
+(a FLUX deployment answers each with 422) and a negative prompt with true CFG, on schnell no
+guidance, on Fill only the Inpaint tab, true CFG on FLUX alone; the identity's start step everywhere;
+and a hidden control's last value is never sent."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,10 @@ gr = pytest.importorskip("gradio", reason="the web page needs the `ui` extra (pi
 UNET = {"steps": 30, "guidance": 5.0, "width": 512, "height": 512, "served": ""}
 SCHNELL = {"steps": 4, "guidance": None, "width": 1024, "height": 1024, "served": "",
            "controls": {"negative_prompt": False, "sampler": False, "guidance": False, "expression": False,
-                        "edits": False, "generate": True, "inpaint": False}}
+                        "edits": False, "generate": True, "inpaint": False, "true_cfg": False}}
+DEV = {"steps": 28, "guidance": 3.5, "width": 1024, "height": 1024, "served": "",
+       "controls": {"negative_prompt": True, "sampler": False, "guidance": True, "expression": False,
+                    "edits": False, "generate": True, "inpaint": False, "true_cfg": True}}
 
 
 class Sent(Exception):
@@ -47,11 +51,14 @@ def test_a_schnell_deployment_hides_what_it_refuses():
     steps, guidance, inpaint_steps, inpaint_guidance, *shown = control_updates(SCHNELL)
     assert (steps, inpaint_steps) == (4, 4)
     assert not guidance.visible and not inpaint_guidance.visible
-    negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab = map(_visible, shown)
-    assert not any((negative, expression, edits, sampler, inpaint_sampler, inpaint_tab)) and generate_tab
-    # A UNet deployment (which says nothing of controls) shows them all, from its own guidance.
+    negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab, true_cfg = map(_visible, shown)
+    assert not any((negative, expression, edits, sampler, inpaint_sampler, inpaint_tab, true_cfg)) and generate_tab
+    # A UNet deployment (which says nothing of controls) shows them all, from its own guidance, but
+    # true CFG (FLUX's: a UNet guides with guidance).
     steps, guidance, _, _, *shown = control_updates(UNET)
-    assert guidance.value == 5.0 and guidance.visible and all(map(_visible, shown))
+    assert guidance.value == 5.0 and guidance.visible and [_visible(s) for s in shown] == [True] * 7 + [False]
+    *_, true_cfg = control_updates(DEV)
+    assert _visible(true_cfg)
 
 
 @pytest.mark.parametrize("defaults", [SCHNELL, UNET], ids=["schnell", "unet"])
@@ -70,3 +77,16 @@ def test_a_hidden_control_value_is_not_sent(defaults):
     assert (person.edits == {"smile": 0.5}) is taken
     if not taken:
         assert body.guidance is None and body.scheduler is None and person.edits is None
+
+
+@pytest.mark.parametrize("defaults", [DEV, UNET], ids=["flux-dev", "unet"])
+def test_the_identity_start_is_sent_and_true_cfg_only_where_the_base_takes_it(defaults):
+    from deployments.web_page import PageActions
+
+    actions = PageActions(FakeService(defaults))
+    with pytest.raises(Sent) as sent:
+        asyncio.run(actions.generate("token", ["id-1"], "a portrait", "blurry", "", "", "automatic", 64, 64, 4, 1,
+                                     1.0, 3.5, "", identity_start=2, true_cfg=2.5))
+    body = sent.value.args[0]
+    assert body.identity_start == 2 and body.negative_prompt == "blurry"
+    assert body.true_cfg == (2.5 if defaults is DEV else 1.0)
