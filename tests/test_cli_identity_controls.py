@@ -53,7 +53,7 @@ def test_identity_start_from_the_command_line(files, tmp_path):  # noqa: F811
     assert np.abs(first - late).max() > 2 and record["identity_start"] == 1
     refused = CliRunner().invoke(app, [*common, "--prompt", "a portrait", "--steps", "2", "--identity-start", "2",
                                        "--out", str(tmp_path / "x.png")])
-    assert refused.exit_code == 2 and "identity start 2 is past the last of 2 steps" in " ".join(refused.stderr.split()), refused.output
+    assert refused.exit_code == 2 and "start 2 is past the last of 2 steps" in " ".join(refused.stderr.split()), refused.output
 
 
 def test_identity_controls_without_anyone_to_act_on_are_refused(tmp_path):
