@@ -1,7 +1,7 @@
 """Render catalogs: one row per image to make, from JSONL or Parquet (any fsspec URI).
 
-A generate row: `id`, `identities` (registry ids or names, or {id, region, expression, scale, edits,
-pose}: pose, InstantID's five face keypoints in the image, identity/pose.py),
+A generate row: `id`, `identities` (registry ids or names, or {id (or name), region, expression, scale,
+edits, pose}: pose, InstantID's five face keypoints in the image, identity/pose.py),
 `prompt`, optional `negative_prompt`, `seed`, `steps`, `guidance`, `size` ("WxH"), `expression`,
 `edits` ({"smile": 0.8, "yaw": -20}: attribute targets through the job's --flow), `scheduler` and
 `scheduler_config` (pipelines/schedulers.py; default the base's own), `identity_start` (the step the
@@ -40,6 +40,16 @@ class RowIdentity(BaseModel):
     @classmethod
     def _edits(cls, value: dict | None) -> dict | None:
         return edits_field(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name(cls, value):
+        """{"name": ...} as an API request names a person: the registry resolves ids and names alike."""
+        if isinstance(value, dict) and "name" in value:
+            if "id" in value:
+                raise ValueError("give the person's id or name, not both")
+            value = {("id" if k == "name" else k): v for k, v in value.items()}
+        return value
 
 
 class CatalogRow(BaseModel):

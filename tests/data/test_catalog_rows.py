@@ -26,6 +26,14 @@ def test_rows_asking_for_what_they_cannot_have_are_refused_in_plain_words(row, s
     assert said in refused.value.message and "Value error" not in refused.value.message
 
 
+def test_a_person_is_named_by_id_or_name_as_in_an_api_request():
+    by_name = parse_row(json.dumps({"id": "r", "prompt": "x", "identities": [{"name": "ann", "scale": 0.5}]}), 0)
+    by_id = parse_row(json.dumps({"id": "r", "prompt": "x", "identities": [{"id": "ann", "scale": 0.5}]}), 0)
+    assert by_name.key_fields() == by_id.key_fields()  # the registry resolves either
+    with pytest.raises(BadInput, match="id or name, not both"):
+        parse_row(json.dumps({"id": "r", "prompt": "x", "identities": [{"id": "a", "name": "ann"}]}), 0)
+
+
 def test_a_rows_own_feather_keys_it_and_rows_without_one_keep_their_keys():
     plain = parse_row(json.dumps(INPAINT), 0)
     assert "feather" not in plain.key_fields()
