@@ -21,9 +21,9 @@ from deployments.auth import parse_tokens
 from deployments.face import FaceEncoder
 from deployments.generator import Generator
 from deployments.ingress import Ingress, api
-from ray_faceid import envs
+from ray_faceid import envs, storage
 from ray_faceid.config import AutoscalingConfig, ServeConfig
-from ray_faceid.errors import BadInput, NotFound, UnsupportedModel
+from ray_faceid.errors import BadInput, FaceIdError, NotFound, UnsupportedModel
 from ray_faceid.identity import published
 from ray_faceid.pipelines.model_ref import TINY_FLUX, resolve_model
 
@@ -206,6 +206,23 @@ def smoke_base(model: str) -> bool | None:
     return isinstance(index, dict) and bool(index.get("_ray_faceid_untrained"))
 
 
+def _check_adapter_base(adapter: str, unet_folder: Path) -> None:
+    """An adapter `ray-faceid train` made, against the base's UNet weights where this machine has
+    hashed them before (a command that loaded the base): every replica would refuse it, in a loop.
+    Not hashed yet: the replicas check it (hashing here would load the UNet in the driver)."""
+    from ray_faceid.identity.adapter import CONFIG_FILE
+    from ray_faceid.weights_hash import remembered_hash
+
+    base = remembered_hash(unet_folder)
+    try:
+        made_for = json.loads(storage.read_bytes(storage.join(adapter, CONFIG_FILE))).get("base_unet_hash")
+    except (FaceIdError, ValueError, AttributeError):
+        return  # not ours, or unreadable: the replica's load says why
+    if base and made_for and base != made_for:
+        raise BadInput(f"adapter: {adapter} was trained for the base UNet with weights hash {made_for}; {unet_folder} "
+                       f"has weights hash {base}: give the base it was trained on, or train one for this base")
+
+
 def resolve_config(args: dict | ServeConfig) -> ServeConfig:
     config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args or {})
     tokens = {**parse_tokens(envs.api_tokens()), **config.api_tokens}
@@ -239,6 +256,8 @@ def resolve_config(args: dict | ServeConfig) -> ServeConfig:
         raise BadInput(NO_ADAPTER.format(model=config.model) + "; every generate request names people, so this "
                        "deployment would refuse them all (to enroll people first: `ray-faceid identities enroll`)")
     found = published.describe(config.adapter) if config.adapter else None  # the file read once, before any replica
+    if config.adapter and found is None and unet_config is not None:
+        _check_adapter_base(config.adapter, Path(ref.folder) / "unet")
     instantid = found is not None and found.instantid
     if instantid and config.backend == "tensorrt":
         raise BadInput(f"adapter {config.adapter}: InstantID's IdentityNet runs with the UNet, which TensorRT plans "

@@ -77,16 +77,19 @@ def _files_key(folder: Path) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
-def _remembered(folder: Path, kind: str, compute) -> str:
-    """`compute()`, cached per machine under the key of `folder`'s files (paths, sizes, times)."""
+def _entry(folder: Path, kind: str) -> Path:
     from ray_faceid.envs import cache_dir
 
-    cache = Path(cache_dir()) / "weights_hashes"
-    entry = cache / f"{kind}{_files_key(folder)}.txt"
+    return Path(cache_dir()) / "weights_hashes" / f"{kind}{_files_key(folder)}.txt"
+
+
+def _remembered(folder: Path, kind: str, compute) -> str:
+    """`compute()`, cached per machine under the key of `folder`'s files (paths, sizes, times)."""
+    entry = _entry(folder, kind)
     if entry.exists():
         return entry.read_text().strip()
     digest = compute()
-    cache.mkdir(parents=True, exist_ok=True)
+    entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(digest)
     tmp.replace(entry)
@@ -102,6 +105,13 @@ def cached_module_hash(module: torch.nn.Module, folder: str | Path | None, widen
         digest = _remembered(Path(folder), "w2-" if widen_half else "", lambda: module_hash(module, widen_half))
     record(module, digest)
     return digest
+
+
+def remembered_hash(folder: str | Path, widen_half: bool = False) -> str | None:
+    """The weights hash `cached_module_hash` took of the module in `folder` on this machine, if any
+    command did since its files last changed; None otherwise (nothing is loaded to find out)."""
+    entry = _entry(Path(folder), "w2-" if widen_half else "")
+    return entry.read_text().strip() if Path(folder).is_dir() and entry.exists() else None
 
 
 def folder_hash(folder: str | Path) -> str:
