@@ -149,3 +149,14 @@ def test_a_size_the_model_cannot_make_is_refused_with_the_nearest_it_can(tmp_pat
         refused = runner.invoke(app, ["generate", "--model", model, *person, "--prompt", "x", "--size", size,
                                       "--steps", "1", "--out", str(tmp_path / "o.png")])
         assert refused.exit_code == 2 and said in " ".join(refused.stderr.split()), refused.output
+
+
+def test_a_person_given_twice_or_two_people_to_inpaint_are_refused(tmp_path, sample_photos):
+    """Each was silently the last one given: one person's first photos, or inpaint's first person, dropped."""
+    hanks = str(sample_photos["Tom_Hanks_54745.png"])
+    twice = runner.invoke(app, ["generate", "--identity", f"amy={hanks}", "--identity", f"amy={hanks}", "--prompt", "x",
+                                "--out", str(tmp_path / "o.png"), *FAST])
+    assert twice.exit_code == 2 and "--identity amy given twice" in " ".join(twice.stderr.split()), twice.output
+    two = runner.invoke(app, ["inpaint", "--identity", f"a={hanks}", "--identity", f"b={hanks}", "--image", hanks,
+                              "--mask", hanks, "--prompt", "x", "--out", str(tmp_path / "o.png")])
+    assert two.exit_code == 2 and "inpaint repaints one person" in " ".join(two.stderr.split()), two.output

@@ -151,6 +151,9 @@ def _people(ref: list[str], identity: list[str]) -> dict[str, str | list[str]]:
     people: dict[str, str | list[str]] = {"person": list(ref)} if ref else {}
     for item in identity:
         name, sep, images = item.partition("=")
+        if (name if sep else item) in people:
+            raise BadInput(f"--identity {name if sep else item} given twice: give each person once (their photos "
+                           "together, as NAME=a.jpg,b.jpg)")
         if not sep:
             people[item] = item  # an enrolled person
         elif not name or not images:
@@ -441,7 +444,7 @@ def inpaint(
     image: str = typer.Option(..., "--image", help="Image to edit."),
     mask: str = typer.Option(..., "--mask", help="Mask image of the same size; white = repaint."),
     ref: list[str] = typer.Option([], "--ref", help="Reference photo(s) of the person."),
-    identity: Optional[str] = typer.Option(None, "--identity", help="Or an enrolled person's name or id."),
+    identities: list[str] = typer.Option([], "--identity", help="Or an enrolled person's name or id (or NAME=PHOTO)."),
     prompt: str = typer.Option(..., "--prompt", help="What to paint into the masked area."),
     out: Path = PngOutOpt,
     model: str = ModelOpt,
@@ -476,6 +479,9 @@ def inpaint(
     from ray_faceid.pipelines.model_ref import resolve_model
 
     with user_errors():
+        if len(identities) > 1:
+            raise BadInput(f"inpaint repaints one person's face; {len(identities)} --identity given: give one")
+        identity = identities[0] if identities else None
         sampler = Sampler.parse(scheduler, scheduler_config)  # checked before any model loads
         picture = decode_image(image)
         mask_array = decode_image(mask)
