@@ -160,3 +160,15 @@ def test_a_person_given_twice_or_two_people_to_inpaint_are_refused(tmp_path, sam
     two = runner.invoke(app, ["inpaint", "--identity", f"a={hanks}", "--identity", f"b={hanks}", "--image", hanks,
                               "--mask", hanks, "--prompt", "x", "--out", str(tmp_path / "o.png")])
     assert two.exit_code == 2 and "inpaint repaints one person" in " ".join(two.stderr.split()), two.output
+
+
+def test_a_group_photo_is_refused_by_the_flux_adapter_train_made_too(sample_photos):
+    """It reads photos through the face stack, which kept only the largest face."""
+    import pytest
+
+    from ray_faceid.cli.generate_flux import flux_people
+    from ray_faceid.errors import BadInput
+    from ray_faceid.face.analyzer import FaceAnalyzer
+
+    with pytest.raises(BadInput, match="t1.jpg: 6 faces"):
+        flux_people({"a": [str(sample_photos["t1.jpg"])]}, {}, None, "cpu", face_encoder=FaceAnalyzer().spec)

@@ -37,6 +37,11 @@ def test_provenance_reads_back_what_made_an_image(tmp_path):
     errors = " ".join(converted.stderr.split())
     assert converted.exit_code == 2 and "a.jpg: a JPEG" in errors and f"{tmp_path}: a folder" in errors, errors
     assert "Error" not in errors  # was Python's class names: AttributeError, IsADirectoryError
+    png = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])  # a half-written copy
+    damaged = CliRunner().invoke(app, ["provenance", str(tmp_path / "cut.png"), str(tmp_path / "a.png")])
+    assert damaged.exit_code == 2 and "cut.png: a damaged PNG" in " ".join(damaged.stderr.split()), damaged.output
+    assert record["base_model_hash"][:16] in damaged.stdout
     assert record["base_model_hash"][:16] in mixed.stdout  # the readable one still shown
 
 

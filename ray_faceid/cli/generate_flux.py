@@ -104,9 +104,10 @@ def _face_stack_people(people: dict, regions: dict, image_encoder: str | None, s
                        "--image-encoder out")
     analyzer = None
     if any(isinstance(v, list) for v in people.values()):
+        from ray_faceid.config import DetectionConfig, FaceConfig
         from ray_faceid.face.analyzer import FaceAnalyzer
 
-        analyzer = FaceAnalyzer()
+        analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))  # a group photo: refused
         if analyzer.spec.key() != spec.key():
             raise BadInput(f"this FLUX adapter reads {spec.key()} embeddings; photos here are read by "
                            f"{analyzer.spec.key()}: give enrolled people with those embeddings, or --face-embedding")

@@ -55,7 +55,10 @@ def _record_of(uri: str) -> tuple[dict | None, str | None]:
     if kind != "PNG":
         return None, (f"a {kind}: ray_faceid writes its record into the PNGs it makes; a copy converted to {kind} "
                       "has lost it (read the PNG)")
-    record = read_provenance(data)
+    try:
+        record = read_provenance(data)
+    except Exception:  # noqa: BLE001 - a cut-off file, or a record that is not JSON
+        return None, "a damaged PNG: its pixels or its ray_faceid record cannot be read"
     return (record, None) if record is not None else (
         None, "no ray_faceid record: not made by ray_faceid, or its metadata was stripped")
 

@@ -114,10 +114,11 @@ class CatalogRow(BaseModel):
         scheduler) are left out where unset, so existing outputs keep their keys."""
         dump = self.model_dump(mode="json")
         for part in [dump, *dump["identities"]]:
-            for later in ("edits", "scheduler", "scheduler_config", "pose", "identity_start", "feather",
-                          "true_cfg"):
-                if part.get(later) is None or (later == "identity_start" and part[later] == 0):  # 0: the default
+            for later, unset in (("edits", None), ("scheduler", None), ("scheduler_config", None), ("pose", None),
+                                 ("identity_start", 0), ("true_cfg", 1)):
+                if part.get(later) in (None, unset):  # unset, or the default written out: the same image
                     part.pop(later, None)
+        dump.pop("feather", None)  # what an inpaint row renders with is keyed, its own or the job's (Renderer.key)
         return dump
 
     def sampler(self):

@@ -54,7 +54,7 @@ class RenderRows:
 def _identity_order(text: str) -> tuple:
     try:
         ids = json.loads(text).get("identities") or []
-        return tuple(sorted(i if isinstance(i, str) else str(i.get("id")) for i in ids))
+        return tuple(sorted(i if isinstance(i, str) else str(i.get("id") or i.get("name")) for i in ids))
     except (ValueError, AttributeError):
         return ()
 

@@ -115,12 +115,6 @@ class FluxRenderer(Renderer):
             self.warmed = self.pipeline.warm_up([parse_size(config.size)], config.unet_batch)
             log.info("render actor: torch.compile warmed %s", self.warmed)
 
-    def key(self, row: CatalogRow, extra: list[str]) -> str:
-        feather = row.feather_or(self.config.feather)
-        if row.inpaint and feather:  # Fill pasted a hard edge whatever the feather before it took one
-            extra = [*extra, f"fill feather {feather}"]
-        return super().key(row, extra)
-
     def identity(self, identity: str) -> dict:
         """The face stack's embeddings (the scores, where the person has them) and the CLIP image
         embeddings of the reference crops (the adapter's input) of an identity, by id or name (LRU-cached)."""

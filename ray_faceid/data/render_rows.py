@@ -138,9 +138,15 @@ class Renderer:
         return None if encoder is None else encoder.enrolled_features(self.registry.references(self.tenant, identity))
 
     def key(self, row: CatalogRow, extra: list[str]) -> str:
+        # The job's feather keys the inpaint rows that render with it alone (pinned in the defaults' hash:
+        # keys made before it was keyed apart stay theirs).
+        defaults = self.config.model_copy(update={"feather": RenderConfig.model_fields["feather"].default})
         parts = {"row": row.key_fields(), "model": self.model_hash, "adapter": self.adapter_hash,
                  "personal": self._personal_version(row),
-                 "defaults": self.config.compute_hash(), "inputs": extra, **self._module_hashes(row)}
+                 "defaults": defaults.compute_hash(), "inputs": extra, **self._module_hashes(row)}
+        feather = row.feather_or(self.config.feather)
+        if row.inpaint and feather:  # the smoothstep edge: rows made with the old erode-and-blur one are made again
+            parts["feather"] = ["smoothstep", feather]
         # A published file takes any set of its width: which one made the tokens is part of what made the
         # image (ours is pinned to its encoder by its hash; a FLUX IP-Adapter reads photos: None).
         encoders = [self.identity(i.id).get("encoder") for i in row.identities]

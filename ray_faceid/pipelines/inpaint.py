@@ -42,7 +42,7 @@ def binary_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def feathered(mask: np.ndarray, radius: float) -> np.ndarray:
     """Float mask in [0, 1]: exactly 0 outside the mask, 1 from `radius` pixels inside its edge on,
     rising smoothly over those `radius` pixels (by each pixel's distance to the nearest outside one)."""
-    if radius <= 0:
+    if radius <= 0 or mask.all():  # all of it: no edge to blend (and no outside pixel to measure from)
         return mask.astype(np.float32)
     depth = distance_transform_edt(mask)  # 1 on the mask's edge pixels, 0 outside
     ramp = np.clip((depth - 0.5) / radius, 0.0, 1.0)

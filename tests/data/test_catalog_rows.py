@@ -34,10 +34,21 @@ def test_a_person_is_named_by_id_or_name_as_in_an_api_request():
         parse_row(json.dumps({"id": "r", "prompt": "x", "identities": [{"id": "a", "name": "ann"}]}), 0)
 
 
-def test_a_rows_own_feather_keys_it_and_rows_without_one_keep_their_keys():
-    plain = parse_row(json.dumps(INPAINT), 0)
-    assert "feather" not in plain.key_fields()
-    assert parse_row(json.dumps({**INPAINT, "feather": 0}), 0).key_fields() != plain.key_fields()
+def test_an_inpaint_row_is_keyed_by_the_feather_it_renders_with_and_a_generate_row_by_none(tmp_path):
+    """The job's --feather re-renders the inpaint rows that take it, not every row; a row's own
+    feather keys it whatever the job's; `true_cfg: 1` is a row without it."""
+    from ray_faceid.data.render_rows import Renderer
+
+    def keys(job_feather: float) -> dict:
+        renderer = Renderer(CONFIG.model_copy(update={"feather": job_feather}), "tiny", None,
+                            str(tmp_path / "registry"), "default", str(tmp_path / "out"))
+        rows = {"generate": {"id": "g", "prompt": "x"}, "inpaint": INPAINT, "own": {**INPAINT, "feather": 2},
+                "cfg1": {"id": "g", "prompt": "x", "true_cfg": 1}}
+        return {k: renderer.key(parse_row(json.dumps(row), 0), ["photo", "mask"]) for k, row in rows.items()}
+
+    four, eight, two = keys(4.0), keys(8.0), keys(2.0)
+    assert four["generate"] == eight["generate"] == four["cfg1"]
+    assert four["inpaint"] != eight["inpaint"] and four["own"] == eight["own"] == two["inpaint"]
 
 
 def test_an_inpaint_row_renders_without_a_person_and_with_its_own_feather(tmp_path):

@@ -39,3 +39,6 @@ def test_feather_blends_exactly_its_width_inside_the_edge():
     thin = np.zeros((80, 80), bool)
     thin[10:70, 38:42] = True  # a 4 px stroke under feather 8 still repaints something
     assert feathered(thin, 8.0)[40, 38:42].max() > 0.05
+    # A mask over the whole photo has no edge to blend: all of it repainted (the distance had no
+    # outside pixel to measure from, and left the photo's own pixels in a corner).
+    assert feathered(np.ones((32, 40), bool), 4.0).min() == 1.0
