@@ -33,9 +33,9 @@ ImageEncoderOpt = typer.Option(None, "--image-encoder", help="IP-Adapter-FaceID-
                                "IP-Adapter: the CLIP vision folder with projection it reads photos through; PuLID-FLUX: "
                                "a folder of EVA02_CLIP_L_336_psz14_s6B.pt (QuanSun/EVA-CLIP) and parsing_bisenet.pth "
                                "(facexlib), with --insightface-root (antelopev2).")
-BACKEND_HELP = ("Denoiser runtime: auto | torch | torch.compile | onnxruntime | tensorrt. auto: torch.compile on a GPU; "
-                "on a CPU, ONNX Runtime for a UNet (where installed) and eager torch for FLUX. FLUX has no TensorRT "
-                "engine yet.")
+BACKEND_HELP = ("Denoiser runtime: auto | torch | torch.compile | onnxruntime | tensorrt (default torch: eager). auto: "
+                "torch.compile on a GPU; on a CPU, ONNX Runtime for a UNet (where installed) and eager torch for FLUX. "
+                "FLUX has no TensorRT engine yet.")
 
 
 def _denoiser_backend(value: str) -> str:

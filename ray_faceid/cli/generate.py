@@ -341,7 +341,8 @@ def generate(
                                        "NAME=IMG[,IMG...] from photos; repeat for several people."),
     region: list[str] = typer.Option([], "--region", help="NAME=x0,y0,x1,y1 (fractions); default equal strips."),
     expression: Optional[str] = typer.Option(None, "--expression", help="e.g. 'smile, turn left' or 'smile=0.5'."),
-    negative_prompt: str = typer.Option("", "--negative-prompt"),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="What the image should not show (on FLUX, "
+                                        "with --true-cfg S over 1)."),
     model: str = ModelOpt,
     adapter: Optional[str] = AdapterOpt,
     seed: int = typer.Option(0, "--seed"),

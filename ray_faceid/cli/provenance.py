@@ -53,8 +53,8 @@ def _record_of(uri: str) -> tuple[dict | None, str | None]:
     except Exception:  # noqa: BLE001 - Pillow raises many types for what is not an image
         return None, "not an image"
     if kind != "PNG":
-        return None, (f"a {kind}: ray_faceid writes its record into the PNGs it makes; a copy converted to {kind} "
-                      "has lost it (read the PNG)")
+        return None, (f"a {kind}: ray_faceid records what made an image only in the PNGs it writes (a copy "
+                      f"converted to {kind} loses the record: read the PNG)")
     try:
         record = read_provenance(data)
     except Exception:  # noqa: BLE001 - a cut-off file, or a record that is not JSON

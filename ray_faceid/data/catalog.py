@@ -24,6 +24,7 @@ from ray_faceid.identity.edits import edits_field
 from ray_faceid.identity.pose import Pose
 
 ROW_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MAX_PEOPLE = 4  # pipelines/generate.py's MAX_IDENTITIES (not imported: it loads torch)
 
 
 class RowIdentity(BaseModel):
@@ -56,7 +57,7 @@ class CatalogRow(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str
-    identities: list[RowIdentity] = Field(default_factory=list)
+    identities: list[RowIdentity] = Field(default_factory=list, max_length=MAX_PEOPLE)
     prompt: str = Field(..., min_length=1)
     negative_prompt: str = ""
     seed: int = 0
@@ -88,6 +89,13 @@ class CatalogRow(BaseModel):
     @classmethod
     def _edits(cls, value: dict | None) -> dict | None:
         return edits_field(value)
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        if value is not None and not isinstance(value, str):
+            raise ValueError('give it as text "WxH", e.g. "512x512"')
+        return value
 
     @field_validator("identities", mode="before")
     @classmethod
@@ -155,9 +163,25 @@ def parse_row(text: str, index: int) -> CatalogRow:
             name = json.loads(text).get("id") or f"#{index}"
         except (ValueError, AttributeError):
             name = f"#{index}"
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
-                            for e in exc.errors())
+        reasons = "; ".join(_reason(e) for e in exc.errors())
         raise BadInput(f"catalog row {name}: {reasons}") from None
+
+
+def _reason(error: dict) -> str:
+    """One validation error in a row's words: where, and what to write."""
+    import difflib
+
+    where = ".".join(map(str, error["loc"]))
+    if error["type"] == "extra_forbidden":
+        person = len(error["loc"]) > 1  # identities.N.field
+        fields = RowIdentity.model_fields if person else CatalogRow.model_fields
+        near = difflib.get_close_matches(str(error["loc"][-1]), list(fields), n=1)
+        return (f"{where}: not a field of a {'person' if person else 'row'}"
+                f"{f' (did you mean {near[0]}?)' if near else ''}")
+    if error["type"] == "too_long" and where == "identities":
+        return f"identities: at most {MAX_PEOPLE} people in one image"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message  # a row-wide check names its own fields
 
 
 def read_catalog(uri: str) -> list[str]:

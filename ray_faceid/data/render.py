@@ -85,10 +85,11 @@ def summarize(records: list[dict], seconds: float, texts: list[str] | None = Non
         "failed": len(records) - len(ok), "unreadable": sum(not _readable(t) for t in texts or []),
         "seconds": round(seconds, 2),
         "rows_per_s": round(len(rendered) / seconds, 3) if seconds > 0 else None,
-        "similarity_mean": float(sims.mean()) if sims.size else None,
-        "similarity_p10": float(np.percentile(sims, 10)) if sims.size else None,
-        "detection_rate": (sum(bool(r["face_found"]) for r in with_identity) / len(with_identity)) if with_identity else None,
-        "leakage_max": float(max(leak)) if leak else None,
+        "similarity_mean": round(float(sims.mean()), 4) if sims.size else None,
+        "similarity_p10": round(float(np.percentile(sims, 10)), 4) if sims.size else None,
+        "detection_rate": (round(sum(bool(r["face_found"]) for r in with_identity) / len(with_identity), 4)
+                           if with_identity else None),
+        "leakage_max": round(float(max(leak)), 4) if leak else None,
         "errors": {r["id"]: r["error"] for r in records if r["status"] != "ok"},
     }
 

@@ -122,3 +122,17 @@ def test_a_flux_row_with_a_negative_prompt_renders_through_true_cfg(files, tmp_p
     unet = Renderer(CONFIG, "tiny", None, str(tmp_path / "registry"), "default", str(tmp_path / "unet"))
     (refused,) = unet.render_batch(texts[:1], [0])
     assert refused["status"] == "error" and "true_cfg: for FLUX bases" in refused["error"]
+
+
+@pytest.mark.parametrize("row, said", [
+    ({"id": "r", "promt": "x"}, "promt: not a field of a row (did you mean prompt?)"),
+    ({"id": "r", "prompt": "x", "identities": [{"id": "a", "scael": 1}]},
+     "identities.0.scael: not a field of a person (did you mean scale?)"),
+    ({"id": "r", "prompt": "x", "size": [64, 64]}, 'size: give it as text "WxH", e.g. "512x512"'),
+    ({"id": "r", "prompt": "x", "identities": ["a", "b", "c", "d", "e"]}, "identities: at most 4 people"),
+    ({"id": "r", "prompt": "x", "feather": 2}, "catalog row r: feather: for inpaint rows"),
+])
+def test_row_errors_say_what_to_write(row, said):
+    with pytest.raises(BadInput) as refused:
+        parse_row(json.dumps(row), 0)
+    assert said in refused.value.message, refused.value.message
