@@ -172,3 +172,14 @@ def test_a_group_photo_is_refused_by_the_flux_adapter_train_made_too(sample_phot
 
     with pytest.raises(BadInput, match="t1.jpg: 6 faces"):
         flux_people({"a": [str(sample_photos["t1.jpg"])]}, {}, None, "cpu", face_encoder=FaceAnalyzer().spec)
+
+
+def test_reference_photos_of_two_people_are_said_not_averaged_silently(tmp_path, sample_photos, caplog):
+    hanks, other = str(sample_photos["Tom_Hanks_54745.png"]), tmp_path / "one_of_six.png"
+    Image.open(sample_photos["t1.jpg"]).crop((20, 240, 230, 440)).save(other)
+    with caplog.at_level("WARNING"):
+        made = runner.invoke(app, ["generate", "--ref", hanks, "--ref", str(other), "--prompt", "x",
+                                   "--out", str(tmp_path / "o.png"), *FAST])
+    assert made.exit_code == 0, made.output
+    said = " ".join(caplog.text.split())
+    assert "Tom_Hanks_54745.png and" in said and "one_of_six.png may not show the same person" in said, said

@@ -1,10 +1,15 @@
 """Reference photos -> the embeddings an identity is conditioned on, through the face stack."""
 from __future__ import annotations
 
+import itertools
+import logging
+
 import numpy as np
 
 from ray_faceid.errors import BadInput, NoFace
 from ray_faceid.face.analyzer import FaceAnalyzer
+
+log = logging.getLogger(__name__)
 
 # A face at least this fraction of the largest one's width is someone the photo may be of: a group
 # photo is refused rather than read as its largest face (a small face in the background is not).
@@ -33,6 +38,12 @@ def embed_references(analyzer: FaceAnalyzer, images: list, names: list[str] | No
         face = the_face(faces, name)
         embeddings.append(face.embedding)
         quality.append(face.quality["score"])
+    for (a, ea), (b, eb) in itertools.combinations(zip(names, embeddings), 2):
+        same, distance = analyzer.verify(ea, eb)
+        if not same:  # said, not refused: one person's photos years apart may fail the check
+            log.warning("%s and %s may not show the same person (%s distance %.2f, over its threshold %.2f): the "
+                        "person's identity is read from all of them together; check the photos", a, b,
+                        analyzer.spec.name, distance, analyzer.threshold)
     return np.stack(embeddings), np.asarray(quality, dtype=np.float32)
 
 
