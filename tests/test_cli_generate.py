@@ -183,3 +183,25 @@ def test_reference_photos_of_two_people_are_said_not_averaged_silently(tmp_path,
     assert made.exit_code == 0, made.output
     said = " ".join(caplog.text.split())
     assert "Tom_Hanks_54745.png and" in said and "one_of_six.png may not show the same person" in said, said
+
+
+def test_cheap_mistakes_are_refused_before_any_model_loads(tmp_path, sample_photos, monkeypatch):
+    """A region outside the image, an identity start past the steps given, a mask of another size or
+    an empty one: each one line, before the model (minutes on a real base) loads."""
+    import ray_faceid.pipelines.models as models
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(models, "load_base", no_loading)
+    hanks = str(sample_photos["Tom_Hanks_54745.png"])
+    blank, small = tmp_path / "blank.png", tmp_path / "small.png"
+    Image.new("L", Image.open(hanks).size, 0).save(blank)
+    Image.new("L", (16, 16), 255).save(small)
+    for command, said in (
+            (["generate", "--identity", f"a={hanks}", "--region", "a=0.5,0,0.2,1"], "0 <= x0 < x1 <= 1"),
+            (["generate", "--ref", hanks, "--steps", "3", "--identity-start", "3"], "past the last of 3 steps"),
+            (["inpaint", "--ref", hanks, "--image", hanks, "--mask", str(small)], "they must match"),
+            (["inpaint", "--ref", hanks, "--image", hanks, "--mask", str(blank)], "mask is empty")):
+        refused = runner.invoke(app, [*command, "--prompt", "x", "--out", str(tmp_path / "o.png")])
+        assert refused.exit_code == 2 and said in " ".join(refused.stderr.split()), refused.output

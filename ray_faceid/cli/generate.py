@@ -116,9 +116,14 @@ IdentityStartOpt = typer.Option(0, "--identity-start", min=0, max=199, help="The
                                 "0-1 for stylised images). Default 0.")
 
 
-def _strengths(items: list[str], people: dict, identity_start: int = 0) -> dict[str, float]:
+def _strengths(items: list[str], people: dict, identity_start: int = 0, steps: int | None = None) -> dict[str, float]:
     """--strength values by person's name (a bare number: everyone not named, in any order), checked
-    before any model loads; with --identity-start, that there is someone for both to act on."""
+    before any model loads; with --identity-start, that there is someone for both to act on, and a
+    step of --steps where they are given (else the model's, checked when it has loaded)."""
+    if steps:
+        from ray_faceid.pipelines.generate import check_start
+
+        check_start(identity_start, steps)
     if not people and (items or identity_start):
         flags = " and ".join(f for f, given in (("--strength", items), ("--identity-start", identity_start)) if given)
         raise BadInput(f"{flags}: for the people in the image, and there are none: give --ref PHOTO, --identity NAME "
@@ -330,6 +335,9 @@ def _region(value: str):
         raise BadInput(f"region {value!r}: expected x0,y0,x1,y1 as fractions") from exc
     if len(box) != 4:
         raise BadInput(f"region {value!r}: expected 4 numbers x0,y0,x1,y1")
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise BadInput(f"region {value!r}: fractions of the image with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
     return box
 
 
@@ -402,7 +410,7 @@ def generate(
             regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend, step_cache, insightface_root,
-                                 _strengths(strength, people, identity_start), identity_start, negative_prompt, true_cfg)
+                                 _strengths(strength, people, identity_start, steps), identity_start, negative_prompt, true_cfg)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         if true_cfg != 1:
@@ -413,7 +421,7 @@ def generate(
             raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO, or "
                            "--face-embedding EMB.npy")
         regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
-        strengths = _strengths(strength, people, identity_start)
+        strengths = _strengths(strength, people, identity_start, steps)
         unknown = set(regions) - set(people)
         if unknown:
             raise BadInput(f"--region for unknown identity {sorted(unknown)}; identities: {sorted(people)}")
@@ -486,6 +494,9 @@ def inpaint(
         sampler = Sampler.parse(scheduler, scheduler_config)  # checked before any model loads
         picture = decode_image(image)
         mask_array = decode_image(mask)
+        if mask_array.shape[:2] != picture.shape[:2]:  # before any model loads
+            raise BadInput(f"--mask is {mask_array.shape[1]}x{mask_array.shape[0]}, --image {picture.shape[1]}x"
+                           f"{picture.shape[0]}: they must match")
         ref_model = resolve_model(model, flux=True)  # configs only: FLUX Fill runs another pipeline
         if ref_model.family == "flux":
             from ray_faceid.cli.generate_flux import inpaint_flux, pulid_face_options, refuse_unbuilt_options
@@ -500,7 +511,7 @@ def inpaint(
                                            readers="nothing on FLUX (the embedding is the person)")
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend, step_cache, insightface_root, feather,
-                                _strengths(strength, people, identity_start), identity_start)
+                                _strengths(strength, people, identity_start, steps), identity_start)
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -513,7 +524,10 @@ def inpaint(
                                             "InstantID pose comes from the mask")
         if not people:
             raise BadInput("whose face? give --ref PHOTO, --identity NAME (an enrolled person) or --face-embedding EMB.npy")
-        strengths = _strengths(strength, people, identity_start)
+        from ray_faceid.pipelines.inpaint import binary_mask
+
+        binary_mask(mask_array, picture.shape[:2])  # an empty mask: before any model loads
+        strengths = _strengths(strength, people, identity_start, steps)
         analyzer = _analyzer(face_backend, insightface_root, face_embedding)
         conditions, enrolled, pipe = _conditions_and_pipeline(
             analyzer, people, registry, tenant, {}, expression, edits, ref_model, adapter, backend, imr, flow,

@@ -110,9 +110,13 @@ class GenerationItem:
 
 def check_identity_start(items: list[GenerationItem], steps: int) -> None:
     for item in items:
-        if not 0 <= item.identity_start < steps:
-            raise BadInput(f"identity start {item.identity_start} is past the last of {steps} steps: give a step from 0 "
-                           f"to {steps - 1} (later, the person would not be in the image)")
+        check_start(item.identity_start, steps)
+
+
+def check_start(identity_start: int, steps: int) -> None:
+    if not 0 <= identity_start < steps:
+        raise BadInput(f"identity start {identity_start} is past the last of {steps} steps: give a step from 0 "
+                       f"to {steps - 1} (later, the person would not be in the image)")
 
 
 def identity_active(starts: list[int], step: float, device) -> torch.Tensor | None:
