@@ -53,3 +53,20 @@ def test_the_step_cache_reads_as_a_sentence():
     console = Console(width=200, record=True)
     console.print(summary_table("x.png", {"steps": 28, "step_cache": {"threshold": 0.08, "steps_reused": 9}}))
     assert "threshold 0.08, 9 of 28 steps reused" in console.export_text()
+
+
+def test_a_rendered_image_names_its_job_and_row(tmp_path):
+    """An auditor holding one PNG of a catalog run finds the row that made it."""
+    from ray_faceid.config import RenderConfig
+    from ray_faceid.data.catalog import read_catalog
+    from ray_faceid.data.render_rows import Renderer
+
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text(json.dumps({"id": "beach-7", "prompt": "a beach", "seed": 2}) + "\n")
+    renderer = Renderer(RenderConfig(steps=2, size="32x32"), "tiny", None, str(tmp_path / "registry"), "default",
+                        str(tmp_path / "out"))
+    (made,) = renderer.render_batch(read_catalog(str(catalog)), [0])
+    record = read_provenance(open(made["output_uri"], "rb").read())
+    assert record["render_row"] == "beach-7" and json.loads(made["provenance"]) == record
+    shown = CliRunner().invoke(app, ["provenance", made["output_uri"]])
+    assert "render row beach-7" in " ".join(shown.stdout.split()), shown.output

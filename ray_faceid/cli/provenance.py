@@ -71,7 +71,8 @@ def summary_table(uri: str, record: dict):
     table = Table(title=Text(uri), show_header=False, title_justify="left")  # Text: a prompt's [brackets] as written
     published = record.get("adapter_published") or {}
     rows = [
-        ("made by", f"{record.get('generator', '?')} {record.get('kind', '')}".strip()),
+        ("made by", f"{record.get('generator', '?')} {record.get('kind', '')}".strip()
+                    + (f" (render row {record['render_row']})" if record.get("render_row") else "")),
         ("base model", f"{record.get('base_model')} ({record.get('base_family', 'unet')}"
                        f"{', ' + record['flux_variant'] if record.get('flux_variant') else ''}), "
                        f"weights {str(record.get('base_model_hash'))[:16]}"

@@ -208,5 +208,5 @@ class FluxRenderer(Renderer):
             result = self.pipeline.generate(row.prompt, conditions, row.seed, steps, guidance, width, height,
                                             identity_start=row.identity_start or 0, negative_prompt=row.negative_prompt,
                                             true_cfg=row.true_cfg or 1.0)
-        return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
+        return self._commit(row, key, png_uri, record_uri, result.images[0], result.provenance[0])
 

@@ -240,11 +240,15 @@ class Renderer:
             width, height = row.dimensions(self.config.size)
             item = GenerationItem(row.prompt, conditions, row.negative_prompt, row.seed, row.identity_start or 0)
             result = self.pipeline.generate_items([item], steps, guidance, width, height, sampler)
-        return self._commit(row, key, png_uri, record_uri, result.png[0], result.images[0], result.provenance[0])
+        return self._commit(row, key, png_uri, record_uri, result.images[0], result.provenance[0])
 
-    def _commit(self, row: CatalogRow, key: str, png_uri: str, record_uri: str, png: bytes, image, provenance) -> dict:
+    def _commit(self, row: CatalogRow, key: str, png_uri: str, record_uri: str, image, provenance: dict) -> dict:
+        """Score the row's image and write it (its provenance naming the row that made it), then its record."""
         from ray_faceid.eval.identity import score_output
+        from ray_faceid.pipelines.provenance import png_with_provenance
 
+        provenance = dict(provenance, render_row=row.id)  # which catalog row, for whoever holds the PNG alone
+        png = png_with_provenance(image, provenance)
         faces = self.analyzer.analyze(np.asarray(image))
         references = {i.id: self.identity(i.id)["scoring"] for i in row.identities}
         scores = score_output(faces, {k: v for k, v in references.items() if v is not None})
@@ -305,6 +309,6 @@ class Renderer:
                         records[index] = self.render_text(row.model_dump_json(), index)
                     continue
                 for k, (index, row, key, png_uri, record_uri, _) in enumerate(chunk):
-                    records[index] = self._commit(row, key, png_uri, record_uri, result.png[k], result.images[k],
+                    records[index] = self._commit(row, key, png_uri, record_uri, result.images[k],
                                                   result.provenance[k])
         return [{**records[i], "index": i} for i in indices]
