@@ -292,7 +292,8 @@ class PageActions:
         result = await self.service.generate(tenant, body, self._reporter(progress))
         return await self._shown_result(tenant, result)
 
-    async def inpaint(self, token, edited, person, prompt, steps, seed, guidance=None, sampler=None, progress=None):
+    async def inpaint(self, token, edited, person, prompt, steps, seed, guidance=None, sampler=None, progress=None,
+                      feather=4.0):
         import base64
 
         from deployments.schemas import InpaintRequest
@@ -306,7 +307,7 @@ class PageActions:
         body = InpaintRequest(identity={"id": person}, image=base64.b64encode(_png(image)).decode(),
                               mask=base64.b64encode(_png(mask)).decode(), prompt=prompt,
                               steps=_whole(steps, "steps"), seed=_seed(seed), guidance=guidance,
-                              scheduler=sampler or None)
+                              scheduler=sampler or None, feather=4.0 if feather is None else feather)
         result = await self.service.inpaint(tenant, body, self._reporter(progress))
         shown = await self._shown_result(tenant, result)
         return (image, *shown)
@@ -379,8 +380,9 @@ def build(service: FaceService, files=None):
                                                height, steps, seed, strength, guidance, sampler, progress,
                                                identity_start=identity_start, true_cfg=true_cfg)
 
-    async def inpaint(token, edited, person, prompt, steps, seed, guidance, sampler, progress=gr.Progress()):
-        return await _action(actions.inpaint)(token, edited, person, prompt, steps, seed, guidance, sampler, progress)
+    async def inpaint(token, edited, person, prompt, steps, seed, guidance, sampler, feather, progress=gr.Progress()):
+        return await _action(actions.inpaint)(token, edited, person, prompt, steps, seed, guidance, sampler, progress,
+                                              feather=feather)
 
     def sampler_list(elem_id: str):
         # The model's own (or the deployment's) unless picked; few-step models: lcm, tcd, guidance 0-1.
@@ -459,6 +461,8 @@ def build(service: FaceService, files=None):
                     inpaint_guidance = gr.Slider(0, 30, value=5.0, step=0.1, label="Guidance",
                                                  elem_id="inpaint-guidance")
                     inpaint_sampler = sampler_list("inpaint-sampler")
+                    feather = gr.Number(label="Soft edge inside the mask (px; 0: hard)", value=4, minimum=0,
+                                        maximum=64, elem_id="inpaint-feather")
                 paint = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
                 with gr.Row():
                     before = gr.Image(label="Before", interactive=False)
@@ -492,7 +496,7 @@ def build(service: FaceService, files=None):
                                [result, scores, provenance])
         cancel.click(None, None, None, cancels=[running])
         paint.click(inpaint, [token, edited, person, inpaint_prompt, inpaint_steps, inpaint_seed, inpaint_guidance,
-                              inpaint_sampler],
+                              inpaint_sampler, feather],
                     [before, after, inpaint_scores, inpaint_provenance])
         show.click(act["catalog"], [token, output], [sheet, figures, failed])
     # Concurrency is bounded by the Generator's queue (a full one answers "busy"), not by the page.

@@ -90,3 +90,16 @@ def test_the_identity_start_is_sent_and_true_cfg_only_where_the_base_takes_it(de
     body = sent.value.args[0]
     assert body.identity_start == 2 and body.negative_prompt == "blurry"
     assert body.true_cfg == (2.5 if defaults is DEV else 1.0)
+
+
+def test_inpaint_sends_its_soft_edge():
+    import numpy as np
+
+    from deployments.web_page import PageActions
+
+    photo, layer = np.full((64, 48, 4), 200, np.uint8), np.zeros((64, 48, 4), np.uint8)
+    layer[10:20, 5:15, 3] = 255
+    with pytest.raises(Sent) as sent:
+        asyncio.run(PageActions(FakeService(UNET)).inpaint("token", {"background": photo, "layers": [layer]}, "id-1",
+                                                           "a portrait", 2, 1, feather=9))
+    assert sent.value.args[0].feather == 9.0
