@@ -89,9 +89,10 @@ class FluxServeGenerator(Generator):
 
     def controls(self) -> dict[str, bool]:
         base = self.pipeline.base
-        return {"negative_prompt": not base.inpainting, "sampler": False, "expression": False, "edits": False,
+        true_cfg = not base.inpainting and not self.pipeline.step_cache  # the cache reads one pass a step
+        return {"negative_prompt": true_cfg, "sampler": False, "expression": False, "edits": False,
                 "guidance": base.guidance_embedded, "generate": not base.inpainting, "inpaint": base.inpainting,
-                "true_cfg": not base.inpainting}
+                "true_cfg": true_cfg, "identity_start": True}
 
     def info(self) -> dict:
         adapter = self.pipeline.adapter

@@ -193,7 +193,8 @@ class Generator:
 
     def controls(self) -> dict[str, bool]:
         """Which of a request's settings and actions this deployment takes: the page shows only these."""
-        return dict(TAKEN_UNSAID)
+        adapter = self.pipeline.adapter  # InstantID's IdentityNet draws the face at every step: no later start
+        return dict(TAKEN_UNSAID, identity_start=not (adapter is not None and adapter.kind.identitynet))
 
     def info(self) -> dict:
         return {"model": self.pipeline.base.model_id, "adapter": self.adapter_hash,

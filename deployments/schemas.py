@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray_faceid.identity.pose import Pose
 
 # A request's settings and actions a base family may not take (FLUX.1: no sampler, a negative prompt
-# through true CFG alone; schnell: no guidance; Fill: inpainting only; true CFG: FLUX's alone); the
-# Generator says which its base takes.
-CONTROLS = ("negative_prompt", "sampler", "guidance", "expression", "edits", "generate", "inpaint", "true_cfg")
+# through true CFG alone, neither beside the step cache; schnell: no guidance; Fill: inpainting only;
+# true CFG: FLUX's alone; InstantID: no identity start); the Generator says which its base takes.
+CONTROLS = ("negative_prompt", "sampler", "guidance", "expression", "edits", "generate", "inpaint", "true_cfg",
+            "identity_start")
 # What a deployment that says nothing of its controls takes (one from before they existed: a UNet's).
 TAKEN_UNSAID = dict.fromkeys(CONTROLS, True) | {"true_cfg": False}
 

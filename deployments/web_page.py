@@ -152,7 +152,7 @@ def control_updates(defaults: dict) -> tuple:
     guidance = gr.Slider(value=defaults["guidance"], visible=True) if takes["guidance"] else gr.Slider(visible=False)
     return (defaults["steps"], guidance, defaults["steps"], guidance,
             *(gr.update(visible=takes[name]) for name in ("negative_prompt", "expression", "edits", "sampler", "sampler",
-                                                          "generate", "inpaint", "true_cfg")))
+                                                          "generate", "inpaint", "true_cfg", "identity_start")))
 
 
 def scores_table(images, names: dict[str, str]) -> str:
@@ -186,7 +186,7 @@ class PageActions:
         except Unauthorized as exc:
             empty = gr.Dropdown(choices=[], value=None)
             return (f"**{exc.status} {exc.code}**: {exc.message}", gr.Tabs(visible=False), [], empty,
-                    gr.Dropdown(choices=[], value=[]), empty, empty, *[gr.skip()] * 14)
+                    gr.Dropdown(choices=[], value=[]), empty, empty, *[gr.skip()] * 15)
         defaults = await self.service.defaults()
         everyone = await self.service.people(tenant)
         outputs = [(f"{k + 1}: {name}", k) for k, name in enumerate(await self.service.render_outputs(tenant))]
@@ -279,6 +279,7 @@ class PageActions:
             ("negative_prompt", negative), ("expression", expression), ("edits", edits), ("sampler", sampler)))
         guidance = guidance if takes["guidance"] else None
         true_cfg = true_cfg if takes["true_cfg"] else 1.0
+        identity_start = identity_start if takes["identity_start"] else 0
         picked = list(picked or [])
         if not 1 <= len(picked) <= 4:
             raise BadInput("pick one to four people")
@@ -481,7 +482,7 @@ def build(service: FaceService, files=None):
         people_outputs = [gallery, to_delete, picked, person]
         signed_in = [status, tabs, *people_outputs, output, width, height, steps, guidance, inpaint_steps,
                      inpaint_guidance, negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab,
-                     true_cfg]
+                     true_cfg, identity_start]
         sign_in.click(act["sign_in"], [token], signed_in, js=SIGN_IN_JS)
         token.submit(act["sign_in"], [token], signed_in, js=SIGN_IN_JS)
         photos.change(act["preview"], [token, photos, consent], [found, problems])

@@ -182,18 +182,28 @@ def test_reference_photos_of_two_people_are_said_not_averaged_silently(tmp_path,
                                    "--out", str(tmp_path / "o.png"), *FAST])
     assert made.exit_code == 0, made.output
     said = " ".join(caplog.text.split())
-    assert "Tom_Hanks_54745.png and" in said and "one_of_six.png may not show the same person" in said, said
+    assert "Tom_Hanks_54745.png and" in said and "one_of_six.png may not show one person" in said, said
+    from ray_faceid.face.analyzer import FaceAnalyzer
+    from ray_faceid.pipelines.references import _say_strangers
+
+    caplog.clear()  # one stray photo among three: named once, not once per pair
+    ann, stray = np.eye(128, dtype=np.float32)[0], np.eye(128, dtype=np.float32)[1]
+    with caplog.at_level("WARNING"):
+        _say_strangers(FaceAnalyzer(), ["a1", "a2", "x"], [ann, ann, stray])
+    assert len(caplog.records) == 1 and "x may not show the person of a1, a2" in caplog.text, caplog.text
 
 
 def test_cheap_mistakes_are_refused_before_any_model_loads(tmp_path, sample_photos, monkeypatch):
     """A region outside the image, an identity start past the steps given, a mask of another size or
     an empty one: each one line, before the model (minutes on a real base) loads."""
+    import ray_faceid.pipelines.flux as flux
     import ray_faceid.pipelines.models as models
 
     def no_loading(*_, **__):
         raise AssertionError("the model loaded")
 
     monkeypatch.setattr(models, "load_base", no_loading)
+    monkeypatch.setattr(flux, "load_flux", no_loading)
     hanks = str(sample_photos["Tom_Hanks_54745.png"])
     blank, small = tmp_path / "blank.png", tmp_path / "small.png"
     Image.new("L", Image.open(hanks).size, 0).save(blank)
@@ -202,6 +212,7 @@ def test_cheap_mistakes_are_refused_before_any_model_loads(tmp_path, sample_phot
             (["generate", "--identity", f"a={hanks}", "--region", "a=0.5,0,0.2,1"], "0 <= x0 < x1 <= 1"),
             (["generate", "--ref", hanks, "--steps", "3", "--identity-start", "3"], "past the last of 3 steps"),
             (["inpaint", "--ref", hanks, "--image", hanks, "--mask", str(small)], "they must match"),
-            (["inpaint", "--ref", hanks, "--image", hanks, "--mask", str(blank)], "mask is empty")):
+            (["inpaint", "--ref", hanks, "--image", hanks, "--mask", str(blank)], "mask is empty"),
+            (["inpaint", "--model", "tiny-flux-fill", "--image", hanks, "--mask", str(blank)], "mask is empty")):
         refused = runner.invoke(app, [*command, "--prompt", "x", "--out", str(tmp_path / "o.png")])
         assert refused.exit_code == 2 and said in " ".join(refused.stderr.split()), refused.output

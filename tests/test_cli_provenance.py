@@ -55,7 +55,7 @@ def test_the_step_cache_reads_as_a_sentence():
     assert "threshold 0.08, 9 of 28 steps reused" in console.export_text()
 
 
-def test_a_rendered_image_names_its_job_and_row(tmp_path):
+def test_a_rendered_image_names_its_catalog_row(tmp_path):
     """An auditor holding one PNG of a catalog run finds the row that made it."""
     from ray_faceid.config import RenderConfig
     from ray_faceid.data.catalog import read_catalog

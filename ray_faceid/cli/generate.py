@@ -328,16 +328,17 @@ def read_face_embedding(path: str, tokens: bool = False) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def _region(value: str):
+def _region(value: str, name: str):
+    said = f"--region {name}={value}"
     try:
         box = tuple(float(v) for v in value.split(","))
     except ValueError as exc:
-        raise BadInput(f"region {value!r}: expected x0,y0,x1,y1 as fractions") from exc
+        raise BadInput(f"{said}: expected x0,y0,x1,y1 as fractions") from exc
     if len(box) != 4:
-        raise BadInput(f"region {value!r}: expected 4 numbers x0,y0,x1,y1")
+        raise BadInput(f"{said}: expected 4 numbers x0,y0,x1,y1")
     x0, y0, x1, y1 = box
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise BadInput(f"region {value!r}: fractions of the image with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        raise BadInput(f"{said}: fractions of the image with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
     return box
 
 
@@ -407,7 +408,7 @@ def generate(
                 raise BadInput("use either --face-embedding or photos (--ref / --identity NAME=PHOTO), not both")
             people = ({"person": read_face_embedding(face_embedding, tokens=True)} if face_embedding
                       else _people(ref, identity))
-            regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
+            regions = {k: _region(v, k) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend, step_cache, insightface_root,
                                  _strengths(strength, people, identity_start, steps), identity_start, negative_prompt, true_cfg)
@@ -420,7 +421,7 @@ def generate(
         if not people:
             raise BadInput("nobody to render: give --ref PHOTO, or --identity NAME (enrolled) / NAME=PHOTO, or "
                            "--face-embedding EMB.npy")
-        regions = {k: _region(v) for k, v in _parse_named(region, "--region").items()}
+        regions = {k: _region(v, k) for k, v in _parse_named(region, "--region").items()}
         strengths = _strengths(strength, people, identity_start, steps)
         unknown = set(regions) - set(people)
         if unknown:
@@ -509,6 +510,9 @@ def inpaint(
                                      **pulid_face_options(adapter, face_backend, insightface_root)}, "inpaint")
             people, _ = _people_and_photos(ref, [identity] if identity else [], face_embedding, False, tokens=True,
                                            readers="nothing on FLUX (the embedding is the person)")
+            from ray_faceid.pipelines.flux_sampling import fill_gray
+
+            fill_gray(mask_array)  # an empty mask: before any model loads
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend, step_cache, insightface_root, feather,
                                 _strengths(strength, people, identity_start, steps), identity_start)

@@ -64,6 +64,15 @@ def resolve_flux_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def fill_gray(mask: np.ndarray) -> np.ndarray:
+    """The mask's grey levels as FLUX.1 Fill reads them (its hole: 0.5 or over, as diffusers
+    binarises it); a mask with no hole is refused (`inpaint` checks it before any model loads too)."""
+    gray = mask if mask.ndim == 2 else np.asarray(Image.fromarray(mask[..., :3]).convert("L"))
+    if not (gray / 255.0 >= 0.5).any():
+        raise BadInput("mask is empty: paint the region to repaint in white")
+    return gray
+
+
 def check_true_cfg(true_cfg: float, negative_prompt: bool, step_cache: float,
                    names: tuple[str, str] = ("--negative-prompt", "--true-cfg")) -> None:
     """A negative prompt on FLUX works through true CFG only, and true CFG needs one (diffusers'
@@ -538,10 +547,8 @@ class FluxGenerator:
         if mask.shape[:2] != (full_h, full_w):
             raise BadInput(f"the mask is {mask.shape[1]}x{mask.shape[0]}, the image {full_w}x{full_h}: give one of the "
                            "image's size")
-        full_gray = mask if mask.ndim == 2 else np.asarray(Image.fromarray(mask[..., :3]).convert("L"))
-        full_hole = full_gray / 255.0 >= 0.5  # diffusers binarises the mask at 0.5
-        if not full_hole.any():
-            raise BadInput("mask is empty: paint the region to repaint in white")
+        full_gray = fill_gray(mask)
+        full_hole = full_gray / 255.0 >= 0.5
         source = image = image[..., :3]
         gray = full_gray
         scale = min(1.0, (max_pixels / (full_h * full_w)) ** 0.5)

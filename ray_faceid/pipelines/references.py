@@ -38,13 +38,30 @@ def embed_references(analyzer: FaceAnalyzer, images: list, names: list[str] | No
         face = the_face(faces, name)
         embeddings.append(face.embedding)
         quality.append(face.quality["score"])
-    for (a, ea), (b, eb) in itertools.combinations(zip(names, embeddings), 2):
-        same, distance = analyzer.verify(ea, eb)
-        if not same:  # said, not refused: one person's photos years apart may fail the check
-            log.warning("%s and %s may not show the same person (%s distance %.2f, over its threshold %.2f): the "
-                        "person's identity is read from all of them together; check the photos", a, b,
-                        analyzer.spec.name, distance, analyzer.threshold)
+    _say_strangers(analyzer, names, embeddings)
     return np.stack(embeddings), np.asarray(quality, dtype=np.float32)
+
+
+def _say_strangers(analyzer: FaceAnalyzer, names: list[str], embeddings: list) -> None:
+    """Said, not refused (one person's photos years apart may fail the check): the photos the face
+    stack does not verify as the others' person, the odd ones out by name, once each."""
+    misses: dict[str, list[str]] = {name: [] for name in names}
+    for (a, ea), (b, eb) in itertools.combinations(zip(names, embeddings), 2):
+        if not analyzer.verify(ea, eb)[0]:
+            misses[a].append(b)
+            misses[b].append(a)
+    worst = max((len(v) for v in misses.values()), default=0)
+    if not worst:
+        return
+    check = f"the {analyzer.spec.name} check at distance {analyzer.threshold:.2f}"
+    odd = [name for name, missed in misses.items() if len(missed) == worst]
+    if len(odd) == len(names):  # no odd one out: every photo fails against another
+        log.warning("%s may not show one person (%s): the person's identity is read from all of them together; "
+                    "check the photos", " and ".join(names) if len(names) == 2 else ", ".join(names), check)
+        return
+    for name in odd:
+        log.warning("%s may not show the person of %s (%s): the person's identity is read from all the photos "
+                    "together; check it", name, ", ".join(misses[name]), check)
 
 
 def reference_crops(analyzer: FaceAnalyzer, images: list, names: list[str] | None = None) -> list[np.ndarray]:

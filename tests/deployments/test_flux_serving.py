@@ -85,7 +85,7 @@ def test_a_flux_deployment_serves_enrolled_people_requests_batched_together(tmp_
     # What the page shows of it: dev takes guidance and a negative prompt with true CFG, not a sampler or inpainting.
     assert generator.defaults()["controls"] == {"negative_prompt": True, "sampler": False, "guidance": True,
                                                 "expression": False, "edits": False, "generate": True, "inpaint": False,
-                                                "true_cfg": True}
+                                                "true_cfg": True, "identity_start": True}
     batches, generate_items = [], generator.pipeline.generate_items
 
     def counted(items, *args, **kwargs):

@@ -51,14 +51,40 @@ def test_a_schnell_deployment_hides_what_it_refuses():
     steps, guidance, inpaint_steps, inpaint_guidance, *shown = control_updates(SCHNELL)
     assert (steps, inpaint_steps) == (4, 4)
     assert not guidance.visible and not inpaint_guidance.visible
-    negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab, true_cfg = map(_visible, shown)
+    negative, expression, edits, sampler, inpaint_sampler, generate_tab, inpaint_tab, true_cfg, _ = map(_visible, shown)
     assert not any((negative, expression, edits, sampler, inpaint_sampler, inpaint_tab, true_cfg)) and generate_tab
     # A UNet deployment (which says nothing of controls) shows them all, from its own guidance, but
     # true CFG (FLUX's: a UNet guides with guidance).
     steps, guidance, _, _, *shown = control_updates(UNET)
-    assert guidance.value == 5.0 and guidance.visible and [_visible(s) for s in shown] == [True] * 7 + [False]
-    *_, true_cfg = control_updates(DEV)
+    assert guidance.value == 5.0 and guidance.visible and [_visible(s) for s in shown] == [True] * 7 + [False, True]
+    *_, true_cfg, _ = control_updates(DEV)
     assert _visible(true_cfg)
+
+
+def test_what_real_deployments_say_they_take():
+    """From the Generators' own controls: FLUX dev and schnell take a negative prompt with true CFG,
+    not beside the step cache (every such request would be a 422); InstantID takes no identity start."""
+    from types import SimpleNamespace
+
+    from deployments.flux_generator import FluxServeGenerator
+    from deployments.generator import Generator
+    from deployments.web_page import control_updates
+
+    def flux(step_cache: float, inpainting: bool = False) -> dict:
+        base = SimpleNamespace(inpainting=inpainting, guidance_embedded=False)
+        return FluxServeGenerator.controls(SimpleNamespace(pipeline=SimpleNamespace(base=base, step_cache=step_cache)))
+
+    def shown(controls: dict) -> dict:
+        *_, negative, _, _, _, _, _, _, true_cfg, start = control_updates({**SCHNELL, "controls": controls})
+        return {"negative_prompt": _visible(negative), "true_cfg": _visible(true_cfg), "identity_start": _visible(start)}
+
+    assert shown(flux(0.0)) == {"negative_prompt": True, "true_cfg": True, "identity_start": True}
+    assert shown(flux(0.1)) == {"negative_prompt": False, "true_cfg": False, "identity_start": True}
+    assert shown(flux(0.0, inpainting=True))["true_cfg"] is False
+    instantid = SimpleNamespace(adapter=SimpleNamespace(kind=SimpleNamespace(identitynet=True)))
+    faceid = SimpleNamespace(adapter=SimpleNamespace(kind=SimpleNamespace(identitynet=False)))
+    assert Generator.controls(SimpleNamespace(pipeline=instantid))["identity_start"] is False
+    assert Generator.controls(SimpleNamespace(pipeline=faceid))["identity_start"] is True
 
 
 @pytest.mark.parametrize("defaults", [SCHNELL, UNET], ids=["schnell", "unet"])
