@@ -108,6 +108,8 @@ def resolve_flux_config(config: ServeConfig, tokens: dict) -> ServeConfig:
         from ray_faceid.identity.flux_adapter import trained_encoder
 
         ours = trained_encoder(config.adapter)
+    if ours is not None and local:
+        _check_flux_adapter_base(config.adapter, config.model)
     if ours is not None and config.image_encoder:
         raise BadInput("image_encoder: this FLUX adapter (made by `ray-faceid train`) reads people's identity "
                        "embeddings; leave image_encoder out")
@@ -221,6 +223,20 @@ def _check_adapter_base(adapter: str, unet_folder: Path) -> None:
     if base and made_for and base != made_for:
         raise BadInput(f"adapter: {adapter} was trained for the base UNet with weights hash {made_for}; {unet_folder} "
                        f"has weights hash {base}: give the base it was trained on, or train one for this base")
+
+
+def _check_flux_adapter_base(adapter: str, model: str) -> None:
+    """_check_adapter_base for a FLUX adapter `ray-faceid train` made: against the local folder's model
+    hash where this machine has hashed its weights before (tokenizers and scheduler read, no weights)."""
+    from ray_faceid.identity.flux_adapter import trained_record
+    from ray_faceid.pipelines.flux import remembered_model_hash
+
+    ref = resolve_model(model, flux=True)
+    made = trained_record(adapter)
+    base = remembered_model_hash(ref.folder) if ref.folder else None
+    if made and base and base != made["base_model_hash"]:
+        raise BadInput(f"adapter: {adapter} was trained on base weights {made['base_model_hash']}; {model} is {base}: "
+                       "give the base it was trained on, or train one for this base")
 
 
 def resolve_config(args: dict | ServeConfig) -> ServeConfig:

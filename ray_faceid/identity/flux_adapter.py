@@ -257,6 +257,13 @@ def adapter_file(uri: str) -> str:
 def trained_encoder(uri: str):
     """The face encoder (EncoderSpec) a FLUX adapter `ray-faceid train` made reads, from the file's header
     alone (before any base loads); None for a published file or one that cannot be read (its loader says why)."""
+    made = trained_record(uri)
+    return None if made is None else made["encoder_spec"]
+
+
+def trained_record(uri: str) -> dict | None:
+    """What made a FLUX adapter `ray-faceid train` made (flux_training.made_by_training: encoder, base
+    weights hash, steps), from the file's header alone; None for a published file or an unreadable one."""
     from ray_faceid.identity.flux_training import made_by_training
     from ray_faceid.weight_files import safetensors_header
 
@@ -267,8 +274,7 @@ def trained_encoder(uri: str):
         metadata = safetensors_header(uri).get("__metadata__")
     except Exception:  # noqa: BLE001 - a damaged or missing file: its loader says what is wrong
         return None
-    made = made_by_training(metadata, uri)  # a damaged record of ours: one line
-    return None if made is None else made["encoder_spec"]
+    return made_by_training(metadata, uri)  # a damaged record of ours: one line
 
 
 def _metadata(raw: bytes, uri: str) -> dict | None:

@@ -51,8 +51,7 @@ class FluxBase:
 
     @property
     def modules(self) -> dict:
-        names = ("transformer", "vae", "text_encoder", "text_encoder_2")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in WEIGHTED}
 
     @property
     def latent_channels(self) -> int:
@@ -105,12 +104,7 @@ class FluxBase:
         """Hash of the components' weights, the tokenizers and the scheduler (provenance); not the
         model id: the same weights under another name are the same model."""
         if self._hash is None:
-            from ray_faceid.pipelines.models import _tokenizer_hash
-
-            parts = {"weights": self.weights, "tokenizer": _tokenizer_hash(self.tokenizer),
-                     "tokenizer_2": _tokenizer_hash(self.tokenizer_2),
-                     "scheduler": {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}}
-            self._hash = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            self._hash = flux_model_hash(self.weights, self.tokenizer, self.tokenizer_2, self.scheduler)
         return self._hash
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "FluxBase":
@@ -205,6 +199,33 @@ def flux_dev_modules(device: str | torch.device = "cpu") -> dict:
 
 
 FLUX_MAX_SIDE = 4096
+WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2")  # the components with weights
+
+
+def flux_model_hash(weights: dict, tokenizer, tokenizer_2, scheduler) -> str:
+    """FluxBase.model_hash from its parts: the components' weights hashes, the tokenizers, the scheduler."""
+    from ray_faceid.pipelines.models import _tokenizer_hash
+
+    parts = {"weights": weights, "tokenizer": _tokenizer_hash(tokenizer), "tokenizer_2": _tokenizer_hash(tokenizer_2),
+             "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def remembered_model_hash(folder: str | Path) -> str | None:
+    """The model_hash of a local FLUX folder where this machine has hashed its weights before (any
+    command that loaded it), from its tokenizers and scheduler and the remembered weights hashes: no
+    weights are read. None where one of them was never hashed here."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    from ray_faceid.weights_hash import remembered_hash
+
+    weights = {name: remembered_hash(Path(folder) / name, widen_half=True) for name in WEIGHTED}
+    if None in weights.values():
+        return None
+    return flux_model_hash(weights, CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                           AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+                           FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"))
 
 
 def check_flux_size(width: int, height: int, multiple: int, where: str = "") -> None:

@@ -1,4 +1,4 @@
-"""An identity adapter trained on other base weights than a Serve config's model: refused when the
+"""An identity adapter trained on other base weights than a Serve config's model (UNet or FLUX): refused when the
 config is read, where this machine has hashed that base's weights before (any earlier command that
 loaded it), not by every replica in a loop."""
 import json
@@ -30,3 +30,23 @@ def test_an_adapter_of_other_base_weights_is_refused_when_the_config_is_read(tmp
     IdentityAdapter.for_unet(load_base(str(tmp_path / "base")).unet, spec).save(str(tmp_path / "own"))
     resolve_config(config.model_copy(update={"adapter": str(tmp_path / "own")}))  # its own base: taken
     assert made_for["base_unet_hash"]
+
+
+def test_a_flux_adapter_of_other_base_weights_is_refused_when_the_config_is_read(tmp_path, monkeypatch, spec128):
+    from deployments.app import resolve_config
+    from ray_faceid.config import ServeConfig
+    from ray_faceid.identity.flux_training import new_flux_adapter, save_flux_adapter
+    from ray_faceid.pipelines.flux import build_tiny_flux, load_flux, save_flux
+
+    monkeypatch.setenv("RAY_FACEID_CACHE", str(tmp_path / "cache"))
+    save_flux(build_tiny_flux(), tmp_path / "flux")
+    other = build_tiny_flux(seed=1)
+    adapter = save_flux_adapter(str(tmp_path / "ours"), new_flux_adapter(other.transformer, spec128, 0),
+                                other.model_hash(), 5)
+    config = ServeConfig(model=str(tmp_path / "flux"), adapter=adapter, api_tokens=TOKENS)
+    resolve_config(config)  # the base never loaded on this machine: its replicas check it
+    base = load_flux(str(tmp_path / "flux"))  # its weights hashes remembered
+    with pytest.raises(BadInput, match="adapter: .*trained on base weights"):
+        resolve_config(config)
+    own = save_flux_adapter(str(tmp_path / "own"), new_flux_adapter(base.transformer, spec128, 0), base.model_hash(), 5)
+    resolve_config(config.model_copy(update={"adapter": own}))  # its own base: taken
