@@ -110,8 +110,10 @@ def cached_module_hash(module: torch.nn.Module, folder: str | Path | None, widen
 def remembered_hash(folder: str | Path, widen_half: bool = False) -> str | None:
     """The weights hash `cached_module_hash` took of the module in `folder` on this machine, if any
     command did since its files last changed; None otherwise (nothing is loaded to find out)."""
+    if not Path(folder).is_dir():
+        return None
     entry = _entry(Path(folder), "w2-" if widen_half else "")
-    return entry.read_text().strip() if Path(folder).is_dir() and entry.exists() else None
+    return entry.read_text().strip() if entry.exists() else None
 
 
 def folder_hash(folder: str | Path) -> str:

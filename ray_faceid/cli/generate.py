@@ -156,8 +156,8 @@ def _people(ref: list[str], identity: list[str]) -> dict[str, str | list[str]]:
     people: dict[str, str | list[str]] = {"person": list(ref)} if ref else {}
     for item in identity:
         name, sep, images = item.partition("=")
-        if (name if sep else item) in people:
-            raise BadInput(f"--identity {name if sep else item} given twice: give each person once (their photos "
+        if name in people:  # (without '=', name is the whole item: an enrolled person)
+            raise BadInput(f"--identity {name} given twice: give each person once (their photos "
                            "together, as NAME=a.jpg,b.jpg)")
         if not sep:
             people[item] = item  # an enrolled person

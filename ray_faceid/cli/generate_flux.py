@@ -66,11 +66,9 @@ def flux_people(people: dict, regions: dict, image_encoder: str | None, device, 
         return _pulid_people(people, regions, store, tenant, enrolled, pulid_reader), pulid_reader.sha256
     photos = {name: [decode_image(p) for p in value] for name, value in people.items() if isinstance(value, list)}
     if photos:  # read whole by the adapter, but a person's photo shows them alone: as on the UNet families
-        from ray_faceid.config import DetectionConfig, FaceConfig
-        from ray_faceid.face.analyzer import FaceAnalyzer
-        from ray_faceid.pipelines.references import the_face
+        from ray_faceid.pipelines.references import every_face_analyzer, the_face
 
-        analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
+        analyzer = every_face_analyzer()
         for name, images in photos.items():
             for path, image in zip(people[name], images):
                 the_face(analyzer.analyze(image), f"{path} ({name})")
@@ -104,10 +102,9 @@ def _face_stack_people(people: dict, regions: dict, image_encoder: str | None, s
                        "--image-encoder out")
     analyzer = None
     if any(isinstance(v, list) for v in people.values()):
-        from ray_faceid.config import DetectionConfig, FaceConfig
-        from ray_faceid.face.analyzer import FaceAnalyzer
+        from ray_faceid.pipelines.references import every_face_analyzer
 
-        analyzer = FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))  # a group photo: refused
+        analyzer = every_face_analyzer()  # a group photo: refused
         if analyzer.spec.key() != spec.key():
             raise BadInput(f"this FLUX adapter reads {spec.key()} embeddings; photos here are read by "
                            f"{analyzer.spec.key()}: give enrolled people with those embeddings, or --face-embedding")

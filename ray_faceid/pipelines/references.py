@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 ALSO_A_SUBJECT = 0.5
 
 
+def every_face_analyzer() -> FaceAnalyzer:
+    """The default face stack reading every face of a photo, so `the_face` can refuse a group photo."""
+    from ray_faceid.config import DetectionConfig, FaceConfig
+
+    return FaceAnalyzer(FaceConfig(detection=DetectionConfig(policy="all")))
+
+
 def the_face(faces: list, name: str):
     """The one person a reference photo shows (faces largest first, from an analyzer whose policy is
     'all'); no face, or several of much the same size, is an error naming the photo."""
