@@ -320,9 +320,10 @@ class ServeConfig(Settings):
     flux_text_encoders: Literal["same", "cpu"] = Field("same", description="FLUX: where T5 and CLIP encode prompts: "
                                                        "same (the Generator's device) or cpu (FLUX.1's 9.5 GB of text "
                                                        "encoders off the GPU; each prompt takes seconds).")
-    flux_transformer_weights: Literal["same", "fp8"] = Field("same", description="FLUX: fp8 stores the transformer's "
-                                                             "linear weights in float8 with a scale per row (FLUX.1-dev: "
-                                                             "12 GB instead of 24 in bf16); images differ slightly.")
+    flux_transformer_weights: Literal["same", "fp8", "fp8_matmul"] = Field(
+        "same", description="FLUX: fp8 stores the transformer's linear weights in float8 with a scale per row "
+        "(FLUX.1-dev: 12 GB instead of 24 in bf16); images differ slightly. fp8_matmul stores them so and multiplies in "
+        "float8 too (Hopper GPUs: faster than bf16); images differ a little more.")
     flux_step_cache: StepCacheThreshold = Field(
         0.0, description="FLUX: the step cache's threshold (first-block caching, "
         "pipelines/flux_step_cache.py): steps where the first block's residual moved less than this reuse the other "

@@ -55,8 +55,8 @@ def compile_engine(
         "auto", "--precision", help="auto | fp32 | fp16 | bf16: the TensorRT graph's precision (auto: fp16); ONNX Runtime "
         "graphs are fp32; torch.compile: auto is fp16 on CUDA (FLUX: bf16), fp32 on CPU.",
     ),
-    flux_transformer_weights: str = typer.Option("same", "--flux-transformer-weights", help="FLUX: same | fp8, as the "
-                                                 "Serve config that will look the artifacts up says."),
+    flux_transformer_weights: str = typer.Option("same", "--flux-transformer-weights", help="FLUX: same | fp8 | "
+                                                 "fp8_matmul, as the Serve config that will look the artifacts up says."),
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     photos: str = typer.Option("1", "--photos", help="FaceID-Portrait: photos per person to build for, e.g. 1,3 (each "
@@ -115,11 +115,14 @@ def compile_engine(
             if ref.inpainting:
                 raise BadInput(f"{ref.name} is FLUX.1 Fill: it repaints each photo at the photo's own size, so there "
                                "is no size to compile ahead (a replica compiles each at its first request)")
-            if flux_transformer_weights not in ("same", "fp8"):
-                raise BadInput(f"--flux-transformer-weights is same or fp8, not {flux_transformer_weights!r}")
+            from ray_faceid.pipelines.flux_memory import TRANSFORMER_WEIGHTS
+
+            if flux_transformer_weights not in TRANSFORMER_WEIGHTS:
+                raise BadInput(f"--flux-transformer-weights is {' | '.join(TRANSFORMER_WEIGHTS)}, not "
+                               f"{flux_transformer_weights!r}")
             if backend == "onnx" and flux_transformer_weights != "same":
-                raise BadInput("--flux-transformer-weights fp8 is for torch.compile: ONNX Runtime runs FLUX's "
-                               "transformer graph in fp32")
+                raise BadInput(f"--flux-transformer-weights {flux_transformer_weights} is for torch.compile: ONNX "
+                               "Runtime runs FLUX's transformer graph in fp32")
             most = _max_rows(batch or "16")  # FLUX.1 doubles no rows: a Serve replica's 4 requests x 4 images
             what = ("its identity adapter installed" if adapter else
                     "no identity adapter: for images without identity (give --adapter FILE for runs with people)")

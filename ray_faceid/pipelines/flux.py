@@ -174,28 +174,39 @@ def load_flux(model, dtype: torch.dtype | None = None) -> FluxBase:
     return _from_diffusers_layout(str(ref.local_folder(weights=True)), ref.name, dtype)
 
 
-def flux_dev_modules(device: str | torch.device = "cpu") -> dict:
+def flux_dev_modules(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     components: tuple[str, ...] = ("transformer", "text_encoder_2", "text_encoder", "vae")) -> dict:
     """FLUX.1-dev's transformer, text encoders and VAE from their published configs, with random
-    weights (the GPU benchmark's stand-in; on the meta device, its sizes without any memory)."""
+    weights (the GPU benchmark's stand-in; on the meta device, its sizes without any memory), made
+    in `dtype` (None: float32) in the order given, so one seed makes the same weights whichever
+    components follow the transformer."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    with torch.device(device):
-        return {
-            "transformer": FluxTransformer2DModel(
-                patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56)),
-            "text_encoder_2": T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                                      num_heads=64, feed_forward_proj="gated-gelu", is_gated_act=True)),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                         num_attention_heads=12, max_position_embeddings=77,
-                                                         vocab_size=49408)),
-            "vae": AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                 layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False,
-                                 shift_factor=0.1159, scaling_factor=0.3611),
-        }
+    builders = {
+        "transformer": lambda: FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56)),
+        "text_encoder_2": lambda: T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+                                                          num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+                                                          is_gated_act=True)),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                             num_hidden_layers=12, num_attention_heads=12,
+                                                             max_position_embeddings=77, vocab_size=49408)),
+        "vae": lambda: AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                                     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, use_quant_conv=False,
+                                     use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611),
+    }
+    # Made in the dtype directly: FLUX.1's 17B parameters in float32 first would need 68 GB.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            return {name: builders[name]() for name in components}
+    finally:
+        torch.set_default_dtype(default)
 
 
 FLUX_MAX_SIDE = 4096

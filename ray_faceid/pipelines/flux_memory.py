@@ -6,6 +6,10 @@ T5, 33 GB of GPU memory in bf16 before any activation. Two settings lower it:
 - `transformer_weights: fp8`: the transformer's linear weights stored in float8 (e4m3) with a scale
   per output row, widened to the run's precision layer by layer as they are used: half of bf16's
   bytes; images differ slightly from bf16's (measured in tests/pipelines/test_flux_memory.py).
+- `transformer_weights: fp8_matmul`: the same float8 weights, and each linear layer multiplies in
+  float8 too (`torch._scaled_mm`; each token's activations scaled to float8 as they come): Hopper's
+  float8 tensor cores run at twice bf16's rate, where fp8 alone only saves memory. Images differ from
+  bf16's a little more than fp8's (the activations are rounded too; same test file).
 
 The plan (bytes each component holds on the GPU) is read from a folder's safetensors headers, never
 its weights, so a Serve config is checked when it is read (against `generator_gpu_memory_gb`), and a
@@ -24,7 +28,8 @@ from torch import nn
 from ray_faceid.errors import BadInput
 
 TEXT_ENCODERS = ("same", "cpu")
-TRANSFORMER_WEIGHTS = ("same", "fp8")
+TRANSFORMER_WEIGHTS = ("same", "fp8", "fp8_matmul")
+FP8_STORED = ("fp8", "fp8_matmul")  # the settings that store the transformer's linear weights in float8
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 FP8_MAX = 448.0  # the largest finite float8 e4m3 value
@@ -37,26 +42,54 @@ GB = 1e9
 
 
 class Float8Linear(nn.Module):
-    """A Linear whose weight is stored in float8 (e4m3) with a scale per output row; each call widens
-    it to the input's dtype (a transient copy of one layer) and multiplies as the Linear did."""
+    """A Linear whose weight is stored in float8 (e4m3) with a scale per output row. `matmul` False:
+    each call widens it to the input's dtype (a transient copy of one layer) and multiplies as the
+    Linear did. True: each call scales every token's activations to float8 (its own scale, so one
+    large token does not flatten the others) and multiplies the two in float8 with `torch._scaled_mm`,
+    accumulating wider and returning bf16; a layer whose sides are not multiples of 16 (what the
+    float8 kernels take) widens instead."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, matmul: bool = False):
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.matmul = matmul and self.in_features % 16 == 0 and self.out_features % 16 == 0
         self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        # The float8 product takes its scales in float32, one per output column of the product.
+        self.register_buffer("scale", scale.t().contiguous() if self.matmul else scale.to(linear.weight.dtype))
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul:
+            return self._float8_product(x)
         weight = self.weight_fp8.to(x.dtype) * self.scale.to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
+    def _float8_product(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        quantized = (rows / scale).to(torch.float8_e4m3fn)
+        # The weight transposed is column-major, as the float8 kernels want their second operand.
+        product = torch._scaled_mm(quantized, self.weight_fp8.t(), scale_a=scale, scale_b=self.scale,
+                                   out_dtype=torch.bfloat16, use_fast_accum=x.is_cuda).to(x.dtype)
+        if self.bias is not None:
+            product = product + self.bias.to(x.dtype)
+        return product.reshape(*x.shape[:-1], self.out_features)
 
-def check_fp8(device: torch.device, backend: str) -> None:
+
+def check_fp8(device: torch.device, backend: str, transformer_weights: str = "fp8") -> None:
     """fp8 weights compiled on CUDA: Inductor reads them with Triton's float8 loads, which need compute
-    capability 8.9 or more (Ada, Hopper); older GPUs fail in the middle of the warm-up without it."""
+    capability 8.9 or more (Ada, Hopper); older GPUs fail in the middle of the warm-up without it.
+    fp8_matmul: float8 products with a scale per row run on Hopper (9.0) and later, and on the CPU."""
+    if transformer_weights == "fp8_matmul":
+        if device.type not in ("cuda", "cpu"):
+            raise BadInput(f"fp8_matmul transformer weights run on CUDA or the CPU, not {device.type}: use fp8")
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise BadInput(f"fp8_matmul transformer weights need a GPU of compute capability 9.0 or more (Hopper) for "
+                           f"float8 products scaled per row; {torch.cuda.get_device_name(device)} is sm_{major}{minor}: "
+                           "use fp8 (float8 weights, products in the precision)")
     if device.type == "cuda" and backend == "torch.compile":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
@@ -65,13 +98,14 @@ def check_fp8(device: torch.device, backend: str) -> None:
                            "torch with fp8, or the precision's own weights")
 
 
-def store_fp8(module: nn.Module) -> int:
-    """Every Linear of `module` (the transformer) replaced by a Float8Linear; how many."""
+def store_fp8(module: nn.Module, matmul: bool = False) -> int:
+    """Every Linear of `module` (the transformer) replaced by a Float8Linear (`matmul`: multiplying in
+    float8); how many."""
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, Float8Linear(child))
+                setattr(parent, name, Float8Linear(child, matmul))
                 replaced += 1
     return replaced
 
@@ -106,7 +140,7 @@ class MemoryPlan:
         (estimated: the joint sequence x hidden width x ACTIVATION_WIDTHS)."""
         tokens = TEXT_TOKENS + (height // 16) * (width // 16)  # 8x VAE, 2x2 patches
         activations = images * tokens * self.hidden * BYTES[self.precision] * ACTIVATION_WIDTHS
-        if self.transformer_weights == "fp8":
+        if self.transformer_weights in FP8_STORED:  # fp8 widens a layer; fp8_matmul narrows its input
             activations += self.widest_linear * BYTES[self.precision]
         return MemoryPlan(self.precision, self.text_encoders, self.transformer_weights,
                           {**self.components, **(extra or {})}, self.hidden, self.widest_linear, activations,
@@ -116,7 +150,8 @@ class MemoryPlan:
         where = {name: "cpu" if self.text_encoders == "cpu" and name.startswith("text_encoder") else "gpu"
                  for name in self.components}
         parts = ", ".join(f"{name} {gigabytes(size)} ({where[name]})" for name, size in self.components.items())
-        weights = f"{self.precision}, fp8 transformer weights" if self.transformer_weights == "fp8" else self.precision
+        weights = (f"{self.precision}, {self.transformer_weights.replace('_', ' ')} transformer weights"
+                   if self.transformer_weights in FP8_STORED else self.precision)
         run = f"; activations of {self.calls} about {gigabytes(self.activations)}" if self.calls else ""
         return (f"FLUX in {weights}: {parts}{run}; {gigabytes(self.needed_bytes)} of GPU memory with "
                 f"{round((HEADROOM - 1) * 100)} % slack")
@@ -140,10 +175,12 @@ def plan_from_shapes(shapes: dict[str, list[tuple[str, tuple[int, ...]]]], preci
         total = 0
         for name, shape in tensors:
             count = prod(shape)
-            # fp8: a Linear's weight (2-d) is one byte an element, plus a scale per output row.
-            fp8 = transformer_weights == "fp8" and component == "transformer" and len(shape) == 2 and name.endswith(
-                "weight")
-            total += count + shape[0] * width if fp8 else count * width
+            # fp8: a Linear's weight (2-d) is one byte an element, plus a scale per output row (fp8_matmul's
+            # in float32).
+            fp8 = transformer_weights in FP8_STORED and component == "transformer" and len(shape) == 2 and \
+                name.endswith("weight")
+            scale = 4 if transformer_weights == "fp8_matmul" else width
+            total += count + shape[0] * scale if fp8 else count * width
             if component == "transformer" and len(shape) == 2:
                 plan.widest_linear = max(plan.widest_linear, count)
                 if name.endswith("x_embedder.weight"):  # the patches' projection to the hidden width
@@ -247,8 +284,8 @@ def check_fits(plan: MemoryPlan, free_bytes: int, where: str) -> None:
     """One line where the plan does not fit `free_bytes` (`where`: what holds them), naming what lowers it."""
     if plan.needed_bytes <= free_bytes:
         return
-    lower = [f"{option}: {value}" for option, value, now in (("flux_text_encoders", "cpu", plan.text_encoders),
-                                                              ("flux_transformer_weights", "fp8",
-                                                               plan.transformer_weights)) if now != value]
+    lower = [f"{option}: {value}" for option, value, lowered in (
+        ("flux_text_encoders", "cpu", plan.text_encoders == "cpu"),
+        ("flux_transformer_weights", "fp8", plan.transformer_weights in FP8_STORED)) if not lowered]
     hint = f"set {' and '.join(lower)}" if lower else "use a GPU with more memory"
     raise BadInput(f"{plan.line()}: {where} has {gigabytes(free_bytes)}: {hint}")

@@ -159,11 +159,12 @@ class FluxGenerator:
         other blocks' residual (pipelines/flux_step_cache.py); 0: off, every block at every step.
         `cuda_graphs` (None: on for torch.compile on CUDA): each compiled shape replayed from a CUDA
         graph (engines/flux_cuda_graphs.py); not with the step cache, whose two parts run compiled."""
-        from ray_faceid.pipelines.flux_memory import TEXT_ENCODERS, TRANSFORMER_WEIGHTS, check_fp8, store_fp8
+        from ray_faceid.pipelines import flux_memory
 
-        if text_encoders not in TEXT_ENCODERS or transformer_weights not in TRANSFORMER_WEIGHTS:
-            raise BadInput(f"text_encoders is {' or '.join(TEXT_ENCODERS)} and transformer_weights "
-                           f"{' or '.join(TRANSFORMER_WEIGHTS)}, not {text_encoders!r} / {transformer_weights!r}")
+        if text_encoders not in flux_memory.TEXT_ENCODERS or transformer_weights not in flux_memory.TRANSFORMER_WEIGHTS:
+            raise BadInput(f"text_encoders is {' or '.join(flux_memory.TEXT_ENCODERS)} and transformer_weights "
+                           f"{' or '.join(flux_memory.TRANSFORMER_WEIGHTS)}, not {text_encoders!r} / "
+                           f"{transformer_weights!r}")
         self.base, self.adapter, self.device = base, adapter, torch.device(device)
         self.backend = backend = resolve_flux_backend(backend, self.device)
         check_step_cache(step_cache, backend)
@@ -181,13 +182,13 @@ class FluxGenerator:
         for name, module in base.modules.items():
             target = self.text_device if name.startswith("text_encoder") else self.device
             narrow = module.dtype != cast
-            if name == "transformer" and transformer_weights == "fp8":
+            if name == "transformer" and transformer_weights in flux_memory.FP8_STORED:
                 # Narrowed where it was loaded, then moved: the GPU never holds the wide weights, and a
                 # cast after it would widen the float8 buffers again.
                 if narrow:
                     module.to(dtype=cast)
-                check_fp8(self.device, backend)
-                store_fp8(module)
+                flux_memory.check_fp8(self.device, backend, transformer_weights)
+                flux_memory.store_fp8(module, matmul=transformer_weights == "fp8_matmul")
                 module.to(target)
             else:
                 module.to(device=target, dtype=cast) if narrow else module.to(target)
@@ -463,8 +464,8 @@ class FluxGenerator:
 
         adapter = self.adapter
         structure = "no identity" if adapter is None else f"{adapter.structure}, {MAX_IDENTITIES} people a call"
-        if self.transformer_weights == "fp8":
-            structure += "; fp8 transformer weights"
+        if self.transformer_weights != "same":
+            structure += f"; {self.transformer_weights.replace('_', ' ')} transformer weights"
         if self.step_cache:  # its two parts are compiled apart (the threshold changes no code)
             structure += "; step cache"
         f = self.base.vae_scale_factor
@@ -771,7 +772,7 @@ class FluxGenerator:
             "backend": self.backend,
             **({"compiler": self.compiler} if self.compiler else {}),  # torch.compile's backend (Inductor)
             "precision": self.precision,
-            **({"transformer_weights": "fp8"} if self.transformer_weights == "fp8" else {}),
+            **({"transformer_weights": self.transformer_weights} if self.transformer_weights != "same" else {}),
             "prompt": prompt,
             "seed": seed,
             "steps": steps,

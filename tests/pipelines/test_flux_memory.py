@@ -40,6 +40,11 @@ def test_flux_dev_needs_what_its_parameters_say_and_each_setting_lowers_it(dev_s
     flux_memory.check_fits(offloaded, int(80 * GB), "a GPU")
     with pytest.raises(BadInput, match="use a GPU with more memory"):
         flux_memory.check_fits(small, int(8 * GB), "a GPU")
+    # fp8_matmul holds what fp8 does (its scales in float32): the hint names only what is left to set.
+    multiplying = flux_memory.plan_from_shapes(dev_shapes, "bf16", transformer_weights="fp8_matmul")
+    assert 0 < multiplying.components["transformer"] - small.components["transformer"] < 0.01 * GB
+    with pytest.raises(BadInput, match="has 20.0 GB: set flux_text_encoders: cpu$"):
+        flux_memory.check_fits(multiplying, int(20 * GB), "a GPU")
 
 
 def test_a_folder_is_sized_from_its_headers(tmp_path):
@@ -87,6 +92,41 @@ def test_fp8_weights_and_cpu_text_encoders_make_nearly_the_image_of_bf16():
     assert record["transformer_weights"] == "fp8"
     # fp8 against bf16 differs about as much as bf16 against fp32 (measured: 4 and 5 of 255 at most).
     assert np.abs(narrow - wide).max() <= 8 and np.abs(narrow - wide).mean() < 2
+    # fp8_matmul rounds the activations too (measured: 4 of 255 at most, mean 0.86).
+    generator, multiplied, record = made(transformer_weights="fp8_matmul")
+    linear = [m for m in generator.base.transformer.modules() if isinstance(m, flux_memory.Float8Linear)]
+    assert linear and all(m.matmul for m in linear) and record["transformer_weights"] == "fp8_matmul"
+    assert np.abs(multiplied - wide).max() <= 8 and np.abs(multiplied - wide).mean() < 2
+    assert (multiplied != narrow).any()
+
+
+def test_fp8_matmul_multiplies_in_float8_with_each_token_scaled_on_its_own():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = flux_memory.Float8Linear(linear, matmul=True)
+    assert layer.matmul and layer.scale.dtype == torch.float32
+    x = torch.randn(2, 5, 64)
+    x[0, 0] *= 1000  # one token far larger than the rest
+    exact = linear(x).detach()
+    product = layer(x)
+    assert product.shape == exact.shape and product.dtype == x.dtype
+    # Each token's error is float8's (a few %) of its own size, the small tokens' too: with one scale
+    # for all of them, the large token's would round the others' activations to nothing.
+    error = (product - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert error.max() < 0.08
+    # The activations really are rounded to float8: the product differs from fp8 weights alone.
+    widened = flux_memory.Float8Linear(linear)(x)
+    assert not widened.allclose(product)
+    # A layer whose sides the float8 kernels do not take widens its weight instead.
+    assert not flux_memory.Float8Linear(torch.nn.Linear(64, 24), matmul=True).matmul
+
+
+def test_fp8_matmul_is_refused_on_a_gpu_older_than_hopper(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA L4")
+    with pytest.raises(BadInput, match="compute capability 9.0 or more .*NVIDIA L4 is sm_89: use fp8"):
+        flux_memory.check_fp8(torch.device("cuda"), "torch", "fp8_matmul")
+    flux_memory.check_fp8(torch.device("cuda"), "torch", "fp8")  # fp8 weights widen: any GPU eager
 
 
 def test_a_replica_on_part_of_a_gpu_counts_on_its_share(files, image_encoder_folder, monkeypatch):  # noqa: F811
