@@ -434,10 +434,11 @@ class RenderConfig(Settings):
 
     # precision is keyed once resolved (auto differs between CPU and GPU actors): see Renderer.key.
     # identitynet joins a row's key by its weights' hash, with its scale, where it is set: see Renderer.key;
-    # flux_step_cache likewise (keys made before it existed stay theirs).
+    # flux_step_cache and flux_transformer_weights likewise (keys made before they existed stay theirs);
+    # flux_text_encoders only moves where the prompt is encoded, as the device does (not keyed).
     hash_exclude: ClassVar[frozenset[str]] = frozenset(
         {"workers", "batch_size", "num_gpus_per_worker", "device", "precision", "identitynet", "identitynet_scale",
-         "flux_step_cache"}
+         "flux_step_cache", "flux_text_encoders", "flux_transformer_weights"}
     ) | STALL
     stall_warn_s: StallWarn = 600.0
     stall_fail_s: StallFail = 3600.0
@@ -476,6 +477,11 @@ class RenderConfig(Settings):
         "pipelines/flux_step_cache.py): steps where the first block's residual moved less than this reuse the other "
         "blocks' residual; 0: off. Faster, a slightly different image (benchmarks/flux_generate.py measures how "
         "different).")
+    flux_text_encoders: Literal["same", "cpu"] = Field("same", description="FLUX: where each actor's T5 and CLIP "
+                                                       "encode prompts: same (its device) or cpu (9.5 GB off the GPU).")
+    flux_transformer_weights: Literal["same", "fp8", "fp8_matmul"] = Field(
+        "same", description="FLUX: each actor's transformer as a Serve replica's (fp8: float8 weights, 12 GB instead "
+        "of 24; fp8_matmul: float8 products too, faster on Hopper). Rows are keyed by it (another image).")
     face: FaceConfig = Field(
         default_factory=lambda: SCORING_FACE,
         description="Face stack that scores the outputs: every face (multi-identity leakage), HOG only by default so "

@@ -135,3 +135,58 @@ def test_inpaint_on_flux_refuses_an_option_naming_what_inpaint_takes(tmp_path):
     said = _said(refused)
     assert refused.exit_code == 2 and "--scheduler: not built for FLUX yet" in said and "--feather" in said, said
     assert "--size" not in said and "--region" not in said  # generate's, which inpaint has not
+
+
+def test_generate_holds_flux_as_a_serve_replica_can(tmp_path):
+    """--flux-transformer-weights and --flux-text-encoders on the command line, as a Serve config's
+    flux_transformer_weights / flux_text_encoders: nearly the image of the default, saying what made it."""
+    import numpy as np
+    from PIL import Image
+
+    made = {}
+    for name, options in (("default", []), ("narrow", ["--flux-transformer-weights", "fp8_matmul",
+                                                       "--flux-text-encoders", "cpu"])):
+        done = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--out", str(tmp_path / f"{name}.png"),
+                    *options)
+        assert done.exit_code == 0, done.output
+        made[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert 0 < np.abs(made["narrow"] - made["default"]).max() <= 8
+    shown = _run("provenance", str(tmp_path / "narrow.png"))
+    assert "fp8_matmul transformer weights" in _said(shown), shown.output
+
+
+def test_flux_memory_options_are_refused_where_they_cannot_run(tmp_path, catalog):
+    for command, said in (
+            (["generate", "--model", "tiny", "--prompt", "a portrait", "--out", str(tmp_path / "x.png")],
+             "--flux-transformer-weights fp8: for FLUX bases; tiny is a UNet family"),
+            (["render", str(catalog), str(tmp_path / "out"), "--model", "tiny", "--registry", str(tmp_path / "r")],
+             "are for FLUX bases; tiny is a UNet family"),
+            (["generate", "--model", "tiny-flux", "--backend", "onnxruntime", "--prompt", "a portrait", "--out",
+              str(tmp_path / "x.png")], "onnxruntime runs FLUX's transformer graph in fp32"),
+            (["render", str(catalog), str(tmp_path / "out"), "--model", "tiny-flux", "--backend", "onnxruntime",
+              "--registry", str(tmp_path / "r")], "ONNX Runtime runs FLUX's transformer graph in fp32")):
+        refused = _run(*command, "--flux-transformer-weights", "fp8")
+        assert refused.exit_code == 2 and said in _said(refused), refused.output
+        assert "Traceback" not in refused.output
+        assert not (tmp_path / "out").exists() and not (tmp_path / "x.png").exists()
+    refused = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--out", str(tmp_path / "x.png"),
+                   "--flux-text-encoders", "disk")
+    assert refused.exit_code == 2 and "one of same, cpu; not 'disk'" in _said(refused), refused.output
+
+
+def test_a_flux_run_that_cannot_fit_its_gpu_says_which_options_lower_it(monkeypatch):
+    """On a GPU the plan is checked against its free memory before the base loads (no GPU here: the
+    check is called as the command calls it on one, with the GPU's free memory given)."""
+    import torch
+
+    from ray_faceid.cli.generate_flux import _check_memory
+    from ray_faceid.errors import BadInput
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (10**5, 10**10))
+    ref = resolve_model("tiny-flux", flux=True)
+    with pytest.raises(BadInput, match="this GPU's free memory has 0.1 MB: set --flux-text-encoders cpu and "
+                                       "--flux-transformer-weights fp8$"):
+        _check_memory(ref, {}, "cuda", "torch", None, None, 0.0, None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (10**10, 10**10))
+    _check_memory(ref, {"text_encoders": "cpu", "transformer_weights": "fp8"}, "cuda", "torch", None, None, 0.0, (64, 64))

@@ -34,7 +34,7 @@ def test_an_identitynet_scale_without_an_identitynet_is_refused(tmp_path):
 def test_a_flux_option_of_another_value_is_named_with_what_it_takes(tmp_path):
     refused = _run("compile", "--model", "tiny-flux", "--backend", "torch.compile", "--flux-transformer-weights", "fp4",
                    "--out", str(tmp_path))
-    assert refused.exit_code == 2 and "--flux-transformer-weights is same or fp8, not 'fp4'" in refused.stderr
+    assert refused.exit_code == 2 and "--flux-transformer-weights is same | fp8 | fp8_matmul, not 'fp4'" in refused.stderr
     refused = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--backend", "tensorrt",
                    "--out", str(tmp_path / "x.png"))
     assert refused.exit_code == 2 and "--backend tensorrt: not built for FLUX yet" in refused.stderr

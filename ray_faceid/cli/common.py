@@ -50,6 +50,25 @@ def _denoiser_backend(value: str) -> str:
 
 
 BackendOpt = typer.Option("torch", "--backend", help=BACKEND_HELP, callback=_denoiser_backend)
+
+
+def _one_of(*values: str):
+    def check(value: str) -> str:
+        if value not in values:
+            raise typer.BadParameter(f"one of {', '.join(values)}; not {value!r}")
+        return value
+    return check
+
+
+# How FLUX.1's 17B parameters fit a smaller GPU (pipelines/flux_memory.py), as a Serve config's
+# flux_text_encoders / flux_transformer_weights say it for a replica.
+FluxTextEncodersOpt = typer.Option("same", "--flux-text-encoders", callback=_one_of("same", "cpu"),
+                                   help="FLUX: where T5 and CLIP encode the prompt: same (the transformer's device) or "
+                                   "cpu (FLUX.1's 9.5 GB of text encoders off the GPU; seconds a prompt).")
+FluxTransformerWeightsOpt = typer.Option(
+    "same", "--flux-transformer-weights", callback=_one_of("same", "fp8", "fp8_matmul"),
+    help="FLUX: same | fp8 (the transformer's linear weights in float8: FLUX.1-dev's 24 GB in 12; images differ "
+    "slightly) | fp8_matmul (fp8, and its products in float8 too: faster on Hopper GPUs; images differ a little more).")
 StepCacheOpt = typer.Option(0.0, "--step-cache", min=0.0, max=1.0, help="FLUX: reuse the transformer's other blocks "
                             "at steps where its first block changed less than this (first-block caching; 0: off; 0.1 is "
                             "a common start), on backend torch or torch.compile (not onnxruntime). Faster, a slightly "

@@ -10,6 +10,8 @@ import typer
 from ray_faceid.cli.common import (
     MODEL_HELP,
     BackendOpt,
+    FluxTextEncodersOpt,
+    FluxTransformerWeightsOpt,
     IdentityNetOpt,
     IdentityNetScaleOpt,
     ImageEncoderOpt,
@@ -328,6 +330,17 @@ def read_face_embedding(path: str, tokens: bool = False) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def _memory(text_encoders: str, transformer_weights: str) -> dict:
+    return {"text_encoders": text_encoders, "transformer_weights": transformer_weights}
+
+
+def _refuse_flux_memory(text_encoders: str, transformer_weights: str, model: str) -> None:
+    given = [f"--flux-text-encoders {text_encoders}"] if text_encoders != "same" else []
+    given += [f"--flux-transformer-weights {transformer_weights}"] if transformer_weights != "same" else []
+    if given:
+        raise BadInput(f"{' and '.join(given)}: for FLUX bases; {model} is a UNet family")
+
+
 def _region(value: str, name: str):
     said = f"--region {name}={value}"
     try:
@@ -379,6 +392,8 @@ def generate(
     pose: Optional[str] = typer.Option(None, "--pose", help="InstantID: a photo whose face's keypoints set the pose; "
                                        "default: the reference photo's."),
     step_cache: float = StepCacheOpt,
+    flux_text_encoders: str = FluxTextEncodersOpt,
+    flux_transformer_weights: str = FluxTransformerWeightsOpt,
     strength: list[str] = StrengthOpt,
     identity_start: int = IdentityStartOpt,
     true_cfg: float = typer.Option(1.0, "--true-cfg", min=1.0, max=30.0, help="FLUX: true classifier-free guidance "
@@ -411,9 +426,11 @@ def generate(
             regions = {k: _region(v, k) for k, v in _parse_named(region, "--region").items()}
             return generate_flux(ref_model, adapter, image_encoder, people, regions, prompt, out, seed, steps,
                                  guidance, width, height, registry, tenant, backend, step_cache, insightface_root,
-                                 _strengths(strength, people, identity_start, steps), identity_start, negative_prompt, true_cfg)
+                                 _strengths(strength, people, identity_start, steps), identity_start, negative_prompt,
+                                 true_cfg, _memory(flux_text_encoders, flux_transformer_weights))
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
+        _refuse_flux_memory(flux_text_encoders, flux_transformer_weights, model)
         if true_cfg != 1:
             raise BadInput(f"--true-cfg is for FLUX bases; {model} runs classifier-free guidance already (--guidance)")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -479,6 +496,8 @@ def inpaint(
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     step_cache: float = StepCacheOpt,
+    flux_text_encoders: str = FluxTextEncodersOpt,
+    flux_transformer_weights: str = FluxTransformerWeightsOpt,
     strength: list[str] = StrengthOpt,
     identity_start: int = IdentityStartOpt,
 ):
@@ -515,9 +534,11 @@ def inpaint(
             fill_gray(mask_array)  # an empty mask: before any model loads
             return inpaint_flux(ref_model, adapter, image_encoder, people, picture, mask_array, prompt, out, seed, steps,
                                 guidance, registry, tenant, backend, step_cache, insightface_root, feather,
-                                _strengths(strength, people, identity_start, steps), identity_start)
+                                _strengths(strength, people, identity_start, steps), identity_start,
+                                _memory(flux_text_encoders, flux_transformer_weights))
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
+        _refuse_flux_memory(flux_text_encoders, flux_transformer_weights, model)
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
         edits = parse_edit_option(edit)
         if edits and not flow:

@@ -163,8 +163,10 @@ def precheck(ref, guidance: float | None, width: int | None, height: int | None,
 
 def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, regions: dict,
                registry: str | None, tenant: str, backend: str = "torch", step_cache: float = 0.0,
-               insightface_root: str | None = None):
-    """(the FluxGenerator, people's IdentityConditions): photos read and checked before the model loads."""
+               insightface_root: str | None = None, memory: dict | None = None, size: tuple | None = None):
+    """(the FluxGenerator, people's IdentityConditions): photos read and checked before the model loads.
+    `memory`: FluxGenerator's text_encoders and transformer_weights; on a GPU the plan they make for
+    one image at `size` (None: the native size) is checked against its free memory first."""
     import torch
 
     from ray_faceid.pipelines.flux import load_flux
@@ -195,7 +197,9 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
                            "reads people otherwise: leave it out")
         check_given_embeddings(adapter_uri, {name: v for name, v in people.items() if hasattr(v, "shape")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory = memory or {}
     check_step_cache(step_cache, resolve_flux_backend(backend, torch.device(device)))  # before the base loads
+    _check_memory(ref, memory, device, backend, adapter_uri, image_encoder, step_cache, size)
     face_encoder, pulid_reader = None, None
     if adapter_uri:
         from ray_faceid.identity.flux_adapter import trained_encoder
@@ -226,7 +230,7 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
         for condition in conditions:  # photos read by PuLID's encoders: the file's IDFormer makes their tokens
             if isinstance(condition.embeddings, PulidFeatures):
                 condition.embeddings = adapter.tokens_of(condition.embeddings, condition.name)
-    generator = FluxGenerator(base, adapter, device=device, backend=backend, step_cache=step_cache)
+    generator = FluxGenerator(base, adapter, device=device, backend=backend, step_cache=step_cache, **memory)
     generator.image_encoder_hash = encoder_hash
     if generator.personal_bank is not None:  # enrolled people run with their own adapter (personalize), if any
         from ray_faceid.identity.personalization import load_personal
@@ -238,6 +242,26 @@ def _generator(ref, adapter_uri: str | None, image_encoder: str | None, people: 
                                                    adapter)
     generator.on_step = denoise_reporter()
     return generator, conditions
+
+
+def _check_memory(ref, memory: dict, device: str, backend: str, adapter_uri: str | None, image_encoder: str | None,
+                  step_cache: float, size: tuple | None) -> None:
+    """--flux-text-encoders and --flux-transformer-weights checked, and on a GPU the plan they make
+    against its free memory: one line naming what lowers it, instead of running out halfway."""
+    import torch
+
+    from ray_faceid.pipelines import flux_memory
+    from ray_faceid.pipelines.flux_sampling import resolve_flux_backend, resolve_flux_precision
+
+    text_encoders, weights = memory.get("text_encoders", "same"), memory.get("transformer_weights", "same")
+    backend = resolve_flux_backend(backend, torch.device(device))
+    flux_memory.check_settings(text_encoders, weights, torch.device(device), backend)
+    if device != "cuda":  # the CPU's memory is the machine's: not planned
+        return
+    precision = resolve_flux_precision("auto", torch.device(device), backend)
+    plan = flux_memory.replica_plan(ref, precision, text_encoders, weights, 1, [size] if size else [], adapter_uri,
+                                    image_encoder, bool(step_cache), backend)
+    flux_memory.check_fits(plan, torch.cuda.mem_get_info()[0], "this GPU's free memory", flags=True)
 
 
 def _who(conditions: list) -> str:
@@ -264,14 +288,15 @@ def _check_pulid_readers(photos: bool, image_encoder: str | None, insightface_ro
 def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people: dict, image, mask, prompt: str,
                  out: Path, seed: int, steps: int | None, guidance: float | None, registry: str, tenant: str,
                  backend: str = "torch", step_cache: float = 0.0, insightface_root: str | None = None,
-                 feather: float = 0.0, strengths: dict | None = None, identity_start: int = 0) -> None:
+                 feather: float = 0.0, strengths: dict | None = None, identity_start: int = 0,
+                 memory: dict | None = None) -> None:
     """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter),
     `feather` pixels inside the mask's edge blended into the photo."""
     if len(people) > 1:
         raise BadInput("inpainting repaints one person: give one --ref person or --identity")
     precheck(ref, guidance, None, None, inpainting=True)
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant, backend,
-                                       step_cache, insightface_root)
+                                       step_cache, insightface_root, memory, (image.shape[1], image.shape[0]))
     conditions = with_strengths(conditions, strengths or {})
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
@@ -289,13 +314,14 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
                   out: Path, seed: int, steps: int | None, guidance: float | None, width: int | None,
                   height: int | None, registry: str, tenant: str, backend: str = "torch",
                   step_cache: float = 0.0, insightface_root: str | None = None, strengths: dict | None = None,
-                  identity_start: int = 0, negative_prompt: str = "", true_cfg: float = 1.0) -> None:
+                  identity_start: int = 0, negative_prompt: str = "", true_cfg: float = 1.0,
+                  memory: dict | None = None) -> None:
     from ray_faceid.pipelines.flux_sampling import check_true_cfg
 
     precheck(ref, guidance, width, height, inpainting=False)
     check_true_cfg(true_cfg, bool(negative_prompt), step_cache)  # before minutes of loading
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, regions, registry, tenant, backend,
-                                       step_cache, insightface_root)
+                                       step_cache, insightface_root, memory, (width, height) if width else None)
     conditions = with_strengths(conditions, strengths or {})
     base = generator.base
     steps = steps or base.default_steps

@@ -87,7 +87,8 @@ def summary_table(uri: str, record: dict):
         ("prompt", record.get("prompt", "")),
         ("seed / steps / guidance", f"{record.get('seed')} / {record.get('steps')} / {record.get('guidance')}"),
         ("size", "x".join(str(side) for side in record.get("size", [])) or "?"),
-        ("runtime", " ".join(str(record[k]) for k in ("backend", "compiler", "precision") if record.get(k))),
+        ("runtime", " ".join(str(record[k]) for k in ("backend", "compiler", "precision") if record.get(k))
+         + (f", {record['transformer_weights']} transformer weights" if record.get("transformer_weights") else "")),
     ]
     for key in ("negative_prompt", "true_cfg", "true_cfg_from_step", "identity_start", "feather", "repainted_at"):
         if record.get(key) not in (None, ""):

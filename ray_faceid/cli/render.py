@@ -10,6 +10,8 @@ from ray_faceid.cli.common import (
     EXIT_SOME_FAILED,
     MODEL_HELP,
     BackendOpt,
+    FluxTextEncodersOpt,
+    FluxTransformerWeightsOpt,
     IdentityNetOpt,
     IdentityNetScaleOpt,
     ImageEncoderOpt,
@@ -77,6 +79,8 @@ def render(
     identitynet: Optional[str] = IdentityNetOpt,
     identitynet_scale: Optional[float] = IdentityNetScaleOpt,
     step_cache: float = StepCacheOpt,
+    flux_text_encoders: str = FluxTextEncodersOpt,
+    flux_transformer_weights: str = FluxTransformerWeightsOpt,
     as_json: bool = typer.Option(False, "--json"),
     stall_warn: float = StallWarnOpt,
     stall_fail: float = StallFailOpt,
@@ -96,7 +100,8 @@ def render(
                               precision=precision, stall_warn_s=stall_warn, stall_fail_s=stall_fail,
                               identitynet=identitynet,
                               identitynet_scale=identitynet_scale_of(identitynet, identitynet_scale),
-                              flux_step_cache=step_cache)
+                              flux_step_cache=step_cache, flux_text_encoders=flux_text_encoders,
+                              flux_transformer_weights=flux_transformer_weights)
         summary = run_render(catalog, out, model, registry, adapter, config, tenant, address, imr=imr, flow=flow,
                              image_encoder=image_encoder)
     if as_json:

@@ -117,6 +117,8 @@ def run_inputs(texts: list[str], model: str, registry: str, adapter: str | None,
         h.update(f"identitynet scale {config.identitynet_scale}".encode())
     if config.flux_step_cache:
         h.update(f"flux step cache {config.flux_step_cache}".encode())
+    if config.flux_transformer_weights != "same":
+        h.update(f"flux transformer weights {config.flux_transformer_weights}".encode())
     if (config.precision, config.device) != ("auto", "auto"):  # keyed per row once resolved (Renderer.key)
         h.update(f"precision {config.precision} on {config.device}".encode())
     store, named = Registry(registry), set()
@@ -199,6 +201,9 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
                            "render without it)")
     elif config.flux_step_cache:
         raise BadInput(f"--step-cache is for FLUX bases; {model.name} is a UNet family")
+    elif config.flux_text_encoders != "same" or config.flux_transformer_weights != "same":
+        raise BadInput(f"--flux-text-encoders and --flux-transformer-weights are for FLUX bases; {model.name} is a UNet "
+                       "family")
     if model.family == "flux" and adapter:
         from ray_faceid.identity.pulid_flux import RENDER_READERS, is_pulid_file
 

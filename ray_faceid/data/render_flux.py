@@ -39,11 +39,39 @@ def check_flux_job(config: RenderConfig, imr: str | None, flow: str | None, mode
                        "IP-Adapter) and --image-encoder, on backend torch, torch.compile or onnxruntime")
     resolve_flux_precision(config.precision, torch.device("cpu"), config.backend)  # what no device runs
     check_step_cache(config.flux_step_cache, config.backend)
+    if config.backend == "onnxruntime" and config.flux_transformer_weights != "same":
+        raise BadInput(f"--flux-transformer-weights {config.flux_transformer_weights} is for backend torch or "
+                       "torch.compile: ONNX Runtime runs FLUX's transformer graph in fp32")
     if model is not None and config.size:
         from ray_faceid.pipelines.flux import check_flux_size, flux_settings
         from ray_faceid.pipelines.generate import parse_size
 
         check_flux_size(*parse_size(config.size, "--size"), flux_settings(model)["size_multiple"], "--size: ")
+
+
+def _check_memory(config: RenderConfig, model, device, precision: str, adapter: str | None, image_encoder: str | None):
+    """Before the base loads: the job's memory settings on this actor's device, and on a GPU the
+    actor's memory plan (pipelines/flux_memory.py, its batch of rows at the job's size) against its
+    free memory (its share where actors share one): one line instead of running out halfway."""
+    import torch
+
+    from ray_faceid.pipelines import flux_memory
+    from ray_faceid.pipelines.flux_sampling import resolve_flux_backend
+    from ray_faceid.pipelines.generate import parse_size
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    backend = resolve_flux_backend(config.backend, device)
+    flux_memory.check_settings(config.flux_text_encoders, config.flux_transformer_weights, device, backend)
+    if device.type != "cuda":  # the CPU's memory is the machine's: not planned
+        return
+    plan = flux_memory.replica_plan(resolve_model(model, flux=True), precision, config.flux_text_encoders,
+                                    config.flux_transformer_weights, config.unet_batch,
+                                    [parse_size(config.size, "--size")] if config.size else [], adapter, image_encoder,
+                                    bool(config.flux_step_cache), backend)
+    free, total = torch.cuda.mem_get_info()
+    share = min(free, int(total * min(1.0, config.num_gpus_per_worker or 1.0)))
+    flux_memory.check_fits(plan, share, f"this render actor's GPU (free memory, {config.num_gpus_per_worker or 1:g} "
+                           "GPU a worker)", flags=True)
 
 
 class FluxRenderer(Renderer):
@@ -64,6 +92,7 @@ class FluxRenderer(Renderer):
         self.analyzer = FaceAnalyzer(config.face)  # scores the outputs, as for every base
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_flux_precision(config.precision, torch.device(device), config.backend)
+        _check_memory(config, model, torch.device(device), self.precision, adapter, image_encoder)
         base = load_flux(model, DTYPES[self.precision] if device == "cuda" else None)
         width, height = base.native_size
         self.config = config = config.model_copy(update={
@@ -98,7 +127,8 @@ class FluxRenderer(Renderer):
             self.encoder = ClipImageEncoder(image_encoder, device)
         self.pipeline = FluxGenerator(base, flux_adapter, device=device, precision=self.precision,
                                       backend=config.backend,  # compiled: once per actor, for the whole job
-                                      step_cache=config.flux_step_cache)
+                                      step_cache=config.flux_step_cache, text_encoders=config.flux_text_encoders,
+                                      transformer_weights=config.flux_transformer_weights)
         reader = self.encoder or self.pulid_reader
         self.image_encoder_hash = None if reader is None else reader.sha256
         self.pipeline.image_encoder_hash = self.image_encoder_hash

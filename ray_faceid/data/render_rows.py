@@ -159,6 +159,8 @@ class Renderer:
             parts["identitynet"] = [self.identitynet["weights_sha256"], self.identitynet["scale"]]
         if self.config.flux_step_cache:  # FLUX's step cache changes the image
             parts["step_cache"] = self.config.flux_step_cache
+        if self.config.flux_transformer_weights != "same":  # float8 weights (and products) too
+            parts["transformer_weights"] = self.config.flux_transformer_weights
         if self.precision != "fp32":  # fp32 keys stay those of runs made before precision was a setting
             parts["precision"] = self.precision
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -161,6 +161,18 @@ def gigabytes(size: float) -> str:
     return f"{size / GB:.1f} GB" if size >= 0.1 * GB else f"{size / 1e6:.1f} MB"
 
 
+def check_settings(text_encoders: str, transformer_weights: str, device: torch.device, backend: str) -> None:
+    """The memory settings a run was given, checked before its model loads: each one line."""
+    if text_encoders not in TEXT_ENCODERS or transformer_weights not in TRANSFORMER_WEIGHTS:
+        raise BadInput(f"text_encoders is {' or '.join(TEXT_ENCODERS)} and transformer_weights "
+                       f"{' or '.join(TRANSFORMER_WEIGHTS)}, not {text_encoders!r} / {transformer_weights!r}")
+    if backend == "onnxruntime" and transformer_weights != "same":
+        raise BadInput(f"transformer_weights {transformer_weights} is for torch or torch.compile; backend "
+                       "onnxruntime runs FLUX's transformer graph in fp32")
+    if transformer_weights in FP8_STORED:
+        check_fp8(device, backend, transformer_weights)
+
+
 def plan_from_shapes(shapes: dict[str, list[tuple[str, tuple[int, ...]]]], precision: str, text_encoders: str = "same",
                      transformer_weights: str = "same") -> MemoryPlan:
     """`shapes`: each component's (tensor name, shape) list."""
@@ -280,12 +292,14 @@ def _local_bytes(path: str) -> int:
     return 0
 
 
-def check_fits(plan: MemoryPlan, free_bytes: int, where: str) -> None:
-    """One line where the plan does not fit `free_bytes` (`where`: what holds them), naming what lowers it."""
+def check_fits(plan: MemoryPlan, free_bytes: int, where: str, flags: bool = False) -> None:
+    """One line where the plan does not fit `free_bytes` (`where`: what holds them), naming what lowers it
+    (`flags`: as the command line's options, else as a config's)."""
     if plan.needed_bytes <= free_bytes:
         return
-    lower = [f"{option}: {value}" for option, value, lowered in (
-        ("flux_text_encoders", "cpu", plan.text_encoders == "cpu"),
-        ("flux_transformer_weights", "fp8", plan.transformer_weights in FP8_STORED)) if not lowered]
+    lower = [f"--{option.replace('_', '-')} {value}" if flags else f"{option}: {value}"
+             for option, value, lowered in (("flux_text_encoders", "cpu", plan.text_encoders == "cpu"),
+                                            ("flux_transformer_weights", "fp8", plan.transformer_weights in FP8_STORED))
+             if not lowered]
     hint = f"set {' and '.join(lower)}" if lower else "use a GPU with more memory"
     raise BadInput(f"{plan.line()}: {where} has {gigabytes(free_bytes)}: {hint}")

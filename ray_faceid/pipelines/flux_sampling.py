@@ -161,17 +161,11 @@ class FluxGenerator:
         graph (engines/flux_cuda_graphs.py); not with the step cache, whose two parts run compiled."""
         from ray_faceid.pipelines import flux_memory
 
-        if text_encoders not in flux_memory.TEXT_ENCODERS or transformer_weights not in flux_memory.TRANSFORMER_WEIGHTS:
-            raise BadInput(f"text_encoders is {' or '.join(flux_memory.TEXT_ENCODERS)} and transformer_weights "
-                           f"{' or '.join(flux_memory.TRANSFORMER_WEIGHTS)}, not {text_encoders!r} / "
-                           f"{transformer_weights!r}")
         self.base, self.adapter, self.device = base, adapter, torch.device(device)
         self.backend = backend = resolve_flux_backend(backend, self.device)
         check_step_cache(step_cache, backend)
         self.step_cache = float(step_cache)
-        if backend == "onnxruntime" and transformer_weights != "same":
-            raise BadInput(f"transformer_weights {transformer_weights} is for torch or torch.compile; backend "
-                           "onnxruntime runs FLUX's transformer graph in fp32")
+        flux_memory.check_settings(text_encoders, transformer_weights, self.device, backend)
         self.precision = resolve_flux_precision(precision, self.device, backend)
         self.text_encoders, self.transformer_weights = text_encoders, transformer_weights
         # text_encoders cpu: T5 and CLIP encode on the CPU (memory planned in flux_memory.py).
@@ -187,7 +181,6 @@ class FluxGenerator:
                 # cast after it would widen the float8 buffers again.
                 if narrow:
                     module.to(dtype=cast)
-                flux_memory.check_fp8(self.device, backend, transformer_weights)
                 flux_memory.store_fp8(module, matmul=transformer_weights == "fp8_matmul")
                 module.to(target)
             else:

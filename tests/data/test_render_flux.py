@@ -78,6 +78,14 @@ def test_a_catalog_renders_on_flux_with_enrolled_people(small_dataset, files, im
     with_cache = {r["id"]: r for r in cached.render_batch(texts, list(range(len(texts))))}
     assert with_cache["amy"]["key"] != made["amy"]["key"]
     assert json.loads(with_cache["amy"]["provenance"])["step_cache"]["threshold"] == 0.5
+    # Float8 transformer weights (and products) make another image: keyed apart, each record says so.
+    # Text encoders on the CPU move where the prompt is encoded, as the device does: the same key.
+    for memory, keyed_apart in (({"flux_transformer_weights": "fp8_matmul"}, True), ({"flux_text_encoders": "cpu"}, False)):
+        held = FluxRenderer(CONFIG.model_copy(update={"unet_batch": 4, **memory}), flux, adapter, registry.store,
+                            "default", str(tmp_path / "held"), image_encoder=str(image_encoder_folder))
+        amy = next(r for r in held.render_batch(texts, list(range(len(texts)))) if r["id"] == "amy")
+        assert (amy["key"] != made["amy"]["key"]) is keyed_apart, memory
+        assert json.loads(amy["provenance"]).get("transformer_weights") == memory.get("flux_transformer_weights")
     # On FLUX's ONNX graph (backend onnxruntime): the same images.
     on_onnx = FluxRenderer(CONFIG.model_copy(update={"unet_batch": 4, "backend": "onnxruntime"}), flux, adapter,
                            registry.store, "default", str(tmp_path / "onnx"), image_encoder=str(image_encoder_folder))
