@@ -67,11 +67,13 @@ class Float8Linear(nn.Module):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def _float8_product(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-        quantized = (rows / scale).to(torch.float8_e4m3fn)
+        rows = x.reshape(-1, self.in_features)
+        # Scaled in the input's own dtype (no float32 copy of the activations); the product is told the
+        # scale as it was rounded there, and the clamp keeps that rounding from passing float8's largest.
+        scale = (rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX).to(rows.dtype)
+        quantized = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         # The weight transposed is column-major, as the float8 kernels want their second operand.
-        product = torch._scaled_mm(quantized, self.weight_fp8.t(), scale_a=scale, scale_b=self.scale,
+        product = torch._scaled_mm(quantized, self.weight_fp8.t(), scale_a=scale.float(), scale_b=self.scale,
                                    out_dtype=torch.bfloat16, use_fast_accum=x.is_cuda).to(x.dtype)
         if self.bias is not None:
             product = product + self.bias.to(x.dtype)
@@ -122,6 +124,8 @@ class MemoryPlan:
     """The transformer's hidden width (activations scale with it)."""
     widest_linear: int = 0
     """Elements of its largest linear weight: fp8 widens one such copy at a time."""
+    widest_input: int = 0
+    """The widest input of its linear layers: fp8_matmul scales and narrows one such input at a time."""
     activations: int = 0
     calls: str = ""
 
@@ -140,11 +144,13 @@ class MemoryPlan:
         (estimated: the joint sequence x hidden width x ACTIVATION_WIDTHS)."""
         tokens = TEXT_TOKENS + (height // 16) * (width // 16)  # 8x VAE, 2x2 patches
         activations = images * tokens * self.hidden * BYTES[self.precision] * ACTIVATION_WIDTHS
-        if self.transformer_weights in FP8_STORED:  # fp8 widens a layer; fp8_matmul narrows its input
+        if self.transformer_weights == "fp8":  # one layer's weight widened at a time
             activations += self.widest_linear * BYTES[self.precision]
+        elif self.transformer_weights == "fp8_matmul":  # one layer's input scaled, then narrowed to float8
+            activations += images * tokens * self.widest_input * (BYTES[self.precision] + 1)
         return MemoryPlan(self.precision, self.text_encoders, self.transformer_weights,
-                          {**self.components, **(extra or {})}, self.hidden, self.widest_linear, activations,
-                          f"{images} images at {width}x{height}")
+                          {**self.components, **(extra or {})}, self.hidden, self.widest_linear, self.widest_input,
+                          activations, f"{images} images at {width}x{height}")
 
     def line(self) -> str:
         where = {name: "cpu" if self.text_encoders == "cpu" and name.startswith("text_encoder") else "gpu"
@@ -195,6 +201,7 @@ def plan_from_shapes(shapes: dict[str, list[tuple[str, tuple[int, ...]]]], preci
             total += count + shape[0] * scale if fp8 else count * width
             if component == "transformer" and len(shape) == 2:
                 plan.widest_linear = max(plan.widest_linear, count)
+                plan.widest_input = max(plan.widest_input, shape[1])
                 if name.endswith("x_embedder.weight"):  # the patches' projection to the hidden width
                     plan.hidden = shape[0]
         plan.components[component] = total

@@ -43,6 +43,11 @@ def test_flux_dev_needs_what_its_parameters_say_and_each_setting_lowers_it(dev_s
     # fp8_matmul holds what fp8 does (its scales in float32): the hint names only what is left to set.
     multiplying = flux_memory.plan_from_shapes(dev_shapes, "bf16", transformer_weights="fp8_matmul")
     assert 0 < multiplying.components["transformer"] - small.components["transformer"] < 0.01 * GB
+    # Its largest transient is one layer's input scaled and narrowed (the single-stream blocks' 5 x 3072
+    # wide output projection, bf16 then float8) instead of one widened weight.
+    assert multiplying.widest_input == 5 * 3072
+    added = multiplying.for_calls(16, 1024, 1024).activations - small.for_calls(16, 1024, 1024).activations
+    assert added == 16 * (512 + 64 * 64) * 5 * 3072 * 3 - small.widest_linear * 2
     with pytest.raises(BadInput, match="has 20.0 GB: set flux_text_encoders: cpu$"):
         flux_memory.check_fits(multiplying, int(20 * GB), "a GPU")
 
