@@ -190,3 +190,25 @@ def test_a_flux_run_that_cannot_fit_its_gpu_says_which_options_lower_it(monkeypa
         _check_memory(ref, {}, "cuda", "torch", None, None, 0.0, None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (10**10, 10**10))
     _check_memory(ref, {"text_encoders": "cpu", "transformer_weights": "fp8"}, "cuda", "torch", None, None, 0.0, (64, 64))
+
+
+def test_generate_compiled_builds_its_size_through_the_engine_cache(tmp_path, monkeypatch):
+    """`generate --backend torch.compile` warms its one size as a Serve replica does (from `compile`'s
+    artifacts where the engine cache has them, its CUDA graphs captured on a GPU): the image is eager's."""
+    import numpy as np
+    from PIL import Image
+
+    from ray_faceid.pipelines.flux_sampling import FluxGenerator
+
+    warmed, warm_up = [], FluxGenerator.warm_up
+    monkeypatch.setattr(FluxGenerator, "warm_up", lambda self, sizes, most: warmed.append((self.backend, sizes, most))
+                        or warm_up(self, sizes, most))
+    monkeypatch.setenv("RAY_FACEID_CACHE", str(tmp_path / "cache"))
+    for backend in ("torch", "torch.compile"):
+        done = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--size", "32x48", "--backend", backend,
+                    "--out", str(tmp_path / f"{backend}.png"))
+        assert done.exit_code == 0, done.output
+    assert warmed == [("torch", [(32, 48)], 1), ("torch.compile", [(32, 48)], 1)]
+    assert "torch.compile: 32x48 built" in done.stderr and "denoise steps: 1/1" not in done.stderr
+    eager, compiled = (np.asarray(Image.open(tmp_path / f"{b}.png")).astype(int) for b in ("torch", "torch.compile"))
+    assert np.abs(eager - compiled).max() <= 1

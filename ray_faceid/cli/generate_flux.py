@@ -327,6 +327,14 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size
     generator.check(steps, guidance, width, height)  # before the prompt is encoded
+    # Compiled: this size built as a Serve replica builds it, from `ray-faceid compile`'s artifacts where
+    # the engine cache has them (into it where not: the next run loads them), its CUDA graphs captured.
+    reporter, generator.on_step = generator.on_step, None  # the warm-up's one step is not the image's
+    warmed = generator.warm_up([(width, height)], 1)
+    generator.on_step = reporter
+    if warmed.get("buckets") or warmed.get("graphs"):
+        err_console.print(f"{generator.backend}: {width}x{height} built (artifacts loaded from the engine cache: "
+                          f"{warmed.get('loaded')}, stored: {warmed.get('stored')})")
     said = f", guidance {base.default_guidance if guidance is None else guidance}" if base.guidance_embedded else ""
     said += f", true CFG {true_cfg:g}" if true_cfg > 1 else ""
     err_console.print(f"FLUX.1 {base.variant}: {width}x{height}, {steps} steps{said} on {generator.device.type}")
