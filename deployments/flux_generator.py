@@ -173,7 +173,7 @@ class FluxServeGenerator(Generator):
                            "is its own flow-matching Euler)")
         if request["kind"] == "generate":
             check_true_cfg(true_cfg(request), bool(request.get("negative_prompt")), self.pipeline.step_cache,
-                           ("negative_prompt", "true_cfg"))
+                           ("negative_prompt", "true_cfg", "this deployment's step cache"))
 
     def _denoiser_call(self, request: dict):
         return functools.partial(self.pipeline.generate_items, true_cfg=true_cfg(request))

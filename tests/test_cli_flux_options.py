@@ -150,6 +150,7 @@ def test_generate_holds_flux_as_a_serve_replica_can(tmp_path):
                     *options)
         assert done.exit_code == 0, done.output
         made[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert "on cpu, fp8 matmul transformer weights, text encoders on the cpu" in done.stderr  # the run's first line
     assert 0 < np.abs(made["narrow"] - made["default"]).max() <= 8
     shown = _run("provenance", str(tmp_path / "narrow.png"))
     assert "fp8_matmul transformer weights" in _said(shown), shown.output
@@ -160,11 +161,13 @@ def test_flux_memory_options_are_refused_where_they_cannot_run(tmp_path, catalog
             (["generate", "--model", "tiny", "--prompt", "a portrait", "--out", str(tmp_path / "x.png")],
              "--flux-transformer-weights fp8: for FLUX bases; tiny is a UNet family"),
             (["render", str(catalog), str(tmp_path / "out"), "--model", "tiny", "--registry", str(tmp_path / "r")],
-             "are for FLUX bases; tiny is a UNet family"),
+             "--flux-transformer-weights fp8: for FLUX bases; tiny is a UNet family"),
             (["generate", "--model", "tiny-flux", "--backend", "onnxruntime", "--prompt", "a portrait", "--out",
-              str(tmp_path / "x.png")], "onnxruntime runs FLUX's transformer graph in fp32"),
+              str(tmp_path / "x.png")], "--flux-transformer-weights fp8 is for backend torch or torch.compile: ONNX "
+             "Runtime runs FLUX's transformer graph in fp32"),
             (["render", str(catalog), str(tmp_path / "out"), "--model", "tiny-flux", "--backend", "onnxruntime",
-              "--registry", str(tmp_path / "r")], "ONNX Runtime runs FLUX's transformer graph in fp32")):
+              "--registry", str(tmp_path / "r")], "--flux-transformer-weights fp8 is for backend torch or "
+             "torch.compile: ONNX Runtime runs FLUX's transformer graph in fp32")):
         refused = _run(*command, "--flux-transformer-weights", "fp8")
         assert refused.exit_code == 2 and said in _said(refused), refused.output
         assert "Traceback" not in refused.output
@@ -172,6 +175,12 @@ def test_flux_memory_options_are_refused_where_they_cannot_run(tmp_path, catalog
     refused = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--out", str(tmp_path / "x.png"),
                    "--flux-text-encoders", "disk")
     assert refused.exit_code == 2 and "one of same, cpu; not 'disk'" in _said(refused), refused.output
+
+
+def test_true_cfg_beside_the_step_cache_names_both_flags(tmp_path):
+    refused = _run("generate", "--model", "tiny-flux", "--prompt", "a portrait", "--out", str(tmp_path / "x.png"),
+                   "--true-cfg", "3", "--negative-prompt", "blurry", "--step-cache", "0.5")
+    assert refused.exit_code == 2 and "--true-cfg and --step-cache: not both" in _said(refused), refused.output
 
 
 def test_a_flux_run_that_cannot_fit_its_gpu_says_which_options_lower_it(monkeypatch):

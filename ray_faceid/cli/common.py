@@ -71,8 +71,8 @@ FluxTransformerWeightsOpt = typer.Option(
     "slightly) | fp8_matmul (fp8, and its products in float8 too: faster on Hopper GPUs; images differ a little more).")
 StepCacheOpt = typer.Option(0.0, "--step-cache", min=0.0, max=1.0, help="FLUX: reuse the transformer's other blocks "
                             "at steps where its first block changed less than this (first-block caching; 0: off; 0.1 is "
-                            "a common start), on backend torch or torch.compile (not onnxruntime). Faster, a slightly "
-                            "different image: benchmarks/flux_generate.py measures how different.")
+                            "a common start), on backend torch or torch.compile (not onnxruntime), not with --true-cfg. "
+                            "Faster, a slightly different image: benchmarks/flux_generate.py measures how different.")
 IdentityNetOpt = typer.Option(None, "--identitynet", help="InstantID: its IdentityNet folder (ControlNetModel/ of "
                               "InstantX/InstantID), with --adapter ip-adapter.bin.")
 def _png_name(out):

@@ -144,8 +144,11 @@ def compile_engine(
             report = _build_flux(ref, adapter, width, height, most, precision, flux_transformer_weights, cache,
                                  "torch.compile", step_cache)
             buckets = report["buckets"]
-            console.print(f"compiled {buckets} batch bucket{'s' if buckets != 1 else ''} of {parts}FLUX's transformer "
-                          f"(Inductor artifacts loaded from the cache: {report['loaded']}, stored: {report['stored']})",
+            weights = "" if flux_transformer_weights == "same" else \
+                f" with {flux_transformer_weights.replace('_', ' ')} transformer weights"
+            console.print(f"compiled {buckets} batch bucket{'s' if buckets != 1 else ''} of {parts}FLUX's transformer"
+                          f"{weights} (Inductor artifacts loaded from the cache: {report['loaded']}, stored: "
+                          f"{report['stored']})",
                           soft_wrap=True)
             console.print(where_found(cache.root), soft_wrap=True, highlight=False, markup=False)
             return

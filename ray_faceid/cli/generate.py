@@ -334,13 +334,6 @@ def _memory(text_encoders: str, transformer_weights: str) -> dict:
     return {"text_encoders": text_encoders, "transformer_weights": transformer_weights}
 
 
-def _refuse_flux_memory(text_encoders: str, transformer_weights: str, model: str) -> None:
-    given = [f"--flux-text-encoders {text_encoders}"] if text_encoders != "same" else []
-    given += [f"--flux-transformer-weights {transformer_weights}"] if transformer_weights != "same" else []
-    if given:
-        raise BadInput(f"{' and '.join(given)}: for FLUX bases; {model} is a UNet family")
-
-
 def _region(value: str, name: str):
     said = f"--region {name}={value}"
     try:
@@ -430,7 +423,9 @@ def generate(
                                  true_cfg, _memory(flux_text_encoders, flux_transformer_weights))
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
-        _refuse_flux_memory(flux_text_encoders, flux_transformer_weights, model)
+        from ray_faceid.pipelines.flux_memory import refuse_on_unet
+
+        refuse_on_unet(flux_text_encoders, flux_transformer_weights, model)
         if true_cfg != 1:
             raise BadInput(f"--true-cfg is for FLUX bases; {model} runs classifier-free guidance already (--guidance)")
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
@@ -538,7 +533,9 @@ def inpaint(
                                 _memory(flux_text_encoders, flux_transformer_weights))
         if step_cache:
             raise BadInput(f"--step-cache is for FLUX bases; {model} is a UNet family")
-        _refuse_flux_memory(flux_text_encoders, flux_transformer_weights, model)
+        from ray_faceid.pipelines.flux_memory import refuse_on_unet
+
+        refuse_on_unet(flux_text_encoders, flux_transformer_weights, model)
         identitynet_scale = identitynet_scale_of(identitynet, identitynet_scale)
         edits = parse_edit_option(edit)
         if edits and not flow:

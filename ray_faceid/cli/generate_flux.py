@@ -255,13 +255,20 @@ def _check_memory(ref, memory: dict, device: str, backend: str, adapter_uri: str
 
     text_encoders, weights = memory.get("text_encoders", "same"), memory.get("transformer_weights", "same")
     backend = resolve_flux_backend(backend, torch.device(device))
-    flux_memory.check_settings(text_encoders, weights, torch.device(device), backend)
+    flux_memory.check_settings(text_encoders, weights, torch.device(device), backend, flux_memory.FLAGS)
     if device != "cuda":  # the CPU's memory is the machine's: not planned
         return
     precision = resolve_flux_precision("auto", torch.device(device), backend)
     plan = flux_memory.replica_plan(ref, precision, text_encoders, weights, 1, [size] if size else [], adapter_uri,
                                     image_encoder, bool(step_cache), backend)
     flux_memory.check_fits(plan, torch.cuda.mem_get_info()[0], "this GPU's free memory", flags=True)
+
+
+def _held(generator) -> str:
+    """How the run holds the model, where a memory setting changed it (said on the run's first line)."""
+    said = f", {generator.transformer_weights.replace('_', ' ')} transformer weights" \
+        if generator.transformer_weights != "same" else ""
+    return said + (", text encoders on the cpu" if generator.text_encoders == "cpu" else "")
 
 
 def _who(conditions: list) -> str:
@@ -300,7 +307,7 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
     conditions = with_strengths(conditions, strengths or {})
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
-                      f"on {generator.device.type}")
+                      f"on {generator.device.type}{_held(generator)}")
     result = generator.inpaint(image, mask, prompt, conditions, seed, steps, guidance, feather=feather,
                                identity_start=identity_start)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +344,8 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
                           f"{warmed.get('loaded')}, stored: {warmed.get('stored')})")
     said = f", guidance {base.default_guidance if guidance is None else guidance}" if base.guidance_embedded else ""
     said += f", true CFG {true_cfg:g}" if true_cfg > 1 else ""
-    err_console.print(f"FLUX.1 {base.variant}: {width}x{height}, {steps} steps{said} on {generator.device.type}")
+    err_console.print(f"FLUX.1 {base.variant}: {width}x{height}, {steps} steps{said} on {generator.device.type}"
+                      f"{_held(generator)}")
     result = generator.generate(prompt, conditions, seed, steps, guidance, width, height, identity_start=identity_start,
                                 negative_prompt=negative_prompt, true_cfg=true_cfg)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -201,9 +201,10 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
                            "render without it)")
     elif config.flux_step_cache:
         raise BadInput(f"--step-cache is for FLUX bases; {model.name} is a UNet family")
-    elif config.flux_text_encoders != "same" or config.flux_transformer_weights != "same":
-        raise BadInput(f"--flux-text-encoders and --flux-transformer-weights are for FLUX bases; {model.name} is a UNet "
-                       "family")
+    else:
+        from ray_faceid.pipelines.flux_memory import refuse_on_unet
+
+        refuse_on_unet(config.flux_text_encoders, config.flux_transformer_weights, model.name)
     if model.family == "flux" and adapter:
         from ray_faceid.identity.pulid_flux import RENDER_READERS, is_pulid_file
 

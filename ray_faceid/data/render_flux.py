@@ -39,9 +39,11 @@ def check_flux_job(config: RenderConfig, imr: str | None, flow: str | None, mode
                        "IP-Adapter) and --image-encoder, on backend torch, torch.compile or onnxruntime")
     resolve_flux_precision(config.precision, torch.device("cpu"), config.backend)  # what no device runs
     check_step_cache(config.flux_step_cache, config.backend)
-    if config.backend == "onnxruntime" and config.flux_transformer_weights != "same":
-        raise BadInput(f"--flux-transformer-weights {config.flux_transformer_weights} is for backend torch or "
-                       "torch.compile: ONNX Runtime runs FLUX's transformer graph in fp32")
+    if config.backend == "onnxruntime":  # the settings against the device: on each actor (_check_memory)
+        from ray_faceid.pipelines.flux_memory import FLAGS, check_settings
+
+        check_settings(config.flux_text_encoders, config.flux_transformer_weights, torch.device("cpu"), "onnxruntime",
+                       FLAGS)
     if model is not None and config.size:
         from ray_faceid.pipelines.flux import check_flux_size, flux_settings
         from ray_faceid.pipelines.generate import parse_size
@@ -61,7 +63,8 @@ def _check_memory(config: RenderConfig, model, device, precision: str, adapter: 
     from ray_faceid.pipelines.model_ref import resolve_model
 
     backend = resolve_flux_backend(config.backend, device)
-    flux_memory.check_settings(config.flux_text_encoders, config.flux_transformer_weights, device, backend)
+    flux_memory.check_settings(config.flux_text_encoders, config.flux_transformer_weights, device, backend,
+                               flux_memory.FLAGS)
     if device.type != "cuda":  # the CPU's memory is the machine's: not planned
         return
     plan = flux_memory.replica_plan(resolve_model(model, flux=True), precision, config.flux_text_encoders,
@@ -192,7 +195,7 @@ class FluxRenderer(Renderer):
         if asked:
             raise BadInput(f"{', '.join(asked)}: not built for FLUX yet")
         check_true_cfg(row.true_cfg or 1.0, bool(row.negative_prompt), self.config.flux_step_cache,
-                       ("negative_prompt", "true_cfg"))
+                       ("negative_prompt", "true_cfg", "the job's --step-cache"))
         if row.identities and self.encoder is None and self.face_encoder is None and self.pulid_reader is None:
             raise BadInput("identity on FLUX reads a FLUX IP-Adapter: render with --adapter FILE and --image-encoder "
                            "FOLDER, or --adapter with the folder `ray-faceid train --model FLUX` wrote")

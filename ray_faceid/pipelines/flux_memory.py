@@ -30,6 +30,7 @@ from ray_faceid.errors import BadInput
 TEXT_ENCODERS = ("same", "cpu")
 TRANSFORMER_WEIGHTS = ("same", "fp8", "fp8_matmul")
 FP8_STORED = ("fp8", "fp8_matmul")  # the settings that store the transformer's linear weights in float8
+FLAGS = ("--flux-text-encoders", "--flux-transformer-weights")  # the two settings' names on the command line
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 FP8_MAX = 448.0  # the largest finite float8 e4m3 value
@@ -167,16 +168,26 @@ def gigabytes(size: float) -> str:
     return f"{size / GB:.1f} GB" if size >= 0.1 * GB else f"{size / 1e6:.1f} MB"
 
 
-def check_settings(text_encoders: str, transformer_weights: str, device: torch.device, backend: str) -> None:
-    """The memory settings a run was given, checked before its model loads: each one line."""
+def check_settings(text_encoders: str, transformer_weights: str, device: torch.device, backend: str,
+                   names: tuple[str, str] = ("text_encoders", "transformer_weights")) -> None:
+    """The memory settings a run was given, checked before its model loads: each one line, naming
+    them as the caller was given them (`names`: flags, config keys)."""
     if text_encoders not in TEXT_ENCODERS or transformer_weights not in TRANSFORMER_WEIGHTS:
-        raise BadInput(f"text_encoders is {' or '.join(TEXT_ENCODERS)} and transformer_weights "
+        raise BadInput(f"{names[0]} is {' or '.join(TEXT_ENCODERS)} and {names[1]} "
                        f"{' or '.join(TRANSFORMER_WEIGHTS)}, not {text_encoders!r} / {transformer_weights!r}")
     if backend == "onnxruntime" and transformer_weights != "same":
-        raise BadInput(f"transformer_weights {transformer_weights} is for torch or torch.compile; backend "
-                       "onnxruntime runs FLUX's transformer graph in fp32")
+        raise BadInput(f"{names[1]} {transformer_weights} is for backend torch or torch.compile: ONNX Runtime runs "
+                       "FLUX's transformer graph in fp32")
     if transformer_weights in FP8_STORED:
         check_fp8(device, backend, transformer_weights)
+
+
+def refuse_on_unet(text_encoders: str, transformer_weights: str, model: str) -> None:
+    """--flux-text-encoders / --flux-transformer-weights given for a UNet base: one line naming each."""
+    given = [f"--flux-text-encoders {text_encoders}"] if text_encoders != "same" else []
+    given += [f"--flux-transformer-weights {transformer_weights}"] if transformer_weights != "same" else []
+    if given:
+        raise BadInput(f"{' and '.join(given)}: for FLUX bases; {model} is a UNet family")
 
 
 def plan_from_shapes(shapes: dict[str, list[tuple[str, tuple[int, ...]]]], precision: str, text_encoders: str = "same",

@@ -74,11 +74,11 @@ def fill_gray(mask: np.ndarray) -> np.ndarray:
 
 
 def check_true_cfg(true_cfg: float, negative_prompt: bool, step_cache: float,
-                   names: tuple[str, str] = ("--negative-prompt", "--true-cfg")) -> None:
+                   names: tuple[str, str, str] = ("--negative-prompt", "--true-cfg", "--step-cache")) -> None:
     """A negative prompt on FLUX works through true CFG only, and true CFG needs one (diffusers'
     FluxPipeline runs none without it); the step cache reads one transformer pass a step, not two.
-    `names`: the negative prompt's and true CFG's names where they were given (flags, fields)."""
-    negative, cfg = names
+    `names`: the negative prompt's, true CFG's and the step cache's names where they were given."""
+    negative, cfg, cache = names
     if not 1 <= true_cfg <= 30:
         raise BadInput(f"{cfg} {true_cfg}: from 1 (off) to 30")
     if negative_prompt and true_cfg <= 1:
@@ -88,7 +88,8 @@ def check_true_cfg(true_cfg: float, negative_prompt: bool, step_cache: float,
         raise BadInput(f"{cfg} guides the image away from {negative}: give one (each step then runs the transformer "
                        "twice)")
     if true_cfg > 1 and step_cache:
-        raise BadInput("true CFG and the step cache: not both (the cache compares one transformer pass a step)")
+        raise BadInput(f"{cfg} and {cache}: not both (the step cache compares one transformer pass a step; true CFG "
+                       "runs two)")
 
 
 def check_step_cache(threshold: float, backend: str) -> None:
