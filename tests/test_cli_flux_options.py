@@ -218,6 +218,33 @@ def test_generate_compiled_builds_its_size_through_the_engine_cache(tmp_path, mo
                     "--out", str(tmp_path / f"{backend}.png"))
         assert done.exit_code == 0, done.output
     assert warmed == [("torch", [(32, 48)], 1), ("torch.compile", [(32, 48)], 1)]
-    assert "torch.compile: 32x48 built" in done.stderr and "denoise steps: 1/1" not in done.stderr
+    assert "torch.compile: building FLUX's transformer for 32x48" in done.stderr and "denoise steps: 1/1" not in done.stderr
     eager, compiled = (np.asarray(Image.open(tmp_path / f"{b}.png")).astype(int) for b in ("torch", "torch.compile"))
     assert np.abs(eager - compiled).max() <= 1
+
+
+def test_inpaint_plans_the_size_fill_repaints_at(tmp_path, monkeypatch):
+    """A photo over FLUX.1 Fill's pixel budget is repainted reduced: its memory is planned at that size,
+    not the photo's (a 16 GB GPU was refused for a run that fits)."""
+    import numpy as np
+    from PIL import Image
+
+    from ray_faceid.cli import generate_flux
+    from ray_faceid.errors import BadInput
+
+    planned = []
+
+    def check_memory(ref, memory, device, backend, adapter, image_encoder, step_cache, size):
+        planned.append(size)
+        raise BadInput("planned")  # nothing else needed: no model loads
+
+    monkeypatch.setattr(generate_flux, "_check_memory", check_memory)
+    Image.new("RGB", (2400, 1200), "gray").save(tmp_path / "photo.png")
+    mask = np.zeros((1200, 2400), np.uint8)
+    mask[400:800, 800:1600] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    refused = _run("inpaint", "--model", "tiny-flux-fill", "--image", str(tmp_path / "photo.png"), "--mask",
+                   str(tmp_path / "mask.png"), "--prompt", "a face", "--out", str(tmp_path / "x.png"))
+    assert refused.exit_code == 2 and "planned" in refused.stderr, refused.output
+    (width, height), = planned
+    assert width * height <= 2 * 1024 * 1024 and abs(width / height - 2) < 0.01

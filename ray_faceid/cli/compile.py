@@ -200,11 +200,13 @@ def _build_flux(ref, adapter, width, height, max_images, precision, transformer_
     import torch
 
     from ray_faceid.pipelines.flux import load_flux
+    from ray_faceid.pipelines.flux_memory import FLAGS, check_settings
     from ray_faceid.pipelines.flux_sampling import FluxGenerator, resolve_flux_precision
     from ray_faceid.pipelines.generate import DTYPES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_flux_precision(precision, device, backend)
+    check_settings("same", transformer_weights, device, backend, FLAGS)  # this device runs them: before the model loads
     base = load_flux(ref, DTYPES[precision] if device.type == "cuda" else None)
     flux_adapter = None
     if adapter:

@@ -299,11 +299,13 @@ def inpaint_flux(ref, adapter_uri: str | None, image_encoder: str | None, people
                  memory: dict | None = None) -> None:
     """FLUX.1 Fill: the masked part of the photo repainted (with the person, given a FLUX IP-Adapter),
     `feather` pixels inside the mask's edge blended into the photo."""
+    from ray_faceid.pipelines.flux_sampling import repaint_size
+
     if len(people) > 1:
         raise BadInput("inpainting repaints one person: give one --ref person or --identity")
     precheck(ref, guidance, None, None, inpainting=True)
     generator, conditions = _generator(ref, adapter_uri, image_encoder, people, {}, registry, tenant, backend,
-                                       step_cache, insightface_root, memory, (image.shape[1], image.shape[0]))
+                                       step_cache, insightface_root, memory, repaint_size(image.shape[1], image.shape[0]))
     conditions = with_strengths(conditions, strengths or {})
     base = generator.base
     err_console.print(f"FLUX.1 {base.variant}: {image.shape[1]}x{image.shape[0]}, {steps or base.default_steps} steps "
@@ -334,18 +336,21 @@ def generate_flux(ref, adapter_uri: str | None, image_encoder: str | None, peopl
     steps = steps or base.default_steps
     width, height = (width, height) if width else base.native_size
     generator.check(steps, guidance, width, height)  # before the prompt is encoded
-    # Compiled: this size built as a Serve replica builds it, from `ray-faceid compile`'s artifacts where
-    # the engine cache has them (into it where not: the next run loads them), its CUDA graphs captured.
-    reporter, generator.on_step = generator.on_step, None  # the warm-up's one step is not the image's
-    warmed = generator.warm_up([(width, height)], 1)
-    generator.on_step = reporter
-    if warmed.get("buckets") or warmed.get("graphs"):
-        err_console.print(f"{generator.backend}: {width}x{height} built (artifacts loaded from the engine cache: "
-                          f"{warmed.get('loaded')}, stored: {warmed.get('stored')})")
     said = f", guidance {base.default_guidance if guidance is None else guidance}" if base.guidance_embedded else ""
     said += f", true CFG {true_cfg:g}" if true_cfg > 1 else ""
     err_console.print(f"FLUX.1 {base.variant}: {width}x{height}, {steps} steps{said} on {generator.device.type}"
                       f"{_held(generator)}")
+    # Compiled: this size built as a Serve replica builds it, from `ray-faceid compile`'s artifacts where
+    # the engine cache has them (into it where not: the next run loads them), its CUDA graphs captured.
+    reporter, generator.on_step = generator.on_step, None  # the warm-up's one step is not the image's
+    if generator.backend != "torch":
+        err_console.print(f"{generator.backend}: building FLUX's transformer for {width}x{height} (minutes on a GPU "
+                          "the first time; then from the engine cache)")
+    warmed = generator.warm_up([(width, height)], 1)
+    generator.on_step = reporter
+    if warmed.get("loaded") or warmed.get("stored"):
+        err_console.print(f"{generator.backend}: {width}x{height} " + ("loaded from the engine cache" if warmed["loaded"]
+                          else "stored in the engine cache (the next run loads it)"))
     result = generator.generate(prompt, conditions, seed, steps, guidance, width, height, identity_start=identity_start,
                                 negative_prompt=negative_prompt, true_cfg=true_cfg)
     out.parent.mkdir(parents=True, exist_ok=True)

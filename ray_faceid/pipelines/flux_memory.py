@@ -70,9 +70,12 @@ class Float8Linear(nn.Module):
     def _float8_product(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         # Scaled in the input's own dtype (no float32 copy of the activations); the product is told the
-        # scale as it was rounded there, and the clamp keeps that rounding from passing float8's largest.
-        scale = (rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX).to(rows.dtype)
-        quantized = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        # scale as it was rounded there (never under the dtype's smallest normal: fp16 would round a
+        # quiet token's to 0, and 0/0 is NaN), and the clamp keeps that rounding from passing float8's
+        # largest (in place: one scaled copy of the input at a time).
+        tiny = torch.finfo(rows.dtype).smallest_normal
+        scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=tiny).to(rows.dtype)
+        quantized = (rows / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         # The weight transposed is column-major, as the float8 kernels want their second operand.
         product = torch._scaled_mm(quantized, self.weight_fp8.t(), scale_a=scale.float(), scale_b=self.scale,
                                    out_dtype=torch.bfloat16, use_fast_accum=x.is_cuda).to(x.dtype)
@@ -86,19 +89,28 @@ def check_fp8(device: torch.device, backend: str, transformer_weights: str = "fp
     capability 8.9 or more (Ada, Hopper); older GPUs fail in the middle of the warm-up without it.
     fp8_matmul: float8 products with a scale per row run on Hopper (9.0) and later, and on the CPU."""
     if transformer_weights == "fp8_matmul":
-        if device.type not in ("cuda", "cpu"):
-            raise BadInput(f"fp8_matmul transformer weights run on CUDA or the CPU, not {device.type}: use fp8")
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
-            major, minor = torch.cuda.get_device_capability(device)
-            raise BadInput(f"fp8_matmul transformer weights need a GPU of compute capability 9.0 or more (Hopper) for "
-                           f"float8 products scaled per row; {torch.cuda.get_device_name(device)} is sm_{major}{minor}: "
-                           "use fp8 (float8 weights, products in the precision)")
+        _check_float8_products(device)
     if device.type == "cuda" and backend == "torch.compile":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
             raise BadInput(f"fp8 transformer weights with torch.compile need a GPU of compute capability 8.9 or more "
                            f"(Ada, Hopper); {torch.cuda.get_device_name(device)} is sm_{major}{minor}: use backend "
                            "torch with fp8, or the precision's own weights")
+
+
+def _check_float8_products(device: torch.device) -> None:
+    """One float8 product scaled per row, as Float8Linear runs them, on `device`: which GPUs and
+    torch versions run it changes between releases (Hopper and later with a recent torch; the CPU
+    since torch 2.6 or so), so it is tried rather than looked up. Its failure is one line."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    try:
+        layer = Float8Linear(nn.Linear(16, 16, bias=False), matmul=True).to(device)
+        layer(torch.ones(2, 16, device=device, dtype=torch.bfloat16))
+    except Exception as error:  # noqa: BLE001 - each torch release and device says it its own way
+        said = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise BadInput(f"fp8_matmul transformer weights: float8 products scaled per row do not run on {where} with torch "
+                       f"{torch.__version__} ({said}): use fp8 (float8 weights, products in the precision; Hopper GPUs "
+                       "run fp8_matmul)") from None
 
 
 def store_fp8(module: nn.Module, matmul: bool = False) -> int:
@@ -147,7 +159,7 @@ class MemoryPlan:
         activations = images * tokens * self.hidden * BYTES[self.precision] * ACTIVATION_WIDTHS
         if self.transformer_weights == "fp8":  # one layer's weight widened at a time
             activations += self.widest_linear * BYTES[self.precision]
-        elif self.transformer_weights == "fp8_matmul":  # one layer's input scaled, then narrowed to float8
+        elif self.transformer_weights == "fp8_matmul":  # one layer's input scaled (in place), then narrowed
             activations += images * tokens * self.widest_input * (BYTES[self.precision] + 1)
         return MemoryPlan(self.precision, self.text_encoders, self.transformer_weights,
                           {**self.components, **(extra or {})}, self.hidden, self.widest_linear, self.widest_input,

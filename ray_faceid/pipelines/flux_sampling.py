@@ -133,6 +133,12 @@ def patch_positions(h: int, w: int) -> torch.Tensor:
 MAX_FILL_PIXELS = 2 * 1024 * 1024
 
 
+def repaint_size(width: int, height: int, max_pixels: int = MAX_FILL_PIXELS) -> tuple[int, int]:
+    """The size FLUX.1 Fill repaints a photo at: its own, or reduced to `max_pixels`."""
+    scale = min(1.0, (max_pixels / (width * height)) ** 0.5)
+    return (max(1, int(width * scale)), max(1, int(height * scale))) if scale < 1 else (width, height)
+
+
 @torch.no_grad()
 def encode_prompts(base: FluxBase, prompts: list[str], text_device, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(T5 states (B, 512, D), CLIP pooled (B, P)) of each prompt, as FluxPipeline encodes them: the
@@ -546,9 +552,8 @@ class FluxGenerator:
         full_hole = full_gray / 255.0 >= 0.5
         source = image = image[..., :3]
         gray = full_gray
-        scale = min(1.0, (max_pixels / (full_h * full_w)) ** 0.5)
-        if scale < 1:
-            size = (max(1, int(full_w * scale)), max(1, int(full_h * scale)))
+        size = repaint_size(full_w, full_h, max_pixels)
+        if size != (full_w, full_h):
             image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
             # Any coverage repaints a reduced pixel: the repainted part then covers the whole mask.
             gray = np.asarray(Image.fromarray(full_gray).resize(size, Image.Resampling.BOX))
@@ -591,7 +596,8 @@ class FluxGenerator:
                                         start=image_latents, starts=[identity_start])
         result = self._result([item], latents, steps, guidance, padded_w, padded_h, "inpaint", reused)
         painted = result.images[0].crop((0, 0, width, height))
-        if scale < 1:
+        reduced = size != (full_w, full_h)
+        if reduced:
             painted = painted.resize((full_w, full_h), Image.Resampling.LANCZOS)
         if feather > 0:  # the UNet families' soft inner edge (pipelines/inpaint.py)
             from ray_faceid.pipelines.inpaint import paste_back
@@ -601,7 +607,7 @@ class FluxGenerator:
             kept = np.where(full_hole[..., None], np.asarray(painted), source)  # the photo's own pixels outside the mask
         out = Image.fromarray(kept.astype(np.uint8))
         record = dict(result.provenance[0], size=[full_w, full_h], feather=feather)
-        if scale < 1:
+        if reduced:
             record["repainted_at"] = [width, height]
         return GenerationResult([out], [png_with_provenance(out, record)], [record], [seed])
 
