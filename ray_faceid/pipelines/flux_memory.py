@@ -18,7 +18,7 @@ replica checks it again against its own GPU's free memory before loading anythin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import prod
+from math import isqrt, prod
 from pathlib import Path
 
 import torch
@@ -270,7 +270,8 @@ def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: s
                  step_cache: bool = False, backend: str = "torch") -> MemoryPlan:
     """A Serve replica's plan: the base (a folder's headers; a tiny one built), its identity adapter and
     image encoder (their files' sizes), and the activations of its largest batch (`images` at the
-    largest of `sizes`, else the native 1024 px; a tiny base's 32). `step_cache`: the two residuals
+    largest of `sizes`, else the native 1024 px, FLUX.1 Fill's pixel budget's square (1448 px); a tiny
+    base's 32). `step_cache`: the two residuals
     a call keeps of each image (pipelines/flux_step_cache.py). `backend` onnxruntime: each loaded
     graph's session holds its own copy of the transformer (a graph per size, up to GRAPHS_KEPT, and
     one more a paused large job may still hold while small ones run at other sizes)."""
@@ -281,6 +282,10 @@ def replica_plan(ref, precision: str, text_encoders: str, transformer_weights: s
     else:
         plan = plan_of_folder(ref.local_folder(weights=True), precision, text_encoders, transformer_weights)
     side = 32 if ref.kind == "tiny" else 1024
+    if ref.inpainting and not sizes:  # Fill repaints each photo at its own size, up to its pixel budget
+        from ray_faceid.pipelines.flux_sampling import MAX_FILL_PIXELS
+
+        side = isqrt(MAX_FILL_PIXELS)
     width, height = max(sizes, key=lambda wh: wh[0] * wh[1]) if sizes else (side, side)
     extra = {name: _local_bytes(path) for name, path in (("FLUX IP-Adapter", adapter),
                                                           ("image encoder", image_encoder)) if path}

@@ -161,3 +161,14 @@ def test_a_replica_on_part_of_a_gpu_counts_on_its_share(files, image_encoder_fol
     assert fits_this_gpu(config, "fp32") == plan.line()
     with pytest.raises(BadInput, match="generator_gpus 0.5"):
         fits_this_gpu(config.model_copy(update={"generator_gpus": 0.5}), "fp32")
+
+
+def test_a_fill_replica_is_planned_at_the_largest_photo_it_repaints():
+    """FLUX.1 Fill repaints each photo at its own size, up to 2 MP: a replica or render actor given no
+    size plans for that, not for the native 1024 px (half the activations)."""
+    from ray_faceid.pipelines.model_ref import resolve_model
+
+    fill = flux_memory.replica_plan(resolve_model("tiny-flux-fill", flux=True), "fp32", "same", "same", 1, [])
+    assert fill.calls == "1 images at 1448x1448"
+    given = flux_memory.replica_plan(resolve_model("tiny-flux-fill", flux=True), "fp32", "same", "same", 1, [(64, 48)])
+    assert given.calls == "1 images at 64x48"  # inpaint plans the size it repaints at
