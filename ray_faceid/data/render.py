@@ -38,13 +38,15 @@ class RenderRows:
     """Map-batches UDF: one Renderer per actor."""
 
     def __init__(self, config_json: str, model: str, adapter: str | None, registry: str, tenant: str, out: str,
-                 imr: str | None, flow: str | None, image_encoder: str | None, catalog: str):
+                 imr: str | None, flow: str | None, image_encoder: str | None, catalog: str,
+                 people_counts: tuple[int, ...]):
         from ray_faceid.data.render_rows import Renderer
 
         if getattr(model, "family", None) == "flux":  # a FLUX base: its own pipeline (render_flux.py)
             from ray_faceid.data.render_flux import FluxRenderer as Renderer
         self.renderer = Renderer(RenderConfig.model_validate_json(config_json), model, adapter, registry, tenant, out,
-                                 imr=imr, flow=flow, image_encoder=image_encoder, catalog=catalog)
+                                 imr=imr, flow=flow, image_encoder=image_encoder, catalog=catalog,
+                                 people_counts=people_counts)
 
     def __call__(self, batch: dict) -> dict:
         records = self.renderer.render_batch([str(t) for t in batch["row"]], [int(i) for i in batch["index"]])
@@ -57,6 +59,21 @@ def _identity_order(text: str) -> tuple:
         return tuple(sorted(i if isinstance(i, str) else str(i.get("id") or i.get("name")) for i in ids))
     except (ValueError, AttributeError):
         return ()
+
+
+def people_counts(texts: list[str]) -> tuple[int, ...]:
+    """How many people the rows name, each count once (1 where none does): what a render actor warms."""
+    from ray_faceid.pipelines.generate import MAX_IDENTITIES
+
+    counts = set()
+    for text in texts:
+        try:
+            named = json.loads(text).get("identities")
+        except (ValueError, AttributeError):  # the row's own error, when it is rendered
+            continue
+        if isinstance(named, list) and 1 <= len(named) <= MAX_IDENTITIES:
+            counts.add(len(named))
+    return tuple(sorted(counts)) or (1,)
 
 
 def _row_name(text: str, index: int) -> str:
@@ -237,7 +254,7 @@ def run_render(catalog: str, out: str, model: str, registry: str, adapter: str |
     ds = ds.map_batches(
         RenderRows,
         fn_constructor_args=(config.model_dump_json(), model, adapter, registry, tenant, out, imr, flow, image_encoder,
-                             catalog),
+                             catalog, people_counts(texts)),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),

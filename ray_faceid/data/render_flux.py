@@ -80,7 +80,8 @@ def _check_memory(config: RenderConfig, model, device, precision: str, adapter: 
 class FluxRenderer(Renderer):
     def __init__(self, config: RenderConfig, model, adapter: str | None, registry: str, tenant: str, out: str,
                  imr: str | None = None, flow: str | None = None, image_encoder: str | None = None,
-                 catalog: str | None = None):
+                 catalog: str | None = None, people_counts: tuple[int, ...] = (1,)):
+        """`people_counts` is the UNet renderer's: FLUX's compiled transformer takes any count of people."""
         import torch
 
         from ray_faceid.face.analyzer import FaceAnalyzer

@@ -34,7 +34,9 @@ def output_uris(out: str, row_id: str, key: str) -> tuple[str, str]:
 class Renderer:
     def __init__(self, config: RenderConfig, model: str, adapter: str | None, registry: str, tenant: str, out: str,
                  imr: str | None = None, flow: str | None = None, image_encoder: str | None = None,
-                 catalog: str | None = None):
+                 catalog: str | None = None, people_counts: tuple[int, ...] = (1,)):
+        """`people_counts`: how many people the job's rows name (render.py's people_counts), each
+        warmed on torch.compile before the first row."""
         import torch
 
         from ray_faceid.face.analyzer import FaceAnalyzer
@@ -82,10 +84,12 @@ class Renderer:
         if self.pipeline.backend == "torch.compile":
             from ray_faceid.pipelines.generate import parse_size
 
-            # The job's size for one person in every batch bucket its rows fill, before the first row: from
-            # `ray-faceid compile`'s artifacts where the engine cache has them (other shapes: as rows need them).
+            # The job's size for each count of people its rows name, in every batch bucket its rows fill,
+            # before the first row: from `ray-faceid compile`'s artifacts where the engine cache has them, into
+            # it where not (a row's own size: compiled as rows need it).
             try:
-                self.warmed = self.pipeline.warm_up([parse_size(config.size)], [1], max_images=config.unet_batch)
+                self.warmed = self.pipeline.warm_up([parse_size(config.size)], list(people_counts),
+                                                    max_images=config.unet_batch)
                 log.info("render actor: torch.compile warmed %s", self.warmed)
             except BadInput as wrong:  # a size this model cannot make: each row says so, as it would unwarmed
                 log.warning("render actor: nothing warmed (%s)", wrong.message)

@@ -155,19 +155,25 @@ def test_render_on_the_compiled_engine_keeps_one_engine_for_the_job(rendered, ca
     """`--backend torch.compile`: the same records and images (within 1/255) as eager, one compiled
     shape per (size, identity count) for every row of the job, none added by a second pass."""
     from ray_faceid.data.catalog import read_catalog
+    from ray_faceid.data.render import people_counts
     from ray_faceid.data.render_rows import Renderer
 
     out, _ = rendered
     registry, _ = people
     wanted = ("amy-beach", "amy-penny", "sheldon-smile", "stranger")
     texts = [t for t in read_catalog(str(catalog)) if any(f'"{w}"' in t for w in wanted)]
+    counts = people_counts(texts)
+    assert counts == (1, 2)  # the rows name one person or two (a broken row or a prompt alone: no count)
+    assert people_counts(["not json", '{"prompt": "a beach"}', '{"identities": "ann"}']) == (1,)
     # 16x16: the smallest size (traced with the suite's torch.compile backend: tests/conftest.py).
     config = CONFIG.model_copy(update={"size": "16x16"})
     renderers = {backend: Renderer(config.model_copy(update={"backend": backend}), "tiny", None, registry.store,
-                                   "default", str(tmp_path / backend)) for backend in ("torch", "torch.compile")}
-    # Warmed when the actor starts (from compile's artifacts where cached): the job's size, one person.
-    assert renderers["torch.compile"].warmed["buckets"] == 1 and renderers["torch"].warmed is None
-    assert len(renderers["torch.compile"].pipeline.compiled_engine().slots) == 1
+                                   "default", str(tmp_path / backend), people_counts=counts)
+                 for backend in ("torch", "torch.compile")}
+    # Warmed when the actor starts (from compile's artifacts where cached): the job's size, for one
+    # person and for two, the shapes its rows then use (no other is compiled below).
+    assert renderers["torch.compile"].warmed["buckets"] == 2 and renderers["torch"].warmed is None
+    assert len(renderers["torch.compile"].pipeline.compiled_engine().slots) == 2
     odd = Renderer(config.model_copy(update={"backend": "torch.compile", "size": "15x15"}), "tiny", None, registry.store,
                    "default", str(tmp_path / "odd"))  # a size the model cannot make: the actor starts, each row says so
     assert odd.warmed is None
@@ -182,7 +188,7 @@ def test_render_on_the_compiled_engine_keeps_one_engine_for_the_job(rendered, ca
         b = np.asarray(Image.open(eager[row_id]["output_uri"])).astype(int)
         assert a.shape == (16, 16, 3) and np.abs(a - b).max() <= 1, row_id
     engine = renderers["torch.compile"].pipeline.compiled_engine()
-    assert len(engine.slots) == 2  # 16x16 with one identity, and with two: each compiled once for the job
+    assert len(engine.slots) == 2  # 16x16 with one identity, and with two: each warmed once for the job
     renderers["torch.compile"].render_batch(texts, list(range(len(texts))))
     assert len(engine.slots) == 2
 
