@@ -112,6 +112,10 @@ class PageFiles:
                 shutil.rmtree(folder, ignore_errors=True)
         return len(gone)
 
+    def mentions(self, text: str) -> bool:
+        """Whether a text names the page folder by its real path (only Gradio's answers do)."""
+        return str(self.root) in text
+
     def public(self, body: bytes) -> bytes:
         return body.replace(str(self.root).encode(), ALIAS.encode())
 
@@ -120,11 +124,20 @@ class ForeignFile(ValueError):
     """A file value that does not name a file of the caller's tenant."""
 
 
-def own_files(value, owned):
+def own_files(value, owned, mentions=lambda text: False):
     """`value` (a request's JSON) with each file value's `path` replaced by the file `owned(text)`
-    checked (its `url` dropped: Gradio then opens exactly that file); ForeignFile for any other."""
+    checked (its `url` dropped: Gradio then opens exactly that file); ForeignFile for any other, and
+    for any other text that `mentions` the page folder: Gradio may echo a text into its answer (a
+    value not among a dropdown's choices), and every page file an answer names is claimed for the
+    caller, so a text naming another tenant's file would make it theirs."""
+    if isinstance(value, str):
+        if mentions(value) and owned(value) is None:
+            raise ForeignFile(value)
+        return value
     if isinstance(value, dict):
-        out = {k: own_files(v, owned) for k, v in value.items()}
+        if any(mentions(key) for key in value if isinstance(key, str)):  # a name only Gradio's answers hold
+            raise ForeignFile("a key naming the page folder")
+        out = {k: own_files(v, owned, mentions) for k, v in value.items()}
         named = [v if k == "path" else _named_file(v) for k in ("path", "url") if isinstance(v := value.get(k), str)]
         if named:  # a file value: each of its names must be the same owned file
             found = {owned(v) for v in named}
@@ -133,7 +146,7 @@ def own_files(value, owned):
             out["path"], out["url"] = str(found.pop()), None
         return out
     if isinstance(value, list):
-        return [own_files(item, owned) for item in value]
+        return [own_files(item, owned, mentions) for item in value]
     return value
 
 
@@ -202,7 +215,7 @@ class PageGate:
                 return await _answer(send, 413, f"the request is over {MAX_BODY} bytes")
             try:
                 data = json.loads(body) if body.strip() else None
-                data = own_files(data, lambda v: self.files.owned_by(tenant, v))
+                data = own_files(data, lambda v: self.files.owned_by(tenant, v), self.files.mentions)
             except ForeignFile:
                 return await _answer(send, 403, "a file in this request was not uploaded with your token: "
                                                 "upload it again from this page")

@@ -53,3 +53,45 @@ def test_a_shared_file_stays_for_its_other_owner_when_one_tenant_forgets(files):
     assert path.exists() and files.owned_by("other", f"{ALIAS}/h1/a.png") == path
     assert files.owned_by("acme", f"{ALIAS}/h1/a.png") is None
     assert files.forget_tenant("other") == 1 and not path.exists()
+
+
+def test_a_text_naming_another_tenants_file_is_refused_before_gradio_can_echo_it(files):
+    """From the security probe: a plain text (not a file value) holding another tenant's page file's
+    real path was passed to Gradio, whose answer repeated it ("Value: ... is not in the list of
+    choices"); every page file an answer names is claimed for the caller, so the file became theirs."""
+    import asyncio
+    import json
+
+    from deployments.page_gate import PageGate
+
+    echoed = []
+
+    async def gradio(scope, receive, send):  # answers as Gradio does a value outside a dropdown's choices
+        body = (await receive())["body"]
+        echoed.append(body)
+        said = json.dumps({"error": f"Value: {json.loads(body)['data'][0]} is not in the list of choices"})
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": said.encode()})
+
+    gate = PageGate(gradio, files, {"acme": "acme-token-0123456789", "other": "other-token-0123456789"})
+
+    def call(token: str, value) -> int:
+        body, sent = json.dumps({"data": [value]}).encode(), []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/ui/gradio_api/call/catalog", "method": "POST",
+                 "headers": [(b"authorization", f"Bearer {token}".encode()), (b"content-length", str(len(body)).encode())]}
+        asyncio.run(gate(scope, receive, send))
+        return sent[0]["status"]
+
+    acme_file = str(files.root / "h1" / "a.png")
+    for value in (acme_file, f"see {acme_file}", {acme_file: 1}):
+        assert call("other-token-0123456789", value) == 403 and not echoed
+    assert files.owned_by("other", f"{ALIAS}/h1/a.png") is None  # still acme's alone
+    assert call("acme-token-0123456789", acme_file) == 200  # its owner may name it
+    assert call("other-token-0123456789", "a portrait") == 200  # any other text passes as it is
