@@ -97,6 +97,7 @@ class Sampler:
                 if not sep or not key.strip():
                     raise BadInput(f"--scheduler-config takes KEY=VALUE (e.g. timestep_spacing=trailing), got {option!r}")
                 pairs[key.strip()] = parse_value(value)
+        _check_values(pairs, "--scheduler-config" if where == "--scheduler" else f"{where}_config")
         name = name.strip() if name else None
         if name and name.lower() in SHORT_NAMES:  # one name per sampler in every image's provenance
             name = name.lower()
@@ -104,7 +105,7 @@ class Sampler:
         if name:  # a named one is built once on its defaults: a bad value fails here, in one line
             kind = sampler.scheduler_type(where)
             sampler.check_keys(kind, "--scheduler-config" if where == "--scheduler" else f"{where}_config")
-            with sampler.refusing_bad_settings(kind):
+            with sampler.refusing_bad_settings(kind, trial=True):
                 kind(**sampler.settings()).set_timesteps(10)  # where diffusers checks spacing and the like
         return sampler
 
@@ -114,12 +115,16 @@ class Sampler:
         return {**(short[1] if short else {}), **{k: v for k, v in self.overrides if k not in STEP_SETTINGS}}
 
     @contextmanager
-    def refusing_bad_settings(self, kind):
+    def refusing_bad_settings(self, kind, trial: bool = False):
         """diffusers refuses a bad value with ValueError / TypeError / NotImplementedError (an unknown
-        timestep_spacing, a word for a boolean, LCM over its 50 steps): one line naming the settings."""
+        timestep_spacing, a word for a boolean, LCM over its 50 steps): one line naming the settings.
+        `trial`: the scheduler built on its own to try the values (no model, no request running), where
+        torch's own errors of an absurd value are the value's too."""
+        refused = (ValueError, TypeError, NotImplementedError) + (
+            (RuntimeError, IndexError, OverflowError, ZeroDivisionError) if trial else ())
         try:
             yield
-        except (ValueError, TypeError, NotImplementedError) as exc:
+        except refused as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
             given = ", ".join(f"{k}={v}" for k, v in self.overrides)
             raise BadInput(f"scheduler {kind.__name__}{f' with {given}' if given else ''}: {first}") from None
@@ -160,6 +165,31 @@ class Sampler:
         cls = self.scheduler_type() or type(base_scheduler)
         asked = {**self.settings(), **{k: v for k, v in self.overrides if k in STEP_SETTINGS}}
         return {"class": cls.__name__, "name": self.name or "the base's own", **({"config": asked} if asked else {})}
+
+
+# A request's scheduler settings change how a trained model is sampled, not what it was trained on,
+# and no setting of diffusers' schedulers is sensibly larger than this: a larger one only costs memory
+# (num_train_timesteps sizes the scheduler's tables) or fails mid-denoise.
+MODEL_SETTINGS = ("num_train_timesteps", "trained_betas")
+MAX_SETTING = 10_000
+
+
+def _check_values(pairs: dict, where: str) -> None:
+    """Each override a finite number of at most MAX_SETTING in size (or a word, a flag), none of the
+    model's own training settings, steps_offset 0 or 1 (diffusers' two conventions): one line each."""
+    import math
+
+    for key, value in pairs.items():
+        if key in MODEL_SETTINGS:
+            raise BadInput(f"{where}: {key} is the model's own (how it was trained), not a sampling setting; leave it "
+                           "out")
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > MAX_SETTING:
+            raise BadInput(f"{where}: {key}={str(value)[:40]} is not a setting a sampler takes (a word, a flag or a "
+                           f"number of at most {MAX_SETTING} in size)")
+        if key == "steps_offset" and value not in (0, 1):
+            raise BadInput(f"{where}: steps_offset is 0 or 1 (diffusers' two conventions), not {value}")
 
 
 def folder_scheduler(source: str):

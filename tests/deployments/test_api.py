@@ -241,6 +241,11 @@ def test_multi_identity_generate_and_reseeding(api, people):
     ({"identities": [{"id": "ID", "expression": "smile, " * 40}]}, "at most 200 characters"),
     ({"scheduler": "nope"}, "no scheduler 'nope'; use one of ddim, pndm, euler"),
     ({"scheduler": "euler", "scheduler_config": {"colour": "red"}}, "EulerDiscreteScheduler has no setting colour"),
+    # From the security probe: each was a 500, or memory as large as the value asked (the model's own tables).
+    ({"scheduler": "ddim", "scheduler_config": {"num_train_timesteps": 30000000}}, "num_train_timesteps is the model's own"),
+    ({"scheduler": "ddim", "scheduler_config": {"num_train_timesteps": -5}}, "num_train_timesteps is the model's own"),
+    ({"scheduler": "ddim", "scheduler_config": {"steps_offset": 100000}}, "steps_offset=100000 is not a setting"),
+    ({"scheduler_config": {"steps_offset": 5}}, "steps_offset is 0 or 1"),  # the base's own scheduler too
     ({"negative_prompt": "blurry", "true_cfg": 2}, "true_cfg: for FLUX bases"),
     ({"true_cfg": 0.5}, "greater than or equal to 1"),
 ])
