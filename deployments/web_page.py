@@ -12,9 +12,11 @@ must keep a browser on one replica (Gradio's queue and the gate's sessions live 
 from __future__ import annotations
 
 import functools
+import html
 import io
 import logging
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -166,6 +168,13 @@ def scores_table(images, names: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
+
+def _literal(text: str) -> str:
+    """A name or file name as literal text in the page's Markdown: no HTML of it rendered (a name
+    like `<img src=...>` loaded a remote image in the browser), no Markdown of it either."""
+    return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", html.escape(str(text), quote=False))
+
+
 class PageActions:
     """What each control does; every method takes the page's token first."""
 
@@ -223,7 +232,7 @@ class PageActions:
             return [], "Enter the consent reference: the photos are checked once it is given."
         draft = await self.service.examine_photos(self._uploads(files))
         found = [(crop, report.filename) for crop, report in zip(draft.crops, [r for r in draft.reports if r.accepted])]
-        refused = [f"- **{r.filename}**: {r.reason}" for r in draft.reports if not r.accepted]
+        refused = [f"- **{_literal(r.filename)}**: {_literal(r.reason)}" for r in draft.reports if not r.accepted]
         note = f"{len(found)} of {len(draft.reports)} photos usable."
         return found, note + ("\n\nNot used:\n" + "\n".join(refused) if refused else "")
 
@@ -235,7 +244,7 @@ class PageActions:
         uploads = self._uploads(files)
         person = await self.service.enroll(tenant, uploads, name, consent or "", reconsent=(reconsent or "").strip())
         # The form is cleared; Gradio's copies of the photos go with its cache (PAGE_FILES_TTL_S).
-        return (f"Enrolled **{person.name}** ({person.id}) from {person.faces_used} of {len(uploads)} photos.",
+        return (f"Enrolled **{_literal(person.name)}** ({person.id}) from {person.faces_used} of {len(uploads)} photos.",
                 None, "", "", "", [], "", *(await self._people_updates(tenant)))
 
     async def _people_updates(self, tenant: str, everyone: list[dict] | None = None) -> tuple:
@@ -254,7 +263,7 @@ class PageActions:
         if not identity:
             raise BadInput("pick the person to delete")
         person = await self.service.identity(tenant, identity)
-        text = (f"Erase **{person.name}** ({person.id}) everywhere: their photos' embeddings, crops, adapters, "
+        text = (f"Erase **{_literal(person.name)}** ({person.id}) everywhere: their photos' embeddings, crops, adapters, "
                 "rendered images and training rows? This cannot be undone.")
         return gr.Row(visible=True), text
 

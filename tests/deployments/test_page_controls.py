@@ -129,3 +129,18 @@ def test_inpaint_sends_its_soft_edge():
         asyncio.run(PageActions(FakeService(UNET)).inpaint("token", {"background": photo, "layers": [layer]}, "id-1",
                                                            "a portrait", 2, 1, feather=9))
     assert sent.value.args[0].feather == 9.0
+
+
+def test_a_name_is_shown_as_text_not_as_markup():
+    """From the security probe: a person named `<img src=x onerror=...>` became an image element in the
+    page's delete confirmation (a remote image loaded by the browser)."""
+    from types import SimpleNamespace
+
+    from deployments.web_page import PageActions
+
+    class Named(FakeService):
+        async def identity(self, tenant, identity):
+            return SimpleNamespace(name="<img src=https://x.example/b.png onerror=alert(1)> **bold**", id=identity)
+
+    _, text = asyncio.run(PageActions(Named(UNET)).ask_delete("token", "id-1"))
+    assert "<img" not in text and "&lt;img src=https://x.example/b.png" in text and r"\*\*bold\*\*" in text
