@@ -17,8 +17,8 @@ the same weights; (e) compiled with the step cache at each `--step-cache` thresh
 fp8 weights alone (memory, not speed). (d), (e) and (g) compare their image with (c)'s of the same
 seed: mean and largest pixel difference, PSNR, and the identity similarity of the two faces (cosine
 of the face stack's embeddings; with random weights there is no face to compare, and the row says
-so). Anchors from the issue: diffusers eager about 7.1 s on an H100, first-block caching about 1.9
-s; the target with compile, without step caching, at most 2.0 s.
+so). Anchors from the issue: diffusers eager about 7.1 s on an H100, first-block caching about
+1.9 s; the target with compile, without step caching, at most 2.0 s.
 """
 from __future__ import annotations
 

@@ -168,7 +168,6 @@ def scores_table(images, names: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
-
 def _literal(text: str) -> str:
     """A name or file name as literal text in the page's Markdown: no HTML of it rendered (a name
     like `<img src=...>` loaded a remote image in the browser), no Markdown of it either."""
