@@ -32,10 +32,8 @@ def fits_this_gpu(config: ServeConfig, precision: str) -> str:
         config.generator_batch_size * config.limits.max_images,
         [parse_size(size, "warm_up_sizes") for size in config.warm_up_sizes], config.adapter, config.image_encoder,
         bool(config.flux_step_cache), config.backend)
-    free, total = torch.cuda.mem_get_info()
-    # A fractional replica counts on its share of the GPU: replicas starting together each see it all free.
-    share = min(free, int(total * min(1.0, config.generator_gpus or 1.0)))
-    flux_memory.check_fits(plan, share, f"this replica's GPU (free memory, generator_gpus {config.generator_gpus:g})")
+    flux_memory.check_this_gpu(plan, f"this replica's GPU (free memory, generator_gpus {config.generator_gpus:g})",
+                               config.generator_gpus or 1.0)
     return plan.line()
 
 

@@ -261,7 +261,7 @@ def _check_memory(ref, memory: dict, device: str, backend: str, adapter_uri: str
     precision = resolve_flux_precision("auto", torch.device(device), backend)
     plan = flux_memory.replica_plan(ref, precision, text_encoders, weights, 1, [size] if size else [], adapter_uri,
                                     image_encoder, bool(step_cache), backend)
-    flux_memory.check_fits(plan, torch.cuda.mem_get_info()[0], "this GPU's free memory", flags=True)
+    flux_memory.check_this_gpu(plan, "this GPU's free memory", flags=True)
 
 
 def _held(generator) -> str:

@@ -55,7 +55,6 @@ def _check_memory(config: RenderConfig, model, device, precision: str, adapter: 
     """Before the base loads: the job's memory settings on this actor's device, and on a GPU the
     actor's memory plan (pipelines/flux_memory.py, its batch of rows at the job's size) against its
     free memory (its share where actors share one): one line instead of running out halfway."""
-    import torch
 
     from ray_faceid.pipelines import flux_memory
     from ray_faceid.pipelines.flux_sampling import resolve_flux_backend
@@ -71,10 +70,8 @@ def _check_memory(config: RenderConfig, model, device, precision: str, adapter: 
                                     config.flux_transformer_weights, config.unet_batch,
                                     [parse_size(config.size, "--size")] if config.size else [], adapter, image_encoder,
                                     bool(config.flux_step_cache), backend)
-    free, total = torch.cuda.mem_get_info()
-    share = min(free, int(total * min(1.0, config.num_gpus_per_worker or 1.0)))
-    flux_memory.check_fits(plan, share, f"this render actor's GPU (free memory, {config.num_gpus_per_worker or 1:g} "
-                           "GPU a worker)", flags=True)
+    flux_memory.check_this_gpu(plan, f"this render actor's GPU (free memory, {config.num_gpus_per_worker or 1:g} GPU "
+                               "a worker)", config.num_gpus_per_worker or 1.0, flags=True)
 
 
 class FluxRenderer(Renderer):

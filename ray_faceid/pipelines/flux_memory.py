@@ -180,6 +180,13 @@ def gigabytes(size: float) -> str:
     return f"{size / GB:.1f} GB" if size >= 0.1 * GB else f"{size / 1e6:.1f} MB"
 
 
+def check_this_gpu(plan: MemoryPlan, where: str, share: float = 1.0, flags: bool = False) -> None:
+    """check_fits against this GPU's free memory, or `share` of the whole card where less: replicas or
+    actors placed on one GPU start together and each sees it all free."""
+    free, total = torch.cuda.mem_get_info()
+    check_fits(plan, min(free, int(total * min(1.0, share))), where, flags)
+
+
 def check_settings(text_encoders: str, transformer_weights: str, device: torch.device, backend: str,
                    names: tuple[str, str] = ("text_encoders", "transformer_weights")) -> None:
     """The memory settings a run was given, checked before its model loads: each one line, naming
